@@ -1,0 +1,330 @@
+//! Chunking: turn a plain staging file into pool entries, archive links and a manifest.
+//!
+//! Owns: `chunk_file` (reading the source in fixed chunks, skipping holes, hashing, choosing
+//! between reuse / verify / store for each chunk, writing the manifest last, atomically).
+//! Must never: write a manifest before every chunk it names is durably stored and linked into
+//! the archive, reuse an existing pool entry without at least the cheap check (and the full
+//! decode + hash check unless the previous manifest had the same id at the same index), hold
+//! more than a bounded number of chunks in memory, or modify the source file.
+
+use super::blob::Encoder;
+use super::manifest::{ChunkRef, Manifest, MANIFEST_SUFFIX};
+use super::pipeline;
+use super::pool::{self, Pool, ARCHIVE_CHUNK_DIR};
+use super::{id_hex, is_zero, ChunkId, Progress, Settings};
+use crate::error::{Error, IoContext, Result};
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Mutex;
+
+/// Numbers of one `chunk_file` call.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChunkStats {
+    /// Where the manifest was written.
+    pub manifest_path: PathBuf,
+    /// Size of the file.
+    pub logical_size: u64,
+    /// Number of chunks (zero chunks included).
+    pub chunks: u64,
+    /// All-zero chunks (recorded as `zero`, not stored).
+    pub zero_chunks: u64,
+    /// Chunks written to the pool by this call (new content, repairs of damaged entries, and
+    /// fresh copies started because of the hard-link limit).
+    pub new_chunks: u64,
+    /// Compressed bytes of those (what this call added to the pool).
+    pub added_bytes: u64,
+    /// Non-zero chunks served by an entry already in the pool.
+    pub reused_chunks: u64,
+    /// Existing pool entries fully re-read, decoded and hashed before being reused.
+    pub verified_chunks: u64,
+    /// Existing pool entries found damaged (or truncated) and replaced.
+    pub repaired_chunks: u64,
+}
+
+#[derive(Default)]
+struct Placed {
+    new: bool,
+    added: u64,
+    verified: bool,
+    repaired: bool,
+}
+
+enum Outcome {
+    Zero,
+    Stored(ChunkId, Placed),
+}
+
+struct Scratch {
+    enc: Encoder,
+    blob: Vec<u8>,
+    decoded: Vec<u8>,
+}
+
+/// Check that `rel` is a plain relative path (no `..`, no root, not empty).
+pub(crate) fn check_rel(rel: &Path) -> Result<()> {
+    let ok = rel.components().count() > 0 && rel.components().all(|c| matches!(c, Component::Normal(_)));
+    if !ok {
+        crate::bail!("invalid path in archive {:?}: expected a relative path without '..'", rel);
+    }
+    Ok(())
+}
+
+/// The manifest path of `rel_path` in an archive: `ARCHIVE/rel_path.affa-manifest`.
+pub fn manifest_path(archive_root: &Path, rel_path: &Path) -> PathBuf {
+    let mut s = archive_root.join(rel_path).into_os_string();
+    s.push(MANIFEST_SUFFIX);
+    PathBuf::from(s)
+}
+
+/// Chunk the plain file `src` into the archive `archive_root` as `rel_path` (the manifest goes
+/// to `archive_root/rel_path.affa-manifest`, chunk links to `archive_root/.affa-chunks/`).
+/// `previous` is the manifest of the same file in the newest earlier archive, if any: a chunk
+/// it lists with the same id at the same index is reused after a cheap check only (plus
+/// scrubbing, see `Settings::scrub_one_in`); every other existing pool entry is decoded and
+/// hashed before reuse, and replaced when damaged. `progress` gets the bytes read so far.
+pub fn chunk_file(
+    pool: &Pool,
+    settings: &Settings,
+    src: &Path,
+    archive_root: &Path,
+    rel_path: &Path,
+    previous: Option<&Manifest>,
+    progress: Progress,
+) -> Result<ChunkStats> {
+    settings.validate()?;
+    check_rel(rel_path)?;
+    let cs = settings.chunk_size as u64;
+    let file = File::open(src).ctx(|| format!("cannot open {}", src.display()))?;
+    let meta0 = file.metadata().ctx(|| format!("cannot stat {}", src.display()))?;
+    if !meta0.is_file() {
+        crate::bail!("cannot chunk {}: not a regular file", src.display());
+    }
+    let size = meta0.len();
+    let count = Manifest::chunk_count(size, settings.chunk_size);
+    let mpath = manifest_path(archive_root, rel_path);
+    let mdir = mpath.parent().unwrap().to_path_buf();
+    fs::create_dir_all(&mdir).ctx(|| format!("cannot create directory {}", mdir.display()))?;
+    pool::create_dir_0700(&archive_root.join(ARCHIVE_CHUNK_DIR))?;
+    #[cfg(target_os = "linux")]
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
+    }
+
+    let avail = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let want = if settings.threads == 0 { avail } else { settings.threads };
+    // Each worker holds up to ~3 chunk-sized buffers; keep workers' memory under ~128 MiB and
+    // the chunks in flight under ~64 MiB (or workers + 1).
+    let workers = want.min(((128u64 << 20) / (3 * cs)).max(1) as usize).max(1);
+    let inflight = (((64u64 << 20) / cs) as usize).clamp(workers + 1, 4 * workers);
+    let prev = previous.filter(|p| p.chunk_size == settings.chunk_size);
+    let day = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() / 86400)
+        .unwrap_or(0);
+
+    let scratch: Mutex<Vec<Scratch>> = Mutex::new(Vec::new());
+    let placed: Mutex<HashSet<ChunkId>> = Mutex::new(HashSet::new());
+    let touched: Mutex<HashSet<PathBuf>> = Mutex::new(HashSet::new());
+    let mut file_hash = None;
+    let mut chunks: Vec<ChunkRef> = Vec::with_capacity(count.min(1 << 24) as usize);
+    let mut st = ChunkStats { logical_size: size, chunks: count, ..Default::default() };
+    let mut done = 0u64;
+
+    let place = |idx: u64, id: ChunkId, data: &[u8]| -> Result<Placed> {
+        let mut p = Placed::default();
+        if placed.lock().unwrap().contains(&id) {
+            return Ok(p); // already checked and linked into this archive by this call
+        }
+        let mut sc = match scratch.lock().unwrap().pop() {
+            Some(s) => s,
+            None => Scratch {
+                enc: Encoder::new(settings.compression).ctx(|| "cannot set up the compressor".to_string())?,
+                blob: Vec::new(),
+                decoded: Vec::new(),
+            },
+        };
+        let entry = pool.entry(&id);
+        let same_as_prev = prev.is_some_and(|m| m.chunks.get(idx as usize) == Some(&ChunkRef::Stored(id)));
+        let scrub = settings.scrub_one_in > 0 && (idx + day).is_multiple_of(settings.scrub_one_in as u64);
+        let mut must_store = if same_as_prev && !scrub {
+            match pool::quick_check(&entry) {
+                Ok(true) => false,
+                Ok(false) => {
+                    p.repaired = true;
+                    true
+                }
+                Err(_) => true,
+            }
+        } else {
+            match pool::read_blob(&entry, &mut sc.blob) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+                Err(_) => {
+                    p.repaired = true;
+                    true
+                }
+                Ok(()) => {
+                    let good = super::blob::decode(&sc.blob, &mut sc.decoded).is_ok()
+                        && blake3::hash(&sc.decoded).as_bytes() == &id;
+                    if good {
+                        p.verified = true;
+                    } else {
+                        p.repaired = true;
+                    }
+                    !good
+                }
+            }
+        };
+        let mut local_touched = Vec::new();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            if must_store {
+                sc.enc.encode(data, &mut sc.blob).ctx(|| format!("cannot compress chunk {}", id_hex(&id)))?;
+                pool.write_entry(&id, &sc.blob, &mut local_touched)?;
+                p.new = true;
+                p.added += sc.blob.len() as u64;
+            }
+            match pool.link_into(&id, archive_root, &mut local_touched) {
+                Ok(()) => break,
+                // Hard-link limit reached: start a fresh pool copy of this chunk (the full
+                // inode stays alive through the archives that link it).
+                Err(e) if e.raw_os_error() == Some(libc::EMLINK) && attempts < 3 => must_store = true,
+                // The entry vanished (a concurrent sweep): store it again.
+                Err(e) if e.kind() == io::ErrorKind::NotFound && attempts < 5 => must_store = true,
+                Err(e) => {
+                    return Err(Error::new(format!(
+                        "cannot link chunk {} into {}: {e}",
+                        id_hex(&id),
+                        archive_root.join(ARCHIVE_CHUNK_DIR).display()
+                    )))
+                }
+            }
+        }
+        scratch.lock().unwrap().push(sc);
+        placed.lock().unwrap().insert(id);
+        touched.lock().unwrap().extend(local_touched);
+        Ok(p)
+    };
+
+    pipeline::run(
+        workers,
+        inflight,
+        |emit: &mut dyn FnMut((u64, Option<Vec<u8>>)) -> Result<()>| -> Result<()> {
+            let mut hasher = blake3::Hasher::new();
+            let zeros = vec![0u8; cs.min(size.max(1)) as usize];
+            let fd = file.as_raw_fd();
+            for idx in 0..count {
+                let off = idx * cs;
+                let len = (size - off).min(cs) as usize;
+                // A chunk entirely inside a hole is zero without reading it.
+                let data_at = unsafe { libc::lseek(fd, off as libc::off_t, libc::SEEK_DATA) };
+                let hole = if data_at < 0 {
+                    io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO)
+                } else {
+                    data_at as u64 >= off + len as u64
+                };
+                if hole {
+                    hasher.update(&zeros[..len]);
+                    emit((idx, None))?;
+                    continue;
+                }
+                let mut buf = vec![0u8; len];
+                file.read_exact_at(&mut buf, off)
+                    .ctx(|| format!("cannot read {} at offset {off}", src.display()))?;
+                hasher.update(&buf);
+                emit((idx, Some(buf)))?;
+            }
+            let m = file.metadata().ctx(|| format!("cannot stat {}", src.display()))?;
+            if m.len() != size || m.mtime() != meta0.mtime() || m.mtime_nsec() != meta0.mtime_nsec() {
+                crate::bail!("{} changed while it was being chunked", src.display());
+            }
+            file_hash = Some(*hasher.finalize().as_bytes());
+            Ok(())
+        },
+        |(idx, data): (u64, Option<Vec<u8>>)| -> Result<(u64, Outcome)> {
+            let len = (size - idx * cs).min(cs);
+            match data {
+                None => Ok((len, Outcome::Zero)),
+                Some(d) if is_zero(&d) => Ok((len, Outcome::Zero)),
+                Some(d) => {
+                    let id = *blake3::hash(&d).as_bytes();
+                    Ok((len, Outcome::Stored(id, place(idx, id, &d)?)))
+                }
+            }
+        },
+        |(len, out): (u64, Outcome)| -> Result<()> {
+            match out {
+                Outcome::Zero => {
+                    st.zero_chunks += 1;
+                    chunks.push(ChunkRef::Zero);
+                }
+                Outcome::Stored(id, p) => {
+                    chunks.push(ChunkRef::Stored(id));
+                    st.new_chunks += p.new as u64;
+                    st.added_bytes += p.added;
+                    st.verified_chunks += p.verified as u64;
+                    st.repaired_chunks += p.repaired as u64;
+                    if !p.new {
+                        st.reused_chunks += 1;
+                    }
+                }
+            }
+            done += len;
+            if let Some(cb) = progress {
+                cb(done);
+            }
+            Ok(())
+        },
+    )
+    .map_err(|e| e.context(format!("cannot chunk {}", src.display())))?;
+
+    let file_hash = file_hash.ok_or_else(|| Error::new("chunk reader ended early"))?;
+    // Make every rename and link durable before the manifest can name them.
+    for d in touched.into_inner().unwrap() {
+        pool::fsync_dir(&d)?;
+    }
+    let manifest = Manifest {
+        size,
+        mode: meta0.mode() & 0o7777,
+        uid: meta0.uid(),
+        gid: meta0.gid(),
+        mtime: (meta0.mtime(), meta0.mtime_nsec() as u32),
+        atime: Some((meta0.atime(), meta0.atime_nsec() as u32)),
+        chunk_size: settings.chunk_size,
+        compression: settings.compression,
+        file_hash,
+        added_bytes: st.added_bytes,
+        chunks,
+    };
+    write_atomic(&mpath, &manifest.to_bytes())?;
+    st.manifest_path = mpath;
+    Ok(st)
+}
+
+/// Write `bytes` to `path` via a temp file in the same directory, fsync, rename, fsync dir.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let res = (|| -> Result<()> {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .ctx(|| format!("cannot create {}", tmp.display()))?;
+        f.write_all(bytes).ctx(|| format!("cannot write {}", tmp.display()))?;
+        f.sync_all().ctx(|| format!("cannot fsync {}", tmp.display()))?;
+        fs::rename(&tmp, path).ctx(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+        pool::fsync_dir(dir)
+    })();
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res
+}

@@ -1,0 +1,266 @@
+//! The shared chunk pool `RootDir/.affa-pool/` and the archive-side links `ARCHIVE/.affa-chunks/`.
+//!
+//! Owns: path layout (`<dir>/<first two hex digits>/<64 hex digits>`), durable creation of
+//! pool entries (temp file in `.affa-pool/.tmp/`, fsync, rename), hard-linking entries into an
+//! archive, and `sweep` (removing pool entries nobody links any more, and stale temp files).
+//! Must never: write into an existing chunk file (entries are immutable, replaced only by
+//! rename), delete anything in the pool other than entries with link count 1 and old temp files,
+//! or touch an archive's files except creating links in its `.affa-chunks/`.
+
+use super::{id_hex, parse_id, ChunkId};
+use crate::error::{IoContext, Result};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+/// Name of the pool directory under RootDir.
+pub const POOL_DIR: &str = ".affa-pool";
+/// Name of the chunk-link directory at the root of an archive.
+pub const ARCHIVE_CHUNK_DIR: &str = ".affa-chunks";
+/// Temp directory inside the pool (same filesystem, so rename is atomic).
+const TMP_DIR: &str = ".tmp";
+/// Temp files older than this are leftovers of a killed run; `sweep` removes them.
+const STALE_TMP: Duration = Duration::from_secs(3600);
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A chunk pool directory.
+#[derive(Debug, Clone)]
+pub struct Pool {
+    dir: PathBuf,
+    /// Test hook: pretend the filesystem's hard-link limit is this.
+    #[cfg(test)]
+    pub(crate) link_limit: Option<u64>,
+}
+
+impl Pool {
+    /// The pool of a RootDir (`RootDir/.affa-pool`), created (mode 0700) if missing.
+    pub fn open(root_dir: &Path) -> Result<Pool> {
+        Pool::at(&root_dir.join(POOL_DIR))
+    }
+
+    /// A pool at an explicit directory, created (mode 0700) if missing.
+    pub fn at(dir: &Path) -> Result<Pool> {
+        create_dir_0700(dir)?;
+        create_dir_0700(&dir.join(TMP_DIR))?;
+        Ok(Pool {
+            dir: dir.to_path_buf(),
+            #[cfg(test)]
+            link_limit: None,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of the pool entry of `id`.
+    pub fn entry(&self, id: &ChunkId) -> PathBuf {
+        self.dir.join(chunk_rel(id))
+    }
+
+    /// Durably store `blob` as the pool entry of `id`, replacing any existing entry (archives
+    /// that link the old inode keep it). Records the fan-out directory in `touched`.
+    pub(crate) fn write_entry(&self, id: &ChunkId, blob: &[u8], touched: &mut Vec<PathBuf>) -> Result<()> {
+        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.dir.join(TMP_DIR).join(format!("{}-{}-{}", id_hex(id), std::process::id(), n));
+        let res = (|| -> Result<()> {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .ctx(|| format!("cannot create {}", tmp.display()))?;
+            f.write_all(blob).ctx(|| format!("cannot write {}", tmp.display()))?;
+            f.sync_all().ctx(|| format!("cannot fsync {}", tmp.display()))?;
+            let dest = self.entry(id);
+            let parent = dest.parent().unwrap();
+            if let Err(e) = fs::rename(&tmp, &dest) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    return Err(e).ctx(|| format!("cannot rename {} to {}", tmp.display(), dest.display()));
+                }
+                create_dir_0700(parent)?;
+                fs::rename(&tmp, &dest)
+                    .ctx(|| format!("cannot rename {} to {}", tmp.display(), dest.display()))?;
+            }
+            touched.push(parent.to_path_buf());
+            Ok(())
+        })();
+        if res.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        res
+    }
+
+    /// Hard-link the pool entry of `id` into the archive. If the archive already has a
+    /// different inode under that name, it is replaced by the pool's. Io errors are returned
+    /// raw so the caller can react to EMLINK (link limit) and ENOENT (entry swept meanwhile).
+    pub(crate) fn link_into(&self, id: &ChunkId, archive_root: &Path, touched: &mut Vec<PathBuf>) -> io::Result<()> {
+        let src = self.entry(id);
+        let dst = archive_entry(archive_root, id);
+        #[cfg(test)]
+        if let Some(limit) = self.link_limit {
+            if fs::metadata(&src).map(|m| m.nlink() >= limit).unwrap_or(false) && !same_inode(&src, &dst) {
+                return Err(io::Error::from_raw_os_error(libc::EMLINK));
+            }
+        }
+        let parent = dst.parent().unwrap();
+        let r = match fs::hard_link(&src, &dst) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && fs::metadata(&src).is_ok() => {
+                fs::create_dir_all(parent)?;
+                fs::hard_link(&src, &dst)
+            }
+            r => r,
+        };
+        match r {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                if !same_inode(&src, &dst) {
+                    let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+                    let tmp = parent.join(format!(".{}-{}-{}.tmp", id_hex(id), std::process::id(), n));
+                    fs::hard_link(&src, &tmp)?;
+                    if let Err(e) = fs::rename(&tmp, &dst) {
+                        let _ = fs::remove_file(&tmp);
+                        return Err(e);
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        touched.push(parent.to_path_buf());
+        Ok(())
+    }
+}
+
+fn same_inode(a: &Path, b: &Path) -> bool {
+    match (fs::metadata(a), fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+pub(crate) fn create_dir_0700(dir: &Path) -> Result<()> {
+    match fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
+        Ok(()) => Ok(()),
+        Err(e) => Err(e).ctx(|| format!("cannot create directory {}", dir.display())),
+    }
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+/// `ab/<hex>` for an id.
+pub(crate) fn chunk_rel(id: &ChunkId) -> PathBuf {
+    let h = id_hex(id);
+    Path::new(&h[..2]).join(&h)
+}
+
+/// `ARCHIVE/.affa-chunks/ab/<hex>`.
+pub(crate) fn archive_entry(archive_root: &Path, id: &ChunkId) -> PathBuf {
+    archive_root.join(ARCHIVE_CHUNK_DIR).join(chunk_rel(id))
+}
+
+/// Read a whole chunk file, refusing anything larger than a chunk file can be.
+pub(crate) fn read_blob(path: &Path, buf: &mut Vec<u8>) -> io::Result<()> {
+    let f = File::open(path)?;
+    let max = super::blob::HEADER_LEN as u64 + super::MAX_CHUNK_SIZE as u64 + (1 << 20);
+    buf.clear();
+    f.take(max + 1).read_to_end(buf)?;
+    if buf.len() as u64 > max {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "chunk file too large"));
+    }
+    Ok(())
+}
+
+/// Cheap check of an entry: the header parses and the file length matches it (catches
+/// truncation and a zeroed or foreign file, not bit flips inside the payload).
+pub(crate) fn quick_check(path: &Path) -> io::Result<bool> {
+    let mut f = File::open(path)?;
+    let mut h = [0u8; super::blob::HEADER_LEN];
+    if f.read_exact(&mut h).is_err() {
+        return Ok(false);
+    }
+    let len = f.metadata()?.len();
+    Ok(match super::blob::parse_header(&h) {
+        Ok((_, _, payload)) => len == (super::blob::HEADER_LEN + payload) as u64,
+        Err(_) => false,
+    })
+}
+
+/// What `sweep` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SweepStats {
+    /// Pool entries removed (no archive linked them).
+    pub removed_chunks: u64,
+    /// Bytes (file lengths) of the removed entries.
+    pub freed_bytes: u64,
+    /// Entries still referenced by at least one archive.
+    pub kept_chunks: u64,
+    /// Stale temp files removed (leftovers of killed runs).
+    pub removed_temps: u64,
+}
+
+/// Remove every pool entry whose link count is 1 (no archive references it) and temp files
+/// older than an hour. Run it after deleting archives (`rm -rf`). Safe against a concurrent
+/// `chunk_file` (which re-stores an entry swept under its feet), but best run under the
+/// RootDir lock.
+pub fn sweep(pool: &Pool) -> Result<SweepStats> {
+    let mut st = SweepStats::default();
+    let dir = pool.dir();
+    let rd = fs::read_dir(dir).ctx(|| format!("cannot read pool {}", dir.display()))?;
+    for fan in rd {
+        let fan = fan.ctx(|| format!("cannot read pool {}", dir.display()))?;
+        let name = fan.file_name();
+        let name = name.to_string_lossy();
+        let is_fan = name.len() == 2 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if name == TMP_DIR {
+            let rd = fs::read_dir(fan.path()).ctx(|| format!("cannot read {}", fan.path().display()))?;
+            for t in rd.flatten() {
+                let old = t
+                    .metadata()
+                    .ok()
+                    .and_then(|m| m.modified().ok())
+                    .and_then(|m| SystemTime::now().duration_since(m).ok())
+                    .is_some_and(|age| age > STALE_TMP);
+                if old && fs::remove_file(t.path()).is_ok() {
+                    st.removed_temps += 1;
+                }
+            }
+            continue;
+        }
+        if !is_fan || !fan.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            continue;
+        }
+        let rd = fs::read_dir(fan.path()).ctx(|| format!("cannot read {}", fan.path().display()))?;
+        for e in rd {
+            let e = e.ctx(|| format!("cannot read {}", fan.path().display()))?;
+            let n = e.file_name();
+            let Some(id) = n.to_str().and_then(parse_id) else { continue };
+            if !id_hex(&id).starts_with(&*name) {
+                continue;
+            }
+            let p = e.path();
+            let Ok(m) = fs::symlink_metadata(&p) else { continue };
+            if !m.is_file() {
+                continue;
+            }
+            if m.nlink() == 1 {
+                fs::remove_file(&p).ctx(|| format!("cannot remove {}", p.display()))?;
+                st.removed_chunks += 1;
+                st.freed_bytes += m.len();
+            } else {
+                st.kept_chunks += 1;
+            }
+        }
+    }
+    Ok(st)
+}
+
+/// fsync a directory (makes renames and links in it durable).
+pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .ctx(|| format!("cannot fsync directory {}", dir.display()))
+}

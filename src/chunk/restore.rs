@@ -1,0 +1,548 @@
+//! Reading archives back: rebuilding files (sparse), streaming them, verifying archives, listing
+//! manifests, usage numbers, and evicting damaged pool entries.
+//!
+//! Owns: everything that reads `ARCHIVE/.affa-chunks/` and manifests. Uses only the archive
+//! (never the pool) to rebuild, so a copied archive is self-contained. Must never: leave a
+//! rebuilt file under its final name unless every chunk and the whole-file hash verified,
+//! write zeros where a hole will do, trust a manifest or chunk file (both are untrusted input),
+//! or modify an archive.
+
+use super::blob;
+use super::manifest::{ChunkRef, Manifest, MANIFEST_SUFFIX};
+use super::pipeline;
+use super::pool::{self, archive_entry, Pool, ARCHIVE_CHUNK_DIR};
+use super::{id_hex, is_zero, ChunkId, Progress};
+use crate::error::{Error, IoContext, Result};
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// Largest manifest file accepted (2 GiB: 33 million chunks).
+const MAX_MANIFEST: u64 = 2 << 30;
+/// Granularity of holes punched inside non-zero chunks when rebuilding.
+const BLOCK: usize = 4096;
+
+/// Read and parse a manifest file.
+pub fn read_manifest(path: &Path) -> Result<Manifest> {
+    let f = File::open(path).ctx(|| format!("cannot open manifest {}", path.display()))?;
+    let mut data = Vec::new();
+    f.take(MAX_MANIFEST + 1)
+        .read_to_end(&mut data)
+        .ctx(|| format!("cannot read manifest {}", path.display()))?;
+    if data.len() as u64 > MAX_MANIFEST {
+        crate::bail!("manifest {} is larger than 2 GiB", path.display());
+    }
+    Manifest::parse(&data).map_err(|e| e.context(path.display()))
+}
+
+/// What is wrong with a chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProblemKind {
+    /// Not in the archive's `.affa-chunks/`.
+    Missing,
+    /// Present but does not decode, has the wrong length, or hashes wrong.
+    Damaged(String),
+}
+
+/// Load chunk `id` from the archive, decode it and check its length and hash.
+fn load_chunk(archive_root: &Path, id: &ChunkId, len: usize, raw: &mut Vec<u8>, out: &mut Vec<u8>) -> std::result::Result<(), ProblemKind> {
+    let p = archive_entry(archive_root, id);
+    match pool::read_blob(&p, raw) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ProblemKind::Missing),
+        Err(e) => return Err(ProblemKind::Damaged(format!("cannot read: {e}"))),
+    }
+    blob::decode(raw, out).map_err(ProblemKind::Damaged)?;
+    if out.len() != len {
+        return Err(ProblemKind::Damaged(format!("length {} where {} was expected", out.len(), len)));
+    }
+    if blake3::hash(out).as_bytes() != id {
+        return Err(ProblemKind::Damaged("content does not match its hash".into()));
+    }
+    Ok(())
+}
+
+fn chunk_error(id: &ChunkId, what: &Path, k: ProblemKind) -> Error {
+    match k {
+        ProblemKind::Missing => Error::new(format!("chunk {} of {} is missing", id_hex(id), what.display())),
+        ProblemKind::Damaged(why) => Error::new(format!("chunk {} of {} is damaged: {why}", id_hex(id), what.display())),
+    }
+}
+
+fn workers() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8)
+}
+
+/// Fetch every chunk of `m` in parallel (bounded), delivering them in order to `sink` as
+/// `(index, Some(bytes))` or `(index, None)` for zero chunks.
+fn for_each_chunk(
+    archive_root: &Path,
+    m: &Manifest,
+    label: &Path,
+    mut sink: impl FnMut(usize, Option<&[u8]>) -> Result<()>,
+) -> Result<()> {
+    let w = workers();
+    let inflight = (((64u64 << 20) / m.chunk_size as u64) as usize).clamp(w + 1, 4 * w);
+    let bufs: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+    pipeline::run(
+        w,
+        inflight,
+        |emit: &mut dyn FnMut(usize) -> Result<()>| {
+            for i in 0..m.chunks.len() {
+                emit(i)?;
+            }
+            Ok(())
+        },
+        |i: usize| -> Result<(usize, Option<Vec<u8>>)> {
+            match m.chunks[i] {
+                ChunkRef::Zero => Ok((i, None)),
+                ChunkRef::Stored(id) => {
+                    let mut raw = bufs.lock().unwrap().pop().unwrap_or_default();
+                    let mut out = Vec::new();
+                    let r = load_chunk(archive_root, &id, m.chunk_len(i), &mut raw, &mut out);
+                    bufs.lock().unwrap().push(raw);
+                    r.map_err(|k| chunk_error(&id, label, k))?;
+                    Ok((i, Some(out)))
+                }
+            }
+        },
+        |(i, d): (usize, Option<Vec<u8>>)| sink(i, d.as_deref()),
+    )
+}
+
+/// Rebuild the file described by `manifest_path` (in the archive `archive_root`) at `dest`:
+/// sparse (zero chunks and zero 4 KiB blocks become holes), every chunk hash and the whole-file
+/// hash checked, mode, mtime/atime and (when running as root) owner restored. Written to a
+/// temp name next to `dest` and renamed only when everything verified; on error nothing is
+/// left behind and an existing `dest` is untouched. Returns the manifest.
+pub fn unchunk_file(archive_root: &Path, manifest_path: &Path, dest: &Path, progress: Progress) -> Result<Manifest> {
+    let m = read_manifest(manifest_path)?;
+    let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = dest.file_name().ok_or_else(|| Error::new(format!("invalid destination {}", dest.display())))?;
+    let tmp = dir.join(format!(".{}.affa-tmp-{}", name.to_string_lossy(), std::process::id()));
+    let res = (|| -> Result<()> {
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .ctx(|| format!("cannot create {}", tmp.display()))?;
+        let mut hasher = blake3::Hasher::new();
+        let zeros = vec![0u8; m.chunk_size as usize];
+        let mut done = 0u64;
+        for_each_chunk(archive_root, &m, manifest_path, |i, d| {
+            let off = i as u64 * m.chunk_size as u64;
+            let len = m.chunk_len(i);
+            match d {
+                None => {
+                    hasher.update(&zeros[..len]);
+                }
+                Some(d) => {
+                    hasher.update(d);
+                    write_sparse(&f, d, off).ctx(|| format!("cannot write {}", tmp.display()))?;
+                }
+            }
+            done += len as u64;
+            if let Some(cb) = progress {
+                cb(done);
+            }
+            Ok(())
+        })?;
+        if hasher.finalize().as_bytes() != &m.file_hash {
+            crate::bail!("{}: the rebuilt file does not match its recorded BLAKE3", manifest_path.display());
+        }
+        f.set_len(m.size).ctx(|| format!("cannot set the size of {}", tmp.display()))?;
+        apply_meta(&f, &m).ctx(|| format!("cannot set owner, mode or times of {}", tmp.display()))?;
+        f.sync_all().ctx(|| format!("cannot fsync {}", tmp.display()))?;
+        fs::rename(&tmp, dest).ctx(|| format!("cannot rename {} to {}", tmp.display(), dest.display()))?;
+        pool::fsync_dir(dir)
+    })();
+    if let Err(e) = res {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(m)
+}
+
+/// pwrite `d` at `off`, skipping 4 KiB blocks that are all zero (they stay holes).
+fn write_sparse(f: &File, d: &[u8], off: u64) -> io::Result<()> {
+    let mut i = 0;
+    while i < d.len() {
+        let end = (i + BLOCK).min(d.len());
+        if is_zero(&d[i..end]) {
+            i = end;
+            continue;
+        }
+        let start = i;
+        let mut j = end;
+        while j < d.len() {
+            let e = (j + BLOCK).min(d.len());
+            if is_zero(&d[j..e]) {
+                break;
+            }
+            j = e;
+        }
+        f.write_all_at(&d[start..j], off + start as u64)?;
+        i = j;
+    }
+    Ok(())
+}
+
+fn apply_meta(f: &File, m: &Manifest) -> io::Result<()> {
+    let fd = f.as_raw_fd();
+    unsafe {
+        if libc::geteuid() == 0 && libc::fchown(fd, m.uid, m.gid) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // After chown (which clears set-id bits).
+        if libc::fchmod(fd, m.mode as libc::mode_t) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let ts = |t: Option<(i64, u32)>| match t {
+            Some((s, n)) => libc::timespec { tv_sec: s as libc::time_t, tv_nsec: n as _ },
+            None => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+        };
+        let times = [ts(m.atime), ts(Some(m.mtime))];
+        if libc::futimens(fd, times.as_ptr()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Write the file described by `m` (from the archive `archive_root`) to `out` in order, zeros
+/// included, checking every chunk (in parallel). The whole-file hash is checked at the end: on
+/// an error, bytes already written must be discarded by the caller. `label` names the file in
+/// error messages. Returns the bytes written.
+pub fn stream_file(archive_root: &Path, m: &Manifest, label: &Path, out: &mut dyn Write, progress: Progress) -> Result<u64> {
+    let mut hasher = blake3::Hasher::new();
+    let zeros = vec![0u8; m.chunk_size as usize];
+    let mut done = 0u64;
+    for_each_chunk(archive_root, m, label, |i, d| {
+        let d = d.unwrap_or(&zeros[..m.chunk_len(i)]);
+        hasher.update(d);
+        out.write_all(d).ctx(|| format!("cannot write {}", label.display()))?;
+        done += d.len() as u64;
+        if let Some(cb) = progress {
+            cb(done);
+        }
+        Ok(())
+    })?;
+    if hasher.finalize().as_bytes() != &m.file_hash {
+        crate::bail!("{}: the rebuilt file does not match its recorded BLAKE3", label.display());
+    }
+    Ok(done)
+}
+
+/// A sequential `Read` over a chunked file (single-threaded; `stream_file` is the parallel
+/// alternative). Every chunk is checked; a bad chunk or a whole-file hash mismatch at the end
+/// is an `InvalidData` error naming the chunk and file.
+pub struct ChunkReader {
+    root: PathBuf,
+    label: PathBuf,
+    m: Manifest,
+    next: usize,
+    cur: Vec<u8>,
+    pos: usize,
+    raw: Vec<u8>,
+    hasher: blake3::Hasher,
+    finished: bool,
+}
+
+impl ChunkReader {
+    /// Open the file of `manifest_path` in archive `archive_root`.
+    pub fn open(archive_root: &Path, manifest_path: &Path) -> Result<ChunkReader> {
+        let m = read_manifest(manifest_path)?;
+        Ok(ChunkReader::new(archive_root, m, manifest_path))
+    }
+
+    pub fn new(archive_root: &Path, m: Manifest, label: &Path) -> ChunkReader {
+        ChunkReader {
+            root: archive_root.to_path_buf(),
+            label: label.to_path_buf(),
+            m,
+            next: 0,
+            cur: Vec::new(),
+            pos: 0,
+            raw: Vec::new(),
+            hasher: blake3::Hasher::new(),
+            finished: false,
+        }
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.m
+    }
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.cur.len() {
+            if self.next == self.m.chunks.len() {
+                if !self.finished {
+                    if self.hasher.finalize().as_bytes() != &self.m.file_hash {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("{}: the rebuilt file does not match its recorded BLAKE3", self.label.display()),
+                        ));
+                    }
+                    self.finished = true;
+                }
+                return Ok(0);
+            }
+            let i = self.next;
+            let len = self.m.chunk_len(i);
+            match self.m.chunks[i] {
+                ChunkRef::Zero => {
+                    self.cur.clear();
+                    self.cur.resize(len, 0);
+                }
+                ChunkRef::Stored(id) => {
+                    load_chunk(&self.root, &id, len, &mut self.raw, &mut self.cur).map_err(|k| {
+                        io::Error::new(io::ErrorKind::InvalidData, chunk_error(&id, &self.label, k).to_string())
+                    })?;
+                }
+            }
+            self.hasher.update(&self.cur);
+            self.next += 1;
+            self.pos = 0;
+        }
+        let n = buf.len().min(self.cur.len() - self.pos);
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// All manifests of an archive (full paths, sorted). Does not follow symlinks and skips the
+/// archive's `.affa-chunks/`.
+pub fn list_manifests(archive_root: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![archive_root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let rd = fs::read_dir(&dir).ctx(|| format!("cannot read directory {}", dir.display()))?;
+        for e in rd {
+            let e = e.ctx(|| format!("cannot read directory {}", dir.display()))?;
+            let t = e.file_type().ctx(|| format!("cannot stat {}", e.path().display()))?;
+            let p = e.path();
+            if t.is_dir() {
+                if !(dir == archive_root && e.file_name() == ARCHIVE_CHUNK_DIR) {
+                    stack.push(p);
+                }
+            } else if t.is_file() && e.file_name().to_string_lossy().ends_with(MANIFEST_SUFFIX) {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The archive-relative path of the file a manifest describes.
+fn file_of(archive_root: &Path, manifest_path: &Path) -> PathBuf {
+    let rel = manifest_path.strip_prefix(archive_root).unwrap_or(manifest_path);
+    let s = rel.to_string_lossy();
+    PathBuf::from(s.strip_suffix(MANIFEST_SUFFIX).unwrap_or(&s).to_string())
+}
+
+/// One damaged or missing chunk and the files (archive-relative) that need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkProblem {
+    pub id: String,
+    pub kind: ProblemKind,
+    pub files: Vec<PathBuf>,
+}
+
+/// Result of `verify_archive`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Manifests found.
+    pub manifests: u64,
+    /// Distinct chunks read and checked.
+    pub chunks_checked: u64,
+    /// Stored (compressed) bytes read.
+    pub bytes_read: u64,
+    /// Sum of the files' sizes.
+    pub logical_bytes: u64,
+    /// Damaged or missing chunks, with the files they affect.
+    pub problems: Vec<ChunkProblem>,
+    /// Manifests that cannot be read or parsed: (archive-relative manifest path, error).
+    pub bad_manifests: Vec<(PathBuf, String)>,
+}
+
+impl VerifyReport {
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty() && self.bad_manifests.is_empty()
+    }
+    /// Archive-relative paths of every file that cannot be rebuilt.
+    pub fn damaged_files(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = self.problems.iter().flat_map(|p| p.files.iter().cloned()).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+/// Check every chunk every manifest of the archive references (each distinct chunk once, in
+/// parallel): present, decodes, right length, right hash. `progress` gets the stored bytes
+/// read so far. The whole-file hashes are not recomputed (the chunk lists are protected by the
+/// manifests' checksums; `unchunk_file` checks the whole-file hash).
+pub fn verify_archive(archive_root: &Path, progress: Progress) -> Result<VerifyReport> {
+    let mut rep = VerifyReport::default();
+    let mut files: Vec<PathBuf> = Vec::new();
+    // id -> (expected length, indices into `files`)
+    let mut need: BTreeMap<ChunkId, (usize, Vec<usize>)> = BTreeMap::new();
+    let mut conflicts: Vec<(ChunkId, usize)> = Vec::new();
+    for mp in list_manifests(archive_root)? {
+        rep.manifests += 1;
+        let rel = mp.strip_prefix(archive_root).unwrap_or(&mp).to_path_buf();
+        let m = match read_manifest(&mp) {
+            Ok(m) => m,
+            Err(e) => {
+                rep.bad_manifests.push((rel, e.to_string()));
+                continue;
+            }
+        };
+        rep.logical_bytes += m.size;
+        let fi = files.len();
+        files.push(file_of(archive_root, &mp));
+        for (i, c) in m.chunks.iter().enumerate() {
+            if let ChunkRef::Stored(id) = c {
+                let len = m.chunk_len(i);
+                let e = need.entry(*id).or_insert((len, Vec::new()));
+                if e.0 != len {
+                    conflicts.push((*id, fi));
+                }
+                if e.1.last() != Some(&fi) {
+                    e.1.push(fi);
+                }
+            }
+        }
+    }
+    let ids: Vec<(ChunkId, usize)> = need.iter().map(|(id, (len, _))| (*id, *len)).collect();
+    let mut read = 0u64;
+    let mut found: BTreeMap<ChunkId, ProblemKind> = BTreeMap::new();
+    pipeline::run(
+        workers(),
+        workers() * 2,
+        |emit: &mut dyn FnMut((ChunkId, usize)) -> Result<()>| {
+            for x in &ids {
+                emit(*x)?;
+            }
+            Ok(())
+        },
+        |(id, len): (ChunkId, usize)| -> Result<(ChunkId, u64, Option<ProblemKind>)> {
+            let (mut raw, mut out) = (Vec::new(), Vec::new());
+            let r = load_chunk(archive_root, &id, len, &mut raw, &mut out);
+            Ok((id, raw.len() as u64, r.err()))
+        },
+        |(id, n, p): (ChunkId, u64, Option<ProblemKind>)| {
+            rep.chunks_checked += 1;
+            read += n;
+            if let Some(p) = p {
+                found.insert(id, p);
+            }
+            if let Some(cb) = progress {
+                cb(read);
+            }
+            Ok(())
+        },
+    )?;
+    rep.bytes_read = read;
+    for (id, fi) in conflicts {
+        found.entry(id).or_insert_with(|| ProblemKind::Damaged(format!("listed with a wrong length in {}", files[fi].display())));
+    }
+    for (id, kind) in found {
+        let fs_: Vec<PathBuf> = need[&id].1.iter().map(|&i| files[i].clone()).collect();
+        rep.problems.push(ChunkProblem { id: id_hex(&id), kind, files: fs_ });
+    }
+    Ok(rep)
+}
+
+/// Space numbers of one archive.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ArchiveUsage {
+    /// Chunked files (manifests that parse).
+    pub files: u64,
+    /// Sum of their sizes.
+    pub logical_bytes: u64,
+    /// Of which in zero chunks (not stored).
+    pub zero_bytes: u64,
+    /// Stored (compressed) bytes of all chunks the archive links.
+    pub stored_bytes: u64,
+    /// Stored bytes of chunks no other archive links (link count <= 2: this archive and the
+    /// pool): about what deleting this archive and sweeping frees.
+    pub exclusive_bytes: u64,
+    /// Bytes the archive's chunking added to the pool (from the manifests).
+    pub added_bytes: u64,
+}
+
+impl ArchiveUsage {
+    /// logical / stored (1.0 when nothing is stored).
+    pub fn dedup_ratio(&self) -> f64 {
+        if self.stored_bytes == 0 {
+            1.0
+        } else {
+            self.logical_bytes as f64 / self.stored_bytes as f64
+        }
+    }
+}
+
+/// Compute the space numbers of an archive (reads manifests and stats chunk links; no chunk
+/// data is read). Unreadable manifests are skipped (`verify_archive` reports them).
+pub fn archive_usage(archive_root: &Path) -> Result<ArchiveUsage> {
+    let mut u = ArchiveUsage::default();
+    for mp in list_manifests(archive_root)? {
+        let Ok(m) = read_manifest(&mp) else { continue };
+        u.files += 1;
+        u.logical_bytes += m.size;
+        u.added_bytes += m.added_bytes;
+        for (i, c) in m.chunks.iter().enumerate() {
+            if *c == ChunkRef::Zero {
+                u.zero_bytes += m.chunk_len(i) as u64;
+            }
+        }
+    }
+    let cdir = archive_root.join(ARCHIVE_CHUNK_DIR);
+    if let Ok(rd) = fs::read_dir(&cdir) {
+        for fan in rd.flatten() {
+            let Ok(rd2) = fs::read_dir(fan.path()) else { continue };
+            for e in rd2.flatten() {
+                if let Ok(md) = fs::symlink_metadata(e.path()) {
+                    if md.is_file() && e.file_name().to_str().and_then(super::parse_id).is_some() {
+                        u.stored_bytes += md.len();
+                        if md.nlink() <= 2 {
+                            u.exclusive_bytes += md.len();
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(u)
+}
+
+/// Remove from the pool the entries of the chunks `report` found damaged, when the pool's own
+/// copy is damaged too (decode + hash), so that the next `chunk_file` of that data stores them
+/// afresh even where it would otherwise trust the previous manifest. Returns how many entries
+/// were removed. Archives keep their (damaged) links; they are not modified.
+pub fn evict_damaged(pool: &Pool, report: &VerifyReport) -> Result<u64> {
+    let mut n = 0;
+    let (mut raw, mut out) = (Vec::new(), Vec::new());
+    for p in &report.problems {
+        let Some(id) = super::parse_id(&p.id) else { continue };
+        let entry = pool.entry(&id);
+        let good = pool::read_blob(&entry, &mut raw).is_ok()
+            && blob::decode(&raw, &mut out).is_ok()
+            && blake3::hash(&out).as_bytes() == &id;
+        if !good && entry.exists() {
+            fs::remove_file(&entry).ctx(|| format!("cannot remove {}", entry.display()))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
