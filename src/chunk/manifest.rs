@@ -285,6 +285,7 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::default() })]
         #[test]
         fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..2000)) {
             let _ = Manifest::parse(&data);
