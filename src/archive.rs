@@ -1,1 +1,382 @@
-//! TODO
+//! The archive set of one job: `RootDir/JOB/{scheduled,daily,weekly,monthly,yearly}.N`,
+//! `scheduled.running`, `.doneDates`, `.AFFA-TRASH`, and rotation.
+//!
+//! Owns: which archives exist and are valid, which one is the `--link-dest` basis, and
+//! rotation/promotion exactly as Affa 3's `shiftArchives` (with its monthly-fallback defect
+//! fixed). Must never: copy or modify the contents of an archive (rotation only renames), name a
+//! transfer that has no report `scheduled.0`, or delete anything but the archive that falls off
+//! the end of its level.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use chrono::{Datelike, NaiveDateTime};
+
+use crate::error::{IoContext, Result};
+use crate::report::Report;
+
+pub const RUNNING: &str = "scheduled.running";
+/// An interrupted transfer, kept as an extra `--link-dest` basis for the resumed run.
+pub const RESUME: &str = ".scheduled.resume";
+pub const TRASH: &str = ".AFFA-TRASH";
+pub const DONE_DATES: &str = ".doneDates";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Level {
+    Scheduled,
+    Daily,
+    Weekly,
+    Monthly,
+    Yearly,
+}
+
+impl Level {
+    pub const ALL: [Level; 5] = [Level::Scheduled, Level::Daily, Level::Weekly, Level::Monthly, Level::Yearly];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Scheduled => "scheduled",
+            Level::Daily => "daily",
+            Level::Weekly => "weekly",
+            Level::Monthly => "monthly",
+            Level::Yearly => "yearly",
+        }
+    }
+    pub fn letter(self) -> char {
+        self.name().chars().next().unwrap().to_ascii_uppercase()
+    }
+    pub fn keep_key(self) -> &'static str {
+        match self {
+            Level::Scheduled => "scheduledKeep",
+            Level::Daily => "dailyKeep",
+            Level::Weekly => "weeklyKeep",
+            Level::Monthly => "monthlyKeep",
+            Level::Yearly => "yearlyKeep",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Level> {
+        Level::ALL.into_iter().find(|l| l.name() == s)
+    }
+    /// The level below (the promotion source).
+    pub fn below(self) -> Option<Level> {
+        match self {
+            Level::Scheduled => None,
+            Level::Daily => Some(Level::Scheduled),
+            Level::Weekly => Some(Level::Daily),
+            Level::Monthly => Some(Level::Weekly),
+            Level::Yearly => Some(Level::Monthly),
+        }
+    }
+    /// The period key in `.doneDates` for a time: daily=%Y%j, weekly=%Y%W, monthly=%Y%m, yearly=%Y.
+    pub fn period(self, t: NaiveDateTime) -> String {
+        match self {
+            Level::Scheduled => String::new(),
+            Level::Daily => t.format("%Y%j").to_string(),
+            Level::Weekly => t.format("%Y%W").to_string(),
+            Level::Monthly => t.format("%Y%m").to_string(),
+            Level::Yearly => format!("{}", t.year()),
+        }
+    }
+}
+
+/// Keep counts per level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keeps(pub [u32; 5]);
+
+impl Keeps {
+    pub fn of(&self, l: Level) -> u32 {
+        self.0[l as usize]
+    }
+}
+
+/// One archive directory.
+#[derive(Debug, Clone)]
+pub struct Archive {
+    pub level: Level,
+    pub index: u32,
+    pub path: PathBuf,
+    pub report: Option<Report>,
+}
+
+impl Archive {
+    pub fn name(&self) -> String {
+        format!("{}.{}", self.level.name(), self.index)
+    }
+    pub fn valid(&self) -> bool {
+        self.report.is_some()
+    }
+}
+
+/// Parse `level.N` (N without leading zeros, as Affa writes them).
+pub fn parse_archive_name(name: &str) -> Option<(Level, u32)> {
+    let (l, n) = name.split_once('.')?;
+    let level = Level::parse(l)?;
+    if n.is_empty() || n.len() > 6 || !n.bytes().all(|b| b.is_ascii_digit()) || (n.len() > 1 && n.starts_with('0')) {
+        return None;
+    }
+    Some((level, n.parse().ok()?))
+}
+
+/// Every archive of a job dir, sorted by level then index.
+pub fn list(job_dir: &Path) -> Result<Vec<Archive>> {
+    let mut out = Vec::new();
+    let rd = match fs::read_dir(job_dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e).ctx(|| format!("cannot read {}", job_dir.display())),
+    };
+    for e in rd {
+        let e = e.ctx(|| format!("cannot read {}", job_dir.display()))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some((level, index)) = parse_archive_name(&name) {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                let path = e.path();
+                out.push(Archive { level, index, report: Report::read(&path), path });
+            }
+        }
+    }
+    out.sort_by_key(|a| (a.level, a.index));
+    Ok(out)
+}
+
+/// Find an archive by name (`scheduled.0`, `daily.3`), with a helpful error.
+pub fn find(job_dir: &Path, job: &str, name: &str) -> Result<Archive> {
+    let all = list(job_dir)?;
+    if let Some(a) = all.iter().find(|a| a.name() == name) {
+        return Ok(a.clone());
+    }
+    let names: Vec<String> = all.iter().map(|a| a.name()).collect();
+    bail!(
+        "job {job} has no archive '{name}'; archives there: {}",
+        if names.is_empty() { "none".to_string() } else { names.join(", ") }
+    )
+}
+
+/// The valid archive with the newest report date (the `--link-dest` basis), if any.
+pub fn newest_valid(job_dir: &Path) -> Result<Option<Archive>> {
+    let mut v: Vec<Archive> = list(job_dir)?.into_iter().filter(|a| a.valid()).collect();
+    // Newest date first; among equal dates the lower level and index (the fresher rename).
+    v.sort_by(|a, b| {
+        let (da, db) = (a.report.as_ref().unwrap().date().unwrap(), b.report.as_ref().unwrap().date().unwrap());
+        db.cmp(da).then((a.level, a.index).cmp(&(b.level, b.index)))
+    });
+    Ok(v.into_iter().next())
+}
+
+/// `.doneDates`: the period each level was last promoted in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DoneDates {
+    pub values: [String; 5],
+}
+
+impl DoneDates {
+    pub fn read(job_dir: &Path) -> DoneDates {
+        let mut d = DoneDates::default();
+        if let Ok(text) = fs::read_to_string(job_dir.join(DONE_DATES)) {
+            for line in text.lines() {
+                if let Some((k, v)) = line.split_once('=') {
+                    if let Some(l) = Level::parse(k.trim()) {
+                        d.values[l as usize] = v.trim().to_string();
+                    }
+                }
+            }
+        }
+        d
+    }
+    pub fn get(&self, l: Level) -> &str {
+        &self.values[l as usize]
+    }
+    pub fn write(&self, job_dir: &Path) -> Result<()> {
+        let mut s = String::from("[doneDates]\n");
+        for l in [Level::Daily, Level::Weekly, Level::Monthly, Level::Yearly] {
+            let v = self.get(l);
+            s.push_str(&format!("{}={}\n", l.name(), if v.is_empty() { "-1" } else { v }));
+        }
+        crate::report::write_atomic(&job_dir.join(DONE_DATES), s.as_bytes())
+    }
+}
+
+/// Rotate one level, exactly as Affa 3's `shiftArchives`:
+/// - if `C.0` exists (and, for `scheduled`, `scheduled.running` is valid): move `C.(K-1)` to the
+///   trash, then rename `C.(i-1)` to `C.i` for i = K-1 down to 1;
+/// - `scheduled`: rename a valid `scheduled.running` to `scheduled.0`;
+/// - other levels: promote the oldest archive of the level below to `C.0`; when the level below
+///   keeps nothing, fall through to the next level down (Affa's monthly fallback tested the wrong
+///   keep count; here every fallback tests the keep counts of all the levels it skips).
+///
+/// Returns what was done, one line each, for the log. Only renames; the trash is emptied by
+/// [`empty_trash`].
+pub fn shift(job_dir: &Path, level: Level, keeps: Keeps, stamp: &str) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    let p = |l: Level, i: u32| job_dir.join(format!("{}.{}", l.name(), i));
+    let running = job_dir.join(RUNNING);
+    let running_valid = Report::read(&running).is_some();
+    let k = keeps.of(level);
+    let mv = |from: &Path, to: &Path, done: &mut Vec<String>| -> Result<()> {
+        fs::rename(from, to).ctx(|| format!("cannot rename {} to {}", from.display(), to.display()))?;
+        done.push(format!("{} -> {}", name_of(from), name_of(to)));
+        Ok(())
+    };
+    if k == 0 {
+        return Ok(done);
+    }
+    if p(level, 0).is_dir() && (level != Level::Scheduled || running_valid) {
+        let last = p(level, k - 1);
+        if last.is_dir() {
+            let trash = job_dir.join(TRASH);
+            fs::create_dir_all(&trash).ctx(|| format!("cannot create {}", trash.display()))?;
+            let to = trash.join(format!("{}.{}-{}-{}", level.name(), k - 1, stamp, std::process::id()));
+            mv(&last, &to, &mut done)?;
+        }
+        for i in (1..k).rev() {
+            if p(level, i - 1).is_dir() {
+                mv(&p(level, i - 1), &p(level, i), &mut done)?;
+            }
+        }
+    }
+    if level == Level::Scheduled {
+        if !p(level, 0).exists() && running_valid {
+            mv(&running, &p(level, 0), &mut done)?;
+        }
+        return Ok(done);
+    }
+    // Promotion source: the oldest archive of the level below; if that level keeps nothing,
+    // the level below it, and so on.
+    let mut src = None;
+    let mut below = level.below();
+    while let Some(b) = below {
+        let kb = keeps.of(b);
+        if kb > 0 {
+            src = Some(p(b, kb - 1));
+            break;
+        }
+        below = b.below();
+    }
+    if let Some(src) = src {
+        if src.is_dir() && !p(level, 0).exists() {
+            mv(&src, &p(level, 0), &mut done)?;
+        }
+    }
+    Ok(done)
+}
+
+/// Delete what rotation moved to the trash.
+pub fn empty_trash(job_dir: &Path) -> Result<()> {
+    let trash = job_dir.join(TRASH);
+    if trash.exists() {
+        remove_tree(&trash)?;
+    }
+    Ok(())
+}
+
+/// `rm -rf`, tolerant of read-only directories inside archives.
+pub fn remove_tree(path: &Path) -> Result<()> {
+    match fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(_) => {
+            // Some directory inside may lack the write bit: make directories writable, retry.
+            make_dirs_writable(path);
+            fs::remove_dir_all(path).ctx(|| format!("cannot delete {}", path.display()))
+        }
+    }
+}
+
+fn make_dirs_writable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(md) = fs::symlink_metadata(path) {
+        if md.is_dir() {
+            let _ = fs::set_permissions(path, fs::Permissions::from_mode(md.permissions().mode() | 0o700));
+            if let Ok(rd) = fs::read_dir(path) {
+                for e in rd.flatten() {
+                    make_dirs_writable(&e.path());
+                }
+            }
+        }
+    }
+}
+
+fn name_of(p: &Path) -> String {
+    p.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// Archives beyond the keep counts (what `--cleanup` deletes).
+pub fn beyond_keep(job_dir: &Path, keeps: Keeps) -> Result<Vec<Archive>> {
+    Ok(list(job_dir)?.into_iter().filter(|a| a.index >= keeps.of(a.level)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mk(dir: &Path, name: &str, date: &str) {
+        let p = dir.join(name);
+        fs::create_dir_all(&p).unwrap();
+        let mut r = Report::default();
+        r.set("Date", date);
+        r.write(&p).unwrap();
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        list(dir).unwrap().iter().map(|a| a.name()).collect()
+    }
+
+    #[test]
+    fn archive_names_are_strict() {
+        assert_eq!(parse_archive_name("daily.3"), Some((Level::Daily, 3)));
+        assert_eq!(parse_archive_name("daily.03"), None);
+        assert_eq!(parse_archive_name("scheduled.running"), None);
+        assert_eq!(parse_archive_name("hourly.1"), None);
+        assert_eq!(parse_archive_name("daily."), None);
+    }
+
+    #[test]
+    fn scheduled_shift_needs_a_valid_running() {
+        let d = tempfile::tempdir().unwrap();
+        let keeps = Keeps([2, 7, 4, 12, 2]);
+        mk(d.path(), "scheduled.0", "202601010000");
+        fs::create_dir(d.path().join(RUNNING)).unwrap();
+        assert!(shift(d.path(), Level::Scheduled, keeps, "x").unwrap().is_empty());
+        assert_eq!(names(d.path()), ["scheduled.0"]);
+        mk(d.path(), RUNNING, "202601020000");
+        shift(d.path(), Level::Scheduled, keeps, "x").unwrap();
+        assert_eq!(names(d.path()), ["scheduled.0", "scheduled.1"]);
+        mk(d.path(), RUNNING, "202601030000");
+        shift(d.path(), Level::Scheduled, keeps, "x").unwrap();
+        assert_eq!(names(d.path()), ["scheduled.0", "scheduled.1"]);
+        let a = list(d.path()).unwrap();
+        assert_eq!(a[0].report.as_ref().unwrap().date(), Some("202601030000"));
+        assert_eq!(a[1].report.as_ref().unwrap().date(), Some("202601020000"));
+        assert!(d.path().join(TRASH).join(format!("scheduled.1-x-{}", std::process::id())).is_dir());
+    }
+
+    #[test]
+    fn monthly_falls_back_past_every_empty_level() {
+        // weeklyKeep=0 and dailyKeep=0: monthly is promoted from scheduled. Affa 3 tested
+        // scheduledKeep instead of dailyKeep here and promoted nothing.
+        let d = tempfile::tempdir().unwrap();
+        let keeps = Keeps([2, 0, 0, 3, 0]);
+        mk(d.path(), "scheduled.0", "202601020000");
+        mk(d.path(), "scheduled.1", "202601010000");
+        shift(d.path(), Level::Monthly, keeps, "x").unwrap();
+        assert_eq!(names(d.path()), ["scheduled.0", "monthly.0"]);
+        // weeklyKeep=0 but dailyKeep>0: the daily level is the source, even if it is empty yet.
+        let d = tempfile::tempdir().unwrap();
+        let keeps = Keeps([1, 2, 0, 3, 0]);
+        mk(d.path(), "scheduled.0", "202601020000");
+        shift(d.path(), Level::Monthly, keeps, "x").unwrap();
+        assert_eq!(names(d.path()), ["scheduled.0"]);
+        mk(d.path(), "daily.1", "202601010000");
+        shift(d.path(), Level::Monthly, keeps, "x").unwrap();
+        assert_eq!(names(d.path()), ["scheduled.0", "monthly.0"]);
+    }
+
+    #[test]
+    fn link_dest_basis_is_the_newest_valid_archive() {
+        let d = tempfile::tempdir().unwrap();
+        mk(d.path(), "daily.0", "202601050000");
+        mk(d.path(), "scheduled.0", "202601040000");
+        fs::create_dir(d.path().join("scheduled.1")).unwrap(); // no report: invalid
+        assert_eq!(newest_valid(d.path()).unwrap().unwrap().name(), "daily.0");
+    }
+}

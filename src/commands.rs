@@ -1,1 +1,424 @@
-//! TODO
+//! The actions behind the command-line options other than `--run`: lists, status, key
+//! management, and the job-level maintenance commands.
+//!
+//! Owns: what each action prints and changes. Must never: delete or move archives without the
+//! user typing `proceed` (or `--yes`), or act on a job while it is running.
+
+use std::fs;
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::Path;
+
+use crate::archive::{self, Keeps, Level};
+use crate::clock::Clock;
+use crate::config::{edit, Config, Job};
+use crate::error::{IoContext, Result};
+use crate::lock;
+use crate::report::Report;
+use crate::transport::{self, rsync, SshTarget};
+
+/// Ask the user to type `proceed`; `--yes` answers for scripts.
+pub fn confirm(what: &str, yes: bool) -> Result<()> {
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!("{what}: refusing without confirmation; run it on a terminal and type 'proceed', or add --yes");
+    }
+    eprint!("{what}\nType 'proceed' to continue: ");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).ctx(|| "cannot read the answer".to_string())?;
+    if line.trim() != "proceed" {
+        bail!("cancelled: nothing was changed");
+    }
+    Ok(())
+}
+
+fn keeps(job: &Job) -> Keeps {
+    Keeps(Level::ALL.map(|l| job.keep(l)))
+}
+
+/// Jobs named on the command line, or all of them.
+pub fn select<'a>(cfg: &'a Config, names: &[String]) -> Result<Vec<&'a Job>> {
+    if names.is_empty() {
+        return Ok(cfg.jobs.values().collect());
+    }
+    names.iter().map(|n| cfg.job(n)).collect()
+}
+
+/// 1234567 -> "1.2M"
+pub fn human(bytes: u64) -> String {
+    let units = ["B", "K", "M", "G", "T", "P"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes}B")
+    } else {
+        format!("{v:.1}{}", units[u])
+    }
+}
+
+pub fn hms(secs: u64) -> String {
+    format!("{}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
+/// `YYYYmmddHHMM` -> `YYYY-mm-dd HH:MM`.
+pub fn show_date(d: &str) -> String {
+    if d.len() == 12 {
+        format!("{}-{}-{} {}:{}", &d[0..4], &d[4..6], &d[6..8], &d[8..10], &d[10..12])
+    } else {
+        "-".into()
+    }
+}
+
+pub const ARCHIVES_CSV_HEADER: &str = "Job;Archive;Count;Date;Files;Size;RootDirFilesystemAvail;RootDirFilesystemUsed;valid;TotalBytesSent;TotalBytesReceived;ExecutionTime;LogicalSize;PoolBytesAdded;DedupRatio";
+
+/// `--list-archives [--csv] [JOB...]`
+pub fn list_archives(cfg: &Config, names: &[String], csv: bool) -> Result<String> {
+    let mut out = String::new();
+    if csv {
+        out.push_str(ARCHIVES_CSV_HEADER);
+        out.push('\n');
+    }
+    for job in select(cfg, names)? {
+        let all = archive::list(&job.job_dir())?;
+        let k = keeps(job);
+        if !csv {
+            out.push_str(&format!("Job {} ({}{}): {} archive(s) in {}\n", job.name, job.get("remoteHostName"),
+                if job.esxi() { format!(", ESXi VM {}", job.get("ESXiVMName")) } else { String::new() },
+                all.len(), job.job_dir().display()));
+            if all.is_empty() {
+                continue;
+            }
+            out.push_str(&format!("{:<6} {:<16} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}\n",
+                "Run", "Completion date", "buTime", "Files", "Size", "Sent", "Recvd", "Logical", "Added", "Dedup"));
+        }
+        for a in all.iter().rev() {
+            let r = a.report.clone().unwrap_or_default();
+            let n = |k: &str| r.num(k);
+            let nh = |k: &str| n(k).map(human).unwrap_or_else(|| "-".into());
+            let ratio = r.get("DedupRatio").unwrap_or("-").to_string();
+            if csv {
+                out.push_str(&format!("{};{};{};{};{};{};{};{};{};{};{};{};{};{};{}\n",
+                    job.name, a.level.name(), a.index, r.date().unwrap_or(""),
+                    n("NumberOfFiles").unwrap_or(0), n("TotalFileSize").unwrap_or(0),
+                    n("RootDirFilesystemAvail").unwrap_or(0), n("RootDirFilesystemUsed").unwrap_or(0),
+                    if a.valid() { "yes" } else { "no" },
+                    n("TotalBytesSent").unwrap_or(0), n("TotalBytesReceived").unwrap_or(0), n("ExecutionTime").unwrap_or(0),
+                    n("ChunkLogicalSize").unwrap_or(0), n("ChunkPoolBytesAdded").unwrap_or(0), r.get("DedupRatio").unwrap_or("")));
+            } else {
+                let tag = if a.index >= k.of(a.level) { "*" } else { " " };
+                out.push_str(&format!("{:<6} {:<16} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}\n",
+                    format!("{tag}{} {}", a.level.letter(), a.index),
+                    r.date().map(show_date).unwrap_or_else(|| "(incomplete)".into()),
+                    n("ExecutionTime").map(hms).unwrap_or_else(|| "-".into()),
+                    n("NumberOfFiles").map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
+                    nh("TotalFileSize"), nh("TotalBytesSent"), nh("TotalBytesReceived"),
+                    nh("ChunkLogicalSize"), nh("ChunkPoolBytesAdded"), ratio));
+            }
+        }
+        if !csv && all.iter().any(|a| a.index >= k.of(a.level)) {
+            out.push_str("* archives with an index beyond the Keep value (affa --cleanup removes them)\n");
+        }
+    }
+    Ok(out)
+}
+
+/// The state of a job that is not cleanly idle.
+pub fn process_state(cfg: &Config, job: &Job) -> Option<String> {
+    if let Some(pid) = lock::holder(&cfg.lock_dir(), &job.name) {
+        return Some(format!("running (pid {pid})"));
+    }
+    if job.job_dir().join(archive::RUNNING).exists() {
+        return Some("interrupted".into());
+    }
+    None
+}
+
+/// The next `TimeSchedule` after now, as HH:MM.
+fn next_run(job: &Job, clock: &dyn Clock) -> String {
+    let now = clock.now().format("%H%M").to_string();
+    let mut times: Vec<&String> = job.get_all("TimeSchedule").iter().collect();
+    times.sort();
+    let next = times.iter().find(|t| t.as_str() > now.as_str()).or(times.first());
+    next.map(|t| format!("{}:{}", &t[..2], &t[2..])).unwrap_or_else(|| "-".into())
+}
+
+pub const STATUS_CSV_HEADER: &str = "Job;Enabled;Last;Next;Size;RootDirFilesystemAvail;RootDirFilesystemUsed;NumberOfArchives;lockpid;ProcessState;BackupTime";
+
+/// `--status [--csv] [--all]`
+pub fn status(cfg: &Config, clock: &dyn Clock, csv: bool, all: bool) -> Result<String> {
+    let now = clock.now();
+    let mut out = String::new();
+    if csv {
+        out.push_str(STATUS_CSV_HEADER);
+        out.push('\n');
+    } else {
+        out.push_str(&format!("{:<20} {:>3} {:>5} {:>8} {:>5} {:>8} {:>14}\n", "Job", "ENA", "Last", "Time", "Next", "Size", "N of S,D,W,M,Y"));
+    }
+    let mut disabled = 0;
+    for job in cfg.jobs.values() {
+        let enabled = job.enabled() && cfg.global.get("globalStatus") != "disabled";
+        let r = Report::read(&job.job_dir().join("scheduled.0"));
+        let arch = archive::list(&job.job_dir())?;
+        let count = |l: Level| arch.iter().filter(|a| a.level == l).count();
+        let nof = Level::ALL.map(|l| format!("{:>2}", count(l))).join(",");
+        let state = process_state(cfg, job);
+        let last_date = r.as_ref().and_then(|r| r.date().map(String::from));
+        if csv {
+            let (used, avail) = rsync::df(&job.root_dir()).unwrap_or((0, 0));
+            out.push_str(&format!("{};{};{};{};{};{};{};{};{};{};{}\n", job.name, if enabled { "yes" } else { "no" },
+                last_date.clone().unwrap_or_else(|| "197001010000".into()), next_run(job, clock),
+                r.as_ref().and_then(|r| r.num("TotalFileSize")).unwrap_or(0), avail, used, nof,
+                lock::holder(&cfg.lock_dir(), &job.name).map(|p| p.to_string()).unwrap_or_default(),
+                state.clone().unwrap_or_default(), r.as_ref().and_then(|r| r.num("ExecutionTime")).map(|v| v.to_string()).unwrap_or_default()));
+            continue;
+        }
+        if !enabled && state.is_none() && !all {
+            disabled += 1;
+            continue;
+        }
+        let last = match &last_date {
+            None => "never".to_string(),
+            Some(d) => {
+                let t = chrono::NaiveDateTime::parse_from_str(d, "%Y%m%d%H%M").ok();
+                match t {
+                    Some(t) if (now - t).num_hours() < 24 => t.format("%H:%M").to_string(),
+                    _ if enabled => "ERROR".into(),
+                    _ => "-".into(),
+                }
+            }
+        };
+        let mid = match &state {
+            Some(s) => format!("{s:<29}"),
+            None => format!("{:>5} {:>8} {:>5} {:>8}", last,
+                r.as_ref().and_then(|r| r.num("ExecutionTime")).map(hms).unwrap_or_else(|| "-".into()),
+                if enabled { next_run(job, clock) } else { "-".into() },
+                r.as_ref().and_then(|r| r.num("TotalFileSize")).map(human).unwrap_or_else(|| "-".into())),
+        };
+        out.push_str(&format!("{:<20} {:>3} {} {:>14}\n", job.name, if enabled { "yes" } else { "no" }, mid, nof));
+    }
+    if disabled > 0 {
+        out.push_str(&format!("{disabled} disabled job(s) not listed; use --all to show them.\n"));
+    }
+    Ok(out)
+}
+
+/// `--disk-usage [--csv]`
+pub fn disk_usage(cfg: &Config, csv: bool) -> Result<String> {
+    let mut roots: Vec<String> = cfg.jobs.values().map(|j| j.get("RootDir").to_string()).collect();
+    roots.sort();
+    roots.dedup();
+    let mut out = String::new();
+    if csv {
+        out.push_str("RootDir;RootDirFilesystemAvail;RootDirFilesystemUsed\n");
+    } else {
+        out.push_str(&format!("{:>4} {:>8} {:>8}  {}\n", "Use%", "Used", "Avail", "Root Dir"));
+    }
+    for r in roots {
+        let df = rsync::df(Path::new(&r));
+        if csv {
+            match df {
+                Some((u, a)) => out.push_str(&format!("\"{r}\";{a};{u}\n")),
+                None => out.push_str(&format!("\"{r}\";-;-\n")),
+            }
+        } else {
+            match df {
+                Some((u, a)) => out.push_str(&format!("{:>3}% {:>8} {:>8}  {r}\n", u * 100 / (u + a).max(1), human(u * 1024), human(a * 1024))),
+                None => out.push_str(&format!("{:>4} {:>8} {:>8}  {r} (not available)\n", "-", "-", "-")),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `--send-key [JOB...]`
+pub fn send_keys(cfg: &Config, names: &[String], out: &mut dyn Write) -> Result<()> {
+    for job in select(cfg, names)? {
+        if job.get("remoteHostName") == "localhost" {
+            continue;
+        }
+        let t = SshTarget::from_job(job, cfg);
+        transport::send_key(&t, &cfg.ssh_dir(), &job.remote_authorized_keys())?;
+        let _ = writeln!(out, "job {}: key installed in {} on {}; host key recorded in {}", job.name, job.remote_authorized_keys(), t.destination(), t.known_hosts.display());
+        if job.esxi() {
+            crate::esxi::backup::pin_thumbprint(cfg, job, out)?;
+        }
+    }
+    Ok(())
+}
+
+/// `--revoke-key JOB`
+pub fn revoke_key(cfg: &Config, name: &str) -> Result<String> {
+    let job = cfg.job(name)?;
+    let t = SshTarget::from_job(job, cfg);
+    transport::revoke_key(&t, &cfg.ssh_dir(), &job.remote_authorized_keys())?;
+    Ok(format!("job {}: affa's key removed from {} on {}", job.name, job.remote_authorized_keys(), t.destination()))
+}
+
+/// `--check-connections [JOB...]`: one line per job; Err if any failed.
+pub fn check_connections(cfg: &Config, names: &[String], out: &mut dyn Write) -> Result<()> {
+    let mut failed = Vec::new();
+    for job in select(cfg, names)? {
+        if job.get("remoteHostName") == "localhost" {
+            let _ = writeln!(out, "{:<20} OK (local)", job.name);
+            continue;
+        }
+        match SshTarget::from_job(job, cfg).check_connection() {
+            Ok(()) => {
+                let _ = writeln!(out, "{:<20} OK", job.name);
+            }
+            Err(e) => {
+                let _ = writeln!(out, "{:<20} FAILED: {e}", job.name);
+                failed.push(job.name.clone());
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("connection check failed for: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// `--cleanup JOB`: delete archives beyond the Keep values, then sweep the chunk pool.
+pub fn cleanup(cfg: &Config, name: &str, yes: bool) -> Result<String> {
+    let job = cfg.job(name)?;
+    let extra = archive::beyond_keep(&job.job_dir(), keeps(job))?;
+    if extra.is_empty() {
+        crate::staging::sweep_pool(&job.root_dir())?;
+        return Ok(format!("job {name}: no archives beyond the Keep values"));
+    }
+    let names: Vec<String> = extra.iter().map(|a| a.name()).collect();
+    confirm(&format!("This deletes {} archive(s) of job {name}: {}", extra.len(), names.join(", ")), yes)?;
+    let _l = lock::acquire(&cfg.lock_dir(), name)?;
+    for a in &extra {
+        archive::remove_tree(&a.path)?;
+    }
+    crate::staging::sweep_pool(&job.root_dir())?;
+    Ok(format!("job {name}: deleted {}", names.join(", ")))
+}
+
+/// `--delete-job JOB`: delete its archives and its configuration section.
+pub fn delete_job(cfg: &Config, name: &str, yes: bool) -> Result<String> {
+    let job = cfg.job(name)?;
+    let dir = job.job_dir();
+    confirm(&format!("This deletes job {name}: all its archives in {} and its section in {}", dir.display(), job.origin.file.display()), yes)?;
+    let _l = lock::acquire(&cfg.lock_dir(), name)?;
+    archive::remove_tree(&dir)?;
+    edit::remove_section(job)?;
+    let _ = fs::remove_file(cfg.ssh_dir().join(format!("knownhosts-{name}")));
+    crate::staging::sweep_pool(&job.root_dir())?;
+    Ok(format!("job {name} deleted"))
+}
+
+/// `--rename-job JOB NEW`
+pub fn rename_job(cfg: &Config, name: &str, new: &str) -> Result<String> {
+    let job = cfg.job(name)?;
+    if !crate::config::valid_job_name(new) {
+        bail!("new job name '{new}' is not valid; expected letters, digits, '_', '.' and '-' only");
+    }
+    if cfg.jobs.contains_key(new) {
+        bail!("a job named {new} exists already");
+    }
+    let _l = lock::acquire(&cfg.lock_dir(), name)?;
+    let (from, to) = (job.job_dir(), job.root_dir().join(new));
+    if to.exists() {
+        bail!("{} exists already; not renaming", to.display());
+    }
+    if from.exists() {
+        fs::rename(&from, &to).ctx(|| format!("cannot rename {} to {}", from.display(), to.display()))?;
+    }
+    edit::rename_section(job, new)?;
+    let (kh, kh_new) = (cfg.ssh_dir().join(format!("knownhosts-{name}")), cfg.ssh_dir().join(format!("knownhosts-{new}")));
+    if let Ok(text) = fs::read_to_string(&kh) {
+        let prefix = format!("{name} ");
+        let renamed: String = text.lines().map(|l| match l.strip_prefix(&prefix) {
+            Some(rest) => format!("{new} {rest}\n"),
+            None => format!("{l}\n"),
+        }).collect();
+        crate::report::write_atomic(&kh_new, renamed.as_bytes())?;
+        let _ = fs::remove_file(&kh);
+    }
+    Ok(format!("job {name} renamed to {new}"))
+}
+
+/// `--move-archive JOB NEWROOTDIR`
+pub fn move_archive(cfg: &Config, name: &str, new_root: &str, yes: bool) -> Result<String> {
+    let job = cfg.job(name)?;
+    if !new_root.starts_with('/') {
+        bail!("new RootDir '{new_root}' is not valid; expected an absolute path");
+    }
+    let (from, to) = (job.job_dir(), Path::new(new_root).join(name));
+    if !Path::new(new_root).is_dir() {
+        bail!("{new_root} does not exist; create it first");
+    }
+    if to.exists() {
+        bail!("{} exists already; not moving", to.display());
+    }
+    confirm(&format!("This moves the archives of job {name} from {} to {}", from.display(), to.display()), yes)?;
+    let _l = lock::acquire(&cfg.lock_dir(), name)?;
+    if from.exists() {
+        if fs::rename(&from, &to).is_err() {
+            // Another filesystem: copy everything (hard links kept), then delete the original.
+            let st = std::process::Command::new("cp").arg("-a").arg(&from).arg(&to).status().ctx(|| "cannot run cp".to_string())?;
+            if !st.success() {
+                let _ = archive::remove_tree(&to);
+                bail!("copying {} to {} failed; the original is untouched", from.display(), to.display());
+            }
+            archive::remove_tree(&from)?;
+        }
+    }
+    edit::set_key(job, "RootDir", new_root)?;
+    Ok(format!("job {name}: archives moved to {}; RootDir={new_root} written to {}", to.display(), job.origin.file.display()))
+}
+
+/// `--kill JOB`: stop a running job (SIGTERM, so it cleans up) and wait for it.
+pub fn kill(cfg: &Config, name: &str) -> Result<String> {
+    cfg.job(name)?;
+    let Some(pid) = lock::holder(&cfg.lock_dir(), name) else {
+        return Ok(format!("job {name} is not running"));
+    };
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    for _ in 0..600 {
+        if lock::holder(&cfg.lock_dir(), name).is_none() {
+            return Ok(format!("job {name} (pid {pid}) stopped"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    bail!("job {name} (pid {pid}) did not stop within 60 s")
+}
+
+/// `--log-tail [JOB]`
+pub fn log_tail(cfg: &Config, name: Option<&str>) -> Result<String> {
+    let file = match name {
+        Some(n) => {
+            cfg.job(n)?;
+            cfg.log_dir().join(format!("{n}.log"))
+        }
+        None => cfg.log_dir().join(crate::joblog::GLOBAL_LOG),
+    };
+    let lines = crate::joblog::tail(&file, 50).ctx(|| format!("cannot read {}", file.display()))?;
+    Ok(lines.join("\n") + "\n")
+}
+
+/// `--configcheck`
+pub fn configcheck(cfg: &Config) -> Result<String> {
+    let mut out = String::new();
+    for job in cfg.jobs.values() {
+        if job.esxi() {
+            job.esxi_password()?;
+            if job.thumbprint().is_none() && job.get("ESXiProtocol") == "https" {
+                out.push_str(&format!("job {}: no ESXiThumbprint yet; affa --send-key {} will show and pin it\n", job.name, job.name));
+            }
+        }
+        if !job.root_dir().is_dir() {
+            out.push_str(&format!("job {}: RootDir {} does not exist yet\n", job.name, job.root_dir().display()));
+        }
+    }
+    out.push_str(&format!("configuration OK: {} job(s) in {}\n", cfg.jobs.len(), cfg.dir.display()));
+    Ok(out)
+}

@@ -3,12 +3,14 @@
 //!
 //! The library holds all logic; `main.rs` only parses the command line and dispatches.
 
+#[macro_use]
 pub mod error;
 pub mod clock;
 pub mod config;
 pub mod archive;
 pub mod report;
 pub mod lock;
+pub mod interrupt;
 pub mod joblog;
 pub mod transport;
 pub mod run;

@@ -1,1 +1,214 @@
-fn main() {}
+//! The `affa` command: parse Affa's long options, dispatch to the library, print one-line
+//! errors. No logic lives here.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{ArgGroup, Parser};
+
+use affa::archive::Level;
+use affa::config::{self, Config};
+use affa::{commands, Result};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "affa",
+    version,
+    about = "Rotating backups of Linux hosts and running ESXi VMs over ssh + rsync (Affa 3 compatible)",
+    infer_long_args = true,
+    group(ArgGroup::new("action").required(true).multiple(false)),
+    after_help = "Any unique prefix of an option works (--list for --list-archives). Destructive actions ask you to type 'proceed'; --yes answers for scripts."
+)]
+struct Cli {
+    /// Run a job now: JOB [scheduled|daily|weekly|monthly|yearly]
+    #[arg(long, group = "action", alias = "backup")]
+    run: bool,
+    /// Check every configuration file and exit
+    #[arg(long, group = "action")]
+    configcheck: bool,
+    /// List the archives of the given jobs (all when none): [JOB...]
+    #[arg(long, group = "action")]
+    list_archives: bool,
+    /// Show the status of every job
+    #[arg(long, group = "action")]
+    status: bool,
+    /// Install affa's ssh key on the hosts of the given jobs (all when none): [JOB...]
+    #[arg(long, group = "action", alias = "send-keys")]
+    send_key: bool,
+    /// Remove affa's ssh key from the host of JOB
+    #[arg(long, group = "action")]
+    revoke_key: bool,
+    /// Check the ssh connection of the given jobs (all when none): [JOB...]
+    #[arg(long, group = "action")]
+    check_connections: bool,
+    /// Delete the archives of JOB beyond its Keep values
+    #[arg(long, group = "action")]
+    cleanup: bool,
+    /// Delete JOB: its archives and its configuration section
+    #[arg(long, group = "action")]
+    delete_job: bool,
+    /// Rename JOB to NEW (archives, configuration, known host)
+    #[arg(long, group = "action")]
+    rename_job: bool,
+    /// Move the archives of JOB to a new RootDir: JOB DIR
+    #[arg(long, group = "action")]
+    move_archive: bool,
+    /// Stop the running JOB (its ESXi snapshot is removed first)
+    #[arg(long, group = "action")]
+    kill: bool,
+    /// Show the end of the log of JOB (or of the global log)
+    #[arg(long, group = "action")]
+    log_tail: bool,
+    /// Show the free space of every RootDir
+    #[arg(long, group = "action")]
+    disk_usage: bool,
+    /// Print every configuration key with its default
+    #[arg(long, group = "action")]
+    show_default_config: bool,
+    /// Describe one configuration key: KEY
+    #[arg(long, group = "action")]
+    show_property: bool,
+    /// Rebuild the chunked files of an archive as plain files: JOB ARCHIVE [--to DIR]
+    #[arg(long, group = "action")]
+    unchunk: bool,
+    /// Check every chunk an archive references: JOB [ARCHIVE|--all]
+    #[arg(long, group = "action")]
+    verify: bool,
+
+    /// Output as CSV (--list-archives, --status, --disk-usage)
+    #[arg(long)]
+    csv: bool,
+    /// Include disabled jobs (--status); every archive (--verify)
+    #[arg(long)]
+    all: bool,
+    /// Answer 'proceed' to every confirmation
+    #[arg(long)]
+    yes: bool,
+    /// Print nothing but errors (as under cron)
+    #[arg(long)]
+    silent: bool,
+    /// Target directory (--unchunk)
+    #[arg(long, value_name = "DIR")]
+    to: Option<PathBuf>,
+    /// Configuration directory (default $AFFA_CONFIG_DIR or /etc/affa)
+    #[arg(long, value_name = "DIR")]
+    config_dir: Option<PathBuf>,
+
+    /// Job names and other arguments of the action
+    #[arg(value_name = "ARGS")]
+    args: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    match dispatch(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            affa::joblog::clear_progress();
+            eprintln!("affa: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn need(args: &[String], n: usize, usage: &str) -> Result<()> {
+    if args.len() < n {
+        affa::bail!("missing argument; usage: affa {usage}");
+    }
+    if args.len() > n {
+        affa::bail!("unexpected argument '{}'; usage: affa {usage}", args[n]);
+    }
+    Ok(())
+}
+
+fn print(s: String) {
+    let mut o = std::io::stdout().lock();
+    let _ = o.write_all(s.as_bytes());
+    let _ = o.flush();
+}
+
+fn dispatch(cli: &Cli) -> Result<()> {
+    let a = &cli.args;
+    if cli.show_default_config {
+        print(config::default_config_text());
+        return Ok(());
+    }
+    if cli.show_property {
+        need(a, 1, "--show-property KEY")?;
+        print(config::describe_key(&a[0])? + "\n");
+        return Ok(());
+    }
+    let dir = config::config_dir(cli.config_dir.as_deref());
+    let cfg = Config::load(&dir)?;
+    let clock = affa::clock::from_env()?;
+    if cli.run {
+        if a.is_empty() || a.len() > 2 {
+            affa::bail!("usage: affa --run JOB [scheduled|daily|weekly|monthly|yearly]");
+        }
+        let level = match a.get(1) {
+            None => Level::Scheduled,
+            Some(l) => Level::parse(l).ok_or_else(|| affa::Error::new(format!("unknown level '{l}'; expected scheduled, daily, weekly, monthly or yearly")))?,
+        };
+        let interactive = !cli.silent && affa::joblog::interactive();
+        let s = affa::run::run(&cfg, &a[0], clock.as_ref(), affa::run::RunOptions { level, interactive })?;
+        if !cli.silent {
+            if let Some(p) = s.archive {
+                eprintln!("job {} done: {}", a[0], p.display());
+            }
+        }
+        return Ok(());
+    }
+    let mut out = std::io::stdout();
+    if cli.configcheck {
+        print(commands::configcheck(&cfg)?);
+    } else if cli.list_archives {
+        print(commands::list_archives(&cfg, a, cli.csv)?);
+    } else if cli.status {
+        print(commands::status(&cfg, clock.as_ref(), cli.csv, cli.all)?);
+    } else if cli.send_key {
+        commands::send_keys(&cfg, a, &mut out)?;
+    } else if cli.revoke_key {
+        need(a, 1, "--revoke-key JOB")?;
+        print(commands::revoke_key(&cfg, &a[0])? + "\n");
+    } else if cli.check_connections {
+        commands::check_connections(&cfg, a, &mut out)?;
+    } else if cli.cleanup {
+        need(a, 1, "--cleanup JOB")?;
+        print(commands::cleanup(&cfg, &a[0], cli.yes)? + "\n");
+    } else if cli.delete_job {
+        need(a, 1, "--delete-job JOB")?;
+        print(commands::delete_job(&cfg, &a[0], cli.yes)? + "\n");
+    } else if cli.rename_job {
+        need(a, 2, "--rename-job JOB NEW")?;
+        print(commands::rename_job(&cfg, &a[0], &a[1])? + "\n");
+    } else if cli.move_archive {
+        need(a, 2, "--move-archive JOB DIR")?;
+        print(commands::move_archive(&cfg, &a[0], &a[1], cli.yes)? + "\n");
+    } else if cli.kill {
+        need(a, 1, "--kill JOB")?;
+        print(commands::kill(&cfg, &a[0])? + "\n");
+    } else if cli.log_tail {
+        if a.len() > 1 {
+            affa::bail!("usage: affa --log-tail [JOB]");
+        }
+        print(commands::log_tail(&cfg, a.first().map(|s| s.as_str()))?);
+    } else if cli.disk_usage {
+        print(commands::disk_usage(&cfg, cli.csv)?);
+    } else if cli.unchunk {
+        need(a, 2, "--unchunk JOB ARCHIVE [--to DIR]")?;
+        print(affa::staging::unchunk_command(&cfg, &a[0], &a[1], cli.to.as_deref())?);
+    } else if cli.verify {
+        if a.is_empty() || a.len() > 2 {
+            affa::bail!("usage: affa --verify JOB [ARCHIVE|--all]");
+        }
+        print(affa::staging::verify_command(&cfg, &a[0], a.get(1).map(|s| s.as_str()), cli.all)?);
+    }
+    Ok(())
+}

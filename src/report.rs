@@ -1,1 +1,170 @@
-//! TODO
+//! The archive report `.AFFA3-REPORT` and rsync's `--stats` output.
+//!
+//! Owns: reading and writing the report (INI, section `[Report]`, Affa 3's keys) and turning
+//! rsync's statistics into report keys. Must never: write a report that is not complete on disk
+//! (an archive is valid only if it has its report, so it is written to a temp file, fsynced and
+//! renamed).
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+
+use crate::error::{IoContext, Result};
+
+pub const REPORT_FILE: &str = ".AFFA3-REPORT";
+
+/// Ordered key/value pairs of `[Report]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    pub values: Vec<(String, String)>,
+}
+
+impl Report {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.values.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+    pub fn num(&self, key: &str) -> Option<u64> {
+        self.get(key).and_then(|v| v.parse().ok())
+    }
+    /// Set (replace) a key.
+    pub fn set(&mut self, key: &str, value: impl ToString) {
+        let value = value.to_string().replace(['\n', '\r'], " ");
+        match self.values.iter_mut().find(|(k, _)| k == key) {
+            Some(slot) => slot.1 = value,
+            None => self.values.push((key.to_string(), value)),
+        }
+    }
+    /// `Date` as Affa writes it: `YYYYmmddHHMM`; None when missing or malformed.
+    pub fn date(&self) -> Option<&str> {
+        self.get("Date").filter(|d| d.len() == 12 && d.bytes().all(|b| b.is_ascii_digit()))
+    }
+
+    pub fn parse(text: &str) -> Report {
+        let mut r = Report::default();
+        let mut in_report = false;
+        for line in text.lines() {
+            let line = line.trim();
+            if line.starts_with('[') {
+                in_report = line == "[Report]";
+                continue;
+            }
+            if !in_report || line.starts_with(';') || line.starts_with('#') {
+                continue;
+            }
+            if let Some((k, v)) = line.split_once('=') {
+                r.values.push((k.trim().to_string(), v.trim().to_string()));
+            }
+        }
+        r
+    }
+
+    pub fn to_text(&self) -> String {
+        let mut s = String::from("[Report]\n");
+        for (k, v) in &self.values {
+            s.push_str(&format!("{k}={v}\n"));
+        }
+        s
+    }
+
+    /// Read `DIR/.AFFA3-REPORT`; None if absent or without a valid Date.
+    pub fn read(archive_dir: &Path) -> Option<Report> {
+        let text = fs::read_to_string(archive_dir.join(REPORT_FILE)).ok()?;
+        let r = Report::parse(&text);
+        r.date()?;
+        Some(r)
+    }
+
+    /// Write `DIR/.AFFA3-REPORT` atomically.
+    pub fn write(&self, archive_dir: &Path) -> Result<()> {
+        write_atomic(&archive_dir.join(REPORT_FILE), self.to_text().as_bytes())
+    }
+
+    /// Add rsync's `--stats` lines as CamelCase keys, as Affa does ("Total file size: 1,234
+    /// bytes" -> `TotalFileSize=1234`).
+    pub fn add_rsync_stats(&mut self, output: &str) {
+        for (k, v) in parse_rsync_stats(output) {
+            self.set(&k, v);
+        }
+    }
+}
+
+/// rsync `--stats` output -> (CamelCaseKey, number) pairs. Lines that are not statistics are
+/// ignored; never panics on any input.
+pub fn parse_rsync_stats(output: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for line in output.lines() {
+        let line = line.trim_end_matches('\r');
+        if line.starts_with("rsync") || line.starts_with("sent ") || line.starts_with("total size is") || line.starts_with("File list") {
+            continue;
+        }
+        let Some((k, v)) = line.split_once(':') else { continue };
+        if k.is_empty() || k.len() > 60 || !k.chars().all(|c| c.is_ascii_alphabetic() || c == ' ') {
+            continue;
+        }
+        let key: String = k.split_whitespace().map(|w| {
+            let mut c = w.chars();
+            match c.next() {
+                Some(f) => f.to_ascii_uppercase().to_string() + c.as_str(),
+                None => String::new(),
+            }
+        }).collect();
+        let val: String = v.trim().split_whitespace().next().unwrap_or("").replace(',', "");
+        if key.is_empty() || val.is_empty() || !val.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            continue;
+        }
+        out.push((key, val));
+    }
+    out
+}
+
+/// Write a file completely or not at all: temp file in the same directory, fsync, rename.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+    let res = (|| -> std::io::Result<()> {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        Ok(())
+    })();
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res.ctx(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STATS: &str = "\nNumber of files: 1,234 (reg: 1,000, dir: 234)\nNumber of created files: 10 (reg: 10)\nNumber of deleted files: 0\nNumber of regular files transferred: 12\nTotal file size: 5,678,901 bytes\nTotal transferred file size: 1,024 bytes\nLiteral data: 1,024 bytes\nMatched data: 0 bytes\nFile list size: 0\nFile list generation time: 0.001 seconds\nFile list transfer time: 0.000 seconds\nTotal bytes sent: 71\nTotal bytes received: 2,019\n\nsent 71 bytes  received 2,019 bytes  180.00 bytes/sec\ntotal size is 5,678,901  speedup is 0.13\n";
+
+    #[test]
+    fn rsync_stats_become_affa_keys() {
+        let mut r = Report::default();
+        r.add_rsync_stats(STATS);
+        assert_eq!(r.get("NumberOfFiles"), Some("1234"));
+        assert_eq!(r.get("TotalFileSize"), Some("5678901"));
+        assert_eq!(r.get("TotalBytesReceived"), Some("2019"));
+        assert_eq!(r.get("NumberOfRegularFilesTransferred"), Some("12"));
+        assert_eq!(r.get("FileListSize"), None);
+        assert_eq!(r.values.len(), 10);
+    }
+
+    #[test]
+    fn report_round_trip_and_validity() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Report::default();
+        r.set("Date", "202611261015");
+        r.set("ExitStatus", 0);
+        r.write(dir.path()).unwrap();
+        assert_eq!(Report::read(dir.path()), Some(r));
+        fs::write(dir.path().join(REPORT_FILE), "[Report]\nDate=garbage\n").unwrap();
+        assert_eq!(Report::read(dir.path()), None);
+        for junk in ["", "\u{0}\u{1}", "[Report]\n=\n==", "Number of files:\n:::"] {
+            let _ = parse_rsync_stats(junk);
+            let _ = Report::parse(junk);
+        }
+    }
+}

@@ -1,1 +1,376 @@
-//! TODO
+//! One run of a job: the pipeline from lock to unlock.
+//!
+//! Owns: the order of a run (lock, connection check, pre-job scripts, transfer into
+//! `scheduled.running`, report and setup copy, promotion and rotation, post-job scripts, the
+//! disk-space warning, unlock). Must never: rename, delete or alter an existing archive when the
+//! run fails (promotion therefore happens after a successful transfer, which gives the same
+//! archive set as Affa's order, promotion first), or name an incomplete transfer `scheduled.0`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use crate::archive::{self, DoneDates, Keeps, Level, RESUME, RUNNING};
+use crate::clock::Clock;
+use crate::config::{Config, Job};
+use crate::error::{Error, IoContext, Result};
+use crate::joblog::JobLog;
+use crate::lock;
+use crate::report::Report;
+use crate::transport::rsync::{self, Outcome, Source};
+use crate::transport::{die_with_parent, shell_quote, SshTarget};
+
+/// How the run was started.
+#[derive(Debug, Clone, Copy)]
+pub struct RunOptions {
+    pub level: Level,
+    /// Show progress and messages on the terminal.
+    pub interactive: bool,
+}
+
+/// What a successful run did.
+#[derive(Debug, Clone, Default)]
+pub struct RunSummary {
+    pub archive: Option<PathBuf>,
+    pub rotated: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// Everything a step of the run needs.
+pub struct Ctx<'a> {
+    pub cfg: &'a Config,
+    pub job: &'a Job,
+    pub clock: &'a dyn Clock,
+    pub log: JobLog,
+    pub interactive: bool,
+    pub started: Instant,
+    pub job_dir: PathBuf,
+}
+
+impl Ctx<'_> {
+    pub fn source(&self) -> Option<SshTarget> {
+        if self.job.get("remoteHostName") == "localhost" {
+            None
+        } else {
+            Some(SshTarget::from_job(self.job, self.cfg))
+        }
+    }
+    pub fn keeps(&self) -> Keeps {
+        Keeps(Level::ALL.map(|l| self.job.keep(l)))
+    }
+}
+
+/// Run a job at a level. `scheduled` transfers a new archive; the other levels only promote.
+pub fn run(cfg: &Config, job_name: &str, clock: &dyn Clock, opts: RunOptions) -> Result<RunSummary> {
+    let job = cfg.job(job_name)?;
+    crate::interrupt::install();
+    let log = JobLog::new(&cfg.log_dir(), job_name, opts.interactive);
+    let ctx = Ctx {
+        cfg,
+        job,
+        clock,
+        log,
+        interactive: opts.interactive,
+        started: Instant::now(),
+        job_dir: job.job_dir(),
+    };
+    ctx.log.info(format!("Starting job {} {} ({})", job_name, opts.level.name(), job.get("remoteHostName")));
+    let res = run_locked(&ctx, opts.level);
+    match &res {
+        Ok(_) => ctx.log.info(format!("Completed job {} {}", job_name, opts.level.name())),
+        Err(e) => ctx.log.error(format!("job {job_name} failed: {e}")),
+    }
+    res
+}
+
+fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
+    let _lock = lock::acquire(&ctx.cfg.lock_dir(), &ctx.job.name)?;
+    let root = ctx.job.root_dir();
+    if !root.is_dir() {
+        bail!("RootDir {} of job {} does not exist (is the backup disk mounted?); create it or fix RootDir", root.display(), ctx.job.name);
+    }
+    create_private_dir(&ctx.job_dir)?;
+    if level != Level::Scheduled {
+        let mut summary = RunSummary::default();
+        promote(ctx, level, &mut summary)?;
+        archive::empty_trash(&ctx.job_dir)?;
+        return Ok(summary);
+    }
+    if let Some(t) = ctx.source() {
+        ctx.log.info(format!("Checking the connection to {}", t.destination()));
+        t.check_connection()?;
+    }
+    run_scripts(ctx, "preJobCommand", "preJobCommandRemote")?;
+    let mut summary = RunSummary::default();
+    let running = ctx.job_dir.join(RUNNING);
+    let mut report = Report::default();
+    if ctx.job.esxi() {
+        crate::esxi::backup::transfer(ctx, &running, &mut report, &mut summary)?;
+    } else {
+        transfer_files(ctx, &running, &mut report, &mut summary)?;
+    }
+    finish_report(ctx, &running, &mut report)?;
+
+    // The transfer is complete and has its report: now, and only now, archives move.
+    let now = ctx.clock.now();
+    let dd = DoneDates::read(&ctx.job_dir);
+    let s0_valid = Report::read(&ctx.job_dir.join("scheduled.0")).is_some();
+    for l in [Level::Yearly, Level::Monthly, Level::Weekly, Level::Daily] {
+        if s0_valid && dd.get(l) != l.period(now) && ctx.job.keep(l) > 0 {
+            promote(ctx, l, &mut summary)?;
+        }
+    }
+    let moved = archive::shift(&ctx.job_dir, Level::Scheduled, ctx.keeps(), &stamp(ctx))?;
+    log_moves(ctx, &moved);
+    summary.rotated.extend(moved);
+    summary.archive = Some(ctx.job_dir.join("scheduled.0"));
+    archive::empty_trash(&ctx.job_dir)?;
+    archive::remove_tree(&ctx.job_dir.join(RESUME))?;
+    crate::staging::sweep_after_rotation(ctx)?;
+
+    run_scripts(ctx, "postJobCommand", "postJobCommandRemote")?;
+    disk_space_warning(ctx, &report, &mut summary);
+    Ok(summary)
+}
+
+fn stamp(ctx: &Ctx) -> String {
+    ctx.clock.now().format("%Y%m%d%H%M%S").to_string()
+}
+
+fn log_moves(ctx: &Ctx, moved: &[String]) {
+    for m in moved {
+        ctx.log.info(format!("rotate: {m}"));
+    }
+}
+
+/// Rotate one promotion level and record the period in `.doneDates`.
+fn promote(ctx: &Ctx, level: Level, summary: &mut RunSummary) -> Result<()> {
+    let moved = archive::shift(&ctx.job_dir, level, ctx.keeps(), &stamp(ctx))?;
+    log_moves(ctx, &moved);
+    summary.rotated.extend(moved);
+    if level != Level::Scheduled {
+        let mut dd = DoneDates::read(&ctx.job_dir);
+        dd.values[level as usize] = level.period(ctx.clock.now());
+        dd.write(&ctx.job_dir)?;
+    }
+    Ok(())
+}
+
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !dir.is_dir() {
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).ctx(|| format!("cannot create {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Prepare `scheduled.running` for a transfer and return the `--link-dest` dirs.
+///
+/// An interrupted transfer is never written into again: it may hold hard links to files of
+/// earlier archives, and rsync updating such a file in place (or just its times and modes)
+/// would alter that archive. It is renamed to `.scheduled.resume` and used as the first
+/// `--link-dest` basis instead, so what it already holds is not transferred again.
+pub fn prepare_running(ctx: &Ctx, running: &Path) -> Result<Vec<PathBuf>> {
+    let resume = ctx.job_dir.join(RESUME);
+    if running.exists() {
+        ctx.log.info("resuming the interrupted transfer in scheduled.running");
+        archive::remove_tree(&resume)?;
+        fs::rename(running, &resume).ctx(|| format!("cannot rename {} to {}", running.display(), resume.display()))?;
+        let _ = fs::remove_file(resume.join(crate::report::REPORT_FILE));
+    }
+    create_private_dir(running)?;
+    let mut link = Vec::new();
+    if resume.is_dir() {
+        link.push(resume);
+    }
+    if let Some(a) = archive::newest_valid(&ctx.job_dir)? {
+        ctx.log.info(format!("link destination: {}", a.name()));
+        link.push(a.path);
+    }
+    Ok(link)
+}
+
+/// Interpret an rsync result: success, success with a warning, or the run's error.
+pub fn check_rsync(ctx: &Ctx, res: &rsync::RsyncResult, what: &str, summary: &mut RunSummary) -> Result<()> {
+    if crate::interrupt::interrupted() {
+        bail!("{what} interrupted by {}; scheduled.running is kept and the next run resumes it", crate::interrupt::signal_name());
+    }
+    match rsync::classify(res.code) {
+        Outcome::Success => Ok(()),
+        Outcome::Warning(w) => {
+            ctx.log.warn(&w);
+            summary.warnings.push(w);
+            Ok(())
+        }
+        Outcome::Failure(f) if res.errors.iter().any(|e| e.contains("No space left on device")) => {
+            // What filled the disk is of no use to a resumed run: give the space back.
+            let running = ctx.job_dir.join(RUNNING);
+            let _ = archive::remove_tree(&running);
+            let _ = archive::remove_tree(&ctx.job_dir.join(RESUME));
+            Err(Error::new(format!(
+                "{what}: {f}: the disk of RootDir {} is full; the incomplete transfer was deleted to give the space back, earlier archives are untouched",
+                ctx.job.root_dir().display()
+            )))
+        }
+        Outcome::Failure(f) => {
+            let detail = res.first_error().map(|e| format!(" ({e})")).unwrap_or_default();
+            Err(Error::new(format!("{what}: {f}{detail}; earlier archives are untouched, scheduled.running is kept for the next run")))
+        }
+    }
+}
+
+/// The ordinary transfer: rsync the job's sources into `scheduled.running`.
+fn transfer_files(ctx: &Ctx, running: &Path, report: &mut Report, summary: &mut RunSummary) -> Result<()> {
+    let job = ctx.job;
+    let link = prepare_running(ctx, running)?;
+    let target = ctx.source();
+    let source = match &target {
+        Some(t) => Source::Ssh(t),
+        None => Source::Local,
+    };
+    let mut args = rsync::base_args(job, &source);
+    args.extend(
+        ["--stats", "--delete-during", "--delete-excluded", "--relative", "--partial"].map(String::from),
+    );
+    if job.flag("rsync--inplace") {
+        args.push("--inplace".into());
+    }
+    for l in &link {
+        args.push(format!("--link-dest={}", l.display()));
+    }
+    for p in job.include_patterns() {
+        args.push(format!("--include={p}"));
+    }
+    for p in job.get_all("Exclude") {
+        args.push(format!("--exclude={p}"));
+    }
+    let chunk_patterns = crate::staging::rsync_excludes(job);
+    for p in &chunk_patterns {
+        args.push(format!("--exclude={p}"));
+    }
+    args.extend(job.get("rsyncOptions").split_whitespace().map(String::from));
+    args.push("--".into());
+    args.extend(rsync::source_args(&source, &job.sources()));
+    args.push(format!("{}/", running.display()));
+    ctx.log.info("Running rsync...");
+    let res = rsync::run(job, &args, &ctx.log, ctx.interactive)?;
+    check_rsync(ctx, &res, "the transfer", summary)?;
+    report.add_rsync_stats(&res.stdout);
+    report.set("ExitStatus", res.code);
+    if !chunk_patterns.is_empty() {
+        crate::staging::transfer_chunked(ctx, &source, running, report, summary)?;
+    }
+    Ok(())
+}
+
+/// Write `.JOB-setup.ini` and the report (last: it is what makes the archive valid).
+pub fn finish_report(ctx: &Ctx, running: &Path, report: &mut Report) -> Result<()> {
+    let now = ctx.clock.now();
+    let mut r = Report::default();
+    r.set("Date", now.format("%Y%m%d%H%M").to_string());
+    r.set("ExecutionTime", ctx.started.elapsed().as_secs());
+    for (k, v) in &report.values {
+        r.set(k, v);
+    }
+    if r.get("ExitStatus").is_none() {
+        r.set("ExitStatus", 0);
+    }
+    if let Some((used, avail)) = rsync::df(&ctx.job.root_dir()) {
+        r.set("RootDirFilesystemUsed", used);
+        r.set("RootDirFilesystemAvail", avail);
+        r.set("RootDirFilesystemUsage", format!("{:.1}", used as f64 * 100.0 / (used + avail).max(1) as f64));
+    }
+    r.set("Dedup", "no");
+    r.set("AffaVersion", env!("CARGO_PKG_VERSION"));
+    let setup = format!("; Created on {}\n{}", now.format("%a %b %e %H:%M:%S %Y"), ctx.job.to_ini());
+    crate::report::write_atomic(&running.join(format!(".{}-setup.ini", ctx.job.name)), setup.as_bytes())?;
+    r.write(running)?;
+    *report = r;
+    Ok(())
+}
+
+/// Pre/post-job scripts, all of them in alphabetical order of name, local ones called as
+/// `SCRIPT HOST JOB 'SSHCMD'`, remote ones copied to the source's /tmp and run there.
+fn run_scripts(ctx: &Ctx, local_key: &str, remote_key: &str) -> Result<()> {
+    let mut all: Vec<(String, bool)> = ctx.job.get_all(local_key).iter().map(|s| (s.clone(), false)).collect();
+    all.extend(ctx.job.get_all(remote_key).iter().map(|s| (s.clone(), true)));
+    all.sort();
+    for (name, remote) in all {
+        if name.contains("..") || name.starts_with('/') {
+            bail!("{local_key} '{name}' of job {}: expected a script name inside {}", ctx.job.name, ctx.cfg.script_dir().display());
+        }
+        let script = ctx.cfg.script_dir().join(&name);
+        if !script.is_file() {
+            bail!("script {} of job {} does not exist or is not a file", script.display(), ctx.job.name);
+        }
+        let target = ctx.source();
+        let host = ctx.job.get("remoteHostName");
+        if remote && target.is_some() {
+            let t = target.unwrap();
+            ctx.log.info(format!("Executing script {name} on {host}"));
+            let remote_path = format!("/tmp/affa-{}-{}", ctx.job.name, std::process::id());
+            let body = fs::read(&script).ctx(|| format!("cannot read {}", script.display()))?;
+            let mut c = Command::new(&t.ssh_bin);
+            c.args(t.options()).arg(t.destination())
+                .arg(format!("cat > {p} && chmod 700 {p} && {p} {h} {j}; rc=$?; rm -f {p}; exit $rc", p = shell_quote(&remote_path), h = shell_quote(host), j = shell_quote(&ctx.job.name)))
+                .stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+            die_with_parent(&mut c);
+            let mut child = c.spawn().ctx(|| format!("cannot run {}", t.ssh_bin))?;
+            {
+                use std::io::Write;
+                let mut stdin = child.stdin.take().unwrap();
+                let _ = stdin.write_all(&body);
+            }
+            let out = child.wait_with_output().ctx(|| "cannot wait for ssh".to_string())?;
+            log_output(ctx, &out.stdout, &out.stderr);
+            if !out.status.success() {
+                bail!("remote script {name} failed on {host} with exit {}", out.status.code().unwrap_or(-1));
+            }
+        } else {
+            ctx.log.info(format!("Executing script {name}"));
+            let sshcmd = target.as_ref().map(|t| format!("{} {}", t.ssh_bin, t.options().join(" "))).unwrap_or_default();
+            let mut c = Command::new(&script);
+            c.arg(host).arg(&ctx.job.name).arg(sshcmd).stdin(Stdio::null());
+            die_with_parent(&mut c);
+            let out = c.output().ctx(|| format!("cannot run script {}", script.display()))?;
+            log_output(ctx, &out.stdout, &out.stderr);
+            if !out.status.success() {
+                bail!("script {name} of job {} failed with exit {}", ctx.job.name, out.status.code().unwrap_or(-1));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn log_output(ctx: &Ctx, stdout: &[u8], stderr: &[u8]) {
+    for l in String::from_utf8_lossy(stdout).lines().chain(String::from_utf8_lossy(stderr).lines()) {
+        ctx.log.info(format!("  {l}"));
+    }
+}
+
+/// Affa's DiskSpaceWarn: warn when the free space is below the last backup's size times
+/// 1 (strict), 0.5 (normal) or 0.1 (risky).
+fn disk_space_warning(ctx: &Ctx, report: &Report, summary: &mut RunSummary) {
+    let factor = match ctx.job.get("DiskSpaceWarn") {
+        "strict" => 1.0,
+        "normal" => 0.5,
+        "risky" => 0.1,
+        _ => return,
+    };
+    let size = report.num("TotalFileSize").unwrap_or(0) as f64;
+    if let Some((_, avail_kib)) = rsync::df(&ctx.job.root_dir()) {
+        if (avail_kib as f64) * 1024.0 < size * factor {
+            let w = format!(
+                "disk space is low on {}: {} MiB free, the last backup of {} was {} MiB (DiskSpaceWarn={})",
+                ctx.job.root_dir().display(),
+                avail_kib / 1024,
+                ctx.job.name,
+                (size / 1048576.0) as u64,
+                ctx.job.get("DiskSpaceWarn")
+            );
+            ctx.log.warn(&w);
+            summary.warnings.push(w);
+        }
+    }
+}

@@ -1,1 +1,466 @@
-//! TODO
+//! Job configuration: every `*.conf` in the configuration directory, Affa 3's INI format.
+//!
+//! Owns: reading, merging (built-in default < `[GlobalAffaConfig]` < the job's section) and
+//! validating keys into typed [`Job`]s. Must never: guess at a value it does not understand (a
+//! bad value is a one-line error naming file, line, key and what is expected), or let a job
+//! name escape RootDir.
+
+pub mod edit;
+pub mod keys;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, IoContext, Result};
+use keys::{Kind, Scope, KEYS};
+
+pub const GLOBAL_SECTION: &str = "GlobalAffaConfig";
+pub const CONFIG_DIR_ENV: &str = "AFFA_CONFIG_DIR";
+pub const DEFAULT_CONFIG_DIR: &str = "/etc/affa";
+
+/// Where a value came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub file: PathBuf,
+    pub line: usize,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
+}
+
+/// One section as written: canonical key -> values with their origins.
+#[derive(Debug, Clone, Default)]
+struct Section {
+    origin: Option<Origin>,
+    values: BTreeMap<&'static str, Vec<(String, Origin)>>,
+}
+
+/// The merged, validated settings of one job: canonical key -> values.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub name: String,
+    /// The file and line of the job's section header.
+    pub origin: Origin,
+    values: BTreeMap<&'static str, Vec<String>>,
+    /// Keys given explicitly (in the job's section or in GlobalAffaConfig).
+    explicit: Vec<&'static str>,
+    /// The file that holds ESXiPassword, if any (it must not be readable by others).
+    pub password_file_origin: Option<PathBuf>,
+}
+
+/// Every job, plus the global settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub dir: PathBuf,
+    pub jobs: BTreeMap<String, Job>,
+    /// Settings of `[GlobalAffaConfig]` merged over the defaults (global-only keys live here).
+    pub global: Job,
+}
+
+/// The configuration directory: `--config-dir`, else `AFFA_CONFIG_DIR`, else `/etc/affa`.
+pub fn config_dir(cli: Option<&Path>) -> PathBuf {
+    if let Some(p) = cli {
+        return p.to_path_buf();
+    }
+    match std::env::var_os(CONFIG_DIR_ENV) {
+        Some(v) if !v.is_empty() => PathBuf::from(v),
+        _ => PathBuf::from(DEFAULT_CONFIG_DIR),
+    }
+}
+
+/// A job name Affa accepts, and that is safe as a directory name.
+pub fn valid_job_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && !name.starts_with('-')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
+}
+
+impl Config {
+    /// Read every `*.conf` of `dir` (alphabetical order) and validate all jobs.
+    pub fn load(dir: &Path) -> Result<Config> {
+        let mut files: Vec<PathBuf> = match fs::read_dir(dir) {
+            Ok(rd) => rd
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "conf") && p.is_file())
+                .collect(),
+            Err(e) => bail!("cannot read configuration directory {}: {e}", dir.display()),
+        };
+        files.sort();
+        let mut texts = Vec::new();
+        for f in files {
+            let text = fs::read_to_string(&f).ctx(|| format!("cannot read {}", f.display()))?;
+            texts.push((f, text));
+        }
+        Self::parse(dir, &texts)
+    }
+
+    /// Parse configuration texts (file name, content) as one INI document.
+    pub fn parse(dir: &Path, texts: &[(PathBuf, String)]) -> Result<Config> {
+        let mut sections: BTreeMap<String, Section> = BTreeMap::new();
+        let mut order: Vec<String> = Vec::new();
+        for (file, text) in texts {
+            let mut current: Option<String> = None;
+            for (i, raw) in text.lines().enumerate() {
+                let origin = Origin { file: file.clone(), line: i + 1 };
+                let line = raw.trim();
+                if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+                    continue;
+                }
+                if let Some(rest) = line.strip_prefix('[') {
+                    let Some(name) = rest.strip_suffix(']') else {
+                        bail!("{origin}: section header '{line}' has no closing ']'; expected [JOBNAME]");
+                    };
+                    let name = name.trim();
+                    if name != GLOBAL_SECTION && !valid_job_name(name) {
+                        bail!("{origin}: job name '{name}' is not valid; expected letters, digits, '_', '.' and '-' only (not starting with '.' or '-', at most 64)");
+                    }
+                    if let Some(prev) = sections.get(name) {
+                        let p = prev.origin.as_ref().unwrap();
+                        bail!("{origin}: section [{name}] is defined twice (first at {p}); expected each job once");
+                    }
+                    sections.insert(name.to_string(), Section { origin: Some(origin), values: BTreeMap::new() });
+                    order.push(name.to_string());
+                    current = Some(name.to_string());
+                    continue;
+                }
+                let Some((key, value)) = line.split_once('=') else {
+                    bail!("{origin}: line '{line}' is not understood; expected key=value, [JOBNAME] or a # comment");
+                };
+                let (key, value) = (key.trim(), value.trim());
+                let Some(sec) = current.as_ref() else {
+                    bail!("{origin}: key '{key}' comes before any [section]; expected [JOBNAME] or [{GLOBAL_SECTION}] first");
+                };
+                let Some(def) = keys::lookup(key) else {
+                    let hint = match keys::closest(key) {
+                        Some(c) => format!(" (did you mean '{c}'?)"),
+                        None => String::new(),
+                    };
+                    bail!("{origin}: unknown key '{key}' in [{sec}]{hint}; see affa --show-default-config for the valid keys");
+                };
+                if def.scope == Scope::Global && sec != GLOBAL_SECTION {
+                    bail!("{origin}: key '{}' belongs in [{GLOBAL_SECTION}], not in job [{sec}]", def.name);
+                }
+                if let Err(exp) = keys::check(def.kind, value) {
+                    bail!("{origin}: key '{}' has the value '{value}', expected {exp}", def.name);
+                }
+                let s = sections.get_mut(sec).unwrap();
+                let slot = s.values.entry(def.name).or_default();
+                if !def.multi && !slot.is_empty() {
+                    let first = &slot[0].1;
+                    bail!("{origin}: key '{}' is given a second time in [{sec}] (first at {first}); it takes one value", def.name);
+                }
+                slot.push((value.to_string(), origin));
+            }
+        }
+
+        let global_sec = sections.remove(GLOBAL_SECTION).unwrap_or_default();
+        let global_origin = global_sec.origin.clone().unwrap_or(Origin { file: dir.join("(defaults)"), line: 0 });
+        let global = merge(GLOBAL_SECTION, global_origin, &Section::default(), &global_sec, true)?;
+        let mut jobs = BTreeMap::new();
+        for name in order.iter().filter(|n| *n != GLOBAL_SECTION) {
+            let sec = &sections[name];
+            let origin = sec.origin.clone().unwrap();
+            let job = merge(name, origin, &global_sec, sec, false)?;
+            jobs.insert(name.clone(), job);
+        }
+        Ok(Config { dir: dir.to_path_buf(), jobs, global })
+    }
+
+    pub fn job(&self, name: &str) -> Result<&Job> {
+        self.jobs.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self.jobs.keys().map(|s| s.as_str()).collect();
+            let list = if known.is_empty() { "none".to_string() } else { known.join(", ") };
+            Error::new(format!("no job named '{name}' in {}; jobs there: {list}", self.dir.display()))
+        })
+    }
+
+    pub fn lock_dir(&self) -> PathBuf {
+        PathBuf::from(self.global.get("lockDir"))
+    }
+    pub fn log_dir(&self) -> PathBuf {
+        PathBuf::from(self.global.get("logDir"))
+    }
+    pub fn ssh_dir(&self) -> PathBuf {
+        PathBuf::from(self.global.get("sshDir"))
+    }
+    pub fn script_dir(&self) -> PathBuf {
+        PathBuf::from(self.global.get("scriptDir"))
+    }
+}
+
+/// Defaults < global section < job section; then whole-job checks.
+fn merge(name: &str, origin: Origin, global: &Section, own: &Section, is_global: bool) -> Result<Job> {
+    let mut values = BTreeMap::new();
+    let mut explicit = Vec::new();
+    let mut password_file_origin = None;
+    for def in KEYS {
+        if def.scope == Scope::Global && !is_global {
+            continue;
+        }
+        let given = own.values.get(def.name).or_else(|| global.values.get(def.name));
+        let v: Vec<String> = match given {
+            Some(list) => {
+                explicit.push(def.name);
+                if def.name == "ESXiPassword" {
+                    password_file_origin = Some(list[0].1.file.clone());
+                }
+                list.iter().map(|(v, _)| v.clone()).collect()
+            }
+            None => def.default.iter().map(|s| s.to_string()).collect(),
+        };
+        values.insert(def.name, v);
+    }
+    let job = Job { name: name.to_string(), origin, values, explicit, password_file_origin };
+    if !is_global {
+        job.validate(own)?;
+    }
+    Ok(job)
+}
+
+impl Job {
+    /// Whole-job rules: required keys, and keys that only make sense together.
+    fn validate(&self, own: &Section) -> Result<()> {
+        let o = &self.origin;
+        if self.get("remoteHostName").is_empty() {
+            bail!("{o}: job [{}] has no remoteHostName; expected the host name or IP of the machine to back up", self.name);
+        }
+        if self.esxi() {
+            for key in ["ESXiVMName", "ESXiUsername"] {
+                if self.get(key).is_empty() {
+                    bail!("{o}: ESXi job [{}] has no {key}; expected it with ESXi=yes", self.name);
+                }
+            }
+            if self.get("ESXiPassword").is_empty() && self.get("ESXiPasswordFile").is_empty() {
+                bail!("{o}: ESXi job [{}] has neither ESXiPassword nor ESXiPasswordFile; expected one of them with ESXi=yes", self.name);
+            }
+        }
+        let _ = own;
+        Ok(())
+    }
+
+    /// The single value of a key ("" when empty).
+    pub fn get(&self, key: &str) -> &str {
+        self.values
+            .get(key)
+            .unwrap_or_else(|| panic!("internal: unknown config key {key}"))
+            .first()
+            .map(|s| s.as_str())
+            .unwrap_or("")
+    }
+    /// All values of a (multi-valued) key.
+    pub fn get_all(&self, key: &str) -> &[String] {
+        self.values.get(key).map(|v| v.as_slice()).unwrap_or(&[])
+    }
+    pub fn flag(&self, key: &str) -> bool {
+        keys::parse_bool(self.get(key)).unwrap_or(false)
+    }
+    pub fn num(&self, key: &str) -> u64 {
+        self.get(key).parse().unwrap_or(0)
+    }
+    pub fn is_explicit(&self, key: &str) -> bool {
+        self.explicit.contains(&key)
+    }
+
+    pub fn esxi(&self) -> bool {
+        self.flag("ESXi")
+    }
+    pub fn enabled(&self) -> bool {
+        self.get("status") == "enabled"
+    }
+    pub fn root_dir(&self) -> PathBuf {
+        PathBuf::from(self.get("RootDir"))
+    }
+    /// RootDir/JOB.
+    pub fn job_dir(&self) -> PathBuf {
+        self.root_dir().join(&self.name)
+    }
+    pub fn keep(&self, level: crate::archive::Level) -> u32 {
+        self.num(level.keep_key()) as u32
+    }
+    pub fn remote_rsync(&self) -> String {
+        if self.esxi() && !self.is_explicit("remoteRsyncBinary") {
+            "/bin/rsync".into()
+        } else {
+            self.get("remoteRsyncBinary").into()
+        }
+    }
+    pub fn remote_authorized_keys(&self) -> String {
+        if self.esxi() && !self.is_explicit("RemoteAuthorizedKeysFile") {
+            format!("/etc/ssh/keys-{}/authorized_keys", self.get("remoteUser"))
+        } else {
+            self.get("RemoteAuthorizedKeysFile").into()
+        }
+    }
+    /// Source paths (Include values starting with `/`); `/` when none.
+    pub fn sources(&self) -> Vec<String> {
+        let v: Vec<String> = self.get_all("Include").iter().filter(|s| s.starts_with('/')).cloned().collect();
+        if v.is_empty() {
+            vec!["/".into()]
+        } else {
+            v
+        }
+    }
+    /// Include values that are rsync patterns rather than paths.
+    pub fn include_patterns(&self) -> Vec<String> {
+        self.get_all("Include").iter().filter(|s| !s.starts_with('/')).cloned().collect()
+    }
+    pub fn thumbprint(&self) -> Option<String> {
+        keys::normalize_thumbprint(self.get("ESXiThumbprint"))
+    }
+    pub fn chunk_size(&self) -> u64 {
+        keys::parse_size(self.get("chunkSize")).unwrap_or(4 << 20)
+    }
+
+    /// The ESXi API password, from ESXiPassword or ESXiPasswordFile. A file holding it that
+    /// group or others can read is refused, with the chmod that fixes it.
+    pub fn esxi_password(&self) -> Result<String> {
+        let check = |p: &Path| -> Result<()> {
+            use std::os::unix::fs::PermissionsExt;
+            let md = fs::metadata(p).ctx(|| format!("cannot read {}", p.display()))?;
+            if md.permissions().mode() & 0o077 != 0 {
+                bail!(
+                    "{} holds the ESXi password of job {} but group or others may read it (mode {:o}); run: chmod 600 {}",
+                    p.display(), self.name, md.permissions().mode() & 0o777, p.display()
+                );
+            }
+            Ok(())
+        };
+        if !self.get("ESXiPassword").is_empty() {
+            if let Some(f) = &self.password_file_origin {
+                check(f)?;
+            }
+            return Ok(self.get("ESXiPassword").to_string());
+        }
+        let f = PathBuf::from(self.get("ESXiPasswordFile"));
+        check(&f)?;
+        let s = fs::read_to_string(&f).ctx(|| format!("cannot read ESXiPasswordFile {}", f.display()))?;
+        let pw = s.lines().next().unwrap_or("").to_string();
+        if pw.is_empty() {
+            bail!("ESXiPasswordFile {} of job {} is empty; expected the password on its first line", f.display(), self.name);
+        }
+        Ok(pw)
+    }
+
+    /// The effective configuration as INI (for `.JOB-setup.ini`), secrets replaced by `<hidden>`.
+    pub fn to_ini(&self) -> String {
+        let mut s = format!("[{}]\n", self.name);
+        for def in KEYS.iter().filter(|d| d.scope == Scope::Job) {
+            for v in self.get_all(def.name) {
+                let shown = if is_secret(def.name) && !v.is_empty() { "<hidden>" } else { v.as_str() };
+                s.push_str(&format!("{}={}\n", def.name, shown));
+            }
+        }
+        s
+    }
+}
+
+/// Keys whose values must never be shown.
+pub fn is_secret(key: &str) -> bool {
+    matches!(key, "ESXiPassword" | "rsyncdPassword")
+}
+
+/// The default configuration, commented, for `--show-default-config`.
+pub fn default_config_text() -> String {
+    let mut s = String::from("# affa: every key with its default; put jobs in /etc/affa/*.conf\n");
+    for scope in [Scope::Global, Scope::Job] {
+        s.push_str(if scope == Scope::Global { "\n[GlobalAffaConfig]\n" } else { "\n[JOBNAME]\n" });
+        for d in KEYS.iter().filter(|d| d.scope == scope) {
+            s.push_str(&format!("# {} ({})\n", d.help, keys::expected(d.kind)));
+            if d.default.is_empty() {
+                s.push_str(&format!("#{}=\n", d.name));
+            }
+            for v in d.default {
+                s.push_str(&format!("{}={}\n", d.name, v));
+            }
+        }
+    }
+    s
+}
+
+/// One key's description, for `--show-property KEY`.
+pub fn describe_key(name: &str) -> Result<String> {
+    let Some(d) = keys::lookup(name) else {
+        let hint = keys::closest(name).map(|c| format!(" (did you mean '{c}'?)")).unwrap_or_default();
+        bail!("unknown key '{name}'{hint}");
+    };
+    Ok(format!(
+        "{}: {}\n  values: {}\n  default: {}\n  {}{}",
+        d.name,
+        d.help,
+        keys::expected(d.kind),
+        if d.default.is_empty() { "(none)".to_string() } else { d.default.join(", ") },
+        if d.multi { "multi-valued (repeat the line)" } else { "single value" },
+        if d.scope == Scope::Global { "; only in [GlobalAffaConfig]" } else { "" },
+    ))
+}
+
+#[allow(dead_code)]
+fn _kind_is_used(_: Kind) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config> {
+        Config::parse(Path::new("/etc/affa"), &[(PathBuf::from("/etc/affa/t.conf"), text.to_string())])
+    }
+
+    #[test]
+    fn defaults_global_and_job_merge() {
+        let c = parse("[GlobalAffaConfig]\ndailyKeep=3\nRootDir=/srv/b\n[web]\nremoteHostName=h\nInclude=/etc\nInclude=/home\ndailyKeep=5\n[db]\nremoteHostName=d\n").unwrap();
+        let web = c.job("web").unwrap();
+        assert_eq!(web.get("dailyKeep"), "5");
+        assert_eq!(web.get("weeklyKeep"), "4");
+        assert_eq!(web.get_all("Include"), ["/etc", "/home"]);
+        let db = c.job("db").unwrap();
+        assert_eq!(db.get("dailyKeep"), "3");
+        assert_eq!(db.job_dir(), PathBuf::from("/srv/b/db"));
+        assert_eq!(db.sources(), vec!["/".to_string()]);
+    }
+
+    #[test]
+    fn errors_name_file_line_key_and_expectation() {
+        let e = parse("[web]\nremoteHostName=h\nstatus=enbabled\n").unwrap_err().to_string();
+        assert_eq!(e, "/etc/affa/t.conf:3: key 'status' has the value 'enbabled', expected enabled or disabled");
+        let e = parse("[web]\nremoteHostName=h\nTimeSchedule=2561\n").unwrap_err().to_string();
+        assert!(e.contains(":3: key 'TimeSchedule' has the value '2561', expected a time HHMM"), "{e}");
+        let e = parse("[web]\nremoteHostName=h\ndailyKeep=seven\n").unwrap_err().to_string();
+        assert!(e.contains("key 'dailyKeep' has the value 'seven', expected a whole number from 0 to 10000"), "{e}");
+        let e = parse("[web]\nremotHostName=h\n").unwrap_err().to_string();
+        assert!(e.contains(":2: unknown key 'remotHostName' in [web] (did you mean 'remoteHostName'?)"), "{e}");
+        let e = parse("[web]\nInclude=/etc\n").unwrap_err().to_string();
+        assert!(e.contains("/etc/affa/t.conf:1: job [web] has no remoteHostName"), "{e}");
+        let e = parse("[we/b]\nremoteHostName=h\n").unwrap_err().to_string();
+        assert!(e.contains(":1: job name 'we/b' is not valid"), "{e}");
+        let e = parse("[web]\nremoteHostName=h\n[web]\nremoteHostName=h\n").unwrap_err().to_string();
+        assert!(e.contains(":3: section [web] is defined twice (first at /etc/affa/t.conf:1)"), "{e}");
+        let e = parse("[web]\nremoteHostName=h\nsshPort=22\nsshPort=23\n").unwrap_err().to_string();
+        assert!(e.contains(":4: key 'sshPort' is given a second time"), "{e}");
+        let e = parse("[web]\nremoteHostName=h\nlockDir=/tmp\n").unwrap_err().to_string();
+        assert!(e.contains("belongs in [GlobalAffaConfig]"), "{e}");
+        let e = parse("[web]\nremoteHostName=h\nESXi=yes\nESXiVMName=v\n").unwrap_err().to_string();
+        assert!(e.contains("has no ESXiUsername"), "{e}");
+        assert!(parse("[..]\nremoteHostName=h\n").is_err());
+        assert!(parse("[web]\nremoteHostName=h\nscheduledKeep=0\n").is_err());
+        assert!(parse("[web]\nremoteHostName=h\nchunkSize=1G\n").is_err());
+    }
+
+    #[test]
+    fn esxi_defaults_follow_the_host_and_secrets_are_hidden() {
+        let c = parse("[vm]\nremoteHostName=esx\nESXi=yes\nESXiVMName=v\nESXiUsername=affa\nESXiPassword=s3cret\n").unwrap();
+        let j = c.job("vm").unwrap();
+        assert_eq!(j.remote_rsync(), "/bin/rsync");
+        assert_eq!(j.remote_authorized_keys(), "/etc/ssh/keys-root/authorized_keys");
+        assert!(!j.to_ini().contains("s3cret"));
+        assert!(j.to_ini().contains("ESXiPassword=<hidden>"));
+        let c = parse("[h]\nremoteHostName=x\n").unwrap();
+        assert_eq!(c.job("h").unwrap().remote_rsync(), "/usr/bin/rsync");
+    }
+}

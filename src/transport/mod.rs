@@ -1,1 +1,255 @@
-//! TODO
+//! ssh to the source host: options, the per-job known-hosts file, the key, remote commands.
+//!
+//! Owns: every ssh command line affa builds. Must never: use `StrictHostKeyChecking=no`, accept
+//! a new host key except during `--send-key`'s first contact, or let a child ssh/rsync outlive
+//! an affa that was killed (children get `PR_SET_PDEATHSIG`).
+
+pub mod rsync;
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use crate::config::{Config, Job};
+use crate::error::{Error, IoContext, Result};
+
+/// Everything needed to reach a job's source host over ssh.
+#[derive(Debug, Clone)]
+pub struct SshTarget {
+    pub job: String,
+    pub host: String,
+    pub user: String,
+    pub port: u16,
+    pub ssh_bin: String,
+    pub key: PathBuf,
+    pub known_hosts: PathBuf,
+    pub connect_timeout: u64,
+    pub debug: bool,
+}
+
+/// The private key affa uses for every job.
+pub fn key_path(ssh_dir: &Path) -> PathBuf {
+    ssh_dir.join("id_ed25519_affa")
+}
+
+/// Make a child die with affa (a `kill -9` of affa must not leave an rsync writing on).
+pub fn die_with_parent(cmd: &mut Command) {
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
+/// Quote a word for a POSIX shell (the remote side of ssh).
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-+=:@,".contains(&b)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+impl SshTarget {
+    pub fn from_job(job: &Job, cfg: &Config) -> SshTarget {
+        let ssh_dir = cfg.ssh_dir();
+        SshTarget {
+            job: job.name.clone(),
+            host: job.get("remoteHostName").to_string(),
+            user: job.get("remoteUser").to_string(),
+            port: job.num("sshPort") as u16,
+            ssh_bin: job.get("localSSHBinary").to_string(),
+            key: key_path(&ssh_dir),
+            known_hosts: ssh_dir.join(format!("knownhosts-{}", job.name)),
+            connect_timeout: job.num("ConnectionCheckTimeout"),
+            debug: job.flag("Debug"),
+        }
+    }
+
+    pub fn destination(&self) -> String {
+        format!("{}@{}", self.user, self.host)
+    }
+
+    /// Options of every connection after `--send-key`: our key only, no password prompt, and
+    /// the host key must be the one recorded for this job.
+    pub fn options(&self) -> Vec<String> {
+        vec![
+            "-p".to_string(),
+            self.port.to_string(),
+            "-o".into(),
+            format!("HostKeyAlias={}", self.job),
+            "-o".into(),
+            format!("UserKnownHostsFile={}", self.known_hosts.display()),
+            "-o".into(),
+            "StrictHostKeyChecking=yes".into(),
+            "-o".into(),
+            "CheckHostIP=no".into(),
+            "-o".into(),
+            format!("IdentityFile={}", self.key.display()),
+            "-o".into(),
+            "IdentitiesOnly=yes".into(),
+            "-o".into(),
+            "BatchMode=yes".into(),
+            "-o".into(),
+            "PasswordAuthentication=no".into(),
+            "-o".into(),
+            "ServerAliveInterval=30".into(),
+            "-o".into(),
+            "ServerAliveCountMax=4".into(),
+            "-o".into(),
+            "HashKnownHosts=no".into(),
+            "-o".into(),
+            if self.debug { "LogLevel=DEBUG1".into() } else { "LogLevel=ERROR".into() },
+        ]
+    }
+
+    /// The `--rsh` value for rsync (rsync splits it on spaces and honours quotes).
+    pub fn rsh(&self) -> String {
+        let mut parts = vec![self.ssh_bin.clone()];
+        parts.extend(self.options());
+        parts.iter().map(|p| if p.contains(' ') { format!("'{p}'") } else { p.clone() }).collect::<Vec<_>>().join(" ")
+    }
+
+    fn command(&self, extra: &[String], remote: &str) -> Command {
+        let mut c = Command::new(&self.ssh_bin);
+        c.args(self.options()).args(extra).arg(self.destination()).arg(remote);
+        c.stdin(Stdio::null());
+        die_with_parent(&mut c);
+        c
+    }
+
+    /// Run a remote shell command; a failed connection becomes a clear error.
+    pub fn run(&self, remote: &str) -> Result<Output> {
+        let out = self
+            .command(&["-o".into(), format!("ConnectTimeout={}", self.connect_timeout)], remote)
+            .output()
+            .ctx(|| format!("cannot run {}", self.ssh_bin))?;
+        if out.status.code() == Some(255) {
+            return Err(self.connection_error(&String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(out)
+    }
+
+    /// Like [`run`](Self::run), but a non-zero exit is an error quoting the remote's stderr.
+    pub fn run_ok(&self, remote: &str, what: &str) -> Result<String> {
+        let out = self.run(remote)?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let first = err.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+            bail!("{what} on {} failed (exit {}): {first}", self.host, out.status.code().unwrap_or(-1));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The pre-run check: can we log in with our key, and is the host who we think it is?
+    pub fn check_connection(&self) -> Result<()> {
+        let out = self.run("echo OK")?;
+        if String::from_utf8_lossy(&out.stdout).trim() != "OK" {
+            bail!("ssh to {} (job {}) did not answer OK: {}", self.destination(), self.job, String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    }
+
+    fn known(&self) -> bool {
+        let alias = format!("{} ", self.job);
+        std::fs::read_to_string(&self.known_hosts).map(|t| t.lines().any(|l| l.starts_with(&alias))).unwrap_or(false)
+    }
+
+    /// Turn ssh's stderr of a failed connection into one line that says what to do.
+    pub fn connection_error(&self, stderr: &str) -> Error {
+        let dest = format!("{}:{} (job {})", self.host, self.port, self.job);
+        if stderr.contains("REMOTE HOST IDENTIFICATION HAS CHANGED") || (stderr.contains("Host key verification failed") && self.known()) {
+            return Error::new(format!(
+                "the host key of {dest} has CHANGED since it was recorded in {}: the host was replaced or someone is intercepting the connection; nothing was sent. If the change is expected, delete the line '{} ...' from that file and run affa --send-key {}",
+                self.known_hosts.display(), self.job, self.job
+            ));
+        }
+        if stderr.contains("Host key verification failed") {
+            return Error::new(format!("no host key is recorded for {dest} in {}; run affa --send-key {} first", self.known_hosts.display(), self.job));
+        }
+        if stderr.contains("Permission denied") {
+            return Error::new(format!("ssh login to {} at {dest} with key {} was refused; run affa --send-key {}", self.user, self.key.display(), self.job));
+        }
+        let first = stderr.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("no answer");
+        Error::new(format!("cannot connect to {dest}: {first}"))
+    }
+}
+
+/// Create affa's ed25519 key if there is none; return the public key line.
+pub fn ensure_key(ssh_dir: &Path) -> Result<String> {
+    let key = key_path(ssh_dir);
+    let public = key.with_extension("pub");
+    if !key.exists() {
+        std::fs::create_dir_all(ssh_dir).ctx(|| format!("cannot create {}", ssh_dir.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(ssh_dir, std::fs::Permissions::from_mode(0o700));
+        let host = hostname();
+        let out = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", &format!("affa@{host}"), "-f"])
+            .arg(&key)
+            .stdin(Stdio::null())
+            .output()
+            .ctx(|| "cannot run ssh-keygen".to_string())?;
+        if !out.status.success() {
+            bail!("ssh-keygen failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+    }
+    let line = std::fs::read_to_string(&public).ctx(|| format!("cannot read {}", public.display()))?;
+    Ok(line.trim().to_string())
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into())
+}
+
+/// `--send-key`: install our public key once in the remote authorized-keys file and record the
+/// host key. The first contact accepts a new host key (and may ask for a password); a host key
+/// already recorded must match.
+pub fn send_key(t: &SshTarget, ssh_dir: &Path, authorized_keys: &str) -> Result<()> {
+    let pubkey = ensure_key(ssh_dir)?;
+    let f = shell_quote(authorized_keys);
+    let k = shell_quote(&pubkey);
+    let remote = format!(
+        "umask 077; f={f}; d=$(dirname \"$f\"); mkdir -p \"$d\" && touch \"$f\" && (grep -qxF {k} \"$f\" || echo {k} >> \"$f\") && chmod 600 \"$f\" && echo AFFA-KEY-OK"
+    );
+    let first = !t.known();
+    let mut c = Command::new(&t.ssh_bin);
+    c.args(["-p", &t.port.to_string()])
+        .args(["-o", &format!("HostKeyAlias={}", t.job)])
+        .args(["-o", &format!("UserKnownHostsFile={}", t.known_hosts.display())])
+        .args(["-o", if first { "StrictHostKeyChecking=accept-new" } else { "StrictHostKeyChecking=yes" }])
+        .args(["-o", "CheckHostIP=no"])
+        .args(["-o", "HashKnownHosts=no"])
+        .args(["-o", "LogLevel=ERROR"])
+        .args(["-o", &format!("ConnectTimeout={}", t.connect_timeout)])
+        .args(["-o", &format!("IdentityFile={}", t.key.display())])
+        .arg(t.destination())
+        .arg(remote);
+    die_with_parent(&mut c);
+    let out = c.stderr(Stdio::piped()).output().ctx(|| format!("cannot run {}", t.ssh_bin))?;
+    if out.status.code() == Some(255) {
+        return Err(t.connection_error(&String::from_utf8_lossy(&out.stderr)));
+    }
+    if !String::from_utf8_lossy(&out.stdout).contains("AFFA-KEY-OK") {
+        bail!("could not install the key in {authorized_keys} on {}: {}", t.host, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    // Prove it: a connection with the strict options must now work.
+    t.check_connection()
+}
+
+/// `--revoke-key`: remove exactly our key line from the remote authorized-keys file.
+pub fn revoke_key(t: &SshTarget, ssh_dir: &Path, authorized_keys: &str) -> Result<()> {
+    let public = key_path(ssh_dir).with_extension("pub");
+    let pubkey = std::fs::read_to_string(&public).ctx(|| format!("cannot read {}", public.display()))?;
+    let f = shell_quote(authorized_keys);
+    let k = shell_quote(pubkey.trim());
+    let remote = format!(
+        "f={f}; [ -f \"$f\" ] || exit 0; grep -vxF {k} \"$f\" > \"$f.affa-tmp\"; cat \"$f.affa-tmp\" > \"$f\" && rm -f \"$f.affa-tmp\" && echo AFFA-REVOKED"
+    );
+    let out = t.run_ok(&remote, "removing the key")?;
+    if !out.contains("AFFA-REVOKED") && !out.is_empty() {
+        bail!("could not remove the key from {authorized_keys} on {}", t.host);
+    }
+    Ok(())
+}

@@ -1,0 +1,289 @@
+//! The table of every configuration key: name, default, kind of value, and a one-line meaning.
+//!
+//! Owns: what a key is allowed to hold. Must never: accept a value the run would misread
+//! (`status=enbabled` is an error, not "disabled").
+
+/// What values a key takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Any text.
+    Text,
+    /// `yes` / `no` (also `1`/`0`, `true`/`false`).
+    Bool,
+    /// A whole number in `[min, max]`.
+    Int(u64, u64),
+    /// One of the listed words.
+    Enum(&'static [&'static str]),
+    /// `HHMM`, 24-hour clock.
+    Hhmm,
+    /// `HHMM` or empty.
+    OptHhmm,
+    /// An absolute path.
+    AbsPath,
+    /// An absolute path or empty.
+    OptAbsPath,
+    /// A glob pattern (globset syntax).
+    Glob,
+    /// A size: `262144`, `1M`, `4MiB`, `256K`.
+    Size,
+    /// `zstd:N` (1..=19), `lz4` or `none`.
+    Compression,
+    /// SHA-256 fingerprint: 32 bytes in hex, colons optional.
+    Thumbprint,
+}
+
+/// Where a key may appear.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// In a job section or in `[GlobalAffaConfig]` (as a default for every job).
+    Job,
+    /// Only in `[GlobalAffaConfig]`.
+    Global,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct KeyDef {
+    pub name: &'static str,
+    /// Default values (empty for none; several for multi-valued keys).
+    pub default: &'static [&'static str],
+    pub kind: Kind,
+    pub multi: bool,
+    pub scope: Scope,
+    pub help: &'static str,
+}
+
+const fn k(
+    name: &'static str,
+    default: &'static [&'static str],
+    kind: Kind,
+    help: &'static str,
+) -> KeyDef {
+    KeyDef { name, default, kind, multi: false, scope: Scope::Job, help }
+}
+const fn m(name: &'static str, default: &'static [&'static str], kind: Kind, help: &'static str) -> KeyDef {
+    KeyDef { name, default, kind, multi: true, scope: Scope::Job, help }
+}
+const fn g(name: &'static str, default: &'static [&'static str], kind: Kind, help: &'static str) -> KeyDef {
+    KeyDef { name, default, kind, multi: false, scope: Scope::Global, help }
+}
+
+const U32: Kind = Kind::Int(0, u32::MAX as u64);
+const YES: &[&str] = &["yes"];
+const NO: &[&str] = &["no"];
+const NONE: &[&str] = &[];
+
+/// Every key, in the order `--show-default-config` prints them.
+pub static KEYS: &[KeyDef] = &[
+    k("remoteHostName", NONE, Kind::Text, "host name or IP of the source (required); localhost = local copy"),
+    k("remoteUser", &["root"], Kind::Text, "ssh user on the source"),
+    k("sshPort", &["22"], Kind::Int(1, 65535), "ssh port of the source"),
+    k("Description", NONE, Kind::Text, "free text shown in lists"),
+    k("status", &["enabled"], Kind::Enum(&["enabled", "disabled"]), "only enabled jobs run from cron"),
+    m("TimeSchedule", &["2230"], Kind::Hhmm, "HHMM start time, one cron line each"),
+    m("Include", NONE, Kind::Text, "source path (starts with /) or rsync include pattern; none = /"),
+    m("Exclude", NONE, Kind::Text, "rsync exclude pattern (a leading / anchors it)"),
+    k("RootDir", &["/var/affa"], Kind::AbsPath, "archive root; the job lives in RootDir/JOB"),
+    k("scheduledKeep", &["1"], Kind::Int(1, 10000), "scheduled archives kept"),
+    k("dailyKeep", &["7"], Kind::Int(0, 10000), "daily archives kept"),
+    k("weeklyKeep", &["4"], Kind::Int(0, 10000), "weekly archives kept"),
+    k("monthlyKeep", &["12"], Kind::Int(0, 10000), "monthly archives kept"),
+    k("yearlyKeep", &["2"], Kind::Int(0, 10000), "yearly archives kept"),
+    m("EmailAddress", &["root"], Kind::Text, "mail recipients"),
+    k("chattyOnSuccess", &["0"], U32, "number of success mails still to send"),
+    k("RetryAttempts", &["4"], Kind::Int(0, 100), "re-runs of a failed scheduled run"),
+    k("RetryAfter", &["600"], U32, "seconds between retries"),
+    k("RetryNotification", YES, Kind::Bool, "mail on each failed attempt"),
+    k("NRPEtrigger", &["24"], U32, "hours without success before --nrpe says CRITICAL"),
+    k("DiskSpaceWarn", &["strict"], Kind::Enum(&["strict", "normal", "risky", "none"]), "warn when free space < last size x 1/0.5/0.1"),
+    k("BandwidthLimit", &["0"], U32, "KB/s, rsync --bwlimit (0 = none)"),
+    k("rsyncTimeout", &["900"], U32, "rsync --timeout seconds"),
+    k("rsyncCompress", YES, Kind::Bool, "rsync --compress"),
+    k("rsync--inplace", YES, Kind::Bool, "rsync --inplace"),
+    k("rsync--modify-window", &["0"], U32, "rsync --modify-window if > 0"),
+    k("rsyncOptions", NONE, Kind::Text, "extra rsync options, split on whitespace"),
+    k("ConnectionCheckTimeout", &["120"], Kind::Int(1, 3600), "ssh ConnectTimeout of the pre-check"),
+    k("localNice", &["0"], Kind::Int(0, 19), "nice level of the local rsync"),
+    k("remoteNice", &["0"], Kind::Int(0, 19), "nice level of the remote rsync"),
+    k("localNiceBinary", &["nice"], Kind::Text, "local nice binary"),
+    k("localRsyncBinary", &["rsync"], Kind::Text, "local rsync binary"),
+    k("localSSHBinary", &["ssh"], Kind::Text, "local ssh binary"),
+    k("remoteNiceBinary", &["/bin/nice"], Kind::Text, "remote nice binary"),
+    k("remoteRsyncBinary", &["/usr/bin/rsync"], Kind::Text, "remote rsync (ESXi jobs: /bin/rsync)"),
+    k("RemoteAuthorizedKeysFile", &[".ssh/authorized_keys2"], Kind::Text, "remote authorized keys file, relative to the user's home (ESXi jobs: /etc/ssh/keys-USER/authorized_keys)"),
+    m("preJobCommand", NONE, Kind::Text, "local script run before the transfer"),
+    m("postJobCommand", NONE, Kind::Text, "local script run after the transfer"),
+    m("preJobCommandRemote", NONE, Kind::Text, "script copied to the source and run there before"),
+    m("postJobCommandRemote", NONE, Kind::Text, "script copied to the source and run there after"),
+    k("killAt", NONE, Kind::OptHhmm, "HHMM: cron kills a running job"),
+    k("resumeKilledAt", NONE, Kind::OptHhmm, "HHMM: cron resumes a killed job"),
+    k("resumeAfterBoot", YES, Kind::Bool, "--resume-interrupted restarts it after boot"),
+    k("AutomountDevice", NONE, Kind::Text, "device mounted for RootDir around the run"),
+    k("AutomountPoint", NONE, Kind::Text, "mount point for AutomountDevice"),
+    k("AutomountOptions", NONE, Kind::Text, "mount options"),
+    k("AutoUnmount", YES, Kind::Bool, "unmount after the run"),
+    k("SambaShare", NO, Kind::Bool, "read-only Samba share of RootDir/JOB"),
+    m("SambaValidUser", &["affa"], Kind::Text, "users allowed on the share"),
+    k("dedup", NO, Kind::Bool, "run an external whole-file dedup tool after a run"),
+    k("dedupKill", NO, Kind::Bool, "kill the dedup tool when the next run starts"),
+    k("rsyncdMode", NO, Kind::Bool, "pull from an rsync daemon instead of ssh"),
+    k("rsyncdModule", &["AFFA"], Kind::Text, "rsync daemon module"),
+    k("rsyncdUser", &["affa"], Kind::Text, "rsync daemon user"),
+    k("rsyncdPassword", NONE, Kind::Text, "rsync daemon password"),
+    k("Debug", NO, Kind::Bool, "verbose log"),
+    k("SMEServer", NO, Kind::Bool, "SME Server specific (ignored)"),
+    k("RPMCheck", NO, Kind::Bool, "SME Server specific (ignored)"),
+    k("Watchdog", NO, Kind::Bool, "SME Server specific (ignored)"),
+    // ESXi hot backup
+    k("ESXi", NO, Kind::Bool, "the source is a VMware ESXi VM (snapshot through the vSphere API)"),
+    k("ESXiVMName", NONE, Kind::Text, "name of the VM in the host's inventory"),
+    k("ESXiUsername", NONE, Kind::Text, "vSphere API user (a role allowed to create and delete snapshots)"),
+    k("ESXiPassword", NONE, Kind::Text, "vSphere API password (the file holding it must be mode 0600)"),
+    k("ESXiPasswordFile", NONE, Kind::OptAbsPath, "file holding the vSphere API password (mode 0600)"),
+    k("ESXiHost", NONE, Kind::Text, "vSphere API host (default remoteHostName)"),
+    k("ESXiPort", &["443"], Kind::Int(1, 65535), "vSphere API port"),
+    k("ESXiThumbprint", NONE, Kind::Thumbprint, "SHA-256 fingerprint of the host's certificate (set by --send-key)"),
+    k("ESXiProtocol", &["https"], Kind::Enum(&["https", "http"]), "http only for a test host; https pins ESXiThumbprint"),
+    k("ESXiSnapshotQuiesce", NO, Kind::Bool, "quiesce the guest file system for the snapshot"),
+    k("ESXiSnapshotMemory", NO, Kind::Bool, "include the VM's memory in the snapshot"),
+    k("ESXiSnapshotMode", &["api"], Kind::Enum(&["api", "vim-cmd"]), "api, or vim-cmd over ssh for free-licence hosts"),
+    k("ESXiTaskTimeout", &["3600"], Kind::Int(1, 86400), "seconds to wait for a snapshot task"),
+    // chunk store
+    m("chunkFiles", NONE, Kind::Glob, "glob of files stored as compressed, deduplicated chunks (e.g. *-flat.vmdk)"),
+    k("chunkSize", &["4M"], Kind::Size, "chunk size, 256K to 16M"),
+    k("chunkCompression", &["zstd:1"], Kind::Compression, "zstd:N, lz4 or none"),
+    // global only
+    g("globalStatus", &["jobs"], Kind::Enum(&["enabled", "disabled", "jobs"]), "enabled/disabled for all jobs, or jobs = per-job status"),
+    g("sendStatus", &["weekly"], Kind::Enum(&["daily", "weekly", "monthly", "never"]), "status mail interval"),
+    g("lockDir", &["/var/lock/affa"], Kind::AbsPath, "where run locks live"),
+    g("logDir", &["/var/log/affa"], Kind::AbsPath, "where logs live"),
+    g("sshDir", &["/root/.ssh"], Kind::AbsPath, "where affa's ssh key and per-job known-hosts files live"),
+    g("scriptDir", &["/etc/affa/scripts"], Kind::AbsPath, "where pre/post job scripts live"),
+];
+
+pub fn lookup(name: &str) -> Option<&'static KeyDef> {
+    KEYS.iter().find(|d| d.name == name).or_else(|| KEYS.iter().find(|d| d.name.eq_ignore_ascii_case(name)))
+}
+
+/// The valid key closest to a misspelt one (case-insensitive edit distance), if any is close.
+pub fn closest(name: &str) -> Option<&'static str> {
+    let lower = name.to_ascii_lowercase();
+    KEYS.iter()
+        .map(|d| (edit_distance(&lower, &d.name.to_ascii_lowercase()), d.name))
+        .filter(|(d, n)| *d <= 3.max(n.len() / 4))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, n)| n)
+}
+
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + (ca != *cb) as usize).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// Check one value against its kind; `Err` holds "what is expected".
+pub fn check(kind: Kind, v: &str) -> Result<(), String> {
+    let ok = match kind {
+        Kind::Text => true,
+        Kind::Bool => parse_bool(v).is_some(),
+        Kind::Int(lo, hi) => matches!(v.parse::<u64>(), Ok(n) if n >= lo && n <= hi) && v.bytes().all(|b| b.is_ascii_digit()),
+        Kind::Enum(words) => words.contains(&v),
+        Kind::Hhmm => parse_hhmm(v).is_some(),
+        Kind::OptHhmm => v.is_empty() || parse_hhmm(v).is_some(),
+        Kind::AbsPath => v.starts_with('/'),
+        Kind::OptAbsPath => v.is_empty() || v.starts_with('/'),
+        Kind::Glob => globset::Glob::new(v).is_ok() && !v.is_empty(),
+        Kind::Size => matches!(parse_size(v), Some(n) if (256 << 10..=16 << 20).contains(&n)),
+        Kind::Compression => parse_compression_word(v).is_some(),
+        Kind::Thumbprint => normalize_thumbprint(v).is_some(),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(expected(kind))
+    }
+}
+
+pub fn expected(kind: Kind) -> String {
+    match kind {
+        Kind::Text => "text".into(),
+        Kind::Bool => "yes or no".into(),
+        Kind::Int(lo, hi) if hi == u32::MAX as u64 => format!("a whole number >= {lo}"),
+        Kind::Int(lo, hi) => format!("a whole number from {lo} to {hi}"),
+        Kind::Enum(words) => {
+            let (last, rest) = words.split_last().unwrap();
+            format!("{} or {last}", rest.join(", "))
+        }
+        Kind::Hhmm => "a time HHMM (0000 to 2359)".into(),
+        Kind::OptHhmm => "a time HHMM (0000 to 2359) or nothing".into(),
+        Kind::AbsPath => "an absolute path".into(),
+        Kind::OptAbsPath => "an absolute path or nothing".into(),
+        Kind::Glob => "a glob pattern such as *-flat.vmdk".into(),
+        Kind::Size => "a size from 256K to 16M (e.g. 1M, 4MiB, 262144)".into(),
+        Kind::Compression => "zstd:N (N from 1 to 19), lz4 or none".into(),
+        Kind::Thumbprint => "a SHA-256 fingerprint: 32 hex bytes, colons optional".into(),
+    }
+}
+
+pub fn parse_bool(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "yes" | "1" | "true" | "on" => Some(true),
+        "no" | "0" | "false" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+/// `HHMM` -> (hour, minute).
+pub fn parse_hhmm(v: &str) -> Option<(u32, u32)> {
+    if v.len() != 4 || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let h: u32 = v[..2].parse().ok()?;
+    let m: u32 = v[2..].parse().ok()?;
+    (h < 24 && m < 60).then_some((h, m))
+}
+
+/// `262144`, `256K`, `1M`, `4MiB`, `1m` -> bytes.
+pub fn parse_size(v: &str) -> Option<u64> {
+    let v = v.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" | "kb" => 1 << 10,
+        "m" | "mib" | "mb" => 1 << 20,
+        "g" | "gib" | "gb" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// `zstd:N` -> Some(("zstd", N)), `lz4` -> ("lz4", 0), `none` -> ("none", 0).
+pub fn parse_compression_word(v: &str) -> Option<(&'static str, i32)> {
+    match v {
+        "lz4" => Some(("lz4", 0)),
+        "none" => Some(("none", 0)),
+        "zstd" => Some(("zstd", 1)),
+        _ => {
+            let n: i32 = v.strip_prefix("zstd:")?.parse().ok()?;
+            (1..=19).contains(&n).then_some(("zstd", n))
+        }
+    }
+}
+
+/// Upper-case, colon-separated SHA-256 fingerprint, or None if not 32 hex bytes.
+pub fn normalize_thumbprint(v: &str) -> Option<String> {
+    let hex: String = v.chars().filter(|c| *c != ':').collect();
+    if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let up = hex.to_ascii_uppercase();
+    Some(up.as_bytes().chunks(2).map(|p| std::str::from_utf8(p).unwrap()).collect::<Vec<_>>().join(":"))
+}

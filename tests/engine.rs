@@ -1,0 +1,294 @@
+//! The backup engine end to end: a real sshd and rsync on 127.0.0.1, the affa binary.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn source_tree(root: &Path) {
+    fs::create_dir_all(root.join("etc/app")).unwrap();
+    fs::create_dir_all(root.join("home/u/docs")).unwrap();
+    fs::write(root.join("etc/app/app.conf"), "port=80\n").unwrap();
+    fs::write(root.join("home/u/docs/a.txt"), "alpha\n").unwrap();
+    fs::write(root.join("home/u/docs/b.txt"), "bravo\n").unwrap();
+    fs::write(root.join("home/u/big.bin"), vec![7u8; 300_000]).unwrap();
+    std::os::unix::fs::symlink("docs/a.txt", root.join("home/u/link")).unwrap();
+}
+
+struct Setup {
+    sshd: Sshd,
+    affa: Affa,
+    src: tempfile::TempDir,
+}
+
+fn setup(extra: &str) -> Setup {
+    let mut sshd = Sshd::start();
+    let affa = Affa::new();
+    let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
+    source_tree(src.path());
+    let inc = format!("Include={}/etc\nInclude={}/home\n{extra}", src.path().display(), src.path().display());
+    affa.write_conf("web.conf", &affa.ssh_job("web", &sshd, &inc));
+    let out = ok(&affa.send_key(&mut sshd, "web"));
+    assert!(out.contains("key installed"), "{out}");
+    Setup { sshd, affa, src }
+}
+
+fn archived(s: &Setup, archive: &str, rel: &str) -> std::path::PathBuf {
+    s.affa.job_dir("web").join(archive).join(s.src.path().strip_prefix("/").unwrap()).join(rel)
+}
+
+#[test]
+fn send_key_installs_once_and_revoke_removes_exactly_our_line() {
+    let mut s = setup("");
+    // A line of someone else's must survive.
+    let mut keys = fs::read_to_string(&s.sshd.authorized_keys).unwrap();
+    assert_eq!(keys.lines().count(), 1, "{keys}");
+    keys.push_str("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOtherKeyOtherKeyOtherKeyOtherKeyOther other@host\n");
+    fs::write(&s.sshd.authorized_keys, &keys).unwrap();
+    ok(&s.affa.send_key(&mut s.sshd, "web"));
+    assert_eq!(fs::read_to_string(&s.sshd.authorized_keys).unwrap().lines().count(), 2, "key appended twice");
+    let ours = fs::read_to_string(s.affa.state.join("ssh/id_ed25519_affa.pub")).unwrap();
+    assert!(ours.starts_with("ssh-ed25519 "));
+    ok(&s.affa.affa(&["--check-connections", "web"]));
+    ok(&s.affa.affa(&["--revoke-key", "web"]));
+    let left = fs::read_to_string(&s.sshd.authorized_keys).unwrap();
+    assert_eq!(left, "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOtherKeyOtherKeyOtherKeyOtherKeyOther other@host\n");
+    let e = fail(&s.affa.affa(&["--check-connections", "web"]));
+    assert!(e.contains("connection check failed for: web"), "{e}");
+}
+
+#[test]
+fn backups_link_unchanged_files_and_drop_deleted_ones() {
+    let s = setup("scheduledKeep=3\n");
+    ok(&s.affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
+    let a = archived(&s, "scheduled.0", "home/u/docs/a.txt");
+    assert_eq!(fs::read_to_string(&a).unwrap(), "alpha\n");
+    assert_eq!(fs::read_link(archived(&s, "scheduled.0", "home/u/link")).unwrap(), Path::new("docs/a.txt"));
+    let report = fs::read_to_string(s.affa.job_dir("web").join("scheduled.0/.AFFA3-REPORT")).unwrap();
+    assert!(report.contains("Date=202603021000"), "{report}");
+    assert!(report.contains("ExitStatus=0"));
+    assert!(report.contains("NumberOfFiles="));
+    assert!(s.affa.job_dir("web").join("scheduled.0/.web-setup.ini").exists());
+    let first = tree_hashes(&s.affa.job_dir("web").join("scheduled.0"));
+
+    // Change one file, delete another.
+    fs::write(s.src.path().join("home/u/docs/b.txt"), "bravo two\n").unwrap();
+    fs::remove_file(s.src.path().join("etc/app/app.conf")).unwrap();
+    ok(&s.affa.affa_at("2026-03-02T14:00:00", &["--run", "web"]));
+    assert_eq!(archive_names(&s.affa.job_dir("web")), ["scheduled.0", "scheduled.1"]);
+    // Unchanged: the same inode as in the previous archive. Changed: a new one.
+    assert_eq!(inode(&archived(&s, "scheduled.0", "home/u/docs/a.txt")), inode(&archived(&s, "scheduled.1", "home/u/docs/a.txt")));
+    assert_eq!(inode(&archived(&s, "scheduled.0", "home/u/big.bin")), inode(&archived(&s, "scheduled.1", "home/u/big.bin")));
+    assert_ne!(inode(&archived(&s, "scheduled.0", "home/u/docs/b.txt")), inode(&archived(&s, "scheduled.1", "home/u/docs/b.txt")));
+    assert_eq!(fs::read_to_string(archived(&s, "scheduled.0", "home/u/docs/b.txt")).unwrap(), "bravo two\n");
+    // Deleted: gone from the new archive only.
+    assert!(!archived(&s, "scheduled.0", "etc/app/app.conf").exists());
+    assert!(archived(&s, "scheduled.1", "etc/app/app.conf").exists());
+    // The first archive is byte-identical to what it was (apart from nothing).
+    assert_eq!(tree_hashes(&s.affa.job_dir("web").join("scheduled.1")), first);
+
+    let list = ok(&s.affa.affa(&["--list-archives", "web"]));
+    assert!(list.contains(" S 0   2026-03-02 14:00"), "{list}");
+    assert!(list.contains(" S 1   2026-03-02 10:00"), "{list}");
+    let csv = ok(&s.affa.affa(&["--list", "--csv"]));
+    assert!(csv.lines().nth(1).unwrap().starts_with("web;scheduled;1;202603021000;"), "{csv}");
+    assert!(csv.lines().nth(2).unwrap().starts_with("web;scheduled;0;202603021400;"), "{csv}");
+    let st = ok(&s.affa.affa_at("2026-03-02T15:00:00", &["--status"]));
+    assert!(st.contains("web") && st.contains("14:00") && st.contains(" 2, 0, 0, 0, 0"), "{st}");
+    let log = ok(&s.affa.affa(&["--log-tail", "web"]));
+    assert!(log.contains("Completed job web scheduled"), "{log}");
+}
+
+#[test]
+fn changed_host_key_stops_the_run_before_anything_moves() {
+    let mut s = setup("");
+    ok(&s.affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
+    let before = tree_hashes(&s.affa.job_dir("web"));
+    s.sshd.change_host_key();
+    let e = fail(&s.affa.affa_at("2026-03-02T11:00:00", &["--run", "web"]));
+    assert!(e.contains("host key of 127.0.0.1") && e.contains("has CHANGED"), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert_eq!(tree_hashes(&s.affa.job_dir("web")), before);
+    // --send-key does not silently accept the new key either.
+    let e = fail(&s.affa.send_key(&mut s.sshd, "web"));
+    assert!(e.contains("CHANGED"), "{e}");
+}
+
+#[test]
+fn wrong_remote_path_fails_and_leaves_archives_alone() {
+    let s = setup("");
+    ok(&s.affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
+    let before = tree_hashes(&s.affa.job_dir("web").join("scheduled.0"));
+    let ino = inode(&archived(&s, "scheduled.0", "home/u/docs/a.txt"));
+    s.affa.write_conf("web.conf", &s.affa.ssh_job("web", &s.sshd, &format!("Include={}/home\nInclude=/no/such/dir\n", s.src.path().display())));
+    let e = fail(&s.affa.affa_at("2026-03-03T10:00:00", &["--run", "web"]));
+    assert!(e.contains("rsync failed with exit 23") && e.contains("/no/such/dir"), "{e}");
+    assert_eq!(archive_names(&s.affa.job_dir("web")), ["scheduled.0"]);
+    assert_eq!(tree_hashes(&s.affa.job_dir("web").join("scheduled.0")), before);
+    assert_eq!(inode(&archived(&s, "scheduled.0", "home/u/docs/a.txt")), ino);
+    assert!(s.affa.job_dir("web").join("scheduled.running").exists());
+    // No daily promotion happened on the failed run of a new day.
+    assert!(!s.affa.job_dir("web").join("daily.0").exists());
+}
+
+#[test]
+fn bad_config_is_one_line_naming_file_line_key() {
+    let s = setup("");
+    s.affa.write_conf("bad.conf", "[db]\nremoteHostName=x\nstatus=enbabled\n");
+    let e = fail(&s.affa.affa(&["--run", "web"]));
+    let f = s.affa.conf.join("bad.conf");
+    assert_eq!(e.trim(), format!("affa: error: {}:3: key 'status' has the value 'enbabled', expected enabled or disabled", f.display()));
+    s.affa.write_conf("bad.conf", "[db]\nremoteHostName=x\nTimeSchedule=2561\n");
+    let e = fail(&s.affa.affa(&["--configcheck"]));
+    assert!(e.contains("bad.conf:3: key 'TimeSchedule' has the value '2561'"), "{e}");
+    s.affa.write_conf("bad.conf", "[db]\nremoteHostName=x\ndailyKeep=lots\n");
+    assert!(fail(&s.affa.affa(&["--status"])).contains("expected a whole number"));
+    s.affa.write_conf("bad.conf", "[db]\nRootDir=/x\n");
+    assert!(fail(&s.affa.affa(&["--status"])).contains("has no remoteHostName"));
+    s.affa.write_conf("bad.conf", "[d b]\nremoteHostName=x\n");
+    assert!(fail(&s.affa.affa(&["--status"])).contains("job name 'd b' is not valid"));
+    s.affa.write_conf("bad.conf", "[web]\nremoteHostName=x\n");
+    assert!(fail(&s.affa.affa(&["--status"])).contains("section [web] is defined twice"));
+    s.affa.write_conf("bad.conf", "[db]\nremoteHostname=x\nremotUser=root\n");
+    assert!(fail(&s.affa.affa(&["--status"])).contains("unknown key 'remotUser' in [db] (did you mean 'remoteUser'?)"));
+    fs::remove_file(f).unwrap();
+    ok(&s.affa.affa(&["--configcheck"]));
+    assert!(fail(&s.affa.affa(&["--run", "nosuchjob"])).contains("no job named 'nosuchjob'"));
+    assert!(fail(&s.affa.affa(&["--run", "web", "hourly"])).contains("unknown level 'hourly'"));
+}
+
+#[test]
+fn missing_root_dir_is_an_error_not_a_new_directory() {
+    let s = setup("");
+    let gone = s.affa.tmp.path().join("unmounted");
+    s.affa.write_conf("web.conf", &s.affa.ssh_job("web", &s.sshd, &format!("Include={}/home\nRootDir={}\n", s.src.path().display(), gone.display())));
+    let e = fail(&s.affa.affa(&["--run", "web"]));
+    assert!(e.contains("RootDir") && e.contains("does not exist"), "{e}");
+    assert!(!gone.exists());
+}
+
+#[test]
+fn second_run_is_refused_naming_the_pid_and_kill_9_resumes() {
+    let s = setup("");
+    ok(&s.affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
+    let before = tree_hashes(&s.affa.job_dir("web").join("scheduled.0"));
+    // A large new file, sent slowly, so the run is still in rsync when we look.
+    let big = s.src.path().join("home/u/large.img");
+    let data: Vec<u8> = (0..24u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    fs::write(&big, &data).unwrap();
+    s.affa.write_conf("web.conf", &s.affa.ssh_job("web", &s.sshd, &format!(
+        "Include={}/etc\nInclude={}/home\nBandwidthLimit=2000\n", s.src.path().display(), s.src.path().display())));
+    let mut child = s.affa.cmd().env("AFFA_FAKE_NOW", "2026-03-02T11:00:00").args(["--run", "web"]).spawn().unwrap();
+    let running = s.affa.job_dir("web").join("scheduled.running");
+    let t = Instant::now();
+    // Wait until part of the large file has arrived.
+    loop {
+        let part = walk_find(&running, "large.img");
+        if part.as_ref().map(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0) > 2 << 20).unwrap_or(false) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "transfer did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let e = fail(&s.affa.affa(&["--run", "web"]));
+    assert!(e.contains(&format!("job web is already running (pid {})", child.id())), "{e}");
+    // kill -9 in the middle of the rsync of the large file.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(running.exists());
+    assert_eq!(archive_names(&s.affa.job_dir("web")), ["scheduled.0"]);
+    assert_eq!(tree_hashes(&s.affa.job_dir("web").join("scheduled.0")), before);
+    let st = ok(&s.affa.affa(&["--status"]));
+    assert!(st.contains("interrupted"), "{st}");
+    // The next run resumes and completes; the earlier archive is untouched.
+    s.affa.write_conf("web.conf", &s.affa.ssh_job("web", &s.sshd, &format!(
+        "Include={}/etc\nInclude={}/home\n", s.src.path().display(), s.src.path().display())));
+    ok(&s.affa.affa_at("2026-03-02T12:00:00", &["--run", "web"]));
+    // scheduledKeep=1: the first run of the day promoted the earlier archive to daily.0, by
+    // renaming it: its content is what it was.
+    assert_eq!(archive_names(&s.affa.job_dir("web")), ["daily.0", "scheduled.0"]);
+    assert_eq!(tree_hashes(&s.affa.job_dir("web").join("daily.0")), before);
+    let got = fs::read(archived(&s, "scheduled.0", "home/u/large.img")).unwrap();
+    assert!(got == data, "resumed file differs");
+    assert!(!running.exists());
+    assert!(!s.affa.job_dir("web").join(".scheduled.resume").exists());
+}
+
+fn walk_find(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
+    for e in fs::read_dir(dir).ok()?.flatten() {
+        let p = e.path();
+        if p.file_name().is_some_and(|n| n == name) {
+            return Some(p);
+        }
+        if p.is_dir() && !p.is_symlink() {
+            if let Some(f) = walk_find(&p, name) {
+                return Some(f);
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn full_root_dir_fails_cleanly_and_the_next_run_succeeds() {
+    assert!(is_root(), "this test mounts a small tmpfs and must run as root (as CI does)");
+    let s = setup("");
+    let small = s.affa.tmp.path().join("small");
+    fs::create_dir_all(&small).unwrap();
+    let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"]).arg(&small).status().unwrap();
+    assert!(st.success(), "mount tmpfs failed");
+    struct Umount(std::path::PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Umount(small.clone());
+    s.affa.write_conf("web.conf", &s.affa.ssh_job("web", &s.sshd, &format!(
+        "Include={}/etc\nRootDir={}\nDiskSpaceWarn=none\n", s.src.path().display(), small.display())));
+    ok(&s.affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
+    let before = tree_hashes(&small.join("web/scheduled.0"));
+    fs::write(s.src.path().join("etc/app/huge.bin"), vec![1u8; 3 << 20]).unwrap();
+    let e = fail(&s.affa.affa_at("2026-03-02T11:00:00", &["--run", "web"]));
+    assert!(e.contains("rsync failed"), "{e}");
+    assert_eq!(archive_names(&small.join("web")), ["scheduled.0"]);
+    assert_eq!(tree_hashes(&small.join("web/scheduled.0")), before);
+    fs::remove_file(s.src.path().join("etc/app/huge.bin")).unwrap();
+    fs::write(s.src.path().join("etc/app/new.conf"), "x=1\n").unwrap();
+    ok(&s.affa.affa_at("2026-03-02T12:00:00", &["--run", "web"]));
+    assert!(small.join("web/scheduled.0").join(s.src.path().strip_prefix("/").unwrap()).join("etc/app/new.conf").exists());
+}
+
+#[test]
+fn maintenance_commands_ask_and_act() {
+    let s = setup("scheduledKeep=2\n");
+    ok(&s.affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
+    ok(&s.affa.affa_at("2026-03-02T11:00:00", &["--run", "web"]));
+    // Lower the keep: --cleanup lists what it would delete and needs 'proceed' or --yes.
+    s.affa.write_conf("web.conf", &s.affa.ssh_job("web", &s.sshd, &format!("Include={}/home\nscheduledKeep=1\n", s.src.path().display())));
+    let e = fail(&s.affa.affa(&["--cleanup", "web"]));
+    assert!(e.contains("scheduled.1") && e.contains("--yes"), "{e}");
+    assert_eq!(archive_names(&s.affa.job_dir("web")), ["scheduled.0", "scheduled.1"]);
+    ok(&s.affa.affa(&["--cleanup", "web", "--yes"]));
+    assert_eq!(archive_names(&s.affa.job_dir("web")), ["scheduled.0"]);
+    // Rename, then move the archive, then delete.
+    ok(&s.affa.affa(&["--rename-job", "web", "www"]));
+    assert!(s.affa.job_dir("www").join("scheduled.0").is_dir());
+    ok(&s.affa.affa(&["--check-connections", "www"]));
+    let newroot = s.affa.tmp.path().join("newroot");
+    fs::create_dir_all(&newroot).unwrap();
+    ok(&s.affa.affa(&["--move-archive", "www", newroot.to_str().unwrap(), "--yes"]));
+    assert!(newroot.join("www/scheduled.0").is_dir());
+    ok(&s.affa.affa_at("2026-03-02T12:00:00", &["--run", "www"]));
+    assert_eq!(archive_names(&newroot.join("www")), ["scheduled.0"]);
+    ok(&s.affa.affa(&["--delete-job", "www", "--yes"]));
+    assert!(!newroot.join("www").exists());
+    assert!(fail(&s.affa.affa(&["--list-archives", "www"])).contains("no job named 'www'"));
+    let d = ok(&s.affa.affa(&["--disk-usage", "--csv"]));
+    assert!(d.starts_with("RootDir;RootDirFilesystemAvail;RootDirFilesystemUsed\n"), "{d}");
+}
