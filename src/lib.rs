@@ -17,5 +17,12 @@ pub mod run;
 pub mod chunk;
 pub mod esxi;
 pub mod commands;
+pub mod staging;
+pub mod restore;
+pub mod schedule;
+pub mod notify;
+pub mod monitor;
+pub mod samba;
+pub mod install;
 
 pub use error::{Error, Result};

@@ -75,6 +75,39 @@ struct Cli {
     /// Check every chunk an archive references: JOB [ARCHIVE|--all]
     #[arg(long, group = "action")]
     verify: bool,
+    /// Restore an archive (default the newest) to its host: JOB [ARCHIVE]
+    #[arg(long, group = "action")]
+    full_restore: bool,
+    /// Write the cron file from every job's TimeSchedule, killAt, resumeKilledAt
+    #[arg(long, group = "action")]
+    make_cronjobs: bool,
+    /// Draw the day's schedule of every enabled job
+    #[arg(long, group = "action")]
+    show_schedule: bool,
+    /// Restart the jobs a reboot or a kill interrupted (resumeAfterBoot=yes)
+    #[arg(long, group = "action")]
+    resume_interrupted: bool,
+    /// Stop every running job
+    #[arg(long, group = "action")]
+    killall: bool,
+    /// Send a test mail to the recipients of JOB
+    #[arg(long, group = "action")]
+    mailtest: bool,
+    /// Mail the status, disk usage and archive lists
+    #[arg(long, group = "action")]
+    send_status: bool,
+    /// Nagios/NRPE plugin output and exit code for the given jobs (all when none): [JOB...]
+    #[arg(long, group = "action")]
+    nrpe: bool,
+    /// Write the Prometheus textfile (metricsFile) for node_exporter
+    #[arg(long, group = "action")]
+    metrics: bool,
+    /// Write the Samba share files of jobs with SambaShare=yes and reload Samba
+    #[arg(long, group = "action")]
+    samba_shares: bool,
+    /// Install affa: /usr/sbin/affa, /etc/affa samples, state dirs, cron file, logrotate
+    #[arg(long, group = "action")]
+    install: bool,
 
     /// Output as CSV (--list-archives, --status, --disk-usage)
     #[arg(long)]
@@ -91,6 +124,45 @@ struct Cli {
     /// Target directory (--unchunk)
     #[arg(long, value_name = "DIR")]
     to: Option<PathBuf>,
+    /// Re-run the killed job after SECS seconds (--kill)
+    #[arg(long, value_name = "SECS")]
+    resume: Option<u64>,
+    /// --full-restore: keep files that are newer on the target (yes|no, default yes)
+    #[arg(long, value_name = "yes|no", value_parser = yes_no)]
+    preserve_newer: Option<bool>,
+    /// --full-restore: delete files on the target that are not in the archive (yes|no, default no)
+    #[arg(long, value_name = "yes|no", value_parser = yes_no)]
+    delete: Option<bool>,
+    /// --full-restore of a VM: another directory on the datastore
+    #[arg(long, value_name = "NAME")]
+    to_dir: Option<String>,
+    /// --full-restore of a VM: another datastore
+    #[arg(long, value_name = "DS")]
+    to_datastore: Option<String>,
+    /// --full-restore of a VM: another ESXi host (a host name or the name of a job for that host)
+    #[arg(long, value_name = "HOST|JOB")]
+    to_host: Option<String>,
+    /// --full-restore --to-host: the API user on that host
+    #[arg(long, value_name = "USER")]
+    to_user: Option<String>,
+    /// --full-restore --to-host: a file (mode 0600) holding that user's password
+    #[arg(long, value_name = "FILE")]
+    to_password_file: Option<PathBuf>,
+    /// --full-restore --to-host: SHA-256 fingerprint of that host's certificate
+    #[arg(long, value_name = "SHA256")]
+    to_thumbprint: Option<String>,
+    /// --full-restore --to-host: ssh port of that host
+    #[arg(long, value_name = "PORT")]
+    to_ssh_port: Option<u16>,
+    /// --full-restore of a VM: register the restored VM under NAME
+    #[arg(long, value_name = "NAME")]
+    register: Option<String>,
+    /// --full-restore: print what would be copied where, change nothing
+    #[arg(long)]
+    dry_run: bool,
+    /// --install: install under this directory instead of /
+    #[arg(long, value_name = "DIR")]
+    prefix: Option<PathBuf>,
     /// Configuration directory (default $AFFA_CONFIG_DIR or /etc/affa)
     #[arg(long, value_name = "DIR")]
     config_dir: Option<PathBuf>,
@@ -98,6 +170,14 @@ struct Cli {
     /// Job names and other arguments of the action
     #[arg(value_name = "ARGS")]
     args: Vec<String>,
+}
+
+fn yes_no(v: &str) -> std::result::Result<bool, String> {
+    match v {
+        "yes" => Ok(true),
+        "no" => Ok(false),
+        _ => Err(format!("'{v}' is not valid; expected yes or no")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -109,7 +189,8 @@ fn main() -> ExitCode {
         }
     };
     match dispatch(&cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             affa::joblog::clear_progress();
             eprintln!("affa: error: {e}");
@@ -134,16 +215,21 @@ fn print(s: String) {
     let _ = o.flush();
 }
 
-fn dispatch(cli: &Cli) -> Result<()> {
+fn dispatch(cli: &Cli) -> Result<u8> {
     let a = &cli.args;
     if cli.show_default_config {
         print(config::default_config_text());
-        return Ok(());
+        return Ok(0);
     }
     if cli.show_property {
         need(a, 1, "--show-property KEY")?;
         print(config::describe_key(&a[0])? + "\n");
-        return Ok(());
+        return Ok(0);
+    }
+    if cli.install {
+        need(a, 0, "--install [--prefix DIR]")?;
+        print(affa::install::install(&affa::install::InstallOptions { prefix: cli.prefix.clone() })? + "\n");
+        return Ok(0);
     }
     let dir = config::config_dir(cli.config_dir.as_deref());
     let cfg = Config::load(&dir)?;
@@ -157,13 +243,13 @@ fn dispatch(cli: &Cli) -> Result<()> {
             Some(l) => Level::parse(l).ok_or_else(|| affa::Error::new(format!("unknown level '{l}'; expected scheduled, daily, weekly, monthly or yearly")))?,
         };
         let interactive = !cli.silent && affa::joblog::interactive();
-        let s = affa::run::run(&cfg, &a[0], clock.as_ref(), affa::run::RunOptions { level, interactive })?;
+        let s = affa::schedule::run_job(&cfg, &a[0], clock.as_ref(), affa::run::RunOptions { level, interactive }, cli.silent)?;
         if !cli.silent {
             if let Some(p) = s.archive {
                 eprintln!("job {} done: {}", a[0], p.display());
             }
         }
-        return Ok(());
+        return Ok(0);
     }
     let mut out = std::io::stdout();
     if cli.configcheck {
@@ -192,8 +278,18 @@ fn dispatch(cli: &Cli) -> Result<()> {
         need(a, 2, "--move-archive JOB DIR")?;
         print(commands::move_archive(&cfg, &a[0], &a[1], cli.yes)? + "\n");
     } else if cli.kill {
-        need(a, 1, "--kill JOB")?;
+        need(a, 1, "--kill JOB [--resume=SECS]")?;
         print(commands::kill(&cfg, &a[0])? + "\n");
+        if let Some(secs) = cli.resume {
+            print(affa::schedule::resume_later(&cfg, &a[0], secs)? + "\n");
+        }
+    } else if cli.killall {
+        need(a, 0, "--killall")?;
+        for job in cfg.jobs.keys() {
+            if affa::lock::holder(&cfg.lock_dir(), job).is_some() {
+                print(commands::kill(&cfg, job)? + "\n");
+            }
+        }
     } else if cli.log_tail {
         if a.len() > 1 {
             affa::bail!("usage: affa --log-tail [JOB]");
@@ -209,6 +305,52 @@ fn dispatch(cli: &Cli) -> Result<()> {
             affa::bail!("usage: affa --verify JOB [ARCHIVE|--all]");
         }
         print(affa::staging::verify_command(&cfg, &a[0], a.get(1).map(|s| s.as_str()), cli.all)?);
+    } else if cli.full_restore {
+        if a.is_empty() || a.len() > 2 {
+            affa::bail!("usage: affa --full-restore JOB [ARCHIVE] [--preserve-newer=yes|no] [--delete=yes|no] [--yes]");
+        }
+        let opts = affa::restore::RestoreOptions {
+            archive: a.get(1).cloned(),
+            preserve_newer: cli.preserve_newer.unwrap_or(true),
+            delete: cli.delete.unwrap_or(false),
+            to_dir: cli.to_dir.clone(),
+            to_datastore: cli.to_datastore.clone(),
+            to_host: cli.to_host.clone(),
+            to_user: cli.to_user.clone(),
+            to_password_file: cli.to_password_file.clone(),
+            to_thumbprint: cli.to_thumbprint.clone(),
+            to_ssh_port: cli.to_ssh_port,
+            register: cli.register.clone(),
+            dry_run: cli.dry_run,
+            yes: cli.yes,
+            interactive: !cli.silent && affa::joblog::interactive(),
+        };
+        affa::restore::full_restore(&cfg, &a[0], &opts, &mut out)?;
+    } else if cli.make_cronjobs {
+        need(a, 0, "--make-cronjobs")?;
+        print(affa::schedule::make_cronjobs(&cfg)? + "\n");
+    } else if cli.show_schedule {
+        need(a, 0, "--show-schedule [--all]")?;
+        print(affa::schedule::show_schedule(&cfg, cli.all)?);
+    } else if cli.resume_interrupted {
+        need(a, 0, "--resume-interrupted")?;
+        print(affa::schedule::resume_interrupted(&cfg, clock.as_ref())? + "\n");
+    } else if cli.mailtest {
+        need(a, 1, "--mailtest JOB")?;
+        print(affa::notify::mailtest(&cfg, &a[0])? + "\n");
+    } else if cli.send_status {
+        need(a, 0, "--send-status")?;
+        print(affa::notify::send_status(&cfg, clock.as_ref())? + "\n");
+    } else if cli.nrpe {
+        let (line, code) = affa::monitor::nrpe(&cfg, a, clock.as_ref())?;
+        print(line + "\n");
+        return Ok(code as u8);
+    } else if cli.metrics {
+        need(a, 0, "--metrics")?;
+        print(affa::monitor::write_metrics(&cfg, clock.as_ref())? + "\n");
+    } else if cli.samba_shares {
+        need(a, 0, "--samba-shares")?;
+        print(affa::samba::update_shares(&cfg)? + "\n");
     }
-    Ok(())
+    Ok(0)
 }

@@ -158,6 +158,19 @@ pub static KEYS: &[KeyDef] = &[
     g("logDir", &["/var/log/affa"], Kind::AbsPath, "where logs live"),
     g("sshDir", &["/root/.ssh"], Kind::AbsPath, "where affa's ssh key and per-job known-hosts files live"),
     g("scriptDir", &["/etc/affa/scripts"], Kind::AbsPath, "where pre/post job scripts live"),
+    // mail, scheduling, monitoring (global)
+    g("smtpHost", NONE, Kind::Text, "SMTP server for mail; empty = the local sendmail"),
+    g("smtpPort", &["25"], Kind::Int(1, 65535), "SMTP port"),
+    g("smtpTLS", &["starttls"], Kind::Enum(&["none", "starttls", "tls"]), "SMTP encryption: starttls (when offered), tls, or none"),
+    g("smtpUser", NONE, Kind::Text, "SMTP login user (empty = no login)"),
+    g("smtpPassword", NONE, Kind::Text, "SMTP login password (the file holding it must be mode 0600)"),
+    g("mailFrom", NONE, Kind::Text, "sender address (default affa@HOSTNAME)"),
+    g("sendmailBinary", &["/usr/sbin/sendmail"], Kind::Text, "local sendmail, used when smtpHost is empty"),
+    g("cronFile", &["/etc/cron.d/affa"], Kind::AbsPath, "cron file written by --make-cronjobs"),
+    g("affaBinary", &["/usr/sbin/affa"], Kind::AbsPath, "the affa path used in cron lines"),
+    g("metricsFile", &["/var/lib/prometheus/node-exporter/affa.prom"], Kind::AbsPath, "Prometheus textfile written by --metrics"),
+    g("sambaConfDir", &["/etc/samba/affa"], Kind::AbsPath, "where the Samba share include files are written"),
+    g("smbConf", &["/etc/samba/smb.conf"], Kind::AbsPath, "the smb.conf that includes them"),
 ];
 
 pub fn lookup(name: &str) -> Option<&'static KeyDef> {

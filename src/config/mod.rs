@@ -363,7 +363,7 @@ impl Job {
 
 /// Keys whose values must never be shown.
 pub fn is_secret(key: &str) -> bool {
-    matches!(key, "ESXiPassword" | "rsyncdPassword")
+    matches!(key, "ESXiPassword" | "rsyncdPassword" | "smtpPassword")
 }
 
 /// The default configuration, commented, for `--show-default-config`.
