@@ -71,6 +71,8 @@ pub struct ConnectOptions {
     pub timeout: Duration,
     /// Longest wait for one task (snapshot create/remove, register).
     pub task_timeout: Duration,
+    /// The affa job name, only used to say `affa --send-key JOB` in messages.
+    pub job: Option<String>,
 }
 
 impl ConnectOptions {
@@ -83,6 +85,7 @@ impl ConnectOptions {
             plain_http: false,
             timeout: Duration::from_secs(60),
             task_timeout: Duration::from_secs(3600),
+            job: None,
         }
     }
 }
@@ -112,10 +115,11 @@ impl std::fmt::Debug for Client {
 }
 
 /// What to tell the user when no thumbprint is configured.
-fn no_thumbprint(host: &str) -> Error {
+fn no_thumbprint(host: &str, job: Option<&str>) -> Error {
+    let job = job.filter(|j| !j.is_empty()).unwrap_or("JOB");
     Error::new(format!(
         "no certificate fingerprint pinned for ESXi host {host} (job config key ESXiThumbprint): \
-         run `affa --send-key JOB` to show and pin it"
+         run `affa --send-key {job}` to show and pin it"
     ))
 }
 
@@ -187,7 +191,7 @@ impl Client {
         } else {
             let tp = match opts.thumbprint.as_deref().map(str::trim) {
                 Some(t) if !t.is_empty() => t,
-                _ => return Err(no_thumbprint(&host)),
+                _ => return Err(no_thumbprint(&host, opts.job.as_deref())),
             };
             let tp = Thumbprint::parse(tp).map_err(|e| e.context(format!("ESXi host {host}")))?;
             let (cfg, seen) = client_config(Some(tp))?;
@@ -367,7 +371,7 @@ impl Client {
         use ureq::ErrorKind as K;
         let cause = match std::error::Error::source(t) {
             Some(s) => innermost(s),
-            None => one_line(&t.message().unwrap_or_default()),
+            None => one_line(t.message().unwrap_or_default()),
         };
         if let Some(s) = std::error::Error::source(t) {
             if io_timed_out(s) {
@@ -836,6 +840,12 @@ mod tests {
         let e = Client::connect(ConnectOptions::new("esx1")).unwrap_err();
         assert!(e.message().contains("affa --send-key JOB"), "{e}");
         assert!(e.message().contains("esx1"), "{e}");
+        let mut o = ConnectOptions::new("esx1");
+        o.job = Some("esxi-myvm".into());
+        assert!(Client::connect(o)
+            .unwrap_err()
+            .message()
+            .contains("affa --send-key esxi-myvm"));
         let mut o = ConnectOptions::new("esx1");
         o.thumbprint = Some("12:34".into());
         assert!(Client::connect(o)
