@@ -18,17 +18,22 @@ use crate::transport::{self, rsync, SshTarget};
 
 /// Ask the user to type `proceed`; `--yes` answers for scripts.
 pub fn confirm(what: &str, yes: bool) -> Result<()> {
+    confirm_word(what, "proceed", yes)
+}
+
+/// Ask the user to type `word`; `--yes` answers for scripts.
+pub fn confirm_word(what: &str, word: &str, yes: bool) -> Result<()> {
     if yes {
         return Ok(());
     }
     if !std::io::stdin().is_terminal() {
-        bail!("{what}: refusing without confirmation; run it on a terminal and type 'proceed', or add --yes");
+        bail!("{what}: refusing without confirmation; run it on a terminal and type '{word}', or add --yes");
     }
-    eprint!("{what}\nType 'proceed' to continue: ");
+    eprint!("{what}\nType '{word}' to continue: ");
     let _ = std::io::stderr().flush();
     let mut line = String::new();
     std::io::stdin().lock().read_line(&mut line).ctx(|| "cannot read the answer".to_string())?;
-    if line.trim() != "proceed" {
+    if line.trim() != word {
         bail!("cancelled: nothing was changed");
     }
     Ok(())
@@ -237,7 +242,7 @@ pub fn disk_usage(cfg: &Config, csv: bool) -> Result<String> {
 }
 
 /// `--send-key [JOB...]`
-pub fn send_keys(cfg: &Config, names: &[String], out: &mut dyn Write) -> Result<()> {
+pub fn send_keys(cfg: &Config, names: &[String], out: &mut dyn Write, yes: bool) -> Result<()> {
     for job in select(cfg, names)? {
         if job.get("remoteHostName") == "localhost" {
             continue;
@@ -246,7 +251,7 @@ pub fn send_keys(cfg: &Config, names: &[String], out: &mut dyn Write) -> Result<
         transport::send_key(&t, &cfg.ssh_dir(), &job.remote_authorized_keys())?;
         let _ = writeln!(out, "job {}: key installed in {} on {}; host key recorded in {}", job.name, job.remote_authorized_keys(), t.destination(), t.known_hosts.display());
         if job.esxi() {
-            crate::esxi::backup::pin_thumbprint(cfg, job, out)?;
+            crate::esxi::backup::pin_thumbprint(cfg, job, out, yes)?;
         }
     }
     Ok(())

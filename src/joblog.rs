@@ -99,3 +99,22 @@ pub fn tail(path: &Path, n: usize) -> std::io::Result<Vec<String>> {
     let lines: Vec<String> = text.lines().map(|s| s.to_string()).collect();
     Ok(lines[lines.len().saturating_sub(n)..].to_vec())
 }
+
+/// A byte progress bar on a terminal; hidden otherwise (under cron, in tests).
+pub fn progress_bar(interactive: bool, total: u64, label: &str) -> indicatif::ProgressBar {
+    if !interactive {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = if total > 0 { indicatif::ProgressBar::new(total) } else { indicatif::ProgressBar::new_spinner() };
+    let style = if total > 0 {
+        indicatif::ProgressStyle::with_template("{msg} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
+    } else {
+        indicatif::ProgressStyle::with_template("{msg} {bytes} {binary_bytes_per_sec}")
+    };
+    if let Ok(s) = style {
+        bar.set_style(s);
+    }
+    bar.set_message(label.to_string());
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    bar
+}

@@ -259,7 +259,7 @@ fn dispatch(cli: &Cli) -> Result<u8> {
     } else if cli.status {
         print(commands::status(&cfg, clock.as_ref(), cli.csv, cli.all)?);
     } else if cli.send_key {
-        commands::send_keys(&cfg, a, &mut out)?;
+        commands::send_keys(&cfg, a, &mut out, cli.yes)?;
     } else if cli.revoke_key {
         need(a, 1, "--revoke-key JOB")?;
         print(commands::revoke_key(&cfg, &a[0])? + "\n");

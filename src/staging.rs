@@ -1,44 +1,310 @@
 //! Chunked files in a run: their plain staging copies under `RootDir/JOB/.staging/`, updated in
-//! place by rsync's delta transfer, then chunked into `scheduled.running`.
+//! place by rsync's delta transfer, then chunked into `scheduled.running`; and the commands
+//! that read chunked archives back (`--unchunk`, `--verify`) and the pool sweep.
 //!
-//! Owns: which files are chunked (`chunkFiles`), the staging copies, and the sweep of the pool
-//! after rotation. Must never: let a chunked file be transferred whole when an older copy exists
-//! (a missing staging copy is rebuilt from the newest archive first).
+//! Owns: which files are chunked (`chunkFiles`), the staging copies, the chunk numbers in the
+//! report. Must never: transfer a chunked file whole when an older copy exists (a missing
+//! staging copy is rebuilt from the newest archive first), or chunk into anything but
+//! `scheduled.running`.
 
-use std::path::Path;
+use std::fs;
+use std::path::{Path, PathBuf};
 
-use crate::config::Job;
-use crate::error::Result;
+use globset::{Glob, GlobSet, GlobSetBuilder};
+
+use crate::archive;
+use crate::chunk::{self, Pool};
+use crate::config::{keys, Config, Job};
+use crate::error::{Error, IoContext, Result};
 use crate::report::Report;
-use crate::run::{Ctx, RunSummary};
-use crate::transport::rsync::Source;
+use crate::run::{check_rsync, Ctx, RunSummary};
+use crate::transport::rsync::{self, Source};
+
+pub const STAGING: &str = ".staging";
+
+/// Files affa writes into archives that are not part of the backed-up data.
+pub const INTERNAL_EXCLUDES: &[&str] = &["/.affa-chunks/", "*.affa-manifest"];
+
+/// The chunk settings of a job.
+pub fn settings(job: &Job) -> Result<chunk::Settings> {
+    let chunk_size = keys::parse_size(job.get("chunkSize")).unwrap_or(chunk::DEFAULT_CHUNK_SIZE as u64) as u32;
+    let compression = chunk::parse_compression(job.get("chunkCompression"))?;
+    Ok(chunk::Settings { chunk_size, compression, ..Default::default() })
+}
+
+/// `chunkFiles` as a matcher over archive-relative paths. Like rsync patterns, a pattern
+/// without `/` matches the file name, one with `/` the whole path.
+pub fn matcher(job: &Job) -> Result<Option<GlobSet>> {
+    let pats = job.get_all("chunkFiles");
+    if pats.is_empty() {
+        return Ok(None);
+    }
+    let mut b = GlobSetBuilder::new();
+    for p in pats {
+        let pat = if p.contains('/') { p.trim_start_matches('/').to_string() } else { format!("**/{p}") };
+        let g = Glob::new(&pat).map_err(|e| Error::new(format!("chunkFiles pattern '{p}' of job {}: {e}", job.name)))?;
+        b.add(g);
+    }
+    Ok(Some(b.build().map_err(|e| Error::new(format!("chunkFiles of job {}: {e}", job.name)))?))
+}
 
 /// rsync `--exclude` patterns that keep chunked files out of the main transfer.
 pub fn rsync_excludes(job: &Job) -> Vec<String> {
     job.get_all("chunkFiles").to_vec()
 }
 
-/// Transfer the chunked files of an ordinary job into staging and chunk them into `running`.
-pub fn transfer_chunked(_ctx: &Ctx, _source: &Source, _running: &Path, _report: &mut Report, _summary: &mut RunSummary) -> Result<()> {
+/// Totals of the chunking of one run, written into the report.
+#[derive(Debug, Default, Clone)]
+pub struct ChunkTotals {
+    pub files: u64,
+    pub logical: u64,
+    pub added: u64,
+    pub new_chunks: u64,
+    pub chunks: u64,
+    pub zero_chunks: u64,
+    pub repaired: u64,
+}
+
+impl ChunkTotals {
+    pub fn add(&mut self, s: &chunk::ChunkStats) {
+        self.files += 1;
+        self.logical += s.logical_size;
+        self.added += s.added_bytes;
+        self.new_chunks += s.new_chunks;
+        self.chunks += s.chunks;
+        self.zero_chunks += s.zero_chunks;
+        self.repaired += s.repaired_chunks;
+    }
+    pub fn write(&self, r: &mut Report) {
+        if self.files == 0 {
+            return;
+        }
+        r.set("ChunkFiles", self.files);
+        r.set("ChunkLogicalSize", self.logical);
+        r.set("ChunkPoolBytesAdded", self.added);
+        r.set("ChunkCount", self.chunks);
+        r.set("ChunkNew", self.new_chunks);
+        r.set("ChunkZero", self.zero_chunks);
+        if self.repaired > 0 {
+            r.set("ChunkRepaired", self.repaired);
+        }
+        r.set("DedupRatio", format!("{:.1}", self.logical as f64 / self.added.max(1) as f64));
+    }
+}
+
+/// The staging copy of an archive-relative path.
+pub fn staging_path(ctx: &Ctx, rel: &Path) -> PathBuf {
+    ctx.job_dir.join(STAGING).join(rel)
+}
+
+/// The manifest of `rel` in the newest of the given archives that has one.
+fn previous_manifest(link_dirs: &[PathBuf], rel: &Path) -> Option<(PathBuf, chunk::Manifest)> {
+    link_dirs.iter().find_map(|a| {
+        let mp = chunk::manifest_path(a, rel);
+        chunk::read_manifest(&mp).ok().map(|m| (a.clone(), m))
+    })
+}
+
+/// Make sure the staging copy of `rel` exists if any earlier archive holds the file, so rsync
+/// sends only what changed.
+pub fn ensure_staging(ctx: &Ctx, rel: &Path, link_dirs: &[PathBuf]) -> Result<PathBuf> {
+    let st = staging_path(ctx, rel);
+    if st.exists() {
+        return Ok(st);
+    }
+    if let Some((arch, _)) = previous_manifest(link_dirs, rel) {
+        ctx.log.info(format!("rebuilding the staging copy of {} from {}", rel.display(), arch.display()));
+        if let Some(d) = st.parent() {
+            fs::create_dir_all(d).ctx(|| format!("cannot create {}", d.display()))?;
+        }
+        let mp = chunk::manifest_path(&arch, rel);
+        if let Err(e) = chunk::unchunk_file(&arch, &mp, &st, None) {
+            // A damaged earlier archive must not stop today's backup: transfer in full.
+            ctx.log.warn(format!("cannot rebuild the staging copy of {} ({e}); it is transferred in full", rel.display()));
+        }
+    }
+    Ok(st)
+}
+
+/// Chunk the staging copy of `rel` into `running`.
+pub fn chunk_into(ctx: &Ctx, running: &Path, rel: &Path, link_dirs: &[PathBuf], totals: &mut ChunkTotals) -> Result<()> {
+    let st = staging_path(ctx, rel);
+    let pool = Pool::open(&ctx.job.root_dir())?;
+    let set = settings(ctx.job)?;
+    let prev = previous_manifest(link_dirs, rel).map(|(_, m)| m);
+    let size = fs::metadata(&st).map(|m| m.len()).unwrap_or(0);
+    let bar = crate::joblog::progress_bar(ctx.interactive, size, &format!("chunking {}", rel.display()));
+    let cb = |n: u64| bar.set_position(n);
+    let stats = chunk::chunk_file(&pool, &set, &st, running, rel, prev.as_ref(), Some(&cb))?;
+    bar.finish_and_clear();
+    ctx.log.info(format!(
+        "chunked {}: {} in {} chunks, {} new, {} added to the pool",
+        rel.display(),
+        crate::commands::human(stats.logical_size),
+        stats.chunks,
+        stats.new_chunks,
+        crate::commands::human(stats.added_bytes)
+    ));
+    totals.add(&stats);
     Ok(())
+}
+
+/// Transfer the chunked files of an ordinary job into staging and chunk them into `running`.
+pub fn transfer_chunked(ctx: &Ctx, source: &Source, running: &Path, report: &mut Report, summary: &mut RunSummary) -> Result<()> {
+    let staging = ctx.job_dir.join(STAGING);
+    crate::run::create_private_dir(&staging)?;
+    let link_dirs: Vec<PathBuf> = archive::newest_valid(&ctx.job_dir)?.map(|a| vec![a.path]).unwrap_or_default();
+    // Rebuild missing staging copies from the newest archive first.
+    if let Some(newest) = link_dirs.first() {
+        for mp in chunk::list_manifests(newest)? {
+            let rel = mp.strip_prefix(newest).unwrap_or(&mp);
+            let rel = PathBuf::from(rel.to_string_lossy().trim_end_matches(chunk::MANIFEST_SUFFIX));
+            ensure_staging(ctx, &rel, &link_dirs)?;
+        }
+    }
+    let job = ctx.job;
+    let mut args = rsync::base_args(job, source);
+    args.extend(["--stats", "--relative", "--inplace", "--no-whole-file", "--delete-during", "--delete-excluded", "--prune-empty-dirs"].map(String::from));
+    for p in job.get_all("Exclude") {
+        args.push(format!("--exclude={p}"));
+    }
+    args.push("--include=*/".into());
+    for p in job.get_all("chunkFiles") {
+        args.push(format!("--include={p}"));
+    }
+    args.push("--exclude=*".into());
+    args.push("--".into());
+    args.extend(rsync::source_args(source, &job.sources()));
+    args.push(format!("{}/", staging.display()));
+    ctx.log.info("Running rsync for the chunked files...");
+    let res = rsync::run(job, &args, &ctx.log, ctx.interactive)?;
+    check_rsync(ctx, &res, "the transfer of the chunked files", summary)?;
+    let mut totals = ChunkTotals::default();
+    for f in walk_files(&staging)? {
+        let rel = f.strip_prefix(&staging).unwrap().to_path_buf();
+        chunk_into(ctx, running, &rel, &link_dirs, &mut totals)?;
+    }
+    for (k, v) in crate::report::parse_rsync_stats(&res.stdout) {
+        if let (Some(a), Ok(b)) = (report.num(&k), v.parse::<u64>()) {
+            report.set(&k, a + b);
+        }
+    }
+    totals.write(report);
+    Ok(())
+}
+
+/// Every regular file under a directory.
+pub fn walk_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let rd = match fs::read_dir(&d) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).ctx(|| format!("cannot read {}", d.display())),
+        };
+        for e in rd {
+            let e = e.ctx(|| format!("cannot read {}", d.display()))?;
+            let ft = e.file_type().ctx(|| format!("cannot stat {}", e.path().display()))?;
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// After rotation: remove pool chunks nobody references any more.
-pub fn sweep_after_rotation(_ctx: &Ctx) -> Result<()> {
+pub fn sweep_after_rotation(ctx: &Ctx) -> Result<()> {
+    if ctx.job.get_all("chunkFiles").is_empty() && !ctx.job.root_dir().join(chunk::POOL_DIR).exists() {
+        return Ok(());
+    }
+    let s = sweep_pool(&ctx.job.root_dir())?;
+    if !s.is_empty() {
+        ctx.log.info(s);
+    }
     Ok(())
 }
 
-/// Remove pool chunks nobody references any more (`--cleanup`, `--delete-job`).
-pub fn sweep_pool(_root: &Path) -> Result<()> {
-    Ok(())
+/// Remove pool chunks nobody references any more (`--cleanup`, `--delete-job`, after rotation).
+pub fn sweep_pool(root: &Path) -> Result<String> {
+    if !root.join(chunk::POOL_DIR).is_dir() {
+        return Ok(String::new());
+    }
+    let pool = Pool::open(root)?;
+    let s = chunk::sweep(&pool)?;
+    Ok(format!("pool sweep: {} chunk(s) no longer used, {} freed", s.removed_chunks, crate::commands::human(s.freed_bytes)))
 }
 
-/// `--unchunk JOB ARCHIVE [--to DIR]`
-pub fn unchunk_command(_cfg: &crate::config::Config, _job: &str, _archive: &str, _to: Option<&Path>) -> Result<String> {
-    crate::bail!("not implemented yet")
+/// `--unchunk JOB ARCHIVE [--to DIR]`: rebuild every chunked file of an archive as a plain
+/// (sparse) file; default target `RootDir/JOB/unchunked/ARCHIVE/`.
+pub fn unchunk_command(cfg: &Config, job: &str, archive_name: &str, to: Option<&Path>) -> Result<String> {
+    let j = cfg.job(job)?;
+    let a = archive::find(&j.job_dir(), job, archive_name)?;
+    let target = to.map(Path::to_path_buf).unwrap_or_else(|| j.job_dir().join("unchunked").join(archive_name));
+    let interactive = crate::joblog::interactive();
+    let mut out = String::new();
+    let manifests = chunk::list_manifests(&a.path)?;
+    if manifests.is_empty() {
+        return Ok(format!("archive {archive_name} of job {job} has no chunked files\n"));
+    }
+    for mp in manifests {
+        let rel = mp.strip_prefix(&a.path).unwrap();
+        let rel = PathBuf::from(rel.to_string_lossy().trim_end_matches(chunk::MANIFEST_SUFFIX));
+        let dest = target.join(&rel);
+        if let Some(d) = dest.parent() {
+            fs::create_dir_all(d).ctx(|| format!("cannot create {}", d.display()))?;
+        }
+        let m = chunk::read_manifest(&mp)?;
+        let bar = crate::joblog::progress_bar(interactive, m.size, &format!("unchunk {}", rel.display()));
+        let cb = |n: u64| bar.set_position(n);
+        chunk::unchunk_file(&a.path, &mp, &dest, Some(&cb))?;
+        bar.finish_and_clear();
+        out.push_str(&format!("{} ({}), verified\n", dest.display(), crate::commands::human(m.size)));
+    }
+    Ok(out)
 }
 
-/// `--verify JOB [ARCHIVE|--all]`
-pub fn verify_command(_cfg: &crate::config::Config, _job: &str, _archive: Option<&str>, _all: bool) -> Result<String> {
-    crate::bail!("not implemented yet")
+/// `--verify JOB [ARCHIVE|--all]`: read every chunk, check hashes, name what is damaged.
+pub fn verify_command(cfg: &Config, job: &str, archive_name: Option<&str>, all: bool) -> Result<String> {
+    let j = cfg.job(job)?;
+    let archives = if all {
+        archive::list(&j.job_dir())?
+    } else {
+        match archive_name {
+            Some(n) => vec![archive::find(&j.job_dir(), job, n)?],
+            None => archive::newest_valid(&j.job_dir())?.into_iter().collect(),
+        }
+    };
+    if archives.is_empty() {
+        bail!("job {job} has no archive to verify");
+    }
+    let mut out = String::new();
+    let mut bad = Vec::new();
+    for a in &archives {
+        let bar = crate::joblog::progress_bar(crate::joblog::interactive(), 0, &format!("verify {}", a.name()));
+        let cb = |n: u64| bar.set_position(n);
+        let rep = chunk::verify_archive(&a.path, Some(&cb))?;
+        bar.finish_and_clear();
+        if rep.is_ok() {
+            out.push_str(&format!("{}: OK ({} chunked file(s), {} chunk(s) checked)\n", a.name(), rep.manifests, rep.chunks_checked));
+            continue;
+        }
+        bad.push(a.name());
+        for p in &rep.problems {
+            let files: Vec<String> = p.files.iter().map(|f| f.display().to_string()).collect();
+            out.push_str(&format!("{}: chunk {} {:?}; affects {}\n", a.name(), p.id, p.kind, files.join(", ")));
+        }
+        for (m, e) in &rep.bad_manifests {
+            out.push_str(&format!("{}: manifest {} unreadable: {e}\n", a.name(), m.display()));
+        }
+    }
+    if !bad.is_empty() {
+        print!("{out}");
+        bail!("verify of job {job} found damage in: {}", bad.join(", "));
+    }
+    Ok(out)
 }

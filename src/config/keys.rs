@@ -146,6 +146,7 @@ pub static KEYS: &[KeyDef] = &[
     k("ESXiSnapshotQuiesce", NO, Kind::Bool, "quiesce the guest file system for the snapshot"),
     k("ESXiSnapshotMemory", NO, Kind::Bool, "include the VM's memory in the snapshot"),
     k("ESXiSnapshotMode", &["api"], Kind::Enum(&["api", "vim-cmd"]), "api, or vim-cmd over ssh for free-licence hosts"),
+    k("ESXiVimCmd", &["vim-cmd"], Kind::Text, "vim-cmd on the host (ESXiSnapshotMode=vim-cmd)"),
     k("ESXiTaskTimeout", &["3600"], Kind::Int(1, 86400), "seconds to wait for a snapshot task"),
     // chunk store
     m("chunkFiles", NONE, Kind::Glob, "glob of files stored as compressed, deduplicated chunks (e.g. *-flat.vmdk)"),
@@ -212,7 +213,7 @@ pub fn check(kind: Kind, v: &str) -> Result<(), String> {
         Kind::AbsPath => v.starts_with('/'),
         Kind::OptAbsPath => v.is_empty() || v.starts_with('/'),
         Kind::Glob => globset::Glob::new(v).is_ok() && !v.is_empty(),
-        Kind::Size => matches!(parse_size(v), Some(n) if (256 << 10..=16 << 20).contains(&n)),
+        Kind::Size => matches!(parse_size(v), Some(n) if (256 << 10..=16 << 20).contains(&n) && n.is_power_of_two()),
         Kind::Compression => parse_compression_word(v).is_some(),
         Kind::Thumbprint => normalize_thumbprint(v).is_some(),
     };
@@ -238,7 +239,7 @@ pub fn expected(kind: Kind) -> String {
         Kind::AbsPath => "an absolute path".into(),
         Kind::OptAbsPath => "an absolute path or nothing".into(),
         Kind::Glob => "a glob pattern such as *-flat.vmdk".into(),
-        Kind::Size => "a size from 256K to 16M (e.g. 1M, 4MiB, 262144)".into(),
+        Kind::Size => "a power of two from 256K to 16M (e.g. 1M, 4MiB, 262144)".into(),
         Kind::Compression => "zstd:N (N from 1 to 19), lz4 or none".into(),
         Kind::Thumbprint => "a SHA-256 fingerprint: 32 hex bytes, colons optional".into(),
     }

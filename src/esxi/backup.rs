@@ -1,26 +1,380 @@
-//! The transfer step of an ESXi job: snapshot, copy the frozen disks, remove the snapshot, copy
-//! the configuration files.
+//! The transfer step of an ESXi job, the seed's procedure: log in, find the VM, remove leftover
+//! `BEXI-` snapshots, snapshot, copy the frozen base disks, remove the snapshot (always), copy
+//! the configuration files, log out.
+//!
+//! Owns: the order of those steps and the promise that no snapshot of ours outlives the run.
+//! Must never: copy the delta the running VM writes, skip the snapshot removal on any error or
+//! signal, or send the ESXi password before the host's certificate matched the pinned
+//! fingerprint (the client checks the pin at connect, before login).
 
-use std::path::Path;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use crate::error::Result;
+use crate::config::{edit, Config, Job};
+use crate::error::{Error, IoContext, Result};
+use crate::esxi::{self, Client, ConnectOptions, MoRef, Password, VmLayout};
 use crate::report::Report;
-use crate::run::{Ctx, RunSummary};
+use crate::run::{check_rsync, prepare_running, Ctx, RunSummary};
+use crate::staging::{self, ChunkTotals};
+use crate::transport::rsync::{self, Source};
+use crate::transport::{shell_quote, SshTarget};
 
-pub fn transfer(
-    _ctx: &Ctx,
-    _running: &Path,
-    _report: &mut Report,
-    _summary: &mut RunSummary,
-) -> Result<()> {
-    crate::bail!("ESXi jobs are not implemented yet")
+/// The per-archive description of the VM, read by restore.
+pub const ESXI_INI: &str = ".affa-esxi.ini";
+
+/// Connection settings of a job's ESXi host.
+pub fn connect_options(job: &Job) -> ConnectOptions {
+    let host = if job.get("ESXiHost").is_empty() { job.get("remoteHostName") } else { job.get("ESXiHost") };
+    let mut o = ConnectOptions::new(host);
+    o.port = job.num("ESXiPort") as u16;
+    o.thumbprint = job.thumbprint();
+    o.plain_http = job.get("ESXiProtocol") == "http";
+    o.task_timeout = Duration::from_secs(job.num("ESXiTaskTimeout"));
+    o.job = Some(job.name.clone());
+    o
 }
 
-/// `--send-key` on an ESXi job: show the host's certificate fingerprint, ask, write it.
-pub fn pin_thumbprint(
-    _cfg: &crate::config::Config,
-    _job: &crate::config::Job,
-    _out: &mut dyn std::io::Write,
-) -> Result<()> {
+/// Connect (certificate checked against the pin) and log in.
+pub fn login(job: &Job) -> Result<Client> {
+    let opts = connect_options(job);
+    if opts.thumbprint.is_none() && !opts.plain_http {
+        bail!("job {} has no ESXiThumbprint: run affa --send-key {} to see the certificate fingerprint of ESXi host {} and pin it", job.name, job.name, opts.host);
+    }
+    let mut c = Client::connect(opts)?;
+    let pw = Password::new(job.esxi_password()?);
+    c.login(job.get("ESXiUsername"), &pw)?;
+    Ok(c)
+}
+
+/// The VM id vim-cmd uses: the number of the VM's managed object id.
+fn vmid(vm: &MoRef) -> String {
+    vm.value.chars().filter(|c| c.is_ascii_digit()).collect()
+}
+
+/// Snapshot create/remove, through the API or through vim-cmd over ssh (free-licence hosts).
+struct Snapshots<'a> {
+    client: &'a Client,
+    vm: MoRef,
+    vimcmd: Option<(SshTarget, String)>,
+}
+
+impl Snapshots<'_> {
+    fn create(&self, name: &str, memory: bool, quiesce: bool) -> Result<()> {
+        let desc = "affa backup snapshot; removed when the copy is done";
+        match &self.vimcmd {
+            None => self.client.create_snapshot(&self.vm, name, desc, memory, quiesce).map(|_| ()),
+            Some((t, bin)) => {
+                let cmd = format!(
+                    "{} vmsvc/snapshot.create {} {} {} {} {}",
+                    shell_quote(bin), vmid(&self.vm), shell_quote(name), shell_quote(desc), memory as u8, quiesce as u8
+                );
+                t.run_ok(&cmd, "vim-cmd vmsvc/snapshot.create").map(|_| ())
+            }
+        }
+    }
+    fn remove(&self, snap: &esxi::SnapshotTree) -> Result<()> {
+        match &self.vimcmd {
+            None => self.client.remove_snapshot(&snap.snapshot),
+            Some((t, bin)) => {
+                let id = snap.id.ok_or_else(|| Error::new(format!("snapshot {} has no id for vim-cmd", snap.name)))?;
+                let cmd = format!("{} vmsvc/snapshot.remove {} {id}", shell_quote(bin), vmid(&self.vm));
+                t.run_ok(&cmd, "vim-cmd vmsvc/snapshot.remove").map(|_| ())
+            }
+        }
+    }
+}
+
+/// Files of one directory of the VM to copy: host dir, archive-relative dir, file names.
+struct Group {
+    host_dir: String,
+    rel_dir: PathBuf,
+    files: Vec<String>,
+}
+
+fn split_path(ds_path: &str) -> Result<(String, String, String)> {
+    let (ds, rest) = esxi::split_ds_path(ds_path)?;
+    let (dir, file) = match rest.rsplit_once('/') {
+        Some((d, f)) => (d.to_string(), f.to_string()),
+        None => (String::new(), rest.to_string()),
+    };
+    Ok((ds.to_string(), dir, file))
+}
+
+/// `vmfs/volumes/<datastore>/<dir>`
+fn rel_dir(ds: &str, dir: &str) -> PathBuf {
+    let mut p = PathBuf::from("vmfs/volumes").join(ds);
+    if !dir.is_empty() {
+        p = p.join(dir);
+    }
+    p
+}
+
+fn add(groups: &mut Vec<Group>, layout: &VmLayout, ds_path: &str) -> Result<()> {
+    let (ds, dir, file) = split_path(ds_path)?;
+    let host = layout.host_path(ds_path)?;
+    let host_dir = host.rsplit_once('/').map(|(d, _)| d.to_string()).unwrap_or_default();
+    let rel = rel_dir(&ds, &dir);
+    match groups.iter_mut().find(|g| g.rel_dir == rel) {
+        Some(g) => {
+            if !g.files.contains(&file) {
+                g.files.push(file)
+            }
+        }
+        None => groups.push(Group { host_dir, rel_dir: rel, files: vec![file] }),
+    }
     Ok(())
+}
+
+/// The extent of a base disk: `X-flat.vmdk` beside the descriptor `X.vmdk`, or what layoutEx
+/// lists as the descriptor's extent.
+fn extent_of(layout: &VmLayout, descriptor: &str) -> String {
+    let stem = descriptor.strip_suffix(".vmdk").unwrap_or(descriptor);
+    let flat = format!("{stem}-flat.vmdk");
+    if layout.layout_files.iter().any(|f| f.name == flat) || layout.layout_files.is_empty() {
+        return flat;
+    }
+    layout
+        .layout_files
+        .iter()
+        .find(|f| f.kind == "diskExtent" && f.name.starts_with(stem) && f.name != descriptor && !f.name.contains("-delta") && !f.name.contains("-sesparse"))
+        .map(|f| f.name.clone())
+        .unwrap_or(flat)
+}
+
+/// The ESXi transfer. Fills `report`; the caller writes it and rotates.
+pub fn transfer(ctx: &Ctx, running: &Path, report: &mut Report, summary: &mut RunSummary) -> Result<()> {
+    let job = ctx.job;
+    let target = SshTarget::from_job(job, ctx.cfg);
+    let vm_name = job.get("ESXiVMName");
+    ctx.log.info(format!("ESXi: connecting to {}", connect_options(job).host));
+    let mut client = login(job)?;
+    let result = transfer_logged_in(ctx, &client, &target, running, report, summary);
+    if let Err(e) = client.logout() {
+        ctx.log.warn(format!("ESXi logout failed: {e}"));
+    }
+    result.map_err(|e| e.context(format!("ESXi VM {vm_name}")))
+}
+
+fn transfer_logged_in(ctx: &Ctx, client: &Client, target: &SshTarget, running: &Path, report: &mut Report, summary: &mut RunSummary) -> Result<()> {
+    let job = ctx.job;
+    let vm = client.find_vm(job.get("ESXiVMName"))?;
+    let vimcmd = (job.get("ESXiSnapshotMode") == "vim-cmd").then(|| (target.clone(), job.get("ESXiVimCmd").to_string()));
+    let snaps = Snapshots { client, vm: vm.clone(), vimcmd };
+    let layout = client.vm_layout(&vm)?;
+    report.set("ESXiVM", &layout.name);
+    report.set("ESXiHost", client.host());
+    report.set("ESXiPowerState", layout.power_state.as_str());
+
+    // 2. Leftovers of a crashed run.
+    let leftovers: Vec<esxi::SnapshotTree> = layout.snapshots_named_like(esxi::SNAPSHOT_PREFIX).into_iter().cloned().collect();
+    if !leftovers.is_empty() {
+        let names: Vec<String> = leftovers.iter().map(|s| s.name.clone()).collect();
+        for s in leftovers.iter().rev() {
+            ctx.log.warn(format!("removing snapshot {} left by an earlier run that did not finish", s.name));
+            snaps.remove(s).map_err(|e| e.context(format!("cannot remove the leftover snapshot {}", s.name)))?;
+        }
+        report.set("ESXiLeftoverSnapshotsRemoved", names.join(" "));
+        summary.warnings.push(format!("removed leftover snapshot(s) {}", names.join(", ")));
+    }
+
+    // 3. The snapshot.
+    let name = esxi::snapshot_name(&job.name, ctx.clock.now());
+    ctx.log.info(format!("ESXi: creating snapshot {name}"));
+    snaps.create(&name, job.flag("ESXiSnapshotMemory"), job.flag("ESXiSnapshotQuiesce"))
+        .map_err(|e| e.context(format!("creating snapshot {name} failed; nothing was copied")))?;
+    report.set("ESXiSnapshot", &name);
+    report.set("ESXiSnapshotCreated", chrono::Local::now().format("%Y-%m-%d %H:%M:%S"));
+
+    // 4-5. Copy the frozen disks; 6. remove the snapshot, whatever happened.
+    let copied = (|| -> Result<(Vec<Group>, VmLayout)> {
+        let frozen = client.vm_layout(&vm)?;
+        let mut groups = Vec::new();
+        for d in &frozen.disks {
+            if !d.has_parent() {
+                bail!("disk '{}' ({}) is not frozen by the snapshot (an independent disk?); affa will not copy a disk the VM is writing to", d.label, d.current().file_name);
+            }
+            let base = &d.base().file_name;
+            add(&mut groups, &frozen, base)?;
+            add(&mut groups, &frozen, &extent_of(&frozen, base))?;
+        }
+        copy_groups(ctx, target, running, &groups, true, report, summary)?;
+        Ok((groups, frozen))
+    })();
+    let removal = (|| -> Result<()> {
+        let now = client.vm_layout(&vm)?;
+        let ours: Vec<esxi::SnapshotTree> = now.all_snapshots().into_iter().filter(|s| s.name == name).cloned().collect();
+        if ours.is_empty() {
+            bail!("snapshot {name} is missing from the VM's snapshot tree");
+        }
+        for s in &ours {
+            ctx.log.info(format!("ESXi: removing snapshot {name}"));
+            snaps.remove(s)?;
+        }
+        Ok(())
+    })();
+    match (&copied, &removal) {
+        (_, Err(e)) => {
+            let msg = format!("removing snapshot {name} FAILED: {e}; the VM still runs on its snapshot delta; the next run removes it (or remove it in the vSphere client)");
+            ctx.log.error(&msg);
+            if let Err(c) = &copied {
+                ctx.log.error(format!("the copy failed too: {c}"));
+            }
+            return Err(Error::new(msg));
+        }
+        (Err(_), Ok(())) => ctx.log.info(format!("ESXi: snapshot {name} removed after the failed copy")),
+        _ => {}
+    }
+    report.set("ESXiSnapshotRemoved", chrono::Local::now().format("%Y-%m-%d %H:%M:%S"));
+    let (groups, frozen) = copied?;
+
+    // 7. The configuration files, now that they describe the VM without the snapshot.
+    let after = client.vm_layout(&vm)?;
+    let mut conf = Vec::new();
+    let vmx = after.vmx_path().to_string();
+    add(&mut conf, &after, &vmx)?;
+    let kinds = ["config", "extendedConfig", "snapshotList", "nvram"];
+    for f in after.layout_files.iter().filter(|f| kinds.contains(&f.kind.as_str())) {
+        add(&mut conf, &after, &f.name)?;
+    }
+    let stem = vmx.strip_suffix(".vmx").unwrap_or(&vmx).to_string();
+    for ext in ["vmxf", "vmsd", "nvram"] {
+        add(&mut conf, &after, &format!("{stem}.{ext}"))?;
+    }
+    copy_groups(ctx, target, running, &conf, false, report, summary)?;
+
+    // 8. What the archive holds, for the report and for restore.
+    let mut ini = format!("[VM]\nName={}\nVmxPath={}\nHost={}\nSnapshot={name}\n", after.name, vmx, client.host());
+    for (i, ds) in frozen.datastores.iter().enumerate() {
+        ini.push_str(&format!("\n[Datastore.{i}]\nName={}\nUrl={}\n", ds.name, ds.host_path));
+    }
+    let matcher = staging::matcher(job)?;
+    for (i, d) in frozen.disks.iter().enumerate() {
+        let base = &d.base().file_name;
+        let (ds, dir, file) = split_path(base)?;
+        let (_, _, extent) = split_path(&extent_of(&frozen, base))?;
+        let rel = rel_dir(&ds, &dir);
+        let ext_rel = rel.join(&extent);
+        let chunked = matcher.as_ref().is_some_and(|m| m.is_match(&ext_rel));
+        ini.push_str(&format!(
+            "\n[Disk.{i}]\nLabel={}\nDatastore={ds}\nDescriptor={}\nExtent={}\nChunked={}\nSize={}\n",
+            d.label,
+            rel.join(&file).display(),
+            ext_rel.display(),
+            if chunked { "yes" } else { "no" },
+            d.capacity_bytes
+        ));
+        report.set(&format!("ESXiDisk{i}"), format!("{} {} {}", d.label, ext_rel.display(), d.capacity_bytes));
+    }
+    let _ = groups;
+    crate::report::write_atomic(&running.join(ESXI_INI), ini.as_bytes())?;
+    Ok(())
+}
+
+/// rsync each group's files from the host into `running` (chunked files through staging).
+fn copy_groups(ctx: &Ctx, target: &SshTarget, running: &Path, groups: &[Group], disks: bool, report: &mut Report, summary: &mut RunSummary) -> Result<()> {
+    let job = ctx.job;
+    let link_dirs = if disks { prepare_running(ctx, running)? } else { link_dirs_now(ctx)? };
+    let matcher = staging::matcher(job)?;
+    let source = Source::Ssh(target);
+    let mut totals = ChunkTotals::default();
+    for g in groups {
+        let (mut plain, mut chunked) = (Vec::new(), Vec::new());
+        for f in &g.files {
+            let rel = g.rel_dir.join(f);
+            if disks && matcher.as_ref().is_some_and(|m| m.is_match(&rel)) {
+                chunked.push(f.clone());
+            } else {
+                plain.push(f.clone());
+            }
+        }
+        let dest = running.join(&g.rel_dir);
+        fs::create_dir_all(&dest).ctx(|| format!("cannot create {}", dest.display()))?;
+        if !plain.is_empty() {
+            let mut args = rsync::base_args(job, &source);
+            args.extend(["--stats", "--sparse", "--partial"].map(String::from));
+            if !disks {
+                args.push("--ignore-missing-args".into());
+            }
+            for l in &link_dirs {
+                args.push(format!("--link-dest={}", l.join(&g.rel_dir).display()));
+            }
+            args.push("--".into());
+            let paths: Vec<String> = plain.iter().map(|f| format!("{}/{f}", g.host_dir)).collect();
+            args.extend(rsync::source_args(&source, &paths));
+            args.push(format!("{}/", dest.display()));
+            let res = rsync::run(job, &args, &ctx.log, ctx.interactive)?;
+            check_rsync(ctx, &res, &format!("copying {}", g.rel_dir.display()), summary)?;
+            add_stats(report, &res.stdout);
+        }
+        if !chunked.is_empty() {
+            let sdir = ctx.job_dir.join(staging::STAGING).join(&g.rel_dir);
+            fs::create_dir_all(&sdir).ctx(|| format!("cannot create {}", sdir.display()))?;
+            for f in &chunked {
+                staging::ensure_staging(ctx, &g.rel_dir.join(f), &link_dirs)?;
+            }
+            let mut args = rsync::base_args(job, &source);
+            args.extend(["--stats", "--inplace", "--no-whole-file", "--partial"].map(String::from));
+            args.push("--".into());
+            let paths: Vec<String> = chunked.iter().map(|f| format!("{}/{f}", g.host_dir)).collect();
+            args.extend(rsync::source_args(&source, &paths));
+            args.push(format!("{}/", sdir.display()));
+            let res = rsync::run(job, &args, &ctx.log, ctx.interactive)?;
+            check_rsync(ctx, &res, &format!("copying {} (chunked)", g.rel_dir.display()), summary)?;
+            add_stats(report, &res.stdout);
+            for f in &chunked {
+                if crate::interrupt::interrupted() {
+                    bail!("interrupted by {}", crate::interrupt::signal_name());
+                }
+                staging::chunk_into(ctx, running, &g.rel_dir.join(f), &link_dirs, &mut totals)?;
+            }
+        }
+    }
+    totals.write(report);
+    Ok(())
+}
+
+/// The link-dest dirs for the second copy step (scheduled.running is already prepared).
+fn link_dirs_now(ctx: &Ctx) -> Result<Vec<PathBuf>> {
+    Ok(crate::archive::newest_valid(&ctx.job_dir)?.map(|a| vec![a.path]).unwrap_or_default())
+}
+
+/// Sum rsync statistics of several transfers into the report.
+fn add_stats(report: &mut Report, out: &str) {
+    for (k, v) in crate::report::parse_rsync_stats(out) {
+        let v: u64 = v.parse().unwrap_or(0);
+        let sum = report.num(&k).unwrap_or(0) + v;
+        report.set(&k, sum);
+    }
+    report.set("ExitStatus", 0);
+}
+
+/// `--send-key` on an ESXi job: show the host's certificate fingerprint, have the user confirm
+/// it, write it into the job's config as ESXiThumbprint. A fingerprint already pinned must match.
+pub fn pin_thumbprint(_cfg: &Config, job: &Job, out: &mut dyn Write, yes: bool) -> Result<()> {
+    let o = connect_options(job);
+    if o.plain_http {
+        let _ = writeln!(out, "job {}: ESXiProtocol=http, no certificate to pin", job.name);
+        return Ok(());
+    }
+    let seen = esxi::fetch_thumbprint(&o.host, o.port, Duration::from_secs(30))?;
+    let seen_n = crate::config::keys::normalize_thumbprint(&seen).unwrap_or(seen.clone());
+    match job.thumbprint() {
+        Some(p) if p == seen_n => {
+            let _ = writeln!(out, "job {}: certificate of ESXi host {} matches the pinned fingerprint", job.name, o.host);
+            Ok(())
+        }
+        Some(p) => bail!(
+            "certificate of ESXi host {} has fingerprint {seen_n}, expected {p} (job config key ESXiThumbprint): the host was reinstalled or someone is intercepting; if the change is expected, delete ESXiThumbprint from {} and run affa --send-key {} again",
+            o.host, job.origin.file.display(), job.name
+        ),
+        None => {
+            let _ = writeln!(out, "job {}: ESXi host {}:{} presents a certificate with SHA-256 fingerprint\n  {seen_n}", job.name, o.host, o.port);
+            crate::commands::confirm_word(&format!("Compare it with the host's (ESXi console: openssl x509 -in /etc/vmware/ssl/rui.crt -noout -fingerprint -sha256). Pin it for job {}?", job.name), "yes", yes)?;
+            edit::set_key(job, "ESXiThumbprint", &seen_n)?;
+            let _ = writeln!(out, "job {}: ESXiThumbprint={seen_n} written to {}", job.name, job.origin.file.display());
+            Ok(())
+        }
+    }
 }

@@ -3,6 +3,8 @@
 //! live in temp dirs. Nothing here touches the machine's own sshd or /root/.ssh.
 #![allow(dead_code)]
 
+pub mod sim;
+
 use std::fs;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Install the system packages the tests need (Debian), then build and run every test.
+# This is the README's test command; .ci/run calls it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(
+  openssh-server openssh-client rsync          # the transport, on both ends
+  golang-go golang-github-vmware-govmomi-dev    # the vSphere simulator harness
+  python3-aiosmtpd                              # the SMTP server of the mail tests
+  samba smbclient                               # the Samba share tests
+)
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "installing: ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# sshd's privilege-separation directory (the tests start their own sshd on a high port).
+[ -d /run/sshd ] || { [ "$(id -u)" -eq 0 ] && mkdir -p /run/sshd; } || true
+
+# Build the simulator once up front (the tests would build it too).
+(cd harness/esxi-sim && GO111MODULE=off GOPATH=/usr/share/gocode go build -o esxi-sim .)
+
+cargo test --release --all-targets "$@"
