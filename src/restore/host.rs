@@ -1,0 +1,251 @@
+//! Restore of an ordinary job: rsync the archive's source paths back to the host over the job's
+//! ssh (or locally for remoteHostName=localhost), chunked files rebuilt locally first and sent
+//! with rsync's delta transfer, then every restored file checked against the archive.
+//!
+//! Owns: the rsync command lines of a host restore. Must never: send affa's own files
+//! (`.AFFA3-REPORT`, `.JOB-setup.ini`, `.affa-chunks/`, `*.affa-manifest`), delete outside the
+//! restored source paths, or let `--delete` remove a file that is about to be rebuilt from
+//! chunks (those are protected in the main pass).
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::{check_remote, rebuild_all, report_check, run_rsync, sha256_file, Chunked, Ctx, Endpoint, Expect, Plan, Staging};
+use crate::chunk::{self, MANIFEST_SUFFIX};
+use crate::error::{IoContext, Result};
+use crate::transport::rsync;
+use crate::transport::SshTarget;
+
+pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
+    let job = ctx.job;
+    let arch = &ctx.arch;
+    let ep = if job.get("remoteHostName") == "localhost" { Endpoint::Local } else { Endpoint::Ssh(SshTarget::from_job(job, ctx.cfg)) };
+    let (sources, missing) = archived_sources(ctx);
+    if sources.is_empty() {
+        bail!("archive {} of job {} holds none of the job's source paths ({})", arch.name(), job.name, missing.join(", "));
+    }
+    // Chunked files under the restored paths.
+    let staging = Staging::new(job)?;
+    let mut chunked = Vec::new();
+    for m in chunk::list_manifests(&arch.path)? {
+        let rel = m.strip_prefix(&arch.path).unwrap_or(&m).to_string_lossy().into_owned();
+        let rel = rel.strip_suffix(MANIFEST_SUFFIX).unwrap_or(&rel).to_string();
+        let abs = format!("/{rel}");
+        if !sources.iter().any(|s| under(&abs, s)) {
+            continue;
+        }
+        let man = chunk::read_manifest(&m)?;
+        chunked.push(Chunked { manifest: m, local: staging.dir.join(&rel), remote: abs, size: man.size });
+    }
+
+    let date = arch.report.as_ref().and_then(|r| r.date()).map(crate::commands::show_date).unwrap_or_default();
+    let _ = writeln!(out, "Restore of job {} from archive {} ({date}) to {}:", job.name, arch.name(), ep.describe());
+    for s in &sources {
+        let _ = writeln!(out, "  {s}");
+    }
+    for s in &missing {
+        let _ = writeln!(out, "  {s} (not in the archive: skipped)");
+    }
+    let _ = writeln!(
+        out,
+        "options: --preserve-newer={} --delete={}",
+        if ctx.opts.preserve_newer { "yes" } else { "no" },
+        if ctx.opts.delete { "yes" } else { "no" }
+    );
+    if let Endpoint::Ssh(t) = &ep {
+        t.check_connection()?;
+    }
+
+    // What would change: rsync's own dry run of the real command.
+    let main = main_args(ctx, &ep, &sources, &chunked);
+    let mut dry = vec!["--dry-run".to_string(), "--out-format=%i %n".to_string()];
+    dry.extend(main.iter().cloned());
+    let res = run_rsync(ctx, job, &dry, "listing what the restore changes", false)?;
+    let mut plan = Plan::default();
+    plan.add_itemized(&res.stdout, "/");
+    let _ = writeln!(out, "changes on {}:", ep.describe());
+    let _ = plan.show(out);
+    if !chunked.is_empty() {
+        let _ = writeln!(out, "  rebuilt from chunks and written with rsync's delta transfer ({}):", chunked.len());
+        for c in &chunked {
+            let _ = writeln!(out, "    {} ({} bytes)", c.remote, c.size);
+        }
+    }
+    if ctx.opts.dry_run {
+        let _ = writeln!(out, "dry run: nothing was changed");
+        return Ok(());
+    }
+    let _ = out.flush();
+    crate::commands::confirm(
+        &format!(
+            "This overwrites {} file(s){} on {} with the contents of archive {}",
+            plan.overwrite.len() + chunked.len(),
+            if plan.delete.is_empty() { String::new() } else { format!(" and DELETES {}", plan.delete.len()) },
+            ep.describe(),
+            arch.name()
+        ),
+        ctx.opts.yes,
+    )?;
+
+    // Chunked files are rebuilt and verified before anything is written to the host.
+    rebuild_all(ctx, &chunked)?;
+    ctx.log.info(format!("restoring {} to {}", arch.name(), ep.describe()));
+    run_rsync(ctx, job, &main, "the restore", true)?;
+    for c in &chunked {
+        let mut a = rsync::base_args(job, &ep.source());
+        a.extend(["--inplace", "--no-whole-file", "--sparse"].map(String::from));
+        if ctx.opts.preserve_newer {
+            a.push("--update".into());
+        }
+        a.push("--".into());
+        a.push(c.local.display().to_string());
+        a.push(ep.dest(&c.remote));
+        run_rsync(ctx, job, &a, &format!("sending {}", c.remote), true)?;
+    }
+    let _ = writeln!(out, "restored {} to {}", arch.name(), ep.describe());
+
+    // Check every restored file against the archive.
+    let expect = expected_files(ctx, &sources, &chunked)?;
+    let checked = check_remote(&ep, &expect, ctx.opts.preserve_newer)?;
+    report_check(ctx, &checked, out)
+}
+
+/// Is `path` the source `src` or inside it?
+fn under(path: &str, src: &str) -> bool {
+    let s = src.trim_end_matches('/');
+    s.is_empty() || path == s || path.starts_with(&format!("{s}/"))
+}
+
+/// The source paths the archive was made from (its `.JOB-setup.ini`, else the job's current
+/// ones), split into those present in the archive and those missing.
+fn archived_sources(ctx: &Ctx) -> (Vec<String>, Vec<String>) {
+    let setup = ctx.arch.path.join(format!(".{}-setup.ini", ctx.job.name));
+    let mut srcs: Vec<String> = fs::read_to_string(&setup)
+        .map(|t| {
+            t.lines()
+                .filter_map(|l| l.trim().strip_prefix("Include="))
+                .map(|v| v.trim().to_string())
+                .filter(|v| v.starts_with('/'))
+                .collect()
+        })
+        .unwrap_or_default();
+    if srcs.is_empty() {
+        srcs = ctx.job.sources();
+    }
+    let mut have = Vec::new();
+    let mut missing = Vec::new();
+    for s in srcs {
+        let rel = s.trim_start_matches('/');
+        if rel.split('/').any(|c| c == "..") {
+            missing.push(s);
+            continue;
+        }
+        if fs::symlink_metadata(ctx.arch.path.join(rel)).is_ok() {
+            have.push(s);
+        } else {
+            missing.push(s);
+        }
+    }
+    (have, missing)
+}
+
+/// The main rsync: the archive's source paths to `/` on the target, `--relative`.
+fn main_args(ctx: &Ctx, ep: &Endpoint, sources: &[String], chunked: &[Chunked]) -> Vec<String> {
+    let job = ctx.job;
+    let mut a = rsync::base_args(job, &ep.source());
+    a.push("--relative".into());
+    for c in chunked {
+        // --delete must not remove what the chunk pass writes next.
+        a.push(format!("--filter=P {}", rsync_literal(&c.remote)));
+    }
+    for x in [
+        format!("/{}", crate::report::REPORT_FILE),
+        format!("/.{}-setup.ini", job.name),
+        "/.affa-esxi.ini".to_string(),
+        format!("/{}/", chunk::ARCHIVE_CHUNK_DIR),
+        format!("*{MANIFEST_SUFFIX}"),
+    ] {
+        a.push(format!("--exclude={x}"));
+    }
+    if ctx.opts.preserve_newer {
+        a.push("--update".into());
+    }
+    if ctx.opts.delete {
+        a.push("--delete".into());
+    }
+    a.push("--".into());
+    for s in sources {
+        a.push(format!("{}/./{}", ctx.arch.path.display(), s.trim_start_matches('/')));
+    }
+    a.push(ep.dest("/"));
+    a
+}
+
+/// Escape rsync's wildcard characters so a path matches only itself.
+fn rsync_literal(p: &str) -> String {
+    let mut s = String::new();
+    for c in p.chars() {
+        if matches!(c, '*' | '?' | '[' | '\\') {
+            s.push('\\');
+        }
+        s.push(c);
+    }
+    s
+}
+
+/// Every regular file restored, with the hash of its archived bytes.
+fn expected_files(ctx: &Ctx, sources: &[String], chunked: &[Chunked]) -> Result<Vec<Expect>> {
+    let root = &ctx.arch.path;
+    let mut files: Vec<(PathBuf, String, i64)> = Vec::new();
+    let mut total = 0u64;
+    for s in sources {
+        let start = root.join(s.trim_start_matches('/'));
+        walk(root, &start, &mut files, &mut total, &ctx.job.name)?;
+    }
+    files.sort_by(|a, b| a.1.cmp(&b.1));
+    files.dedup_by(|a, b| a.1 == b.1);
+    total += chunked.iter().map(|c| c.size).sum::<u64>();
+    let bar = super::progress_bar(ctx.opts.interactive, total, "hashing the archive");
+    let mut out = Vec::new();
+    for (local, remote, mtime) in files {
+        let (sha256, size) = sha256_file(&local, bar.as_ref())?;
+        out.push(Expect { remote, size, sha256, mtime });
+    }
+    for c in chunked {
+        let (sha256, size) = sha256_file(&c.local, bar.as_ref())?;
+        let mtime = chunk::read_manifest(&c.manifest)?.mtime.0;
+        out.push(Expect { remote: c.remote.clone(), size, sha256, mtime });
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(out)
+}
+
+fn walk(root: &Path, p: &Path, out: &mut Vec<(PathBuf, String, i64)>, total: &mut u64, job: &str) -> Result<()> {
+    let md = match fs::symlink_metadata(p) {
+        Ok(m) => m,
+        Err(_) => return Ok(()),
+    };
+    let rel = p.strip_prefix(root).unwrap_or(p).to_string_lossy().into_owned();
+    let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if name.ends_with(MANIFEST_SUFFIX) {
+        return Ok(());
+    }
+    if !rel.contains('/')
+        && (name == crate::report::REPORT_FILE || name == format!(".{job}-setup.ini") || name == ".affa-esxi.ini" || name == chunk::ARCHIVE_CHUNK_DIR)
+    {
+        return Ok(());
+    }
+    if md.is_dir() {
+        for e in fs::read_dir(p).ctx(|| format!("cannot read {}", p.display()))? {
+            let e = e.ctx(|| format!("cannot read {}", p.display()))?;
+            walk(root, &e.path(), out, total, job)?;
+        }
+    } else if md.is_file() {
+        *total += md.len();
+        out.push((p.to_path_buf(), format!("/{rel}"), super::mtime_of(&md)));
+    }
+    Ok(())
+}

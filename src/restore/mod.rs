@@ -1,0 +1,454 @@
+//! Restore (`--full-restore`): put an archive back on its host (ordinary jobs, `host.rs`) or an
+//! ESXi VM back on a host (`esxi.rs`). This file holds what both share: choosing the archive,
+//! the target endpoint (ssh or local), the local staging dir where chunked files are rebuilt,
+//! the plan shown before `proceed`, and the check of the restored files against the archive.
+//!
+//! Owns: every change a restore makes on a target host. Must never: write anything to a target
+//! before the user typed `proceed` (or gave `--yes`) and before every chunked file was rebuilt
+//! and verified locally (a damaged chunk stops the restore with the target untouched); modify an
+//! archive or the chunk pool; call a restore good whose files do not match the archive.
+
+mod esxi;
+mod host;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::archive::{self, Archive};
+use crate::config::{Config, Job};
+use crate::error::{Error, IoContext, Result};
+use crate::joblog::JobLog;
+use crate::transport::rsync::{self, Outcome, Source};
+use crate::transport::{die_with_parent, shell_quote, SshTarget};
+
+/// Options of `--full-restore`.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Archive name (`scheduled.0`, `daily.3`); None = the newest valid archive.
+    pub archive: Option<String>,
+    /// `--preserve-newer=yes|no` (default yes): do not overwrite files newer on the target.
+    pub preserve_newer: bool,
+    /// `--delete=yes|no` (default no): delete files on the target that are not in the archive.
+    pub delete: bool,
+    /// ESXi: restore into another directory on the datastore.
+    pub to_dir: Option<String>,
+    /// ESXi: restore onto another datastore.
+    pub to_datastore: Option<String>,
+    /// ESXi: another host (a host name, or the name of another job whose host settings to use).
+    pub to_host: Option<String>,
+    pub to_user: Option<String>,
+    pub to_password_file: Option<std::path::PathBuf>,
+    pub to_thumbprint: Option<String>,
+    pub to_ssh_port: Option<u16>,
+    /// ESXi: register the restored .vmx under this name.
+    pub register: Option<String>,
+    pub dry_run: bool,
+    pub yes: bool,
+    pub interactive: bool,
+}
+
+/// `affa --full-restore JOB [ARCHIVE] [options]`
+pub fn full_restore(cfg: &Config, job_name: &str, opts: &RestoreOptions, out: &mut dyn Write) -> Result<()> {
+    let job = cfg.job(job_name)?;
+    if !job.esxi() {
+        for (set, name) in [
+            (opts.to_dir.is_some(), "--to-dir"),
+            (opts.to_datastore.is_some(), "--to-datastore"),
+            (opts.to_host.is_some(), "--to-host"),
+            (opts.register.is_some(), "--register"),
+            (opts.to_user.is_some(), "--to-user"),
+            (opts.to_password_file.is_some(), "--to-password-file"),
+            (opts.to_thumbprint.is_some(), "--to-thumbprint"),
+            (opts.to_ssh_port.is_some(), "--to-ssh-port"),
+        ] {
+            if set {
+                bail!("{name} is for ESXi jobs; job {job_name} is not one (ESXi=no)");
+            }
+        }
+    }
+    // A restore and a run of the same job must not overlap (the run would archive a half-restored
+    // host, or rotate the archive away under us).
+    let _lock = crate::lock::acquire(&cfg.lock_dir(), job_name)?;
+    let arch = choose_archive(job, opts.archive.as_deref())?;
+    let log = JobLog::new(&cfg.log_dir(), job_name, false);
+    let ctx = Ctx { cfg, job, arch, opts, log };
+    ctx.log.info(format!("Restore of job {} from {} started", job.name, ctx.arch.name()));
+    let res = if job.esxi() { esxi::restore(&ctx, out) } else { host::restore(&ctx, out) };
+    match &res {
+        Ok(()) => ctx.log.info(format!("Restore of job {} from {} finished", job.name, ctx.arch.name())),
+        Err(e) => ctx.log.error(format!("restore of job {} from {}: {e}", job.name, ctx.arch.name())),
+    }
+    res
+}
+
+/// Everything a restore step needs.
+pub(crate) struct Ctx<'a> {
+    pub cfg: &'a Config,
+    pub job: &'a Job,
+    pub arch: Archive,
+    pub opts: &'a RestoreOptions,
+    pub log: JobLog,
+}
+
+/// The named archive (it must exist and be complete), or the newest valid one.
+fn choose_archive(job: &Job, name: Option<&str>) -> Result<Archive> {
+    let dir = job.job_dir();
+    match name {
+        Some(n) => {
+            let a = archive::find(&dir, &job.name, n)?;
+            if !a.valid() {
+                bail!("archive {n} of job {} is incomplete (it has no {}); choose a complete one (affa --list-archives {})", job.name, crate::report::REPORT_FILE, job.name);
+            }
+            Ok(a)
+        }
+        None => archive::newest_valid(&dir)?.ok_or_else(|| {
+            Error::new(format!("job {} has no complete archive in {} to restore from", job.name, dir.display()))
+        }),
+    }
+}
+
+/// Where restored files go: a host over ssh, or this machine (remoteHostName=localhost).
+pub(crate) enum Endpoint {
+    Ssh(SshTarget),
+    Local,
+}
+
+impl Endpoint {
+    pub fn describe(&self) -> String {
+        match self {
+            Endpoint::Ssh(t) => t.destination(),
+            Endpoint::Local => "localhost".into(),
+        }
+    }
+    pub fn source(&self) -> Source<'_> {
+        match self {
+            Endpoint::Ssh(t) => Source::Ssh(t),
+            Endpoint::Local => Source::Local,
+        }
+    }
+    /// rsync's destination argument for `path`.
+    pub fn dest(&self, path: &str) -> String {
+        match self {
+            Endpoint::Ssh(t) => format!("{}:{path}", t.destination()),
+            Endpoint::Local => path.to_string(),
+        }
+    }
+    /// Run a POSIX sh script on the target (fed on stdin, so its length is not limited by the
+    /// command line); returns stdout. A non-zero exit is an error quoting stderr.
+    pub fn sh(&self, script: &str, what: &str) -> Result<String> {
+        let mut c = match self {
+            Endpoint::Ssh(t) => {
+                let mut c = Command::new(&t.ssh_bin);
+                c.args(t.options())
+                    .args(["-o".to_string(), format!("ConnectTimeout={}", t.connect_timeout)])
+                    .arg(t.destination())
+                    .arg("/bin/sh -s");
+                c
+            }
+            Endpoint::Local => {
+                let mut c = Command::new("/bin/sh");
+                c.arg("-s");
+                c
+            }
+        };
+        c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        die_with_parent(&mut c);
+        let mut child = c.spawn().ctx(|| format!("cannot run the shell for {what}"))?;
+        let mut stdin = child.stdin.take().unwrap();
+        let body = script.to_string();
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(body.as_bytes());
+        });
+        let o = child.wait_with_output().ctx(|| format!("cannot wait for {what}"))?;
+        let _ = writer.join();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        if let Endpoint::Ssh(t) = self {
+            if o.status.code() == Some(255) {
+                return Err(t.connection_error(&stderr));
+            }
+        }
+        if !o.status.success() {
+            let first = stderr.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
+            bail!("{what} on {} failed (exit {}): {first}", self.describe(), o.status.code().unwrap_or(-1));
+        }
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+}
+
+/// A temp dir for rebuilt chunked files, on the archive's filesystem; removed when dropped.
+pub(crate) struct Staging {
+    pub dir: PathBuf,
+}
+
+impl Staging {
+    pub fn new(job: &Job) -> Result<Staging> {
+        let dir = job.job_dir().join(format!(".restore-staging.{}", std::process::id()));
+        let _ = archive::remove_tree(&dir);
+        crate::run::create_private_dir(&dir)?;
+        Ok(Staging { dir })
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = archive::remove_tree(&self.dir);
+    }
+}
+
+/// One chunked file to rebuild: its manifest, where the rebuilt copy goes locally, where it
+/// goes on the target.
+#[derive(Debug, Clone)]
+pub(crate) struct Chunked {
+    pub manifest: PathBuf,
+    pub local: PathBuf,
+    pub remote: String,
+    pub size: u64,
+}
+
+/// Rebuild every chunked file into staging, checking every chunk and the whole-file hash,
+/// before anything is sent. A damaged or missing chunk stops here, naming chunk and file.
+pub(crate) fn rebuild_all(ctx: &Ctx, files: &[Chunked]) -> Result<()> {
+    let total: u64 = files.iter().map(|f| f.size).sum();
+    let bar = progress_bar(ctx.opts.interactive, total, "rebuilding chunked files");
+    let mut base = 0u64;
+    for f in files {
+        if let Some(p) = f.local.parent() {
+            fs::create_dir_all(p).ctx(|| format!("cannot create {}", p.display()))?;
+        }
+        ctx.log.info(format!("rebuilding {} from its chunks", f.remote));
+        let cb = |n: u64| {
+            if let Some(b) = &bar {
+                b.set_position(base + n);
+            }
+        };
+        let cb: &dyn Fn(u64) = &cb;
+        crate::chunk::unchunk_file(&ctx.arch.path, &f.manifest, &f.local, Some(cb)).map_err(|e| {
+            if let Some(b) = &bar {
+                b.abandon();
+            }
+            e.context(format!("restore stopped before anything was sent to the target ({} was not changed)", f.remote))
+        })?;
+        base += f.size;
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(())
+}
+
+/// An indicatif bar (bytes, rate, time left) when the user watches a terminal.
+pub(crate) fn progress_bar(interactive: bool, total: u64, what: &str) -> Option<indicatif::ProgressBar> {
+    if !interactive || total == 0 {
+        return None;
+    }
+    let b = indicatif::ProgressBar::new(total);
+    b.set_style(
+        indicatif::ProgressStyle::with_template("{msg}: {bytes}/{total_bytes} {bytes_per_sec} eta {eta} [{wide_bar}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    b.set_message(what.to_string());
+    Some(b)
+}
+
+/// Run rsync for the restore; a failure is an error naming what was being copied.
+pub(crate) fn run_rsync(ctx: &Ctx, job: &Job, args: &[String], what: &str, progress: bool) -> Result<rsync::RsyncResult> {
+    let res = rsync::run(job, args, &ctx.log, progress && ctx.opts.interactive)?;
+    if crate::interrupt::interrupted() {
+        bail!("{what} interrupted; the target may be partly restored: run the restore again");
+    }
+    match rsync::classify(res.code) {
+        Outcome::Success => Ok(res),
+        Outcome::Warning(w) => {
+            ctx.log.warn(&w);
+            Ok(res)
+        }
+        Outcome::Failure(f) => {
+            let detail = res.first_error().map(|e| format!(" ({e})")).unwrap_or_default();
+            bail!("{what}: {f}{detail}; the target may be partly restored: run the restore again")
+        }
+    }
+}
+
+/// The lines of an `--itemize-changes` dry run, sorted into what they would do.
+#[derive(Debug, Default)]
+pub(crate) struct Plan {
+    pub create: Vec<String>,
+    pub overwrite: Vec<String>,
+    pub delete: Vec<String>,
+    pub other: usize,
+}
+
+impl Plan {
+    /// Parse `%i %n` lines; `prefix` is put before each name (the target dir).
+    pub fn add_itemized(&mut self, stdout: &str, prefix: &str) {
+        for l in stdout.lines() {
+            let l = l.trim_end();
+            if let Some(n) = l.strip_prefix("*deleting ") {
+                self.delete.push(format!("{prefix}{}", n.trim()));
+                continue;
+            }
+            let Some((code, name)) = l.split_once(' ') else { continue };
+            if code.len() < 11 || !code.is_char_boundary(2) {
+                continue;
+            }
+            let (kind, ty) = (&code[0..1], &code[1..2]);
+            let name = format!("{prefix}{name}");
+            if ty == "d" {
+                if code.contains('+') {
+                    self.create.push(name);
+                } else {
+                    self.other += 1;
+                }
+            } else if code[2..].starts_with("+++") {
+                self.create.push(name);
+            } else if matches!(kind, "<" | ">" | "c" | "h") {
+                self.overwrite.push(name);
+            } else {
+                self.other += 1;
+            }
+        }
+    }
+
+    pub fn show(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        let list = |out: &mut dyn Write, title: &str, v: &[String]| -> std::io::Result<()> {
+            if v.is_empty() {
+                return Ok(());
+            }
+            writeln!(out, "  {title} ({}):", v.len())?;
+            for n in v.iter().take(25) {
+                writeln!(out, "    {n}")?;
+            }
+            if v.len() > 25 {
+                writeln!(out, "    ... and {} more", v.len() - 25)?;
+            }
+            Ok(())
+        };
+        list(out, "overwrite", &self.overwrite)?;
+        list(out, "create", &self.create)?;
+        list(out, "DELETE", &self.delete)?;
+        if self.other > 0 {
+            writeln!(out, "  update attributes only: {} item(s)", self.other)?;
+        }
+        if self.overwrite.is_empty() && self.create.is_empty() && self.delete.is_empty() && self.other == 0 {
+            writeln!(out, "  nothing differs from the archive")?;
+        }
+        Ok(())
+    }
+}
+
+/// A restored file to check: where it is on the target, what it must hold.
+#[derive(Debug, Clone)]
+pub(crate) struct Expect {
+    pub remote: String,
+    pub size: u64,
+    pub sha256: String,
+    pub mtime: i64,
+}
+
+/// SHA-256 (hex) and size of a local file.
+pub(crate) fn sha256_file(p: &Path, bar: Option<&indicatif::ProgressBar>) -> Result<(String, u64)> {
+    use sha2::Digest;
+    let mut f = fs::File::open(p).ctx(|| format!("cannot open {}", p.display()))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf).ctx(|| format!("cannot read {}", p.display()))?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+        if let Some(b) = bar {
+            b.inc(k as u64);
+        }
+    }
+    Ok((hex(&h.finalize()), n))
+}
+
+pub(crate) fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Result of checking the restored files on the target.
+#[derive(Debug, Default)]
+pub(crate) struct Checked {
+    pub ok: usize,
+    /// Newer on the target and kept there (`--preserve-newer=yes`).
+    pub kept_newer: Vec<String>,
+    pub bad: Vec<String>,
+}
+
+/// Hash every expected file on the target (`sha256sum`, present on Linux and ESXi's busybox)
+/// and compare with the archive's bytes.
+pub(crate) fn check_remote(ep: &Endpoint, files: &[Expect], preserve_newer: bool) -> Result<Checked> {
+    let mut c = Checked::default();
+    for part in files.chunks(2000) {
+        let mut script = String::from("LC_ALL=C; export LC_ALL\n");
+        for (i, e) in part.iter().enumerate() {
+            script.push_str(&format!(
+                "p={}; if [ -f \"$p\" ] && [ ! -L \"$p\" ]; then s=$(stat -c '%s %Y' \"$p\") && h=$(sha256sum < \"$p\") && echo \"{i} $s ${{h%% *}}\" || echo \"{i} unreadable\"; else echo \"{i} missing\"; fi\n",
+                shell_quote(&e.remote)
+            ));
+        }
+        let outp = ep.sh(&script, "checking the restored files")?;
+        let mut seen = vec![false; part.len()];
+        for l in outp.lines() {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let Some(i) = w.first().and_then(|s| s.parse::<usize>().ok()).filter(|i| *i < part.len()) else { continue };
+            seen[i] = true;
+            let e = &part[i];
+            match w.as_slice() {
+                [_, size, mtime, hash] => {
+                    let size: u64 = size.parse().unwrap_or(u64::MAX);
+                    let mtime: i64 = mtime.parse().unwrap_or(0);
+                    if size == e.size && hash.eq_ignore_ascii_case(&e.sha256) {
+                        c.ok += 1;
+                    } else if preserve_newer && mtime > e.mtime {
+                        c.kept_newer.push(e.remote.clone());
+                    } else if size != e.size {
+                        c.bad.push(format!("{}: size {size}, archive {}", e.remote, e.size));
+                    } else {
+                        c.bad.push(format!("{}: content differs from the archive (SHA-256 {hash}, archive {})", e.remote, e.sha256));
+                    }
+                }
+                [_, what] => c.bad.push(format!("{}: {what}", e.remote)),
+                _ => c.bad.push(format!("{}: unexpected answer {l:?}", e.remote)),
+            }
+        }
+        for (i, s) in seen.iter().enumerate() {
+            if !s {
+                c.bad.push(format!("{}: not checked (no answer)", part[i].remote));
+            }
+        }
+    }
+    Ok(c)
+}
+
+/// Print the check's result; an error when a file does not match.
+pub(crate) fn report_check(ctx: &Ctx, c: &Checked, out: &mut dyn Write) -> Result<()> {
+    let _ = writeln!(out, "verified {} file(s) on the target against the archive: {} match", c.ok + c.kept_newer.len() + c.bad.len(), c.ok);
+    if !c.kept_newer.is_empty() {
+        let _ = writeln!(out, "{} file(s) newer on the target were kept (--preserve-newer=yes):", c.kept_newer.len());
+        for k in c.kept_newer.iter().take(25) {
+            let _ = writeln!(out, "  {k}");
+        }
+    }
+    ctx.log.info(format!("verified: {} match, {} kept newer, {} differ", c.ok, c.kept_newer.len(), c.bad.len()));
+    if !c.bad.is_empty() {
+        for b in &c.bad {
+            ctx.log.error(format!("verify: {b}"));
+        }
+        let more = if c.bad.len() > 3 { format!(" (and {} more, see the job log)", c.bad.len() - 3) } else { String::new() };
+        bail!("{} restored file(s) do not match the archive: {}{more}", c.bad.len(), c.bad.iter().take(3).cloned().collect::<Vec<_>>().join("; "));
+    }
+    Ok(())
+}
+
+/// mtime (seconds) of a local file, without following a symlink.
+pub(crate) fn mtime_of(md: &fs::Metadata) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    md.mtime()
+}
