@@ -1,15 +1,253 @@
-//! Monitoring: `--nrpe` (Nagios plugin) and `--metrics` (Prometheus textfile). (Stub.)
+//! Monitoring: `--nrpe` (a Nagios/NRPE plugin: one line, perfdata after `|`, exit 0 OK,
+//! 1 WARNING, 2 CRITICAL, 3 UNKNOWN) and `--metrics` (the Prometheus text format for
+//! node_exporter's textfile collector, written atomically to metricsFile).
+//!
+//! Owns: the health rules (CRITICAL: an interrupted job, or no successful run within NRPEtrigger
+//! hours, or none at all; WARNING: the free space of RootDir is below the last backup's size
+//! times the DiskSpaceWarn factor) and the metric names. Must never: change anything but
+//! metricsFile, or fail a backup run because metrics could not be written.
 
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use chrono::{NaiveDateTime, TimeZone};
+
+use crate::archive::{self, Level};
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, Job};
 use crate::error::Result;
+use crate::report::Report;
+use crate::schedule::effective_enabled;
+use crate::transport::rsync;
 
-/// `--nrpe [JOB...]`: the plugin's one line and its exit code (0 OK, 1 WARNING, 2 CRITICAL).
-pub fn nrpe(_cfg: &Config, _jobs: &[String], _clock: &dyn Clock) -> Result<(String, i32)> {
-    bail!("--nrpe is not implemented yet")
+/// What monitoring needs to know about one job.
+#[derive(Debug, Clone, Default)]
+pub struct JobState {
+    /// Date of the newest valid archive (the last successful run).
+    pub last_success: Option<NaiveDateTime>,
+    /// The report of that archive.
+    pub report: Option<Report>,
+    /// Archives per level (Level as index).
+    pub counts: [usize; 5],
+    pub running: Option<i32>,
+    pub interrupted: bool,
 }
 
-/// `--metrics`: write the Prometheus textfile; returns a one-line summary.
-pub fn write_metrics(_cfg: &Config, _clock: &dyn Clock) -> Result<String> {
-    bail!("--metrics is not implemented yet")
+pub fn job_state(cfg: &Config, job: &Job) -> Result<JobState> {
+    let dir = job.job_dir();
+    let all = archive::list(&dir)?;
+    let mut st = JobState::default();
+    for a in &all {
+        st.counts[a.level as usize] += 1;
+    }
+    if let Some(a) = archive::newest_valid(&dir)? {
+        st.last_success = a.report.as_ref().and_then(|r| r.date()).and_then(|d| NaiveDateTime::parse_from_str(d, "%Y%m%d%H%M").ok());
+        st.report = a.report;
+    }
+    st.running = crate::lock::holder(&cfg.lock_dir(), &job.name);
+    st.interrupted = st.running.is_none() && dir.join(archive::RUNNING).exists();
+    Ok(st)
+}
+
+/// The DiskSpaceWarn rule of run.rs: free space of RootDir below the last backup's size times
+/// 1 (strict), 0.5 (normal), 0.1 (risky). Some(message) when it applies.
+fn disk_space_low(job: &Job, st: &JobState) -> Option<String> {
+    let factor = match job.get("DiskSpaceWarn") {
+        "strict" => 1.0,
+        "normal" => 0.5,
+        "risky" => 0.1,
+        _ => return None,
+    };
+    let size = st.report.as_ref().and_then(|r| r.num("TotalFileSize"))? as f64;
+    let (_, avail_kib) = rsync::df(&job.root_dir())?;
+    ((avail_kib as f64) * 1024.0 < size * factor).then(|| format!("disk space low: {} MiB free, last backup {} MiB", avail_kib / 1024, (size / 1048576.0) as u64))
+}
+
+/// `--nrpe [JOB...]`: the plugin's one line and its exit code (0 OK, 1 WARNING, 2 CRITICAL,
+/// 3 UNKNOWN). Without job names every enabled job is checked; named jobs are checked whatever
+/// their status. NRPEtrigger=0 turns the age check of a job off.
+pub fn nrpe(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<(String, i32)> {
+    let selected: Vec<&Job> = if jobs.is_empty() {
+        cfg.jobs.values().filter(|j| effective_enabled(cfg, j)).collect()
+    } else {
+        let mut v = Vec::new();
+        for n in jobs {
+            match cfg.job(n) {
+                Ok(j) => v.push(j),
+                Err(e) => return Ok((format!("UNKNOWN: {e}"), 3)),
+            }
+        }
+        v
+    };
+    let now = clock.now();
+    let (mut crit, mut warn, mut perf) = (Vec::new(), Vec::new(), Vec::new());
+    for job in &selected {
+        let st = match job_state(cfg, job) {
+            Ok(s) => s,
+            Err(e) => return Ok((format!("UNKNOWN: job {}: {e}", job.name), 3)),
+        };
+        let trigger = job.num("NRPEtrigger") * 3600;
+        let age = st.last_success.map(|t| (now - t).num_seconds().max(0) as u64);
+        if st.interrupted {
+            crit.push(format!("{} (interrupted)", job.name));
+        } else if trigger > 0 {
+            match age {
+                None => crit.push(format!("{} (no successful run)", job.name)),
+                Some(a) if a > trigger => crit.push(format!("{} (last success {:.1} h ago)", job.name, a as f64 / 3600.0)),
+                _ => {}
+            }
+        }
+        if let Some(w) = disk_space_low(job, &st) {
+            warn.push(format!("{} ({w})", job.name));
+        }
+        let crit_s = if trigger > 0 { trigger.to_string() } else { String::new() };
+        match age {
+            Some(a) => perf.push(format!("'{}_age'={a}s;;{crit_s};0;", job.name)),
+            None => perf.push(format!("'{}_age'=U", job.name)),
+        }
+    }
+    let perf = if perf.is_empty() { String::new() } else { format!(" | {}", perf.join(" ")) };
+    let (line, code) = if !crit.is_empty() {
+        let mut l = format!("CRITICAL: Failed jobs: {}", crit.join(", "));
+        if !warn.is_empty() {
+            l.push_str(&format!("; warnings: {}", warn.join(", ")));
+        }
+        (l, 2)
+    } else if !warn.is_empty() {
+        (format!("WARNING: {}", warn.join(", ")), 1)
+    } else if selected.is_empty() {
+        ("OK: no enabled jobs".to_string(), 0)
+    } else {
+        let names: Vec<&str> = selected.iter().map(|j| j.name.as_str()).collect();
+        (format!("OK: {} job(s) backed up in time: {}", selected.len(), names.join(", ")), 0)
+    };
+    Ok((line + &perf, code))
+}
+
+fn epoch(t: NaiveDateTime) -> Option<i64> {
+    chrono::Local.from_local_datetime(&t).earliest().map(|d| d.timestamp())
+}
+
+/// A Prometheus label value, escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Bytes and files in a chunk pool (apparent sizes).
+fn pool_size(dir: &Path) -> (u64, u64) {
+    let (mut bytes, mut files) = (0, 0);
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                if let Ok(m) = e.metadata() {
+                    bytes += m.len();
+                    files += 1;
+                }
+            }
+        }
+    }
+    (bytes, files)
+}
+
+struct Family {
+    name: &'static str,
+    help: &'static str,
+    samples: Vec<(String, String)>,
+}
+
+/// The metrics in Prometheus text format.
+pub fn metrics_text(cfg: &Config, clock: &dyn Clock) -> Result<String> {
+    let fam = |name, help| Family { name, help, samples: Vec::new() };
+    let mut enabled = fam("affa_job_enabled", "1 if the job runs from cron");
+    let mut last = fam("affa_last_success_timestamp_seconds", "Unix time of the newest valid archive (the last successful run)");
+    let mut dur = fam("affa_last_duration_seconds", "ExecutionTime of the last successful run");
+    let mut recv = fam("affa_last_bytes_received", "TotalBytesReceived of the last successful run");
+    let mut size = fam("affa_last_total_file_size_bytes", "TotalFileSize of the last successful run");
+    let mut arch = fam("affa_archives", "Number of archives per level");
+    let mut running = fam("affa_running", "1 while the job runs");
+    let mut interrupted = fam("affa_interrupted", "1 if the job's last transfer was interrupted and not resumed yet");
+    let mut pool = fam("affa_pool_size_bytes", "Bytes in the chunk pool RootDir/.affa-pool");
+    let mut pool_files = fam("affa_pool_files", "Files in the chunk pool RootDir/.affa-pool");
+    let mut avail = fam("affa_rootdir_avail_bytes", "Free bytes on the file system of RootDir");
+    let mut used = fam("affa_rootdir_used_bytes", "Used bytes on the file system of RootDir");
+    let mut gen = fam("affa_metrics_generated_timestamp_seconds", "Unix time this file was written");
+    let mut roots: Vec<PathBuf> = Vec::new();
+    for job in cfg.jobs.values() {
+        let l = format!("job=\"{}\"", label(&job.name));
+        let st = job_state(cfg, job)?;
+        enabled.samples.push((l.clone(), (effective_enabled(cfg, job) as u8).to_string()));
+        if let Some(t) = st.last_success.and_then(epoch) {
+            last.samples.push((l.clone(), t.to_string()));
+        }
+        if let Some(r) = &st.report {
+            for (f, k) in [(&mut dur, "ExecutionTime"), (&mut recv, "TotalBytesReceived"), (&mut size, "TotalFileSize")] {
+                if let Some(v) = r.num(k) {
+                    f.samples.push((l.clone(), v.to_string()));
+                }
+            }
+        }
+        for lv in Level::ALL {
+            arch.samples.push((format!("{l},level=\"{}\"", lv.name()), st.counts[lv as usize].to_string()));
+        }
+        running.samples.push((l.clone(), (st.running.is_some() as u8).to_string()));
+        interrupted.samples.push((l.clone(), (st.interrupted as u8).to_string()));
+        if !roots.contains(&job.root_dir()) {
+            roots.push(job.root_dir());
+        }
+    }
+    roots.sort();
+    for r in &roots {
+        let l = format!("root_dir=\"{}\"", label(&r.to_string_lossy()));
+        let p = r.join(crate::chunk::POOL_DIR);
+        if p.is_dir() {
+            let (b, f) = pool_size(&p);
+            pool.samples.push((l.clone(), b.to_string()));
+            pool_files.samples.push((l.clone(), f.to_string()));
+        }
+        if let Some((u, a)) = rsync::df(r) {
+            used.samples.push((l.clone(), (u * 1024).to_string()));
+            avail.samples.push((l.clone(), (a * 1024).to_string()));
+        }
+    }
+    if let Some(t) = epoch(clock.now()) {
+        gen.samples.push((String::new(), t.to_string()));
+    }
+    let mut out = String::new();
+    for f in [enabled, last, dur, recv, size, arch, running, interrupted, pool, pool_files, avail, used, gen] {
+        if f.samples.is_empty() {
+            continue;
+        }
+        out.push_str(&format!("# HELP {} {}\n# TYPE {} gauge\n", f.name, f.help, f.name));
+        for (l, v) in f.samples {
+            if l.is_empty() {
+                out.push_str(&format!("{} {v}\n", f.name));
+            } else {
+                out.push_str(&format!("{}{{{l}}} {v}\n", f.name));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `--metrics`: write the Prometheus textfile (creating its directory); returns a one-line summary.
+pub fn write_metrics(cfg: &Config, clock: &dyn Clock) -> Result<String> {
+    let path = PathBuf::from(cfg.global.get("metricsFile"));
+    let text = metrics_text(cfg, clock)?;
+    crate::schedule::write_file(&path, &text, 0o644)?;
+    let n = text.lines().filter(|l| !l.starts_with('#')).count();
+    Ok(format!("{} written: {n} samples", path.display()))
+}
+
+/// After a run: rewrite metricsFile if its directory exists (node_exporter is set up); errors
+/// are ignored (the cron line of `--metrics` reports them).
+pub fn refresh_metrics(cfg: &Config, clock: &dyn Clock) {
+    let path = PathBuf::from(cfg.global.get("metricsFile"));
+    if path.parent().is_some_and(|p| p.is_dir()) {
+        let _ = write_metrics(cfg, clock);
+    }
 }

@@ -1,15 +1,331 @@
-//! Mail: error mails, success mails, the status mail, the mail test. (Stub: being written.)
+//! Mail: the error mail of a failed run, the retry notices, the warning and success mails, the
+//! status mail (`--send-status`) and the mail test (`--mailtest`).
+//!
+//! Owns: composing those mails and delivering them, through SMTP (`smtpHost`, `smtpPort`,
+//! `smtpTLS`, `smtpUser`, `smtpPassword`) or, when `smtpHost` is empty, the local
+//! `sendmailBinary`. Must never: put a password into a mail (every configured secret is replaced
+//! by `<hidden>` in subject and body, whatever the caller passes), send credentials over a
+//! plaintext connection unless `smtpTLS=none` says so, or mangle the log lines it quotes (Affa 3
+//! replaced their spaces by underscores).
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use lettre::message::{header::ContentType, Mailbox, Message};
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Tls, TlsParameters};
+use lettre::transport::smtp::extension::ClientId;
+use lettre::transport::smtp::SmtpTransport;
+use lettre::Transport;
 
 use crate::clock::Clock;
-use crate::config::Config;
-use crate::error::Result;
+use crate::config::{Config, Job};
+use crate::error::{Error, IoContext, Result};
 
-/// `--mailtest JOB`
-pub fn mailtest(_cfg: &Config, _job: &str) -> Result<String> {
-    bail!("--mailtest is not implemented yet")
+/// This machine's host name (the backup server).
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
+    if rc != 0 {
+        return "localhost".into();
+    }
+    let n = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let h = String::from_utf8_lossy(&buf[..n]).trim().to_string();
+    if h.is_empty() {
+        "localhost".into()
+    } else {
+        h
+    }
 }
 
-/// `--send-status`
-pub fn send_status(_cfg: &Config, _clock: &dyn Clock) -> Result<String> {
-    bail!("--send-status is not implemented yet")
+/// The recipients of a job's mails: every `EmailAddress` value, each split on commas and
+/// white space (Affa 3 also accepted a comma-separated list), duplicates dropped.
+pub fn recipients(job: &Job) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for v in job.get_all("EmailAddress") {
+        for r in v.split(|c: char| c == ',' || c.is_whitespace()).filter(|s| !s.is_empty()) {
+            if !out.iter().any(|o| o == r) {
+                out.push(r.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// An address for the mail headers: a bare local name (`root`) becomes `root@HOSTNAME`.
+fn header_address(r: &str) -> String {
+    if r.contains('@') {
+        r.to_string()
+    } else {
+        format!("{r}@{}", hostname())
+    }
+}
+
+fn sender(cfg: &Config) -> String {
+    let f = cfg.global.get("mailFrom");
+    if f.is_empty() {
+        format!("affa@{}", hostname())
+    } else {
+        f.to_string()
+    }
+}
+
+/// Every secret the configuration holds (to be kept out of mails).
+fn secrets(cfg: &Config) -> Vec<String> {
+    let mut s = Vec::new();
+    let mut push = |v: &str| {
+        if !v.is_empty() && !s.iter().any(|x: &String| x == v) {
+            s.push(v.to_string());
+        }
+    };
+    push(cfg.global.get("smtpPassword"));
+    for j in std::iter::once(&cfg.global).chain(cfg.jobs.values()) {
+        push(j.get("ESXiPassword"));
+        push(j.get("rsyncdPassword"));
+        let f = j.get("ESXiPasswordFile");
+        if !f.is_empty() {
+            if let Ok(t) = std::fs::read_to_string(f) {
+                push(t.lines().next().unwrap_or("").trim_end());
+            }
+        }
+    }
+    // Longest first, so a secret containing another is hidden whole.
+    s.sort_by_key(|x| std::cmp::Reverse(x.len()));
+    s
+}
+
+/// `text` with every configured secret replaced by `<hidden>`.
+pub fn scrub(cfg: &Config, text: &str) -> String {
+    let mut t = text.to_string();
+    for s in secrets(cfg) {
+        t = t.replace(&s, "<hidden>");
+    }
+    t
+}
+
+/// How mail leaves this machine, for messages: "SMTP host:port" or "sendmail /usr/sbin/sendmail".
+pub fn route(cfg: &Config) -> String {
+    let g = &cfg.global;
+    if g.get("smtpHost").is_empty() {
+        format!("sendmail {}", g.get("sendmailBinary"))
+    } else {
+        format!("SMTP {}:{}", g.get("smtpHost"), g.get("smtpPort"))
+    }
+}
+
+/// The SMTP password, refusing a configuration file that others may read.
+fn smtp_password(cfg: &Config) -> Result<String> {
+    let pw = cfg.global.get("smtpPassword").to_string();
+    if !pw.is_empty() {
+        use std::os::unix::fs::PermissionsExt;
+        let f = &cfg.global.origin.file;
+        if let Ok(md) = std::fs::metadata(f) {
+            let mode = md.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                bail!("{} holds smtpPassword but group or others may read it (mode {mode:o}); run: chmod 600 {}", f.display(), f.display());
+            }
+        }
+    }
+    Ok(pw)
+}
+
+/// Send one plain-text mail to `to`. Returns where it went ("to a, b via SMTP host:25").
+pub fn send(cfg: &Config, to: &[String], subject: &str, body: &str) -> Result<String> {
+    if to.is_empty() {
+        bail!("no mail recipients; set EmailAddress");
+    }
+    let subject = scrub(cfg, subject).replace(['\r', '\n'], " ");
+    let mut body = scrub(cfg, body);
+    if !body.ends_with('\n') {
+        body.push('\n');
+    }
+    let from_s = sender(cfg);
+    let from: Mailbox = from_s.parse().map_err(|e| Error::new(format!("mailFrom '{from_s}' is not a mail address: {e}")))?;
+    let mut b = Message::builder()
+        .from(from)
+        .subject(subject)
+        .header(ContentType::TEXT_PLAIN)
+        .message_id(Some(format!("<affa.{}.{}@{}>", std::process::id(), unique(), hostname())));
+    for r in to {
+        let a = header_address(r);
+        let mb: Mailbox = a.parse().map_err(|e| Error::new(format!("EmailAddress '{r}' is not a mail address: {e}")))?;
+        b = b.to(mb);
+    }
+    let msg = b.body(body).map_err(|e| Error::new(format!("cannot build the mail: {e}")))?;
+    let g = &cfg.global;
+    let host = g.get("smtpHost");
+    if host.is_empty() {
+        let bin = g.get("sendmailBinary");
+        let mut c = Command::new(bin);
+        c.arg("-i").arg("-f").arg(&from_s).arg("--").args(to);
+        c.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = c.spawn().ctx(|| format!("cannot run sendmailBinary {bin}"))?;
+        {
+            let mut stdin = child.stdin.take().unwrap();
+            // A sendmail that exits early (an error) closes the pipe: its exit status says why.
+            if let Err(e) = stdin.write_all(&msg.formatted()) {
+                if e.kind() != std::io::ErrorKind::BrokenPipe {
+                    return Err(e).ctx(|| format!("cannot write the mail to {bin}"));
+                }
+            }
+        }
+        let out = child.wait_with_output().ctx(|| format!("cannot wait for {bin}"))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            bail!("{bin} failed with exit {}: {}", out.status.code().unwrap_or(-1), scrub(cfg, err.trim()).replace('\n', "; "));
+        }
+    } else {
+        let port = g.num("smtpPort") as u16;
+        let user = g.get("smtpUser");
+        let params = || TlsParameters::new(host.to_string()).map_err(|e| Error::new(format!("TLS setup for {host}: {e}")));
+        let tls = match g.get("smtpTLS") {
+            "none" => Tls::None,
+            "tls" => Tls::Wrapper(params()?),
+            // STARTTLS when offered; required when we would log in, so the password never
+            // travels in clear text.
+            _ if user.is_empty() => Tls::Opportunistic(params()?),
+            _ => Tls::Required(params()?),
+        };
+        let mut t = SmtpTransport::builder_dangerous(host)
+            .port(port)
+            .tls(tls)
+            .timeout(Some(Duration::from_secs(60)))
+            .hello_name(ClientId::Domain(hostname()));
+        if !user.is_empty() {
+            t = t.credentials(Credentials::new(user.to_string(), smtp_password(cfg)?));
+        }
+        t.build()
+            .send(&msg)
+            .map_err(|e| Error::new(format!("cannot send mail through {host}:{port}: {}", scrub(cfg, &e.to_string()))))?;
+    }
+    Ok(format!("to {} via {}", to.join(", "), route(cfg)))
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    t ^ (N.fetch_add(1, Ordering::SeqCst) << 48)
+}
+
+fn job_host(job: &Job) -> &str {
+    job.get("remoteHostName")
+}
+
+fn quote_log(body: &mut String, log_file: Option<&Path>, lines: &[String]) {
+    match log_file {
+        Some(p) => body.push_str(&format!("\nLog of the run ({}):\n", p.display())),
+        None => body.push_str("\nLog of the run:\n"),
+    }
+    for l in lines {
+        body.push_str(l);
+        body.push('\n');
+    }
+}
+
+/// Subject of the error mail of a failed run.
+pub fn error_subject(job: &Job) -> String {
+    format!("affa: job {} on {} FAILED", job.name, job_host(job))
+}
+
+/// The one error mail of a failed run (after its last retry): the error and the run's log lines
+/// exactly as they were written.
+pub fn error_mail(cfg: &Config, job: &Job, error: &str, attempts: u32, log_file: Option<&Path>, lines: &[String]) -> Result<String> {
+    let mut body = format!(
+        "The affa backup job {} of {} failed on the backup server {}.\n\nError: {error}\n",
+        job.name,
+        job_host(job),
+        hostname()
+    );
+    if attempts > 1 {
+        body.push_str(&format!(
+            "Attempts: {attempts} (RetryAttempts={}, RetryAfter={} s); all failed.\n",
+            job.get("RetryAttempts"),
+            job.get("RetryAfter")
+        ));
+    }
+    body.push_str(&format!(
+        "Earlier archives are untouched. See affa --status and affa --log-tail {}.\n",
+        job.name
+    ));
+    quote_log(&mut body, log_file, lines);
+    send(cfg, &recipients(job), &error_subject(job), &body)
+}
+
+/// RetryNotification=yes: a short notice that attempt `attempt` of `of` failed and a retry
+/// follows in `after` seconds. It is not the error mail (that comes once, if the last attempt
+/// fails too).
+pub fn retry_notice(cfg: &Config, job: &Job, error: &str, attempt: u32, of: u32, after: u64) -> Result<String> {
+    let subject = format!("affa: job {} on {} failed, retry {} of {} in {} s", job.name, job_host(job), attempt, of - 1, after);
+    let body = format!(
+        "Attempt {attempt} of {of} of the affa job {} of {} failed on {}:\n{error}\n\nIt is started again in {after} s. \
+         You get the error mail with the log only if the last attempt fails too. (RetryNotification=no stops these notices.)\n",
+        job.name,
+        job_host(job),
+        hostname()
+    );
+    send(cfg, &recipients(job), &subject, &body)
+}
+
+/// A run that succeeded with warnings (DiskSpaceWarn, vanished files).
+pub fn warning_mail(cfg: &Config, job: &Job, warnings: &[String], log_file: Option<&Path>, lines: &[String]) -> Result<String> {
+    let subject = format!("affa: job {} on {} WARNING", job.name, job_host(job));
+    let mut body = format!("The affa job {} of {} completed on {} with warnings:\n", job.name, job_host(job), hostname());
+    for w in warnings {
+        body.push_str(&format!("  {w}\n"));
+    }
+    quote_log(&mut body, log_file, lines);
+    send(cfg, &recipients(job), &subject, &body)
+}
+
+/// A success mail (chattyOnSuccess > 0, or after failed attempts that were notified).
+pub fn success_mail(cfg: &Config, job: &Job, archive: Option<&Path>, note: &str, log_file: Option<&Path>, lines: &[String]) -> Result<String> {
+    let subject = format!("affa: job {} on {} completed", job.name, job_host(job));
+    let mut body = format!("The affa job {} of {} completed successfully on {}.\n", job.name, job_host(job), hostname());
+    if let Some(a) = archive {
+        body.push_str(&format!("New archive: {}\n", a.display()));
+    }
+    if !note.is_empty() {
+        body.push_str(note);
+        body.push('\n');
+    }
+    quote_log(&mut body, log_file, lines);
+    send(cfg, &recipients(job), &subject, &body)
+}
+
+/// `--mailtest JOB`
+pub fn mailtest(cfg: &Config, job: &str) -> Result<String> {
+    let j = cfg.job(job)?;
+    let subject = format!("affa: test mail for job {} on {}", j.name, job_host(j));
+    let body = format!(
+        "This is a test mail of affa on {} for the job {} ({}).\nMail goes out via {}.\nError mails of this job go to: {}\n",
+        hostname(),
+        j.name,
+        job_host(j),
+        route(cfg),
+        recipients(j).join(", ")
+    );
+    let how = send(cfg, &recipients(j), &subject, &body)?;
+    Ok(format!("test mail for job {job} sent {how}"))
+}
+
+/// The status report: `--status --all`, `--disk-usage` and `--list-archives` of every job.
+pub fn status_text(cfg: &Config, clock: &dyn Clock) -> Result<String> {
+    let mut body = format!("affa status of {} at {}\n\n", hostname(), clock.now().format("%Y-%m-%d %H:%M"));
+    body.push_str(&crate::commands::status(cfg, clock, false, true)?);
+    body.push_str("\nDisk usage:\n");
+    body.push_str(&crate::commands::disk_usage(cfg, false)?);
+    body.push_str("\nArchives:\n");
+    body.push_str(&crate::commands::list_archives(cfg, &[], false)?);
+    Ok(body)
+}
+
+/// `--send-status`: the status report to the EmailAddress of `[GlobalAffaConfig]` (default root).
+pub fn send_status(cfg: &Config, clock: &dyn Clock) -> Result<String> {
+    let body = status_text(cfg, clock)?;
+    let subject = format!("affa: status of {}", hostname());
+    let how = send(cfg, &recipients(&cfg.global), &subject, &body)?;
+    Ok(format!("status mail sent {how}"))
 }

@@ -1,9 +1,150 @@
-//! Samba shares of job archives (`SambaShare=yes`). (Stub.)
+//! Samba shares of job archives (`SambaShare=yes`): a read-only share named after the job, of
+//! RootDir/JOB, for the users in SambaValidUser.
+//!
+//! Owns: the files under sambaConfDir — one include file per shared job
+//! (`affa-job-JOB.conf`) and `affa-shares.conf`, which includes them — and the single
+//! `include = SAMBACONFDIR/affa-shares.conf` line in smbConf (added once, never duplicated);
+//! then asking Samba to reload (`smbcontrol all reload-config`, `systemctl reload smbd` as a
+//! fallback for the system's smb.conf). Must never: change any other line of smbConf, make a
+//! share writable, or show the chunk store internals (`.affa-chunks`, manifests, the trash, an
+//! interrupted transfer's resume dir) through a share.
 
-use crate::config::Config;
-use crate::error::Result;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
-/// Write the include files for every job with SambaShare=yes, load them into smb.conf, reload.
-pub fn update_shares(_cfg: &Config) -> Result<String> {
-    bail!("Samba shares are not implemented yet")
+use crate::config::{Config, Job};
+use crate::error::{IoContext, Result};
+
+pub const SHARES_FILE: &str = "affa-shares.conf";
+const JOB_PREFIX: &str = "affa-job-";
+
+fn conf_dir(cfg: &Config) -> PathBuf {
+    PathBuf::from(cfg.global.get("sambaConfDir"))
+}
+
+fn include_line(cfg: &Config) -> String {
+    format!("include = {}", conf_dir(cfg).join(SHARES_FILE).display())
+}
+
+/// Are affa's Samba shares in use (a job has SambaShare=yes, or affa wrote shares before)?
+pub fn in_use(cfg: &Config) -> bool {
+    cfg.jobs.values().any(|j| j.flag("SambaShare")) || conf_dir(cfg).join(SHARES_FILE).exists()
+}
+
+/// The share definition of one job.
+pub fn share_text(job: &Job) -> String {
+    let users: Vec<String> = job
+        .get_all("SambaValidUser")
+        .iter()
+        .flat_map(|v| v.split(|c: char| c == ',' || c.is_whitespace()).filter(|s| !s.is_empty()).map(String::from))
+        .collect();
+    format!(
+        "# Written by affa --samba-shares for job {name} (SambaShare=yes); changes are overwritten.\n\
+         [{name}]\n\
+         \tcomment = affa archives of {name} ({host})\n\
+         \tpath = {path}\n\
+         \tread only = yes\n\
+         \twriteable = no\n\
+         \tbrowseable = yes\n\
+         \tguest ok = no\n\
+         \tvalid users = {users}\n\
+         \t# RootDir/JOB is mode 0700 and root's: the share reads as root, for valid users only.\n\
+         \tforce user = root\n\
+         \tveto files = /.affa-chunks/*.affa-manifest/.AFFA-TRASH/.scheduled.resume/\n",
+        name = job.name,
+        host = job.get("remoteHostName"),
+        path = job.job_dir().display(),
+        users = users.join(" "),
+    )
+}
+
+fn write_if_changed(path: &Path, text: &str) -> Result<bool> {
+    if fs::read_to_string(path).ok().as_deref() == Some(text) {
+        return Ok(false);
+    }
+    crate::schedule::write_file(path, text, 0o644)?;
+    Ok(true)
+}
+
+/// Ask the running Samba to reload its configuration. Returns what happened.
+fn reload(smb_conf: &Path) -> String {
+    let st = Command::new("smbcontrol")
+        .arg("-s")
+        .arg(smb_conf)
+        .args(["smbd", "reload-config"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if matches!(st, Ok(s) if s.success()) {
+        return "Samba reloaded".into();
+    }
+    if smb_conf == Path::new("/etc/samba/smb.conf") {
+        let st = Command::new("systemctl").args(["reload", "smbd"]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        if matches!(st, Ok(s) if s.success()) {
+            return "Samba reloaded (systemctl)".into();
+        }
+    }
+    "Samba not reloaded (smbd is not running?); it reads the shares when it starts".into()
+}
+
+/// `--samba-shares`: write the include files of every job with SambaShare=yes, remove those of
+/// jobs no longer shared, load them into smbConf, reload Samba.
+pub fn update_shares(cfg: &Config) -> Result<String> {
+    let dir = conf_dir(cfg);
+    let smb_conf = PathBuf::from(cfg.global.get("smbConf"));
+    let shared: Vec<&Job> = cfg.jobs.values().filter(|j| j.flag("SambaShare")).collect();
+    if shared.is_empty() && !dir.join(SHARES_FILE).exists() {
+        return Ok("no job has SambaShare=yes; Samba not touched".into());
+    }
+    if !smb_conf.is_file() {
+        crate::bail!("smbConf {} does not exist (is Samba installed?); affa's shares need it to include {}", smb_conf.display(), dir.join(SHARES_FILE).display());
+    }
+    fs::create_dir_all(&dir).ctx(|| format!("cannot create {}", dir.display()))?;
+    let mut changed = false;
+    let mut index = String::from("# Written by affa --samba-shares: one include per job with SambaShare=yes; changes are overwritten.\n");
+    let mut keep = Vec::new();
+    for job in &shared {
+        let name = format!("{JOB_PREFIX}{}.conf", job.name);
+        changed |= write_if_changed(&dir.join(&name), &share_text(job))?;
+        index.push_str(&format!("include = {}\n", dir.join(&name).display()));
+        keep.push(name);
+    }
+    let mut removed = Vec::new();
+    for e in fs::read_dir(&dir).ctx(|| format!("cannot read {}", dir.display()))?.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with(JOB_PREFIX) && n.ends_with(".conf") && !keep.contains(&n) {
+            fs::remove_file(e.path()).ctx(|| format!("cannot remove {}", e.path().display()))?;
+            removed.push(n[JOB_PREFIX.len()..n.len() - 5].to_string());
+            changed = true;
+        }
+    }
+    changed |= write_if_changed(&dir.join(SHARES_FILE), &index)?;
+
+    // The one include line in smb.conf.
+    let text = fs::read_to_string(&smb_conf).ctx(|| format!("cannot read {}", smb_conf.display()))?;
+    let want = include_line(cfg);
+    let norm = |l: &str| l.split_whitespace().collect::<Vec<_>>().join(" ").to_ascii_lowercase();
+    if !text.lines().any(|l| norm(l) == norm(&want)) {
+        let mut t = text.clone();
+        if !t.is_empty() && !t.ends_with('\n') {
+            t.push('\n');
+        }
+        t.push_str(&format!("# affa's archive shares (affa --samba-shares)\n{want}\n"));
+        let mode = fs::metadata(&smb_conf).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777).unwrap_or(0o644);
+        crate::schedule::write_file(&smb_conf, &t, mode)?;
+        changed = true;
+    }
+    let names: Vec<&str> = shared.iter().map(|j| j.name.as_str()).collect();
+    let mut out = if names.is_empty() { "no Samba shares".to_string() } else { format!("Samba shares: {}", names.join(", ")) };
+    if !removed.is_empty() {
+        out.push_str(&format!("; removed: {}", removed.join(", ")));
+    }
+    if changed {
+        out.push_str(&format!("; {}", reload(&smb_conf)));
+    } else {
+        out.push_str("; unchanged");
+    }
+    Ok(out)
 }

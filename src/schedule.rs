@@ -1,36 +1,382 @@
-//! Scheduling: the cron file, the day's schedule, resuming interrupted jobs, retries.
-//! (Stub: being written.)
+//! Scheduling: the cron file (`--make-cronjobs`), the day's schedule (`--show-schedule`),
+//! resuming interrupted jobs (`--resume-interrupted`, `--kill --resume=SECS`) and a cron run with
+//! its retries and mails (`--run`, through [`run_job`]).
+//!
+//! Owns: which cron lines exist and what they start; the retry loop around `run::run`; when a
+//! mail is sent for a run. Must never: write a half cron file (temp + rename), start a job whose
+//! effective status is disabled from cron, retry or mail a run that was stopped on purpose
+//! (SIGTERM/SIGINT from `--kill`, killAt or a shutdown: the next run or `--resume-interrupted`
+//! resumes it), or let a failing mail change the outcome of a run.
+//!
+//! Cron lines (documented in docs/OPERATIONS.md):
+//! - `MM HH * * * root AFFA --silent --run JOB` per TimeSchedule value of each enabled job;
+//! - killAt: `MM HH * * * root AFFA --silent --kill JOB >/dev/null`;
+//! - resumeKilledAt: `MM HH * * * root test -d RootDir/JOB/scheduled.running && AFFA --silent --run JOB`
+//!   (runs the job again only if its transfer was stopped: killed, crashed, rebooted);
+//! - `@reboot root AFFA --silent --resume-interrupted >/dev/null`;
+//! - the status mail per sendStatus, and `--metrics` every 10 minutes when the directory of
+//!   metricsFile exists.
 
-use crate::archive::Level;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::archive;
 use crate::clock::Clock;
-use crate::config::Config;
-use crate::error::Result;
+use crate::config::{keys, Config, Job, DEFAULT_CONFIG_DIR};
+use crate::error::{IoContext, Result};
+use crate::joblog::JobLog;
 use crate::run::{RunOptions, RunSummary};
+use crate::transport::shell_quote;
 
-/// `--make-cronjobs`: write the cron file; returns a one-line summary.
-pub fn make_cronjobs(_cfg: &Config) -> Result<String> {
-    bail!("--make-cronjobs is not implemented yet")
+/// Does the job run from cron? `globalStatus=enabled|disabled` overrides the job's `status`;
+/// `globalStatus=jobs` (the default) leaves it to the job.
+pub fn effective_enabled(cfg: &Config, job: &Job) -> bool {
+    match cfg.global.get("globalStatus") {
+        "enabled" => true,
+        "disabled" => false,
+        _ => job.enabled(),
+    }
 }
 
-/// `--show-schedule [--all]`: the day drawn as text.
-pub fn show_schedule(_cfg: &Config, _all: bool) -> Result<String> {
-    bail!("--show-schedule is not implemented yet")
+fn hhmm(v: &str) -> Option<(u32, u32)> {
+    keys::parse_hhmm(v)
 }
 
-/// `--resume-interrupted`: start every interrupted job with resumeAfterBoot=yes.
-pub fn resume_interrupted(_cfg: &Config, _clock: &dyn Clock) -> Result<String> {
-    bail!("--resume-interrupted is not implemented yet")
+/// The affa command as cron calls it: `affaBinary`, plus `--config-dir DIR` unless the
+/// configuration lives in the default /etc/affa.
+fn affa_command(cfg: &Config, config_dir: &Path) -> String {
+    let mut c = shell_quote(cfg.global.get("affaBinary"));
+    if config_dir != Path::new(DEFAULT_CONFIG_DIR) {
+        c.push_str(" --config-dir ");
+        c.push_str(&shell_quote(&config_dir.to_string_lossy()));
+    }
+    c
+}
+
+/// The cron file's text for a configuration; `config_dir` is the configuration directory as
+/// the cron daemon will see it.
+pub fn cron_text(cfg: &Config, config_dir: &Path) -> String {
+    let affa = affa_command(cfg, config_dir);
+    let mut s = String::new();
+    s.push_str(&format!(
+        "# {}: written by affa --make-cronjobs from {}/*.conf; edit those and run affa --make-cronjobs again.\n",
+        cfg.global.get("cronFile"),
+        config_dir.display()
+    ));
+    s.push_str("SHELL=/bin/sh\nPATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n");
+    let global = cfg.global.get("globalStatus");
+    if global == "disabled" {
+        s.push_str("\n# globalStatus=disabled: no job runs from cron.\n");
+    } else {
+        for job in cfg.jobs.values() {
+            if !effective_enabled(cfg, job) {
+                continue;
+            }
+            s.push_str(&format!("\n# job {}\n", job.name));
+            let mut seen = Vec::new();
+            for t in job.get_all("TimeSchedule") {
+                if let Some((h, m)) = hhmm(t) {
+                    if !seen.contains(&(h, m)) {
+                        seen.push((h, m));
+                        s.push_str(&format!("{m} {h} * * * root {affa} --silent --run {}\n", job.name));
+                    }
+                }
+            }
+            if let Some((h, m)) = hhmm(job.get("killAt")) {
+                s.push_str(&format!("{m} {h} * * * root {affa} --silent --kill {} >/dev/null\n", job.name));
+            }
+            if let Some((h, m)) = hhmm(job.get("resumeKilledAt")) {
+                let running = job.job_dir().join(archive::RUNNING);
+                s.push_str(&format!(
+                    "{m} {h} * * * root test -d {} && {affa} --silent --run {}\n",
+                    shell_quote(&running.to_string_lossy()),
+                    job.name
+                ));
+            }
+        }
+        s.push_str(&format!("\n# restart the jobs a shutdown interrupted (resumeAfterBoot=yes)\n@reboot root {affa} --silent --resume-interrupted >/dev/null\n"));
+    }
+    let when = match cfg.global.get("sendStatus") {
+        "daily" => Some("0 5 * * *"),
+        "weekly" => Some("0 5 * * 0"),
+        "monthly" => Some("0 5 1 * *"),
+        _ => None,
+    };
+    if let Some(w) = when {
+        s.push_str(&format!("\n# status mail (sendStatus={})\n{w} root {affa} --silent --send-status >/dev/null\n", cfg.global.get("sendStatus")));
+    }
+    let metrics = PathBuf::from(cfg.global.get("metricsFile"));
+    if metrics.parent().is_some_and(|p| p.is_dir()) {
+        s.push_str(&format!("\n# Prometheus textfile {}\n*/10 * * * * root {affa} --silent --metrics >/dev/null\n", metrics.display()));
+    }
+    s
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Write `text` to `path` atomically with the given mode, creating the parent directory.
+pub fn write_file(path: &Path, text: &str, mode: u32) -> Result<()> {
+    if let Some(d) = path.parent() {
+        fs::create_dir_all(d).ctx(|| format!("cannot create {}", d.display()))?;
+    }
+    crate::report::write_atomic(path, text.as_bytes())?;
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).ctx(|| format!("cannot chmod {}", path.display()))
+}
+
+/// `--make-cronjobs`: write the cron file; returns a one-line summary. When Samba shares are in
+/// use (a job has SambaShare=yes, or affa wrote shares before) they are brought up to date too.
+pub fn make_cronjobs(cfg: &Config) -> Result<String> {
+    let path = PathBuf::from(cfg.global.get("cronFile"));
+    let text = cron_text(cfg, &absolute(&cfg.dir));
+    write_file(&path, &text, 0o644)?;
+    let n = text.lines().filter(|l| !l.starts_with('#') && !l.is_empty() && !l.contains('=')).count();
+    let mut out = format!("{} written: {n} cron line(s)", path.display());
+    if crate::samba::in_use(cfg) {
+        match crate::samba::update_shares(cfg) {
+            Ok(s) => out.push_str(&format!("\n{s}")),
+            Err(e) => out.push_str(&format!("\nSamba shares not updated: {e}")),
+        }
+    }
+    Ok(out)
+}
+
+const SLOT_MINUTES: u32 = 30;
+const SLOTS: usize = (24 * 60 / SLOT_MINUTES) as usize;
+
+/// `--show-schedule [--all]`: the day drawn as text, one 24-hour line per job (30 minutes per
+/// character): `S` a start, `=` the duration of the job's last run after it, `K` killAt, `R`
+/// resumeKilledAt, `.` nothing.
+pub fn show_schedule(cfg: &Config, all: bool) -> Result<String> {
+    let mut out = String::from("Schedule of the day; one character is 30 minutes: S start, = last run time, K killAt, R resumeKilledAt\n");
+    let mut head = String::new();
+    for h in (0..24).step_by(2) {
+        head.push_str(&format!("{h:<4}"));
+    }
+    out.push_str(&format!("{:<24} {}\n", "", head));
+    let mut hidden = 0;
+    for job in cfg.jobs.values() {
+        let enabled = effective_enabled(cfg, job);
+        if !enabled && !all {
+            hidden += 1;
+            continue;
+        }
+        let mut line = vec!['.'; SLOTS];
+        let last_secs = archive::newest_valid(&job.job_dir())?
+            .and_then(|a| a.report.and_then(|r| r.num("ExecutionTime")))
+            .unwrap_or(0);
+        let dur_slots = (last_secs as usize).div_ceil((SLOT_MINUTES * 60) as usize);
+        let mut starts = Vec::new();
+        for t in job.get_all("TimeSchedule") {
+            if let Some((h, m)) = hhmm(t) {
+                let slot = ((h * 60 + m) / SLOT_MINUTES) as usize;
+                starts.push(slot);
+                starts.sort();
+                for i in 1..dur_slots.max(1) {
+                    let k = (slot + i) % SLOTS;
+                    if line[k] == '.' {
+                        line[k] = '=';
+                    }
+                }
+            }
+        }
+        for s in &starts {
+            line[*s] = 'S';
+        }
+        for (key, c) in [("killAt", 'K'), ("resumeKilledAt", 'R')] {
+            if let Some((h, m)) = hhmm(job.get(key)) {
+                line[((h * 60 + m) / SLOT_MINUTES) as usize] = c;
+            }
+        }
+        let mut times: Vec<String> = job.get_all("TimeSchedule").iter().map(|t| format!("{}:{}", &t[..2], &t[2..])).collect();
+        times.sort();
+        let name = if enabled { job.name.clone() } else { format!("{} (disabled)", job.name) };
+        let last = if last_secs > 0 { format!(" (last run {})", crate::commands::hms(last_secs)) } else { String::new() };
+        out.push_str(&format!("{:<24} {} {}{}\n", name, line.iter().collect::<String>(), times.join(" "), last));
+    }
+    if hidden > 0 {
+        out.push_str(&format!("{hidden} disabled job(s) not shown; use --all to show them.\n"));
+    }
+    Ok(out)
+}
+
+/// The affa binary to start again: the running one, else affaBinary.
+fn self_binary(cfg: &Config) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(cfg.global.get("affaBinary")))
+}
+
+/// Start `affa --config-dir DIR --silent --run JOB` as a detached process (own session, no
+/// terminal, output discarded; the run logs to its job log and mails), after `delay` seconds.
+fn spawn_run(cfg: &Config, job: &str, delay: u64) -> Result<u32> {
+    let bin = self_binary(cfg);
+    let args: Vec<String> = vec![
+        "--config-dir".into(),
+        absolute(&cfg.dir).to_string_lossy().into_owned(),
+        "--silent".into(),
+        "--run".into(),
+        job.into(),
+    ];
+    let mut c = if delay > 0 {
+        let mut c = Command::new("/bin/sh");
+        c.arg("-c").arg(format!("sleep {delay} && exec \"$0\" \"$@\"")).arg(&bin).args(&args);
+        c
+    } else {
+        let mut c = Command::new(&bin);
+        c.args(&args);
+        c
+    };
+    c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        c.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = c.spawn().ctx(|| format!("cannot start {}", bin.display()))?;
+    Ok(child.id())
+}
+
+/// `--resume-interrupted`: start every job whose transfer was interrupted (RootDir/JOB/
+/// scheduled.running exists, the job is not running) and that has resumeAfterBoot=yes and is
+/// enabled. Each is started as its own detached background process, all at once (as cron would
+/// start them), so one long job does not delay the others.
+pub fn resume_interrupted(cfg: &Config, _clock: &dyn Clock) -> Result<String> {
+    let mut lines = Vec::new();
+    for job in cfg.jobs.values() {
+        if !job.job_dir().join(archive::RUNNING).exists() || !effective_enabled(cfg, job) {
+            continue;
+        }
+        if let Some(pid) = crate::lock::holder(&cfg.lock_dir(), &job.name) {
+            lines.push(format!("job {} is running (pid {pid})", job.name));
+            continue;
+        }
+        if !job.flag("resumeAfterBoot") {
+            lines.push(format!("job {} was interrupted; not resumed (resumeAfterBoot=no)", job.name));
+            continue;
+        }
+        let pid = spawn_run(cfg, &job.name, 0)?;
+        JobLog::new(&cfg.log_dir(), &job.name, false).info(format!("--resume-interrupted: resuming the interrupted job {} (pid {pid})", job.name));
+        lines.push(format!("job {} resumed in the background (pid {pid})", job.name));
+    }
+    if lines.is_empty() {
+        return Ok("no interrupted jobs to resume".into());
+    }
+    Ok(lines.join("\n"))
 }
 
 /// `--kill JOB --resume=SECS`: run the job again after SECS seconds (detached).
-pub fn resume_later(_cfg: &Config, _job: &str, _secs: u64) -> Result<String> {
-    bail!("--resume is not implemented yet")
+pub fn resume_later(cfg: &Config, job: &str, secs: u64) -> Result<String> {
+    cfg.job(job)?;
+    let pid = spawn_run(cfg, job, secs)?;
+    JobLog::new(&cfg.log_dir(), job, false).info(format!("--kill --resume={secs}: job {job} runs again in {secs} s (pid {pid})"));
+    Ok(format!("job {job} runs again in {secs} s (pid {pid})"))
 }
 
-/// `--run JOB [LEVEL]`: one run, with the error mail on failure, the success mail per
-/// chattyOnSuccess, and (when `retry` is set, as under cron) RetryAttempts re-runs RetryAfter
-/// seconds apart.
-pub fn run_job(cfg: &Config, job: &str, clock: &dyn Clock, opts: RunOptions, _retry: bool) -> Result<RunSummary> {
-    let _ = Level::Scheduled;
-    crate::run::run(cfg, job, clock, opts)
+fn log_len(p: Option<&Path>) -> u64 {
+    p.and_then(|p| fs::metadata(p).ok()).map(|m| m.len()).unwrap_or(0)
+}
+
+/// The lines appended to the job's log since `offset`.
+fn log_since(p: Option<&Path>, offset: u64) -> Vec<String> {
+    let Some(p) = p else { return Vec::new() };
+    let Ok(data) = fs::read(p) else { return Vec::new() };
+    let from = (offset as usize).min(data.len());
+    String::from_utf8_lossy(&data[from..]).lines().map(String::from).collect()
+}
+
+/// Sleep `secs`, waking early when the process is told to stop.
+fn pause(secs: u64) {
+    let until = std::time::Instant::now() + Duration::from_secs(secs);
+    while std::time::Instant::now() < until && !crate::interrupt::interrupted() {
+        std::thread::sleep(Duration::from_millis(100).min(until - std::time::Instant::now()));
+    }
+}
+
+/// `--run JOB [LEVEL]`: one run, with the mails, and (when `retry` is set, as under cron with
+/// `--silent`) RetryAttempts re-runs RetryAfter seconds apart after a failure, whatever failed
+/// (transfer, connection, pre/post-job script).
+///
+/// Mails: a failed sequence (every attempt failed) sends exactly one error mail, after the last
+/// attempt, with the log lines of all attempts. RetryNotification=yes adds a short notice after
+/// each failed attempt that is retried, and a success mail when a retry succeeds. A run stopped
+/// by a signal is neither retried nor mailed. A run with warnings sends a warning mail; a
+/// success sends a mail while chattyOnSuccess > 0 and writes the count, less one, back to the
+/// job's configuration file.
+pub fn run_job(cfg: &Config, job: &str, clock: &dyn Clock, opts: RunOptions, retry: bool) -> Result<RunSummary> {
+    let j = cfg.job(job)?;
+    let note = JobLog::new(&cfg.log_dir(), job, opts.interactive);
+    let log_path = note.path().map(Path::to_path_buf);
+    let lp = log_path.as_deref();
+    let start = log_len(lp);
+    let retries = if retry { j.num("RetryAttempts") as u32 } else { 0 };
+    let after = j.num("RetryAfter");
+    let total = retries + 1;
+    let mut notified = false;
+    let mut attempt = 1;
+    let result = loop {
+        let res = crate::run::run(cfg, job, clock, opts);
+        match res {
+            Ok(s) => break Ok(s),
+            Err(e) if crate::interrupt::interrupted() => break Err(e),
+            Err(e) if attempt < total => {
+                note.info(format!("attempt {attempt} of {total} failed; retry {attempt} of {retries} in {after} s"));
+                if j.flag("RetryNotification") {
+                    match crate::notify::retry_notice(cfg, j, e.message(), attempt, total, after) {
+                        Ok(_) => notified = true,
+                        Err(me) => note.warn(format!("cannot send the retry notice: {me}")),
+                    }
+                }
+                pause(after);
+                if crate::interrupt::interrupted() {
+                    break Err(e);
+                }
+                attempt += 1;
+            }
+            Err(e) => {
+                match crate::notify::error_mail(cfg, j, e.message(), attempt, lp, &log_since(lp, start)) {
+                    Ok(how) => note.info(format!("error mail sent {how}")),
+                    Err(me) => note.warn(format!("cannot send the error mail: {me}")),
+                }
+                break Err(e);
+            }
+        }
+    };
+    if let Ok(s) = &result {
+        after_success(cfg, j, s, &note, lp, start, attempt, notified);
+    }
+    crate::monitor::refresh_metrics(cfg, clock);
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn after_success(cfg: &Config, j: &Job, s: &RunSummary, note: &JobLog, lp: Option<&Path>, start: u64, attempt: u32, notified: bool) {
+    if !s.warnings.is_empty() {
+        match crate::notify::warning_mail(cfg, j, &s.warnings, lp, &log_since(lp, start)) {
+            Ok(how) => note.info(format!("warning mail sent {how}")),
+            Err(me) => note.warn(format!("cannot send the warning mail: {me}")),
+        }
+    }
+    let chatty = j.num("chattyOnSuccess");
+    if chatty > 0 || notified {
+        let extra = if attempt > 1 { format!("It succeeded at attempt {attempt}.") } else { String::new() };
+        match crate::notify::success_mail(cfg, j, s.archive.as_deref(), &extra, lp, &log_since(lp, start)) {
+            Ok(how) => {
+                note.info(format!("success mail sent {how}"));
+                if chatty > 0 {
+                    if let Err(e) = crate::config::edit::set_key(j, "chattyOnSuccess", &(chatty - 1).to_string()) {
+                        note.warn(format!("cannot write chattyOnSuccess={}: {e}", chatty - 1));
+                    }
+                }
+            }
+            Err(me) => note.warn(format!("cannot send the success mail: {me}")),
+        }
+    }
 }

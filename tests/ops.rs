@@ -1,0 +1,732 @@
+//! Operations end to end with real parts: the cron file, retries and mails against a real SMTP
+//! server (Debian's python3-aiosmtpd), the sendmail path, --nrpe and --metrics, Samba shares
+//! read back with smbclient from a private smbd, resuming interrupted jobs, and --install.
+
+mod common;
+
+use std::fs;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+// ---------------------------------------------------------------- helpers
+
+/// A private SMTP server (aiosmtpd) that saves each message as NNN.rcpt/.subject/.body/.raw.
+struct Smtp {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Child,
+}
+
+const SMTP_PY: &str = r#"
+import sys, os, time, email
+from email import policy
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
+out, port = sys.argv[1], int(sys.argv[2])
+cred = sys.argv[3] if len(sys.argv) > 3 else ""
+class H:
+    n = 0
+    async def handle_DATA(self, server, session, envelope):
+        H.n += 1
+        msg = email.message_from_bytes(envelope.content, policy=policy.default)
+        base = os.path.join(out, "%03d" % H.n)
+        parts = [("raw", envelope.content), ("rcpt", ("\n".join(envelope.rcpt_tos) + "\n").encode()),
+                 ("from", envelope.mail_from.encode()), ("subject", str(msg["subject"]).encode()),
+                 ("body", msg.get_content().replace("\r\n", "\n").encode())]
+        for ext, data in parts:
+            with open(base + "." + ext + ".tmp", "wb") as f:
+                f.write(data)
+        for ext, _ in parts:
+            os.rename(base + "." + ext + ".tmp", base + "." + ext)
+        return "250 OK"
+def auth(server, session, envelope, mechanism, auth_data):
+    ok = cred and auth_data.login.decode() + ":" + auth_data.password.decode() == cred
+    if ok:
+        open(os.path.join(out, "auth-ok"), "w").close()
+    return AuthResult(success=bool(ok))
+kw = {}
+if cred:
+    kw = dict(authenticator=auth, auth_required=True, auth_require_tls=False)
+c = Controller(H(), hostname="127.0.0.1", port=port, **kw)
+c.start()
+open(os.path.join(out, "ready"), "w").close()
+while True:
+    time.sleep(1)
+"#;
+
+impl Smtp {
+    fn start(cred: Option<&str>) -> Smtp {
+        let dir = tempfile::Builder::new().prefix("affa-smtp").tempdir().unwrap();
+        let port = free_port();
+        fs::write(dir.path().join("server.py"), SMTP_PY).unwrap();
+        let mail = dir.path().join("mail");
+        fs::create_dir(&mail).unwrap();
+        let mut c = Command::new("/usr/bin/python3");
+        c.arg(dir.path().join("server.py")).arg(&mail).arg(port.to_string());
+        if let Some(cr) = cred {
+            c.arg(cr);
+        }
+        let child = c
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.path().join("server.log")).unwrap())
+            .spawn()
+            .expect("/usr/bin/python3 (apt-get install python3-aiosmtpd)");
+        let s = Smtp { dir, port, child };
+        let t = Instant::now();
+        while !mail.join("ready").exists() || TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "SMTP server did not start (apt-get install python3-aiosmtpd): {}",
+                fs::read_to_string(s.dir.path().join("server.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s
+    }
+
+    fn mail_dir(&self) -> PathBuf {
+        self.dir.path().join("mail")
+    }
+
+    /// The messages received so far: (rcpt lines, subject, body, raw).
+    fn messages(&self) -> Vec<Msg> {
+        let mut names: Vec<String> = fs::read_dir(self.mail_dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".body"))
+            .collect();
+        names.sort();
+        names
+            .iter()
+            .map(|n| {
+                let base = self.mail_dir().join(n.trim_end_matches(".body"));
+                let r = |e: &str| fs::read_to_string(base.with_extension(e)).unwrap();
+                Msg {
+                    rcpt: r("rcpt").lines().map(String::from).collect(),
+                    from: r("from"),
+                    subject: r("subject"),
+                    body: r("body"),
+                    raw: r("raw"),
+                }
+            })
+            .collect()
+    }
+
+    fn global(&self) -> String {
+        format!("smtpHost=127.0.0.1\nsmtpPort={}\nsmtpTLS=none\n", self.port)
+    }
+}
+
+impl Drop for Smtp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug)]
+struct Msg {
+    rcpt: Vec<String>,
+    from: String,
+    subject: String,
+    body: String,
+    raw: String,
+}
+
+/// The test's global section plus extra global keys (which replace the base ones).
+fn global(a: &Affa, extra: &str) {
+    let base = format!(
+        "lockDir={s}/lock\nlogDir={s}/log\nsshDir={s}/ssh\nscriptDir={s}/scripts\nRootDir={r}\n\
+         cronFile={s}/cron.d/affa\nmetricsFile={s}/nodir/affa.prom\nsambaConfDir={s}/samba\nsmbConf={s}/smb.conf\n",
+        s = a.state.display(),
+        r = a.root.display()
+    );
+    let overridden: Vec<&str> = extra.lines().filter_map(|l| l.split_once('=').map(|(k, _)| k)).collect();
+    let kept: String = base.lines().filter(|l| !overridden.contains(&l.split_once('=').unwrap().0)).map(|l| format!("{l}\n")).collect();
+    a.write_conf("00-global.conf", &format!("[GlobalAffaConfig]\n{kept}{extra}"));
+}
+
+/// A source tree for local (remoteHostName=localhost) jobs.
+fn source() -> tempfile::TempDir {
+    let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
+    fs::create_dir_all(src.path().join("data/sub")).unwrap();
+    fs::write(src.path().join("data/hello.txt"), "hello from affa\n").unwrap();
+    let bin: Vec<u8> = (0..70_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    fs::write(src.path().join("data/sub/blob.bin"), bin).unwrap();
+    src
+}
+
+fn local_job(name: &str, src: &Path, extra: &str) -> String {
+    format!("[{name}]\nremoteHostName=localhost\nInclude={}/data\n{extra}", src.display())
+}
+
+fn script(a: &Affa, name: &str, body: &str) {
+    let dir = a.state.join("scripts");
+    fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    fs::write(&p, body).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+fn log_of(a: &Affa, job: &str) -> String {
+    fs::read_to_string(a.state.join(format!("log/{job}.log"))).unwrap_or_default()
+}
+
+fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(secs), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+// ---------------------------------------------------------------- cron
+
+#[test]
+fn cron_file_is_exactly_the_expected_one() {
+    let a = Affa::new();
+    global(&a, "affaBinary=/usr/sbin/affa\nsendStatus=daily\n");
+    a.write_conf(
+        "jobs.conf",
+        "[web]\nremoteHostName=web.example\nTimeSchedule=0130\nTimeSchedule=1345\nkillAt=0700\nresumeKilledAt=2000\n\
+         [db]\nremoteHostName=db.example\nstatus=disabled\nTimeSchedule=0300\n\
+         [vm]\nremoteHostName=esx.example\n",
+    );
+    let out = ok(&a.affa(&["--make-cronjobs"]));
+    let cron = a.state.join("cron.d/affa");
+    assert!(out.contains(&format!("{} written: 7 cron line(s)", cron.display())), "{out}");
+    let conf = fs::canonicalize(&a.conf).unwrap();
+    let affa = format!("/usr/sbin/affa --config-dir {}", conf.display());
+    let expected = format!(
+        "# {s}/cron.d/affa: written by affa --make-cronjobs from {c}/*.conf; edit those and run affa --make-cronjobs again.\n\
+         SHELL=/bin/sh\nPATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
+         \n# job vm\n30 22 * * * root {affa} --silent --run vm\n\
+         \n# job web\n30 1 * * * root {affa} --silent --run web\n45 13 * * * root {affa} --silent --run web\n\
+         0 7 * * * root {affa} --silent --kill web >/dev/null\n\
+         0 20 * * * root test -d {r}/web/scheduled.running && {affa} --silent --run web\n\
+         \n# restart the jobs a shutdown interrupted (resumeAfterBoot=yes)\n@reboot root {affa} --silent --resume-interrupted >/dev/null\n\
+         \n# status mail (sendStatus=daily)\n0 5 * * * root {affa} --silent --send-status >/dev/null\n",
+        s = a.state.display(),
+        c = conf.display(),
+        r = a.root.display(),
+    );
+    assert_eq!(fs::read_to_string(&cron).unwrap(), expected);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(fs::metadata(&cron).unwrap().permissions().mode() & 0o777, 0o644);
+
+    // globalStatus=enabled overrides the job's status=disabled; the metrics line appears once
+    // the metrics directory exists; sendStatus=never has no line.
+    fs::create_dir_all(a.state.join("prom")).unwrap();
+    global(&a, &format!("affaBinary=/usr/sbin/affa\nglobalStatus=enabled\nsendStatus=never\nmetricsFile={}/prom/affa.prom\n", a.state.display()));
+    ok(&a.affa(&["--make-cronjobs"]));
+    let text = fs::read_to_string(&cron).unwrap();
+    assert!(text.contains(&format!("0 3 * * * root {affa} --silent --run db\n")), "{text}");
+    assert!(text.contains(&format!("*/10 * * * * root {affa} --silent --metrics >/dev/null\n")), "{text}");
+    assert!(!text.contains("--send-status"), "{text}");
+
+    // globalStatus=disabled: no job lines at all (the status mail stays).
+    global(&a, "affaBinary=/usr/sbin/affa\nglobalStatus=disabled\n");
+    ok(&a.affa(&["--make-cronjobs"]));
+    let text = fs::read_to_string(&cron).unwrap();
+    assert!(!text.contains("--run") && !text.contains("--kill") && !text.contains("@reboot"), "{text}");
+    assert!(text.contains("# globalStatus=disabled: no job runs from cron.\n"), "{text}");
+    assert!(text.contains(&format!("0 5 * * 0 root {affa} --silent --send-status >/dev/null\n")), "{text}");
+
+    // --show-schedule: 30-minute slots; 01:30 is slot 3, 13:45 slot 27, killAt 07:00 slot 14,
+    // resumeKilledAt 20:00 slot 40.
+    global(&a, "");
+    let s = ok(&a.affa(&["--show-schedule"]));
+    let line = s.lines().find(|l| l.starts_with("web ")).unwrap_or_else(|| panic!("{s}"));
+    let bar: Vec<char> = line[25..25 + 48].chars().collect();
+    assert_eq!(bar[3], 'S', "{line}");
+    assert_eq!(bar[27], 'S', "{line}");
+    assert_eq!(bar[14], 'K', "{line}");
+    assert_eq!(bar[40], 'R', "{line}");
+    assert_eq!(bar.iter().filter(|c| **c == '.').count(), 44, "{line}");
+    assert!(!s.contains("\ndb "), "{s}");
+    assert!(s.contains("1 disabled job(s) not shown"), "{s}");
+    let s = ok(&a.affa(&["--show-schedule", "--all"]));
+    assert!(s.contains("db (disabled)"), "{s}");
+}
+
+// ---------------------------------------------------------------- retries and mail
+
+#[test]
+fn failing_job_runs_three_times_and_sends_one_error_mail() {
+    let smtp = Smtp::start(None);
+    let a = Affa::new();
+    global(&a, &smtp.global());
+    let src = source();
+    script(&a, "fail.sh", "#!/bin/sh\necho 'disk  not   ready'\necho 'token S3cretPw'\nexit 1\n");
+    let job = |notify: &str| {
+        local_job(
+            "web",
+            src.path(),
+            &format!(
+                "preJobCommand=fail.sh\nRetryAttempts=2\nRetryAfter=1\nRetryNotification={notify}\n\
+                 EmailAddress=ops@example.com\nEmailAddress=backup@example.com, root\nrsyncdPassword=S3cretPw\n"
+            ),
+        )
+    };
+    a.write_conf("web.conf", &job("no"));
+    let t = Instant::now();
+    let e = fail(&a.affa(&["--silent", "--run", "web"]));
+    assert!(e.contains("script fail.sh of job web failed with exit 1"), "{e}");
+    assert!(t.elapsed() >= Duration::from_secs(2), "RetryAfter=1 twice");
+    let log = log_of(&a, "web");
+    assert_eq!(log.matches("Starting job web scheduled").count(), 3, "{log}");
+    assert!(log.contains("attempt 1 of 3 failed; retry 1 of 2 in 1 s"), "{log}");
+    assert!(log.contains("error mail sent to ops@example.com, backup@example.com, root via SMTP 127.0.0.1:"), "{log}");
+
+    let msgs = smtp.messages();
+    assert_eq!(msgs.len(), 1, "{msgs:#?}");
+    let m = &msgs[0];
+    let host = affa::notify::hostname();
+    assert_eq!(m.rcpt, ["ops@example.com".to_string(), "backup@example.com".into(), format!("root@{host}")]);
+    assert_eq!(m.from, format!("affa@{host}"));
+    assert_eq!(m.subject, "affa: job web on localhost FAILED");
+    assert!(m.body.contains("Error: script fail.sh of job web failed with exit 1"), "{}", m.body);
+    assert!(m.body.contains("Attempts: 3 (RetryAttempts=2, RetryAfter=1 s); all failed."), "{}", m.body);
+    // The log lines of all three attempts, exactly as written (spaces kept), secrets hidden.
+    let before_mail: Vec<&str> = log.lines().take_while(|l| !l.contains("error mail sent")).collect();
+    assert!(before_mail.len() >= 9, "{log}");
+    for l in &before_mail {
+        if l.contains("S3cretPw") {
+            assert!(m.body.contains(&l.replace("S3cretPw", "<hidden>")), "line {l:?} not in the mail:\n{}", m.body);
+        } else {
+            assert!(m.body.contains(&format!("{l}\n")), "line {l:?} not in the mail:\n{}", m.body);
+        }
+    }
+    assert_eq!(m.body.matches("  disk  not   ready\n").count(), 3, "{}", m.body);
+    assert!(!m.raw.contains("S3cretPw") && !m.raw.contains("disk__not"), "{}", m.raw);
+
+    // RetryNotification=yes: a short notice per retried attempt, still one error mail.
+    a.write_conf("web.conf", &job("yes"));
+    fail(&a.affa(&["--silent", "--run", "web"]));
+    let msgs = smtp.messages();
+    assert_eq!(msgs.len(), 4, "{msgs:#?}");
+    assert_eq!(msgs[1].subject, "affa: job web on localhost failed, retry 1 of 2 in 1 s");
+    assert_eq!(msgs[2].subject, "affa: job web on localhost failed, retry 2 of 2 in 1 s");
+    assert_eq!(msgs[3].subject, "affa: job web on localhost FAILED");
+    assert_eq!(msgs.iter().filter(|m| m.subject.ends_with("FAILED")).count(), 2);
+
+    // Without --silent (interactive use): no retries, still the error mail.
+    fail(&a.affa(&["--run", "web"]));
+    assert_eq!(log_of(&a, "web").matches("Starting job web scheduled").count(), 7);
+    assert_eq!(smtp.messages().len(), 5);
+    assert_eq!(smtp.messages()[4].subject, "affa: job web on localhost FAILED");
+    assert!(!smtp.messages()[4].body.contains("Attempts:"));
+}
+
+#[test]
+fn mailtest_through_smtp_with_login_never_shows_the_password() {
+    let smtp = Smtp::start(Some("affa-user:pw-Zq81x!"));
+    let a = Affa::new();
+    global(&a, &format!("{}smtpUser=affa-user\nsmtpPassword=pw-Zq81x!\nmailFrom=backup@example.com\n", smtp.global()));
+    a.write_conf("web.conf", "[web]\nremoteHostName=web.example\nEmailAddress=admin@example.com\n");
+    let out = ok(&a.affa(&["--mailtest", "web"]));
+    assert_eq!(out.trim(), format!("test mail for job web sent to admin@example.com via SMTP 127.0.0.1:{}", smtp.port));
+    assert!(smtp.mail_dir().join("auth-ok").exists(), "no login");
+    let msgs = smtp.messages();
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0].rcpt, ["admin@example.com"]);
+    assert_eq!(msgs[0].from, "backup@example.com");
+    assert_eq!(msgs[0].subject, "affa: test mail for job web on web.example");
+    assert!(msgs[0].body.contains("Mail goes out via SMTP 127.0.0.1:"), "{}", msgs[0].body);
+    assert!(!msgs[0].raw.contains("pw-Zq81x"), "{}", msgs[0].raw);
+
+    // A password file that others may read is refused.
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(a.conf.join("00-global.conf"), fs::Permissions::from_mode(0o644)).unwrap();
+    let e = fail(&a.affa(&["--mailtest", "web"]));
+    assert!(e.contains("holds smtpPassword but group or others may read it") && e.contains("chmod 600"), "{e}");
+    fs::set_permissions(a.conf.join("00-global.conf"), fs::Permissions::from_mode(0o600)).unwrap();
+
+    // starttls with a login: the server offers no STARTTLS, so nothing is sent in clear.
+    global(&a, &format!("smtpHost=127.0.0.1\nsmtpPort={}\nsmtpTLS=starttls\nsmtpUser=affa-user\nsmtpPassword=pw-Zq81x!\n", smtp.port));
+    let e = fail(&a.affa(&["--mailtest", "web"]));
+    assert!(e.contains("cannot send mail through 127.0.0.1:"), "{e}");
+    assert!(!e.contains("pw-Zq81x"), "{e}");
+    assert_eq!(smtp.messages().len(), 1);
+}
+
+#[test]
+fn sendmail_path_success_mails_count_down_and_status_mail() {
+    let a = Affa::new();
+    let out = a.tmp.path().join("sendmail-out");
+    fs::create_dir_all(&out).unwrap();
+    let sm = a.tmp.path().join("sendmail.sh");
+    fs::write(&sm, format!("#!/bin/sh\nn=$(ls {o}/*.msg 2>/dev/null | wc -l)\nprintf '%s\\n' \"$@\" > {o}/$n.args\ncat > {o}/$n.msg\n", o = out.display())).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&sm, fs::Permissions::from_mode(0o755)).unwrap();
+    global(&a, &format!("sendmailBinary={}\nEmailAddress=status@example.com\n", sm.display()));
+    let src = source();
+    a.write_conf("web.conf", &local_job("web", src.path(), "chattyOnSuccess=2\nEmailAddress=root\n"));
+
+    let msg = |n: usize| fs::read_to_string(out.join(format!("{n}.msg"))).unwrap();
+    let args = |n: usize| fs::read_to_string(out.join(format!("{n}.args"))).unwrap();
+    let host = affa::notify::hostname();
+
+    ok(&a.affa(&["--mailtest", "web"]));
+    assert_eq!(args(0), format!("-i\n-f\naffa@{host}\n--\nroot\n"));
+    assert!(msg(0).contains("Subject: affa: test mail for job web on localhost"), "{}", msg(0));
+    assert!(msg(0).contains(&format!("To: root@{host}")), "{}", msg(0));
+
+    ok(&a.affa_at("2026-03-02T10:00:00", &["--silent", "--run", "web"]));
+    assert!(msg(1).contains("Subject: affa: job web on localhost completed"), "{}", msg(1));
+    assert!(msg(1).contains("Completed job web scheduled"), "{}", msg(1));
+    let conf = fs::read_to_string(a.conf.join("web.conf")).unwrap();
+    assert!(conf.contains("chattyOnSuccess=1\n") && !conf.contains("chattyOnSuccess=2"), "{conf}");
+    ok(&a.affa_at("2026-03-02T11:00:00", &["--silent", "--run", "web"]));
+    ok(&a.affa_at("2026-03-02T12:00:00", &["--silent", "--run", "web"]));
+    assert!(fs::read_to_string(a.conf.join("web.conf")).unwrap().contains("chattyOnSuccess=0\n"));
+    assert!(!out.join("3.msg").exists(), "a third success mail with chattyOnSuccess=0");
+
+    // --send-status: status, disk usage and the archive lists, to the global EmailAddress.
+    ok(&a.affa_at("2026-03-02T12:30:00", &["--send-status"]));
+    let m = msg(3);
+    assert_eq!(args(3), format!("-i\n-f\naffa@{host}\n--\nstatus@example.com\n"));
+    assert!(m.contains(&format!("Subject: affa: status of {host}")), "{m}");
+    assert!(m.contains("Disk usage:") && m.contains("Archives:") && m.contains("Job web (localhost)"), "{m}");
+
+    // A sendmail that fails does not fail the run; the log says why.
+    fs::write(&sm, "#!/bin/sh\necho 'mail system down' >&2\nexit 75\n").unwrap();
+    a.write_conf("web.conf", &local_job("web", src.path(), "chattyOnSuccess=1\n"));
+    ok(&a.affa_at("2026-03-02T13:00:00", &["--silent", "--run", "web"]));
+    let log = log_of(&a, "web");
+    assert!(log.contains("cannot send the success mail:") && log.contains("failed with exit 75: mail system down"), "{log}");
+}
+
+// ---------------------------------------------------------------- monitoring
+
+fn parse_metrics(text: &str) -> Vec<(String, f64)> {
+    let mut v = Vec::new();
+    for l in text.lines() {
+        if l.starts_with('#') {
+            assert!(l.starts_with("# HELP ") || l.starts_with("# TYPE "), "{l}");
+            continue;
+        }
+        let (series, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {l:?}"));
+        let name_end = series.find('{').unwrap_or(series.len());
+        let name = &series[..name_end];
+        assert!(!name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "bad name in {l:?}");
+        if name_end < series.len() {
+            assert!(series.ends_with('}'), "bad labels in {l:?}");
+            for pair in series[name_end + 1..series.len() - 1].split(',') {
+                let (k, val) = pair.split_once('=').unwrap_or_else(|| panic!("bad label in {l:?}"));
+                assert!(k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "{l:?}");
+                assert!(val.starts_with('"') && val.ends_with('"') && val.len() >= 2, "{l:?}");
+            }
+        }
+        v.push((series.to_string(), value.parse::<f64>().unwrap_or_else(|_| panic!("bad value in {l:?}"))));
+    }
+    v
+}
+
+#[test]
+fn nrpe_and_metrics_for_fresh_stale_and_interrupted_jobs() {
+    let a = Affa::new();
+    global(&a, &format!("metricsFile={}/prom/affa.prom\nsendmailBinary=/bin/true\n", a.state.display()));
+    let src = source();
+    a.write_conf(
+        "jobs.conf",
+        &[
+            local_job("fresh", src.path(), ""),
+            local_job("stale", src.path(), ""),
+            local_job("intr", src.path(), "NRPEtrigger=48\n"),
+            local_job("off", src.path(), "status=disabled\n"),
+        ]
+        .concat(),
+    );
+    ok(&a.affa_at("2026-03-02T10:00:00", &["--run", "fresh"]));
+    ok(&a.affa_at("2026-03-01T08:00:00", &["--run", "stale"]));
+    ok(&a.affa_at("2026-03-02T09:00:00", &["--run", "intr"]));
+    fs::create_dir_all(a.job_dir("intr").join("scheduled.running")).unwrap();
+    let now = "2026-03-02T12:00:00";
+
+    let o = a.affa_at(now, &["--nrpe", "fresh"]);
+    let line = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(o.status.code(), Some(0), "{line}");
+    assert_eq!(line, "OK: 1 job(s) backed up in time: fresh | 'fresh_age'=7200s;;86400;0;\n");
+
+    let o = a.affa_at(now, &["--nrpe", "stale"]);
+    let line = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(o.status.code(), Some(2), "{line}");
+    assert_eq!(line, "CRITICAL: Failed jobs: stale (last success 28.0 h ago) | 'stale_age'=100800s;;86400;0;\n");
+
+    let o = a.affa_at(now, &["--nrpe", "intr"]);
+    let line = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(o.status.code(), Some(2), "{line}");
+    assert!(line.starts_with("CRITICAL: Failed jobs: intr (interrupted) |"), "{line}");
+
+    // All enabled jobs (not 'off', which never ran).
+    let o = a.affa_at(now, &["--nrpe"]);
+    let line = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(o.status.code(), Some(2), "{line}");
+    assert!(line.starts_with("CRITICAL: Failed jobs: intr (interrupted), stale (last success 28.0 h ago) | "), "{line}");
+    assert!(!line.contains("off"), "{line}");
+    // A job that never succeeded, and an unknown job.
+    let o = a.affa_at(now, &["--nrpe", "off"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "CRITICAL: Failed jobs: off (no successful run) | 'off_age'=U\n");
+    let o = a.affa_at(now, &["--nrpe", "nosuch"]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("UNKNOWN: no job named 'nosuch'"));
+    // Later, fresh is stale too.
+    let o = a.affa_at("2026-03-03T11:00:00", &["--nrpe", "fresh"]);
+    assert_eq!(o.status.code(), Some(2));
+
+    // Metrics: a chunk pool to count, then the file parsed back.
+    fs::create_dir_all(a.root.join(".affa-pool/ab")).unwrap();
+    fs::write(a.root.join(".affa-pool/ab/chunk"), [1u8; 10]).unwrap();
+    let out = ok(&a.affa_at(now, &["--metrics"]));
+    let path = a.state.join("prom/affa.prom");
+    assert!(out.contains(&format!("{} written", path.display())), "{out}");
+    let text = fs::read_to_string(&path).unwrap();
+    let m = parse_metrics(&text);
+    let get = |s: &str| m.iter().find(|(k, _)| k == s).map(|(_, v)| *v).unwrap_or_else(|| panic!("no {s} in\n{text}"));
+    use chrono::TimeZone;
+    let ts = |s: &str| chrono::Local.from_local_datetime(&chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M").unwrap()).unwrap().timestamp() as f64;
+    assert_eq!(get("affa_last_success_timestamp_seconds{job=\"fresh\"}"), ts("2026-03-02 10:00"));
+    assert_eq!(get("affa_last_success_timestamp_seconds{job=\"stale\"}"), ts("2026-03-01 08:00"));
+    assert!(!text.contains("affa_last_success_timestamp_seconds{job=\"off\"}"));
+    assert_eq!(get("affa_archives{job=\"fresh\",level=\"scheduled\"}"), 1.0);
+    assert_eq!(get("affa_archives{job=\"fresh\",level=\"daily\"}"), 0.0);
+    assert_eq!(get("affa_interrupted{job=\"intr\"}"), 1.0);
+    assert_eq!(get("affa_interrupted{job=\"fresh\"}"), 0.0);
+    assert_eq!(get("affa_running{job=\"fresh\"}"), 0.0);
+    assert_eq!(get("affa_job_enabled{job=\"off\"}"), 0.0);
+    assert!(get("affa_last_total_file_size_bytes{job=\"fresh\"}") >= 70_000.0);
+    assert!(get("affa_last_bytes_received{job=\"fresh\"}") > 0.0);
+    assert!(get("affa_last_duration_seconds{job=\"fresh\"}") >= 0.0);
+    let root = a.root.display();
+    assert_eq!(get(&format!("affa_pool_size_bytes{{root_dir=\"{root}\"}}")), 10.0);
+    assert_eq!(get(&format!("affa_pool_files{{root_dir=\"{root}\"}}")), 1.0);
+    assert!(get(&format!("affa_rootdir_avail_bytes{{root_dir=\"{root}\"}}")) > 0.0);
+    assert_eq!(get("affa_metrics_generated_timestamp_seconds"), ts("2026-03-02 12:00"));
+    // Every family has HELP and TYPE.
+    for (series, _) in &m {
+        let name = series.split('{').next().unwrap();
+        assert!(text.contains(&format!("# TYPE {name} gauge\n")), "{name}");
+    }
+    // A run rewrites the metrics file (its directory exists).
+    fs::remove_file(&path).unwrap();
+    ok(&a.affa_at("2026-03-02T13:00:00", &["--run", "fresh"]));
+    let text = fs::read_to_string(&path).unwrap();
+    assert!(text.contains("affa_archives{job=\"fresh\",level=\"scheduled\"} 1\n"), "{text}");
+    assert!(text.contains("affa_archives{job=\"fresh\",level=\"daily\"} 1\n"), "{text}");
+}
+
+// ---------------------------------------------------------------- resume
+
+#[test]
+fn resume_interrupted_and_kill_resume_start_the_jobs_in_the_background() {
+    let a = Affa::new();
+    global(&a, "sendmailBinary=/bin/true\n");
+    let src = source();
+    a.write_conf(
+        "jobs.conf",
+        &[local_job("boot", src.path(), ""), local_job("stay", src.path(), "resumeAfterBoot=no\n"), local_job("later", src.path(), "")].concat(),
+    );
+    for j in ["boot", "stay"] {
+        fs::create_dir_all(a.job_dir(j).join("scheduled.running")).unwrap();
+    }
+    let out = ok(&a.affa_at("2026-03-02T10:00:00", &["--resume-interrupted"]));
+    assert!(out.contains("job boot resumed in the background (pid "), "{out}");
+    assert!(out.contains("job stay was interrupted; not resumed (resumeAfterBoot=no)"), "{out}");
+    assert!(!out.contains("later"), "{out}");
+    let lock = a.state.join("lock");
+    wait_for("the resumed run of boot", 60, || a.job_dir("boot").join("scheduled.0").exists() && affa::lock::holder(&lock, "boot").is_none());
+    assert!(!a.job_dir("boot").join("scheduled.running").exists());
+    assert!(fs::read_to_string(a.job_dir("boot").join("scheduled.0/.AFFA3-REPORT")).unwrap().contains("Date=202603021000"));
+    assert!(a.job_dir("stay").join("scheduled.running").exists());
+
+    // --kill JOB --resume=1: not running, so nothing to stop; it runs again after a second.
+    let t = Instant::now();
+    let out = ok(&a.affa(&["--kill", "later", "--resume=1"]));
+    assert!(out.contains("job later is not running") && out.contains("job later runs again in 1 s (pid "), "{out}");
+    wait_for("the resumed run of later", 60, || a.job_dir("later").join("scheduled.0").exists() && affa::lock::holder(&lock, "later").is_none());
+    assert!(t.elapsed() >= Duration::from_secs(1));
+    assert!(log_of(&a, "later").contains("--kill --resume=1: job later runs again in 1 s"));
+}
+
+// ---------------------------------------------------------------- samba
+
+struct Smbd {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Child,
+}
+
+impl Drop for Smbd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_smbd() -> Smbd {
+    let dir = tempfile::Builder::new().prefix("affa-smb").tempdir().unwrap();
+    let d = dir.path();
+    for s in ["private", "lock", "state", "cache", "pid", "ncalrpc"] {
+        fs::create_dir_all(d.join(s)).unwrap();
+    }
+    let port = free_port();
+    let conf = format!(
+        "[global]\n\tworkgroup = AFFATEST\n\tserver role = standalone server\n\tsmb ports = {port}\n\
+         \tinterfaces = 127.0.0.1\n\tbind interfaces only = yes\n\tdisable netbios = yes\n\
+         \tprivate dir = {d}/private\n\tlock directory = {d}/lock\n\tstate directory = {d}/state\n\
+         \tcache directory = {d}/cache\n\tpid directory = {d}/pid\n\tncalrpc dir = {d}/ncalrpc\n\
+         \tlog file = {d}/log.%m\n\tlog level = 1\n\tpassdb backend = tdbsam:{d}/passdb.tdb\n\
+         \tload printers = no\n\tprinting = bsd\n\tprintcap name = /dev/null\n\tdisable spoolss = yes\n\
+         \tusershare path =\n\tmap to guest = never\n",
+        d = d.display()
+    );
+    fs::write(d.join("smb.conf"), conf).unwrap();
+    let mut p = Command::new("smbpasswd")
+        .arg("-c")
+        .arg(d.join("smb.conf"))
+        .args(["-a", "-s", "root"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("smbpasswd (apt-get install samba)");
+    use std::io::Write;
+    p.stdin.take().unwrap().write_all(b"affa-Smb-pw1\naffa-Smb-pw1\n").unwrap();
+    let o = p.wait_with_output().unwrap();
+    assert!(o.status.success(), "smbpasswd: {}", String::from_utf8_lossy(&o.stderr));
+    let child = Command::new("smbd")
+        .args(["--foreground", "--no-process-group"])
+        .arg(format!("--configfile={}", d.join("smb.conf").display()))
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(d.join("smbd.out")).unwrap())
+        .stderr(fs::File::create(d.join("smbd.err")).unwrap())
+        .spawn()
+        .expect("smbd (apt-get install samba)");
+    let s = Smbd { dir, port, child };
+    let t = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(30), "smbd did not start: {}", fs::read_to_string(s.dir.path().join("smbd.err")).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    s
+}
+
+fn smbclient(s: &Smbd, share: &str, cmd: &str) -> std::process::Output {
+    Command::new("smbclient")
+        .arg(format!("//127.0.0.1/{share}"))
+        .args(["-p", &s.port.to_string(), "-U", "root%affa-Smb-pw1", "-s"])
+        .arg(s.dir.path().join("smb.conf"))
+        .args(["-c", cmd])
+        .stdin(Stdio::null())
+        .output()
+        .expect("smbclient (apt-get install smbclient)")
+}
+
+#[test]
+fn samba_share_of_the_archives_is_readable_with_smbclient() {
+    if !is_root() {
+        eprintln!("skipped: smbd needs root");
+        return;
+    }
+    let smbd = start_smbd();
+    let smb_conf = smbd.dir.path().join("smb.conf");
+    let a = Affa::new();
+    global(&a, &format!("sendmailBinary=/bin/true\nsmbConf={}\n", smb_conf.display()));
+    let src = source();
+    a.write_conf("jobs.conf", &[local_job("web", src.path(), "SambaShare=yes\nSambaValidUser=root\n"), local_job("db", src.path(), "")].concat());
+    ok(&a.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
+    // Chunk store internals must not show.
+    fs::create_dir_all(a.job_dir("web").join("scheduled.0/.affa-chunks/ab")).unwrap();
+    fs::write(a.job_dir("web").join("scheduled.0/.affa-chunks/ab/c"), "x").unwrap();
+
+    let out = ok(&a.affa(&["--samba-shares"]));
+    assert_eq!(out, "Samba shares: web; Samba reloaded\n");
+    let shares = a.state.join("samba");
+    let include = format!("include = {}/affa-shares.conf", shares.display());
+    let conf = fs::read_to_string(&smb_conf).unwrap();
+    assert_eq!(conf.matches(&include).count(), 1, "{conf}");
+    assert!(fs::read_to_string(shares.join("affa-job-web.conf")).unwrap().contains("read only = yes"));
+    assert!(!shares.join("affa-job-db.conf").exists());
+
+    let rel = src.path().strip_prefix("/").unwrap().join("data/sub/blob.bin");
+    let got = a.tmp.path().join("got.bin");
+    let mut o = smbclient(&smbd, "web", &format!("get scheduled.0/{} {}", rel.display(), got.display()));
+    // smbd may take a moment to pick up the reloaded configuration.
+    let t = Instant::now();
+    while !o.status.success() && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(500));
+        o = smbclient(&smbd, "web", &format!("get scheduled.0/{} {}", rel.display(), got.display()));
+    }
+    assert!(o.status.success(), "smbclient get: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert_eq!(fs::read(&got).unwrap(), fs::read(src.path().join("data/sub/blob.bin")).unwrap());
+    let o = smbclient(&smbd, "web", "ls scheduled.0/*");
+    let listing = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && listing.contains(".AFFA3-REPORT") && !listing.contains(".affa-chunks"), "{listing}");
+    // Read-only.
+    fs::write(a.tmp.path().join("up.txt"), "x").unwrap();
+    let o = smbclient(&smbd, "web", &format!("put {} up.txt", a.tmp.path().join("up.txt").display()));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("NT_STATUS_ACCESS_DENIED") || !o.status.success(), "put was allowed");
+    assert!(!a.job_dir("web").join("up.txt").exists());
+
+    // Again: nothing changes, the include line stays single.
+    let out = ok(&a.affa(&["--samba-shares"]));
+    assert!(out.ends_with("unchanged\n"), "{out}");
+    // No longer shared: its file goes, the include stays (once).
+    a.write_conf("jobs.conf", &local_job("web", src.path(), ""));
+    let out = ok(&a.affa(&["--make-cronjobs"]));
+    assert!(out.contains("no Samba shares; removed: web"), "{out}");
+    assert!(!shares.join("affa-job-web.conf").exists());
+    assert_eq!(fs::read_to_string(&smb_conf).unwrap().matches(&include).count(), 1);
+    assert!(!fs::read_to_string(shares.join("affa-shares.conf")).unwrap().contains("include ="));
+}
+
+// ---------------------------------------------------------------- install
+
+#[test]
+fn install_into_a_prefix_gives_a_valid_configuration() {
+    let p = tempfile::Builder::new().prefix("affa-prefix").tempdir().unwrap();
+    let prefix = p.path();
+    let o = Command::new(env!("CARGO_BIN_EXE_affa")).args(["--install", "--prefix"]).arg(prefix).stdin(Stdio::null()).output().unwrap();
+    let out = ok(&o);
+    for f in ["usr/sbin/affa", "etc/affa/00-global.conf", "etc/affa/example-linux.conf", "etc/affa/example-esxi.conf", "etc/cron.d/affa", "etc/logrotate.d/affa"] {
+        assert!(prefix.join(f).is_file(), "{f} missing:\n{out}");
+    }
+    for d in ["etc/affa/scripts", "var/affa", "var/log/affa", "var/lock/affa"] {
+        assert!(prefix.join(d).is_dir(), "{d} missing:\n{out}");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(fs::metadata(prefix.join("etc/affa/example-esxi.conf")).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(fs::metadata(prefix.join("usr/sbin/affa")).unwrap().permissions().mode() & 0o777, 0o755);
+    let v = Command::new(prefix.join("usr/sbin/affa")).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&v.stdout).starts_with("affa "));
+
+    // The samples pass --configcheck (Affa 3 shipped status=enbabled).
+    let o = Command::new(env!("CARGO_BIN_EXE_affa")).args(["--configcheck", "--config-dir"]).arg(prefix.join("etc/affa")).stdin(Stdio::null()).output().unwrap();
+    let check = ok(&o);
+    assert!(check.contains("configuration OK: 2 job(s)"), "{check}");
+    let samples = fs::read_to_string(prefix.join("etc/affa/example-linux.conf")).unwrap();
+    assert!(samples.contains("status=disabled") && !samples.contains("enbabled"));
+
+    // The cron file names the installed paths; the samples are disabled, so no job lines.
+    let cron = fs::read_to_string(prefix.join("etc/cron.d/affa")).unwrap();
+    assert!(cron.contains("@reboot root /usr/sbin/affa --silent --resume-interrupted >/dev/null\n"), "{cron}");
+    assert!(cron.contains("0 5 * * 0 root /usr/sbin/affa --silent --send-status >/dev/null\n"), "{cron}");
+    assert!(!cron.contains("--run") && !cron.contains("--config-dir"), "{cron}");
+    let lr = fs::read_to_string(prefix.join("etc/logrotate.d/affa")).unwrap();
+    assert!(lr.starts_with("# affa's logs") && lr.contains("/var/log/affa/*.log {\n") && lr.contains("missingok"), "{lr}");
+
+    // Again: an edited configuration file is never overwritten.
+    fs::write(prefix.join("etc/affa/example-linux.conf"), samples.replace("host.example.com", "mine.example.com")).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_affa")).args(["--install", "--prefix"]).arg(prefix).stdin(Stdio::null()).output().unwrap();
+    let out = ok(&o);
+    assert!(out.contains(&format!("kept {}", prefix.join("etc/affa/example-linux.conf").display())), "{out}");
+    assert!(fs::read_to_string(prefix.join("etc/affa/example-linux.conf")).unwrap().contains("mine.example.com"));
+}
