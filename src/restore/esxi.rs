@@ -1,7 +1,493 @@
-//! Restore of an ESXi VM (being written).
+//! Restore of an ESXi VM: the archive's `vmfs/volumes/<datastore>/<dir>/...` files back to
+//! datastore directories on the job's host (or `--to-host`, `--to-datastore`, `--to-dir`), with
+//! chunked disks rebuilt locally first and sent with rsync's delta transfer (`--inplace
+//! --no-whole-file --sparse`: sparse stays sparse, only changed blocks cross the network when an
+//! older copy is still on the host), the `.vmx` disk paths rewritten for the new place, every
+//! file checked with `sha256sum` on the host, then `RegisterVM_Task` for `--register NAME`.
+//!
+//! Owns: the mapping of archived VM files to target paths and the refusals around it. Must
+//! never: write to a datastore directory that a powered-on VM uses, register a name that exists,
+//! write anything before the user confirmed and every chunked disk was rebuilt and verified, or
+//! send the ESXi password before the host's certificate matched its pin (the client checks).
+
+use std::collections::BTreeMap;
+use std::fs;
 use std::io::Write;
-use super::Ctx;
-use crate::error::Result;
-pub(super) fn restore(_ctx: &Ctx, _out: &mut dyn Write) -> Result<()> {
-    bail!("ESXi restore is not implemented yet")
+use std::path::{Path, PathBuf};
+
+use super::{check_remote, rebuild_all, report_check, run_rsync, sha256_file, Chunked, Ctx, Endpoint, Expect, Plan, Staging};
+use crate::chunk::{self, MANIFEST_SUFFIX};
+use crate::config::Job;
+use crate::error::{Error, IoContext, Result};
+use crate::esxi::backup::{connect_options, ESXI_INI};
+use crate::esxi::{self, Client, ConnectOptions, Password, PowerState};
+use crate::transport::{rsync, shell_quote, SshTarget};
+
+/// `.affa-esxi.ini`, as sections of key/values.
+struct Ini {
+    sections: Vec<(String, BTreeMap<String, String>)>,
+}
+
+impl Ini {
+    fn parse(text: &str) -> Ini {
+        let mut sections: Vec<(String, BTreeMap<String, String>)> = Vec::new();
+        for l in text.lines() {
+            let l = l.trim();
+            if l.is_empty() || l.starts_with(';') || l.starts_with('#') {
+                continue;
+            }
+            if let Some(n) = l.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+                sections.push((n.to_string(), BTreeMap::new()));
+            } else if let (Some((k, v)), Some(s)) = (l.split_once('='), sections.last_mut()) {
+                s.1.insert(k.trim().to_string(), v.trim().to_string());
+            }
+        }
+        Ini { sections }
+    }
+    fn get(&self, sec: &str, key: &str) -> Option<&str> {
+        self.sections.iter().find(|(n, _)| n == sec).and_then(|(_, m)| m.get(key)).map(|s| s.as_str())
+    }
+    fn all(&self, prefix: &str) -> Vec<&BTreeMap<String, String>> {
+        self.sections.iter().filter(|(n, _)| n.starts_with(prefix)).map(|(_, m)| m).collect()
+    }
+}
+
+/// The target host: API client, ssh endpoint, and the job whose rsync settings apply.
+struct Target<'a> {
+    client: Client,
+    ep: Endpoint,
+    rsync_job: &'a Job,
+    label: String,
+}
+
+fn connect_target<'a>(ctx: &Ctx<'a>) -> Result<Target<'a>> {
+    let o = ctx.opts;
+    let (job, ssh, mut copts, user, pw): (&Job, SshTarget, ConnectOptions, String, Password) = match o.to_host.as_deref() {
+        None => {
+            let j = ctx.job;
+            (j, SshTarget::from_job(j, ctx.cfg), connect_options(j), j.get("ESXiUsername").to_string(), Password::new(j.esxi_password()?))
+        }
+        Some(h) if ctx.cfg.jobs.contains_key(h) => {
+            let j = &ctx.cfg.jobs[h];
+            if !j.esxi() {
+                bail!("--to-host {h}: job {h} is not an ESXi job; give an ESXi job or a host name with --to-user, --to-password-file and --to-thumbprint");
+            }
+            (j, SshTarget::from_job(j, ctx.cfg), connect_options(j), j.get("ESXiUsername").to_string(), Password::new(j.esxi_password()?))
+        }
+        Some(h) => {
+            let (host, port) = match h.rsplit_once(':') {
+                Some((a, p)) if p.parse::<u16>().is_ok() && !a.contains(':') => (a.to_string(), p.parse().unwrap()),
+                _ => (h.to_string(), 443),
+            };
+            let mut c = connect_options(ctx.job);
+            c.host = host.clone();
+            c.port = port;
+            c.job = None;
+            c.thumbprint = match o.to_thumbprint.as_deref() {
+                Some(t) => Some(crate::config::keys::normalize_thumbprint(t).ok_or_else(|| Error::new(format!("--to-thumbprint {t}: expected a SHA-256 fingerprint, 32 hex bytes")))?),
+                None if c.plain_http => None,
+                None => bail!("--to-host {h}: give the SHA-256 fingerprint of its certificate with --to-thumbprint (ESXi console: openssl x509 -in /etc/vmware/ssl/rui.crt -noout -fingerprint -sha256)"),
+            };
+            let user = o.to_user.clone().unwrap_or_else(|| ctx.job.get("ESXiUsername").to_string());
+            let Some(pf) = &o.to_password_file else {
+                bail!("--to-host {h}: give the API password of {user} in a file (mode 0600) with --to-password-file");
+            };
+            let pw = read_password_file(pf)?;
+            let mut ssh = SshTarget::from_job(ctx.job, ctx.cfg);
+            ssh.host = host.clone();
+            ssh.port = o.to_ssh_port.unwrap_or(22);
+            ssh.job = host.clone();
+            ssh.known_hosts = ctx.cfg.ssh_dir().join(format!("knownhosts-{host}"));
+            if !ssh.known_hosts.exists() {
+                bail!(
+                    "no ssh host key of {host} is recorded in {}: add a job for that host, run affa --send-key on it and use --to-host JOB, or put the host's key in that file under the name {host}",
+                    ssh.known_hosts.display()
+                );
+            }
+            (ctx.job, ssh, c, user, pw)
+        }
+    };
+    let mut ssh = ssh;
+    if let (Some(p), true) = (o.to_ssh_port, o.to_host.is_some()) {
+        ssh.port = p;
+    }
+    if copts.thumbprint.is_none() && !copts.plain_http {
+        bail!("no ESXiThumbprint for ESXi host {}: run affa --send-key {} first", copts.host, job.name);
+    }
+    copts.task_timeout = std::time::Duration::from_secs(job.num("ESXiTaskTimeout").max(60));
+    let label = copts.host.clone();
+    let mut client = Client::connect(copts)?;
+    client.login(&user, &pw)?;
+    Ok(Target { client, ep: Endpoint::Ssh(ssh), rsync_job: job, label })
+}
+
+fn read_password_file(p: &Path) -> Result<Password> {
+    use std::os::unix::fs::PermissionsExt;
+    let md = fs::metadata(p).ctx(|| format!("cannot read {}", p.display()))?;
+    if md.permissions().mode() & 0o077 != 0 {
+        bail!("{} holds a password but group or others may read it (mode {:o}); run: chmod 600 {}", p.display(), md.permissions().mode() & 0o777, p.display());
+    }
+    let s = fs::read_to_string(p).ctx(|| format!("cannot read {}", p.display()))?;
+    let pw = s.lines().next().unwrap_or("").to_string();
+    if pw.is_empty() {
+        bail!("{} is empty; expected the password on its first line", p.display());
+    }
+    Ok(Password::new(pw))
+}
+
+/// One archived file and where it goes.
+struct Item {
+    /// Archive-relative path.
+    rel: PathBuf,
+    /// What to send: the archived file, or a rebuilt / rewritten copy in staging.
+    local: PathBuf,
+    /// Index into the target dirs.
+    dir: usize,
+    name: String,
+    size: u64,
+    chunked: bool,
+}
+
+/// A target directory: (datastore, dir) on the host, and its host path.
+struct Dir {
+    ds: String,
+    dir: String,
+    host: String,
+    orig_ds: String,
+    orig_dir: String,
+}
+
+pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
+    let arch = &ctx.arch;
+    let ini_path = arch.path.join(ESXI_INI);
+    let text = fs::read_to_string(&ini_path).map_err(|_| {
+        Error::new(format!("archive {} of ESXi job {} has no {ESXI_INI} describing the VM; it cannot be restored as a VM (affa --unchunk gives its files)", arch.name(), ctx.job.name))
+    })?;
+    let ini = Ini::parse(&text);
+    let vm_name = ini.get("VM", "Name").unwrap_or("").to_string();
+    let vmx_path = ini.get("VM", "VmxPath").ok_or_else(|| Error::new(format!("{} has no VmxPath in [VM]", ini_path.display())))?.to_string();
+    let (vmx_ds, vmx_rest) = esxi::split_ds_path(&vmx_path)?;
+    let (vmx_dir, vmx_name) = vmx_rest.rsplit_once('/').unwrap_or(("", vmx_rest));
+    let (vmx_ds, vmx_dir, vmx_name) = (vmx_ds.to_string(), vmx_dir.to_string(), vmx_name.to_string());
+    if let Some(d) = &ctx.opts.to_dir {
+        if d.is_empty() || d.contains('/') || d == "." || d == ".." || d.contains('\n') {
+            bail!("--to-dir {d:?}: expected one directory name on the datastore");
+        }
+    }
+
+    let mut t = connect_target(ctx)?;
+    let res = restore_logged_in(ctx, &mut t, &ini, &vm_name, (&vmx_ds, &vmx_dir, &vmx_name), out);
+    let _ = t.client.logout();
+    res
+}
+
+fn restore_logged_in(ctx: &Ctx, t: &mut Target, ini: &Ini, vm_name: &str, vmx: (&str, &str, &str), out: &mut dyn Write) -> Result<()> {
+    let arch = &ctx.arch;
+    let o = ctx.opts;
+    // Datastores of the target host.
+    let mut host_ds: BTreeMap<String, String> = BTreeMap::new();
+    for d in t.client.all_of_type("Datastore", &["name", "info.url"])? {
+        let name = esxi::model::decode_entity_name(d.prop_text("name").unwrap_or(""));
+        if let Ok(p) = esxi::url_to_host_path(d.prop_text("info.url").unwrap_or("")) {
+            host_ds.insert(name, p);
+        }
+    }
+    let ds_path_of = |ds: &str| -> Result<String> {
+        host_ds.get(ds).cloned().ok_or_else(|| {
+            Error::new(format!("ESXi host {} has no datastore {ds}; datastores there: {}", t.label, host_ds.keys().cloned().collect::<Vec<_>>().join(", ")))
+        })
+    };
+
+    // The archived files, grouped by directory.
+    let base = arch.path.join("vmfs/volumes");
+    let mut files = Vec::new();
+    collect(&base, &base, &mut files)?;
+    if files.is_empty() {
+        bail!("archive {} holds no VM files under vmfs/volumes/", arch.name());
+    }
+    let staging = Staging::new(ctx.job)?;
+    let mut dirs: Vec<Dir> = Vec::new();
+    let mut items: Vec<Item> = Vec::new();
+    let mut chunked: Vec<Chunked> = Vec::new();
+    for rel in files {
+        let s = rel.to_string_lossy().into_owned();
+        let mut parts = s.splitn(2, '/');
+        let (Some(ds), Some(rest)) = (parts.next(), parts.next()) else { continue };
+        let (dir, name) = rest.rsplit_once('/').unwrap_or(("", rest));
+        let (name, is_chunked) = match name.strip_suffix(MANIFEST_SUFFIX) {
+            Some(n) => (n.to_string(), true),
+            None => (name.to_string(), false),
+        };
+        let tds = o.to_datastore.clone().unwrap_or_else(|| ds.to_string());
+        let tdir = o.to_dir.clone().unwrap_or_else(|| dir.to_string());
+        let di = match dirs.iter().position(|d| d.ds == tds && d.dir == tdir) {
+            Some(i) => i,
+            None => {
+                let mut host = ds_path_of(&tds)?;
+                if !tdir.is_empty() {
+                    host = format!("{host}{tdir}");
+                }
+                dirs.push(Dir { ds: tds, dir: tdir, host: host.trim_end_matches('/').to_string(), orig_ds: ds.to_string(), orig_dir: dir.to_string() });
+                dirs.len() - 1
+            }
+        };
+        if items.iter().any(|i| i.dir == di && i.name == name) {
+            bail!("two archived files would both be restored to {}/{name}; choose the target without merging directories", dirs[di].host);
+        }
+        let archived = base.join(&rel);
+        let (local, size) = if is_chunked {
+            let m = chunk::read_manifest(&archived)?;
+            let local = staging.dir.join(format!("{di}")).join(&name);
+            chunked.push(Chunked { manifest: archived.clone(), local: local.clone(), remote: format!("{}/{name}", dirs[di].host), size: m.size });
+            (local, m.size)
+        } else {
+            (archived.clone(), fs::metadata(&archived).map(|m| m.len()).unwrap_or(0))
+        };
+        items.push(Item { rel: PathBuf::from("vmfs/volumes").join(&rel), local, dir: di, name, size, chunked: is_chunked });
+    }
+    let (vmx_ds, vmx_dir, vmx_name) = vmx;
+    let vmx_target = dirs
+        .iter()
+        .position(|d| d.orig_ds == vmx_ds && d.orig_dir == vmx_dir)
+        .ok_or_else(|| Error::new(format!("archive {} does not hold the VM's configuration file [{vmx_ds}] {vmx_dir}/{vmx_name}", arch.name())))?;
+    let new_vmx_path = {
+        let d = &dirs[vmx_target];
+        if d.dir.is_empty() { format!("[{}] {vmx_name}", d.ds) } else { format!("[{}] {}/{vmx_name}", d.ds, d.dir) }
+    };
+
+    // Refusals: a powered-on VM using a target directory; --register with a name in use or a
+    // .vmx that is already registered.
+    let target_dirs: Vec<String> = dirs.iter().map(|d| if d.dir.is_empty() { format!("[{}]", d.ds) } else { format!("[{}] {}", d.ds, d.dir) }).collect();
+    let mut registered_as = None;
+    let mut names = Vec::new();
+    for v in t.client.all_of_type("VirtualMachine", &["name", "config.files.vmPathName", "runtime.powerState"])? {
+        let name = esxi::model::decode_entity_name(v.prop_text("name").unwrap_or(""));
+        let path = v.prop_text("config.files.vmPathName").unwrap_or("").to_string();
+        let power = PowerState::parse(v.prop_text("runtime.powerState").unwrap_or(""));
+        let vdir = match path.rsplit_once('/') {
+            Some((d, _)) => d.to_string(),
+            None => path.split(']').next().map(|s| format!("{s}]")).unwrap_or_default(),
+        };
+        if target_dirs.contains(&vdir) || path == new_vmx_path {
+            if power == PowerState::PoweredOn {
+                bail!("VM {name} on ESXi host {} uses {vdir} and is powered on; power it off (or restore elsewhere with --to-dir) before restoring over its files; nothing was changed", t.label);
+            }
+            if path == new_vmx_path {
+                registered_as = Some(name.clone());
+            }
+        }
+        names.push(name);
+    }
+    if let Some(n) = &o.register {
+        if n.is_empty() || n.contains('\n') {
+            bail!("--register: expected a VM name");
+        }
+        if names.iter().any(|x| x == n) {
+            bail!("a VM named {n} already exists on ESXi host {}; choose another name for --register; nothing was changed", t.label);
+        }
+        if let Some(r) = &registered_as {
+            bail!("{new_vmx_path} is already registered as VM {r} on ESXi host {}; restore a copy with --to-dir NAME to register it under {n}; nothing was changed", t.label);
+        }
+    }
+
+    // What is on the host now.
+    t.ep.sh("echo ok", "checking the ssh connection")?;
+    let mut script = String::new();
+    for (i, d) in dirs.iter().enumerate() {
+        script.push_str(&format!(
+            "d={}; if [ -d \"$d\" ]; then for f in \"$d\"/* \"$d\"/.[!.]*; do [ -f \"$f\" ] && echo \"{i} $(stat -c %s \"$f\") ${{f##*/}}\"; done; fi; true\n",
+            shell_quote(&d.host)
+        ));
+    }
+    let listing = t.ep.sh(&script, "listing the target directories")?;
+    let mut existing: BTreeMap<(usize, String), u64> = BTreeMap::new();
+    for l in listing.lines() {
+        let mut w = l.splitn(3, ' ');
+        if let (Some(i), Some(sz), Some(n)) = (w.next(), w.next(), w.next()) {
+            if let (Ok(i), Ok(sz)) = (i.parse::<usize>(), sz.parse::<u64>()) {
+                existing.insert((i, n.to_string()), sz);
+            }
+        }
+    }
+
+    let date = arch.report.as_ref().and_then(|r| r.date()).map(crate::commands::show_date).unwrap_or_default();
+    let _ = writeln!(out, "Restore of VM {vm_name} (job {}) from archive {} ({date}) to ESXi host {} ({}):", ctx.job.name, arch.name(), t.label, t.ep.describe());
+    let mut plan = Plan::default();
+    for it in &items {
+        let d = &dirs[it.dir];
+        let what = if it.chunked { " (rebuilt from chunks)" } else { "" };
+        let line = format!("{}/{} <- {}{what}, {} bytes", d.host, it.name, it.rel.display(), it.size);
+        let _ = writeln!(out, "  [{}] {}/{}: {}", d.ds, d.dir, it.name, line);
+        if existing.contains_key(&(it.dir, it.name.clone())) {
+            plan.overwrite.push(format!("{}/{}", d.host, it.name));
+        } else {
+            plan.create.push(format!("{}/{}", d.host, it.name));
+        }
+    }
+    let extras: Vec<(usize, String)> =
+        existing.keys().filter(|(i, n)| !items.iter().any(|it| it.dir == *i && &it.name == n)).cloned().collect();
+    if o.delete {
+        plan.delete = extras.iter().map(|(i, n)| format!("{}/{n}", dirs[*i].host)).collect();
+    }
+    let _ = writeln!(out, "changes on {}:", t.label);
+    let _ = plan.show(out);
+    if !o.delete && !extras.is_empty() {
+        let _ = writeln!(out, "  left as they are (not in the archive; --delete=yes removes them): {}", extras.len());
+    }
+    match (&o.register, &registered_as) {
+        (Some(n), _) => {
+            let _ = writeln!(out, "then register {new_vmx_path} as VM {n}");
+        }
+        (None, Some(r)) => {
+            let _ = writeln!(out, "{new_vmx_path} is registered as VM {r} (powered off); it uses the restored files at its next power-on");
+        }
+        (None, None) => {
+            let _ = writeln!(out, "{new_vmx_path} is not registered; add --register NAME to register it");
+        }
+    }
+    if o.dry_run {
+        let _ = writeln!(out, "dry run: nothing was changed");
+        return Ok(());
+    }
+    let _ = out.flush();
+    crate::commands::confirm(
+        &format!(
+            "This writes {} file(s) of VM {vm_name} to ESXi host {}, overwriting {}{}",
+            items.len(),
+            t.label,
+            plan.overwrite.len(),
+            if plan.delete.is_empty() { String::new() } else { format!(" and DELETING {}", plan.delete.len()) }
+        ),
+        o.yes,
+    )?;
+
+    // Everything local first: chunked disks rebuilt and verified, the .vmx rewritten.
+    rebuild_all(ctx, &chunked)?;
+    let orig_urls: Vec<(String, String)> = ini
+        .all("Datastore.")
+        .iter()
+        .filter_map(|m| Some((m.get("Name")?.clone(), m.get("Url")?.clone())))
+        .collect();
+    for it in items.iter_mut() {
+        if it.dir == vmx_target && it.name == vmx_name && !it.chunked {
+            let text = fs::read_to_string(&it.local).ctx(|| format!("cannot read {}", it.local.display()))?;
+            let new = rewrite_vmx(&text, &orig_urls, &dirs);
+            if new != text {
+                let p = staging.dir.join(format!("{}", it.dir)).join(&it.name);
+                fs::create_dir_all(p.parent().unwrap()).ctx(|| format!("cannot create {}", p.parent().unwrap().display()))?;
+                fs::write(&p, &new).ctx(|| format!("cannot write {}", p.display()))?;
+                let md = fs::metadata(&it.local).ctx(|| format!("cannot stat {}", it.local.display()))?;
+                fs::set_permissions(&p, md.permissions()).ctx(|| format!("cannot chmod {}", p.display()))?;
+                ctx.log.info(format!("rewrote the disk paths of {} for the new place", it.name));
+                it.local = p;
+                it.size = new.len() as u64;
+            }
+        }
+    }
+
+    // Send.
+    let mkdirs: String = dirs.iter().map(|d| format!("mkdir -p {}\n", shell_quote(&d.host))).collect();
+    t.ep.sh(&mkdirs, "creating the target directories")?;
+    for (i, d) in dirs.iter().enumerate() {
+        let mut a = rsync::base_args(t.rsync_job, &t.ep.source());
+        a.extend(["--inplace", "--no-whole-file", "--sparse"].map(String::from));
+        a.push("--".into());
+        let mine: Vec<&Item> = items.iter().filter(|it| it.dir == i).collect();
+        // rsync names the destination after the source's base name: send the ones whose local
+        // name differs one by one.
+        let (same, renamed): (Vec<&&Item>, Vec<&&Item>) = mine.iter().partition(|it| it.local.file_name().map(|n| n.to_string_lossy() == it.name).unwrap_or(false));
+        if !same.is_empty() {
+            let mut a = a.clone();
+            a.extend(same.iter().map(|it| it.local.display().to_string()));
+            a.push(t.ep.dest(&format!("{}/", d.host)));
+            run_rsync(ctx, t.rsync_job, &a, &format!("copying to {}", d.host), true)?;
+        }
+        for it in renamed {
+            let mut a = a.clone();
+            a.push(it.local.display().to_string());
+            a.push(t.ep.dest(&format!("{}/{}", d.host, it.name)));
+            run_rsync(ctx, t.rsync_job, &a, &format!("copying {}", it.name), true)?;
+        }
+    }
+    if o.delete && !extras.is_empty() {
+        let rm: String = extras.iter().map(|(i, n)| format!("rm -f {}\n", shell_quote(&format!("{}/{n}", dirs[*i].host)))).collect();
+        t.ep.sh(&rm, "deleting files not in the archive")?;
+    }
+    let _ = writeln!(out, "copied {} file(s) of VM {vm_name} to {}", items.len(), t.label);
+
+    // Check.
+    let bar = super::progress_bar(o.interactive, items.iter().map(|i| i.size).sum(), "hashing the archive");
+    let mut expect = Vec::new();
+    for it in &items {
+        let (sha256, size) = sha256_file(&it.local, bar.as_ref())?;
+        expect.push(Expect { remote: format!("{}/{}", dirs[it.dir].host, it.name), size, sha256, mtime: 0 });
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let checked = check_remote(&t.ep, &expect, false)?;
+    report_check(ctx, &checked, out)?;
+
+    if let Some(n) = &o.register {
+        let vm = t.client.register_vm(&new_vmx_path, Some(n))?;
+        let _ = writeln!(out, "registered {new_vmx_path} as VM {n} ({}) on ESXi host {}", vm.value, t.label);
+        ctx.log.info(format!("registered {new_vmx_path} as VM {n} ({})", vm.value));
+    }
+    Ok(())
+}
+
+/// Every file under `vmfs/volumes/` of the archive (relative to it), manifests included.
+fn collect(base: &Path, p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let rd = match fs::read_dir(p) {
+        Ok(r) => r,
+        Err(_) => return Ok(()),
+    };
+    for e in rd {
+        let e = e.ctx(|| format!("cannot read {}", p.display()))?;
+        let ft = e.file_type().ctx(|| format!("cannot stat {}", e.path().display()))?;
+        if ft.is_dir() {
+            collect(base, &e.path(), out)?;
+        } else if ft.is_file() {
+            out.push(e.path().strip_prefix(base).unwrap().to_path_buf());
+        }
+    }
+    out.sort();
+    Ok(())
+}
+
+/// Rewrite the absolute disk paths of a .vmx (`scsi0:1.fileName = "/vmfs/volumes/ds2/vm/x.vmdk"`)
+/// from the archived datastores' paths to the target directories.
+fn rewrite_vmx(text: &str, orig_urls: &[(String, String)], dirs: &[Dir]) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_end_matches(['\n', '\r']);
+        let eol = &line[trimmed.len()..];
+        let Some((key, val)) = trimmed.split_once('=') else {
+            out.push_str(line);
+            continue;
+        };
+        let k = key.trim();
+        let v = val.trim().trim_matches('"');
+        if !k.to_ascii_lowercase().ends_with(".filename") || !v.starts_with('/') {
+            out.push_str(line);
+            continue;
+        }
+        let mut mapped = None;
+        for (ds, url) in orig_urls {
+            let url = url.trim_end_matches('/');
+            for prefix in [format!("{url}/"), format!("/vmfs/volumes/{ds}/")] {
+                if let Some(rest) = v.strip_prefix(&prefix) {
+                    let (dir, file) = rest.rsplit_once('/').unwrap_or(("", rest));
+                    if let Some(d) = dirs.iter().find(|d| &d.orig_ds == ds && d.orig_dir == dir) {
+                        mapped = Some(format!("{}/{file}", d.host));
+                    }
+                }
+            }
+        }
+        match mapped {
+            Some(m) => out.push_str(&format!("{k} = \"{m}\"{eol}")),
+            None => out.push_str(line),
+        }
+    }
+    out
 }

@@ -1,0 +1,272 @@
+//! `--full-restore` of ESXi jobs end to end: a real backup of a VM of the simulator harness
+//! (two disks, disk 0 chunked), then restores: to the original place under a new name, beside
+//! the original with --to-dir, to a second simulated host, and the refusals.
+
+mod common;
+
+use std::fs;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use common::sim::{Sim, VmSpec, PASS, USER};
+use common::*;
+use sha2::{Digest, Sha256};
+
+const MB: u64 = 1 << 20;
+
+fn fill(path: &Path, size: u64, regions: &[(u64, u64)], seed: u64) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut f = fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let mut x = seed | 1;
+    for &(off, len) in regions {
+        let mut buf = vec![0u8; len as usize];
+        for b in buf.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = (x >> 24) as u8;
+        }
+        f.seek(SeekFrom::Start(off)).unwrap();
+        f.write_all(&buf).unwrap();
+    }
+}
+
+fn sha256_file(p: &Path) -> String {
+    let mut h = Sha256::new();
+    let mut f = fs::File::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    std::io::copy(&mut f, &mut h).unwrap();
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+struct Esx {
+    sshd: Sshd,
+    affa: Affa,
+    sim: Sim,
+    work: tempfile::TempDir,
+    ds1: PathBuf,
+    ds2: PathBuf,
+    pwfile: PathBuf,
+    /// SHA-256 of the two flat disks at the backup's snapshot.
+    frozen: Vec<String>,
+}
+
+/// vm1: disk 0 (24 MiB, sparse, chunked) on datastore1, disk 1 (4 MiB, plain) on ds2; one
+/// backup done.
+fn esx() -> Esx {
+    let work = tempfile::Builder::new().prefix("affa-resx").tempdir().unwrap();
+    let ds1 = work.path().join("vmfs-ds1");
+    let ds2 = work.path().join("vmfs-ds2");
+    let big = 24 * MB;
+    fill(&ds1.join("vm1/vm1-flat.vmdk"), big, &[(0, 2 * MB), (big / 2, 3 * MB), (big - MB, MB)], 7);
+    fill(&ds2.join("vm1/vm1_1-flat.vmdk"), 4 * MB, &[(MB, 2 * MB)], 11);
+    let sim = Sim::start(
+        &work.path().join("sim"),
+        &[("datastore1", &ds1), ("ds2", &ds2)],
+        &[
+            VmSpec { name: "vm1".into(), power_on: true, disks: vec![("datastore1".into(), big), ("ds2".into(), 4 * MB)] },
+            VmSpec { name: "other".into(), power_on: false, disks: vec![("datastore1".into(), MB)] },
+        ],
+        "",
+    );
+    let mut sshd = Sshd::start();
+    let affa = Affa::new();
+    let pwfile = affa.state.join("esx.pw");
+    fs::write(&pwfile, format!("{PASS}\n")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&pwfile, fs::Permissions::from_mode(0o600)).unwrap();
+    let conf = affa.ssh_job(
+        "esx",
+        &sshd,
+        &format!(
+            "ESXi=yes\nESXiVMName=vm1\nESXiUsername={USER}\nESXiPasswordFile={}\nESXiHost=127.0.0.1\nESXiPort={}\nremoteRsyncBinary=/usr/bin/rsync\nESXiTaskTimeout=20\nchunkFiles=*/vm1-flat.vmdk\nchunkSize=1M\n",
+            pwfile.display(),
+            sim.port
+        ),
+    );
+    affa.write_conf("esx.conf", &conf);
+    let sock = sshd.agent_socket();
+    ok(&affa.cmd().env("SSH_AUTH_SOCK", sock).args(["--send-key", "esx", "--yes"]).output().unwrap());
+    ok(&affa.affa_at("2026-05-04T21:00:00", &["--run", "esx"]));
+    let st = sim.state();
+    let vm = st["vms"].as_array().unwrap().iter().find(|v| v["name"] == "vm1").unwrap().clone();
+    let frozen: Vec<String> = vm["last_snapshot_base_flat_sha256"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    let s0 = affa.job_dir("esx").join("scheduled.0");
+    assert!(s0.join("vmfs/volumes/datastore1/vm1/vm1-flat.vmdk.affa-manifest").exists(), "disk 0 is not chunked");
+    assert!(s0.join("vmfs/volumes/ds2/vm1/vm1_1-flat.vmdk").exists(), "disk 1 is not plain");
+    assert!(s0.join(".affa-esxi.ini").exists());
+    Esx { sshd, affa, sim, work, ds1, ds2, pwfile, frozen }
+}
+
+fn vm_names(sim: &Sim) -> Vec<String> {
+    sim.state()["vms"].as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap().to_string()).collect()
+}
+
+fn vm_state(sim: &Sim, name: &str) -> serde_json::Value {
+    sim.state()["vms"].as_array().unwrap().iter().find(|v| v["name"] == name).unwrap_or_else(|| panic!("no VM {name}")).clone()
+}
+
+fn client(sim: &Sim) -> affa::esxi::Client {
+    let mut o = affa::esxi::ConnectOptions::new("127.0.0.1");
+    o.port = sim.port;
+    o.thumbprint = Some(sim.thumbprint.clone());
+    let mut c = affa::esxi::Client::connect(o).unwrap();
+    c.login(USER, &affa::esxi::Password::new(PASS)).unwrap();
+    c
+}
+
+fn unregister(sim: &Sim, name: &str) {
+    let c = client(sim);
+    let vm = c.find_vm(name).unwrap();
+    c.call("UnregisterVM", &affa::esxi::soap::moref_elem("_this", &vm.kind, &vm.value)).unwrap();
+    assert!(!vm_names(sim).contains(&name.to_string()));
+}
+
+fn say(o: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+#[test]
+fn a_removed_vm_is_restored_in_place_and_registered_under_a_new_name() {
+    let e = esx();
+    e.sim.post("/power?vm=vm1&state=off");
+    unregister(&e.sim, "vm1");
+    fs::remove_dir_all(e.ds1.join("vm1")).unwrap();
+    fs::remove_dir_all(e.ds2.join("vm1")).unwrap();
+
+    let o = e.affa.affa(&["--full-restore", "esx", "--register", "vm1-back", "--yes"]);
+    let text = ok(&o);
+    assert!(text.contains("registered") && text.contains("vm1-back"), "{text}");
+    assert!(text.contains("verified") && text.contains("match"), "{text}");
+    let d0 = e.ds1.join("vm1/vm1-flat.vmdk");
+    assert_eq!(sha256_file(&d0), e.frozen[0], "disk 0 differs from the archive");
+    assert_eq!(sha256_file(&e.ds2.join("vm1/vm1_1-flat.vmdk")), e.frozen[1], "disk 1 differs from the archive");
+    assert!(fs::metadata(&d0).unwrap().blocks() * 512 < 12 * MB, "the restored disk is not sparse");
+    assert!(e.ds1.join("vm1/vm1.vmx").exists() && e.ds1.join("vm1/vm1.vmdk").exists());
+    assert!(vm_names(&e.sim).contains(&"vm1-back".to_string()), "{:?}", vm_names(&e.sim));
+    assert!(e.sim.snapshots("vm1-back").is_empty());
+    let vm = vm_state(&e.sim, "vm1-back");
+    assert_eq!(vm["disks"].as_array().unwrap().len(), 2, "{vm}");
+    // affa's own files stay in the archive.
+    assert!(!e.ds1.join("vm1/.affa-esxi.ini").exists() && !e.ds1.join("vm1/vm1-flat.vmdk.affa-manifest").exists());
+
+    // The restored VM is a normal VM: it can be backed up again (a snapshot works on it).
+    let st = e.sim.state();
+    assert!(st["vms"].as_array().unwrap().iter().any(|v| v["name"] == "vm1-back" && v["power_state"] == "poweredOff"), "{st}");
+}
+
+#[test]
+fn refusals_dry_run_to_dir_and_a_damaged_chunk() {
+    let e = esx();
+    let before1 = tree_hashes(&e.ds1);
+    // The VM runs: restoring over its files is refused.
+    let err = fail(&e.affa.affa(&["--full-restore", "esx", "--yes"]));
+    assert!(err.contains("powered on") && err.contains("vm1") && err.contains("nothing was changed"), "{err}");
+    // A name in use.
+    let err = fail(&e.affa.affa(&["--full-restore", "esx", "--to-dir", "vm1-copy", "--register", "other", "--yes"]));
+    assert!(err.contains("VM named other already exists"), "{err}");
+    // A missing archive lists those that exist.
+    let err = fail(&e.affa.affa(&["--full-restore", "esx", "daily.0", "--yes"]));
+    assert!(err.contains("no archive 'daily.0'") && err.contains("scheduled.0"), "{err}");
+    // --dry-run shows where things go and changes nothing.
+    let text = ok(&e.affa.affa(&["--full-restore", "esx", "--to-dir", "vm1-copy", "--register", "vm1-copy", "--dry-run"]));
+    assert!(text.contains("vm1-copy/vm1-flat.vmdk") && text.contains("rebuilt from chunks") && text.contains("dry run"), "{text}");
+    // Without --yes and a terminal: refused.
+    let err = fail(&e.affa.affa(&["--full-restore", "esx", "--to-dir", "vm1-copy"]));
+    assert!(err.contains("refusing without confirmation"), "{err}");
+    assert_eq!(tree_hashes(&e.ds1), before1);
+    assert!(!e.ds2.join("vm1-copy").exists());
+
+    // Beside the running original.
+    let text = ok(&e.affa.affa(&["--full-restore", "esx", "--to-dir", "vm1-copy", "--register", "vm1-copy", "--yes"]));
+    assert!(text.contains("registered"), "{text}");
+    assert_eq!(sha256_file(&e.ds1.join("vm1-copy/vm1-flat.vmdk")), e.frozen[0]);
+    assert_eq!(sha256_file(&e.ds2.join("vm1-copy/vm1_1-flat.vmdk")), e.frozen[1]);
+    let vmx = fs::read_to_string(e.ds1.join("vm1-copy/vm1.vmx")).unwrap();
+    assert!(vmx.contains(&format!("{}/vm1-copy/vm1_1.vmdk", e.ds2.display())), "the second disk still points at the original:\n{vmx}");
+    assert!(!vmx.contains(&format!("{}/vm1/", e.ds2.display())), "{vmx}");
+    let copy = vm_state(&e.sim, "vm1-copy");
+    assert!(copy.to_string().contains("vm1-copy/vm1_1-flat.vmdk"), "{copy}");
+    assert!(e.sim.snapshots("vm1-copy").is_empty());
+    assert_eq!(vm_state(&e.sim, "vm1")["power_state"], "poweredOn");
+
+    // Registered again under the same .vmx: refused.
+    let err = fail(&e.affa.affa(&["--full-restore", "esx", "--to-dir", "vm1-copy", "--register", "vm1-again", "--yes"]));
+    assert!(err.contains("already registered as VM vm1-copy"), "{err}");
+
+    // A damaged chunk: the restore stops naming it, before anything is written.
+    let chunks = e.affa.job_dir("esx").join("scheduled.0/.affa-chunks");
+    let mut victim = None;
+    for d in fs::read_dir(&chunks).unwrap() {
+        for f in fs::read_dir(d.unwrap().path()).unwrap() {
+            let p = f.unwrap().path();
+            if fs::metadata(&p).unwrap().len() > 10_000 {
+                victim = Some(p);
+            }
+        }
+    }
+    let victim = victim.expect("no stored chunk");
+    let id = victim.file_name().unwrap().to_string_lossy().into_owned();
+    let pool_entry = e.affa.root.join(".affa-pool").join(&id[..2]).join(&id);
+    assert_eq!(inode(&pool_entry), inode(&victim));
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().read(true).write(true).open(&pool_entry).unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, 5000).unwrap();
+        f.write_all_at(&[b[0] ^ 0x40], 5000).unwrap();
+    }
+    // The copy's VM is off; change its disk so "untouched" is visible.
+    fs::write(e.ds2.join("vm1-copy/vm1_1-flat.vmdk"), b"changed by the admin").unwrap();
+    let before = (tree_hashes(&e.ds1), tree_hashes(&e.ds2));
+    let o = e.affa.affa(&["--full-restore", "esx", "--to-dir", "vm1-copy", "--yes"]);
+    let err = fail(&o);
+    assert!(err.contains(&id) && err.contains("damaged"), "{}", say(&o));
+    assert!(err.contains("before anything was sent"), "{err}");
+    assert_eq!((tree_hashes(&e.ds1), tree_hashes(&e.ds2)), before, "the target was changed");
+}
+
+#[test]
+fn restore_to_a_second_host() {
+    let mut e = esx();
+    // Host 2: its own datastores (other directories, same names), its own certificate.
+    let h2 = e.work.path().join("host2");
+    let (a1, a2) = (h2.join("vmfs-a1"), h2.join("vmfs-a2"));
+    fill(&a1.join("placeholder/placeholder-flat.vmdk"), MB, &[], 1);
+    let sim2 = Sim::start(
+        &h2.join("sim"),
+        &[("datastore1", &a1), ("ds2", &a2)],
+        &[VmSpec { name: "placeholder".into(), power_on: false, disks: vec![("datastore1".into(), MB)] }],
+        "",
+    );
+    assert_ne!(sim2.thumbprint, e.sim.thumbprint);
+    let conf = e.affa.ssh_job(
+        "esx2",
+        &e.sshd,
+        &format!(
+            "ESXi=yes\nESXiVMName=placeholder\nESXiUsername={USER}\nESXiPasswordFile={}\nESXiHost=127.0.0.1\nESXiPort={}\nremoteRsyncBinary=/usr/bin/rsync\nstatus=disabled\n",
+            e.pwfile.display(),
+            sim2.port
+        ),
+    );
+    e.affa.write_conf("esx2.conf", &conf);
+    let sock = e.sshd.agent_socket();
+    ok(&e.affa.cmd().env("SSH_AUTH_SOCK", sock).args(["--send-key", "esx2", "--yes"]).output().unwrap());
+
+    let text = ok(&e.affa.affa(&["--full-restore", "esx", "--to-host", "esx2", "--register", "vm1", "--yes"]));
+    assert!(text.contains("registered") && text.contains("vm1"), "{text}");
+    assert_eq!(sha256_file(&a1.join("vm1/vm1-flat.vmdk")), e.frozen[0]);
+    assert_eq!(sha256_file(&a2.join("vm1/vm1_1-flat.vmdk")), e.frozen[1]);
+    let vmx = fs::read_to_string(a1.join("vm1/vm1.vmx")).unwrap();
+    assert!(vmx.contains(&format!("{}/vm1/vm1_1.vmdk", a2.display())), "the .vmx still points at host 1's datastore:\n{vmx}");
+    assert!(vm_names(&sim2).contains(&"vm1".to_string()));
+    assert!(sim2.snapshots("vm1").is_empty());
+    assert_eq!(vm_state(&sim2, "vm1")["disks"].as_array().unwrap().len(), 2);
+    // Host 1 was not touched.
+    assert_eq!(vm_state(&e.sim, "vm1")["power_state"], "poweredOn");
+
+    // A host given by name needs its fingerprint (and an unknown ssh host key is not accepted).
+    let err = fail(&e.affa.affa(&["--full-restore", "esx", "--to-host", "127.0.0.2", "--yes"]));
+    assert!(err.contains("--to-thumbprint"), "{err}");
+}
