@@ -151,9 +151,20 @@ fn a_removed_vm_is_restored_in_place_and_registered_under_a_new_name() {
     // affa's own files stay in the archive.
     assert!(!e.ds1.join("vm1/.affa-esxi.ini").exists() && !e.ds1.join("vm1/vm1-flat.vmdk.affa-manifest").exists());
 
-    // The restored VM is a normal VM: it can be backed up again (a snapshot works on it).
-    let st = e.sim.state();
-    assert!(st["vms"].as_array().unwrap().iter().any(|v| v["name"] == "vm1-back" && v["power_state"] == "poweredOff"), "{st}");
+    assert_eq!(vm_state(&e.sim, "vm1-back")["power_state"], "poweredOff");
+
+    // An older copy on the host: only the changed blocks cross the network. vm1-back is
+    // registered with these files and off, so restoring over them is allowed (no --register).
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().write(true).open(&d0).unwrap();
+        f.write_all_at(&vec![0xa5u8; 64 << 10], 13 * MB).unwrap();
+    }
+    let text = ok(&e.affa.affa(&["--full-restore", "esx", "--yes"]));
+    assert!(text.contains("registered as VM vm1-back"), "{text}");
+    assert_eq!(sha256_file(&d0), e.frozen[0]);
+    let sent: u64 = text.split(" bytes sent").next().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(sent < 2 * MB, "{sent} bytes sent for 64 KiB changed:\n{text}");
 }
 
 #[test]

@@ -388,9 +388,10 @@ fn restore_logged_in(ctx: &Ctx, t: &mut Target, ini: &Ini, vm_name: &str, vmx: (
     // Send.
     let mkdirs: String = dirs.iter().map(|d| format!("mkdir -p {}\n", shell_quote(&d.host))).collect();
     t.ep.sh(&mkdirs, "creating the target directories")?;
+    let mut sent = 0u64;
     for (i, d) in dirs.iter().enumerate() {
         let mut a = rsync::base_args(t.rsync_job, &t.ep.source());
-        a.extend(["--inplace", "--no-whole-file", "--sparse"].map(String::from));
+        a.extend(["--inplace", "--no-whole-file", "--sparse", "--stats"].map(String::from));
         a.push("--".into());
         let mine: Vec<&Item> = items.iter().filter(|it| it.dir == i).collect();
         // rsync names the destination after the source's base name: send the ones whose local
@@ -400,20 +401,24 @@ fn restore_logged_in(ctx: &Ctx, t: &mut Target, ini: &Ini, vm_name: &str, vmx: (
             let mut a = a.clone();
             a.extend(same.iter().map(|it| it.local.display().to_string()));
             a.push(t.ep.dest(&format!("{}/", d.host)));
-            run_rsync(ctx, t.rsync_job, &a, &format!("copying to {}", d.host), true)?;
+            let r = run_rsync(ctx, t.rsync_job, &a, &format!("copying to {}", d.host), true)?;
+            sent += bytes_sent(&r.stdout);
         }
         for it in renamed {
             let mut a = a.clone();
             a.push(it.local.display().to_string());
             a.push(t.ep.dest(&format!("{}/{}", d.host, it.name)));
-            run_rsync(ctx, t.rsync_job, &a, &format!("copying {}", it.name), true)?;
+            let r = run_rsync(ctx, t.rsync_job, &a, &format!("copying {}", it.name), true)?;
+            sent += bytes_sent(&r.stdout);
         }
     }
     if o.delete && !extras.is_empty() {
         let rm: String = extras.iter().map(|(i, n)| format!("rm -f {}\n", shell_quote(&format!("{}/{n}", dirs[*i].host)))).collect();
         t.ep.sh(&rm, "deleting files not in the archive")?;
     }
-    let _ = writeln!(out, "copied {} file(s) of VM {vm_name} to {}", items.len(), t.label);
+    let total: u64 = items.iter().map(|i| i.size).sum();
+    let _ = writeln!(out, "copied {} file(s) of VM {vm_name} ({total} bytes) to {}: {sent} bytes sent (rsync delta transfer)", items.len(), t.label);
+    ctx.log.info(format!("copied {} file(s), {total} bytes, {sent} bytes sent", items.len()));
 
     // Check.
     let bar = super::progress_bar(o.interactive, items.iter().map(|i| i.size).sum(), "hashing the archive");
@@ -490,4 +495,13 @@ fn rewrite_vmx(text: &str, orig_urls: &[(String, String)], dirs: &[Dir]) -> Stri
         }
     }
     out
+}
+
+/// rsync --stats: "Total bytes sent: N".
+pub(super) fn bytes_sent(stdout: &str) -> u64 {
+    crate::report::parse_rsync_stats(stdout)
+        .into_iter()
+        .find(|(k, _)| k == "TotalBytesSent")
+        .and_then(|(_, v)| v.replace(',', "").parse().ok())
+        .unwrap_or(0)
 }
