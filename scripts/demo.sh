@@ -133,6 +133,8 @@ for pair in "ds1/demo-vm-restored/demo-vm-flat.vmdk vmfs/volumes/datastore1/demo
   a=$(sha256sum < "$W/$1" | cut -d' ' -f1); b=$(sha256sum < "$W/check/$2" | cut -d' ' -f1)
   if [ "$a" = "$b" ]; then echo "identical: $1"; else echo "DIFFERENT: $1"; ok=0; fi
 done
-snaps=$(curl -fsS "$CONTROL/state" | grep -o '"name":"BEXI-[^"]*"' || true)
-[ -z "$snaps" ] && echo "no BEXI- snapshot left on the host" || { echo "snapshot left: $snaps"; ok=0; }
+# Ask the host as an administrator would: vim-cmd (the simulator's stand-in) lists snapshots.
+vmid=$("$SIM" vim-cmd --control "$CONTROL" vmsvc/getallvms | awk '$2 == "demo-vm" {print $1}')
+snaps=$("$SIM" vim-cmd --control "$CONTROL" vmsvc/snapshot.get "$vmid" | grep "Snapshot Name" || true)
+[ -z "$snaps" ] && echo "no snapshot left on the VM" || { echo "snapshot left: $snaps"; ok=0; }
 [ $ok = 1 ] && echo "== demo OK (files in $W)" || { echo "== demo FAILED (files in $W)"; exit 1; }

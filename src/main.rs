@@ -127,7 +127,7 @@ struct Cli {
     /// Re-run the killed job after SECS seconds (--kill)
     #[arg(long, value_name = "SECS")]
     resume: Option<u64>,
-    /// --full-restore: keep files that are newer on the target (yes|no, default yes)
+    /// --full-restore: keep files that are newer on the target (yes|no, default yes; ordinary jobs only, a VM is restored as one set)
     #[arg(long, value_name = "yes|no", value_parser = yes_no)]
     preserve_newer: Option<bool>,
     /// --full-restore: delete files on the target that are not in the archive (yes|no, default no)

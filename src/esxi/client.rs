@@ -766,6 +766,11 @@ impl Client {
         Ok(())
     }
 
+    /// UnregisterVM: remove a VM from the inventory, leaving its files on the datastore.
+    pub fn unregister_vm(&self, vm: &MoRef) -> Result<()> {
+        self.call("UnregisterVM", &moref_elem("_this", &vm.kind, &vm.value)).map(|_| ())
+    }
+
     /// Where new VMs go: (datacenter's vmFolder, the host's root resource pool, the host).
     pub fn placement(&self) -> Result<(MoRef, MoRef, MoRef)> {
         let dcs = self.all_of_type("Datacenter", &["vmFolder"])?;
