@@ -165,7 +165,7 @@ pub fn show_schedule(cfg: &Config, all: bool) -> Result<String> {
             hidden += 1;
             continue;
         }
-        let mut line = vec!['.'; SLOTS];
+        let mut line = ['.'; SLOTS];
         let last_secs = archive::newest_valid(&job.job_dir())?
             .and_then(|a| a.report.and_then(|r| r.num("ExecutionTime")))
             .unwrap_or(0);
