@@ -148,8 +148,17 @@ impl Sshd {
             assert!(t.elapsed() < Duration::from_secs(5), "ssh-agent did not start");
             std::thread::sleep(Duration::from_millis(10));
         }
-        let st = Command::new("ssh-add").arg("-q").arg(&self.bootstrap_key).env("SSH_AUTH_SOCK", &sock).stderr(Stdio::null()).status().unwrap();
-        assert!(st.success(), "ssh-add failed");
+        // The socket file appears before the agent accepts connections: retry a little.
+        let mut added = false;
+        for _ in 0..50 {
+            let st = Command::new("ssh-add").arg("-q").arg(&self.bootstrap_key).env("SSH_AUTH_SOCK", &sock).stderr(Stdio::null()).status().unwrap();
+            if st.success() {
+                added = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(added, "ssh-add failed");
         self.agent = Some((child, sock.clone()));
         sock
     }
