@@ -244,7 +244,7 @@ fn dispatch(cli: &Cli) -> Result<u8> {
         };
         let interactive = !cli.silent && affa::joblog::interactive();
         let s = affa::schedule::run_job(&cfg, &a[0], clock.as_ref(), affa::run::RunOptions { level, interactive }, cli.silent)?;
-        if !cli.silent {
+        if interactive {
             if let Some(p) = s.archive {
                 eprintln!("job {} done: {}", a[0], p.display());
             }

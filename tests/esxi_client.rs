@@ -1,103 +1,26 @@
 //! Integration tests of the vSphere SOAP client (`affa::esxi`) against the ESXi simulator harness
 //! in `harness/esxi-sim` (govmomi's simulator plus delta disks, faults and a control API).
 //!
-//! Owns: starting one simulator per test (built first if its binary is missing or older than its
-//! sources; a build failure fails the test with the reason) and checking the client end to end.
+//! Owns: checking the client end to end against one simulator per test (the shared fixture in
+//! tests/common/sim.rs builds it first if needed; a build failure fails the test with the reason).
 //! Must never: skip a test silently, leave a simulator running (each one exits when its stdin
 //! closes), or touch anything outside its temporary directory.
 
 use affa::esxi::{self, Client, ConnectOptions, MoRef, Password, PowerState};
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::OnceLock;
-use std::time::{Duration, SystemTime};
+use std::path::Path;
+use std::time::Duration;
 
-const USER: &str = "affa";
-const PASS: &str = "s3cret&<pw>";
+mod common;
 
-fn harness_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("harness/esxi-sim")
-}
+use common::sim::{VmSpec, PASS, USER};
 
-fn newest_source(dir: &Path) -> SystemTime {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .filter(|e| e.path().extension().map(|x| x == "go").unwrap_or(false))
-                .filter_map(|e| e.metadata().ok()?.modified().ok())
-                .max()
-                .unwrap_or(SystemTime::UNIX_EPOCH)
-        })
-        .unwrap_or(SystemTime::UNIX_EPOCH)
-}
-
-/// The simulator binary, built once per test run if missing or stale.
-fn sim_binary() -> PathBuf {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let dir = harness_dir();
-        let bin = dir.join("esxi-sim");
-        let fresh = std::fs::metadata(&bin)
-            .and_then(|m| m.modified())
-            .map(|t| t >= newest_source(&dir))
-            .unwrap_or(false);
-        if fresh {
-            return Ok(bin);
-        }
-        let out = Command::new("go")
-            .args(["build", "-o", "esxi-sim", "."])
-            .current_dir(&dir)
-            .env("GO111MODULE", "off")
-            .env("GOPATH", "/usr/share/gocode")
-            .output()
-            .map_err(|e| {
-                format!(
-                    "cannot run `go build` for {} ({e}); install golang-go and \
-                     golang-github-vmware-govmomi-dev",
-                    dir.display()
-                )
-            })?;
-        if !out.status.success() {
-            return Err(format!(
-                "building {} failed: {}",
-                dir.display(),
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(bin)
-    })
-    .clone()
-    .unwrap_or_else(|e| panic!("ESXi simulator unavailable: {e}"))
-}
-
-/// One running simulator; it exits when dropped (stdin EOF, and a kill to be sure).
+/// The shared simulator fixture (tests/common/sim.rs) with what these tests need on top.
 struct Sim {
-    child: Child,
-    stdin: Option<ChildStdin>,
+    inner: common::sim::Sim,
     dir: tempfile::TempDir,
     port: u16,
     thumbprint: String,
-    control: String,
     plain: bool,
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn json_str(line: &str, key: &str) -> String {
-    let pat = format!("\"{key}\":\"");
-    let i = line
-        .find(&pat)
-        .unwrap_or_else(|| panic!("no {key} in {line}"))
-        + pat.len();
-    let j = line[i..].find('"').unwrap() + i;
-    line[i..j].to_string()
 }
 
 impl Sim {
@@ -107,74 +30,26 @@ impl Sim {
 
     /// Two VMs: vm1 (powered on, disks on datastore1 and ds2) and vm2 (off, one disk).
     fn start_with(plain_http: bool, extra: &str) -> Sim {
-        let bin = sim_binary();
         let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().display();
-        let spec = format!(
-            r#"{{"user":"{USER}","password":"{}","plain_http":{plain_http},
-"datastores":[{{"name":"datastore1","dir":"{d}/ds1"}},{{"name":"ds2","dir":"{d}/ds2"}}],
-"vms":[{{"name":"vm1","power_on":true,"disks":[{{"datastore":"datastore1","size_bytes":1048576}},{{"datastore":"ds2","size_bytes":524288}}]}},
-{{"name":"vm2","power_on":false,"disks":[{{"datastore":"datastore1","size_bytes":524288}}]}}]{extra}}}"#,
-            PASS.replace('\\', "\\\\").replace('"', "\\\"")
+        let (ds1, ds2) = (dir.path().join("ds1"), dir.path().join("ds2"));
+        let inner = common::sim::Sim::start(
+            &dir.path().join("sim"),
+            &[("datastore1", &ds1), ("ds2", &ds2)],
+            &[
+                VmSpec { name: "vm1".into(), power_on: true, disks: vec![("datastore1".into(), 1048576), ("ds2".into(), 524288)] },
+                VmSpec { name: "vm2".into(), power_on: false, disks: vec![("datastore1".into(), 524288)] },
+            ],
+            &format!(r#","plain_http":{plain_http}{extra}"#),
         );
-        let spec_path = dir.path().join("spec.json");
-        std::fs::write(&spec_path, spec).unwrap();
-        let mut child = Command::new(&bin)
-            .arg("--config")
-            .arg(&spec_path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.path().join("sim.log")).unwrap(),
-            ))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-        let stdin = child.stdin.take();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        if line.trim().is_empty() {
-            let _ = child.kill();
-            let log = std::fs::read_to_string(dir.path().join("sim.log")).unwrap_or_default();
-            panic!("esxi-sim printed no start line; its log:\n{log}");
-        }
-        let url = json_str(&line, "url");
-        let port: u16 = url
-            .rsplit(':')
-            .next()
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        let thumbprint = if plain_http {
-            String::new()
-        } else {
-            json_str(&line, "thumbprint")
-        };
-        let control = json_str(&line, "control");
-        Sim {
-            child,
-            stdin,
-            dir,
-            port,
-            thumbprint,
-            control,
-            plain: plain_http,
-        }
+        let thumbprint = if plain_http { String::new() } else { inner.thumbprint.clone() };
+        Sim { port: inner.port, thumbprint, inner, dir, plain: plain_http }
     }
 
     fn opts(&self) -> ConnectOptions {
         let mut o = ConnectOptions::new("127.0.0.1");
         o.port = self.port;
         o.plain_http = self.plain;
-        o.thumbprint = if self.plain {
-            None
-        } else {
-            Some(self.thumbprint.clone())
-        };
+        o.thumbprint = if self.plain { None } else { Some(self.thumbprint.clone()) };
         o.timeout = Duration::from_secs(20);
         o.task_timeout = Duration::from_secs(60);
         o
@@ -187,19 +62,11 @@ impl Sim {
     }
 
     fn control_post(&self, path_query: &str) -> String {
-        ureq::post(&format!("{}{path_query}", self.control))
-            .send_string("")
-            .unwrap_or_else(|e| panic!("control {path_query}: {e}"))
-            .into_string()
-            .unwrap()
+        self.inner.post(path_query)
     }
 
     fn state(&self) -> String {
-        ureq::get(&format!("{}/state", self.control))
-            .call()
-            .unwrap()
-            .into_string()
-            .unwrap()
+        self.inner.state().to_string()
     }
 
     fn host(&self) -> String {

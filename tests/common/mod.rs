@@ -60,33 +60,19 @@ impl Sshd {
 
     fn launch(&mut self) {
         let d = self.dir.path();
-        self.port = free_port();
         let cfg = format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_ed25519\nPidFile {d}/sshd.pid\n\
+            "Port 0\nListenAddress 127.0.0.1\nHostKey {d}/host_ed25519\nPidFile {d}/sshd.pid\n\
              AuthorizedKeysFile {d}/authorized_keys {d}/bootstrap_keys\nStrictModes no\nUsePAM no\n\
              PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
              PubkeyAuthentication yes\nLogLevel ERROR\nMaxStartups 100:30:200\nMaxSessions 50\nSubsystem sftp internal-sftp\n",
-            port = self.port,
             d = d.display()
         );
         fs::write(d.join("sshd_config"), cfg).unwrap();
-        if unsafe { libc_geteuid() } == 0 {
+        if is_root() {
             let _ = fs::create_dir_all("/run/sshd");
         }
-        let child = Command::new("/usr/sbin/sshd")
-            .args(["-D", "-e", "-f"])
-            .arg(d.join("sshd_config"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(d.join("sshd.log")).unwrap())
-            .spawn()
-            .expect("cannot start /usr/sbin/sshd (install openssh-server)");
-        self.child = Some(child);
-        let t = Instant::now();
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(t.elapsed() < Duration::from_secs(10), "sshd did not start: {}", fs::read_to_string(d.join("sshd.log")).unwrap_or_default());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.port = 0;
+        self.launch_on(free_port());
     }
 
     pub fn stop(&mut self) {
@@ -115,12 +101,12 @@ impl Sshd {
             .stdout(Stdio::null())
             .stderr(fs::File::create(d.join("sshd.log")).unwrap())
             .spawn()
-            .unwrap();
+            .expect("cannot start /usr/sbin/sshd (install openssh-server)");
         self.child = Some(child);
         self.port = port;
         let t = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(t.elapsed() < Duration::from_secs(10), "sshd did not restart");
+            assert!(t.elapsed() < Duration::from_secs(10), "sshd did not start: {}", fs::read_to_string(d.join("sshd.log")).unwrap_or_default());
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -11,7 +11,8 @@ use std::sync::OnceLock;
 use std::time::SystemTime;
 
 pub const USER: &str = "affa";
-pub const PASS: &str = "s3cret-Pw";
+/// XML-special characters on purpose: the SOAP client must escape them.
+pub const PASS: &str = "s3cret&<pw>";
 
 fn harness_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("harness/esxi-sim")
