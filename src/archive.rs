@@ -1,5 +1,6 @@
 //! The archive set of one job: `RootDir/JOB/{scheduled,daily,weekly,monthly,yearly}.N`,
-//! `scheduled.running`, `.doneDates`, `.AFFA-TRASH`, and rotation.
+//! `scheduled.running`, `.doneDates`, `.AFFA-TRASH`, and rotation (journaled in
+//! `.rotation-journal`, so a crash between two renames is finished by the next run).
 //!
 //! Owns: which archives exist and are valid, which one is the `--link-dest` basis, and
 //! rotation/promotion exactly as Affa 3's `shiftArchives` (with its monthly-fallback defect
@@ -198,7 +199,9 @@ impl DoneDates {
 
 /// Rotate one level, exactly as Affa 3's `shiftArchives`:
 /// - if `C.0` exists (and, for `scheduled`, `scheduled.running` is valid): move `C.(K-1)` to the
-///   trash, then rename `C.(i-1)` to `C.i` for i = K-1 down to 1;
+///   trash, then rename `C.(i-1)` to `C.i` for i = K-1 down to 1; but when some `C.g` with
+///   0 < g < K is missing (a crash between two renames), only `C.0 .. C.(g-1)` move up and
+///   nothing goes to the trash (Affa would trash `C.(K-1)` and lose an archive);
 /// - `scheduled`: rename a valid `scheduled.running` to `scheduled.0`;
 /// - other levels: promote the oldest archive of the level below to `C.0`; when the level below
 ///   keeps nothing, fall through to the next level down (Affa's monthly fallback tested the wrong
@@ -207,38 +210,166 @@ impl DoneDates {
 /// Returns what was done, one line each, for the log. Only renames; the trash is emptied by
 /// [`empty_trash`].
 pub fn shift(job_dir: &Path, level: Level, keeps: Keeps, stamp: &str) -> Result<Vec<String>> {
+    shift_recording(job_dir, level, keeps, stamp, None)
+}
+
+/// The rotation journal: the renames of one [`shift`] (and the `.doneDates` it records),
+/// written before the first rename and removed after the last, so that a crash between two
+/// renames is finished by [`recover`] instead of leaving a gap that loses an archive.
+pub const JOURNAL: &str = ".rotation-journal";
+
+/// [`shift`], also recording `done` as `.doneDates` in the same journaled step (a promotion).
+pub fn shift_recording(job_dir: &Path, level: Level, keeps: Keeps, stamp: &str, done: Option<&DoneDates>) -> Result<Vec<String>> {
+    recover(job_dir)?;
+    let plan = plan_shift(job_dir, level, keeps, stamp)?;
+    if plan.is_empty() && done.is_none() {
+        return Ok(Vec::new());
+    }
+    if plan.len() == 1 && done.is_none() {
+        // One rename is atomic by itself: no journal needed.
+        let (from, to) = &plan[0];
+        let (f, t) = (job_dir.join(from), job_dir.join(to));
+        if let Some(parent) = t.parent() {
+            fs::create_dir_all(parent).ctx(|| format!("cannot create {}", parent.display()))?;
+        }
+        fs::rename(&f, &t).ctx(|| format!("cannot rename {} to {}", f.display(), t.display()))?;
+        crate::interrupt::crash_point("rename");
+        return Ok(vec![format!("{} -> {}", name_of(&f), name_of(&t))]);
+    }
+    let mut j = String::from("affa-rotation-journal 1\n");
+    for (from, to) in &plan {
+        j.push_str(&format!("mv {from} {to}\n"));
+    }
+    if let Some(d) = done {
+        for l in [Level::Daily, Level::Weekly, Level::Monthly, Level::Yearly] {
+            j.push_str(&format!("done {} {}\n", l.name(), if d.get(l).is_empty() { "-1" } else { d.get(l) }));
+        }
+    }
+    crate::report::write_atomic(&job_dir.join(JOURNAL), j.as_bytes())?;
+    apply_journal(job_dir)
+}
+
+/// Finish a rotation a crash cut short (see [`JOURNAL`]); returns the renames done.
+pub fn recover(job_dir: &Path) -> Result<Vec<String>> {
+    if !job_dir.join(JOURNAL).exists() {
+        return Ok(Vec::new());
+    }
+    apply_journal(job_dir)
+}
+
+/// A journal entry: one archive-dir name, or `.AFFA-TRASH/NAME` (nothing that leaves the job dir).
+fn journal_path(job_dir: &Path, name: &str) -> Option<PathBuf> {
+    let ok = |s: &str| !s.is_empty() && s != "." && s != ".." && !s.contains('/') && !s.contains('\0');
+    match name.split_once('/') {
+        None if ok(name) => Some(job_dir.join(name)),
+        Some((TRASH, n)) if ok(n) => Some(job_dir.join(TRASH).join(n)),
+        _ => None,
+    }
+}
+
+fn apply_journal(job_dir: &Path) -> Result<Vec<String>> {
+    let jp = job_dir.join(JOURNAL);
+    let text = fs::read_to_string(&jp).ctx(|| format!("cannot read {}", jp.display()))?;
     let mut done = Vec::new();
-    let p = |l: Level, i: u32| job_dir.join(format!("{}.{}", l.name(), i));
-    let running = job_dir.join(RUNNING);
-    let running_valid = Report::read(&running).is_some();
+    let mut dd: Option<DoneDates> = None;
+    let bad = || crate::error::Error::new(format!("{} is damaged; move it away and check the archive names of {}", jp.display(), job_dir.display()));
+    let mut lines = text.lines();
+    if lines.next() != Some("affa-rotation-journal 1") {
+        return Err(bad());
+    }
+    let mut moves = Vec::new();
+    for line in lines {
+        let w: Vec<&str> = line.split(' ').collect();
+        match w.as_slice() {
+            ["mv", from, to] => moves.push((journal_path(job_dir, from).ok_or_else(bad)?, journal_path(job_dir, to).ok_or_else(bad)?)),
+            ["done", l, v] => {
+                let l = Level::parse(l).filter(|l| *l != Level::Scheduled).ok_or_else(bad)?;
+                let d = dd.get_or_insert_with(DoneDates::default);
+                d.values[l as usize] = if *v == "-1" { String::new() } else { v.to_string() };
+            }
+            _ => return Err(bad()),
+        }
+    }
+    // Replaying is idempotent: a step is done when its source is there and its target free
+    // (a finished step's target stays occupied: later steps only move into free names).
+    for (from, to) in moves {
+        if from.exists() && !to.exists() {
+            if let Some(parent) = to.parent() {
+                fs::create_dir_all(parent).ctx(|| format!("cannot create {}", parent.display()))?;
+            }
+            fs::rename(&from, &to).ctx(|| format!("cannot rename {} to {}", from.display(), to.display()))?;
+            done.push(format!("{} -> {}", name_of(&from), name_of(&to)));
+            crate::interrupt::crash_point("rename");
+        }
+    }
+    if let Some(d) = dd {
+        d.write(job_dir)?;
+    }
+    fs::remove_file(&jp).ctx(|| format!("cannot remove {}", jp.display()))?;
+    Ok(done)
+}
+
+/// The renames of one shift, worked out on the names present now (see [`shift`]).
+fn plan_shift(job_dir: &Path, level: Level, keeps: Keeps, stamp: &str) -> Result<Vec<(String, String)>> {
+    use std::collections::HashSet;
+    let mut dirs: HashSet<String> = HashSet::new();
+    let mut all: HashSet<String> = HashSet::new();
+    match fs::read_dir(job_dir) {
+        Ok(rd) => {
+            for e in rd {
+                let e = e.ctx(|| format!("cannot read {}", job_dir.display()))?;
+                let n = e.file_name().to_string_lossy().into_owned();
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    dirs.insert(n.clone());
+                }
+                all.insert(n);
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).ctx(|| format!("cannot read {}", job_dir.display())),
+    }
+    let mut plan: Vec<(String, String)> = Vec::new();
+    let p = |l: Level, i: u32| format!("{}.{}", l.name(), i);
+    let running_valid = Report::read(&job_dir.join(RUNNING)).is_some();
     let k = keeps.of(level);
-    let mv = |from: &Path, to: &Path, done: &mut Vec<String>| -> Result<()> {
-        fs::rename(from, to).ctx(|| format!("cannot rename {} to {}", from.display(), to.display()))?;
-        done.push(format!("{} -> {}", name_of(from), name_of(to)));
-        Ok(())
+    let mut mv = |from: String, to: String, dirs: &mut HashSet<String>, all: &mut HashSet<String>| {
+        dirs.remove(&from);
+        all.remove(&from);
+        if !to.contains('/') {
+            dirs.insert(to.clone());
+            all.insert(to.clone());
+        }
+        plan.push((from, to));
     };
     if k == 0 {
-        return Ok(done);
+        return Ok(plan);
     }
-    if p(level, 0).is_dir() && (level != Level::Scheduled || running_valid) {
-        let last = p(level, k - 1);
-        if last.is_dir() {
-            let trash = job_dir.join(TRASH);
-            fs::create_dir_all(&trash).ctx(|| format!("cannot create {}", trash.display()))?;
-            let to = trash.join(format!("{}.{}-{}-{}", level.name(), k - 1, stamp, std::process::id()));
-            mv(&last, &to, &mut done)?;
-        }
-        for i in (1..k).rev() {
-            if p(level, i - 1).is_dir() {
-                mv(&p(level, i - 1), &p(level, i), &mut done)?;
+    if dirs.contains(&p(level, 0)) && (level != Level::Scheduled || running_valid) {
+        // A gap below the end (left by a crash between two renames, or an archive deleted by
+        // hand) is closed up first: shifting stops at the first free index and nothing falls
+        // off the end.
+        let top = match (1..k).find(|&i| !all.contains(&p(level, i))) {
+            Some(gap) => gap,
+            None => {
+                let last = p(level, k - 1);
+                if dirs.contains(&last) {
+                    let to = format!("{TRASH}/{}.{}-{}-{}", level.name(), k - 1, stamp, std::process::id());
+                    mv(last, to, &mut dirs, &mut all);
+                }
+                k - 1
+            }
+        };
+        for i in (1..=top).rev() {
+            if dirs.contains(&p(level, i - 1)) {
+                mv(p(level, i - 1), p(level, i), &mut dirs, &mut all);
             }
         }
     }
     if level == Level::Scheduled {
-        if !p(level, 0).exists() && running_valid {
-            mv(&running, &p(level, 0), &mut done)?;
+        if !all.contains(&p(level, 0)) && running_valid {
+            mv(RUNNING.to_string(), p(level, 0), &mut dirs, &mut all);
         }
-        return Ok(done);
+        return Ok(plan);
     }
     // Promotion source: the oldest archive of the level below; if that level keeps nothing,
     // the level below it, and so on.
@@ -253,11 +384,11 @@ pub fn shift(job_dir: &Path, level: Level, keeps: Keeps, stamp: &str) -> Result<
         below = b.below();
     }
     if let Some(src) = src {
-        if src.is_dir() && !p(level, 0).exists() {
-            mv(&src, &p(level, 0), &mut done)?;
+        if dirs.contains(&src) && !all.contains(&p(level, 0)) {
+            mv(src, p(level, 0), &mut dirs, &mut all);
         }
     }
-    Ok(done)
+    Ok(plan)
 }
 
 /// Delete what rotation moved to the trash.
@@ -378,5 +509,58 @@ mod tests {
         mk(d.path(), "scheduled.0", "202601040000");
         fs::create_dir(d.path().join("scheduled.1")).unwrap(); // no report: invalid
         assert_eq!(newest_valid(d.path()).unwrap().unwrap().name(), "daily.0");
+    }
+
+    #[test]
+    fn an_interrupted_rotation_is_finished_from_its_journal() {
+        let d = tempfile::tempdir().unwrap();
+        let keeps = Keeps([3, 0, 0, 0, 0]);
+        mk(d.path(), "scheduled.0", "202601030000");
+        mk(d.path(), "scheduled.1", "202601020000");
+        mk(d.path(), "scheduled.2", "202601010000");
+        mk(d.path(), RUNNING, "202601040000");
+        let plan = plan_shift(d.path(), Level::Scheduled, keeps, "x").unwrap();
+        assert_eq!(plan.len(), 4, "{plan:?}");
+        let mut j = String::from("affa-rotation-journal 1\n");
+        for (f, t) in &plan {
+            j.push_str(&format!("mv {f} {t}\n"));
+        }
+        fs::write(d.path().join(JOURNAL), j).unwrap();
+        // The crash came after two of the four renames.
+        for (f, t) in &plan[..2] {
+            fs::create_dir_all(d.path().join(TRASH)).unwrap();
+            fs::rename(d.path().join(f), d.path().join(t)).unwrap();
+        }
+        assert_eq!(names(d.path()), ["scheduled.0", "scheduled.2"]);
+        recover(d.path()).unwrap();
+        let dates: Vec<String> = list(d.path()).unwrap().iter().map(|a| a.report.as_ref().unwrap().date().unwrap().to_string()).collect();
+        assert_eq!(dates, ["202601040000", "202601030000", "202601020000"]);
+        assert!(!d.path().join(JOURNAL).exists());
+        assert!(recover(d.path()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_journal_cannot_move_anything_outside_the_job_dir() {
+        let d = tempfile::tempdir().unwrap();
+        let job = d.path().join("job");
+        mk(&job, "scheduled.0", "202601030000");
+        for bad in ["mv ../x scheduled.1", "mv scheduled.0 ../stolen", "mv scheduled.0 .AFFA-TRASH/../../stolen", "mv /etc scheduled.5", "done scheduled 1", "rm -rf /"] {
+            fs::write(job.join(JOURNAL), format!("affa-rotation-journal 1\n{bad}\n")).unwrap();
+            assert!(recover(&job).is_err(), "{bad}");
+            assert_eq!(names(&job), ["scheduled.0"]);
+            assert!(!d.path().join("stolen").exists());
+        }
+    }
+
+    #[test]
+    fn a_gap_is_closed_without_trashing() {
+        let d = tempfile::tempdir().unwrap();
+        let keeps = Keeps([3, 0, 0, 0, 0]);
+        mk(d.path(), "scheduled.0", "202601030000");
+        mk(d.path(), "scheduled.2", "202601010000");
+        mk(d.path(), RUNNING, "202601040000");
+        shift(d.path(), Level::Scheduled, keeps, "x").unwrap();
+        assert_eq!(names(d.path()), ["scheduled.0", "scheduled.1", "scheduled.2"]);
+        assert!(!d.path().join(TRASH).exists());
     }
 }

@@ -3,9 +3,13 @@
 //! Owns: noticing the signal and stopping the child (rsync, ssh) that is running, so the run can
 //! clean up (remove an ESXi snapshot, keep `scheduled.running` for resume) and fail with a clear
 //! message. Must never: exit the process from the signal handler, skipping that cleanup.
+//!
+//! Also the fault tests' crash hook [`crash_point`]: `AFFA_TEST_CRASH_AT=STEP[:N]` makes affa
+//! `SIGKILL` itself the N-th time a run reaches the named step (docs/RELIABILITY.md lists the
+//! steps). Read once; a no-op when unset.
 
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::Once;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Once, OnceLock};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
@@ -49,5 +53,26 @@ pub fn set_child(pid: u32) {
     CHILD.store(pid as i32, Ordering::SeqCst);
     if pid > 0 && interrupted() {
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    }
+}
+
+/// Test hook (fault tests only): with `AFFA_TEST_CRASH_AT=STEP` or `STEP:N` in the environment,
+/// the N-th (default first) call with that `step` kills the process with SIGKILL, exactly like
+/// `kill -9` at that point of the run. The variable is read once.
+pub fn crash_point(step: &str) {
+    static SPEC: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    let spec = SPEC.get_or_init(|| {
+        let v = std::env::var("AFFA_TEST_CRASH_AT").ok()?;
+        let (s, n) = match v.rsplit_once(':') {
+            Some((s, n)) if n.parse::<u64>().is_ok() => (s.to_string(), n.parse().unwrap()),
+            _ => (v.clone(), 1),
+        };
+        Some((s, n.max(1)))
+    });
+    if let Some((s, n)) = spec {
+        if s == step && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *n {
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
     }
 }

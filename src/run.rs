@@ -2,7 +2,8 @@
 //!
 //! Owns: the order of a run (lock, connection check, pre-job scripts, transfer into
 //! `scheduled.running`, report and setup copy, promotion and rotation, post-job scripts, the
-//! disk-space warning, unlock). Must never: rename, delete or alter an existing archive when the
+//! disk-space warning, unlock), and finishing what a crashed run left (its rotation journal, a
+//! reported but unrotated `scheduled.running`) before anything else. Must never: rename, delete or alter an existing archive when the
 //! run fails (promotion therefore happens after a successful transfer, which gives the same
 //! archive set as Affa's order, promotion first), or name an incomplete transfer `scheduled.0`.
 
@@ -91,6 +92,7 @@ fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
         bail!("RootDir {} of job {} does not exist (is the backup disk mounted?); create it or fix RootDir", root.display(), ctx.job.name);
     }
     create_private_dir(&ctx.job_dir)?;
+    finish_interrupted_rotation(ctx)?;
     if level != Level::Scheduled {
         let mut summary = RunSummary::default();
         promote(ctx, level, &mut summary)?;
@@ -111,23 +113,17 @@ fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
         transfer_files(ctx, &running, &mut report, &mut summary)?;
     }
     finish_report(ctx, &running, &mut report)?;
+    crate::interrupt::crash_point("report-written");
 
     // The transfer is complete and has its report: now, and only now, archives move.
-    let now = ctx.clock.now();
-    let dd = DoneDates::read(&ctx.job_dir);
-    let s0_valid = Report::read(&ctx.job_dir.join("scheduled.0")).is_some();
-    for l in [Level::Yearly, Level::Monthly, Level::Weekly, Level::Daily] {
-        if s0_valid && dd.get(l) != l.period(now) && ctx.job.keep(l) > 0 {
-            promote(ctx, l, &mut summary)?;
-        }
-    }
-    let moved = archive::shift(&ctx.job_dir, Level::Scheduled, ctx.keeps(), &stamp(ctx))?;
-    log_moves(ctx, &moved);
-    summary.rotated.extend(moved);
+    rotate(ctx, ctx.clock.now(), &mut summary)?;
     summary.archive = Some(ctx.job_dir.join("scheduled.0"));
+    crate::interrupt::crash_point("rotated");
     archive::empty_trash(&ctx.job_dir)?;
     archive::remove_tree(&ctx.job_dir.join(RESUME))?;
+    crate::interrupt::crash_point("before-sweep");
     crate::staging::sweep_after_rotation(ctx)?;
+    crate::interrupt::crash_point("swept");
 
     run_scripts(ctx, "postJobCommand", "postJobCommandRemote")?;
     disk_space_warning(ctx, &report, &mut summary);
@@ -144,16 +140,56 @@ fn log_moves(ctx: &Ctx, moved: &[String]) {
     }
 }
 
-/// Rotate one promotion level and record the period in `.doneDates`.
-fn promote(ctx: &Ctx, level: Level, summary: &mut RunSummary) -> Result<()> {
-    let moved = archive::shift(&ctx.job_dir, level, ctx.keeps(), &stamp(ctx))?;
+/// The rotation after a transfer made at `now`: the promotions due, then `scheduled`.
+fn rotate(ctx: &Ctx, now: chrono::NaiveDateTime, summary: &mut RunSummary) -> Result<()> {
+    let dd = DoneDates::read(&ctx.job_dir);
+    let s0_valid = Report::read(&ctx.job_dir.join("scheduled.0")).is_some();
+    for l in [Level::Yearly, Level::Monthly, Level::Weekly, Level::Daily] {
+        if s0_valid && dd.get(l) != l.period(now) && ctx.job.keep(l) > 0 {
+            promote_at(ctx, l, now, summary)?;
+        }
+    }
+    let moved = archive::shift(&ctx.job_dir, Level::Scheduled, ctx.keeps(), &stamp(ctx))?;
     log_moves(ctx, &moved);
     summary.rotated.extend(moved);
-    if level != Level::Scheduled {
-        let mut dd = DoneDates::read(&ctx.job_dir);
-        dd.values[level as usize] = level.period(ctx.clock.now());
-        dd.write(&ctx.job_dir)?;
+    Ok(())
+}
+
+fn promote(ctx: &Ctx, level: Level, summary: &mut RunSummary) -> Result<()> {
+    promote_at(ctx, level, ctx.clock.now(), summary)
+}
+
+/// Rotate one promotion level and record the period in `.doneDates`, both in one journaled
+/// step (archive::JOURNAL): a crash in between neither skips the promotion nor repeats it.
+fn promote_at(ctx: &Ctx, level: Level, now: chrono::NaiveDateTime, summary: &mut RunSummary) -> Result<()> {
+    crate::interrupt::crash_point("promote");
+    let mut dd = DoneDates::read(&ctx.job_dir);
+    dd.values[level as usize] = level.period(now);
+    let done = if level != Level::Scheduled { Some(&dd) } else { None };
+    let moved = archive::shift_recording(&ctx.job_dir, level, ctx.keeps(), &stamp(ctx), done)?;
+    log_moves(ctx, &moved);
+    summary.rotated.extend(moved);
+    Ok(())
+}
+
+/// First the rotation journal of a crashed run is replayed. Then: a `scheduled.running` with
+/// its report is a complete transfer whose rotation a crash cut short (the report is written last, after everything else): give it its name now, before
+/// anything else happens, instead of treating it as an interrupted transfer.
+fn finish_interrupted_rotation(ctx: &Ctx) -> Result<()> {
+    let replayed = archive::recover(&ctx.job_dir)?;
+    if !replayed.is_empty() {
+        ctx.log.warn("finishing a rotation that was interrupted (rotation journal)");
+        log_moves(ctx, &replayed);
     }
+    let Some(r) = Report::read(&ctx.job_dir.join(RUNNING)) else {
+        return Ok(());
+    };
+    ctx.log.warn("scheduled.running holds a complete transfer whose rotation was interrupted: rotating it in now");
+    // Rotate as the crashed run would have: with the promotions due at its own time.
+    let when = r.date().and_then(|d| chrono::NaiveDateTime::parse_from_str(d, "%Y%m%d%H%M").ok()).unwrap_or_else(|| ctx.clock.now());
+    let mut summary = RunSummary::default();
+    rotate(ctx, when, &mut summary)?;
+    archive::empty_trash(&ctx.job_dir)?;
     Ok(())
 }
 
@@ -208,6 +244,7 @@ pub fn check_rsync(ctx: &Ctx, res: &rsync::RsyncResult, what: &str, summary: &mu
             let running = ctx.job_dir.join(RUNNING);
             let _ = archive::remove_tree(&running);
             let _ = archive::remove_tree(&ctx.job_dir.join(RESUME));
+            crate::staging::give_space_back(ctx);
             Err(Error::new(format!(
                 "{what}: {f}: the disk of RootDir {} is full; the incomplete transfer was deleted to give the space back, earlier archives are untouched",
                 ctx.job.root_dir().display()
@@ -285,6 +322,7 @@ pub fn finish_report(ctx: &Ctx, running: &Path, report: &mut Report) -> Result<(
     r.set("AffaVersion", env!("CARGO_PKG_VERSION"));
     let setup = format!("; Created on {}\n{}", now.format("%a %b %e %H:%M:%S %Y"), ctx.job.to_ini());
     crate::report::write_atomic(&running.join(format!(".{}-setup.ini", ctx.job.name)), setup.as_bytes())?;
+    crate::interrupt::crash_point("setup-written");
     r.write(running)?;
     *report = r;
     Ok(())

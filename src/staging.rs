@@ -134,8 +134,23 @@ pub fn chunk_into(ctx: &Ctx, running: &Path, rel: &Path, link_dirs: &[PathBuf], 
     let prev = previous_manifest(link_dirs, rel).map(|(_, m)| m);
     let size = fs::metadata(&st).map(|m| m.len()).unwrap_or(0);
     let bar = crate::joblog::progress_bar(ctx.interactive, size, &format!("chunking {}", rel.display()));
-    let cb = |n: u64| bar.set_position(n);
-    let stats = chunk::chunk_file(&pool, &set, &st, running, rel, prev.as_ref(), Some(&cb))?;
+    let cb = |n: u64| {
+        bar.set_position(n);
+        crate::interrupt::crash_point("chunk-progress");
+    };
+    let stats = match chunk::chunk_file(&pool, &set, &st, running, rel, prev.as_ref(), Some(&cb)) {
+        Ok(s) => s,
+        Err(e) if e.to_string().contains("os error 28") => {
+            let _ = archive::remove_tree(running);
+            let _ = archive::remove_tree(&ctx.job_dir.join(archive::RESUME));
+            give_space_back(ctx);
+            bail!(
+                "{e}: the disk of RootDir {} is full; the incomplete transfer was deleted to give the space back, earlier archives are untouched",
+                ctx.job.root_dir().display()
+            );
+        }
+        Err(e) => return Err(e),
+    };
     bar.finish_and_clear();
     ctx.log.info(format!(
         "chunked {}: {} in {} chunks, {} new, {} added to the pool",
@@ -183,6 +198,7 @@ pub fn transfer_chunked(ctx: &Ctx, source: &Source, running: &Path, report: &mut
     for f in walk_files(&staging)? {
         let rel = f.strip_prefix(&staging).unwrap().to_path_buf();
         chunk_into(ctx, running, &rel, &link_dirs, &mut totals)?;
+        crate::interrupt::crash_point("chunked");
     }
     for (k, v) in crate::report::parse_rsync_stats(&res.stdout) {
         if let (Some(a), Ok(b)) = (report.num(&k), v.parse::<u64>()) {
@@ -215,6 +231,29 @@ pub fn walk_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     out.sort();
     Ok(out)
+}
+
+/// RootDir is full: give back what this run's chunked files took. Staging copies of files the
+/// newest archive does not hold (new files, only partly transferred) are deleted, the others
+/// stay as the delta basis; pool chunks that no archive links are swept. Best effort.
+pub fn give_space_back(ctx: &Ctx) {
+    let staging = ctx.job_dir.join(STAGING);
+    if staging.is_dir() {
+        let newest = archive::newest_valid(&ctx.job_dir).ok().flatten().map(|a| a.path);
+        for f in walk_files(&staging).unwrap_or_default() {
+            let rel = f.strip_prefix(&staging).unwrap_or(&f);
+            let kept = newest.as_ref().is_some_and(|a| chunk::manifest_path(a, rel).is_file());
+            if !kept {
+                ctx.log.info(format!("disk full: deleting the partial staging copy of {}", rel.display()));
+                let _ = fs::remove_file(&f);
+            }
+        }
+    }
+    if ctx.job.root_dir().join(chunk::POOL_DIR).is_dir() {
+        if let Ok(s) = sweep_pool(&ctx.job.root_dir()) {
+            ctx.log.info(s);
+        }
+    }
 }
 
 /// After rotation: remove pool chunks nobody references any more.
@@ -269,6 +308,7 @@ pub fn unchunk_command(cfg: &Config, job: &str, archive_name: &str, to: Option<&
 }
 
 /// `--verify JOB [ARCHIVE|--all]`: read every chunk, check hashes, name what is damaged.
+/// Damaged chunks are also taken out of the pool, so that the next backup stores them again.
 pub fn verify_command(cfg: &Config, job: &str, archive_name: Option<&str>, all: bool) -> Result<String> {
     let j = cfg.job(job)?;
     let archives = if all {
@@ -300,6 +340,15 @@ pub fn verify_command(cfg: &Config, job: &str, archive_name: Option<&str>, all: 
         }
         for (m, e) in &rep.bad_manifests {
             out.push_str(&format!("{}: manifest {} unreadable: {e}\n", a.name(), m.display()));
+        }
+        // A damaged pool entry must not be reused by the next backup as if it were good (a
+        // chunk listed at the same index by the previous manifest gets only a cheap check):
+        // take it out of the pool, so that the next backup of that data stores it afresh.
+        if !rep.problems.is_empty() && j.root_dir().join(chunk::POOL_DIR).is_dir() {
+            let n = chunk::evict_damaged(&Pool::open(&j.root_dir())?, &rep)?;
+            if n > 0 {
+                out.push_str(&format!("{}: {n} damaged chunk(s) removed from the pool; the next backup stores that data again\n", a.name()));
+            }
         }
     }
     if !bad.is_empty() {

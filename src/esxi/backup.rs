@@ -150,6 +150,7 @@ pub fn transfer(ctx: &Ctx, running: &Path, report: &mut Report, summary: &mut Ru
     let vm_name = job.get("ESXiVMName");
     ctx.log.info(format!("ESXi: connecting to {}", connect_options(job).host));
     let mut client = login(job)?;
+    crate::interrupt::crash_point("esxi-logged-in");
     let result = transfer_logged_in(ctx, &client, &target, running, report, summary);
     if let Err(e) = client.logout() {
         ctx.log.warn(format!("ESXi logout failed: {e}"));
@@ -184,6 +185,7 @@ fn transfer_logged_in(ctx: &Ctx, client: &Client, target: &SshTarget, running: &
     ctx.log.info(format!("ESXi: creating snapshot {name}"));
     snaps.create(&name, job.flag("ESXiSnapshotMemory"), job.flag("ESXiSnapshotQuiesce"))
         .map_err(|e| e.context(format!("creating snapshot {name} failed; nothing was copied")))?;
+    crate::interrupt::crash_point("snapshot-created");
     report.set("ESXiSnapshot", &name);
     report.set("ESXiSnapshotCreated", chrono::Local::now().format("%Y-%m-%d %H:%M:%S"));
 
@@ -203,6 +205,7 @@ fn transfer_logged_in(ctx: &Ctx, client: &Client, target: &SshTarget, running: &
         Ok((groups, frozen))
     })();
     let removal = (|| -> Result<()> {
+        crate::interrupt::crash_point("before-snapshot-removal");
         let now = client.vm_layout(&vm)?;
         let ours: Vec<esxi::SnapshotTree> = now.all_snapshots().into_iter().filter(|s| s.name == name).cloned().collect();
         if ours.is_empty() {
@@ -212,6 +215,7 @@ fn transfer_logged_in(ctx: &Ctx, client: &Client, target: &SshTarget, running: &
             ctx.log.info(format!("ESXi: removing snapshot {name}"));
             snaps.remove(s)?;
         }
+        crate::interrupt::crash_point("snapshot-removed");
         Ok(())
     })();
     match (&copied, &removal) {
@@ -243,6 +247,7 @@ fn transfer_logged_in(ctx: &Ctx, client: &Client, target: &SshTarget, running: &
         add(&mut conf, &after, &format!("{stem}.{ext}"))?;
     }
     copy_groups(ctx, target, running, &conf, false, report, summary)?;
+    crate::interrupt::crash_point("config-copied");
 
     // 8. What the archive holds, for the report and for restore.
     let mut ini = format!("[VM]\nName={}\nVmxPath={}\nHost={}\nSnapshot={name}\n", after.name, vmx, client.host());
@@ -269,6 +274,7 @@ fn transfer_logged_in(ctx: &Ctx, client: &Client, target: &SshTarget, running: &
     }
     let _ = groups;
     crate::report::write_atomic(&running.join(ESXI_INI), ini.as_bytes())?;
+    crate::interrupt::crash_point("esxi-ini-written");
     Ok(())
 }
 
@@ -306,6 +312,7 @@ fn copy_groups(ctx: &Ctx, target: &SshTarget, running: &Path, groups: &[Group], 
             args.push(format!("{}/", dest.display()));
             let res = rsync::run(job, &args, &ctx.log, ctx.interactive)?;
             check_rsync(ctx, &res, &format!("copying {}", g.rel_dir.display()), summary)?;
+            crate::interrupt::crash_point("copied");
             add_stats(report, &res.stdout);
         }
         if !chunked.is_empty() {
@@ -322,12 +329,14 @@ fn copy_groups(ctx: &Ctx, target: &SshTarget, running: &Path, groups: &[Group], 
             args.push(format!("{}/", sdir.display()));
             let res = rsync::run(job, &args, &ctx.log, ctx.interactive)?;
             check_rsync(ctx, &res, &format!("copying {} (chunked)", g.rel_dir.display()), summary)?;
+            crate::interrupt::crash_point("staged");
             add_stats(report, &res.stdout);
             for f in &chunked {
                 if crate::interrupt::interrupted() {
                     bail!("interrupted by {}", crate::interrupt::signal_name());
                 }
                 staging::chunk_into(ctx, running, &g.rel_dir.join(f), &link_dirs, &mut totals)?;
+                crate::interrupt::crash_point("chunked");
             }
         }
     }

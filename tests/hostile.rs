@@ -1,0 +1,522 @@
+//! Hostile and bad input (issue 8): the parsers fuzzed with proptest (bounded, in every
+//! `cargo test`; fuzz/ holds the cargo-fuzz targets for long runs), path tricks in job names,
+//! archive names, manifests and remote file names, secrets that must never show, and the ssh
+//! host key / TLS certificate pins. docs/RELIABILITY.md lists what each test checks.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use affa::chunk::{ChunkRef, Compression, Manifest};
+use common::sim::{Sim, VmSpec, PASS, USER};
+use common::*;
+use proptest::prelude::*;
+
+const MB: u64 = 1 << 20;
+
+// ---------------------------------------------------------------------------------------------
+// Fuzzing (proptest over arbitrary bytes and over mutations of valid inputs).
+
+fn cfg(cases: u32) -> ProptestConfig {
+    ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
+}
+
+/// Valid inputs the mutations start from.
+fn sample_config() -> Vec<u8> {
+    b"[GlobalAffaConfig]\nRootDir=/var/affa\nlockDir=/tmp/l\n\n# comment\n[web]\nremoteHostName=h.example\nInclude=/etc\nInclude=/home\nscheduledKeep=3\nchunkFiles=*.img\nESXiThumbprint=AB:CD\n[esx]\nESXi=yes\nESXiVMName=vm1\n".to_vec()
+}
+fn sample_manifest() -> Vec<u8> {
+    let id = *blake3::hash(b"x").as_bytes();
+    Manifest {
+        size: 3 * 262144 + 5,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime: (1700000000, 5),
+        atime: Some((1700000001, 0)),
+        chunk_size: 262144,
+        compression: Compression::Zstd(1),
+        file_hash: id,
+        added_bytes: 10,
+        chunks: vec![ChunkRef::Stored(id), ChunkRef::Zero, ChunkRef::Stored(id), ChunkRef::Zero],
+    }
+    .to_bytes()
+}
+fn sample_report() -> Vec<u8> {
+    b"[Report]\nDate=202601010000\nExecutionTime=12\nExitStatus=0\nTotalFileSize=1234\n; x\n[Other]\nDate=1\n".to_vec()
+}
+fn sample_soap() -> Vec<u8> {
+    br#"<?xml version="1.0" encoding="UTF-8"?><soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><soapenv:Body><RetrievePropertiesExResponse xmlns="urn:vim25"><returnval><objects><obj type="VirtualMachine">vm-10</obj><propSet><name>name</name><val xsi:type="xsd:string">vm1 &amp; co</val></propSet></objects></returnval></RetrievePropertiesExResponse></soapenv:Body></soapenv:Envelope>"#.to_vec()
+}
+fn sample_fault() -> Vec<u8> {
+    br#"<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/"><soapenv:Body><soapenv:Fault><faultcode>ServerFaultCode</faultcode><faultstring>Cannot complete login</faultstring><detail><InvalidLoginFault xmlns="urn:vim25" xsi:type="InvalidLogin"></InvalidLoginFault></detail></soapenv:Fault></soapenv:Body></soapenv:Envelope>"#.to_vec()
+}
+fn sample_stats() -> Vec<u8> {
+    b"\nNumber of files: 1,234 (reg: 1,000, dir: 234)\nNumber of created files: 0\nTotal file size: 12,345,678 bytes\nTotal transferred file size: 0 bytes\nLiteral data: 0 bytes\nFile list generation time: 0.001 seconds\nTotal bytes sent: 20\n\nsent 20 bytes  received 30 bytes  100.00 bytes/sec\ntotal size is 12,345,678  speedup is 246,913.56\n".to_vec()
+}
+
+/// A sample with random byte edits, insertions and a truncation.
+fn mutated(sample: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
+    let n = sample.len();
+    (prop::collection::vec((0..n, any::<u8>(), 0u8..3), 0..8), 0..=n).prop_map(move |(edits, cut)| {
+        let mut v = sample.clone();
+        for (pos, b, op) in edits {
+            let pos = pos.min(v.len().saturating_sub(1));
+            match op {
+                0 if !v.is_empty() => v[pos] = b,
+                1 => v.insert(pos, b),
+                _ if !v.is_empty() => {
+                    v.remove(pos);
+                }
+                _ => {}
+            }
+        }
+        if cut < v.len() && cut % 3 == 0 {
+            v.truncate(cut);
+        }
+        v
+    })
+}
+
+fn input(sample: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![prop::collection::vec(any::<u8>(), 0..2048), mutated(sample)]
+}
+
+fn parse_config(data: &[u8]) {
+    let text = String::from_utf8_lossy(data).into_owned();
+    if let Ok(c) = affa::config::Config::parse(Path::new("/nonexistent"), &[(PathBuf::from("/nonexistent/x.conf"), text)]) {
+        for (name, j) in &c.jobs {
+            assert!(affa::config::valid_job_name(name), "accepted job name {name:?}");
+            let _ = j.to_ini();
+            let _ = j.sources();
+            // A job dir never leaves RootDir.
+            assert_eq!(j.job_dir().parent(), Some(j.root_dir().as_path()), "{name:?}");
+        }
+    }
+}
+
+fn parse_manifest(data: &[u8]) {
+    if let Ok(m) = Manifest::parse(data) {
+        // Whatever parses is self-consistent and serializes back to the same manifest.
+        assert_eq!(m.chunks.len() as u64, Manifest::chunk_count(m.size, m.chunk_size));
+        assert_eq!(Manifest::parse(&m.to_bytes()).unwrap(), m);
+    }
+}
+
+fn parse_soap(data: &[u8]) {
+    let _ = affa::esxi::soap::parse(data);
+    let _ = affa::esxi::soap::parse_reply(data);
+}
+
+fn parse_report(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let r = affa::report::Report::parse(&text);
+    let _ = r.date();
+    let _ = affa::report::Report::parse(&r.to_text());
+}
+
+fn parse_stats(data: &[u8]) {
+    for (k, v) in affa::report::parse_rsync_stats(&String::from_utf8_lossy(data)) {
+        assert!(!k.is_empty() && k.bytes().all(|b| b.is_ascii_alphabetic()), "{k:?}");
+        assert!(!v.is_empty() && v.bytes().all(|b| b.is_ascii_digit() || b == b'.'), "{v:?}");
+    }
+}
+
+proptest! {
+    #![proptest_config(cfg(1500))]
+    #[test]
+    fn fuzz_config_parser(data in input(sample_config())) { parse_config(&data) }
+    #[test]
+    fn fuzz_manifest_parser(data in input(sample_manifest())) { parse_manifest(&data) }
+    #[test]
+    fn fuzz_soap_parser(data in input(sample_soap())) { parse_soap(&data) }
+    #[test]
+    fn fuzz_soap_fault_parser(data in mutated(sample_fault())) { parse_soap(&data) }
+    #[test]
+    fn fuzz_report_parser(data in input(sample_report())) { parse_report(&data) }
+    #[test]
+    fn fuzz_rsync_stats_parser(data in input(sample_stats())) { parse_stats(&data) }
+}
+
+#[test]
+fn parsers_stay_bounded_on_huge_and_deep_inputs() {
+    let t = Instant::now();
+    // A manifest announcing 2^40 chunks in a few bytes: refused without allocating them.
+    let m = String::from_utf8(sample_manifest()).unwrap();
+    let big = m.replace("chunks 4\n", "chunks 1099511627776\n").replace("size 786437\n", "size 288230376151711744\n");
+    assert!(Manifest::parse(big.as_bytes()).is_err());
+    // XML nested a million deep, a million siblings, a billion-laughs DTD.
+    let deep = format!("{}{}", "<a>".repeat(1_000_000), "</a>".repeat(1_000_000));
+    assert!(affa::esxi::soap::parse(deep.as_bytes()).is_err());
+    // More siblings than soap::MAX_NODES (2 million): refused, so memory stays bounded.
+    let wide = format!("<a>{}</a>", "<b/>".repeat(2_100_000));
+    assert!(affa::esxi::soap::parse(wide.as_bytes()).is_err());
+    let lol = r#"<?xml version="1.0"?><!DOCTYPE l [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;"><!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;">]><l>&c;&c;&c;&c;</l>"#;
+    assert!(affa::esxi::soap::parse(lol.as_bytes()).is_err());
+    // 16 MB lines for the line-based parsers.
+    let long = "x".repeat(16 << 20);
+    parse_report(long.as_bytes());
+    parse_stats(format!("Total file size: {long}\n").as_bytes());
+    parse_config(format!("[web]\nInclude=/{long}\n").as_bytes());
+    assert!(Manifest::parse(long.as_bytes()).is_err());
+    assert!(t.elapsed() < Duration::from_secs(60), "a parser is too slow: {:?}", t.elapsed());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paths.
+
+#[test]
+fn job_and_archive_names_cannot_leave_rootdir() {
+    let affa = Affa::new();
+    let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
+    fs::create_dir_all(src.path().join("d")).unwrap();
+    fs::write(src.path().join("d/f"), "x").unwrap();
+    for bad in ["..", "../etc", "a/b", "/abs", ".hidden", "-rf", "a\u{0}b", &"n".repeat(300), "a b", "a\\b"] {
+        affa.write_conf("bad.conf", &format!("[{bad}]\nremoteHostName=localhost\nInclude={}\n", src.path().display()));
+        let err = fail(&affa.affa(&["--configcheck"]));
+        assert!(err.contains("not valid"), "{bad:?}: {err}");
+        if bad.contains('\0') {
+            continue; // not passable as a command-line argument
+        }
+        let err = fail(&affa.affa(&["--run", bad]));
+        assert!(err.contains("not valid") || err.contains("no job named") || err.contains("error"), "{bad:?}: {err}");
+        assert!(!err.contains("panicked"));
+    }
+    fs::remove_file(affa.conf.join("bad.conf")).unwrap();
+    affa.write_conf("web.conf", &format!("[web]\nremoteHostName=localhost\nInclude={}\nchunkFiles=*.img\n", src.path().display()));
+    // Job names on the command line that are no job.
+    for bad in ["../web", "web/..", "..", "/etc", "web/", "-"] {
+        let o = affa.affa(&["--verify", bad, "--all"]);
+        assert!(!o.status.success(), "{bad:?}");
+    }
+    ok(&affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
+    let outside = affa.tmp.path().join("outside");
+    fs::create_dir_all(&outside).unwrap();
+    fs::create_dir_all(affa.root.join("web/../outside-archive")).unwrap();
+    for bad in ["../scheduled.0", "scheduled.0/..", "../../outside", "/etc", "scheduled.00", "scheduled.-1", "scheduled.running", "../outside-archive", &format!("scheduled.{}", "9".repeat(100))] {
+        let e = fail(&affa.affa(&["--verify", "web", bad]));
+        assert!(e.contains("has no archive"), "{bad:?}: {e}");
+        let e = fail(&affa.affa(&["--unchunk", "web", bad, "--to", outside.to_str().unwrap()]));
+        assert!(e.contains("has no archive"), "{bad:?}: {e}");
+    }
+    assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+}
+
+#[test]
+fn a_malicious_manifest_cannot_read_or_write_outside() {
+    let affa = Affa::new();
+    let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
+    fs::write(src.path().join("disk.img"), vec![5u8; 600_000]).unwrap();
+    affa.write_conf("web.conf", &format!("[web]\nremoteHostName=localhost\nInclude={}\nchunkFiles=*.img\nchunkSize=256K\nscheduledKeep=5\n", src.path().display()));
+    ok(&affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
+    let s0 = affa.job_dir("web").join("scheduled.0");
+    let rel = src.path().strip_prefix("/").unwrap().join("disk.img.affa-manifest");
+    let good = fs::read_to_string(s0.join(&rel)).unwrap();
+    let id = good.lines().find(|l| l.len() == 64).unwrap().to_string();
+    let secret = affa.tmp.path().join("secret");
+    fs::write(&secret, "top secret").unwrap();
+    let restore_to = affa.tmp.path().join("restore");
+    let unchunk = || affa.affa(&["--unchunk", "web", "scheduled.0", "--to", restore_to.to_str().unwrap()]);
+    // 1. Chunk ids that are paths.
+    for evil in ["../../../../etc/passwd", "../../secret", "/etc/shadow", &format!("{}/../{}", &id[..30], &id[..31])] {
+        fs::write(s0.join(&rel), good.replace(&id, evil)).unwrap();
+        let e = fail(&unchunk());
+        assert!(e.contains("manifest"), "{evil}: {e}");
+        assert!(!restore_to.join(src.path().strip_prefix("/").unwrap()).join("disk.img").exists());
+    }
+    // 2. The chunk link is a symlink to a file outside: it is read (a symlink is not trusted
+    //    more than a file) and refused, since it does not hash right.
+    fs::write(s0.join(&rel), &good).unwrap();
+    let link = s0.join(".affa-chunks").join(&id[..2]).join(&id);
+    fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(&secret, &link).unwrap();
+    let e = fail(&unchunk());
+    assert!(e.contains(&id), "{e}");
+    assert!(!e.contains("top secret"), "{e}");
+    assert_eq!(fs::read_to_string(&secret).unwrap(), "top secret");
+    // 3. A manifest reached through a symlinked directory is not followed.
+    let evil_dir = affa.tmp.path().join("evil");
+    fs::create_dir_all(&evil_dir).unwrap();
+    fs::write(evil_dir.join("x.affa-manifest"), &good).unwrap();
+    std::os::unix::fs::symlink(&evil_dir, s0.join("sneaky")).unwrap();
+    let manifests = affa::chunk::list_manifests(&s0).unwrap();
+    assert!(manifests.iter().all(|m| !m.starts_with(s0.join("sneaky"))), "{manifests:?}");
+    // Nothing was written outside the restore target and RootDir.
+    assert_eq!(fs::read_dir(&evil_dir).unwrap().count(), 1);
+}
+
+#[test]
+fn remote_file_names_with_newlines_and_leading_dashes_are_data() {
+    let mut sshd = Sshd::start();
+    let affa = Affa::new();
+    let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
+    let d = src.path().join("data");
+    fs::create_dir_all(d.join("-rf")).unwrap();
+    let names = ["-rf/x", "--delete", "-e sh -c id", "new\nline", "new\nline.img", "--link-dest=..", "..\n..", " space ", "tab\there", "back\\slash", "quote'\"", "*glob?[x]", "-.img"];
+    for (i, n) in names.iter().enumerate() {
+        fs::write(d.join(n), format!("file {i}\n").repeat(1000)).unwrap();
+    }
+    let tag = format!("affa-pwned-{}", std::process::id());
+    for n in [format!("$(touch {tag})"), format!("`touch {tag}`"), format!(";touch {tag};")] {
+        fs::write(d.join(n), "x").unwrap();
+    }
+    let home = PathBuf::from(std::env::var("HOME").unwrap_or("/root".into()));
+    let markers = [home.join(&tag), std::env::current_dir().unwrap().join(&tag), d.join(&tag), PathBuf::from("/").join(&tag), PathBuf::from("/tmp").join(&tag)];
+    let job = affa.ssh_job("web", &sshd, &format!("Include={}\nchunkFiles=*.img\nchunkSize=256K\n", d.display()));
+    affa.write_conf("web.conf", &job);
+    ok(&affa.send_key(&mut sshd, "web"));
+    let before_root: Vec<_> = fs::read_dir(affa.tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    ok(&affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
+    ok(&affa.affa_at("2026-03-02T11:00:00", &["--run", "web"]));
+    let a = affa.job_dir("web").join("scheduled.0").join(d.strip_prefix("/").unwrap());
+    for (i, n) in names.iter().enumerate() {
+        if n.ends_with(".img") {
+            assert!(a.join(format!("{n}.affa-manifest")).is_file(), "{n:?} not chunked");
+        } else {
+            assert_eq!(fs::read_to_string(a.join(n)).unwrap(), format!("file {i}\n").repeat(1000), "{n:?}");
+        }
+    }
+    for m in &markers {
+        assert!(!m.exists(), "a file name was run as a command: {} exists", m.display());
+    }
+    assert!(a.join(format!("$(touch {tag})")).is_file());
+    let after_root: Vec<_> = fs::read_dir(affa.tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(before_root, after_root, "something was created outside RootDir");
+    let restore_to = affa.tmp.path().join("restore");
+    ok(&affa.affa(&["--unchunk", "web", "scheduled.0", "--to", restore_to.to_str().unwrap()]));
+    let r = restore_to.join(d.strip_prefix("/").unwrap());
+    assert!(fs::read(r.join("new\nline.img")).unwrap() == fs::read(d.join("new\nline.img")).unwrap());
+    assert!(fs::read(r.join("-.img")).unwrap() == fs::read(d.join("-.img")).unwrap());
+    ok(&affa.affa(&["--verify", "web", "--all"]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Secrets and pins.
+
+fn fill(path: &Path, size: u64) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let f = fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&vec![0x42u8; MB as usize], 0).unwrap();
+}
+
+struct Esx {
+    sshd: Sshd,
+    affa: Affa,
+    sim: Sim,
+    work: tempfile::TempDir,
+    conf: String,
+}
+
+fn esx(extra_conf: &str) -> Esx {
+    let work = tempfile::Builder::new().prefix("affa-hostile").tempdir().unwrap();
+    let ds1 = work.path().join("vmfs-ds1");
+    fill(&ds1.join("vm1/vm1-flat.vmdk"), 4 * MB);
+    let sim = Sim::start(&work.path().join("sim"), &[("datastore1", &ds1)], &[VmSpec { name: "vm1".into(), power_on: true, disks: vec![("datastore1".into(), 4 * MB)] }], "");
+    let mut sshd = Sshd::start();
+    let affa = Affa::new();
+    let conf = affa.ssh_job(
+        "esx",
+        &sshd,
+        &format!("ESXi=yes\nESXiVMName=vm1\nESXiUsername={USER}\nESXiPassword={PASS}\nESXiHost=127.0.0.1\nESXiPort={}\nremoteRsyncBinary=/usr/bin/rsync\nESXiTaskTimeout=20\n{extra_conf}", sim.port),
+    );
+    affa.write_conf("esx.conf", &conf);
+    let sock = sshd.agent_socket();
+    ok(&affa.cmd().env("SSH_AUTH_SOCK", sock).args(["--send-key", "esx", "--yes"]).output().unwrap());
+    let conf = fs::read_to_string(affa.conf.join("esx.conf")).unwrap();
+    Esx { sshd, affa, sim, work, conf }
+}
+
+fn counter(e: &Esx, name: &str) -> u64 {
+    e.sim.state()["counters"][name].as_u64().unwrap_or(0)
+}
+
+/// Every file under `dir` that contains `needle`.
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                if let Ok(data) = fs::read(e.path()) {
+                    if data.windows(needle.len()).any(|w| w == needle) {
+                        out.push(e.path());
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Descendants of `pid` (pid list), from /proc.
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut parent = std::collections::HashMap::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else { continue };
+        let Some((_, tail)) = stat.rsplit_once(')') else { continue };
+        let pp: u32 = tail.split_whitespace().nth(1).and_then(|x| x.parse().ok()).unwrap_or(0);
+        parent.insert(p, pp);
+    }
+    parent
+        .keys()
+        .copied()
+        .filter(|&p| {
+            let mut q = p;
+            for _ in 0..64 {
+                if q == pid {
+                    return true;
+                }
+                match parent.get(&q) {
+                    Some(&x) if x != 0 => q = x,
+                    _ => return false,
+                }
+            }
+            false
+        })
+        .collect()
+}
+
+#[test]
+fn the_esxi_password_never_shows() {
+    let e = esx("Debug=yes\nchunkFiles=*-flat.vmdk\nchunkSize=256K\nBandwidthLimit=2000\n");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(fs::metadata(e.affa.conf.join("esx.conf")).unwrap().permissions().mode() & 0o777, 0o600);
+    // While the run goes on: every process of the run, its command line and environment.
+    let c = e.affa.cmd().env("AFFA_FAKE_NOW", "2026-05-04T21:00:00").args(["--run", "esx"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let pid = c.id();
+    let mut seen = std::collections::BTreeSet::new();
+    let out = {
+        let mut c = c;
+        loop {
+            for p in descendants(pid) {
+                let cmd = fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                let env = fs::read(format!("/proc/{p}/environ")).unwrap_or_default();
+                if !cmd.is_empty() {
+                    seen.insert(String::from_utf8_lossy(&cmd).split('\0').next().unwrap_or("").to_string());
+                }
+                for (what, data) in [("command line", &cmd), ("environment", &env)] {
+                    assert!(!data.windows(PASS.len()).any(|w| w == PASS.as_bytes()), "the password is in the {what} of pid {p}: {}", String::from_utf8_lossy(data).replace('\0', " "));
+                }
+            }
+            if c.try_wait().unwrap().is_some() {
+                break c.wait_with_output().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    ok(&out);
+    assert!(seen.iter().any(|s| s.ends_with("rsync")) && seen.iter().any(|s| s.ends_with("ssh")), "the run's children were not seen: {seen:?}");
+    let all_out = [out.stdout.clone(), out.stderr.clone()].concat();
+    assert!(!all_out.windows(PASS.len()).any(|w| w == PASS.as_bytes()));
+    // Wrong password and unreachable host: the errors do not quote it.
+    e.affa.write_conf("esx.conf", &e.conf.replace(&format!("ESXiPassword={PASS}"), "ESXiPassword=Wr0ng-s3cret-Pw"));
+    let err = fail(&e.affa.affa(&["--run", "esx"]));
+    assert!(!err.contains("Wr0ng-s3cret-Pw"), "{err}");
+    e.affa.write_conf("esx.conf", &e.conf);
+    // logDir, every file of RootDir (reports, .esx-setup.ini, .affa-esxi.ini), the state dirs,
+    // and what the status and log commands print.
+    for dir in [&e.affa.root, &e.affa.state] {
+        let hits = files_containing(dir, PASS.as_bytes());
+        assert!(hits.is_empty() || hits == [e.affa.state.join("esx.pw")], "the password is in {hits:?}");
+    }
+    assert!(files_containing(&e.affa.state.join("log"), b"Wr0ng-s3cret-Pw").is_empty());
+    let setup = fs::read_to_string(e.affa.job_dir("esx").join("scheduled.0/.esx-setup.ini")).unwrap();
+    assert!(setup.contains("ESXiPassword=<hidden>"), "{setup}");
+    for args in [&["--status"][..], &["--log-tail", "esx"], &["--list-archives", "esx"], &["--disk-usage"], &["--configcheck"], &["--metrics"]] {
+        let o = e.affa.affa(args);
+        let t = [o.stdout, o.stderr].concat();
+        assert!(!t.windows(PASS.len()).any(|w| w == PASS.as_bytes()), "{args:?} prints the password");
+    }
+    // A config file holding the password that others may read is refused.
+    fs::set_permissions(e.affa.conf.join("esx.conf"), fs::Permissions::from_mode(0o644)).unwrap();
+    let err = fail(&e.affa.affa(&["--run", "esx"]));
+    assert!(err.contains("chmod 600") && !err.contains(PASS), "{err}");
+    let _ = (&e.sshd, &e.work);
+}
+
+#[test]
+fn a_changed_certificate_stops_the_job_before_any_credential() {
+    let e = esx("");
+    ok(&e.affa.affa_at("2026-05-04T21:00:00", &["--run", "esx"]));
+    // The "host" is replaced: same address and datastores, a new certificate.
+    let ds1 = e.work.path().join("vmfs-ds1");
+    let sim2 = Sim::start(&e.work.path().join("sim2"), &[("datastore1", &ds1)], &[VmSpec { name: "vm2".into(), power_on: false, disks: vec![("datastore1".into(), MB)] }], "");
+    assert_ne!(sim2.thumbprint, e.sim.thumbprint);
+    e.affa.write_conf("esx.conf", &e.conf.replace(&format!("ESXiPort={}", e.sim.port), &format!("ESXiPort={}", sim2.port)));
+    let err = fail(&e.affa.affa_at("2026-05-04T22:00:00", &["--run", "esx"]));
+    assert!(err.contains("fingerprint") && err.contains("ESXiThumbprint"), "{err}");
+    assert!(!err.contains(PASS));
+    let st = sim2.state();
+    let calls: u64 = st["counters"].as_object().map(|m| m.iter().filter(|(k, _)| k.starts_with("soap:")).map(|(_, v)| v.as_u64().unwrap_or(0)).sum()).unwrap_or(0);
+    assert_eq!(calls, 0, "SOAP calls reached the impostor: {}", st["counters"]);
+    assert_eq!(counter(&e, "soap:Login"), 1);
+    assert_eq!(archive_names(&e.affa.job_dir("esx")), ["scheduled.0"]);
+}
+
+#[test]
+fn a_changed_ssh_host_key_stops_the_job_before_anything_is_sent() {
+    let mut sshd = Sshd::start();
+    let affa = Affa::new();
+    let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
+    fs::write(src.path().join("f"), "x").unwrap();
+    affa.write_conf("web.conf", &affa.ssh_job("web", &sshd, &format!("Include={}\n", src.path().display())));
+    ok(&affa.send_key(&mut sshd, "web"));
+    ok(&affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
+    let before = tree_hashes(&affa.job_dir("web"));
+    sshd.change_host_key();
+    fs::write(src.path().join("f"), "changed").unwrap();
+    let o = affa.affa_at("2026-03-02T11:00:00", &["--run", "web"]);
+    let err = fail(&o);
+    let last = err.lines().last().unwrap_or("");
+    assert!(last.starts_with("affa: error: ") && (last.contains("host key") || last.contains("HOST IDENTIFICATION")), "{err}");
+    assert_eq!(tree_hashes(&affa.job_dir("web")), before);
+    assert!(!affa.job_dir("web").join("scheduled.running").exists());
+    // --send-key does not silently accept the new key either.
+    let o = affa.send_key(&mut sshd, "web");
+    assert!(!o.status.success(), "send-key accepted a changed host key: {}", String::from_utf8_lossy(&o.stdout));
+}
+
+#[test]
+fn no_source_disables_host_key_or_certificate_checks() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let forbidden = ["StrictHostKeyChecking=no", "StrictHostKeyChecking no", "UserKnownHostsFile=/dev/null", "danger_accept_invalid", "accept_invalid_certs", "NoCertificateVerification", "NoVerifier", "InsecureSkipVerify"];
+    let mut stack = vec![root.clone()];
+    let mut dangerous = Vec::new();
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let text = fs::read_to_string(&p).unwrap_or_default();
+            // Code only: comments may say what must never be done.
+            let code: String = text.lines().filter(|l| !l.trim_start().starts_with("//")).collect::<Vec<_>>().join("\n");
+            for f in forbidden {
+                assert!(!code.contains(f), "{} contains {f}", p.display());
+            }
+            for (i, l) in text.lines().enumerate() {
+                if l.contains(".dangerous()") || l.contains("builder_dangerous") {
+                    dangerous.push(format!("{}:{}", p.strip_prefix(&root).unwrap().display(), i + 1));
+                }
+            }
+        }
+    }
+    // The only custom verifier is the pinning one (tls.rs); lettre's builder_dangerous only
+    // means "no default TLS", notify.rs passes its own verifying TlsParameters.
+    for d in &dangerous {
+        assert!(d.starts_with("esxi/tls.rs:") || d.starts_with("notify.rs:"), "unexpected TLS override at {d}");
+    }
+    let tls = fs::read_to_string(root.join("esxi/tls.rs")).unwrap();
+    assert!(tls.contains("impl ServerCertVerifier for PinnedVerifier"));
+}
