@@ -5,98 +5,43 @@
 mod common;
 
 use std::fs;
-use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
 
+use common::esx::{fill, sha256_file, Esx, MB};
 use common::sim::{Sim, VmSpec, PASS, USER};
 use common::*;
-use sha2::{Digest, Sha256};
 
-const MB: u64 = 1 << 20;
-
-fn fill(path: &Path, size: u64, regions: &[(u64, u64)], seed: u64) {
-    fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let mut f = fs::File::create(path).unwrap();
-    f.set_len(size).unwrap();
-    let mut x = seed | 1;
-    for &(off, len) in regions {
-        let mut buf = vec![0u8; len as usize];
-        for b in buf.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = (x >> 24) as u8;
-        }
-        f.seek(SeekFrom::Start(off)).unwrap();
-        f.write_all(&buf).unwrap();
-    }
-}
-
-fn sha256_file(p: &Path) -> String {
-    let mut h = Sha256::new();
-    let mut f = fs::File::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    std::io::copy(&mut f, &mut h).unwrap();
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-struct Esx {
-    sshd: Sshd,
-    affa: Affa,
-    sim: Sim,
-    work: tempfile::TempDir,
-    ds1: PathBuf,
-    ds2: PathBuf,
-    pwfile: PathBuf,
+/// A backed-up ESXi job and the hashes of vm1's disks at that backup's snapshot.
+struct Backed {
+    e: Esx,
     /// SHA-256 of the two flat disks at the backup's snapshot.
     frozen: Vec<String>,
 }
 
+impl std::ops::Deref for Backed {
+    type Target = Esx;
+    fn deref(&self) -> &Esx {
+        &self.e
+    }
+}
+
+impl std::ops::DerefMut for Backed {
+    fn deref_mut(&mut self) -> &mut Esx {
+        &mut self.e
+    }
+}
+
 /// vm1: disk 0 (24 MiB, sparse, chunked) on datastore1, disk 1 (4 MiB, plain) on ds2; one
 /// backup done.
-fn esx() -> Esx {
-    let work = tempfile::Builder::new().prefix("affa-resx").tempdir().unwrap();
-    let ds1 = work.path().join("vmfs-ds1");
-    let ds2 = work.path().join("vmfs-ds2");
-    let big = 24 * MB;
-    fill(&ds1.join("vm1/vm1-flat.vmdk"), big, &[(0, 2 * MB), (big / 2, 3 * MB), (big - MB, MB)], 7);
-    fill(&ds2.join("vm1/vm1_1-flat.vmdk"), 4 * MB, &[(MB, 2 * MB)], 11);
-    let sim = Sim::start(
-        &work.path().join("sim"),
-        &[("datastore1", &ds1), ("ds2", &ds2)],
-        &[
-            VmSpec { name: "vm1".into(), power_on: true, disks: vec![("datastore1".into(), big), ("ds2".into(), 4 * MB)] },
-            VmSpec { name: "other".into(), power_on: false, disks: vec![("datastore1".into(), MB)] },
-        ],
-        "",
-    );
-    let mut sshd = Sshd::start();
-    let affa = Affa::new();
-    let pwfile = affa.state.join("esx.pw");
-    fs::write(&pwfile, format!("{PASS}\n")).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(&pwfile, fs::Permissions::from_mode(0o600)).unwrap();
-    let conf = affa.ssh_job(
-        "esx",
-        &sshd,
-        &format!(
-            "ESXi=yes\nESXiVMName=vm1\nESXiUsername={USER}\nESXiPasswordFile={}\nESXiHost=127.0.0.1\nESXiPort={}\nremoteRsyncBinary=/usr/bin/rsync\nESXiTaskTimeout=20\nchunkFiles=*/vm1-flat.vmdk\nchunkSize=1M\n",
-            pwfile.display(),
-            sim.port
-        ),
-    );
-    affa.write_conf("esx.conf", &conf);
-    let sock = sshd.agent_socket();
-    ok(&affa.cmd().env("SSH_AUTH_SOCK", sock).args(["--send-key", "esx", "--yes"]).output().unwrap());
-    ok(&affa.affa_at("2026-05-04T21:00:00", &["--run", "esx"]));
-    let st = sim.state();
-    let vm = st["vms"].as_array().unwrap().iter().find(|v| v["name"] == "vm1").unwrap().clone();
-    let frozen: Vec<String> = vm["last_snapshot_base_flat_sha256"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
-    let s0 = affa.job_dir("esx").join("scheduled.0");
+fn esx() -> Backed {
+    let e = Esx::start(24 * MB, &[(MB, 2 * MB)], "chunkFiles=*/vm1-flat.vmdk\nchunkSize=1M\n", "");
+    ok(&e.affa.affa_at("2026-05-04T21:00:00", &["--run", "esx"]));
+    let frozen = e.frozen();
+    let s0 = e.affa.job_dir("esx").join("scheduled.0");
     assert!(s0.join("vmfs/volumes/datastore1/vm1/vm1-flat.vmdk.affa-manifest").exists(), "disk 0 is not chunked");
     assert!(s0.join("vmfs/volumes/ds2/vm1/vm1_1-flat.vmdk").exists(), "disk 1 is not plain");
     assert!(s0.join(".affa-esxi.ini").exists());
-    Esx { sshd, affa, sim, work, ds1, ds2, pwfile, frozen }
+    Backed { e, frozen }
 }
 
 fn vm_names(sim: &Sim) -> Vec<String> {

@@ -3,6 +3,7 @@
 //! live in temp dirs. Nothing here touches the machine's own sshd or /root/.ssh.
 #![allow(dead_code)]
 
+pub mod esx;
 pub mod sim;
 
 use std::fs;
