@@ -1,0 +1,463 @@
+//! affa-bench: affa measured side by side with plain rsync --link-dest, borg and restic, in
+//! one run, on the same generated VM-disk-like data; writes BENCHMARKS.md and benchmarks.json.
+//!
+//! `cargo run --release --bin affa-bench -- --size 4G` (see BENCHMARKS.md for what it does).
+//! Installs nothing: it stops with the apt-get line when a tool is missing.
+
+#[path = "affa-bench/env.rs"]
+mod env;
+#[path = "affa-bench/gen.rs"]
+mod gen;
+#[path = "affa-bench/json.rs"]
+mod json;
+#[path = "affa-bench/measure.rs"]
+mod measure;
+#[path = "affa-bench/report.rs"]
+mod report;
+#[path = "affa-bench/systems.rs"]
+mod systems;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::Parser;
+
+use env::{AffaConf, Sim, Sshd, VmDef};
+use gen::Filler;
+use measure::Remote;
+use report::{Rec, Results};
+use systems::{Kind, System, World};
+
+#[derive(Parser, Debug)]
+#[command(name = "affa-bench", about = "affa vs rsync --link-dest, borg and restic on the same generated VM disks")]
+pub struct Args {
+    /// Size of the VM disk image (4G; 1G for a quick run).
+    #[arg(long, default_value = "4G")]
+    size: String,
+    /// Disk size of the thirty-nights scenario (default: the size, at most 1G).
+    #[arg(long)]
+    nightly_size: Option<String>,
+    /// Number of simulated nightly runs.
+    #[arg(long, default_value_t = 30)]
+    nights: u32,
+    /// Repetitions of each repeatable scenario (the tables show medians).
+    #[arg(long, default_value_t = 3)]
+    reps: u32,
+    /// Chunk sizes of the chunk-size study (the default chunkSize is always included).
+    #[arg(long, default_value = "256K,1M,4M")]
+    chunk_sizes: String,
+    /// Disk size of the affa-only peak-memory check (default 4 x size; 0 = skip).
+    #[arg(long)]
+    memory_check: Option<String>,
+    /// Where images and stores go (default: ../bench-data next to the repository).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Where BENCHMARKS.md and benchmarks.json are written (default: the repository).
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// Seed of the data generator.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Phases to skip, comma separated: ceilings,full,clustered,scattered,clone,restore,nightly,memory.
+    #[arg(long, default_value = "")]
+    skip: String,
+    /// Only these systems, comma separated (chunk4m,chunk1m,chunk256k,plain,rsync,borg,restic);
+    /// for profiling and quick looks, the tables then lack the others.
+    #[arg(long, default_value = "")]
+    systems: String,
+    /// Systems of the nights scenario (the plain-copy ones store a full copy per night: their
+    /// growth is the same as in the incremental tables).
+    #[arg(long, default_value = "chunk256k,chunk1m,chunk4m,borg,restic")]
+    nightly_systems: String,
+    /// Use this affa binary instead of building one from this checkout (e.g. a build of a
+    /// clean commit while the working tree is being edited).
+    #[arg(long)]
+    affa_bin: Option<PathBuf>,
+    /// Leave the images and stores in the data dir at the end.
+    #[arg(long)]
+    keep_data: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    affa::config::keys::parse_size(s).ok_or_else(|| format!("invalid size '{s}' (examples: 256M, 1G, 4G)"))
+}
+
+pub fn human(b: u64) -> String {
+    if b >= 1 << 30 && b.is_multiple_of(1 << 30) {
+        format!("{} GiB", b >> 30)
+    } else if b >= 1 << 30 {
+        format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{} MiB", b >> 20)
+    }
+}
+
+struct Log {
+    t0: Instant,
+}
+
+impl Log {
+    fn say(&self, s: impl AsRef<str>) {
+        let now = chrono::Utc::now().format("%H:%M:%S");
+        eprintln!("[{now} +{:>5.0}s] {}", self.t0.elapsed().as_secs_f64(), s.as_ref());
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = env::check_prerequisites() {
+        eprintln!("affa-bench: {e}");
+        std::process::exit(2);
+    }
+    if let Err(e) = run(&args) {
+        eprintln!("affa-bench: error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn free_bytes(p: &Path) -> u64 {
+    affa::transport::rsync::df(p).map(|(_, a)| a * 1024).unwrap_or(0)
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let log = Log { t0: Instant::now() };
+    let size = parse_size(&args.size)? / (4 << 10) * (4 << 10);
+    let nsize = match &args.nightly_size {
+        Some(s) => parse_size(s)?,
+        None => size.min(1 << 30),
+    };
+    let msize = match args.memory_check.as_deref() {
+        Some("0") => 0,
+        Some(s) => parse_size(s)?,
+        None => 4 * size,
+    };
+    let skip: Vec<&str> = args.skip.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let on = |p: &str| !skip.contains(&p);
+    let default_cs = affa::config::keys::lookup("chunkSize")
+        .and_then(|k| k.default.first())
+        .and_then(|v| affa::config::keys::parse_size(v))
+        .unwrap_or(4 << 20);
+    let mut study: Vec<u64> = Vec::new();
+    for s in args.chunk_sizes.split(',').filter(|s| !s.trim().is_empty()) {
+        let cs = parse_size(s.trim())?;
+        if !study.contains(&cs) {
+            study.push(cs);
+        }
+    }
+    if !study.contains(&default_cs) {
+        study.push(default_cs);
+    }
+    study.sort();
+
+    let repo = env::manifest_dir();
+    let data = args.data_dir.clone().unwrap_or_else(|| repo.parent().unwrap_or(Path::new("/var/tmp")).join("bench-data"));
+    let out_dir = args.out_dir.clone().unwrap_or_else(|| repo.clone());
+    if data.starts_with(&repo) {
+        return Err(format!("the data dir {} is inside the repository; pass --data-dir elsewhere", data.display()));
+    }
+    fs::create_dir_all(&data).map_err(|e| format!("{}: {e}", data.display()))?;
+    // Disk: world A holds two images, three chunked stores (staging = a plain copy each), two
+    // plain copies per step (pruned), borg and restic; the memory check its image + staging.
+    let need = (9 * size).max(msize * 27 / 10).max(8 * nsize);
+    let free = free_bytes(&data);
+    if free < need {
+        return Err(format!(
+            "{} has {} free; this run needs about {} (use a smaller --size / --memory-check, or --data-dir)",
+            data.display(),
+            human(free),
+            human(need)
+        ));
+    }
+
+    log.say("building affa (release) and the ESXi simulator");
+    let affa_bin = match &args.affa_bin {
+        Some(p) if p.is_file() => p.clone(),
+        Some(p) => return Err(format!("--affa-bin {}: no such file", p.display())),
+        None => env::build_affa()?,
+    };
+    let sim_bin = env::build_sim()?;
+
+    let mut res = Results::new(args, size, nsize, msize, default_cs, &study, &data);
+    res.machine_start();
+
+    // Fresh datastore: the simulator wants the flat files only.
+    let ds = data.join("ds1");
+    let _ = fs::remove_dir_all(&ds);
+    let stores = data.join("stores");
+    let _ = fs::remove_dir_all(&stores);
+    let logs = data.join("logs");
+    let _ = fs::remove_dir_all(&logs);
+    fs::create_dir_all(&logs).map_err(|e| e.to_string())?;
+    let filler = Filler::default();
+    let flat = |vm: &str| ds.join(vm).join(format!("{vm}-flat.vmdk"));
+    log.say(format!("generating vm1 ({}) in {}", human(size), ds.display()));
+    let (comp, gc) = measure::time_self(|| gen::generate(&flat("vm1"), size, gen::derive(args.seed, "vm1"), &filler));
+    let comp = comp.map_err(|e| format!("generating vm1: {e}"))?;
+    log.say(format!("  {:.1} s (zero {}, random {}, text {})", gc.wall, human(comp.zero), human(comp.random), human(comp.text)));
+    res.composition = Some(comp);
+    let mut mtime: i64 = 1_767_225_600; // 2026-01-01
+    gen::set_mtime(&flat("vm1"), mtime).map_err(|e| e.to_string())?;
+    let mut vms = vec![VmDef { name: "vm1".into(), size }, VmDef { name: "vm2".into(), size }];
+    if on("nightly") {
+        vms.push(VmDef { name: "vm3".into(), size: nsize });
+    }
+    if on("memory") && msize > 0 {
+        vms.push(VmDef { name: "vm4".into(), size: msize });
+    }
+    for v in &vms[1..] {
+        fs::create_dir_all(ds.join(&v.name)).map_err(|e| e.to_string())?;
+        let f = fs::File::create(flat(&v.name)).map_err(|e| e.to_string())?;
+        f.set_len(v.size / (4 << 10) * (4 << 10)).map_err(|e| e.to_string())?;
+    }
+
+    let sshd = Sshd::start(&data.join("sshd"))?;
+    let sim = Sim::start(&sim_bin, &data.join("sim"), &ds, &vms)?;
+    let affa = AffaConf::new(&affa_bin, &data.join("affa"))?;
+    let mut w = World {
+        affa: &affa,
+        sshd: &sshd,
+        sim: &sim,
+        ds: ds.clone(),
+        logs: logs.clone(),
+        remote: Remote(Some(sshd.pid())),
+        ssh_job: String::new(),
+        now: String::new(),
+    };
+    // A job only to hold the known-hosts file plain ssh and rsync use.
+    affa.add_job("sshref", "vm1", &data.join("sshref"), None, &sshd, &sim)?;
+    w.ssh_job = "sshref".into();
+    let mut clock = chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap().and_hms_opt(20, 0, 0).unwrap();
+    let mut tick = |w: &mut World, days: i64, minutes: i64| {
+        clock += chrono::Duration::days(days) + chrono::Duration::minutes(minutes);
+        w.now = clock.format("%Y-%m-%dT%H:%M:%S").to_string();
+    };
+
+    let mut systems: Vec<System> = vec![System::new(Kind::Chunk(default_cs), &stores, default_cs, false)];
+    for k in [Kind::Plain, Kind::Rsync, Kind::Borg, Kind::Restic] {
+        systems.push(System::new(k, &stores, default_cs, false));
+    }
+    for &cs in &study {
+        if cs != default_cs {
+            systems.push(System::new(Kind::Chunk(cs), &stores, default_cs, true));
+        }
+    }
+    let only: Vec<&str> = args.systems.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    if !only.is_empty() {
+        systems.retain(|s| only.contains(&s.id.as_str()));
+    }
+    res.systems = systems.iter().map(|s| (s.id.clone(), s.label.clone(), s.study)).collect();
+
+    // Ceilings: a cold local read of the image and ssh cat of it, same ssh options as affa.
+    if on("ceilings") {
+        let f1 = flat("vm1");
+        for rep in 1..=args.reps {
+            let speed = measure::read_speed(&f1).map_err(|e| e.to_string())?;
+            res.add(Rec::ceiling("local-read-cold", rep, size as f64 / speed, size));
+            for (name, cold) in [("ssh-cat-cold", true), ("ssh-cat-warm", false)] {
+                if !cold && rep > 1 {
+                    continue; // the warm figure is for orientation only
+                }
+                if cold {
+                    measure::evict(&[&f1]);
+                } else {
+                    let _ = measure::hash(&f1);
+                }
+                let mut c = std::process::Command::new("ssh");
+                c.args(affa.ssh_args("sshref", &sshd)).arg(format!("{}@127.0.0.1", sshd.user)).arg(format!("cat {}", f1.display()));
+                let cost = measure::run(&mut c, Path::new("/dev/null"), w.remote)?;
+                let mut r = Rec::ceiling(name, rep, cost.wall, size);
+                r.cost = cost;
+                res.add(r);
+            }
+        }
+        let med = |n: &str| measure::median(&res.recs.iter().filter(|r| r.phase == n).map(|r| r.cost.wall).collect::<Vec<_>>());
+        log.say(format!(
+            "ceilings: local read {:.0} MB/s, ssh cat cold {:.0} MB/s, warm {:.0} MB/s",
+            size as f64 / med("local-read-cold") / 1e6,
+            size as f64 / med("ssh-cat-cold") / 1e6,
+            size as f64 / med("ssh-cat-warm") / 1e6
+        ));
+        let (cz, czc) = measure::time_self(|| report::zstd1_size(&f1));
+        res.compressed_full = Some((cz.map_err(|e| e.to_string())?, czc.wall));
+    }
+
+    let src_dir = |vm: &str| ds.join(vm);
+    let backup_all = |systems: &mut Vec<System>, w: &World, res: &mut Results, phase: &str, rep: u32, vm: &str, disk: u64, which: &dyn Fn(&System) -> bool| -> Result<(), String> {
+        for s in systems.iter_mut().filter(|s| which(s)) {
+            measure::evict(&[&src_dir(vm), &s.store_dir()]);
+            let b = s.backup(w, vm, &format!("{phase}{rep}"))?;
+            log.say(format!(
+                "{phase} {rep} {:<10} {:>7.1} s  ssh {:>9}  growth {:>9}  store {:>9}  rss {:>4} MiB  cpu {:.1}+{:.1} s",
+                s.id,
+                b.cost.wall,
+                b.bytes_ssh.map(|x| format!("{:.1} MB", x as f64 / 1e6)).unwrap_or("-".into()),
+                format!("{:.1} MB", b.growth as f64 / 1e6),
+                format!("{:.1} MB", b.store_after as f64 / 1e6),
+                b.cost.maxrss_kib / 1024,
+                b.cost.cpu_local,
+                b.cost.cpu_remote
+            ));
+            res.add(Rec::backup(phase, &s.id, rep, vm, disk, &b));
+            s.prune_old(vm);
+        }
+        Ok(())
+    };
+    let all = |_: &System| true;
+    let world_a_vms = ["vm1", "vm2"];
+
+    if on("full") {
+        for rep in 1..=args.reps {
+            tick(&mut w, 0, 10);
+            // The study's other chunk sizes: one full backup (their incrementals repeat).
+            for s in systems.iter_mut().filter(|s| rep == args.reps || !s.study) {
+                s.reset(&w, &world_a_vms)?;
+            }
+            backup_all(&mut systems, &w, &mut res, "full", rep, "vm1", size, &|s: &System| rep == args.reps || !s.study)?;
+        }
+    } else {
+        return Err("--skip full leaves the incremental scenarios without a base".into());
+    }
+    let change_phase = |name: &str| -> Option<(f64, bool)> {
+        match name {
+            "clustered" => Some((0.01, true)),
+            "scattered" => Some((0.001, false)),
+            _ => None,
+        }
+    };
+    for phase in ["clustered", "scattered"] {
+        if !on(phase) {
+            continue;
+        }
+        let (frac, clustered) = change_phase(phase).unwrap();
+        for rep in 1..=args.reps {
+            let seed = gen::derive(args.seed, &format!("{phase}-{rep}"));
+            let changed = if clustered {
+                gen::change_clustered(&flat("vm1"), size, frac, seed, &filler)
+            } else {
+                gen::change_scattered(&flat("vm1"), size, frac, seed, &filler)
+            }
+            .map_err(|e| e.to_string())?;
+            mtime += 3600;
+            gen::set_mtime(&flat("vm1"), mtime).map_err(|e| e.to_string())?;
+            res.changed.push((phase.to_string(), rep, changed));
+            tick(&mut w, 0, 60);
+            backup_all(&mut systems, &w, &mut res, phase, rep, "vm1", size, &all)?;
+        }
+    }
+    if on("clone") {
+        log.say("cloning vm1 to vm2 with 5% divergence");
+        gen::copy_sparse(&flat("vm1"), &flat("vm2")).map_err(|e| e.to_string())?;
+        let changed = gen::change_clustered(&flat("vm2"), size, 0.05, gen::derive(args.seed, "clone"), &filler).map_err(|e| e.to_string())?;
+        mtime += 3600;
+        gen::set_mtime(&flat("vm2"), mtime).map_err(|e| e.to_string())?;
+        res.changed.push(("clone".into(), 1, changed));
+        tick(&mut w, 0, 60);
+        backup_all(&mut systems, &w, &mut res, "clone", 1, "vm2", size, &all)?;
+    }
+    if on("restore") {
+        let want = measure::hash(&flat("vm1")).map_err(|e| e.to_string())?;
+        let out = data.join("restore");
+        for rep in 1..=args.reps {
+            for s in systems.iter() {
+                let (cost, file) = s.restore(&w, "vm1", &out, &rep.to_string())?;
+                let ok = if rep == 1 { measure::hash(&file).map(|h| h == want).unwrap_or(false) } else { true };
+                if !ok {
+                    return Err(format!("{}: the restored {} differs from the newest vm1", s.id, file.display()));
+                }
+                log.say(format!("restore {rep} {:<10} {:>7.1} s  {:>6.0} MB/s  rss {:>4} MiB", s.id, cost.wall, size as f64 / cost.wall / 1e6, cost.maxrss_kib / 1024));
+                let mut r = Rec::new("restore", &s.id, rep, "vm1", size);
+                r.cost = cost;
+                r.verified = Some(rep == 1);
+                res.add(r);
+            }
+        }
+        let _ = fs::remove_dir_all(&out);
+    }
+    // World A is done: free its disk.
+    res.store_sizes_a = systems.iter().map(|s| (s.id.clone(), s.cum)).collect();
+    for s in systems.iter() {
+        let _ = fs::remove_dir_all(&s.root);
+    }
+    for vm in ["vm1", "vm2"] {
+        if let Ok(f) = fs::OpenOptions::new().write(true).open(flat(vm)) {
+            let _ = f.set_len(0);
+            let _ = f.set_len(size);
+        }
+    }
+
+    if on("nightly") {
+        log.say(format!("thirty nights: generating vm3 ({})", human(nsize)));
+        gen::generate(&flat("vm3"), nsize, gen::derive(args.seed, "vm3"), &filler).map_err(|e| e.to_string())?;
+        mtime += 86400;
+        gen::set_mtime(&flat("vm3"), mtime).map_err(|e| e.to_string())?;
+        tick(&mut w, 1, 0);
+        let nsys: Vec<String> = args.nightly_systems.split(',').map(|s| s.trim().to_string()).collect();
+        let in_nights = |s: &System| nsys.contains(&s.id);
+        for s in systems.iter_mut().filter(|s| in_nights(s)) {
+            s.reset(&w, &["vm3"])?;
+        }
+        backup_all(&mut systems, &w, &mut res, "nightly", 0, "vm3", nsize, &in_nights)?;
+        for night in 1..=args.nights {
+            let seed = gen::derive(args.seed, &format!("night-{night}"));
+            let changed = gen::change_clustered(&flat("vm3"), nsize, 0.005, seed, &filler).map_err(|e| e.to_string())?;
+            mtime += 86400;
+            gen::set_mtime(&flat("vm3"), mtime).map_err(|e| e.to_string())?;
+            res.changed.push(("nightly".into(), night, changed));
+            tick(&mut w, 1, 0);
+            backup_all(&mut systems, &w, &mut res, "nightly", night, "vm3", nsize, &in_nights)?;
+        }
+        res.nightly_final = systems
+            .iter()
+            .filter(|s| in_nights(s))
+            .map(|s| {
+                let staging = if matches!(s.kind, Kind::Chunk(_)) { measure::du(&s.root.join(s.job("vm3")).join(".staging")) } else { 0 };
+                (s.id.clone(), s.cum, staging)
+            })
+            .collect();
+        let (cz, czc) = measure::time_self(|| report::zstd1_size(&flat("vm3")));
+        res.nightly_compressed = Some((cz.map_err(|e| e.to_string())?, czc.wall));
+        for s in systems.iter() {
+            let _ = fs::remove_dir_all(&s.root);
+        }
+        if let Ok(f) = fs::OpenOptions::new().write(true).open(flat("vm3")) {
+            let _ = f.set_len(0);
+            let _ = f.set_len(nsize);
+        }
+    }
+
+    if on("memory") && msize > 0 {
+        log.say(format!("peak-memory check: generating vm4 ({})", human(msize)));
+        gen::generate(&flat("vm4"), msize, gen::derive(args.seed, "vm4"), &filler).map_err(|e| e.to_string())?;
+        mtime += 3600;
+        gen::set_mtime(&flat("vm4"), mtime).map_err(|e| e.to_string())?;
+        let mut mem = vec![System::new(Kind::Chunk(default_cs), &stores, default_cs, false)];
+        tick(&mut w, 0, 60);
+        mem[0].reset(&w, &["vm4"])?;
+        backup_all(&mut mem, &w, &mut res, "memory-full", 1, "vm4", msize, &all)?;
+        gen::change_clustered(&flat("vm4"), msize, 0.01, gen::derive(args.seed, "vm4-change"), &filler).map_err(|e| e.to_string())?;
+        mtime += 3600;
+        gen::set_mtime(&flat("vm4"), mtime).map_err(|e| e.to_string())?;
+        tick(&mut w, 0, 60);
+        backup_all(&mut mem, &w, &mut res, "memory-clustered", 1, "vm4", msize, &all)?;
+        let _ = fs::remove_dir_all(&mem[0].root);
+        if let Ok(f) = fs::OpenOptions::new().write(true).open(flat("vm4")) {
+            let _ = f.set_len(0);
+        }
+    }
+
+    drop(sim);
+    drop(sshd);
+    res.machine_end();
+    res.total_wall = log.t0.elapsed().as_secs_f64();
+    let md_path = out_dir.join("BENCHMARKS.md");
+    let old = fs::read_to_string(&md_path).unwrap_or_default();
+    fs::write(&md_path, res.markdown(&old)).map_err(|e| format!("{}: {e}", md_path.display()))?;
+    fs::write(out_dir.join("benchmarks.json"), res.json().to_text()).map_err(|e| e.to_string())?;
+    log.say(format!("wrote {} and benchmarks.json", md_path.display()));
+    if !args.keep_data {
+        let _ = fs::remove_dir_all(&ds);
+        let _ = fs::remove_dir_all(&stores);
+    }
+    Ok(())
+}

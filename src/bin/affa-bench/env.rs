@@ -1,0 +1,388 @@
+//! The bench's world: what it needs installed, the affa binary and the simulator it builds, a
+//! private sshd (as the tests' fixture: own port, host key, authorized keys), an ssh-agent for
+//! `affa --send-key`, and the ESXi simulator serving the bench's datastore.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+pub const SIM_USER: &str = "affa";
+pub const SIM_PASS: &str = "bench-Pw-1";
+
+/// Debian packages the bench needs, with a command that proves each is there.
+pub const NEEDS: &[(&str, &str)] = &[
+    ("rsync", "/usr/bin/rsync"),
+    ("openssh-server", "/usr/sbin/sshd"),
+    ("openssh-client", "/usr/bin/ssh-agent"),
+    ("borgbackup", "/usr/bin/borg"),
+    ("restic", "/usr/bin/restic"),
+    ("golang-go", "/usr/bin/go"),
+    ("golang-github-vmware-govmomi-dev", "/usr/share/gocode/src/github.com/vmware/govmomi"),
+];
+
+/// Stop with the apt-get line when something is missing.
+pub fn check_prerequisites() -> Result<(), String> {
+    let missing: Vec<&str> = NEEDS.iter().filter(|(_, p)| !Path::new(p).exists()).map(|(n, _)| *n).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "affa-bench needs these Debian packages, which are not installed: {}\ninstall them with:\n  sudo apt-get install -y --no-install-recommends {}\n(nothing was installed or changed)",
+        missing.join(", "),
+        missing.join(" ")
+    ))
+}
+
+fn pdeathsig(cmd: &mut Command) {
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+}
+
+/// First line of a command's output (stdout, else stderr).
+pub fn version_of(prog: &str, args: &[&str]) -> String {
+    match Command::new(prog).args(args).stdin(Stdio::null()).output() {
+        Ok(o) => {
+            let s = if o.stdout.is_empty() { o.stderr } else { o.stdout };
+            String::from_utf8_lossy(&s).lines().next().unwrap_or("").trim().to_string()
+        }
+        Err(_) => "not found".into(),
+    }
+}
+
+pub fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `cargo build --release --bin affa`; the binary lands next to this one.
+pub fn build_affa() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let dir = exe.parent().unwrap().to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let profile_release = dir.file_name().is_some_and(|n| n == "release");
+    let mut c = Command::new(&cargo);
+    c.args(["build", "--bin", "affa", "--quiet"]).current_dir(manifest_dir());
+    if profile_release {
+        c.arg("--release");
+    } else {
+        eprintln!("affa-bench: warning: not built with --release; numbers of a debug affa are meaningless");
+    }
+    // The target dir of this binary (CARGO_TARGET_DIR or ./target).
+    if let Some(t) = dir.parent() {
+        c.env("CARGO_TARGET_DIR", t);
+    }
+    let st = c.status().map_err(|e| format!("cannot run {cargo}: {e}"))?;
+    if !st.success() {
+        return Err("cargo build --release --bin affa failed".into());
+    }
+    let bin = dir.join("affa");
+    if !bin.exists() {
+        return Err(format!("{} missing after the build", bin.display()));
+    }
+    Ok(bin)
+}
+
+/// Build the simulator (harness/esxi-sim) into the target dir unless up to date.
+pub fn build_sim() -> Result<PathBuf, String> {
+    let src = manifest_dir().join("harness/esxi-sim");
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let bin = exe.parent().unwrap().join("esxi-sim-bench");
+    let newest = fs::read_dir(&src)
+        .map_err(|e| format!("{}: {e}", src.display()))?
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "go"))
+        .filter_map(|e| e.metadata().ok()?.modified().ok())
+        .max()
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    if fs::metadata(&bin).and_then(|m| m.modified()).map(|t| t >= newest).unwrap_or(false) {
+        return Ok(bin);
+    }
+    let out = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg(".")
+        .current_dir(&src)
+        .env("GO111MODULE", "off")
+        .env("GOPATH", "/usr/share/gocode")
+        .output()
+        .map_err(|e| format!("cannot run go build: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("building the simulator failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(bin)
+}
+
+fn keygen(path: &Path) -> Result<(), String> {
+    let _ = fs::remove_file(path);
+    let _ = fs::remove_file(path.with_extension("pub"));
+    let st = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(path).stdin(Stdio::null()).status().map_err(|e| e.to_string())?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err("ssh-keygen failed".into())
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A private sshd on 127.0.0.1; stopped when dropped.
+pub struct Sshd {
+    pub port: u16,
+    pub user: String,
+    pub authorized_keys: PathBuf,
+    child: Child,
+    agent: Option<Child>,
+    pub agent_sock: PathBuf,
+}
+
+impl Sshd {
+    pub fn start(dir: &Path) -> Result<Sshd, String> {
+        let _ = fs::remove_dir_all(dir);
+        fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        keygen(&dir.join("host_ed25519"))?;
+        let boot = dir.join("bootstrap");
+        keygen(&boot)?;
+        fs::copy(boot.with_extension("pub"), dir.join("bootstrap_keys")).map_err(|e| e.to_string())?;
+        let authorized_keys = dir.join("authorized_keys");
+        let _ = fs::remove_file(&authorized_keys);
+        let port = free_port();
+        let d = dir.display();
+        let cfg = format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_ed25519\nPidFile {d}/sshd.pid\n\
+             AuthorizedKeysFile {d}/authorized_keys {d}/bootstrap_keys\nStrictModes no\nUsePAM no\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
+             PubkeyAuthentication yes\nLogLevel ERROR\nMaxStartups 100:30:200\nMaxSessions 50\n"
+        );
+        fs::write(dir.join("sshd_config"), cfg).map_err(|e| e.to_string())?;
+        if unsafe { libc::geteuid() } == 0 {
+            let _ = fs::create_dir_all("/run/sshd");
+        }
+        let mut c = Command::new("/usr/sbin/sshd");
+        c.args(["-D", "-e", "-f"]).arg(dir.join("sshd_config")).stdin(Stdio::null()).stdout(Stdio::null());
+        c.stderr(fs::File::create(dir.join("sshd.log")).map_err(|e| e.to_string())?);
+        pdeathsig(&mut c);
+        let child = c.spawn().map_err(|e| format!("cannot start sshd: {e}"))?;
+        let t = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if t.elapsed() > Duration::from_secs(10) {
+                return Err(format!("sshd did not start: {}", fs::read_to_string(dir.join("sshd.log")).unwrap_or_default()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // An agent holding the bootstrap key, standing in for the password typed at --send-key.
+        let sock = dir.join("agent.sock");
+        let _ = fs::remove_file(&sock);
+        let mut a = Command::new("ssh-agent");
+        a.arg("-D").arg("-a").arg(&sock).stdout(Stdio::null()).stderr(Stdio::null());
+        pdeathsig(&mut a);
+        let agent = a.spawn().map_err(|e| format!("ssh-agent: {e}"))?;
+        let t = Instant::now();
+        while !sock.exists() {
+            if t.elapsed() > Duration::from_secs(5) {
+                return Err("ssh-agent did not start".into());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let st = Command::new("ssh-add").arg("-q").arg(&boot).env("SSH_AUTH_SOCK", &sock).stderr(Stdio::null()).status().map_err(|e| e.to_string())?;
+        if !st.success() {
+            return Err("ssh-add failed".into());
+        }
+        let user = String::from_utf8_lossy(&Command::new("id").arg("-un").output().map_err(|e| e.to_string())?.stdout).trim().to_string();
+        Ok(Sshd { port, user, authorized_keys, child, agent: Some(agent), agent_sock: sock })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(mut a) = self.agent.take() {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+    }
+}
+
+/// One VM of the simulator: its name and disk size (one disk on datastore1).
+pub struct VmDef {
+    pub name: String,
+    pub size: u64,
+}
+
+/// The simulator; exits when dropped (its stdin closes).
+pub struct Sim {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    pub port: u16,
+}
+
+impl Sim {
+    pub fn start(bin: &Path, work: &Path, ds: &Path, vms: &[VmDef]) -> Result<Sim, String> {
+        fs::create_dir_all(work).map_err(|e| e.to_string())?;
+        let vm: Vec<String> = vms
+            .iter()
+            .map(|v| format!(r#"{{"name":"{}","power_on":true,"disks":[{{"datastore":"datastore1","size_bytes":{}}}],"no_tools":false}}"#, v.name, v.size))
+            .collect();
+        let spec = format!(
+            r#"{{"user":"{SIM_USER}","password":"{SIM_PASS}","hash_on_snapshot":false,"datastores":[{{"name":"datastore1","dir":"{}"}}],"vms":[{}]}}"#,
+            ds.display(),
+            vm.join(",")
+        );
+        let spec_path = work.join("spec.json");
+        fs::write(&spec_path, spec).map_err(|e| e.to_string())?;
+        let mut c = Command::new(bin);
+        c.arg("--config").arg(&spec_path).stdin(Stdio::piped()).stdout(Stdio::piped());
+        c.stderr(fs::File::create(work.join("sim.log")).map_err(|e| e.to_string())?);
+        pdeathsig(&mut c);
+        let mut child = c.spawn().map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let stdin = child.stdin.take();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).map_err(|e| e.to_string())?;
+        let field = |k: &str| -> String {
+            let pat = format!("\"{k}\":\"");
+            line.find(&pat).map(|i| line[i + pat.len()..].split('"').next().unwrap_or("").to_string()).unwrap_or_default()
+        };
+        let url = field("url");
+        let port = url.rsplit(':').next().and_then(|p| p.split('/').next()).and_then(|p| p.parse().ok());
+        let Some(port) = port else {
+            let _ = child.kill();
+            return Err(format!("the simulator did not start: {}", fs::read_to_string(work.join("sim.log")).unwrap_or_default()));
+        };
+        Ok(Sim { child, stdin, port })
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The affa configuration of the bench: a global section and one ESXi job per (system, VM).
+pub struct AffaConf {
+    pub bin: PathBuf,
+    pub conf: PathBuf,
+    pub state: PathBuf,
+}
+
+impl AffaConf {
+    pub fn new(bin: &Path, dir: &Path) -> Result<AffaConf, String> {
+        let conf = dir.join("etc");
+        let state = dir.join("state");
+        // Bench-owned: known hosts, keys and logs of an earlier run must not leak in.
+        let _ = fs::remove_dir_all(dir);
+        fs::create_dir_all(&conf).map_err(|e| e.to_string())?;
+        fs::create_dir_all(&state).map_err(|e| e.to_string())?;
+        let a = AffaConf { bin: bin.to_path_buf(), conf, state };
+        let s = a.state.display();
+        a.write(
+            "00-global.conf",
+            &format!("[GlobalAffaConfig]\nlockDir={s}/lock\nlogDir={s}/log\nsshDir={s}/ssh\nscriptDir={s}/scripts\n"),
+        )?;
+        // localRsyncBinary of the bench's jobs: rsync itself, timed (start, end, exit code appended
+        // to $AFFA_BENCH_RSYNC_LOG) so affa's wall time splits into rsync and the rest.
+        let wrapper = a.rsync_wrapper();
+        fs::write(
+            &wrapper,
+            "#!/bin/sh\ns=$(date +%s.%N)\n/usr/bin/rsync \"$@\"\nrc=$?\n[ -n \"$AFFA_BENCH_RSYNC_LOG\" ] && echo \"$s $(date +%s.%N) $rc\" >> \"$AFFA_BENCH_RSYNC_LOG\"\nexit $rc\n",
+        )
+        .map_err(|e| e.to_string())?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+        }
+        let pw = a.state.join("esx.pw");
+        fs::write(&pw, format!("{SIM_PASS}\n")).map_err(|e| e.to_string())?;
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&pw, fs::Permissions::from_mode(0o600)).map_err(|e| e.to_string())?;
+        Ok(a)
+    }
+
+    pub fn rsync_wrapper(&self) -> PathBuf {
+        self.state.join("rsync-timed")
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> Result<(), String> {
+        let p = self.conf.join(name);
+        fs::write(&p, text).map_err(|e| e.to_string())?;
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).map_err(|e| e.to_string())
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.arg("--config-dir").arg(&self.conf).env_remove("SSH_AUTH_SOCK").env_remove("AFFA_FAKE_NOW");
+        c
+    }
+
+    /// An ESXi job for `vm` in `root`; `chunk` = Some(chunkSize) for chunkFiles=*-flat.vmdk.
+    pub fn add_job(&self, job: &str, vm: &str, root: &Path, chunk: Option<&str>, sshd: &Sshd, sim: &Sim) -> Result<(), String> {
+        let chunk = match chunk {
+            Some(cs) => format!("chunkFiles=*-flat.vmdk\nchunkSize={cs}\n"),
+            None => String::new(),
+        };
+        let text = format!(
+            "[{job}]\nremoteHostName=127.0.0.1\nsshPort={}\nremoteUser={}\nRemoteAuthorizedKeysFile={}\nrsyncCompress=no\n\
+             ConnectionCheckTimeout=10\nRootDir={}\nscheduledKeep=1000\nDiskSpaceWarn=none\nESXi=yes\nESXiVMName={vm}\n\
+             ESXiUsername={SIM_USER}\nESXiPasswordFile={}\nESXiHost=127.0.0.1\nESXiPort={}\nremoteRsyncBinary=/usr/bin/rsync\n\
+             ESXiTaskTimeout=600\nlocalRsyncBinary={}\n{chunk}",
+            sshd.port,
+            sshd.user,
+            sshd.authorized_keys.display(),
+            root.display(),
+            self.state.join("esx.pw").display(),
+            sim.port,
+            self.rsync_wrapper().display()
+        );
+        self.write(&format!("{job}.conf"), &text)?;
+        let out = self
+            .cmd()
+            .env("SSH_AUTH_SOCK", &sshd.agent_sock)
+            .args(["--send-key", job, "--yes"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!("affa --send-key {job} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(())
+    }
+
+    /// ssh options of a job after --send-key (the ones affa itself uses).
+    pub fn ssh_args(&self, job: &str, sshd: &Sshd) -> Vec<String> {
+        let ssh = self.state.join("ssh");
+        vec![
+            "-p".into(),
+            sshd.port.to_string(),
+            "-o".into(),
+            format!("HostKeyAlias={job}"),
+            "-o".into(),
+            format!("UserKnownHostsFile={}", ssh.join(format!("knownhosts-{job}")).display()),
+            "-o".into(),
+            "StrictHostKeyChecking=yes".into(),
+            "-o".into(),
+            format!("IdentityFile={}", ssh.join("id_ed25519_affa").display()),
+            "-o".into(),
+            "IdentitiesOnly=yes".into(),
+            "-o".into(),
+            "BatchMode=yes".into(),
+            "-o".into(),
+            "LogLevel=ERROR".into(),
+        ]
+    }
+}

@@ -1,0 +1,203 @@
+//! Running one measured command: wall time (including a final sync, so deferred writeback is
+//! charged to whoever wrote), CPU seconds and peak RSS of the local process tree (wait4), CPU
+//! seconds of the remote side (the test sshd's reaped children), store size by `du` with hard
+//! links counted once, and dropping files from the page cache before a run.
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// What one measured run cost.
+#[derive(Clone, Debug, Default)]
+pub struct Cost {
+    pub wall: f64,
+    pub cpu_local: f64,
+    pub cpu_remote: f64,
+    pub maxrss_kib: u64,
+    /// Seconds since the epoch at spawn.
+    pub start: f64,
+}
+
+/// The remote side: CPU of the sshd listener's reaped children (per-connection sshd and what
+/// it ran), from /proc/PID/stat cutime + cstime.
+#[derive(Clone, Copy)]
+pub struct Remote(pub Option<u32>);
+
+impl Remote {
+    pub fn cpu(&self) -> f64 {
+        let Some(pid) = self.0 else { return 0.0 };
+        let Ok(s) = fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+        let Some(rest) = s.rsplit_once(')').map(|(_, r)| r) else { return 0.0 };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // after ") ": state is field 3; cutime is field 16, cstime 17 (1-based) -> index 13, 14
+        let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let cu: f64 = f.get(13).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        let cs: f64 = f.get(14).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        (cu + cs) / tick
+    }
+}
+
+/// Run `cmd` to completion, stdout+stderr to `log`. Err(text) with the log's tail on failure.
+pub fn run(cmd: &mut Command, log: &Path, remote: Remote) -> Result<Cost, String> {
+    let out = File::create(log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
+    let err = out.try_clone().map_err(|e| e.to_string())?;
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    let r0 = remote.cpu();
+    let start = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    let t = Instant::now();
+    let child = cmd.spawn().map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    std::mem::forget(child);
+    unsafe { libc::sync() };
+    let wall = t.elapsed().as_secs_f64();
+    // Let the sshd listener reap the connection's processes.
+    let mut r1 = remote.cpu();
+    if remote.0.is_some() {
+        for _ in 0..20 {
+            std::thread::sleep(Duration::from_millis(25));
+            let r = remote.cpu();
+            if r == r1 {
+                break;
+            }
+            r1 = r;
+        }
+    }
+    if rc < 0 {
+        return Err(format!("wait4: {}", std::io::Error::last_os_error()));
+    }
+    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    if !ok {
+        let text = fs::read_to_string(log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(25).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        return Err(format!("{:?} failed (status {status}); {}:\n{}", cmd.get_program(), log.display(), tail.join("\n")));
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Ok(Cost { wall, cpu_local: tv(ru.ru_utime) + tv(ru.ru_stime), cpu_remote: (r1 - r0).max(0.0), maxrss_kib: ru.ru_maxrss as u64, start })
+}
+
+/// Time an in-process action the same way (wall including a final sync; CPU from getrusage SELF).
+pub fn time_self<T>(f: impl FnOnce() -> T) -> (T, Cost) {
+    let self_cpu = || {
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        (tv(ru.ru_utime) + tv(ru.ru_stime), ru.ru_maxrss as u64)
+    };
+    let (c0, _) = self_cpu();
+    let t = Instant::now();
+    let v = f();
+    unsafe { libc::sync() };
+    let wall = t.elapsed().as_secs_f64();
+    let (c1, rss) = self_cpu();
+    (v, Cost { wall, cpu_local: c1 - c0, cpu_remote: 0.0, maxrss_kib: rss, start: 0.0 })
+}
+
+/// Every regular file under `p` (or `p` itself).
+pub fn files(p: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![p.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(m) = fs::symlink_metadata(&d) else { continue };
+        if m.is_file() {
+            out.push(d);
+            continue;
+        }
+        if !m.is_dir() {
+            continue;
+        }
+        if let Ok(rd) = fs::read_dir(&d) {
+            for e in rd.flatten() {
+                stack.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+/// Drop every file under `paths` from the page cache (after a sync, so the pages are clean):
+/// the next read comes from the disk, as in a nightly run.
+pub fn evict(paths: &[&Path]) {
+    unsafe { libc::sync() };
+    for p in paths {
+        for f in files(p) {
+            if let Ok(h) = File::open(&f) {
+                unsafe { libc::posix_fadvise(h.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            }
+        }
+    }
+}
+
+/// Allocated bytes under `p`, every inode counted once (du), directories included.
+pub fn du(p: &Path) -> u64 {
+    let mut seen = HashSet::new();
+    let mut total = 0;
+    let mut stack = vec![p.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(m) = fs::symlink_metadata(&d) else { continue };
+        if seen.insert((m.dev(), m.ino())) {
+            total += m.blocks() * 512;
+        }
+        if m.is_dir() {
+            if let Ok(rd) = fs::read_dir(&d) {
+                for e in rd.flatten() {
+                    stack.push(e.path());
+                }
+            }
+        }
+    }
+    total
+}
+
+pub fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// Read a whole file (cold: evicted first), return bytes/s.
+pub fn read_speed(p: &Path) -> std::io::Result<f64> {
+    evict(&[p]);
+    let f = File::open(p)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let t = Instant::now();
+    let mut n = 0u64;
+    loop {
+        let k = std::io::Read::read(&mut &f, &mut buf)?;
+        if k == 0 {
+            break;
+        }
+        n += k as u64;
+    }
+    Ok(n as f64 / t.elapsed().as_secs_f64())
+}
+
+/// BLAKE3 of a file.
+pub fn hash(p: &Path) -> std::io::Result<String> {
+    let mut h = blake3::Hasher::new();
+    let f = File::open(p)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let k = std::io::Read::read(&mut &f, &mut buf)?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+    }
+    Ok(h.finalize().to_hex().to_string())
+}

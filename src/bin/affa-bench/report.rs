@@ -1,0 +1,746 @@
+//! The results: every measured run, their medians, the targets, BENCHMARKS.md and
+//! benchmarks.json.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+use std::process::Command;
+
+use crate::gen::Composition;
+use crate::json::J;
+use crate::measure::{median, Cost};
+use crate::systems::{human_cs, Backup};
+use crate::{human, Args};
+
+/// Kept across runs: everything in BENCHMARKS.md after this line is hand-written analysis.
+pub const ANALYSIS_MARK: &str = "<!-- analysis: everything below this line is kept when affa-bench rewrites the file -->";
+
+#[derive(Clone, Debug, Default)]
+pub struct Rec {
+    pub phase: String,
+    pub system: String,
+    pub rep: u32,
+    pub vm: String,
+    pub disk: u64,
+    pub cost: Cost,
+    pub bytes_ssh: Option<u64>,
+    pub growth: Option<i64>,
+    pub store_after: Option<u64>,
+    pub extra: Vec<(String, f64)>,
+    pub verified: Option<bool>,
+}
+
+impl Rec {
+    pub fn new(phase: &str, system: &str, rep: u32, vm: &str, disk: u64) -> Rec {
+        Rec { phase: phase.into(), system: system.into(), rep, vm: vm.into(), disk, ..Default::default() }
+    }
+    pub fn ceiling(phase: &str, rep: u32, wall: f64, disk: u64) -> Rec {
+        let mut r = Rec::new(phase, "ceiling", rep, "vm1", disk);
+        r.cost.wall = wall;
+        r
+    }
+    pub fn backup(phase: &str, system: &str, rep: u32, vm: &str, disk: u64, b: &Backup) -> Rec {
+        let mut r = Rec::new(phase, system, rep, vm, disk);
+        r.cost = b.cost.clone();
+        r.bytes_ssh = b.bytes_ssh;
+        r.growth = Some(b.growth);
+        r.store_after = Some(b.store_after);
+        r.extra = b.extra.clone();
+        r
+    }
+    fn json(&self) -> J {
+        let mut o = J::obj();
+        o.set("phase", self.phase.as_str())
+            .set("system", self.system.as_str())
+            .set("rep", self.rep)
+            .set("vm", self.vm.as_str())
+            .set("disk_bytes", self.disk)
+            .set("wall_s", self.cost.wall)
+            .set("cpu_local_s", self.cost.cpu_local)
+            .set("cpu_remote_s", self.cost.cpu_remote)
+            .set("peak_rss_kib", self.cost.maxrss_kib)
+            .set("bytes_over_ssh", self.bytes_ssh)
+            .set("store_growth_bytes", self.growth)
+            .set("store_after_bytes", self.store_after)
+            .set("verified", self.verified);
+        for (k, v) in &self.extra {
+            o.set(k, *v);
+        }
+        o
+    }
+}
+
+/// Medians of one (phase, system).
+#[derive(Clone, Debug)]
+pub struct Sum {
+    pub n: usize,
+    pub wall: f64,
+    pub cpu: f64,
+    pub cpu_remote: f64,
+    pub rss_kib: u64,
+    pub bytes: Option<f64>,
+    pub growth: Option<f64>,
+    pub store_last: Option<u64>,
+    pub disk: u64,
+    pub staging: Option<f64>,
+}
+
+pub struct Machine {
+    pub nproc: usize,
+    pub mem: String,
+    pub cpu: String,
+    pub kernel: String,
+    pub disk: String,
+    pub load_start: String,
+    pub load_end: String,
+    pub date_start: String,
+    pub date_end: String,
+}
+
+pub struct Results {
+    pub cmdline: String,
+    pub size: u64,
+    pub nsize: u64,
+    pub msize: u64,
+    pub default_cs: u64,
+    pub study: Vec<u64>,
+    pub reps: u32,
+    pub nights: u32,
+    pub seed: u64,
+    pub systems: Vec<(String, String, bool)>,
+    pub recs: Vec<Rec>,
+    pub composition: Option<Composition>,
+    pub changed: Vec<(String, u32, u64)>,
+    pub compressed_full: Option<(u64, f64)>,
+    pub nightly_compressed: Option<(u64, f64)>,
+    pub nightly_final: Vec<(String, u64, u64)>,
+    pub store_sizes_a: Vec<(String, u64)>,
+    pub machine: Machine,
+    pub tools: Vec<(String, String)>,
+    pub total_wall: f64,
+}
+
+fn sh(cmd: &str) -> String {
+    Command::new("sh").arg("-c").arg(cmd).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+}
+
+/// zstd -1 size of a file (the "one compressed full copy").
+pub fn zstd1_size(p: &Path) -> std::io::Result<u64> {
+    struct Count(u64);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len() as u64;
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut enc = zstd::stream::write::Encoder::new(Count(0), 1)?;
+    let mut f = File::open(p)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        std::io::Write::write_all(&mut enc, &buf[..n])?;
+    }
+    Ok(enc.finish()?.0)
+}
+
+fn mb(b: f64) -> String {
+    if b.abs() >= 100e6 {
+        format!("{:.0}", b / 1e6)
+    } else if b.abs() >= 10e6 {
+        format!("{:.1}", b / 1e6)
+    } else {
+        format!("{:.2}", b / 1e6)
+    }
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 && a.is_finite() && b.is_finite() {
+        format!("{:.2}x", a / b)
+    } else {
+        "-".into()
+    }
+}
+
+impl Results {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(args: &Args, size: u64, nsize: u64, msize: u64, default_cs: u64, study: &[u64], data: &Path) -> Results {
+        let argv: Vec<String> = std::env::args().skip(1).collect();
+        let cmdline = format!("cargo run --release --bin affa-bench -- {}", argv.join(" "));
+        let mut tools = vec![
+            (
+                "affa".to_string(),
+                match &args.affa_bin {
+                    Some(p) => format!("{} (binary given with --affa-bin: {})", crate::env::version_of(&p.display().to_string(), &["--version"]), p.display()),
+                    None => format!("{} (built from git {})", env!("CARGO_PKG_VERSION"), sh(&format!("git -C {} describe --always --dirty 2>/dev/null", crate::env::manifest_dir().display()))),
+                },
+            ),
+            ("affa-bench".to_string(), format!("git {}", sh(&format!("git -C {} describe --always --dirty 2>/dev/null", crate::env::manifest_dir().display())))),
+            ("rsync".into(), crate::env::version_of("rsync", &["--version"])),
+            ("ssh".into(), crate::env::version_of("ssh", &["-V"])),
+            ("borg".into(), crate::env::version_of("borg", &["--version"])),
+            ("restic".into(), crate::env::version_of("restic", &["version"])),
+            ("go (simulator)".into(), crate::env::version_of("go", &["version"])),
+            ("rustc".into(), crate::env::version_of("rustc", &["--version"])),
+        ];
+        tools.push(("govmomi (simulator)".into(), sh("dpkg-query -W -f='${Version}' golang-github-vmware-govmomi-dev 2>/dev/null")));
+        let disk = sh(&format!("df -hT {} | tail -1 | awk '{{print $1\" \"$2\", \"$3\" total, \"$5\" free\"}}'", data.display()));
+        let machine = Machine {
+            nproc: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            mem: sh("awk '/MemTotal/ {printf \"%.1f GiB\", $2/1048576}' /proc/meminfo"),
+            cpu: sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"),
+            kernel: sh("uname -r"),
+            disk,
+            load_start: String::new(),
+            load_end: String::new(),
+            date_start: String::new(),
+            date_end: String::new(),
+        };
+        Results {
+            cmdline,
+            size,
+            nsize,
+            msize,
+            default_cs,
+            study: study.to_vec(),
+            reps: args.reps,
+            nights: args.nights,
+            seed: args.seed,
+            systems: Vec::new(),
+            recs: Vec::new(),
+            composition: None,
+            changed: Vec::new(),
+            compressed_full: None,
+            nightly_compressed: None,
+            nightly_final: Vec::new(),
+            store_sizes_a: Vec::new(),
+            machine,
+            tools,
+            total_wall: 0.0,
+        }
+    }
+
+    pub fn machine_start(&mut self) {
+        self.machine.load_start = sh("uptime");
+        self.machine.date_start = sh("date -u '+%Y-%m-%d %H:%M:%S UTC'");
+    }
+    pub fn machine_end(&mut self) {
+        self.machine.load_end = sh("uptime");
+        self.machine.date_end = sh("date -u '+%Y-%m-%d %H:%M:%S UTC'");
+    }
+
+    pub fn add(&mut self, r: Rec) {
+        self.recs.push(r);
+    }
+
+    fn label(&self, id: &str) -> String {
+        self.systems.iter().find(|s| s.0 == id).map(|s| s.1.clone()).unwrap_or(id.to_string())
+    }
+
+    fn main_ids(&self) -> Vec<String> {
+        self.systems.iter().filter(|s| !s.2).map(|s| s.0.clone()).collect()
+    }
+
+    pub fn chunk_id(cs: u64) -> String {
+        format!("chunk{}", human_cs(cs).to_lowercase())
+    }
+
+    fn def(&self) -> String {
+        Self::chunk_id(self.default_cs)
+    }
+
+    pub fn sum_where(&self, phase: &str, sys: &str, pred: impl Fn(&Rec) -> bool) -> Option<Sum> {
+        let rs: Vec<&Rec> = self.recs.iter().filter(|r| r.phase == phase && r.system == sys && pred(r)).collect();
+        if rs.is_empty() {
+            return None;
+        }
+        let med = |f: &dyn Fn(&Rec) -> Option<f64>| -> Option<f64> {
+            let v: Vec<f64> = rs.iter().filter_map(|r| f(r)).collect();
+            if v.is_empty() {
+                None
+            } else {
+                Some(median(&v))
+            }
+        };
+        Some(Sum {
+            n: rs.len(),
+            wall: med(&|r| Some(r.cost.wall)).unwrap(),
+            cpu: med(&|r| Some(r.cost.cpu_local + r.cost.cpu_remote)).unwrap(),
+            cpu_remote: med(&|r| Some(r.cost.cpu_remote)).unwrap(),
+            rss_kib: rs.iter().map(|r| r.cost.maxrss_kib).max().unwrap_or(0),
+            bytes: med(&|r| r.bytes_ssh.map(|b| b as f64)),
+            growth: med(&|r| r.growth.map(|g| g as f64)),
+            store_last: rs.last().and_then(|r| r.store_after),
+            disk: rs[0].disk,
+            staging: med(&|r| r.extra.iter().find(|(k, _)| k == "staging_bytes").map(|(_, v)| *v)),
+        })
+    }
+
+    /// Median of an extra figure of (phase, system).
+    pub fn extra_med(&self, phase: &str, sys: &str, key: &str) -> Option<f64> {
+        let v: Vec<f64> = self
+            .recs
+            .iter()
+            .filter(|r| r.phase == phase && r.system == sys && (phase != "nightly" || r.rep > 0))
+            .filter_map(|r| r.extra.iter().find(|(k, _)| k == key).map(|(_, v)| *v))
+            .collect();
+        if v.is_empty() {
+            None
+        } else {
+            Some(median(&v))
+        }
+    }
+
+    pub fn sum(&self, phase: &str, sys: &str) -> Option<Sum> {
+        self.sum_where(phase, sys, |_| true)
+    }
+
+    fn ceiling(&self, phase: &str) -> Option<f64> {
+        let v: Vec<f64> = self.recs.iter().filter(|r| r.phase == phase).map(|r| r.cost.wall).collect();
+        if v.is_empty() {
+            None
+        } else {
+            Some(median(&v))
+        }
+    }
+
+    fn nights(&self, sys: &str) -> Option<Sum> {
+        self.sum_where("nightly", sys, |r| r.rep > 0)
+    }
+
+    fn nightly_store(&self, sys: &str) -> Option<(u64, u64)> {
+        self.nightly_final.iter().find(|x| x.0 == sys).map(|x| (x.1, x.2))
+    }
+
+    /// (target, measured, met, gap)
+    pub fn targets(&self) -> Vec<(String, String, Option<bool>, String)> {
+        let mut t = Vec::new();
+        let d = self.def();
+        let size = self.size as f64;
+        let gap = |met: bool, how: String| if met { String::new() } else { how };
+        // 1. incremental clustered 1%
+        if let (Some(c), Some(r)) = (self.sum("clustered", &d), self.sum("clustered", "rsync")) {
+            let g = c.growth.unwrap_or(f64::NAN) / size * 100.0;
+            let met = g <= 2.0;
+            t.push(("incremental, 1% clustered: store growth <= 2% of the disk".into(), format!("{g:.2}% ({} MB)", mb(c.growth.unwrap_or(0.0))), Some(met), gap(met, format!("{:.2} points over", g - 2.0))));
+            let x = c.wall / r.wall;
+            let met = x <= 1.0;
+            t.push(("incremental, 1% clustered: wall <= 1.0x rsync --link-dest".into(), format!("{:.1} s vs {:.1} s = {x:.2}x", c.wall, r.wall), Some(met), gap(met, format!("{:.0}% slower", (x - 1.0) * 100.0))));
+        }
+        // 2. thirty nights
+        if let (Some((store, staging)), Some((cz, _))) = (self.nightly_store(&d), self.nightly_compressed) {
+            let x = store as f64 / cz as f64;
+            let met = x <= 1.5;
+            t.push((
+                format!("{} nights of 0.5%: store <= 1.5x one compressed full copy ({} disk)", self.nights, human(self.nsize)),
+                format!("{} MB / {} MB = {x:.2}x (without the staging copy: {:.2}x)", mb(store as f64), mb(cz as f64), (store - staging.min(store)) as f64 / cz as f64),
+                Some(met),
+                gap(met, format!("{:.0}% over the bound", (x / 1.5 - 1.0) * 100.0)),
+            ));
+        }
+        // 3. full wall vs rsync
+        if let (Some(c), Some(r)) = (self.sum("full", &d), self.sum("full", "rsync")) {
+            let x = c.wall / r.wall;
+            let met = x <= 1.3;
+            t.push(("full backup: wall <= 1.3x plain rsync copy over the same ssh".into(), format!("{:.1} s vs {:.1} s = {x:.2}x", c.wall, r.wall), Some(met), gap(met, format!("{:.0}% over the bound", (x / 1.3 - 1.0) * 100.0))));
+        }
+        // 4/5. store and wall vs borg, restic
+        for (phase, what) in [("full", "full backup"), ("clustered", "1% clustered"), ("scattered", "0.1% scattered"), ("clone", "clone 5%"), ("nightly", "nightly runs")] {
+            let Some(c) = (if phase == "nightly" { self.nights(&d) } else { self.sum(phase, &d) }) else { continue };
+            for other in ["borg", "restic"] {
+                let Some(o) = (if phase == "nightly" { self.nights(other) } else { self.sum(phase, other) }) else { continue };
+                let (mine, theirs, kind) = match phase {
+                    "full" => (c.store_last.unwrap_or(0) as f64, o.store_last.unwrap_or(0) as f64, "store"),
+                    "nightly" => (
+                        self.nightly_store(&d).map(|x| x.0 as f64).unwrap_or(f64::NAN),
+                        self.nightly_store(other).map(|x| x.0 as f64).unwrap_or(f64::NAN),
+                        "store after the last night",
+                    ),
+                    _ => (c.growth.unwrap_or(f64::NAN), o.growth.unwrap_or(f64::NAN), "store growth"),
+                };
+                let met = mine <= theirs;
+                t.push((
+                    format!("{what}: {kind} <= {other}'s"),
+                    format!("{} MB vs {} MB", mb(mine), mb(theirs)),
+                    Some(met),
+                    gap(met, format!("{:.0}% larger", (mine / theirs - 1.0) * 100.0)),
+                ));
+            }
+            if let Some(b) = if phase == "nightly" { self.nights("borg") } else { self.sum(phase, "borg") } {
+                let x = c.wall / b.wall;
+                let met = x <= 0.5;
+                t.push((format!("{what}: wall <= 0.5x borg's"), format!("{:.1} s vs {:.1} s = {x:.2}x", c.wall, b.wall), Some(met), gap(met, format!("{:.0}% over the bound", (x / 0.5 - 1.0) * 100.0))));
+            }
+        }
+        // 6. restore speed
+        if let (Some(r), Some(read)) = (self.sum("restore", &d), self.ceiling("local-read-cold")) {
+            let rs = size / r.wall;
+            let rd = size / read;
+            let x = rs / rd;
+            let met = x >= 0.5;
+            t.push(("restore of a chunked disk >= half the speed of a (cold) read of the plain file".into(), format!("{:.0} MB/s vs {:.0} MB/s = {x:.2}x", rs / 1e6, rd / 1e6), Some(met), gap(met, format!("{:.0}% short", (1.0 - x / 0.5) * 100.0))));
+        }
+        // 7. memory
+        let rss = |phases: &[&str]| self.recs.iter().filter(|r| r.system == d && phases.contains(&r.phase.as_str())).map(|r| r.cost.maxrss_kib).max();
+        if let Some(k) = rss(&["full", "clustered", "scattered", "clone", "restore"]) {
+            let met = k < 256 * 1024;
+            t.push((format!("peak memory < 256 MiB ({} disk)", human(self.size)), format!("{} MiB", k / 1024), Some(met), gap(met, format!("{} MiB over", k / 1024 - 256))));
+        }
+        if let Some(k) = rss(&["memory-full", "memory-clustered"]) {
+            let met = k < 256 * 1024;
+            t.push((format!("peak memory < 256 MiB ({} disk)", human(self.msize)), format!("{} MiB", k / 1024), Some(met), gap(met, format!("{} MiB over", k / 1024 - 256))));
+        }
+        t
+    }
+
+    fn backup_table(&self, out: &mut String, phase: &str, ids: &[String], full: bool) {
+        let rs = self.sum(phase, "rsync");
+        out.push_str(&format!(
+            "| system | wall s | vs rsync | MB over ssh | {} | peak RSS MiB | CPU s (local+remote) | runs |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+            if full { "store MB (% of disk)" } else { "store growth MB (% of disk)" }
+        ));
+        for id in ids {
+            let Some(s) = self.sum(phase, id) else { continue };
+            let store = if full { s.store_last.map(|x| x as f64) } else { s.growth };
+            let mut store_txt = store.map(|b| format!("{} ({:.2}%)", mb(b), b / s.disk as f64 * 100.0)).unwrap_or("-".into());
+            if full {
+                if let Some(st) = s.staging {
+                    store_txt.push_str(&format!(", of which staging {}", mb(st)));
+                }
+            }
+            out.push_str(&format!(
+                "| {} | {:.1} | {} | {} | {} | {} | {:.1} ({:.1}+{:.1}) | {} |\n",
+                self.label(id),
+                s.wall,
+                rs.as_ref().map(|r| ratio(s.wall, r.wall)).unwrap_or("-".into()),
+                s.bytes.map(mb).unwrap_or("- (local read)".into()),
+                store_txt,
+                s.rss_kib / 1024,
+                s.cpu,
+                s.cpu - s.cpu_remote,
+                s.cpu_remote,
+                s.n
+            ));
+        }
+    }
+
+    pub fn markdown(&self, old: &str) -> String {
+        let mut o = String::new();
+        let d = self.def();
+        let main = self.main_ids();
+        o.push_str("# Benchmarks: affa vs rsync --link-dest, borg and restic\n\n");
+        o.push_str("Written by `affa-bench` (src/bin/affa-bench.rs); every figure is also in `benchmarks.json`. How it measures: docs/BENCHMARKS-METHOD.md.\n\n");
+        o.push_str(&format!("Command: `{}`  \n", self.cmdline.trim()));
+        o.push_str(&format!("Run: {} to {} ({:.0} min)  \n", self.machine.date_start, self.machine.date_end, self.total_wall / 60.0));
+        o.push_str(&format!(
+            "Machine: {} cores ({}), {} RAM, kernel {}, data on {}  \nLoad: at start `{}`; at end `{}`\n\n",
+            self.machine.nproc, self.machine.cpu.trim(), self.machine.mem, self.machine.kernel, self.machine.disk, self.machine.load_start, self.machine.load_end
+        ));
+        o.push_str("Tools: ");
+        o.push_str(&self.tools.iter().map(|(k, v)| format!("{k}: `{v}`")).collect::<Vec<_>>().join("; "));
+        o.push_str("\n\n");
+        if let Some(c) = &self.composition {
+            o.push_str(&format!(
+                "Data: one generated VM disk of {} (seed {}): {} zeros (holes, as on a thin disk), {} random, {} text-like, in 4 KiB-aligned segments of 64 KiB to 4 MiB.",
+                human(self.size), self.seed, human(c.zero), human(c.random), human(c.text)
+            ));
+            if let Some((cz, _)) = self.compressed_full {
+                o.push_str(&format!(" zstd -1 of the whole image: {} MB ({:.2}x).", mb(cz as f64), self.size as f64 / cz as f64));
+            }
+            o.push_str("\n\n");
+        }
+        o.push_str("Systems: affa runs an ESXi job against the simulator harness (harness/esxi-sim) through a private sshd on 127.0.0.1: snapshot, rsync of the frozen disk, chunking, snapshot removal, config files. `rsyncCompress=no` for both affa jobs (loopback). rsync: `rsync -a --hard-links --numeric-ids --sparse --link-dest=PREV` of the VM directory over the same ssh (same options and key as affa). borg 1.2 (`-e none`, `--compression zstd,1`, `--chunker-params fixed,4194304` as borg recommends for VM images) and restic 0.14 (repository version 2, compression auto) read the image directly from the datastore directory, without ssh and without a snapshot. Before every timed run the source and the store are dropped from the page cache; every wall time includes a final `sync`.\n\n");
+
+        // Ceilings
+        if let (Some(lr), Some(sc), Some(sw)) = (self.ceiling("local-read-cold"), self.ceiling("ssh-cat-cold"), self.ceiling("ssh-cat-warm")) {
+            let s = self.size as f64;
+            o.push_str(&format!(
+                "## Ceilings (same run, median of {})\n\n| path | s | MB/s |\n|---|---:|---:|\n| local read of the image, cold | {lr:.2} | {:.0} |\n| `ssh ... cat image > /dev/null`, cold | {sc:.2} | {:.0} |\n| same, image in the page cache | {sw:.2} | {:.0} |\n\n",
+                self.reps, s / lr / 1e6, s / sc / 1e6, s / sw / 1e6
+            ));
+        }
+        let pct = |phase: &str| -> String {
+            let v: Vec<u64> = self.changed.iter().filter(|c| c.0 == phase).map(|c| c.2).collect();
+            v.first().map(|&b| if b >= 1 << 20 { format!("{} MiB written per run", b >> 20) } else { format!("{} KiB written per run", b >> 10) }).unwrap_or_default()
+        };
+        o.push_str(&format!("## Full backup ({} disk)\n\n", human(self.size)));
+        self.backup_table(&mut o, "full", &main, true);
+        o.push_str(&format!("\n## Incremental: 1% of the disk changed as clustered 1 MiB extents ({})\n\n", pct("clustered")));
+        self.backup_table(&mut o, "clustered", &main, false);
+        o.push_str(&format!("\n## Incremental: 0.1% changed as scattered 4 KiB blocks ({})\n\n", pct("scattered")));
+        self.backup_table(&mut o, "scattered", &main, false);
+        o.push_str(&format!("\n## A second VM cloned from the first with 5% divergence ({}; one run, same store)\n\n", pct("clone")));
+        self.backup_table(&mut o, "clone", &main, false);
+        o.push_str("\nThe plain-copy systems (affa without chunkFiles, rsync) keep a full copy per version; the bench deletes their older versions after measuring each growth (else the disk fills), so their store sizes are sums of measured growths.\n\n");
+
+        // Restore
+        if self.sum("restore", &d).is_some() {
+            let lr = self.ceiling("local-read-cold");
+            o.push_str(&format!("## Restore of the newest version of the disk to a local directory (store cold, median of {})\n\n", self.reps));
+            o.push_str("| system | wall s | MB/s | vs cold read of the plain file | peak RSS MiB | CPU s | how |\n|---|---:|---:|---:|---:|---:|---|\n");
+            for id in main.iter() {
+                let Some(s) = self.sum("restore", id) else { continue };
+                let sp = self.size as f64 / s.wall;
+                let how = match id.as_str() {
+                    "plain" | "rsync" => "cp --sparse=always",
+                    "borg" => "borg extract --sparse",
+                    "restic" => "restic restore (writes the zeros: no --sparse in 0.14)",
+                    _ => "affa --unchunk (checks every chunk and the whole-file BLAKE3, fsync)",
+                };
+                o.push_str(&format!(
+                    "| {} | {:.1} | {:.0} | {} | {} | {:.1} | {how} |\n",
+                    self.label(id),
+                    s.wall,
+                    sp / 1e6,
+                    lr.map(|l| ratio(sp, self.size as f64 / l)).unwrap_or("-".into()),
+                    s.rss_kib / 1024,
+                    s.cpu
+                ));
+            }
+            o.push_str("\nEvery restored file was compared with the source (BLAKE3) on the first repetition.\n\n");
+        }
+
+        // Nights
+        if !self.nightly_final.is_empty() {
+            let cz = self.nightly_compressed.map(|x| x.0 as f64).unwrap_or(f64::NAN);
+            o.push_str(&format!(
+                "## {} nightly runs of 0.5% clustered change ({} disk{}; store after the full backup and {} nights)\n\n",
+                self.nights,
+                human(self.nsize),
+                if self.nsize < self.size { ", smaller than the main size to fit the time" } else { "" },
+                self.nights
+            ));
+            o.push_str(&format!("One compressed full copy (zstd -1 of the final image): {} MB.\n\n", mb(cz)));
+            o.push_str("| system | store after MB | vs compressed full copy | of which staging MB | median nightly wall s | median growth per night MB | MB over ssh per night | peak RSS MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
+            let mut ids = main.clone();
+            ids.extend(self.systems.iter().filter(|s| s.2).map(|s| s.0.clone()));
+            for id in ids {
+                let (Some((store, staging)), Some(n)) = (self.nightly_store(&id), self.nights(&id)) else { continue };
+                o.push_str(&format!(
+                    "| {} | {} | {} | {} | {:.1} | {} | {} | {} |\n",
+                    self.label(&id),
+                    mb(store as f64),
+                    ratio(store as f64, cz),
+                    if staging > 0 { mb(staging as f64) } else { "-".into() },
+                    n.wall,
+                    n.growth.map(mb).unwrap_or("-".into()),
+                    n.bytes.map(mb).unwrap_or("-".into()),
+                    n.rss_kib / 1024
+                ));
+            }
+            o.push('\n');
+        }
+
+        // Chunk-size study
+        o.push_str("## Chunk-size study (affa ESXi job, chunkFiles=*-flat.vmdk)\n\n");
+        o.push_str("| chunkSize | full wall s | full store MB (staging excluded) | 1% clustered: wall s / growth MB / MB over ssh | 0.1% scattered: wall s / growth MB / MB over ssh | clone: growth MB | restore s | nights: store after MB | pool files / links per archive after the full | peak RSS MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        for &cs in &self.study {
+            let id = Self::chunk_id(cs);
+            let f = self.sum("full", &id);
+            let c = self.sum("clustered", &id);
+            let s = self.sum("scattered", &id);
+            let cl = self.sum("clone", &id);
+            let r = self.sum("restore", &id);
+            let trip = |x: &Option<Sum>| {
+                x.as_ref().map(|x| format!("{:.1} / {} / {}", x.wall, x.growth.map(mb).unwrap_or("-".into()), x.bytes.map(mb).unwrap_or("-".into()))).unwrap_or("-".into())
+            };
+            let rss = self.recs.iter().filter(|r| r.system == id).map(|r| r.cost.maxrss_kib).max().unwrap_or(0);
+            o.push_str(&format!(
+                "| {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                human_cs(cs),
+                if cs == self.default_cs { " (current default)" } else { "" },
+                f.as_ref().map(|x| format!("{:.1}", x.wall)).unwrap_or("-".into()),
+                f.as_ref().map(|x| mb(x.store_last.unwrap_or(0) as f64 - x.staging.unwrap_or(0.0))).unwrap_or("-".into()),
+                trip(&c),
+                trip(&s),
+                cl.and_then(|x| x.growth).map(mb).unwrap_or("-".into()),
+                r.map(|x| format!("{:.1}", x.wall)).unwrap_or("-".into()),
+                self.nightly_store(&id).map(|x| mb(x.0 as f64)).unwrap_or("-".into()),
+                match (self.extra_med("full", &id, "pool_files"), self.extra_med("full", &id, "archive_chunk_links")) {
+                    (Some(p), Some(l)) => format!("{p:.0} / {l:.0}"),
+                    _ => "-".into(),
+                },
+                rss / 1024
+            ));
+        }
+        o.push('\n');
+
+        // Memory
+        let mem: Vec<&Rec> = self.recs.iter().filter(|r| r.phase.starts_with("memory")).collect();
+        if !mem.is_empty() {
+            o.push_str(&format!("## Peak memory at {} (affa only, chunkSize={})\n\n| run | wall s | peak RSS MiB (affa + rsync + ssh) | MB over ssh | store growth MB |\n|---|---:|---:|---:|---:|\n", human(self.msize), human_cs(self.default_cs)));
+            for r in mem {
+                o.push_str(&format!(
+                    "| {} | {:.1} | {} | {} | {} |\n",
+                    r.phase,
+                    r.cost.wall,
+                    r.cost.maxrss_kib / 1024,
+                    r.bytes_ssh.map(|b| mb(b as f64)).unwrap_or("-".into()),
+                    r.growth.map(|g| mb(g as f64)).unwrap_or("-".into())
+                ));
+            }
+            o.push('\n');
+        }
+
+        // Where affa's wall time goes
+        o.push_str("## Where affa's wall time goes (medians, s)\n\nFrom the timed rsync wrapper affa runs as `localRsyncBinary`: before the first rsync = connection check, vSphere login, layout, snapshot; rsync = every transfer (disk descriptor, disk, config files); between the disk and the config rsync = chunking + snapshot removal (+ layout query); after = rotation, pool sweep, the final sync.\n\n| system | scenario | wall | before first rsync | rsync | chunking + snapshot removal | after last rsync |\n|---|---|---:|---:|---:|---:|---:|\n");
+        let mut ids: Vec<String> = self.systems.iter().filter(|s| s.0.starts_with("chunk") || s.0 == "plain").map(|s| s.0.clone()).collect();
+        ids.sort_by_key(|i| (i != &d, i != "plain", i.clone()));
+        for id in &ids {
+            for ph in ["full", "clustered", "scattered", "clone", "nightly"] {
+                let Some(s) = (if ph == "nightly" { self.nights(id) } else { self.sum(ph, id) }) else { continue };
+                let e = |k: &str| self.extra_med(ph, id, k).map(|v| format!("{v:.2}")).unwrap_or("-".into());
+                o.push_str(&format!(
+                    "| {} | {ph} | {:.2} | {} | {} | {} | {} |\n",
+                    self.label(id),
+                    s.wall,
+                    e("before_first_rsync_s"),
+                    e("rsync_s"),
+                    e("between_disk_and_config_rsync_s"),
+                    e("after_last_rsync_s")
+                ));
+            }
+        }
+        o.push('\n');
+
+        // Targets
+        o.push_str(&format!("## Targets ({} run, affa = {})\n\n| target | measured | met |\n|---|---|---|\n", human(self.size), self.label(&d)));
+        for (t, m, met, g) in self.targets() {
+            let mark = match met {
+                Some(true) => "yes".to_string(),
+                Some(false) => format!("**no**: {g}"),
+                None => "-".into(),
+            };
+            o.push_str(&format!("| {t} | {m} | {mark} |\n"));
+        }
+        o.push('\n');
+        o.push_str(ANALYSIS_MARK);
+        o.push('\n');
+        if let Some(i) = old.find(ANALYSIS_MARK) {
+            o.push_str(old[i + ANALYSIS_MARK.len()..].trim_start_matches('\n'));
+        }
+        o
+    }
+
+    pub fn json(&self) -> J {
+        let mut root = J::obj();
+        root.set("command", self.cmdline.as_str());
+        let mut p = J::obj();
+        p.set("size_bytes", self.size)
+            .set("nightly_size_bytes", self.nsize)
+            .set("memory_check_size_bytes", self.msize)
+            .set("default_chunk_size", self.default_cs)
+            .set("chunk_sizes", J::Arr(self.study.iter().map(|&c| J::from(c)).collect()))
+            .set("reps", self.reps)
+            .set("nights", self.nights)
+            .set("seed", self.seed)
+            .set("total_wall_s", self.total_wall);
+        root.set("parameters", p);
+        let mut m = J::obj();
+        m.set("nproc", self.machine.nproc as u64)
+            .set("memory", self.machine.mem.as_str())
+            .set("cpu", self.machine.cpu.trim())
+            .set("kernel", self.machine.kernel.as_str())
+            .set("disk", self.machine.disk.as_str())
+            .set("uptime_start", self.machine.load_start.as_str())
+            .set("uptime_end", self.machine.load_end.as_str())
+            .set("start", self.machine.date_start.as_str())
+            .set("end", self.machine.date_end.as_str());
+        root.set("machine", m);
+        let mut t = J::obj();
+        for (k, v) in &self.tools {
+            t.set(k, v.as_str());
+        }
+        root.set("tools", t);
+        root.set(
+            "systems",
+            J::Arr(
+                self.systems
+                    .iter()
+                    .map(|(id, l, s)| {
+                        let mut o = J::obj();
+                        o.set("id", id.as_str()).set("label", l.as_str()).set("study_only", *s);
+                        o
+                    })
+                    .collect(),
+            ),
+        );
+        if let Some(c) = &self.composition {
+            let mut o = J::obj();
+            o.set("zero_bytes", c.zero).set("random_bytes", c.random).set("text_bytes", c.text);
+            o.set("zstd1_bytes", self.compressed_full.map(|x| x.0));
+            root.set("image", o);
+        }
+        root.set(
+            "changes",
+            J::Arr(
+                self.changed
+                    .iter()
+                    .map(|(p, r, b)| {
+                        let mut o = J::obj();
+                        o.set("phase", p.as_str()).set("rep", *r).set("bytes_written", *b);
+                        o
+                    })
+                    .collect(),
+            ),
+        );
+        let mut sums = Vec::new();
+        let phases = ["full", "clustered", "scattered", "clone", "restore", "nightly", "memory-full", "memory-clustered"];
+        for ph in phases {
+            for (id, _, _) in &self.systems {
+                let s = if ph == "nightly" { self.nights(id) } else { self.sum(ph, id) };
+                if let Some(s) = s {
+                    let mut o = J::obj();
+                    o.set("phase", if ph == "nightly" { "nightly (nights 1..N)" } else { ph })
+                        .set("system", id.as_str())
+                        .set("runs", s.n as u64)
+                        .set("median_wall_s", s.wall)
+                        .set("median_cpu_s", s.cpu)
+                        .set("max_peak_rss_kib", s.rss_kib)
+                        .set("median_bytes_over_ssh", s.bytes)
+                        .set("median_store_growth_bytes", s.growth)
+                        .set("store_after_bytes", s.store_last);
+                    sums.push(o);
+                }
+            }
+        }
+        root.set("medians", J::Arr(sums));
+        let mut ce = J::obj();
+        for ph in ["local-read-cold", "ssh-cat-cold", "ssh-cat-warm"] {
+            if let Some(w) = self.ceiling(ph) {
+                let mut o = J::obj();
+                o.set("median_s", w).set("bytes_per_s", self.size as f64 / w);
+                ce.set(ph, o);
+            }
+        }
+        root.set("ceilings", ce);
+        let mut n = J::obj();
+        n.set("compressed_full_copy_bytes", self.nightly_compressed.map(|x| x.0));
+        for (id, store, staging) in &self.nightly_final {
+            let mut o = J::obj();
+            o.set("store_after_bytes", *store).set("staging_bytes", *staging);
+            n.set(id, o);
+        }
+        root.set("nightly", n);
+        root.set(
+            "targets",
+            J::Arr(
+                self.targets()
+                    .into_iter()
+                    .map(|(t, m, met, g)| {
+                        let mut o = J::obj();
+                        o.set("target", t).set("measured", m).set("met", met).set("gap", g);
+                        o
+                    })
+                    .collect(),
+            ),
+        );
+        root.set("runs", J::Arr(self.recs.iter().map(|r| r.json()).collect()));
+        root
+    }
+}

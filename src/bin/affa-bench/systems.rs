@@ -1,0 +1,333 @@
+//! The systems compared: affa on an ESXi job (chunked, one per chunk size; and without
+//! chunkFiles), plain `rsync --link-dest` over the same ssh, borg and restic reading the image
+//! directly. Each has a store directory, a backup of a VM and a restore of its newest version.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::env::{AffaConf, Sim, Sshd};
+use crate::measure::{self, Cost, Remote};
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Kind {
+    /// affa ESXi job with chunkFiles=*-flat.vmdk and this chunkSize (bytes).
+    Chunk(u64),
+    /// affa ESXi job without chunkFiles.
+    Plain,
+    Rsync,
+    Borg,
+    Restic,
+}
+
+pub struct System {
+    pub id: String,
+    pub label: String,
+    pub kind: Kind,
+    /// Where the store lives (RootDir, rsync's target, the borg/restic repo's parent).
+    pub root: PathBuf,
+    /// Only in the chunk-size study (not a main column of the comparison tables).
+    pub study: bool,
+    /// Old versions are deleted after their growth was measured (each is a full copy; the bench
+    /// would run out of disk otherwise). The store size is then the sum of measured growths.
+    pub prune: bool,
+    /// Store bytes, accumulated from measured growths since the last reset.
+    pub cum: u64,
+    seq: u32,
+    /// The newest version number of each VM.
+    last: std::collections::HashMap<String, u32>,
+}
+
+/// One measured backup.
+pub struct Backup {
+    pub cost: Cost,
+    pub bytes_ssh: Option<u64>,
+    pub growth: i64,
+    pub store_after: u64,
+    /// Extra figures (affa's report: pool bytes added, staging size...).
+    pub extra: Vec<(String, f64)>,
+}
+
+pub struct World<'a> {
+    pub affa: &'a AffaConf,
+    pub sshd: &'a Sshd,
+    pub sim: &'a Sim,
+    /// The datastore dir (VM dirs below it), served by the sshd at the same path.
+    pub ds: PathBuf,
+    pub logs: PathBuf,
+    pub remote: Remote,
+    /// A job whose known-hosts file plain ssh/rsync reuse.
+    pub ssh_job: String,
+    /// AFFA_FAKE_NOW of the next run.
+    pub now: String,
+}
+
+pub fn human_cs(cs: u64) -> String {
+    if cs >= 1 << 20 {
+        format!("{}M", cs >> 20)
+    } else {
+        format!("{}K", cs >> 10)
+    }
+}
+
+impl System {
+    pub fn new(kind: Kind, stores: &Path, default_cs: u64, study: bool) -> System {
+        let (id, label) = match &kind {
+            Kind::Chunk(cs) => {
+                let h = human_cs(*cs);
+                let def = if *cs == default_cs { ", default" } else { "" };
+                (format!("chunk{}", h.to_lowercase()), format!("affa ESXi, chunkFiles, chunkSize={h}{def}"))
+            }
+            Kind::Plain => ("plain".into(), "affa ESXi, no chunkFiles (Affa 3)".into()),
+            Kind::Rsync => ("rsync".into(), "rsync --link-dest over ssh".into()),
+            Kind::Borg => ("borg".into(), "borg 1.2, local read".into()),
+            Kind::Restic => ("restic".into(), "restic 0.14, local read".into()),
+        };
+        let prune = matches!(kind, Kind::Plain | Kind::Rsync);
+        System { root: stores.join(&id), id, label, kind, study, prune, cum: 0, seq: 0, last: Default::default() }
+    }
+
+    pub fn job(&self, vm: &str) -> String {
+        format!("{}-{vm}", self.id)
+    }
+
+    fn repo(&self) -> PathBuf {
+        self.root.join("repo")
+    }
+
+    fn tool_env(&self, c: &mut Command) {
+        c.env("BORG_BASE_DIR", self.root.join("borg-base"))
+            .env("BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "yes")
+            .env("BORG_RELOCATED_REPO_ACCESS_IS_OK", "yes")
+            .env("BORG_DELETE_I_KNOW_WHAT_I_AM_DOING", "YES")
+            .env("RESTIC_PASSWORD", "bench")
+            .env("RESTIC_CACHE_DIR", self.root.join("restic-cache"));
+    }
+
+    /// What counts as the store.
+    pub fn store_dir(&self) -> PathBuf {
+        match self.kind {
+            Kind::Borg | Kind::Restic => self.repo(),
+            _ => self.root.clone(),
+        }
+    }
+
+    pub fn store_size(&self) -> u64 {
+        measure::du(&self.store_dir())
+    }
+
+    /// Delete the store and start an empty one (repository init is not timed).
+    pub fn reset(&mut self, w: &World, vms: &[&str]) -> Result<(), String> {
+        let _ = fs::remove_dir_all(&self.root);
+        fs::create_dir_all(&self.root).map_err(|e| e.to_string())?;
+        self.seq = 0;
+        self.last.clear();
+        match self.kind {
+            Kind::Chunk(cs) => {
+                for vm in vms {
+                    w.affa.add_job(&self.job(vm), vm, &self.root, Some(&human_cs(cs)), w.sshd, w.sim)?;
+                }
+            }
+            Kind::Plain => {
+                for vm in vms {
+                    w.affa.add_job(&self.job(vm), vm, &self.root, None, w.sshd, w.sim)?;
+                }
+            }
+            Kind::Rsync => {}
+            Kind::Borg => {
+                let mut c = Command::new("borg");
+                c.args(["init", "-e", "none"]).arg(self.repo());
+                self.tool_env(&mut c);
+                measure::run(&mut c, &w.logs.join(format!("{}-init.log", self.id)), Remote(None))?;
+            }
+            Kind::Restic => {
+                let mut c = Command::new("restic");
+                c.arg("-r").arg(self.repo()).args(["init", "--repository-version", "2"]);
+                self.tool_env(&mut c);
+                measure::run(&mut c, &w.logs.join(format!("{}-init.log", self.id)), Remote(None))?;
+            }
+        }
+        self.cum = self.store_size();
+        Ok(())
+    }
+
+    fn rsync_dir(&self, vm: &str) -> PathBuf {
+        self.root.join(vm)
+    }
+
+    fn rsync_versions(&self, vm: &str) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = fs::read_dir(self.rsync_dir(vm)).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Back up VM `vm` (its dir `ds/vm`); the page cache was dropped by the caller.
+    pub fn backup(&mut self, w: &World, vm: &str, tag: &str) -> Result<Backup, String> {
+        let before = self.store_size();
+        self.seq += 1;
+        let log = w.logs.join(format!("{}-{tag}-{}.log", self.id, self.seq));
+        let src = w.ds.join(vm);
+        let mut extra = Vec::new();
+        let (cost, bytes) = match self.kind {
+            Kind::Chunk(_) | Kind::Plain => {
+                let job = self.job(vm);
+                let times = w.logs.join(format!("{}-{tag}-{}.rsync-times", self.id, self.seq));
+                let mut c = w.affa.cmd();
+                c.env("AFFA_FAKE_NOW", &w.now).env("AFFA_BENCH_RSYNC_LOG", &times).args(["--run", &job]);
+                let cost = measure::run(&mut c, &log, w.remote)?;
+                // (start, end) of each rsync affa ran, in order.
+                let spans: Vec<(f64, f64)> = fs::read_to_string(&times)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| {
+                        let v: Vec<f64> = l.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+                        (v.len() >= 2).then(|| (v[0], v[1]))
+                    })
+                    .collect();
+                if let Some(first) = spans.first() {
+                    extra.push(("rsync_s".to_string(), spans.iter().map(|(a, b)| b - a).sum::<f64>()));
+                    extra.push(("before_first_rsync_s".to_string(), first.0 - cost.start));
+                    // ESXi: [descriptor], disk(s), config: the gap after the disk copy is chunking +
+                    // snapshot removal.
+                    if spans.len() >= 2 {
+                        let last = spans[spans.len() - 1];
+                        let prev = spans[spans.len() - 2];
+                        extra.push(("between_disk_and_config_rsync_s".to_string(), last.0 - prev.1));
+                        extra.push(("after_last_rsync_s".to_string(), cost.start + cost.wall - last.1));
+                    }
+                }
+                let rep = fs::read_to_string(self.root.join(&job).join("scheduled.0/.AFFA3-REPORT")).unwrap_or_default();
+                let num = |k: &str| -> Option<u64> { rep.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).and_then(|v| v.trim().parse().ok()) };
+                let bytes = match (num("TotalBytesSent"), num("TotalBytesReceived")) {
+                    (Some(a), Some(b)) => Some(a + b),
+                    _ => None,
+                };
+                if let Some(v) = num("ChunkPoolBytesAdded") {
+                    extra.push(("pool_bytes_added".to_string(), v as f64));
+                }
+                if matches!(self.kind, Kind::Chunk(_)) {
+                    extra.push(("staging_bytes".to_string(), measure::du(&self.root.join(&job).join(".staging")) as f64));
+                    extra.push(("pool_files".to_string(), measure::files(&self.root.join(".affa-pool")).len() as f64));
+                    let links = measure::files(&self.root.join(&job).join("scheduled.0/.affa-chunks"));
+                    extra.push(("archive_chunk_links".to_string(), links.len() as f64));
+                }
+                (cost, bytes)
+            }
+            Kind::Rsync => {
+                let dir = self.rsync_dir(vm);
+                fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+                let prev = self.rsync_versions(vm).last().cloned();
+                let dest = dir.join(format!("{:04}", self.seq));
+                let ssh = std::iter::once("ssh".to_string()).chain(w.affa.ssh_args(&w.ssh_job, w.sshd)).collect::<Vec<_>>().join(" ");
+                let mut c = Command::new("rsync");
+                c.args(["--archive", "--hard-links", "--numeric-ids", "--sparse", "--stats"]).arg(format!("--rsh={ssh}"));
+                if let Some(p) = prev {
+                    c.arg(format!("--link-dest={}", p.display()));
+                }
+                c.arg(format!("{}@127.0.0.1:{}/", w.sshd.user, src.display())).arg(format!("{}/", dest.display()));
+                let cost = measure::run(&mut c, &log, w.remote)?;
+                let text = fs::read_to_string(&log).unwrap_or_default();
+                let num = |k: &str| -> Option<u64> {
+                    text.lines().find_map(|l| l.strip_prefix(k)).map(|v| v.split_whitespace().next().unwrap_or("").replace(',', "")).and_then(|v| v.parse().ok())
+                };
+                let bytes = match (num("Total bytes sent:"), num("Total bytes received:")) {
+                    (Some(a), Some(b)) => Some(a + b),
+                    _ => None,
+                };
+                (cost, bytes)
+            }
+            Kind::Borg => {
+                let mut c = Command::new("borg");
+                c.args(["create", "--stats", "--compression", "zstd,1", "--chunker-params", "fixed,4194304"])
+                    .arg(format!("{}::{vm}-{:04}", self.repo().display(), self.seq))
+                    .arg(&src);
+                self.tool_env(&mut c);
+                (measure::run(&mut c, &log, Remote(None))?, None)
+            }
+            Kind::Restic => {
+                let mut c = Command::new("restic");
+                c.arg("-r").arg(self.repo()).args(["backup", "--host", "bench"]).arg(&src);
+                self.tool_env(&mut c);
+                (measure::run(&mut c, &log, Remote(None))?, None)
+            }
+        };
+        self.last.insert(vm.to_string(), self.seq);
+        let after = self.store_size();
+        let growth = after as i64 - before as i64;
+        self.cum = (self.cum as i64 + growth).max(0) as u64;
+        Ok(Backup { cost, bytes_ssh: bytes, growth, store_after: self.cum, extra })
+    }
+
+    /// Delete every version but the newest (only for `prune` systems).
+    pub fn prune_old(&self, vm: &str) {
+        if !self.prune {
+            return;
+        }
+        match self.kind {
+            Kind::Plain => {
+                let jd = self.root.join(self.job(vm));
+                if let Ok(rd) = fs::read_dir(&jd) {
+                    for e in rd.flatten() {
+                        let n = e.file_name().to_string_lossy().into_owned();
+                        if n.starts_with("scheduled.") && n != "scheduled.0" {
+                            let _ = fs::remove_dir_all(e.path());
+                        }
+                    }
+                }
+            }
+            Kind::Rsync => {
+                let v = self.rsync_versions(vm);
+                for p in v.iter().take(v.len().saturating_sub(1)) {
+                    let _ = fs::remove_dir_all(p);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Restore the newest version of `vm`'s flat disk into `out` (emptied first); returns the
+    /// cost (wall includes the final sync) and the restored file.
+    pub fn restore(&self, w: &World, vm: &str, out: &Path, tag: &str) -> Result<(Cost, PathBuf), String> {
+        let _ = fs::remove_dir_all(out);
+        fs::create_dir_all(out).map_err(|e| e.to_string())?;
+        let log = w.logs.join(format!("{}-restore-{tag}.log", self.id));
+        let flat = format!("{vm}-flat.vmdk");
+        let rel = format!("vmfs/volumes/datastore1/{vm}/{flat}");
+        measure::evict(&[&self.store_dir()]);
+        let (mut c, file) = match self.kind {
+            Kind::Chunk(_) => {
+                let mut c = w.affa.cmd();
+                c.args(["--unchunk", &self.job(vm), "scheduled.0", "--to"]).arg(out);
+                (c, out.join(&rel))
+            }
+            Kind::Plain => {
+                let mut c = Command::new("cp");
+                c.arg("--sparse=always").arg(self.root.join(self.job(vm)).join("scheduled.0").join(&rel)).arg(out.join(&flat));
+                (c, out.join(&flat))
+            }
+            Kind::Rsync => {
+                let newest = self.rsync_versions(vm).last().cloned().ok_or("no rsync version")?;
+                let mut c = Command::new("cp");
+                c.arg("--sparse=always").arg(newest.join(&flat)).arg(out.join(&flat));
+                (c, out.join(&flat))
+            }
+            Kind::Borg => {
+                let src = w.ds.join(vm).join(&flat);
+                let inner = src.strip_prefix("/").unwrap().to_path_buf();
+                let mut c = Command::new("borg");
+                c.args(["extract", "--sparse"]).arg(format!("{}::{vm}-{:04}", self.repo().display(), self.last.get(vm).copied().unwrap_or(0))).arg(&inner).current_dir(out);
+                self.tool_env(&mut c);
+                (c, out.join(inner))
+            }
+            Kind::Restic => {
+                let src = w.ds.join(vm);
+                let mut c = Command::new("restic");
+                c.arg("-r").arg(self.repo()).args(["restore", "latest", "--host", "bench", "--path"]).arg(&src).arg("--target").arg(out).args(["--include", &flat]);
+                self.tool_env(&mut c);
+                (c, out.join(src.strip_prefix("/").unwrap()).join(&flat))
+            }
+        };
+        let cost = measure::run(&mut c, &log, Remote(None))?;
+        Ok((cost, file))
+    }
+}
