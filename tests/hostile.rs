@@ -319,6 +319,15 @@ fn esx(extra_conf: &str) -> Esx {
     let sim = Sim::start(&work.path().join("sim"), &[("datastore1", &ds1)], &[VmSpec { name: "vm1".into(), power_on: true, disks: vec![("datastore1".into(), 4 * MB)] }], "");
     let mut sshd = Sshd::start();
     let affa = Affa::new();
+    // Mails go to a sendmail stand-in that keeps them (state/mail/N.msg).
+    let mail = affa.state.join("mail");
+    fs::create_dir_all(&mail).unwrap();
+    let sm = affa.state.join("sendmail.sh");
+    fs::write(&sm, format!("#!/bin/sh\nn=$(ls {o} | wc -l)\ncat > {o}/$n.msg\n", o = mail.display())).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&sm, fs::Permissions::from_mode(0o755)).unwrap();
+    let global = fs::read_to_string(affa.conf.join("00-global.conf")).unwrap();
+    affa.write_conf("00-global.conf", &format!("{global}sendmailBinary={}\n", sm.display()));
     let conf = affa.ssh_job(
         "esx",
         &sshd,
@@ -388,7 +397,7 @@ fn descendants(pid: u32) -> Vec<u32> {
 
 #[test]
 fn the_esxi_password_never_shows() {
-    let e = esx("Debug=yes\nchunkFiles=*-flat.vmdk\nchunkSize=256K\nBandwidthLimit=2000\n");
+    let e = esx("Debug=yes\nchunkFiles=*-flat.vmdk\nchunkSize=256K\nBandwidthLimit=2000\nchattyOnSuccess=3\n");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(fs::metadata(e.affa.conf.join("esx.conf")).unwrap().permissions().mode() & 0o777, 0o600);
     // While the run goes on: every process of the run, its command line and environment.
@@ -425,10 +434,17 @@ fn the_esxi_password_never_shows() {
     e.affa.write_conf("esx.conf", &e.conf);
     // logDir, every file of RootDir (reports, .esx-setup.ini, .affa-esxi.ini), the state dirs,
     // and what the status and log commands print.
+    // (Also its XML-escaped form, as it travels in the SOAP Login body.)
+    let escaped = PASS.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
     for dir in [&e.affa.root, &e.affa.state] {
-        let hits = files_containing(dir, PASS.as_bytes());
-        assert!(hits.is_empty() || hits == [e.affa.state.join("esx.pw")], "the password is in {hits:?}");
+        for needle in [PASS, escaped.as_str()] {
+            let hits = files_containing(dir, needle.as_bytes());
+            assert!(hits.is_empty(), "the password is in {hits:?}");
+        }
     }
+    // The mails (a success mail and a failure mail) were sent, without it.
+    let mails = fs::read_dir(e.affa.state.join("mail")).unwrap().count();
+    assert!(mails >= 2, "expected a success and a failure mail, got {mails}");
     assert!(files_containing(&e.affa.state.join("log"), b"Wr0ng-s3cret-Pw").is_empty());
     let setup = fs::read_to_string(e.affa.job_dir("esx").join("scheduled.0/.esx-setup.ini")).unwrap();
     assert!(setup.contains("ESXiPassword=<hidden>"), "{setup}");
