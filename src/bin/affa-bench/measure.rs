@@ -170,6 +170,27 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// Allocated bytes of the directories and of the files without other hard links under `p`
+/// (an archive's own metadata: manifests, fan-out directories of chunk links, small files).
+pub fn meta_du(p: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![p.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(m) = fs::symlink_metadata(&d) else { continue };
+        if m.is_dir() {
+            total += m.blocks() * 512;
+            if let Ok(rd) = fs::read_dir(&d) {
+                for e in rd.flatten() {
+                    stack.push(e.path());
+                }
+            }
+        } else if m.nlink() == 1 {
+            total += m.blocks() * 512;
+        }
+    }
+    total
+}
+
 /// Read a whole file (cold: evicted first), return bytes/s.
 pub fn read_speed(p: &Path) -> std::io::Result<f64> {
     evict(&[p]);

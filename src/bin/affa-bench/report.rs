@@ -364,9 +364,16 @@ impl Results {
                     _ => (c.growth.unwrap_or(f64::NAN), o.growth.unwrap_or(f64::NAN), "store growth"),
                 };
                 let met = mine <= theirs;
+                // The part of affa's figure that is the staging copy (a plain copy of the disk).
+                let staging = match phase {
+                    "nightly" => self.nightly_store(&d).map(|x| x.1 as f64),
+                    "full" | "clone" => c.staging,
+                    _ => None,
+                };
+                let without = staging.filter(|s| *s > 0.0).map(|s| format!(" (without the staging copy: {} MB)", mb(mine - s))).unwrap_or_default();
                 t.push((
                     format!("{what}: {kind} <= {other}'s"),
-                    format!("{} MB vs {} MB", mb(mine), mb(theirs)),
+                    format!("{} MB vs {} MB{without}", mb(mine), mb(theirs)),
                     Some(met),
                     gap(met, format!("{:.0}% larger", (mine / theirs - 1.0) * 100.0)),
                 ));
@@ -538,7 +545,7 @@ impl Results {
 
         // Chunk-size study
         o.push_str("## Chunk-size study (affa ESXi job, chunkFiles=*-flat.vmdk)\n\n");
-        o.push_str("| chunkSize | full wall s | full store MB (staging excluded) | 1% clustered: wall s / growth MB / MB over ssh | 0.1% scattered: wall s / growth MB / MB over ssh | clone: growth MB | restore s | nights: store after MB | pool files / links per archive after the full | peak RSS MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        o.push_str("| chunkSize | full wall s | full store MB (staging excluded) | 1% clustered: wall s / growth MB / MB over ssh | 0.1% scattered: wall s / growth MB / MB over ssh | clone: growth MB | restore s | nights: store after MB | pool files / links per archive after the full | archive metadata MB (manifest + link dirs) | peak RSS MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for &cs in &self.study {
             let id = Self::chunk_id(cs);
             let f = self.sum("full", &id);
@@ -551,7 +558,7 @@ impl Results {
             };
             let rss = self.recs.iter().filter(|r| r.system == id).map(|r| r.cost.maxrss_kib).max().unwrap_or(0);
             o.push_str(&format!(
-                "| {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 human_cs(cs),
                 if cs == self.default_cs { " (current default)" } else { "" },
                 f.as_ref().map(|x| format!("{:.1}", x.wall)).unwrap_or("-".into()),
@@ -565,6 +572,7 @@ impl Results {
                     (Some(p), Some(l)) => format!("{p:.0} / {l:.0}"),
                     _ => "-".into(),
                 },
+                self.extra_med("full", &id, "archive_meta_bytes").map(mb).unwrap_or("-".into()),
                 rss / 1024
             ));
         }

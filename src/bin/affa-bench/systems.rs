@@ -210,6 +210,7 @@ impl System {
                     extra.push(("pool_files".to_string(), measure::files(&self.root.join(".affa-pool")).len() as f64));
                     let links = measure::files(&self.root.join(&job).join("scheduled.0/.affa-chunks"));
                     extra.push(("archive_chunk_links".to_string(), links.len() as f64));
+                    extra.push(("archive_meta_bytes".to_string(), measure::meta_du(&self.root.join(&job).join("scheduled.0")) as f64));
                 }
                 (cost, bytes)
             }
