@@ -68,12 +68,16 @@ pub struct Args {
     systems: String,
     /// Systems of the nights scenario (the plain-copy ones store a full copy per night: their
     /// growth is the same as in the incremental tables).
-    #[arg(long, default_value = "chunk256k,chunk1m,chunk4m,borg,restic")]
+    #[arg(long, default_value = "chunk1m,chunk4m,borg,restic")]
     nightly_systems: String,
     /// Use this affa binary instead of building one from this checkout (e.g. a build of a
     /// clean commit while the working tree is being edited).
     #[arg(long)]
     affa_bin: Option<PathBuf>,
+    /// Also run affa with this chunk size and the proposed fixes applied from outside (staging
+    /// rsync with --sparse, ssh ControlMaster) in every scenario, as "tunedSIZE".
+    #[arg(long)]
+    tuned: Option<String>,
     /// Leave the images and stores in the data dir at the end.
     #[arg(long)]
     keep_data: bool,
@@ -225,7 +229,7 @@ fn run(args: &Args) -> Result<(), String> {
         now: String::new(),
     };
     // A job only to hold the known-hosts file plain ssh and rsync use.
-    affa.add_job("sshref", "vm1", &data.join("sshref"), None, &sshd, &sim)?;
+    affa.add_job("sshref", "vm1", &data.join("sshref"), None, false, &sshd, &sim)?;
     w.ssh_job = "sshref".into();
     let mut clock = chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap().and_hms_opt(20, 0, 0).unwrap();
     let mut tick = |w: &mut World, days: i64, minutes: i64| {
@@ -241,6 +245,9 @@ fn run(args: &Args) -> Result<(), String> {
         if cs != default_cs {
             systems.push(System::new(Kind::Chunk(cs), &stores, default_cs, true));
         }
+    }
+    if let Some(t) = &args.tuned {
+        systems.push(System::new(Kind::Tuned(parse_size(t)?), &stores, default_cs, true));
     }
     let only: Vec<&str> = args.systems.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
     if !only.is_empty() {
@@ -353,7 +360,9 @@ fn run(args: &Args) -> Result<(), String> {
         gen::set_mtime(&flat("vm2"), mtime).map_err(|e| e.to_string())?;
         res.changed.push(("clone".into(), 1, changed));
         tick(&mut w, 0, 60);
-        backup_all(&mut systems, &w, &mut res, "clone", 1, "vm2", size, &all)?;
+        // The study's other chunk sizes skip it: their clone growth is the new staging copy plus
+        // the same divergence as in the clustered scenario.
+        backup_all(&mut systems, &w, &mut res, "clone", 1, "vm2", size, &|s: &System| !s.study)?;
     }
     if on("restore") {
         let want = measure::hash(&flat("vm1")).map_err(|e| e.to_string())?;
@@ -411,7 +420,7 @@ fn run(args: &Args) -> Result<(), String> {
             .iter()
             .filter(|s| in_nights(s))
             .map(|s| {
-                let staging = if matches!(s.kind, Kind::Chunk(_)) { measure::du(&s.root.join(s.job("vm3")).join(".staging")) } else { 0 };
+                let staging = if s.chunked() { measure::du(&s.root.join(s.job("vm3")).join(".staging")) } else { 0 };
                 (s.id.clone(), s.cum, staging)
             })
             .collect();
@@ -435,11 +444,6 @@ fn run(args: &Args) -> Result<(), String> {
         tick(&mut w, 0, 60);
         mem[0].reset(&w, &["vm4"])?;
         backup_all(&mut mem, &w, &mut res, "memory-full", 1, "vm4", msize, &all)?;
-        gen::change_clustered(&flat("vm4"), msize, 0.01, gen::derive(args.seed, "vm4-change"), &filler).map_err(|e| e.to_string())?;
-        mtime += 3600;
-        gen::set_mtime(&flat("vm4"), mtime).map_err(|e| e.to_string())?;
-        tick(&mut w, 0, 60);
-        backup_all(&mut mem, &w, &mut res, "memory-clustered", 1, "vm4", msize, &all)?;
         let _ = fs::remove_dir_all(&mem[0].root);
         if let Ok(f) = fs::OpenOptions::new().write(true).open(flat("vm4")) {
             let _ = f.set_len(0);

@@ -306,6 +306,26 @@ impl AffaConf {
             use std::os::unix::fs::PermissionsExt;
             fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
         }
+        // The proposed fixes, applied from outside affa for the "tuned" system: ssh connection
+        // sharing (one handshake per run instead of one per rsync), and --sparse for the
+        // in-place staging transfer (rsync >= 3.1.3 punches holes with --inplace).
+        let st = a.state.display().to_string();
+        fs::write(
+            a.state.join("ssh-mux"),
+            format!("#!/bin/sh\nexec ssh -o ControlMaster=auto -o ControlPath={st}/cm-%C -o ControlPersist=2 \"$@\"\n"),
+        )
+        .map_err(|e| e.to_string())?;
+        fs::write(
+            a.state.join("rsync-timed-sparse"),
+            format!("#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = --inplace ] && set -- --sparse \"$@\" && break; done\nexec {} \"$@\"\n", wrapper.display()),
+        )
+        .map_err(|e| e.to_string())?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            for n in ["ssh-mux", "rsync-timed-sparse"] {
+                fs::set_permissions(a.state.join(n), fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+            }
+        }
         let pw = a.state.join("esx.pw");
         fs::write(&pw, format!("{SIM_PASS}\n")).map_err(|e| e.to_string())?;
         use std::os::unix::fs::PermissionsExt;
@@ -331,11 +351,16 @@ impl AffaConf {
     }
 
     /// An ESXi job for `vm` in `root`; `chunk` = Some(chunkSize) for chunkFiles=*-flat.vmdk.
-    pub fn add_job(&self, job: &str, vm: &str, root: &Path, chunk: Option<&str>, sshd: &Sshd, sim: &Sim) -> Result<(), String> {
-        let chunk = match chunk {
+    pub fn add_job(&self, job: &str, vm: &str, root: &Path, chunk: Option<&str>, tuned: bool, sshd: &Sshd, sim: &Sim) -> Result<(), String> {
+        let mut chunk = match chunk {
             Some(cs) => format!("chunkFiles=*-flat.vmdk\nchunkSize={cs}\n"),
             None => String::new(),
         };
+        let mut rsync_bin = self.rsync_wrapper();
+        if tuned {
+            chunk.push_str(&format!("localSSHBinary={}\n", self.state.join("ssh-mux").display()));
+            rsync_bin = self.state.join("rsync-timed-sparse");
+        }
         let text = format!(
             "[{job}]\nremoteHostName=127.0.0.1\nsshPort={}\nremoteUser={}\nRemoteAuthorizedKeysFile={}\nrsyncCompress=no\n\
              ConnectionCheckTimeout=10\nRootDir={}\nscheduledKeep=1000\nDiskSpaceWarn=none\nESXi=yes\nESXiVMName={vm}\n\
@@ -347,7 +372,7 @@ impl AffaConf {
             root.display(),
             self.state.join("esx.pw").display(),
             sim.port,
-            self.rsync_wrapper().display()
+            rsync_bin.display()
         );
         self.write(&format!("{job}.conf"), &text)?;
         let out = self

@@ -543,6 +543,22 @@ impl Results {
             o.push('\n');
         }
 
+        // The proposed fixes, measured
+        let tuned: Vec<String> = self.systems.iter().filter(|s| s.0.starts_with("tuned")).map(|s| s.0.clone()).collect();
+        if !tuned.is_empty() {
+            let mut ids = vec![d.clone()];
+            ids.extend(tuned.iter().cloned());
+            ids.extend(["rsync".to_string(), "borg".to_string(), "restic".to_string()]);
+            for (ph, what) in [("full", "full backup"), ("clustered", "1% clustered"), ("scattered", "0.1% scattered"), ("clone", "clone 5%")] {
+                if self.sum(ph, &d).is_none() {
+                    continue;
+                }
+                o.push_str(&format!("## Proposed fixes applied from outside affa: {what}\n\n"));
+                self.backup_table(&mut o, ph, &ids, ph == "full");
+                o.push('\n');
+            }
+        }
+
         // Chunk-size study
         o.push_str("## Chunk-size study (affa ESXi job, chunkFiles=*-flat.vmdk)\n\n");
         o.push_str("| chunkSize | full wall s | full store MB (staging excluded) | 1% clustered: wall s / growth MB / MB over ssh | 0.1% scattered: wall s / growth MB / MB over ssh | clone: growth MB | restore s | nights: store after MB | pool files / links per archive after the full | archive metadata MB (manifest + link dirs) | peak RSS MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
@@ -597,7 +613,7 @@ impl Results {
 
         // Where affa's wall time goes
         o.push_str("## Where affa's wall time goes (medians, s)\n\nFrom the timed rsync wrapper affa runs as `localRsyncBinary`: before the first rsync = connection check, vSphere login, layout, snapshot; rsync = every transfer (disk descriptor, disk, config files); between the disk and the config rsync = chunking + snapshot removal (+ layout query); after = rotation, pool sweep, the final sync.\n\n| system | scenario | wall | before first rsync | rsync | chunking + snapshot removal | after last rsync |\n|---|---|---:|---:|---:|---:|---:|\n");
-        let mut ids: Vec<String> = self.systems.iter().filter(|s| s.0.starts_with("chunk") || s.0 == "plain").map(|s| s.0.clone()).collect();
+        let mut ids: Vec<String> = self.systems.iter().filter(|s| s.0.starts_with("chunk") || s.0.starts_with("tuned") || s.0 == "plain").map(|s| s.0.clone()).collect();
         ids.sort_by_key(|i| (i != &d, i != "plain", i.clone()));
         for id in &ids {
             for ph in ["full", "clustered", "scattered", "clone", "nightly"] {

@@ -13,6 +13,9 @@ use crate::measure::{self, Cost, Remote};
 pub enum Kind {
     /// affa ESXi job with chunkFiles=*-flat.vmdk and this chunkSize (bytes).
     Chunk(u64),
+    /// Chunk(size) plus the proposed fixes applied from outside: ssh ControlMaster, --sparse
+    /// staging transfer.
+    Tuned(u64),
     /// affa ESXi job without chunkFiles.
     Plain,
     Rsync,
@@ -78,6 +81,7 @@ impl System {
                 let def = if *cs == default_cs { ", default" } else { "" };
                 (format!("chunk{}", h.to_lowercase()), format!("affa ESXi, chunkFiles, chunkSize={h}{def}"))
             }
+            Kind::Tuned(cs) => (format!("tuned{}", human_cs(*cs).to_lowercase()), format!("affa ESXi, chunkSize={} + staging --sparse + ssh ControlMaster (proposed)", human_cs(*cs))),
             Kind::Plain => ("plain".into(), "affa ESXi, no chunkFiles (Affa 3)".into()),
             Kind::Rsync => ("rsync".into(), "rsync --link-dest over ssh".into()),
             Kind::Borg => ("borg".into(), "borg 1.2, local read".into()),
@@ -85,6 +89,10 @@ impl System {
         };
         let prune = matches!(kind, Kind::Plain | Kind::Rsync);
         System { root: stores.join(&id), id, label, kind, study, prune, cum: 0, seq: 0, last: Default::default() }
+    }
+
+    pub fn chunked(&self) -> bool {
+        matches!(self.kind, Kind::Chunk(_) | Kind::Tuned(_))
     }
 
     pub fn job(&self, vm: &str) -> String {
@@ -123,14 +131,14 @@ impl System {
         self.seq = 0;
         self.last.clear();
         match self.kind {
-            Kind::Chunk(cs) => {
+            Kind::Chunk(cs) | Kind::Tuned(cs) => {
                 for vm in vms {
-                    w.affa.add_job(&self.job(vm), vm, &self.root, Some(&human_cs(cs)), w.sshd, w.sim)?;
+                    w.affa.add_job(&self.job(vm), vm, &self.root, Some(&human_cs(cs)), matches!(self.kind, Kind::Tuned(_)), w.sshd, w.sim)?;
                 }
             }
             Kind::Plain => {
                 for vm in vms {
-                    w.affa.add_job(&self.job(vm), vm, &self.root, None, w.sshd, w.sim)?;
+                    w.affa.add_job(&self.job(vm), vm, &self.root, None, false, w.sshd, w.sim)?;
                 }
             }
             Kind::Rsync => {}
@@ -169,7 +177,7 @@ impl System {
         let src = w.ds.join(vm);
         let mut extra = Vec::new();
         let (cost, bytes) = match self.kind {
-            Kind::Chunk(_) | Kind::Plain => {
+            Kind::Chunk(_) | Kind::Tuned(_) | Kind::Plain => {
                 let job = self.job(vm);
                 let times = w.logs.join(format!("{}-{tag}-{}.rsync-times", self.id, self.seq));
                 let mut c = w.affa.cmd();
@@ -205,7 +213,7 @@ impl System {
                 if let Some(v) = num("ChunkPoolBytesAdded") {
                     extra.push(("pool_bytes_added".to_string(), v as f64));
                 }
-                if matches!(self.kind, Kind::Chunk(_)) {
+                if self.chunked() {
                     extra.push(("staging_bytes".to_string(), measure::du(&self.root.join(&job).join(".staging")) as f64));
                     extra.push(("pool_files".to_string(), measure::files(&self.root.join(".affa-pool")).len() as f64));
                     let links = measure::files(&self.root.join(&job).join("scheduled.0/.affa-chunks"));
@@ -296,7 +304,7 @@ impl System {
         let rel = format!("vmfs/volumes/datastore1/{vm}/{flat}");
         measure::evict(&[&self.store_dir()]);
         let (mut c, file) = match self.kind {
-            Kind::Chunk(_) => {
+            Kind::Chunk(_) | Kind::Tuned(_) => {
                 let mut c = w.affa.cmd();
                 c.args(["--unchunk", &self.job(vm), "scheduled.0", "--to"]).arg(out);
                 (c, out.join(&rel))
