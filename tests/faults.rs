@@ -166,6 +166,10 @@ enum Kill {
     DuringRsync,
     /// While the removal task hangs, which then fails (the snapshot stays).
     DuringRemove,
+    /// In the middle of the pool sweep: a first run is killed while chunking (its chunks stay
+    /// in `.scheduled.resume`), the disk changes, and the resuming run, whose sweep then has
+    /// those chunks to remove, is killed after the first removal.
+    DuringSweep,
 }
 
 #[test]
@@ -207,6 +211,7 @@ fn kill_nine_at_every_step_of_an_esxi_run_with_chunked_disks() {
         Kill::At("rename:3"),
         Kill::At("rotated"),
         Kill::At("before-sweep"),
+        Kill::DuringSweep,
         Kill::At("swept"),
     ];
     for (i, k) in points.iter().enumerate() {
@@ -215,6 +220,7 @@ fn kill_nine_at_every_step_of_an_esxi_run_with_chunked_disks() {
             Kill::DuringCreate => "during snapshot creation".into(),
             Kill::DuringRsync => "during rsync".into(),
             Kill::DuringRemove => "during snapshot removal".into(),
+            Kill::DuringSweep => "during the pool sweep".into(),
         };
         let before = archives(&job_dir);
         // The running VM changed a little since the last backup: new chunks to store.
@@ -259,6 +265,18 @@ fn kill_nine_at_every_step_of_an_esxi_run_with_chunked_disks() {
                 let st = kill9(&mut c);
                 std::thread::sleep(Duration::from_millis(2500));
                 st
+            }
+            Kill::DuringSweep => {
+                let mut first = e.affa.cmd();
+                first.env("AFFA_FAKE_NOW", &t_crash).env("AFFA_TEST_CRASH_AT", "chunk-progress:20").args(["--run", "esx"]).stdout(Stdio::null()).stderr(Stdio::null());
+                assert_eq!(first.status().unwrap().signal(), Some(libc::SIGKILL));
+                wait_for("the leftover snapshot", 10, || !e.sim.snapshots("vm1").is_empty());
+                all_kept(&before, &archives(&job_dir), &format!("[{label}] after the first crash"));
+                // Overwrite what that run chunked new (this iteration's write), so its chunks
+                // end up referenced by nothing but the resume dir.
+                e.sim.post_bytes(&format!("/write?vm=vm1&disk=0&offset={}", (i as u64 % 7) * MB), &noise(2 * MB as usize, 4242));
+                cmd.env("AFFA_TEST_CRASH_AT", "sweep-removed");
+                cmd.status().unwrap()
             }
         };
         assert_eq!(status.signal(), Some(libc::SIGKILL), "[{label}] the run was not killed there (exit {status:?}): the crash point was not reached");

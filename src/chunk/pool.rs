@@ -248,6 +248,7 @@ pub fn sweep(pool: &Pool) -> Result<SweepStats> {
             }
             if m.nlink() == 1 {
                 fs::remove_file(&p).ctx(|| format!("cannot remove {}", p.display()))?;
+                crate::interrupt::crash_point("sweep-removed");
                 st.removed_chunks += 1;
                 st.freed_bytes += m.len();
             } else {
