@@ -697,7 +697,7 @@ impl Client {
                     "running"
                 };
                 return Err(self.err(format!(
-                    "task {what} ({}) did not finish within {} s (still {state})",
+                    "task {what} ({}) did not finish within {} s (still {state}; the limit is the job key ESXiTaskTimeout)",
                     task.value,
                     timeout.as_secs()
                 )));
