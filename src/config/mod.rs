@@ -241,6 +241,13 @@ impl Job {
                 bail!("{o}: ESXi job [{}] has neither ESXiPassword nor ESXiPasswordFile; expected one of them with ESXi=yes", self.name);
             }
         }
+        // Affa 3 features affa does not carry out: refuse rather than silently do something else.
+        if self.flag("rsyncdMode") {
+            bail!("{o}: job [{}] has rsyncdMode=yes: pulling from an rsync daemon is not supported by affa; expected rsyncdMode=no (the source is read over ssh)", self.name);
+        }
+        if !self.get("AutomountDevice").is_empty() {
+            bail!("{o}: job [{}] has AutomountDevice={}: affa does not mount RootDir itself; expected it empty (mount the disk before the run, e.g. with a systemd automount)", self.name, self.get("AutomountDevice"));
+        }
         let _ = own;
         Ok(())
     }
@@ -450,6 +457,10 @@ mod tests {
         assert!(parse("[..]\nremoteHostName=h\n").is_err());
         assert!(parse("[web]\nremoteHostName=h\nscheduledKeep=0\n").is_err());
         assert!(parse("[web]\nremoteHostName=h\nchunkSize=1G\n").is_err());
+        assert!(parse("[web]\nremoteHostName=h\nchunkSize=3M\n").is_err());
+        let e = parse("[web]\nremoteHostName=h\nrsyncdMode=yes\n").unwrap_err().to_string();
+        assert!(e.contains("rsyncdMode=yes") && e.contains("not supported"), "{e}");
+        assert!(parse("[web]\nremoteHostName=h\nAutomountDevice=/dev/sdb1\n").is_err());
     }
 
     #[test]
