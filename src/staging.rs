@@ -179,7 +179,7 @@ pub fn transfer_chunked(ctx: &Ctx, source: &Source, running: &Path, report: &mut
     }
     let job = ctx.job;
     let mut args = rsync::base_args(job, source);
-    args.extend(["--stats", "--relative", "--inplace", "--no-whole-file", "--delete-during", "--delete-excluded", "--prune-empty-dirs"].map(String::from));
+    args.extend(["--stats", "--relative", "--inplace", "--sparse", "--no-whole-file", "--delete-during", "--delete-excluded", "--prune-empty-dirs"].map(String::from));
     for p in job.get_all("Exclude") {
         args.push(format!("--exclude={p}"));
     }

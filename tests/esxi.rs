@@ -96,8 +96,9 @@ fn chunked_disks_end_to_end() {
     assert_eq!(sha256_file(&out.join("vmfs/volumes/datastore1/vm1/vm1-flat.vmdk")), frozen[0]);
     assert_eq!(sha256_file(&out.join("vmfs/volumes/ds2/vm1/vm1_1-flat.vmdk")), frozen[1]);
     ok(&e.affa.affa(&["--verify", "esx", "--all"]));
-    // The staging copy is kept for the next delta transfer.
-    assert!(e.affa.job_dir("esx").join(".staging/vmfs/volumes/datastore1/vm1/vm1-flat.vmdk").exists());
+    // The staging copy is kept for the next delta transfer, and it is sparse like the disk.
+    let staged = e.affa.job_dir("esx").join(".staging/vmfs/volumes/datastore1/vm1/vm1-flat.vmdk");
+    assert!(fs::metadata(&staged).unwrap().blocks() * 512 < 32 * MB, "the staging copy is not sparse");
     assert!(e.sim.snapshots("vm1").is_empty());
 }
 

@@ -36,8 +36,8 @@ use std::fmt;
 pub const MIN_CHUNK_SIZE: u32 = 256 << 10;
 /// Largest accepted chunk size (16 MiB).
 pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
-/// Default chunk size (4 MiB).
-pub const DEFAULT_CHUNK_SIZE: u32 = 4 << 20;
+/// Default chunk size (1 MiB, chosen by the benchmark: see docs/FORMAT.md "Chunk size").
+pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
 
 /// Progress callback: called with the number of bytes of the file done so far (monotonic).
 pub type Progress<'a> = Option<&'a dyn Fn(u64)>;

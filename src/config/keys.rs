@@ -150,7 +150,7 @@ pub static KEYS: &[KeyDef] = &[
     k("ESXiTaskTimeout", &["3600"], Kind::Int(1, 86400), "seconds to wait for a snapshot task"),
     // chunk store
     m("chunkFiles", NONE, Kind::Glob, "glob of files stored as compressed, deduplicated chunks (e.g. *-flat.vmdk)"),
-    k("chunkSize", &["4M"], Kind::Size, "chunk size, 256K to 16M"),
+    k("chunkSize", &["1M"], Kind::Size, "chunk size, a power of two from 256K to 16M (1M: see docs/FORMAT.md)"),
     k("chunkCompression", &["zstd:1"], Kind::Compression, "zstd:N, lz4 or none"),
     // global only
     g("globalStatus", &["jobs"], Kind::Enum(&["enabled", "disabled", "jobs"]), "enabled/disabled for all jobs, or jobs = per-job status"),

@@ -322,7 +322,7 @@ impl Job {
         keys::normalize_thumbprint(self.get("ESXiThumbprint"))
     }
     pub fn chunk_size(&self) -> u64 {
-        keys::parse_size(self.get("chunkSize")).unwrap_or(4 << 20)
+        keys::parse_size(self.get("chunkSize")).unwrap_or(crate::chunk::DEFAULT_CHUNK_SIZE as u64)
     }
 
     /// The ESXi API password, from ESXiPassword or ESXiPasswordFile. A file holding it that

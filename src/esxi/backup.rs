@@ -322,7 +322,7 @@ fn copy_groups(ctx: &Ctx, target: &SshTarget, running: &Path, groups: &[Group], 
                 staging::ensure_staging(ctx, &g.rel_dir.join(f), &link_dirs)?;
             }
             let mut args = rsync::base_args(job, &source);
-            args.extend(["--stats", "--inplace", "--no-whole-file", "--partial"].map(String::from));
+            args.extend(["--stats", "--inplace", "--sparse", "--no-whole-file", "--partial"].map(String::from));
             args.push("--".into());
             let paths: Vec<String> = chunked.iter().map(|f| format!("{}/{f}", g.host_dir)).collect();
             args.extend(rsync::source_args(&source, &paths));
