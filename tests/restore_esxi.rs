@@ -151,6 +151,14 @@ fn refusals_dry_run_to_dir_and_a_damaged_chunk() {
     let err = fail(&e.affa.affa(&["--full-restore", "esx", "--to-dir", "vm1-copy", "--register", "vm1-again", "--yes"]));
     assert!(err.contains("already registered as VM vm1-copy"), "{err}");
 
+    // Onto one other datastore: every directory of the VM lands on ds2.
+    let text = ok(&e.affa.affa(&["--full-restore", "esx", "--to-datastore", "ds2", "--to-dir", "vm1-moved", "--register", "vm1-moved", "--yes"]));
+    assert!(text.contains("registered"), "{text}");
+    assert_eq!(sha256_file(&e.ds2.join("vm1-moved/vm1-flat.vmdk")), e.frozen[0]);
+    assert_eq!(sha256_file(&e.ds2.join("vm1-moved/vm1_1-flat.vmdk")), e.frozen[1]);
+    assert!(!e.ds1.join("vm1-moved").exists(), "--to-datastore ds2 wrote to datastore1");
+    assert!(e.sim.snapshots("vm1-moved").is_empty());
+
     // A damaged chunk: the restore stops naming it, before anything is written.
     let chunks = e.affa.job_dir("esx").join("scheduled.0/.affa-chunks");
     let mut victim = None;
