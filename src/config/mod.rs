@@ -13,7 +13,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
-use keys::{Kind, Scope, KEYS};
+use keys::{Scope, KEYS};
 
 pub const GLOBAL_SECTION: &str = "GlobalAffaConfig";
 pub const CONFIG_DIR_ENV: &str = "AFFA_CONFIG_DIR";
@@ -219,14 +219,14 @@ fn merge(name: &str, origin: Origin, global: &Section, own: &Section, is_global:
     }
     let job = Job { name: name.to_string(), origin, values, explicit, password_file_origin };
     if !is_global {
-        job.validate(own)?;
+        job.validate()?;
     }
     Ok(job)
 }
 
 impl Job {
     /// Whole-job rules: required keys, and keys that only make sense together.
-    fn validate(&self, own: &Section) -> Result<()> {
+    fn validate(&self) -> Result<()> {
         let o = &self.origin;
         if self.get("remoteHostName").is_empty() {
             bail!("{o}: job [{}] has no remoteHostName; expected the host name or IP of the machine to back up", self.name);
@@ -248,7 +248,6 @@ impl Job {
         if !self.get("AutomountDevice").is_empty() {
             bail!("{o}: job [{}] has AutomountDevice={}: affa does not mount RootDir itself; expected it empty (mount the disk before the run, e.g. with a systemd automount)", self.name, self.get("AutomountDevice"));
         }
-        let _ = own;
         Ok(())
     }
 
@@ -408,8 +407,6 @@ pub fn describe_key(name: &str) -> Result<String> {
     ))
 }
 
-#[allow(dead_code)]
-fn _kind_is_used(_: Kind) {}
 
 #[cfg(test)]
 mod tests {

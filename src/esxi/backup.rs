@@ -190,7 +190,7 @@ fn transfer_logged_in(ctx: &Ctx, client: &Client, target: &SshTarget, running: &
     report.set("ESXiSnapshotCreated", chrono::Local::now().format("%Y-%m-%d %H:%M:%S"));
 
     // 4-5. Copy the frozen disks; 6. remove the snapshot, whatever happened.
-    let copied = (|| -> Result<(Vec<Group>, VmLayout)> {
+    let copied = (|| -> Result<VmLayout> {
         let frozen = client.vm_layout(&vm)?;
         let mut groups = Vec::new();
         for d in &frozen.disks {
@@ -202,7 +202,7 @@ fn transfer_logged_in(ctx: &Ctx, client: &Client, target: &SshTarget, running: &
             add(&mut groups, &frozen, &extent_of(&frozen, base))?;
         }
         copy_groups(ctx, target, running, &groups, true, report, summary)?;
-        Ok((groups, frozen))
+        Ok(frozen)
     })();
     let removal = (|| -> Result<()> {
         crate::interrupt::crash_point("before-snapshot-removal");
@@ -231,7 +231,7 @@ fn transfer_logged_in(ctx: &Ctx, client: &Client, target: &SshTarget, running: &
         _ => {}
     }
     report.set("ESXiSnapshotRemoved", chrono::Local::now().format("%Y-%m-%d %H:%M:%S"));
-    let (groups, frozen) = copied?;
+    let frozen = copied?;
 
     // 7. The configuration files, now that they describe the VM without the snapshot.
     let after = client.vm_layout(&vm)?;
@@ -272,7 +272,6 @@ fn transfer_logged_in(ctx: &Ctx, client: &Client, target: &SshTarget, running: &
         ));
         report.set(&format!("ESXiDisk{i}"), format!("{} {} {}", d.label, ext_rel.display(), d.capacity_bytes));
     }
-    let _ = groups;
     crate::report::write_atomic(&running.join(ESXI_INI), ini.as_bytes())?;
     crate::interrupt::crash_point("esxi-ini-written");
     Ok(())
