@@ -219,7 +219,13 @@ pub fn shift(job_dir: &Path, level: Level, keeps: Keeps, stamp: &str) -> Result<
 pub const JOURNAL: &str = ".rotation-journal";
 
 /// [`shift`], also recording `done` as `.doneDates` in the same journaled step (a promotion).
-pub fn shift_recording(job_dir: &Path, level: Level, keeps: Keeps, stamp: &str, done: Option<&DoneDates>) -> Result<Vec<String>> {
+pub fn shift_recording(
+    job_dir: &Path,
+    level: Level,
+    keeps: Keeps,
+    stamp: &str,
+    done: Option<&DoneDates>,
+) -> Result<Vec<String>> {
     recover(job_dir)?;
     let plan = plan_shift(job_dir, level, keeps, stamp)?;
     if plan.is_empty() && done.is_none() {
@@ -272,7 +278,13 @@ fn apply_journal(job_dir: &Path) -> Result<Vec<String>> {
     let text = fs::read_to_string(&jp).ctx(|| format!("cannot read {}", jp.display()))?;
     let mut done = Vec::new();
     let mut dd: Option<DoneDates> = None;
-    let bad = || crate::error::Error::new(format!("{} is damaged; move it away and check the archive names of {}", jp.display(), job_dir.display()));
+    let bad = || {
+        crate::error::Error::new(format!(
+            "{} is damaged; move it away and check the archive names of {}",
+            jp.display(),
+            job_dir.display()
+        ))
+    };
     let mut lines = text.lines();
     if lines.next() != Some("affa-rotation-journal 1") {
         return Err(bad());
@@ -281,7 +293,9 @@ fn apply_journal(job_dir: &Path) -> Result<Vec<String>> {
     for line in lines {
         let w: Vec<&str> = line.split(' ').collect();
         match w.as_slice() {
-            ["mv", from, to] => moves.push((journal_path(job_dir, from).ok_or_else(bad)?, journal_path(job_dir, to).ok_or_else(bad)?)),
+            ["mv", from, to] => {
+                moves.push((journal_path(job_dir, from).ok_or_else(bad)?, journal_path(job_dir, to).ok_or_else(bad)?))
+            }
             ["done", l, v] => {
                 let l = Level::parse(l).filter(|l| *l != Level::Scheduled).ok_or_else(bad)?;
                 let d = dd.get_or_insert_with(DoneDates::default);
@@ -533,7 +547,8 @@ mod tests {
         }
         assert_eq!(names(d.path()), ["scheduled.0", "scheduled.2"]);
         recover(d.path()).unwrap();
-        let dates: Vec<String> = list(d.path()).unwrap().iter().map(|a| a.report.as_ref().unwrap().date().unwrap().to_string()).collect();
+        let dates: Vec<String> =
+            list(d.path()).unwrap().iter().map(|a| a.report.as_ref().unwrap().date().unwrap().to_string()).collect();
         assert_eq!(dates, ["202601040000", "202601030000", "202601020000"]);
         assert!(!d.path().join(JOURNAL).exists());
         assert!(recover(d.path()).unwrap().is_empty());
@@ -544,7 +559,14 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let job = d.path().join("job");
         mk(&job, "scheduled.0", "202601030000");
-        for bad in ["mv ../x scheduled.1", "mv scheduled.0 ../stolen", "mv scheduled.0 .AFFA-TRASH/../../stolen", "mv /etc scheduled.5", "done scheduled 1", "rm -rf /"] {
+        for bad in [
+            "mv ../x scheduled.1",
+            "mv scheduled.0 ../stolen",
+            "mv scheduled.0 .AFFA-TRASH/../../stolen",
+            "mv /etc scheduled.5",
+            "done scheduled 1",
+            "rm -rf /",
+        ] {
             fs::write(job.join(JOURNAL), format!("affa-rotation-journal 1\n{bad}\n")).unwrap();
             assert!(recover(&job).is_err(), "{bad}");
             assert_eq!(names(&job), ["scheduled.0"]);

@@ -46,9 +46,7 @@ pub fn parse_time(s: &str) -> Result<NaiveDateTime> {
 /// The clock the binary uses: the system's, or the fixed time from `AFFA_FAKE_NOW`.
 pub fn from_env() -> Result<Box<dyn Clock>> {
     match std::env::var(FAKE_NOW_ENV) {
-        Ok(v) if !v.is_empty() => Ok(Box::new(FixedClock(
-            parse_time(&v).map_err(|e| e.context(FAKE_NOW_ENV))?,
-        ))),
+        Ok(v) if !v.is_empty() => Ok(Box::new(FixedClock(parse_time(&v).map_err(|e| e.context(FAKE_NOW_ENV))?))),
         _ => Ok(Box::new(SystemClock)),
     }
 }

@@ -93,14 +93,21 @@ pub fn list_archives(cfg: &Config, names: &[String], csv: bool) -> Result<String
         let all = archive::list(&job.job_dir())?;
         let k = keeps(job);
         if !csv {
-            out.push_str(&format!("Job {} ({}{}): {} archive(s) in {}\n", job.name, job.get("remoteHostName"),
+            out.push_str(&format!(
+                "Job {} ({}{}): {} archive(s) in {}\n",
+                job.name,
+                job.get("remoteHostName"),
                 if job.esxi() { format!(", ESXi VM {}", job.get("ESXiVMName")) } else { String::new() },
-                all.len(), job.job_dir().display()));
+                all.len(),
+                job.job_dir().display()
+            ));
             if all.is_empty() {
                 continue;
             }
-            out.push_str(&format!("{:<6} {:<16} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}\n",
-                "Run", "Completion date", "buTime", "Files", "Size", "Sent", "Recvd", "Logical", "Added", "Dedup"));
+            out.push_str(&format!(
+                "{:<6} {:<16} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}\n",
+                "Run", "Completion date", "buTime", "Files", "Size", "Sent", "Recvd", "Logical", "Added", "Dedup"
+            ));
         }
         for a in all.iter().rev() {
             let r = a.report.clone().unwrap_or_default();
@@ -108,22 +115,39 @@ pub fn list_archives(cfg: &Config, names: &[String], csv: bool) -> Result<String
             let nh = |k: &str| n(k).map(human).unwrap_or_else(|| "-".into());
             let ratio = r.get("DedupRatio").unwrap_or("-").to_string();
             if csv {
-                out.push_str(&format!("{};{};{};{};{};{};{};{};{};{};{};{};{};{};{}\n",
-                    job.name, a.level.name(), a.index, r.date().unwrap_or(""),
-                    n("NumberOfFiles").unwrap_or(0), n("TotalFileSize").unwrap_or(0),
-                    n("RootDirFilesystemAvail").unwrap_or(0), n("RootDirFilesystemUsed").unwrap_or(0),
+                out.push_str(&format!(
+                    "{};{};{};{};{};{};{};{};{};{};{};{};{};{};{}\n",
+                    job.name,
+                    a.level.name(),
+                    a.index,
+                    r.date().unwrap_or(""),
+                    n("NumberOfFiles").unwrap_or(0),
+                    n("TotalFileSize").unwrap_or(0),
+                    n("RootDirFilesystemAvail").unwrap_or(0),
+                    n("RootDirFilesystemUsed").unwrap_or(0),
                     if a.valid() { "yes" } else { "no" },
-                    n("TotalBytesSent").unwrap_or(0), n("TotalBytesReceived").unwrap_or(0), n("ExecutionTime").unwrap_or(0),
-                    n("ChunkLogicalSize").unwrap_or(0), n("ChunkPoolBytesAdded").unwrap_or(0), r.get("DedupRatio").unwrap_or("")));
+                    n("TotalBytesSent").unwrap_or(0),
+                    n("TotalBytesReceived").unwrap_or(0),
+                    n("ExecutionTime").unwrap_or(0),
+                    n("ChunkLogicalSize").unwrap_or(0),
+                    n("ChunkPoolBytesAdded").unwrap_or(0),
+                    r.get("DedupRatio").unwrap_or("")
+                ));
             } else {
                 let tag = if a.index >= k.of(a.level) { "*" } else { " " };
-                out.push_str(&format!("{:<6} {:<16} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}\n",
+                out.push_str(&format!(
+                    "{:<6} {:<16} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}\n",
                     format!("{tag}{} {}", a.level.letter(), a.index),
                     r.date().map(show_date).unwrap_or_else(|| "(incomplete)".into()),
                     n("ExecutionTime").map(hms).unwrap_or_else(|| "-".into()),
                     n("NumberOfFiles").map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
-                    nh("TotalFileSize"), nh("TotalBytesSent"), nh("TotalBytesReceived"),
-                    nh("ChunkLogicalSize"), nh("ChunkPoolBytesAdded"), ratio));
+                    nh("TotalFileSize"),
+                    nh("TotalBytesSent"),
+                    nh("TotalBytesReceived"),
+                    nh("ChunkLogicalSize"),
+                    nh("ChunkPoolBytesAdded"),
+                    ratio
+                ));
             }
         }
         if !csv && all.iter().any(|a| a.index >= k.of(a.level)) {
@@ -163,7 +187,10 @@ pub fn status(cfg: &Config, clock: &dyn Clock, csv: bool, all: bool) -> Result<S
         out.push_str(STATUS_CSV_HEADER);
         out.push('\n');
     } else {
-        out.push_str(&format!("{:<20} {:>3} {:>5} {:>8} {:>5} {:>8} {:>14}\n", "Job", "ENA", "Last", "Time", "Next", "Size", "N of S,D,W,M,Y"));
+        out.push_str(&format!(
+            "{:<20} {:>3} {:>5} {:>8} {:>5} {:>8} {:>14}\n",
+            "Job", "ENA", "Last", "Time", "Next", "Size", "N of S,D,W,M,Y"
+        ));
     }
     let mut disabled = 0;
     for job in cfg.jobs.values() {
@@ -176,11 +203,20 @@ pub fn status(cfg: &Config, clock: &dyn Clock, csv: bool, all: bool) -> Result<S
         let last_date = r.as_ref().and_then(|r| r.date().map(String::from));
         if csv {
             let (used, avail) = rsync::df(&job.root_dir()).unwrap_or((0, 0));
-            out.push_str(&format!("{};{};{};{};{};{};{};{};{};{};{}\n", job.name, if enabled { "yes" } else { "no" },
-                last_date.clone().unwrap_or_else(|| "197001010000".into()), next_run(job, clock),
-                r.as_ref().and_then(|r| r.num("TotalFileSize")).unwrap_or(0), avail, used, nof,
+            out.push_str(&format!(
+                "{};{};{};{};{};{};{};{};{};{};{}\n",
+                job.name,
+                if enabled { "yes" } else { "no" },
+                last_date.clone().unwrap_or_else(|| "197001010000".into()),
+                next_run(job, clock),
+                r.as_ref().and_then(|r| r.num("TotalFileSize")).unwrap_or(0),
+                avail,
+                used,
+                nof,
                 lock::holder(&cfg.lock_dir(), &job.name).map(|p| p.to_string()).unwrap_or_default(),
-                state.clone().unwrap_or_default(), r.as_ref().and_then(|r| r.num("ExecutionTime")).map(|v| v.to_string()).unwrap_or_default()));
+                state.clone().unwrap_or_default(),
+                r.as_ref().and_then(|r| r.num("ExecutionTime")).map(|v| v.to_string()).unwrap_or_default()
+            ));
             continue;
         }
         if !enabled && state.is_none() && !all {
@@ -200,10 +236,13 @@ pub fn status(cfg: &Config, clock: &dyn Clock, csv: bool, all: bool) -> Result<S
         };
         let mid = match &state {
             Some(s) => format!("{s:<29}"),
-            None => format!("{:>5} {:>8} {:>5} {:>8}", last,
+            None => format!(
+                "{:>5} {:>8} {:>5} {:>8}",
+                last,
                 r.as_ref().and_then(|r| r.num("ExecutionTime")).map(hms).unwrap_or_else(|| "-".into()),
                 if enabled { next_run(job, clock) } else { "-".into() },
-                r.as_ref().and_then(|r| r.num("TotalFileSize")).map(human).unwrap_or_else(|| "-".into())),
+                r.as_ref().and_then(|r| r.num("TotalFileSize")).map(human).unwrap_or_else(|| "-".into())
+            ),
         };
         out.push_str(&format!("{:<20} {:>3} {} {:>14}\n", job.name, if enabled { "yes" } else { "no" }, mid, nof));
     }
@@ -233,7 +272,12 @@ pub fn disk_usage(cfg: &Config, csv: bool) -> Result<String> {
             }
         } else {
             match df {
-                Some((u, a)) => out.push_str(&format!("{:>3}% {:>8} {:>8}  {r}\n", u * 100 / (u + a).max(1), human(u * 1024), human(a * 1024))),
+                Some((u, a)) => out.push_str(&format!(
+                    "{:>3}% {:>8} {:>8}  {r}\n",
+                    u * 100 / (u + a).max(1),
+                    human(u * 1024),
+                    human(a * 1024)
+                )),
                 None => out.push_str(&format!("{:>4} {:>8} {:>8}  {r} (not available)\n", "-", "-", "-")),
             }
         }
@@ -249,7 +293,14 @@ pub fn send_keys(cfg: &Config, names: &[String], out: &mut dyn Write, yes: bool)
         }
         let t = SshTarget::from_job(job, cfg);
         transport::send_key(&t, &cfg.ssh_dir(), &job.remote_authorized_keys())?;
-        let _ = writeln!(out, "job {}: key installed in {} on {}; host key recorded in {}", job.name, job.remote_authorized_keys(), t.destination(), t.known_hosts.display());
+        let _ = writeln!(
+            out,
+            "job {}: key installed in {} on {}; host key recorded in {}",
+            job.name,
+            job.remote_authorized_keys(),
+            t.destination(),
+            t.known_hosts.display()
+        );
         if job.esxi() {
             crate::esxi::backup::pin_thumbprint(cfg, job, out, yes)?;
         }
@@ -311,7 +362,14 @@ pub fn cleanup(cfg: &Config, name: &str, yes: bool) -> Result<String> {
 pub fn delete_job(cfg: &Config, name: &str, yes: bool) -> Result<String> {
     let job = cfg.job(name)?;
     let dir = job.job_dir();
-    confirm(&format!("This deletes job {name}: all its archives in {} and its section in {}", dir.display(), job.origin.file.display()), yes)?;
+    confirm(
+        &format!(
+            "This deletes job {name}: all its archives in {} and its section in {}",
+            dir.display(),
+            job.origin.file.display()
+        ),
+        yes,
+    )?;
     let _l = lock::acquire(&cfg.lock_dir(), name)?;
     archive::remove_tree(&dir)?;
     edit::remove_section(job)?;
@@ -338,13 +396,17 @@ pub fn rename_job(cfg: &Config, name: &str, new: &str) -> Result<String> {
         fs::rename(&from, &to).ctx(|| format!("cannot rename {} to {}", from.display(), to.display()))?;
     }
     edit::rename_section(job, new)?;
-    let (kh, kh_new) = (cfg.ssh_dir().join(format!("knownhosts-{name}")), cfg.ssh_dir().join(format!("knownhosts-{new}")));
+    let (kh, kh_new) =
+        (cfg.ssh_dir().join(format!("knownhosts-{name}")), cfg.ssh_dir().join(format!("knownhosts-{new}")));
     if let Ok(text) = fs::read_to_string(&kh) {
         let prefix = format!("{name} ");
-        let renamed: String = text.lines().map(|l| match l.strip_prefix(&prefix) {
-            Some(rest) => format!("{new} {rest}\n"),
-            None => format!("{l}\n"),
-        }).collect();
+        let renamed: String = text
+            .lines()
+            .map(|l| match l.strip_prefix(&prefix) {
+                Some(rest) => format!("{new} {rest}\n"),
+                None => format!("{l}\n"),
+            })
+            .collect();
         crate::report::write_atomic(&kh_new, renamed.as_bytes())?;
         let _ = fs::remove_file(&kh);
     }
@@ -369,7 +431,12 @@ pub fn move_archive(cfg: &Config, name: &str, new_root: &str, yes: bool) -> Resu
     if from.exists() {
         if fs::rename(&from, &to).is_err() {
             // Another filesystem: copy everything (hard links kept), then delete the original.
-            let st = std::process::Command::new("cp").arg("-a").arg(&from).arg(&to).status().ctx(|| "cannot run cp".to_string())?;
+            let st = std::process::Command::new("cp")
+                .arg("-a")
+                .arg(&from)
+                .arg(&to)
+                .status()
+                .ctx(|| "cannot run cp".to_string())?;
             if !st.success() {
                 let _ = archive::remove_tree(&to);
                 bail!("copying {} to {} failed; the original is untouched", from.display(), to.display());
@@ -378,7 +445,11 @@ pub fn move_archive(cfg: &Config, name: &str, new_root: &str, yes: bool) -> Resu
         }
     }
     edit::set_key(job, "RootDir", new_root)?;
-    Ok(format!("job {name}: archives moved to {}; RootDir={new_root} written to {}", to.display(), job.origin.file.display()))
+    Ok(format!(
+        "job {name}: archives moved to {}; RootDir={new_root} written to {}",
+        to.display(),
+        job.origin.file.display()
+    ))
 }
 
 /// `--kill JOB`: stop a running job (SIGTERM, so it cleans up) and wait for it.
@@ -417,7 +488,10 @@ pub fn configcheck(cfg: &Config) -> Result<String> {
         if job.esxi() {
             job.esxi_password()?;
             if job.thumbprint().is_none() && job.get("ESXiProtocol") == "https" {
-                out.push_str(&format!("job {}: no ESXiThumbprint yet; affa --send-key {} will show and pin it\n", job.name, job.name));
+                out.push_str(&format!(
+                    "job {}: no ESXiThumbprint yet; affa --send-key {} will show and pin it\n",
+                    job.name, job.name
+                ));
             }
         }
         if !job.root_dir().is_dir() {

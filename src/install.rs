@@ -81,7 +81,8 @@ SambaShare=no
 #SambaValidUser=affa
 ";
 
-pub const ESXI_SAMPLE: &str = "# Sample job: hot backup of a running VMware ESXi VM (snapshot through the vSphere API, the
+pub const ESXI_SAMPLE: &str =
+    "# Sample job: hot backup of a running VMware ESXi VM (snapshot through the vSphere API, the
 # VM's files pulled over ssh + rsync). Copy this file to JOBNAME.conf (mode 0600: it holds a
 # password), rename the section, set status=enabled, then run:
 #   affa --send-key JOBNAME   (installs the ssh key, pins ESXiThumbprint)
@@ -156,7 +157,8 @@ pub fn install(opts: &InstallOptions) -> Result<String> {
         }
         crate::report::write_atomic(&bin, &data)?;
         use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).ctx(|| format!("cannot chmod {}", bin.display()))?;
+        fs::set_permissions(&bin, fs::Permissions::from_mode(0o755))
+            .ctx(|| format!("cannot chmod {}", bin.display()))?;
         done.push(format!("installed {}", bin.display()));
     }
 

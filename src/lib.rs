@@ -5,24 +5,24 @@
 
 #[macro_use]
 pub mod error;
-pub mod clock;
-pub mod config;
 pub mod archive;
-pub mod report;
-pub mod lock;
+pub mod chunk;
+pub mod clock;
+pub mod commands;
+pub mod config;
+pub mod esxi;
+pub mod install;
 pub mod interrupt;
 pub mod joblog;
-pub mod transport;
-pub mod run;
-pub mod chunk;
-pub mod esxi;
-pub mod commands;
-pub mod staging;
-pub mod restore;
-pub mod schedule;
-pub mod notify;
+pub mod lock;
 pub mod monitor;
+pub mod notify;
+pub mod report;
+pub mod restore;
+pub mod run;
 pub mod samba;
-pub mod install;
+pub mod schedule;
+pub mod staging;
+pub mod transport;
 
 pub use error::{Error, Result};

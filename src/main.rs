@@ -240,10 +240,18 @@ fn dispatch(cli: &Cli) -> Result<u8> {
         }
         let level = match a.get(1) {
             None => Level::Scheduled,
-            Some(l) => Level::parse(l).ok_or_else(|| affa::Error::new(format!("unknown level '{l}'; expected scheduled, daily, weekly, monthly or yearly")))?,
+            Some(l) => Level::parse(l).ok_or_else(|| {
+                affa::Error::new(format!("unknown level '{l}'; expected scheduled, daily, weekly, monthly or yearly"))
+            })?,
         };
         let interactive = !cli.silent && affa::joblog::interactive();
-        let s = affa::schedule::run_job(&cfg, &a[0], clock.as_ref(), affa::run::RunOptions { level, interactive }, cli.silent)?;
+        let s = affa::schedule::run_job(
+            &cfg,
+            &a[0],
+            clock.as_ref(),
+            affa::run::RunOptions { level, interactive },
+            cli.silent,
+        )?;
         if interactive {
             if let Some(p) = s.archive {
                 eprintln!("job {} done: {}", a[0], p.display());

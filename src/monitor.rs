@@ -41,7 +41,8 @@ pub fn job_state(cfg: &Config, job: &Job) -> Result<JobState> {
         st.counts[a.level as usize] += 1;
     }
     if let Some(a) = archive::newest_valid(&dir)? {
-        st.last_success = a.report.as_ref().and_then(|r| r.date()).and_then(|d| NaiveDateTime::parse_from_str(d, "%Y%m%d%H%M").ok());
+        st.last_success =
+            a.report.as_ref().and_then(|r| r.date()).and_then(|d| NaiveDateTime::parse_from_str(d, "%Y%m%d%H%M").ok());
         st.report = a.report;
     }
     st.running = crate::lock::holder(&cfg.lock_dir(), &job.name);
@@ -60,7 +61,9 @@ fn disk_space_low(job: &Job, st: &JobState) -> Option<String> {
     };
     let size = st.report.as_ref().and_then(|r| r.num("TotalFileSize"))? as f64;
     let (_, avail_kib) = rsync::df(&job.root_dir())?;
-    ((avail_kib as f64) * 1024.0 < size * factor).then(|| format!("disk space low: {} MiB free, last backup {} MiB", avail_kib / 1024, (size / 1048576.0) as u64))
+    ((avail_kib as f64) * 1024.0 < size * factor).then(|| {
+        format!("disk space low: {} MiB free, last backup {} MiB", avail_kib / 1024, (size / 1048576.0) as u64)
+    })
 }
 
 /// `--nrpe [JOB...]`: the plugin's one line and its exit code (0 OK, 1 WARNING, 2 CRITICAL,
@@ -93,7 +96,9 @@ pub fn nrpe(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<(String,
         } else if trigger > 0 {
             match age {
                 None => crit.push(format!("{} (no successful run)", job.name)),
-                Some(a) if a > trigger => crit.push(format!("{} (last success {:.1} h ago)", job.name, a as f64 / 3600.0)),
+                Some(a) if a > trigger => {
+                    crit.push(format!("{} (last success {:.1} h ago)", job.name, a as f64 / 3600.0))
+                }
                 _ => {}
             }
         }
@@ -164,7 +169,8 @@ struct Family {
 pub fn metrics_text(cfg: &Config, clock: &dyn Clock) -> Result<String> {
     let fam = |name, help| Family { name, help, samples: Vec::new() };
     let mut enabled = fam("affa_job_enabled", "1 if the job runs from cron");
-    let mut last = fam("affa_last_success_timestamp_seconds", "Unix time of the newest valid archive (the last successful run)");
+    let mut last =
+        fam("affa_last_success_timestamp_seconds", "Unix time of the newest valid archive (the last successful run)");
     let mut dur = fam("affa_last_duration_seconds", "ExecutionTime of the last successful run");
     let mut recv = fam("affa_last_bytes_received", "TotalBytesReceived of the last successful run");
     let mut size = fam("affa_last_total_file_size_bytes", "TotalFileSize of the last successful run");
@@ -185,7 +191,8 @@ pub fn metrics_text(cfg: &Config, clock: &dyn Clock) -> Result<String> {
             last.samples.push((l.clone(), t.to_string()));
         }
         if let Some(r) = &st.report {
-            for (f, k) in [(&mut dur, "ExecutionTime"), (&mut recv, "TotalBytesReceived"), (&mut size, "TotalFileSize")] {
+            for (f, k) in [(&mut dur, "ExecutionTime"), (&mut recv, "TotalBytesReceived"), (&mut size, "TotalFileSize")]
+            {
                 if let Some(v) = r.num(k) {
                     f.samples.push((l.clone(), v.to_string()));
                 }

@@ -124,7 +124,11 @@ fn smtp_password(cfg: &Config) -> Result<String> {
         if let Ok(md) = std::fs::metadata(f) {
             let mode = md.permissions().mode() & 0o777;
             if mode & 0o077 != 0 {
-                bail!("{} holds smtpPassword but group or others may read it (mode {mode:o}); run: chmod 600 {}", f.display(), f.display());
+                bail!(
+                    "{} holds smtpPassword but group or others may read it (mode {mode:o}); run: chmod 600 {}",
+                    f.display(),
+                    f.display()
+                );
             }
         }
     }
@@ -142,7 +146,8 @@ pub fn send(cfg: &Config, to: &[String], subject: &str, body: &str) -> Result<St
         body.push('\n');
     }
     let from_s = sender(cfg);
-    let from: Mailbox = from_s.parse().map_err(|e| Error::new(format!("mailFrom '{from_s}' is not a mail address: {e}")))?;
+    let from: Mailbox =
+        from_s.parse().map_err(|e| Error::new(format!("mailFrom '{from_s}' is not a mail address: {e}")))?;
     let mut b = Message::builder()
         .from(from)
         .subject(subject)
@@ -150,7 +155,8 @@ pub fn send(cfg: &Config, to: &[String], subject: &str, body: &str) -> Result<St
         .message_id(Some(format!("<affa.{}.{}@{}>", std::process::id(), unique(), hostname())));
     for r in to {
         let a = header_address(r);
-        let mb: Mailbox = a.parse().map_err(|e| Error::new(format!("EmailAddress '{r}' is not a mail address: {e}")))?;
+        let mb: Mailbox =
+            a.parse().map_err(|e| Error::new(format!("EmailAddress '{r}' is not a mail address: {e}")))?;
         b = b.to(mb);
     }
     let msg = b.body(body).map_err(|e| Error::new(format!("cannot build the mail: {e}")))?;
@@ -174,12 +180,17 @@ pub fn send(cfg: &Config, to: &[String], subject: &str, body: &str) -> Result<St
         let out = child.wait_with_output().ctx(|| format!("cannot wait for {bin}"))?;
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
-            bail!("{bin} failed with exit {}: {}", out.status.code().unwrap_or(-1), scrub(cfg, err.trim()).replace('\n', "; "));
+            bail!(
+                "{bin} failed with exit {}: {}",
+                out.status.code().unwrap_or(-1),
+                scrub(cfg, err.trim()).replace('\n', "; ")
+            );
         }
     } else {
         let port = g.num("smtpPort") as u16;
         let user = g.get("smtpUser");
-        let params = || TlsParameters::new(host.to_string()).map_err(|e| Error::new(format!("TLS setup for {host}: {e}")));
+        let params =
+            || TlsParameters::new(host.to_string()).map_err(|e| Error::new(format!("TLS setup for {host}: {e}")));
         let tls = match g.get("smtpTLS") {
             "none" => Tls::None,
             "tls" => Tls::Wrapper(params()?),
@@ -196,9 +207,9 @@ pub fn send(cfg: &Config, to: &[String], subject: &str, body: &str) -> Result<St
         if !user.is_empty() {
             t = t.credentials(Credentials::new(user.to_string(), smtp_password(cfg)?));
         }
-        t.build()
-            .send(&msg)
-            .map_err(|e| Error::new(format!("cannot send mail through {host}:{port}: {}", scrub(cfg, &e.to_string()))))?;
+        t.build().send(&msg).map_err(|e| {
+            Error::new(format!("cannot send mail through {host}:{port}: {}", scrub(cfg, &e.to_string())))
+        })?;
     }
     Ok(format!("to {} via {}", to.join(", "), route(cfg)))
 }
@@ -206,7 +217,8 @@ pub fn send(cfg: &Config, to: &[String], subject: &str, body: &str) -> Result<St
 fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    let t =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
     t ^ (N.fetch_add(1, Ordering::SeqCst) << 48)
 }
 
@@ -232,7 +244,14 @@ pub fn error_subject(job: &Job) -> String {
 
 /// The one error mail of a failed run (after its last retry): the error and the run's log lines
 /// exactly as they were written.
-pub fn error_mail(cfg: &Config, job: &Job, error: &str, attempts: u32, log_file: Option<&Path>, lines: &[String]) -> Result<String> {
+pub fn error_mail(
+    cfg: &Config,
+    job: &Job,
+    error: &str,
+    attempts: u32,
+    log_file: Option<&Path>,
+    lines: &[String],
+) -> Result<String> {
     let mut body = format!(
         "The affa backup job {} of {} failed on the backup server {}.\n\nError: {error}\n",
         job.name,
@@ -246,10 +265,7 @@ pub fn error_mail(cfg: &Config, job: &Job, error: &str, attempts: u32, log_file:
             job.get("RetryAfter")
         ));
     }
-    body.push_str(&format!(
-        "Earlier archives are untouched. See affa --status and affa --log-tail {}.\n",
-        job.name
-    ));
+    body.push_str(&format!("Earlier archives are untouched. See affa --status and affa --log-tail {}.\n", job.name));
     quote_log(&mut body, log_file, lines);
     send(cfg, &recipients(job), &error_subject(job), &body)
 }
@@ -258,7 +274,8 @@ pub fn error_mail(cfg: &Config, job: &Job, error: &str, attempts: u32, log_file:
 /// follows in `after` seconds. It is not the error mail (that comes once, if the last attempt
 /// fails too).
 pub fn retry_notice(cfg: &Config, job: &Job, error: &str, attempt: u32, of: u32, after: u64) -> Result<String> {
-    let subject = format!("affa: job {} on {} failed, retry {} of {} in {} s", job.name, job_host(job), attempt, of - 1, after);
+    let subject =
+        format!("affa: job {} on {} failed, retry {} of {} in {} s", job.name, job_host(job), attempt, of - 1, after);
     let body = format!(
         "Attempt {attempt} of {of} of the affa job {} of {} failed on {}:\n{error}\n\nIt is started again in {after} s. \
          You get the error mail with the log only if the last attempt fails too. (RetryNotification=no stops these notices.)\n",
@@ -270,9 +287,16 @@ pub fn retry_notice(cfg: &Config, job: &Job, error: &str, attempt: u32, of: u32,
 }
 
 /// A run that succeeded with warnings (DiskSpaceWarn, vanished files).
-pub fn warning_mail(cfg: &Config, job: &Job, warnings: &[String], log_file: Option<&Path>, lines: &[String]) -> Result<String> {
+pub fn warning_mail(
+    cfg: &Config,
+    job: &Job,
+    warnings: &[String],
+    log_file: Option<&Path>,
+    lines: &[String],
+) -> Result<String> {
     let subject = format!("affa: job {} on {} WARNING", job.name, job_host(job));
-    let mut body = format!("The affa job {} of {} completed on {} with warnings:\n", job.name, job_host(job), hostname());
+    let mut body =
+        format!("The affa job {} of {} completed on {} with warnings:\n", job.name, job_host(job), hostname());
     for w in warnings {
         body.push_str(&format!("  {w}\n"));
     }
@@ -281,9 +305,17 @@ pub fn warning_mail(cfg: &Config, job: &Job, warnings: &[String], log_file: Opti
 }
 
 /// A success mail (chattyOnSuccess > 0, or after failed attempts that were notified).
-pub fn success_mail(cfg: &Config, job: &Job, archive: Option<&Path>, note: &str, log_file: Option<&Path>, lines: &[String]) -> Result<String> {
+pub fn success_mail(
+    cfg: &Config,
+    job: &Job,
+    archive: Option<&Path>,
+    note: &str,
+    log_file: Option<&Path>,
+    lines: &[String],
+) -> Result<String> {
     let subject = format!("affa: job {} on {} completed", job.name, job_host(job));
-    let mut body = format!("The affa job {} of {} completed successfully on {}.\n", job.name, job_host(job), hostname());
+    let mut body =
+        format!("The affa job {} of {} completed successfully on {}.\n", job.name, job_host(job), hostname());
     if let Some(a) = archive {
         body.push_str(&format!("New archive: {}\n", a.display()));
     }

@@ -94,20 +94,27 @@ pub fn parse_rsync_stats(output: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for line in output.lines() {
         let line = line.trim_end_matches('\r');
-        if line.starts_with("rsync") || line.starts_with("sent ") || line.starts_with("total size is") || line.starts_with("File list") {
+        if line.starts_with("rsync")
+            || line.starts_with("sent ")
+            || line.starts_with("total size is")
+            || line.starts_with("File list")
+        {
             continue;
         }
         let Some((k, v)) = line.split_once(':') else { continue };
         if k.is_empty() || k.len() > 60 || !k.chars().all(|c| c.is_ascii_alphabetic() || c == ' ') {
             continue;
         }
-        let key: String = k.split_whitespace().map(|w| {
-            let mut c = w.chars();
-            match c.next() {
-                Some(f) => f.to_ascii_uppercase().to_string() + c.as_str(),
-                None => String::new(),
-            }
-        }).collect();
+        let key: String = k
+            .split_whitespace()
+            .map(|w| {
+                let mut c = w.chars();
+                match c.next() {
+                    Some(f) => f.to_ascii_uppercase().to_string() + c.as_str(),
+                    None => String::new(),
+                }
+            })
+            .collect();
         let val: String = v.trim().split_whitespace().next().unwrap_or("").replace(',', "");
         if key.is_empty() || val.is_empty() || !val.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
             continue;
@@ -120,7 +127,8 @@ pub fn parse_rsync_stats(output: &str) -> Vec<(String, String)> {
 /// Write a file completely or not at all: temp file in the same directory, fsync, rename.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+    let tmp =
+        dir.join(format!(".{}.tmp-{}", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
     let res = (|| -> std::io::Result<()> {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(data)?;

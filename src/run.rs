@@ -67,15 +67,8 @@ pub fn run(cfg: &Config, job_name: &str, clock: &dyn Clock, opts: RunOptions) ->
     let job = cfg.job(job_name)?;
     crate::interrupt::install();
     let log = JobLog::new(&cfg.log_dir(), job_name, opts.interactive);
-    let ctx = Ctx {
-        cfg,
-        job,
-        clock,
-        log,
-        interactive: opts.interactive,
-        started: Instant::now(),
-        job_dir: job.job_dir(),
-    };
+    let ctx =
+        Ctx { cfg, job, clock, log, interactive: opts.interactive, started: Instant::now(), job_dir: job.job_dir() };
     ctx.log.info(format!("Starting job {} {} ({})", job_name, opts.level.name(), job.get("remoteHostName")));
     let res = run_locked(&ctx, opts.level);
     match &res {
@@ -89,7 +82,11 @@ fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
     let _lock = lock::acquire(&ctx.cfg.lock_dir(), &ctx.job.name)?;
     let root = ctx.job.root_dir();
     if !root.is_dir() {
-        bail!("RootDir {} of job {} does not exist (is the backup disk mounted?); create it or fix RootDir", root.display(), ctx.job.name);
+        bail!(
+            "RootDir {} of job {} does not exist (is the backup disk mounted?); create it or fix RootDir",
+            root.display(),
+            ctx.job.name
+        );
     }
     create_private_dir(&ctx.job_dir)?;
     finish_interrupted_rotation(ctx)?;
@@ -186,7 +183,10 @@ fn finish_interrupted_rotation(ctx: &Ctx) -> Result<()> {
     };
     ctx.log.warn("scheduled.running holds a complete transfer whose rotation was interrupted: rotating it in now");
     // Rotate as the crashed run would have: with the promotions due at its own time.
-    let when = r.date().and_then(|d| chrono::NaiveDateTime::parse_from_str(d, "%Y%m%d%H%M").ok()).unwrap_or_else(|| ctx.clock.now());
+    let when = r
+        .date()
+        .and_then(|d| chrono::NaiveDateTime::parse_from_str(d, "%Y%m%d%H%M").ok())
+        .unwrap_or_else(|| ctx.clock.now());
     let mut summary = RunSummary::default();
     rotate(ctx, when, &mut summary)?;
     archive::empty_trash(&ctx.job_dir)?;
@@ -196,7 +196,11 @@ fn finish_interrupted_rotation(ctx: &Ctx) -> Result<()> {
 pub fn create_private_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     if !dir.is_dir() {
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).ctx(|| format!("cannot create {}", dir.display()))?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .ctx(|| format!("cannot create {}", dir.display()))?;
     }
     Ok(())
 }
@@ -230,7 +234,10 @@ pub fn prepare_running(ctx: &Ctx, running: &Path) -> Result<Vec<PathBuf>> {
 /// Interpret an rsync result: success, success with a warning, or the run's error.
 pub fn check_rsync(ctx: &Ctx, res: &rsync::RsyncResult, what: &str, summary: &mut RunSummary) -> Result<()> {
     if crate::interrupt::interrupted() {
-        bail!("{what} interrupted by {}; scheduled.running is kept and the next run resumes it", crate::interrupt::signal_name());
+        bail!(
+            "{what} interrupted by {}; scheduled.running is kept and the next run resumes it",
+            crate::interrupt::signal_name()
+        );
     }
     match rsync::classify(res.code) {
         Outcome::Success => Ok(()),
@@ -252,7 +259,9 @@ pub fn check_rsync(ctx: &Ctx, res: &rsync::RsyncResult, what: &str, summary: &mu
         }
         Outcome::Failure(f) => {
             let detail = res.first_error().map(|e| format!(" ({e})")).unwrap_or_default();
-            Err(Error::new(format!("{what}: {f}{detail}; earlier archives are untouched, scheduled.running is kept for the next run")))
+            Err(Error::new(format!(
+                "{what}: {f}{detail}; earlier archives are untouched, scheduled.running is kept for the next run"
+            )))
         }
     }
 }
@@ -267,9 +276,7 @@ fn transfer_files(ctx: &Ctx, running: &Path, report: &mut Report, summary: &mut 
         None => Source::Local,
     };
     let mut args = rsync::base_args(job, &source);
-    args.extend(
-        ["--stats", "--delete-during", "--delete-excluded", "--relative", "--partial"].map(String::from),
-    );
+    args.extend(["--stats", "--delete-during", "--delete-excluded", "--relative", "--partial"].map(String::from));
     if job.flag("rsync--inplace") {
         args.push("--inplace".into());
     }
@@ -336,7 +343,11 @@ fn run_scripts(ctx: &Ctx, local_key: &str, remote_key: &str) -> Result<()> {
     all.sort();
     for (name, remote) in all {
         if name.contains("..") || name.starts_with('/') {
-            bail!("{local_key} '{name}' of job {}: expected a script name inside {}", ctx.job.name, ctx.cfg.script_dir().display());
+            bail!(
+                "{local_key} '{name}' of job {}: expected a script name inside {}",
+                ctx.job.name,
+                ctx.cfg.script_dir().display()
+            );
         }
         let script = ctx.cfg.script_dir().join(&name);
         if !script.is_file() {
@@ -350,9 +361,17 @@ fn run_scripts(ctx: &Ctx, local_key: &str, remote_key: &str) -> Result<()> {
             let remote_path = format!("/tmp/affa-{}-{}", ctx.job.name, std::process::id());
             let body = fs::read(&script).ctx(|| format!("cannot read {}", script.display()))?;
             let mut c = Command::new(&t.ssh_bin);
-            c.args(t.options()).arg(t.destination())
-                .arg(format!("cat > {p} && chmod 700 {p} && {p} {h} {j}; rc=$?; rm -f {p}; exit $rc", p = shell_quote(&remote_path), h = shell_quote(host), j = shell_quote(&ctx.job.name)))
-                .stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+            c.args(t.options())
+                .arg(t.destination())
+                .arg(format!(
+                    "cat > {p} && chmod 700 {p} && {p} {h} {j}; rc=$?; rm -f {p}; exit $rc",
+                    p = shell_quote(&remote_path),
+                    h = shell_quote(host),
+                    j = shell_quote(&ctx.job.name)
+                ))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
             die_with_parent(&mut c);
             let mut child = c.spawn().ctx(|| format!("cannot run {}", t.ssh_bin))?;
             {
@@ -367,7 +386,8 @@ fn run_scripts(ctx: &Ctx, local_key: &str, remote_key: &str) -> Result<()> {
             }
         } else {
             ctx.log.info(format!("Executing script {name}"));
-            let sshcmd = target.as_ref().map(|t| format!("{} {}", t.ssh_bin, t.options().join(" "))).unwrap_or_default();
+            let sshcmd =
+                target.as_ref().map(|t| format!("{} {}", t.ssh_bin, t.options().join(" "))).unwrap_or_default();
             let mut c = Command::new(&script);
             c.arg(host).arg(&ctx.job.name).arg(sshcmd).stdin(Stdio::null());
             die_with_parent(&mut c);

@@ -81,7 +81,12 @@ fn reload(smb_conf: &Path) -> String {
         return "Samba reloaded".into();
     }
     if smb_conf == Path::new("/etc/samba/smb.conf") {
-        let st = Command::new("systemctl").args(["reload", "smbd"]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        let st = Command::new("systemctl")
+            .args(["reload", "smbd"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
         if matches!(st, Ok(s) if s.success()) {
             return "Samba reloaded (systemctl)".into();
         }
@@ -99,11 +104,17 @@ pub fn update_shares(cfg: &Config) -> Result<String> {
         return Ok("no job has SambaShare=yes; Samba not touched".into());
     }
     if !smb_conf.is_file() {
-        crate::bail!("smbConf {} does not exist (is Samba installed?); affa's shares need it to include {}", smb_conf.display(), dir.join(SHARES_FILE).display());
+        crate::bail!(
+            "smbConf {} does not exist (is Samba installed?); affa's shares need it to include {}",
+            smb_conf.display(),
+            dir.join(SHARES_FILE).display()
+        );
     }
     fs::create_dir_all(&dir).ctx(|| format!("cannot create {}", dir.display()))?;
     let mut changed = false;
-    let mut index = String::from("# Written by affa --samba-shares: one include per job with SambaShare=yes; changes are overwritten.\n");
+    let mut index = String::from(
+        "# Written by affa --samba-shares: one include per job with SambaShare=yes; changes are overwritten.\n",
+    );
     let mut keep = Vec::new();
     for job in &shared {
         let name = format!("{JOB_PREFIX}{}.conf", job.name);
@@ -132,12 +143,15 @@ pub fn update_shares(cfg: &Config) -> Result<String> {
             t.push('\n');
         }
         t.push_str(&format!("# affa's archive shares (affa --samba-shares)\n{want}\n"));
-        let mode = fs::metadata(&smb_conf).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777).unwrap_or(0o644);
+        let mode = fs::metadata(&smb_conf)
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
+            .unwrap_or(0o644);
         crate::schedule::write_file(&smb_conf, &t, mode)?;
         changed = true;
     }
     let names: Vec<&str> = shared.iter().map(|j| j.name.as_str()).collect();
-    let mut out = if names.is_empty() { "no Samba shares".to_string() } else { format!("Samba shares: {}", names.join(", ")) };
+    let mut out =
+        if names.is_empty() { "no Samba shares".to_string() } else { format!("Samba shares: {}", names.join(", ")) };
     if !removed.is_empty() {
         out.push_str(&format!("; removed: {}", removed.join(", ")));
     }

@@ -105,11 +105,17 @@ pub fn cron_text(cfg: &Config, config_dir: &Path) -> String {
         _ => None,
     };
     if let Some(w) = when {
-        s.push_str(&format!("\n# status mail (sendStatus={})\n{w} root {affa} --silent --send-status >/dev/null\n", cfg.global.get("sendStatus")));
+        s.push_str(&format!(
+            "\n# status mail (sendStatus={})\n{w} root {affa} --silent --send-status >/dev/null\n",
+            cfg.global.get("sendStatus")
+        ));
     }
     let metrics = PathBuf::from(cfg.global.get("metricsFile"));
     if metrics.parent().is_some_and(|p| p.is_dir()) {
-        s.push_str(&format!("\n# Prometheus textfile {}\n*/10 * * * * root {affa} --silent --metrics >/dev/null\n", metrics.display()));
+        s.push_str(&format!(
+            "\n# Prometheus textfile {}\n*/10 * * * * root {affa} --silent --metrics >/dev/null\n",
+            metrics.display()
+        ));
     }
     s
 }
@@ -152,7 +158,9 @@ const SLOTS: usize = (24 * 60 / SLOT_MINUTES) as usize;
 /// character): `S` a start, `=` the duration of the job's last run after it, `K` killAt, `R`
 /// resumeKilledAt, `.` nothing.
 pub fn show_schedule(cfg: &Config, all: bool) -> Result<String> {
-    let mut out = String::from("Schedule of the day; one character is 30 minutes: S start, = last run time, K killAt, R resumeKilledAt\n");
+    let mut out = String::from(
+        "Schedule of the day; one character is 30 minutes: S start, = last run time, K killAt, R resumeKilledAt\n",
+    );
     let mut head = String::new();
     for h in (0..24).step_by(2) {
         head.push_str(&format!("{h:<4}"));
@@ -192,10 +200,12 @@ pub fn show_schedule(cfg: &Config, all: bool) -> Result<String> {
                 line[((h * 60 + m) / SLOT_MINUTES) as usize] = c;
             }
         }
-        let mut times: Vec<String> = job.get_all("TimeSchedule").iter().map(|t| format!("{}:{}", &t[..2], &t[2..])).collect();
+        let mut times: Vec<String> =
+            job.get_all("TimeSchedule").iter().map(|t| format!("{}:{}", &t[..2], &t[2..])).collect();
         times.sort();
         let name = if enabled { job.name.clone() } else { format!("{} (disabled)", job.name) };
-        let last = if last_secs > 0 { format!(" (last run {})", crate::commands::hms(last_secs)) } else { String::new() };
+        let last =
+            if last_secs > 0 { format!(" (last run {})", crate::commands::hms(last_secs)) } else { String::new() };
         out.push_str(&format!("{:<24} {} {}{}\n", name, line.iter().collect::<String>(), times.join(" "), last));
     }
     if hidden > 0 {
@@ -206,10 +216,7 @@ pub fn show_schedule(cfg: &Config, all: bool) -> Result<String> {
 
 /// The affa binary to start again: the running one, else affaBinary.
 fn self_binary(cfg: &Config) -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .filter(|p| p.is_file())
-        .unwrap_or_else(|| PathBuf::from(cfg.global.get("affaBinary")))
+    std::env::current_exe().ok().filter(|p| p.is_file()).unwrap_or_else(|| PathBuf::from(cfg.global.get("affaBinary")))
 }
 
 /// Start `affa --config-dir DIR --silent --run JOB` as a detached process (own session, no
@@ -263,7 +270,8 @@ pub fn resume_interrupted(cfg: &Config, _clock: &dyn Clock) -> Result<String> {
             continue;
         }
         let pid = spawn_run(cfg, &job.name, 0)?;
-        JobLog::new(&cfg.log_dir(), &job.name, false).info(format!("--resume-interrupted: resuming the interrupted job {} (pid {pid})", job.name));
+        JobLog::new(&cfg.log_dir(), &job.name, false)
+            .info(format!("--resume-interrupted: resuming the interrupted job {} (pid {pid})", job.name));
         lines.push(format!("job {} resumed in the background (pid {pid})", job.name));
     }
     if lines.is_empty() {
@@ -276,7 +284,8 @@ pub fn resume_interrupted(cfg: &Config, _clock: &dyn Clock) -> Result<String> {
 pub fn resume_later(cfg: &Config, job: &str, secs: u64) -> Result<String> {
     cfg.job(job)?;
     let pid = spawn_run(cfg, job, secs)?;
-    JobLog::new(&cfg.log_dir(), job, false).info(format!("--kill --resume={secs}: job {job} runs again in {secs} s (pid {pid})"));
+    JobLog::new(&cfg.log_dir(), job, false)
+        .info(format!("--kill --resume={secs}: job {job} runs again in {secs} s (pid {pid})"));
     Ok(format!("job {job} runs again in {secs} s (pid {pid})"))
 }
 
@@ -357,7 +366,16 @@ pub fn run_job(cfg: &Config, job: &str, clock: &dyn Clock, opts: RunOptions, ret
 }
 
 #[allow(clippy::too_many_arguments)]
-fn after_success(cfg: &Config, j: &Job, s: &RunSummary, note: &JobLog, lp: Option<&Path>, start: u64, attempt: u32, notified: bool) {
+fn after_success(
+    cfg: &Config,
+    j: &Job,
+    s: &RunSummary,
+    note: &JobLog,
+    lp: Option<&Path>,
+    start: u64,
+    attempt: u32,
+    notified: bool,
+) {
     if !s.warnings.is_empty() {
         match crate::notify::warning_mail(cfg, j, &s.warnings, lp, &log_since(lp, start)) {
             Ok(how) => note.info(format!("warning mail sent {how}")),

@@ -42,7 +42,8 @@ pub fn matcher(job: &Job) -> Result<Option<GlobSet>> {
     let mut b = GlobSetBuilder::new();
     for p in pats {
         let pat = if p.contains('/') { p.trim_start_matches('/').to_string() } else { format!("**/{p}") };
-        let g = Glob::new(&pat).map_err(|e| Error::new(format!("chunkFiles pattern '{p}' of job {}: {e}", job.name)))?;
+        let g =
+            Glob::new(&pat).map_err(|e| Error::new(format!("chunkFiles pattern '{p}' of job {}: {e}", job.name)))?;
         b.add(g);
     }
     Ok(Some(b.build().map_err(|e| Error::new(format!("chunkFiles of job {}: {e}", job.name)))?))
@@ -120,14 +121,21 @@ pub fn ensure_staging(ctx: &Ctx, rel: &Path, link_dirs: &[PathBuf]) -> Result<Pa
         let mp = chunk::manifest_path(&arch, rel);
         if let Err(e) = chunk::unchunk_file(&arch, &mp, &st, None) {
             // A damaged earlier archive must not stop today's backup: transfer in full.
-            ctx.log.warn(format!("cannot rebuild the staging copy of {} ({e}); it is transferred in full", rel.display()));
+            ctx.log
+                .warn(format!("cannot rebuild the staging copy of {} ({e}); it is transferred in full", rel.display()));
         }
     }
     Ok(st)
 }
 
 /// Chunk the staging copy of `rel` into `running`.
-pub fn chunk_into(ctx: &Ctx, running: &Path, rel: &Path, link_dirs: &[PathBuf], totals: &mut ChunkTotals) -> Result<()> {
+pub fn chunk_into(
+    ctx: &Ctx,
+    running: &Path,
+    rel: &Path,
+    link_dirs: &[PathBuf],
+    totals: &mut ChunkTotals,
+) -> Result<()> {
     let st = staging_path(ctx, rel);
     let pool = Pool::open(&ctx.job.root_dir())?;
     let set = settings(ctx.job)?;
@@ -165,7 +173,13 @@ pub fn chunk_into(ctx: &Ctx, running: &Path, rel: &Path, link_dirs: &[PathBuf], 
 }
 
 /// Transfer the chunked files of an ordinary job into staging and chunk them into `running`.
-pub fn transfer_chunked(ctx: &Ctx, source: &Source, running: &Path, report: &mut Report, summary: &mut RunSummary) -> Result<()> {
+pub fn transfer_chunked(
+    ctx: &Ctx,
+    source: &Source,
+    running: &Path,
+    report: &mut Report,
+    summary: &mut RunSummary,
+) -> Result<()> {
     let staging = ctx.job_dir.join(STAGING);
     crate::run::create_private_dir(&staging)?;
     let link_dirs: Vec<PathBuf> = archive::newest_valid(&ctx.job_dir)?.map(|a| vec![a.path]).unwrap_or_default();
@@ -179,7 +193,19 @@ pub fn transfer_chunked(ctx: &Ctx, source: &Source, running: &Path, report: &mut
     }
     let job = ctx.job;
     let mut args = rsync::base_args(job, source);
-    args.extend(["--stats", "--relative", "--inplace", "--sparse", "--no-whole-file", "--delete-during", "--delete-excluded", "--prune-empty-dirs"].map(String::from));
+    args.extend(
+        [
+            "--stats",
+            "--relative",
+            "--inplace",
+            "--sparse",
+            "--no-whole-file",
+            "--delete-during",
+            "--delete-excluded",
+            "--prune-empty-dirs",
+        ]
+        .map(String::from),
+    );
     for p in job.get_all("Exclude") {
         args.push(format!("--exclude={p}"));
     }
@@ -275,7 +301,11 @@ pub fn sweep_pool(root: &Path) -> Result<String> {
     }
     let pool = Pool::open(root)?;
     let s = chunk::sweep(&pool)?;
-    Ok(format!("pool sweep: {} chunk(s) no longer used, {} freed", s.removed_chunks, crate::commands::human(s.freed_bytes)))
+    Ok(format!(
+        "pool sweep: {} chunk(s) no longer used, {} freed",
+        s.removed_chunks,
+        crate::commands::human(s.freed_bytes)
+    ))
 }
 
 /// `--unchunk JOB ARCHIVE [--to DIR]`: rebuild every chunked file of an archive as a plain
@@ -330,7 +360,12 @@ pub fn verify_command(cfg: &Config, job: &str, archive_name: Option<&str>, all: 
         let rep = chunk::verify_archive(&a.path, Some(&cb))?;
         bar.finish_and_clear();
         if rep.is_ok() {
-            out.push_str(&format!("{}: OK ({} chunked file(s), {} chunk(s) checked)\n", a.name(), rep.manifests, rep.chunks_checked));
+            out.push_str(&format!(
+                "{}: OK ({} chunked file(s), {} chunk(s) checked)\n",
+                a.name(),
+                rep.manifests,
+                rep.chunks_checked
+            ));
             continue;
         }
         bad.push(a.name());
@@ -347,7 +382,10 @@ pub fn verify_command(cfg: &Config, job: &str, archive_name: Option<&str>, all: 
         if !rep.problems.is_empty() && j.root_dir().join(chunk::POOL_DIR).is_dir() {
             let n = chunk::evict_damaged(&Pool::open(&j.root_dir())?, &rep)?;
             if n > 0 {
-                out.push_str(&format!("{}: {n} damaged chunk(s) removed from the pool; the next backup stores that data again\n", a.name()));
+                out.push_str(&format!(
+                    "{}: {n} damaged chunk(s) removed from the pool; the next backup stores that data again\n",
+                    a.name()
+                ));
             }
         }
     }

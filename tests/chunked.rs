@@ -197,7 +197,13 @@ fn a_copied_archive_rebuilds_alone_and_damage_is_named() {
     ok(&s.affa.affa_at("2026-06-01T20:00:00", &["--run", "vm"]));
     // cp -a the archive elsewhere and delete the pool: it still rebuilds.
     let copy = s.affa.tmp.path().join("copy");
-    assert!(std::process::Command::new("cp").arg("-a").arg(s.affa.job_dir("vm").join("scheduled.0")).arg(&copy).status().unwrap().success());
+    assert!(std::process::Command::new("cp")
+        .arg("-a")
+        .arg(s.affa.job_dir("vm").join("scheduled.0"))
+        .arg(&copy)
+        .status()
+        .unwrap()
+        .success());
     let m = copy.join(s.src.path().join("vm").strip_prefix("/").unwrap()).join("images/disk.img.affa-manifest");
     let dest = s.affa.tmp.path().join("rebuilt.img");
     let pool = s.affa.root.join(".affa-pool");

@@ -81,9 +81,18 @@ fn backups_link_unchanged_files_and_drop_deleted_ones() {
     ok(&s.affa.affa_at("2026-03-02T14:00:00", &["--run", "web"]));
     assert_eq!(archive_names(&s.affa.job_dir("web")), ["scheduled.0", "scheduled.1"]);
     // Unchanged: the same inode as in the previous archive. Changed: a new one.
-    assert_eq!(inode(&archived(&s, "scheduled.0", "home/u/docs/a.txt")), inode(&archived(&s, "scheduled.1", "home/u/docs/a.txt")));
-    assert_eq!(inode(&archived(&s, "scheduled.0", "home/u/big.bin")), inode(&archived(&s, "scheduled.1", "home/u/big.bin")));
-    assert_ne!(inode(&archived(&s, "scheduled.0", "home/u/docs/b.txt")), inode(&archived(&s, "scheduled.1", "home/u/docs/b.txt")));
+    assert_eq!(
+        inode(&archived(&s, "scheduled.0", "home/u/docs/a.txt")),
+        inode(&archived(&s, "scheduled.1", "home/u/docs/a.txt"))
+    );
+    assert_eq!(
+        inode(&archived(&s, "scheduled.0", "home/u/big.bin")),
+        inode(&archived(&s, "scheduled.1", "home/u/big.bin"))
+    );
+    assert_ne!(
+        inode(&archived(&s, "scheduled.0", "home/u/docs/b.txt")),
+        inode(&archived(&s, "scheduled.1", "home/u/docs/b.txt"))
+    );
     assert_eq!(fs::read_to_string(archived(&s, "scheduled.0", "home/u/docs/b.txt")).unwrap(), "bravo two\n");
     // Deleted: gone from the new archive only.
     assert!(!archived(&s, "scheduled.0", "etc/app/app.conf").exists());
@@ -124,7 +133,10 @@ fn wrong_remote_path_fails_and_leaves_archives_alone() {
     ok(&s.affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
     let before = tree_hashes(&s.affa.job_dir("web").join("scheduled.0"));
     let ino = inode(&archived(&s, "scheduled.0", "home/u/docs/a.txt"));
-    s.affa.write_conf("web.conf", &s.affa.ssh_job("web", &s.sshd, &format!("Include={}/home\nInclude=/no/such/dir\n", s.src.path().display())));
+    s.affa.write_conf(
+        "web.conf",
+        &s.affa.ssh_job("web", &s.sshd, &format!("Include={}/home\nInclude=/no/such/dir\n", s.src.path().display())),
+    );
     let e = fail(&s.affa.affa_at("2026-03-03T10:00:00", &["--run", "web"]));
     assert!(e.contains("rsync failed with exit 23") && e.contains("/no/such/dir"), "{e}");
     assert_eq!(archive_names(&s.affa.job_dir("web")), ["scheduled.0"]);
@@ -141,7 +153,10 @@ fn bad_config_is_one_line_naming_file_line_key() {
     s.affa.write_conf("bad.conf", "[db]\nremoteHostName=x\nstatus=enbabled\n");
     let e = fail(&s.affa.affa(&["--run", "web"]));
     let f = s.affa.conf.join("bad.conf");
-    assert_eq!(e.trim(), format!("affa: error: {}:3: key 'status' has the value 'enbabled', expected enabled or disabled", f.display()));
+    assert_eq!(
+        e.trim(),
+        format!("affa: error: {}:3: key 'status' has the value 'enbabled', expected enabled or disabled", f.display())
+    );
     s.affa.write_conf("bad.conf", "[db]\nremoteHostName=x\nTimeSchedule=2561\n");
     let e = fail(&s.affa.affa(&["--configcheck"]));
     assert!(e.contains("bad.conf:3: key 'TimeSchedule' has the value '2561'"), "{e}");
@@ -165,7 +180,14 @@ fn bad_config_is_one_line_naming_file_line_key() {
 fn missing_root_dir_is_an_error_not_a_new_directory() {
     let s = setup("");
     let gone = s.affa.tmp.path().join("unmounted");
-    s.affa.write_conf("web.conf", &s.affa.ssh_job("web", &s.sshd, &format!("Include={}/home\nRootDir={}\n", s.src.path().display(), gone.display())));
+    s.affa.write_conf(
+        "web.conf",
+        &s.affa.ssh_job(
+            "web",
+            &s.sshd,
+            &format!("Include={}/home\nRootDir={}\n", s.src.path().display(), gone.display()),
+        ),
+    );
     let e = fail(&s.affa.affa(&["--run", "web"]));
     assert!(e.contains("RootDir") && e.contains("does not exist"), "{e}");
     assert!(!gone.exists());
@@ -180,8 +202,18 @@ fn second_run_is_refused_naming_the_pid_and_kill_9_resumes() {
     let big = s.src.path().join("home/u/large.img");
     let data: Vec<u8> = (0..24u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
     fs::write(&big, &data).unwrap();
-    s.affa.write_conf("web.conf", &s.affa.ssh_job("web", &s.sshd, &format!(
-        "Include={}/etc\nInclude={}/home\nBandwidthLimit=2000\n", s.src.path().display(), s.src.path().display())));
+    s.affa.write_conf(
+        "web.conf",
+        &s.affa.ssh_job(
+            "web",
+            &s.sshd,
+            &format!(
+                "Include={}/etc\nInclude={}/home\nBandwidthLimit=2000\n",
+                s.src.path().display(),
+                s.src.path().display()
+            ),
+        ),
+    );
     let mut child = s.affa.cmd().env("AFFA_FAKE_NOW", "2026-03-02T11:00:00").args(["--run", "web"]).spawn().unwrap();
     let running = s.affa.job_dir("web").join("scheduled.running");
     let t = Instant::now();
@@ -206,8 +238,14 @@ fn second_run_is_refused_naming_the_pid_and_kill_9_resumes() {
     let st = ok(&s.affa.affa(&["--status"]));
     assert!(st.contains("interrupted"), "{st}");
     // The next run resumes and completes; the earlier archive is untouched.
-    s.affa.write_conf("web.conf", &s.affa.ssh_job("web", &s.sshd, &format!(
-        "Include={}/etc\nInclude={}/home\n", s.src.path().display(), s.src.path().display())));
+    s.affa.write_conf(
+        "web.conf",
+        &s.affa.ssh_job(
+            "web",
+            &s.sshd,
+            &format!("Include={}/etc\nInclude={}/home\n", s.src.path().display(), s.src.path().display()),
+        ),
+    );
     ok(&s.affa.affa_at("2026-03-02T12:00:00", &["--run", "web"]));
     // scheduledKeep=1: the first run of the day promoted the earlier archive to daily.0, by
     // renaming it: its content is what it was.
@@ -249,8 +287,14 @@ fn full_root_dir_fails_cleanly_and_the_next_run_succeeds() {
         }
     }
     let _u = Umount(small.clone());
-    s.affa.write_conf("web.conf", &s.affa.ssh_job("web", &s.sshd, &format!(
-        "Include={}/etc\nRootDir={}\nDiskSpaceWarn=none\n", s.src.path().display(), small.display())));
+    s.affa.write_conf(
+        "web.conf",
+        &s.affa.ssh_job(
+            "web",
+            &s.sshd,
+            &format!("Include={}/etc\nRootDir={}\nDiskSpaceWarn=none\n", s.src.path().display(), small.display()),
+        ),
+    );
     ok(&s.affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
     let before = tree_hashes(&small.join("web/scheduled.0"));
     fs::write(s.src.path().join("etc/app/huge.bin"), vec![1u8; 3 << 20]).unwrap();
@@ -261,7 +305,11 @@ fn full_root_dir_fails_cleanly_and_the_next_run_succeeds() {
     fs::remove_file(s.src.path().join("etc/app/huge.bin")).unwrap();
     fs::write(s.src.path().join("etc/app/new.conf"), "x=1\n").unwrap();
     ok(&s.affa.affa_at("2026-03-02T12:00:00", &["--run", "web"]));
-    assert!(small.join("web/scheduled.0").join(s.src.path().strip_prefix("/").unwrap()).join("etc/app/new.conf").exists());
+    assert!(small
+        .join("web/scheduled.0")
+        .join(s.src.path().strip_prefix("/").unwrap())
+        .join("etc/app/new.conf")
+        .exists());
 }
 
 #[test]
@@ -270,7 +318,10 @@ fn maintenance_commands_ask_and_act() {
     ok(&s.affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
     ok(&s.affa.affa_at("2026-03-02T11:00:00", &["--run", "web"]));
     // Lower the keep: --cleanup lists what it would delete and needs 'proceed' or --yes.
-    s.affa.write_conf("web.conf", &s.affa.ssh_job("web", &s.sshd, &format!("Include={}/home\nscheduledKeep=1\n", s.src.path().display())));
+    s.affa.write_conf(
+        "web.conf",
+        &s.affa.ssh_job("web", &s.sshd, &format!("Include={}/home\nscheduledKeep=1\n", s.src.path().display())),
+    );
     let e = fail(&s.affa.affa(&["--cleanup", "web"]));
     assert!(e.contains("scheduled.1") && e.contains("--yes"), "{e}");
     assert_eq!(archive_names(&s.affa.job_dir("web")), ["scheduled.0", "scheduled.1"]);

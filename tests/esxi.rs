@@ -33,8 +33,16 @@ fn hot_backup_copies_the_frozen_disks_and_removes_the_snapshot() {
     ok(&e.affa.affa_at("2026-05-04T21:00:00", &["--run", "esx"]));
     let st = e.sim.state();
     let vm = st["vms"].as_array().unwrap().iter().find(|v| v["name"] == "vm1").unwrap().clone();
-    assert!(vm["writes_during_snapshot"].as_u64().unwrap() > 0, "the writer did not write during the snapshot: the test proves nothing");
-    let frozen: Vec<String> = vm["last_snapshot_base_flat_sha256"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    assert!(
+        vm["writes_during_snapshot"].as_u64().unwrap() > 0,
+        "the writer did not write during the snapshot: the test proves nothing"
+    );
+    let frozen: Vec<String> = vm["last_snapshot_base_flat_sha256"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
     let s0 = arch(&e, "scheduled.0");
     let d0 = s0.join("vmfs/volumes/datastore1/vm1/vm1-flat.vmdk");
     let d1 = s0.join("vmfs/volumes/ds2/vm1/vm1_1-flat.vmdk");
@@ -61,10 +69,24 @@ fn hot_backup_copies_the_frozen_disks_and_removes_the_snapshot() {
     ok(&e.affa.affa_at("2026-05-04T22:00:00", &["--run", "esx"]));
     e.sim.post("/writer?vm=vm1&on=0");
     let s1 = arch(&e, "scheduled.1");
-    assert_eq!(inode(&s1.join("vmfs/volumes/ds2/vm1/vm1_1-flat.vmdk")), inode(&arch(&e, "scheduled.0").join("vmfs/volumes/ds2/vm1/vm1_1-flat.vmdk")));
-    assert_ne!(inode(&s1.join("vmfs/volumes/datastore1/vm1/vm1-flat.vmdk")), inode(&arch(&e, "scheduled.0").join("vmfs/volumes/datastore1/vm1/vm1-flat.vmdk")));
-    assert_eq!(sha256_file(&s1.join("vmfs/volumes/datastore1/vm1/vm1-flat.vmdk")), frozen[0], "the first archive changed");
-    let frozen2 = e.sim.state()["vms"].as_array().unwrap().iter().find(|v| v["name"] == "vm1").unwrap()["last_snapshot_base_flat_sha256"][0].as_str().unwrap().to_string();
+    assert_eq!(
+        inode(&s1.join("vmfs/volumes/ds2/vm1/vm1_1-flat.vmdk")),
+        inode(&arch(&e, "scheduled.0").join("vmfs/volumes/ds2/vm1/vm1_1-flat.vmdk"))
+    );
+    assert_ne!(
+        inode(&s1.join("vmfs/volumes/datastore1/vm1/vm1-flat.vmdk")),
+        inode(&arch(&e, "scheduled.0").join("vmfs/volumes/datastore1/vm1/vm1-flat.vmdk"))
+    );
+    assert_eq!(
+        sha256_file(&s1.join("vmfs/volumes/datastore1/vm1/vm1-flat.vmdk")),
+        frozen[0],
+        "the first archive changed"
+    );
+    let frozen2 = e.sim.state()["vms"].as_array().unwrap().iter().find(|v| v["name"] == "vm1").unwrap()
+        ["last_snapshot_base_flat_sha256"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_eq!(sha256_file(&arch(&e, "scheduled.0").join("vmfs/volumes/datastore1/vm1/vm1-flat.vmdk")), frozen2);
     assert!(e.sim.snapshots("vm1").is_empty());
     let list = ok(&e.affa.affa(&["--list-archives", "esx"]));
@@ -75,7 +97,12 @@ fn hot_backup_copies_the_frozen_disks_and_removes_the_snapshot() {
 fn chunked_disks_end_to_end() {
     let e = esx(64 * MB, "scheduledKeep=3\nchunkFiles=*-flat.vmdk\nchunkSize=1M\n", "");
     ok(&e.affa.affa_at("2026-05-04T21:00:00", &["--run", "esx"]));
-    let frozen: Vec<String> = e.sim.state()["vms"][0]["last_snapshot_base_flat_sha256"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    let frozen: Vec<String> = e.sim.state()["vms"][0]["last_snapshot_base_flat_sha256"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
     let s0 = arch(&e, "scheduled.0");
     assert!(s0.join("vmfs/volumes/datastore1/vm1/vm1-flat.vmdk.affa-manifest").exists());
     assert!(!s0.join("vmfs/volumes/datastore1/vm1/vm1-flat.vmdk").exists());
@@ -184,7 +211,14 @@ fn snapshot_failure_rotates_nothing_and_copy_failure_still_removes_the_snapshot(
 #[test]
 fn sigterm_during_the_copy_removes_the_snapshot() {
     let e = esx(48 * MB, "BandwidthLimit=4000\n", "");
-    let child = e.affa.cmd().env("AFFA_FAKE_NOW", "2026-05-04T21:00:00").args(["--run", "esx"]).stderr(Stdio::piped()).spawn().unwrap();
+    let child = e
+        .affa
+        .cmd()
+        .env("AFFA_FAKE_NOW", "2026-05-04T21:00:00")
+        .args(["--run", "esx"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let t = Instant::now();
     while e.sim.snapshots("vm1").is_empty() {
         assert!(t.elapsed() < Duration::from_secs(30), "no snapshot was made");
@@ -220,8 +254,16 @@ fn failed_removal_fails_the_run_and_the_next_run_cleans_up() {
 fn vim_cmd_mode_on_a_free_licence_host() {
     let work = tempfile::tempdir().unwrap();
     let standin = work.path().join("vim-cmd");
-    let e = esx(8 * MB, &format!("ESXiSnapshotMode=vim-cmd\nESXiVimCmd={}\n", standin.display()), r#","free_license":true"#);
-    fs::write(&standin, format!("#!/bin/sh\nexec {} vim-cmd --control {} \"$@\"\n", common::sim::sim_binary().display(), e.sim.control)).unwrap();
+    let e = esx(
+        8 * MB,
+        &format!("ESXiSnapshotMode=vim-cmd\nESXiVimCmd={}\n", standin.display()),
+        r#","free_license":true"#,
+    );
+    fs::write(
+        &standin,
+        format!("#!/bin/sh\nexec {} vim-cmd --control {} \"$@\"\n", common::sim::sim_binary().display(), e.sim.control),
+    )
+    .unwrap();
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(&standin, fs::Permissions::from_mode(0o755)).unwrap();
     ok(&e.affa.affa_at("2026-05-04T21:00:00", &["--run", "esx"]));

@@ -36,7 +36,11 @@ impl Sim {
             &dir.path().join("sim"),
             &[("datastore1", &ds1), ("ds2", &ds2)],
             &[
-                VmSpec { name: "vm1".into(), power_on: true, disks: vec![("datastore1".into(), 1048576), ("ds2".into(), 524288)] },
+                VmSpec {
+                    name: "vm1".into(),
+                    power_on: true,
+                    disks: vec![("datastore1".into(), 1048576), ("ds2".into(), 524288)],
+                },
                 VmSpec { name: "vm2".into(), power_on: false, disks: vec![("datastore1".into(), 524288)] },
             ],
             &format!(r#","plain_http":{plain_http}{extra}"#),
@@ -81,10 +85,7 @@ fn login_good_and_bad_password_and_logout() {
     assert!(c.about().full_name.contains("ESXi"), "{:?}", c.about());
     let e = c.login(USER, &Password::new("wrong")).unwrap_err();
     eprintln!("error seen: {e}");
-    assert_eq!(
-        e.message(),
-        format!("wrong user or password for ESXi host {}", sim.host())
-    );
+    assert_eq!(e.message(), format!("wrong user or password for ESXi host {}", sim.host()));
     assert!(!e.message().contains("wrong\""));
     let e = c.login("root", &Password::new(PASS)).unwrap_err();
     eprintln!("error seen: {e}");
@@ -126,10 +127,7 @@ fn thumbprint_pinning() {
         s[i..=j].to_string()
     };
     let c0 = counters(&sim.state());
-    assert!(
-        !c0.contains("soap:"),
-        "a request got through a wrong pin: {c0}"
-    );
+    assert!(!c0.contains("soap:"), "a request got through a wrong pin: {c0}");
 
     // What --send-key shows is what the harness says; it sends no request either.
     let tp = esxi::fetch_thumbprint("127.0.0.1", sim.port, Duration::from_secs(10)).unwrap();
@@ -161,13 +159,7 @@ fn find_vm_found_and_not_found() {
     assert_eq!(c.power_state(&vm2).unwrap(), PowerState::PoweredOff);
     let e = c.find_vm("nosuch").unwrap_err();
     eprintln!("error seen: {e}");
-    assert_eq!(
-        e.message(),
-        format!(
-            "no VM named nosuch on ESXi host {}; VMs there: vm1, vm2",
-            sim.host()
-        )
-    );
+    assert_eq!(e.message(), format!("no VM named nosuch on ESXi host {}; VMs there: vm1, vm2", sim.host()));
 }
 
 #[test]
@@ -181,34 +173,20 @@ fn snapshot_create_makes_delta_and_remove_restores_base() {
     assert_eq!(before.power_state, PowerState::PoweredOn);
     assert!(before.snapshots.is_empty() && before.current_snapshot.is_none());
     assert_eq!(before.disks.len(), 2);
-    assert_eq!(
-        before.disks[0].current().file_name,
-        "[datastore1] vm1/vm1.vmdk"
-    );
+    assert_eq!(before.disks[0].current().file_name, "[datastore1] vm1/vm1.vmdk");
     assert_eq!(before.disks[1].current().file_name, "[ds2] vm1/vm1_1.vmdk");
     assert!(before.disks.iter().all(|d| !d.has_parent()));
     assert_eq!(before.disks[0].capacity_bytes, 1048576);
     let vmx_host = before.host_path(before.vmx_path()).unwrap();
-    assert_eq!(
-        vmx_host,
-        format!("{}/ds1/vm1/vm1.vmx", sim.dir.path().display())
-    );
+    assert_eq!(vmx_host, format!("{}/ds1/vm1/vm1.vmx", sim.dir.path().display()));
     assert!(Path::new(&vmx_host).is_file());
-    assert!(before
-        .layout_files
-        .iter()
-        .any(|f| f.kind == "config" && f.name == before.vmx_path()));
+    assert!(before.layout_files.iter().any(|f| f.kind == "config" && f.name == before.vmx_path()));
     assert_eq!(before.datastores.len(), 2);
 
-    let t = chrono::NaiveDate::from_ymd_opt(2024, 5, 6)
-        .unwrap()
-        .and_hms_opt(7, 8, 9)
-        .unwrap();
+    let t = chrono::NaiveDate::from_ymd_opt(2024, 5, 6).unwrap().and_hms_opt(7, 8, 9).unwrap();
     let name = esxi::snapshot_name("esxi-vm1", t);
     assert_eq!(name, "BEXI-esxi-vm1-20240506070809");
-    let snap = c
-        .create_snapshot(&vm, &name, "affa backup", false, false)
-        .unwrap();
+    let snap = c.create_snapshot(&vm, &name, "affa backup", false, false).unwrap();
     assert_eq!(snap.kind, "VirtualMachineSnapshot");
 
     let during = c.vm_layout(&vm).unwrap();
@@ -219,32 +197,17 @@ fn snapshot_create_makes_delta_and_remove_restores_base() {
     assert_eq!(bexi[0].snapshot, snap);
     assert!(bexi[0].created.is_some());
     for (d, b) in during.disks.iter().zip(&before.disks) {
-        assert!(
-            d.has_parent(),
-            "disk {} has no delta after the snapshot",
-            d.label
-        );
+        assert!(d.has_parent(), "disk {} has no delta after the snapshot", d.label);
         assert_ne!(d.current().file_name, b.current().file_name);
-        assert!(
-            d.current().file_name.ends_with("-000001.vmdk"),
-            "{}",
-            d.current().file_name
-        );
-        assert_eq!(
-            d.base().file_name,
-            b.current().file_name,
-            "the base is the old backing"
-        );
+        assert!(d.current().file_name.ends_with("-000001.vmdk"), "{}", d.current().file_name);
+        assert_eq!(d.base().file_name, b.current().file_name, "the base is the old backing");
         assert_eq!(d.chain.len(), 2);
         let base_path = during.host_path(&d.base().file_name).unwrap();
         assert!(Path::new(&base_path).is_file(), "{base_path}");
         let delta_path = during.host_path(&d.current().file_name).unwrap();
         assert!(Path::new(&delta_path).is_file(), "{delta_path}");
     }
-    assert!(during
-        .layout_files
-        .iter()
-        .any(|f| f.name.ends_with(".vmsn")));
+    assert!(during.layout_files.iter().any(|f| f.name.ends_with(".vmsn")));
 
     c.remove_snapshot(&snap).unwrap();
     let after = c.vm_layout(&vm).unwrap();
@@ -263,31 +226,21 @@ fn task_hang_times_out_and_task_failure_is_reported() {
     let vm = c.find_vm("vm2").unwrap();
 
     sim.control_post("/fault?op=create&mode=fail&msg=disk%20full");
-    let e = c
-        .create_snapshot(&vm, "BEXI-x-1", "", false, false)
-        .unwrap_err();
+    let e = c.create_snapshot(&vm, "BEXI-x-1", "", false, false).unwrap_err();
     eprintln!("error seen: {e}");
     assert!(e.message().contains("CreateSnapshot_Task"), "{e}");
-    assert!(
-        e.message().contains("GenericVmConfigFault") && e.message().contains("disk full"),
-        "{e}"
-    );
+    assert!(e.message().contains("GenericVmConfigFault") && e.message().contains("disk full"), "{e}");
     assert!(e.message().contains(&sim.host()), "{e}");
 
     sim.control_post("/fault?op=create&mode=hang");
     c.set_task_timeout(Duration::from_secs(2));
     let t0 = std::time::Instant::now();
-    let e = c
-        .create_snapshot(&vm, "BEXI-x-2", "", false, false)
-        .unwrap_err();
+    let e = c.create_snapshot(&vm, "BEXI-x-2", "", false, false).unwrap_err();
     eprintln!("error seen: {e}");
     let took = t0.elapsed();
     assert!(e.message().contains("CreateSnapshot_Task BEXI-x-2"), "{e}");
     assert!(e.message().contains("within 2 s"), "{e}");
-    assert!(
-        took >= Duration::from_secs(2) && took < Duration::from_secs(10),
-        "{took:?}"
-    );
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(10), "{took:?}");
 }
 
 #[test]
@@ -305,9 +258,7 @@ fn register_vm_from_copied_files() {
 
     let names = c.list_vm_names().unwrap();
     assert!(!names.contains(&"restored".to_string()));
-    let new_vm = c
-        .register_vm("[datastore1] restored/restored.vmx", Some("restored"))
-        .unwrap();
+    let new_vm = c.register_vm("[datastore1] restored/restored.vmx", Some("restored")).unwrap();
     assert_eq!(new_vm.kind, "VirtualMachine");
     assert_eq!(c.find_vm("restored").unwrap(), new_vm);
     assert_eq!(c.list_vm_names().unwrap(), vec!["restored", "vm1", "vm2"]);
@@ -315,13 +266,8 @@ fn register_vm_from_copied_files() {
     let l = c.vm_layout(&new_vm).unwrap();
     assert_eq!(l.vmx_path(), "[datastore1] restored/restored.vmx");
     assert_eq!(l.disks.len(), 1);
-    assert_eq!(
-        l.disks[0].current().file_name,
-        "[datastore1] restored/vm2.vmdk"
-    );
-    let e = c
-        .register_vm("[datastore1] nosuch/nosuch.vmx", Some("nosuch"))
-        .unwrap_err();
+    assert_eq!(l.disks[0].current().file_name, "[datastore1] restored/vm2.vmdk");
+    let e = c.register_vm("[datastore1] nosuch/nosuch.vmx", Some("nosuch")).unwrap_err();
     eprintln!("error seen: {e}");
     assert!(e.message().contains(&sim.host()), "{e}");
     assert!(!e.message().contains('\n'), "{e}");
@@ -334,23 +280,15 @@ fn http_503_refused_connection_and_readonly_licence() {
     let vm = c.find_vm("vm1").unwrap();
 
     sim.control_post("/fault?op=readonly&mode=fail");
-    let e = c
-        .create_snapshot(&vm, "BEXI-x-1", "", false, false)
-        .unwrap_err();
+    let e = c.create_snapshot(&vm, "BEXI-x-1", "", false, false).unwrap_err();
     eprintln!("error seen: {e}");
-    assert!(
-        e.message().contains("RestrictedVersion") && e.message().contains("free"),
-        "{e}"
-    );
+    assert!(e.message().contains("RestrictedVersion") && e.message().contains("free"), "{e}");
     sim.control_post("/fault?op=clear");
 
     sim.control_post("/fault?op=all503&mode=fail");
     let e = c.power_state(&vm).unwrap_err();
     eprintln!("error seen: {e}");
-    assert!(
-        e.message().contains("HTTP 503") && e.message().contains(&sim.host()),
-        "{e}"
-    );
+    assert!(e.message().contains("HTTP 503") && e.message().contains(&sim.host()), "{e}");
     sim.control_post("/fault?op=clear");
     assert_eq!(c.power_state(&vm).unwrap(), PowerState::PoweredOn);
 
@@ -363,20 +301,14 @@ fn http_503_refused_connection_and_readonly_licence() {
     o.timeout = Duration::from_secs(5);
     let e = Client::connect(o).unwrap_err();
     eprintln!("error seen: {e}");
-    assert!(
-        e.message()
-            .starts_with(&format!("cannot connect to ESXi host 127.0.0.1:{port}")),
-        "{e}"
-    );
+    assert!(e.message().starts_with(&format!("cannot connect to ESXi host 127.0.0.1:{port}")), "{e}");
 }
 
 #[test]
 fn unknown_moref_is_a_one_line_fault() {
     let sim = Sim::start();
     let c = sim.client();
-    let e = c
-        .power_state(&MoRef::new("VirtualMachine", "vm-999999"))
-        .unwrap_err();
+    let e = c.power_state(&MoRef::new("VirtualMachine", "vm-999999")).unwrap_err();
     eprintln!("error seen: {e}");
     assert!(e.message().contains(&sim.host()), "{e}");
     assert!(!e.message().contains('\n'), "{e}");

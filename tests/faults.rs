@@ -66,7 +66,10 @@ fn archives(job_dir: &Path) -> BTreeMap<String, Tree> {
     let mut m = BTreeMap::new();
     for n in archive_names(job_dir) {
         let p = job_dir.join(&n);
-        assert!(p.join(".AFFA3-REPORT").is_file(), "{n} is named as an archive but has no report: a partial transfer was promoted");
+        assert!(
+            p.join(".AFFA3-REPORT").is_file(),
+            "{n} is named as an archive but has no report: a partial transfer was promoted"
+        );
         m.insert(n, tree_hashes(&p));
     }
     m
@@ -75,7 +78,11 @@ fn archives(job_dir: &Path) -> BTreeMap<String, Tree> {
 /// Every tree of `before` is still one of the archives now (under whatever name rotation gave it).
 fn all_kept(before: &BTreeMap<String, Tree>, now: &BTreeMap<String, Tree>, when: &str) {
     for (name, t) in before {
-        assert!(now.values().any(|x| x == t), "{when}: the archive that was {name} is gone or changed; archives now: {:?}", now.keys().collect::<Vec<_>>());
+        assert!(
+            now.values().any(|x| x == t),
+            "{when}: the archive that was {name} is gone or changed; archives now: {:?}",
+            now.keys().collect::<Vec<_>>()
+        );
     }
 }
 
@@ -98,7 +105,11 @@ fn esx(big: u64, extra_conf: &str, sim_extra: &str) -> Esx {
     let sim = Sim::start(
         &work.path().join("sim"),
         &[("datastore1", &ds1), ("ds2", &ds2)],
-        &[VmSpec { name: "vm1".into(), power_on: true, disks: vec![("datastore1".into(), big), ("ds2".into(), 2 * MB)] }],
+        &[VmSpec {
+            name: "vm1".into(),
+            power_on: true,
+            disks: vec![("datastore1".into(), big), ("ds2".into(), 2 * MB)],
+        }],
         sim_extra,
     );
     let mut sshd = Sshd::start();
@@ -224,7 +235,10 @@ fn kill_nine_at_every_step_of_an_esxi_run_with_chunked_disks() {
         };
         let before = archives(&job_dir);
         // The running VM changed a little since the last backup: new chunks to store.
-        e.sim.post_bytes(&format!("/write?vm=vm1&disk=0&offset={}", (i as u64 % 7) * MB + 4096), &noise(300_000, i as u64 + 1));
+        e.sim.post_bytes(
+            &format!("/write?vm=vm1&disk=0&offset={}", (i as u64 % 7) * MB + 4096),
+            &noise(300_000, i as u64 + 1),
+        );
         // One day each, so that every run promotes the older scheduled archive to daily.
         let (t_crash, t_next) = (now(), now());
         let mut cmd = e.affa.cmd();
@@ -253,7 +267,10 @@ fn kill_nine_at_every_step_of_an_esxi_run_with_chunked_disks() {
                 std::thread::sleep(Duration::from_millis(300));
                 let st = kill9(&mut c);
                 e.affa.write_conf("esx.conf", &conf);
-                assert!(!e.sim.snapshots("vm1").is_empty(), "the kill came before the snapshot: the point proves little");
+                assert!(
+                    !e.sim.snapshots("vm1").is_empty(),
+                    "the kill came before the snapshot: the point proves little"
+                );
                 st
             }
             Kill::DuringRemove => {
@@ -268,18 +285,30 @@ fn kill_nine_at_every_step_of_an_esxi_run_with_chunked_disks() {
             }
             Kill::DuringSweep => {
                 let mut first = e.affa.cmd();
-                first.env("AFFA_FAKE_NOW", &t_crash).env("AFFA_TEST_CRASH_AT", "chunk-progress:20").args(["--run", "esx"]).stdout(Stdio::null()).stderr(Stdio::null());
+                first
+                    .env("AFFA_FAKE_NOW", &t_crash)
+                    .env("AFFA_TEST_CRASH_AT", "chunk-progress:20")
+                    .args(["--run", "esx"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
                 assert_eq!(first.status().unwrap().signal(), Some(libc::SIGKILL));
                 wait_for("the leftover snapshot", 10, || !e.sim.snapshots("vm1").is_empty());
                 all_kept(&before, &archives(&job_dir), &format!("[{label}] after the first crash"));
                 // Overwrite what that run chunked new (this iteration's write), so its chunks
                 // end up referenced by nothing but the resume dir.
-                e.sim.post_bytes(&format!("/write?vm=vm1&disk=0&offset={}", (i as u64 % 7) * MB), &noise(2 * MB as usize, 4242));
+                e.sim.post_bytes(
+                    &format!("/write?vm=vm1&disk=0&offset={}", (i as u64 % 7) * MB),
+                    &noise(2 * MB as usize, 4242),
+                );
                 cmd.env("AFFA_TEST_CRASH_AT", "sweep-removed");
                 cmd.status().unwrap()
             }
         };
-        assert_eq!(status.signal(), Some(libc::SIGKILL), "[{label}] the run was not killed there (exit {status:?}): the crash point was not reached");
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "[{label}] the run was not killed there (exit {status:?}): the crash point was not reached"
+        );
         // Straight after the crash: nothing lost, nothing partial promoted.
         let after_crash = archives(&job_dir);
         all_kept(&before, &after_crash, &format!("[{label}] after the crash"));
@@ -290,12 +319,21 @@ fn kill_nine_at_every_step_of_an_esxi_run_with_chunked_disks() {
             let log = String::from_utf8_lossy(&e.affa.affa(&["--log-tail", "esx"]).stdout).into_owned();
             panic!("[{label}] the run after the crash failed: {}\nlog:\n{log}", String::from_utf8_lossy(&out.stderr));
         }
-        assert!(e.sim.snapshots("vm1").is_empty(), "[{label}] snapshot left after the next run: {:?}", e.sim.snapshots("vm1"));
+        assert!(
+            e.sim.snapshots("vm1").is_empty(),
+            "[{label}] snapshot left after the next run: {:?}",
+            e.sim.snapshots("vm1")
+        );
         let now_a = archives(&job_dir);
         all_kept(&before, &now_a, &format!("[{label}] after the next run"));
         assert!(now_a.len() > before.len(), "[{label}] the next run added no archive");
         let v = e.affa.affa(&["--verify", "esx", "--all"]);
-        assert!(v.status.success(), "[{label}] verify failed: {}{}", String::from_utf8_lossy(&v.stdout), String::from_utf8_lossy(&v.stderr));
+        assert!(
+            v.status.success(),
+            "[{label}] verify failed: {}{}",
+            String::from_utf8_lossy(&v.stdout),
+            String::from_utf8_lossy(&v.stderr)
+        );
     }
     // The newest archive rebuilds the running disk as it was at its snapshot.
     let frozen = e.sim.state()["vms"][0]["last_snapshot_base_flat_sha256"][0].as_str().unwrap().to_string();
@@ -365,7 +403,10 @@ fn esxi_api_unreachable_503_and_hanging_tasks_fail_cleanly() {
 fn local_job(affa: &Affa, name: &str, src: &Path, extra: &str) {
     affa.write_conf(
         &format!("{name}.conf"),
-        &format!("[{name}]\nremoteHostName=localhost\nInclude={}\nchunkFiles=*.img\nchunkSize=256K\n{extra}", src.display()),
+        &format!(
+            "[{name}]\nremoteHostName=localhost\nInclude={}\nchunkFiles=*.img\nchunkSize=256K\n{extra}",
+            src.display()
+        ),
     );
 }
 
@@ -382,7 +423,14 @@ fn ssh_link_cut_mid_transfer_keeps_earlier_archives_and_the_next_run_resumes() {
     let affa = Affa::new();
     let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
     src_tree(src.path(), 1);
-    let job = affa.ssh_job("web", &sshd, &format!("Include={}\nscheduledKeep=3\nchunkFiles=*.img\nchunkSize=256K\nrsyncTimeout=20\n", src.path().display()));
+    let job = affa.ssh_job(
+        "web",
+        &sshd,
+        &format!(
+            "Include={}\nscheduledKeep=3\nchunkFiles=*.img\nchunkSize=256K\nrsyncTimeout=20\n",
+            src.path().display()
+        ),
+    );
     affa.write_conf("web.conf", &job);
     ok(&affa.send_key(&mut sshd, "web"));
     ok(&affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
@@ -391,7 +439,14 @@ fn ssh_link_cut_mid_transfer_keeps_earlier_archives_and_the_next_run_resumes() {
     // 6 MB of new data, sent slowly; the sshd goes away in the middle.
     fs::write(src.path().join("docs/new.bin"), noise(6 * MB as usize, 9)).unwrap();
     affa.write_conf("web.conf", &format!("{job}BandwidthLimit=1000\n"));
-    let mut c = affa.cmd().env("AFFA_FAKE_NOW", "2026-03-02T11:00:00").args(["--run", "web"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut c = affa
+        .cmd()
+        .env("AFFA_FAKE_NOW", "2026-03-02T11:00:00")
+        .args(["--run", "web"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let pid = c.id();
     wait_for("rsync to start", 30, || children(pid).iter().any(|(_, n)| n == "rsync"));
     std::thread::sleep(Duration::from_millis(1500));
@@ -424,7 +479,8 @@ fn ssh_link_cut_mid_transfer_keeps_earlier_archives_and_the_next_run_resumes() {
     ok(&affa.affa_at("2026-03-02T12:00:00", &["--run", "web"]));
     let now_a = archives(&job_dir);
     all_kept(&before, &now_a, "after the resumed run");
-    let got = fs::read(job_dir.join("scheduled.0").join(src.path().strip_prefix("/").unwrap()).join("docs/new.bin")).unwrap();
+    let got =
+        fs::read(job_dir.join("scheduled.0").join(src.path().strip_prefix("/").unwrap()).join("docs/new.bin")).unwrap();
     assert!(got == noise(6 * MB as usize, 9), "new.bin differs");
     ok(&affa.affa(&["--verify", "web", "--all"]));
 }
@@ -438,7 +494,11 @@ impl Tmpfs {
             return None;
         }
         fs::create_dir_all(dir).unwrap();
-        let st = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir).status().unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
         if !st.success() {
             eprintln!("cannot mount a tmpfs (no CAP_SYS_ADMIN?); the RootDir-full test is skipped");
             return None;
@@ -462,7 +522,12 @@ fn rootdir_full_fails_cleanly_and_the_next_run_after_freeing_space_succeeds() {
     let o = affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]);
     if !o.status.success() {
         let df = std::process::Command::new("df").arg("-k").arg(&affa.root).output().unwrap();
-        panic!("{}\n{}\n{}", String::from_utf8_lossy(&o.stderr), String::from_utf8_lossy(&df.stdout), String::from_utf8_lossy(&affa.affa(&["--log-tail", "web"]).stdout));
+        panic!(
+            "{}\n{}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            String::from_utf8_lossy(&df.stdout),
+            String::from_utf8_lossy(&affa.affa(&["--log-tail", "web"]).stdout)
+        );
     }
     let job_dir = affa.job_dir("web");
     let before = archives(&job_dir);
@@ -518,22 +583,31 @@ fn pool_damage_is_named_refused_on_restore_and_not_reused() {
     let restored = restore_to.join(&rel_img);
 
     let damage: [(&str, Box<dyn Fn(&Path)>); 3] = [
-        ("truncated", Box::new(|p: &Path| {
-            let f = fs::OpenOptions::new().write(true).open(p).unwrap();
-            let n = f.metadata().unwrap().len();
-            f.set_len(n / 2).unwrap();
-        })),
-        ("flipped", Box::new(|p: &Path| {
-            let mut d = fs::read(p).unwrap();
-            let i = d.len() - 7;
-            d[i] ^= 0x40;
-            // Write in place: the pool entry and every archive link share the inode.
-            let mut f = fs::OpenOptions::new().write(true).open(p).unwrap();
-            f.write_all(&d).unwrap();
-        })),
-        ("deleted", Box::new(|p: &Path| {
-            fs::remove_file(p).unwrap();
-        })),
+        (
+            "truncated",
+            Box::new(|p: &Path| {
+                let f = fs::OpenOptions::new().write(true).open(p).unwrap();
+                let n = f.metadata().unwrap().len();
+                f.set_len(n / 2).unwrap();
+            }),
+        ),
+        (
+            "flipped",
+            Box::new(|p: &Path| {
+                let mut d = fs::read(p).unwrap();
+                let i = d.len() - 7;
+                d[i] ^= 0x40;
+                // Write in place: the pool entry and every archive link share the inode.
+                let mut f = fs::OpenOptions::new().write(true).open(p).unwrap();
+                f.write_all(&d).unwrap();
+            }),
+        ),
+        (
+            "deleted",
+            Box::new(|p: &Path| {
+                fs::remove_file(p).unwrap();
+            }),
+        ),
     ];
     let mut hour = 11;
     for (k, (what, f)) in damage.iter().enumerate() {
@@ -548,7 +622,10 @@ fn pool_damage_is_named_refused_on_restore_and_not_reused() {
         let v = affa.affa(&["--verify", "web"]);
         assert!(!v.status.success(), "[{what}] verify passed a damaged archive");
         let text = String::from_utf8_lossy(&v.stdout);
-        assert!(text.contains(&vid) && text.contains("disk.img"), "[{what}] verify does not name the chunk and file: {text}");
+        assert!(
+            text.contains(&vid) && text.contains("disk.img"),
+            "[{what}] verify does not name the chunk and file: {text}"
+        );
         // A restore refuses to produce a wrong file.
         let _ = fs::remove_dir_all(&restore_to);
         let o = unchunk("scheduled.0");
@@ -560,10 +637,17 @@ fn pool_damage_is_named_refused_on_restore_and_not_reused() {
         ok(&affa.affa_at(&format!("2026-03-02T{hour}:00:00"), &["--run", "web"]));
         hour += 1;
         let v = affa.affa(&["--verify", "web", "scheduled.0"]);
-        assert!(v.status.success(), "[{what}] the backup after the damage reused it: {}", String::from_utf8_lossy(&v.stdout));
+        assert!(
+            v.status.success(),
+            "[{what}] the backup after the damage reused it: {}",
+            String::from_utf8_lossy(&v.stdout)
+        );
         let _ = fs::remove_dir_all(&restore_to);
         ok(&unchunk("scheduled.0"));
-        assert!(fs::read(&restored).unwrap() == fs::read(src.path().join("disk.img")).unwrap(), "[{what}] the restored file differs");
+        assert!(
+            fs::read(&restored).unwrap() == fs::read(src.path().join("disk.img")).unwrap(),
+            "[{what}] the restored file differs"
+        );
     }
     // A truncated manifest: named by verify, refused by restore.
     let m = job_dir.join("scheduled.0").join(format!("{}.affa-manifest", rel_img.display()));
@@ -571,7 +655,11 @@ fn pool_damage_is_named_refused_on_restore_and_not_reused() {
     fs::write(&m, &data[..data.len() / 2]).unwrap();
     let v = affa.affa(&["--verify", "web"]);
     assert!(!v.status.success());
-    assert!(String::from_utf8_lossy(&v.stdout).contains("disk.img.affa-manifest"), "{}", String::from_utf8_lossy(&v.stdout));
+    assert!(
+        String::from_utf8_lossy(&v.stdout).contains("disk.img.affa-manifest"),
+        "{}",
+        String::from_utf8_lossy(&v.stdout)
+    );
     let _ = fs::remove_dir_all(&restore_to);
     let err = fail(&unchunk("scheduled.0"));
     assert!(err.contains("manifest"), "{err}");
@@ -592,7 +680,14 @@ fn two_runs_of_one_job_and_two_jobs_sharing_a_pool_at_once() {
     local_job(&affa, "one", s1.path(), "scheduledKeep=3\nBandwidthLimit=3000\n");
     local_job(&affa, "two", s2.path(), "scheduledKeep=3\n");
     // The same job twice: one runs, the other is refused with the pid, nothing is disturbed.
-    let a = affa.cmd().env("AFFA_FAKE_NOW", "2026-03-02T10:00:00").args(["--run", "one"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let a = affa
+        .cmd()
+        .env("AFFA_FAKE_NOW", "2026-03-02T10:00:00")
+        .args(["--run", "one"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let b = affa.affa_at("2026-03-02T10:00:00", &["--run", "one"]);
     let err = one_line_error(&b);
@@ -605,8 +700,22 @@ fn two_runs_of_one_job_and_two_jobs_sharing_a_pool_at_once() {
         // A new size each round: rsync's quick check (size + mtime in seconds) sees the change.
         fill(&s2.path().join("other.img"), 3 * MB + 4096 * (i as u64 + 1), &[(0, 3 * MB)], 100 + i as u64);
         let t = format!("2026-03-02T{h}:00:00");
-        let c1 = affa.cmd().env("AFFA_FAKE_NOW", &t).args(["--run", "one"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        let c2 = affa.cmd().env("AFFA_FAKE_NOW", &t).args(["--run", "two"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let c1 = affa
+            .cmd()
+            .env("AFFA_FAKE_NOW", &t)
+            .args(["--run", "one"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let c2 = affa
+            .cmd()
+            .env("AFFA_FAKE_NOW", &t)
+            .args(["--run", "two"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
         ok(&c1.wait_with_output().unwrap());
         ok(&c2.wait_with_output().unwrap());
         ok(&affa.affa(&["--verify", "one", "--all"]));
@@ -615,7 +724,10 @@ fn two_runs_of_one_job_and_two_jobs_sharing_a_pool_at_once() {
     let restore_to = affa.tmp.path().join("r");
     ok(&affa.affa(&["--unchunk", "two", "scheduled.0", "--to", restore_to.to_str().unwrap()]));
     let rel = s2.path().strip_prefix("/").unwrap();
-    assert!(fs::read(restore_to.join(rel).join("other.img")).unwrap() == fs::read(s2.path().join("other.img")).unwrap(), "restored other.img differs");
+    assert!(
+        fs::read(restore_to.join(rel).join("other.img")).unwrap() == fs::read(s2.path().join("other.img")).unwrap(),
+        "restored other.img differs"
+    );
 }
 
 #[test]
@@ -637,7 +749,13 @@ fn rotation_cut_between_two_renames_loses_no_archive() {
     let before = archives(&job_dir);
     assert_eq!(before.len(), 3);
     fs::write(src.path().join("docs/a.txt"), txt(13)).unwrap();
-    let st = affa.cmd().env("AFFA_FAKE_NOW", "2026-03-02T13:00:00").env("AFFA_TEST_CRASH_AT", "rename:2").args(["--run", "web"]).status().unwrap();
+    let st = affa
+        .cmd()
+        .env("AFFA_FAKE_NOW", "2026-03-02T13:00:00")
+        .env("AFFA_TEST_CRASH_AT", "rename:2")
+        .args(["--run", "web"])
+        .status()
+        .unwrap();
     assert_eq!(st.signal(), Some(libc::SIGKILL));
     assert_eq!(archive_names(&job_dir), ["scheduled.0", "scheduled.2"]);
     // The report-carrying transfer is rotated in first, then today's run adds its own.
@@ -645,7 +763,9 @@ fn rotation_cut_between_two_renames_loses_no_archive() {
     ok(&affa.affa_at("2026-03-02T14:00:00", &["--run", "web"]));
     let now_a = archives(&job_dir);
     assert_eq!(now_a.len(), 3);
-    let a_txt = |n: &str| fs::read_to_string(job_dir.join(n).join(src.path().strip_prefix("/").unwrap()).join("docs/a.txt")).unwrap();
+    let a_txt = |n: &str| {
+        fs::read_to_string(job_dir.join(n).join(src.path().strip_prefix("/").unwrap()).join("docs/a.txt")).unwrap()
+    };
     assert_eq!([a_txt("scheduled.0"), a_txt("scheduled.1"), a_txt("scheduled.2")], [txt(14), txt(13), txt(12)]);
     ok(&affa.affa(&["--verify", "web", "--all"]));
 }

@@ -87,7 +87,9 @@ fn input(sample: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
 
 fn parse_config(data: &[u8]) {
     let text = String::from_utf8_lossy(data).into_owned();
-    if let Ok(c) = affa::config::Config::parse(Path::new("/nonexistent"), &[(PathBuf::from("/nonexistent/x.conf"), text)]) {
+    if let Ok(c) =
+        affa::config::Config::parse(Path::new("/nonexistent"), &[(PathBuf::from("/nonexistent/x.conf"), text)])
+    {
         for (name, j) in &c.jobs {
             assert!(affa::config::valid_job_name(name), "accepted job name {name:?}");
             let _ = j.to_ini();
@@ -186,7 +188,10 @@ fn job_and_archive_names_cannot_leave_rootdir() {
         assert!(!err.contains("panicked"));
     }
     fs::remove_file(affa.conf.join("bad.conf")).unwrap();
-    affa.write_conf("web.conf", &format!("[web]\nremoteHostName=localhost\nInclude={}\nchunkFiles=*.img\n", src.path().display()));
+    affa.write_conf(
+        "web.conf",
+        &format!("[web]\nremoteHostName=localhost\nInclude={}\nchunkFiles=*.img\n", src.path().display()),
+    );
     // Job names on the command line that are no job.
     for bad in ["../web", "web/..", "..", "/etc", "web/", "-"] {
         let o = affa.affa(&["--verify", bad, "--all"]);
@@ -196,7 +201,17 @@ fn job_and_archive_names_cannot_leave_rootdir() {
     let outside = affa.tmp.path().join("outside");
     fs::create_dir_all(&outside).unwrap();
     fs::create_dir_all(affa.root.join("web/../outside-archive")).unwrap();
-    for bad in ["../scheduled.0", "scheduled.0/..", "../../outside", "/etc", "scheduled.00", "scheduled.-1", "scheduled.running", "../outside-archive", &format!("scheduled.{}", "9".repeat(100))] {
+    for bad in [
+        "../scheduled.0",
+        "scheduled.0/..",
+        "../../outside",
+        "/etc",
+        "scheduled.00",
+        "scheduled.-1",
+        "scheduled.running",
+        "../outside-archive",
+        &format!("scheduled.{}", "9".repeat(100)),
+    ] {
         let e = fail(&affa.affa(&["--verify", "web", bad]));
         assert!(e.contains("has no archive"), "{bad:?}: {e}");
         let e = fail(&affa.affa(&["--unchunk", "web", bad, "--to", outside.to_str().unwrap()]));
@@ -210,7 +225,13 @@ fn a_malicious_manifest_cannot_read_or_write_outside() {
     let affa = Affa::new();
     let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
     fs::write(src.path().join("disk.img"), vec![5u8; 600_000]).unwrap();
-    affa.write_conf("web.conf", &format!("[web]\nremoteHostName=localhost\nInclude={}\nchunkFiles=*.img\nchunkSize=256K\nscheduledKeep=5\n", src.path().display()));
+    affa.write_conf(
+        "web.conf",
+        &format!(
+            "[web]\nremoteHostName=localhost\nInclude={}\nchunkFiles=*.img\nchunkSize=256K\nscheduledKeep=5\n",
+            src.path().display()
+        ),
+    );
     ok(&affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
     let s0 = affa.job_dir("web").join("scheduled.0");
     let rel = src.path().strip_prefix("/").unwrap().join("disk.img.affa-manifest");
@@ -255,7 +276,21 @@ fn remote_file_names_with_newlines_and_leading_dashes_are_data() {
     let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
     let d = src.path().join("data");
     fs::create_dir_all(d.join("-rf")).unwrap();
-    let names = ["-rf/x", "--delete", "-e sh -c id", "new\nline", "new\nline.img", "--link-dest=..", "..\n..", " space ", "tab\there", "back\\slash", "quote'\"", "*glob?[x]", "-.img"];
+    let names = [
+        "-rf/x",
+        "--delete",
+        "-e sh -c id",
+        "new\nline",
+        "new\nline.img",
+        "--link-dest=..",
+        "..\n..",
+        " space ",
+        "tab\there",
+        "back\\slash",
+        "quote'\"",
+        "*glob?[x]",
+        "-.img",
+    ];
     for (i, n) in names.iter().enumerate() {
         fs::write(d.join(n), format!("file {i}\n").repeat(1000)).unwrap();
     }
@@ -264,7 +299,13 @@ fn remote_file_names_with_newlines_and_leading_dashes_are_data() {
         fs::write(d.join(n), "x").unwrap();
     }
     let home = PathBuf::from(std::env::var("HOME").unwrap_or("/root".into()));
-    let markers = [home.join(&tag), std::env::current_dir().unwrap().join(&tag), d.join(&tag), PathBuf::from("/").join(&tag), PathBuf::from("/tmp").join(&tag)];
+    let markers = [
+        home.join(&tag),
+        std::env::current_dir().unwrap().join(&tag),
+        d.join(&tag),
+        PathBuf::from("/").join(&tag),
+        PathBuf::from("/tmp").join(&tag),
+    ];
     let job = affa.ssh_job("web", &sshd, &format!("Include={}\nchunkFiles=*.img\nchunkSize=256K\n", d.display()));
     affa.write_conf("web.conf", &job);
     ok(&affa.send_key(&mut sshd, "web"));
@@ -316,7 +357,12 @@ fn esx(extra_conf: &str) -> Esx {
     let work = tempfile::Builder::new().prefix("affa-hostile").tempdir().unwrap();
     let ds1 = work.path().join("vmfs-ds1");
     fill(&ds1.join("vm1/vm1-flat.vmdk"), 4 * MB);
-    let sim = Sim::start(&work.path().join("sim"), &[("datastore1", &ds1)], &[VmSpec { name: "vm1".into(), power_on: true, disks: vec![("datastore1".into(), 4 * MB)] }], "");
+    let sim = Sim::start(
+        &work.path().join("sim"),
+        &[("datastore1", &ds1)],
+        &[VmSpec { name: "vm1".into(), power_on: true, disks: vec![("datastore1".into(), 4 * MB)] }],
+        "",
+    );
     let mut sshd = Sshd::start();
     let affa = Affa::new();
     // Mails go to a sendmail stand-in that keeps them (state/mail/N.msg).
@@ -401,7 +447,15 @@ fn the_esxi_password_never_shows() {
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(fs::metadata(e.affa.conf.join("esx.conf")).unwrap().permissions().mode() & 0o777, 0o600);
     // While the run goes on: every process of the run, its command line and environment.
-    let c = e.affa.cmd().env("AFFA_FAKE_NOW", "2026-05-04T21:00:00").args(["--run", "esx"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let c = e
+        .affa
+        .cmd()
+        .env("AFFA_FAKE_NOW", "2026-05-04T21:00:00")
+        .args(["--run", "esx"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let pid = c.id();
     let mut seen = std::collections::BTreeSet::new();
     let out = {
@@ -414,7 +468,11 @@ fn the_esxi_password_never_shows() {
                     seen.insert(String::from_utf8_lossy(&cmd).split('\0').next().unwrap_or("").to_string());
                 }
                 for (what, data) in [("command line", &cmd), ("environment", &env)] {
-                    assert!(!data.windows(PASS.len()).any(|w| w == PASS.as_bytes()), "the password is in the {what} of pid {p}: {}", String::from_utf8_lossy(data).replace('\0', " "));
+                    assert!(
+                        !data.windows(PASS.len()).any(|w| w == PASS.as_bytes()),
+                        "the password is in the {what} of pid {p}: {}",
+                        String::from_utf8_lossy(data).replace('\0', " ")
+                    );
                 }
             }
             if c.try_wait().unwrap().is_some() {
@@ -424,7 +482,10 @@ fn the_esxi_password_never_shows() {
         }
     };
     ok(&out);
-    assert!(seen.iter().any(|s| s.ends_with("rsync")) && seen.iter().any(|s| s.ends_with("ssh")), "the run's children were not seen: {seen:?}");
+    assert!(
+        seen.iter().any(|s| s.ends_with("rsync")) && seen.iter().any(|s| s.ends_with("ssh")),
+        "the run's children were not seen: {seen:?}"
+    );
     let all_out = [out.stdout.clone(), out.stderr.clone()].concat();
     assert!(!all_out.windows(PASS.len()).any(|w| w == PASS.as_bytes()));
     // Wrong password and unreachable host: the errors do not quote it.
@@ -448,7 +509,14 @@ fn the_esxi_password_never_shows() {
     assert!(files_containing(&e.affa.state.join("log"), b"Wr0ng-s3cret-Pw").is_empty());
     let setup = fs::read_to_string(e.affa.job_dir("esx").join("scheduled.0/.esx-setup.ini")).unwrap();
     assert!(setup.contains("ESXiPassword=<hidden>"), "{setup}");
-    for args in [&["--status"][..], &["--log-tail", "esx"], &["--list-archives", "esx"], &["--disk-usage"], &["--configcheck"], &["--metrics"]] {
+    for args in [
+        &["--status"][..],
+        &["--log-tail", "esx"],
+        &["--list-archives", "esx"],
+        &["--disk-usage"],
+        &["--configcheck"],
+        &["--metrics"],
+    ] {
         let o = e.affa.affa(args);
         let t = [o.stdout, o.stderr].concat();
         assert!(!t.windows(PASS.len()).any(|w| w == PASS.as_bytes()), "{args:?} prints the password");
@@ -466,14 +534,25 @@ fn a_changed_certificate_stops_the_job_before_any_credential() {
     ok(&e.affa.affa_at("2026-05-04T21:00:00", &["--run", "esx"]));
     // The "host" is replaced: same address and datastores, a new certificate.
     let ds1 = e.work.path().join("vmfs-ds1");
-    let sim2 = Sim::start(&e.work.path().join("sim2"), &[("datastore1", &ds1)], &[VmSpec { name: "vm2".into(), power_on: false, disks: vec![("datastore1".into(), MB)] }], "");
+    let sim2 = Sim::start(
+        &e.work.path().join("sim2"),
+        &[("datastore1", &ds1)],
+        &[VmSpec { name: "vm2".into(), power_on: false, disks: vec![("datastore1".into(), MB)] }],
+        "",
+    );
     assert_ne!(sim2.thumbprint, e.sim.thumbprint);
-    e.affa.write_conf("esx.conf", &e.conf.replace(&format!("ESXiPort={}", e.sim.port), &format!("ESXiPort={}", sim2.port)));
+    e.affa.write_conf(
+        "esx.conf",
+        &e.conf.replace(&format!("ESXiPort={}", e.sim.port), &format!("ESXiPort={}", sim2.port)),
+    );
     let err = fail(&e.affa.affa_at("2026-05-04T22:00:00", &["--run", "esx"]));
     assert!(err.contains("fingerprint") && err.contains("ESXiThumbprint"), "{err}");
     assert!(!err.contains(PASS));
     let st = sim2.state();
-    let calls: u64 = st["counters"].as_object().map(|m| m.iter().filter(|(k, _)| k.starts_with("soap:")).map(|(_, v)| v.as_u64().unwrap_or(0)).sum()).unwrap_or(0);
+    let calls: u64 = st["counters"]
+        .as_object()
+        .map(|m| m.iter().filter(|(k, _)| k.starts_with("soap:")).map(|(_, v)| v.as_u64().unwrap_or(0)).sum())
+        .unwrap_or(0);
     assert_eq!(calls, 0, "SOAP calls reached the impostor: {}", st["counters"]);
     assert_eq!(counter(&e, "soap:Login"), 1);
     assert_eq!(archive_names(&e.affa.job_dir("esx")), ["scheduled.0"]);
@@ -494,7 +573,10 @@ fn a_changed_ssh_host_key_stops_the_job_before_anything_is_sent() {
     let o = affa.affa_at("2026-03-02T11:00:00", &["--run", "web"]);
     let err = fail(&o);
     let last = err.lines().last().unwrap_or("");
-    assert!(last.starts_with("affa: error: ") && (last.contains("host key") || last.contains("HOST IDENTIFICATION")), "{err}");
+    assert!(
+        last.starts_with("affa: error: ") && (last.contains("host key") || last.contains("HOST IDENTIFICATION")),
+        "{err}"
+    );
     assert_eq!(tree_hashes(&affa.job_dir("web")), before);
     assert!(!affa.job_dir("web").join("scheduled.running").exists());
     // --send-key does not silently accept the new key either.
@@ -505,7 +587,16 @@ fn a_changed_ssh_host_key_stops_the_job_before_anything_is_sent() {
 #[test]
 fn no_source_disables_host_key_or_certificate_checks() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let forbidden = ["StrictHostKeyChecking=no", "StrictHostKeyChecking no", "UserKnownHostsFile=/dev/null", "danger_accept_invalid", "accept_invalid_certs", "NoCertificateVerification", "NoVerifier", "InsecureSkipVerify"];
+    let forbidden = [
+        "StrictHostKeyChecking=no",
+        "StrictHostKeyChecking no",
+        "UserKnownHostsFile=/dev/null",
+        "danger_accept_invalid",
+        "accept_invalid_certs",
+        "NoCertificateVerification",
+        "NoVerifier",
+        "InsecureSkipVerify",
+    ];
     let mut stack = vec![root.clone()];
     let mut dangerous = Vec::new();
     while let Some(d) = stack.pop() {
@@ -517,7 +608,8 @@ fn no_source_disables_host_key_or_certificate_checks() {
             }
             let text = fs::read_to_string(&p).unwrap_or_default();
             // Code only: comments may say what must never be done.
-            let code: String = text.lines().filter(|l| !l.trim_start().starts_with("//")).collect::<Vec<_>>().join("\n");
+            let code: String =
+                text.lines().filter(|l| !l.trim_start().starts_with("//")).collect::<Vec<_>>().join("\n");
             for f in forbidden {
                 assert!(!code.contains(f), "{} contains {f}", p.display());
             }

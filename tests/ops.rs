@@ -147,7 +147,11 @@ fn global(a: &Affa, extra: &str) {
         r = a.root.display()
     );
     let overridden: Vec<&str> = extra.lines().filter_map(|l| l.split_once('=').map(|(k, _)| k)).collect();
-    let kept: String = base.lines().filter(|l| !overridden.contains(&l.split_once('=').unwrap().0)).map(|l| format!("{l}\n")).collect();
+    let kept: String = base
+        .lines()
+        .filter(|l| !overridden.contains(&l.split_once('=').unwrap().0))
+        .map(|l| format!("{l}\n"))
+        .collect();
     a.write_conf("00-global.conf", &format!("[GlobalAffaConfig]\n{kept}{extra}"));
 }
 
@@ -223,7 +227,13 @@ fn cron_file_is_exactly_the_expected_one() {
     // globalStatus=enabled overrides the job's status=disabled; the metrics line appears once
     // the metrics directory exists; sendStatus=never has no line.
     fs::create_dir_all(a.state.join("prom")).unwrap();
-    global(&a, &format!("affaBinary=/usr/sbin/affa\nglobalStatus=enabled\nsendStatus=never\nmetricsFile={}/prom/affa.prom\n", a.state.display()));
+    global(
+        &a,
+        &format!(
+            "affaBinary=/usr/sbin/affa\nglobalStatus=enabled\nsendStatus=never\nmetricsFile={}/prom/affa.prom\n",
+            a.state.display()
+        ),
+    );
     ok(&a.affa(&["--make-cronjobs"]));
     let text = fs::read_to_string(&cron).unwrap();
     assert!(text.contains(&format!("0 3 * * * root {affa} --silent --run db\n")), "{text}");
@@ -349,7 +359,13 @@ fn mailtest_through_smtp_with_login_never_shows_the_password() {
     fs::set_permissions(a.conf.join("00-global.conf"), fs::Permissions::from_mode(0o600)).unwrap();
 
     // starttls with a login: the server offers no STARTTLS, so nothing is sent in clear.
-    global(&a, &format!("smtpHost=127.0.0.1\nsmtpPort={}\nsmtpTLS=starttls\nsmtpUser=affa-user\nsmtpPassword=pw-Zq81x!\n", smtp.port));
+    global(
+        &a,
+        &format!(
+            "smtpHost=127.0.0.1\nsmtpPort={}\nsmtpTLS=starttls\nsmtpUser=affa-user\nsmtpPassword=pw-Zq81x!\n",
+            smtp.port
+        ),
+    );
     let e = fail(&a.affa(&["--mailtest", "web"]));
     assert!(e.contains("cannot send mail through 127.0.0.1:"), "{e}");
     assert!(!e.contains("pw-Zq81x"), "{e}");
@@ -362,7 +378,14 @@ fn sendmail_path_success_mails_count_down_and_status_mail() {
     let out = a.tmp.path().join("sendmail-out");
     fs::create_dir_all(&out).unwrap();
     let sm = a.tmp.path().join("sendmail.sh");
-    fs::write(&sm, format!("#!/bin/sh\nn=$(ls {o}/*.msg 2>/dev/null | wc -l)\nprintf '%s\\n' \"$@\" > {o}/$n.args\ncat > {o}/$n.msg\n", o = out.display())).unwrap();
+    fs::write(
+        &sm,
+        format!(
+            "#!/bin/sh\nn=$(ls {o}/*.msg 2>/dev/null | wc -l)\nprintf '%s\\n' \"$@\" > {o}/$n.args\ncat > {o}/$n.msg\n",
+            o = out.display()
+        ),
+    )
+    .unwrap();
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(&sm, fs::Permissions::from_mode(0o755)).unwrap();
     global(&a, &format!("sendmailBinary={}\nEmailAddress=status@example.com\n", sm.display()));
@@ -400,7 +423,10 @@ fn sendmail_path_success_mails_count_down_and_status_mail() {
     a.write_conf("web.conf", &local_job("web", src.path(), "chattyOnSuccess=1\n"));
     ok(&a.affa_at("2026-03-02T13:00:00", &["--silent", "--run", "web"]));
     let log = log_of(&a, "web");
-    assert!(log.contains("cannot send the success mail:") && log.contains("failed with exit 75: mail system down"), "{log}");
+    assert!(
+        log.contains("cannot send the success mail:") && log.contains("failed with exit 75: mail system down"),
+        "{log}"
+    );
 }
 
 // ---------------------------------------------------------------- monitoring
@@ -469,7 +495,10 @@ fn nrpe_and_metrics_for_fresh_stale_and_interrupted_jobs() {
     let o = a.affa_at(now, &["--nrpe"]);
     let line = String::from_utf8_lossy(&o.stdout).into_owned();
     assert_eq!(o.status.code(), Some(2), "{line}");
-    assert!(line.starts_with("CRITICAL: Failed jobs: intr (interrupted), stale (last success 28.0 h ago) | "), "{line}");
+    assert!(
+        line.starts_with("CRITICAL: Failed jobs: intr (interrupted), stale (last success 28.0 h ago) | "),
+        "{line}"
+    );
     assert!(!line.contains("off"), "{line}");
     // A job that never succeeded, and an unknown job.
     let o = a.affa_at(now, &["--nrpe", "off"]);
@@ -492,7 +521,12 @@ fn nrpe_and_metrics_for_fresh_stale_and_interrupted_jobs() {
     let m = parse_metrics(&text);
     let get = |s: &str| m.iter().find(|(k, _)| k == s).map(|(_, v)| *v).unwrap_or_else(|| panic!("no {s} in\n{text}"));
     use chrono::TimeZone;
-    let ts = |s: &str| chrono::Local.from_local_datetime(&chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M").unwrap()).unwrap().timestamp() as f64;
+    let ts = |s: &str| {
+        chrono::Local
+            .from_local_datetime(&chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M").unwrap())
+            .unwrap()
+            .timestamp() as f64
+    };
     assert_eq!(get("affa_last_success_timestamp_seconds{job=\"fresh\"}"), ts("2026-03-02 10:00"));
     assert_eq!(get("affa_last_success_timestamp_seconds{job=\"stale\"}"), ts("2026-03-01 08:00"));
     assert!(!text.contains("affa_last_success_timestamp_seconds{job=\"off\"}"));
@@ -532,7 +566,12 @@ fn resume_interrupted_and_kill_resume_start_the_jobs_in_the_background() {
     let src = source();
     a.write_conf(
         "jobs.conf",
-        &[local_job("boot", src.path(), ""), local_job("stay", src.path(), "resumeAfterBoot=no\n"), local_job("later", src.path(), "")].concat(),
+        &[
+            local_job("boot", src.path(), ""),
+            local_job("stay", src.path(), "resumeAfterBoot=no\n"),
+            local_job("later", src.path(), ""),
+        ]
+        .concat(),
     );
     for j in ["boot", "stay"] {
         fs::create_dir_all(a.job_dir(j).join("scheduled.running")).unwrap();
@@ -542,16 +581,22 @@ fn resume_interrupted_and_kill_resume_start_the_jobs_in_the_background() {
     assert!(out.contains("job stay was interrupted; not resumed (resumeAfterBoot=no)"), "{out}");
     assert!(!out.contains("later"), "{out}");
     let lock = a.state.join("lock");
-    wait_for("the resumed run of boot", 60, || a.job_dir("boot").join("scheduled.0").exists() && affa::lock::holder(&lock, "boot").is_none());
+    wait_for("the resumed run of boot", 60, || {
+        a.job_dir("boot").join("scheduled.0").exists() && affa::lock::holder(&lock, "boot").is_none()
+    });
     assert!(!a.job_dir("boot").join("scheduled.running").exists());
-    assert!(fs::read_to_string(a.job_dir("boot").join("scheduled.0/.AFFA3-REPORT")).unwrap().contains("Date=202603021000"));
+    assert!(fs::read_to_string(a.job_dir("boot").join("scheduled.0/.AFFA3-REPORT"))
+        .unwrap()
+        .contains("Date=202603021000"));
     assert!(a.job_dir("stay").join("scheduled.running").exists());
 
     // --kill JOB --resume=1: not running, so nothing to stop; it runs again after a second.
     let t = Instant::now();
     let out = ok(&a.affa(&["--kill", "later", "--resume=1"]));
     assert!(out.contains("job later is not running") && out.contains("job later runs again in 1 s (pid "), "{out}");
-    wait_for("the resumed run of later", 60, || a.job_dir("later").join("scheduled.0").exists() && affa::lock::holder(&lock, "later").is_none());
+    wait_for("the resumed run of later", 60, || {
+        a.job_dir("later").join("scheduled.0").exists() && affa::lock::holder(&lock, "later").is_none()
+    });
     assert!(t.elapsed() >= Duration::from_secs(1));
     assert!(log_of(&a, "later").contains("--kill --resume=1: job later runs again in 1 s"));
 }
@@ -613,7 +658,11 @@ fn start_smbd() -> Smbd {
     let s = Smbd { dir, port, child };
     let t = Instant::now();
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(30), "smbd did not start: {}", fs::read_to_string(s.dir.path().join("smbd.err")).unwrap_or_default());
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "smbd did not start: {}",
+            fs::read_to_string(s.dir.path().join("smbd.err")).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     s
@@ -641,7 +690,11 @@ fn samba_share_of_the_archives_is_readable_with_smbclient() {
     let a = Affa::new();
     global(&a, &format!("sendmailBinary=/bin/true\nsmbConf={}\n", smb_conf.display()));
     let src = source();
-    a.write_conf("jobs.conf", &[local_job("web", src.path(), "SambaShare=yes\nSambaValidUser=root\n"), local_job("db", src.path(), "")].concat());
+    a.write_conf(
+        "jobs.conf",
+        &[local_job("web", src.path(), "SambaShare=yes\nSambaValidUser=root\n"), local_job("db", src.path(), "")]
+            .concat(),
+    );
     ok(&a.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
     // Chunk store internals must not show.
     fs::create_dir_all(a.job_dir("web").join("scheduled.0/.affa-chunks/ab")).unwrap();
@@ -665,7 +718,12 @@ fn samba_share_of_the_archives_is_readable_with_smbclient() {
         std::thread::sleep(Duration::from_millis(500));
         o = smbclient(&smbd, "web", &format!("get scheduled.0/{} {}", rel.display(), got.display()));
     }
-    assert!(o.status.success(), "smbclient get: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "smbclient get: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert_eq!(fs::read(&got).unwrap(), fs::read(src.path().join("data/sub/blob.bin")).unwrap());
     let o = smbclient(&smbd, "web", "ls scheduled.0/*");
     let listing = String::from_utf8_lossy(&o.stdout);
@@ -673,7 +731,10 @@ fn samba_share_of_the_archives_is_readable_with_smbclient() {
     // Read-only.
     fs::write(a.tmp.path().join("up.txt"), "x").unwrap();
     let o = smbclient(&smbd, "web", &format!("put {} up.txt", a.tmp.path().join("up.txt").display()));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("NT_STATUS_ACCESS_DENIED") || !o.status.success(), "put was allowed");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("NT_STATUS_ACCESS_DENIED") || !o.status.success(),
+        "put was allowed"
+    );
     assert!(!a.job_dir("web").join("up.txt").exists());
 
     // Again: nothing changes, the include line stays single.
@@ -694,9 +755,21 @@ fn samba_share_of_the_archives_is_readable_with_smbclient() {
 fn install_into_a_prefix_gives_a_valid_configuration() {
     let p = tempfile::Builder::new().prefix("affa-prefix").tempdir().unwrap();
     let prefix = p.path();
-    let o = Command::new(env!("CARGO_BIN_EXE_affa")).args(["--install", "--prefix"]).arg(prefix).stdin(Stdio::null()).output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_affa"))
+        .args(["--install", "--prefix"])
+        .arg(prefix)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     let out = ok(&o);
-    for f in ["usr/sbin/affa", "etc/affa/00-global.conf", "etc/affa/example-linux.conf", "etc/affa/example-esxi.conf", "etc/cron.d/affa", "etc/logrotate.d/affa"] {
+    for f in [
+        "usr/sbin/affa",
+        "etc/affa/00-global.conf",
+        "etc/affa/example-linux.conf",
+        "etc/affa/example-esxi.conf",
+        "etc/cron.d/affa",
+        "etc/logrotate.d/affa",
+    ] {
         assert!(prefix.join(f).is_file(), "{f} missing:\n{out}");
     }
     for d in ["etc/affa/scripts", "var/affa", "var/log/affa", "var/lock/affa"] {
@@ -709,7 +782,12 @@ fn install_into_a_prefix_gives_a_valid_configuration() {
     assert!(String::from_utf8_lossy(&v.stdout).starts_with("affa "));
 
     // The samples pass --configcheck (Affa 3 shipped status=enbabled).
-    let o = Command::new(env!("CARGO_BIN_EXE_affa")).args(["--configcheck", "--config-dir"]).arg(prefix.join("etc/affa")).stdin(Stdio::null()).output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_affa"))
+        .args(["--configcheck", "--config-dir"])
+        .arg(prefix.join("etc/affa"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     let check = ok(&o);
     assert!(check.contains("configuration OK: 2 job(s)"), "{check}");
     let samples = fs::read_to_string(prefix.join("etc/affa/example-linux.conf")).unwrap();
@@ -721,11 +799,20 @@ fn install_into_a_prefix_gives_a_valid_configuration() {
     assert!(cron.contains("0 5 * * 0 root /usr/sbin/affa --silent --send-status >/dev/null\n"), "{cron}");
     assert!(!cron.contains("--run") && !cron.contains("--config-dir"), "{cron}");
     let lr = fs::read_to_string(prefix.join("etc/logrotate.d/affa")).unwrap();
-    assert!(lr.starts_with("# affa's logs") && lr.contains("/var/log/affa/*.log {\n") && lr.contains("missingok"), "{lr}");
+    assert!(
+        lr.starts_with("# affa's logs") && lr.contains("/var/log/affa/*.log {\n") && lr.contains("missingok"),
+        "{lr}"
+    );
 
     // Again: an edited configuration file is never overwritten.
-    fs::write(prefix.join("etc/affa/example-linux.conf"), samples.replace("host.example.com", "mine.example.com")).unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_affa")).args(["--install", "--prefix"]).arg(prefix).stdin(Stdio::null()).output().unwrap();
+    fs::write(prefix.join("etc/affa/example-linux.conf"), samples.replace("host.example.com", "mine.example.com"))
+        .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_affa"))
+        .args(["--install", "--prefix"])
+        .arg(prefix)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     let out = ok(&o);
     assert!(out.contains(&format!("kept {}", prefix.join("etc/affa/example-linux.conf").display())), "{out}");
     assert!(fs::read_to_string(prefix.join("etc/affa/example-linux.conf")).unwrap().contains("mine.example.com"));

@@ -62,7 +62,12 @@ fn snapshot(root: &Path) -> BTreeMap<String, String> {
                 let first = inodes.entry(md.ino()).or_insert_with(|| rel.clone()).clone();
                 m.insert(
                     rel,
-                    format!("file {:o} mtime {} {} inode-of {first}", md.mode() & 0o7777, md.mtime(), blake3::hash(&fs::read(&p).unwrap()).to_hex()),
+                    format!(
+                        "file {:o} mtime {} {} inode-of {first}",
+                        md.mode() & 0o7777,
+                        md.mtime(),
+                        blake3::hash(&fs::read(&p).unwrap()).to_hex()
+                    ),
                 );
             }
         }
@@ -82,7 +87,11 @@ fn setup(extra: &str) -> Setup {
     let affa = Affa::new();
     let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
     source_tree(src.path());
-    let inc = format!("Include={}/etc\nInclude={}/home\nscheduledKeep=3\n{extra}", src.path().display(), src.path().display());
+    let inc = format!(
+        "Include={}/etc\nInclude={}/home\nscheduledKeep=3\n{extra}",
+        src.path().display(),
+        src.path().display()
+    );
     affa.write_conf("web.conf", &affa.ssh_job("web", &sshd, &inc));
     ok(&affa.send_key(&mut sshd, "web"));
     Setup { _sshd: sshd, affa, src }
@@ -242,5 +251,9 @@ fn chunked_files_are_rebuilt_and_a_damaged_chunk_stops_before_any_write() {
     assert!(e.contains(&id) && e.contains("damaged") && e.contains("before anything was sent"), "{e}");
     assert_eq!(snapshot(s.src.path()), before, "the host was changed");
     // No staging leftovers.
-    assert!(fs::read_dir(s.affa.job_dir("web")).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with(".restore")));
+    assert!(fs::read_dir(s.affa.job_dir("web")).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with(".restore")));
 }

@@ -49,7 +49,13 @@ fn vm_names(sim: &Sim) -> Vec<String> {
 }
 
 fn vm_state(sim: &Sim, name: &str) -> serde_json::Value {
-    sim.state()["vms"].as_array().unwrap().iter().find(|v| v["name"] == name).unwrap_or_else(|| panic!("no VM {name}")).clone()
+    sim.state()["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("no VM {name}"))
+        .clone()
 }
 
 fn client(sim: &Sim) -> affa::esxi::Client {
@@ -126,8 +132,12 @@ fn refusals_dry_run_to_dir_and_a_damaged_chunk() {
     let err = fail(&e.affa.affa(&["--full-restore", "esx", "daily.0", "--yes"]));
     assert!(err.contains("no archive 'daily.0'") && err.contains("scheduled.0"), "{err}");
     // --dry-run shows where things go and changes nothing.
-    let text = ok(&e.affa.affa(&["--full-restore", "esx", "--to-dir", "vm1-copy", "--register", "vm1-copy", "--dry-run"]));
-    assert!(text.contains("vm1-copy/vm1-flat.vmdk") && text.contains("rebuilt from chunks") && text.contains("dry run"), "{text}");
+    let text =
+        ok(&e.affa.affa(&["--full-restore", "esx", "--to-dir", "vm1-copy", "--register", "vm1-copy", "--dry-run"]));
+    assert!(
+        text.contains("vm1-copy/vm1-flat.vmdk") && text.contains("rebuilt from chunks") && text.contains("dry run"),
+        "{text}"
+    );
     // Without --yes and a terminal: refused.
     let err = fail(&e.affa.affa(&["--full-restore", "esx", "--to-dir", "vm1-copy"]));
     assert!(err.contains("refusing without confirmation"), "{err}");
@@ -140,7 +150,10 @@ fn refusals_dry_run_to_dir_and_a_damaged_chunk() {
     assert_eq!(sha256_file(&e.ds1.join("vm1-copy/vm1-flat.vmdk")), e.frozen[0]);
     assert_eq!(sha256_file(&e.ds2.join("vm1-copy/vm1_1-flat.vmdk")), e.frozen[1]);
     let vmx = fs::read_to_string(e.ds1.join("vm1-copy/vm1.vmx")).unwrap();
-    assert!(vmx.contains(&format!("{}/vm1-copy/vm1_1.vmdk", e.ds2.display())), "the second disk still points at the original:\n{vmx}");
+    assert!(
+        vmx.contains(&format!("{}/vm1-copy/vm1_1.vmdk", e.ds2.display())),
+        "the second disk still points at the original:\n{vmx}"
+    );
     assert!(!vmx.contains(&format!("{}/vm1/", e.ds2.display())), "{vmx}");
     let copy = vm_state(&e.sim, "vm1-copy");
     assert!(copy.to_string().contains("vm1-copy/vm1_1-flat.vmdk"), "{copy}");
@@ -148,11 +161,22 @@ fn refusals_dry_run_to_dir_and_a_damaged_chunk() {
     assert_eq!(vm_state(&e.sim, "vm1")["power_state"], "poweredOn");
 
     // Registered again under the same .vmx: refused.
-    let err = fail(&e.affa.affa(&["--full-restore", "esx", "--to-dir", "vm1-copy", "--register", "vm1-again", "--yes"]));
+    let err =
+        fail(&e.affa.affa(&["--full-restore", "esx", "--to-dir", "vm1-copy", "--register", "vm1-again", "--yes"]));
     assert!(err.contains("already registered as VM vm1-copy"), "{err}");
 
     // Onto one other datastore: every directory of the VM lands on ds2.
-    let text = ok(&e.affa.affa(&["--full-restore", "esx", "--to-datastore", "ds2", "--to-dir", "vm1-moved", "--register", "vm1-moved", "--yes"]));
+    let text = ok(&e.affa.affa(&[
+        "--full-restore",
+        "esx",
+        "--to-datastore",
+        "ds2",
+        "--to-dir",
+        "vm1-moved",
+        "--register",
+        "vm1-moved",
+        "--yes",
+    ]));
     assert!(text.contains("registered"), "{text}");
     assert_eq!(sha256_file(&e.ds2.join("vm1-moved/vm1-flat.vmdk")), e.frozen[0]);
     assert_eq!(sha256_file(&e.ds2.join("vm1-moved/vm1_1-flat.vmdk")), e.frozen[1]);
@@ -223,7 +247,10 @@ fn restore_to_a_second_host() {
     assert_eq!(sha256_file(&a1.join("vm1/vm1-flat.vmdk")), e.frozen[0]);
     assert_eq!(sha256_file(&a2.join("vm1/vm1_1-flat.vmdk")), e.frozen[1]);
     let vmx = fs::read_to_string(a1.join("vm1/vm1.vmx")).unwrap();
-    assert!(vmx.contains(&format!("{}/vm1/vm1_1.vmdk", a2.display())), "the .vmx still points at host 1's datastore:\n{vmx}");
+    assert!(
+        vmx.contains(&format!("{}/vm1/vm1_1.vmdk", a2.display())),
+        "the .vmx still points at host 1's datastore:\n{vmx}"
+    );
     assert!(vm_names(&sim2).contains(&"vm1".to_string()));
     assert!(sim2.snapshots("vm1").is_empty());
     assert_eq!(vm_state(&sim2, "vm1")["disks"].as_array().unwrap().len(), 2);

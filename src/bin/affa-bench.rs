@@ -155,7 +155,8 @@ fn run(args: &Args) -> Result<(), String> {
     study.sort();
 
     let repo = env::manifest_dir();
-    let data = args.data_dir.clone().unwrap_or_else(|| repo.parent().unwrap_or(Path::new("/var/tmp")).join("bench-data"));
+    let data =
+        args.data_dir.clone().unwrap_or_else(|| repo.parent().unwrap_or(Path::new("/var/tmp")).join("bench-data"));
     let out_dir = args.out_dir.clone().unwrap_or_else(|| repo.clone());
     if data.starts_with(&repo) {
         return Err(format!("the data dir {} is inside the repository; pass --data-dir elsewhere", data.display()));
@@ -198,7 +199,13 @@ fn run(args: &Args) -> Result<(), String> {
     log.say(format!("generating vm1 ({}) in {}", human(size), ds.display()));
     let (comp, gc) = measure::time_self(|| gen::generate(&flat("vm1"), size, gen::derive(args.seed, "vm1"), &filler));
     let comp = comp.map_err(|e| format!("generating vm1: {e}"))?;
-    log.say(format!("  {:.1} s (zero {}, random {}, text {})", gc.wall, human(comp.zero), human(comp.random), human(comp.text)));
+    log.say(format!(
+        "  {:.1} s (zero {}, random {}, text {})",
+        gc.wall,
+        human(comp.zero),
+        human(comp.random),
+        human(comp.text)
+    ));
     res.composition = Some(comp);
     let mut mtime: i64 = 1_767_225_600; // 2026-01-01
     gen::set_mtime(&flat("vm1"), mtime).map_err(|e| e.to_string())?;
@@ -271,14 +278,18 @@ fn run(args: &Args) -> Result<(), String> {
                     let _ = measure::hash(&f1);
                 }
                 let mut c = std::process::Command::new("ssh");
-                c.args(affa.ssh_args("sshref", &sshd)).arg(format!("{}@127.0.0.1", sshd.user)).arg(format!("cat {}", f1.display()));
+                c.args(affa.ssh_args("sshref", &sshd))
+                    .arg(format!("{}@127.0.0.1", sshd.user))
+                    .arg(format!("cat {}", f1.display()));
                 let cost = measure::run(&mut c, Path::new("/dev/null"), w.remote)?;
                 let mut r = Rec::ceiling(name, rep, cost.wall, size);
                 r.cost = cost;
                 res.add(r);
             }
         }
-        let med = |n: &str| measure::median(&res.recs.iter().filter(|r| r.phase == n).map(|r| r.cost.wall).collect::<Vec<_>>());
+        let med = |n: &str| {
+            measure::median(&res.recs.iter().filter(|r| r.phase == n).map(|r| r.cost.wall).collect::<Vec<_>>())
+        };
         log.say(format!(
             "ceilings: local read {:.0} MB/s, ssh cat cold {:.0} MB/s, warm {:.0} MB/s",
             size as f64 / med("local-read-cold") / 1e6,
@@ -290,7 +301,15 @@ fn run(args: &Args) -> Result<(), String> {
     }
 
     let src_dir = |vm: &str| ds.join(vm);
-    let backup_all = |systems: &mut Vec<System>, w: &World, res: &mut Results, phase: &str, rep: u32, vm: &str, disk: u64, which: &dyn Fn(&System) -> bool| -> Result<(), String> {
+    let backup_all = |systems: &mut Vec<System>,
+                      w: &World,
+                      res: &mut Results,
+                      phase: &str,
+                      rep: u32,
+                      vm: &str,
+                      disk: u64,
+                      which: &dyn Fn(&System) -> bool|
+     -> Result<(), String> {
         for s in systems.iter_mut().filter(|s| which(s)) {
             measure::evict(&[&src_dir(vm), &s.store_dir()]);
             let b = s.backup(w, vm, &format!("{phase}{rep}"))?;
@@ -320,7 +339,9 @@ fn run(args: &Args) -> Result<(), String> {
             for s in systems.iter_mut().filter(|s| rep == args.reps || !s.study) {
                 s.reset(&w, &world_a_vms)?;
             }
-            backup_all(&mut systems, &w, &mut res, "full", rep, "vm1", size, &|s: &System| rep == args.reps || !s.study)?;
+            backup_all(&mut systems, &w, &mut res, "full", rep, "vm1", size, &|s: &System| {
+                rep == args.reps || !s.study
+            })?;
         }
     } else {
         return Err("--skip full leaves the incremental scenarios without a base".into());
@@ -355,7 +376,8 @@ fn run(args: &Args) -> Result<(), String> {
     if on("clone") {
         log.say("cloning vm1 to vm2 with 5% divergence");
         gen::copy_sparse(&flat("vm1"), &flat("vm2")).map_err(|e| e.to_string())?;
-        let changed = gen::change_clustered(&flat("vm2"), size, 0.05, gen::derive(args.seed, "clone"), &filler).map_err(|e| e.to_string())?;
+        let changed = gen::change_clustered(&flat("vm2"), size, 0.05, gen::derive(args.seed, "clone"), &filler)
+            .map_err(|e| e.to_string())?;
         mtime += 3600;
         gen::set_mtime(&flat("vm2"), mtime).map_err(|e| e.to_string())?;
         res.changed.push(("clone".into(), 1, changed));
@@ -374,7 +396,13 @@ fn run(args: &Args) -> Result<(), String> {
                 if !ok {
                     return Err(format!("{}: the restored {} differs from the newest vm1", s.id, file.display()));
                 }
-                log.say(format!("restore {rep} {:<10} {:>7.1} s  {:>6.0} MB/s  rss {:>4} MiB", s.id, cost.wall, size as f64 / cost.wall / 1e6, cost.maxrss_kib / 1024));
+                log.say(format!(
+                    "restore {rep} {:<10} {:>7.1} s  {:>6.0} MB/s  rss {:>4} MiB",
+                    s.id,
+                    cost.wall,
+                    size as f64 / cost.wall / 1e6,
+                    cost.maxrss_kib / 1024
+                ));
                 let mut r = Rec::new("restore", &s.id, rep, "vm1", size);
                 r.cost = cost;
                 r.verified = Some(rep == 1);
@@ -409,7 +437,8 @@ fn run(args: &Args) -> Result<(), String> {
         backup_all(&mut systems, &w, &mut res, "nightly", 0, "vm3", nsize, &in_nights)?;
         for night in 1..=args.nights {
             let seed = gen::derive(args.seed, &format!("night-{night}"));
-            let changed = gen::change_clustered(&flat("vm3"), nsize, 0.005, seed, &filler).map_err(|e| e.to_string())?;
+            let changed =
+                gen::change_clustered(&flat("vm3"), nsize, 0.005, seed, &filler).map_err(|e| e.to_string())?;
             mtime += 86400;
             gen::set_mtime(&flat("vm3"), mtime).map_err(|e| e.to_string())?;
             res.changed.push(("nightly".into(), night, changed));

@@ -46,9 +46,7 @@ impl Encoder {
         out.resize(HEADER_LEN + bound.max(data.len()), 0);
         let compressed = match self.comp {
             Compression::None => None,
-            Compression::Lz4 => lz4_flex::block::compress_into(data, &mut out[HEADER_LEN..])
-                .ok()
-                .map(|n| (ENC_LZ4, n)),
+            Compression::Lz4 => lz4_flex::block::compress_into(data, &mut out[HEADER_LEN..]).ok().map(|n| (ENC_LZ4, n)),
             Compression::Zstd(_) => {
                 let c = self.zstd.as_mut().expect("zstd compressor");
                 Some((ENC_ZSTD, c.compress_to_buffer(data, &mut out[HEADER_LEN..])?))
@@ -116,10 +114,10 @@ pub fn decode(blob: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
             out.copy_from_slice(src);
             raw
         }
-        ENC_ZSTD => zstd::bulk::decompress_to_buffer(src, &mut out[..])
-            .map_err(|e| format!("zstd data corrupt: {e}"))?,
-        _ => lz4_flex::block::decompress_into(src, &mut out[..])
-            .map_err(|e| format!("lz4 data corrupt: {e}"))?,
+        ENC_ZSTD => {
+            zstd::bulk::decompress_to_buffer(src, &mut out[..]).map_err(|e| format!("zstd data corrupt: {e}"))?
+        }
+        _ => lz4_flex::block::decompress_into(src, &mut out[..]).map_err(|e| format!("lz4 data corrupt: {e}"))?,
     };
     if n != raw {
         return Err(format!("decoded {n} bytes, header says {raw}"));

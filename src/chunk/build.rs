@@ -121,10 +121,8 @@ pub fn chunk_file(
     let workers = want.min(((128u64 << 20) / (3 * cs)).max(1) as usize).max(1);
     let inflight = (((64u64 << 20) / cs) as usize).clamp(workers + 1, 4 * workers);
     let prev = previous.filter(|p| p.chunk_size == settings.chunk_size);
-    let day = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() / 86400)
-        .unwrap_or(0);
+    let day =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() / 86400).unwrap_or(0);
 
     let scratch: Mutex<Vec<Scratch>> = Mutex::new(Vec::new());
     let placed: Mutex<HashSet<ChunkId>> = Mutex::new(HashSet::new());
@@ -233,8 +231,7 @@ pub fn chunk_file(
                     continue;
                 }
                 let mut buf = vec![0u8; len];
-                file.read_exact_at(&mut buf, off)
-                    .ctx(|| format!("cannot read {} at offset {off}", src.display()))?;
+                file.read_exact_at(&mut buf, off).ctx(|| format!("cannot read {} at offset {off}", src.display()))?;
                 hasher.update(&buf);
                 emit((idx, Some(buf)))?;
             }

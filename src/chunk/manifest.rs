@@ -5,7 +5,7 @@
 //! accept a chunk id that is not exactly 64 lowercase hex digits; accept a manifest whose chunk
 //! list does not match its size and chunk size, or whose trailing checksum does not match.
 
-use super::{id_hex, parse_id, parse_compression, ChunkId, Compression};
+use super::{id_hex, parse_compression, parse_id, ChunkId, Compression};
 use super::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use crate::error::{Error, Result};
 
@@ -116,8 +116,7 @@ impl Manifest {
             };
             lineno += 1;
             pos += nl + 1;
-            let line = std::str::from_utf8(&rest[..nl])
-                .map_err(|_| bad(format!("line {lineno} is not UTF-8")))?;
+            let line = std::str::from_utf8(&rest[..nl]).map_err(|_| bad(format!("line {lineno} is not UTF-8")))?;
             Ok(Some((line, start)))
         };
 
@@ -131,8 +130,7 @@ impl Manifest {
             _ => return Err(bad("missing 'affa-chunk-manifest 1' header".into())),
         }
 
-        let (mut size, mut mode, mut uid, mut gid, mut mtime, mut atime) =
-            (None, None, None, None, None, None);
+        let (mut size, mut mode, mut uid, mut gid, mut mtime, mut atime) = (None, None, None, None, None, None);
         let (mut chunk_size, mut compression, mut file_hash, mut added) = (None, None, None, 0u64);
         let count = loop {
             let (line, _) = next_line()?.ok_or_else(|| bad("truncated header".into()))?;
@@ -182,7 +180,8 @@ impl Manifest {
         // Preallocate only what the input can actually hold (65 bytes a line).
         let mut chunks = Vec::with_capacity((count as usize).min(data.len() / 65 + 1));
         for _ in 0..count {
-            let (line, _) = next_line()?.ok_or_else(|| bad(format!("truncated chunk list ({} of {count})", chunks.len())))?;
+            let (line, _) =
+                next_line()?.ok_or_else(|| bad(format!("truncated chunk list ({} of {count})", chunks.len())))?;
             if line == "zero" {
                 chunks.push(ChunkRef::Zero);
             } else {

@@ -25,8 +25,8 @@ pub use build::{chunk_file, manifest_path, ChunkStats};
 pub use manifest::{ChunkRef, Manifest, MANIFEST_SUFFIX, MANIFEST_VERSION};
 pub use pool::{sweep, Pool, SweepStats, ARCHIVE_CHUNK_DIR, POOL_DIR};
 pub use restore::{
-    archive_usage, evict_damaged, list_manifests, read_manifest, stream_file, unchunk_file,
-    verify_archive, ArchiveUsage, ChunkProblem, ChunkReader, ProblemKind, VerifyReport,
+    archive_usage, evict_damaged, list_manifests, read_manifest, stream_file, unchunk_file, verify_archive,
+    ArchiveUsage, ChunkProblem, ChunkReader, ProblemKind, VerifyReport,
 };
 
 use crate::error::{Error, Result};
@@ -106,12 +106,7 @@ pub fn parse_chunk_size(s: &str) -> Result<u32> {
         None
     };
     match value {
-        Some(v) if v.is_power_of_two()
-            && v >= MIN_CHUNK_SIZE as u64
-            && v <= MAX_CHUNK_SIZE as u64 =>
-        {
-            Ok(v as u32)
-        }
+        Some(v) if v.is_power_of_two() && v >= MIN_CHUNK_SIZE as u64 && v <= MAX_CHUNK_SIZE as u64 => Ok(v as u32),
         _ => Err(Error::new(format!("invalid chunk size '{s}': {expected}"))),
     }
 }
@@ -145,14 +140,8 @@ impl Default for Settings {
 impl Settings {
     /// Check the ranges (a Settings built by hand may be out of range).
     pub fn validate(&self) -> Result<()> {
-        if !self.chunk_size.is_power_of_two()
-            || self.chunk_size < MIN_CHUNK_SIZE
-            || self.chunk_size > MAX_CHUNK_SIZE
-        {
-            crate::bail!(
-                "invalid chunk size {}: expected a power of two from 256K to 16M",
-                self.chunk_size
-            );
+        if !self.chunk_size.is_power_of_two() || self.chunk_size < MIN_CHUNK_SIZE || self.chunk_size > MAX_CHUNK_SIZE {
+            crate::bail!("invalid chunk size {}: expected a power of two from 256K to 16M", self.chunk_size);
         }
         if let Compression::Zstd(l) = self.compression {
             if !(1..=19).contains(&l) {

@@ -157,13 +157,42 @@ mod tests {
 
     #[test]
     fn errors_stop_everything() {
-        let r = run(2, 2, |emit| { for i in 0..1000u64 { emit(i)?; } Ok(()) },
-            |i| if i == 50 { Err(Error::new("boom")) } else { Ok(i) }, |_| Ok(()));
+        let r = run(
+            2,
+            2,
+            |emit| {
+                for i in 0..1000u64 {
+                    emit(i)?;
+                }
+                Ok(())
+            },
+            |i| if i == 50 { Err(Error::new("boom")) } else { Ok(i) },
+            |_| Ok(()),
+        );
         assert_eq!(r.unwrap_err().message(), "boom");
-        let r = run(2, 2, |emit| { for i in 0..1000u64 { emit(i)?; } Ok(()) },
-            Ok, |i| if i == 10 { Err(Error::new("sink")) } else { Ok(()) });
+        let r = run(
+            2,
+            2,
+            |emit| {
+                for i in 0..1000u64 {
+                    emit(i)?;
+                }
+                Ok(())
+            },
+            Ok,
+            |i| if i == 10 { Err(Error::new("sink")) } else { Ok(()) },
+        );
         assert_eq!(r.unwrap_err().message(), "sink");
-        let r = run(2, 2, |emit| { emit(1u64)?; Err(Error::new("read")) }, Ok, |_| Ok(()));
+        let r = run(
+            2,
+            2,
+            |emit| {
+                emit(1u64)?;
+                Err(Error::new("read"))
+            },
+            Ok,
+            |_| Ok(()),
+        );
         assert_eq!(r.unwrap_err().message(), "read");
     }
 }

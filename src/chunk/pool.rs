@@ -83,8 +83,7 @@ impl Pool {
                     return Err(e).ctx(|| format!("cannot rename {} to {}", tmp.display(), dest.display()));
                 }
                 create_dir_0700(parent)?;
-                fs::rename(&tmp, &dest)
-                    .ctx(|| format!("cannot rename {} to {}", tmp.display(), dest.display()))?;
+                fs::rename(&tmp, &dest).ctx(|| format!("cannot rename {} to {}", tmp.display(), dest.display()))?;
             }
             touched.push(parent.to_path_buf());
             Ok(())
@@ -261,7 +260,5 @@ pub fn sweep(pool: &Pool) -> Result<SweepStats> {
 
 /// fsync a directory (makes renames and links in it durable).
 pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|f| f.sync_all())
-        .ctx(|| format!("cannot fsync directory {}", dir.display()))
+    File::open(dir).and_then(|f| f.sync_all()).ctx(|| format!("cannot fsync directory {}", dir.display()))
 }

@@ -29,9 +29,7 @@ const BLOCK: usize = 4096;
 pub fn read_manifest(path: &Path) -> Result<Manifest> {
     let f = File::open(path).ctx(|| format!("cannot open manifest {}", path.display()))?;
     let mut data = Vec::new();
-    f.take(MAX_MANIFEST + 1)
-        .read_to_end(&mut data)
-        .ctx(|| format!("cannot read manifest {}", path.display()))?;
+    f.take(MAX_MANIFEST + 1).read_to_end(&mut data).ctx(|| format!("cannot read manifest {}", path.display()))?;
     if data.len() as u64 > MAX_MANIFEST {
         crate::bail!("manifest {} is larger than 2 GiB", path.display());
     }
@@ -48,7 +46,13 @@ pub enum ProblemKind {
 }
 
 /// Load chunk `id` from the archive, decode it and check its length and hash.
-fn load_chunk(archive_root: &Path, id: &ChunkId, len: usize, raw: &mut Vec<u8>, out: &mut Vec<u8>) -> std::result::Result<(), ProblemKind> {
+fn load_chunk(
+    archive_root: &Path,
+    id: &ChunkId,
+    len: usize,
+    raw: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> std::result::Result<(), ProblemKind> {
     let p = archive_entry(archive_root, id);
     match pool::read_blob(&p, raw) {
         Ok(()) => {}
@@ -68,7 +72,9 @@ fn load_chunk(archive_root: &Path, id: &ChunkId, len: usize, raw: &mut Vec<u8>, 
 fn chunk_error(id: &ChunkId, what: &Path, k: ProblemKind) -> Error {
     match k {
         ProblemKind::Missing => Error::new(format!("chunk {} of {} is missing", id_hex(id), what.display())),
-        ProblemKind::Damaged(why) => Error::new(format!("chunk {} of {} is damaged: {why}", id_hex(id), what.display())),
+        ProblemKind::Damaged(why) => {
+            Error::new(format!("chunk {} of {} is damaged: {why}", id_hex(id), what.display()))
+        }
     }
 }
 
@@ -218,7 +224,13 @@ fn apply_meta(f: &File, m: &Manifest) -> io::Result<()> {
 /// included, checking every chunk (in parallel). The whole-file hash is checked at the end: on
 /// an error, bytes already written must be discarded by the caller. `label` names the file in
 /// error messages. Returns the bytes written.
-pub fn stream_file(archive_root: &Path, m: &Manifest, label: &Path, out: &mut dyn Write, progress: Progress) -> Result<u64> {
+pub fn stream_file(
+    archive_root: &Path,
+    m: &Manifest,
+    label: &Path,
+    out: &mut dyn Write,
+    progress: Progress,
+) -> Result<u64> {
     let mut hasher = blake3::Hasher::new();
     let zeros = vec![0u8; m.chunk_size as usize];
     let mut done = 0u64;
@@ -454,7 +466,9 @@ pub fn verify_archive(archive_root: &Path, progress: Progress) -> Result<VerifyR
     )?;
     rep.bytes_read = read;
     for (id, fi) in conflicts {
-        found.entry(id).or_insert_with(|| ProblemKind::Damaged(format!("listed with a wrong length in {}", files[fi].display())));
+        found
+            .entry(id)
+            .or_insert_with(|| ProblemKind::Damaged(format!("listed with a wrong length in {}", files[fi].display())));
     }
     for (id, kind) in found {
         let fs_: Vec<PathBuf> = need[&id].1.iter().map(|&i| files[i].clone()).collect();

@@ -28,7 +28,8 @@ fn write(path: &Path, lines: &[String]) -> Result<()> {
     text.push('\n');
     let mode = fs::metadata(path).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions())).unwrap_or(0o600);
     crate::report::write_atomic(path, text.as_bytes())?;
-    fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).ctx(|| format!("cannot chmod {}", path.display()))
+    fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .ctx(|| format!("cannot chmod {}", path.display()))
 }
 
 /// Set `key=value` in the job's own section (replacing an existing line, else appending one

@@ -52,12 +52,7 @@ pub struct KeyDef {
     pub help: &'static str,
 }
 
-const fn k(
-    name: &'static str,
-    default: &'static [&'static str],
-    kind: Kind,
-    help: &'static str,
-) -> KeyDef {
+const fn k(name: &'static str, default: &'static [&'static str], kind: Kind, help: &'static str) -> KeyDef {
     KeyDef { name, default, kind, multi: false, scope: Scope::Job, help }
 }
 const fn m(name: &'static str, default: &'static [&'static str], kind: Kind, help: &'static str) -> KeyDef {
@@ -94,7 +89,12 @@ pub static KEYS: &[KeyDef] = &[
     k("RetryAfter", &["600"], U32, "seconds between retries"),
     k("RetryNotification", YES, Kind::Bool, "mail on each failed attempt"),
     k("NRPEtrigger", &["24"], U32, "hours without success before --nrpe says CRITICAL"),
-    k("DiskSpaceWarn", &["strict"], Kind::Enum(&["strict", "normal", "risky", "none"]), "warn when free space < last size x 1/0.5/0.1"),
+    k(
+        "DiskSpaceWarn",
+        &["strict"],
+        Kind::Enum(&["strict", "normal", "risky", "none"]),
+        "warn when free space < last size x 1/0.5/0.1",
+    ),
     k("BandwidthLimit", &["0"], U32, "KB/s, rsync --bwlimit (0 = none)"),
     k("rsyncTimeout", &["900"], U32, "rsync --timeout seconds"),
     k("rsyncCompress", YES, Kind::Bool, "rsync --compress"),
@@ -109,7 +109,12 @@ pub static KEYS: &[KeyDef] = &[
     k("localSSHBinary", &["ssh"], Kind::Text, "local ssh binary"),
     k("remoteNiceBinary", &["/bin/nice"], Kind::Text, "remote nice binary"),
     k("remoteRsyncBinary", &["/usr/bin/rsync"], Kind::Text, "remote rsync (ESXi jobs: /bin/rsync)"),
-    k("RemoteAuthorizedKeysFile", &[".ssh/authorized_keys2"], Kind::Text, "remote authorized keys file, relative to the user's home (ESXi jobs: /etc/ssh/keys-USER/authorized_keys)"),
+    k(
+        "RemoteAuthorizedKeysFile",
+        &[".ssh/authorized_keys2"],
+        Kind::Text,
+        "remote authorized keys file, relative to the user's home (ESXi jobs: /etc/ssh/keys-USER/authorized_keys)",
+    ),
     m("preJobCommand", NONE, Kind::Text, "local script run before the transfer"),
     m("postJobCommand", NONE, Kind::Text, "local script run after the transfer"),
     m("preJobCommandRemote", NONE, Kind::Text, "script copied to the source and run there before"),
@@ -117,7 +122,12 @@ pub static KEYS: &[KeyDef] = &[
     k("killAt", NONE, Kind::OptHhmm, "HHMM: cron kills a running job"),
     k("resumeKilledAt", NONE, Kind::OptHhmm, "HHMM: cron resumes a killed job"),
     k("resumeAfterBoot", YES, Kind::Bool, "--resume-interrupted restarts it after boot"),
-    k("AutomountDevice", NONE, Kind::Text, "Affa 3: device mounted for RootDir around the run (not supported: must be empty)"),
+    k(
+        "AutomountDevice",
+        NONE,
+        Kind::Text,
+        "Affa 3: device mounted for RootDir around the run (not supported: must be empty)",
+    ),
     k("AutomountPoint", NONE, Kind::Text, "mount point for AutomountDevice"),
     k("AutomountOptions", NONE, Kind::Text, "mount options"),
     k("AutoUnmount", YES, Kind::Bool, "unmount after the run"),
@@ -142,7 +152,12 @@ pub static KEYS: &[KeyDef] = &[
     k("ESXiHost", NONE, Kind::Text, "vSphere API host (default remoteHostName)"),
     k("ESXiPort", &["443"], Kind::Int(1, 65535), "vSphere API port"),
     k("ESXiThumbprint", NONE, Kind::Thumbprint, "SHA-256 fingerprint of the host's certificate (set by --send-key)"),
-    k("ESXiProtocol", &["https"], Kind::Enum(&["https", "http"]), "http only for a test host; https pins ESXiThumbprint"),
+    k(
+        "ESXiProtocol",
+        &["https"],
+        Kind::Enum(&["https", "http"]),
+        "http only for a test host; https pins ESXiThumbprint",
+    ),
     k("ESXiSnapshotQuiesce", NO, Kind::Bool, "quiesce the guest file system for the snapshot"),
     k("ESXiSnapshotMemory", NO, Kind::Bool, "include the VM's memory in the snapshot"),
     k("ESXiSnapshotMode", &["api"], Kind::Enum(&["api", "vim-cmd"]), "api, or vim-cmd over ssh for free-licence hosts"),
@@ -153,7 +168,12 @@ pub static KEYS: &[KeyDef] = &[
     k("chunkSize", &["1M"], Kind::Size, "chunk size, a power of two from 256K to 16M (1M: see docs/FORMAT.md)"),
     k("chunkCompression", &["zstd:1"], Kind::Compression, "zstd:N, lz4 or none"),
     // global only
-    g("globalStatus", &["jobs"], Kind::Enum(&["enabled", "disabled", "jobs"]), "enabled/disabled for all jobs, or jobs = per-job status"),
+    g(
+        "globalStatus",
+        &["jobs"],
+        Kind::Enum(&["enabled", "disabled", "jobs"]),
+        "enabled/disabled for all jobs, or jobs = per-job status",
+    ),
     g("sendStatus", &["weekly"], Kind::Enum(&["daily", "weekly", "monthly", "never"]), "status mail interval"),
     g("lockDir", &["/var/lock/affa"], Kind::AbsPath, "where run locks live"),
     g("logDir", &["/var/log/affa"], Kind::AbsPath, "where logs live"),
@@ -162,14 +182,24 @@ pub static KEYS: &[KeyDef] = &[
     // mail, scheduling, monitoring (global)
     g("smtpHost", NONE, Kind::Text, "SMTP server for mail; empty = the local sendmail"),
     g("smtpPort", &["25"], Kind::Int(1, 65535), "SMTP port"),
-    g("smtpTLS", &["starttls"], Kind::Enum(&["none", "starttls", "tls"]), "SMTP encryption: starttls (when offered), tls, or none"),
+    g(
+        "smtpTLS",
+        &["starttls"],
+        Kind::Enum(&["none", "starttls", "tls"]),
+        "SMTP encryption: starttls (when offered), tls, or none",
+    ),
     g("smtpUser", NONE, Kind::Text, "SMTP login user (empty = no login)"),
     g("smtpPassword", NONE, Kind::Text, "SMTP login password (the file holding it must be mode 0600)"),
     g("mailFrom", NONE, Kind::Text, "sender address (default affa@HOSTNAME)"),
     g("sendmailBinary", &["/usr/sbin/sendmail"], Kind::Text, "local sendmail, used when smtpHost is empty"),
     g("cronFile", &["/etc/cron.d/affa"], Kind::AbsPath, "cron file written by --make-cronjobs"),
     g("affaBinary", &["/usr/sbin/affa"], Kind::AbsPath, "the affa path used in cron lines"),
-    g("metricsFile", &["/var/lib/prometheus/node-exporter/affa.prom"], Kind::AbsPath, "Prometheus textfile written by --metrics"),
+    g(
+        "metricsFile",
+        &["/var/lib/prometheus/node-exporter/affa.prom"],
+        Kind::AbsPath,
+        "Prometheus textfile written by --metrics",
+    ),
     g("sambaConfDir", &["/etc/samba/affa"], Kind::AbsPath, "where the Samba share include files are written"),
     g("smbConf", &["/etc/samba/smb.conf"], Kind::AbsPath, "the smb.conf that includes them"),
 ];
@@ -206,7 +236,9 @@ pub fn check(kind: Kind, v: &str) -> Result<(), String> {
     let ok = match kind {
         Kind::Text => true,
         Kind::Bool => parse_bool(v).is_some(),
-        Kind::Int(lo, hi) => matches!(v.parse::<u64>(), Ok(n) if n >= lo && n <= hi) && v.bytes().all(|b| b.is_ascii_digit()),
+        Kind::Int(lo, hi) => {
+            matches!(v.parse::<u64>(), Ok(n) if n >= lo && n <= hi) && v.bytes().all(|b| b.is_ascii_digit())
+        }
         Kind::Enum(words) => words.contains(&v),
         Kind::Hhmm => parse_hhmm(v).is_some(),
         Kind::OptHhmm => v.is_empty() || parse_hhmm(v).is_some(),

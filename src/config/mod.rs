@@ -154,7 +154,10 @@ impl Config {
                 let slot = s.values.entry(def.name).or_default();
                 if !def.multi && !slot.is_empty() {
                     let first = &slot[0].1;
-                    bail!("{origin}: key '{}' is given a second time in [{sec}] (first at {first}); it takes one value", def.name);
+                    bail!(
+                        "{origin}: key '{}' is given a second time in [{sec}] (first at {first}); it takes one value",
+                        def.name
+                    );
                 }
                 slot.push((value.to_string(), origin));
             }
@@ -229,7 +232,10 @@ impl Job {
     fn validate(&self) -> Result<()> {
         let o = &self.origin;
         if self.get("remoteHostName").is_empty() {
-            bail!("{o}: job [{}] has no remoteHostName; expected the host name or IP of the machine to back up", self.name);
+            bail!(
+                "{o}: job [{}] has no remoteHostName; expected the host name or IP of the machine to back up",
+                self.name
+            );
         }
         if self.esxi() {
             for key in ["ESXiVMName", "ESXiUsername"] {
@@ -349,7 +355,11 @@ impl Job {
         let s = fs::read_to_string(&f).ctx(|| format!("cannot read ESXiPasswordFile {}", f.display()))?;
         let pw = s.lines().next().unwrap_or("").to_string();
         if pw.is_empty() {
-            bail!("ESXiPasswordFile {} of job {} is empty; expected the password on its first line", f.display(), self.name);
+            bail!(
+                "ESXiPasswordFile {} of job {} is empty; expected the password on its first line",
+                f.display(),
+                self.name
+            );
         }
         Ok(pw)
     }
@@ -407,7 +417,6 @@ pub fn describe_key(name: &str) -> Result<String> {
     ))
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -462,7 +471,8 @@ mod tests {
 
     #[test]
     fn esxi_defaults_follow_the_host_and_secrets_are_hidden() {
-        let c = parse("[vm]\nremoteHostName=esx\nESXi=yes\nESXiVMName=v\nESXiUsername=affa\nESXiPassword=s3cret\n").unwrap();
+        let c = parse("[vm]\nremoteHostName=esx\nESXi=yes\nESXiVMName=v\nESXiUsername=affa\nESXiPassword=s3cret\n")
+            .unwrap();
         let j = c.job("vm").unwrap();
         assert_eq!(j.remote_rsync(), "/bin/rsync");
         assert_eq!(j.remote_authorized_keys(), "/etc/ssh/keys-root/authorized_keys");

@@ -68,7 +68,12 @@ impl Snapshots<'_> {
             Some((t, bin)) => {
                 let cmd = format!(
                     "{} vmsvc/snapshot.create {} {} {} {} {}",
-                    shell_quote(bin), vmid(&self.vm), shell_quote(name), shell_quote(desc), memory as u8, quiesce as u8
+                    shell_quote(bin),
+                    vmid(&self.vm),
+                    shell_quote(name),
+                    shell_quote(desc),
+                    memory as u8,
+                    quiesce as u8
                 );
                 t.run_ok(&cmd, "vim-cmd vmsvc/snapshot.create").map(|_| ())
             }
@@ -138,7 +143,13 @@ fn extent_of(layout: &VmLayout, descriptor: &str) -> String {
     layout
         .layout_files
         .iter()
-        .find(|f| f.kind == "diskExtent" && f.name.starts_with(stem) && f.name != descriptor && !f.name.contains("-delta") && !f.name.contains("-sesparse"))
+        .find(|f| {
+            f.kind == "diskExtent"
+                && f.name.starts_with(stem)
+                && f.name != descriptor
+                && !f.name.contains("-delta")
+                && !f.name.contains("-sesparse")
+        })
         .map(|f| f.name.clone())
         .unwrap_or(flat)
 }
@@ -158,10 +169,18 @@ pub fn transfer(ctx: &Ctx, running: &Path, report: &mut Report, summary: &mut Ru
     result.map_err(|e| e.context(format!("ESXi VM {vm_name}")))
 }
 
-fn transfer_logged_in(ctx: &Ctx, client: &Client, target: &SshTarget, running: &Path, report: &mut Report, summary: &mut RunSummary) -> Result<()> {
+fn transfer_logged_in(
+    ctx: &Ctx,
+    client: &Client,
+    target: &SshTarget,
+    running: &Path,
+    report: &mut Report,
+    summary: &mut RunSummary,
+) -> Result<()> {
     let job = ctx.job;
     let vm = client.find_vm(job.get("ESXiVMName"))?;
-    let vimcmd = (job.get("ESXiSnapshotMode") == "vim-cmd").then(|| (target.clone(), job.get("ESXiVimCmd").to_string()));
+    let vimcmd =
+        (job.get("ESXiSnapshotMode") == "vim-cmd").then(|| (target.clone(), job.get("ESXiVimCmd").to_string()));
     let snaps = Snapshots { client, vm: vm.clone(), vimcmd };
     let layout = client.vm_layout(&vm)?;
     report.set("ESXiVM", &layout.name);
@@ -169,7 +188,8 @@ fn transfer_logged_in(ctx: &Ctx, client: &Client, target: &SshTarget, running: &
     report.set("ESXiPowerState", layout.power_state.as_str());
 
     // 2. Leftovers of a crashed run.
-    let leftovers: Vec<esxi::SnapshotTree> = layout.snapshots_named_like(esxi::SNAPSHOT_PREFIX).into_iter().cloned().collect();
+    let leftovers: Vec<esxi::SnapshotTree> =
+        layout.snapshots_named_like(esxi::SNAPSHOT_PREFIX).into_iter().cloned().collect();
     if !leftovers.is_empty() {
         let names: Vec<String> = leftovers.iter().map(|s| s.name.clone()).collect();
         for s in leftovers.iter().rev() {
@@ -183,7 +203,8 @@ fn transfer_logged_in(ctx: &Ctx, client: &Client, target: &SshTarget, running: &
     // 3. The snapshot.
     let name = esxi::snapshot_name(&job.name, ctx.clock.now());
     ctx.log.info(format!("ESXi: creating snapshot {name}"));
-    snaps.create(&name, job.flag("ESXiSnapshotMemory"), job.flag("ESXiSnapshotQuiesce"))
+    snaps
+        .create(&name, job.flag("ESXiSnapshotMemory"), job.flag("ESXiSnapshotQuiesce"))
         .map_err(|e| e.context(format!("creating snapshot {name} failed; nothing was copied")))?;
     crate::interrupt::crash_point("snapshot-created");
     report.set("ESXiSnapshot", &name);
@@ -207,7 +228,8 @@ fn transfer_logged_in(ctx: &Ctx, client: &Client, target: &SshTarget, running: &
     let removal = (|| -> Result<()> {
         crate::interrupt::crash_point("before-snapshot-removal");
         let now = client.vm_layout(&vm)?;
-        let ours: Vec<esxi::SnapshotTree> = now.all_snapshots().into_iter().filter(|s| s.name == name).cloned().collect();
+        let ours: Vec<esxi::SnapshotTree> =
+            now.all_snapshots().into_iter().filter(|s| s.name == name).cloned().collect();
         if ours.is_empty() {
             bail!("snapshot {name} is missing from the VM's snapshot tree");
         }
@@ -278,7 +300,15 @@ fn transfer_logged_in(ctx: &Ctx, client: &Client, target: &SshTarget, running: &
 }
 
 /// rsync each group's files from the host into `running` (chunked files through staging).
-fn copy_groups(ctx: &Ctx, target: &SshTarget, running: &Path, groups: &[Group], disks: bool, report: &mut Report, summary: &mut RunSummary) -> Result<()> {
+fn copy_groups(
+    ctx: &Ctx,
+    target: &SshTarget,
+    running: &Path,
+    groups: &[Group],
+    disks: bool,
+    report: &mut Report,
+    summary: &mut RunSummary,
+) -> Result<()> {
     let job = ctx.job;
     let link_dirs = if disks { prepare_running(ctx, running)? } else { link_dirs_now(ctx)? };
     let matcher = staging::matcher(job)?;

@@ -15,8 +15,8 @@ pub mod tls;
 
 pub use client::{Client, ConnectOptions, Password};
 pub use model::{
-    host_path, split_ds_path, url_to_host_path, About, Datastore, Disk, DiskBacking, LayoutFile,
-    MoRef, PowerState, ServiceContent, SnapshotTree, TaskInfo, TaskState, VmFiles, VmLayout,
+    host_path, split_ds_path, url_to_host_path, About, Datastore, Disk, DiskBacking, LayoutFile, MoRef, PowerState,
+    ServiceContent, SnapshotTree, TaskInfo, TaskState, VmFiles, VmLayout,
 };
 pub use tls::{fetch_thumbprint, Thumbprint};
 
@@ -32,13 +32,7 @@ pub fn snapshot_name(job: &str, at: chrono::NaiveDateTime) -> String {
 mod tests {
     #[test]
     fn snapshot_names() {
-        let t = chrono::NaiveDate::from_ymd_opt(2024, 3, 2)
-            .unwrap()
-            .and_hms_opt(3, 4, 5)
-            .unwrap();
-        assert_eq!(
-            super::snapshot_name("esxi-myvm", t),
-            "BEXI-esxi-myvm-20240302030405"
-        );
+        let t = chrono::NaiveDate::from_ymd_opt(2024, 3, 2).unwrap().and_hms_opt(3, 4, 5).unwrap();
+        assert_eq!(super::snapshot_name("esxi-myvm", t), "BEXI-esxi-myvm-20240302030405");
     }
 }

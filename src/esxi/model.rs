@@ -19,10 +19,7 @@ pub struct MoRef {
 
 impl MoRef {
     pub fn new(kind: impl Into<String>, value: impl Into<String>) -> MoRef {
-        MoRef {
-            kind: kind.into(),
-            value: value.into(),
-        }
+        MoRef { kind: kind.into(), value: value.into() }
     }
     /// Read a moref from an element with a `type` attribute.
     pub fn from_node(n: &Node) -> Option<MoRef> {
@@ -62,9 +59,7 @@ pub struct ServiceContent {
 impl ServiceContent {
     pub fn from_node(rv: &Node) -> Result<ServiceContent> {
         let m = |name: &str| -> Result<MoRef> {
-            rv.child(name)
-                .and_then(MoRef::from_node)
-                .ok_or_else(|| Error::new(format!("service content lacks {name}")))
+            rv.child(name).and_then(MoRef::from_node).ok_or_else(|| Error::new(format!("service content lacks {name}")))
         };
         let about = rv.child("about").map(|a| About {
             full_name: one_line(a.child_text("fullName").unwrap_or("")),
@@ -103,10 +98,7 @@ pub fn parse_retrieve_result(response: &Node) -> Result<(Vec<ObjectContent>, Opt
     let Some(rv) = response.child("returnval") else {
         return Ok((Vec::new(), None));
     };
-    let token = rv
-        .child_text("token")
-        .filter(|t| !t.is_empty())
-        .map(str::to_string);
+    let token = rv.child_text("token").filter(|t| !t.is_empty()).map(str::to_string);
     let mut out = Vec::new();
     for o in rv.children_named("objects") {
         let obj = o
@@ -295,10 +287,7 @@ impl VmLayout {
     }
     /// Snapshots whose name starts with `prefix` (e.g. `BEXI-`).
     pub fn snapshots_named_like(&self, prefix: &str) -> Vec<&SnapshotTree> {
-        self.all_snapshots()
-            .into_iter()
-            .filter(|s| s.name.starts_with(prefix))
-            .collect()
+        self.all_snapshots().into_iter().filter(|s| s.name.starts_with(prefix)).collect()
     }
 }
 
@@ -317,10 +306,7 @@ pub fn split_ds_path(p: &str) -> Result<(&str, &str)> {
 
 fn check_rel(rel: &str, whole: &str) -> Result<()> {
     if rel.contains('\0') || rel.contains('\n') || rel.starts_with('/') {
-        return Err(Error::new(format!(
-            "refusing odd datastore path {:?}",
-            one_line(whole)
-        )));
+        return Err(Error::new(format!("refusing odd datastore path {:?}", one_line(whole))));
     }
     if rel.split('/').any(|c| c == "..") {
         return Err(Error::new(format!(
@@ -335,11 +321,7 @@ fn check_rel(rel: &str, whole: &str) -> Result<()> {
 pub fn url_to_host_path(url: &str) -> Result<String> {
     let p = url.trim();
     let p = p.strip_prefix("ds://").unwrap_or(p);
-    if !p.starts_with('/')
-        || p.contains('\0')
-        || p.contains('\n')
-        || p.split('/').any(|c| c == "..")
-    {
+    if !p.starts_with('/') || p.contains('\0') || p.contains('\n') || p.split('/').any(|c| c == "..") {
         return Err(Error::new(format!("odd datastore url {:?}", one_line(url))));
     }
     let mut s = p.to_string();
@@ -358,33 +340,20 @@ pub fn host_path(datastores: &[Datastore], ds_path: &str) -> Result<String> {
             "datastore {:?} of {:?} is not among the VM's datastores ({})",
             one_line(ds),
             one_line(ds_path),
-            datastores
-                .iter()
-                .map(|d| d.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
+            datastores.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")
         ))
     })?;
     Ok(format!("{}{}", d.host_path, rel))
 }
 
 fn parse_backing(b: &Node) -> Option<DiskBacking> {
-    let file_name = b
-        .child_text("fileName")
-        .filter(|s| !s.is_empty())?
-        .to_string();
+    let file_name = b.child_text("fileName").filter(|s| !s.is_empty())?.to_string();
     Some(DiskBacking {
         file_name,
         datastore: b.child("datastore").and_then(MoRef::from_node),
         kind: b.xsi_type.clone().unwrap_or_default(),
-        change_id: b
-            .child_text("changeId")
-            .filter(|s| !s.is_empty())
-            .map(str::to_string),
-        uuid: b
-            .child_text("uuid")
-            .filter(|s| !s.is_empty())
-            .map(str::to_string),
+        change_id: b.child_text("changeId").filter(|s| !s.is_empty()).map(str::to_string),
+        uuid: b.child_text("uuid").filter(|s| !s.is_empty()).map(str::to_string),
     })
 }
 
@@ -401,15 +370,8 @@ pub fn parse_disks(devices: &Node) -> Result<Vec<Disk>> {
             .child_text("key")
             .and_then(|k| k.parse().ok())
             .ok_or_else(|| Error::new("virtual disk without a device key"))?;
-        let label = one_line(
-            d.path(&["deviceInfo", "label"])
-                .map(|n| n.text())
-                .unwrap_or(""),
-        );
-        let capacity_bytes = match d
-            .child_text("capacityInBytes")
-            .and_then(|c| c.parse::<u64>().ok())
-        {
+        let label = one_line(d.path(&["deviceInfo", "label"]).map(|n| n.text()).unwrap_or(""));
+        let capacity_bytes = match d.child_text("capacityInBytes").and_then(|c| c.parse::<u64>().ok()) {
             Some(b) => b,
             None => d
                 .child_text("capacityInKB")
@@ -427,21 +389,12 @@ pub fn parse_disks(devices: &Node) -> Result<Vec<Disk>> {
             cur = b.child("parent");
         }
         if chain.is_empty() {
-            let what = if label.is_empty() {
-                format!("key {key}")
-            } else {
-                label.clone()
-            };
+            let what = if label.is_empty() { format!("key {key}") } else { label.clone() };
             return Err(Error::new(format!(
                 "virtual disk {what} has no file backing (raw device?); it cannot be backed up"
             )));
         }
-        out.push(Disk {
-            key,
-            label,
-            capacity_bytes,
-            chain,
-        });
+        out.push(Disk { key, label, capacity_bytes, chain });
     }
     Ok(out)
 }
@@ -452,9 +405,7 @@ fn parse_snapshot_tree(n: &Node) -> Result<SnapshotTree> {
         .and_then(MoRef::from_node)
         .ok_or_else(|| Error::new("snapshot tree node without a snapshot reference"))?;
     let create_time = n.child_text("createTime").unwrap_or("").to_string();
-    let created = chrono::DateTime::parse_from_rfc3339(&create_time)
-        .ok()
-        .map(|t| t.with_timezone(&chrono::Utc));
+    let created = chrono::DateTime::parse_from_rfc3339(&create_time).ok().map(|t| t.with_timezone(&chrono::Utc));
     let mut children = Vec::new();
     for c in n.children_named("childSnapshotList") {
         // Recursion depth is bounded by the parser's nesting limit.
@@ -488,16 +439,10 @@ pub fn parse_layout_files(v: &Node) -> Vec<LayoutFile> {
         .iter()
         .filter_map(|f| {
             Some(LayoutFile {
-                key: f
-                    .child_text("key")
-                    .and_then(|k| k.parse().ok())
-                    .unwrap_or(-1),
+                key: f.child_text("key").and_then(|k| k.parse().ok()).unwrap_or(-1),
                 name: f.child_text("name")?.to_string(),
                 kind: f.child_text("type").unwrap_or("").to_string(),
-                size: f
-                    .child_text("size")
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0),
+                size: f.child_text("size").and_then(|s| s.parse().ok()).unwrap_or(0),
             })
         })
         .collect()
@@ -505,11 +450,7 @@ pub fn parse_layout_files(v: &Node) -> Vec<LayoutFile> {
 
 /// Read a `config.files` value.
 pub fn parse_vm_files(v: &Node) -> VmFiles {
-    let opt = |n: &str| {
-        v.child_text(n)
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-    };
+    let opt = |n: &str| v.child_text(n).filter(|s| !s.is_empty()).map(str::to_string);
     VmFiles {
         vm_path_name: v.child_text("vmPathName").unwrap_or("").to_string(),
         snapshot_directory: opt("snapshotDirectory"),
@@ -552,22 +493,11 @@ pub fn parse_task_info(v: &Node) -> Result<TaskInfo> {
         Some("running") => TaskState::Running,
         Some("success") => TaskState::Success,
         Some("error") => TaskState::Error,
-        other => {
-            return Err(Error::new(format!(
-                "task info with unknown state {:?}",
-                one_line(other.unwrap_or(""))
-            )))
-        }
+        other => return Err(Error::new(format!("task info with unknown state {:?}", one_line(other.unwrap_or(""))))),
     };
     let error = v.child("error").map(|e| {
-        let kind = e
-            .child("fault")
-            .and_then(|f| f.xsi_type.clone())
-            .unwrap_or_else(|| "fault".to_string());
-        (
-            one_line(&kind),
-            one_line(e.child_text("localizedMessage").unwrap_or("")),
-        )
+        let kind = e.child("fault").and_then(|f| f.xsi_type.clone()).unwrap_or_else(|| "fault".to_string());
+        (one_line(&kind), one_line(e.child_text("localizedMessage").unwrap_or("")))
     });
     let name = v
         .child_text("name")
@@ -640,10 +570,7 @@ mod tests {
         let o = &objs[0];
         assert_eq!(o.obj, MoRef::new("VirtualMachine", "42"));
         assert_eq!(o.prop_text("name"), Some("web01"));
-        assert_eq!(
-            PowerState::parse(o.prop_text("runtime.powerState").unwrap()),
-            PowerState::PoweredOn
-        );
+        assert_eq!(PowerState::parse(o.prop_text("runtime.powerState").unwrap()), PowerState::PoweredOn);
 
         let files = parse_vm_files(o.prop("config.files").unwrap());
         assert_eq!(files.vm_path_name, "[datastore1] web01/web01.vmx");
@@ -652,22 +579,13 @@ mod tests {
         let disks = parse_disks(o.prop("config.hardware.device").unwrap()).unwrap();
         assert_eq!(disks.len(), 2);
         let d = &disks[0];
-        assert_eq!(
-            (d.key, d.label.as_str(), d.capacity_bytes),
-            (2000, "Hard disk 1", 17179869184)
-        );
+        assert_eq!((d.key, d.label.as_str(), d.capacity_bytes), (2000, "Hard disk 1", 17179869184));
         assert_eq!(d.chain.len(), 3);
-        assert_eq!(
-            d.current().file_name,
-            "[datastore1] web01/web01-000002.vmdk"
-        );
+        assert_eq!(d.current().file_name, "[datastore1] web01/web01-000002.vmdk");
         assert_eq!(d.current().change_id.as_deref(), Some("52 aa/7"));
         assert_eq!(d.base().file_name, "[datastore1] web01/web01.vmdk");
         assert_eq!(d.base().change_id.as_deref(), Some("52 aa/3"));
-        assert_eq!(
-            d.base().datastore,
-            Some(MoRef::new("Datastore", "5f1c-ds1"))
-        );
+        assert_eq!(d.base().datastore, Some(MoRef::new("Datastore", "5f1c-ds1")));
         assert!(d.has_parent());
         let d2 = &disks[1];
         assert_eq!(d2.capacity_bytes, 1024 * 1024);
@@ -676,10 +594,7 @@ mod tests {
         assert!(!d2.has_parent());
 
         let (cur, roots) = parse_snapshot_info(o.prop("snapshot").unwrap()).unwrap();
-        assert_eq!(
-            cur,
-            Some(MoRef::new("VirtualMachineSnapshot", "42-snapshot-2"))
-        );
+        assert_eq!(cur, Some(MoRef::new("VirtualMachineSnapshot", "42-snapshot-2")));
         assert_eq!(roots.len(), 1);
         assert_eq!(roots[0].name, "before upgrade");
         assert_eq!(roots[0].children.len(), 1);
@@ -724,20 +639,11 @@ mod tests {
         assert_eq!(layout.all_snapshots().len(), 2);
         assert_eq!(layout.snapshots_named_like("BEXI-").len(), 1);
         assert_eq!(
-            layout
-                .host_path(layout.disks[0].base().file_name.as_str())
-                .unwrap(),
+            layout.host_path(layout.disks[0].base().file_name.as_str()).unwrap(),
             "/vmfs/volumes/5f1c-ds1/web01/web01.vmdk"
         );
-        assert_eq!(
-            layout.host_path("[fast & big] web01/data.vmdk").unwrap(),
-            "/vmfs/volumes/5f1c-ds2/web01/data.vmdk"
-        );
-        assert!(layout
-            .host_path("[nope] x.vmdk")
-            .unwrap_err()
-            .message()
-            .contains("datastore1"));
+        assert_eq!(layout.host_path("[fast & big] web01/data.vmdk").unwrap(), "/vmfs/volumes/5f1c-ds2/web01/data.vmdk");
+        assert!(layout.host_path("[nope] x.vmdk").unwrap_err().message().contains("datastore1"));
         assert!(layout.host_path("[datastore1] ../../etc/passwd").is_err());
         assert!(layout.host_path("datastore1 x").is_err());
     }
@@ -780,9 +686,7 @@ mod tests {
         // Pseudo-random byte changes (deterministic LCG).
         let mut x: u64 = 0x9e3779b97f4a7c15;
         let mut next = || {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             (x >> 33) as usize
         };
         let alphabet = b"<>/&;\"'=: x0]%[\xff\xc3";
@@ -812,10 +716,7 @@ mod tests {
         assert_eq!(split_ds_path("[ds 1]a.vmx").unwrap(), ("ds 1", "a.vmx"));
         assert!(split_ds_path("[] a").is_err());
         assert!(split_ds_path("[ds a").is_err());
-        assert_eq!(
-            url_to_host_path("ds:///vmfs/volumes/abc/").unwrap(),
-            "/vmfs/volumes/abc/"
-        );
+        assert_eq!(url_to_host_path("ds:///vmfs/volumes/abc/").unwrap(), "/vmfs/volumes/abc/");
         assert_eq!(url_to_host_path("/tmp/x").unwrap(), "/tmp/x/");
         assert!(url_to_host_path("ds://relative").is_err());
         assert!(url_to_host_path("ds:///vmfs/../etc").is_err());
@@ -838,10 +739,7 @@ mod tests {
         let (o, _) = parse_retrieve_result(&body(&ok)).unwrap();
         let t = parse_task_info(o[0].prop("info").unwrap()).unwrap();
         assert_eq!(t.state, TaskState::Success);
-        assert_eq!(
-            t.result,
-            Some(MoRef::new("VirtualMachineSnapshot", "42-snapshot-3"))
-        );
+        assert_eq!(t.result, Some(MoRef::new("VirtualMachineSnapshot", "42-snapshot-3")));
 
         let err = format!(
             r#"{ENV_HEAD}<RetrievePropertiesExResponse xmlns="urn:vim25"><returnval><objects><obj type="Task">t1</obj><propSet><name>info</name><val xsi:type="TaskInfo"><descriptionId>VirtualMachine.createSnapshot</descriptionId><state>error</state><error><fault xsi:type="FileLocked"><file>x</file></fault><localizedMessage>Unable to access file
@@ -851,13 +749,7 @@ mod tests {
         let t = parse_task_info(o[0].prop("info").unwrap()).unwrap();
         assert_eq!(t.state, TaskState::Error);
         assert_eq!(t.name, "VirtualMachine.createSnapshot");
-        assert_eq!(
-            t.error,
-            Some((
-                "FileLocked".to_string(),
-                "Unable to access file since it is locked".to_string()
-            ))
-        );
+        assert_eq!(t.error, Some(("FileLocked".to_string(), "Unable to access file since it is locked".to_string())));
 
         let bad = format!(
             r#"{ENV_HEAD}<X><returnval><objects><obj type="Task">t1</obj><propSet><name>info</name><val><state>weird</state></val></propSet></objects></returnval></X>{ENV_TAIL}"#
@@ -879,18 +771,13 @@ mod tests {
         );
         let (o, t) = parse_retrieve_result(&body(&empty)).unwrap();
         assert!(o.is_empty() && t.is_none());
-        let noref = format!(
-            r#"{ENV_HEAD}<R><returnval><objects><obj>1</obj></objects></returnval></R>{ENV_TAIL}"#
-        );
+        let noref = format!(r#"{ENV_HEAD}<R><returnval><objects><obj>1</obj></objects></returnval></R>{ENV_TAIL}"#);
         assert!(parse_retrieve_result(&body(&noref)).is_err());
     }
 
     #[test]
     fn entity_names() {
-        assert_eq!(
-            decode_entity_name("100%25 a%2Fb%5cc %zz %"),
-            "100% a/b\\c %zz %"
-        );
+        assert_eq!(decode_entity_name("100%25 a%2Fb%5cc %zz %"), "100% a/b\\c %zz %");
         assert_eq!(decode_entity_name("é%2f"), "é/");
     }
 

@@ -77,10 +77,7 @@ fn strip_prefix(s: &str) -> &str {
 /// XML, a DTD, too deep nesting or too many elements.
 pub fn parse(xml: &[u8]) -> Result<Node> {
     if xml.len() > MAX_RESPONSE_BYTES {
-        return Err(Error::new(format!(
-            "XML document too large ({} bytes)",
-            xml.len()
-        )));
+        return Err(Error::new(format!("XML document too large ({} bytes)", xml.len())));
     }
     let text = std::str::from_utf8(xml).map_err(|_| Error::new("XML document is not UTF-8"))?;
     let mut reader = Reader::from_str(text);
@@ -135,9 +132,7 @@ pub fn parse(xml: &[u8]) -> Result<Node> {
                 }
             }
             Event::End(_) => {
-                let node = stack
-                    .pop()
-                    .ok_or_else(|| bad("unexpected end tag".into()))?;
+                let node = stack.pop().ok_or_else(|| bad("unexpected end tag".into()))?;
                 match stack.last_mut() {
                     Some(p) => p.children.push(node),
                     None => root = Some(node),
@@ -224,21 +219,15 @@ pub struct Fault {
 impl Fault {
     fn from_node(f: &Node) -> Fault {
         let message = one_line(f.child_text("faultstring").unwrap_or(""));
-        let detail_kind =
-            f.child("detail")
-                .and_then(|d| d.children.first())
-                .map(|d| match &d.xsi_type {
-                    Some(t) if !t.is_empty() => t.clone(),
-                    _ => d.name.strip_suffix("Fault").unwrap_or(&d.name).to_string(),
-                });
+        let detail_kind = f.child("detail").and_then(|d| d.children.first()).map(|d| match &d.xsi_type {
+            Some(t) if !t.is_empty() => t.clone(),
+            _ => d.name.strip_suffix("Fault").unwrap_or(&d.name).to_string(),
+        });
         let kind = match detail_kind {
             Some(k) if !k.is_empty() => k,
             _ => strip_prefix(f.child_text("faultcode").unwrap_or("")).to_string(),
         };
-        Fault {
-            kind: one_line(&kind),
-            message,
-        }
+        Fault { kind: one_line(&kind), message }
     }
 }
 
@@ -276,10 +265,7 @@ pub enum Reply {
 pub fn parse_reply(xml: &[u8]) -> Result<Reply> {
     let mut root = parse(xml)?;
     if root.name != "Envelope" {
-        return Err(Error::new(format!(
-            "not a SOAP envelope (root element <{}>)",
-            one_line(&root.name)
-        )));
+        return Err(Error::new(format!("not a SOAP envelope (root element <{}>)", one_line(&root.name))));
     }
     let body_idx = root
         .children
@@ -303,7 +289,10 @@ mod tests {
 
     #[test]
     fn parses_simple_tree() {
-        let n = parse(br#"<?xml version="1.0"?><a xmlns:x="urn:x"><x:b type="Folder">f&amp;1</x:b><c x:type="x:Foo"/></a>"#).unwrap();
+        let n = parse(
+            br#"<?xml version="1.0"?><a xmlns:x="urn:x"><x:b type="Folder">f&amp;1</x:b><c x:type="x:Foo"/></a>"#,
+        )
+        .unwrap();
         assert_eq!(n.name, "a");
         let b = n.child("b").unwrap();
         assert_eq!(b.text(), "f&1");
@@ -329,11 +318,7 @@ mod tests {
             b"<a>&#xffffffff;</a>",
         ];
         for c in cases {
-            assert!(
-                parse(c).is_err(),
-                "accepted {:?}",
-                String::from_utf8_lossy(c)
-            );
+            assert!(parse(c).is_err(), "accepted {:?}", String::from_utf8_lossy(c));
             assert!(parse_reply(c).is_err());
         }
     }

@@ -31,10 +31,7 @@ impl Thumbprint {
     /// Parse `AB:CD:…` (32 bytes, case-insensitive; colons, spaces or dashes between bytes
     /// optional).
     pub fn parse(s: &str) -> Result<Thumbprint> {
-        let hex: String = s
-            .chars()
-            .filter(|c| !matches!(c, ':' | ' ' | '-'))
-            .collect();
+        let hex: String = s.chars().filter(|c| !matches!(c, ':' | ' ' | '-')).collect();
         if hex.len() == 40 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err(Error::new(
                 "ESXiThumbprint looks like a SHA-1 fingerprint; affa pins the SHA-256 fingerprint \
@@ -50,8 +47,7 @@ impl Thumbprint {
         let mut out = [0u8; 32];
         for (i, b) in out.iter_mut().enumerate() {
             // The string is checked ASCII hex above, so slicing by bytes is safe.
-            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
-                .map_err(|_| Error::new("bad hex in ESXiThumbprint"))?;
+            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| Error::new("bad hex in ESXiThumbprint"))?;
         }
         Ok(Thumbprint(out))
     }
@@ -105,9 +101,7 @@ impl ServerCertVerifier for PinnedVerifier {
         match self.expected {
             None => Ok(ServerCertVerified::assertion()),
             Some(want) if want == got => Ok(ServerCertVerified::assertion()),
-            Some(_) => Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            )),
+            Some(_) => Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure)),
         }
     }
 
@@ -117,12 +111,7 @@ impl ServerCertVerifier for PinnedVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -131,18 +120,11 @@ impl ServerCertVerifier for PinnedVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -151,11 +133,7 @@ impl ServerCertVerifier for PinnedVerifier {
 pub fn client_config(expected: Option<Thumbprint>) -> Result<(Arc<ClientConfig>, Seen)> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let seen: Seen = Arc::new(Mutex::new(None));
-    let verifier = PinnedVerifier {
-        expected,
-        seen: seen.clone(),
-        provider: provider.clone(),
-    };
+    let verifier = PinnedVerifier { expected, seen: seen.clone(), provider: provider.clone() };
     let cfg = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::new(format!("TLS setup: {e}")))?
@@ -167,8 +145,7 @@ pub fn client_config(expected: Option<Thumbprint>) -> Result<(Arc<ClientConfig>,
 
 pub(crate) fn server_name(host: &str) -> Result<ServerName<'static>> {
     let h = host.trim_start_matches('[').trim_end_matches(']');
-    ServerName::try_from(h.to_string())
-        .map_err(|_| Error::new(format!("{host:?} is not a valid host name")))
+    ServerName::try_from(h.to_string()).map_err(|_| Error::new(format!("{host:?} is not a valid host name")))
 }
 
 /// Connect to `host:port`, do a TLS handshake accepting any certificate, and return the SHA-256
@@ -176,11 +153,7 @@ pub(crate) fn server_name(host: &str) -> Result<ServerName<'static>> {
 /// credentials; meant for `affa --send-key` to show the user what to pin.
 pub fn fetch_thumbprint(host: &str, port: u16, timeout: Duration) -> Result<String> {
     let deadline = Instant::now() + timeout;
-    let fail = |what: String| {
-        Error::new(format!(
-            "cannot read the certificate of ESXi host {host}:{port}: {what}"
-        ))
-    };
+    let fail = |what: String| Error::new(format!("cannot read the certificate of ESXi host {host}:{port}: {what}"));
     let (cfg, seen) = client_config(None)?;
     let addrs: Vec<_> = (host.trim_start_matches('[').trim_end_matches(']'), port)
         .to_socket_addrs()
@@ -198,15 +171,11 @@ pub fn fetch_thumbprint(host: &str, port: u16, timeout: Duration) -> Result<Stri
         }
     }
     let mut sock = sock.ok_or_else(|| fail(last))?;
-    let mut conn =
-        rustls::ClientConnection::new(cfg, server_name(host)?).map_err(|e| fail(e.to_string()))?;
+    let mut conn = rustls::ClientConnection::new(cfg, server_name(host)?).map_err(|e| fail(e.to_string()))?;
     while conn.is_handshaking() {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(fail(format!(
-                "no TLS handshake within {} s",
-                timeout.as_secs()
-            )));
+            return Err(fail(format!("no TLS handshake within {} s", timeout.as_secs())));
         }
         sock.set_read_timeout(Some(left)).ok();
         sock.set_write_timeout(Some(left)).ok();
@@ -221,8 +190,7 @@ pub fn fetch_thumbprint(host: &str, port: u16, timeout: Duration) -> Result<Stri
     conn.send_close_notify();
     let _ = conn.complete_io(&mut sock);
     let got = seen.lock().ok().and_then(|s| *s);
-    got.map(|t| t.to_string())
-        .ok_or_else(|| fail("the host presented no certificate".into()))
+    got.map(|t| t.to_string()).ok_or_else(|| fail("the host presented no certificate".into()))
 }
 
 #[cfg(test)]
@@ -238,10 +206,7 @@ mod tests {
         assert!(Thumbprint::parse("ab:cd").is_err());
         assert!(Thumbprint::parse(&"zz:".repeat(32)).is_err());
         let sha1 = "AB:CD:01:23:45:67:89:AB:CD:EF:00:11:22:33:44:55:66:77:88:99";
-        assert!(Thumbprint::parse(sha1)
-            .unwrap_err()
-            .message()
-            .contains("SHA-1"));
+        assert!(Thumbprint::parse(sha1).unwrap_err().message().contains("SHA-1"));
         // multibyte garbage must not panic
         assert!(Thumbprint::parse(&"é".repeat(32)).is_err());
     }

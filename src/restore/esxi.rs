@@ -15,7 +15,9 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::{check_remote, rebuild_all, report_check, run_rsync, sha256_file, Chunked, Ctx, Endpoint, Expect, Plan, Staging};
+use super::{
+    check_remote, rebuild_all, report_check, run_rsync, sha256_file, Chunked, Ctx, Endpoint, Expect, Plan, Staging,
+};
 use crate::chunk::{self, MANIFEST_SUFFIX};
 use crate::config::Job;
 use crate::error::{Error, IoContext, Result};
@@ -62,17 +64,32 @@ struct Target<'a> {
 
 fn connect_target<'a>(ctx: &Ctx<'a>) -> Result<Target<'a>> {
     let o = ctx.opts;
-    let (job, ssh, mut copts, user, pw): (&Job, SshTarget, ConnectOptions, String, Password) = match o.to_host.as_deref() {
+    let (job, ssh, mut copts, user, pw): (&Job, SshTarget, ConnectOptions, String, Password) = match o
+        .to_host
+        .as_deref()
+    {
         None => {
             let j = ctx.job;
-            (j, SshTarget::from_job(j, ctx.cfg), connect_options(j), j.get("ESXiUsername").to_string(), Password::new(j.esxi_password()?))
+            (
+                j,
+                SshTarget::from_job(j, ctx.cfg),
+                connect_options(j),
+                j.get("ESXiUsername").to_string(),
+                Password::new(j.esxi_password()?),
+            )
         }
         Some(h) if ctx.cfg.jobs.contains_key(h) => {
             let j = &ctx.cfg.jobs[h];
             if !j.esxi() {
                 bail!("--to-host {h}: job {h} is not an ESXi job; give an ESXi job or a host name with --to-user, --to-password-file and --to-thumbprint");
             }
-            (j, SshTarget::from_job(j, ctx.cfg), connect_options(j), j.get("ESXiUsername").to_string(), Password::new(j.esxi_password()?))
+            (
+                j,
+                SshTarget::from_job(j, ctx.cfg),
+                connect_options(j),
+                j.get("ESXiUsername").to_string(),
+                Password::new(j.esxi_password()?),
+            )
         }
         Some(h) => {
             let (host, port) = match h.rsplit_once(':') {
@@ -125,7 +142,12 @@ fn read_password_file(p: &Path) -> Result<Password> {
     use std::os::unix::fs::PermissionsExt;
     let md = fs::metadata(p).ctx(|| format!("cannot read {}", p.display()))?;
     if md.permissions().mode() & 0o077 != 0 {
-        bail!("{} holds a password but group or others may read it (mode {:o}); run: chmod 600 {}", p.display(), md.permissions().mode() & 0o777, p.display());
+        bail!(
+            "{} holds a password but group or others may read it (mode {:o}); run: chmod 600 {}",
+            p.display(),
+            md.permissions().mode() & 0o777,
+            p.display()
+        );
     }
     let s = fs::read_to_string(p).ctx(|| format!("cannot read {}", p.display()))?;
     let pw = s.lines().next().unwrap_or("").to_string();
@@ -165,7 +187,10 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
     })?;
     let ini = Ini::parse(&text);
     let vm_name = ini.get("VM", "Name").unwrap_or("").to_string();
-    let vmx_path = ini.get("VM", "VmxPath").ok_or_else(|| Error::new(format!("{} has no VmxPath in [VM]", ini_path.display())))?.to_string();
+    let vmx_path = ini
+        .get("VM", "VmxPath")
+        .ok_or_else(|| Error::new(format!("{} has no VmxPath in [VM]", ini_path.display())))?
+        .to_string();
     let (vmx_ds, vmx_rest) = esxi::split_ds_path(&vmx_path)?;
     let (vmx_dir, vmx_name) = vmx_rest.rsplit_once('/').unwrap_or(("", vmx_rest));
     let (vmx_ds, vmx_dir, vmx_name) = (vmx_ds.to_string(), vmx_dir.to_string(), vmx_name.to_string());
@@ -181,7 +206,14 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
     res
 }
 
-fn restore_logged_in(ctx: &Ctx, t: &mut Target, ini: &Ini, vm_name: &str, vmx: (&str, &str, &str), out: &mut dyn Write) -> Result<()> {
+fn restore_logged_in(
+    ctx: &Ctx,
+    t: &mut Target,
+    ini: &Ini,
+    vm_name: &str,
+    vmx: (&str, &str, &str),
+    out: &mut dyn Write,
+) -> Result<()> {
     let arch = &ctx.arch;
     let o = ctx.opts;
     // Datastores of the target host.
@@ -194,7 +226,11 @@ fn restore_logged_in(ctx: &Ctx, t: &mut Target, ini: &Ini, vm_name: &str, vmx: (
     }
     let ds_path_of = |ds: &str| -> Result<String> {
         host_ds.get(ds).cloned().ok_or_else(|| {
-            Error::new(format!("ESXi host {} has no datastore {ds}; datastores there: {}", t.label, host_ds.keys().cloned().collect::<Vec<_>>().join(", ")))
+            Error::new(format!(
+                "ESXi host {} has no datastore {ds}; datastores there: {}",
+                t.label,
+                host_ds.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))
         })
     };
 
@@ -227,37 +263,67 @@ fn restore_logged_in(ctx: &Ctx, t: &mut Target, ini: &Ini, vm_name: &str, vmx: (
                 if !tdir.is_empty() {
                     host = format!("{host}{tdir}");
                 }
-                dirs.push(Dir { ds: tds, dir: tdir, host: host.trim_end_matches('/').to_string(), orig_ds: ds.to_string(), orig_dir: dir.to_string() });
+                dirs.push(Dir {
+                    ds: tds,
+                    dir: tdir,
+                    host: host.trim_end_matches('/').to_string(),
+                    orig_ds: ds.to_string(),
+                    orig_dir: dir.to_string(),
+                });
                 dirs.len() - 1
             }
         };
         if items.iter().any(|i| i.dir == di && i.name == name) {
-            bail!("two archived files would both be restored to {}/{name}; choose the target without merging directories", dirs[di].host);
+            bail!(
+                "two archived files would both be restored to {}/{name}; choose the target without merging directories",
+                dirs[di].host
+            );
         }
         let archived = base.join(&rel);
         let (local, size) = if is_chunked {
             let m = chunk::read_manifest(&archived)?;
             let local = staging.dir.join(format!("{di}")).join(&name);
-            chunked.push(Chunked { manifest: archived.clone(), local: local.clone(), remote: format!("{}/{name}", dirs[di].host), size: m.size });
+            chunked.push(Chunked {
+                manifest: archived.clone(),
+                local: local.clone(),
+                remote: format!("{}/{name}", dirs[di].host),
+                size: m.size,
+            });
             (local, m.size)
         } else {
             (archived.clone(), fs::metadata(&archived).map(|m| m.len()).unwrap_or(0))
         };
-        items.push(Item { rel: PathBuf::from("vmfs/volumes").join(&rel), local, dir: di, name, size, chunked: is_chunked });
+        items.push(Item {
+            rel: PathBuf::from("vmfs/volumes").join(&rel),
+            local,
+            dir: di,
+            name,
+            size,
+            chunked: is_chunked,
+        });
     }
     let (vmx_ds, vmx_dir, vmx_name) = vmx;
-    let vmx_target = dirs
-        .iter()
-        .position(|d| d.orig_ds == vmx_ds && d.orig_dir == vmx_dir)
-        .ok_or_else(|| Error::new(format!("archive {} does not hold the VM's configuration file [{vmx_ds}] {vmx_dir}/{vmx_name}", arch.name())))?;
+    let vmx_target = dirs.iter().position(|d| d.orig_ds == vmx_ds && d.orig_dir == vmx_dir).ok_or_else(|| {
+        Error::new(format!(
+            "archive {} does not hold the VM's configuration file [{vmx_ds}] {vmx_dir}/{vmx_name}",
+            arch.name()
+        ))
+    })?;
     let new_vmx_path = {
         let d = &dirs[vmx_target];
-        if d.dir.is_empty() { format!("[{}] {vmx_name}", d.ds) } else { format!("[{}] {}/{vmx_name}", d.ds, d.dir) }
+        if d.dir.is_empty() {
+            format!("[{}] {vmx_name}", d.ds)
+        } else {
+            format!("[{}] {}/{vmx_name}", d.ds, d.dir)
+        }
     };
 
     // Refusals: a powered-on VM using a target directory; --register with a name in use or a
     // .vmx that is already registered.
-    let target_dirs: Vec<String> = dirs.iter().map(|d| if d.dir.is_empty() { format!("[{}]", d.ds) } else { format!("[{}] {}", d.ds, d.dir) }).collect();
+    let target_dirs: Vec<String> = dirs
+        .iter()
+        .map(|d| if d.dir.is_empty() { format!("[{}]", d.ds) } else { format!("[{}] {}", d.ds, d.dir) })
+        .collect();
     let mut registered_as = None;
     let mut names = Vec::new();
     for v in t.client.all_of_type("VirtualMachine", &["name", "config.files.vmPathName", "runtime.powerState"])? {
@@ -311,7 +377,14 @@ fn restore_logged_in(ctx: &Ctx, t: &mut Target, ini: &Ini, vm_name: &str, vmx: (
     }
 
     let date = arch.report.as_ref().and_then(|r| r.date()).map(crate::commands::show_date).unwrap_or_default();
-    let _ = writeln!(out, "Restore of VM {vm_name} (job {}) from archive {} ({date}) to ESXi host {} ({}):", ctx.job.name, arch.name(), t.label, t.ep.describe());
+    let _ = writeln!(
+        out,
+        "Restore of VM {vm_name} (job {}) from archive {} ({date}) to ESXi host {} ({}):",
+        ctx.job.name,
+        arch.name(),
+        t.label,
+        t.ep.describe()
+    );
     let mut plan = Plan::default();
     for it in &items {
         let d = &dirs[it.dir];
@@ -339,7 +412,10 @@ fn restore_logged_in(ctx: &Ctx, t: &mut Target, ini: &Ini, vm_name: &str, vmx: (
             let _ = writeln!(out, "then register {new_vmx_path} as VM {n}");
         }
         (None, Some(r)) => {
-            let _ = writeln!(out, "{new_vmx_path} is registered as VM {r} (powered off); it uses the restored files at its next power-on");
+            let _ = writeln!(
+                out,
+                "{new_vmx_path} is registered as VM {r} (powered off); it uses the restored files at its next power-on"
+            );
         }
         (None, None) => {
             let _ = writeln!(out, "{new_vmx_path} is not registered; add --register NAME to register it");
@@ -363,18 +439,16 @@ fn restore_logged_in(ctx: &Ctx, t: &mut Target, ini: &Ini, vm_name: &str, vmx: (
 
     // Everything local first: chunked disks rebuilt and verified, the .vmx rewritten.
     rebuild_all(ctx, &chunked)?;
-    let orig_urls: Vec<(String, String)> = ini
-        .all("Datastore.")
-        .iter()
-        .filter_map(|m| Some((m.get("Name")?.clone(), m.get("Url")?.clone())))
-        .collect();
+    let orig_urls: Vec<(String, String)> =
+        ini.all("Datastore.").iter().filter_map(|m| Some((m.get("Name")?.clone(), m.get("Url")?.clone()))).collect();
     for it in items.iter_mut() {
         if it.dir == vmx_target && it.name == vmx_name && !it.chunked {
             let text = fs::read_to_string(&it.local).ctx(|| format!("cannot read {}", it.local.display()))?;
             let new = rewrite_vmx(&text, &orig_urls, &dirs);
             if new != text {
                 let p = staging.dir.join(format!("{}", it.dir)).join(&it.name);
-                fs::create_dir_all(p.parent().unwrap()).ctx(|| format!("cannot create {}", p.parent().unwrap().display()))?;
+                fs::create_dir_all(p.parent().unwrap())
+                    .ctx(|| format!("cannot create {}", p.parent().unwrap().display()))?;
                 fs::write(&p, &new).ctx(|| format!("cannot write {}", p.display()))?;
                 let md = fs::metadata(&it.local).ctx(|| format!("cannot stat {}", it.local.display()))?;
                 fs::set_permissions(&p, md.permissions()).ctx(|| format!("cannot chmod {}", p.display()))?;
@@ -396,7 +470,8 @@ fn restore_logged_in(ctx: &Ctx, t: &mut Target, ini: &Ini, vm_name: &str, vmx: (
         let mine: Vec<&Item> = items.iter().filter(|it| it.dir == i).collect();
         // rsync names the destination after the source's base name: send the ones whose local
         // name differs one by one.
-        let (same, renamed): (Vec<&&Item>, Vec<&&Item>) = mine.iter().partition(|it| it.local.file_name().map(|n| n.to_string_lossy() == it.name).unwrap_or(false));
+        let (same, renamed): (Vec<&&Item>, Vec<&&Item>) =
+            mine.iter().partition(|it| it.local.file_name().map(|n| n.to_string_lossy() == it.name).unwrap_or(false));
         if !same.is_empty() {
             let mut a = a.clone();
             a.extend(same.iter().map(|it| it.local.display().to_string()));
@@ -413,11 +488,17 @@ fn restore_logged_in(ctx: &Ctx, t: &mut Target, ini: &Ini, vm_name: &str, vmx: (
         }
     }
     if o.delete && !extras.is_empty() {
-        let rm: String = extras.iter().map(|(i, n)| format!("rm -f {}\n", shell_quote(&format!("{}/{n}", dirs[*i].host)))).collect();
+        let rm: String =
+            extras.iter().map(|(i, n)| format!("rm -f {}\n", shell_quote(&format!("{}/{n}", dirs[*i].host)))).collect();
         t.ep.sh(&rm, "deleting files not in the archive")?;
     }
     let total: u64 = items.iter().map(|i| i.size).sum();
-    let _ = writeln!(out, "copied {} file(s) of VM {vm_name} ({total} bytes) to {}: {sent} bytes sent (rsync delta transfer)", items.len(), t.label);
+    let _ = writeln!(
+        out,
+        "copied {} file(s) of VM {vm_name} ({total} bytes) to {}: {sent} bytes sent (rsync delta transfer)",
+        items.len(),
+        t.label
+    );
     ctx.log.info(format!("copied {} file(s), {total} bytes, {sent} bytes sent", items.len()));
 
     // Check.

@@ -11,7 +11,9 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::{check_remote, rebuild_all, report_check, run_rsync, sha256_file, Chunked, Ctx, Endpoint, Expect, Plan, Staging};
+use super::{
+    check_remote, rebuild_all, report_check, run_rsync, sha256_file, Chunked, Ctx, Endpoint, Expect, Plan, Staging,
+};
 use crate::chunk::{self, MANIFEST_SUFFIX};
 use crate::error::{IoContext, Result};
 use crate::transport::rsync;
@@ -20,10 +22,19 @@ use crate::transport::SshTarget;
 pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
     let job = ctx.job;
     let arch = &ctx.arch;
-    let ep = if job.get("remoteHostName") == "localhost" { Endpoint::Local } else { Endpoint::Ssh(SshTarget::from_job(job, ctx.cfg)) };
+    let ep = if job.get("remoteHostName") == "localhost" {
+        Endpoint::Local
+    } else {
+        Endpoint::Ssh(SshTarget::from_job(job, ctx.cfg))
+    };
     let (sources, missing) = archived_sources(ctx);
     if sources.is_empty() {
-        bail!("archive {} of job {} holds none of the job's source paths ({})", arch.name(), job.name, missing.join(", "));
+        bail!(
+            "archive {} of job {} holds none of the job's source paths ({})",
+            arch.name(),
+            job.name,
+            missing.join(", ")
+        );
     }
     // Chunked files under the restored paths.
     let staging = Staging::new(job)?;
@@ -234,7 +245,10 @@ fn walk(root: &Path, p: &Path, out: &mut Vec<(PathBuf, String, i64)>, total: &mu
         return Ok(());
     }
     if !rel.contains('/')
-        && (name == crate::report::REPORT_FILE || name == format!(".{job}-setup.ini") || name == ".affa-esxi.ini" || name == chunk::ARCHIVE_CHUNK_DIR)
+        && (name == crate::report::REPORT_FILE
+            || name == format!(".{job}-setup.ini")
+            || name == ".affa-esxi.ini"
+            || name == chunk::ARCHIVE_CHUNK_DIR)
     {
         return Ok(());
     }

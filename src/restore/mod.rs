@@ -253,7 +253,13 @@ pub(crate) fn progress_bar(interactive: bool, total: u64, what: &str) -> Option<
 }
 
 /// Run rsync for the restore; a failure is an error naming what was being copied.
-pub(crate) fn run_rsync(ctx: &Ctx, job: &Job, args: &[String], what: &str, progress: bool) -> Result<rsync::RsyncResult> {
+pub(crate) fn run_rsync(
+    ctx: &Ctx,
+    job: &Job,
+    args: &[String],
+    what: &str,
+    progress: bool,
+) -> Result<rsync::RsyncResult> {
     let res = rsync::run(job, args, &ctx.log, progress && ctx.opts.interactive)?;
     if crate::interrupt::interrupted() {
         bail!("{what} interrupted; the target may be partly restored: run the restore again");
@@ -411,7 +417,10 @@ pub(crate) fn check_remote(ep: &Endpoint, files: &[Expect], preserve_newer: bool
                     } else if size != e.size {
                         c.bad.push(format!("{}: size {size}, archive {}", e.remote, e.size));
                     } else {
-                        c.bad.push(format!("{}: content differs from the archive (SHA-256 {hash}, archive {})", e.remote, e.sha256));
+                        c.bad.push(format!(
+                            "{}: content differs from the archive (SHA-256 {hash}, archive {})",
+                            e.remote, e.sha256
+                        ));
                     }
                 }
                 [_, what] => c.bad.push(format!("{}: {what}", e.remote)),
@@ -429,7 +438,12 @@ pub(crate) fn check_remote(ep: &Endpoint, files: &[Expect], preserve_newer: bool
 
 /// Print the check's result; an error when a file does not match.
 pub(crate) fn report_check(ctx: &Ctx, c: &Checked, out: &mut dyn Write) -> Result<()> {
-    let _ = writeln!(out, "verified {} file(s) on the target against the archive: {} match", c.ok + c.kept_newer.len() + c.bad.len(), c.ok);
+    let _ = writeln!(
+        out,
+        "verified {} file(s) on the target against the archive: {} match",
+        c.ok + c.kept_newer.len() + c.bad.len(),
+        c.ok
+    );
     if !c.kept_newer.is_empty() {
         let _ = writeln!(out, "{} file(s) newer on the target were kept (--preserve-newer=yes):", c.kept_newer.len());
         for k in c.kept_newer.iter().take(25) {
@@ -441,8 +455,13 @@ pub(crate) fn report_check(ctx: &Ctx, c: &Checked, out: &mut dyn Write) -> Resul
         for b in &c.bad {
             ctx.log.error(format!("verify: {b}"));
         }
-        let more = if c.bad.len() > 3 { format!(" (and {} more, see the job log)", c.bad.len() - 3) } else { String::new() };
-        bail!("{} restored file(s) do not match the archive: {}{more}", c.bad.len(), c.bad.iter().take(3).cloned().collect::<Vec<_>>().join("; "));
+        let more =
+            if c.bad.len() > 3 { format!(" (and {} more, see the job log)", c.bad.len() - 3) } else { String::new() };
+        bail!(
+            "{} restored file(s) do not match the archive: {}{more}",
+            c.bad.len(),
+            c.bad.iter().take(3).cloned().collect::<Vec<_>>().join("; ")
+        );
     }
     Ok(())
 }

@@ -146,7 +146,12 @@ impl SshTarget {
     pub fn check_connection(&self) -> Result<()> {
         let out = self.run("echo OK")?;
         if String::from_utf8_lossy(&out.stdout).trim() != "OK" {
-            bail!("ssh to {} (job {}) did not answer OK: {}", self.destination(), self.job, String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "ssh to {} (job {}) did not answer OK: {}",
+                self.destination(),
+                self.job,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(())
     }
@@ -159,17 +164,28 @@ impl SshTarget {
     /// Turn ssh's stderr of a failed connection into one line that says what to do.
     pub fn connection_error(&self, stderr: &str) -> Error {
         let dest = format!("{}:{} (job {})", self.host, self.port, self.job);
-        if stderr.contains("REMOTE HOST IDENTIFICATION HAS CHANGED") || (stderr.contains("Host key verification failed") && self.known()) {
+        if stderr.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
+            || (stderr.contains("Host key verification failed") && self.known())
+        {
             return Error::new(format!(
                 "the host key of {dest} has CHANGED since it was recorded in {}: the host was replaced or someone is intercepting the connection; nothing was sent. If the change is expected, delete the line '{} ...' from that file and run affa --send-key {}",
                 self.known_hosts.display(), self.job, self.job
             ));
         }
         if stderr.contains("Host key verification failed") {
-            return Error::new(format!("no host key is recorded for {dest} in {}; run affa --send-key {} first", self.known_hosts.display(), self.job));
+            return Error::new(format!(
+                "no host key is recorded for {dest} in {}; run affa --send-key {} first",
+                self.known_hosts.display(),
+                self.job
+            ));
         }
         if stderr.contains("Permission denied") {
-            return Error::new(format!("ssh login to {} at {dest} with key {} was refused; run affa --send-key {}", self.user, self.key.display(), self.job));
+            return Error::new(format!(
+                "ssh login to {} at {dest} with key {} was refused; run affa --send-key {}",
+                self.user,
+                self.key.display(),
+                self.job
+            ));
         }
         let first = stderr.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("no answer");
         Error::new(format!("cannot connect to {dest}: {first}"))
@@ -200,7 +216,9 @@ pub fn ensure_key(ssh_dir: &Path) -> Result<String> {
 }
 
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
 }
 
 /// `--send-key`: install our public key once in the remote authorized-keys file and record the
@@ -232,7 +250,11 @@ pub fn send_key(t: &SshTarget, ssh_dir: &Path, authorized_keys: &str) -> Result<
         return Err(t.connection_error(&String::from_utf8_lossy(&out.stderr)));
     }
     if !String::from_utf8_lossy(&out.stdout).contains("AFFA-KEY-OK") {
-        bail!("could not install the key in {authorized_keys} on {}: {}", t.host, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "could not install the key in {authorized_keys} on {}: {}",
+            t.host,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     // Prove it: a connection with the strict options must now work.
     t.check_connection()

@@ -98,7 +98,10 @@ pub fn base_args(job: &Job, source: &Source) -> Vec<String> {
 pub fn program(job: &Job) -> (String, Vec<String>) {
     let nice = job.num("localNice");
     if nice > 0 {
-        (job.get("localNiceBinary").to_string(), vec!["-n".into(), nice.to_string(), job.get("localRsyncBinary").to_string()])
+        (
+            job.get("localNiceBinary").to_string(),
+            vec!["-n".into(), nice.to_string(), job.get("localRsyncBinary").to_string()],
+        )
     } else {
         (job.get("localRsyncBinary").to_string(), vec![])
     }
@@ -147,9 +150,8 @@ pub fn run(job: &Job, args: &[String], log: &JobLog, progress: bool) -> Result<R
     let mut child = cmd.spawn().ctx(|| format!("cannot run {prog}"))?;
     crate::interrupt::set_child(child.id());
     let stderr = child.stderr.take().unwrap();
-    let err_thread = std::thread::spawn(move || {
-        BufReader::new(stderr).lines().map_while(|l| l.ok()).collect::<Vec<String>>()
-    });
+    let err_thread =
+        std::thread::spawn(move || BufReader::new(stderr).lines().map_while(|l| l.ok()).collect::<Vec<String>>());
     let mut stdout = child.stdout.take().unwrap();
     let mut out = Vec::new();
     let mut buf = [0u8; 8192];

@@ -66,7 +66,11 @@ impl Esx {
             &work.path().join("sim"),
             &[("datastore1", &ds1), ("ds2", &ds2)],
             &[
-                VmSpec { name: "vm1".into(), power_on: true, disks: vec![("datastore1".into(), big), ("ds2".into(), 4 * MB)] },
+                VmSpec {
+                    name: "vm1".into(),
+                    power_on: true,
+                    disks: vec![("datastore1".into(), big), ("ds2".into(), 4 * MB)],
+                },
                 VmSpec { name: "other".into(), power_on: false, disks: vec![("datastore1".into(), MB)] },
             ],
             sim_extra,
@@ -98,11 +102,22 @@ impl Esx {
 
     /// The simulator's record of a VM.
     pub fn vm_state(&self, name: &str) -> serde_json::Value {
-        self.sim.state()["vms"].as_array().unwrap().iter().find(|v| v["name"] == name).unwrap_or_else(|| panic!("no VM {name}")).clone()
+        self.sim.state()["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no VM {name}"))
+            .clone()
     }
 
     /// SHA-256 of vm1's flat disks as they were at the last snapshot.
     pub fn frozen(&self) -> Vec<String> {
-        self.vm_state("vm1")["last_snapshot_base_flat_sha256"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect()
+        self.vm_state("vm1")["last_snapshot_base_flat_sha256"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
     }
 }

@@ -107,7 +107,11 @@ impl Sshd {
         self.port = port;
         let t = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(t.elapsed() < Duration::from_secs(10), "sshd did not start: {}", fs::read_to_string(d.join("sshd.log")).unwrap_or_default());
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "sshd did not start: {}",
+                fs::read_to_string(d.join("sshd.log")).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -129,7 +133,14 @@ impl Sshd {
             return s.clone();
         }
         let sock = self.dir.path().join("agent.sock");
-        let child = Command::new("ssh-agent").arg("-D").arg("-a").arg(&sock).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("ssh-agent");
+        let child = Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&sock)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ssh-agent");
         let t = Instant::now();
         while !sock.exists() {
             assert!(t.elapsed() < Duration::from_secs(5), "ssh-agent did not start");
@@ -138,7 +149,13 @@ impl Sshd {
         // The socket file appears before the agent accepts connections: retry a little.
         let mut added = false;
         for _ in 0..50 {
-            let st = Command::new("ssh-add").arg("-q").arg(&self.bootstrap_key).env("SSH_AUTH_SOCK", &sock).stderr(Stdio::null()).status().unwrap();
+            let st = Command::new("ssh-add")
+                .arg("-q")
+                .arg(&self.bootstrap_key)
+                .env("SSH_AUTH_SOCK", &sock)
+                .stderr(Stdio::null())
+                .status()
+                .unwrap();
             if st.success() {
                 added = true;
                 break;
@@ -218,7 +235,11 @@ impl Affa {
 
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_affa"));
-        c.arg("--config-dir").arg(&self.conf).env_remove("SSH_AUTH_SOCK").env_remove("AFFA_FAKE_NOW").stdin(Stdio::null());
+        c.arg("--config-dir")
+            .arg(&self.conf)
+            .env_remove("SSH_AUTH_SOCK")
+            .env_remove("AFFA_FAKE_NOW")
+            .stdin(Stdio::null());
         c
     }
 
@@ -253,7 +274,12 @@ pub fn ok(o: &Output) -> String {
 }
 
 pub fn fail(o: &Output) -> String {
-    assert!(!o.status.success(), "affa should have failed:\nstdout: {}\nstderr: {}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        !o.status.success(),
+        "affa should have failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     let e = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(!e.contains("panicked") && !e.contains("RUST_BACKTRACE"), "panic: {e}");
     e
@@ -293,7 +319,11 @@ pub fn inode(p: &Path) -> u64 {
 /// Names of the archive directories of a job dir, sorted.
 pub fn archive_names(job_dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(job_dir)
-        .map(|rd| rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| affa::archive::parse_archive_name(n).is_some()).collect())
+        .map(|rd| {
+            rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| affa::archive::parse_archive_name(n).is_some())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v

@@ -36,7 +36,8 @@ pub fn sim_binary() -> PathBuf {
     BIN.get_or_init(|| {
         let dir = harness_dir();
         let bin = dir.join("esxi-sim");
-        let fresh = std::fs::metadata(&bin).and_then(|m| m.modified()).map(|t| t >= newest_source(&dir)).unwrap_or(false);
+        let fresh =
+            std::fs::metadata(&bin).and_then(|m| m.modified()).map(|t| t >= newest_source(&dir)).unwrap_or(false);
         if fresh {
             return Ok(bin);
         }
@@ -48,7 +49,12 @@ pub fn sim_binary() -> PathBuf {
             .env("GO111MODULE", "off")
             .env("GOPATH", "/usr/share/gocode")
             .output()
-            .map_err(|e| format!("cannot run `go build` in {} ({e}); install golang-go and golang-github-vmware-govmomi-dev", dir.display()))?;
+            .map_err(|e| {
+                format!(
+                    "cannot run `go build` in {} ({e}); install golang-go and golang-github-vmware-govmomi-dev",
+                    dir.display()
+                )
+            })?;
         if !out.status.success() {
             return Err(format!("building {} failed: {}", dir.display(), String::from_utf8_lossy(&out.stderr)));
         }
@@ -95,12 +101,19 @@ impl Sim {
     pub fn start(work: &Path, datastores: &[(&str, &Path)], vms: &[VmSpec], extra: &str) -> Sim {
         let bin = sim_binary();
         std::fs::create_dir_all(work).unwrap();
-        let ds: Vec<String> = datastores.iter().map(|(n, d)| format!(r#"{{"name":"{n}","dir":"{}"}}"#, d.display())).collect();
+        let ds: Vec<String> =
+            datastores.iter().map(|(n, d)| format!(r#"{{"name":"{n}","dir":"{}"}}"#, d.display())).collect();
         let vm: Vec<String> = vms
             .iter()
             .map(|v| {
-                let disks: Vec<String> = v.disks.iter().map(|(d, s)| format!(r#"{{"datastore":"{d}","size_bytes":{s}}}"#)).collect();
-                format!(r#"{{"name":"{}","power_on":{},"disks":[{}],"no_tools":false}}"#, v.name, v.power_on, disks.join(","))
+                let disks: Vec<String> =
+                    v.disks.iter().map(|(d, s)| format!(r#"{{"datastore":"{d}","size_bytes":{s}}}"#)).collect();
+                format!(
+                    r#"{{"name":"{}","power_on":{},"disks":[{}],"no_tools":false}}"#,
+                    v.name,
+                    v.power_on,
+                    disks.join(",")
+                )
             })
             .collect();
         let spec = format!(
@@ -123,11 +136,21 @@ impl Sim {
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
         if line.trim().is_empty() {
             let _ = child.kill();
-            panic!("esxi-sim printed no start line; its log:\n{}", std::fs::read_to_string(work.join("sim.log")).unwrap_or_default());
+            panic!(
+                "esxi-sim printed no start line; its log:\n{}",
+                std::fs::read_to_string(work.join("sim.log")).unwrap_or_default()
+            );
         }
         let url = json_str(&line, "url");
         let port: u16 = url.rsplit(':').next().unwrap().split('/').next().unwrap().parse().unwrap();
-        Sim { child, stdin, dir: work.to_path_buf(), port, thumbprint: json_str(&line, "thumbprint"), control: json_str(&line, "control") }
+        Sim {
+            child,
+            stdin,
+            dir: work.to_path_buf(),
+            port,
+            thumbprint: json_str(&line, "thumbprint"),
+            control: json_str(&line, "control"),
+        }
     }
 
     pub fn post(&self, path_query: &str) -> String {
@@ -139,7 +162,11 @@ impl Sim {
     }
 
     pub fn post_bytes(&self, path_query: &str, body: &[u8]) -> String {
-        ureq::post(&format!("{}{path_query}", self.control)).send_bytes(body).unwrap_or_else(|e| panic!("control {path_query}: {e}")).into_string().unwrap()
+        ureq::post(&format!("{}{path_query}", self.control))
+            .send_bytes(body)
+            .unwrap_or_else(|e| panic!("control {path_query}: {e}"))
+            .into_string()
+            .unwrap()
     }
 
     pub fn state(&self) -> serde_json::Value {

@@ -122,7 +122,12 @@ pub fn build_sim() -> Result<PathBuf, String> {
 fn keygen(path: &Path) -> Result<(), String> {
     let _ = fs::remove_file(path);
     let _ = fs::remove_file(path.with_extension("pub"));
-    let st = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(path).stdin(Stdio::null()).status().map_err(|e| e.to_string())?;
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .status()
+        .map_err(|e| e.to_string())?;
     if st.success() {
         Ok(())
     } else {
@@ -174,7 +179,10 @@ impl Sshd {
         let t = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             if t.elapsed() > Duration::from_secs(10) {
-                return Err(format!("sshd did not start: {}", fs::read_to_string(dir.join("sshd.log")).unwrap_or_default()));
+                return Err(format!(
+                    "sshd did not start: {}",
+                    fs::read_to_string(dir.join("sshd.log")).unwrap_or_default()
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -192,11 +200,19 @@ impl Sshd {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        let st = Command::new("ssh-add").arg("-q").arg(&boot).env("SSH_AUTH_SOCK", &sock).stderr(Stdio::null()).status().map_err(|e| e.to_string())?;
+        let st = Command::new("ssh-add")
+            .arg("-q")
+            .arg(&boot)
+            .env("SSH_AUTH_SOCK", &sock)
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|e| e.to_string())?;
         if !st.success() {
             return Err("ssh-add failed".into());
         }
-        let user = String::from_utf8_lossy(&Command::new("id").arg("-un").output().map_err(|e| e.to_string())?.stdout).trim().to_string();
+        let user = String::from_utf8_lossy(&Command::new("id").arg("-un").output().map_err(|e| e.to_string())?.stdout)
+            .trim()
+            .to_string();
         Ok(Sshd { port, user, authorized_keys, child, agent: Some(agent), agent_sock: sock })
     }
 
@@ -253,13 +269,18 @@ impl Sim {
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).map_err(|e| e.to_string())?;
         let field = |k: &str| -> String {
             let pat = format!("\"{k}\":\"");
-            line.find(&pat).map(|i| line[i + pat.len()..].split('"').next().unwrap_or("").to_string()).unwrap_or_default()
+            line.find(&pat)
+                .map(|i| line[i + pat.len()..].split('"').next().unwrap_or("").to_string())
+                .unwrap_or_default()
         };
         let url = field("url");
         let port = url.rsplit(':').next().and_then(|p| p.split('/').next()).and_then(|p| p.parse().ok());
         let Some(port) = port else {
             let _ = child.kill();
-            return Err(format!("the simulator did not start: {}", fs::read_to_string(work.join("sim.log")).unwrap_or_default()));
+            return Err(format!(
+                "the simulator did not start: {}",
+                fs::read_to_string(work.join("sim.log")).unwrap_or_default()
+            ));
         };
         Ok(Sim { child, stdin, port })
     }
@@ -351,7 +372,16 @@ impl AffaConf {
     }
 
     /// An ESXi job for `vm` in `root`; `chunk` = Some(chunkSize) for chunkFiles=*-flat.vmdk.
-    pub fn add_job(&self, job: &str, vm: &str, root: &Path, chunk: Option<&str>, tuned: bool, sshd: &Sshd, sim: &Sim) -> Result<(), String> {
+    pub fn add_job(
+        &self,
+        job: &str,
+        vm: &str,
+        root: &Path,
+        chunk: Option<&str>,
+        tuned: bool,
+        sshd: &Sshd,
+        sim: &Sim,
+    ) -> Result<(), String> {
         let mut chunk = match chunk {
             Some(cs) => format!("chunkFiles=*-flat.vmdk\nchunkSize={cs}\n"),
             None => String::new(),
@@ -383,7 +413,11 @@ impl AffaConf {
             .output()
             .map_err(|e| e.to_string())?;
         if !out.status.success() {
-            return Err(format!("affa --send-key {job} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
+            return Err(format!(
+                "affa --send-key {job} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
         Ok(())
     }

@@ -50,8 +50,9 @@ pub fn derive(seed: u64, label: &str) -> u64 {
 fn vocabulary() -> Vec<Vec<u8>> {
     let mut r = Rng::new(0x7e47);
     let syll: [&[u8]; 32] = [
-        b"ar", b"be", b"con", b"de", b"er", b"fi", b"ge", b"ha", b"in", b"jo", b"ka", b"li", b"me", b"no", b"or", b"pa",
-        b"qu", b"re", b"st", b"te", b"un", b"ve", b"wa", b"xe", b"yo", b"za", b"tion", b"ing", b"ed", b"ly", b"ment", b"s",
+        b"ar", b"be", b"con", b"de", b"er", b"fi", b"ge", b"ha", b"in", b"jo", b"ka", b"li", b"me", b"no", b"or",
+        b"pa", b"qu", b"re", b"st", b"te", b"un", b"ve", b"wa", b"xe", b"yo", b"za", b"tion", b"ing", b"ed", b"ly",
+        b"ment", b"s",
     ];
     (0..2048)
         .map(|_| {
@@ -97,7 +98,9 @@ impl Filler {
             line.clear();
             ts += r.below(5);
             let x = r.next();
-            line.extend_from_slice(format!("{ts}.{:03} vm{:02} svc[{}]:", x % 1000, (x >> 10) % 8, 100 + (x >> 16) % 4000).as_bytes());
+            line.extend_from_slice(
+                format!("{ts}.{:03} vm{:02} svc[{}]:", x % 1000, (x >> 10) % 8, 100 + (x >> 16) % 4000).as_bytes(),
+            );
             let words = 4 + (x >> 32) % 12;
             let mut bits = r.next();
             for k in 0..words {

@@ -47,7 +47,8 @@ pub fn run(cmd: &mut Command, log: &Path, remote: Remote) -> Result<Cost, String
     let err = out.try_clone().map_err(|e| e.to_string())?;
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);
     let r0 = remote.cpu();
-    let start = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    let start =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
     let t = Instant::now();
     let child = cmd.spawn().map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
     let pid = child.id() as libc::pid_t;
@@ -77,10 +78,21 @@ pub fn run(cmd: &mut Command, log: &Path, remote: Remote) -> Result<Cost, String
         let text = fs::read_to_string(log).unwrap_or_default();
         let tail: Vec<&str> = text.lines().rev().take(25).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
-        return Err(format!("{:?} failed (status {status}); {}:\n{}", cmd.get_program(), log.display(), tail.join("\n")));
+        return Err(format!(
+            "{:?} failed (status {status}); {}:\n{}",
+            cmd.get_program(),
+            log.display(),
+            tail.join("\n")
+        ));
     }
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    Ok(Cost { wall, cpu_local: tv(ru.ru_utime) + tv(ru.ru_stime), cpu_remote: (r1 - r0).max(0.0), maxrss_kib: ru.ru_maxrss as u64, start })
+    Ok(Cost {
+        wall,
+        cpu_local: tv(ru.ru_utime) + tv(ru.ru_stime),
+        cpu_remote: (r1 - r0).max(0.0),
+        maxrss_kib: ru.ru_maxrss as u64,
+        start,
+    })
 }
 
 /// Time an in-process action the same way (wall including a final sync; CPU from getrusage SELF).

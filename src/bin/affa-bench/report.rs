@@ -13,7 +13,8 @@ use crate::systems::{human_cs, Backup};
 use crate::{human, Args};
 
 /// Kept across runs: everything in BENCHMARKS.md after this line is hand-written analysis.
-pub const ANALYSIS_MARK: &str = "<!-- analysis: everything below this line is kept when affa-bench rewrites the file -->";
+pub const ANALYSIS_MARK: &str =
+    "<!-- analysis: everything below this line is kept when affa-bench rewrites the file -->";
 
 #[derive(Clone, Debug, Default)]
 pub struct Rec {
@@ -121,7 +122,12 @@ pub struct Results {
 }
 
 fn sh(cmd: &str) -> String {
-    Command::new("sh").arg("-c").arg(cmd).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+    Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
 }
 
 /// zstd -1 size of a file (the "one compressed full copy").
@@ -176,11 +182,31 @@ impl Results {
             (
                 "affa".to_string(),
                 match &args.affa_bin {
-                    Some(p) => format!("{} (binary given with --affa-bin: {})", crate::env::version_of(&p.display().to_string(), &["--version"]), p.display()),
-                    None => format!("{} (built from git {})", env!("CARGO_PKG_VERSION"), sh(&format!("git -C {} describe --always --dirty 2>/dev/null", crate::env::manifest_dir().display()))),
+                    Some(p) => format!(
+                        "{} (binary given with --affa-bin: {})",
+                        crate::env::version_of(&p.display().to_string(), &["--version"]),
+                        p.display()
+                    ),
+                    None => format!(
+                        "{} (built from git {})",
+                        env!("CARGO_PKG_VERSION"),
+                        sh(&format!(
+                            "git -C {} describe --always --dirty 2>/dev/null",
+                            crate::env::manifest_dir().display()
+                        ))
+                    ),
                 },
             ),
-            ("affa-bench".to_string(), format!("git {}", sh(&format!("git -C {} describe --always --dirty 2>/dev/null", crate::env::manifest_dir().display())))),
+            (
+                "affa-bench".to_string(),
+                format!(
+                    "git {}",
+                    sh(&format!(
+                        "git -C {} describe --always --dirty 2>/dev/null",
+                        crate::env::manifest_dir().display()
+                    ))
+                ),
+            ),
             ("rsync".into(), crate::env::version_of("rsync", &["--version"])),
             ("ssh".into(), crate::env::version_of("ssh", &["-V"])),
             ("borg".into(), crate::env::version_of("borg", &["--version"])),
@@ -188,8 +214,14 @@ impl Results {
             ("go (simulator)".into(), crate::env::version_of("go", &["version"])),
             ("rustc".into(), crate::env::version_of("rustc", &["--version"])),
         ];
-        tools.push(("govmomi (simulator)".into(), sh("dpkg-query -W -f='${Version}' golang-github-vmware-govmomi-dev 2>/dev/null")));
-        let disk = sh(&format!("df -hT {} | tail -1 | awk '{{print $1\" \"$2\", \"$3\" total, \"$5\" free\"}}'", data.display()));
+        tools.push((
+            "govmomi (simulator)".into(),
+            sh("dpkg-query -W -f='${Version}' golang-github-vmware-govmomi-dev 2>/dev/null"),
+        ));
+        let disk = sh(&format!(
+            "df -hT {} | tail -1 | awk '{{print $1\" \"$2\", \"$3\" total, \"$5\" free\"}}'",
+            data.display()
+        ));
         let machine = Machine {
             nproc: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             mem: sh("awk '/MemTotal/ {printf \"%.1f GiB\", $2/1048576}' /proc/meminfo"),
@@ -327,18 +359,37 @@ impl Results {
         if let (Some(c), Some(r)) = (self.sum("clustered", &d), self.sum("clustered", "rsync")) {
             let g = c.growth.unwrap_or(f64::NAN) / size * 100.0;
             let met = g <= 2.0;
-            t.push(("incremental, 1% clustered: store growth <= 2% of the disk".into(), format!("{g:.2}% ({} MB)", mb(c.growth.unwrap_or(0.0))), Some(met), gap(met, format!("{:.2} points over", g - 2.0))));
+            t.push((
+                "incremental, 1% clustered: store growth <= 2% of the disk".into(),
+                format!("{g:.2}% ({} MB)", mb(c.growth.unwrap_or(0.0))),
+                Some(met),
+                gap(met, format!("{:.2} points over", g - 2.0)),
+            ));
             let x = c.wall / r.wall;
             let met = x <= 1.0;
-            t.push(("incremental, 1% clustered: wall <= 1.0x rsync --link-dest".into(), format!("{:.1} s vs {:.1} s = {x:.2}x", c.wall, r.wall), Some(met), gap(met, format!("{:.0}% slower", (x - 1.0) * 100.0))));
+            t.push((
+                "incremental, 1% clustered: wall <= 1.0x rsync --link-dest".into(),
+                format!("{:.1} s vs {:.1} s = {x:.2}x", c.wall, r.wall),
+                Some(met),
+                gap(met, format!("{:.0}% slower", (x - 1.0) * 100.0)),
+            ));
         }
         // 2. thirty nights
         if let (Some((store, staging)), Some((cz, _))) = (self.nightly_store(&d), self.nightly_compressed) {
             let x = store as f64 / cz as f64;
             let met = x <= 1.5;
             t.push((
-                format!("{} nights of 0.5%: store <= 1.5x one compressed full copy ({} disk)", self.nights, human(self.nsize)),
-                format!("{} MB / {} MB = {x:.2}x (without the staging copy: {:.2}x)", mb(store as f64), mb(cz as f64), (store - staging.min(store)) as f64 / cz as f64),
+                format!(
+                    "{} nights of 0.5%: store <= 1.5x one compressed full copy ({} disk)",
+                    self.nights,
+                    human(self.nsize)
+                ),
+                format!(
+                    "{} MB / {} MB = {x:.2}x (without the staging copy: {:.2}x)",
+                    mb(store as f64),
+                    mb(cz as f64),
+                    (store - staging.min(store)) as f64 / cz as f64
+                ),
                 Some(met),
                 gap(met, format!("{:.0}% over the bound", (x / 1.5 - 1.0) * 100.0)),
             ));
@@ -347,13 +398,26 @@ impl Results {
         if let (Some(c), Some(r)) = (self.sum("full", &d), self.sum("full", "rsync")) {
             let x = c.wall / r.wall;
             let met = x <= 1.3;
-            t.push(("full backup: wall <= 1.3x plain rsync copy over the same ssh".into(), format!("{:.1} s vs {:.1} s = {x:.2}x", c.wall, r.wall), Some(met), gap(met, format!("{:.0}% over the bound", (x / 1.3 - 1.0) * 100.0))));
+            t.push((
+                "full backup: wall <= 1.3x plain rsync copy over the same ssh".into(),
+                format!("{:.1} s vs {:.1} s = {x:.2}x", c.wall, r.wall),
+                Some(met),
+                gap(met, format!("{:.0}% over the bound", (x / 1.3 - 1.0) * 100.0)),
+            ));
         }
         // 4/5. store and wall vs borg, restic
-        for (phase, what) in [("full", "full backup"), ("clustered", "1% clustered"), ("scattered", "0.1% scattered"), ("clone", "clone 5%"), ("nightly", "nightly runs")] {
+        for (phase, what) in [
+            ("full", "full backup"),
+            ("clustered", "1% clustered"),
+            ("scattered", "0.1% scattered"),
+            ("clone", "clone 5%"),
+            ("nightly", "nightly runs"),
+        ] {
             let Some(c) = (if phase == "nightly" { self.nights(&d) } else { self.sum(phase, &d) }) else { continue };
             for other in ["borg", "restic"] {
-                let Some(o) = (if phase == "nightly" { self.nights(other) } else { self.sum(phase, other) }) else { continue };
+                let Some(o) = (if phase == "nightly" { self.nights(other) } else { self.sum(phase, other) }) else {
+                    continue;
+                };
                 let (mine, theirs, kind) = match phase {
                     "full" => (c.store_last.unwrap_or(0) as f64, o.store_last.unwrap_or(0) as f64, "store"),
                     "nightly" => (
@@ -370,7 +434,10 @@ impl Results {
                     "full" | "clone" => c.staging,
                     _ => None,
                 };
-                let without = staging.filter(|s| *s > 0.0).map(|s| format!(" (without the staging copy: {} MB)", mb(mine - s))).unwrap_or_default();
+                let without = staging
+                    .filter(|s| *s > 0.0)
+                    .map(|s| format!(" (without the staging copy: {} MB)", mb(mine - s)))
+                    .unwrap_or_default();
                 t.push((
                     format!("{what}: {kind} <= {other}'s"),
                     format!("{} MB vs {} MB{without}", mb(mine), mb(theirs)),
@@ -381,7 +448,12 @@ impl Results {
             if let Some(b) = if phase == "nightly" { self.nights("borg") } else { self.sum(phase, "borg") } {
                 let x = c.wall / b.wall;
                 let met = x <= 0.5;
-                t.push((format!("{what}: wall <= 0.5x borg's"), format!("{:.1} s vs {:.1} s = {x:.2}x", c.wall, b.wall), Some(met), gap(met, format!("{:.0}% over the bound", (x / 0.5 - 1.0) * 100.0))));
+                t.push((
+                    format!("{what}: wall <= 0.5x borg's"),
+                    format!("{:.1} s vs {:.1} s = {x:.2}x", c.wall, b.wall),
+                    Some(met),
+                    gap(met, format!("{:.0}% over the bound", (x / 0.5 - 1.0) * 100.0)),
+                ));
             }
         }
         // 6. restore speed
@@ -390,17 +462,38 @@ impl Results {
             let rd = size / read;
             let x = rs / rd;
             let met = x >= 0.5;
-            t.push(("restore of a chunked disk >= half the speed of a (cold) read of the plain file".into(), format!("{:.0} MB/s vs {:.0} MB/s = {x:.2}x", rs / 1e6, rd / 1e6), Some(met), gap(met, format!("{:.0}% short", (1.0 - x / 0.5) * 100.0))));
+            t.push((
+                "restore of a chunked disk >= half the speed of a (cold) read of the plain file".into(),
+                format!("{:.0} MB/s vs {:.0} MB/s = {x:.2}x", rs / 1e6, rd / 1e6),
+                Some(met),
+                gap(met, format!("{:.0}% short", (1.0 - x / 0.5) * 100.0)),
+            ));
         }
         // 7. memory
-        let rss = |phases: &[&str]| self.recs.iter().filter(|r| r.system == d && phases.contains(&r.phase.as_str())).map(|r| r.cost.maxrss_kib).max();
+        let rss = |phases: &[&str]| {
+            self.recs
+                .iter()
+                .filter(|r| r.system == d && phases.contains(&r.phase.as_str()))
+                .map(|r| r.cost.maxrss_kib)
+                .max()
+        };
         if let Some(k) = rss(&["full", "clustered", "scattered", "clone", "restore"]) {
             let met = k < 256 * 1024;
-            t.push((format!("peak memory < 256 MiB ({} disk)", human(self.size)), format!("{} MiB", k / 1024), Some(met), gap(met, format!("{} MiB over", k / 1024 - 256))));
+            t.push((
+                format!("peak memory < 256 MiB ({} disk)", human(self.size)),
+                format!("{} MiB", k / 1024),
+                Some(met),
+                gap(met, format!("{} MiB over", k / 1024 - 256)),
+            ));
         }
         if let Some(k) = rss(&["memory-full", "memory-clustered"]) {
             let met = k < 256 * 1024;
-            t.push((format!("peak memory < 256 MiB ({} disk)", human(self.msize)), format!("{} MiB", k / 1024), Some(met), gap(met, format!("{} MiB over", k / 1024 - 256))));
+            t.push((
+                format!("peak memory < 256 MiB ({} disk)", human(self.msize)),
+                format!("{} MiB", k / 1024),
+                Some(met),
+                gap(met, format!("{} MiB over", k / 1024 - 256)),
+            ));
         }
         t
     }
@@ -414,7 +507,8 @@ impl Results {
         for id in ids {
             let Some(s) = self.sum(phase, id) else { continue };
             let store = if full { s.store_last.map(|x| x as f64) } else { s.growth };
-            let mut store_txt = store.map(|b| format!("{} ({:.2}%)", mb(b), b / s.disk as f64 * 100.0)).unwrap_or("-".into());
+            let mut store_txt =
+                store.map(|b| format!("{} ({:.2}%)", mb(b), b / s.disk as f64 * 100.0)).unwrap_or("-".into());
             if full {
                 if let Some(st) = s.staging {
                     store_txt.push_str(&format!(", of which staging {}", mb(st)));
@@ -443,10 +537,21 @@ impl Results {
         o.push_str("# Benchmarks: affa vs rsync --link-dest, borg and restic\n\n");
         o.push_str("Written by `affa-bench` (src/bin/affa-bench.rs); every figure is also in `benchmarks.json`. How it measures: docs/BENCHMARKS-METHOD.md.\n\n");
         o.push_str(&format!("Command: `{}`  \n", self.cmdline.trim()));
-        o.push_str(&format!("Run: {} to {} ({:.0} min)  \n", self.machine.date_start, self.machine.date_end, self.total_wall / 60.0));
+        o.push_str(&format!(
+            "Run: {} to {} ({:.0} min)  \n",
+            self.machine.date_start,
+            self.machine.date_end,
+            self.total_wall / 60.0
+        ));
         o.push_str(&format!(
             "Machine: {} cores ({}), {} RAM, kernel {}, data on {}  \nLoad: at start `{}`; at end `{}`\n\n",
-            self.machine.nproc, self.machine.cpu.trim(), self.machine.mem, self.machine.kernel, self.machine.disk, self.machine.load_start, self.machine.load_end
+            self.machine.nproc,
+            self.machine.cpu.trim(),
+            self.machine.mem,
+            self.machine.kernel,
+            self.machine.disk,
+            self.machine.load_start,
+            self.machine.load_end
         ));
         o.push_str("Tools: ");
         o.push_str(&self.tools.iter().map(|(k, v)| format!("{k}: `{v}`")).collect::<Vec<_>>().join("; "));
@@ -457,14 +562,20 @@ impl Results {
                 human(self.size), self.seed, human(c.zero), human(c.random), human(c.text)
             ));
             if let Some((cz, _)) = self.compressed_full {
-                o.push_str(&format!(" zstd -1 of the whole image: {} MB ({:.2}x).", mb(cz as f64), self.size as f64 / cz as f64));
+                o.push_str(&format!(
+                    " zstd -1 of the whole image: {} MB ({:.2}x).",
+                    mb(cz as f64),
+                    self.size as f64 / cz as f64
+                ));
             }
             o.push_str("\n\n");
         }
         o.push_str("Systems: affa runs an ESXi job against the simulator harness (harness/esxi-sim) through a private sshd on 127.0.0.1: snapshot, rsync of the frozen disk, chunking, snapshot removal, config files. `rsyncCompress=no` for both affa jobs (loopback). rsync: `rsync -a --hard-links --numeric-ids --sparse --link-dest=PREV` of the VM directory over the same ssh (same options and key as affa). borg 1.2 (`-e none`, `--compression zstd,1`, `--chunker-params fixed,4194304` as borg recommends for VM images) and restic 0.14 (repository version 2, compression auto) read the image directly from the datastore directory, without ssh and without a snapshot. Before every timed run the source and the store are dropped from the page cache; every wall time includes a final `sync`.\n\n");
 
         // Ceilings
-        if let (Some(lr), Some(sc), Some(sw)) = (self.ceiling("local-read-cold"), self.ceiling("ssh-cat-cold"), self.ceiling("ssh-cat-warm")) {
+        if let (Some(lr), Some(sc), Some(sw)) =
+            (self.ceiling("local-read-cold"), self.ceiling("ssh-cat-cold"), self.ceiling("ssh-cat-warm"))
+        {
             let s = self.size as f64;
             o.push_str(&format!(
                 "## Ceilings (same run, median of {})\n\n| path | s | MB/s |\n|---|---:|---:|\n| local read of the image, cold | {lr:.2} | {:.0} |\n| `ssh ... cat image > /dev/null`, cold | {sc:.2} | {:.0} |\n| same, image in the page cache | {sw:.2} | {:.0} |\n\n",
@@ -473,22 +584,39 @@ impl Results {
         }
         let pct = |phase: &str| -> String {
             let v: Vec<u64> = self.changed.iter().filter(|c| c.0 == phase).map(|c| c.2).collect();
-            v.first().map(|&b| if b >= 1 << 20 { format!("{} MiB written per run", b >> 20) } else { format!("{} KiB written per run", b >> 10) }).unwrap_or_default()
+            v.first()
+                .map(|&b| {
+                    if b >= 1 << 20 {
+                        format!("{} MiB written per run", b >> 20)
+                    } else {
+                        format!("{} KiB written per run", b >> 10)
+                    }
+                })
+                .unwrap_or_default()
         };
         o.push_str(&format!("## Full backup ({} disk)\n\n", human(self.size)));
         self.backup_table(&mut o, "full", &main, true);
-        o.push_str(&format!("\n## Incremental: 1% of the disk changed as clustered 1 MiB extents ({})\n\n", pct("clustered")));
+        o.push_str(&format!(
+            "\n## Incremental: 1% of the disk changed as clustered 1 MiB extents ({})\n\n",
+            pct("clustered")
+        ));
         self.backup_table(&mut o, "clustered", &main, false);
         o.push_str(&format!("\n## Incremental: 0.1% changed as scattered 4 KiB blocks ({})\n\n", pct("scattered")));
         self.backup_table(&mut o, "scattered", &main, false);
-        o.push_str(&format!("\n## A second VM cloned from the first with 5% divergence ({}; one run, same store)\n\n", pct("clone")));
+        o.push_str(&format!(
+            "\n## A second VM cloned from the first with 5% divergence ({}; one run, same store)\n\n",
+            pct("clone")
+        ));
         self.backup_table(&mut o, "clone", &main, false);
         o.push_str("\nThe plain-copy systems (affa without chunkFiles, rsync) keep a full copy per version; the bench deletes their older versions after measuring each growth (else the disk fills), so their store sizes are sums of measured growths.\n\n");
 
         // Restore
         if self.sum("restore", &d).is_some() {
             let lr = self.ceiling("local-read-cold");
-            o.push_str(&format!("## Restore of the newest version of the disk to a local directory (store cold, median of {})\n\n", self.reps));
+            o.push_str(&format!(
+                "## Restore of the newest version of the disk to a local directory (store cold, median of {})\n\n",
+                self.reps
+            ));
             o.push_str("| system | wall s | MB/s | vs cold read of the plain file | peak RSS MiB | CPU s | how |\n|---|---:|---:|---:|---:|---:|---|\n");
             for id in main.iter() {
                 let Some(s) = self.sum("restore", id) else { continue };
@@ -544,12 +672,18 @@ impl Results {
         }
 
         // The proposed fixes, measured
-        let tuned: Vec<String> = self.systems.iter().filter(|s| s.0.starts_with("tuned")).map(|s| s.0.clone()).collect();
+        let tuned: Vec<String> =
+            self.systems.iter().filter(|s| s.0.starts_with("tuned")).map(|s| s.0.clone()).collect();
         if !tuned.is_empty() {
             let mut ids = vec![d.clone()];
             ids.extend(tuned.iter().cloned());
             ids.extend(["rsync".to_string(), "borg".to_string(), "restic".to_string()]);
-            for (ph, what) in [("full", "full backup"), ("clustered", "1% clustered"), ("scattered", "0.1% scattered"), ("clone", "clone 5%")] {
+            for (ph, what) in [
+                ("full", "full backup"),
+                ("clustered", "1% clustered"),
+                ("scattered", "0.1% scattered"),
+                ("clone", "clone 5%"),
+            ] {
                 if self.sum(ph, &d).is_none() {
                     continue;
                 }
@@ -570,7 +704,16 @@ impl Results {
             let cl = self.sum("clone", &id);
             let r = self.sum("restore", &id);
             let trip = |x: &Option<Sum>| {
-                x.as_ref().map(|x| format!("{:.1} / {} / {}", x.wall, x.growth.map(mb).unwrap_or("-".into()), x.bytes.map(mb).unwrap_or("-".into()))).unwrap_or("-".into())
+                x.as_ref()
+                    .map(|x| {
+                        format!(
+                            "{:.1} / {} / {}",
+                            x.wall,
+                            x.growth.map(mb).unwrap_or("-".into()),
+                            x.bytes.map(mb).unwrap_or("-".into())
+                        )
+                    })
+                    .unwrap_or("-".into())
             };
             let rss = self.recs.iter().filter(|r| r.system == id).map(|r| r.cost.maxrss_kib).max().unwrap_or(0);
             o.push_str(&format!(
@@ -578,7 +721,9 @@ impl Results {
                 human_cs(cs),
                 if cs == self.default_cs { " (current default)" } else { "" },
                 f.as_ref().map(|x| format!("{:.1}", x.wall)).unwrap_or("-".into()),
-                f.as_ref().map(|x| mb(x.store_last.unwrap_or(0) as f64 - x.staging.unwrap_or(0.0))).unwrap_or("-".into()),
+                f.as_ref()
+                    .map(|x| mb(x.store_last.unwrap_or(0) as f64 - x.staging.unwrap_or(0.0)))
+                    .unwrap_or("-".into()),
                 trip(&c),
                 trip(&s),
                 cl.and_then(|x| x.growth).map(mb).unwrap_or("-".into()),
@@ -613,7 +758,12 @@ impl Results {
 
         // Where affa's wall time goes
         o.push_str("## Where affa's wall time goes (medians, s)\n\nFrom the timed rsync wrapper affa runs as `localRsyncBinary`: before the first rsync = connection check, vSphere login, layout, snapshot; rsync = every transfer (disk descriptor, disk, config files); between the disk and the config rsync = chunking + snapshot removal (+ layout query); after = rotation, pool sweep, the final sync.\n\n| system | scenario | wall | before first rsync | rsync | chunking + snapshot removal | after last rsync |\n|---|---|---:|---:|---:|---:|---:|\n");
-        let mut ids: Vec<String> = self.systems.iter().filter(|s| s.0.starts_with("chunk") || s.0.starts_with("tuned") || s.0 == "plain").map(|s| s.0.clone()).collect();
+        let mut ids: Vec<String> = self
+            .systems
+            .iter()
+            .filter(|s| s.0.starts_with("chunk") || s.0.starts_with("tuned") || s.0 == "plain")
+            .map(|s| s.0.clone())
+            .collect();
         ids.sort_by_key(|i| (i != &d, i != "plain", i.clone()));
         for id in &ids {
             for ph in ["full", "clustered", "scattered", "clone", "nightly"] {
@@ -633,7 +783,11 @@ impl Results {
         o.push('\n');
 
         // Targets
-        o.push_str(&format!("## Targets ({} run, affa = {})\n\n| target | measured | met |\n|---|---|---|\n", human(self.size), self.label(&d)));
+        o.push_str(&format!(
+            "## Targets ({} run, affa = {})\n\n| target | measured | met |\n|---|---|---|\n",
+            human(self.size),
+            self.label(&d)
+        ));
         for (t, m, met, g) in self.targets() {
             let mark = match met {
                 Some(true) => "yes".to_string(),
@@ -714,7 +868,8 @@ impl Results {
             ),
         );
         let mut sums = Vec::new();
-        let phases = ["full", "clustered", "scattered", "clone", "restore", "nightly", "memory-full", "memory-clustered"];
+        let phases =
+            ["full", "clustered", "scattered", "clone", "restore", "nightly", "memory-full", "memory-clustered"];
         for ph in phases {
             for (id, _, _) in &self.systems {
                 let s = if ph == "nightly" { self.nights(id) } else { self.sum(ph, id) };

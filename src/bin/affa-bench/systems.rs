@@ -81,7 +81,10 @@ impl System {
                 let def = if *cs == default_cs { ", default" } else { "" };
                 (format!("chunk{}", h.to_lowercase()), format!("affa ESXi, chunkFiles, chunkSize={h}{def}"))
             }
-            Kind::Tuned(cs) => (format!("tuned{}", human_cs(*cs).to_lowercase()), format!("affa ESXi, chunkSize={} + staging --sparse + ssh ControlMaster (proposed)", human_cs(*cs))),
+            Kind::Tuned(cs) => (
+                format!("tuned{}", human_cs(*cs).to_lowercase()),
+                format!("affa ESXi, chunkSize={} + staging --sparse + ssh ControlMaster (proposed)", human_cs(*cs)),
+            ),
             Kind::Plain => ("plain".into(), "affa ESXi, no chunkFiles (Affa 3)".into()),
             Kind::Rsync => ("rsync".into(), "rsync --link-dest over ssh".into()),
             Kind::Borg => ("borg".into(), "borg 1.2, local read".into()),
@@ -133,7 +136,15 @@ impl System {
         match self.kind {
             Kind::Chunk(cs) | Kind::Tuned(cs) => {
                 for vm in vms {
-                    w.affa.add_job(&self.job(vm), vm, &self.root, Some(&human_cs(cs)), matches!(self.kind, Kind::Tuned(_)), w.sshd, w.sim)?;
+                    w.affa.add_job(
+                        &self.job(vm),
+                        vm,
+                        &self.root,
+                        Some(&human_cs(cs)),
+                        matches!(self.kind, Kind::Tuned(_)),
+                        w.sshd,
+                        w.sim,
+                    )?;
                 }
             }
             Kind::Plain => {
@@ -164,7 +175,8 @@ impl System {
     }
 
     fn rsync_versions(&self, vm: &str) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = fs::read_dir(self.rsync_dir(vm)).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+        let mut v: Vec<PathBuf> =
+            fs::read_dir(self.rsync_dir(vm)).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default();
         v.sort();
         v
     }
@@ -204,8 +216,11 @@ impl System {
                         extra.push(("after_last_rsync_s".to_string(), cost.start + cost.wall - last.1));
                     }
                 }
-                let rep = fs::read_to_string(self.root.join(&job).join("scheduled.0/.AFFA3-REPORT")).unwrap_or_default();
-                let num = |k: &str| -> Option<u64> { rep.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).and_then(|v| v.trim().parse().ok()) };
+                let rep =
+                    fs::read_to_string(self.root.join(&job).join("scheduled.0/.AFFA3-REPORT")).unwrap_or_default();
+                let num = |k: &str| -> Option<u64> {
+                    rep.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).and_then(|v| v.trim().parse().ok())
+                };
                 let bytes = match (num("TotalBytesSent"), num("TotalBytesReceived")) {
                     (Some(a), Some(b)) => Some(a + b),
                     _ => None,
@@ -214,11 +229,17 @@ impl System {
                     extra.push(("pool_bytes_added".to_string(), v as f64));
                 }
                 if self.chunked() {
-                    extra.push(("staging_bytes".to_string(), measure::du(&self.root.join(&job).join(".staging")) as f64));
+                    extra.push((
+                        "staging_bytes".to_string(),
+                        measure::du(&self.root.join(&job).join(".staging")) as f64,
+                    ));
                     extra.push(("pool_files".to_string(), measure::files(&self.root.join(".affa-pool")).len() as f64));
                     let links = measure::files(&self.root.join(&job).join("scheduled.0/.affa-chunks"));
                     extra.push(("archive_chunk_links".to_string(), links.len() as f64));
-                    extra.push(("archive_meta_bytes".to_string(), measure::meta_du(&self.root.join(&job).join("scheduled.0")) as f64));
+                    extra.push((
+                        "archive_meta_bytes".to_string(),
+                        measure::meta_du(&self.root.join(&job).join("scheduled.0")) as f64,
+                    ));
                 }
                 (cost, bytes)
             }
@@ -227,9 +248,13 @@ impl System {
                 fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
                 let prev = self.rsync_versions(vm).last().cloned();
                 let dest = dir.join(format!("{:04}", self.seq));
-                let ssh = std::iter::once("ssh".to_string()).chain(w.affa.ssh_args(&w.ssh_job, w.sshd)).collect::<Vec<_>>().join(" ");
+                let ssh = std::iter::once("ssh".to_string())
+                    .chain(w.affa.ssh_args(&w.ssh_job, w.sshd))
+                    .collect::<Vec<_>>()
+                    .join(" ");
                 let mut c = Command::new("rsync");
-                c.args(["--archive", "--hard-links", "--numeric-ids", "--sparse", "--stats"]).arg(format!("--rsh={ssh}"));
+                c.args(["--archive", "--hard-links", "--numeric-ids", "--sparse", "--stats"])
+                    .arg(format!("--rsh={ssh}"));
                 if let Some(p) = prev {
                     c.arg(format!("--link-dest={}", p.display()));
                 }
@@ -237,7 +262,10 @@ impl System {
                 let cost = measure::run(&mut c, &log, w.remote)?;
                 let text = fs::read_to_string(&log).unwrap_or_default();
                 let num = |k: &str| -> Option<u64> {
-                    text.lines().find_map(|l| l.strip_prefix(k)).map(|v| v.split_whitespace().next().unwrap_or("").replace(',', "")).and_then(|v| v.parse().ok())
+                    text.lines()
+                        .find_map(|l| l.strip_prefix(k))
+                        .map(|v| v.split_whitespace().next().unwrap_or("").replace(',', ""))
+                        .and_then(|v| v.parse().ok())
                 };
                 let bytes = match (num("Total bytes sent:"), num("Total bytes received:")) {
                     (Some(a), Some(b)) => Some(a + b),
@@ -311,7 +339,9 @@ impl System {
             }
             Kind::Plain => {
                 let mut c = Command::new("cp");
-                c.arg("--sparse=always").arg(self.root.join(self.job(vm)).join("scheduled.0").join(&rel)).arg(out.join(&flat));
+                c.arg("--sparse=always")
+                    .arg(self.root.join(self.job(vm)).join("scheduled.0").join(&rel))
+                    .arg(out.join(&flat));
                 (c, out.join(&flat))
             }
             Kind::Rsync => {
@@ -324,14 +354,23 @@ impl System {
                 let src = w.ds.join(vm).join(&flat);
                 let inner = src.strip_prefix("/").unwrap().to_path_buf();
                 let mut c = Command::new("borg");
-                c.args(["extract", "--sparse"]).arg(format!("{}::{vm}-{:04}", self.repo().display(), self.last.get(vm).copied().unwrap_or(0))).arg(&inner).current_dir(out);
+                c.args(["extract", "--sparse"])
+                    .arg(format!("{}::{vm}-{:04}", self.repo().display(), self.last.get(vm).copied().unwrap_or(0)))
+                    .arg(&inner)
+                    .current_dir(out);
                 self.tool_env(&mut c);
                 (c, out.join(inner))
             }
             Kind::Restic => {
                 let src = w.ds.join(vm);
                 let mut c = Command::new("restic");
-                c.arg("-r").arg(self.repo()).args(["restore", "latest", "--host", "bench", "--path"]).arg(&src).arg("--target").arg(out).args(["--include", &flat]);
+                c.arg("-r")
+                    .arg(self.repo())
+                    .args(["restore", "latest", "--host", "bench", "--path"])
+                    .arg(&src)
+                    .arg("--target")
+                    .arg(out)
+                    .args(["--include", &flat]);
                 self.tool_env(&mut c);
                 (c, out.join(src.strip_prefix("/").unwrap()).join(&flat))
             }
