@@ -2,7 +2,9 @@
 //! `scheduled.running`, `.doneDates`, `.AFFA-TRASH`, and rotation (journaled in
 //! `.rotation-journal`, so a crash between two renames is finished by the next run).
 //!
-//! Owns: which archives exist and are valid, which one is the `--link-dest` basis, and
+//! Owns: which archives exist and are valid (and whether `scheduled.running` holds a complete
+//! transfer: only by affa's marker outside it, [`RUNNING_COMPLETE`]), affa's reserved names at
+//! an archive's root, which one is the `--link-dest` basis, and
 //! rotation/promotion exactly as Affa 3's `shiftArchives` (with its monthly-fallback defect
 //! fixed). Must never: copy or modify the contents of an archive (rotation only renames), name a
 //! transfer that has no report `scheduled.0`, or delete anything but the archive that falls off
@@ -21,6 +23,63 @@ pub const RUNNING: &str = "scheduled.running";
 pub const RESUME: &str = ".scheduled.resume";
 pub const TRASH: &str = ".AFFA-TRASH";
 pub const DONE_DATES: &str = ".doneDates";
+/// The "complete transfer" marker of `scheduled.running`, in the job directory (outside the
+/// transferred tree: a source cannot write it): the BLAKE3 of the report affa wrote there. A
+/// report in `scheduled.running` counts only when this marker matches it, so a report a source
+/// planted (or one left by an interrupted transfer) is never believed.
+pub const RUNNING_COMPLETE: &str = ".running-complete";
+
+/// affa's own files at the root of an archive (docs/FORMAT.md). A transfer never brings a
+/// source's files of these names ([`reserved_excludes`]): a source cannot plant a report, a
+/// setup copy, a VM description, chunk links or a manifest index.
+pub fn reserved_names(job: &str) -> Vec<String> {
+    vec![
+        crate::report::REPORT_FILE.to_string(),
+        format!(".{job}-setup.ini"),
+        crate::esxi::backup::ESXI_INI.to_string(),
+        crate::chunk::ARCHIVE_CHUNK_DIR.to_string(),
+        crate::chunk::INDEX_FILE.to_string(),
+    ]
+}
+
+/// rsync `--exclude` arguments for [`reserved_names`] and the temp names affa writes them under
+/// (`.NAME.tmp-*`), anchored at the root of the transfer (without a trailing `/`, so a symlink
+/// or file of such a name is excluded as well as a directory).
+pub fn reserved_excludes(job: &str) -> Vec<String> {
+    reserved_names(job).iter().flat_map(|n| [format!("--exclude=/{n}"), format!("--exclude=/.{n}.tmp-*")]).collect()
+}
+
+/// Record that `scheduled.running` holds a complete transfer: called right after affa wrote its
+/// report there.
+pub fn mark_running_complete(job_dir: &Path) -> Result<()> {
+    let r = fs::read(job_dir.join(RUNNING).join(crate::report::REPORT_FILE))
+        .ctx(|| format!("cannot read the report of {}", job_dir.join(RUNNING).display()))?;
+    crate::report::write_atomic(&job_dir.join(RUNNING_COMPLETE), blake3::hash(&r).to_hex().as_bytes())
+}
+
+/// Forget the marker (a new transfer starts, or `scheduled.running` was renamed).
+pub fn clear_running_complete(job_dir: &Path) -> Result<()> {
+    let p = job_dir.join(RUNNING_COMPLETE);
+    match fs::remove_file(&p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).ctx(|| format!("cannot remove {}", p.display())),
+        _ => Ok(()),
+    }
+}
+
+/// The report of `scheduled.running` if it holds a complete transfer: the report exists, has a
+/// valid date, and is the one affa recorded in [`RUNNING_COMPLETE`].
+pub fn running_report(job_dir: &Path) -> Option<Report> {
+    let want = fs::read_to_string(job_dir.join(RUNNING_COMPLETE)).ok()?;
+    let f = crate::untrusted::open_regular(&job_dir.join(RUNNING).join(crate::report::REPORT_FILE)).ok()?;
+    let mut data = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(f, 1 << 20), &mut data).ok()?;
+    if blake3::hash(&data).to_hex().as_str() != want.trim() {
+        return None;
+    }
+    let r = Report::parse(&String::from_utf8_lossy(&data));
+    r.date()?;
+    Some(r)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Level {
@@ -344,7 +403,7 @@ fn plan_shift(job_dir: &Path, level: Level, keeps: Keeps, stamp: &str) -> Result
     }
     let mut plan: Vec<(String, String)> = Vec::new();
     let p = |l: Level, i: u32| format!("{}.{}", l.name(), i);
-    let running_valid = Report::read(&job_dir.join(RUNNING)).is_some();
+    let running_valid = running_report(job_dir).is_some();
     let k = keeps.of(level);
     let mut mv = |from: String, to: String, dirs: &mut HashSet<String>, all: &mut HashSet<String>| {
         dirs.remove(&from);
@@ -460,6 +519,9 @@ mod tests {
         let mut r = Report::default();
         r.set("Date", date);
         r.write(&p).unwrap();
+        if name == RUNNING {
+            mark_running_complete(dir).unwrap();
+        }
     }
 
     fn names(dir: &Path) -> Vec<String> {

@@ -29,7 +29,7 @@ pub fn confirm_word(what: &str, word: &str, yes: bool) -> Result<()> {
     if !std::io::stdin().is_terminal() {
         bail!("{what}: refusing without confirmation; run it on a terminal and type '{word}', or add --yes");
     }
-    eprint!("{what}\nType '{word}' to continue: ");
+    eprint!("{}\nType '{word}' to continue: ", crate::untrusted::terminal_safe(what));
     let _ = std::io::stderr().flush();
     let mut line = String::new();
     std::io::stdin().lock().read_line(&mut line).ctx(|| "cannot read the answer".to_string())?;

@@ -24,5 +24,6 @@ pub mod samba;
 pub mod schedule;
 pub mod staging;
 pub mod transport;
+pub mod untrusted;
 
 pub use error::{Error, Result};

@@ -193,7 +193,8 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             affa::joblog::clear_progress();
-            eprintln!("affa: error: {e}");
+            // Errors may quote what a host sent: no control character reaches the terminal.
+            eprintln!("affa: error: {}", affa::untrusted::escape_controls(e.message()));
             ExitCode::from(1)
         }
     }
@@ -209,8 +210,10 @@ fn need(args: &[String], n: usize, usage: &str) -> Result<()> {
     Ok(())
 }
 
+/// Print a command's output; it may quote what a host sent (names, reports), so control
+/// characters other than newline and tab are escaped on the way to the terminal.
 fn print(s: String) {
-    let mut o = std::io::stdout().lock();
+    let mut o = affa::untrusted::TerminalSafe::new(std::io::stdout().lock());
     let _ = o.write_all(s.as_bytes());
     let _ = o.flush();
 }
@@ -259,7 +262,7 @@ fn dispatch(cli: &Cli) -> Result<u8> {
         }
         return Ok(0);
     }
-    let mut out = std::io::stdout();
+    let mut out = affa::untrusted::TerminalSafe::new(std::io::stdout());
     if cli.configcheck {
         print(commands::configcheck(&cfg)?);
     } else if cli.list_archives {

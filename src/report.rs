@@ -68,8 +68,11 @@ impl Report {
 
     /// Read `DIR/.AFFA3-REPORT`; None if absent or without a valid Date.
     pub fn read(archive_dir: &Path) -> Option<Report> {
-        let text = fs::read_to_string(archive_dir.join(REPORT_FILE)).ok()?;
-        let r = Report::parse(&text);
+        // Archive contents are not trusted: no symlink followed, no fifo opened, at most 1 MiB.
+        let f = crate::untrusted::open_regular(&archive_dir.join(REPORT_FILE)).ok()?;
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::Read::take(f, 1 << 20), &mut data).ok()?;
+        let r = Report::parse(&String::from_utf8_lossy(&data));
         r.date()?;
         Some(r)
     }

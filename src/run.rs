@@ -9,7 +9,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
 use crate::archive::{self, DoneDates, Keeps, Level, RESUME, RUNNING};
@@ -147,6 +147,7 @@ fn rotate(ctx: &Ctx, now: chrono::NaiveDateTime, summary: &mut RunSummary) -> Re
         }
     }
     let moved = archive::shift(&ctx.job_dir, Level::Scheduled, ctx.keeps(), &stamp(ctx))?;
+    archive::clear_running_complete(&ctx.job_dir)?;
     log_moves(ctx, &moved);
     summary.rotated.extend(moved);
     Ok(())
@@ -169,16 +170,21 @@ fn promote_at(ctx: &Ctx, level: Level, now: chrono::NaiveDateTime, summary: &mut
     Ok(())
 }
 
-/// First the rotation journal of a crashed run is replayed. Then: a `scheduled.running` with
-/// its report is a complete transfer whose rotation a crash cut short (the report is written last, after everything else): give it its name now, before
-/// anything else happens, instead of treating it as an interrupted transfer.
+/// First the rotation journal of a crashed run is replayed. Then: a `scheduled.running` whose
+/// report affa recorded as complete (archive::RUNNING_COMPLETE, outside the transferred tree) is
+/// a complete transfer whose rotation a crash cut short (the report is written last, after
+/// everything else): give it its name now, before anything else happens, instead of treating it
+/// as an interrupted transfer. A report without that record is never believed.
 fn finish_interrupted_rotation(ctx: &Ctx) -> Result<()> {
     let replayed = archive::recover(&ctx.job_dir)?;
     if !replayed.is_empty() {
         ctx.log.warn("finishing a rotation that was interrupted (rotation journal)");
         log_moves(ctx, &replayed);
     }
-    let Some(r) = Report::read(&ctx.job_dir.join(RUNNING)) else {
+    let Some(r) = archive::running_report(&ctx.job_dir) else {
+        if fs::symlink_metadata(ctx.job_dir.join(RUNNING).join(crate::report::REPORT_FILE)).is_ok() {
+            ctx.log.warn("scheduled.running holds a report that affa did not record as complete (an interrupted transfer, or a file the source planted): it is not trusted, the transfer is resumed");
+        }
         return Ok(());
     };
     ctx.log.warn("scheduled.running holds a complete transfer whose rotation was interrupted: rotating it in now");
@@ -213,6 +219,7 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
 /// `--link-dest` basis instead, so what it already holds is not transferred again.
 pub fn prepare_running(ctx: &Ctx, running: &Path) -> Result<Vec<PathBuf>> {
     let resume = ctx.job_dir.join(RESUME);
+    archive::clear_running_complete(&ctx.job_dir)?;
     if running.exists() {
         ctx.log.info("resuming the interrupted transfer in scheduled.running");
         archive::remove_tree(&resume)?;
@@ -293,6 +300,8 @@ fn transfer_files(ctx: &Ctx, running: &Path, report: &mut Report, summary: &mut 
     for p in &chunk_patterns {
         args.push(format!("--exclude={p}"));
     }
+    // affa's own files at the archive root: a source's files of those names never land there.
+    args.extend(archive::reserved_excludes(&job.name));
     args.extend(job.get("rsyncOptions").split_whitespace().map(String::from));
     args.push("--".into());
     args.extend(rsync::source_args(&source, &job.sources()));
@@ -330,13 +339,16 @@ pub fn finish_report(ctx: &Ctx, running: &Path, report: &mut Report) -> Result<(
     let setup = format!("; Created on {}\n{}", now.format("%a %b %e %H:%M:%S %Y"), ctx.job.to_ini());
     crate::report::write_atomic(&running.join(format!(".{}-setup.ini", ctx.job.name)), setup.as_bytes())?;
     crate::interrupt::crash_point("setup-written");
+    crate::chunk::index::ensure(running)?;
     r.write(running)?;
+    archive::mark_running_complete(&ctx.job_dir)?;
     *report = r;
     Ok(())
 }
 
 /// Pre/post-job scripts, all of them in alphabetical order of name, local ones called as
-/// `SCRIPT HOST JOB 'SSHCMD'`, remote ones copied to the source's /tmp and run there.
+/// `SCRIPT HOST JOB 'SSHCMD'`, remote ones copied into a private directory that `mktemp -d`
+/// makes on the source and run there; each ends within scriptTimeout seconds or is stopped.
 fn run_scripts(ctx: &Ctx, local_key: &str, remote_key: &str) -> Result<()> {
     let mut all: Vec<(String, bool)> = ctx.job.get_all(local_key).iter().map(|s| (s.clone(), false)).collect();
     all.extend(ctx.job.get_all(remote_key).iter().map(|s| (s.clone(), true)));
@@ -355,31 +367,19 @@ fn run_scripts(ctx: &Ctx, local_key: &str, remote_key: &str) -> Result<()> {
         }
         let target = ctx.source();
         let host = ctx.job.get("remoteHostName");
+        let limit = std::time::Duration::from_secs(ctx.job.num("scriptTimeout"));
         if remote && target.is_some() {
             let t = target.unwrap();
             ctx.log.info(format!("Executing script {name} on {host}"));
-            let remote_path = format!("/tmp/affa-{}-{}", ctx.job.name, std::process::id());
             let body = fs::read(&script).ctx(|| format!("cannot read {}", script.display()))?;
-            let mut c = Command::new(&t.ssh_bin);
-            c.args(t.options())
-                .arg(t.destination())
-                .arg(format!(
-                    "cat > {p} && chmod 700 {p} && {p} {h} {j}; rc=$?; rm -f {p}; exit $rc",
-                    p = shell_quote(&remote_path),
-                    h = shell_quote(host),
-                    j = shell_quote(&ctx.job.name)
-                ))
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            die_with_parent(&mut c);
-            let mut child = c.spawn().ctx(|| format!("cannot run {}", t.ssh_bin))?;
-            {
-                use std::io::Write;
-                let mut stdin = child.stdin.take().unwrap();
-                let _ = stdin.write_all(&body);
-            }
-            let out = child.wait_with_output().ctx(|| "cannot wait for ssh".to_string())?;
+            // A private directory made atomically on the host (mktemp -d, mode 0700): no
+            // predictable name in /tmp that a user of the host could plant a symlink at.
+            let remote_cmd = format!(
+                "umask 077; d=$(mktemp -d /tmp/affa-XXXXXXXXXX) || exit 125; cat > \"$d/script\" && chmod 700 \"$d/script\" && \"$d/script\" {h} {j}; rc=$?; rm -rf \"$d\"; exit $rc",
+                h = shell_quote(host),
+                j = shell_quote(&ctx.job.name)
+            );
+            let out = t.run_within(&remote_cmd, Some(body), limit, "scriptTimeout")?;
             log_output(ctx, &out.stdout, &out.stderr);
             if !out.status.success() {
                 bail!("remote script {name} failed on {host} with exit {}", out.status.code().unwrap_or(-1));
@@ -389,9 +389,9 @@ fn run_scripts(ctx: &Ctx, local_key: &str, remote_key: &str) -> Result<()> {
             let sshcmd =
                 target.as_ref().map(|t| format!("{} {}", t.ssh_bin, t.options().join(" "))).unwrap_or_default();
             let mut c = Command::new(&script);
-            c.arg(host).arg(&ctx.job.name).arg(sshcmd).stdin(Stdio::null());
+            c.arg(host).arg(&ctx.job.name).arg(sshcmd);
             die_with_parent(&mut c);
-            let out = c.output().ctx(|| format!("cannot run script {}", script.display()))?;
+            let out = crate::transport::output_within(c, None, limit, &format!("script {name}"), "scriptTimeout")?;
             log_output(ctx, &out.stdout, &out.stderr);
             if !out.status.success() {
                 bail!("script {name} of job {} failed with exit {}", ctx.job.name, out.status.code().unwrap_or(-1));

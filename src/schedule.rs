@@ -293,12 +293,16 @@ fn log_len(p: Option<&Path>) -> u64 {
     p.and_then(|p| fs::metadata(p).ok()).map(|m| m.len()).unwrap_or(0)
 }
 
-/// The lines appended to the job's log since `offset`.
+/// Lines of a run's log a mail quotes: the first and the last ones, with a line saying how many
+/// are left out between them (a host that floods rsync's stderr cannot make a mail of hundreds
+/// of megabytes).
+pub const MAIL_LOG_LINES: (usize, usize) = (200, 300);
+
+/// The lines appended to the job's log since `offset` (read as a stream; at most
+/// [`MAIL_LOG_LINES`] kept).
 fn log_since(p: Option<&Path>, offset: u64) -> Vec<String> {
     let Some(p) = p else { return Vec::new() };
-    let Ok(data) = fs::read(p) else { return Vec::new() };
-    let from = (offset as usize).min(data.len());
-    String::from_utf8_lossy(&data[from..]).lines().map(String::from).collect()
+    crate::joblog::lines_since(p, offset, MAIL_LOG_LINES.0, MAIL_LOG_LINES.1).map(|t| t.lines()).unwrap_or_default()
 }
 
 /// Sleep `secs`, waking early when the process is told to stop.

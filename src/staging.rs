@@ -22,9 +22,6 @@ use crate::transport::rsync::{self, Source};
 
 pub const STAGING: &str = ".staging";
 
-/// Files affa writes into archives that are not part of the backed-up data.
-pub const INTERNAL_EXCLUDES: &[&str] = &["/.affa-chunks/", "*.affa-manifest"];
-
 /// The chunk settings of a job.
 pub fn settings(job: &Job) -> Result<chunk::Settings> {
     let chunk_size = keys::parse_size(job.get("chunkSize")).unwrap_or(chunk::DEFAULT_CHUNK_SIZE as u64) as u32;
@@ -101,7 +98,7 @@ pub fn staging_path(ctx: &Ctx, rel: &Path) -> PathBuf {
 /// The manifest of `rel` in the newest of the given archives that has one.
 fn previous_manifest(link_dirs: &[PathBuf], rel: &Path) -> Option<(PathBuf, chunk::Manifest)> {
     link_dirs.iter().find_map(|a| {
-        let mp = chunk::manifest_path(a, rel);
+        let mp = chunk::recorded_manifest(a, rel)?;
         chunk::read_manifest(&mp).ok().map(|m| (a.clone(), m))
     })
 }
@@ -110,7 +107,7 @@ fn previous_manifest(link_dirs: &[PathBuf], rel: &Path) -> Option<(PathBuf, chun
 /// sends only what changed.
 pub fn ensure_staging(ctx: &Ctx, rel: &Path, link_dirs: &[PathBuf]) -> Result<PathBuf> {
     let st = staging_path(ctx, rel);
-    if st.exists() {
+    if fs::symlink_metadata(&st).is_ok() {
         return Ok(st);
     }
     if let Some((arch, _)) = previous_manifest(link_dirs, rel) {
@@ -140,7 +137,7 @@ pub fn chunk_into(
     let pool = Pool::open(&ctx.job.root_dir())?;
     let set = settings(ctx.job)?;
     let prev = previous_manifest(link_dirs, rel).map(|(_, m)| m);
-    let size = fs::metadata(&st).map(|m| m.len()).unwrap_or(0);
+    let size = fs::symlink_metadata(&st).map(|m| m.len()).unwrap_or(0);
     let bar = crate::joblog::progress_bar(ctx.interactive, size, &format!("chunking {}", rel.display()));
     let cb = |n: u64| {
         bar.set_position(n);
@@ -160,6 +157,14 @@ pub fn chunk_into(
         Err(e) => return Err(e),
     };
     bar.finish_and_clear();
+    if stats.replaced_source_file {
+        ctx.log.warn(format!(
+            "the source's own file {}{} has the name of the manifest of the chunked file {}: it is not in the archive (the manifest took its place)",
+            rel.display(),
+            chunk::MANIFEST_SUFFIX,
+            rel.display()
+        ));
+    }
     ctx.log.info(format!(
         "chunked {}: {} in {} chunks, {} new, {} added to the pool",
         rel.display(),
@@ -185,9 +190,7 @@ pub fn transfer_chunked(
     let link_dirs: Vec<PathBuf> = archive::newest_valid(&ctx.job_dir)?.map(|a| vec![a.path]).unwrap_or_default();
     // Rebuild missing staging copies from the newest archive first.
     if let Some(newest) = link_dirs.first() {
-        for mp in chunk::list_manifests(newest)? {
-            let rel = mp.strip_prefix(newest).unwrap_or(&mp);
-            let rel = PathBuf::from(rel.to_string_lossy().trim_end_matches(chunk::MANIFEST_SUFFIX));
+        for rel in chunk::chunked_files(newest)? {
             ensure_staging(ctx, &rel, &link_dirs)?;
         }
     }
@@ -206,6 +209,9 @@ pub fn transfer_chunked(
         ]
         .map(String::from),
     );
+    // Chunking opens what lands in staging: never a symlink, device or fifo there (rsync skips
+    // them, and --delete-during removes an older staging copy of such a name).
+    args.extend(rsync::REGULAR_FILES_ONLY.map(String::from));
     for p in job.get_all("Exclude") {
         args.push(format!("--exclude={p}"));
     }
@@ -268,7 +274,7 @@ pub fn give_space_back(ctx: &Ctx) {
         let newest = archive::newest_valid(&ctx.job_dir).ok().flatten().map(|a| a.path);
         for f in walk_files(&staging).unwrap_or_default() {
             let rel = f.strip_prefix(&staging).unwrap_or(&f);
-            let kept = newest.as_ref().is_some_and(|a| chunk::manifest_path(a, rel).is_file());
+            let kept = newest.as_ref().is_some_and(|a| chunk::recorded_manifest(a, rel).is_some());
             if !kept {
                 ctx.log.info(format!("disk full: deleting the partial staging copy of {}", rel.display()));
                 let _ = fs::remove_file(&f);
@@ -316,13 +322,12 @@ pub fn unchunk_command(cfg: &Config, job: &str, archive_name: &str, to: Option<&
     let target = to.map(Path::to_path_buf).unwrap_or_else(|| j.job_dir().join("unchunked").join(archive_name));
     let interactive = crate::joblog::interactive();
     let mut out = String::new();
-    let manifests = chunk::list_manifests(&a.path)?;
-    if manifests.is_empty() {
+    let files = chunk::chunked_files(&a.path)?;
+    if files.is_empty() {
         return Ok(format!("archive {archive_name} of job {job} has no chunked files\n"));
     }
-    for mp in manifests {
-        let rel = mp.strip_prefix(&a.path).unwrap();
-        let rel = PathBuf::from(rel.to_string_lossy().trim_end_matches(chunk::MANIFEST_SUFFIX));
+    for rel in files {
+        let mp = chunk::manifest_path(&a.path, &rel);
         let dest = target.join(&rel);
         if let Some(d) = dest.parent() {
             fs::create_dir_all(d).ctx(|| format!("cannot create {}", d.display()))?;

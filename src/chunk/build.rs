@@ -14,11 +14,11 @@ use super::pool::{self, Pool, ARCHIVE_CHUNK_DIR};
 use super::{id_hex, is_zero, ChunkId, Progress, Settings};
 use crate::error::{Error, IoContext, Result};
 use std::collections::HashSet;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 /// Numbers of one `chunk_file` call.
@@ -43,6 +43,9 @@ pub struct ChunkStats {
     pub verified_chunks: u64,
     /// Existing pool entries found damaged (or truncated) and replaced.
     pub repaired_chunks: u64,
+    /// A file that is not a manifest of this archive had the manifest's name (a source file
+    /// named `<file>.affa-manifest` beside the chunked `<file>`): the manifest replaced it.
+    pub replaced_source_file: bool,
 }
 
 #[derive(Default)]
@@ -66,11 +69,7 @@ struct Scratch {
 
 /// Check that `rel` is a plain relative path (no `..`, no root, not empty).
 pub(crate) fn check_rel(rel: &Path) -> Result<()> {
-    let ok = rel.components().count() > 0 && rel.components().all(|c| matches!(c, Component::Normal(_)));
-    if !ok {
-        crate::bail!("invalid path in archive {:?}: expected a relative path without '..'", rel);
-    }
-    Ok(())
+    crate::untrusted::check_archive_rel(rel)
 }
 
 /// The manifest path of `rel_path` in an archive: `ARCHIVE/rel_path.affa-manifest`.
@@ -98,7 +97,8 @@ pub fn chunk_file(
     settings.validate()?;
     check_rel(rel_path)?;
     let cs = settings.chunk_size as u64;
-    let file = File::open(src).ctx(|| format!("cannot open {}", src.display()))?;
+    // The file came from a host: a symlink is not followed, a fifo or device not opened.
+    let file = crate::untrusted::open_regular(src).ctx(|| format!("cannot open {}", src.display()))?;
     let meta0 = file.metadata().ctx(|| format!("cannot stat {}", src.display()))?;
     if !meta0.is_file() {
         crate::bail!("cannot chunk {}: not a regular file", src.display());
@@ -106,9 +106,10 @@ pub fn chunk_file(
     let size = meta0.len();
     let count = Manifest::chunk_count(size, settings.chunk_size);
     let mpath = manifest_path(archive_root, rel_path);
-    let mdir = mpath.parent().unwrap().to_path_buf();
-    fs::create_dir_all(&mdir).ctx(|| format!("cannot create directory {}", mdir.display()))?;
-    pool::create_dir_0700(&archive_root.join(ARCHIVE_CHUNK_DIR))?;
+    // The archive's directories may come from the source (rsync): none may be a symlink.
+    fs::create_dir_all(archive_root).ctx(|| format!("cannot create directory {}", archive_root.display()))?;
+    crate::untrusted::create_dir_beneath(archive_root, rel_path.parent().unwrap_or(Path::new("")))?;
+    crate::untrusted::create_private_dir_beneath(archive_root, Path::new(ARCHIVE_CHUNK_DIR))?;
     #[cfg(target_os = "linux")]
     unsafe {
         libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
@@ -297,7 +298,11 @@ pub fn chunk_file(
         added_bytes: st.added_bytes,
         chunks,
     };
+    // A source file already under the manifest's name (the transfer brought it) gives way.
+    st.replaced_source_file = fs::symlink_metadata(&mpath).is_ok()
+        && !super::index::read(archive_root)?.is_some_and(|recorded| recorded.iter().any(|r| r == rel_path));
     write_atomic(&mpath, &manifest.to_bytes())?;
+    super::index::record(archive_root, rel_path)?;
     st.manifest_path = mpath;
     Ok(st)
 }
@@ -308,11 +313,15 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let res = (|| -> Result<()> {
+        // The directory may hold what a source put there: whatever has the temp name is
+        // removed (unlink does not follow a symlink), and the temp file is created anew
+        // (O_EXCL: never through a symlink).
+        let _ = fs::remove_file(&tmp);
         let mut f = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)
             .ctx(|| format!("cannot create {}", tmp.display()))?;
         f.write_all(bytes).ctx(|| format!("cannot write {}", tmp.display()))?;

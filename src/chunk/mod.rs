@@ -2,7 +2,8 @@
 //!
 //! Owns: the settings (chunk size, compression) and their parsing, the pool
 //! `RootDir/.affa-pool/`, the per-archive chunk links `ARCHIVE/.affa-chunks/`, the manifests
-//! `ARCHIVE/<file>.affa-manifest`, and every operation on them: chunking a plain staging file
+//! `ARCHIVE/<file>.affa-manifest` and their index `ARCHIVE/.affa-manifests` (only a manifest the
+//! index lists is one), and every operation on them: chunking a plain staging file
 //! into an archive, rebuilding (unchunking / streaming) a file from an archive, verifying an
 //! archive, archive usage numbers, and sweeping unreferenced pool entries. The byte layouts are
 //! written down in docs/FORMAT.md ("Chunk store").
@@ -14,6 +15,7 @@
 
 mod blob;
 mod build;
+pub mod index;
 mod manifest;
 mod pipeline;
 mod pool;
@@ -22,11 +24,12 @@ mod restore;
 mod tests;
 
 pub use build::{chunk_file, manifest_path, ChunkStats};
+pub use index::INDEX_FILE;
 pub use manifest::{ChunkRef, Manifest, MANIFEST_SUFFIX, MANIFEST_VERSION};
 pub use pool::{sweep, Pool, SweepStats, ARCHIVE_CHUNK_DIR, POOL_DIR};
 pub use restore::{
-    archive_usage, evict_damaged, list_manifests, read_manifest, stream_file, unchunk_file, verify_archive,
-    ArchiveUsage, ChunkProblem, ChunkReader, ProblemKind, VerifyReport,
+    archive_usage, chunked_files, evict_damaged, list_manifests, read_manifest, recorded_manifest, stream_file,
+    unchunk_file, verify_archive, ArchiveUsage, ChunkProblem, ChunkReader, ProblemKind, VerifyReport,
 };
 
 use crate::error::{Error, Result};

@@ -27,7 +27,7 @@ const BLOCK: usize = 4096;
 
 /// Read and parse a manifest file.
 pub fn read_manifest(path: &Path) -> Result<Manifest> {
-    let f = File::open(path).ctx(|| format!("cannot open manifest {}", path.display()))?;
+    let f = crate::untrusted::open_regular(path).ctx(|| format!("cannot open manifest {}", path.display()))?;
     let mut data = Vec::new();
     f.take(MAX_MANIFEST + 1).read_to_end(&mut data).ctx(|| format!("cannot read manifest {}", path.display()))?;
     if data.len() as u64 > MAX_MANIFEST {
@@ -130,11 +130,12 @@ pub fn unchunk_file(archive_root: &Path, manifest_path: &Path, dest: &Path, prog
     let name = dest.file_name().ok_or_else(|| Error::new(format!("invalid destination {}", dest.display())))?;
     let tmp = dir.join(format!(".{}.affa-tmp-{}", name.to_string_lossy(), std::process::id()));
     let res = (|| -> Result<()> {
+        let _ = fs::remove_file(&tmp);
         let f = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)
             .ctx(|| format!("cannot create {}", tmp.display()))?;
         let mut hasher = blake3::Hasher::new();
@@ -330,9 +331,35 @@ impl Read for ChunkReader {
     }
 }
 
-/// All manifests of an archive (full paths, sorted). Does not follow symlinks and skips the
-/// archive's `.affa-chunks/`.
+/// All manifests of an archive (full paths, sorted): those its index (`.affa-manifests`) lists;
+/// in an archive without an index (older than it) every `*.affa-manifest` file, found without
+/// following symlinks and skipping the archive's `.affa-chunks/`.
 pub fn list_manifests(archive_root: &Path) -> Result<Vec<PathBuf>> {
+    Ok(chunked_files(archive_root)?.iter().map(|f| super::manifest_path(archive_root, f)).collect())
+}
+
+/// The chunked files of an archive, archive-relative, sorted: those its index lists, or in an
+/// archive without an index every `*.affa-manifest` file less the suffix.
+pub fn chunked_files(archive_root: &Path) -> Result<Vec<PathBuf>> {
+    if let Some(files) = super::index::read(archive_root)? {
+        return Ok(files);
+    }
+    Ok(walk_manifests(archive_root)?.iter().map(|m| file_of(archive_root, m)).collect())
+}
+
+/// The manifest of `rel` in an archive, if `rel` is chunked there (recorded in its index; in an
+/// archive without an index, if the manifest file exists).
+pub fn recorded_manifest(archive_root: &Path, rel: &Path) -> Option<PathBuf> {
+    let mp = super::manifest_path(archive_root, rel);
+    match super::index::read(archive_root) {
+        Ok(Some(files)) => files.binary_search_by(|f| f.as_path().cmp(rel)).is_ok().then_some(mp),
+        Ok(None) => fs::symlink_metadata(&mp).is_ok_and(|m| m.is_file()).then_some(mp),
+        Err(_) => None,
+    }
+}
+
+/// Every `*.affa-manifest` file of an archive without an index.
+fn walk_manifests(archive_root: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut stack = vec![archive_root.to_path_buf()];
     while let Some(dir) = stack.pop() {

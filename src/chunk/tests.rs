@@ -445,8 +445,10 @@ fn garbage_manifests_are_errors() {
     .iter()
     .enumerate()
     {
+        // Damaged manifests of the archive: files its index lists (only those are manifests).
         let mp = a.join(format!("bad{i}.affa-manifest"));
         fs::write(&mp, bad).unwrap();
+        super::index::record(&a, Path::new(&format!("bad{i}"))).unwrap();
         assert!(read_manifest(&mp).is_err());
         assert!(unchunk_file(&a, &mp, &out, None).is_err());
         assert!(!out.exists());
@@ -583,4 +585,42 @@ fn sigkill_leaves_no_bad_manifest() {
     // Leftover temp files of killed runs are young, so sweep keeps them; everything verifies.
     let st = sweep(&e.pool).unwrap();
     assert_eq!(st.kept_chunks, 48);
+}
+
+#[test]
+fn only_recorded_manifests_count_and_nothing_goes_through_a_symlink() {
+    let e = env();
+    let s = settings(256 * K);
+    let a = e.archive("j", "scheduled.0");
+    let data = rnd_bytes(21, 300_000);
+    chunk(&e, &s, &e.put("f", &data), &a, "d/f", None);
+    // What a source holding affa archives brings: a file named like a manifest, a directory
+    // named like the chunk links. They are data, not store internals.
+    fs::write(a.join("d/x.affa-manifest"), b"not a manifest").unwrap();
+    fs::create_dir_all(a.join("d/.affa-chunks/ab")).unwrap();
+    fs::write(a.join("d/.affa-chunks/ab/cd"), b"not a chunk").unwrap();
+    assert_eq!(list_manifests(&a).unwrap(), vec![a.join("d/f.affa-manifest")]);
+    assert_eq!(chunked_files(&a).unwrap(), vec![PathBuf::from("d/f")]);
+    assert!(verify_archive(&a, None).unwrap().is_ok());
+    assert!(recorded_manifest(&a, Path::new("d/x")).is_none());
+    // A symlinked directory of the archive is never written through; a symlinked or special
+    // source file is never read.
+    let outside = e.t.path().join("outside");
+    fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, a.join("link")).unwrap();
+    let err = chunk_file(&e.pool, &s, &e.put("g", &data), &a, Path::new("link/g"), None, None).unwrap_err();
+    assert!(err.to_string().contains("symlink"), "{err}");
+    assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+    let secret = e.put("secret", b"top secret");
+    let sl = e.t.path().join("staging/sl");
+    std::os::unix::fs::symlink(&secret, &sl).unwrap();
+    let err = chunk_file(&e.pool, &s, &sl, &a, Path::new("sl"), None, None).unwrap_err();
+    assert!(err.to_string().contains("not a regular file"), "{err}");
+    assert!(!manifest_path(&a, Path::new("sl")).exists());
+    // A planted temp name beside the manifest is not written through either.
+    let victim = e.put("victim", b"keep");
+    std::os::unix::fs::symlink(&victim, a.join(format!(".h.affa-manifest.tmp-{}", std::process::id()))).unwrap();
+    chunk(&e, &s, &e.put("h", &data), &a, "h", None);
+    assert_eq!(fs::read(&victim).unwrap(), b"keep");
+    assert!(verify_archive(&a, None).unwrap().is_ok());
 }

@@ -246,6 +246,14 @@ impl Job {
             if self.get("ESXiPassword").is_empty() && self.get("ESXiPasswordFile").is_empty() {
                 bail!("{o}: ESXi job [{}] has neither ESXiPassword nor ESXiPasswordFile; expected one of them with ESXi=yes", self.name);
             }
+            if self.get("ESXiProtocol") == "http" {
+                if !self.get("ESXiThumbprint").is_empty() {
+                    bail!("{o}: ESXi job [{}] has ESXiProtocol=http and ESXiThumbprint={}: plain http has no certificate to check against the pin; expected ESXiProtocol=https (or no ESXiThumbprint)", self.name, self.get("ESXiThumbprint"));
+                }
+                if !self.flag("ESXiInsecureHttp") {
+                    bail!("{o}: ESXi job [{}] has ESXiProtocol=http, which sends the API password unencrypted; expected ESXiProtocol=https, or ESXiInsecureHttp=yes to allow it on a test host", self.name);
+                }
+            }
         }
         // Affa 3 features affa does not carry out: refuse rather than silently do something else.
         if self.flag("rsyncdMode") {

@@ -1,25 +1,26 @@
 //! The transfer step of an ESXi job, the seed's procedure: log in, find the VM, remove leftover
-//! `BEXI-` snapshots, snapshot, copy the frozen base disks, remove the snapshot (always), copy
+//! `BEXI-<job>-` snapshots of this job, snapshot, copy the frozen base disks, remove the snapshot (always), copy
 //! the configuration files, log out.
 //!
 //! Owns: the order of those steps and the promise that no snapshot of ours outlives the run.
 //! Must never: copy the delta the running VM writes, skip the snapshot removal on any error or
-//! signal, or send the ESXi password before the host's certificate matched the pinned
+//! signal, remove a snapshot that is not this job's own, turn a name the host gives into a local
+//! path other than through the one path-safety rule (`crate::untrusted`), or send the ESXi password before the host's certificate matched the pinned
 //! fingerprint (the client checks the pin at connect, before login).
 
-use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::config::{edit, Config, Job};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::esxi::{self, Client, ConnectOptions, MoRef, Password, VmLayout};
 use crate::report::Report;
 use crate::run::{check_rsync, prepare_running, Ctx, RunSummary};
 use crate::staging::{self, ChunkTotals};
 use crate::transport::rsync::{self, Source};
 use crate::transport::{shell_quote, SshTarget};
+use crate::untrusted::{SafeName, SafeRelPath};
 
 /// The per-archive description of the VM, read by restore.
 pub const ESXI_INI: &str = ".affa-esxi.ini";
@@ -58,6 +59,8 @@ struct Snapshots<'a> {
     client: &'a Client,
     vm: MoRef,
     vimcmd: Option<(SshTarget, String)>,
+    /// Time limit of one vim-cmd call: ESXiTaskTimeout, plus the ssh connect timeout.
+    limit: Duration,
 }
 
 impl Snapshots<'_> {
@@ -75,7 +78,7 @@ impl Snapshots<'_> {
                     memory as u8,
                     quiesce as u8
                 );
-                t.run_ok(&cmd, "vim-cmd vmsvc/snapshot.create").map(|_| ())
+                t.run_ok_within(&cmd, "vim-cmd vmsvc/snapshot.create", self.limit, "ESXiTaskTimeout").map(|_| ())
             }
         }
     }
@@ -85,7 +88,7 @@ impl Snapshots<'_> {
             Some((t, bin)) => {
                 let id = snap.id.ok_or_else(|| Error::new(format!("snapshot {} has no id for vim-cmd", snap.name)))?;
                 let cmd = format!("{} vmsvc/snapshot.remove {} {id}", shell_quote(bin), vmid(&self.vm));
-                t.run_ok(&cmd, "vim-cmd vmsvc/snapshot.remove").map(|_| ())
+                t.run_ok_within(&cmd, "vim-cmd vmsvc/snapshot.remove", self.limit, "ESXiTaskTimeout").map(|_| ())
             }
         }
     }
@@ -98,17 +101,13 @@ struct Group {
     files: Vec<String>,
 }
 
-fn split_path(ds_path: &str) -> Result<(String, String, String)> {
-    let (ds, rest) = esxi::split_ds_path(ds_path)?;
-    let (dir, file) = match rest.rsplit_once('/') {
-        Some((d, f)) => (d.to_string(), f.to_string()),
-        None => (String::new(), rest.to_string()),
-    };
-    Ok((ds.to_string(), dir, file))
+/// `[ds] dir/file` by the one path-safety rule (names a host gave become local paths here).
+fn split_path(ds_path: &str) -> Result<(SafeName, SafeRelPath, SafeName)> {
+    esxi::model::split_ds_file(ds_path)
 }
 
 /// `vmfs/volumes/<datastore>/<dir>`
-fn rel_dir(ds: &str, dir: &str) -> PathBuf {
+fn rel_dir(ds: &SafeName, dir: &SafeRelPath) -> PathBuf {
     let mut p = PathBuf::from("vmfs/volumes").join(ds);
     if !dir.is_empty() {
         p = p.join(dir);
@@ -121,6 +120,7 @@ fn add(groups: &mut Vec<Group>, layout: &VmLayout, ds_path: &str) -> Result<()> 
     let host = layout.host_path(ds_path)?;
     let host_dir = host.rsplit_once('/').map(|(d, _)| d.to_string()).unwrap_or_default();
     let rel = rel_dir(&ds, &dir);
+    let file = file.as_str().to_string();
     match groups.iter_mut().find(|g| g.rel_dir == rel) {
         Some(g) => {
             if !g.files.contains(&file) {
@@ -181,7 +181,8 @@ fn transfer_logged_in(
     let vm = client.find_vm(job.get("ESXiVMName"))?;
     let vimcmd =
         (job.get("ESXiSnapshotMode") == "vim-cmd").then(|| (target.clone(), job.get("ESXiVimCmd").to_string()));
-    let snaps = Snapshots { client, vm: vm.clone(), vimcmd };
+    let limit = Duration::from_secs(job.num("ESXiTaskTimeout") + job.num("ConnectionCheckTimeout"));
+    let snaps = Snapshots { client, vm: vm.clone(), vimcmd, limit };
     let layout = client.vm_layout(&vm)?;
     report.set("ESXiVM", &layout.name);
     report.set("ESXiHost", client.host());
@@ -189,7 +190,7 @@ fn transfer_logged_in(
 
     // 2. Leftovers of a crashed run.
     let leftovers: Vec<esxi::SnapshotTree> =
-        layout.snapshots_named_like(esxi::SNAPSHOT_PREFIX).into_iter().cloned().collect();
+        layout.all_snapshots().into_iter().filter(|s| esxi::is_snapshot_of(&job.name, &s.name)).cloned().collect();
     if !leftovers.is_empty() {
         let names: Vec<String> = leftovers.iter().map(|s| s.name.clone()).collect();
         for s in leftovers.iter().rev() {
@@ -203,9 +204,22 @@ fn transfer_logged_in(
     // 3. The snapshot.
     let name = esxi::snapshot_name(&job.name, ctx.clock.now());
     ctx.log.info(format!("ESXi: creating snapshot {name}"));
-    snaps
-        .create(&name, job.flag("ESXiSnapshotMemory"), job.flag("ESXiSnapshotQuiesce"))
-        .map_err(|e| e.context(format!("creating snapshot {name} failed; nothing was copied")))?;
+    if let Err(e) = snaps.create(&name, job.flag("ESXiSnapshotMemory"), job.flag("ESXiSnapshotQuiesce")) {
+        let e = e.context(format!("creating snapshot {name} failed; nothing was copied"));
+        // A create that failed or ran past its time limit (a task past ESXiTaskTimeout, a
+        // wedged vim-cmd session) may have made the snapshot all the same: remove it now.
+        return Err(match remove_if_present(client, &snaps, &vm, &name) {
+            Ok(0) => e,
+            Ok(_) => {
+                ctx.log.info(format!("ESXi: snapshot {name} removed after the failed create"));
+                e
+            }
+            Err(r) => {
+                ctx.log.error(format!("removing snapshot {name} after the failed create: {r}"));
+                Error::new(format!("{e}; snapshot {name} may remain on the VM: the next run removes it"))
+            }
+        });
+    }
     crate::interrupt::crash_point("snapshot-created");
     report.set("ESXiSnapshot", &name);
     report.set("ESXiSnapshotCreated", chrono::Local::now().format("%Y-%m-%d %H:%M:%S"));
@@ -272,9 +286,17 @@ fn transfer_logged_in(
     crate::interrupt::crash_point("config-copied");
 
     // 8. What the archive holds, for the report and for restore.
-    let mut ini = format!("[VM]\nName={}\nVmxPath={}\nHost={}\nSnapshot={name}\n", after.name, vmx, client.host());
+    // Every value from the host is checked at this writer too: a newline would add keys.
+    let iv = crate::untrusted::ini_value;
+    let mut ini = format!(
+        "[VM]\nName={}\nVmxPath={}\nHost={}\nSnapshot={name}\n",
+        iv("VM name", &after.name)?,
+        iv("vmx path", &vmx)?,
+        client.host()
+    );
     for (i, ds) in frozen.datastores.iter().enumerate() {
-        ini.push_str(&format!("\n[Datastore.{i}]\nName={}\nUrl={}\n", ds.name, ds.host_path));
+        let (n, u) = (iv("datastore name", &ds.name)?, iv("datastore path", &ds.host_path)?);
+        ini.push_str(&format!("\n[Datastore.{i}]\nName={n}\nUrl={u}\n"));
     }
     let matcher = staging::matcher(job)?;
     for (i, d) in frozen.disks.iter().enumerate() {
@@ -286,7 +308,7 @@ fn transfer_logged_in(
         let chunked = matcher.as_ref().is_some_and(|m| m.is_match(&ext_rel));
         ini.push_str(&format!(
             "\n[Disk.{i}]\nLabel={}\nDatastore={ds}\nDescriptor={}\nExtent={}\nChunked={}\nSize={}\n",
-            d.label,
+            iv("disk label", &d.label)?,
             rel.join(&file).display(),
             ext_rel.display(),
             if chunked { "yes" } else { "no" },
@@ -297,6 +319,16 @@ fn transfer_logged_in(
     crate::report::write_atomic(&running.join(ESXI_INI), ini.as_bytes())?;
     crate::interrupt::crash_point("esxi-ini-written");
     Ok(())
+}
+
+/// Remove every snapshot named `name` of the VM, if there is one; returns how many.
+fn remove_if_present(client: &Client, snaps: &Snapshots, vm: &MoRef, name: &str) -> Result<usize> {
+    let now = client.vm_layout(vm)?;
+    let ours: Vec<esxi::SnapshotTree> = now.all_snapshots().into_iter().filter(|s| s.name == name).cloned().collect();
+    for s in &ours {
+        snaps.remove(s)?;
+    }
+    Ok(ours.len())
 }
 
 /// rsync each group's files from the host into `running` (chunked files through staging).
@@ -324,8 +356,7 @@ fn copy_groups(
                 plain.push(f.clone());
             }
         }
-        let dest = running.join(&g.rel_dir);
-        fs::create_dir_all(&dest).ctx(|| format!("cannot create {}", dest.display()))?;
+        let dest = crate::untrusted::create_dir_beneath(running, &g.rel_dir)?;
         if !plain.is_empty() {
             let mut args = rsync::base_args(job, &source);
             args.extend(["--stats", "--sparse", "--partial"].map(String::from));
@@ -345,19 +376,30 @@ fn copy_groups(
             add_stats(report, &res.stdout);
         }
         if !chunked.is_empty() {
-            let sdir = ctx.job_dir.join(staging::STAGING).join(&g.rel_dir);
-            fs::create_dir_all(&sdir).ctx(|| format!("cannot create {}", sdir.display()))?;
+            crate::run::create_private_dir(&ctx.job_dir.join(staging::STAGING))?;
+            let sdir = crate::untrusted::create_dir_beneath(&ctx.job_dir.join(staging::STAGING), &g.rel_dir)?;
             for f in &chunked {
                 staging::ensure_staging(ctx, &g.rel_dir.join(f), &link_dirs)?;
             }
             let mut args = rsync::base_args(job, &source);
             args.extend(["--stats", "--inplace", "--sparse", "--no-whole-file", "--partial"].map(String::from));
+            // Never a symlink, device or fifo where a disk extent belongs; rsync skips those
+            // (exit 0), so every file must be listed as a regular file it sent or found current.
+            args.extend(rsync::REGULAR_FILES_ONLY.map(String::from));
+            args.extend(rsync::itemize_args());
             args.push("--".into());
             let paths: Vec<String> = chunked.iter().map(|f| format!("{}/{f}", g.host_dir)).collect();
             args.extend(rsync::source_args(&source, &paths));
             args.push(format!("{}/", sdir.display()));
             let res = rsync::run(job, &args, &ctx.log, ctx.interactive)?;
             check_rsync(ctx, &res, &format!("copying {} (chunked)", g.rel_dir.display()), summary)?;
+            let seen = rsync::regular_files(&res.stdout);
+            if let Some(f) = chunked.iter().find(|f| !seen.contains(f.as_str())) {
+                bail!(
+                    "{}/{f} on the host is not a regular file (a symlink, device or fifo where a disk extent belongs); refusing to archive it or an older copy",
+                    g.host_dir
+                );
+            }
             crate::interrupt::crash_point("staged");
             add_stats(report, &res.stdout);
             for f in &chunked {

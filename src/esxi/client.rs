@@ -531,7 +531,7 @@ impl Client {
             ],
         )?;
         let name = decode_entity_name(o.prop_text("name").unwrap_or(""));
-        let ctx = |e: Error| e.context(format!("VM {name} on ESXi host {}", self.host));
+        let ctx = |e: Error| e.context(format!("VM {} on ESXi host {}", crate::untrusted::shown(&name), self.host));
         let files = o.prop("config.files").map(parse_vm_files).unwrap_or_default();
         if files.vm_path_name.is_empty() {
             return Err(ctx(Error::new("no configuration file known (VM inaccessible?)")));
@@ -562,7 +562,7 @@ impl Client {
             let host_path = url_to_host_path(&url).map_err(|e| ctx(e.context(format!("datastore {ds_name}"))))?;
             datastores.push(Datastore { name: ds_name, moref: ds.obj.clone(), url, host_path });
         }
-        Ok(VmLayout {
+        let layout = VmLayout {
             moref: o.obj.clone(),
             name,
             files,
@@ -572,7 +572,9 @@ impl Client {
             snapshots,
             layout_files,
             datastores,
-        })
+        };
+        layout.check_names().map_err(|e| e.context(format!("ESXi host {}", self.host)))?;
+        Ok(layout)
     }
 
     /// Poll a task's `info` until it succeeds (→ its info), fails (→ one-line error with the

@@ -9,6 +9,7 @@
 
 use super::soap::{one_line, Node};
 use crate::error::{Error, Result};
+use crate::untrusted::{SafeName, SafeRelPath};
 
 /// A managed object reference: type and id (`VirtualMachine` / `2`, `Task` / `haTask-…`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -289,6 +290,26 @@ impl VmLayout {
     pub fn snapshots_named_like(&self, prefix: &str) -> Vec<&SnapshotTree> {
         self.all_snapshots().into_iter().filter(|s| s.name.starts_with(prefix)).collect()
     }
+    /// Refuse a layout with names affa cannot use safely: every datastore name and every disk
+    /// and configuration path by the one path-safety rule ([`split_ds_file`]), no control
+    /// character in the VM name, disk labels or datastore paths (they go into `.affa-esxi.ini`
+    /// and onto terminals). The client calls it on every layout it reads.
+    pub fn check_names(&self) -> Result<()> {
+        use crate::untrusted::ini_value;
+        ini_value("VM name", &self.name)?;
+        for d in &self.datastores {
+            SafeName::new("datastore name", &d.name)?;
+            ini_value("datastore path", &d.host_path)?;
+        }
+        split_ds_file(&self.files.vm_path_name)?;
+        for d in &self.disks {
+            ini_value("disk label", &d.label)?;
+            for b in &d.chain {
+                split_ds_file(&b.file_name)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Split `[ds] dir/file` into (`ds`, `dir/file`).
@@ -304,24 +325,25 @@ pub fn split_ds_path(p: &str) -> Result<(&str, &str)> {
     Ok((ds, rel))
 }
 
-fn check_rel(rel: &str, whole: &str) -> Result<()> {
-    if rel.contains('\0') || rel.contains('\n') || rel.starts_with('/') {
-        return Err(Error::new(format!("refusing odd datastore path {:?}", one_line(whole))));
-    }
-    if rel.split('/').any(|c| c == "..") {
-        return Err(Error::new(format!(
-            "refusing datastore path {:?}: it climbs out of its datastore",
-            one_line(whole)
-        )));
-    }
-    Ok(())
+/// `[ds] dir/file` split by the one path-safety rule for names from a host
+/// ([`crate::untrusted`]): the datastore name and the file name are plain names, the directory a
+/// relative path of plain names (may be empty). A host cannot name a place outside its datastore,
+/// here (the archive path `vmfs/volumes/<ds>/<dir>/<file>`) or on the host.
+pub fn split_ds_file(p: &str) -> Result<(SafeName, SafeRelPath, SafeName)> {
+    let (ds, rel) = split_ds_path(p)?;
+    let ctx = |e: Error| e.context(format!("datastore path \"{}\"", crate::untrusted::shown(p)));
+    let ds = SafeName::new("datastore name", ds).map_err(ctx)?;
+    let (dir, file) = rel.rsplit_once('/').unwrap_or(("", rel));
+    let dir = SafeRelPath::new_or_empty("directory", dir).map_err(ctx)?;
+    let file = SafeName::new("file name", file).map_err(ctx)?;
+    Ok((ds, dir, file))
 }
 
 /// Host directory of a datastore url: strip `ds://`, ensure a trailing `/`.
 pub fn url_to_host_path(url: &str) -> Result<String> {
     let p = url.trim();
     let p = p.strip_prefix("ds://").unwrap_or(p);
-    if !p.starts_with('/') || p.contains('\0') || p.contains('\n') || p.split('/').any(|c| c == "..") {
+    if !p.starts_with('/') || p.chars().any(char::is_control) || p.split('/').any(|c| c == "..") {
         return Err(Error::new(format!("odd datastore url {:?}", one_line(url))));
     }
     let mut s = p.to_string();
@@ -333,8 +355,9 @@ pub fn url_to_host_path(url: &str) -> Result<String> {
 
 /// Map `[ds] dir/file` to the host path using the datastores' urls.
 pub fn host_path(datastores: &[Datastore], ds_path: &str) -> Result<String> {
-    let (ds, rel) = split_ds_path(ds_path)?;
-    check_rel(rel, ds_path)?;
+    let (ds, _, _) = split_ds_file(ds_path)?;
+    let ds = ds.as_str();
+    let rel = split_ds_path(ds_path)?.1;
     let d = datastores.iter().find(|d| d.name == ds).ok_or_else(|| {
         Error::new(format!(
             "datastore {:?} of {:?} is not among the VM's datastores ({})",

@@ -6,7 +6,9 @@
 //! file checked with `sha256sum` on the host, then `RegisterVM_Task` for `--register NAME`.
 //!
 //! Owns: the mapping of archived VM files to target paths and the refusals around it. Must
-//! never: write to a datastore directory that a powered-on VM uses, register a name that exists,
+//! never: send a name (from the archive, the options or the host's listing) that the one
+//! path-safety rule (`crate::untrusted`) refuses, write to a datastore directory that a
+//! powered-on VM uses, register a name that exists,
 //! write anything before the user confirmed and every chunked disk was rebuilt and verified, or
 //! send the ESXi password before the host's certificate matched its pin (the client checks).
 
@@ -24,14 +26,15 @@ use crate::error::{Error, IoContext, Result};
 use crate::esxi::backup::{connect_options, ESXI_INI};
 use crate::esxi::{self, Client, ConnectOptions, Password, PowerState};
 use crate::transport::{rsync, shell_quote, SshTarget};
+use crate::untrusted::{SafeName, SafeRelPath};
 
-/// `.affa-esxi.ini`, as sections of key/values.
-struct Ini {
-    sections: Vec<(String, BTreeMap<String, String>)>,
+/// `.affa-esxi.ini`, as sections of key/values (read back from an archive: untrusted input).
+pub struct Ini {
+    pub sections: Vec<(String, BTreeMap<String, String>)>,
 }
 
 impl Ini {
-    fn parse(text: &str) -> Ini {
+    pub fn parse(text: &str) -> Ini {
         let mut sections: Vec<(String, BTreeMap<String, String>)> = Vec::new();
         for l in text.lines() {
             let l = l.trim();
@@ -46,10 +49,10 @@ impl Ini {
         }
         Ini { sections }
     }
-    fn get(&self, sec: &str, key: &str) -> Option<&str> {
+    pub fn get(&self, sec: &str, key: &str) -> Option<&str> {
         self.sections.iter().find(|(n, _)| n == sec).and_then(|(_, m)| m.get(key)).map(|s| s.as_str())
     }
-    fn all(&self, prefix: &str) -> Vec<&BTreeMap<String, String>> {
+    pub fn all(&self, prefix: &str) -> Vec<&BTreeMap<String, String>> {
         self.sections.iter().filter(|(n, _)| n.starts_with(prefix)).map(|(_, m)| m).collect()
     }
 }
@@ -182,9 +185,15 @@ struct Dir {
 pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
     let arch = &ctx.arch;
     let ini_path = arch.path.join(ESXI_INI);
-    let text = fs::read_to_string(&ini_path).map_err(|_| {
-        Error::new(format!("archive {} of ESXi job {} has no {ESXI_INI} describing the VM; it cannot be restored as a VM (affa --unchunk gives its files)", arch.name(), ctx.job.name))
-    })?;
+    let text = crate::untrusted::open_regular(&ini_path)
+        .and_then(|f| {
+            let mut t = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::Read::take(f, 1 << 20), &mut t).map(|_| t)
+        })
+        .map_err(|_| {
+            Error::new(format!("archive {} of ESXi job {} has no {ESXI_INI} describing the VM; it cannot be restored as a VM (affa --unchunk gives its files)", arch.name(), ctx.job.name))
+        })?;
+    let text = String::from_utf8_lossy(&text);
     let ini = Ini::parse(&text);
     let vm_name = ini.get("VM", "Name").unwrap_or("").to_string();
     let vmx_path = ini
@@ -194,10 +203,13 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
     let (vmx_ds, vmx_rest) = esxi::split_ds_path(&vmx_path)?;
     let (vmx_dir, vmx_name) = vmx_rest.rsplit_once('/').unwrap_or(("", vmx_rest));
     let (vmx_ds, vmx_dir, vmx_name) = (vmx_ds.to_string(), vmx_dir.to_string(), vmx_name.to_string());
+    // The one path-safety rule for the target names too.
     if let Some(d) = &ctx.opts.to_dir {
-        if d.is_empty() || d.contains('/') || d == "." || d == ".." || d.contains('\n') {
-            bail!("--to-dir {d:?}: expected one directory name on the datastore");
-        }
+        SafeName::new("--to-dir", d)
+            .map_err(|e| e.context("--to-dir: expected one directory name on the datastore"))?;
+    }
+    if let Some(d) = &ctx.opts.to_datastore {
+        SafeName::new("--to-datastore", d).map_err(|e| e.context("--to-datastore: expected a datastore name"))?;
     }
 
     let mut t = connect_target(ctx)?;
@@ -238,6 +250,8 @@ fn restore_logged_in(
     let base = arch.path.join("vmfs/volumes");
     let mut files = Vec::new();
     collect(&base, &base, &mut files)?;
+    // Chunked are only the files the archive's index lists.
+    let recorded: std::collections::HashSet<PathBuf> = chunk::chunked_files(&arch.path)?.into_iter().collect();
     if files.is_empty() {
         bail!("archive {} holds no VM files under vmfs/volumes/", arch.name());
     }
@@ -247,12 +261,19 @@ fn restore_logged_in(
     let mut chunked: Vec<Chunked> = Vec::new();
     for rel in files {
         let s = rel.to_string_lossy().into_owned();
+        // Archive contents are not trusted: every name goes to the host by the one rule.
+        SafeRelPath::new("archived file name", &s).map_err(|e| e.context(format!("archive {}", arch.name())))?;
         let mut parts = s.splitn(2, '/');
         let (Some(ds), Some(rest)) = (parts.next(), parts.next()) else { continue };
         let (dir, name) = rest.rsplit_once('/').unwrap_or(("", rest));
         let (name, is_chunked) = match name.strip_suffix(MANIFEST_SUFFIX) {
-            Some(n) => (n.to_string(), true),
-            None => (name.to_string(), false),
+            Some(n)
+                if recorded
+                    .contains(&Path::new("vmfs/volumes").join(s.strip_suffix(MANIFEST_SUFFIX).unwrap_or(&s))) =>
+            {
+                (n.to_string(), true)
+            }
+            _ => (name.to_string(), false),
         };
         let tds = o.to_datastore.clone().unwrap_or_else(|| ds.to_string());
         let tdir = o.to_dir.clone().unwrap_or_else(|| dir.to_string());
@@ -370,7 +391,8 @@ fn restore_logged_in(
     for l in listing.lines() {
         let mut w = l.splitn(3, ' ');
         if let (Some(i), Some(sz), Some(n)) = (w.next(), w.next(), w.next()) {
-            if let (Ok(i), Ok(sz)) = (i.parse::<usize>(), sz.parse::<u64>()) {
+            // Names the host lists are used for the plan and --delete: plain names only.
+            if let (Ok(i), Ok(sz), Ok(_)) = (i.parse::<usize>(), sz.parse::<u64>(), SafeName::new("file name", n)) {
                 existing.insert((i, n.to_string()), sz);
             }
         }

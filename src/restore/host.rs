@@ -2,8 +2,9 @@
 //! ssh (or locally for remoteHostName=localhost), chunked files rebuilt locally first and sent
 //! with rsync's delta transfer, then every restored file checked against the archive.
 //!
-//! Owns: the rsync command lines of a host restore. Must never: send affa's own files
-//! (`.AFFA3-REPORT`, `.JOB-setup.ini`, `.affa-chunks/`, `*.affa-manifest`), delete outside the
+//! Owns: the rsync command lines of a host restore. Must never: send affa's own files (the
+//! reserved names at the archive root, the manifests its index lists), take a source's own
+//! `*.affa-manifest` file for a manifest (it is restored as the file it is), delete outside the
 //! restored source paths, or let `--delete` remove a file that is about to be rebuilt from
 //! chunks (those are protected in the main pass).
 
@@ -38,11 +39,12 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
     }
     // Chunked files under the restored paths.
     let staging = Staging::new(job)?;
+    // Only the files the archive's index lists are chunked: a source file named
+    // `x.affa-manifest` is an ordinary file and is restored as one.
     let mut chunked = Vec::new();
-    for m in chunk::list_manifests(&arch.path)? {
-        let rel = m.strip_prefix(&arch.path).unwrap_or(&m).to_string_lossy().into_owned();
-        let rel = rel.strip_suffix(MANIFEST_SUFFIX).unwrap_or(&rel).to_string();
-        let abs = format!("/{rel}");
+    for rel in chunk::chunked_files(&arch.path)? {
+        let m = chunk::manifest_path(&arch.path, &rel);
+        let abs = format!("/{}", rel.to_string_lossy());
         if !sources.iter().any(|s| under(&abs, s)) {
             continue;
         }
@@ -167,18 +169,11 @@ fn main_args(ctx: &Ctx, ep: &Endpoint, sources: &[String], chunked: &[Chunked]) 
     let mut a = rsync::base_args(job, &ep.source());
     a.push("--relative".into());
     for c in chunked {
-        // --delete must not remove what the chunk pass writes next.
+        // --delete must not remove what the chunk pass writes next; the manifest is affa's.
         a.push(format!("--filter=P {}", rsync_literal(&c.remote)));
+        a.push(format!("--exclude={}", rsync_literal(&format!("{}{MANIFEST_SUFFIX}", c.remote))));
     }
-    for x in [
-        format!("/{}", crate::report::REPORT_FILE),
-        format!("/.{}-setup.ini", job.name),
-        "/.affa-esxi.ini".to_string(),
-        format!("/{}/", chunk::ARCHIVE_CHUNK_DIR),
-        format!("*{MANIFEST_SUFFIX}"),
-    ] {
-        a.push(format!("--exclude={x}"));
-    }
+    a.extend(crate::archive::reserved_excludes(&job.name));
     if ctx.opts.preserve_newer {
         a.push("--update".into());
     }
@@ -210,9 +205,11 @@ fn expected_files(ctx: &Ctx, sources: &[String], chunked: &[Chunked]) -> Result<
     let root = &ctx.arch.path;
     let mut files: Vec<(PathBuf, String, i64)> = Vec::new();
     let mut total = 0u64;
+    let manifests: std::collections::HashSet<PathBuf> = chunk::list_manifests(root)?.into_iter().collect();
+    let reserved = crate::archive::reserved_names(&ctx.job.name);
     for s in sources {
         let start = root.join(s.trim_start_matches('/'));
-        walk(root, &start, &mut files, &mut total, &ctx.job.name)?;
+        walk(root, &start, &mut files, &mut total, &(&manifests, &reserved))?;
     }
     files.sort_by(|a, b| a.1.cmp(&b.1));
     files.dedup_by(|a, b| a.1 == b.1);
@@ -234,28 +231,23 @@ fn expected_files(ctx: &Ctx, sources: &[String], chunked: &[Chunked]) -> Result<
     Ok(out)
 }
 
-fn walk(root: &Path, p: &Path, out: &mut Vec<(PathBuf, String, i64)>, total: &mut u64, job: &str) -> Result<()> {
+/// affa's own files of an archive: its recorded manifests, its reserved root names.
+type Own<'a> = (&'a std::collections::HashSet<PathBuf>, &'a Vec<String>);
+
+fn walk(root: &Path, p: &Path, out: &mut Vec<(PathBuf, String, i64)>, total: &mut u64, own: &Own) -> Result<()> {
     let md = match fs::symlink_metadata(p) {
         Ok(m) => m,
         Err(_) => return Ok(()),
     };
     let rel = p.strip_prefix(root).unwrap_or(p).to_string_lossy().into_owned();
     let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    if name.ends_with(MANIFEST_SUFFIX) {
-        return Ok(());
-    }
-    if !rel.contains('/')
-        && (name == crate::report::REPORT_FILE
-            || name == format!(".{job}-setup.ini")
-            || name == ".affa-esxi.ini"
-            || name == chunk::ARCHIVE_CHUNK_DIR)
-    {
+    if own.0.contains(p) || (!rel.contains('/') && own.1.contains(&name)) {
         return Ok(());
     }
     if md.is_dir() {
         for e in fs::read_dir(p).ctx(|| format!("cannot read {}", p.display()))? {
             let e = e.ctx(|| format!("cannot read {}", p.display()))?;
-            walk(root, &e.path(), out, total, job)?;
+            walk(root, &e.path(), out, total, own)?;
         }
     } else if md.is_file() {
         *total += md.len();

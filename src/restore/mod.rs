@@ -11,6 +11,8 @@
 mod esxi;
 mod host;
 
+pub use esxi::Ini as EsxiIni;
+
 use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

@@ -1,14 +1,17 @@
 //! ssh to the source host: options, the per-job known-hosts file, the key, remote commands.
 //!
-//! Owns: every ssh command line affa builds. Must never: use `StrictHostKeyChecking=no`, accept
-//! a new host key except during `--send-key`'s first contact, or let a child ssh/rsync outlive
-//! an affa that was killed (children get `PR_SET_PDEATHSIG`).
+//! Owns: every ssh command line affa builds, and the time limits of remote commands
+//! ([`output_within`]). Must never: use `StrictHostKeyChecking=no`, accept a new host key except
+//! during `--send-key`'s first contact, let a child ssh/rsync outlive an affa that was killed
+//! (children get `PR_SET_PDEATHSIG`), or wait on a remote command without a time limit during a
+//! run (a wedged host must not hold the job's lock, nor keep a VM on its snapshot).
 
 pub mod rsync;
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::config::{Config, Job};
 use crate::error::{Error, IoContext, Result};
@@ -42,6 +45,75 @@ pub fn die_with_parent(cmd: &mut Command) {
     }
 }
 
+/// Most bytes of a child's stdout and of its stderr kept by [`output_within`]; the rest is read
+/// and dropped (a host cannot fill the backup server's memory through a remote command).
+pub const MAX_CAPTURE: usize = 1 << 20;
+
+fn read_bounded(mut r: impl std::io::Read) -> Vec<u8> {
+    let mut kept = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let room = MAX_CAPTURE.saturating_sub(kept.len());
+                kept.extend_from_slice(&buf[..n.min(room)]);
+            }
+        }
+    }
+    kept
+}
+
+/// Run `cmd` for at most `limit`, feeding `input` on its stdin, capturing stdout and stderr (at
+/// most [`MAX_CAPTURE`] bytes each). Past the limit the child and its process group are killed
+/// and the error names `what`, the seconds and the job key `key` that sets them. A SIGTERM to
+/// affa stops the child too.
+pub fn output_within(
+    mut cmd: Command,
+    input: Option<Vec<u8>>,
+    limit: Duration,
+    what: &str,
+    key: &str,
+) -> Result<Output> {
+    use std::io::Write;
+    cmd.stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() });
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.process_group(0);
+    let mut child = cmd.spawn().ctx(|| format!("cannot start {what}"))?;
+    let pid = child.id();
+    crate::interrupt::set_child(pid);
+    if let (Some(mut stdin), Some(data)) = (child.stdin.take(), input) {
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(&data);
+        });
+    }
+    let out = child.stdout.take().map(|o| std::thread::spawn(move || read_bounded(o)));
+    let err = child.stderr.take().map(|e| std::thread::spawn(move || read_bounded(e)));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().ctx(|| format!("cannot wait for {what}"))? {
+            break st;
+        }
+        if start.elapsed() >= limit {
+            // SAFETY: kill(2) on the process group this child leads (process_group(0) above);
+            // no memory is involved.
+            unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+            let _ = child.kill();
+            let _ = child.wait();
+            crate::interrupt::set_child(0);
+            crate::bail!(
+                "{what} did not finish within {} s and was stopped (the limit is the job key {key})",
+                limit.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    crate::interrupt::set_child(0);
+    let stdout = out.and_then(|t| t.join().ok()).unwrap_or_default();
+    let stderr = err.and_then(|t| t.join().ok()).unwrap_or_default();
+    Ok(Output { status, stdout, stderr })
+}
+
 /// Quote a word for a POSIX shell (the remote side of ssh).
 pub fn shell_quote(s: &str) -> String {
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-+=:@,".contains(&b)) {
@@ -49,6 +121,11 @@ pub fn shell_quote(s: &str) -> String {
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
     }
+}
+
+/// The first word of a remote command, for messages (never its arguments).
+fn first_word(remote: &str) -> String {
+    crate::untrusted::shown(remote.split_whitespace().next().unwrap_or("")).trim_matches('\'').to_string()
 }
 
 impl SshTarget {
@@ -119,12 +196,28 @@ impl SshTarget {
         c
     }
 
-    /// Run a remote shell command; a failed connection becomes a clear error.
+    /// The ssh command running `remote` on the host (for callers that feed it or time it).
+    pub fn remote_command(&self, remote: &str) -> Command {
+        self.command(&["-o".into(), format!("ConnectTimeout={}", self.connect_timeout)], remote)
+    }
+
+    /// The overall time limit of a short remote command (the connection check, removing the
+    /// key): twice ConnectionCheckTimeout, the ssh connect timeout.
+    pub fn short_limit(&self) -> Duration {
+        Duration::from_secs(2 * self.connect_timeout.max(1))
+    }
+
+    /// Run a short remote shell command (at most [`short_limit`](Self::short_limit)); a failed
+    /// connection becomes a clear error.
     pub fn run(&self, remote: &str) -> Result<Output> {
-        let out = self
-            .command(&["-o".into(), format!("ConnectTimeout={}", self.connect_timeout)], remote)
-            .output()
-            .ctx(|| format!("cannot run {}", self.ssh_bin))?;
+        self.run_within(remote, None, self.short_limit(), "ConnectionCheckTimeout")
+    }
+
+    /// Run a remote shell command with `input` on its stdin for at most `limit` (`key` is the
+    /// job key that sets it, for the message); a failed connection becomes a clear error.
+    pub fn run_within(&self, remote: &str, input: Option<Vec<u8>>, limit: Duration, key: &str) -> Result<Output> {
+        let c = self.remote_command(remote);
+        let out = output_within(c, input, limit, &format!("ssh to {} ({})", self.host, first_word(remote)), key)?;
         if out.status.code() == Some(255) {
             return Err(self.connection_error(&String::from_utf8_lossy(&out.stderr)));
         }
@@ -133,7 +226,13 @@ impl SshTarget {
 
     /// Like [`run`](Self::run), but a non-zero exit is an error quoting the remote's stderr.
     pub fn run_ok(&self, remote: &str, what: &str) -> Result<String> {
-        let out = self.run(remote)?;
+        self.run_ok_within(remote, what, self.short_limit(), "ConnectionCheckTimeout")
+    }
+
+    /// Like [`run_within`](Self::run_within) without input, a non-zero exit an error quoting
+    /// the remote's stderr.
+    pub fn run_ok_within(&self, remote: &str, what: &str, limit: Duration, key: &str) -> Result<String> {
+        let out = self.run_within(remote, None, limit, key)?;
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
             let first = err.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();

@@ -1,10 +1,10 @@
 //! rsync: the command line (Affa 3's flags), running it with progress, and its exit codes.
 //!
-//! Owns: how rsync is called and what its exit status means. Must never: call a partial
-//! transfer a success (exit 23 is a failure, unlike Affa 3; only 24, "files vanished", is a
+//! Owns: how rsync is called and what its exit status means. Must never: keep what rsync (or
+//! the remote side) prints on stderr in memory without a bound, call a partial transfer a success (exit 23 is a failure, unlike Affa 3; only 24, "files vanished", is a
 //! success with a warning).
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufReader, Read};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -94,6 +94,31 @@ pub fn base_args(job: &Job, source: &Source) -> Vec<String> {
     a
 }
 
+/// Flags that keep rsync from making a symlink, device or fifo in the destination (it skips
+/// them on the sender, with exit 0): for transfers whose files affa opens afterwards (chunking).
+pub const REGULAR_FILES_ONLY: [&str; 3] = ["--no-links", "--no-devices", "--no-specials"];
+
+const ITEM_PREFIX: &str = "affa-item:";
+
+/// Flags that make rsync list every file it sent or found up to date (`-ii`), for
+/// [`regular_files`].
+pub fn itemize_args() -> [String; 2] {
+    ["-ii".to_string(), format!("--out-format={ITEM_PREFIX}%i:%n")]
+}
+
+/// The names rsync listed as regular files (`f` items) in the output of a run with
+/// [`itemize_args`].
+pub fn regular_files(stdout: &str) -> std::collections::BTreeSet<String> {
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix(ITEM_PREFIX))
+        .filter_map(|l| {
+            let (item, name) = l.split_once(':')?;
+            (item.as_bytes().get(1) == Some(&b'f')).then(|| name.to_string())
+        })
+        .collect()
+}
+
 /// The local rsync program and its leading args (nice, when localNice > 0).
 pub fn program(job: &Job) -> (String, Vec<String>) {
     let nice = job.num("localNice");
@@ -119,12 +144,18 @@ pub fn source_args(source: &Source, paths: &[String]) -> Vec<String> {
     }
 }
 
+/// First and last stderr lines of one rsync kept in memory (all go to the log as they come).
+pub const KEPT_ERRORS: (usize, usize) = (50, 50);
+/// First and last stdout lines of one rsync kept (statistics are the last 20).
+const KEPT_STDOUT: usize = 1000;
+
 /// The result of one rsync.
 #[derive(Debug)]
 pub struct RsyncResult {
     pub code: i32,
     pub stdout: String,
-    /// stderr lines (also written to the log).
+    /// The first and last stderr lines ([`KEPT_ERRORS`]; a line says how many are left out
+    /// between them); every line went to the log as it came.
     pub errors: Vec<String>,
 }
 
@@ -150,10 +181,33 @@ pub fn run(job: &Job, args: &[String], log: &JobLog, progress: bool) -> Result<R
     let mut child = cmd.spawn().ctx(|| format!("cannot run {prog}"))?;
     crate::interrupt::set_child(child.id());
     let stderr = child.stderr.take().unwrap();
-    let err_thread =
-        std::thread::spawn(move || BufReader::new(stderr).lines().map_while(|l| l.ok()).collect::<Vec<String>>());
+    std::thread::scope(|scope| {
+        let err_thread = scope.spawn(move || {
+            // Each line to the log as it comes; only the first and last ones stay in memory.
+            let mut kept = crate::joblog::LineTail::new(KEPT_ERRORS.0, KEPT_ERRORS.1);
+            let mut r = BufReader::new(stderr);
+            let mut buf = Vec::new();
+            while matches!(crate::joblog::read_line_bounded(&mut r, &mut buf), Ok(true)) {
+                let line = String::from_utf8_lossy(&buf);
+                let line = line.trim_end_matches(['\n', '\r']);
+                log.warn(format!("rsync: {line}"));
+                kept.push(line);
+            }
+            kept.lines()
+        });
+        run_stdout(child, err_thread, progress, &prog)
+    })
+}
+
+fn run_stdout(
+    mut child: std::process::Child,
+    err_thread: std::thread::ScopedJoinHandle<'_, Vec<String>>,
+    progress: bool,
+    prog: &str,
+) -> Result<RsyncResult> {
     let mut stdout = child.stdout.take().unwrap();
-    let mut out = Vec::new();
+    // Statistics come last, itemized names first: keep both ends, bounded.
+    let mut out = crate::joblog::LineTail::new(KEPT_STDOUT, KEPT_STDOUT);
     let mut buf = [0u8; 8192];
     let mut line = Vec::new();
     loop {
@@ -163,30 +217,30 @@ pub fn run(job: &Job, args: &[String], log: &JobLog, progress: bool) -> Result<R
         }
         for &b in &buf[..n] {
             if b == b'\r' || b == b'\n' {
+                let s = String::from_utf8_lossy(&line);
                 if progress && is_progress_line(&line) {
-                    let s = String::from_utf8_lossy(&line);
-                    eprint!("\r\x1b[K{}", s.trim());
+                    eprint!("\r\x1b[K{}", crate::untrusted::escape_controls(s.trim()));
                 } else {
-                    out.extend_from_slice(&line);
-                    out.push(b'\n');
+                    out.push(&s);
                 }
                 line.clear();
-            } else {
+            } else if line.len() <= crate::joblog::MAX_LINE {
                 line.push(b);
             }
         }
     }
-    out.extend_from_slice(&line);
+    if !line.is_empty() {
+        out.push(&String::from_utf8_lossy(&line));
+    }
     if progress {
         crate::joblog::clear_progress();
     }
     let status = child.wait().ctx(|| format!("cannot wait for {prog}"))?;
     crate::interrupt::set_child(0);
     let errors = err_thread.join().unwrap_or_default();
-    for e in &errors {
-        log.warn(format!("rsync: {e}"));
-    }
-    Ok(RsyncResult { code: status.code().unwrap_or(-1), stdout: String::from_utf8_lossy(&out).into_owned(), errors })
+    let mut stdout = out.lines().join("\n");
+    stdout.push('\n');
+    Ok(RsyncResult { code: status.code().unwrap_or(-1), stdout, errors })
 }
 
 fn is_progress_line(l: &[u8]) -> bool {
@@ -226,5 +280,12 @@ mod tests {
         assert!(matches!(classify(23), Outcome::Failure(m) if m.contains("partial transfer")));
         assert!(matches!(classify(11), Outcome::Failure(_)));
         assert!(matches!(classify(-1), Outcome::Failure(_)));
+    }
+
+    #[test]
+    fn itemized_regular_files() {
+        let out = "skipping non-regular file \"b-flat.vmdk\"\naffa-item:.f          :a-flat.vmdk\naffa-item:>f+++++++++:c d:e\naffa-item:cL+++++++++:l\nNumber of files: 2\n";
+        let seen = regular_files(out);
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["a-flat.vmdk", "c d:e"]);
     }
 }

@@ -1,0 +1,395 @@
+//! What a host sends, made safe to use on the backup server: the one rule for names and paths
+//! that come from a host, opening a file a host made without following a symlink, creating
+//! directories below a root without following one, and host text made harmless for a terminal,
+//! a log line or an INI value. docs/SECURITY.md says where each is used.
+//!
+//! Owns: [`SafeName`] and [`SafeRelPath`] (built only by validation: every name a host gives
+//! that affa turns into a local path, e.g. an ESXi datastore, VM directory or file name),
+//! [`check_archive_rel`] (the structure rule for paths read back from an archive, whose names
+//! rsync wrote and may hold any byte but `/` and NUL), [`open_regular`], [`create_dir_beneath`],
+//! [`escape_controls`], [`terminal_safe`], [`TerminalSafe`] and [`ini_value`].
+//!
+//! Must never: accept an empty name, `.`, `..`, a `/`, NUL or a control character in a
+//! [`SafeName`]; follow a symlink where a host could have planted one; open a fifo or device a
+//! host made (an open could block or have effects); panic on any input.
+
+use std::borrow::Cow;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use crate::error::{Error, IoContext, Result};
+
+/// Longest name accepted (Linux NAME_MAX).
+pub const MAX_NAME: usize = 255;
+/// Longest relative path accepted (Linux PATH_MAX).
+pub const MAX_PATH: usize = 4096;
+
+/// Why `s` is not a safe single name, if it is not.
+fn name_problem(s: &str) -> Option<&'static str> {
+    if s.is_empty() {
+        Some("it is empty")
+    } else if s == "." || s == ".." {
+        Some("it is '.' or '..'")
+    } else if s.contains('/') {
+        Some("it contains '/'")
+    } else if s.contains('\0') {
+        Some("it contains NUL")
+    } else if s.chars().any(char::is_control) {
+        Some("it contains a control character")
+    } else if s.len() > MAX_NAME {
+        Some("it is longer than 255 bytes")
+    } else {
+        None
+    }
+}
+
+/// A host's value for an error message: control characters escaped, at most 200 characters.
+pub fn shown(s: &str) -> String {
+    let mut e = escape_controls(s).into_owned();
+    if e.chars().count() > 200 {
+        e = e.chars().take(200).collect::<String>() + "...";
+    }
+    e
+}
+
+fn refuse(what: &str, s: &str, why: &str) -> Error {
+    Error::new(format!(
+        "refusing {what} \"{}\" sent by the host: {why}; expected a plain name (no '/', '.', '..', NUL or control characters)",
+        shown(s)
+    ))
+}
+
+/// One file or directory name a host gave, safe to join to a local directory: not empty, not
+/// `.` or `..`, no `/`, NUL or control character, at most 255 bytes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SafeName(String);
+
+impl SafeName {
+    /// Validate `s`; `what` names it in the error ("datastore name").
+    pub fn new(what: &str, s: &str) -> Result<SafeName> {
+        match name_problem(s) {
+            None => Ok(SafeName(s.to_string())),
+            Some(why) => Err(refuse(what, s, why)),
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for SafeName {
+    fn as_ref(&self) -> &Path {
+        Path::new(&self.0)
+    }
+}
+
+impl std::fmt::Display for SafeName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A relative path a host gave (`dir/sub`), every component a [`SafeName`]; may be empty (the
+/// directory itself) only when built with [`SafeRelPath::new_or_empty`].
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SafeRelPath(String);
+
+impl SafeRelPath {
+    /// Validate `s` (no leading or trailing `/`, no empty component).
+    pub fn new(what: &str, s: &str) -> Result<SafeRelPath> {
+        if s.len() > MAX_PATH {
+            return Err(refuse(what, s, "it is longer than 4096 bytes"));
+        }
+        if s.starts_with('/') {
+            return Err(refuse(what, s, "it is an absolute path"));
+        }
+        for c in s.split('/') {
+            if let Some(why) = name_problem(c) {
+                return Err(refuse(what, s, &format!("its part \"{}\" is not a plain name: {why}", shown(c))));
+            }
+        }
+        Ok(SafeRelPath(s.to_string()))
+    }
+    /// Like [`new`](Self::new), but the empty string (no directory) is accepted too.
+    pub fn new_or_empty(what: &str, s: &str) -> Result<SafeRelPath> {
+        if s.is_empty() {
+            Ok(SafeRelPath(String::new()))
+        } else {
+            SafeRelPath::new(what, s)
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    pub fn as_path(&self) -> &Path {
+        Path::new(&self.0)
+    }
+}
+
+impl AsRef<Path> for SafeRelPath {
+    fn as_ref(&self) -> &Path {
+        self.as_path()
+    }
+}
+
+/// The structure rule for a path read back from an archive or an index (names rsync wrote: any
+/// byte but `/` and NUL): relative, not empty, no `.`, `..` or root component.
+pub fn check_archive_rel(rel: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let ok = rel.components().count() > 0
+        && rel.components().all(|c| matches!(c, Component::Normal(_)))
+        && !rel.as_os_str().as_bytes().contains(&0)
+        && rel.as_os_str().len() <= MAX_PATH;
+    if !ok {
+        crate::bail!(
+            "invalid path in archive \"{}\": expected a relative path without '..'",
+            shown(&rel.to_string_lossy())
+        );
+    }
+    Ok(())
+}
+
+/// Open a file a host made for reading, only if it is a regular file: a symlink is not followed
+/// (`O_NOFOLLOW`), a fifo or device is not opened at all (`lstat` first, `O_NONBLOCK`), and the
+/// opened file must be the one checked.
+pub fn open_regular(path: &Path) -> io::Result<File> {
+    let md = fs::symlink_metadata(path)?;
+    if !md.file_type().is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a regular file", kind_of(&md))));
+    }
+    let f = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path)?;
+    let m2 = f.metadata()?;
+    if !m2.is_file() || m2.ino() != md.ino() || m2.dev() != md.dev() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "the file was replaced while it was opened"));
+    }
+    Ok(f)
+}
+
+/// "a symlink", "a directory", ... for messages.
+pub fn kind_of(md: &fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = md.file_type();
+    if t.is_symlink() {
+        "a symlink"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a fifo"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_file() {
+        "a regular file"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// `root/rel`, creating the missing directories (mode 0777 less the umask); every existing
+/// component must be a real directory (a symlink a host planted is refused, never followed).
+/// `root` itself is trusted.
+pub fn create_dir_beneath(root: &Path, rel: &Path) -> Result<PathBuf> {
+    dir_beneath(root, rel, 0o777)
+}
+
+/// [`create_dir_beneath`], creating the missing directories with mode 0700.
+pub fn create_private_dir_beneath(root: &Path, rel: &Path) -> Result<PathBuf> {
+    dir_beneath(root, rel, 0o700)
+}
+
+fn dir_beneath(root: &Path, rel: &Path, mode: u32) -> Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut p = root.to_path_buf();
+    for c in rel.components() {
+        let Component::Normal(n) = c else {
+            crate::bail!(
+                "refusing to create \"{}\" below {}: not a plain relative path",
+                shown(&rel.to_string_lossy()),
+                root.display()
+            );
+        };
+        p.push(n);
+        loop {
+            match fs::symlink_metadata(&p) {
+                Ok(md) if md.is_dir() => break,
+                Ok(md) => crate::bail!(
+                    "refusing to write through {}: it is {}, not a directory (made by the source host?)",
+                    p.display(),
+                    kind_of(&md)
+                ),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => match fs::DirBuilder::new().mode(mode).create(&p) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                    Err(e) => return Err(e).ctx(|| format!("cannot create {}", p.display())),
+                },
+                Err(e) => return Err(e).ctx(|| format!("cannot stat {}", p.display())),
+            }
+        }
+    }
+    Ok(p)
+}
+
+/// Every control character of `s` written as `\xNN` (or `\u{N}` above U+00FF); the rest as is.
+pub fn escape_controls(s: &str) -> Cow<'_, str> {
+    escape_except(s, &[])
+}
+
+/// [`escape_controls`], keeping newlines and tabs (multi-line text for a terminal).
+pub fn terminal_safe(s: &str) -> Cow<'_, str> {
+    escape_except(s, &['\n', '\t'])
+}
+
+fn escape_except<'a>(s: &'a str, keep: &[char]) -> Cow<'a, str> {
+    if !s.chars().any(|c| c.is_control() && !keep.contains(&c)) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() && !keep.contains(&c) {
+            let n = c as u32;
+            if n <= 0xff {
+                out.push_str(&format!("\\x{n:02x}"));
+            } else {
+                out.push_str(&format!("\\u{{{n:x}}}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// A host's value for an INI file affa writes (`.affa-esxi.ini`): refused when it holds a
+/// control character (a newline would inject keys or sections).
+pub fn ini_value<'a>(what: &str, v: &'a str) -> Result<&'a str> {
+    if v.chars().any(char::is_control) {
+        crate::bail!(
+            "refusing {what} \"{}\" sent by the host: it contains a control character (a newline would add lines to {})",
+            shown(v),
+            crate::esxi::backup::ESXI_INI
+        );
+    }
+    Ok(v)
+}
+
+/// A writer that escapes control characters (all but newline and tab, C1 included) on their way
+/// to a terminal, so that nothing a host sent can move the cursor, retitle the window or
+/// rewrite what is shown.
+pub struct TerminalSafe<W: Write> {
+    inner: W,
+    /// A 0xC2 byte at the end of the last write (the first byte of a C1 control, maybe).
+    pending_c2: bool,
+}
+
+impl<W: Write> TerminalSafe<W> {
+    pub fn new(inner: W) -> TerminalSafe<W> {
+        TerminalSafe { inner, pending_c2: false }
+    }
+}
+
+/// Escape `buf` (C0, DEL, and C1 as UTF-8 `C2 80..9F`) into `out`; `pending_c2` carries a
+/// trailing 0xC2 across calls.
+pub fn escape_bytes(buf: &[u8], pending_c2: &mut bool, out: &mut Vec<u8>) {
+    for &b in buf {
+        if *pending_c2 {
+            *pending_c2 = false;
+            if (0x80..=0x9f).contains(&b) {
+                out.extend_from_slice(format!("\\x{b:02x}").as_bytes());
+                continue;
+            }
+            out.push(0xc2);
+        }
+        match b {
+            0xc2 => *pending_c2 = true,
+            b'\n' | b'\t' => out.push(b),
+            0..=0x1f | 0x7f => out.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
+            _ => out.push(b),
+        }
+    }
+}
+
+impl<W: Write> Write for TerminalSafe<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut out = Vec::with_capacity(buf.len() + 8);
+        escape_bytes(buf, &mut self.pending_c2, &mut out);
+        self.inner.write_all(&out)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        if self.pending_c2 {
+            self.pending_c2 = false;
+            self.inner.write_all(&[0xc2])?;
+        }
+        self.inner.flush()
+    }
+}
+
+impl<W: Write> Drop for TerminalSafe<W> {
+    fn drop(&mut self) {
+        let _ = self.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for good in ["datastore1", "fast & big", "vm 1", "a.b", "...", "é", "-x", "x\\y"] {
+            assert_eq!(SafeName::new("n", good).unwrap().as_str(), good);
+        }
+        for bad in ["", ".", "..", "/etc", "a/b", "a\0b", "a\nb", "\u{1b}[2J", "a\u{9b}b", &"x".repeat(256)] {
+            let e = SafeName::new("datastore name", bad).unwrap_err().to_string();
+            assert!(e.contains("datastore name") && !e.contains('\n') && !e.contains('\u{1b}'), "{e}");
+        }
+        assert_eq!(SafeRelPath::new("d", "a/b c/d").unwrap().as_str(), "a/b c/d");
+        for bad in ["", "/a", "a/", "a//b", "a/../b", "./a", "a/\n"] {
+            assert!(SafeRelPath::new("d", bad).is_err(), "{bad:?}");
+        }
+        assert!(SafeRelPath::new_or_empty("d", "").unwrap().is_empty());
+        assert!(check_archive_rel(Path::new("a/new\nline")).is_ok());
+        for bad in ["", "/a", "a/../b", "..", "./a"] {
+            assert!(check_archive_rel(Path::new(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn escaping() {
+        assert_eq!(escape_controls("a\u{1b}]0;x\u{7}b\n"), "a\\x1b]0;x\\x07b\\x0a");
+        assert_eq!(terminal_safe("a\tb\nc\rd\u{9b}"), "a\tb\nc\\x0dd\\x9b");
+        assert!(matches!(terminal_safe("plain"), Cow::Borrowed(_)));
+        let mut v = Vec::new();
+        {
+            let mut w = TerminalSafe::new(&mut v);
+            w.write_all(b"x\x1b[31m\xc2").unwrap();
+            w.write_all(b"\x9bA\xc2\xa9\n").unwrap();
+        }
+        assert_eq!(String::from_utf8(v).unwrap(), "x\\x1b[31m\\x9bA\u{a9}\n");
+        assert!(ini_value("VM name", "vm\n[x]").is_err());
+        assert_eq!(ini_value("VM name", "vm 1 & co").unwrap(), "vm 1 & co");
+    }
+
+    #[test]
+    fn files_and_dirs() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join("f"), "x").unwrap();
+        std::os::unix::fs::symlink(d.path().join("f"), d.path().join("l")).unwrap();
+        assert!(open_regular(&d.path().join("f")).is_ok());
+        assert!(open_regular(&d.path().join("l")).is_err());
+        assert!(open_regular(d.path()).is_err());
+        let out = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(out.path(), d.path().join("link")).unwrap();
+        assert!(create_dir_beneath(d.path(), Path::new("link/x")).is_err());
+        assert!(create_dir_beneath(d.path(), Path::new("../x")).is_err());
+        assert_eq!(create_dir_beneath(d.path(), Path::new("a/b")).unwrap(), d.path().join("a/b"));
+        assert!(d.path().join("a/b").is_dir());
+        assert_eq!(fs::read_dir(out.path()).unwrap().count(), 0);
+    }
+}
