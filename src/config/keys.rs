@@ -163,8 +163,19 @@ pub static KEYS: &[KeyDef] = &[
     k("ESXiSnapshotMode", &["api"], Kind::Enum(&["api", "vim-cmd"]), "api, or vim-cmd over ssh for free-licence hosts"),
     k("ESXiVimCmd", &["vim-cmd"], Kind::Text, "vim-cmd on the host (ESXiSnapshotMode=vim-cmd)"),
     k("ESXiTaskTimeout", &["3600"], Kind::Int(1, 86400), "seconds to wait for a snapshot task"),
+    k(
+        "ESXiUserSnapshots",
+        &["keep"],
+        Kind::Enum(&["keep", "refuse"]),
+        "a VM with snapshots of its own: keep = archive its whole snapshot chain (and warn), refuse = fail the run",
+    ),
     // chunk store
-    m("chunkFiles", NONE, Kind::Glob, "glob of files stored as compressed, deduplicated chunks (e.g. *-flat.vmdk)"),
+    m(
+        "chunkFiles",
+        NONE,
+        Kind::Glob,
+        "glob of files stored as compressed, deduplicated chunks (ESXi: *-flat.vmdk, *-delta.vmdk, *-sesparse.vmdk)",
+    ),
     k("chunkSize", &["1M"], Kind::Size, "chunk size, a power of two from 256K to 16M (1M: see docs/FORMAT.md)"),
     k("chunkCompression", &["zstd:1"], Kind::Compression, "zstd:N, lz4 or none"),
     // global only

@@ -10,6 +10,7 @@
 
 mod esxi;
 mod host;
+mod vmrefs;
 
 use std::fs;
 use std::io::{Read, Write};
