@@ -9,6 +9,7 @@ PACKAGES=(
   golang-go golang-github-vmware-govmomi-dev    # the vSphere simulator harness
   python3-aiosmtpd                              # the SMTP server of the mail tests
   samba smbclient                               # the Samba share tests
+  qemu-utils                                    # qemu-img: reads VMware snapshot chains independently of affa
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -99,8 +99,12 @@ ESXiUsername=affa-backup
 ESXiPassword=change-me
 #ESXiThumbprint=
 ESXiSnapshotQuiesce=no
-# big disk images as compressed, deduplicated chunks
+# a VM with snapshots of its own is archived with its whole chain (refuse: fail the run instead)
+ESXiUserSnapshots=keep
+# big disk images as compressed, deduplicated chunks: base disks and snapshot deltas
 chunkFiles=*-flat.vmdk
+chunkFiles=*-delta.vmdk
+chunkFiles=*-sesparse.vmdk
 chunkCompression=zstd:1
 TimeSchedule=0130
 dailyKeep=7

@@ -182,6 +182,9 @@ fn refusals_dry_run_to_dir_and_a_damaged_chunk() {
     assert_eq!(sha256_file(&e.ds2.join("vm1-moved/vm1_1-flat.vmdk")), e.frozen[1]);
     assert!(!e.ds1.join("vm1-moved").exists(), "--to-datastore ds2 wrote to datastore1");
     assert!(e.sim.snapshots("vm1-moved").is_empty());
+    // Both directories merged into one: the .vmx's absolute path of disk 1 follows it.
+    let moved = vm_state(&e.sim, "vm1-moved");
+    assert!(moved.to_string().contains("vm1-moved/vm1_1-flat.vmdk"), "disk 1 still points at the original: {moved}");
 
     // A damaged chunk: the restore stops naming it, before anything is written.
     let chunks = e.affa.job_dir("esx").join("scheduled.0/.affa-chunks");

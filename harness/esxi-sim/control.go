@@ -83,6 +83,7 @@ type vmJSON struct {
 	WriterLastError        string     `json:"writer_last_error,omitempty"`
 	Writes                 int64      `json:"writes"`
 	WritesDuringSnapshot   int64      `json:"writes_during_snapshot"`
+	AdoptErrors            []string   `json:"adopt_errors"`
 }
 
 func (h *Harness) vmToJSON(st *VMState) vmJSON {
@@ -90,7 +91,7 @@ func (h *Harness) vmToJSON(st *VMState) vmJSON {
 	defer st.mu.Unlock()
 	v := vmJSON{Name: st.Name, Ref: st.Ref.Value, Vmid: vmid(st.Ref), Vmx: st.VmxDs, VmxPath: st.VmxLocal,
 		LastSnapshotHashes: st.LastSnapshotHashes, LastSnapshotFlatHashes: st.LastSnapshotFlatHashes,
-		Writes: st.Writes, WritesDuringSnapshot: st.WritesDuringSnapshot}
+		Writes: st.Writes, WritesDuringSnapshot: st.WritesDuringSnapshot, AdoptErrors: st.AdoptErrors}
 	simulator.Map.WithLock(st.vm, func() {
 		v.Power = string(st.vm.Runtime.PowerState)
 		for _, dev := range st.vm.Config.Hardware.Device {
@@ -108,7 +109,7 @@ func (h *Harness) vmToJSON(st *VMState) vmJSON {
 		for _, l := range d.Layers {
 			dj.Chain = append(dj.Chain, l.DsPath)
 			if l != d.Layers[0] {
-				dj.DeltaBytes = append(dj.DeltaBytes, extentsBytes(l.Extents))
+				dj.DeltaBytes = append(dj.DeltaBytes, l.deltaBytes())
 			}
 		}
 		v.Disks = append(v.Disks, dj)
@@ -256,6 +257,20 @@ func (h *Harness) controlMux() http.Handler {
 	mux.HandleFunc("/fault", func(w http.ResponseWriter, r *http.Request) {
 		q := r.URL.Query()
 		op, mode := q.Get("op"), q.Get("mode")
+		if op == "intrude" {
+			f := IntrudeFault{Action: q.Get("action"), Name: q.Get("name")}
+			f.Seconds, _ = strconv.ParseFloat(q.Get("seconds"), 64)
+			if (f.Action != "create" && f.Action != "remove" && f.Action != "") || (f.Action != "" && f.Name == "") {
+				jsonErr(w, 400, "intrude: action must be create or remove (or empty to clear), with a name")
+				return
+			}
+			h.mu.Lock()
+			h.faults.Intrude = f
+			out := h.faults
+			h.mu.Unlock()
+			writeJSON(w, 200, out)
+			return
+		}
 		if mode == "none" || mode == "off" {
 			mode = ""
 		}

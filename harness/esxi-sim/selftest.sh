@@ -120,6 +120,32 @@ t=$(soap "<RegisterVM_Task xmlns=\"urn:vim25\"><_this type=\"Folder\">ha-folder-
 [ -n "$t" ] || fail "RegisterVM_Task"
 [ "$(st | j '[v for v in d["vms"] if v["name"]=="copy"][0]["current_backing"][0]')" = "[ds2] copy/vm1.vmdk" ] || fail "registered VM has no disk"; ok "RegisterVM_Task, disks from .vmx"
 
+# snapshots of the user's own: VMFSSPARSE deltas that a real reader (qemu-img) combines
+VC="./esxi-sim vim-cmd --control $CTL"
+$VC vmsvc/snapshot.create "$VMID" user1 "" 0 0 > /dev/null
+printf 'AFTER-ONE' | curl -s -X POST --data-binary @- "$CTL/write?vm=vm1&disk=0&offset=5000" > /dev/null
+$VC vmsvc/snapshot.create "$VMID" user2 "" 0 0 > /dev/null
+printf 'AFTER-TWO-CROSSES-A-GRAIN' | curl -s -X POST --data-binary @- "$CTL/write?vm=vm1&disk=0&offset=2097140" > /dev/null
+d=$tmp/ds1/vm1
+[ "$(head -c 4 "$d/vm1-000002-delta.vmdk")" = COWD ] || fail "delta is not VMFSSPARSE (COWD)"
+want=$(curl -s "$CTL/hash?vm=vm1" | j 'd["current_sha256"][0]')
+qemu-img convert -f vmdk -O raw "$d/vm1-000002.vmdk" "$tmp/combined.raw" || fail "qemu-img cannot read the chain"
+[ "$(sha256sum "$tmp/combined.raw" | cut -d' ' -f1)" = "$want" ] || fail "qemu-img's combined chain differs from the running disk"
+grep -q 'snapshot1.displayName = "user2"' "$d/vm1.vmsd" || fail ".vmsd"
+ok "user snapshots: COWD deltas, qemu-img reads the chain as the VM sees it"
+mkdir -p "$tmp/ds1/chaincopy"
+cp "$d"/vm1.vmx "$d"/vm1.vmsd "$d"/vm1-Snapshot*.vmsn "$d"/vm1.vmdk "$d"/vm1-flat.vmdk "$d"/vm1-00000[12]*.vmdk "$tmp/ds1/chaincopy/"
+sed -i '/scsi0:1\./d' "$tmp/ds1/chaincopy/vm1.vmx"
+t=$(soap "<RegisterVM_Task xmlns=\"urn:vim25\"><_this type=\"Folder\">ha-folder-vm</_this><path>[datastore1] chaincopy/vm1.vmx</path><name>chaincopy</name><asTemplate>false</asTemplate><pool type=\"ResourcePool\">ha-root-pool</pool></RegisterVM_Task>" | val returnval)
+[ -n "$t" ] || fail "RegisterVM_Task of the chain copy"
+[ "$(st | j '[v for v in d["vms"] if v["name"]=="chaincopy"][0]["current_backing"][0]')" = "[datastore1] chaincopy/vm1-000002.vmdk" ] || fail "registered chain: backing"
+[ "$(st | j '" ".join(s["name"] for s in [v for v in d["vms"] if v["name"]=="chaincopy"][0]["snapshots"])')" = "user1 user2" ] || fail "registered chain: snapshots"
+[ "$(curl -s "$CTL/hash?vm=chaincopy" | j 'd["current_sha256"][0]')" = "$want" ] || fail "registered chain: content"
+ok "RegisterVM_Task of a VM with a chain: disks through the chain, snapshots from the .vmsd"
+$VC vmsvc/snapshot.removeall "$VMID" > /dev/null
+[ "$(sha256sum "$d/vm1-flat.vmdk" | cut -d' ' -f1)" = "$want" ] || fail "removeall did not merge the chain"
+ok "removing the snapshots merges the chain into the base"
+
 soap '<Logout xmlns="urn:vim25"><_this type="SessionManager">ha-sessionmgr</_this></Logout>' > /dev/null
 exec 9>&-                   # stdin EOF -> the simulator exits
 for i in $(seq 50); do kill -0 $simpid 2>/dev/null || break; sleep 0.1; done

@@ -294,6 +294,7 @@ func (h *Harness) doCreate(st *VMState, name, desc string, memory, quiesce bool,
 			return nil, fault, msg
 		}
 		h.event("create", st.Name, name, via, "ok "+snap.Ref.Value)
+		h.intrude(st)
 		return snap.Ref, nil, ""
 	})
 	return t, done
@@ -343,6 +344,41 @@ func (h *Harness) doRemove(st *VMState, ref types.ManagedObjectReference, remove
 		return nil, nil, ""
 	})
 	return t, done
+}
+
+// intrude carries out a pending IntrudeFault on st, in the background (once).
+func (h *Harness) intrude(st *VMState) {
+	h.mu.Lock()
+	f := h.faults.Intrude
+	h.faults.Intrude = IntrudeFault{}
+	h.mu.Unlock()
+	if f.Action == "" {
+		return
+	}
+	go func() {
+		time.Sleep(time.Duration(f.Seconds * float64(time.Second)))
+		switch f.Action {
+		case "create":
+			_, done := h.doCreate(st, f.Name, "taken by someone else during a backup (esxi-sim intruder)", false, false, "intruder")
+			<-done
+		case "remove":
+			var ref *types.ManagedObjectReference
+			st.mu.Lock()
+			for _, s := range st.Snaps {
+				if s.Name == f.Name {
+					r := s.Ref
+					ref = &r
+				}
+			}
+			st.mu.Unlock()
+			if ref == nil {
+				h.event("remove", st.Name, f.Name, "intruder", "failed: no such snapshot")
+				return
+			}
+			_, done := h.doRemove(st, *ref, false, "intruder", "RemoveSnapshot_Task", "vm.Snapshot.remove")
+			<-done
+		}
+	}()
 }
 
 func (h *Harness) soapCreateSnapshot(w http.ResponseWriter, st *VMState, req *types.CreateSnapshot_Task) {
@@ -439,6 +475,7 @@ func (h *Harness) attachVmxDisks(ref types.ManagedObjectReference) error {
 		VirtualController: types.VirtualController{BusNumber: 0, VirtualDevice: types.VirtualDevice{Key: 1000}}}}
 	changes := []types.BaseVirtualDeviceConfigSpec{&types.VirtualDeviceConfigSpec{Operation: types.VirtualDeviceConfigSpecOperationAdd, Device: ctrl}}
 	n := 0
+	tops := map[int32]string{}
 	for unit := int32(0); unit < 16; unit++ {
 		key := fmt.Sprintf("scsi0:%d", unit)
 		fn, ok := kv[key+".filename"]
@@ -449,18 +486,24 @@ func (h *Harness) attachVmxDisks(ref types.ManagedObjectReference) error {
 		if !filepath.IsAbs(fn) {
 			local = filepath.Join(filepath.Dir(vmxLocal), fn)
 		}
-		dsPath := ""
-		for name, d := range h.dsDir {
-			if strings.HasPrefix(local, d+"/") {
-				dsPath = fmt.Sprintf("[%s] %s", name, strings.TrimPrefix(local, d+"/"))
-			}
-		}
+		dsPath := h.dsPathOf(local)
 		if dsPath == "" {
 			log.Printf("RegisterVM: %s is on no datastore", local)
 			continue
 		}
 		size := int64(0)
-		if fi, err := os.Stat(strings.TrimSuffix(local, ".vmdk") + "-flat.vmdk"); err == nil {
+		attach := dsPath
+		if chain, err := descriptorChain(local); err == nil && chain[0].Sectors > 0 {
+			size = chain[0].Sectors * 512 // the base's size, whatever link the .vmx names
+			if len(chain) > 1 {
+				// The simulator attaches only flat disks: attach the base, then point the
+				// backing at the link the .vmx names (the VM's state reads the chain from it).
+				if bp := h.dsPathOf(chain[0].Descriptor); bp != "" {
+					attach = bp
+					tops[int32(2000+n)] = dsPath
+				}
+			}
+		} else if fi, err := os.Stat(strings.TrimSuffix(local, ".vmdk") + "-flat.vmdk"); err == nil {
 			size = fi.Size()
 		}
 		dsRef := h.dsRef(strings.TrimPrefix(strings.SplitN(dsPath, "]", 2)[0], "["))
@@ -468,7 +511,7 @@ func (h *Harness) attachVmxDisks(ref types.ManagedObjectReference) error {
 			VirtualDevice: types.VirtualDevice{
 				Key: int32(2000 + n), ControllerKey: 1000, UnitNumber: types.NewInt32(unit),
 				Backing: &types.VirtualDiskFlatVer2BackingInfo{
-					VirtualDeviceFileBackingInfo: types.VirtualDeviceFileBackingInfo{FileName: dsPath, Datastore: &dsRef},
+					VirtualDeviceFileBackingInfo: types.VirtualDeviceFileBackingInfo{FileName: attach, Datastore: &dsRef},
 					DiskMode:                     string(types.VirtualDiskModePersistent),
 					ThinProvisioned:              types.NewBool(true),
 					Uuid:                         vmdkUUID(),
@@ -489,9 +532,18 @@ func (h *Harness) attachVmxDisks(ref types.ManagedObjectReference) error {
 	if err := task.Wait(context.Background()); err != nil {
 		return err
 	}
+	simulator.Map.WithLock(vm, func() {
+		for _, dev := range vm.Config.Hardware.Device {
+			if vd, ok := dev.(*types.VirtualDisk); ok && tops[vd.Key] != "" {
+				if b, ok := vd.Backing.(*types.VirtualDiskFlatVer2BackingInfo); ok {
+					b.FileName = tops[vd.Key]
+				}
+			}
+		}
+	})
 	// Layout the way the harness computes it.
 	if st := h.stateByRef(ref); st != nil {
-		simulator.Map.WithLock(vm, func() { h.refreshLayoutLocked(st) })
+		simulator.Map.WithLock(vm, func() { h.syncVMLocked(st) })
 	}
 	return nil
 }

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"io/ioutil"
+	"log"
 	mrand "math/rand"
 	"os"
 	"path/filepath"
@@ -48,10 +49,20 @@ type OpFault struct {
 }
 
 type Faults struct {
-	Create   OpFault `json:"create"`
-	Remove   OpFault `json:"remove"`
-	All503   bool    `json:"all503"`
-	ReadOnly bool    `json:"api_readonly"`
+	Create   OpFault      `json:"create"`
+	Remove   OpFault      `json:"remove"`
+	All503   bool         `json:"all503"`
+	ReadOnly bool         `json:"api_readonly"`
+	Intrude  IntrudeFault `json:"intrude"`
+}
+
+// IntrudeFault: someone else changes the snapshot tree while a backup's snapshot exists.
+// Seconds after the next successful snapshot creation on a VM, a snapshot Name is taken on
+// that VM (Action "create") or the snapshot Name is removed (Action "remove").
+type IntrudeFault struct {
+	Action  string  `json:"action"`
+	Name    string  `json:"name"`
+	Seconds float64 `json:"seconds"`
 }
 
 type Event struct {
@@ -77,6 +88,7 @@ type VMState struct {
 	GuestID    string
 	Annotation string
 
+	AdoptErrors            []string // what did not fit when a registered VM was read from its files
 	LastSnapshotHashes     []string // logical content of each disk frozen by the last snapshot created
 	LastSnapshotFlatHashes []string // base -flat.vmdk files at that moment
 	writer                 *writer
@@ -99,13 +111,36 @@ type Layer struct {
 	Base       string // file base name without .vmdk, e.g. "vm1" or "vm1-000001"
 	DsPath     string // "[ds] vm1/vm1.vmdk"
 	Descriptor string // local path
-	Data       string // local path of -flat.vmdk / -delta.vmdk
+	Data       string // local path of -flat.vmdk / -delta.vmdk (VMFSSPARSE, see cowd.go)
 	CID        string
-	Extents    []extent // written areas (deltas only)
 	Uuid       string
+	cow_       *cowd // the open delta extent (deltas only), see cow()
 }
 
-type extent struct{ Off, Len int64 }
+// cow opens the layer's delta extent once (call with the VM's lock held).
+func (l *Layer) cow() (*cowd, error) {
+	if l.cow_ == nil {
+		c, err := openCOWD(l.Data)
+		if err != nil {
+			return nil, err
+		}
+		l.cow_ = c
+	}
+	return l.cow_, nil
+}
+
+// deltaBytes is what a delta layer holds (allocated grains), 0 for a base.
+func (l *Layer) deltaBytes() int64 {
+	c, err := l.cow()
+	if err != nil {
+		return 0
+	}
+	g, err := c.allocated()
+	if err != nil {
+		return 0
+	}
+	return int64(len(g)) * c.grainBytes()
+}
 
 type Snap struct {
 	ID          int32
@@ -318,51 +353,6 @@ func (h *Harness) rewriteVmsd(st *VMState) {
 	_ = writeFileAtomic(p, []byte(b.String()))
 }
 
-// ---- extents ----
-
-func addExtent(list []extent, off, n int64) []extent {
-	if n <= 0 {
-		return list
-	}
-	end := off + n
-	var out []extent
-	inserted := false
-	for _, e := range list {
-		if e.Off+e.Len < off { // entirely before
-			out = append(out, e)
-			continue
-		}
-		if e.Off > end { // entirely after
-			if !inserted {
-				out = append(out, extent{off, end - off})
-				inserted = true
-			}
-			out = append(out, e)
-			continue
-		}
-		// overlap/adjacent: grow
-		if e.Off < off {
-			off = e.Off
-		}
-		if e.Off+e.Len > end {
-			end = e.Off + e.Len
-		}
-	}
-	if !inserted {
-		out = append(out, extent{off, end - off})
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Off < out[j].Off })
-	return out
-}
-
-func extentsBytes(list []extent) int64 {
-	var n int64
-	for _, e := range list {
-		n += e.Len
-	}
-	return n
-}
-
 // ---- data path ----
 
 func (h *Harness) writeDisk(st *VMState, di int, off int64, data []byte) (string, error) {
@@ -376,20 +366,49 @@ func (h *Harness) writeDisk(st *VMState, di int, off int64, data []byte) (string
 		return "", fmt.Errorf("write [%d,+%d) outside disk of %d bytes", off, len(data), d.Size)
 	}
 	top := d.Layers[len(d.Layers)-1]
-	f, err := os.OpenFile(top.Data, os.O_WRONLY, 0)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	if _, err := f.WriteAt(data, off); err != nil {
-		return "", err
-	}
-	if len(d.Layers) > 1 {
-		top.Extents = addExtent(top.Extents, off, int64(len(data)))
+	if len(d.Layers) == 1 {
+		f, err := os.OpenFile(top.Data, os.O_WRONLY, 0)
+		if err != nil {
+			return "", err
+		}
+		defer f.Close()
+		if _, err := f.WriteAt(data, off); err != nil {
+			return "", err
+		}
+	} else {
+		if err := writeDelta(d, off, data); err != nil {
+			return "", err
+		}
 		st.WritesDuringSnapshot++
 	}
 	st.Writes++
 	return filepath.Base(top.Data), nil
+}
+
+// writeDelta writes to the top (delta) layer of d: whole grains as they are, the grains a write
+// covers only in part completed from the layers below first (copy on write).
+func writeDelta(d *Disk, off int64, data []byte) error {
+	L := len(d.Layers) - 1
+	c, err := d.Layers[L].cow()
+	if err != nil {
+		return err
+	}
+	gb := c.grainBytes()
+	g0 := off / gb
+	g1 := (off + int64(len(data)) + gb - 1) / gb
+	buf := make([]byte, (g1-g0)*gb)
+	head, tail := off-g0*gb, g1*gb-(off+int64(len(data)))
+	if head > 0 || tail > 0 {
+		// Only the first and last grain can be partial: read what they hold now.
+		for _, g := range []int64{g0, g1 - 1} {
+			part := buf[(g-g0)*gb : (g-g0+1)*gb]
+			if err := readLogical(d, L+1, g*gb, part); err != nil {
+				return err
+			}
+		}
+	}
+	copy(buf[head:], data)
+	return c.writeGrains(g0, buf)
 }
 
 // readLogical reads the disk content as seen through layers [0, upto).
@@ -406,33 +425,13 @@ func readLogical(d *Disk, upto int, off int64, buf []byte) error {
 	for i := n; i < len(buf); i++ {
 		buf[i] = 0
 	}
-	end := off + int64(len(buf))
 	for k := 1; k < upto && k < len(d.Layers); k++ {
-		l := d.Layers[k]
-		var f *os.File
-		for _, e := range l.Extents {
-			s, t := e.Off, e.Off+e.Len
-			if t <= off || s >= end {
-				continue
-			}
-			if s < off {
-				s = off
-			}
-			if t > end {
-				t = end
-			}
-			if f == nil {
-				if f, err = os.Open(l.Data); err != nil {
-					return err
-				}
-			}
-			if _, err := f.ReadAt(buf[s-off:t-off], s); err != nil && err != io.EOF {
-				f.Close()
-				return err
-			}
+		c, err := d.Layers[k].cow()
+		if err != nil {
+			return err
 		}
-		if f != nil {
-			f.Close()
+		if err := c.overlay(off, buf); err != nil {
+			return err
 		}
 	}
 	return nil
@@ -525,12 +524,7 @@ func (h *Harness) createSnapshot(st *VMState, name, desc string, memory, quiesce
 		}
 		l := &Layer{Base: base, DsPath: fmt.Sprintf("[%s] %s/%s.vmdk", d.Datastore, d.RelDir, base),
 			Descriptor: filepath.Join(d.Dir, base+".vmdk"), Data: filepath.Join(d.Dir, base+"-delta.vmdk"), CID: randHex(4), Uuid: vmdkUUID()}
-		f, err := os.Create(l.Data)
-		if err == nil {
-			err = f.Truncate(d.Size)
-			f.Close()
-		}
-		if err != nil {
+		if err := createCOWD(l.Data, d.Size, parent.Base+".vmdk"); err != nil {
 			undo()
 			return nil, &types.FileFault{File: l.Data}, err.Error()
 		}
@@ -546,7 +540,9 @@ func (h *Harness) createSnapshot(st *VMState, name, desc string, memory, quiesce
 	snap.ID = st.nextSnapID
 	vmdir := filepath.Dir(st.VmxLocal)
 	snap.Vmsn = filepath.Join(vmdir, fmt.Sprintf("%s-Snapshot%d.vmsn", st.Name, snap.ID))
-	_ = ioutil.WriteFile(snap.Vmsn, []byte("esxi-sim snapshot state "+name+"\n"), 0644)
+	// A host keeps the VM's configuration at the snapshot in the .vmsn (with more state).
+	vmx, _ := ioutil.ReadFile(st.VmxLocal)
+	_ = ioutil.WriteFile(snap.Vmsn, append([]byte("esxi-sim snapshot state "+name+"\n"), vmx...), 0644)
 	if memory && power == types.VirtualMachinePowerStatePoweredOn {
 		snap.Vmem = filepath.Join(vmdir, fmt.Sprintf("%s-Snapshot%d.vmem", st.Name, snap.ID))
 		_ = ioutil.WriteFile(snap.Vmem, []byte("esxi-sim memory image\n"), 0644)
@@ -617,44 +613,10 @@ func (h *Harness) mergeLayerDown(st *VMState, L int) error {
 			return fmt.Errorf("disk %d has no layer %d", d.Index, L)
 		}
 		src, dst := d.Layers[L], d.Layers[L-1]
-		in, err := os.Open(src.Data)
-		if err != nil {
+		if err := mergeInto(src, dst, L-1 == 0); err != nil {
 			return err
 		}
-		out, err := os.OpenFile(dst.Data, os.O_WRONLY, 0)
-		if err != nil {
-			in.Close()
-			return err
-		}
-		buf := make([]byte, 1<<20)
-		for _, e := range src.Extents {
-			for o := e.Off; o < e.Off+e.Len; {
-				n := int64(len(buf))
-				if rem := e.Off + e.Len - o; rem < n {
-					n = rem
-				}
-				if _, err := in.ReadAt(buf[:n], o); err != nil && err != io.EOF {
-					in.Close()
-					out.Close()
-					return err
-				}
-				if _, err := out.WriteAt(buf[:n], o); err != nil {
-					in.Close()
-					out.Close()
-					return err
-				}
-				o += n
-			}
-			if L-1 > 0 {
-				dst.Extents = addExtent(dst.Extents, e.Off, e.Len)
-			}
-		}
-		in.Close()
-		if err := out.Sync(); err != nil {
-			out.Close()
-			return err
-		}
-		out.Close()
+		src.cow_.Close()
 		os.Remove(src.Data)
 		os.Remove(src.Descriptor)
 		d.Layers = append(d.Layers[:L], d.Layers[L+1:]...)
@@ -665,6 +627,64 @@ func (h *Harness) mergeLayerDown(st *VMState, L int) error {
 		}
 	}
 	return nil
+}
+
+// mergeInto copies every grain of the delta src into dst (the base flat file, or a delta).
+func mergeInto(src, dst *Layer, dstFlat bool) error {
+	c, err := src.cow()
+	if err != nil {
+		return err
+	}
+	grains, err := c.allocated()
+	if err != nil {
+		return err
+	}
+	gb := c.grainBytes()
+	var out *os.File
+	var dc *cowd
+	if dstFlat {
+		if out, err = os.OpenFile(dst.Data, os.O_WRONLY, 0); err != nil {
+			return err
+		}
+		defer out.Close()
+	} else if dc, err = dst.cow(); err != nil {
+		return err
+	}
+	buf := make([]byte, 0, 1<<20)
+	flush := func(first int64) error {
+		if len(buf) == 0 {
+			return nil
+		}
+		var err error
+		if dstFlat {
+			_, err = out.WriteAt(buf, first*gb)
+		} else {
+			err = dc.writeGrains(first, buf)
+		}
+		buf = buf[:0]
+		return err
+	}
+	first := int64(-1)
+	for i, g := range grains {
+		if i == 0 || g != grains[i-1]+1 || int64(len(buf))+gb > int64(cap(buf)) {
+			if err := flush(first); err != nil {
+				return err
+			}
+			first = g
+		}
+		n := len(buf)
+		buf = buf[:n+int(gb)]
+		if err := c.overlay(g*gb, buf[n:]); err != nil {
+			return err
+		}
+	}
+	if err := flush(first); err != nil {
+		return err
+	}
+	if dstFlat {
+		return out.Sync()
+	}
+	return dc.sync()
 }
 
 // ---- managed object sync (call with the VM's Map lock held) ----
@@ -1023,6 +1043,7 @@ func parseDsPath(p string) (string, string, bool) {
 
 func (h *Harness) adoptVM(vm *simulator.VirtualMachine) *VMState {
 	var st *VMState
+	var snaps []*Snap
 	simulator.Map.WithLock(vm, func() {
 		if vm.Config == nil {
 			return
@@ -1048,27 +1069,220 @@ func (h *Harness) adoptVM(vm *simulator.VirtualMachine) *VMState {
 			if !ok || !ok2 {
 				continue
 			}
-			base := strings.TrimSuffix(filepath.Base(drel), ".vmdk")
-			desc := filepath.Join(ddir, drel)
-			cid := ""
-			if raw, err := ioutil.ReadFile(desc); err == nil {
-				cid = descriptorField(string(raw), "CID")
-			}
 			unit := int32(0)
 			if vd.UnitNumber != nil {
 				unit = *vd.UnitNumber
 			}
+			desc := filepath.Join(ddir, drel)
+			// The chain the descriptors name (parentFileNameHint), base first, as a host opens it.
+			chain, err := descriptorChain(desc)
+			if err != nil {
+				st.AdoptErrors = append(st.AdoptErrors, err.Error())
+				base := strings.TrimSuffix(filepath.Base(drel), ".vmdk")
+				chain = []chainLink{{Base: base, Descriptor: desc, Data: filepath.Join(filepath.Dir(desc), base+"-flat.vmdk")}}
+			}
+			var layers []*Layer
+			for i, c := range chain {
+				l := &Layer{Base: c.Base, DsPath: h.dsPathOf(c.Descriptor), Descriptor: c.Descriptor, Data: c.Data, CID: c.CID, Uuid: vmdkUUID()}
+				if i == len(chain)-1 {
+					l.Uuid = b.Uuid
+				}
+				layers = append(layers, l)
+			}
 			size := vd.CapacityInBytes
-			flat := filepath.Join(filepath.Dir(desc), base+"-flat.vmdk")
-			if fi, err := os.Stat(flat); err == nil && size == 0 {
+			if size == 0 && chain[0].Sectors > 0 {
+				size = chain[0].Sectors * 512
+			}
+			if fi, err := os.Stat(chain[0].Data); err == nil && size == 0 {
 				size = fi.Size()
 			}
-			st.Disks = append(st.Disks, &Disk{Index: len(st.Disks), Key: vd.Key, Unit: unit, Datastore: dds,
-				Dir: filepath.Dir(desc), RelDir: filepath.Dir(drel), Size: size,
-				Layers: []*Layer{{Base: base, DsPath: b.FileName, Descriptor: desc, Data: flat, CID: cid, Uuid: b.Uuid}}})
+			// New deltas go next to the base, like the harness's own VMs.
+			bds, brel, ok := parseDsPath(layers[0].DsPath)
+			if !ok {
+				bds, brel = dds, drel
+			}
+			st.Disks = append(st.Disks, &Disk{Index: len(st.Disks), Key: vd.Key, Unit: unit, Datastore: bds,
+				Dir: filepath.Dir(chain[0].Descriptor), RelDir: filepath.Dir(brel), Size: size, Layers: layers})
+		}
+		// The snapshot tree the .vmsd lists; each snapshot froze one more layer of every disk.
+		var lastUID int32
+		var err error
+		snaps, lastUID, err = readVmsd(strings.TrimSuffix(st.VmxLocal, ".vmx") + ".vmsd")
+		if err != nil {
+			st.AdoptErrors = append(st.AdoptErrors, err.Error())
+			snaps = nil
+		}
+		for _, d := range st.Disks {
+			if len(snaps) > 0 && len(d.Layers) != len(snaps)+1 {
+				st.AdoptErrors = append(st.AdoptErrors, fmt.Sprintf("%s lists %d snapshots but disk %s has a chain of %d",
+					filepath.Base(st.VmxLocal), len(snaps), d.Layers[len(d.Layers)-1].DsPath, len(d.Layers)))
+				snaps = nil
+				break
+			}
+		}
+		st.nextSnapID = lastUID
+		for _, sn := range snaps {
+			if sn.ID > st.nextSnapID {
+				st.nextSnapID = sn.ID
+			}
 		}
 	})
+	if st == nil {
+		return nil
+	}
+	for _, sn := range snaps {
+		so := &simulator.VirtualMachineSnapshot{}
+		so.Vm = st.Ref
+		simulator.Map.WithLock(vm, func() { so.Config = *vm.Config })
+		simulator.Map.Put(so)
+		sn.Ref = so.Self
+	}
+	st.Snaps = snaps
+	for _, e := range st.AdoptErrors {
+		log.Printf("adopting VM %s: %s", st.Name, e)
+	}
+	chained := len(snaps) > 0
+	for _, d := range st.Disks {
+		chained = chained || len(d.Layers) > 1
+	}
+	if chained {
+		simulator.Map.WithLock(vm, func() { h.syncVMLocked(st) })
+	}
 	return st
+}
+
+// A link of a disk chain as its descriptor says.
+type chainLink struct {
+	Base       string // file name without .vmdk
+	Descriptor string // local path
+	Data       string // local path of the extent
+	CID        string
+	Sectors    int64
+	Delta      bool
+}
+
+var extentLineRe = regexp.MustCompile(`^RW\s+(\d+)\s+(\w+)\s+"([^"]+)"`)
+
+// descriptorChain follows parentFileNameHint from the descriptor at local down to the base;
+// base first. Every descriptor and extent must exist.
+func descriptorChain(local string) ([]chainLink, error) {
+	var out []chainLink
+	seen := map[string]bool{}
+	for p := local; ; {
+		if seen[p] || len(out) > 64 {
+			return nil, fmt.Errorf("the chain of %s loops", local)
+		}
+		seen[p] = true
+		raw, err := ioutil.ReadFile(p)
+		if err != nil {
+			return nil, fmt.Errorf("chain of %s: %v", local, err)
+		}
+		text := string(raw)
+		l := chainLink{Base: strings.TrimSuffix(filepath.Base(p), ".vmdk"), Descriptor: p, CID: descriptorField(text, "CID")}
+		for _, line := range strings.Split(text, "\n") {
+			m := extentLineRe.FindStringSubmatch(strings.TrimSpace(line))
+			if m == nil {
+				continue
+			}
+			l.Sectors, _ = strconv.ParseInt(m[1], 10, 64)
+			l.Delta = m[2] == "VMFSSPARSE"
+			l.Data = m[3]
+			if !filepath.IsAbs(l.Data) {
+				l.Data = filepath.Join(filepath.Dir(p), l.Data)
+			}
+			break
+		}
+		if l.Data == "" {
+			return nil, fmt.Errorf("chain of %s: %s names no extent", local, p)
+		}
+		if _, err := os.Stat(l.Data); err != nil {
+			return nil, fmt.Errorf("chain of %s: %v", local, err)
+		}
+		out = append([]chainLink{l}, out...)
+		hint := descriptorField(text, "parentFileNameHint")
+		if hint == "" {
+			break
+		}
+		if !filepath.IsAbs(hint) {
+			hint = filepath.Join(filepath.Dir(p), hint)
+		}
+		p = hint
+	}
+	if out[0].Delta {
+		return nil, fmt.Errorf("chain of %s: %s is a delta without a parent", local, out[0].Descriptor)
+	}
+	return out, nil
+}
+
+// readVmsd reads a .vmsd: the snapshots as a line from the root to the newest (the harness
+// models no branches), and snapshot.lastUID. A missing file is no snapshots.
+func readVmsd(path string) ([]*Snap, int32, error) {
+	raw, err := ioutil.ReadFile(path)
+	if os.IsNotExist(err) {
+		return nil, 0, nil
+	}
+	if err != nil {
+		return nil, 0, err
+	}
+	kv := parseVmx(string(raw))
+	n, _ := strconv.Atoi(kv["snapshot.numsnapshots"])
+	last, _ := strconv.Atoi(kv["snapshot.lastuid"])
+	type ent struct {
+		snap   *Snap
+		parent string
+	}
+	var all []ent
+	for i := 0; i < n; i++ {
+		p := fmt.Sprintf("snapshot%d.", i)
+		uid, err := strconv.Atoi(kv[p+"uid"])
+		if err != nil {
+			return nil, 0, fmt.Errorf("%s: snapshot%d has no uid", path, i)
+		}
+		hi, _ := strconv.ParseInt(kv[p+"createtimehigh"], 10, 64)
+		lo, _ := strconv.ParseInt(kv[p+"createtimelow"], 10, 64)
+		us := hi<<32 + int64(uint32(lo))
+		sn := &Snap{ID: int32(uid), Name: kv[p+"displayname"], Description: kv[p+"description"],
+			Created: time.Unix(0, us*1000), State: types.VirtualMachinePowerStatePoweredOff,
+			Vmsn: filepath.Join(filepath.Dir(path), filepath.Base(kv[p+"filename"]))}
+		if vmem := strings.TrimSuffix(sn.Vmsn, ".vmsn") + ".vmem"; fileExists(vmem) {
+			sn.Vmem = vmem
+		}
+		all = append(all, ent{sn, kv[p+"parent"]})
+	}
+	var line []*Snap
+	parent := ""
+	for len(line) < len(all) {
+		var next *Snap
+		for _, e := range all {
+			if e.parent == parent {
+				if next != nil {
+					return nil, 0, fmt.Errorf("%s: the snapshot tree branches (esxi-sim models a line)", path)
+				}
+				next = e.snap
+			}
+		}
+		if next == nil {
+			return nil, 0, fmt.Errorf("%s: snapshot %s has no child listed and %d are left", path, parent, len(all)-len(line))
+		}
+		line = append(line, next)
+		parent = strconv.Itoa(int(next.ID))
+	}
+	return line, int32(last), nil
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
+}
+
+// dsPathOf gives "[ds] rel" of a local path on one of the datastores ("" if on none).
+func (h *Harness) dsPathOf(local string) string {
+	for name, d := range h.dsDir {
+		if strings.HasPrefix(local, d+"/") {
+			return fmt.Sprintf("[%s] %s", name, strings.TrimPrefix(local, d+"/"))
+		}
+	}
+	return ""
 }
 
 // dsDirPrefix returns "[ds] dir/" of "[ds] dir/file.vmdk" (or "[ds] " for a file at the root).

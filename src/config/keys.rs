@@ -180,8 +180,19 @@ pub static KEYS: &[KeyDef] = &[
         Kind::Int(1, 86400),
         "seconds to wait for a snapshot task (a vim-cmd call: this plus ConnectionCheckTimeout)",
     ),
+    k(
+        "ESXiUserSnapshots",
+        &["keep"],
+        Kind::Enum(&["keep", "refuse"]),
+        "a VM with snapshots of its own: keep = archive its whole snapshot chain (and warn), refuse = fail the run",
+    ),
     // chunk store
-    m("chunkFiles", NONE, Kind::Glob, "glob of files stored as compressed, deduplicated chunks (e.g. *-flat.vmdk)"),
+    m(
+        "chunkFiles",
+        NONE,
+        Kind::Glob,
+        "glob of files stored as compressed, deduplicated chunks (ESXi: *-flat.vmdk, *-delta.vmdk, *-sesparse.vmdk)",
+    ),
     k("chunkSize", &["1M"], Kind::Size, "chunk size, a power of two from 256K to 16M (1M: see docs/FORMAT.md)"),
     k("chunkCompression", &["zstd:1"], Kind::Compression, "zstd:N, lz4 or none"),
     // global only

@@ -489,4 +489,17 @@ mod tests {
         let c = parse("[h]\nremoteHostName=x\n").unwrap();
         assert_eq!(c.job("h").unwrap().remote_rsync(), "/usr/bin/rsync");
     }
+
+    #[test]
+    fn esxi_user_snapshots_is_keep_or_refuse() {
+        let job = "[vm]\nremoteHostName=esx\nESXi=yes\nESXiVMName=v\nESXiUsername=affa\nESXiPassword=s3cret\n";
+        assert_eq!(parse(job).unwrap().job("vm").unwrap().get("ESXiUserSnapshots"), "keep");
+        let c = parse(&format!("{job}ESXiUserSnapshots=refuse\n")).unwrap();
+        assert_eq!(c.job("vm").unwrap().get("ESXiUserSnapshots"), "refuse");
+        let e = parse(&format!("{job}ESXiUserSnapshots=consolidate\n")).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "/etc/affa/t.conf:7: key 'ESXiUserSnapshots' has the value 'consolidate', expected keep or refuse"
+        );
+    }
 }

@@ -1,11 +1,14 @@
 //! The transfer step of an ESXi job, the seed's procedure: log in, find the VM, remove leftover
-//! `BEXI-<job>-` snapshots of this job, snapshot, copy the frozen base disks, remove the snapshot (always), copy
-//! the configuration files, log out.
+//! `BEXI-<job>-` snapshots of this job, check the VM's own snapshots (keep or refuse), snapshot,
+//! copy the frozen disks (each disk's whole chain below our delta, `chain.rs`), remove the
+//! snapshot (always), copy the configuration files, log out.
 //!
 //! Owns: the order of those steps and the promise that no snapshot of ours outlives the run.
-//! Must never: copy the delta the running VM writes, skip the snapshot removal on any error or
-//! signal, remove a snapshot that is not this job's own, turn a name the host gives into a local
-//! path other than through the one path-safety rule (`crate::untrusted`), or send the ESXi password before the host's certificate matched the pinned
+//! Must never: copy the delta the running VM writes, archive a VM whose snapshot tree changed
+//! while our snapshot existed, skip the snapshot removal on any error or signal, remove a
+//! snapshot that is not this job's own, turn a name the host gives into a local path other than
+//! through the one path-safety rule (`crate::untrusted`), or send the ESXi password before the
+//! host's certificate matched the pinned
 //! fingerprint (the client checks the pin at connect, before login).
 
 use std::io::Write;
@@ -14,7 +17,8 @@ use std::time::Duration;
 
 use crate::config::{edit, Config, Job};
 use crate::error::{Error, Result};
-use crate::esxi::{self, Client, ConnectOptions, MoRef, Password, VmLayout};
+use crate::esxi::soap::one_line;
+use crate::esxi::{self, chain, Client, ConnectOptions, MoRef, Password, VmLayout};
 use crate::report::Report;
 use crate::run::{check_rsync, prepare_running, Ctx, RunSummary};
 use crate::staging::{self, ChunkTotals};
@@ -132,28 +136,6 @@ fn add(groups: &mut Vec<Group>, layout: &VmLayout, ds_path: &str) -> Result<()> 
     Ok(())
 }
 
-/// The extent of a base disk: `X-flat.vmdk` beside the descriptor `X.vmdk`, or what layoutEx
-/// lists as the descriptor's extent.
-fn extent_of(layout: &VmLayout, descriptor: &str) -> String {
-    let stem = descriptor.strip_suffix(".vmdk").unwrap_or(descriptor);
-    let flat = format!("{stem}-flat.vmdk");
-    if layout.layout_files.iter().any(|f| f.name == flat) || layout.layout_files.is_empty() {
-        return flat;
-    }
-    layout
-        .layout_files
-        .iter()
-        .find(|f| {
-            f.kind == "diskExtent"
-                && f.name.starts_with(stem)
-                && f.name != descriptor
-                && !f.name.contains("-delta")
-                && !f.name.contains("-sesparse")
-        })
-        .map(|f| f.name.clone())
-        .unwrap_or(flat)
-}
-
 /// The ESXi transfer. Fills `report`; the caller writes it and rotates.
 pub fn transfer(ctx: &Ctx, running: &Path, report: &mut Report, summary: &mut RunSummary) -> Result<()> {
     let job = ctx.job;
@@ -201,6 +183,21 @@ fn transfer_logged_in(
         summary.warnings.push(format!("removed leftover snapshot(s) {}", names.join(", ")));
     }
 
+    // The VM's own snapshots: archived with it (their whole chain), or refused.
+    let layout = if leftovers.is_empty() { layout } else { client.vm_layout(&vm)? };
+    let own = chain::own_snapshots(&layout, None);
+    if !own.is_empty() {
+        let list = chain::describe(&own, ctx.clock.now());
+        if job.get("ESXiUserSnapshots") == "refuse" {
+            bail!("the VM has snapshots of its own: {list}; ESXiUserSnapshots=refuse, so nothing was archived (remove them, or set ESXiUserSnapshots=keep to archive the VM with them)");
+        }
+        let w = format!("VM {} has {} snapshot(s) of its own: {list}; they are archived with it (the whole disk chain), but they cost the host space and speed: remove them when they are no longer needed", layout.name, own.len());
+        ctx.log.warn(&w);
+        summary.warnings.push(w);
+        report.set("ESXiUserSnapshots", list);
+    }
+    let before = chain::tree_state(&layout, None);
+
     // 3. The snapshot.
     let name = esxi::snapshot_name(&job.name, ctx.clock.now());
     ctx.log.info(format!("ESXi: creating snapshot {name}"));
@@ -225,19 +222,29 @@ fn transfer_logged_in(
     report.set("ESXiSnapshotCreated", chrono::Local::now().format("%Y-%m-%d %H:%M:%S"));
 
     // 4-5. Copy the frozen disks; 6. remove the snapshot, whatever happened.
-    let copied = (|| -> Result<VmLayout> {
+    let copied = (|| -> Result<(VmLayout, chain::Frozen)> {
         let frozen = client.vm_layout(&vm)?;
         let mut groups = Vec::new();
         for d in &frozen.disks {
             if !d.has_parent() {
                 bail!("disk '{}' ({}) is not frozen by the snapshot (an independent disk?); affa will not copy a disk the VM is writing to", d.label, d.current().file_name);
             }
-            let base = &d.base().file_name;
-            add(&mut groups, &frozen, base)?;
-            add(&mut groups, &frozen, &extent_of(&frozen, base))?;
         }
-        copy_groups(ctx, target, running, &groups, true, report, summary)?;
-        Ok(frozen)
+        chain::check_unchanged(&before, &frozen, Some(&name), "while affa's snapshot was taken")?;
+        let files = chain::frozen(&frozen, &name)?;
+        for f in files.files() {
+            add(&mut groups, &frozen, &f)?;
+        }
+        let copy = copy_groups(ctx, target, running, &groups, true, report, summary);
+        // A tree changed meanwhile is the cause of whatever else went wrong (a file vanished).
+        if let Err(e) = chain::check_unchanged(&before, &client.vm_layout(&vm)?, Some(&name), "during the copy") {
+            if let Err(c) = &copy {
+                ctx.log.error(format!("the copy failed: {c}"));
+            }
+            return Err(e);
+        }
+        copy?;
+        Ok((frozen, files))
     })();
     let removal = (|| -> Result<()> {
         crate::interrupt::crash_point("before-snapshot-removal");
@@ -267,10 +274,11 @@ fn transfer_logged_in(
         _ => {}
     }
     report.set("ESXiSnapshotRemoved", chrono::Local::now().format("%Y-%m-%d %H:%M:%S"));
-    let frozen = copied?;
+    let (frozen, files) = copied?;
 
     // 7. The configuration files, now that they describe the VM without the snapshot.
     let after = client.vm_layout(&vm)?;
+    chain::check_unchanged(&before, &after, None, "while affa's snapshot was removed")?;
     let mut conf = Vec::new();
     let vmx = after.vmx_path().to_string();
     add(&mut conf, &after, &vmx)?;
@@ -284,36 +292,64 @@ fn transfer_logged_in(
     }
     copy_groups(ctx, target, running, &conf, false, report, summary)?;
     crate::interrupt::crash_point("config-copied");
+    chain::check_unchanged(&before, &client.vm_layout(&vm)?, None, "while its configuration files were copied")?;
 
-    // 8. What the archive holds, for the report and for restore.
+    // 8. What the archive holds, for the report and for restore (docs/FORMAT.md, format 2).
     // Every value from the host is checked at this writer too: a newline would add keys.
     let iv = crate::untrusted::ini_value;
     let mut ini = format!(
-        "[VM]\nName={}\nVmxPath={}\nHost={}\nSnapshot={name}\n",
+        "[VM]\nFormat=2\nName={}\nVmxPath={}\nHost={}\nSnapshot={name}\n",
         iv("VM name", &after.name)?,
         iv("vmx path", &vmx)?,
         client.host()
     );
+    let arch = |p: &str| -> Result<PathBuf> {
+        let (ds, dir, file) = split_path(p)?;
+        Ok(rel_dir(&ds, &dir).join(file))
+    };
+    for (i, s) in files.own.iter().enumerate() {
+        let id = |t: &esxi::SnapshotTree| t.id.map(|n| n.to_string()).unwrap_or_default();
+        ini.push_str(&format!(
+            "\n[Snapshot.{i}]\nName={}\nId={}\nParent={}\nCreated={}\n",
+            iv("snapshot name", &one_line(&s.tree.name))?,
+            id(&s.tree),
+            s.parent.as_ref().map(id).unwrap_or_default(),
+            iv("snapshot time", &one_line(&s.tree.create_time))?
+        ));
+        for (k, f) in [("Data", &s.data), ("Memory", &s.memory)] {
+            if let Some(f) = f {
+                ini.push_str(&format!("{k}={}\n", arch(f)?.display()));
+            }
+        }
+    }
     for (i, ds) in frozen.datastores.iter().enumerate() {
         let (n, u) = (iv("datastore name", &ds.name)?, iv("datastore path", &ds.host_path)?);
         ini.push_str(&format!("\n[Datastore.{i}]\nName={n}\nUrl={u}\n"));
     }
     let matcher = staging::matcher(job)?;
-    for (i, d) in frozen.disks.iter().enumerate() {
-        let base = &d.base().file_name;
-        let (ds, dir, file) = split_path(base)?;
-        let (_, _, extent) = split_path(&extent_of(&frozen, base))?;
-        let rel = rel_dir(&ds, &dir);
-        let ext_rel = rel.join(&extent);
-        let chunked = matcher.as_ref().is_some_and(|m| m.is_match(&ext_rel));
+    let chunked = |p: &Path| if matcher.as_ref().is_some_and(|m| m.is_match(p)) { "yes" } else { "no" };
+    for (i, (d, links)) in frozen.disks.iter().zip(&files.chains).enumerate() {
+        // The top link is what the restored .vmx names once affa's snapshot is gone.
+        let Some(top) = links.last() else { continue };
+        let (ds, _, _) = split_path(&top.descriptor)?;
+        let ext_rel = arch(top.extents.first().map(String::as_str).unwrap_or(""))?;
         ini.push_str(&format!(
-            "\n[Disk.{i}]\nLabel={}\nDatastore={ds}\nDescriptor={}\nExtent={}\nChunked={}\nSize={}\n",
+            "\n[Disk.{i}]\nLabel={}\nDatastore={ds}\nDescriptor={}\nExtent={}\nChunked={}\nSize={}\nLinks={}\n",
             iv("disk label", &d.label)?,
-            rel.join(&file).display(),
+            arch(&top.descriptor)?.display(),
             ext_rel.display(),
-            if chunked { "yes" } else { "no" },
-            d.capacity_bytes
+            chunked(&ext_rel),
+            d.capacity_bytes,
+            links.len()
         ));
+        for (k, l) in links.iter().enumerate() {
+            ini.push_str(&format!("\n[Disk.{i}.Link.{k}]\nDescriptor={}\n", arch(&l.descriptor)?.display()));
+            for (j, e) in l.extents.iter().enumerate() {
+                let e = arch(e)?;
+                let n = if j == 0 { String::new() } else { format!(".{j}") };
+                ini.push_str(&format!("Extent{n}={}\nChunked{n}={}\n", e.display(), chunked(&e)));
+            }
+        }
         report.set(&format!("ESXiDisk{i}"), format!("{} {} {}", d.label, ext_rel.display(), d.capacity_bytes));
     }
     crate::report::write_atomic(&running.join(ESXI_INI), ini.as_bytes())?;

@@ -8,9 +8,9 @@
 //! an error or Debug output, or wait on a task without a deadline.
 
 use super::model::{
-    decode_entity_name, parse_disks, parse_layout_files, parse_moref_array, parse_retrieve_result, parse_snapshot_info,
-    parse_task_info, parse_vm_files, url_to_host_path, Datastore, MoRef, ObjectContent, PowerState, ServiceContent,
-    TaskInfo, TaskState, VmLayout,
+    decode_entity_name, parse_disks, parse_layout_disks, parse_layout_files, parse_layout_snapshots, parse_moref_array,
+    parse_retrieve_result, parse_snapshot_info, parse_task_info, parse_vm_files, url_to_host_path, Datastore, MoRef,
+    ObjectContent, PowerState, ServiceContent, TaskInfo, TaskState, VmLayout,
 };
 use super::soap::{self, elem, envelope, moref_elem, one_line, Fault, Node, Reply};
 use super::tls::{client_config, Seen, Thumbprint};
@@ -527,6 +527,8 @@ impl Client {
                 "runtime.powerState",
                 "snapshot",
                 "layoutEx.file",
+                "layoutEx.disk",
+                "layoutEx.snapshot",
                 "datastore",
             ],
         )?;
@@ -545,6 +547,8 @@ impl Client {
             None => (None, Vec::new()),
         };
         let layout_files = o.prop("layoutEx.file").map(parse_layout_files).unwrap_or_default();
+        let layout_disks = o.prop("layoutEx.disk").map(parse_layout_disks).unwrap_or_default();
+        let layout_snapshots = o.prop("layoutEx.snapshot").map(parse_layout_snapshots).unwrap_or_default();
         let mut ds_refs: Vec<MoRef> = o.prop("datastore").map(parse_moref_array).unwrap_or_default();
         for d in &disks {
             for b in &d.chain {
@@ -571,6 +575,8 @@ impl Client {
             current_snapshot,
             snapshots,
             layout_files,
+            layout_disks,
+            layout_snapshots,
             datastores,
         };
         layout.check_names().map_err(|e| e.context(format!("ESXi host {}", self.host)))?;

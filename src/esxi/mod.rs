@@ -8,6 +8,7 @@
 //! (`backup.rs`, `vimcmd.rs`).
 
 pub mod backup;
+pub mod chain;
 pub mod client;
 pub mod model;
 pub mod soap;

@@ -242,6 +242,26 @@ pub struct LayoutFile {
     pub size: u64,
 }
 
+/// A `layoutEx.disk` entry, or a disk of a `layoutEx.snapshot` entry: the `layoutEx.file` keys of
+/// each link of the disk's chain (descriptor and extents), base first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayoutDisk {
+    pub key: i32,
+    pub chain: Vec<Vec<i32>>,
+}
+
+/// A `layoutEx.snapshot` entry: the files of one snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayoutSnapshot {
+    pub snapshot: MoRef,
+    /// The `.vmsn` (layoutEx.file key).
+    pub data_key: i32,
+    /// The `.vmem` of a memory snapshot, if any.
+    pub memory_key: Option<i32>,
+    /// The disks as the snapshot froze them.
+    pub disks: Vec<LayoutDisk>,
+}
+
 /// A datastore the VM uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Datastore {
@@ -264,6 +284,10 @@ pub struct VmLayout {
     pub current_snapshot: Option<MoRef>,
     pub snapshots: Vec<SnapshotTree>,
     pub layout_files: Vec<LayoutFile>,
+    /// `layoutEx.disk` (empty when the host did not send it).
+    pub layout_disks: Vec<LayoutDisk>,
+    /// `layoutEx.snapshot` (empty when the host did not send it).
+    pub layout_snapshots: Vec<LayoutSnapshot>,
     pub datastores: Vec<Datastore>,
 }
 
@@ -285,6 +309,10 @@ impl VmLayout {
             stack.extend(s.children.iter().rev());
         }
         out
+    }
+    /// The `layoutEx.file` entry with this key.
+    pub fn layout_file(&self, key: i32) -> Option<&LayoutFile> {
+        self.layout_files.iter().find(|f| f.key == key)
     }
     /// Snapshots whose name starts with `prefix` (e.g. `BEXI-`).
     pub fn snapshots_named_like(&self, prefix: &str) -> Vec<&SnapshotTree> {
@@ -471,6 +499,37 @@ pub fn parse_layout_files(v: &Node) -> Vec<LayoutFile> {
         .collect()
 }
 
+fn parse_layout_disk(d: &Node) -> Option<LayoutDisk> {
+    let key = d.child_text("key")?.parse().ok()?;
+    let chain = d
+        .children_named("chain")
+        .map(|u| u.children_named("fileKey").filter_map(|k| k.text().parse().ok()).collect())
+        .collect();
+    Some(LayoutDisk { key, chain })
+}
+
+/// Read a `layoutEx.disk` value (ArrayOfVirtualMachineFileLayoutExDiskLayout); entries without a
+/// key are skipped.
+pub fn parse_layout_disks(v: &Node) -> Vec<LayoutDisk> {
+    v.children.iter().filter_map(parse_layout_disk).collect()
+}
+
+/// Read a `layoutEx.snapshot` value (ArrayOfVirtualMachineFileLayoutExSnapshotLayout); entries
+/// without a snapshot reference or data key are skipped.
+pub fn parse_layout_snapshots(v: &Node) -> Vec<LayoutSnapshot> {
+    v.children
+        .iter()
+        .filter_map(|s| {
+            Some(LayoutSnapshot {
+                snapshot: s.child("key").and_then(MoRef::from_node)?,
+                data_key: s.child_text("dataKey")?.parse().ok()?,
+                memory_key: s.child_text("memoryKey").and_then(|k| k.parse().ok()).filter(|k: &i32| *k >= 0),
+                disks: s.children_named("disk").filter_map(parse_layout_disk).collect(),
+            })
+        })
+        .collect()
+}
+
 /// Read a `config.files` value.
 pub fn parse_vm_files(v: &Node) -> VmFiles {
     let opt = |n: &str| v.child_text(n).filter(|s| !s.is_empty()).map(str::to_string);
@@ -574,6 +633,15 @@ mod tests {
  <VirtualMachineFileLayoutExFileInfo><key>4</key><name>[datastore1] web01/web01-flat.vmdk</name><type>diskExtent</type><size>17179869184</size></VirtualMachineFileLayoutExFileInfo>
  <VirtualMachineFileLayoutExFileInfo><key>5</key><type>broken-no-name</type></VirtualMachineFileLayoutExFileInfo>
 </val></propSet>
+<propSet><name>layoutEx.disk</name><val xsi:type="ArrayOfVirtualMachineFileLayoutExDiskLayout">
+ <VirtualMachineFileLayoutExDiskLayout><key>2000</key><chain><fileKey>3</fileKey><fileKey>4</fileKey></chain><chain><fileKey>6</fileKey><fileKey>7</fileKey></chain></VirtualMachineFileLayoutExDiskLayout>
+ <VirtualMachineFileLayoutExDiskLayout><chain><fileKey>9</fileKey></chain></VirtualMachineFileLayoutExDiskLayout>
+</val></propSet>
+<propSet><name>layoutEx.snapshot</name><val xsi:type="ArrayOfVirtualMachineFileLayoutExSnapshotLayout">
+ <VirtualMachineFileLayoutExSnapshotLayout><key type="VirtualMachineSnapshot">42-snapshot-1</key><dataKey>8</dataKey><memoryKey>-1</memoryKey><disk><key>2000</key><chain><fileKey>3</fileKey><fileKey>4</fileKey></chain></disk></VirtualMachineFileLayoutExSnapshotLayout>
+ <VirtualMachineFileLayoutExSnapshotLayout><key type="VirtualMachineSnapshot">42-snapshot-2</key><dataKey>10</dataKey><memoryKey>11</memoryKey></VirtualMachineFileLayoutExSnapshotLayout>
+ <VirtualMachineFileLayoutExSnapshotLayout><dataKey>12</dataKey></VirtualMachineFileLayoutExSnapshotLayout>
+</val></propSet>
 <propSet><name>name</name><val xsi:type="xsd:string">web01</val></propSet>
 <propSet><name>runtime.powerState</name><val xsi:type="VirtualMachinePowerState">poweredOn</val></propSet>
 <propSet><name>snapshot</name><val xsi:type="VirtualMachineSnapshotInfo"><currentSnapshot type="VirtualMachineSnapshot">42-snapshot-2</currentSnapshot>
@@ -635,6 +703,15 @@ mod tests {
         let ds = parse_moref_array(o.prop("datastore").unwrap());
         assert_eq!(ds.len(), 2);
 
+        let ld = parse_layout_disks(o.prop("layoutEx.disk").unwrap());
+        assert_eq!(ld, vec![LayoutDisk { key: 2000, chain: vec![vec![3, 4], vec![6, 7]] }]);
+        let ls = parse_layout_snapshots(o.prop("layoutEx.snapshot").unwrap());
+        assert_eq!(ls.len(), 2);
+        assert_eq!(ls[0].snapshot, MoRef::new("VirtualMachineSnapshot", "42-snapshot-1"));
+        assert_eq!((ls[0].data_key, ls[0].memory_key), (8, None));
+        assert_eq!(ls[0].disks, vec![LayoutDisk { key: 2000, chain: vec![vec![3, 4]] }]);
+        assert_eq!((ls[1].data_key, ls[1].memory_key), (10, Some(11)));
+
         let layout = VmLayout {
             moref: o.obj.clone(),
             name: "web01".into(),
@@ -644,6 +721,8 @@ mod tests {
             current_snapshot: cur,
             snapshots: roots,
             layout_files: lf,
+            layout_disks: ld,
+            layout_snapshots: ls,
             datastores: vec![
                 Datastore {
                     name: "datastore1".into(),
@@ -688,6 +767,8 @@ mod tests {
                 });
                 let _ = parse_snapshot_info(v);
                 let _ = parse_layout_files(v);
+                let _ = parse_layout_disks(v);
+                let _ = parse_layout_snapshots(v);
                 let _ = parse_vm_files(v);
                 let _ = parse_moref_array(v);
                 let _ = parse_task_info(v);

@@ -17,6 +17,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use super::vmrefs;
 use super::{
     check_remote, rebuild_all, report_check, run_rsync, sha256_file, Chunked, Ctx, Endpoint, Expect, Plan, Staging,
 };
@@ -171,6 +172,9 @@ struct Item {
     name: String,
     size: u64,
     chunked: bool,
+    /// Where the file was on the source host: datastore and directory.
+    orig_ds: String,
+    orig_dir: String,
 }
 
 /// A target directory: (datastore, dir) on the host, and its host path.
@@ -195,6 +199,13 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
         })?;
     let text = String::from_utf8_lossy(&text);
     let ini = Ini::parse(&text);
+    let format = ini.get("VM", "Format").unwrap_or("1");
+    if !matches!(format, "1" | "2") {
+        bail!(
+            "{} has Format={format}: it was written by a newer affa; this one restores formats 1 and 2",
+            ini_path.display()
+        );
+    }
     let vm_name = ini.get("VM", "Name").unwrap_or("").to_string();
     let vmx_path = ini
         .get("VM", "VmxPath")
@@ -321,6 +332,8 @@ fn restore_logged_in(
             name,
             size,
             chunked: is_chunked,
+            orig_ds: ds.to_string(),
+            orig_dir: dir.to_string(),
         });
     }
     let (vmx_ds, vmx_dir, vmx_name) = vmx;
@@ -459,26 +472,57 @@ fn restore_logged_in(
         o.yes,
     )?;
 
-    // Everything local first: chunked disks rebuilt and verified, the .vmx rewritten.
+    // Everything local first: chunked disks rebuilt and verified, the VM checked whole, the
+    // absolute paths of the .vmx, .vmsd and descriptors rewritten for the new place.
     rebuild_all(ctx, &chunked)?;
     let orig_urls: Vec<(String, String)> =
         ini.all("Datastore.").iter().filter_map(|m| Some((m.get("Name")?.clone(), m.get("Url")?.clone()))).collect();
-    for it in items.iter_mut() {
-        if it.dir == vmx_target && it.name == vmx_name && !it.chunked {
-            let text = fs::read_to_string(&it.local).ctx(|| format!("cannot read {}", it.local.display()))?;
-            let new = rewrite_vmx(&text, &orig_urls, &dirs);
-            if new != text {
-                let p = staging.dir.join(format!("{}", it.dir)).join(&it.name);
-                fs::create_dir_all(p.parent().unwrap())
-                    .ctx(|| format!("cannot create {}", p.parent().unwrap().display()))?;
-                fs::write(&p, &new).ctx(|| format!("cannot write {}", p.display()))?;
-                let md = fs::metadata(&it.local).ctx(|| format!("cannot stat {}", it.local.display()))?;
-                fs::set_permissions(&p, md.permissions()).ctx(|| format!("cannot chmod {}", p.display()))?;
-                ctx.log.info(format!("rewrote the disk paths of {} for the new place", it.name));
-                it.local = p;
-                it.size = new.len() as u64;
-            }
+    let vm_files: Vec<vmrefs::VmFile> = items
+        .iter()
+        .map(|it| vmrefs::VmFile {
+            ds: it.orig_ds.clone(),
+            dir: it.orig_dir.clone(),
+            name: it.name.clone(),
+            local: it.local.clone(),
+        })
+        .collect();
+    // Source directory -> target directory on the host, for absolute paths.
+    let moved: Vec<(String, String, String)> =
+        items.iter().map(|it| (it.orig_ds.clone(), it.orig_dir.clone(), dirs[it.dir].host.clone())).collect();
+    let walk = vmrefs::walk(&vm_files, (vmx_ds, vmx_dir, vmx_name), &orig_urls);
+    let mut missing = walk.missing;
+    for p in ini_files(ini) {
+        let (ds, rest) = p.split_once('/').unwrap_or(("", &p));
+        let (dir, name) = rest.rsplit_once('/').unwrap_or(("", rest));
+        if !vm_files.iter().any(|f| f.ds == ds && f.dir == dir && f.name == name) {
+            missing.push(format!("{name} (listed in {ESXI_INI} as vmfs/volumes/{p})"));
         }
+    }
+    if !missing.is_empty() {
+        bail!(
+            "archive {} does not hold the whole VM {vm_name}: {} {} missing; the restored VM would not start, so nothing was written to {}",
+            arch.name(),
+            missing.join(", "),
+            if missing.len() == 1 { "is" } else { "are" },
+            t.label
+        );
+    }
+    for i in walk.config {
+        let it = &mut items[i];
+        let Ok(text) = fs::read_to_string(&it.local) else { continue };
+        let Some(new) = vmrefs::rewrite_paths(&text, &|v| map_abs(v, &orig_urls, &moved)) else { continue };
+        let p = staging.dir.join(format!("{}", it.dir)).join(&it.name);
+        fs::create_dir_all(p.parent().unwrap()).ctx(|| format!("cannot create {}", p.parent().unwrap().display()))?;
+        if p != it.local {
+            let md = fs::metadata(&it.local).ctx(|| format!("cannot stat {}", it.local.display()))?;
+            fs::write(&p, &new).ctx(|| format!("cannot write {}", p.display()))?;
+            fs::set_permissions(&p, md.permissions()).ctx(|| format!("cannot chmod {}", p.display()))?;
+        } else {
+            fs::write(&p, &new).ctx(|| format!("cannot write {}", p.display()))?;
+        }
+        ctx.log.info(format!("rewrote the disk paths of {} for the new place", it.name));
+        it.local = p;
+        it.size = new.len() as u64;
     }
 
     // Send.
@@ -563,38 +607,41 @@ fn collect(base: &Path, p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// Rewrite the absolute disk paths of a .vmx (`scsi0:1.fileName = "/vmfs/volumes/ds2/vm/x.vmdk"`)
-/// from the archived datastores' paths to the target directories.
-fn rewrite_vmx(text: &str, orig_urls: &[(String, String)], dirs: &[Dir]) -> String {
-    let mut out = String::with_capacity(text.len());
-    for line in text.split_inclusive('\n') {
-        let trimmed = line.trim_end_matches(['\n', '\r']);
-        let eol = &line[trimmed.len()..];
-        let Some((key, val)) = trimmed.split_once('=') else {
-            out.push_str(line);
-            continue;
-        };
-        let k = key.trim();
-        let v = val.trim().trim_matches('"');
-        if !k.to_ascii_lowercase().ends_with(".filename") || !v.starts_with('/') {
-            out.push_str(line);
-            continue;
-        }
-        let mut mapped = None;
-        for (ds, url) in orig_urls {
-            let url = url.trim_end_matches('/');
-            for prefix in [format!("{url}/"), format!("/vmfs/volumes/{ds}/")] {
-                if let Some(rest) = v.strip_prefix(&prefix) {
-                    let (dir, file) = rest.rsplit_once('/').unwrap_or(("", rest));
-                    if let Some(d) = dirs.iter().find(|d| &d.orig_ds == ds && d.orig_dir == dir) {
-                        mapped = Some(format!("{}/{file}", d.host));
-                    }
+/// Map an absolute path on the source host (`/vmfs/volumes/<url or datastore>/dir/file`) to the
+/// file's target path through `moved` (source datastore, source dir, target host dir); None for
+/// a relative path or one outside the archived directories.
+fn map_abs(v: &str, orig_urls: &[(String, String)], moved: &[(String, String, String)]) -> Option<String> {
+    if !v.starts_with('/') {
+        return None;
+    }
+    let mut mapped = None;
+    for (ds, url) in orig_urls {
+        let url = url.trim_end_matches('/');
+        for prefix in [format!("{url}/"), format!("/vmfs/volumes/{ds}/")] {
+            if let Some(rest) = v.strip_prefix(&prefix) {
+                let (dir, file) = rest.rsplit_once('/').unwrap_or(("", rest));
+                if let Some((_, _, host)) = moved.iter().find(|(d, r, _)| d == ds && r == dir) {
+                    mapped = Some(format!("{host}/{file}"));
                 }
             }
         }
-        match mapped {
-            Some(m) => out.push_str(&format!("{k} = \"{m}\"{eol}")),
-            None => out.push_str(line),
+    }
+    mapped
+}
+
+/// The files a format-2 `.affa-esxi.ini` lists (every link of each disk's chain, the snapshots'
+/// files), as `ds/dir/file` below `vmfs/volumes/`.
+fn ini_files(ini: &Ini) -> Vec<String> {
+    let mut out = Vec::new();
+    for (sec, m) in &ini.sections {
+        if !(sec.starts_with("Disk.") || sec.starts_with("Snapshot.")) {
+            continue;
+        }
+        for (k, v) in m {
+            let listed = k == "Descriptor" || k == "Data" || k == "Memory" || k == "Extent" || k.starts_with("Extent.");
+            if let (true, Some(p)) = (listed, v.strip_prefix("vmfs/volumes/")) {
+                out.push(p.to_string());
+            }
         }
     }
     out

@@ -10,6 +10,7 @@
 
 mod esxi;
 mod host;
+mod vmrefs;
 
 pub use esxi::Ini as EsxiIni;
 

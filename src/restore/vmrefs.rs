@@ -1,0 +1,299 @@
+//! The files a restored VM's own files name, and the check that every one of them is among the
+//! files the restore writes: the disks of the `.vmx` (and of every snapshot in the `.vmsd`, with
+//! its `.vmsn`), each descriptor's extents and its `parentFileNameHint`, down to the base of
+//! every chain. Also the rewrite of absolute paths in those files for a new place.
+//!
+//! Owns: reading those references. Must never: read more than a bounded prefix of a file,
+//! resolve a reference outside the archived datastores, or panic on what an archive holds (its
+//! files came from a host that may be hostile).
+
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::path::PathBuf;
+
+/// A file the restore writes: where it was on the source host, and where to read it now.
+pub(super) struct VmFile {
+    pub ds: String,
+    pub dir: String,
+    pub name: String,
+    pub local: PathBuf,
+}
+
+/// Descriptors, `.vmx` and `.vmsd` files are small; what is beyond this is not read.
+const MAX_READ: u64 = 1 << 20;
+
+fn read_text(p: &std::path::Path) -> Option<String> {
+    let mut buf = Vec::new();
+    std::fs::File::open(p).ok()?.take(MAX_READ).read_to_end(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// `key = "value"` / `key="value"` lines: (key, value).
+fn pairs(text: &str) -> impl Iterator<Item = (&str, &str)> {
+    text.lines().filter_map(|l| {
+        let (k, v) = l.split_once('=')?;
+        let v = v.trim();
+        let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v);
+        Some((k.trim(), v))
+    })
+}
+
+/// What a `.vmx` names: the disk of each present device.
+fn vmx_refs(text: &str) -> Vec<(String, String)> {
+    let absent: BTreeSet<String> = pairs(text)
+        .filter(|(k, v)| k.to_ascii_lowercase().ends_with(".present") && v.eq_ignore_ascii_case("false"))
+        .map(|(k, _)| k[..k.len() - ".present".len()].to_ascii_lowercase())
+        .collect();
+    pairs(text)
+        .filter(|(k, v)| {
+            let kl = k.to_ascii_lowercase();
+            kl.ends_with(".filename")
+                && v.to_ascii_lowercase().ends_with(".vmdk")
+                && !absent.contains(&kl[..kl.len() - ".filename".len()])
+        })
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// What a `.vmsd` names: each snapshot's `.vmsn` and disks.
+fn vmsd_refs(text: &str) -> Vec<(String, String)> {
+    pairs(text)
+        .filter(|(k, v)| {
+            let kl = k.to_ascii_lowercase();
+            kl.starts_with("snapshot") && kl.ends_with(".filename") && !v.is_empty()
+        })
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// What a disk descriptor names: its extents and its parent (nothing if it is not a text
+/// descriptor).
+fn descriptor_refs(text: &str) -> Vec<(String, String)> {
+    if !text.contains("createType") {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for l in text.lines() {
+        let l = l.trim();
+        let mut w = l.split_whitespace();
+        let access = w.next().unwrap_or("");
+        if matches!(access, "RW" | "RDONLY" | "NOACCESS") && w.next().is_some_and(|n| n.parse::<u64>().is_ok()) {
+            let kind = w.next().unwrap_or("");
+            if let (Some(a), Some(b)) = (l.find('"'), l.rfind('"')) {
+                if b > a + 1 && kind != "ZERO" {
+                    out.push(("extent".to_string(), l[a + 1..b].to_string()));
+                }
+            }
+        }
+    }
+    for (k, v) in pairs(text) {
+        if k == "parentFileNameHint" && !v.is_empty() {
+            out.push(("parentFileNameHint".to_string(), v.to_string()));
+        }
+    }
+    out
+}
+
+/// Where a name points on the source host: relative to the naming file's directory, or an
+/// absolute `/vmfs/volumes/<datastore or its url>/dir/file`. None when it leaves the datastores.
+fn resolve(name: &str, ds: &str, dir: &str, urls: &[(String, String)]) -> Option<(String, String, String)> {
+    let (ds, rest) = if name.starts_with('/') {
+        urls.iter().find_map(|(n, url)| {
+            let url = url.trim_end_matches('/');
+            [format!("{url}/"), format!("/vmfs/volumes/{n}/")]
+                .iter()
+                .find_map(|p| name.strip_prefix(p.as_str()))
+                .map(|r| (n.clone(), r.to_string()))
+        })?
+    } else if dir.is_empty() {
+        (ds.to_string(), name.to_string())
+    } else {
+        (ds.to_string(), format!("{dir}/{name}"))
+    };
+    let mut parts: Vec<&str> = Vec::new();
+    for c in rest.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop()?;
+            }
+            c => parts.push(c),
+        }
+    }
+    let file = parts.pop()?.to_string();
+    Some((ds, parts.join("/"), file))
+}
+
+/// What [`walk`] found.
+pub(super) struct Walk {
+    /// The names that are not among the files, each as `NAME (named by FILE as KEY)`.
+    pub missing: Vec<String>,
+    /// The files read as a `.vmx`, `.vmsd` or disk descriptor (indexes into the files): the
+    /// ones whose paths a restore to a new place may rewrite. Extents are data, never read.
+    pub config: Vec<usize>,
+}
+
+/// Follow the references from the VM's `.vmx` (`vmx` = its datastore, dir, name) and the
+/// `.vmsd` beside it through every descriptor reached.
+pub(super) fn walk(files: &[VmFile], vmx: (&str, &str, &str), urls: &[(String, String)]) -> Walk {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Kind {
+        Vmx,
+        Vmsd,
+        Descriptor,
+        Data,
+    }
+    let find =
+        |ds: &str, dir: &str, name: &str| files.iter().position(|f| f.ds == ds && f.dir == dir && f.name == name);
+    let mut w = Walk { missing: Vec::new(), config: Vec::new() };
+    let mut seen = BTreeSet::new();
+    let mut queue: Vec<(usize, Kind)> = Vec::new();
+    let (ds, dir, name) = vmx;
+    match find(ds, dir, name) {
+        Some(i) => queue.push((i, Kind::Vmx)),
+        None => w.missing.push(format!("{name} (the VM's configuration)")),
+    }
+    if let Some(i) = find(ds, dir, &format!("{}.vmsd", name.strip_suffix(".vmx").unwrap_or(name))) {
+        queue.push((i, Kind::Vmsd));
+    }
+    while let Some((i, kind)) = queue.pop() {
+        if kind == Kind::Data || !seen.insert(i) {
+            continue;
+        }
+        let f = &files[i];
+        let Some(text) = read_text(&f.local) else { continue };
+        w.config.push(i);
+        let refs = match kind {
+            Kind::Vmx => vmx_refs(&text),
+            Kind::Vmsd => vmsd_refs(&text),
+            _ => descriptor_refs(&text),
+        };
+        for (key, target) in refs {
+            let next = if key == "extent" || (kind == Kind::Vmsd && !target.to_ascii_lowercase().ends_with(".vmdk")) {
+                Kind::Data
+            } else {
+                Kind::Descriptor
+            };
+            match resolve(&target, &f.ds, &f.dir, urls).and_then(|(d, r, n)| find(&d, &r, &n)) {
+                Some(j) => queue.push((j, next)),
+                None => {
+                    let m = format!("{target} (named by {} as {key})", f.name);
+                    if !w.missing.contains(&m) {
+                        w.missing.push(m);
+                    }
+                }
+            }
+        }
+    }
+    w
+}
+
+/// Rewrite the absolute paths a `.vmx`, `.vmsd` or descriptor names (`*.fileName`,
+/// `parentFileNameHint`, extent lines) with `map`; None when nothing changed.
+pub(super) fn rewrite_paths(text: &str, map: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+    let mut out = String::with_capacity(text.len());
+    let mut changed = false;
+    for line in text.split_inclusive('\n') {
+        let key = line.split(['=', ' ', '\t']).find(|w| !w.is_empty()).unwrap_or("").to_ascii_lowercase();
+        let names_a_path = key.ends_with(".filename")
+            || key == "parentfilenamehint"
+            || (matches!(key.as_str(), "rw" | "rdonly" | "noaccess") && !line.contains('='));
+        let quoted = line.find('"').zip(line.rfind('"')).filter(|(a, b)| b > a);
+        match (names_a_path, quoted) {
+            (true, Some((a, b))) => match map(&line[a + 1..b]) {
+                Some(new) => {
+                    out.push_str(&line[..a + 1]);
+                    out.push_str(&new);
+                    out.push_str(&line[b..]);
+                    changed = true;
+                }
+                None => out.push_str(line),
+            },
+            _ => out.push_str(line),
+        }
+    }
+    changed.then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(dir: &tempfile::TempDir, ds: &str, d: &str, name: &str, text: &str) -> VmFile {
+        let local = dir.path().join(format!("{ds}-{}-{name}", d.replace('/', "_")));
+        std::fs::write(&local, text).unwrap();
+        VmFile { ds: ds.into(), dir: d.into(), name: name.into(), local }
+    }
+
+    #[test]
+    fn a_chain_with_a_missing_link_is_reported() {
+        let t = tempfile::tempdir().unwrap();
+        let urls =
+            vec![("ds1".to_string(), "/vmfs/volumes/aaaa/".to_string()), ("ds2".into(), "/vmfs/volumes/bbbb".into())];
+        let mut files = vec![
+            file(&t, "ds1", "vm", "vm.vmx", "scsi0:0.fileName = \"vm-000001.vmdk\"\nscsi0:1.fileName = \"/vmfs/volumes/bbbb/vm/d.vmdk\"\nscsi0:2.fileName = \"gone.vmdk\"\nscsi0:2.present = \"FALSE\"\nide0:0.fileName = \"cd.iso\"\n"),
+            file(&t, "ds1", "vm", "vm.vmsd", "snapshot0.filename = \"vm-Snapshot1.vmsn\"\nsnapshot0.disk0.fileName = \"vm.vmdk\"\n"),
+            file(&t, "ds1", "vm", "vm-Snapshot1.vmsn", "x"),
+            file(&t, "ds1", "vm", "vm-000001.vmdk", "createType=\"vmfsSparse\"\nparentFileNameHint=\"vm.vmdk\"\nRW 8 VMFSSPARSE \"vm-000001-delta.vmdk\"\n"),
+            file(&t, "ds1", "vm", "vm-000001-delta.vmdk", "COWD"),
+            file(&t, "ds1", "vm", "vm.vmdk", "createType=\"vmfs\"\nRW 8 VMFS \"vm-flat.vmdk\"\n"),
+            file(&t, "ds1", "vm", "vm-flat.vmdk", ""),
+            file(&t, "ds2", "vm", "d.vmdk", "createType=\"vmfs\"\nRW 8 VMFS \"d-flat.vmdk\"\n"),
+            file(&t, "ds2", "vm", "d-flat.vmdk", ""),
+        ];
+        assert!(
+            walk(&files, ("ds1", "vm", "vm.vmx"), &urls).missing.is_empty(),
+            "{:?}",
+            walk(&files, ("ds1", "vm", "vm.vmx"), &urls).missing
+        );
+        files.remove(5); // vm.vmdk, the base descriptor
+        let m = walk(&files, ("ds1", "vm", "vm.vmx"), &urls).missing;
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert!(m.iter().any(|x| x == "vm.vmdk (named by vm-000001.vmdk as parentFileNameHint)"), "{m:?}");
+        files.remove(3);
+        let m = walk(&files, ("ds1", "vm", "vm.vmx"), &urls).missing;
+        assert!(m.iter().any(|x| x == "vm-000001.vmdk (named by vm.vmx as scsi0:0.fileName)"), "{m:?}");
+        // A hint that climbs out, or an absolute path on no archived datastore, is missing.
+        let f = vec![file(
+            &t,
+            "ds1",
+            "vm",
+            "vm.vmx",
+            "scsi0:0.fileName = \"../../../etc/x.vmdk\"\nscsi0:1.fileName = \"/etc/y.vmdk\"\n",
+        )];
+        assert_eq!(walk(&f, ("ds1", "vm", "vm.vmx"), &urls).missing.len(), 2);
+    }
+
+    #[test]
+    fn resolving_names() {
+        let urls = vec![("ds 1".to_string(), "/vmfs/volumes/u1".to_string())];
+        assert_eq!(resolve("a.vmdk", "ds 1", "vm", &urls), Some(("ds 1".into(), "vm".into(), "a.vmdk".into())));
+        assert_eq!(resolve("../o/a.vmdk", "ds 1", "vm", &urls), Some(("ds 1".into(), "o".into(), "a.vmdk".into())));
+        assert_eq!(
+            resolve("/vmfs/volumes/u1/vm/a.vmdk", "x", "y", &urls),
+            Some(("ds 1".into(), "vm".into(), "a.vmdk".into()))
+        );
+        assert_eq!(
+            resolve("/vmfs/volumes/ds 1/a.vmdk", "x", "y", &urls),
+            Some(("ds 1".into(), "".into(), "a.vmdk".into()))
+        );
+        assert_eq!(resolve("../../a.vmdk", "ds 1", "vm", &urls), None);
+        assert_eq!(resolve("/vmfs/volumes/u2/a.vmdk", "ds 1", "vm", &urls), None);
+    }
+
+    #[test]
+    fn rewriting_absolute_paths_keeps_the_format() {
+        let map = |p: &str| p.strip_prefix("/old/").map(|r| format!("/new/{r}"));
+        let d = "version=1\nCID=1\nparentFileNameHint=\"/old/vm/b.vmdk\"\nRW 8 VMFSSPARSE \"x-delta.vmdk\"\n";
+        assert_eq!(
+            rewrite_paths(d, &map).unwrap(),
+            "version=1\nCID=1\nparentFileNameHint=\"/new/vm/b.vmdk\"\nRW 8 VMFSSPARSE \"x-delta.vmdk\"\n"
+        );
+        let v = "displayName = \"/old/x\"\nscsi0:1.fileName = \"/old/vm/d.vmdk\"\r\n";
+        assert_eq!(
+            rewrite_paths(v, &map).unwrap(),
+            "displayName = \"/old/x\"\nscsi0:1.fileName = \"/new/vm/d.vmdk\"\r\n"
+        );
+        assert_eq!(rewrite_paths("scsi0:0.fileName = \"a.vmdk\"\n", &map), None);
+    }
+}
