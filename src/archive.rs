@@ -193,7 +193,7 @@ impl DoneDates {
             let v = self.get(l);
             s.push_str(&format!("{}={}\n", l.name(), if v.is_empty() { "-1" } else { v }));
         }
-        crate::report::write_atomic(&job_dir.join(DONE_DATES), s.as_bytes())
+        crate::fsutil::write_atomic(&job_dir.join(DONE_DATES), s.as_bytes(), crate::fsutil::Perm::Mode(0o600))
     }
 }
 
@@ -251,7 +251,7 @@ pub fn shift_recording(
             j.push_str(&format!("done {} {}\n", l.name(), if d.get(l).is_empty() { "-1" } else { d.get(l) }));
         }
     }
-    crate::report::write_atomic(&job_dir.join(JOURNAL), j.as_bytes())?;
+    crate::fsutil::write_atomic(&job_dir.join(JOURNAL), j.as_bytes(), crate::fsutil::Perm::Mode(0o600))?;
     apply_journal(job_dir)
 }
 

@@ -129,9 +129,7 @@ pub fn write_file(path: &Path, text: &str, mode: u32) -> Result<()> {
     if let Some(d) = path.parent() {
         fs::create_dir_all(d).ctx(|| format!("cannot create {}", d.display()))?;
     }
-    crate::report::write_atomic(path, text.as_bytes())?;
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).ctx(|| format!("cannot chmod {}", path.display()))
+    crate::fsutil::write_atomic(path, text.as_bytes(), crate::fsutil::Perm::Mode(mode))
 }
 
 /// `--make-cronjobs`: write the cron file; returns a one-line summary. When Samba shares are in

@@ -14,9 +14,9 @@ use super::pool::{self, Pool, ARCHIVE_CHUNK_DIR};
 use super::{id_hex, is_zero, ChunkId, Progress, Settings};
 use crate::error::{Error, IoContext, Result};
 use std::collections::HashSet;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;
@@ -297,31 +297,7 @@ pub fn chunk_file(
         added_bytes: st.added_bytes,
         chunks,
     };
-    write_atomic(&mpath, &manifest.to_bytes())?;
+    crate::fsutil::write_atomic(&mpath, &manifest.to_bytes(), crate::fsutil::Perm::Mode(0o600))?;
     st.manifest_path = mpath;
     Ok(st)
-}
-
-/// Write `bytes` to `path` via a temp file in the same directory, fsync, rename, fsync dir.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let res = (|| -> Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .ctx(|| format!("cannot create {}", tmp.display()))?;
-        f.write_all(bytes).ctx(|| format!("cannot write {}", tmp.display()))?;
-        f.sync_all().ctx(|| format!("cannot fsync {}", tmp.display()))?;
-        fs::rename(&tmp, path).ctx(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
-        pool::fsync_dir(dir)
-    })();
-    if res.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    res
 }

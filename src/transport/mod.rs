@@ -197,7 +197,13 @@ pub fn ensure_key(ssh_dir: &Path) -> Result<String> {
     let key = key_path(ssh_dir);
     let public = key.with_extension("pub");
     if !key.exists() {
-        std::fs::create_dir_all(ssh_dir).ctx(|| format!("cannot create {}", ssh_dir.display()))?;
+        // 0700 from its creation (no moment in which it is open to others).
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(ssh_dir)
+            .ctx(|| format!("cannot create {}", ssh_dir.display()))?;
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(ssh_dir, std::fs::Permissions::from_mode(0o700));
         let host = hostname();
