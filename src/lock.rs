@@ -198,7 +198,10 @@ pub fn signal_holder(lock_dir: &Path, job: &str, sig: Signal) -> Result<Signalle
     // Hold the process by a pidfd while checking it, so a recycled pid cannot be signalled.
     let pidfd = match rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()) {
         Ok(fd) => Some(fd),
-        Err(Errno::SRCH) => return Ok(Signalled::Exited(pid)),
+        // Gone: it had just finished (the lock is free now), or the file names a dead process
+        // while another one holds the lock (then the check names that one).
+        Err(Errno::SRCH) if held(lock_dir, job)?.is_none() => return Ok(Signalled::Exited(pid)),
+        Err(Errno::SRCH) => return check_holder(pid, &h).map(|()| Signalled::Exited(pid)),
         Err(_) => None, // a kernel without pidfds (< 5.3): the checks below, then kill(2)
     };
     check_holder(pid, &h)?;
@@ -398,6 +401,10 @@ mod tests {
             e.ends_with(&format!("but the lock is held by pid {flock_pid}; not signalling pid {}", std::process::id())),
             "{e}"
         );
+        // A pid no process has.
+        say("999999999");
+        let e = signal_holder(d.path(), "job", Signal::TERM).unwrap_err().to_string();
+        assert!(e.ends_with(&format!("but the lock is held by pid {flock_pid}; not signalling pid 999999999")), "{e}");
         say("garbage");
         let e = signal_holder(d.path(), "job", Signal::TERM).unwrap_err().to_string();
         assert!(e.contains("names no pid"), "{e}");

@@ -238,6 +238,8 @@ fn spawn_run(cfg: &Config, job: &str, delay: u64) -> Result<u32> {
         c
     };
     c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    // SAFETY: the closure runs in the child between fork and exec and only calls setsid(2),
+    // which is async-signal-safe, allocates nothing and takes no lock.
     unsafe {
         use std::os::unix::process::CommandExt;
         c.pre_exec(|| {

@@ -95,13 +95,30 @@ fn one_line_error(o: &Output) -> String {
     lines[0].to_string()
 }
 
-/// A process the attacker would like root to kill (root's, so nobody cannot kill it itself).
-fn bystander() -> Child {
-    Command::new("sleep").arg("300").spawn().unwrap()
+/// A process the attacker would like root to kill (root's, so nobody cannot kill it itself);
+/// killed when dropped.
+struct Bystander(Child);
+
+impl Bystander {
+    fn start() -> Bystander {
+        Bystander(Command::new("sleep").arg("300").spawn().unwrap())
+    }
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
 }
 
-fn alive(c: &mut Child) -> bool {
-    c.try_wait().unwrap().is_none()
+impl Drop for Bystander {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `c` is still running a moment after what should not have signalled it.
+fn assert_alive(c: &mut Child, what: &str) {
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(c.try_wait().unwrap().is_none(), "{what}");
 }
 
 /// `flock(1)` holding the flock of `file` until its stdin closes, run by `cmd` (as nobody, or
@@ -193,11 +210,11 @@ fn a_symlinked_or_world_writable_lock_directory_is_refused() {
 #[test]
 fn kill_never_signals_a_pid_planted_by_a_local_user() {
     let Some(b) = setup("", "killAt=0300\n") else { return };
-    let mut victim = bystander();
+    let mut victim = Bystander::start();
     // The attacker's lock file names root's process, and the attacker holds its flock, so the
     // job looks running: the old --kill (and the killAt cron line) sent SIGTERM to that pid.
     let file = b.lock_dir.join("web");
-    as_nobody(&format!("mkdir {d} && echo {} > {f}", victim.id(), d = b.lock_dir.display(), f = file.display()));
+    as_nobody(&format!("mkdir {d} && echo {} > {f}", victim.pid(), d = b.lock_dir.display(), f = file.display()));
     let holder = hold_flock(nobody(&format!("exec flock -o {} -c 'read x'", file.display())), &file);
     // As typed, and as the cron line (`--silent --kill JOB`) runs it.
     for args in [&["--kill", "web"][..], &["--silent", "--kill", "web"][..]] {
@@ -205,16 +222,12 @@ fn kill_never_signals_a_pid_planted_by_a_local_user() {
         let e = one_line_error(&b.a.affa(args));
         assert!(e.contains(&format!("lock directory {} is owned by uid {NOBODY_UID}", b.lock_dir.display())), "{e}");
         assert!(t.elapsed() < Duration::from_secs(10), "--kill waited for a process it must not have signalled");
-        std::thread::sleep(Duration::from_millis(200));
-        assert!(alive(&mut victim), "--kill signalled the pid the attacker planted");
+        assert_alive(&mut victim.0, "--kill signalled the pid the attacker planted");
     }
     let out = ok(&b.a.affa(&["--killall"]));
     assert!(!out.contains("stopped"), "{out}");
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(alive(&mut victim), "--killall signalled the pid the attacker planted");
+    assert_alive(&mut victim.0, "--killall signalled the pid the attacker planted");
     release(holder);
-    victim.kill().unwrap();
-    victim.wait().unwrap();
 }
 
 #[test]
@@ -224,19 +237,19 @@ fn kill_signals_only_the_affa_process_that_holds_the_lock() {
     // not the lock's holder, or a holder that is not affa: e.g. a corrupted file, or a pid reused.
     ok(&b.a.affa(&["--run", "web"]));
     let file = b.lock_dir.join("web");
-    let mut victim = bystander();
+    let mut victim = Bystander::start();
     let mut c = Command::new("flock");
     c.arg("-o").arg(&file).args(["-c", "read x"]);
     let holder = hold_flock(c, &file);
     let holder_pid = holder.id();
-    fs::write(&file, format!("{}\n", victim.id())).unwrap();
+    fs::write(&file, format!("{}\n", victim.pid())).unwrap();
     let e = one_line_error(&b.a.affa(&["--kill", "web"]));
     assert_eq!(
         e,
         format!(
             "affa: error: lock file {} names pid {v}, but the lock is held by pid {holder_pid}; not signalling pid {v}",
             file.display(),
-            v = victim.id()
+            v = victim.pid()
         )
     );
     fs::write(&file, format!("{holder_pid}\n")).unwrap();
@@ -246,13 +259,10 @@ fn kill_signals_only_the_affa_process_that_holds_the_lock() {
             && e.ends_with("flock, not affa; not signalling it"),
         "{e}"
     );
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(alive(&mut victim), "--kill signalled a process that is not the lock's holder");
+    assert_alive(&mut victim.0, "--kill signalled a process that is not the lock's holder");
     let mut holder = holder;
-    assert!(alive(&mut holder), "--kill signalled a lock holder that is not affa");
+    assert_alive(&mut holder, "--kill signalled a lock holder that is not affa");
     release(holder);
-    victim.kill().unwrap();
-    victim.wait().unwrap();
 }
 
 #[test]

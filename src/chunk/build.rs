@@ -110,6 +110,7 @@ pub fn chunk_file(
     fs::create_dir_all(&mdir).ctx(|| format!("cannot create directory {}", mdir.display()))?;
     pool::create_dir_0700(&archive_root.join(ARCHIVE_CHUNK_DIR))?;
     #[cfg(target_os = "linux")]
+    // SAFETY: posix_fadvise(2) only takes the descriptor of `file`, open for the whole call.
     unsafe {
         libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
     }
@@ -219,6 +220,7 @@ pub fn chunk_file(
                 let off = idx * cs;
                 let len = (size - off).min(cs) as usize;
                 // A chunk entirely inside a hole is zero without reading it.
+                // SAFETY: lseek(2) on the descriptor of `file`, which outlives this closure.
                 let data_at = unsafe { libc::lseek(fd, off as libc::off_t, libc::SEEK_DATA) };
                 let hole = if data_at < 0 {
                     io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO)

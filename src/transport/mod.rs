@@ -34,6 +34,8 @@ pub fn key_path(ssh_dir: &Path) -> PathBuf {
 
 /// Make a child die with affa (a `kill -9` of affa must not leave an rsync writing on).
 pub fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: the closure runs in the child between fork and exec; it only calls prctl(2), which
+    // is async-signal-safe, allocates nothing and takes no lock.
     unsafe {
         cmd.pre_exec(|| {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
