@@ -28,4 +28,9 @@ fi
 # Build the simulator once up front (the tests would build it too).
 (cd harness/esxi-sim && GO111MODULE=off GOPATH=/usr/share/gocode go build -o esxi-sim .)
 
-cargo test --release --all-targets "$@"
+# Every test, with the test-only hooks (the fault tests' AFFA_TEST_CRASH_AT needs them; the
+# faults target is not built without them).
+cargo test --release --all-targets --features test-hooks "$@"
+# The build users install (`cargo build --release`, no test-hooks) has no crash hook: this unit
+# test sets AFFA_TEST_CRASH_AT and reaches a crash point; it only exists without the feature.
+cargo test --release --lib "$@" -- interrupt::tests::

@@ -54,7 +54,11 @@ pub fn reserved_excludes(job: &str) -> Vec<String> {
 pub fn mark_running_complete(job_dir: &Path) -> Result<()> {
     let r = fs::read(job_dir.join(RUNNING).join(crate::report::REPORT_FILE))
         .ctx(|| format!("cannot read the report of {}", job_dir.join(RUNNING).display()))?;
-    crate::report::write_atomic(&job_dir.join(RUNNING_COMPLETE), blake3::hash(&r).to_hex().as_bytes())
+    crate::fsutil::write_atomic(
+        &job_dir.join(RUNNING_COMPLETE),
+        blake3::hash(&r).to_hex().as_bytes(),
+        crate::fsutil::Perm::Mode(0o600),
+    )
 }
 
 /// Forget the marker (a new transfer starts, or `scheduled.running` was renamed).
@@ -252,7 +256,7 @@ impl DoneDates {
             let v = self.get(l);
             s.push_str(&format!("{}={}\n", l.name(), if v.is_empty() { "-1" } else { v }));
         }
-        crate::report::write_atomic(&job_dir.join(DONE_DATES), s.as_bytes())
+        crate::fsutil::write_atomic(&job_dir.join(DONE_DATES), s.as_bytes(), crate::fsutil::Perm::Mode(0o600))
     }
 }
 
@@ -310,7 +314,7 @@ pub fn shift_recording(
             j.push_str(&format!("done {} {}\n", l.name(), if d.get(l).is_empty() { "-1" } else { d.get(l) }));
         }
     }
-    crate::report::write_atomic(&job_dir.join(JOURNAL), j.as_bytes())?;
+    crate::fsutil::write_atomic(&job_dir.join(JOURNAL), j.as_bytes(), crate::fsutil::Perm::Mode(0o600))?;
     apply_journal(job_dir)
 }
 

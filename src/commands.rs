@@ -407,7 +407,7 @@ pub fn rename_job(cfg: &Config, name: &str, new: &str) -> Result<String> {
                 None => format!("{l}\n"),
             })
             .collect();
-        crate::report::write_atomic(&kh_new, renamed.as_bytes())?;
+        crate::fsutil::write_atomic(&kh_new, renamed.as_bytes(), crate::fsutil::Perm::Mode(0o600))?;
         let _ = fs::remove_file(&kh);
     }
     Ok(format!("job {name} renamed to {new}"))
@@ -452,20 +452,22 @@ pub fn move_archive(cfg: &Config, name: &str, new_root: &str, yes: bool) -> Resu
     ))
 }
 
-/// `--kill JOB`: stop a running job (SIGTERM, so it cleans up) and wait for it.
+/// `--kill JOB`: stop a running job (SIGTERM, so it cleans up) and wait for it. Only the affa
+/// process that holds the job's lock is signalled (see [`lock::signal_holder`]).
 pub fn kill(cfg: &Config, name: &str) -> Result<String> {
     cfg.job(name)?;
-    let Some(pid) = lock::holder(&cfg.lock_dir(), name) else {
-        return Ok(format!("job {name} is not running"));
+    let pid = match lock::signal_holder(&cfg.lock_dir(), name, rustix::process::Signal::TERM)? {
+        lock::Signalled::NotRunning => return Ok(format!("job {name} is not running")),
+        lock::Signalled::Exited(pid) => return Ok(format!("job {name} (pid {pid}) had already stopped")),
+        lock::Signalled::Sent(pid) => pid,
     };
-    unsafe { libc::kill(pid, libc::SIGTERM) };
     for _ in 0..600 {
         if lock::holder(&cfg.lock_dir(), name).is_none() {
             return Ok(format!("job {name} (pid {pid}) stopped"));
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    bail!("job {name} (pid {pid}) did not stop within 60 s")
+    bail!("job {name} (pid {pid}) was sent SIGTERM but did not stop within 60 s")
 }
 
 /// `--log-tail [JOB]`

@@ -159,10 +159,7 @@ pub fn install(opts: &InstallOptions) -> Result<String> {
         if let Some(d) = bin.parent() {
             fs::create_dir_all(d).ctx(|| format!("cannot create {}", d.display()))?;
         }
-        crate::report::write_atomic(&bin, &data)?;
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(&bin, fs::Permissions::from_mode(0o755))
-            .ctx(|| format!("cannot chmod {}", bin.display()))?;
+        crate::fsutil::write_atomic(&bin, &data, crate::fsutil::Perm::Mode(0o755))?;
         done.push(format!("installed {}", bin.display()));
     }
 
@@ -178,7 +175,7 @@ pub fn install(opts: &InstallOptions) -> Result<String> {
     let cfg = Config::load(&etc).map_err(|e| e.context("the installed configuration"))?;
     let g = &cfg.global;
     mkdir(&under(&prefix, g.get("logDir")), 0o750, &mut done)?;
-    mkdir(&under(&prefix, g.get("lockDir")), 0o755, &mut done)?;
+    mkdir(&under(&prefix, g.get("lockDir")), 0o700, &mut done)?;
     let mut roots: Vec<String> = cfg.jobs.values().map(|j| j.get("RootDir").to_string()).collect();
     roots.push(g.get("RootDir").to_string());
     roots.sort();

@@ -11,6 +11,7 @@ pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod esxi;
+pub mod fsutil;
 pub mod install;
 pub mod interrupt;
 pub mod joblog;

@@ -5,11 +5,9 @@
 //! (an archive is valid only if it has its report, so it is written to a temp file, fsynced and
 //! renamed).
 
-use std::fs;
-use std::io::Write;
 use std::path::Path;
 
-use crate::error::{IoContext, Result};
+use crate::error::Result;
 
 pub const REPORT_FILE: &str = ".AFFA3-REPORT";
 
@@ -79,7 +77,11 @@ impl Report {
 
     /// Write `DIR/.AFFA3-REPORT` atomically.
     pub fn write(&self, archive_dir: &Path) -> Result<()> {
-        write_atomic(&archive_dir.join(REPORT_FILE), self.to_text().as_bytes())
+        crate::fsutil::write_atomic(
+            &archive_dir.join(REPORT_FILE),
+            self.to_text().as_bytes(),
+            crate::fsutil::Perm::Mode(0o600),
+        )
     }
 
     /// Add rsync's `--stats` lines as CamelCase keys, as Affa does ("Total file size: 1,234
@@ -127,24 +129,6 @@ pub fn parse_rsync_stats(output: &str) -> Vec<(String, String)> {
     out
 }
 
-/// Write a file completely or not at all: temp file in the same directory, fsync, rename.
-pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp =
-        dir.join(format!(".{}.tmp-{}", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
-    let res = (|| -> std::io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        Ok(())
-    })();
-    if res.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    res.ctx(|| format!("cannot write {}", path.display()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,7 +155,7 @@ mod tests {
         r.set("ExitStatus", 0);
         r.write(dir.path()).unwrap();
         assert_eq!(Report::read(dir.path()), Some(r));
-        fs::write(dir.path().join(REPORT_FILE), "[Report]\nDate=garbage\n").unwrap();
+        std::fs::write(dir.path().join(REPORT_FILE), "[Report]\nDate=garbage\n").unwrap();
         assert_eq!(Report::read(dir.path()), None);
         for junk in ["", "\u{0}\u{1}", "[Report]\n=\n==", "Number of files:\n:::"] {
             let _ = parse_rsync_stats(junk);

@@ -337,7 +337,11 @@ pub fn finish_report(ctx: &Ctx, running: &Path, report: &mut Report) -> Result<(
     r.set("Dedup", "no");
     r.set("AffaVersion", env!("CARGO_PKG_VERSION"));
     let setup = format!("; Created on {}\n{}", now.format("%a %b %e %H:%M:%S %Y"), ctx.job.to_ini());
-    crate::report::write_atomic(&running.join(format!(".{}-setup.ini", ctx.job.name)), setup.as_bytes())?;
+    crate::fsutil::write_atomic(
+        &running.join(format!(".{}-setup.ini", ctx.job.name)),
+        setup.as_bytes(),
+        crate::fsutil::Perm::Mode(0o600),
+    )?;
     crate::interrupt::crash_point("setup-written");
     crate::chunk::index::ensure(running)?;
     r.write(running)?;

@@ -34,11 +34,9 @@ pub fn in_use(cfg: &Config) -> bool {
 
 /// The share definition of one job.
 pub fn share_text(job: &Job) -> String {
-    let users: Vec<String> = job
-        .get_all("SambaValidUser")
-        .iter()
-        .flat_map(|v| v.split(|c: char| c == ',' || c.is_whitespace()).filter(|s| !s.is_empty()).map(String::from))
-        .collect();
+    // Never empty: the configuration refuses SambaShare=yes without users (an empty
+    // `valid users` would open the share to every Samba user).
+    let users = job.samba_users();
     format!(
         "# Written by affa --samba-shares for job {name} (SambaShare=yes); changes are overwritten.\n\
          [{name}]\n\
@@ -143,10 +141,7 @@ pub fn update_shares(cfg: &Config) -> Result<String> {
             t.push('\n');
         }
         t.push_str(&format!("# affa's archive shares (affa --samba-shares)\n{want}\n"));
-        let mode = fs::metadata(&smb_conf)
-            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
-            .unwrap_or(0o644);
-        crate::schedule::write_file(&smb_conf, &t, mode)?;
+        crate::fsutil::write_atomic(&smb_conf, t.as_bytes(), crate::fsutil::Perm::KeepOr(0o644))?;
         changed = true;
     }
     let names: Vec<&str> = shared.iter().map(|j| j.name.as_str()).collect();

@@ -129,9 +129,7 @@ pub fn write_file(path: &Path, text: &str, mode: u32) -> Result<()> {
     if let Some(d) = path.parent() {
         fs::create_dir_all(d).ctx(|| format!("cannot create {}", d.display()))?;
     }
-    crate::report::write_atomic(path, text.as_bytes())?;
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).ctx(|| format!("cannot chmod {}", path.display()))
+    crate::fsutil::write_atomic(path, text.as_bytes(), crate::fsutil::Perm::Mode(mode))
 }
 
 /// `--make-cronjobs`: write the cron file; returns a one-line summary. When Samba shares are in
@@ -240,6 +238,8 @@ fn spawn_run(cfg: &Config, job: &str, delay: u64) -> Result<u32> {
         c
     };
     c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    // SAFETY: the closure runs in the child between fork and exec and only calls setsid(2),
+    // which is async-signal-safe, allocates nothing and takes no lock.
     unsafe {
         use std::os::unix::process::CommandExt;
         c.pre_exec(|| {

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::smb::{smbclient, start_smbd};
 use common::*;
 
 // ---------------------------------------------------------------- helpers
@@ -602,82 +603,6 @@ fn resume_interrupted_and_kill_resume_start_the_jobs_in_the_background() {
 }
 
 // ---------------------------------------------------------------- samba
-
-struct Smbd {
-    dir: tempfile::TempDir,
-    port: u16,
-    child: Child,
-}
-
-impl Drop for Smbd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_smbd() -> Smbd {
-    let dir = tempfile::Builder::new().prefix("affa-smb").tempdir().unwrap();
-    let d = dir.path();
-    for s in ["private", "lock", "state", "cache", "pid", "ncalrpc"] {
-        fs::create_dir_all(d.join(s)).unwrap();
-    }
-    let port = free_port();
-    let conf = format!(
-        "[global]\n\tworkgroup = AFFATEST\n\tserver role = standalone server\n\tsmb ports = {port}\n\
-         \tinterfaces = 127.0.0.1\n\tbind interfaces only = yes\n\tdisable netbios = yes\n\
-         \tprivate dir = {d}/private\n\tlock directory = {d}/lock\n\tstate directory = {d}/state\n\
-         \tcache directory = {d}/cache\n\tpid directory = {d}/pid\n\tncalrpc dir = {d}/ncalrpc\n\
-         \tlog file = {d}/log.%m\n\tlog level = 1\n\tpassdb backend = tdbsam:{d}/passdb.tdb\n\
-         \tload printers = no\n\tprinting = bsd\n\tprintcap name = /dev/null\n\tdisable spoolss = yes\n\
-         \tusershare path =\n\tmap to guest = never\n",
-        d = d.display()
-    );
-    fs::write(d.join("smb.conf"), conf).unwrap();
-    let mut p = Command::new("smbpasswd")
-        .arg("-c")
-        .arg(d.join("smb.conf"))
-        .args(["-a", "-s", "root"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("smbpasswd (apt-get install samba)");
-    use std::io::Write;
-    p.stdin.take().unwrap().write_all(b"affa-Smb-pw1\naffa-Smb-pw1\n").unwrap();
-    let o = p.wait_with_output().unwrap();
-    assert!(o.status.success(), "smbpasswd: {}", String::from_utf8_lossy(&o.stderr));
-    let child = Command::new("smbd")
-        .args(["--foreground", "--no-process-group"])
-        .arg(format!("--configfile={}", d.join("smb.conf").display()))
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(d.join("smbd.out")).unwrap())
-        .stderr(fs::File::create(d.join("smbd.err")).unwrap())
-        .spawn()
-        .expect("smbd (apt-get install samba)");
-    let s = Smbd { dir, port, child };
-    let t = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "smbd did not start: {}",
-            fs::read_to_string(s.dir.path().join("smbd.err")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    s
-}
-
-fn smbclient(s: &Smbd, share: &str, cmd: &str) -> std::process::Output {
-    Command::new("smbclient")
-        .arg(format!("//127.0.0.1/{share}"))
-        .args(["-p", &s.port.to_string(), "-U", "root%affa-Smb-pw1", "-s"])
-        .arg(s.dir.path().join("smb.conf"))
-        .args(["-c", cmd])
-        .stdin(Stdio::null())
-        .output()
-        .expect("smbclient (apt-get install smbclient)")
-}
 
 #[test]
 fn samba_share_of_the_archives_is_readable_with_smbclient() {

@@ -14,9 +14,9 @@ use super::pool::{self, Pool, ARCHIVE_CHUNK_DIR};
 use super::{id_hex, is_zero, ChunkId, Progress, Settings};
 use crate::error::{Error, IoContext, Result};
 use std::collections::HashSet;
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::fs;
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -111,6 +111,7 @@ pub fn chunk_file(
     crate::untrusted::create_dir_beneath(archive_root, rel_path.parent().unwrap_or(Path::new("")))?;
     crate::untrusted::create_private_dir_beneath(archive_root, Path::new(ARCHIVE_CHUNK_DIR))?;
     #[cfg(target_os = "linux")]
+    // SAFETY: posix_fadvise(2) only takes the descriptor of `file`, open for the whole call.
     unsafe {
         libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
     }
@@ -220,6 +221,7 @@ pub fn chunk_file(
                 let off = idx * cs;
                 let len = (size - off).min(cs) as usize;
                 // A chunk entirely inside a hole is zero without reading it.
+                // SAFETY: lseek(2) on the descriptor of `file`, which outlives this closure.
                 let data_at = unsafe { libc::lseek(fd, off as libc::off_t, libc::SEEK_DATA) };
                 let hole = if data_at < 0 {
                     io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO)
@@ -301,36 +303,13 @@ pub fn chunk_file(
     // A source file already under the manifest's name (the transfer brought it) gives way.
     st.replaced_source_file = fs::symlink_metadata(&mpath).is_ok()
         && !super::index::read(archive_root)?.is_some_and(|recorded| recorded.iter().any(|r| r == rel_path));
-    write_atomic(&mpath, &manifest.to_bytes())?;
+    if st.replaced_source_file && fs::symlink_metadata(&mpath).is_ok_and(|m| m.file_type().is_symlink()) {
+        // The secure writer refuses to replace a symlink: this one is the source's own data in
+        // the archive being built, so it is unlinked (unlink never follows it).
+        fs::remove_file(&mpath).ctx(|| format!("cannot remove {}", mpath.display()))?;
+    }
+    crate::fsutil::write_atomic(&mpath, &manifest.to_bytes(), crate::fsutil::Perm::Mode(0o600))?;
     super::index::record(archive_root, rel_path)?;
     st.manifest_path = mpath;
     Ok(st)
-}
-
-/// Write `bytes` to `path` via a temp file in the same directory, fsync, rename, fsync dir.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let res = (|| -> Result<()> {
-        // The directory may hold what a source put there: whatever has the temp name is
-        // removed (unlink does not follow a symlink), and the temp file is created anew
-        // (O_EXCL: never through a symlink).
-        let _ = fs::remove_file(&tmp);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)
-            .ctx(|| format!("cannot create {}", tmp.display()))?;
-        f.write_all(bytes).ctx(|| format!("cannot write {}", tmp.display()))?;
-        f.sync_all().ctx(|| format!("cannot fsync {}", tmp.display()))?;
-        fs::rename(&tmp, path).ctx(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
-        pool::fsync_dir(dir)
-    })();
-    if res.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    res
 }

@@ -26,10 +26,8 @@ fn key_of(line: &str) -> Option<&str> {
 fn write(path: &Path, lines: &[String]) -> Result<()> {
     let mut text = lines.join("\n");
     text.push('\n');
-    let mode = fs::metadata(path).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions())).unwrap_or(0o600);
-    crate::report::write_atomic(path, text.as_bytes())?;
-    fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
-        .ctx(|| format!("cannot chmod {}", path.display()))
+    // The file may hold ESXiPassword: keep its mode (0600 for a new one) from the first byte.
+    crate::fsutil::write_atomic(path, text.as_bytes(), crate::fsutil::Perm::KeepOr(0o600))
 }
 
 /// Set `key=value` in the job's own section (replacing an existing line, else appending one

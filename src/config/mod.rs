@@ -259,6 +259,9 @@ impl Job {
         if self.flag("rsyncdMode") {
             bail!("{o}: job [{}] has rsyncdMode=yes: pulling from an rsync daemon is not supported by affa; expected rsyncdMode=no (the source is read over ssh)", self.name);
         }
+        if self.flag("SambaShare") && self.samba_users().is_empty() {
+            bail!("{o}: job [{}] has SambaShare=yes but SambaValidUser is empty; expected the Samba users allowed to read its archives (e.g. SambaValidUser=affa): the share reads every archive as root, so it is never opened to all users", self.name);
+        }
         if !self.get("AutomountDevice").is_empty() {
             bail!("{o}: job [{}] has AutomountDevice={}: affa does not mount RootDir itself; expected it empty (mount the disk before the run, e.g. with a systemd automount)", self.name, self.get("AutomountDevice"));
         }
@@ -277,6 +280,13 @@ impl Job {
     /// All values of a (multi-valued) key.
     pub fn get_all(&self, key: &str) -> &[String] {
         self.values.get(key).map(|v| v.as_slice()).unwrap_or(&[])
+    }
+    /// The users of SambaValidUser (several lines, each a comma- or space-separated list).
+    pub fn samba_users(&self) -> Vec<String> {
+        self.get_all("SambaValidUser")
+            .iter()
+            .flat_map(|v| v.split(|c: char| c == ',' || c.is_whitespace()).filter(|s| !s.is_empty()).map(String::from))
+            .collect()
     }
     pub fn flag(&self, key: &str) -> bool {
         keys::parse_bool(self.get(key)).unwrap_or(false)
@@ -475,6 +485,14 @@ mod tests {
         let e = parse("[web]\nremoteHostName=h\nrsyncdMode=yes\n").unwrap_err().to_string();
         assert!(e.contains("rsyncdMode=yes") && e.contains("not supported"), "{e}");
         assert!(parse("[web]\nremoteHostName=h\nAutomountDevice=/dev/sdb1\n").is_err());
+        for users in ["", " , ", "\nSambaValidUser="] {
+            let e = parse(&format!("[web]\nremoteHostName=h\nSambaShare=yes\nSambaValidUser={users}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("/etc/affa/t.conf:1: job [web] has SambaShare=yes but SambaValidUser is empty; expected the Samba users allowed"), "{e}");
+        }
+        assert!(parse("[web]\nremoteHostName=h\nSambaShare=no\nSambaValidUser=\n").is_ok());
+        assert!(parse("[web]\nremoteHostName=h\nSambaShare=yes\n").is_ok(), "the default user affa");
     }
 
     #[test]

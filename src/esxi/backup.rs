@@ -352,7 +352,7 @@ fn transfer_logged_in(
         }
         report.set(&format!("ESXiDisk{i}"), format!("{} {} {}", d.label, ext_rel.display(), d.capacity_bytes));
     }
-    crate::report::write_atomic(&running.join(ESXI_INI), ini.as_bytes())?;
+    crate::fsutil::write_atomic(&running.join(ESXI_INI), ini.as_bytes(), crate::fsutil::Perm::Mode(0o600))?;
     crate::interrupt::crash_point("esxi-ini-written");
     Ok(())
 }

@@ -37,6 +37,8 @@ pub fn key_path(ssh_dir: &Path) -> PathBuf {
 
 /// Make a child die with affa (a `kill -9` of affa must not leave an rsync writing on).
 pub fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: the closure runs in the child between fork and exec; it only calls prctl(2), which
+    // is async-signal-safe, allocates nothing and takes no lock.
     unsafe {
         cmd.pre_exec(|| {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
@@ -296,7 +298,13 @@ pub fn ensure_key(ssh_dir: &Path) -> Result<String> {
     let key = key_path(ssh_dir);
     let public = key.with_extension("pub");
     if !key.exists() {
-        std::fs::create_dir_all(ssh_dir).ctx(|| format!("cannot create {}", ssh_dir.display()))?;
+        // 0700 from its creation (no moment in which it is open to others).
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(ssh_dir)
+            .ctx(|| format!("cannot create {}", ssh_dir.display()))?;
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(ssh_dir, std::fs::Permissions::from_mode(0o700));
         let host = hostname();

@@ -5,6 +5,7 @@
 
 pub mod esx;
 pub mod sim;
+pub mod smb;
 
 use std::fs;
 use std::net::{TcpListener, TcpStream};
