@@ -33,4 +33,4 @@ fi
 cargo test --release --all-targets --features test-hooks "$@"
 # The build users install (`cargo build --release`, no test-hooks) has no crash hook: this unit
 # test sets AFFA_TEST_CRASH_AT and reaches a crash point; it only exists without the feature.
-cargo test --release --lib "$@" -- interrupt::tests::
+cargo test --release --lib -- interrupt::tests::

@@ -128,8 +128,9 @@ fn try_flock(f: &File) -> bool {
 /// Take the lock of `job`, or fail naming the pid that holds it.
 pub fn acquire(lock_dir: &Path, job: &str) -> Result<JobLock> {
     let path = lock_path(lock_dir, job);
-    let dir = open_dir(lock_dir, true)?.expect("created");
-    let (mut file, _) = open_file(&dir, &path, job, true)?.expect("created");
+    let gone = |what: &str| Error::new(format!("{what} {} vanished while it was opened", path.display()));
+    let dir = open_dir(lock_dir, true)?.ok_or_else(|| gone("the directory of lock file"))?;
+    let (mut file, _) = open_file(&dir, &path, job, true)?.ok_or_else(|| gone("lock file"))?;
     if !try_flock(&file) {
         let pid = read_pid(&mut file).map(|p| p.to_string()).unwrap_or_else(|| "unknown".into());
         bail!("job {job} is already running (pid {pid}); wait for it to finish or stop it with affa --kill {job} (lock file {})", path.display());
