@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use crate::config::Job;
 use crate::error::{IoContext, Result};
 use crate::joblog::JobLog;
+use crate::observer::Watch;
 use crate::transport::{die_with_parent, SshTarget};
 
 /// What an rsync exit status means for the run.
@@ -63,35 +64,99 @@ pub enum Source<'a> {
     Local,
 }
 
-/// The common flags of every transfer (Affa 3's, minus `--ignore-errors` semantics that hide
-/// failures: errors still fail the run through the exit code).
-pub fn base_args(job: &Job, source: &Source) -> Vec<String> {
-    let mut a: Vec<String> = vec!["--archive".into(), "--hard-links".into(), "--numeric-ids".into()];
-    let bw = job.num("BandwidthLimit");
-    if bw > 0 {
-        a.push(format!("--bwlimit={bw}"));
-    }
-    let mw = job.num("rsync--modify-window");
-    if mw > 0 {
-        a.push(format!("--modify-window={mw}"));
-    }
-    let to = job.num("rsyncTimeout");
-    if to > 0 {
-        a.push(format!("--timeout={to}"));
-    }
-    if let Source::Ssh(t) = source {
-        if job.flag("rsyncCompress") {
-            a.push("--compress".into());
+/// An rsync command line, assembled in one place: the options, then `--`, then the sources and
+/// the destination. Options and operands are kept apart, so an option added at any time (a
+/// caller's excludes, `--link-dest`, the progress flag [`run`] adds on a terminal) always lands
+/// before `--`, and nothing but a source or the destination can land after it.
+#[derive(Debug, Clone, Default)]
+pub struct Args {
+    options: Vec<String>,
+    sources: Vec<String>,
+    dest: Option<String>,
+}
+
+impl Args {
+    /// The common flags of every transfer (Affa 3's, minus `--ignore-errors` semantics that
+    /// hide failures: errors still fail the run through the exit code).
+    pub fn new(job: &Job, source: &Source) -> Args {
+        let mut a = Args::default();
+        a.opts(["--archive", "--hard-links", "--numeric-ids"]);
+        let bw = job.num("BandwidthLimit");
+        if bw > 0 {
+            a.opt(format!("--bwlimit={bw}"));
         }
-        let mut remote = job.remote_rsync();
-        let nice = job.num("remoteNice");
-        if nice > 0 {
-            remote = format!("{} -n {nice} {remote}", job.get("remoteNiceBinary"));
+        let mw = job.num("rsync--modify-window");
+        if mw > 0 {
+            a.opt(format!("--modify-window={mw}"));
         }
-        a.push(format!("--rsync-path={remote}"));
-        a.push(format!("--rsh={}", t.rsh()));
+        let to = job.num("rsyncTimeout");
+        if to > 0 {
+            a.opt(format!("--timeout={to}"));
+        }
+        if let Source::Ssh(t) = source {
+            if job.flag("rsyncCompress") {
+                a.opt("--compress");
+            }
+            let mut remote = job.remote_rsync();
+            let nice = job.num("remoteNice");
+            if nice > 0 {
+                remote = format!("{} -n {nice} {remote}", job.get("remoteNiceBinary"));
+            }
+            a.opt(format!("--rsync-path={remote}"));
+            a.opt(format!("--rsh={}", t.rsh()));
+        }
+        a
     }
-    a
+
+    /// Add one option (it must start with `-`: a path is an operand, see [`Args::from`]).
+    pub fn opt(&mut self, o: impl Into<String>) -> &mut Args {
+        let o = o.into();
+        debug_assert!(o.starts_with('-'), "rsync option '{o}' does not start with '-'");
+        self.options.push(o);
+        self
+    }
+
+    pub fn opts<S: Into<String>>(&mut self, os: impl IntoIterator<Item = S>) -> &mut Args {
+        for o in os {
+            self.opt(o);
+        }
+        self
+    }
+
+    /// The words of the job's `rsyncOptions` (the administrator's: an option may take its value
+    /// as the next word, so they are not checked one by one). They stay before `--` too.
+    pub fn configured(&mut self, words: &str) -> &mut Args {
+        self.options.extend(words.split_whitespace().map(String::from));
+        self
+    }
+
+    /// Sources to pull: `user@host:/path` for the first, `:/path` for the next ones, or local
+    /// paths.
+    pub fn from(&mut self, source: &Source, paths: &[String]) -> &mut Args {
+        self.sources.extend(source_args(source, paths));
+        self
+    }
+
+    /// Local source paths (a restore pushes from here).
+    pub fn from_local<S: Into<String>>(&mut self, paths: impl IntoIterator<Item = S>) -> &mut Args {
+        self.sources.extend(paths.into_iter().map(Into::into));
+        self
+    }
+
+    /// The destination (a local path, or `user@host:/path`).
+    pub fn to(&mut self, dest: impl Into<String>) -> &mut Args {
+        self.dest = Some(dest.into());
+        self
+    }
+
+    /// The argument vector: options, `--`, sources, destination.
+    pub fn to_vec(&self) -> Vec<String> {
+        let mut v = self.options.clone();
+        v.push("--".into());
+        v.extend(self.sources.iter().cloned());
+        v.extend(self.dest.iter().cloned());
+        v
+    }
 }
 
 /// The local rsync program and its leading args (nice, when localNice > 0).
@@ -108,7 +173,7 @@ pub fn program(job: &Job) -> (String, Vec<String>) {
 }
 
 /// A source path argument: `user@host:/path` for the first, `:/path` for the next ones.
-pub fn source_args(source: &Source, paths: &[String]) -> Vec<String> {
+fn source_args(source: &Source, paths: &[String]) -> Vec<String> {
     match source {
         Source::Local => paths.to_vec(),
         Source::Ssh(t) => paths
@@ -135,18 +200,21 @@ impl RsyncResult {
     }
 }
 
-/// Run rsync; stderr lines go to the log as they come; on a terminal `--info=progress2` is
-/// shown as one updating line.
-pub fn run(job: &Job, args: &[String], log: &JobLog, progress: bool) -> Result<RsyncResult> {
+/// Run rsync; stderr lines go to the log as they come. When somebody watches `progress`, rsync
+/// gets `--info=progress2` (with the other options, before `--`) and its progress goes there.
+pub fn run(job: &Job, args: &Args, log: &JobLog, progress: &Watch) -> Result<RsyncResult> {
     let (prog, lead) = program(job);
-    let mut cmd = Command::new(&prog);
-    cmd.args(&lead).args(args);
-    if progress {
-        cmd.arg("--info=progress2");
+    let watched = progress.is_watched();
+    let mut args = args.clone();
+    if watched {
+        args.opt("--info=progress2");
     }
+    let args = args.to_vec();
+    let mut cmd = Command::new(&prog);
+    cmd.args(&lead).args(&args);
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     die_with_parent(&mut cmd);
-    log.info(format!("running: {} {}", prog, redact_args(&lead, args)));
+    log.detail(format!("running: {} {}", prog, redact_args(&lead, &args)));
     let mut child = cmd.spawn().ctx(|| format!("cannot run {prog}"))?;
     crate::interrupt::set_child(child.id());
     let stderr = child.stderr.take().unwrap();
@@ -156,6 +224,7 @@ pub fn run(job: &Job, args: &[String], log: &JobLog, progress: bool) -> Result<R
     let mut out = Vec::new();
     let mut buf = [0u8; 8192];
     let mut line = Vec::new();
+    let meter = watched.then(|| progress.meter("rsync", None));
     loop {
         let n = stdout.read(&mut buf).unwrap_or(0);
         if n == 0 {
@@ -163,12 +232,12 @@ pub fn run(job: &Job, args: &[String], log: &JobLog, progress: bool) -> Result<R
         }
         for &b in &buf[..n] {
             if b == b'\r' || b == b'\n' {
-                if progress && is_progress_line(&line) {
-                    let s = String::from_utf8_lossy(&line);
-                    eprint!("\r\x1b[K{}", s.trim());
-                } else {
-                    out.extend_from_slice(&line);
-                    out.push(b'\n');
+                match meter.as_ref().and_then(|m| Some((m, parse_progress(&line)?))) {
+                    Some((m, (done, total))) => m.set_with_total(done, total),
+                    None => {
+                        out.extend_from_slice(&line);
+                        out.push(b'\n');
+                    }
                 }
                 line.clear();
             } else {
@@ -177,9 +246,7 @@ pub fn run(job: &Job, args: &[String], log: &JobLog, progress: bool) -> Result<R
         }
     }
     out.extend_from_slice(&line);
-    if progress {
-        crate::joblog::clear_progress();
-    }
+    drop(meter);
     let status = child.wait().ctx(|| format!("cannot wait for {prog}"))?;
     crate::interrupt::set_child(0);
     let errors = err_thread.join().unwrap_or_default();
@@ -189,10 +256,17 @@ pub fn run(job: &Job, args: &[String], log: &JobLog, progress: bool) -> Result<R
     Ok(RsyncResult { code: status.code().unwrap_or(-1), stdout: String::from_utf8_lossy(&out).into_owned(), errors })
 }
 
-fn is_progress_line(l: &[u8]) -> bool {
-    let s = String::from_utf8_lossy(l);
-    let s = s.trim();
-    s.contains('%') && (s.contains("B/s") || s.contains("to-chk") || s.contains("xfr#"))
+/// A `--info=progress2` line (`  1,234,567  45%  12.34MB/s  0:00:05 (xfr#1, to-chk=0/2)`): the
+/// bytes done and the total they are a percentage of (None while rsync says 0%).
+fn parse_progress(l: &[u8]) -> Option<(u64, Option<u64>)> {
+    let s = std::str::from_utf8(l).ok()?;
+    if !(s.contains("B/s") || s.contains("to-chk") || s.contains("xfr#")) {
+        return None;
+    }
+    let mut w = s.split_whitespace();
+    let done: u64 = w.next()?.replace(',', "").parse().ok()?;
+    let pct: u64 = w.next()?.strip_suffix('%')?.parse().ok()?;
+    Some((done, (pct > 0).then(|| done.saturating_mul(100) / pct)))
 }
 
 /// The command line for the log (it holds no secrets, but keep it on one line).
@@ -218,6 +292,25 @@ pub fn df(path: &Path) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_lines_are_recognised() {
+        assert_eq!(
+            parse_progress(b"     33,554,432  50%   10.47MB/s    0:00:03 (xfr#1, to-chk=0/2)"),
+            Some((33_554_432, Some(67_108_864)))
+        );
+        assert_eq!(parse_progress(b"          0   0%    0.00kB/s    0:00:00"), Some((0, None)));
+        assert_eq!(parse_progress(b"Number of files: 3 (reg: 2, dir: 1)"), None);
+        assert_eq!(parse_progress(b"Total bytes sent: 1,234"), None);
+    }
+
+    #[test]
+    fn options_always_come_before_the_operands() {
+        let mut a = Args::default();
+        a.opt("--stats").from_local(["/a", "/b"]).to("/dest/");
+        a.opt("--info=progress2").configured("--exclude x");
+        assert_eq!(a.to_vec(), ["--stats", "--info=progress2", "--exclude", "x", "--", "/a", "/b", "/dest/"]);
+    }
 
     #[test]
     fn only_0_and_24_succeed() {
