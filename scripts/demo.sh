@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 
-need=(openssh-server openssh-client rsync golang-go golang-github-vmware-govmomi-dev)
+need=(openssh-server openssh-client rsync golang-go golang-github-vmware-govmomi-dev curl)
 missing=()
 for p in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -9,6 +9,8 @@ PACKAGES=(
   golang-go golang-github-vmware-govmomi-dev    # the vSphere simulator harness
   python3-aiosmtpd                              # the SMTP server of the mail tests
   samba smbclient                               # the Samba share tests
+  bsdutils                                      # script(1): affa on a pseudo-terminal (tests/terminal.rs)
+  curl                                          # scripts/demo.sh, which .ci/run runs too
 )
 missing=()
 for p in "${PACKAGES[@]}"; do
