@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use affa::observer::{summary_lines, Observer, Phase, Watch};
 use affa::run::RunSummary;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle, TermLike};
 
 pub struct Terminal {
     /// stderr is a terminal and `--silent` was not given.
@@ -49,7 +49,10 @@ impl Terminal {
     }
 
     /// One line on stderr, with the progress bar (if any) cleared first and drawn again after.
+    /// The line also clears the row it starts on: Ctrl-C makes the terminal echo `^C` there and
+    /// throw away output not yet shown, which may be the bar's own clearing.
     fn line(&self, text: &str) {
+        let text = if self.draw { format!("\r\x1b[2K{text}") } else { text.to_string() };
         let guard = self.bar.lock().unwrap_or_else(|e| e.into_inner());
         match guard.as_ref() {
             Some((_, b)) => b.suspend(|| eprintln!("{text}")),
@@ -67,7 +70,7 @@ impl Terminal {
     /// The one-line error that ends a failed command: always shown (cron mails it), the last line.
     pub fn error(&self, e: &affa::Error) {
         self.clear();
-        eprintln!("{} {e}", self.paint(RED, "affa: error:"));
+        self.line(&format!("{} {e}", self.paint(RED, "affa: error:")));
     }
 
     /// The closing summary of a run, on one screen.
@@ -85,10 +88,73 @@ impl Terminal {
 
     fn style(total: Option<u64>) -> ProgressStyle {
         let t = match total {
-            Some(_) => "[{bar:25}] {binary_bytes:>10}/{binary_total_bytes:<10} {binary_bytes_per_sec:>12} eta {eta:>3} {wide_msg}",
-            None => "{spinner} {binary_bytes:>10} {binary_bytes_per_sec:>12} {wide_msg}",
+            Some(_) => {
+                "[{bar:25}] {binary_bytes:>10}/{binary_total_bytes:<10} {binary_bytes_per_sec:>12} eta {eta:>3} {msg}"
+            }
+            None => "{spinner} {binary_bytes:>10} {binary_bytes_per_sec:>12} {msg}",
         };
         ProgressStyle::with_template(t).unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> ")
+    }
+
+    /// A label that leaves the bar line shorter than the terminal (the rest of it takes about
+    /// 72 columns): its first word and its end (the file name) are kept.
+    fn fit(label: &str) -> String {
+        let room = (console::Term::stderr().size().1 as usize).saturating_sub(74).max(16);
+        let n = label.chars().count();
+        if n <= room {
+            return label.to_string();
+        }
+        let head = match label.split_once(' ') {
+            Some((w, _)) if w.len() + 8 < room => format!("{w} ..."),
+            _ => "...".to_string(),
+        };
+        let tail: String = label.chars().skip(n - (room - head.len())).collect();
+        format!("{head}{tail}")
+    }
+}
+
+/// stderr for indicatif, with one change: the bar line is not padded to the last column.
+/// indicatif pads it so that the next print starts a new row; but then anything the terminal
+/// echoes (`^C` when the person presses Ctrl-C, a key typed) wraps into the next row, the next
+/// clear misses the bar's row and a half-drawn bar stays on the screen. Every print here clears
+/// the bar first, so the padding is not needed.
+#[derive(Debug)]
+struct Stderr(console::Term);
+
+impl TermLike for Stderr {
+    fn width(&self) -> u16 {
+        self.0.size().1.saturating_sub(1).max(20)
+    }
+    fn height(&self) -> u16 {
+        self.0.size().0
+    }
+    fn move_cursor_up(&self, n: usize) -> std::io::Result<()> {
+        self.0.move_cursor_up(n)
+    }
+    fn move_cursor_down(&self, n: usize) -> std::io::Result<()> {
+        self.0.move_cursor_down(n)
+    }
+    fn move_cursor_right(&self, n: usize) -> std::io::Result<()> {
+        self.0.move_cursor_right(n)
+    }
+    fn move_cursor_left(&self, n: usize) -> std::io::Result<()> {
+        self.0.move_cursor_left(n)
+    }
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        self.0.write_line(s)
+    }
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        // The padding after the last line is all spaces: dropped.
+        if !s.is_empty() && s.bytes().all(|b| b == b' ') {
+            return Ok(());
+        }
+        self.0.write_str(s)
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        self.0.clear_line()
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.0.flush()
     }
 }
 
@@ -127,9 +193,10 @@ impl Observer for Terminal {
             }
         }
         let (_, bar) = guard.get_or_insert_with(|| {
-            let b = ProgressBar::new(total.unwrap_or(0));
+            let target = ProgressDrawTarget::term_like_with_hz(Box::new(Stderr(console::Term::stderr())), 10);
+            let b = ProgressBar::with_draw_target(Some(total.unwrap_or(0)), target);
             b.set_style(Terminal::style(total));
-            b.set_message(label.to_string());
+            b.set_message(Terminal::fit(label));
             (label.to_string(), b)
         });
         if let Some(t) = total {

@@ -76,9 +76,15 @@ fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
-/// Run `affa --config-dir CONF ARGS` on a pseudo-terminal; when `answer` is given, type it once
-/// the question (`Type 'WORD' to continue: `) is on the screen, as a person would.
+/// Run `affa --config-dir CONF ARGS` on a pseudo-terminal; with `answer` (WORD, TYPED), type
+/// TYPED once the question (`Type 'WORD' to continue: `) is on the screen, as a person would.
 fn on_pty(affa: &Affa, now: Option<&str>, args: &[&str], answer: Option<(&str, &str)>) -> Pty {
+    let typed = answer.map(|(word, typed)| (format!("Type '{word}' to continue: "), format!("{typed}\n")));
+    typing(affa, now, args, typed.as_ref().map(|(w, t)| (w.as_str(), t.as_str())))
+}
+
+/// Run affa on a pseudo-terminal; with `input` (SEEN, KEYS), type KEYS once SEEN was shown.
+fn typing(affa: &Affa, now: Option<&str>, args: &[&str], input: Option<(&str, &str)>) -> Pty {
     let mut words =
         vec![env!("CARGO_BIN_EXE_affa").to_string(), "--config-dir".into(), affa.conf.display().to_string()];
     words.extend(args.iter().map(|a| a.to_string()));
@@ -110,7 +116,7 @@ fn on_pty(affa: &Affa, now: Option<&str>, args: &[&str], answer: Option<(&str, &
     });
     let mut raw = Vec::new();
     // Without an answer stdin closes now: a question would read end-of-file.
-    let mut pending = answer;
+    let mut pending = input;
     if pending.is_none() {
         stdin = None;
     }
@@ -119,9 +125,9 @@ fn on_pty(affa: &Affa, now: Option<&str>, args: &[&str], answer: Option<(&str, &
         while let Ok(b) = rx.recv_timeout(Duration::from_millis(20)) {
             raw.extend_from_slice(&b);
         }
-        if let Some((word, typed)) = pending {
-            if String::from_utf8_lossy(&raw).contains(&format!("Type '{word}' to continue: ")) {
-                stdin.as_mut().unwrap().write_all(format!("{typed}\n").as_bytes()).unwrap();
+        if let Some((seen, keys)) = pending {
+            if String::from_utf8_lossy(&raw).contains(seen) {
+                stdin.as_mut().unwrap().write_all(keys.as_bytes()).unwrap();
                 pending = None;
             }
         }
@@ -497,4 +503,32 @@ fn esxi_on_a_terminal() {
     let t = on_pty(&e.affa, None, &["--send-key", "esx"], Some(("yes", "yes")));
     t.ok();
     assert!(fs::read_to_string(&conf).unwrap().contains(&format!("ESXiThumbprint={}", e.sim.thumbprint)));
+}
+
+/// Ctrl-C in the middle of a disk's transfer, as a person presses it: the terminal echoes `^C` where
+/// the bar is; the bar still goes before the next line, the snapshot is removed, the last line
+/// names the signal, and the next run resumes.
+#[test]
+fn ctrl_c_on_a_terminal_removes_the_snapshot_and_leaves_a_clean_screen() {
+    let e = Esx::start(48 * MB, &[(0, 4 * MB)], "chunkFiles=*-flat.vmdk\nBandwidthLimit=2000\n", "");
+    let t = typing(&e.affa, Some("2026-05-04T21:00:00"), &["--run", "esx"], Some(("MiB/4", "\x03")));
+    t.failed().shows(&[
+        "==> copying the disks in vmfs/volumes/datastore1/vm1 (1 of 2)",
+        "==> ESXi: removing snapshot BEXI-esx-20260504210000",
+    ]);
+    let last = t.last_row();
+    assert!(
+        last.starts_with(
+            "affa: error: ESXi VM vm1: copying vmfs/volumes/datastore1/vm1 (chunked) interrupted by SIGINT"
+        ),
+        "last row: {last}\n{}",
+        t.text()
+    );
+    assert!(e.sim.snapshots("vm1").is_empty(), "snapshot left: {:?}", e.sim.snapshots("vm1"));
+    assert!(archive_names(&e.affa.job_dir("esx")).is_empty());
+    let conf = e.affa.conf.join("esx.conf");
+    let text = fs::read_to_string(&conf).unwrap();
+    e.affa.write_conf("esx.conf", &text.replace("BandwidthLimit=2000\n", ""));
+    quiet(&e.affa.affa_at("2026-05-04T21:10:00", &["--run", "esx"]));
+    assert_eq!(archive_names(&e.affa.job_dir("esx")), ["scheduled.0"]);
 }

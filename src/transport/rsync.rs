@@ -225,6 +225,7 @@ pub fn run(job: &Job, args: &Args, log: &JobLog, progress: &Watch) -> Result<Rsy
     let mut buf = [0u8; 8192];
     let mut line = Vec::new();
     let meter = watched.then(|| progress.meter("rsync", None));
+    let mut total = Total::default();
     loop {
         let n = stdout.read(&mut buf).unwrap_or(0);
         if n == 0 {
@@ -233,7 +234,7 @@ pub fn run(job: &Job, args: &Args, log: &JobLog, progress: &Watch) -> Result<Rsy
         for &b in &buf[..n] {
             if b == b'\r' || b == b'\n' {
                 match meter.as_ref().and_then(|m| Some((m, parse_progress(&line)?))) {
-                    Some((m, (done, total))) => m.set_with_total(done, total),
+                    Some((m, (done, pct))) => m.set_with_total(done, total.update(done, pct)),
                     None => {
                         out.extend_from_slice(&line);
                         out.push(b'\n');
@@ -257,8 +258,8 @@ pub fn run(job: &Job, args: &Args, log: &JobLog, progress: &Watch) -> Result<Rsy
 }
 
 /// A `--info=progress2` line (`  1,234,567  45%  12.34MB/s  0:00:05 (xfr#1, to-chk=0/2)`): the
-/// bytes done and the total they are a percentage of (None while rsync says 0%).
-fn parse_progress(l: &[u8]) -> Option<(u64, Option<u64>)> {
+/// bytes done and rsync's percentage.
+fn parse_progress(l: &[u8]) -> Option<(u64, u64)> {
     let s = std::str::from_utf8(l).ok()?;
     if !(s.contains("B/s") || s.contains("to-chk") || s.contains("xfr#")) {
         return None;
@@ -266,7 +267,37 @@ fn parse_progress(l: &[u8]) -> Option<(u64, Option<u64>)> {
     let mut w = s.split_whitespace();
     let done: u64 = w.next()?.replace(',', "").parse().ok()?;
     let pct: u64 = w.next()?.strip_suffix('%')?.parse().ok()?;
-    Some((done, (pct > 0).then(|| done.saturating_mul(100) / pct)))
+    Some((done, pct))
+}
+
+/// The total of a transfer, from rsync's whole percentages: each line bounds it (rsync rounds
+/// down: `done / total` lies in `[pct, pct + 1)` percent), the bounds narrow as lines come, and
+/// a total that grew (more files found) starts them afresh.
+#[derive(Debug, Default)]
+struct Total {
+    lo: u64,
+    hi: Option<u64>,
+}
+
+impl Total {
+    fn update(&mut self, done: u64, pct: u64) -> Option<u64> {
+        if pct == 0 || pct > 100 {
+            return self.hi.map(|hi| (self.lo + hi) / 2);
+        }
+        let (lo, hi) = (done.saturating_mul(100) / (pct + 1) + 1, done.saturating_mul(100) / pct);
+        let (lo, hi) = if pct == 100 { (done, done) } else { (lo, hi) };
+        match self.hi {
+            Some(h) if lo.max(self.lo) <= hi.min(h) => {
+                self.lo = lo.max(self.lo);
+                self.hi = Some(hi.min(h));
+            }
+            _ => {
+                self.lo = lo;
+                self.hi = Some(hi);
+            }
+        }
+        self.hi.map(|hi| (self.lo + hi) / 2)
+    }
 }
 
 /// The command line for the log (it holds no secrets, but keep it on one line).
@@ -297,11 +328,27 @@ mod tests {
     fn progress_lines_are_recognised() {
         assert_eq!(
             parse_progress(b"     33,554,432  50%   10.47MB/s    0:00:03 (xfr#1, to-chk=0/2)"),
-            Some((33_554_432, Some(67_108_864)))
+            Some((33_554_432, 50))
         );
-        assert_eq!(parse_progress(b"          0   0%    0.00kB/s    0:00:00"), Some((0, None)));
+        assert_eq!(parse_progress(b"          0   0%    0.00kB/s    0:00:00"), Some((0, 0)));
         assert_eq!(parse_progress(b"Number of files: 3 (reg: 2, dir: 1)"), None);
         assert_eq!(parse_progress(b"Total bytes sent: 1,234"), None);
+    }
+
+    #[test]
+    fn the_total_narrows_as_percentages_come() {
+        let size = 50_331_648u64; // 48 MiB
+        let mut t = Total::default();
+        assert_eq!(t.update(0, 0), None);
+        let mut last = 0;
+        for done in (1..=size).step_by(1_000_003) {
+            let est = t.update(done, done * 100 / size).unwrap_or(0);
+            last = est;
+        }
+        assert!(last.abs_diff(size) < size / 200, "{last} for {size}");
+        assert_eq!(t.update(size, 100), Some(size));
+        // More files found: the total grows, the old bounds are dropped.
+        assert_eq!(t.update(size, 50), Some((size * 100 / 51 + 1 + size * 2) / 2));
     }
 
     #[test]
