@@ -85,6 +85,10 @@ fn on_pty(affa: &Affa, now: Option<&str>, args: &[&str], answer: Option<(&str, &
 
 /// Run affa on a pseudo-terminal; with `input` (SEEN, KEYS), type KEYS once SEEN was shown.
 fn typing(affa: &Affa, now: Option<&str>, args: &[&str], input: Option<(&str, &str)>) -> Pty {
+    typing_env(affa, now, args, input, &[])
+}
+
+fn typing_env(affa: &Affa, now: Option<&str>, args: &[&str], input: Option<(&str, &str)>, env: &[(&str, &str)]) -> Pty {
     let mut words =
         vec![env!("CARGO_BIN_EXE_affa").to_string(), "--config-dir".into(), affa.conf.display().to_string()];
     words.extend(args.iter().map(|a| a.to_string()));
@@ -97,11 +101,12 @@ fn typing(affa: &Affa, now: Option<&str>, args: &[&str], input: Option<(&str, &s
         .env("TERM", "xterm")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::inherit());
     match now {
         Some(n) => c.env("AFFA_FAKE_NOW", n),
         None => c.env_remove("AFFA_FAKE_NOW"),
     };
+    c.envs(env.iter().copied());
     let mut child = c.spawn().expect("util-linux script");
     let mut stdin = child.stdin.take();
     let mut out = child.stdout.take().unwrap();
@@ -122,7 +127,10 @@ fn typing(affa: &Affa, now: Option<&str>, args: &[&str], input: Option<(&str, &s
     }
     let start = Instant::now();
     let code = loop {
-        while let Ok(b) = rx.recv_timeout(Duration::from_millis(20)) {
+        if let Ok(b) = rx.recv_timeout(Duration::from_millis(20)) {
+            raw.extend_from_slice(&b);
+        }
+        while let Ok(b) = rx.try_recv() {
             raw.extend_from_slice(&b);
         }
         if let Some((seen, keys)) = pending {
@@ -373,6 +381,11 @@ fn a_failed_run_ends_with_its_cause_and_a_missing_mail_transport_is_one_warning(
     assert!(last.starts_with("affa: error: cannot connect to 127.0.0.1:"), "last row: {last}\n{}", t.text());
     assert!(t.raw.contains("\x1b[1;31maffa: error:\x1b[0m"), "the error is red on a colour terminal");
     assert_eq!(tree_hashes(&h.affa.job_dir("web")), before);
+    // NO_COLOR: the same lines, no colour.
+    let t = typing_env(&h.affa, Some("2026-06-01T11:30:00"), &["--run", "web"], None, &[("NO_COLOR", "1")]);
+    t.failed().shows(&[&format!("==> Checking the connection to {}@127.0.0.1", whoami())]);
+    assert!(t.last_row().starts_with("affa: error: cannot connect to 127.0.0.1:"), "{}", t.text());
+    assert!(!t.raw.contains("\x1b[1m") && !t.raw.contains("\x1b[1;31m") && !t.raw.contains("\x1b[33m"), "{:?}", t.raw);
 
     // Piped: the error line alone, no colour.
     let o = h.affa.affa_at("2026-06-01T12:00:00", &["--run", "web"]);
