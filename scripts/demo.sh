@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 
-need=(openssh-server openssh-client rsync golang-go golang-github-vmware-govmomi-dev)
+need=(openssh-server openssh-client rsync golang-go golang-github-vmware-govmomi-dev curl)
 missing=()
 for p in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -44,13 +44,14 @@ python_free_fill() { # file size seed: write 8 MiB of pseudo-random data at thre
 python_free_fill "$W/ds1/demo-vm/demo-vm-flat.vmdk" $((512*1024*1024))
 head -c $((32*1024*1024)) /dev/urandom > "$W/ds2/demo-vm/demo-vm_1-flat.vmdk"
 
-# The simulated ESXi host.
+# The simulated ESXi host. It and the sshd run in sessions of their own (setsid), as a real host
+# does: a Ctrl-C typed during the demo reaches affa, which removes its snapshot, not the host.
 cat > "$W/sim.json" <<JSON
 {"user":"affa","password":"demo-Secret1","datastores":[{"name":"datastore1","dir":"$W/ds1"},{"name":"datastore2","dir":"$W/ds2"}],
  "vms":[{"name":"demo-vm","power_on":true,"disks":[{"datastore":"datastore1","size_bytes":$((512*1024*1024))},{"datastore":"datastore2","size_bytes":$((32*1024*1024))}]}]}
 JSON
 mkfifo "$W/sim.in"
-"$SIM" --config "$W/sim.json" < "$W/sim.in" > "$W/sim.out" 2> "$W/sim.log" &
+setsid "$SIM" --config "$W/sim.json" < "$W/sim.in" > "$W/sim.out" 2> "$W/sim.log" &
 pids+=($!)
 exec 9> "$W/sim.in"   # the simulator exits when this closes
 for _ in $(seq 100); do [ -s "$W/sim.out" ] && break; sleep 0.1; done
@@ -77,7 +78,7 @@ PasswordAuthentication no
 KbdInteractiveAuthentication no
 PermitRootLogin prohibit-password
 CFG
-/usr/sbin/sshd -D -e -f "$W/ssh/sshd_config" 2> "$W/ssh/sshd.log" &
+setsid /usr/sbin/sshd -D -e -f "$W/ssh/sshd_config" 2> "$W/ssh/sshd.log" &
 pids+=($!)
 for _ in $(seq 100); do port_free $SSH_PORT || break; sleep 0.1; done
 eval "$(ssh-agent -s -a "$W/ssh/agent.sock")" >/dev/null; pids+=("$SSH_AGENT_PID")

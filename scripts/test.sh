@@ -10,6 +10,8 @@ PACKAGES=(
   python3-aiosmtpd                              # the SMTP server of the mail tests
   samba smbclient                               # the Samba share tests
   qemu-utils                                    # qemu-img: reads VMware snapshot chains independently of affa
+  bsdutils                                      # script(1): affa on a pseudo-terminal (tests/terminal.rs)
+  curl                                          # scripts/demo.sh, which .ci/run runs too
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -5,7 +5,7 @@
 //! user typing `proceed` (or `--yes`), or act on a job while it is running.
 
 use std::fs;
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::Write;
 use std::path::Path;
 
 use crate::archive::{self, Keeps, Level};
@@ -13,31 +13,9 @@ use crate::clock::Clock;
 use crate::config::{edit, Config, Job};
 use crate::error::{IoContext, Result};
 use crate::lock;
+use crate::observer::{confirm, Watch};
 use crate::report::Report;
 use crate::transport::{self, rsync, SshTarget};
-
-/// Ask the user to type `proceed`; `--yes` answers for scripts.
-pub fn confirm(what: &str, yes: bool) -> Result<()> {
-    confirm_word(what, "proceed", yes)
-}
-
-/// Ask the user to type `word`; `--yes` answers for scripts.
-pub fn confirm_word(what: &str, word: &str, yes: bool) -> Result<()> {
-    if yes {
-        return Ok(());
-    }
-    if !std::io::stdin().is_terminal() {
-        bail!("{what}: refusing without confirmation; run it on a terminal and type '{word}', or add --yes");
-    }
-    eprint!("{}\nType '{word}' to continue: ", crate::untrusted::terminal_safe(what));
-    let _ = std::io::stderr().flush();
-    let mut line = String::new();
-    std::io::stdin().lock().read_line(&mut line).ctx(|| "cannot read the answer".to_string())?;
-    if line.trim() != word {
-        bail!("cancelled: nothing was changed");
-    }
-    Ok(())
-}
 
 fn keeps(job: &Job) -> Keeps {
     Keeps(Level::ALL.map(|l| job.keep(l)))
@@ -286,7 +264,7 @@ pub fn disk_usage(cfg: &Config, csv: bool) -> Result<String> {
 }
 
 /// `--send-key [JOB...]`
-pub fn send_keys(cfg: &Config, names: &[String], out: &mut dyn Write, yes: bool) -> Result<()> {
+pub fn send_keys(cfg: &Config, names: &[String], out: &mut dyn Write, yes: bool, watch: &Watch) -> Result<()> {
     for job in select(cfg, names)? {
         if job.get("remoteHostName") == "localhost" {
             continue;
@@ -302,7 +280,7 @@ pub fn send_keys(cfg: &Config, names: &[String], out: &mut dyn Write, yes: bool)
             t.known_hosts.display()
         );
         if job.esxi() {
-            crate::esxi::backup::pin_thumbprint(cfg, job, out, yes)?;
+            crate::esxi::backup::pin_thumbprint(cfg, job, out, yes, watch)?;
         }
     }
     Ok(())
@@ -341,7 +319,7 @@ pub fn check_connections(cfg: &Config, names: &[String], out: &mut dyn Write) ->
 }
 
 /// `--cleanup JOB`: delete archives beyond the Keep values, then sweep the chunk pool.
-pub fn cleanup(cfg: &Config, name: &str, yes: bool) -> Result<String> {
+pub fn cleanup(cfg: &Config, name: &str, yes: bool, watch: &Watch) -> Result<String> {
     let job = cfg.job(name)?;
     let extra = archive::beyond_keep(&job.job_dir(), keeps(job))?;
     if extra.is_empty() {
@@ -349,7 +327,8 @@ pub fn cleanup(cfg: &Config, name: &str, yes: bool) -> Result<String> {
         return Ok(format!("job {name}: no archives beyond the Keep values"));
     }
     let names: Vec<String> = extra.iter().map(|a| a.name()).collect();
-    confirm(&format!("This deletes {} archive(s) of job {name}: {}", extra.len(), names.join(", ")), yes)?;
+    let what = format!("This deletes {} archive(s) of job {name}: {}", extra.len(), names.join(", "));
+    confirm(watch, &what, "proceed", yes)?;
     let _l = lock::acquire(&cfg.lock_dir(), name)?;
     for a in &extra {
         archive::remove_tree(&a.path)?;
@@ -359,15 +338,17 @@ pub fn cleanup(cfg: &Config, name: &str, yes: bool) -> Result<String> {
 }
 
 /// `--delete-job JOB`: delete its archives and its configuration section.
-pub fn delete_job(cfg: &Config, name: &str, yes: bool) -> Result<String> {
+pub fn delete_job(cfg: &Config, name: &str, yes: bool, watch: &Watch) -> Result<String> {
     let job = cfg.job(name)?;
     let dir = job.job_dir();
     confirm(
+        watch,
         &format!(
             "This deletes job {name}: all its archives in {} and its section in {}",
             dir.display(),
             job.origin.file.display()
         ),
+        "proceed",
         yes,
     )?;
     let _l = lock::acquire(&cfg.lock_dir(), name)?;
@@ -414,7 +395,7 @@ pub fn rename_job(cfg: &Config, name: &str, new: &str) -> Result<String> {
 }
 
 /// `--move-archive JOB NEWROOTDIR`
-pub fn move_archive(cfg: &Config, name: &str, new_root: &str, yes: bool) -> Result<String> {
+pub fn move_archive(cfg: &Config, name: &str, new_root: &str, yes: bool, watch: &Watch) -> Result<String> {
     let job = cfg.job(name)?;
     if !new_root.starts_with('/') {
         bail!("new RootDir '{new_root}' is not valid; expected an absolute path");
@@ -426,7 +407,8 @@ pub fn move_archive(cfg: &Config, name: &str, new_root: &str, yes: bool) -> Resu
     if to.exists() {
         bail!("{} exists already; not moving", to.display());
     }
-    confirm(&format!("This moves the archives of job {name} from {} to {}", from.display(), to.display()), yes)?;
+    let what = format!("This moves the archives of job {name} from {} to {}", from.display(), to.display());
+    confirm(watch, &what, "proceed", yes)?;
     let _l = lock::acquire(&cfg.lock_dir(), name)?;
     if from.exists() {
         if fs::rename(&from, &to).is_err() {

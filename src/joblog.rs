@@ -1,41 +1,43 @@
 //! Logs: `logDir/JOB.log` per job and `logDir/affa-GLOBAL-LOGFILE.log`, one timestamped line per
-//! event, and what an interactive user sees on the terminal.
+//! event; the same lines (and the run's phases) go to whoever watches (crate::observer).
 //!
 //! Owns: where messages go, and bounding what is kept of a long stream of lines ([`LineTail`]).
-//! Must never: print anything but errors when not interactive (cron), write a secret (callers
-//! pass messages that never contain passwords), write a control character a host sent (a
-//! newline would forge log lines, an escape sequence would act on a terminal: they are escaped),
-//! or keep a run's lines in memory without a bound.
+//! Must never: print (a terminal is the observer's business), write a secret (callers pass
+//! messages that never contain passwords), write a control character a host sent (a newline
+//! would forge log lines, an escape sequence would act on a terminal: they are escaped), or keep
+//! a run's lines in memory without a bound.
 
 use std::collections::VecDeque;
 use std::fs::{self, OpenOptions};
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
+
+use crate::observer::{Phase, Watch};
 
 pub const GLOBAL_LOG: &str = "affa-GLOBAL-LOGFILE.log";
 
-/// A job's log. Lines also go to stderr when `echo` is set (an interactive run).
+/// A job's log. Lines also go to the observer of the command (an interactive run).
 pub struct JobLog {
     path: Option<PathBuf>,
     global: Option<PathBuf>,
     job: String,
-    pub echo: bool,
+    pub watch: Watch,
 }
 
 impl JobLog {
-    pub fn new(log_dir: &Path, job: &str, echo: bool) -> JobLog {
+    pub fn new(log_dir: &Path, job: &str, watch: Watch) -> JobLog {
         let ok = fs::create_dir_all(log_dir).is_ok();
         JobLog {
             path: ok.then(|| log_dir.join(format!("{job}.log"))),
             global: ok.then(|| log_dir.join(GLOBAL_LOG)),
             job: job.to_string(),
-            echo,
+            watch,
         }
     }
 
     /// A log that writes nowhere (tests, dry runs).
     pub fn memory(job: &str) -> JobLog {
-        JobLog { path: None, global: None, job: job.into(), echo: false }
+        JobLog { path: None, global: None, job: job.into(), watch: Watch::nobody() }
     }
 
     pub fn path(&self) -> Option<&Path> {
@@ -56,18 +58,22 @@ impl JobLog {
     pub fn info(&self, msg: impl AsRef<str>) {
         let msg = crate::untrusted::escape_controls(msg.as_ref());
         self.write("", &msg);
-        if self.echo {
-            crate::joblog::clear_progress();
-            eprintln!("{msg}");
-        }
+        self.watch.message(false, &msg);
     }
     pub fn warn(&self, msg: impl AsRef<str>) {
         let msg = crate::untrusted::escape_controls(msg.as_ref());
         self.write("WARNING: ", &msg);
-        if self.echo {
-            crate::joblog::clear_progress();
-            eprintln!("WARNING: {msg}");
-        }
+        self.watch.message(true, &msg);
+    }
+    /// A line for the log only (rsync's command line): too much for a person watching.
+    pub fn detail(&self, msg: impl AsRef<str>) {
+        self.write("", &crate::untrusted::escape_controls(msg.as_ref()));
+    }
+    /// A new phase of the run: a log line, and its own line for the person watching.
+    pub fn phase(&self, p: Phase) {
+        let text = p.to_string();
+        self.write("", &crate::untrusted::escape_controls(&text));
+        self.watch.phase(&p);
     }
     /// Errors are logged; the caller decides how to show them (main prints the final one).
     pub fn error(&self, msg: impl AsRef<str>) {
@@ -179,43 +185,11 @@ fn append(path: &Path, line: &str) {
     }
 }
 
-/// Is the user watching (stderr is a terminal)?
-pub fn interactive() -> bool {
-    std::io::stderr().is_terminal()
-}
-
-/// Erase a progress line before printing a message over it.
-pub fn clear_progress() {
-    if interactive() {
-        eprint!("\r\x1b[K");
-    }
-}
-
 /// The last `n` lines of a log file (read as a stream).
 pub fn tail(path: &Path, n: usize) -> std::io::Result<Vec<String>> {
     let t = lines_since(path, 0, 0, n)?;
     Ok(t.last.into_iter().collect())
 }
-
-/// A byte progress bar on a terminal; hidden otherwise (under cron, in tests).
-pub fn progress_bar(interactive: bool, total: u64, label: &str) -> indicatif::ProgressBar {
-    if !interactive {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = if total > 0 { indicatif::ProgressBar::new(total) } else { indicatif::ProgressBar::new_spinner() };
-    let style = if total > 0 {
-        indicatif::ProgressStyle::with_template("{msg} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
-    } else {
-        indicatif::ProgressStyle::with_template("{msg} {bytes} {binary_bytes_per_sec}")
-    };
-    if let Ok(s) = style {
-        bar.set_style(s);
-    }
-    bar.set_message(label.to_string());
-    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-    bar
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

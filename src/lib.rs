@@ -18,6 +18,7 @@ pub mod joblog;
 pub mod lock;
 pub mod monitor;
 pub mod notify;
+pub mod observer;
 pub mod report;
 pub mod restore;
 pub mod run;

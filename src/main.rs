@@ -1,5 +1,7 @@
 //! The `affa` command: parse Affa's long options, dispatch to the library, print one-line
-//! errors. No logic lives here.
+//! errors. No logic lives here; what a terminal shows is drawn by `render`.
+
+mod render;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -188,13 +190,12 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    match dispatch(&cli) {
+    let ui = render::Terminal::new(cli.silent);
+    match dispatch(&cli, &ui) {
         Ok(0) => ExitCode::SUCCESS,
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            affa::joblog::clear_progress();
-            // Errors may quote what a host sent: no control character reaches the terminal.
-            eprintln!("affa: error: {}", affa::untrusted::escape_controls(e.message()));
+            ui.error(&e);
             ExitCode::from(1)
         }
     }
@@ -218,8 +219,9 @@ fn print(s: String) {
     let _ = o.flush();
 }
 
-fn dispatch(cli: &Cli) -> Result<u8> {
+fn dispatch(cli: &Cli, ui: &std::sync::Arc<render::Terminal>) -> Result<u8> {
     let a = &cli.args;
+    let watch = ui.watch();
     if cli.show_default_config {
         print(config::default_config_text());
         return Ok(0);
@@ -247,19 +249,14 @@ fn dispatch(cli: &Cli) -> Result<u8> {
                 affa::Error::new(format!("unknown level '{l}'; expected scheduled, daily, weekly, monthly or yearly"))
             })?,
         };
-        let interactive = !cli.silent && affa::joblog::interactive();
         let s = affa::schedule::run_job(
             &cfg,
             &a[0],
             clock.as_ref(),
-            affa::run::RunOptions { level, interactive },
+            affa::run::RunOptions { level, watch: watch.clone() },
             cli.silent,
         )?;
-        if interactive {
-            if let Some(p) = s.archive {
-                eprintln!("job {} done: {}", a[0], p.display());
-            }
-        }
+        ui.summary(&a[0], &s);
         return Ok(0);
     }
     let mut out = affa::untrusted::TerminalSafe::new(std::io::stdout());
@@ -270,7 +267,7 @@ fn dispatch(cli: &Cli) -> Result<u8> {
     } else if cli.status {
         print(commands::status(&cfg, clock.as_ref(), cli.csv, cli.all)?);
     } else if cli.send_key {
-        commands::send_keys(&cfg, a, &mut out, cli.yes)?;
+        commands::send_keys(&cfg, a, &mut out, cli.yes, &watch)?;
     } else if cli.revoke_key {
         need(a, 1, "--revoke-key JOB")?;
         print(commands::revoke_key(&cfg, &a[0])? + "\n");
@@ -278,16 +275,16 @@ fn dispatch(cli: &Cli) -> Result<u8> {
         commands::check_connections(&cfg, a, &mut out)?;
     } else if cli.cleanup {
         need(a, 1, "--cleanup JOB")?;
-        print(commands::cleanup(&cfg, &a[0], cli.yes)? + "\n");
+        print(commands::cleanup(&cfg, &a[0], cli.yes, &watch)? + "\n");
     } else if cli.delete_job {
         need(a, 1, "--delete-job JOB")?;
-        print(commands::delete_job(&cfg, &a[0], cli.yes)? + "\n");
+        print(commands::delete_job(&cfg, &a[0], cli.yes, &watch)? + "\n");
     } else if cli.rename_job {
         need(a, 2, "--rename-job JOB NEW")?;
         print(commands::rename_job(&cfg, &a[0], &a[1])? + "\n");
     } else if cli.move_archive {
         need(a, 2, "--move-archive JOB DIR")?;
-        print(commands::move_archive(&cfg, &a[0], &a[1], cli.yes)? + "\n");
+        print(commands::move_archive(&cfg, &a[0], &a[1], cli.yes, &watch)? + "\n");
     } else if cli.kill {
         need(a, 1, "--kill JOB [--resume=SECS]")?;
         print(commands::kill(&cfg, &a[0])? + "\n");
@@ -310,12 +307,12 @@ fn dispatch(cli: &Cli) -> Result<u8> {
         print(commands::disk_usage(&cfg, cli.csv)?);
     } else if cli.unchunk {
         need(a, 2, "--unchunk JOB ARCHIVE [--to DIR]")?;
-        print(affa::staging::unchunk_command(&cfg, &a[0], &a[1], cli.to.as_deref())?);
+        print(affa::staging::unchunk_command(&cfg, &a[0], &a[1], cli.to.as_deref(), &watch)?);
     } else if cli.verify {
         if a.is_empty() || a.len() > 2 {
             affa::bail!("usage: affa --verify JOB [ARCHIVE|--all]");
         }
-        print(affa::staging::verify_command(&cfg, &a[0], a.get(1).map(|s| s.as_str()), cli.all)?);
+        print(affa::staging::verify_command(&cfg, &a[0], a.get(1).map(|s| s.as_str()), cli.all, &watch)?);
     } else if cli.full_restore {
         if a.is_empty() || a.len() > 2 {
             affa::bail!("usage: affa --full-restore JOB [ARCHIVE] [--preserve-newer=yes|no] [--delete=yes|no] [--yes]");
@@ -334,7 +331,7 @@ fn dispatch(cli: &Cli) -> Result<u8> {
             register: cli.register.clone(),
             dry_run: cli.dry_run,
             yes: cli.yes,
-            interactive: !cli.silent && affa::joblog::interactive(),
+            watch: watch.clone(),
         };
         affa::restore::full_restore(&cfg, &a[0], &opts, &mut out)?;
     } else if cli.make_cronjobs {

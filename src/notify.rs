@@ -167,7 +167,14 @@ pub fn send(cfg: &Config, to: &[String], subject: &str, body: &str) -> Result<St
         let mut c = Command::new(bin);
         c.arg("-i").arg("-f").arg(&from_s).arg("--").args(to);
         c.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
-        let mut child = c.spawn().ctx(|| format!("cannot run sendmailBinary {bin}"))?;
+        let mut child = match c.spawn() {
+            Ok(c) => c,
+            // A fresh machine: no local mail transport, no SMTP server configured.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+                "no mail transport: {bin} (sendmailBinary) does not exist and smtpHost is not set; set smtpHost (smtpPort, smtpUser) in [GlobalAffaConfig] or install a local MTA (apt-get install postfix), then check with affa --mailtest JOB"
+            ),
+            Err(e) => return Err(e).ctx(|| format!("cannot run sendmailBinary {bin}")),
+        };
         {
             let mut stdin = child.stdin.take().unwrap();
             // A sendmail that exits early (an error) closes the pipe: its exit status says why.

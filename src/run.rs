@@ -18,16 +18,17 @@ use crate::config::{Config, Job};
 use crate::error::{Error, IoContext, Result};
 use crate::joblog::JobLog;
 use crate::lock;
+use crate::observer::{Phase, Watch};
 use crate::report::Report;
 use crate::transport::rsync::{self, Outcome, Source};
 use crate::transport::{die_with_parent, shell_quote, SshTarget};
 
 /// How the run was started.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RunOptions {
     pub level: Level,
-    /// Show progress and messages on the terminal.
-    pub interactive: bool,
+    /// Who watches the run (messages, phases, progress); `Watch::nobody()` under cron.
+    pub watch: Watch,
 }
 
 /// What a successful run did.
@@ -36,6 +37,8 @@ pub struct RunSummary {
     pub archive: Option<PathBuf>,
     pub rotated: Vec<String>,
     pub warnings: Vec<String>,
+    /// The new archive's report (empty for a promotion-only run).
+    pub report: Report,
 }
 
 /// Everything a step of the run needs.
@@ -44,7 +47,6 @@ pub struct Ctx<'a> {
     pub job: &'a Job,
     pub clock: &'a dyn Clock,
     pub log: JobLog,
-    pub interactive: bool,
     pub started: Instant,
     pub job_dir: PathBuf,
 }
@@ -66,9 +68,8 @@ impl Ctx<'_> {
 pub fn run(cfg: &Config, job_name: &str, clock: &dyn Clock, opts: RunOptions) -> Result<RunSummary> {
     let job = cfg.job(job_name)?;
     crate::interrupt::install();
-    let log = JobLog::new(&cfg.log_dir(), job_name, opts.interactive);
-    let ctx =
-        Ctx { cfg, job, clock, log, interactive: opts.interactive, started: Instant::now(), job_dir: job.job_dir() };
+    let log = JobLog::new(&cfg.log_dir(), job_name, opts.watch);
+    let ctx = Ctx { cfg, job, clock, log, started: Instant::now(), job_dir: job.job_dir() };
     ctx.log.info(format!("Starting job {} {} ({})", job_name, opts.level.name(), job.get("remoteHostName")));
     let res = run_locked(&ctx, opts.level);
     match &res {
@@ -97,7 +98,7 @@ fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
         return Ok(summary);
     }
     if let Some(t) = ctx.source() {
-        ctx.log.info(format!("Checking the connection to {}", t.destination()));
+        ctx.log.phase(Phase::Connecting(t.destination()));
         t.check_connection()?;
     }
     run_scripts(ctx, "preJobCommand", "preJobCommandRemote")?;
@@ -113,6 +114,7 @@ fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
     crate::interrupt::crash_point("report-written");
 
     // The transfer is complete and has its report: now, and only now, archives move.
+    ctx.log.phase(Phase::Rotating);
     rotate(ctx, ctx.clock.now(), &mut summary)?;
     summary.archive = Some(ctx.job_dir.join("scheduled.0"));
     crate::interrupt::crash_point("rotated");
@@ -124,6 +126,7 @@ fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
 
     run_scripts(ctx, "postJobCommand", "postJobCommandRemote")?;
     disk_space_warning(ctx, &report, &mut summary);
+    summary.report = report;
     Ok(summary)
 }
 
@@ -282,32 +285,31 @@ fn transfer_files(ctx: &Ctx, running: &Path, report: &mut Report, summary: &mut 
         Some(t) => Source::Ssh(t),
         None => Source::Local,
     };
-    let mut args = rsync::base_args(job, &source);
-    args.extend(["--stats", "--delete-during", "--delete-excluded", "--relative", "--partial"].map(String::from));
+    let mut args = rsync::Args::new(job, &source);
+    args.opts(["--stats", "--delete-during", "--delete-excluded", "--relative", "--partial"]);
     if job.flag("rsync--inplace") {
-        args.push("--inplace".into());
+        args.opt("--inplace");
     }
     for l in &link {
-        args.push(format!("--link-dest={}", l.display()));
+        args.opt(format!("--link-dest={}", l.display()));
     }
     for p in job.include_patterns() {
-        args.push(format!("--include={p}"));
+        args.opt(format!("--include={p}"));
     }
     for p in job.get_all("Exclude") {
-        args.push(format!("--exclude={p}"));
+        args.opt(format!("--exclude={p}"));
     }
     let chunk_patterns = crate::staging::rsync_excludes(job);
     for p in &chunk_patterns {
-        args.push(format!("--exclude={p}"));
+        args.opt(format!("--exclude={p}"));
     }
     // affa's own files at the archive root: a source's files of those names never land there.
-    args.extend(archive::reserved_excludes(&job.name));
-    args.extend(job.get("rsyncOptions").split_whitespace().map(String::from));
-    args.push("--".into());
-    args.extend(rsync::source_args(&source, &job.sources()));
-    args.push(format!("{}/", running.display()));
-    ctx.log.info("Running rsync...");
-    let res = rsync::run(job, &args, &ctx.log, ctx.interactive)?;
+    args.opts(archive::reserved_excludes(&job.name));
+    args.configured(job.get("rsyncOptions"));
+    args.from(&source, &job.sources()).to(format!("{}/", running.display()));
+    let steps = if chunk_patterns.is_empty() { 1 } else { 2 };
+    ctx.log.phase(Phase::Copying { what: format!("the files of {}", job.get("remoteHostName")), n: 1, of: steps });
+    let res = rsync::run(job, &args, &ctx.log, &ctx.log.watch)?;
     check_rsync(ctx, &res, "the transfer", summary)?;
     report.add_rsync_stats(&res.stdout);
     report.set("ExitStatus", res.code);

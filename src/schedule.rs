@@ -27,6 +27,7 @@ use crate::clock::Clock;
 use crate::config::{keys, Config, Job, DEFAULT_CONFIG_DIR};
 use crate::error::{IoContext, Result};
 use crate::joblog::JobLog;
+use crate::observer::Watch;
 use crate::run::{RunOptions, RunSummary};
 use crate::transport::shell_quote;
 
@@ -270,7 +271,7 @@ pub fn resume_interrupted(cfg: &Config, _clock: &dyn Clock) -> Result<String> {
             continue;
         }
         let pid = spawn_run(cfg, &job.name, 0)?;
-        JobLog::new(&cfg.log_dir(), &job.name, false)
+        JobLog::new(&cfg.log_dir(), &job.name, Watch::nobody())
             .info(format!("--resume-interrupted: resuming the interrupted job {} (pid {pid})", job.name));
         lines.push(format!("job {} resumed in the background (pid {pid})", job.name));
     }
@@ -284,7 +285,7 @@ pub fn resume_interrupted(cfg: &Config, _clock: &dyn Clock) -> Result<String> {
 pub fn resume_later(cfg: &Config, job: &str, secs: u64) -> Result<String> {
     cfg.job(job)?;
     let pid = spawn_run(cfg, job, secs)?;
-    JobLog::new(&cfg.log_dir(), job, false)
+    JobLog::new(&cfg.log_dir(), job, Watch::nobody())
         .info(format!("--kill --resume={secs}: job {job} runs again in {secs} s (pid {pid})"));
     Ok(format!("job {job} runs again in {secs} s (pid {pid})"))
 }
@@ -325,7 +326,7 @@ fn pause(secs: u64) {
 /// job's configuration file.
 pub fn run_job(cfg: &Config, job: &str, clock: &dyn Clock, opts: RunOptions, retry: bool) -> Result<RunSummary> {
     let j = cfg.job(job)?;
-    let note = JobLog::new(&cfg.log_dir(), job, opts.interactive);
+    let note = JobLog::new(&cfg.log_dir(), job, opts.watch.clone());
     let log_path = note.path().map(Path::to_path_buf);
     let lp = log_path.as_deref();
     let start = log_len(lp);
@@ -335,7 +336,7 @@ pub fn run_job(cfg: &Config, job: &str, clock: &dyn Clock, opts: RunOptions, ret
     let mut notified = false;
     let mut attempt = 1;
     let result = loop {
-        let res = crate::run::run(cfg, job, clock, opts);
+        let res = crate::run::run(cfg, job, clock, opts.clone());
         match res {
             Ok(s) => break Ok(s),
             Err(e) if crate::interrupt::interrupted() => break Err(e),

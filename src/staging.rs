@@ -16,6 +16,7 @@ use crate::archive;
 use crate::chunk::{self, Pool};
 use crate::config::{keys, Config, Job};
 use crate::error::{Error, IoContext, Result};
+use crate::observer::{Phase, Watch};
 use crate::report::Report;
 use crate::run::{check_rsync, Ctx, RunSummary};
 use crate::transport::rsync::{self, Source};
@@ -138,9 +139,9 @@ pub fn chunk_into(
     let set = settings(ctx.job)?;
     let prev = previous_manifest(link_dirs, rel).map(|(_, m)| m);
     let size = fs::symlink_metadata(&st).map(|m| m.len()).unwrap_or(0);
-    let bar = crate::joblog::progress_bar(ctx.interactive, size, &format!("chunking {}", rel.display()));
+    let bar = ctx.log.watch.meter("chunking", Some(size));
     let cb = |n: u64| {
-        bar.set_position(n);
+        bar.set(n);
         crate::interrupt::crash_point("chunk-progress");
     };
     let stats = match chunk::chunk_file(&pool, &set, &st, running, rel, prev.as_ref(), Some(&cb)) {
@@ -156,7 +157,7 @@ pub fn chunk_into(
         }
         Err(e) => return Err(e),
     };
-    bar.finish_and_clear();
+    drop(bar);
     if stats.replaced_source_file {
         ctx.log.warn(format!(
             "the source's own file {}{} has the name of the manifest of the chunked file {}: it is not in the archive (the manifest took its place)",
@@ -195,40 +196,37 @@ pub fn transfer_chunked(
         }
     }
     let job = ctx.job;
-    let mut args = rsync::base_args(job, source);
-    args.extend(
-        [
-            "--stats",
-            "--relative",
-            "--inplace",
-            "--sparse",
-            "--no-whole-file",
-            "--delete-during",
-            "--delete-excluded",
-            "--prune-empty-dirs",
-        ]
-        .map(String::from),
-    );
+    let mut args = rsync::Args::new(job, source);
+    args.opts([
+        "--stats",
+        "--relative",
+        "--inplace",
+        "--sparse",
+        "--no-whole-file",
+        "--delete-during",
+        "--delete-excluded",
+        "--prune-empty-dirs",
+    ]);
     // Chunking opens what lands in staging: never a symlink, device or fifo there (rsync skips
     // them, and --delete-during removes an older staging copy of such a name).
-    args.extend(rsync::REGULAR_FILES_ONLY.map(String::from));
+    args.opts(rsync::REGULAR_FILES_ONLY);
     for p in job.get_all("Exclude") {
-        args.push(format!("--exclude={p}"));
+        args.opt(format!("--exclude={p}"));
     }
-    args.push("--include=*/".into());
+    args.opt("--include=*/");
     for p in job.get_all("chunkFiles") {
-        args.push(format!("--include={p}"));
+        args.opt(format!("--include={p}"));
     }
-    args.push("--exclude=*".into());
-    args.push("--".into());
-    args.extend(rsync::source_args(source, &job.sources()));
-    args.push(format!("{}/", staging.display()));
-    ctx.log.info("Running rsync for the chunked files...");
-    let res = rsync::run(job, &args, &ctx.log, ctx.interactive)?;
+    args.opt("--exclude=*");
+    args.from(source, &job.sources()).to(format!("{}/", staging.display()));
+    ctx.log.phase(Phase::Copying { what: "the files to chunk".into(), n: 2, of: 2 });
+    let res = rsync::run(job, &args, &ctx.log, &ctx.log.watch)?;
     check_rsync(ctx, &res, "the transfer of the chunked files", summary)?;
     let mut totals = ChunkTotals::default();
-    for f in walk_files(&staging)? {
+    let files = walk_files(&staging)?;
+    for (i, f) in files.iter().enumerate() {
         let rel = f.strip_prefix(&staging).unwrap().to_path_buf();
+        ctx.log.phase(Phase::Chunking { file: rel.display().to_string(), n: i + 1, of: files.len() });
         chunk_into(ctx, running, &rel, &link_dirs, &mut totals)?;
         crate::interrupt::crash_point("chunked");
     }
@@ -316,11 +314,16 @@ pub fn sweep_pool(root: &Path) -> Result<String> {
 
 /// `--unchunk JOB ARCHIVE [--to DIR]`: rebuild every chunked file of an archive as a plain
 /// (sparse) file; default target `RootDir/JOB/unchunked/ARCHIVE/`.
-pub fn unchunk_command(cfg: &Config, job: &str, archive_name: &str, to: Option<&Path>) -> Result<String> {
+pub fn unchunk_command(
+    cfg: &Config,
+    job: &str,
+    archive_name: &str,
+    to: Option<&Path>,
+    watch: &Watch,
+) -> Result<String> {
     let j = cfg.job(job)?;
     let a = archive::find(&j.job_dir(), job, archive_name)?;
     let target = to.map(Path::to_path_buf).unwrap_or_else(|| j.job_dir().join("unchunked").join(archive_name));
-    let interactive = crate::joblog::interactive();
     let mut out = String::new();
     let files = chunk::chunked_files(&a.path)?;
     if files.is_empty() {
@@ -333,10 +336,10 @@ pub fn unchunk_command(cfg: &Config, job: &str, archive_name: &str, to: Option<&
             fs::create_dir_all(d).ctx(|| format!("cannot create {}", d.display()))?;
         }
         let m = chunk::read_manifest(&mp)?;
-        let bar = crate::joblog::progress_bar(interactive, m.size, &format!("unchunk {}", rel.display()));
-        let cb = |n: u64| bar.set_position(n);
+        let bar = watch.meter(format!("unchunk {}", rel.display()), Some(m.size));
+        let cb = |n: u64| bar.set(n);
         chunk::unchunk_file(&a.path, &mp, &dest, Some(&cb))?;
-        bar.finish_and_clear();
+        drop(bar);
         out.push_str(&format!("{} ({}), verified\n", dest.display(), crate::commands::human(m.size)));
     }
     Ok(out)
@@ -344,7 +347,7 @@ pub fn unchunk_command(cfg: &Config, job: &str, archive_name: &str, to: Option<&
 
 /// `--verify JOB [ARCHIVE|--all]`: read every chunk, check hashes, name what is damaged.
 /// Damaged chunks are also taken out of the pool, so that the next backup stores them again.
-pub fn verify_command(cfg: &Config, job: &str, archive_name: Option<&str>, all: bool) -> Result<String> {
+pub fn verify_command(cfg: &Config, job: &str, archive_name: Option<&str>, all: bool, watch: &Watch) -> Result<String> {
     let j = cfg.job(job)?;
     let archives = if all {
         archive::list(&j.job_dir())?
@@ -360,10 +363,10 @@ pub fn verify_command(cfg: &Config, job: &str, archive_name: Option<&str>, all: 
     let mut out = String::new();
     let mut bad = Vec::new();
     for a in &archives {
-        let bar = crate::joblog::progress_bar(crate::joblog::interactive(), 0, &format!("verify {}", a.name()));
-        let cb = |n: u64| bar.set_position(n);
+        let bar = watch.meter(format!("verify {}", a.name()), None);
+        let cb = |n: u64| bar.set(n);
         let rep = chunk::verify_archive(&a.path, Some(&cb))?;
-        bar.finish_and_clear();
+        drop(bar);
         if rep.is_ok() {
             out.push_str(&format!(
                 "{}: OK ({} chunked file(s), {} chunk(s) checked)\n",

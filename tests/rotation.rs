@@ -110,7 +110,7 @@ fn simulate(keep: [usize; 5], days: i64, label: &str, must_exist: &[&str]) {
         for off in times {
             let t = start + Duration::days(day) + off;
             fs::write(src.path().join("f"), format!("{t}")).unwrap();
-            run(&cfg, "rot", &FixedClock(t), RunOptions { level: Level::Scheduled, interactive: false })
+            run(&cfg, "rot", &FixedClock(t), RunOptions { level: Level::Scheduled, watch: Default::default() })
                 .unwrap_or_else(|e| panic!("{label}: run at {t} failed: {e}"));
             model.run(t);
             runs += 1;

@@ -19,6 +19,7 @@ use crate::config::{edit, Config, Job};
 use crate::error::{Error, Result};
 use crate::esxi::soap::one_line;
 use crate::esxi::{self, chain, Client, ConnectOptions, MoRef, Password, VmLayout};
+use crate::observer::{Phase, Watch};
 use crate::report::Report;
 use crate::run::{check_rsync, prepare_running, Ctx, RunSummary};
 use crate::staging::{self, ChunkTotals};
@@ -141,7 +142,7 @@ pub fn transfer(ctx: &Ctx, running: &Path, report: &mut Report, summary: &mut Ru
     let job = ctx.job;
     let target = SshTarget::from_job(job, ctx.cfg);
     let vm_name = job.get("ESXiVMName");
-    ctx.log.info(format!("ESXi: connecting to {}", connect_options(job).host));
+    ctx.log.phase(Phase::EsxiConnecting(connect_options(job).host));
     let mut client = login(job)?;
     crate::interrupt::crash_point("esxi-logged-in");
     let result = transfer_logged_in(ctx, &client, &target, running, report, summary);
@@ -200,7 +201,7 @@ fn transfer_logged_in(
 
     // 3. The snapshot.
     let name = esxi::snapshot_name(&job.name, ctx.clock.now());
-    ctx.log.info(format!("ESXi: creating snapshot {name}"));
+    ctx.log.phase(Phase::Snapshot(name.clone()));
     if let Err(e) = snaps.create(&name, job.flag("ESXiSnapshotMemory"), job.flag("ESXiSnapshotQuiesce")) {
         let e = e.context(format!("creating snapshot {name} failed; nothing was copied"));
         // A create that failed or ran past its time limit (a task past ESXiTaskTimeout, a
@@ -255,7 +256,7 @@ fn transfer_logged_in(
             bail!("snapshot {name} is missing from the VM's snapshot tree");
         }
         for s in &ours {
-            ctx.log.info(format!("ESXi: removing snapshot {name}"));
+            ctx.log.phase(Phase::RemovingSnapshot(name.clone()));
             snaps.remove(s)?;
         }
         crate::interrupt::crash_point("snapshot-removed");
@@ -290,6 +291,7 @@ fn transfer_logged_in(
     for ext in ["vmxf", "vmsd", "nvram"] {
         add(&mut conf, &after, &format!("{stem}.{ext}"))?;
     }
+    ctx.log.phase(Phase::CopyingConfig);
     copy_groups(ctx, target, running, &conf, false, report, summary)?;
     crate::interrupt::crash_point("config-copied");
     chain::check_unchanged(&before, &client.vm_layout(&vm)?, None, "while its configuration files were copied")?;
@@ -382,11 +384,20 @@ fn copy_groups(
     let matcher = staging::matcher(job)?;
     let source = Source::Ssh(target);
     let mut totals = ChunkTotals::default();
-    for g in groups {
+    let is_chunked = |g: &Group, f: &String| disks && matcher.as_ref().is_some_and(|m| m.is_match(g.rel_dir.join(f)));
+    let to_chunk = groups.iter().map(|g| g.files.iter().filter(|f| is_chunked(g, f)).count()).sum::<usize>();
+    let mut chunking = 0;
+    for (i, g) in groups.iter().enumerate() {
+        if disks {
+            ctx.log.phase(Phase::Copying {
+                what: format!("the disks in {}", g.rel_dir.display()),
+                n: i + 1,
+                of: groups.len(),
+            });
+        }
         let (mut plain, mut chunked) = (Vec::new(), Vec::new());
         for f in &g.files {
-            let rel = g.rel_dir.join(f);
-            if disks && matcher.as_ref().is_some_and(|m| m.is_match(&rel)) {
+            if is_chunked(g, f) {
                 chunked.push(f.clone());
             } else {
                 plain.push(f.clone());
@@ -394,19 +405,17 @@ fn copy_groups(
         }
         let dest = crate::untrusted::create_dir_beneath(running, &g.rel_dir)?;
         if !plain.is_empty() {
-            let mut args = rsync::base_args(job, &source);
-            args.extend(["--stats", "--sparse", "--partial"].map(String::from));
+            let mut args = rsync::Args::new(job, &source);
+            args.opts(["--stats", "--sparse", "--partial"]);
             if !disks {
-                args.push("--ignore-missing-args".into());
+                args.opt("--ignore-missing-args");
             }
             for l in &link_dirs {
-                args.push(format!("--link-dest={}", l.join(&g.rel_dir).display()));
+                args.opt(format!("--link-dest={}", l.join(&g.rel_dir).display()));
             }
-            args.push("--".into());
             let paths: Vec<String> = plain.iter().map(|f| format!("{}/{f}", g.host_dir)).collect();
-            args.extend(rsync::source_args(&source, &paths));
-            args.push(format!("{}/", dest.display()));
-            let res = rsync::run(job, &args, &ctx.log, ctx.interactive)?;
+            args.from(&source, &paths).to(format!("{}/", dest.display()));
+            let res = rsync::run(job, &args, &ctx.log, &ctx.log.watch)?;
             check_rsync(ctx, &res, &format!("copying {}", g.rel_dir.display()), summary)?;
             crate::interrupt::crash_point("copied");
             add_stats(report, &res.stdout);
@@ -417,17 +426,15 @@ fn copy_groups(
             for f in &chunked {
                 staging::ensure_staging(ctx, &g.rel_dir.join(f), &link_dirs)?;
             }
-            let mut args = rsync::base_args(job, &source);
-            args.extend(["--stats", "--inplace", "--sparse", "--no-whole-file", "--partial"].map(String::from));
+            let mut args = rsync::Args::new(job, &source);
+            args.opts(["--stats", "--inplace", "--sparse", "--no-whole-file", "--partial"]);
             // Never a symlink, device or fifo where a disk extent belongs; rsync skips those
             // (exit 0), so every file must be listed as a regular file it sent or found current.
-            args.extend(rsync::REGULAR_FILES_ONLY.map(String::from));
-            args.extend(rsync::itemize_args());
-            args.push("--".into());
+            args.opts(rsync::REGULAR_FILES_ONLY);
+            args.opts(rsync::itemize_args());
             let paths: Vec<String> = chunked.iter().map(|f| format!("{}/{f}", g.host_dir)).collect();
-            args.extend(rsync::source_args(&source, &paths));
-            args.push(format!("{}/", sdir.display()));
-            let res = rsync::run(job, &args, &ctx.log, ctx.interactive)?;
+            args.from(&source, &paths).to(format!("{}/", sdir.display()));
+            let res = rsync::run(job, &args, &ctx.log, &ctx.log.watch)?;
             check_rsync(ctx, &res, &format!("copying {} (chunked)", g.rel_dir.display()), summary)?;
             let seen = rsync::regular_files(&res.stdout);
             if let Some(f) = chunked.iter().find(|f| !seen.contains(f.as_str())) {
@@ -442,6 +449,9 @@ fn copy_groups(
                 if crate::interrupt::interrupted() {
                     bail!("interrupted by {}", crate::interrupt::signal_name());
                 }
+                chunking += 1;
+                let file = g.rel_dir.join(f).display().to_string();
+                ctx.log.phase(Phase::Chunking { file, n: chunking, of: to_chunk });
                 staging::chunk_into(ctx, running, &g.rel_dir.join(f), &link_dirs, &mut totals)?;
                 crate::interrupt::crash_point("chunked");
             }
@@ -468,7 +478,7 @@ fn add_stats(report: &mut Report, out: &str) {
 
 /// `--send-key` on an ESXi job: show the host's certificate fingerprint, have the user confirm
 /// it, write it into the job's config as ESXiThumbprint. A fingerprint already pinned must match.
-pub fn pin_thumbprint(_cfg: &Config, job: &Job, out: &mut dyn Write, yes: bool) -> Result<()> {
+pub fn pin_thumbprint(_cfg: &Config, job: &Job, out: &mut dyn Write, yes: bool, watch: &Watch) -> Result<()> {
     let o = connect_options(job);
     if o.plain_http {
         let _ = writeln!(out, "job {}: ESXiProtocol=http, no certificate to pin", job.name);
@@ -487,7 +497,7 @@ pub fn pin_thumbprint(_cfg: &Config, job: &Job, out: &mut dyn Write, yes: bool) 
         ),
         None => {
             let _ = writeln!(out, "job {}: ESXi host {}:{} presents a certificate with SHA-256 fingerprint\n  {seen_n}", job.name, o.host, o.port);
-            crate::commands::confirm_word(&format!("Compare it with the host's (ESXi console: openssl x509 -in /etc/vmware/ssl/rui.crt -noout -fingerprint -sha256). Pin it for job {}?", job.name), "yes", yes)?;
+            crate::observer::confirm(watch, &format!("Compare it with the host's (ESXi console: openssl x509 -in /etc/vmware/ssl/rui.crt -noout -fingerprint -sha256). Pin it for job {}?", job.name), "yes", yes)?;
             edit::set_key(job, "ESXiThumbprint", &seen_n)?;
             let _ = writeln!(out, "job {}: ESXiThumbprint={seen_n} written to {}", job.name, job.origin.file.display());
             Ok(())

@@ -461,7 +461,8 @@ fn restore_logged_in(
         return Ok(());
     }
     let _ = out.flush();
-    crate::commands::confirm(
+    crate::observer::confirm(
+        &o.watch,
         &format!(
             "This writes {} file(s) of VM {vm_name} to ESXi host {}, overwriting {}{}",
             items.len(),
@@ -469,6 +470,7 @@ fn restore_logged_in(
             plan.overwrite.len(),
             if plan.delete.is_empty() { String::new() } else { format!(" and DELETING {}", plan.delete.len()) }
         ),
+        "proceed",
         o.yes,
     )?;
 
@@ -530,9 +532,8 @@ fn restore_logged_in(
     t.ep.sh(&mkdirs, "creating the target directories")?;
     let mut sent = 0u64;
     for (i, d) in dirs.iter().enumerate() {
-        let mut a = rsync::base_args(t.rsync_job, &t.ep.source());
-        a.extend(["--inplace", "--no-whole-file", "--sparse", "--stats"].map(String::from));
-        a.push("--".into());
+        let mut a = rsync::Args::new(t.rsync_job, &t.ep.source());
+        a.opts(["--inplace", "--no-whole-file", "--sparse", "--stats"]);
         let mine: Vec<&Item> = items.iter().filter(|it| it.dir == i).collect();
         // rsync names the destination after the source's base name: send the ones whose local
         // name differs one by one.
@@ -540,15 +541,14 @@ fn restore_logged_in(
             mine.iter().partition(|it| it.local.file_name().map(|n| n.to_string_lossy() == it.name).unwrap_or(false));
         if !same.is_empty() {
             let mut a = a.clone();
-            a.extend(same.iter().map(|it| it.local.display().to_string()));
-            a.push(t.ep.dest(&format!("{}/", d.host)));
+            a.from_local(same.iter().map(|it| it.local.display().to_string()));
+            a.to(t.ep.dest(&format!("{}/", d.host)));
             let r = run_rsync(ctx, t.rsync_job, &a, &format!("copying to {}", d.host), true)?;
             sent += bytes_sent(&r.stdout);
         }
         for it in renamed {
             let mut a = a.clone();
-            a.push(it.local.display().to_string());
-            a.push(t.ep.dest(&format!("{}/{}", d.host, it.name)));
+            a.from_local([it.local.display().to_string()]).to(t.ep.dest(&format!("{}/{}", d.host, it.name)));
             let r = run_rsync(ctx, t.rsync_job, &a, &format!("copying {}", it.name), true)?;
             sent += bytes_sent(&r.stdout);
         }
@@ -568,15 +568,13 @@ fn restore_logged_in(
     ctx.log.info(format!("copied {} file(s), {total} bytes, {sent} bytes sent", items.len()));
 
     // Check.
-    let bar = super::progress_bar(o.interactive, items.iter().map(|i| i.size).sum(), "hashing the archive");
+    let bar = o.watch.meter("hashing the archive", Some(items.iter().map(|i| i.size).sum()));
     let mut expect = Vec::new();
     for it in &items {
-        let (sha256, size) = sha256_file(&it.local, bar.as_ref())?;
+        let (sha256, size) = sha256_file(&it.local, Some(&bar))?;
         expect.push(Expect { remote: format!("{}/{}", dirs[it.dir].host, it.name), size, sha256, mtime: 0 });
     }
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
+    drop(bar);
     let checked = check_remote(&t.ep, &expect, false)?;
     report_check(ctx, &checked, out)?;
 

@@ -72,8 +72,8 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
 
     // What would change: rsync's own dry run of the real command.
     let main = main_args(ctx, &ep, &sources, &chunked);
-    let mut dry = vec!["--dry-run".to_string(), "--out-format=%i %n".to_string()];
-    dry.extend(main.iter().cloned());
+    let mut dry = main.clone();
+    dry.opts(["--dry-run", "--out-format=%i %n"]);
     let res = run_rsync(ctx, job, &dry, "listing what the restore changes", false)?;
     let mut plan = Plan::default();
     plan.add_itemized(&res.stdout, "/");
@@ -90,7 +90,8 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
         return Ok(());
     }
     let _ = out.flush();
-    crate::commands::confirm(
+    crate::observer::confirm(
+        &ctx.opts.watch,
         &format!(
             "This overwrites {} file(s){} on {} with the contents of archive {}",
             plan.overwrite.len() + chunked.len(),
@@ -98,6 +99,7 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
             ep.describe(),
             arch.name()
         ),
+        "proceed",
         ctx.opts.yes,
     )?;
 
@@ -106,14 +108,12 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
     ctx.log.info(format!("restoring {} to {}", arch.name(), ep.describe()));
     run_rsync(ctx, job, &main, "the restore", true)?;
     for c in &chunked {
-        let mut a = rsync::base_args(job, &ep.source());
-        a.extend(["--inplace", "--no-whole-file", "--sparse"].map(String::from));
+        let mut a = rsync::Args::new(job, &ep.source());
+        a.opts(["--inplace", "--no-whole-file", "--sparse"]);
         if ctx.opts.preserve_newer {
-            a.push("--update".into());
+            a.opt("--update");
         }
-        a.push("--".into());
-        a.push(c.local.display().to_string());
-        a.push(ep.dest(&c.remote));
+        a.from_local([c.local.display().to_string()]).to(ep.dest(&c.remote));
         run_rsync(ctx, job, &a, &format!("sending {}", c.remote), true)?;
     }
     let _ = writeln!(out, "restored {} to {}", arch.name(), ep.describe());
@@ -164,27 +164,24 @@ fn archived_sources(ctx: &Ctx) -> (Vec<String>, Vec<String>) {
 }
 
 /// The main rsync: the archive's source paths to `/` on the target, `--relative`.
-fn main_args(ctx: &Ctx, ep: &Endpoint, sources: &[String], chunked: &[Chunked]) -> Vec<String> {
+fn main_args(ctx: &Ctx, ep: &Endpoint, sources: &[String], chunked: &[Chunked]) -> rsync::Args {
     let job = ctx.job;
-    let mut a = rsync::base_args(job, &ep.source());
-    a.push("--relative".into());
+    let mut a = rsync::Args::new(job, &ep.source());
+    a.opt("--relative");
     for c in chunked {
         // --delete must not remove what the chunk pass writes next; the manifest is affa's.
-        a.push(format!("--filter=P {}", rsync_literal(&c.remote)));
-        a.push(format!("--exclude={}", rsync_literal(&format!("{}{MANIFEST_SUFFIX}", c.remote))));
+        a.opt(format!("--filter=P {}", rsync_literal(&c.remote)));
+        a.opt(format!("--exclude={}", rsync_literal(&format!("{}{MANIFEST_SUFFIX}", c.remote))));
     }
-    a.extend(crate::archive::reserved_excludes(&job.name));
+    a.opts(crate::archive::reserved_excludes(&job.name));
     if ctx.opts.preserve_newer {
-        a.push("--update".into());
+        a.opt("--update");
     }
     if ctx.opts.delete {
-        a.push("--delete".into());
+        a.opt("--delete");
     }
-    a.push("--".into());
-    for s in sources {
-        a.push(format!("{}/./{}", ctx.arch.path.display(), s.trim_start_matches('/')));
-    }
-    a.push(ep.dest("/"));
+    a.from_local(sources.iter().map(|s| format!("{}/./{}", ctx.arch.path.display(), s.trim_start_matches('/'))));
+    a.to(ep.dest("/"));
     a
 }
 
@@ -214,20 +211,18 @@ fn expected_files(ctx: &Ctx, sources: &[String], chunked: &[Chunked]) -> Result<
     files.sort_by(|a, b| a.1.cmp(&b.1));
     files.dedup_by(|a, b| a.1 == b.1);
     total += chunked.iter().map(|c| c.size).sum::<u64>();
-    let bar = super::progress_bar(ctx.opts.interactive, total, "hashing the archive");
+    let bar = ctx.opts.watch.meter("hashing the archive", Some(total));
     let mut out = Vec::new();
     for (local, remote, mtime) in files {
-        let (sha256, size) = sha256_file(&local, bar.as_ref())?;
+        let (sha256, size) = sha256_file(&local, Some(&bar))?;
         out.push(Expect { remote, size, sha256, mtime });
     }
     for c in chunked {
-        let (sha256, size) = sha256_file(&c.local, bar.as_ref())?;
+        let (sha256, size) = sha256_file(&c.local, Some(&bar))?;
         let mtime = chunk::read_manifest(&c.manifest)?.mtime.0;
         out.push(Expect { remote: c.remote.clone(), size, sha256, mtime });
     }
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
+    drop(bar);
     Ok(out)
 }
 

@@ -49,7 +49,8 @@ pub struct RestoreOptions {
     pub register: Option<String>,
     pub dry_run: bool,
     pub yes: bool,
-    pub interactive: bool,
+    /// Who watches: progress, and the question before anything is written.
+    pub watch: crate::observer::Watch,
 }
 
 /// `affa --full-restore JOB [ARCHIVE] [options]`
@@ -75,7 +76,7 @@ pub fn full_restore(cfg: &Config, job_name: &str, opts: &RestoreOptions, out: &m
     // host, or rotate the archive away under us).
     let _lock = crate::lock::acquire(&cfg.lock_dir(), job_name)?;
     let arch = choose_archive(job, opts.archive.as_deref())?;
-    let log = JobLog::new(&cfg.log_dir(), job_name, false);
+    let log = JobLog::new(&cfg.log_dir(), job_name, crate::observer::Watch::nobody());
     let ctx = Ctx { cfg, job, arch, opts, log };
     ctx.log.info(format!("Restore of job {} from {} started", job.name, ctx.arch.name()));
     let res = if job.esxi() { esxi::restore(&ctx, out) } else { host::restore(&ctx, out) };
@@ -214,56 +215,33 @@ pub(crate) struct Chunked {
 /// before anything is sent. A damaged or missing chunk stops here, naming chunk and file.
 pub(crate) fn rebuild_all(ctx: &Ctx, files: &[Chunked]) -> Result<()> {
     let total: u64 = files.iter().map(|f| f.size).sum();
-    let bar = progress_bar(ctx.opts.interactive, total, "rebuilding chunked files");
+    let bar = ctx.opts.watch.meter("rebuilding chunked files", Some(total));
     let mut base = 0u64;
     for f in files {
         if let Some(p) = f.local.parent() {
             fs::create_dir_all(p).ctx(|| format!("cannot create {}", p.display()))?;
         }
         ctx.log.info(format!("rebuilding {} from its chunks", f.remote));
-        let cb = |n: u64| {
-            if let Some(b) = &bar {
-                b.set_position(base + n);
-            }
-        };
+        let cb = |n: u64| bar.set(base + n);
         let cb: &dyn Fn(u64) = &cb;
         crate::chunk::unchunk_file(&ctx.arch.path, &f.manifest, &f.local, Some(cb)).map_err(|e| {
-            if let Some(b) = &bar {
-                b.abandon();
-            }
             e.context(format!("restore stopped before anything was sent to the target ({} was not changed)", f.remote))
         })?;
         base += f.size;
     }
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
     Ok(())
-}
-
-/// An indicatif bar (bytes, rate, time left) when the user watches a terminal.
-pub(crate) fn progress_bar(interactive: bool, total: u64, what: &str) -> Option<indicatif::ProgressBar> {
-    if !interactive || total == 0 {
-        return None;
-    }
-    let b = indicatif::ProgressBar::new(total);
-    b.set_style(
-        indicatif::ProgressStyle::with_template("{msg}: {bytes}/{total_bytes} {bytes_per_sec} eta {eta} [{wide_bar}]")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    b.set_message(what.to_string());
-    Some(b)
 }
 
 /// Run rsync for the restore; a failure is an error naming what was being copied.
 pub(crate) fn run_rsync(
     ctx: &Ctx,
     job: &Job,
-    args: &[String],
+    args: &rsync::Args,
     what: &str,
     progress: bool,
 ) -> Result<rsync::RsyncResult> {
-    let res = rsync::run(job, args, &ctx.log, progress && ctx.opts.interactive)?;
+    let nobody = crate::observer::Watch::nobody();
+    let res = rsync::run(job, args, &ctx.log, if progress { &ctx.opts.watch } else { &nobody })?;
     if crate::interrupt::interrupted() {
         bail!("{what} interrupted; the target may be partly restored: run the restore again");
     }
@@ -357,7 +335,7 @@ pub(crate) struct Expect {
 }
 
 /// SHA-256 (hex) and size of a local file.
-pub(crate) fn sha256_file(p: &Path, bar: Option<&indicatif::ProgressBar>) -> Result<(String, u64)> {
+pub(crate) fn sha256_file(p: &Path, bar: Option<&crate::observer::Meter>) -> Result<(String, u64)> {
     use sha2::Digest;
     let mut f = fs::File::open(p).ctx(|| format!("cannot open {}", p.display()))?;
     let mut h = sha2::Sha256::new();

@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use crate::config::Job;
 use crate::error::{IoContext, Result};
 use crate::joblog::JobLog;
+use crate::observer::Watch;
 use crate::transport::{die_with_parent, SshTarget};
 
 /// What an rsync exit status means for the run.
@@ -63,35 +64,99 @@ pub enum Source<'a> {
     Local,
 }
 
-/// The common flags of every transfer (Affa 3's, minus `--ignore-errors` semantics that hide
-/// failures: errors still fail the run through the exit code).
-pub fn base_args(job: &Job, source: &Source) -> Vec<String> {
-    let mut a: Vec<String> = vec!["--archive".into(), "--hard-links".into(), "--numeric-ids".into()];
-    let bw = job.num("BandwidthLimit");
-    if bw > 0 {
-        a.push(format!("--bwlimit={bw}"));
-    }
-    let mw = job.num("rsync--modify-window");
-    if mw > 0 {
-        a.push(format!("--modify-window={mw}"));
-    }
-    let to = job.num("rsyncTimeout");
-    if to > 0 {
-        a.push(format!("--timeout={to}"));
-    }
-    if let Source::Ssh(t) = source {
-        if job.flag("rsyncCompress") {
-            a.push("--compress".into());
+/// An rsync command line, assembled in one place: the options, then `--`, then the sources and
+/// the destination. Options and operands are kept apart, so an option added at any time (a
+/// caller's excludes, `--link-dest`, the progress flag [`run`] adds on a terminal) always lands
+/// before `--`, and nothing but a source or the destination can land after it.
+#[derive(Debug, Clone, Default)]
+pub struct Args {
+    options: Vec<String>,
+    sources: Vec<String>,
+    dest: Option<String>,
+}
+
+impl Args {
+    /// The common flags of every transfer (Affa 3's, minus `--ignore-errors` semantics that
+    /// hide failures: errors still fail the run through the exit code).
+    pub fn new(job: &Job, source: &Source) -> Args {
+        let mut a = Args::default();
+        a.opts(["--archive", "--hard-links", "--numeric-ids"]);
+        let bw = job.num("BandwidthLimit");
+        if bw > 0 {
+            a.opt(format!("--bwlimit={bw}"));
         }
-        let mut remote = job.remote_rsync();
-        let nice = job.num("remoteNice");
-        if nice > 0 {
-            remote = format!("{} -n {nice} {remote}", job.get("remoteNiceBinary"));
+        let mw = job.num("rsync--modify-window");
+        if mw > 0 {
+            a.opt(format!("--modify-window={mw}"));
         }
-        a.push(format!("--rsync-path={remote}"));
-        a.push(format!("--rsh={}", t.rsh()));
+        let to = job.num("rsyncTimeout");
+        if to > 0 {
+            a.opt(format!("--timeout={to}"));
+        }
+        if let Source::Ssh(t) = source {
+            if job.flag("rsyncCompress") {
+                a.opt("--compress");
+            }
+            let mut remote = job.remote_rsync();
+            let nice = job.num("remoteNice");
+            if nice > 0 {
+                remote = format!("{} -n {nice} {remote}", job.get("remoteNiceBinary"));
+            }
+            a.opt(format!("--rsync-path={remote}"));
+            a.opt(format!("--rsh={}", t.rsh()));
+        }
+        a
     }
-    a
+
+    /// Add one option (it must start with `-`: a path is an operand, see [`Args::from`]).
+    pub fn opt(&mut self, o: impl Into<String>) -> &mut Args {
+        let o = o.into();
+        debug_assert!(o.starts_with('-'), "rsync option '{o}' does not start with '-'");
+        self.options.push(o);
+        self
+    }
+
+    pub fn opts<S: Into<String>>(&mut self, os: impl IntoIterator<Item = S>) -> &mut Args {
+        for o in os {
+            self.opt(o);
+        }
+        self
+    }
+
+    /// The words of the job's `rsyncOptions` (the administrator's: an option may take its value
+    /// as the next word, so they are not checked one by one). They stay before `--` too.
+    pub fn configured(&mut self, words: &str) -> &mut Args {
+        self.options.extend(words.split_whitespace().map(String::from));
+        self
+    }
+
+    /// Sources to pull: `user@host:/path` for the first, `:/path` for the next ones, or local
+    /// paths.
+    pub fn from(&mut self, source: &Source, paths: &[String]) -> &mut Args {
+        self.sources.extend(source_args(source, paths));
+        self
+    }
+
+    /// Local source paths (a restore pushes from here).
+    pub fn from_local<S: Into<String>>(&mut self, paths: impl IntoIterator<Item = S>) -> &mut Args {
+        self.sources.extend(paths.into_iter().map(Into::into));
+        self
+    }
+
+    /// The destination (a local path, or `user@host:/path`).
+    pub fn to(&mut self, dest: impl Into<String>) -> &mut Args {
+        self.dest = Some(dest.into());
+        self
+    }
+
+    /// The argument vector: options, `--`, sources, destination.
+    pub fn to_vec(&self) -> Vec<String> {
+        let mut v = self.options.clone();
+        v.push("--".into());
+        v.extend(self.sources.iter().cloned());
+        v.extend(self.dest.iter().cloned());
+        v
+    }
 }
 
 /// Flags that keep rsync from making a symlink, device or fifo in the destination (it skips
@@ -133,7 +198,7 @@ pub fn program(job: &Job) -> (String, Vec<String>) {
 }
 
 /// A source path argument: `user@host:/path` for the first, `:/path` for the next ones.
-pub fn source_args(source: &Source, paths: &[String]) -> Vec<String> {
+fn source_args(source: &Source, paths: &[String]) -> Vec<String> {
     match source {
         Source::Local => paths.to_vec(),
         Source::Ssh(t) => paths
@@ -166,18 +231,21 @@ impl RsyncResult {
     }
 }
 
-/// Run rsync; stderr lines go to the log as they come; on a terminal `--info=progress2` is
-/// shown as one updating line.
-pub fn run(job: &Job, args: &[String], log: &JobLog, progress: bool) -> Result<RsyncResult> {
+/// Run rsync; stderr lines go to the log as they come. When somebody watches `progress`, rsync
+/// gets `--info=progress2` (with the other options, before `--`) and its progress goes there.
+pub fn run(job: &Job, args: &Args, log: &JobLog, progress: &Watch) -> Result<RsyncResult> {
     let (prog, lead) = program(job);
-    let mut cmd = Command::new(&prog);
-    cmd.args(&lead).args(args);
-    if progress {
-        cmd.arg("--info=progress2");
+    let watched = progress.is_watched();
+    let mut args = args.clone();
+    if watched {
+        args.opt("--info=progress2");
     }
+    let args = args.to_vec();
+    let mut cmd = Command::new(&prog);
+    cmd.args(&lead).args(&args);
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     die_with_parent(&mut cmd);
-    log.info(format!("running: {} {}", prog, redact_args(&lead, args)));
+    log.detail(format!("running: {} {}", prog, redact_args(&lead, &args)));
     let mut child = cmd.spawn().ctx(|| format!("cannot run {prog}"))?;
     crate::interrupt::set_child(child.id());
     let stderr = child.stderr.take().unwrap();
@@ -202,14 +270,17 @@ pub fn run(job: &Job, args: &[String], log: &JobLog, progress: bool) -> Result<R
 fn run_stdout(
     mut child: std::process::Child,
     err_thread: std::thread::ScopedJoinHandle<'_, Vec<String>>,
-    progress: bool,
+    progress: &Watch,
     prog: &str,
 ) -> Result<RsyncResult> {
+    let watched = progress.is_watched();
     let mut stdout = child.stdout.take().unwrap();
     // Statistics come last, itemized names first: keep both ends, bounded.
     let mut out = crate::joblog::LineTail::new(KEPT_STDOUT, KEPT_STDOUT);
     let mut buf = [0u8; 8192];
     let mut line = Vec::new();
+    let meter = watched.then(|| progress.meter("rsync", None));
+    let mut total = Total::default();
     loop {
         let n = stdout.read(&mut buf).unwrap_or(0);
         if n == 0 {
@@ -217,11 +288,9 @@ fn run_stdout(
         }
         for &b in &buf[..n] {
             if b == b'\r' || b == b'\n' {
-                let s = String::from_utf8_lossy(&line);
-                if progress && is_progress_line(&line) {
-                    eprint!("\r\x1b[K{}", crate::untrusted::escape_controls(s.trim()));
-                } else {
-                    out.push(&s);
+                match meter.as_ref().and_then(|m| Some((m, parse_progress(&line)?))) {
+                    Some((m, (done, pct))) => m.set_with_total(done, total.update(done, pct)),
+                    None => out.push(&String::from_utf8_lossy(&line)),
                 }
                 line.clear();
             } else if line.len() <= crate::joblog::MAX_LINE {
@@ -232,9 +301,7 @@ fn run_stdout(
     if !line.is_empty() {
         out.push(&String::from_utf8_lossy(&line));
     }
-    if progress {
-        crate::joblog::clear_progress();
-    }
+    drop(meter);
     let status = child.wait().ctx(|| format!("cannot wait for {prog}"))?;
     crate::interrupt::set_child(0);
     let errors = err_thread.join().unwrap_or_default();
@@ -243,10 +310,47 @@ fn run_stdout(
     Ok(RsyncResult { code: status.code().unwrap_or(-1), stdout, errors })
 }
 
-fn is_progress_line(l: &[u8]) -> bool {
-    let s = String::from_utf8_lossy(l);
-    let s = s.trim();
-    s.contains('%') && (s.contains("B/s") || s.contains("to-chk") || s.contains("xfr#"))
+/// A `--info=progress2` line (`  1,234,567  45%  12.34MB/s  0:00:05 (xfr#1, to-chk=0/2)`): the
+/// bytes done and rsync's percentage.
+fn parse_progress(l: &[u8]) -> Option<(u64, u64)> {
+    let s = std::str::from_utf8(l).ok()?;
+    if !(s.contains("B/s") || s.contains("to-chk") || s.contains("xfr#")) {
+        return None;
+    }
+    let mut w = s.split_whitespace();
+    let done: u64 = w.next()?.replace(',', "").parse().ok()?;
+    let pct: u64 = w.next()?.strip_suffix('%')?.parse().ok()?;
+    Some((done, pct))
+}
+
+/// The total of a transfer, from rsync's whole percentages: each line bounds it (rsync rounds
+/// down: `done / total` lies in `[pct, pct + 1)` percent), the bounds narrow as lines come, and
+/// a total that grew (more files found) starts them afresh.
+#[derive(Debug, Default)]
+struct Total {
+    lo: u64,
+    hi: Option<u64>,
+}
+
+impl Total {
+    fn update(&mut self, done: u64, pct: u64) -> Option<u64> {
+        if pct == 0 || pct > 100 {
+            return self.hi.map(|hi| (self.lo + hi) / 2);
+        }
+        let (lo, hi) = (done.saturating_mul(100) / (pct + 1) + 1, done.saturating_mul(100) / pct);
+        let (lo, hi) = if pct == 100 { (done, done) } else { (lo, hi) };
+        match self.hi {
+            Some(h) if lo.max(self.lo) <= hi.min(h) => {
+                self.lo = lo.max(self.lo);
+                self.hi = Some(hi.min(h));
+            }
+            _ => {
+                self.lo = lo;
+                self.hi = Some(hi);
+            }
+        }
+        self.hi.map(|hi| (self.lo + hi) / 2)
+    }
 }
 
 /// The command line for the log (it holds no secrets, but keep it on one line).
@@ -272,6 +376,41 @@ pub fn df(path: &Path) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_lines_are_recognised() {
+        assert_eq!(
+            parse_progress(b"     33,554,432  50%   10.47MB/s    0:00:03 (xfr#1, to-chk=0/2)"),
+            Some((33_554_432, 50))
+        );
+        assert_eq!(parse_progress(b"          0   0%    0.00kB/s    0:00:00"), Some((0, 0)));
+        assert_eq!(parse_progress(b"Number of files: 3 (reg: 2, dir: 1)"), None);
+        assert_eq!(parse_progress(b"Total bytes sent: 1,234"), None);
+    }
+
+    #[test]
+    fn the_total_narrows_as_percentages_come() {
+        let size = 50_331_648u64; // 48 MiB
+        let mut t = Total::default();
+        assert_eq!(t.update(0, 0), None);
+        let mut last = 0;
+        for done in (1..=size).step_by(1_000_003) {
+            let est = t.update(done, done * 100 / size).unwrap_or(0);
+            last = est;
+        }
+        assert!(last.abs_diff(size) < size / 200, "{last} for {size}");
+        assert_eq!(t.update(size, 100), Some(size));
+        // More files found: the total grows, the old bounds are dropped.
+        assert_eq!(t.update(size, 50), Some((size * 100 / 51 + 1 + size * 2) / 2));
+    }
+
+    #[test]
+    fn options_always_come_before_the_operands() {
+        let mut a = Args::default();
+        a.opt("--stats").from_local(["/a", "/b"]).to("/dest/");
+        a.opt("--info=progress2").configured("--exclude x");
+        assert_eq!(a.to_vec(), ["--stats", "--info=progress2", "--exclude", "x", "--", "/a", "/b", "/dest/"]);
+    }
 
     #[test]
     fn only_0_and_24_succeed() {
