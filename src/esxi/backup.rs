@@ -5,9 +5,9 @@
 //!
 //! Owns: the order of those steps and the promise that no snapshot of ours outlives the run.
 //! Must never: copy the delta the running VM writes, archive a VM whose snapshot tree changed
-//! while our snapshot existed, skip the snapshot removal on any error or
-//! signal, or send the ESXi password before the host's certificate matched the pinned
-//! fingerprint (the client checks the pin at connect, before login).
+//! while our snapshot existed, skip the snapshot removal on any error or signal, or send the
+//! ESXi password before the host's certificate matched the pinned fingerprint (the client
+//! checks the pin at connect, before login).
 
 use std::fs;
 use std::io::Write;
