@@ -8,8 +8,8 @@
 //! while our snapshot existed, skip the snapshot removal on any error or signal, remove a
 //! snapshot that is not this job's own, turn a name the host gives into a local path other than
 //! through the one path-safety rule (`crate::untrusted`), or send the ESXi password before the
-//! host's certificate matched the pinned
-//! fingerprint (the client checks the pin at connect, before login).
+//! host's certificate matched the pinned fingerprint (the client checks the pin at connect,
+//! before login).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

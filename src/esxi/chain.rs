@@ -296,3 +296,153 @@ pub fn frozen(layout: &VmLayout, ours: &str) -> Result<Frozen> {
     }
     Ok(f)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::model::{Datastore, Disk, DiskBacking, LayoutFile, LayoutSnapshot, MoRef, PowerState, VmFiles};
+    use super::*;
+
+    fn snap(id: i64, name: &str, children: Vec<SnapshotTree>) -> SnapshotTree {
+        SnapshotTree {
+            name: name.into(),
+            description: String::new(),
+            snapshot: MoRef::new("VirtualMachineSnapshot", format!("s-{id}")),
+            id: Some(id),
+            create_time: "2026-05-01T10:00:00Z".into(),
+            created: chrono::DateTime::parse_from_rfc3339("2026-05-01T10:00:00Z")
+                .ok()
+                .map(|t| t.with_timezone(&chrono::Utc)),
+            quiesced: false,
+            children,
+        }
+    }
+
+    fn backing(f: &str) -> DiskBacking {
+        DiskBacking {
+            file_name: format!("[ds1] vm/{f}"),
+            datastore: None,
+            kind: String::new(),
+            change_id: None,
+            uuid: None,
+        }
+    }
+
+    /// vm with its own snapshot "before upgrade" (delta vm-000001), and, with `ours`, affa's
+    /// snapshot on top (delta vm-000002, the running one).
+    fn layout(ours: bool) -> VmLayout {
+        let names = [
+            "vm.vmdk",
+            "vm-flat.vmdk",
+            "vm-000001.vmdk",
+            "vm-000001-delta.vmdk",
+            "vm-000002.vmdk",
+            "vm-000002-delta.vmdk",
+            "vm-Snapshot1.vmsn",
+            "vm-Snapshot2.vmsn",
+        ];
+        let layout_files = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| LayoutFile { key: i as i32, name: format!("[ds1] vm/{n}"), kind: String::new(), size: 0 })
+            .collect();
+        let mut chain = vec![backing("vm-000001.vmdk"), backing("vm.vmdk")];
+        let mut units = vec![vec![0, 1], vec![2, 3]];
+        let mut tree = snap(1, "before upgrade", vec![]);
+        let mut current = tree.snapshot.clone();
+        let mut layout_snapshots = vec![LayoutSnapshot {
+            snapshot: tree.snapshot.clone(),
+            data_key: 6,
+            memory_key: None,
+            disks: vec![LayoutDisk { key: 2000, chain: vec![vec![0, 1]] }],
+        }];
+        if ours {
+            chain.insert(0, backing("vm-000002.vmdk"));
+            units.push(vec![4, 5]);
+            let o = snap(2, "BEXI-j-1", vec![]);
+            current = o.snapshot.clone();
+            layout_snapshots.push(LayoutSnapshot {
+                snapshot: o.snapshot.clone(),
+                data_key: 7,
+                memory_key: None,
+                disks: vec![LayoutDisk { key: 2000, chain: vec![vec![0, 1], vec![2, 3]] }],
+            });
+            tree.children.push(o);
+        }
+        VmLayout {
+            moref: MoRef::new("VirtualMachine", "1"),
+            name: "vm".into(),
+            files: VmFiles { vm_path_name: "[ds1] vm/vm.vmx".into(), ..Default::default() },
+            power_state: PowerState::PoweredOn,
+            disks: vec![Disk { key: 2000, label: "Hard disk 1".into(), capacity_bytes: 1 << 20, chain }],
+            current_snapshot: Some(current),
+            snapshots: vec![tree],
+            layout_files,
+            layout_disks: vec![LayoutDisk { key: 2000, chain: units }],
+            layout_snapshots,
+            datastores: vec![Datastore {
+                name: "ds1".into(),
+                moref: MoRef::new("Datastore", "d1"),
+                url: "/ds1/".into(),
+                host_path: "/ds1/".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn the_frozen_chain_is_every_link_below_ours_and_the_own_snapshots_files() {
+        let l = layout(true);
+        let f = frozen(&l, "BEXI-j-1").unwrap();
+        let p = |n: &str| format!("[ds1] vm/{n}");
+        assert_eq!(
+            f.files(),
+            ["vm.vmdk", "vm-flat.vmdk", "vm-000001.vmdk", "vm-000001-delta.vmdk", "vm-Snapshot1.vmsn"].map(p)
+        );
+        assert_eq!(f.chains[0].last().unwrap().descriptor, p("vm-000001.vmdk"));
+        assert_eq!(f.own.len(), 1);
+        assert_eq!(f.own[0].data.as_deref(), Some(p("vm-Snapshot1.vmsn").as_str()));
+        // Without layoutEx.disk the extents are guessed beside their descriptors.
+        let mut bare = l.clone();
+        bare.layout_disks.clear();
+        assert_eq!(frozen(&bare, "BEXI-j-1").unwrap().files(), f.files());
+        // A host that names the running delta among a snapshot's files is refused.
+        let mut hostile = l.clone();
+        hostile.layout_snapshots[0].disks[0].chain.push(vec![4, 5]);
+        let e = frozen(&hostile, "BEXI-j-1").unwrap_err().to_string();
+        assert!(e.contains("refusing to copy [ds1] vm/vm-000002.vmdk: the VM writes to it"), "{e}");
+        hostile.layout_files[6].name = "[ds1] vm/".into();
+        assert!(frozen(&hostile, "BEXI-j-1").unwrap_err().to_string().contains("names no file"));
+    }
+
+    #[test]
+    fn tree_changes_are_named() {
+        let before = tree_state(&layout(false), None);
+        assert_eq!(tree_state(&layout(true), Some("BEXI-j-1")), before);
+        check_unchanged(&before, &layout(true), Some("BEXI-j-1"), "now").unwrap();
+        // Someone took a snapshot after ours.
+        let mut l = layout(true);
+        l.snapshots[0].children[0].children.push(snap(3, "intruder", vec![]));
+        l.current_snapshot = Some(MoRef::new("VirtualMachineSnapshot", "s-3"));
+        l.disks[0].chain.insert(0, backing("vm-000003.vmdk"));
+        let e = check_unchanged(&before, &l, Some("BEXI-j-1"), "during the copy").unwrap_err().to_string();
+        assert!(e.contains("changed during the copy (snapshot 'intruder' taken)"), "{e}");
+        // Someone deleted the VM's own snapshot (its delta merged away).
+        let mut l = layout(true);
+        let ours = l.snapshots[0].children.remove(0);
+        l.snapshots = vec![ours];
+        l.disks[0].chain.remove(1);
+        let e = check_unchanged(&before, &l, Some("BEXI-j-1"), "now").unwrap_err().to_string();
+        assert!(e.contains("snapshot 'before upgrade' deleted"), "{e}");
+    }
+
+    #[test]
+    fn ages_in_the_warning() {
+        let own = own_snapshots(&layout(true), Some("BEXI-j-1"));
+        let created = own[0].tree.created.unwrap().with_timezone(&chrono::Local).naive_local();
+        let d = describe(&own, created + chrono::Duration::days(3) + chrono::Duration::hours(2));
+        assert_eq!(d, format!("'before upgrade' (created {}, 3 days old)", created.format("%Y-%m-%d %H:%M")));
+        assert!(describe(&own, created + chrono::Duration::hours(5)).ends_with(", 5 hours old)"));
+        assert!(
+            describe(&own, created - chrono::Duration::hours(5)).ends_with(&format!("{})", created.format("%H:%M")))
+        );
+    }
+}
