@@ -159,6 +159,9 @@ pub fn list_archives(cfg: &Config, names: &[String], csv: bool) -> Result<String
 
 /// The state of a job that is not cleanly idle.
 pub fn process_state(cfg: &Config, job: &Job) -> Option<String> {
+    if cfg.broken.contains_key(&job.name) {
+        return Some("configuration error".into());
+    }
     if let Some(pid) = lock::holder(&cfg.lock_dir(), &job.name) {
         return Some(format!("running (pid {pid})"));
     }
@@ -193,7 +196,7 @@ pub fn status(cfg: &Config, clock: &dyn Clock, csv: bool, all: bool) -> Result<S
         ));
     }
     let mut disabled = 0;
-    for job in cfg.jobs.values() {
+    for job in cfg.all_jobs() {
         let enabled = job.enabled() && cfg.global.get("globalStatus") != "disabled";
         let r = Report::read(&job.job_dir().join("scheduled.0"));
         let arch = archive::list(&job.job_dir())?;
@@ -384,7 +387,7 @@ pub fn rename_job(cfg: &Config, name: &str, new: &str) -> Result<String> {
     if !crate::config::valid_job_name(new) {
         bail!("new job name '{new}' is not valid; expected letters, digits, '_', '.' and '-' only");
     }
-    if cfg.jobs.contains_key(new) {
+    if cfg.has_job(new) {
         bail!("a job named {new} exists already");
     }
     let _l = lock::acquire(&cfg.lock_dir(), name)?;
@@ -481,12 +484,17 @@ pub fn log_tail(cfg: &Config, name: Option<&str>) -> Result<String> {
     Ok(lines.join("\n") + "\n")
 }
 
-/// `--configcheck`
-pub fn configcheck(cfg: &Config) -> Result<String> {
+/// `--configcheck`: what is worth knowing about the working jobs (stdout) and every
+/// configuration error of every file, one line each (the caller prints them on stderr and
+/// exits non-zero when there is any).
+pub fn configcheck(cfg: &Config) -> (String, Vec<String>) {
     let mut out = String::new();
+    let mut errors = cfg.problems.clone();
     for job in cfg.jobs.values() {
         if job.esxi() {
-            job.esxi_password()?;
+            if let Err(e) = job.esxi_password() {
+                errors.push(e.to_string());
+            }
             if job.thumbprint().is_none() && job.get("ESXiProtocol") == "https" {
                 out.push_str(&format!(
                     "job {}: no ESXiThumbprint yet; affa --send-key {} will show and pin it\n",
@@ -498,6 +506,18 @@ pub fn configcheck(cfg: &Config) -> Result<String> {
             out.push_str(&format!("job {}: RootDir {} does not exist yet\n", job.name, job.root_dir().display()));
         }
     }
-    out.push_str(&format!("configuration OK: {} job(s) in {}\n", cfg.jobs.len(), cfg.dir.display()));
-    Ok(out)
+    if errors.is_empty() {
+        out.push_str(&format!("configuration OK: {} job(s) in {}\n", cfg.jobs.len(), cfg.dir.display()));
+    } else {
+        let broken: Vec<&str> = cfg.broken.keys().map(|s| s.as_str()).collect();
+        out.push_str(&format!(
+            "configuration has {} error(s) in {}: {} job(s) will not run{}; the other {} job(s) run\n",
+            errors.len(),
+            cfg.dir.display(),
+            broken.len(),
+            if broken.is_empty() { String::new() } else { format!(" ({})", broken.join(", ")) },
+            cfg.jobs.len()
+        ));
+    }
+    (out, errors)
 }

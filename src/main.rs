@@ -261,7 +261,12 @@ fn dispatch(cli: &Cli) -> Result<u8> {
     }
     let mut out = std::io::stdout();
     if cli.configcheck {
-        print(commands::configcheck(&cfg)?);
+        let (report, errors) = commands::configcheck(&cfg);
+        print(report);
+        for e in &errors {
+            eprintln!("affa: error: {e}");
+        }
+        return Ok(if errors.is_empty() { 0 } else { 1 });
     } else if cli.list_archives {
         print(commands::list_archives(&cfg, a, cli.csv)?);
     } else if cli.status {

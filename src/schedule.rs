@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use crate::archive;
 use crate::clock::Clock;
-use crate::config::{keys, Config, Job, DEFAULT_CONFIG_DIR};
+use crate::config::{keys, BrokenJob, Config, Job, DEFAULT_CONFIG_DIR};
 use crate::error::{IoContext, Result};
 use crate::joblog::JobLog;
 use crate::run::{RunOptions, RunSummary};
@@ -70,11 +70,16 @@ pub fn cron_text(cfg: &Config, config_dir: &Path) -> String {
     if global == "disabled" {
         s.push_str("\n# globalStatus=disabled: no job runs from cron.\n");
     } else {
-        for job in cfg.jobs.values() {
+        for job in cfg.all_jobs() {
             if !effective_enabled(cfg, job) {
                 continue;
             }
             s.push_str(&format!("\n# job {}\n", job.name));
+            if cfg.broken.contains_key(&job.name) {
+                s.push_str(
+                    "# its configuration has errors (affa --configcheck): each start fails and mails until fixed\n",
+                );
+            }
             let mut seen = Vec::new();
             for t in job.get_all("TimeSchedule") {
                 if let Some((h, m)) = hhmm(t) {
@@ -320,6 +325,9 @@ fn pause(secs: u64) {
 /// success sends a mail while chattyOnSuccess > 0 and writes the count, less one, back to the
 /// job's configuration file.
 pub fn run_job(cfg: &Config, job: &str, clock: &dyn Clock, opts: RunOptions, retry: bool) -> Result<RunSummary> {
+    if let Some(b) = cfg.broken.get(job) {
+        return config_failure(cfg, b, clock, opts);
+    }
     let j = cfg.job(job)?;
     let note = JobLog::new(&cfg.log_dir(), job, opts.interactive);
     let log_path = note.path().map(Path::to_path_buf);
@@ -363,6 +371,28 @@ pub fn run_job(cfg: &Config, job: &str, clock: &dyn Clock, opts: RunOptions, ret
     }
     crate::monitor::refresh_metrics(cfg, clock);
     result
+}
+
+/// `--run` of a job whose configuration has errors: the run fails as any failed run does (its
+/// log, its error mail to the recipients its section names or the global ones, the metrics),
+/// without retries (the configuration does not change by waiting); the other jobs are not
+/// concerned.
+fn config_failure(cfg: &Config, b: &BrokenJob, clock: &dyn Clock, opts: RunOptions) -> Result<RunSummary> {
+    let log = JobLog::new(&cfg.log_dir(), &b.name, opts.interactive);
+    let lp = log.path().map(Path::to_path_buf);
+    let start = log_len(lp.as_deref());
+    log.error(format!("job {} cannot run: its configuration has {} error(s)", b.name, b.errors.len()));
+    for e in &b.errors {
+        log.error(e);
+    }
+    let err = b.error();
+    let lines = log_since(lp.as_deref(), start);
+    match crate::notify::error_mail(cfg, &b.partial, err.message(), 1, lp.as_deref(), &lines) {
+        Ok(how) => log.info(format!("error mail sent {how}")),
+        Err(me) => log.warn(format!("cannot send the error mail: {me}")),
+    }
+    crate::monitor::refresh_metrics(cfg, clock);
+    Err(err)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -150,8 +150,10 @@ fn wrong_remote_path_fails_and_leaves_archives_alone() {
 #[test]
 fn bad_config_is_one_line_naming_file_line_key() {
     let s = setup("");
+    // A configuration error stops its own job only (issue 15): --run of that job fails with
+    // the one line, --configcheck reports it, every other job and command works.
     s.affa.write_conf("bad.conf", "[db]\nremoteHostName=x\nstatus=enbabled\n");
-    let e = fail(&s.affa.affa(&["--run", "web"]));
+    let e = fail(&s.affa.affa(&["--run", "db"]));
     let f = s.affa.conf.join("bad.conf");
     assert_eq!(
         e.trim(),
@@ -161,15 +163,18 @@ fn bad_config_is_one_line_naming_file_line_key() {
     let e = fail(&s.affa.affa(&["--configcheck"]));
     assert!(e.contains("bad.conf:3: key 'TimeSchedule' has the value '2561'"), "{e}");
     s.affa.write_conf("bad.conf", "[db]\nremoteHostName=x\ndailyKeep=lots\n");
-    assert!(fail(&s.affa.affa(&["--status"])).contains("expected a whole number"));
+    assert!(fail(&s.affa.affa(&["--configcheck"])).contains("expected a whole number"));
+    ok(&s.affa.affa(&["--status"]));
     s.affa.write_conf("bad.conf", "[db]\nRootDir=/x\n");
-    assert!(fail(&s.affa.affa(&["--status"])).contains("has no remoteHostName"));
+    assert!(fail(&s.affa.affa(&["--run", "db"])).contains("has no remoteHostName"));
     s.affa.write_conf("bad.conf", "[d b]\nremoteHostName=x\n");
-    assert!(fail(&s.affa.affa(&["--status"])).contains("job name 'd b' is not valid"));
+    assert!(fail(&s.affa.affa(&["--configcheck"])).contains("job name 'd b' is not valid"));
     s.affa.write_conf("bad.conf", "[web]\nremoteHostName=x\n");
-    assert!(fail(&s.affa.affa(&["--status"])).contains("section [web] is defined twice"));
+    assert!(fail(&s.affa.affa(&["--run", "web"])).contains("section [web] is defined twice"));
     s.affa.write_conf("bad.conf", "[db]\nremoteHostname=x\nremotUser=root\n");
-    assert!(fail(&s.affa.affa(&["--status"])).contains("unknown key 'remotUser' in [db] (did you mean 'remoteUser'?)"));
+    assert!(
+        fail(&s.affa.affa(&["--run", "db"])).contains("unknown key 'remotUser' in [db] (did you mean 'remoteUser'?)")
+    );
     fs::remove_file(f).unwrap();
     ok(&s.affa.affa(&["--configcheck"]));
     assert!(fail(&s.affa.affa(&["--run", "nosuchjob"])).contains("no job named 'nosuchjob'"));

@@ -1,0 +1,177 @@
+//! An Affa 3 installation moving over (issue 15), against the real counterparts: several job
+//! files with one broken, Affa 3's own values and options, the cron self-refresh, script-readable
+//! output, and the SME Server, USB-disk and rsync-daemon keys (a stand-in `signal-event` on the
+//! test sshd's PATH, a loop-mounted filesystem image, a real `rsync --daemon` on 127.0.0.1).
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+// ---------------------------------------------------------------- helpers
+
+/// The global section every test starts from, plus extra global keys.
+fn global(a: &Affa, extra: &str) {
+    a.write_conf(
+        "00-global.conf",
+        &format!(
+            "[GlobalAffaConfig]\nlockDir={s}/lock\nlogDir={s}/log\nsshDir={s}/ssh\nscriptDir={s}/scripts\nRootDir={r}\n\
+             cronFile={s}/cron.d/affa\nmetricsFile={s}/nodir/affa.prom\nsambaConfDir={s}/samba\nsmbConf={s}/smb.conf\n\
+             sendmailBinary={m}\n{extra}",
+            s = a.state.display(),
+            r = a.root.display(),
+            m = mail_recorder(a).display()
+        ),
+    );
+}
+
+/// A sendmail stand-in that keeps each message as N.msg (and its arguments as N.args).
+fn mail_recorder(a: &Affa) -> PathBuf {
+    let out = a.tmp.path().join("mail");
+    let sm = a.tmp.path().join("sendmail.sh");
+    if !sm.exists() {
+        fs::create_dir_all(&out).unwrap();
+        executable(
+            &sm,
+            &format!(
+                "#!/bin/sh\nn=$(ls {o}/*.msg 2>/dev/null | wc -l)\nprintf '%s\\n' \"$@\" > {o}/$n.args\ncat > {o}/$n.msg\n",
+                o = out.display()
+            ),
+        );
+    }
+    sm
+}
+
+/// A quoted-printable body as text (soft line breaks joined, `=XX` decoded).
+fn unqp(s: &str) -> String {
+    let s = s.replace("\r\n", "\n").replace("=\n", "");
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'=' && i + 2 < b.len() && u8::from_str_radix(&s[i + 1..i + 3], 16).is_ok() {
+            out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The messages sent so far: (arguments, message decoded).
+fn mails(a: &Affa) -> Vec<(String, String)> {
+    let out = a.tmp.path().join("mail");
+    (0..)
+        .map_while(|n| {
+            let m = fs::read_to_string(out.join(format!("{n}.msg"))).ok()?;
+            Some((fs::read_to_string(out.join(format!("{n}.args"))).unwrap(), unqp(&m)))
+        })
+        .collect()
+}
+
+fn executable(p: &Path, body: &str) {
+    fs::create_dir_all(p.parent().unwrap()).unwrap();
+    fs::write(p, body).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// A source tree for local (remoteHostName=localhost) jobs.
+fn source() -> tempfile::TempDir {
+    let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
+    fs::create_dir_all(src.path().join("data/sub")).unwrap();
+    fs::write(src.path().join("data/hello.txt"), "hello from affa\n").unwrap();
+    fs::write(src.path().join("data/sub/more.txt"), "more\n").unwrap();
+    src
+}
+
+fn local_job(name: &str, src: &Path, extra: &str) -> String {
+    format!("[{name}]\nremoteHostName=localhost\nInclude={}/data\n{extra}", src.display())
+}
+
+fn log_of(a: &Affa, job: &str) -> String {
+    fs::read_to_string(a.state.join(format!("log/{job}.log"))).unwrap_or_default()
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+// ---------------------------------------------------------------- 1. one bad file, one job
+
+#[test]
+fn a_broken_job_fails_alone_and_loudly() {
+    let a = Affa::new();
+    global(&a, "EmailAddress=global-admin@example.com\n");
+    let src = source();
+    a.write_conf("alpha.conf", &local_job("alpha", src.path(), ""));
+    // Affa 3's own SME samples carry status=enbabled; a misspelt key; a job in the same file
+    // that is fine; a section name that is no job name.
+    a.write_conf(
+        "broken.conf",
+        &format!(
+            "{}{}{}[bad name]\nremoteHostName=x\n",
+            local_job("beta", src.path(), "EmailAddress=beta-admin@example.com\nstatus=enbabled\n"),
+            local_job("gamma", src.path(), "remotUser=root\n"),
+            local_job("delta", src.path(), "")
+        ),
+    );
+    let broken = a.conf.join("broken.conf");
+
+    // Every other job runs.
+    ok(&a.affa_at("2026-03-02T10:00:00", &["--run", "alpha"]));
+    ok(&a.affa_at("2026-03-02T10:00:00", &["--run", "delta"]));
+    assert_eq!(archive_names(&a.job_dir("alpha")), ["scheduled.0"]);
+    assert_eq!(archive_names(&a.job_dir("delta")), ["scheduled.0"]);
+    assert!(mails(&a).is_empty(), "{:?}", mails(&a));
+
+    // The broken one fails with one line naming file, line, key, value and what is expected...
+    let e = fail(&a.affa_at("2026-03-02T10:00:00", &["--silent", "--run", "beta"]));
+    let expected =
+        format!("{}:5: key 'status' has the value 'enbabled', expected enabled or disabled", broken.display());
+    assert_eq!(e, format!("affa: error: {expected}\n"));
+    assert!(!a.job_dir("beta").exists(), "a broken job must not touch its RootDir");
+    // ...in its log, and in one error mail to the recipients its section names.
+    assert!(log_of(&a, "beta").contains(&expected), "{}", log_of(&a, "beta"));
+    let m = mails(&a);
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert!(m[0].0.ends_with("--\nbeta-admin@example.com\n"), "{}", m[0].0);
+    assert!(m[0].1.contains("job beta") && m[0].1.contains("FAILED") && m[0].1.contains(&expected), "{}", m[0].1);
+    // gamma: the misspelt key; its mail goes to the global recipients.
+    let e = fail(&a.affa(&["--silent", "--run", "gamma"]));
+    assert!(e.contains("unknown key 'remotUser' in [gamma] (did you mean 'remoteUser'?)"), "{e}");
+    assert!(mails(&a)[1].0.ends_with("--\nglobal-admin@example.com\n"), "{:?}", mails(&a)[1]);
+
+    // NRPE: critical for the broken job, as for a failed run; fine for the others.
+    let o = a.affa_at("2026-03-02T11:00:00", &["--nrpe", "beta"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
+    assert!(stdout(&o).starts_with("CRITICAL: Failed jobs: beta (configuration error)"), "{}", stdout(&o));
+    assert_eq!(a.affa_at("2026-03-02T11:00:00", &["--nrpe", "alpha"]).status.code(), Some(0));
+
+    // --configcheck still reports every error of every file, one line each.
+    let o = a.affa(&["--configcheck"]);
+    let err = fail(&o);
+    assert!(err.contains(&expected), "{err}");
+    assert!(err.contains("unknown key 'remotUser'"), "{err}");
+    assert!(err.contains("job name 'bad name' is not valid"), "{err}");
+    assert_eq!(err.lines().count(), 3, "{err}");
+    assert!(stdout(&o).contains("2 job(s) will not run (beta, gamma); the other 2 job(s) run"), "{}", stdout(&o));
+
+    // --status lists every job; cron still starts the broken ones, so they keep failing loudly.
+    let st = ok(&a.affa_at("2026-03-02T11:00:00", &["--status"]));
+    assert!(st.lines().any(|l| l.contains("beta") && l.contains("configuration error")), "{st}");
+    ok(&a.affa(&["--make-cronjobs"]));
+    let cron = fs::read_to_string(a.state.join("cron.d/affa")).unwrap();
+    for j in ["alpha", "beta", "gamma", "delta"] {
+        assert!(cron.contains(&format!("--silent --run {j}\n")), "{j}: {cron}");
+    }
+
+    // A broken [GlobalAffaConfig] is the one error that stops every job.
+    global(&a, "sendStatus=sometimes\n");
+    let e = fail(&a.affa(&["--run", "alpha"]));
+    assert!(e.contains("00-global.conf") && e.contains("key 'sendStatus' has the value 'sometimes'"), "{e}");
+}
