@@ -68,7 +68,8 @@ fn disk_space_low(job: &Job, st: &JobState) -> Option<String> {
 
 /// `--nrpe [JOB...]`: the plugin's one line and its exit code (0 OK, 1 WARNING, 2 CRITICAL,
 /// 3 UNKNOWN). Without job names every enabled job is checked; named jobs are checked whatever
-/// their status. NRPEtrigger=0 turns the age check of a job off.
+/// their status. NRPEtrigger=0 turns the age check of a job off; a negative NRPEtrigger (Affa
+/// 3's way) leaves the job out of monitoring.
 pub fn nrpe(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<(String, i32)> {
     let selected: Vec<&Job> = if jobs.is_empty() {
         cfg.all_jobs().into_iter().filter(|j| effective_enabled(cfg, j)).collect()
@@ -82,6 +83,7 @@ pub fn nrpe(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<(String,
         }
         v
     };
+    let selected: Vec<&Job> = selected.into_iter().filter(|j| j.int("NRPEtrigger") >= 0).collect();
     let now = clock.now();
     let (mut crit, mut warn, mut perf) = (Vec::new(), Vec::new(), Vec::new());
     for job in &selected {
@@ -95,7 +97,7 @@ pub fn nrpe(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<(String,
             Ok(s) => s,
             Err(e) => return Ok((format!("UNKNOWN: job {}: {e}", job.name), 3)),
         };
-        let trigger = job.num("NRPEtrigger") * 3600;
+        let trigger = job.int("NRPEtrigger").max(0) as u64 * 3600;
         let age = st.last_success.map(|t| (now - t).num_seconds().max(0) as u64);
         if st.interrupted {
             crit.push(format!("{} (interrupted)", job.name));
@@ -127,7 +129,7 @@ pub fn nrpe(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<(String,
     } else if !warn.is_empty() {
         (format!("WARNING: {}", warn.join(", ")), 1)
     } else if selected.is_empty() {
-        ("OK: no enabled jobs".to_string(), 0)
+        ("OK: no job to check (none enabled, or NRPEtrigger < 0)".to_string(), 0)
     } else {
         let names: Vec<&str> = selected.iter().map(|j| j.name.as_str()).collect();
         (format!("OK: {} job(s) backed up in time: {}", selected.len(), names.join(", ")), 0)

@@ -175,3 +175,50 @@ fn a_broken_job_fails_alone_and_loudly() {
     let e = fail(&a.affa(&["--run", "alpha"]));
     assert!(e.contains("00-global.conf") && e.contains("key 'sendStatus' has the value 'sometimes'"), "{e}");
 }
+
+// ---------------------------------------------------------------- 2. Affa 3's values
+
+#[test]
+fn affa3_values_are_accepted_as_affa3_reads_them() {
+    let mut sshd = Sshd::start();
+    let a = Affa::new();
+    global(&a, "");
+    let src = source();
+    // scheduledKeep=0 counts as 1, negative keeps as 0; negative nice levels; NRPEtrigger=-1
+    // turns NRPE off for the job.
+    a.write_conf(
+        "local.conf",
+        &local_job("loc", src.path(), "scheduledKeep=0\ndailyKeep=-1\nweeklyKeep=-7\nmonthlyKeep=0\nyearlyKeep=-1\nlocalNice=-5\nNRPEtrigger=-1\n"),
+    );
+    a.write_conf(
+        "remote.conf",
+        &a.ssh_job("rem", &sshd, &format!("Include={}/data\nremoteNice=-3\nscheduledKeep=-2\n", src.path().display())),
+    );
+    ok(&a.affa(&["--configcheck"]));
+    ok(&a.send_key(&mut sshd, "rem"));
+    for (day, n) in [("2026-03-02T10:00:00", 1), ("2026-03-03T10:00:00", 2), ("2026-03-10T10:00:00", 3)] {
+        ok(&a.affa_at(day, &["--run", "loc"]));
+        ok(&a.affa_at(day, &["--run", "rem"]));
+        // One scheduled archive (keep 1), no daily or weekly ones (keep 0).
+        assert_eq!(archive_names(&a.job_dir("loc")), ["scheduled.0"], "run {n}");
+    }
+    let rem = archive_names(&a.job_dir("rem"));
+    assert_eq!(rem.iter().filter(|n| n.starts_with("scheduled.")).collect::<Vec<_>>(), ["scheduled.0"], "{rem:?}");
+    assert_eq!(
+        fs::read_to_string(
+            a.job_dir("loc").join("scheduled.0").join(src.path().strip_prefix("/").unwrap()).join("data/hello.txt")
+        )
+        .unwrap(),
+        "hello from affa\n"
+    );
+    let log = log_of(&a, "loc");
+    assert!(log.contains("running: nice -n -5 rsync "), "{log}");
+    let log = log_of(&a, "rem");
+    assert!(log.contains("--rsync-path=/bin/nice -n -3 /usr/bin/rsync"), "{log}");
+    // NRPEtrigger=-1: not monitored, even when it is long overdue.
+    let o = a.affa_at("2026-04-01T10:00:00", &["--nrpe", "loc"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    let o = a.affa_at("2026-04-01T10:00:00", &["--nrpe"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
+    assert!(stdout(&o).contains("rem (last success") && !stdout(&o).contains("loc"), "{}", stdout(&o));
+}

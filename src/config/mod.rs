@@ -417,6 +417,10 @@ impl Job {
     pub fn num(&self, key: &str) -> u64 {
         self.get(key).parse().unwrap_or(0)
     }
+    /// A signed whole number (0 when empty).
+    pub fn int(&self, key: &str) -> i64 {
+        keys::parse_int(self.get(key)).unwrap_or(0)
+    }
     pub fn is_explicit(&self, key: &str) -> bool {
         self.explicit.contains(&key)
     }
@@ -435,7 +439,9 @@ impl Job {
         self.root_dir().join(&self.name)
     }
     pub fn keep(&self, level: crate::archive::Level) -> u32 {
-        self.num(level.keep_key()) as u32
+        // Affa 3 clamps: scheduledKeep >= 1, the other keeps >= 0.
+        let floor = if level == crate::archive::Level::Scheduled { 1 } else { 0 };
+        self.int(level.keep_key()).clamp(floor, 10000) as u32
     }
     pub fn remote_rsync(&self) -> String {
         if self.esxi() && !self.is_explicit("remoteRsyncBinary") {
@@ -603,7 +609,17 @@ mod tests {
         let e = parse("[web]\nremoteHostName=h\nESXi=yes\nESXiVMName=v\n").unwrap_err().to_string();
         assert!(e.contains("has no ESXiUsername"), "{e}");
         assert!(parse("[..]\nremoteHostName=h\n").is_err());
-        assert!(parse("[web]\nremoteHostName=h\nscheduledKeep=0\n").is_err());
+        // Affa 3's values: scheduledKeep=0 counts as 1, negative keeps as 0, negative nice and
+        // NRPEtrigger are valid.
+        let c = parse(
+            "[web]\nremoteHostName=h\nscheduledKeep=0\ndailyKeep=-3\nlocalNice=-5\nremoteNice=-19\nNRPEtrigger=-1\n",
+        )
+        .unwrap();
+        let w = c.job("web").unwrap();
+        assert_eq!((w.keep(crate::archive::Level::Scheduled), w.keep(crate::archive::Level::Daily)), (1, 0));
+        assert_eq!((w.int("localNice"), w.int("NRPEtrigger")), (-5, -1));
+        assert!(parse("[web]\nremoteHostName=h\nlocalNice=-20\n").is_err());
+        assert!(parse("[web]\nremoteHostName=h\nscheduledKeep=1-\n").is_err());
         assert!(parse("[web]\nremoteHostName=h\nchunkSize=1G\n").is_err());
         assert!(parse("[web]\nremoteHostName=h\nchunkSize=3M\n").is_err());
         let e = parse("[web]\nremoteHostName=h\nrsyncdMode=yes\n").unwrap_err().to_string();

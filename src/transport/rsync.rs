@@ -84,8 +84,8 @@ pub fn base_args(job: &Job, source: &Source) -> Vec<String> {
             a.push("--compress".into());
         }
         let mut remote = job.remote_rsync();
-        let nice = job.num("remoteNice");
-        if nice > 0 {
+        let nice = job.int("remoteNice");
+        if nice != 0 {
             remote = format!("{} -n {nice} {remote}", job.get("remoteNiceBinary"));
         }
         a.push(format!("--rsync-path={remote}"));
@@ -94,10 +94,10 @@ pub fn base_args(job: &Job, source: &Source) -> Vec<String> {
     a
 }
 
-/// The local rsync program and its leading args (nice, when localNice > 0).
+/// The local rsync program and its leading args (nice, when localNice is not 0).
 pub fn program(job: &Job) -> (String, Vec<String>) {
-    let nice = job.num("localNice");
-    if nice > 0 {
+    let nice = job.int("localNice");
+    if nice != 0 {
         (
             job.get("localNiceBinary").to_string(),
             vec!["-n".into(), nice.to_string(), job.get("localRsyncBinary").to_string()],
