@@ -361,24 +361,33 @@ pub fn cleanup(cfg: &Config, name: &str, yes: bool) -> Result<String> {
     Ok(format!("job {name}: deleted {}", names.join(", ")))
 }
 
-/// `--delete-job JOB`: delete its archives and its configuration section.
-pub fn delete_job(cfg: &Config, name: &str, yes: bool) -> Result<String> {
+/// `--delete-job [--revoke-key] JOB`: delete its archives and its configuration section;
+/// with `revoke`, first remove affa's key from the host (a failure stops before anything is
+/// deleted).
+pub fn delete_job(cfg: &Config, name: &str, yes: bool, revoke: bool) -> Result<String> {
     let job = cfg.job(name)?;
     let dir = job.job_dir();
     confirm(
         &format!(
-            "This deletes job {name}: all its archives in {} and its section in {}",
+            "This deletes job {name}: all its archives in {} and its section in {}{}",
             dir.display(),
-            job.origin.file.display()
+            job.origin.file.display(),
+            if revoke { ", after removing affa's key from its host" } else { "" }
         ),
         yes,
     )?;
     let _l = lock::acquire(&cfg.lock_dir(), name)?;
+    let mut out = String::new();
+    if revoke && job.get("remoteHostName") != "localhost" {
+        out = revoke_key(cfg, name)
+            .map_err(|e| e.context(format!("job {name} not deleted (run without --revoke-key to delete it anyway)")))?
+            + "\n";
+    }
     archive::remove_tree(&dir)?;
     edit::remove_section(job)?;
     let _ = fs::remove_file(cfg.ssh_dir().join(format!("knownhosts-{name}")));
     crate::staging::sweep_pool(&job.root_dir())?;
-    Ok(format!("job {name} deleted"))
+    Ok(format!("{out}job {name} deleted"))
 }
 
 /// `--rename-job JOB NEW`
@@ -482,6 +491,43 @@ pub fn log_tail(cfg: &Config, name: Option<&str>) -> Result<String> {
     };
     let lines = crate::joblog::tail(&file, 50).ctx(|| format!("cannot read {}", file.display()))?;
     Ok(lines.join("\n") + "\n")
+}
+
+/// `--show-config-pathes [--csv] [JOB...]`: the file that holds each job (Affa 3's format:
+/// `JOB: FILE`, the name column 3 to 17 wide; CSV `job;configpath`).
+pub fn show_config_pathes(cfg: &Config, names: &[String], csv: bool) -> Result<String> {
+    let jobs: Vec<&Job> = if names.is_empty() {
+        cfg.all_jobs()
+    } else {
+        let mut v = Vec::new();
+        for n in names {
+            match cfg.broken.get(n.as_str()) {
+                Some(b) => v.push(&b.partial),
+                None => v.push(cfg.job(n)?),
+            }
+        }
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    };
+    let mut out = String::new();
+    if csv {
+        out.push_str("job;configpath\n");
+        for j in &jobs {
+            out.push_str(&format!("{};{}\n", j.name, j.origin.file.display()));
+        }
+        return Ok(out);
+    }
+    let w = jobs.iter().map(|j| j.name.len()).max().unwrap_or(0).clamp(3, 17);
+    for j in &jobs {
+        let name = if j.name.len() > w { format!("{}..", &j.name[..w - 2]) } else { j.name.clone() };
+        out.push_str(&format!("{name:<w$}: {}\n", j.origin.file.display()));
+    }
+    Ok(out)
+}
+
+/// `--_jobs` (bash completion): every job name, one per line.
+pub fn job_names(cfg: &Config) -> String {
+    cfg.all_jobs().iter().map(|j| format!("{}\n", j.name)).collect()
 }
 
 /// `--configcheck`: what is worth knowing about the working jobs (stdout) and every

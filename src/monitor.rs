@@ -137,6 +137,84 @@ pub fn nrpe(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<(String,
     Ok((line + &perf, code))
 }
 
+/// The jobs NRPE checks one by one (Affa 3's `--_jobsnrpe`): enabled, NRPEtrigger >= 0.
+pub fn nrpe_jobs(cfg: &Config) -> Vec<&Job> {
+    cfg.all_jobs().into_iter().filter(|j| effective_enabled(cfg, j) && j.int("NRPEtrigger") >= 0).collect()
+}
+
+/// The nrpe.cfg that `--init-nrpe` extends: nrpeConfig, else Affa 3's two places.
+fn nrpe_cfg(cfg: &Config) -> Option<PathBuf> {
+    let set = cfg.global.get("nrpeConfig");
+    if !set.is_empty() {
+        return Some(PathBuf::from(set));
+    }
+    ["/etc/nagios/nrpe.cfg", "/etc/icinga/nrpe.cfg"].into_iter().map(PathBuf::from).find(|p| p.is_file())
+}
+
+/// The NRPE command file: Affa 3's commands (`sudo` as in Affa 3: NRPE runs as its own user
+/// and the archives are root's; see docs/OPERATIONS.md for the sudoers line).
+pub fn nrpe_config_text(cfg: &Config) -> String {
+    let affa = crate::schedule::affa_command(cfg, &crate::schedule::absolute(&cfg.dir));
+    let mut s = String::from("# written by affa --init-nrpe (and --_jobsnrpe); nrpe.cfg includes it\n");
+    s.push_str(&format!("command[check_affa]=sudo {affa} --nrpe\n"));
+    s.push_str(&format!("command[affa_jobsnrpe]=sudo {affa} --_jobsnrpe\n"));
+    s.push_str(&format!("command[affa_diskusagenrpe]=sudo {affa} --disk-usage --csv\n"));
+    for j in nrpe_jobs(cfg) {
+        s.push_str(&format!("command[check_affa_{n}]=sudo {affa} --nrpe {n}\n", n = j.name));
+    }
+    s
+}
+
+/// `--init-nrpe`: write `affa-nrpe.cfg` next to nrpe.cfg, include it from nrpe.cfg (once), and
+/// run nrpeRestart when either file changed. Err when NRPE is not installed.
+pub fn init_nrpe(cfg: &Config) -> Result<String> {
+    let Some(main) = nrpe_cfg(cfg) else {
+        bail!("NRPE is not installed on this server (no /etc/nagios/nrpe.cfg or /etc/icinga/nrpe.cfg); set nrpeConfig in [GlobalAffaConfig] to its nrpe.cfg");
+    };
+    let own = main.with_file_name("affa-nrpe.cfg");
+    let text = nrpe_config_text(cfg);
+    let mut changed = Vec::new();
+    if fs::read_to_string(&own).ok().as_deref() != Some(text.as_str()) {
+        crate::schedule::write_file(&own, &text, 0o644)?;
+        changed.push(format!("{} written", own.display()));
+    }
+    let include = format!("include={}", own.display());
+    let old =
+        fs::read_to_string(&main).map_err(|e| crate::Error::new(format!("cannot read {}: {e}", main.display())))?;
+    let mut new: String = old.lines().filter(|l| l.trim() != include).map(|l| format!("{l}\n")).collect();
+    new.push_str(&include);
+    new.push('\n');
+    if new != old {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(&main).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644);
+        crate::schedule::write_file(&main, &new, mode)?;
+        changed.push(format!("{} includes it", main.display()));
+    }
+    if changed.is_empty() {
+        return Ok(format!("{} is up to date", own.display()));
+    }
+    let restart = cfg.global.get("nrpeRestart");
+    if !restart.is_empty() {
+        let out = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(restart)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| crate::Error::new(format!("cannot run nrpeRestart '{restart}': {e}")))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            bail!(
+                "{}; but nrpeRestart '{restart}' failed (exit {}): {}",
+                changed.join(", "),
+                out.status.code().unwrap_or(-1),
+                err.lines().next().unwrap_or("").trim()
+            );
+        }
+        changed.push(format!("NRPE restarted ({restart})"));
+    }
+    Ok(changed.join("; "))
+}
+
 fn epoch(t: NaiveDateTime) -> Option<i64> {
     chrono::Local.from_local_datetime(&t).earliest().map(|d| d.timestamp())
 }

@@ -222,3 +222,122 @@ fn affa3_values_are_accepted_as_affa3_reads_them() {
     assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
     assert!(stdout(&o).contains("rem (last success") && !stdout(&o).contains("loc"), "{}", stdout(&o));
 }
+
+// ---------------------------------------------------------------- 3. Affa 3's internal options
+
+#[test]
+fn affa3_internal_options_and_the_cron_self_refresh() {
+    let mut sshd = Sshd::start();
+    let a = Affa::new();
+    let nagios = a.tmp.path().join("nagios");
+    fs::create_dir_all(&nagios).unwrap();
+    fs::write(nagios.join("nrpe.cfg"), "server_port=5666\ninclude_dir=/etc/nagios/nrpe.d\n").unwrap();
+    let restarts = a.tmp.path().join("restarts");
+    global(
+        &a,
+        &format!(
+            "affaBinary={}\nnrpeConfig={}/nrpe.cfg\nnrpeRestart=echo restarted >> {}\n",
+            env!("CARGO_BIN_EXE_affa"),
+            nagios.display(),
+            restarts.display()
+        ),
+    );
+    let src = source();
+    a.write_conf("loc.conf", &local_job("loc", src.path(), "NRPEtrigger=-1\n"));
+    a.write_conf("rem.conf", &a.ssh_job("rem", &sshd, &format!("Include={}/data\n", src.path().display())));
+
+    // Bash completion (Affa 3's profile.d/affa.sh): the option is field 3 of the usage lines
+    // that contain " affa CUR"; a line with JOB offers the job names of --_jobs.
+    let sh = |cmd: &str| {
+        let o = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(cmd)
+            .env("AFFA", env!("CARGO_BIN_EXE_affa"))
+            .env("CONF", &a.conf)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert_eq!(sh("$AFFA --_shorthelp | grep ' affa --li' | awk '{print $3}'"), "--list-archives\n");
+    assert_eq!(sh("$AFFA --_shorthelp | grep -- '--cleanup.*JOB' | wc -l").trim(), "1");
+    assert_eq!(
+        sh("$AFFA --_shorthelp | awk '{print $3}' | grep -c '^--'").trim(),
+        sh("$AFFA --_shorthelp | wc -l").trim()
+    );
+    assert_eq!(ok(&a.affa(&["--_jobs"])), "loc\nrem\n");
+
+    // --show-config-pathes, text and CSV.
+    let p = ok(&a.affa(&["--show-config-pathes"]));
+    assert_eq!(p, format!("loc: {}\nrem: {}\n", a.conf.join("loc.conf").display(), a.conf.join("rem.conf").display()));
+    let p = ok(&a.affa(&["--show-config-pathes", "--csv", "rem"]));
+    assert_eq!(p, format!("job;configpath\nrem;{}\n", a.conf.join("rem.conf").display()));
+
+    // --debug: Debug=yes for the run (ssh logs at DEBUG1).
+    ok(&a.send_key(&mut sshd, "rem"));
+    ok(&a.affa(&["--debug", "--run", "rem"]));
+    assert!(log_of(&a, "rem").contains("LogLevel=DEBUG1"), "{}", log_of(&a, "rem"));
+
+    // --init-nrpe: the command file next to nrpe.cfg, included once, NRPE restarted when
+    // something changed; the commands in it work. NRPEtrigger=-1 leaves loc out.
+    let out = ok(&a.affa(&["--init-nrpe"]));
+    assert!(out.contains("NRPE restarted"), "{out}");
+    let own = fs::read_to_string(nagios.join("affa-nrpe.cfg")).unwrap();
+    let affa = format!("{} --config-dir {}", env!("CARGO_BIN_EXE_affa"), fs::canonicalize(&a.conf).unwrap().display());
+    for l in [
+        format!("command[check_affa]=sudo {affa} --nrpe\n"),
+        format!("command[affa_jobsnrpe]=sudo {affa} --_jobsnrpe\n"),
+        format!("command[affa_diskusagenrpe]=sudo {affa} --disk-usage --csv\n"),
+        format!("command[check_affa_rem]=sudo {affa} --nrpe rem\n"),
+    ] {
+        assert!(own.contains(&l), "{l} in\n{own}");
+    }
+    assert!(!own.contains("check_affa_loc"), "{own}");
+    ok(&a.affa(&["--init-nrpe"]));
+    let main = fs::read_to_string(nagios.join("nrpe.cfg")).unwrap();
+    assert_eq!(
+        main,
+        format!("server_port=5666\ninclude_dir=/etc/nagios/nrpe.d\ninclude={}/affa-nrpe.cfg\n", nagios.display())
+    );
+    assert_eq!(fs::read_to_string(&restarts).unwrap(), "restarted\n", "restarted only when something changed");
+    // NRPE runs the commands as root through sudo; here we are root already.
+    let run = |name: &str| {
+        let line = own.lines().find(|l| l.starts_with(&format!("command[{name}]="))).unwrap();
+        let cmd = line.split_once("]=sudo ").unwrap().1;
+        std::process::Command::new("/bin/sh").arg("-c").arg(cmd).output().unwrap()
+    };
+    let o = run("check_affa_rem");
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    assert_eq!(stdout(&run("affa_jobsnrpe")), "rem\n#OK\n");
+    assert!(stdout(&run("affa_diskusagenrpe")).starts_with("RootDir;RootDirFilesystemAvail;RootDirFilesystemUsed\n"));
+
+    // --delete-job --revoke-key: the key leaves the host, then the job goes.
+    let key = fs::read_to_string(a.state.join("ssh/id_ed25519_affa.pub")).unwrap();
+    assert!(fs::read_to_string(&sshd.authorized_keys).unwrap().contains(key.trim()));
+    let out = ok(&a.affa(&["--delete-job", "--revoke-key", "rem", "--yes"]));
+    assert!(out.contains("affa's key removed") && out.contains("job rem deleted"), "{out}");
+    assert!(!fs::read_to_string(&sshd.authorized_keys).unwrap().contains(key.trim()));
+    assert!(!a.job_dir("rem").exists());
+    assert!(fail(&a.affa(&["--revoke-key", "--status"])).contains("cannot be used together"));
+
+    // The cron file refreshes itself: Affa 3's line every 15 minutes; nothing is rewritten
+    // while nothing changed; an edited file, or a file added (even an old one), is applied.
+    ok(&a.affa(&["--make-cronjobs"]));
+    let cron = a.state.join("cron.d/affa");
+    let text = fs::read_to_string(&cron).unwrap();
+    assert!(text.ends_with(&format!("*/15 * * * * root {affa} --silent --_cronupdate\n")), "{text}");
+    let mtime = || fs::metadata(&cron).unwrap().modified().unwrap();
+    let before = mtime();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let o = a.affa(&["--_cronupdate"]);
+    assert_eq!(ok(&o), "");
+    assert!(o.stderr.is_empty());
+    assert_eq!(mtime(), before, "rewritten without a change");
+    a.write_conf("loc.conf", &local_job("loc", src.path(), "TimeSchedule=0415\n"));
+    assert_eq!(ok(&a.affa(&["--_cronupdate"])), "");
+    assert!(fs::read_to_string(&cron).unwrap().contains("15 4 * * * root"), "edit not applied");
+    a.write_conf("new.conf", &local_job("newjob", src.path(), "TimeSchedule=0545\n"));
+    let st = std::process::Command::new("touch").args(["-d", "2001-01-01"]).arg(a.conf.join("new.conf")).status();
+    assert!(st.unwrap().success());
+    ok(&a.affa(&["--_cronupdate"]));
+    assert!(fs::read_to_string(&cron).unwrap().contains("45 5 * * * root"), "new file not applied");
+}

@@ -210,6 +210,18 @@ pub static KEYS: &[KeyDef] = &[
         Kind::AbsPath,
         "Prometheus textfile written by --metrics",
     ),
+    g(
+        "nrpeConfig",
+        NONE,
+        Kind::OptAbsPath,
+        "nrpe.cfg that --init-nrpe extends (empty: /etc/nagios/nrpe.cfg, else /etc/icinga/nrpe.cfg)",
+    ),
+    g(
+        "nrpeRestart",
+        &["systemctl try-restart nagios-nrpe-server.service"],
+        Kind::Text,
+        "command that restarts NRPE after --init-nrpe changed its files (empty: none)",
+    ),
     g("sambaConfDir", &["/etc/samba/affa"], Kind::AbsPath, "where the Samba share include files are written"),
     g("smbConf", &["/etc/samba/smb.conf"], Kind::AbsPath, "the smb.conf that includes them"),
 ];

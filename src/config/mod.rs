@@ -316,6 +316,13 @@ impl Config {
         })
     }
 
+    /// `--debug`: Debug=yes for every job (Affa 3's option).
+    pub fn force_debug(&mut self) {
+        for j in self.jobs.values_mut().chain(self.broken.values_mut().map(|b| &mut b.partial)) {
+            j.values.insert("Debug", vec!["yes".into()]);
+        }
+    }
+
     /// Is there a section of that name, working or broken?
     pub fn has_job(&self, name: &str) -> bool {
         self.jobs.contains_key(name) || self.broken.contains_key(name)
