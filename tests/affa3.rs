@@ -341,3 +341,31 @@ fn affa3_internal_options_and_the_cron_self_refresh() {
     ok(&a.affa(&["--_cronupdate"]));
     assert!(fs::read_to_string(&cron).unwrap().contains("45 5 * * * root"), "new file not applied");
 }
+
+// ---------------------------------------------------------------- 4. subdirectories
+
+#[test]
+fn configurations_in_subdirectories_are_read() {
+    let a = Affa::new();
+    global(&a, "");
+    let src = source();
+    fs::create_dir_all(a.conf.join("hosts/web")).unwrap();
+    a.write_conf("hosts/web/www.conf", &local_job("www", src.path(), "TimeSchedule=0310\n"));
+    a.write_conf("hosts/db.conf", &local_job("db", src.path(), ""));
+    // Not a configuration file.
+    a.write_conf("hosts/notes.txt", "[nope]\nremoteHostName=x\n");
+    assert_eq!(ok(&a.affa(&["--_jobs"])), "db\nwww\n");
+    ok(&a.affa_at("2026-03-02T10:00:00", &["--run", "www"]));
+    assert_eq!(archive_names(&a.job_dir("www")), ["scheduled.0"]);
+    ok(&a.affa(&["--make-cronjobs"]));
+    assert!(fs::read_to_string(a.state.join("cron.d/affa")).unwrap().contains("10 3 * * * root"));
+    // Edits go to the file in the subdirectory.
+    ok(&a.affa(&["--rename-job", "www", "web"]));
+    assert!(fs::read_to_string(a.conf.join("hosts/web/www.conf")).unwrap().contains("[web]"));
+    assert_eq!(ok(&a.affa(&["--_jobs"])), "db\nweb\n");
+    // An error in a subdirectory's file is reported with its path, and stops its job only.
+    a.write_conf("hosts/db.conf", &local_job("db", src.path(), "dailyKeep=x\n"));
+    let e = fail(&a.affa(&["--configcheck"]));
+    assert!(e.contains(&format!("{}:4: key 'dailyKeep'", a.conf.join("hosts/db.conf").display())), "{e}");
+    ok(&a.affa_at("2026-03-02T11:00:00", &["--run", "web"]));
+}

@@ -1,4 +1,5 @@
-//! Job configuration: every `*.conf` in the configuration directory, Affa 3's INI format.
+//! Job configuration: every `*.conf` under the configuration directory (subdirectories too, as
+//! Affa 3), Affa 3's INI format.
 //!
 //! Owns: reading, merging (built-in default < `[GlobalAffaConfig]` < the job's section) and
 //! validating keys into typed [`Job`]s. Must never: guess at a value it does not understand (a
