@@ -80,7 +80,32 @@ pub fn show_date(d: &str) -> String {
     }
 }
 
-pub const ARCHIVES_CSV_HEADER: &str = "Job;Archive;Count;Date;Files;Size;RootDirFilesystemAvail;RootDirFilesystemUsed;valid;TotalBytesSent;TotalBytesReceived;ExecutionTime;LogicalSize;PoolBytesAdded;DedupRatio";
+/// `--list-archives --csv`: Affa 3's 16 columns in its order and format (the level, the index
+/// as 5 digits, the report's values as written, `valid` yes/no, an incomplete archive's values
+/// 0, Affa 3's freedup columns), then affa's own. Affa 3's header line named 15 columns
+/// (`Archive:Count`, no `TotalBytesSent`); this one names each column.
+pub const ARCHIVES_CSV_HEADER: &str = "Archive;Count;Date;Files;Size;RootDirFilesystemAvail;RootDirFilesystemUsed;valid;TotalBytesSent;TotalBytesReceived;ExecutionTime;DedupTotalFiles;DedupReplacedFiles;DedupSavedBytes;DedupExectime;DedupDate;Job;LogicalSize;PoolBytesAdded;DedupRatio";
+
+/// A report value as a CSV field: as written, `;` and line ends replaced.
+fn field(r: &Report, key: &str) -> String {
+    r.get(key).unwrap_or("").replace([';', '\n', '\r'], " ")
+}
+
+/// Affa 3's freedup columns: DedupTotalFiles, DedupReplacedFiles, DedupSavedBytes,
+/// DedupExectime, DedupDate (the run's Date when not given); empty without DedupExectime.
+fn freedup_fields(r: &Report) -> [String; 5] {
+    if r.get("DedupExectime").is_none() {
+        return Default::default();
+    }
+    let date = if r.get("DedupDate").is_some() { field(r, "DedupDate") } else { field(r, "Date") };
+    [
+        field(r, "DedupTotalFiles"),
+        field(r, "DedupReplacedFiles"),
+        field(r, "DedupSavedBytes"),
+        field(r, "DedupExectime"),
+        date,
+    ]
+}
 
 /// `--list-archives [--csv] [JOB...]`
 pub fn list_archives(cfg: &Config, names: &[String], csv: bool) -> Result<String> {
@@ -115,24 +140,27 @@ pub fn list_archives(cfg: &Config, names: &[String], csv: bool) -> Result<String
             let nh = |k: &str| n(k).map(human).unwrap_or_else(|| "-".into());
             let ratio = r.get("DedupRatio").unwrap_or("-").to_string();
             if csv {
-                out.push_str(&format!(
-                    "{};{};{};{};{};{};{};{};{};{};{};{};{};{};{}\n",
-                    job.name,
-                    a.level.name(),
-                    a.index,
-                    r.date().unwrap_or(""),
-                    n("NumberOfFiles").unwrap_or(0),
-                    n("TotalFileSize").unwrap_or(0),
-                    n("RootDirFilesystemAvail").unwrap_or(0),
-                    n("RootDirFilesystemUsed").unwrap_or(0),
-                    if a.valid() { "yes" } else { "no" },
-                    n("TotalBytesSent").unwrap_or(0),
-                    n("TotalBytesReceived").unwrap_or(0),
-                    n("ExecutionTime").unwrap_or(0),
-                    n("ChunkLogicalSize").unwrap_or(0),
-                    n("ChunkPoolBytesAdded").unwrap_or(0),
-                    r.get("DedupRatio").unwrap_or("")
-                ));
+                let mut f: Vec<String> = vec![a.level.name().into(), format!("{:05}", a.index)];
+                let affa3 =
+                    ["Date", "NumberOfFiles", "TotalFileSize", "RootDirFilesystemAvail", "RootDirFilesystemUsed"];
+                let sent = ["TotalBytesSent", "TotalBytesReceived", "ExecutionTime"];
+                if a.valid() {
+                    f.extend(affa3.iter().map(|k| field(&r, k)));
+                    f.push("yes".into());
+                    f.extend(sent.iter().map(|k| field(&r, k)));
+                    f.extend(freedup_fields(&r));
+                } else {
+                    f.extend(["0"; 5].map(String::from));
+                    f.push("no".into());
+                    f.extend(["0"; 3].map(String::from));
+                    f.extend(["", "", "", "", ""].map(String::from));
+                }
+                f.push(job.name.clone());
+                f.push(n("ChunkLogicalSize").unwrap_or(0).to_string());
+                f.push(n("ChunkPoolBytesAdded").unwrap_or(0).to_string());
+                f.push(field(&r, "DedupRatio"));
+                out.push_str(&f.join(";"));
+                out.push('\n');
             } else {
                 let tag = if a.index >= k.of(a.level) { "*" } else { " " };
                 out.push_str(&format!(
@@ -157,18 +185,44 @@ pub fn list_archives(cfg: &Config, names: &[String], csv: bool) -> Result<String
     Ok(out)
 }
 
-/// The state of a job that is not cleanly idle.
+/// Affa 3's process state of a job that is not cleanly idle: `running rsync` (it holds its lock
+/// and one of its processes is an rsync), `waiting` (it holds its lock otherwise), `rsync
+/// interrupted` (a transfer was cut short), `configuration error` (it cannot run).
 pub fn process_state(cfg: &Config, job: &Job) -> Option<String> {
     if cfg.broken.contains_key(&job.name) {
         return Some("configuration error".into());
     }
     if let Some(pid) = lock::holder(&cfg.lock_dir(), &job.name) {
-        return Some(format!("running (pid {pid})"));
+        return Some(if runs_rsync(pid) { "running rsync" } else { "waiting" }.into());
     }
     if job.job_dir().join(archive::RUNNING).exists() {
-        return Some("interrupted".into());
+        return Some("rsync interrupted".into());
     }
     None
+}
+
+/// Does a process below `pid` run rsync (read from /proc)?
+fn runs_rsync(pid: i32) -> bool {
+    let mut children: std::collections::HashMap<i32, Vec<i32>> = std::collections::HashMap::new();
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        // stat: "pid (comm) state ppid ..."; comm may hold spaces and parentheses.
+        let Ok(stat) = fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok());
+        if let Some(pp) = ppid {
+            children.entry(pp).or_default().push(p);
+        }
+    }
+    let mut stack = children.get(&pid).cloned().unwrap_or_default();
+    while let Some(p) = stack.pop() {
+        let argv0 = fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+        let argv0 = argv0.split(|b| *b == 0).next().unwrap_or_default();
+        if argv0.rsplit(|b| *b == b'/').next().is_some_and(|n| n.starts_with(b"rsync")) {
+            return true;
+        }
+        stack.extend(children.get(&p).cloned().unwrap_or_default());
+    }
+    false
 }
 
 /// The next `TimeSchedule` after now, as HH:MM.
@@ -180,7 +234,10 @@ fn next_run(job: &Job, clock: &dyn Clock) -> String {
     next.map(|t| format!("{}:{}", &t[..2], &t[2..])).unwrap_or_else(|| "-".into())
 }
 
-pub const STATUS_CSV_HEADER: &str = "Job;Enabled;Last;Next;Size;RootDirFilesystemAvail;RootDirFilesystemUsed;NumberOfArchives;lockpid;ProcessState;BackupTime";
+/// `--status --csv`: Affa 3's 16 columns in its order and format (rows in reverse job order,
+/// `Last` 19700101000000 when never run, lockpid 0 when not running, sizes from the last
+/// report), then affa's own (`ConfigError`: the first configuration error of the job).
+pub const STATUS_CSV_HEADER: &str = "Job;Enabled;Last;Next;Size;RootDirFilesystemAvail;RootDirFilesystemUsed;NumberOfArchives;lockpid;ProcessState;BackupTime;DedupTotalFiles;DedupReplacedFiles;DedupSavedBytes;DedupExectime;DedupDate;ConfigError";
 
 /// `--status [--csv] [--all]`
 pub fn status(cfg: &Config, clock: &dyn Clock, csv: bool, all: bool) -> Result<String> {
@@ -195,31 +252,40 @@ pub fn status(cfg: &Config, clock: &dyn Clock, csv: bool, all: bool) -> Result<S
             "Job", "ENA", "Last", "Time", "Next", "Size", "N of S,D,W,M,Y"
         ));
     }
+    let mut jobs = cfg.all_jobs();
+    if csv {
+        jobs.reverse();
+    }
     let mut disabled = 0;
-    for job in cfg.all_jobs() {
-        let enabled = job.enabled() && cfg.global.get("globalStatus") != "disabled";
+    for job in jobs {
+        let enabled = crate::schedule::effective_enabled(cfg, job);
         let r = Report::read(&job.job_dir().join("scheduled.0"));
         let arch = archive::list(&job.job_dir())?;
         let count = |l: Level| arch.iter().filter(|a| a.level == l).count();
         let nof = Level::ALL.map(|l| format!("{:>2}", count(l))).join(",");
         let state = process_state(cfg, job);
+        let pid = lock::holder(&cfg.lock_dir(), &job.name);
         let last_date = r.as_ref().and_then(|r| r.date().map(String::from));
         if csv {
-            let (used, avail) = rsync::df(&job.root_dir()).unwrap_or((0, 0));
-            out.push_str(&format!(
-                "{};{};{};{};{};{};{};{};{};{};{}\n",
-                job.name,
-                if enabled { "yes" } else { "no" },
-                last_date.clone().unwrap_or_else(|| "197001010000".into()),
+            let rv = |k: &str| r.as_ref().and_then(|r| r.num(k)).unwrap_or(0).to_string();
+            let mut f = vec![
+                job.name.clone(),
+                if enabled { "yes" } else { "no" }.to_string(),
+                last_date.clone().unwrap_or_else(|| "19700101000000".into()),
                 next_run(job, clock),
-                r.as_ref().and_then(|r| r.num("TotalFileSize")).unwrap_or(0),
-                avail,
-                used,
+                rv("TotalFileSize"),
+                rv("RootDirFilesystemAvail"),
+                rv("RootDirFilesystemUsed"),
                 nof,
-                lock::holder(&cfg.lock_dir(), &job.name).map(|p| p.to_string()).unwrap_or_default(),
+                pid.unwrap_or(0).to_string(),
                 state.clone().unwrap_or_default(),
-                r.as_ref().and_then(|r| r.num("ExecutionTime")).map(|v| v.to_string()).unwrap_or_default()
-            ));
+                r.as_ref().map(|r| field(r, "ExecutionTime")).unwrap_or_default(),
+            ];
+            f.extend(r.as_ref().map(freedup_fields).unwrap_or_default());
+            let err = cfg.broken.get(&job.name).map(|b| b.error().to_string()).unwrap_or_default();
+            f.push(err.replace(';', ","));
+            out.push_str(&f.join(";"));
+            out.push('\n');
             continue;
         }
         if !enabled && state.is_none() && !all {
@@ -238,7 +304,13 @@ pub fn status(cfg: &Config, clock: &dyn Clock, csv: bool, all: bool) -> Result<S
             }
         };
         let mid = match &state {
-            Some(s) => format!("{s:<29}"),
+            Some(s) => {
+                let s = match pid {
+                    Some(p) => format!("{s} (pid {p})"),
+                    None => s.clone(),
+                };
+                format!("{s:<29}")
+            }
             None => format!(
                 "{:>5} {:>8} {:>5} {:>8}",
                 last,

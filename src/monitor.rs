@@ -86,6 +86,7 @@ pub fn nrpe(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<(String,
     let selected: Vec<&Job> = selected.into_iter().filter(|j| j.int("NRPEtrigger") >= 0).collect();
     let now = clock.now();
     let (mut crit, mut warn, mut perf) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut exec_secs, mut size_bytes) = (0u64, 0u64);
     for job in &selected {
         if cfg.broken.contains_key(&job.name) {
             // Its runs fail until the configuration is fixed: as critical as a failed run.
@@ -98,6 +99,10 @@ pub fn nrpe(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<(String,
             Err(e) => return Ok((format!("UNKNOWN: job {}: {e}", job.name), 3)),
         };
         let trigger = job.int("NRPEtrigger").max(0) as u64 * 3600;
+        if let Some(r) = &st.report {
+            exec_secs += r.num("ExecutionTime").unwrap_or(0);
+            size_bytes += r.num("TotalFileSize").unwrap_or(0);
+        }
         let age = st.last_success.map(|t| (now - t).num_seconds().max(0) as u64);
         if st.interrupted {
             crit.push(format!("{} (interrupted)", job.name));
@@ -119,7 +124,21 @@ pub fn nrpe(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<(String,
             None => perf.push(format!("'{}_age'=U", job.name)),
         }
     }
-    let perf = if perf.is_empty() { String::new() } else { format!(" | {}", perf.join(" ")) };
+    // Affa 3's perfdata first, labels and units as it wrote them (existing graphs go on), then
+    // the age of each job.
+    let (min, gib) = (exec_secs as f64 / 60.0, size_bytes as f64 / 1024.0 / 1024.0 / 1024.0);
+    let affa3 = if selected.len() == 1 {
+        format!("Execution Time={min:.1}min;;;; Size={gib:.3}GByte;;;;")
+    } else {
+        let total = cfg.all_jobs().iter().filter(|j| j.int("NRPEtrigger") >= 0).count();
+        format!(
+            "Jobs failed={};;;; Jobs total={total};;;; Jobs checked={};;;; Total Execution Time={min:.1}min;;;; Total Size={gib:.3}GByte;;;;",
+            crit.len(),
+            selected.len()
+        )
+    };
+    perf.insert(0, affa3);
+    let perf = format!(" | {}", perf.join(" "));
     let (line, code) = if !crit.is_empty() {
         let mut l = format!("CRITICAL: Failed jobs: {}", crit.join(", "));
         if !warn.is_empty() {

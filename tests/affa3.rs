@@ -369,3 +369,172 @@ fn configurations_in_subdirectories_are_read() {
     assert!(e.contains(&format!("{}:4: key 'dailyKeep'", a.conf.join("hosts/db.conf").display())), "{e}");
     ok(&a.affa_at("2026-03-02T11:00:00", &["--run", "web"]));
 }
+
+// ---------------------------------------------------------------- 5. script-readable output
+
+#[test]
+fn csv_columns_and_nrpe_labels_are_affa3s() {
+    let a = Affa::new();
+    global(&a, "");
+    let src = source();
+    let big: Vec<u8> = (0..400_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    fs::write(src.path().join("data/big.bin"), big).unwrap();
+    a.write_conf(
+        "jobs.conf",
+        &[local_job("web", src.path(), ""), local_job("db", src.path(), "status=disabled\n")].concat(),
+    );
+    ok(&a.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
+    ok(&a.affa_at("2026-03-02T14:00:00", &["--run", "web"]));
+    let jd = a.job_dir("web");
+    // An incomplete archive; an Affa 3 archive with freedup's keys; an Affa 2 archive.
+    fs::create_dir_all(jd.join("weekly.3")).unwrap();
+    fs::create_dir_all(jd.join("monthly.0")).unwrap();
+    fs::write(
+        jd.join("monthly.0/.AFFA3-REPORT"),
+        "[Report]\nDate=202601312230\nExecutionTime=75\nNumberOfFiles=1200\nTotalFileSize=5000000\nTotalBytesSent=300\n\
+         TotalBytesReceived=4000\nRootDirFilesystemUsed=1000\nRootDirFilesystemAvail=9000\nRootDirFilesystemUsage=10.0\n\
+         ExitStatus=0\nDedup=yes\nDedupTotalFiles=1200\nDedupReplacedFiles=17\nDedupSavedBytes=4096\nDedupExectime=3\n",
+    )
+    .unwrap();
+    fs::create_dir_all(jd.join("yearly.1")).unwrap();
+    let affa2 = jd.join("yearly.1/.AFFA-REPORT");
+    fs::write(
+        &affa2,
+        "# Affa 2 report\nDate: 200812012230\nExecution Time: 612 seconds\nNumber of files: 41,230\n\
+         File list size: 1234\nTotal file size: 9,876,543 bytes\nTotal bytes sent: 1,024\nTotal bytes received: 7,777\n\
+         Source: host.example\n",
+    )
+    .unwrap();
+    let st = std::process::Command::new("touch").args(["-d", "2008-12-01 22:40"]).arg(&affa2).status();
+    assert!(st.unwrap().success());
+
+    let csv = ok(&a.affa(&["--list-archives", "--csv", "web"]));
+    let rows: Vec<Vec<&str>> = csv.lines().map(|l| l.split(';').collect()).collect();
+    assert_eq!(
+        csv.lines().next().unwrap(),
+        "Archive;Count;Date;Files;Size;RootDirFilesystemAvail;RootDirFilesystemUsed;valid;TotalBytesSent;TotalBytesReceived;\
+         ExecutionTime;DedupTotalFiles;DedupReplacedFiles;DedupSavedBytes;DedupExectime;DedupDate;Job;LogicalSize;PoolBytesAdded;DedupRatio"
+    );
+    assert!(rows.iter().all(|r| r.len() == 20), "{csv}");
+    // Affa 3's order: yearly first, the highest index first, scheduled.0 last.
+    let names: Vec<String> = rows[1..].iter().map(|r| format!("{}.{}", r[0], r[1])).collect();
+    assert_eq!(names, ["yearly.00001", "monthly.00000", "weekly.00003", "daily.00000", "scheduled.00000"]);
+    // The Affa 2 archive, converted as Affa 3 does (and kept converted).
+    assert_eq!(rows[1][2..11], ["200812012230", "41230", "9876543", "", "", "yes", "1024", "7777", "612"]);
+    let conv = fs::read_to_string(jd.join("yearly.1/.AFFA3-REPORT")).unwrap();
+    assert!(
+        conv.starts_with("; converted from .AFFA-REPORT (Affa V2)\n[Report]\nDate=200812012230\nExecutionTime=612\n"),
+        "{conv}"
+    );
+    assert!(!conv.contains("FileListSize") && !conv.contains("Source"), "{conv}");
+    assert_eq!(
+        fs::metadata(jd.join("yearly.1")).unwrap().modified().unwrap(),
+        fs::metadata(&affa2).unwrap().modified().unwrap()
+    );
+    // Affa 3's archive with freedup's columns.
+    assert_eq!(
+        rows[2][2..16],
+        [
+            "202601312230",
+            "1200",
+            "5000000",
+            "9000",
+            "1000",
+            "yes",
+            "300",
+            "4000",
+            "75",
+            "1200",
+            "17",
+            "4096",
+            "3",
+            "202601312230"
+        ]
+    );
+    // The incomplete one: zeros, valid=no.
+    assert_eq!(rows[3][2..16], ["0", "0", "0", "0", "0", "no", "0", "0", "0", "", "", "", "", ""]);
+    // affa's own: the date and values of its report, the job at the end.
+    let r0 = fs::read_to_string(jd.join("scheduled.0/.AFFA3-REPORT")).unwrap();
+    let val = |k: &str| r0.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).unwrap().to_string();
+    assert_eq!(
+        rows[5][..11],
+        [
+            "scheduled",
+            "00000",
+            "202603021400",
+            &val("NumberOfFiles"),
+            &val("TotalFileSize"),
+            &val("RootDirFilesystemAvail"),
+            &val("RootDirFilesystemUsed"),
+            "yes",
+            &val("TotalBytesSent"),
+            &val("TotalBytesReceived"),
+            &val("ExecutionTime")
+        ]
+    );
+    assert_eq!(rows[5][16..18], ["web", "0"]);
+
+    // --status --csv: Affa 3's columns, rows in reverse job order, never run = 19700101000000,
+    // no lock = 0.
+    let st = ok(&a.affa_at("2026-03-02T15:00:00", &["--status", "--csv"]));
+    let lines: Vec<&str> = st.lines().collect();
+    assert_eq!(lines[0], "Job;Enabled;Last;Next;Size;RootDirFilesystemAvail;RootDirFilesystemUsed;NumberOfArchives;lockpid;ProcessState;BackupTime;DedupTotalFiles;DedupReplacedFiles;DedupSavedBytes;DedupExectime;DedupDate;ConfigError");
+    assert_eq!(
+        lines[1],
+        format!(
+            "web;yes;202603021400;22:30;{};{};{}; 1, 1, 1, 1, 1;0;;{};;;;;;",
+            val("TotalFileSize"),
+            val("RootDirFilesystemAvail"),
+            val("RootDirFilesystemUsed"),
+            val("ExecutionTime")
+        )
+    );
+    assert_eq!(lines[2], "db;no;19700101000000;22:30;0;0;0; 0, 0, 0, 0, 0;0;;;;;;;;");
+
+    // A running job: its pid and "running rsync"; killed: "rsync interrupted".
+    a.write_conf(
+        "jobs.conf",
+        &[local_job("web", src.path(), "BandwidthLimit=1\n"), local_job("db", src.path(), "status=disabled\n")]
+            .concat(),
+    );
+    fs::write(src.path().join("data/big.bin"), vec![7u8; 300_000]).unwrap();
+    let mut child =
+        a.cmd().env("AFFA_FAKE_NOW", "2026-03-02T16:00:00").args(["--silent", "--run", "web"]).spawn().unwrap();
+    let t = std::time::Instant::now();
+    let row = loop {
+        let st = ok(&a.affa(&["--status", "--csv"]));
+        let row = st.lines().nth(1).unwrap().to_string();
+        if row.contains(";running rsync;") {
+            break row;
+        }
+        assert!(t.elapsed().as_secs() < 20, "never running rsync: {row}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(row.split(';').nth(8), Some(child.id().to_string().as_str()), "{row}");
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap();
+    let st = ok(&a.affa(&["--status", "--csv"]));
+    assert!(st.lines().nth(1).unwrap().contains(";0;rsync interrupted;"), "{st}");
+    let st = ok(&a.affa(&["--status"]));
+    assert!(st.contains("rsync interrupted"), "{st}");
+
+    // --nrpe: Affa 3's perfdata labels, then the ages.
+    a.write_conf("jobs.conf", &[local_job("web", src.path(), ""), local_job("db", src.path(), "")].concat());
+    let o = a.affa_at("2026-03-02T15:00:00", &["--nrpe"]);
+    let line = stdout(&o);
+    let perf = line.split_once(" | ").unwrap().1;
+    let size: f64 = val("TotalFileSize").parse::<f64>().unwrap() / 1073741824.0;
+    let min: f64 = val("ExecutionTime").parse::<f64>().unwrap() / 60.0;
+    assert!(
+        perf.starts_with(&format!(
+            "Jobs failed=2;;;; Jobs total=2;;;; Jobs checked=2;;;; Total Execution Time={min:.1}min;;;; Total Size={size:.3}GByte;;;; 'db_age'=U 'web_age'="
+        )),
+        "{line}"
+    );
+    let o = a.affa_at("2026-03-02T15:00:00", &["--nrpe", "web"]);
+    assert!(
+        stdout(&o).contains(&format!(" | Execution Time={min:.1}min;;;; Size={size:.3}GByte;;;; 'web_age'=")),
+        "{}",
+        stdout(&o)
+    );
+}

@@ -104,8 +104,10 @@ fn backups_link_unchanged_files_and_drop_deleted_ones() {
     assert!(list.contains(" S 0   2026-03-02 14:00"), "{list}");
     assert!(list.contains(" S 1   2026-03-02 10:00"), "{list}");
     let csv = ok(&s.affa.affa(&["--list", "--csv"]));
-    assert!(csv.lines().nth(1).unwrap().starts_with("web;scheduled;1;202603021000;"), "{csv}");
-    assert!(csv.lines().nth(2).unwrap().starts_with("web;scheduled;0;202603021400;"), "{csv}");
+    // Affa 3's columns first (index as 5 digits), the job after them (issue 15).
+    assert!(csv.lines().nth(1).unwrap().starts_with("scheduled;00001;202603021000;"), "{csv}");
+    assert!(csv.lines().nth(2).unwrap().starts_with("scheduled;00000;202603021400;"), "{csv}");
+    assert_eq!(csv.lines().nth(1).unwrap().split(';').nth(16), Some("web"), "{csv}");
     let st = ok(&s.affa.affa_at("2026-03-02T15:00:00", &["--status"]));
     assert!(st.contains("web") && st.contains("14:00") && st.contains(" 2, 0, 0, 0, 0"), "{st}");
     let log = ok(&s.affa.affa(&["--log-tail", "web"]));

@@ -485,12 +485,19 @@ fn nrpe_and_metrics_for_fresh_stale_and_interrupted_jobs() {
     let o = a.affa_at(now, &["--nrpe", "fresh"]);
     let line = String::from_utf8_lossy(&o.stdout).into_owned();
     assert_eq!(o.status.code(), Some(0), "{line}");
-    assert_eq!(line, "OK: 1 job(s) backed up in time: fresh | 'fresh_age'=7200s;;86400;0;\n");
+    // Affa 3's perfdata labels first (issue 15), then the job's age.
+    assert_eq!(
+        line,
+        "OK: 1 job(s) backed up in time: fresh | Execution Time=0.0min;;;; Size=0.000GByte;;;; 'fresh_age'=7200s;;86400;0;\n"
+    );
 
     let o = a.affa_at(now, &["--nrpe", "stale"]);
     let line = String::from_utf8_lossy(&o.stdout).into_owned();
     assert_eq!(o.status.code(), Some(2), "{line}");
-    assert_eq!(line, "CRITICAL: Failed jobs: stale (last success 28.0 h ago) | 'stale_age'=100800s;;86400;0;\n");
+    assert_eq!(
+        line,
+        "CRITICAL: Failed jobs: stale (last success 28.0 h ago) | Execution Time=0.0min;;;; Size=0.000GByte;;;; 'stale_age'=100800s;;86400;0;\n"
+    );
 
     let o = a.affa_at(now, &["--nrpe", "intr"]);
     let line = String::from_utf8_lossy(&o.stdout).into_owned();
@@ -509,7 +516,10 @@ fn nrpe_and_metrics_for_fresh_stale_and_interrupted_jobs() {
     // A job that never succeeded, and an unknown job.
     let o = a.affa_at(now, &["--nrpe", "off"]);
     assert_eq!(o.status.code(), Some(2));
-    assert_eq!(String::from_utf8_lossy(&o.stdout), "CRITICAL: Failed jobs: off (no successful run) | 'off_age'=U\n");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "CRITICAL: Failed jobs: off (no successful run) | Execution Time=0.0min;;;; Size=0.000GByte;;;; 'off_age'=U\n"
+    );
     let o = a.affa_at(now, &["--nrpe", "nosuch"]);
     assert_eq!(o.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("UNKNOWN: no job named 'nosuch'"));
