@@ -22,6 +22,7 @@ pub mod restore;
 pub mod run;
 pub mod samba;
 pub mod schedule;
+pub mod sme;
 pub mod staging;
 pub mod transport;
 

@@ -47,6 +47,9 @@ pub struct Ctx<'a> {
     pub interactive: bool,
     pub started: Instant,
     pub job_dir: PathBuf,
+    /// The source paths of this run's transfer, when they are not the job's own (SMEServer=yes
+    /// adds SME's backup set): written into the archive's setup copy, which restore reads.
+    pub extra_sources: std::cell::RefCell<Vec<String>>,
 }
 
 impl Ctx<'_> {
@@ -67,8 +70,16 @@ pub fn run(cfg: &Config, job_name: &str, clock: &dyn Clock, opts: RunOptions) ->
     let job = cfg.job(job_name)?;
     crate::interrupt::install();
     let log = JobLog::new(&cfg.log_dir(), job_name, opts.interactive);
-    let ctx =
-        Ctx { cfg, job, clock, log, interactive: opts.interactive, started: Instant::now(), job_dir: job.job_dir() };
+    let ctx = Ctx {
+        cfg,
+        job,
+        clock,
+        log,
+        interactive: opts.interactive,
+        started: Instant::now(),
+        job_dir: job.job_dir(),
+        extra_sources: Default::default(),
+    };
     ctx.log.info(format!("Starting job {} {} ({})", job_name, opts.level.name(), job.get("remoteHostName")));
     let res = run_locked(&ctx, opts.level);
     match &res {
@@ -101,6 +112,7 @@ fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
         t.check_connection()?;
     }
     run_scripts(ctx, "preJobCommand", "preJobCommandRemote")?;
+    crate::sme::before_transfer(ctx)?;
     let mut summary = RunSummary::default();
     let running = ctx.job_dir.join(RUNNING);
     let mut report = Report::default();
@@ -123,6 +135,7 @@ fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
     crate::interrupt::crash_point("swept");
 
     run_scripts(ctx, "postJobCommand", "postJobCommandRemote")?;
+    crate::sme::after_run(ctx, &mut summary)?;
     disk_space_warning(ctx, &report, &mut summary);
     Ok(summary)
 }
@@ -295,7 +308,11 @@ fn transfer_files(ctx: &Ctx, running: &Path, report: &mut Report, summary: &mut 
     }
     args.extend(job.get("rsyncOptions").split_whitespace().map(String::from));
     args.push("--".into());
-    args.extend(rsync::source_args(&source, &job.sources()));
+    let sources = crate::sme::sources(ctx)?;
+    if sources != job.sources() {
+        *ctx.extra_sources.borrow_mut() = sources.iter().filter(|s| !job.sources().contains(s)).cloned().collect();
+    }
+    args.extend(rsync::source_args(&source, &sources));
     args.push(format!("{}/", running.display()));
     ctx.log.info("Running rsync...");
     let res = rsync::run(job, &args, &ctx.log, ctx.interactive)?;
@@ -327,7 +344,10 @@ pub fn finish_report(ctx: &Ctx, running: &Path, report: &mut Report) -> Result<(
     }
     r.set("Dedup", "no");
     r.set("AffaVersion", env!("CARGO_PKG_VERSION"));
-    let setup = format!("; Created on {}\n{}", now.format("%a %b %e %H:%M:%S %Y"), ctx.job.to_ini());
+    let mut setup = format!("; Created on {}\n{}", now.format("%a %b %e %H:%M:%S %Y"), ctx.job.to_ini());
+    for s in ctx.extra_sources.borrow().iter() {
+        setup.push_str(&format!("Include={s}\n"));
+    }
     crate::report::write_atomic(&running.join(format!(".{}-setup.ini", ctx.job.name)), setup.as_bytes())?;
     crate::interrupt::crash_point("setup-written");
     r.write(running)?;
@@ -355,50 +375,65 @@ fn run_scripts(ctx: &Ctx, local_key: &str, remote_key: &str) -> Result<()> {
         }
         let target = ctx.source();
         let host = ctx.job.get("remoteHostName");
-        if remote && target.is_some() {
-            let t = target.unwrap();
-            ctx.log.info(format!("Executing script {name} on {host}"));
-            let remote_path = format!("/tmp/affa-{}-{}", ctx.job.name, std::process::id());
-            let body = fs::read(&script).ctx(|| format!("cannot read {}", script.display()))?;
-            let mut c = Command::new(&t.ssh_bin);
-            c.args(t.options())
-                .arg(t.destination())
-                .arg(format!(
-                    "cat > {p} && chmod 700 {p} && {p} {h} {j}; rc=$?; rm -f {p}; exit $rc",
-                    p = shell_quote(&remote_path),
-                    h = shell_quote(host),
-                    j = shell_quote(&ctx.job.name)
-                ))
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            die_with_parent(&mut c);
-            let mut child = c.spawn().ctx(|| format!("cannot run {}", t.ssh_bin))?;
-            {
-                use std::io::Write;
-                let mut stdin = child.stdin.take().unwrap();
-                let _ = stdin.write_all(&body);
+        match (remote, target) {
+            (true, Some(t)) => {
+                let body = fs::read(&script).ctx(|| format!("cannot read {}", script.display()))?;
+                remote_script(ctx, &t, &name, &body)?;
             }
-            let out = child.wait_with_output().ctx(|| "cannot wait for ssh".to_string())?;
-            log_output(ctx, &out.stdout, &out.stderr);
-            if !out.status.success() {
-                bail!("remote script {name} failed on {host} with exit {}", out.status.code().unwrap_or(-1));
-            }
-        } else {
-            ctx.log.info(format!("Executing script {name}"));
-            let sshcmd =
-                target.as_ref().map(|t| format!("{} {}", t.ssh_bin, t.options().join(" "))).unwrap_or_default();
-            let mut c = Command::new(&script);
-            c.arg(host).arg(&ctx.job.name).arg(sshcmd).stdin(Stdio::null());
-            die_with_parent(&mut c);
-            let out = c.output().ctx(|| format!("cannot run script {}", script.display()))?;
-            log_output(ctx, &out.stdout, &out.stderr);
-            if !out.status.success() {
-                bail!("script {name} of job {} failed with exit {}", ctx.job.name, out.status.code().unwrap_or(-1));
+            (_, target) => {
+                ctx.log.info(format!("Executing script {name}"));
+                let sshcmd =
+                    target.as_ref().map(|t| format!("{} {}", t.ssh_bin, t.options().join(" "))).unwrap_or_default();
+                let mut c = Command::new(&script);
+                c.arg(host).arg(&ctx.job.name).arg(sshcmd);
+                run_logged(ctx, c, &[], &format!("cannot run script {}", script.display()), |code| {
+                    format!("script {name} of job {} failed with exit {code}", ctx.job.name)
+                })?;
             }
         }
     }
     Ok(())
+}
+
+/// Run a command with `input` on its stdin and its output in the log; returns its stdout. A
+/// non-zero exit is the error `failed(exit code)`.
+pub(crate) fn run_logged(
+    ctx: &Ctx,
+    mut c: Command,
+    input: &[u8],
+    cannot: &str,
+    failed: impl Fn(i32) -> String,
+) -> Result<Vec<u8>> {
+    c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    die_with_parent(&mut c);
+    let mut child = c.spawn().ctx(|| cannot.to_string())?;
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        let _ = stdin.write_all(input);
+    }
+    let out = child.wait_with_output().ctx(|| cannot.to_string())?;
+    log_output(ctx, &out.stdout, &out.stderr);
+    if !out.status.success() {
+        bail!("{}", failed(out.status.code().unwrap_or(-1)));
+    }
+    Ok(out.stdout)
+}
+
+/// Affa's way to run a script on the source host: copy it to a new temp file there (mktemp),
+/// run it as `SCRIPT HOST JOB`, remove it. Returns its stdout.
+pub(crate) fn remote_script(ctx: &Ctx, t: &SshTarget, name: &str, body: &[u8]) -> Result<Vec<u8>> {
+    let host = ctx.job.get("remoteHostName");
+    ctx.log.info(format!("Executing script {name} on {host}"));
+    let mut c = Command::new(&t.ssh_bin);
+    c.args(t.options()).arg(t.destination()).arg(format!(
+        "p=$(mktemp /tmp/affa-{j}.XXXXXX) && cat > \"$p\" && chmod 700 \"$p\" && \"$p\" {h} {j}; rc=$?; rm -f \"$p\"; exit $rc",
+        h = shell_quote(host),
+        j = shell_quote(&ctx.job.name)
+    ));
+    run_logged(ctx, c, body, &format!("cannot run {}", t.ssh_bin), |code| {
+        format!("remote script {name} failed on {host} with exit {code}")
+    })
 }
 
 fn log_output(ctx: &Ctx, stdout: &[u8], stderr: &[u8]) {

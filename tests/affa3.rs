@@ -538,3 +538,80 @@ fn csv_columns_and_nrpe_labels_are_affa3s() {
         stdout(&o)
     );
 }
+
+// ---------------------------------------------------------------- 6. SME Server, USB disk, rsync daemon
+
+/// A stand-in for SME Server's `signal-event` in `dir`: it records each call in `dir/calls`;
+/// `pre-backup` writes a "database dump" into `dump_to`, `post-backup` removes it; with
+/// `dir/fail` present it fails.
+fn signal_event(dir: &Path, dump_to: &Path) {
+    executable(
+        &dir.join("signal-event"),
+        &format!(
+            "#!/bin/sh\necho \"$*\" >> {d}/calls\n[ -e {d}/fail ] && {{ echo 'signal-event: pre-backup failed' >&2; exit 3; }}\n\
+             case \"$1\" in\n  pre-backup) n=$(wc -l < {d}/calls); echo \"dump $n\" > {f} ;;\n  post-backup) rm -f {f} ;;\nesac\nexit 0\n",
+            d = dir.display(),
+            f = dump_to.display()
+        ),
+    );
+}
+
+#[test]
+fn sme_server_events_run_on_the_host_around_the_transfer() {
+    let bin = tempfile::Builder::new().prefix("affa-sme-bin").tempdir().unwrap();
+    let src = source();
+    let dump = src.path().join("data/mysql.dump");
+    signal_event(bin.path(), &dump);
+    let mut sshd = Sshd::start_with(&format!("SetEnv PATH={}:/usr/local/bin:/usr/bin:/bin\n", bin.path().display()));
+    let a = Affa::new();
+    global(&a, "");
+    // SME's backup set is added to the sources (here: the parts of it this machine has); /root
+    // is left out by an (anchored) Exclude, as an Affa 3 user trims the set.
+    a.write_conf(
+        "sme.conf",
+        &a.ssh_job("sme", &sshd, &format!("SMEServer=yes\nInclude={}/data\nExclude=/root\n", src.path().display())),
+    );
+    ok(&a.send_key(&mut sshd, "sme"));
+    ok(&a.affa_at("2026-03-02T10:00:00", &["--run", "sme"]));
+    let calls = fs::read_to_string(bin.path().join("calls")).unwrap();
+    assert_eq!(calls, "pre-backup desktop\npost-backup\n");
+    // The dump of the pre-backup event is in the archive (it ran before the transfer), and the
+    // post-backup event ran after it (the dump is gone from the host, not from the archive).
+    let s0 = a.job_dir("sme").join("scheduled.0");
+    let rel = |p: &Path| s0.join(p.strip_prefix("/").unwrap());
+    assert_eq!(fs::read_to_string(rel(&dump)).unwrap(), "dump 1\n");
+    assert!(!dump.exists());
+    assert_eq!(fs::read(rel(Path::new("/etc/passwd"))).unwrap(), fs::read("/etc/passwd").unwrap());
+    assert!(!s0.join("root").exists());
+    // Restore knows the added sources: they are in the archive's setup copy.
+    let setup = fs::read_to_string(s0.join(".sme-setup.ini")).unwrap();
+    assert!(setup.contains("Include=/etc/passwd\n"), "{setup}");
+    let log = log_of(&a, "sme");
+    assert!(log.contains("Executing script SME/signal-pre-backup on 127.0.0.1"), "{log}");
+
+    // A failing pre-backup event fails the run before the transfer; nothing moves.
+    fs::write(bin.path().join("fail"), "").unwrap();
+    let e = fail(&a.affa_at("2026-03-02T11:00:00", &["--run", "sme"]));
+    assert!(e.contains("remote script SME/signal-pre-backup failed on 127.0.0.1 with exit 3"), "{e}");
+    assert_eq!(archive_names(&a.job_dir("sme")), ["scheduled.0"]);
+    assert!(log_of(&a, "sme").contains("signal-event: pre-backup failed"));
+    fs::remove_file(bin.path().join("fail")).unwrap();
+
+    // Affa 3's own scripts in scriptDir/SME/ are used when present; with
+    // remoteHostName=localhost they run here.
+    executable(
+        &a.state.join("scripts/SME/signal-pre-backup"),
+        &format!("#!/bin/sh\necho \"own $1 $2\" >> {}/calls\n", bin.path().display()),
+    );
+    a.write_conf("sme.conf", &local_job("sme", src.path(), "SMEServer=yes\nExclude=/root\n"));
+    let o = a
+        .cmd()
+        .env("PATH", format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", bin.path().display()))
+        .env("AFFA_FAKE_NOW", "2026-03-02T12:00:00")
+        .args(["--run", "sme"])
+        .output()
+        .unwrap();
+    ok(&o);
+    let calls = fs::read_to_string(bin.path().join("calls")).unwrap();
+    assert!(calls.ends_with("pre-backup desktop\nown localhost sme\npost-backup\n"), "{calls}");
+}

@@ -150,9 +150,24 @@ pub static KEYS: &[KeyDef] = &[
     k("rsyncdUser", &["affa"], Kind::Text, "rsync daemon user"),
     k("rsyncdPassword", NONE, Kind::Text, "rsync daemon password"),
     k("Debug", NO, Kind::Bool, "verbose log"),
-    k("SMEServer", NO, Kind::Bool, "SME Server specific (ignored)"),
-    k("RPMCheck", NO, Kind::Bool, "SME Server specific (ignored)"),
-    k("Watchdog", NO, Kind::Bool, "SME Server specific (ignored)"),
+    k(
+        "SMEServer",
+        NO,
+        Kind::Bool,
+        "the host is an SME Server: its pre-backup/post-backup events around the transfer, its standard backup set added to the sources",
+    ),
+    k(
+        "RPMCheck",
+        NO,
+        Kind::Bool,
+        "with SMEServer=yes: the host's package list into the archive, compared with this server's (rpms-missing.txt, mailed once)",
+    ),
+    k(
+        "Watchdog",
+        NO,
+        Kind::Bool,
+        "with SMEServer=yes: a script on the host mails when no backup ran by the next scheduled time + 10 min",
+    ),
     // ESXi hot backup
     k("ESXi", NO, Kind::Bool, "the source is a VMware ESXi VM (snapshot through the vSphere API)"),
     k("ESXiVMName", NONE, Kind::Text, "name of the VM in the host's inventory"),
@@ -209,6 +224,12 @@ pub static KEYS: &[KeyDef] = &[
         &["/var/lib/prometheus/node-exporter/affa.prom"],
         Kind::AbsPath,
         "Prometheus textfile written by --metrics",
+    ),
+    g(
+        "watchdogDir",
+        &["/etc/cron.hourly"],
+        Kind::AbsPath,
+        "directory on the hosts where Watchdog=yes installs the watchdog (run hourly by cron)",
     ),
     g(
         "nrpeConfig",

@@ -396,6 +396,13 @@ impl Job {
                 bail!("{o}: ESXi job [{}] has neither ESXiPassword nor ESXiPasswordFile; expected one of them with ESXi=yes", self.name);
             }
         }
+        if self.flag("SMEServer") && (self.esxi() || self.flag("rsyncdMode")) {
+            bail!(
+                "{o}: job [{}] has SMEServer=yes with {}: the SME Server events run over ssh on a Linux host; expected SMEServer=no",
+                self.name,
+                if self.esxi() { "ESXi=yes" } else { "rsyncdMode=yes" }
+            );
+        }
         // Affa 3 features affa does not carry out: refuse rather than silently do something else.
         if self.flag("rsyncdMode") {
             bail!("{o}: job [{}] has rsyncdMode=yes: pulling from an rsync daemon is not supported by affa; expected rsyncdMode=no (the source is read over ssh)", self.name);
