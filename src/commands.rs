@@ -339,7 +339,19 @@ pub fn disk_usage(cfg: &Config, csv: bool) -> Result<String> {
         out.push_str(&format!("{:>4} {:>8} {:>8}  {}\n", "Use%", "Used", "Avail", "Root Dir"));
     }
     for r in roots {
-        let df = rsync::df(Path::new(&r));
+        // A RootDir on a disk mounted for the runs: mounted for the moment (as Affa 3).
+        let auto = cfg
+            .jobs
+            .values()
+            .find(|j| !j.get("AutomountPoint").is_empty() && Path::new(&r).starts_with(j.get("AutomountPoint")));
+        let df = match auto {
+            Some(j) => crate::automount::with_mounted(j, || {
+                crate::automount::is_mounted(j.get("AutomountDevice"), Path::new(j.get("AutomountPoint")))
+                    .then(|| rsync::df(Path::new(&r)))
+                    .flatten()
+            }),
+            None => rsync::df(Path::new(&r)),
+        };
         if csv {
             match df {
                 Some((u, a)) => out.push_str(&format!("\"{r}\";{a};{u}\n")),

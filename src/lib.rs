@@ -6,6 +6,7 @@
 #[macro_use]
 pub mod error;
 pub mod archive;
+pub mod automount;
 pub mod chunk;
 pub mod clock;
 pub mod commands;

@@ -91,6 +91,8 @@ pub fn run(cfg: &Config, job_name: &str, clock: &dyn Clock, opts: RunOptions) ->
 
 fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
     let _lock = lock::acquire(&ctx.cfg.lock_dir(), &ctx.job.name)?;
+    // AutomountDevice: the backup disk, mounted for the run (and unmounted when this is dropped).
+    let _mounted = crate::automount::mount(ctx.job, Some(&ctx.log))?;
     let root = ctx.job.root_dir();
     if !root.is_dir() {
         bail!(

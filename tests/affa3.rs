@@ -615,3 +615,99 @@ fn sme_server_events_run_on_the_host_around_the_transfer() {
     let calls = fs::read_to_string(bin.path().join("calls")).unwrap();
     assert!(calls.ends_with("pre-backup desktop\nown localhost sme\npost-backup\n"), "{calls}");
 }
+
+/// A filesystem image on a loop device, standing for a USB disk; detached when dropped.
+struct UsbDisk {
+    dev: String,
+    _dir: tempfile::TempDir,
+}
+
+impl UsbDisk {
+    fn new() -> UsbDisk {
+        let dir = tempfile::Builder::new().prefix("affa-usb").tempdir().unwrap();
+        let img = dir.path().join("usb.img");
+        fs::write(&img, vec![0u8; 32 << 20]).unwrap();
+        let st = std::process::Command::new("mkfs.ext4").args(["-q", "-F", "-L", "AFFAUSB"]).arg(&img).status();
+        assert!(st.unwrap().success(), "mkfs.ext4 (e2fsprogs)");
+        let o = std::process::Command::new("losetup").args(["-f", "--show"]).arg(&img).output().unwrap();
+        assert!(o.status.success(), "losetup: {}", String::from_utf8_lossy(&o.stderr));
+        UsbDisk { dev: String::from_utf8(o.stdout).unwrap().trim().to_string(), _dir: dir }
+    }
+}
+
+impl Drop for UsbDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.dev).output();
+        let _ = std::process::Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+fn mounted_at(point: &Path) -> Option<String> {
+    let m = fs::read_to_string("/proc/self/mounts").unwrap();
+    let p = point.display().to_string();
+    m.lines().find(|l| l.split(' ').nth(1) == Some(p.as_str())).map(String::from)
+}
+
+#[test]
+fn a_usb_disk_is_mounted_for_the_run_and_unmounted_after() {
+    let disk = UsbDisk::new();
+    let a = Affa::new();
+    global(&a, "");
+    let src = source();
+    let point = a.tmp.path().join("mnt/usb");
+    let job = |extra: &str| {
+        local_job(
+            "usb",
+            src.path(),
+            &format!("RootDir={p}\nAutomountDevice={}\nAutomountPoint={p}\n{extra}", disk.dev, p = point.display()),
+        )
+    };
+    a.write_conf("usb.conf", &job("AutomountOptions=-o noatime\n"));
+    ok(&a.affa_at("2026-03-02T10:00:00", &["--run", "usb"]));
+    let log = log_of(&a, "usb");
+    assert!(log.contains(&format!("Mounting {} to {}", disk.dev, point.display())), "{log}");
+    assert!(log.contains(&format!("Unmounted {}", point.display())), "{log}");
+    // Unmounted: the point is an empty directory (mode 0700); the archive is on the disk.
+    assert_eq!(mounted_at(&point), None);
+    assert_eq!(fs::read_dir(&point).unwrap().count(), 0);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(fs::metadata(&point).unwrap().permissions().mode() & 0o777, 0o700);
+    let check = a.tmp.path().join("check");
+    fs::create_dir_all(&check).unwrap();
+    assert!(std::process::Command::new("mount").arg(&disk.dev).arg(&check).status().unwrap().success());
+    let hello = check.join("usb/scheduled.0").join(src.path().strip_prefix("/").unwrap()).join("data/hello.txt");
+    assert_eq!(fs::read_to_string(&hello).unwrap(), "hello from affa\n");
+    assert!(std::process::Command::new("umount").arg(&check).status().unwrap().success());
+
+    // AutoUnmount=no: it stays mounted, with the options; the next run uses it as it is.
+    a.write_conf("usb.conf", &job("AutomountOptions=-o noatime\nAutoUnmount=no\n"));
+    ok(&a.affa_at("2026-03-03T10:00:00", &["--run", "usb"]));
+    let m = mounted_at(&point).expect("still mounted");
+    assert!(m.starts_with(&disk.dev) && m.contains("noatime"), "{m}");
+    ok(&a.affa_at("2026-03-04T10:00:00", &["--run", "usb"]));
+    assert_eq!(archive_names(&point.join("usb")), ["daily.0", "daily.1", "scheduled.0"]);
+    assert!(std::process::Command::new("umount").arg(&point).status().unwrap().success());
+    // --disk-usage mounts the disk for the moment (as Affa 3) and reads the disk's own figures
+    // (a 32 MiB filesystem), then unmounts it.
+    let du = ok(&a.affa(&["--disk-usage", "--csv"]));
+    let row =
+        du.lines().find(|l| l.starts_with(&format!("\"{}\";", point.display()))).unwrap_or_else(|| panic!("{du}"));
+    let avail: u64 = row.split(';').nth(1).unwrap().parse().unwrap_or_else(|_| panic!("{row}"));
+    assert!(avail > 1000 && avail < 32 * 1024, "{row}");
+    assert_eq!(mounted_at(&point), None);
+
+    // A device that cannot be mounted fails the run with one line, before anything else.
+    a.write_conf(
+        "usb.conf",
+        &local_job(
+            "usb",
+            src.path(),
+            &format!("RootDir={p}\nAutomountDevice=/dev/affa-no-such-disk\nAutomountPoint={p}\n", p = point.display()),
+        ),
+    );
+    let e = fail(&a.affa_at("2026-03-05T10:00:00", &["--run", "usb"]));
+    assert!(e.contains("cannot mount AutomountDevice /dev/affa-no-such-disk on") && e.lines().count() == 1, "{e}");
+    // Half a pair is a configuration error of that job.
+    a.write_conf("usb.conf", &local_job("usb", src.path(), "AutomountDevice=/dev/sdz1\n"));
+    assert!(fail(&a.affa(&["--run", "usb"])).contains("has AutomountDevice without AutomountPoint"));
+}

@@ -407,8 +407,13 @@ impl Job {
         if self.flag("rsyncdMode") {
             bail!("{o}: job [{}] has rsyncdMode=yes: pulling from an rsync daemon is not supported by affa; expected rsyncdMode=no (the source is read over ssh)", self.name);
         }
-        if !self.get("AutomountDevice").is_empty() {
-            bail!("{o}: job [{}] has AutomountDevice={}: affa does not mount RootDir itself; expected it empty (mount the disk before the run, e.g. with a systemd automount)", self.name, self.get("AutomountDevice"));
+        if self.get("AutomountDevice").is_empty() != self.get("AutomountPoint").is_empty() {
+            bail!(
+                "{o}: job [{}] has {} without {}; expected both (the device and where to mount it, normally RootDir)",
+                self.name,
+                if self.get("AutomountPoint").is_empty() { "AutomountDevice" } else { "AutomountPoint" },
+                if self.get("AutomountPoint").is_empty() { "AutomountPoint" } else { "AutomountDevice" }
+            );
         }
         Ok(())
     }
