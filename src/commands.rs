@@ -378,6 +378,10 @@ pub fn send_keys(cfg: &Config, names: &[String], out: &mut dyn Write, yes: bool)
         if job.get("remoteHostName") == "localhost" {
             continue;
         }
+        if job.flag("rsyncdMode") {
+            let _ = writeln!(out, "job {}: rsyncdMode=yes, no ssh key needed", job.name);
+            continue;
+        }
         let t = SshTarget::from_job(job, cfg);
         transport::send_key(&t, &cfg.ssh_dir(), &job.remote_authorized_keys())?;
         let _ = writeln!(
@@ -398,6 +402,9 @@ pub fn send_keys(cfg: &Config, names: &[String], out: &mut dyn Write, yes: bool)
 /// `--revoke-key JOB`
 pub fn revoke_key(cfg: &Config, name: &str) -> Result<String> {
     let job = cfg.job(name)?;
+    if job.flag("rsyncdMode") {
+        return Ok(format!("job {name}: rsyncdMode=yes, no ssh key to remove"));
+    }
     let t = SshTarget::from_job(job, cfg);
     transport::revoke_key(&t, &cfg.ssh_dir(), &job.remote_authorized_keys())?;
     Ok(format!("job {}: affa's key removed from {} on {}", job.name, job.remote_authorized_keys(), t.destination()))
@@ -411,7 +418,14 @@ pub fn check_connections(cfg: &Config, names: &[String], out: &mut dyn Write) ->
             let _ = writeln!(out, "{:<20} OK (local)", job.name);
             continue;
         }
-        match SshTarget::from_job(job, cfg).check_connection() {
+        let res = if job.flag("rsyncdMode") {
+            let dir = if job.job_dir().is_dir() { job.job_dir() } else { cfg.lock_dir() };
+            fs::create_dir_all(&dir).ctx(|| format!("cannot create {}", dir.display()))?;
+            crate::transport::rsyncd::Daemon::for_job(job, &dir).and_then(|d| d.check(job))
+        } else {
+            SshTarget::from_job(job, cfg).check_connection()
+        };
+        match res {
             Ok(()) => {
                 let _ = writeln!(out, "{:<20} OK", job.name);
             }

@@ -109,7 +109,15 @@ fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
         archive::empty_trash(&ctx.job_dir)?;
         return Ok(summary);
     }
-    if let Some(t) = ctx.source() {
+    // rsyncdMode=yes: the source is an rsync daemon (its password file lives for this run).
+    let daemon = match ctx.job.flag("rsyncdMode") {
+        true => Some(crate::transport::rsyncd::Daemon::for_job(ctx.job, &ctx.job_dir)?),
+        false => None,
+    };
+    if let Some(d) = &daemon {
+        ctx.log.info(format!("Checking the rsync daemon connection to {}", d.url));
+        d.check(ctx.job)?;
+    } else if let Some(t) = ctx.source() {
         ctx.log.info(format!("Checking the connection to {}", t.destination()));
         t.check_connection()?;
     }
@@ -121,7 +129,7 @@ fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
     if ctx.job.esxi() {
         crate::esxi::backup::transfer(ctx, &running, &mut report, &mut summary)?;
     } else {
-        transfer_files(ctx, &running, &mut report, &mut summary)?;
+        transfer_files(ctx, &running, &mut report, &mut summary, daemon.as_ref())?;
     }
     finish_report(ctx, &running, &mut report)?;
     crate::interrupt::crash_point("report-written");
@@ -282,13 +290,20 @@ pub fn check_rsync(ctx: &Ctx, res: &rsync::RsyncResult, what: &str, summary: &mu
 }
 
 /// The ordinary transfer: rsync the job's sources into `scheduled.running`.
-fn transfer_files(ctx: &Ctx, running: &Path, report: &mut Report, summary: &mut RunSummary) -> Result<()> {
+fn transfer_files(
+    ctx: &Ctx,
+    running: &Path,
+    report: &mut Report,
+    summary: &mut RunSummary,
+    daemon: Option<&crate::transport::rsyncd::Daemon>,
+) -> Result<()> {
     let job = ctx.job;
     let link = prepare_running(ctx, running)?;
     let target = ctx.source();
-    let source = match &target {
-        Some(t) => Source::Ssh(t),
-        None => Source::Local,
+    let source = match (&target, daemon) {
+        (_, Some(d)) => Source::Daemon(d),
+        (Some(t), None) => Source::Ssh(t),
+        (None, None) => Source::Local,
     };
     let mut args = rsync::base_args(job, &source);
     args.extend(["--stats", "--delete-during", "--delete-excluded", "--relative", "--partial"].map(String::from));

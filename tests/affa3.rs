@@ -711,3 +711,97 @@ fn a_usb_disk_is_mounted_for_the_run_and_unmounted_after() {
     a.write_conf("usb.conf", &local_job("usb", src.path(), "AutomountDevice=/dev/sdz1\n"));
     assert!(fail(&a.affa(&["--run", "usb"])).contains("has AutomountDevice without AutomountPoint"));
 }
+
+/// A real `rsync --daemon` on 127.0.0.1 serving `path` as module AFFA to user affa with
+/// `password`. Stopped when dropped.
+struct RsyncDaemon {
+    port: u16,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl RsyncDaemon {
+    fn start(path: &Path, password: &str) -> RsyncDaemon {
+        let dir = tempfile::Builder::new().prefix("affa-rsyncd").tempdir().unwrap();
+        let secrets = dir.path().join("secrets");
+        fs::write(&secrets, format!("affa:{password}\n")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&secrets, fs::Permissions::from_mode(0o600)).unwrap();
+        let conf = dir.path().join("rsyncd.conf");
+        fs::write(
+            &conf,
+            format!(
+                "use chroot = no\nuid = root\ngid = root\npid file = {d}/pid\nlog file = {d}/log\n\
+                 [AFFA]\npath = {p}\nread only = yes\nauth users = affa\nsecrets file = {s}\n",
+                d = dir.path().display(),
+                p = path.display(),
+                s = secrets.display()
+            ),
+        )
+        .unwrap();
+        let port = free_port();
+        let child = std::process::Command::new("rsync")
+            .args(["--daemon", "--no-detach", "--address=127.0.0.1"])
+            .arg(format!("--port={port}"))
+            .arg(format!("--config={}", conf.display()))
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let t = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(t.elapsed().as_secs() < 10, "rsync daemon did not start");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        RsyncDaemon { port, child, _dir: dir }
+    }
+}
+
+impl Drop for RsyncDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_host_with_an_rsync_daemon_is_pulled_without_ssh() {
+    let src = source();
+    let daemon = RsyncDaemon::start(src.path(), "Rs-s3cret");
+    let a = Affa::new();
+    global(&a, "");
+    let job = |pw: &str, extra: &str| {
+        format!(
+            "[win]\nremoteHostName=127.0.0.1\nrsyncdMode=yes\nrsyncdPort={}\nrsyncdPassword={pw}\nInclude=/data\nrsyncCompress=no\n{extra}",
+            daemon.port
+        )
+    };
+    a.write_conf("win.conf", &job("Rs-s3cret", ""));
+    ok(&a.affa(&["--check-connections", "win"]));
+    ok(&a.affa_at("2026-03-02T10:00:00", &["--run", "win"]));
+    let s0 = a.job_dir("win").join("scheduled.0");
+    assert_eq!(tree_hashes(&s0.join("data")), tree_hashes(&src.path().join("data")));
+    // Unchanged files are hard links to the previous archive.
+    ok(&a.affa_at("2026-03-02T11:00:00", &["--run", "win"]));
+    let s1 = a.job_dir("win").join("daily.0");
+    assert_eq!(inode(&s0.join("data/hello.txt")), inode(&s1.join("data/hello.txt")));
+    // The password is in no log, no setup copy, no file left behind.
+    let log = log_of(&a, "win");
+    assert!(log.contains(&format!("rsync://affa@127.0.0.1:{}/AFFA/data", daemon.port)), "{log}");
+    assert!(!log.contains("Rs-s3cret"));
+    assert!(!fs::read_to_string(s0.join(".win-setup.ini")).unwrap().contains("Rs-s3cret"));
+    assert!(!a.job_dir("win").join(".rsyncd-password").exists());
+    // No ssh key is needed; a wrong password fails the run with one line, archives untouched.
+    assert!(ok(&a.affa(&["--send-key", "win"])).contains("no ssh key needed"));
+    a.write_conf("win.conf", &job("wrong", ""));
+    let e = fail(&a.affa_at("2026-03-02T12:00:00", &["--run", "win"]));
+    assert!(
+        e.contains("rsync daemon connection to rsync://affa@127.0.0.1")
+            && e.contains("check rsyncdUser, rsyncdPassword"),
+        "{e}"
+    );
+    assert_eq!(archive_names(&a.job_dir("win")), ["daily.0", "scheduled.0"]);
+    assert!(fail(&a.affa(&["--full-restore", "win", "--yes"])).contains("rsyncdMode=yes"));
+    // What needs ssh is refused, for that job only.
+    a.write_conf("win.conf", &job("Rs-s3cret", "preJobCommandRemote=x.sh\n"));
+    assert!(fail(&a.affa(&["--run", "win"])).contains("rsyncdMode=yes with pre/postJobCommandRemote, which needs ssh"));
+}

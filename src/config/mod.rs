@@ -403,9 +403,21 @@ impl Job {
                 if self.esxi() { "ESXi=yes" } else { "rsyncdMode=yes" }
             );
         }
-        // Affa 3 features affa does not carry out: refuse rather than silently do something else.
         if self.flag("rsyncdMode") {
-            bail!("{o}: job [{}] has rsyncdMode=yes: pulling from an rsync daemon is not supported by affa; expected rsyncdMode=no (the source is read over ssh)", self.name);
+            let why = if self.esxi() {
+                Some("ESXi=yes")
+            } else if self.get("remoteHostName") == "localhost" {
+                Some("remoteHostName=localhost")
+            } else if !self.get_all("preJobCommandRemote").is_empty()
+                || !self.get_all("postJobCommandRemote").is_empty()
+            {
+                Some("pre/postJobCommandRemote")
+            } else {
+                None
+            };
+            if let Some(w) = why {
+                bail!("{o}: job [{}] has rsyncdMode=yes with {w}, which needs ssh to the host; expected rsyncdMode=no or without {w}", self.name);
+            }
         }
         if self.get("AutomountDevice").is_empty() != self.get("AutomountPoint").is_empty() {
             bail!(
@@ -642,8 +654,9 @@ mod tests {
         assert!(parse("[web]\nremoteHostName=h\nscheduledKeep=1-\n").is_err());
         assert!(parse("[web]\nremoteHostName=h\nchunkSize=1G\n").is_err());
         assert!(parse("[web]\nremoteHostName=h\nchunkSize=3M\n").is_err());
-        let e = parse("[web]\nremoteHostName=h\nrsyncdMode=yes\n").unwrap_err().to_string();
-        assert!(e.contains("rsyncdMode=yes") && e.contains("not supported"), "{e}");
+        assert!(parse("[web]\nremoteHostName=h\nrsyncdMode=yes\n").is_ok());
+        let e = parse("[web]\nremoteHostName=h\nrsyncdMode=yes\npreJobCommandRemote=x\n").unwrap_err().to_string();
+        assert!(e.contains("rsyncdMode=yes with pre/postJobCommandRemote, which needs ssh"), "{e}");
         assert!(parse("[web]\nremoteHostName=h\nAutomountDevice=/dev/sdb1\n").is_err());
     }
 

@@ -5,6 +5,7 @@
 //! an affa that was killed (children get `PR_SET_PDEATHSIG`).
 
 pub mod rsync;
+pub mod rsyncd;
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};

@@ -57,10 +57,12 @@ pub fn meaning(code: i32) -> &'static str {
     }
 }
 
-/// Where to pull from: a remote host over ssh, or a local path (remoteHostName=localhost).
+/// Where to pull from: a remote host over ssh, a local path (remoteHostName=localhost), or an
+/// rsync daemon (rsyncdMode=yes).
 pub enum Source<'a> {
     Ssh(&'a SshTarget),
     Local,
+    Daemon(&'a crate::transport::rsyncd::Daemon),
 }
 
 /// The common flags of every transfer (Affa 3's, minus `--ignore-errors` semantics that hide
@@ -91,6 +93,12 @@ pub fn base_args(job: &Job, source: &Source) -> Vec<String> {
         a.push(format!("--rsync-path={remote}"));
         a.push(format!("--rsh={}", t.rsh()));
     }
+    if let Source::Daemon(d) = source {
+        if job.flag("rsyncCompress") {
+            a.push("--compress".into());
+        }
+        a.extend(d.args());
+    }
     a
 }
 
@@ -111,6 +119,7 @@ pub fn program(job: &Job) -> (String, Vec<String>) {
 pub fn source_args(source: &Source, paths: &[String]) -> Vec<String> {
     match source {
         Source::Local => paths.to_vec(),
+        Source::Daemon(d) => paths.iter().map(|p| d.source(p)).collect(),
         Source::Ssh(t) => paths
             .iter()
             .enumerate()
