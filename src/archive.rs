@@ -195,7 +195,8 @@ pub fn list(job_dir: &Path) -> Result<Vec<Archive>> {
         if let Some((level, index)) = parse_archive_name(&name) {
             if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
                 let path = e.path();
-                out.push(Archive { level, index, report: Report::read(&path), path });
+                let report = Report::read(&path).or_else(|| crate::report::convert_affa2(&path));
+                out.push(Archive { level, index, report, path });
             }
         }
     }

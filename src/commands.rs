@@ -58,7 +58,32 @@ pub fn show_date(d: &str) -> String {
     }
 }
 
-pub const ARCHIVES_CSV_HEADER: &str = "Job;Archive;Count;Date;Files;Size;RootDirFilesystemAvail;RootDirFilesystemUsed;valid;TotalBytesSent;TotalBytesReceived;ExecutionTime;LogicalSize;PoolBytesAdded;DedupRatio";
+/// `--list-archives --csv`: Affa 3's 16 columns in its order and format (the level, the index
+/// as 5 digits, the report's values as written, `valid` yes/no, an incomplete archive's values
+/// 0, Affa 3's freedup columns), then affa's own. Affa 3's header line named 15 columns
+/// (`Archive:Count`, no `TotalBytesSent`); this one names each column.
+pub const ARCHIVES_CSV_HEADER: &str = "Archive;Count;Date;Files;Size;RootDirFilesystemAvail;RootDirFilesystemUsed;valid;TotalBytesSent;TotalBytesReceived;ExecutionTime;DedupTotalFiles;DedupReplacedFiles;DedupSavedBytes;DedupExectime;DedupDate;Job;LogicalSize;PoolBytesAdded;DedupRatio";
+
+/// A report value as a CSV field: as written, `;` and line ends replaced.
+fn field(r: &Report, key: &str) -> String {
+    r.get(key).unwrap_or("").replace([';', '\n', '\r'], " ")
+}
+
+/// Affa 3's freedup columns: DedupTotalFiles, DedupReplacedFiles, DedupSavedBytes,
+/// DedupExectime, DedupDate (the run's Date when not given); empty without DedupExectime.
+fn freedup_fields(r: &Report) -> [String; 5] {
+    if r.get("DedupExectime").is_none() {
+        return Default::default();
+    }
+    let date = if r.get("DedupDate").is_some() { field(r, "DedupDate") } else { field(r, "Date") };
+    [
+        field(r, "DedupTotalFiles"),
+        field(r, "DedupReplacedFiles"),
+        field(r, "DedupSavedBytes"),
+        field(r, "DedupExectime"),
+        date,
+    ]
+}
 
 /// `--list-archives [--csv] [JOB...]`
 pub fn list_archives(cfg: &Config, names: &[String], csv: bool) -> Result<String> {
@@ -93,24 +118,27 @@ pub fn list_archives(cfg: &Config, names: &[String], csv: bool) -> Result<String
             let nh = |k: &str| n(k).map(human).unwrap_or_else(|| "-".into());
             let ratio = r.get("DedupRatio").unwrap_or("-").to_string();
             if csv {
-                out.push_str(&format!(
-                    "{};{};{};{};{};{};{};{};{};{};{};{};{};{};{}\n",
-                    job.name,
-                    a.level.name(),
-                    a.index,
-                    r.date().unwrap_or(""),
-                    n("NumberOfFiles").unwrap_or(0),
-                    n("TotalFileSize").unwrap_or(0),
-                    n("RootDirFilesystemAvail").unwrap_or(0),
-                    n("RootDirFilesystemUsed").unwrap_or(0),
-                    if a.valid() { "yes" } else { "no" },
-                    n("TotalBytesSent").unwrap_or(0),
-                    n("TotalBytesReceived").unwrap_or(0),
-                    n("ExecutionTime").unwrap_or(0),
-                    n("ChunkLogicalSize").unwrap_or(0),
-                    n("ChunkPoolBytesAdded").unwrap_or(0),
-                    r.get("DedupRatio").unwrap_or("")
-                ));
+                let mut f: Vec<String> = vec![a.level.name().into(), format!("{:05}", a.index)];
+                let affa3 =
+                    ["Date", "NumberOfFiles", "TotalFileSize", "RootDirFilesystemAvail", "RootDirFilesystemUsed"];
+                let sent = ["TotalBytesSent", "TotalBytesReceived", "ExecutionTime"];
+                if a.valid() {
+                    f.extend(affa3.iter().map(|k| field(&r, k)));
+                    f.push("yes".into());
+                    f.extend(sent.iter().map(|k| field(&r, k)));
+                    f.extend(freedup_fields(&r));
+                } else {
+                    f.extend(["0"; 5].map(String::from));
+                    f.push("no".into());
+                    f.extend(["0"; 3].map(String::from));
+                    f.extend(["", "", "", "", ""].map(String::from));
+                }
+                f.push(job.name.clone());
+                f.push(n("ChunkLogicalSize").unwrap_or(0).to_string());
+                f.push(n("ChunkPoolBytesAdded").unwrap_or(0).to_string());
+                f.push(field(&r, "DedupRatio"));
+                out.push_str(&f.join(";"));
+                out.push('\n');
             } else {
                 let tag = if a.index >= k.of(a.level) { "*" } else { " " };
                 out.push_str(&format!(
@@ -135,15 +163,44 @@ pub fn list_archives(cfg: &Config, names: &[String], csv: bool) -> Result<String
     Ok(out)
 }
 
-/// The state of a job that is not cleanly idle.
+/// Affa 3's process state of a job that is not cleanly idle: `running rsync` (it holds its lock
+/// and one of its processes is an rsync), `waiting` (it holds its lock otherwise), `rsync
+/// interrupted` (a transfer was cut short), `configuration error` (it cannot run).
 pub fn process_state(cfg: &Config, job: &Job) -> Option<String> {
+    if cfg.broken.contains_key(&job.name) {
+        return Some("configuration error".into());
+    }
     if let Some(pid) = lock::holder(&cfg.lock_dir(), &job.name) {
-        return Some(format!("running (pid {pid})"));
+        return Some(if runs_rsync(pid) { "running rsync" } else { "waiting" }.into());
     }
     if job.job_dir().join(archive::RUNNING).exists() {
-        return Some("interrupted".into());
+        return Some("rsync interrupted".into());
     }
     None
+}
+
+/// Does a process below `pid` run rsync (read from /proc)?
+fn runs_rsync(pid: i32) -> bool {
+    let mut children: std::collections::HashMap<i32, Vec<i32>> = std::collections::HashMap::new();
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        // stat: "pid (comm) state ppid ..."; comm may hold spaces and parentheses.
+        let Ok(stat) = fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok());
+        if let Some(pp) = ppid {
+            children.entry(pp).or_default().push(p);
+        }
+    }
+    let mut stack = children.get(&pid).cloned().unwrap_or_default();
+    while let Some(p) = stack.pop() {
+        let argv0 = fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+        let argv0 = argv0.split(|b| *b == 0).next().unwrap_or_default();
+        if argv0.rsplit(|b| *b == b'/').next().is_some_and(|n| n.starts_with(b"rsync")) {
+            return true;
+        }
+        stack.extend(children.get(&p).cloned().unwrap_or_default());
+    }
+    false
 }
 
 /// The next `TimeSchedule` after now, as HH:MM.
@@ -155,7 +212,10 @@ fn next_run(job: &Job, clock: &dyn Clock) -> String {
     next.map(|t| format!("{}:{}", &t[..2], &t[2..])).unwrap_or_else(|| "-".into())
 }
 
-pub const STATUS_CSV_HEADER: &str = "Job;Enabled;Last;Next;Size;RootDirFilesystemAvail;RootDirFilesystemUsed;NumberOfArchives;lockpid;ProcessState;BackupTime";
+/// `--status --csv`: Affa 3's 16 columns in its order and format (rows in reverse job order,
+/// `Last` 19700101000000 when never run, lockpid 0 when not running, sizes from the last
+/// report), then affa's own (`ConfigError`: the first configuration error of the job).
+pub const STATUS_CSV_HEADER: &str = "Job;Enabled;Last;Next;Size;RootDirFilesystemAvail;RootDirFilesystemUsed;NumberOfArchives;lockpid;ProcessState;BackupTime;DedupTotalFiles;DedupReplacedFiles;DedupSavedBytes;DedupExectime;DedupDate;ConfigError";
 
 /// `--status [--csv] [--all]`
 pub fn status(cfg: &Config, clock: &dyn Clock, csv: bool, all: bool) -> Result<String> {
@@ -170,31 +230,40 @@ pub fn status(cfg: &Config, clock: &dyn Clock, csv: bool, all: bool) -> Result<S
             "Job", "ENA", "Last", "Time", "Next", "Size", "N of S,D,W,M,Y"
         ));
     }
+    let mut jobs = cfg.all_jobs();
+    if csv {
+        jobs.reverse();
+    }
     let mut disabled = 0;
-    for job in cfg.jobs.values() {
-        let enabled = job.enabled() && cfg.global.get("globalStatus") != "disabled";
+    for job in jobs {
+        let enabled = crate::schedule::effective_enabled(cfg, job);
         let r = Report::read(&job.job_dir().join("scheduled.0"));
         let arch = archive::list(&job.job_dir())?;
         let count = |l: Level| arch.iter().filter(|a| a.level == l).count();
         let nof = Level::ALL.map(|l| format!("{:>2}", count(l))).join(",");
         let state = process_state(cfg, job);
+        let pid = lock::holder(&cfg.lock_dir(), &job.name);
         let last_date = r.as_ref().and_then(|r| r.date().map(String::from));
         if csv {
-            let (used, avail) = rsync::df(&job.root_dir()).unwrap_or((0, 0));
-            out.push_str(&format!(
-                "{};{};{};{};{};{};{};{};{};{};{}\n",
-                job.name,
-                if enabled { "yes" } else { "no" },
-                last_date.clone().unwrap_or_else(|| "197001010000".into()),
+            let rv = |k: &str| r.as_ref().and_then(|r| r.num(k)).unwrap_or(0).to_string();
+            let mut f = vec![
+                job.name.clone(),
+                if enabled { "yes" } else { "no" }.to_string(),
+                last_date.clone().unwrap_or_else(|| "19700101000000".into()),
                 next_run(job, clock),
-                r.as_ref().and_then(|r| r.num("TotalFileSize")).unwrap_or(0),
-                avail,
-                used,
+                rv("TotalFileSize"),
+                rv("RootDirFilesystemAvail"),
+                rv("RootDirFilesystemUsed"),
                 nof,
-                lock::holder(&cfg.lock_dir(), &job.name).map(|p| p.to_string()).unwrap_or_default(),
+                pid.unwrap_or(0).to_string(),
                 state.clone().unwrap_or_default(),
-                r.as_ref().and_then(|r| r.num("ExecutionTime")).map(|v| v.to_string()).unwrap_or_default()
-            ));
+                r.as_ref().map(|r| field(r, "ExecutionTime")).unwrap_or_default(),
+            ];
+            f.extend(r.as_ref().map(freedup_fields).unwrap_or_default());
+            let err = cfg.broken.get(&job.name).map(|b| b.error().to_string()).unwrap_or_default();
+            f.push(err.replace(';', ","));
+            out.push_str(&f.join(";"));
+            out.push('\n');
             continue;
         }
         if !enabled && state.is_none() && !all {
@@ -213,7 +282,13 @@ pub fn status(cfg: &Config, clock: &dyn Clock, csv: bool, all: bool) -> Result<S
             }
         };
         let mid = match &state {
-            Some(s) => format!("{s:<29}"),
+            Some(s) => {
+                let s = match pid {
+                    Some(p) => format!("{s} (pid {p})"),
+                    None => s.clone(),
+                };
+                format!("{s:<29}")
+            }
             None => format!(
                 "{:>5} {:>8} {:>5} {:>8}",
                 last,
@@ -242,7 +317,19 @@ pub fn disk_usage(cfg: &Config, csv: bool) -> Result<String> {
         out.push_str(&format!("{:>4} {:>8} {:>8}  {}\n", "Use%", "Used", "Avail", "Root Dir"));
     }
     for r in roots {
-        let df = rsync::df(Path::new(&r));
+        // A RootDir on a disk mounted for the runs: mounted for the moment (as Affa 3).
+        let auto = cfg
+            .jobs
+            .values()
+            .find(|j| !j.get("AutomountPoint").is_empty() && Path::new(&r).starts_with(j.get("AutomountPoint")));
+        let df = match auto {
+            Some(j) => crate::automount::with_mounted(j, || {
+                crate::automount::is_mounted(j.get("AutomountDevice"), Path::new(j.get("AutomountPoint")))
+                    .then(|| rsync::df(Path::new(&r)))
+                    .flatten()
+            }),
+            None => rsync::df(Path::new(&r)),
+        };
         if csv {
             match df {
                 Some((u, a)) => out.push_str(&format!("\"{r}\";{a};{u}\n")),
@@ -269,6 +356,10 @@ pub fn send_keys(cfg: &Config, names: &[String], out: &mut dyn Write, yes: bool,
         if job.get("remoteHostName") == "localhost" {
             continue;
         }
+        if job.flag("rsyncdMode") {
+            let _ = writeln!(out, "job {}: rsyncdMode=yes, no ssh key needed", job.name);
+            continue;
+        }
         let t = SshTarget::from_job(job, cfg);
         transport::send_key(&t, &cfg.ssh_dir(), &job.remote_authorized_keys())?;
         let _ = writeln!(
@@ -289,6 +380,9 @@ pub fn send_keys(cfg: &Config, names: &[String], out: &mut dyn Write, yes: bool,
 /// `--revoke-key JOB`
 pub fn revoke_key(cfg: &Config, name: &str) -> Result<String> {
     let job = cfg.job(name)?;
+    if job.flag("rsyncdMode") {
+        return Ok(format!("job {name}: rsyncdMode=yes, no ssh key to remove"));
+    }
     let t = SshTarget::from_job(job, cfg);
     transport::revoke_key(&t, &cfg.ssh_dir(), &job.remote_authorized_keys())?;
     Ok(format!("job {}: affa's key removed from {} on {}", job.name, job.remote_authorized_keys(), t.destination()))
@@ -302,7 +396,14 @@ pub fn check_connections(cfg: &Config, names: &[String], out: &mut dyn Write) ->
             let _ = writeln!(out, "{:<20} OK (local)", job.name);
             continue;
         }
-        match SshTarget::from_job(job, cfg).check_connection() {
+        let res = if job.flag("rsyncdMode") {
+            let dir = if job.job_dir().is_dir() { job.job_dir() } else { cfg.lock_dir() };
+            fs::create_dir_all(&dir).ctx(|| format!("cannot create {}", dir.display()))?;
+            crate::transport::rsyncd::Daemon::for_job(job, &dir).and_then(|d| d.check(job))
+        } else {
+            SshTarget::from_job(job, cfg).check_connection()
+        };
+        match res {
             Ok(()) => {
                 let _ = writeln!(out, "{:<20} OK", job.name);
             }
@@ -337,26 +438,35 @@ pub fn cleanup(cfg: &Config, name: &str, yes: bool, watch: &Watch) -> Result<Str
     Ok(format!("job {name}: deleted {}", names.join(", ")))
 }
 
-/// `--delete-job JOB`: delete its archives and its configuration section.
-pub fn delete_job(cfg: &Config, name: &str, yes: bool, watch: &Watch) -> Result<String> {
+/// `--delete-job [--revoke-key] JOB`: delete its archives and its configuration section;
+/// with `revoke`, first remove affa's key from the host (a failure stops before anything is
+/// deleted).
+pub fn delete_job(cfg: &Config, name: &str, yes: bool, revoke: bool, watch: &Watch) -> Result<String> {
     let job = cfg.job(name)?;
     let dir = job.job_dir();
     confirm(
         watch,
         &format!(
-            "This deletes job {name}: all its archives in {} and its section in {}",
+            "This deletes job {name}: all its archives in {} and its section in {}{}",
             dir.display(),
-            job.origin.file.display()
+            job.origin.file.display(),
+            if revoke { ", after removing affa's key from its host" } else { "" }
         ),
         "proceed",
         yes,
     )?;
     let _l = lock::acquire(&cfg.lock_dir(), name)?;
+    let mut out = String::new();
+    if revoke && job.get("remoteHostName") != "localhost" {
+        out = revoke_key(cfg, name)
+            .map_err(|e| e.context(format!("job {name} not deleted (run without --revoke-key to delete it anyway)")))?
+            + "\n";
+    }
     archive::remove_tree(&dir)?;
     edit::remove_section(job)?;
     let _ = fs::remove_file(cfg.ssh_dir().join(format!("knownhosts-{name}")));
     crate::staging::sweep_pool(&job.root_dir())?;
-    Ok(format!("job {name} deleted"))
+    Ok(format!("{out}job {name} deleted"))
 }
 
 /// `--rename-job JOB NEW`
@@ -365,7 +475,7 @@ pub fn rename_job(cfg: &Config, name: &str, new: &str) -> Result<String> {
     if !crate::config::valid_job_name(new) {
         bail!("new job name '{new}' is not valid; expected letters, digits, '_', '.' and '-' only");
     }
-    if cfg.jobs.contains_key(new) {
+    if cfg.has_job(new) {
         bail!("a job named {new} exists already");
     }
     let _l = lock::acquire(&cfg.lock_dir(), name)?;
@@ -465,12 +575,54 @@ pub fn log_tail(cfg: &Config, name: Option<&str>) -> Result<String> {
     Ok(lines.join("\n") + "\n")
 }
 
-/// `--configcheck`
-pub fn configcheck(cfg: &Config) -> Result<String> {
+/// `--show-config-pathes [--csv] [JOB...]`: the file that holds each job (Affa 3's format:
+/// `JOB: FILE`, the name column 3 to 17 wide; CSV `job;configpath`).
+pub fn show_config_pathes(cfg: &Config, names: &[String], csv: bool) -> Result<String> {
+    let jobs: Vec<&Job> = if names.is_empty() {
+        cfg.all_jobs()
+    } else {
+        let mut v = Vec::new();
+        for n in names {
+            match cfg.broken.get(n.as_str()) {
+                Some(b) => v.push(&b.partial),
+                None => v.push(cfg.job(n)?),
+            }
+        }
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    };
     let mut out = String::new();
+    if csv {
+        out.push_str("job;configpath\n");
+        for j in &jobs {
+            out.push_str(&format!("{};{}\n", j.name, j.origin.file.display()));
+        }
+        return Ok(out);
+    }
+    let w = jobs.iter().map(|j| j.name.len()).max().unwrap_or(0).clamp(3, 17);
+    for j in &jobs {
+        let name = if j.name.len() > w { format!("{}..", &j.name[..w - 2]) } else { j.name.clone() };
+        out.push_str(&format!("{name:<w$}: {}\n", j.origin.file.display()));
+    }
+    Ok(out)
+}
+
+/// `--_jobs` (bash completion): every job name, one per line.
+pub fn job_names(cfg: &Config) -> String {
+    cfg.all_jobs().iter().map(|j| format!("{}\n", j.name)).collect()
+}
+
+/// `--configcheck`: what is worth knowing about the working jobs (stdout) and every
+/// configuration error of every file, one line each (the caller prints them on stderr and
+/// exits non-zero when there is any).
+pub fn configcheck(cfg: &Config) -> (String, Vec<String>) {
+    let mut out = String::new();
+    let mut errors = cfg.problems.clone();
     for job in cfg.jobs.values() {
         if job.esxi() {
-            job.esxi_password()?;
+            if let Err(e) = job.esxi_password() {
+                errors.push(e.to_string());
+            }
             if job.thumbprint().is_none() && job.get("ESXiProtocol") == "https" {
                 out.push_str(&format!(
                     "job {}: no ESXiThumbprint yet; affa --send-key {} will show and pin it\n",
@@ -482,6 +634,18 @@ pub fn configcheck(cfg: &Config) -> Result<String> {
             out.push_str(&format!("job {}: RootDir {} does not exist yet\n", job.name, job.root_dir().display()));
         }
     }
-    out.push_str(&format!("configuration OK: {} job(s) in {}\n", cfg.jobs.len(), cfg.dir.display()));
-    Ok(out)
+    if errors.is_empty() {
+        out.push_str(&format!("configuration OK: {} job(s) in {}\n", cfg.jobs.len(), cfg.dir.display()));
+    } else {
+        let broken: Vec<&str> = cfg.broken.keys().map(|s| s.as_str()).collect();
+        out.push_str(&format!(
+            "configuration has {} error(s) in {}: {} job(s) will not run{}; the other {} job(s) run\n",
+            errors.len(),
+            cfg.dir.display(),
+            broken.len(),
+            if broken.is_empty() { String::new() } else { format!(" ({})", broken.join(", ")) },
+            cfg.jobs.len()
+        ));
+    }
+    (out, errors)
 }

@@ -6,6 +6,7 @@
 #[macro_use]
 pub mod error;
 pub mod archive;
+pub mod automount;
 pub mod chunk;
 pub mod clock;
 pub mod commands;
@@ -24,6 +25,7 @@ pub mod restore;
 pub mod run;
 pub mod samba;
 pub mod schedule;
+pub mod sme;
 pub mod staging;
 pub mod transport;
 pub mod untrusted;

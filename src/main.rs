@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{ArgGroup, Parser};
+use clap::{ArgGroup, CommandFactory, FromArgMatches, Parser};
 
 use affa::archive::Level;
 use affa::config::{self, Config};
@@ -19,7 +19,7 @@ use affa::{commands, Result};
     version,
     about = "Rotating backups of Linux hosts and running ESXi VMs over ssh + rsync (Affa 3 compatible)",
     infer_long_args = true,
-    group(ArgGroup::new("action").required(true).multiple(false)),
+    group(ArgGroup::new("action").multiple(true)),
     after_help = "Any unique prefix of an option works (--list for --list-archives). Destructive actions ask you to type 'proceed'; --yes answers for scripts."
 )]
 struct Cli {
@@ -110,6 +110,30 @@ struct Cli {
     /// Install affa: /usr/sbin/affa, /etc/affa samples, state dirs, cron file, logrotate
     #[arg(long, group = "action")]
     install: bool,
+    /// Show the configuration file of each job: [--csv] [JOB...]
+    #[arg(long, group = "action")]
+    show_config_pathes: bool,
+    /// Write the NRPE command file (one check per monitored job), include it in nrpe.cfg, restart NRPE
+    #[arg(long, group = "action")]
+    init_nrpe: bool,
+    /// Affa 3's cron file: rewrite the cron file if the configuration changed
+    #[arg(long = "_cronupdate", hide = true)]
+    cronupdate: bool,
+    /// Affa 3's bash completion: the job names
+    #[arg(long = "_jobs", hide = true)]
+    jobs: bool,
+    /// Affa 3's bash completion: the usage lines
+    #[arg(long = "_shorthelp", hide = true)]
+    shorthelp: bool,
+    /// Affa 3's NRPE command: the monitored jobs, then #OK (and --init-nrpe)
+    #[arg(long = "_jobsnrpe", hide = true)]
+    jobsnrpe: bool,
+    /// Affa 3 on SME Server only (turn this box into the backed-up server); refused
+    #[arg(long, hide = true)]
+    rise: bool,
+    /// Affa 3 on SME Server only; refused
+    #[arg(long, hide = true)]
+    undo_rise: bool,
 
     /// Output as CSV (--list-archives, --status, --disk-usage)
     #[arg(long)]
@@ -123,6 +147,9 @@ struct Cli {
     /// Print nothing but errors (as under cron)
     #[arg(long)]
     silent: bool,
+    /// Log verbosely, as Debug=yes in every job
+    #[arg(long)]
+    debug: bool,
     /// Target directory (--unchunk)
     #[arg(long, value_name = "DIR")]
     to: Option<PathBuf>,
@@ -182,8 +209,87 @@ fn yes_no(v: &str) -> std::result::Result<bool, String> {
     }
 }
 
+/// The usage lines (`--_shorthelp`, read by Affa 3's bash completion: option in field 3, `JOB`
+/// when the option takes job names).
+const USAGE: &[&str] = &[
+    "--run JOB [scheduled|daily|weekly|monthly|yearly]",
+    "--configcheck",
+    "--make-cronjobs",
+    "--send-key [JOB JOB ...]",
+    "--check-connections [JOB JOB ...]",
+    "--resume-interrupted",
+    "--full-restore [--preserve-newer=no] [--delete=yes] JOB [ARCHIVE]",
+    "--list-archives [--csv] [JOB JOB ...]",
+    "--status [--csv] [--all]",
+    "--show-config-pathes [--csv] [JOB JOB ...]",
+    "--show-default-config",
+    "--show-schedule [--all]",
+    "--show-property PROPERTY",
+    "--log-tail [JOB]",
+    "--send-status",
+    "--disk-usage [--csv]",
+    "--cleanup JOB",
+    "--rename-job JOB NEWNAME",
+    "--move-archive JOB NEWROOTDIR",
+    "--delete-job [--revoke-key] JOB",
+    "--revoke-key JOB",
+    "--kill JOB [--resume=SECS]",
+    "--killall",
+    "--mailtest JOB",
+    "--nrpe [JOB JOB ...]",
+    "--init-nrpe",
+    "--verify JOB [ARCHIVE|--all]",
+    "--unchunk JOB ARCHIVE [--to DIR]",
+    "--metrics",
+    "--samba-shares",
+    "--install [--prefix DIR]",
+    "--version",
+    "--help",
+];
+
+fn short_help() -> String {
+    USAGE.iter().enumerate().map(|(i, u)| format!("{} affa {u}\n", if i == 0 { "Usage:" } else { "  or  " })).collect()
+}
+
+/// Parse the command line: one action, except `--delete-job --revoke-key` (Affa 3's pair).
+fn parse() -> std::result::Result<Cli, clap::Error> {
+    let m = Cli::command().try_get_matches()?;
+    let cli = Cli::from_arg_matches(&m)?;
+    let mut actions: Vec<String> =
+        m.get_many::<clap::Id>("action").map(|ids| ids.map(|i| i.to_string()).collect()).unwrap_or_default();
+    // The hidden actions (Affa 3's internal ones, and the refused --rise) are outside the group,
+    // so that --help and the usage line do not show them.
+    for (set, name) in [
+        (cli.cronupdate, "_cronupdate"),
+        (cli.jobs, "_jobs"),
+        (cli.shorthelp, "_shorthelp"),
+        (cli.jobsnrpe, "_jobsnrpe"),
+        (cli.rise, "rise"),
+        (cli.undo_rise, "undo_rise"),
+    ] {
+        if set {
+            actions.push(name.into());
+        }
+    }
+    if actions.is_empty() {
+        return Err(Cli::command()
+            .error(clap::error::ErrorKind::MissingRequiredArgument, "no action given; affa --help lists them"));
+    }
+    if actions.len() > 1 && !(actions.len() == 2 && cli.delete_job && cli.revoke_key) {
+        let names: Vec<String> = actions
+            .iter()
+            .map(|a| if a.starts_with('_') { format!("--{a}") } else { format!("--{}", a.replace('_', "-")) })
+            .collect();
+        return Err(Cli::command().error(
+            clap::error::ErrorKind::ArgumentConflict,
+            format!("{} cannot be used together (one action at a time)", names.join(" and ")),
+        ));
+    }
+    Ok(cli)
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match parse() {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
@@ -231,13 +337,27 @@ fn dispatch(cli: &Cli, ui: &std::sync::Arc<render::Terminal>) -> Result<u8> {
         print(config::describe_key(&a[0])? + "\n");
         return Ok(0);
     }
+    if cli.shorthelp {
+        print(short_help());
+        return Ok(0);
+    }
+    if cli.rise || cli.undo_rise {
+        affa::bail!(
+            "--{} is not supported: it turned an SME Server backup box into the server it backs up; restore the host with affa --full-restore JOB instead",
+            if cli.rise { "rise" } else { "undo-rise" }
+        );
+    }
     if cli.install {
         need(a, 0, "--install [--prefix DIR]")?;
         print(affa::install::install(&affa::install::InstallOptions { prefix: cli.prefix.clone() })? + "\n");
         return Ok(0);
     }
     let dir = config::config_dir(cli.config_dir.as_deref());
-    let cfg = Config::load(&dir)?;
+    let mut cfg = Config::load(&dir)?;
+    if cli.debug {
+        cfg.force_debug();
+    }
+    let cfg = cfg;
     let clock = affa::clock::from_env()?;
     if cli.run {
         if a.is_empty() || a.len() > 2 {
@@ -261,14 +381,19 @@ fn dispatch(cli: &Cli, ui: &std::sync::Arc<render::Terminal>) -> Result<u8> {
     }
     let mut out = affa::untrusted::TerminalSafe::new(std::io::stdout());
     if cli.configcheck {
-        print(commands::configcheck(&cfg)?);
+        let (report, errors) = commands::configcheck(&cfg);
+        print(report);
+        for e in &errors {
+            eprintln!("affa: error: {e}");
+        }
+        return Ok(if errors.is_empty() { 0 } else { 1 });
     } else if cli.list_archives {
         print(commands::list_archives(&cfg, a, cli.csv)?);
     } else if cli.status {
         print(commands::status(&cfg, clock.as_ref(), cli.csv, cli.all)?);
     } else if cli.send_key {
         commands::send_keys(&cfg, a, &mut out, cli.yes, &watch)?;
-    } else if cli.revoke_key {
+    } else if cli.revoke_key && !cli.delete_job {
         need(a, 1, "--revoke-key JOB")?;
         print(commands::revoke_key(&cfg, &a[0])? + "\n");
     } else if cli.check_connections {
@@ -277,8 +402,8 @@ fn dispatch(cli: &Cli, ui: &std::sync::Arc<render::Terminal>) -> Result<u8> {
         need(a, 1, "--cleanup JOB")?;
         print(commands::cleanup(&cfg, &a[0], cli.yes, &watch)? + "\n");
     } else if cli.delete_job {
-        need(a, 1, "--delete-job JOB")?;
-        print(commands::delete_job(&cfg, &a[0], cli.yes, &watch)? + "\n");
+        need(a, 1, "--delete-job [--revoke-key] JOB")?;
+        print(commands::delete_job(&cfg, &a[0], cli.yes, cli.revoke_key, &watch)? + "\n");
     } else if cli.rename_job {
         need(a, 2, "--rename-job JOB NEW")?;
         print(commands::rename_job(&cfg, &a[0], &a[1])? + "\n");
@@ -359,6 +484,30 @@ fn dispatch(cli: &Cli, ui: &std::sync::Arc<render::Terminal>) -> Result<u8> {
     } else if cli.samba_shares {
         need(a, 0, "--samba-shares")?;
         print(affa::samba::update_shares(&cfg)? + "\n");
+    } else if cli.cronupdate {
+        // Internal, every 15 minutes from cron: silent unless it fails (Affa 3's shipped cron
+        // line has no --silent).
+        need(a, 0, "--_cronupdate")?;
+        affa::schedule::cron_update(&cfg)?;
+    } else if cli.jobs {
+        print(commands::job_names(&cfg));
+    } else if cli.show_config_pathes {
+        print(commands::show_config_pathes(&cfg, a, cli.csv)?);
+    } else if cli.init_nrpe {
+        need(a, 0, "--init-nrpe")?;
+        print(affa::monitor::init_nrpe(&cfg)? + "\n");
+    } else if cli.jobsnrpe {
+        // Affa 3: the monitored jobs and #OK, and the NRPE files brought up to date.
+        match affa::monitor::init_nrpe(&cfg) {
+            Ok(_) => {
+                let names: String = affa::monitor::nrpe_jobs(&cfg).iter().map(|j| format!("{}\n", j.name)).collect();
+                print(names + "#OK\n");
+            }
+            Err(e) => {
+                print("# NRPE is not installed on the Affa server\n".into());
+                return Err(e);
+            }
+        }
     }
     Ok(0)
 }

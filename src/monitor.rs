@@ -68,28 +68,41 @@ fn disk_space_low(job: &Job, st: &JobState) -> Option<String> {
 
 /// `--nrpe [JOB...]`: the plugin's one line and its exit code (0 OK, 1 WARNING, 2 CRITICAL,
 /// 3 UNKNOWN). Without job names every enabled job is checked; named jobs are checked whatever
-/// their status. NRPEtrigger=0 turns the age check of a job off.
+/// their status. NRPEtrigger=0 turns the age check of a job off; a negative NRPEtrigger (Affa
+/// 3's way) leaves the job out of monitoring.
 pub fn nrpe(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<(String, i32)> {
     let selected: Vec<&Job> = if jobs.is_empty() {
-        cfg.jobs.values().filter(|j| effective_enabled(cfg, j)).collect()
+        cfg.all_jobs().into_iter().filter(|j| effective_enabled(cfg, j)).collect()
     } else {
         let mut v = Vec::new();
         for n in jobs {
-            match cfg.job(n) {
+            match cfg.broken.get(n.as_str()).map(|b| &b.partial).ok_or(()).or_else(|_| cfg.job(n)) {
                 Ok(j) => v.push(j),
                 Err(e) => return Ok((format!("UNKNOWN: {e}"), 3)),
             }
         }
         v
     };
+    let selected: Vec<&Job> = selected.into_iter().filter(|j| j.int("NRPEtrigger") >= 0).collect();
     let now = clock.now();
     let (mut crit, mut warn, mut perf) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut exec_secs, mut size_bytes) = (0u64, 0u64);
     for job in &selected {
+        if cfg.broken.contains_key(&job.name) {
+            // Its runs fail until the configuration is fixed: as critical as a failed run.
+            crit.push(format!("{} (configuration error)", job.name));
+            perf.push(format!("'{}_age'=U", job.name));
+            continue;
+        }
         let st = match job_state(cfg, job) {
             Ok(s) => s,
             Err(e) => return Ok((format!("UNKNOWN: job {}: {e}", job.name), 3)),
         };
-        let trigger = job.num("NRPEtrigger") * 3600;
+        let trigger = job.int("NRPEtrigger").max(0) as u64 * 3600;
+        if let Some(r) = &st.report {
+            exec_secs += r.num("ExecutionTime").unwrap_or(0);
+            size_bytes += r.num("TotalFileSize").unwrap_or(0);
+        }
         let age = st.last_success.map(|t| (now - t).num_seconds().max(0) as u64);
         if st.interrupted {
             crit.push(format!("{} (interrupted)", job.name));
@@ -111,7 +124,21 @@ pub fn nrpe(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<(String,
             None => perf.push(format!("'{}_age'=U", job.name)),
         }
     }
-    let perf = if perf.is_empty() { String::new() } else { format!(" | {}", perf.join(" ")) };
+    // Affa 3's perfdata first, labels and units as it wrote them (existing graphs go on), then
+    // the age of each job.
+    let (min, gib) = (exec_secs as f64 / 60.0, size_bytes as f64 / 1024.0 / 1024.0 / 1024.0);
+    let affa3 = if selected.len() == 1 {
+        format!("Execution Time={min:.1}min;;;; Size={gib:.3}GByte;;;;")
+    } else {
+        let total = cfg.all_jobs().iter().filter(|j| j.int("NRPEtrigger") >= 0).count();
+        format!(
+            "Jobs failed={};;;; Jobs total={total};;;; Jobs checked={};;;; Total Execution Time={min:.1}min;;;; Total Size={gib:.3}GByte;;;;",
+            crit.len(),
+            selected.len()
+        )
+    };
+    perf.insert(0, affa3);
+    let perf = format!(" | {}", perf.join(" "));
     let (line, code) = if !crit.is_empty() {
         let mut l = format!("CRITICAL: Failed jobs: {}", crit.join(", "));
         if !warn.is_empty() {
@@ -121,12 +148,90 @@ pub fn nrpe(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<(String,
     } else if !warn.is_empty() {
         (format!("WARNING: {}", warn.join(", ")), 1)
     } else if selected.is_empty() {
-        ("OK: no enabled jobs".to_string(), 0)
+        ("OK: no job to check (none enabled, or NRPEtrigger < 0)".to_string(), 0)
     } else {
         let names: Vec<&str> = selected.iter().map(|j| j.name.as_str()).collect();
         (format!("OK: {} job(s) backed up in time: {}", selected.len(), names.join(", ")), 0)
     };
     Ok((line + &perf, code))
+}
+
+/// The jobs NRPE checks one by one (Affa 3's `--_jobsnrpe`): enabled, NRPEtrigger >= 0.
+pub fn nrpe_jobs(cfg: &Config) -> Vec<&Job> {
+    cfg.all_jobs().into_iter().filter(|j| effective_enabled(cfg, j) && j.int("NRPEtrigger") >= 0).collect()
+}
+
+/// The nrpe.cfg that `--init-nrpe` extends: nrpeConfig, else Affa 3's two places.
+fn nrpe_cfg(cfg: &Config) -> Option<PathBuf> {
+    let set = cfg.global.get("nrpeConfig");
+    if !set.is_empty() {
+        return Some(PathBuf::from(set));
+    }
+    ["/etc/nagios/nrpe.cfg", "/etc/icinga/nrpe.cfg"].into_iter().map(PathBuf::from).find(|p| p.is_file())
+}
+
+/// The NRPE command file: Affa 3's commands (`sudo` as in Affa 3: NRPE runs as its own user
+/// and the archives are root's; see docs/OPERATIONS.md for the sudoers line).
+pub fn nrpe_config_text(cfg: &Config) -> String {
+    let affa = crate::schedule::affa_command(cfg, &crate::schedule::absolute(&cfg.dir));
+    let mut s = String::from("# written by affa --init-nrpe (and --_jobsnrpe); nrpe.cfg includes it\n");
+    s.push_str(&format!("command[check_affa]=sudo {affa} --nrpe\n"));
+    s.push_str(&format!("command[affa_jobsnrpe]=sudo {affa} --_jobsnrpe\n"));
+    s.push_str(&format!("command[affa_diskusagenrpe]=sudo {affa} --disk-usage --csv\n"));
+    for j in nrpe_jobs(cfg) {
+        s.push_str(&format!("command[check_affa_{n}]=sudo {affa} --nrpe {n}\n", n = j.name));
+    }
+    s
+}
+
+/// `--init-nrpe`: write `affa-nrpe.cfg` next to nrpe.cfg, include it from nrpe.cfg (once), and
+/// run nrpeRestart when either file changed. Err when NRPE is not installed.
+pub fn init_nrpe(cfg: &Config) -> Result<String> {
+    let Some(main) = nrpe_cfg(cfg) else {
+        bail!("NRPE is not installed on this server (no /etc/nagios/nrpe.cfg or /etc/icinga/nrpe.cfg); set nrpeConfig in [GlobalAffaConfig] to its nrpe.cfg");
+    };
+    let own = main.with_file_name("affa-nrpe.cfg");
+    let text = nrpe_config_text(cfg);
+    let mut changed = Vec::new();
+    if fs::read_to_string(&own).ok().as_deref() != Some(text.as_str()) {
+        crate::schedule::write_file(&own, &text, 0o644)?;
+        changed.push(format!("{} written", own.display()));
+    }
+    let include = format!("include={}", own.display());
+    let old =
+        fs::read_to_string(&main).map_err(|e| crate::Error::new(format!("cannot read {}: {e}", main.display())))?;
+    let mut new: String = old.lines().filter(|l| l.trim() != include).map(|l| format!("{l}\n")).collect();
+    new.push_str(&include);
+    new.push('\n');
+    if new != old {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(&main).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644);
+        crate::schedule::write_file(&main, &new, mode)?;
+        changed.push(format!("{} includes it", main.display()));
+    }
+    if changed.is_empty() {
+        return Ok(format!("{} is up to date", own.display()));
+    }
+    let restart = cfg.global.get("nrpeRestart");
+    if !restart.is_empty() {
+        let out = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(restart)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| crate::Error::new(format!("cannot run nrpeRestart '{restart}': {e}")))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            bail!(
+                "{}; but nrpeRestart '{restart}' failed (exit {}): {}",
+                changed.join(", "),
+                out.status.code().unwrap_or(-1),
+                err.lines().next().unwrap_or("").trim()
+            );
+        }
+        changed.push(format!("NRPE restarted ({restart})"));
+    }
+    Ok(changed.join("; "))
 }
 
 fn epoch(t: NaiveDateTime) -> Option<i64> {

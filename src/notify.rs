@@ -81,7 +81,7 @@ fn secrets(cfg: &Config) -> Vec<String> {
         }
     };
     push(cfg.global.get("smtpPassword"));
-    for j in std::iter::once(&cfg.global).chain(cfg.jobs.values()) {
+    for j in std::iter::once(&cfg.global).chain(cfg.all_jobs()) {
         push(j.get("ESXiPassword"));
         push(j.get("rsyncdPassword"));
         let f = j.get("ESXiPasswordFile");

@@ -5,11 +5,14 @@
 //! (an archive is valid only if it has its report, so it is written to a temp file, fsynced and
 //! renamed).
 
+use std::fs;
 use std::path::Path;
 
 use crate::error::Result;
 
 pub const REPORT_FILE: &str = ".AFFA3-REPORT";
+/// The report of an Affa 2 archive (`Key: value` lines), converted as Affa 3 does.
+pub const AFFA2_REPORT_FILE: &str = ".AFFA-REPORT";
 
 /// Ordered key/value pairs of `[Report]`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -93,6 +96,57 @@ impl Report {
     }
 }
 
+/// The report of an Affa 2 archive that has no `.AFFA3-REPORT`, converted as Affa 3's
+/// `convertReportV2toV3` does: every `Key words: value` line whose value is numeric (or whose key
+/// starts with `Date`) becomes `KeyWords=number` (thousands separators dropped), lines starting
+/// with `#` and keys starting with `File` are skipped. The result is written as `.AFFA3-REPORT`
+/// (so Affa 3 and affa read it alike) with the archive directory's time set to the old report's,
+/// as Affa 3 does; when it cannot be written (a read-only disk) it is only returned. None when
+/// there is no Affa 2 report (a regular file of at most 1 MiB) or it has no valid `Date`.
+pub fn convert_affa2(archive_dir: &Path) -> Option<Report> {
+    let old = archive_dir.join(AFFA2_REPORT_FILE);
+    let md = fs::symlink_metadata(&old).ok()?;
+    if !md.is_file() || md.len() > 1 << 20 || fs::symlink_metadata(archive_dir.join(REPORT_FILE)).is_ok() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&fs::read(&old).ok()?).into_owned();
+    let mut r = Report::default();
+    for line in text.lines() {
+        if line.trim_start().starts_with('#') || !line.contains(": ") {
+            continue;
+        }
+        let (k, v) = line.split_once(':')?;
+        let (k, v) = (k.trim(), v.trim().replace(',', ""));
+        if k.starts_with("File") || (!v.starts_with(|c: char| c == '-' || c.is_ascii_digit()) && !k.starts_with("Date"))
+        {
+            continue;
+        }
+        let Some(start) = v.find(|c: char| c == '-' || c == '.' || c.is_ascii_digit()) else { continue };
+        let num: String = v[start..].chars().take_while(|c| *c == '-' || *c == '.' || c.is_ascii_digit()).collect();
+        let key: String = k
+            .split_whitespace()
+            .map(|w| {
+                let mut c = w.chars();
+                c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
+            })
+            .collect();
+        if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric()) {
+            continue;
+        }
+        r.set(&key, num);
+    }
+    r.date()?;
+    let text = format!("; converted from {AFFA2_REPORT_FILE} (Affa V2)\n{}", r.to_text());
+    if crate::fsutil::write_atomic(&archive_dir.join(REPORT_FILE), text.as_bytes(), crate::fsutil::Perm::Mode(0o600))
+        .is_ok()
+    {
+        if let Ok(t) = md.modified() {
+            let _ = fs::File::open(archive_dir).and_then(|d| d.set_modified(t));
+        }
+    }
+    Some(r)
+}
+
 /// rsync `--stats` output -> (CamelCaseKey, number) pairs. Lines that are not statistics are
 /// ignored; never panics on any input.
 pub fn parse_rsync_stats(output: &str) -> Vec<(String, String)> {
@@ -155,7 +209,7 @@ mod tests {
         r.set("ExitStatus", 0);
         r.write(dir.path()).unwrap();
         assert_eq!(Report::read(dir.path()), Some(r));
-        std::fs::write(dir.path().join(REPORT_FILE), "[Report]\nDate=garbage\n").unwrap();
+        fs::write(dir.path().join(REPORT_FILE), "[Report]\nDate=garbage\n").unwrap();
         assert_eq!(Report::read(dir.path()), None);
         for junk in ["", "\u{0}\u{1}", "[Report]\n=\n==", "Number of files:\n:::"] {
             let _ = parse_rsync_stats(junk);

@@ -49,6 +49,9 @@ pub struct Ctx<'a> {
     pub log: JobLog,
     pub started: Instant,
     pub job_dir: PathBuf,
+    /// The source paths of this run's transfer, when they are not the job's own (SMEServer=yes
+    /// adds SME's backup set): written into the archive's setup copy, which restore reads.
+    pub extra_sources: std::cell::RefCell<Vec<String>>,
 }
 
 impl Ctx<'_> {
@@ -69,7 +72,15 @@ pub fn run(cfg: &Config, job_name: &str, clock: &dyn Clock, opts: RunOptions) ->
     let job = cfg.job(job_name)?;
     crate::interrupt::install();
     let log = JobLog::new(&cfg.log_dir(), job_name, opts.watch);
-    let ctx = Ctx { cfg, job, clock, log, started: Instant::now(), job_dir: job.job_dir() };
+    let ctx = Ctx {
+        cfg,
+        job,
+        clock,
+        log,
+        started: Instant::now(),
+        job_dir: job.job_dir(),
+        extra_sources: Default::default(),
+    };
     ctx.log.info(format!("Starting job {} {} ({})", job_name, opts.level.name(), job.get("remoteHostName")));
     let res = run_locked(&ctx, opts.level);
     match &res {
@@ -81,6 +92,8 @@ pub fn run(cfg: &Config, job_name: &str, clock: &dyn Clock, opts: RunOptions) ->
 
 fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
     let _lock = lock::acquire(&ctx.cfg.lock_dir(), &ctx.job.name)?;
+    // AutomountDevice: the backup disk, mounted for the run (and unmounted when this is dropped).
+    let _mounted = crate::automount::mount(ctx.job, Some(&ctx.log))?;
     let root = ctx.job.root_dir();
     if !root.is_dir() {
         bail!(
@@ -97,18 +110,27 @@ fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
         archive::empty_trash(&ctx.job_dir)?;
         return Ok(summary);
     }
-    if let Some(t) = ctx.source() {
+    // rsyncdMode=yes: the source is an rsync daemon (its password file lives for this run).
+    let daemon = match ctx.job.flag("rsyncdMode") {
+        true => Some(crate::transport::rsyncd::Daemon::for_job(ctx.job, &ctx.job_dir)?),
+        false => None,
+    };
+    if let Some(d) = &daemon {
+        ctx.log.info(format!("Checking the rsync daemon connection to {}", d.url));
+        d.check(ctx.job)?;
+    } else if let Some(t) = ctx.source() {
         ctx.log.phase(Phase::Connecting(t.destination()));
         t.check_connection()?;
     }
     run_scripts(ctx, "preJobCommand", "preJobCommandRemote")?;
+    crate::sme::before_transfer(ctx)?;
     let mut summary = RunSummary::default();
     let running = ctx.job_dir.join(RUNNING);
     let mut report = Report::default();
     if ctx.job.esxi() {
         crate::esxi::backup::transfer(ctx, &running, &mut report, &mut summary)?;
     } else {
-        transfer_files(ctx, &running, &mut report, &mut summary)?;
+        transfer_files(ctx, &running, &mut report, &mut summary, daemon.as_ref())?;
     }
     finish_report(ctx, &running, &mut report)?;
     crate::interrupt::crash_point("report-written");
@@ -125,6 +147,7 @@ fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
     crate::interrupt::crash_point("swept");
 
     run_scripts(ctx, "postJobCommand", "postJobCommandRemote")?;
+    crate::sme::after_run(ctx, &mut summary)?;
     disk_space_warning(ctx, &report, &mut summary);
     summary.report = report;
     Ok(summary)
@@ -277,13 +300,20 @@ pub fn check_rsync(ctx: &Ctx, res: &rsync::RsyncResult, what: &str, summary: &mu
 }
 
 /// The ordinary transfer: rsync the job's sources into `scheduled.running`.
-fn transfer_files(ctx: &Ctx, running: &Path, report: &mut Report, summary: &mut RunSummary) -> Result<()> {
+fn transfer_files(
+    ctx: &Ctx,
+    running: &Path,
+    report: &mut Report,
+    summary: &mut RunSummary,
+    daemon: Option<&crate::transport::rsyncd::Daemon>,
+) -> Result<()> {
     let job = ctx.job;
     let link = prepare_running(ctx, running)?;
     let target = ctx.source();
-    let source = match &target {
-        Some(t) => Source::Ssh(t),
-        None => Source::Local,
+    let source = match (&target, daemon) {
+        (_, Some(d)) => Source::Daemon(d),
+        (Some(t), None) => Source::Ssh(t),
+        (None, None) => Source::Local,
     };
     let mut args = rsync::Args::new(job, &source);
     args.opts(["--stats", "--delete-during", "--delete-excluded", "--relative", "--partial"]);
@@ -306,7 +336,11 @@ fn transfer_files(ctx: &Ctx, running: &Path, report: &mut Report, summary: &mut 
     // affa's own files at the archive root: a source's files of those names never land there.
     args.opts(archive::reserved_excludes(&job.name));
     args.configured(job.get("rsyncOptions"));
-    args.from(&source, &job.sources()).to(format!("{}/", running.display()));
+    let sources = crate::sme::sources(ctx)?;
+    if sources != job.sources() {
+        *ctx.extra_sources.borrow_mut() = sources.iter().filter(|s| !job.sources().contains(s)).cloned().collect();
+    }
+    args.from(&source, &sources).to(format!("{}/", running.display()));
     let steps = if chunk_patterns.is_empty() { 1 } else { 2 };
     ctx.log.phase(Phase::Copying { what: format!("the files of {}", job.get("remoteHostName")), n: 1, of: steps });
     let res = rsync::run(job, &args, &ctx.log, &ctx.log.watch)?;
@@ -338,7 +372,10 @@ pub fn finish_report(ctx: &Ctx, running: &Path, report: &mut Report) -> Result<(
     }
     r.set("Dedup", "no");
     r.set("AffaVersion", env!("CARGO_PKG_VERSION"));
-    let setup = format!("; Created on {}\n{}", now.format("%a %b %e %H:%M:%S %Y"), ctx.job.to_ini());
+    let mut setup = format!("; Created on {}\n{}", now.format("%a %b %e %H:%M:%S %Y"), ctx.job.to_ini());
+    for s in ctx.extra_sources.borrow().iter() {
+        setup.push_str(&format!("Include={s}\n"));
+    }
     crate::fsutil::write_atomic(
         &running.join(format!(".{}-setup.ini", ctx.job.name)),
         setup.as_bytes(),
@@ -373,38 +410,66 @@ fn run_scripts(ctx: &Ctx, local_key: &str, remote_key: &str) -> Result<()> {
         }
         let target = ctx.source();
         let host = ctx.job.get("remoteHostName");
-        let limit = std::time::Duration::from_secs(ctx.job.num("scriptTimeout"));
-        if remote && target.is_some() {
-            let t = target.unwrap();
-            ctx.log.info(format!("Executing script {name} on {host}"));
-            let body = fs::read(&script).ctx(|| format!("cannot read {}", script.display()))?;
-            // A private directory made atomically on the host (mktemp -d, mode 0700): no
-            // predictable name in /tmp that a user of the host could plant a symlink at.
-            let remote_cmd = format!(
-                "umask 077; d=$(mktemp -d /tmp/affa-XXXXXXXXXX) || exit 125; cat > \"$d/script\" && chmod 700 \"$d/script\" && \"$d/script\" {h} {j}; rc=$?; rm -rf \"$d\"; exit $rc",
-                h = shell_quote(host),
-                j = shell_quote(&ctx.job.name)
-            );
-            let out = t.run_within(&remote_cmd, Some(body), limit, "scriptTimeout")?;
-            log_output(ctx, &out.stdout, &out.stderr);
-            if !out.status.success() {
-                bail!("remote script {name} failed on {host} with exit {}", out.status.code().unwrap_or(-1));
+        match (remote, target) {
+            (true, Some(t)) => {
+                let body = fs::read(&script).ctx(|| format!("cannot read {}", script.display()))?;
+                remote_script(ctx, &t, &name, &body)?;
             }
-        } else {
-            ctx.log.info(format!("Executing script {name}"));
-            let sshcmd =
-                target.as_ref().map(|t| format!("{} {}", t.ssh_bin, t.options().join(" "))).unwrap_or_default();
-            let mut c = Command::new(&script);
-            c.arg(host).arg(&ctx.job.name).arg(sshcmd);
-            die_with_parent(&mut c);
-            let out = crate::transport::output_within(c, None, limit, &format!("script {name}"), "scriptTimeout")?;
-            log_output(ctx, &out.stdout, &out.stderr);
-            if !out.status.success() {
-                bail!("script {name} of job {} failed with exit {}", ctx.job.name, out.status.code().unwrap_or(-1));
+            (_, target) => {
+                ctx.log.info(format!("Executing script {name}"));
+                let sshcmd =
+                    target.as_ref().map(|t| format!("{} {}", t.ssh_bin, t.options().join(" "))).unwrap_or_default();
+                let mut c = Command::new(&script);
+                c.arg(host).arg(&ctx.job.name).arg(sshcmd);
+                run_logged(ctx, c, &[], &format!("cannot run script {}", script.display()), |code| {
+                    format!("script {name} of job {} failed with exit {code}", ctx.job.name)
+                })?;
             }
         }
     }
     Ok(())
+}
+
+/// Run a command with `input` on its stdin and its output in the log, within `scriptTimeout`
+/// (the whole process group is killed past it); returns its stdout. A non-zero exit is the
+/// error `failed(exit code)`.
+pub(crate) fn run_logged(
+    ctx: &Ctx,
+    mut c: Command,
+    input: &[u8],
+    cannot: &str,
+    failed: impl Fn(i32) -> String,
+) -> Result<Vec<u8>> {
+    let limit = std::time::Duration::from_secs(ctx.job.num("scriptTimeout"));
+    die_with_parent(&mut c);
+    let what = cannot.strip_prefix("cannot run ").unwrap_or(cannot);
+    let out = crate::transport::output_within(c, Some(input.to_vec()), limit, what, "scriptTimeout")?;
+    log_output(ctx, &out.stdout, &out.stderr);
+    if !out.status.success() {
+        bail!("{}", failed(out.status.code().unwrap_or(-1)));
+    }
+    Ok(out.stdout)
+}
+
+/// Affa's way to run a script on the source host, run as `SCRIPT HOST JOB` within
+/// `scriptTimeout`. It goes into a private directory made atomically on the host (mktemp -d,
+/// mode 0700): no predictable name in /tmp that a user of the host could plant a symlink at.
+/// Returns its stdout.
+pub(crate) fn remote_script(ctx: &Ctx, t: &SshTarget, name: &str, body: &[u8]) -> Result<Vec<u8>> {
+    let host = ctx.job.get("remoteHostName");
+    ctx.log.info(format!("Executing script {name} on {host}"));
+    let limit = std::time::Duration::from_secs(ctx.job.num("scriptTimeout"));
+    let remote_cmd = format!(
+        "umask 077; d=$(mktemp -d /tmp/affa-XXXXXXXXXX) || exit 125; cat > \"$d/script\" && chmod 700 \"$d/script\" && \"$d/script\" {h} {j}; rc=$?; rm -rf \"$d\"; exit $rc",
+        h = shell_quote(host),
+        j = shell_quote(&ctx.job.name)
+    );
+    let out = t.run_within(&remote_cmd, Some(body.to_vec()), limit, "scriptTimeout")?;
+    log_output(ctx, &out.stdout, &out.stderr);
+    if !out.status.success() {
+        bail!("remote script {name} failed on {host} with exit {}", out.status.code().unwrap_or(-1));
+    }
+    Ok(out.stdout)
 }
 
 fn log_output(ctx: &Ctx, stdout: &[u8], stderr: &[u8]) {

@@ -15,7 +15,11 @@
 //!   (runs the job again only if its transfer was stopped: killed, crashed, rebooted);
 //! - `@reboot root AFFA --silent --resume-interrupted >/dev/null`;
 //! - the status mail per sendStatus, and `--metrics` every 10 minutes when the directory of
-//!   metricsFile exists.
+//!   metricsFile exists;
+//! - `*/15 * * * * root AFFA --silent --_cronupdate` (Affa 3's self-refresh): the file is
+//!   rewritten when a configuration file is newer than it or the list of files changed (its
+//!   second line holds a hash of that list), so configuration edits take effect within 15
+//!   minutes.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -24,7 +28,7 @@ use std::time::Duration;
 
 use crate::archive;
 use crate::clock::Clock;
-use crate::config::{keys, Config, Job, DEFAULT_CONFIG_DIR};
+use crate::config::{keys, BrokenJob, Config, Job, DEFAULT_CONFIG_DIR};
 use crate::error::{IoContext, Result};
 use crate::joblog::JobLog;
 use crate::observer::Watch;
@@ -47,7 +51,7 @@ fn hhmm(v: &str) -> Option<(u32, u32)> {
 
 /// The affa command as cron calls it: `affaBinary`, plus `--config-dir DIR` unless the
 /// configuration lives in the default /etc/affa.
-fn affa_command(cfg: &Config, config_dir: &Path) -> String {
+pub fn affa_command(cfg: &Config, config_dir: &Path) -> String {
     let mut c = shell_quote(cfg.global.get("affaBinary"));
     if config_dir != Path::new(DEFAULT_CONFIG_DIR) {
         c.push_str(" --config-dir ");
@@ -62,20 +66,26 @@ pub fn cron_text(cfg: &Config, config_dir: &Path) -> String {
     let affa = affa_command(cfg, config_dir);
     let mut s = String::new();
     s.push_str(&format!(
-        "# {}: written by affa --make-cronjobs from {}/*.conf; edit those and run affa --make-cronjobs again.\n",
+        "# {}: written by affa from {}/*.conf; a change there is applied within 15 minutes (--_cronupdate), or at once by affa --make-cronjobs.\n{CONFIG_LIST_TAG}{}\n",
         cfg.global.get("cronFile"),
-        config_dir.display()
+        config_dir.display(),
+        config_list_hash(&cfg.dir)
     ));
     s.push_str("SHELL=/bin/sh\nPATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n");
     let global = cfg.global.get("globalStatus");
     if global == "disabled" {
         s.push_str("\n# globalStatus=disabled: no job runs from cron.\n");
     } else {
-        for job in cfg.jobs.values() {
+        for job in cfg.all_jobs() {
             if !effective_enabled(cfg, job) {
                 continue;
             }
             s.push_str(&format!("\n# job {}\n", job.name));
+            if cfg.broken.contains_key(&job.name) {
+                s.push_str(
+                    "# its configuration has errors (affa --configcheck): each start fails and mails until fixed\n",
+                );
+            }
             let mut seen = Vec::new();
             for t in job.get_all("TimeSchedule") {
                 if let Some((h, m)) = hhmm(t) {
@@ -118,10 +128,47 @@ pub fn cron_text(cfg: &Config, config_dir: &Path) -> String {
             metrics.display()
         ));
     }
+    s.push_str(&format!(
+        "\n# apply configuration changes (Affa 3's self-refresh)\n*/15 * * * * root {affa} --silent --_cronupdate\n"
+    ));
     s
 }
 
-fn absolute(p: &Path) -> PathBuf {
+/// The start of the cron file's line that identifies the list of configuration files.
+const CONFIG_LIST_TAG: &str = "# configuration files: ";
+
+/// A hash of the list of configuration files (paths relative to the configuration directory):
+/// a file added, removed or renamed changes it (Affa 3 kept an MD5 of the list).
+fn config_list_hash(dir: &Path) -> String {
+    let mut h = blake3::Hasher::new();
+    for f in crate::config::config_files(dir).unwrap_or_default() {
+        h.update(f.strip_prefix(dir).unwrap_or(&f).as_os_str().as_encoded_bytes());
+        h.update(b"\0");
+    }
+    h.finalize().to_hex()[..32].to_string()
+}
+
+/// `--_cronupdate` (every 15 minutes from the cron file, as in Affa 3): rewrite the cron file
+/// (and the Samba shares, as `--make-cronjobs` does) only when a configuration file is newer
+/// than it or the list of configuration files changed. Returns what was done, None when the
+/// file was up to date.
+pub fn cron_update(cfg: &Config) -> Result<Option<String>> {
+    let path = PathBuf::from(cfg.global.get("cronFile"));
+    let written = fs::metadata(&path).and_then(|m| m.modified()).ok();
+    let text = fs::read_to_string(&path).unwrap_or_default();
+    let listed = text.lines().find_map(|l| l.strip_prefix(CONFIG_LIST_TAG)).unwrap_or("");
+    let files = crate::config::config_files(&cfg.dir)?;
+    let newer = files.iter().any(|f| match (written, fs::metadata(f).and_then(|m| m.modified())) {
+        (Some(w), Ok(m)) => m >= w,
+        _ => true,
+    });
+    if !newer && listed == config_list_hash(&cfg.dir) {
+        return Ok(None);
+    }
+    make_cronjobs(cfg).map(Some)
+}
+
+pub fn absolute(p: &Path) -> PathBuf {
     fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
@@ -325,6 +372,9 @@ fn pause(secs: u64) {
 /// success sends a mail while chattyOnSuccess > 0 and writes the count, less one, back to the
 /// job's configuration file.
 pub fn run_job(cfg: &Config, job: &str, clock: &dyn Clock, opts: RunOptions, retry: bool) -> Result<RunSummary> {
+    if let Some(b) = cfg.broken.get(job) {
+        return config_failure(cfg, b, clock, opts);
+    }
     let j = cfg.job(job)?;
     let note = JobLog::new(&cfg.log_dir(), job, opts.watch.clone());
     let log_path = note.path().map(Path::to_path_buf);
@@ -368,6 +418,28 @@ pub fn run_job(cfg: &Config, job: &str, clock: &dyn Clock, opts: RunOptions, ret
     }
     crate::monitor::refresh_metrics(cfg, clock);
     result
+}
+
+/// `--run` of a job whose configuration has errors: the run fails as any failed run does (its
+/// log, its error mail to the recipients its section names or the global ones, the metrics),
+/// without retries (the configuration does not change by waiting); the other jobs are not
+/// concerned.
+fn config_failure(cfg: &Config, b: &BrokenJob, clock: &dyn Clock, opts: RunOptions) -> Result<RunSummary> {
+    let log = JobLog::new(&cfg.log_dir(), &b.name, opts.watch.clone());
+    let lp = log.path().map(Path::to_path_buf);
+    let start = log_len(lp.as_deref());
+    log.error(format!("job {} cannot run: its configuration has {} error(s)", b.name, b.errors.len()));
+    for e in &b.errors {
+        log.error(e);
+    }
+    let err = b.error();
+    let lines = log_since(lp.as_deref(), start);
+    match crate::notify::error_mail(cfg, &b.partial, err.message(), 1, lp.as_deref(), &lines) {
+        Ok(how) => log.info(format!("error mail sent {how}")),
+        Err(me) => log.warn(format!("cannot send the error mail: {me}")),
+    }
+    crate::monitor::refresh_metrics(cfg, clock);
+    Err(err)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -104,8 +104,10 @@ fn backups_link_unchanged_files_and_drop_deleted_ones() {
     assert!(list.contains(" S 0   2026-03-02 14:00"), "{list}");
     assert!(list.contains(" S 1   2026-03-02 10:00"), "{list}");
     let csv = ok(&s.affa.affa(&["--list", "--csv"]));
-    assert!(csv.lines().nth(1).unwrap().starts_with("web;scheduled;1;202603021000;"), "{csv}");
-    assert!(csv.lines().nth(2).unwrap().starts_with("web;scheduled;0;202603021400;"), "{csv}");
+    // Affa 3's columns first (index as 5 digits), the job after them (issue 15).
+    assert!(csv.lines().nth(1).unwrap().starts_with("scheduled;00001;202603021000;"), "{csv}");
+    assert!(csv.lines().nth(2).unwrap().starts_with("scheduled;00000;202603021400;"), "{csv}");
+    assert_eq!(csv.lines().nth(1).unwrap().split(';').nth(16), Some("web"), "{csv}");
     let st = ok(&s.affa.affa_at("2026-03-02T15:00:00", &["--status"]));
     assert!(st.contains("web") && st.contains("14:00") && st.contains(" 2, 0, 0, 0, 0"), "{st}");
     let log = ok(&s.affa.affa(&["--log-tail", "web"]));
@@ -150,8 +152,10 @@ fn wrong_remote_path_fails_and_leaves_archives_alone() {
 #[test]
 fn bad_config_is_one_line_naming_file_line_key() {
     let s = setup("");
+    // A configuration error stops its own job only (issue 15): --run of that job fails with
+    // the one line, --configcheck reports it, every other job and command works.
     s.affa.write_conf("bad.conf", "[db]\nremoteHostName=x\nstatus=enbabled\n");
-    let e = fail(&s.affa.affa(&["--run", "web"]));
+    let e = fail(&s.affa.affa(&["--run", "db"]));
     let f = s.affa.conf.join("bad.conf");
     assert_eq!(
         e.trim(),
@@ -161,15 +165,18 @@ fn bad_config_is_one_line_naming_file_line_key() {
     let e = fail(&s.affa.affa(&["--configcheck"]));
     assert!(e.contains("bad.conf:3: key 'TimeSchedule' has the value '2561'"), "{e}");
     s.affa.write_conf("bad.conf", "[db]\nremoteHostName=x\ndailyKeep=lots\n");
-    assert!(fail(&s.affa.affa(&["--status"])).contains("expected a whole number"));
+    assert!(fail(&s.affa.affa(&["--configcheck"])).contains("expected a whole number"));
+    ok(&s.affa.affa(&["--status"]));
     s.affa.write_conf("bad.conf", "[db]\nRootDir=/x\n");
-    assert!(fail(&s.affa.affa(&["--status"])).contains("has no remoteHostName"));
+    assert!(fail(&s.affa.affa(&["--run", "db"])).contains("has no remoteHostName"));
     s.affa.write_conf("bad.conf", "[d b]\nremoteHostName=x\n");
-    assert!(fail(&s.affa.affa(&["--status"])).contains("job name 'd b' is not valid"));
+    assert!(fail(&s.affa.affa(&["--configcheck"])).contains("job name 'd b' is not valid"));
     s.affa.write_conf("bad.conf", "[web]\nremoteHostName=x\n");
-    assert!(fail(&s.affa.affa(&["--status"])).contains("section [web] is defined twice"));
+    assert!(fail(&s.affa.affa(&["--run", "web"])).contains("section [web] is defined twice"));
     s.affa.write_conf("bad.conf", "[db]\nremoteHostname=x\nremotUser=root\n");
-    assert!(fail(&s.affa.affa(&["--status"])).contains("unknown key 'remotUser' in [db] (did you mean 'remoteUser'?)"));
+    assert!(
+        fail(&s.affa.affa(&["--run", "db"])).contains("unknown key 'remotUser' in [db] (did you mean 'remoteUser'?)")
+    );
     fs::remove_file(f).unwrap();
     ok(&s.affa.affa(&["--configcheck"]));
     assert!(fail(&s.affa.affa(&["--run", "nosuchjob"])).contains("no job named 'nosuchjob'"));

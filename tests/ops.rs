@@ -205,18 +205,24 @@ fn cron_file_is_exactly_the_expected_one() {
     );
     let out = ok(&a.affa(&["--make-cronjobs"]));
     let cron = a.state.join("cron.d/affa");
-    assert!(out.contains(&format!("{} written: 7 cron line(s)", cron.display())), "{out}");
+    assert!(out.contains(&format!("{} written: 8 cron line(s)", cron.display())), "{out}");
     let conf = fs::canonicalize(&a.conf).unwrap();
     let affa = format!("/usr/sbin/affa --config-dir {}", conf.display());
+    // Line 2: a hash of the list of configuration files (--_cronupdate compares it).
+    let text = fs::read_to_string(&cron).unwrap();
+    let list = text.lines().nth(1).unwrap_or_default().to_string();
+    assert!(list.starts_with("# configuration files: ") && list.len() == 23 + 32, "{text}");
     let expected = format!(
-        "# {s}/cron.d/affa: written by affa --make-cronjobs from {c}/*.conf; edit those and run affa --make-cronjobs again.\n\
+        "# {s}/cron.d/affa: written by affa from {c}/*.conf; a change there is applied within 15 minutes (--_cronupdate), or at once by affa --make-cronjobs.\n\
+         {list}\n\
          SHELL=/bin/sh\nPATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
          \n# job vm\n30 22 * * * root {affa} --silent --run vm\n\
          \n# job web\n30 1 * * * root {affa} --silent --run web\n45 13 * * * root {affa} --silent --run web\n\
          0 7 * * * root {affa} --silent --kill web >/dev/null\n\
          0 20 * * * root test -d {r}/web/scheduled.running && {affa} --silent --run web\n\
          \n# restart the jobs a shutdown interrupted (resumeAfterBoot=yes)\n@reboot root {affa} --silent --resume-interrupted >/dev/null\n\
-         \n# status mail (sendStatus=daily)\n0 5 * * * root {affa} --silent --send-status >/dev/null\n",
+         \n# status mail (sendStatus=daily)\n0 5 * * * root {affa} --silent --send-status >/dev/null\n\
+         \n# apply configuration changes (Affa 3's self-refresh)\n*/15 * * * * root {affa} --silent --_cronupdate\n",
         s = a.state.display(),
         c = conf.display(),
         r = a.root.display(),
@@ -480,12 +486,19 @@ fn nrpe_and_metrics_for_fresh_stale_and_interrupted_jobs() {
     let o = a.affa_at(now, &["--nrpe", "fresh"]);
     let line = String::from_utf8_lossy(&o.stdout).into_owned();
     assert_eq!(o.status.code(), Some(0), "{line}");
-    assert_eq!(line, "OK: 1 job(s) backed up in time: fresh | 'fresh_age'=7200s;;86400;0;\n");
+    // Affa 3's perfdata labels first (issue 15), then the job's age.
+    assert_eq!(
+        line,
+        "OK: 1 job(s) backed up in time: fresh | Execution Time=0.0min;;;; Size=0.000GByte;;;; 'fresh_age'=7200s;;86400;0;\n"
+    );
 
     let o = a.affa_at(now, &["--nrpe", "stale"]);
     let line = String::from_utf8_lossy(&o.stdout).into_owned();
     assert_eq!(o.status.code(), Some(2), "{line}");
-    assert_eq!(line, "CRITICAL: Failed jobs: stale (last success 28.0 h ago) | 'stale_age'=100800s;;86400;0;\n");
+    assert_eq!(
+        line,
+        "CRITICAL: Failed jobs: stale (last success 28.0 h ago) | Execution Time=0.0min;;;; Size=0.000GByte;;;; 'stale_age'=100800s;;86400;0;\n"
+    );
 
     let o = a.affa_at(now, &["--nrpe", "intr"]);
     let line = String::from_utf8_lossy(&o.stdout).into_owned();
@@ -504,7 +517,10 @@ fn nrpe_and_metrics_for_fresh_stale_and_interrupted_jobs() {
     // A job that never succeeded, and an unknown job.
     let o = a.affa_at(now, &["--nrpe", "off"]);
     assert_eq!(o.status.code(), Some(2));
-    assert_eq!(String::from_utf8_lossy(&o.stdout), "CRITICAL: Failed jobs: off (no successful run) | 'off_age'=U\n");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "CRITICAL: Failed jobs: off (no successful run) | Execution Time=0.0min;;;; Size=0.000GByte;;;; 'off_age'=U\n"
+    );
     let o = a.affa_at(now, &["--nrpe", "nosuch"]);
     assert_eq!(o.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("UNKNOWN: no job named 'nosuch'"));

@@ -12,6 +12,11 @@ pub enum Kind {
     Bool,
     /// A whole number in `[min, max]`.
     Int(u64, u64),
+    /// A whole number, possibly negative, in `[min, max]`.
+    SInt(i64, i64),
+    /// An archive count up to 10000; as in Affa 3, a smaller one than the floor (1 for
+    /// scheduledKeep, 0 for the others) is accepted and counts as the floor.
+    Keep(i64),
     /// One of the listed words.
     Enum(&'static [&'static str]),
     /// `HHMM`, 24-hour clock.
@@ -78,17 +83,22 @@ pub static KEYS: &[KeyDef] = &[
     m("Include", NONE, Kind::Text, "source path (starts with /) or rsync include pattern; none = /"),
     m("Exclude", NONE, Kind::Text, "rsync exclude pattern (a leading / anchors it)"),
     k("RootDir", &["/var/affa"], Kind::AbsPath, "archive root; the job lives in RootDir/JOB"),
-    k("scheduledKeep", &["1"], Kind::Int(1, 10000), "scheduled archives kept"),
-    k("dailyKeep", &["7"], Kind::Int(0, 10000), "daily archives kept"),
-    k("weeklyKeep", &["4"], Kind::Int(0, 10000), "weekly archives kept"),
-    k("monthlyKeep", &["12"], Kind::Int(0, 10000), "monthly archives kept"),
-    k("yearlyKeep", &["2"], Kind::Int(0, 10000), "yearly archives kept"),
+    k("scheduledKeep", &["1"], Kind::Keep(1), "scheduled archives kept"),
+    k("dailyKeep", &["7"], Kind::Keep(0), "daily archives kept"),
+    k("weeklyKeep", &["4"], Kind::Keep(0), "weekly archives kept"),
+    k("monthlyKeep", &["12"], Kind::Keep(0), "monthly archives kept"),
+    k("yearlyKeep", &["2"], Kind::Keep(0), "yearly archives kept"),
     m("EmailAddress", &["root"], Kind::Text, "mail recipients"),
     k("chattyOnSuccess", &["0"], U32, "number of success mails still to send"),
     k("RetryAttempts", &["4"], Kind::Int(0, 100), "re-runs of a failed scheduled run"),
     k("RetryAfter", &["600"], U32, "seconds between retries"),
     k("RetryNotification", YES, Kind::Bool, "mail on each failed attempt"),
-    k("NRPEtrigger", &["24"], U32, "hours without success before --nrpe says CRITICAL"),
+    k(
+        "NRPEtrigger",
+        &["24"],
+        Kind::SInt(-1_000_000, u32::MAX as i64),
+        "hours without success before --nrpe says CRITICAL (0: no age check; negative: not monitored)",
+    ),
     k(
         "DiskSpaceWarn",
         &["strict"],
@@ -107,8 +117,8 @@ pub static KEYS: &[KeyDef] = &[
         Kind::Int(1, 3600),
         "ssh ConnectTimeout; the pre-check and other short remote commands end within twice this",
     ),
-    k("localNice", &["0"], Kind::Int(0, 19), "nice level of the local rsync"),
-    k("remoteNice", &["0"], Kind::Int(0, 19), "nice level of the remote rsync"),
+    k("localNice", &["0"], Kind::SInt(-19, 19), "nice level of the local rsync"),
+    k("remoteNice", &["0"], Kind::SInt(-19, 19), "nice level of the remote rsync"),
     k("localNiceBinary", &["nice"], Kind::Text, "local nice binary"),
     k("localRsyncBinary", &["rsync"], Kind::Text, "local rsync binary"),
     k("localSSHBinary", &["ssh"], Kind::Text, "local ssh binary"),
@@ -132,23 +142,39 @@ pub static KEYS: &[KeyDef] = &[
         "AutomountDevice",
         NONE,
         Kind::Text,
-        "Affa 3: device mounted for RootDir around the run (not supported: must be empty)",
+        "device mounted at AutomountPoint for the run (a USB disk holding RootDir; also LABEL=... or UUID=...)",
     ),
-    k("AutomountPoint", NONE, Kind::Text, "mount point for AutomountDevice"),
-    k("AutomountOptions", NONE, Kind::Text, "mount options"),
-    k("AutoUnmount", YES, Kind::Bool, "unmount after the run"),
+    k("AutomountPoint", NONE, Kind::OptAbsPath, "where AutomountDevice is mounted (normally RootDir)"),
+    k("AutomountOptions", NONE, Kind::Text, "mount options, e.g. -o noatime or -t ext4"),
+    k("AutoUnmount", YES, Kind::Bool, "unmount after the run (when affa mounted it)"),
     k("SambaShare", NO, Kind::Bool, "read-only Samba share of RootDir/JOB"),
     m("SambaValidUser", &["affa"], Kind::Text, "users allowed on the share"),
     k("dedup", NO, Kind::Bool, "Affa 3: external whole-file dedup tool (ignored: chunkFiles deduplicates)"),
     k("dedupKill", NO, Kind::Bool, "kill the dedup tool when the next run starts"),
-    k("rsyncdMode", NO, Kind::Bool, "Affa 3: pull from an rsync daemon (not supported: must be no)"),
-    k("rsyncdModule", &["AFFA"], Kind::Text, "rsync daemon module"),
-    k("rsyncdUser", &["affa"], Kind::Text, "rsync daemon user"),
-    k("rsyncdPassword", NONE, Kind::Text, "rsync daemon password"),
+    k("rsyncdMode", NO, Kind::Bool, "pull from an rsync daemon on remoteHostName instead of ssh (e.g. a Windows host)"),
+    k("rsyncdModule", &["AFFA"], Kind::Text, "rsync daemon module; Include paths are inside it"),
+    k("rsyncdUser", &["affa"], Kind::Text, "rsync daemon user (empty: anonymous)"),
+    k("rsyncdPassword", NONE, Kind::Text, "rsync daemon password (the file holding it should be mode 0600)"),
+    k("rsyncdPort", &["873"], Kind::Int(1, 65535), "rsync daemon port"),
     k("Debug", NO, Kind::Bool, "verbose log"),
-    k("SMEServer", NO, Kind::Bool, "SME Server specific (ignored)"),
-    k("RPMCheck", NO, Kind::Bool, "SME Server specific (ignored)"),
-    k("Watchdog", NO, Kind::Bool, "SME Server specific (ignored)"),
+    k(
+        "SMEServer",
+        NO,
+        Kind::Bool,
+        "the host is an SME Server: its pre-backup/post-backup events around the transfer, its standard backup set added to the sources",
+    ),
+    k(
+        "RPMCheck",
+        NO,
+        Kind::Bool,
+        "with SMEServer=yes: the host's package list into the archive, compared with this server's (rpms-missing.txt, mailed once)",
+    ),
+    k(
+        "Watchdog",
+        NO,
+        Kind::Bool,
+        "with SMEServer=yes: a script on the host mails when no backup ran by the next scheduled time + 10 min",
+    ),
     // ESXi hot backup
     k("ESXi", NO, Kind::Bool, "the source is a VMware ESXi VM (snapshot through the vSphere API)"),
     k("ESXiVMName", NONE, Kind::Text, "name of the VM in the host's inventory"),
@@ -228,6 +254,24 @@ pub static KEYS: &[KeyDef] = &[
         Kind::AbsPath,
         "Prometheus textfile written by --metrics",
     ),
+    g(
+        "watchdogDir",
+        &["/etc/cron.hourly"],
+        Kind::AbsPath,
+        "directory on the hosts where Watchdog=yes installs the watchdog (run hourly by cron)",
+    ),
+    g(
+        "nrpeConfig",
+        NONE,
+        Kind::OptAbsPath,
+        "nrpe.cfg that --init-nrpe extends (empty: /etc/nagios/nrpe.cfg, else /etc/icinga/nrpe.cfg)",
+    ),
+    g(
+        "nrpeRestart",
+        &["systemctl try-restart nagios-nrpe-server.service"],
+        Kind::Text,
+        "command that restarts NRPE after --init-nrpe changed its files (empty: none)",
+    ),
     g("sambaConfDir", &["/etc/samba/affa"], Kind::AbsPath, "where the Samba share include files are written"),
     g("smbConf", &["/etc/samba/smb.conf"], Kind::AbsPath, "the smb.conf that includes them"),
 ];
@@ -267,6 +311,8 @@ pub fn check(kind: Kind, v: &str) -> Result<(), String> {
         Kind::Int(lo, hi) => {
             matches!(v.parse::<u64>(), Ok(n) if n >= lo && n <= hi) && v.bytes().all(|b| b.is_ascii_digit())
         }
+        Kind::SInt(lo, hi) => matches!(parse_int(v), Some(n) if n >= lo && n <= hi),
+        Kind::Keep(_) => matches!(parse_int(v), Some(n) if n <= 10000),
         Kind::Enum(words) => words.contains(&v),
         Kind::Hhmm => parse_hhmm(v).is_some(),
         Kind::OptHhmm => v.is_empty() || parse_hhmm(v).is_some(),
@@ -290,6 +336,10 @@ pub fn expected(kind: Kind) -> String {
         Kind::Bool => "yes or no".into(),
         Kind::Int(lo, hi) if hi == u32::MAX as u64 => format!("a whole number >= {lo}"),
         Kind::Int(lo, hi) => format!("a whole number from {lo} to {hi}"),
+        Kind::SInt(_, hi) if hi == u32::MAX as i64 => "a whole number (negative allowed)".into(),
+        Kind::SInt(lo, hi) => format!("a whole number from {lo} to {hi}"),
+        Kind::Keep(0) => "a whole number from 0 to 10000 (a negative one counts as 0, as in Affa 3)".into(),
+        Kind::Keep(f) => format!("a whole number from {f} to 10000 (a smaller one counts as {f}, as in Affa 3)"),
         Kind::Enum(words) => {
             let (last, rest) = words.split_last().unwrap();
             format!("{} or {last}", rest.join(", "))
@@ -311,6 +361,15 @@ pub fn parse_bool(v: &str) -> Option<bool> {
         "no" | "0" | "false" | "off" => Some(false),
         _ => None,
     }
+}
+
+/// A whole number with an optional sign (`-5`, `+5`, `12`); nothing else.
+pub fn parse_int(v: &str) -> Option<i64> {
+    let digits = v.strip_prefix(['-', '+']).unwrap_or(v);
+    if digits.is_empty() || digits.len() > 18 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse().ok()
 }
 
 /// `HHMM` -> (hour, minute).

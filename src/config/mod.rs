@@ -1,4 +1,5 @@
-//! Job configuration: every `*.conf` in the configuration directory, Affa 3's INI format.
+//! Job configuration: every `*.conf` under the configuration directory (subdirectories too, as
+//! Affa 3), Affa 3's INI format.
 //!
 //! Owns: reading, merging (built-in default < `[GlobalAffaConfig]` < the job's section) and
 //! validating keys into typed [`Job`]s. Must never: guess at a value it does not understand (a
@@ -53,12 +54,53 @@ pub struct Job {
 }
 
 /// Every job, plus the global settings.
+///
+/// A configuration error belongs to the job whose section holds it: that job is kept out of
+/// `jobs` (in `broken`, with its errors) and every other job runs. Only an error in
+/// `[GlobalAffaConfig]` makes the whole configuration unusable ([`Config::parse`] fails).
 #[derive(Debug, Clone)]
 pub struct Config {
     pub dir: PathBuf,
     pub jobs: BTreeMap<String, Job>,
     /// Settings of `[GlobalAffaConfig]` merged over the defaults (global-only keys live here).
     pub global: Job,
+    /// Jobs whose sections have errors: they do not run, each one fails alone.
+    pub broken: BTreeMap<String, BrokenJob>,
+    /// Every configuration error, one line each, in file and line order (`--configcheck`),
+    /// including those that belong to no job (a bad section name, a key before any section).
+    pub problems: Vec<String>,
+}
+
+/// A job whose section has errors.
+#[derive(Debug, Clone)]
+pub struct BrokenJob {
+    pub name: String,
+    pub origin: Origin,
+    /// Its errors, one line each.
+    pub errors: Vec<String>,
+    /// What could be read of it (the values that were valid, over the global ones and the
+    /// defaults): where to log, where to mail, when cron starts it. Never run.
+    pub partial: Job,
+}
+
+impl BrokenJob {
+    /// The error a command on this job fails with: the first error, and how many more.
+    pub fn error(&self) -> Error {
+        let more = match self.errors.len() {
+            0 | 1 => String::new(),
+            n => format!(" ({} more: affa --configcheck)", n - 1),
+        };
+        Error::new(format!("{}{more}", self.errors.first().map(String::as_str).unwrap_or("configuration error")))
+    }
+}
+
+/// Where the lines being read belong.
+enum Target {
+    /// Before any section header of the file.
+    Nothing,
+    /// A section that is not a job (its header is in error): its lines are skipped.
+    Invalid,
+    Section(String),
 }
 
 /// The configuration directory: `--config-dir`, else `AFFA_CONFIG_DIR`, else `/etc/affa`.
@@ -81,83 +123,156 @@ pub fn valid_job_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
 }
 
-impl Config {
-    /// Read every `*.conf` of `dir` (alphabetical order) and validate all jobs.
-    pub fn load(dir: &Path) -> Result<Config> {
-        let mut files: Vec<PathBuf> = match fs::read_dir(dir) {
-            Ok(rd) => rd
-                .filter_map(|e| e.ok())
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "conf") && p.is_file())
-                .collect(),
-            Err(e) => bail!("cannot read configuration directory {}: {e}", dir.display()),
+/// Every `*.conf` file under `dir`, subdirectories included (as Affa 3's `find /etc/affa/
+/// -type f -name "*.conf"`), sorted by path. Symbolic links to directories are not followed.
+pub fn config_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let rd = match fs::read_dir(&d) {
+            Ok(rd) => rd,
+            Err(e) => bail!("cannot read configuration directory {}: {e}", d.display()),
         };
-        files.sort();
-        let mut texts = Vec::new();
-        for f in files {
-            let text = fs::read_to_string(&f).ctx(|| format!("cannot read {}", f.display()))?;
-            texts.push((f, text));
+        for e in rd.filter_map(|e| e.ok()) {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "conf") && p.is_file() {
+                files.push(p);
+            }
         }
-        Self::parse(dir, &texts)
+    }
+    files.sort();
+    Ok(files)
+}
+
+impl Config {
+    /// Read every `*.conf` under `dir` (sorted by path) and validate all jobs. A file that
+    /// cannot be read is a problem of its own (its jobs are unknown), not the end of the others.
+    pub fn load(dir: &Path) -> Result<Config> {
+        let mut texts = Vec::new();
+        let mut unreadable = Vec::new();
+        for f in config_files(dir)? {
+            match fs::read_to_string(&f) {
+                Ok(text) => texts.push((f, text)),
+                Err(e) => unreadable.push(format!("cannot read {}: {e}; the jobs it holds are unknown", f.display())),
+            }
+        }
+        let mut cfg = Self::parse(dir, &texts)?;
+        cfg.problems.splice(0..0, unreadable);
+        Ok(cfg)
     }
 
-    /// Parse configuration texts (file name, content) as one INI document.
+    /// The configuration only if it has no error at all (the first one otherwise).
+    pub fn strict(self) -> Result<Config> {
+        match self.problems.first() {
+            Some(p) => Err(Error::new(p.clone())),
+            None => Ok(self),
+        }
+    }
+
+    /// Parse configuration texts (file name, content) as one INI document. Errors in a job's
+    /// section make that job broken; errors in `[GlobalAffaConfig]` fail the whole parse.
     pub fn parse(dir: &Path, texts: &[(PathBuf, String)]) -> Result<Config> {
         let mut sections: BTreeMap<String, Section> = BTreeMap::new();
         let mut order: Vec<String> = Vec::new();
+        let mut problems: Vec<String> = Vec::new();
+        let mut errors: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (file, text) in texts {
-            let mut current: Option<String> = None;
+            let mut current = Target::Nothing;
             for (i, raw) in text.lines().enumerate() {
                 let origin = Origin { file: file.clone(), line: i + 1 };
                 let line = raw.trim();
                 if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
                     continue;
                 }
+                let mut error = |target: &Target, msg: String| {
+                    if let Target::Section(name) = target {
+                        if name == GLOBAL_SECTION {
+                            return Err(Error::new(msg));
+                        }
+                        errors.entry(name.clone()).or_default().push(msg.clone());
+                    }
+                    problems.push(msg);
+                    Ok(())
+                };
                 if let Some(rest) = line.strip_prefix('[') {
                     let Some(name) = rest.strip_suffix(']') else {
-                        bail!("{origin}: section header '{line}' has no closing ']'; expected [JOBNAME]");
+                        current = Target::Invalid;
+                        error(
+                            &current,
+                            format!("{origin}: section header '{line}' has no closing ']'; expected [JOBNAME]"),
+                        )?;
+                        continue;
                     };
                     let name = name.trim();
                     if name != GLOBAL_SECTION && !valid_job_name(name) {
-                        bail!("{origin}: job name '{name}' is not valid; expected letters, digits, '_', '.' and '-' only (not starting with '.' or '-', at most 64)");
+                        current = Target::Invalid;
+                        error(&current, format!("{origin}: job name '{name}' is not valid; expected letters, digits, '_', '.' and '-' only (not starting with '.' or '-', at most 64)"))?;
+                        continue;
                     }
+                    current = Target::Section(name.to_string());
                     if let Some(prev) = sections.get(name) {
                         let p = prev.origin.as_ref().unwrap();
-                        bail!("{origin}: section [{name}] is defined twice (first at {p}); expected each job once");
+                        error(
+                            &current,
+                            format!(
+                                "{origin}: section [{name}] is defined twice (first at {p}); expected each job once"
+                            ),
+                        )?;
+                        continue;
                     }
                     sections.insert(name.to_string(), Section { origin: Some(origin), values: BTreeMap::new() });
                     order.push(name.to_string());
-                    current = Some(name.to_string());
                     continue;
                 }
                 let Some((key, value)) = line.split_once('=') else {
-                    bail!("{origin}: line '{line}' is not understood; expected key=value, [JOBNAME] or a # comment");
+                    error(
+                        &current,
+                        format!(
+                            "{origin}: line '{line}' is not understood; expected key=value, [JOBNAME] or a # comment"
+                        ),
+                    )?;
+                    continue;
                 };
                 let (key, value) = (key.trim(), value.trim());
-                let Some(sec) = current.as_ref() else {
-                    bail!("{origin}: key '{key}' comes before any [section]; expected [JOBNAME] or [{GLOBAL_SECTION}] first");
+                let sec = match &current {
+                    Target::Section(s) => s.clone(),
+                    Target::Invalid => continue,
+                    Target::Nothing => {
+                        error(&current, format!("{origin}: key '{key}' comes before any [section]; expected [JOBNAME] or [{GLOBAL_SECTION}] first"))?;
+                        continue;
+                    }
                 };
                 let Some(def) = keys::lookup(key) else {
                     let hint = match keys::closest(key) {
                         Some(c) => format!(" (did you mean '{c}'?)"),
                         None => String::new(),
                     };
-                    bail!("{origin}: unknown key '{key}' in [{sec}]{hint}; see affa --show-default-config for the valid keys");
+                    error(&current, format!("{origin}: unknown key '{key}' in [{sec}]{hint}; see affa --show-default-config for the valid keys"))?;
+                    continue;
                 };
                 if def.scope == Scope::Global && sec != GLOBAL_SECTION {
-                    bail!("{origin}: key '{}' belongs in [{GLOBAL_SECTION}], not in job [{sec}]", def.name);
+                    error(
+                        &current,
+                        format!("{origin}: key '{}' belongs in [{GLOBAL_SECTION}], not in job [{sec}]", def.name),
+                    )?;
+                    continue;
                 }
                 if let Err(exp) = keys::check(def.kind, value) {
-                    bail!("{origin}: key '{}' has the value '{value}', expected {exp}", def.name);
+                    error(&current, format!("{origin}: key '{}' has the value '{value}', expected {exp}", def.name))?;
+                    continue;
                 }
-                let s = sections.get_mut(sec).unwrap();
+                let s = sections.get_mut(&sec).unwrap();
                 let slot = s.values.entry(def.name).or_default();
                 if !def.multi && !slot.is_empty() {
                     let first = &slot[0].1;
-                    bail!(
+                    let msg = format!(
                         "{origin}: key '{}' is given a second time in [{sec}] (first at {first}); it takes one value",
                         def.name
                     );
+                    error(&current, msg)?;
+                    continue;
                 }
                 slot.push((value.to_string(), origin));
             }
@@ -165,23 +280,61 @@ impl Config {
 
         let global_sec = sections.remove(GLOBAL_SECTION).unwrap_or_default();
         let global_origin = global_sec.origin.clone().unwrap_or(Origin { file: dir.join("(defaults)"), line: 0 });
-        let global = merge(GLOBAL_SECTION, global_origin, &Section::default(), &global_sec, true)?;
+        let global = merge(GLOBAL_SECTION, global_origin, &Section::default(), &global_sec, true);
         let mut jobs = BTreeMap::new();
+        let mut broken = BTreeMap::new();
         for name in order.iter().filter(|n| *n != GLOBAL_SECTION) {
             let sec = &sections[name];
             let origin = sec.origin.clone().unwrap();
-            let job = merge(name, origin, &global_sec, sec, false)?;
-            jobs.insert(name.clone(), job);
+            let job = merge(name, origin.clone(), &global_sec, sec, false);
+            let mut errs = errors.remove(name).unwrap_or_default();
+            if let Err(e) = job.validate() {
+                problems.push(e.to_string());
+                errs.push(e.to_string());
+            }
+            if errs.is_empty() {
+                jobs.insert(name.clone(), job);
+            } else {
+                broken.insert(name.clone(), BrokenJob { name: name.clone(), origin, errors: errs, partial: job });
+            }
         }
-        Ok(Config { dir: dir.to_path_buf(), jobs, global })
+        Ok(Config { dir: dir.to_path_buf(), jobs, global, broken, problems })
     }
 
+    /// A job that can run; a broken one fails with its configuration error.
     pub fn job(&self, name: &str) -> Result<&Job> {
+        if let Some(b) = self.broken.get(name) {
+            return Err(b.error());
+        }
         self.jobs.get(name).ok_or_else(|| {
-            let known: Vec<&str> = self.jobs.keys().map(|s| s.as_str()).collect();
+            let known: Vec<&str> = self.jobs.keys().chain(self.broken.keys()).map(|s| s.as_str()).collect();
             let list = if known.is_empty() { "none".to_string() } else { known.join(", ") };
-            Error::new(format!("no job named '{name}' in {}; jobs there: {list}", self.dir.display()))
+            let problems = match self.problems.len() {
+                0 => String::new(),
+                n => format!(" ({n} configuration error(s): affa --configcheck)"),
+            };
+            Error::new(format!("no job named '{name}' in {}; jobs there: {list}{problems}", self.dir.display()))
         })
+    }
+
+    /// `--debug`: Debug=yes for every job (Affa 3's option).
+    pub fn force_debug(&mut self) {
+        for j in self.jobs.values_mut().chain(self.broken.values_mut().map(|b| &mut b.partial)) {
+            j.values.insert("Debug", vec!["yes".into()]);
+        }
+    }
+
+    /// Is there a section of that name, working or broken?
+    pub fn has_job(&self, name: &str) -> bool {
+        self.jobs.contains_key(name) || self.broken.contains_key(name)
+    }
+
+    /// Every job as configured: the working ones and what could be read of the broken ones,
+    /// sorted by name (for lists that must show every job, and for the secrets to hide).
+    pub fn all_jobs(&self) -> Vec<&Job> {
+        let mut v: Vec<&Job> = self.jobs.values().chain(self.broken.values().map(|b| &b.partial)).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
     }
 
     pub fn lock_dir(&self) -> PathBuf {
@@ -198,8 +351,8 @@ impl Config {
     }
 }
 
-/// Defaults < global section < job section; then whole-job checks.
-fn merge(name: &str, origin: Origin, global: &Section, own: &Section, is_global: bool) -> Result<Job> {
+/// Defaults < global section < job section (the whole-job checks are [`Job::validate`]).
+fn merge(name: &str, origin: Origin, global: &Section, own: &Section, is_global: bool) -> Job {
     let mut values = BTreeMap::new();
     let mut explicit = Vec::new();
     let mut password_file_origin = None;
@@ -220,11 +373,7 @@ fn merge(name: &str, origin: Origin, global: &Section, own: &Section, is_global:
         };
         values.insert(def.name, v);
     }
-    let job = Job { name: name.to_string(), origin, values, explicit, password_file_origin };
-    if !is_global {
-        job.validate()?;
-    }
-    Ok(job)
+    Job { name: name.to_string(), origin, values, explicit, password_file_origin }
 }
 
 impl Job {
@@ -255,15 +404,39 @@ impl Job {
                 }
             }
         }
-        // Affa 3 features affa does not carry out: refuse rather than silently do something else.
-        if self.flag("rsyncdMode") {
-            bail!("{o}: job [{}] has rsyncdMode=yes: pulling from an rsync daemon is not supported by affa; expected rsyncdMode=no (the source is read over ssh)", self.name);
+        if self.flag("SMEServer") && (self.esxi() || self.flag("rsyncdMode")) {
+            bail!(
+                "{o}: job [{}] has SMEServer=yes with {}: the SME Server events run over ssh on a Linux host; expected SMEServer=no",
+                self.name,
+                if self.esxi() { "ESXi=yes" } else { "rsyncdMode=yes" }
+            );
         }
         if self.flag("SambaShare") && self.samba_users().is_empty() {
             bail!("{o}: job [{}] has SambaShare=yes but SambaValidUser is empty; expected the Samba users allowed to read its archives (e.g. SambaValidUser=affa): the share reads every archive as root, so it is never opened to all users", self.name);
         }
-        if !self.get("AutomountDevice").is_empty() {
-            bail!("{o}: job [{}] has AutomountDevice={}: affa does not mount RootDir itself; expected it empty (mount the disk before the run, e.g. with a systemd automount)", self.name, self.get("AutomountDevice"));
+        if self.flag("rsyncdMode") {
+            let why = if self.esxi() {
+                Some("ESXi=yes")
+            } else if self.get("remoteHostName") == "localhost" {
+                Some("remoteHostName=localhost")
+            } else if !self.get_all("preJobCommandRemote").is_empty()
+                || !self.get_all("postJobCommandRemote").is_empty()
+            {
+                Some("pre/postJobCommandRemote")
+            } else {
+                None
+            };
+            if let Some(w) = why {
+                bail!("{o}: job [{}] has rsyncdMode=yes with {w}, which needs ssh to the host; expected rsyncdMode=no or without {w}", self.name);
+            }
+        }
+        if self.get("AutomountDevice").is_empty() != self.get("AutomountPoint").is_empty() {
+            bail!(
+                "{o}: job [{}] has {} without {}; expected both (the device and where to mount it, normally RootDir)",
+                self.name,
+                if self.get("AutomountPoint").is_empty() { "AutomountDevice" } else { "AutomountPoint" },
+                if self.get("AutomountPoint").is_empty() { "AutomountPoint" } else { "AutomountDevice" }
+            );
         }
         Ok(())
     }
@@ -294,6 +467,10 @@ impl Job {
     pub fn num(&self, key: &str) -> u64 {
         self.get(key).parse().unwrap_or(0)
     }
+    /// A signed whole number (0 when empty).
+    pub fn int(&self, key: &str) -> i64 {
+        keys::parse_int(self.get(key)).unwrap_or(0)
+    }
     pub fn is_explicit(&self, key: &str) -> bool {
         self.explicit.contains(&key)
     }
@@ -312,7 +489,9 @@ impl Job {
         self.root_dir().join(&self.name)
     }
     pub fn keep(&self, level: crate::archive::Level) -> u32 {
-        self.num(level.keep_key()) as u32
+        // Affa 3 clamps: scheduledKeep >= 1, the other keeps >= 0.
+        let floor = if level == crate::archive::Level::Scheduled { 1 } else { 0 };
+        self.int(level.keep_key()).clamp(floor, 10000) as u32
     }
     pub fn remote_rsync(&self) -> String {
         if self.esxi() && !self.is_explicit("remoteRsyncBinary") {
@@ -441,6 +620,7 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config> {
         Config::parse(Path::new("/etc/affa"), &[(PathBuf::from("/etc/affa/t.conf"), text.to_string())])
+            .and_then(Config::strict)
     }
 
     #[test]
@@ -479,11 +659,22 @@ mod tests {
         let e = parse("[web]\nremoteHostName=h\nESXi=yes\nESXiVMName=v\n").unwrap_err().to_string();
         assert!(e.contains("has no ESXiUsername"), "{e}");
         assert!(parse("[..]\nremoteHostName=h\n").is_err());
-        assert!(parse("[web]\nremoteHostName=h\nscheduledKeep=0\n").is_err());
+        // Affa 3's values: scheduledKeep=0 counts as 1, negative keeps as 0, negative nice and
+        // NRPEtrigger are valid.
+        let c = parse(
+            "[web]\nremoteHostName=h\nscheduledKeep=0\ndailyKeep=-3\nlocalNice=-5\nremoteNice=-19\nNRPEtrigger=-1\n",
+        )
+        .unwrap();
+        let w = c.job("web").unwrap();
+        assert_eq!((w.keep(crate::archive::Level::Scheduled), w.keep(crate::archive::Level::Daily)), (1, 0));
+        assert_eq!((w.int("localNice"), w.int("NRPEtrigger")), (-5, -1));
+        assert!(parse("[web]\nremoteHostName=h\nlocalNice=-20\n").is_err());
+        assert!(parse("[web]\nremoteHostName=h\nscheduledKeep=1-\n").is_err());
         assert!(parse("[web]\nremoteHostName=h\nchunkSize=1G\n").is_err());
         assert!(parse("[web]\nremoteHostName=h\nchunkSize=3M\n").is_err());
-        let e = parse("[web]\nremoteHostName=h\nrsyncdMode=yes\n").unwrap_err().to_string();
-        assert!(e.contains("rsyncdMode=yes") && e.contains("not supported"), "{e}");
+        assert!(parse("[web]\nremoteHostName=h\nrsyncdMode=yes\n").is_ok());
+        let e = parse("[web]\nremoteHostName=h\nrsyncdMode=yes\npreJobCommandRemote=x\n").unwrap_err().to_string();
+        assert!(e.contains("rsyncdMode=yes with pre/postJobCommandRemote, which needs ssh"), "{e}");
         assert!(parse("[web]\nremoteHostName=h\nAutomountDevice=/dev/sdb1\n").is_err());
         for users in ["", " , ", "\nSambaValidUser="] {
             let e = parse(&format!("[web]\nremoteHostName=h\nSambaShare=yes\nSambaValidUser={users}\n"))
@@ -493,6 +684,28 @@ mod tests {
         }
         assert!(parse("[web]\nremoteHostName=h\nSambaShare=no\nSambaValidUser=\n").is_ok());
         assert!(parse("[web]\nremoteHostName=h\nSambaShare=yes\n").is_ok(), "the default user affa");
+    }
+
+    #[test]
+    fn an_error_breaks_its_own_job_only() {
+        let text = "[GlobalAffaConfig]\nEmailAddress=g@x\n[a]\nremoteHostName=h\n[b]\nremoteHostName=h\nEmailAddress=b@x\nstatus=enbabled\nTimeSchedule=0115\ndailyKeep=x\n[c d]\nremoteHostName=h\n[e]\nremoteHostName=h\n";
+        let c = Config::parse(Path::new("/etc/affa"), &[(PathBuf::from("/etc/affa/t.conf"), text.into())]).unwrap();
+        assert_eq!(c.jobs.keys().collect::<Vec<_>>(), ["a", "e"]);
+        let b = &c.broken["b"];
+        assert_eq!(b.errors.len(), 2, "{:?}", b.errors);
+        assert_eq!(b.partial.get_all("EmailAddress"), ["b@x"]);
+        assert_eq!(b.partial.get_all("TimeSchedule"), ["0115"]);
+        let e = c.job("b").unwrap_err().to_string();
+        assert!(
+            e.starts_with("/etc/affa/t.conf:8: key 'status'") && e.ends_with("(1 more: affa --configcheck)"),
+            "{e}"
+        );
+        assert_eq!(c.problems.len(), 3, "{:?}", c.problems);
+        assert!(c.problems[2].contains("job name 'c d' is not valid"));
+        assert_eq!(c.all_jobs().iter().map(|j| j.name.as_str()).collect::<Vec<_>>(), ["a", "b", "e"]);
+        // An error in [GlobalAffaConfig] stops everything.
+        let g = "[GlobalAffaConfig]\nsendStatus=hourly\n[a]\nremoteHostName=h\n";
+        assert!(Config::parse(Path::new("/etc/affa"), &[(PathBuf::from("/etc/affa/g.conf"), g.into())]).is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! run (a wedged host must not hold the job's lock, nor keep a VM on its snapshot).
 
 pub mod rsync;
+pub mod rsyncd;
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};

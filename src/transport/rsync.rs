@@ -58,10 +58,12 @@ pub fn meaning(code: i32) -> &'static str {
     }
 }
 
-/// Where to pull from: a remote host over ssh, or a local path (remoteHostName=localhost).
+/// Where to pull from: a remote host over ssh, a local path (remoteHostName=localhost), or an
+/// rsync daemon (rsyncdMode=yes).
 pub enum Source<'a> {
     Ssh(&'a SshTarget),
     Local,
+    Daemon(&'a crate::transport::rsyncd::Daemon),
 }
 
 /// An rsync command line, assembled in one place: the options, then `--`, then the sources and
@@ -98,12 +100,18 @@ impl Args {
                 a.opt("--compress");
             }
             let mut remote = job.remote_rsync();
-            let nice = job.num("remoteNice");
-            if nice > 0 {
+            let nice = job.int("remoteNice");
+            if nice != 0 {
                 remote = format!("{} -n {nice} {remote}", job.get("remoteNiceBinary"));
             }
             a.opt(format!("--rsync-path={remote}"));
             a.opt(format!("--rsh={}", t.rsh()));
+        }
+        if let Source::Daemon(d) = source {
+            if job.flag("rsyncCompress") {
+                a.opt("--compress");
+            }
+            a.opts(d.args());
         }
         a
     }
@@ -184,10 +192,10 @@ pub fn regular_files(stdout: &str) -> std::collections::BTreeSet<String> {
         .collect()
 }
 
-/// The local rsync program and its leading args (nice, when localNice > 0).
+/// The local rsync program and its leading args (nice, when localNice is not 0).
 pub fn program(job: &Job) -> (String, Vec<String>) {
-    let nice = job.num("localNice");
-    if nice > 0 {
+    let nice = job.int("localNice");
+    if nice != 0 {
         (
             job.get("localNiceBinary").to_string(),
             vec!["-n".into(), nice.to_string(), job.get("localRsyncBinary").to_string()],
@@ -201,6 +209,7 @@ pub fn program(job: &Job) -> (String, Vec<String>) {
 fn source_args(source: &Source, paths: &[String]) -> Vec<String> {
     match source {
         Source::Local => paths.to_vec(),
+        Source::Daemon(d) => paths.iter().map(|p| d.source(p)).collect(),
         Source::Ssh(t) => paths
             .iter()
             .enumerate()

@@ -49,6 +49,11 @@ pub struct Sshd {
 
 impl Sshd {
     pub fn start() -> Sshd {
+        Sshd::start_with("")
+    }
+
+    /// An sshd with extra sshd_config lines (e.g. `SetEnv PATH=...` for the sessions).
+    pub fn start_with(extra_config: &str) -> Sshd {
         let dir = tempfile::Builder::new().prefix("affa-sshd").tempdir().unwrap();
         keygen(&dir.path().join("host_ed25519"));
         let bootstrap_key = dir.path().join("bootstrap");
@@ -56,17 +61,17 @@ impl Sshd {
         fs::copy(bootstrap_key.with_extension("pub"), dir.path().join("bootstrap_keys")).unwrap();
         let authorized_keys = dir.path().join("authorized_keys");
         let mut s = Sshd { port: 0, user: whoami(), child: None, authorized_keys, bootstrap_key, agent: None, dir };
-        s.launch();
+        s.launch(extra_config);
         s
     }
 
-    fn launch(&mut self) {
+    fn launch(&mut self, extra_config: &str) {
         let d = self.dir.path();
         let cfg = format!(
             "Port 0\nListenAddress 127.0.0.1\nHostKey {d}/host_ed25519\nPidFile {d}/sshd.pid\n\
              AuthorizedKeysFile {d}/authorized_keys {d}/bootstrap_keys\nStrictModes no\nUsePAM no\n\
              PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
-             PubkeyAuthentication yes\nLogLevel ERROR\nMaxStartups 100:30:200\nMaxSessions 50\nSubsystem sftp internal-sftp\n",
+             PubkeyAuthentication yes\nLogLevel ERROR\nMaxStartups 100:30:200\nMaxSessions 50\nSubsystem sftp internal-sftp\n{extra_config}",
             d = d.display()
         );
         fs::write(d.join("sshd_config"), cfg).unwrap();
