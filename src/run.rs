@@ -368,8 +368,7 @@ fn run_scripts(ctx: &Ctx, local_key: &str, remote_key: &str) -> Result<()> {
         let target = ctx.source();
         let host = ctx.job.get("remoteHostName");
         let limit = std::time::Duration::from_secs(ctx.job.num("scriptTimeout"));
-        if remote && target.is_some() {
-            let t = target.unwrap();
+        if let (true, Some(t)) = (remote, target.as_ref()) {
             ctx.log.info(format!("Executing script {name} on {host}"));
             let body = fs::read(&script).ctx(|| format!("cannot read {}", script.display()))?;
             // A private directory made atomically on the host (mktemp -d, mode 0700): no

@@ -359,7 +359,7 @@ fn copy_groups(
         let dest = crate::untrusted::create_dir_beneath(running, &g.rel_dir)?;
         if !plain.is_empty() {
             let mut args = rsync::base_args(job, &source);
-            args.extend(["--stats", "--sparse", "--partial"].map(String::from));
+            args.extend(["--stats", "--sparse", "--partial", "--no-devices", "--no-specials"].map(String::from));
             if !disks {
                 args.push("--ignore-missing-args".into());
             }
