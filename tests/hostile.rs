@@ -1006,7 +1006,7 @@ fn a_flood_on_rsync_stderr_keeps_memory_and_the_mail_small() {
     fs::write(
         &noisy,
         format!(
-            "#!/bin/sh\nawk 'BEGIN {{ for (i = 0; i < {lines}; i++) printf \"rsync: [sender] send_files failed to open \\\"/srv/data/file%07d\\\": Permission denied (13) xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\\n\", i > \"/dev/stderr\" }}'\nexec /usr/bin/rsync \"$@\"\n"
+            "#!/bin/sh\nawk 'BEGIN {{ for (i = 0; i < {lines}; i++) printf \"rsync: [sender] send_files failed to open \\\"/srv/data/file%07d\\\": Permission denied (13) xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\\n\", i }}' >&2\nexec /usr/bin/rsync \"$@\"\n"
         ),
     )
     .unwrap();
@@ -1167,7 +1167,7 @@ fn a_wedged_host_cannot_hold_the_job_or_keep_the_vm_on_its_snapshot() {
 #[test]
 fn property_retrieval_is_bounded_in_bytes_and_pages() {
     // Finding 11: retrieve() followed up to 10000 continuation pages of up to 64 MiB.
-    let mode = Arc::new(AtomicUsize::new(0)); // 0: honest, 1: 1 MiB pages, 2: tiny pages
+    let mode = Arc::new(AtomicUsize::new(0)); // 0: honest, 1: 4 MiB pages, 2: tiny pages
     let served = Arc::new(AtomicUsize::new(0));
     let (m2, s2) = (mode.clone(), served.clone());
     let page = move |token: Option<usize>, payload: &str, resp: &str| {
@@ -1181,7 +1181,7 @@ fn property_retrieval_is_bounded_in_bytes_and_pages() {
         if m == 0 {
             return None;
         }
-        let (size, cap) = if m == 1 { (1 << 20, 200) } else { (10, 1200) };
+        let (size, cap) = if m == 1 { (4 << 20, 60) } else { (10, 1200) };
         let payload = "A".repeat(size);
         match method {
             "RetrievePropertiesEx" if req.contains("traverseView") => {
@@ -1196,7 +1196,7 @@ fn property_retrieval_is_bounded_in_bytes_and_pages() {
         }
     });
     let e = hostile_esx("", answer, Arc::new(|_: &str, _: &str, r: String| r));
-    for (m, limit, what) in [(1usize, 130usize, "MiB"), (2, 1000, "pages")] {
+    for (m, limit, what) in [(1usize, 33usize, "MiB"), (2, 1000, "pages")] {
         mode.store(m, Ordering::SeqCst);
         served.store(0, Ordering::SeqCst);
         let err = fail(&e.affa.affa_at("2026-05-04T21:00:00", &["--run", "esx"]));

@@ -103,6 +103,7 @@ impl Hostile {
         let c2 = calls.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
+                let _ = conn.set_nodelay(true);
                 let (cfg, answer, rewrite, calls) = (cfg.clone(), answer.clone(), rewrite.clone(), c2.clone());
                 std::thread::spawn(move || {
                     let Ok(server) = rustls::ServerConnection::new(cfg) else { return };
@@ -168,9 +169,9 @@ fn serve(
             out.push_str(&format!("Set-Cookie: {c}\r\n"));
         }
         out.push_str("\r\n");
+        out.push_str(&resp);
         let w = r.get_mut();
         w.write_all(out.as_bytes())?;
-        w.write_all(resp.as_bytes())?;
         w.flush()?;
     }
 }
