@@ -378,7 +378,8 @@ fn run_scripts(ctx: &Ctx, local_key: &str, remote_key: &str) -> Result<()> {
                 h = shell_quote(host),
                 j = shell_quote(&ctx.job.name)
             );
-            let out = t.run_within(&remote_cmd, Some(body), limit, "scriptTimeout")?;
+            let out =
+                t.run_within(&remote_cmd, Some(body), limit, "scriptTimeout", &format!("remote script {name}"))?;
             log_output(ctx, &out.stdout, &out.stderr);
             if !out.status.success() {
                 bail!("remote script {name} failed on {host} with exit {}", out.status.code().unwrap_or(-1));

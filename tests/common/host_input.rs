@@ -8,7 +8,10 @@ use std::path::Path;
 
 pub fn esxi_ini(data: &[u8]) {
     let ini = affa::restore::EsxiIni::parse(&String::from_utf8_lossy(data));
-    let _ = (ini.get("VM", "Name"), ini.get("VM", "VmxPath"), ini.all("Disk."), ini.all("Datastore."));
+    let _ = (ini.get("VM", "Name"), ini.all("Disk."), ini.all("Datastore."));
+    if let Some(p) = ini.get("VM", "VmxPath") {
+        let _ = affa::esxi::model::split_ds_file(p);
+    }
 }
 
 pub fn manifest_index(data: &[u8]) {
