@@ -520,21 +520,19 @@ pub fn move_archive(cfg: &Config, name: &str, new_root: &str, yes: bool, watch: 
     let what = format!("This moves the archives of job {name} from {} to {}", from.display(), to.display());
     confirm(watch, &what, "proceed", yes)?;
     let _l = lock::acquire(&cfg.lock_dir(), name)?;
-    if from.exists() {
-        if fs::rename(&from, &to).is_err() {
-            // Another filesystem: copy everything (hard links kept), then delete the original.
-            let st = std::process::Command::new("cp")
-                .arg("-a")
-                .arg(&from)
-                .arg(&to)
-                .status()
-                .ctx(|| "cannot run cp".to_string())?;
-            if !st.success() {
-                let _ = archive::remove_tree(&to);
-                bail!("copying {} to {} failed; the original is untouched", from.display(), to.display());
-            }
-            archive::remove_tree(&from)?;
+    if from.exists() && fs::rename(&from, &to).is_err() {
+        // Another filesystem: copy everything (hard links kept), then delete the original.
+        let st = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&from)
+            .arg(&to)
+            .status()
+            .ctx(|| "cannot run cp".to_string())?;
+        if !st.success() {
+            let _ = archive::remove_tree(&to);
+            bail!("copying {} to {} failed; the original is untouched", from.display(), to.display());
         }
+        archive::remove_tree(&from)?;
     }
     edit::set_key(job, "RootDir", new_root)?;
     Ok(format!(

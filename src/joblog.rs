@@ -115,10 +115,8 @@ impl LineTail {
             self.first.push(line);
             return;
         }
-        if self.last.len() == self.tail {
-            if self.last.pop_front().is_some() || self.tail == 0 {
-                self.omitted += 1;
-            }
+        if self.last.len() == self.tail && (self.last.pop_front().is_some() || self.tail == 0) {
+            self.omitted += 1;
         }
         if self.tail > 0 {
             self.last.push_back(line);

@@ -174,7 +174,7 @@ pub fn parse_rsync_stats(output: &str) -> Vec<(String, String)> {
                 }
             })
             .collect();
-        let val: String = v.trim().split_whitespace().next().unwrap_or("").replace(',', "");
+        let val: String = v.split_whitespace().next().unwrap_or("").replace(',', "");
         if key.is_empty() || val.is_empty() || !val.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
             continue;
         }

@@ -464,7 +464,8 @@ pub(crate) fn remote_script(ctx: &Ctx, t: &SshTarget, name: &str, body: &[u8]) -
         h = shell_quote(host),
         j = shell_quote(&ctx.job.name)
     );
-    let out = t.run_within(&remote_cmd, Some(body.to_vec()), limit, "scriptTimeout")?;
+    let out =
+        t.run_within(&remote_cmd, Some(body.to_vec()), limit, "scriptTimeout", &format!("remote script {name}"))?;
     log_output(ctx, &out.stdout, &out.stderr);
     if !out.status.success() {
         bail!("remote script {name} failed on {host} with exit {}", out.status.code().unwrap_or(-1));

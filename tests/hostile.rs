@@ -8,9 +8,13 @@ mod common;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use affa::chunk::{ChunkRef, Compression, Manifest};
+use common::host_input;
+use common::hostile_esx::{xml, Answer, Hostile, Rewrite};
 use common::sim::{Sim, VmSpec, PASS, USER};
 use common::*;
 use proptest::prelude::*;
@@ -125,6 +129,28 @@ fn parse_stats(data: &[u8]) {
         assert!(!k.is_empty() && k.bytes().all(|b| b.is_ascii_alphabetic()), "{k:?}");
         assert!(!v.is_empty() && v.bytes().all(|b| b.is_ascii_digit() || b == b'.'), "{v:?}");
     }
+}
+
+fn sample_ini() -> Vec<u8> {
+    b"[VM]\nName=vm1\nVmxPath=[datastore1] vm1/vm1.vmx\nHost=h\nSnapshot=BEXI-esx-20260101000000\n\n[Datastore.0]\nName=datastore1\nUrl=/vmfs/volumes/a/\n\n[Disk.0]\nLabel=Hard disk 1\nDatastore=datastore1\nDescriptor=vmfs/volumes/datastore1/vm1/vm1.vmdk\nExtent=vmfs/volumes/datastore1/vm1/vm1-flat.vmdk\nChunked=yes\nSize=4194304\n".to_vec()
+}
+fn sample_index() -> Vec<u8> {
+    b"affa-manifest-index 1\nvmfs/volumes/datastore1/vm1/vm1-flat.vmdk\0home/u/new\nline.img\0".to_vec()
+}
+fn sample_layout() -> Vec<u8> {
+    br#"<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><soapenv:Body><RetrievePropertiesExResponse xmlns="urn:vim25"><returnval><objects><obj type="VirtualMachine">42</obj><propSet><name>config.files</name><val xsi:type="VirtualMachineFileInfo"><vmPathName>[datastore1] vm1/vm1.vmx</vmPathName></val></propSet><propSet><name>config.hardware.device</name><val xsi:type="ArrayOfVirtualDevice"><VirtualDevice xsi:type="VirtualDisk"><key>2000</key><deviceInfo><label>Hard disk 1</label></deviceInfo><backing xsi:type="VirtualDiskFlatVer2BackingInfo"><fileName>[datastore1] vm1/vm1-000001.vmdk</fileName><datastore type="Datastore">ds1</datastore><parent xsi:type="VirtualDiskFlatVer2BackingInfo"><fileName>[datastore1] vm1/vm1.vmdk</fileName></parent></backing><capacityInBytes>4194304</capacityInBytes></VirtualDevice></val></propSet><propSet><name>snapshot</name><val xsi:type="VirtualMachineSnapshotInfo"><rootSnapshotList><snapshot type="VirtualMachineSnapshot">s1</snapshot><name>BEXI-esx-20260101000000</name><id>1</id><createTime>2026-01-01T00:00:00Z</createTime></rootSnapshotList></val></propSet><propSet><name>layoutEx.file</name><val><VirtualMachineFileLayoutExFileInfo><key>0</key><name>[datastore1] vm1/vm1.vmx</name><type>config</type><size>10</size></VirtualMachineFileLayoutExFileInfo></val></propSet><propSet><name>name</name><val xsi:type="xsd:string">vm1</val></propSet></objects></returnval></RetrievePropertiesExResponse></soapenv:Body></soapenv:Envelope>"#.to_vec()
+}
+
+proptest! {
+    #![proptest_config(cfg(1500))]
+    #[test]
+    fn fuzz_esxi_ini_parser(data in input(sample_ini())) { host_input::esxi_ini(&data) }
+    #[test]
+    fn fuzz_manifest_index_parser(data in input(sample_index())) { host_input::manifest_index(&data) }
+    #[test]
+    fn fuzz_host_names(data in input(b"[datastore1] vm1/x-flat.vmdk".to_vec())) { host_input::host_names(&data) }
+    #[test]
+    fn fuzz_vm_layout_parsers(data in mutated(sample_layout())) { host_input::vm_layout(&data) }
 }
 
 proptest! {
@@ -354,6 +380,21 @@ struct Esx {
 }
 
 fn esx(extra_conf: &str) -> Esx {
+    let (sshd, affa, sim, work, conf) = esx_with("", extra_conf, |s| s.port);
+    // Mails go to a sendmail stand-in that keeps them (state/mail/N.msg).
+    keep_mails(&affa);
+    Esx { sshd, affa, sim, work, conf }
+}
+
+/// vm1 (a 4 MiB disk, powered on) on the simulator (`sim_extra` added to its spec), a private
+/// sshd serving its datastore, and job `esx` whose API endpoint is the port `endpoint` gives
+/// (the simulator's, or a hostile one in front of it), its key installed and the endpoint's
+/// certificate pinned by `--send-key`. Returns the job's configuration as pinned.
+fn esx_with(
+    sim_extra: &str,
+    extra_conf: &str,
+    endpoint: impl FnOnce(&Sim) -> u16,
+) -> (Sshd, Affa, Sim, tempfile::TempDir, String) {
     let work = tempfile::Builder::new().prefix("affa-hostile").tempdir().unwrap();
     let ds1 = work.path().join("vmfs-ds1");
     fill(&ds1.join("vm1/vm1-flat.vmdk"), 4 * MB);
@@ -361,29 +402,21 @@ fn esx(extra_conf: &str) -> Esx {
         &work.path().join("sim"),
         &[("datastore1", &ds1)],
         &[VmSpec { name: "vm1".into(), power_on: true, disks: vec![("datastore1".into(), 4 * MB)] }],
-        "",
+        sim_extra,
     );
+    let port = endpoint(&sim);
     let mut sshd = Sshd::start();
     let affa = Affa::new();
-    // Mails go to a sendmail stand-in that keeps them (state/mail/N.msg).
-    let mail = affa.state.join("mail");
-    fs::create_dir_all(&mail).unwrap();
-    let sm = affa.state.join("sendmail.sh");
-    fs::write(&sm, format!("#!/bin/sh\nn=$(ls {o} | wc -l)\ncat > {o}/$n.msg\n", o = mail.display())).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(&sm, fs::Permissions::from_mode(0o755)).unwrap();
-    let global = fs::read_to_string(affa.conf.join("00-global.conf")).unwrap();
-    affa.write_conf("00-global.conf", &format!("{global}sendmailBinary={}\n", sm.display()));
     let conf = affa.ssh_job(
         "esx",
         &sshd,
-        &format!("ESXi=yes\nESXiVMName=vm1\nESXiUsername={USER}\nESXiPassword={PASS}\nESXiHost=127.0.0.1\nESXiPort={}\nremoteRsyncBinary=/usr/bin/rsync\nESXiTaskTimeout=20\n{extra_conf}", sim.port),
+        &format!("ESXi=yes\nESXiVMName=vm1\nESXiUsername={USER}\nESXiPassword={PASS}\nESXiHost=127.0.0.1\nESXiPort={port}\nremoteRsyncBinary=/usr/bin/rsync\nESXiTaskTimeout=20\n{extra_conf}"),
     );
     affa.write_conf("esx.conf", &conf);
     let sock = sshd.agent_socket();
     ok(&affa.cmd().env("SSH_AUTH_SOCK", sock).args(["--send-key", "esx", "--yes"]).output().unwrap());
     let conf = fs::read_to_string(affa.conf.join("esx.conf")).unwrap();
-    Esx { sshd, affa, sim, work, conf }
+    (sshd, affa, sim, work, conf)
 }
 
 fn counter(e: &Esx, name: &str) -> u64 {
@@ -627,4 +660,552 @@ fn no_source_disables_host_key_or_certificate_checks() {
     }
     let tls = fs::read_to_string(root.join("esxi/tls.rs")).unwrap();
     assert!(tls.contains("impl ServerCertVerifier for PinnedVerifier"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile hosts (issue 11): a compromised ESXi host (tests/common/hostile_esx.rs: a TLS endpoint
+// holding the pinned certificate, in front of the simulator) and a hostile source host (the
+// real sshd, a tree holding planted files). docs/SECURITY.md maps each finding to its test.
+
+/// An ESXi job whose API endpoint is the hostile one (pinned by `--send-key`).
+struct HEsx {
+    sshd: Sshd,
+    affa: Affa,
+    sim: Sim,
+    host: Hostile,
+    work: tempfile::TempDir,
+}
+
+fn hostile_esx(extra_conf: &str, answer: Answer, rewrite: Rewrite) -> HEsx {
+    let mut front = None;
+    let (sshd, affa, sim, work, conf) = esx_with(r#","plain_http":true"#, extra_conf, |s| {
+        let h = Hostile::start(s.port, answer, rewrite);
+        let port = h.port;
+        front = Some(h);
+        port
+    });
+    let host = front.unwrap();
+    assert!(conf.contains(&format!("ESXiThumbprint={}", host.thumbprint)), "{conf}");
+    HEsx { sshd, affa, sim, host, work }
+}
+
+fn no_answer() -> Answer {
+    Arc::new(|_: &str, _: &str| None)
+}
+
+/// Names of the entries of a directory (empty when it does not exist).
+fn entries(d: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(d)
+        .map(|rd| rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_datastore_name_from_the_host_cannot_leave_rootdir() {
+    // Finding 1: the datastore name went into vmfs/volumes/<ds> unchecked.
+    let outside_abs = std::env::temp_dir().join(format!("affa-abs-ds-{}", std::process::id()));
+    let names = [
+        "../../../../../outside-ds".to_string(),
+        outside_abs.display().to_string(),
+        "..".to_string(),
+        "a\nb".to_string(),
+        "a/../../../../../../outside-ds2".to_string(),
+    ];
+    let bad = Arc::new(std::sync::Mutex::new(String::new()));
+    let b2 = bad.clone();
+    let rewrite: Rewrite = Arc::new(move |_: &str, _: &str, resp: String| {
+        let b = b2.lock().unwrap().clone();
+        if b.is_empty() {
+            resp
+        } else {
+            resp.replace("datastore1", &xml(&b))
+        }
+    });
+    let e = hostile_esx("", no_answer(), rewrite);
+    let around = e.affa.tmp.path().to_path_buf();
+    let before = entries(&around);
+    for name in &names {
+        *bad.lock().unwrap() = name.clone();
+        let creates = e.host.count("CreateSnapshot_Task");
+        let err = fail(&e.affa.affa_at("2026-05-04T21:00:00", &["--run", "esx"]));
+        let last = err.lines().last().unwrap_or("");
+        assert!(last.contains("datastore name") && last.contains("refusing"), "{name:?}: {err}");
+        assert!(!err.contains('\u{1b}'), "{err}");
+        // Nothing outside RootDir, no archive, no snapshot made or left.
+        assert_eq!(entries(&around), before, "{name:?}: something was written next to RootDir");
+        assert!(!outside_abs.exists(), "{name:?}: written to {}", outside_abs.display());
+        assert!(!e.work.path().join("outside-ds").exists() && !e.work.path().join("outside-ds2").exists());
+        assert!(archive_names(&e.affa.job_dir("esx")).is_empty());
+        assert_eq!(e.host.count("CreateSnapshot_Task"), creates, "{name:?}: a snapshot was made");
+        assert!(e.sim.snapshots("vm1").is_empty());
+    }
+    let _ = fs::remove_dir_all(&outside_abs);
+    // The same host with honest names: the backup works.
+    bad.lock().unwrap().clear();
+    ok(&e.affa.affa_at("2026-05-04T22:00:00", &["--run", "esx"]));
+    assert!(e.affa.job_dir("esx").join("scheduled.0/vmfs/volumes/datastore1/vm1/vm1-flat.vmdk").is_file());
+    let _ = (&e.sshd, &e.work);
+}
+
+#[test]
+fn host_names_with_control_characters_never_reach_the_ini_or_the_terminal() {
+    // Finding 11: a newline in the VM name injected keys into .affa-esxi.ini, escape sequences
+    // went to the terminal and the log.
+    let hostile = "vm1\n[Datastore.9]\nName=planted\u{1b}]0;pwned\u{7}\u{1b}[2J";
+    let h = hostile.to_string();
+    let rewrite: Rewrite = Arc::new(move |_: &str, req: &str, resp: String| {
+        if req.contains("layoutEx.file") {
+            resp.replace(">vm1</val>", &format!(">{}</val>", xml(&h)))
+        } else {
+            resp
+        }
+    });
+    let e = hostile_esx("", no_answer(), rewrite);
+    let o = e.affa.affa_at("2026-05-04T21:00:00", &["--run", "esx"]);
+    let err = fail(&o);
+    assert!(err.contains("VM name") && err.contains("control character"), "{err}");
+    assert!(!o.stderr.contains(&0x1b) && !o.stdout.contains(&0x1b), "an escape sequence reached the terminal: {err:?}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err:?}");
+    assert_eq!(e.host.count("CreateSnapshot_Task"), 0, "refused only after the snapshot");
+    assert!(files_containing(&e.affa.root, b"planted").is_empty(), "the name reached RootDir");
+    for f in fs::read_dir(e.affa.state.join("log")).unwrap().flatten() {
+        let t = fs::read(f.path()).unwrap();
+        assert!(!t.contains(&0x1b), "{} holds an escape sequence", f.path().display());
+        assert!(!String::from_utf8_lossy(&t).lines().any(|l| l.starts_with("[Datastore.9]")), "a forged log line");
+    }
+    let _ = (&e.sshd, &e.sim, &e.work);
+}
+
+#[test]
+fn a_symlinked_disk_extent_does_not_bring_a_backup_server_file_into_the_archive() {
+    // Finding 3: rsync -a copied the host's symlink into staging and chunking followed it.
+    let e = esx("chunkFiles=*-flat.vmdk\nchunkSize=256K\nchunkCompression=none\n");
+    let key = e.affa.state.join("ssh/id_ed25519_affa");
+    let secret = fs::read(&key).unwrap();
+    let flat = e.work.path().join("vmfs-ds1/vm1/vm1-flat.vmdk");
+    fs::remove_file(&flat).unwrap();
+    std::os::unix::fs::symlink(&key, &flat).unwrap();
+    let err = fail(&e.affa.affa_at("2026-05-04T21:00:00", &["--run", "esx"]));
+    assert!(err.contains("vm1-flat.vmdk") && err.contains("not a regular file"), "{err}");
+    assert!(files_containing(&e.affa.root, &secret).is_empty(), "affa's private key is in RootDir");
+    assert!(archive_names(&e.affa.job_dir("esx")).is_empty());
+    assert!(e.sim.snapshots("vm1").is_empty(), "the snapshot was left");
+    let _ = (&e.sshd, &e.conf);
+}
+
+#[test]
+fn restore_refuses_archived_names_the_one_rule_refuses() {
+    // Archive contents are not trusted: a name that could not have come from an honest backup
+    // is not sent to the host.
+    let e = esx("");
+    ok(&e.affa.affa_at("2026-05-04T21:00:00", &["--run", "esx"]));
+    let vm_dir = e.affa.job_dir("esx").join("scheduled.0/vmfs/volumes/datastore1/vm1");
+    fs::write(vm_dir.join("evil\nname.vmx"), "x").unwrap();
+    let err = fail(&e.affa.affa(&["--full-restore", "esx", "--dry-run", "--to-dir", "copy"]));
+    assert!(err.contains("archived file name") && err.contains("control character"), "{err}");
+    fs::remove_file(vm_dir.join("evil\nname.vmx")).unwrap();
+    let err = fail(&e.affa.affa(&["--full-restore", "esx", "--dry-run", "--to-datastore", "../x"]));
+    assert!(err.contains("--to-datastore"), "{err}");
+    ok(&e.affa.affa(&["--full-restore", "esx", "--dry-run", "--to-dir", "copy"]));
+    let _ = (&e.sshd, &e.sim, &e.work, &e.conf);
+}
+
+#[test]
+fn cleanup_of_leftovers_removes_only_the_jobs_own_snapshots() {
+    // Finding 6: every BEXI- snapshot was removed, also another job's.
+    let e = esx("");
+    let mut o = affa::esxi::ConnectOptions::new("127.0.0.1");
+    o.port = e.sim.port;
+    o.thumbprint = Some(e.sim.thumbprint.clone());
+    let mut c = affa::esxi::Client::connect(o).unwrap();
+    c.login(USER, &affa::esxi::Password::new(PASS)).unwrap();
+    let vm = c.find_vm("vm1").unwrap();
+    let others = ["BEXI-other-20260504200000", "BEXI-esx-2-20260504200000", "BEXI-esx-manual", "BEXI-esx-2026050420"];
+    for n in others.iter().take(2) {
+        c.create_snapshot(&vm, n, "", false, false).unwrap();
+    }
+    c.create_snapshot(&vm, "BEXI-esx-20260504200000", "", false, false).unwrap(); // this job's leftover
+    for n in others.iter().skip(2) {
+        c.create_snapshot(&vm, n, "", false, false).unwrap();
+    }
+    c.logout().unwrap();
+    ok(&e.affa.affa_at("2026-05-04T21:00:00", &["--run", "esx"]));
+    let mut left = e.sim.snapshots("vm1");
+    left.sort();
+    let mut want: Vec<String> = others.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    assert_eq!(left, want, "another job's snapshot was removed, or this job's leftover was kept");
+    let report = fs::read_to_string(e.affa.job_dir("esx").join("scheduled.0/.AFFA3-REPORT")).unwrap();
+    assert!(report.contains("ESXiLeftoverSnapshotsRemoved=BEXI-esx-20260504200000\n"), "{report}");
+    let _ = (&e.sshd, &e.work, &e.conf);
+}
+
+#[test]
+fn http_with_a_password_or_a_pinned_thumbprint_is_refused() {
+    // Finding 8: ESXiProtocol=http sent the password in clear and ignored ESXiThumbprint.
+    let work = tempfile::Builder::new().prefix("affa-http").tempdir().unwrap();
+    let ds1 = work.path().join("ds1");
+    fill(&ds1.join("vm1/vm1-flat.vmdk"), MB);
+    let sim = Sim::start(
+        &work.path().join("sim"),
+        &[("datastore1", &ds1)],
+        &[VmSpec { name: "vm1".into(), power_on: false, disks: vec![("datastore1".into(), MB)] }],
+        r#","plain_http":true"#,
+    );
+    let affa = Affa::new();
+    let base = format!(
+        "[esx]\nremoteHostName=127.0.0.1\nESXi=yes\nESXiVMName=vm1\nESXiUsername={USER}\nESXiPassword={PASS}\nESXiProtocol=http\nESXiPort={}\n",
+        sim.port
+    );
+    let conf_file = affa.conf.join("esx.conf").display().to_string();
+    affa.write_conf("esx.conf", &base);
+    for args in [&["--configcheck"][..], &["--run", "esx"]] {
+        let err = fail(&affa.affa(args));
+        let line = err.trim_end();
+        assert_eq!(line.lines().count(), 1, "{err}");
+        assert!(
+            line.contains(&conf_file) && line.contains("ESXiProtocol=http") && line.contains("ESXiInsecureHttp=yes"),
+            "{err}"
+        );
+        assert!(!err.contains(PASS));
+    }
+    let tp = "AB:".repeat(31) + "AB";
+    affa.write_conf("esx.conf", &format!("{base}ESXiInsecureHttp=yes\nESXiThumbprint={tp}\n"));
+    let err = fail(&affa.affa(&["--configcheck"]));
+    assert!(err.contains("ESXiThumbprint") && err.contains("ESXiProtocol=http") && err.contains(&conf_file), "{err}");
+    let calls: u64 = sim.state()["counters"]
+        .as_object()
+        .map(|m| m.iter().filter(|(k, _)| k.starts_with("soap:")).map(|(_, v)| v.as_u64().unwrap_or(0)).sum())
+        .unwrap_or(0);
+    assert_eq!(calls, 0, "something reached the host over http");
+    // The documented opt-in for a test host.
+    affa.write_conf("esx.conf", &format!("{base}ESXiInsecureHttp=yes\n"));
+    ok(&affa.affa(&["--configcheck"]));
+}
+
+#[test]
+fn a_report_planted_by_the_source_is_never_trusted() {
+    // Finding 4: the source's own /.AFFA3-REPORT landed in scheduled.running, and after a failed
+    // transfer the next run promoted it as a complete archive dated 2099.
+    let mut sshd = Sshd::start();
+    let affa = Affa::new();
+    let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
+    let s = src.path();
+    fs::write(s.join("data.txt"), "real data").unwrap();
+    fs::write(s.join(".AFFA3-REPORT"), "[Report]\nDate=209912312359\nExitStatus=0\n").unwrap();
+    fs::write(s.join(".web-setup.ini"), "; planted\nInclude=/etc\n").unwrap();
+    fs::write(s.join(".affa-esxi.ini"), "[VM]\nName=planted\n").unwrap();
+    fs::write(s.join(".affa-manifests"), "affa-manifest-index 1\ndata.txt\0").unwrap();
+    fs::create_dir_all(s.join(".affa-chunks/ab")).unwrap();
+    fs::write(s.join(".affa-chunks/ab/planted"), "x").unwrap();
+    fs::write(s.join("..AFFA3-REPORT.tmp-1"), "x").unwrap();
+    // `SRC/./` makes SRC the root of the transfer, exactly as `/` is for Include=/.
+    let base = affa.ssh_job("web", &sshd, &format!("Include={}/./\nscheduledKeep=3\n", s.display()));
+    affa.write_conf("web.conf", &format!("{base}Include=/nonexistent-affa-{}\n", std::process::id()));
+    ok(&affa.send_key(&mut sshd, "web"));
+    let err = fail(&affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
+    assert!(err.contains("rsync failed"), "{err}");
+    let running = affa.job_dir("web").join("scheduled.running");
+    assert!(running.join("data.txt").is_file(), "the transfer did not get far enough: the test proves nothing");
+    for n in
+        [".AFFA3-REPORT", ".web-setup.ini", ".affa-esxi.ini", ".affa-manifests", ".affa-chunks", "..AFFA3-REPORT.tmp-1"]
+    {
+        assert!(fs::symlink_metadata(running.join(n)).is_err(), "the source's {n} landed at the archive root");
+    }
+    // A report in scheduled.running that affa did not record as complete is not believed,
+    // however it got there.
+    fs::write(running.join(".AFFA3-REPORT"), "[Report]\nDate=209912312359\nExitStatus=0\n").unwrap();
+    affa.write_conf("web.conf", &base);
+    ok(&affa.affa_at("2026-03-02T11:00:00", &["--run", "web"]));
+    let job = affa.job_dir("web");
+    assert_eq!(archive_names(&job), ["scheduled.0"], "the incomplete transfer became an archive");
+    let s0 = job.join("scheduled.0");
+    let report = fs::read_to_string(s0.join(".AFFA3-REPORT")).unwrap();
+    assert!(report.contains("Date=202603021100"), "{report}");
+    assert!(files_containing(&job, b"209912312359").is_empty());
+    let setup = fs::read_to_string(s0.join(".web-setup.ini")).unwrap();
+    assert!(setup.starts_with("; Created on") && !setup.contains("Include=/etc"), "{setup}");
+    assert!(!s0.join(".affa-esxi.ini").exists() && !s0.join(".affa-chunks").exists());
+    assert_eq!(fs::read(s0.join(".affa-manifests")).unwrap(), b"affa-manifest-index 1\n");
+    assert_eq!(fs::read_to_string(s0.join("data.txt")).unwrap(), "real data");
+    assert!(!ok(&affa.affa(&["--list-archives", "web"])).contains("2099"));
+}
+
+#[test]
+fn source_files_that_look_like_store_internals_are_backed_up_and_restored_as_files() {
+    // Finding 5: a source holding affa archives (x.affa-manifest files, .affa-chunks dirs)
+    // broke --verify and made --full-restore refuse everything.
+    let mut sshd = Sshd::start();
+    let affa = Affa::new();
+    let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
+    let s = src.path();
+    fs::write(s.join("disk.img"), vec![9u8; 600_000]).unwrap();
+    fs::write(s.join("notes.affa-manifest"), "not a manifest\n").unwrap();
+    // A real affa archive on the source: a manifest whose chunks are in its own .affa-chunks.
+    let other = Affa::new();
+    let inner = tempfile::Builder::new().prefix("affa-inner").tempdir().unwrap();
+    fs::write(inner.path().join("vm.img"), vec![3u8; 300_000]).unwrap();
+    other.write_conf(
+        "v.conf",
+        &format!(
+            "[v]\nremoteHostName=localhost\nInclude={}\nchunkFiles=*.img\nchunkSize=256K\n",
+            inner.path().display()
+        ),
+    );
+    ok(&other.affa_at("2026-03-01T10:00:00", &["--run", "v"]));
+    let held = s.join("var/affa");
+    fs::create_dir_all(&held).unwrap();
+    assert!(std::process::Command::new("cp").arg("-a").arg(other.job_dir("v")).arg(&held).status().unwrap().success());
+    let job = affa.ssh_job("web", &sshd, &format!("Include={}\nchunkFiles=*.img\nchunkSize=256K\n", s.display()));
+    affa.write_conf("web.conf", &job);
+    ok(&affa.send_key(&mut sshd, "web"));
+    ok(&affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
+    ok(&affa.affa(&["--verify", "web", "--all"]));
+    let before = tree_hashes(s);
+    assert!(before.keys().any(|k| k.ends_with(".affa-manifest") && k.starts_with("var/affa/")), "{before:?}");
+    assert!(before.keys().any(|k| k.contains("/.affa-chunks/")), "{before:?}");
+    // The source loses everything; the restore brings every file back, byte for byte.
+    for e in fs::read_dir(s).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            fs::remove_dir_all(&p).unwrap();
+        } else {
+            fs::remove_file(&p).unwrap();
+        }
+    }
+    ok(&affa.affa(&["--full-restore", "web", "--yes"]));
+    assert_eq!(tree_hashes(s), before);
+    let _ = &inner;
+}
+
+/// A sendmail stand-in that keeps each mail as state/mail/N.msg.
+fn keep_mails(affa: &Affa) -> PathBuf {
+    let mail = affa.state.join("mail");
+    fs::create_dir_all(&mail).unwrap();
+    let sm = affa.state.join("sendmail.sh");
+    fs::write(&sm, format!("#!/bin/sh\nn=$(ls {o} | wc -l)\ncat > {o}/$n.msg\n", o = mail.display())).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&sm, fs::Permissions::from_mode(0o755)).unwrap();
+    let global = fs::read_to_string(affa.conf.join("00-global.conf")).unwrap();
+    affa.write_conf("00-global.conf", &format!("{global}sendmailBinary={}\n", sm.display()));
+    mail
+}
+
+#[test]
+fn a_flood_on_rsync_stderr_keeps_memory_and_the_mail_small() {
+    // Finding 7: every stderr line was kept twice and the error mail quoted the whole log.
+    let mut sshd = Sshd::start();
+    let affa = Affa::new();
+    let mails = keep_mails(&affa);
+    let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
+    fs::write(src.path().join("f"), "x").unwrap();
+    let noisy = src.path().join("noisy-rsync");
+    let lines = 300_000;
+    fs::write(
+        &noisy,
+        format!(
+            "#!/bin/sh\nawk 'BEGIN {{ for (i = 0; i < {lines}; i++) printf \"rsync: [sender] send_files failed to open \\\"/srv/data/file%07d\\\": Permission denied (13) xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\\n\", i }}' >&2\nexec /usr/bin/rsync \"$@\"\n"
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&noisy, fs::Permissions::from_mode(0o755)).unwrap();
+    let job = affa.ssh_job(
+        "web",
+        &sshd,
+        &format!(
+            "Include={}\nInclude=/nonexistent-affa-{}\nremoteRsyncBinary={}\nRetryAttempts=0\n",
+            src.path().display(),
+            std::process::id(),
+            noisy.display()
+        ),
+    );
+    affa.write_conf("web.conf", &job);
+    ok(&affa.send_key(&mut sshd, "web"));
+    let t = Instant::now();
+    let child = affa
+        .cmd()
+        .env("AFFA_FAKE_NOW", "2026-03-02T10:00:00")
+        .args(["--run", "web"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut peak_kib = 0u64;
+    let out = {
+        let mut child = child;
+        loop {
+            if let Ok(st) = fs::read_to_string(format!("/proc/{pid}/status")) {
+                if let Some(v) = st.lines().find_map(|l| l.strip_prefix("VmHWM:")) {
+                    peak_kib = peak_kib.max(v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0));
+                }
+            }
+            if child.try_wait().unwrap().is_some() {
+                break child.wait_with_output().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let err = fail(&out);
+    assert!(err.contains("rsync failed"), "{err}");
+    let log = fs::read_to_string(affa.state.join("log/web.log")).unwrap();
+    assert!(log.contains("file0299999"), "the log must hold every line");
+    assert!(peak_kib < 64 * 1024, "affa kept the flood in memory: peak {peak_kib} KiB");
+    let mail: Vec<PathBuf> = fs::read_dir(&mails).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(mail.len(), 1, "one error mail");
+    let m = fs::read_to_string(&mail[0]).unwrap();
+    assert!(m.len() < 1 << 20, "the error mail is {} bytes", m.len());
+    assert!(m.contains("left out"), "the mail does not say that lines were left out");
+    assert!(t.elapsed() < Duration::from_secs(120), "{:?}", t.elapsed());
+}
+
+#[test]
+fn remote_scripts_run_in_a_private_directory_and_end_in_time() {
+    // Finding 11: remote scripts went to the predictable /tmp/affa-JOB-PID on the host.
+    let mut sshd = Sshd::start();
+    let affa = Affa::new();
+    let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
+    fs::write(src.path().join("f"), "x").unwrap();
+    let scripts = affa.state.join("scripts");
+    fs::create_dir_all(&scripts).unwrap();
+    let marker = src.path().join("ran");
+    fs::write(
+        scripts.join("pre.sh"),
+        format!(
+            "#!/bin/sh\necho \"$0 $1 $2\" > {m}\nstat -c '%a' \"$(dirname \"$0\")\" >> {m}\n",
+            m = marker.display()
+        ),
+    )
+    .unwrap();
+    let victim = src.path().join("victim");
+    fs::write(&victim, "precious\n").unwrap();
+    let job = "scriptjob";
+    let conf = affa.ssh_job(job, &sshd, &format!("Include={}\npreJobCommandRemote=pre.sh\n", src.path().display()));
+    affa.write_conf("s.conf", &conf);
+    ok(&affa.send_key(&mut sshd, job));
+    // A user of the host plants a symlink at the name the script would get.
+    let child = affa
+        .cmd()
+        .env("AFFA_FAKE_NOW", "2026-03-02T10:00:00")
+        .args(["--run", job])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let planted = PathBuf::from(format!("/tmp/affa-{job}-{}", child.id()));
+    let _ = fs::remove_file(&planted);
+    std::os::unix::fs::symlink(&victim, &planted).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let _ = fs::remove_file(&planted);
+    ok(&out);
+    assert_eq!(
+        fs::read_to_string(&victim).unwrap(),
+        "precious\n",
+        "the script was written through the planted symlink"
+    );
+    let ran = fs::read_to_string(&marker).unwrap();
+    let mut l = ran.lines();
+    let (path, mode) = (l.next().unwrap(), l.next().unwrap());
+    let script = Path::new(path.split(' ').next().unwrap());
+    assert!(path.ends_with(&format!(" 127.0.0.1 {job}")), "{ran}");
+    assert_ne!(script, planted.as_path());
+    assert_ne!(script.parent(), Some(Path::new("/tmp")), "{ran}");
+    assert_eq!(mode, "700", "{ran}");
+    assert!(!script.parent().unwrap().exists(), "the private directory was not removed");
+    // A script that hangs is stopped at scriptTimeout, and the job's lock is free again.
+    fs::write(scripts.join("pre.sh"), "#!/bin/sh\nsleep 40\n").unwrap();
+    affa.write_conf("s.conf", &format!("{conf}scriptTimeout=2\n"));
+    let t = Instant::now();
+    let err = fail(&affa.affa_at("2026-03-02T11:00:00", &["--run", job]));
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    assert!(err.contains("did not finish within 2 s") && err.contains("scriptTimeout"), "{err}");
+    fs::write(scripts.join("pre.sh"), "#!/bin/sh\ntrue\n").unwrap();
+    ok(&affa.affa_at("2026-03-02T12:00:00", &["--run", job]));
+}
+
+#[test]
+fn a_wedged_host_cannot_hold_the_job_or_keep_the_vm_on_its_snapshot() {
+    // Finding 11: ssh remote commands (vim-cmd) had no time limit.
+    let e = esx("");
+    let standin = e.work.path().join("vim-cmd");
+    let wedge = e.work.path().join("wedge");
+    fs::write(
+        &standin,
+        format!(
+            "#!/bin/sh\n{} vim-cmd --control {} \"$@\"\nrc=$?\nif [ \"$1\" = vmsvc/snapshot.create ] && [ -e {} ]; then sleep 40; fi\nexit $rc\n",
+            common::sim::sim_binary().display(),
+            e.sim.control,
+            wedge.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&standin, fs::Permissions::from_mode(0o755)).unwrap();
+    let conf = e
+        .conf
+        .replace("ESXiTaskTimeout=20", "ESXiTaskTimeout=3")
+        .replace("ConnectionCheckTimeout=10", "ConnectionCheckTimeout=2")
+        + &format!("ESXiSnapshotMode=vim-cmd\nESXiVimCmd={}\n", standin.display());
+    e.affa.write_conf("esx.conf", &conf);
+    fs::write(&wedge, "").unwrap();
+    let t = Instant::now();
+    let err = fail(&e.affa.affa_at("2026-05-04T21:00:00", &["--run", "esx"]));
+    assert!(t.elapsed() < Duration::from_secs(30), "the run waited on the wedged host: {:?}", t.elapsed());
+    assert!(err.contains("did not finish within 5 s") && err.contains("ESXiTaskTimeout"), "{err}");
+    assert!(e.sim.snapshots("vm1").is_empty(), "the VM was left on its snapshot: {:?}", e.sim.snapshots("vm1"));
+    assert!(archive_names(&e.affa.job_dir("esx")).is_empty());
+    // The lock is free: the next run goes.
+    fs::remove_file(&wedge).unwrap();
+    ok(&e.affa.affa_at("2026-05-04T22:00:00", &["--run", "esx"]));
+    assert!(e.sim.snapshots("vm1").is_empty());
+    let _ = &e.sshd;
+}
+
+#[test]
+fn property_retrieval_is_bounded_in_bytes_and_pages() {
+    // Finding 11: retrieve() followed up to 10000 continuation pages of up to 64 MiB.
+    let mode = Arc::new(AtomicUsize::new(0)); // 0: honest, 1: 4 MiB pages, 2: tiny pages
+    let served = Arc::new(AtomicUsize::new(0));
+    let (m2, s2) = (mode.clone(), served.clone());
+    let page = move |token: Option<usize>, payload: &str, resp: &str| {
+        let t = token.map(|t| format!("<token>t{t}</token>")).unwrap_or_default();
+        common::hostile_esx::envelope(&format!(
+            r#"<{resp} xmlns="urn:vim25"><returnval>{t}<objects><obj type="VirtualMachine">vm-9</obj><propSet><name>name</name><val xsi:type="xsd:string">{payload}</val></propSet></objects></returnval></{resp}>"#
+        ))
+    };
+    let answer: Answer = Arc::new(move |method: &str, req: &str| {
+        let m = m2.load(Ordering::SeqCst);
+        if m == 0 {
+            return None;
+        }
+        let (size, cap) = if m == 1 { (4 << 20, 60) } else { (10, 1200) };
+        let payload = "A".repeat(size);
+        match method {
+            "RetrievePropertiesEx" if req.contains("traverseView") => {
+                Some(page(Some(0), &payload, "RetrievePropertiesExResponse"))
+            }
+            "ContinueRetrievePropertiesEx" => {
+                let n = s2.fetch_add(1, Ordering::SeqCst) + 1;
+                let next = if n < cap { Some(n) } else { None };
+                Some(page(next, &payload, "ContinueRetrievePropertiesExResponse"))
+            }
+            _ => None,
+        }
+    });
+    let e = hostile_esx("", answer, Arc::new(|_: &str, _: &str, r: String| r));
+    for (m, limit, what) in [(1usize, 33usize, "MiB"), (2, 1000, "pages")] {
+        mode.store(m, Ordering::SeqCst);
+        served.store(0, Ordering::SeqCst);
+        let err = fail(&e.affa.affa_at("2026-05-04T21:00:00", &["--run", "esx"]));
+        let n = served.load(Ordering::SeqCst);
+        assert!(n <= limit, "affa took {n} continuation pages (mode {m}): {err}");
+        assert!(err.contains("property retrieval") && err.contains(what), "{err}");
+    }
+    assert_eq!(e.host.count("CreateSnapshot_Task"), 0);
+    mode.store(0, Ordering::SeqCst);
+    ok(&e.affa.affa_at("2026-05-04T22:00:00", &["--run", "esx"]));
+    let _ = (&e.sshd, &e.sim, &e.work);
 }

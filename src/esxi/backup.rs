@@ -406,7 +406,7 @@ fn copy_groups(
         let dest = crate::untrusted::create_dir_beneath(running, &g.rel_dir)?;
         if !plain.is_empty() {
             let mut args = rsync::Args::new(job, &source);
-            args.opts(["--stats", "--sparse", "--partial"]);
+            args.opts(["--stats", "--sparse", "--partial", "--no-devices", "--no-specials"]);
             if !disks {
                 args.opt("--ignore-missing-args");
             }

@@ -5,7 +5,8 @@
 //! Owns: the HTTP exchange with `https://HOST/sdk`, the session cookie, mapping of HTTP and
 //! transport failures to one-line errors naming the host. Must never: send anything before the
 //! host's certificate matched the pin, follow redirects, put a password or a request body into
-//! an error or Debug output, or wait on a task without a deadline.
+//! an error or Debug output, wait on a task without a deadline, or take answers without a bound
+//! (one answer: soap::MAX_RESPONSE_BYTES; one retrieval: MAX_RETRIEVE_PAGES, MAX_RETRIEVE_BYTES).
 
 use super::model::{
     decode_entity_name, parse_disks, parse_layout_disks, parse_layout_files, parse_layout_snapshots, parse_moref_array,
@@ -18,6 +19,12 @@ use crate::error::{Error, Result};
 use std::io::Read;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// Most pages one property retrieval may take (RetrievePropertiesEx and its continuations).
+pub const MAX_RETRIEVE_PAGES: usize = 1000;
+/// Most bytes of answers one property retrieval may take in all (what affa reads of one ESXi
+/// host is a few MiB at most).
+pub const MAX_RETRIEVE_BYTES: usize = 128 << 20;
 
 /// A password: its Debug and Display print `***`, so it cannot leak through logs or errors.
 #[derive(Clone, PartialEq, Eq)]
@@ -272,6 +279,11 @@ impl Client {
 
     /// One SOAP call; returns the `<Method>Response` element.
     pub fn call(&self, method: &str, inner: &str) -> Result<Node> {
+        self.call_sized(method, inner).map(|(n, _)| n)
+    }
+
+    /// [`call`](Self::call), also returning the size of the answer in bytes.
+    fn call_sized(&self, method: &str, inner: &str) -> Result<(Node, usize)> {
         let body = envelope(method, inner);
         let mut req = self
             .agent
@@ -321,7 +333,7 @@ impl Client {
             return Err(self.err(format!("answer to {method} is larger than {} MiB", soap::MAX_RESPONSE_BYTES >> 20)));
         }
         match soap::parse_reply(&b) {
-            Ok(Reply::Ok(n)) => Ok(n),
+            Ok(Reply::Ok(n)) => Ok((n, b.len())),
             Ok(Reply::Fault(f)) => Err(self.fault_error(method, &f)),
             Err(e) => Err(self.err(format!("unreadable answer to {method}: {}", e.message()))),
         }
@@ -383,19 +395,30 @@ impl Client {
 
     /// RetrievePropertiesEx with the given `<specSet>` content, following continuation tokens
     /// with ContinueRetrievePropertiesEx.
+    /// A host that keeps sending pages is stopped at [`MAX_RETRIEVE_PAGES`] pages or
+    /// [`MAX_RETRIEVE_BYTES`] bytes in all, whichever comes first.
     pub fn retrieve(&self, spec: &str) -> Result<Vec<ObjectContent>> {
         let inner = format!("{}<specSet>{spec}</specSet><options/>", self.this_pc());
-        let resp = self.call("RetrievePropertiesEx", &inner)?;
+        let (resp, mut total) = self.call_sized("RetrievePropertiesEx", &inner)?;
         let (mut objs, mut token) =
             parse_retrieve_result(&resp).map_err(|e| e.context(format!("ESXi host {}", self.host)))?;
-        let mut pages = 0;
+        let mut pages = 1;
         while let Some(t) = token {
-            pages += 1;
-            if pages > 10_000 {
-                return Err(self.err("property retrieval did not end after 10000 pages"));
+            if pages >= MAX_RETRIEVE_PAGES {
+                return Err(
+                    self.err(format!("property retrieval did not end after {MAX_RETRIEVE_PAGES} pages; refusing more"))
+                );
             }
+            pages += 1;
             let inner = format!("{}{}", self.this_pc(), elem("token", &t));
-            let resp = self.call("ContinueRetrievePropertiesEx", &inner)?;
+            let (resp, n) = self.call_sized("ContinueRetrievePropertiesEx", &inner)?;
+            total += n;
+            if total > MAX_RETRIEVE_BYTES {
+                return Err(self.err(format!(
+                    "property retrieval sent more than {} MiB in {pages} pages; refusing more",
+                    MAX_RETRIEVE_BYTES >> 20
+                )));
+            }
             let (more, next) =
                 parse_retrieve_result(&resp).map_err(|e| e.context(format!("ESXi host {}", self.host)))?;
             objs.extend(more);

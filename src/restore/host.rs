@@ -134,7 +134,11 @@ fn under(path: &str, src: &str) -> bool {
 /// ones), split into those present in the archive and those missing.
 fn archived_sources(ctx: &Ctx) -> (Vec<String>, Vec<String>) {
     let setup = ctx.arch.path.join(format!(".{}-setup.ini", ctx.job.name));
-    let mut srcs: Vec<String> = fs::read_to_string(&setup)
+    let text = crate::untrusted::open_regular(&setup).and_then(|f| {
+        let mut t = String::new();
+        std::io::Read::read_to_string(&mut std::io::Read::take(f, 1 << 20), &mut t).map(|_| t)
+    });
+    let mut srcs: Vec<String> = text
         .map(|t| {
             t.lines()
                 .filter_map(|l| l.trim().strip_prefix("Include="))

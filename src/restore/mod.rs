@@ -17,7 +17,7 @@ pub use esxi::Ini as EsxiIni;
 use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use crate::archive::{self, Archive};
 use crate::config::{Config, Job};
@@ -148,31 +148,24 @@ impl Endpoint {
     /// Run a POSIX sh script on the target (fed on stdin, so its length is not limited by the
     /// command line); returns stdout. A non-zero exit is an error quoting stderr.
     pub fn sh(&self, script: &str, what: &str) -> Result<String> {
-        let mut c = match self {
-            Endpoint::Ssh(t) => {
-                let mut c = Command::new(&t.ssh_bin);
-                c.args(t.options())
-                    .args(["-o".to_string(), format!("ConnectTimeout={}", t.connect_timeout)])
-                    .arg(t.destination())
-                    .arg("/bin/sh -s");
-                c
-            }
+        let c = match self {
+            Endpoint::Ssh(t) => t.remote_command("/bin/sh -s"),
             Endpoint::Local => {
                 let mut c = Command::new("/bin/sh");
                 c.arg("-s");
+                die_with_parent(&mut c);
                 c
             }
         };
-        c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        die_with_parent(&mut c);
-        let mut child = c.spawn().ctx(|| format!("cannot run the shell for {what}"))?;
-        let mut stdin = child.stdin.take().unwrap();
-        let body = script.to_string();
-        let writer = std::thread::spawn(move || {
-            let _ = stdin.write_all(body.as_bytes());
-        });
-        let o = child.wait_with_output().ctx(|| format!("cannot wait for {what}"))?;
-        let _ = writer.join();
+        // No time limit (a restore is interactive and may hash a large disk for hours; Ctrl-C
+        // stops it), but what the host answers is bounded (transport::MAX_CAPTURE).
+        let o = crate::transport::output_within(
+            c,
+            Some(script.as_bytes().to_vec()),
+            std::time::Duration::MAX,
+            what,
+            "none",
+        )?;
         let stderr = String::from_utf8_lossy(&o.stderr);
         if let Endpoint::Ssh(t) = self {
             if o.status.code() == Some(255) {

@@ -126,11 +126,6 @@ pub fn shell_quote(s: &str) -> String {
     }
 }
 
-/// The first word of a remote command, for messages (never its arguments).
-fn first_word(remote: &str) -> String {
-    crate::untrusted::shown(remote.split_whitespace().next().unwrap_or("")).trim_matches('\'').to_string()
-}
-
 impl SshTarget {
     pub fn from_job(job: &Job, cfg: &Config) -> SshTarget {
         let ssh_dir = cfg.ssh_dir();
@@ -213,14 +208,23 @@ impl SshTarget {
     /// Run a short remote shell command (at most [`short_limit`](Self::short_limit)); a failed
     /// connection becomes a clear error.
     pub fn run(&self, remote: &str) -> Result<Output> {
-        self.run_within(remote, None, self.short_limit(), "ConnectionCheckTimeout")
+        let what = remote.split_whitespace().next().unwrap_or("").to_string();
+        self.run_within(remote, None, self.short_limit(), "ConnectionCheckTimeout", &what)
     }
 
     /// Run a remote shell command with `input` on its stdin for at most `limit` (`key` is the
-    /// job key that sets it, for the message); a failed connection becomes a clear error.
-    pub fn run_within(&self, remote: &str, input: Option<Vec<u8>>, limit: Duration, key: &str) -> Result<Output> {
+    /// job key that sets it and `what` names the command, for the message); a failed
+    /// connection becomes a clear error.
+    pub fn run_within(
+        &self,
+        remote: &str,
+        input: Option<Vec<u8>>,
+        limit: Duration,
+        key: &str,
+        what: &str,
+    ) -> Result<Output> {
         let c = self.remote_command(remote);
-        let out = output_within(c, input, limit, &format!("ssh to {} ({})", self.host, first_word(remote)), key)?;
+        let out = output_within(c, input, limit, &format!("{what} on {}", self.host), key)?;
         if out.status.code() == Some(255) {
             return Err(self.connection_error(&String::from_utf8_lossy(&out.stderr)));
         }
@@ -235,7 +239,7 @@ impl SshTarget {
     /// Like [`run_within`](Self::run_within) without input, a non-zero exit an error quoting
     /// the remote's stderr.
     pub fn run_ok_within(&self, remote: &str, what: &str, limit: Duration, key: &str) -> Result<String> {
-        let out = self.run_within(remote, None, limit, key)?;
+        let out = self.run_within(remote, None, limit, key, what)?;
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
             let first = err.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();

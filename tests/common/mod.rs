@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod esx;
+pub mod host_input;
+pub mod hostile_esx;
 pub mod sim;
 pub mod smb;
 
