@@ -582,7 +582,8 @@ fn pool_damage_is_named_refused_on_restore_and_not_reused() {
     let unchunk = |archive: &str| affa.affa(&["--unchunk", "web", archive, "--to", restore_to.to_str().unwrap()]);
     let restored = restore_to.join(&rel_img);
 
-    let damage: [(&str, Box<dyn Fn(&Path)>); 3] = [
+    type Damage = Box<dyn Fn(&Path)>;
+    let damage: [(&str, Damage); 3] = [
         (
             "truncated",
             Box::new(|p: &Path| {
@@ -609,8 +610,7 @@ fn pool_damage_is_named_refused_on_restore_and_not_reused() {
             }),
         ),
     ];
-    let mut hour = 11;
-    for (k, (what, f)) in damage.iter().enumerate() {
+    for (hour, (k, (what, f))) in (11..).zip(damage.iter().enumerate()) {
         let victim = chunk_files(&job_dir.join("scheduled.0"))[k].clone();
         let vid = id(&victim);
         let pool_entry = affa.root.join(".affa-pool").join(&vid[..2]).join(&vid);
@@ -635,7 +635,6 @@ fn pool_damage_is_named_refused_on_restore_and_not_reused() {
         // A later backup does not reuse the damaged chunk: the new archive verifies clean and
         // rebuilds the file exactly.
         ok(&affa.affa_at(&format!("2026-03-02T{hour}:00:00"), &["--run", "web"]));
-        hour += 1;
         let v = affa.affa(&["--verify", "web", "scheduled.0"]);
         assert!(
             v.status.success(),

@@ -372,6 +372,7 @@ impl AffaConf {
     }
 
     /// An ESXi job for `vm` in `root`; `chunk` = Some(chunkSize) for chunkFiles=*-flat.vmdk.
+    #[allow(clippy::too_many_arguments)] // the bench job table: one parameter per column
     pub fn add_job(
         &self,
         job: &str,
