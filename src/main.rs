@@ -483,6 +483,11 @@ fn dispatch(cli: &Cli, ui: &std::sync::Arc<render::Terminal>) -> Result<u8> {
         print(affa::monitor::write_metrics(&cfg, clock.as_ref())? + "\n");
     } else if cli.samba_shares {
         need(a, 0, "--samba-shares")?;
+        // A shared job whose configuration is broken: the command fails with that job's first
+        // error before anything changes (its share is never rewritten from what could be read).
+        if let Some(b) = cfg.broken.values().find(|b| b.partial.flag("SambaShare")) {
+            affa::bail!("{}", b.errors.first().map(String::as_str).unwrap_or("configuration error"));
+        }
         print(affa::samba::update_shares(&cfg)? + "\n");
     } else if cli.cronupdate {
         // Internal, every 15 minutes from cron: silent unless it fails (Affa 3's shipped cron
