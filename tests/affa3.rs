@@ -805,3 +805,126 @@ fn a_host_with_an_rsync_daemon_is_pulled_without_ssh() {
     a.write_conf("win.conf", &job("Rs-s3cret", "preJobCommandRemote=x.sh\n"));
     assert!(fail(&a.affa(&["--run", "win"])).contains("rsyncdMode=yes with pre/postJobCommandRemote, which needs ssh"));
 }
+
+/// Removes `/home/e-smith` at the end if the test created it (SME's path of the package list).
+struct SmeDbDir(bool);
+
+impl Drop for SmeDbDir {
+    fn drop(&mut self) {
+        if self.0 {
+            let _ = fs::remove_dir_all("/home/e-smith");
+        }
+    }
+}
+
+#[test]
+fn sme_watchdog_and_package_check() {
+    if Path::new("/home/e-smith").exists() {
+        eprintln!("skipped: /home/e-smith exists on this machine (an SME Server?)");
+        return;
+    }
+    let _cleanup = SmeDbDir(true);
+    let bin = tempfile::Builder::new().prefix("affa-sme-bin").tempdir().unwrap();
+    let src = source();
+    signal_event(bin.path(), &src.path().join("data/dump"));
+    // The host's rpm, sendmail and (for the watchdog) date.
+    executable(&bin.path().join("rpm"), "#!/bin/sh\nprintf 'bash 5.2-1\\nfoo 1.0-1\\nzlib 1.3-2\\n'\n");
+    executable(&bin.path().join("sendmail"), &format!("#!/bin/sh\ncat >> {}/mails\n", bin.path().display()));
+    executable(
+        &bin.path().join("date"),
+        "#!/bin/sh\ncase \"$1\" in\n  +%H) echo \"$FAKE_HOUR\" ;;\n  *) echo \"$FAKE_NOW\" ;;\nesac\n",
+    );
+    let mut sshd = Sshd::start_with(&format!("SetEnv PATH={}:/usr/local/bin:/usr/bin:/bin\n", bin.path().display()));
+    let a = Affa::new();
+    let wd = a.tmp.path().join("cron.hourly");
+    global(&a, &format!("watchdogDir={}\nEmailAddress=admin@example.com\n", wd.display()));
+    a.write_conf(
+        "sme.conf",
+        &a.ssh_job(
+            "sme",
+            &sshd,
+            &format!(
+                "SMEServer=yes\nWatchdog=yes\nRPMCheck=yes\nInclude={}/data\nExclude=/root\nTimeSchedule=2230\n",
+                src.path().display()
+            ),
+        ),
+    );
+    ok(&a.send_key(&mut sshd, "sme"));
+    // This server's own package list: bash of another version, no foo.
+    let here = tempfile::Builder::new().prefix("affa-here-bin").tempdir().unwrap();
+    executable(&here.path().join("rpm"), "#!/bin/sh\nprintf 'bash 5.1-9\\nzlib 1.3-2\\n'\n");
+    let run = |now: &str| {
+        a.cmd()
+            .env("PATH", format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", here.path().display()))
+            .env("AFFA_FAKE_NOW", now)
+            .args(["--run", "sme"])
+            .output()
+            .unwrap()
+    };
+    ok(&run("2026-03-02T10:00:00"));
+
+    // The package list of the host is in the archive; the differences are in rpms-missing.txt
+    // and mailed once.
+    let s0 = a.job_dir("sme").join("scheduled.0");
+    assert_eq!(
+        fs::read_to_string(s0.join("home/e-smith/db/affa-rpmlist")).unwrap(),
+        "bash 5.2-1\nfoo 1.0-1\nzlib 1.3-2\n"
+    );
+    let missing = fs::read_to_string(a.job_dir("sme").join("rpms-missing.txt")).unwrap();
+    assert!(missing.contains("but they are missing on this backup host:\n* \nfoo-1.0-1\n"), "{missing}");
+    assert!(missing.contains("but the version does not match:\n* \nbash-5.2-1\n"), "{missing}");
+    assert!(!missing.contains("zlib"), "{missing}");
+    let m = mails(&a);
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert!(
+        m[0].1.contains("packages of 127.0.0.1 missing on the backup server") && m[0].1.contains("foo-1.0-1"),
+        "{}",
+        m[0].1
+    );
+    ok(&run("2026-03-03T10:00:00"));
+    assert_eq!(mails(&a).len(), 1, "the same differences are mailed once");
+
+    // The watchdog on the host: named after the job and the backup server's address as the
+    // host sees it; trigger = the next scheduled run (22:30) + 10 minutes.
+    let script = wd.join("affa-watchdog-sme-127.0.0.1");
+    let text = fs::read_to_string(&script).unwrap();
+    assert!(text.contains("\nTRIGGER=202603032240\n"), "{text}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(fs::metadata(&script).unwrap().permissions().mode() & 0o777, 0o700);
+    let hourly = |path: &Path, now: &str, hour: &str| {
+        let st = std::process::Command::new(path)
+            .env("PATH", format!("{}:/usr/bin:/bin", bin.path().display()))
+            .env("FAKE_NOW", now)
+            .env("FAKE_HOUR", hour)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    let host_mails = || fs::read_to_string(bin.path().join("mails")).unwrap_or_default();
+    // Before the trigger: silent.
+    hourly(&script, "202603032200", "22");
+    assert_eq!(host_mails(), "");
+    // Past it (no run replaced the script): one mail, then it becomes the reminder.
+    hourly(&script, "202603032300", "23");
+    let hm = host_mails();
+    assert!(hm.contains("To: admin@example.com\nSubject: Error: Scheduled affa job 'sme' did not run on "), "{hm}");
+    assert!(!script.exists());
+    let reminder = wd.join("affa-watchdog-sme-127.0.0.1-reminder");
+    assert!(reminder.exists());
+    // The reminder speaks daily at the trigger's hour only.
+    hourly(&reminder, "202603040100", "01");
+    assert_eq!(host_mails(), hm);
+    hourly(&reminder, "202603042240", "22");
+    assert!(
+        host_mails().len() > hm.len() && host_mails().contains("Subject: Error: (Reminder) Scheduled affa job 'sme'")
+    );
+    // --mailtest: the host mails too, as its watchdog would.
+    let before = host_mails();
+    let out = ok(&a.affa(&["--mailtest", "sme"]));
+    assert!(out.contains("watchdog test mail of job sme sent by 127.0.0.1 to admin@example.com"), "{out}");
+    assert!(host_mails()[before.len()..].contains("Subject: affa watchdog test mail from 127.0.0.1 for job sme"));
+    // The next run removes the reminder and installs a new watchdog.
+    ok(&run("2026-03-04T23:00:00"));
+    assert!(!reminder.exists());
+    assert!(fs::read_to_string(&script).unwrap().contains("\nTRIGGER=202603052240\n"));
+}
