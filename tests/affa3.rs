@@ -928,3 +928,18 @@ fn sme_watchdog_and_package_check() {
     assert!(!reminder.exists());
     assert!(fs::read_to_string(&script).unwrap().contains("\nTRIGGER=202603052240\n"));
 }
+
+// ---------------------------------------------------------------- 7. out of scope, said clearly
+
+#[test]
+fn rise_and_undo_rise_are_refused_pointing_to_full_restore() {
+    let a = Affa::new();
+    for opt in ["--rise", "--undo-rise"] {
+        let e = fail(&a.affa(&[opt, "web"]));
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(
+            e.starts_with(&format!("affa: error: {opt} is not supported:")) && e.contains("affa --full-restore JOB"),
+            "{e}"
+        );
+    }
+}
