@@ -943,3 +943,80 @@ fn rise_and_undo_rise_are_refused_pointing_to_full_restore() {
         );
     }
 }
+
+// ---------------------------------------------------------------- 8. Affa 3's looks
+
+#[test]
+fn list_archives_show_property_and_report_look_like_affa3() {
+    let a = Affa::new();
+    global(&a, "");
+    let src = source();
+    a.write_conf(
+        "jobs.conf",
+        &[
+            local_job("web", src.path(), "Description=web server\nEmailAddress=root\nEmailAddress=admin@example.com\ndailyKeep=1\nTimeSchedule=0215\nTimeSchedule=1400\n"),
+            local_job("db", src.path(), "status=disabled\n"),
+        ]
+        .concat(),
+    );
+    ok(&a.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
+    ok(&a.affa_at("2026-03-03T10:00:00", &["--run", "web"]));
+    fs::create_dir_all(a.job_dir("web").join("daily.4")).unwrap();
+    let l = ok(&a.affa(&["--list-archives", "web"]));
+    let lines: Vec<&str> = l.lines().collect();
+    let rule = format!("+{}+", "-".repeat(112));
+    let boxed = |t: &str| format!("| {t:<110} |");
+    assert_eq!(lines[0], format!("affa {} on {}", env!("CARGO_PKG_VERSION"), affa::notify::hostname()));
+    assert_eq!(lines[1], rule);
+    assert_eq!(lines[2], boxed("Job: web"));
+    assert_eq!(lines[3], boxed("Description: web server"));
+    assert_eq!(lines[4], boxed(&format!("Directory: {}/", a.job_dir("web").display())));
+    assert_eq!(lines[5], boxed("Hostname: localhost"));
+    assert_eq!(lines[6], boxed("Email: root"));
+    assert_eq!(lines[7], boxed("       admin@example.com"));
+    assert_eq!(lines[8], boxed("Archives with an index greater than the Keep value are tagged with '*'"));
+    assert_eq!(lines[9], rule);
+    assert_eq!(lines[10], "| Run   | Completion date                           |    buTime | ddTime | ddYld | Files |  Size |  Sent | Recvd |");
+    assert_eq!(lines[11], rule);
+    assert!(lines[12].starts_with("|*D 4  | Incomplete!                                |         - |      - |     - |     - |     - |     - |     - |"), "{l}");
+    assert!(
+        lines[13].starts_with("| D 0  | Mon 2026-03-02 10:00                       |     0m00s |      - |     - |"),
+        "{l}"
+    );
+    assert_eq!(lines[14], rule);
+    assert!(lines[15].starts_with("| S 0  | Tue 2026-03-03 10:00                       |     0m00s |"), "{l}");
+    assert_eq!(lines[16], rule);
+    assert!(lines.iter().all(|l| l.chars().count() == 114 || l.starts_with("affa ")), "{l}");
+
+    // --show-property: the key, then each job's value (multi-valued on one line).
+    let p = ok(&a.affa(&["--show-property", "timeschedule"]));
+    assert!(
+        p.contains("\nValues of property TimeSchedule\ndb               : 2230\nweb              : 0215 1400\n"),
+        "{p}"
+    );
+    let p = ok(&a.affa(&["--show-property", "EmailAddress"]));
+    assert!(
+        p.ends_with("db               : root\nweb              : root\nweb              : admin@example.com\n"),
+        "{p}"
+    );
+
+    // .AFFA3-REPORT: Affa 3's keys in Affa 3's order, affa's own after them.
+    let r = fs::read_to_string(a.job_dir("web").join("scheduled.0/.AFFA3-REPORT")).unwrap();
+    let keys: Vec<&str> = r.lines().skip(1).map(|l| l.split('=').next().unwrap()).collect();
+    assert_eq!(&keys[..2], ["Date", "ExecutionTime"], "{r}");
+    let tail = [
+        "RootDirFilesystemUsed",
+        "RootDirFilesystemAvail",
+        "RootDirFilesystemUsage",
+        "ExitStatus",
+        "Dedup",
+        "AffaVersion",
+    ];
+    assert_eq!(&keys[keys.len() - 6..], tail, "{r}");
+    assert!(
+        keys[2..keys.len() - 6]
+            .iter()
+            .all(|k| ["NumberOf", "Total", "Literal", "Matched"].iter().any(|p| k.starts_with(p))),
+        "{r}"
+    );
+}
