@@ -9,6 +9,7 @@ PACKAGES=(
   golang-go golang-github-vmware-govmomi-dev    # the vSphere simulator harness
   python3-aiosmtpd                              # the SMTP server of the mail tests
   samba smbclient                               # the Samba share tests
+  e2fsprogs mount                               # the USB-disk test (mkfs.ext4, losetup, mount)
 )
 missing=()
 for p in "${PACKAGES[@]}"; do
