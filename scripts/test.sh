@@ -12,6 +12,7 @@ PACKAGES=(
   qemu-utils                                    # qemu-img: reads VMware snapshot chains independently of affa
   bsdutils                                      # script(1): affa on a pseudo-terminal (tests/terminal.rs)
   curl                                          # scripts/demo.sh, which .ci/run runs too
+  e2fsprogs mount                               # the USB-disk test (mkfs.ext4, losetup, mount)
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

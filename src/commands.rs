@@ -94,73 +94,175 @@ pub fn list_archives(cfg: &Config, names: &[String], csv: bool) -> Result<String
     }
     for job in select(cfg, names)? {
         let all = archive::list(&job.job_dir())?;
-        let k = keeps(job);
-        if !csv {
-            out.push_str(&format!(
-                "Job {} ({}{}): {} archive(s) in {}\n",
-                job.name,
-                job.get("remoteHostName"),
-                if job.esxi() { format!(", ESXi VM {}", job.get("ESXiVMName")) } else { String::new() },
-                all.len(),
-                job.job_dir().display()
-            ));
-            if all.is_empty() {
-                continue;
+        if csv {
+            for a in all.iter().rev() {
+                out.push_str(&archive_csv_row(job, a));
             }
-            out.push_str(&format!(
-                "{:<6} {:<16} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}\n",
-                "Run", "Completion date", "buTime", "Files", "Size", "Sent", "Recvd", "Logical", "Added", "Dedup"
-            ));
+            continue;
         }
-        for a in all.iter().rev() {
-            let r = a.report.clone().unwrap_or_default();
-            let n = |k: &str| r.num(k);
-            let nh = |k: &str| n(k).map(human).unwrap_or_else(|| "-".into());
-            let ratio = r.get("DedupRatio").unwrap_or("-").to_string();
-            if csv {
-                let mut f: Vec<String> = vec![a.level.name().into(), format!("{:05}", a.index)];
-                let affa3 =
-                    ["Date", "NumberOfFiles", "TotalFileSize", "RootDirFilesystemAvail", "RootDirFilesystemUsed"];
-                let sent = ["TotalBytesSent", "TotalBytesReceived", "ExecutionTime"];
-                if a.valid() {
-                    f.extend(affa3.iter().map(|k| field(&r, k)));
-                    f.push("yes".into());
-                    f.extend(sent.iter().map(|k| field(&r, k)));
-                    f.extend(freedup_fields(&r));
-                } else {
-                    f.extend(["0"; 5].map(String::from));
-                    f.push("no".into());
-                    f.extend(["0"; 3].map(String::from));
-                    f.extend(["", "", "", "", ""].map(String::from));
-                }
-                f.push(job.name.clone());
-                f.push(n("ChunkLogicalSize").unwrap_or(0).to_string());
-                f.push(n("ChunkPoolBytesAdded").unwrap_or(0).to_string());
-                f.push(field(&r, "DedupRatio"));
-                out.push_str(&f.join(";"));
-                out.push('\n');
-            } else {
-                let tag = if a.index >= k.of(a.level) { "*" } else { " " };
-                out.push_str(&format!(
-                    "{:<6} {:<16} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}\n",
-                    format!("{tag}{} {}", a.level.letter(), a.index),
-                    r.date().map(show_date).unwrap_or_else(|| "(incomplete)".into()),
-                    n("ExecutionTime").map(hms).unwrap_or_else(|| "-".into()),
-                    n("NumberOfFiles").map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
-                    nh("TotalFileSize"),
-                    nh("TotalBytesSent"),
-                    nh("TotalBytesReceived"),
-                    nh("ChunkLogicalSize"),
-                    nh("ChunkPoolBytesAdded"),
-                    ratio
-                ));
-            }
-        }
-        if !csv && all.iter().any(|a| a.index >= k.of(a.level)) {
-            out.push_str("* archives with an index beyond the Keep value (affa --cleanup removes them)\n");
-        }
+        out.push_str(&if out.is_empty() {
+            format!("affa {} on {}\n", env!("CARGO_PKG_VERSION"), crate::notify::hostname())
+        } else {
+            "\n".into()
+        });
+        out.push_str(&archives_text(job, &all, keeps(job)));
     }
     Ok(out)
+}
+
+/// One row of `--list-archives --csv` (see [`ARCHIVES_CSV_HEADER`]).
+fn archive_csv_row(job: &Job, a: &archive::Archive) -> String {
+    let r = a.report.clone().unwrap_or_default();
+    let mut f: Vec<String> = vec![a.level.name().into(), format!("{:05}", a.index)];
+    let affa3 = ["Date", "NumberOfFiles", "TotalFileSize", "RootDirFilesystemAvail", "RootDirFilesystemUsed"];
+    let sent = ["TotalBytesSent", "TotalBytesReceived", "ExecutionTime"];
+    if a.valid() {
+        f.extend(affa3.iter().map(|k| field(&r, k)));
+        f.push("yes".into());
+        f.extend(sent.iter().map(|k| field(&r, k)));
+        f.extend(freedup_fields(&r));
+    } else {
+        f.extend(["0"; 5].map(String::from));
+        f.push("no".into());
+        f.extend(["0"; 3].map(String::from));
+        f.extend(["", "", "", "", ""].map(String::from));
+    }
+    f.push(job.name.clone());
+    f.push(r.num("ChunkLogicalSize").unwrap_or(0).to_string());
+    f.push(r.num("ChunkPoolBytesAdded").unwrap_or(0).to_string());
+    f.push(field(&r, "DedupRatio"));
+    f.join(";") + "\n"
+}
+
+/// Affa 3's `sizeUnit`: 1.2M, 312k, 12G, "  5" (bytes).
+pub fn size_unit(bytes: u64) -> String {
+    let b = bytes as f64;
+    let (v, unit) = [(4, "T"), (3, "G"), (2, "M"), (1, "k")]
+        .iter()
+        .find(|(p, _)| b > 1024f64.powi(*p))
+        .map(|(p, u)| (b / 1024f64.powi(*p), *u))
+        .unwrap_or((b, ""));
+    let short = format!("{v:.1}");
+    if !unit.is_empty() && short.len() <= 3 {
+        format!("{short}{unit}")
+    } else {
+        format!("{v:3.0}{unit}")
+    }
+}
+
+/// Affa 3's `countUnit`: 9999, 12k, 10M.
+pub fn count_unit(n: u64) -> String {
+    for (lim, div, unit) in [(9999e9, 1e12, "T"), (9999e6, 1e9, "G"), (9999e3, 1e6, "M"), (9999e0, 1e3, "k")] {
+        if n as f64 > lim {
+            return format!("{}{unit}", ((n as f64 + 0.5 * div) / div) as u64);
+        }
+    }
+    n.to_string()
+}
+
+/// Affa 3's `timeUnit`: ` 0m00s`, ` 1h05m`, `2d03h`.
+pub fn time_unit(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    if d > 0 {
+        format!("{d}d{h:02}h")
+    } else if h > 0 {
+        format!("{h:2}h{m:02}m")
+    } else {
+        format!("{m:2}m{s:02}s")
+    }
+}
+
+/// `--list-archives JOB` as Affa 3 draws it: a box with the job, description, directory,
+/// host, USB disk and mail recipients, then one row per archive (level groups between rules,
+/// `*` for an index beyond the Keep value): completion date with weekday, run time, freedup's
+/// time and yield, files, size, sent, received; chunked jobs get affa's Logical, Added and
+/// Dedup columns at the end.
+fn archives_text(job: &Job, all: &[archive::Archive], k: Keeps) -> String {
+    let chunked = all.iter().any(|a| a.report.as_ref().is_some_and(|r| r.get("ChunkLogicalSize").is_some()));
+    let width = if chunked { 114 + 28 } else { 114 };
+    let rule = format!("+{}+\n", "-".repeat(width - 2));
+    let line = |t: String| format!("| {t:<w$} |\n", w = width - 4);
+    let mut out = rule.clone();
+    out.push_str(&line(format!("Job: {}", job.name)));
+    if !job.get("Description").is_empty() {
+        out.push_str(&line(format!("Description: {}", job.get("Description"))));
+    }
+    out.push_str(&line(format!("Directory: {}/", job.job_dir().display())));
+    let vm = if job.esxi() { format!(" (ESXi VM {})", job.get("ESXiVMName")) } else { String::new() };
+    out.push_str(&line(format!("Hostname: {}{vm}", job.get("remoteHostName"))));
+    if !job.get("AutomountDevice").is_empty() {
+        out.push_str(&line(format!("AutomountDevice: {}", job.get("AutomountDevice"))));
+        out.push_str(&line(format!("AutomountPoint: {}", job.get("AutomountPoint"))));
+        out.push_str(&line(format!("AutoUnmount: {}", job.get("AutoUnmount"))));
+    }
+    for (i, e) in job.get_all("EmailAddress").iter().enumerate() {
+        out.push_str(&line(format!("{:>6} {}", if i == 0 { "Email:" } else { "" }, e.trim())));
+    }
+    if all.is_empty() {
+        out.push_str(&rule);
+        return out;
+    }
+    if all.iter().any(|a| a.index >= k.of(a.level)) {
+        out.push_str(&line("Archives with an index greater than the Keep value are tagged with '*'".into()));
+    }
+    let extra =
+        |l: &str, a: &str, d: &str| if chunked { format!(" {l:>7} | {a:>7} | {d:>6} |") } else { String::new() };
+    out.push_str(&rule);
+    out.push_str(&format!(
+        "| {:<5} | {:<41} | {:>9} | {:>6} | {:>5} | {:>5} | {:>5} | {:>5} | {:>5} |{}\n",
+        "Run",
+        "Completion date",
+        "buTime",
+        "ddTime",
+        "ddYld",
+        "Files",
+        "Size",
+        "Sent",
+        "Recvd",
+        extra("Logical", "Added", "Dedup")
+    ));
+    let mut last = None;
+    for a in all.iter().rev() {
+        if last != Some(a.level) {
+            out.push_str(&rule);
+            last = Some(a.level);
+        }
+        let r = a.report.clone().unwrap_or_default();
+        let valid = a.valid();
+        let num = |key: &str| if valid { r.num(key) } else { None };
+        let dash = || "-".to_string();
+        let idx = format!("{}{}{:2}", if a.index >= k.of(a.level) { "*" } else { " " }, a.level.letter(), a.index);
+        let date = r
+            .date()
+            .filter(|_| valid)
+            .and_then(|d| chrono::NaiveDateTime::parse_from_str(d, "%Y%m%d%H%M").ok())
+            .map(|t| t.format("%a %Y-%m-%d %H:%M").to_string())
+            .unwrap_or_else(|| "Incomplete!".into());
+        let (dd_time, dd_yield) = match (num("DedupExectime"), num("DedupSavedBytes")) {
+            (Some(t), Some(b)) => (time_unit(t), size_unit(b)),
+            _ => (dash(), dash()),
+        };
+        let human_or_dash = |key: &str| num(key).map(human).unwrap_or_else(dash);
+        out.push_str(&format!(
+            "|{:<5} | {:<42} | {:>9} | {:>6} | {:>5} | {:>5} | {:>5} | {:>5} | {:>5} |{}\n",
+            idx,
+            date,
+            num("ExecutionTime").map(time_unit).unwrap_or_else(dash),
+            dd_time,
+            dd_yield,
+            num("NumberOfFiles").filter(|n| *n > 0).map(count_unit).unwrap_or_else(dash),
+            num("TotalFileSize").filter(|n| *n > 0).map(size_unit).unwrap_or_else(dash),
+            num("TotalBytesSent").map(size_unit).unwrap_or_else(dash),
+            num("TotalBytesReceived").map(size_unit).unwrap_or_else(dash),
+            extra(
+                &human_or_dash("ChunkLogicalSize"),
+                &human_or_dash("ChunkPoolBytesAdded"),
+                if valid { r.get("DedupRatio").unwrap_or("-") } else { "-" }
+            )
+        ));
+    }
+    out.push_str(&rule);
+    out
 }
 
 /// Affa 3's process state of a job that is not cleanly idle: `running rsync` (it holds its lock

@@ -335,6 +335,10 @@ fn dispatch(cli: &Cli, ui: &std::sync::Arc<render::Terminal>) -> Result<u8> {
     if cli.show_property {
         need(a, 1, "--show-property KEY")?;
         print(config::describe_key(&a[0])? + "\n");
+        // Then each job's value (Affa 3), when there is a configuration to read.
+        if let Ok(cfg) = Config::load(&config::config_dir(cli.config_dir.as_deref())) {
+            print(format!("\n{}", config::property_values(&cfg, &a[0])?));
+        }
         return Ok(0);
     }
     if cli.shorthelp {

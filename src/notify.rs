@@ -347,7 +347,11 @@ pub fn mailtest(cfg: &Config, job: &str) -> Result<String> {
         recipients(j).join(", ")
     );
     let how = send(cfg, &recipients(j), &subject, &body)?;
-    Ok(format!("test mail for job {job} sent {how}"))
+    let mut out = format!("test mail for job {job} sent {how}");
+    if let Some(w) = crate::sme::watchdog_mailtest(cfg, j)? {
+        out.push_str(&format!("\n{w}"));
+    }
+    Ok(out)
 }
 
 /// The status report: `--status --all`, `--disk-usage` and `--list-archives` of every job.

@@ -356,21 +356,25 @@ fn transfer_files(
 /// Write `.JOB-setup.ini` and the report (last: it is what makes the archive valid).
 pub fn finish_report(ctx: &Ctx, running: &Path, report: &mut Report) -> Result<()> {
     let now = ctx.clock.now();
+    // Affa 3's keys in Affa 3's order (Date, ExecutionTime, rsync's statistics, the RootDir
+    // figures, ExitStatus, Dedup), then affa's own.
+    let affa_own = |k: &str| ["Chunk", "ESXi", "DedupRatio", "Warning"].iter().any(|p| k.starts_with(p));
     let mut r = Report::default();
     r.set("Date", now.format("%Y%m%d%H%M").to_string());
     r.set("ExecutionTime", ctx.started.elapsed().as_secs());
-    for (k, v) in &report.values {
+    for (k, v) in report.values.iter().filter(|(k, _)| k != "ExitStatus" && !affa_own(k)) {
         r.set(k, v);
-    }
-    if r.get("ExitStatus").is_none() {
-        r.set("ExitStatus", 0);
     }
     if let Some((used, avail)) = rsync::df(&ctx.job.root_dir()) {
         r.set("RootDirFilesystemUsed", used);
         r.set("RootDirFilesystemAvail", avail);
         r.set("RootDirFilesystemUsage", format!("{:.1}", used as f64 * 100.0 / (used + avail).max(1) as f64));
     }
+    r.set("ExitStatus", report.get("ExitStatus").unwrap_or("0"));
     r.set("Dedup", "no");
+    for (k, v) in report.values.iter().filter(|(k, _)| affa_own(k)) {
+        r.set(k, v);
+    }
     r.set("AffaVersion", env!("CARGO_PKG_VERSION"));
     let mut setup = format!("; Created on {}\n{}", now.format("%a %b %e %H:%M:%S %Y"), ctx.job.to_ini());
     for s in ctx.extra_sources.borrow().iter() {

@@ -328,3 +328,23 @@ fn install_watchdog(ctx: &Ctx) -> Result<()> {
     );
     remote_script(ctx, &t, "watchdog", installer.as_bytes()).map(|_| ())
 }
+
+/// `--mailtest JOB` of a job with the watchdog (Affa 3): the host sends a test mail the way its
+/// watchdog would, so a host that cannot mail is found before it matters. None without watchdog.
+pub fn watchdog_mailtest(cfg: &crate::config::Config, job: &crate::config::Job) -> Result<Option<String>> {
+    if !(job.flag("SMEServer") && job.flag("Watchdog")) || job.get("remoteHostName") == "localhost" {
+        return Ok(None);
+    }
+    let t = crate::transport::SshTarget::from_job(job, cfg);
+    let to = crate::notify::recipients(job).join(", ");
+    let mail = format!(
+        "To: {to}\nSubject: affa watchdog test mail from {host} for job {j}\n\n\
+         The affa watchdog of job {j} (backup server {backup}) can send mail from {host}.\n",
+        host = job.get("remoteHostName"),
+        j = job.name,
+        backup = crate::notify::hostname()
+    );
+    let cmd = format!("PATH=$PATH:/usr/sbin:/usr/lib:/sbin; printf '%s' {} | sendmail -t -i", shell_quote(&mail));
+    t.run_ok(&cmd, "the watchdog test mail")?;
+    Ok(Some(format!("watchdog test mail of job {} sent by {} to {to}", job.name, job.get("remoteHostName"))))
+}

@@ -805,3 +805,218 @@ fn a_host_with_an_rsync_daemon_is_pulled_without_ssh() {
     a.write_conf("win.conf", &job("Rs-s3cret", "preJobCommandRemote=x.sh\n"));
     assert!(fail(&a.affa(&["--run", "win"])).contains("rsyncdMode=yes with pre/postJobCommandRemote, which needs ssh"));
 }
+
+/// Removes `/home/e-smith` at the end if the test created it (SME's path of the package list).
+struct SmeDbDir(bool);
+
+impl Drop for SmeDbDir {
+    fn drop(&mut self) {
+        if self.0 {
+            let _ = fs::remove_dir_all("/home/e-smith");
+        }
+    }
+}
+
+#[test]
+fn sme_watchdog_and_package_check() {
+    if Path::new("/home/e-smith").exists() {
+        eprintln!("skipped: /home/e-smith exists on this machine (an SME Server?)");
+        return;
+    }
+    let _cleanup = SmeDbDir(true);
+    let bin = tempfile::Builder::new().prefix("affa-sme-bin").tempdir().unwrap();
+    let src = source();
+    signal_event(bin.path(), &src.path().join("data/dump"));
+    // The host's rpm, sendmail and (for the watchdog) date.
+    executable(&bin.path().join("rpm"), "#!/bin/sh\nprintf 'bash 5.2-1\\nfoo 1.0-1\\nzlib 1.3-2\\n'\n");
+    executable(&bin.path().join("sendmail"), &format!("#!/bin/sh\ncat >> {}/mails\n", bin.path().display()));
+    executable(
+        &bin.path().join("date"),
+        "#!/bin/sh\ncase \"$1\" in\n  +%H) echo \"$FAKE_HOUR\" ;;\n  *) echo \"$FAKE_NOW\" ;;\nesac\n",
+    );
+    let mut sshd = Sshd::start_with(&format!("SetEnv PATH={}:/usr/local/bin:/usr/bin:/bin\n", bin.path().display()));
+    let a = Affa::new();
+    let wd = a.tmp.path().join("cron.hourly");
+    global(&a, &format!("watchdogDir={}\nEmailAddress=admin@example.com\n", wd.display()));
+    a.write_conf(
+        "sme.conf",
+        &a.ssh_job(
+            "sme",
+            &sshd,
+            &format!(
+                "SMEServer=yes\nWatchdog=yes\nRPMCheck=yes\nInclude={}/data\nExclude=/root\nTimeSchedule=2230\n",
+                src.path().display()
+            ),
+        ),
+    );
+    ok(&a.send_key(&mut sshd, "sme"));
+    // This server's own package list: bash of another version, no foo.
+    let here = tempfile::Builder::new().prefix("affa-here-bin").tempdir().unwrap();
+    executable(&here.path().join("rpm"), "#!/bin/sh\nprintf 'bash 5.1-9\\nzlib 1.3-2\\n'\n");
+    let run = |now: &str| {
+        a.cmd()
+            .env("PATH", format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", here.path().display()))
+            .env("AFFA_FAKE_NOW", now)
+            .args(["--run", "sme"])
+            .output()
+            .unwrap()
+    };
+    ok(&run("2026-03-02T10:00:00"));
+
+    // The package list of the host is in the archive; the differences are in rpms-missing.txt
+    // and mailed once.
+    let s0 = a.job_dir("sme").join("scheduled.0");
+    assert_eq!(
+        fs::read_to_string(s0.join("home/e-smith/db/affa-rpmlist")).unwrap(),
+        "bash 5.2-1\nfoo 1.0-1\nzlib 1.3-2\n"
+    );
+    let missing = fs::read_to_string(a.job_dir("sme").join("rpms-missing.txt")).unwrap();
+    assert!(missing.contains("but they are missing on this backup host:\n* \nfoo-1.0-1\n"), "{missing}");
+    assert!(missing.contains("but the version does not match:\n* \nbash-5.2-1\n"), "{missing}");
+    assert!(!missing.contains("zlib"), "{missing}");
+    let m = mails(&a);
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert!(
+        m[0].1.contains("packages of 127.0.0.1 missing on the backup server") && m[0].1.contains("foo-1.0-1"),
+        "{}",
+        m[0].1
+    );
+    ok(&run("2026-03-03T10:00:00"));
+    assert_eq!(mails(&a).len(), 1, "the same differences are mailed once");
+
+    // The watchdog on the host: named after the job and the backup server's address as the
+    // host sees it; trigger = the next scheduled run (22:30) + 10 minutes.
+    let script = wd.join("affa-watchdog-sme-127.0.0.1");
+    let text = fs::read_to_string(&script).unwrap();
+    assert!(text.contains("\nTRIGGER=202603032240\n"), "{text}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(fs::metadata(&script).unwrap().permissions().mode() & 0o777, 0o700);
+    let hourly = |path: &Path, now: &str, hour: &str| {
+        let st = std::process::Command::new(path)
+            .env("PATH", format!("{}:/usr/bin:/bin", bin.path().display()))
+            .env("FAKE_NOW", now)
+            .env("FAKE_HOUR", hour)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    let host_mails = || fs::read_to_string(bin.path().join("mails")).unwrap_or_default();
+    // Before the trigger: silent.
+    hourly(&script, "202603032200", "22");
+    assert_eq!(host_mails(), "");
+    // Past it (no run replaced the script): one mail, then it becomes the reminder.
+    hourly(&script, "202603032300", "23");
+    let hm = host_mails();
+    assert!(hm.contains("To: admin@example.com\nSubject: Error: Scheduled affa job 'sme' did not run on "), "{hm}");
+    assert!(!script.exists());
+    let reminder = wd.join("affa-watchdog-sme-127.0.0.1-reminder");
+    assert!(reminder.exists());
+    // The reminder speaks daily at the trigger's hour only.
+    hourly(&reminder, "202603040100", "01");
+    assert_eq!(host_mails(), hm);
+    hourly(&reminder, "202603042240", "22");
+    assert!(
+        host_mails().len() > hm.len() && host_mails().contains("Subject: Error: (Reminder) Scheduled affa job 'sme'")
+    );
+    // --mailtest: the host mails too, as its watchdog would.
+    let before = host_mails();
+    let out = ok(&a.affa(&["--mailtest", "sme"]));
+    assert!(out.contains("watchdog test mail of job sme sent by 127.0.0.1 to admin@example.com"), "{out}");
+    assert!(host_mails()[before.len()..].contains("Subject: affa watchdog test mail from 127.0.0.1 for job sme"));
+    // The next run removes the reminder and installs a new watchdog.
+    ok(&run("2026-03-04T23:00:00"));
+    assert!(!reminder.exists());
+    assert!(fs::read_to_string(&script).unwrap().contains("\nTRIGGER=202603052240\n"));
+}
+
+// ---------------------------------------------------------------- 7. out of scope, said clearly
+
+#[test]
+fn rise_and_undo_rise_are_refused_pointing_to_full_restore() {
+    let a = Affa::new();
+    for opt in ["--rise", "--undo-rise"] {
+        let e = fail(&a.affa(&[opt, "web"]));
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(
+            e.starts_with(&format!("affa: error: {opt} is not supported:")) && e.contains("affa --full-restore JOB"),
+            "{e}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------- 8. Affa 3's looks
+
+#[test]
+fn list_archives_show_property_and_report_look_like_affa3() {
+    let a = Affa::new();
+    global(&a, "");
+    let src = source();
+    a.write_conf(
+        "jobs.conf",
+        &[
+            local_job("web", src.path(), "Description=web server\nEmailAddress=root\nEmailAddress=admin@example.com\ndailyKeep=1\nTimeSchedule=0215\nTimeSchedule=1400\n"),
+            local_job("db", src.path(), "status=disabled\n"),
+        ]
+        .concat(),
+    );
+    ok(&a.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
+    ok(&a.affa_at("2026-03-03T10:00:00", &["--run", "web"]));
+    fs::create_dir_all(a.job_dir("web").join("daily.4")).unwrap();
+    let l = ok(&a.affa(&["--list-archives", "web"]));
+    let lines: Vec<&str> = l.lines().collect();
+    let rule = format!("+{}+", "-".repeat(112));
+    let boxed = |t: &str| format!("| {t:<110} |");
+    assert_eq!(lines[0], format!("affa {} on {}", env!("CARGO_PKG_VERSION"), affa::notify::hostname()));
+    assert_eq!(lines[1], rule);
+    assert_eq!(lines[2], boxed("Job: web"));
+    assert_eq!(lines[3], boxed("Description: web server"));
+    assert_eq!(lines[4], boxed(&format!("Directory: {}/", a.job_dir("web").display())));
+    assert_eq!(lines[5], boxed("Hostname: localhost"));
+    assert_eq!(lines[6], boxed("Email: root"));
+    assert_eq!(lines[7], boxed("       admin@example.com"));
+    assert_eq!(lines[8], boxed("Archives with an index greater than the Keep value are tagged with '*'"));
+    assert_eq!(lines[9], rule);
+    assert_eq!(lines[10], "| Run   | Completion date                           |    buTime | ddTime | ddYld | Files |  Size |  Sent | Recvd |");
+    assert_eq!(lines[11], rule);
+    assert!(lines[12].starts_with("|*D 4  | Incomplete!                                |         - |      - |     - |     - |     - |     - |     - |"), "{l}");
+    assert!(
+        lines[13].starts_with("| D 0  | Mon 2026-03-02 10:00                       |     0m00s |      - |     - |"),
+        "{l}"
+    );
+    assert_eq!(lines[14], rule);
+    assert!(lines[15].starts_with("| S 0  | Tue 2026-03-03 10:00                       |     0m00s |"), "{l}");
+    assert_eq!(lines[16], rule);
+    assert!(lines.iter().all(|l| l.chars().count() == 114 || l.starts_with("affa ")), "{l}");
+
+    // --show-property: the key, then each job's value (multi-valued on one line).
+    let p = ok(&a.affa(&["--show-property", "timeschedule"]));
+    assert!(
+        p.contains("\nValues of property TimeSchedule\ndb               : 2230\nweb              : 0215 1400\n"),
+        "{p}"
+    );
+    let p = ok(&a.affa(&["--show-property", "EmailAddress"]));
+    assert!(
+        p.ends_with("db               : root\nweb              : root\nweb              : admin@example.com\n"),
+        "{p}"
+    );
+
+    // .AFFA3-REPORT: Affa 3's keys in Affa 3's order, affa's own after them.
+    let r = fs::read_to_string(a.job_dir("web").join("scheduled.0/.AFFA3-REPORT")).unwrap();
+    let keys: Vec<&str> = r.lines().skip(1).map(|l| l.split('=').next().unwrap()).collect();
+    assert_eq!(&keys[..2], ["Date", "ExecutionTime"], "{r}");
+    let tail = [
+        "RootDirFilesystemUsed",
+        "RootDirFilesystemAvail",
+        "RootDirFilesystemUsage",
+        "ExitStatus",
+        "Dedup",
+        "AffaVersion",
+    ];
+    assert_eq!(&keys[keys.len() - 6..], tail, "{r}");
+    assert!(
+        keys[2..keys.len() - 6]
+            .iter()
+            .all(|k| ["NumberOf", "Total", "Literal", "Matched"].iter().any(|p| k.starts_with(p))),
+        "{r}"
+    );
+}

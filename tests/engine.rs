@@ -101,8 +101,9 @@ fn backups_link_unchanged_files_and_drop_deleted_ones() {
     assert_eq!(tree_hashes(&s.affa.job_dir("web").join("scheduled.1")), first);
 
     let list = ok(&s.affa.affa(&["--list-archives", "web"]));
-    assert!(list.contains(" S 0   2026-03-02 14:00"), "{list}");
-    assert!(list.contains(" S 1   2026-03-02 10:00"), "{list}");
+    // Affa 3's layout (issue 15): the weekday before the date.
+    assert!(list.contains("| S 0  | Mon 2026-03-02 14:00"), "{list}");
+    assert!(list.contains("| S 1  | Mon 2026-03-02 10:00"), "{list}");
     let csv = ok(&s.affa.affa(&["--list", "--csv"]));
     // Affa 3's columns first (index as 5 digits), the job after them (issue 15).
     assert!(csv.lines().nth(1).unwrap().starts_with("scheduled;00001;202603021000;"), "{csv}");

@@ -423,7 +423,13 @@ fn sendmail_path_success_mails_count_down_and_status_mail() {
     let m = msg(3);
     assert_eq!(args(3), format!("-i\n-f\naffa@{host}\n--\nstatus@example.com\n"));
     assert!(m.contains(&format!("Subject: affa: status of {host}")), "{m}");
-    assert!(m.contains("Disk usage:") && m.contains("Archives:") && m.contains("Job web (localhost)"), "{m}");
+    assert!(
+        m.contains("Disk usage:")
+            && m.contains("Archives:")
+            && m.contains("| Job: web ")
+            && m.contains("| Hostname: localhost "),
+        "{m}"
+    );
 
     // A sendmail that fails does not fail the run; the log says why.
     fs::write(&sm, "#!/bin/sh\necho 'mail system down' >&2\nexit 75\n").unwrap();

@@ -597,12 +597,56 @@ pub fn default_config_text() -> String {
     s
 }
 
+/// The key `--show-property NAME` means: the key of that name (any case), else the one key
+/// whose name starts with it (Affa 3's prefix match).
+pub fn property(name: &str) -> Result<&'static keys::KeyDef> {
+    if let Some(d) = keys::lookup(name) {
+        return Ok(d);
+    }
+    let lower = name.to_ascii_lowercase();
+    let found: Vec<&keys::KeyDef> =
+        KEYS.iter().filter(|d| !name.is_empty() && d.name.to_ascii_lowercase().starts_with(&lower)).collect();
+    match found.as_slice() {
+        [d] => Ok(d),
+        [] => {
+            let hint = keys::closest(name).map(|c| format!(" (did you mean '{c}'?)")).unwrap_or_default();
+            bail!("unknown key '{name}'{hint}");
+        }
+        many => bail!("'{name}' is ambiguous: {}", many.iter().map(|d| d.name).collect::<Vec<_>>().join(" ")),
+    }
+}
+
+/// Affa 3's `--show-property` listing: "Values of property KEY", then `JOB: value` per job
+/// (the name column 17 wide; TimeSchedule and SambaValidUser on one line, the other
+/// multi-valued keys one line per value).
+pub fn property_values(cfg: &Config, name: &str) -> Result<String> {
+    let d = property(name)?;
+    let mut out = format!("Values of property {}\n", d.name);
+    for job in cfg.all_jobs() {
+        let jn = if job.name.len() > 17 { format!("{}..", &job.name[..15]) } else { job.name.clone() };
+        let mut values: Vec<String> = match d.scope {
+            Scope::Global => vec![cfg.global.get(d.name).to_string()],
+            Scope::Job => job.get_all(d.name).to_vec(),
+        };
+        if !d.multi {
+            out.push_str(&format!("{jn:<17}: {}\n", values.first().map(String::as_str).unwrap_or("")));
+        } else if matches!(d.name, "TimeSchedule" | "SambaValidUser") {
+            values.sort();
+            if !values.is_empty() {
+                out.push_str(&format!("{jn:<17}: {}\n", values.join(" ")));
+            }
+        } else {
+            for v in values {
+                out.push_str(&format!("{jn:<17}: {v}\n"));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// One key's description, for `--show-property KEY`.
 pub fn describe_key(name: &str) -> Result<String> {
-    let Some(d) = keys::lookup(name) else {
-        let hint = keys::closest(name).map(|c| format!(" (did you mean '{c}'?)")).unwrap_or_default();
-        bail!("unknown key '{name}'{hint}");
-    };
+    let d = property(name)?;
     Ok(format!(
         "{}: {}\n  values: {}\n  default: {}\n  {}{}",
         d.name,
