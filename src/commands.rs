@@ -29,34 +29,7 @@ pub fn select<'a>(cfg: &'a Config, names: &[String]) -> Result<Vec<&'a Job>> {
     names.iter().map(|n| cfg.job(n)).collect()
 }
 
-/// 1234567 -> "1.2M"
-pub fn human(bytes: u64) -> String {
-    let units = ["B", "K", "M", "G", "T", "P"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < units.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes}B")
-    } else {
-        format!("{v:.1}{}", units[u])
-    }
-}
-
-pub fn hms(secs: u64) -> String {
-    format!("{}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
-}
-
-/// `YYYYmmddHHMM` -> `YYYY-mm-dd HH:MM`.
-pub fn show_date(d: &str) -> String {
-    if d.len() == 12 {
-        format!("{}-{}-{} {}:{}", &d[0..4], &d[4..6], &d[6..8], &d[8..10], &d[10..12])
-    } else {
-        "-".into()
-    }
-}
+pub use affa_core::fmt::{hms, human, show_date};
 
 /// `--list-archives --csv`: Affa 3's 16 columns in its order and format (the level, the index
 /// as 5 digits, the report's values as written, `valid` yes/no, an incomplete archive's values

@@ -4,23 +4,20 @@
 //! The library holds all logic; `main.rs` only parses the command line and dispatches.
 
 #[macro_use]
-pub mod error;
-pub mod archive;
+extern crate affa_core;
+
+pub use affa_core::{bail, clock, error, fmt, fsutil, interrupt, untrusted};
+pub use affa_store::{archive, chunk, report, vmrecord};
 pub mod automount;
-pub mod chunk;
-pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod esxi;
-pub mod fsutil;
 pub mod install;
-pub mod interrupt;
 pub mod joblog;
 pub mod lock;
 pub mod monitor;
 pub mod notify;
 pub mod observer;
-pub mod report;
 pub mod restore;
 pub mod run;
 pub mod samba;
@@ -28,6 +25,5 @@ pub mod schedule;
 pub mod sme;
 pub mod staging;
 pub mod transport;
-pub mod untrusted;
 
 pub use error::{Error, Result};

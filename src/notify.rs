@@ -24,21 +24,7 @@ use crate::clock::Clock;
 use crate::config::{Config, Job};
 use crate::error::{Error, IoContext, Result};
 
-/// This machine's host name (the backup server).
-pub fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
-    if rc != 0 {
-        return "localhost".into();
-    }
-    let n = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    let h = String::from_utf8_lossy(&buf[..n]).trim().to_string();
-    if h.is_empty() {
-        "localhost".into()
-    } else {
-        h
-    }
-}
+pub use affa_core::hostname;
 
 /// The recipients of a job's mails: every `EmailAddress` value, each split on commas and
 /// white space (Affa 3 also accepted a comma-separated list), duplicates dropped.

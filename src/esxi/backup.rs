@@ -28,7 +28,7 @@ use crate::transport::{shell_quote, SshTarget};
 use crate::untrusted::{SafeName, SafeRelPath};
 
 /// The per-archive description of the VM, read by restore.
-pub const ESXI_INI: &str = ".affa-esxi.ini";
+pub use crate::vmrecord::ESXI_INI;
 
 /// Connection settings of a job's ESXi host.
 pub fn connect_options(job: &Job) -> ConnectOptions {

@@ -24,39 +24,11 @@ use super::{
 use crate::chunk::{self, MANIFEST_SUFFIX};
 use crate::config::Job;
 use crate::error::{Error, IoContext, Result};
-use crate::esxi::backup::{connect_options, ESXI_INI};
+use crate::esxi::backup::connect_options;
+use crate::vmrecord::{Ini, ESXI_INI};
 use crate::esxi::{self, Client, ConnectOptions, Password, PowerState};
 use crate::transport::{rsync, shell_quote, SshTarget};
 use crate::untrusted::{SafeName, SafeRelPath};
-
-/// `.affa-esxi.ini`, as sections of key/values (read back from an archive: untrusted input).
-pub struct Ini {
-    pub sections: Vec<(String, BTreeMap<String, String>)>,
-}
-
-impl Ini {
-    pub fn parse(text: &str) -> Ini {
-        let mut sections: Vec<(String, BTreeMap<String, String>)> = Vec::new();
-        for l in text.lines() {
-            let l = l.trim();
-            if l.is_empty() || l.starts_with(';') || l.starts_with('#') {
-                continue;
-            }
-            if let Some(n) = l.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
-                sections.push((n.to_string(), BTreeMap::new()));
-            } else if let (Some((k, v)), Some(s)) = (l.split_once('='), sections.last_mut()) {
-                s.1.insert(k.trim().to_string(), v.trim().to_string());
-            }
-        }
-        Ini { sections }
-    }
-    pub fn get(&self, sec: &str, key: &str) -> Option<&str> {
-        self.sections.iter().find(|(n, _)| n == sec).and_then(|(_, m)| m.get(key)).map(|s| s.as_str())
-    }
-    pub fn all(&self, prefix: &str) -> Vec<&BTreeMap<String, String>> {
-        self.sections.iter().filter(|(n, _)| n.starts_with(prefix)).map(|(_, m)| m).collect()
-    }
-}
 
 /// The target host: API client, ssh endpoint, and the job whose rsync settings apply.
 struct Target<'a> {

@@ -12,7 +12,7 @@ mod esxi;
 mod host;
 mod vmrefs;
 
-pub use esxi::Ini as EsxiIni;
+pub use crate::vmrecord::Ini as EsxiIni;
 
 use std::fs;
 use std::io::{Read, Write};

@@ -327,11 +327,7 @@ pub fn ensure_key(ssh_dir: &Path) -> Result<String> {
     Ok(line.trim().to_string())
 }
 
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into())
-}
+pub use affa_core::hostname;
 
 /// `--send-key`: install our public key once in the remote authorized-keys file and record the
 /// host key. The first contact accepts a new host key (and may ask for a password); a host key

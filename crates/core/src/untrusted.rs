@@ -265,14 +265,13 @@ fn escape_except<'a>(s: &'a str, keep: &[char]) -> Cow<'a, str> {
     Cow::Owned(out)
 }
 
-/// A host's value for an INI file affa writes (`.affa-esxi.ini`): refused when it holds a
+/// A host's value for an INI file affa writes (the VM record, `.affa-esxi.ini`): refused when it holds a
 /// control character (a newline would inject keys or sections).
 pub fn ini_value<'a>(what: &str, v: &'a str) -> Result<&'a str> {
     if v.chars().any(char::is_control) {
         crate::bail!(
-            "refusing {what} \"{}\" sent by the host: it contains a control character (a newline would add lines to {})",
-            shown(v),
-            crate::esxi::backup::ESXI_INI
+            "refusing {what} \"{}\" sent by the host: it contains a control character (a newline would add lines to the VM record)",
+            shown(v)
         );
     }
     Ok(v)

@@ -36,7 +36,7 @@ pub fn reserved_names(job: &str) -> Vec<String> {
     vec![
         crate::report::REPORT_FILE.to_string(),
         format!(".{job}-setup.ini"),
-        crate::esxi::backup::ESXI_INI.to_string(),
+        crate::vmrecord::ESXI_INI.to_string(),
         crate::chunk::ARCHIVE_CHUNK_DIR.to_string(),
         crate::chunk::INDEX_FILE.to_string(),
     ]
