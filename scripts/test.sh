@@ -33,7 +33,7 @@ fi
 
 # Every test, with the test-only hooks (the fault tests' AFFA_TEST_CRASH_AT needs them; the
 # faults target is not built without them).
-cargo test --release --all-targets --features test-hooks "$@"
+cargo test --release --workspace --all-targets --features affa/test-hooks "$@"
 # The build users install (`cargo build --release`, no test-hooks) has no crash hook: this unit
 # test sets AFFA_TEST_CRASH_AT and reaches a crash point; it only exists without the feature.
-cargo test --release --lib -- interrupt::tests::
+cargo test --release -p affa-core --lib -- interrupt::tests::

@@ -108,7 +108,7 @@ pub fn mount<'a>(job: &Job, log: Option<&'a JobLog>) -> Result<Option<Mounted<'a
             other.display()
         );
     }
-    crate::run::create_private_dir(&point)?;
+    crate::fsutil::create_private_dir(&point)?;
     if let Some(l) = log {
         l.info(format!("Mounting {dev} to {}", point.display()));
     }

@@ -13,6 +13,7 @@ use crate::clock::Clock;
 use crate::config::{edit, Config, Job};
 use crate::error::{IoContext, Result};
 use crate::lock;
+use crate::notify;
 use crate::observer::{confirm, Watch};
 use crate::report::Report;
 use crate::transport::{self, rsync, SshTarget};
@@ -311,7 +312,7 @@ pub fn status(cfg: &Config, clock: &dyn Clock, csv: bool, all: bool) -> Result<S
     }
     let mut disabled = 0;
     for job in jobs {
-        let enabled = crate::schedule::effective_enabled(cfg, job);
+        let enabled = crate::cron::effective_enabled(cfg, job);
         let r = Report::read(&job.job_dir().join("scheduled.0"));
         let arch = archive::list(&job.job_dir())?;
         let count = |l: Level| arch.iter().filter(|a| a.level == l).count();
@@ -446,7 +447,7 @@ pub fn send_keys(cfg: &Config, names: &[String], out: &mut dyn Write, yes: bool,
             t.known_hosts.display()
         );
         if job.esxi() {
-            crate::esxi::backup::pin_thumbprint(cfg, job, out, yes, watch)?;
+            crate::backup::vm::pin_thumbprint(cfg, job, out, yes, watch)?;
         }
     }
     Ok(())
@@ -499,7 +500,7 @@ pub fn cleanup(cfg: &Config, name: &str, yes: bool, watch: &Watch) -> Result<Str
     let job = cfg.job(name)?;
     let extra = archive::beyond_keep(&job.job_dir(), keeps(job))?;
     if extra.is_empty() {
-        crate::staging::sweep_pool(&job.root_dir())?;
+        crate::maintenance::sweep_pool(&job.root_dir())?;
         return Ok(format!("job {name}: no archives beyond the Keep values"));
     }
     let names: Vec<String> = extra.iter().map(|a| a.name()).collect();
@@ -509,7 +510,7 @@ pub fn cleanup(cfg: &Config, name: &str, yes: bool, watch: &Watch) -> Result<Str
     for a in &extra {
         archive::remove_tree(&a.path)?;
     }
-    crate::staging::sweep_pool(&job.root_dir())?;
+    crate::maintenance::sweep_pool(&job.root_dir())?;
     Ok(format!("job {name}: deleted {}", names.join(", ")))
 }
 
@@ -540,7 +541,7 @@ pub fn delete_job(cfg: &Config, name: &str, yes: bool, revoke: bool, watch: &Wat
     archive::remove_tree(&dir)?;
     edit::remove_section(job)?;
     let _ = fs::remove_file(cfg.ssh_dir().join(format!("knownhosts-{name}")));
-    crate::staging::sweep_pool(&job.root_dir())?;
+    crate::maintenance::sweep_pool(&job.root_dir())?;
     Ok(format!("{out}job {name} deleted"))
 }
 
@@ -721,4 +722,43 @@ pub fn configcheck(cfg: &Config) -> (String, Vec<String>) {
         ));
     }
     (out, errors)
+}
+
+/// `--mailtest JOB`
+pub fn mailtest(cfg: &Config, job: &str) -> Result<String> {
+    let j = cfg.job(job)?;
+    let subject = format!("affa: test mail for job {} on {}", j.name, notify::job_host(j));
+    let body = format!(
+        "This is a test mail of affa on {} for the job {} ({}).\nMail goes out via {}.\nError mails of this job go to: {}\n",
+        notify::hostname(),
+        j.name,
+        notify::job_host(j),
+        notify::route(cfg),
+        notify::recipients(j).join(", ")
+    );
+    let how = notify::send(cfg, &notify::recipients(j), &subject, &body)?;
+    let mut out = format!("test mail for job {job} sent {how}");
+    if let Some(w) = crate::backup::sme::watchdog_mailtest(cfg, j)? {
+        out.push_str(&format!("\n{w}"));
+    }
+    Ok(out)
+}
+
+/// The status report: `--status --all`, `--disk-usage` and `--list-archives` of every job.
+pub fn status_text(cfg: &Config, clock: &dyn Clock) -> Result<String> {
+    let mut body = format!("affa status of {} at {}\n\n", notify::hostname(), clock.now().format("%Y-%m-%d %H:%M"));
+    body.push_str(&status(cfg, clock, false, true)?);
+    body.push_str("\nDisk usage:\n");
+    body.push_str(&disk_usage(cfg, false)?);
+    body.push_str("\nArchives:\n");
+    body.push_str(&list_archives(cfg, &[], false)?);
+    Ok(body)
+}
+
+/// `--send-status`: the status report to the EmailAddress of `[GlobalAffaConfig]` (default root).
+pub fn send_status(cfg: &Config, clock: &dyn Clock) -> Result<String> {
+    let body = status_text(cfg, clock)?;
+    let subject = format!("affa: status of {}", notify::hostname());
+    let how = notify::send(cfg, &notify::recipients(&cfg.global), &subject, &body)?;
+    Ok(format!("status mail sent {how}"))
 }

@@ -142,7 +142,7 @@ fn new_file(p: &Path, text: &str, mode: u32, done: &mut Vec<String>) -> Result<(
         done.push(format!("kept {}", p.display()));
         return Ok(());
     }
-    crate::schedule::write_file(p, text, mode)?;
+    crate::fsutil::write_file(p, text, mode)?;
     done.push(format!("wrote {}", p.display()));
     Ok(())
 }
@@ -185,10 +185,10 @@ pub fn install(opts: &InstallOptions) -> Result<String> {
     }
 
     let cron = under(&prefix, g.get("cronFile"));
-    crate::schedule::write_file(&cron, &crate::schedule::cron_text(&cfg, Path::new(DEFAULT_CONFIG_DIR)), 0o644)?;
+    crate::fsutil::write_file(&cron, &crate::cron::cron_text(&cfg, Path::new(DEFAULT_CONFIG_DIR)), 0o644)?;
     done.push(format!("wrote {}", cron.display()));
     let lr = under(&prefix, "/etc/logrotate.d/affa");
-    crate::schedule::write_file(&lr, &logrotate_text(g.get("logDir")), 0o644)?;
+    crate::fsutil::write_file(&lr, &logrotate_text(g.get("logDir")), 0o644)?;
     done.push(format!("wrote {}", lr.display()));
     done.push(format!(
         "next: edit a copy of {}/example-linux.conf, then affa --send-key JOB, affa --run JOB, affa --make-cronjobs",

@@ -8,22 +8,22 @@ extern crate affa_core;
 
 pub use affa_core::{bail, clock, error, fmt, fsutil, interrupt, untrusted};
 pub use affa_store::{archive, chunk, report, vmrecord};
+pub use affa_vsphere as esxi;
 pub mod automount;
+pub mod backup;
 pub mod commands;
 pub mod config;
-pub mod esxi;
+pub mod cron;
 pub mod install;
 pub mod joblog;
 pub mod lock;
+pub mod maintenance;
 pub mod monitor;
 pub mod notify;
 pub mod observer;
 pub mod restore;
-pub mod run;
 pub mod samba;
 pub mod schedule;
-pub mod sme;
-pub mod staging;
 pub mod transport;
 
 pub use error::{Error, Result};

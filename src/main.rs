@@ -377,7 +377,7 @@ fn dispatch(cli: &Cli, ui: &std::sync::Arc<render::Terminal>) -> Result<u8> {
             &cfg,
             &a[0],
             clock.as_ref(),
-            affa::run::RunOptions { level, watch: watch.clone() },
+            affa::backup::RunOptions { level, watch: watch.clone() },
             cli.silent,
         )?;
         ui.summary(&a[0], &s);
@@ -436,12 +436,16 @@ fn dispatch(cli: &Cli, ui: &std::sync::Arc<render::Terminal>) -> Result<u8> {
         print(commands::disk_usage(&cfg, cli.csv)?);
     } else if cli.unchunk {
         need(a, 2, "--unchunk JOB ARCHIVE [--to DIR]")?;
-        print(affa::staging::unchunk_command(&cfg, &a[0], &a[1], cli.to.as_deref(), &watch)?);
+        print(affa::maintenance::unchunk_command(&cfg, &a[0], &a[1], cli.to.as_deref(), &watch)?);
     } else if cli.verify {
         if a.is_empty() || a.len() > 2 {
             affa::bail!("usage: affa --verify JOB [ARCHIVE|--all]");
         }
-        print(affa::staging::verify_command(&cfg, &a[0], a.get(1).map(|s| s.as_str()), cli.all, &watch)?);
+        let v = affa::maintenance::verify_command(&cfg, &a[0], a.get(1).map(|s| s.as_str()), cli.all, &watch)?;
+        print(v.text);
+        if !v.damaged.is_empty() {
+            affa::bail!("verify of job {} found damage in: {}", a[0], v.damaged.join(", "));
+        }
     } else if cli.full_restore {
         if a.is_empty() || a.len() > 2 {
             affa::bail!("usage: affa --full-restore JOB [ARCHIVE] [--preserve-newer=yes|no] [--delete=yes|no] [--yes]");
@@ -465,19 +469,19 @@ fn dispatch(cli: &Cli, ui: &std::sync::Arc<render::Terminal>) -> Result<u8> {
         affa::restore::full_restore(&cfg, &a[0], &opts, &mut out)?;
     } else if cli.make_cronjobs {
         need(a, 0, "--make-cronjobs")?;
-        print(affa::schedule::make_cronjobs(&cfg)? + "\n");
+        print(affa::cron::make_cronjobs(&cfg)? + "\n");
     } else if cli.show_schedule {
         need(a, 0, "--show-schedule [--all]")?;
-        print(affa::schedule::show_schedule(&cfg, cli.all)?);
+        print(affa::cron::show_schedule(&cfg, cli.all)?);
     } else if cli.resume_interrupted {
         need(a, 0, "--resume-interrupted")?;
         print(affa::schedule::resume_interrupted(&cfg, clock.as_ref())? + "\n");
     } else if cli.mailtest {
         need(a, 1, "--mailtest JOB")?;
-        print(affa::notify::mailtest(&cfg, &a[0])? + "\n");
+        print(affa::commands::mailtest(&cfg, &a[0])? + "\n");
     } else if cli.send_status {
         need(a, 0, "--send-status")?;
-        print(affa::notify::send_status(&cfg, clock.as_ref())? + "\n");
+        print(affa::commands::send_status(&cfg, clock.as_ref())? + "\n");
     } else if cli.nrpe {
         let (line, code) = affa::monitor::nrpe(&cfg, a, clock.as_ref())?;
         print(line + "\n");
@@ -497,7 +501,7 @@ fn dispatch(cli: &Cli, ui: &std::sync::Arc<render::Terminal>) -> Result<u8> {
         // Internal, every 15 minutes from cron: silent unless it fails (Affa 3's shipped cron
         // line has no --silent).
         need(a, 0, "--_cronupdate")?;
-        affa::schedule::cron_update(&cfg)?;
+        affa::cron::cron_update(&cfg)?;
     } else if cli.jobs {
         print(commands::job_names(&cfg));
     } else if cli.show_config_pathes {

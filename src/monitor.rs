@@ -15,9 +15,9 @@ use chrono::{NaiveDateTime, TimeZone};
 use crate::archive::{self, Level};
 use crate::clock::Clock;
 use crate::config::{Config, Job};
+use crate::cron::effective_enabled;
 use crate::error::Result;
 use crate::report::Report;
-use crate::schedule::effective_enabled;
 use crate::transport::rsync;
 
 /// What monitoring needs to know about one job.
@@ -173,7 +173,7 @@ fn nrpe_cfg(cfg: &Config) -> Option<PathBuf> {
 /// The NRPE command file: Affa 3's commands (`sudo` as in Affa 3: NRPE runs as its own user
 /// and the archives are root's; see docs/OPERATIONS.md for the sudoers line).
 pub fn nrpe_config_text(cfg: &Config) -> String {
-    let affa = crate::schedule::affa_command(cfg, &crate::schedule::absolute(&cfg.dir));
+    let affa = crate::cron::affa_command(cfg, &crate::cron::absolute(&cfg.dir));
     let mut s = String::from("# written by affa --init-nrpe (and --_jobsnrpe); nrpe.cfg includes it\n");
     s.push_str(&format!("command[check_affa]=sudo {affa} --nrpe\n"));
     s.push_str(&format!("command[affa_jobsnrpe]=sudo {affa} --_jobsnrpe\n"));
@@ -194,7 +194,7 @@ pub fn init_nrpe(cfg: &Config) -> Result<String> {
     let text = nrpe_config_text(cfg);
     let mut changed = Vec::new();
     if fs::read_to_string(&own).ok().as_deref() != Some(text.as_str()) {
-        crate::schedule::write_file(&own, &text, 0o644)?;
+        crate::fsutil::write_file(&own, &text, 0o644)?;
         changed.push(format!("{} written", own.display()));
     }
     let include = format!("include={}", own.display());
@@ -206,7 +206,7 @@ pub fn init_nrpe(cfg: &Config) -> Result<String> {
     if new != old {
         use std::os::unix::fs::PermissionsExt;
         let mode = fs::metadata(&main).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644);
-        crate::schedule::write_file(&main, &new, mode)?;
+        crate::fsutil::write_file(&main, &new, mode)?;
         changed.push(format!("{} includes it", main.display()));
     }
     if changed.is_empty() {
@@ -350,7 +350,7 @@ pub fn metrics_text(cfg: &Config, clock: &dyn Clock) -> Result<String> {
 pub fn write_metrics(cfg: &Config, clock: &dyn Clock) -> Result<String> {
     let path = PathBuf::from(cfg.global.get("metricsFile"));
     let text = metrics_text(cfg, clock)?;
-    crate::schedule::write_file(&path, &text, 0o644)?;
+    crate::fsutil::write_file(&path, &text, 0o644)?;
     let n = text.lines().filter(|l| !l.starts_with('#')).count();
     Ok(format!("{} written: {n} samples", path.display()))
 }

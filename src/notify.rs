@@ -20,7 +20,6 @@ use lettre::transport::smtp::extension::ClientId;
 use lettre::transport::smtp::SmtpTransport;
 use lettre::Transport;
 
-use crate::clock::Clock;
 use crate::config::{Config, Job};
 use crate::error::{Error, IoContext, Result};
 
@@ -215,7 +214,7 @@ fn unique() -> u64 {
     t ^ (N.fetch_add(1, Ordering::SeqCst) << 48)
 }
 
-fn job_host(job: &Job) -> &str {
+pub fn job_host(job: &Job) -> &str {
     job.get("remoteHostName")
 }
 
@@ -318,43 +317,4 @@ pub fn success_mail(
     }
     quote_log(&mut body, log_file, lines);
     send(cfg, &recipients(job), &subject, &body)
-}
-
-/// `--mailtest JOB`
-pub fn mailtest(cfg: &Config, job: &str) -> Result<String> {
-    let j = cfg.job(job)?;
-    let subject = format!("affa: test mail for job {} on {}", j.name, job_host(j));
-    let body = format!(
-        "This is a test mail of affa on {} for the job {} ({}).\nMail goes out via {}.\nError mails of this job go to: {}\n",
-        hostname(),
-        j.name,
-        job_host(j),
-        route(cfg),
-        recipients(j).join(", ")
-    );
-    let how = send(cfg, &recipients(j), &subject, &body)?;
-    let mut out = format!("test mail for job {job} sent {how}");
-    if let Some(w) = crate::sme::watchdog_mailtest(cfg, j)? {
-        out.push_str(&format!("\n{w}"));
-    }
-    Ok(out)
-}
-
-/// The status report: `--status --all`, `--disk-usage` and `--list-archives` of every job.
-pub fn status_text(cfg: &Config, clock: &dyn Clock) -> Result<String> {
-    let mut body = format!("affa status of {} at {}\n\n", hostname(), clock.now().format("%Y-%m-%d %H:%M"));
-    body.push_str(&crate::commands::status(cfg, clock, false, true)?);
-    body.push_str("\nDisk usage:\n");
-    body.push_str(&crate::commands::disk_usage(cfg, false)?);
-    body.push_str("\nArchives:\n");
-    body.push_str(&crate::commands::list_archives(cfg, &[], false)?);
-    Ok(body)
-}
-
-/// `--send-status`: the status report to the EmailAddress of `[GlobalAffaConfig]` (default root).
-pub fn send_status(cfg: &Config, clock: &dyn Clock) -> Result<String> {
-    let body = status_text(cfg, clock)?;
-    let subject = format!("affa: status of {}", hostname());
-    let how = send(cfg, &recipients(&cfg.global), &subject, &body)?;
-    Ok(format!("status mail sent {how}"))
 }

@@ -166,41 +166,6 @@ pub fn confirm(watch: &Watch, what: &str, word: &str, yes: bool) -> crate::Resul
     }
 }
 
-/// The facts of a finished run for its closing summary: (label, value) lines.
-pub fn summary_lines(s: &crate::run::RunSummary) -> Vec<(&'static str, String)> {
-    use crate::commands::{hms, human};
-    let r = &s.report;
-    let mut v = Vec::new();
-    if let Some(a) = &s.archive {
-        v.push(("archive", a.display().to_string()));
-    }
-    if let Some(t) = r.num("ExecutionTime") {
-        v.push(("duration", hms(t)));
-    }
-    if let (Some(sent), Some(recvd)) = (r.num("TotalBytesSent"), r.num("TotalBytesReceived")) {
-        v.push(("transferred", format!("{} received, {} sent", human(recvd), human(sent))));
-    }
-    if let Some(n) = r.num("NumberOfFiles") {
-        let size = r.num("TotalFileSize").map(|b| format!(", {}", human(b))).unwrap_or_default();
-        v.push(("files", format!("{n}{size}")));
-    }
-    if let Some(added) = r.num("ChunkPoolBytesAdded") {
-        let logical = r.num("ChunkLogicalSize").unwrap_or(0);
-        let ratio = r.get("DedupRatio").unwrap_or("-");
-        v.push((
-            "pool growth",
-            format!("{} for {} of chunked files (dedup ratio {ratio})", human(added), human(logical)),
-        ));
-    }
-    if !s.rotated.is_empty() {
-        v.push(("rotated", s.rotated.join("; ")));
-    }
-    for w in &s.warnings {
-        v.push(("warning", w.clone()));
-    }
-    v
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

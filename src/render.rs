@@ -10,8 +10,8 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::sync::{Arc, Mutex};
 
-use affa::observer::{summary_lines, Observer, Phase, Watch};
-use affa::run::RunSummary;
+use affa::backup::RunSummary;
+use affa::observer::{Observer, Phase, Watch};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle, TermLike};
 
 /// Text that may hold what a host sent (names, rsync's lines), with its control characters
@@ -87,7 +87,7 @@ impl Terminal {
         }
         self.clear();
         self.line(&self.paint(BOLD, &format!("job {job} done")));
-        for (k, v) in summary_lines(s) {
+        for (k, v) in s.lines() {
             let k = if k == "warning" { self.paint(YELLOW, k) } else { k.to_string() };
             self.line(&format!("  {k:<12} {v}"));
         }

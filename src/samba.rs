@@ -61,7 +61,7 @@ fn write_if_changed(path: &Path, text: &str) -> Result<bool> {
     if fs::read_to_string(path).ok().as_deref() == Some(text) {
         return Ok(false);
     }
-    crate::schedule::write_file(path, text, 0o644)?;
+    crate::fsutil::write_file(path, text, 0o644)?;
     Ok(true)
 }
 

@@ -1,25 +1,11 @@
-//! Scheduling: the cron file (`--make-cronjobs`), the day's schedule (`--show-schedule`),
-//! resuming interrupted jobs (`--resume-interrupted`, `--kill --resume=SECS`) and a cron run with
-//! its retries and mails (`--run`, through [`run_job`]).
+//! Scheduled runs: a cron run with its retries and mails (`--run`, through [`run_job`]), and
+//! resuming interrupted jobs (`--resume-interrupted`, `--kill --resume=SECS`). The cron file
+//! itself is `cron.rs`.
 //!
-//! Owns: which cron lines exist and what they start; the retry loop around `run::run`; when a
-//! mail is sent for a run. Must never: write a half cron file (temp + rename), start a job whose
-//! effective status is disabled from cron, retry or mail a run that was stopped on purpose
-//! (SIGTERM/SIGINT from `--kill`, killAt or a shutdown: the next run or `--resume-interrupted`
-//! resumes it), or let a failing mail change the outcome of a run.
-//!
-//! Cron lines (documented in docs/OPERATIONS.md):
-//! - `MM HH * * * root AFFA --silent --run JOB` per TimeSchedule value of each enabled job;
-//! - killAt: `MM HH * * * root AFFA --silent --kill JOB >/dev/null`;
-//! - resumeKilledAt: `MM HH * * * root test -d RootDir/JOB/scheduled.running && AFFA --silent --run JOB`
-//!   (runs the job again only if its transfer was stopped: killed, crashed, rebooted);
-//! - `@reboot root AFFA --silent --resume-interrupted >/dev/null`;
-//! - the status mail per sendStatus, and `--metrics` every 10 minutes when the directory of
-//!   metricsFile exists;
-//! - `*/15 * * * * root AFFA --silent --_cronupdate` (Affa 3's self-refresh): the file is
-//!   rewritten when a configuration file is newer than it or the list of files changed (its
-//!   second line holds a hash of that list), so configuration edits take effect within 15
-//!   minutes.
+//! Owns: the retry loop around `backup::run`; when a mail is sent for a run. Must never: retry
+//! or mail a run that was stopped on purpose (SIGTERM/SIGINT from `--kill`, killAt or a
+//! shutdown: the next run or `--resume-interrupted` resumes it), or let a failing mail change
+//! the outcome of a run.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -27,238 +13,13 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::archive;
+use crate::backup::{RunOptions, RunSummary};
 use crate::clock::Clock;
-use crate::config::{keys, BrokenJob, Config, Job, DEFAULT_CONFIG_DIR};
+use crate::config::{BrokenJob, Config, Job};
+use crate::cron::{absolute, effective_enabled};
 use crate::error::{IoContext, Result};
 use crate::joblog::JobLog;
 use crate::observer::Watch;
-use crate::run::{RunOptions, RunSummary};
-use crate::transport::shell_quote;
-
-/// Does the job run from cron? `globalStatus=enabled|disabled` overrides the job's `status`;
-/// `globalStatus=jobs` (the default) leaves it to the job.
-pub fn effective_enabled(cfg: &Config, job: &Job) -> bool {
-    match cfg.global.get("globalStatus") {
-        "enabled" => true,
-        "disabled" => false,
-        _ => job.enabled(),
-    }
-}
-
-fn hhmm(v: &str) -> Option<(u32, u32)> {
-    keys::parse_hhmm(v)
-}
-
-/// The affa command as cron calls it: `affaBinary`, plus `--config-dir DIR` unless the
-/// configuration lives in the default /etc/affa.
-pub fn affa_command(cfg: &Config, config_dir: &Path) -> String {
-    let mut c = shell_quote(cfg.global.get("affaBinary"));
-    if config_dir != Path::new(DEFAULT_CONFIG_DIR) {
-        c.push_str(" --config-dir ");
-        c.push_str(&shell_quote(&config_dir.to_string_lossy()));
-    }
-    c
-}
-
-/// The cron file's text for a configuration; `config_dir` is the configuration directory as
-/// the cron daemon will see it.
-pub fn cron_text(cfg: &Config, config_dir: &Path) -> String {
-    let affa = affa_command(cfg, config_dir);
-    let mut s = String::new();
-    s.push_str(&format!(
-        "# {}: written by affa from {}/*.conf; a change there is applied within 15 minutes (--_cronupdate), or at once by affa --make-cronjobs.\n{CONFIG_LIST_TAG}{}\n",
-        cfg.global.get("cronFile"),
-        config_dir.display(),
-        config_list_hash(&cfg.dir)
-    ));
-    s.push_str("SHELL=/bin/sh\nPATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n");
-    let global = cfg.global.get("globalStatus");
-    if global == "disabled" {
-        s.push_str("\n# globalStatus=disabled: no job runs from cron.\n");
-    } else {
-        for job in cfg.all_jobs() {
-            if !effective_enabled(cfg, job) {
-                continue;
-            }
-            s.push_str(&format!("\n# job {}\n", job.name));
-            if cfg.broken.contains_key(&job.name) {
-                s.push_str(
-                    "# its configuration has errors (affa --configcheck): each start fails and mails until fixed\n",
-                );
-            }
-            let mut seen = Vec::new();
-            for t in job.get_all("TimeSchedule") {
-                if let Some((h, m)) = hhmm(t) {
-                    if !seen.contains(&(h, m)) {
-                        seen.push((h, m));
-                        s.push_str(&format!("{m} {h} * * * root {affa} --silent --run {}\n", job.name));
-                    }
-                }
-            }
-            if let Some((h, m)) = hhmm(job.get("killAt")) {
-                s.push_str(&format!("{m} {h} * * * root {affa} --silent --kill {} >/dev/null\n", job.name));
-            }
-            if let Some((h, m)) = hhmm(job.get("resumeKilledAt")) {
-                let running = job.job_dir().join(archive::RUNNING);
-                s.push_str(&format!(
-                    "{m} {h} * * * root test -d {} && {affa} --silent --run {}\n",
-                    shell_quote(&running.to_string_lossy()),
-                    job.name
-                ));
-            }
-        }
-        s.push_str(&format!("\n# restart the jobs a shutdown interrupted (resumeAfterBoot=yes)\n@reboot root {affa} --silent --resume-interrupted >/dev/null\n"));
-    }
-    let when = match cfg.global.get("sendStatus") {
-        "daily" => Some("0 5 * * *"),
-        "weekly" => Some("0 5 * * 0"),
-        "monthly" => Some("0 5 1 * *"),
-        _ => None,
-    };
-    if let Some(w) = when {
-        s.push_str(&format!(
-            "\n# status mail (sendStatus={})\n{w} root {affa} --silent --send-status >/dev/null\n",
-            cfg.global.get("sendStatus")
-        ));
-    }
-    let metrics = PathBuf::from(cfg.global.get("metricsFile"));
-    if metrics.parent().is_some_and(|p| p.is_dir()) {
-        s.push_str(&format!(
-            "\n# Prometheus textfile {}\n*/10 * * * * root {affa} --silent --metrics >/dev/null\n",
-            metrics.display()
-        ));
-    }
-    s.push_str(&format!(
-        "\n# apply configuration changes (Affa 3's self-refresh)\n*/15 * * * * root {affa} --silent --_cronupdate\n"
-    ));
-    s
-}
-
-/// The start of the cron file's line that identifies the list of configuration files.
-const CONFIG_LIST_TAG: &str = "# configuration files: ";
-
-/// A hash of the list of configuration files (paths relative to the configuration directory):
-/// a file added, removed or renamed changes it (Affa 3 kept an MD5 of the list).
-fn config_list_hash(dir: &Path) -> String {
-    let mut h = blake3::Hasher::new();
-    for f in crate::config::config_files(dir).unwrap_or_default() {
-        h.update(f.strip_prefix(dir).unwrap_or(&f).as_os_str().as_encoded_bytes());
-        h.update(b"\0");
-    }
-    h.finalize().to_hex()[..32].to_string()
-}
-
-/// `--_cronupdate` (every 15 minutes from the cron file, as in Affa 3): rewrite the cron file
-/// (and the Samba shares, as `--make-cronjobs` does) only when a configuration file is newer
-/// than it or the list of configuration files changed. Returns what was done, None when the
-/// file was up to date.
-pub fn cron_update(cfg: &Config) -> Result<Option<String>> {
-    let path = PathBuf::from(cfg.global.get("cronFile"));
-    let written = fs::metadata(&path).and_then(|m| m.modified()).ok();
-    let text = fs::read_to_string(&path).unwrap_or_default();
-    let listed = text.lines().find_map(|l| l.strip_prefix(CONFIG_LIST_TAG)).unwrap_or("");
-    let files = crate::config::config_files(&cfg.dir)?;
-    let newer = files.iter().any(|f| match (written, fs::metadata(f).and_then(|m| m.modified())) {
-        (Some(w), Ok(m)) => m >= w,
-        _ => true,
-    });
-    if !newer && listed == config_list_hash(&cfg.dir) {
-        return Ok(None);
-    }
-    make_cronjobs(cfg).map(Some)
-}
-
-pub fn absolute(p: &Path) -> PathBuf {
-    fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
-}
-
-/// Write `text` to `path` atomically with the given mode, creating the parent directory.
-pub fn write_file(path: &Path, text: &str, mode: u32) -> Result<()> {
-    if let Some(d) = path.parent() {
-        fs::create_dir_all(d).ctx(|| format!("cannot create {}", d.display()))?;
-    }
-    crate::fsutil::write_atomic(path, text.as_bytes(), crate::fsutil::Perm::Mode(mode))
-}
-
-/// `--make-cronjobs`: write the cron file; returns a one-line summary. When Samba shares are in
-/// use (a job has SambaShare=yes, or affa wrote shares before) they are brought up to date too.
-pub fn make_cronjobs(cfg: &Config) -> Result<String> {
-    let path = PathBuf::from(cfg.global.get("cronFile"));
-    let text = cron_text(cfg, &absolute(&cfg.dir));
-    write_file(&path, &text, 0o644)?;
-    let n = text.lines().filter(|l| !l.starts_with('#') && !l.is_empty() && !l.contains('=')).count();
-    let mut out = format!("{} written: {n} cron line(s)", path.display());
-    if crate::samba::in_use(cfg) {
-        match crate::samba::update_shares(cfg) {
-            Ok(s) => out.push_str(&format!("\n{s}")),
-            Err(e) => out.push_str(&format!("\nSamba shares not updated: {e}")),
-        }
-    }
-    Ok(out)
-}
-
-const SLOT_MINUTES: u32 = 30;
-const SLOTS: usize = (24 * 60 / SLOT_MINUTES) as usize;
-
-/// `--show-schedule [--all]`: the day drawn as text, one 24-hour line per job (30 minutes per
-/// character): `S` a start, `=` the duration of the job's last run after it, `K` killAt, `R`
-/// resumeKilledAt, `.` nothing.
-pub fn show_schedule(cfg: &Config, all: bool) -> Result<String> {
-    let mut out = String::from(
-        "Schedule of the day; one character is 30 minutes: S start, = last run time, K killAt, R resumeKilledAt\n",
-    );
-    let mut head = String::new();
-    for h in (0..24).step_by(2) {
-        head.push_str(&format!("{h:<4}"));
-    }
-    out.push_str(&format!("{:<24} {}\n", "", head));
-    let mut hidden = 0;
-    for job in cfg.jobs.values() {
-        let enabled = effective_enabled(cfg, job);
-        if !enabled && !all {
-            hidden += 1;
-            continue;
-        }
-        let mut line = ['.'; SLOTS];
-        let last_secs = archive::newest_valid(&job.job_dir())?
-            .and_then(|a| a.report.and_then(|r| r.num("ExecutionTime")))
-            .unwrap_or(0);
-        let dur_slots = (last_secs as usize).div_ceil((SLOT_MINUTES * 60) as usize);
-        let mut starts = Vec::new();
-        for t in job.get_all("TimeSchedule") {
-            if let Some((h, m)) = hhmm(t) {
-                let slot = ((h * 60 + m) / SLOT_MINUTES) as usize;
-                starts.push(slot);
-                starts.sort();
-                for i in 1..dur_slots.max(1) {
-                    let k = (slot + i) % SLOTS;
-                    if line[k] == '.' {
-                        line[k] = '=';
-                    }
-                }
-            }
-        }
-        for s in &starts {
-            line[*s] = 'S';
-        }
-        for (key, c) in [("killAt", 'K'), ("resumeKilledAt", 'R')] {
-            if let Some((h, m)) = hhmm(job.get(key)) {
-                line[((h * 60 + m) / SLOT_MINUTES) as usize] = c;
-            }
-        }
-        let mut times: Vec<String> =
-            job.get_all("TimeSchedule").iter().map(|t| format!("{}:{}", &t[..2], &t[2..])).collect();
-        times.sort();
-        let name = if enabled { job.name.clone() } else { format!("{} (disabled)", job.name) };
-        let last =
-            if last_secs > 0 { format!(" (last run {})", crate::commands::hms(last_secs)) } else { String::new() };
-        out.push_str(&format!("{:<24} {} {}{}\n", name, line.iter().collect::<String>(), times.join(" "), last));
-    }
-    if hidden > 0 {
-        out.push_str(&format!("{hidden} disabled job(s) not shown; use --all to show them.\n"));
-    }
-    Ok(out)
-}
 
 /// The affa binary to start again: the running one, else affaBinary.
 fn self_binary(cfg: &Config) -> PathBuf {
@@ -386,7 +147,7 @@ pub fn run_job(cfg: &Config, job: &str, clock: &dyn Clock, opts: RunOptions, ret
     let mut notified = false;
     let mut attempt = 1;
     let result = loop {
-        let res = crate::run::run(cfg, job, clock, opts.clone());
+        let res = crate::backup::run(cfg, job, clock, opts.clone());
         match res {
             Ok(s) => break Ok(s),
             Err(e) if crate::interrupt::interrupted() => break Err(e),

@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use std::fs;
 
 use affa::archive::Level;
+use affa::backup::{run, RunOptions};
 use affa::clock::FixedClock;
 use affa::config::Config;
-use affa::run::{run, RunOptions};
 use chrono::{Duration, NaiveDate, NaiveDateTime};
 
 /// The model: per level, slots 0..K holding the report date of the archive there.

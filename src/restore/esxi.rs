@@ -21,14 +21,14 @@ use super::vmrefs;
 use super::{
     check_remote, rebuild_all, report_check, run_rsync, sha256_file, Chunked, Ctx, Endpoint, Expect, Plan, Staging,
 };
+use crate::backup::vm::connect_options;
 use crate::chunk::{self, MANIFEST_SUFFIX};
 use crate::config::Job;
 use crate::error::{Error, IoContext, Result};
-use crate::esxi::backup::connect_options;
-use crate::vmrecord::{Ini, ESXI_INI};
 use crate::esxi::{self, Client, ConnectOptions, Password, PowerState};
 use crate::transport::{rsync, shell_quote, SshTarget};
 use crate::untrusted::{SafeName, SafeRelPath};
+use crate::vmrecord::{Ini, ESXI_INI};
 
 /// The target host: API client, ssh endpoint, and the job whose rsync settings apply.
 struct Target<'a> {
@@ -383,7 +383,7 @@ fn restore_logged_in(
         }
     }
 
-    let date = arch.report.as_ref().and_then(|r| r.date()).map(crate::commands::show_date).unwrap_or_default();
+    let date = arch.report.as_ref().and_then(|r| r.date()).map(crate::fmt::show_date).unwrap_or_default();
     let _ = writeln!(
         out,
         "Restore of VM {vm_name} (job {}) from archive {} ({date}) to ESXi host {} ({}):",

@@ -52,7 +52,7 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
         chunked.push(Chunked { manifest: m, local: staging.dir.join(&rel), remote: abs, size: man.size });
     }
 
-    let date = arch.report.as_ref().and_then(|r| r.date()).map(crate::commands::show_date).unwrap_or_default();
+    let date = arch.report.as_ref().and_then(|r| r.date()).map(crate::fmt::show_date).unwrap_or_default();
     let _ = writeln!(out, "Restore of job {} from archive {} ({date}) to {}:", job.name, arch.name(), ep.describe());
     for s in &sources {
         let _ = writeln!(out, "  {s}");

@@ -189,7 +189,7 @@ impl Staging {
     pub fn new(job: &Job) -> Result<Staging> {
         let dir = job.job_dir().join(format!(".restore-staging.{}", std::process::id()));
         let _ = archive::remove_tree(&dir);
-        crate::run::create_private_dir(&dir)?;
+        crate::fsutil::create_private_dir(&dir)?;
         Ok(Staging { dir })
     }
 }

@@ -383,3 +383,16 @@ pub fn revoke_key(t: &SshTarget, ssh_dir: &Path, authorized_keys: &str) -> Resul
     }
     Ok(())
 }
+
+/// The local rsync program and its leading args (nice, when localNice is not 0).
+pub fn rsync_program(job: &Job) -> (String, Vec<String>) {
+    let nice = job.int("localNice");
+    if nice != 0 {
+        (
+            job.get("localNiceBinary").to_string(),
+            vec!["-n".into(), nice.to_string(), job.get("localRsyncBinary").to_string()],
+        )
+    } else {
+        (job.get("localRsyncBinary").to_string(), vec![])
+    }
+}

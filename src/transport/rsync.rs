@@ -12,6 +12,7 @@ use crate::config::Job;
 use crate::error::{IoContext, Result};
 use crate::joblog::JobLog;
 use crate::observer::Watch;
+pub use crate::transport::rsync_program as program;
 use crate::transport::{die_with_parent, SshTarget};
 
 /// What an rsync exit status means for the run.
@@ -190,19 +191,6 @@ pub fn regular_files(stdout: &str) -> std::collections::BTreeSet<String> {
             (item.as_bytes().get(1) == Some(&b'f')).then(|| name.to_string())
         })
         .collect()
-}
-
-/// The local rsync program and its leading args (nice, when localNice is not 0).
-pub fn program(job: &Job) -> (String, Vec<String>) {
-    let nice = job.int("localNice");
-    if nice != 0 {
-        (
-            job.get("localNiceBinary").to_string(),
-            vec!["-n".into(), nice.to_string(), job.get("localRsyncBinary").to_string()],
-        )
-    } else {
-        (job.get("localRsyncBinary").to_string(), vec![])
-    }
 }
 
 /// A source path argument: `user@host:/path` for the first, `:/path` for the next ones.

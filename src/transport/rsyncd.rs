@@ -61,7 +61,7 @@ impl Daemon {
 
     /// Affa 3's check before the run: can we list the module?
     pub fn check(&self, job: &Job) -> Result<()> {
-        let (prog, lead) = crate::transport::rsync::program(job);
+        let (prog, lead) = crate::transport::rsync_program(job);
         let mut c = Command::new(&prog);
         c.args(&lead)
             .arg("--list-only")

@@ -113,6 +113,52 @@ fn random_hex() -> io::Result<String> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
+/// Create `dir` (and its parents) with mode 0700 when it does not exist.
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !dir.is_dir() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .ctx(|| format!("cannot create {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Every regular file under a directory (symlinks are not followed), sorted; a directory that
+/// does not exist has none.
+pub fn walk_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let rd = match std::fs::read_dir(&d) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).ctx(|| format!("cannot read {}", d.display())),
+        };
+        for e in rd {
+            let e = e.ctx(|| format!("cannot read {}", d.display()))?;
+            let ft = e.file_type().ctx(|| format!("cannot stat {}", e.path().display()))?;
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Write `text` to `path` atomically with the given mode, creating the parent directory.
+pub fn write_file(path: &Path, text: &str, mode: u32) -> Result<()> {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).ctx(|| format!("cannot create {}", d.display()))?;
+    }
+    write_atomic(path, text.as_bytes(), Perm::Mode(mode))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

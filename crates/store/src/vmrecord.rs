@@ -37,4 +37,3 @@ impl Ini {
         self.sections.iter().filter(|(n, _)| n.starts_with(prefix)).map(|(_, m)| m).collect()
     }
 }
-

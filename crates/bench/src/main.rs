@@ -4,17 +4,11 @@
 //! `cargo run --release --bin affa-bench -- --size 4G` (see BENCHMARKS.md for what it does).
 //! Installs nothing: it stops with the apt-get line when a tool is missing.
 
-#[path = "affa-bench/env.rs"]
 mod env;
-#[path = "affa-bench/gen.rs"]
 mod gen;
-#[path = "affa-bench/json.rs"]
 mod json;
-#[path = "affa-bench/measure.rs"]
 mod measure;
-#[path = "affa-bench/report.rs"]
 mod report;
-#[path = "affa-bench/systems.rs"]
 mod systems;
 
 use std::fs;

@@ -1,13 +1,16 @@
-//! ESXi hot backup: the vSphere SOAP client (login, find the VM, read its layout, snapshot
-//! create/remove, RegisterVM) and the helpers around it.
+//! affa-vsphere: the vSphere SOAP client (login, find the VM, read its layout, snapshot
+//! create/remove, RegisterVM), the model of what a host answers, and VMware's disk chains.
 //!
 //! Owns: everything said to an ESXi host's `/sdk` endpoint, certificate pinning for it, and the
 //! naming of affa's snapshots (`BEXI-<job>-<YYYYmmddHHMMSS>`) and which ones are a job's own.
 //! Must never: send credentials before the host's certificate matched the pinned thumbprint,
-//! print a password, or panic on what a host sends. Copying files (rsync) and the backup procedure live elsewhere
-//! (`backup.rs`, `vimcmd.rs`).
+//! print a password, or panic on what a host sends; know of jobs, runs, archives or
+//! configuration files (affa's `backup::vm` holds the backup procedure, `restore::esxi` the restore).
 
-pub mod backup;
+extern crate affa_core;
+
+use affa_core::{error, untrusted};
+
 pub mod chain;
 pub mod client;
 pub mod model;

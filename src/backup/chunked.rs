@@ -1,6 +1,6 @@
 //! Chunked files in a run: their plain staging copies under `RootDir/JOB/.staging/`, updated in
-//! place by rsync's delta transfer, then chunked into `scheduled.running`; and the commands
-//! that read chunked archives back (`--unchunk`, `--verify`) and the pool sweep.
+//! place by rsync's delta transfer, then chunked into `scheduled.running`. (Reading chunked
+//! archives back, `--unchunk` and `--verify`, and the pool sweep are in `maintenance.rs`.)
 //!
 //! Owns: which files are chunked (`chunkFiles`), the staging copies, the chunk numbers in the
 //! report. Must never: transfer a chunked file whole when an older copy exists (a missing
@@ -13,15 +13,13 @@ use std::path::{Path, PathBuf};
 use globset::{Glob, GlobSet, GlobSetBuilder};
 
 use crate::archive;
+use crate::backup::ctx::{check_rsync, disk_full, Ctx, RunSummary, STAGING};
 use crate::chunk::{self, Pool};
-use crate::config::{keys, Config, Job};
+use crate::config::{keys, Job};
 use crate::error::{Error, IoContext, Result};
-use crate::observer::{Phase, Watch};
+use crate::observer::Phase;
 use crate::report::Report;
-use crate::run::{check_rsync, Ctx, RunSummary};
 use crate::transport::rsync::{self, Source};
-
-pub const STAGING: &str = ".staging";
 
 /// The chunk settings of a job.
 pub fn settings(job: &Job) -> Result<chunk::Settings> {
@@ -146,15 +144,7 @@ pub fn chunk_into(
     };
     let stats = match chunk::chunk_file(&pool, &set, &st, running, rel, prev.as_ref(), Some(&cb)) {
         Ok(s) => s,
-        Err(e) if e.to_string().contains("os error 28") => {
-            let _ = archive::remove_tree(running);
-            let _ = archive::remove_tree(&ctx.job_dir.join(archive::RESUME));
-            give_space_back(ctx);
-            bail!(
-                "{e}: the disk of RootDir {} is full; the incomplete transfer was deleted to give the space back, earlier archives are untouched",
-                ctx.job.root_dir().display()
-            );
-        }
+        Err(e) if e.to_string().contains("os error 28") => return Err(disk_full(ctx, &e.to_string())),
         Err(e) => return Err(e),
     };
     drop(bar);
@@ -169,10 +159,10 @@ pub fn chunk_into(
     ctx.log.info(format!(
         "chunked {}: {} in {} chunks, {} new, {} added to the pool",
         rel.display(),
-        crate::commands::human(stats.logical_size),
+        crate::fmt::human(stats.logical_size),
         stats.chunks,
         stats.new_chunks,
-        crate::commands::human(stats.added_bytes)
+        crate::fmt::human(stats.added_bytes)
     ));
     totals.add(&stats);
     Ok(())
@@ -187,7 +177,7 @@ pub fn transfer_chunked(
     summary: &mut RunSummary,
 ) -> Result<()> {
     let staging = ctx.job_dir.join(STAGING);
-    crate::run::create_private_dir(&staging)?;
+    crate::fsutil::create_private_dir(&staging)?;
     let link_dirs: Vec<PathBuf> = archive::newest_valid(&ctx.job_dir)?.map(|a| vec![a.path]).unwrap_or_default();
     // Rebuild missing staging copies from the newest archive first.
     if let Some(newest) = link_dirs.first() {
@@ -223,7 +213,7 @@ pub fn transfer_chunked(
     let res = rsync::run(job, &args, &ctx.log, &ctx.log.watch)?;
     check_rsync(ctx, &res, "the transfer of the chunked files", summary)?;
     let mut totals = ChunkTotals::default();
-    let files = walk_files(&staging)?;
+    let files = crate::fsutil::walk_files(&staging)?;
     for (i, f) in files.iter().enumerate() {
         let rel = f.strip_prefix(&staging).unwrap().to_path_buf();
         ctx.log.phase(Phase::Chunking { file: rel.display().to_string(), n: i + 1, of: files.len() });
@@ -239,167 +229,14 @@ pub fn transfer_chunked(
     Ok(())
 }
 
-/// Every regular file under a directory.
-pub fn walk_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let rd = match fs::read_dir(&d) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e).ctx(|| format!("cannot read {}", d.display())),
-        };
-        for e in rd {
-            let e = e.ctx(|| format!("cannot read {}", d.display()))?;
-            let ft = e.file_type().ctx(|| format!("cannot stat {}", e.path().display()))?;
-            if ft.is_dir() {
-                stack.push(e.path());
-            } else if ft.is_file() {
-                out.push(e.path());
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
-/// RootDir is full: give back what this run's chunked files took. Staging copies of files the
-/// newest archive does not hold (new files, only partly transferred) are deleted, the others
-/// stay as the delta basis; pool chunks that no archive links are swept. Best effort.
-pub fn give_space_back(ctx: &Ctx) {
-    let staging = ctx.job_dir.join(STAGING);
-    if staging.is_dir() {
-        let newest = archive::newest_valid(&ctx.job_dir).ok().flatten().map(|a| a.path);
-        for f in walk_files(&staging).unwrap_or_default() {
-            let rel = f.strip_prefix(&staging).unwrap_or(&f);
-            let kept = newest.as_ref().is_some_and(|a| chunk::recorded_manifest(a, rel).is_some());
-            if !kept {
-                ctx.log.info(format!("disk full: deleting the partial staging copy of {}", rel.display()));
-                let _ = fs::remove_file(&f);
-            }
-        }
-    }
-    if ctx.job.root_dir().join(chunk::POOL_DIR).is_dir() {
-        if let Ok(s) = sweep_pool(&ctx.job.root_dir()) {
-            ctx.log.info(s);
-        }
-    }
-}
-
 /// After rotation: remove pool chunks nobody references any more.
 pub fn sweep_after_rotation(ctx: &Ctx) -> Result<()> {
     if ctx.job.get_all("chunkFiles").is_empty() && !ctx.job.root_dir().join(chunk::POOL_DIR).exists() {
         return Ok(());
     }
-    let s = sweep_pool(&ctx.job.root_dir())?;
+    let s = crate::maintenance::sweep_pool(&ctx.job.root_dir())?;
     if !s.is_empty() {
         ctx.log.info(s);
     }
     Ok(())
-}
-
-/// Remove pool chunks nobody references any more (`--cleanup`, `--delete-job`, after rotation).
-pub fn sweep_pool(root: &Path) -> Result<String> {
-    if !root.join(chunk::POOL_DIR).is_dir() {
-        return Ok(String::new());
-    }
-    let pool = Pool::open(root)?;
-    let s = chunk::sweep(&pool)?;
-    Ok(format!(
-        "pool sweep: {} chunk(s) no longer used, {} freed",
-        s.removed_chunks,
-        crate::commands::human(s.freed_bytes)
-    ))
-}
-
-/// `--unchunk JOB ARCHIVE [--to DIR]`: rebuild every chunked file of an archive as a plain
-/// (sparse) file; default target `RootDir/JOB/unchunked/ARCHIVE/`.
-pub fn unchunk_command(
-    cfg: &Config,
-    job: &str,
-    archive_name: &str,
-    to: Option<&Path>,
-    watch: &Watch,
-) -> Result<String> {
-    let j = cfg.job(job)?;
-    let a = archive::find(&j.job_dir(), job, archive_name)?;
-    let target = to.map(Path::to_path_buf).unwrap_or_else(|| j.job_dir().join("unchunked").join(archive_name));
-    let mut out = String::new();
-    let files = chunk::chunked_files(&a.path)?;
-    if files.is_empty() {
-        return Ok(format!("archive {archive_name} of job {job} has no chunked files\n"));
-    }
-    for rel in files {
-        let mp = chunk::manifest_path(&a.path, &rel);
-        let dest = target.join(&rel);
-        if let Some(d) = dest.parent() {
-            fs::create_dir_all(d).ctx(|| format!("cannot create {}", d.display()))?;
-        }
-        let m = chunk::read_manifest(&mp)?;
-        let bar = watch.meter(format!("unchunk {}", rel.display()), Some(m.size));
-        let cb = |n: u64| bar.set(n);
-        chunk::unchunk_file(&a.path, &mp, &dest, Some(&cb))?;
-        drop(bar);
-        out.push_str(&format!("{} ({}), verified\n", dest.display(), crate::commands::human(m.size)));
-    }
-    Ok(out)
-}
-
-/// `--verify JOB [ARCHIVE|--all]`: read every chunk, check hashes, name what is damaged.
-/// Damaged chunks are also taken out of the pool, so that the next backup stores them again.
-pub fn verify_command(cfg: &Config, job: &str, archive_name: Option<&str>, all: bool, watch: &Watch) -> Result<String> {
-    let j = cfg.job(job)?;
-    let archives = if all {
-        archive::list(&j.job_dir())?
-    } else {
-        match archive_name {
-            Some(n) => vec![archive::find(&j.job_dir(), job, n)?],
-            None => archive::newest_valid(&j.job_dir())?.into_iter().collect(),
-        }
-    };
-    if archives.is_empty() {
-        bail!("job {job} has no archive to verify");
-    }
-    let mut out = String::new();
-    let mut bad = Vec::new();
-    for a in &archives {
-        let bar = watch.meter(format!("verify {}", a.name()), None);
-        let cb = |n: u64| bar.set(n);
-        let rep = chunk::verify_archive(&a.path, Some(&cb))?;
-        drop(bar);
-        if rep.is_ok() {
-            out.push_str(&format!(
-                "{}: OK ({} chunked file(s), {} chunk(s) checked)\n",
-                a.name(),
-                rep.manifests,
-                rep.chunks_checked
-            ));
-            continue;
-        }
-        bad.push(a.name());
-        for p in &rep.problems {
-            let files: Vec<String> = p.files.iter().map(|f| f.display().to_string()).collect();
-            out.push_str(&format!("{}: chunk {} {:?}; affects {}\n", a.name(), p.id, p.kind, files.join(", ")));
-        }
-        for (m, e) in &rep.bad_manifests {
-            out.push_str(&format!("{}: manifest {} unreadable: {e}\n", a.name(), m.display()));
-        }
-        // A damaged pool entry must not be reused by the next backup as if it were good (a
-        // chunk listed at the same index by the previous manifest gets only a cheap check):
-        // take it out of the pool, so that the next backup of that data stores it afresh.
-        if !rep.problems.is_empty() && j.root_dir().join(chunk::POOL_DIR).is_dir() {
-            let n = chunk::evict_damaged(&Pool::open(&j.root_dir())?, &rep)?;
-            if n > 0 {
-                out.push_str(&format!(
-                    "{}: {n} damaged chunk(s) removed from the pool; the next backup stores that data again\n",
-                    a.name()
-                ));
-            }
-        }
-    }
-    if !bad.is_empty() {
-        print!("{out}");
-        bail!("verify of job {job} found damage in: {}", bad.join(", "));
-    }
-    Ok(out)
 }

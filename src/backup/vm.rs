@@ -15,14 +15,15 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::backup::chunked::{self, ChunkTotals};
+use crate::backup::ctx::{check_rsync, Ctx, RunSummary, STAGING};
+use crate::backup::host::prepare_running;
 use crate::config::{edit, Config, Job};
 use crate::error::{Error, Result};
 use crate::esxi::soap::one_line;
 use crate::esxi::{self, chain, Client, ConnectOptions, MoRef, Password, VmLayout};
 use crate::observer::{Phase, Watch};
 use crate::report::Report;
-use crate::run::{check_rsync, prepare_running, Ctx, RunSummary};
-use crate::staging::{self, ChunkTotals};
 use crate::transport::rsync::{self, Source};
 use crate::transport::{shell_quote, SshTarget};
 use crate::untrusted::{SafeName, SafeRelPath};
@@ -328,7 +329,7 @@ fn transfer_logged_in(
         let (n, u) = (iv("datastore name", &ds.name)?, iv("datastore path", &ds.host_path)?);
         ini.push_str(&format!("\n[Datastore.{i}]\nName={n}\nUrl={u}\n"));
     }
-    let matcher = staging::matcher(job)?;
+    let matcher = chunked::matcher(job)?;
     let chunked = |p: &Path| if matcher.as_ref().is_some_and(|m| m.is_match(p)) { "yes" } else { "no" };
     for (i, (d, links)) in frozen.disks.iter().zip(&files.chains).enumerate() {
         // The top link is what the restored .vmx names once affa's snapshot is gone.
@@ -381,7 +382,7 @@ fn copy_groups(
 ) -> Result<()> {
     let job = ctx.job;
     let link_dirs = if disks { prepare_running(ctx, running)? } else { link_dirs_now(ctx)? };
-    let matcher = staging::matcher(job)?;
+    let matcher = chunked::matcher(job)?;
     let source = Source::Ssh(target);
     let mut totals = ChunkTotals::default();
     let is_chunked = |g: &Group, f: &String| disks && matcher.as_ref().is_some_and(|m| m.is_match(g.rel_dir.join(f)));
@@ -421,10 +422,10 @@ fn copy_groups(
             add_stats(report, &res.stdout);
         }
         if !chunked.is_empty() {
-            crate::run::create_private_dir(&ctx.job_dir.join(staging::STAGING))?;
-            let sdir = crate::untrusted::create_dir_beneath(&ctx.job_dir.join(staging::STAGING), &g.rel_dir)?;
+            crate::fsutil::create_private_dir(&ctx.job_dir.join(STAGING))?;
+            let sdir = crate::untrusted::create_dir_beneath(&ctx.job_dir.join(STAGING), &g.rel_dir)?;
             for f in &chunked {
-                staging::ensure_staging(ctx, &g.rel_dir.join(f), &link_dirs)?;
+                chunked::ensure_staging(ctx, &g.rel_dir.join(f), &link_dirs)?;
             }
             let mut args = rsync::Args::new(job, &source);
             args.opts(["--stats", "--inplace", "--sparse", "--no-whole-file", "--partial"]);
@@ -452,7 +453,7 @@ fn copy_groups(
                 chunking += 1;
                 let file = g.rel_dir.join(f).display().to_string();
                 ctx.log.phase(Phase::Chunking { file, n: chunking, of: to_chunk });
-                staging::chunk_into(ctx, running, &g.rel_dir.join(f), &link_dirs, &mut totals)?;
+                chunked::chunk_into(ctx, running, &g.rel_dir.join(f), &link_dirs, &mut totals)?;
                 crate::interrupt::crash_point("chunked");
             }
         }

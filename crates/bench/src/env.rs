@@ -57,8 +57,10 @@ pub fn version_of(prog: &str, args: &[&str]) -> String {
     }
 }
 
+/// The repository's root (this crate lives in crates/bench).
 pub fn manifest_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    d.parent().and_then(|p| p.parent()).map(PathBuf::from).unwrap_or(d)
 }
 
 /// `cargo build --release --bin affa`; the binary lands next to this one.

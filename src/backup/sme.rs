@@ -16,8 +16,9 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
+use crate::backup::ctx::{Ctx, RunSummary};
+use crate::backup::scripts::{remote_script, run_logged};
 use crate::error::{IoContext, Result};
-use crate::run::{remote_script, run_logged, Ctx, RunSummary};
 use crate::transport::shell_quote;
 
 /// Affa 3's `signal-pre-backup`: SME's pre-backup event, which dumps the databases.

@@ -1,0 +1,126 @@
+//! Maintenance of a job's chunked archives: `--unchunk` (a chunked file rebuilt as a plain
+//! file), `--verify` (every chunk read and checked) and the pool sweep.
+//!
+//! Owns: these commands' results. Must never: change an archive (verify only evicts damaged
+//! chunks from the pool, so that the next backup stores them again), print or read stdin.
+
+use std::fs;
+use std::path::Path;
+
+use crate::archive;
+use crate::chunk::{self, Pool};
+use crate::config::Config;
+use crate::error::{IoContext, Result};
+use crate::fmt::human;
+use crate::observer::Watch;
+
+/// What `--verify` found: its report lines, and the archives with damage (empty: all good).
+#[derive(Debug, Clone, Default)]
+pub struct Verified {
+    pub text: String,
+    pub damaged: Vec<String>,
+}
+
+/// Remove pool chunks nobody references any more (`--cleanup`, `--delete-job`, after rotation).
+pub fn sweep_pool(root: &Path) -> Result<String> {
+    if !root.join(chunk::POOL_DIR).is_dir() {
+        return Ok(String::new());
+    }
+    let pool = Pool::open(root)?;
+    let s = chunk::sweep(&pool)?;
+    Ok(format!("pool sweep: {} chunk(s) no longer used, {} freed", s.removed_chunks, human(s.freed_bytes)))
+}
+
+/// `--unchunk JOB ARCHIVE [--to DIR]`: rebuild every chunked file of an archive as a plain
+/// (sparse) file; default target `RootDir/JOB/unchunked/ARCHIVE/`.
+pub fn unchunk_command(
+    cfg: &Config,
+    job: &str,
+    archive_name: &str,
+    to: Option<&Path>,
+    watch: &Watch,
+) -> Result<String> {
+    let j = cfg.job(job)?;
+    let a = archive::find(&j.job_dir(), job, archive_name)?;
+    let target = to.map(Path::to_path_buf).unwrap_or_else(|| j.job_dir().join("unchunked").join(archive_name));
+    let mut out = String::new();
+    let files = chunk::chunked_files(&a.path)?;
+    if files.is_empty() {
+        return Ok(format!("archive {archive_name} of job {job} has no chunked files\n"));
+    }
+    for rel in files {
+        let mp = chunk::manifest_path(&a.path, &rel);
+        let dest = target.join(&rel);
+        if let Some(d) = dest.parent() {
+            fs::create_dir_all(d).ctx(|| format!("cannot create {}", d.display()))?;
+        }
+        let m = chunk::read_manifest(&mp)?;
+        let bar = watch.meter(format!("unchunk {}", rel.display()), Some(m.size));
+        let cb = |n: u64| bar.set(n);
+        chunk::unchunk_file(&a.path, &mp, &dest, Some(&cb))?;
+        drop(bar);
+        out.push_str(&format!("{} ({}), verified\n", dest.display(), human(m.size)));
+    }
+    Ok(out)
+}
+
+/// `--verify JOB [ARCHIVE|--all]`: read every chunk, check hashes, name what is damaged.
+/// Damaged chunks are also taken out of the pool, so that the next backup stores them again.
+pub fn verify_command(
+    cfg: &Config,
+    job: &str,
+    archive_name: Option<&str>,
+    all: bool,
+    watch: &Watch,
+) -> Result<Verified> {
+    let j = cfg.job(job)?;
+    let archives = if all {
+        archive::list(&j.job_dir())?
+    } else {
+        match archive_name {
+            Some(n) => vec![archive::find(&j.job_dir(), job, n)?],
+            None => archive::newest_valid(&j.job_dir())?.into_iter().collect(),
+        }
+    };
+    if archives.is_empty() {
+        bail!("job {job} has no archive to verify");
+    }
+    let mut out = String::new();
+    let mut bad = Vec::new();
+    for a in &archives {
+        let bar = watch.meter(format!("verify {}", a.name()), None);
+        let cb = |n: u64| bar.set(n);
+        let rep = chunk::verify_archive(&a.path, Some(&cb))?;
+        drop(bar);
+        if rep.is_ok() {
+            out.push_str(&format!(
+                "{}: OK ({} chunked file(s), {} chunk(s) checked)\n",
+                a.name(),
+                rep.manifests,
+                rep.chunks_checked
+            ));
+            continue;
+        }
+        bad.push(a.name());
+        for p in &rep.problems {
+            let files: Vec<String> = p.files.iter().map(|f| f.display().to_string()).collect();
+            out.push_str(&format!("{}: chunk {} {:?}; affects {}\n", a.name(), p.id, p.kind, files.join(", ")));
+        }
+        for (m, e) in &rep.bad_manifests {
+            out.push_str(&format!("{}: manifest {} unreadable: {e}\n", a.name(), m.display()));
+        }
+        // A damaged pool entry must not be reused by the next backup as if it were good (a
+        // chunk listed at the same index by the previous manifest gets only a cheap check):
+        // take it out of the pool, so that the next backup of that data stores it afresh.
+        if !rep.problems.is_empty() && j.root_dir().join(chunk::POOL_DIR).is_dir() {
+            let n = chunk::evict_damaged(&Pool::open(&j.root_dir())?, &rep)?;
+            if n > 0 {
+                out.push_str(&format!(
+                    "{}: {n} damaged chunk(s) removed from the pool; the next backup stores that data again\n",
+                    a.name()
+                ));
+            }
+        }
+    }
+    Ok(Verified { text: out, damaged: bad })
+}
