@@ -30,6 +30,7 @@ use crate::untrusted::{SafeName, SafeRelPath};
 
 /// The per-archive description of the VM, read by restore.
 pub use crate::vmrecord::ESXI_INI;
+use crate::vmrecord::{self, DatastoreRec, DiskRec, LinkRec, SnapshotRec, VmRecord};
 
 /// Connection settings of a job's ESXi host.
 pub fn connect_options(job: &Job) -> ConnectOptions {
@@ -297,65 +298,62 @@ fn transfer_logged_in(
     crate::interrupt::crash_point("config-copied");
     chain::check_unchanged(&before, &client.vm_layout(&vm)?, None, "while its configuration files were copied")?;
 
-    // 8. What the archive holds, for the report and for restore (docs/FORMAT.md, format 2).
-    // Every value from the host is checked at this writer too: a newline would add keys.
-    let iv = crate::untrusted::ini_value;
-    let mut ini = format!(
-        "[VM]\nFormat=2\nName={}\nVmxPath={}\nHost={}\nSnapshot={name}\n",
-        iv("VM name", &after.name)?,
-        iv("vmx path", &vmx)?,
-        client.host()
-    );
+    // 8. What the archive holds, for the report and for restore (docs/FORMAT.md, format 2). The
+    // record refuses a value with a control character: a newline would add keys.
     let arch = |p: &str| -> Result<PathBuf> {
         let (ds, dir, file) = split_path(p)?;
         Ok(rel_dir(&ds, &dir).join(file))
     };
-    for (i, s) in files.own.iter().enumerate() {
-        let id = |t: &esxi::SnapshotTree| t.id.map(|n| n.to_string()).unwrap_or_default();
-        ini.push_str(&format!(
-            "\n[Snapshot.{i}]\nName={}\nId={}\nParent={}\nCreated={}\n",
-            iv("snapshot name", &one_line(&s.tree.name))?,
-            id(&s.tree),
-            s.parent.as_ref().map(id).unwrap_or_default(),
-            iv("snapshot time", &one_line(&s.tree.create_time))?
-        ));
-        for (k, f) in [("Data", &s.data), ("Memory", &s.memory)] {
-            if let Some(f) = f {
-                ini.push_str(&format!("{k}={}\n", arch(f)?.display()));
-            }
-        }
+    let arch_opt = |p: &Option<String>| p.as_deref().map(arch).transpose();
+    let mut record = VmRecord {
+        format: vmrecord::FORMAT,
+        name: after.name.clone(),
+        vmx_path: vmx.clone(),
+        host: client.host().to_string(),
+        snapshot: name.clone(),
+        snapshots: Vec::new(),
+        datastores: Vec::new(),
+        disks: Vec::new(),
+    };
+    for s in &files.own {
+        record.snapshots.push(SnapshotRec {
+            name: one_line(&s.tree.name),
+            id: s.tree.id,
+            parent: s.parent.as_ref().and_then(|p| p.id),
+            created: one_line(&s.tree.create_time),
+            data: arch_opt(&s.data)?,
+            memory: arch_opt(&s.memory)?,
+        });
     }
-    for (i, ds) in frozen.datastores.iter().enumerate() {
-        let (n, u) = (iv("datastore name", &ds.name)?, iv("datastore path", &ds.host_path)?);
-        ini.push_str(&format!("\n[Datastore.{i}]\nName={n}\nUrl={u}\n"));
+    for ds in &frozen.datastores {
+        record.datastores.push(DatastoreRec { name: ds.name.clone(), url: ds.host_path.clone() });
     }
     let matcher = chunked::matcher(job)?;
-    let chunked = |p: &Path| if matcher.as_ref().is_some_and(|m| m.is_match(p)) { "yes" } else { "no" };
-    for (i, (d, links)) in frozen.disks.iter().zip(&files.chains).enumerate() {
+    let chunked = |p: &Path| matcher.as_ref().is_some_and(|m| m.is_match(p));
+    for (d, links) in frozen.disks.iter().zip(&files.chains) {
         // The top link is what the restored .vmx names once affa's snapshot is gone.
         let Some(top) = links.last() else { continue };
         let (ds, _, _) = split_path(&top.descriptor)?;
         let ext_rel = arch(top.extents.first().map(String::as_str).unwrap_or(""))?;
-        ini.push_str(&format!(
-            "\n[Disk.{i}]\nLabel={}\nDatastore={ds}\nDescriptor={}\nExtent={}\nChunked={}\nSize={}\nLinks={}\n",
-            iv("disk label", &d.label)?,
-            arch(&top.descriptor)?.display(),
-            ext_rel.display(),
-            chunked(&ext_rel),
-            d.capacity_bytes,
-            links.len()
-        ));
-        for (k, l) in links.iter().enumerate() {
-            ini.push_str(&format!("\n[Disk.{i}.Link.{k}]\nDescriptor={}\n", arch(&l.descriptor)?.display()));
-            for (j, e) in l.extents.iter().enumerate() {
-                let e = arch(e)?;
-                let n = if j == 0 { String::new() } else { format!(".{j}") };
-                ini.push_str(&format!("Extent{n}={}\nChunked{n}={}\n", e.display(), chunked(&e)));
-            }
+        let mut disk = DiskRec {
+            label: d.label.clone(),
+            datastore: ds.to_string(),
+            descriptor: arch(&top.descriptor)?,
+            chunked: chunked(&ext_rel),
+            extent: ext_rel,
+            size: d.capacity_bytes,
+            links: Vec::new(),
+        };
+        for l in links {
+            let extents = l.extents.iter().map(|e| arch(e).map(|e| (e.clone(), chunked(&e)))).collect::<Result<_>>()?;
+            disk.links.push(LinkRec { descriptor: arch(&l.descriptor)?, extents });
         }
-        report.set(&format!("ESXiDisk{i}"), format!("{} {} {}", d.label, ext_rel.display(), d.capacity_bytes));
+        let i = record.disks.len();
+        report.set(&format!("ESXiDisk{i}"), format!("{} {} {}", d.label, disk.extent.display(), d.capacity_bytes));
+        record.disks.push(disk);
     }
-    crate::fsutil::write_atomic(&running.join(ESXI_INI), ini.as_bytes(), crate::fsutil::Perm::Mode(0o600))?;
+    let text = record.to_text()?;
+    crate::fsutil::write_atomic(&running.join(ESXI_INI), text.as_bytes(), crate::fsutil::Perm::Mode(0o600))?;
     crate::interrupt::crash_point("esxi-ini-written");
     Ok(())
 }

@@ -28,7 +28,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::esxi::{self, Client, ConnectOptions, Password, PowerState};
 use crate::transport::{rsync, shell_quote, SshTarget};
 use crate::untrusted::{SafeName, SafeRelPath};
-use crate::vmrecord::{Ini, ESXI_INI};
+use crate::vmrecord::{self, VmRecord, ESXI_INI};
 
 /// The target host: API client, ssh endpoint, and the job whose rsync settings apply.
 struct Target<'a> {
@@ -164,26 +164,15 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
     let text = crate::untrusted::open_regular(&ini_path)
         .and_then(|f| {
             let mut t = Vec::new();
-            std::io::Read::read_to_end(&mut std::io::Read::take(f, 1 << 20), &mut t).map(|_| t)
+            std::io::Read::read_to_end(&mut std::io::Read::take(f, vmrecord::MAX_LEN as u64 + 1), &mut t).map(|_| t)
         })
         .map_err(|_| {
             Error::new(format!("archive {} of ESXi job {} has no {ESXI_INI} describing the VM; it cannot be restored as a VM (affa --unchunk gives its files)", arch.name(), ctx.job.name))
         })?;
     let text = String::from_utf8_lossy(&text);
-    let ini = Ini::parse(&text);
-    let format = ini.get("VM", "Format").unwrap_or("1");
-    if !matches!(format, "1" | "2") {
-        bail!(
-            "{} has Format={format}: it was written by a newer affa; this one restores formats 1 and 2",
-            ini_path.display()
-        );
-    }
-    let vm_name = ini.get("VM", "Name").unwrap_or("").to_string();
-    let vmx_path = ini
-        .get("VM", "VmxPath")
-        .ok_or_else(|| Error::new(format!("{} has no VmxPath in [VM]", ini_path.display())))?
-        .to_string();
-    let (vmx_ds, vmx_rest) = esxi::split_ds_path(&vmx_path)?;
+    let record = VmRecord::parse(&text).map_err(|e| e.context(ini_path.display()))?;
+    let vm_name = record.name.clone();
+    let (vmx_ds, vmx_rest) = esxi::split_ds_path(&record.vmx_path)?;
     let (vmx_dir, vmx_name) = vmx_rest.rsplit_once('/').unwrap_or(("", vmx_rest));
     let (vmx_ds, vmx_dir, vmx_name) = (vmx_ds.to_string(), vmx_dir.to_string(), vmx_name.to_string());
     // The one path-safety rule for the target names too.
@@ -196,7 +185,7 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
     }
 
     let mut t = connect_target(ctx)?;
-    let res = restore_logged_in(ctx, &mut t, &ini, &vm_name, (&vmx_ds, &vmx_dir, &vmx_name), out);
+    let res = restore_logged_in(ctx, &mut t, &record, &vm_name, (&vmx_ds, &vmx_dir, &vmx_name), out);
     let _ = t.client.logout();
     res
 }
@@ -204,7 +193,7 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
 fn restore_logged_in(
     ctx: &Ctx,
     t: &mut Target,
-    ini: &Ini,
+    record: &VmRecord,
     vm_name: &str,
     vmx: (&str, &str, &str),
     out: &mut dyn Write,
@@ -449,8 +438,7 @@ fn restore_logged_in(
     // Everything local first: chunked disks rebuilt and verified, the VM checked whole, the
     // absolute paths of the .vmx, .vmsd and descriptors rewritten for the new place.
     rebuild_all(ctx, &chunked)?;
-    let orig_urls: Vec<(String, String)> =
-        ini.all("Datastore.").iter().filter_map(|m| Some((m.get("Name")?.clone(), m.get("Url")?.clone()))).collect();
+    let orig_urls: Vec<(String, String)> = record.datastores.iter().map(|d| (d.name.clone(), d.url.clone())).collect();
     let vm_files: Vec<vmrefs::VmFile> = items
         .iter()
         .map(|it| vmrefs::VmFile {
@@ -465,8 +453,9 @@ fn restore_logged_in(
         items.iter().map(|it| (it.orig_ds.clone(), it.orig_dir.clone(), dirs[it.dir].host.clone())).collect();
     let walk = vmrefs::walk(&vm_files, (vmx_ds, vmx_dir, vmx_name), &orig_urls);
     let mut missing = walk.missing;
-    for p in ini_files(ini) {
-        let (ds, rest) = p.split_once('/').unwrap_or(("", &p));
+    // The files the record lists, as `ds/dir/file` below `vmfs/volumes/`.
+    for p in record.files().into_iter().filter_map(|p| p.to_str()?.strip_prefix("vmfs/volumes/")) {
+        let (ds, rest) = p.split_once('/').unwrap_or(("", p));
         let (dir, name) = rest.rsplit_once('/').unwrap_or(("", rest));
         if !vm_files.iter().any(|f| f.ds == ds && f.dir == dir && f.name == name) {
             missing.push(format!("{name} (listed in {ESXI_INI} as vmfs/volumes/{p})"));
@@ -597,24 +586,6 @@ fn map_abs(v: &str, orig_urls: &[(String, String)], moved: &[(String, String, St
         }
     }
     mapped
-}
-
-/// The files a format-2 `.affa-esxi.ini` lists (every link of each disk's chain, the snapshots'
-/// files), as `ds/dir/file` below `vmfs/volumes/`.
-fn ini_files(ini: &Ini) -> Vec<String> {
-    let mut out = Vec::new();
-    for (sec, m) in &ini.sections {
-        if !(sec.starts_with("Disk.") || sec.starts_with("Snapshot.")) {
-            continue;
-        }
-        for (k, v) in m {
-            let listed = k == "Descriptor" || k == "Data" || k == "Memory" || k == "Extent" || k.starts_with("Extent.");
-            if let (true, Some(p)) = (listed, v.strip_prefix("vmfs/volumes/")) {
-                out.push(p.to_string());
-            }
-        }
-    }
-    out
 }
 
 /// rsync --stats: "Total bytes sent: N".

@@ -12,8 +12,6 @@ mod esxi;
 mod host;
 mod vmrefs;
 
-pub use crate::vmrecord::Ini as EsxiIni;
-
 use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

@@ -7,10 +7,13 @@
 use std::path::Path;
 
 pub fn esxi_ini(data: &[u8]) {
-    let ini = affa::restore::EsxiIni::parse(&String::from_utf8_lossy(data));
-    let _ = (ini.get("VM", "Name"), ini.all("Disk."), ini.all("Datastore."));
-    if let Some(p) = ini.get("VM", "VmxPath") {
-        let _ = affa::esxi::model::split_ds_file(p);
+    if let Ok(r) = affa::vmrecord::VmRecord::parse(&String::from_utf8_lossy(data)) {
+        let _ = (r.files(), affa::esxi::model::split_ds_file(&r.vmx_path));
+        // What it read, it writes back as it read it (format 2).
+        if r.format == 2 {
+            let text = r.to_text().expect("a record read back writes");
+            assert_eq!(affa::vmrecord::VmRecord::parse(&text).unwrap(), r);
+        }
     }
 }
 
