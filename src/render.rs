@@ -75,9 +75,14 @@ impl Terminal {
 
     /// The one-line error that ends a failed command: always shown (cron mails it), the last line.
     pub fn error(&self, e: &affa::Error) {
+        self.fail(e.message());
+    }
+
+    /// The one-line error of `message` (an error, or a usage error of the command line).
+    pub fn fail(&self, message: &str) {
         self.clear();
         // Errors may quote what a host sent: no control character reaches the terminal.
-        self.line(&format!("{} {}", self.paint(RED, "affa: error:"), esc(e.message())));
+        self.line(&format!("{} {}", self.paint(RED, "affa: error:"), esc(message)));
     }
 
     /// The closing summary of a run, on one screen.
