@@ -593,11 +593,14 @@ pub struct FrameReader<R> {
     buf: Vec<u8>,
     /// Bytes of frames read so far (lengths included).
     pub bytes_in: u64,
+    /// Before the first frame only (the handshake): a bad length is shown with what follows it
+    /// (one more read), since the peer is then probably a shell printing text.
+    show_more: bool,
 }
 
 impl<R: Read> FrameReader<R> {
     pub fn new(r: R) -> Self {
-        FrameReader { r, buf: Vec::new(), bytes_in: 0 }
+        FrameReader { r, buf: Vec::new(), bytes_in: 0, show_more: true }
     }
 
     /// The next frame's type and body, or None at a clean end of stream (before any byte of a
@@ -615,9 +618,11 @@ impl<R: Read> FrameReader<R> {
             }
         }
         let n = u32::from_le_bytes(len) as usize;
+        let show_more = std::mem::replace(&mut self.show_more, false);
         if n == 0 || n > MAX_FRAME {
             let mut more = [0u8; 60];
-            let k = self.r.read(&mut more).unwrap_or(0);
+            // Mid-session a read could block: the peer may be waiting for us.
+            let k = if show_more { self.r.read(&mut more).unwrap_or(0) } else { 0 };
             let mut first = len.to_vec();
             first.extend_from_slice(&more[..k]);
             return Err(bad(format!(
