@@ -638,7 +638,7 @@ impl<R: Read> FrameReader<R> {
     }
 
     /// The next message, or None at a clean end of stream.
-    pub fn next(&mut self) -> Result<Option<Msg>> {
+    pub fn read_msg(&mut self) -> Result<Option<Msg>> {
         match self.next_raw()? {
             None => Ok(None),
             Some((t, body)) => Msg::decode(t, body).map(Some),
@@ -647,7 +647,7 @@ impl<R: Read> FrameReader<R> {
 
     /// The next message; end of stream is an error.
     pub fn expect(&mut self) -> Result<Msg> {
-        self.next()?.ok_or(Error::Eof)
+        self.read_msg()?.ok_or(Error::Eof)
     }
 
     pub fn get_mut(&mut self) -> &mut R {

@@ -50,7 +50,7 @@ fn every_message_round_trips() {
     for m in &ms {
         assert_eq!(&r.expect().unwrap(), m);
     }
-    assert!(r.next().unwrap().is_none());
+    assert!(r.read_msg().unwrap().is_none());
     assert_eq!(r.bytes_in, bytes.len() as u64);
 }
 
@@ -84,14 +84,14 @@ fn hostile_lengths_are_refused_before_allocation() {
         b"bash: affa-agent: command not found\n".to_vec(),
     ] {
         let mut r = FrameReader::new(&bytes[..]);
-        let e = r.next().unwrap_err().to_string();
+        let e = r.read_msg().unwrap_err().to_string();
         assert!(e.contains("bad frame length"), "{e}");
         assert!(r.buf.capacity() <= MAX_FRAME);
     }
     // A frame cut short.
     let mut b = Msg::Bye.encode().unwrap();
     b[0] = 9;
-    assert!(matches!(FrameReader::new(&b[..]).next(), Err(Error::Eof)));
+    assert!(matches!(FrameReader::new(&b[..]).read_msg(), Err(Error::Eof)));
     // A PREV claiming 4 billion entries in a few bytes, a text longer than its limit.
     let mut body = 0u64.to_le_bytes().to_vec();
     body.extend_from_slice(&u32::MAX.to_le_bytes());
@@ -174,7 +174,7 @@ proptest! {
     #[test]
     fn random_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..600)) {
         let mut r = FrameReader::new(&data[..]);
-        while let Ok(Some(_)) = r.next() {}
+        while let Ok(Some(_)) = r.read_msg() {}
         prop_assert!(r.buf.capacity() <= MAX_FRAME);
         if let Some((&t, body)) = data.split_first() {
             let _ = Msg::decode(t, body);
@@ -189,7 +189,7 @@ proptest! {
         b[p] = byte;
         b.truncate(b.len() - cut % (b.len() - 4));
         let mut r = FrameReader::new(&b[..]);
-        let _ = r.next();
+        let _ = r.read_msg();
         prop_assert!(r.buf.capacity() <= MAX_FRAME);
     }
 }

@@ -394,7 +394,6 @@ fn consume(
                 if let Err(f) = unchanged(path, &m0) {
                     return Ok(Err(f));
                 }
-                drop(answer);
                 out.send(&Msg::End(End {
                     size: m0.len(),
                     mtime: (m0.mtime(), m0.mtime_nsec() as u32),

@@ -78,7 +78,7 @@ fn serve() -> i32 {
         Ok(_) => {
             let (tx, rx) = sync_channel(proto::MAX_WINDOW as usize + 64);
             std::thread::spawn(move || loop {
-                let m = reader.next();
+                let m = reader.read_msg();
                 let end = !matches!(m, Ok(Some(_)));
                 if tx.send(m).is_err() || end {
                     break;

@@ -62,13 +62,9 @@ impl<R: Read, W: Write> Agent<R, W> {
     pub fn bye(mut self) -> Result<()> {
         let label = self.label.clone();
         self.w.send(&Msg::Bye).map_err(|e| perr(&label, e))?;
-        loop {
-            match self.r.expect().map_err(|e| perr(&label, e))? {
-                Msg::Bye => return Ok(()),
-                // Stale frames of an earlier faulted request cannot follow a FAULT; anything
-                // else is the agent misbehaving.
-                m => crate::bail!("agent {label}: expected BYE, received {}", m.name()),
-            }
+        match self.r.expect().map_err(|e| perr(&label, e))? {
+            Msg::Bye => Ok(()),
+            m => crate::bail!("agent {label}: expected BYE, received {}", m.name()),
         }
     }
 
