@@ -155,10 +155,10 @@ fn backup(
         return Ok(Err(Fault(FaultKind::BadRequest, 0, format!("{}: {size} bytes, above 2^50", path.display()))));
     }
     let cs = req.chunk_size as u64;
-    let window = ((32u64 << 20) / cs).clamp(4, MAX_WINDOW as u64) as usize;
+    let window = ((32u64 << 20) / cs).clamp(2, MAX_WINDOW as u64) as usize;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let workers = cores.min(((96u64 << 20) / (2 * cs)).max(1) as usize).max(1);
-    let inflight = (((64u64 << 20) / cs) as usize).clamp(workers + 1, 4 * workers);
+    let inflight = (((32u64 << 20) / cs) as usize).clamp(2, 4 * workers);
     out.send(&Msg::Opened(Opened {
         size,
         mode: m0.mode() & 0o7777,
@@ -181,7 +181,7 @@ fn backup(
     };
 
     let (item_tx, item_rx) = sync_channel::<Item>(inflight);
-    let (job_tx, job_rx) = sync_channel::<Job>(workers);
+    let (job_tx, job_rx) = sync_channel::<Job>(1);
     let job_rx = Mutex::new(job_rx);
     std::thread::scope(|s| {
         // The reader: sequential, holes skipped.
