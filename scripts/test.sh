@@ -13,6 +13,7 @@ PACKAGES=(
   bsdutils                                      # script(1): affa on a pseudo-terminal (tests/terminal.rs)
   curl                                          # scripts/demo.sh, which .ci/run runs too
   e2fsprogs mount                               # the USB-disk test (mkfs.ext4, losetup, mount)
+  file                                          # crates/agent/tests: the agent is statically linked
 )
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -30,6 +31,9 @@ fi
 
 # Build the simulator once up front (the tests would build it too).
 (cd harness/esxi-sim && GO111MODULE=off GOPATH=/usr/share/gocode go build -o esxi-sim .)
+
+# The statically linked agent (crates/agent/tests checks it and runs it under env -i).
+./scripts/build-agent.sh >/dev/null
 
 # Every test, with the test-only hooks (the fault tests' AFFA_TEST_CRASH_AT needs them; the
 # faults target is not built without them).

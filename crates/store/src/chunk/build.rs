@@ -300,16 +300,23 @@ pub fn chunk_file(
         added_bytes: st.added_bytes,
         chunks,
     };
-    // A source file already under the manifest's name (the transfer brought it) gives way.
-    st.replaced_source_file = fs::symlink_metadata(&mpath).is_ok()
-        && !super::index::read(archive_root)?.is_some_and(|recorded| recorded.iter().any(|r| r == rel_path));
-    if st.replaced_source_file && fs::symlink_metadata(&mpath).is_ok_and(|m| m.file_type().is_symlink()) {
-        // The secure writer refuses to replace a symlink: this one is the source's own data in
-        // the archive being built, so it is unlinked (unlink never follows it).
-        fs::remove_file(&mpath).ctx(|| format!("cannot remove {}", mpath.display()))?;
-    }
-    crate::fsutil::write_atomic(&mpath, &manifest.to_bytes(), crate::fsutil::Perm::Mode(0o600))?;
-    super::index::record(archive_root, rel_path)?;
+    st.replaced_source_file = place_manifest(archive_root, rel_path, &mpath, &manifest)?;
     st.manifest_path = mpath;
     Ok(st)
+}
+
+/// Write `manifest` durably to `mpath` and record `rel_path` in the archive's index (the last
+/// step of chunking a file). Returns true when a file that is not a manifest of this archive had
+/// the manifest's name (a source file the transfer brought): it gave way.
+pub(crate) fn place_manifest(archive_root: &Path, rel_path: &Path, mpath: &Path, manifest: &Manifest) -> Result<bool> {
+    let replaced = fs::symlink_metadata(mpath).is_ok()
+        && !super::index::read(archive_root)?.is_some_and(|recorded| recorded.iter().any(|r| r == rel_path));
+    if replaced && fs::symlink_metadata(mpath).is_ok_and(|m| m.file_type().is_symlink()) {
+        // The secure writer refuses to replace a symlink: this one is the source's own data in
+        // the archive being built, so it is unlinked (unlink never follows it).
+        fs::remove_file(mpath).ctx(|| format!("cannot remove {}", mpath.display()))?;
+    }
+    crate::fsutil::write_atomic(mpath, &manifest.to_bytes(), crate::fsutil::Perm::Mode(0o600))?;
+    super::index::record(archive_root, rel_path)?;
+    Ok(replaced)
 }

@@ -19,6 +19,7 @@ pub mod index;
 mod manifest;
 mod pipeline;
 mod pool;
+pub mod remote;
 mod restore;
 #[cfg(test)]
 mod tests;

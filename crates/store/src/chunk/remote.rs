@@ -1,0 +1,315 @@
+//! affa's side of the agent protocol (docs/PROTOCOL.md): the backup of one file read by
+//! `affa-agent` on the source host, straight into the pool and the archive: no staging copy, no
+//! read of old data except the pool's own damage checks.
+//!
+//! Owns: `Agent` (a session: handshake, bye) and `backup_file` (the request, answering the
+//! agent's chunk reports from the pool, checking and storing the chunks it sends, the manifest
+//! last). Must never: trust the agent (a compromised host): a chunk is stored only after it
+//! decoded to the chunk's exact length and its BLAKE3 equals the id the manifest will name; an
+//! index, size or count outside what the agent announced is a protocol error; a manifest is
+//! written only after `END` and only when every chunk it names is durably stored and linked.
+
+use super::blob;
+use super::build::{check_rel, manifest_path};
+use super::manifest::{ChunkRef, Manifest};
+use super::pool::{self, Pool, ARCHIVE_CHUNK_DIR};
+use super::{id_hex, ChunkId, ChunkStats, Compression, Settings};
+use crate::error::{Error, IoContext, Result};
+use affa_agent_proto::{self as proto, shown, ChunkKind, FrameReader, FrameWriter, Msg};
+use std::collections::{HashSet, VecDeque};
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// A session with an agent (its stdout as `R`, its stdin as `W`: e.g. the pipes of
+/// `ssh HOST affa-agent --serve`).
+pub struct Agent<R: Read, W: Write> {
+    r: FrameReader<R>,
+    w: FrameWriter<W>,
+    /// The agent's `software` string (shown safely).
+    pub software: String,
+    /// BLAKE3 of the agent's executable as it reported it (zeros: unknown).
+    pub exe_hash: [u8; 32],
+    label: String,
+}
+
+fn perr(label: &str, e: proto::Error) -> Error {
+    Error::new(format!("agent {label}: {e}"))
+}
+
+impl<R: Read, W: Write> Agent<R, W> {
+    /// Handshake. `label` names the agent in errors (e.g. `HOST:/path/affa-agent`).
+    pub fn connect(stdout: R, stdin: W, label: &str) -> Result<Self> {
+        let mut r = FrameReader::new(stdout);
+        let mut w = FrameWriter::new(stdin);
+        let me = concat!("affa ", env!("CARGO_PKG_VERSION"));
+        let (software, exe_hash) = proto::handshake(&mut r, &mut w, me, [0; 32], false).map_err(|e| perr(label, e))?;
+        Ok(Agent { r, w, software: shown(&software), exe_hash, label: label.to_string() })
+    }
+
+    /// Frame bytes received from the agent so far.
+    pub fn bytes_in(&self) -> u64 {
+        self.r.bytes_in
+    }
+
+    /// Frame bytes sent to the agent so far.
+    pub fn bytes_out(&self) -> u64 {
+        self.w.bytes_out
+    }
+
+    /// End the session cleanly (`BYE`, answered by `BYE`).
+    pub fn bye(mut self) -> Result<()> {
+        let label = self.label.clone();
+        self.w.send(&Msg::Bye).map_err(|e| perr(&label, e))?;
+        match self.r.expect().map_err(|e| perr(&label, e))? {
+            Msg::Bye => Ok(()),
+            m => crate::bail!("agent {label}: expected BYE, received {}", m.name()),
+        }
+    }
+
+    fn send(&mut self, m: &Msg) -> Result<()> {
+        self.w.send_noflush(m).map_err(|e| perr(&self.label, e))
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.w.flush().map_err(|e| perr(&self.label, e))
+    }
+
+    fn recv(&mut self) -> Result<Msg> {
+        match self.r.expect() {
+            Ok(Msg::Error { message }) => Err(Error::new(format!("agent {}: {}", self.label, shown(&message)))),
+            Ok(m) => Ok(m),
+            Err(e) => Err(perr(&self.label, e)),
+        }
+    }
+}
+
+/// Numbers of one `backup_file`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemoteStats {
+    /// As `chunk_file` counts them.
+    pub chunk: ChunkStats,
+    /// Chunk files the agent sent (`DATA` frames).
+    pub data_frames: u64,
+    /// Frame bytes received from the agent for this file.
+    pub bytes_received: u64,
+    /// Bytes the agent read from the source disk (holes not counted).
+    pub source_bytes_read: u64,
+}
+
+fn compression_code(c: Compression) -> (u8, u8) {
+    match c {
+        Compression::None => (0, 0),
+        Compression::Zstd(l) => (1, l.clamp(1, 19) as u8),
+        Compression::Lz4 => (2, 0),
+    }
+}
+
+/// Back up `remote_path` on the agent's host into the archive `archive_root` as `rel_path`
+/// (manifest `archive_root/rel_path.affa-manifest`, chunk links in `.affa-chunks/`), as
+/// `chunk_file` does for a local file. `previous` is the same file's manifest in the newest
+/// earlier archive: the agent reports chunks unchanged against it, which get the cheap check
+/// only (plus scrubbing), and other chunks the pool already holds are verified before reuse.
+/// A fault at the source (the file vanished, changed, a read error) is an error naming the
+/// file; the session stays usable after it. Any other error leaves the session unusable.
+pub fn backup_file<R: Read, W: Write>(
+    agent: &mut Agent<R, W>,
+    pool: &Pool,
+    settings: &Settings,
+    remote_path: &Path,
+    archive_root: &Path,
+    rel_path: &Path,
+    previous: Option<&Manifest>,
+) -> Result<RemoteStats> {
+    settings.validate()?;
+    check_rel(rel_path)?;
+    let label = agent.label.clone();
+    let what = format!("{label}: {}", remote_path.display());
+    let bad = |m: String| Error::new(format!("agent {what}: {m}"));
+    let cs = settings.chunk_size;
+    let prev = previous.filter(|p| p.chunk_size == cs);
+    let mpath = manifest_path(archive_root, rel_path);
+    fs::create_dir_all(archive_root).ctx(|| format!("cannot create directory {}", archive_root.display()))?;
+    crate::untrusted::create_dir_beneath(archive_root, rel_path.parent().unwrap_or(Path::new("")))?;
+    crate::untrusted::create_private_dir_beneath(archive_root, Path::new(ARCHIVE_CHUNK_DIR))?;
+    let in0 = agent.bytes_in();
+
+    // The request.
+    let (compression, level) = compression_code(settings.compression);
+    let prev_entries: Vec<Option<ChunkId>> = prev
+        .map(|p| p.chunks.iter().map(|c| if let ChunkRef::Stored(id) = c { Some(*id) } else { None }).collect())
+        .unwrap_or_default();
+    agent.send(&Msg::Backup(proto::Backup {
+        path: remote_path.as_os_str().as_bytes().to_vec(),
+        chunk_size: cs,
+        compression,
+        level,
+        prev_count: prev_entries.len() as u64,
+        ranged: false,
+    }))?;
+    for (i, part) in prev_entries.chunks(proto::PREV_PER_FRAME).enumerate() {
+        agent.send(&Msg::Prev { start: (i * proto::PREV_PER_FRAME) as u64, entries: part.to_vec() })?;
+    }
+    agent.send(&Msg::Start)?;
+    agent.flush()?;
+
+    let fault = |kind: proto::FaultKind, offset: u64, message: &str| {
+        Error::new(format!("{what}: {} (offset {offset}): {}", kind.name(), shown(message)))
+    };
+    let opened = match agent.recv()? {
+        Msg::Opened(o) => o,
+        Msg::Fault { kind, offset, message } => return Err(fault(kind, offset, &message)),
+        m => return Err(bad(format!("expected OPENED, received {}", m.name()))),
+    };
+    if opened.size > 1 << 50 || opened.window == 0 || opened.window > proto::MAX_WINDOW {
+        return Err(bad(format!("bad OPENED (size {}, window {})", opened.size, opened.window)));
+    }
+    let count = Manifest::chunk_count(opened.size, cs);
+    let chunk_len = |i: u64| (opened.size - i * cs as u64).min(cs as u64) as usize;
+    let day =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() / 86400).unwrap_or(0);
+
+    let mut st = RemoteStats::default();
+    st.chunk.logical_size = opened.size;
+    st.chunk.chunks = count;
+    let mut chunks: Vec<ChunkRef> = Vec::with_capacity(count.min(1 << 20) as usize);
+    let mut wanted: VecDeque<(u64, ChunkId)> = VecDeque::new();
+    let mut placed: HashSet<ChunkId> = HashSet::new();
+    let mut touched: HashSet<PathBuf> = HashSet::new();
+    let (mut blob_buf, mut decoded) = (Vec::new(), Vec::new());
+    let link = |id: &ChunkId, touched: &mut HashSet<PathBuf>| -> io::Result<()> {
+        let mut t = Vec::new();
+        let r = pool.link_into(id, archive_root, &mut t);
+        touched.extend(t);
+        r
+    };
+    let end = loop {
+        match agent.recv()? {
+            Msg::Chunk { index, kind } => {
+                if index != chunks.len() as u64 || index >= count {
+                    return Err(bad(format!("CHUNK {index}: expected chunk {} of {count}", chunks.len())));
+                }
+                let id = match kind {
+                    ChunkKind::Zero => {
+                        st.chunk.zero_chunks += 1;
+                        chunks.push(ChunkRef::Zero);
+                        continue;
+                    }
+                    ChunkKind::Same => match prev_entries.get(index as usize) {
+                        Some(Some(id)) => *id,
+                        _ => {
+                            return Err(bad(format!("CHUNK {index} 'same', but the previous manifest has no id there")))
+                        }
+                    },
+                    ChunkKind::Hash(id) => id,
+                };
+                chunks.push(ChunkRef::Stored(id));
+                let entry = pool.entry(&id);
+                let usable = if placed.contains(&id) {
+                    true
+                } else {
+                    let scrub = settings.scrub_one_in > 0 && (index + day).is_multiple_of(settings.scrub_one_in as u64);
+                    let good = if matches!(kind, ChunkKind::Same) && !scrub {
+                        pool::quick_check(&entry).unwrap_or(false)
+                    } else {
+                        match pool::read_blob(&entry, &mut blob_buf) {
+                            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+                            Err(_) => {
+                                st.chunk.repaired_chunks += 1;
+                                false
+                            }
+                            Ok(()) => {
+                                let ok = blob::decode(&blob_buf, &mut decoded).is_ok()
+                                    && blake3::hash(&decoded).as_bytes() == &id;
+                                if ok {
+                                    st.chunk.verified_chunks += 1;
+                                } else {
+                                    st.chunk.repaired_chunks += 1;
+                                }
+                                ok
+                            }
+                        }
+                    };
+                    // A link that fails (entry swept meanwhile, link limit) is stored afresh.
+                    good && link(&id, &mut touched).is_ok()
+                };
+                if usable {
+                    placed.insert(id);
+                    st.chunk.reused_chunks += 1;
+                } else {
+                    wanted.push_back((index, id));
+                }
+                agent.send(&Msg::Answer { index, need: !usable })?;
+                agent.flush()?;
+            }
+            Msg::Data { index, blob: data } => {
+                let Some((idx, id)) = wanted.pop_front() else {
+                    return Err(bad(format!("DATA for chunk {index}, none was asked for")));
+                };
+                if idx != index {
+                    return Err(bad(format!("DATA for chunk {index}, expected chunk {idx}")));
+                }
+                let len = chunk_len(index);
+                let hdr_ok = matches!(blob::parse_header(&data), Ok((_, raw, _)) if raw == len);
+                if !hdr_ok || blob::decode(&data, &mut decoded).is_err() || blake3::hash(&decoded).as_bytes() != &id {
+                    return Err(bad(format!("chunk {index} does not decode to {len} bytes with id {}", id_hex(&id))));
+                }
+                let mut t = Vec::new();
+                pool.write_entry(&id, &data, &mut t)?;
+                touched.extend(t);
+                if let Err(e) = link(&id, &mut touched) {
+                    // The hard-link limit: a fresh copy of the entry, then link it.
+                    let mut t = Vec::new();
+                    pool.write_entry(&id, &data, &mut t)?;
+                    touched.extend(t);
+                    link(&id, &mut touched).map_err(|e2| {
+                        Error::new(format!(
+                            "cannot link chunk {} into {}: {e2} (first attempt: {e})",
+                            id_hex(&id),
+                            archive_root.join(ARCHIVE_CHUNK_DIR).display()
+                        ))
+                    })?;
+                }
+                placed.insert(id);
+                st.data_frames += 1;
+                st.chunk.new_chunks += 1;
+                st.chunk.added_bytes += data.len() as u64;
+            }
+            Msg::End(e) => break e,
+            Msg::Fault { kind, offset, message } => return Err(fault(kind, offset, &message)),
+            m => return Err(bad(format!("unexpected {} during a backup", m.name()))),
+        }
+    };
+    if chunks.len() as u64 != count || !wanted.is_empty() {
+        return Err(bad(format!("END after {} of {count} chunks, {} asked for not sent", chunks.len(), wanted.len())));
+    }
+    if end.size != opened.size || end.mtime != opened.mtime || end.chunks_sent != st.data_frames {
+        return Err(bad("END disagrees with OPENED or with the chunks sent".into()));
+    }
+    let Some(file_hash) = end.file_hash else {
+        return Err(bad("END without the whole-file hash".into()));
+    };
+    st.source_bytes_read = end.bytes_read;
+    st.bytes_received = agent.bytes_in() - in0;
+
+    for d in &touched {
+        pool::fsync_dir(d)?;
+    }
+    let manifest = Manifest {
+        size: opened.size,
+        mode: opened.mode & 0o7777,
+        uid: opened.uid,
+        gid: opened.gid,
+        mtime: opened.mtime,
+        atime: Some(opened.atime),
+        chunk_size: cs,
+        compression: settings.compression,
+        file_hash,
+        added_bytes: st.chunk.added_bytes,
+        chunks,
+    };
+    st.chunk.replaced_source_file = super::build::place_manifest(archive_root, rel_path, &mpath, &manifest)?;
+    st.chunk.manifest_path = mpath;
+    Ok(st)
+}
