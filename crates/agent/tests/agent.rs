@@ -70,6 +70,9 @@ impl Sshd {
             std::thread::sleep(Duration::from_millis(20));
         }
         let user = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout).unwrap().trim().into();
+        // The host key is checked as affa checks it: a known_hosts file of this sshd's own key.
+        let host_pub = fs::read_to_string(d.join("host_ed25519.pub")).unwrap();
+        fs::write(d.join("known_hosts"), format!("[127.0.0.1]:{port} {host_pub}")).unwrap();
         Sshd { dir, port, user, child }
     }
 
@@ -82,12 +85,12 @@ impl Sshd {
                 "-o",
                 "BatchMode=yes",
                 "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
+                "StrictHostKeyChecking=yes",
                 "-o",
                 "LogLevel=ERROR",
             ])
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", self.dir.path().join("known_hosts").display()))
             .arg(format!("{}@127.0.0.1", self.user))
             .args(remote)
             .stdin(Stdio::piped())
