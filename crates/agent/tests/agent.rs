@@ -81,14 +81,7 @@ impl Sshd {
         Command::new("ssh")
             .args(["-p", &self.port.to_string(), "-i"])
             .arg(self.dir.path().join("client"))
-            .args([
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "StrictHostKeyChecking=yes",
-                "-o",
-                "LogLevel=ERROR",
-            ])
+            .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "LogLevel=ERROR"])
             .arg("-o")
             .arg(format!("UserKnownHostsFile={}", self.dir.path().join("known_hosts").display()))
             .arg(format!("{}@127.0.0.1", self.user))
