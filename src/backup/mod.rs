@@ -28,10 +28,9 @@ use crate::config::Config;
 use crate::error::Result;
 use crate::joblog::JobLog;
 use crate::lock;
-
 use crate::observer::Phase;
 use crate::report::Report;
-use crate::transport::rsync::{self};
+use crate::transport::rsync;
 
 /// Run a job at a level. `scheduled` transfers a new archive; the other levels only promote.
 pub fn run(cfg: &Config, job_name: &str, clock: &dyn Clock, opts: RunOptions) -> Result<RunSummary> {
