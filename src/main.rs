@@ -475,7 +475,7 @@ fn dispatch(cli: &Cli, ui: &std::sync::Arc<render::Terminal>) -> Result<u8> {
         print(affa::cron::show_schedule(&cfg, cli.all)?);
     } else if cli.resume_interrupted {
         need(a, 0, "--resume-interrupted")?;
-        print(affa::schedule::resume_interrupted(&cfg, clock.as_ref())? + "\n");
+        print(affa::schedule::resume_interrupted(&cfg)? + "\n");
     } else if cli.mailtest {
         need(a, 1, "--mailtest JOB")?;
         print(affa::commands::mailtest(&cfg, &a[0])? + "\n");
