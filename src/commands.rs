@@ -447,7 +447,7 @@ pub fn send_keys(cfg: &Config, names: &[String], out: &mut dyn Write, yes: bool,
             t.known_hosts.display()
         );
         if job.esxi() {
-            crate::backup::vm::pin_thumbprint(cfg, job, out, yes, watch)?;
+            crate::backup::vm::pin_thumbprint(job, out, yes, watch)?;
         }
     }
     Ok(())
@@ -761,4 +761,52 @@ pub fn send_status(cfg: &Config, clock: &dyn Clock) -> Result<String> {
     let subject = format!("affa: status of {}", notify::hostname());
     let how = notify::send(cfg, &notify::recipients(&cfg.global), &subject, &body)?;
     Ok(format!("status mail sent {how}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::FixedClock;
+    use std::path::PathBuf;
+
+    /// `--status` says a job is enabled exactly when cron runs it: `globalStatus=enabled`
+    /// overrides the job's `status=disabled` in both.
+    #[test]
+    fn global_status_enabled_shows_a_disabled_job_as_enabled_and_cron_runs_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[GlobalAffaConfig]\nglobalStatus=enabled\nlockDir={d}/lock\nlogDir={d}/log\n\n\
+             [web]\nstatus=disabled\nremoteHostName=localhost\nRootDir={d}/archive\nTimeSchedule=0300\n",
+            d = tmp.path().display()
+        );
+        let cfg = Config::parse(tmp.path(), &[(PathBuf::from("/etc/affa/t.conf"), text)]).unwrap().strict().unwrap();
+        let clock = FixedClock(crate::clock::parse_time("2026-03-02T10:00:00").unwrap());
+        let text = status(&cfg, &clock, false, false).unwrap();
+        let line = text.lines().find(|l| l.starts_with("web ")).unwrap_or_else(|| panic!("no line for web:\n{text}"));
+        assert_eq!(line.split_whitespace().nth(1), Some("yes"), "{text}");
+        let csv = status(&cfg, &clock, true, false).unwrap();
+        assert!(csv.lines().any(|l| l.starts_with("web;yes;")), "{csv}");
+        let cron = crate::cron::cron_text(&cfg, tmp.path());
+        assert!(cron.contains(" --run web\n"), "{cron}");
+    }
+
+    /// Configuration errors say so in their kind (callers never look at the message).
+    #[test]
+    fn configuration_errors_are_of_kind_config() {
+        use crate::error::ErrorKind;
+        let parse = |t: &str| Config::parse(Path::new("/etc/affa"), &[(PathBuf::from("/etc/affa/t.conf"), t.into())]);
+        let cfg = parse("[web]\nremoteHostName=h\nstatus=enbabled\n").unwrap();
+        let e = cfg.job("nope").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+        let e = cfg.strict().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+        assert_eq!(
+            e.message(),
+            "/etc/affa/t.conf:3: key 'status' has the value 'enbabled', expected enabled or disabled"
+        );
+        let e = parse("[GlobalAffaConfig]\nsendStatus=hourly\n").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+        let e = parse("[web]\nremoteHostName=h\nESXi=yes\n").unwrap().job("web").map(|_| ()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    }
 }

@@ -187,7 +187,7 @@ fn dispatch(inv: Invocation, ui: &Arc<render::Terminal>, out: &mut dyn Write) ->
         Action::ShowSchedule { all } => print(out, affa::cron::show_schedule(&env.config()?, all)?),
         Action::ResumeInterrupted => {
             let cfg = env.config()?;
-            print(out, affa::schedule::resume_interrupted(&cfg, clock()?.as_ref())? + "\n")
+            print(out, affa::schedule::resume_interrupted(&cfg)? + "\n")
         }
         Action::MailTest { job } => print(out, commands::mailtest(&env.config()?, &job)? + "\n"),
         Action::SendStatus => {

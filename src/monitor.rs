@@ -16,7 +16,7 @@ use crate::archive::{self, Level};
 use crate::clock::Clock;
 use crate::config::{Config, Job};
 use crate::cron::effective_enabled;
-use crate::error::Result;
+use crate::error::{IoContext, Result};
 use crate::report::Report;
 use crate::transport::rsync;
 
@@ -53,17 +53,24 @@ pub fn job_state(cfg: &Config, job: &Job) -> Result<JobState> {
 /// The DiskSpaceWarn rule of run.rs: free space of RootDir below the last backup's size times
 /// 1 (strict), 0.5 (normal), 0.1 (risky). Some(message) when it applies.
 fn disk_space_low(job: &Job, st: &JobState) -> Option<String> {
+    let size = st.report.as_ref().and_then(|r| r.num("TotalFileSize"))?;
+    let avail_kib = disk_space_warning(job, size)?;
+    Some(format!("disk space low: {} MiB free, last backup {} MiB", avail_kib / 1024, size / 1048576))
+}
+
+/// The DiskSpaceWarn rule (the backup's warning and the monitor's both): RootDir's free space
+/// is low when it is below the last backup's size (`strict`), half of it (`normal`) or a tenth
+/// (`risky`). The free KiB when it is low; None when it is not, the setting is `none` (or
+/// unknown), or the free space cannot be read.
+pub fn disk_space_warning(job: &Job, last_backup_bytes: u64) -> Option<u64> {
     let factor = match job.get("DiskSpaceWarn") {
         "strict" => 1.0,
         "normal" => 0.5,
         "risky" => 0.1,
         _ => return None,
     };
-    let size = st.report.as_ref().and_then(|r| r.num("TotalFileSize"))? as f64;
     let (_, avail_kib) = rsync::df(&job.root_dir())?;
-    ((avail_kib as f64) * 1024.0 < size * factor).then(|| {
-        format!("disk space low: {} MiB free, last backup {} MiB", avail_kib / 1024, (size / 1048576.0) as u64)
-    })
+    ((avail_kib as f64) * 1024.0 < last_backup_bytes as f64 * factor).then_some(avail_kib)
 }
 
 /// `--nrpe [JOB...]`: the plugin's one line and its exit code (0 OK, 1 WARNING, 2 CRITICAL,
@@ -198,8 +205,7 @@ pub fn init_nrpe(cfg: &Config) -> Result<String> {
         changed.push(format!("{} written", own.display()));
     }
     let include = format!("include={}", own.display());
-    let old =
-        fs::read_to_string(&main).map_err(|e| crate::Error::new(format!("cannot read {}: {e}", main.display())))?;
+    let old = fs::read_to_string(&main).ctx(|| format!("cannot read {}", main.display()))?;
     let mut new: String = old.lines().filter(|l| l.trim() != include).map(|l| format!("{l}\n")).collect();
     new.push_str(&include);
     new.push('\n');
@@ -219,7 +225,7 @@ pub fn init_nrpe(cfg: &Config) -> Result<String> {
             .arg(restart)
             .stdin(std::process::Stdio::null())
             .output()
-            .map_err(|e| crate::Error::new(format!("cannot run nrpeRestart '{restart}': {e}")))?;
+            .ctx(|| format!("cannot run nrpeRestart '{restart}'"))?;
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
             bail!(
@@ -246,19 +252,10 @@ fn label(v: &str) -> String {
 /// Bytes and files in a chunk pool (apparent sizes).
 fn pool_size(dir: &Path) -> (u64, u64) {
     let (mut bytes, mut files) = (0, 0);
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            let Ok(ft) = e.file_type() else { continue };
-            if ft.is_dir() {
-                stack.push(e.path());
-            } else if ft.is_file() {
-                if let Ok(m) = e.metadata() {
-                    bytes += m.len();
-                    files += 1;
-                }
-            }
+    for f in crate::fsutil::walk_files(dir).unwrap_or_default() {
+        if let Ok(m) = fs::symlink_metadata(&f) {
+            bytes += m.len();
+            files += 1;
         }
     }
     (bytes, files)

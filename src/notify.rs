@@ -132,7 +132,7 @@ pub fn send(cfg: &Config, to: &[String], subject: &str, body: &str) -> Result<St
     }
     let from_s = sender(cfg);
     let from: Mailbox =
-        from_s.parse().map_err(|e| Error::new(format!("mailFrom '{from_s}' is not a mail address: {e}")))?;
+        from_s.parse().map_err(|e| Error::config(format!("mailFrom '{from_s}' is not a mail address: {e}")))?;
     let mut b = Message::builder()
         .from(from)
         .subject(subject)
@@ -141,7 +141,7 @@ pub fn send(cfg: &Config, to: &[String], subject: &str, body: &str) -> Result<St
     for r in to {
         let a = header_address(r);
         let mb: Mailbox =
-            a.parse().map_err(|e| Error::new(format!("EmailAddress '{r}' is not a mail address: {e}")))?;
+            a.parse().map_err(|e| Error::config(format!("EmailAddress '{r}' is not a mail address: {e}")))?;
         b = b.to(mb);
     }
     let msg = b.body(body).map_err(|e| Error::new(format!("cannot build the mail: {e}")))?;

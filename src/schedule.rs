@@ -64,7 +64,7 @@ fn spawn_run(cfg: &Config, job: &str, delay: u64) -> Result<u32> {
 /// scheduled.running exists, the job is not running) and that has resumeAfterBoot=yes and is
 /// enabled. Each is started as its own detached background process, all at once (as cron would
 /// start them), so one long job does not delay the others.
-pub fn resume_interrupted(cfg: &Config, _clock: &dyn Clock) -> Result<String> {
+pub fn resume_interrupted(cfg: &Config) -> Result<String> {
     let mut lines = Vec::new();
     for job in cfg.jobs.values() {
         if !job.job_dir().join(archive::RUNNING).exists() || !effective_enabled(cfg, job) {

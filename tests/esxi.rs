@@ -62,6 +62,9 @@ fn hot_backup_copies_the_frozen_disks_and_removes_the_snapshot() {
     let report = fs::read_to_string(s0.join(".AFFA3-REPORT")).unwrap();
     assert!(report.contains("ESXiVM=vm1") && report.contains("ESXiSnapshot=BEXI-esx-20260504210000"), "{report}");
     assert!(report.contains("ESXiSnapshotRemoved="), "{report}");
+    // Both times come from the injected clock (AFFA_FAKE_NOW), as every time of a run does.
+    assert!(report.contains("\nESXiSnapshotCreated=2026-05-04 21:00:00\n"), "{report}");
+    assert!(report.contains("\nESXiSnapshotRemoved=2026-05-04 21:00:00\n"), "{report}");
     assert!(report.contains("ESXiDisk0=") && report.contains("ESXiDisk1="), "{report}");
     assert!(s0.join(".affa-esxi.ini").exists());
 

@@ -39,10 +39,10 @@ pub fn matcher(job: &Job) -> Result<Option<GlobSet>> {
     for p in pats {
         let pat = if p.contains('/') { p.trim_start_matches('/').to_string() } else { format!("**/{p}") };
         let g =
-            Glob::new(&pat).map_err(|e| Error::new(format!("chunkFiles pattern '{p}' of job {}: {e}", job.name)))?;
+            Glob::new(&pat).map_err(|e| Error::config(format!("chunkFiles pattern '{p}' of job {}: {e}", job.name)))?;
         b.add(g);
     }
-    Ok(Some(b.build().map_err(|e| Error::new(format!("chunkFiles of job {}: {e}", job.name)))?))
+    Ok(Some(b.build().map_err(|e| Error::config(format!("chunkFiles of job {}: {e}", job.name)))?))
 }
 
 /// rsync `--exclude` patterns that keep chunked files out of the main transfer.
@@ -144,7 +144,7 @@ pub fn chunk_into(
     };
     let stats = match chunk::chunk_file(&pool, &set, &st, running, rel, prev.as_ref(), Some(&cb)) {
         Ok(s) => s,
-        Err(e) if e.to_string().contains("os error 28") => return Err(disk_full(ctx, &e.to_string())),
+        Err(e) if e.is_disk_full() => return Err(disk_full(ctx, e.message()).with_source(e)),
         Err(e) => return Err(e),
     };
     drop(bar);

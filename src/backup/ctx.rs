@@ -13,7 +13,7 @@ use crate::archive::{self, Keeps, Level, RESUME, RUNNING};
 use crate::chunk;
 use crate::clock::Clock;
 use crate::config::{Config, Job};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::joblog::JobLog;
 use crate::observer::Watch;
 use crate::report::Report;
@@ -108,6 +108,7 @@ impl Ctx<'_> {
 pub fn check_rsync(ctx: &Ctx, res: &rsync::RsyncResult, what: &str, summary: &mut RunSummary) -> Result<()> {
     if crate::interrupt::interrupted() {
         bail!(
+            Interrupted,
             "{what} interrupted by {}; scheduled.running is kept and the next run resumes it",
             crate::interrupt::signal_name()
         );
@@ -119,12 +120,15 @@ pub fn check_rsync(ctx: &Ctx, res: &rsync::RsyncResult, what: &str, summary: &mu
             summary.warnings.push(w);
             Ok(())
         }
+        // rsync's own stderr, printed by the rsync that writes into RootDir (the text of a child's
+        // output, not one of our errors: it has no kind to check). Its exit code alone does not
+        // tell a full disk from other write failures.
         Outcome::Failure(f) if res.errors.iter().any(|e| e.contains("No space left on device")) => {
             Err(disk_full(ctx, &format!("{what}: {f}")))
         }
         Outcome::Failure(f) => {
             let detail = res.first_error().map(|e| format!(" ({e})")).unwrap_or_default();
-            Err(Error::new(format!(
+            Err(Error::remote(format!(
                 "{what}: {f}{detail}; earlier archives are untouched, scheduled.running is kept for the next run"
             )))
         }
@@ -139,7 +143,7 @@ pub fn disk_full(ctx: &Ctx, what: &str) -> Error {
     let _ = archive::remove_tree(&ctx.job_dir.join(RUNNING));
     let _ = archive::remove_tree(&ctx.job_dir.join(RESUME));
     give_space_back(ctx);
-    Error::new(format!(
+    Error::of(ErrorKind::DiskFull, format!(
         "{what}: the disk of RootDir {} is full; the incomplete transfer was deleted to give the space back, earlier archives are untouched",
         ctx.job.root_dir().display()
     ))

@@ -233,25 +233,17 @@ pub fn finish_report(ctx: &Ctx, running: &Path, report: &mut Report) -> Result<(
 /// Affa's DiskSpaceWarn: warn when the free space is below the last backup's size times
 /// 1 (strict), 0.5 (normal) or 0.1 (risky).
 fn disk_space_warning(ctx: &Ctx, report: &Report, summary: &mut RunSummary) {
-    let factor = match ctx.job.get("DiskSpaceWarn") {
-        "strict" => 1.0,
-        "normal" => 0.5,
-        "risky" => 0.1,
-        _ => return,
-    };
-    let size = report.num("TotalFileSize").unwrap_or(0) as f64;
-    if let Some((_, avail_kib)) = rsync::df(&ctx.job.root_dir()) {
-        if (avail_kib as f64) * 1024.0 < size * factor {
-            let w = format!(
-                "disk space is low on {}: {} MiB free, the last backup of {} was {} MiB (DiskSpaceWarn={})",
-                ctx.job.root_dir().display(),
-                avail_kib / 1024,
-                ctx.job.name,
-                (size / 1048576.0) as u64,
-                ctx.job.get("DiskSpaceWarn")
-            );
-            ctx.log.warn(&w);
-            summary.warnings.push(w);
-        }
+    let size = report.num("TotalFileSize").unwrap_or(0);
+    if let Some(avail_kib) = crate::monitor::disk_space_warning(ctx.job, size) {
+        let w = format!(
+            "disk space is low on {}: {} MiB free, the last backup of {} was {} MiB (DiskSpaceWarn={})",
+            ctx.job.root_dir().display(),
+            avail_kib / 1024,
+            ctx.job.name,
+            size / 1048576,
+            ctx.job.get("DiskSpaceWarn")
+        );
+        ctx.log.warn(&w);
+        summary.warnings.push(w);
     }
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 use crate::backup::chunked::{self, ChunkTotals};
 use crate::backup::ctx::{check_rsync, Ctx, RunSummary, STAGING};
 use crate::backup::host::prepare_running;
-use crate::config::{edit, Config, Job};
+use crate::config::{edit, Job};
 use crate::error::{Error, Result};
 use crate::esxi::soap::one_line;
 use crate::esxi::{self, chain, Client, ConnectOptions, MoRef, Password, VmLayout};
@@ -216,13 +216,13 @@ fn transfer_logged_in(
             }
             Err(r) => {
                 ctx.log.error(format!("removing snapshot {name} after the failed create: {r}"));
-                Error::new(format!("{e}; snapshot {name} may remain on the VM: the next run removes it"))
+                Error::of(e.kind(), format!("{e}; snapshot {name} may remain on the VM: the next run removes it"))
             }
         });
     }
     crate::interrupt::crash_point("snapshot-created");
     report.set("ESXiSnapshot", &name);
-    report.set("ESXiSnapshotCreated", chrono::Local::now().format("%Y-%m-%d %H:%M:%S"));
+    report.set("ESXiSnapshotCreated", ctx.clock.now().format("%Y-%m-%d %H:%M:%S"));
 
     // 4-5. Copy the frozen disks; 6. remove the snapshot, whatever happened.
     let copied = (|| -> Result<(VmLayout, chain::Frozen)> {
@@ -271,12 +271,12 @@ fn transfer_logged_in(
             if let Err(c) = &copied {
                 ctx.log.error(format!("the copy failed too: {c}"));
             }
-            return Err(Error::new(msg));
+            return Err(Error::of(e.kind(), msg));
         }
         (Err(_), Ok(())) => ctx.log.info(format!("ESXi: snapshot {name} removed after the failed copy")),
         _ => {}
     }
-    report.set("ESXiSnapshotRemoved", chrono::Local::now().format("%Y-%m-%d %H:%M:%S"));
+    report.set("ESXiSnapshotRemoved", ctx.clock.now().format("%Y-%m-%d %H:%M:%S"));
     let (frozen, files) = copied?;
 
     // 7. The configuration files, now that they describe the VM without the snapshot.
@@ -446,7 +446,7 @@ fn copy_groups(
             add_stats(report, &res.stdout);
             for f in &chunked {
                 if crate::interrupt::interrupted() {
-                    bail!("interrupted by {}", crate::interrupt::signal_name());
+                    bail!(Interrupted, "interrupted by {}", crate::interrupt::signal_name());
                 }
                 chunking += 1;
                 let file = g.rel_dir.join(f).display().to_string();
@@ -477,7 +477,7 @@ fn add_stats(report: &mut Report, out: &str) {
 
 /// `--send-key` on an ESXi job: show the host's certificate fingerprint, have the user confirm
 /// it, write it into the job's config as ESXiThumbprint. A fingerprint already pinned must match.
-pub fn pin_thumbprint(_cfg: &Config, job: &Job, out: &mut dyn Write, yes: bool, watch: &Watch) -> Result<()> {
+pub fn pin_thumbprint(job: &Job, out: &mut dyn Write, yes: bool, watch: &Watch) -> Result<()> {
     let o = connect_options(job);
     if o.plain_http {
         let _ = writeln!(out, "job {}: ESXiProtocol=http, no certificate to pin", job.name);

@@ -64,7 +64,7 @@ pub fn rename_section(job: &Job, new: &str) -> Result<()> {
     let mut lines: Vec<String> = text.lines().map(String::from).collect();
     let i = job.origin.line - 1;
     if lines.get(i).and_then(|l| section_name(l)) != Some(job.name.as_str()) {
-        bail!("{} changed since it was read: line {} is not [{}]", path.display(), job.origin.line, job.name);
+        bail!(Config, "{} changed since it was read: line {} is not [{}]", path.display(), job.origin.line, job.name);
     }
     lines[i] = format!("[{new}]");
     write(path, &lines)

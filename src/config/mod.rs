@@ -90,7 +90,7 @@ impl BrokenJob {
             0 | 1 => String::new(),
             n => format!(" ({} more: affa --configcheck)", n - 1),
         };
-        Error::new(format!("{}{more}", self.errors.first().map(String::as_str).unwrap_or("configuration error")))
+        Error::config(format!("{}{more}", self.errors.first().map(String::as_str).unwrap_or("configuration error")))
     }
 }
 
@@ -131,7 +131,7 @@ pub fn config_files(dir: &Path) -> Result<Vec<PathBuf>> {
     while let Some(d) = stack.pop() {
         let rd = match fs::read_dir(&d) {
             Ok(rd) => rd,
-            Err(e) => bail!("cannot read configuration directory {}: {e}", d.display()),
+            Err(e) => return Err(Error::io(format!("cannot read configuration directory {}: {e}", d.display()), e)),
         };
         for e in rd.filter_map(|e| e.ok()) {
             let p = e.path();
@@ -166,7 +166,7 @@ impl Config {
     /// The configuration only if it has no error at all (the first one otherwise).
     pub fn strict(self) -> Result<Config> {
         match self.problems.first() {
-            Some(p) => Err(Error::new(p.clone())),
+            Some(p) => Err(Error::config(p.clone())),
             None => Ok(self),
         }
     }
@@ -189,7 +189,7 @@ impl Config {
                 let mut error = |target: &Target, msg: String| {
                     if let Target::Section(name) = target {
                         if name == GLOBAL_SECTION {
-                            return Err(Error::new(msg));
+                            return Err(Error::config(msg));
                         }
                         errors.entry(name.clone()).or_default().push(msg.clone());
                     }
@@ -313,7 +313,7 @@ impl Config {
                 0 => String::new(),
                 n => format!(" ({n} configuration error(s): affa --configcheck)"),
             };
-            Error::new(format!("no job named '{name}' in {}; jobs there: {list}{problems}", self.dir.display()))
+            Error::config(format!("no job named '{name}' in {}; jobs there: {list}{problems}", self.dir.display()))
         })
     }
 
@@ -382,6 +382,7 @@ impl Job {
         let o = &self.origin;
         if self.get("remoteHostName").is_empty() {
             bail!(
+                Config,
                 "{o}: job [{}] has no remoteHostName; expected the host name or IP of the machine to back up",
                 self.name
             );
@@ -389,30 +390,30 @@ impl Job {
         if self.esxi() {
             for key in ["ESXiVMName", "ESXiUsername"] {
                 if self.get(key).is_empty() {
-                    bail!("{o}: ESXi job [{}] has no {key}; expected it with ESXi=yes", self.name);
+                    bail!(Config, "{o}: ESXi job [{}] has no {key}; expected it with ESXi=yes", self.name);
                 }
             }
             if self.get("ESXiPassword").is_empty() && self.get("ESXiPasswordFile").is_empty() {
-                bail!("{o}: ESXi job [{}] has neither ESXiPassword nor ESXiPasswordFile; expected one of them with ESXi=yes", self.name);
+                bail!(Config, "{o}: ESXi job [{}] has neither ESXiPassword nor ESXiPasswordFile; expected one of them with ESXi=yes", self.name);
             }
             if self.get("ESXiProtocol") == "http" {
                 if !self.get("ESXiThumbprint").is_empty() {
-                    bail!("{o}: ESXi job [{}] has ESXiProtocol=http and ESXiThumbprint={}: plain http has no certificate to check against the pin; expected ESXiProtocol=https (or no ESXiThumbprint)", self.name, self.get("ESXiThumbprint"));
+                    bail!(Config, "{o}: ESXi job [{}] has ESXiProtocol=http and ESXiThumbprint={}: plain http has no certificate to check against the pin; expected ESXiProtocol=https (or no ESXiThumbprint)", self.name, self.get("ESXiThumbprint"));
                 }
                 if !self.flag("ESXiInsecureHttp") {
-                    bail!("{o}: ESXi job [{}] has ESXiProtocol=http, which sends the API password unencrypted; expected ESXiProtocol=https, or ESXiInsecureHttp=yes to allow it on a test host", self.name);
+                    bail!(Config, "{o}: ESXi job [{}] has ESXiProtocol=http, which sends the API password unencrypted; expected ESXiProtocol=https, or ESXiInsecureHttp=yes to allow it on a test host", self.name);
                 }
             }
         }
         if self.flag("SMEServer") && (self.esxi() || self.flag("rsyncdMode")) {
-            bail!(
+            bail!(Config,
                 "{o}: job [{}] has SMEServer=yes with {}: the SME Server events run over ssh on a Linux host; expected SMEServer=no",
                 self.name,
                 if self.esxi() { "ESXi=yes" } else { "rsyncdMode=yes" }
             );
         }
         if self.flag("SambaShare") && self.samba_users().is_empty() {
-            bail!("{o}: job [{}] has SambaShare=yes but SambaValidUser is empty; expected the Samba users allowed to read its archives (e.g. SambaValidUser=affa): the share reads every archive as root, so it is never opened to all users", self.name);
+            bail!(Config, "{o}: job [{}] has SambaShare=yes but SambaValidUser is empty; expected the Samba users allowed to read its archives (e.g. SambaValidUser=affa): the share reads every archive as root, so it is never opened to all users", self.name);
         }
         if self.flag("rsyncdMode") {
             let why = if self.esxi() {
@@ -427,11 +428,12 @@ impl Job {
                 None
             };
             if let Some(w) = why {
-                bail!("{o}: job [{}] has rsyncdMode=yes with {w}, which needs ssh to the host; expected rsyncdMode=no or without {w}", self.name);
+                bail!(Config, "{o}: job [{}] has rsyncdMode=yes with {w}, which needs ssh to the host; expected rsyncdMode=no or without {w}", self.name);
             }
         }
         if self.get("AutomountDevice").is_empty() != self.get("AutomountPoint").is_empty() {
             bail!(
+                Config,
                 "{o}: job [{}] has {} without {}; expected both (the device and where to mount it, normally RootDir)",
                 self.name,
                 if self.get("AutomountPoint").is_empty() { "AutomountDevice" } else { "AutomountPoint" },
@@ -534,7 +536,7 @@ impl Job {
             use std::os::unix::fs::PermissionsExt;
             let md = fs::metadata(p).ctx(|| format!("cannot read {}", p.display()))?;
             if md.permissions().mode() & 0o077 != 0 {
-                bail!(
+                bail!(Config,
                     "{} holds the ESXi password of job {} but group or others may read it (mode {:o}); run: chmod 600 {}",
                     p.display(), self.name, md.permissions().mode() & 0o777, p.display()
                 );
@@ -553,6 +555,7 @@ impl Job {
         let pw = s.lines().next().unwrap_or("").to_string();
         if pw.is_empty() {
             bail!(
+                Config,
                 "ESXiPasswordFile {} of job {} is empty; expected the password on its first line",
                 f.display(),
                 self.name
@@ -610,9 +613,9 @@ pub fn property(name: &str) -> Result<&'static keys::KeyDef> {
         [d] => Ok(d),
         [] => {
             let hint = keys::closest(name).map(|c| format!(" (did you mean '{c}'?)")).unwrap_or_default();
-            bail!("unknown key '{name}'{hint}");
+            bail!(Config, "unknown key '{name}'{hint}");
         }
-        many => bail!("'{name}' is ambiguous: {}", many.iter().map(|d| d.name).collect::<Vec<_>>().join(" ")),
+        many => bail!(Config, "'{name}' is ambiguous: {}", many.iter().map(|d| d.name).collect::<Vec<_>>().join(" ")),
     }
 }
 

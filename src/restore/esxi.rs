@@ -220,8 +220,10 @@ fn restore_logged_in(
 
     // The archived files, grouped by directory.
     let base = arch.path.join("vmfs/volumes");
-    let mut files = Vec::new();
-    collect(&base, &base, &mut files)?;
+    let files: Vec<PathBuf> = crate::fsutil::walk_files(&base)?
+        .into_iter()
+        .map(|f| f.strip_prefix(&base).unwrap_or(&f).to_path_buf())
+        .collect();
     // Chunked are only the files the archive's index lists.
     let recorded: std::collections::HashSet<PathBuf> = chunk::chunked_files(&arch.path)?.into_iter().collect();
     if files.is_empty() {
@@ -544,25 +546,6 @@ fn restore_logged_in(
         let _ = writeln!(out, "registered {new_vmx_path} as VM {n} ({}) on ESXi host {}", vm.value, t.label);
         ctx.log.info(format!("registered {new_vmx_path} as VM {n} ({})", vm.value));
     }
-    Ok(())
-}
-
-/// Every file under `vmfs/volumes/` of the archive (relative to it), manifests included.
-fn collect(base: &Path, p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let rd = match fs::read_dir(p) {
-        Ok(r) => r,
-        Err(_) => return Ok(()),
-    };
-    for e in rd {
-        let e = e.ctx(|| format!("cannot read {}", p.display()))?;
-        let ft = e.file_type().ctx(|| format!("cannot stat {}", e.path().display()))?;
-        if ft.is_dir() {
-            collect(base, &e.path(), out)?;
-        } else if ft.is_file() {
-            out.push(e.path().strip_prefix(base).unwrap().to_path_buf());
-        }
-    }
-    out.sort();
     Ok(())
 }
 

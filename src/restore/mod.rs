@@ -240,7 +240,7 @@ pub(crate) fn run_rsync(
     let nobody = crate::observer::Watch::nobody();
     let res = rsync::run(job, args, &ctx.log, if progress { &ctx.opts.watch } else { &nobody })?;
     if crate::interrupt::interrupted() {
-        bail!("{what} interrupted; the target may be partly restored: run the restore again");
+        bail!(Interrupted, "{what} interrupted; the target may be partly restored: run the restore again");
     }
     match rsync::classify(res.code) {
         Outcome::Success => Ok(res),

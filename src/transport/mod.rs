@@ -98,13 +98,15 @@ pub fn output_within(
             break st;
         }
         if start.elapsed() >= limit {
-            // SAFETY: kill(2) on the process group this child leads (process_group(0) above);
-            // no memory is involved.
-            unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+            // The whole process group this child leads (process_group(0) above).
+            if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process_group(p, rustix::process::Signal::KILL);
+            }
             let _ = child.kill();
             let _ = child.wait();
             crate::interrupt::set_child(0);
             crate::bail!(
+                Remote,
                 "{what} did not finish within {} s and was stopped (the limit is the job key {key})",
                 limit.as_secs()
             );
@@ -243,7 +245,7 @@ impl SshTarget {
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
             let first = err.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
-            bail!("{what} on {} failed (exit {}): {first}", self.host, out.status.code().unwrap_or(-1));
+            bail!(Remote, "{what} on {} failed (exit {}): {first}", self.host, out.status.code().unwrap_or(-1));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -253,6 +255,7 @@ impl SshTarget {
         let out = self.run("echo OK")?;
         if String::from_utf8_lossy(&out.stdout).trim() != "OK" {
             bail!(
+                Remote,
                 "ssh to {} (job {}) did not answer OK: {}",
                 self.destination(),
                 self.job,
@@ -273,20 +276,20 @@ impl SshTarget {
         if stderr.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
             || (stderr.contains("Host key verification failed") && self.known())
         {
-            return Error::new(format!(
+            return Error::remote(format!(
                 "the host key of {dest} has CHANGED since it was recorded in {}: the host was replaced or someone is intercepting the connection; nothing was sent. If the change is expected, delete the line '{} ...' from that file and run affa --send-key {}",
                 self.known_hosts.display(), self.job, self.job
             ));
         }
         if stderr.contains("Host key verification failed") {
-            return Error::new(format!(
+            return Error::remote(format!(
                 "no host key is recorded for {dest} in {}; run affa --send-key {} first",
                 self.known_hosts.display(),
                 self.job
             ));
         }
         if stderr.contains("Permission denied") {
-            return Error::new(format!(
+            return Error::remote(format!(
                 "ssh login to {} at {dest} with key {} was refused; run affa --send-key {}",
                 self.user,
                 self.key.display(),
@@ -294,7 +297,7 @@ impl SshTarget {
             ));
         }
         let first = stderr.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("no answer");
-        Error::new(format!("cannot connect to {dest}: {first}"))
+        Error::remote(format!("cannot connect to {dest}: {first}"))
     }
 }
 
@@ -304,12 +307,7 @@ pub fn ensure_key(ssh_dir: &Path) -> Result<String> {
     let public = key.with_extension("pub");
     if !key.exists() {
         // 0700 from its creation (no moment in which it is open to others).
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(ssh_dir)
-            .ctx(|| format!("cannot create {}", ssh_dir.display()))?;
+        crate::fsutil::create_private_dir(ssh_dir)?;
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(ssh_dir, std::fs::Permissions::from_mode(0o700));
         let host = hostname();
@@ -359,6 +357,7 @@ pub fn send_key(t: &SshTarget, ssh_dir: &Path, authorized_keys: &str) -> Result<
     }
     if !String::from_utf8_lossy(&out.stdout).contains("AFFA-KEY-OK") {
         bail!(
+            Remote,
             "could not install the key in {authorized_keys} on {}: {}",
             t.host,
             String::from_utf8_lossy(&out.stderr).trim()
@@ -379,7 +378,7 @@ pub fn revoke_key(t: &SshTarget, ssh_dir: &Path, authorized_keys: &str) -> Resul
     );
     let out = t.run_ok(&remote, "removing the key")?;
     if !out.contains("AFFA-REVOKED") && !out.is_empty() {
-        bail!("could not remove the key from {authorized_keys} on {}", t.host);
+        bail!(Remote, "could not remove the key from {authorized_keys} on {}", t.host);
     }
     Ok(())
 }

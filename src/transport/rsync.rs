@@ -357,16 +357,10 @@ fn redact_args(lead: &[String], args: &[String]) -> String {
 
 /// Free and used space (KiB) of the filesystem holding `path`.
 pub fn df(path: &Path) -> Option<(u64, u64)> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let c = CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return None;
-    }
-    let bs = s.f_frsize as u64;
-    let used = (s.f_blocks as u64 - s.f_bfree as u64) * bs / 1024;
-    let avail = s.f_bavail as u64 * bs / 1024;
+    let s = rustix::fs::statvfs(path).ok()?;
+    let bs = s.f_frsize;
+    let used = (s.f_blocks - s.f_bfree) * bs / 1024;
+    let avail = s.f_bavail * bs / 1024;
     Some((used, avail))
 }
 

@@ -77,6 +77,7 @@ impl Daemon {
             let err = String::from_utf8_lossy(&out.stderr);
             let first = err.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("no answer");
             bail!(
+                Remote,
                 "rsync daemon connection to {} (job {}) failed: {first}; check rsyncdUser, rsyncdPassword, rsyncdModule and rsyncdPort",
                 self.url,
                 job.name

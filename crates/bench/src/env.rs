@@ -38,6 +38,8 @@ pub fn check_prerequisites() -> Result<(), String> {
 }
 
 fn pdeathsig(cmd: &mut Command) {
+    // SAFETY: the closure runs in the child between fork and exec; it only calls prctl(2), which
+    // is async-signal-safe, allocates nothing and takes no lock.
     unsafe {
         cmd.pre_exec(|| {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
@@ -170,7 +172,7 @@ impl Sshd {
              PubkeyAuthentication yes\nLogLevel ERROR\nMaxStartups 100:30:200\nMaxSessions 50\n"
         );
         fs::write(dir.join("sshd_config"), cfg).map_err(|e| e.to_string())?;
-        if unsafe { libc::geteuid() } == 0 {
+        if rustix::process::geteuid().is_root() {
             let _ = fs::create_dir_all("/run/sshd");
         }
         let mut c = Command::new("/usr/sbin/sshd");

@@ -7,7 +7,6 @@
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
 pub const KIB: u64 = 1 << 10;
@@ -204,10 +203,8 @@ pub fn change_scattered(path: &Path, size: u64, frac: f64, seed: u64, filler: &F
 /// Set a file's mtime/atime (so every change is seen by size+mtime checks, deterministically).
 pub fn set_mtime(path: &Path, secs: i64) -> io::Result<()> {
     let f = File::open(path)?;
-    let ts = [libc::timespec { tv_sec: secs, tv_nsec: 0 }, libc::timespec { tv_sec: secs, tv_nsec: 0 }];
-    if unsafe { libc::futimens(f.as_raw_fd(), ts.as_ptr()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let t = rustix::fs::Timespec { tv_sec: secs, tv_nsec: 0 };
+    rustix::fs::futimens(&f, &rustix::fs::Timestamps { last_access: t, last_modification: t })?;
     Ok(())
 }
 
@@ -217,22 +214,17 @@ pub fn copy_sparse(from: &Path, to: &Path) -> io::Result<()> {
     let size = src.metadata()?.len();
     let dst = OpenOptions::new().write(true).create(true).truncate(true).open(to)?;
     dst.set_len(size)?;
-    let fd = src.as_raw_fd();
-    let mut off: i64 = 0;
+    let mut off: u64 = 0;
     let mut buf = vec![0u8; (4 * MIB) as usize];
-    while (off as u64) < size {
-        let data = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
-        if data < 0 {
-            break;
-        }
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        let end = if hole < 0 { size as i64 } else { hole };
+    while off < size {
+        let Ok(data) = rustix::fs::seek(&src, rustix::fs::SeekFrom::Data(off)) else { break };
+        let end = rustix::fs::seek(&src, rustix::fs::SeekFrom::Hole(data)).unwrap_or(size);
         let mut p = data;
         while p < end {
             let n = ((end - p) as usize).min(buf.len());
-            src.read_exact_at(&mut buf[..n], p as u64)?;
-            dst.write_all_at(&buf[..n], p as u64)?;
-            p += n as i64;
+            src.read_exact_at(&mut buf[..n], p)?;
+            dst.write_all_at(&buf[..n], p)?;
+            p += n as u64;
         }
         off = end;
     }

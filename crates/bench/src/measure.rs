@@ -6,7 +6,6 @@
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -34,7 +33,7 @@ impl Remote {
         let Some(rest) = s.rsplit_once(')').map(|(_, r)| r) else { return 0.0 };
         let f: Vec<&str> = rest.split_whitespace().collect();
         // after ") ": state is field 3; cutime is field 16, cstime 17 (1-based) -> index 13, 14
-        let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let tick = rustix::param::clock_ticks_per_second() as f64;
         let cu: f64 = f.get(13).and_then(|v| v.parse().ok()).unwrap_or(0.0);
         let cs: f64 = f.get(14).and_then(|v| v.parse().ok()).unwrap_or(0.0);
         (cu + cs) / tick
@@ -53,10 +52,13 @@ pub fn run(cmd: &mut Command, log: &Path, remote: Remote) -> Result<Cost, String
     let child = cmd.spawn().map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
     let pid = child.id() as libc::pid_t;
     let mut status = 0;
+    // SAFETY: rusage is plain integers (all-zero is a valid value); wait4(2) writes `status`
+    // and `ru`, both live locals, and reaps our own child `pid` (forgotten below so that std
+    // does not wait for it again).
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
     std::mem::forget(child);
-    unsafe { libc::sync() };
+    rustix::fs::sync();
     let wall = t.elapsed().as_secs_f64();
     // Let the sshd listener reap the connection's processes.
     let mut r1 = remote.cpu();
@@ -98,6 +100,8 @@ pub fn run(cmd: &mut Command, log: &Path, remote: Remote) -> Result<Cost, String
 /// Time an in-process action the same way (wall including a final sync; CPU from getrusage SELF).
 pub fn time_self<T>(f: impl FnOnce() -> T) -> (T, Cost) {
     let self_cpu = || {
+        // SAFETY: rusage is plain integers (all-zero is a valid value); getrusage(2) writes
+        // only `ru`, a live local.
         let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
         unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
         let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
@@ -106,7 +110,7 @@ pub fn time_self<T>(f: impl FnOnce() -> T) -> (T, Cost) {
     let (c0, _) = self_cpu();
     let t = Instant::now();
     let v = f();
-    unsafe { libc::sync() };
+    rustix::fs::sync();
     let wall = t.elapsed().as_secs_f64();
     let (c1, rss) = self_cpu();
     (v, Cost { wall, cpu_local: c1 - c0, cpu_remote: 0.0, maxrss_kib: rss, start: 0.0 })
@@ -137,11 +141,11 @@ pub fn files(p: &Path) -> Vec<PathBuf> {
 /// Drop every file under `paths` from the page cache (after a sync, so the pages are clean):
 /// the next read comes from the disk, as in a nightly run.
 pub fn evict(paths: &[&Path]) {
-    unsafe { libc::sync() };
+    rustix::fs::sync();
     for p in paths {
         for f in files(p) {
             if let Ok(h) = File::open(&f) {
-                unsafe { libc::posix_fadvise(h.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+                let _ = rustix::fs::fadvise(&h, 0, None, rustix::fs::Advice::DontNeed);
             }
         }
     }

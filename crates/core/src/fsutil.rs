@@ -129,6 +129,12 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
 /// Every regular file under a directory (symlinks are not followed), sorted; a directory that
 /// does not exist has none.
 pub fn walk_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    walk_files_but(dir, &[])
+}
+
+/// [`walk_files`], not entering the directories named in `skip` (paths as `dir.join(...)` gives
+/// them).
+pub fn walk_files_but(dir: &Path, skip: &[&Path]) -> Result<Vec<std::path::PathBuf>> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -141,7 +147,10 @@ pub fn walk_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
             let e = e.ctx(|| format!("cannot read {}", d.display()))?;
             let ft = e.file_type().ctx(|| format!("cannot stat {}", e.path().display()))?;
             if ft.is_dir() {
-                stack.push(e.path());
+                let p = e.path();
+                if !skip.contains(&p.as_path()) {
+                    stack.push(p);
+                }
             } else if ft.is_file() {
                 out.push(e.path());
             }

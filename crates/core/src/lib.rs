@@ -2,7 +2,7 @@
 //!
 //! Owns: the error type ([`error`]), the one secure atomic writer and private directories
 //! ([`fsutil`]), the checks on names and paths a host sends ([`untrusted`]), SIGINT/SIGTERM and
-//! the test crash hook ([`interrupt`]), the injected clock ([`clock`]) and how sizes, durations and
+//! the test crash hook ([`interrupt`]), `key=value` lines ([`keyvalue`]), the injected clock ([`clock`]) and how sizes, durations and
 //! dates are shown ([`fmt`]). Must never: depend on another affa crate, know of jobs, archives or
 //! hosts, print, or read stdin.
 
@@ -12,6 +12,7 @@ pub mod clock;
 pub mod fmt;
 pub mod fsutil;
 pub mod interrupt;
+pub mod keyvalue;
 pub mod untrusted;
 
 pub use error::{Error, Result};

@@ -238,11 +238,9 @@ impl DoneDates {
     pub fn read(job_dir: &Path) -> DoneDates {
         let mut d = DoneDates::default();
         if let Ok(text) = fs::read_to_string(job_dir.join(DONE_DATES)) {
-            for line in text.lines() {
-                if let Some((k, v)) = line.split_once('=') {
-                    if let Some(l) = Level::parse(k.trim()) {
-                        d.values[l as usize] = v.trim().to_string();
-                    }
+            for (k, v) in affa_core::keyvalue::pairs(&text, None) {
+                if let Some(l) = Level::parse(k) {
+                    d.values[l as usize] = v.to_string();
                 }
             }
         }
@@ -343,7 +341,7 @@ fn apply_journal(job_dir: &Path) -> Result<Vec<String>> {
     let mut done = Vec::new();
     let mut dd: Option<DoneDates> = None;
     let bad = || {
-        crate::error::Error::new(format!(
+        crate::error::Error::damaged(format!(
             "{} is damaged; move it away and check the archive names of {}",
             jp.display(),
             job_dir.display()

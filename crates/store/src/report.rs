@@ -42,19 +42,8 @@ impl Report {
 
     pub fn parse(text: &str) -> Report {
         let mut r = Report::default();
-        let mut in_report = false;
-        for line in text.lines() {
-            let line = line.trim();
-            if line.starts_with('[') {
-                in_report = line == "[Report]";
-                continue;
-            }
-            if !in_report || line.starts_with(';') || line.starts_with('#') {
-                continue;
-            }
-            if let Some((k, v)) = line.split_once('=') {
-                r.values.push((k.trim().to_string(), v.trim().to_string()));
-            }
+        for (k, v) in affa_core::keyvalue::pairs(text, Some("Report")) {
+            r.values.push((k.to_string(), v.to_string()));
         }
         r
     }

@@ -15,7 +15,7 @@ use super::model::{
 };
 use super::soap::{self, elem, envelope, moref_elem, one_line, Fault, Node, Reply};
 use super::tls::{client_config, Seen, Thumbprint};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use std::io::Read;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -124,7 +124,7 @@ impl std::fmt::Debug for Client {
 /// What to tell the user when no thumbprint is configured.
 fn no_thumbprint(host: &str, job: Option<&str>) -> Error {
     let job = job.filter(|j| !j.is_empty()).unwrap_or("JOB");
-    Error::new(format!(
+    Error::config(format!(
         "no certificate fingerprint pinned for ESXi host {host} (job config key ESXiThumbprint): \
          run `affa --send-key {job}` to show and pin it"
     ))
@@ -213,7 +213,7 @@ impl Client {
         let rv = resp
             .child("returnval")
             .ok_or_else(|| c.err("RetrieveServiceContent answered without a service content"))?;
-        c.sc = ServiceContent::from_node(rv).map_err(|e| e.context(format!("ESXi host {}", c.host)))?;
+        c.sc = ServiceContent::from_node(rv).map_err(|e| c.at_host(e))?;
         let v = &c.sc.about.api_version;
         if !v.is_empty() && v.len() <= 16 && v.chars().all(|ch| ch.is_ascii_digit() || ch == '.') {
             c.soap_action = format!("urn:vim25/{v}");
@@ -245,14 +245,20 @@ impl Client {
         self.cookie.lock().map(|c| c.is_some()).unwrap_or(false)
     }
 
+    /// A failure of the ESXi host ([`ErrorKind::Remote`]): "ESXi host H: msg".
     fn err(&self, msg: impl std::fmt::Display) -> Error {
-        Error::new(format!("ESXi host {}: {}", self.host, msg))
+        Error::remote(format!("ESXi host {}: {}", self.host, msg))
+    }
+
+    /// `e` (about something the host sent) as a failure of the host: "ESXi host H: e".
+    fn at_host(&self, e: Error) -> Error {
+        e.context(format!("ESXi host {}", self.host)).with_kind(ErrorKind::Remote)
     }
 
     fn fault_error(&self, method: &str, f: &Fault) -> Error {
         let msg = if f.message.is_empty() { String::new() } else { format!(": {}", f.message) };
         match f.kind.as_str() {
-            "InvalidLogin" => Error::new(format!("wrong user or password for ESXi host {}", self.host)),
+            "InvalidLogin" => Error::remote(format!("wrong user or password for ESXi host {}", self.host)),
             "NotAuthenticated" => {
                 self.err(format!("{method} refused: not logged in (session expired?): NotAuthenticated{msg}"))
             }
@@ -271,7 +277,7 @@ impl Client {
         if got == *want {
             return None;
         }
-        Some(Error::new(format!(
+        Some(Error::remote(format!(
             "certificate of ESXi host {} has fingerprint {got}, expected {want} (job config key ESXiThumbprint)",
             self.host
         )))
@@ -351,8 +357,8 @@ impl Client {
             }
         }
         match t.kind() {
-            K::Dns => Error::new(format!("cannot resolve ESXi host {}: {cause}", self.host)),
-            K::ConnectionFailed => Error::new(format!("cannot connect to ESXi host {}: {cause}", self.host)),
+            K::Dns => Error::remote(format!("cannot resolve ESXi host {}: {cause}", self.host)),
+            K::ConnectionFailed => Error::remote(format!("cannot connect to ESXi host {}: {cause}", self.host)),
             _ => self.err(format!("{method}: {}: {cause}", t.kind())),
         }
     }
@@ -400,8 +406,7 @@ impl Client {
     pub fn retrieve(&self, spec: &str) -> Result<Vec<ObjectContent>> {
         let inner = format!("{}<specSet>{spec}</specSet><options/>", self.this_pc());
         let (resp, mut total) = self.call_sized("RetrievePropertiesEx", &inner)?;
-        let (mut objs, mut token) =
-            parse_retrieve_result(&resp).map_err(|e| e.context(format!("ESXi host {}", self.host)))?;
+        let (mut objs, mut token) = parse_retrieve_result(&resp).map_err(|e| self.at_host(e))?;
         let mut pages = 1;
         while let Some(t) = token {
             if pages >= MAX_RETRIEVE_PAGES {
@@ -419,8 +424,7 @@ impl Client {
                     MAX_RETRIEVE_BYTES >> 20
                 )));
             }
-            let (more, next) =
-                parse_retrieve_result(&resp).map_err(|e| e.context(format!("ESXi host {}", self.host)))?;
+            let (more, next) = parse_retrieve_result(&resp).map_err(|e| self.at_host(e))?;
             objs.extend(more);
             token = next;
         }
@@ -556,7 +560,10 @@ impl Client {
             ],
         )?;
         let name = decode_entity_name(o.prop_text("name").unwrap_or(""));
-        let ctx = |e: Error| e.context(format!("VM {} on ESXi host {}", crate::untrusted::shown(&name), self.host));
+        let ctx = |e: Error| {
+            e.context(format!("VM {} on ESXi host {}", crate::untrusted::shown(&name), self.host))
+                .with_kind(ErrorKind::Remote)
+        };
         let files = o.prop("config.files").map(parse_vm_files).unwrap_or_default();
         if files.vm_path_name.is_empty() {
             return Err(ctx(Error::new("no configuration file known (VM inaccessible?)")));
@@ -602,7 +609,7 @@ impl Client {
             layout_snapshots,
             datastores,
         };
-        layout.check_names().map_err(|e| e.context(format!("ESXi host {}", self.host)))?;
+        layout.check_names().map_err(|e| self.at_host(e))?;
         Ok(layout)
     }
 
@@ -616,7 +623,7 @@ impl Client {
             let info = o
                 .prop("info")
                 .ok_or_else(|| self.err(format!("task {what} ({}) has no info", task.value)))
-                .and_then(|i| parse_task_info(i).map_err(|e| e.context(format!("ESXi host {}", self.host))))?;
+                .and_then(|i| parse_task_info(i).map_err(|e| self.at_host(e)))?;
             match info.state {
                 TaskState::Success => return Ok(info),
                 TaskState::Error => {

@@ -33,13 +33,13 @@ impl Thumbprint {
     pub fn parse(s: &str) -> Result<Thumbprint> {
         let hex: String = s.chars().filter(|c| !matches!(c, ':' | ' ' | '-')).collect();
         if hex.len() == 40 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(Error::new(
+            return Err(Error::config(
                 "ESXiThumbprint looks like a SHA-1 fingerprint; affa pins the SHA-256 fingerprint \
                  (32 bytes): run `affa --send-key JOB` to show it",
             ));
         }
         if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(Error::new(format!(
+            return Err(Error::config(format!(
                 "ESXiThumbprint {:?} is not a SHA-256 fingerprint (32 hex bytes separated by colons)",
                 super::soap::one_line(s)
             )));
@@ -47,7 +47,8 @@ impl Thumbprint {
         let mut out = [0u8; 32];
         for (i, b) in out.iter_mut().enumerate() {
             // The string is checked ASCII hex above, so slicing by bytes is safe.
-            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| Error::new("bad hex in ESXiThumbprint"))?;
+            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+                .map_err(|_| Error::config("bad hex in ESXiThumbprint"))?;
         }
         Ok(Thumbprint(out))
     }
@@ -153,7 +154,7 @@ pub(crate) fn server_name(host: &str) -> Result<ServerName<'static>> {
 /// credentials; meant for `affa --send-key` to show the user what to pin.
 pub fn fetch_thumbprint(host: &str, port: u16, timeout: Duration) -> Result<String> {
     let deadline = Instant::now() + timeout;
-    let fail = |what: String| Error::new(format!("cannot read the certificate of ESXi host {host}:{port}: {what}"));
+    let fail = |what: String| Error::remote(format!("cannot read the certificate of ESXi host {host}:{port}: {what}"));
     let (cfg, seen) = client_config(None)?;
     let addrs: Vec<_> = (host.trim_start_matches('[').trim_end_matches(']'), port)
         .to_socket_addrs()

@@ -17,7 +17,6 @@ use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -111,10 +110,7 @@ pub fn chunk_file(
     crate::untrusted::create_dir_beneath(archive_root, rel_path.parent().unwrap_or(Path::new("")))?;
     crate::untrusted::create_private_dir_beneath(archive_root, Path::new(ARCHIVE_CHUNK_DIR))?;
     #[cfg(target_os = "linux")]
-    // SAFETY: posix_fadvise(2) only takes the descriptor of `file`, open for the whole call.
-    unsafe {
-        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
-    }
+    let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::Sequential);
 
     let avail = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let want = if settings.threads == 0 { avail } else { settings.threads };
@@ -196,11 +192,13 @@ pub fn chunk_file(
                 // The entry vanished (a concurrent sweep): store it again.
                 Err(e) if e.kind() == io::ErrorKind::NotFound && attempts < 5 => must_store = true,
                 Err(e) => {
-                    return Err(Error::new(format!(
-                        "cannot link chunk {} into {}: {e}",
-                        id_hex(&id),
-                        archive_root.join(ARCHIVE_CHUNK_DIR).display()
-                    )))
+                    return Err(e).ctx(|| {
+                        format!(
+                            "cannot link chunk {} into {}",
+                            id_hex(&id),
+                            archive_root.join(ARCHIVE_CHUNK_DIR).display()
+                        )
+                    })
                 }
             }
         }
@@ -216,17 +214,13 @@ pub fn chunk_file(
         |emit: &mut dyn FnMut((u64, Option<Vec<u8>>)) -> Result<()>| -> Result<()> {
             let mut hasher = blake3::Hasher::new();
             let zeros = vec![0u8; cs.min(size.max(1)) as usize];
-            let fd = file.as_raw_fd();
             for idx in 0..count {
                 let off = idx * cs;
                 let len = (size - off).min(cs) as usize;
                 // A chunk entirely inside a hole is zero without reading it.
-                // SAFETY: lseek(2) on the descriptor of `file`, which outlives this closure.
-                let data_at = unsafe { libc::lseek(fd, off as libc::off_t, libc::SEEK_DATA) };
-                let hole = if data_at < 0 {
-                    io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO)
-                } else {
-                    data_at as u64 >= off + len as u64
+                let hole = match rustix::fs::seek(&file, rustix::fs::SeekFrom::Data(off)) {
+                    Ok(data_at) => data_at >= off + len as u64,
+                    Err(e) => e == rustix::io::Errno::NXIO,
                 };
                 if hole {
                     hasher.update(&zeros[..len]);

@@ -60,12 +60,12 @@ pub fn ensure(archive_root: &Path) -> Result<()> {
 
 /// Parse an index: the chunked files, sorted, each once.
 pub fn parse(data: &[u8]) -> Result<Vec<PathBuf>> {
-    let body = data.strip_prefix(HEADER).ok_or_else(|| Error::new("not a manifest index (bad first line)"))?;
+    let body = data.strip_prefix(HEADER).ok_or_else(|| Error::damaged("not a manifest index (bad first line)"))?;
     let Some(body) = body.strip_suffix(&[0]) else {
         if body.is_empty() {
             return Ok(Vec::new());
         }
-        return Err(Error::new("the manifest index is truncated (its last entry has no end)"));
+        return Err(Error::damaged("the manifest index is truncated (its last entry has no end)"));
     };
     let mut out = Vec::new();
     for e in body.split(|b| *b == 0) {
@@ -90,7 +90,7 @@ pub fn read(archive_root: &Path) -> Result<Option<Vec<PathBuf>>> {
     let mut data = Vec::new();
     f.take(MAX_INDEX + 1).read_to_end(&mut data).ctx(|| format!("cannot read {}", p.display()))?;
     if data.len() as u64 > MAX_INDEX {
-        crate::bail!("{} is larger than 256 MiB", p.display());
+        crate::bail!(Damaged, "{} is larger than 256 MiB", p.display());
     }
     parse(&data).map(Some).map_err(|e| e.context(p.display()))
 }

@@ -96,7 +96,7 @@ impl Manifest {
     /// Parse a manifest. Every failure is an error saying what is wrong (never a panic).
     /// Memory use is proportional to the input's length.
     pub fn parse(data: &[u8]) -> Result<Manifest> {
-        let bad = |what: String| Error::new(format!("invalid chunk manifest: {what}"));
+        let bad = |what: String| Error::damaged(format!("invalid chunk manifest: {what}"));
         let mut pos = 0usize;
         let mut lineno = 0usize;
         // Returns (line, offset of the line start).
@@ -270,6 +270,7 @@ mod tests {
         let evil = format!("{body}end {}\n", id_hex(blake3::hash(body.as_bytes()).as_bytes()));
         let e = Manifest::parse(evil.as_bytes()).unwrap_err();
         assert!(e.message().contains("bad chunk id"), "{e}");
+        assert_eq!(e.kind(), crate::error::ErrorKind::Damaged);
         // Any changed byte breaks the checksum (or the syntax).
         for pos in [30, 100, b.len() - 70] {
             let mut x = b.clone();

@@ -82,7 +82,7 @@ pub fn parse_compression(s: &str) -> Result<Compression> {
             }
         }
     }
-    Err(Error::new(format!("invalid compression '{s}': {expected}")))
+    Err(Error::config(format!("invalid compression '{s}': {expected}")))
 }
 
 /// Parse a chunk size: a byte count (`262144`) or a number with a binary suffix `K`, `KiB`,
@@ -111,7 +111,7 @@ pub fn parse_chunk_size(s: &str) -> Result<u32> {
     };
     match value {
         Some(v) if v.is_power_of_two() && v >= MIN_CHUNK_SIZE as u64 && v <= MAX_CHUNK_SIZE as u64 => Ok(v as u32),
-        _ => Err(Error::new(format!("invalid chunk size '{s}': {expected}"))),
+        _ => Err(Error::config(format!("invalid chunk size '{s}': {expected}"))),
     }
 }
 
@@ -145,11 +145,11 @@ impl Settings {
     /// Check the ranges (a Settings built by hand may be out of range).
     pub fn validate(&self) -> Result<()> {
         if !self.chunk_size.is_power_of_two() || self.chunk_size < MIN_CHUNK_SIZE || self.chunk_size > MAX_CHUNK_SIZE {
-            crate::bail!("invalid chunk size {}: expected a power of two from 256K to 16M", self.chunk_size);
+            crate::bail!(Config, "invalid chunk size {}: expected a power of two from 256K to 16M", self.chunk_size);
         }
         if let Compression::Zstd(l) = self.compression {
             if !(1..=19).contains(&l) {
-                crate::bail!("invalid zstd level {l}: expected 1 to 19");
+                crate::bail!(Config, "invalid zstd level {l}: expected 1 to 19");
             }
         }
         Ok(())
@@ -194,10 +194,10 @@ fn hexval(c: u8) -> Option<u8> {
     }
 }
 
-/// True when every byte is zero (fast path: 8 bytes at a time).
+/// True when every byte is zero (16 bytes at a time, then the rest).
 pub(crate) fn is_zero(data: &[u8]) -> bool {
-    let (pre, mid, post) = unsafe { data.align_to::<u128>() };
-    pre.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
+    let mut words = data.chunks_exact(16);
+    words.by_ref().all(|w| u128::from_ne_bytes(w.try_into().unwrap()) == 0) && words.remainder().iter().all(|&b| b == 0)
 }
 
 #[cfg(test)]
@@ -213,6 +213,7 @@ mod parse_tests {
         for bad in ["", "zstd:0", "zstd:20", "zstd:-1", "gzip", "zstd:", "zstd:x", "lz4:1"] {
             let e = parse_compression(bad).unwrap_err();
             assert!(e.message().contains("expected none, lz4, zstd"), "{bad}: {e}");
+            assert_eq!(e.kind(), crate::error::ErrorKind::Config);
         }
         for c in [Compression::None, Compression::Lz4, Compression::Zstd(7)] {
             assert_eq!(parse_compression(&c.to_string()).unwrap(), c);

@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 /// Largest manifest file accepted (2 GiB: 33 million chunks).
@@ -31,7 +30,7 @@ pub fn read_manifest(path: &Path) -> Result<Manifest> {
     let mut data = Vec::new();
     f.take(MAX_MANIFEST + 1).read_to_end(&mut data).ctx(|| format!("cannot read manifest {}", path.display()))?;
     if data.len() as u64 > MAX_MANIFEST {
-        crate::bail!("manifest {} is larger than 2 GiB", path.display());
+        crate::bail!(Damaged, "manifest {} is larger than 2 GiB", path.display());
     }
     Manifest::parse(&data).map_err(|e| e.context(path.display()))
 }
@@ -71,9 +70,9 @@ fn load_chunk(
 
 fn chunk_error(id: &ChunkId, what: &Path, k: ProblemKind) -> Error {
     match k {
-        ProblemKind::Missing => Error::new(format!("chunk {} of {} is missing", id_hex(id), what.display())),
+        ProblemKind::Missing => Error::damaged(format!("chunk {} of {} is missing", id_hex(id), what.display())),
         ProblemKind::Damaged(why) => {
-            Error::new(format!("chunk {} of {} is damaged: {why}", id_hex(id), what.display()))
+            Error::damaged(format!("chunk {} of {} is damaged: {why}", id_hex(id), what.display()))
         }
     }
 }
@@ -160,7 +159,7 @@ pub fn unchunk_file(archive_root: &Path, manifest_path: &Path, dest: &Path, prog
             Ok(())
         })?;
         if hasher.finalize().as_bytes() != &m.file_hash {
-            crate::bail!("{}: the rebuilt file does not match its recorded BLAKE3", manifest_path.display());
+            crate::bail!(Damaged, "{}: the rebuilt file does not match its recorded BLAKE3", manifest_path.display());
         }
         f.set_len(m.size).ctx(|| format!("cannot set the size of {}", tmp.display()))?;
         apply_meta(&f, &m).ctx(|| format!("cannot set owner, mode or times of {}", tmp.display()))?;
@@ -200,24 +199,20 @@ fn write_sparse(f: &File, d: &[u8], off: u64) -> io::Result<()> {
 }
 
 fn apply_meta(f: &File, m: &Manifest) -> io::Result<()> {
-    let fd = f.as_raw_fd();
-    unsafe {
-        if libc::geteuid() == 0 && libc::fchown(fd, m.uid, m.gid) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // After chown (which clears set-id bits).
-        if libc::fchmod(fd, m.mode as libc::mode_t) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let ts = |t: Option<(i64, u32)>| match t {
-            Some((s, n)) => libc::timespec { tv_sec: s as libc::time_t, tv_nsec: n as _ },
-            None => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
-        };
-        let times = [ts(m.atime), ts(Some(m.mtime))];
-        if libc::futimens(fd, times.as_ptr()) != 0 {
-            return Err(io::Error::last_os_error());
-        }
+    use rustix::fs::{Gid, Mode, Timespec, Timestamps, Uid};
+    if rustix::process::geteuid().is_root() {
+        // An id of -1 leaves it unchanged, as chown(2) does.
+        let uid = (m.uid != u32::MAX).then(|| Uid::from_raw(m.uid));
+        let gid = (m.gid != u32::MAX).then(|| Gid::from_raw(m.gid));
+        rustix::fs::fchown(f, uid, gid)?;
     }
+    // After chown (which clears set-id bits).
+    rustix::fs::fchmod(f, Mode::from_raw_mode(m.mode))?;
+    let ts = |t: Option<(i64, u32)>| match t {
+        Some((s, n)) => Timespec { tv_sec: s, tv_nsec: n.into() },
+        None => Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_OMIT },
+    };
+    rustix::fs::futimens(f, &Timestamps { last_access: ts(m.atime), last_modification: ts(Some(m.mtime)) })?;
     Ok(())
 }
 
@@ -246,7 +241,7 @@ pub fn stream_file(
         Ok(())
     })?;
     if hasher.finalize().as_bytes() != &m.file_hash {
-        crate::bail!("{}: the rebuilt file does not match its recorded BLAKE3", label.display());
+        crate::bail!(Damaged, "{}: the rebuilt file does not match its recorded BLAKE3", label.display());
     }
     Ok(done)
 }
@@ -300,7 +295,10 @@ impl Read for ChunkReader {
                     if self.hasher.finalize().as_bytes() != &self.m.file_hash {
                         return Err(io::Error::new(
                             io::ErrorKind::InvalidData,
-                            format!("{}: the rebuilt file does not match its recorded BLAKE3", self.label.display()),
+                            Error::damaged(format!(
+                                "{}: the rebuilt file does not match its recorded BLAKE3",
+                                self.label.display()
+                            )),
                         ));
                     }
                     self.finished = true;
@@ -315,9 +313,8 @@ impl Read for ChunkReader {
                     self.cur.resize(len, 0);
                 }
                 ChunkRef::Stored(id) => {
-                    load_chunk(&self.root, &id, len, &mut self.raw, &mut self.cur).map_err(|k| {
-                        io::Error::new(io::ErrorKind::InvalidData, chunk_error(&id, &self.label, k).to_string())
-                    })?;
+                    load_chunk(&self.root, &id, len, &mut self.raw, &mut self.cur)
+                        .map_err(|k| io::Error::new(io::ErrorKind::InvalidData, chunk_error(&id, &self.label, k)))?;
                 }
             }
             self.hasher.update(&self.cur);
@@ -360,24 +357,9 @@ pub fn recorded_manifest(archive_root: &Path, rel: &Path) -> Option<PathBuf> {
 
 /// Every `*.affa-manifest` file of an archive without an index.
 fn walk_manifests(archive_root: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    let mut stack = vec![archive_root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let rd = fs::read_dir(&dir).ctx(|| format!("cannot read directory {}", dir.display()))?;
-        for e in rd {
-            let e = e.ctx(|| format!("cannot read directory {}", dir.display()))?;
-            let t = e.file_type().ctx(|| format!("cannot stat {}", e.path().display()))?;
-            let p = e.path();
-            if t.is_dir() {
-                if !(dir == archive_root && e.file_name() == ARCHIVE_CHUNK_DIR) {
-                    stack.push(p);
-                }
-            } else if t.is_file() && e.file_name().to_string_lossy().ends_with(MANIFEST_SUFFIX) {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
+    let chunks = archive_root.join(ARCHIVE_CHUNK_DIR);
+    let mut out = crate::fsutil::walk_files_but(archive_root, &[&chunks])?;
+    out.retain(|p| p.file_name().is_some_and(|n| n.to_string_lossy().ends_with(MANIFEST_SUFFIX)));
     Ok(out)
 }
 

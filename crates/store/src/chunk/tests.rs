@@ -8,7 +8,6 @@
 use super::*;
 use std::fs;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -96,17 +95,13 @@ fn pool_bytes(pool: &Pool) -> u64 {
 /// Data ranges of a file per SEEK_DATA / SEEK_HOLE.
 fn data_ranges(p: &Path) -> Vec<(u64, u64)> {
     let f = fs::File::open(p).unwrap();
-    let size = f.metadata().unwrap().len() as i64;
-    let fd = f.as_raw_fd();
+    let size = f.metadata().unwrap().len();
     let mut v = Vec::new();
-    let mut off = 0i64;
+    let mut off = 0u64;
     while off < size {
-        let d = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
-        if d < 0 {
-            break;
-        }
-        let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) };
-        v.push((d as u64, h as u64));
+        let Ok(d) = rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(off)) else { break };
+        let h = rustix::fs::seek(&f, rustix::fs::SeekFrom::Hole(d)).unwrap();
+        v.push((d, h));
         off = h;
     }
     v
@@ -389,13 +384,15 @@ fn damage_is_reported_refused_and_repaired() {
     let err = unchunk_file(&a, &st.manifest_path, &out, None).unwrap_err();
     assert!(err.message().contains(&id_hex(&id_of(1))) || err.message().contains(&id_hex(&id_of(3))), "{err}");
     assert!(err.message().contains("vm/disk"), "{err}");
+    assert_eq!(err.kind(), crate::error::ErrorKind::Damaged, "{err}");
     assert!(!out.exists());
     assert_eq!(fs::read_dir(out.parent().unwrap()).unwrap().count(), 0, "temp file left behind");
     fs::write(&out, b"old").unwrap();
     assert!(unchunk_file(&a, &st.manifest_path, &out, None).is_err());
     assert_eq!(fs::read(&out).unwrap(), b"old");
     let mut sink = Vec::new();
-    assert!(std::io::Read::read_to_end(&mut ChunkReader::open(&a, &st.manifest_path).unwrap(), &mut sink).is_err());
+    let read = std::io::Read::read_to_end(&mut ChunkReader::open(&a, &st.manifest_path).unwrap(), &mut sink);
+    assert_eq!(crate::error::Error::from(read.unwrap_err()).kind(), crate::error::ErrorKind::Damaged);
 
     // A later backup of the same data with the previous manifest: the bit flip is invisible to
     // the trusted path until verify's findings are evicted from the pool.
