@@ -493,7 +493,7 @@ fn dispatch(cli: &Cli, ui: &std::sync::Arc<render::Terminal>) -> Result<u8> {
         need(a, 0, "--samba-shares")?;
         // A shared job whose configuration is broken: the command fails with that job's first
         // error before anything changes (its share is never rewritten from what could be read).
-        if let Some(b) = cfg.broken.values().find(|b| b.partial.flag("SambaShare")) {
+        if let Some(b) = cfg.broken.values().find(|b| b.partial.samba_share) {
             affa::bail!("{}", b.errors.first().map(String::as_str).unwrap_or("configuration error"));
         }
         print(affa::samba::update_shares(&cfg)? + "\n");
