@@ -504,8 +504,9 @@ impl Job {
         self.values.get(key).map(|v| v.as_slice()).unwrap_or(&[])
     }
     /// The single value of a key ("" when empty), for the configuration's own views and
-    /// checks; the run reads the typed fields instead.
-    pub fn get(&self, key: &str) -> &str {
+    /// checks (and `--list`'s job box, which shows AutoUnmount as written); the run reads the
+    /// typed fields instead.
+    pub(crate) fn get(&self, key: &str) -> &str {
         self.values
             .get(key)
             .unwrap_or_else(|| panic!("internal: unknown config key {key}"))
@@ -563,7 +564,7 @@ impl Job {
             bail!("ESXi job {} has neither ESXiPassword nor ESXiPasswordFile", self.name);
         };
         check(f)?;
-        let s = fs::read_to_string(&f).ctx(|| format!("cannot read ESXiPasswordFile {}", f.display()))?;
+        let s = fs::read_to_string(f).ctx(|| format!("cannot read ESXiPasswordFile {}", f.display()))?;
         let pw = s.lines().next().unwrap_or("").to_string();
         if pw.is_empty() {
             bail!(
