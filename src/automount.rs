@@ -92,11 +92,11 @@ pub fn is_mounted(device: &str, point: &Path) -> bool {
 /// Mount the job's AutomountDevice at AutomountPoint unless it is mounted there already.
 /// None when the job has no automount or the device was mounted already.
 pub fn mount<'a>(job: &Job, log: Option<&'a JobLog>) -> Result<Option<Mounted<'a>>> {
-    let (dev, point) = (job.get("AutomountDevice"), job.get("AutomountPoint"));
-    if dev.is_empty() || point.is_empty() {
+    let Some(a) = &job.automount else {
         return Ok(None);
-    }
-    let point = PathBuf::from(point.trim_end_matches('/'));
+    };
+    let dev = a.device.as_str();
+    let point = PathBuf::from(a.point.to_string_lossy().trim_end_matches('/'));
     if is_mounted(dev, &point) {
         return Ok(None);
     }
@@ -113,7 +113,7 @@ pub fn mount<'a>(job: &Job, log: Option<&'a JobLog>) -> Result<Option<Mounted<'a
         l.info(format!("Mounting {dev} to {}", point.display()));
     }
     let out = Command::new("mount")
-        .args(job.get("AutomountOptions").split_whitespace())
+        .args(&a.options)
         .arg(dev)
         .arg(&point)
         .stdin(Stdio::null())
@@ -128,7 +128,7 @@ pub fn mount<'a>(job: &Job, log: Option<&'a JobLog>) -> Result<Option<Mounted<'a
             err.lines().next().unwrap_or("mount failed").trim()
         );
     }
-    Ok(Some(Mounted { point, unmount: job.flag("AutoUnmount"), log }))
+    Ok(Some(Mounted { point, unmount: a.unmount, log }))
 }
 
 /// Run `f` with the job's disk mounted (Affa 3's `--disk-usage`): unmounted after, if affa

@@ -158,18 +158,19 @@ fn archives_text(job: &Job, all: &[archive::Archive], k: Keeps) -> String {
     let line = |t: String| format!("| {t:<w$} |\n", w = width - 4);
     let mut out = rule.clone();
     out.push_str(&line(format!("Job: {}", job.name)));
-    if !job.get("Description").is_empty() {
-        out.push_str(&line(format!("Description: {}", job.get("Description"))));
+    if !job.description.is_empty() {
+        out.push_str(&line(format!("Description: {}", job.description)));
     }
     out.push_str(&line(format!("Directory: {}/", job.job_dir().display())));
-    let vm = if job.esxi() { format!(" (ESXi VM {})", job.get("ESXiVMName")) } else { String::new() };
-    out.push_str(&line(format!("Hostname: {}{vm}", job.get("remoteHostName"))));
-    if !job.get("AutomountDevice").is_empty() {
-        out.push_str(&line(format!("AutomountDevice: {}", job.get("AutomountDevice"))));
-        out.push_str(&line(format!("AutomountPoint: {}", job.get("AutomountPoint"))));
+    let vm = job.esxi.as_ref().map(|e| format!(" (ESXi VM {})", e.vm_name)).unwrap_or_default();
+    out.push_str(&line(format!("Hostname: {}{vm}", job.host)));
+    if let Some(a) = &job.automount {
+        out.push_str(&line(format!("AutomountDevice: {}", a.device)));
+        out.push_str(&line(format!("AutomountPoint: {}", a.point.display())));
+        // Shown as written (a view of the configuration, like --show-property).
         out.push_str(&line(format!("AutoUnmount: {}", job.get("AutoUnmount"))));
     }
-    for (i, e) in job.get_all("EmailAddress").iter().enumerate() {
+    for (i, e) in job.mail.to.iter().enumerate() {
         out.push_str(&line(format!("{:>6} {}", if i == 0 { "Email:" } else { "" }, e.trim())));
     }
     if all.is_empty() {
@@ -281,11 +282,13 @@ fn runs_rsync(pid: i32) -> bool {
 
 /// The next `TimeSchedule` after now, as HH:MM.
 fn next_run(job: &Job, clock: &dyn Clock) -> String {
-    let now = clock.now().format("%H%M").to_string();
-    let mut times: Vec<&String> = job.get_all("TimeSchedule").iter().collect();
+    use chrono::Timelike;
+    let now = clock.now();
+    let now = (now.hour(), now.minute());
+    let mut times = job.schedule.clone();
     times.sort();
-    let next = times.iter().find(|t| t.as_str() > now.as_str()).or(times.first());
-    next.map(|t| format!("{}:{}", &t[..2], &t[2..])).unwrap_or_else(|| "-".into())
+    let next = times.iter().find(|t| **t > now).or(times.first());
+    next.map(|(h, m)| format!("{h:02}:{m:02}")).unwrap_or_else(|| "-".into())
 }
 
 /// `--status --csv`: Affa 3's 16 columns in its order and format (rows in reverse job order,
@@ -383,7 +386,7 @@ pub fn status(cfg: &Config, clock: &dyn Clock, csv: bool, all: bool) -> Result<S
 
 /// `--disk-usage [--csv]`
 pub fn disk_usage(cfg: &Config, csv: bool) -> Result<String> {
-    let mut roots: Vec<String> = cfg.jobs.values().map(|j| j.get("RootDir").to_string()).collect();
+    let mut roots: Vec<String> = cfg.jobs.values().map(|j| j.root_dir.display().to_string()).collect();
     roots.sort();
     roots.dedup();
     let mut out = String::new();
@@ -394,15 +397,11 @@ pub fn disk_usage(cfg: &Config, csv: bool) -> Result<String> {
     }
     for r in roots {
         // A RootDir on a disk mounted for the runs: mounted for the moment (as Affa 3).
-        let auto = cfg
-            .jobs
-            .values()
-            .find(|j| !j.get("AutomountPoint").is_empty() && Path::new(&r).starts_with(j.get("AutomountPoint")));
-        let df = match auto {
-            Some(j) => crate::automount::with_mounted(j, || {
-                crate::automount::is_mounted(j.get("AutomountDevice"), Path::new(j.get("AutomountPoint")))
-                    .then(|| rsync::df(Path::new(&r)))
-                    .flatten()
+        let auto =
+            cfg.jobs.values().find(|j| j.automount.as_ref().is_some_and(|a| Path::new(&r).starts_with(&a.point)));
+        let df = match auto.and_then(|j| j.automount.as_ref().map(|a| (j, a))) {
+            Some((j, a)) => crate::automount::with_mounted(j, || {
+                crate::automount::is_mounted(&a.device, &a.point).then(|| rsync::df(Path::new(&r))).flatten()
             }),
             None => rsync::df(Path::new(&r)),
         };
@@ -429,20 +428,20 @@ pub fn disk_usage(cfg: &Config, csv: bool) -> Result<String> {
 /// `--send-key [JOB...]`
 pub fn send_keys(cfg: &Config, names: &[String], out: &mut dyn Write, yes: bool, watch: &Watch) -> Result<()> {
     for job in select(cfg, names)? {
-        if job.get("remoteHostName") == "localhost" {
+        if job.local {
             continue;
         }
-        if job.flag("rsyncdMode") {
+        if job.rsyncd.is_some() {
             let _ = writeln!(out, "job {}: rsyncdMode=yes, no ssh key needed", job.name);
             continue;
         }
         let t = SshTarget::from_job(job, cfg);
-        transport::send_key(&t, &cfg.ssh_dir(), &job.remote_authorized_keys())?;
+        transport::send_key(&t, &cfg.ssh_dir(), &job.ssh.authorized_keys)?;
         let _ = writeln!(
             out,
             "job {}: key installed in {} on {}; host key recorded in {}",
             job.name,
-            job.remote_authorized_keys(),
+            job.ssh.authorized_keys,
             t.destination(),
             t.known_hosts.display()
         );
@@ -456,23 +455,23 @@ pub fn send_keys(cfg: &Config, names: &[String], out: &mut dyn Write, yes: bool,
 /// `--revoke-key JOB`
 pub fn revoke_key(cfg: &Config, name: &str) -> Result<String> {
     let job = cfg.job(name)?;
-    if job.flag("rsyncdMode") {
+    if job.rsyncd.is_some() {
         return Ok(format!("job {name}: rsyncdMode=yes, no ssh key to remove"));
     }
     let t = SshTarget::from_job(job, cfg);
-    transport::revoke_key(&t, &cfg.ssh_dir(), &job.remote_authorized_keys())?;
-    Ok(format!("job {}: affa's key removed from {} on {}", job.name, job.remote_authorized_keys(), t.destination()))
+    transport::revoke_key(&t, &cfg.ssh_dir(), &job.ssh.authorized_keys)?;
+    Ok(format!("job {}: affa's key removed from {} on {}", job.name, job.ssh.authorized_keys, t.destination()))
 }
 
 /// `--check-connections [JOB...]`: one line per job; Err if any failed.
 pub fn check_connections(cfg: &Config, names: &[String], out: &mut dyn Write) -> Result<()> {
     let mut failed = Vec::new();
     for job in select(cfg, names)? {
-        if job.get("remoteHostName") == "localhost" {
+        if job.local {
             let _ = writeln!(out, "{:<20} OK (local)", job.name);
             continue;
         }
-        let res = if job.flag("rsyncdMode") {
+        let res = if job.rsyncd.is_some() {
             let dir = if job.job_dir().is_dir() { job.job_dir() } else { cfg.lock_dir() };
             fs::create_dir_all(&dir).ctx(|| format!("cannot create {}", dir.display()))?;
             crate::transport::rsyncd::Daemon::for_job(job, &dir).and_then(|d| d.check(job))
@@ -533,7 +532,7 @@ pub fn delete_job(cfg: &Config, name: &str, yes: bool, revoke: bool, watch: &Wat
     )?;
     let _l = lock::acquire(&cfg.lock_dir(), name)?;
     let mut out = String::new();
-    if revoke && job.get("remoteHostName") != "localhost" {
+    if revoke && !job.local {
         out = revoke_key(cfg, name)
             .map_err(|e| e.context(format!("job {name} not deleted (run without --revoke-key to delete it anyway)")))?
             + "\n";
@@ -697,7 +696,7 @@ pub fn configcheck(cfg: &Config) -> (String, Vec<String>) {
             if let Err(e) = job.esxi_password() {
                 errors.push(e.to_string());
             }
-            if job.thumbprint().is_none() && job.get("ESXiProtocol") == "https" {
+            if job.esxi.as_ref().is_some_and(|e| e.thumbprint.is_none() && !e.plain_http) {
                 out.push_str(&format!(
                     "job {}: no ESXiThumbprint yet; affa --send-key {} will show and pin it\n",
                     job.name, job.name

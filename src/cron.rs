@@ -23,7 +23,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::archive;
-use crate::config::{keys, Config, Job, DEFAULT_CONFIG_DIR};
+use crate::config::{Config, Job, DEFAULT_CONFIG_DIR};
 use crate::error::Result;
 use crate::fsutil::write_file;
 use crate::transport::shell_quote;
@@ -31,21 +31,13 @@ use crate::transport::shell_quote;
 /// Does the job run from cron? `globalStatus=enabled|disabled` overrides the job's `status`;
 /// `globalStatus=jobs` (the default) leaves it to the job.
 pub fn effective_enabled(cfg: &Config, job: &Job) -> bool {
-    match cfg.global.get("globalStatus") {
-        "enabled" => true,
-        "disabled" => false,
-        _ => job.enabled(),
-    }
-}
-
-fn hhmm(v: &str) -> Option<(u32, u32)> {
-    keys::parse_hhmm(v)
+    cfg.settings.status.unwrap_or(job.enabled())
 }
 
 /// The affa command as cron calls it: `affaBinary`, plus `--config-dir DIR` unless the
 /// configuration lives in the default /etc/affa.
 pub fn affa_command(cfg: &Config, config_dir: &Path) -> String {
-    let mut c = shell_quote(cfg.global.get("affaBinary"));
+    let mut c = shell_quote(&cfg.settings.affa_binary.to_string_lossy());
     if config_dir != Path::new(DEFAULT_CONFIG_DIR) {
         c.push_str(" --config-dir ");
         c.push_str(&shell_quote(&config_dir.to_string_lossy()));
@@ -60,13 +52,12 @@ pub fn cron_text(cfg: &Config, config_dir: &Path) -> String {
     let mut s = String::new();
     s.push_str(&format!(
         "# {}: written by affa from {}/*.conf; a change there is applied within 15 minutes (--_cronupdate), or at once by affa --make-cronjobs.\n{CONFIG_LIST_TAG}{}\n",
-        cfg.global.get("cronFile"),
+        cfg.settings.cron_file.display(),
         config_dir.display(),
         config_list_hash(&cfg.dir)
     ));
     s.push_str("SHELL=/bin/sh\nPATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n");
-    let global = cfg.global.get("globalStatus");
-    if global == "disabled" {
+    if cfg.settings.status == Some(false) {
         s.push_str("\n# globalStatus=disabled: no job runs from cron.\n");
     } else {
         for job in cfg.all_jobs() {
@@ -80,18 +71,16 @@ pub fn cron_text(cfg: &Config, config_dir: &Path) -> String {
                 );
             }
             let mut seen = Vec::new();
-            for t in job.get_all("TimeSchedule") {
-                if let Some((h, m)) = hhmm(t) {
-                    if !seen.contains(&(h, m)) {
-                        seen.push((h, m));
-                        s.push_str(&format!("{m} {h} * * * root {affa} --silent --run {}\n", job.name));
-                    }
+            for &(h, m) in &job.schedule {
+                if !seen.contains(&(h, m)) {
+                    seen.push((h, m));
+                    s.push_str(&format!("{m} {h} * * * root {affa} --silent --run {}\n", job.name));
                 }
             }
-            if let Some((h, m)) = hhmm(job.get("killAt")) {
+            if let Some((h, m)) = job.kill_at {
                 s.push_str(&format!("{m} {h} * * * root {affa} --silent --kill {} >/dev/null\n", job.name));
             }
-            if let Some((h, m)) = hhmm(job.get("resumeKilledAt")) {
+            if let Some((h, m)) = job.resume_killed_at {
                 let running = job.job_dir().join(archive::RUNNING);
                 s.push_str(&format!(
                     "{m} {h} * * * root test -d {} && {affa} --silent --run {}\n",
@@ -102,7 +91,7 @@ pub fn cron_text(cfg: &Config, config_dir: &Path) -> String {
         }
         s.push_str(&format!("\n# restart the jobs a shutdown interrupted (resumeAfterBoot=yes)\n@reboot root {affa} --silent --resume-interrupted >/dev/null\n"));
     }
-    let when = match cfg.global.get("sendStatus") {
+    let when = match cfg.settings.send_status.as_str() {
         "daily" => Some("0 5 * * *"),
         "weekly" => Some("0 5 * * 0"),
         "monthly" => Some("0 5 1 * *"),
@@ -111,10 +100,10 @@ pub fn cron_text(cfg: &Config, config_dir: &Path) -> String {
     if let Some(w) = when {
         s.push_str(&format!(
             "\n# status mail (sendStatus={})\n{w} root {affa} --silent --send-status >/dev/null\n",
-            cfg.global.get("sendStatus")
+            cfg.settings.send_status
         ));
     }
-    let metrics = PathBuf::from(cfg.global.get("metricsFile"));
+    let metrics = cfg.settings.metrics_file.clone();
     if metrics.parent().is_some_and(|p| p.is_dir()) {
         s.push_str(&format!(
             "\n# Prometheus textfile {}\n*/10 * * * * root {affa} --silent --metrics >/dev/null\n",
@@ -146,7 +135,7 @@ fn config_list_hash(dir: &Path) -> String {
 /// than it or the list of configuration files changed. Returns what was done, None when the
 /// file was up to date.
 pub fn cron_update(cfg: &Config) -> Result<Option<String>> {
-    let path = PathBuf::from(cfg.global.get("cronFile"));
+    let path = cfg.settings.cron_file.clone();
     let written = fs::metadata(&path).and_then(|m| m.modified()).ok();
     let text = fs::read_to_string(&path).unwrap_or_default();
     let listed = text.lines().find_map(|l| l.strip_prefix(CONFIG_LIST_TAG)).unwrap_or("");
@@ -168,7 +157,7 @@ pub fn absolute(p: &Path) -> PathBuf {
 /// `--make-cronjobs`: write the cron file; returns a one-line summary. When Samba shares are in
 /// use (a job has SambaShare=yes, or affa wrote shares before) they are brought up to date too.
 pub fn make_cronjobs(cfg: &Config) -> Result<String> {
-    let path = PathBuf::from(cfg.global.get("cronFile"));
+    let path = cfg.settings.cron_file.clone();
     let text = cron_text(cfg, &absolute(&cfg.dir));
     write_file(&path, &text, 0o644)?;
     let n = text.lines().filter(|l| !l.starts_with('#') && !l.is_empty() && !l.contains('=')).count();
@@ -211,29 +200,26 @@ pub fn show_schedule(cfg: &Config, all: bool) -> Result<String> {
             .unwrap_or(0);
         let dur_slots = (last_secs as usize).div_ceil((SLOT_MINUTES * 60) as usize);
         let mut starts = Vec::new();
-        for t in job.get_all("TimeSchedule") {
-            if let Some((h, m)) = hhmm(t) {
-                let slot = ((h * 60 + m) / SLOT_MINUTES) as usize;
-                starts.push(slot);
-                starts.sort();
-                for i in 1..dur_slots.max(1) {
-                    let k = (slot + i) % SLOTS;
-                    if line[k] == '.' {
-                        line[k] = '=';
-                    }
+        for &(h, m) in &job.schedule {
+            let slot = ((h * 60 + m) / SLOT_MINUTES) as usize;
+            starts.push(slot);
+            starts.sort();
+            for i in 1..dur_slots.max(1) {
+                let k = (slot + i) % SLOTS;
+                if line[k] == '.' {
+                    line[k] = '=';
                 }
             }
         }
         for s in &starts {
             line[*s] = 'S';
         }
-        for (key, c) in [("killAt", 'K'), ("resumeKilledAt", 'R')] {
-            if let Some((h, m)) = hhmm(job.get(key)) {
+        for (at, c) in [(job.kill_at, 'K'), (job.resume_killed_at, 'R')] {
+            if let Some((h, m)) = at {
                 line[((h * 60 + m) / SLOT_MINUTES) as usize] = c;
             }
         }
-        let mut times: Vec<String> =
-            job.get_all("TimeSchedule").iter().map(|t| format!("{}:{}", &t[..2], &t[2..])).collect();
+        let mut times: Vec<String> = job.schedule.iter().map(|(h, m)| format!("{h:02}:{m:02}")).collect();
         times.sort();
         let name = if enabled { job.name.clone() } else { format!("{} (disabled)", job.name) };
         let last = if last_secs > 0 { format!(" (last run {})", crate::fmt::hms(last_secs)) } else { String::new() };

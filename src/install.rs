@@ -173,22 +173,23 @@ pub fn install(opts: &InstallOptions) -> Result<String> {
 
     // The configuration as installed (an existing one included) decides the rest.
     let cfg = Config::load(&etc).map_err(|e| e.context("the installed configuration"))?;
-    let g = &cfg.global;
-    mkdir(&under(&prefix, g.get("logDir")), 0o750, &mut done)?;
-    mkdir(&under(&prefix, g.get("lockDir")), 0o700, &mut done)?;
-    let mut roots: Vec<String> = cfg.jobs.values().map(|j| j.get("RootDir").to_string()).collect();
-    roots.push(g.get("RootDir").to_string());
+    let g = &cfg.settings;
+    let (log_dir, lock_dir) = (g.log_dir.to_string_lossy(), g.lock_dir.to_string_lossy());
+    mkdir(&under(&prefix, &log_dir), 0o750, &mut done)?;
+    mkdir(&under(&prefix, &lock_dir), 0o700, &mut done)?;
+    let mut roots: Vec<String> = cfg.jobs.values().map(|j| j.root_dir.to_string_lossy().into_owned()).collect();
+    roots.push(cfg.global.root_dir.to_string_lossy().into_owned());
     roots.sort();
     roots.dedup();
     for r in roots {
         mkdir(&under(&prefix, &r), 0o700, &mut done)?;
     }
 
-    let cron = under(&prefix, g.get("cronFile"));
+    let cron = under(&prefix, &g.cron_file.to_string_lossy());
     crate::fsutil::write_file(&cron, &crate::cron::cron_text(&cfg, Path::new(DEFAULT_CONFIG_DIR)), 0o644)?;
     done.push(format!("wrote {}", cron.display()));
     let lr = under(&prefix, "/etc/logrotate.d/affa");
-    crate::fsutil::write_file(&lr, &logrotate_text(g.get("logDir")), 0o644)?;
+    crate::fsutil::write_file(&lr, &logrotate_text(&log_dir), 0o644)?;
     done.push(format!("wrote {}", lr.display()));
     done.push(format!(
         "next: edit a copy of {}/example-linux.conf, then affa --send-key JOB, affa --run JOB, affa --make-cronjobs",

@@ -208,7 +208,7 @@ fn dispatch(inv: Invocation, ui: &Arc<render::Terminal>, out: &mut dyn Write) ->
             let cfg = env.config()?;
             // A shared job whose configuration is broken: the command fails with that job's first
             // error before anything changes (its share is never rewritten from what could be read).
-            if let Some(b) = cfg.broken.values().find(|b| b.partial.flag("SambaShare")) {
+            if let Some(b) = cfg.broken.values().find(|b| b.partial.samba_share) {
                 affa::bail!("{}", b.errors.first().map(String::as_str).unwrap_or("configuration error"));
             }
             print(out, affa::samba::update_shares(&cfg)? + "\n");

@@ -63,12 +63,7 @@ fn disk_space_low(job: &Job, st: &JobState) -> Option<String> {
 /// (`risky`). The free KiB when it is low; None when it is not, the setting is `none` (or
 /// unknown), or the free space cannot be read.
 pub fn disk_space_warning(job: &Job, last_backup_bytes: u64) -> Option<u64> {
-    let factor = match job.get("DiskSpaceWarn") {
-        "strict" => 1.0,
-        "normal" => 0.5,
-        "risky" => 0.1,
-        _ => return None,
-    };
+    let factor = job.disk_space_warn.factor()?;
     let (_, avail_kib) = rsync::df(&job.root_dir())?;
     ((avail_kib as f64) * 1024.0 < last_backup_bytes as f64 * factor).then_some(avail_kib)
 }
@@ -90,7 +85,7 @@ pub fn nrpe(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<(String,
         }
         v
     };
-    let selected: Vec<&Job> = selected.into_iter().filter(|j| j.int("NRPEtrigger") >= 0).collect();
+    let selected: Vec<&Job> = selected.into_iter().filter(|j| j.nrpe_trigger.is_some()).collect();
     let now = clock.now();
     let (mut crit, mut warn, mut perf) = (Vec::new(), Vec::new(), Vec::new());
     let (mut exec_secs, mut size_bytes) = (0u64, 0u64);
@@ -105,7 +100,7 @@ pub fn nrpe(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<(String,
             Ok(s) => s,
             Err(e) => return Ok((format!("UNKNOWN: job {}: {e}", job.name), 3)),
         };
-        let trigger = job.int("NRPEtrigger").max(0) as u64 * 3600;
+        let trigger = job.nrpe_trigger.unwrap_or(0) * 3600;
         if let Some(r) = &st.report {
             exec_secs += r.num("ExecutionTime").unwrap_or(0);
             size_bytes += r.num("TotalFileSize").unwrap_or(0);
@@ -137,7 +132,7 @@ pub fn nrpe(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<(String,
     let affa3 = if selected.len() == 1 {
         format!("Execution Time={min:.1}min;;;; Size={gib:.3}GByte;;;;")
     } else {
-        let total = cfg.all_jobs().iter().filter(|j| j.int("NRPEtrigger") >= 0).count();
+        let total = cfg.all_jobs().iter().filter(|j| j.nrpe_trigger.is_some()).count();
         format!(
             "Jobs failed={};;;; Jobs total={total};;;; Jobs checked={};;;; Total Execution Time={min:.1}min;;;; Total Size={gib:.3}GByte;;;;",
             crit.len(),
@@ -165,14 +160,13 @@ pub fn nrpe(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<(String,
 
 /// The jobs NRPE checks one by one (Affa 3's `--_jobsnrpe`): enabled, NRPEtrigger >= 0.
 pub fn nrpe_jobs(cfg: &Config) -> Vec<&Job> {
-    cfg.all_jobs().into_iter().filter(|j| effective_enabled(cfg, j) && j.int("NRPEtrigger") >= 0).collect()
+    cfg.all_jobs().into_iter().filter(|j| effective_enabled(cfg, j) && j.nrpe_trigger.is_some()).collect()
 }
 
 /// The nrpe.cfg that `--init-nrpe` extends: nrpeConfig, else Affa 3's two places.
 fn nrpe_cfg(cfg: &Config) -> Option<PathBuf> {
-    let set = cfg.global.get("nrpeConfig");
-    if !set.is_empty() {
-        return Some(PathBuf::from(set));
+    if let Some(set) = &cfg.settings.nrpe_config {
+        return Some(set.clone());
     }
     ["/etc/nagios/nrpe.cfg", "/etc/icinga/nrpe.cfg"].into_iter().map(PathBuf::from).find(|p| p.is_file())
 }
@@ -218,7 +212,7 @@ pub fn init_nrpe(cfg: &Config) -> Result<String> {
     if changed.is_empty() {
         return Ok(format!("{} is up to date", own.display()));
     }
-    let restart = cfg.global.get("nrpeRestart");
+    let restart = &cfg.settings.nrpe_restart;
     if !restart.is_empty() {
         let out = std::process::Command::new("/bin/sh")
             .arg("-c")
@@ -345,7 +339,7 @@ pub fn metrics_text(cfg: &Config, clock: &dyn Clock) -> Result<String> {
 
 /// `--metrics`: write the Prometheus textfile (creating its directory); returns a one-line summary.
 pub fn write_metrics(cfg: &Config, clock: &dyn Clock) -> Result<String> {
-    let path = PathBuf::from(cfg.global.get("metricsFile"));
+    let path = cfg.settings.metrics_file.clone();
     let text = metrics_text(cfg, clock)?;
     crate::fsutil::write_file(&path, &text, 0o644)?;
     let n = text.lines().filter(|l| !l.starts_with('#')).count();
@@ -355,7 +349,7 @@ pub fn write_metrics(cfg: &Config, clock: &dyn Clock) -> Result<String> {
 /// After a run: rewrite metricsFile if its directory exists (node_exporter is set up); errors
 /// are ignored (the cron line of `--metrics` reports them).
 pub fn refresh_metrics(cfg: &Config, clock: &dyn Clock) {
-    let path = PathBuf::from(cfg.global.get("metricsFile"));
+    let path = cfg.settings.metrics_file.clone();
     if path.parent().is_some_and(|p| p.is_dir()) {
         let _ = write_metrics(cfg, clock);
     }

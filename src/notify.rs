@@ -29,7 +29,7 @@ pub use affa_core::hostname;
 /// white space (Affa 3 also accepted a comma-separated list), duplicates dropped.
 pub fn recipients(job: &Job) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
-    for v in job.get_all("EmailAddress") {
+    for v in &job.mail.to {
         for r in v.split(|c: char| c == ',' || c.is_whitespace()).filter(|s| !s.is_empty()) {
             if !out.iter().any(|o| o == r) {
                 out.push(r.to_string());
@@ -49,7 +49,7 @@ fn header_address(r: &str) -> String {
 }
 
 fn sender(cfg: &Config) -> String {
-    let f = cfg.global.get("mailFrom");
+    let f = &cfg.settings.mail_from;
     if f.is_empty() {
         format!("affa@{}", hostname())
     } else {
@@ -57,34 +57,10 @@ fn sender(cfg: &Config) -> String {
     }
 }
 
-/// Every secret the configuration holds (to be kept out of mails).
-fn secrets(cfg: &Config) -> Vec<String> {
-    let mut s = Vec::new();
-    let mut push = |v: &str| {
-        if !v.is_empty() && !s.iter().any(|x: &String| x == v) {
-            s.push(v.to_string());
-        }
-    };
-    push(cfg.global.get("smtpPassword"));
-    for j in std::iter::once(&cfg.global).chain(cfg.all_jobs()) {
-        push(j.get("ESXiPassword"));
-        push(j.get("rsyncdPassword"));
-        let f = j.get("ESXiPasswordFile");
-        if !f.is_empty() {
-            if let Ok(t) = std::fs::read_to_string(f) {
-                push(t.lines().next().unwrap_or("").trim_end());
-            }
-        }
-    }
-    // Longest first, so a secret containing another is hidden whole.
-    s.sort_by_key(|x| std::cmp::Reverse(x.len()));
-    s
-}
-
 /// `text` with every configured secret replaced by `<hidden>`.
 pub fn scrub(cfg: &Config, text: &str) -> String {
     let mut t = text.to_string();
-    for s in secrets(cfg) {
+    for s in cfg.secrets() {
         t = t.replace(&s, "<hidden>");
     }
     t
@@ -92,17 +68,17 @@ pub fn scrub(cfg: &Config, text: &str) -> String {
 
 /// How mail leaves this machine, for messages: "SMTP host:port" or "sendmail /usr/sbin/sendmail".
 pub fn route(cfg: &Config) -> String {
-    let g = &cfg.global;
-    if g.get("smtpHost").is_empty() {
-        format!("sendmail {}", g.get("sendmailBinary"))
+    let g = &cfg.settings;
+    if g.smtp.host.is_empty() {
+        format!("sendmail {}", g.sendmail_bin)
     } else {
-        format!("SMTP {}:{}", g.get("smtpHost"), g.get("smtpPort"))
+        format!("SMTP {}:{}", g.smtp.host, g.smtp.port)
     }
 }
 
 /// The SMTP password, refusing a configuration file that others may read.
 fn smtp_password(cfg: &Config) -> Result<String> {
-    let pw = cfg.global.get("smtpPassword").to_string();
+    let pw = cfg.settings.smtp.password.clone();
     if !pw.is_empty() {
         use std::os::unix::fs::PermissionsExt;
         let f = &cfg.global.origin.file;
@@ -145,10 +121,10 @@ pub fn send(cfg: &Config, to: &[String], subject: &str, body: &str) -> Result<St
         b = b.to(mb);
     }
     let msg = b.body(body).map_err(|e| Error::new(format!("cannot build the mail: {e}")))?;
-    let g = &cfg.global;
-    let host = g.get("smtpHost");
+    let g = &cfg.settings;
+    let host = g.smtp.host.as_str();
     if host.is_empty() {
-        let bin = g.get("sendmailBinary");
+        let bin = g.sendmail_bin.as_str();
         let mut c = Command::new(bin);
         c.arg("-i").arg("-f").arg(&from_s).arg("--").args(to);
         c.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
@@ -179,11 +155,11 @@ pub fn send(cfg: &Config, to: &[String], subject: &str, body: &str) -> Result<St
             );
         }
     } else {
-        let port = g.num("smtpPort") as u16;
-        let user = g.get("smtpUser");
+        let port = g.smtp.port;
+        let user = g.smtp.user.as_str();
         let params =
             || TlsParameters::new(host.to_string()).map_err(|e| Error::new(format!("TLS setup for {host}: {e}")));
-        let tls = match g.get("smtpTLS") {
+        let tls = match g.smtp.tls.as_str() {
             "none" => Tls::None,
             "tls" => Tls::Wrapper(params()?),
             // STARTTLS when offered; required when we would log in, so the password never
@@ -215,7 +191,7 @@ fn unique() -> u64 {
 }
 
 pub fn job_host(job: &Job) -> &str {
-    job.get("remoteHostName")
+    &job.host
 }
 
 fn quote_log(body: &mut String, log_file: Option<&Path>, lines: &[String]) {
@@ -253,8 +229,7 @@ pub fn error_mail(
     if attempts > 1 {
         body.push_str(&format!(
             "Attempts: {attempts} (RetryAttempts={}, RetryAfter={} s); all failed.\n",
-            job.get("RetryAttempts"),
-            job.get("RetryAfter")
+            job.retry.attempts, job.retry.after
         ));
     }
     body.push_str(&format!("Earlier archives are untouched. See affa --status and affa --log-tail {}.\n", job.name));

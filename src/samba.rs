@@ -20,7 +20,7 @@ pub const SHARES_FILE: &str = "affa-shares.conf";
 const JOB_PREFIX: &str = "affa-job-";
 
 fn conf_dir(cfg: &Config) -> PathBuf {
-    PathBuf::from(cfg.global.get("sambaConfDir"))
+    cfg.settings.samba_conf_dir.clone()
 }
 
 fn include_line(cfg: &Config) -> String {
@@ -29,14 +29,14 @@ fn include_line(cfg: &Config) -> String {
 
 /// Are affa's Samba shares in use (a job has SambaShare=yes, or affa wrote shares before)?
 pub fn in_use(cfg: &Config) -> bool {
-    cfg.jobs.values().any(|j| j.flag("SambaShare")) || conf_dir(cfg).join(SHARES_FILE).exists()
+    cfg.jobs.values().any(|j| j.samba_share) || conf_dir(cfg).join(SHARES_FILE).exists()
 }
 
 /// The share definition of one job.
 pub fn share_text(job: &Job) -> String {
     // Never empty: the configuration refuses SambaShare=yes without users (an empty
     // `valid users` would open the share to every Samba user).
-    let users = job.samba_users();
+    let users = &job.samba_users;
     format!(
         "# Written by affa --samba-shares for job {name} (SambaShare=yes); changes are overwritten.\n\
          [{name}]\n\
@@ -51,7 +51,7 @@ pub fn share_text(job: &Job) -> String {
          \tforce user = root\n\
          \tveto files = /.affa-chunks/*.affa-manifest/.AFFA-TRASH/.scheduled.resume/\n",
         name = job.name,
-        host = job.get("remoteHostName"),
+        host = job.host,
         path = job.job_dir().display(),
         users = users.join(" "),
     )
@@ -96,8 +96,8 @@ fn reload(smb_conf: &Path) -> String {
 /// jobs no longer shared, load them into smbConf, reload Samba.
 pub fn update_shares(cfg: &Config) -> Result<String> {
     let dir = conf_dir(cfg);
-    let smb_conf = PathBuf::from(cfg.global.get("smbConf"));
-    let shared: Vec<&Job> = cfg.jobs.values().filter(|j| j.flag("SambaShare")).collect();
+    let smb_conf = cfg.settings.smb_conf.clone();
+    let shared: Vec<&Job> = cfg.jobs.values().filter(|j| j.samba_share).collect();
     if shared.is_empty() && !dir.join(SHARES_FILE).exists() {
         return Ok("no job has SambaShare=yes; Samba not touched".into());
     }

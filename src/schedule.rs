@@ -23,7 +23,7 @@ use crate::observer::Watch;
 
 /// The affa binary to start again: the running one, else affaBinary.
 fn self_binary(cfg: &Config) -> PathBuf {
-    std::env::current_exe().ok().filter(|p| p.is_file()).unwrap_or_else(|| PathBuf::from(cfg.global.get("affaBinary")))
+    std::env::current_exe().ok().filter(|p| p.is_file()).unwrap_or_else(|| cfg.settings.affa_binary.clone())
 }
 
 /// Start `affa --config-dir DIR --silent --run JOB` as a detached process (own session, no
@@ -74,7 +74,7 @@ pub fn resume_interrupted(cfg: &Config) -> Result<String> {
             lines.push(format!("job {} is running (pid {pid})", job.name));
             continue;
         }
-        if !job.flag("resumeAfterBoot") {
+        if !job.resume_after_boot {
             lines.push(format!("job {} was interrupted; not resumed (resumeAfterBoot=no)", job.name));
             continue;
         }
@@ -141,8 +141,8 @@ pub fn run_job(cfg: &Config, job: &str, clock: &dyn Clock, opts: RunOptions, ret
     let log_path = note.path().map(Path::to_path_buf);
     let lp = log_path.as_deref();
     let start = log_len(lp);
-    let retries = if retry { j.num("RetryAttempts") as u32 } else { 0 };
-    let after = j.num("RetryAfter");
+    let retries = if retry { j.retry.attempts } else { 0 };
+    let after = j.retry.after;
     let total = retries + 1;
     let mut notified = false;
     let mut attempt = 1;
@@ -153,7 +153,7 @@ pub fn run_job(cfg: &Config, job: &str, clock: &dyn Clock, opts: RunOptions, ret
             Err(e) if crate::interrupt::interrupted() => break Err(e),
             Err(e) if attempt < total => {
                 note.info(format!("attempt {attempt} of {total} failed; retry {attempt} of {retries} in {after} s"));
-                if j.flag("RetryNotification") {
+                if j.mail.retry_notification {
                     match crate::notify::retry_notice(cfg, j, e.message(), attempt, total, after) {
                         Ok(_) => notified = true,
                         Err(me) => note.warn(format!("cannot send the retry notice: {me}")),
@@ -220,7 +220,7 @@ fn after_success(
             Err(me) => note.warn(format!("cannot send the warning mail: {me}")),
         }
     }
-    let chatty = j.num("chattyOnSuccess");
+    let chatty = j.mail.chatty_on_success;
     if chatty > 0 || notified {
         let extra = if attempt > 1 { format!("It succeeded at attempt {attempt}.") } else { String::new() };
         match crate::notify::success_mail(cfg, j, s.archive.as_deref(), &extra, lp, &log_since(lp, start)) {

@@ -97,7 +97,7 @@ fn parse_config(data: &[u8]) {
         for (name, j) in &c.jobs {
             assert!(affa::config::valid_job_name(name), "accepted job name {name:?}");
             let _ = j.to_ini();
-            let _ = j.sources();
+            let _ = &j.sources;
             // A job dir never leaves RootDir.
             assert_eq!(j.job_dir().parent(), Some(j.root_dir().as_path()), "{name:?}");
         }

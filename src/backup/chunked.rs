@@ -15,23 +15,16 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use crate::archive;
 use crate::backup::ctx::{check_rsync, disk_full, Ctx, RunSummary, STAGING};
 use crate::chunk::{self, Pool};
-use crate::config::{keys, Job};
+use crate::config::Job;
 use crate::error::{Error, IoContext, Result};
 use crate::observer::Phase;
 use crate::report::Report;
 use crate::transport::rsync::{self, Source};
 
-/// The chunk settings of a job.
-pub fn settings(job: &Job) -> Result<chunk::Settings> {
-    let chunk_size = keys::parse_size(job.get("chunkSize")).unwrap_or(chunk::DEFAULT_CHUNK_SIZE as u64) as u32;
-    let compression = chunk::parse_compression(job.get("chunkCompression"))?;
-    Ok(chunk::Settings { chunk_size, compression, ..Default::default() })
-}
-
 /// `chunkFiles` as a matcher over archive-relative paths. Like rsync patterns, a pattern
 /// without `/` matches the file name, one with `/` the whole path.
 pub fn matcher(job: &Job) -> Result<Option<GlobSet>> {
-    let pats = job.get_all("chunkFiles");
+    let pats = &job.chunk.files;
     if pats.is_empty() {
         return Ok(None);
     }
@@ -47,7 +40,7 @@ pub fn matcher(job: &Job) -> Result<Option<GlobSet>> {
 
 /// rsync `--exclude` patterns that keep chunked files out of the main transfer.
 pub fn rsync_excludes(job: &Job) -> Vec<String> {
-    job.get_all("chunkFiles").to_vec()
+    job.chunk.files.clone()
 }
 
 /// Totals of the chunking of one run, written into the report.
@@ -134,7 +127,7 @@ pub fn chunk_into(
 ) -> Result<()> {
     let st = staging_path(ctx, rel);
     let pool = Pool::open(&ctx.job.root_dir())?;
-    let set = settings(ctx.job)?;
+    let set = ctx.job.chunk.settings.clone();
     let prev = previous_manifest(link_dirs, rel).map(|(_, m)| m);
     let size = fs::symlink_metadata(&st).map(|m| m.len()).unwrap_or(0);
     let bar = ctx.log.watch.meter("chunking", Some(size));
@@ -200,15 +193,15 @@ pub fn transfer_chunked(
     // Chunking opens what lands in staging: never a symlink, device or fifo there (rsync skips
     // them, and --delete-during removes an older staging copy of such a name).
     args.opts(rsync::REGULAR_FILES_ONLY);
-    for p in job.get_all("Exclude") {
+    for p in &job.excludes {
         args.opt(format!("--exclude={p}"));
     }
     args.opt("--include=*/");
-    for p in job.get_all("chunkFiles") {
+    for p in &job.chunk.files {
         args.opt(format!("--include={p}"));
     }
     args.opt("--exclude=*");
-    args.from(source, &job.sources()).to(format!("{}/", staging.display()));
+    args.from(source, &job.sources).to(format!("{}/", staging.display()));
     ctx.log.phase(Phase::Copying { what: "the files to chunk".into(), n: 2, of: 2 });
     let res = rsync::run(job, &args, &ctx.log, &ctx.log.watch)?;
     check_rsync(ctx, &res, "the transfer of the chunked files", summary)?;
@@ -231,7 +224,7 @@ pub fn transfer_chunked(
 
 /// After rotation: remove pool chunks nobody references any more.
 pub fn sweep_after_rotation(ctx: &Ctx) -> Result<()> {
-    if ctx.job.get_all("chunkFiles").is_empty() && !ctx.job.root_dir().join(chunk::POOL_DIR).exists() {
+    if ctx.job.chunk.files.is_empty() && !ctx.job.root_dir().join(chunk::POOL_DIR).exists() {
         return Ok(());
     }
     let s = crate::maintenance::sweep_pool(&ctx.job.root_dir())?;

@@ -93,7 +93,7 @@ pub struct Ctx<'a> {
 
 impl Ctx<'_> {
     pub fn source(&self) -> Option<SshTarget> {
-        if self.job.get("remoteHostName") == "localhost" {
+        if self.job.local {
             None
         } else {
             Some(SshTarget::from_job(self.job, self.cfg))

@@ -60,16 +60,16 @@ pub fn transfer_files(
     };
     let mut args = rsync::Args::new(job, &source);
     args.opts(["--stats", "--delete-during", "--delete-excluded", "--relative", "--partial"]);
-    if job.flag("rsync--inplace") {
+    if job.rsync.inplace {
         args.opt("--inplace");
     }
     for l in &link {
         args.opt(format!("--link-dest={}", l.display()));
     }
-    for p in job.include_patterns() {
+    for p in &job.include_patterns {
         args.opt(format!("--include={p}"));
     }
-    for p in job.get_all("Exclude") {
+    for p in &job.excludes {
         args.opt(format!("--exclude={p}"));
     }
     let chunk_patterns = crate::backup::chunked::rsync_excludes(job);
@@ -78,14 +78,14 @@ pub fn transfer_files(
     }
     // affa's own files at the archive root: a source's files of those names never land there.
     args.opts(archive::reserved_excludes(&job.name));
-    args.configured(job.get("rsyncOptions"));
+    args.configured(&job.rsync.options);
     let sources = crate::backup::sme::sources(ctx)?;
-    if sources != job.sources() {
-        *ctx.extra_sources.borrow_mut() = sources.iter().filter(|s| !job.sources().contains(s)).cloned().collect();
+    if sources != job.sources {
+        *ctx.extra_sources.borrow_mut() = sources.iter().filter(|s| !job.sources.contains(s)).cloned().collect();
     }
     args.from(&source, &sources).to(format!("{}/", running.display()));
     let steps = if chunk_patterns.is_empty() { 1 } else { 2 };
-    ctx.log.phase(Phase::Copying { what: format!("the files of {}", job.get("remoteHostName")), n: 1, of: steps });
+    ctx.log.phase(Phase::Copying { what: format!("the files of {}", job.host), n: 1, of: steps });
     let res = rsync::run(job, &args, &ctx.log, &ctx.log.watch)?;
     check_rsync(ctx, &res, "the transfer", summary)?;
     report.add_rsync_stats(&res.stdout);

@@ -46,7 +46,7 @@ pub fn run(cfg: &Config, job_name: &str, clock: &dyn Clock, opts: RunOptions) ->
         job_dir: job.job_dir(),
         extra_sources: Default::default(),
     };
-    ctx.log.info(format!("Starting job {} {} ({})", job_name, opts.level.name(), job.get("remoteHostName")));
+    ctx.log.info(format!("Starting job {} {} ({})", job_name, opts.level.name(), job.host));
     let res = run_locked(&ctx, opts.level);
     match &res {
         Ok(_) => ctx.log.info(format!("Completed job {} {}", job_name, opts.level.name())),
@@ -76,9 +76,9 @@ fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
         return Ok(summary);
     }
     // rsyncdMode=yes: the source is an rsync daemon (its password file lives for this run).
-    let daemon = match ctx.job.flag("rsyncdMode") {
-        true => Some(crate::transport::rsyncd::Daemon::for_job(ctx.job, &ctx.job_dir)?),
-        false => None,
+    let daemon = match ctx.job.rsyncd {
+        Some(_) => Some(crate::transport::rsyncd::Daemon::for_job(ctx.job, &ctx.job_dir)?),
+        None => None,
     };
     if let Some(d) = &daemon {
         ctx.log.info(format!("Checking the rsync daemon connection to {}", d.url));
@@ -87,7 +87,7 @@ fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
         ctx.log.phase(Phase::Connecting(t.destination()));
         t.check_connection()?;
     }
-    run_scripts(ctx, "preJobCommand", "preJobCommandRemote")?;
+    run_scripts(ctx, "preJobCommand", &ctx.job.scripts.pre, &ctx.job.scripts.pre_remote)?;
     crate::backup::sme::before_transfer(ctx)?;
     let mut summary = RunSummary::default();
     let running = ctx.job_dir.join(RUNNING);
@@ -111,7 +111,7 @@ fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
     crate::backup::chunked::sweep_after_rotation(ctx)?;
     crate::interrupt::crash_point("swept");
 
-    run_scripts(ctx, "postJobCommand", "postJobCommandRemote")?;
+    run_scripts(ctx, "postJobCommand", &ctx.job.scripts.post, &ctx.job.scripts.post_remote)?;
     crate::backup::sme::after_run(ctx, &mut summary)?;
     disk_space_warning(ctx, &report, &mut summary);
     summary.report = report;
@@ -241,7 +241,7 @@ fn disk_space_warning(ctx: &Ctx, report: &Report, summary: &mut RunSummary) {
             avail_kib / 1024,
             ctx.job.name,
             size / 1048576,
-            ctx.job.get("DiskSpaceWarn")
+            ctx.job.disk_space_warn.name()
         );
         ctx.log.warn(&w);
         summary.warnings.push(w);

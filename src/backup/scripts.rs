@@ -14,9 +14,10 @@ use crate::transport::{die_with_parent, shell_quote, SshTarget};
 /// Pre/post-job scripts, all of them in alphabetical order of name, local ones called as
 /// `SCRIPT HOST JOB 'SSHCMD'`, remote ones copied into a private directory that `mktemp -d`
 /// makes on the source and run there; each ends within scriptTimeout seconds or is stopped.
-pub fn run_scripts(ctx: &Ctx, local_key: &str, remote_key: &str) -> Result<()> {
-    let mut all: Vec<(String, bool)> = ctx.job.get_all(local_key).iter().map(|s| (s.clone(), false)).collect();
-    all.extend(ctx.job.get_all(remote_key).iter().map(|s| (s.clone(), true)));
+/// `local_key` names the scripts in messages.
+pub fn run_scripts(ctx: &Ctx, local_key: &str, local: &[String], remote: &[String]) -> Result<()> {
+    let mut all: Vec<(String, bool)> = local.iter().map(|s| (s.clone(), false)).collect();
+    all.extend(remote.iter().map(|s| (s.clone(), true)));
     all.sort();
     for (name, remote) in all {
         if name.contains("..") || name.starts_with('/') {
@@ -31,7 +32,7 @@ pub fn run_scripts(ctx: &Ctx, local_key: &str, remote_key: &str) -> Result<()> {
             bail!("script {} of job {} does not exist or is not a file", script.display(), ctx.job.name);
         }
         let target = ctx.source();
-        let host = ctx.job.get("remoteHostName");
+        let host = &ctx.job.host;
         match (remote, target) {
             (true, Some(t)) => {
                 let body = fs::read(&script).ctx(|| format!("cannot read {}", script.display()))?;
@@ -62,7 +63,7 @@ pub fn run_logged(
     cannot: &str,
     failed: impl Fn(i32) -> String,
 ) -> Result<Vec<u8>> {
-    let limit = std::time::Duration::from_secs(ctx.job.num("scriptTimeout"));
+    let limit = ctx.job.scripts.timeout;
     die_with_parent(&mut c);
     let what = cannot.strip_prefix("cannot run ").unwrap_or(cannot);
     let out = crate::transport::output_within(c, Some(input.to_vec()), limit, what, "scriptTimeout")?;
@@ -78,9 +79,9 @@ pub fn run_logged(
 /// mode 0700): no predictable name in /tmp that a user of the host could plant a symlink at.
 /// Returns its stdout.
 pub fn remote_script(ctx: &Ctx, t: &SshTarget, name: &str, body: &[u8]) -> Result<Vec<u8>> {
-    let host = ctx.job.get("remoteHostName");
+    let host = &ctx.job.host;
     ctx.log.info(format!("Executing script {name} on {host}"));
-    let limit = std::time::Duration::from_secs(ctx.job.num("scriptTimeout"));
+    let limit = ctx.job.scripts.timeout;
     let remote_cmd = format!(
         "umask 077; d=$(mktemp -d /tmp/affa-XXXXXXXXXX) || exit 125; cat > \"$d/script\" && chmod 700 \"$d/script\" && \"$d/script\" {h} {j}; rc=$?; rm -rf \"$d\"; exit $rc",
         h = shell_quote(host),

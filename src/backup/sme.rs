@@ -50,11 +50,19 @@ pub const SME_BACKUP_SET: &[&str] = &[
 pub const RPM_LIST: &str = "/home/e-smith/db/affa-rpmlist";
 
 fn sme(ctx: &Ctx) -> bool {
-    ctx.job.flag("SMEServer")
+    ctx.job.sme.is_some()
 }
 
 fn local(ctx: &Ctx) -> bool {
-    ctx.job.get("remoteHostName") == "localhost"
+    ctx.job.local
+}
+
+/// SMEServer=yes with Watchdog=yes, RPMCheck=yes.
+fn watchdog(job: &crate::config::Job) -> bool {
+    job.sme.is_some_and(|s| s.watchdog)
+}
+fn rpm_check(ctx: &Ctx) -> bool {
+    ctx.job.sme.is_some_and(|s| s.rpm_check)
 }
 
 /// Run one of the SME scripts (`SME/NAME` of scriptDir, else the built-in `body`) on the host.
@@ -70,7 +78,7 @@ fn run_sme_script(ctx: &Ctx, name: &str, builtin: &str) -> Result<Vec<u8>> {
         Some(t) => remote_script(ctx, &t, &rel, &body),
         None => {
             ctx.log.info(format!("Executing script {rel}"));
-            let (host, job) = (ctx.job.get("remoteHostName"), ctx.job.name.as_str());
+            let (host, job) = (ctx.job.host.as_str(), ctx.job.name.as_str());
             let mut c;
             if file.is_file() {
                 c = Command::new(&file);
@@ -93,13 +101,12 @@ pub fn before_transfer(ctx: &Ctx) -> Result<()> {
     if !sme(ctx) {
         return Ok(());
     }
-    if ctx.job.flag("Watchdog") && !local(ctx) {
+    if watchdog(ctx.job) && !local(ctx) {
         install_watchdog(ctx)?;
     }
     run_sme_script(ctx, "signal-pre-backup", PRE_BACKUP)?;
-    if ctx.job.flag("RPMCheck") && !local(ctx) {
-        ctx.log
-            .info(format!("writing the list of installed packages on {} ({RPM_LIST})", ctx.job.get("remoteHostName")));
+    if rpm_check(ctx) && !local(ctx) {
+        ctx.log.info(format!("writing the list of installed packages on {} ({RPM_LIST})", ctx.job.host));
         run_sme_script(ctx, "rpm-list", &rpm_list_script(Some(RPM_LIST)))?;
     }
     Ok(())
@@ -111,7 +118,7 @@ pub fn after_run(ctx: &Ctx, summary: &mut RunSummary) -> Result<()> {
         return Ok(());
     }
     run_sme_script(ctx, "signal-post-backup", POST_BACKUP)?;
-    if ctx.job.flag("RPMCheck") && !local(ctx) {
+    if rpm_check(ctx) && !local(ctx) {
         compare_rpm_lists(ctx, summary);
     }
     Ok(())
@@ -121,7 +128,7 @@ pub fn after_run(ctx: &Ctx, summary: &mut RunSummary) -> Result<()> {
 /// (the paths of it that exist on the host) followed by the job's `Include` paths.
 pub fn sources(ctx: &Ctx) -> Result<Vec<String>> {
     if !sme(ctx) {
-        return Ok(ctx.job.sources());
+        return Ok(ctx.job.sources.clone());
     }
     let mut list: Vec<String> = SME_BACKUP_SET.iter().map(|s| s.to_string()).collect();
     let probe = format!(
@@ -148,13 +155,13 @@ pub fn sources(ctx: &Ctx) -> Result<Vec<String>> {
             ctx.log.warn(format!("ignoring the backup-set entry {l:?} of the host: not a plain absolute path"));
         }
     }
-    for p in ctx.job.get_all("Include").iter().filter(|s| s.starts_with('/')) {
+    for p in &ctx.job.include_paths {
         if !list.contains(p) {
             list.push(p.clone());
         }
     }
     if list.is_empty() {
-        list = ctx.job.sources();
+        list = ctx.job.sources.clone();
     }
     ctx.log.info(format!("SMEServer=yes: backing up {}", list.join(" ")));
     Ok(list)
@@ -219,7 +226,7 @@ fn compare_rpm_lists(ctx: &Ctx, summary: &mut RunSummary) {
         }
         h.update(format!("{name}-{ver}\n").as_bytes());
     }
-    let host = ctx.job.get("remoteHostName");
+    let host = &ctx.job.host;
     let mut text = String::new();
     if !missing.is_empty() {
         text.push_str(&format!(
@@ -268,10 +275,9 @@ fn to_next_run(ctx: &Ctx) -> i64 {
     let now = ctx.clock.now();
     let mins = (now.hour() * 60 + now.minute()) as i64;
     ctx.job
-        .get_all("TimeSchedule")
+        .schedule
         .iter()
-        .filter_map(|t| crate::config::keys::parse_hhmm(t))
-        .map(|(h, m)| {
+        .map(|&(h, m)| {
             let d = (h * 60 + m) as i64 - mins;
             if d <= 0 {
                 d + 1440
@@ -320,7 +326,7 @@ fn install_watchdog(ctx: &Ctx) -> Result<()> {
         qbackup = shell_quote(&crate::notify::hostname()),
         qsched = shell_quote(&now.format("%a %b %e %H:%M:%S %Y").to_string()),
     );
-    let dir = ctx.cfg.global.get("watchdogDir");
+    let dir = &ctx.cfg.settings.watchdog_dir;
     let installer = format!(
         "#!/bin/sh\nset -e\nip=${{SSH_CLIENT%% *}}\nname={d}/affa-watchdog-{j}-${{ip:-unknown}}\nrm -f \"$name-reminder\"\nmkdir -p {d}\numask 077\n\
          cat > \"$name.affa-tmp\" <<'AFFA_WATCHDOG_END'\n{watchdog}AFFA_WATCHDOG_END\nchmod 700 \"$name.affa-tmp\"\nmv \"$name.affa-tmp\" \"$name\"\n",
@@ -333,7 +339,7 @@ fn install_watchdog(ctx: &Ctx) -> Result<()> {
 /// `--mailtest JOB` of a job with the watchdog (Affa 3): the host sends a test mail the way its
 /// watchdog would, so a host that cannot mail is found before it matters. None without watchdog.
 pub fn watchdog_mailtest(cfg: &crate::config::Config, job: &crate::config::Job) -> Result<Option<String>> {
-    if !(job.flag("SMEServer") && job.flag("Watchdog")) || job.get("remoteHostName") == "localhost" {
+    if !watchdog(job) || job.local {
         return Ok(None);
     }
     let t = crate::transport::SshTarget::from_job(job, cfg);
@@ -341,11 +347,11 @@ pub fn watchdog_mailtest(cfg: &crate::config::Config, job: &crate::config::Job) 
     let mail = format!(
         "To: {to}\nSubject: affa watchdog test mail from {host} for job {j}\n\n\
          The affa watchdog of job {j} (backup server {backup}) can send mail from {host}.\n",
-        host = job.get("remoteHostName"),
+        host = job.host,
         j = job.name,
         backup = crate::notify::hostname()
     );
     let cmd = format!("PATH=$PATH:/usr/sbin:/usr/lib:/sbin; printf '%s' {} | sendmail -t -i", shell_quote(&mail));
     t.run_ok(&cmd, "the watchdog test mail")?;
-    Ok(Some(format!("watchdog test mail of job {} sent by {} to {to}", job.name, job.get("remoteHostName"))))
+    Ok(Some(format!("watchdog test mail of job {} sent by {} to {to}", job.name, job.host)))
 }

@@ -34,12 +34,13 @@ use crate::vmrecord::{self, DatastoreRec, DiskRec, LinkRec, SnapshotRec, VmRecor
 
 /// Connection settings of a job's ESXi host.
 pub fn connect_options(job: &Job) -> ConnectOptions {
-    let host = if job.get("ESXiHost").is_empty() { job.get("remoteHostName") } else { job.get("ESXiHost") };
-    let mut o = ConnectOptions::new(host);
-    o.port = job.num("ESXiPort") as u16;
-    o.thumbprint = job.thumbprint();
-    o.plain_http = job.get("ESXiProtocol") == "http";
-    o.task_timeout = Duration::from_secs(job.num("ESXiTaskTimeout"));
+    let mut o = ConnectOptions::new(job.esxi.as_ref().map_or(job.host.as_str(), |e| e.host.as_str()));
+    if let Some(e) = &job.esxi {
+        o.port = e.port;
+        o.thumbprint = e.thumbprint.clone();
+        o.plain_http = e.plain_http;
+        o.task_timeout = e.task_timeout;
+    }
     o.job = Some(job.name.clone());
     o
 }
@@ -52,7 +53,7 @@ pub fn login(job: &Job) -> Result<Client> {
     }
     let mut c = Client::connect(opts)?;
     let pw = Password::new(job.esxi_password()?);
-    c.login(job.get("ESXiUsername"), &pw)?;
+    c.login(job.esxi.as_ref().map_or("", |e| e.user.as_str()), &pw)?;
     Ok(c)
 }
 
@@ -143,7 +144,8 @@ fn add(groups: &mut Vec<Group>, layout: &VmLayout, ds_path: &str) -> Result<()> 
 pub fn transfer(ctx: &Ctx, running: &Path, report: &mut Report, summary: &mut RunSummary) -> Result<()> {
     let job = ctx.job;
     let target = SshTarget::from_job(job, ctx.cfg);
-    let vm_name = job.get("ESXiVMName");
+    let esxi = job.esxi_settings()?;
+    let vm_name = &esxi.vm_name;
     ctx.log.phase(Phase::EsxiConnecting(connect_options(job).host));
     let mut client = login(job)?;
     crate::interrupt::crash_point("esxi-logged-in");
@@ -163,10 +165,10 @@ fn transfer_logged_in(
     summary: &mut RunSummary,
 ) -> Result<()> {
     let job = ctx.job;
-    let vm = client.find_vm(job.get("ESXiVMName"))?;
-    let vimcmd =
-        (job.get("ESXiSnapshotMode") == "vim-cmd").then(|| (target.clone(), job.get("ESXiVimCmd").to_string()));
-    let limit = Duration::from_secs(job.num("ESXiTaskTimeout") + job.num("ConnectionCheckTimeout"));
+    let esxi = job.esxi_settings()?;
+    let vm = client.find_vm(&esxi.vm_name)?;
+    let vimcmd = esxi.vim_cmd.as_ref().map(|v| (target.clone(), v.clone()));
+    let limit = esxi.task_timeout + Duration::from_secs(job.ssh.connect_timeout);
     let snaps = Snapshots { client, vm: vm.clone(), vimcmd, limit };
     let layout = client.vm_layout(&vm)?;
     report.set("ESXiVM", &layout.name);
@@ -191,7 +193,7 @@ fn transfer_logged_in(
     let own = chain::own_snapshots(&layout, None);
     if !own.is_empty() {
         let list = chain::describe(&own, ctx.clock.now());
-        if job.get("ESXiUserSnapshots") == "refuse" {
+        if esxi.refuse_user_snapshots {
             bail!("the VM has snapshots of its own: {list}; ESXiUserSnapshots=refuse, so nothing was archived (remove them, or set ESXiUserSnapshots=keep to archive the VM with them)");
         }
         let w = format!("VM {} has {} snapshot(s) of its own: {list}; they are archived with it (the whole disk chain), but they cost the host space and speed: remove them when they are no longer needed", layout.name, own.len());
@@ -204,7 +206,7 @@ fn transfer_logged_in(
     // 3. The snapshot.
     let name = esxi::snapshot_name(&job.name, ctx.clock.now());
     ctx.log.phase(Phase::Snapshot(name.clone()));
-    if let Err(e) = snaps.create(&name, job.flag("ESXiSnapshotMemory"), job.flag("ESXiSnapshotQuiesce")) {
+    if let Err(e) = snaps.create(&name, esxi.memory, esxi.quiesce) {
         let e = e.context(format!("creating snapshot {name} failed; nothing was copied"));
         // A create that failed or ran past its time limit (a task past ESXiTaskTimeout, a
         // wedged vim-cmd session) may have made the snapshot all the same: remove it now.
@@ -485,8 +487,8 @@ pub fn pin_thumbprint(job: &Job, out: &mut dyn Write, yes: bool, watch: &Watch) 
     }
     let seen = esxi::fetch_thumbprint(&o.host, o.port, Duration::from_secs(30))?;
     let seen_n = crate::config::keys::normalize_thumbprint(&seen).unwrap_or(seen.clone());
-    match job.thumbprint() {
-        Some(p) if p == seen_n => {
+    match &o.thumbprint {
+        Some(p) if *p == seen_n => {
             let _ = writeln!(out, "job {}: certificate of ESXi host {} matches the pinned fingerprint", job.name, o.host);
             Ok(())
         }

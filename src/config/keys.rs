@@ -29,9 +29,11 @@ pub enum Kind {
     OptAbsPath,
     /// A glob pattern (globset syntax).
     Glob,
-    /// A size: `262144`, `1M`, `4MiB`, `256K`.
+    /// A chunk size: `262144`, `512K`, `1M`, `4MiB` (the store's one parser,
+    /// [`crate::chunk::parse_chunk_size`]).
     Size,
-    /// `zstd:N` (1..=19), `lz4` or `none`.
+    /// `none`, `lz4`, `zstd` (= `zstd:3`) or `zstd:N` (1..=19), any case (the store's one
+    /// parser, [`crate::chunk::parse_compression`]).
     Compression,
     /// SHA-256 fingerprint: 32 bytes in hex, colons optional.
     Thumbprint,
@@ -220,7 +222,7 @@ pub static KEYS: &[KeyDef] = &[
         "glob of files stored as compressed, deduplicated chunks (ESXi: *-flat.vmdk, *-delta.vmdk, *-sesparse.vmdk)",
     ),
     k("chunkSize", &["1M"], Kind::Size, "chunk size, a power of two from 256K to 16M (1M: see docs/FORMAT.md)"),
-    k("chunkCompression", &["zstd:1"], Kind::Compression, "zstd:N, lz4 or none"),
+    k("chunkCompression", &["zstd:1"], Kind::Compression, "zstd:N (zstd = zstd:3), lz4 or none"),
     // global only
     g(
         "globalStatus",
@@ -303,31 +305,57 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
+/// A value parsed by its kind's one parser ([`parse`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value<'a> {
+    /// Text, Glob (checked), AbsPath and OptAbsPath.
+    Text(&'a str),
+    Bool(bool),
+    /// Int, SInt and Keep.
+    Int(i64),
+    /// One of an Enum's words.
+    Word(&'a str),
+    /// Hhmm (always Some) and OptHhmm (None when empty).
+    Time(Option<(u32, u32)>),
+    /// A chunk size in bytes.
+    Size(u32),
+    Compression(crate::chunk::Compression),
+    /// Normalized; None when empty (not pinned yet).
+    Thumbprint(Option<String>),
+}
+
+/// Parse one value by its kind: the one parser of every key, used by the line check when the
+/// configuration is read and by the typed settings ([`super::typed`]). `Err` holds "what is
+/// expected".
+pub fn parse(kind: Kind, v: &str) -> Result<Value<'_>, String> {
+    let value = match kind {
+        Kind::Text => Some(Value::Text(v)),
+        Kind::Bool => parse_bool(v).map(Value::Bool),
+        Kind::Int(lo, hi) => v
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n >= lo && *n <= hi && v.bytes().all(|b| b.is_ascii_digit()))
+            .map(|n| Value::Int(n as i64)),
+        Kind::SInt(lo, hi) => parse_int(v).filter(|n| *n >= lo && *n <= hi).map(Value::Int),
+        Kind::Keep(_) => parse_int(v).filter(|n| *n <= 10000).map(Value::Int),
+        Kind::Enum(words) => words.iter().find(|w| **w == v).map(|w| Value::Word(w)),
+        Kind::Hhmm => parse_hhmm(v).map(|t| Value::Time(Some(t))),
+        Kind::OptHhmm if v.is_empty() => Some(Value::Time(None)),
+        Kind::OptHhmm => parse_hhmm(v).map(|t| Value::Time(Some(t))),
+        Kind::AbsPath => v.starts_with('/').then_some(Value::Text(v)),
+        Kind::OptAbsPath => (v.is_empty() || v.starts_with('/')).then_some(Value::Text(v)),
+        Kind::Glob => (globset::Glob::new(v).is_ok() && !v.is_empty()).then_some(Value::Text(v)),
+        Kind::Size => crate::chunk::parse_chunk_size(v).ok().map(Value::Size),
+        Kind::Compression => crate::chunk::parse_compression(v).ok().map(Value::Compression),
+        Kind::Thumbprint if v.is_empty() => Some(Value::Thumbprint(None)),
+        Kind::Thumbprint => normalize_thumbprint(v).map(|t| Value::Thumbprint(Some(t))),
+    };
+    value.ok_or_else(|| expected(kind))
+}
+
 /// Check one value against its kind; `Err` holds "what is expected".
 pub fn check(kind: Kind, v: &str) -> Result<(), String> {
-    let ok = match kind {
-        Kind::Text => true,
-        Kind::Bool => parse_bool(v).is_some(),
-        Kind::Int(lo, hi) => {
-            matches!(v.parse::<u64>(), Ok(n) if n >= lo && n <= hi) && v.bytes().all(|b| b.is_ascii_digit())
-        }
-        Kind::SInt(lo, hi) => matches!(parse_int(v), Some(n) if n >= lo && n <= hi),
-        Kind::Keep(_) => matches!(parse_int(v), Some(n) if n <= 10000),
-        Kind::Enum(words) => words.contains(&v),
-        Kind::Hhmm => parse_hhmm(v).is_some(),
-        Kind::OptHhmm => v.is_empty() || parse_hhmm(v).is_some(),
-        Kind::AbsPath => v.starts_with('/'),
-        Kind::OptAbsPath => v.is_empty() || v.starts_with('/'),
-        Kind::Glob => globset::Glob::new(v).is_ok() && !v.is_empty(),
-        Kind::Size => matches!(parse_size(v), Some(n) if (256 << 10..=16 << 20).contains(&n) && n.is_power_of_two()),
-        Kind::Compression => parse_compression_word(v).is_some(),
-        Kind::Thumbprint => normalize_thumbprint(v).is_some(),
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(expected(kind))
-    }
+    parse(kind, v).map(|_| ())
 }
 
 pub fn expected(kind: Kind) -> String {
@@ -349,8 +377,8 @@ pub fn expected(kind: Kind) -> String {
         Kind::AbsPath => "an absolute path".into(),
         Kind::OptAbsPath => "an absolute path or nothing".into(),
         Kind::Glob => "a glob pattern such as *-flat.vmdk".into(),
-        Kind::Size => "a power of two from 256K to 16M (e.g. 1M, 4MiB, 262144)".into(),
-        Kind::Compression => "zstd:N (N from 1 to 19), lz4 or none".into(),
+        Kind::Size => "a power of two from 256K to 16M, written like 262144, 512K, 1M or 4MiB".into(),
+        Kind::Compression => "none, lz4, zstd (= zstd:3) or zstd:N with N from 1 to 19 (any case)".into(),
         Kind::Thumbprint => "a SHA-256 fingerprint: 32 hex bytes, colons optional".into(),
     }
 }
@@ -380,35 +408,6 @@ pub fn parse_hhmm(v: &str) -> Option<(u32, u32)> {
     let h: u32 = v[..2].parse().ok()?;
     let m: u32 = v[2..].parse().ok()?;
     (h < 24 && m < 60).then_some((h, m))
-}
-
-/// `262144`, `256K`, `1M`, `4MiB`, `1m` -> bytes.
-pub fn parse_size(v: &str) -> Option<u64> {
-    let v = v.trim();
-    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
-    let (num, unit) = v.split_at(split);
-    let n: u64 = num.parse().ok()?;
-    let mult = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" | "kb" => 1 << 10,
-        "m" | "mib" | "mb" => 1 << 20,
-        "g" | "gib" | "gb" => 1 << 30,
-        _ => return None,
-    };
-    n.checked_mul(mult)
-}
-
-/// `zstd:N` -> Some(("zstd", N)), `lz4` -> ("lz4", 0), `none` -> ("none", 0).
-pub fn parse_compression_word(v: &str) -> Option<(&'static str, i32)> {
-    match v {
-        "lz4" => Some(("lz4", 0)),
-        "none" => Some(("none", 0)),
-        "zstd" => Some(("zstd", 1)),
-        _ => {
-            let n: i32 = v.strip_prefix("zstd:")?.parse().ok()?;
-            (1..=19).contains(&n).then_some(("zstd", n))
-        }
-    }
 }
 
 /// Upper-case, colon-separated SHA-256 fingerprint, or None if not 32 hex bytes.

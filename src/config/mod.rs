@@ -8,12 +8,13 @@
 
 pub mod edit;
 pub mod keys;
+pub mod typed;
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, ErrorKind, IoContext, Result};
 use keys::{Scope, KEYS};
 
 pub const GLOBAL_SECTION: &str = "GlobalAffaConfig";
@@ -40,15 +41,17 @@ struct Section {
     values: BTreeMap<&'static str, Vec<(String, Origin)>>,
 }
 
-/// The merged, validated settings of one job: canonical key -> values.
+/// The merged, validated settings of one job: typed ([`typed::Settings`], reached through
+/// `Deref`: `job.ssh.port`, `job.chunk.settings`...), and the raw key -> values map that only
+/// the configuration's own views read by key (`--show-property`, `.JOB-setup.ini`, edits).
 #[derive(Debug, Clone)]
 pub struct Job {
     pub name: String,
     /// The file and line of the job's section header.
     pub origin: Origin,
+    /// Every setting, parsed once when the configuration is read.
+    pub settings: typed::Settings,
     values: BTreeMap<&'static str, Vec<String>>,
-    /// Keys given explicitly (in the job's section or in GlobalAffaConfig).
-    explicit: Vec<&'static str>,
     /// The file that holds ESXiPassword, if any (it must not be readable by others).
     pub password_file_origin: Option<PathBuf>,
 }
@@ -62,8 +65,11 @@ pub struct Job {
 pub struct Config {
     pub dir: PathBuf,
     pub jobs: BTreeMap<String, Job>,
-    /// Settings of `[GlobalAffaConfig]` merged over the defaults (global-only keys live here).
+    /// Settings of `[GlobalAffaConfig]` merged over the defaults, as a job (its job keys are
+    /// the defaults of every job).
     pub global: Job,
+    /// `[GlobalAffaConfig]`'s own keys, typed.
+    pub settings: typed::Global,
     /// Jobs whose sections have errors: they do not run, each one fails alone.
     pub broken: BTreeMap<String, BrokenJob>,
     /// Every configuration error, one line each, in file and line order (`--configcheck`),
@@ -280,14 +286,25 @@ impl Config {
 
         let global_sec = sections.remove(GLOBAL_SECTION).unwrap_or_default();
         let global_origin = global_sec.origin.clone().unwrap_or(Origin { file: dir.join("(defaults)"), line: 0 });
-        let global = merge(GLOBAL_SECTION, global_origin, &Section::default(), &global_sec, true);
+        let (global, errs) = merge(GLOBAL_SECTION, global_origin, &Section::default(), &global_sec, true);
+        if let Some(e) = errs.into_iter().next() {
+            return Err(Error::of(ErrorKind::Config, e));
+        }
+        let mut reader =
+            typed::Reader { values: &global.values, origin: &global.origin, job: GLOBAL_SECTION, errors: Vec::new() };
+        let settings = typed::Global::read(&mut reader);
+        if let Some(e) = reader.errors.into_iter().next() {
+            return Err(Error::of(ErrorKind::Config, e));
+        }
         let mut jobs = BTreeMap::new();
         let mut broken = BTreeMap::new();
         for name in order.iter().filter(|n| *n != GLOBAL_SECTION) {
             let sec = &sections[name];
             let origin = sec.origin.clone().unwrap();
-            let job = merge(name, origin.clone(), &global_sec, sec, false);
+            let (job, typed_errs) = merge(name, origin.clone(), &global_sec, sec, false);
             let mut errs = errors.remove(name).unwrap_or_default();
+            problems.extend(typed_errs.iter().cloned());
+            errs.extend(typed_errs);
             if let Err(e) = job.validate() {
                 problems.push(e.to_string());
                 errs.push(e.to_string());
@@ -298,7 +315,7 @@ impl Config {
                 broken.insert(name.clone(), BrokenJob { name: name.clone(), origin, errors: errs, partial: job });
             }
         }
-        Ok(Config { dir: dir.to_path_buf(), jobs, global, broken, problems })
+        Ok(Config { dir: dir.to_path_buf(), jobs, global, settings, broken, problems })
     }
 
     /// A job that can run; a broken one fails with its configuration error.
@@ -321,6 +338,7 @@ impl Config {
     pub fn force_debug(&mut self) {
         for j in self.jobs.values_mut().chain(self.broken.values_mut().map(|b| &mut b.partial)) {
             j.values.insert("Debug", vec!["yes".into()]);
+            j.settings.debug = true;
         }
     }
 
@@ -337,22 +355,50 @@ impl Config {
         v
     }
 
+    /// Every secret the configuration holds (to be kept out of mails).
+    ///
+    /// It reads the keys by name, in every job as written (working or broken, typed or not): a
+    /// secret must be hidden wherever it was written.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut s = Vec::new();
+        let mut push = |v: &str| {
+            if !v.is_empty() && !s.iter().any(|x: &String| x == v) {
+                s.push(v.to_string());
+            }
+        };
+        push(self.global.get("smtpPassword"));
+        for j in std::iter::once(&self.global).chain(self.all_jobs()) {
+            push(j.get("ESXiPassword"));
+            push(j.get("rsyncdPassword"));
+            let f = j.get("ESXiPasswordFile");
+            if !f.is_empty() {
+                if let Ok(t) = std::fs::read_to_string(f) {
+                    push(t.lines().next().unwrap_or("").trim_end());
+                }
+            }
+        }
+        // Longest first, so a secret containing another is hidden whole.
+        s.sort_by_key(|x| std::cmp::Reverse(x.len()));
+        s
+    }
+
     pub fn lock_dir(&self) -> PathBuf {
-        PathBuf::from(self.global.get("lockDir"))
+        self.settings.lock_dir.clone()
     }
     pub fn log_dir(&self) -> PathBuf {
-        PathBuf::from(self.global.get("logDir"))
+        self.settings.log_dir.clone()
     }
     pub fn ssh_dir(&self) -> PathBuf {
-        PathBuf::from(self.global.get("sshDir"))
+        self.settings.ssh_dir.clone()
     }
     pub fn script_dir(&self) -> PathBuf {
-        PathBuf::from(self.global.get("scriptDir"))
+        self.settings.script_dir.clone()
     }
 }
 
-/// Defaults < global section < job section (the whole-job checks are [`Job::validate`]).
-fn merge(name: &str, origin: Origin, global: &Section, own: &Section, is_global: bool) -> Job {
+/// Defaults < global section < job section, and the typed settings read from that (with the
+/// errors of values that do not parse; the whole-job checks are [`Job::validate`]).
+fn merge(name: &str, origin: Origin, global: &Section, own: &Section, is_global: bool) -> (Job, Vec<String>) {
     let mut values = BTreeMap::new();
     let mut explicit = Vec::new();
     let mut password_file_origin = None;
@@ -373,7 +419,18 @@ fn merge(name: &str, origin: Origin, global: &Section, own: &Section, is_global:
         };
         values.insert(def.name, v);
     }
-    Job { name: name.to_string(), origin, values, explicit, password_file_origin }
+    let mut reader = typed::Reader { values: &values, origin: &origin, job: name, errors: Vec::new() };
+    let settings = typed::Settings::read(&mut reader, &explicit);
+    let errors = reader.errors;
+    (Job { name: name.to_string(), origin, settings, values, password_file_origin }, errors)
+}
+
+/// The typed settings are the job's fields: `job.ssh`, `job.keeps`, `job.esxi`...
+impl std::ops::Deref for Job {
+    type Target = typed::Settings;
+    fn deref(&self) -> &typed::Settings {
+        &self.settings
+    }
 }
 
 impl Job {
@@ -412,7 +469,7 @@ impl Job {
                 if self.esxi() { "ESXi=yes" } else { "rsyncdMode=yes" }
             );
         }
-        if self.flag("SambaShare") && self.samba_users().is_empty() {
+        if self.samba_share && self.samba_users.is_empty() {
             bail!(Config, "{o}: job [{}] has SambaShare=yes but SambaValidUser is empty; expected the Samba users allowed to read its archives (e.g. SambaValidUser=affa): the share reads every archive as root, so it is never opened to all users", self.name);
         }
         if self.flag("rsyncdMode") {
@@ -443,8 +500,15 @@ impl Job {
         Ok(())
     }
 
-    /// The single value of a key ("" when empty).
-    pub fn get(&self, key: &str) -> &str {
+    /// The values of a key, for the configuration's own views (`--show-property`, the setup
+    /// copy, the secrets to hide): the run reads the typed fields instead.
+    pub fn get_all(&self, key: &str) -> &[String] {
+        self.values.get(key).map(|v| v.as_slice()).unwrap_or(&[])
+    }
+    /// The single value of a key ("" when empty), for the configuration's own views and
+    /// checks (and `--list`'s job box, which shows AutoUnmount as written); the run reads the
+    /// typed fields instead.
+    pub(crate) fn get(&self, key: &str) -> &str {
         self.values
             .get(key)
             .unwrap_or_else(|| panic!("internal: unknown config key {key}"))
@@ -452,81 +516,32 @@ impl Job {
             .map(|s| s.as_str())
             .unwrap_or("")
     }
-    /// All values of a (multi-valued) key.
-    pub fn get_all(&self, key: &str) -> &[String] {
-        self.values.get(key).map(|v| v.as_slice()).unwrap_or(&[])
-    }
-    /// The users of SambaValidUser (several lines, each a comma- or space-separated list).
-    pub fn samba_users(&self) -> Vec<String> {
-        self.get_all("SambaValidUser")
-            .iter()
-            .flat_map(|v| v.split(|c: char| c == ',' || c.is_whitespace()).filter(|s| !s.is_empty()).map(String::from))
-            .collect()
-    }
-    pub fn flag(&self, key: &str) -> bool {
+    fn flag(&self, key: &str) -> bool {
         keys::parse_bool(self.get(key)).unwrap_or(false)
-    }
-    pub fn num(&self, key: &str) -> u64 {
-        self.get(key).parse().unwrap_or(0)
-    }
-    /// A signed whole number (0 when empty).
-    pub fn int(&self, key: &str) -> i64 {
-        keys::parse_int(self.get(key)).unwrap_or(0)
-    }
-    pub fn is_explicit(&self, key: &str) -> bool {
-        self.explicit.contains(&key)
     }
 
     pub fn esxi(&self) -> bool {
-        self.flag("ESXi")
+        self.settings.esxi.is_some()
     }
     pub fn enabled(&self) -> bool {
-        self.get("status") == "enabled"
+        self.settings.enabled
     }
     pub fn root_dir(&self) -> PathBuf {
-        PathBuf::from(self.get("RootDir"))
+        self.settings.root_dir.clone()
     }
     /// RootDir/JOB.
     pub fn job_dir(&self) -> PathBuf {
-        self.root_dir().join(&self.name)
+        self.settings.root_dir.join(&self.name)
     }
     pub fn keep(&self, level: crate::archive::Level) -> u32 {
-        // Affa 3 clamps: scheduledKeep >= 1, the other keeps >= 0.
-        let floor = if level == crate::archive::Level::Scheduled { 1 } else { 0 };
-        self.int(level.keep_key()).clamp(floor, 10000) as u32
+        self.settings.keeps.of(level)
     }
-    pub fn remote_rsync(&self) -> String {
-        if self.esxi() && !self.is_explicit("remoteRsyncBinary") {
-            "/bin/rsync".into()
-        } else {
-            self.get("remoteRsyncBinary").into()
-        }
-    }
-    pub fn remote_authorized_keys(&self) -> String {
-        if self.esxi() && !self.is_explicit("RemoteAuthorizedKeysFile") {
-            format!("/etc/ssh/keys-{}/authorized_keys", self.get("remoteUser"))
-        } else {
-            self.get("RemoteAuthorizedKeysFile").into()
-        }
-    }
-    /// Source paths (Include values starting with `/`); `/` when none.
-    pub fn sources(&self) -> Vec<String> {
-        let v: Vec<String> = self.get_all("Include").iter().filter(|s| s.starts_with('/')).cloned().collect();
-        if v.is_empty() {
-            vec!["/".into()]
-        } else {
-            v
-        }
-    }
-    /// Include values that are rsync patterns rather than paths.
-    pub fn include_patterns(&self) -> Vec<String> {
-        self.get_all("Include").iter().filter(|s| !s.starts_with('/')).cloned().collect()
-    }
-    pub fn thumbprint(&self) -> Option<String> {
-        keys::normalize_thumbprint(self.get("ESXiThumbprint"))
-    }
-    pub fn chunk_size(&self) -> u64 {
-        keys::parse_size(self.get("chunkSize")).unwrap_or(crate::chunk::DEFAULT_CHUNK_SIZE as u64)
+    /// The ESXi settings of an ESXi job; an error for any other job.
+    pub fn esxi_settings(&self) -> Result<&typed::Esxi> {
+        self.settings
+            .esxi
+            .as_ref()
+            .ok_or_else(|| Error::of(ErrorKind::Config, format!("job {} is not an ESXi job (ESXi=no)", self.name)))
     }
 
     /// The ESXi API password, from ESXiPassword or ESXiPasswordFile. A file holding it that
@@ -543,15 +558,18 @@ impl Job {
             }
             Ok(())
         };
-        if !self.get("ESXiPassword").is_empty() {
+        let esxi = self.esxi_settings()?;
+        if !esxi.password.is_empty() {
             if let Some(f) = &self.password_file_origin {
                 check(f)?;
             }
-            return Ok(self.get("ESXiPassword").to_string());
+            return Ok(esxi.password.clone());
         }
-        let f = PathBuf::from(self.get("ESXiPasswordFile"));
-        check(&f)?;
-        let s = fs::read_to_string(&f).ctx(|| format!("cannot read ESXiPasswordFile {}", f.display()))?;
+        let Some(f) = &esxi.password_file else {
+            bail!(Config, "ESXi job {} has neither ESXiPassword nor ESXiPasswordFile", self.name);
+        };
+        check(f)?;
+        let s = fs::read_to_string(f).ctx(|| format!("cannot read ESXiPasswordFile {}", f.display()))?;
         let pw = s.lines().next().unwrap_or("").to_string();
         if pw.is_empty() {
             bail!(
@@ -680,7 +698,7 @@ mod tests {
         let db = c.job("db").unwrap();
         assert_eq!(db.get("dailyKeep"), "3");
         assert_eq!(db.job_dir(), PathBuf::from("/srv/b/db"));
-        assert_eq!(db.sources(), vec!["/".to_string()]);
+        assert_eq!(db.sources, vec!["/".to_string()]);
     }
 
     #[test]
@@ -714,7 +732,8 @@ mod tests {
         .unwrap();
         let w = c.job("web").unwrap();
         assert_eq!((w.keep(crate::archive::Level::Scheduled), w.keep(crate::archive::Level::Daily)), (1, 0));
-        assert_eq!((w.int("localNice"), w.int("NRPEtrigger")), (-5, -1));
+        assert_eq!((w.rsync.local_nice, w.get("NRPEtrigger")), (-5, "-1"));
+        assert_eq!((w.rsync.remote_nice, w.nrpe_trigger), (-19, None));
         assert!(parse("[web]\nremoteHostName=h\nlocalNice=-20\n").is_err());
         assert!(parse("[web]\nremoteHostName=h\nscheduledKeep=1-\n").is_err());
         assert!(parse("[web]\nremoteHostName=h\nchunkSize=1G\n").is_err());
@@ -760,12 +779,12 @@ mod tests {
         let c = parse("[vm]\nremoteHostName=esx\nESXi=yes\nESXiVMName=v\nESXiUsername=affa\nESXiPassword=s3cret\n")
             .unwrap();
         let j = c.job("vm").unwrap();
-        assert_eq!(j.remote_rsync(), "/bin/rsync");
-        assert_eq!(j.remote_authorized_keys(), "/etc/ssh/keys-root/authorized_keys");
+        assert_eq!(j.rsync.remote_rsync_bin, "/bin/rsync");
+        assert_eq!(j.ssh.authorized_keys, "/etc/ssh/keys-root/authorized_keys");
         assert!(!j.to_ini().contains("s3cret"));
         assert!(j.to_ini().contains("ESXiPassword=<hidden>"));
         let c = parse("[h]\nremoteHostName=x\n").unwrap();
-        assert_eq!(c.job("h").unwrap().remote_rsync(), "/usr/bin/rsync");
+        assert_eq!(c.job("h").unwrap().rsync.remote_rsync_bin, "/usr/bin/rsync");
     }
 
     #[test]

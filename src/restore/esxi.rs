@@ -50,7 +50,7 @@ fn connect_target<'a>(ctx: &Ctx<'a>) -> Result<Target<'a>> {
                 j,
                 SshTarget::from_job(j, ctx.cfg),
                 connect_options(j),
-                j.get("ESXiUsername").to_string(),
+                j.esxi_settings()?.user.clone(),
                 Password::new(j.esxi_password()?),
             )
         }
@@ -63,7 +63,7 @@ fn connect_target<'a>(ctx: &Ctx<'a>) -> Result<Target<'a>> {
                 j,
                 SshTarget::from_job(j, ctx.cfg),
                 connect_options(j),
-                j.get("ESXiUsername").to_string(),
+                j.esxi_settings()?.user.clone(),
                 Password::new(j.esxi_password()?),
             )
         }
@@ -81,7 +81,8 @@ fn connect_target<'a>(ctx: &Ctx<'a>) -> Result<Target<'a>> {
                 None if c.plain_http => None,
                 None => bail!("--to-host {h}: give the SHA-256 fingerprint of its certificate with --to-thumbprint (ESXi console: openssl x509 -in /etc/vmware/ssl/rui.crt -noout -fingerprint -sha256)"),
             };
-            let user = o.to_user.clone().unwrap_or_else(|| ctx.job.get("ESXiUsername").to_string());
+            let user =
+                o.to_user.clone().unwrap_or_else(|| ctx.job.esxi.as_ref().map(|e| e.user.clone()).unwrap_or_default());
             let Some(pf) = &o.to_password_file else {
                 bail!("--to-host {h}: give the API password of {user} in a file (mode 0600) with --to-password-file");
             };
@@ -107,7 +108,8 @@ fn connect_target<'a>(ctx: &Ctx<'a>) -> Result<Target<'a>> {
     if copts.thumbprint.is_none() && !copts.plain_http {
         bail!("no ESXiThumbprint for ESXi host {}: run affa --send-key {} first", copts.host, job.name);
     }
-    copts.task_timeout = std::time::Duration::from_secs(job.num("ESXiTaskTimeout").max(60));
+    let task_timeout = job.esxi.as_ref().map_or(copts.task_timeout, |e| e.task_timeout);
+    copts.task_timeout = task_timeout.max(std::time::Duration::from_secs(60));
     let label = copts.host.clone();
     let mut client = Client::connect(copts)?;
     client.login(&user, &pw)?;

@@ -23,11 +23,7 @@ use crate::transport::SshTarget;
 pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
     let job = ctx.job;
     let arch = &ctx.arch;
-    let ep = if job.get("remoteHostName") == "localhost" {
-        Endpoint::Local
-    } else {
-        Endpoint::Ssh(SshTarget::from_job(job, ctx.cfg))
-    };
+    let ep = if job.local { Endpoint::Local } else { Endpoint::Ssh(SshTarget::from_job(job, ctx.cfg)) };
     let (sources, missing) = archived_sources(ctx);
     if sources.is_empty() {
         bail!(
@@ -148,7 +144,7 @@ fn archived_sources(ctx: &Ctx) -> (Vec<String>, Vec<String>) {
         })
         .unwrap_or_default();
     if srcs.is_empty() {
-        srcs = ctx.job.sources();
+        srcs = ctx.job.sources.clone();
     }
     let mut have = Vec::new();
     let mut missing = Vec::new();

@@ -54,7 +54,7 @@ pub struct RestoreOptions {
 /// `affa --full-restore JOB [ARCHIVE] [options]`
 pub fn full_restore(cfg: &Config, job_name: &str, opts: &RestoreOptions, out: &mut dyn Write) -> Result<()> {
     let job = cfg.job(job_name)?;
-    if job.flag("rsyncdMode") {
+    if job.rsyncd.is_some() {
         bail!(
             "job {job_name} pulls from an rsync daemon (rsyncdMode=yes), which affa does not write to; copy the files from {} (or share them with SambaShare=yes)",
             job.job_dir().join("ARCHIVE").display()

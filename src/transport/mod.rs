@@ -133,14 +133,14 @@ impl SshTarget {
         let ssh_dir = cfg.ssh_dir();
         SshTarget {
             job: job.name.clone(),
-            host: job.get("remoteHostName").to_string(),
-            user: job.get("remoteUser").to_string(),
-            port: job.num("sshPort") as u16,
-            ssh_bin: job.get("localSSHBinary").to_string(),
+            host: job.host.clone(),
+            user: job.ssh.user.clone(),
+            port: job.ssh.port,
+            ssh_bin: job.ssh.ssh_bin.clone(),
             key: key_path(&ssh_dir),
             known_hosts: ssh_dir.join(format!("knownhosts-{}", job.name)),
-            connect_timeout: job.num("ConnectionCheckTimeout"),
-            debug: job.flag("Debug"),
+            connect_timeout: job.ssh.connect_timeout,
+            debug: job.debug,
         }
     }
 
@@ -385,13 +385,10 @@ pub fn revoke_key(t: &SshTarget, ssh_dir: &Path, authorized_keys: &str) -> Resul
 
 /// The local rsync program and its leading args (nice, when localNice is not 0).
 pub fn rsync_program(job: &Job) -> (String, Vec<String>) {
-    let nice = job.int("localNice");
-    if nice != 0 {
-        (
-            job.get("localNiceBinary").to_string(),
-            vec!["-n".into(), nice.to_string(), job.get("localRsyncBinary").to_string()],
-        )
+    let r = &job.rsync;
+    if r.local_nice != 0 {
+        (r.local_nice_bin.clone(), vec!["-n".into(), r.local_nice.to_string(), r.local_rsync_bin.clone()])
     } else {
-        (job.get("localRsyncBinary").to_string(), vec![])
+        (r.local_rsync_bin.clone(), vec![])
     }
 }

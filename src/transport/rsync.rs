@@ -84,32 +84,32 @@ impl Args {
     pub fn new(job: &Job, source: &Source) -> Args {
         let mut a = Args::default();
         a.opts(["--archive", "--hard-links", "--numeric-ids"]);
-        let bw = job.num("BandwidthLimit");
+        let bw = job.rsync.bwlimit;
         if bw > 0 {
             a.opt(format!("--bwlimit={bw}"));
         }
-        let mw = job.num("rsync--modify-window");
+        let mw = job.rsync.modify_window;
         if mw > 0 {
             a.opt(format!("--modify-window={mw}"));
         }
-        let to = job.num("rsyncTimeout");
+        let to = job.rsync.timeout;
         if to > 0 {
             a.opt(format!("--timeout={to}"));
         }
         if let Source::Ssh(t) = source {
-            if job.flag("rsyncCompress") {
+            if job.rsync.compress {
                 a.opt("--compress");
             }
-            let mut remote = job.remote_rsync();
-            let nice = job.int("remoteNice");
+            let mut remote = job.rsync.remote_rsync_bin.clone();
+            let nice = job.rsync.remote_nice;
             if nice != 0 {
-                remote = format!("{} -n {nice} {remote}", job.get("remoteNiceBinary"));
+                remote = format!("{} -n {nice} {remote}", job.rsync.remote_nice_bin);
             }
             a.opt(format!("--rsync-path={remote}"));
             a.opt(format!("--rsh={}", t.rsh()));
         }
         if let Source::Daemon(d) = source {
-            if job.flag("rsyncCompress") {
+            if job.rsync.compress {
                 a.opt("--compress");
             }
             a.opts(d.args());

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::config::Job;
-use crate::error::{IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::transport::die_with_parent;
 
 /// A job's rsync daemon, for one run; its password file is removed when it is dropped.
@@ -26,12 +26,15 @@ impl Daemon {
     /// The daemon of `job`; with rsyncdPassword, its password is written to a 0600 file in
     /// `private_dir` (RootDir/JOB, mode 0700) for the run.
     pub fn for_job(job: &Job, private_dir: &Path) -> Result<Daemon> {
-        let host = job.get("remoteHostName");
+        let d = job
+            .rsyncd
+            .as_ref()
+            .ok_or_else(|| Error::new(format!("job {} is not an rsync daemon job (rsyncdMode=no)", job.name)))?;
+        let host = &job.host;
         let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
-        let user = job.get("rsyncdUser");
-        let user = if user.is_empty() { String::new() } else { format!("{user}@") };
-        let url = format!("rsync://{user}{host}:{}/{}", job.num("rsyncdPort"), job.get("rsyncdModule"));
-        let password = job.get("rsyncdPassword");
+        let user = if d.user.is_empty() { String::new() } else { format!("{}@", d.user) };
+        let url = format!("rsync://{user}{host}:{}/{}", d.port, d.module);
+        let password = &d.password;
         if password.is_empty() {
             return Ok(Daemon { url, password_file: None });
         }
@@ -65,7 +68,7 @@ impl Daemon {
         let mut c = Command::new(&prog);
         c.args(&lead)
             .arg("--list-only")
-            .arg(format!("--contimeout={}", job.num("ConnectionCheckTimeout")))
+            .arg(format!("--contimeout={}", job.ssh.connect_timeout))
             .args(self.args())
             .arg(format!("{}/", self.url))
             .stdin(Stdio::null())

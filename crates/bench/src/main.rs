@@ -77,8 +77,21 @@ pub struct Args {
     keep_data: bool,
 }
 
+/// A size of test data: `262144`, `256K`, `1M`, `4MiB`, `1G` -> bytes.
 fn parse_size(s: &str) -> Result<u64, String> {
-    affa::config::keys::parse_size(s).ok_or_else(|| format!("invalid size '{s}' (examples: 256M, 1G, 4G)"))
+    let bad = || format!("invalid size '{s}' (examples: 256M, 1G, 4G)");
+    let v = s.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" | "kb" => 1 << 10,
+        "m" | "mib" | "mb" => 1 << 20,
+        "g" | "gib" | "gb" => 1 << 30,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mult).ok_or_else(bad)
 }
 
 pub fn human(b: u64) -> String {
@@ -134,8 +147,8 @@ fn run(args: &Args) -> Result<(), String> {
     let on = |p: &str| !skip.contains(&p);
     let default_cs = affa::config::keys::lookup("chunkSize")
         .and_then(|k| k.default.first())
-        .and_then(|v| affa::config::keys::parse_size(v))
-        .unwrap_or(4 << 20);
+        .and_then(|v| affa::chunk::parse_chunk_size(v).ok())
+        .map_or(4 << 20, u64::from);
     let mut study: Vec<u64> = Vec::new();
     for s in args.chunk_sizes.split(',').filter(|s| !s.trim().is_empty()) {
         let cs = parse_size(s.trim())?;
