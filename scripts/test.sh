@@ -10,7 +10,7 @@ PACKAGES=(
   python3-aiosmtpd                              # the SMTP server of the mail tests
   samba smbclient                               # the Samba share tests
   qemu-utils                                    # qemu-img: reads VMware snapshot chains independently of affa
-  bsdutils                                      # script(1): affa on a pseudo-terminal (tests/terminal.rs)
+  bsdutils                                      # script(1): affa on a pseudo-terminal (tests/it/terminal.rs)
   curl                                          # scripts/demo.sh, which .ci/run runs too
   e2fsprogs mount                               # the USB-disk test (mkfs.ext4, losetup, mount)
 )
@@ -32,7 +32,8 @@ fi
 (cd harness/esxi-sim && GO111MODULE=off GOPATH=/usr/share/gocode go build -o esxi-sim .)
 
 # Every test, with the test-only hooks (the fault tests' AFFA_TEST_CRASH_AT needs them; the
-# faults target is not built without them).
+# module faults of the integration test binary `it` is not compiled without them). The
+# integration tests are one binary (tests/it/main.rs): one area alone is `--test it AREA::`.
 cargo test --release --all-targets --features test-hooks "$@"
 # The build users install (`cargo build --release`, no test-hooks) has no crash hook: this unit
 # test sets AFFA_TEST_CRASH_AT and reaches a crash point; it only exists without the feature.

@@ -1,7 +1,7 @@
 //! ESXi hot backup end to end: the simulator harness (with delta disks after a snapshot, as a
 //! real host), a real sshd serving its datastores, real rsync, the affa binary.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;

@@ -6,7 +6,7 @@
 //! truncated or rewritten, no process of someone else is signalled, no secret is readable by
 //! others at any moment, no archive is readable through Samba by a user not named.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -5,7 +5,7 @@
 //! verifies clean; no `BEXI-` snapshot is left once the next run has finished; nothing partial
 //! is ever named as an archive; a failed run says why on one line.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::fs;

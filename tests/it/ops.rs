@@ -2,7 +2,7 @@
 //! server (Debian's python3-aiosmtpd), the sendmail path, --nrpe and --metrics, Samba shares
 //! read back with smbclient from a private smbd, resuming interrupted jobs, and --install.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::net::TcpStream;

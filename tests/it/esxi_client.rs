@@ -10,7 +10,7 @@ use affa::esxi::{self, Client, ConnectOptions, MoRef, Password, PowerState};
 use std::path::Path;
 use std::time::Duration;
 
-mod common;
+use crate::common;
 
 use common::sim::{VmSpec, PASS, USER};
 

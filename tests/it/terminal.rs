@@ -4,7 +4,7 @@
 //! before the next message (checked on the screen a terminal would show), end with a summary,
 //! and read typed answers; piped it must stay quiet (cron's behaviour).
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::io::{Read, Write};

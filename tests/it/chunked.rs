@@ -1,7 +1,7 @@
 //! chunkFiles on ordinary jobs, end to end over the real sshd: what the pool costs, sharing
 //! between jobs, the sweep after rotation, self-contained archives, damage detection.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::fs;

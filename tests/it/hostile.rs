@@ -3,7 +3,7 @@
 //! archive names, manifests and remote file names, secrets that must never show, and the ssh
 //! host key / TLS certificate pins. docs/RELIABILITY.md lists what each test checks.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! archive names, and the date in each one's report, must match a model of Affa 3's algorithm
 //! (with its monthly-fallback defect fixed).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -1,6 +1,6 @@
 //! The backup engine end to end: a real sshd and rsync on 127.0.0.1, the affa binary.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::Path;

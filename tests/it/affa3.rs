@@ -3,7 +3,7 @@
 //! output, and the SME Server, USB-disk and rsync-daemon keys (a stand-in `signal-event` on the
 //! test sshd's PATH, a loop-mounted filesystem image, a real `rsync --daemon` on 127.0.0.1).
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::{Path, PathBuf};

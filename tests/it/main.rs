@@ -1,0 +1,25 @@
+//! The integration tests: one test binary (`cargo test --test it`), one module per area.
+//! Run one area with a filter on the module name: `cargo test --release --test it engine::`.
+//!
+//! Owns: the end-to-end tests against real parts started by the tests themselves (sshd, rsync,
+//! the vSphere simulator, SMTP, smbd on 127.0.0.1). Must never: touch the machine's own sshd,
+//! /root/.ssh or anything outside temp dirs, or depend on the order the tests run in.
+
+mod common;
+
+mod affa3;
+mod chunked;
+mod engine;
+mod esxi;
+mod esxi_client;
+// The fault tests need the crash hook (`--features test-hooks`, as scripts/test.sh runs them).
+#[cfg(feature = "test-hooks")]
+mod faults;
+mod hostile;
+mod local_attacker;
+mod ops;
+mod restore;
+mod restore_esxi;
+mod rotation;
+mod terminal;
+mod user_snapshots;
