@@ -109,7 +109,7 @@ struct Setup {
 }
 
 fn setup(jobs: &[(&str, &str)]) -> Setup {
-    let mut sshd = Sshd::start();
+    let mut sshd = Sshd::shared();
     let affa = Affa::new();
     let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
     for (name, extra) in jobs {

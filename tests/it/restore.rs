@@ -83,7 +83,7 @@ struct Setup {
 }
 
 fn setup(extra: &str) -> Setup {
-    let mut sshd = Sshd::start();
+    let mut sshd = Sshd::shared();
     let affa = Affa::new();
     let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
     source_tree(src.path());
