@@ -10,7 +10,7 @@ PACKAGES=(
   python3-aiosmtpd                              # the SMTP server of the mail tests
   samba smbclient                               # the Samba share tests
   qemu-utils                                    # qemu-img: reads VMware snapshot chains independently of affa
-  bsdutils                                      # script(1): affa on a pseudo-terminal (tests/terminal.rs)
+  bsdutils                                      # script(1): affa on a pseudo-terminal (tests/it/terminal.rs)
   curl                                          # scripts/demo.sh, which .ci/run runs too
   e2fsprogs mount                               # the USB-disk test (mkfs.ext4, losetup, mount)
   file                                          # crates/agent/tests: the agent is statically linked
@@ -36,7 +36,8 @@ fi
 ./scripts/build-agent.sh >/dev/null
 
 # Every test, with the test-only hooks (the fault tests' AFFA_TEST_CRASH_AT needs them; the
-# faults target is not built without them).
+# module faults of the integration test binary `it` is not compiled without them). The
+# integration tests are one binary (tests/it/main.rs): one area alone is `--test it AREA::`.
 cargo test --release --workspace --all-targets --features affa/test-hooks "$@"
 # The build users install (`cargo build --release`, no test-hooks) has no crash hook: this unit
 # test sets AFFA_TEST_CRASH_AT and reaches a crash point; it only exists without the feature.

@@ -230,3 +230,120 @@ pub fn show_schedule(cfg: &Config, all: bool) -> Result<String> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A configuration from `text`, whose directory does not exist: its list of files is empty
+    /// (BLAKE3 of nothing), so the cron file's second line is known.
+    fn config(text: &str) -> Config {
+        let dir = Path::new("/nonexistent-affa-test/etc");
+        Config::parse(dir, &[(dir.join("t.conf"), text.to_string())]).unwrap()
+    }
+
+    const JOBS: &str = "[web]\nremoteHostName=web.example\nTimeSchedule=0130\nTimeSchedule=1345\nTimeSchedule=0130\n\
+                        killAt=0700\nresumeKilledAt=2000\n\
+                        [db]\nremoteHostName=db.example\nstatus=disabled\nTimeSchedule=0300\n\
+                        [vm]\nremoteHostName=esx.example\n";
+
+    /// The file's first lines: what wrote it from where, the hash of no file, SHELL and PATH.
+    fn head(file: &str, dir: &str) -> String {
+        format!(
+            "# {file}: written by affa from {dir}/*.conf; a change there is applied within 15 minutes (--_cronupdate), or at once by affa --make-cronjobs.\n\
+             # configuration files: af1349b9f5f9a1a6a0404dea36dcc949\n\
+             SHELL=/bin/sh\nPATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
+        )
+    }
+
+    /// The lines of JOBS' enabled jobs vm and web (`a` runs affa, `running` is web's transfer
+    /// directory as the shell reads it), and the @reboot line after them.
+    fn vm_and_web(a: &str, running: &str) -> String {
+        format!(
+            "\n# job vm\n30 22 * * * root {a} --silent --run vm\n\
+             \n# job web\n30 1 * * * root {a} --silent --run web\n45 13 * * * root {a} --silent --run web\n\
+             0 7 * * * root {a} --silent --kill web >/dev/null\n\
+             0 20 * * * root test -d {running} && {a} --silent --run web\n\
+             \n# restart the jobs a shutdown interrupted (resumeAfterBoot=yes)\n@reboot root {a} --silent --resume-interrupted >/dev/null\n"
+        )
+    }
+
+    /// The last line: the self-refresh.
+    fn refresh(a: &str) -> String {
+        format!(
+            "\n# apply configuration changes (Affa 3's self-refresh)\n*/15 * * * * root {a} --silent --_cronupdate\n"
+        )
+    }
+
+    #[test]
+    fn the_cron_file_of_enabled_jobs_in_the_default_config_dir() {
+        let cfg = config(&format!(
+            "[GlobalAffaConfig]\nRootDir=/srv/affa\nsendStatus=daily\nmetricsFile=/nonexistent-affa-test/prom/affa.prom\n{JOBS}"
+        ));
+        let a = "/usr/sbin/affa";
+        assert_eq!(
+            cron_text(&cfg, Path::new("/etc/affa")),
+            [
+                head("/etc/cron.d/affa", "/etc/affa"),
+                vm_and_web(a, "/srv/affa/web/scheduled.running"),
+                format!("\n# status mail (sendStatus=daily)\n0 5 * * * root {a} --silent --send-status >/dev/null\n"),
+                refresh(a),
+            ]
+            .concat()
+        );
+    }
+
+    #[test]
+    fn global_status_enabled_a_broken_job_metrics_and_a_quoted_config_dir() {
+        let prom = tempfile::tempdir().unwrap();
+        let cfg = config(&format!(
+            "[GlobalAffaConfig]\nRootDir=/srv/my affa\naffaBinary=/opt/affa/bin/affa\nglobalStatus=enabled\nsendStatus=never\n\
+             metricsFile={}/affa.prom\ncronFile=/etc/cron.d/backup\n{JOBS}[bad]\nremoteHostName=h\nTimeSchedule=0415\ndailyKeep=lots\n",
+            prom.path().display()
+        ));
+        let a = "/opt/affa/bin/affa --config-dir '/srv/it'\\''s conf'";
+        assert_eq!(
+            cron_text(&cfg, Path::new("/srv/it's conf")),
+            [
+                head("/etc/cron.d/backup", "/srv/it's conf"),
+                format!(
+                    "\n# job bad\n# its configuration has errors (affa --configcheck): each start fails and mails until fixed\n\
+                     15 4 * * * root {a} --silent --run bad\n\
+                     \n# job db\n0 3 * * * root {a} --silent --run db\n"
+                ),
+                vm_and_web(a, "'/srv/my affa/web/scheduled.running'"),
+                format!(
+                    "\n# Prometheus textfile {}/affa.prom\n*/10 * * * * root {a} --silent --metrics >/dev/null\n",
+                    prom.path().display()
+                ),
+                refresh(a),
+            ]
+            .concat()
+        );
+    }
+
+    #[test]
+    fn global_status_disabled_starts_no_job_and_keeps_the_status_mail() {
+        let cfg = config(&format!(
+            "[GlobalAffaConfig]\nglobalStatus=disabled\nmetricsFile=/nonexistent-affa-test/p/a.prom\n{JOBS}"
+        ));
+        let a = "/usr/sbin/affa --config-dir /etc/affa-test";
+        assert_eq!(
+            cron_text(&cfg, Path::new("/etc/affa-test")),
+            [
+                head("/etc/cron.d/affa", "/etc/affa-test"),
+                "\n# globalStatus=disabled: no job runs from cron.\n".to_string(),
+                format!("\n# status mail (sendStatus=weekly)\n0 5 * * 0 root {a} --silent --send-status >/dev/null\n"),
+                refresh(a),
+            ]
+            .concat()
+        );
+        // The monthly status mail.
+        let cfg = config(&format!(
+            "[GlobalAffaConfig]\nsendStatus=monthly\nmetricsFile=/nonexistent-affa-test/p/a.prom\n{JOBS}"
+        ));
+        assert!(cron_text(&cfg, Path::new("/etc/affa")).contains(
+            "\n# status mail (sendStatus=monthly)\n0 5 1 * * root /usr/sbin/affa --silent --send-status >/dev/null\n"
+        ));
+    }
+}

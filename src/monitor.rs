@@ -354,3 +354,237 @@ pub fn refresh_metrics(cfg: &Config, clock: &dyn Clock) {
         let _ = write_metrics(cfg, clock);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::FixedClock;
+
+    fn at(s: &str) -> NaiveDateTime {
+        NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M").unwrap()
+    }
+
+    /// Archive `name` of `job` under `root`, with a report of `keys`.
+    fn archive(root: &Path, job: &str, name: &str, keys: &[(&str, &str)]) {
+        let dir = root.join(job).join(name);
+        fs::create_dir_all(&dir).unwrap();
+        let mut r = Report::default();
+        for (k, v) in keys {
+            r.set(k, v);
+        }
+        r.write(&dir).unwrap();
+    }
+
+    /// At 2026-03-02 12:00: fresh (backed up 2 h ago, 2 GiB in 90 s), stale (28 h ago), intr (a
+    /// transfer interrupted after a backup 3 h ago; NRPEtrigger=48), noage (2 days ago,
+    /// NRPEtrigger=0), off (disabled, never run), quiet (NRPEtrigger=-1), broken (a bad value);
+    /// a chunk pool of 2 files, 15 bytes.
+    fn setup() -> (tempfile::TempDir, Config) {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("backup");
+        let g = [("ExecutionTime", "90"), ("TotalFileSize", "2147483648"), ("TotalBytesReceived", "4096")];
+        archive(&root, "fresh", "scheduled.0", &[&[("Date", "202603021000")][..], &g].concat());
+        archive(
+            &root,
+            "fresh",
+            "daily.0",
+            &[("Date", "202603011000"), ("ExecutionTime", "30"), ("TotalFileSize", "1000")],
+        );
+        archive(
+            &root,
+            "stale",
+            "scheduled.0",
+            &[("Date", "202603010800"), ("ExecutionTime", "30"), ("TotalFileSize", "1073741824")],
+        );
+        archive(&root, "intr", "scheduled.0", &[("Date", "202603020900")]);
+        fs::create_dir_all(root.join("intr").join(archive::RUNNING)).unwrap();
+        archive(&root, "noage", "scheduled.0", &[("Date", "202602281200")]);
+        fs::create_dir_all(root.join(".affa-pool/ab")).unwrap();
+        fs::write(root.join(".affa-pool/ab/c1"), [1u8; 10]).unwrap();
+        fs::write(root.join(".affa-pool/ab/c2"), [2u8; 5]).unwrap();
+        let text = format!(
+            "[GlobalAffaConfig]\nRootDir={}\nlockDir={}/lock\nDiskSpaceWarn=none\n\
+             [fresh]\nremoteHostName=a\n[stale]\nremoteHostName=b\n[intr]\nremoteHostName=c\nNRPEtrigger=48\n\
+             [noage]\nremoteHostName=d\nNRPEtrigger=0\n[off]\nremoteHostName=e\nstatus=disabled\n\
+             [quiet]\nremoteHostName=f\nNRPEtrigger=-1\n[broken]\nremoteHostName=g\ndailyKeep=lots\n",
+            root.display(),
+            t.path().display()
+        );
+        let cfg = Config::parse(t.path(), &[(t.path().join("t.conf"), text)]).unwrap();
+        assert_eq!(cfg.broken.keys().collect::<Vec<_>>(), ["broken"]);
+        (t, cfg)
+    }
+
+    fn nrpe_of(cfg: &Config, jobs: &[&str]) -> (String, i32) {
+        let jobs: Vec<String> = jobs.iter().map(|j| j.to_string()).collect();
+        nrpe(cfg, &jobs, &FixedClock(at("2026-03-02 12:00"))).unwrap()
+    }
+
+    #[test]
+    fn the_nrpe_line_of_each_job_and_of_all() {
+        let (_t, cfg) = setup();
+        let one = |age: &str| format!("Execution Time=0.0min;;;; Size=0.000GByte;;;; {age}");
+        assert_eq!(
+            nrpe_of(&cfg, &["fresh"]),
+            (
+                "OK: 1 job(s) backed up in time: fresh | Execution Time=1.5min;;;; Size=2.000GByte;;;; 'fresh_age'=7200s;;86400;0;"
+                    .into(),
+                0
+            )
+        );
+        assert_eq!(
+            nrpe_of(&cfg, &["stale"]),
+            (
+                "CRITICAL: Failed jobs: stale (last success 28.0 h ago) | Execution Time=0.5min;;;; Size=1.000GByte;;;; 'stale_age'=100800s;;86400;0;"
+                    .into(),
+                2
+            )
+        );
+        assert_eq!(
+            nrpe_of(&cfg, &["intr"]),
+            (format!("CRITICAL: Failed jobs: intr (interrupted) | {}", one("'intr_age'=10800s;;172800;0;")), 2)
+        );
+        // NRPEtrigger=0: no age limit (an empty critical threshold in the perfdata).
+        assert_eq!(
+            nrpe_of(&cfg, &["noage"]),
+            (format!("OK: 1 job(s) backed up in time: noage | {}", one("'noage_age'=172800s;;;0;")), 0)
+        );
+        // Named, a disabled job is checked.
+        assert_eq!(
+            nrpe_of(&cfg, &["off"]),
+            (format!("CRITICAL: Failed jobs: off (no successful run) | {}", one("'off_age'=U")), 2)
+        );
+        assert_eq!(
+            nrpe_of(&cfg, &["broken"]),
+            (format!("CRITICAL: Failed jobs: broken (configuration error) | {}", one("'broken_age'=U")), 2)
+        );
+        assert_eq!(
+            nrpe_of(&cfg, &["quiet"]),
+            (
+                "OK: no job to check (none enabled, or NRPEtrigger < 0) | Jobs failed=0;;;; Jobs total=6;;;; Jobs checked=0;;;; Total Execution Time=0.0min;;;; Total Size=0.000GByte;;;;"
+                    .into(),
+                0
+            )
+        );
+        let (line, code) = nrpe_of(&cfg, &["nosuch"]);
+        assert!(line.starts_with("UNKNOWN: no job named 'nosuch'"), "{line}");
+        assert_eq!(code, 3);
+        // Every enabled job with NRPEtrigger >= 0, in name order; Affa 3's totals first.
+        assert_eq!(
+            nrpe_of(&cfg, &[]),
+            (
+                "CRITICAL: Failed jobs: broken (configuration error), intr (interrupted), stale (last success 28.0 h ago) | \
+                 Jobs failed=3;;;; Jobs total=6;;;; Jobs checked=5;;;; Total Execution Time=2.0min;;;; Total Size=3.000GByte;;;; \
+                 'broken_age'=U 'fresh_age'=7200s;;86400;0; 'intr_age'=10800s;;172800;0; 'noage_age'=172800s;;;0; 'stale_age'=100800s;;86400;0;"
+                    .into(),
+                2
+            )
+        );
+        assert_eq!(
+            nrpe_jobs(&cfg).iter().map(|j| j.name.as_str()).collect::<Vec<_>>(),
+            ["broken", "fresh", "intr", "noage", "stale"]
+        );
+    }
+
+    #[test]
+    fn too_little_free_space_for_the_next_backup_is_a_warning() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("backup");
+        // A last backup of 10^18 bytes: no file system here has that much free.
+        archive(&root, "big", "scheduled.0", &[("Date", "202603021100"), ("TotalFileSize", "1000000000000000000")]);
+        let text = format!(
+            "[GlobalAffaConfig]\nRootDir={}\nlockDir={}/lock\n[big]\nremoteHostName=a\n",
+            root.display(),
+            t.path().display()
+        );
+        let cfg = Config::parse(t.path(), &[(t.path().join("t.conf"), text)]).unwrap();
+        let (line, code) = nrpe_of(&cfg, &["big"]);
+        assert_eq!(code, 1, "{line}");
+        assert!(line.starts_with("WARNING: big (disk space low: "), "{line}");
+        assert!(
+            line.ends_with(" MiB free, last backup 953674316406 MiB) | Execution Time=0.0min;;;; Size=931322574.615GByte;;;; 'big_age'=3600s;;86400;0;"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn the_metrics_text_of_every_job() {
+        let (t, cfg) = setup();
+        let text = metrics_text(&cfg, &FixedClock(at("2026-03-02 12:00"))).unwrap();
+        let root = t.path().join("backup");
+        // The file system figures of RootDir vary: present, in bytes; the rest is exact.
+        let fs_lines: Vec<&str> = text.lines().filter(|l| l.starts_with("affa_rootdir_")).collect();
+        assert_eq!(fs_lines.len(), 2, "{text}");
+        for (l, name) in fs_lines.iter().zip(["affa_rootdir_avail_bytes", "affa_rootdir_used_bytes"]) {
+            let v =
+                l.strip_prefix(&format!("{name}{{root_dir=\"{}\"}} ", root.display())).unwrap_or_else(|| panic!("{l}"));
+            assert!(v.parse::<u64>().is_ok_and(|v| v % 1024 == 0), "{l}");
+        }
+        let ts = |s: &str| chrono::Local.from_local_datetime(&at(s)).unwrap().timestamp();
+        let jobs = ["fresh", "intr", "noage", "off", "quiet", "stale"];
+        let per_job = |f: &dyn Fn(&str) -> &'static str| -> String {
+            jobs.iter().map(|j| format!("{{job=\"{j}\"}} {}\n", f(j))).collect::<String>()
+        };
+        let family = |name: &str, help: &str, samples: String| -> String {
+            let lines: String = samples.lines().map(|s| format!("{name}{s}\n")).collect();
+            format!("# HELP {name} {help}\n# TYPE {name} gauge\n{lines}")
+        };
+        let mut archives = String::new();
+        for j in jobs {
+            for l in Level::ALL {
+                let n = match (j, l) {
+                    ("fresh", Level::Scheduled | Level::Daily) | ("intr" | "noage" | "stale", Level::Scheduled) => 1,
+                    _ => 0,
+                };
+                archives.push_str(&format!("{{job=\"{j}\",level=\"{}\"}} {n}\n", l.name()));
+            }
+        }
+        let want = [
+            family("affa_job_enabled", "1 if the job runs from cron", per_job(&|j| if j == "off" { "0" } else { "1" })),
+            family(
+                "affa_last_success_timestamp_seconds",
+                "Unix time of the newest valid archive (the last successful run)",
+                format!(
+                    "{{job=\"fresh\"}} {}\n{{job=\"intr\"}} {}\n{{job=\"noage\"}} {}\n{{job=\"stale\"}} {}\n",
+                    ts("2026-03-02 10:00"),
+                    ts("2026-03-02 09:00"),
+                    ts("2026-02-28 12:00"),
+                    ts("2026-03-01 08:00")
+                ),
+            ),
+            family("affa_last_duration_seconds", "ExecutionTime of the last successful run", "{job=\"fresh\"} 90\n{job=\"stale\"} 30\n".into()),
+            family("affa_last_bytes_received", "TotalBytesReceived of the last successful run", "{job=\"fresh\"} 4096\n".into()),
+            family(
+                "affa_last_total_file_size_bytes",
+                "TotalFileSize of the last successful run",
+                "{job=\"fresh\"} 2147483648\n{job=\"stale\"} 1073741824\n".into(),
+            ),
+            family("affa_archives", "Number of archives per level", archives),
+            family("affa_running", "1 while the job runs", per_job(&|_| "0")),
+            family(
+                "affa_interrupted",
+                "1 if the job's last transfer was interrupted and not resumed yet",
+                per_job(&|j| if j == "intr" { "1" } else { "0" }),
+            ),
+            family("affa_pool_size_bytes", "Bytes in the chunk pool RootDir/.affa-pool", format!("{{root_dir=\"{}\"}} 15\n", root.display())),
+            family("affa_pool_files", "Files in the chunk pool RootDir/.affa-pool", format!("{{root_dir=\"{}\"}} 2\n", root.display())),
+            "# HELP affa_rootdir_avail_bytes Free bytes on the file system of RootDir\n# TYPE affa_rootdir_avail_bytes gauge\n".into(),
+            "# HELP affa_rootdir_used_bytes Used bytes on the file system of RootDir\n# TYPE affa_rootdir_used_bytes gauge\n".into(),
+            format!(
+                "# HELP affa_metrics_generated_timestamp_seconds Unix time this file was written\n\
+                 # TYPE affa_metrics_generated_timestamp_seconds gauge\naffa_metrics_generated_timestamp_seconds {}\n",
+                ts("2026-03-02 12:00")
+            ),
+        ]
+        .concat();
+        let without_fs: String =
+            text.lines().filter(|l| !l.starts_with("affa_rootdir_")).map(|l| format!("{l}\n")).collect();
+        assert_eq!(without_fs, want);
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        assert_eq!(label("/srv/affa"), "/srv/affa");
+    }
+}

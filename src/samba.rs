@@ -157,3 +157,38 @@ pub fn update_shares(cfg: &Config) -> Result<String> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(text: &str) -> Job {
+        let dir = Path::new("/nonexistent-affa-test/etc");
+        let cfg = Config::parse(dir, &[(dir.join("t.conf"), text.to_string())]).unwrap().strict().unwrap();
+        cfg.jobs.into_values().next().unwrap()
+    }
+
+    #[test]
+    fn a_share_is_read_only_for_the_named_users_and_hides_the_store() {
+        let j = job("[GlobalAffaConfig]\nRootDir=/srv/affa\n[web]\nremoteHostName=web.example\nSambaShare=yes\nSambaValidUser=alice, bob\nSambaValidUser=carol\n");
+        assert_eq!(
+            share_text(&j),
+            "# Written by affa --samba-shares for job web (SambaShare=yes); changes are overwritten.\n\
+             [web]\n\
+             \tcomment = affa archives of web (web.example)\n\
+             \tpath = /srv/affa/web\n\
+             \tread only = yes\n\
+             \twriteable = no\n\
+             \tbrowseable = yes\n\
+             \tguest ok = no\n\
+             \tvalid users = alice bob carol\n\
+             \t# RootDir/JOB is mode 0700 and root's: the share reads as root, for valid users only.\n\
+             \tforce user = root\n\
+             \tveto files = /.affa-chunks/*.affa-manifest/.AFFA-TRASH/.scheduled.resume/\n"
+        );
+        // Without SambaValidUser: the default user affa, never every user.
+        let j = job("[db]\nremoteHostName=db.example\nSambaShare=yes\n");
+        let text = share_text(&j);
+        assert!(text.contains("\n\tvalid users = affa\n") && text.contains("\n\tpath = /var/affa/db\n"), "{text}");
+    }
+}

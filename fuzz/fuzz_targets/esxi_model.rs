@@ -3,7 +3,7 @@
 //! on every datastore path it names.
 use libfuzzer_sys::fuzz_target;
 
-#[path = "../../tests/common/host_input.rs"]
+#[path = "../../tests/it/common/host_input.rs"]
 mod host_input;
 
 fuzz_target!(|data: &[u8]| host_input::vm_layout(data));

@@ -800,3 +800,51 @@ mod tests {
         );
     }
 }
+
+/// Keep arithmetic: the five keep counts a job rotates with.
+#[cfg(test)]
+mod keep_tests {
+    use super::*;
+    use crate::archive::Level;
+
+    fn config(text: &str) -> Result<Config> {
+        Config::parse(Path::new("/etc/affa"), &[(PathBuf::from("/etc/affa/k.conf"), text.to_string())])
+            .and_then(Config::strict)
+    }
+
+    fn keeps(text: &str) -> [u32; 5] {
+        let c = config(text).unwrap();
+        let j = c.jobs.values().next().unwrap();
+        Level::ALL.map(|l| j.keep(l))
+    }
+
+    #[test]
+    fn keep_counts_default_merge_and_clamp_as_in_affa3() {
+        assert_eq!(keeps("[w]\nremoteHostName=h\n"), [1, 7, 4, 12, 2]);
+        // The global section over the defaults, the job's own over both.
+        assert_eq!(
+            keeps(
+                "[GlobalAffaConfig]\ndailyKeep=3\nyearlyKeep=10000\n[w]\nremoteHostName=h\nweeklyKeep=9\ndailyKeep=5\n"
+            ),
+            [1, 5, 9, 12, 10000]
+        );
+        // Affa 3: scheduledKeep below 1 counts as 1, a negative keep as 0.
+        assert_eq!(
+            keeps("[w]\nremoteHostName=h\nscheduledKeep=0\ndailyKeep=-1\nweeklyKeep=-7\nmonthlyKeep=0\nyearlyKeep=-99999\n"),
+            [1, 0, 0, 0, 0]
+        );
+        assert_eq!(keeps("[w]\nremoteHostName=h\nscheduledKeep=-2\nmonthlyKeep=1\n"), [1, 7, 4, 1, 2]);
+        // Above 10000: a configuration error naming the key and the range.
+        let e = config("[w]\nremoteHostName=h\nweeklyKeep=10001\n").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "/etc/affa/k.conf:3: key 'weeklyKeep' has the value '10001', expected a whole number from 0 to 10000 \
+             (a negative one counts as 0, as in Affa 3)"
+        );
+        let e = config("[w]\nremoteHostName=h\nscheduledKeep=10001\n").unwrap_err().to_string();
+        assert!(
+            e.ends_with("expected a whole number from 1 to 10000 (a smaller one counts as 1, as in Affa 3)"),
+            "{e}"
+        );
+    }
+}

@@ -651,3 +651,134 @@ mod tests {
         assert!(!d.path().join(TRASH).exists());
     }
 }
+
+/// Rotation planning and keep arithmetic: the exact renames of each case.
+#[cfg(test)]
+mod plan_tests {
+    use super::*;
+
+    fn mk(dir: &Path, name: &str) {
+        let p = dir.join(name);
+        fs::create_dir_all(&p).unwrap();
+        let mut r = Report::default();
+        r.set("Date", "202601010000");
+        r.write(&p).unwrap();
+        if name == RUNNING {
+            mark_running_complete(dir).unwrap();
+        }
+    }
+
+    fn dir_with(names: &[&str]) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        for n in names {
+            mk(d.path(), n);
+        }
+        d
+    }
+
+    fn plan(d: &tempfile::TempDir, level: Level, keeps: [u32; 5]) -> Vec<(String, String)> {
+        plan_shift(d.path(), level, Keeps(keeps), "STAMP").unwrap()
+    }
+
+    fn mv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    #[test]
+    fn a_full_scheduled_level_trashes_the_oldest_and_takes_the_new_transfer() {
+        let d = dir_with(&["scheduled.0", "scheduled.1", "scheduled.2", RUNNING]);
+        let trash = format!(".AFFA-TRASH/scheduled.2-STAMP-{}", std::process::id());
+        assert_eq!(
+            plan(&d, Level::Scheduled, [3, 7, 4, 12, 2]),
+            mv(&[
+                ("scheduled.2", &trash),
+                ("scheduled.1", "scheduled.2"),
+                ("scheduled.0", "scheduled.1"),
+                (RUNNING, "scheduled.0")
+            ])
+        );
+        // scheduledKeep=1: the one archive goes to the trash, the transfer takes its place.
+        let d = dir_with(&["scheduled.0", RUNNING]);
+        let trash = format!(".AFFA-TRASH/scheduled.0-STAMP-{}", std::process::id());
+        assert_eq!(
+            plan(&d, Level::Scheduled, [1, 0, 0, 0, 0]),
+            mv(&[("scheduled.0", &trash), (RUNNING, "scheduled.0")])
+        );
+    }
+
+    #[test]
+    fn scheduled_moves_only_for_a_complete_transfer() {
+        // No transfer, or one without affa's completion marker: nothing moves.
+        let d = dir_with(&["scheduled.0"]);
+        assert!(plan(&d, Level::Scheduled, [3, 0, 0, 0, 0]).is_empty());
+        fs::create_dir(d.path().join(RUNNING)).unwrap();
+        Report::parse("[Report]\nDate=202601020000\n").write(&d.path().join(RUNNING)).unwrap();
+        assert!(plan(&d, Level::Scheduled, [3, 0, 0, 0, 0]).is_empty());
+        // The first archive of a job.
+        let d = dir_with(&[RUNNING]);
+        assert_eq!(plan(&d, Level::Scheduled, [3, 0, 0, 0, 0]), mv(&[(RUNNING, "scheduled.0")]));
+    }
+
+    #[test]
+    fn promotion_takes_the_oldest_archive_kept_below() {
+        // daily keeps 3 and has two: they move up, the oldest scheduled (index keep-1) comes in.
+        let d = dir_with(&["scheduled.0", "scheduled.1", "daily.0", "daily.1"]);
+        assert_eq!(
+            plan(&d, Level::Daily, [2, 3, 4, 12, 2]),
+            mv(&[("daily.1", "daily.2"), ("daily.0", "daily.1"), ("scheduled.1", "daily.0")])
+        );
+        // scheduledKeep=3 but only two scheduled archives yet: scheduled.2 is missing, no promotion.
+        let d = dir_with(&["scheduled.0", "scheduled.1"]);
+        assert!(plan(&d, Level::Daily, [3, 3, 4, 12, 2]).is_empty());
+        // An empty level only takes the archive from below.
+        let d = dir_with(&["daily.0", "daily.6"]);
+        assert_eq!(plan(&d, Level::Weekly, [1, 7, 4, 12, 2]), mv(&[("daily.6", "weekly.0")]));
+        // A level that keeps nothing never moves anything.
+        let d = dir_with(&["scheduled.0", "weekly.0"]);
+        assert!(plan(&d, Level::Weekly, [1, 7, 0, 12, 2]).is_empty());
+    }
+
+    #[test]
+    fn promotion_falls_through_levels_that_keep_nothing() {
+        // yearly from weekly (monthlyKeep=0): the oldest kept weekly.
+        let d = dir_with(&["weekly.0", "weekly.1"]);
+        assert_eq!(plan(&d, Level::Yearly, [1, 7, 2, 0, 2]), mv(&[("weekly.1", "yearly.0")]));
+        // yearly from scheduled when every level between keeps nothing.
+        let d = dir_with(&["scheduled.0", "scheduled.1", "yearly.0"]);
+        let trash = format!(".AFFA-TRASH/yearly.0-STAMP-{}", std::process::id());
+        assert_eq!(plan(&d, Level::Yearly, [2, 0, 0, 0, 1]), mv(&[("yearly.0", &trash), ("scheduled.1", "yearly.0")]));
+    }
+
+    #[test]
+    fn a_gap_stops_the_shift_and_nothing_falls_off() {
+        let d = dir_with(&["daily.0", "daily.1", "daily.3", "daily.4", "scheduled.0"]);
+        assert_eq!(
+            plan(&d, Level::Daily, [1, 5, 4, 12, 2]),
+            mv(&[("daily.1", "daily.2"), ("daily.0", "daily.1"), ("scheduled.0", "daily.0")])
+        );
+    }
+
+    #[test]
+    fn cleanup_deletes_exactly_the_archives_beyond_the_keep_counts() {
+        let d = dir_with(&["scheduled.0", "scheduled.1", "scheduled.2", "daily.0", "daily.1", "weekly.0", "yearly.2"]);
+        let names: Vec<String> =
+            beyond_keep(d.path(), Keeps([2, 1, 4, 12, 2])).unwrap().iter().map(|a| a.name()).collect();
+        assert_eq!(names, ["scheduled.2", "daily.1", "yearly.2"]);
+        assert!(beyond_keep(d.path(), Keeps([3, 2, 1, 0, 3])).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_period_keys_of_done_dates() {
+        let t = NaiveDateTime::parse_from_str("2026-03-02 10:00", "%Y-%m-%d %H:%M").unwrap();
+        let keys: Vec<String> = Level::ALL.iter().map(|l| l.period(t)).collect();
+        assert_eq!(keys, ["", "2026061", "202609", "202603", "2026"]);
+        assert_eq!(
+            Level::ALL.map(Level::keep_key),
+            ["scheduledKeep", "dailyKeep", "weeklyKeep", "monthlyKeep", "yearlyKeep"]
+        );
+        assert_eq!(
+            Level::ALL.map(Level::below),
+            [None, Some(Level::Scheduled), Some(Level::Daily), Some(Level::Weekly), Some(Level::Monthly)]
+        );
+    }
+}

@@ -3,7 +3,7 @@
 //! archive names, manifests and remote file names, secrets that must never show, and the ssh
 //! host key / TLS certificate pins. docs/RELIABILITY.md lists what each test checks.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -297,7 +297,7 @@ fn a_malicious_manifest_cannot_read_or_write_outside() {
 
 #[test]
 fn remote_file_names_with_newlines_and_leading_dashes_are_data() {
-    let mut sshd = Sshd::start();
+    let mut sshd = Sshd::shared();
     let affa = Affa::new();
     let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
     let d = src.path().join("data");
@@ -405,7 +405,7 @@ fn esx_with(
         sim_extra,
     );
     let port = endpoint(&sim);
-    let mut sshd = Sshd::start();
+    let mut sshd = Sshd::shared();
     let affa = Affa::new();
     let conf = affa.ssh_job(
         "esx",
@@ -445,35 +445,6 @@ fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     out
 }
 
-/// Descendants of `pid` (pid list), from /proc.
-fn descendants(pid: u32) -> Vec<u32> {
-    let mut parent = std::collections::HashMap::new();
-    for e in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else { continue };
-        let Some((_, tail)) = stat.rsplit_once(')') else { continue };
-        let pp: u32 = tail.split_whitespace().nth(1).and_then(|x| x.parse().ok()).unwrap_or(0);
-        parent.insert(p, pp);
-    }
-    parent
-        .keys()
-        .copied()
-        .filter(|&p| {
-            let mut q = p;
-            for _ in 0..64 {
-                if q == pid {
-                    return true;
-                }
-                match parent.get(&q) {
-                    Some(&x) if x != 0 => q = x,
-                    _ => return false,
-                }
-            }
-            false
-        })
-        .collect()
-}
-
 #[test]
 fn the_esxi_password_never_shows() {
     let e = esx("Debug=yes\nchunkFiles=*-flat.vmdk\nchunkSize=256K\nBandwidthLimit=2000\nchattyOnSuccess=3\n");
@@ -493,7 +464,8 @@ fn the_esxi_password_never_shows() {
     let mut seen = std::collections::BTreeSet::new();
     let out = {
         let mut c = c;
-        loop {
+        // Every 5 ms while it runs: the run's ssh and rsync live for a moment only.
+        sample_until(Duration::from_secs(240), Duration::from_millis(5), "the run to end", || {
             for p in descendants(pid) {
                 let cmd = fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
                 let env = fs::read(format!("/proc/{p}/environ")).unwrap_or_default();
@@ -508,11 +480,9 @@ fn the_esxi_password_never_shows() {
                     );
                 }
             }
-            if c.try_wait().unwrap().is_some() {
-                break c.wait_with_output().unwrap();
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+            c.try_wait().unwrap().is_some()
+        });
+        c.wait_with_output().unwrap()
     };
     ok(&out);
     assert!(
@@ -893,7 +863,7 @@ fn http_with_a_password_or_a_pinned_thumbprint_is_refused() {
 fn a_report_planted_by_the_source_is_never_trusted() {
     // Finding 4: the source's own /.AFFA3-REPORT landed in scheduled.running, and after a failed
     // transfer the next run promoted it as a complete archive dated 2099.
-    let mut sshd = Sshd::start();
+    let mut sshd = Sshd::shared();
     let affa = Affa::new();
     let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
     let s = src.path();
@@ -941,7 +911,7 @@ fn a_report_planted_by_the_source_is_never_trusted() {
 fn source_files_that_look_like_store_internals_are_backed_up_and_restored_as_files() {
     // Finding 5: a source holding affa archives (x.affa-manifest files, .affa-chunks dirs)
     // broke --verify and made --full-restore refuse everything.
-    let mut sshd = Sshd::start();
+    let mut sshd = Sshd::shared();
     let affa = Affa::new();
     let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
     let s = src.path();
@@ -1000,7 +970,7 @@ fn keep_mails(affa: &Affa) -> PathBuf {
 #[test]
 fn a_flood_on_rsync_stderr_keeps_memory_and_the_mail_small() {
     // Finding 7: every stderr line was kept twice and the error mail quoted the whole log.
-    let mut sshd = Sshd::start();
+    let mut sshd = Sshd::shared();
     let affa = Affa::new();
     let mails = keep_mails(&affa);
     let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
@@ -1041,17 +1011,16 @@ fn a_flood_on_rsync_stderr_keeps_memory_and_the_mail_small() {
     let mut peak_kib = 0u64;
     let out = {
         let mut child = child;
-        loop {
+        // Its peak memory, read every 10 ms while it runs.
+        sample_until(Duration::from_secs(120), Duration::from_millis(10), "the flooded run to end", || {
             if let Ok(st) = fs::read_to_string(format!("/proc/{pid}/status")) {
                 if let Some(v) = st.lines().find_map(|l| l.strip_prefix("VmHWM:")) {
                     peak_kib = peak_kib.max(v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0));
                 }
             }
-            if child.try_wait().unwrap().is_some() {
-                break child.wait_with_output().unwrap();
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+            child.try_wait().unwrap().is_some()
+        });
+        child.wait_with_output().unwrap()
     };
     let err = fail(&out);
     assert!(err.contains("rsync failed"), "{err}");
@@ -1069,7 +1038,7 @@ fn a_flood_on_rsync_stderr_keeps_memory_and_the_mail_small() {
 #[test]
 fn remote_scripts_run_in_a_private_directory_and_end_in_time() {
     // Finding 11: remote scripts went to the predictable /tmp/affa-JOB-PID on the host.
-    let mut sshd = Sshd::start();
+    let mut sshd = Sshd::shared();
     let affa = Affa::new();
     let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
     fs::write(src.path().join("f"), "x").unwrap();
@@ -1126,7 +1095,10 @@ fn remote_scripts_run_in_a_private_directory_and_end_in_time() {
     let err = fail(&affa.affa_at("2026-03-02T11:00:00", &["--run", job]));
     assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
     assert!(err.contains("did not finish within 2 s") && err.contains("scriptTimeout"), "{err}");
+    // The next run takes the lock (with the default scriptTimeout again: 2 s is not always
+    // enough for a script over ssh on a busy machine, and the lock is what is checked here).
     fs::write(scripts.join("pre.sh"), "#!/bin/sh\ntrue\n").unwrap();
+    affa.write_conf("s.conf", &conf);
     ok(&affa.affa_at("2026-03-02T12:00:00", &["--run", job]));
 }
 

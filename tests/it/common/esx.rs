@@ -1,5 +1,5 @@
 //! An ESXi job ready to run: the simulator harness with vm1 (disk 0 on datastore1, disk 1 on
-//! ds2) and a second VM, a private sshd serving the datastores at the same paths, and an affa
+//! ds2) and a second VM, the shared sshd serving the datastores at the same paths, and an affa
 //! configuration whose key and certificate fingerprint `--send-key` has installed and pinned.
 #![allow(dead_code)]
 
@@ -75,7 +75,7 @@ impl Esx {
             ],
             sim_extra,
         );
-        let mut sshd = Sshd::start();
+        let mut sshd = Sshd::shared();
         let affa = Affa::new();
         let pwfile = affa.state.join("esx.pw");
         fs::write(&pwfile, format!("{PASS}\n")).unwrap();

@@ -1,16 +1,19 @@
 //! Integration tests of the vSphere SOAP client (`affa::esxi`) against the ESXi simulator harness
 //! in `harness/esxi-sim` (govmomi's simulator plus delta disks, faults and a control API).
 //!
-//! Owns: checking the client end to end against one simulator per test (the shared fixture in
-//! tests/common/sim.rs builds it first if needed; a build failure fails the test with the reason).
-//! Must never: skip a test silently, leave a simulator running (each one exits when its stdin
-//! closes), or touch anything outside its temporary directory.
+//! Owns: checking the client end to end against the simulator (the fixture in
+//! tests/it/common/sim.rs builds it first if needed; a build failure fails the test with the
+//! reason): one per test that changes it or counts its requests, one shared by the tests that
+//! only read from it. Must never: skip a test silently, leave a simulator running (each one exits
+//! when its stdin closes, the shared one when the test process ends), or touch anything outside
+//! its temporary directory.
 
 use affa::esxi::{self, Client, ConnectOptions, MoRef, Password, PowerState};
 use std::path::Path;
+use std::sync::LazyLock;
 use std::time::Duration;
 
-mod common;
+use crate::common;
 
 use common::sim::{VmSpec, PASS, USER};
 
@@ -26,6 +29,17 @@ struct Sim {
 impl Sim {
     fn start() -> Sim {
         Sim::start_with(false, "")
+    }
+
+    /// The simulator of the tests that only read from it (log in, look up): one per test
+    /// process; its directory is removed when the process ends.
+    fn shared() -> &'static Sim {
+        static SHARED: LazyLock<Sim> = LazyLock::new(|| {
+            let s = Sim::start();
+            common::remove_at_exit(s.dir.path());
+            s
+        });
+        &SHARED
     }
 
     /// Two VMs: vm1 (powered on, disks on datastore1 and ds2) and vm2 (off, one disk).
@@ -80,7 +94,7 @@ impl Sim {
 
 #[test]
 fn login_good_and_bad_password_and_logout() {
-    let sim = Sim::start();
+    let sim = Sim::shared();
     let mut c = Client::connect(sim.opts()).unwrap();
     assert!(c.about().full_name.contains("ESXi"), "{:?}", c.about());
     let e = c.login(USER, &Password::new("wrong")).unwrap_err();
@@ -149,7 +163,7 @@ fn thumbprint_pinning() {
 
 #[test]
 fn find_vm_found_and_not_found() {
-    let sim = Sim::start();
+    let sim = Sim::shared();
     let c = sim.client();
     let vm = c.find_vm("vm1").unwrap();
     assert_eq!(vm.kind, "VirtualMachine");
@@ -306,7 +320,7 @@ fn http_503_refused_connection_and_readonly_licence() {
 
 #[test]
 fn unknown_moref_is_a_one_line_fault() {
-    let sim = Sim::start();
+    let sim = Sim::shared();
     let c = sim.client();
     let e = c.power_state(&MoRef::new("VirtualMachine", "vm-999999")).unwrap_err();
     eprintln!("error seen: {e}");

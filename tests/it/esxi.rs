@@ -1,13 +1,13 @@
 //! ESXi hot backup end to end: the simulator harness (with delta disks after a snapshot, as a
 //! real host), a real sshd serving its datastores, real rsync, the affa binary.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::esx::{sha256_file, Esx, MB};
 use common::sim::PASS;
@@ -222,13 +222,11 @@ fn sigterm_during_the_copy_removes_the_snapshot() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    while e.sim.snapshots("vm1").is_empty() {
-        assert!(t.elapsed() < Duration::from_secs(30), "no snapshot was made");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(700));
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    wait_until(Duration::from_secs(30), "the snapshot", || !e.sim.snapshots("vm1").is_empty());
+    wait_until(Duration::from_secs(30), "the copy to be under way (2 MiB received over ssh)", || {
+        bytes_read_by(child.id(), "ssh") > 2 * MB
+    });
+    signal(child.id(), rustix::process::Signal::TERM);
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");

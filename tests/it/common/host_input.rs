@@ -1,5 +1,5 @@
 //! Checks on parsers of what a host or an archive sends, shared by the proptests in
-//! tests/hostile.rs (every `cargo test`) and the cargo-fuzz targets in fuzz/ (long runs, which
+//! tests/it/hostile.rs (every `cargo test`) and the cargo-fuzz targets in fuzz/ (long runs, which
 //! include this file by path). Each takes any bytes, must never panic, and asserts what the
 //! parser promises.
 #![allow(dead_code)]

@@ -4,7 +4,7 @@
 //! a real sshd and rsync; the VM's combined disk content is read independently of affa with
 //! `qemu-img convert` (qemu-utils), which reads VMware's snapshot chains.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::{Path, PathBuf};

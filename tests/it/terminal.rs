@@ -4,7 +4,7 @@
 //! before the next message (checked on the screen a terminal would show), end with a summary,
 //! and read typed answers; piped it must stay quiet (cron's behaviour).
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::io::{Read, Write};
@@ -287,8 +287,13 @@ struct Host {
     src: tempfile::TempDir,
 }
 
+/// The job on the shared sshd.
 fn host(extra: &str) -> Host {
-    let mut sshd = Sshd::start();
+    host_on(Sshd::shared(), extra)
+}
+
+/// The job on `sshd` (a private one for a test that stops its sshd).
+fn host_on(mut sshd: Sshd, extra: &str) -> Host {
     let affa = Affa::new();
     let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
     fs::create_dir_all(src.path().join("docs")).unwrap();
@@ -358,7 +363,7 @@ fn a_run_on_a_terminal_shows_phases_progress_and_a_summary_and_piped_stays_quiet
 
 #[test]
 fn a_failed_run_ends_with_its_cause_and_a_missing_mail_transport_is_one_warning() {
-    let mut h = host("chattyOnSuccess=1\n");
+    let mut h = host_on(Sshd::start(), "chattyOnSuccess=1\n");
     // Success with a mail to send and no way to send it: one warning line that says how to
     // configure mail, and the run succeeds.
     let t = on_pty(&h.affa, Some("2026-06-01T10:00:00"), &["--run", "web"], None);

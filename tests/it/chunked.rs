@@ -1,7 +1,7 @@
 //! chunkFiles on ordinary jobs, end to end over the real sshd: what the pool costs, sharing
 //! between jobs, the sweep after rotation, self-contained archives, damage detection.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -109,7 +109,7 @@ struct Setup {
 }
 
 fn setup(jobs: &[(&str, &str)]) -> Setup {
-    let mut sshd = Sshd::start();
+    let mut sshd = Sshd::shared();
     let affa = Affa::new();
     let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
     for (name, extra) in jobs {

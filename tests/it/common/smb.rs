@@ -2,25 +2,18 @@
 //! with the Samba user root (password [`SMB_PASS`]); [`Smbd::add_user`] adds more. Needs root.
 
 use std::fs;
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use super::free_port;
+use super::{free_port, poll, wait_listening, Daemon};
 
 pub const SMB_PASS: &str = "affa-Smb-pw1";
 
+/// (Fields drop in this order: smbd stops before its directory goes.)
 pub struct Smbd {
-    pub dir: tempfile::TempDir,
+    _daemon: Daemon,
     pub port: u16,
-    child: Child,
-}
-
-impl Drop for Smbd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    pub dir: tempfile::TempDir,
 }
 
 pub fn start_smbd() -> Smbd {
@@ -42,25 +35,12 @@ pub fn start_smbd() -> Smbd {
     );
     fs::write(d.join("smb.conf"), conf).unwrap();
     smbpasswd(d, "root", SMB_PASS);
-    let child = Command::new("smbd")
-        .args(["--foreground", "--no-process-group"])
-        .arg(format!("--configfile={}", d.join("smb.conf").display()))
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(d.join("smbd.out")).unwrap())
-        .stderr(fs::File::create(d.join("smbd.err")).unwrap())
-        .spawn()
-        .expect("smbd (apt-get install samba)");
-    let s = Smbd { dir, port, child };
-    let t = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "smbd did not start: {}",
-            fs::read_to_string(s.dir.path().join("smbd.err")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    s
+    let mut c = Command::new("smbd");
+    c.args(["--foreground", "--no-process-group"]).arg(format!("--configfile={}", d.join("smb.conf").display()));
+    let log = d.join("smbd.log");
+    let daemon = Daemon::start(&c, &log);
+    wait_listening(port, Duration::from_secs(30), "smbd (apt-get install samba)", &log);
+    Smbd { _daemon: daemon, port, dir }
 }
 
 pub fn smbclient(s: &Smbd, share: &str, cmd: &str) -> std::process::Output {
@@ -77,6 +57,19 @@ pub fn smbclient_as(s: &Smbd, user: &str, pass: &str, share: &str, cmd: &str) ->
         .stdin(Stdio::null())
         .output()
         .expect("smbclient (apt-get install smbclient)")
+}
+
+/// smbclient as root, again until it succeeds (smbd may take a moment to pick up a reloaded
+/// configuration) or 20 s have passed; the last answer.
+pub fn smbclient_until_ok(s: &Smbd, share: &str, cmd: &str) -> std::process::Output {
+    let mut last = None;
+    let _ = poll(Duration::from_secs(20), Duration::from_millis(500), || {
+        let o = smbclient(s, share, cmd);
+        let done = o.status.success();
+        last = Some(o);
+        done.then_some(())
+    });
+    last.unwrap()
 }
 
 impl Smbd {

@@ -5,7 +5,7 @@
 //! verifies clean; no `BEXI-` snapshot is left once the next run has finished; nothing partial
 //! is ever named as an archive; a failed run says why on one line.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -112,7 +112,7 @@ fn esx(big: u64, extra_conf: &str, sim_extra: &str) -> Esx {
         }],
         sim_extra,
     );
-    let mut sshd = Sshd::start();
+    let mut sshd = Sshd::shared();
     let affa = Affa::new();
     let pwfile = affa.state.join("esx.pw");
     fs::write(&pwfile, format!("{PASS}\n")).unwrap();
@@ -139,31 +139,31 @@ fn counter(e: &Esx, name: &str) -> u64 {
     e.sim.state()["counters"][name].as_u64().unwrap_or(0)
 }
 
-fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < Duration::from_secs(secs), "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+/// How many snapshot removals failed on the host (the task of a `then=fail` fault ends so).
+fn removals_failed(e: &Esx) -> usize {
+    let st = e.sim.state();
+    st["events"]
+        .as_array()
+        .map(|a| a.iter().filter(|v| v["op"] == "remove" && v["result"] == "failed (injected)").count())
+        .unwrap_or(0)
 }
 
-/// Child processes (pid, comm) of `pid`.
-fn children(pid: u32) -> Vec<(u32, String)> {
-    let mut v = Vec::new();
-    for e in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else { continue };
-        let Some((head, tail)) = stat.rsplit_once(')') else { continue };
-        let comm = head.split_once('(').map(|x| x.1).unwrap_or("").to_string();
-        let ppid: u32 = tail.split_whitespace().nth(1).and_then(|x| x.parse().ok()).unwrap_or(0);
-        if ppid == pid {
-            v.push((e.file_name().to_string_lossy().parse().unwrap_or(0), comm));
-        }
-    }
-    v
+/// Wait until affa, having started the task `op` (a counter of the harness), waits on it: it
+/// asks the host for the task's state after the task began.
+fn wait_polling(e: &Esx, op: &str, before: u64) {
+    wait_until(Duration::from_secs(60), &format!("the task {op}"), || counter(e, op) > before);
+    let polls = counter(e, "soap:RetrievePropertiesEx");
+    wait_until(Duration::from_secs(30), &format!("affa to wait on the task {op}"), || {
+        counter(e, "soap:RetrievePropertiesEx") > polls
+    });
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
 }
 
 fn kill9(child: &mut std::process::Child) -> std::process::ExitStatus {
-    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    signal(child.id(), rustix::process::Signal::KILL);
     child.wait().unwrap()
 }
 
@@ -252,19 +252,20 @@ fn kill_nine_at_every_step_of_an_esxi_run_with_chunked_disks() {
                 e.sim.post("/fault?op=create&mode=hang&seconds=2");
                 let n = counter(&e, "create_snapshot");
                 let mut c = cmd.spawn().unwrap();
-                wait_for("the snapshot task", 30, || counter(&e, "create_snapshot") > n);
-                std::thread::sleep(Duration::from_millis(200));
+                wait_polling(&e, "create_snapshot", n);
                 let st = kill9(&mut c);
                 // The host finishes the task on its own: a leftover for the next run.
-                wait_for("the hung snapshot to appear", 30, || !e.sim.snapshots("vm1").is_empty());
+                wait_until(secs(30), "the hung snapshot to appear", || !e.sim.snapshots("vm1").is_empty());
                 st
             }
             Kill::DuringRsync => {
                 e.affa.write_conf("esx.conf", &format!("{conf}BandwidthLimit=1500\n"));
                 let mut c = cmd.spawn().unwrap();
                 let pid = c.id();
-                wait_for("rsync to start", 60, || children(pid).iter().any(|(_, n)| n == "rsync"));
-                std::thread::sleep(Duration::from_millis(300));
+                wait_until(secs(60), "rsync to start", || children(pid).iter().any(|(_, n)| n == "rsync"));
+                wait_until(secs(60), "rsync to receive data (32 KiB over ssh)", || {
+                    bytes_read_by(pid, "ssh") > 32 << 10
+                });
                 let st = kill9(&mut c);
                 e.affa.write_conf("esx.conf", &conf);
                 assert!(
@@ -276,11 +277,12 @@ fn kill_nine_at_every_step_of_an_esxi_run_with_chunked_disks() {
             Kill::DuringRemove => {
                 e.sim.post("/fault?op=remove&mode=hang&seconds=2&then=fail");
                 let n = counter(&e, "remove_snapshot");
+                let failed = removals_failed(&e);
                 let mut c = cmd.spawn().unwrap();
-                wait_for("the removal task", 60, || counter(&e, "remove_snapshot") > n);
-                std::thread::sleep(Duration::from_millis(200));
+                wait_polling(&e, "remove_snapshot", n);
                 let st = kill9(&mut c);
-                std::thread::sleep(Duration::from_millis(2500));
+                // The host ends the hung removal on its own (failed): the snapshot stays.
+                wait_until(secs(30), "the hung removal to fail on the host", || removals_failed(&e) > failed);
                 st
             }
             Kill::DuringSweep => {
@@ -292,7 +294,7 @@ fn kill_nine_at_every_step_of_an_esxi_run_with_chunked_disks() {
                     .stdout(Stdio::null())
                     .stderr(Stdio::null());
                 assert_eq!(first.status().unwrap().signal(), Some(libc::SIGKILL));
-                wait_for("the leftover snapshot", 10, || !e.sim.snapshots("vm1").is_empty());
+                wait_until(secs(10), "the leftover snapshot", || !e.sim.snapshots("vm1").is_empty());
                 all_kept(&before, &archives(&job_dir), &format!("[{label}] after the first crash"));
                 // Overwrite what that run chunked new (this iteration's write), so its chunks
                 // end up referenced by nothing but the resume dir.
@@ -375,7 +377,7 @@ fn esxi_api_unreachable_503_and_hanging_tasks_fail_cleanly() {
     assert!(t.elapsed() < Duration::from_secs(15), "the timeout of 2 s was not honoured: {:?}", t.elapsed());
     assert!(err.contains("creating snapshot BEXI-esx-") && err.contains("did not finish within 2 s"), "{err}");
     assert_eq!(archives(&job_dir), before);
-    wait_for("the hung snapshot to finish", 20, || !e.sim.snapshots("vm1").is_empty());
+    wait_until(secs(20), "the hung snapshot to finish", || !e.sim.snapshots("vm1").is_empty());
     // The next run removes that leftover.
     ok(&e.affa.affa_at("2026-05-04T22:25:00", &["--run", "esx"]));
     assert!(e.sim.snapshots("vm1").is_empty(), "{:?}", e.sim.snapshots("vm1"));
@@ -383,10 +385,12 @@ fn esxi_api_unreachable_503_and_hanging_tasks_fail_cleanly() {
 
     // The removal task hangs past the timeout: the run fails, the snapshot is named.
     e.sim.post("/fault?op=remove&mode=hang&seconds=4&then=fail");
+    let failed = removals_failed(&e);
     let err = one_line_error(&e.affa.affa_at("2026-05-04T22:30:00", &["--run", "esx"]));
     assert!(err.contains("removing snapshot BEXI-esx-20260504223000 FAILED"), "{err}");
     assert_eq!(archives(&job_dir), before);
-    std::thread::sleep(Duration::from_secs(3));
+    // The host ends the hung removal on its own (failed): the snapshot stays for the next run.
+    wait_until(secs(20), "the hung removal to fail on the host", || removals_failed(&e) > failed);
 
     // The next run removes every leftover and succeeds.
     ok(&e.affa.affa_at("2026-05-04T23:00:00", &["--run", "esx"]));
@@ -448,27 +452,21 @@ fn ssh_link_cut_mid_transfer_keeps_earlier_archives_and_the_next_run_resumes() {
         .spawn()
         .unwrap();
     let pid = c.id();
-    wait_for("rsync to start", 30, || children(pid).iter().any(|(_, n)| n == "rsync"));
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_until(secs(30), "rsync to start", || children(pid).iter().any(|(_, n)| n == "rsync"));
+    wait_until(secs(30), "the transfer of new.bin to be under way (1 MiB over ssh)", || bytes_read_by(pid, "ssh") > MB);
     sshd.stop();
     // Stopping the listener leaves the established session: cut it too (the sshd children).
     for (p, n) in children(pid) {
         if n == "rsync" {
             for (q, m) in children(p) {
                 if m == "ssh" {
-                    unsafe { libc::kill(q as i32, libc::SIGKILL) };
+                    signal(q, rustix::process::Signal::KILL);
                 }
             }
         }
     }
-    let t = Instant::now();
-    let out = loop {
-        if let Some(_st) = c.try_wait().unwrap() {
-            break c.wait_with_output().unwrap();
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "affa did not notice the cut link");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    wait_until(secs(60), "affa to notice the cut link", || c.try_wait().unwrap().is_some());
+    let out = c.wait_with_output().unwrap();
     let err = one_line_error(&out);
     assert!(err.contains("earlier archives are untouched") || err.contains("connection"), "{err}");
     assert_eq!(archives(&job_dir), before, "a failed run changed the archive set");
@@ -687,7 +685,8 @@ fn two_runs_of_one_job_and_two_jobs_sharing_a_pool_at_once() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let lock_dir = affa.state.join("lock");
+    wait_until(secs(30), "the first run of one to take its lock", || affa::lock::holder(&lock_dir, "one").is_some());
     let b = affa.affa_at("2026-03-02T10:00:00", &["--run", "one"]);
     let err = one_line_error(&b);
     assert!(err.contains("already running (pid"), "{err}");

@@ -6,7 +6,7 @@
 //! truncated or rewritten, no process of someone else is signalled, no secret is readable by
 //! others at any moment, no archive is readable through Samba by a user not named.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::smb::{smbclient, smbclient_as, start_smbd};
+use common::smb::{smbclient_as, smbclient_until_ok, start_smbd};
 use common::*;
 
 const NOBODY_UID: u32 = 65534;
@@ -95,13 +95,25 @@ fn one_line_error(o: &Output) -> String {
     lines[0].to_string()
 }
 
+/// `cmd` with every signal it can block blocked (perl's sigprocmask, then exec): a signal sent to
+/// it stays pending, so whether it was signalled can be read at once ([`assert_alive`]).
+fn blocking_signals(cmd: &Command) -> Command {
+    let mut c = Command::new("perl");
+    c.args(["-MPOSIX", "-e", "sigprocmask(SIG_BLOCK, POSIX::SigSet->new(1 .. 31)) or die; exec @ARGV or die"])
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    c
+}
+
 /// A process the attacker would like root to kill (root's, so nobody cannot kill it itself);
 /// killed when dropped.
 struct Bystander(Child);
 
 impl Bystander {
     fn start() -> Bystander {
-        Bystander(Command::new("sleep").arg("300").spawn().unwrap())
+        let mut sleep = Command::new("sleep");
+        sleep.arg("300");
+        Bystander(blocking_signals(&sleep).spawn().unwrap())
     }
     fn pid(&self) -> u32 {
         self.0.id()
@@ -115,28 +127,30 @@ impl Drop for Bystander {
     }
 }
 
-/// `c` is still running a moment after what should not have signalled it.
+/// `c` (started by [`blocking_signals`]) is running and no signal was sent to it: a signal sent
+/// by what has already returned would be pending now.
 fn assert_alive(c: &mut Child, what: &str) {
-    std::thread::sleep(Duration::from_millis(200));
     assert!(c.try_wait().unwrap().is_none(), "{what}");
+    let status = fs::read_to_string(format!("/proc/{}/status", c.id())).unwrap();
+    for k in ["SigPnd:", "ShdPnd:"] {
+        let v = status.lines().find_map(|l| l.strip_prefix(k)).unwrap_or_else(|| panic!("no {k} in {status}")).trim();
+        assert_eq!(u64::from_str_radix(v, 16).unwrap(), 0, "{what} ({k} {v})");
+    }
+    assert!(alive(c.id()), "{what}");
 }
 
 /// `flock(1)` holding the flock of `file` until its stdin closes, run by `cmd` (as nobody, or
 /// root); waits until the lock is taken.
 fn hold_flock(mut cmd: Command, file: &Path) -> Child {
     let mut child = cmd.stdin(Stdio::piped()).spawn().unwrap();
-    let t = Instant::now();
-    loop {
+    wait_until(Duration::from_secs(10), &format!("the flock of {} to be taken", file.display()), || {
         if let Some(st) = child.try_wait().unwrap() {
             panic!("flock(1) on {} exited: {st}", file.display());
         }
         let st = Command::new("flock").args(["-n", "-E", "99"]).arg(file).arg("true").status().unwrap();
-        if st.code() == Some(99) {
-            return child;
-        }
-        assert!(t.elapsed() < Duration::from_secs(10), "the flock of {} was not taken", file.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        st.code() == Some(99)
+    });
+    child
 }
 
 fn release(mut c: Child) {
@@ -240,7 +254,7 @@ fn kill_signals_only_the_affa_process_that_holds_the_lock() {
     let mut victim = Bystander::start();
     let mut c = Command::new("flock");
     c.arg("-o").arg(&file).args(["-c", "read x"]);
-    let holder = hold_flock(c, &file);
+    let holder = hold_flock(blocking_signals(&c), &file);
     let holder_pid = holder.id();
     fs::write(&file, format!("{}\n", victim.pid())).unwrap();
     let e = one_line_error(&b.a.affa(&["--kill", "web"]));
@@ -273,11 +287,9 @@ fn kill_stops_a_running_job_and_says_what_happened() {
     fs::write(scripts.join("slow.sh"), "#!/bin/sh\nsleep 2\n").unwrap();
     fs::set_permissions(scripts.join("slow.sh"), fs::Permissions::from_mode(0o755)).unwrap();
     let mut run = b.a.cmd().args(["--run", "web"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    let t = Instant::now();
-    while affa::lock::holder(&b.lock_dir, "web").is_none() {
-        assert!(t.elapsed() < Duration::from_secs(20), "the run did not take its lock");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(Duration::from_secs(20), "the run to take its lock", || {
+        affa::lock::holder(&b.lock_dir, "web").is_some()
+    });
     assert_eq!(affa::lock::holder(&b.lock_dir, "web"), Some(run.id() as i32));
     let out = ok(&b.a.affa(&["--kill", "web"]));
     assert_eq!(out, format!("job web (pid {}) stopped\n", run.id()));
@@ -352,39 +364,44 @@ fn the_metrics_writer_follows_no_symlink_planted_in_the_metrics_directory() {
 }
 
 /// The modes of the files created in `dir` while `f` runs, each taken the moment inotify
-/// reports its creation (None: it was gone before it could be looked at).
+/// reports its creation (None: it was gone before it could be looked at). The watcher blocks in
+/// read(2), woken by each creation; the creation of [`STOP`] once `f` is done ends it.
 fn modes_of_created_files(dir: &Path, f: impl FnOnce()) -> Vec<(String, Option<u32>)> {
     use rustix::fs::inotify;
-    let fd = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK).unwrap();
+    const STOP: &str = ".inotify-watch-done";
+    /// Ends the watch when `f` is done, also when it panics.
+    struct Done(PathBuf);
+    impl Drop for Done {
+        fn drop(&mut self) {
+            let _ = fs::write(&self.0, "");
+        }
+    }
+    let fd = inotify::init(inotify::CreateFlags::CLOEXEC).unwrap();
     inotify::add_watch(&fd, dir, inotify::WatchFlags::CREATE).unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (dir2, stop2) = (dir.to_path_buf(), stop.clone());
+    let dir2 = dir.to_path_buf();
     let watcher = std::thread::spawn(move || {
         let mut seen = Vec::new();
         let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 8192];
         let mut r = inotify::Reader::new(&fd, &mut buf);
         loop {
-            match r.next() {
-                Ok(ev) => {
-                    if let Some(n) = ev.file_name() {
-                        let n = n.to_string_lossy().into_owned();
-                        let mode = fs::symlink_metadata(dir2.join(&n)).ok().map(|m| m.mode() & 0o7777);
-                        seen.push((n, mode));
-                    }
+            let ev = r.next().unwrap_or_else(|e| panic!("inotify: {e}"));
+            if let Some(n) = ev.file_name() {
+                let n = n.to_string_lossy().into_owned();
+                if n == STOP {
+                    return seen;
                 }
-                Err(rustix::io::Errno::AGAIN) => {
-                    if stop2.load(std::sync::atomic::Ordering::SeqCst) {
-                        return seen;
-                    }
-                    std::thread::sleep(Duration::from_micros(50));
-                }
-                Err(e) => panic!("inotify: {e}"),
+                let mode = fs::symlink_metadata(dir2.join(&n)).ok().map(|m| m.mode() & 0o7777);
+                seen.push((n, mode));
             }
         }
     });
-    f();
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    watcher.join().unwrap()
+    {
+        let _done = Done(dir.join(STOP));
+        f();
+    }
+    let seen = watcher.join().unwrap();
+    fs::remove_file(dir.join(STOP)).unwrap();
+    seen
 }
 
 #[test]
@@ -453,18 +470,14 @@ fn an_empty_samba_valid_user_is_refused_so_no_other_samba_user_reads_the_archive
 
     // Named users only: root reads, the other Samba user nobody is denied.
     ok(&b.a.affa(&["--samba-shares"]));
-    let mut o = smbclient(&smbd, "web", &get);
-    let t = Instant::now();
-    while !o.status.success() && t.elapsed() < Duration::from_secs(20) {
-        std::thread::sleep(Duration::from_millis(500));
-        o = smbclient(&smbd, "web", &get);
-    }
+    let o = smbclient_until_ok(&smbd, "web", &get);
     assert!(o.status.success(), "root cannot read its share: {}", String::from_utf8_lossy(&o.stdout));
     let o = smbclient_as(&smbd, "nobody", "nobody-Smb-pw1", "web", &get);
     assert!(!o.status.success(), "nobody read the archive of a share for root only");
 
     // An empty SambaValidUser would be `valid users =`: every Samba user, reading as root.
     b.a.write_conf("jobs.conf", &job(""));
+    let samba_before = (tree_hashes(&b.a.state.join("samba")), fs::read(&smb_conf).unwrap());
     let e = one_line_error(&b.a.affa(&["--samba-shares"]));
     assert_eq!(
         e,
@@ -477,7 +490,9 @@ fn an_empty_samba_valid_user_is_refused_so_no_other_samba_user_reads_the_archive
     );
     let share = fs::read_to_string(b.a.state.join("samba/affa-job-web.conf")).unwrap();
     assert!(share.contains("\tvalid users = root\n"), "the share file was changed: {share}");
-    std::thread::sleep(Duration::from_secs(1));
+    // Nothing Samba reads changed (so there is nothing for smbd to reload and let nobody in).
+    let samba_now = (tree_hashes(&b.a.state.join("samba")), fs::read(&smb_conf).unwrap());
+    assert!(samba_now == samba_before, "the refused --samba-shares changed Samba's configuration");
     let o = smbclient_as(&smbd, "nobody", "nobody-Smb-pw1", "web", &get);
     assert!(!o.status.success(), "nobody read the archive after SambaValidUser was emptied");
     // The run is refused too (the configuration is wrong), and nothing else changed.

@@ -3,10 +3,12 @@
 //! output, and the SME Server, USB-disk and rsync-daemon keys (a stand-in `signal-event` on the
 //! test sshd's PATH, a loop-mounted filesystem image, a real `rsync --daemon` on 127.0.0.1).
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
 use common::*;
 
@@ -180,7 +182,7 @@ fn a_broken_job_fails_alone_and_loudly() {
 
 #[test]
 fn affa3_values_are_accepted_as_affa3_reads_them() {
-    let mut sshd = Sshd::start();
+    let mut sshd = Sshd::shared();
     let a = Affa::new();
     global(&a, "");
     let src = source();
@@ -227,7 +229,7 @@ fn affa3_values_are_accepted_as_affa3_reads_them() {
 
 #[test]
 fn affa3_internal_options_and_the_cron_self_refresh() {
-    let mut sshd = Sshd::start();
+    let mut sshd = Sshd::shared();
     let a = Affa::new();
     let nagios = a.tmp.path().join("nagios");
     fs::create_dir_all(&nagios).unwrap();
@@ -327,7 +329,12 @@ fn affa3_internal_options_and_the_cron_self_refresh() {
     assert!(text.ends_with(&format!("*/15 * * * * root {affa} --silent --_cronupdate\n")), "{text}");
     let mtime = || fs::metadata(&cron).unwrap().modified().unwrap();
     let before = mtime();
-    std::thread::sleep(std::time::Duration::from_millis(20));
+    // A rewrite from now on would get a later mtime (file times follow a coarse clock).
+    let probe = a.tmp.path().join("mtime-probe");
+    wait_until(Duration::from_secs(5), "the file clock to pass the cron file's mtime", || {
+        fs::write(&probe, "").unwrap();
+        fs::metadata(&probe).unwrap().modified().unwrap() > before
+    });
     let o = a.affa(&["--_cronupdate"]);
     assert_eq!(ok(&o), "");
     assert!(o.stderr.is_empty());
@@ -500,18 +507,12 @@ fn csv_columns_and_nrpe_labels_are_affa3s() {
     fs::write(src.path().join("data/big.bin"), vec![7u8; 300_000]).unwrap();
     let mut child =
         a.cmd().env("AFFA_FAKE_NOW", "2026-03-02T16:00:00").args(["--silent", "--run", "web"]).spawn().unwrap();
-    let t = std::time::Instant::now();
-    let row = loop {
+    let row = wait_for(Duration::from_secs(20), "--status --csv to show web running rsync", || {
         let st = ok(&a.affa(&["--status", "--csv"]));
-        let row = st.lines().nth(1).unwrap().to_string();
-        if row.contains(";running rsync;") {
-            break row;
-        }
-        assert!(t.elapsed().as_secs() < 20, "never running rsync: {row}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
+        Some(st.lines().nth(1).unwrap().to_string()).filter(|row| row.contains(";running rsync;"))
+    });
     assert_eq!(row.split(';').nth(8), Some(child.id().to_string().as_str()), "{row}");
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    signal(child.id(), rustix::process::Signal::TERM);
     child.wait().unwrap();
     let st = ok(&a.affa(&["--status", "--csv"]));
     assert!(st.lines().nth(1).unwrap().contains(";0;rsync interrupted;"), "{st}");
@@ -558,6 +559,7 @@ fn signal_event(dir: &Path, dump_to: &Path) {
 
 #[test]
 fn sme_server_events_run_on_the_host_around_the_transfer() {
+    let _one_at_a_time = sme_paths();
     let bin = tempfile::Builder::new().prefix("affa-sme-bin").tempdir().unwrap();
     let src = source();
     let dump = src.path().join("data/mysql.dump");
@@ -713,10 +715,10 @@ fn a_usb_disk_is_mounted_for_the_run_and_unmounted_after() {
 }
 
 /// A real `rsync --daemon` on 127.0.0.1 serving `path` as module AFFA to user affa with
-/// `password`. Stopped when dropped.
+/// `password`. Stopped when dropped (before its directory goes: fields drop in order).
 struct RsyncDaemon {
+    _daemon: Daemon,
     port: u16,
-    child: std::process::Child,
     _dir: tempfile::TempDir,
 }
 
@@ -740,26 +742,14 @@ impl RsyncDaemon {
         )
         .unwrap();
         let port = free_port();
-        let child = std::process::Command::new("rsync")
-            .args(["--daemon", "--no-detach", "--address=127.0.0.1"])
+        let mut c = std::process::Command::new("rsync");
+        c.args(["--daemon", "--no-detach", "--address=127.0.0.1"])
             .arg(format!("--port={port}"))
-            .arg(format!("--config={}", conf.display()))
-            .stdin(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let t = std::time::Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(t.elapsed().as_secs() < 10, "rsync daemon did not start");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        RsyncDaemon { port, child, _dir: dir }
-    }
-}
-
-impl Drop for RsyncDaemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+            .arg(format!("--config={}", conf.display()));
+        let log = dir.path().join("rsyncd.out");
+        let daemon = Daemon::start(&c, &log);
+        wait_listening(port, Duration::from_secs(10), "the rsync daemon", &log);
+        RsyncDaemon { _daemon: daemon, port, _dir: dir }
     }
 }
 
@@ -806,6 +796,14 @@ fn a_host_with_an_rsync_daemon_is_pulled_without_ssh() {
     assert!(fail(&a.affa(&["--run", "win"])).contains("rsyncdMode=yes with pre/postJobCommandRemote, which needs ssh"));
 }
 
+/// The SME tests back up SME's standard set from this machine (`/home/e-smith` among it) and one
+/// of them creates and removes `/home/e-smith`: one at a time.
+static SME_PATHS: Mutex<()> = Mutex::new(());
+
+fn sme_paths() -> MutexGuard<'static, ()> {
+    SME_PATHS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Removes `/home/e-smith` at the end if the test created it (SME's path of the package list).
 struct SmeDbDir(bool);
 
@@ -819,6 +817,7 @@ impl Drop for SmeDbDir {
 
 #[test]
 fn sme_watchdog_and_package_check() {
+    let _one_at_a_time = sme_paths();
     if Path::new("/home/e-smith").exists() {
         eprintln!("skipped: /home/e-smith exists on this machine (an SME Server?)");
         return;

@@ -2,7 +2,7 @@
 //! archive names, and the date in each one's report, must match a model of Affa 3's algorithm
 //! (with its monthly-fallback defect fixed).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -84,6 +84,8 @@ fn actual(job_dir: &std::path::Path) -> BTreeMap<String, String> {
 }
 
 fn simulate(keep: [usize; 5], days: i64, label: &str, must_exist: &[&str]) {
+    // run() below installs affa's signal handlers in this process: keep Ctrl-C working.
+    common::keep_default_signal_actions();
     let affa = common::Affa::new();
     let src = tempfile::tempdir().unwrap();
     fs::write(src.path().join("f"), "x").unwrap();

@@ -1,7 +1,7 @@
 //! `--full-restore` of ordinary jobs end to end: a real sshd and rsync on 127.0.0.1, the affa
 //! binary. Back up, damage the source, restore, compare.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -83,7 +83,7 @@ struct Setup {
 }
 
 fn setup(extra: &str) -> Setup {
-    let mut sshd = Sshd::start();
+    let mut sshd = Sshd::shared();
     let affa = Affa::new();
     let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
     source_tree(src.path());

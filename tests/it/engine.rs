@@ -1,11 +1,11 @@
 //! The backup engine end to end: a real sshd and rsync on 127.0.0.1, the affa binary.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -25,8 +25,13 @@ struct Setup {
     src: tempfile::TempDir,
 }
 
+/// The job `web` on the shared sshd.
 fn setup(extra: &str) -> Setup {
-    let mut sshd = Sshd::start();
+    setup_on(Sshd::shared(), extra)
+}
+
+/// The job `web` on `sshd` (a private one for a test that changes its sshd).
+fn setup_on(mut sshd: Sshd, extra: &str) -> Setup {
     let affa = Affa::new();
     let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
     source_tree(src.path());
@@ -117,7 +122,7 @@ fn backups_link_unchanged_files_and_drop_deleted_ones() {
 
 #[test]
 fn changed_host_key_stops_the_run_before_anything_moves() {
-    let mut s = setup("");
+    let mut s = setup_on(Sshd::start(), "");
     ok(&s.affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
     let before = tree_hashes(&s.affa.job_dir("web"));
     s.sshd.change_host_key();
@@ -224,22 +229,19 @@ fn second_run_is_refused_naming_the_pid_and_kill_9_resumes() {
     );
     let mut child = s.affa.cmd().env("AFFA_FAKE_NOW", "2026-03-02T11:00:00").args(["--run", "web"]).spawn().unwrap();
     let running = s.affa.job_dir("web").join("scheduled.running");
-    let t = Instant::now();
-    // Wait until part of the large file has arrived.
-    loop {
-        let part = walk_find(&running, "large.img");
-        if part.as_ref().map(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0) > 2 << 20).unwrap_or(false) {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(30), "transfer did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(Duration::from_secs(30), "more than 2 MiB of large.img to arrive", || {
+        walk_find(&running, "large.img").is_some_and(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0) > 2 << 20)
+    });
     let e = fail(&s.affa.affa(&["--run", "web"]));
     assert!(e.contains(&format!("job web is already running (pid {})", child.id())), "{e}");
-    // kill -9 in the middle of the rsync of the large file.
-    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    // kill -9 in the middle of the rsync of the large file. rsync dies with affa; its receiver
+    // and ssh (rsync's own children) finish the file they are writing, then end too.
+    let run = descendants(child.id());
+    signal(child.id(), rustix::process::Signal::KILL);
     child.wait().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until(Duration::from_secs(60), "the killed run's rsync receiver and ssh to end", || {
+        run.iter().all(|&p| !alive(p))
+    });
     assert!(running.exists());
     assert_eq!(archive_names(&s.affa.job_dir("web")), ["scheduled.0"]);
     assert_eq!(tree_hashes(&s.affa.job_dir("web").join("scheduled.0")), before);

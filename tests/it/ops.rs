@@ -2,28 +2,29 @@
 //! server (Debian's python3-aiosmtpd), the sendmail path, --nrpe and --metrics, Samba shares
 //! read back with smbclient from a private smbd, resuming interrupted jobs, and --install.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::smb::{smbclient, start_smbd};
+use common::smb::{smbclient, smbclient_until_ok, start_smbd};
 use common::*;
 
 // ---------------------------------------------------------------- helpers
 
 /// A private SMTP server (aiosmtpd) that saves each message as NNN.rcpt/.subject/.body/.raw.
+/// (Fields drop in this order: the server stops before its directory goes.)
 struct Smtp {
-    dir: tempfile::TempDir,
+    _daemon: Daemon,
     port: u16,
-    child: Child,
+    dir: tempfile::TempDir,
 }
 
 const SMTP_PY: &str = r#"
-import sys, os, time, email
+import sys, os, threading, email
 from email import policy
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
@@ -55,8 +56,7 @@ if cred:
 c = Controller(H(), hostname="127.0.0.1", port=port, **kw)
 c.start()
 open(os.path.join(out, "ready"), "w").close()
-while True:
-    time.sleep(1)
+threading.Event().wait()
 "#;
 
 impl Smtp {
@@ -71,23 +71,17 @@ impl Smtp {
         if let Some(cr) = cred {
             c.arg(cr);
         }
-        let child = c
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(dir.path().join("server.log")).unwrap())
-            .spawn()
-            .expect("/usr/bin/python3 (apt-get install python3-aiosmtpd)");
-        let s = Smtp { dir, port, child };
-        let t = Instant::now();
-        while !mail.join("ready").exists() || TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "SMTP server did not start (apt-get install python3-aiosmtpd): {}",
-                fs::read_to_string(s.dir.path().join("server.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        s
+        let log = dir.path().join("server.log");
+        let daemon = Daemon::start(&c, &log);
+        let up = poll(Duration::from_secs(20), Duration::from_millis(50), || {
+            (mail.join("ready").exists() && TcpStream::connect(("127.0.0.1", port)).is_ok()).then_some(())
+        });
+        assert!(
+            up.is_some(),
+            "SMTP server did not start (apt-get install python3-aiosmtpd): {}",
+            fs::read_to_string(&log).unwrap_or_default()
+        );
+        Smtp { _daemon: daemon, port, dir }
     }
 
     fn mail_dir(&self) -> PathBuf {
@@ -120,13 +114,6 @@ impl Smtp {
 
     fn global(&self) -> String {
         format!("smtpHost=127.0.0.1\nsmtpPort={}\nsmtpTLS=none\n", self.port)
-    }
-}
-
-impl Drop for Smtp {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -181,14 +168,6 @@ fn script(a: &Affa, name: &str, body: &str) {
 
 fn log_of(a: &Affa, job: &str) -> String {
     fs::read_to_string(a.state.join(format!("log/{job}.log"))).unwrap_or_default()
-}
-
-fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < Duration::from_secs(secs), "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 // ---------------------------------------------------------------- cron
@@ -604,7 +583,7 @@ fn resume_interrupted_and_kill_resume_start_the_jobs_in_the_background() {
     assert!(out.contains("job stay was interrupted; not resumed (resumeAfterBoot=no)"), "{out}");
     assert!(!out.contains("later"), "{out}");
     let lock = a.state.join("lock");
-    wait_for("the resumed run of boot", 60, || {
+    wait_until(Duration::from_secs(60), "the resumed run of boot", || {
         a.job_dir("boot").join("scheduled.0").exists() && affa::lock::holder(&lock, "boot").is_none()
     });
     assert!(!a.job_dir("boot").join("scheduled.running").exists());
@@ -617,7 +596,7 @@ fn resume_interrupted_and_kill_resume_start_the_jobs_in_the_background() {
     let t = Instant::now();
     let out = ok(&a.affa(&["--kill", "later", "--resume=1"]));
     assert!(out.contains("job later is not running") && out.contains("job later runs again in 1 s (pid "), "{out}");
-    wait_for("the resumed run of later", 60, || {
+    wait_until(Duration::from_secs(60), "the resumed run of later", || {
         a.job_dir("later").join("scheduled.0").exists() && affa::lock::holder(&lock, "later").is_none()
     });
     assert!(t.elapsed() >= Duration::from_secs(1));
@@ -658,13 +637,7 @@ fn samba_share_of_the_archives_is_readable_with_smbclient() {
 
     let rel = src.path().strip_prefix("/").unwrap().join("data/sub/blob.bin");
     let got = a.tmp.path().join("got.bin");
-    let mut o = smbclient(&smbd, "web", &format!("get scheduled.0/{} {}", rel.display(), got.display()));
-    // smbd may take a moment to pick up the reloaded configuration.
-    let t = Instant::now();
-    while !o.status.success() && t.elapsed() < Duration::from_secs(20) {
-        std::thread::sleep(Duration::from_millis(500));
-        o = smbclient(&smbd, "web", &format!("get scheduled.0/{} {}", rel.display(), got.display()));
-    }
+    let o = smbclient_until_ok(&smbd, "web", &format!("get scheduled.0/{} {}", rel.display(), got.display()));
     assert!(
         o.status.success(),
         "smbclient get: {}{}",

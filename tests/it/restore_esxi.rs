@@ -2,7 +2,7 @@
 //! (two disks, disk 0 chunked), then restores: to the original place under a new name, beside
 //! the original with --to-dir, to a second simulated host, and the refusals.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
