@@ -2,17 +2,21 @@
 //! `affa-agent` on the source host, straight into the pool and the archive: no staging copy, no
 //! read of old data except the pool's own damage checks.
 //!
-//! Owns: `Agent` (a session: handshake, bye) and `backup_file` (the request, answering the
+//! Owns: `Agent` (a session: handshake, bye), `backup_file` (the request, answering the
 //! agent's chunk reports from the pool, checking and storing the chunks it sends, the manifest
-//! last). Must never: trust the agent (a compromised host): a chunk is stored only after it
-//! decoded to the chunk's exact length and its BLAKE3 equals the id the manifest will name; an
-//! index, size or count outside what the agent announced is a protocol error; a manifest is
-//! written only after `END` and only when every chunk it names is durably stored and linked.
+//! last) and `restore_file` (the manifest sent to the agent, each chunk it asks for read from
+//! the archive and verified before it is sent). Must never: trust the agent (a compromised
+//! host): a chunk is stored only after it decoded to the chunk's exact length and its BLAKE3
+//! equals the id the manifest will name; an index, size or count outside what the agent
+//! announced or asked in order is a protocol error; a manifest is written only after `END` and
+//! only when every chunk it names is durably stored and linked; a chunk that does not verify is
+//! never sent.
 
 use super::blob;
 use super::build::{check_rel, manifest_path};
 use super::manifest::{ChunkRef, Manifest};
 use super::pool::{self, Pool, ARCHIVE_CHUNK_DIR};
+use super::restore::{chunk_error, load_chunk_at, read_manifest};
 use super::{id_hex, ChunkId, ChunkStats, Compression, Settings};
 use crate::error::{Error, IoContext, Result};
 use affa_agent_proto::{self as proto, shown, ChunkKind, FrameReader, FrameWriter, Msg};
@@ -312,4 +316,171 @@ pub fn backup_file<R: Read, W: Write>(
     st.chunk.replaced_source_file = super::build::place_manifest(archive_root, rel_path, &mpath, &manifest)?;
     st.chunk.manifest_path = mpath;
     Ok(st)
+}
+
+/// Numbers of one `restore_file`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RestoreStats {
+    /// The file's size.
+    pub size: u64,
+    /// Its chunks, and of them the zero chunks (holes, never sent).
+    pub chunks: u64,
+    pub zero_chunks: u64,
+    /// Chunks sent to the agent (`RDATA`) and their chunk file bytes.
+    pub chunks_sent: u64,
+    pub bytes_sent: u64,
+    /// Stored chunks the agent found in the existing target and copied there.
+    pub chunks_local: u64,
+    /// Bytes the agent read from the existing target to compare.
+    pub target_bytes_read: u64,
+    /// Whether the agent compared an existing regular target.
+    pub compared: bool,
+    /// Every frame byte sent to the agent for this file (request, manifest, chunks), and
+    /// received from it.
+    pub frame_bytes_out: u64,
+    pub frame_bytes_in: u64,
+}
+
+/// Restore the chunked file `rel_path` of the archive `archive_root` (its manifest
+/// `archive_root/rel_path.affa-manifest`) to `remote_target` on the agent's host
+/// (docs/PROTOCOL.md, "Restore of one file"). With `compare`, an existing regular target is
+/// compared chunk by chunk and only the chunks it lacks are sent. Each chunk is read from the
+/// archive's `.affa-chunks/` (when damaged there, from `pool`'s entry if given), decoded and
+/// hashed before it is sent: a missing or damaged chunk is an error naming it and the manifest
+/// (the agent is told to abort, the target stays as it was). A fault at the agent is an error
+/// naming the target; after either the session stays usable. Any other error leaves the
+/// session unusable.
+pub fn restore_file<R: Read, W: Write>(
+    agent: &mut Agent<R, W>,
+    archive_root: &Path,
+    rel_path: &Path,
+    remote_target: &Path,
+    pool: Option<&Pool>,
+    compare: bool,
+) -> Result<RestoreStats> {
+    check_rel(rel_path)?;
+    let mpath = manifest_path(archive_root, rel_path);
+    let m = read_manifest(&mpath)?;
+    let what = format!("{}: {}", agent.label, remote_target.display());
+    let bad = |m: String| Error::new(format!("agent {what}: {m}"));
+    let fault = |kind: proto::FaultKind, offset: u64, message: &str| {
+        Error::new(format!("{what}: {} (offset {offset}): {}", kind.name(), shown(message)))
+    };
+    let (in0, out0) = (agent.bytes_in(), agent.bytes_out());
+    let entries: Vec<Option<ChunkId>> =
+        m.chunks.iter().map(|c| if let ChunkRef::Stored(id) = c { Some(*id) } else { None }).collect();
+    let count = entries.len() as u64;
+    let stored = entries.iter().filter(|e| e.is_some()).count() as u64;
+    agent.send(&Msg::Restore(proto::Restore {
+        path: remote_target.as_os_str().as_bytes().to_vec(),
+        size: m.size,
+        chunk_size: m.chunk_size,
+        mode: m.mode & 0o7777,
+        uid: m.uid,
+        gid: m.gid,
+        mtime: m.mtime,
+        atime: m.atime.unwrap_or(m.mtime),
+        file_hash: m.file_hash,
+        count,
+        compare,
+    }))?;
+    for (i, part) in entries.chunks(proto::PREV_PER_FRAME).enumerate() {
+        agent.send(&Msg::RManifest { start: (i * proto::PREV_PER_FRAME) as u64, entries: part.to_vec() })?;
+    }
+    agent.send(&Msg::Start)?;
+    agent.flush()?;
+
+    let mut st = RestoreStats { size: m.size, chunks: count, zero_chunks: count - stored, ..RestoreStats::default() };
+    match agent.recv()? {
+        Msg::ROpened { window, compared } if (1..=proto::MAX_WINDOW).contains(&window) => st.compared = compared,
+        Msg::Fault { kind, offset, message } => return Err(fault(kind, offset, &message)),
+        m => {
+            return Err(bad(format!(
+                "expected ROPENED with a window of 1..={}, received {}",
+                proto::MAX_WINDOW,
+                m.name()
+            )))
+        }
+    }
+    let (mut raw, mut decoded) = (Vec::new(), Vec::new());
+    // The lowest index the next RNEED may name.
+    let mut next = 0u64;
+    let done = loop {
+        match agent.recv()? {
+            Msg::RNeed { index } => {
+                let id = match entries.get(index as usize) {
+                    Some(Some(id)) if index >= next => *id,
+                    _ => {
+                        return Err(bad(format!(
+                            "RNEED for chunk {index}: expected a stored chunk from {next} of {count}"
+                        )))
+                    }
+                };
+                next = index + 1;
+                let len = m.chunk_len(index as usize);
+                let mut r = load_chunk(archive_root, &id, len, &mut raw, &mut decoded);
+                if let (Err(_), Some(p)) = (&r, pool) {
+                    // A repaired copy in the pool serves as well.
+                    if load_chunk_at(&p.entry(&id), &id, len, &mut raw, &mut decoded).is_ok() {
+                        r = Ok(());
+                    }
+                }
+                if let Err(k) = r {
+                    let e = chunk_error(&id, &mpath, k);
+                    abort(agent, &e.to_string(), &bad)?;
+                    return Err(e);
+                }
+                let msg = Msg::RData { index, blob: std::mem::take(&mut raw) };
+                agent.send(&msg)?;
+                agent.flush()?;
+                if let Msg::RData { blob, .. } = msg {
+                    st.chunks_sent += 1;
+                    st.bytes_sent += blob.len() as u64;
+                    raw = blob;
+                }
+            }
+            Msg::RDone(d) => break d,
+            Msg::Fault { kind, offset, message } => return Err(fault(kind, offset, &message)),
+            m => return Err(bad(format!("unexpected {} during a restore", m.name()))),
+        }
+    };
+    if done.chunks_received != st.chunks_sent
+        || done.bytes_received != st.bytes_sent
+        || done.chunks_received + done.chunks_local != stored
+    {
+        return Err(bad(format!(
+            "RDONE counts {} chunks ({} bytes) received and {} local; sent {} chunks ({} bytes) of {stored} stored",
+            done.chunks_received, done.bytes_received, done.chunks_local, st.chunks_sent, st.bytes_sent
+        )));
+    }
+    st.chunks_local = done.chunks_local;
+    st.target_bytes_read = done.bytes_local_read;
+    st.frame_bytes_out = agent.bytes_out() - out0;
+    st.frame_bytes_in = agent.bytes_in() - in0;
+    Ok(st)
+}
+
+/// The chunk `id` from the archive's link, decoded and checked.
+fn load_chunk(
+    archive_root: &Path,
+    id: &ChunkId,
+    len: usize,
+    raw: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> std::result::Result<(), super::ProblemKind> {
+    load_chunk_at(&pool::archive_entry(archive_root, id), id, len, raw, out)
+}
+
+/// Tell the agent to give up its restore (`RABORT`) and read up to its `FAULT`, so that the
+/// session stays usable.
+fn abort<R: Read, W: Write>(agent: &mut Agent<R, W>, why: &str, bad: &dyn Fn(String) -> Error) -> Result<()> {
+    agent.send(&Msg::RAbort { message: why.to_string() })?;
+    agent.flush()?;
+    loop {
+        match agent.recv()? {
+            Msg::RNeed { .. } => {}
+            Msg::Fault { .. } => return Ok(()),
+            m => return Err(bad(format!("unexpected {} after RABORT", m.name()))),
+        }
+    }
 }
