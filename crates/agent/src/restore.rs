@@ -195,7 +195,7 @@ fn flock(f: &File, op: libc::c_int) -> bool {
 }
 
 fn same_inode(a: &libc::stat, m: &std::fs::Metadata) -> bool {
-    a.st_dev as u64 == m.dev() && a.st_ino as u64 == m.ino()
+    a.st_dev == m.dev() && a.st_ino == m.ino()
 }
 
 /// Remove temp files of earlier restores of this target that were killed: regular, ours, and
@@ -248,7 +248,8 @@ fn create_temp<'a>(dir: &'a File, dir_path: &Path, name: &[u8]) -> Result<Temp<'
 fn open_existing(dir: &File, name: &[u8]) -> Option<(File, u64)> {
     let f = openat(dir, name, libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK, 0).ok()?;
     let m = f.metadata().ok()?;
-    m.is_file().then(|| (f, m.len()))
+    let len = m.len();
+    m.is_file().then_some((f, len))
 }
 
 /// `[off, off + len)` lies wholly in a hole of `f` (no read needed: the bytes are zeros).
@@ -581,7 +582,6 @@ fn fill(
             return Ok(Err(f));
         }
     }
-    drop(drain);
     if hasher.finalize().as_bytes() != &req.file_hash {
         return Ok(Err(Fault(
             FaultKind::BadData,

@@ -657,3 +657,54 @@ fn a_damaged_chunk_fails_the_restore_naming_it_and_the_target_is_untouched() {
     agent.bye().unwrap();
     assert_eq!(wait_stderr(c), (0, String::new()));
 }
+
+/// Peak RSS (VmHWM, KiB) of a live process.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = s.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// The agent's memory during a restore of 1 GiB of incompressible data, every chunk sent, then
+/// every chunk compared and copied locally (docs/PROTOCOL.md "Memory"). The agent runs without
+/// ssh here (its pipes directly) so that its pid is known. Slow: `--ignored`.
+#[test]
+#[ignore]
+fn restore_memory_is_bounded() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("disk.img");
+    let mut data = vec![0u8; 1 << 30];
+    let mut x = 0x9e3779b97f4a7c15u64;
+    for w in data.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        w.copy_from_slice(&x.to_le_bytes());
+    }
+    fs::write(&src, &data).unwrap();
+    drop(data);
+    for cs in [1usize << 20, 16 << 20] {
+        let spawn = || {
+            let mut c =
+                Command::new(AGENT).arg("--serve").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+            let a = Agent::connect(c.stdout.take().unwrap(), c.stdin.take().unwrap(), "local").unwrap();
+            (c, a)
+        };
+        let (mut c, mut agent) = spawn();
+        let (archive, rel) = back_up(&mut agent, &src, &t.path().join(format!("root{cs}")), cs);
+        agent.bye().unwrap();
+        c.wait().unwrap();
+        let dest = t.path().join("restored.img");
+        let _ = fs::remove_file(&dest);
+        for (what, compare) in [("new target", true), ("equal target", true)] {
+            let (mut c, mut agent) = spawn();
+            let st = restore_file(&mut agent, &archive, &rel, &dest, None, compare).unwrap();
+            let kib = peak_rss_kib(c.id());
+            eprintln!("chunk size {} MiB, {what}: agent peak RSS {} MiB ({st:?})", cs >> 20, kib >> 10);
+            assert!(kib < (2 * 32 + 3 * 16 + 32) << 10, "{kib} KiB");
+            agent.bye().unwrap();
+            c.wait().unwrap();
+        }
+        assert_eq!(file_hash(&dest), file_hash(&src));
+    }
+}
