@@ -484,3 +484,91 @@ fn abort<R: Read, W: Write>(agent: &mut Agent<R, W>, why: &str, bad: &dyn Fn(Str
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! `restore_file` against a hostile agent: scripted frames (what a compromised host can
+    //! send), never trusted. The real agent is tested over ssh in crates/agent/tests/agent.rs.
+    use super::*;
+    use crate::chunk::{chunk_file, Settings};
+
+    fn script(ms: &[Msg]) -> Vec<u8> {
+        let mut v =
+            Msg::Hello { version: proto::VERSION, software: "hostile".into(), exe_hash: [0; 32] }.encode().unwrap();
+        for m in ms {
+            v.extend(m.encode().unwrap());
+        }
+        v
+    }
+
+    #[test]
+    fn an_agent_asking_out_of_order_for_zero_chunks_or_lying_in_rdone_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        let pool = Pool::open(&root).unwrap();
+        // Chunks: data, zero, data.
+        let src = t.path().join("disk.img");
+        let mut data = vec![0u8; 3 * (256 << 10)];
+        data[..1000].fill(7);
+        data[2 * (256 << 10)..].fill(9);
+        fs::write(&src, &data).unwrap();
+        let settings = Settings { chunk_size: 256 << 10, ..Settings::default() };
+        let archive = root.join("job/daily.0");
+        let rel = Path::new("disk.img");
+        chunk_file(&pool, &settings, &src, &archive, rel, None, None).unwrap();
+        let target = Path::new("/target/disk.img");
+        let opened = Msg::ROpened { window: 4, compared: false };
+        let cases: Vec<(Vec<Msg>, &str)> = vec![
+            (vec![opened.clone(), Msg::RNeed { index: 1 }], "RNEED for chunk 1: expected a stored chunk from 0 of 3"),
+            (vec![opened.clone(), Msg::RNeed { index: 99 }], "RNEED for chunk 99"),
+            (
+                vec![opened.clone(), Msg::RNeed { index: 2 }, Msg::RNeed { index: 0 }],
+                "RNEED for chunk 0: expected a stored chunk from 3 of 3",
+            ),
+            (
+                vec![
+                    opened.clone(),
+                    Msg::RNeed { index: 2 },
+                    Msg::RDone(proto::RDone { chunks_local: 1, ..Default::default() }),
+                ],
+                "RDONE counts 0 chunks (0 bytes) received and 1 local; sent 1 chunks",
+            ),
+            (vec![Msg::ROpened { window: 0, compared: false }], "expected ROPENED with a window of 1..=1024"),
+            (vec![opened.clone(), Msg::Data { index: 0, blob: vec![1] }], "unexpected DATA during a restore"),
+        ];
+        for (ms, want) in cases {
+            let input = script(&ms);
+            let mut sent = Vec::new();
+            let mut a = Agent::connect(&input[..], &mut sent, "evil").unwrap();
+            let e = restore_file(&mut a, &archive, rel, target, None, true).unwrap_err().to_string();
+            assert!(e.starts_with("agent evil: /target/disk.img: ") && e.contains(want), "{e} (wanted {want})");
+        }
+
+        // What affa sends for an RNEED: the archive's chunk file, unchanged.
+        let input = script(&[
+            opened,
+            Msg::RNeed { index: 0 },
+            Msg::RNeed { index: 2 },
+            Msg::RDone(proto::RDone { chunks_received: 0, ..Default::default() }),
+        ]);
+        let mut sent = Vec::new();
+        let mut a = Agent::connect(&input[..], &mut sent, "evil").unwrap();
+        assert!(restore_file(&mut a, &archive, rel, target, None, true).is_err());
+        let mut r = FrameReader::new(&sent[..]);
+        let mut datas = Vec::new();
+        while let Some(m) = r.read_msg().unwrap() {
+            if let Msg::RData { index, blob } = m {
+                datas.push((index, blob));
+            }
+        }
+        let m = read_manifest(&manifest_path(&archive, rel)).unwrap();
+        let want: Vec<(u64, Vec<u8>)> = [0u64, 2]
+            .iter()
+            .map(|&i| {
+                let ChunkRef::Stored(id) = m.chunks[i as usize] else { panic!("zero") };
+                (i, fs::read(pool::archive_entry(&archive, &id)).unwrap())
+            })
+            .collect();
+        assert_eq!(datas, want);
+    }
+}
