@@ -708,3 +708,68 @@ fn restore_memory_is_bounded() {
         assert_eq!(file_hash(&dest), file_hash(&src));
     }
 }
+
+#[test]
+fn chunk_data_that_does_not_verify_is_a_fault_and_the_target_stays() {
+    let sshd = Sshd::start();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("disk.img");
+    full_file(&src);
+    let (c, mut agent) = sshd.agent(AGENT);
+    let (archive, rel) = back_up(&mut agent, &src, &t.path().join("root"), 256 << 10);
+    agent.bye().unwrap();
+    assert_eq!(wait_stderr(c).0, 0);
+    let dest = t.path().join("dest.img");
+    fs::write(&dest, b"the old target").unwrap();
+    let m = chunk::read_manifest(&chunk::manifest_path(&archive, &rel)).unwrap();
+    let chunk::ChunkRef::Stored(id1) = m.chunks[1] else { panic!("zero") };
+    let hex1: String = id1.iter().map(|b| format!("{b:02x}")).collect();
+    let chunk1 = fs::read(archive.join(".affa-chunks").join(&hex1[..2]).join(&hex1)).unwrap();
+
+    let (c, mut r, mut w) = sshd.raw(AGENT);
+    proto::handshake(&mut r, &mut w, "test", [0; 32], false).unwrap();
+    // Chunk 1's (valid) chunk file sent as chunk 0: it decodes, to the wrong bytes.
+    start_raw_restore(&mut r, &mut w, &archive, &rel, &dest);
+    w.send(&Msg::RData { index: 0, blob: chunk1.clone() }).unwrap();
+    let (kind, offset, message) = loop {
+        match r.expect().unwrap() {
+            Msg::RNeed { .. } => {}
+            Msg::Fault { kind, offset, message } => break (kind, offset, message),
+            m => panic!("unexpected {}", m.name()),
+        }
+    };
+    assert_eq!((kind, offset), (FaultKind::BadData, 0), "{message}");
+    assert_eq!(message, "chunk 0 from affa does not match its id in the manifest");
+    assert_eq!(fs::read(&dest).unwrap(), b"the old target");
+    assert!(temps(t.path()).is_empty());
+
+    // A truncated chunk file: a fault too, and the session still serves requests.
+    start_raw_restore(&mut r, &mut w, &archive, &rel, &dest);
+    w.send(&Msg::RData { index: 0, blob: chunk1[..chunk1.len() - 1].to_vec() }).unwrap();
+    let message = loop {
+        match r.expect().unwrap() {
+            Msg::RNeed { .. } => {}
+            Msg::Fault { kind: FaultKind::BadData, message, .. } => break message,
+            m => panic!("unexpected {m:?}"),
+        }
+    };
+    assert!(message.starts_with("chunk 0 from affa: "), "{message}");
+    assert!(temps(t.path()).is_empty());
+
+    // An RDATA for another chunk than the one asked: a protocol error, the temp file removed.
+    start_raw_restore(&mut r, &mut w, &archive, &rel, &dest);
+    w.send(&Msg::RData { index: 5, blob: chunk1 }).unwrap();
+    let message = loop {
+        match r.expect().unwrap() {
+            Msg::RNeed { .. } => {}
+            Msg::Error { message } => break message,
+            m => panic!("unexpected {}", m.name()),
+        }
+    };
+    assert_eq!(message, "RDATA for chunk 5, expected chunk 0");
+    drop(w);
+    let (code, err) = wait_stderr(c);
+    assert_eq!((code, err.trim_end()), (2, "affa-agent: RDATA for chunk 5, expected chunk 0"));
+    assert_eq!(fs::read(&dest).unwrap(), b"the old target");
+    assert!(temps(t.path()).is_empty());
+}
