@@ -180,6 +180,9 @@ pub struct Restore {
     pub count: u64,
     /// Compare an existing regular target and copy its equal chunks locally.
     pub compare: bool,
+    /// Leave an existing regular target whose mtime is newer than `mtime` as it is (rsync's
+    /// `--update`): the answer is then an `RDONE` with `skipped`.
+    pub keep_newer: bool,
 }
 
 /// The end of a restore (`RDONE`).
@@ -189,6 +192,8 @@ pub struct RDone {
     pub bytes_received: u64,
     pub chunks_local: u64,
     pub bytes_local_read: u64,
+    /// The target was newer and left as it is (`keep_newer`); nothing was written.
+    pub skipped: bool,
 }
 
 /// Why a backup or a restore failed at the agent (`FAULT`).
@@ -429,6 +434,7 @@ impl Msg {
                 b.extend_from_slice(&r.file_hash);
                 put_u64(&mut b, r.count);
                 b.push(r.compare as u8);
+                b.push(r.keep_newer as u8);
             }
             Msg::RNeed { index } => put_u64(&mut b, *index),
             Msg::ROpened { window, compared } => {
@@ -440,6 +446,7 @@ impl Msg {
                 put_u64(&mut b, d.bytes_received);
                 put_u64(&mut b, d.chunks_local);
                 put_u64(&mut b, d.bytes_local_read);
+                b.push(d.skipped as u8);
             }
             Msg::RAbort { message } => put_bytes(&mut b, truncate(message, MAX_TEXT).as_bytes(), MAX_TEXT, "message")?,
         }
@@ -552,6 +559,7 @@ impl Msg {
                     file_hash: c.id()?,
                     count: c.u64()?,
                     compare: c.flag()?,
+                    keep_newer: c.flag()?,
                 })
             }
             ty::RNEED => Msg::RNeed { index: c.u64()? },
@@ -561,6 +569,7 @@ impl Msg {
                 bytes_received: c.u64()?,
                 chunks_local: c.u64()?,
                 bytes_local_read: c.u64()?,
+                skipped: c.flag()?,
             }),
             ty::RABORT => Msg::RAbort { message: c.text(MAX_TEXT)? },
             ty::END => {

@@ -4,7 +4,7 @@
 //! the agent to new and existing targets, symlinks, a killed agent, a damaged chunk.
 
 use affa_agent_proto::{self as proto, ChunkKind, FaultKind, FrameReader, FrameWriter, Msg};
-use affa_store::chunk::remote::{backup_file, restore_file, Agent};
+use affa_store::chunk::remote::{backup_file, restore_file, Agent, RestoreOptions};
 use affa_store::chunk::{self, Compression, Pool, Settings};
 use std::fs;
 use std::io::Write;
@@ -437,7 +437,7 @@ fn restore_to_a_new_target_is_identical_sparse_with_mode_and_mtime() {
     let dest_dir = t.path().join("dest");
     fs::create_dir(&dest_dir).unwrap();
     let dest = dest_dir.join("restored.img");
-    let st = restore_file(&mut agent, &archive, &rel, &dest, None, true).unwrap();
+    let st = restore_file(&mut agent, &archive, &rel, &dest, &RestoreOptions::default()).unwrap();
     assert_eq!(file_hash(&dest), file_hash(&src));
     assert_eq!((st.size, st.chunks, st.zero_chunks, st.chunks_sent, st.chunks_local), (64 << 20, 256, 248, 8, 0));
     assert!(!st.compared);
@@ -453,12 +453,12 @@ fn restore_to_a_new_target_is_identical_sparse_with_mode_and_mtime() {
     fs::write(&empty, b"").unwrap();
     let (archive2, rel2) = back_up(&mut agent, &empty, &t.path().join("root2"), CS);
     let dest2 = dest_dir.join("empty.img");
-    let st = restore_file(&mut agent, &archive2, &rel2, &dest2, None, true).unwrap();
+    let st = restore_file(&mut agent, &archive2, &rel2, &dest2, &RestoreOptions::default()).unwrap();
     assert_eq!((st.chunks, st.chunks_sent), (0, 0));
     assert_eq!(fs::metadata(&dest2).unwrap().len(), 0);
 
     // The parent directory must exist: a fault naming it, and the session goes on.
-    let e = restore_file(&mut agent, &archive, &rel, &t.path().join("no/such/dir.img"), None, true)
+    let e = restore_file(&mut agent, &archive, &rel, &t.path().join("no/such/dir.img"), &RestoreOptions::default())
         .unwrap_err()
         .to_string();
     assert!(e.contains("vanished") && e.contains("no/such"), "{e}");
@@ -482,7 +482,7 @@ fn restore_over_a_target_differing_by_1_percent_sends_under_2_percent() {
     fill(&mut junk, 12345);
     damaged[(10 << 20) + 1000..(10 << 20) + 1000 + junk.len()].copy_from_slice(&junk);
     fs::write(&dest, &damaged).unwrap();
-    let st = restore_file(&mut agent, &archive, &rel, &dest, None, true).unwrap();
+    let st = restore_file(&mut agent, &archive, &rel, &dest, &RestoreOptions::default()).unwrap();
     assert_eq!(file_hash(&dest), file_hash(&src));
     assert!(st.compared);
     // Bytes 10 MiB + 1000 .. + 655360: chunks 40, 41, 42.
@@ -494,8 +494,23 @@ fn restore_over_a_target_differing_by_1_percent_sends_under_2_percent() {
 
     // Without the comparison, everything is sent; the result is the same.
     fs::write(&dest, &damaged).unwrap();
-    let st = restore_file(&mut agent, &archive, &rel, &dest, None, false).unwrap();
+    let st = restore_file(&mut agent, &archive, &rel, &dest, &RestoreOptions { compare: false, ..Default::default() })
+        .unwrap();
     assert_eq!((st.chunks_sent, st.chunks_local, st.compared), (256, 0, false));
+    assert_eq!(file_hash(&dest), file_hash(&src));
+
+    // --preserve-newer: a target newer than the archived file is left as it is; an older one
+    // (or one of the same age) is restored.
+    let src_mtime = fs::metadata(&src).unwrap().mtime() as u64;
+    let keep = RestoreOptions { keep_newer: true, ..Default::default() };
+    fs::write(&dest, &damaged).unwrap();
+    set_mtime(&dest, src_mtime + 10, 0);
+    let st = restore_file(&mut agent, &archive, &rel, &dest, &keep).unwrap();
+    assert!(st.skipped && st.chunks_sent == 0 && st.target_bytes_read == 0, "{st:?}");
+    assert_eq!(fs::read(&dest).unwrap(), damaged);
+    set_mtime(&dest, src_mtime - 10, 0);
+    let st = restore_file(&mut agent, &archive, &rel, &dest, &keep).unwrap();
+    assert!(!st.skipped && st.chunks_sent == 3, "{st:?}");
     assert_eq!(file_hash(&dest), file_hash(&src));
     agent.bye().unwrap();
     assert_eq!(wait_stderr(c).0, 0);
@@ -518,7 +533,7 @@ fn a_symlink_target_is_replaced_not_followed_and_a_directory_is_refused() {
     let before = file_hash(&other);
     let dest = t.path().join("link.img");
     std::os::unix::fs::symlink(&other, &dest).unwrap();
-    let st = restore_file(&mut agent, &archive, &rel, &dest, None, true).unwrap();
+    let st = restore_file(&mut agent, &archive, &rel, &dest, &RestoreOptions::default()).unwrap();
     assert!(!st.compared && st.chunks_sent == 256 && st.target_bytes_read == 0, "{st:?}");
     assert_eq!(file_hash(&other), before);
     assert!(fs::symlink_metadata(&dest).unwrap().is_file());
@@ -528,12 +543,12 @@ fn a_symlink_target_is_replaced_not_followed_and_a_directory_is_refused() {
     let dir = t.path().join("dir.img");
     fs::create_dir(&dir).unwrap();
     fs::write(dir.join("inside"), b"x").unwrap();
-    let e = restore_file(&mut agent, &archive, &rel, &dir, None, true).unwrap_err().to_string();
+    let e = restore_file(&mut agent, &archive, &rel, &dir, &RestoreOptions::default()).unwrap_err().to_string();
     assert!(e.contains("not a regular file") && e.contains("dir.img"), "{e}");
     assert_eq!(fs::read(dir.join("inside")).unwrap(), b"x");
     let fifo = t.path().join("fifo.img");
     assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
-    let e = restore_file(&mut agent, &archive, &rel, &fifo, None, true).unwrap_err().to_string();
+    let e = restore_file(&mut agent, &archive, &rel, &fifo, &RestoreOptions::default()).unwrap_err().to_string();
     assert!(e.contains("not a regular file"), "{e}");
     assert!(temps(t.path()).is_empty(), "{:?}", temps(t.path()));
     agent.bye().unwrap();
@@ -564,6 +579,7 @@ fn start_raw_restore(
         file_hash: m.file_hash,
         count: entries.len() as u64,
         compare: false,
+        keep_newer: false,
     }))
     .unwrap();
     w.send(&Msg::RManifest { start: 0, entries }).unwrap();
@@ -614,7 +630,7 @@ fn a_killed_restore_leaves_the_target_untouched_and_the_next_restore_cleans_up()
     assert_eq!(temps(&dest_dir).len(), 1);
 
     // The next restore of the same target succeeds and removes the leftover.
-    restore_file(&mut agent, &archive, &rel, &dest, None, true).unwrap();
+    restore_file(&mut agent, &archive, &rel, &dest, &RestoreOptions::default()).unwrap();
     assert_eq!(file_hash(&dest), file_hash(&src));
     assert!(temps(&dest_dir).is_empty(), "{:?}", temps(&dest_dir));
     agent.bye().unwrap();
@@ -645,12 +661,17 @@ fn a_damaged_chunk_fails_the_restore_naming_it_and_the_target_is_untouched() {
     let dest = dest_dir.join("disk.img");
     fs::write(&dest, b"the old target").unwrap();
     let pool = Pool::open(&root).unwrap();
-    let e = restore_file(&mut agent, &archive, &rel, &dest, Some(&pool), true).unwrap_err().to_string();
+    let e =
+        restore_file(&mut agent, &archive, &rel, &dest, &RestoreOptions { pool: Some(&pool), ..Default::default() })
+            .unwrap_err()
+            .to_string();
     assert!(e.contains(&format!("chunk {hex}")) && e.contains("damaged") && e.contains("disk.img"), "{e}");
     assert_eq!(fs::read(&dest).unwrap(), b"the old target");
     assert!(temps(&dest_dir).is_empty(), "{:?}", temps(&dest_dir));
     // A new target is not created either, and the session is still usable.
-    let e = restore_file(&mut agent, &archive, &rel, &dest_dir.join("new.img"), None, true).unwrap_err().to_string();
+    let e = restore_file(&mut agent, &archive, &rel, &dest_dir.join("new.img"), &RestoreOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains(&hex), "{e}");
     assert!(!dest_dir.join("new.img").exists());
     assert!(temps(&dest_dir).is_empty());
@@ -698,7 +719,8 @@ fn restore_memory_is_bounded() {
         let _ = fs::remove_file(&dest);
         for (what, compare) in [("new target", true), ("equal target", true)] {
             let (mut c, mut agent) = spawn();
-            let st = restore_file(&mut agent, &archive, &rel, &dest, None, compare).unwrap();
+            let st = restore_file(&mut agent, &archive, &rel, &dest, &RestoreOptions { compare, ..Default::default() })
+                .unwrap();
             let kib = peak_rss_kib(c.id());
             eprintln!("chunk size {} MiB, {what}: agent peak RSS {} MiB ({st:?})", cs >> 20, kib >> 10);
             assert!(kib < (2 * 32 + 3 * 16 + 32) << 10, "{kib} KiB");

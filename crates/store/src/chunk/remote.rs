@@ -335,17 +335,37 @@ pub struct RestoreStats {
     pub target_bytes_read: u64,
     /// Whether the agent compared an existing regular target.
     pub compared: bool,
+    /// The target was newer than the archived file and left as it is (`keep_newer`).
+    pub skipped: bool,
     /// Every frame byte sent to the agent for this file (request, manifest, chunks), and
     /// received from it.
     pub frame_bytes_out: u64,
     pub frame_bytes_in: u64,
 }
 
+/// How `restore_file` restores.
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreOptions<'a> {
+    /// Where a chunk damaged in the archive may be found intact (default none).
+    pub pool: Option<&'a Pool>,
+    /// Compare an existing regular target chunk by chunk; send only what differs (default yes).
+    pub compare: bool,
+    /// Leave an existing regular target newer than the archived file as it is, as rsync's
+    /// `--update` (`--preserve-newer`; default no).
+    pub keep_newer: bool,
+}
+
+impl Default for RestoreOptions<'_> {
+    fn default() -> Self {
+        RestoreOptions { pool: None, compare: true, keep_newer: false }
+    }
+}
+
 /// Restore the chunked file `rel_path` of the archive `archive_root` (its manifest
 /// `archive_root/rel_path.affa-manifest`) to `remote_target` on the agent's host
-/// (docs/PROTOCOL.md, "Restore of one file"). With `compare`, an existing regular target is
-/// compared chunk by chunk and only the chunks it lacks are sent. Each chunk is read from the
-/// archive's `.affa-chunks/` (when damaged there, from `pool`'s entry if given), decoded and
+/// (docs/PROTOCOL.md, "Restore of one file"). With `opts.compare`, an existing regular target
+/// is compared chunk by chunk and only the chunks it lacks are sent. Each chunk is read from the
+/// archive's `.affa-chunks/` (when damaged there, from `opts.pool`'s entry), decoded and
 /// hashed before it is sent: a missing or damaged chunk is an error naming it and the manifest
 /// (the agent is told to abort, the target stays as it was). A fault at the agent is an error
 /// naming the target; after either the session stays usable. Any other error leaves the
@@ -355,8 +375,7 @@ pub fn restore_file<R: Read, W: Write>(
     archive_root: &Path,
     rel_path: &Path,
     remote_target: &Path,
-    pool: Option<&Pool>,
-    compare: bool,
+    opts: &RestoreOptions,
 ) -> Result<RestoreStats> {
     check_rel(rel_path)?;
     let mpath = manifest_path(archive_root, rel_path);
@@ -382,7 +401,8 @@ pub fn restore_file<R: Read, W: Write>(
         atime: m.atime.unwrap_or(m.mtime),
         file_hash: m.file_hash,
         count,
-        compare,
+        compare: opts.compare,
+        keep_newer: opts.keep_newer,
     }))?;
     for (i, part) in entries.chunks(proto::PREV_PER_FRAME).enumerate() {
         agent.send(&Msg::RManifest { start: (i * proto::PREV_PER_FRAME) as u64, entries: part.to_vec() })?;
@@ -393,6 +413,12 @@ pub fn restore_file<R: Read, W: Write>(
     let mut st = RestoreStats { size: m.size, chunks: count, zero_chunks: count - stored, ..RestoreStats::default() };
     match agent.recv()? {
         Msg::ROpened { window, compared } if (1..=proto::MAX_WINDOW).contains(&window) => st.compared = compared,
+        Msg::RDone(d) if opts.keep_newer && d == (proto::RDone { skipped: true, ..Default::default() }) => {
+            st.skipped = true;
+            st.frame_bytes_out = agent.bytes_out() - out0;
+            st.frame_bytes_in = agent.bytes_in() - in0;
+            return Ok(st);
+        }
         Msg::Fault { kind, offset, message } => return Err(fault(kind, offset, &message)),
         m => {
             return Err(bad(format!(
@@ -419,7 +445,7 @@ pub fn restore_file<R: Read, W: Write>(
                 next = index + 1;
                 let len = m.chunk_len(index as usize);
                 let mut r = load_chunk(archive_root, &id, len, &mut raw, &mut decoded);
-                if let (Err(_), Some(p)) = (&r, pool) {
+                if let (Err(_), Some(p)) = (&r, opts.pool) {
                     // A repaired copy in the pool serves as well.
                     if load_chunk_at(&p.entry(&id), &id, len, &mut raw, &mut decoded).is_ok() {
                         r = Ok(());
@@ -439,7 +465,7 @@ pub fn restore_file<R: Read, W: Write>(
                     raw = blob;
                 }
             }
-            Msg::RDone(d) => break d,
+            Msg::RDone(d) if !d.skipped => break d,
             Msg::Fault { kind, offset, message } => return Err(fault(kind, offset, &message)),
             m => return Err(bad(format!("unexpected {} during a restore", m.name()))),
         }
@@ -540,7 +566,7 @@ mod tests {
             let input = script(&ms);
             let mut sent = Vec::new();
             let mut a = Agent::connect(&input[..], &mut sent, "evil").unwrap();
-            let e = restore_file(&mut a, &archive, rel, target, None, true).unwrap_err().to_string();
+            let e = restore_file(&mut a, &archive, rel, target, &RestoreOptions::default()).unwrap_err().to_string();
             assert!(e.starts_with("agent evil: /target/disk.img: ") && e.contains(want), "{e} (wanted {want})");
         }
 
@@ -553,7 +579,7 @@ mod tests {
         ]);
         let mut sent = Vec::new();
         let mut a = Agent::connect(&input[..], &mut sent, "evil").unwrap();
-        assert!(restore_file(&mut a, &archive, rel, target, None, true).is_err());
+        assert!(restore_file(&mut a, &archive, rel, target, &RestoreOptions::default()).is_err());
         let mut r = FrameReader::new(&sent[..]);
         let mut datas = Vec::new();
         while let Some(m) = r.read_msg().unwrap() {
