@@ -373,7 +373,7 @@ fn restore(req: &Restore, entries: &[Entry], rx: &In, out: &mut Out) -> Result<R
     match lstat_at(&dir, name) {
         Ok(st) => {
             let t = st.st_mode & libc::S_IFMT;
-            if req.keep_newer && t == libc::S_IFREG && (st.st_mtime as i64, st.st_mtime_nsec as u32) > req.mtime {
+            if req.keep_newer && t == libc::S_IFREG && (st.st_mtime, st.st_mtime_nsec as u32) > req.mtime {
                 return Ok(Ok(RDone { skipped: true, ..RDone::default() }));
             }
             if t != libc::S_IFREG && t != libc::S_IFLNK {
