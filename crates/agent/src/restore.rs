@@ -18,7 +18,7 @@ use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, TryRecvError};
@@ -358,9 +358,17 @@ fn restore(req: &Restore, entries: &[Entry], rx: &In, out: &mut Out) -> Result<R
     let (dir_b, name) = split(&req.path).unwrap_or((b"/", b"?"));
     let dir_path = Path::new(OsStr::from_bytes(dir_b));
     let target = show(&req.path);
-    let dir = match std::fs::File::open(dir_path) {
+    // O_DIRECTORY: a fifo or device in the directory's place is not opened (nor waited on).
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(dir_path);
+    let dir = match opened {
         Ok(d) if d.metadata().is_ok_and(|m| m.is_dir()) => d,
         Ok(_) => return Ok(Err(Fault(FaultKind::Open, 0, format!("{} is not a directory", dir_path.display())))),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+            return Ok(Err(Fault(FaultKind::Open, 0, format!("{} is not a directory", dir_path.display()))))
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Ok(Err(Fault(
                 FaultKind::Vanished,

@@ -550,6 +550,11 @@ fn a_symlink_target_is_replaced_not_followed_and_a_directory_is_refused() {
     assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
     let e = restore_file(&mut agent, &archive, &rel, &fifo, &RestoreOptions::default()).unwrap_err().to_string();
     assert!(e.contains("not a regular file"), "{e}");
+    // A fifo in the parent directory's place: not opened (nor waited on).
+    let e = restore_file(&mut agent, &archive, &rel, &fifo.join("x.img"), &RestoreOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("fifo.img is not a directory"), "{e}");
     assert!(temps(t.path()).is_empty(), "{:?}", temps(t.path()));
     agent.bye().unwrap();
     assert_eq!(wait_stderr(c).0, 0);
