@@ -188,6 +188,34 @@ pub struct Chunking {
     pub files: Vec<String>,
     /// chunkSize, chunkCompression.
     pub settings: chunk::Settings,
+    /// chunkTransport.
+    pub transport: ChunkTransport,
+    /// remoteAgentPath (None: derived, see `crate::transport::agent::remote_path`).
+    pub remote_agent_path: Option<String>,
+}
+
+/// chunkTransport: how chunked files are read on the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkTransport {
+    /// The agent, rsync + staging where it cannot run (with a warning).
+    Auto,
+    /// The agent only: a run where it cannot run fails.
+    Agent,
+    /// rsync into the staging copy; the agent is never touched.
+    Rsync,
+}
+
+impl ChunkTransport {
+    pub fn name(self) -> &'static str {
+        match self {
+            ChunkTransport::Auto => "auto",
+            ChunkTransport::Agent => "agent",
+            ChunkTransport::Rsync => "rsync",
+        }
+    }
+    fn parse(v: &str) -> Option<Self> {
+        [ChunkTransport::Auto, ChunkTransport::Agent, ChunkTransport::Rsync].into_iter().find(|t| t.name() == v)
+    }
 }
 
 /// The typed settings of one job (the key of each field is in its comment).
@@ -256,6 +284,9 @@ pub struct Global {
     pub log_dir: PathBuf,
     pub ssh_dir: PathBuf,
     pub script_dir: PathBuf,
+    /// agentBinary as written (the default falls back to `affa-agent` next to affa:
+    /// `crate::transport::agent::local_binary`).
+    pub agent_binary: PathBuf,
     pub smtp: Smtp,
     /// mailFrom (empty: affa@HOSTNAME).
     pub mail_from: String,
@@ -460,6 +491,11 @@ impl Settings {
         let chunk = Chunking {
             files: r.all("chunkFiles"),
             settings: chunk::Settings { chunk_size, compression, ..Default::default() },
+            transport: r.typed("chunkTransport", |v| match v {
+                keys::Value::Word(w) => ChunkTransport::parse(w),
+                _ => None,
+            }),
+            remote_agent_path: Some(r.text("remoteAgentPath")).filter(|s| !s.is_empty()),
         };
         let trigger = r.int("NRPEtrigger");
         Settings {
@@ -517,6 +553,7 @@ impl Global {
             log_dir: r.path("logDir"),
             ssh_dir: r.path("sshDir"),
             script_dir: r.path("scriptDir"),
+            agent_binary: r.path("agentBinary"),
             smtp: Smtp {
                 host: r.text("smtpHost"),
                 port: r.port("smtpPort"),
