@@ -65,6 +65,7 @@ impl Linux {
         fill(&src.path().join("images/disk.img"), size, regions, 5);
         fs::write(src.path().join("notes.txt"), "hello\n").unwrap();
         let agent_path = affa.tmp.path().join("remote/.affa/affa-agent");
+        let size_key = if extra.contains("chunkSize=") { "" } else { "chunkSize=1M\n" };
         let path_key = if extra.contains("remoteAgentPath=") {
             String::new()
         } else {
@@ -74,7 +75,7 @@ impl Linux {
             "web",
             &sshd,
             &format!(
-                "Include={}\nchunkFiles=*.img\nchunkSize=1M\nscheduledKeep=3\n{path_key}{extra}",
+                "Include={}\nchunkFiles=*.img\n{size_key}scheduledKeep=3\n{path_key}{extra}",
                 src.path().display()
             ),
         );
@@ -215,10 +216,9 @@ fn where_the_agent_cannot_execute_auto_falls_back_and_agent_fails() {
     let mnt = NoExec::mount(&tmp.path().join("mnt"));
     let path = mnt.0.join("affa-agent");
     let s = Linux::start(6 * MB, &[(0, 3 * MB)], &format!("remoteAgentPath={}\n", path.display()));
-    let o = s.affa.affa_at("2026-06-01T20:00:00", &["--run", "web"]);
-    ok(&o);
-    let all = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    let warning = all.lines().find(|l| l.contains("go through rsync")).unwrap_or_else(|| panic!("no warning: {all}"));
+    ok(&s.affa.affa_at("2026-06-01T20:00:00", &["--run", "web"]));
+    let log = fs::read_to_string(s.affa.state.join("log/web.log")).unwrap();
+    let warning = log.lines().find(|l| l.contains("go through rsync")).unwrap_or_else(|| panic!("no warning: {log}"));
     assert!(warning.contains("noexec") && warning.contains("remoteAgentPath"), "{warning}");
     let r = report(&s.affa, "web", "scheduled.0");
     assert!(r.contains("ChunkTransport=rsync\n") && r.contains("ChunkTransportNote="), "{r}");
