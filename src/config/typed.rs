@@ -736,6 +736,32 @@ mod tests {
         assert_eq!((local.settings.status, l.kill_at, l.nrpe_trigger), (None, None, Some(24)));
     }
 
+    /// chunkTransport, remoteAgentPath and agentBinary: typed once, with their defaults; the
+    /// agent's remote path is derived when remoteAgentPath is empty.
+    #[test]
+    fn agent_keys_are_typed_with_their_defaults() {
+        use crate::transport::agent::remote_path;
+        let c = parse(
+            "[GlobalAffaConfig]\nagentBinary=/opt/affa-agent\n[a]\nremoteHostName=h\n\
+             [b]\nremoteHostName=h\nchunkTransport=rsync\nremoteAgentPath=/srv/x/affa-agent\n\
+             [c]\nremoteHostName=h\nchunkTransport=agent\n",
+        )
+        .unwrap();
+        assert_eq!(c.settings.agent_binary, Path::new("/opt/affa-agent"));
+        let a = c.job("a").unwrap();
+        assert_eq!((a.chunk.transport, a.chunk.remote_agent_path.as_deref()), (ChunkTransport::Auto, None));
+        assert_eq!(remote_path(a, None), ".affa/affa-agent");
+        assert_eq!(remote_path(a, Some("/vmfs/volumes/datastore1/")), "/vmfs/volumes/datastore1/.affa/affa-agent");
+        let b = c.job("b").unwrap();
+        assert_eq!(b.chunk.transport, ChunkTransport::Rsync);
+        assert_eq!(remote_path(b, Some("/vmfs/volumes/ds")), "/srv/x/affa-agent");
+        assert_eq!(c.job("c").unwrap().chunk.transport, ChunkTransport::Agent);
+        let d = parse("[a]\nremoteHostName=h\n").unwrap();
+        assert_eq!(d.settings.agent_binary, Path::new("/usr/lib/affa/affa-agent"));
+        let err = parse("[a]\nremoteHostName=h\nchunkTransport=ssh\n").unwrap_err().to_string();
+        assert!(err.contains("key 'chunkTransport' has the value 'ssh', expected auto, agent or rsync"), "{err}");
+    }
+
     /// One parser per setting: `chunkCompression` means the same when the configuration is
     /// checked and when the run compresses (the store's parser, also used for manifests), in
     /// any case; `zstd` is `zstd:3` as docs/FORMAT.md says.
