@@ -449,7 +449,13 @@ pub fn send_keys(cfg: &Config, names: &[String], out: &mut dyn Write, yes: bool,
             crate::backup::vm::pin_thumbprint(job, out, yes, watch)?;
         }
         if uses_agent(job) {
-            // The agent after the key; a host where it cannot run still gets its key.
+            // The agent after the key; a host where it cannot run still gets its key. An ESXi
+            // job's fingerprint was just pinned: the agent's place needs the API, so re-read.
+            let fresh = if job.esxi() { Config::load(&cfg.dir).ok() } else { None };
+            let (cfg, job) = match fresh.as_ref().and_then(|c| c.job(&job.name).ok().map(|j| (c, j))) {
+                Some(cj) => cj,
+                None => (cfg, job),
+            };
             match install_agent(cfg, job) {
                 Ok(line) if line.contains("affa-agent unavailable") => {
                     let _ = writeln!(out, "warning: {line}");

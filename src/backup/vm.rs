@@ -9,7 +9,8 @@
 //! snapshot that is not this job's own, turn a name the host gives into a local path other than
 //! through the one path-safety rule (`crate::untrusted`), or send the ESXi password before the
 //! host's certificate matched the pinned fingerprint (the client checks the pin at connect,
-//! before login).
+//! before login), or let the agent read a chunked disk outside the snapshot's lifetime (its
+//! session ends before the snapshot is removed).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -165,6 +165,9 @@ fn a_stale_agent_is_replaced_and_install_agent_reports_it() {
 #[test]
 fn an_esxi_chunked_job_reads_the_frozen_disks_through_the_agent() {
     let e = Esx::start(24 * MB, &[(0, 4 * MB)], "chunkFiles=*-flat.vmdk\nchunkSize=1M\nscheduledKeep=2\n", "");
+    // --send-key pinned the certificate, then installed the agent at its default place: the
+    // datastore of the VM's .vmx.
+    assert_eq!(hash(&e.ds1.join(".affa/affa-agent")), hash(&static_agent()));
     e.sim.post("/writer?vm=vm1&on=1&interval_ms=2&disk=0&block=4096");
     ok(&e.affa.affa_at("2026-05-04T21:00:00", &["--run", "esx"]));
     let frozen = e.frozen();
@@ -175,8 +178,6 @@ fn an_esxi_chunked_job_reads_the_frozen_disks_through_the_agent() {
     assert!(s0.join("vmfs/volumes/datastore1/vm1/vm1-flat.vmdk.affa-manifest").exists());
     assert!(!e.affa.job_dir("esx").join(".staging").exists(), "a staging copy was made");
     assert!(e.sim.snapshots("vm1").is_empty(), "the snapshot is still there");
-    // The default place: the datastore of the VM's .vmx.
-    assert_eq!(hash(&e.ds1.join(".affa/affa-agent")), hash(&static_agent()));
     let out = e.work.path().join("unchunked");
     ok(&e.affa.affa(&["--unchunk", "esx", "scheduled.0", "--to", out.to_str().unwrap()]));
     assert_eq!(sha256_file(&out.join("vmfs/volumes/datastore1/vm1/vm1-flat.vmdk")), frozen[0]);
