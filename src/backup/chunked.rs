@@ -206,7 +206,8 @@ pub fn open_agent(
     }
     let path = agent::remote_path(ctx.job, datastore_dir);
     let local = agent::local_binary(ctx.cfg);
-    match agent::start(t, &path, &local)? {
+    let idle = std::time::Duration::from_secs(ctx.job.rsync.timeout);
+    match agent::start(t, &path, &local, idle)? {
         agent::Started::Ready(s) => {
             ctx.log.info(format!("affa-agent {} at {}", s.agent.software, s.label));
             report_transport(report, ChunkTransport::Agent, None);
@@ -280,8 +281,15 @@ pub fn backup_via_agent(
         Err(e) => {
             let s = session.take().expect("checked above");
             let host = ctx.job.host.clone();
+            let timed_out = s.timed_out();
             let stderr = s.stop();
-            let more = if stderr.is_empty() { String::new() } else { format!(" (agent: {stderr})") };
+            let mut more = if stderr.is_empty() { String::new() } else { format!(" (agent: {stderr})") };
+            if timed_out {
+                more.push_str(&format!(
+                    " (the agent sent nothing for {} s and was stopped: rsyncTimeout)",
+                    ctx.job.rsync.timeout
+                ));
+            }
             if e.is_disk_full() {
                 return Err(disk_full(ctx, e.message()).with_source(e));
             }

@@ -10,8 +10,11 @@
 //! runs from, accept a new host key, or show the host's stderr other than as one escaped line.
 
 use std::fmt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{die_with_parent, read_bounded, shell_quote, SshTarget};
@@ -99,12 +102,18 @@ pub fn classify(host: &str, path: &str, code: Option<i32>, stderr: &str) -> Unav
 pub struct Session {
     child: Child,
     stderr: Option<std::thread::JoinHandle<Vec<u8>>>,
-    pub agent: Agent<ChildStdout, ChildStdin>,
+    pub agent: Agent<Watched, ChildStdin>,
+    watchdog: Watchdog,
     /// `HOST:PATH`, for messages.
     pub label: String,
 }
 
 impl Session {
+    /// Whether the watchdog stopped the agent: it sent nothing for the idle limit.
+    pub fn timed_out(&self) -> bool {
+        self.watchdog.state.fired.load(Ordering::SeqCst)
+    }
+
     /// The ssh child's pid.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -112,8 +121,9 @@ impl Session {
 
     /// `BYE`, then wait for ssh to end.
     pub fn finish(self) -> Result<()> {
-        let Session { mut child, stderr, agent, label } = self;
+        let Session { mut child, stderr, agent, label, watchdog } = self;
         let r = agent.bye();
+        watchdog.end();
         let t = Instant::now();
         // The agent ends after BYE; ssh with it. Never wait on a wedged host for long.
         while matches!(child.try_wait(), Ok(None)) && t.elapsed() < Duration::from_secs(30) {
@@ -128,7 +138,8 @@ impl Session {
     /// Stop the agent (after an error): kill ssh, return the first line it wrote on stderr,
     /// escaped (empty when none).
     pub fn stop(self) -> String {
-        let Session { mut child, stderr, agent, .. } = self;
+        let Session { mut child, stderr, agent, watchdog, .. } = self;
+        watchdog.end();
         drop(agent);
         let _ = child.kill();
         let _ = child.wait();
@@ -147,6 +158,70 @@ fn with_stderr(e: Error, label: &str, stderr: &[u8]) -> Error {
         e
     } else {
         Error::of(e.kind(), format!("{e} (stderr of {label}: {l})"))
+    }
+}
+
+/// The agent's stdout, watched: while a read waits longer than the idle limit, the watchdog
+/// kills ssh (a host whose agent stalls must not hold the run, or a VM on its snapshot).
+pub struct Watched {
+    inner: ChildStdout,
+    state: Arc<WatchState>,
+}
+
+struct WatchState {
+    base: Instant,
+    /// Milliseconds after `base` at which the pending read began; 0: no read pending.
+    since: AtomicU64,
+    done: AtomicBool,
+    fired: AtomicBool,
+}
+
+impl Read for Watched {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let now = self.state.base.elapsed().as_millis() as u64;
+        self.state.since.store(now.max(1), Ordering::SeqCst);
+        let r = self.inner.read(buf);
+        self.state.since.store(0, Ordering::SeqCst);
+        r
+    }
+}
+
+struct Watchdog {
+    state: Arc<WatchState>,
+}
+
+impl Watchdog {
+    /// Watch `pid` (ssh, its own process group leader is not needed: ssh's death closes the
+    /// agent's stdin). `idle` zero: no limit.
+    fn start(pid: u32, idle: Duration) -> (Watchdog, Arc<WatchState>) {
+        let state = Arc::new(WatchState {
+            base: Instant::now(),
+            since: AtomicU64::new(0),
+            done: AtomicBool::new(false),
+            fired: AtomicBool::new(false),
+        });
+        if !idle.is_zero() {
+            let st = state.clone();
+            std::thread::spawn(move || {
+                while !st.done.load(Ordering::SeqCst) {
+                    let since = st.since.load(Ordering::SeqCst);
+                    let now = st.base.elapsed().as_millis() as u64;
+                    if since != 0 && now.saturating_sub(since) > idle.as_millis() as u64 {
+                        st.fired.store(true, Ordering::SeqCst);
+                        if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+                            let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+                        }
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            });
+        }
+        (Watchdog { state: state.clone() }, state)
+    }
+
+    fn end(&self) {
+        self.state.done.store(true, Ordering::SeqCst);
     }
 }
 
@@ -169,14 +244,16 @@ enum Attempt {
     Failed(Option<i32>, String),
 }
 
-fn attempt(t: &SshTarget, path: &str) -> Result<Attempt> {
+fn attempt(t: &SshTarget, path: &str, idle: Duration) -> Result<Attempt> {
     let mut child = spawn(t, path)?;
     let err = child.stderr.take().map(|e| std::thread::spawn(move || read_bounded(e)));
     let (out, inp) = (child.stdout.take().unwrap(), child.stdin.take().unwrap());
     let label = format!("{}:{path}", t.host);
-    match Agent::connect(out, inp, &label) {
-        Ok(agent) => Ok(Attempt::Ready(Session { child, stderr: err, agent, label })),
+    let (watchdog, state) = Watchdog::start(child.id(), idle);
+    match Agent::connect(Watched { inner: out, state }, inp, &label) {
+        Ok(agent) => Ok(Attempt::Ready(Session { child, stderr: err, agent, label, watchdog })),
         Err(_) => {
+            watchdog.end();
             // Its pipes are closed: the child ends (or is stopped after a while).
             let t0 = Instant::now();
             let status = loop {
@@ -254,17 +331,18 @@ pub enum Installed {
 /// Start the agent at `path` on the job's host; a missing or stale one (its hash is not the
 /// local binary's) is installed from `local` first. `Err` is a failure of ssh itself (the
 /// connection, the host key); an agent that cannot run there is [`Started::Unavailable`].
-pub fn start(t: &SshTarget, path: &str, local: &Path) -> Result<Started> {
-    start_inner(t, path, local).map(|(s, _)| s)
+/// `idle`: the longest a read from the agent may wait (the job's rsyncTimeout; zero: none).
+pub fn start(t: &SshTarget, path: &str, local: &Path, idle: Duration) -> Result<Started> {
+    start_inner(t, path, local, idle).map(|(s, _)| s)
 }
 
-fn start_inner(t: &SshTarget, path: &str, local: &Path) -> Result<(Started, Installed)> {
+fn start_inner(t: &SshTarget, path: &str, local: &Path, idle: Duration) -> Result<(Started, Installed)> {
     let bytes = match local_bytes(local) {
         Ok(b) => b,
         Err(u) => return Ok((Started::Unavailable(u), Installed::UpToDate)),
     };
     let want = *blake3::hash(&bytes).as_bytes();
-    let first = match attempt(t, path)? {
+    let first = match attempt(t, path, idle)? {
         Attempt::Ready(s) if s.agent.exe_hash == want => return Ok((Started::Ready(s), Installed::UpToDate)),
         Attempt::Ready(s) => {
             let _ = s.finish();
@@ -281,7 +359,7 @@ fn start_inner(t: &SshTarget, path: &str, local: &Path) -> Result<(Started, Inst
             Installed::UpToDate,
         ));
     }
-    match attempt(t, path)? {
+    match attempt(t, path, idle)? {
         Attempt::Ready(s) if s.agent.exe_hash == want => Ok((Started::Ready(s), Installed::Installed)),
         Attempt::Ready(s) => {
             let _ = s.finish();
@@ -318,7 +396,7 @@ fn pick(t: &SshTarget, path: &str, code: Option<i32>, err: &str, install: Unavai
 /// `--install-agent`: make sure the agent at `path` is the local one (installing it when it is
 /// missing or stale) and that it runs.
 pub fn install(t: &SshTarget, path: &str, local: &Path) -> Result<std::result::Result<Installed, Unavailable>> {
-    Ok(match start_inner(t, path, local)? {
+    Ok(match start_inner(t, path, local, t.short_limit())? {
         (Started::Ready(s), how) => {
             s.finish()?;
             Ok(how)

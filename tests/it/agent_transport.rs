@@ -279,3 +279,37 @@ fn an_agent_killed_mid_backup_fails_the_run_and_the_next_run_succeeds() {
     assert_eq!(hash(&s.unchunked("scheduled.0")), hash(&s.img()));
     ok(&s.affa.affa(&["--verify", "web", "--all"]));
 }
+
+#[test]
+fn a_stalled_agent_is_stopped_after_rsync_timeout() {
+    let s = Linux::start(24 * MB, &[(0, 24 * MB)], "chunkCompression=zstd:19\nchunkSize=256K\nrsyncTimeout=3\n");
+    let run = s
+        .affa
+        .cmd()
+        .env("AFFA_FAKE_NOW", "2026-06-01T21:00:00")
+        .args(["--run", "web"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let agent = s.agent_path.display().to_string();
+    let pid = wait_for(Duration::from_secs(60), "the agent to run", || {
+        fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            (cmd.starts_with(&agent) && cmd.contains("--serve")).then_some(pid)
+        })
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // The host's agent hangs (alive, silent): the run must not wait for it forever.
+    signal(pid, rustix::process::Signal::STOP);
+    let t = std::time::Instant::now();
+    let out = run.wait_with_output().unwrap();
+    signal(pid, rustix::process::Signal::KILL);
+    let e = fail(&out);
+    assert!(t.elapsed() < Duration::from_secs(30), "the run waited {:?} for a stalled agent", t.elapsed());
+    let line = e.lines().find(|l| l.contains("agent backup")).unwrap_or_else(|| panic!("{e}"));
+    assert!(line.contains("sent nothing for 3 s") && line.contains("disk.img"), "{line}");
+    assert!(archive_names(&s.affa.job_dir("web")).is_empty(), "a failed first run made an archive");
+}
