@@ -211,7 +211,7 @@ pub fn open_agent(
         agent::Started::Ready(s) => {
             ctx.log.info(format!("affa-agent {} at {}", s.agent.software, s.label));
             report_transport(report, ChunkTransport::Agent, None);
-            Ok(Some(s))
+            Ok(Some(*s))
         }
         agent::Started::Unavailable(u) => {
             agent_unavailable(ctx, &u.to_string(), report, summary)?;

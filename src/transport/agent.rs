@@ -239,7 +239,7 @@ fn spawn(t: &SshTarget, path: &str) -> Result<Child> {
 
 /// The result of one attempt to start the agent.
 enum Attempt {
-    Ready(Session),
+    Ready(Box<Session>),
     /// The handshake failed: ssh's exit code and stderr.
     Failed(Option<i32>, String),
 }
@@ -251,7 +251,7 @@ fn attempt(t: &SshTarget, path: &str, idle: Duration) -> Result<Attempt> {
     let label = format!("{}:{path}", t.host);
     let (watchdog, state) = Watchdog::start(child.id(), idle);
     match Agent::connect(Watched { inner: out, state }, inp, &label) {
-        Ok(agent) => Ok(Attempt::Ready(Session { child, stderr: err, agent, label, watchdog })),
+        Ok(agent) => Ok(Attempt::Ready(Box::new(Session { child, stderr: err, agent, label, watchdog }))),
         Err(_) => {
             watchdog.end();
             // Its pipes are closed: the child ends (or is stopped after a while).
@@ -317,7 +317,7 @@ fn deploy(t: &SshTarget, path: &str, bytes: Vec<u8>) -> Result<std::result::Resu
 
 /// What [`start`] found.
 pub enum Started {
-    Ready(Session),
+    Ready(Box<Session>),
     Unavailable(Unavailable),
 }
 
