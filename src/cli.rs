@@ -39,6 +39,9 @@ pub struct Cli {
     /// Install affa's ssh key on the hosts of the given jobs (all when none): [JOB...]
     #[arg(long, alias = "send-keys")]
     send_key: bool,
+    /// Install affa-agent on the hosts of the given jobs (none: every job with chunkFiles and chunkTransport not rsync): [JOB...]
+    #[arg(long)]
+    install_agent: bool,
     /// Remove affa's ssh key from the host of JOB
     #[arg(long)]
     revoke_key: bool,
@@ -217,6 +220,7 @@ pub const USAGE: &[&str] = &[
     "--configcheck",
     "--make-cronjobs",
     "--send-key [JOB JOB ...]",
+    "--install-agent [JOB JOB ...]",
     "--check-connections [JOB JOB ...]",
     "--resume-interrupted",
     "--full-restore [--preserve-newer=no] [--delete=yes] JOB [ARCHIVE]",
@@ -306,6 +310,9 @@ pub enum Action {
         all: bool,
     },
     SendKey {
+        jobs: Vec<String>,
+    },
+    InstallAgent {
         jobs: Vec<String>,
     },
     RevokeKey {
@@ -437,6 +444,7 @@ fn actions(c: &Cli) -> Vec<&'static str> {
         (c.list_archives, "--list-archives"),
         (c.status, "--status"),
         (c.send_key, "--send-key"),
+        (c.install_agent, "--install-agent"),
         (c.revoke_key, "--revoke-key"),
         (c.check_connections, "--check-connections"),
         (c.cleanup, "--cleanup"),
@@ -532,6 +540,7 @@ pub fn action(mut c: Cli) -> Result<Invocation, Usage> {
             Action::Status { csv: std::mem::take(&mut c.csv), all: std::mem::take(&mut c.all) }
         }
         "--send-key" => Action::SendKey { jobs: std::mem::take(a) },
+        "--install-agent" => Action::InstallAgent { jobs: std::mem::take(a) },
         "--revoke-key" => {
             let [job] = exactly(a, one)?;
             Action::RevokeKey { job }
@@ -722,6 +731,7 @@ mod tests {
             (&["--status", "--csv", "--all"], Action::Status { csv: true, all: true }),
             (&["--send-key", "a", "b"], Action::SendKey { jobs: s(&["a", "b"]) }),
             (&["--send-keys"], Action::SendKey { jobs: vec![] }),
+            (&["--install-agent", "a"], Action::InstallAgent { jobs: s(&["a"]) }),
             (&["--revoke-key", "web"], Action::RevokeKey { job: j() }),
             (&["--check-connections"], Action::CheckConnections { jobs: vec![] }),
             (&["--cleanup", "web"], Action::Cleanup { job: j() }),

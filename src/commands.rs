@@ -448,6 +448,86 @@ pub fn send_keys(cfg: &Config, names: &[String], out: &mut dyn Write, yes: bool,
         if job.esxi() {
             crate::backup::vm::pin_thumbprint(job, out, yes, watch)?;
         }
+        if uses_agent(job) {
+            // The agent after the key; a host where it cannot run still gets its key. An ESXi
+            // job's fingerprint was just pinned: the agent's place needs the API, so re-read.
+            let fresh = if job.esxi() { Config::load(&cfg.dir).ok() } else { None };
+            let (cfg, job) = match fresh.as_ref().and_then(|c| c.job(&job.name).ok().map(|j| (c, j))) {
+                Some(cj) => cj,
+                None => (cfg, job),
+            };
+            match install_agent(cfg, job) {
+                Ok(line) if line.contains("affa-agent unavailable") => {
+                    let _ = writeln!(out, "warning: {line}");
+                }
+                Ok(line) => {
+                    let _ = writeln!(out, "{line}");
+                }
+                Err(e) => {
+                    let _ = writeln!(out, "warning: job {}: affa-agent not installed: {e}", job.name);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The jobs `--install-agent` without names handles: every job with chunkFiles over ssh whose
+/// chunkTransport is not rsync.
+fn uses_agent(job: &Job) -> bool {
+    !job.local
+        && job.rsyncd.is_none()
+        && !job.chunk.files.is_empty()
+        && job.chunk.transport != crate::config::typed::ChunkTransport::Rsync
+}
+
+/// Install (or check) the agent of one job: one line.
+fn install_agent(cfg: &Config, job: &Job) -> Result<String> {
+    let t = SshTarget::from_job(job, cfg);
+    let ds = if job.esxi() && job.chunk.remote_agent_path.is_none() {
+        crate::backup::vm::vmx_datastore_dir(job)?
+    } else {
+        None
+    };
+    let path = transport::agent::remote_path(job, ds.as_deref());
+    let local = transport::agent::local_binary(cfg);
+    Ok(match transport::agent::install(&t, &path, &local)? {
+        Ok(transport::agent::Installed::Installed) => {
+            format!("job {}: affa-agent installed at {}:{path}", job.name, t.host)
+        }
+        Ok(transport::agent::Installed::UpToDate) => {
+            format!("job {}: affa-agent at {}:{path} is up to date", job.name, t.host)
+        }
+        Err(u) => format!("job {}: affa-agent unavailable: {u}", job.name),
+    })
+}
+
+/// `--install-agent [JOB...]`: one line per job; Err when any job failed or its agent cannot
+/// run.
+pub fn install_agents(cfg: &Config, names: &[String], out: &mut dyn Write) -> Result<()> {
+    let jobs: Vec<&Job> =
+        if names.is_empty() { cfg.jobs.values().filter(|j| uses_agent(j)).collect() } else { select(cfg, names)? };
+    let mut failed = Vec::new();
+    for job in jobs {
+        if job.local || job.rsyncd.is_some() {
+            let _ = writeln!(out, "job {}: not an ssh source, no agent", job.name);
+            continue;
+        }
+        match install_agent(cfg, job) {
+            Ok(line) => {
+                if line.contains("affa-agent unavailable") {
+                    failed.push(job.name.clone());
+                }
+                let _ = writeln!(out, "{line}");
+            }
+            Err(e) => {
+                let _ = writeln!(out, "job {}: {e}", job.name);
+                failed.push(job.name.clone());
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!(Remote, "the agent is not usable for job(s) {}", failed.join(", "));
     }
     Ok(())
 }

@@ -121,6 +121,7 @@ fn dispatch(inv: Invocation, ui: &Arc<render::Terminal>, out: &mut dyn Write) ->
             print(out, commands::status(&cfg, clock()?.as_ref(), csv, all)?)
         }
         Action::SendKey { jobs } => commands::send_keys(&env.config()?, &jobs, out, yes, &watch)?,
+        Action::InstallAgent { jobs } => commands::install_agents(&env.config()?, &jobs, out)?,
         Action::RevokeKey { job } => print(out, commands::revoke_key(&env.config()?, &job)? + "\n"),
         Action::CheckConnections { jobs } => commands::check_connections(&env.config()?, &jobs, out)?,
         Action::Cleanup { job } => print(out, commands::cleanup(&env.config()?, &job, yes, &watch)? + "\n"),

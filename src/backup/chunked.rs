@@ -1,11 +1,15 @@
-//! Chunked files in a run: their plain staging copies under `RootDir/JOB/.staging/`, updated in
-//! place by rsync's delta transfer, then chunked into `scheduled.running`. (Reading chunked
-//! archives back, `--unchunk` and `--verify`, and the pool sweep are in `maintenance.rs`.)
+//! Chunked files in a run: read by affa-agent on the source straight into the pool
+//! (`chunkTransport` auto/agent, no staging copy), or their plain staging copies under
+//! `RootDir/JOB/.staging/`, updated in place by rsync's delta transfer, then chunked into
+//! `scheduled.running`. (Reading chunked archives back, `--unchunk` and `--verify`, and the pool
+//! sweep are in `maintenance.rs`.)
 //!
-//! Owns: which files are chunked (`chunkFiles`), the staging copies, the chunk numbers in the
-//! report. Must never: transfer a chunked file whole when an older copy exists (a missing
-//! staging copy is rebuilt from the newest archive first), or chunk into anything but
-//! `scheduled.running`.
+//! Owns: which files are chunked (`chunkFiles`, one rsync filter set for both transports), the
+//! choice of transport and its fallback, the staging copies, the chunk numbers in the report.
+//! Must never: transfer a chunked file whole when an older copy exists (a missing staging copy
+//! is rebuilt from the newest archive first), chunk into anything but `scheduled.running`, fall
+//! back to rsync after an agent backup has started (a failure then fails the run), or turn a
+//! name the host lists into a local path other than through `crate::untrusted`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -15,11 +19,14 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use crate::archive;
 use crate::backup::ctx::{check_rsync, disk_full, Ctx, RunSummary, STAGING};
 use crate::chunk::{self, Pool};
+use crate::config::typed::ChunkTransport;
 use crate::config::Job;
 use crate::error::{Error, IoContext, Result};
 use crate::observer::Phase;
 use crate::report::Report;
 use crate::transport::rsync::{self, Source};
+use crate::transport::{agent, SshTarget};
+use crate::untrusted::SafeRelPath;
 
 /// `chunkFiles` as a matcher over archive-relative paths. Like rsync patterns, a pattern
 /// without `/` matches the file name, one with `/` the whole path.
@@ -161,24 +168,177 @@ pub fn chunk_into(
     Ok(())
 }
 
-/// Transfer the chunked files of an ordinary job into staging and chunk them into `running`.
-pub fn transfer_chunked(
+/// How this run reads its chunked files (`chunkTransport`), in the report: `ChunkTransport`
+/// (`agent` or `rsync`) and, after a fallback, `ChunkTransportNote` (the reason).
+fn report_transport(report: &mut Report, via: ChunkTransport, note: Option<&str>) {
+    report.set("ChunkTransport", via.name());
+    if let Some(n) = note {
+        report.set("ChunkTransportNote", n);
+    }
+}
+
+/// The agent could not be used: `chunkTransport=agent` fails with `why`; `auto` warns once
+/// (the reason and the fix) and the run goes on through rsync and the staging copy.
+fn agent_unavailable(ctx: &Ctx, why: &str, report: &mut Report, summary: &mut RunSummary) -> Result<()> {
+    if ctx.job.chunk.transport == ChunkTransport::Agent {
+        bail!(Remote, "job {} (chunkTransport=agent): {why}", ctx.job.name);
+    }
+    let w = format!("chunked files go through rsync and the staging copy this run: {why}");
+    ctx.log.warn(&w);
+    summary.warnings.push(w);
+    report_transport(report, ChunkTransport::Rsync, Some(why));
+    Ok(())
+}
+
+/// Start the agent on the job's host (installing or replacing it first), per `chunkTransport`:
+/// None = use rsync and the staging copy (`rsync`, or `auto` where the agent cannot run, with
+/// the warning). `datastore_dir`: an ESXi job's datastore of the VM's .vmx (the default place).
+pub fn open_agent(
     ctx: &Ctx,
-    source: &Source,
-    running: &Path,
+    t: &SshTarget,
+    datastore_dir: Option<&str>,
     report: &mut Report,
     summary: &mut RunSummary,
-) -> Result<()> {
-    let staging = ctx.job_dir.join(STAGING);
-    crate::fsutil::create_private_dir(&staging)?;
-    let link_dirs: Vec<PathBuf> = archive::newest_valid(&ctx.job_dir)?.map(|a| vec![a.path]).unwrap_or_default();
-    // Rebuild missing staging copies from the newest archive first.
-    if let Some(newest) = link_dirs.first() {
-        for rel in chunk::chunked_files(newest)? {
-            ensure_staging(ctx, &rel, &link_dirs)?;
+) -> Result<Option<agent::Session>> {
+    if ctx.job.chunk.transport == ChunkTransport::Rsync {
+        report_transport(report, ChunkTransport::Rsync, None);
+        return Ok(None);
+    }
+    let path = agent::remote_path(ctx.job, datastore_dir);
+    let local = agent::local_binary(ctx.cfg);
+    let idle = std::time::Duration::from_secs(ctx.job.rsync.timeout);
+    match agent::start(t, &path, &local, idle)? {
+        agent::Started::Ready(s) => {
+            ctx.log.info(format!("affa-agent {} at {}", s.agent.software, s.label));
+            report_transport(report, ChunkTransport::Agent, None);
+            Ok(Some(*s))
+        }
+        agent::Started::Unavailable(u) => {
+            agent_unavailable(ctx, &u.to_string(), report, summary)?;
+            Ok(None)
         }
     }
-    let job = ctx.job;
+}
+
+/// One run's agent session and what it did: chunk totals, bytes the agent read on the source,
+/// frame bytes received from it.
+pub struct AgentRun {
+    pub session: Option<agent::Session>,
+    pub totals: ChunkTotals,
+    pub read: u64,
+    pub received: u64,
+}
+
+impl AgentRun {
+    pub fn new(session: agent::Session) -> AgentRun {
+        AgentRun { session: Some(session), totals: ChunkTotals::default(), read: 0, received: 0 }
+    }
+
+    /// `BYE`, and the numbers into the report.
+    pub fn finish(mut self, r: &mut Report) -> Result<()> {
+        if let Some(s) = self.session.take() {
+            s.finish()?;
+        }
+        self.totals.write(r);
+        r.set("ChunkSourceBytesRead", self.read);
+        r.set("ChunkBytesReceived", self.received);
+        Ok(())
+    }
+
+    /// Stop the agent (an error or a signal elsewhere).
+    pub fn stop(&mut self) {
+        if let Some(s) = self.session.take() {
+            s.stop();
+        }
+    }
+}
+
+impl Drop for AgentRun {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Back up `remote` on the host through the agent into `running` as `rel`, against the file's
+/// manifest in `link_dirs`. On an error the session is stopped and the error is one line naming
+/// host and file (no manifest was written for it; earlier archives are untouched).
+pub fn backup_via_agent(
+    ctx: &Ctx,
+    run: &mut AgentRun,
+    remote: &Path,
+    running: &Path,
+    rel: &Path,
+    link_dirs: &[PathBuf],
+) -> Result<()> {
+    let session = &mut run.session;
+    let Some(s) = session.as_mut() else { bail!("internal: no agent session") };
+    let pool = Pool::open(&ctx.job.root_dir())?;
+    let prev = previous_manifest(link_dirs, rel).map(|(_, m)| m);
+    let res =
+        chunk::remote::backup_file(&mut s.agent, &pool, &ctx.job.chunk.settings, remote, running, rel, prev.as_ref());
+    let stats = match res {
+        Ok(st) => st,
+        Err(e) => {
+            let s = session.take().expect("checked above");
+            let host = ctx.job.host.clone();
+            let timed_out = s.timed_out();
+            let stderr = s.stop();
+            let mut more = if stderr.is_empty() { String::new() } else { format!(" (agent: {stderr})") };
+            if timed_out {
+                more.push_str(&format!(
+                    " (the agent sent nothing for {} s and was stopped: rsyncTimeout)",
+                    ctx.job.rsync.timeout
+                ));
+            }
+            if e.is_disk_full() {
+                return Err(disk_full(ctx, e.message()).with_source(e));
+            }
+            bail!(
+                Remote,
+                "the agent backup of {host}:{} failed: {e}{more}; no manifest was written for {}, earlier archives are untouched",
+                remote.display(),
+                rel.display()
+            );
+        }
+    };
+    if stats.chunk.replaced_source_file {
+        ctx.log.warn(format!(
+            "the source's own file {}{} has the name of the manifest of the chunked file {}: it is not in the archive (the manifest took its place)",
+            rel.display(),
+            chunk::MANIFEST_SUFFIX,
+            rel.display()
+        ));
+    }
+    ctx.log.info(format!(
+        "chunked {} through the agent: {} in {} chunks, {} new, {} received, {} added to the pool",
+        rel.display(),
+        crate::fmt::human(stats.chunk.logical_size),
+        stats.chunk.chunks,
+        stats.chunk.new_chunks,
+        crate::fmt::human(stats.bytes_received),
+        crate::fmt::human(stats.chunk.added_bytes)
+    ));
+    run.totals.add(&stats.chunk);
+    run.read += stats.source_bytes_read;
+    run.received += stats.bytes_received;
+    Ok(())
+}
+
+/// After a run whose chunked files all went through the agent: the staging copies an earlier
+/// rsync-path run left are removed (the space back; a later fallback rebuilds them).
+pub fn remove_staging(ctx: &Ctx) {
+    let st = ctx.job_dir.join(STAGING);
+    if fs::symlink_metadata(&st).is_ok() {
+        match fs::remove_dir_all(&st) {
+            Ok(()) => ctx.log.info(format!("removed the staging copies in {} (the agent needs none)", st.display())),
+            Err(e) => ctx.log.warn(format!("cannot remove {}: {e}", st.display())),
+        }
+    }
+}
+
+/// The rsync filter and options of the chunked files' transfer into staging: the same set
+/// selects the files the agent reads.
+fn chunk_transfer_args(job: &Job, source: &Source) -> rsync::Args {
     let mut args = rsync::Args::new(job, source);
     args.opts([
         "--stats",
@@ -201,6 +361,112 @@ pub fn transfer_chunked(
         args.opt(format!("--include={p}"));
     }
     args.opt("--exclude=*");
+    args
+}
+
+/// The source's files that match chunkFiles, archive-relative (by the path-safety rule), from
+/// an rsync dry run with the staging transfer's filter set. `Ok(Err(why))`: rsync cannot name
+/// them exactly (the agent is not usable this run).
+fn list_chunked(
+    ctx: &Ctx,
+    source: &Source,
+    summary: &mut RunSummary,
+) -> Result<std::result::Result<Vec<SafeRelPath>, String>> {
+    let job = ctx.job;
+    let empty = ctx.job_dir.join(format!(".agent-list-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&empty);
+    crate::fsutil::create_private_dir(&empty)?;
+    let mut args = chunk_transfer_args(job, source);
+    args.opt("--dry-run");
+    args.opts(rsync::itemize_args());
+    args.from(source, &job.sources).to(format!("{}/", empty.display()));
+    ctx.log.phase(Phase::Copying { what: "the list of files to chunk".into(), n: 2, of: 2 });
+    let res = rsync::run(job, &args, &ctx.log, &crate::observer::Watch::nobody());
+    let _ = fs::remove_dir_all(&empty);
+    let res = res?;
+    check_rsync(ctx, &res, "listing the chunked files", summary)?;
+    if res.stdout.contains("line(s) left out here") {
+        return Ok(Err(format!("more chunked files than affa lists in one run (rsync listed over {} lines)", 1000)));
+    }
+    let mut out = Vec::new();
+    for name in rsync::regular_files(&res.stdout) {
+        if name.contains("\\#") {
+            return Ok(Err(format!(
+                "rsync cannot name the chunked file \"{}\" exactly (an unusual character)",
+                crate::untrusted::shown(&name)
+            )));
+        }
+        out.push(SafeRelPath::new("a chunked file's path", &name)?);
+    }
+    Ok(Ok(out))
+}
+
+/// The chunked files of an ordinary job through the agent (no staging copy): None when the
+/// agent is not used this run (the caller takes the rsync path).
+fn transfer_chunked_agent(
+    ctx: &Ctx,
+    t: &SshTarget,
+    source: &Source,
+    running: &Path,
+    report: &mut Report,
+    summary: &mut RunSummary,
+) -> Result<Option<()>> {
+    if ctx.job.chunk.transport == ChunkTransport::Rsync {
+        report_transport(report, ChunkTransport::Rsync, None);
+        return Ok(None);
+    }
+    let files = match list_chunked(ctx, source, summary)? {
+        Ok(f) => f,
+        Err(why) => {
+            agent_unavailable(ctx, &why, report, summary)?;
+            return Ok(None);
+        }
+    };
+    let mut run = match open_agent(ctx, t, None, report, summary)? {
+        Some(s) => AgentRun::new(s),
+        None => return Ok(None),
+    };
+    let link_dirs: Vec<PathBuf> = archive::newest_valid(&ctx.job_dir)?.map(|a| vec![a.path]).unwrap_or_default();
+    for (i, rel) in files.iter().enumerate() {
+        if crate::interrupt::interrupted() {
+            run.stop();
+            bail!(Interrupted, "interrupted by {}", crate::interrupt::signal_name());
+        }
+        ctx.log.phase(Phase::Chunking { file: rel.as_str().to_string(), n: i + 1, of: files.len() });
+        let remote = Path::new("/").join(rel.as_path());
+        backup_via_agent(ctx, &mut run, &remote, running, rel.as_path(), &link_dirs)?;
+        crate::interrupt::crash_point("chunked");
+    }
+    run.finish(report)?;
+    remove_staging(ctx);
+    Ok(Some(()))
+}
+
+/// Transfer the chunked files of an ordinary job: through the agent over ssh (`chunkTransport`
+/// auto or agent), else into staging by rsync and chunked from there into `running`.
+pub fn transfer_chunked(
+    ctx: &Ctx,
+    source: &Source,
+    running: &Path,
+    report: &mut Report,
+    summary: &mut RunSummary,
+) -> Result<()> {
+    if let Source::Ssh(t) = source {
+        if transfer_chunked_agent(ctx, t, source, running, report, summary)?.is_some() {
+            return Ok(());
+        }
+    }
+    let staging = ctx.job_dir.join(STAGING);
+    crate::fsutil::create_private_dir(&staging)?;
+    let link_dirs: Vec<PathBuf> = archive::newest_valid(&ctx.job_dir)?.map(|a| vec![a.path]).unwrap_or_default();
+    // Rebuild missing staging copies from the newest archive first.
+    if let Some(newest) = link_dirs.first() {
+        for rel in chunk::chunked_files(newest)? {
+            ensure_staging(ctx, &rel, &link_dirs)?;
+        }
+    }
+    let job = ctx.job;
+    let mut args = chunk_transfer_args(job, source);
     args.from(source, &job.sources).to(format!("{}/", staging.display()));
     ctx.log.phase(Phase::Copying { what: "the files to chunk".into(), n: 2, of: 2 });
     let res = rsync::run(job, &args, &ctx.log, &ctx.log.watch)?;

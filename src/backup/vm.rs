@@ -9,13 +9,14 @@
 //! snapshot that is not this job's own, turn a name the host gives into a local path other than
 //! through the one path-safety rule (`crate::untrusted`), or send the ESXi password before the
 //! host's certificate matched the pinned fingerprint (the client checks the pin at connect,
-//! before login).
+//! before login), or let the agent read a chunked disk outside the snapshot's lifetime (its
+//! session ends before the snapshot is removed).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::backup::chunked::{self, ChunkTotals};
+use crate::backup::chunked::{self, AgentRun, ChunkTotals};
 use crate::backup::ctx::{check_rsync, Ctx, RunSummary, STAGING};
 use crate::backup::host::prepare_running;
 use crate::config::{edit, Job};
@@ -156,6 +157,20 @@ pub fn transfer(ctx: &Ctx, running: &Path, report: &mut Report, summary: &mut Ru
     result.map_err(|e| e.context(format!("ESXi VM {vm_name}")))
 }
 
+/// The datastore dir (on the host) of the job's VM's .vmx: the default place of the agent
+/// (`--install-agent` of an ESXi job without remoteAgentPath).
+pub fn vmx_datastore_dir(job: &Job) -> Result<Option<String>> {
+    let mut client = login(job)?;
+    let res = (|| -> Result<Option<String>> {
+        let vm = client.find_vm(&job.esxi_settings()?.vm_name)?;
+        let layout = client.vm_layout(&vm)?;
+        let (ds, _, _) = split_path(layout.vmx_path())?;
+        Ok(layout.datastores.iter().find(|d| d.name == ds.as_str()).map(|d| d.host_path.clone()))
+    })();
+    let _ = client.logout();
+    res
+}
+
 fn transfer_logged_in(
     ctx: &Ctx,
     client: &Client,
@@ -240,7 +255,10 @@ fn transfer_logged_in(
         for f in files.files() {
             add(&mut groups, &frozen, &f)?;
         }
-        let copy = copy_groups(ctx, target, running, &groups, true, report, summary);
+        // The agent's default place: the datastore of the VM's .vmx (it survives a reboot).
+        let (vmx_ds, _, _) = split_path(frozen.vmx_path())?;
+        let ds_dir = frozen.datastores.iter().find(|d| d.name == vmx_ds.as_str()).map(|d| d.host_path.clone());
+        let copy = copy_groups(ctx, target, running, &groups, Some(ds_dir.as_deref()), report, summary);
         // A tree changed meanwhile is the cause of whatever else went wrong (a file vanished).
         if let Err(e) = chain::check_unchanged(&before, &client.vm_layout(&vm)?, Some(&name), "during the copy") {
             if let Err(c) = &copy {
@@ -296,7 +314,7 @@ fn transfer_logged_in(
         add(&mut conf, &after, &format!("{stem}.{ext}"))?;
     }
     ctx.log.phase(Phase::CopyingConfig);
-    copy_groups(ctx, target, running, &conf, false, report, summary)?;
+    copy_groups(ctx, target, running, &conf, None, report, summary)?;
     crate::interrupt::crash_point("config-copied");
     chain::check_unchanged(&before, &client.vm_layout(&vm)?, None, "while its configuration files were copied")?;
 
@@ -370,17 +388,21 @@ fn remove_if_present(client: &Client, snaps: &Snapshots, vm: &MoRef, name: &str)
     Ok(ours.len())
 }
 
-/// rsync each group's files from the host into `running` (chunked files through staging).
+/// rsync each group's files from the host into `running`; chunked files through the agent (no
+/// staging) or through staging. `disks`: Some(the datastore dir of the VM's .vmx, the agent's
+/// default place) when the groups are the frozen disks, None for the configuration files.
 fn copy_groups(
     ctx: &Ctx,
     target: &SshTarget,
     running: &Path,
     groups: &[Group],
-    disks: bool,
+    disks: Option<Option<&str>>,
     report: &mut Report,
     summary: &mut RunSummary,
 ) -> Result<()> {
     let job = ctx.job;
+    let agent_ds = disks.flatten();
+    let disks = disks.is_some();
     let link_dirs = if disks { prepare_running(ctx, running)? } else { link_dirs_now(ctx)? };
     let matcher = chunked::matcher(job)?;
     let source = Source::Ssh(target);
@@ -388,6 +410,12 @@ fn copy_groups(
     let is_chunked = |g: &Group, f: &String| disks && matcher.as_ref().is_some_and(|m| m.is_match(g.rel_dir.join(f)));
     let to_chunk = groups.iter().map(|g| g.files.iter().filter(|f| is_chunked(g, f)).count()).sum::<usize>();
     let mut chunking = 0;
+    // The agent, when it reads this run's chunked disks (one session for all of them).
+    let mut agent = if to_chunk > 0 {
+        chunked::open_agent(ctx, target, agent_ds, report, summary)?.map(AgentRun::new)
+    } else {
+        None
+    };
     for (i, g) in groups.iter().enumerate() {
         if disks {
             ctx.log.phase(Phase::Copying {
@@ -421,7 +449,20 @@ fn copy_groups(
             crate::interrupt::crash_point("copied");
             add_stats(report, &res.stdout);
         }
-        if !chunked.is_empty() {
+        if let (false, Some(run)) = (chunked.is_empty(), agent.as_mut()) {
+            for f in &chunked {
+                if crate::interrupt::interrupted() {
+                    run.stop();
+                    bail!(Interrupted, "interrupted by {}", crate::interrupt::signal_name());
+                }
+                chunking += 1;
+                let file = g.rel_dir.join(f).display().to_string();
+                ctx.log.phase(Phase::Chunking { file, n: chunking, of: to_chunk });
+                let remote = PathBuf::from(format!("{}/{f}", g.host_dir));
+                chunked::backup_via_agent(ctx, run, &remote, running, &g.rel_dir.join(f), &link_dirs)?;
+                crate::interrupt::crash_point("chunked");
+            }
+        } else if !chunked.is_empty() {
             crate::fsutil::create_private_dir(&ctx.job_dir.join(STAGING))?;
             let sdir = crate::untrusted::create_dir_beneath(&ctx.job_dir.join(STAGING), &g.rel_dir)?;
             for f in &chunked {
@@ -458,7 +499,13 @@ fn copy_groups(
             }
         }
     }
-    totals.write(report);
+    match agent {
+        Some(run) => {
+            run.finish(report)?;
+            chunked::remove_staging(ctx);
+        }
+        None => totals.write(report),
+    }
     Ok(())
 }
 

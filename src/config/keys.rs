@@ -223,6 +223,18 @@ pub static KEYS: &[KeyDef] = &[
     ),
     k("chunkSize", &["1M"], Kind::Size, "chunk size, a power of two from 256K to 16M (1M: see docs/FORMAT.md)"),
     k("chunkCompression", &["zstd:1"], Kind::Compression, "zstd:N (zstd = zstd:3), lz4 or none"),
+    k(
+        "chunkTransport",
+        &["auto"],
+        Kind::Enum(&["auto", "agent", "rsync"]),
+        "how chunked files are read: agent = affa-agent on the source (no staging copy), rsync = into RootDir/JOB/.staging, auto = the agent, rsync where it cannot run",
+    ),
+    k(
+        "remoteAgentPath",
+        NONE,
+        Kind::Text,
+        "where affa installs affa-agent on the source (empty: ESXi jobs the VM's datastore/.affa/affa-agent, others .affa/affa-agent in the remote user's home)",
+    ),
     // global only
     g(
         "globalStatus",
@@ -235,6 +247,12 @@ pub static KEYS: &[KeyDef] = &[
     g("logDir", &["/var/log/affa"], Kind::AbsPath, "where logs live"),
     g("sshDir", &["/root/.ssh"], Kind::AbsPath, "where affa's ssh key and per-job known-hosts files live"),
     g("scriptDir", &["/etc/affa/scripts"], Kind::AbsPath, "where pre/post job scripts live"),
+    g(
+        "agentBinary",
+        &["/usr/lib/affa/affa-agent"],
+        Kind::AbsPath,
+        "the static affa-agent affa installs on sources (when the default is missing: affa-agent next to the affa executable)",
+    ),
     // mail, scheduling, monitoring (global)
     g("smtpHost", NONE, Kind::Text, "SMTP server for mail; empty = the local sendmail"),
     g("smtpPort", &["25"], Kind::Int(1, 65535), "SMTP port"),

@@ -188,6 +188,34 @@ pub struct Chunking {
     pub files: Vec<String>,
     /// chunkSize, chunkCompression.
     pub settings: chunk::Settings,
+    /// chunkTransport.
+    pub transport: ChunkTransport,
+    /// remoteAgentPath (None: derived, see `crate::transport::agent::remote_path`).
+    pub remote_agent_path: Option<String>,
+}
+
+/// chunkTransport: how chunked files are read on the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkTransport {
+    /// The agent, rsync + staging where it cannot run (with a warning).
+    Auto,
+    /// The agent only: a run where it cannot run fails.
+    Agent,
+    /// rsync into the staging copy; the agent is never touched.
+    Rsync,
+}
+
+impl ChunkTransport {
+    pub fn name(self) -> &'static str {
+        match self {
+            ChunkTransport::Auto => "auto",
+            ChunkTransport::Agent => "agent",
+            ChunkTransport::Rsync => "rsync",
+        }
+    }
+    fn parse(v: &str) -> Option<Self> {
+        [ChunkTransport::Auto, ChunkTransport::Agent, ChunkTransport::Rsync].into_iter().find(|t| t.name() == v)
+    }
 }
 
 /// The typed settings of one job (the key of each field is in its comment).
@@ -256,6 +284,9 @@ pub struct Global {
     pub log_dir: PathBuf,
     pub ssh_dir: PathBuf,
     pub script_dir: PathBuf,
+    /// agentBinary as written (the default falls back to `affa-agent` next to affa:
+    /// `crate::transport::agent::local_binary`).
+    pub agent_binary: PathBuf,
     pub smtp: Smtp,
     /// mailFrom (empty: affa@HOSTNAME).
     pub mail_from: String,
@@ -460,6 +491,11 @@ impl Settings {
         let chunk = Chunking {
             files: r.all("chunkFiles"),
             settings: chunk::Settings { chunk_size, compression, ..Default::default() },
+            transport: r.typed("chunkTransport", |v| match v {
+                keys::Value::Word(w) => ChunkTransport::parse(w),
+                _ => None,
+            }),
+            remote_agent_path: Some(r.text("remoteAgentPath")).filter(|s| !s.is_empty()),
         };
         let trigger = r.int("NRPEtrigger");
         Settings {
@@ -517,6 +553,7 @@ impl Global {
             log_dir: r.path("logDir"),
             ssh_dir: r.path("sshDir"),
             script_dir: r.path("scriptDir"),
+            agent_binary: r.path("agentBinary"),
             smtp: Smtp {
                 host: r.text("smtpHost"),
                 port: r.port("smtpPort"),
@@ -697,6 +734,32 @@ mod tests {
         assert!(l.local);
         assert_eq!((l.sources.clone(), l.include_paths.clone()), (vec!["/".to_string()], vec![]));
         assert_eq!((local.settings.status, l.kill_at, l.nrpe_trigger), (None, None, Some(24)));
+    }
+
+    /// chunkTransport, remoteAgentPath and agentBinary: typed once, with their defaults; the
+    /// agent's remote path is derived when remoteAgentPath is empty.
+    #[test]
+    fn agent_keys_are_typed_with_their_defaults() {
+        use crate::transport::agent::remote_path;
+        let c = parse(
+            "[GlobalAffaConfig]\nagentBinary=/opt/affa-agent\n[a]\nremoteHostName=h\n\
+             [b]\nremoteHostName=h\nchunkTransport=rsync\nremoteAgentPath=/srv/x/affa-agent\n\
+             [c]\nremoteHostName=h\nchunkTransport=agent\n",
+        )
+        .unwrap();
+        assert_eq!(c.settings.agent_binary, Path::new("/opt/affa-agent"));
+        let a = c.job("a").unwrap();
+        assert_eq!((a.chunk.transport, a.chunk.remote_agent_path.as_deref()), (ChunkTransport::Auto, None));
+        assert_eq!(remote_path(a, None), ".affa/affa-agent");
+        assert_eq!(remote_path(a, Some("/vmfs/volumes/datastore1/")), "/vmfs/volumes/datastore1/.affa/affa-agent");
+        let b = c.job("b").unwrap();
+        assert_eq!(b.chunk.transport, ChunkTransport::Rsync);
+        assert_eq!(remote_path(b, Some("/vmfs/volumes/ds")), "/srv/x/affa-agent");
+        assert_eq!(c.job("c").unwrap().chunk.transport, ChunkTransport::Agent);
+        let d = parse("[a]\nremoteHostName=h\n").unwrap();
+        assert_eq!(d.settings.agent_binary, Path::new("/usr/lib/affa/affa-agent"));
+        let err = parse("[a]\nremoteHostName=h\nchunkTransport=ssh\n").unwrap_err().to_string();
+        assert!(err.contains("key 'chunkTransport' has the value 'ssh', expected auto, agent or rsync"), "{err}");
     }
 
     /// One parser per setting: `chunkCompression` means the same when the configuration is

@@ -6,6 +6,7 @@
 //! (children get `PR_SET_PDEATHSIG`), or wait on a remote command without a time limit during a
 //! run (a wedged host must not hold the job's lock, nor keep a VM on its snapshot).
 
+pub mod agent;
 pub mod rsync;
 pub mod rsyncd;
 

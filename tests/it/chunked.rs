@@ -118,7 +118,11 @@ fn setup(jobs: &[(&str, &str)]) -> Setup {
         fs::write(dir.join("notes.txt"), "hello\n").unwrap();
         affa.write_conf(
             &format!("{name}.conf"),
-            &affa.ssh_job(name, &sshd, &format!("Include={}\nchunkFiles=*.img\nchunkSize=1M\n{extra}", dir.display())),
+            &affa.ssh_job(
+                name,
+                &sshd,
+                &format!("Include={}\nchunkFiles=*.img\nchunkSize=1M\nchunkTransport=rsync\n{extra}", dir.display()),
+            ),
         );
         ok(&affa.send_key(&mut sshd, name));
     }

@@ -98,7 +98,7 @@ fn hot_backup_copies_the_frozen_disks_and_removes_the_snapshot() {
 
 #[test]
 fn chunked_disks_end_to_end() {
-    let e = esx(64 * MB, "scheduledKeep=3\nchunkFiles=*-flat.vmdk\nchunkSize=1M\n", "");
+    let e = esx(64 * MB, "scheduledKeep=3\nchunkFiles=*-flat.vmdk\nchunkSize=1M\nchunkTransport=rsync\n", "");
     ok(&e.affa.affa_at("2026-05-04T21:00:00", &["--run", "esx"]));
     let frozen: Vec<String> = e.sim.state()["vms"][0]["last_snapshot_base_flat_sha256"]
         .as_array()

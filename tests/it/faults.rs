@@ -187,7 +187,7 @@ enum Kill {
 fn kill_nine_at_every_step_of_an_esxi_run_with_chunked_disks() {
     // scheduledKeep=2 + daily promotion every run (a new day each time) and dailyKeep=60:
     // nothing ever falls off the end, so every earlier archive must survive every fault.
-    let e = esx(8 * MB, "scheduledKeep=2\ndailyKeep=60\nweeklyKeep=0\nmonthlyKeep=0\nyearlyKeep=0\nchunkFiles=*-flat.vmdk\nchunkSize=256K\n", "");
+    let e = esx(8 * MB, "scheduledKeep=2\ndailyKeep=60\nweeklyKeep=0\nmonthlyKeep=0\nyearlyKeep=0\nchunkFiles=*-flat.vmdk\nchunkSize=256K\nchunkTransport=rsync\n", "");
     let job_dir = e.affa.job_dir("esx");
     let conf = fs::read_to_string(e.affa.conf.join("esx.conf")).unwrap();
     let mut day = 0u32;
@@ -349,7 +349,11 @@ fn kill_nine_at_every_step_of_an_esxi_run_with_chunked_disks() {
 
 #[test]
 fn esxi_api_unreachable_503_and_hanging_tasks_fail_cleanly() {
-    let e = esx(4 * MB, "scheduledKeep=3\nESXiTaskTimeout=2\nchunkFiles=*-flat.vmdk\nchunkSize=256K\n", "");
+    let e = esx(
+        4 * MB,
+        "scheduledKeep=3\nESXiTaskTimeout=2\nchunkFiles=*-flat.vmdk\nchunkSize=256K\nchunkTransport=rsync\n",
+        "",
+    );
     let job_dir = e.affa.job_dir("esx");
     ok(&e.affa.affa_at("2026-05-04T21:00:00", &["--run", "esx"]));
     let before = archives(&job_dir);
@@ -431,7 +435,7 @@ fn ssh_link_cut_mid_transfer_keeps_earlier_archives_and_the_next_run_resumes() {
         "web",
         &sshd,
         &format!(
-            "Include={}\nscheduledKeep=3\nchunkFiles=*.img\nchunkSize=256K\nrsyncTimeout=20\n",
+            "Include={}\nscheduledKeep=3\nchunkFiles=*.img\nchunkSize=256K\nrsyncTimeout=20\nchunkTransport=rsync\n",
             src.path().display()
         ),
     );

@@ -332,7 +332,11 @@ fn remote_file_names_with_newlines_and_leading_dashes_are_data() {
         PathBuf::from("/").join(&tag),
         PathBuf::from("/tmp").join(&tag),
     ];
-    let job = affa.ssh_job("web", &sshd, &format!("Include={}\nchunkFiles=*.img\nchunkSize=256K\n", d.display()));
+    let job = affa.ssh_job(
+        "web",
+        &sshd,
+        &format!("Include={}\nchunkFiles=*.img\nchunkSize=256K\nchunkTransport=rsync\n", d.display()),
+    );
     affa.write_conf("web.conf", &job);
     ok(&affa.send_key(&mut sshd, "web"));
     let before_root: Vec<_> = fs::read_dir(affa.tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
@@ -447,7 +451,7 @@ fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
 
 #[test]
 fn the_esxi_password_never_shows() {
-    let e = esx("Debug=yes\nchunkFiles=*-flat.vmdk\nchunkSize=256K\nBandwidthLimit=2000\nchattyOnSuccess=3\n");
+    let e = esx("Debug=yes\nchunkFiles=*-flat.vmdk\nchunkSize=256K\nchunkTransport=rsync\nBandwidthLimit=2000\nchattyOnSuccess=3\n");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(fs::metadata(e.affa.conf.join("esx.conf")).unwrap().permissions().mode() & 0o777, 0o600);
     // While the run goes on: every process of the run, its command line and environment.
@@ -755,7 +759,7 @@ fn host_names_with_control_characters_never_reach_the_ini_or_the_terminal() {
 #[test]
 fn a_symlinked_disk_extent_does_not_bring_a_backup_server_file_into_the_archive() {
     // Finding 3: rsync -a copied the host's symlink into staging and chunking followed it.
-    let e = esx("chunkFiles=*-flat.vmdk\nchunkSize=256K\nchunkCompression=none\n");
+    let e = esx("chunkFiles=*-flat.vmdk\nchunkSize=256K\nchunkCompression=none\nchunkTransport=rsync\n");
     let key = e.affa.state.join("ssh/id_ed25519_affa");
     let secret = fs::read(&key).unwrap();
     let flat = e.work.path().join("vmfs-ds1/vm1/vm1-flat.vmdk");
@@ -932,7 +936,11 @@ fn source_files_that_look_like_store_internals_are_backed_up_and_restored_as_fil
     let held = s.join("var/affa");
     fs::create_dir_all(&held).unwrap();
     assert!(std::process::Command::new("cp").arg("-a").arg(other.job_dir("v")).arg(&held).status().unwrap().success());
-    let job = affa.ssh_job("web", &sshd, &format!("Include={}\nchunkFiles=*.img\nchunkSize=256K\n", s.display()));
+    let job = affa.ssh_job(
+        "web",
+        &sshd,
+        &format!("Include={}\nchunkFiles=*.img\nchunkSize=256K\nchunkTransport=rsync\n", s.display()),
+    );
     affa.write_conf("web.conf", &job);
     ok(&affa.send_key(&mut sshd, "web"));
     ok(&affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]));

@@ -13,6 +13,7 @@
 mod common;
 
 mod affa3;
+mod agent_transport;
 mod chunked;
 mod engine;
 mod esxi;

@@ -191,7 +191,7 @@ fn without_yes_and_without_a_terminal_it_refuses_and_changes_nothing() {
 /// the restore before anything is written.
 #[test]
 fn chunked_files_are_rebuilt_and_a_damaged_chunk_stops_before_any_write() {
-    let s = setup("chunkFiles=*.img\n");
+    let s = setup("chunkFiles=*.img\nchunkTransport=rsync\n");
     let img = s.src.path().join("home/u/disk.img");
     let mut data = vec![0u8; 3 << 20];
     for (i, b) in data.iter_mut().enumerate().skip(1 << 20).take(300_000) {

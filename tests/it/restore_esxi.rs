@@ -34,7 +34,8 @@ impl std::ops::DerefMut for Backed {
 /// vm1: disk 0 (24 MiB, sparse, chunked) on datastore1, disk 1 (4 MiB, plain) on ds2; one
 /// backup done.
 fn esx() -> Backed {
-    let e = Esx::start(24 * MB, &[(MB, 2 * MB)], "chunkFiles=*/vm1-flat.vmdk\nchunkSize=1M\n", "");
+    let e =
+        Esx::start(24 * MB, &[(MB, 2 * MB)], "chunkFiles=*/vm1-flat.vmdk\nchunkSize=1M\nchunkTransport=rsync\n", "");
     ok(&e.affa.affa_at("2026-05-04T21:00:00", &["--run", "esx"]));
     let frozen = e.frozen();
     let s0 = e.affa.job_dir("esx").join("scheduled.0");

@@ -306,7 +306,7 @@ fn host_on(mut sshd: Sshd, extra: &str) -> Host {
     let job = affa.ssh_job(
         "web",
         &sshd,
-        &format!("Include={}\nchunkFiles=*.img\nscheduledKeep=2\n{extra}", src.path().display()),
+        &format!("Include={}\nchunkFiles=*.img\nscheduledKeep=2\nchunkTransport=rsync\n{extra}", src.path().display()),
     );
     affa.write_conf("web.conf", &job);
     ok(&affa.send_key(&mut sshd, "web"));
@@ -467,7 +467,7 @@ fn cleanup_delete_and_move_ask_on_the_terminal() {
 /// `--send-key` answered.
 #[test]
 fn esxi_on_a_terminal() {
-    let e = Esx::start(96 * MB, &[(0, 4 * MB)], "chunkFiles=*-flat.vmdk\nscheduledKeep=2\n", "");
+    let e = Esx::start(96 * MB, &[(0, 4 * MB)], "chunkFiles=*-flat.vmdk\nscheduledKeep=2\nchunkTransport=rsync\n", "");
     let snap = "BEXI-esx-20260504210000";
     let t = on_pty(&e.affa, Some("2026-05-04T21:00:00"), &["--run", "esx"], None);
     t.ok().drew_progress("rsync").drew_progress("chunking").shows(&[
@@ -528,7 +528,8 @@ fn esxi_on_a_terminal() {
 /// names the signal, and the next run resumes.
 #[test]
 fn ctrl_c_on_a_terminal_removes_the_snapshot_and_leaves_a_clean_screen() {
-    let e = Esx::start(48 * MB, &[(0, 4 * MB)], "chunkFiles=*-flat.vmdk\nBandwidthLimit=2000\n", "");
+    let e =
+        Esx::start(48 * MB, &[(0, 4 * MB)], "chunkFiles=*-flat.vmdk\nBandwidthLimit=2000\nchunkTransport=rsync\n", "");
     let t = typing(&e.affa, Some("2026-05-04T21:00:00"), &["--run", "esx"], Some(("MiB/4", "\x03")));
     t.failed().shows(&[
         "==> copying the disks in vmfs/volumes/datastore1/vm1 (1 of 2)",

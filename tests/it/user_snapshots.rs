@@ -209,7 +209,7 @@ fn back_up_and_restore(snaps: &[&str], conf: &str, chunked_in_archive: &[&str]) 
 fn a_vm_with_a_snapshot_of_its_own_is_archived_with_its_chain_and_restores_whole() {
     back_up_and_restore(
         &["before upgrade"],
-        "chunkFiles=*-flat.vmdk\nchunkFiles=*-delta.vmdk\nchunkSize=256K\n",
+        "chunkFiles=*-flat.vmdk\nchunkFiles=*-delta.vmdk\nchunkSize=256K\nchunkTransport=rsync\n",
         &["vm1-flat.vmdk", "vm1-000001-delta.vmdk"],
     );
 }
@@ -219,7 +219,7 @@ fn a_vm_with_two_snapshots_of_its_own_restores_with_its_tree() {
     // The seed's pattern: every .vmdk chunked, descriptors included.
     back_up_and_restore(
         &["before upgrade", "after upgrade"],
-        "chunkFiles=*.vmdk\nchunkSize=256K\n",
+        "chunkFiles=*.vmdk\nchunkSize=256K\nchunkTransport=rsync\n",
         &["vm1.vmdk", "vm1-000002.vmdk", "vm1-000002-delta.vmdk"],
     );
 }
@@ -243,7 +243,7 @@ fn user_snapshots_refuse_fails_naming_them_and_archives_nothing() {
 
 #[test]
 fn a_restore_whose_chain_lacks_a_file_fails_and_names_it() {
-    let e = esx(8 * MB, "chunkFiles=*-flat.vmdk\nchunkFiles=*-delta.vmdk\n");
+    let e = esx(8 * MB, "chunkFiles=*-flat.vmdk\nchunkFiles=*-delta.vmdk\nchunkTransport=rsync\n");
     take_snapshot(&e, "before upgrade");
     guest_write(&e, 0, MB, 8192, 0x77);
     ok(&e.affa.affa_at("2026-05-04T21:00:00", &["--run", "esx"]));

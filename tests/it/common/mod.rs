@@ -484,6 +484,21 @@ pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
+/// The statically linked affa-agent (scripts/build-agent.sh; scripts/test.sh builds it before
+/// the tests, and it is built here once when it is missing).
+pub fn static_agent() -> PathBuf {
+    static AGENT: LazyLock<PathBuf> = LazyLock::new(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let p = root.join("target/x86_64-unknown-linux-gnu/release/affa-agent");
+        if !p.exists() {
+            let st = Command::new(root.join("scripts/build-agent.sh")).stdout(Stdio::null()).status().unwrap();
+            assert!(st.success() && p.exists(), "scripts/build-agent.sh did not build {}", p.display());
+        }
+        p
+    });
+    AGENT.clone()
+}
+
 /// An affa setup: config dir, RootDir, state dirs, all in one temp dir.
 pub struct Affa {
     pub tmp: TempDir,
@@ -505,9 +520,10 @@ impl Affa {
         a.write_conf(
             "00-global.conf",
             &format!(
-                "[GlobalAffaConfig]\nlockDir={s}/lock\nlogDir={s}/log\nsshDir={s}/ssh\nscriptDir={s}/scripts\nRootDir={r}\n",
+                "[GlobalAffaConfig]\nlockDir={s}/lock\nlogDir={s}/log\nsshDir={s}/ssh\nscriptDir={s}/scripts\nRootDir={r}\nagentBinary={g}\n",
                 s = a.state.display(),
-                r = a.root.display()
+                r = a.root.display(),
+                g = static_agent().display()
             ),
         );
         a
