@@ -30,7 +30,8 @@ use crate::error::{IoContext, Result};
 use crate::{archive, chunk, interrupt};
 use view::{Attr, Kind, View};
 
-/// The file-system type the kernel shows (`fuse.affa` in /proc/mounts).
+/// The subtype of the mount (`fuse.affa` when mounted through fusermount3; a mount made by
+/// root directly shows `fuse` with the source `affa:JOB`).
 pub const SUBTYPE: &str = "affa";
 /// The environment variable that tells a detached child to report readiness on its stdout.
 pub const READY_ENV: &str = "AFFA_MOUNT_READY";
@@ -403,18 +404,23 @@ pub fn detached_ready() {
     }
 }
 
-/// The mount points of affa mounts (`fuse.affa` in /proc/self/mountinfo).
+/// The mount points of affa mounts: FUSE mounts by root whose source is `affa:JOB` (as
+/// /proc/self/mountinfo shows them).
 pub fn affa_mounts() -> Vec<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines().filter_map(|l| parse_mountinfo_line(l).filter(|(_, t)| t == "fuse.affa").map(|(p, _)| p)).collect()
+    text.lines().filter_map(parse_mountinfo_line).filter(|m| is_affa(m)).map(|m| m.0).collect()
 }
 
-/// (mount point, file-system type) of one mountinfo line.
-fn parse_mountinfo_line(l: &str) -> Option<(PathBuf, String)> {
+/// (mount point, file-system type, source, super options) of one mountinfo line.
+fn parse_mountinfo_line(l: &str) -> Option<(PathBuf, String, String, String)> {
     let f: Vec<&str> = l.split(' ').collect();
     let sep = f.iter().position(|x| *x == "-")?;
-    let fstype = f.get(sep + 1)?;
-    Some((PathBuf::from(unescape_octal(f.get(4)?)), fstype.to_string()))
+    let (fstype, src, opts) = (f.get(sep + 1)?, f.get(sep + 2)?, f.get(sep + 3).unwrap_or(&""));
+    Some((PathBuf::from(unescape_octal(f.get(4)?)), fstype.to_string(), src.to_string(), opts.to_string()))
+}
+
+fn is_affa((_, fstype, src, opts): &(PathBuf, String, String, String)) -> bool {
+    (fstype == "fuse" || fstype == "fuse.affa") && src.starts_with("affa:") && opts.split(',').any(|o| o == "user_id=0")
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\NNN`.
@@ -460,8 +466,12 @@ mod tests {
 
     #[test]
     fn mountinfo_lines() {
-        let l = "36 35 0:31 / /mnt/a\\040b rw,nosuid,nodev - fuse.affa affa:web ro,user_id=0";
-        assert_eq!(parse_mountinfo_line(l), Some((PathBuf::from("/mnt/a b"), "fuse.affa".to_string())));
+        let l = "36 35 0:31 / /mnt/a\\040b ro,nosuid,nodev - fuse affa:web ro,user_id=0,group_id=0";
+        let m = parse_mountinfo_line(l).unwrap();
+        assert_eq!(m.0, PathBuf::from("/mnt/a b"));
+        assert!(is_affa(&m));
+        let other = "36 35 0:31 / /mnt/b rw - fuse.sshfs affa:web rw,user_id=1000";
+        assert!(!is_affa(&parse_mountinfo_line(other).unwrap()));
         assert_eq!(parse_mountinfo_line("garbage"), None);
     }
 }

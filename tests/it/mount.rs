@@ -55,7 +55,7 @@ fn image(path: &Path, size: u64, seed: u64) {
 fn mounted(dir: &Path) -> bool {
     let t = fs::read_to_string("/proc/self/mountinfo").unwrap();
     let want = dir.to_str().unwrap().replace(' ', "\\040");
-    t.lines().any(|l| l.split(' ').nth(4) == Some(want.as_str()) && l.contains(" - fuse.affa "))
+    t.lines().any(|l| l.split(' ').nth(4) == Some(want.as_str()) && l.contains(" - fuse affa:"))
 }
 
 /// The pid of the `affa --mount ... DIR --foreground` process serving `dir`.
