@@ -223,7 +223,7 @@ fn an_open_file_reads_the_same_bytes_while_a_rotation_deletes_its_archive() {
     let scribble = |seed: u8| {
         let mut f = fs::OpenOptions::new().write(true).open(&img).unwrap();
         let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ seed as u64;
-        let data: Vec<u8> = (0..4 * MB)
+        let data: Vec<u8> = (0..16 * MB)
             .map(|_| {
                 x ^= x << 13;
                 x ^= x >> 7;
@@ -231,7 +231,6 @@ fn an_open_file_reads_the_same_bytes_while_a_rotation_deletes_its_archive() {
                 (x >> 32) as u8
             })
             .collect();
-        f.seek(SeekFrom::Start(8 * MB)).unwrap();
         f.write_all(&data).unwrap();
     };
     scribble(1);
@@ -243,9 +242,25 @@ fn an_open_file_reads_the_same_bytes_while_a_rotation_deletes_its_archive() {
     open.read_exact(&mut got).unwrap();
     // A third run: scheduled.1 (the open file's archive) is rotated out and deleted, the
     // chunks only it used are swept from the pool.
+    let ids = |a: &str| -> std::collections::BTreeSet<String> {
+        let mp = s.affa.job_dir("vm").join(a).join(&s.rel).join("images/disk.img.affa-manifest");
+        let m = affa::chunk::read_manifest(&mp).unwrap();
+        m.chunks
+            .iter()
+            .filter_map(
+                |c| if let affa::chunk::ChunkRef::Stored(id) = c { Some(affa::chunk::id_hex(id)) } else { None },
+            )
+            .collect()
+    };
+    let only_old: Vec<String> = ids("scheduled.1").difference(&ids("scheduled.0")).cloned().collect();
+    assert!(!only_old.is_empty());
     scribble(2);
     ok(&s.affa.affa_at("2026-06-01T22:00:00", &["--run", "vm"]));
     assert_eq!(archive_names(&s.affa.job_dir("vm")), ["scheduled.0", "scheduled.1"]);
+    for id in &only_old {
+        let p = s.affa.root.join(".affa-pool").join(&id[..2]).join(id);
+        assert!(!p.exists(), "chunk {id} of the deleted archive is still in the pool");
+    }
     let mut rest = Vec::new();
     open.read_to_end(&mut rest).unwrap();
     got.extend(rest);
