@@ -408,7 +408,7 @@ pub fn detached_ready() {
 /// /proc/self/mountinfo shows them).
 pub fn affa_mounts() -> Vec<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines().filter_map(parse_mountinfo_line).filter(|m| is_affa(m)).map(|m| m.0).collect()
+    text.lines().filter_map(parse_mountinfo_line).filter(is_affa).map(|m| m.0).collect()
 }
 
 /// (mount point, file-system type, source, super options) of one mountinfo line.

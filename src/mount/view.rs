@@ -170,6 +170,11 @@ enum Handle {
 }
 
 type Prefetch = (Arc<Source>, ChunkId, usize);
+/// (device, inode) of a file.
+type Ident = (u64, u64);
+/// path -> (inode number, what it showed); inode number - 1 -> path.
+type Nodes = (HashMap<PathBuf, (u64, Ident)>, Vec<PathBuf>);
+type ManifestEntry = ((u64, u64, i64, i64), Arc<Manifest>);
 
 /// The tree a mount shows.
 pub struct View {
@@ -182,9 +187,11 @@ pub struct View {
     /// path -> (inode number, identity of what it showed: device and inode of the file, or of
     /// a chunked file's manifest); inode number - 1 -> path. A path that shows another file
     /// after a rotation gets a new number, so the kernel never mixes the two files' cached pages.
-    nodes: Mutex<(HashMap<PathBuf, (u64, (u64, u64))>, Vec<PathBuf>)>,
-    archives: Mutex<HashMap<(u64, u64), Arc<BTreeSet<PathBuf>>>>,
-    manifests: Mutex<Vec<((u64, u64, i64, i64), Arc<Manifest>)>>,
+    nodes: Mutex<Nodes>,
+    /// The chunked files of each archive, by the archive directory's (device, inode).
+    archives: Mutex<HashMap<Ident, Arc<BTreeSet<PathBuf>>>>,
+    /// Recently parsed manifests, by (device, inode, mtime seconds, nanoseconds).
+    manifests: Mutex<Vec<ManifestEntry>>,
     cache: Arc<Mutex<Cache>>,
     inflight: Arc<Mutex<HashSet<ChunkId>>>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
@@ -737,7 +744,7 @@ fn pin_budget() -> u64 {
     let mut l = getrlimit(Resource::Nofile);
     if l.current != l.maximum {
         l.current = l.maximum;
-        let _ = setrlimit(Resource::Nofile, l.clone());
+        let _ = setrlimit(Resource::Nofile, l);
     }
     let cur = getrlimit(Resource::Nofile).current.unwrap_or(1 << 20);
     cur.saturating_sub(2048).min(1 << 20)
