@@ -161,6 +161,14 @@ fn a_mounted_job_shows_every_archive_and_every_file_as_it_was() {
     f.write_all(&vec![0xa5; MB as usize]).unwrap();
     drop(f);
     ok(&s.affa.affa_at("2026-06-01T21:00:00", &["--run", "vm"]));
+    // Errors of the detached mount come back as one line, and nothing is mounted.
+    let dir = s.affa.tmp.path().join("mnt");
+    fs::create_dir_all(&dir).unwrap();
+    let e = fail(&s.affa.affa(&["--mount", "vm", "daily.9", dir.to_str().unwrap()]));
+    assert!(e.trim_end().lines().count() == 1 && e.contains("job vm has no archive 'daily.9'"), "{e}");
+    let e = fail(&s.affa.affa(&["--mount", "vm", s.affa.tmp.path().join("nodir").to_str().unwrap()]));
+    assert!(e.contains("nodir"), "{e}");
+    assert!(!mounted(&dir));
     let m = mount(&s, &["vm"], "mnt");
     // The archives, by their exact names, and nothing else of the job directory.
     let mut names: Vec<String> =
