@@ -110,6 +110,11 @@ pub fn cron_text(cfg: &Config, config_dir: &Path) -> String {
             metrics.display()
         ));
     }
+    if cfg.jobs.values().any(|j| j.samba_share && !j.chunk.files.is_empty()) {
+        s.push_str(&format!(
+            "\n# mount the archives of the Samba shares of chunked jobs after a reboot (affa --mount)\n@reboot root {affa} --silent --samba-shares >/dev/null\n"
+        ));
+    }
     s.push_str(&format!(
         "\n# apply configuration changes (Affa 3's self-refresh)\n*/15 * * * * root {affa} --silent --_cronupdate\n"
     ));

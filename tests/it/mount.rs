@@ -412,3 +412,52 @@ fn a_single_file_comes_out_of_a_vm_disk_by_the_restore_recipe() {
     ok(&s.affa.affa(&["--umount", m.0.to_str().unwrap()]));
     drop(s.sshd);
 }
+
+#[test]
+fn the_samba_share_of_a_chunked_job_serves_the_mounted_view() {
+    if unavailable() {
+        return;
+    }
+    let smbd = common::smb::start_smbd();
+    let s = setup("SambaShare=yes\nSambaValidUser=root\n");
+    fs::write(
+        s.affa.conf.join("00-global.conf"),
+        format!(
+            "[GlobalAffaConfig]\nlockDir={st}/lock\nlogDir={st}/log\nsshDir={st}/ssh\nscriptDir={st}/scripts\nRootDir={r}\n\
+             cronFile={st}/cron.d/affa\nsambaConfDir={st}/samba\nsmbConf={}\n",
+            smbd.dir.path().join("smb.conf").display(),
+            st = s.affa.state.display(),
+            r = s.affa.root.display()
+        ),
+    )
+    .unwrap();
+    ok(&s.affa.affa_at("2026-06-01T20:00:00", &["--run", "vm"]));
+    let out = ok(&s.affa.affa(&["--samba-shares"]));
+    assert!(out.starts_with("Samba shares: vm"), "{out}");
+    let mp = s.affa.state.join("lock/samba-mounts/vm");
+    let _m = Mnt(mp.clone());
+    assert!(mounted(&mp), "--samba-shares did not mount the archives for the share");
+    let share = fs::read_to_string(s.affa.state.join("samba/affa-job-vm.conf")).unwrap();
+    assert!(share.contains(&format!("\tpath = {}\n", mp.display())), "{share}");
+    // A second call keeps the one mount.
+    ok(&s.affa.affa(&["--samba-shares"]));
+    let t = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert_eq!(t.lines().filter(|l| l.split(' ').nth(4) == Some(mp.to_str().unwrap())).count(), 1);
+    // The chunked disk comes through the share byte-identical; the store does not show.
+    let got = s.affa.tmp.path().join("got.img");
+    let rel = s.rel.join("images/disk.img");
+    let o =
+        common::smb::smbclient_until_ok(&smbd, "vm", &format!("get scheduled.0/{} {}", rel.display(), got.display()));
+    assert!(
+        o.status.success(),
+        "smbclient get: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(hash(&got), hash(&s.src.path().join("images/disk.img")));
+    let o = common::smb::smbclient(&smbd, "vm", "ls scheduled.0/*");
+    let listing = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && !listing.contains(".affa-chunks") && !listing.contains(".AFFA3-REPORT"), "{listing}");
+    ok(&s.affa.affa(&["--umount", mp.to_str().unwrap()]));
+    drop(s.sshd);
+}
