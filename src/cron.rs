@@ -351,4 +351,14 @@ mod tests {
             "\n# status mail (sendStatus=monthly)\n0 5 1 * * root /usr/sbin/affa --silent --send-status >/dev/null\n"
         ));
     }
+
+    #[test]
+    fn a_samba_share_of_a_chunked_job_is_mounted_again_at_boot() {
+        let line = "@reboot root /usr/sbin/affa --silent --samba-shares >/dev/null\n";
+        let shared = "[GlobalAffaConfig]\nRootDir=/srv/affa\n[vm]\nremoteHostName=esx.example\nSambaShare=yes\n";
+        let cfg = config(&format!("{shared}chunkFiles=*-flat.vmdk\n"));
+        assert_eq!(cron_text(&cfg, Path::new("/etc/affa")).matches(line).count(), 1);
+        // Not for a share without chunked files (it shares RootDir/JOB itself).
+        assert!(!cron_text(&config(shared), Path::new("/etc/affa")).contains("--samba-shares"));
+    }
 }

@@ -1,5 +1,7 @@
 //! Samba shares of job archives (`SambaShare=yes`): a read-only share named after the job, of
-//! RootDir/JOB, for the users in SambaValidUser.
+//! RootDir/JOB, for the users in SambaValidUser; for a job with chunkFiles, of its archives
+//! mounted by `affa --mount` at `lockDir/samba-mounts/JOB` (chunked files as plain files), which
+//! `--samba-shares` mounts when it is not mounted.
 //!
 //! Owns: the files under sambaConfDir — one include file per shared job
 //! (`affa-job-JOB.conf`) and `affa-shares.conf`, which includes them — and the single
