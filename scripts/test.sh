@@ -14,6 +14,7 @@ PACKAGES=(
   curl                                          # scripts/demo.sh, which .ci/run runs too
   e2fsprogs mount                               # the USB-disk test (mkfs.ext4, losetup, mount)
   file                                          # crates/agent/tests: the agent is statically linked
+  fuse3 fdisk util-linux                        # the mount tests (fusermount3; sfdisk, partx for the VM-disk recipe)
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

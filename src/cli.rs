@@ -120,6 +120,12 @@ pub struct Cli {
     /// Write the NRPE command file (one check per monitored job), include it in nrpe.cfg, restart NRPE
     #[arg(long)]
     init_nrpe: bool,
+    /// Mount the archives of JOB read-only (FUSE; chunked files as plain files): JOB [ARCHIVE] DIR
+    #[arg(long)]
+    mount: bool,
+    /// Unmount an affa mount: DIR
+    #[arg(long)]
+    umount: bool,
     /// Affa 3's cron file: rewrite the cron file if the configuration changed
     #[arg(long = "_cronupdate", hide = true)]
     cronupdate: bool,
@@ -196,6 +202,9 @@ pub struct Cli {
     /// --install: install under this directory instead of /
     #[arg(long, value_name = "DIR")]
     prefix: Option<PathBuf>,
+    /// --mount: stay in the foreground (default: detach once the mount is ready)
+    #[arg(long)]
+    foreground: bool,
     /// Configuration directory (default $AFFA_CONFIG_DIR or /etc/affa)
     #[arg(long, value_name = "DIR")]
     config_dir: Option<PathBuf>,
@@ -247,6 +256,8 @@ pub const USAGE: &[&str] = &[
     "--unchunk JOB ARCHIVE [--to DIR]",
     "--metrics",
     "--samba-shares",
+    "--mount [--foreground] JOB [ARCHIVE] DIR",
+    "--umount DIR",
     "--install [--prefix DIR]",
     "--version",
     "--help",
@@ -386,6 +397,17 @@ pub enum Action {
         csv: bool,
     },
     InitNrpe,
+    /// `--mount JOB [ARCHIVE] DIR`: the archives (or one) as a read-only file system.
+    Mount {
+        job: String,
+        archive: Option<String>,
+        dir: PathBuf,
+        foreground: bool,
+    },
+    /// `--umount DIR`
+    Umount {
+        dir: PathBuf,
+    },
     /// `--_cronupdate`: rewrite the cron file if the configuration changed.
     CronUpdate,
     /// `--_jobs`: the job names (bash completion).
@@ -471,6 +493,8 @@ fn actions(c: &Cli) -> Vec<&'static str> {
         (c.install, "--install"),
         (c.show_config_pathes, "--show-config-pathes"),
         (c.init_nrpe, "--init-nrpe"),
+        (c.mount, "--mount"),
+        (c.umount, "--umount"),
         (c.cronupdate, "--_cronupdate"),
         (c.jobs, "--_jobs"),
         (c.shorthelp, "--_shorthelp"),
@@ -502,6 +526,7 @@ fn leftover(c: &Cli) -> Option<&'static str> {
         (c.register.is_some(), "--register"),
         (c.dry_run, "--dry-run"),
         (c.prefix.is_some(), "--prefix"),
+        (c.foreground, "--foreground"),
     ]
     .into_iter()
     .find_map(|(set, name)| set.then_some(name))
@@ -672,6 +697,16 @@ pub fn action(mut c: Cli) -> Result<Invocation, Usage> {
         "--init-nrpe" => {
             exactly::<0>(a, one)?;
             Action::InitNrpe
+        }
+        "--mount" => {
+            let mut v = args(a, one, 2, 3)?;
+            let dir = PathBuf::from(v.pop().unwrap_or_default());
+            let archive = (v.len() == 2).then(|| v.swap_remove(1));
+            Action::Mount { job: v.swap_remove(0), archive, dir, foreground: std::mem::take(&mut c.foreground) }
+        }
+        "--umount" => {
+            let [dir] = exactly(a, one)?;
+            Action::Umount { dir: PathBuf::from(dir) }
         }
         "--_cronupdate" => {
             exactly::<0>(a, one)?;
@@ -934,5 +969,25 @@ mod tests {
             assert!(cmd.get_arguments().any(|a| a.get_long() == Some(opt)) || opt == "version" || opt == "help", "{u}");
         }
         assert!(short_help().starts_with("Usage: affa --run JOB"));
+    }
+
+    #[test]
+    fn mount_and_umount() {
+        let m = |job: &str, archive: Option<&str>, dir: &str, foreground: bool| Action::Mount {
+            job: job.into(),
+            archive: archive.map(String::from),
+            dir: PathBuf::from(dir),
+            foreground,
+        };
+        assert_eq!(act(&["--mount", "web", "/mnt/x"]), m("web", None, "/mnt/x", false));
+        assert_eq!(
+            act(&["--mount", "web", "daily.3", "/mnt/x", "--foreground"]),
+            m("web", Some("daily.3"), "/mnt/x", true)
+        );
+        assert_eq!(act(&["--umount", "/mnt/x"]), Action::Umount { dir: PathBuf::from("/mnt/x") });
+        assert!(usage_error(&["--mount", "web"]).starts_with("--mount: missing argument; usage: affa --mount"));
+        assert!(usage_error(&["--mount", "web", "a", "b", "c"]).starts_with("--mount: unexpected argument 'c'"));
+        assert!(usage_error(&["--umount"]).starts_with("--umount: missing argument"));
+        assert!(usage_error(&["--umount", "/x", "--foreground"]).starts_with("--foreground does not apply to --umount"));
     }
 }

@@ -110,6 +110,11 @@ pub fn cron_text(cfg: &Config, config_dir: &Path) -> String {
             metrics.display()
         ));
     }
+    if cfg.jobs.values().any(|j| j.samba_share && !j.chunk.files.is_empty()) {
+        s.push_str(&format!(
+            "\n# mount the archives of the Samba shares of chunked jobs after a reboot (affa --mount)\n@reboot root {affa} --silent --samba-shares >/dev/null\n"
+        ));
+    }
     s.push_str(&format!(
         "\n# apply configuration changes (Affa 3's self-refresh)\n*/15 * * * * root {affa} --silent --_cronupdate\n"
     ));
@@ -345,5 +350,15 @@ mod tests {
         assert!(cron_text(&cfg, Path::new("/etc/affa")).contains(
             "\n# status mail (sendStatus=monthly)\n0 5 1 * * root /usr/sbin/affa --silent --send-status >/dev/null\n"
         ));
+    }
+
+    #[test]
+    fn a_samba_share_of_a_chunked_job_is_mounted_again_at_boot() {
+        let line = "@reboot root /usr/sbin/affa --silent --samba-shares >/dev/null\n";
+        let shared = "[GlobalAffaConfig]\nRootDir=/srv/affa\n[vm]\nremoteHostName=esx.example\nSambaShare=yes\n";
+        let cfg = config(&format!("{shared}chunkFiles=*-flat.vmdk\n"));
+        assert_eq!(cron_text(&cfg, Path::new("/etc/affa")).matches(line).count(), 1);
+        // Not for a share without chunked files (it shares RootDir/JOB itself).
+        assert!(!cron_text(&config(shared), Path::new("/etc/affa")).contains("--samba-shares"));
     }
 }

@@ -19,6 +19,7 @@ pub mod joblog;
 pub mod lock;
 pub mod maintenance;
 pub mod monitor;
+pub mod mount;
 pub mod notify;
 pub mod observer;
 pub mod restore;

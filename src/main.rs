@@ -214,6 +214,35 @@ fn dispatch(inv: Invocation, ui: &Arc<render::Terminal>, out: &mut dyn Write) ->
             }
             print(out, affa::samba::update_shares(&cfg)? + "\n");
         }
+        Action::Mount { job, archive, dir, foreground } => {
+            let cfg = env.config()?;
+            if foreground {
+                // A detached child (below) tells its parent when the mount is ready.
+                let child = std::env::var_os(affa::mount::READY_ENV).is_some();
+                affa::mount::mount(&cfg, &job, archive.as_deref(), &dir, || {
+                    if child {
+                        affa::mount::detached_ready()
+                    }
+                })?;
+            } else {
+                let abs = |p: &std::path::Path| {
+                    std::fs::canonicalize(p)
+                        .map_err(|e| affa::Error::new(format!("--mount: cannot use {}: {e}", p.display())))
+                };
+                let mut args: Vec<std::ffi::OsString> = vec!["--mount".into(), job.into()];
+                args.extend(archive.map(Into::into));
+                args.push(abs(&dir)?.into());
+                if let Some(c) = &env.config_dir {
+                    args.extend(["--config-dir".into(), abs(c)?.into()]);
+                }
+                if debug {
+                    args.push("--debug".into());
+                }
+                let exe = std::env::current_exe().map_err(|e| affa::Error::new(format!("cannot find affa itself: {e}")))?;
+                affa::mount::spawn_detached(&exe, &args)?;
+            }
+        }
+        Action::Umount { dir } => print(out, affa::mount::umount(&dir)? + "\n"),
         // Internal, every 15 minutes from cron: silent unless it fails (Affa 3's shipped cron
         // line has no --silent).
         Action::CronUpdate => {

@@ -1,5 +1,7 @@
 //! Samba shares of job archives (`SambaShare=yes`): a read-only share named after the job, of
-//! RootDir/JOB, for the users in SambaValidUser.
+//! RootDir/JOB, for the users in SambaValidUser; for a job with chunkFiles, of its archives
+//! mounted by `affa --mount` at `lockDir/samba-mounts/JOB` (chunked files as plain files), which
+//! `--samba-shares` mounts when it is not mounted.
 //!
 //! Owns: the files under sambaConfDir — one include file per shared job
 //! (`affa-job-JOB.conf`) and `affa-shares.conf`, which includes them — and the single
@@ -34,6 +36,38 @@ pub fn in_use(cfg: &Config) -> bool {
 
 /// The share definition of one job.
 pub fn share_text(job: &Job) -> String {
+    share_at(job, &job.job_dir())
+}
+
+/// Where the archives of a job with chunked files are mounted for its share (`affa --mount`):
+/// Samba then shows each chunked file as the plain file it was (a VM's `-flat.vmdk`).
+pub fn mount_point(cfg: &Config, job: &Job) -> PathBuf {
+    cfg.lock_dir().join("samba-mounts").join(&job.name)
+}
+
+fn chunked(job: &Job) -> bool {
+    !job.chunk.files.is_empty()
+}
+
+/// Mount the archives of `job` at `dir` unless an affa mount is there already.
+fn ensure_mounted(cfg: &Config, job: &Job, dir: &Path) -> Result<()> {
+    if crate::mount::affa_mounts().iter().any(|m| m == dir) {
+        return Ok(());
+    }
+    crate::fsutil::create_private_dir(dir.parent().unwrap_or(dir))?;
+    fs::create_dir_all(dir).ctx(|| format!("cannot create {}", dir.display()))?;
+    let exe = std::env::current_exe().ctx(|| "cannot find affa itself".to_string())?;
+    let args: Vec<std::ffi::OsString> = vec![
+        "--config-dir".into(),
+        fs::canonicalize(&cfg.dir).unwrap_or_else(|_| cfg.dir.clone()).into(),
+        "--mount".into(),
+        job.name.clone().into(),
+        dir.into(),
+    ];
+    crate::mount::spawn_detached(&exe, &args)
+}
+
+fn share_at(job: &Job, path: &Path) -> String {
     // Never empty: the configuration refuses SambaShare=yes without users (an empty
     // `valid users` would open the share to every Samba user).
     let users = &job.samba_users;
@@ -52,7 +86,7 @@ pub fn share_text(job: &Job) -> String {
          \tveto files = /.affa-chunks/*.affa-manifest/.AFFA-TRASH/.scheduled.resume/\n",
         name = job.name,
         host = job.host,
-        path = job.job_dir().display(),
+        path = path.display(),
         users = users.join(" "),
     )
 }
@@ -116,7 +150,15 @@ pub fn update_shares(cfg: &Config) -> Result<String> {
     let mut keep = Vec::new();
     for job in &shared {
         let name = format!("{JOB_PREFIX}{}.conf", job.name);
-        changed |= write_if_changed(&dir.join(&name), &share_text(job))?;
+        let text = if chunked(job) {
+            // The mounted view: chunked files as plain files, the store hidden.
+            let mp = mount_point(cfg, job);
+            ensure_mounted(cfg, job, &mp)?;
+            share_at(job, &mp)
+        } else {
+            share_text(job)
+        };
+        changed |= write_if_changed(&dir.join(&name), &text)?;
         index.push_str(&format!("include = {}\n", dir.join(&name).display()));
         keep.push(name);
     }

@@ -23,6 +23,7 @@ mod esxi_client;
 mod faults;
 mod hostile;
 mod local_attacker;
+mod mount;
 mod ops;
 mod restore;
 mod restore_esxi;

@@ -29,8 +29,9 @@ pub use index::INDEX_FILE;
 pub use manifest::{ChunkRef, Manifest, MANIFEST_SUFFIX, MANIFEST_VERSION};
 pub use pool::{sweep, Pool, SweepStats, ARCHIVE_CHUNK_DIR, POOL_DIR};
 pub use restore::{
-    archive_usage, chunked_files, evict_damaged, list_manifests, read_manifest, recorded_manifest, stream_file,
-    unchunk_file, verify_archive, ArchiveUsage, ChunkProblem, ChunkReader, ProblemKind, VerifyReport,
+    archive_usage, chunked_files, evict_damaged, list_manifests, load_chunk_at, load_chunk_from, open_chunk_at,
+    read_manifest, recorded_manifest, stream_file, unchunk_file, verify_archive, ArchiveUsage, ChunkProblem,
+    ChunkReader, ProblemKind, VerifyReport,
 };
 
 use crate::error::{Error, Result};

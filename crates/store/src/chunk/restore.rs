@@ -69,6 +69,66 @@ pub(super) fn load_chunk_at(
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ProblemKind::Missing),
         Err(e) => return Err(ProblemKind::Damaged(format!("cannot read: {e}"))),
     }
+    check_blob(id, len, raw, out)
+}
+
+/// Read chunk `id` from `dir`, an open chunk directory (an archive's `.affa-chunks/`, or the
+/// pool), decode it into `out` and check its length (`len`) and BLAKE3. For a reader that opens
+/// the directory once and keeps it: a mounted archive that a rotation renames stays readable.
+pub fn load_chunk_at(
+    dir: &File,
+    id: &ChunkId,
+    len: usize,
+    raw: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> std::result::Result<(), ProblemKind> {
+    let f = open_chunk_at(dir, id)?;
+    load_chunk_from(&f, id, len, raw, out)
+}
+
+/// Open the entry of chunk `id` in the chunk directory `dir` (without following a symlink; it
+/// must be a regular file). Holding it keeps the chunk readable after its names are removed.
+pub fn open_chunk_at(dir: &File, id: &ChunkId) -> std::result::Result<File, ProblemKind> {
+    use rustix::fs::{Mode, OFlags};
+    let rel = pool::chunk_rel(id);
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let f = match rustix::fs::openat(dir, &rel, flags, Mode::empty()) {
+        Ok(fd) => File::from(fd),
+        Err(rustix::io::Errno::NOENT) => return Err(ProblemKind::Missing),
+        Err(e) => return Err(ProblemKind::Damaged(format!("cannot open: {}", io::Error::from(e)))),
+    };
+    match f.metadata() {
+        Ok(m) if m.is_file() => Ok(f),
+        Ok(_) => Err(ProblemKind::Damaged("not a regular file".into())),
+        Err(e) => Err(ProblemKind::Damaged(format!("cannot stat: {e}"))),
+    }
+}
+
+/// Read chunk `id` from its open chunk file `f` (positioned reads: `f` may be shared between
+/// threads), decode it into `out` and check its length (`len`) and BLAKE3.
+pub fn load_chunk_from(
+    f: &File,
+    id: &ChunkId,
+    len: usize,
+    raw: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> std::result::Result<(), ProblemKind> {
+    let max = blob::HEADER_LEN as u64 + super::MAX_CHUNK_SIZE as u64 + (1 << 20);
+    let size = match f.metadata() {
+        Ok(m) if m.len() <= max => m.len() as usize,
+        Ok(_) => return Err(ProblemKind::Damaged("larger than a chunk file can be".into())),
+        Err(e) => return Err(ProblemKind::Damaged(format!("cannot stat: {e}"))),
+    };
+    raw.clear();
+    raw.resize(size, 0);
+    if let Err(e) = f.read_exact_at(raw, 0) {
+        return Err(ProblemKind::Damaged(format!("cannot read: {e}")));
+    }
+    check_blob(id, len, raw, out)
+}
+
+/// Decode a chunk file's bytes and check the length and hash against the manifest's.
+fn check_blob(id: &ChunkId, len: usize, raw: &[u8], out: &mut Vec<u8>) -> std::result::Result<(), ProblemKind> {
     blob::decode(raw, out).map_err(ProblemKind::Damaged)?;
     if out.len() != len {
         return Err(ProblemKind::Damaged(format!("length {} where {} was expected", out.len(), len)));
