@@ -9,7 +9,16 @@
 //! another user made, trust the pid in the file alone (a stale file of a dead run is taken over,
 //! because the kernel drops the flock when its holder dies; a pid is signalled only if it is > 1,
 //! holds the flock according to the kernel, and is an affa process), or be inherited by child
-//! processes (everything is opened close-on-exec).
+//! processes (everything is opened close-on-exec, except the children marker below, and that
+//! only in the children [`crate::transport::die_with_parent`] prepares).
+//!
+//! Also the run's children marker `lockDir/.children.JOB` (a job name never starts with '.'):
+//! the run holds an flock on it, and the rsync and ssh processes it starts inherit that open
+//! file. `PR_SET_PDEATHSIG` stops only affa's direct child when affa is killed with `-9`; rsync's
+//! own forked receiver would go on writing into `scheduled.running` for a while. The marker's
+//! flock stays held as long as any such leftover lives, so the next run of the job sees it,
+//! stops the leftovers (the processes holding the marker open: root's private file, only affa's
+//! children inherit it) and waits for them before it touches the job's directory.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, Write};
@@ -27,7 +36,23 @@ use crate::error::{Error, IoContext, Result};
 pub struct JobLock {
     file: File,
     pub path: PathBuf,
+    /// The children marker (held with an flock; inherited by the run's rsync and ssh).
+    _children: File,
+    /// Processes left by an earlier, killed run of the job that this lock stopped first.
+    pub stopped_leftovers: Vec<i32>,
 }
+
+/// The fd of the held children marker (-1: none); [`inheritable_marker`] reads it.
+static MARKER_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// The children marker fd a child of the run should inherit (-1: none). Read before the fork;
+/// the child clears its close-on-exec flag (`transport::die_with_parent`).
+pub fn inheritable_marker() -> i32 {
+    MARKER_FD.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// How long a new run waits for the leftovers of a killed one to end after SIGKILL.
+const LEFTOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub fn lock_path(lock_dir: &Path, job: &str) -> PathBuf {
     lock_dir.join(job)
@@ -138,7 +163,62 @@ pub fn acquire(lock_dir: &Path, job: &str) -> Result<JobLock> {
     file.set_len(0).ctx(|| format!("cannot write lock file {}", path.display()))?;
     file.rewind().ok();
     writeln!(file, "{}", std::process::id()).ctx(|| format!("cannot write lock file {}", path.display()))?;
-    Ok(JobLock { file, path })
+    let (children, stopped_leftovers) = children_marker(&dir, lock_dir, job)?;
+    use std::os::fd::AsRawFd;
+    MARKER_FD.store(children.as_raw_fd(), std::sync::atomic::Ordering::SeqCst);
+    Ok(JobLock { file, path, _children: children, stopped_leftovers })
+}
+
+/// Open and flock the children marker of `job`. When its flock is held, processes of an
+/// earlier run that was killed still live: each process holding the marker open is sent
+/// SIGKILL, and the flock is awaited (at most [`LEFTOVER_WAIT`]).
+fn children_marker(dir: &OwnedFd, lock_dir: &Path, job: &str) -> Result<(File, Vec<i32>)> {
+    let name = format!(".children.{job}");
+    let path = lock_dir.join(&name);
+    let (file, st) = open_file(dir, &path, &name, true)?
+        .ok_or_else(|| Error::new(format!("children marker {} vanished while it was opened", path.display())))?;
+    if try_flock(&file) {
+        return Ok((file, Vec::new()));
+    }
+    let me = std::process::id() as i32;
+    let mut stopped = Vec::new();
+    let deadline = std::time::Instant::now() + LEFTOVER_WAIT;
+    loop {
+        for pid in holders_of(st.st_dev, st.st_ino).into_iter().filter(|&p| p != me && p > 1) {
+            if let Some(p) = Pid::from_raw(pid) {
+                if rustix::process::kill_process(p, Signal::KILL).is_ok() && !stopped.contains(&pid) {
+                    stopped.push(pid);
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        if try_flock(&file) {
+            return Ok((file, stopped));
+        }
+        if std::time::Instant::now() > deadline {
+            let pids: Vec<String> = holders_of(st.st_dev, st.st_ino).iter().map(|p| p.to_string()).collect();
+            bail!(
+                "processes left by an earlier, killed run of job {job} still hold {} (pids {}) after SIGKILL; the job does not run until they end",
+                path.display(),
+                if pids.is_empty() { "unknown".to_string() } else { pids.join(", ") }
+            );
+        }
+    }
+}
+
+/// The processes that have the file (dev, ino) open, from `/proc/PID/fd`.
+fn holders_of(dev: u64, ino: u64) -> Vec<i32> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let Ok(procs) = fs::read_dir("/proc") else { return out };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Ok(fds) = fs::read_dir(p.path().join("fd")) else { continue };
+        if fds.flatten().any(|fd| fs::metadata(fd.path()).is_ok_and(|m| m.dev() == dev && m.ino() == ino)) {
+            out.push(pid);
+        }
+    }
+    out
 }
 
 fn read_pid(f: &mut File) -> Option<i32> {
@@ -275,6 +355,7 @@ fn is_affa_binary(exe: &Path, pid: i32) -> bool {
 
 impl Drop for JobLock {
     fn drop(&mut self) {
+        MARKER_FD.store(-1, std::sync::atomic::Ordering::SeqCst);
         let _ = self.file.set_len(0);
         let _ = rustix::fs::flock(self.file.as_fd(), FlockOperation::Unlock);
     }

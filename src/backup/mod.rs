@@ -56,7 +56,15 @@ pub fn run(cfg: &Config, job_name: &str, clock: &dyn Clock, opts: RunOptions) ->
 }
 
 fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
-    let _lock = lock::acquire(&ctx.cfg.lock_dir(), &ctx.job.name)?;
+    let held = lock::acquire(&ctx.cfg.lock_dir(), &ctx.job.name)?;
+    if !held.stopped_leftovers.is_empty() {
+        let pids: Vec<String> = held.stopped_leftovers.iter().map(|p| p.to_string()).collect();
+        ctx.log.warn(format!(
+            "stopped processes left by an earlier, killed run of job {} (pids {}) before touching its archives",
+            ctx.job.name,
+            pids.join(", ")
+        ));
+    }
     // AutomountDevice: the backup disk, mounted for the run (and unmounted when this is dropped).
     let _mounted = crate::automount::mount(ctx.job, Some(&ctx.log))?;
     let root = ctx.job.root_dir();

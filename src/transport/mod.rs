@@ -37,13 +37,21 @@ pub fn key_path(ssh_dir: &Path) -> PathBuf {
     ssh_dir.join("id_ed25519_affa")
 }
 
-/// Make a child die with affa (a `kill -9` of affa must not leave an rsync writing on).
+/// Make a child die with affa (a `kill -9` of affa must not leave an rsync writing on): it gets
+/// `PR_SET_PDEATHSIG`, and it inherits the run's children marker (`crate::lock`), so that what
+/// it forks itself and outlives a killed affa (rsync's receiver) is found and stopped by the
+/// job's next run.
 pub fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: the closure runs in the child between fork and exec; it only calls prctl(2), which
-    // is async-signal-safe, allocates nothing and takes no lock.
+    let marker = crate::lock::inheritable_marker();
+    // SAFETY: the closure runs in the child between fork and exec; it only calls prctl(2) and
+    // fcntl(2) on an fd number read before the fork, both async-signal-safe; it allocates
+    // nothing and takes no lock.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if marker >= 0 {
+                libc::fcntl(marker, libc::F_SETFD, 0);
+            }
             Ok(())
         });
     }

@@ -267,6 +267,45 @@ fn second_run_is_refused_naming_the_pid_and_kill_9_resumes() {
     assert!(!s.affa.job_dir("web").join(".scheduled.resume").exists());
 }
 
+/// `kill -9` of affa stops rsync (its direct child, `PR_SET_PDEATHSIG`), but rsync's own forked
+/// receiver goes on writing into `scheduled.running` for a while. A run started at once must
+/// stop those leftovers before it touches the archives, say so, and resume cleanly.
+#[test]
+fn the_next_run_stops_what_a_killed_run_left_writing() {
+    let s = setup("");
+    ok(&s.affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
+    let big = s.src.path().join("home/u/large.img");
+    let data: Vec<u8> = (0..24u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+    fs::write(&big, &data).unwrap();
+    let conf = |extra: &str| {
+        s.affa.ssh_job(
+            "web",
+            &s.sshd,
+            &format!("Include={}/etc\nInclude={}/home\n{extra}", s.src.path().display(), s.src.path().display()),
+        )
+    };
+    s.affa.write_conf("web.conf", &conf("BandwidthLimit=2000\n"));
+    let mut child = s.affa.cmd().env("AFFA_FAKE_NOW", "2026-03-02T11:00:00").args(["--run", "web"]).spawn().unwrap();
+    let running = s.affa.job_dir("web").join("scheduled.running");
+    wait_until(Duration::from_secs(30), "more than 2 MiB of large.img to arrive", || {
+        walk_find(&running, "large.img").is_some_and(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0) > 2 << 20)
+    });
+    let run = descendants(child.id());
+    signal(child.id(), rustix::process::Signal::KILL);
+    child.wait().unwrap();
+    let left: Vec<u32> = run.iter().copied().filter(|&p| alive(p)).collect();
+    assert!(!left.is_empty(), "the killed run left no process (rsync's receiver was expected to outlive it)");
+    s.affa.write_conf("web.conf", &conf(""));
+    ok(&s.affa.affa_at("2026-03-02T12:00:00", &["--run", "web"]));
+    let log = ok(&s.affa.affa(&["--log-tail", "web"]));
+    assert!(log.contains("stopped processes left by an earlier, killed run of job web (pids "), "{log}");
+    let still: Vec<u32> = left.iter().copied().filter(|&p| alive(p)).collect();
+    assert!(still.is_empty(), "processes of the killed run still alive after the next run: {still:?}");
+    let got = fs::read(archived(&s, "scheduled.0", "home/u/large.img")).unwrap();
+    assert!(got == data, "resumed file differs");
+    assert!(!running.exists());
+}
+
 fn walk_find(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
     for e in fs::read_dir(dir).ok()?.flatten() {
         let p = e.path();

@@ -25,7 +25,8 @@ pub const MAX_SOFTWARE: usize = 256;
 pub const MAX_TEXT: usize = 4096;
 /// Largest window an agent may announce.
 pub const MAX_WINDOW: u32 = 1024;
-/// Entries of the previous manifest per `PREV` frame when affa sends them.
+/// Entries of the previous manifest per `PREV` frame (and of the manifest per `RMANIFEST`
+/// frame) when affa sends them.
 pub const PREV_PER_FRAME: usize = 65536;
 /// Ranges per `RANGES` frame when affa sends them.
 pub const RANGES_PER_FRAME: usize = 65536;
@@ -45,6 +46,13 @@ pub mod ty {
     pub const DATA: u8 = 0x17;
     pub const END: u8 = 0x18;
     pub const FAULT: u8 = 0x19;
+    pub const RESTORE: u8 = 0x20;
+    pub const RMANIFEST: u8 = 0x21;
+    pub const RNEED: u8 = 0x22;
+    pub const RDATA: u8 = 0x23;
+    pub const ROPENED: u8 = 0x24;
+    pub const RDONE: u8 = 0x25;
+    pub const RABORT: u8 = 0x26;
 }
 
 /// A protocol failure.
@@ -154,7 +162,41 @@ pub struct Backup {
     pub ranged: bool,
 }
 
-/// Why a backup failed at the source (`FAULT`).
+/// The request of a restore (`RESTORE`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Restore {
+    /// The target, absolute.
+    pub path: Vec<u8>,
+    pub size: u64,
+    pub chunk_size: u32,
+    pub mode: u32,
+    /// Applied only when the agent runs as root; `u32::MAX` leaves it.
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: (i64, u32),
+    pub atime: (i64, u32),
+    pub file_hash: [u8; 32],
+    /// Manifest entries that follow (`RMANIFEST`).
+    pub count: u64,
+    /// Compare an existing regular target and copy its equal chunks locally.
+    pub compare: bool,
+    /// Leave an existing regular target whose mtime is newer than `mtime` as it is (rsync's
+    /// `--update`): the answer is then an `RDONE` with `skipped`.
+    pub keep_newer: bool,
+}
+
+/// The end of a restore (`RDONE`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RDone {
+    pub chunks_received: u64,
+    pub bytes_received: u64,
+    pub chunks_local: u64,
+    pub bytes_local_read: u64,
+    /// The target was newer and left as it is (`keep_newer`); nothing was written.
+    pub skipped: bool,
+}
+
+/// Why a backup or a restore failed at the agent (`FAULT`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FaultKind {
     Vanished = 1,
@@ -167,6 +209,9 @@ pub enum FaultKind {
     Replaced = 8,
     BadRequest = 9,
     Internal = 10,
+    Write = 11,
+    BadData = 12,
+    Aborted = 13,
 }
 
 impl FaultKind {
@@ -183,6 +228,9 @@ impl FaultKind {
             8 => Replaced,
             9 => BadRequest,
             10 => Internal,
+            11 => Write,
+            12 => BadData,
+            13 => Aborted,
             _ => return None,
         })
     }
@@ -200,6 +248,9 @@ impl FaultKind {
             Replaced => "replaced while read",
             BadRequest => "bad request",
             Internal => "agent failure",
+            Write => "write error",
+            BadData => "bad data",
+            Aborted => "aborted by affa",
         }
     }
 }
@@ -245,6 +296,28 @@ pub enum Msg {
         offset: u64,
         message: String,
     },
+    Restore(Restore),
+    /// Entries of the manifest to restore from `start`: None = zero chunk, Some(id) = stored.
+    RManifest {
+        start: u64,
+        entries: Vec<Option<[u8; 32]>>,
+    },
+    RNeed {
+        index: u64,
+    },
+    /// The chunk file of chunk `index`, as the archive stores it.
+    RData {
+        index: u64,
+        blob: Vec<u8>,
+    },
+    ROpened {
+        window: u32,
+        compared: bool,
+    },
+    RDone(RDone),
+    RAbort {
+        message: String,
+    },
 }
 
 impl Msg {
@@ -263,6 +336,13 @@ impl Msg {
             Msg::Data { .. } => ty::DATA,
             Msg::End(_) => ty::END,
             Msg::Fault { .. } => ty::FAULT,
+            Msg::Restore(_) => ty::RESTORE,
+            Msg::RManifest { .. } => ty::RMANIFEST,
+            Msg::RNeed { .. } => ty::RNEED,
+            Msg::RData { .. } => ty::RDATA,
+            Msg::ROpened { .. } => ty::ROPENED,
+            Msg::RDone(_) => ty::RDONE,
+            Msg::RAbort { .. } => ty::RABORT,
         }
     }
 
@@ -293,19 +373,7 @@ impl Msg {
                 put_u64(&mut b, r.prev_count);
                 b.push(r.ranged as u8);
             }
-            Msg::Prev { start, entries } => {
-                put_u64(&mut b, *start);
-                put_u32(&mut b, entries.len() as u32);
-                for e in entries {
-                    match e {
-                        None => b.push(0),
-                        Some(id) => {
-                            b.push(1);
-                            b.extend_from_slice(id);
-                        }
-                    }
-                }
-            }
+            Msg::Prev { start, entries } | Msg::RManifest { start, entries } => put_entries(&mut b, *start, entries),
             Msg::Ranges(rs) => {
                 put_u32(&mut b, rs.len() as u32);
                 for (s, e) in rs {
@@ -337,7 +405,7 @@ impl Msg {
                 put_u64(&mut b, *index);
                 b.push(*need as u8);
             }
-            Msg::Data { index, blob } => {
+            Msg::Data { index, blob } | Msg::RData { index, blob } => {
                 put_u64(&mut b, *index);
                 b.extend_from_slice(blob);
             }
@@ -354,6 +422,33 @@ impl Msg {
                 put_u64(&mut b, *offset);
                 put_bytes(&mut b, truncate(message, MAX_TEXT).as_bytes(), MAX_TEXT, "message")?;
             }
+            Msg::Restore(r) => {
+                put_path(&mut b, &r.path)?;
+                put_u64(&mut b, r.size);
+                put_u32(&mut b, r.chunk_size);
+                put_u32(&mut b, r.mode);
+                put_u32(&mut b, r.uid);
+                put_u32(&mut b, r.gid);
+                put_time(&mut b, r.mtime);
+                put_time(&mut b, r.atime);
+                b.extend_from_slice(&r.file_hash);
+                put_u64(&mut b, r.count);
+                b.push(r.compare as u8);
+                b.push(r.keep_newer as u8);
+            }
+            Msg::RNeed { index } => put_u64(&mut b, *index),
+            Msg::ROpened { window, compared } => {
+                put_u32(&mut b, *window);
+                b.push(*compared as u8);
+            }
+            Msg::RDone(d) => {
+                put_u64(&mut b, d.chunks_received);
+                put_u64(&mut b, d.bytes_received);
+                put_u64(&mut b, d.chunks_local);
+                put_u64(&mut b, d.bytes_local_read);
+                b.push(d.skipped as u8);
+            }
+            Msg::RAbort { message } => put_bytes(&mut b, truncate(message, MAX_TEXT).as_bytes(), MAX_TEXT, "message")?,
         }
         let len = b.len() - 4;
         if len > MAX_FRAME {
@@ -399,22 +494,12 @@ impl Msg {
                 })
             }
             ty::PREV => {
-                let start = c.u64()?;
-                let n = c.u32()? as usize;
-                // Each entry is at least one byte: a count the frame cannot hold is refused
-                // before anything is allocated.
-                if n == 0 || n > c.b.len() {
-                    return Err(bad(format!("PREV: {n} entries in {} bytes", c.b.len())));
-                }
-                let mut entries = Vec::with_capacity(n);
-                for _ in 0..n {
-                    entries.push(match c.u8()? {
-                        0 => None,
-                        1 => Some(c.id()?),
-                        t => return Err(bad(format!("PREV: bad entry tag {t}"))),
-                    });
-                }
+                let (start, entries) = c.entries()?;
                 Msg::Prev { start, entries }
+            }
+            ty::RMANIFEST => {
+                let (start, entries) = c.entries()?;
+                Msg::RManifest { start, entries }
             }
             ty::RANGES => {
                 let n = c.u32()? as usize;
@@ -447,12 +532,46 @@ impl Msg {
                 Msg::Chunk { index, kind }
             }
             ty::ANSWER => Msg::Answer { index: c.u64()?, need: c.flag()? },
-            ty::DATA => {
+            ty::DATA | ty::RDATA => {
                 let index = c.u64()?;
                 let blob = c.b.to_vec();
                 c.b = &[];
-                Msg::Data { index, blob }
+                if typ == ty::DATA {
+                    Msg::Data { index, blob }
+                } else {
+                    Msg::RData { index, blob }
+                }
             }
+            ty::RESTORE => {
+                let path = c.bytes(MAX_PATH)?.to_vec();
+                if path.is_empty() || path.contains(&0) {
+                    return Err(bad("RESTORE: empty path or path with NUL"));
+                }
+                Msg::Restore(Restore {
+                    path,
+                    size: c.u64()?,
+                    chunk_size: c.u32()?,
+                    mode: c.u32()?,
+                    uid: c.u32()?,
+                    gid: c.u32()?,
+                    mtime: c.time()?,
+                    atime: c.time()?,
+                    file_hash: c.id()?,
+                    count: c.u64()?,
+                    compare: c.flag()?,
+                    keep_newer: c.flag()?,
+                })
+            }
+            ty::RNEED => Msg::RNeed { index: c.u64()? },
+            ty::ROPENED => Msg::ROpened { window: c.u32()?, compared: c.flag()? },
+            ty::RDONE => Msg::RDone(RDone {
+                chunks_received: c.u64()?,
+                bytes_received: c.u64()?,
+                chunks_local: c.u64()?,
+                bytes_local_read: c.u64()?,
+                skipped: c.flag()?,
+            }),
+            ty::RABORT => Msg::RAbort { message: c.text(MAX_TEXT)? },
             ty::END => {
                 let size = c.u64()?;
                 let mtime = c.time()?;
@@ -490,6 +609,13 @@ pub fn type_name(t: u8) -> &'static str {
         ty::DATA => "DATA",
         ty::END => "END",
         ty::FAULT => "FAULT",
+        ty::RESTORE => "RESTORE",
+        ty::RMANIFEST => "RMANIFEST",
+        ty::RNEED => "RNEED",
+        ty::RDATA => "RDATA",
+        ty::ROPENED => "ROPENED",
+        ty::RDONE => "RDONE",
+        ty::RABORT => "RABORT",
         _ => "unknown",
     }
 }
@@ -522,6 +648,20 @@ fn put_bytes(b: &mut Vec<u8>, v: &[u8], max: usize, what: &str) -> Result<()> {
     put_u32(b, v.len() as u32);
     b.extend_from_slice(v);
     Ok(())
+}
+/// `PREV` / `RMANIFEST` body: start, count, tagged entries.
+fn put_entries(b: &mut Vec<u8>, start: u64, entries: &[Option<[u8; 32]>]) {
+    put_u64(b, start);
+    put_u32(b, entries.len() as u32);
+    for e in entries {
+        match e {
+            None => b.push(0),
+            Some(id) => {
+                b.push(1);
+                b.extend_from_slice(id);
+            }
+        }
+    }
 }
 fn put_path(b: &mut Vec<u8>, p: &[u8]) -> Result<()> {
     if p.is_empty() || p.contains(&0) {
@@ -583,6 +723,25 @@ impl<'a> Cur<'a> {
     }
     fn text(&mut self, max: usize) -> Result<String> {
         Ok(String::from_utf8_lossy(self.bytes(max)?).into_owned())
+    }
+    /// `PREV` / `RMANIFEST` body.
+    fn entries(&mut self) -> Result<(u64, Vec<Option<[u8; 32]>>)> {
+        let start = self.u64()?;
+        let n = self.u32()? as usize;
+        // Each entry is at least one byte: a count the frame cannot hold is refused before
+        // anything is allocated.
+        if n == 0 || n > self.b.len() {
+            return Err(bad(format!("{}: {n} entries in {} bytes", self.what, self.b.len())));
+        }
+        let mut entries = Vec::with_capacity(n);
+        for _ in 0..n {
+            entries.push(match self.u8()? {
+                0 => None,
+                1 => Some(self.id()?),
+                t => return Err(bad(format!("{}: bad entry tag {t}", self.what))),
+            });
+        }
+        Ok((start, entries))
     }
 }
 

@@ -35,6 +35,34 @@ fn samples() -> Vec<Msg> {
         Msg::End(End { size: 9, mtime: (1, 2), file_hash: Some(id), bytes_read: 9, chunks_sent: 1 }),
         Msg::End(End { size: 9, mtime: (1, 2), file_hash: None, bytes_read: 0, chunks_sent: 0 }),
         Msg::Fault { kind: FaultKind::Shrank, offset: 4096, message: "x".into() },
+        Msg::Restore(Restore {
+            path: b"/vmfs/volumes/ds1/vm/vm-flat.vmdk".to_vec(),
+            size: (3 << 20) + 5,
+            chunk_size: 1 << 20,
+            mode: 0o600,
+            uid: u32::MAX,
+            gid: 0,
+            mtime: (1_700_000_000, 5),
+            atime: (-1, 999_999_999),
+            file_hash: id,
+            count: 4,
+            compare: true,
+            keep_newer: false,
+        }),
+        Msg::RManifest { start: 0, entries: vec![Some(id), None, None, Some([9; 32])] },
+        Msg::ROpened { window: 32, compared: false },
+        Msg::RNeed { index: 3 },
+        Msg::RData { index: 3, blob: b"AFCK....".to_vec() },
+        Msg::RDone(RDone {
+            chunks_received: 1,
+            bytes_received: 24,
+            chunks_local: 1,
+            bytes_local_read: 1 << 20,
+            skipped: false,
+        }),
+        Msg::RDone(RDone { skipped: true, ..RDone::default() }),
+        Msg::RAbort { message: "chunk damaged".into() },
+        Msg::Fault { kind: FaultKind::Aborted, offset: 0, message: "chunk damaged".into() },
     ]
 }
 
@@ -61,12 +89,12 @@ fn every_truncation_and_extension_is_an_error() {
         let body = &b[5..];
         for cut in 0..body.len() {
             // Data takes the rest of the frame as its blob: only its index can be cut.
-            if matches!(m, Msg::Data { .. }) && cut >= 8 {
+            if matches!(m, Msg::Data { .. } | Msg::RData { .. }) && cut >= 8 {
                 continue;
             }
             assert!(Msg::decode(b[4], &body[..cut]).is_err(), "{} cut at {cut}", m.name());
         }
-        if !matches!(m, Msg::Data { .. }) {
+        if !matches!(m, Msg::Data { .. } | Msg::RData { .. }) {
             let mut longer = body.to_vec();
             longer.push(0);
             assert!(Msg::decode(b[4], &longer).is_err(), "{} extended", m.name());
@@ -107,7 +135,19 @@ fn hostile_lengths_are_refused_before_allocation() {
         body.extend_from_slice(p);
         body.extend_from_slice(&[0; 4 + 1 + 1 + 8 + 1]);
         assert!(Msg::decode(ty::BACKUP, &body).is_err());
+        let mut body = (p.len() as u32).to_le_bytes().to_vec();
+        body.extend_from_slice(p);
+        body.extend_from_slice(&[0; 8 + 4 * 4 + 12 * 2 + 32 + 8 + 1]);
+        assert!(Msg::decode(ty::RESTORE, &body).is_err());
     }
+    // An RMANIFEST claiming more entries than its frame holds; a fault kind not defined.
+    let mut body = 0u64.to_le_bytes().to_vec();
+    body.extend_from_slice(&1000u32.to_le_bytes());
+    body.extend_from_slice(&[1; 999]);
+    assert!(Msg::decode(ty::RMANIFEST, &body).unwrap_err().to_string().contains("RMANIFEST: 1000 entries"));
+    let mut body = vec![14];
+    body.extend_from_slice(&[0; 8 + 4]);
+    assert!(Msg::decode(ty::FAULT, &body).is_err());
 }
 
 #[test]
@@ -182,7 +222,7 @@ proptest! {
     }
 
     #[test]
-    fn mutated_frames_never_panic(which in 0usize..16, pos in 0usize..200, byte in any::<u8>(), cut in 0usize..200) {
+    fn mutated_frames_never_panic(which in 0usize..32, pos in 0usize..200, byte in any::<u8>(), cut in 0usize..200) {
         let ms = samples();
         let mut b = ms[which % ms.len()].encode().unwrap();
         let p = 4 + pos % (b.len() - 4);
@@ -191,5 +231,59 @@ proptest! {
         let mut r = FrameReader::new(&b[..]);
         let _ = r.read_msg();
         prop_assert!(r.buf.capacity() <= MAX_FRAME);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { failure_persistence: None, cases: 500, ..ProptestConfig::default() })]
+    #[test]
+    fn restore_messages_round_trip(
+        path in proptest::collection::vec(1u8..=255, 1..300),
+        nums in any::<(u64, u32, u32, u32, u32, u64)>(),
+        times in any::<(i64, i64)>(),
+        ns in (0u32..1_000_000_000, 0u32..1_000_000_000),
+        hash in any::<[u8; 32]>(),
+        compare in any::<bool>(),
+        keep_newer in any::<bool>(),
+        entries in proptest::collection::vec(proptest::option::of(any::<[u8; 32]>()), 1..50),
+        blob in proptest::collection::vec(any::<u8>(), 0..100),
+        done in any::<(u64, u64, u64, u64)>(),
+        text in ".{0,80}",
+    ) {
+        let (size, chunk_size, mode, uid, gid, count) = nums;
+        let ms = vec![
+            Msg::Restore(Restore {
+                path,
+                size,
+                chunk_size,
+                mode,
+                uid,
+                gid,
+                mtime: (times.0, ns.0),
+                atime: (times.1, ns.1),
+                file_hash: hash,
+                count,
+                compare,
+                keep_newer,
+            }),
+            Msg::RManifest { start: size, entries },
+            Msg::ROpened { window: mode, compared: compare },
+            Msg::RNeed { index: count },
+            Msg::RData { index: size, blob },
+            Msg::RDone(RDone {
+                chunks_received: done.0,
+                bytes_received: done.1,
+                chunks_local: done.2,
+                bytes_local_read: done.3,
+                skipped: keep_newer,
+            }),
+            Msg::RAbort { message: text },
+        ];
+        let bytes = stream(&ms);
+        let mut r = FrameReader::new(&bytes[..]);
+        for m in &ms {
+            prop_assert_eq!(&r.expect().unwrap(), m);
+        }
+        prop_assert!(r.read_msg().unwrap().is_none());
     }
 }

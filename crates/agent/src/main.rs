@@ -1,16 +1,19 @@
 //! affa-agent: the source-side end of the affa agent protocol (docs/PROTOCOL.md). affa starts it
 //! over ssh (`affa-agent --serve`); it reads a big file once, sequentially, skipping holes,
 //! hashes its chunks on all cores, and sends only the chunks affa's pool lacks, compressed as
-//! the pool stores them.
+//! the pool stores them; and it restores a chunked file, asking only for the chunks an existing
+//! target lacks.
 //!
 //! Owns: the agent's side of the session (handshake, request checks, the backup of one file,
-//! faults, shutdown), its read of the file, its memory bound (a window of chunks in flight).
-//! Must never: write anything on the source host, follow a final symlink or open a fifo or
-//! device, allocate without bound whatever affa sends, panic on any input, or need the
-//! environment, NSS or a locale (it is linked statically and runs under `env -i`).
+//! the restore of one file, faults, shutdown), its read of the file, its memory bound (a window
+//! of chunks in flight). Must never: write anything on the host but a restore's temp file and
+//! its rename over the target, follow a final symlink or open a fifo or device, allocate without
+//! bound whatever affa sends, panic on any input, or need the environment, NSS or a locale (it
+//! is linked statically and runs under `env -i`).
 
 mod backup;
 mod encode;
+mod restore;
 
 use affa_agent_proto::{self as proto, FrameReader, FrameWriter, Msg};
 use std::io::{self, BufWriter, Write};
@@ -115,9 +118,10 @@ fn session(rx: &In, out: &mut Out) -> Result<(), Fatal> {
                 out.send(&Msg::Bye)?;
                 return Ok(());
             }
-            // Answers affa sent before it read a fault: discarded.
-            Msg::Answer { .. } => {}
+            // Answers, chunk data and aborts affa sent before it read a fault: discarded.
+            Msg::Answer { .. } | Msg::RData { .. } | Msg::RAbort { .. } => {}
             Msg::Backup(req) => backup::run(req, rx, out)?,
+            Msg::Restore(req) => restore::run(req, rx, out)?,
             m => return Err(Fatal::protocol(format!("unexpected {} outside a request", m.name()))),
         }
     }

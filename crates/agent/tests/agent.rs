@@ -1,14 +1,15 @@
 //! affa-agent over a real ssh connection (a private sshd on 127.0.0.1 with its own keys, started
 //! here): the static binary, the handshake, backups into a real pool rebuilt by the store, the
-//! faults of a file changing mid-read, corrupt frames and a version mismatch.
+//! faults of a file changing mid-read, corrupt frames and a version mismatch; restores through
+//! the agent to new and existing targets, symlinks, a killed agent, a damaged chunk.
 
 use affa_agent_proto::{self as proto, ChunkKind, FaultKind, FrameReader, FrameWriter, Msg};
-use affa_store::chunk::remote::{backup_file, Agent};
+use affa_store::chunk::remote::{backup_file, restore_file, Agent, RestoreOptions};
 use affa_store::chunk::{self, Compression, Pool, Settings};
 use std::fs;
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -374,4 +375,428 @@ fn a_version_mismatch_is_one_line_on_both_ends() {
     drop(w);
     let (code, err) = wait_stderr(c);
     assert_eq!((code, err.as_str()), (2, "affa-agent: protocol version 2 not supported: this side speaks version 1\n"));
+}
+
+/// Back up `src` through the agent into a fresh archive under `root`: (archive, rel path).
+fn back_up(agent: &mut Agent<ChildStdout, ChildStdin>, src: &Path, root: &Path, cs: usize) -> (PathBuf, PathBuf) {
+    let pool = Pool::open(root).unwrap();
+    let settings = Settings { chunk_size: cs as u32, compression: Compression::Zstd(1), ..Settings::default() };
+    let archive = root.join("job/daily.0");
+    let rel = PathBuf::from("vm/disk.img");
+    backup_file(agent, &pool, &settings, src, &archive, &rel, None).unwrap();
+    (archive, rel)
+}
+
+/// Names of restore temp files in `dir`.
+fn temps(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".affa-agent-"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn set_mtime(p: &Path, secs: u64, nanos: u32) {
+    let t = std::time::UNIX_EPOCH + Duration::new(secs, nanos);
+    fs::File::options().write(true).open(p).unwrap().set_modified(t).unwrap();
+}
+
+/// A 64 MiB file of 256 chunks (256 KiB), every chunk data.
+fn full_file(p: &Path) -> Vec<u8> {
+    let mut data = vec![0u8; 64 << 20];
+    fill(&mut data, 99);
+    fs::write(p, &data).unwrap();
+    data
+}
+
+#[test]
+fn restore_to_a_new_target_is_identical_sparse_with_mode_and_mtime() {
+    let sshd = Sshd::start();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("disk.img");
+    const CS: usize = 256 << 10;
+    // 64 MiB, data in 8 chunks (one of them half zeros: a hole inside a chunk), the rest holes.
+    let f = fs::File::create(&src).unwrap();
+    f.set_len(64 << 20).unwrap();
+    let mut buf = vec![0u8; CS];
+    for i in [0usize, 1, 2, 3, 100, 101, 200, 255] {
+        fill(&mut buf, i as u64 + 3);
+        if i == 100 {
+            buf[CS / 2..].fill(0);
+        }
+        f.write_all_at(&buf, (i * CS) as u64).unwrap();
+    }
+    drop(f);
+    fs::set_permissions(&src, fs::Permissions::from_mode(0o640)).unwrap();
+    set_mtime(&src, 1_700_000_000, 123_456_789);
+    let (c, mut agent) = sshd.agent(AGENT);
+    let (archive, rel) = back_up(&mut agent, &src, &t.path().join("root"), CS);
+
+    let dest_dir = t.path().join("dest");
+    fs::create_dir(&dest_dir).unwrap();
+    let dest = dest_dir.join("restored.img");
+    let st = restore_file(&mut agent, &archive, &rel, &dest, &RestoreOptions::default()).unwrap();
+    assert_eq!(file_hash(&dest), file_hash(&src));
+    assert_eq!((st.size, st.chunks, st.zero_chunks, st.chunks_sent, st.chunks_local), (64 << 20, 256, 248, 8, 0));
+    assert!(!st.compared);
+    let m = fs::metadata(&dest).unwrap();
+    assert_eq!(m.mode() & 0o7777, 0o640);
+    assert_eq!((m.mtime(), m.mtime_nsec()), (1_700_000_000, 123_456_789));
+    // Holes stay holes: 7.5 chunks of data (the zero half of chunk 100 not written).
+    assert!(m.blocks() * 512 <= (7 * CS + CS / 2 + 64 * 1024) as u64, "{} blocks", m.blocks());
+    assert!(temps(&dest_dir).is_empty());
+
+    // A zero-length file.
+    let empty = t.path().join("empty.img");
+    fs::write(&empty, b"").unwrap();
+    let (archive2, rel2) = back_up(&mut agent, &empty, &t.path().join("root2"), CS);
+    let dest2 = dest_dir.join("empty.img");
+    let st = restore_file(&mut agent, &archive2, &rel2, &dest2, &RestoreOptions::default()).unwrap();
+    assert_eq!((st.chunks, st.chunks_sent), (0, 0));
+    assert_eq!(fs::metadata(&dest2).unwrap().len(), 0);
+
+    // The parent directory must exist: a fault naming it, and the session goes on.
+    let e = restore_file(&mut agent, &archive, &rel, &t.path().join("no/such/dir.img"), &RestoreOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("vanished") && e.contains("no/such"), "{e}");
+    agent.bye().unwrap();
+    assert_eq!(wait_stderr(c), (0, String::new()));
+}
+
+#[test]
+fn restore_over_a_target_differing_by_1_percent_sends_under_2_percent() {
+    let sshd = Sshd::start();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("disk.img");
+    let data = full_file(&src);
+    let (c, mut agent) = sshd.agent(AGENT);
+    let (archive, rel) = back_up(&mut agent, &src, &t.path().join("root"), 256 << 10);
+
+    // The target: the same disk with 1% (655 KB, clustered) overwritten.
+    let dest = t.path().join("target.img");
+    let mut damaged = data.clone();
+    let mut junk = vec![0u8; (64 << 20) / 100];
+    fill(&mut junk, 12345);
+    damaged[(10 << 20) + 1000..(10 << 20) + 1000 + junk.len()].copy_from_slice(&junk);
+    fs::write(&dest, &damaged).unwrap();
+    let st = restore_file(&mut agent, &archive, &rel, &dest, &RestoreOptions::default()).unwrap();
+    assert_eq!(file_hash(&dest), file_hash(&src));
+    assert!(st.compared);
+    // Bytes 10 MiB + 1000 .. + 655360: chunks 40, 41, 42.
+    assert_eq!(st.chunks_sent, 3, "{st:?}");
+    assert_eq!(st.chunks_local, 253);
+    assert_eq!(st.target_bytes_read, 64 << 20);
+    // Every frame byte sent to the agent (request, manifest, chunks): at most 2% of the file.
+    assert!(st.frame_bytes_out <= (64 << 20) / 50, "{st:?}");
+
+    // Without the comparison, everything is sent; the result is the same.
+    fs::write(&dest, &damaged).unwrap();
+    let st = restore_file(&mut agent, &archive, &rel, &dest, &RestoreOptions { compare: false, ..Default::default() })
+        .unwrap();
+    assert_eq!((st.chunks_sent, st.chunks_local, st.compared), (256, 0, false));
+    assert_eq!(file_hash(&dest), file_hash(&src));
+
+    // --preserve-newer: a target newer than the archived file is left as it is; an older one
+    // (or one of the same age) is restored.
+    let src_mtime = fs::metadata(&src).unwrap().mtime() as u64;
+    let keep = RestoreOptions { keep_newer: true, ..Default::default() };
+    fs::write(&dest, &damaged).unwrap();
+    set_mtime(&dest, src_mtime + 10, 0);
+    let st = restore_file(&mut agent, &archive, &rel, &dest, &keep).unwrap();
+    assert!(st.skipped && st.chunks_sent == 0 && st.target_bytes_read == 0, "{st:?}");
+    assert_eq!(fs::read(&dest).unwrap(), damaged);
+    set_mtime(&dest, src_mtime - 10, 0);
+    let st = restore_file(&mut agent, &archive, &rel, &dest, &keep).unwrap();
+    assert!(!st.skipped && st.chunks_sent == 3, "{st:?}");
+    assert_eq!(file_hash(&dest), file_hash(&src));
+    agent.bye().unwrap();
+    assert_eq!(wait_stderr(c).0, 0);
+}
+
+#[test]
+fn a_symlink_target_is_replaced_not_followed_and_a_directory_is_refused() {
+    let sshd = Sshd::start();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("disk.img");
+    full_file(&src);
+    let (c, mut agent) = sshd.agent(AGENT);
+    let (archive, rel) = back_up(&mut agent, &src, &t.path().join("root"), 256 << 10);
+
+    // The link points at a file with the same bytes but one chunk: it is not even read.
+    let other = t.path().join("other.img");
+    let mut almost = fs::read(&src).unwrap();
+    almost[5] ^= 1;
+    fs::write(&other, &almost).unwrap();
+    let before = file_hash(&other);
+    let dest = t.path().join("link.img");
+    std::os::unix::fs::symlink(&other, &dest).unwrap();
+    let st = restore_file(&mut agent, &archive, &rel, &dest, &RestoreOptions::default()).unwrap();
+    assert!(!st.compared && st.chunks_sent == 256 && st.target_bytes_read == 0, "{st:?}");
+    assert_eq!(file_hash(&other), before);
+    assert!(fs::symlink_metadata(&dest).unwrap().is_file());
+    assert_eq!(file_hash(&dest), file_hash(&src));
+
+    // A directory (and a fifo) in the target's place: refused, left as it is, nothing created.
+    let dir = t.path().join("dir.img");
+    fs::create_dir(&dir).unwrap();
+    fs::write(dir.join("inside"), b"x").unwrap();
+    let e = restore_file(&mut agent, &archive, &rel, &dir, &RestoreOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("not a regular file") && e.contains("dir.img"), "{e}");
+    assert_eq!(fs::read(dir.join("inside")).unwrap(), b"x");
+    let fifo = t.path().join("fifo.img");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let e = restore_file(&mut agent, &archive, &rel, &fifo, &RestoreOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("not a regular file"), "{e}");
+    // A fifo in the parent directory's place: not opened (nor waited on).
+    let e = restore_file(&mut agent, &archive, &rel, &fifo.join("x.img"), &RestoreOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("fifo.img is not a directory"), "{e}");
+    assert!(temps(t.path()).is_empty(), "{:?}", temps(t.path()));
+    agent.bye().unwrap();
+    assert_eq!(wait_stderr(c).0, 0);
+}
+
+/// Start a restore of `rel` to `dest` with raw frames (nothing compared: every chunk is asked
+/// for) and read up to the first `RNEED`.
+fn start_raw_restore(
+    r: &mut FrameReader<ChildStdout>,
+    w: &mut FrameWriter<ChildStdin>,
+    archive: &Path,
+    rel: &Path,
+    dest: &Path,
+) {
+    let m = chunk::read_manifest(&chunk::manifest_path(archive, rel)).unwrap();
+    let entries: Vec<Option<[u8; 32]>> =
+        m.chunks.iter().map(|c| if let chunk::ChunkRef::Stored(id) = c { Some(*id) } else { None }).collect();
+    w.send(&Msg::Restore(proto::Restore {
+        path: dest.to_str().unwrap().as_bytes().to_vec(),
+        size: m.size,
+        chunk_size: m.chunk_size,
+        mode: m.mode,
+        uid: u32::MAX,
+        gid: u32::MAX,
+        mtime: m.mtime,
+        atime: m.mtime,
+        file_hash: m.file_hash,
+        count: entries.len() as u64,
+        compare: false,
+        keep_newer: false,
+    }))
+    .unwrap();
+    w.send(&Msg::RManifest { start: 0, entries }).unwrap();
+    w.send(&Msg::Start).unwrap();
+    assert!(matches!(r.expect().unwrap(), Msg::ROpened { compared: false, .. }));
+    assert_eq!(r.expect().unwrap(), Msg::RNeed { index: 0 });
+}
+
+#[test]
+fn a_killed_restore_leaves_the_target_untouched_and_the_next_restore_cleans_up() {
+    let sshd = Sshd::start();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("disk.img");
+    full_file(&src);
+    let (c, mut agent) = sshd.agent(AGENT);
+    let (archive, rel) = back_up(&mut agent, &src, &t.path().join("root"), 256 << 10);
+    let dest_dir = t.path().join("dest");
+    fs::create_dir(&dest_dir).unwrap();
+    let dest = dest_dir.join("disk.img");
+    fs::write(&dest, b"the old target").unwrap();
+
+    // affa going away mid-restore (its ssh killed): the agent removes its temp file itself.
+    let (mut ch2, mut r2, mut w2) = sshd.raw(AGENT);
+    proto::handshake(&mut r2, &mut w2, "test", [0; 32], false).unwrap();
+    start_raw_restore(&mut r2, &mut w2, &archive, &rel, &dest);
+    assert_eq!(temps(&dest_dir).len(), 1);
+    ch2.kill().unwrap();
+    let _ = ch2.wait();
+    let t0 = Instant::now();
+    while !temps(&dest_dir).is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", temps(&dest_dir));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(fs::read(&dest).unwrap(), b"the old target");
+
+    // kill -9 of the agent mid-restore: the old target stays; its temp file is left behind.
+    let pidfile = t.path().join("agent.pid");
+    let script = format!("echo $$ > {}; exec {AGENT} --serve", pidfile.display());
+    let mut ch = sshd.spawn(&["sh", "-c", &format!("'{script}'")]);
+    let mut r = FrameReader::new(ch.stdout.take().unwrap());
+    let mut w = FrameWriter::new(ch.stdin.take().unwrap());
+    proto::handshake(&mut r, &mut w, "test", [0; 32], false).unwrap();
+    start_raw_restore(&mut r, &mut w, &archive, &rel, &dest);
+    let pid = fs::read_to_string(&pidfile).unwrap().trim().to_string();
+    assert!(Command::new("kill").args(["-9", &pid]).status().unwrap().success());
+    let _ = ch.wait();
+    assert_eq!(fs::read(&dest).unwrap(), b"the old target");
+    assert_eq!(temps(&dest_dir).len(), 1);
+
+    // The next restore of the same target succeeds and removes the leftover.
+    restore_file(&mut agent, &archive, &rel, &dest, &RestoreOptions::default()).unwrap();
+    assert_eq!(file_hash(&dest), file_hash(&src));
+    assert!(temps(&dest_dir).is_empty(), "{:?}", temps(&dest_dir));
+    agent.bye().unwrap();
+    assert_eq!(wait_stderr(c).0, 0);
+}
+
+#[test]
+fn a_damaged_chunk_fails_the_restore_naming_it_and_the_target_is_untouched() {
+    let sshd = Sshd::start();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("disk.img");
+    full_file(&src);
+    let root = t.path().join("root");
+    let (c, mut agent) = sshd.agent(AGENT);
+    let (archive, rel) = back_up(&mut agent, &src, &root, 256 << 10);
+    // Chunk 7's file (the archive's link and the pool entry: one inode) gets a flipped byte.
+    let m = chunk::read_manifest(&chunk::manifest_path(&archive, &rel)).unwrap();
+    let chunk::ChunkRef::Stored(id) = m.chunks[7] else { panic!("chunk 7 is zero") };
+    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    let link = archive.join(".affa-chunks").join(&hex[..2]).join(&hex);
+    let mut blob = fs::read(&link).unwrap();
+    let n = blob.len();
+    blob[n - 100] ^= 0x55;
+    fs::OpenOptions::new().write(true).open(&link).unwrap().write_all_at(&blob, 0).unwrap();
+
+    let dest_dir = t.path().join("dest");
+    fs::create_dir(&dest_dir).unwrap();
+    let dest = dest_dir.join("disk.img");
+    fs::write(&dest, b"the old target").unwrap();
+    let pool = Pool::open(&root).unwrap();
+    let e =
+        restore_file(&mut agent, &archive, &rel, &dest, &RestoreOptions { pool: Some(&pool), ..Default::default() })
+            .unwrap_err()
+            .to_string();
+    assert!(e.contains(&format!("chunk {hex}")) && e.contains("damaged") && e.contains("disk.img"), "{e}");
+    assert_eq!(fs::read(&dest).unwrap(), b"the old target");
+    assert!(temps(&dest_dir).is_empty(), "{:?}", temps(&dest_dir));
+    // A new target is not created either, and the session is still usable.
+    let e = restore_file(&mut agent, &archive, &rel, &dest_dir.join("new.img"), &RestoreOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&hex), "{e}");
+    assert!(!dest_dir.join("new.img").exists());
+    assert!(temps(&dest_dir).is_empty());
+    agent.bye().unwrap();
+    assert_eq!(wait_stderr(c), (0, String::new()));
+}
+
+/// Peak RSS (VmHWM, KiB) of a live process.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = s.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// The agent's memory during a restore of 1 GiB of incompressible data, every chunk sent, then
+/// every chunk compared and copied locally (docs/PROTOCOL.md "Memory"). The agent runs without
+/// ssh here (its pipes directly) so that its pid is known. Slow: `--ignored`.
+#[test]
+#[ignore]
+fn restore_memory_is_bounded() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("disk.img");
+    let mut data = vec![0u8; 1 << 30];
+    let mut x = 0x9e3779b97f4a7c15u64;
+    for w in data.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        w.copy_from_slice(&x.to_le_bytes());
+    }
+    fs::write(&src, &data).unwrap();
+    drop(data);
+    for cs in [1usize << 20, 16 << 20] {
+        let spawn = || {
+            let mut c =
+                Command::new(AGENT).arg("--serve").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+            let a = Agent::connect(c.stdout.take().unwrap(), c.stdin.take().unwrap(), "local").unwrap();
+            (c, a)
+        };
+        let (mut c, mut agent) = spawn();
+        let (archive, rel) = back_up(&mut agent, &src, &t.path().join(format!("root{cs}")), cs);
+        agent.bye().unwrap();
+        c.wait().unwrap();
+        let dest = t.path().join("restored.img");
+        let _ = fs::remove_file(&dest);
+        for (what, compare) in [("new target", true), ("equal target", true)] {
+            let (mut c, mut agent) = spawn();
+            let st = restore_file(&mut agent, &archive, &rel, &dest, &RestoreOptions { compare, ..Default::default() })
+                .unwrap();
+            let kib = peak_rss_kib(c.id());
+            eprintln!("chunk size {} MiB, {what}: agent peak RSS {} MiB ({st:?})", cs >> 20, kib >> 10);
+            assert!(kib < (2 * 32 + 3 * 16 + 32) << 10, "{kib} KiB");
+            agent.bye().unwrap();
+            c.wait().unwrap();
+        }
+        assert_eq!(file_hash(&dest), file_hash(&src));
+    }
+}
+
+#[test]
+fn chunk_data_that_does_not_verify_is_a_fault_and_the_target_stays() {
+    let sshd = Sshd::start();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("disk.img");
+    full_file(&src);
+    let (c, mut agent) = sshd.agent(AGENT);
+    let (archive, rel) = back_up(&mut agent, &src, &t.path().join("root"), 256 << 10);
+    agent.bye().unwrap();
+    assert_eq!(wait_stderr(c).0, 0);
+    let dest = t.path().join("dest.img");
+    fs::write(&dest, b"the old target").unwrap();
+    let m = chunk::read_manifest(&chunk::manifest_path(&archive, &rel)).unwrap();
+    let chunk::ChunkRef::Stored(id1) = m.chunks[1] else { panic!("zero") };
+    let hex1: String = id1.iter().map(|b| format!("{b:02x}")).collect();
+    let chunk1 = fs::read(archive.join(".affa-chunks").join(&hex1[..2]).join(&hex1)).unwrap();
+
+    let (c, mut r, mut w) = sshd.raw(AGENT);
+    proto::handshake(&mut r, &mut w, "test", [0; 32], false).unwrap();
+    // Chunk 1's (valid) chunk file sent as chunk 0: it decodes, to the wrong bytes.
+    start_raw_restore(&mut r, &mut w, &archive, &rel, &dest);
+    w.send(&Msg::RData { index: 0, blob: chunk1.clone() }).unwrap();
+    let (kind, offset, message) = loop {
+        match r.expect().unwrap() {
+            Msg::RNeed { .. } => {}
+            Msg::Fault { kind, offset, message } => break (kind, offset, message),
+            m => panic!("unexpected {}", m.name()),
+        }
+    };
+    assert_eq!((kind, offset), (FaultKind::BadData, 0), "{message}");
+    assert_eq!(message, "chunk 0 from affa does not match its id in the manifest");
+    assert_eq!(fs::read(&dest).unwrap(), b"the old target");
+    assert!(temps(t.path()).is_empty());
+
+    // A truncated chunk file: a fault too, and the session still serves requests.
+    start_raw_restore(&mut r, &mut w, &archive, &rel, &dest);
+    w.send(&Msg::RData { index: 0, blob: chunk1[..chunk1.len() - 1].to_vec() }).unwrap();
+    let message = loop {
+        match r.expect().unwrap() {
+            Msg::RNeed { .. } => {}
+            Msg::Fault { kind: FaultKind::BadData, message, .. } => break message,
+            m => panic!("unexpected {m:?}"),
+        }
+    };
+    assert!(message.starts_with("chunk 0 from affa: "), "{message}");
+    assert!(temps(t.path()).is_empty());
+
+    // An RDATA for another chunk than the one asked: a protocol error, the temp file removed.
+    start_raw_restore(&mut r, &mut w, &archive, &rel, &dest);
+    w.send(&Msg::RData { index: 5, blob: chunk1 }).unwrap();
+    let message = loop {
+        match r.expect().unwrap() {
+            Msg::RNeed { .. } => {}
+            Msg::Error { message } => break message,
+            m => panic!("unexpected {}", m.name()),
+        }
+    };
+    assert_eq!(message, "RDATA for chunk 5, expected chunk 0");
+    drop(w);
+    let (code, err) = wait_stderr(c);
+    assert_eq!((code, err.trim_end()), (2, "affa-agent: RDATA for chunk 5, expected chunk 0"));
+    assert_eq!(fs::read(&dest).unwrap(), b"the old target");
+    assert!(temps(t.path()).is_empty());
 }

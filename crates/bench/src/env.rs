@@ -65,14 +65,15 @@ pub fn manifest_dir() -> PathBuf {
     d.parent().and_then(|p| p.parent()).map(PathBuf::from).unwrap_or(d)
 }
 
-/// `cargo build --release --bin affa`; the binary lands next to this one.
+/// `cargo build --release --bin affa --features test-hooks` (the runs set `AFFA_FAKE_NOW`); the
+/// binary lands next to this one.
 pub fn build_affa() -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let dir = exe.parent().unwrap().to_path_buf();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let profile_release = dir.file_name().is_some_and(|n| n == "release");
     let mut c = Command::new(&cargo);
-    c.args(["build", "--bin", "affa", "--quiet"]).current_dir(manifest_dir());
+    c.args(["build", "--bin", "affa", "--features", "test-hooks", "--quiet"]).current_dir(manifest_dir());
     if profile_release {
         c.arg("--release");
     } else {

@@ -2,17 +2,21 @@
 //! `affa-agent` on the source host, straight into the pool and the archive: no staging copy, no
 //! read of old data except the pool's own damage checks.
 //!
-//! Owns: `Agent` (a session: handshake, bye) and `backup_file` (the request, answering the
+//! Owns: `Agent` (a session: handshake, bye), `backup_file` (the request, answering the
 //! agent's chunk reports from the pool, checking and storing the chunks it sends, the manifest
-//! last). Must never: trust the agent (a compromised host): a chunk is stored only after it
-//! decoded to the chunk's exact length and its BLAKE3 equals the id the manifest will name; an
-//! index, size or count outside what the agent announced is a protocol error; a manifest is
-//! written only after `END` and only when every chunk it names is durably stored and linked.
+//! last) and `restore_file` (the manifest sent to the agent, each chunk it asks for read from
+//! the archive and verified before it is sent). Must never: trust the agent (a compromised
+//! host): a chunk is stored only after it decoded to the chunk's exact length and its BLAKE3
+//! equals the id the manifest will name; an index, size or count outside what the agent
+//! announced or asked in order is a protocol error; a manifest is written only after `END` and
+//! only when every chunk it names is durably stored and linked; a chunk that does not verify is
+//! never sent.
 
 use super::blob;
 use super::build::{check_rel, manifest_path};
 use super::manifest::{ChunkRef, Manifest};
 use super::pool::{self, Pool, ARCHIVE_CHUNK_DIR};
+use super::restore::{chunk_error, load_chunk_at, read_manifest};
 use super::{id_hex, ChunkId, ChunkStats, Compression, Settings};
 use crate::error::{Error, IoContext, Result};
 use affa_agent_proto::{self as proto, shown, ChunkKind, FrameReader, FrameWriter, Msg};
@@ -312,4 +316,285 @@ pub fn backup_file<R: Read, W: Write>(
     st.chunk.replaced_source_file = super::build::place_manifest(archive_root, rel_path, &mpath, &manifest)?;
     st.chunk.manifest_path = mpath;
     Ok(st)
+}
+
+/// Numbers of one `restore_file`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RestoreStats {
+    /// The file's size.
+    pub size: u64,
+    /// Its chunks, and of them the zero chunks (holes, never sent).
+    pub chunks: u64,
+    pub zero_chunks: u64,
+    /// Chunks sent to the agent (`RDATA`) and their chunk file bytes.
+    pub chunks_sent: u64,
+    pub bytes_sent: u64,
+    /// Stored chunks the agent found in the existing target and copied there.
+    pub chunks_local: u64,
+    /// Bytes the agent read from the existing target to compare.
+    pub target_bytes_read: u64,
+    /// Whether the agent compared an existing regular target.
+    pub compared: bool,
+    /// The target was newer than the archived file and left as it is (`keep_newer`).
+    pub skipped: bool,
+    /// Every frame byte sent to the agent for this file (request, manifest, chunks), and
+    /// received from it.
+    pub frame_bytes_out: u64,
+    pub frame_bytes_in: u64,
+}
+
+/// How `restore_file` restores.
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreOptions<'a> {
+    /// Where a chunk damaged in the archive may be found intact (default none).
+    pub pool: Option<&'a Pool>,
+    /// Compare an existing regular target chunk by chunk; send only what differs (default yes).
+    pub compare: bool,
+    /// Leave an existing regular target newer than the archived file as it is, as rsync's
+    /// `--update` (`--preserve-newer`; default no).
+    pub keep_newer: bool,
+}
+
+impl Default for RestoreOptions<'_> {
+    fn default() -> Self {
+        RestoreOptions { pool: None, compare: true, keep_newer: false }
+    }
+}
+
+/// Restore the chunked file `rel_path` of the archive `archive_root` (its manifest
+/// `archive_root/rel_path.affa-manifest`) to `remote_target` on the agent's host
+/// (docs/PROTOCOL.md, "Restore of one file"). With `opts.compare`, an existing regular target
+/// is compared chunk by chunk and only the chunks it lacks are sent. Each chunk is read from the
+/// archive's `.affa-chunks/` (when damaged there, from `opts.pool`'s entry), decoded and
+/// hashed before it is sent: a missing or damaged chunk is an error naming it and the manifest
+/// (the agent is told to abort, the target stays as it was). A fault at the agent is an error
+/// naming the target; after either the session stays usable. Any other error leaves the
+/// session unusable.
+pub fn restore_file<R: Read, W: Write>(
+    agent: &mut Agent<R, W>,
+    archive_root: &Path,
+    rel_path: &Path,
+    remote_target: &Path,
+    opts: &RestoreOptions,
+) -> Result<RestoreStats> {
+    check_rel(rel_path)?;
+    let mpath = manifest_path(archive_root, rel_path);
+    let m = read_manifest(&mpath)?;
+    let what = format!("{}: {}", agent.label, remote_target.display());
+    let bad = |m: String| Error::new(format!("agent {what}: {m}"));
+    let fault = |kind: proto::FaultKind, offset: u64, message: &str| {
+        Error::new(format!("{what}: {} (offset {offset}): {}", kind.name(), shown(message)))
+    };
+    let (in0, out0) = (agent.bytes_in(), agent.bytes_out());
+    let entries: Vec<Option<ChunkId>> =
+        m.chunks.iter().map(|c| if let ChunkRef::Stored(id) = c { Some(*id) } else { None }).collect();
+    let count = entries.len() as u64;
+    let stored = entries.iter().filter(|e| e.is_some()).count() as u64;
+    agent.send(&Msg::Restore(proto::Restore {
+        path: remote_target.as_os_str().as_bytes().to_vec(),
+        size: m.size,
+        chunk_size: m.chunk_size,
+        mode: m.mode & 0o7777,
+        uid: m.uid,
+        gid: m.gid,
+        mtime: m.mtime,
+        atime: m.atime.unwrap_or(m.mtime),
+        file_hash: m.file_hash,
+        count,
+        compare: opts.compare,
+        keep_newer: opts.keep_newer,
+    }))?;
+    for (i, part) in entries.chunks(proto::PREV_PER_FRAME).enumerate() {
+        agent.send(&Msg::RManifest { start: (i * proto::PREV_PER_FRAME) as u64, entries: part.to_vec() })?;
+    }
+    agent.send(&Msg::Start)?;
+    agent.flush()?;
+
+    let mut st = RestoreStats { size: m.size, chunks: count, zero_chunks: count - stored, ..RestoreStats::default() };
+    match agent.recv()? {
+        Msg::ROpened { window, compared } if (1..=proto::MAX_WINDOW).contains(&window) => st.compared = compared,
+        Msg::RDone(d) if opts.keep_newer && d == (proto::RDone { skipped: true, ..Default::default() }) => {
+            st.skipped = true;
+            st.frame_bytes_out = agent.bytes_out() - out0;
+            st.frame_bytes_in = agent.bytes_in() - in0;
+            return Ok(st);
+        }
+        Msg::Fault { kind, offset, message } => return Err(fault(kind, offset, &message)),
+        m => {
+            return Err(bad(format!(
+                "expected ROPENED with a window of 1..={}, received {}",
+                proto::MAX_WINDOW,
+                m.name()
+            )))
+        }
+    }
+    let (mut raw, mut decoded) = (Vec::new(), Vec::new());
+    // The lowest index the next RNEED may name.
+    let mut next = 0u64;
+    let done = loop {
+        match agent.recv()? {
+            Msg::RNeed { index } => {
+                let id = match entries.get(index as usize) {
+                    Some(Some(id)) if index >= next => *id,
+                    _ => {
+                        return Err(bad(format!(
+                            "RNEED for chunk {index}: expected a stored chunk from {next} of {count}"
+                        )))
+                    }
+                };
+                next = index + 1;
+                let len = m.chunk_len(index as usize);
+                let mut r = load_chunk(archive_root, &id, len, &mut raw, &mut decoded);
+                if let (Err(_), Some(p)) = (&r, opts.pool) {
+                    // A repaired copy in the pool serves as well.
+                    if load_chunk_at(&p.entry(&id), &id, len, &mut raw, &mut decoded).is_ok() {
+                        r = Ok(());
+                    }
+                }
+                if let Err(k) = r {
+                    let e = chunk_error(&id, &mpath, k);
+                    abort(agent, &e.to_string(), &bad)?;
+                    return Err(e);
+                }
+                let msg = Msg::RData { index, blob: std::mem::take(&mut raw) };
+                agent.send(&msg)?;
+                agent.flush()?;
+                if let Msg::RData { blob, .. } = msg {
+                    st.chunks_sent += 1;
+                    st.bytes_sent += blob.len() as u64;
+                    raw = blob;
+                }
+            }
+            Msg::RDone(d) if !d.skipped => break d,
+            Msg::Fault { kind, offset, message } => return Err(fault(kind, offset, &message)),
+            m => return Err(bad(format!("unexpected {} during a restore", m.name()))),
+        }
+    };
+    if done.chunks_received != st.chunks_sent
+        || done.bytes_received != st.bytes_sent
+        || done.chunks_received + done.chunks_local != stored
+    {
+        return Err(bad(format!(
+            "RDONE counts {} chunks ({} bytes) received and {} local; sent {} chunks ({} bytes) of {stored} stored",
+            done.chunks_received, done.bytes_received, done.chunks_local, st.chunks_sent, st.bytes_sent
+        )));
+    }
+    st.chunks_local = done.chunks_local;
+    st.target_bytes_read = done.bytes_local_read;
+    st.frame_bytes_out = agent.bytes_out() - out0;
+    st.frame_bytes_in = agent.bytes_in() - in0;
+    Ok(st)
+}
+
+/// The chunk `id` from the archive's link, decoded and checked.
+fn load_chunk(
+    archive_root: &Path,
+    id: &ChunkId,
+    len: usize,
+    raw: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> std::result::Result<(), super::ProblemKind> {
+    load_chunk_at(&pool::archive_entry(archive_root, id), id, len, raw, out)
+}
+
+/// Tell the agent to give up its restore (`RABORT`) and read up to its `FAULT`, so that the
+/// session stays usable.
+fn abort<R: Read, W: Write>(agent: &mut Agent<R, W>, why: &str, bad: &dyn Fn(String) -> Error) -> Result<()> {
+    agent.send(&Msg::RAbort { message: why.to_string() })?;
+    agent.flush()?;
+    loop {
+        match agent.recv()? {
+            Msg::RNeed { .. } => {}
+            Msg::Fault { .. } => return Ok(()),
+            m => return Err(bad(format!("unexpected {} after RABORT", m.name()))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! `restore_file` against a hostile agent: scripted frames (what a compromised host can
+    //! send), never trusted. The real agent is tested over ssh in crates/agent/tests/agent.rs.
+    use super::*;
+    use crate::chunk::{chunk_file, Settings};
+
+    fn script(ms: &[Msg]) -> Vec<u8> {
+        let mut v =
+            Msg::Hello { version: proto::VERSION, software: "hostile".into(), exe_hash: [0; 32] }.encode().unwrap();
+        for m in ms {
+            v.extend(m.encode().unwrap());
+        }
+        v
+    }
+
+    #[test]
+    fn an_agent_asking_out_of_order_for_zero_chunks_or_lying_in_rdone_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        let pool = Pool::open(&root).unwrap();
+        // Chunks: data, zero, data.
+        let src = t.path().join("disk.img");
+        let mut data = vec![0u8; 3 * (256 << 10)];
+        data[..1000].fill(7);
+        data[2 * (256 << 10)..].fill(9);
+        fs::write(&src, &data).unwrap();
+        let settings = Settings { chunk_size: 256 << 10, ..Settings::default() };
+        let archive = root.join("job/daily.0");
+        let rel = Path::new("disk.img");
+        chunk_file(&pool, &settings, &src, &archive, rel, None, None).unwrap();
+        let target = Path::new("/target/disk.img");
+        let opened = Msg::ROpened { window: 4, compared: false };
+        let cases: Vec<(Vec<Msg>, &str)> = vec![
+            (vec![opened.clone(), Msg::RNeed { index: 1 }], "RNEED for chunk 1: expected a stored chunk from 0 of 3"),
+            (vec![opened.clone(), Msg::RNeed { index: 99 }], "RNEED for chunk 99"),
+            (
+                vec![opened.clone(), Msg::RNeed { index: 2 }, Msg::RNeed { index: 0 }],
+                "RNEED for chunk 0: expected a stored chunk from 3 of 3",
+            ),
+            (
+                vec![
+                    opened.clone(),
+                    Msg::RNeed { index: 2 },
+                    Msg::RDone(proto::RDone { chunks_local: 1, ..Default::default() }),
+                ],
+                "RDONE counts 0 chunks (0 bytes) received and 1 local; sent 1 chunks",
+            ),
+            (vec![Msg::ROpened { window: 0, compared: false }], "expected ROPENED with a window of 1..=1024"),
+            (vec![opened.clone(), Msg::Data { index: 0, blob: vec![1] }], "unexpected DATA during a restore"),
+        ];
+        for (ms, want) in cases {
+            let input = script(&ms);
+            let mut sent = Vec::new();
+            let mut a = Agent::connect(&input[..], &mut sent, "evil").unwrap();
+            let e = restore_file(&mut a, &archive, rel, target, &RestoreOptions::default()).unwrap_err().to_string();
+            assert!(e.starts_with("agent evil: /target/disk.img: ") && e.contains(want), "{e} (wanted {want})");
+        }
+
+        // What affa sends for an RNEED: the archive's chunk file, unchanged.
+        let input = script(&[
+            opened,
+            Msg::RNeed { index: 0 },
+            Msg::RNeed { index: 2 },
+            Msg::RDone(proto::RDone { chunks_received: 0, ..Default::default() }),
+        ]);
+        let mut sent = Vec::new();
+        let mut a = Agent::connect(&input[..], &mut sent, "evil").unwrap();
+        assert!(restore_file(&mut a, &archive, rel, target, &RestoreOptions::default()).is_err());
+        let mut r = FrameReader::new(&sent[..]);
+        let mut datas = Vec::new();
+        while let Some(m) = r.read_msg().unwrap() {
+            if let Msg::RData { index, blob } = m {
+                datas.push((index, blob));
+            }
+        }
+        let m = read_manifest(&manifest_path(&archive, rel)).unwrap();
+        let want: Vec<(u64, Vec<u8>)> = [0u64, 2]
+            .iter()
+            .map(|&i| {
+                let ChunkRef::Stored(id) = m.chunks[i as usize] else { panic!("zero") };
+                (i, fs::read(pool::archive_entry(&archive, &id)).unwrap())
+            })
+            .collect();
+        assert_eq!(datas, want);
+    }
 }

@@ -52,8 +52,19 @@ fn load_chunk(
     raw: &mut Vec<u8>,
     out: &mut Vec<u8>,
 ) -> std::result::Result<(), ProblemKind> {
-    let p = archive_entry(archive_root, id);
-    match pool::read_blob(&p, raw) {
+    load_chunk_at(&archive_entry(archive_root, id), id, len, raw, out)
+}
+
+/// Load the chunk file `p` of chunk `id` into `raw`, decode it into `out` and check its length
+/// and hash.
+pub(super) fn load_chunk_at(
+    p: &Path,
+    id: &ChunkId,
+    len: usize,
+    raw: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> std::result::Result<(), ProblemKind> {
+    match pool::read_blob(p, raw) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ProblemKind::Missing),
         Err(e) => return Err(ProblemKind::Damaged(format!("cannot read: {e}"))),
@@ -68,7 +79,7 @@ fn load_chunk(
     Ok(())
 }
 
-fn chunk_error(id: &ChunkId, what: &Path, k: ProblemKind) -> Error {
+pub(super) fn chunk_error(id: &ChunkId, what: &Path, k: ProblemKind) -> Error {
     match k {
         ProblemKind::Missing => Error::damaged(format!("chunk {} of {} is missing", id_hex(id), what.display())),
         ProblemKind::Damaged(why) => {
