@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 
 use super::vmrefs;
 use super::{
-    check_remote, rebuild_all, report_check, run_rsync, sha256_file, Chunked, Ctx, Endpoint, Expect, Plan, Staging,
+    check_remote, rebuild_all, report_check, run_rsync, send_through_agent, sha256_file, target_agent, verify_all,
+    Chunked, Ctx, Endpoint, Expect, Plan, Staging,
 };
 use crate::backup::vm::connect_options;
 use crate::chunk::{self, MANIFEST_SUFFIX};
@@ -160,6 +161,10 @@ struct Dir {
     orig_dir: String,
 }
 
+/// Chunked files up to this size are rebuilt locally even where the agent runs: descriptors
+/// and other small files the reference walk reads (and may rewrite for the new place).
+const SMALL_CHUNKED: u64 = 1 << 20;
+
 pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
     let arch = &ctx.arch;
     let ini_path = arch.path.join(ESXI_INI);
@@ -285,6 +290,7 @@ fn restore_logged_in(
                 local: local.clone(),
                 remote: format!("{}/{name}", dirs[di].host),
                 size: m.size,
+                sha256: None,
             });
             (local, m.size)
         } else {
@@ -439,9 +445,25 @@ fn restore_logged_in(
         o.yes,
     )?;
 
-    // Everything local first: chunked disks rebuilt and verified, the VM checked whole, the
-    // absolute paths of the .vmx, .vmsd and descriptors rewritten for the new place.
-    rebuild_all(ctx, &chunked)?;
+    // Everything local first: every chunk of the chunked disks verified (rebuilt in staging
+    // where no agent runs on the target), the VM checked whole, the absolute paths of the .vmx,
+    // .vmsd and descriptors rewritten for the new place. The agent is kept on the datastore of
+    // the first chunked disk (a datastore survives a reboot of the host).
+    let agent_ds = match chunked.first() {
+        Some(c) => items.iter().find(|it| it.local == c.local).map(|it| ds_path_of(&dirs[it.dir].ds)).transpose()?,
+        None => None,
+    };
+    let agent = target_agent(ctx, &t.ep, agent_ds.as_deref(), &chunked, out)?;
+    // With the agent, the big files (disk extents) go through it; small chunked files
+    // (descriptors, which the reference walk below reads and may rewrite) are rebuilt here.
+    let (mut through_agent, rebuilt): (Vec<Chunked>, Vec<Chunked>) = if agent.is_some() {
+        chunked.iter().cloned().partition(|c| c.size > SMALL_CHUNKED)
+    } else {
+        (Vec::new(), chunked.clone())
+    };
+    verify_all(ctx, &mut through_agent)?;
+    rebuild_all(ctx, &rebuilt)?;
+    let by_agent = |it: &Item| through_agent.iter().any(|c| c.local == it.local);
     let orig_urls: Vec<(String, String)> = record.datastores.iter().map(|d| (d.name.clone(), d.url.clone())).collect();
     let vm_files: Vec<vmrefs::VmFile> = items
         .iter()
@@ -499,7 +521,8 @@ fn restore_logged_in(
     for (i, d) in dirs.iter().enumerate() {
         let mut a = rsync::Args::new(t.rsync_job, &t.ep.source());
         a.opts(["--inplace", "--no-whole-file", "--sparse", "--stats"]);
-        let mine: Vec<&Item> = items.iter().filter(|it| it.dir == i).collect();
+        // Chunked disks restored by the agent are not in rsync's part.
+        let mine: Vec<&Item> = items.iter().filter(|it| it.dir == i && !by_agent(it)).collect();
         // rsync names the destination after the source's base name: send the ones whose local
         // name differs one by one.
         let (same, renamed): (Vec<&&Item>, Vec<&&Item>) =
@@ -518,6 +541,10 @@ fn restore_logged_in(
             sent += bytes_sent(&r.stdout);
         }
     }
+    if let Some(session) = agent {
+        let (s, _) = send_through_agent(ctx, session, &through_agent)?;
+        sent += s;
+    }
     if o.delete && !extras.is_empty() {
         let rm: String =
             extras.iter().map(|(i, n)| format!("rm -f {}\n", shell_quote(&format!("{}/{n}", dirs[*i].host)))).collect();
@@ -526,9 +553,10 @@ fn restore_logged_in(
     let total: u64 = items.iter().map(|i| i.size).sum();
     let _ = writeln!(
         out,
-        "copied {} file(s) of VM {vm_name} ({total} bytes) to {}: {sent} bytes sent (rsync delta transfer)",
+        "copied {} file(s) of VM {vm_name} ({total} bytes) to {}: {sent} bytes sent ({})",
         items.len(),
-        t.label
+        t.label,
+        if through_agent.is_empty() { "rsync delta transfer" } else { "rsync delta transfer; chunked disks through affa-agent" }
     );
     ctx.log.info(format!("copied {} file(s), {total} bytes, {sent} bytes sent", items.len()));
 
@@ -536,7 +564,11 @@ fn restore_logged_in(
     let bar = o.watch.meter("hashing the archive", Some(items.iter().map(|i| i.size).sum()));
     let mut expect = Vec::new();
     for it in &items {
-        let (sha256, size) = sha256_file(&it.local, Some(&bar))?;
+        let verified = through_agent.iter().find(|c| c.local == it.local).and_then(|c| c.sha256.clone().map(|h| (h, c.size)));
+        let (sha256, size) = match verified {
+            Some(v) => v,
+            None => sha256_file(&it.local, Some(&bar))?,
+        };
         expect.push(Expect { remote: format!("{}/{}", dirs[it.dir].host, it.name), size, sha256, mtime: 0 });
     }
     drop(bar);

@@ -1,6 +1,8 @@
 //! Restore of an ordinary job: rsync the archive's source paths back to the host over the job's
-//! ssh (or locally for remoteHostName=localhost), chunked files rebuilt locally first and sent
-//! with rsync's delta transfer, then every restored file checked against the archive.
+//! ssh (or locally for remoteHostName=localhost); chunked files written in place by affa-agent on
+//! the host (only the chunks the existing file lacks are sent), or, where there is no agent,
+//! rebuilt locally and sent with rsync's delta transfer; then every restored file checked
+//! against the archive.
 //!
 //! Owns: the rsync command lines of a host restore. Must never: send affa's own files (the
 //! reserved names at the archive root, the manifests its index lists), take a source's own
@@ -13,7 +15,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::{
-    check_remote, rebuild_all, report_check, run_rsync, sha256_file, Chunked, Ctx, Endpoint, Expect, Plan, Staging,
+    check_remote, rebuild_all, report_check, run_rsync, send_through_agent, sha256_file, target_agent, verify_all,
+    Chunked, Ctx, Endpoint, Expect, Plan, Staging,
 };
 use crate::chunk::{self, MANIFEST_SUFFIX};
 use crate::error::{IoContext, Result};
@@ -45,7 +48,7 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
             continue;
         }
         let man = chunk::read_manifest(&m)?;
-        chunked.push(Chunked { manifest: m, local: staging.dir.join(&rel), remote: abs, size: man.size });
+        chunked.push(Chunked { manifest: m, local: staging.dir.join(&rel), remote: abs, size: man.size, sha256: None });
     }
 
     let date = arch.report.as_ref().and_then(|r| r.date()).map(crate::fmt::show_date).unwrap_or_default();
@@ -76,7 +79,12 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
     let _ = writeln!(out, "changes on {}:", ep.describe());
     let _ = plan.show(out);
     if !chunked.is_empty() {
-        let _ = writeln!(out, "  rebuilt from chunks and written with rsync's delta transfer ({}):", chunked.len());
+        let how = if job.local || job.chunk.transport == crate::config::typed::ChunkTransport::Rsync {
+            "rebuilt from chunks and written with rsync's delta transfer"
+        } else {
+            "written in place by affa-agent on the host, only the chunks it lacks sent (where it cannot run: rebuilt from chunks and written with rsync's delta transfer)"
+        };
+        let _ = writeln!(out, "  {how} ({}):", chunked.len());
         for c in &chunked {
             let _ = writeln!(out, "    {} ({} bytes)", c.remote, c.size);
         }
@@ -99,18 +107,37 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
         ctx.opts.yes,
     )?;
 
-    // Chunked files are rebuilt and verified before anything is written to the host.
-    rebuild_all(ctx, &chunked)?;
-    ctx.log.info(format!("restoring {} to {}", arch.name(), ep.describe()));
-    run_rsync(ctx, job, &main, "the restore", true)?;
-    for c in &chunked {
-        let mut a = rsync::Args::new(job, &ep.source());
-        a.opts(["--inplace", "--no-whole-file", "--sparse"]);
-        if ctx.opts.preserve_newer {
-            a.opt("--update");
+    // Every chunk of every chunked file is verified before anything is written to the host:
+    // by the agent path without a local copy, by the staging path while it rebuilds the file.
+    let agent = target_agent(ctx, &ep, None, &chunked, out)?;
+    match agent {
+        Some(session) => {
+            verify_all(ctx, &mut chunked)?;
+            ctx.log.info(format!("restoring {} to {}", arch.name(), ep.describe()));
+            // The plain files first: they create the directories the agent writes into.
+            run_rsync(ctx, job, &main, "the restore", true)?;
+            let (sent, _) = send_through_agent(ctx, session, &chunked)?;
+            let total: u64 = chunked.iter().map(|c| c.size).sum();
+            let _ = writeln!(
+                out,
+                "chunked files: {} file(s), {total} bytes, restored through affa-agent: {sent} bytes of chunks sent",
+                chunked.len()
+            );
         }
-        a.from_local([c.local.display().to_string()]).to(ep.dest(&c.remote));
-        run_rsync(ctx, job, &a, &format!("sending {}", c.remote), true)?;
+        None => {
+            rebuild_all(ctx, &chunked)?;
+            ctx.log.info(format!("restoring {} to {}", arch.name(), ep.describe()));
+            run_rsync(ctx, job, &main, "the restore", true)?;
+            for c in &chunked {
+                let mut a = rsync::Args::new(job, &ep.source());
+                a.opts(["--inplace", "--no-whole-file", "--sparse"]);
+                if ctx.opts.preserve_newer {
+                    a.opt("--update");
+                }
+                a.from_local([c.local.display().to_string()]).to(ep.dest(&c.remote));
+                run_rsync(ctx, job, &a, &format!("sending {}", c.remote), true)?;
+            }
+        }
     }
     let _ = writeln!(out, "restored {} to {}", arch.name(), ep.describe());
 
@@ -218,7 +245,10 @@ fn expected_files(ctx: &Ctx, sources: &[String], chunked: &[Chunked]) -> Result<
         out.push(Expect { remote, size, sha256, mtime });
     }
     for c in chunked {
-        let (sha256, size) = sha256_file(&c.local, Some(&bar))?;
+        let (sha256, size) = match &c.sha256 {
+            Some(h) => (h.clone(), c.size),
+            None => sha256_file(&c.local, Some(&bar))?,
+        };
         let mtime = chunk::read_manifest(&c.manifest)?.mtime.0;
         out.push(Expect { remote: c.remote.clone(), size, sha256, mtime });
     }

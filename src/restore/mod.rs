@@ -1,12 +1,15 @@
 //! Restore (`--full-restore`): put an archive back on its host (ordinary jobs, `host.rs`) or an
 //! ESXi VM back on a host (`esxi.rs`). This file holds what both share: choosing the archive,
-//! the target endpoint (ssh or local), the local staging dir where chunked files are rebuilt,
-//! the plan shown before `proceed`, and the check of the restored files against the archive.
+//! the target endpoint (ssh or local), how chunked files reach the target (through affa-agent
+//! on the target, which writes each file in place and receives only the chunks it lacks; or,
+//! with `chunkTransport=rsync`, a local target, or where the agent cannot run, rebuilt in a local
+//! staging dir and sent with rsync's delta transfer), the plan shown before `proceed`, and the
+//! check of the restored files against the archive.
 //!
 //! Owns: every change a restore makes on a target host. Must never: write anything to a target
-//! before the user typed `proceed` (or gave `--yes`) and before every chunked file was rebuilt
-//! and verified locally (a damaged chunk stops the restore with the target untouched); modify an
-//! archive or the chunk pool; call a restore good whose files do not match the archive.
+//! before the user typed `proceed` (or gave `--yes`) and before every chunk of every chunked
+//! file was verified locally (a damaged chunk stops the restore with the target untouched);
+//! modify an archive or the chunk pool; call a restore good whose files do not match the archive.
 
 mod esxi;
 mod host;
@@ -198,14 +201,137 @@ impl Drop for Staging {
     }
 }
 
-/// One chunked file to rebuild: its manifest, where the rebuilt copy goes locally, where it
-/// goes on the target.
+/// One chunked file to restore: its manifest, where a rebuilt copy goes locally (staging path),
+/// where it goes on the target, and (once verified) the SHA-256 of its bytes.
 #[derive(Debug, Clone)]
 pub(crate) struct Chunked {
     pub manifest: PathBuf,
     pub local: PathBuf,
     pub remote: String,
     pub size: u64,
+    pub sha256: Option<String>,
+}
+
+/// The agent path: check every chunk and the whole-file BLAKE3 of each chunked file (nothing
+/// is written locally), and record the SHA-256 of its bytes for the final check on the target,
+/// before anything is sent. A damaged or missing chunk stops here, naming chunk and file.
+pub(crate) fn verify_all(ctx: &Ctx, files: &mut [Chunked]) -> Result<()> {
+    use sha2::Digest;
+    struct Sha(sha2::Sha256);
+    impl Write for Sha {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.update(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let total: u64 = files.iter().map(|f| f.size).sum();
+    let bar = ctx.opts.watch.meter("checking the chunks", Some(total));
+    let mut base = 0u64;
+    for f in files.iter_mut() {
+        let m = crate::chunk::read_manifest(&f.manifest)?;
+        let mut h = Sha(sha2::Sha256::new());
+        let cb = |n: u64| bar.set(base + n);
+        let cb: &dyn Fn(u64) = &cb;
+        crate::chunk::stream_file(&ctx.arch.path, &m, &f.manifest, &mut h, Some(cb)).map_err(|e| {
+            e.context(format!("restore stopped before anything was sent to the target ({} was not changed)", f.remote))
+        })?;
+        f.sha256 = Some(hex(&h.0.finalize()));
+        base += f.size;
+    }
+    Ok(())
+}
+
+/// The affa-agent on the target that restores the chunked files, or None for the staging path:
+/// `chunkTransport=rsync`, a local target, no chunked file, or (`auto`) the agent cannot run
+/// there (a warning naming the reason and the fix; `chunkTransport=agent` fails instead).
+/// `datastore_dir`: for an ESXi target, the datastore the agent is kept on.
+pub(crate) fn target_agent(
+    ctx: &Ctx,
+    ep: &Endpoint,
+    datastore_dir: Option<&str>,
+    chunked: &[Chunked],
+    out: &mut dyn Write,
+) -> Result<Option<crate::transport::agent::Session>> {
+    use crate::config::typed::ChunkTransport;
+    use crate::transport::agent;
+    let Endpoint::Ssh(t) = ep else { return Ok(None) };
+    if chunked.is_empty() || ctx.job.chunk.transport == ChunkTransport::Rsync {
+        return Ok(None);
+    }
+    let path = agent::remote_path(ctx.job, datastore_dir);
+    match agent::start(t, &path, &agent::local_binary(ctx.cfg))? {
+        agent::Started::Ready(s) => {
+            ctx.log.info(format!("restoring the chunked files through affa-agent {} at {}", s.agent.software, s.label));
+            Ok(Some(s))
+        }
+        agent::Started::Unavailable(u) if ctx.job.chunk.transport == ChunkTransport::Agent => {
+            bail!("{u} (chunkTransport=agent)")
+        }
+        agent::Started::Unavailable(u) => {
+            let w = format!("{u}; the chunked files are rebuilt locally and sent with rsync instead");
+            ctx.log.warn(&w);
+            let _ = writeln!(out, "warning: {w}");
+            Ok(None)
+        }
+    }
+}
+
+/// Restore every chunked file through the agent (each written in place on the target, only the
+/// chunks it lacks sent, its whole-file hash checked by the agent before the rename). Returns
+/// the chunk bytes sent and the targets left as they were because they were newer.
+pub(crate) fn send_through_agent(
+    ctx: &Ctx,
+    mut session: crate::transport::agent::Session,
+    files: &[Chunked],
+) -> Result<(u64, Vec<String>)> {
+    let pool = crate::chunk::Pool::open(&ctx.job.root_dir())?;
+    let opts = crate::chunk::remote::RestoreOptions {
+        pool: Some(&pool),
+        compare: true,
+        keep_newer: ctx.opts.preserve_newer,
+    };
+    let total: u64 = files.iter().map(|f| f.size).sum();
+    let bar = ctx.opts.watch.meter("restoring chunked files through affa-agent", Some(total));
+    let (mut sent, mut kept, mut base) = (0u64, Vec::new(), 0u64);
+    for f in files {
+        let rel = f
+            .manifest
+            .strip_prefix(&ctx.arch.path)
+            .ok()
+            .and_then(|r| r.to_str()?.strip_suffix(crate::chunk::MANIFEST_SUFFIX).map(PathBuf::from))
+            .ok_or_else(|| Error::new(format!("{}: not a manifest of archive {}", f.manifest.display(), ctx.arch.name())))?;
+        ctx.log.info(format!("restoring {} through affa-agent", f.remote));
+        let r = crate::chunk::remote::restore_file(&mut session.agent, &ctx.arch.path, &rel, Path::new(&f.remote), &opts);
+        let st = match r {
+            Ok(st) => st,
+            Err(e) => {
+                let label = session.label.clone();
+                let why = session.stop();
+                let why = if why.is_empty() { String::new() } else { format!(" (agent {label}: {why})") };
+                return Err(e.context(format!("restoring {}{why}", f.remote)));
+            }
+        };
+        base += f.size;
+        bar.set(base);
+        ctx.log.info(format!(
+            "{}: {} of {} chunks sent ({} bytes), {} found in the existing target{}",
+            f.remote,
+            st.chunks_sent,
+            st.chunks - st.zero_chunks,
+            st.bytes_sent,
+            st.chunks_local,
+            if st.skipped { "; the target is newer and was kept" } else { "" }
+        ));
+        sent += st.bytes_sent;
+        if st.skipped {
+            kept.push(f.remote.clone());
+        }
+    }
+    session.finish()?;
+    Ok((sent, kept))
 }
 
 /// Rebuild every chunked file into staging, checking every chunk and the whole-file hash,
