@@ -556,7 +556,11 @@ fn restore_logged_in(
         "copied {} file(s) of VM {vm_name} ({total} bytes) to {}: {sent} bytes sent ({})",
         items.len(),
         t.label,
-        if through_agent.is_empty() { "rsync delta transfer" } else { "rsync delta transfer; chunked disks through affa-agent" }
+        if through_agent.is_empty() {
+            "rsync delta transfer"
+        } else {
+            "rsync delta transfer; chunked disks through affa-agent"
+        }
     );
     ctx.log.info(format!("copied {} file(s), {total} bytes, {sent} bytes sent", items.len()));
 
@@ -564,7 +568,8 @@ fn restore_logged_in(
     let bar = o.watch.meter("hashing the archive", Some(items.iter().map(|i| i.size).sum()));
     let mut expect = Vec::new();
     for it in &items {
-        let verified = through_agent.iter().find(|c| c.local == it.local).and_then(|c| c.sha256.clone().map(|h| (h, c.size)));
+        let verified =
+            through_agent.iter().find(|c| c.local == it.local).and_then(|c| c.sha256.clone().map(|h| (h, c.size)));
         let (sha256, size) = match verified {
             Some(v) => v,
             None => sha256_file(&it.local, Some(&bar))?,

@@ -254,7 +254,7 @@ pub(crate) fn target_agent(
     datastore_dir: Option<&str>,
     chunked: &[Chunked],
     out: &mut dyn Write,
-) -> Result<Option<crate::transport::agent::Session>> {
+) -> Result<Option<Box<crate::transport::agent::Session>>> {
     use crate::config::typed::ChunkTransport;
     use crate::transport::agent;
     let Endpoint::Ssh(t) = ep else { return Ok(None) };
@@ -262,7 +262,9 @@ pub(crate) fn target_agent(
         return Ok(None);
     }
     let path = agent::remote_path(ctx.job, datastore_dir);
-    match agent::start(t, &path, &agent::local_binary(ctx.cfg))? {
+    // No idle limit: comparing a big existing target may send nothing for a long time, and a
+    // restore is interactive (Ctrl-C stops it), as its other remote commands.
+    match agent::start(t, &path, &agent::local_binary(ctx.cfg), std::time::Duration::ZERO)? {
         agent::Started::Ready(s) => {
             ctx.log.info(format!("restoring the chunked files through affa-agent {} at {}", s.agent.software, s.label));
             Ok(Some(s))
@@ -284,15 +286,12 @@ pub(crate) fn target_agent(
 /// the chunk bytes sent and the targets left as they were because they were newer.
 pub(crate) fn send_through_agent(
     ctx: &Ctx,
-    mut session: crate::transport::agent::Session,
+    mut session: Box<crate::transport::agent::Session>,
     files: &[Chunked],
 ) -> Result<(u64, Vec<String>)> {
     let pool = crate::chunk::Pool::open(&ctx.job.root_dir())?;
-    let opts = crate::chunk::remote::RestoreOptions {
-        pool: Some(&pool),
-        compare: true,
-        keep_newer: ctx.opts.preserve_newer,
-    };
+    let opts =
+        crate::chunk::remote::RestoreOptions { pool: Some(&pool), compare: true, keep_newer: ctx.opts.preserve_newer };
     let total: u64 = files.iter().map(|f| f.size).sum();
     let bar = ctx.opts.watch.meter("restoring chunked files through affa-agent", Some(total));
     let (mut sent, mut kept, mut base) = (0u64, Vec::new(), 0u64);
@@ -302,9 +301,12 @@ pub(crate) fn send_through_agent(
             .strip_prefix(&ctx.arch.path)
             .ok()
             .and_then(|r| r.to_str()?.strip_suffix(crate::chunk::MANIFEST_SUFFIX).map(PathBuf::from))
-            .ok_or_else(|| Error::new(format!("{}: not a manifest of archive {}", f.manifest.display(), ctx.arch.name())))?;
+            .ok_or_else(|| {
+                Error::new(format!("{}: not a manifest of archive {}", f.manifest.display(), ctx.arch.name()))
+            })?;
         ctx.log.info(format!("restoring {} through affa-agent", f.remote));
-        let r = crate::chunk::remote::restore_file(&mut session.agent, &ctx.arch.path, &rel, Path::new(&f.remote), &opts);
+        let r =
+            crate::chunk::remote::restore_file(&mut session.agent, &ctx.arch.path, &rel, Path::new(&f.remote), &opts);
         let st = match r {
             Ok(st) => st,
             Err(e) => {

@@ -313,3 +313,112 @@ fn a_stalled_agent_is_stopped_after_rsync_timeout() {
     assert!(line.contains("sent nothing for 3 s") && line.contains("disk.img"), "{line}");
     assert!(archive_names(&s.affa.job_dir("web")).is_empty(), "a failed first run made an archive");
 }
+
+/// The bytes of chunks the restore sent through the agent, from its summary line.
+fn chunk_bytes_sent(text: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.split("restored through affa-agent: ").nth(1))
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no 'restored through affa-agent' line:\n{text}"))
+}
+
+/// `--full-restore` of a chunked Linux job writes the image in place through the agent: over a
+/// copy that differs in one chunk only about that chunk is sent; a deleted image comes back
+/// whole and sparse; a damaged chunk stops the restore before anything is written.
+#[test]
+fn a_chunked_file_is_restored_through_the_agent_sending_only_what_differs() {
+    let s = Linux::start(24 * MB, &[(0, 6 * MB), (12 * MB, 4 * MB), (23 * MB, MB)], "");
+    ok(&s.affa.affa_at("2026-06-01T20:00:00", &["--run", "web"]));
+    let v1 = hash(&s.img());
+
+    // One chunk of 24 differs on the host (older mtime: --preserve-newer keeps nothing).
+    scribble(&s.img(), 13 * MB, 64 << 10, 3);
+    let old = filetime_secs(&s.img(), 1_500_000_000);
+    let text = ok(&s.affa.affa(&["--full-restore", "web", "--yes"]));
+    assert!(text.contains("affa-agent"), "{text}");
+    assert_eq!(hash(&s.img()), v1, "{text}");
+    let sent = chunk_bytes_sent(&text);
+    assert!(sent > 0 && sent <= MB + MB / 4, "{sent} bytes of chunks sent for one changed chunk:\n{text}");
+    assert!(old != filetime_secs(&s.img(), 0), "the mtime was not restored");
+    assert!(!s
+        .affa
+        .job_dir("web")
+        .read_dir()
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with(".restore-staging")));
+
+    // Deleted on the host: restored whole, holes stay holes.
+    fs::remove_file(s.img()).unwrap();
+    let text = ok(&s.affa.affa(&["--full-restore", "web", "--yes"]));
+    assert_eq!(hash(&s.img()), v1, "{text}");
+    use std::os::unix::fs::MetadataExt;
+    assert!(fs::metadata(s.img()).unwrap().blocks() * 512 < 16 * MB, "the restored image is not sparse");
+
+    // A damaged chunk in the archive and the pool: nothing is written to the host.
+    scribble(&s.img(), 0, 4096, 4);
+    let before = hash(&s.img());
+    let man = affa::chunk::read_manifest(&s.in_archive("scheduled.0").join("images/disk.img.affa-manifest")).unwrap();
+    let affa::chunk::ChunkRef::Stored(id) = man.chunks[12] else { panic!("chunk 12 is not stored") };
+    let hex = affa::chunk::id_hex(&id);
+    let mut damaged = 0;
+    for dir in [s.affa.job_dir("web").join("scheduled.0/.affa-chunks"), s.affa.root.join(".affa-pool")] {
+        for f in walk(&dir) {
+            if f.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&hex)) {
+                let mut b = fs::read(&f).unwrap();
+                let n = b.len();
+                b[n - 1] ^= 0xff;
+                let _ = fs::remove_file(&f);
+                fs::write(&f, &b).unwrap();
+                damaged += 1;
+            }
+        }
+    }
+    assert!(damaged > 0, "chunk {hex} not found");
+    let e = fail(&s.affa.affa(&["--full-restore", "web", "--yes"]));
+    assert!(e.contains("restore stopped before anything was sent"), "{e}");
+    assert_eq!(hash(&s.img()), before, "the host's image was changed by a failed restore");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() && !p.is_symlink() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Set the mtime of `p` to `secs` (0: leave it) and return it.
+fn filetime_secs(p: &Path, secs: i64) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    if secs != 0 {
+        let f = fs::File::options().write(true).open(p).unwrap();
+        f.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(secs as u64)).unwrap();
+    }
+    fs::metadata(p).unwrap().mtime()
+}
+
+/// An ESXi VM restored beside the original through the agent on the target datastore: the
+/// disks identical to the frozen ones, the descriptors (small chunked files) rewritten for the
+/// new place, the VM registered.
+#[test]
+fn an_esxi_vm_is_restored_through_the_agent() {
+    let e = Esx::start(24 * MB, &[(0, 4 * MB)], "chunkFiles=*.vmdk\nchunkSize=1M\n", "");
+    ok(&e.affa.affa_at("2026-05-04T21:00:00", &["--run", "esx"]));
+    let frozen = e.frozen();
+    let text = ok(&e.affa.affa(&["--full-restore", "esx", "--to-dir", "vm1-copy", "--register", "vm1-copy", "--yes"]));
+    assert!(text.contains("chunked disks through affa-agent"), "{text}");
+    assert_eq!(sha256_file(&e.ds1.join("vm1-copy/vm1-flat.vmdk")), frozen[0]);
+    assert_eq!(sha256_file(&e.ds2.join("vm1-copy/vm1_1-flat.vmdk")), frozen[1]);
+    let vmx = fs::read_to_string(e.ds1.join("vm1-copy/vm1.vmx")).unwrap();
+    assert!(vmx.contains(&format!("{}/vm1-copy/vm1_1.vmdk", e.ds2.display())), "{vmx}");
+    assert!(e.sim.snapshots("vm1-copy").is_empty());
+}

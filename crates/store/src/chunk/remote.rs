@@ -16,7 +16,7 @@ use super::blob;
 use super::build::{check_rel, manifest_path};
 use super::manifest::{ChunkRef, Manifest};
 use super::pool::{self, Pool, ARCHIVE_CHUNK_DIR};
-use super::restore::{chunk_error, load_chunk_at, read_manifest};
+use super::restore::{chunk_error, load_chunk_file, read_manifest};
 use super::{id_hex, ChunkId, ChunkStats, Compression, Settings};
 use crate::error::{Error, IoContext, Result};
 use affa_agent_proto::{self as proto, shown, ChunkKind, FrameReader, FrameWriter, Msg};
@@ -447,7 +447,7 @@ pub fn restore_file<R: Read, W: Write>(
                 let mut r = load_chunk(archive_root, &id, len, &mut raw, &mut decoded);
                 if let (Err(_), Some(p)) = (&r, opts.pool) {
                     // A repaired copy in the pool serves as well.
-                    if load_chunk_at(&p.entry(&id), &id, len, &mut raw, &mut decoded).is_ok() {
+                    if load_chunk_file(&p.entry(&id), &id, len, &mut raw, &mut decoded).is_ok() {
                         r = Ok(());
                     }
                 }
@@ -494,7 +494,7 @@ fn load_chunk(
     raw: &mut Vec<u8>,
     out: &mut Vec<u8>,
 ) -> std::result::Result<(), super::ProblemKind> {
-    load_chunk_at(&pool::archive_entry(archive_root, id), id, len, raw, out)
+    load_chunk_file(&pool::archive_entry(archive_root, id), id, len, raw, out)
 }
 
 /// Tell the agent to give up its restore (`RABORT`) and read up to its `FAULT`, so that the

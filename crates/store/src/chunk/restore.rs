@@ -52,12 +52,12 @@ fn load_chunk(
     raw: &mut Vec<u8>,
     out: &mut Vec<u8>,
 ) -> std::result::Result<(), ProblemKind> {
-    load_chunk_at(&archive_entry(archive_root, id), id, len, raw, out)
+    load_chunk_file(&archive_entry(archive_root, id), id, len, raw, out)
 }
 
 /// Load the chunk file `p` of chunk `id` into `raw`, decode it into `out` and check its length
 /// and hash.
-pub(super) fn load_chunk_at(
+pub(super) fn load_chunk_file(
     p: &Path,
     id: &ChunkId,
     len: usize,
