@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's demo: back up a running (simulated) ESXi VM twice, list the archives, restore
-# the VM to a new directory and register it, and verify the restored disks byte by byte.
+# the VM to a new directory and register it, and verify the restored disks byte by byte. The
+# chunked disks are read on the host by affa-agent, which --send-key installs on the datastore.
 # It starts everything it needs itself, on 127.0.0.1, in a temp directory: a vSphere simulator
 # (govmomi, with real snapshot delta disks added) and a private sshd serving its datastores.
 # Nothing of the machine's own configuration (/etc/affa, /root/.ssh, the system sshd) is used.
@@ -8,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 
-need=(openssh-server openssh-client rsync golang-go golang-github-vmware-govmomi-dev curl)
+need=(openssh-server openssh-client rsync golang-go golang-github-vmware-govmomi-dev curl file)
 missing=()
 for p in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -21,8 +22,10 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 [ -d /run/sshd ] || { [ "$(id -u)" -eq 0 ] && mkdir -p /run/sshd; } || true
 
-echo "== building affa and the ESXi simulator"
+echo "== building affa, its agent and the ESXi simulator"
 cargo build --release --quiet --bin affa
+# The static agent affa installs on the host to read the frozen disks there (chunkTransport).
+AGENT=$(./scripts/build-agent.sh --quiet)
 (cd harness/esxi-sim && GO111MODULE=off GOPATH=/usr/share/gocode go build -o esxi-sim .)
 AFFA=$REPO/target/release/affa
 SIM=$REPO/harness/esxi-sim/esxi-sim
@@ -89,6 +92,7 @@ printf 'demo-Secret1\n' > "$W/etc/esxi.pw"; chmod 600 "$W/etc/esxi.pw"
 cat > "$W/etc/demo.conf" <<CONF
 [GlobalAffaConfig]
 RootDir=$W/backup
+agentBinary=$AGENT
 lockDir=$W/state/lock
 logDir=$W/state/log
 sshDir=$W/state/ssh

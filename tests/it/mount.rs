@@ -114,8 +114,11 @@ fn setup(extra: &str) -> Setup {
             "vm",
             &sshd,
             &format!(
-                "Include={}\nchunkFiles=*.img\nchunkSize=1M\nscheduledKeep=2\ndailyKeep=0\nweeklyKeep=0\nmonthlyKeep=0\nyearlyKeep=0\n{extra}",
-                d.display()
+                "Include={}\nchunkFiles=*.img\nchunkSize=1M\nscheduledKeep=2\ndailyKeep=0\nweeklyKeep=0\nmonthlyKeep=0\nyearlyKeep=0\nremoteAgentPath={}\n{extra}",
+                d.display(),
+                // The agent (the default chunkTransport) inside the test's temp dir, never in
+                // the home of the user the tests run as.
+                affa.tmp.path().join("remote/.affa/affa-agent").display()
             ),
         ),
     );
@@ -460,4 +463,37 @@ fn the_samba_share_of_a_chunked_job_serves_the_mounted_view() {
     assert!(o.status.success() && !listing.contains(".affa-chunks") && !listing.contains(".AFFA3-REPORT"), "{listing}");
     ok(&s.affa.affa(&["--umount", mp.to_str().unwrap()]));
     drop(s.sshd);
+}
+
+/// An ESXi job with chunked disks (read on the host by the agent): the mounted `-flat.vmdk`s are
+/// the frozen disks byte for byte, also read by two readers at once.
+#[test]
+fn the_mounted_flat_vmdk_of_an_esxi_job_is_the_frozen_disk() {
+    if unavailable() {
+        return;
+    }
+    use common::esx::{sha256_file, Esx};
+    let e = Esx::start(24 * MB, &[(0, 4 * MB)], "chunkFiles=*-flat.vmdk\nchunkSize=1M\n", "");
+    ok(&e.affa.affa_at("2026-05-04T21:00:00", &["--run", "esx"]));
+    let frozen = e.frozen();
+    let dir = e.affa.tmp.path().join("esx-mnt");
+    fs::create_dir_all(&dir).unwrap();
+    ok(&e.affa.affa(&["--mount", "esx", "scheduled.0", dir.to_str().unwrap()]));
+    let _m = Mnt(dir.clone());
+    let d0 = dir.join("vmfs/volumes/datastore1/vm1/vm1-flat.vmdk");
+    let d1 = dir.join("vmfs/volumes/ds2/vm1/vm1_1-flat.vmdk");
+    assert_eq!(fs::metadata(&d0).unwrap().len(), 24 * MB);
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let p = d0.clone();
+            std::thread::spawn(move || sha256_file(&p))
+        })
+        .collect();
+    for r in readers {
+        assert_eq!(r.join().unwrap(), frozen[0], "a parallel reader got other bytes");
+    }
+    assert_eq!(sha256_file(&d1), frozen[1]);
+    assert!(!dir.join("vmfs/volumes/datastore1/vm1/vm1-flat.vmdk.affa-manifest").exists());
+    ok(&e.affa.affa(&["--umount", dir.to_str().unwrap()]));
+    wait_until(Duration::from_secs(10), "the mount to end", || !mounted(&dir));
 }
