@@ -10,7 +10,7 @@
 //! because the kernel drops the flock when its holder dies; a pid is signalled only if it is > 1,
 //! holds the flock according to the kernel, and is an affa process), or be inherited by child
 //! processes (everything is opened close-on-exec, except the children marker below, and that
-//! only in the children [`crate::transport::die_with_parent`] prepares).
+//! only in the children that the transport's `die_with_parent` prepares).
 //!
 //! Also the run's children marker `lockDir/.children.JOB` (a job name never starts with '.'):
 //! the run holds an flock on it, and the rsync and ssh processes it starts inherit that open
@@ -46,7 +46,7 @@ pub struct JobLock {
 static MARKER_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
 /// The children marker fd a child of the run should inherit (-1: none). Read before the fork;
-/// the child clears its close-on-exec flag (`transport::die_with_parent`).
+/// the child clears its close-on-exec flag (the transport's `die_with_parent`).
 pub fn inheritable_marker() -> i32 {
     MARKER_FD.load(std::sync::atomic::Ordering::SeqCst)
 }

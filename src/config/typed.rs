@@ -190,7 +190,7 @@ pub struct Chunking {
     pub settings: chunk::Settings,
     /// chunkTransport.
     pub transport: ChunkTransport,
-    /// remoteAgentPath (None: derived, see `crate::transport::agent::remote_path`).
+    /// remoteAgentPath (None: derived, see `remote_path` of the transport's agent module).
     pub remote_agent_path: Option<String>,
 }
 
@@ -285,7 +285,7 @@ pub struct Global {
     pub ssh_dir: PathBuf,
     pub script_dir: PathBuf,
     /// agentBinary as written (the default falls back to `affa-agent` next to affa:
-    /// `crate::transport::agent::local_binary`).
+    /// `local_binary` of the transport's agent module).
     pub agent_binary: PathBuf,
     pub smtp: Smtp,
     /// mailFrom (empty: affa@HOSTNAME).
@@ -736,11 +736,10 @@ mod tests {
         assert_eq!((local.settings.status, l.kill_at, l.nrpe_trigger), (None, None, Some(24)));
     }
 
-    /// chunkTransport, remoteAgentPath and agentBinary: typed once, with their defaults; the
-    /// agent's remote path is derived when remoteAgentPath is empty.
+    /// chunkTransport, remoteAgentPath and agentBinary: typed once, with their defaults (the
+    /// derived remote path: `transport::agent`'s tests).
     #[test]
     fn agent_keys_are_typed_with_their_defaults() {
-        use crate::transport::agent::remote_path;
         let c = parse(
             "[GlobalAffaConfig]\nagentBinary=/opt/affa-agent\n[a]\nremoteHostName=h\n\
              [b]\nremoteHostName=h\nchunkTransport=rsync\nremoteAgentPath=/srv/x/affa-agent\n\
@@ -750,11 +749,9 @@ mod tests {
         assert_eq!(c.settings.agent_binary, Path::new("/opt/affa-agent"));
         let a = c.job("a").unwrap();
         assert_eq!((a.chunk.transport, a.chunk.remote_agent_path.as_deref()), (ChunkTransport::Auto, None));
-        assert_eq!(remote_path(a, None), ".affa/affa-agent");
-        assert_eq!(remote_path(a, Some("/vmfs/volumes/datastore1/")), "/vmfs/volumes/datastore1/.affa/affa-agent");
         let b = c.job("b").unwrap();
         assert_eq!(b.chunk.transport, ChunkTransport::Rsync);
-        assert_eq!(remote_path(b, Some("/vmfs/volumes/ds")), "/srv/x/affa-agent");
+        assert_eq!(b.chunk.remote_agent_path.as_deref(), Some("/srv/x/affa-agent"));
         assert_eq!(c.job("c").unwrap().chunk.transport, ChunkTransport::Agent);
         let d = parse("[a]\nremoteHostName=h\n").unwrap();
         assert_eq!(d.settings.agent_binary, Path::new("/usr/lib/affa/affa-agent"));

@@ -409,6 +409,19 @@ pub fn install(t: &SshTarget, path: &str, local: &Path) -> Result<std::result::R
 mod tests {
     use super::*;
 
+    /// The agent's remote path: remoteAgentPath, else derived (the remote user's home; an ESXi
+    /// job's datastore).
+    #[test]
+    fn the_remote_path_is_derived_when_remote_agent_path_is_empty() {
+        let dir = Path::new("/nonexistent-affa-test/etc");
+        let text = "[a]\nremoteHostName=h\n[b]\nremoteHostName=h\nremoteAgentPath=/srv/x/affa-agent\n";
+        let c = Config::parse(dir, &[(dir.join("t.conf"), text.to_string())]).unwrap();
+        let (a, b) = (c.job("a").unwrap(), c.job("b").unwrap());
+        assert_eq!(remote_path(a, None), ".affa/affa-agent");
+        assert_eq!(remote_path(a, Some("/vmfs/volumes/datastore1/")), "/vmfs/volumes/datastore1/.affa/affa-agent");
+        assert_eq!(remote_path(b, Some("/vmfs/volumes/ds")), "/srv/x/affa-agent");
+    }
+
     #[test]
     fn classify_names_reason_and_fix() {
         let u = classify("h", "/p/affa-agent", Some(126), "sh: /p/affa-agent: Operation not permitted\n");
