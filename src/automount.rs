@@ -46,6 +46,11 @@ impl Drop for Mounted<'_> {
 
 /// A mountinfo field: `\040` and the other octal escapes decoded.
 fn unescape(s: &str) -> String {
+    String::from_utf8_lossy(&unescape_bytes(s)).into_owned()
+}
+
+/// A mountinfo field's bytes: space, tab, newline and backslash are escaped there as `\NNN`.
+pub(crate) fn unescape_bytes(s: &str) -> Vec<u8> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -58,7 +63,7 @@ fn unescape(s: &str) -> String {
             i += 1;
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 /// What is mounted at `point`: its source device, canonical (a `/dev/disk/by-label/...` or

@@ -423,22 +423,10 @@ fn is_affa((_, fstype, src, opts): &(PathBuf, String, String, String)) -> bool {
     (fstype == "fuse" || fstype == "fuse.affa") && src.starts_with("affa:") && opts.split(',').any(|o| o == "user_id=0")
 }
 
-/// mountinfo escapes space, tab, newline and backslash as `\NNN`.
+/// A mountinfo path (`\NNN` escapes decoded, as `automount` reads them).
 fn unescape_octal(s: &str) -> std::ffi::OsString {
     use std::os::unix::ffi::OsStringExt;
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    std::ffi::OsString::from_vec(out)
+    std::ffi::OsString::from_vec(crate::automount::unescape_bytes(s))
 }
 
 /// `--umount DIR`: unmount the affa mount at `dir` (only an affa mount). With a file still open
