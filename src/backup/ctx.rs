@@ -56,6 +56,11 @@ impl RunSummary {
         if let (Some(sent), Some(recvd)) = (r.num("TotalBytesSent"), r.num("TotalBytesReceived")) {
             v.push(("transferred", format!("{} received, {} sent", human(recvd), human(sent))));
         }
+        if let Some(agent) = r.num("ChunkBytesReceived") {
+            let read =
+                r.num("ChunkSourceBytesRead").map(|b| format!(", {} read on the host", human(b))).unwrap_or_default();
+            v.push(("affa-agent", format!("{} received{read}", human(agent))));
+        }
         if let Some(n) = r.num("NumberOfFiles") {
             let size = r.num("TotalFileSize").map(|b| format!(", {}", human(b))).unwrap_or_default();
             v.push(("files", format!("{n}{size}")));

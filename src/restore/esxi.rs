@@ -392,9 +392,16 @@ fn restore_logged_in(
         t.ep.describe()
     );
     let mut plan = Plan::default();
+    // Big chunked files go through the agent unless the job says rsync (small ones, the
+    // descriptors, are rebuilt here either way).
+    let by_agent_plan = ctx.job.chunk.transport != crate::config::typed::ChunkTransport::Rsync;
     for it in &items {
         let d = &dirs[it.dir];
-        let what = if it.chunked { " (rebuilt from chunks)" } else { "" };
+        let what = match (it.chunked, by_agent_plan && it.size > SMALL_CHUNKED) {
+            (true, false) => " (rebuilt from chunks)",
+            (true, true) => " (from chunks, through affa-agent where it runs)",
+            _ => "",
+        };
         let line = format!("{}/{} <- {}{what}, {} bytes", d.host, it.name, it.rel.display(), it.size);
         let _ = writeln!(out, "  [{}] {}/{}: {}", d.ds, d.dir, it.name, line);
         if existing.contains_key(&(it.dir, it.name.clone())) {
