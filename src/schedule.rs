@@ -17,7 +17,7 @@ use crate::backup::{RunOptions, RunSummary};
 use crate::clock::Clock;
 use crate::config::{BrokenJob, Config, Job};
 use crate::cron::{absolute, effective_enabled};
-use crate::error::{IoContext, Result};
+use crate::error::{ErrorKind, IoContext, Result};
 use crate::joblog::JobLog;
 use crate::observer::Watch;
 
@@ -122,9 +122,20 @@ fn pause(secs: u64) {
     }
 }
 
+/// Why a failure of this kind is not worth a retry (waiting does not change it), or None.
+fn not_retried(kind: ErrorKind) -> Option<&'static str> {
+    match kind {
+        ErrorKind::Config => Some("the configuration must be fixed first"),
+        ErrorKind::DiskFull => Some("RootDir's disk is full; a retry would fill it again"),
+        ErrorKind::Damaged => Some("stored data is damaged; run --verify and repair first"),
+        _ => None,
+    }
+}
+
 /// `--run JOB [LEVEL]`: one run, with the mails, and (when `retry` is set, as under cron with
-/// `--silent`) RetryAttempts re-runs RetryAfter seconds apart after a failure, whatever failed
-/// (transfer, connection, pre/post-job script).
+/// `--silent`) RetryAttempts re-runs RetryAfter seconds apart after a failure of the transfer,
+/// the connection or a pre/post-job script. A failure that waiting does not change (a
+/// configuration error, a full RootDir, damaged stored data: [`not_retried`]) is not retried.
 ///
 /// Mails: a failed sequence (every attempt failed) sends exactly one error mail, after the last
 /// attempt, with the log lines of all attempts. RetryNotification=yes adds a short notice after
@@ -151,6 +162,15 @@ pub fn run_job(cfg: &Config, job: &str, clock: &dyn Clock, opts: RunOptions, ret
         match res {
             Ok(s) => break Ok(s),
             Err(e) if crate::interrupt::interrupted() => break Err(e),
+            Err(e) if attempt < total && not_retried(e.kind()).is_some() => {
+                let why = not_retried(e.kind()).unwrap_or_default();
+                note.info(format!("attempt {attempt} of {total} failed; not retried: {why}"));
+                match crate::notify::error_mail(cfg, j, e.message(), attempt, lp, &log_since(lp, start)) {
+                    Ok(how) => note.info(format!("error mail sent {how}")),
+                    Err(me) => note.warn(format!("cannot send the error mail: {me}")),
+                }
+                break Err(e);
+            }
             Err(e) if attempt < total => {
                 note.info(format!("attempt {attempt} of {total} failed; retry {attempt} of {retries} in {after} s"));
                 if j.mail.retry_notification {

@@ -556,6 +556,26 @@ fn rootdir_full_fails_cleanly_and_the_next_run_after_freeing_space_succeeds() {
     assert_eq!(fs::read_to_string(a).unwrap(), "alpha two\n");
 }
 
+#[test]
+fn a_full_rootdir_is_not_retried() {
+    // Waiting does not empty a disk: a scheduled run (--silent, as under cron) with retries set
+    // fails once, says why it is not retried, and sends its error mail at once.
+    let affa = Affa::new();
+    let Some(_fs) = Tmpfs::mount(&affa.root, "12m") else { return };
+    let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
+    src_tree(src.path(), 1);
+    fs::write(src.path().join("docs/huge.bin"), noise(14 * MB as usize, 3)).unwrap();
+    local_job(&affa, "web", src.path(), "RetryAttempts=2\nRetryAfter=30\n");
+    let t = Instant::now();
+    let o = affa.affa_at("2026-03-02T11:00:00", &["--silent", "--run", "web"]);
+    assert!(!o.status.success());
+    assert!(t.elapsed() < Duration::from_secs(30), "a retry waited RetryAfter");
+    let log = fs::read_to_string(affa.state.join("log/web.log")).unwrap();
+    assert_eq!(log.matches("Starting job web").count(), 1, "{log}");
+    assert!(log.contains("attempt 1 of 3 failed; not retried: RootDir's disk is full"), "{log}");
+    assert!(!archive_names(&affa.job_dir("web")).iter().any(|n| n.starts_with("scheduled.0")));
+}
+
 fn chunk_files(archive: &Path) -> Vec<PathBuf> {
     let mut v = Vec::new();
     for fan in fs::read_dir(archive.join(".affa-chunks")).unwrap().flatten() {
