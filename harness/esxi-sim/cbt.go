@@ -498,11 +498,7 @@ func (h *Harness) handleCbt(w http.ResponseWriter, r *http.Request) {
 
 // handleResize: POST /resize?vm=NAME&disk=I&bytes=N
 func (h *Harness) handleResize(w http.ResponseWriter, r *http.Request) {
-	if r.Method != http.MethodPost {
-		jsonErr(w, 405, "POST")
-		return
-	}
-	st := h.vmArg(w, r)
+	st := h.postVMArg(w, r)
 	if st == nil {
 		return
 	}

@@ -39,6 +39,24 @@ func (h *Harness) vmArg(w http.ResponseWriter, r *http.Request) *VMState {
 	return st
 }
 
+// postVMArg is vmArg for a POST-only call (405 otherwise).
+func (h *Harness) postVMArg(w http.ResponseWriter, r *http.Request) *VMState {
+	if r.Method != http.MethodPost {
+		jsonErr(w, 405, "POST")
+		return nil
+	}
+	return h.vmArg(w, r)
+}
+
+// setFault changes the fault settings and answers them.
+func (h *Harness) setFault(w http.ResponseWriter, set func(*Faults)) {
+	h.mu.Lock()
+	set(&h.faults)
+	out := h.faults
+	h.mu.Unlock()
+	writeJSON(w, 200, out)
+}
+
 type diskJSON struct {
 	Index       int      `json:"index"`
 	Key         int32    `json:"key"`
@@ -144,11 +162,7 @@ func (h *Harness) controlMux() http.Handler {
 		w.Write(b)
 	})
 	mux.HandleFunc("/write", func(w http.ResponseWriter, r *http.Request) {
-		if r.Method != http.MethodPost {
-			jsonErr(w, 405, "POST")
-			return
-		}
-		st := h.vmArg(w, r)
+		st := h.postVMArg(w, r)
 		if st == nil {
 			return
 		}
@@ -274,11 +288,7 @@ func (h *Harness) controlMux() http.Handler {
 				jsonErr(w, 400, "cbt: mode must be forget, outside, unsorted, stall, wrongstart or none")
 				return
 			}
-			h.mu.Lock()
-			h.faults.Cbt = f
-			out := h.faults
-			h.mu.Unlock()
-			writeJSON(w, 200, out)
+			h.setFault(w, func(fs *Faults) { fs.Cbt = f })
 			return
 		}
 		if op == "intrude" {
@@ -288,11 +298,7 @@ func (h *Harness) controlMux() http.Handler {
 				jsonErr(w, 400, "intrude: action must be create or remove (or empty to clear), with a name")
 				return
 			}
-			h.mu.Lock()
-			h.faults.Intrude = f
-			out := h.faults
-			h.mu.Unlock()
-			writeJSON(w, 200, out)
+			h.setFault(w, func(fs *Faults) { fs.Intrude = f })
 			return
 		}
 		if mode == "none" || mode == "off" {

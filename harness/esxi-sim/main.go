@@ -352,6 +352,7 @@ func (h *Harness) createVM(ctx context.Context, vs VMSpec) error {
 		}
 		dsPath := fmt.Sprintf("[%s] %s/%s.vmdk", d.Datastore, vs.Name, base)
 		dsRef := h.dsRef(d.Datastore)
+		uuid := vmdkUUID()
 		disk := &types.VirtualDisk{
 			VirtualDevice: types.VirtualDevice{
 				Key:           int32(2000 + i),
@@ -361,7 +362,7 @@ func (h *Harness) createVM(ctx context.Context, vs VMSpec) error {
 					VirtualDeviceFileBackingInfo: types.VirtualDeviceFileBackingInfo{FileName: dsPath, Datastore: &dsRef},
 					DiskMode:                     string(types.VirtualDiskModePersistent),
 					ThinProvisioned:              types.NewBool(true),
-					Uuid:                         vmdkUUID(),
+					Uuid:                         uuid,
 				},
 			},
 			CapacityInKB:    d.SizeBytes / 1024,
@@ -370,7 +371,7 @@ func (h *Harness) createVM(ctx context.Context, vs VMSpec) error {
 		changes = append(changes, &types.VirtualDeviceConfigSpec{Operation: types.VirtualDeviceConfigSpecOperationAdd, Device: disk})
 		disks = append(disks, &Disk{
 			Index: i, Key: int32(2000 + i), Unit: unit, Datastore: d.Datastore, Dir: vmdir, RelDir: vs.Name, Size: d.SizeBytes,
-			Layers: []*Layer{{Base: base, DsPath: dsPath, Descriptor: desc, Data: flat, CID: cid}},
+			Layers: []*Layer{{Base: base, DsPath: dsPath, Descriptor: desc, Data: flat, CID: cid, Uuid: uuid}},
 		})
 	}
 	spec := types.VirtualMachineConfigSpec{
