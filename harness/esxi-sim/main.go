@@ -54,6 +54,8 @@ type Spec struct {
 	StdinEOFExit   *bool    `json:"stdin_eof_exit"`
 	LogFile        string   `json:"log_file"`
 	Trace          bool     `json:"trace"`
+	CbtBlockBytes  int64    `json:"cbt_block_bytes"`
+	CbtPageExtents int      `json:"cbt_page_extents"`
 }
 
 type DSSpec struct {
@@ -350,6 +352,7 @@ func (h *Harness) createVM(ctx context.Context, vs VMSpec) error {
 		}
 		dsPath := fmt.Sprintf("[%s] %s/%s.vmdk", d.Datastore, vs.Name, base)
 		dsRef := h.dsRef(d.Datastore)
+		uuid := vmdkUUID()
 		disk := &types.VirtualDisk{
 			VirtualDevice: types.VirtualDevice{
 				Key:           int32(2000 + i),
@@ -359,7 +362,7 @@ func (h *Harness) createVM(ctx context.Context, vs VMSpec) error {
 					VirtualDeviceFileBackingInfo: types.VirtualDeviceFileBackingInfo{FileName: dsPath, Datastore: &dsRef},
 					DiskMode:                     string(types.VirtualDiskModePersistent),
 					ThinProvisioned:              types.NewBool(true),
-					Uuid:                         vmdkUUID(),
+					Uuid:                         uuid,
 				},
 			},
 			CapacityInKB:    d.SizeBytes / 1024,
@@ -368,7 +371,7 @@ func (h *Harness) createVM(ctx context.Context, vs VMSpec) error {
 		changes = append(changes, &types.VirtualDeviceConfigSpec{Operation: types.VirtualDeviceConfigSpecOperationAdd, Device: disk})
 		disks = append(disks, &Disk{
 			Index: i, Key: int32(2000 + i), Unit: unit, Datastore: d.Datastore, Dir: vmdir, RelDir: vs.Name, Size: d.SizeBytes,
-			Layers: []*Layer{{Base: base, DsPath: dsPath, Descriptor: desc, Data: flat, CID: cid}},
+			Layers: []*Layer{{Base: base, DsPath: dsPath, Descriptor: desc, Data: flat, CID: cid, Uuid: uuid}},
 		})
 	}
 	spec := types.VirtualMachineConfigSpec{
@@ -409,7 +412,7 @@ func (h *Harness) createVM(ctx context.Context, vs VMSpec) error {
 	h.mu.Lock()
 	h.vms[ref] = st
 	h.mu.Unlock()
-	simulator.Map.WithLock(vm, func() { h.refreshLayoutLocked(st) })
+	simulator.Map.WithLock(vm, func() { h.refreshLayoutLocked(st); h.cbtSetCapabilityLocked(st) })
 	if vs.PowerOn {
 		if err := h.setPower(ctx, st, true); err != nil {
 			return err

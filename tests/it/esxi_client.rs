@@ -327,3 +327,308 @@ fn unknown_moref_is_a_one_line_fault() {
     assert!(e.message().contains(&sim.host()), "{e}");
     assert!(!e.message().contains('\n'), "{e}");
 }
+
+// ---- Changed Block Tracking (issue 14) ----
+
+/// The harness tracks changes in blocks of this size (its `cbt_block_bytes` default): a guest
+/// write is reported as the whole 64 KiB blocks it touches, as a host reports whole tracking
+/// blocks.
+const CBT_BLOCK: u64 = 65536;
+
+/// Guest writes (offset, length) rounded out to whole CBT blocks, merged, sorted.
+fn rounded(writes: &[(u64, u64)], capacity: u64) -> Vec<(u64, u64)> {
+    let mut blocks: Vec<u64> =
+        writes.iter().flat_map(|&(o, l)| (o / CBT_BLOCK..=(o + l - 1) / CBT_BLOCK).collect::<Vec<_>>()).collect();
+    blocks.sort();
+    blocks.dedup();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for b in blocks {
+        let (s, e) = (b * CBT_BLOCK, ((b + 1) * CBT_BLOCK).min(capacity));
+        match out.last_mut() {
+            Some(l) if l.0 + l.1 == s => l.1 += e - s,
+            _ => out.push((s, e - s)),
+        }
+    }
+    out
+}
+
+impl Sim {
+    /// A guest write of `len` bytes of `byte` at `off` on disk `disk` of `vm` (to the running
+    /// delta while a snapshot exists).
+    fn write(&self, vm: &str, disk: usize, off: u64, len: u64, byte: u8) {
+        self.inner.post_bytes(&format!("/write?vm={vm}&disk={disk}&offset={off}"), &vec![byte; len as usize]);
+    }
+
+    fn counter(&self, name: &str) -> u64 {
+        self.inner.state()["counters"][name].as_u64().unwrap_or(0)
+    }
+}
+
+/// (epoch, sequence) of a changeId `52 xx .. xx/N`.
+fn change_id_parts(id: &str) -> (String, u64) {
+    let (epoch, seq) = id.rsplit_once('/').unwrap_or_else(|| panic!("changeId {id:?} has no '/'"));
+    assert!(epoch.starts_with("52 ") && epoch.len() == 47, "changeId {id:?}");
+    (epoch.to_string(), seq.parse().unwrap_or_else(|_| panic!("changeId {id:?}")))
+}
+
+/// CBT switched on for `vm` and started by a first snapshot (a first backup's): that snapshot and
+/// its frozen disks (with their first changeIds).
+fn cbt_first_snapshot(c: &Client, vm: &MoRef) -> (MoRef, Vec<esxi::FrozenDisk>) {
+    c.enable_cbt(vm).unwrap();
+    let s1 = c.create_snapshot(vm, "BEXI-cbt-1", "", false, false).unwrap();
+    let disks = c.snapshot_disks(&s1).unwrap();
+    (s1, disks)
+}
+
+/// The fault type of a host fault; panics (with the error) on anything else.
+fn fault_kind(e: &affa::error::Error) -> String {
+    assert_eq!(e.kind(), affa::error::ErrorKind::Remote, "{e}");
+    esxi::fault_of(e).unwrap_or_else(|| panic!("not a host fault: {e}")).kind.clone()
+}
+
+#[test]
+fn cbt_state_on_supported_and_unsupported_hosts_and_enable() {
+    let sim = Sim::start();
+    let c = sim.client();
+    let (vm1, vm2) = (c.find_vm("vm1").unwrap(), c.find_vm("vm2").unwrap());
+    assert_eq!(c.cbt_state(&vm1).unwrap(), esxi::CbtState { supported: true, enabled: false });
+
+    // A host (licence, hardware) without CBT: the capability says so and enabling is refused.
+    sim.control_post("/cbt?vm=vm2&supported=0");
+    assert_eq!(c.cbt_state(&vm2).unwrap(), esxi::CbtState { supported: false, enabled: false });
+    let e = c.enable_cbt(&vm2).unwrap_err();
+    eprintln!("error seen: {e}");
+    assert_eq!(fault_kind(&e), "NotSupported");
+    assert_eq!(c.cbt_state(&vm2).unwrap(), esxi::CbtState { supported: false, enabled: false });
+
+    // A free licence: the API is read-only.
+    sim.control_post("/fault?op=readonly&mode=fail");
+    let e = c.enable_cbt(&vm1).unwrap_err();
+    assert_eq!(fault_kind(&e), "RestrictedVersion", "{e}");
+    sim.control_post("/fault?op=clear");
+    assert_eq!(c.cbt_state(&vm1).unwrap(), esxi::CbtState { supported: true, enabled: false });
+
+    c.enable_cbt(&vm1).unwrap();
+    assert_eq!(c.cbt_state(&vm1).unwrap(), esxi::CbtState { supported: true, enabled: true });
+    // Tracking starts at the next stun: no changeId yet.
+    assert!(c.vm_layout(&vm1).unwrap().disks.iter().all(|d| d.current().change_id.is_none()));
+
+    let s1 = c.create_snapshot(&vm1, "BEXI-cbt-1", "", false, false).unwrap();
+    let d1 = c.snapshot_disks(&s1).unwrap();
+    assert_eq!(d1.len(), 2);
+    assert_eq!(
+        (d1[0].device_key, d1[0].file.as_str(), d1[0].capacity_bytes),
+        (2000, "[datastore1] vm1/vm1.vmdk", 1048576)
+    );
+    assert_eq!((d1[1].device_key, d1[1].file.as_str(), d1[1].capacity_bytes), (2001, "[ds2] vm1/vm1_1.vmdk", 524288));
+    assert!(d1.iter().all(|d| d.uuid.is_some()), "{d1:?}");
+    let ids1: Vec<_> = d1.iter().map(|d| change_id_parts(d.change_id.as_deref().expect("a changeId"))).collect();
+    assert_ne!(ids1[0].0, ids1[1].0, "each disk has its own tracking epoch");
+    // The snapshot froze the base disk, while the VM now runs on the delta.
+    let during = c.vm_layout(&vm1).unwrap();
+    assert!(during.disks[0].current().file_name.ends_with("-000001.vmdk"));
+    c.remove_snapshot(&s1).unwrap();
+
+    let s2 = c.create_snapshot(&vm1, "BEXI-cbt-2", "", false, false).unwrap();
+    let d2 = c.snapshot_disks(&s2).unwrap();
+    for (a, b) in ids1.iter().zip(&d2) {
+        let (epoch, seq) = change_id_parts(b.change_id.as_deref().unwrap());
+        assert_eq!(epoch, a.0, "same tracking epoch");
+        assert!(seq > a.1, "the later snapshot has a later changeId: {seq} after {}", a.1);
+    }
+    c.remove_snapshot(&s2).unwrap();
+
+    // A VM where CBT is off has snapshots without changeIds.
+    let s = c.create_snapshot(&vm2, "BEXI-nocbt-1", "", false, false).unwrap();
+    assert!(c.snapshot_disks(&s).unwrap().iter().all(|d| d.change_id.is_none()));
+    c.remove_snapshot(&s).unwrap();
+}
+
+#[test]
+fn cbt_changed_areas_are_the_guest_writes_over_several_pages() {
+    let sim = Sim::start();
+    let c = sim.client();
+    let vm = c.find_vm("vm1").unwrap();
+    let (s1, base) = cbt_first_snapshot(&c, &vm);
+    // Writes during the backup window (they land in the delta and belong to the next run)...
+    let mut writes = vec![(0u64, 512u64), (3 * CBT_BLOCK + 100, 10), (5 * CBT_BLOCK - 1, 2)];
+    for &(o, l) in &writes {
+        sim.write("vm1", 0, o, l, 0xa5);
+    }
+    c.remove_snapshot(&s1).unwrap();
+    // ... and after it: 5 extents after rounding in all, more than one answer of 4 holds.
+    for k in [8u64, 10, 12, 13, 14] {
+        writes.push((k * CBT_BLOCK + 4096, 4096));
+    }
+    writes.push((15 * CBT_BLOCK, 1)); // touches the neighbour of 14: merged
+    writes.push((1048576 - 512, 512)); // the last sector
+    for &(o, l) in &writes[3..] {
+        sim.write("vm1", 0, o, l, 0x5a);
+    }
+    sim.write("vm1", 1, 0, 4096, 1); // another disk: not in disk 0's answer
+    let s2 = c.create_snapshot(&vm, "BEXI-cbt-2", "", false, false).unwrap();
+    let disks = c.snapshot_disks(&s2).unwrap();
+    let want = rounded(&writes, 1048576);
+    assert_eq!(
+        want,
+        vec![
+            (0, CBT_BLOCK),
+            (3 * CBT_BLOCK, CBT_BLOCK),
+            (4 * CBT_BLOCK, 2 * CBT_BLOCK),
+            (8 * CBT_BLOCK, CBT_BLOCK),
+            (10 * CBT_BLOCK, CBT_BLOCK),
+            (12 * CBT_BLOCK, 4 * CBT_BLOCK),
+        ]
+        .into_iter()
+        .fold(Vec::<(u64, u64)>::new(), |mut v, e| {
+            match v.last_mut() {
+                Some(l) if l.0 + l.1 == e.0 => l.1 += e.1,
+                _ => v.push(e),
+            }
+            v
+        })
+    );
+    let before = sim.counter("soap:QueryChangedDiskAreas");
+    let got = c.changed_areas(&vm, &s2, &disks[0], base[0].change_id.as_deref().unwrap()).unwrap();
+    assert_eq!(got, want);
+    let calls = sim.counter("soap:QueryChangedDiskAreas") - before;
+    assert!(calls >= 2, "the answer came in {calls} page(s): paging was not exercised");
+
+    // More extents than a page before merging: 1-extent pages still add up to the same answer.
+    sim.control_post("/cbt?vm=vm1&page=1");
+    let before = sim.counter("soap:QueryChangedDiskAreas");
+    assert_eq!(c.changed_areas(&vm, &s2, &disks[0], base[0].change_id.as_deref().unwrap()).unwrap(), want);
+    assert!(sim.counter("soap:QueryChangedDiskAreas") - before >= 5);
+
+    // The other disk: only its own write.
+    assert_eq!(
+        c.changed_areas(&vm, &s2, &disks[1], base[1].change_id.as_deref().unwrap()).unwrap(),
+        vec![(0, CBT_BLOCK)]
+    );
+    // From the snapshot's own changeId: nothing changed.
+    assert_eq!(
+        c.changed_areas(&vm, &s2, &disks[0], disks[0].change_id.as_deref().unwrap()).unwrap(),
+        Vec::<(u64, u64)>::new()
+    );
+    // "*": every allocated area of the frozen disk (only written blocks: the disk is thin).
+    assert_eq!(c.changed_areas(&vm, &s2, &disks[0], "*").unwrap(), want);
+
+    // The "forgotten extent" fault (VMware's CBT bugs): one extent is missing from the answer.
+    sim.control_post("/fault?op=cbt&mode=forget");
+    let forgot = c.changed_areas(&vm, &s2, &disks[0], base[0].change_id.as_deref().unwrap()).unwrap();
+    assert_eq!(forgot.len(), want.len() - 1, "{forgot:?}");
+    assert!(forgot.iter().all(|e| want.contains(e)), "{forgot:?}");
+    assert_eq!(c.changed_areas(&vm, &s2, &disks[0], base[0].change_id.as_deref().unwrap()).unwrap(), want);
+    c.remove_snapshot(&s2).unwrap();
+}
+
+#[test]
+fn cbt_foreign_reset_and_resized_change_ids_are_host_faults() {
+    let sim = Sim::start_with(true, "");
+    let c = sim.client();
+    let vm = c.find_vm("vm1").unwrap();
+    let (s1, first) = cbt_first_snapshot(&c, &vm);
+    let old = first[0].change_id.clone().unwrap();
+    c.remove_snapshot(&s1).unwrap();
+    let s2 = c.create_snapshot(&vm, "BEXI-cbt-2", "", false, false).unwrap();
+    let d = c.snapshot_disks(&s2).unwrap().remove(0);
+    let (epoch, seq) = change_id_parts(d.change_id.as_deref().unwrap());
+    assert!(c.changed_areas(&vm, &s2, &d, &old).is_ok());
+
+    let foreign = format!("52 00 11 22 33 44 55 66-77 88 99 aa bb cc dd ee/{seq}");
+    assert_eq!(fault_kind(&c.changed_areas(&vm, &s2, &d, &foreign).unwrap_err()), "FileFault");
+    // A changeId from after the snapshot.
+    let later = format!("{epoch}/{}", seq + 1);
+    let e = c.changed_areas(&vm, &s2, &d, &later).unwrap_err();
+    eprintln!("error seen: {e}");
+    assert_eq!(fault_kind(&e), "FileFault");
+    assert!(e.message().contains("Error caused by file") && e.message().contains(&sim.host()), "{e}");
+    assert_eq!(fault_kind(&c.changed_areas(&vm, &s2, &d, "not a change id").unwrap_err()), "InvalidArgument");
+    let mut other = d.clone();
+    other.device_key = 2999;
+    assert_eq!(fault_kind(&c.changed_areas(&vm, &s2, &other, &old).unwrap_err()), "NotFound");
+
+    // Not reaching the host is no host fault: another kind.
+    sim.control_post("/fault?op=all503&mode=fail");
+    let e = c.changed_areas(&vm, &s2, &d, &old).unwrap_err();
+    assert!(matches!(e.kind(), affa::error::ErrorKind::Io(_)), "{e}: {:?}", e.kind());
+    assert!(esxi::fault_of(&e).is_none());
+    sim.control_post("/fault?op=clear");
+    c.remove_snapshot(&s2).unwrap();
+
+    // CBT toggled off and on: a new epoch, the old changeId is refused.
+    let reconfig = |on: bool| {
+        let inner = format!(
+            "<_this type=\"VirtualMachine\">{}</_this><spec><changeTrackingEnabled>{on}</changeTrackingEnabled></spec>",
+            vm.value
+        );
+        let r = c.call("ReconfigVM_Task", &inner).unwrap();
+        let task = esxi::MoRef::from_node(r.child("returnval").unwrap()).unwrap();
+        c.wait_for_task(&task, "ReconfigVM_Task", Duration::from_secs(30)).unwrap();
+    };
+    reconfig(false);
+    assert_eq!(c.cbt_state(&vm).unwrap(), esxi::CbtState { supported: true, enabled: false });
+    let s3 = c.create_snapshot(&vm, "BEXI-cbt-3", "", false, false).unwrap();
+    let d3 = c.snapshot_disks(&s3).unwrap().remove(0);
+    assert_eq!(d3.change_id, None, "CBT off: no changeId");
+    assert_eq!(fault_kind(&c.changed_areas(&vm, &s3, &d3, &old).unwrap_err()), "FileFault");
+    c.remove_snapshot(&s3).unwrap();
+    reconfig(true);
+    let s4 = c.create_snapshot(&vm, "BEXI-cbt-4", "", false, false).unwrap();
+    let d4 = c.snapshot_disks(&s4).unwrap().remove(0);
+    let (epoch4, _) = change_id_parts(d4.change_id.as_deref().unwrap());
+    assert_ne!(epoch4, epoch, "a reset gives a new epoch");
+    let latest_old = d.change_id.clone().unwrap();
+    assert_eq!(fault_kind(&c.changed_areas(&vm, &s4, &d4, &latest_old).unwrap_err()), "FileFault");
+    c.remove_snapshot(&s4).unwrap();
+
+    // A resize resets tracking too (refused while a snapshot exists, as on a host).
+    let s5 = c.create_snapshot(&vm, "BEXI-cbt-5", "", false, false).unwrap();
+    let before_resize = c.snapshot_disks(&s5).unwrap()[0].change_id.clone().unwrap();
+    let e = ureq::post(&format!("{}/resize?vm=vm1&disk=0&bytes=2097152", sim.inner.control)).call().unwrap_err();
+    assert!(matches!(e, ureq::Error::Status(409, _)), "{e}");
+    c.remove_snapshot(&s5).unwrap();
+    sim.control_post("/resize?vm=vm1&disk=0&bytes=2097152");
+    sim.write("vm1", 0, 2097152 - 4096, 4096, 7);
+    let s6 = c.create_snapshot(&vm, "BEXI-cbt-6", "", false, false).unwrap();
+    let d6 = c.snapshot_disks(&s6).unwrap().remove(0);
+    assert_eq!(d6.capacity_bytes, 2097152);
+    assert_ne!(change_id_parts(d6.change_id.as_deref().unwrap()).0, epoch4);
+    assert_eq!(fault_kind(&c.changed_areas(&vm, &s6, &d6, &before_resize).unwrap_err()), "FileFault");
+    assert_eq!(c.changed_areas(&vm, &s6, &d6, "*").unwrap(), vec![(2097152 - CBT_BLOCK, CBT_BLOCK)]);
+    c.remove_snapshot(&s6).unwrap();
+}
+
+#[test]
+fn cbt_hostile_answers_are_errors_never_loops() {
+    let sim = Sim::start_with(true, "");
+    let c = sim.client();
+    let vm = c.find_vm("vm1").unwrap();
+    let (s1, first) = cbt_first_snapshot(&c, &vm);
+    let from = first[0].change_id.clone().unwrap();
+    c.remove_snapshot(&s1).unwrap();
+    for k in [1u64, 3, 5, 7, 9, 11] {
+        sim.write("vm1", 0, k * CBT_BLOCK, 512, 9);
+    }
+    let s2 = c.create_snapshot(&vm, "BEXI-cbt-2", "", false, false).unwrap();
+    let d = c.snapshot_disks(&s2).unwrap().remove(0);
+    assert_eq!(c.changed_areas(&vm, &s2, &d, &from).unwrap().len(), 6);
+    for (mode, says) in [
+        ("outside", "beyond the capacity of 1048576 bytes"),
+        ("unsorted", "out of order or overlaps"),
+        ("stall", "covers 0 bytes (no progress)"),
+        ("wrongstart", "answer starts at byte 0 although it was asked from byte"),
+    ] {
+        sim.control_post(&format!("/fault?op=cbt&mode={mode}&count=inf"));
+        let e = c.changed_areas(&vm, &s2, &d, &from).unwrap_err();
+        eprintln!("error seen ({mode}): {e}");
+        assert_eq!(e.kind(), affa::error::ErrorKind::Remote, "{mode}: {e}");
+        assert!(esxi::fault_of(&e).is_none(), "{mode}: {e}");
+        assert!(e.message().contains(says), "{mode}: {e}");
+        assert!(e.message().contains(&format!("VM {} disk 2000", vm.value)) && e.message().contains("vm1.vmdk"), "{e}");
+        assert!(!e.message().contains('\n'));
+    }
+    sim.control_post("/fault?op=clear");
+    assert_eq!(c.changed_areas(&vm, &s2, &d, &from).unwrap().len(), 6);
+    c.remove_snapshot(&s2).unwrap();
+}
