@@ -205,6 +205,7 @@ pub fn backup_file<R: Read, W: Write>(
     let mut chunks: Vec<ChunkRef> = Vec::with_capacity(count.min(1 << 20) as usize);
     let mut wanted: VecDeque<(u64, ChunkId)> = VecDeque::new();
     let mut placed: HashSet<ChunkId> = HashSet::new();
+    let mut asked: HashSet<ChunkId> = HashSet::new();
     let mut touched: HashSet<PathBuf> = HashSet::new();
     let (mut blob_buf, mut decoded) = (Vec::new(), Vec::new());
     let link = |id: &ChunkId, touched: &mut HashSet<PathBuf>| -> io::Result<()> {
@@ -235,7 +236,9 @@ pub fn backup_file<R: Read, W: Write>(
                 };
                 chunks.push(ChunkRef::Stored(id));
                 let entry = pool.entry(&id);
-                let usable = if placed.contains(&id) {
+                // Placed, or asked for at an earlier index (a chunk repeated within the window):
+                // linked when its data arrives, which the END check requires.
+                let usable = if placed.contains(&id) || asked.contains(&id) {
                     true
                 } else {
                     let scrub = settings.scrub_one_in > 0 && (index + day).is_multiple_of(settings.scrub_one_in as u64);
@@ -268,6 +271,7 @@ pub fn backup_file<R: Read, W: Write>(
                     st.chunk.reused_chunks += 1;
                 } else {
                     wanted.push_back((index, id));
+                    asked.insert(id);
                 }
                 agent.send(&Msg::Answer { index, need: !usable })?;
                 agent.flush()?;
