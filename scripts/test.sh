@@ -15,6 +15,7 @@ PACKAGES=(
   e2fsprogs mount                               # the USB-disk test (mkfs.ext4, losetup, mount)
   file                                          # crates/agent/tests: the agent is statically linked
   fuse3 fdisk util-linux                        # the mount tests (fusermount3; sfdisk, partx for the VM-disk recipe)
+  btrfs-progs                                   # mkfs.btrfs: a read error (EIO) at the agent's source (tests/it/agent_transport.rs)
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -221,20 +221,24 @@ pub fn open_agent(
 }
 
 /// One run's agent session and what it did: chunk totals, bytes the agent read on the source,
-/// frame bytes received from it.
+/// frame bytes received from it, the files that vanished before it read them.
 pub struct AgentRun {
     pub session: Option<agent::Session>,
     pub totals: ChunkTotals,
     pub read: u64,
     pub received: u64,
+    /// Archive-relative paths (shown safely) of the files that did not exist when the agent
+    /// opened them (only where the caller allows it: see [`backup_via_agent`]).
+    pub vanished: Vec<String>,
 }
 
 impl AgentRun {
     pub fn new(session: agent::Session) -> AgentRun {
-        AgentRun { session: Some(session), totals: ChunkTotals::default(), read: 0, received: 0 }
+        AgentRun { session: Some(session), totals: ChunkTotals::default(), read: 0, received: 0, vanished: Vec::new() }
     }
 
-    /// `BYE`, and the numbers into the report.
+    /// `BYE`, and the numbers into the report (`ChunkVanished`, `ChunkVanishedFiles`: the files
+    /// that vanished before the agent read them).
     pub fn finish(mut self, r: &mut Report) -> Result<()> {
         if let Some(s) = self.session.take() {
             s.finish()?;
@@ -242,6 +246,10 @@ impl AgentRun {
         self.totals.write(r);
         r.set("ChunkSourceBytesRead", self.read);
         r.set("ChunkBytesReceived", self.received);
+        if !self.vanished.is_empty() {
+            r.set("ChunkVanished", self.vanished.len());
+            r.set("ChunkVanishedFiles", self.vanished.join(", "));
+        }
         Ok(())
     }
 
@@ -262,6 +270,10 @@ impl Drop for AgentRun {
 /// Back up `remote` on the host through the agent into `running` as `rel`, against the file's
 /// manifest in `link_dirs`. On an error the session is stopped and the error is one line naming
 /// host and file (no manifest was written for it; earlier archives are untouched).
+/// `may_vanish`: a file that no longer exists when the agent opens it (it vanished after the
+/// listing) is, as rsync's "vanished file", a warning (the archive lacks it, `run.vanished`
+/// names it, the session goes on); otherwise it fails the run like any other fault. A file
+/// that vanishes, changes or cannot be read once the read began always fails the run.
 pub fn backup_via_agent(
     ctx: &Ctx,
     run: &mut AgentRun,
@@ -269,6 +281,7 @@ pub fn backup_via_agent(
     running: &Path,
     rel: &Path,
     link_dirs: &[PathBuf],
+    may_vanish: bool,
 ) -> Result<()> {
     let session = &mut run.session;
     let Some(s) = session.as_mut() else { bail!("internal: no agent session") };
@@ -278,6 +291,16 @@ pub fn backup_via_agent(
         chunk::remote::backup_file(&mut s.agent, &pool, &ctx.job.chunk.settings, remote, running, rel, prev.as_ref());
     let stats = match res {
         Ok(st) => st,
+        Err(e) if may_vanish && chunk::remote::source_vanished(&e) => {
+            let name = crate::untrusted::shown(&rel.to_string_lossy());
+            ctx.log.warn(format!(
+                "{}:{} vanished before affa-agent read it: it is not in this archive ({e})",
+                ctx.job.host,
+                crate::untrusted::shown(&remote.to_string_lossy())
+            ));
+            run.vanished.push(name);
+            return Ok(());
+        }
         Err(e) => {
             let s = session.take().expect("checked above");
             let host = ctx.job.host.clone();
@@ -422,6 +445,12 @@ fn transfer_chunked_agent(
             return Ok(None);
         }
     };
+    if files.is_empty() {
+        // Nothing to read: no ssh session, no agent (and no staging copy to keep).
+        ctx.log.info("no file of the source matches chunkFiles: affa-agent is not started");
+        remove_staging(ctx);
+        return Ok(Some(()));
+    }
     let mut run = match open_agent(ctx, t, None, report, summary)? {
         Some(s) => AgentRun::new(s),
         None => return Ok(None),
@@ -434,8 +463,15 @@ fn transfer_chunked_agent(
         }
         ctx.log.phase(Phase::Chunking { file: rel.as_str().to_string(), n: i + 1, of: files.len() });
         let remote = Path::new("/").join(rel.as_path());
-        backup_via_agent(ctx, &mut run, &remote, running, rel.as_path(), &link_dirs)?;
+        backup_via_agent(ctx, &mut run, &remote, running, rel.as_path(), &link_dirs, true)?;
         crate::interrupt::crash_point("chunked");
+    }
+    if !run.vanished.is_empty() {
+        // As rsync's exit 24: the run succeeds, with a warning naming the files.
+        summary.warnings.push(format!(
+            "chunked file(s) vanished before affa-agent read them, not in this archive: {}",
+            run.vanished.join(", ")
+        ));
     }
     run.finish(report)?;
     remove_staging(ctx);

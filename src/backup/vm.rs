@@ -459,7 +459,8 @@ fn copy_groups(
                 let file = g.rel_dir.join(f).display().to_string();
                 ctx.log.phase(Phase::Chunking { file, n: chunking, of: to_chunk });
                 let remote = PathBuf::from(format!("{}/{f}", g.host_dir));
-                chunked::backup_via_agent(ctx, run, &remote, running, &g.rel_dir.join(f), &link_dirs)?;
+                // A frozen disk that vanished fails the run: a VM is never archived without one.
+                chunked::backup_via_agent(ctx, run, &remote, running, &g.rel_dir.join(f), &link_dirs, false)?;
                 crate::interrupt::crash_point("chunked");
             }
         } else if !chunked.is_empty() {

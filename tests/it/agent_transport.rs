@@ -1,7 +1,10 @@
 //! Chunked files read by affa-agent on the source (chunkTransport, issue 13), end to end over
 //! the real sshd and the simulator: the default transport, deployment and replacement of a stale
 //! agent, the ESXi frozen disks, the fallback where the agent cannot execute (a noexec mount),
-//! and an agent killed mid-backup.
+//! an agent killed mid-backup; chunkSize changed between runs, two jobs sharing the pool, files
+//! growing and shrinking between runs, affa killed mid-backup, the ssh link cut, a file growing
+//! or vanishing mid-read, a file vanishing after the listing (a warning, as with rsync), a read
+//! error (EIO from a damaged btrfs block), and no chunked file at all (no agent started).
 
 use crate::common;
 
@@ -421,4 +424,452 @@ fn an_esxi_vm_is_restored_through_the_agent() {
     let vmx = fs::read_to_string(e.ds1.join("vm1-copy/vm1.vmx")).unwrap();
     assert!(vmx.contains(&format!("{}/vm1-copy/vm1_1.vmdk", e.ds2.display())), "{vmx}");
     assert!(e.sim.snapshots("vm1-copy").is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 13's remaining cases through the affa binary: chunkSize changed between runs, two jobs
+// sharing the pool, files growing and shrinking between runs, affa killed mid-backup, the ssh
+// link cut, a file vanishing after the listing, a read error, no chunked file at all.
+
+/// The pids of the agents running from `path` (`PATH --serve`), from /proc.
+fn agent_pids(path: &Path) -> Vec<u32> {
+    let agent = path.display().to_string();
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            (cmd.starts_with(&agent) && cmd.contains("--serve") && alive(pid)).then_some(pid)
+        })
+        .collect()
+}
+
+/// Chunk files in RootDir's pool (its temp dir left out).
+fn pool_entries(affa: &Affa) -> usize {
+    walk(&affa.root.join(".affa-pool")).iter().filter(|p| !p.components().any(|c| c.as_os_str() == ".tmp")).count()
+}
+
+/// `affa --run JOB` at `now`, started in the background.
+fn spawn_run(affa: &Affa, job: &str, now: &str) -> std::process::Child {
+    affa.cmd()
+        .env("AFFA_FAKE_NOW", now)
+        .args(["--run", job])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The one-line error a failed run ends with (`affa: error: ...`).
+fn last_error_line(e: &str) -> String {
+    let last = e.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
+    assert!(last.starts_with("affa: error: "), "no one-line error at the end of stderr:\n{e}");
+    last
+}
+
+/// Every manifest anywhere in the job's dir (archives, `scheduled.running`, the resume dir)
+/// names only chunks that are there and intact.
+fn no_manifest_points_at_a_missing_chunk(job_dir: &Path) {
+    for d in fs::read_dir(job_dir).unwrap().flatten().map(|e| e.path()).filter(|p| p.is_dir()) {
+        let v = affa::chunk::verify_archive(&d, None).unwrap();
+        assert!(v.is_ok(), "{}: {:?} {:?}", d.display(), v.problems, v.bad_manifests);
+    }
+}
+
+/// `--unchunk JOB ARCHIVE` into a fresh dir: that dir.
+fn unchunk_all(affa: &Affa, job: &str, archive: &str) -> PathBuf {
+    let out = affa.tmp.path().join(format!("unchunked-{job}-{archive}"));
+    let _ = fs::remove_dir_all(&out);
+    ok(&affa.affa(&["--unchunk", job, archive, "--to", out.to_str().unwrap()]));
+    out
+}
+
+/// The manifest of `images/disk.img` in an archive of `web`.
+fn disk_manifest(s: &Linux, archive: &str) -> affa::chunk::Manifest {
+    affa::chunk::read_manifest(&s.in_archive(archive).join("images/disk.img.affa-manifest")).unwrap()
+}
+
+fn stored_ids(m: &affa::chunk::Manifest) -> std::collections::BTreeSet<[u8; 32]> {
+    m.chunks.iter().filter_map(|c| if let affa::chunk::ChunkRef::Stored(id) = c { Some(*id) } else { None }).collect()
+}
+
+/// Replace `key=...` in the job's config (appended when missing).
+fn set_key(s: &Linux, key: &str, value: &str) {
+    let conf = s.affa.conf.join("web.conf");
+    let text = fs::read_to_string(&conf).unwrap();
+    let mut lines: Vec<String> =
+        text.lines().filter(|l| !l.starts_with(&format!("{key}="))).map(String::from).collect();
+    lines.push(format!("{key}={value}"));
+    s.affa.write_conf("web.conf", &(lines.join("\n") + "\n"));
+}
+
+#[test]
+fn a_chunk_size_changed_between_agent_runs_carries_nothing_from_the_old_manifest() {
+    let s = Linux::start(8 * MB, &[(0, 3 * MB), (5 * MB, 2 * MB)], "");
+    ok(&s.affa.affa_at("2026-06-01T20:00:00", &["--run", "web"]));
+    let v1 = hash(&s.img());
+    let m1 = disk_manifest(&s, "scheduled.0");
+    assert_eq!(m1.chunk_size, 1 << 20);
+
+    // 1M -> 256K, and one 64 KiB change.
+    scribble(&s.img(), 5 * MB + 4096, 64 << 10, 7);
+    set_key(&s, "chunkSize", "256K");
+    ok(&s.affa.affa_at("2026-06-01T21:00:00", &["--run", "web"]));
+    let r = report(&s.affa, "web", "scheduled.0");
+    assert!(r.contains("ChunkTransport=agent\n"), "{r}");
+    let m2 = disk_manifest(&s, "scheduled.0");
+    assert_eq!(m2.chunk_size, 256 << 10);
+    // No id of the 1M manifest was carried into the 256K one (as "same" at its index), and
+    // every distinct 256K chunk of the source was new to the pool.
+    let (ids1, ids2) = (stored_ids(&m1), stored_ids(&m2));
+    assert_eq!(ids1.intersection(&ids2).count(), 0, "a 1 MiB chunk is named in the 256 KiB manifest");
+    let data = fs::read(s.img()).unwrap();
+    let distinct: std::collections::BTreeSet<[u8; 32]> =
+        data.chunks(256 << 10).filter(|c| c.iter().any(|&b| b != 0)).map(|c| *blake3::hash(c).as_bytes()).collect();
+    assert_eq!(ids2, distinct);
+    assert_eq!(num(&r, "ChunkNew"), distinct.len() as u64, "{r}");
+    assert_eq!(hash(&s.unchunked("scheduled.0")), hash(&s.img()));
+    assert_eq!(hash(&s.unchunked("scheduled.1")), v1);
+    ok(&s.affa.affa(&["--verify", "web", "--all"]));
+
+    // Back to 1M: the newest manifest (256K) is of no use, but the pool still holds the first
+    // run's 1 MiB chunks: only the changed one crosses the wire.
+    set_key(&s, "chunkSize", "1M");
+    ok(&s.affa.affa_at("2026-06-01T22:00:00", &["--run", "web"]));
+    let r = report(&s.affa, "web", "scheduled.0");
+    assert_eq!(num(&r, "ChunkNew"), 1, "{r}");
+    assert!(num(&r, "ChunkBytesReceived") < MB + MB / 4, "{r}");
+    assert_eq!(disk_manifest(&s, "scheduled.0").chunk_size, 1 << 20);
+    assert_eq!(hash(&s.unchunked("scheduled.0")), hash(&s.img()));
+    assert_eq!(hash(&s.unchunked("scheduled.2")), v1);
+    ok(&s.affa.affa(&["--verify", "web", "--all"]));
+}
+
+#[test]
+fn two_jobs_with_mostly_identical_disks_share_the_pool_and_the_second_receives_only_what_it_lacks() {
+    let mut s = Linux::start(16 * MB, &[(0, 8 * MB), (12 * MB, 4 * MB)], "");
+    // A second host's copy of the same image (same bytes: same seed), one 1 MiB chunk rewritten.
+    let src2 = tempfile::Builder::new().prefix("affa-src2").tempdir().unwrap();
+    let img2 = src2.path().join("images/disk.img");
+    fill(&img2, 16 * MB, &[(0, 8 * MB), (12 * MB, 4 * MB)], 5);
+    assert_eq!(hash(&img2), hash(&s.img()));
+    scribble(&img2, 3 * MB, MB, 11);
+    let job = s.affa.ssh_job(
+        "web2",
+        &s.sshd,
+        &format!(
+            "Include={}\nchunkFiles=*.img\nchunkSize=1M\nremoteAgentPath={}\n",
+            src2.path().display(),
+            s.agent_path.display()
+        ),
+    );
+    s.affa.write_conf("web2.conf", &job);
+    ok(&s.affa.send_key(&mut s.sshd, "web2"));
+
+    ok(&s.affa.affa_at("2026-06-01T20:00:00", &["--run", "web"]));
+    let r1 = report(&s.affa, "web", "scheduled.0");
+    // 12 data chunks, of which chunk 12 repeats chunk 0 (fill's text): stored, and sent, once.
+    assert_eq!(num(&r1, "ChunkNew"), 11, "{r1}");
+    ok(&s.affa.affa_at("2026-06-01T20:30:00", &["--run", "web2"]));
+    let r2 = report(&s.affa, "web2", "scheduled.0");
+    assert!(r2.contains("ChunkTransport=agent\n"), "{r2}");
+    assert_eq!(num(&r2, "ChunkNew"), 1, "{r2}");
+    let received = num(&r2, "ChunkBytesReceived");
+    assert!(
+        (MB..MB + MB / 4).contains(&received),
+        "web2 received {received} bytes for one chunk the pool lacks:\n{r2}"
+    );
+    assert!(num(&r2, "ChunkSourceBytesRead") >= 12 * MB, "{r2}");
+
+    let rel = |src: &Path| src.strip_prefix("/").unwrap().join("images/disk.img");
+    assert_eq!(hash(&unchunk_all(&s.affa, "web", "scheduled.0").join(rel(s.src.path()))), hash(&s.img()));
+    assert_eq!(hash(&unchunk_all(&s.affa, "web2", "scheduled.0").join(rel(src2.path()))), hash(&img2));
+    ok(&s.affa.affa(&["--verify", "web", "--all"]));
+    ok(&s.affa.affa(&["--verify", "web2", "--all"]));
+}
+
+#[test]
+fn files_growing_and_shrinking_between_runs_restore_with_their_sizes_and_holes() {
+    use std::os::unix::fs::MetadataExt;
+    // disk.img shrinks; grow.img grows, with a hole between its old end and its new data.
+    let s = Linux::start(6 * MB, &[(0, 6 * MB)], "");
+    let grow = s.src.path().join("images/grow.img");
+    fill(&grow, 3 * MB, &[(0, 2 * MB)], 8);
+    ok(&s.affa.affa_at("2026-06-01T20:00:00", &["--run", "web"]));
+    let (d1, g1) = (hash(&s.img()), hash(&grow));
+
+    fs::OpenOptions::new().write(true).open(s.img()).unwrap().set_len(4 * MB + MB / 2).unwrap();
+    fs::OpenOptions::new().write(true).open(&grow).unwrap().set_len(10 * MB).unwrap();
+    scribble(&grow, 9 * MB, MB / 2, 12);
+    ok(&s.affa.affa_at("2026-06-01T21:00:00", &["--run", "web"]));
+    let r = report(&s.affa, "web", "scheduled.0");
+    assert!(r.contains("ChunkTransport=agent\n"), "{r}");
+    // New: disk.img's cut last chunk, grow.img's chunk 9. The rest is known or a hole.
+    assert_eq!(num(&r, "ChunkNew"), 2, "{r}");
+    assert!(num(&r, "ChunkBytesReceived") < 2 * MB, "{r}");
+
+    let out = unchunk_all(&s.affa, "web", "scheduled.0").join(s.src.path().strip_prefix("/").unwrap());
+    let (disk, grown) = (out.join("images/disk.img"), out.join("images/grow.img"));
+    assert_eq!(hash(&disk), hash(&s.img()));
+    assert_eq!(hash(&grown), hash(&grow));
+    assert_eq!(fs::metadata(&disk).unwrap().len(), 4 * MB + MB / 2);
+    assert_eq!(fs::metadata(&grown).unwrap().len(), 10 * MB);
+    assert!(fs::metadata(&grown).unwrap().blocks() * 512 <= 3 * MB, "the hole of grow.img was filled");
+    let old = unchunk_all(&s.affa, "web", "scheduled.1").join(s.src.path().strip_prefix("/").unwrap());
+    assert_eq!((hash(&old.join("images/disk.img")), hash(&old.join("images/grow.img"))), (d1, g1));
+    assert_eq!(fs::metadata(old.join("images/grow.img")).unwrap().len(), 3 * MB);
+    ok(&s.affa.affa(&["--verify", "web", "--all"]));
+}
+
+/// The processes holding `marker` open (from /proc/PID/fd).
+fn holders(marker: &Path) -> Vec<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = fs::metadata(marker) else { return Vec::new() };
+    let mut out = Vec::new();
+    for p in fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(fds) = fs::read_dir(p.path().join("fd")) else { continue };
+        if fds.flatten().any(|fd| fs::metadata(fd.path()).is_ok_and(|x| x.dev() == m.dev() && x.ino() == m.ino())) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[test]
+fn affa_killed_mid_agent_backup_leaves_no_agent_and_no_manifest_naming_a_missing_chunk() {
+    // zstd:19 on incompressible data keeps the backup going long enough to be killed.
+    let s = Linux::start(24 * MB, &[(0, 2 * MB)], "chunkCompression=zstd:19\nchunkSize=256K\n");
+    ok(&s.affa.affa_at("2026-06-01T20:00:00", &["--run", "web"]));
+    let first = tree_hashes(&s.affa.job_dir("web").join("scheduled.0"));
+    let marker = s.affa.state.join("lock/.children.web");
+    for (i, after_chunks) in [(0u64, false), (1, true)] {
+        scribble(&s.img(), 0, 24 * MB, 30 + i);
+        let before = pool_entries(&s.affa);
+        let mut run = spawn_run(&s.affa, "web", &format!("2026-06-0{}T20:00:00", 2 + i));
+        wait_until(Duration::from_secs(60), "the agent to run", || !agent_pids(&s.agent_path).is_empty());
+        if after_chunks {
+            wait_until(Duration::from_secs(60), "four new chunks in the pool", || pool_entries(&s.affa) >= before + 4);
+        }
+        signal(run.id(), rustix::process::Signal::KILL);
+        run.wait().unwrap();
+        let when = if after_chunks { "after some chunks" } else { "early" };
+        // affa's ssh died with it; the agent with its session.
+        wait_until(Duration::from_secs(30), &format!("[{when}] affa's children to end"), || {
+            holders(&marker).is_empty()
+        });
+        wait_until(Duration::from_secs(30), &format!("[{when}] the agent to end"), || {
+            agent_pids(&s.agent_path).is_empty()
+        });
+        no_manifest_points_at_a_missing_chunk(&s.affa.job_dir("web"));
+        ok(&s.affa.affa(&["--verify", "web", "--all"]));
+        let names = archive_names(&s.affa.job_dir("web"));
+        assert!(
+            names.iter().any(|n| tree_hashes(&s.affa.job_dir("web").join(n)) == first),
+            "[{when}] the first archive changed"
+        );
+        // The next run succeeds, leaves no agent running, and its archive is the source.
+        ok(&s.affa.affa_at(&format!("2026-06-0{}T21:00:00", 2 + i), &["--run", "web"]));
+        assert!(agent_pids(&s.agent_path).is_empty(), "[{when}] an agent is left running after the next run");
+        assert!(holders(&marker).is_empty());
+        assert_eq!(hash(&s.unchunked("scheduled.0")), hash(&s.img()), "[{when}]");
+        ok(&s.affa.affa(&["--verify", "web", "--all"]));
+        no_manifest_points_at_a_missing_chunk(&s.affa.job_dir("web"));
+    }
+}
+
+/// The parent pid of `pid` (from /proc/PID/stat).
+fn ppid(pid: u32) -> u32 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat.rsplit_once(')').unwrap().1.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn the_ssh_link_cut_mid_agent_backup_fails_with_one_line_and_the_next_run_succeeds() {
+    let s = Linux::start(24 * MB, &[(0, 2 * MB)], "chunkCompression=zstd:19\nchunkSize=256K\n");
+    ok(&s.affa.affa_at("2026-06-01T20:00:00", &["--run", "web"]));
+    let first = tree_hashes(&s.affa.job_dir("web").join("scheduled.0"));
+    scribble(&s.img(), 0, 24 * MB, 3);
+    let before = pool_entries(&s.affa);
+    let run = spawn_run(&s.affa, "web", "2026-06-01T21:00:00");
+    let pid = wait_for(Duration::from_secs(60), "the agent to run", || agent_pids(&s.agent_path).first().copied());
+    wait_until(Duration::from_secs(60), "two new chunks in the pool", || pool_entries(&s.affa) >= before + 2);
+    // The sshd process serving the session (the agent's parent) dies: the link is cut.
+    let server = ppid(pid);
+    let comm = fs::read_to_string(format!("/proc/{server}/comm")).unwrap();
+    assert!(comm.starts_with("sshd"), "the agent's parent is {comm}");
+    signal(server, rustix::process::Signal::KILL);
+    let e = fail(&run.wait_with_output().unwrap());
+    let line = last_error_line(&e);
+    assert!(line.contains("the agent backup of 127.0.0.1:") && line.contains("disk.img"), "{line}");
+    assert!(line.contains("earlier archives are untouched"), "{line}");
+    wait_until(Duration::from_secs(30), "the agent to end", || agent_pids(&s.agent_path).is_empty());
+    assert_eq!(archive_names(&s.affa.job_dir("web")), ["scheduled.0"]);
+    assert_eq!(tree_hashes(&s.affa.job_dir("web").join("scheduled.0")), first);
+    no_manifest_points_at_a_missing_chunk(&s.affa.job_dir("web"));
+    ok(&s.affa.affa_at("2026-06-01T22:00:00", &["--run", "web"]));
+    assert_eq!(hash(&s.unchunked("scheduled.0")), hash(&s.img()));
+    ok(&s.affa.affa(&["--verify", "web", "--all"]));
+    assert!(agent_pids(&s.agent_path).is_empty());
+}
+
+/// Start a run, wait until the agent has stored `n` new chunks, then let `change` act on the
+/// source: the failed run's one-line error.
+fn change_mid_read(s: &Linux, now: &str, n: usize, change: impl FnOnce()) -> String {
+    let before = pool_entries(&s.affa);
+    let mut run = spawn_run(&s.affa, "web", now);
+    wait_until(Duration::from_secs(120), "new chunks in the pool", || {
+        if pool_entries(&s.affa) >= before + n {
+            return true;
+        }
+        if let Ok(Some(st)) = run.try_wait() {
+            let log = fs::read_to_string(s.affa.state.join("log/web.log")).unwrap_or_default();
+            panic!(
+                "the run ended ({st}) before {n} new chunks reached the pool ({before} before, {} now):\n{log}",
+                pool_entries(&s.affa)
+            );
+        }
+        false
+    });
+    change();
+    last_error_line(&fail(&run.wait_with_output().unwrap()))
+}
+
+#[test]
+fn a_source_file_growing_or_vanishing_mid_read_fails_the_run_with_one_line() {
+    let s = Linux::start(12 * MB, &[(0, 2 * MB)], "chunkCompression=zstd:19\nchunkSize=256K\n");
+    ok(&s.affa.affa_at("2026-06-01T20:00:00", &["--run", "web"]));
+    let first = tree_hashes(&s.affa.job_dir("web").join("scheduled.0"));
+    scribble(&s.img(), 0, 12 * MB, 3);
+    let line = change_mid_read(&s, "2026-06-01T21:00:00", 2, || {
+        use std::io::Write;
+        fs::OpenOptions::new().append(true).open(s.img()).unwrap().write_all(b"more").unwrap();
+    });
+    assert!(line.contains("disk.img") && line.contains("grew from 12582912 to 12582916 bytes"), "{line}");
+    scribble(&s.img(), 0, 12 * MB, 4);
+    let line = change_mid_read(&s, "2026-06-01T21:10:00", 2, || fs::remove_file(s.img()).unwrap());
+    assert!(line.contains("disk.img") && line.contains("vanished while it was read"), "{line}");
+    assert_eq!(archive_names(&s.affa.job_dir("web")), ["scheduled.0"]);
+    assert_eq!(tree_hashes(&s.affa.job_dir("web").join("scheduled.0")), first);
+    no_manifest_points_at_a_missing_chunk(&s.affa.job_dir("web"));
+    fill(&s.img(), 2 * MB, &[(0, MB)], 4);
+    ok(&s.affa.affa_at("2026-06-01T22:00:00", &["--run", "web"]));
+    assert_eq!(hash(&s.unchunked("scheduled.0")), hash(&s.img()));
+    ok(&s.affa.affa(&["--verify", "web", "--all"]));
+}
+
+#[test]
+fn a_chunked_file_vanishing_after_the_listing_is_a_warning_as_with_rsync() {
+    // disk.img is read first (slow: zstd:19), zz.img is removed meanwhile.
+    let s = Linux::start(12 * MB, &[(0, 12 * MB)], "chunkCompression=zstd:19\nchunkSize=256K\n");
+    let zz = s.src.path().join("images/zz.img");
+    fill(&zz, 2 * MB, &[(0, MB)], 9);
+    let run = spawn_run(&s.affa, "web", "2026-06-01T20:00:00");
+    wait_until(Duration::from_secs(60), "the agent to run", || !agent_pids(&s.agent_path).is_empty());
+    fs::remove_file(&zz).unwrap();
+    ok(&run.wait_with_output().unwrap());
+    let r = report(&s.affa, "web", "scheduled.0");
+    assert!(r.contains("ChunkTransport=agent\n"), "{r}");
+    assert_eq!(num(&r, "ChunkVanished"), 1, "{r}");
+    let files = r.lines().find_map(|l| l.strip_prefix("ChunkVanishedFiles=")).unwrap_or_else(|| panic!("{r}"));
+    assert!(files.ends_with("images/zz.img"), "{r}");
+    assert_eq!(num(&r, "ChunkFiles"), 1, "{r}");
+    let log = fs::read_to_string(s.affa.state.join("log/web.log")).unwrap();
+    let w = log.lines().find(|l| l.contains("vanished before affa-agent read it")).unwrap_or_else(|| panic!("{log}"));
+    assert!(w.contains("zz.img"), "{w}");
+    let arch = s.in_archive("scheduled.0").join("images");
+    assert!(!arch.join("zz.img").exists() && !arch.join("zz.img.affa-manifest").exists());
+    assert_eq!(hash(&s.unchunked("scheduled.0")), hash(&s.img()));
+    ok(&s.affa.affa(&["--verify", "web", "--all"]));
+}
+
+/// A btrfs file system in a loop-mounted image at `at`, unmounted when dropped (as `NoExec`).
+struct Btrfs(NoExec);
+
+impl Btrfs {
+    fn mount(image: &Path, at: &Path) -> Btrfs {
+        let run = |c: &mut std::process::Command| {
+            let o = c.output().unwrap();
+            assert!(o.status.success(), "{c:?}: {}", String::from_utf8_lossy(&o.stderr));
+        };
+        run(std::process::Command::new("mount").args(["-o", "loop"]).arg(image).arg(at));
+        Btrfs(NoExec(at.to_path_buf()))
+    }
+
+    fn unmount(self) {
+        let st = std::process::Command::new("umount").arg(&self.0 .0).status().unwrap();
+        assert!(st.success());
+        std::mem::forget(self);
+    }
+}
+
+/// A read error at the source (EIO: a btrfs data block whose checksum fails) fails the run with
+/// one line naming the file and the offset; once the file is whole again the next run succeeds.
+#[test]
+fn a_read_error_at_the_source_fails_the_run_naming_file_and_offset() {
+    if !is_root() {
+        eprintln!("SKIPPED: a loop-mounted btrfs needs root");
+        return;
+    }
+    let s = Linux::start(MB, &[(0, MB)], "chunkSize=256K\n");
+    let image = s.affa.tmp.path().join("btrfs.img");
+    fs::File::create(&image).unwrap().set_len(128 * MB).unwrap();
+    let o = std::process::Command::new("mkfs.btrfs").arg("-q").arg(&image).output().expect("mkfs.btrfs (btrfs-progs)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The source's tree becomes the btrfs: images/disk.img, 4 MiB, a marked block at 2M + 8K.
+    let marker: Vec<u8> = b"AFFA-EIO-MARKER-".repeat(256);
+    let fs_ = Btrfs::mount(&image, s.src.path());
+    fs::create_dir_all(s.src.path().join("images")).unwrap();
+    fill(&s.img(), 4 * MB, &[(0, 4 * MB)], 6);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().write(true).open(s.img()).unwrap();
+        f.write_all_at(&marker, 2 * MB + 8192).unwrap();
+        f.sync_all().unwrap();
+    }
+    fs_.unmount();
+    // Damage that block on the device: its checksum fails, a read of it is EIO.
+    let mut dev = fs::read(&image).unwrap();
+    let at = dev.windows(marker.len()).position(|w| w == &marker[..]).expect("the marked block in the image");
+    dev[at..at + 16].copy_from_slice(b"XXXXXXXXXXXXXXXX");
+    fs::write(&image, &dev).unwrap();
+    drop(dev);
+    let fs_ = Btrfs::mount(&image, s.src.path());
+
+    let e = fail(&s.affa.affa_at("2026-06-01T20:00:00", &["--run", "web"]));
+    let line = last_error_line(&e);
+    assert!(line.contains("the agent backup of 127.0.0.1:") && line.contains("images/disk.img"), "{line}");
+    assert!(line.contains("Input/output error"), "{line}");
+    let offset: u64 = line
+        .split("read error (offset ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no offset in {line}"));
+    assert!((2 * MB..=2 * MB + 8192).contains(&offset), "offset {offset}: {line}");
+    assert!(archive_names(&s.affa.job_dir("web")).is_empty());
+    no_manifest_points_at_a_missing_chunk(&s.affa.job_dir("web"));
+
+    // The damaged file replaced by a whole one: the next run succeeds.
+    fs::remove_file(s.img()).unwrap();
+    fill(&s.img(), 4 * MB, &[(0, 4 * MB)], 6);
+    ok(&s.affa.affa_at("2026-06-01T21:00:00", &["--run", "web"]));
+    assert_eq!(hash(&s.unchunked("scheduled.0")), hash(&s.img()));
+    drop(fs_);
+}
+
+#[test]
+fn no_file_matching_chunk_files_starts_no_agent() {
+    let s = Linux::start(MB, &[(0, MB)], "");
+    fs::remove_file(s.img()).unwrap();
+    // A stale agent at the path: any start of the agent would replace it first.
+    let stale = b"#!/bin/sh\nexit 3\n";
+    fs::write(&s.agent_path, stale).unwrap();
+    ok(&s.affa.affa_at("2026-06-01T20:00:00", &["--run", "web"]));
+    assert_eq!(fs::read(&s.agent_path).unwrap(), stale, "the agent was started (and replaced)");
+    let r = report(&s.affa, "web", "scheduled.0");
+    assert!(!r.contains("ChunkTransport=") && !r.contains("ChunkBytesReceived="), "{r}");
+    assert_eq!(fs::read_to_string(s.in_archive("scheduled.0").join("notes.txt")).unwrap(), "hello\n");
 }

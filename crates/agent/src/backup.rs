@@ -352,6 +352,10 @@ fn consume(
         Ok(Ok(()))
     };
     loop {
+        if crate::affa_gone() {
+            // affa died or the link was cut: stop reading now (the session ends, exit 1).
+            return Err(affa_agent_proto::Error::Eof.into());
+        }
         let item = match items.try_recv() {
             Ok(i) => i,
             Err(_) => {

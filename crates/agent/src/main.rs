@@ -17,6 +17,7 @@ mod restore;
 
 use affa_agent_proto::{self as proto, FrameReader, FrameWriter, Msg};
 use std::io::{self, BufWriter, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 
 pub const SOFTWARE: &str = concat!("affa-agent ", env!("CARGO_PKG_VERSION"));
@@ -42,6 +43,16 @@ impl From<proto::Error> for Fatal {
             proto::Error::Protocol(m) => Fatal::protocol(m),
         }
     }
+}
+
+/// Set by the stdin reader when affa's side of the session ended (end of file, a read error):
+/// affa died or the ssh link was cut. A backup reading the file stops at its next chunk
+/// instead of reading and compressing on until its window of unanswered chunks fills.
+static AFFA_GONE: AtomicBool = AtomicBool::new(false);
+
+/// Whether affa's side of the session ended (see [`AFFA_GONE`]).
+pub fn affa_gone() -> bool {
+    AFFA_GONE.load(Ordering::SeqCst)
 }
 
 pub type Out = FrameWriter<BufWriter<io::Stdout>>;
@@ -83,6 +94,9 @@ fn serve() -> i32 {
             std::thread::spawn(move || loop {
                 let m = reader.read_msg();
                 let end = !matches!(m, Ok(Some(_)));
+                if matches!(m, Ok(None) | Err(proto::Error::Eof) | Err(proto::Error::Io(_))) {
+                    AFFA_GONE.store(true, Ordering::SeqCst);
+                }
                 if tx.send(m).is_err() || end {
                     break;
                 }

@@ -102,6 +102,25 @@ pub struct RemoteStats {
     pub source_bytes_read: u64,
 }
 
+/// The source of a [`backup_file`] error whose file did not exist when the agent opened it
+/// (`FAULT vanished` before `OPENED`; the session stays usable): see [`source_vanished`].
+#[derive(Debug, Clone, Copy)]
+pub struct SourceVanished;
+
+impl std::fmt::Display for SourceVanished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the file vanished before it was read")
+    }
+}
+
+impl std::error::Error for SourceVanished {}
+
+/// Whether `e` (from [`backup_file`]) says the file did not exist when the agent opened it: the
+/// agent read nothing, nothing was written for it, and the session stays usable.
+pub fn source_vanished(e: &Error) -> bool {
+    std::error::Error::source(e).is_some_and(|s| s.is::<SourceVanished>())
+}
+
 fn compression_code(c: Compression) -> (u8, u8) {
     match c {
         Compression::None => (0, 0),
@@ -116,7 +135,8 @@ fn compression_code(c: Compression) -> (u8, u8) {
 /// earlier archive: the agent reports chunks unchanged against it, which get the cheap check
 /// only (plus scrubbing), and other chunks the pool already holds are verified before reuse.
 /// A fault at the source (the file vanished, changed, a read error) is an error naming the
-/// file; the session stays usable after it. Any other error leaves the session unusable.
+/// file; the session stays usable after it ([`source_vanished`] tells a file that did not exist
+/// at the start of the read). Any other error leaves the session unusable.
 pub fn backup_file<R: Read, W: Write>(
     agent: &mut Agent<R, W>,
     pool: &Pool,
@@ -163,6 +183,11 @@ pub fn backup_file<R: Read, W: Write>(
     };
     let opened = match agent.recv()? {
         Msg::Opened(o) => o,
+        // Missing before the read began (it vanished after the caller listed it): marked, so
+        // that a caller may treat it as rsync treats a vanished file.
+        Msg::Fault { kind: kind @ proto::FaultKind::Vanished, offset, message } => {
+            return Err(fault(kind, offset, &message).with_source(SourceVanished))
+        }
         Msg::Fault { kind, offset, message } => return Err(fault(kind, offset, &message)),
         m => return Err(bad(format!("expected OPENED, received {}", m.name()))),
     };
@@ -180,6 +205,7 @@ pub fn backup_file<R: Read, W: Write>(
     let mut chunks: Vec<ChunkRef> = Vec::with_capacity(count.min(1 << 20) as usize);
     let mut wanted: VecDeque<(u64, ChunkId)> = VecDeque::new();
     let mut placed: HashSet<ChunkId> = HashSet::new();
+    let mut asked: HashSet<ChunkId> = HashSet::new();
     let mut touched: HashSet<PathBuf> = HashSet::new();
     let (mut blob_buf, mut decoded) = (Vec::new(), Vec::new());
     let link = |id: &ChunkId, touched: &mut HashSet<PathBuf>| -> io::Result<()> {
@@ -210,7 +236,9 @@ pub fn backup_file<R: Read, W: Write>(
                 };
                 chunks.push(ChunkRef::Stored(id));
                 let entry = pool.entry(&id);
-                let usable = if placed.contains(&id) {
+                // Placed, or asked for at an earlier index (a chunk repeated within the window):
+                // linked when its data arrives, which the END check requires.
+                let usable = if placed.contains(&id) || asked.contains(&id) {
                     true
                 } else {
                     let scrub = settings.scrub_one_in > 0 && (index + day).is_multiple_of(settings.scrub_one_in as u64);
@@ -243,6 +271,7 @@ pub fn backup_file<R: Read, W: Write>(
                     st.chunk.reused_chunks += 1;
                 } else {
                     wanted.push_back((index, id));
+                    asked.insert(id);
                 }
                 agent.send(&Msg::Answer { index, need: !usable })?;
                 agent.flush()?;
