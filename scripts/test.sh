@@ -15,6 +15,7 @@ PACKAGES=(
   e2fsprogs mount                               # the USB-disk test (mkfs.ext4, losetup, mount)
   file                                          # crates/agent/tests: the agent is statically linked
   fuse3 fdisk util-linux                        # the mount tests (fusermount3; sfdisk, partx for the VM-disk recipe)
+  rpm man-db binutils                           # the package test: rpm -qlvp, man -w, strip
 )
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -43,3 +44,6 @@ cargo test --release --workspace --all-targets --features affa/test-hooks "$@"
 # The build users install (`cargo build --release`, no test-hooks) has no crash hook: this unit
 # test sets AFFA_TEST_CRASH_AT and reaches a crash point; it only exists without the feature.
 cargo test --release -p affa-core --lib -- interrupt::tests::
+# The packages (scripts/build-packages.sh), installed on this machine with apt-get, used,
+# upgraded, removed and purged (as root; it refuses where affa is installed).
+./scripts/test-packages.sh
