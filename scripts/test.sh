@@ -15,7 +15,7 @@ PACKAGES=(
   e2fsprogs mount                               # the USB-disk test (mkfs.ext4, losetup, mount)
   file                                          # crates/agent/tests: the agent is statically linked
   fuse3 fdisk util-linux                        # the mount tests (fusermount3; sfdisk, partx for the VM-disk recipe)
-  rpm man-db binutils                           # the package test: rpm -qlvp, man -w, strip
+  rpm man-db binutils dpkg-dev                  # the package test: rpm -qlvp, man -w, strip, dpkg-shlibdeps
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

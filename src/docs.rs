@@ -295,7 +295,8 @@ mod tests {
             }
         }
         for d in KEYS {
-            assert!(page.contains(&format!("\\fB{}\\fR=", d.name)), "key {} missing from the page", d.name);
+            let roff = d.name.replace('-', "\\-");
+            assert!(page.contains(&format!("\\fB{roff}\\fR=")), "key {} missing from the page", d.name);
         }
         // Hidden internal options are not documented.
         assert!(!page.contains("_cronupdate\\fR") && !page.contains("\\-\\-_setup"));
