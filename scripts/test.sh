@@ -16,6 +16,7 @@ PACKAGES=(
   file                                          # crates/agent/tests: the agent is statically linked
   fuse3 fdisk util-linux                        # the mount tests (fusermount3; sfdisk, partx for the VM-disk recipe)
   btrfs-progs                                   # mkfs.btrfs: a read error (EIO) at the agent's source (tests/it/agent_transport.rs)
+  rpm man-db binutils dpkg-dev                  # the package test: rpm -qlvp, man -w, strip, dpkg-shlibdeps
 )
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -44,3 +45,6 @@ cargo test --release --workspace --all-targets --features affa/test-hooks "$@"
 # The build users install (`cargo build --release`, no test-hooks) has no crash hook: this unit
 # test sets AFFA_TEST_CRASH_AT and reaches a crash point; it only exists without the feature.
 cargo test --release -p affa-core --lib -- interrupt::tests::
+# The packages (scripts/build-packages.sh), installed on this machine with apt-get, used,
+# upgraded, removed and purged (as root; it refuses where affa is installed).
+./scripts/test-packages.sh

@@ -18,7 +18,7 @@ use clap::Parser;
 #[derive(Parser, Debug)]
 #[command(
     name = "affa",
-    version,
+    version = env!("AFFA_VERSION"),
     about = "Rotating backups of Linux hosts and running ESXi VMs over ssh + rsync (Affa 3 compatible)",
     infer_long_args = true,
     after_help = "Any unique prefix of an option works (--list for --list-archives). Destructive actions ask you to type 'proceed'; --yes answers for scripts."
@@ -111,7 +111,7 @@ pub struct Cli {
     /// Write the Samba share files of jobs with SambaShare=yes and reload Samba
     #[arg(long)]
     samba_shares: bool,
-    /// Install affa: /usr/sbin/affa, /etc/affa samples, state dirs, cron file, logrotate
+    /// Install affa as the package does: /usr/sbin/affa, the agent, man pages, completion, /etc/affa samples, state dirs, cron file, logrotate
     #[arg(long)]
     install: bool,
     /// Show the configuration file of each job: [--csv] [JOB...]
@@ -132,6 +132,9 @@ pub struct Cli {
     /// Affa 3's bash completion: the job names
     #[arg(long = "_jobs", hide = true)]
     jobs: bool,
+    /// The package's postinst: the state directories and the cron file of the configuration
+    #[arg(long = "_setup", hide = true)]
+    setup: bool,
     /// Affa 3's bash completion: the usage lines
     #[arg(long = "_shorthelp", hide = true)]
     shorthelp: bool,
@@ -202,6 +205,9 @@ pub struct Cli {
     /// --install: install under this directory instead of /
     #[arg(long, value_name = "DIR")]
     prefix: Option<PathBuf>,
+    /// --install: the static affa-agent to install (default: affa-agent next to affa)
+    #[arg(long, value_name = "FILE")]
+    agent: Option<PathBuf>,
     /// --mount: stay in the foreground (default: detach once the mount is ready)
     #[arg(long)]
     foreground: bool,
@@ -258,7 +264,7 @@ pub const USAGE: &[&str] = &[
     "--samba-shares",
     "--mount [--foreground] JOB [ARCHIVE] DIR",
     "--umount DIR",
-    "--install [--prefix DIR]",
+    "--install [--prefix DIR] [--agent FILE]",
     "--version",
     "--help",
 ];
@@ -391,6 +397,7 @@ pub enum Action {
     SambaShares,
     Install {
         prefix: Option<PathBuf>,
+        agent: Option<PathBuf>,
     },
     ShowConfigPathes {
         jobs: Vec<String>,
@@ -412,6 +419,8 @@ pub enum Action {
     CronUpdate,
     /// `--_jobs`: the job names (bash completion).
     JobNames,
+    /// `--_setup`: the state directories and the cron file (the package's postinst).
+    Setup,
     /// `--_shorthelp`: the usage lines (bash completion).
     ShortHelp,
     /// `--_jobsnrpe`: the monitored jobs, then `#OK` (NRPE).
@@ -497,6 +506,7 @@ fn actions(c: &Cli) -> Vec<&'static str> {
         (c.umount, "--umount"),
         (c.cronupdate, "--_cronupdate"),
         (c.jobs, "--_jobs"),
+        (c.setup, "--_setup"),
         (c.shorthelp, "--_shorthelp"),
         (c.jobsnrpe, "--_jobsnrpe"),
         (c.rise, "--rise"),
@@ -526,6 +536,7 @@ fn leftover(c: &Cli) -> Option<&'static str> {
         (c.register.is_some(), "--register"),
         (c.dry_run, "--dry-run"),
         (c.prefix.is_some(), "--prefix"),
+        (c.agent.is_some(), "--agent"),
         (c.foreground, "--foreground"),
     ]
     .into_iter()
@@ -691,7 +702,7 @@ pub fn action(mut c: Cli) -> Result<Invocation, Usage> {
         }
         "--install" => {
             exactly::<0>(a, one)?;
-            Action::Install { prefix: c.prefix.take() }
+            Action::Install { prefix: c.prefix.take(), agent: c.agent.take() }
         }
         "--show-config-pathes" => Action::ShowConfigPathes { jobs: std::mem::take(a), csv: std::mem::take(&mut c.csv) },
         "--init-nrpe" => {
@@ -711,6 +722,10 @@ pub fn action(mut c: Cli) -> Result<Invocation, Usage> {
         "--_cronupdate" => {
             exactly::<0>(a, one)?;
             Action::CronUpdate
+        }
+        "--_setup" => {
+            exactly::<0>(a, one)?;
+            Action::Setup
         }
         // Called by Affa 3's bash completion and NRPE file: whatever follows is ignored, as there.
         "--_jobs" => Action::JobNames,
@@ -855,10 +870,12 @@ mod tests {
             (&["--nrpe", "a"], Action::Nrpe { jobs: s(&["a"]) }),
             (&["--metrics"], Action::Metrics),
             (&["--samba-shares"], Action::SambaShares),
-            (&["--install", "--prefix", "/tmp/p"], Action::Install { prefix: Some("/tmp/p".into()) }),
+            (&["--install", "--prefix", "/tmp/p"], Action::Install { prefix: Some("/tmp/p".into()), agent: None }),
+            (&["--install", "--agent", "/tmp/a"], Action::Install { prefix: None, agent: Some("/tmp/a".into()) }),
             (&["--show-config-pathes", "--csv", "a"], Action::ShowConfigPathes { jobs: s(&["a"]), csv: true }),
             (&["--init-nrpe"], Action::InitNrpe),
             (&["--_cronupdate"], Action::CronUpdate),
+            (&["--_setup"], Action::Setup),
             (&["--_jobs"], Action::JobNames),
             (&["--_shorthelp"], Action::ShortHelp),
             (&["--_jobsnrpe"], Action::JobsNrpe),
@@ -905,7 +922,11 @@ mod tests {
             (&["--status", "web"], "--status: unexpected argument 'web'"),
             (&["--killall", "web"], "--killall: unexpected argument 'web'"),
             (&["--_cronupdate", "x"], "--_cronupdate: unexpected argument 'x'; usage: affa --_cronupdate"),
-            (&["--install", "x"], "--install: unexpected argument 'x'; usage: affa --install [--prefix DIR]"),
+            (
+                &["--install", "x"],
+                "--install: unexpected argument 'x'; usage: affa --install [--prefix DIR] [--agent FILE]",
+            ),
+            (&["--_setup", "x"], "--_setup: unexpected argument 'x'; usage: affa --_setup"),
             (
                 &["--run", "a", "hourly"],
                 "--run: unknown level 'hourly'; expected scheduled, daily, weekly, monthly or yearly",
@@ -944,6 +965,7 @@ mod tests {
             (&["--unchunk", "web", "daily.0", "--to-dir", "x"], "--to-dir does not apply to --unchunk"),
             (&["--cleanup", "web", "--resume=5"], "--resume does not apply to --cleanup"),
             (&["--status", "--prefix", "/p"], "--prefix does not apply to --status"),
+            (&["--_setup", "--agent", "/a"], "--agent does not apply to --_setup"),
             (&["--kill", "web", "--register", "x"], "--register does not apply to --kill"),
             (&["--_jobs", "--preserve-newer=no"], "--preserve-newer does not apply to --_jobs"),
             (&["--verify", "web", "daily.0", "--all"], "--verify: archive daily.0 and --all exclude each other"),

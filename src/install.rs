@@ -1,13 +1,17 @@
-//! `affa --install [--prefix DIR]`: the running binary to PREFIX/usr/sbin/affa, PREFIX/etc/affa
-//! with a commented global file and two sample jobs (a Linux host, an ESXi VM; both
-//! `status=disabled` and valid for `affa --configcheck`), the state directories, the cron file
-//! and the logrotate snippet.
+//! `affa --install [--prefix DIR] [--agent FILE]`: the running binary to PREFIX/usr/sbin/affa,
+//! the static agent to PREFIX/usr/lib/affa/affa-agent, the man pages and shell completions the
+//! binary makes from its command line, PREFIX/etc/affa with a commented global file and two
+//! sample jobs (a Linux host, an ESXi VM; both `status=disabled` and valid for `affa
+//! --configcheck`), the logrotate snippet, then [`setup`]: the state directories and the cron
+//! file. The Debian and RPM packages are built from a PREFIX install (scripts/build-packages.sh)
+//! and their postinst runs `affa --_setup`, so a package and a source install are the same files.
 //!
 //! Owns: the layout of an installation. Must never: overwrite an existing configuration file
-//! (the samples and the global file are written only when absent), or write outside PREFIX.
-//! Files that affa generates (the cron file, the logrotate snippet) are rewritten; paths written
-//! *into* files are the installed system's paths (/etc/affa, /usr/sbin/affa), not PREFIX's, so
-//! a PREFIX install can be packaged.
+//! (the samples and the global file are written only when absent), install an agent that is not
+//! statically linked (it would not run on an ESXi host), or write outside PREFIX. Files that
+//! affa generates (the cron file, the logrotate snippet, man pages, completions) are rewritten;
+//! paths written *into* files are the installed system's paths (/etc/affa, /usr/sbin/affa), not
+//! PREFIX's, so a PREFIX install can be packaged.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -20,7 +24,27 @@ use crate::error::{IoContext, Result};
 pub struct InstallOptions {
     /// Install under this root instead of / (tests, packaging).
     pub prefix: Option<std::path::PathBuf>,
+    /// The static agent to install (`--agent FILE`); None: `affa-agent` next to the running
+    /// affa, skipped (and said so) when it is missing or dynamically linked.
+    pub agent: Option<PathBuf>,
+    /// The files the binary makes from its own definitions (man pages, completions).
+    pub generated: Vec<Generated>,
 }
+
+/// A file made by the affa binary from its command line and key table: where it is installed
+/// (an absolute path on the installed system) and its bytes. Installed mode 0644.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    pub path: &'static str,
+    pub data: Vec<u8>,
+}
+
+/// Where the installed affa lives (cron lines name it: `affaBinary`'s default).
+pub const BINARY_PATH: &str = "/usr/sbin/affa";
+/// Where the static agent is installed: `agentBinary`'s default.
+pub const AGENT_PATH: &str = crate::transport::agent::DEFAULT_LOCAL;
+/// The logrotate snippet.
+pub const LOGROTATE_PATH: &str = "/etc/logrotate.d/affa";
 
 pub const GLOBAL_SAMPLE: &str = "# affa global settings; every key: affa --show-default-config
 # A value here is the default of every job; a job's own section overrides it.
@@ -147,53 +171,155 @@ fn new_file(p: &Path, text: &str, mode: u32, done: &mut Vec<String>) -> Result<(
     Ok(())
 }
 
+/// Write `data` to `path` (parents created 0755), replacing it by rename.
+fn install_file(path: &Path, data: &[u8], mode: u32, done: &mut Vec<String>) -> Result<()> {
+    if let Some(d) = path.parent() {
+        fs::create_dir_all(d).ctx(|| format!("cannot create {}", d.display()))?;
+    }
+    crate::fsutil::write_atomic(path, data, crate::fsutil::Perm::Mode(mode))?;
+    done.push(format!("installed {}", path.display()));
+    Ok(())
+}
+
+/// Why `data` is not a statically linked ELF executable (None: it is one). An ELF file that
+/// names a program interpreter (`PT_INTERP`) is dynamically linked: it would not run on a host
+/// without that loader and libraries (an ESXi host).
+pub fn not_static_elf(data: &[u8]) -> Option<&'static str> {
+    if data.len() < 0x34 || &data[..4] != b"\x7fELF" {
+        return Some("is not an ELF executable");
+    }
+    let (wide, big) = match (data[4], data[5]) {
+        (1, 1) => (false, false),
+        (1, 2) => (false, true),
+        (2, 1) => (true, false),
+        (2, 2) => (true, true),
+        _ => return Some("is not an ELF executable"),
+    };
+    let num = |off: usize, len: usize| -> Option<u64> {
+        let b = data.get(off..off + len)?;
+        Some(if big {
+            b.iter().fold(0, |n, &x| n << 8 | u64::from(x))
+        } else {
+            b.iter().rev().fold(0, |n, &x| n << 8 | u64::from(x))
+        })
+    };
+    let (phoff, phentsize, phnum) =
+        if wide { (num(0x20, 8), num(0x36, 2), num(0x38, 2)) } else { (num(0x1c, 4), num(0x2a, 2), num(0x2c, 2)) };
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (phoff, phentsize, phnum) else {
+        return Some("is not an ELF executable");
+    };
+    for i in 0..phnum {
+        let Some(off) = usize::try_from(phoff + i * phentsize).ok() else {
+            return Some("is not an ELF executable");
+        };
+        match num(off, 4) {
+            None => return Some("is not an ELF executable"),
+            Some(3) => return Some("is dynamically linked (build the static agent: scripts/build-agent.sh)"),
+            Some(_) => {}
+        }
+    }
+    None
+}
+
+/// The static agent to PREFIX/usr/lib/affa/affa-agent.
+fn install_agent(prefix: &Path, agent: Option<&Path>, done: &mut Vec<String>) -> Result<()> {
+    let dest = under(prefix, AGENT_PATH);
+    let (src, asked) = match agent {
+        Some(a) => (a.to_path_buf(), true),
+        None => {
+            let exe = std::env::current_exe().ctx(|| "cannot find the running affa binary".to_string())?;
+            (exe.with_file_name(crate::transport::agent::AGENT_NAME), false)
+        }
+    };
+    if fs::canonicalize(&src).ok().is_some_and(|s| fs::canonicalize(&dest).ok() == Some(s)) {
+        return Ok(());
+    }
+    let why = match fs::read(&src) {
+        Ok(data) => match not_static_elf(&data) {
+            None => return install_file(&dest, &data, 0o755, done),
+            Some(why) => why.to_string(),
+        },
+        Err(e) => format!("cannot be read: {e}"),
+    };
+    if asked {
+        crate::bail!("--agent {}: {why}", src.display());
+    }
+    // Run again from the installed affa (no agent next to it), or from a build tree without the
+    // static agent: the one installed before stays.
+    if dest.is_file() {
+        done.push(format!("kept {}", dest.display()));
+        return Ok(());
+    }
+    done.push(format!(
+        "affa-agent not installed: {} {why}; install it with affa --install --agent FILE (until then chunked files are read over rsync)",
+        src.display()
+    ));
+    Ok(())
+}
+
 pub fn install(opts: &InstallOptions) -> Result<String> {
     let prefix = opts.prefix.clone().unwrap_or_else(|| PathBuf::from("/"));
     let mut done = Vec::new();
 
     // The binary (replaced: an upgrade; by rename, so a running affa is not disturbed).
     let exe = std::env::current_exe().ctx(|| "cannot find the running affa binary".to_string())?;
-    let bin = under(&prefix, "/usr/sbin/affa");
+    let bin = under(&prefix, BINARY_PATH);
     if fs::canonicalize(&exe).ok() != fs::canonicalize(&bin).ok() {
         let data = fs::read(&exe).ctx(|| format!("cannot read {}", exe.display()))?;
-        if let Some(d) = bin.parent() {
-            fs::create_dir_all(d).ctx(|| format!("cannot create {}", d.display()))?;
-        }
-        crate::fsutil::write_atomic(&bin, &data, crate::fsutil::Perm::Mode(0o755))?;
-        done.push(format!("installed {}", bin.display()));
+        install_file(&bin, &data, 0o755, &mut done)?;
+    }
+    install_agent(&prefix, opts.agent.as_deref(), &mut done)?;
+    for g in &opts.generated {
+        install_file(&under(&prefix, g.path), &g.data, 0o644, &mut done)?;
     }
 
     // Configuration: never overwritten.
     let etc = under(&prefix, DEFAULT_CONFIG_DIR);
     mkdir(&etc, 0o700, &mut done)?;
-    mkdir(&etc.join("scripts"), 0o700, &mut done)?;
     new_file(&etc.join("00-global.conf"), GLOBAL_SAMPLE, 0o600, &mut done)?;
     new_file(&etc.join("example-linux.conf"), LINUX_SAMPLE, 0o600, &mut done)?;
     new_file(&etc.join("example-esxi.conf"), ESXI_SAMPLE, 0o600, &mut done)?;
 
-    // The configuration as installed (an existing one included) decides the rest.
-    let cfg = Config::load(&etc).map_err(|e| e.context("the installed configuration"))?;
-    let g = &cfg.settings;
-    let (log_dir, lock_dir) = (g.log_dir.to_string_lossy(), g.lock_dir.to_string_lossy());
-    mkdir(&under(&prefix, &log_dir), 0o750, &mut done)?;
-    mkdir(&under(&prefix, &lock_dir), 0o700, &mut done)?;
-    let mut roots: Vec<String> = cfg.jobs.values().map(|j| j.root_dir.to_string_lossy().into_owned()).collect();
-    roots.push(cfg.global.root_dir.to_string_lossy().into_owned());
-    roots.sort();
-    roots.dedup();
-    for r in roots {
-        mkdir(&under(&prefix, &r), 0o700, &mut done)?;
-    }
-
-    let cron = under(&prefix, &g.cron_file.to_string_lossy());
-    crate::fsutil::write_file(&cron, &crate::cron::cron_text(&cfg, Path::new(DEFAULT_CONFIG_DIR)), 0o644)?;
-    done.push(format!("wrote {}", cron.display()));
-    let lr = under(&prefix, "/etc/logrotate.d/affa");
-    crate::fsutil::write_file(&lr, &logrotate_text(&log_dir), 0o644)?;
+    let cfg = setup_under(&prefix, &etc, Path::new(DEFAULT_CONFIG_DIR), &mut done)?;
+    let lr = under(&prefix, LOGROTATE_PATH);
+    crate::fsutil::write_file(&lr, &logrotate_text(&cfg.settings.log_dir.to_string_lossy()), 0o644)?;
     done.push(format!("wrote {}", lr.display()));
     done.push(format!(
         "next: edit a copy of {}/example-linux.conf, then affa --send-key JOB, affa --run JOB, affa --make-cronjobs",
         DEFAULT_CONFIG_DIR
     ));
     Ok(done.join("\n"))
+}
+
+/// `affa --_setup` (the packages' postinst, after every install and upgrade): what the
+/// configuration in `config_dir` needs on this machine: the configuration and script
+/// directories, the log, lock and archive directories (created when missing, never changed),
+/// and the cron file (rewritten from the configuration: its schedule is the jobs').
+pub fn setup(config_dir: &Path) -> Result<String> {
+    let mut done = Vec::new();
+    setup_under(Path::new("/"), config_dir, config_dir, &mut done)?;
+    Ok(done.join("\n"))
+}
+
+/// [`setup`] under `prefix`: `etc` is the configuration directory here, `installed_etc` the one
+/// the cron daemon will see. Returns the configuration read.
+fn setup_under(prefix: &Path, etc: &Path, installed_etc: &Path, done: &mut Vec<String>) -> Result<Config> {
+    mkdir(etc, 0o700, done)?;
+    // The configuration as installed (an existing one included) decides the rest.
+    let cfg = Config::load(etc).map_err(|e| e.context("the installed configuration"))?;
+    let g = &cfg.settings;
+    mkdir(&under(prefix, &g.script_dir.to_string_lossy()), 0o700, done)?;
+    mkdir(&under(prefix, &g.log_dir.to_string_lossy()), 0o750, done)?;
+    mkdir(&under(prefix, &g.lock_dir.to_string_lossy()), 0o700, done)?;
+    let mut roots: Vec<String> = cfg.jobs.values().map(|j| j.root_dir.to_string_lossy().into_owned()).collect();
+    roots.push(cfg.global.root_dir.to_string_lossy().into_owned());
+    roots.sort();
+    roots.dedup();
+    for r in roots {
+        mkdir(&under(prefix, &r), 0o700, done)?;
+    }
+    let cron = under(prefix, &g.cron_file.to_string_lossy());
+    crate::fsutil::write_file(&cron, &crate::cron::cron_text(&cfg, installed_etc), 0o644)?;
+    done.push(format!("wrote {}", cron.display()));
+    Ok(cfg)
 }

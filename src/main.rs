@@ -3,6 +3,7 @@
 //! what a terminal shows is drawn by `render`.
 
 mod cli;
+mod docs;
 mod render;
 
 use std::io::Write;
@@ -91,8 +92,13 @@ fn dispatch(inv: Invocation, ui: &Arc<render::Terminal>, out: &mut dyn Write) ->
             "--{} is not supported: it turned an SME Server backup box into the server it backs up; restore the host with affa --full-restore JOB instead",
             if undo { "undo-rise" } else { "rise" }
         ),
-        Action::Install { prefix } => {
-            print(out, affa::install::install(&affa::install::InstallOptions { prefix })? + "\n")
+        Action::Install { prefix, agent } => {
+            let opts = affa::install::InstallOptions { prefix, agent, generated: docs::generated() };
+            print(out, affa::install::install(&opts)? + "\n")
+        }
+        Action::Setup => {
+            let dir = config::config_dir(env.config_dir.as_deref());
+            print(out, affa::install::setup(&dir)? + "\n")
         }
         Action::Run { job, level } => {
             let cfg = env.config()?;

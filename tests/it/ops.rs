@@ -7,7 +7,7 @@ use crate::common;
 use std::fs;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::smb::{smbclient, smbclient_until_ok, start_smbd};
@@ -736,4 +736,151 @@ fn install_into_a_prefix_gives_a_valid_configuration() {
     let out = ok(&o);
     assert!(out.contains(&format!("kept {}", prefix.join("etc/affa/example-linux.conf").display())), "{out}");
     assert!(fs::read_to_string(prefix.join("etc/affa/example-linux.conf")).unwrap().contains("mine.example.com"));
+}
+
+/// `--install` run from target/release, where cargo leaves a dynamically linked affa-agent.
+fn install(prefix: &Path, extra: &[&std::ffi::OsStr]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_affa"))
+        .args(["--install", "--prefix"])
+        .arg(prefix)
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn install_places_the_static_agent_the_man_pages_and_the_completions() {
+    use std::os::unix::fs::PermissionsExt;
+    let p = tempfile::Builder::new().prefix("affa-prefix").tempdir().unwrap();
+    let prefix = p.path();
+    let agent = prefix.join("usr/lib/affa/affa-agent");
+
+    // The agent next to affa is cargo's dynamically linked one: not installed, and said so.
+    let out = ok(&install(prefix, &[]));
+    assert!(out.contains("affa-agent not installed: ") && out.contains("is dynamically linked"), "{out}");
+    assert!(!agent.exists());
+    // Asked for by name, a dynamic agent is an error (one line, exit 1), nothing half done.
+    let dynamic = Path::new(env!("CARGO_BIN_EXE_affa")).with_file_name("affa-agent");
+    if dynamic.exists() {
+        let o = install(prefix, &["--agent".as_ref(), dynamic.as_os_str()]);
+        assert_eq!(o.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(&format!("--agent {}: is dynamically linked", dynamic.display())), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    }
+    let o = install(prefix, &["--agent".as_ref(), "/etc/hostname".as_ref()]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--agent /etc/hostname: is not an ELF executable"));
+    assert!(!agent.exists());
+
+    // The static one: installed where affa looks for it (agentBinary's default), runnable.
+    let st = common::static_agent();
+    let out = ok(&install(prefix, &["--agent".as_ref(), st.as_os_str()]));
+    assert!(out.contains(&format!("installed {}", agent.display())), "{out}");
+    assert_eq!(fs::read(&agent).unwrap(), fs::read(&st).unwrap());
+    assert_eq!(fs::metadata(&agent).unwrap().permissions().mode() & 0o777, 0o755);
+    let v = Command::new(&agent).arg("--version").env_clear().output().unwrap();
+    assert!(String::from_utf8_lossy(&v.stdout).starts_with("affa-agent "), "{v:?}");
+    // Installed again from the default place (none next to it): the installed one is kept.
+    let out = ok(&install(prefix, &[]));
+    assert!(out.contains(&format!("kept {}", agent.display())), "{out}");
+    assert_eq!(fs::read(&agent).unwrap(), fs::read(&st).unwrap());
+
+    // The man pages and completions, made by the binary.
+    for (f, want) in [
+        ("usr/share/man/man8/affa.8", ".TH affa 8"),
+        ("usr/share/man/man8/affa-agent.8", ".TH affa-agent 8"),
+        ("usr/share/bash-completion/completions/affa", "affa --_jobs"),
+        ("usr/share/zsh/vendor-completions/_affa", "#compdef affa"),
+        ("usr/share/fish/vendor_completions.d/affa.fish", "complete -c affa"),
+    ] {
+        let t = fs::read_to_string(prefix.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert!(t.contains(want), "{f}: {want} missing");
+        assert_eq!(fs::metadata(prefix.join(f)).unwrap().permissions().mode() & 0o777, 0o644, "{f}");
+    }
+    // The page documents every key of the table --show-default-config prints.
+    let page = fs::read_to_string(prefix.join("usr/share/man/man8/affa.8")).unwrap();
+    let defaults = ok(&Command::new(env!("CARGO_BIN_EXE_affa")).arg("--show-default-config").output().unwrap());
+    let keys: Vec<&str> = defaults
+        .lines()
+        .filter(|l| !l.starts_with("# ") && !l.starts_with('['))
+        .filter_map(|l| l.trim_start_matches('#').split('=').next())
+        .filter(|k| !k.is_empty())
+        .collect();
+    assert!(keys.len() > 50, "{defaults}");
+    for k in keys {
+        let roff = k.replace('-', "\\-");
+        assert!(page.contains(&format!("\\fB{roff}\\fR=")), "key {k} is not in man affa");
+    }
+
+    // The agent's page documents exactly the options the agent's own usage line names.
+    let usage = Command::new(&st).output().unwrap();
+    assert_eq!(usage.status.code(), Some(2));
+    let usage = String::from_utf8_lossy(&usage.stderr).into_owned();
+    // The options a text names (`--serve`); roff writes a dash as `\-`.
+    let options = |t: &str| -> Vec<String> {
+        let t = t.replace("\\-", "-");
+        let mut v: Vec<String> = t
+            .split("--")
+            .skip(1)
+            .map(|r| r.chars().take_while(|c| c.is_ascii_lowercase() || *c == '-').collect::<String>())
+            .filter(|o| !o.is_empty())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let agent_page = fs::read_to_string(prefix.join("usr/share/man/man8/affa-agent.8")).unwrap();
+    let section = &agent_page[agent_page.find(".SH OPTIONS").expect("an OPTIONS section")..];
+    let section = &section[..section[4..].find(".SH").map_or(section.len(), |i| i + 4)];
+    let usage_line = usage.lines().next().unwrap().split('(').next().unwrap();
+    assert_eq!(options(section), options(usage_line), "{usage}\n{section}");
+    assert_eq!(options(usage_line), ["serve", "version"]);
+}
+
+#[test]
+fn setup_makes_the_state_directories_and_the_cron_file_of_the_configuration() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = tempfile::Builder::new().prefix("affa-setup").tempdir().unwrap();
+    let d = t.path();
+    let etc = d.join("etc");
+    fs::create_dir(&etc).unwrap();
+    let global = format!(
+        "[GlobalAffaConfig]\nlockDir={d}/lock\nlogDir={d}/log\nscriptDir={d}/scripts\ncronFile={d}/cron\nRootDir={d}/archives\n\
+         [web]\nremoteHostName=web.example.com\nTimeSchedule=0215\nRootDir={d}/other\n",
+        d = d.display()
+    );
+    fs::write(etc.join("jobs.conf"), &global).unwrap();
+    // An existing RootDir with an archive is left as it is.
+    fs::create_dir_all(d.join("archives/old/daily.0")).unwrap();
+    fs::set_permissions(d.join("archives"), fs::Permissions::from_mode(0o750)).unwrap();
+    let setup = || {
+        Command::new(env!("CARGO_BIN_EXE_affa"))
+            .arg("--config-dir")
+            .arg(&etc)
+            .arg("--_setup")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = ok(&setup());
+    let mode = |p: &str| fs::metadata(d.join(p)).unwrap().permissions().mode() & 0o777;
+    assert_eq!((mode("lock"), mode("log"), mode("scripts"), mode("other")), (0o700, 0o750, 0o700, 0o700), "{out}");
+    assert_eq!(mode("archives"), 0o750, "an existing directory is never changed");
+    assert!(d.join("archives/old/daily.0").is_dir());
+    let cron = fs::read_to_string(d.join("cron")).unwrap();
+    let line = format!("15 2 * * * root /usr/sbin/affa --config-dir {} --silent --run web\n", etc.display());
+    assert!(cron.contains(&line), "{cron}");
+    // Again (an upgrade): the same schedule, nothing else changes.
+    ok(&setup());
+    assert!(fs::read_to_string(d.join("cron")).unwrap().contains(&line));
+
+    // A configuration it cannot read: exit 1, one line naming file, key and value; the cron
+    // file stays as it was.
+    fs::write(etc.join("jobs.conf"), global.replace("lockDir=", "lockDir=relative/")).unwrap();
+    let o = setup();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("jobs.conf:2: key 'lockDir'"), "{err}");
+    assert_eq!(fs::read_to_string(d.join("cron")).unwrap(), cron);
 }
