@@ -363,6 +363,7 @@ fn transfer_logged_in(
             extent: ext_rel,
             size: d.capacity_bytes,
             links: Vec::new(),
+            run: Default::default(),
         };
         for l in links {
             let extents = l.extents.iter().map(|e| arch(e).map(|e| (e.clone(), chunked(&e)))).collect::<Result<_>>()?;
