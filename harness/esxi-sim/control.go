@@ -63,6 +63,7 @@ type snapJSON struct {
 	Quiesced    bool      `json:"quiesced"`
 	DiskSha256  []string  `json:"disk_sha256"`
 	FlatSha256  []string  `json:"base_flat_sha256"`
+	ChangeIDs   []string  `json:"change_ids"`
 }
 
 type vmJSON struct {
@@ -116,7 +117,7 @@ func (h *Harness) vmToJSON(st *VMState) vmJSON {
 	}
 	for _, s := range st.Snaps {
 		v.Snapshots = append(v.Snapshots, snapJSON{ID: s.ID, Ref: s.Ref.Value, Name: s.Name, Description: s.Description,
-			Created: s.Created, State: string(s.State), Quiesced: s.Quiesced, DiskSha256: s.DiskSha256, FlatSha256: s.FlatSha256})
+			Created: s.Created, State: string(s.State), Quiesced: s.Quiesced, DiskSha256: s.DiskSha256, FlatSha256: s.FlatSha256, ChangeIDs: s.ChangeIDs})
 	}
 	if st.writer != nil {
 		v.Writer = true
@@ -257,6 +258,29 @@ func (h *Harness) controlMux() http.Handler {
 	mux.HandleFunc("/fault", func(w http.ResponseWriter, r *http.Request) {
 		q := r.URL.Query()
 		op, mode := q.Get("op"), q.Get("mode")
+		if op == "cbt" {
+			f := CbtFault{Mode: mode, Count: 1}
+			if f.Mode == "none" || f.Mode == "off" {
+				f.Mode = ""
+			}
+			if s := q.Get("count"); s == "inf" {
+				f.Count = -1
+			} else if s != "" {
+				f.Count, _ = strconv.Atoi(s)
+			}
+			switch f.Mode {
+			case "", "forget", "outside", "unsorted", "stall", "wrongstart":
+			default:
+				jsonErr(w, 400, "cbt: mode must be forget, outside, unsorted, stall, wrongstart or none")
+				return
+			}
+			h.mu.Lock()
+			h.faults.Cbt = f
+			out := h.faults
+			h.mu.Unlock()
+			writeJSON(w, 200, out)
+			return
+		}
 		if op == "intrude" {
 			f := IntrudeFault{Action: q.Get("action"), Name: q.Get("name")}
 			f.Seconds, _ = strconv.ParseFloat(q.Get("seconds"), 64)
@@ -303,13 +327,15 @@ func (h *Harness) controlMux() http.Handler {
 			h.faults = Faults{}
 		default:
 			h.mu.Unlock()
-			jsonErr(w, 400, "op must be create, remove, all503, readonly or clear")
+			jsonErr(w, 400, "op must be create, remove, all503, readonly, intrude, cbt or clear")
 			return
 		}
 		out := h.faults
 		h.mu.Unlock()
 		writeJSON(w, 200, out)
 	})
+	mux.HandleFunc("/cbt", h.handleCbt)
+	mux.HandleFunc("/resize", h.handleResize)
 	mux.HandleFunc("/vimcmd", func(w http.ResponseWriter, r *http.Request) {
 		_ = r.ParseForm()
 		stdout, stderr, code := h.vimCmd(r.Form["arg"])

@@ -54,6 +54,8 @@ type Spec struct {
 	StdinEOFExit   *bool    `json:"stdin_eof_exit"`
 	LogFile        string   `json:"log_file"`
 	Trace          bool     `json:"trace"`
+	CbtBlockBytes  int64    `json:"cbt_block_bytes"`
+	CbtPageExtents int      `json:"cbt_page_extents"`
 }
 
 type DSSpec struct {
@@ -409,7 +411,7 @@ func (h *Harness) createVM(ctx context.Context, vs VMSpec) error {
 	h.mu.Lock()
 	h.vms[ref] = st
 	h.mu.Unlock()
-	simulator.Map.WithLock(vm, func() { h.refreshLayoutLocked(st) })
+	simulator.Map.WithLock(vm, func() { h.refreshLayoutLocked(st); h.cbtSetCapabilityLocked(st) })
 	if vs.PowerOn {
 		if err := h.setPower(ctx, st, true); err != nil {
 			return err

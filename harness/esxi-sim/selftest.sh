@@ -146,6 +146,26 @@ $VC vmsvc/snapshot.removeall "$VMID" > /dev/null
 [ "$(sha256sum "$d/vm1-flat.vmdk" | cut -d' ' -f1)" = "$want" ] || fail "removeall did not merge the chain"
 ok "removing the snapshots merges the chain into the base"
 
+# Changed Block Tracking on vm2: enable, first stun starts tracking, a write, the next
+# snapshot's QueryChangedDiskAreas reports the written 64 KiB block
+VM2=$(st | j '[v for v in d["vms"] if v["name"]=="vm2"][0]["ref"]')
+VM2ID=$(st | j '[v for v in d["vms"] if v["name"]=="vm2"][0]["vmid"]')
+soap "<ReconfigVM_Task xmlns=\"urn:vim25\"><_this type=\"VirtualMachine\">$VM2</_this><spec><changeTrackingEnabled>true</changeTrackingEnabled></spec></ReconfigVM_Task>" | grep -q returnval || fail "ReconfigVM_Task"
+[ "$(curl -s "$CTL/cbt?vm=vm2" | j 'd["enabled"] and d["disks"][0]["change_id"]==""')" = True ] || fail "CBT on, not started"
+$VC vmsvc/snapshot.create "$VM2ID" cbt1 "" 0 0 > /dev/null
+id1=$(st | j '[v for v in d["vms"] if v["name"]=="vm2"][0]["snapshots"][0]["change_ids"][0]')
+echo "$id1" | grep -Eq '^52( [0-9a-f]{2}){7}-[0-9a-f]{2}( [0-9a-f]{2}){7}/0$' || fail "changeId $id1"
+printf 'CBT' | curl -s -X POST --data-binary @- "$CTL/write?vm=vm2&disk=0&offset=131082" > /dev/null
+$VC vmsvc/snapshot.removeall "$VM2ID" > /dev/null
+$VC vmsvc/snapshot.create "$VM2ID" cbt2 "" 0 0 > /dev/null
+S2=$(st | j '[v for v in d["vms"] if v["name"]=="vm2"][0]["snapshots"][0]["ref"]')
+q() { soap "<QueryChangedDiskAreas xmlns=\"urn:vim25\"><_this type=\"VirtualMachine\">$VM2</_this><snapshot type=\"VirtualMachineSnapshot\">$S2</snapshot><deviceKey>2000</deviceKey><startOffset>0</startOffset><changeId>$1</changeId></QueryChangedDiskAreas>"; }
+q "$id1" | grep -q '<length>1048576</length><changedArea><start>131072</start><length>65536</length></changedArea></returnval>' || fail "QueryChangedDiskAreas: $(q "$id1")"
+q "${id1%/0}/9" | grep -q 'FileFault' || fail "a changeId from after the snapshot: $(q "${id1%/0}/9")"
+q "*" | grep -q '<changedArea><start>131072</start><length>65536</length></changedArea>' || fail "changeId *"
+$VC vmsvc/snapshot.removeall "$VM2ID" > /dev/null
+ok "CBT: changeId at the first stun, QueryChangedDiskAreas reports the written block"
+
 soap '<Logout xmlns="urn:vim25"><_this type="SessionManager">ha-sessionmgr</_this></Logout>' > /dev/null
 exec 9>&-                   # stdin EOF -> the simulator exits
 for i in $(seq 50); do kill -0 $simpid 2>/dev/null || break; sleep 0.1; done

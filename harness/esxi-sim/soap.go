@@ -113,6 +113,25 @@ func (h *Harness) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			soapFault(w, "esxi-sim does not implement "+method.Name, "NotSupported", "")
 			return
 		}
+	case *types.ReconfigVM_Task:
+		st := h.stateByRef(req.This)
+		if st == nil || !h.sessionValid(r) || req.Spec.ChangeTrackingEnabled == nil {
+			break
+		}
+		if readOnly {
+			h.restricted(w)
+			return
+		}
+		if h.soapReconfig(w, r, st, req) {
+			return
+		}
+	case *types.QueryChangedDiskAreas:
+		st := h.stateByRef(req.This)
+		if st == nil || !h.sessionValid(r) {
+			break
+		}
+		h.soapQueryChangedDiskAreas(w, st, req)
+		return
 	case *types.RegisterVM_Task:
 		if h.sessionValid(r) {
 			h.soapRegisterVM(w, r, req)

@@ -37,6 +37,8 @@ type Harness struct {
 	faults Faults
 	events []Event
 	count  map[string]int
+
+	cbtPageExtents int // most extents per QueryChangedDiskAreas answer (control /cbt?page=)
 }
 
 // Fault settings for one operation.
@@ -54,6 +56,7 @@ type Faults struct {
 	All503   bool         `json:"all503"`
 	ReadOnly bool         `json:"api_readonly"`
 	Intrude  IntrudeFault `json:"intrude"`
+	Cbt      CbtFault     `json:"cbt"`
 }
 
 // IntrudeFault: someone else changes the snapshot tree while a backup's snapshot exists.
@@ -94,6 +97,9 @@ type VMState struct {
 	writer                 *writer
 	Writes                 int64
 	WritesDuringSnapshot   int64
+
+	CbtEnabled     bool // config.changeTrackingEnabled; tracking starts at the next stun
+	CbtUnsupported bool // capability.changeTrackingSupported = false (control /cbt?supported=0)
 }
 
 type Disk struct {
@@ -105,6 +111,7 @@ type Disk struct {
 	RelDir    string // directory relative to the datastore
 	Size      int64
 	Layers    []*Layer // [0] = base (flat), [k] = delta created by snapshot k
+	Cbt       *cbtDisk // nil: not tracked (CBT off, or not started yet), see cbt.go
 }
 
 type Layer struct {
@@ -154,10 +161,11 @@ type Snap struct {
 	Vmem        string
 	DiskSha256  []string
 	FlatSha256  []string
+	ChangeIDs   []string // per disk, the changeId the snapshot froze ("" = not tracked)
 }
 
 func newHarness(spec *Spec, model *simulator.Model, client *vim25.Client) *Harness {
-	return &Harness{spec: spec, model: model, client: client,
+	return &Harness{spec: spec, model: model, client: client, cbtPageExtents: spec.CbtPageExtents,
 		vms: map[types.ManagedObjectReference]*VMState{}, dsDir: map[string]string{}, count: map[string]int{}}
 }
 
@@ -381,6 +389,7 @@ func (h *Harness) writeDisk(st *VMState, di int, off int64, data []byte) (string
 		}
 		st.WritesDuringSnapshot++
 	}
+	h.cbtRecordLocked(st, d, off, int64(len(data)))
 	st.Writes++
 	return filepath.Base(top.Data), nil
 }
@@ -547,7 +556,13 @@ func (h *Harness) createSnapshot(st *VMState, name, desc string, memory, quiesce
 		snap.Vmem = filepath.Join(vmdir, fmt.Sprintf("%s-Snapshot%d.vmem", st.Name, snap.ID))
 		_ = ioutil.WriteFile(snap.Vmem, []byte("esxi-sim memory image\n"), 0644)
 	}
+	// A stun: CBT starts here if enabled since, or begins a new generation; the snapshot keeps
+	// the frozen disks (backing and changeId as they are now) in its configuration.
+	h.cbtStunLocked(st)
+	snap.ChangeIDs = st.cbtChangeIDs()
+	frozen := map[int32]*types.VirtualDiskFlatVer2BackingInfo{}
 	for i, d := range st.Disks {
+		frozen[d.Key] = h.backingFor(d, len(d.Layers), snap.ChangeIDs[i])
 		d.Layers = append(d.Layers, newLayers[i])
 	}
 	st.Snaps = append(st.Snaps, snap)
@@ -559,6 +574,15 @@ func (h *Harness) createSnapshot(st *VMState, name, desc string, memory, quiesce
 	so.Vm = st.Ref
 	simulator.Map.WithLock(st.vm, func() {
 		cfg := *st.vm.Config
+		cfg.Hardware.Device = nil
+		for _, dev := range st.vm.Config.Hardware.Device {
+			if vd, ok := dev.(*types.VirtualDisk); ok && frozen[vd.Key] != nil {
+				c := *vd
+				c.Backing = frozen[vd.Key]
+				dev = &c
+			}
+			cfg.Hardware.Device = append(cfg.Hardware.Device, dev)
+		}
 		so.Config = cfg
 	})
 	simulator.Map.Put(so)
@@ -600,6 +624,7 @@ func (h *Harness) removeSnapshot(st *VMState, ref types.ManagedObjectReference, 
 		st.Snaps = append(st.Snaps[:j], st.Snaps[j+1:]...)
 		simulator.Map.Remove(s.Ref)
 	}
+	h.cbtStunLocked(st)
 	h.rewriteVmx(st)
 	h.rewriteVmsd(st)
 	simulator.Map.WithLock(st.vm, func() { h.syncVMLocked(st) })
@@ -689,7 +714,8 @@ func mergeInto(src, dst *Layer, dstFlat bool) error {
 
 // ---- managed object sync (call with the VM's Map lock held) ----
 
-func (h *Harness) backingFor(d *Disk, upto int) *types.VirtualDiskFlatVer2BackingInfo {
+// backingFor is the backing chain of layers [0, upto); the top one carries changeID.
+func (h *Harness) backingFor(d *Disk, upto int, changeID string) *types.VirtualDiskFlatVer2BackingInfo {
 	var b *types.VirtualDiskFlatVer2BackingInfo
 	ds := h.dsRef(d.Datastore)
 	for k := 0; k < upto; k++ {
@@ -705,6 +731,9 @@ func (h *Harness) backingFor(d *Disk, upto int) *types.VirtualDiskFlatVer2Backin
 			Uuid:                         l.Uuid,
 			ContentId:                    l.CID,
 			Parent:                       b,
+		}
+		if k == upto-1 {
+			nb.ChangeId = changeID
 		}
 		if k > 0 {
 			nb.DeltaDiskFormat = string(types.VirtualDiskDeltaDiskFormatRedoLogFormat)
@@ -725,7 +754,11 @@ func (h *Harness) syncVMLocked(st *VMState) {
 		}
 		for _, d := range st.Disks {
 			if d.Key == vd.Key {
-				vd.Backing = h.backingFor(d, len(d.Layers))
+				id := ""
+				if d.Cbt != nil {
+					id = d.Cbt.changeID()
+				}
+				vd.Backing = h.backingFor(d, len(d.Layers), id)
 			}
 		}
 	}
@@ -1148,6 +1181,7 @@ func (h *Harness) adoptVM(vm *simulator.VirtualMachine) *VMState {
 	if chained {
 		simulator.Map.WithLock(vm, func() { h.syncVMLocked(st) })
 	}
+	simulator.Map.WithLock(vm, func() { h.cbtSetCapabilityLocked(st) })
 	return st
 }
 

@@ -143,6 +143,18 @@ fn io_timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// The kind of the first io error in a chain of sources.
+fn io_kind_of(e: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(x) = cur {
+        if let Some(io) = x.downcast_ref::<std::io::Error>() {
+            return Some(io.kind());
+        }
+        cur = x.source();
+    }
+    None
+}
+
 fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cur: &(dyn std::error::Error + 'static) = e;
     while let Some(s) = cur.source() {
@@ -236,6 +248,11 @@ impl Client {
         &self.sc
     }
 
+    /// The longest wait for one task.
+    pub fn task_timeout(&self) -> Duration {
+        self.task_timeout
+    }
+
     /// Change the longest wait for one task.
     pub fn set_task_timeout(&mut self, t: Duration) {
         self.task_timeout = t;
@@ -250,12 +267,25 @@ impl Client {
         Error::remote(format!("ESXi host {}: {}", self.host, msg))
     }
 
+    /// A failure to talk to the host at all (no answer, a broken connection, an HTTP status
+    /// without a SOAP answer): kind [`ErrorKind::Io`] with `kind`, never [`ErrorKind::Remote`],
+    /// so that callers tell it from a host's fault by kind. "ESXi host H: msg".
+    fn net_err(&self, kind: std::io::ErrorKind, msg: impl std::fmt::Display) -> Error {
+        self.err(msg).with_kind(ErrorKind::Io(kind))
+    }
+
     /// `e` (about something the host sent) as a failure of the host: "ESXi host H: e".
     fn at_host(&self, e: Error) -> Error {
         e.context(format!("ESXi host {}", self.host)).with_kind(ErrorKind::Remote)
     }
 
+    /// A SOAP fault as an error: kind [`ErrorKind::Remote`], the fault its source
+    /// ([`soap::fault_of`]).
     fn fault_error(&self, method: &str, f: &Fault) -> Error {
+        self.fault_message(method, f).with_source(f.clone())
+    }
+
+    fn fault_message(&self, method: &str, f: &Fault) -> Error {
         let msg = if f.message.is_empty() { String::new() } else { format!(": {}", f.message) };
         match f.kind.as_str() {
             "InvalidLogin" => Error::remote(format!("wrong user or password for ESXi host {}", self.host)),
@@ -309,7 +339,10 @@ impl Client {
                         return Err(self.fault_error(method, &f));
                     }
                 }
-                return Err(self.err(format!("answered HTTP {code} {} to {method}", one_line(&text))));
+                return Err(self.net_err(
+                    std::io::ErrorKind::Other,
+                    format!("answered HTTP {code} {} to {method}", one_line(&text)),
+                ));
             }
             Err(ureq::Error::Transport(t)) => {
                 if let Some(e) = self.mismatch() {
@@ -330,9 +363,12 @@ impl Client {
         }
         let b = read_body(resp).map_err(|e| {
             if io_timed_out(&e) {
-                self.err(format!("no complete answer to {method} within {} s", self.timeout.as_secs()))
+                self.net_err(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no complete answer to {method} within {} s", self.timeout.as_secs()),
+                )
             } else {
-                self.err(format!("reading the answer to {method}: {}", one_line(&e.to_string())))
+                self.net_err(e.kind(), format!("reading the answer to {method}: {}", one_line(&e.to_string())))
             }
         })?;
         if b.len() > soap::MAX_RESPONSE_BYTES {
@@ -351,15 +387,20 @@ impl Client {
             Some(s) => innermost(s),
             None => one_line(t.message().unwrap_or_default()),
         };
+        let io_kind = std::error::Error::source(t).and_then(io_kind_of).unwrap_or(std::io::ErrorKind::Other);
         if let Some(s) = std::error::Error::source(t) {
             if io_timed_out(s) {
-                return self.err(format!("no answer to {method} within {} s (timeout)", self.timeout.as_secs()));
+                return self.net_err(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer to {method} within {} s (timeout)", self.timeout.as_secs()),
+                );
             }
         }
+        let kind = ErrorKind::Io(io_kind);
         match t.kind() {
-            K::Dns => Error::remote(format!("cannot resolve ESXi host {}: {cause}", self.host)),
-            K::ConnectionFailed => Error::remote(format!("cannot connect to ESXi host {}: {cause}", self.host)),
-            _ => self.err(format!("{method}: {}: {cause}", t.kind())),
+            K::Dns => Error::of(kind, format!("cannot resolve ESXi host {}: {cause}", self.host)),
+            K::ConnectionFailed => Error::of(kind, format!("cannot connect to ESXi host {}: {cause}", self.host)),
+            _ => self.net_err(io_kind, format!("{method}: {}: {cause}", t.kind())),
         }
     }
 
@@ -628,8 +669,9 @@ impl Client {
                 TaskState::Success => return Ok(info),
                 TaskState::Error => {
                     let (kind, msg) = info.error.clone().unwrap_or_else(|| ("fault".into(), String::new()));
+                    let fault = Fault { kind: kind.clone(), message: msg.clone() };
                     let msg = if msg.is_empty() { String::new() } else { format!(": {msg}") };
-                    return Err(self.err(format!("task {what} failed: {kind}{msg}")));
+                    return Err(self.err(format!("task {what} failed: {kind}{msg}")).with_source(fault));
                 }
                 TaskState::Queued | TaskState::Running => {}
             }
@@ -899,10 +941,14 @@ mod tests {
         assert_eq!(c.about().api_version, "7.0.3.0");
         let e = c.login("root", &Password::new("wrong")).unwrap_err();
         assert_eq!(e.message(), format!("wrong user or password for ESXi host 127.0.0.1:{port}"));
+        assert_eq!(e.kind(), ErrorKind::Remote);
+        assert_eq!(soap::fault_of(&e).map(|f| f.kind.as_str()), Some("InvalidLogin"));
         c.login("root", &Password::new("s3cr<t")).unwrap();
         assert_eq!(c.list_vm_names().unwrap(), vec!["a", "b/c", "d"]);
         let e = c.power_state(&MoRef::new("VirtualMachine", "1")).unwrap_err();
         assert!(e.message().contains("HTTP 503") && e.message().contains("127.0.0.1"), "{e}");
+        assert_eq!(e.kind(), ErrorKind::Io(std::io::ErrorKind::Other), "{e}");
+        assert!(soap::fault_of(&e).is_none());
         let e = c.power_state(&MoRef::new("VirtualMachine", "1")).unwrap_err();
         assert!(e.message().contains("unreadable answer"), "{e}");
         assert!(!e.message().contains('\n'));
@@ -928,9 +974,11 @@ mod tests {
         // Listener accepts (kernel backlog) but never answers → timeout.
         let e = Client::connect(o.clone()).unwrap_err();
         assert!(e.message().contains("127.0.0.1") && e.message().contains("within"), "{e}");
+        assert_eq!(e.kind(), ErrorKind::Io(std::io::ErrorKind::TimedOut), "{e}");
         drop(l);
         let e = Client::connect(o).unwrap_err();
         assert!(e.message().starts_with("cannot connect to ESXi host 127.0.0.1"), "{e}");
+        assert_eq!(e.kind(), ErrorKind::Io(std::io::ErrorKind::ConnectionRefused), "{e}");
         assert!(!e.message().contains('\n'));
     }
 }

@@ -1,5 +1,5 @@
 //! affa-vsphere: the vSphere SOAP client (login, find the VM, read its layout, snapshot
-//! create/remove, RegisterVM), the model of what a host answers, and VMware's disk chains.
+//! create/remove, RegisterVM, Changed Block Tracking), the model of what a host answers, and VMware's disk chains.
 //!
 //! Owns: everything said to an ESXi host's `/sdk` endpoint, certificate pinning for it, and the
 //! naming of affa's snapshots (`BEXI-<job>-<YYYYmmddHHMMSS>`) and which ones are a job's own.
@@ -11,17 +11,20 @@ extern crate affa_core;
 
 use affa_core::{error, untrusted};
 
+pub mod cbt;
 pub mod chain;
 pub mod client;
 pub mod model;
 pub mod soap;
 pub mod tls;
 
+pub use cbt::{CbtState, FrozenDisk};
 pub use client::{Client, ConnectOptions, Password};
 pub use model::{
     host_path, split_ds_path, url_to_host_path, About, Datastore, Disk, DiskBacking, LayoutFile, MoRef, PowerState,
     ServiceContent, SnapshotTree, TaskInfo, TaskState, VmFiles, VmLayout,
 };
+pub use soap::{fault_of, Fault};
 pub use tls::{fetch_thumbprint, Thumbprint};
 
 /// Every snapshot affa makes has a name starting with this.

@@ -216,6 +216,26 @@ pub struct Fault {
     pub message: String,
 }
 
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.message.is_empty() {
+            f.write_str(&self.kind)
+        } else {
+            write!(f, "{}: {}", self.kind, self.message)
+        }
+    }
+}
+
+/// A fault is the source of the [`Error`] a call returns for it ([`fault_of`] finds it again).
+impl std::error::Error for Fault {}
+
+/// The host's fault behind an error, if the error is one: the SOAP fault of a call, or the
+/// fault a task ended with. Callers that must tell faults apart (an `InvalidArgument` from a
+/// `FileFault`) use its `kind`, never the message text.
+pub fn fault_of(e: &Error) -> Option<&Fault> {
+    std::error::Error::source(e).and_then(|s| s.downcast_ref::<Fault>())
+}
+
 impl Fault {
     fn from_node(f: &Node) -> Fault {
         let message = one_line(f.child_text("faultstring").unwrap_or(""));
