@@ -260,7 +260,8 @@ impl Drop for AgentRun {
 }
 
 /// Back up `remote` on the host through the agent into `running` as `rel`, against the file's
-/// manifest in `link_dirs`. On an error the session is stopped and the error is one line naming
+/// manifest in `link_dirs` (or, `ranged`, only the chunk ranges given, the rest carried from
+/// that previous manifest: Changed Block Tracking). On an error the session is stopped and the error is one line naming
 /// host and file (no manifest was written for it; earlier archives are untouched).
 pub fn backup_via_agent(
     ctx: &Ctx,
@@ -269,13 +270,21 @@ pub fn backup_via_agent(
     running: &Path,
     rel: &Path,
     link_dirs: &[PathBuf],
-) -> Result<()> {
+    ranged: Option<(&chunk::Manifest, &[(u64, u64)])>,
+) -> Result<chunk::remote::RemoteStats> {
     let session = &mut run.session;
     let Some(s) = session.as_mut() else { bail!("internal: no agent session") };
     let pool = Pool::open(&ctx.job.root_dir())?;
-    let prev = previous_manifest(link_dirs, rel).map(|(_, m)| m);
-    let res =
-        chunk::remote::backup_file(&mut s.agent, &pool, &ctx.job.chunk.settings, remote, running, rel, prev.as_ref());
+    let set = &ctx.job.chunk.settings;
+    let res = match ranged {
+        Some((prev, ranges)) => {
+            chunk::remote::backup_file_ranged(&mut s.agent, &pool, set, remote, running, rel, prev, ranges)
+        }
+        None => {
+            let prev = previous_manifest(link_dirs, rel).map(|(_, m)| m);
+            chunk::remote::backup_file(&mut s.agent, &pool, set, remote, running, rel, prev.as_ref())
+        }
+    };
     let stats = match res {
         Ok(st) => st,
         Err(e) => {
@@ -321,7 +330,7 @@ pub fn backup_via_agent(
     run.totals.add(&stats.chunk);
     run.read += stats.source_bytes_read;
     run.received += stats.bytes_received;
-    Ok(())
+    Ok(stats)
 }
 
 /// After a run whose chunked files all went through the agent: the staging copies an earlier
@@ -434,7 +443,7 @@ fn transfer_chunked_agent(
         }
         ctx.log.phase(Phase::Chunking { file: rel.as_str().to_string(), n: i + 1, of: files.len() });
         let remote = Path::new("/").join(rel.as_path());
-        backup_via_agent(ctx, &mut run, &remote, running, rel.as_path(), &link_dirs)?;
+        backup_via_agent(ctx, &mut run, &remote, running, rel.as_path(), &link_dirs, None)?;
         crate::interrupt::crash_point("chunked");
     }
     run.finish(report)?;

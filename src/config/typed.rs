@@ -498,7 +498,7 @@ impl Settings {
                 vim_cmd: (r.word("ESXiSnapshotMode") == "vim-cmd").then(|| r.text("ESXiVimCmd")),
                 task_timeout: Duration::from_secs(r.uint("ESXiTaskTimeout")),
                 refuse_user_snapshots: r.word("ESXiUserSnapshots") == "refuse",
-                cbt: match r.word("ESXiCBT") {
+                cbt: match r.word("ESXiCBT").as_str() {
                     "yes" => Cbt::Yes,
                     "no" => Cbt::No,
                     _ => Cbt::Auto,
