@@ -477,6 +477,7 @@ fn remove_if_present(client: &Client, snaps: &Snapshots, vm: &MoRef, name: &str)
 /// rsync each group's files from the host into `running`; chunked files through the agent (no
 /// staging) or through staging. `disks`: Some(the datastore dir of the VM's .vmx, the agent's
 /// default place) when the groups are the frozen disks, None for the configuration files.
+#[allow(clippy::too_many_arguments)]
 fn copy_groups(
     ctx: &Ctx,
     target: &SshTarget,
