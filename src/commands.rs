@@ -235,9 +235,33 @@ fn archives_text(job: &Job, all: &[archive::Archive], k: Keeps) -> String {
                 if valid { r.get("DedupRatio").unwrap_or("-") } else { "-" }
             )
         ));
+        // An ESXi archive: how each disk was read (CBT, full pass, rsync), per the report.
+        for i in 0.. {
+            let Some(v) = r.get(&format!("ESXiDiskRead{i}")).filter(|_| valid) else { break };
+            out.push_str(&line(format!("      disk {i}: {}", disk_read_text(v))));
+        }
     }
     out.push_str(&rule);
     out
+}
+
+/// `ESXiDiskReadN` (`MODE READ SENT[ (reason)]`) in words: `cbt, 1.0 MiB read on the host, 300
+/// KiB sent`.
+fn disk_read_text(v: &str) -> String {
+    let (head, reason) = match v.split_once(" (") {
+        Some((h, r)) => (h, Some(r.trim_end_matches(')'))),
+        None => (v, None),
+    };
+    let mut w = head.split(' ');
+    let mode = w.next().unwrap_or("-");
+    let bytes = |x: Option<&str>| x.and_then(|n| n.parse::<u64>().ok()).map(human).unwrap_or_else(|| "-".into());
+    let (read, sent) = (bytes(w.next()), bytes(w.next()));
+    let mut t =
+        if mode == "rsync" { "rsync".to_string() } else { format!("{mode}, {read} read on the host, {sent} sent") };
+    if let Some(r) = reason {
+        t.push_str(&format!(" ({r})"));
+    }
+    t
 }
 
 /// Affa 3's process state of a job that is not cleanly idle: `running rsync` (it holds its lock
@@ -467,6 +491,12 @@ pub fn send_keys(cfg: &Config, names: &[String], out: &mut dyn Write, yes: bool,
                     let _ = writeln!(out, "warning: job {}: affa-agent not installed: {e}", job.name);
                 }
             }
+        }
+        if job.esxi() {
+            // Whether Changed Block Tracking is available (the fingerprint is pinned by now).
+            let fresh = Config::load(&cfg.dir).ok();
+            let job = fresh.as_ref().and_then(|c| c.job(&job.name).ok()).unwrap_or(job);
+            let _ = writeln!(out, "job {}: {}", job.name, crate::backup::vm::cbt_availability(job));
         }
     }
     Ok(())

@@ -228,13 +228,24 @@ pub struct AgentRun {
     pub read: u64,
     pub received: u64,
     /// Archive-relative paths (shown safely) of the files that did not exist when the agent
-    /// opened them (only where the caller allows it: see [`backup_via_agent`]).
+    /// opened them (only where `may_vanish` allows it: see [`backup_via_agent`]).
     pub vanished: Vec<String>,
+    /// A file missing when the agent opens it is a warning (a Linux job's files, as rsync's
+    /// "vanished file"), not a failure (an ESXi job's frozen disks: a VM is never archived
+    /// without one).
+    pub may_vanish: bool,
 }
 
 impl AgentRun {
-    pub fn new(session: agent::Session) -> AgentRun {
-        AgentRun { session: Some(session), totals: ChunkTotals::default(), read: 0, received: 0, vanished: Vec::new() }
+    pub fn new(session: agent::Session, may_vanish: bool) -> AgentRun {
+        AgentRun {
+            session: Some(session),
+            totals: ChunkTotals::default(),
+            read: 0,
+            received: 0,
+            vanished: Vec::new(),
+            may_vanish,
+        }
     }
 
     /// `BYE`, and the numbers into the report (`ChunkVanished`, `ChunkVanishedFiles`: the files
@@ -268,11 +279,13 @@ impl Drop for AgentRun {
 }
 
 /// Back up `remote` on the host through the agent into `running` as `rel`, against the file's
-/// manifest in `link_dirs`. On an error the session is stopped and the error is one line naming
+/// manifest in `link_dirs` (or, `ranged`, only the chunk ranges given, the rest carried from
+/// that previous manifest: Changed Block Tracking). On an error the session is stopped and the
+/// error is one line naming
 /// host and file (no manifest was written for it; earlier archives are untouched).
-/// `may_vanish`: a file that no longer exists when the agent opens it (it vanished after the
-/// listing) is, as rsync's "vanished file", a warning (the archive lacks it, `run.vanished`
-/// names it, the session goes on); otherwise it fails the run like any other fault. A file
+/// With `run.may_vanish`, a file that no longer exists when the agent opens it (it vanished
+/// after the listing) is, as rsync's "vanished file", a warning (the archive lacks it,
+/// `run.vanished` names it, the session goes on); otherwise it fails the run like any other fault. A file
 /// that vanishes, changes or cannot be read once the read began always fails the run.
 pub fn backup_via_agent(
     ctx: &Ctx,
@@ -281,17 +294,24 @@ pub fn backup_via_agent(
     running: &Path,
     rel: &Path,
     link_dirs: &[PathBuf],
-    may_vanish: bool,
-) -> Result<()> {
+    ranged: Option<(&chunk::Manifest, &[(u64, u64)])>,
+) -> Result<chunk::remote::RemoteStats> {
     let session = &mut run.session;
     let Some(s) = session.as_mut() else { bail!("internal: no agent session") };
     let pool = Pool::open(&ctx.job.root_dir())?;
-    let prev = previous_manifest(link_dirs, rel).map(|(_, m)| m);
-    let res =
-        chunk::remote::backup_file(&mut s.agent, &pool, &ctx.job.chunk.settings, remote, running, rel, prev.as_ref());
+    let set = &ctx.job.chunk.settings;
+    let res = match ranged {
+        Some((prev, ranges)) => {
+            chunk::remote::backup_file_ranged(&mut s.agent, &pool, set, remote, running, rel, prev, ranges)
+        }
+        None => {
+            let prev = previous_manifest(link_dirs, rel).map(|(_, m)| m);
+            chunk::remote::backup_file(&mut s.agent, &pool, set, remote, running, rel, prev.as_ref())
+        }
+    };
     let stats = match res {
         Ok(st) => st,
-        Err(e) if may_vanish && chunk::remote::source_vanished(&e) => {
+        Err(e) if run.may_vanish && chunk::remote::source_vanished(&e) => {
             let name = crate::untrusted::shown(&rel.to_string_lossy());
             ctx.log.warn(format!(
                 "{}:{} vanished before affa-agent read it: it is not in this archive ({e})",
@@ -299,7 +319,7 @@ pub fn backup_via_agent(
                 crate::untrusted::shown(&remote.to_string_lossy())
             ));
             run.vanished.push(name);
-            return Ok(());
+            return Ok(chunk::remote::RemoteStats::default());
         }
         Err(e) => {
             let s = session.take().expect("checked above");
@@ -344,7 +364,7 @@ pub fn backup_via_agent(
     run.totals.add(&stats.chunk);
     run.read += stats.source_bytes_read;
     run.received += stats.bytes_received;
-    Ok(())
+    Ok(stats)
 }
 
 /// After a run whose chunked files all went through the agent: the staging copies an earlier
@@ -452,7 +472,7 @@ fn transfer_chunked_agent(
         return Ok(Some(()));
     }
     let mut run = match open_agent(ctx, t, None, report, summary)? {
-        Some(s) => AgentRun::new(s),
+        Some(s) => AgentRun::new(s, true),
         None => return Ok(None),
     };
     let link_dirs: Vec<PathBuf> = archive::newest_valid(&ctx.job_dir)?.map(|a| vec![a.path]).unwrap_or_default();
@@ -463,7 +483,7 @@ fn transfer_chunked_agent(
         }
         ctx.log.phase(Phase::Chunking { file: rel.as_str().to_string(), n: i + 1, of: files.len() });
         let remote = Path::new("/").join(rel.as_path());
-        backup_via_agent(ctx, &mut run, &remote, running, rel.as_path(), &link_dirs, true)?;
+        backup_via_agent(ctx, &mut run, &remote, running, rel.as_path(), &link_dirs, None)?;
         crate::interrupt::crash_point("chunked");
     }
     if !run.vanished.is_empty() {

@@ -36,6 +36,9 @@ pub struct RunSummary {
     pub archive: Option<PathBuf>,
     pub rotated: Vec<String>,
     pub warnings: Vec<String>,
+    /// A failure found after the archive was complete (a CBT verify pass that found CBT wrong):
+    /// the archive is kept and rotated in, then the run fails with this.
+    pub failure: Option<String>,
     /// The new archive's report (empty for a promotion-only run).
     pub report: Report,
 }

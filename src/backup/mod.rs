@@ -7,6 +7,7 @@
 //! run fails (promotion therefore happens after a successful transfer, which gives the same
 //! archive set as Affa's order, promotion first), or name an incomplete transfer `scheduled.0`.
 
+pub mod cbt;
 pub mod chunked;
 pub mod ctx;
 pub mod host;
@@ -123,6 +124,10 @@ fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
     crate::backup::sme::after_run(ctx, &mut summary)?;
     disk_space_warning(ctx, &report, &mut summary);
     summary.report = report;
+    if let Some(f) = summary.failure.take() {
+        // The archive is made and rotated in; the run fails all the same (mail, NRPE).
+        bail!(Remote, "{f}");
+    }
     Ok(summary)
 }
 

@@ -16,6 +16,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::backup::cbt::{self, Plan};
 use crate::backup::chunked::{self, AgentRun, ChunkTotals};
 use crate::backup::ctx::{check_rsync, Ctx, RunSummary, STAGING};
 use crate::backup::host::prepare_running;
@@ -31,7 +32,16 @@ use crate::untrusted::{SafeName, SafeRelPath};
 
 /// The per-archive description of the VM, read by restore.
 pub use crate::vmrecord::ESXI_INI;
-use crate::vmrecord::{self, DatastoreRec, DiskRec, LinkRec, SnapshotRec, VmRecord};
+use crate::vmrecord::{self, DatastoreRec, DiskRec, DiskRun, LinkRec, ReadMode, SnapshotRec, VmRecord};
+
+/// This run's Changed Block Tracking: the plan of each chunked disk (by the archive path of its
+/// extent), what each disk's read did, and the verify passes that found CBT wrong.
+#[derive(Default)]
+struct CbtRun {
+    plans: std::collections::HashMap<PathBuf, Plan>,
+    done: std::collections::HashMap<PathBuf, DiskRun>,
+    failures: Vec<String>,
+}
 
 /// Connection settings of a job's ESXi host.
 pub fn connect_options(job: &Job) -> ConnectOptions {
@@ -217,6 +227,9 @@ fn transfer_logged_in(
         report.set("ESXiUserSnapshots", list);
     }
     let before = chain::tree_state(&layout, None);
+    let cbt_setup = cbt::prepare(ctx, client, &vm, own.len(), &mut summary.warnings)?;
+    let mut cbt_run = CbtRun::default();
+    let mut frozen_disks: Vec<esxi::FrozenDisk> = Vec::new();
 
     // 3. The snapshot.
     let name = esxi::snapshot_name(&job.name, ctx.clock.now());
@@ -255,10 +268,14 @@ fn transfer_logged_in(
         for f in files.files() {
             add(&mut groups, &frozen, &f)?;
         }
+        if let Some(setup) = &cbt_setup {
+            frozen_disks = plan_cbt(ctx, client, &vm, &frozen, &files, &name, setup, &mut cbt_run)?;
+        }
         // The agent's default place: the datastore of the VM's .vmx (it survives a reboot).
         let (vmx_ds, _, _) = split_path(frozen.vmx_path())?;
         let ds_dir = frozen.datastores.iter().find(|d| d.name == vmx_ds.as_str()).map(|d| d.host_path.clone());
-        let copy = copy_groups(ctx, target, running, &groups, Some(ds_dir.as_deref()), report, summary);
+        let copy =
+            copy_groups(ctx, target, running, &groups, Some(ds_dir.as_deref()), Some(&mut cbt_run), report, summary);
         // A tree changed meanwhile is the cause of whatever else went wrong (a file vanished).
         if let Err(e) = chain::check_unchanged(&before, &client.vm_layout(&vm)?, Some(&name), "during the copy") {
             if let Err(c) = &copy {
@@ -314,7 +331,7 @@ fn transfer_logged_in(
         add(&mut conf, &after, &format!("{stem}.{ext}"))?;
     }
     ctx.log.phase(Phase::CopyingConfig);
-    copy_groups(ctx, target, running, &conf, None, report, summary)?;
+    copy_groups(ctx, target, running, &conf, None, None, report, summary)?;
     crate::interrupt::crash_point("config-copied");
     chain::check_unchanged(&before, &client.vm_layout(&vm)?, None, "while its configuration files were copied")?;
 
@@ -355,6 +372,15 @@ fn transfer_logged_in(
         let Some(top) = links.last() else { continue };
         let (ds, _, _) = split_path(&top.descriptor)?;
         let ext_rel = arch(top.extents.first().map(String::as_str).unwrap_or(""))?;
+        let mut run = cbt_run.done.remove(&ext_rel).unwrap_or_default();
+        if run.read.is_none() {
+            run.read = Some(ReadMode::Rsync);
+        }
+        if let Some(fd) = frozen_disks.iter().find(|f| f.device_key == d.key) {
+            run.device_key = Some(fd.device_key);
+            run.uuid = fd.uuid.as_deref().map(one_line);
+            run.change_id = fd.change_id.as_deref().map(one_line);
+        }
         let mut disk = DiskRec {
             label: d.label.clone(),
             datastore: ds.to_string(),
@@ -363,6 +389,7 @@ fn transfer_logged_in(
             extent: ext_rel,
             size: d.capacity_bytes,
             links: Vec::new(),
+            run,
         };
         for l in links {
             let extents = l.extents.iter().map(|e| arch(e).map(|e| (e.clone(), chunked(&e)))).collect::<Result<_>>()?;
@@ -370,12 +397,71 @@ fn transfer_logged_in(
         }
         let i = record.disks.len();
         report.set(&format!("ESXiDisk{i}"), format!("{} {} {}", d.label, disk.extent.display(), d.capacity_bytes));
+        report.set(&format!("ESXiDiskRead{i}"), cbt::report_value(&disk));
         record.disks.push(disk);
     }
     let text = record.to_text()?;
     crate::fsutil::write_atomic(&running.join(ESXI_INI), text.as_bytes(), crate::fsutil::Perm::Mode(0o600))?;
     crate::interrupt::crash_point("esxi-ini-written");
+    if !cbt_run.failures.is_empty() {
+        // The archive keeps the full passes' manifests; the run still fails, loudly.
+        summary.failure = Some(format!("CBT verify pass: {}", cbt_run.failures.join("; ")));
+    }
     Ok(())
+}
+
+/// After the snapshot: the frozen disks (device key, UUID, changeId) and the plan of each
+/// chunked disk's extent. `ESXiCBT=yes` fails when the snapshot's disks cannot be read.
+#[allow(clippy::too_many_arguments)]
+fn plan_cbt(
+    ctx: &Ctx,
+    client: &Client,
+    vm: &MoRef,
+    frozen: &VmLayout,
+    files: &chain::Frozen,
+    name: &str,
+    setup: &cbt::Setup,
+    out: &mut CbtRun,
+) -> Result<Vec<esxi::FrozenDisk>> {
+    let Some(snap) = frozen.all_snapshots().into_iter().find(|s| s.name == name).map(|s| s.snapshot.clone()) else {
+        bail!("snapshot {name} is missing from the VM's snapshot tree");
+    };
+    let disks = match client.snapshot_disks(&snap) {
+        Ok(d) => d,
+        Err(e) if ctx.job.esxi.as_ref().is_some_and(|e| e.cbt == crate::config::typed::Cbt::Yes) => {
+            return Err(e.context("ESXiCBT=yes: cannot read the snapshot's disks"))
+        }
+        Err(e) => {
+            ctx.log.warn(format!("cannot read the disks of snapshot {name} for CBT ({e}): full passes"));
+            return Ok(Vec::new());
+        }
+    };
+    let prev = cbt::Previous::load(&ctx.job_dir)?;
+    let matcher = chunked::matcher(ctx.job)?;
+    for (d, links) in frozen.disks.iter().zip(&files.chains) {
+        let Some(fd) = disks.iter().find(|f| f.device_key == d.key) else { continue };
+        let Some(ext) = links.last().and_then(|l| l.extents.first()) else { continue };
+        let (ds, dir, file) = split_path(ext)?;
+        let rel = rel_dir(&ds, &dir).join(file);
+        if !matcher.as_ref().is_some_and(|m| m.is_match(&rel)) {
+            continue;
+        }
+        let one_extent = links.len() == 1 && links[0].extents.len() == 1;
+        let plan = cbt::plan_disk(ctx, setup, client, vm, &snap, fd, if one_extent { 1 } else { 2 }, &rel, &prev);
+        match &plan {
+            Plan::Cbt { ranges, .. } => {
+                let n: u64 = ranges.iter().map(|&(s, e)| e - s).sum();
+                ctx.log.info(format!("{}: CBT names {n} changed chunk(s)", rel.display()));
+            }
+            Plan::Verify { .. } => {
+                ctx.log.info(format!("{}: CBT verify pass (a full read, compared with CBT)", rel.display()))
+            }
+            Plan::Full(Some(why)) => ctx.log.info(format!("{}: full pass: {why}", rel.display())),
+            Plan::Full(None) => {}
+        }
+        out.plans.insert(rel, plan);
+    }
+    Ok(disks)
 }
 
 /// Remove every snapshot named `name` of the VM, if there is one; returns how many.
@@ -391,12 +477,14 @@ fn remove_if_present(client: &Client, snaps: &Snapshots, vm: &MoRef, name: &str)
 /// rsync each group's files from the host into `running`; chunked files through the agent (no
 /// staging) or through staging. `disks`: Some(the datastore dir of the VM's .vmx, the agent's
 /// default place) when the groups are the frozen disks, None for the configuration files.
+#[allow(clippy::too_many_arguments)]
 fn copy_groups(
     ctx: &Ctx,
     target: &SshTarget,
     running: &Path,
     groups: &[Group],
     disks: Option<Option<&str>>,
+    mut cbt_run: Option<&mut CbtRun>,
     report: &mut Report,
     summary: &mut RunSummary,
 ) -> Result<()> {
@@ -412,7 +500,7 @@ fn copy_groups(
     let mut chunking = 0;
     // The agent, when it reads this run's chunked disks (one session for all of them).
     let mut agent = if to_chunk > 0 {
-        chunked::open_agent(ctx, target, agent_ds, report, summary)?.map(AgentRun::new)
+        chunked::open_agent(ctx, target, agent_ds, report, summary)?.map(|s| AgentRun::new(s, false))
     } else {
         None
     };
@@ -460,7 +548,16 @@ fn copy_groups(
                 ctx.log.phase(Phase::Chunking { file, n: chunking, of: to_chunk });
                 let remote = PathBuf::from(format!("{}/{f}", g.host_dir));
                 // A frozen disk that vanished fails the run: a VM is never archived without one.
-                chunked::backup_via_agent(ctx, run, &remote, running, &g.rel_dir.join(f), &link_dirs, false)?;
+                let rel = g.rel_dir.join(f);
+                let plan = cbt_run.as_ref().and_then(|c| c.plans.get(&rel)).cloned();
+                let ranged = match &plan {
+                    Some(Plan::Cbt { prev, ranges, .. }) => Some((prev, ranges.as_slice())),
+                    _ => None,
+                };
+                let st = chunked::backup_via_agent(ctx, run, &remote, running, &rel, &link_dirs, ranged)?;
+                if let Some(c) = cbt_run.as_deref_mut() {
+                    cbt_outcome(ctx, c, &rel, plan, &st)?;
+                }
                 crate::interrupt::crash_point("chunked");
             }
         } else if !chunked.is_empty() {
@@ -510,6 +607,41 @@ fn copy_groups(
     Ok(())
 }
 
+/// What one chunked disk's read did, for the record; a verify pass compared with CBT.
+fn cbt_outcome(
+    ctx: &Ctx,
+    c: &mut CbtRun,
+    rel: &Path,
+    plan: Option<Plan>,
+    st: &crate::chunk::remote::RemoteStats,
+) -> Result<()> {
+    let mut run = DiskRun {
+        read: Some(if st.ranged { ReadMode::Cbt } else { ReadMode::Full }),
+        host_bytes_read: Some(st.source_bytes_read),
+        bytes_sent: Some(st.bytes_received),
+        ..DiskRun::default()
+    };
+    match plan {
+        Some(Plan::Cbt { runs, .. }) => run.cbt_runs = runs,
+        Some(Plan::Full(why)) => run.reason = why,
+        Some(Plan::Verify { prev, ranges }) => {
+            run.reason = Some("verify pass (ESXiCBTVerifyEvery)".into());
+            let full = crate::chunk::read_manifest(&st.chunk.manifest_path)?;
+            match cbt::verify(&prev, &ranges, &full) {
+                Ok(()) => ctx.log.info(format!("{}: the verify pass agrees with CBT", rel.display())),
+                Err(why) => {
+                    let msg = format!("{}: CBT lost changes: {why}; this archive holds the full pass (right), but CBT on this host cannot be trusted: check the host (VMware KB on CBT), or set ESXiCBT=no", rel.display());
+                    ctx.log.error(&msg);
+                    c.failures.push(msg);
+                }
+            }
+        }
+        None => {}
+    }
+    c.done.insert(rel.to_path_buf(), run);
+    Ok(())
+}
+
 /// The link-dest dirs for the second copy step (scheduled.running is already prepared).
 fn link_dirs_now(ctx: &Ctx) -> Result<Vec<PathBuf>> {
     Ok(crate::archive::newest_valid(&ctx.job_dir)?.map(|a| vec![a.path]).unwrap_or_default())
@@ -523,6 +655,33 @@ fn add_stats(report: &mut Report, out: &str) {
         report.set(&k, sum);
     }
     report.set("ExitStatus", 0);
+}
+
+/// `--send-key`: whether the job's VM can use Changed Block Tracking, one line.
+pub fn cbt_availability(job: &Job) -> String {
+    let esxi = match job.esxi_settings() {
+        Ok(e) => e,
+        Err(e) => return format!("Changed Block Tracking: unknown ({e})"),
+    };
+    if esxi.cbt == crate::config::typed::Cbt::No {
+        return "Changed Block Tracking: not used (ESXiCBT=no)".into();
+    }
+    if esxi.vim_cmd.is_some() {
+        return "Changed Block Tracking: not available in ESXiSnapshotMode=vim-cmd".into();
+    }
+    let state = login(job).and_then(|mut c| {
+        let r = c.find_vm(&esxi.vm_name).and_then(|vm| c.cbt_state(&vm));
+        let _ = c.logout();
+        r
+    });
+    match state {
+        Ok(s) if !s.supported => {
+            "Changed Block Tracking: not supported by the host for this VM (licence or virtual hardware version): full passes".into()
+        }
+        Ok(s) if s.enabled => "Changed Block Tracking: available (on)".into(),
+        Ok(_) => "Changed Block Tracking: available (off: the next run switches it on)".into(),
+        Err(e) => format!("Changed Block Tracking: unknown ({e})"),
+    }
 }
 
 /// `--send-key` on an ESXi job: show the host's certificate fingerprint, have the user confirm

@@ -214,6 +214,18 @@ pub static KEYS: &[KeyDef] = &[
         Kind::Enum(&["keep", "refuse"]),
         "a VM with snapshots of its own: keep = archive its whole snapshot chain (and warn), refuse = fail the run",
     ),
+    k(
+        "ESXiCBT",
+        &["auto"],
+        Kind::Enum(&["auto", "yes", "no"]),
+        "Changed Block Tracking: read only the chunks changed since the last run (agent, API mode); auto = where the host allows it, yes = fail a run that cannot use it, no = never touch the VM's setting",
+    ),
+    k(
+        "ESXiCBTVerifyEvery",
+        &["7"],
+        Kind::Int(0, 100000),
+        "every N-th run of a CBT disk reads it all and compares it with what CBT gave (a difference fails the run); 0 = never",
+    ),
     // chunk store
     m(
         "chunkFiles",

@@ -179,6 +179,21 @@ pub struct Esxi {
     pub task_timeout: Duration,
     /// ESXiUserSnapshots=refuse.
     pub refuse_user_snapshots: bool,
+    /// ESXiCBT.
+    pub cbt: Cbt,
+    /// ESXiCBTVerifyEvery (0: never).
+    pub cbt_verify_every: u32,
+}
+
+/// ESXiCBT: whether a run uses Changed Block Tracking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cbt {
+    /// Where the host allows it (enabling it on the VM), a full pass otherwise.
+    Auto,
+    /// A run that cannot use it fails.
+    Yes,
+    /// Never: the VM's tracking setting is not touched.
+    No,
 }
 
 /// The chunk store settings of a job.
@@ -483,6 +498,12 @@ impl Settings {
                 vim_cmd: (r.word("ESXiSnapshotMode") == "vim-cmd").then(|| r.text("ESXiVimCmd")),
                 task_timeout: Duration::from_secs(r.uint("ESXiTaskTimeout")),
                 refuse_user_snapshots: r.word("ESXiUserSnapshots") == "refuse",
+                cbt: match r.word("ESXiCBT").as_str() {
+                    "yes" => Cbt::Yes,
+                    "no" => Cbt::No,
+                    _ => Cbt::Auto,
+                },
+                cbt_verify_every: r.uint("ESXiCBTVerifyEvery").min(u32::MAX as u64) as u32,
             }
         });
         let chunk_size = r.typed("chunkSize", |v| if let keys::Value::Size(s) = v { Some(s) } else { None });
@@ -616,7 +637,7 @@ mod tests {
              chunkFiles=*.img\nchunkSize=4MiB\nchunkCompression=lz4\n\
              [vm]\nremoteHostName=esx\nESXi=yes\nESXiVMName=v1\nESXiUsername=api\nESXiPassword=pw\nESXiHost=vc\nESXiPort=8443\n\
              ESXiThumbprint={TP}\nESXiSnapshotQuiesce=yes\nESXiSnapshotMemory=yes\nESXiSnapshotMode=vim-cmd\nESXiVimCmd=/bin/vim-cmd\n\
-             ESXiTaskTimeout=77\nESXiUserSnapshots=refuse\nrsyncdPort=874\n\
+             ESXiTaskTimeout=77\nESXiUserSnapshots=refuse\nESXiCBT=yes\nESXiCBTVerifyEvery=3\nrsyncdPort=874\n\
              [d]\nremoteHostName=win\nrsyncdMode=yes\nrsyncdModule=M\nrsyncdUser=\nrsyncdPassword=s\nrsyncdPort=874\n"
         ))
         .unwrap();
@@ -719,6 +740,8 @@ mod tests {
                 vim_cmd: Some("/bin/vim-cmd".into()),
                 task_timeout: Duration::from_secs(77),
                 refuse_user_snapshots: true,
+                cbt: Cbt::Yes,
+                cbt_verify_every: 3,
             })
         );
         // The ESXi defaults that follow from ESXi=yes, and the job defaults from the global section.
@@ -734,6 +757,21 @@ mod tests {
         assert!(l.local);
         assert_eq!((l.sources.clone(), l.include_paths.clone()), (vec!["/".to_string()], vec![]));
         assert_eq!((local.settings.status, l.kill_at, l.nrpe_trigger), (None, None, Some(24)));
+    }
+
+    /// ESXiCBT and ESXiCBTVerifyEvery: defaults auto and 7, bad values named.
+    #[test]
+    fn cbt_keys() {
+        let c = parse("[a]\nremoteHostName=h\nESXi=yes\nESXiVMName=v\n[b]\nremoteHostName=h\nESXi=yes\nESXiVMName=v\nESXiCBT=no\nESXiCBTVerifyEvery=0\n").unwrap();
+        let a = c.job("a").unwrap().esxi.clone().unwrap();
+        assert_eq!((a.cbt, a.cbt_verify_every), (Cbt::Auto, 7));
+        let b = c.job("b").unwrap().esxi.clone().unwrap();
+        assert_eq!((b.cbt, b.cbt_verify_every), (Cbt::No, 0));
+        let e = parse("[a]\nremoteHostName=h\nESXi=yes\nESXiVMName=v\nESXiCBT=always\n").unwrap_err().to_string();
+        assert!(e.contains("key 'ESXiCBT' has the value 'always', expected auto, yes or no"), "{e}");
+        let e =
+            parse("[a]\nremoteHostName=h\nESXi=yes\nESXiVMName=v\nESXiCBTVerifyEvery=-1\n").unwrap_err().to_string();
+        assert!(e.contains("ESXiCBTVerifyEvery"), "{e}");
     }
 
     /// chunkTransport, remoteAgentPath and agentBinary: typed once, with their defaults (the

@@ -43,7 +43,7 @@ fn sample_manifest() -> Vec<u8> {
         atime: Some((1700000001, 0)),
         chunk_size: 262144,
         compression: Compression::Zstd(1),
-        file_hash: id,
+        file_hash: Some(id),
         added_bytes: 10,
         chunks: vec![ChunkRef::Stored(id), ChunkRef::Zero, ChunkRef::Stored(id), ChunkRef::Zero],
     }

@@ -14,6 +14,7 @@ mod common;
 
 mod affa3;
 mod agent_transport;
+mod cbt;
 mod chunked;
 mod engine;
 mod esxi;

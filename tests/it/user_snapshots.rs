@@ -157,7 +157,7 @@ fn back_up_and_restore(snaps: &[&str], conf: &str, chunked_in_archive: &[&str]) 
     let vmx = fs::read_to_string(a1.join("vm1.vmx")).unwrap();
     assert!(vmx.contains(&format!("scsi0:0.fileName = \"vm1-{n:06}.vmdk\"")), "{vmx}");
     let ini = fs::read_to_string(s0.join(".affa-esxi.ini")).unwrap();
-    assert!(ini.contains("Format=2") && ini.contains(&format!("Links={}", n + 1)), "{ini}");
+    assert!(ini.contains("Format=3") && ini.contains(&format!("Links={}", n + 1)), "{ini}");
     // The warning: report, log, mail.
     let report = fs::read_to_string(s0.join(".AFFA3-REPORT")).unwrap();
     assert!(report.contains(&format!("ESXiUserSnapshots='{}' (created ", snaps[0])), "{report}");

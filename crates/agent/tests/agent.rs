@@ -4,8 +4,8 @@
 //! the agent to new and existing targets, symlinks, a killed agent, a damaged chunk.
 
 use affa_agent_proto::{self as proto, ChunkKind, FaultKind, FrameReader, FrameWriter, Msg};
-use affa_store::chunk::remote::{backup_file, restore_file, Agent, RestoreOptions};
-use affa_store::chunk::{self, Compression, Pool, Settings};
+use affa_store::chunk::remote::{backup_file, backup_file_ranged, chunk_ranges, restore_file, Agent, RestoreOptions};
+use affa_store::chunk::{self, ChunkRef, Compression, Manifest, Pool, Settings};
 use std::fs;
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
@@ -204,7 +204,7 @@ fn sparse_file_backup_then_incremental_sends_only_changed_chunks() {
     let out = t.path().join("rebuilt1");
     let m1 = chunk::unchunk_file(&a1, &st.chunk.manifest_path, &out, None).unwrap();
     assert_eq!(file_hash(&out), file_hash(&src));
-    assert_eq!(m1.file_hash, file_hash(&src));
+    assert_eq!(m1.file_hash, Some(file_hash(&src)));
 
     // Change 1% of the file (2 chunks: one in data, one in a hole), back up again.
     let f = fs::OpenOptions::new().write(true).open(&src).unwrap();
@@ -224,7 +224,7 @@ fn sparse_file_backup_then_incremental_sends_only_changed_chunks() {
     assert_eq!(file_hash(&out2), file_hash(&src));
     // The first archive still rebuilds the old content.
     chunk::unchunk_file(&a1, &st.chunk.manifest_path, &out, None).unwrap();
-    assert_eq!(file_hash(&out), m1.file_hash);
+    assert_eq!(Some(file_hash(&out)), m1.file_hash);
     agent.bye().unwrap();
     assert_eq!(wait_stderr(c).0, 0);
 }
@@ -581,7 +581,7 @@ fn start_raw_restore(
         gid: u32::MAX,
         mtime: m.mtime,
         atime: m.mtime,
-        file_hash: m.file_hash,
+        file_hash: m.file_hash.unwrap(),
         count: entries.len() as u64,
         compare: false,
         keep_newer: false,
@@ -799,4 +799,101 @@ fn chunk_data_that_does_not_verify_is_a_fault_and_the_target_stays() {
     assert_eq!((code, err.trim_end()), (2, "affa-agent: RDATA for chunk 5, expected chunk 0"));
     assert_eq!(fs::read(&dest).unwrap(), b"the old target");
     assert!(temps(t.path()).is_empty());
+}
+
+/// A ranged (CBT) backup: the agent reads exactly the chunks named, the others come from the
+/// previous manifest, and the manifest equals the one a full pass gives (without the whole-file
+/// hash: version 2). A carried chunk whose pool entry is damaged is read again; another chunk
+/// size or file length is refused.
+#[test]
+fn ranged_backup_reads_only_the_changed_chunks() {
+    let sshd = Sshd::start();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("disk.img");
+    const CS: usize = 256 << 10;
+    const CHUNKS: usize = 48;
+    let f = fs::File::create(&src).unwrap();
+    let mut buf = vec![0u8; CS];
+    for i in (0..CHUNKS).filter(|i| i % 8 != 7) {
+        fill(&mut buf, 2 * i as u64 + 100);
+        f.write_all_at(&buf, (i * CS) as u64).unwrap();
+    }
+    f.set_len((CHUNKS * CS) as u64).unwrap();
+    drop(f);
+    let root = t.path().join("root");
+    let pool = Pool::open(&root).unwrap();
+    let settings = Settings { chunk_size: CS as u32, compression: Compression::Zstd(1), ..Settings::default() };
+    let (c, mut agent) = sshd.agent(AGENT);
+    let rel = Path::new("vm/disk-flat.vmdk");
+    let a1 = root.join("job/daily.2");
+    let m1 = chunk::read_manifest(
+        &backup_file(&mut agent, &pool, &settings, &src, &a1, rel, None).unwrap().chunk.manifest_path,
+    )
+    .unwrap();
+
+    // Guest writes: chunk 3, across chunks 10 and 11, into the hole of chunk 15, at the end.
+    let writes: [(u64, &[u8]); 4] = [
+        ((3 * CS + 17) as u64, b"three"),
+        ((11 * CS - 2) as u64, b"ten-eleven"),
+        ((15 * CS + 4096) as u64, b"in a hole"),
+        ((CHUNKS * CS - 1) as u64, b"!"),
+    ];
+    let f = fs::OpenOptions::new().write(true).open(&src).unwrap();
+    for (off, d) in writes {
+        f.write_all_at(d, off).unwrap();
+    }
+    drop(f);
+    let extents: Vec<(u64, u64)> = writes.iter().map(|(o, d)| (*o, d.len() as u64)).collect();
+    let ranges = chunk_ranges(&extents, CS as u32, (CHUNKS * CS) as u64);
+    assert_eq!(ranges, vec![(3, 4), (10, 12), (15, 16), (47, 48)]);
+
+    let a2 = root.join("job/daily.1");
+    let st = backup_file_ranged(&mut agent, &pool, &settings, &src, &a2, rel, &m1, &ranges).unwrap();
+    assert!(st.ranged);
+    assert_eq!(st.range_chunks, 5);
+    // The host read exactly the five changed chunks, and sent each (all new).
+    assert_eq!(st.source_bytes_read, 5 * CS as u64, "{st:?}");
+    assert_eq!(st.data_frames, 5);
+    let m2 = chunk::read_manifest(&st.chunk.manifest_path).unwrap();
+    assert_eq!(m2.file_hash, None);
+    assert!(fs::read_to_string(&st.chunk.manifest_path).unwrap().starts_with("affa-chunk-manifest 2\n"));
+    let out = t.path().join("rebuilt");
+    chunk::unchunk_file(&a2, &st.chunk.manifest_path, &out, None).unwrap();
+    assert_eq!(file_hash(&out), file_hash(&src));
+
+    // A full pass gives the same manifest (but for the hash it can compute).
+    let a3 = root.join("job/daily.0");
+    let full = backup_file(&mut agent, &pool, &settings, &src, &a3, rel, Some(&m1)).unwrap();
+    assert_eq!(full.source_bytes_read, ((CHUNKS - CHUNKS / 8 + 2) * CS) as u64);
+    let m3 = chunk::read_manifest(&full.chunk.manifest_path).unwrap();
+    assert_eq!(m3.file_hash, Some(file_hash(&src)));
+    // (atime: the full pass read the file after the ranged one.)
+    assert_eq!(Manifest { file_hash: None, atime: m2.atime, added_bytes: m2.added_bytes, ..m3.clone() }, m2);
+
+    // The archive of the ranged backup restores through the agent (its hash computed first).
+    let target = t.path().join("restored.img");
+    restore_file(&mut agent, &a2, rel, &target, &RestoreOptions { compare: false, ..Default::default() }).unwrap();
+    assert_eq!(file_hash(&target), file_hash(&src));
+
+    // A damaged pool entry of a carried chunk (chunk 20) is read again from the host.
+    let ChunkRef::Stored(id20) = m2.chunks[20] else { panic!("chunk 20 is data") };
+    fs::OpenOptions::new().write(true).open(pool.entry(&id20)).unwrap().set_len(10).unwrap();
+    let a4 = root.join("job/weekly.0");
+    let st4 = backup_file_ranged(&mut agent, &pool, &settings, &src, &a4, rel, &m2, &[(3, 4)]).unwrap();
+    assert_eq!((st4.range_chunks, st4.source_bytes_read, st4.data_frames), (2, 2 * CS as u64, 1), "{st4:?}");
+    chunk::unchunk_file(&a4, &st4.chunk.manifest_path, &out, None).unwrap();
+    assert_eq!(file_hash(&out), file_hash(&src));
+
+    // Another chunk size is refused before anything is sent (the session stays usable).
+    let other = Settings { chunk_size: 2 * CS as u32, ..settings.clone() };
+    let e = backup_file_ranged(&mut agent, &pool, &other, &src, &root.join("job/x"), rel, &m2, &[(3, 4)]).unwrap_err();
+    assert!(e.to_string().contains("chunk size"), "{e}");
+    // Another length: refused, no manifest written.
+    fs::OpenOptions::new().write(true).open(&src).unwrap().set_len((CHUNKS * CS + 5) as u64).unwrap();
+    let a5 = root.join("job/monthly.0");
+    let e = backup_file_ranged(&mut agent, &pool, &settings, &src, &a5, rel, &m2, &[(3, 4)]).unwrap_err();
+    assert!(e.to_string().contains("a ranged backup needs the same length"), "{e}");
+    assert!(!chunk::manifest_path(&a5, rel).exists());
+    drop(agent);
+    let _ = wait_stderr(c);
 }

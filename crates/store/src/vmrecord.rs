@@ -1,4 +1,4 @@
-//! The VM record of an ESXi archive: `.affa-esxi.ini` (docs/FORMAT.md, VM record format 2).
+//! The VM record of an ESXi archive: `.affa-esxi.ini` (docs/FORMAT.md, VM record format 3).
 //!
 //! Owns: the file's name, its format and its one typed form [`VmRecord`]: backup (affa's
 //! `backup::vm`) writes it with [`VmRecord::to_text`], restore reads it with [`VmRecord::parse`].
@@ -16,8 +16,9 @@ use crate::untrusted::{ini_value, shown};
 /// The VM record's file name, at the root of an ESXi job's archive.
 pub const ESXI_INI: &str = ".affa-esxi.ini";
 
-/// The format this affa writes. It reads formats 1 and 2.
-pub const FORMAT: u32 = 2;
+/// The format this affa writes. It reads formats 1 to 3 (3 added each disk's Changed Block
+/// Tracking identity and how the run read it).
+pub const FORMAT: u32 = 3;
 
 /// The largest record [`VmRecord::parse`] reads: a reader reads at most one byte more.
 pub const MAX_LEN: usize = 1 << 20;
@@ -82,6 +83,49 @@ pub struct DiskRec {
     pub size: u64,
     /// `[Disk.N.Link.K]`, base first (empty in format 1).
     pub links: Vec<LinkRec>,
+    /// The disk's Changed Block Tracking identity and how this run read it (format 3; all
+    /// unknown in older records).
+    pub run: DiskRun,
+}
+
+/// How a run read a disk: by Changed Block Tracking, in a full pass, or through rsync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadMode {
+    /// Only the chunks CBT named were read; the others were carried from the previous archive.
+    Cbt,
+    /// The agent read the whole disk (`reason` says why CBT was not used, if it could have been).
+    Full,
+    /// rsync (a file not chunked, or `chunkTransport` rsync / its fallback).
+    Rsync,
+}
+
+impl ReadMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadMode::Cbt => "cbt",
+            ReadMode::Full => "full",
+            ReadMode::Rsync => "rsync",
+        }
+    }
+}
+
+/// `[Disk.N]`'s format 3 keys: what the next run's CBT needs, and what this run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiskRun {
+    /// The virtual device's key (QueryChangedDiskAreas names the disk by it).
+    pub device_key: Option<i32>,
+    /// `backing.uuid` of the disk as the snapshot froze it.
+    pub uuid: Option<String>,
+    /// `backing.changeId` as the snapshot froze it; none when tracking was off.
+    pub change_id: Option<String>,
+    pub read: Option<ReadMode>,
+    /// Why a full pass rather than CBT (one line), when CBT was wanted.
+    pub reason: Option<String>,
+    /// Bytes read on the host for this disk, and bytes received from it.
+    pub host_bytes_read: Option<u64>,
+    pub bytes_sent: Option<u64>,
+    /// CBT runs since the last full (or verify) pass of this disk: 0 after a full pass.
+    pub cbt_runs: u32,
 }
 
 /// `[Disk.N.Link.K]`: one link of a disk's chain.
@@ -133,6 +177,30 @@ impl VmRecord {
             w.put("Chunked", "", yes_no(d.chunked))?;
             w.put("Size", "", &d.size.to_string())?;
             w.put("Links", "", &d.links.len().to_string())?;
+            let r = &d.run;
+            if let Some(k) = r.device_key {
+                w.put("DeviceKey", "", &k.to_string())?;
+            }
+            for (k, what, v) in [
+                ("Uuid", "disk UUID", &r.uuid),
+                ("ChangeId", "changeId", &r.change_id),
+                ("ReadReason", "reason", &r.reason),
+            ] {
+                if let Some(v) = v {
+                    w.put(k, what, v)?;
+                }
+            }
+            if let Some(m) = r.read {
+                w.put("Read", "", m.as_str())?;
+            }
+            for (k, v) in [("HostBytesRead", r.host_bytes_read), ("BytesSent", r.bytes_sent)] {
+                if let Some(v) = v {
+                    w.put(k, "", &v.to_string())?;
+                }
+            }
+            if r.cbt_runs > 0 {
+                w.put("CbtRuns", "", &r.cbt_runs.to_string())?;
+            }
             for (k, l) in d.links.iter().enumerate() {
                 w.section(&format!("Disk.{i}.Link.{k}"));
                 w.path("Descriptor", &l.descriptor)?;
@@ -388,13 +456,13 @@ fn kind(name: &str) -> Option<Kind> {
 }
 
 fn vm_section(s: &mut Section) -> Result<(u32, String, String, String, String)> {
-    let format = match s.number::<u32>("Format", "a VM record format (1 or 2)")? {
+    let format = match s.number::<u32>("Format", "a VM record format (1 to 3)")? {
         None => 1,
         Some(f @ 1..=FORMAT) => f,
         Some(f) if f > FORMAT => {
             bail!("[VM] Format={f}: this VM record was written by a newer affa; this one reads formats up to {FORMAT}")
         }
-        Some(f) => bail!("[VM] Format={f}: expected a VM record format (1 or 2)"),
+        Some(f) => bail!("[VM] Format={f}: expected a VM record format (1 to 3)"),
     };
     Ok((format, s.take("Name")?, s.take("VmxPath")?, s.take("Host")?, s.take("Snapshot")?))
 }
@@ -423,6 +491,22 @@ fn disk_section(s: &mut Section) -> Result<(DiskRec, Option<usize>)> {
             None => bail!("[{}] has no Size (expected the disk's capacity in bytes)", s.name),
         },
         links: Vec::new(),
+        run: DiskRun {
+            device_key: s.number("DeviceKey", "a device key (a number)")?,
+            uuid: s.take_opt("Uuid")?,
+            change_id: s.take_opt("ChangeId")?,
+            read: match s.take_opt("Read")?.as_deref() {
+                None => None,
+                Some("cbt") => Some(ReadMode::Cbt),
+                Some("full") => Some(ReadMode::Full),
+                Some("rsync") => Some(ReadMode::Rsync),
+                Some(v) => bail!("[{}] Read=\"{}\": expected cbt, full or rsync", s.name, shown(v)),
+            },
+            reason: s.take_opt("ReadReason")?,
+            host_bytes_read: s.number("HostBytesRead", "a number of bytes")?,
+            bytes_sent: s.number("BytesSent", "a number of bytes")?,
+            cbt_runs: s.number("CbtRuns", "a number of runs")?.unwrap_or(0),
+        },
     };
     let links = s.number::<usize>("Links", &format!("the number of links of the disk's chain (1 to {MAX_ITEMS})"))?;
     if let Some(n) = links.filter(|n| !(1..=MAX_ITEMS).contains(n)) {
@@ -498,6 +582,7 @@ mod tests {
                             extents: vec![(p("datastore1/web01/web01-000002-delta.vmdk"), false)],
                         },
                     ],
+                    run: DiskRun::default(),
                 },
                 DiskRec {
                     label: "Hard disk 2".into(),
@@ -513,6 +598,7 @@ mod tests {
                             (p("ds2/web01/web01_1-s002.vmdk"), false),
                         ],
                     }],
+                    run: DiskRun::default(),
                 },
             ],
         }
@@ -617,14 +703,43 @@ Size=4194304
 
     #[test]
     fn writes_the_format_2_text_byte_for_byte() {
-        assert_eq!(sample().to_text().unwrap(), SAMPLE_TEXT);
+        // Format 3 without CBT keys is format 2's text but for the number.
+        assert_eq!(sample().to_text().unwrap(), SAMPLE_TEXT.replacen("Format=2", "Format=3", 1));
+    }
+
+    #[test]
+    fn format_3_records_each_disks_cbt_identity_and_how_it_was_read() {
+        let mut r = sample();
+        r.disks[1].run = DiskRun {
+            device_key: Some(2001),
+            uuid: Some("6000C29a-1b2c".into()),
+            change_id: Some("52 1a 2b 3c 4d 5e 6f 70-81 92 a3 b4 c5 d6 e7 f8/12".into()),
+            read: Some(ReadMode::Full),
+            reason: Some("verify pass (every 7 runs)".into()),
+            host_bytes_read: Some(4194304),
+            bytes_sent: Some(123456),
+            cbt_runs: 3,
+        };
+        r.disks[0].run.read = Some(ReadMode::Rsync);
+        let text = r.to_text().unwrap();
+        assert!(text.contains(
+            "Links=1\nDeviceKey=2001\nUuid=6000C29a-1b2c\nChangeId=52 1a 2b 3c 4d 5e 6f 70-81 92 a3 b4 c5 d6 e7 f8/12\n\
+             ReadReason=verify pass (every 7 runs)\nRead=full\nHostBytesRead=4194304\nBytesSent=123456\nCbtRuns=3\n"
+        ), "{text}");
+        assert_eq!(VmRecord::parse(&text).unwrap(), r);
+        assert!(err(&text.replacen("Read=full", "Read=fast", 1))
+            .contains("[Disk.1] Read=\"fast\": expected cbt, full or rsync"));
+        assert!(err(&text.replacen("DeviceKey=2001", "DeviceKey=x", 1)).contains("[Disk.1] DeviceKey=\"x\""));
+        // A changeId from a hostile host cannot add keys.
+        r.disks[1].run.change_id = Some("1\nCbtRuns=0".into());
+        assert!(r.to_text().unwrap_err().to_string().contains("changeId"));
     }
 
     #[test]
     fn round_trips() {
         let r = sample();
         assert_eq!(VmRecord::parse(&r.to_text().unwrap()).unwrap(), r);
-        assert_eq!(VmRecord::parse(SAMPLE_TEXT).unwrap(), r);
+        assert_eq!(VmRecord::parse(SAMPLE_TEXT).unwrap(), VmRecord { format: 2, ..r.clone() });
         // Without snapshots, a snapshot without an id, a value with spaces at its ends.
         let mut r = sample();
         r.snapshots.truncate(1);
@@ -652,8 +767,8 @@ Size=4194304
                 Path::new("vmfs/volumes/datastore1/vm1/vm1-flat.vmdk")
             ]
         );
-        // affa writes format 2 only.
-        assert!(r.to_text().unwrap_err().to_string().contains("writes format 2"));
+        // affa writes format 3 only.
+        assert!(r.to_text().unwrap_err().to_string().contains("writes format 3"));
     }
 
     #[test]
@@ -701,8 +816,8 @@ Size=4194304
     fn refuses_malformed_records_naming_the_key() {
         assert!(err("").contains("no [VM] section"));
         assert!(err(&SAMPLE_TEXT.replacen("[VM]", "[Vm]", 1)).contains("[Vm]: unknown section"));
-        let e = err(&SAMPLE_TEXT.replacen("Format=2", "Format=3", 1));
-        assert!(e.contains("Format=3") && e.contains("newer affa") && e.contains("formats up to 2"), "{e}");
+        let e = err(&SAMPLE_TEXT.replacen("Format=2", "Format=4", 1));
+        assert!(e.contains("Format=4") && e.contains("newer affa") && e.contains("formats up to 3"), "{e}");
         assert!(err(&SAMPLE_TEXT.replacen("Format=2", "Format=two", 1)).contains("[VM] Format=\"two\": expected"));
         assert!(err(&SAMPLE_TEXT.replacen("Format=2", "Format=0", 1)).contains("[VM] Format=0"));
         let e = err(&SAMPLE_TEXT.replacen("Size=4194304", "Size=4M", 1));
@@ -739,6 +854,6 @@ Size=4194304
             "; written by affa\r\n{}",
             SAMPLE_TEXT.replace('\n', "\r\n").replace("\r\n\r\n", "\r\n  \r\n# x\r\n")
         );
-        assert_eq!(VmRecord::parse(&text).unwrap(), sample());
+        assert_eq!(VmRecord::parse(&text).unwrap(), VmRecord { format: 2, ..sample() });
     }
 }

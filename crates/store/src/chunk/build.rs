@@ -290,7 +290,7 @@ pub fn chunk_file(
         atime: Some((meta0.atime(), meta0.atime_nsec() as u32)),
         chunk_size: settings.chunk_size,
         compression: settings.compression,
-        file_hash,
+        file_hash: Some(file_hash),
         added_bytes: st.added_bytes,
         chunks,
     };

@@ -1,4 +1,5 @@
-//! The manifest of one chunked file (`<file>.affa-manifest`, text format version 1).
+//! The manifest of one chunked file (`<file>.affa-manifest`, text format versions 1 and 2:
+//! version 2 is a CBT-derived manifest without the whole-file hash).
 //!
 //! Owns: the manifest's text layout (see docs/FORMAT.md), serializing and parsing it.
 //! Must never: panic or allocate without bound on a truncated, garbage or malicious manifest;
@@ -11,8 +12,11 @@ use crate::error::{Error, Result};
 
 /// File name suffix of a manifest: `vm-flat.vmdk` -> `vm-flat.vmdk.affa-manifest`.
 pub const MANIFEST_SUFFIX: &str = ".affa-manifest";
-/// Current (and only) manifest format version.
+/// Manifest format version of a manifest with its whole-file hash (every full pass).
 pub const MANIFEST_VERSION: u32 = 1;
+/// Manifest format version of a manifest without the whole-file hash (a CBT-derived backup
+/// that read only the changed chunks); also the highest version this program reads.
+pub const MANIFEST_VERSION_DERIVED: u32 = 2;
 const MAGIC: &str = "affa-chunk-manifest";
 /// Longest accepted line (ids are 64 chars; header lines are short).
 const MAX_LINE: usize = 256;
@@ -42,8 +46,9 @@ pub struct Manifest {
     /// Compression used when the chunks were first stored (informational: each chunk file says
     /// its own encoding).
     pub compression: Compression,
-    /// BLAKE3 of the whole file's bytes.
-    pub file_hash: [u8; 32],
+    /// BLAKE3 of the whole file's bytes; `None` for a CBT-derived manifest (version 2), whose
+    /// backup read only the changed chunks.
+    pub file_hash: Option<[u8; 32]>,
     /// Compressed bytes this file added to the pool when it was chunked (informational).
     pub added_bytes: u64,
     pub chunks: Vec<ChunkRef>,
@@ -65,7 +70,8 @@ impl Manifest {
     pub fn to_bytes(&self) -> Vec<u8> {
         use std::fmt::Write;
         let mut s = String::with_capacity(400 + self.chunks.len() * 65);
-        let _ = writeln!(s, "{MAGIC} {MANIFEST_VERSION}");
+        let version = if self.file_hash.is_some() { MANIFEST_VERSION } else { MANIFEST_VERSION_DERIVED };
+        let _ = writeln!(s, "{MAGIC} {version}");
         let _ = writeln!(s, "size {}", self.size);
         let _ = writeln!(s, "mode {:04o}", self.mode);
         let _ = writeln!(s, "uid {}", self.uid);
@@ -76,7 +82,12 @@ impl Manifest {
         }
         let _ = writeln!(s, "chunk-size {}", self.chunk_size);
         let _ = writeln!(s, "compression {}", self.compression);
-        let _ = writeln!(s, "blake3 {}", id_hex(&self.file_hash));
+        match &self.file_hash {
+            Some(h) => {
+                let _ = writeln!(s, "blake3 {}", id_hex(h));
+            }
+            None => s.push_str("derived cbt\n"),
+        }
         let _ = writeln!(s, "added-bytes {}", self.added_bytes);
         let _ = writeln!(s, "chunks {}", self.chunks.len());
         for c in &self.chunks {
@@ -121,14 +132,18 @@ impl Manifest {
         };
 
         let (first, _) = next_line()?.ok_or_else(|| bad("empty file".into()))?;
-        match first.split_once(' ') {
-            Some((MAGIC, v)) => {
-                if v != MANIFEST_VERSION.to_string() {
-                    return Err(bad(format!("format version {v:?}, this program reads version {MANIFEST_VERSION}")));
+        let version = match first.split_once(' ') {
+            Some((MAGIC, v)) => match v {
+                "1" => 1,
+                "2" => 2,
+                _ => {
+                    return Err(bad(format!(
+                        "format version {v:?}, this program reads versions 1 to {MANIFEST_VERSION_DERIVED}"
+                    )))
                 }
-            }
+            },
             _ => return Err(bad("missing 'affa-chunk-manifest 1' header".into())),
-        }
+        };
 
         let (mut size, mut mode, mut uid, mut gid, mut mtime, mut atime) = (None, None, None, None, None, None);
         let (mut chunk_size, mut compression, mut file_hash, mut added) = (None, None, None, 0u64);
@@ -209,7 +224,10 @@ impl Manifest {
             atime,
             chunk_size,
             compression: compression.ok_or_else(|| bad("missing compression".into()))?,
-            file_hash: file_hash.ok_or_else(|| bad("missing blake3".into()))?,
+            file_hash: match (file_hash, version) {
+                (None, 1) => return Err(bad("missing blake3".into())),
+                (h, _) => h,
+            },
             added_bytes: added,
             chunks,
         })
@@ -231,7 +249,7 @@ mod tests {
             atime: Some((1_700_000_000, 0)),
             chunk_size: 4 << 20,
             compression: Compression::Zstd(1),
-            file_hash: *blake3::hash(b"f").as_bytes(),
+            file_hash: Some(*blake3::hash(b"f").as_bytes()),
             added_bytes: 42,
             chunks: vec![
                 ChunkRef::Stored(*blake3::hash(b"a").as_bytes()),
@@ -281,7 +299,16 @@ mod tests {
         let body = "affa-chunk-manifest 1\nsize 1125899906842624\nmode 0644\nuid 0\ngid 0\nmtime 0 0\nchunk-size 262144\ncompression none\nblake3 0000000000000000000000000000000000000000000000000000000000000000\nchunks 4294967296\n";
         assert!(Manifest::parse(body.as_bytes()).is_err());
         assert!(Manifest::parse(&[b'a'; 100_000]).is_err());
-        assert!(Manifest::parse(b"affa-chunk-manifest 2\n").unwrap_err().message().contains("version"));
+        assert!(Manifest::parse(b"affa-chunk-manifest 3\n").unwrap_err().message().contains("version"));
+        // Version 1 needs the whole-file hash; only version 2 may lack it.
+        let mut d = sample();
+        d.file_hash = None;
+        let v2 = String::from_utf8(d.to_bytes()).unwrap();
+        assert!(v2.starts_with("affa-chunk-manifest 2\n") && v2.contains("\nderived cbt\n"), "{v2}");
+        assert_eq!(Manifest::parse(v2.as_bytes()).unwrap(), d);
+        let body = v2[..v2.find("end ").unwrap()].replace("manifest 2\n", "manifest 1\n");
+        let v1 = format!("{body}end {}\n", id_hex(blake3::hash(body.as_bytes()).as_bytes()));
+        assert!(Manifest::parse(v1.as_bytes()).unwrap_err().message().contains("missing blake3"));
     }
 
     proptest! {

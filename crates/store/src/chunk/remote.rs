@@ -2,9 +2,10 @@
 //! `affa-agent` on the source host, straight into the pool and the archive: no staging copy, no
 //! read of old data except the pool's own damage checks.
 //!
-//! Owns: `Agent` (a session: handshake, bye), `backup_file` (the request, answering the
-//! agent's chunk reports from the pool, checking and storing the chunks it sends, the manifest
-//! last) and `restore_file` (the manifest sent to the agent, each chunk it asks for read from
+//! Owns: `Agent` (a session: handshake, bye), `backup_file` and `backup_file_ranged` (the
+//! request, answering the agent's chunk reports from the pool, checking and storing the chunks
+//! it sends, for a ranged (CBT) backup the chunks carried from the previous manifest, the
+//! manifest last), `chunk_ranges` (changed byte extents rounded out to the chunk grid) and `restore_file` (the manifest sent to the agent, each chunk it asks for read from
 //! the archive and verified before it is sent). Must never: trust the agent (a compromised
 //! host): a chunk is stored only after it decoded to the chunk's exact length and its BLAKE3
 //! equals the id the manifest will name; an index, size or count outside what the agent
@@ -16,7 +17,7 @@ use super::blob;
 use super::build::{check_rel, manifest_path};
 use super::manifest::{ChunkRef, Manifest};
 use super::pool::{self, Pool, ARCHIVE_CHUNK_DIR};
-use super::restore::{chunk_error, load_chunk_file, read_manifest};
+use super::restore::{chunk_error, load_chunk_file, read_manifest, whole_file_hash};
 use super::{id_hex, ChunkId, ChunkStats, Compression, Settings};
 use crate::error::{Error, IoContext, Result};
 use affa_agent_proto::{self as proto, shown, ChunkKind, FrameReader, FrameWriter, Msg};
@@ -100,6 +101,40 @@ pub struct RemoteStats {
     pub bytes_received: u64,
     /// Bytes the agent read from the source disk (holes not counted).
     pub source_bytes_read: u64,
+    /// A ranged (CBT) backup: chunks the request named (the changed ones plus carried chunks
+    /// whose pool entry failed its check), the others carried from the previous manifest.
+    pub ranged: bool,
+    pub range_chunks: u64,
+}
+
+/// The chunk-index ranges (`start..end`, sorted, merged, neither overlapping nor adjacent, as
+/// the `RANGES` frame wants them) covering the byte extents `(offset, length)` of a file of
+/// `size` bytes at `chunk_size`: each extent rounded out to the chunk grid, cut at the file's
+/// end. Extents may come in any order and overlap; empty ones are ignored.
+pub fn chunk_ranges(extents: &[(u64, u64)], chunk_size: u32, size: u64) -> Vec<(u64, u64)> {
+    let cs = chunk_size as u64;
+    let count = Manifest::chunk_count(size, chunk_size);
+    let mut rs: Vec<(u64, u64)> = extents
+        .iter()
+        .filter(|&&(off, len)| len > 0 && off < size)
+        .map(|&(off, len)| (off / cs, off.saturating_add(len).min(size).div_ceil(cs).min(count)))
+        .collect();
+    merge_ranges(&mut rs);
+    rs
+}
+
+/// Sort and merge index ranges (overlapping or adjacent ones become one).
+fn merge_ranges(rs: &mut Vec<(u64, u64)>) {
+    rs.retain(|&(s, e)| s < e);
+    rs.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(rs.len());
+    for &(s, e) in rs.iter() {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    *rs = out;
 }
 
 /// The source of a [`backup_file`] error whose file did not exist when the agent opened it
@@ -146,6 +181,79 @@ pub fn backup_file<R: Read, W: Write>(
     rel_path: &Path,
     previous: Option<&Manifest>,
 ) -> Result<RemoteStats> {
+    backup(agent, pool, settings, remote_path, archive_root, rel_path, previous, None)
+}
+
+/// A ranged backup (Changed Block Tracking, docs/PROTOCOL.md "Ranged backup"): the agent reads
+/// only the chunks of `ranges` (chunk indices, as `chunk_ranges` gives them); every other chunk
+/// is carried from `previous`, which must have `settings.chunk_size` and the file's length (else
+/// an error: the caller falls back to `backup_file`). A carried stored chunk whose pool entry
+/// fails its check (the cheap one, or a full one when due for scrubbing) is added to the ranges.
+/// The manifest has no whole-file hash (version 2). Errors as `backup_file`.
+#[allow(clippy::too_many_arguments)]
+pub fn backup_file_ranged<R: Read, W: Write>(
+    agent: &mut Agent<R, W>,
+    pool: &Pool,
+    settings: &Settings,
+    remote_path: &Path,
+    archive_root: &Path,
+    rel_path: &Path,
+    previous: &Manifest,
+    ranges: &[(u64, u64)],
+) -> Result<RemoteStats> {
+    if previous.chunk_size != settings.chunk_size {
+        crate::bail!(
+            "{}: a ranged backup needs the previous manifest's chunk size ({}), not {}",
+            remote_path.display(),
+            previous.chunk_size,
+            settings.chunk_size
+        );
+    }
+    backup(agent, pool, settings, remote_path, archive_root, rel_path, Some(previous), Some(ranges))
+}
+
+/// Whether a pool entry named by an earlier manifest at `index` can be reused as it is: the
+/// cheap check, or (due for scrubbing) a full decode and hash.
+fn trusted_entry(
+    entry: &Path,
+    id: &ChunkId,
+    scrub: bool,
+    st: &mut ChunkStats,
+    blob_buf: &mut Vec<u8>,
+    decoded: &mut Vec<u8>,
+) -> bool {
+    if !scrub {
+        return pool::quick_check(entry).unwrap_or(false);
+    }
+    match pool::read_blob(entry, blob_buf) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(_) => {
+            st.repaired_chunks += 1;
+            false
+        }
+        Ok(()) => {
+            let ok = blob::decode(blob_buf, decoded).is_ok() && blake3::hash(decoded).as_bytes() == id;
+            if ok {
+                st.verified_chunks += 1;
+            } else {
+                st.repaired_chunks += 1;
+            }
+            ok
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backup<R: Read, W: Write>(
+    agent: &mut Agent<R, W>,
+    pool: &Pool,
+    settings: &Settings,
+    remote_path: &Path,
+    archive_root: &Path,
+    rel_path: &Path,
+    previous: Option<&Manifest>,
+    ranges: Option<&[(u64, u64)]>,
+) -> Result<RemoteStats> {
     settings.validate()?;
     check_rel(rel_path)?;
     let label = agent.label.clone();
@@ -158,6 +266,68 @@ pub fn backup_file<R: Read, W: Write>(
     crate::untrusted::create_dir_beneath(archive_root, rel_path.parent().unwrap_or(Path::new("")))?;
     crate::untrusted::create_private_dir_beneath(archive_root, Path::new(ARCHIVE_CHUNK_DIR))?;
     let in0 = agent.bytes_in();
+    let day =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() / 86400).unwrap_or(0);
+    let scrub_due =
+        |index: u64| settings.scrub_one_in > 0 && (index + day).is_multiple_of(settings.scrub_one_in as u64);
+    let mut st = RemoteStats::default();
+    let mut placed: HashSet<ChunkId> = HashSet::new();
+    let mut touched: HashSet<PathBuf> = HashSet::new();
+    let (mut blob_buf, mut decoded) = (Vec::new(), Vec::new());
+    let link = |id: &ChunkId, touched: &mut HashSet<PathBuf>| -> io::Result<()> {
+        let mut t = Vec::new();
+        let r = pool.link_into(id, archive_root, &mut t);
+        touched.extend(t);
+        r
+    };
+
+    // A ranged backup: the chunks outside the ranges are carried (checked and linked now); the
+    // ones whose entry fails its check are read again.
+    let ranges: Option<Vec<(u64, u64)>> = match (ranges, prev) {
+        (None, _) => None,
+        (Some(_), None) => crate::bail!("{what}: a ranged backup needs a previous manifest"),
+        (Some(rs), Some(p)) => {
+            let count = p.chunks.len() as u64;
+            let mut rs: Vec<(u64, u64)> = rs.iter().map(|&(s, e)| (s.min(count), e.min(count))).collect();
+            merge_ranges(&mut rs);
+            let mut extra = Vec::new();
+            let mut next = rs.iter().peekable();
+            for (i, c) in p.chunks.iter().enumerate() {
+                let i = i as u64;
+                while next.peek().is_some_and(|&&(_, e)| e <= i) {
+                    next.next();
+                }
+                if next.peek().is_some_and(|&&(s, _)| s <= i) {
+                    continue;
+                }
+                match c {
+                    ChunkRef::Zero => st.chunk.zero_chunks += 1,
+                    ChunkRef::Stored(id) => {
+                        let ok = placed.contains(id)
+                            || (trusted_entry(
+                                &pool.entry(id),
+                                id,
+                                scrub_due(i),
+                                &mut st.chunk,
+                                &mut blob_buf,
+                                &mut decoded,
+                            ) && link(id, &mut touched).is_ok());
+                        if ok {
+                            placed.insert(*id);
+                            st.chunk.reused_chunks += 1;
+                        } else {
+                            extra.push((i, i + 1));
+                        }
+                    }
+                }
+            }
+            rs.extend(extra);
+            merge_ranges(&mut rs);
+            st.ranged = true;
+            st.range_chunks = rs.iter().map(|&(s, e)| e - s).sum();
+            Some(rs)
+        }
+    };
 
     // The request.
     let (compression, level) = compression_code(settings.compression);
@@ -170,10 +340,13 @@ pub fn backup_file<R: Read, W: Write>(
         compression,
         level,
         prev_count: prev_entries.len() as u64,
-        ranged: false,
+        ranged: ranges.is_some(),
     }))?;
     for (i, part) in prev_entries.chunks(proto::PREV_PER_FRAME).enumerate() {
         agent.send(&Msg::Prev { start: (i * proto::PREV_PER_FRAME) as u64, entries: part.to_vec() })?;
+    }
+    for part in ranges.as_deref().unwrap_or_default().chunks(proto::RANGES_PER_FRAME) {
+        agent.send(&Msg::Ranges(part.to_vec()))?;
     }
     agent.send(&Msg::Start)?;
     agent.flush()?;
@@ -196,34 +369,51 @@ pub fn backup_file<R: Read, W: Write>(
     }
     let count = Manifest::chunk_count(opened.size, cs);
     let chunk_len = |i: u64| (opened.size - i * cs as u64).min(cs as u64) as usize;
-    let day =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() / 86400).unwrap_or(0);
+    if let (Some(_), Some(p)) = (&ranges, prev) {
+        if p.size != opened.size {
+            return Err(bad(format!(
+                "the file is {} bytes, the previous manifest {}: a ranged backup needs the same length",
+                opened.size, p.size
+            )));
+        }
+    }
 
-    let mut st = RemoteStats::default();
     st.chunk.logical_size = opened.size;
     st.chunk.chunks = count;
-    let mut chunks: Vec<ChunkRef> = Vec::with_capacity(count.min(1 << 20) as usize);
-    let mut wanted: VecDeque<(u64, ChunkId)> = VecDeque::new();
-    let mut placed: HashSet<ChunkId> = HashSet::new();
     let mut asked: HashSet<ChunkId> = HashSet::new();
-    let mut touched: HashSet<PathBuf> = HashSet::new();
-    let (mut blob_buf, mut decoded) = (Vec::new(), Vec::new());
-    let link = |id: &ChunkId, touched: &mut HashSet<PathBuf>| -> io::Result<()> {
-        let mut t = Vec::new();
-        let r = pool.link_into(id, archive_root, &mut t);
-        touched.extend(t);
-        r
+    // Ranged: the previous manifest's list, the ranges overwritten as the reports come.
+    let mut chunks: Vec<ChunkRef> = match (&ranges, prev) {
+        (Some(_), Some(p)) => p.chunks.clone(),
+        _ => Vec::with_capacity(count.min(1 << 20) as usize),
     };
+    let mut expect = ranges.as_deref().map(|rs| rs.iter().flat_map(|&(s, e)| s..e));
+    let mut reported = 0u64;
+    let mut wanted: VecDeque<(u64, ChunkId)> = VecDeque::new();
     let end = loop {
         match agent.recv()? {
             Msg::Chunk { index, kind } => {
-                if index != chunks.len() as u64 || index >= count {
-                    return Err(bad(format!("CHUNK {index}: expected chunk {} of {count}", chunks.len())));
+                let want = match &mut expect {
+                    Some(it) => it.next(),
+                    None => Some(reported).filter(|&i| i < count),
+                };
+                if want != Some(index) {
+                    return Err(bad(format!(
+                        "CHUNK {index}: expected {} of {count}",
+                        want.map_or("no further chunk".to_string(), |i| format!("chunk {i}"))
+                    )));
                 }
+                reported += 1;
+                let mut put = |r: ChunkRef| {
+                    if ranges.is_some() {
+                        chunks[index as usize] = r;
+                    } else {
+                        chunks.push(r);
+                    }
+                };
                 let id = match kind {
                     ChunkKind::Zero => {
                         st.chunk.zero_chunks += 1;
-                        chunks.push(ChunkRef::Zero);
+                        put(ChunkRef::Zero);
                         continue;
                     }
                     ChunkKind::Same => match prev_entries.get(index as usize) {
@@ -234,35 +424,16 @@ pub fn backup_file<R: Read, W: Write>(
                     },
                     ChunkKind::Hash(id) => id,
                 };
-                chunks.push(ChunkRef::Stored(id));
+                put(ChunkRef::Stored(id));
                 let entry = pool.entry(&id);
                 // Placed, or asked for at an earlier index (a chunk repeated within the window):
                 // linked when its data arrives, which the END check requires.
                 let usable = if placed.contains(&id) || asked.contains(&id) {
                     true
                 } else {
-                    let scrub = settings.scrub_one_in > 0 && (index + day).is_multiple_of(settings.scrub_one_in as u64);
-                    let good = if matches!(kind, ChunkKind::Same) && !scrub {
-                        pool::quick_check(&entry).unwrap_or(false)
-                    } else {
-                        match pool::read_blob(&entry, &mut blob_buf) {
-                            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
-                            Err(_) => {
-                                st.chunk.repaired_chunks += 1;
-                                false
-                            }
-                            Ok(()) => {
-                                let ok = blob::decode(&blob_buf, &mut decoded).is_ok()
-                                    && blake3::hash(&decoded).as_bytes() == &id;
-                                if ok {
-                                    st.chunk.verified_chunks += 1;
-                                } else {
-                                    st.chunk.repaired_chunks += 1;
-                                }
-                                ok
-                            }
-                        }
-                    };
+                    // A `hash` report (new to this index) is always fully checked.
+                    let full = scrub_due(index) || !matches!(kind, ChunkKind::Same);
+                    let good = trusted_entry(&entry, &id, full, &mut st.chunk, &mut blob_buf, &mut decoded);
                     // A link that fails (entry swept meanwhile, link limit) is stored afresh.
                     good && link(&id, &mut touched).is_ok()
                 };
@@ -314,14 +485,21 @@ pub fn backup_file<R: Read, W: Write>(
             m => return Err(bad(format!("unexpected {} during a backup", m.name()))),
         }
     };
-    if chunks.len() as u64 != count || !wanted.is_empty() {
-        return Err(bad(format!("END after {} of {count} chunks, {} asked for not sent", chunks.len(), wanted.len())));
+    let all_reported = match &mut expect {
+        Some(it) => it.next().is_none(),
+        None => reported == count,
+    };
+    if !all_reported || chunks.len() as u64 != count || !wanted.is_empty() {
+        return Err(bad(format!("END after {reported} chunk reports of {count}, {} asked for not sent", wanted.len())));
     }
     if end.size != opened.size || end.mtime != opened.mtime || end.chunks_sent != st.data_frames {
         return Err(bad("END disagrees with OPENED or with the chunks sent".into()));
     }
-    let Some(file_hash) = end.file_hash else {
-        return Err(bad("END without the whole-file hash".into()));
+    // A ranged read never saw the whole file: its manifest is CBT-derived (version 2).
+    let file_hash = match (end.file_hash, &ranges) {
+        (_, Some(_)) => None,
+        (Some(h), None) => Some(h),
+        (None, None) => return Err(bad("END without the whole-file hash".into())),
     };
     st.source_bytes_read = end.bytes_read;
     st.bytes_received = agent.bytes_in() - in0;
@@ -414,6 +592,12 @@ pub fn restore_file<R: Read, W: Write>(
     let fault = |kind: proto::FaultKind, offset: u64, message: &str| {
         Error::new(format!("{what}: {} (offset {offset}): {}", kind.name(), shown(message)))
     };
+    // The agent checks the whole file's hash: a CBT-derived manifest has none, so it is
+    // computed here from the archive's chunks (each decoded and checked).
+    let file_hash = match m.file_hash {
+        Some(h) => h,
+        None => whole_file_hash(archive_root, &m, &mpath)?,
+    };
     let (in0, out0) = (agent.bytes_in(), agent.bytes_out());
     let entries: Vec<Option<ChunkId>> =
         m.chunks.iter().map(|c| if let ChunkRef::Stored(id) = c { Some(*id) } else { None }).collect();
@@ -428,7 +612,7 @@ pub fn restore_file<R: Read, W: Write>(
         gid: m.gid,
         mtime: m.mtime,
         atime: m.atime.unwrap_or(m.mtime),
-        file_hash: m.file_hash,
+        file_hash,
         count,
         compare: opts.compare,
         keep_newer: opts.keep_newer,

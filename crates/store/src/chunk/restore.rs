@@ -229,7 +229,7 @@ pub fn unchunk_file(archive_root: &Path, manifest_path: &Path, dest: &Path, prog
             }
             Ok(())
         })?;
-        if hasher.finalize().as_bytes() != &m.file_hash {
+        if m.file_hash.is_some_and(|h| hasher.finalize().as_bytes() != &h) {
             crate::bail!(Damaged, "{}: the rebuilt file does not match its recorded BLAKE3", manifest_path.display());
         }
         f.set_len(m.size).ctx(|| format!("cannot set the size of {}", tmp.display()))?;
@@ -311,10 +311,22 @@ pub fn stream_file(
         }
         Ok(())
     })?;
-    if hasher.finalize().as_bytes() != &m.file_hash {
+    if m.file_hash.is_some_and(|h| hasher.finalize().as_bytes() != &h) {
         crate::bail!(Damaged, "{}: the rebuilt file does not match its recorded BLAKE3", label.display());
     }
     Ok(done)
+}
+
+/// The BLAKE3 of the whole file of `m` (in the archive `archive_root`), computed from its
+/// chunks, each decoded and checked against its id (a CBT-derived manifest records none).
+pub fn whole_file_hash(archive_root: &Path, m: &Manifest, label: &Path) -> Result<[u8; 32]> {
+    let mut hasher = blake3::Hasher::new();
+    let zeros = vec![0u8; m.chunk_size as usize];
+    for_each_chunk(archive_root, m, label, |i, d| {
+        hasher.update(d.unwrap_or(&zeros[..m.chunk_len(i)]));
+        Ok(())
+    })?;
+    Ok(*hasher.finalize().as_bytes())
 }
 
 /// A sequential `Read` over a chunked file (single-threaded; `stream_file` is the parallel
@@ -363,7 +375,7 @@ impl Read for ChunkReader {
         while self.pos == self.cur.len() {
             if self.next == self.m.chunks.len() {
                 if !self.finished {
-                    if self.hasher.finalize().as_bytes() != &self.m.file_hash {
+                    if self.m.file_hash.is_some_and(|h| self.hasher.finalize().as_bytes() != &h) {
                         return Err(io::Error::new(
                             io::ErrorKind::InvalidData,
                             Error::damaged(format!(

@@ -1,0 +1,229 @@
+//! Changed Block Tracking (issue 14) end to end: the real sshd, the agent and the simulator's
+//! honest CBT model. Nights of guest writes (some during the backup window): every archive's
+//! disks equal the frozen disks, and the host read only the changed chunks; each fallback to a
+//! full pass with its reason; the verify pass catching a "forgotten" extent; a host without CBT.
+
+use crate::common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs;
+
+use common::esx::{sha256_file, Esx, MB};
+use common::*;
+
+const CS: u64 = 256 << 10;
+const CONF: &str = "chunkFiles=*-flat.vmdk\nchunkSize=256K\nscheduledKeep=40\n";
+const DISKS: [&str; 2] = ["vmfs/volumes/datastore1/vm1/vm1-flat.vmdk", "vmfs/volumes/ds2/vm1/vm1_1-flat.vmdk"];
+
+/// `[Disk.N]` of an archive's VM record.
+fn disk(e: &Esx, archive: &str, n: usize) -> HashMap<String, String> {
+    let text = fs::read_to_string(e.affa.job_dir("esx").join(archive).join(".affa-esxi.ini")).unwrap();
+    let mut keys = HashMap::new();
+    let mut inside = false;
+    for l in text.lines() {
+        if l.starts_with('[') {
+            inside = l == format!("[Disk.{n}]");
+        } else if let (true, Some((k, v))) = (inside, l.split_once('=')) {
+            keys.insert(k.to_string(), v.to_string());
+        }
+    }
+    keys
+}
+
+fn run_at(e: &Esx, day: u32) -> std::process::Output {
+    e.affa.affa_at(&format!("2026-05-{:02}T21:00:00", day), &["--run", "esx"])
+}
+
+/// The archive's disks, rebuilt, equal the disks as the last snapshot froze them.
+fn assert_frozen(e: &Esx, archive: &str, what: &str) {
+    let out = e.work.path().join(format!("unchunked-{archive}"));
+    let _ = fs::remove_dir_all(&out);
+    ok(&e.affa.affa(&["--unchunk", "esx", archive, "--to", out.to_str().unwrap()]));
+    let frozen = e.frozen();
+    for (i, d) in DISKS.iter().enumerate() {
+        assert_eq!(sha256_file(&out.join(d)), frozen[i], "{what}: disk {i} differs from the frozen disk");
+    }
+}
+
+fn write(e: &Esx, disk: usize, offset: u64, len: usize, seed: u64) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let data: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    e.sim.post_bytes(&format!("/write?vm=vm1&disk={disk}&offset={offset}"), &data);
+}
+
+#[test]
+fn nights_of_guest_writes_read_only_the_changed_chunks() {
+    let e = Esx::start(8 * MB, &[(0, MB)], &format!("{CONF}ESXiCBTVerifyEvery=0\n"), "");
+    // Night 0: CBT is switched on; tracking starts with this run's snapshot: a full pass.
+    ok(&run_at(&e, 1));
+    let d0 = disk(&e, "scheduled.0", 0);
+    assert_eq!(d0["Read"], "full", "{d0:?}");
+    assert!(d0["ReadReason"].contains("just switched on"), "{d0:?}");
+    assert!(d0.contains_key("ChangeId"), "tracking started with the snapshot: {d0:?}");
+    assert_frozen(&e, "scheduled.0", "night 0");
+
+    let mut seed = 1u64;
+    let mut rnd = |m: u64| {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (seed >> 33) % m
+    };
+    let mut writer_last_night = false;
+    for night in 1..=8u32 {
+        // Random guest writes between the runs: their chunks per disk.
+        let mut changed: [BTreeSet<u64>; 2] = [BTreeSet::new(), BTreeSet::new()];
+        for w in 0..4 {
+            let d = (w % 2) as usize;
+            let size = if d == 0 { 8 * MB } else { 4 * MB };
+            let len = 1 + rnd(90_000);
+            let off = rnd(size - len) / 512 * 512;
+            write(&e, d, off, len as usize, night as u64 * 10 + w);
+            for c in off / CS..=(off + len - 1) / CS {
+                changed[d].insert(c);
+            }
+        }
+        // Some nights the guest also writes during the backup window (those belong to the next run).
+        let writer = night % 3 == 0;
+        if writer {
+            e.sim.post("/writer?vm=vm1&on=1&interval_ms=2&disk=-1&block=4096");
+        }
+        let out = run_at(&e, 1 + night);
+        if writer {
+            e.sim.post("/writer?vm=vm1&on=0");
+        }
+        ok(&out);
+        assert_frozen(&e, "scheduled.0", &format!("night {night}"));
+        for (i, ch) in changed.iter().enumerate() {
+            let d = disk(&e, "scheduled.0", i);
+            assert_eq!(d["Read"], "cbt", "night {night}, disk {i}: {d:?}");
+            let read: u64 = d["HostBytesRead"].parse().unwrap();
+            // (The writer also writes before the snapshot: those nights read more.)
+            if !writer && !writer_last_night {
+                // Exactly the chunks written (none wholly a hole after a write).
+                assert!(read <= ch.len() as u64 * CS, "night {night} disk {i}: read {read}, changed {ch:?}");
+                assert!(read > 0, "night {night} disk {i}");
+            }
+        }
+        writer_last_night = writer;
+    }
+    // The report names each disk's mode, bytes read and sent.
+    let r = fs::read_to_string(e.affa.job_dir("esx").join("scheduled.0/.AFFA3-REPORT")).unwrap();
+    assert!(r.lines().any(|l| l.starts_with("ESXiDiskRead0=cbt ")), "{r}");
+    let list = ok(&e.affa.affa(&["--list-archives", "esx"]));
+    assert!(list.contains("disk 0: cbt, ") && list.contains("read on the host"), "{list}");
+    assert!(list.contains("disk 0: full, ") && list.contains("(CBT was just switched on"), "{list}");
+    ok(&e.affa.affa(&["--verify", "esx", "--all"]));
+}
+
+#[test]
+fn resize_foreign_changeid_and_missing_archive_fall_back_to_a_full_pass_with_the_reason() {
+    let e = Esx::start(8 * MB, &[(0, MB)], CONF, "");
+    ok(&run_at(&e, 1));
+    write(&e, 0, 3 * CS + 5, 100, 1);
+    ok(&run_at(&e, 2));
+    assert_eq!(disk(&e, "scheduled.0", 0)["Read"], "cbt");
+
+    // A resize resets the disk's tracking: a full pass of that disk, the other one still CBT.
+    e.sim.post("/resize?vm=vm1&disk=1&bytes=6291456");
+    ok(&run_at(&e, 3));
+    let d1 = disk(&e, "scheduled.0", 1);
+    assert_eq!(d1["Read"], "full", "{d1:?}");
+    assert!(d1["ReadReason"].contains("capacity changed (4194304 -> 6291456 bytes)"), "{d1:?}");
+    assert_eq!(disk(&e, "scheduled.0", 0)["Read"], "cbt");
+    assert_frozen(&e, "scheduled.0", "after the resize");
+
+    // A changeId the host does not know (its sequence number from the future): the query
+    // faults, a full pass says so.
+    let ini = e.affa.job_dir("esx").join("scheduled.0/.affa-esxi.ini");
+    let text = fs::read_to_string(&ini).unwrap();
+    let cid = disk(&e, "scheduled.0", 0)["ChangeId"].clone();
+    let (u, _) = cid.rsplit_once('/').unwrap();
+    fs::write(&ini, text.replacen(&format!("ChangeId={cid}"), &format!("ChangeId={u}/999"), 1)).unwrap();
+    write(&e, 0, 5, 100, 2);
+    ok(&run_at(&e, 4));
+    let d0 = disk(&e, "scheduled.0", 0);
+    assert_eq!(d0["Read"], "full", "{d0:?}");
+    assert!(d0["ReadReason"].contains("QueryChangedDiskAreas failed"), "{d0:?}");
+    assert_frozen(&e, "scheduled.0", "after the foreign changeId");
+
+    // The previous archive's manifest is damaged: a full pass.
+    let mp = e.affa.job_dir("esx").join(format!("scheduled.0/{}.affa-manifest", DISKS[0]));
+    let mut m = fs::read(&mp).unwrap();
+    let n = m.len();
+    m[n - 10] ^= 1;
+    fs::write(&mp, m).unwrap();
+    ok(&run_at(&e, 5));
+    let d0 = disk(&e, "scheduled.0", 0);
+    assert_eq!(d0["Read"], "full", "{d0:?}");
+    assert!(d0["ReadReason"].contains("previous archive's manifest fails its check"), "{d0:?}");
+
+    // No previous archive at all (every level's).
+    for a in fs::read_dir(e.affa.job_dir("esx")).unwrap().flatten() {
+        let n = a.file_name().to_string_lossy().to_string();
+        if ["scheduled.", "daily.", "weekly.", "monthly.", "yearly."].iter().any(|l| n.starts_with(l)) {
+            fs::remove_dir_all(a.path()).unwrap();
+        }
+    }
+    ok(&run_at(&e, 6));
+    let d0 = disk(&e, "scheduled.0", 0);
+    assert!(d0["ReadReason"].contains("no previous archive"), "{d0:?}");
+    assert_frozen(&e, "scheduled.0", "without a previous archive");
+}
+
+#[test]
+fn the_verify_pass_catches_a_forgotten_extent_and_keeps_the_full_pass() {
+    let e = Esx::start(8 * MB, &[(0, MB)], &format!("{CONF}ESXiCBTVerifyEvery=2\n"), "");
+    ok(&run_at(&e, 1));
+    write(&e, 0, 5, 100, 1);
+    ok(&run_at(&e, 2));
+    assert_eq!(disk(&e, "scheduled.0", 0)["CbtRuns"], "1");
+    // Three separate changes; the host's next answer forgets the middle one.
+    for (i, c) in [1u64, 6, 12].iter().enumerate() {
+        write(&e, 0, c * CS + 1000, 5000, 10 + i as u64);
+    }
+    e.sim.post("/fault?op=cbt&mode=forget");
+    let out = run_at(&e, 3);
+    assert!(!out.status.success(), "a verify pass that finds CBT wrong must fail the run");
+    let err = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(err.contains("CBT lost changes") && err.contains("1 chunk(s) changed that CBT did not report"), "{err}");
+    // The archive is there and right: the full pass's manifest was kept.
+    let d0 = disk(&e, "scheduled.0", 0);
+    assert_eq!(d0["Read"], "full", "{d0:?}");
+    assert!(d0["ReadReason"].contains("verify pass"), "{d0:?}");
+    assert_frozen(&e, "scheduled.0", "verify pass");
+    // The next run starts CBT afresh from the verified archive.
+    e.sim.post("/fault?op=clear");
+    write(&e, 0, 2 * CS, 10, 3);
+    ok(&run_at(&e, 4));
+    assert_eq!(disk(&e, "scheduled.0", 0)["Read"], "cbt");
+    assert_frozen(&e, "scheduled.0", "after the verify pass");
+}
+
+#[test]
+fn a_host_without_cbt_is_read_in_full_and_esxicbt_yes_fails_there() {
+    let e = Esx::start(8 * MB, &[(0, MB)], CONF, "");
+    e.sim.post("/cbt?vm=vm1&supported=0");
+    ok(&run_at(&e, 1));
+    ok(&run_at(&e, 2));
+    let d0 = disk(&e, "scheduled.0", 0);
+    assert_eq!(d0["Read"], "full", "{d0:?}");
+    assert!(d0["ReadReason"].contains("does not support"), "{d0:?}");
+    let st: serde_json::Value = serde_json::from_str(&e.sim.post("/cbt?vm=vm1")).unwrap();
+    assert_eq!(st["enabled"], false, "{st}");
+    assert_frozen(&e, "scheduled.0", "host without CBT");
+    let conf = e.affa.conf.join("esx.conf");
+    let mut text = fs::read_to_string(&conf).unwrap();
+    text.push_str("ESXiCBT=yes\n");
+    fs::write(&conf, text).unwrap();
+    let out = run_at(&e, 3);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(err.contains("ESXiCBT=yes, but Changed Block Tracking cannot be used"), "{err}");
+    assert!(e.sim.snapshots("vm1").is_empty());
+}
