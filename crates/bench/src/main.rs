@@ -67,6 +67,9 @@ pub struct Args {
     /// growth is the same as in the incremental tables).
     #[arg(long, default_value = "agent,chunk1m,borg,restic")]
     nightly_systems: String,
+    /// Chunked systems of the restore to the host (e.g. agent,chunk1m).
+    #[arg(long, default_value = "agent")]
+    restore_host_systems: String,
     /// Random 4 KiB reads through the mount, per pass (cold, then warm).
     #[arg(long, default_value_t = 2000)]
     mount_reads: usize,
@@ -548,7 +551,11 @@ fn restore_host(
 ) -> Result<(), String> {
     let flat = w.ds.join("vm1/vm1-flat.vmdk");
     let want = measure::hash(&flat).map_err(|e| e.to_string())?;
-    let chunked: Vec<&System> = systems.iter().filter(|s| s.chunked() && !s.study).collect();
+    // Only what `--restore-host-systems` names (default the agent row).
+    let chunked: Vec<&System> = systems
+        .iter()
+        .filter(|s| s.chunked() && args.restore_host_systems.split(',').any(|x| x.trim() == s.id))
+        .collect();
     let check = |file: &Path, what: &str| -> Result<(), String> {
         if measure::hash(file).map_err(|e| e.to_string())? != want {
             return Err(format!("{what}: {} differs from the newest vm1", file.display()));
