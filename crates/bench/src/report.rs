@@ -434,8 +434,9 @@ impl Results {
         for (phase, what, kind, others) in [
             ("full", "full backup", "store", &["borg"][..]),
             ("clustered", "1% clustered incremental", "store growth", &["borg", "restic"][..]),
-            ("nightly", "30 nights of 0.5%", "store after the last night", &["borg", "restic"][..]),
+            ("nightly", "nights of 0.5%", "store after the last night", &["borg", "restic"][..]),
         ] {
+            let what = if phase == "nightly" { format!("{} {what}", self.nights) } else { what.to_string() };
             let Some(mine) = store_of(phase, &d) else { continue };
             for other in others {
                 let Some(theirs) = store_of(phase, other) else { continue };
