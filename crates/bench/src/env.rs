@@ -94,6 +94,21 @@ pub fn build_affa() -> Result<PathBuf, String> {
     Ok(bin)
 }
 
+/// The static affa-agent: `scripts/build-agent.sh` (its own target dir); prints its path.
+pub fn build_agent() -> Result<PathBuf, String> {
+    let out = Command::new(manifest_dir().join("scripts/build-agent.sh"))
+        .current_dir(manifest_dir())
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run scripts/build-agent.sh: {e}"))?;
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if !out.status.success() || !path.is_file() {
+        return Err("scripts/build-agent.sh failed".into());
+    }
+    Ok(path)
+}
+
 /// Build the simulator (harness/esxi-sim) into the target dir unless up to date.
 pub fn build_sim() -> Result<PathBuf, String> {
     let src = manifest_dir().join("harness/esxi-sim");
@@ -307,7 +322,8 @@ pub struct AffaConf {
 }
 
 impl AffaConf {
-    pub fn new(bin: &Path, dir: &Path) -> Result<AffaConf, String> {
+    /// `agent`: the static affa-agent the chunked jobs deploy to the host (global `agentBinary`).
+    pub fn new(bin: &Path, agent: &Path, dir: &Path) -> Result<AffaConf, String> {
         let conf = dir.join("etc");
         let state = dir.join("state");
         // Bench-owned: known hosts, keys and logs of an earlier run must not leak in.
@@ -318,7 +334,10 @@ impl AffaConf {
         let s = a.state.display();
         a.write(
             "00-global.conf",
-            &format!("[GlobalAffaConfig]\nlockDir={s}/lock\nlogDir={s}/log\nsshDir={s}/ssh\nscriptDir={s}/scripts\n"),
+            &format!(
+                "[GlobalAffaConfig]\nlockDir={s}/lock\nlogDir={s}/log\nsshDir={s}/ssh\nscriptDir={s}/scripts\nagentBinary={}\n",
+                agent.display()
+            ),
         )?;
         // localRsyncBinary of the bench's jobs: rsync itself, timed (start, end, exit code appended
         // to $AFFA_BENCH_RSYNC_LOG) so affa's wall time splits into rsync and the rest.
@@ -359,6 +378,11 @@ impl AffaConf {
         Ok(a)
     }
 
+    /// The job's log file (logDir/JOB.log).
+    pub fn job_log(&self, job: &str) -> PathBuf {
+        self.state.join("log").join(format!("{job}.log"))
+    }
+
     pub fn rsync_wrapper(&self) -> PathBuf {
         self.state.join("rsync-timed")
     }
@@ -376,20 +400,21 @@ impl AffaConf {
         c
     }
 
-    /// An ESXi job for `vm` in `root`; `chunk` = Some(chunkSize) for chunkFiles=*-flat.vmdk.
+    /// An ESXi job for `vm` in `root`; `chunk` = Some((chunkSize, chunkTransport)) for
+    /// chunkFiles=*-flat.vmdk.
     #[allow(clippy::too_many_arguments)] // the bench job table: one parameter per column
     pub fn add_job(
         &self,
         job: &str,
         vm: &str,
         root: &Path,
-        chunk: Option<&str>,
+        chunk: Option<(&str, &str)>,
         tuned: bool,
         sshd: &Sshd,
         sim: &Sim,
     ) -> Result<(), String> {
         let mut chunk = match chunk {
-            Some(cs) => format!("chunkFiles=*-flat.vmdk\nchunkSize={cs}\n"),
+            Some((cs, via)) => format!("chunkFiles=*-flat.vmdk\nchunkSize={cs}\nchunkTransport={via}\n"),
             None => String::new(),
         };
         let mut rsync_bin = self.rsync_wrapper();

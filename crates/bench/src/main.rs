@@ -8,6 +8,7 @@ mod env;
 mod gen;
 mod json;
 mod measure;
+mod mount;
 mod report;
 mod systems;
 
@@ -38,8 +39,9 @@ pub struct Args {
     /// Repetitions of each repeatable scenario (the tables show medians).
     #[arg(long, default_value_t = 3)]
     reps: u32,
-    /// Chunk sizes of the chunk-size study (the default chunkSize is always included).
-    #[arg(long, default_value = "256K,1M,4M")]
+    /// Chunk sizes of the chunk-size study, through rsync+staging (e.g. 256K,1M,4M; the default
+    /// chunkSize is always included; default: none, the study of 2026-11-26 chose 1M).
+    #[arg(long, default_value = "")]
     chunk_sizes: String,
     /// Disk size of the affa-only peak-memory check (default 4 x size; 0 = skip).
     #[arg(long)]
@@ -53,21 +55,32 @@ pub struct Args {
     /// Seed of the data generator.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Phases to skip, comma separated: ceilings,full,clustered,scattered,clone,restore,nightly,memory.
+    /// Phases to skip, comma separated:
+    /// ceilings,full,clustered,scattered,clone,restore,restore-host,mount,nightly,memory.
     #[arg(long, default_value = "")]
     skip: String,
-    /// Only these systems, comma separated (chunk4m,chunk1m,chunk256k,plain,rsync,borg,restic);
+    /// Only these systems, comma separated (agent,chunk1m,chunk256k,chunk4m,plain,rsync,borg,restic);
     /// for profiling and quick looks, the tables then lack the others.
     #[arg(long, default_value = "")]
     systems: String,
     /// Systems of the nights scenario (the plain-copy ones store a full copy per night: their
     /// growth is the same as in the incremental tables).
-    #[arg(long, default_value = "chunk1m,chunk4m,borg,restic")]
+    #[arg(long, default_value = "agent,chunk1m,borg,restic")]
     nightly_systems: String,
+    /// Chunked systems of the restore to the host (e.g. agent,chunk1m).
+    #[arg(long, default_value = "agent")]
+    restore_host_systems: String,
+    /// Random 4 KiB reads through the mount, per pass (cold, then warm).
+    #[arg(long, default_value_t = 2000)]
+    mount_reads: usize,
     /// Use this affa binary instead of building one from this checkout (e.g. a build of a
     /// clean commit while the working tree is being edited).
     #[arg(long)]
     affa_bin: Option<PathBuf>,
+    /// Use this static affa-agent (the jobs' agentBinary) instead of building one from this
+    /// checkout with scripts/build-agent.sh.
+    #[arg(long)]
+    agent_bin: Option<PathBuf>,
     /// Also run affa with this chunk size and the proposed fixes applied from outside (staging
     /// rsync with --sparse, ssh ControlMaster) in every scenario, as "tunedSIZE".
     #[arg(long)]
@@ -188,6 +201,11 @@ fn run(args: &Args) -> Result<(), String> {
         Some(p) => return Err(format!("--affa-bin {}: no such file", p.display())),
         None => env::build_affa()?,
     };
+    let agent_bin = match &args.agent_bin {
+        Some(p) if p.is_file() => fs::canonicalize(p).map_err(|e| format!("--agent-bin {}: {e}", p.display()))?,
+        Some(p) => return Err(format!("--agent-bin {}: no such file", p.display())),
+        None => env::build_agent()?,
+    };
     let sim_bin = env::build_sim()?;
 
     let mut res = Results::new(args, size, nsize, msize, default_cs, &study, &data);
@@ -231,7 +249,7 @@ fn run(args: &Args) -> Result<(), String> {
 
     let sshd = Sshd::start(&data.join("sshd"))?;
     let sim = Sim::start(&sim_bin, &data.join("sim"), &ds, &vms)?;
-    let affa = AffaConf::new(&affa_bin, &data.join("affa"))?;
+    let affa = AffaConf::new(&affa_bin, &agent_bin, &data.join("affa"))?;
     let mut w = World {
         affa: &affa,
         sshd: &sshd,
@@ -251,8 +269,8 @@ fn run(args: &Args) -> Result<(), String> {
         w.now = clock.format("%Y-%m-%dT%H:%M:%S").to_string();
     };
 
-    let mut systems: Vec<System> = vec![System::new(Kind::Chunk(default_cs), &stores, default_cs, false)];
-    for k in [Kind::Plain, Kind::Rsync, Kind::Borg, Kind::Restic] {
+    let mut systems: Vec<System> = vec![System::new(Kind::Agent(default_cs), &stores, default_cs, false)];
+    for k in [Kind::Chunk(default_cs), Kind::Plain, Kind::Rsync, Kind::Borg, Kind::Restic] {
         systems.push(System::new(k, &stores, default_cs, false));
     }
     for &cs in &study {
@@ -418,6 +436,21 @@ fn run(args: &Args) -> Result<(), String> {
         }
         let _ = fs::remove_dir_all(&out);
     }
+    // A failure here loses only these rows (named in BENCHMARKS.md), not the run.
+    if on("restore-host") {
+        if let Err(e) = restore_host(args, &w, &systems, &mut res, &log, &filler, size) {
+            log.say(format!("restore to the host failed: {e}"));
+            res.errors.push(format!("restore to the host: {e}"));
+        }
+    }
+    if on("mount") {
+        if let Some(s) = systems.iter().find(|s| s.id == "agent") {
+            if let Err(e) = mount_reads(args, &w, s, &mut res, &log, size) {
+                log.say(format!("mount failed: {e}"));
+                res.errors.push(format!("mount: {e}"));
+            }
+        }
+    }
     // World A is done: free its disk.
     res.store_sizes_a = systems.iter().map(|s| (s.id.clone(), s.cum)).collect();
     for s in systems.iter() {
@@ -476,7 +509,7 @@ fn run(args: &Args) -> Result<(), String> {
         gen::generate(&flat("vm4"), msize, gen::derive(args.seed, "vm4"), &filler).map_err(|e| e.to_string())?;
         mtime += 3600;
         gen::set_mtime(&flat("vm4"), mtime).map_err(|e| e.to_string())?;
-        let mut mem = vec![System::new(Kind::Chunk(default_cs), &stores, default_cs, false)];
+        let mut mem = vec![System::new(Kind::Agent(default_cs), &stores, default_cs, false)];
         tick(&mut w, 0, 60);
         mem[0].reset(&w, &["vm4"])?;
         backup_all(&mut mem, &w, &mut res, "memory-full", 1, "vm4", msize, &all)?;
@@ -499,5 +532,179 @@ fn run(args: &Args) -> Result<(), String> {
         let _ = fs::remove_dir_all(&ds);
         let _ = fs::remove_dir_all(&stores);
     }
+    Ok(())
+}
+
+/// Restore to the host (issue 13): `ssh HOST 'cat > FILE' < image` (same ssh options as affa)
+/// against `affa --full-restore JOB --to-dir NEW` of each chunked system, `--reps` times into a
+/// new directory; then 1% of the last restored disk is changed and the restore repeated over
+/// it (only the differing chunks should go over ssh). Every restored disk is compared with the
+/// source (BLAKE3).
+fn restore_host(
+    args: &Args,
+    w: &World,
+    systems: &[System],
+    res: &mut Results,
+    log: &Log,
+    filler: &Filler,
+    size: u64,
+) -> Result<(), String> {
+    let flat = w.ds.join("vm1/vm1-flat.vmdk");
+    let want = measure::hash(&flat).map_err(|e| e.to_string())?;
+    // Only what `--restore-host-systems` names (default the agent row).
+    let chunked: Vec<&System> = systems
+        .iter()
+        .filter(|s| s.chunked() && args.restore_host_systems.split(',').any(|x| x.trim() == s.id))
+        .collect();
+    let check = |file: &Path, what: &str| -> Result<(), String> {
+        if measure::hash(file).map_err(|e| e.to_string())? != want {
+            return Err(format!("{what}: {} differs from the newest vm1", file.display()));
+        }
+        Ok(())
+    };
+    for rep in 1..=args.reps {
+        let cat_dir = w.ds.join("vm1-cat");
+        let _ = fs::remove_dir_all(&cat_dir);
+        fs::create_dir_all(&cat_dir).map_err(|e| e.to_string())?;
+        measure::evict(&[&flat]);
+        let q = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
+        let ssh: Vec<String> = std::iter::once("ssh".to_string())
+            .chain(w.affa.ssh_args(&w.ssh_job, w.sshd))
+            .chain([format!("{}@127.0.0.1", w.sshd.user), format!("cat > {}", cat_dir.join("vm1-flat.vmdk").display())])
+            .map(|a| q(&a))
+            .collect();
+        let mut c = std::process::Command::new("sh");
+        c.arg("-c").arg(format!("{} < {}", ssh.join(" "), q(&flat.display().to_string())));
+        let cost = measure::run(&mut c, &w.logs.join(format!("ssh-cat-write-{rep}.log")), w.remote)?;
+        if rep == 1 {
+            check(&cat_dir.join("vm1-flat.vmdk"), "ssh cat > file")?;
+        }
+        let _ = fs::remove_dir_all(&cat_dir);
+        log.say(format!(
+            "restore-host {rep} ssh-cat>   {:>7.1} s  {:>6.0} MB/s",
+            cost.wall,
+            size as f64 / cost.wall / 1e6
+        ));
+        let mut r = Rec::new("ssh-cat-write", "ceiling", rep, "vm1", size);
+        r.cost = cost;
+        res.add(r);
+        for s in &chunked {
+            let dir = format!("vm1-r-{}", s.id);
+            let _ = fs::remove_dir_all(w.ds.join(&dir));
+            let (cost, sent, split) = s.restore_host(w, "vm1", &dir, &rep.to_string())?;
+            if rep == 1 {
+                check(&w.ds.join(&dir).join("vm1-flat.vmdk"), &s.id)?;
+            }
+            log.say(format!(
+                "restore-host {rep} {:<10} {:>7.1} s  {:>6.0} MB/s  sent {}  rss {} + agent {} MiB  cpu {:.1}+{:.1} s",
+                s.id,
+                cost.wall,
+                size as f64 / cost.wall / 1e6,
+                sent.map(|b| format!("{:.1} MB", b as f64 / 1e6)).unwrap_or("-".into()),
+                cost.maxrss_kib / 1024,
+                cost.agent_rss_kib / 1024,
+                cost.cpu_local,
+                cost.cpu_remote
+            ));
+            let mut r = Rec::new("restore-host", &s.id, rep, "vm1", size);
+            r.cost = cost;
+            r.bytes_ssh = sent;
+            r.verified = Some(rep == 1);
+            r.extra = split;
+            res.add(r);
+            if rep < args.reps {
+                let _ = fs::remove_dir_all(w.ds.join(&dir));
+            }
+        }
+    }
+    // Over a target that differs by 1% (clustered, as the incremental scenario).
+    for s in &chunked {
+        let dir = format!("vm1-r-{}", s.id);
+        let target = w.ds.join(&dir).join("vm1-flat.vmdk");
+        // The target is older than the archive (as a disk being rolled forward): a newer one is
+        // kept by the agent under --preserve-newer's default, and the restore's check then fails.
+        let old = fs::metadata(&target).map(|m| std::os::unix::fs::MetadataExt::mtime(&m)).unwrap_or(0);
+        let changed = gen::change_clustered(&target, size, 0.01, gen::derive(args.seed, "restore-1pct"), filler)
+            .map_err(|e| e.to_string())?;
+        gen::set_mtime(&target, old - 3600).map_err(|e| e.to_string())?;
+        let (cost, sent, split) = s.restore_host(w, "vm1", &dir, "1pct")?;
+        check(&target, &format!("{} over a 1% different target", s.id))?;
+        log.say(format!(
+            "restore-host 1% {:<10} {:>7.1} s  sent {} (target changed: {} MiB)",
+            s.id,
+            cost.wall,
+            sent.map(|b| format!("{:.1} MB", b as f64 / 1e6)).unwrap_or("-".into()),
+            changed >> 20
+        ));
+        let mut r = Rec::new("restore-host-1pct", &s.id, 1, "vm1", size);
+        r.cost = cost;
+        r.bytes_ssh = sent;
+        r.verified = Some(true);
+        r.extra = split;
+        r.extra.push(("target_bytes_changed".into(), changed as f64));
+        res.add(r);
+        let _ = fs::remove_dir_all(w.ds.join(&dir));
+    }
+    Ok(())
+}
+
+/// Reading the chunked disk through the mount (issue 16), `--reps` times, store cold and a
+/// fresh mount each time: `affa --unchunk` into a tmpfs (/dev/shm: no disk write, the closest
+/// to /dev/null `--unchunk` allows), a sequential read of the mounted file; then random 4 KiB
+/// reads at seeded offsets, cold (store evicted, fresh mount) and warm (the same offsets again).
+fn mount_reads(args: &Args, w: &World, s: &System, res: &mut Results, log: &Log, size: u64) -> Result<(), String> {
+    let job = s.job("vm1");
+    let rel = "vmfs/volumes/datastore1/vm1/vm1-flat.vmdk";
+    let mnt = w.logs.parent().unwrap_or(&w.logs).join("mnt");
+    for rep in 1..=args.reps {
+        let shm = PathBuf::from(format!("/dev/shm/affa-bench-unchunk-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&shm);
+        measure::evict(&[&s.store_dir()]);
+        let mut c = w.affa.cmd();
+        c.args(["--unchunk", &job, "scheduled.0", "--to"]).arg(&shm);
+        let cost = measure::run(&mut c, &w.logs.join(format!("unchunk-shm-{rep}.log")), measure::Remote(None));
+        let _ = fs::remove_dir_all(&shm);
+        let cost = cost?;
+        let mut r = Rec::new("unchunk-null", &s.id, rep, "vm1", size);
+        r.cost = cost.clone();
+        res.add(r);
+
+        measure::evict(&[&s.store_dir()]);
+        let m = mount::Mounted::new(w.affa, &job, "scheduled.0", &mnt)?;
+        let (secs, n) = mount::sequential(&m.dir.join(rel)).map_err(|e| format!("reading through the mount: {e}"))?;
+        drop(m);
+        if n != size {
+            return Err(format!("the mount showed {n} bytes of {rel}, the disk has {size}"));
+        }
+        log.say(format!(
+            "mount {rep}: sequential {:.1} s ({:.0} MB/s), unchunk to tmpfs {:.1} s ({:.0} MB/s)",
+            secs,
+            size as f64 / secs / 1e6,
+            cost.wall,
+            size as f64 / cost.wall / 1e6
+        ));
+        let mut r = Rec::new("mount-seq", &s.id, rep, "vm1", size);
+        r.cost.wall = secs;
+        res.add(r);
+    }
+    let offs = mount::offsets(size, args.mount_reads, gen::derive(args.seed, "mount-random"));
+    measure::evict(&[&s.store_dir()]);
+    let m = mount::Mounted::new(w.affa, &job, "scheduled.0", &mnt)?;
+    for pass in ["cold", "warm"] {
+        let lat =
+            mount::random_reads(&m.dir.join(rel), &offs).map_err(|e| format!("reading through the mount: {e}"))?;
+        let (med, p99) = (mount::quantile(&lat, 0.5), mount::quantile(&lat, 0.99));
+        log.say(format!("mount random 4 KiB {pass}: median {:.3} ms, p99 {:.3} ms", med * 1e3, p99 * 1e3));
+        let mut r = Rec::new(&format!("mount-random-{pass}"), &s.id, 1, "vm1", size);
+        r.cost.wall = lat.iter().sum();
+        r.extra = vec![
+            ("reads".into(), lat.len() as f64),
+            ("median_s".into(), med),
+            ("p99_s".into(), p99),
+            ("max_s".into(), lat.iter().cloned().fold(0.0, f64::max)),
+        ];
+        res.add(r);
+    }
+    drop(m);
     Ok(())
 }

@@ -17,6 +17,8 @@ pub struct Cost {
     pub cpu_local: f64,
     pub cpu_remote: f64,
     pub maxrss_kib: u64,
+    /// Peak RSS (VmHWM) of affa-agent on the host, sampled every 50 ms during the run (0: none ran).
+    pub agent_rss_kib: u64,
     /// Seconds since the epoch at spawn.
     pub start: f64,
 }
@@ -40,7 +42,64 @@ impl Remote {
     }
 }
 
+/// The largest VmHWM (KiB) of the running processes named affa-agent (the agent sshd started
+/// for affa; it is not our child, so wait4 does not see it).
+fn agent_hwm() -> u64 {
+    let mut best = 0;
+    let Ok(rd) = fs::read_dir("/proc") else { return 0 };
+    for e in rd.flatten() {
+        let p = e.path();
+        if !e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        if fs::read_to_string(p.join("comm")).map(|c| c.trim() != "affa-agent").unwrap_or(true) {
+            continue;
+        }
+        let st = fs::read_to_string(p.join("status")).unwrap_or_default();
+        let hwm = st
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        best = best.max(hwm);
+    }
+    best
+}
+
+/// Samples [`agent_hwm`] every 50 ms until dropped; `peak()` is the largest value seen.
+struct AgentSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AgentSampler {
+    fn start() -> AgentSampler {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (s, p) = (stop.clone(), peak.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                p.fetch_max(agent_hwm(), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        AgentSampler { stop, peak, thread: Some(thread) }
+    }
+
+    fn peak(mut self) -> u64 {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
 /// Run `cmd` to completion, stdout+stderr to `log`. Err(text) with the log's tail on failure.
+/// With a remote side, the peak RSS of affa-agent on the host is sampled as well.
 pub fn run(cmd: &mut Command, log: &Path, remote: Remote) -> Result<Cost, String> {
     let out = File::create(log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
     let err = out.try_clone().map_err(|e| e.to_string())?;
@@ -48,6 +107,7 @@ pub fn run(cmd: &mut Command, log: &Path, remote: Remote) -> Result<Cost, String
     let r0 = remote.cpu();
     let start =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    let sampler = remote.0.map(|_| AgentSampler::start());
     let t = Instant::now();
     let child = cmd.spawn().map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
     let pid = child.id() as libc::pid_t;
@@ -60,6 +120,7 @@ pub fn run(cmd: &mut Command, log: &Path, remote: Remote) -> Result<Cost, String
     std::mem::forget(child);
     rustix::fs::sync();
     let wall = t.elapsed().as_secs_f64();
+    let agent_rss_kib = sampler.map(AgentSampler::peak).unwrap_or(0);
     // Let the sshd listener reap the connection's processes.
     let mut r1 = remote.cpu();
     if remote.0.is_some() {
@@ -93,6 +154,7 @@ pub fn run(cmd: &mut Command, log: &Path, remote: Remote) -> Result<Cost, String
         cpu_local: tv(ru.ru_utime) + tv(ru.ru_stime),
         cpu_remote: (r1 - r0).max(0.0),
         maxrss_kib: ru.ru_maxrss as u64,
+        agent_rss_kib,
         start,
     })
 }
@@ -113,7 +175,7 @@ pub fn time_self<T>(f: impl FnOnce() -> T) -> (T, Cost) {
     rustix::fs::sync();
     let wall = t.elapsed().as_secs_f64();
     let (c1, rss) = self_cpu();
-    (v, Cost { wall, cpu_local: c1 - c0, cpu_remote: 0.0, maxrss_kib: rss, start: 0.0 })
+    (v, Cost { wall, cpu_local: c1 - c0, cpu_remote: 0.0, maxrss_kib: rss, agent_rss_kib: 0, start: 0.0 })
 }
 
 /// Every regular file under `p` (or `p` itself).

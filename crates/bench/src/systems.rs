@@ -1,6 +1,8 @@
-//! The systems compared: affa on an ESXi job (chunked, one per chunk size; and without
-//! chunkFiles), plain `rsync --link-dest` over the same ssh, borg and restic reading the image
-//! directly. Each has a store directory, a backup of a VM and a restore of its newest version.
+//! The systems compared: affa on an ESXi job (chunked through affa-agent, the default; chunked
+//! through rsync and the staging copy, one per chunk size; and without chunkFiles), plain
+//! `rsync --link-dest` over the same ssh, borg and restic reading the image directly. Each has a
+//! store directory, a backup of a VM and a restore of its newest version; affa's chunked systems
+//! also restore to the host (`--full-restore`).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -11,7 +13,11 @@ use crate::measure::{self, Cost, Remote};
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Kind {
-    /// affa ESXi job with chunkFiles=*-flat.vmdk and this chunkSize (bytes).
+    /// affa ESXi job with chunkFiles=*-flat.vmdk, this chunkSize (bytes) and chunkTransport=auto:
+    /// the disk goes through affa-agent (the run fails when the report says otherwise).
+    Agent(u64),
+    /// affa ESXi job with chunkFiles=*-flat.vmdk, this chunkSize (bytes) and
+    /// chunkTransport=rsync: rsync into the staging copy, then chunking.
     Chunk(u64),
     /// Chunk(size) plus the proposed fixes applied from outside: ssh ControlMaster, --sparse
     /// staging transfer.
@@ -76,10 +82,15 @@ pub fn human_cs(cs: u64) -> String {
 impl System {
     pub fn new(kind: Kind, stores: &Path, default_cs: u64, study: bool) -> System {
         let (id, label) = match &kind {
+            Kind::Agent(cs) if *cs == default_cs => ("agent".into(), "affa ESXi, chunkFiles, agent (default)".into()),
+            Kind::Agent(cs) => {
+                let h = human_cs(*cs);
+                (format!("agent{}", h.to_lowercase()), format!("affa ESXi, chunkFiles, chunkSize={h}, agent"))
+            }
             Kind::Chunk(cs) => {
                 let h = human_cs(*cs);
-                let def = if *cs == default_cs { ", default" } else { "" };
-                (format!("chunk{}", h.to_lowercase()), format!("affa ESXi, chunkFiles, chunkSize={h}{def}"))
+                let size = if *cs == default_cs { String::new() } else { format!("chunkSize={h}, ") };
+                (format!("chunk{}", h.to_lowercase()), format!("affa ESXi, chunkFiles, {size}rsync+staging"))
             }
             Kind::Tuned(cs) => (
                 format!("tuned{}", human_cs(*cs).to_lowercase()),
@@ -95,7 +106,16 @@ impl System {
     }
 
     pub fn chunked(&self) -> bool {
-        matches!(self.kind, Kind::Chunk(_) | Kind::Tuned(_))
+        matches!(self.kind, Kind::Agent(_) | Kind::Chunk(_) | Kind::Tuned(_))
+    }
+
+    /// The chunkTransport the report must show.
+    fn transport(&self) -> Option<&'static str> {
+        match self.kind {
+            Kind::Agent(_) => Some("agent"),
+            Kind::Chunk(_) | Kind::Tuned(_) => Some("rsync"),
+            _ => None,
+        }
     }
 
     pub fn job(&self, vm: &str) -> String {
@@ -134,13 +154,14 @@ impl System {
         self.seq = 0;
         self.last.clear();
         match self.kind {
-            Kind::Chunk(cs) | Kind::Tuned(cs) => {
+            Kind::Agent(cs) | Kind::Chunk(cs) | Kind::Tuned(cs) => {
+                let via = if matches!(self.kind, Kind::Agent(_)) { "auto" } else { "rsync" };
                 for vm in vms {
                     w.affa.add_job(
                         &self.job(vm),
                         vm,
                         &self.root,
-                        Some(&human_cs(cs)),
+                        Some((&human_cs(cs), via)),
                         matches!(self.kind, Kind::Tuned(_)),
                         w.sshd,
                         w.sim,
@@ -189,7 +210,7 @@ impl System {
         let src = w.ds.join(vm);
         let mut extra = Vec::new();
         let (cost, bytes) = match self.kind {
-            Kind::Chunk(_) | Kind::Tuned(_) | Kind::Plain => {
+            Kind::Agent(_) | Kind::Chunk(_) | Kind::Tuned(_) | Kind::Plain => {
                 let job = self.job(vm);
                 let times = w.logs.join(format!("{}-{tag}-{}.rsync-times", self.id, self.seq));
                 let mut c = w.affa.cmd();
@@ -221,10 +242,31 @@ impl System {
                 let num = |k: &str| -> Option<u64> {
                     rep.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).and_then(|v| v.trim().parse().ok())
                 };
+                // rsync's payload both ways, plus the agent's frames received (the requests affa
+                // sends it are not counted: a few bytes per chunk).
                 let bytes = match (num("TotalBytesSent"), num("TotalBytesReceived")) {
-                    (Some(a), Some(b)) => Some(a + b),
+                    (Some(a), Some(b)) => Some(a + b + num("ChunkBytesReceived").unwrap_or(0)),
                     _ => None,
                 };
+                // The row must be what its label says: the report names the transport used.
+                if let Some(want) = self.transport() {
+                    let got = rep.lines().find_map(|l| l.strip_prefix("ChunkTransport=")).unwrap_or("(none)");
+                    if got.trim() != want {
+                        return Err(format!(
+                            "{}: the report of {job} says ChunkTransport={} where this system needs {want} ({})",
+                            self.id,
+                            got.trim(),
+                            rep.lines().find_map(|l| l.strip_prefix("ChunkTransportNote=")).unwrap_or("no note")
+                        ));
+                    }
+                }
+                for (k, key) in
+                    [("agent_source_read", "ChunkSourceBytesRead"), ("agent_received", "ChunkBytesReceived")]
+                {
+                    if let Some(v) = num(key) {
+                        extra.push((k.to_string(), v as f64));
+                    }
+                }
                 if let Some(v) = num("ChunkPoolBytesAdded") {
                     extra.push(("pool_bytes_added".to_string(), v as f64));
                 }
@@ -332,7 +374,7 @@ impl System {
         let rel = format!("vmfs/volumes/datastore1/{vm}/{flat}");
         measure::evict(&[&self.store_dir()]);
         let (mut c, file) = match self.kind {
-            Kind::Chunk(_) | Kind::Tuned(_) => {
+            Kind::Agent(_) | Kind::Chunk(_) | Kind::Tuned(_) => {
                 let mut c = w.affa.cmd();
                 c.args(["--unchunk", &self.job(vm), "scheduled.0", "--to"]).arg(out);
                 (c, out.join(&rel))
@@ -378,4 +420,52 @@ impl System {
         let cost = measure::run(&mut c, &log, Remote(None))?;
         Ok((cost, file))
     }
+
+    /// `affa --full-restore JOB scheduled.0 --to-dir DIR --yes` of `vm` (chunked systems): the VM
+    /// restored beside the original on the host's datastore, its chunked disk through the agent
+    /// (or staging + rsync). Store cold. Returns the cost and the chunk bytes sent to the agent
+    /// (the job log's "N of M chunks sent (B bytes)" lines of this restore).
+    #[allow(clippy::type_complexity)] // (cost, bytes sent, phases from the log)
+    pub fn restore_host(
+        &self,
+        w: &World,
+        vm: &str,
+        to_dir: &str,
+        tag: &str,
+    ) -> Result<(Cost, Option<u64>, Vec<(String, f64)>), String> {
+        let job = self.job(vm);
+        let jlog = w.affa.job_log(&job);
+        let from = fs::metadata(&jlog).map(|m| m.len()).unwrap_or(0);
+        measure::evict(&[&self.store_dir()]);
+        let mut c = w.affa.cmd();
+        c.args(["--full-restore", &job, "scheduled.0", "--to-dir", to_dir, "--yes"]);
+        let cost = measure::run(&mut c, &w.logs.join(format!("{}-restore-host-{tag}.log", self.id)), w.remote)?;
+        let text = fs::read(&jlog).unwrap_or_default();
+        let text = String::from_utf8_lossy(text.get(from as usize..).unwrap_or_default());
+        let split = log_split(&text);
+        let sent: Vec<u64> = text
+            .lines()
+            .filter(|l| l.contains(" chunks sent ("))
+            .filter_map(|l| l.split(" chunks sent (").nth(1)?.split(' ').next()?.parse().ok())
+            .collect();
+        Ok((cost, (!sent.is_empty()).then(|| sent.iter().sum()), split))
+    }
+}
+
+/// A restore's phases from its job log (timestamps to the second): before the agent started
+/// (plan, local chunk check, rsync of the plain files), the agent's transfer (to the last "chunks
+/// sent" line), after it (the sha256 check on the host). Empty when the markers are missing.
+fn log_split(text: &str) -> Vec<(String, f64)> {
+    let ts = |l: &str| chrono::NaiveDateTime::parse_from_str(l.get(..19)?, "%Y-%m-%d %H:%M:%S").ok();
+    let lines: Vec<(chrono::NaiveDateTime, &str)> = text.lines().filter_map(|l| Some((ts(l)?, l))).collect();
+    let (Some(first), Some(last)) = (lines.first(), lines.last()) else { return Vec::new() };
+    let agent = lines.iter().find(|(_, l)| l.contains("through affa-agent "));
+    let sent = lines.iter().rev().find(|(_, l)| l.contains(" chunks sent ("));
+    let (Some(agent), Some(sent)) = (agent, sent) else { return Vec::new() };
+    let d = |a: chrono::NaiveDateTime, b: chrono::NaiveDateTime| (b - a).num_milliseconds() as f64 / 1e3;
+    vec![
+        ("before_agent_s".into(), d(first.0, agent.0)),
+        ("agent_s".into(), d(agent.0, sent.0)),
+        ("after_agent_s".into(), d(sent.0, last.0)),
+    ]
 }
