@@ -549,7 +549,10 @@ fn restore_logged_in(
         }
     }
     if let Some(session) = agent {
-        let (s, _) = send_through_agent(ctx, session, &through_agent)?;
+        // A VM is restored whole, as the rsync part above does it (no --update): a disk the VM
+        // wrote since the archive (newer, as every running VM's disk is) is rolled back too, or
+        // the restored configuration would meet a disk of another time.
+        let (s, _) = send_through_agent(ctx, session, &through_agent, false)?;
         sent += s;
     }
     if o.delete && !extras.is_empty() {

@@ -116,7 +116,7 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
             ctx.log.info(format!("restoring {} to {}", arch.name(), ep.describe()));
             // The plain files first: they create the directories the agent writes into.
             run_rsync(ctx, job, &main, "the restore", true)?;
-            let (sent, _) = send_through_agent(ctx, session, &chunked)?;
+            let (sent, _) = send_through_agent(ctx, session, &chunked, ctx.opts.preserve_newer)?;
             let total: u64 = chunked.iter().map(|c| c.size).sum();
             let _ = writeln!(
                 out,

@@ -283,15 +283,16 @@ pub(crate) fn target_agent(
 
 /// Restore every chunked file through the agent (each written in place on the target, only the
 /// chunks it lacks sent, its whole-file hash checked by the agent before the rename). Returns
-/// the chunk bytes sent and the targets left as they were because they were newer.
+/// the chunk bytes sent and the targets left as they were because they were newer (`keep_newer`,
+/// a host restore's preserve_newer; an ESXi VM is always restored whole).
 pub(crate) fn send_through_agent(
     ctx: &Ctx,
     mut session: Box<crate::transport::agent::Session>,
     files: &[Chunked],
+    keep_newer: bool,
 ) -> Result<(u64, Vec<String>)> {
     let pool = crate::chunk::Pool::open(&ctx.job.root_dir())?;
-    let opts =
-        crate::chunk::remote::RestoreOptions { pool: Some(&pool), compare: true, keep_newer: ctx.opts.preserve_newer };
+    let opts = crate::chunk::remote::RestoreOptions { pool: Some(&pool), compare: true, keep_newer };
     let total: u64 = files.iter().map(|f| f.size).sum();
     let bar = ctx.opts.watch.meter("restoring chunked files through affa-agent", Some(total));
     let (mut sent, mut kept, mut base) = (0u64, Vec::new(), 0u64);

@@ -426,6 +426,28 @@ fn an_esxi_vm_is_restored_through_the_agent() {
     assert!(e.sim.snapshots("vm1-copy").is_empty());
 }
 
+/// A VM restored over its own disk that the guest wrote since the backup (newer than the
+/// archive, as every running VM's disk is): the disk is rolled back too (a VM is restored whole;
+/// preserve-newer is for host restores), identical to the frozen one.
+#[test]
+fn an_esxi_vm_restored_over_a_newer_disk_through_the_agent_is_rolled_back() {
+    let e = Esx::start(24 * MB, &[(0, 4 * MB)], "chunkFiles=*.vmdk\nchunkSize=1M\n", "");
+    ok(&e.affa.affa_at("2026-05-04T21:00:00", &["--run", "esx"]));
+    let frozen = e.frozen();
+    ok(&e.affa.affa(&["--full-restore", "esx", "--to-dir", "vm1-copy", "--register", "vm1-copy", "--yes"]));
+    let disk = e.ds1.join("vm1-copy/vm1-flat.vmdk");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        f.write_all_at(&vec![0xa5u8; 64 << 10], 3 * MB).unwrap();
+        f.set_modified(std::time::SystemTime::now() + Duration::from_secs(3600)).unwrap();
+    }
+    assert_ne!(sha256_file(&disk), frozen[0]);
+    let text = ok(&e.affa.affa(&["--full-restore", "esx", "--to-dir", "vm1-copy", "--yes"]));
+    assert!(text.contains("chunked disks through affa-agent"), "{text}");
+    assert_eq!(sha256_file(&disk), frozen[0], "{text}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Issue 13's remaining cases through the affa binary: chunkSize changed between runs, two jobs
 // sharing the pool, files growing and shrinking between runs, affa killed mid-backup, the ssh
