@@ -234,8 +234,6 @@ pub struct AgentRun {
     /// "vanished file"), not a failure (an ESXi job's frozen disks: a VM is never archived
     /// without one).
     pub may_vanish: bool,
-    /// Whether the session was told which chunks are the job's own (agentDedupScope=job).
-    scoped: bool,
 }
 
 impl AgentRun {
@@ -247,7 +245,6 @@ impl AgentRun {
             received: 0,
             vanished: Vec::new(),
             may_vanish,
-            scoped: false,
         }
     }
 
@@ -301,11 +298,6 @@ pub fn backup_via_agent(
 ) -> Result<chunk::remote::RemoteStats> {
     let session = &mut run.session;
     let Some(s) = session.as_mut() else { bail!("internal: no agent session") };
-    if !run.scoped && !ctx.job.chunk.dedup_across_jobs {
-        // The host may skip only the chunks of this job's own archives (docs/SECURITY.md).
-        s.agent.limit_known(chunk::remote::archive_chunk_ids(link_dirs));
-        run.scoped = true;
-    }
     let pool = Pool::open(&ctx.job.root_dir())?;
     let set = &ctx.job.chunk.settings;
     let res = match ranged {

@@ -207,8 +207,6 @@ pub struct Chunking {
     pub transport: ChunkTransport,
     /// remoteAgentPath (None: derived, see `remote_path` of the transport's agent module).
     pub remote_agent_path: Option<String>,
-    /// agentDedupScope=pool: the agent may skip any chunk of the pool, not only the job's own.
-    pub dedup_across_jobs: bool,
 }
 
 /// chunkTransport: how chunked files are read on the source.
@@ -519,7 +517,6 @@ impl Settings {
                 _ => None,
             }),
             remote_agent_path: Some(r.text("remoteAgentPath")).filter(|s| !s.is_empty()),
-            dedup_across_jobs: r.word("agentDedupScope") == "pool",
         };
         let trigger = r.int("NRPEtrigger");
         Settings {
@@ -765,21 +762,15 @@ mod tests {
     /// ESXiCBT and ESXiCBTVerifyEvery: defaults auto and 7, bad values named.
     #[test]
     fn cbt_keys() {
-        let c = parse("[a]\nremoteHostName=h\nESXi=yes\nESXiVMName=v\nESXiUsername=u\nESXiPassword=p\n[b]\nremoteHostName=h\nESXi=yes\nESXiVMName=v\nESXiUsername=u\nESXiPassword=p\nESXiCBT=no\nESXiCBTVerifyEvery=0\n").unwrap();
+        let c = parse("[a]\nremoteHostName=h\nESXi=yes\nESXiVMName=v\n[b]\nremoteHostName=h\nESXi=yes\nESXiVMName=v\nESXiCBT=no\nESXiCBTVerifyEvery=0\n").unwrap();
         let a = c.job("a").unwrap().esxi.clone().unwrap();
         assert_eq!((a.cbt, a.cbt_verify_every), (Cbt::Auto, 7));
         let b = c.job("b").unwrap().esxi.clone().unwrap();
         assert_eq!((b.cbt, b.cbt_verify_every), (Cbt::No, 0));
-        let e =
-            parse("[a]\nremoteHostName=h\nESXi=yes\nESXiVMName=v\nESXiUsername=u\nESXiPassword=p\nESXiCBT=always\n")
-                .unwrap_err()
-                .to_string();
+        let e = parse("[a]\nremoteHostName=h\nESXi=yes\nESXiVMName=v\nESXiCBT=always\n").unwrap_err().to_string();
         assert!(e.contains("key 'ESXiCBT' has the value 'always', expected auto, yes or no"), "{e}");
-        let e = parse(
-            "[a]\nremoteHostName=h\nESXi=yes\nESXiVMName=v\nESXiUsername=u\nESXiPassword=p\nESXiCBTVerifyEvery=-1\n",
-        )
-        .unwrap_err()
-        .to_string();
+        let e =
+            parse("[a]\nremoteHostName=h\nESXi=yes\nESXiVMName=v\nESXiCBTVerifyEvery=-1\n").unwrap_err().to_string();
         assert!(e.contains("ESXiCBTVerifyEvery"), "{e}");
     }
 

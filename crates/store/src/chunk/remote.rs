@@ -37,9 +37,6 @@ pub struct Agent<R: Read, W: Write> {
     /// BLAKE3 of the agent's executable as it reported it (zeros: unknown).
     pub exe_hash: [u8; 32],
     label: String,
-    /// The chunks affa may tell this agent it already has without their data (None: any chunk
-    /// of the pool). See [`Agent::limit_known`].
-    known: Option<HashSet<ChunkId>>,
 }
 
 fn perr(label: &str, e: proto::Error) -> Error {
@@ -53,28 +50,7 @@ impl<R: Read, W: Write> Agent<R, W> {
         let mut w = FrameWriter::new(stdin);
         let me = concat!("affa ", env!("CARGO_PKG_VERSION"));
         let (software, exe_hash) = proto::handshake(&mut r, &mut w, me, [0; 32], false).map_err(|e| perr(label, e))?;
-        Ok(Agent { r, w, software: shown(&software), exe_hash, label: label.to_string(), known: None })
-    }
-
-    /// Answer "have it" to a `hash` report only for these chunks (the job's own archives), and
-    /// for the chunks this session stored or reused since; every other chunk is asked for, and
-    /// its data stored, or linked to the pool's entry when the pool already holds it (storage is
-    /// deduplicated either way). Without it, any chunk of the pool is answered as had: less
-    /// traffic across jobs, but the answers tell the agent whether the pool holds a chunk of a
-    /// given BLAKE3, and an agent naming a hash it learnt elsewhere would get that chunk into its
-    /// archive (docs/SECURITY.md, "affa-agent on a source host").
-    pub fn limit_known(&mut self, ids: HashSet<ChunkId>) {
-        self.known = Some(ids);
-    }
-
-    fn may_know(&self, id: &ChunkId) -> bool {
-        self.known.as_ref().is_none_or(|k| k.contains(id))
-    }
-
-    fn now_known(&mut self, ids: impl IntoIterator<Item = ChunkId>) {
-        if let Some(k) = self.known.as_mut() {
-            k.extend(ids);
-        }
+        Ok(Agent { r, w, software: shown(&software), exe_hash, label: label.to_string() })
     }
 
     /// Frame bytes received from the agent so far.
@@ -454,9 +430,6 @@ fn backup<R: Read, W: Write>(
                 // linked when its data arrives, which the END check requires.
                 let usable = if placed.contains(&id) || asked.contains(&id) {
                     true
-                } else if matches!(kind, ChunkKind::Hash(_)) && !agent.may_know(&id) {
-                    // Not this job's: its data is asked for, whatever the pool holds.
-                    false
                 } else {
                     // A `hash` report (new to this index) is always fully checked.
                     let full = scrub_due(index) || !matches!(kind, ChunkKind::Same);
@@ -486,16 +459,6 @@ fn backup<R: Read, W: Write>(
                 if !hdr_ok || blob::decode(&data, &mut decoded).is_err() || blake3::hash(&decoded).as_bytes() != &id {
                     return Err(bad(format!("chunk {index} does not decode to {len} bytes with id {}", id_hex(&id))));
                 }
-                st.data_frames += 1;
-                // Asked for although the pool may hold it (limit_known): the pool's entry, if
-                // it checks, is linked rather than replaced (the archives keep sharing it).
-                if trusted_entry(&pool.entry(&id), &id, true, &mut st.chunk, &mut blob_buf, &mut decoded)
-                    && link(&id, &mut touched).is_ok()
-                {
-                    placed.insert(id);
-                    st.chunk.reused_chunks += 1;
-                    continue;
-                }
                 let mut t = Vec::new();
                 pool.write_entry(&id, &data, &mut t)?;
                 touched.extend(t);
@@ -513,6 +476,7 @@ fn backup<R: Read, W: Write>(
                     })?;
                 }
                 placed.insert(id);
+                st.data_frames += 1;
                 st.chunk.new_chunks += 1;
                 st.chunk.added_bytes += data.len() as u64;
             }
@@ -558,23 +522,7 @@ fn backup<R: Read, W: Write>(
     };
     st.chunk.replaced_source_file = super::build::place_manifest(archive_root, rel_path, &mpath, &manifest)?;
     st.chunk.manifest_path = mpath;
-    agent.now_known(placed);
     Ok(st)
-}
-
-/// Every chunk the manifests of these archives name: what [`Agent::limit_known`] takes for a
-/// job (its own archives). A manifest that cannot be read is skipped (its chunks are then
-/// asked for again, never wrongly assumed).
-pub fn archive_chunk_ids(archives: &[PathBuf]) -> HashSet<ChunkId> {
-    let mut ids = HashSet::new();
-    for a in archives {
-        for mp in super::list_manifests(a).unwrap_or_default() {
-            if let Ok(m) = super::read_manifest(&mp) {
-                ids.extend(m.chunks.iter().filter_map(|c| if let ChunkRef::Stored(id) = c { Some(*id) } else { None }));
-            }
-        }
-    }
-    ids
 }
 
 /// Numbers of one `restore_file`.
