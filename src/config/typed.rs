@@ -762,15 +762,21 @@ mod tests {
     /// ESXiCBT and ESXiCBTVerifyEvery: defaults auto and 7, bad values named.
     #[test]
     fn cbt_keys() {
-        let c = parse("[a]\nremoteHostName=h\nESXi=yes\nESXiVMName=v\n[b]\nremoteHostName=h\nESXi=yes\nESXiVMName=v\nESXiCBT=no\nESXiCBTVerifyEvery=0\n").unwrap();
+        let c = parse("[a]\nremoteHostName=h\nESXi=yes\nESXiVMName=v\nESXiUsername=u\nESXiPassword=p\n[b]\nremoteHostName=h\nESXi=yes\nESXiVMName=v\nESXiUsername=u\nESXiPassword=p\nESXiCBT=no\nESXiCBTVerifyEvery=0\n").unwrap();
         let a = c.job("a").unwrap().esxi.clone().unwrap();
         assert_eq!((a.cbt, a.cbt_verify_every), (Cbt::Auto, 7));
         let b = c.job("b").unwrap().esxi.clone().unwrap();
         assert_eq!((b.cbt, b.cbt_verify_every), (Cbt::No, 0));
-        let e = parse("[a]\nremoteHostName=h\nESXi=yes\nESXiVMName=v\nESXiCBT=always\n").unwrap_err().to_string();
-        assert!(e.contains("key 'ESXiCBT' has the value 'always', expected auto, yes or no"), "{e}");
         let e =
-            parse("[a]\nremoteHostName=h\nESXi=yes\nESXiVMName=v\nESXiCBTVerifyEvery=-1\n").unwrap_err().to_string();
+            parse("[a]\nremoteHostName=h\nESXi=yes\nESXiVMName=v\nESXiUsername=u\nESXiPassword=p\nESXiCBT=always\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("key 'ESXiCBT' has the value 'always', expected auto, yes or no"), "{e}");
+        let e = parse(
+            "[a]\nremoteHostName=h\nESXi=yes\nESXiVMName=v\nESXiUsername=u\nESXiPassword=p\nESXiCBTVerifyEvery=-1\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("ESXiCBTVerifyEvery"), "{e}");
     }
 
