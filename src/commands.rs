@@ -249,7 +249,8 @@ fn archives_text(job: &Job, all: &[archive::Archive], k: Keeps) -> String {
 /// KiB sent`.
 fn disk_read_text(v: &str) -> String {
     let (head, reason) = match v.split_once(" (") {
-        Some((h, r)) => (h, Some(r.trim_end_matches(')'))),
+        // One closing parenthesis: the reason may end with its own.
+        Some((h, r)) => (h, Some(r.strip_suffix(')').unwrap_or(r))),
         None => (v, None),
     };
     let mut w = head.split(' ');
@@ -874,6 +875,15 @@ pub fn send_status(cfg: &Config, clock: &dyn Clock) -> Result<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn disk_read_text_keeps_a_reason_with_its_own_parentheses() {
+        assert_eq!(
+            super::disk_read_text("full 1048576 2048 (CBT was just switched on (tracking starts with this run's snapshot))"),
+            "full, 1.0M read on the host, 2.0K sent (CBT was just switched on (tracking starts with this run's snapshot))"
+        );
+        assert_eq!(super::disk_read_text("cbt 0 127"), "cbt, 0B read on the host, 127B sent");
+    }
+
     use super::*;
     use crate::clock::FixedClock;
     use std::path::PathBuf;
