@@ -343,6 +343,52 @@ fn a_damaged_chunk_is_eio_and_a_log_line_never_other_bytes() {
     drop(s.sshd);
 }
 
+/// Holes are holes: the zero chunks of a sparse disk read as zeros with no chunk behind them
+/// (the only stored chunk is damaged, and only its range fails).
+#[test]
+fn the_holes_of_a_sparse_disk_read_as_zeros_without_any_chunk() {
+    if unavailable() {
+        return;
+    }
+    let s = setup("");
+    ok(&s.affa.affa_at("2026-06-01T20:00:00", &["--run", "vm"]));
+    let arch = s.affa.job_dir("vm").join("scheduled.0");
+    let man = affa::chunk::read_manifest(&arch.join(&s.rel).join("images/sparse.img.affa-manifest")).unwrap();
+    assert_eq!(man.chunks.len(), 8);
+    let stored: Vec<(usize, [u8; 32])> = man
+        .chunks
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| if let affa::chunk::ChunkRef::Stored(id) = c { Some((i, *id)) } else { None })
+        .collect();
+    assert_eq!(stored.len(), 1, "only the written MiB is stored: {:?}", man.chunks);
+    let (data_index, id) = stored[0];
+    assert_eq!(data_index, 3);
+    // Damage the one chunk (its archive link and the pool entry are the same inode).
+    let hex = affa::chunk::id_hex(&id);
+    let cf = arch.join(".affa-chunks").join(&hex[..2]).join(&hex);
+    let mut data = fs::read(&cf).unwrap();
+    let last = data.len() - 1;
+    data[last] ^= 0x01;
+    fs::write(&cf, &data).unwrap();
+    let m = mount(&s, &["vm", "scheduled.0"], "mnt");
+    let f = fs::File::open(m.0.join(&s.rel).join("images/sparse.img")).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 8 * MB);
+    for i in 0..8u64 {
+        let mut b = vec![0xffu8; MB as usize];
+        let r = std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, i * MB);
+        if i == 3 {
+            assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EIO), "the damaged chunk");
+        } else {
+            r.unwrap_or_else(|e| panic!("hole at MiB {i} not readable: {e}"));
+            assert!(b.iter().all(|&x| x == 0), "hole at MiB {i} is not zeros");
+        }
+    }
+    drop(f);
+    ok(&s.affa.affa(&["--umount", m.0.to_str().unwrap()]));
+    drop(s.sshd);
+}
+
 fn run(cmd: &mut Command) -> String {
     let o = cmd.output().unwrap();
     assert!(o.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&o.stderr));
