@@ -234,6 +234,8 @@ pub struct AgentRun {
     /// "vanished file"), not a failure (an ESXi job's frozen disks: a VM is never archived
     /// without one).
     pub may_vanish: bool,
+    /// Whether the session was told which chunks are the job's own (agentDedupScope=job).
+    scoped: bool,
 }
 
 impl AgentRun {
@@ -245,6 +247,7 @@ impl AgentRun {
             received: 0,
             vanished: Vec::new(),
             may_vanish,
+            scoped: false,
         }
     }
 
@@ -298,6 +301,14 @@ pub fn backup_via_agent(
 ) -> Result<chunk::remote::RemoteStats> {
     let session = &mut run.session;
     let Some(s) = session.as_mut() else { bail!("internal: no agent session") };
+    if !run.scoped && !ctx.job.chunk.dedup_across_jobs {
+        // The host may skip only the chunks of this job's own archives (docs/SECURITY.md): the
+        // run's basis first, then every other archive of the job.
+        let mut archives = link_dirs.to_vec();
+        archives.extend(archive::list(&ctx.job_dir)?.into_iter().map(|a| a.path).filter(|p| !link_dirs.contains(p)));
+        s.agent.limit_known(archives);
+        run.scoped = true;
+    }
     let pool = Pool::open(&ctx.job.root_dir())?;
     let set = &ctx.job.chunk.settings;
     let res = match ranged {

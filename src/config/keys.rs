@@ -242,6 +242,12 @@ pub static KEYS: &[KeyDef] = &[
         "how chunked files are read: agent = affa-agent on the source (no staging copy), rsync = into RootDir/JOB/.staging, auto = the agent, rsync where it cannot run",
     ),
     k(
+        "agentDedupScope",
+        &["job"],
+        Kind::Enum(&["job", "pool"]),
+        "which chunks affa-agent need not send: job = those of this job's own archives (its host learns nothing of other jobs' data), pool = any in RootDir's pool (less traffic for VMs cloned across jobs; each such host can then test whether the pool holds a given chunk)",
+    ),
+    k(
         "remoteAgentPath",
         NONE,
         Kind::Text,

@@ -207,6 +207,8 @@ pub struct Chunking {
     pub transport: ChunkTransport,
     /// remoteAgentPath (None: derived, see `remote_path` of the transport's agent module).
     pub remote_agent_path: Option<String>,
+    /// agentDedupScope=pool: the agent may skip any chunk of the pool, not only the job's own.
+    pub dedup_across_jobs: bool,
 }
 
 /// chunkTransport: how chunked files are read on the source.
@@ -517,6 +519,7 @@ impl Settings {
                 _ => None,
             }),
             remote_agent_path: Some(r.text("remoteAgentPath")).filter(|s| !s.is_empty()),
+            dedup_across_jobs: r.word("agentDedupScope") == "pool",
         };
         let trigger = r.int("NRPEtrigger");
         Settings {

@@ -582,7 +582,7 @@ fn two_jobs_with_mostly_identical_disks_share_the_pool_and_the_second_receives_o
         "web2",
         &s.sshd,
         &format!(
-            "Include={}\nchunkFiles=*.img\nchunkSize=1M\nremoteAgentPath={}\n",
+            "Include={}\nchunkFiles=*.img\nchunkSize=1M\nremoteAgentPath={}\nagentDedupScope=pool\n",
             src2.path().display(),
             s.agent_path.display()
         ),
@@ -610,6 +610,42 @@ fn two_jobs_with_mostly_identical_disks_share_the_pool_and_the_second_receives_o
     assert_eq!(hash(&unchunk_all(&s.affa, "web2", "scheduled.0").join(rel(src2.path()))), hash(&img2));
     ok(&s.affa.affa(&["--verify", "web", "--all"]));
     ok(&s.affa.affa(&["--verify", "web2", "--all"]));
+
+    // A third job, default agentDedupScope=job, same bytes as web2: its host is told nothing of
+    // the other jobs' chunks (every data chunk is asked for and sent), but the pool does not
+    // grow: each received chunk is linked to the pool's entry, not stored again.
+    let src3 = tempfile::Builder::new().prefix("affa-src3").tempdir().unwrap();
+    let img3 = src3.path().join("images/disk.img");
+    fill(&img3, 16 * MB, &[(0, 8 * MB), (12 * MB, 4 * MB)], 5);
+    scribble(&img3, 3 * MB, MB, 11);
+    assert_eq!(hash(&img3), hash(&img2));
+    let job = s.affa.ssh_job(
+        "web3",
+        &s.sshd,
+        &format!(
+            "Include={}\nchunkFiles=*.img\nchunkSize=1M\nremoteAgentPath={}\n",
+            src3.path().display(),
+            s.agent_path.display()
+        ),
+    );
+    s.affa.write_conf("web3.conf", &job);
+    ok(&s.affa.send_key(&mut s.sshd, "web3"));
+    let pool_before = pool_entries(&s.affa);
+    ok(&s.affa.affa_at("2026-06-01T21:00:00", &["--run", "web3"]));
+    let r3 = report(&s.affa, "web3", "scheduled.0");
+    assert_eq!(num(&r3, "ChunkNew"), 0, "{r3}");
+    let received = num(&r3, "ChunkBytesReceived");
+    assert!(
+        received >= 5 * MB,
+        "web3 received only {received} bytes: the pool's other chunks were answered as had:\n{r3}"
+    );
+    assert_eq!(pool_entries(&s.affa), pool_before, "chunks the pool held were stored again");
+    assert_eq!(hash(&unchunk_all(&s.affa, "web3", "scheduled.0").join(rel(src3.path()))), hash(&img3));
+    // Its second run skips its own chunks: nothing changed, nothing sent.
+    ok(&s.affa.affa_at("2026-06-01T22:00:00", &["--run", "web3"]));
+    let r3b = report(&s.affa, "web3", "scheduled.0");
+    assert!(num(&r3b, "ChunkBytesReceived") < MB / 4, "{r3b}");
+    ok(&s.affa.affa(&["--verify", "web3", "--all"]));
 }
 
 #[test]

@@ -37,6 +37,16 @@ pub struct Agent<R: Read, W: Write> {
     /// BLAKE3 of the agent's executable as it reported it (zeros: unknown).
     pub exe_hash: [u8; 32],
     label: String,
+    /// The chunks affa may tell this agent it already has without their data (None: any chunk
+    /// of the pool). See [`Agent::limit_known`].
+    known: Option<JobKnown>,
+}
+
+/// A job's own chunks (agentDedupScope=job): those its archives link, and those this session
+/// stored or reused.
+struct JobKnown {
+    archives: Vec<PathBuf>,
+    session: HashSet<ChunkId>,
 }
 
 fn perr(label: &str, e: proto::Error) -> Error {
@@ -50,7 +60,37 @@ impl<R: Read, W: Write> Agent<R, W> {
         let mut w = FrameWriter::new(stdin);
         let me = concat!("affa ", env!("CARGO_PKG_VERSION"));
         let (software, exe_hash) = proto::handshake(&mut r, &mut w, me, [0; 32], false).map_err(|e| perr(label, e))?;
-        Ok(Agent { r, w, software: shown(&software), exe_hash, label: label.to_string() })
+        Ok(Agent { r, w, software: shown(&software), exe_hash, label: label.to_string(), known: None })
+    }
+
+    /// Answer "have it" to a `hash` report only for the chunks these archives (the job's own,
+    /// every one of them, the likeliest first) link in their `.affa-chunks`, and for the chunks
+    /// this session stored or reused since; every other chunk is asked for, and its data
+    /// stored, or linked to the pool's entry when the pool already holds it (storage is
+    /// deduplicated either way). Without it, any chunk of the pool is answered as had: less
+    /// traffic across jobs, but the answers tell the agent whether the pool holds a chunk of a
+    /// given BLAKE3, and an agent naming a hash it learnt elsewhere would get that chunk into its
+    /// archive (docs/SECURITY.md, "affa-agent on a source host"). The cost is a few `lstat`s per
+    /// `hash` report the pool can answer (none for a chunk the pool lacks).
+    pub fn limit_known(&mut self, archives: Vec<PathBuf>) {
+        self.known = Some(JobKnown { archives, session: HashSet::new() });
+    }
+
+    /// Whether a `hash` report of `id` may be answered from the pool (`entry` its pool entry).
+    fn may_know(&self, id: &ChunkId, entry: &Path) -> bool {
+        let Some(k) = &self.known else { return true };
+        if k.session.contains(id) {
+            return true;
+        }
+        // A chunk the pool lacks is asked for anyway: no archive to look in.
+        entry.symlink_metadata().is_ok()
+            && k.archives.iter().any(|a| pool::archive_entry(a, id).symlink_metadata().is_ok())
+    }
+
+    fn now_known(&mut self, ids: impl IntoIterator<Item = ChunkId>) {
+        if let Some(k) = self.known.as_mut() {
+            k.session.extend(ids);
+        }
     }
 
     /// Frame bytes received from the agent so far.
@@ -430,6 +470,9 @@ fn backup<R: Read, W: Write>(
                 // linked when its data arrives, which the END check requires.
                 let usable = if placed.contains(&id) || asked.contains(&id) {
                     true
+                } else if matches!(kind, ChunkKind::Hash(_)) && !agent.may_know(&id, &entry) {
+                    // Not this job's: its data is asked for, whatever the pool holds.
+                    false
                 } else {
                     // A `hash` report (new to this index) is always fully checked.
                     let full = scrub_due(index) || !matches!(kind, ChunkKind::Same);
@@ -459,6 +502,16 @@ fn backup<R: Read, W: Write>(
                 if !hdr_ok || blob::decode(&data, &mut decoded).is_err() || blake3::hash(&decoded).as_bytes() != &id {
                     return Err(bad(format!("chunk {index} does not decode to {len} bytes with id {}", id_hex(&id))));
                 }
+                st.data_frames += 1;
+                // Asked for although the pool may hold it (limit_known): the pool's entry, if
+                // it checks, is linked rather than replaced (the archives keep sharing it).
+                if trusted_entry(&pool.entry(&id), &id, true, &mut st.chunk, &mut blob_buf, &mut decoded)
+                    && link(&id, &mut touched).is_ok()
+                {
+                    placed.insert(id);
+                    st.chunk.reused_chunks += 1;
+                    continue;
+                }
                 let mut t = Vec::new();
                 pool.write_entry(&id, &data, &mut t)?;
                 touched.extend(t);
@@ -476,7 +529,6 @@ fn backup<R: Read, W: Write>(
                     })?;
                 }
                 placed.insert(id);
-                st.data_frames += 1;
                 st.chunk.new_chunks += 1;
                 st.chunk.added_bytes += data.len() as u64;
             }
@@ -522,6 +574,7 @@ fn backup<R: Read, W: Write>(
     };
     st.chunk.replaced_source_file = super::build::place_manifest(archive_root, rel_path, &mpath, &manifest)?;
     st.chunk.manifest_path = mpath;
+    agent.now_known(placed);
     Ok(st)
 }
 
