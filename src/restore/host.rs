@@ -48,7 +48,7 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
             continue;
         }
         let man = chunk::read_manifest(&m)?;
-        chunked.push(Chunked { manifest: m, local: staging.dir.join(&rel), remote: abs, size: man.size, sha256: None });
+        chunked.push(Chunked { manifest: m, local: staging.dir.join(&rel), remote: abs, size: man.size });
     }
 
     let date = arch.report.as_ref().and_then(|r| r.date()).map(crate::fmt::show_date).unwrap_or_default();
@@ -110,19 +110,23 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
     // Every chunk of every chunked file is verified before anything is written to the host:
     // by the agent path without a local copy, by the staging path while it rebuilds the file.
     let agent = target_agent(ctx, &ep, None, &chunked, out)?;
+    // Chunked files the agent restored (checked by it as written), and of them the ones newer
+    // on the target that it kept (--preserve-newer); None: the staging path.
+    let mut through_agent: Option<Vec<String>> = None;
     match agent {
         Some(session) => {
-            verify_all(ctx, &mut chunked)?;
+            verify_all(ctx, &chunked)?;
             ctx.log.info(format!("restoring {} to {}", arch.name(), ep.describe()));
             // The plain files first: they create the directories the agent writes into.
             run_rsync(ctx, job, &main, "the restore", true)?;
-            let (sent, _) = send_through_agent(ctx, session, &chunked, ctx.opts.preserve_newer)?;
+            let (sent, kept) = send_through_agent(ctx, session, &chunked, ctx.opts.preserve_newer)?;
             let total: u64 = chunked.iter().map(|c| c.size).sum();
             let _ = writeln!(
                 out,
-                "chunked files: {} file(s), {total} bytes, restored through affa-agent: {sent} bytes of chunks sent",
+                "chunked files: {} file(s), {total} bytes, restored through affa-agent: {sent} bytes of chunks sent; each checked by the agent as written (whole-file BLAKE3)",
                 chunked.len()
             );
+            through_agent = Some(kept);
         }
         None => {
             rebuild_all(ctx, &chunked)?;
@@ -141,9 +145,13 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
     }
     let _ = writeln!(out, "restored {} to {}", arch.name(), ep.describe());
 
-    // Check every restored file against the archive.
-    let expect = expected_files(ctx, &sources, &chunked)?;
-    let checked = check_remote(&ep, &expect, ctx.opts.preserve_newer)?;
+    // Check every restored file against the archive (those the agent wrote, it checked).
+    let expect = expected_files(ctx, &sources, if through_agent.is_some() { &[] } else { &chunked })?;
+    let mut checked = check_remote(&ep, &expect, ctx.opts.preserve_newer)?;
+    if let Some(kept) = through_agent {
+        checked.ok += chunked.len() - kept.len();
+        checked.kept_newer.extend(kept);
+    }
     report_check(ctx, &checked, out)
 }
 
@@ -245,10 +253,7 @@ fn expected_files(ctx: &Ctx, sources: &[String], chunked: &[Chunked]) -> Result<
         out.push(Expect { remote, size, sha256, mtime });
     }
     for c in chunked {
-        let (sha256, size) = match &c.sha256 {
-            Some(h) => (h.clone(), c.size),
-            None => sha256_file(&c.local, Some(&bar))?,
-        };
+        let (sha256, size) = sha256_file(&c.local, Some(&bar))?;
         let mtime = chunk::read_manifest(&c.manifest)?.mtime.0;
         out.push(Expect { remote: c.remote.clone(), size, sha256, mtime });
     }

@@ -201,44 +201,31 @@ impl Drop for Staging {
     }
 }
 
-/// One chunked file to restore: its manifest, where a rebuilt copy goes locally (staging path),
-/// where it goes on the target, and (once verified) the SHA-256 of its bytes.
+/// One chunked file to restore: its manifest, where a rebuilt copy goes locally (staging path)
+/// and where it goes on the target.
 #[derive(Debug, Clone)]
 pub(crate) struct Chunked {
     pub manifest: PathBuf,
     pub local: PathBuf,
     pub remote: String,
     pub size: u64,
-    pub sha256: Option<String>,
 }
 
 /// The agent path: check every chunk and the whole-file BLAKE3 of each chunked file (nothing
-/// is written locally), and record the SHA-256 of its bytes for the final check on the target,
-/// before anything is sent. A damaged or missing chunk stops here, naming chunk and file.
-pub(crate) fn verify_all(ctx: &Ctx, files: &mut [Chunked]) -> Result<()> {
-    use sha2::Digest;
-    struct Sha(sha2::Sha256);
-    impl Write for Sha {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.update(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+/// is written locally) before anything is sent. A damaged or missing chunk stops here, naming
+/// chunk and file. (The target is not read back afterwards: the agent checks the whole-file
+/// BLAKE3 of the bytes it writes before it renames the file into place, docs/PROTOCOL.md.)
+pub(crate) fn verify_all(ctx: &Ctx, files: &[Chunked]) -> Result<()> {
     let total: u64 = files.iter().map(|f| f.size).sum();
     let bar = ctx.opts.watch.meter("checking the chunks", Some(total));
     let mut base = 0u64;
-    for f in files.iter_mut() {
+    for f in files {
         let m = crate::chunk::read_manifest(&f.manifest)?;
-        let mut h = Sha(sha2::Sha256::new());
         let cb = |n: u64| bar.set(base + n);
         let cb: &dyn Fn(u64) = &cb;
-        crate::chunk::stream_file(&ctx.arch.path, &m, &f.manifest, &mut h, Some(cb)).map_err(|e| {
+        crate::chunk::stream_file(&ctx.arch.path, &m, &f.manifest, &mut std::io::sink(), Some(cb)).map_err(|e| {
             e.context(format!("restore stopped before anything was sent to the target ({} was not changed)", f.remote))
         })?;
-        f.sha256 = Some(hex(&h.0.finalize()));
         base += f.size;
     }
     Ok(())
