@@ -7,8 +7,16 @@
 # each step leaves (archives under a RootDir survive both, byte for byte). The .rpm is checked
 # with rpm -qlvp (contents and modes), rpm -qcp (config files) and its scripts and requires.
 # It refuses to run where affa is installed (it would purge it); it leaves nothing installed.
+# --reuse-build (scripts/test.sh): package the affa binary the test suite built (see
+# scripts/build-packages.sh) instead of compiling the release one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+reuse=()
+case "${1:-}" in
+  --reuse-build) reuse=(--reuse-build) ;;
+  "") ;;
+  *) echo "usage: $0 [--reuse-build]" >&2; exit 2 ;;
+esac
 
 fail() { echo "== packages FAILED: $*" >&2; exit 1; }
 has() { grep -qF -- "$2" <<<"$1" || fail "$3: '$2' not in: $1"; }
@@ -25,6 +33,8 @@ if known || [ -e /etc/affa ] || [ -e /usr/sbin/affa ]; then
 fi
 had_var_affa=no
 [ -e /var/affa ] && had_var_affa=yes
+had_lock_dir=no
+[ -e /var/lock/affa ] && had_lock_dir=yes
 tmp=$(mktemp -d /tmp/affa-pkg-test.XXXXXX)
 cleanup() {
   if known; then
@@ -32,10 +42,13 @@ cleanup() {
   fi
   rm -rf /etc/affa "$tmp"
   [ "$had_var_affa" = yes ] || rmdir /var/affa 2>/dev/null || true
+  [ "$had_lock_dir" = yes ] || rmdir /var/lock/affa 2>/dev/null || true
+  # Started through sudo (scripts/test.sh as a user): the packages stay the user's.
+  [ -z "${SUDO_UID:-}" ] || chown -R "$SUDO_UID:${SUDO_GID:-$SUDO_UID}" target/packages target/package-root 2>/dev/null || true
 }
 trap cleanup EXIT
 
-./scripts/build-packages.sh >/dev/null
+./scripts/build-packages.sh "${reuse[@]}" >/dev/null
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -1)
 deb=target/packages/affa_${version}-1_amd64.deb
 rpm=$(ls target/packages/affa-"${version}"-*.rpm)
@@ -51,16 +64,16 @@ while read -r f; do
   [ "$p" = /etc/cron.d/affa ] && continue
   m=$(stat -c %A "$f")
   case "$p" in /usr/share/man/*) d="$p.gz" ;; *) d="$p" ;; esac
-  grep -qxF "$m $d" <<<"$debls" || fail ".deb lacks $m $d"
+  grep -qxF -- "$m $d" <<<"$debls" || fail ".deb lacks $m $d"
   case "$p" in /usr/share/zsh/vendor-completions/_affa) r=/usr/share/zsh/site-functions/_affa ;; *) r="$p" ;; esac
-  grep -qxF "$m $r" <<<"$rpmls" || fail ".rpm lacks $m $r"
+  grep -qxF -- "$m $r" <<<"$rpmls" || fail ".rpm lacks $m $r"
 done < <(find "$root" -type f | sort)
 # Nothing else but the documentation.
 extra=$(grep -v '/$' <<<"$debls" | awk '{print $2}' | grep -v '^/usr/share/doc/affa/' | while read -r p; do
   q=${p%.gz}; [ -f "$root$p" ] || [ -f "$root$q" ] || echo "$p"; done)
 [ -z "$extra" ] || fail ".deb has files the install does not: $extra"
 for d in "drwx------ /etc/affa" "drwx------ /etc/affa/scripts" "drwxr-x--- /var/log/affa" "drwxr-xr-x /usr/lib/affa"; do
-  grep -qxF "$d" <<<"$rpmls" || fail ".rpm lacks the directory $d: $rpmls"
+  grep -qxF -- "$d" <<<"$rpmls" || fail ".rpm lacks the directory $d: $rpmls"
 done
 [ "$(rpm -qcp "$rpm" | sort | tr '\n' ' ')" = "/etc/affa/00-global.conf /etc/affa/example-esxi.conf /etc/affa/example-linux.conf /etc/logrotate.d/affa " ] \
   || fail "rpm config files: $(rpm -qcp "$rpm")"
@@ -143,7 +156,7 @@ after_upgrade() {
 }
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --reinstall --no-install-recommends "./$deb" >/dev/null
 after_upgrade "reinstall"
-./scripts/build-packages.sh --deb-revision 2 --deb-only >/dev/null
+./scripts/build-packages.sh "${reuse[@]}" --deb-revision 2 --deb-only >/dev/null
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "./target/packages/affa_${version}-2_amd64.deb" >/dev/null
 [ "$(dpkg-query -W -f='${Version}' affa)" = "$version-2" ] || fail "the upgrade did not happen"
 after_upgrade "upgrade"
@@ -164,6 +177,7 @@ dpkg --purge affa >/dev/null
 for f in /etc/affa /etc/logrotate.d/affa /var/log/affa /etc/cron.d/affa; do
   [ ! -e "$f" ] || fail "dpkg --purge left $f"
 done
+[ ! -e /var/lock/affa ] || [ "$had_lock_dir" = yes ] || fail "dpkg --purge left the lock directory /var/lock/affa"
 [ "$(sha256sum <"$archived")" = "$sum" ] || fail "dpkg --purge changed the archive"
 [ -f "$tmp/archives/pkgtest/scheduled.0/.AFFA3-REPORT" ] || fail "dpkg --purge removed the archive's report"
 
