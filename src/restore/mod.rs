@@ -279,7 +279,6 @@ pub(crate) fn send_through_agent(
     keep_newer: bool,
 ) -> Result<(u64, Vec<String>)> {
     let pool = crate::chunk::Pool::open(&ctx.job.root_dir())?;
-    let opts = crate::chunk::remote::RestoreOptions { pool: Some(&pool), compare: true, keep_newer };
     let total: u64 = files.iter().map(|f| f.size).sum();
     let bar = ctx.opts.watch.meter("restoring chunked files through affa-agent", Some(total));
     let (mut sent, mut kept, mut base) = (0u64, Vec::new(), 0u64);
@@ -293,6 +292,9 @@ pub(crate) fn send_through_agent(
                 Error::new(format!("{}: not a manifest of archive {}", f.manifest.display(), ctx.arch.name()))
             })?;
         ctx.log.info(format!("restoring {} through affa-agent", f.remote));
+        let cb = |n: u64| bar.set(base + n);
+        let opts =
+            crate::chunk::remote::RestoreOptions { pool: Some(&pool), compare: true, keep_newer, progress: Some(&cb) };
         let r =
             crate::chunk::remote::restore_file(&mut session.agent, &ctx.arch.path, &rel, Path::new(&f.remote), &opts);
         let st = match r {

@@ -444,9 +444,16 @@ fn restore_to_a_new_target_is_identical_sparse_with_mode_and_mtime() {
     let dest_dir = t.path().join("dest");
     fs::create_dir(&dest_dir).unwrap();
     let dest = dest_dir.join("restored.img");
-    let st = restore_file(&mut agent, &archive, &rel, &dest, &RestoreOptions::default()).unwrap();
+    let seen = std::cell::RefCell::new(Vec::new());
+    let progress = |n: u64| seen.borrow_mut().push(n);
+    let opts = RestoreOptions { progress: Some(&progress), ..Default::default() };
+    let st = restore_file(&mut agent, &archive, &rel, &dest, &opts).unwrap();
     assert_eq!(file_hash(&dest), file_hash(&src));
     assert_eq!((st.size, st.chunks, st.zero_chunks, st.chunks_sent, st.chunks_local), (64 << 20, 256, 248, 8, 0));
+    // Progress: the offset of each chunk sent, in order, then the size (a bar that moves with
+    // the file, not once at its end).
+    let want: Vec<u64> = [0u64, 1, 2, 3, 100, 101, 200, 255].iter().map(|i| i * CS as u64).chain([64 << 20]).collect();
+    assert_eq!(*seen.borrow(), want);
     assert!(!st.compared);
     let m = fs::metadata(&dest).unwrap();
     assert_eq!(m.mode() & 0o7777, 0o640);

@@ -604,7 +604,7 @@ pub struct RestoreStats {
 }
 
 /// How `restore_file` restores.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct RestoreOptions<'a> {
     /// Where a chunk damaged in the archive may be found intact (default none).
     pub pool: Option<&'a Pool>,
@@ -613,11 +613,15 @@ pub struct RestoreOptions<'a> {
     /// Leave an existing regular target newer than the archived file as it is, as rsync's
     /// `--update` (`--preserve-newer`; default no).
     pub keep_newer: bool,
+    /// Called with the file offset the restore reached (the start of each chunk the agent asks
+    /// for, then the size at the end; chunks the agent copies locally are not reported one by
+    /// one).
+    pub progress: Option<&'a dyn Fn(u64)>,
 }
 
 impl Default for RestoreOptions<'_> {
     fn default() -> Self {
-        RestoreOptions { pool: None, compare: true, keep_newer: false }
+        RestoreOptions { pool: None, compare: true, keep_newer: false, progress: None }
     }
 }
 
@@ -709,6 +713,9 @@ pub fn restore_file<R: Read, W: Write>(
                     }
                 };
                 next = index + 1;
+                if let Some(p) = opts.progress {
+                    p(index.saturating_mul(m.chunk_size as u64).min(m.size));
+                }
                 let len = m.chunk_len(index as usize);
                 let mut r = load_chunk(archive_root, &id, len, &mut raw, &mut decoded);
                 if let (Err(_), Some(p)) = (&r, opts.pool) {
@@ -744,6 +751,9 @@ pub fn restore_file<R: Read, W: Write>(
             "RDONE counts {} chunks ({} bytes) received and {} local; sent {} chunks ({} bytes) of {stored} stored",
             done.chunks_received, done.bytes_received, done.chunks_local, st.chunks_sent, st.bytes_sent
         )));
+    }
+    if let Some(p) = opts.progress {
+        p(m.size);
     }
     st.chunks_local = done.chunks_local;
     st.target_bytes_read = done.bytes_local_read;
