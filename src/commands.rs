@@ -34,9 +34,11 @@ pub use affa_core::fmt::{hms, human, show_date};
 
 /// `--list-archives --csv`: Affa 3's 16 columns in its order and format (the level, the index
 /// as 5 digits, the report's values as written, `valid` yes/no, an incomplete archive's values
-/// 0, Affa 3's freedup columns), then affa's own. Affa 3's header line named 15 columns
-/// (`Archive:Count`, no `TotalBytesSent`); this one names each column.
-pub const ARCHIVES_CSV_HEADER: &str = "Archive;Count;Date;Files;Size;RootDirFilesystemAvail;RootDirFilesystemUsed;valid;TotalBytesSent;TotalBytesReceived;ExecutionTime;DedupTotalFiles;DedupReplacedFiles;DedupSavedBytes;DedupExectime;DedupDate;Job;LogicalSize;PoolBytesAdded;DedupRatio";
+/// 0, Affa 3's freedup columns), then affa's own: an ESXi archive's disks (how each was read,
+/// the bytes read on the host, the bytes sent; one space-separated value per disk, disk 0
+/// first). Affa 3's header line named 15 columns (`Archive:Count`, no `TotalBytesSent`); this
+/// one names each column.
+pub const ARCHIVES_CSV_HEADER: &str = "Archive;Count;Date;Files;Size;RootDirFilesystemAvail;RootDirFilesystemUsed;valid;TotalBytesSent;TotalBytesReceived;ExecutionTime;DedupTotalFiles;DedupReplacedFiles;DedupSavedBytes;DedupExectime;DedupDate;Job;LogicalSize;PoolBytesAdded;DedupRatio;DiskRead;DiskHostBytesRead;DiskBytesSent";
 
 /// A report value as a CSV field: as written, `;` and line ends replaced.
 fn field(r: &Report, key: &str) -> String {
@@ -105,7 +107,25 @@ fn archive_csv_row(job: &Job, a: &archive::Archive) -> String {
     f.push(r.num("ChunkLogicalSize").unwrap_or(0).to_string());
     f.push(r.num("ChunkPoolBytesAdded").unwrap_or(0).to_string());
     f.push(field(&r, "DedupRatio"));
+    f.extend(if a.valid() { disk_read_fields(&r) } else { Default::default() });
     f.join(";") + "\n"
+}
+
+/// The DiskRead, DiskHostBytesRead and DiskBytesSent columns: each disk's `ESXiDiskReadN`
+/// (`MODE READ SENT[ (reason)]`) split into its three words, one space-separated value per disk
+/// (`-` for a number not known); empty for an archive without ESXi disks.
+fn disk_read_fields(r: &Report) -> [String; 3] {
+    let mut cols: [Vec<String>; 3] = Default::default();
+    for i in 0.. {
+        let Some(v) = r.get(&format!("ESXiDiskRead{i}")) else { break };
+        let head = v.split_once(" (").map_or(v, |(h, _)| h);
+        let mut w = head.split(' ');
+        for c in cols.iter_mut() {
+            let x = w.next().filter(|x| !x.is_empty() && !x.contains([';', '\n', '\r'])).unwrap_or("-");
+            c.push(x.to_string());
+        }
+    }
+    cols.map(|c| c.join(" "))
 }
 
 /// Affa 3's `sizeUnit`: 1.2M, 312k, 12G, "  5" (bytes).
@@ -882,6 +902,16 @@ mod tests {
             "full, 1.0M read on the host, 2.0K sent (CBT was just switched on (tracking starts with this run's snapshot))"
         );
         assert_eq!(super::disk_read_text("cbt 0 127"), "cbt, 0B read on the host, 127B sent");
+    }
+
+    #[test]
+    fn disk_read_fields_give_one_value_per_disk_in_each_column() {
+        let mut r = Report::default();
+        assert_eq!(super::disk_read_fields(&r), ["", "", ""]);
+        r.set("ESXiDiskRead0", "cbt 524288 1200");
+        r.set("ESXiDiskRead1", "full 4194304 300 (CBT was just switched on (tracking starts))");
+        r.set("ESXiDiskRead2", "rsync - 77");
+        assert_eq!(super::disk_read_fields(&r), ["cbt full rsync", "524288 4194304 -", "1200 300 77"]);
     }
 
     use super::*;

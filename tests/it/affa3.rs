@@ -420,9 +420,12 @@ fn csv_columns_and_nrpe_labels_are_affa3s() {
     assert_eq!(
         csv.lines().next().unwrap(),
         "Archive;Count;Date;Files;Size;RootDirFilesystemAvail;RootDirFilesystemUsed;valid;TotalBytesSent;TotalBytesReceived;\
-         ExecutionTime;DedupTotalFiles;DedupReplacedFiles;DedupSavedBytes;DedupExectime;DedupDate;Job;LogicalSize;PoolBytesAdded;DedupRatio"
+         ExecutionTime;DedupTotalFiles;DedupReplacedFiles;DedupSavedBytes;DedupExectime;DedupDate;Job;LogicalSize;PoolBytesAdded;DedupRatio;\
+         DiskRead;DiskHostBytesRead;DiskBytesSent"
     );
-    assert!(rows.iter().all(|r| r.len() == 20), "{csv}");
+    assert!(rows.iter().all(|r| r.len() == 23), "{csv}");
+    // Not an ESXi job: no disk columns' values.
+    assert!(rows[1..].iter().all(|r| r[20..] == ["", "", ""]), "{csv}");
     // Affa 3's order: yearly first, the highest index first, scheduled.0 last.
     let names: Vec<String> = rows[1..].iter().map(|r| format!("{}.{}", r[0], r[1])).collect();
     assert_eq!(names, ["yearly.00001", "monthly.00000", "weekly.00003", "daily.00000", "scheduled.00000"]);

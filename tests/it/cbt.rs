@@ -75,7 +75,7 @@ fn nights_of_guest_writes_read_only_the_changed_chunks() {
         (seed >> 33) % m
     };
     let mut writer_last_night = false;
-    for night in 1..=8u32 {
+    for night in 1..=20u32 {
         // Random guest writes between the runs: their chunks per disk.
         let mut changed: [BTreeSet<u64>; 2] = [BTreeSet::new(), BTreeSet::new()];
         for w in 0..4 {
@@ -118,6 +118,18 @@ fn nights_of_guest_writes_read_only_the_changed_chunks() {
     let list = ok(&e.affa.affa(&["--list-archives", "esx"]));
     assert!(list.contains("disk 0: cbt, ") && list.contains("read on the host"), "{list}");
     assert!(list.contains("disk 0: full, ") && list.contains("(CBT was just switched on"), "{list}");
+    // The CSV view has the same per disk: mode, bytes read on the host, bytes sent (the record's).
+    let csv = ok(&e.affa.affa(&["--list-archives", "--csv", "esx"]));
+    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(';').collect()).collect();
+    assert!(rows.iter().all(|r| r.len() == 23), "{csv}");
+    let last = rows.last().unwrap();
+    assert_eq!(&last[..2], ["scheduled", "00000"], "{csv}");
+    let (d0, d1) = (disk(&e, "scheduled.0", 0), disk(&e, "scheduled.0", 1));
+    assert_eq!(last[20], "cbt cbt", "{csv}");
+    assert_eq!(last[21], format!("{} {}", d0["HostBytesRead"], d1["HostBytesRead"]), "{csv}");
+    assert_eq!(last[22], format!("{} {}", d0["BytesSent"], d1["BytesSent"]), "{csv}");
+    assert_eq!(rows.iter().filter(|r| r[20] == "full full").count(), 1, "night 0 only: {csv}");
+    assert_eq!(rows.iter().filter(|r| r[20] == "cbt cbt").count(), 20, "{csv}");
     ok(&e.affa.affa(&["--verify", "esx", "--all"]));
 }
 
@@ -226,4 +238,71 @@ fn a_host_without_cbt_is_read_in_full_and_esxicbt_yes_fails_there() {
     let err = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     assert!(err.contains("ESXiCBT=yes, but Changed Block Tracking cannot be used"), "{err}");
     assert!(e.sim.snapshots("vm1").is_empty());
+}
+
+#[test]
+fn vim_cmd_mode_never_touches_cbt_reads_each_run_in_full_and_esxicbt_yes_fails_there() {
+    // A licensed host (CBT supported): in vim-cmd mode affa still leaves the VM's setting alone.
+    let standin_dir = tempfile::tempdir().unwrap();
+    let standin = standin_dir.path().join("vim-cmd");
+    let e = Esx::start(
+        8 * MB,
+        &[(0, MB)],
+        &format!("{CONF}ESXiSnapshotMode=vim-cmd\nESXiVimCmd={}\n", standin.display()),
+        "",
+    );
+    fs::write(
+        &standin,
+        format!("#!/bin/sh\nexec {} vim-cmd --control {} \"$@\"\n", common::sim::sim_binary().display(), e.sim.control),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&standin, fs::Permissions::from_mode(0o755)).unwrap();
+    let counter = |name: &str| e.sim.state()["counters"][name].as_u64().unwrap_or(0);
+    for day in 1..=3 {
+        write(&e, 0, day as u64 * CS + 7, 3000, day as u64);
+        ok(&run_at(&e, day));
+        assert!(counter("vimcmd:vmsvc/snapshot.create") >= day as u64, "{}", e.sim.state()["counters"]);
+        for i in 0..2 {
+            let d = disk(&e, "scheduled.0", i);
+            assert_eq!(d["Read"], "full", "run {day}, disk {i}: {d:?}");
+            assert!(d["ReadReason"].contains("ESXiSnapshotMode=vim-cmd"), "run {day}, disk {i}: {d:?}");
+            let size: u64 = d["Size"].parse().unwrap();
+            let read: u64 = d["HostBytesRead"].parse().unwrap();
+            // The agent's full pass: every data byte of the disk read (holes may be skipped).
+            assert!(read >= if i == 0 { 6 * MB } else { MB }, "run {day}, disk {i}: read {read} of {size}");
+        }
+        assert_frozen(&e, "scheduled.0", &format!("vim-cmd run {day}"));
+    }
+    // ESXiCBT=auto never touched the VM's tracking nor asked the host about changes.
+    let st: serde_json::Value = serde_json::from_str(&e.sim.post("/cbt?vm=vm1")).unwrap();
+    assert_eq!(st["supported"], true, "{st}");
+    assert_eq!(st["enabled"], false, "{st}");
+    assert_eq!(counter("soap:ReconfigVM_Task"), 0, "{}", e.sim.state()["counters"]);
+    assert_eq!(counter("soap:QueryChangedDiskAreas"), 0, "{}", e.sim.state()["counters"]);
+    let r = fs::read_to_string(e.affa.job_dir("esx").join("scheduled.0/.AFFA3-REPORT")).unwrap();
+    assert!(r.lines().any(|l| l.starts_with("ESXiDiskRead0=full ") && l.contains("vim-cmd")), "{r}");
+
+    // ESXiCBT=yes cannot be met in vim-cmd mode: the run fails with one line saying why, before
+    // any snapshot, and the earlier archives stay as they were.
+    let conf = e.affa.conf.join("esx.conf");
+    let mut text = fs::read_to_string(&conf).unwrap();
+    text.push_str("ESXiCBT=yes\n");
+    fs::write(&conf, text).unwrap();
+    let creates = counter("vimcmd:vmsvc/snapshot.create");
+    let before = sha256_file(&e.affa.job_dir("esx").join(format!("scheduled.0/{}.affa-manifest", DISKS[0])));
+    let out = run_at(&e, 4);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    let line = err.lines().find(|l| l.contains("ESXiCBT=yes")).unwrap_or_else(|| panic!("{err}"));
+    assert!(
+        line.contains("Changed Block Tracking cannot be used: ESXiSnapshotMode=vim-cmd"),
+        "one line naming the key and the mode: {err}"
+    );
+    assert_eq!(counter("vimcmd:vmsvc/snapshot.create"), creates, "no snapshot taken");
+    assert!(e.sim.snapshots("vm1").is_empty());
+    assert_eq!(counter("soap:ReconfigVM_Task"), 0);
+    let after = sha256_file(&e.affa.job_dir("esx").join(format!("scheduled.0/{}.affa-manifest", DISKS[0])));
+    assert_eq!(before, after, "the earlier archive is unchanged");
+    assert_frozen(&e, "scheduled.0", "after the refused ESXiCBT=yes run");
 }
