@@ -210,30 +210,18 @@ pub fn change(path: &Path, count: u64, extent: u64, seed: u64, filler: &Filler, 
     Ok(count * extent)
 }
 
-/// `frac` of the disk as clustered 1 MiB extents.
-pub fn change_clustered(
+/// `frac` of the disk as extents of `extent` bytes: 1 MiB (clustered) or 4 KiB (scattered).
+pub fn change_frac(
     path: &Path,
     size: u64,
     frac: f64,
+    extent: u64,
     seed: u64,
     filler: &Filler,
     write: &mut Writer,
 ) -> io::Result<u64> {
-    let n = ((size as f64 * frac) / MIB as f64).round().max(1.0) as u64;
-    change(path, n, MIB, seed, filler, write)
-}
-
-/// `frac` of the disk as scattered 4 KiB blocks.
-pub fn change_scattered(
-    path: &Path,
-    size: u64,
-    frac: f64,
-    seed: u64,
-    filler: &Filler,
-    write: &mut Writer,
-) -> io::Result<u64> {
-    let n = ((size as f64 * frac) / (4 * KIB) as f64).round().max(1.0) as u64;
-    change(path, n, 4 * KIB, seed, filler, write)
+    let n = ((size as f64 * frac) / extent as f64).round().max(1.0) as u64;
+    change(path, n, extent, seed, filler, write)
 }
 
 /// Set a file's mtime/atime (so every change is seen by size+mtime checks, deterministically).

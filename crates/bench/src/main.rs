@@ -398,12 +398,9 @@ fn run(args: &Args) -> Result<(), String> {
         let (frac, clustered) = change_phase(phase).unwrap();
         for rep in 1..=args.reps {
             let seed = gen::derive(args.seed, &format!("{phase}-{rep}"));
-            let changed = if clustered {
-                gen::change_clustered(&flat("vm1"), size, frac, seed, &filler, &mut via_sim(&sim, "vm1"))
-            } else {
-                gen::change_scattered(&flat("vm1"), size, frac, seed, &filler, &mut via_sim(&sim, "vm1"))
-            }
-            .map_err(|e| e.to_string())?;
+            let extent = if clustered { gen::MIB } else { 4 * gen::KIB };
+            let changed = gen::change_frac(&flat("vm1"), size, frac, extent, seed, &filler, &mut via_sim(&sim, "vm1"))
+                .map_err(|e| e.to_string())?;
             mtime += 3600;
             gen::set_mtime(&flat("vm1"), mtime).map_err(|e| e.to_string())?;
             res.changed.push((phase.to_string(), rep, changed));
@@ -417,7 +414,7 @@ fn run(args: &Args) -> Result<(), String> {
         // to the file directly; the divergence is a guest write as every change.
         gen::copy_sparse(&flat("vm1"), &flat("vm2")).map_err(|e| e.to_string())?;
         let seed = gen::derive(args.seed, "clone");
-        let changed = gen::change_clustered(&flat("vm2"), size, 0.05, seed, &filler, &mut via_sim(&sim, "vm2"))
+        let changed = gen::change_frac(&flat("vm2"), size, 0.05, gen::MIB, seed, &filler, &mut via_sim(&sim, "vm2"))
             .map_err(|e| e.to_string())?;
         mtime += 3600;
         gen::set_mtime(&flat("vm2"), mtime).map_err(|e| e.to_string())?;
@@ -483,7 +480,6 @@ fn run(args: &Args) -> Result<(), String> {
         // Issue 14's scaling row: the same clustered change (1% of --size, 1 MiB extents) on the
         // --size disk and on one of --cbt-scaling, read through CBT; each on a fresh store (a
         // full pass first: CBT starts at its snapshot).
-        let n = ((size as f64 * 0.01) / gen::MIB as f64).round().max(1.0) as u64;
         for (vm, sz) in [("vm1", size), ("vm5", scaling)] {
             log.say(format!("CBT scaling: generating {vm} ({})", human(sz)));
             gen::generate(&flat(vm), sz, gen::derive(args.seed, &format!("scaling-{vm}")), &filler)
@@ -496,7 +492,8 @@ fn run(args: &Args) -> Result<(), String> {
             backup_all(&mut cbt, &w, &mut res, "cbt-scaling-full", 1, vm, sz, &all)?;
             for rep in 1..=args.reps {
                 let seed = gen::derive(args.seed, &format!("scaling-{vm}-{rep}"));
-                let changed = gen::change(&flat(vm), n, gen::MIB, seed, &filler, &mut via_sim(&sim, vm))
+                // 1% of --size (not of this disk): the same changed bytes on both.
+                let changed = gen::change_frac(&flat(vm), size, 0.01, gen::MIB, seed, &filler, &mut via_sim(&sim, vm))
                     .map_err(|e| e.to_string())?;
                 mtime += 3600;
                 gen::set_mtime(&flat(vm), mtime).map_err(|e| e.to_string())?;
@@ -526,8 +523,9 @@ fn run(args: &Args) -> Result<(), String> {
         backup_all(&mut systems, &w, &mut res, "nightly", 0, "vm3", nsize, &in_nights)?;
         for night in 1..=args.nights {
             let seed = gen::derive(args.seed, &format!("night-{night}"));
-            let changed = gen::change_clustered(&flat("vm3"), nsize, 0.005, seed, &filler, &mut via_sim(&sim, "vm3"))
-                .map_err(|e| e.to_string())?;
+            let changed =
+                gen::change_frac(&flat("vm3"), nsize, 0.005, gen::MIB, seed, &filler, &mut via_sim(&sim, "vm3"))
+                    .map_err(|e| e.to_string())?;
             mtime += 86400;
             gen::set_mtime(&flat("vm3"), mtime).map_err(|e| e.to_string())?;
             res.changed.push(("nightly".into(), night, changed));
@@ -683,7 +681,7 @@ fn restore_host(
         let seed = gen::derive(args.seed, "restore-1pct");
         let mut direct = gen::direct(&target).map_err(|e| format!("{}: {e}", target.display()))?;
         let changed =
-            gen::change_clustered(&target, size, 0.01, seed, filler, &mut direct).map_err(|e| e.to_string())?;
+            gen::change_frac(&target, size, 0.01, gen::MIB, seed, filler, &mut direct).map_err(|e| e.to_string())?;
         gen::set_mtime(&target, old - 3600).map_err(|e| e.to_string())?;
         let (cost, sent, split) = s.restore_host(w, "vm1", &dir, "1pct")?;
         check(&target, &format!("{} over a 1% different target", s.id))?;
