@@ -350,7 +350,8 @@ fn run(args: &Args) -> Result<(), String> {
      -> Result<(), String> {
         for s in systems.iter_mut().filter(|s| which(s)) {
             measure::evict(&[&src_dir(vm), &s.store_dir()]);
-            let b = s.backup(w, vm, &format!("{phase}{rep}"))?;
+            // The VM in the tag: the scaling row runs the same phase and rep on two VMs.
+            let b = s.backup(w, vm, &format!("{phase}{rep}-{vm}"))?;
             log.say(format!(
                 "{phase} {rep} {:<10} {:>7.1} s  ssh {:>9}  growth {:>9}  store {:>9}  rss {:>4} MiB  cpu {:.1}+{:.1} s",
                 s.id,

@@ -225,6 +225,8 @@ impl System {
             Kind::Agent(_) | Kind::AgentCbt(_) | Kind::Chunk(_) | Kind::Tuned(_) | Kind::Plain => {
                 let job = self.job(vm);
                 let times = w.logs.join(format!("{}-{tag}-{}.rsync-times", self.id, self.seq));
+                // The wrapper appends: only this run's spans.
+                let _ = fs::remove_file(&times);
                 let mut c = w.affa.cmd();
                 c.env("AFFA_FAKE_NOW", &w.now).env("AFFA_BENCH_RSYNC_LOG", &times).args(["--run", &job]);
                 let cost = measure::run(&mut c, &log, w.remote)?;
