@@ -1,9 +1,10 @@
 //! The bench's world: what it needs installed, the affa binary and the simulator it builds, a
 //! private sshd (as the tests' fixture: own port, host key, authorized keys), an ssh-agent for
-//! `affa --send-key`, and the ESXi simulator serving the bench's datastore.
+//! `affa --send-key`, and the ESXi simulator serving the bench's datastore (and taking the guest
+//! writes that change its VMs' disks between runs, so that its Changed Block Tracking sees them).
 
 use std::fs;
-use std::io::{BufRead, BufReader};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -263,6 +264,8 @@ pub struct Sim {
     child: Child,
     stdin: Option<ChildStdin>,
     pub port: u16,
+    /// host:port of its control API (plain HTTP).
+    control: String,
 }
 
 impl Sim {
@@ -295,14 +298,55 @@ impl Sim {
         };
         let url = field("url");
         let port = url.rsplit(':').next().and_then(|p| p.split('/').next()).and_then(|p| p.parse().ok());
-        let Some(port) = port else {
+        let control = field("control").trim_start_matches("http://").to_string();
+        let (Some(port), false) = (port, control.is_empty()) else {
             let _ = child.kill();
             return Err(format!(
                 "the simulator did not start: {}",
                 fs::read_to_string(work.join("sim.log")).unwrap_or_default()
             ));
         };
-        Ok(Sim { child, stdin, port })
+        Ok(Sim { child, stdin, port, control })
+    }
+
+    /// `POST PATH_AND_QUERY` to the control API with `body`; the answer's body (status 200 only).
+    fn post(&self, path: &str, body: &[u8]) -> io::Result<String> {
+        let mut s = TcpStream::connect(&self.control)?;
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            self.control,
+            body.len()
+        );
+        s.write_all(head.as_bytes())?;
+        s.write_all(body)?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out)?;
+        let text = String::from_utf8_lossy(&out);
+        let (status, rest) = text.split_once("\r\n").unwrap_or((&text, ""));
+        let body = rest.split_once("\r\n\r\n").map_or("", |x| x.1);
+        if status.split_whitespace().nth(1) != Some("200") {
+            return Err(io::Error::other(format!("simulator POST {path}: {status}: {}", body.trim())));
+        }
+        Ok(body.to_string())
+    }
+
+    /// A guest write of `buf` at `off` on disk 0 of `vm` (`POST /write`): the simulator writes it
+    /// to the base flat file (no snapshot exists between runs) and its Changed Block Tracking
+    /// records the extent. Fails unless it answers that all bytes went to `VM-flat.vmdk`.
+    pub fn guest_write(&self, vm: &str, off: u64, buf: &[u8]) -> io::Result<()> {
+        let path = format!("/write?vm={vm}&disk=0&offset={off}");
+        let ans = self.post(&path, buf)?;
+        let compact: String = ans.chars().filter(|c| !c.is_whitespace()).collect();
+        let flat = format!("\"file\":\"{vm}-flat.vmdk\"");
+        let written = [",", "}"].iter().any(|e| compact.contains(&format!("\"written\":{}{e}", buf.len())));
+        if !written || !compact.contains(&flat) {
+            return Err(io::Error::other(format!(
+                "simulator POST {path}: answered {} where {} bytes to {vm}-flat.vmdk were expected",
+                ans.trim(),
+                buf.len()
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -401,7 +445,9 @@ impl AffaConf {
     }
 
     /// An ESXi job for `vm` in `root`; `chunk` = Some((chunkSize, chunkTransport)) for
-    /// chunkFiles=*-flat.vmdk.
+    /// chunkFiles=*-flat.vmdk; `cbt`: `ESXiCBT=yes` (with `ESXiCBTVerifyEvery=0`: every
+    /// incremental is a CBT run), else `ESXiCBT=no` (the default `auto` would switch CBT on in
+    /// the simulator and the rows without it would silently change).
     #[allow(clippy::too_many_arguments)] // the bench job table: one parameter per column
     pub fn add_job(
         &self,
@@ -410,6 +456,7 @@ impl AffaConf {
         root: &Path,
         chunk: Option<(&str, &str)>,
         tuned: bool,
+        cbt: bool,
         sshd: &Sshd,
         sim: &Sim,
     ) -> Result<(), String> {
@@ -417,6 +464,7 @@ impl AffaConf {
             Some((cs, via)) => format!("chunkFiles=*-flat.vmdk\nchunkSize={cs}\nchunkTransport={via}\n"),
             None => String::new(),
         };
+        chunk.push_str(if cbt { "ESXiCBT=yes\nESXiCBTVerifyEvery=0\n" } else { "ESXiCBT=no\n" });
         let mut rsync_bin = self.rsync_wrapper();
         if tuned {
             chunk.push_str(&format!("localSSHBinary={}\n", self.state.join("ssh-mux").display()));

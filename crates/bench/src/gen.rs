@@ -2,7 +2,9 @@
 //!
 //! An image is a sequence of 4 KiB-aligned segments of 64 KiB to 4 MiB: 40% zeros (left as
 //! holes, as on a thin-provisioned disk), 30% random bytes, 30% text-like data (log lines from
-//! a fixed vocabulary). Changes overwrite 4 KiB-aligned extents with new random or text data.
+//! a fixed vocabulary). Changes overwrite 4 KiB-aligned extents with new random or text data,
+//! through a writer the caller gives (the file directly, or a guest write through the
+//! simulator, which its Changed Block Tracking sees); every write is read back from the image.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -172,32 +174,54 @@ pub fn generate(path: &Path, size: u64, seed: u64, filler: &Filler) -> io::Resul
     Ok(c)
 }
 
-/// Overwrite `count` extents of `extent` bytes at random 4 KiB-aligned offsets.
-pub fn change(path: &Path, count: u64, extent: u64, seed: u64, filler: &Filler) -> io::Result<u64> {
+/// Where a change's extents are written: `(offset, bytes)`, the image file itself or a guest
+/// write that ends up in it.
+pub type Writer<'a> = dyn FnMut(u64, &[u8]) -> io::Result<()> + 'a;
+
+/// A writer straight into the file at `path` (where no simulator serves it).
+pub fn direct(path: &Path) -> io::Result<impl FnMut(u64, &[u8]) -> io::Result<()>> {
     let f = OpenOptions::new().write(true).open(path)?;
+    Ok(move |off: u64, buf: &[u8]| f.write_all_at(buf, off))
+}
+
+/// Overwrite `count` extents of `extent` bytes at random 4 KiB-aligned offsets of the image at
+/// `path` through `write`; each extent is read back from `path` and must be what was written
+/// (a write that went elsewhere, or a short one, is an error), then the file is synced.
+pub fn change(path: &Path, count: u64, extent: u64, seed: u64, filler: &Filler, write: &mut Writer) -> io::Result<u64> {
+    let f = File::open(path)?;
     let size = f.metadata()?.len();
     let mut r = Rng::new(seed);
     let mut buf = vec![0u8; extent as usize];
+    let mut back = vec![0u8; extent as usize];
     let blocks = (size - extent) / (4 * KIB) + 1;
     for _ in 0..count {
         let off = r.below(blocks) * 4 * KIB;
         filler.changed(&mut r, &mut buf);
-        f.write_all_at(&buf, off)?;
+        write(off, &buf)?;
+        f.read_exact_at(&mut back, off)?;
+        if back != buf {
+            return Err(io::Error::other(format!(
+                "{}: after writing {extent} bytes at offset {off} the file holds other bytes there",
+                path.display()
+            )));
+        }
     }
     f.sync_all()?;
     Ok(count * extent)
 }
 
-/// `frac` of the disk as clustered 1 MiB extents.
-pub fn change_clustered(path: &Path, size: u64, frac: f64, seed: u64, filler: &Filler) -> io::Result<u64> {
-    let n = ((size as f64 * frac) / MIB as f64).round().max(1.0) as u64;
-    change(path, n, MIB, seed, filler)
-}
-
-/// `frac` of the disk as scattered 4 KiB blocks.
-pub fn change_scattered(path: &Path, size: u64, frac: f64, seed: u64, filler: &Filler) -> io::Result<u64> {
-    let n = ((size as f64 * frac) / (4 * KIB) as f64).round().max(1.0) as u64;
-    change(path, n, 4 * KIB, seed, filler)
+/// `frac` of the disk as extents of `extent` bytes: 1 MiB (clustered) or 4 KiB (scattered).
+pub fn change_frac(
+    path: &Path,
+    size: u64,
+    frac: f64,
+    extent: u64,
+    seed: u64,
+    filler: &Filler,
+    write: &mut Writer,
+) -> io::Result<u64> {
+    let n = ((size as f64 * frac) / extent as f64).round().max(1.0) as u64;
+    change(path, n, extent, seed, filler, write)
 }
 
 /// Set a file's mtime/atime (so every change is seen by size+mtime checks, deterministically).

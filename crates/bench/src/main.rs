@@ -43,6 +43,10 @@ pub struct Args {
     /// chunkSize is always included; default: none, the study of 2026-11-26 chose 1M).
     #[arg(long, default_value = "")]
     chunk_sizes: String,
+    /// Size of the big disk of the CBT scaling row: the same clustered change (1% of --size) on
+    /// the --size disk and on this one, through the CBT row (default 4 x size).
+    #[arg(long)]
+    cbt_scaling: Option<String>,
     /// Disk size of the affa-only peak-memory check (default 4 x size; 0 = skip).
     #[arg(long)]
     memory_check: Option<String>,
@@ -56,10 +60,11 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Phases to skip, comma separated:
-    /// ceilings,full,clustered,scattered,clone,restore,restore-host,mount,nightly,memory.
+    /// ceilings,full,clustered,scattered,clone,restore,restore-host,mount,cbt-scaling,nightly,memory.
     #[arg(long, default_value = "")]
     skip: String,
-    /// Only these systems, comma separated (agent,chunk1m,chunk256k,chunk4m,plain,rsync,borg,restic);
+    /// Only these systems, comma separated
+    /// (agent,agentcbt,chunk1m,chunk256k,chunk4m,plain,rsync,borg,restic);
     /// for profiling and quick looks, the tables then lack the others.
     #[arg(long, default_value = "")]
     systems: String,
@@ -158,6 +163,12 @@ fn run(args: &Args) -> Result<(), String> {
     };
     let skip: Vec<&str> = args.skip.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
     let on = |p: &str| !skip.contains(&p);
+    let only: Vec<&str> = args.systems.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let scaling = match &args.cbt_scaling {
+        _ if !on("cbt-scaling") || !(only.is_empty() || only.contains(&"agentcbt")) => 0,
+        Some(s) => parse_size(s)? / (4 << 10) * (4 << 10),
+        None => 4 * size,
+    };
     let default_cs = affa::config::keys::lookup("chunkSize")
         .and_then(|k| k.default.first())
         .and_then(|v| affa::chunk::parse_chunk_size(v).ok())
@@ -184,7 +195,7 @@ fn run(args: &Args) -> Result<(), String> {
     fs::create_dir_all(&data).map_err(|e| format!("{}: {e}", data.display()))?;
     // Disk: world A holds two images, three chunked stores (staging = a plain copy each), two
     // plain copies per step (pruned), borg and restic; the memory check its image + staging.
-    let need = (9 * size).max(msize * 27 / 10).max(8 * nsize);
+    let need = (9 * size).max(msize.max(scaling) * 27 / 10).max(8 * nsize);
     let free = free_bytes(&data);
     if free < need {
         return Err(format!(
@@ -241,6 +252,9 @@ fn run(args: &Args) -> Result<(), String> {
     if on("memory") && msize > 0 {
         vms.push(VmDef { name: "vm4".into(), size: msize });
     }
+    if scaling > 0 {
+        vms.push(VmDef { name: "vm5".into(), size: scaling });
+    }
     for v in &vms[1..] {
         fs::create_dir_all(ds.join(&v.name)).map_err(|e| e.to_string())?;
         let f = fs::File::create(flat(&v.name)).map_err(|e| e.to_string())?;
@@ -261,7 +275,7 @@ fn run(args: &Args) -> Result<(), String> {
         now: String::new(),
     };
     // A job only to hold the known-hosts file plain ssh and rsync use.
-    affa.add_job("sshref", "vm1", &data.join("sshref"), None, false, &sshd, &sim)?;
+    affa.add_job("sshref", "vm1", &data.join("sshref"), None, false, false, &sshd, &sim)?;
     w.ssh_job = "sshref".into();
     let mut clock = chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap().and_hms_opt(20, 0, 0).unwrap();
     let mut tick = |w: &mut World, days: i64, minutes: i64| {
@@ -270,7 +284,7 @@ fn run(args: &Args) -> Result<(), String> {
     };
 
     let mut systems: Vec<System> = vec![System::new(Kind::Agent(default_cs), &stores, default_cs, false)];
-    for k in [Kind::Chunk(default_cs), Kind::Plain, Kind::Rsync, Kind::Borg, Kind::Restic] {
+    for k in [Kind::AgentCbt(default_cs), Kind::Chunk(default_cs), Kind::Plain, Kind::Rsync, Kind::Borg, Kind::Restic] {
         systems.push(System::new(k, &stores, default_cs, false));
     }
     for &cs in &study {
@@ -281,7 +295,6 @@ fn run(args: &Args) -> Result<(), String> {
     if let Some(t) = &args.tuned {
         systems.push(System::new(Kind::Tuned(parse_size(t)?), &stores, default_cs, true));
     }
-    let only: Vec<&str> = args.systems.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
     if !only.is_empty() {
         systems.retain(|s| only.contains(&s.id.as_str()));
     }
@@ -337,7 +350,8 @@ fn run(args: &Args) -> Result<(), String> {
      -> Result<(), String> {
         for s in systems.iter_mut().filter(|s| which(s)) {
             measure::evict(&[&src_dir(vm), &s.store_dir()]);
-            let b = s.backup(w, vm, &format!("{phase}{rep}"))?;
+            // The VM in the tag: the scaling row runs the same phase and rep on two VMs.
+            let b = s.backup(w, vm, &format!("{phase}{rep}-{vm}"))?;
             log.say(format!(
                 "{phase} {rep} {:<10} {:>7.1} s  ssh {:>9}  growth {:>9}  store {:>9}  rss {:>4} MiB  cpu {:.1}+{:.1} s",
                 s.id,
@@ -385,12 +399,9 @@ fn run(args: &Args) -> Result<(), String> {
         let (frac, clustered) = change_phase(phase).unwrap();
         for rep in 1..=args.reps {
             let seed = gen::derive(args.seed, &format!("{phase}-{rep}"));
-            let changed = if clustered {
-                gen::change_clustered(&flat("vm1"), size, frac, seed, &filler)
-            } else {
-                gen::change_scattered(&flat("vm1"), size, frac, seed, &filler)
-            }
-            .map_err(|e| e.to_string())?;
+            let extent = if clustered { gen::MIB } else { 4 * gen::KIB };
+            let changed = gen::change_frac(&flat("vm1"), size, frac, extent, seed, &filler, &mut via_sim(&sim, "vm1"))
+                .map_err(|e| e.to_string())?;
             mtime += 3600;
             gen::set_mtime(&flat("vm1"), mtime).map_err(|e| e.to_string())?;
             res.changed.push((phase.to_string(), rep, changed));
@@ -400,8 +411,11 @@ fn run(args: &Args) -> Result<(), String> {
     }
     if on("clone") {
         log.say("cloning vm1 to vm2 with 5% divergence");
+        // vm2 has no archive yet (every system's first run of it reads it all): the copy may go
+        // to the file directly; the divergence is a guest write as every change.
         gen::copy_sparse(&flat("vm1"), &flat("vm2")).map_err(|e| e.to_string())?;
-        let changed = gen::change_clustered(&flat("vm2"), size, 0.05, gen::derive(args.seed, "clone"), &filler)
+        let seed = gen::derive(args.seed, "clone");
+        let changed = gen::change_frac(&flat("vm2"), size, 0.05, gen::MIB, seed, &filler, &mut via_sim(&sim, "vm2"))
             .map_err(|e| e.to_string())?;
         mtime += 3600;
         gen::set_mtime(&flat("vm2"), mtime).map_err(|e| e.to_string())?;
@@ -463,6 +477,39 @@ fn run(args: &Args) -> Result<(), String> {
         }
     }
 
+    if scaling > 0 {
+        // Issue 14's scaling row: the same clustered change (1% of --size, 1 MiB extents) on the
+        // --size disk and on one of --cbt-scaling, read through CBT; each on a fresh store (a
+        // full pass first: CBT starts at its snapshot).
+        for (vm, sz) in [("vm1", size), ("vm5", scaling)] {
+            log.say(format!("CBT scaling: generating {vm} ({})", human(sz)));
+            gen::generate(&flat(vm), sz, gen::derive(args.seed, &format!("scaling-{vm}")), &filler)
+                .map_err(|e| e.to_string())?;
+            mtime += 3600;
+            gen::set_mtime(&flat(vm), mtime).map_err(|e| e.to_string())?;
+            let mut cbt = vec![System::new(Kind::AgentCbt(default_cs), &stores, default_cs, false)];
+            tick(&mut w, 0, 60);
+            cbt[0].reset(&w, &[vm])?;
+            backup_all(&mut cbt, &w, &mut res, "cbt-scaling-full", 1, vm, sz, &all)?;
+            for rep in 1..=args.reps {
+                let seed = gen::derive(args.seed, &format!("scaling-{vm}-{rep}"));
+                // 1% of --size (not of this disk): the same changed bytes on both.
+                let changed = gen::change_frac(&flat(vm), size, 0.01, gen::MIB, seed, &filler, &mut via_sim(&sim, vm))
+                    .map_err(|e| e.to_string())?;
+                mtime += 3600;
+                gen::set_mtime(&flat(vm), mtime).map_err(|e| e.to_string())?;
+                res.changed.push((format!("cbt-scaling-{vm}"), rep, changed));
+                tick(&mut w, 0, 60);
+                backup_all(&mut cbt, &w, &mut res, "cbt-scaling", rep, vm, sz, &all)?;
+            }
+            let _ = fs::remove_dir_all(&cbt[0].root);
+            if let Ok(f) = fs::OpenOptions::new().write(true).open(flat(vm)) {
+                let _ = f.set_len(0);
+                let _ = f.set_len(sz);
+            }
+        }
+    }
+
     if on("nightly") {
         log.say(format!("thirty nights: generating vm3 ({})", human(nsize)));
         gen::generate(&flat("vm3"), nsize, gen::derive(args.seed, "vm3"), &filler).map_err(|e| e.to_string())?;
@@ -478,7 +525,8 @@ fn run(args: &Args) -> Result<(), String> {
         for night in 1..=args.nights {
             let seed = gen::derive(args.seed, &format!("night-{night}"));
             let changed =
-                gen::change_clustered(&flat("vm3"), nsize, 0.005, seed, &filler).map_err(|e| e.to_string())?;
+                gen::change_frac(&flat("vm3"), nsize, 0.005, gen::MIB, seed, &filler, &mut via_sim(&sim, "vm3"))
+                    .map_err(|e| e.to_string())?;
             mtime += 86400;
             gen::set_mtime(&flat("vm3"), mtime).map_err(|e| e.to_string())?;
             res.changed.push(("nightly".into(), night, changed));
@@ -533,6 +581,12 @@ fn run(args: &Args) -> Result<(), String> {
         let _ = fs::remove_dir_all(&stores);
     }
     Ok(())
+}
+
+/// Guest writes to disk 0 of `vm` through the simulator (`POST /write`): the datastore file
+/// every system reads gets the bytes, and the simulator's Changed Block Tracking records them.
+fn via_sim<'a>(sim: &'a Sim, vm: &'a str) -> impl FnMut(u64, &[u8]) -> std::io::Result<()> + 'a {
+    move |off, buf| sim.guest_write(vm, off, buf)
 }
 
 /// Restore to the host (issue 13): `ssh HOST 'cat > FILE' < image` (same ssh options as affa)
@@ -624,8 +678,11 @@ fn restore_host(
         // The target is older than the archive (as a disk being rolled forward): a newer one is
         // kept by the agent under --preserve-newer's default, and the restore's check then fails.
         let old = fs::metadata(&target).map(|m| std::os::unix::fs::MetadataExt::mtime(&m)).unwrap_or(0);
-        let changed = gen::change_clustered(&target, size, 0.01, gen::derive(args.seed, "restore-1pct"), filler)
-            .map_err(|e| e.to_string())?;
+        // Not a disk of a VM (no simulator behind it): written directly.
+        let seed = gen::derive(args.seed, "restore-1pct");
+        let mut direct = gen::direct(&target).map_err(|e| format!("{}: {e}", target.display()))?;
+        let changed =
+            gen::change_frac(&target, size, 0.01, gen::MIB, seed, filler, &mut direct).map_err(|e| e.to_string())?;
         gen::set_mtime(&target, old - 3600).map_err(|e| e.to_string())?;
         let (cost, sent, split) = s.restore_host(w, "vm1", &dir, "1pct")?;
         check(&target, &format!("{} over a 1% different target", s.id))?;

@@ -12,6 +12,9 @@ use crate::measure::{median, Cost};
 use crate::systems::{human_cs, Backup};
 use crate::{human, Args};
 
+/// The CBT row's id (issue 14's targets).
+const CBT: &str = "agentcbt";
+
 /// Kept across runs: everything in BENCHMARKS.md after this line is hand-written analysis.
 pub const ANALYSIS_MARK: &str =
     "<!-- analysis: everything below this line is kept when affa-bench rewrites the file -->";
@@ -497,6 +500,7 @@ impl Results {
                 cause(met, format!("{} MB of chunks sent{}", mb(sent), self.restore_split("restore-host-1pct", &d))),
             ));
         }
+        t.extend(self.cbt_targets());
         // Memory: affa (largest local process) + the agent on the host.
         let rss = |phases: &[&str]| {
             self.recs
@@ -540,6 +544,159 @@ impl Results {
             ));
         }
         t
+    }
+
+    /// Bytes written by the change before run `rep` of `phase` (0: none recorded).
+    fn changed_of(&self, phase: &str, rep: u32) -> u64 {
+        self.changed.iter().find(|c| c.0 == phase && c.1 == rep).map_or(0, |c| c.2)
+    }
+
+    /// An extra figure of one run.
+    fn extra_of(r: &Rec, key: &str) -> Option<f64> {
+        r.extra.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
+    }
+
+    /// Median wall of the scaling row's CBT incrementals of `vm` and its disk size.
+    fn scaling(&self, vm: &str) -> Option<(Sum, u64)> {
+        let s = self.sum_where("cbt-scaling", CBT, |r| r.vm == vm)?;
+        let d = s.disk;
+        Some((s, d))
+    }
+
+    /// Issue 14's targets, for the CBT row: (target, measured, met, cause of a miss).
+    fn cbt_targets(&self) -> Vec<(String, String, Option<bool>, String)> {
+        let mut t = Vec::new();
+        let cause = |met: bool, how: String| if met { String::new() } else { how };
+        if let (Some(a), Some(b)) = (self.sum("clustered", CBT), self.sum("clustered", "borg")) {
+            let x = a.wall / b.wall;
+            let met = x <= 0.2;
+            t.push((
+                "1% clustered incremental with CBT: wall <= 0.2x borg's".into(),
+                format!("{:.1} s vs {:.1} s = {x:.2}x", a.wall, b.wall),
+                Some(met),
+                cause(met, format!("{}; {}", self.why_backup("clustered", CBT), self.why_other("clustered", "borg"))),
+            ));
+        }
+        // The worst run: every CBT incremental of the 1% clustered change.
+        let runs: Vec<(f64, u64)> = self
+            .recs
+            .iter()
+            .filter(|r| r.phase == "clustered" && r.system == CBT)
+            .filter_map(|r| Some((Self::extra_of(r, "host_bytes_read")?, self.changed_of("clustered", r.rep))))
+            .filter(|(_, c)| *c > 0)
+            .collect();
+        if let Some(&(h, c)) = runs.iter().max_by(|a, b| (a.0 / a.1 as f64).total_cmp(&(b.0 / b.1 as f64))) {
+            let x = h / c as f64;
+            let met = x <= 2.0;
+            t.push((
+                "1% clustered incremental with CBT: bytes read on the host <= 2x the changed bytes".into(),
+                format!("{} MB read vs {} MB changed = {x:.2}x (worst of {} runs)", mb(h), mb(c as f64), runs.len()),
+                Some(met),
+                cause(
+                    met,
+                    format!(
+                        "the agent reads whole chunks ({}) around each changed 1 MiB extent (4 KiB-aligned, so most span two chunks)",
+                        human_cs(self.default_cs)
+                    ),
+                ),
+            ));
+        }
+        if let (Some((a, da)), Some((b, db))) = (self.scaling("vm1"), self.scaling("vm5")) {
+            let x = (a.wall - b.wall).abs() / a.wall.min(b.wall);
+            let met = x < 0.2;
+            t.push((
+                "CBT incremental, same changed bytes: wall on a 4x bigger disk differs by < 20%".into(),
+                format!("{:.1} s ({}) vs {:.1} s ({}) = {:.0}%", a.wall, human(da), b.wall, human(db), x * 100.0),
+                Some(met),
+                cause(
+                    met,
+                    format!("{}: {}; {}: {}", human(da), self.why_scaling("vm1"), human(db), self.why_scaling("vm5")),
+                ),
+            ));
+        }
+        t
+    }
+
+    /// Where a scaling run's time went (the report's split, medians).
+    fn why_scaling(&self, vm: &str) -> String {
+        let rs: Vec<&Rec> =
+            self.recs.iter().filter(|r| r.phase == "cbt-scaling" && r.system == CBT && r.vm == vm).collect();
+        let med = |k: &str| {
+            let v: Vec<f64> = rs.iter().filter_map(|r| Self::extra_of(r, k)).collect();
+            (!v.is_empty()).then(|| median(&v))
+        };
+        let f = |k: &str| med(k).map_or("-".to_string(), |x| format!("{x:.1} s"));
+        format!(
+            "before the first rsync {}, rsync {}, between (agent, chunking, snapshot removal) {}, after {}, host read {} MB",
+            f("before_first_rsync_s"),
+            f("rsync_s"),
+            f("between_disk_and_config_rsync_s"),
+            f("after_last_rsync_s"),
+            med("host_bytes_read").map(mb).unwrap_or("-".into())
+        )
+    }
+
+    /// Changed Block Tracking (issue 14): every incremental of the CBT row beside the agent
+    /// row's full pass, with the bytes read on the host; then the scaling row.
+    fn cbt_md(&self, o: &mut String) {
+        let d = self.def();
+        let runs: Vec<&Rec> = self
+            .recs
+            .iter()
+            .filter(|r| r.system == CBT && ["clustered", "scattered"].contains(&r.phase.as_str()))
+            .collect();
+        if !runs.is_empty() {
+            o.push_str(&format!(
+                "## Changed Block Tracking: every incremental ({} = {}; {} = {}, a full agent pass)\n\n",
+                CBT,
+                self.label(CBT),
+                d,
+                self.label(&d)
+            ));
+            o.push_str("| scenario | run | changed MB | CBT wall s | CBT host read MB | host read / changed | agent wall s | agent host read MB |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
+            for r in runs {
+                let changed = self.changed_of(&r.phase, r.rep) as f64;
+                let host = Self::extra_of(r, "host_bytes_read");
+                let other = self.recs.iter().find(|x| x.phase == r.phase && x.rep == r.rep && x.system == d);
+                o.push_str(&format!(
+                    "| {} | {} | {} | {:.1} | {} | {} | {} | {} |\n",
+                    r.phase,
+                    r.rep,
+                    mb(changed),
+                    r.cost.wall,
+                    host.map(mb).unwrap_or("-".into()),
+                    host.map(|h| format!("{:.2}x", h / changed)).unwrap_or("-".into()),
+                    other.map(|x| format!("{:.1}", x.cost.wall)).unwrap_or("-".into()),
+                    other.and_then(|x| Self::extra_of(x, "host_bytes_read")).map(mb).unwrap_or("-".into())
+                ));
+            }
+            o.push_str("\nEvery CBT incremental was checked to have read its disk through CBT (`ESXiDiskRead0=cbt ...` in the archive's report); a fallback to a full pass stops the bench.\n\n");
+        }
+        let rows: Vec<(Sum, u64)> = ["vm1", "vm5"].iter().filter_map(|vm| self.scaling(vm)).collect();
+        if !rows.is_empty() {
+            let changed = self.changed.iter().find(|c| c.0.starts_with("cbt-scaling-")).map_or(0, |c| c.2);
+            o.push_str(&format!(
+                "## Changed Block Tracking: the same change on a bigger disk ({} MiB clustered, median of {})\n\n| disk | CBT incremental wall s | host read MB | runs |\n|---|---:|---:|---:|\n",
+                changed >> 20,
+                self.reps
+            ));
+            for (vm, (s, disk)) in ["vm1", "vm5"].iter().zip(rows) {
+                let host: Vec<f64> = self
+                    .recs
+                    .iter()
+                    .filter(|r| r.phase == "cbt-scaling" && r.system == CBT && r.vm == *vm)
+                    .filter_map(|r| Self::extra_of(r, "host_bytes_read"))
+                    .collect();
+                o.push_str(&format!(
+                    "| {} | {:.1} | {} | {} |\n",
+                    human(disk),
+                    s.wall,
+                    if host.is_empty() { "-".into() } else { mb(median(&host)) },
+                    s.n
+                ));
+            }
+            o.push('\n');
+        }
     }
 
     /// Where a restore's time went, from the job log's timestamps (" (...)" or empty).
@@ -778,6 +935,7 @@ impl Results {
             }
             o.push_str("\nEvery restored file was compared with the source (BLAKE3) on the first repetition.\n\n");
         }
+        self.cbt_md(&mut o);
         self.restore_host_md(&mut o);
         self.mount_md(&mut o);
 
@@ -933,9 +1091,10 @@ impl Results {
 
         // Targets
         o.push_str(&format!(
-            "## Targets of issues 13 and 16 ({} run, affa = {})\n\n| target | measured | result |\n|---|---|---|\n",
+            "## Targets of issues 13, 14 and 16 ({} run, affa = {}; CBT rows: {})\n\n| target | measured | result |\n|---|---|---|\n",
             human(self.size),
-            self.label(&d)
+            self.label(&d),
+            self.label(CBT)
         ));
         for e in &self.errors {
             o.push_str(&format!(
@@ -1033,6 +1192,7 @@ impl Results {
             "restore-host-1pct",
             "unchunk-null",
             "mount-seq",
+            "cbt-scaling-full",
             "nightly",
             "memory-full",
         ];
@@ -1056,6 +1216,15 @@ impl Results {
             }
         }
         root.set("medians", J::Arr(sums));
+        let mut cs = J::obj();
+        for vm in ["vm1", "vm5"] {
+            if let Some((s, disk)) = self.scaling(vm) {
+                let mut o = J::obj();
+                o.set("disk_bytes", disk).set("runs", s.n as u64).set("median_wall_s", s.wall);
+                cs.set(vm, o);
+            }
+        }
+        root.set("cbt_scaling", cs);
         let mut ce = J::obj();
         for ph in ["local-read-cold", "ssh-cat-cold", "ssh-cat-warm", "ssh-cat-write"] {
             if let Some(w) = self.ceiling(ph) {

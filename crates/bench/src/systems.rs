@@ -1,5 +1,6 @@
-//! The systems compared: affa on an ESXi job (chunked through affa-agent, the default; chunked
-//! through rsync and the staging copy, one per chunk size; and without chunkFiles), plain
+//! The systems compared: affa on an ESXi job (chunked through affa-agent, the default, with
+//! `ESXiCBT=no`; the same with Changed Block Tracking, `ESXiCBT=yes`; chunked through rsync and
+//! the staging copy, one per chunk size; and without chunkFiles), plain
 //! `rsync --link-dest` over the same ssh, borg and restic reading the image directly. Each has a
 //! store directory, a backup of a VM and a restore of its newest version; affa's chunked systems
 //! also restore to the host (`--full-restore`).
@@ -16,6 +17,9 @@ pub enum Kind {
     /// affa ESXi job with chunkFiles=*-flat.vmdk, this chunkSize (bytes) and chunkTransport=auto:
     /// the disk goes through affa-agent (the run fails when the report says otherwise).
     Agent(u64),
+    /// Agent(size) with `ESXiCBT=yes`: the first run after a reset is a full pass, every later
+    /// one must read the disk through CBT (the run fails when the report says otherwise).
+    AgentCbt(u64),
     /// affa ESXi job with chunkFiles=*-flat.vmdk, this chunkSize (bytes) and
     /// chunkTransport=rsync: rsync into the staging copy, then chunking.
     Chunk(u64),
@@ -83,6 +87,11 @@ impl System {
     pub fn new(kind: Kind, stores: &Path, default_cs: u64, study: bool) -> System {
         let (id, label) = match &kind {
             Kind::Agent(cs) if *cs == default_cs => ("agent".into(), "affa ESXi, chunkFiles, agent (default)".into()),
+            Kind::AgentCbt(cs) if *cs == default_cs => ("agentcbt".into(), "affa ESXi, chunkFiles, agent + CBT".into()),
+            Kind::AgentCbt(cs) => {
+                let h = human_cs(*cs);
+                (format!("agentcbt{}", h.to_lowercase()), format!("affa ESXi, chunkFiles, chunkSize={h}, agent + CBT"))
+            }
             Kind::Agent(cs) => {
                 let h = human_cs(*cs);
                 (format!("agent{}", h.to_lowercase()), format!("affa ESXi, chunkFiles, chunkSize={h}, agent"))
@@ -106,13 +115,13 @@ impl System {
     }
 
     pub fn chunked(&self) -> bool {
-        matches!(self.kind, Kind::Agent(_) | Kind::Chunk(_) | Kind::Tuned(_))
+        matches!(self.kind, Kind::Agent(_) | Kind::AgentCbt(_) | Kind::Chunk(_) | Kind::Tuned(_))
     }
 
     /// The chunkTransport the report must show.
     fn transport(&self) -> Option<&'static str> {
         match self.kind {
-            Kind::Agent(_) => Some("agent"),
+            Kind::Agent(_) | Kind::AgentCbt(_) => Some("agent"),
             Kind::Chunk(_) | Kind::Tuned(_) => Some("rsync"),
             _ => None,
         }
@@ -154,8 +163,8 @@ impl System {
         self.seq = 0;
         self.last.clear();
         match self.kind {
-            Kind::Agent(cs) | Kind::Chunk(cs) | Kind::Tuned(cs) => {
-                let via = if matches!(self.kind, Kind::Agent(_)) { "auto" } else { "rsync" };
+            Kind::Agent(cs) | Kind::AgentCbt(cs) | Kind::Chunk(cs) | Kind::Tuned(cs) => {
+                let via = if matches!(self.kind, Kind::Agent(_) | Kind::AgentCbt(_)) { "auto" } else { "rsync" };
                 for vm in vms {
                     w.affa.add_job(
                         &self.job(vm),
@@ -163,6 +172,7 @@ impl System {
                         &self.root,
                         Some((&human_cs(cs), via)),
                         matches!(self.kind, Kind::Tuned(_)),
+                        matches!(self.kind, Kind::AgentCbt(_)),
                         w.sshd,
                         w.sim,
                     )?;
@@ -170,7 +180,7 @@ impl System {
             }
             Kind::Plain => {
                 for vm in vms {
-                    w.affa.add_job(&self.job(vm), vm, &self.root, None, false, w.sshd, w.sim)?;
+                    w.affa.add_job(&self.job(vm), vm, &self.root, None, false, false, w.sshd, w.sim)?;
                 }
             }
             Kind::Rsync => {}
@@ -209,10 +219,14 @@ impl System {
         let log = w.logs.join(format!("{}-{tag}-{}.log", self.id, self.seq));
         let src = w.ds.join(vm);
         let mut extra = Vec::new();
+        // The CBT row's job has an archive of this VM: this run must read it through CBT.
+        let want_cbt = matches!(self.kind, Kind::AgentCbt(_)) && self.last.contains_key(vm);
         let (cost, bytes) = match self.kind {
-            Kind::Agent(_) | Kind::Chunk(_) | Kind::Tuned(_) | Kind::Plain => {
+            Kind::Agent(_) | Kind::AgentCbt(_) | Kind::Chunk(_) | Kind::Tuned(_) | Kind::Plain => {
                 let job = self.job(vm);
                 let times = w.logs.join(format!("{}-{tag}-{}.rsync-times", self.id, self.seq));
+                // The wrapper appends: only this run's spans.
+                let _ = fs::remove_file(&times);
                 let mut c = w.affa.cmd();
                 c.env("AFFA_FAKE_NOW", &w.now).env("AFFA_BENCH_RSYNC_LOG", &times).args(["--run", &job]);
                 let cost = measure::run(&mut c, &log, w.remote)?;
@@ -266,6 +280,26 @@ impl System {
                     if let Some(v) = num(key) {
                         extra.push((k.to_string(), v as f64));
                     }
+                }
+                // How each disk was read (ESXiDiskReadN = MODE HOSTBYTESREAD BYTESSENT [(reason)]).
+                let reads: Vec<&str> = rep
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("ESXiDiskRead")?.split_once('=').map(|x| x.1.trim()))
+                    .collect();
+                let host: Vec<u64> = reads.iter().filter_map(|r| r.split_whitespace().nth(1)?.parse().ok()).collect();
+                if !host.is_empty() {
+                    extra.push(("host_bytes_read".to_string(), host.iter().sum::<u64>() as f64));
+                }
+                if matches!(self.kind, Kind::AgentCbt(_)) {
+                    let cbt = !reads.is_empty() && reads.iter().all(|r| r.split_whitespace().next() == Some("cbt"));
+                    if want_cbt && !cbt {
+                        return Err(format!(
+                            "{}: {job}'s run fell back from CBT (report ESXiDiskRead: {}): not a CBT figure",
+                            self.id,
+                            if reads.is_empty() { "absent".to_string() } else { reads.join("; ") }
+                        ));
+                    }
+                    extra.push(("read_cbt".to_string(), if cbt { 1.0 } else { 0.0 }));
                 }
                 if let Some(v) = num("ChunkPoolBytesAdded") {
                     extra.push(("pool_bytes_added".to_string(), v as f64));
@@ -374,7 +408,7 @@ impl System {
         let rel = format!("vmfs/volumes/datastore1/{vm}/{flat}");
         measure::evict(&[&self.store_dir()]);
         let (mut c, file) = match self.kind {
-            Kind::Agent(_) | Kind::Chunk(_) | Kind::Tuned(_) => {
+            Kind::Agent(_) | Kind::AgentCbt(_) | Kind::Chunk(_) | Kind::Tuned(_) => {
                 let mut c = w.affa.cmd();
                 c.args(["--unchunk", &self.job(vm), "scheduled.0", "--to"]).arg(out);
                 (c, out.join(&rel))
