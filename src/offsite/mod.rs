@@ -361,8 +361,14 @@ pub fn upload(
     Ok(Uploaded { text, new_key })
 }
 
-/// The job's offsite archives, opened and checked, by date (with the name of each index).
-fn indexes(store: &Store, keys: &Keys, job: &str) -> Result<(Vec<(String, Index)>, Vec<String>)> {
+/// A job's offsite archives: those that open (by date), and why the others do not.
+struct Indexes {
+    good: Vec<Index>,
+    bad: Vec<String>,
+}
+
+/// The job's offsite archives, opened and checked.
+fn indexes(store: &Store, keys: &Keys, job: &str) -> Result<Indexes> {
     let mut good = Vec::new();
     let mut bad = Vec::new();
     for name in store.list(&keys.job_dir(job), None)? {
@@ -375,13 +381,13 @@ fn indexes(store: &Store, keys: &Keys, job: &str) -> Result<(Vec<(String, Index)
             .map_err(|e| Error::damaged(format!("offsite index {name} {e}")))
             .and_then(|plain| Index::parse(&plain, &name));
         match idx {
-            Ok(i) if i.job == job => good.push((name, i)),
+            Ok(i) if i.job == job => good.push(i),
             Ok(i) => bad.push(format!("index {name}: names job '{}', expected '{job}'", i.job)),
             Err(e) => bad.push(e.to_string()),
         }
     }
-    good.sort_by(|a, b| (&a.1.date, &a.1.uploaded).cmp(&(&b.1.date, &b.1.uploaded)));
-    Ok((good, bad))
+    good.sort_by(|a, b| (&a.date, &a.uploaded).cmp(&(&b.date, &b.uploaded)));
+    Ok(Indexes { good, bad })
 }
 
 /// `affa --offsite-verify JOB`: every chunk of every offsite archive of the job is present,
@@ -390,7 +396,7 @@ fn indexes(store: &Store, keys: &Keys, job: &str) -> Result<(Vec<(String, Index)
 pub fn verify(cfg: &Config, job_name: &str, clock: &dyn Clock, watch: &Watch) -> Result<Verified> {
     let job = cfg.job(job_name)?;
     let (store, keys, _) = open(job, false, clock)?;
-    let (idxs, bad_idx) = indexes(&store, &keys, job_name)?;
+    let Indexes { good: idxs, bad: bad_idx } = indexes(&store, &keys, job_name)?;
     let mut out = String::new();
     let mut damaged = Vec::new();
     for b in &bad_idx {
@@ -404,7 +410,7 @@ pub fn verify(cfg: &Config, job_name: &str, clock: &dyn Clock, watch: &Watch) ->
     // Each object is checked once, whichever archives use it.
     let mut checked: BTreeMap<ChunkId, Option<String>> = BTreeMap::new();
     let mut plain = Vec::new();
-    for (_, idx) in &idxs {
+    for idx in &idxs {
         let label = format!("{} (Date {})", idx.archive, idx.date);
         let uses = idx.chunk_uses();
         let bar = watch.meter(format!("offsite-verify {label}"), Some(uses.len() as u64));
@@ -466,9 +472,9 @@ pub fn list(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<String> 
             continue;
         }
         let (store, keys, _) = open(job, false, clock)?;
-        let (idxs, bad) = indexes(&store, &keys, &job.name)?;
+        let Indexes { good: idxs, bad } = indexes(&store, &keys, &job.name)?;
         out.push_str(&format!("Job {} offsite in {}: {} archive(s)\n", job.name, store.shown, idxs.len()));
-        for (_, i) in &idxs {
+        for i in &idxs {
             out.push_str(&format!(
                 "  {}  Date {}  uploaded {}  {} entries\n",
                 i.archive,

@@ -66,7 +66,7 @@ pub struct Store {
 
 /// How a request ended.
 enum Outcome {
-    Done(ureq::Response),
+    Done(Box<ureq::Response>),
     NotFound,
 }
 
@@ -101,12 +101,16 @@ impl Store {
 
     /// Send a request (signed anew for each attempt by `send`), retrying transport errors, 5xx
     /// and 429; 404 is [`Outcome::NotFound`], any other status an error naming it.
-    fn call(&self, what: &str, send: impl Fn() -> std::result::Result<ureq::Response, ureq::Error>) -> Result<Outcome> {
+    fn call(
+        &self,
+        what: &str,
+        send: impl Fn() -> std::result::Result<ureq::Response, Box<ureq::Error>>,
+    ) -> Result<Outcome> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let retry = match send() {
-                Ok(r) => return Ok(Outcome::Done(r)),
+            let retry = match send().map_err(|e| *e) {
+                Ok(r) => return Ok(Outcome::Done(Box::new(r))),
                 Err(ureq::Error::Status(404, _)) => return Ok(Outcome::NotFound),
                 Err(ureq::Error::Status(code, r)) => {
                     let mut body = String::new();
@@ -137,7 +141,7 @@ impl Store {
     pub fn put(&self, name: &str, body: &[u8]) -> Result<()> {
         let key = self.key(name);
         let url = || self.bucket.put_object(Some(&self.creds), &key).sign(SIGN_FOR);
-        match self.call(&format!("PUT {name}"), || self.agent.put(url().as_str()).send_bytes(body))? {
+        match self.call(&format!("PUT {name}"), || self.agent.put(url().as_str()).send_bytes(body).map_err(Box::new))? {
             Outcome::Done(_) => Ok(()),
             Outcome::NotFound => {
                 Err(Error::remote(format!("{}: PUT {name}: HTTP 404 (does the bucket exist?)", self.shown)))
@@ -150,7 +154,7 @@ impl Store {
         let key = self.key(name);
         let url = || self.bucket.get_object(Some(&self.creds), &key).sign(SIGN_FOR);
         let what = format!("GET {name}");
-        match self.call(&what, || self.agent.get(url().as_str()).call())? {
+        match self.call(&what, || self.agent.get(url().as_str()).call().map_err(Box::new))? {
             Outcome::NotFound => Ok(None),
             Outcome::Done(r) => {
                 let mut v = Vec::new();
@@ -170,7 +174,10 @@ impl Store {
     pub fn exists(&self, name: &str) -> Result<bool> {
         let key = self.key(name);
         let url = || self.bucket.head_object(Some(&self.creds), &key).sign(SIGN_FOR);
-        Ok(matches!(self.call(&format!("HEAD {name}"), || self.agent.head(url().as_str()).call())?, Outcome::Done(_)))
+        Ok(matches!(
+            self.call(&format!("HEAD {name}"), || self.agent.head(url().as_str()).call().map_err(Box::new))?,
+            Outcome::Done(_)
+        ))
     }
 
     /// The names (below the prefix) of the objects whose names start with `under`; at most
@@ -191,7 +198,7 @@ impl Store {
                 a.sign(SIGN_FOR)
             };
             let what = format!("LIST {under}");
-            let body = match self.call(&what, || self.agent.get(url().as_str()).call())? {
+            let body = match self.call(&what, || self.agent.get(url().as_str()).call().map_err(Box::new))? {
                 Outcome::NotFound => {
                     return Err(Error::remote(format!("{}: {what}: HTTP 404 (does the bucket exist?)", self.shown)))
                 }

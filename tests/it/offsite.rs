@@ -24,16 +24,11 @@ const CS: usize = 256 << 10;
 const SECRETS: &[&str] =
     &["DISK-PLAINTEXT-MARKER", "secret-file-name-QX7", "SMALL-FILE-MARKER-contents", JOB, "affa-chunk-manifest"];
 
-fn xorshift(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+/// `len` pseudo-random (incompressible) bytes: BLAKE3's output stream of `seed`.
+fn random(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    blake3::Hasher::new().update(&seed.to_le_bytes()).finalize_xof().fill(&mut v);
+    v
 }
 
 /// A source with a 2 MiB disk image (8 chunks of 256 KiB: one of text, one of zeros, six random)
@@ -46,7 +41,7 @@ fn source() -> tempfile::TempDir {
     img.truncate(CS);
     img.extend(vec![0u8; CS]);
     for i in 2..8 {
-        img.extend(xorshift(i, CS));
+        img.extend(random(i, CS));
     }
     fs::write(d.join("disk.img"), img).unwrap();
     fs::write(d.join("sub/secret-file-name-QX7.txt"), "SMALL-FILE-MARKER-contents\n").unwrap();
@@ -72,6 +67,16 @@ fn setup(ceph: &Ceph, src: &Path, bucket: &str) -> Affa {
         ),
     );
     a
+}
+
+/// A new bucket, a source, the job and its first archive (2026-12-01 01:00).
+fn first_archive() -> (&'static Ceph, String, tempfile::TempDir, Affa) {
+    let ceph = Ceph::shared();
+    let bucket = ceph.new_bucket();
+    let src = source();
+    let a = setup(ceph, src.path(), &bucket);
+    ok(&a.affa_at("2026-12-01T01:00:00", &["--run", JOB]));
+    (ceph, bucket, src, a)
 }
 
 fn key_file(a: &Affa) -> std::path::PathBuf {
@@ -127,11 +132,7 @@ fn no_secret_readable(ceph: &Ceph, bucket: &str) {
 #[test]
 fn archives_go_offsite_sealed_and_the_next_one_sends_only_what_the_bucket_lacks() {
     let t0 = Instant::now();
-    let ceph = Ceph::shared();
-    let bucket = ceph.new_bucket();
-    let src = source();
-    let a = setup(ceph, src.path(), &bucket);
-    ok(&a.affa_at("2026-12-01T01:00:00", &["--run", JOB]));
+    let (ceph, bucket, src, a) = first_archive();
 
     // First upload: a new key, made and shown once, mode 0600.
     let o = a.affa_at("2026-12-01T02:00:00", &["--offsite", JOB]);
@@ -166,7 +167,7 @@ fn archives_go_offsite_sealed_and_the_next_one_sends_only_what_the_bucket_lacks(
     // chunks the first did not have.
     let mut f = fs::OpenOptions::new().write(true).open(src.path().join("data/disk.img")).unwrap();
     f.seek(SeekFrom::Start(3 * CS as u64 + 1000)).unwrap();
-    f.write_all(&xorshift(99, 300 << 10)).unwrap();
+    f.write_all(&random(99, 300 << 10)).unwrap();
     drop(f);
     fs::write(src.path().join("data/new.txt"), "a new file\n").unwrap();
     ok(&a.affa_at("2026-12-02T01:00:00", &["--run", JOB]));
@@ -192,11 +193,7 @@ fn archives_go_offsite_sealed_and_the_next_one_sends_only_what_the_bucket_lacks(
 
 #[test]
 fn damaged_and_missing_objects_are_named_and_a_wrong_or_open_key_is_refused() {
-    let ceph = Ceph::shared();
-    let bucket = ceph.new_bucket();
-    let src = source();
-    let a = setup(ceph, src.path(), &bucket);
-    ok(&a.affa_at("2026-12-01T01:00:00", &["--run", JOB]));
+    let (ceph, bucket, _src, a) = first_archive();
     ok(&a.affa(&["--offsite", JOB]));
     let chunks: Vec<String> = objects(ceph, &bucket, "c/").into_iter().collect();
     let (bent, gone) = (&chunks[0], &chunks[1]);
@@ -254,11 +251,7 @@ fn damaged_and_missing_objects_are_named_and_a_wrong_or_open_key_is_refused() {
 #[cfg(feature = "test-hooks")]
 #[test]
 fn a_cut_upload_is_never_listed_and_the_rerun_completes_it() {
-    let ceph = Ceph::shared();
-    let bucket = ceph.new_bucket();
-    let src = source();
-    let a = setup(ceph, src.path(), &bucket);
-    ok(&a.affa_at("2026-12-01T01:00:00", &["--run", JOB]));
+    let (ceph, bucket, _src, a) = first_archive();
     let o = a.cmd().env("AFFA_TEST_CRASH_AT", "offsite-chunk-uploaded:3").args(["--offsite", JOB]).output().unwrap();
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(o.status.signal(), Some(9), "killed mid-upload: {o:?}");
