@@ -6,7 +6,15 @@
 # kills every daemon with SIGKILL (the cluster is thrown away) and removes DIR.
 D=$1; MON_PORT=$2; RGW_PORT=$3; FSID=$4; UUID=$5
 C="ceph -c $D/ceph.conf"
-killall_daemons() { for f in "$D"/run/*.pid; do [ -f "$f" ] && kill -9 "$(cat "$f")" 2>/dev/null; done; }
+# Every daemon of this cluster: by its pid file, and by its command line naming DIR/ceph.conf (the
+# test process's own temp-dir cleaner may remove the pid files at the same moment).
+killall_daemons() {
+  for f in "$D"/run/*.pid; do [ -f "$f" ] && kill -9 "$(cat "$f")" 2>/dev/null; done
+  for p in /proc/[0-9]*; do
+    c=$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null) || continue
+    case "$c" in *"$D/ceph.conf"*) kill -9 "${p#/proc/}" 2>/dev/null ;; esac
+  done
+}
 fail() { echo "ceph fixture: $1" >&2; killall_daemons; : > "$D/failed"; exit 1; }
 need() { command -v "$1" >/dev/null || fail "$1 is missing: apt-get install --no-install-recommends $2"; }
 need ceph-mon ceph-mon; need ceph-mgr ceph-mgr; need ceph-osd ceph-osd; need radosgw radosgw
