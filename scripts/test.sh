@@ -17,6 +17,7 @@ PACKAGES=(
   fuse3 fdisk util-linux                        # the mount tests (fusermount3; sfdisk, partx for the VM-disk recipe)
   btrfs-progs                                   # mkfs.btrfs: a read error (EIO) at the agent's source (tests/it/agent_transport.rs)
   rpm man-db binutils dpkg-dev                  # the package test: rpm -qlvp, man -w, strip, dpkg-shlibdeps
+  ceph-mon ceph-mgr ceph-osd radosgw ceph-common # a single-node Ceph with its S3 gateway (tests/it/offsite.rs)
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

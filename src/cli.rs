@@ -75,6 +75,12 @@ pub struct Cli {
     /// Describe one configuration key: KEY
     #[arg(long)]
     show_property: bool,
+    /// Copy an archive (default the newest) to the job's S3 bucket (offsiteTarget), encrypted: JOB [ARCHIVE]; with --list-archives: list the offsite archives
+    #[arg(long)]
+    offsite: bool,
+    /// Check every object of the job's offsite archives: present, decrypting, hashing to its id: JOB
+    #[arg(long)]
+    offsite_verify: bool,
     /// Rebuild the chunked files of an archive as plain files: JOB ARCHIVE [--to DIR]
     #[arg(long)]
     unchunk: bool,
@@ -239,7 +245,7 @@ pub const USAGE: &[&str] = &[
     "--check-connections [JOB JOB ...]",
     "--resume-interrupted",
     "--full-restore [--preserve-newer=no] [--delete=yes] JOB [ARCHIVE]",
-    "--list-archives [--csv] [JOB JOB ...]",
+    "--list-archives [--csv|--offsite] [JOB JOB ...]",
     "--status [--csv] [--all]",
     "--show-config-pathes [--csv] [JOB JOB ...]",
     "--show-default-config",
@@ -260,6 +266,8 @@ pub const USAGE: &[&str] = &[
     "--init-nrpe",
     "--verify JOB [ARCHIVE|--all]",
     "--unchunk JOB ARCHIVE [--to DIR]",
+    "--offsite JOB [ARCHIVE]",
+    "--offsite-verify JOB",
     "--metrics",
     "--samba-shares",
     "--mount [--foreground] JOB [ARCHIVE] DIR",
@@ -377,6 +385,19 @@ pub enum Action {
         job: String,
         archives: Archives,
     },
+    /// `--offsite JOB [ARCHIVE]`
+    Offsite {
+        job: String,
+        archive: Option<String>,
+    },
+    /// `--offsite-verify JOB`
+    OffsiteVerify {
+        job: String,
+    },
+    /// `--list-archives --offsite [JOB...]`
+    ListOffsite {
+        jobs: Vec<String>,
+    },
     FullRestore {
         job: String,
         restore: Restore,
@@ -488,6 +509,8 @@ fn actions(c: &Cli) -> Vec<&'static str> {
         (c.show_default_config, "--show-default-config"),
         (c.show_property, "--show-property"),
         (c.unchunk, "--unchunk"),
+        (c.offsite, "--offsite"),
+        (c.offsite_verify, "--offsite-verify"),
         (c.verify, "--verify"),
         (c.full_restore, "--full-restore"),
         (c.make_cronjobs, "--make-cronjobs"),
@@ -552,6 +575,7 @@ pub fn action(mut c: Cli) -> Result<Invocation, Usage> {
         [] => return Err(Usage("no action given; affa --help lists them".into())),
         [a] => *a,
         ["--revoke-key", "--delete-job"] | ["--delete-job", "--revoke-key"] => "--delete-job",
+        ["--list-archives", "--offsite"] => "--list-archives --offsite",
         many => return Err(Usage(format!("{} cannot be used together (one action at a time)", many.join(" and ")))),
     };
     let a = &mut c.args;
@@ -569,6 +593,16 @@ pub fn action(mut c: Cli) -> Result<Invocation, Usage> {
         "--configcheck" => {
             exactly::<0>(a, one)?;
             Action::ConfigCheck
+        }
+        "--list-archives --offsite" => Action::ListOffsite { jobs: std::mem::take(a) },
+        "--offsite" => {
+            let mut v = args(a, one, 1, 2)?;
+            let archive = v.get(1).cloned();
+            Action::Offsite { job: v.swap_remove(0), archive }
+        }
+        "--offsite-verify" => {
+            let [job] = exactly(a, one)?;
+            Action::OffsiteVerify { job }
         }
         "--list-archives" => Action::ListArchives { jobs: std::mem::take(a), csv: std::mem::take(&mut c.csv) },
         "--status" => {
@@ -991,6 +1025,26 @@ mod tests {
             assert!(cmd.get_arguments().any(|a| a.get_long() == Some(opt)) || opt == "version" || opt == "help", "{u}");
         }
         assert!(short_help().starts_with("Usage: affa --run JOB"));
+    }
+
+    #[test]
+    fn offsite_actions() {
+        let web = || "web".to_string();
+        assert_eq!(act(&["--offsite", "web"]), Action::Offsite { job: web(), archive: None });
+        assert_eq!(
+            act(&["--offsite", "web", "daily.2"]),
+            Action::Offsite { job: web(), archive: Some("daily.2".into()) }
+        );
+        assert_eq!(act(&["--offsite-verify", "web"]), Action::OffsiteVerify { job: web() });
+        assert_eq!(act(&["--list-archives", "--offsite", "web"]), Action::ListOffsite { jobs: vec![web()] });
+        assert_eq!(act(&["--offsite", "--list-archives"]), Action::ListOffsite { jobs: vec![] });
+        assert!(
+            usage_error(&["--offsite"]).starts_with("--offsite: missing argument; usage: affa --offsite JOB [ARCHIVE]")
+        );
+        assert!(usage_error(&["--offsite-verify", "web", "x"]).starts_with("--offsite-verify: unexpected argument 'x'"));
+        assert!(usage_error(&["--list-archives", "--offsite", "--csv"])
+            .starts_with("--csv does not apply to --list-archives --offsite"));
+        assert!(usage_error(&["--offsite", "web", "--offsite-verify"]).contains("cannot be used together"));
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod monitor;
 pub mod mount;
 pub mod notify;
 pub mod observer;
+pub mod offsite;
 pub mod restore;
 pub mod samba;
 pub mod schedule;

@@ -171,6 +171,21 @@ fn dispatch(inv: Invocation, ui: &Arc<render::Terminal>, out: &mut dyn Write) ->
                 affa::bail!("verify of job {job} found damage in: {}", v.damaged.join(", "));
             }
         }
+        Action::Offsite { job, archive } => {
+            let up = affa::offsite::upload(&env.config()?, &job, archive.as_deref(), clock()?.as_ref(), &watch)?;
+            if let Some(k) = &up.new_key {
+                ui.new_offsite_key(&k.file, &k.text);
+            }
+            print(out, up.text);
+        }
+        Action::OffsiteVerify { job } => {
+            let v = affa::offsite::verify(&env.config()?, &job, clock()?.as_ref(), &watch)?;
+            print(out, v.text);
+            if !v.damaged.is_empty() {
+                affa::bail!("offsite verify of job {job} found missing or damaged objects in: {}", v.damaged.join(", "));
+            }
+        }
+        Action::ListOffsite { jobs } => print(out, affa::offsite::list(&env.config()?, &jobs, clock()?.as_ref())?),
         Action::FullRestore { job, restore: r } => {
             let opts = affa::restore::RestoreOptions {
                 archive: r.archive,

@@ -85,6 +85,17 @@ impl Terminal {
         self.line(&format!("{} {}", self.paint(RED, "affa: error:"), esc(message)));
     }
 
+    /// A new offsite key, shown once (always, even with --silent: it exists nowhere else but in
+    /// its file): the admin keeps a copy away from this server.
+    pub fn new_offsite_key(&self, file: &std::path::Path, text: &str) {
+        self.clear();
+        self.line(&self.paint(BOLD, &format!("affa: a new offsite key was made in {}.", file.display())));
+        self.line("Keep a copy of it away from this server: without it nothing in the bucket can be read.");
+        for l in text.lines() {
+            self.line(&format!("    {}", esc(l)));
+        }
+    }
+
     /// The closing summary of a run, on one screen.
     pub fn summary(&self, job: &str, s: &RunSummary) {
         if !self.draw {

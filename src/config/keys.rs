@@ -37,6 +37,10 @@ pub enum Kind {
     Compression,
     /// SHA-256 fingerprint: 32 bytes in hex, colons optional.
     Thumbprint,
+    /// `s3://BUCKET` or `s3://BUCKET/PREFIX`, or empty ([`parse_s3_target`]).
+    S3Target,
+    /// An `http://` or `https://` URL of a host (no path), or empty.
+    HttpUrl,
 }
 
 /// Where a key may appear.
@@ -253,6 +257,32 @@ pub static KEYS: &[KeyDef] = &[
         Kind::Text,
         "where affa installs affa-agent on the source (empty: ESXi jobs the VM's datastore/.affa/affa-agent, others .affa/affa-agent in the remote user's home)",
     ),
+    // offsite copies to S3 (issue 19; docs/FORMAT.md "Offsite bucket layout")
+    k(
+        "offsiteTarget",
+        NONE,
+        Kind::S3Target,
+        "s3://BUCKET/PREFIX that affa --offsite copies archives to (empty: no offsite copies)",
+    ),
+    k(
+        "offsiteEndpoint",
+        NONE,
+        Kind::HttpUrl,
+        "the S3 service, e.g. https://rgw.example.org:8080 (empty: AWS, https://s3.REGION.amazonaws.com)",
+    ),
+    k("offsiteRegion", &["us-east-1"], Kind::Text, "the S3 region requests are signed for"),
+    k(
+        "offsiteCredentialsFile",
+        &["/etc/affa/offsite.credentials"],
+        Kind::AbsPath,
+        "file (mode 0600) with the lines accessKey=... and secretKey=... of the S3 user",
+    ),
+    k(
+        "offsiteKeyFile",
+        &["/etc/affa/offsite.key"],
+        Kind::AbsPath,
+        "the offsite encryption key (mode 0600; made and printed once by the first --offsite: keep a copy elsewhere)",
+    ),
     // global only
     g(
         "globalStatus",
@@ -385,6 +415,8 @@ pub fn parse(kind: Kind, v: &str) -> Result<Value<'_>, String> {
         Kind::Compression => crate::chunk::parse_compression(v).ok().map(Value::Compression),
         Kind::Thumbprint if v.is_empty() => Some(Value::Thumbprint(None)),
         Kind::Thumbprint => normalize_thumbprint(v).map(|t| Value::Thumbprint(Some(t))),
+        Kind::S3Target => (v.is_empty() || parse_s3_target(v).is_some()).then_some(Value::Text(v)),
+        Kind::HttpUrl => (v.is_empty() || valid_http_url(v)).then_some(Value::Text(v)),
     };
     value.ok_or_else(|| expected(kind))
 }
@@ -416,6 +448,8 @@ pub fn expected(kind: Kind) -> String {
         Kind::Size => "a power of two from 256K to 16M, written like 262144, 512K, 1M or 4MiB".into(),
         Kind::Compression => "none, lz4, zstd (= zstd:3) or zstd:N with N from 1 to 19 (any case)".into(),
         Kind::Thumbprint => "a SHA-256 fingerprint: 32 hex bytes, colons optional".into(),
+        Kind::S3Target => S3_TARGET_EXPECTED.into(),
+        Kind::HttpUrl => "an http:// or https:// URL of a host, with an optional port and no path, or nothing".into(),
     }
 }
 
@@ -454,4 +488,44 @@ pub fn normalize_thumbprint(v: &str) -> Option<String> {
     }
     let up = hex.to_ascii_uppercase();
     Some(up.as_bytes().chunks(2).map(|p| std::str::from_utf8(p).unwrap()).collect::<Vec<_>>().join(":"))
+}
+
+/// What offsiteTarget takes.
+pub const S3_TARGET_EXPECTED: &str = "s3://BUCKET or s3://BUCKET/PREFIX (bucket: 3 to 63 of a-z 0-9 . -; prefix: A-Z a-z 0-9 . _ - / without empty, . or .. parts) or nothing";
+
+/// `s3://BUCKET[/PREFIX]` -> (bucket, prefix without leading or trailing `/`). The bucket follows
+/// S3's naming rules; the prefix is made of safe characters only (it becomes part of every object
+/// name), without empty, `.` or `..` parts.
+pub fn parse_s3_target(v: &str) -> Option<(String, String)> {
+    let rest = v.strip_prefix("s3://")?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let b = bucket.as_bytes();
+    let alnum = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    if !(3..=63).contains(&b.len())
+        || !alnum(b[0])
+        || !alnum(b[b.len() - 1])
+        || !b.iter().all(|&c| alnum(c) || c == b'.' || c == b'-')
+    {
+        return None;
+    }
+    let prefix = prefix.trim_end_matches('/');
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && p != "."
+            && p != ".."
+            && p.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+    };
+    if !prefix.is_empty() && (prefix.len() > 512 || !prefix.split('/').all(part_ok)) {
+        return None;
+    }
+    Some((bucket.to_string(), prefix.to_string()))
+}
+
+/// `http://HOST[:PORT]` or `https://...`, with at most a trailing `/` after the host.
+pub fn valid_http_url(v: &str) -> bool {
+    let Some(rest) = v.strip_prefix("https://").or_else(|| v.strip_prefix("http://")) else { return false };
+    let host = rest.strip_suffix('/').unwrap_or(rest);
+    !host.is_empty()
+        && host.len() <= 255
+        && host.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b':' | b'[' | b']'))
 }

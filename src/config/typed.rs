@@ -288,6 +288,27 @@ pub struct Settings {
     /// Some with ESXi=yes.
     pub esxi: Option<Esxi>,
     pub chunk: Chunking,
+    /// Some with offsiteTarget set.
+    pub offsite: Option<Offsite>,
+}
+
+/// Where `affa --offsite` copies the job's archives (docs/FORMAT.md "Offsite bucket layout").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offsite {
+    /// offsiteTarget's bucket.
+    pub bucket: String,
+    /// offsiteTarget's prefix, without leading or trailing `/` (empty: the bucket's root).
+    pub prefix: String,
+    /// offsiteTarget as written (for messages).
+    pub target: String,
+    /// offsiteEndpoint (empty: AWS's endpoint of the region).
+    pub endpoint: String,
+    /// offsiteRegion.
+    pub region: String,
+    /// offsiteCredentialsFile.
+    pub credentials_file: PathBuf,
+    /// offsiteKeyFile.
+    pub key_file: PathBuf,
 }
 
 /// `[GlobalAffaConfig]`'s own keys, typed.
@@ -521,6 +542,21 @@ impl Settings {
             remote_agent_path: Some(r.text("remoteAgentPath")).filter(|s| !s.is_empty()),
             dedup_across_jobs: r.word("agentDedupScope") == "pool",
         };
+        let target =
+            r.typed("offsiteTarget", |v| if let keys::Value::Text(t) = v { Some(t.to_string()) } else { None });
+        let endpoint =
+            r.typed("offsiteEndpoint", |v| if let keys::Value::Text(t) = v { Some(t.to_string()) } else { None });
+        let offsite_files = (r.path("offsiteCredentialsFile"), r.path("offsiteKeyFile"));
+        let region = r.text("offsiteRegion");
+        let offsite = keys::parse_s3_target(&target).map(|(bucket, prefix)| Offsite {
+            bucket,
+            prefix,
+            target,
+            endpoint: endpoint.trim_end_matches('/').to_string(),
+            region,
+            credentials_file: offsite_files.0,
+            key_file: offsite_files.1,
+        });
         let trigger = r.int("NRPEtrigger");
         Settings {
             local: host == "localhost",
@@ -559,6 +595,7 @@ impl Settings {
             sme,
             esxi,
             chunk,
+            offsite,
         }
     }
 }
@@ -762,6 +799,24 @@ mod tests {
         assert_eq!((local.settings.status, l.kill_at, l.nrpe_trigger), (None, None, Some(24)));
     }
 
+    /// The offsite keys: none without offsiteTarget, the bucket and prefix split, the defaults.
+    #[test]
+    fn offsite_keys() {
+        let c = parse("[a]\nremoteHostName=h\n[b]\nremoteHostName=h\noffsiteTarget=s3://my-bucket.1/box/one/\noffsiteEndpoint=http://127.0.0.1:8080\n").unwrap();
+        assert_eq!(c.job("a").unwrap().offsite, None);
+        let b = c.job("b").unwrap().offsite.clone().unwrap();
+        assert_eq!(
+            (b.bucket.as_str(), b.prefix.as_str(), b.endpoint.as_str()),
+            ("my-bucket.1", "box/one", "http://127.0.0.1:8080")
+        );
+        assert_eq!((b.region.as_str(), b.key_file.as_path()), ("us-east-1", Path::new("/etc/affa/offsite.key")));
+        assert_eq!(b.credentials_file, Path::new("/etc/affa/offsite.credentials"));
+        assert_eq!(keys::parse_s3_target("s3://bkt"), Some(("bkt".into(), String::new())));
+        for bad in ["s3://b", "s3://-bucket", "http://bucket", "s3://bucket//x", "s3://bucket/./x", "s3://bucket/a b"] {
+            assert_eq!(keys::parse_s3_target(bad), None, "{bad}");
+        }
+    }
+
     /// ESXiCBT and ESXiCBTVerifyEvery: defaults auto and 7, bad values named.
     #[test]
     fn cbt_keys() {
@@ -854,6 +909,12 @@ mod tests {
             ("chunkCompression=zstd:20", "none, lz4, zstd (= zstd:3) or zstd:N with N from 1 to 19 (any case)"),
             ("chunkCompression=gzip", "none, lz4, zstd (= zstd:3) or zstd:N with N from 1 to 19 (any case)"),
             ("ESXiThumbprint=ab:cd", "a SHA-256 fingerprint: 32 hex bytes, colons optional"),
+            ("offsiteTarget=s3://Bad_Bucket/x", keys::S3_TARGET_EXPECTED),
+            ("offsiteTarget=s3://bucket/a/../b", keys::S3_TARGET_EXPECTED),
+            (
+                "offsiteEndpoint=ftp://h",
+                "an http:// or https:// URL of a host, with an optional port and no path, or nothing",
+            ),
         ] {
             let text = format!("[bad]\nremoteHostName=h\n{line}\n[good]\nremoteHostName=h\n");
             let c = Config::parse(Path::new("/etc/affa"), &[(PathBuf::from("/etc/affa/t.conf"), text)]).unwrap();

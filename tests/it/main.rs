@@ -25,6 +25,7 @@ mod faults;
 mod hostile;
 mod local_attacker;
 mod mount;
+mod offsite;
 mod ops;
 mod restore;
 mod restore_esxi;

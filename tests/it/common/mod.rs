@@ -10,6 +10,7 @@
 //! or wait a fixed time for something that can be watched.
 #![allow(dead_code)]
 
+pub mod ceph;
 pub mod esx;
 pub mod host_input;
 pub mod hostile_esx;

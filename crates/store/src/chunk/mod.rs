@@ -24,6 +24,9 @@ mod restore;
 #[cfg(test)]
 mod tests;
 
+/// A chunk file's bytes made and read back (chunk file version 1), for copies of chunks outside
+/// the pool (the offsite bucket).
+pub use blob::{decode as decode_chunk_file, Encoder as ChunkEncoder};
 pub use build::{chunk_file, manifest_path, ChunkStats};
 pub use index::INDEX_FILE;
 pub use manifest::{ChunkRef, Manifest, MANIFEST_SUFFIX, MANIFEST_VERSION, MANIFEST_VERSION_DERIVED};

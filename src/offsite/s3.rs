@@ -1,0 +1,229 @@
+//! An S3 bucket prefix as affa uses it: PUT, GET, HEAD and LIST of objects below
+//! `offsiteTarget`'s prefix, signed by `rusty-s3` (presigned URLs, AWS Signature V4) and sent
+//! with the ureq client affa already uses; transport errors, HTTP 5xx and 429 are retried with a
+//! backoff.
+//!
+//! Owns: the credentials file (read with its checks), the endpoint and bucket of a job, object
+//! keys (prefix + name), and one request per call. Must never: send the credentials' secret
+//! (only signatures leave the box), read an answer body without a bound, or print.
+
+use std::io::Read;
+use std::path::Path;
+use std::time::Duration;
+
+use rusty_s3::actions::ListObjectsV2;
+use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
+
+use crate::config::typed::Offsite;
+use crate::error::{Error, Result};
+
+/// How long a signed request stays valid (it is sent right away).
+const SIGN_FOR: Duration = Duration::from_secs(3600);
+/// The largest object affa reads back (an index of a very big archive).
+const MAX_OBJECT: u64 = 1 << 32;
+/// Attempts of a request that failed in a way worth retrying (1 s, 2 s, 4 s apart).
+const ATTEMPTS: u32 = 4;
+
+/// The credentials file (`offsiteCredentialsFile`): `accessKey=...` and `secretKey=...` lines,
+/// `#` comments and blank lines allowed.
+pub fn read_credentials(path: &Path, job: &str) -> Result<Credentials> {
+    let what = format!("offsiteCredentialsFile of job {job}");
+    let Some(text) = super::crypt::read_private(path, &what)? else {
+        bail!(
+            Config,
+            "{what} {} does not exist; expected a file (mode 0600) with the lines accessKey=... and secretKey=...",
+            path.display()
+        );
+    };
+    let (mut access, mut secret) = (None, None);
+    for l in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        match l.split_once('=') {
+            Some(("accessKey", v)) if access.is_none() && !v.trim().is_empty() => access = Some(v.trim().to_string()),
+            Some(("secretKey", v)) if secret.is_none() && !v.trim().is_empty() => secret = Some(v.trim().to_string()),
+            _ => bail!(
+                Config,
+                "{what} {} has the line '{}'; expected only accessKey=... and secretKey=..., each once",
+                path.display(),
+                l.split('=').next().unwrap_or("").chars().take(40).collect::<String>()
+            ),
+        }
+    }
+    match (access, secret) {
+        (Some(a), Some(s)) => Ok(Credentials::new(a, s)),
+        _ => bail!(Config, "{what} {} lacks accessKey=... or secretKey=...; expected both lines", path.display()),
+    }
+}
+
+/// A job's bucket prefix.
+pub struct Store {
+    bucket: Bucket,
+    creds: Credentials,
+    prefix: String,
+    agent: ureq::Agent,
+    /// `s3://BUCKET/PREFIX` for messages.
+    pub shown: String,
+}
+
+/// How a request ended.
+enum Outcome {
+    Done(Box<ureq::Response>),
+    NotFound,
+}
+
+impl Store {
+    pub fn open(off: &Offsite, job: &str) -> Result<Store> {
+        let creds = read_credentials(&off.credentials_file, job)?;
+        let (endpoint, style) = if off.endpoint.is_empty() {
+            (format!("https://s3.{}.amazonaws.com", off.region), UrlStyle::VirtualHost)
+        } else {
+            (off.endpoint.clone(), UrlStyle::Path)
+        };
+        let bad = |e: &dyn std::fmt::Display| {
+            Error::config(format!("offsiteEndpoint of job {job} is '{endpoint}': {e}; expected http(s)://HOST[:PORT]"))
+        };
+        let url = url::Url::parse(&endpoint).map_err(|e| bad(&e))?;
+        let bucket = Bucket::new(url, style, off.bucket.clone(), off.region.clone()).map_err(|e| bad(&e))?;
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(30))
+            .timeout_read(Duration::from_secs(300))
+            .timeout_write(Duration::from_secs(300))
+            .build();
+        Ok(Store { bucket, creds, prefix: off.prefix.clone(), agent, shown: off.target.clone() })
+    }
+
+    fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}/{name}", self.prefix)
+        }
+    }
+
+    /// Send a request (signed anew for each attempt by `send`), retrying transport errors, 5xx
+    /// and 429; 404 is [`Outcome::NotFound`], any other status an error naming it.
+    fn call(
+        &self,
+        what: &str,
+        send: impl Fn() -> std::result::Result<ureq::Response, Box<ureq::Error>>,
+    ) -> Result<Outcome> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let retry = match send().map_err(|e| *e) {
+                Ok(r) => return Ok(Outcome::Done(Box::new(r))),
+                Err(ureq::Error::Status(404, _)) => return Ok(Outcome::NotFound),
+                Err(ureq::Error::Status(code, r)) => {
+                    let mut body = String::new();
+                    let _ = r.into_reader().take(4096).read_to_string(&mut body);
+                    let s3code = body
+                        .split("<Code>")
+                        .nth(1)
+                        .and_then(|t| t.split('<').next())
+                        .map(|c| format!(" {c}"))
+                        .unwrap_or_default();
+                    let msg = format!("{}: {what}: HTTP {code}{s3code}", self.shown);
+                    if code >= 500 || code == 429 {
+                        msg
+                    } else {
+                        return Err(Error::remote(msg));
+                    }
+                }
+                Err(ureq::Error::Transport(t)) => format!("{}: {what}: {t}", self.shown),
+            };
+            if attempt >= ATTEMPTS {
+                return Err(Error::remote(format!("{retry} (after {ATTEMPTS} attempts)")));
+            }
+            std::thread::sleep(Duration::from_secs(1 << (attempt - 1)));
+        }
+    }
+
+    /// Write the object `name` (below the prefix).
+    pub fn put(&self, name: &str, body: &[u8]) -> Result<()> {
+        let key = self.key(name);
+        let url = || self.bucket.put_object(Some(&self.creds), &key).sign(SIGN_FOR);
+        match self.call(&format!("PUT {name}"), || self.agent.put(url().as_str()).send_bytes(body).map_err(Box::new))? {
+            Outcome::Done(_) => Ok(()),
+            Outcome::NotFound => {
+                Err(Error::remote(format!("{}: PUT {name}: HTTP 404 (does the bucket exist?)", self.shown)))
+            }
+        }
+    }
+
+    /// The object `name`, None when it does not exist.
+    pub fn get(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let key = self.key(name);
+        let url = || self.bucket.get_object(Some(&self.creds), &key).sign(SIGN_FOR);
+        let what = format!("GET {name}");
+        match self.call(&what, || self.agent.get(url().as_str()).call().map_err(Box::new))? {
+            Outcome::NotFound => Ok(None),
+            Outcome::Done(r) => {
+                let mut v = Vec::new();
+                r.into_reader()
+                    .take(MAX_OBJECT + 1)
+                    .read_to_end(&mut v)
+                    .map_err(|e| Error::remote(format!("{}: {what}: {e}", self.shown)))?;
+                if v.len() as u64 > MAX_OBJECT {
+                    return Err(Error::remote(format!("{}: {what}: larger than {MAX_OBJECT} bytes", self.shown)));
+                }
+                Ok(Some(v))
+            }
+        }
+    }
+
+    /// Whether the object `name` exists (HEAD).
+    pub fn exists(&self, name: &str) -> Result<bool> {
+        let key = self.key(name);
+        let url = || self.bucket.head_object(Some(&self.creds), &key).sign(SIGN_FOR);
+        Ok(matches!(
+            self.call(&format!("HEAD {name}"), || self.agent.head(url().as_str()).call().map_err(Box::new))?,
+            Outcome::Done(_)
+        ))
+    }
+
+    /// The names (below the prefix) of the objects whose names start with `under`; at most
+    /// `max` when given (one page of up to 1000 names per request).
+    pub fn list(&self, under: &str, max: Option<usize>) -> Result<Vec<String>> {
+        let full = self.key(under);
+        let strip = self.key("");
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let url = || {
+                let mut a: ListObjectsV2<'_> = self.bucket.list_objects_v2(Some(&self.creds));
+                a.with_prefix(full.as_str());
+                a.with_max_keys(max.unwrap_or(1000).min(1000));
+                if let Some(t) = &token {
+                    a.with_continuation_token(t.as_str());
+                }
+                a.sign(SIGN_FOR)
+            };
+            let what = format!("LIST {under}");
+            let body = match self.call(&what, || self.agent.get(url().as_str()).call().map_err(Box::new))? {
+                Outcome::NotFound => {
+                    return Err(Error::remote(format!("{}: {what}: HTTP 404 (does the bucket exist?)", self.shown)))
+                }
+                Outcome::Done(r) => {
+                    let mut s = String::new();
+                    r.into_reader()
+                        .take(64 << 20)
+                        .read_to_string(&mut s)
+                        .map_err(|e| Error::remote(format!("{}: {what}: {e}", self.shown)))?;
+                    s
+                }
+            };
+            let page = ListObjectsV2::parse_response(&body)
+                .map_err(|e| Error::remote(format!("{}: {what}: an answer that is no S3 listing: {e}", self.shown)))?;
+            // rusty-s3 asks for `encoding-type=url`: each key comes percent-encoded.
+            for c in page.contents {
+                let key = percent_encoding::percent_decode_str(&c.key).decode_utf8_lossy();
+                if let Some(name) = key.strip_prefix(&strip) {
+                    out.push(name.to_string());
+                }
+            }
+            token = page.next_continuation_token;
+            if token.is_none() || max.is_some_and(|m| out.len() >= m) {
+                return Ok(out);
+            }
+        }
+    }
+}

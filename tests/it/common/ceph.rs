@@ -1,0 +1,169 @@
+//! A throwaway single-node Ceph (mon, mgr, one memstore OSD) with its RADOS Gateway (S3) on
+//! 127.0.0.1 high ports, in a temp dir: the real object storage the offsite tests copy to
+//! (after ../shared/reference/ceph-single-node.md, without CephFS). One cluster per test process
+//! ([`Ceph::shared`]: it takes seconds to start); each test makes its own bucket.
+//!
+//! Owns: starting the cluster (`ceph_up.sh`, run under a supervising `sh` whose stdin only this
+//! process holds: when the test process ends, however it ends, every daemon is killed with SIGKILL
+//! and the cluster dir removed), the S3 user (TESTACCESS / TESTSECRET), and the tests' own S3
+//! calls (buckets, listing, reading, damaging objects). Must never: skip silently (a missing
+//! package fails the test naming it), touch the machine's own Ceph, or leave a daemon behind.
+
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{LazyLock, Mutex};
+use std::time::{Duration, Instant};
+
+use rusty_s3::actions::ListObjectsV2;
+use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
+
+use super::{free_port, poll, remove_at_exit};
+
+pub const ACCESS: &str = "TESTACCESS";
+pub const SECRET: &str = "TESTSECRET";
+const SIGN: Duration = Duration::from_secs(600);
+
+pub struct Ceph {
+    /// `http://127.0.0.1:PORT`, the RADOS Gateway.
+    pub endpoint: String,
+    /// How long the cluster took to come up (HEALTH is not waited for: the gateway answering is
+    /// what the tests need).
+    pub started_in: Duration,
+    /// The supervising `sh` (never waited for: it ends with this process).
+    _sh: Mutex<Child>,
+}
+
+static SHARED: LazyLock<Result<Ceph, String>> = LazyLock::new(Ceph::start);
+
+impl Ceph {
+    /// The cluster of this test process, started by the first test that asks.
+    pub fn shared() -> &'static Ceph {
+        match &*SHARED {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn start() -> Result<Ceph, String> {
+        let t0 = Instant::now();
+        let base = tempfile::Builder::new().prefix("affa-ceph").tempdir().unwrap().keep();
+        remove_at_exit(&base);
+        let d = base.join("c");
+        let (mon, rgw) = (free_port(), free_port());
+        let uuid = || std::fs::read_to_string("/proc/sys/kernel/random/uuid").unwrap().trim().to_string();
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/it/common/ceph_up.sh");
+        let log = base.join("up.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let sh = Command::new("/bin/sh")
+            .arg(&script)
+            .arg(&d)
+            .arg(mon.to_string())
+            .arg(rgw.to_string())
+            .arg(uuid())
+            .arg(uuid())
+            .stdin(Stdio::piped())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+        let why = |what: &str| {
+            let setup = std::fs::read_to_string(d.join("log/setup.log")).unwrap_or_default();
+            format!(
+                "the Ceph test cluster {what} (packages: apt-get install --no-install-recommends ceph-mon ceph-mgr ceph-osd radosgw ceph-common): {}\n{setup}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        };
+        let done = poll(Duration::from_secs(180), Duration::from_millis(100), || {
+            if d.join("ready").exists() {
+                Some(true)
+            } else if d.join("failed").exists() {
+                Some(false)
+            } else {
+                None
+            }
+        });
+        match done {
+            Some(true) => {}
+            Some(false) => return Err(why("did not start")),
+            None => return Err(why("was not up after 180 s")),
+        }
+        let endpoint = format!("http://127.0.0.1:{rgw}");
+        let up =
+            poll(Duration::from_secs(60), Duration::from_millis(50), || ureq::get(&endpoint).call().ok().map(|_| ()));
+        if up.is_none() {
+            return Err(why("gateway did not answer"));
+        }
+        let started_in = t0.elapsed();
+        eprintln!("ceph fixture: mon + mgr + memstore OSD + radosgw up in {started_in:.1?}");
+        Ok(Ceph { endpoint, started_in, _sh: Mutex::new(sh) })
+    }
+
+    fn bucket(&self, name: &str) -> Bucket {
+        Bucket::new(self.endpoint.parse().unwrap(), UrlStyle::Path, name.to_string(), "us-east-1").unwrap()
+    }
+
+    /// A new empty bucket of a name no other test of this process uses.
+    pub fn new_bucket(&self) -> String {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!("affa-test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+        let b = self.bucket(&name);
+        let url = b.create_bucket(&creds()).sign(SIGN);
+        ureq::put(url.as_str()).send_bytes(b"").unwrap_or_else(|e| panic!("cannot create bucket {name}: {e}"));
+        name
+    }
+
+    /// Every object name of `bucket` that starts with `prefix`, sorted.
+    pub fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let b = self.bucket(bucket);
+        let c = creds();
+        let (mut out, mut token) = (Vec::new(), None::<String>);
+        loop {
+            let mut a = b.list_objects_v2(Some(&c));
+            a.with_prefix(prefix);
+            if let Some(t) = &token {
+                a.with_continuation_token(t.clone());
+            }
+            let body = ureq::get(a.sign(SIGN).as_str()).call().unwrap().into_string().unwrap();
+            let page = ListObjectsV2::parse_response(&body).unwrap();
+            // Listed with `encoding-type=url` (rusty-s3): each key percent-encoded.
+            out.extend(
+                page.contents
+                    .into_iter()
+                    .map(|c| percent_encoding::percent_decode_str(&c.key).decode_utf8_lossy().into_owned()),
+            );
+            token = page.next_continuation_token;
+            if token.is_none() {
+                out.sort();
+                return out;
+            }
+        }
+    }
+
+    pub fn get(&self, bucket: &str, key: &str) -> Vec<u8> {
+        let b = self.bucket(bucket);
+        let url = b.get_object(Some(&creds()), key).sign(SIGN);
+        let mut v = Vec::new();
+        ureq::get(url.as_str()).call().unwrap().into_reader().read_to_end(&mut v).unwrap();
+        v
+    }
+
+    pub fn put(&self, bucket: &str, key: &str, data: &[u8]) {
+        let b = self.bucket(bucket);
+        let url = b.put_object(Some(&creds()), key).sign(SIGN);
+        ureq::put(url.as_str()).send_bytes(data).unwrap();
+    }
+
+    pub fn delete(&self, bucket: &str, key: &str) {
+        let b = self.bucket(bucket);
+        let url = b.delete_object(Some(&creds()), key).sign(SIGN);
+        ureq::delete(url.as_str()).call().unwrap();
+    }
+}
+
+fn creds() -> Credentials {
+    Credentials::new(ACCESS, SECRET)
+}

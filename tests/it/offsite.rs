@@ -1,0 +1,274 @@
+//! Offsite copies to S3 (issue 19, first slice) against a real Ceph RADOS Gateway started by the
+//! tests (common::ceph): an archive with a chunked file goes offsite sealed (nothing readable in
+//! the bucket), the next archive sends only what the bucket lacks (counted from the bucket's
+//! objects against the archives on disk), a cut upload is never listed and a rerun completes
+//! it, damaged and missing objects are named by --offsite-verify, a wrong key is refused.
+
+use crate::common;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Instant;
+
+use common::ceph::{Ceph, ACCESS, SECRET};
+use common::*;
+
+const JOB: &str = "offsitejobname";
+const PREFIX: &str = "backups/box1";
+const CS: usize = 256 << 10;
+/// Strings that must never be readable in the bucket: the disk's text, a file's name and
+/// contents, the job name, the manifest format's first words.
+const SECRETS: &[&str] =
+    &["DISK-PLAINTEXT-MARKER", "secret-file-name-QX7", "SMALL-FILE-MARKER-contents", JOB, "affa-chunk-manifest"];
+
+/// `len` pseudo-random (incompressible) bytes: BLAKE3's output stream of `seed`.
+fn random(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    blake3::Hasher::new().update(&seed.to_le_bytes()).finalize_xof().fill(&mut v);
+    v
+}
+
+/// A source with a 2 MiB disk image (8 chunks of 256 KiB: one of text, one of zeros, six random)
+/// and a small file whose name and contents are secrets.
+fn source() -> tempfile::TempDir {
+    let src = tempfile::Builder::new().prefix("affa-offsite-src").tempdir().unwrap();
+    let d = src.path().join("data");
+    fs::create_dir_all(d.join("sub")).unwrap();
+    let mut img = "DISK-PLAINTEXT-MARKER 0123456789\n".repeat(CS / 33 + 1).into_bytes();
+    img.truncate(CS);
+    img.extend(vec![0u8; CS]);
+    for i in 2..8 {
+        img.extend(random(i, CS));
+    }
+    fs::write(d.join("disk.img"), img).unwrap();
+    fs::write(d.join("sub/secret-file-name-QX7.txt"), "SMALL-FILE-MARKER-contents\n").unwrap();
+    std::os::unix::fs::symlink("sub/secret-file-name-QX7.txt", d.join("link")).unwrap();
+    src
+}
+
+/// An affa setup with the offsite job over `src` copying to `bucket`.
+fn setup(ceph: &Ceph, src: &Path, bucket: &str) -> Affa {
+    let a = Affa::new();
+    let creds = a.conf.join("offsite.credentials");
+    fs::write(&creds, format!("# the test user\naccessKey={ACCESS}\nsecretKey={SECRET}\n")).unwrap();
+    fs::set_permissions(&creds, fs::Permissions::from_mode(0o600)).unwrap();
+    a.write_conf(
+        "job.conf",
+        &format!(
+            "[{JOB}]\nremoteHostName=localhost\nInclude={}/data\nchunkFiles=*.img\nchunkSize=256K\n\
+             offsiteTarget=s3://{bucket}/{PREFIX}\noffsiteEndpoint={}\noffsiteCredentialsFile={}\noffsiteKeyFile={}\n",
+            src.display(),
+            ceph.endpoint,
+            creds.display(),
+            key_file(&a).display()
+        ),
+    );
+    a
+}
+
+/// A new bucket, a source, the job and its first archive (2026-12-01 01:00).
+fn first_archive() -> (&'static Ceph, String, tempfile::TempDir, Affa) {
+    let ceph = Ceph::shared();
+    let bucket = ceph.new_bucket();
+    let src = source();
+    let a = setup(ceph, src.path(), &bucket);
+    ok(&a.affa_at("2026-12-01T01:00:00", &["--run", JOB]));
+    (ceph, bucket, src, a)
+}
+
+fn key_file(a: &Affa) -> std::path::PathBuf {
+    a.conf.join("offsite.key")
+}
+
+/// The object names below the prefix that start with `sub` (`c/`, `i/`).
+fn objects(ceph: &Ceph, bucket: &str, sub: &str) -> BTreeSet<String> {
+    ceph.keys(bucket, &format!("{PREFIX}/{sub}")).into_iter().map(|k| k[PREFIX.len() + 1..].to_string()).collect()
+}
+
+/// The distinct chunk ids an archive needs, from the archive on disk: its `.affa-chunks/` (the
+/// chunked files) and its plain files cut in 256 KiB pieces (all-zero pieces are not stored).
+fn archive_chunks(archive: &Path) -> BTreeSet<String> {
+    let mut ids = BTreeSet::new();
+    fn walk(dir: &Path, top: bool, ids: &mut BTreeSet<String>) {
+        for e in fs::read_dir(dir).unwrap().flatten() {
+            let ft = e.file_type().unwrap();
+            if top && e.file_name() == ".affa-chunks" {
+                for fan in fs::read_dir(e.path()).unwrap().flatten() {
+                    for c in fs::read_dir(fan.path()).unwrap().flatten() {
+                        ids.insert(c.file_name().to_string_lossy().into_owned());
+                    }
+                }
+            } else if ft.is_dir() {
+                walk(&e.path(), false, ids);
+            } else if ft.is_file() {
+                for piece in fs::read(e.path()).unwrap().chunks(CS) {
+                    if piece.iter().any(|&b| b != 0) {
+                        ids.insert(blake3::hash(piece).to_hex().to_string());
+                    }
+                }
+            }
+        }
+    }
+    walk(archive, true, &mut ids);
+    ids
+}
+
+fn no_secret_readable(ceph: &Ceph, bucket: &str) {
+    let all = ceph.keys(bucket, "");
+    assert!(all.len() > 5, "{all:?}");
+    for k in &all {
+        let data = ceph.get(bucket, k);
+        for s in SECRETS {
+            assert!(!k.contains(s), "object name {k} shows {s}");
+            assert!(!data.windows(s.len()).any(|w| w == s.as_bytes()), "object {k} shows '{s}' in plaintext");
+        }
+        assert!(!data.windows(4).any(|w| w == b"AFCK"), "object {k} holds an unsealed chunk file header");
+    }
+}
+
+#[test]
+fn archives_go_offsite_sealed_and_the_next_one_sends_only_what_the_bucket_lacks() {
+    let t0 = Instant::now();
+    let (ceph, bucket, src, a) = first_archive();
+
+    // First upload: a new key, made and shown once, mode 0600.
+    let o = a.affa_at("2026-12-01T02:00:00", &["--offsite", JOB]);
+    let out = ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    let kf = key_file(&a);
+    let key_text = fs::read_to_string(&kf).unwrap();
+    assert!(key_text.starts_with("affa-offsite-key 1\ncreated 2026-12-01T02:00:00\nkey "), "{key_text}");
+    assert_eq!(fs::metadata(&kf).unwrap().permissions().mode() & 0o777, 0o600);
+    let key_line = key_text.lines().nth(2).unwrap();
+    assert!(err.contains("a new offsite key was made") && err.contains(key_line), "{err}");
+    let first = archive_chunks(&a.job_dir(JOB).join("scheduled.0"));
+    let c1 = objects(ceph, &bucket, "c/");
+    assert_eq!(c1.len(), first.len(), "one object per distinct chunk of the archive");
+    assert_eq!(objects(ceph, &bucket, "i/").len(), 1, "one archive index");
+    assert!(
+        out.contains(&format!(
+            "{JOB} scheduled.0 (Date 202612010100): offsite in s3://{bucket}/{PREFIX}: {} object(s) uploaded",
+            c1.len() + 1
+        )),
+        "{out}"
+    );
+    no_secret_readable(ceph, &bucket);
+
+    // The same archive again: nothing sent.
+    let again = ok(&a.affa(&["--offsite", JOB]));
+    assert!(again.contains("already offsite"), "{again}");
+    assert!(!String::from_utf8_lossy(&a.affa(&["--offsite", JOB]).stderr).contains("new offsite key"));
+    assert_eq!(objects(ceph, &bucket, "c/"), c1);
+
+    // 300 KiB of the disk change (two chunks) and a small file: the second archive sends only the
+    // chunks the first did not have.
+    let mut f = fs::OpenOptions::new().write(true).open(src.path().join("data/disk.img")).unwrap();
+    f.seek(SeekFrom::Start(3 * CS as u64 + 1000)).unwrap();
+    f.write_all(&random(99, 300 << 10)).unwrap();
+    drop(f);
+    fs::write(src.path().join("data/new.txt"), "a new file\n").unwrap();
+    ok(&a.affa_at("2026-12-02T01:00:00", &["--run", JOB]));
+    let second = archive_chunks(&a.job_dir(JOB).join("scheduled.0"));
+    let expected_new: BTreeSet<&String> = second.difference(&first).collect();
+    assert!(expected_new.len() >= 3, "{expected_new:?}");
+    let out = ok(&a.affa_at("2026-12-02T02:00:00", &["--offsite", JOB]));
+    let c2 = objects(ceph, &bucket, "c/");
+    assert_eq!(c2.len() - c1.len(), expected_new.len(), "only the new chunks were uploaded: {out}");
+    assert!(c2.is_superset(&c1));
+    assert!(out.contains(&format!("{} object(s) uploaded", expected_new.len() + 1)), "{out}");
+    assert_eq!(objects(ceph, &bucket, "i/").len(), 2);
+    no_secret_readable(ceph, &bucket);
+
+    let list = ok(&a.affa(&["--list-archives", "--offsite", JOB]));
+    assert!(list.contains(": 2 archive(s)"), "{list}");
+    let (d1, d2) = (list.find("Date 202612010100").unwrap(), list.find("Date 202612020100").unwrap());
+    assert!(d1 < d2, "oldest first: {list}");
+    let v = ok(&a.affa(&["--offsite-verify", JOB]));
+    assert_eq!(v.matches(": OK (").count(), 2, "{v}");
+    eprintln!("offsite: two archives up and verified in {:.1?} (ceph up in {:.1?})", t0.elapsed(), ceph.started_in);
+}
+
+#[test]
+fn damaged_and_missing_objects_are_named_and_a_wrong_or_open_key_is_refused() {
+    let (ceph, bucket, _src, a) = first_archive();
+    ok(&a.affa(&["--offsite", JOB]));
+    let chunks: Vec<String> = objects(ceph, &bucket, "c/").into_iter().collect();
+    let (bent, gone) = (&chunks[0], &chunks[1]);
+    let mut data = ceph.get(&bucket, &format!("{PREFIX}/{bent}"));
+    let mid = data.len() / 2;
+    data[mid] ^= 0x40;
+    ceph.put(&bucket, &format!("{PREFIX}/{bent}"), &data);
+    ceph.delete(&bucket, &format!("{PREFIX}/{gone}"));
+    let o = a.affa(&["--offsite-verify", JOB]);
+    let e = fail(&o);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains(&format!("object {bent} ")) && out.contains("damaged"), "{out}");
+    assert!(out.lines().any(|l| l.contains(&format!("object {gone} ")) && l.contains("missing")), "{out}");
+    assert!(e.contains("found missing or damaged objects in: scheduled.0"), "{e}");
+
+    // A wrong key: refused before anything is written.
+    let kf = key_file(&a);
+    let good = fs::read_to_string(&kf).unwrap();
+    let before = ceph.keys(&bucket, "");
+    fs::write(&kf, format!("affa-offsite-key 1\ncreated 2026-12-01T00:00:00\nkey {}\n", "5a".repeat(32))).unwrap();
+    ok(&a.affa_at("2026-12-02T01:00:00", &["--run", JOB]));
+    for args in [&["--offsite", JOB][..], &["--offsite-verify", JOB]] {
+        let e = fail(&a.affa(args));
+        assert!(e.contains(&format!("offsiteKeyFile {} of job {JOB} does not open", kf.display())), "{e}");
+        assert_eq!(e.lines().count(), 1, "{e}");
+    }
+    assert_eq!(ceph.keys(&bucket, ""), before, "nothing written with a wrong key");
+
+    // A key file others may read, and a missing one beside objects: refused, no new key.
+    fs::write(&kf, &good).unwrap();
+    fs::set_permissions(&kf, fs::Permissions::from_mode(0o644)).unwrap();
+    let e = fail(&a.affa(&["--offsite", JOB]));
+    assert!(e.contains(&kf.display().to_string()) && e.contains("mode 644") && e.contains("chmod 600"), "{e}");
+    fs::remove_file(&kf).unwrap();
+    let e = fail(&a.affa(&["--offsite", JOB]));
+    assert!(e.contains("does not exist but") && e.contains("holds objects"), "{e}");
+    assert!(!kf.exists(), "no new key beside objects sealed with another");
+    assert_eq!(ceph.keys(&bucket, ""), before);
+
+    // A bad offsiteTarget: one line naming file, key, value and what is expected.
+    let conf = fs::read_to_string(a.conf.join("job.conf")).unwrap();
+    a.write_conf("job.conf", &conf.replace(&format!("s3://{bucket}/"), "s3://Bad_Bucket/"));
+    let e = fail(&a.affa(&["--offsite", JOB]));
+    assert!(
+        e.contains("job.conf")
+            && e.contains("'offsiteTarget'")
+            && e.contains("s3://Bad_Bucket/")
+            && e.contains("expected s3://BUCKET"),
+        "{e}"
+    );
+}
+
+/// kill -9 of affa mid-upload (the test hook kills it right after its third chunk object): no
+/// archive is listed, verify finds none, and the rerun sends only the rest.
+#[cfg(feature = "test-hooks")]
+#[test]
+fn a_cut_upload_is_never_listed_and_the_rerun_completes_it() {
+    let (ceph, bucket, _src, a) = first_archive();
+    let o = a.cmd().env("AFFA_TEST_CRASH_AT", "offsite-chunk-uploaded:3").args(["--offsite", JOB]).output().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(o.status.signal(), Some(9), "killed mid-upload: {o:?}");
+    assert_eq!(objects(ceph, &bucket, "c/").len(), 3);
+    assert!(objects(ceph, &bucket, "i/").is_empty(), "no index: the archive is not offsite");
+    let list = ok(&a.affa(&["--list-archives", "--offsite", JOB]));
+    assert!(list.contains(": 0 archive(s)"), "{list}");
+    let e = fail(&a.affa(&["--offsite-verify", JOB]));
+    assert!(e.contains(&format!("job {JOB} has no offsite archive")), "{e}");
+
+    let total = archive_chunks(&a.job_dir(JOB).join("scheduled.0")).len();
+    let out = ok(&a.affa(&["--offsite", JOB]));
+    assert!(
+        out.contains(&format!("{} object(s) uploaded ", total - 3 + 1)) && out.contains("3 chunk(s) already there"),
+        "{out}"
+    );
+    assert_eq!(objects(ceph, &bucket, "c/").len(), total);
+    let v = ok(&a.affa(&["--offsite-verify", JOB]));
+    assert!(v.contains("scheduled.0 (Date 202612010100): OK"), "{v}");
+}
