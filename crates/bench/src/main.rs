@@ -1,7 +1,7 @@
 //! affa-bench: affa measured side by side with plain rsync --link-dest, borg and restic, in
 //! one run, on the same generated VM-disk-like data; writes BENCHMARKS.md and benchmarks.json.
 //!
-//! `cargo run --release --bin affa-bench -- --size 4G` (see BENCHMARKS.md for what it does).
+//! `cargo run --release -p affa-bench --bin affa-bench -- --size 4G` (see BENCHMARKS.md for what it does).
 //! Installs nothing: it stops with the apt-get line when a tool is missing.
 
 mod env;

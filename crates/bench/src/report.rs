@@ -194,7 +194,7 @@ impl Results {
     #[allow(clippy::too_many_arguments)]
     pub fn new(args: &Args, size: u64, nsize: u64, msize: u64, default_cs: u64, study: &[u64], data: &Path) -> Results {
         let argv: Vec<String> = std::env::args().skip(1).collect();
-        let cmdline = format!("cargo run --release --bin affa-bench -- {}", argv.join(" "));
+        let cmdline = format!("cargo run --release -p affa-bench --bin affa-bench -- {}", argv.join(" "));
         let mut tools = vec![
             (
                 "affa".to_string(),
