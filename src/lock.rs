@@ -40,15 +40,23 @@ pub struct JobLock {
     _children: File,
     /// Processes left by an earlier, killed run of the job that this lock stopped first.
     pub stopped_leftovers: Vec<i32>,
+    /// The raw fd of `_children`, published in this thread's `MARKER_FD`.
+    marker: i32,
 }
 
-/// The fd of the held children marker (-1: none); [`inheritable_marker`] reads it.
-static MARKER_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+thread_local! {
+    /// The fd of the children marker held by the run on this thread (-1: none);
+    /// [`inheritable_marker`] reads it. Per thread, not per process: a run starts its children
+    /// from the thread that took its lock, and two runs in one process (the test suite runs many
+    /// jobs in parallel threads) must never hand one job's marker to another job's children,
+    /// or the first job's next run would stop the second job's rsync as a leftover.
+    static MARKER_FD: std::cell::Cell<i32> = const { std::cell::Cell::new(-1) };
+}
 
-/// The children marker fd a child of the run should inherit (-1: none). Read before the fork;
-/// the child clears its close-on-exec flag (the transport's `die_with_parent`).
+/// The children marker fd a child of the run on this thread should inherit (-1: none). Read
+/// before the fork; the child clears its close-on-exec flag (the transport's `die_with_parent`).
 pub fn inheritable_marker() -> i32 {
-    MARKER_FD.load(std::sync::atomic::Ordering::SeqCst)
+    MARKER_FD.with(|m| m.get())
 }
 
 /// How long a new run waits for the leftovers of a killed one to end after SIGKILL.
@@ -165,8 +173,9 @@ pub fn acquire(lock_dir: &Path, job: &str) -> Result<JobLock> {
     writeln!(file, "{}", std::process::id()).ctx(|| format!("cannot write lock file {}", path.display()))?;
     let (children, stopped_leftovers) = children_marker(&dir, lock_dir, job)?;
     use std::os::fd::AsRawFd;
-    MARKER_FD.store(children.as_raw_fd(), std::sync::atomic::Ordering::SeqCst);
-    Ok(JobLock { file, path, _children: children, stopped_leftovers })
+    let marker = children.as_raw_fd();
+    MARKER_FD.with(|m| m.set(marker));
+    Ok(JobLock { file, path, _children: children, stopped_leftovers, marker })
 }
 
 /// Open and flock the children marker of `job`. When its flock is held, processes of an
@@ -177,8 +186,14 @@ fn children_marker(dir: &OwnedFd, lock_dir: &Path, job: &str) -> Result<(File, V
     let path = lock_dir.join(&name);
     let (file, st) = open_file(dir, &path, &name, true)?
         .ok_or_else(|| Error::new(format!("children marker {} vanished while it was opened", path.display())))?;
-    if try_flock(&file) {
-        return Ok((file, Vec::new()));
+    // A child forked by another thread of this process holds every fd of the process for
+    // the instant between its fork and its exec (close-on-exec closes the marker then): give
+    // such a holder a moment before treating the holders as leftovers of a killed run.
+    for _ in 0..4 {
+        if try_flock(&file) {
+            return Ok((file, Vec::new()));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
     }
     let me = std::process::id() as i32;
     let mut stopped = Vec::new();
@@ -355,7 +370,13 @@ fn is_affa_binary(exe: &Path, pid: i32) -> bool {
 
 impl Drop for JobLock {
     fn drop(&mut self) {
-        MARKER_FD.store(-1, std::sync::atomic::Ordering::SeqCst);
+        // Unpublish only our own marker: a lock dropped on another thread leaves that
+        // thread's run alone.
+        MARKER_FD.with(|m| {
+            if m.get() == self.marker {
+                m.set(-1)
+            }
+        });
         let _ = self.file.set_len(0);
         let _ = rustix::fs::flock(self.file.as_fd(), FlockOperation::Unlock);
     }
@@ -425,6 +446,46 @@ mod tests {
         let e = acquire(&link, "other").unwrap_err().to_string();
         assert!(e.starts_with(&format!("lock directory {} is a symbolic link;", link.display())), "{e}");
         assert!(!ld.join("other").exists());
+    }
+
+    /// Two runs in one process (the test suite's threads): the children of job b must never
+    /// inherit job a's marker, or a's next run would kill b's rsync as a leftover (a CI run
+    /// failed so: "rsync failed with exit -1: killed by a signal").
+    #[test]
+    fn a_run_on_another_thread_never_hands_its_marker_to_this_runs_children() {
+        let d = tempfile::tempdir().unwrap();
+        let (a_dir, b_dir) = (d.path().join("a"), d.path().join("b"));
+        let b_lock = acquire(&b_dir, "b").unwrap();
+        let b_marker = inheritable_marker();
+        assert!(b_marker >= 0);
+        // Job a takes its lock on another thread after b: b's thread still sees b's marker.
+        let (to_a, a_rx) = std::sync::mpsc::channel::<()>();
+        let (a_tx, from_a) = std::sync::mpsc::channel::<()>();
+        let a_dir2 = a_dir.clone();
+        let a = std::thread::spawn(move || {
+            let l = acquire(&a_dir2, "a").unwrap();
+            assert!(inheritable_marker() >= 0);
+            a_tx.send(()).unwrap();
+            a_rx.recv().unwrap();
+            drop(l);
+            // a's next run: must find nothing to stop.
+            let again = acquire(&a_dir2, "a").unwrap();
+            again.stopped_leftovers.clone()
+        });
+        from_a.recv().unwrap();
+        assert_eq!(inheritable_marker(), b_marker, "b's thread sees another run's marker");
+        let mut c = std::process::Command::new("sleep");
+        c.arg("30");
+        crate::transport::die_with_parent(&mut c);
+        let mut child = c.spawn().unwrap();
+        to_a.send(()).unwrap();
+        let stopped = a.join().unwrap();
+        assert!(stopped.is_empty(), "a's next run stopped {stopped:?}, b's child is {}", child.id());
+        assert!(child.try_wait().unwrap().is_none(), "b's child was killed");
+        let _ = child.kill();
+        let _ = child.wait();
+        drop(b_lock);
+        assert_eq!(inheritable_marker(), -1);
     }
 
     #[test]
