@@ -87,6 +87,9 @@ pub struct Cli {
     /// Check every chunk an archive references: JOB [ARCHIVE|--all]
     #[arg(long)]
     verify: bool,
+    /// Read back today's slice (1/scrubDays) of every chunk pool and check it; damaged chunks leave the pool: [--all]
+    #[arg(long)]
+    scrub: bool,
     /// Restore an archive (default the newest) to its host: JOB [ARCHIVE]
     #[arg(long)]
     full_restore: bool,
@@ -157,7 +160,7 @@ pub struct Cli {
     /// Output as CSV (--list-archives, --status, --disk-usage)
     #[arg(long)]
     csv: bool,
-    /// Include disabled jobs (--status); every archive (--verify)
+    /// Include disabled jobs (--status); every archive (--verify); every pool entry (--scrub)
     #[arg(long)]
     all: bool,
     /// Answer 'proceed' to every confirmation
@@ -265,6 +268,7 @@ pub const USAGE: &[&str] = &[
     "--nrpe [JOB JOB ...]",
     "--init-nrpe",
     "--verify JOB [ARCHIVE|--all]",
+    "--scrub [--all]",
     "--unchunk JOB ARCHIVE [--to DIR]",
     "--offsite JOB [ARCHIVE]",
     "--offsite-verify JOB",
@@ -384,6 +388,10 @@ pub enum Action {
     Verify {
         job: String,
         archives: Archives,
+    },
+    /// `--scrub [--all]`
+    Scrub {
+        all: bool,
     },
     /// `--offsite JOB [ARCHIVE]`
     Offsite {
@@ -512,6 +520,7 @@ fn actions(c: &Cli) -> Vec<&'static str> {
         (c.offsite, "--offsite"),
         (c.offsite_verify, "--offsite-verify"),
         (c.verify, "--verify"),
+        (c.scrub, "--scrub"),
         (c.full_restore, "--full-restore"),
         (c.make_cronjobs, "--make-cronjobs"),
         (c.show_schedule, "--show-schedule"),
@@ -672,6 +681,10 @@ pub fn action(mut c: Cli) -> Result<Invocation, Usage> {
                 }
             };
             Action::Verify { job: v.swap_remove(0), archives }
+        }
+        "--scrub" => {
+            exactly::<0>(a, one)?;
+            Action::Scrub { all: std::mem::take(&mut c.all) }
         }
         "--full-restore" => {
             let mut v = args(a, one, 1, 2)?;
@@ -838,6 +851,8 @@ mod tests {
             ),
             (&["--verify", "web"], Action::Verify { job: j(), archives: Archives::Newest }),
             (&["--verify", "web", "--all"], Action::Verify { job: j(), archives: Archives::All }),
+            (&["--scrub"], Action::Scrub { all: false }),
+            (&["--scrub", "--all"], Action::Scrub { all: true }),
             (
                 &["--verify", "web", "scheduled.1"],
                 Action::Verify { job: j(), archives: Archives::Named("scheduled.1".into()) },

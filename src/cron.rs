@@ -103,6 +103,12 @@ pub fn cron_text(cfg: &Config, config_dir: &Path) -> String {
             cfg.settings.send_status
         ));
     }
+    if let (Some((h, m)), true) = (cfg.settings.scrub_time, cfg.settings.scrub_days > 0 && !cfg.jobs.is_empty()) {
+        s.push_str(&format!(
+            "\n# read back 1/{} of every chunk pool and check it (scrubDays, scrubTime; damage is reported on stderr)\n{m} {h} * * * root {affa} --silent --scrub >/dev/null\n",
+            cfg.settings.scrub_days
+        ));
+    }
     let metrics = cfg.settings.metrics_file.clone();
     if metrics.parent().is_some_and(|p| p.is_dir()) {
         s.push_str(&format!(
@@ -273,6 +279,13 @@ mod tests {
         )
     }
 
+    /// The daily pool scrub at scrubTime (default 12:00), scrubDays 16.
+    fn scrub(a: &str) -> String {
+        format!(
+            "\n# read back 1/16 of every chunk pool and check it (scrubDays, scrubTime; damage is reported on stderr)\n0 12 * * * root {a} --silent --scrub >/dev/null\n"
+        )
+    }
+
     /// The last line: the self-refresh.
     fn refresh(a: &str) -> String {
         format!(
@@ -292,6 +305,7 @@ mod tests {
                 head("/etc/cron.d/affa", "/etc/affa"),
                 vm_and_web(a, "/srv/affa/web/scheduled.running"),
                 format!("\n# status mail (sendStatus=daily)\n0 5 * * * root {a} --silent --send-status >/dev/null\n"),
+                scrub(a),
                 refresh(a),
             ]
             .concat()
@@ -317,6 +331,7 @@ mod tests {
                      \n# job db\n0 3 * * * root {a} --silent --run db\n"
                 ),
                 vm_and_web(a, "'/srv/my affa/web/scheduled.running'"),
+                scrub(a),
                 format!(
                     "\n# Prometheus textfile {}/affa.prom\n*/10 * * * * root {a} --silent --metrics >/dev/null\n",
                     prom.path().display()
@@ -339,6 +354,7 @@ mod tests {
                 head("/etc/cron.d/affa", "/etc/affa-test"),
                 "\n# globalStatus=disabled: no job runs from cron.\n".to_string(),
                 format!("\n# status mail (sendStatus=weekly)\n0 5 * * 0 root {a} --silent --send-status >/dev/null\n"),
+                scrub(a),
                 refresh(a),
             ]
             .concat()
@@ -350,6 +366,21 @@ mod tests {
         assert!(cron_text(&cfg, Path::new("/etc/affa")).contains(
             "\n# status mail (sendStatus=monthly)\n0 5 1 * * root /usr/sbin/affa --silent --send-status >/dev/null\n"
         ));
+    }
+
+    #[test]
+    fn the_daily_scrub_follows_scrub_time_and_scrub_days_0_or_an_empty_time_turns_it_off() {
+        let a = "/usr/sbin/affa";
+        let text = |g: &str| cron_text(&config(&format!("[GlobalAffaConfig]\n{g}\n{JOBS}")), Path::new("/etc/affa"));
+        assert!(text("scrubTime=0330\nscrubDays=30").contains(&format!(
+            "\n# read back 1/30 of every chunk pool and check it (scrubDays, scrubTime; damage is reported on stderr)\n30 3 * * * root {a} --silent --scrub >/dev/null\n"
+        )));
+        assert!(!text("scrubDays=0").contains("--scrub"));
+        assert!(!text("scrubTime=").contains("--scrub"));
+        // No job, nothing to scrub.
+        assert!(
+            !cron_text(&config("[GlobalAffaConfig]\nRootDir=/srv/affa\n"), Path::new("/etc/affa")).contains("--scrub")
+        );
     }
 
     #[test]

@@ -171,6 +171,15 @@ fn dispatch(inv: Invocation, ui: &Arc<render::Terminal>, out: &mut dyn Write) ->
                 affa::bail!("verify of job {job} found damage in: {}", v.damaged.join(", "));
             }
         }
+        Action::Scrub { all } => {
+            let v = affa::maintenance::scrub_command(&env.config()?, all, clock()?.as_ref(), &watch)?;
+            print(out, v.text.clone());
+            if v.damaged > 0 {
+                // The lines naming them, in the error too: under cron (--silent) only stderr is seen.
+                let lines: Vec<&str> = v.text.lines().filter(|l| l.starts_with("chunk ")).collect();
+                affa::bail!("scrub found {} damaged chunk(s) in the pool: {}", v.damaged, lines.join("; "));
+            }
+        }
         Action::Offsite { job, archive } => {
             let up = affa::offsite::upload(&env.config()?, &job, archive.as_deref(), clock()?.as_ref(), &watch)?;
             if let Some(k) = &up.new_key {

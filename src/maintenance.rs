@@ -124,3 +124,80 @@ pub fn verify_command(
     }
     Ok(Verified { text: out, damaged: bad })
 }
+
+/// What `--scrub` found: its report lines, and how many damaged pool entries it met.
+#[derive(Debug, Clone, Default)]
+pub struct Scrubbed {
+    pub text: String,
+    pub damaged: u64,
+}
+
+/// `--scrub [--all]`: read back, decode and hash today's slice of every chunk pool (the pools
+/// of the RootDirs of every job; `all`, or scrubDays=0: every entry), so that each stored chunk
+/// is checked once in scrubDays days, whether or not a backup still reuses it. A damaged entry
+/// leaves the pool (the next backup of that data stores it again) and the archives that link
+/// it are named; archives are never changed. Backups do not scrub (docs/FORMAT.md, "damage rule").
+pub fn scrub_command(cfg: &Config, all: bool, clock: &dyn crate::clock::Clock, watch: &Watch) -> Result<Scrubbed> {
+    use chrono::Datelike;
+    use std::os::unix::fs::MetadataExt;
+    let days = cfg.settings.scrub_days;
+    let day = clock.now().date().num_days_from_ce().max(0) as u64;
+    let slice = if all || days == 0 { chunk::Slice::All } else { chunk::Slice::Day { day, days } };
+    let mut roots: Vec<std::path::PathBuf> = cfg.jobs.values().map(|j| j.root_dir()).collect();
+    roots.sort();
+    roots.dedup();
+    let mut out = Scrubbed::default();
+    for root in roots {
+        if !root.join(chunk::POOL_DIR).is_dir() {
+            continue;
+        }
+        let pool = Pool::open(&root)?;
+        let bar = watch.meter(format!("scrub {}", pool.dir().display()), None);
+        let cb = |n: u64| bar.set(n);
+        let rep = chunk::scrub(&pool, slice, Some(&cb))?;
+        drop(bar);
+        let which = match slice {
+            chunk::Slice::All => "every entry".to_string(),
+            chunk::Slice::Day { day, days } => format!("slice {} of {days}", day % days + 1),
+        };
+        out.text.push_str(&format!(
+            "pool {} ({which}): {} chunk(s) checked, {} read, {} damaged\n",
+            pool.dir().display(),
+            rep.checked,
+            human(rep.bytes_read),
+            rep.damaged.len()
+        ));
+        for d in &rep.damaged {
+            out.damaged += 1;
+            // The archives of this RootDir that link the damaged inode.
+            let hex = chunk::id_hex(&d.id);
+            let mut linked = Vec::new();
+            for j in cfg.jobs.values().filter(|j| j.root_dir() == root) {
+                for a in archive::list(&j.job_dir()).unwrap_or_default() {
+                    let l = a.path.join(chunk::ARCHIVE_CHUNK_DIR).join(&hex[..2]).join(&hex);
+                    if fs::symlink_metadata(&l).is_ok_and(|m| m.ino() == d.ino && m.dev() == d.dev) {
+                        linked.push(format!("{}/{}", j.name, a.name()));
+                    }
+                }
+            }
+            out.text.push_str(&format!(
+                "chunk {hex} {}: {}; {}\n",
+                d.reason,
+                if d.removed {
+                    "removed from the pool, the next backup of that data stores it again"
+                } else {
+                    "left in the pool (replaced meanwhile, or it could not be removed)"
+                },
+                if linked.is_empty() {
+                    "no archive links it".to_string()
+                } else {
+                    format!("damaged in {} (affa --verify JOB ARCHIVE names the files)", linked.join(", "))
+                }
+            ));
+        }
+    }
+    if out.text.is_empty() {
+        out.text.push_str("no chunk pool to scrub\n");
+    }
+    Ok(out)
+}

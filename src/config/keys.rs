@@ -315,6 +315,13 @@ pub static KEYS: &[KeyDef] = &[
     g("mailFrom", NONE, Kind::Text, "sender address (default affa@HOSTNAME)"),
     g("sendmailBinary", &["/usr/sbin/sendmail"], Kind::Text, "local sendmail, used when smtpHost is empty"),
     g("cronFile", &["/etc/cron.d/affa"], Kind::AbsPath, "cron file written by --make-cronjobs"),
+    g(
+        "scrubDays",
+        &["16"],
+        Kind::Int(0, 3650),
+        "the daily affa --scrub reads back 1/N of every chunk pool, so each stored chunk is checked once in N days (0: no scrub in the cron file)",
+    ),
+    g("scrubTime", &["1200"], Kind::OptHhmm, "HHMM: when cron runs the daily affa --scrub (empty: no scrub in the cron file)"),
     g("affaBinary", &["/usr/sbin/affa"], Kind::AbsPath, "the affa path used in cron lines"),
     g(
         "metricsFile",

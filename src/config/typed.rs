@@ -330,6 +330,10 @@ pub struct Global {
     pub mail_from: String,
     pub sendmail_bin: String,
     pub cron_file: PathBuf,
+    /// scrubDays (0: no daily scrub).
+    pub scrub_days: u64,
+    /// scrubTime (hour, minute; None: no daily scrub).
+    pub scrub_time: Option<(u32, u32)>,
     pub affa_binary: PathBuf,
     pub metrics_file: PathBuf,
     pub watchdog_dir: String,
@@ -625,6 +629,8 @@ impl Global {
             mail_from: r.text("mailFrom"),
             sendmail_bin: r.text("sendmailBinary"),
             cron_file: r.path("cronFile"),
+            scrub_days: r.uint("scrubDays"),
+            scrub_time: r.time("scrubTime"),
             affa_binary: r.path("affaBinary"),
             metrics_file: r.path("metricsFile"),
             watchdog_dir: r.text("watchdogDir"),

@@ -9,7 +9,7 @@
 use crate::common;
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -930,4 +930,59 @@ fn no_file_matching_chunk_files_starts_no_agent() {
     let r = report(&s.affa, "web", "scheduled.0");
     assert!(!r.contains("ChunkTransport=") && !r.contains("ChunkBytesReceived="), "{r}");
     assert_eq!(fs::read_to_string(s.in_archive("scheduled.0").join("notes.txt")).unwrap(), "hello\n");
+}
+
+/// Backups no longer scrub; the daily `--scrub` does: it finds a bit flip a backup's cheap
+/// check cannot see (header and length intact), takes the entry out of the pool and names the
+/// archive that links it; the next backup (which trusts the same-index chunk of its previous
+/// manifest) stores that chunk again, and the newest archive verifies. Days: the slices of one
+/// scrubDays cycle read every entry once.
+#[test]
+fn the_scrub_finds_a_bit_flip_the_backup_trusts_and_the_next_run_repairs_it() {
+    let s = Linux::start(12 * MB, &[(0, 6 * MB), (8 * MB, 2 * MB)], "");
+    ok(&s.affa.affa_at("2026-06-01T20:00:00", &["--run", "web"]));
+    let man = affa::chunk::read_manifest(&s.in_archive("scheduled.0").join("images/disk.img.affa-manifest")).unwrap();
+    let affa::chunk::ChunkRef::Stored(id) = man.chunks[3] else { panic!("chunk 3 is not stored") };
+    let hex = affa::chunk::id_hex(&id);
+    let entry = s.affa.root.join(".affa-pool").join(&hex[..2]).join(&hex);
+    let entries = pool_entries(&s.affa);
+    // One cycle (scrubDays=16, the default) of daily scrubs: every entry checked once, no damage.
+    let mut checked = 0;
+    for d in 1..=16 {
+        let out = ok(&s.affa.affa_at(&format!("2026-07-{d:02}T12:00:00"), &["--scrub"]));
+        let n: usize = out.split(": ").nth(1).and_then(|t| t.split(' ').next()).unwrap().parse().unwrap();
+        assert!(out.contains(" 0 damaged"), "{out}");
+        checked += n;
+    }
+    assert_eq!(checked, entries);
+
+    // A bit flip in the middle of the entry (the archive's link is the same inode).
+    let mut b = fs::read(&entry).unwrap();
+    let n = b.len();
+    b[n / 2] ^= 0x01;
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&entry)
+        .unwrap()
+        .write_all_at(&b[n / 2..n / 2 + 1], (n / 2) as u64)
+        .unwrap();
+    // A backup of unchanged data does not see it (cheap check of the same-index chunk).
+    ok(&s.affa.affa_at("2026-06-02T20:00:00", &["--run", "web"]));
+    assert_eq!(num(&report(&s.affa, "web", "scheduled.0"), "ChunkNew"), 0);
+    let e = fail(&s.affa.affa(&["--scrub", "--all"]));
+    assert!(
+        e.contains(&format!("chunk {hex} hashes to another id")) || e.contains(&format!("chunk {hex} does not decode")),
+        "{e}"
+    );
+    // Both archives link it (the damaged inode is theirs).
+    assert!(e.contains("web/scheduled.0") && e.matches("web/").count() == 2, "{e}");
+    assert!(!entry.exists(), "the damaged entry is still in the pool");
+    fail(&s.affa.affa(&["--verify", "web"]));
+    // The next backup stores that chunk again; its archive verifies and rebuilds the disk.
+    ok(&s.affa.affa_at("2026-06-03T20:00:00", &["--run", "web"]));
+    assert_eq!(num(&report(&s.affa, "web", "scheduled.0"), "ChunkNew"), 1);
+    ok(&s.affa.affa(&["--verify", "web"]));
+    assert_eq!(hash(&s.unchunked("scheduled.0")), hash(&s.img()));
+    assert!(ok(&s.affa.affa(&["--scrub", "--all"])).contains(" 0 damaged"));
+    drop(s.sshd);
 }

@@ -911,3 +911,88 @@ fn ranged_backup_reads_only_the_changed_chunks() {
     drop(agent);
     let _ = wait_stderr(c);
 }
+
+/// Overwrite the middle of a pool entry (its archives' links share the inode).
+fn damage(pool: &Pool, id: &[u8; 32]) {
+    let entry = pool.entry(id);
+    let len = fs::metadata(&entry).unwrap().len();
+    let f = fs::OpenOptions::new().write(true).open(&entry).unwrap();
+    f.write_all_at(&[0x5a; 64], len / 2).unwrap();
+}
+
+/// A damaged pool entry is counted repaired once per run, whether the job's own archives link
+/// it (checked when reported, then its data asked for) or it is another job's (asked for,
+/// then checked when its data comes): the run's report must not double a repair.
+#[test]
+fn a_damaged_pool_entry_is_repaired_and_counted_once() {
+    let sshd = Sshd::start();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("disk.img");
+    const CS: usize = 256 << 10;
+    let mut whole = vec![0u8; 24 * CS];
+    for (i, c) in whole.chunks_mut(CS).enumerate() {
+        fill(c, i as u64 * 2 + 1); // seeds 2k+1 only: every chunk distinct
+    }
+    fs::write(&src, &whole).unwrap();
+    let root = t.path().join("root");
+    let pool = Pool::open(&root).unwrap();
+    let settings = Settings { chunk_size: CS as u32, compression: Compression::Zstd(1), ..Settings::default() };
+    let rel = Path::new("vm/disk.img");
+    let (c, mut agent) = sshd.agent(AGENT);
+
+    // Job a, first run: nothing of its own yet.
+    let a1 = root.join("a/daily.1");
+    agent.limit_known(vec![]);
+    let st1 = backup_file(&mut agent, &pool, &settings, &src, &a1, rel, None).unwrap();
+    assert_eq!(st1.chunk.new_chunks, 24);
+    let m1 = chunk::unchunk_file(&a1, &st1.chunk.manifest_path, &t.path().join("r1"), None).unwrap();
+    let ids: Vec<[u8; 32]> = m1
+        .chunks
+        .iter()
+        .map(|r| match r {
+            ChunkRef::Stored(id) => *id,
+            ChunkRef::Zero => panic!("no zero chunk in this file"),
+        })
+        .collect();
+
+    // Job a again, its own chunk 3 damaged: checked when reported, asked for, stored afresh.
+    damage(&pool, &ids[3]);
+    let a0 = root.join("a/daily.0");
+    agent.limit_known(vec![a1.clone()]);
+    let st2 = backup_file(&mut agent, &pool, &settings, &src, &a0, rel, None).unwrap();
+    assert_eq!(
+        (st2.chunk.repaired_chunks, st2.chunk.new_chunks, st2.chunk.reused_chunks, st2.data_frames),
+        (1, 1, 23, 1),
+        "{st2:?}"
+    );
+
+    let rebuilt = |a: &Path, st: &affa_store::chunk::remote::RemoteStats| {
+        let out = t.path().join("rebuilt");
+        chunk::unchunk_file(a, &st.chunk.manifest_path, &out, None).unwrap();
+        file_hash(&out)
+    };
+    assert_eq!(rebuilt(&a0, &st2), file_hash(&src));
+
+    // Job b: every chunk is another job's, so all are asked for; chunk 7's entry is damaged
+    // (a1's and a0's copy with it: they link the same inode).
+    damage(&pool, &ids[7]);
+    let b0 = root.join("b/daily.0");
+    agent.limit_known(vec![]);
+    let st3 = backup_file(&mut agent, &pool, &settings, &src, &b0, rel, None).unwrap();
+    assert_eq!(
+        (st3.chunk.repaired_chunks, st3.chunk.new_chunks, st3.chunk.reused_chunks, st3.data_frames),
+        (1, 1, 23, 24),
+        "{st3:?}"
+    );
+    // The good entries are shared, not stored twice; b0 rebuilds the file.
+    let linked = |a: &Path, id: &[u8; 32]| {
+        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        fs::metadata(a.join(".affa-chunks").join(&hex[..2]).join(&hex)).unwrap().ino()
+    };
+    assert_eq!(linked(&b0, &ids[0]), linked(&a1, &ids[0]));
+    assert_eq!(linked(&b0, &ids[3]), linked(&a0, &ids[3]));
+    assert_ne!(linked(&b0, &ids[7]), linked(&a1, &ids[7]));
+    assert_eq!(rebuilt(&b0, &st3), file_hash(&src));
+    agent.bye().unwrap();
+    assert_eq!(wait_stderr(c).0, 0);
+}

@@ -81,8 +81,8 @@ pub fn manifest_path(archive_root: &Path, rel_path: &Path) -> PathBuf {
 /// Chunk the plain file `src` into the archive `archive_root` as `rel_path` (the manifest goes
 /// to `archive_root/rel_path.affa-manifest`, chunk links to `archive_root/.affa-chunks/`).
 /// `previous` is the manifest of the same file in the newest earlier archive, if any: a chunk
-/// it lists with the same id at the same index is reused after a cheap check only (plus
-/// scrubbing, see `Settings::scrub_one_in`); every other existing pool entry is decoded and
+/// it lists with the same id at the same index is reused after a cheap check only (bit flips
+/// are the pool scrub's, [`super::scrub`]); every other existing pool entry is decoded and
 /// hashed before reuse, and replaced when damaged. `progress` gets the bytes read so far.
 pub fn chunk_file(
     pool: &Pool,
@@ -119,8 +119,6 @@ pub fn chunk_file(
     let workers = want.min(((128u64 << 20) / (3 * cs)).max(1) as usize).max(1);
     let inflight = (((64u64 << 20) / cs) as usize).clamp(workers + 1, 4 * workers);
     let prev = previous.filter(|p| p.chunk_size == settings.chunk_size);
-    let day =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() / 86400).unwrap_or(0);
 
     let scratch: Mutex<Vec<Scratch>> = Mutex::new(Vec::new());
     let placed: Mutex<HashSet<ChunkId>> = Mutex::new(HashSet::new());
@@ -145,8 +143,7 @@ pub fn chunk_file(
         };
         let entry = pool.entry(&id);
         let same_as_prev = prev.is_some_and(|m| m.chunks.get(idx as usize) == Some(&ChunkRef::Stored(id)));
-        let scrub = settings.scrub_one_in > 0 && (idx + day).is_multiple_of(settings.scrub_one_in as u64);
-        let mut must_store = if same_as_prev && !scrub {
+        let mut must_store = if same_as_prev {
             match pool::quick_check(&entry) {
                 Ok(true) => false,
                 Ok(false) => {

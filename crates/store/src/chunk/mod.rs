@@ -21,6 +21,7 @@ mod pipeline;
 mod pool;
 pub mod remote;
 mod restore;
+mod scrub;
 #[cfg(test)]
 mod tests;
 
@@ -36,6 +37,7 @@ pub use restore::{
     read_manifest, recorded_manifest, stream_file, unchunk_file, verify_archive, ArchiveUsage, ChunkProblem,
     ChunkReader, ProblemKind, VerifyReport,
 };
+pub use scrub::{scrub, Damaged, ScrubReport, Slice};
 
 use crate::error::{Error, Result};
 use std::fmt;
@@ -127,10 +129,6 @@ pub struct Settings {
     pub compression: Compression,
     /// Worker threads; 0 = `available_parallelism` (further capped so memory stays bounded).
     pub threads: usize,
-    /// Scrubbing of trusted reuse: a chunk reused because the previous manifest lists it at the
-    /// same index is still fully re-verified when `(index + day) % scrub_one_in == 0`, so every
-    /// such chunk is re-read about once every `scrub_one_in` daily runs. 0 = never.
-    pub scrub_one_in: u32,
 }
 
 impl Default for Settings {
@@ -140,7 +138,6 @@ impl Default for Settings {
             // zstd -1 loses 3% of ratio against -3 but is 38% faster (limits.md).
             compression: Compression::Zstd(1),
             threads: 0,
-            scrub_one_in: 16,
         }
     }
 }

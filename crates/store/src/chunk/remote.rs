@@ -208,7 +208,7 @@ fn compression_code(c: Compression) -> (u8, u8) {
 /// (manifest `archive_root/rel_path.affa-manifest`, chunk links in `.affa-chunks/`), as
 /// `chunk_file` does for a local file. `previous` is the same file's manifest in the newest
 /// earlier archive: the agent reports chunks unchanged against it, which get the cheap check
-/// only (plus scrubbing), and other chunks the pool already holds are verified before reuse.
+/// only (bit flips are the pool scrub's), and other chunks the pool already holds are verified before reuse.
 /// A fault at the source (the file vanished, changed, a read error) is an error naming the
 /// file; the session stays usable after it ([`source_vanished`] tells a file that did not exist
 /// at the start of the read). Any other error leaves the session unusable.
@@ -228,7 +228,7 @@ pub fn backup_file<R: Read, W: Write>(
 /// only the chunks of `ranges` (chunk indices, as `chunk_ranges` gives them); every other chunk
 /// is carried from `previous`, which must have `settings.chunk_size` and the file's length (else
 /// an error: the caller falls back to `backup_file`). A carried stored chunk whose pool entry
-/// fails its check (the cheap one, or a full one when due for scrubbing) is added to the ranges.
+/// fails its cheap check is added to the ranges.
 /// The manifest has no whole-file hash (version 2). Errors as `backup_file`.
 #[allow(clippy::too_many_arguments)]
 pub fn backup_file_ranged<R: Read, W: Write>(
@@ -306,10 +306,6 @@ fn backup<R: Read, W: Write>(
     crate::untrusted::create_dir_beneath(archive_root, rel_path.parent().unwrap_or(Path::new("")))?;
     crate::untrusted::create_private_dir_beneath(archive_root, Path::new(ARCHIVE_CHUNK_DIR))?;
     let in0 = agent.bytes_in();
-    let day =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() / 86400).unwrap_or(0);
-    let scrub_due =
-        |index: u64| settings.scrub_one_in > 0 && (index + day).is_multiple_of(settings.scrub_one_in as u64);
     let mut st = RemoteStats::default();
     let mut placed: HashSet<ChunkId> = HashSet::new();
     let mut touched: HashSet<PathBuf> = HashSet::new();
@@ -344,14 +340,8 @@ fn backup<R: Read, W: Write>(
                     ChunkRef::Zero => st.chunk.zero_chunks += 1,
                     ChunkRef::Stored(id) => {
                         let ok = placed.contains(id)
-                            || (trusted_entry(
-                                &pool.entry(id),
-                                id,
-                                scrub_due(i),
-                                &mut st.chunk,
-                                &mut blob_buf,
-                                &mut decoded,
-                            ) && link(id, &mut touched).is_ok());
+                            || (trusted_entry(&pool.entry(id), id, false, &mut st.chunk, &mut blob_buf, &mut decoded)
+                                && link(id, &mut touched).is_ok());
                         if ok {
                             placed.insert(*id);
                             st.chunk.reused_chunks += 1;
@@ -421,6 +411,10 @@ fn backup<R: Read, W: Write>(
     st.chunk.logical_size = opened.size;
     st.chunk.chunks = count;
     let mut asked: HashSet<ChunkId> = HashSet::new();
+    // Asked for only because they are not this job's (limit_known): when their data comes, the
+    // pool's entry is tried first. A chunk asked for because its entry failed its check is
+    // not tried again (it was counted repaired once, and its data replaces the entry).
+    let mut foreign: HashSet<ChunkId> = HashSet::new();
     // Ranged: the previous manifest's list, the ranges overwritten as the reports come.
     let mut chunks: Vec<ChunkRef> = match (&ranges, prev) {
         (Some(_), Some(p)) => p.chunks.clone(),
@@ -472,10 +466,11 @@ fn backup<R: Read, W: Write>(
                     true
                 } else if matches!(kind, ChunkKind::Hash(_)) && !agent.may_know(&id, &entry) {
                     // Not this job's: its data is asked for, whatever the pool holds.
+                    foreign.insert(id);
                     false
                 } else {
                     // A `hash` report (new to this index) is always fully checked.
-                    let full = scrub_due(index) || !matches!(kind, ChunkKind::Same);
+                    let full = !matches!(kind, ChunkKind::Same);
                     let good = trusted_entry(&entry, &id, full, &mut st.chunk, &mut blob_buf, &mut decoded);
                     // A link that fails (entry swept meanwhile, link limit) is stored afresh.
                     good && link(&id, &mut touched).is_ok()
@@ -505,7 +500,8 @@ fn backup<R: Read, W: Write>(
                 st.data_frames += 1;
                 // Asked for although the pool may hold it (limit_known): the pool's entry, if
                 // it checks, is linked rather than replaced (the archives keep sharing it).
-                if trusted_entry(&pool.entry(&id), &id, true, &mut st.chunk, &mut blob_buf, &mut decoded)
+                if foreign.remove(&id)
+                    && trusted_entry(&pool.entry(&id), &id, true, &mut st.chunk, &mut blob_buf, &mut decoded)
                     && link(&id, &mut touched).is_ok()
                 {
                     placed.insert(id);
