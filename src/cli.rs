@@ -205,6 +205,9 @@ pub struct Cli {
     /// --full-restore of a VM: register the restored VM under NAME
     #[arg(long, value_name = "NAME")]
     register: Option<String>,
+    /// --full-restore: restore the job's offsite archive (ARCHIVE: its Date or name) straight from the bucket
+    #[arg(long)]
+    from_offsite: bool,
     /// --full-restore: print what would be copied where, change nothing
     #[arg(long)]
     dry_run: bool,
@@ -244,7 +247,7 @@ pub const USAGE: &[&str] = &[
     "--install-agent [JOB JOB ...]",
     "--check-connections [JOB JOB ...]",
     "--resume-interrupted",
-    "--full-restore [--preserve-newer=no] [--delete=yes] JOB [ARCHIVE]",
+    "--full-restore [--preserve-newer=no] [--delete=yes] [--from-offsite] JOB [ARCHIVE]",
     "--list-archives [--csv|--offsite] [JOB JOB ...]",
     "--status [--csv] [--all]",
     "--show-config-pathes [--csv] [JOB JOB ...]",
@@ -316,6 +319,7 @@ pub struct Restore {
     pub to_ssh_port: Option<u16>,
     pub register: Option<String>,
     pub dry_run: bool,
+    pub from_offsite: bool,
 }
 
 /// One thing the person asked affa to do, with its arguments typed.
@@ -558,6 +562,7 @@ fn leftover(c: &Cli) -> Option<&'static str> {
         (c.to_ssh_port.is_some(), "--to-ssh-port"),
         (c.register.is_some(), "--register"),
         (c.dry_run, "--dry-run"),
+        (c.from_offsite, "--from-offsite"),
         (c.prefix.is_some(), "--prefix"),
         (c.agent.is_some(), "--agent"),
         (c.foreground, "--foreground"),
@@ -702,6 +707,7 @@ pub fn action(mut c: Cli) -> Result<Invocation, Usage> {
                 to_ssh_port: c.to_ssh_port.take(),
                 register: c.register.take(),
                 dry_run: std::mem::take(&mut c.dry_run),
+                from_offsite: std::mem::take(&mut c.from_offsite),
             };
             Action::FullRestore { job: v.swap_remove(0), restore }
         }

@@ -200,6 +200,7 @@ fn dispatch(inv: Invocation, ui: &Arc<render::Terminal>, out: &mut dyn Write) ->
                 to_ssh_port: r.to_ssh_port,
                 register: r.register,
                 dry_run: r.dry_run,
+                from_offsite: r.from_offsite,
                 yes,
                 watch: watch.clone(),
             };
