@@ -1048,6 +1048,21 @@ mod tests {
             usage_error(&["--offsite"]).starts_with("--offsite: missing argument; usage: affa --offsite JOB [ARCHIVE]")
         );
         assert!(usage_error(&["--offsite-verify", "web", "x"]).starts_with("--offsite-verify: unexpected argument 'x'"));
+        assert_eq!(
+            act(&["--full-restore", "web", "202612010100", "--from-offsite"]),
+            Action::FullRestore {
+                job: web(),
+                restore: Restore {
+                    archive: Some("202612010100".into()),
+                    preserve_newer: true,
+                    from_offsite: true,
+                    ..Restore::default()
+                }
+            }
+        );
+        assert!(
+            usage_error(&["--offsite", "web", "--from-offsite"]).contains("--from-offsite does not apply to --offsite")
+        );
         assert!(usage_error(&["--list-archives", "--offsite", "--csv"])
             .starts_with("--csv does not apply to --list-archives --offsite"));
         assert!(usage_error(&["--offsite", "web", "--offsite-verify"]).contains("cannot be used together"));

@@ -85,7 +85,10 @@ fn choose(idxs: Vec<Index>, job: &str, name: Option<&str>, shown: &str) -> Resul
     let listed = |v: &[Index]| v.iter().map(|i| format!("{} (Date {})", i.archive, i.date)).collect::<Vec<_>>();
     let all = listed(&idxs);
     let Some(n) = name else {
-        return idxs.into_iter().last().ok_or_else(|| Error::new(format!("job {job} has no offsite archive in {shown}")));
+        return idxs
+            .into_iter()
+            .last()
+            .ok_or_else(|| Error::new(format!("job {job} has no offsite archive in {shown}")));
     };
     let by_date: Vec<Index> = idxs.iter().filter(|i| i.date == n).cloned().collect();
     let mut found = if by_date.is_empty() { idxs.into_iter().filter(|i| i.archive == n).collect() } else { by_date };
@@ -207,7 +210,12 @@ fn write_plain(src: &BucketChunks, idx: &Index, root: &Path, label: &str, watch:
         };
         let rel = Path::new(OsStr::from_bytes(path));
         if rel.components().next().is_some_and(|c| c.as_os_str() == chunk::ARCHIVE_CHUNK_DIR) {
-            bail!(Damaged, "{label}: its index lists {}; expected no entry of the archive's {}", escape(path), chunk::ARCHIVE_CHUNK_DIR);
+            bail!(
+                Damaged,
+                "{label}: its index lists {}; expected no entry of the archive's {}",
+                escape(path),
+                chunk::ARCHIVE_CHUNK_DIR
+            );
         }
         parents(root, rel, label)?;
         let p = root.join(rel);
@@ -225,7 +233,8 @@ fn write_plain(src: &BucketChunks, idx: &Index, root: &Path, label: &str, watch:
             }
             Entry::Link { uid, gid, mtime, target, .. } => {
                 std::os::unix::fs::symlink(OsStr::from_bytes(target), &p).map_err(|_| twice())?;
-                set_meta(&p, None, *uid, *gid, *mtime).ctx(|| format!("cannot set the owner or time of {}", p.display()))?;
+                set_meta(&p, None, *uid, *gid, *mtime)
+                    .ctx(|| format!("cannot set the owner or time of {}", p.display()))?;
             }
             Entry::File { mode, uid, gid, mtime, size, chunks, .. } => {
                 let f = fs::OpenOptions::new()
@@ -274,7 +283,63 @@ fn write_plain(src: &BucketChunks, idx: &Index, root: &Path, label: &str, watch:
     // Directories last, deepest first: their mode may forbid writing, their mtime changes
     // with each entry made in them.
     for (p, mode, uid, gid, mtime) in dirs.into_iter().rev() {
-        set_meta(&p, Some(mode), uid, gid, mtime).ctx(|| format!("cannot set the owner, mode or time of {}", p.display()))?;
+        set_meta(&p, Some(mode), uid, gid, mtime)
+            .ctx(|| format!("cannot set the owner, mode or time of {}", p.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn idx(archive: &str, date: &str) -> Index {
+        Index {
+            job: "web".into(),
+            archive: archive.into(),
+            date: date.into(),
+            id: "00".repeat(32),
+            uploaded: "x".into(),
+            chunk_size: 1 << 20,
+            entries: Vec::new(),
+            chunked: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn an_offsite_archive_is_chosen_by_date_or_by_a_name_only_one_has() {
+        let all = || {
+            vec![idx("scheduled.0", "202612010100"), idx("daily.0", "202612020100"), idx("scheduled.0", "202612030100")]
+        };
+        let s = "s3://b/p";
+        assert_eq!(choose(all(), "web", None, s).unwrap().date, "202612030100", "the newest");
+        assert_eq!(choose(all(), "web", Some("202612010100"), s).unwrap().date, "202612010100");
+        assert_eq!(choose(all(), "web", Some("daily.0"), s).unwrap().date, "202612020100");
+        let e = choose(all(), "web", Some("scheduled.0"), s).unwrap_err().to_string();
+        assert!(e.contains("2 offsite archives named 'scheduled.0'") && e.contains("name one by its Date"), "{e}");
+        let e = choose(all(), "web", Some("weekly.1"), s).unwrap_err().to_string();
+        assert!(
+            e.contains("no offsite archive 'weekly.1' in s3://b/p") && e.contains("daily.0 (Date 202612020100)"),
+            "{e}"
+        );
+        assert!(choose(Vec::new(), "web", None, s).unwrap_err().to_string().contains("has no offsite archive"));
+    }
+
+    #[test]
+    fn an_entry_below_a_link_or_a_file_is_refused_and_nothing_is_made_outside() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        let outside = t.path().join("outside");
+        fs::create_dir_all(&root).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("l")).unwrap();
+        fs::write(root.join("f"), "x").unwrap();
+        for rel in ["l/x", "l/a/b", "f/x"] {
+            let e = parents(&root, Path::new(rel), "offsite archive x").unwrap_err().to_string();
+            assert!(e.contains("not a directory") && e.contains(rel), "{e}");
+        }
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0, "nothing made through the link");
+        parents(&root, Path::new("d/e/f"), "x").unwrap();
+        assert!(fs::symlink_metadata(root.join("d/e")).unwrap().is_dir());
+    }
 }

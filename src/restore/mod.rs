@@ -107,6 +107,12 @@ pub fn full_restore(cfg: &Config, job_name: &str, opts: &RestoreOptions, out: &m
     let log = JobLog::new(&cfg.log_dir(), job_name, crate::observer::Watch::nobody());
     let ctx = Ctx { cfg, job, arch, opts, log, source };
     ctx.log.info(format!("Restore of job {} from {from} started", job.name));
+    if fetched.is_some() {
+        let _ = writeln!(
+            out,
+            "Reading {from}: its plain files staged here, the chunks of its chunked files read from the bucket"
+        );
+    }
     let res = if job.esxi() { esxi::restore(&ctx, out) } else { host::restore(&ctx, out) };
     match &res {
         Ok(()) => ctx.log.info(format!("Restore of job {} from {from} finished", job.name)),

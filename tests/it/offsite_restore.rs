@@ -119,7 +119,11 @@ fn an_esxi_vm_is_restored_straight_from_the_bucket_and_damage_or_a_wrong_key_is_
     let untouched = |what: &str| {
         assert!(!e.ds1.join("vm1").exists() && !e.ds2.join("vm1").exists(), "{what}: the target was written");
         assert!(!vm_names(&e).contains(&"vm1-back".to_string()), "{what}: the VM was registered");
-        assert!(entries(&jd).iter().all(|n| !n.starts_with(".offsite-restore")), "{what}: staging left: {:?}", entries(&jd));
+        assert!(
+            entries(&jd).iter().all(|n| !n.starts_with(".offsite-restore")),
+            "{what}: staging left: {:?}",
+            entries(&jd)
+        );
     };
     let restore = ["--full-restore", "esx", "--from-offsite", "--register", "vm1-back", "--yes"];
 
@@ -165,7 +169,8 @@ fn an_esxi_vm_is_restored_straight_from_the_bucket_and_damage_or_a_wrong_key_is_
 
     // A wrong key: refused, one line.
     let right = fs::read_to_string(&key_file).unwrap();
-    fs::write(&key_file, format!("affa-offsite-key 1\ncreated 2026-12-01T00:00:00\nkey {}\n", "5a".repeat(32))).unwrap();
+    fs::write(&key_file, format!("affa-offsite-key 1\ncreated 2026-12-01T00:00:00\nkey {}\n", "5a".repeat(32)))
+        .unwrap();
     let err = fail(&e.affa.affa(&restore));
     assert!(err.contains("does not open") && err.contains(&key_file.display().to_string()), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -201,8 +206,14 @@ fn an_esxi_vm_is_restored_straight_from_the_bucket_and_damage_or_a_wrong_key_is_
     let vm = e.vm_state("vm1-back");
     assert_eq!(vm["disks"].as_array().unwrap().len(), 2, "{vm}");
     // Nothing of the archive was left in RootDir: no archive, no staging, no pool entry.
-    assert!(entries(&jd).iter().all(|n| n.starts_with('.') && !n.starts_with(".offsite-restore")), "{:?}", entries(&jd));
-    assert!(entries(&e.affa.root.join(".affa-pool")).iter().all(|d| entries(&e.affa.root.join(".affa-pool").join(d)).is_empty()));
+    assert!(
+        entries(&jd).iter().all(|n| n.starts_with('.') && !n.starts_with(".offsite-restore")),
+        "{:?}",
+        entries(&jd)
+    );
+    assert!(entries(&e.affa.root.join(".affa-pool"))
+        .iter()
+        .all(|d| entries(&e.affa.root.join(".affa-pool").join(d)).is_empty()));
 }
 
 /// An ordinary job (a chunked image, a small file, a link) restored from the bucket to its host
@@ -241,5 +252,9 @@ fn an_ordinary_job_is_restored_from_the_bucket_to_its_host() {
     assert_eq!(fs::read(d.join("disk.img")).unwrap(), img);
     assert_eq!(fs::read_link(d.join("link")).unwrap(), Path::new("sub/notes.txt"));
     assert_eq!(fs::metadata(d.join("sub/notes.txt")).unwrap().permissions().mode() & 0o777, 0o640);
-    assert!(entries(&a.job_dir("web")).iter().all(|n| !n.starts_with(".offsite-restore")), "{:?}", entries(&a.job_dir("web")));
+    assert!(
+        entries(&a.job_dir("web")).iter().all(|n| !n.starts_with(".offsite-restore")),
+        "{:?}",
+        entries(&a.job_dir("web"))
+    );
 }

@@ -129,7 +129,12 @@ pub fn load_chunk_from(
 }
 
 /// Decode a chunk file's bytes and check the length and hash against the manifest's.
-pub(super) fn check_blob(id: &ChunkId, len: usize, raw: &[u8], out: &mut Vec<u8>) -> std::result::Result<(), ProblemKind> {
+pub(super) fn check_blob(
+    id: &ChunkId,
+    len: usize,
+    raw: &[u8],
+    out: &mut Vec<u8>,
+) -> std::result::Result<(), ProblemKind> {
     blob::decode(raw, out).map_err(ProblemKind::Damaged)?;
     if out.len() != len {
         return Err(ProblemKind::Damaged(format!("length {} where {} was expected", out.len(), len)));
