@@ -268,7 +268,7 @@ pub const USAGE: &[&str] = &[
     "--nrpe [JOB JOB ...]",
     "--init-nrpe",
     "--verify JOB [ARCHIVE|--all]",
-    "--unchunk JOB ARCHIVE [--to DIR]",
+    "--unchunk JOB ARCHIVE [--to DIR] [--from-offsite]",
     "--offsite JOB [ARCHIVE]",
     "--offsite-verify JOB",
     "--metrics",
@@ -384,6 +384,8 @@ pub enum Action {
         job: String,
         archive: String,
         to: Option<PathBuf>,
+        /// `--from-offsite`: the offsite archive, from the bucket.
+        from_offsite: bool,
     },
     Verify {
         job: String,
@@ -660,7 +662,7 @@ pub fn action(mut c: Cli) -> Result<Invocation, Usage> {
         }
         "--unchunk" => {
             let [job, archive] = exactly(a, one)?;
-            Action::Unchunk { job, archive, to: c.to.take() }
+            Action::Unchunk { job, archive, to: c.to.take(), from_offsite: std::mem::take(&mut c.from_offsite) }
         }
         "--verify" => {
             let mut v = args(a, one, 1, 2)?;
@@ -840,7 +842,7 @@ mod tests {
             (&["--show-property", "Include"], Action::ShowProperty { key: "Include".into() }),
             (
                 &["--unchunk", "web", "daily.0", "--to", "/tmp/x"],
-                Action::Unchunk { job: j(), archive: "daily.0".into(), to: Some("/tmp/x".into()) },
+                Action::Unchunk { job: j(), archive: "daily.0".into(), to: Some("/tmp/x".into()), from_offsite: false },
             ),
             (&["--verify", "web"], Action::Verify { job: j(), archives: Archives::Newest }),
             (&["--verify", "web", "--all"], Action::Verify { job: j(), archives: Archives::All }),

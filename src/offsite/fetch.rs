@@ -70,12 +70,15 @@ pub struct Fetched {
     pub shown: String,
     /// The offsite archive's Date.
     pub date: String,
-    staging: PathBuf,
+    /// What is removed when this is dropped (the staging directory; none for `--unchunk`'s).
+    staging: Option<PathBuf>,
 }
 
 impl Drop for Fetched {
     fn drop(&mut self) {
-        let _ = archive::remove_tree(&self.staging);
+        if let Some(s) = &self.staging {
+            let _ = archive::remove_tree(s);
+        }
     }
 }
 
@@ -109,6 +112,11 @@ fn choose(idxs: Vec<Index>, job: &str, name: Option<&str>, shown: &str) -> Resul
 /// Open the job's bucket prefix (a wrong key is refused), choose the offsite archive and write
 /// its plain files to a private staging directory in the job's directory.
 pub fn fetch(job: &Job, name: Option<&str>, watch: &Watch) -> Result<Fetched> {
+    fetch_to(job, name, None, watch)
+}
+
+/// [`fetch`], into the new directory `to` (kept) when given.
+fn fetch_to(job: &Job, name: Option<&str>, to: Option<&Path>, watch: &Watch) -> Result<Fetched> {
     let (store, keys, _) = super::open(job, false, &crate::clock::SystemClock)?;
     let shown = store.shown.clone();
     let super::Indexes { good, bad } = super::indexes(&store, &keys, &job.name)?;
@@ -120,17 +128,32 @@ pub fn fetch(job: &Job, name: Option<&str>, watch: &Watch) -> Result<Fetched> {
     let (level, index) = archive::parse_archive_name(&idx.archive).ok_or_else(|| {
         Error::damaged(format!("{label} in {shown}: its index names the archive '{}'; expected LEVEL.N", idx.archive))
     })?;
-    let staging = job.job_dir().join(format!(".offsite-restore.{}", std::process::id()));
-    let _ = archive::remove_tree(&staging);
-    crate::fsutil::create_private_dir(&staging)?;
+    let (staging, root) = match to {
+        None => {
+            let staging = job.job_dir().join(format!(".offsite-restore.{}", std::process::id()));
+            let _ = archive::remove_tree(&staging);
+            crate::fsutil::create_private_dir(&staging)?;
+            let root = staging.join(format!("{}.{index}", level.name()));
+            (staging, root)
+        }
+        Some(d) => {
+            if fs::symlink_metadata(d).is_ok() {
+                bail!("--to {} exists; expected a new directory for the offsite archive's files", d.display());
+            }
+            if let Some(p) = d.parent().filter(|p| !p.as_os_str().is_empty()) {
+                fs::create_dir_all(p).ctx(|| format!("cannot create {}", p.display()))?;
+            }
+            (d.to_path_buf(), d.to_path_buf())
+        }
+    };
+    // Until it is complete, the directory goes when this is dropped (an error on the way).
     let mut fetched = Fetched {
-        archive: Archive { level, index, path: staging.join(format!("{}.{index}", level.name())), report: None },
+        archive: Archive { level, index, path: root.clone(), report: None },
         chunks: BucketChunks { store, keys },
         shown,
         date: idx.date.clone(),
-        staging,
+        staging: Some(staging),
     };
-    let root = fetched.archive.path.clone();
     fs::DirBuilder::new().mode(0o700).create(&root).ctx(|| format!("cannot create {}", root.display()))?;
     write_plain(&fetched.chunks, &idx, &root, &label, watch)?;
     // The report is the archive's id: the plain files are those of the archive uploaded.
@@ -146,6 +169,36 @@ pub fn fetch(job: &Job, name: Option<&str>, watch: &Watch) -> Result<Fetched> {
         );
     }
     Ok(fetched)
+}
+
+/// `affa --unchunk JOB ARCHIVE --from-offsite [--to DIR]`: the offsite archive (its Date, or a
+/// name only one has) as files in a new directory (default `RootDir/JOB/unchunked/offsite-ARCHIVE`):
+/// its plain files, and its chunked files rebuilt from the bucket's chunks (sparse, every chunk
+/// and the whole file checked) in place of their manifests. On an error the directory is removed.
+pub fn unchunk(cfg: &crate::config::Config, job: &str, name: &str, to: Option<&Path>, watch: &Watch) -> Result<String> {
+    let j = cfg.job(job)?;
+    let dest =
+        to.map(Path::to_path_buf).unwrap_or_else(|| j.job_dir().join("unchunked").join(format!("offsite-{name}")));
+    let mut f = fetch_to(j, Some(name), Some(&dest), watch)?;
+    let root = f.archive.path.clone();
+    let label = format!("offsite archive {} (Date {})", f.archive.name(), f.date);
+    let mut out = String::new();
+    for rel in chunk::chunked_files(&root)? {
+        parents(&root, &rel, &label)?;
+        let mp = chunk::manifest_path(&root, &rel);
+        let m = chunk::read_manifest(&mp)?;
+        let bar = watch.meter(format!("unchunk {}", rel.display()), Some(m.size));
+        let cb = |n: u64| bar.set(n);
+        let file = root.join(&rel);
+        chunk::unchunk_file_from(&f.chunks, &mp, &file, Some(&cb))?;
+        drop(bar);
+        fs::remove_file(&mp).ctx(|| format!("cannot remove {}", mp.display()))?;
+        out.push_str(&format!("{} ({}), verified\n", file.display(), crate::fmt::human(m.size)));
+    }
+    let _ = fs::remove_file(root.join(chunk::INDEX_FILE));
+    out.push_str(&format!("{label} of job {job} from {}: its files are in {}\n", f.shown, root.display()));
+    f.staging = None;
+    Ok(out)
 }
 
 /// Free bytes for an unprivileged writer on the filesystem of `dir`.

@@ -3,7 +3,8 @@
 //! and pool removed, then restored straight from the bucket through affa-agent on the simulated
 //! host, byte-identical and registered; a damaged chunk object, a missing one (of a disk and of a
 //! plain file) and a wrong key refused before anything is written. And an ordinary job restored
-//! from the bucket to its (local) host through the staging path.
+//! from the bucket to its (local) host through the staging path, and extracted from the bucket to
+//! a directory (`--unchunk --from-offsite`).
 
 use crate::common;
 
@@ -246,6 +247,16 @@ fn an_ordinary_job_is_restored_from_the_bucket_to_its_host() {
     let before = tree_hashes(&d);
     fs::remove_dir_all(&d).unwrap();
     fs::remove_dir_all(a.job_dir("web")).unwrap();
+    // The archive as files, straight from the bucket: the image rebuilt, no manifest left.
+    let x = a.tmp.path().join("extracted");
+    let text = ok(&a.affa(&["--unchunk", "web", "202612010100", "--from-offsite", "--to", x.to_str().unwrap()]));
+    let rel = d.strip_prefix("/").unwrap();
+    assert!(text.contains("disk.img") && text.contains("verified"), "{text}");
+    assert_eq!(tree_hashes(&x.join(rel)), before, "{text}");
+    assert!(!x.join(rel).join("disk.img.affa-manifest").exists() && !x.join(".affa-manifests").exists());
+    let e = fail(&a.affa(&["--unchunk", "web", "202612010100", "--from-offsite", "--to", x.to_str().unwrap()]));
+    assert!(e.contains("exists; expected a new directory"), "{e}");
+
     let text = ok(&a.affa(&["--full-restore", "web", "--from-offsite", "--yes"]));
     assert!(text.contains("verified") && text.contains("match"), "{text}");
     assert_eq!(tree_hashes(&d), before, "{text}");
