@@ -5,6 +5,9 @@
 //! (the disks) are read from the bucket through [`BucketChunks`] as the restore needs them: the
 //! chunked files are never copied to this box first.
 //!
+//! `affa --unchunk JOB ARCHIVE --from-offsite` writes the same files, chunked ones rebuilt, to a
+//! new directory that is kept.
+//!
 //! Owns: choosing the offsite archive a restore names, the staging directory (made private,
 //! removed when the restore ends), writing the plain files there, and the chunk source of the
 //! bucket. Must never: trust the index (it comes from the bucket): write outside the staging
