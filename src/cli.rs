@@ -208,6 +208,9 @@ pub struct Cli {
     /// --full-restore of a VM: register the restored VM under NAME
     #[arg(long, value_name = "NAME")]
     register: Option<String>,
+    /// --full-restore: restore the job's offsite archive (ARCHIVE: its Date or name) straight from the bucket
+    #[arg(long)]
+    from_offsite: bool,
     /// --full-restore: print what would be copied where, change nothing
     #[arg(long)]
     dry_run: bool,
@@ -247,7 +250,7 @@ pub const USAGE: &[&str] = &[
     "--install-agent [JOB JOB ...]",
     "--check-connections [JOB JOB ...]",
     "--resume-interrupted",
-    "--full-restore [--preserve-newer=no] [--delete=yes] JOB [ARCHIVE]",
+    "--full-restore [--preserve-newer=no] [--delete=yes] [--from-offsite] JOB [ARCHIVE]",
     "--list-archives [--csv|--offsite] [JOB JOB ...]",
     "--status [--csv] [--all]",
     "--show-config-pathes [--csv] [JOB JOB ...]",
@@ -269,7 +272,7 @@ pub const USAGE: &[&str] = &[
     "--init-nrpe",
     "--verify JOB [ARCHIVE|--all]",
     "--scrub [--all]",
-    "--unchunk JOB ARCHIVE [--to DIR]",
+    "--unchunk JOB ARCHIVE [--to DIR] [--from-offsite]",
     "--offsite JOB [ARCHIVE]",
     "--offsite-verify JOB",
     "--metrics",
@@ -320,6 +323,7 @@ pub struct Restore {
     pub to_ssh_port: Option<u16>,
     pub register: Option<String>,
     pub dry_run: bool,
+    pub from_offsite: bool,
 }
 
 /// One thing the person asked affa to do, with its arguments typed.
@@ -384,6 +388,8 @@ pub enum Action {
         job: String,
         archive: String,
         to: Option<PathBuf>,
+        /// `--from-offsite`: the offsite archive, from the bucket.
+        from_offsite: bool,
     },
     Verify {
         job: String,
@@ -567,6 +573,7 @@ fn leftover(c: &Cli) -> Option<&'static str> {
         (c.to_ssh_port.is_some(), "--to-ssh-port"),
         (c.register.is_some(), "--register"),
         (c.dry_run, "--dry-run"),
+        (c.from_offsite, "--from-offsite"),
         (c.prefix.is_some(), "--prefix"),
         (c.agent.is_some(), "--agent"),
         (c.foreground, "--foreground"),
@@ -664,7 +671,7 @@ pub fn action(mut c: Cli) -> Result<Invocation, Usage> {
         }
         "--unchunk" => {
             let [job, archive] = exactly(a, one)?;
-            Action::Unchunk { job, archive, to: c.to.take() }
+            Action::Unchunk { job, archive, to: c.to.take(), from_offsite: std::mem::take(&mut c.from_offsite) }
         }
         "--verify" => {
             let mut v = args(a, one, 1, 2)?;
@@ -715,6 +722,7 @@ pub fn action(mut c: Cli) -> Result<Invocation, Usage> {
                 to_ssh_port: c.to_ssh_port.take(),
                 register: c.register.take(),
                 dry_run: std::mem::take(&mut c.dry_run),
+                from_offsite: std::mem::take(&mut c.from_offsite),
             };
             Action::FullRestore { job: v.swap_remove(0), restore }
         }
@@ -847,7 +855,7 @@ mod tests {
             (&["--show-property", "Include"], Action::ShowProperty { key: "Include".into() }),
             (
                 &["--unchunk", "web", "daily.0", "--to", "/tmp/x"],
-                Action::Unchunk { job: j(), archive: "daily.0".into(), to: Some("/tmp/x".into()) },
+                Action::Unchunk { job: j(), archive: "daily.0".into(), to: Some("/tmp/x".into()), from_offsite: false },
             ),
             (&["--verify", "web"], Action::Verify { job: j(), archives: Archives::Newest }),
             (&["--verify", "web", "--all"], Action::Verify { job: j(), archives: Archives::All }),
@@ -1057,6 +1065,21 @@ mod tests {
             usage_error(&["--offsite"]).starts_with("--offsite: missing argument; usage: affa --offsite JOB [ARCHIVE]")
         );
         assert!(usage_error(&["--offsite-verify", "web", "x"]).starts_with("--offsite-verify: unexpected argument 'x'"));
+        assert_eq!(
+            act(&["--full-restore", "web", "202612010100", "--from-offsite"]),
+            Action::FullRestore {
+                job: web(),
+                restore: Restore {
+                    archive: Some("202612010100".into()),
+                    preserve_newer: true,
+                    from_offsite: true,
+                    ..Restore::default()
+                }
+            }
+        );
+        assert!(
+            usage_error(&["--offsite", "web", "--from-offsite"]).contains("--from-offsite does not apply to --offsite")
+        );
         assert!(usage_error(&["--list-archives", "--offsite", "--csv"])
             .starts_with("--csv does not apply to --list-archives --offsite"));
         assert!(usage_error(&["--offsite", "web", "--offsite-verify"]).contains("cannot be used together"));

@@ -155,7 +155,10 @@ fn dispatch(inv: Invocation, ui: &Arc<render::Terminal>, out: &mut dyn Write) ->
         }
         Action::LogTail { job } => print(out, commands::log_tail(&env.config()?, job.as_deref())?),
         Action::DiskUsage { csv } => print(out, commands::disk_usage(&env.config()?, csv)?),
-        Action::Unchunk { job, archive, to } => print(
+        Action::Unchunk { job, archive, to, from_offsite: true } => {
+            print(out, affa::offsite::fetch::unchunk(&env.config()?, &job, &archive, to.as_deref(), &watch)?)
+        }
+        Action::Unchunk { job, archive, to, from_offsite: false } => print(
             out,
             affa::maintenance::unchunk_command(&env.config()?, &job, &archive, to.as_deref(), &watch)?,
         ),
@@ -209,6 +212,7 @@ fn dispatch(inv: Invocation, ui: &Arc<render::Terminal>, out: &mut dyn Write) ->
                 to_ssh_port: r.to_ssh_port,
                 register: r.register,
                 dry_run: r.dry_run,
+                from_offsite: r.from_offsite,
                 yes,
                 watch: watch.clone(),
             };

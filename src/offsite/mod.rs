@@ -11,6 +11,7 @@
 //! old key sealed, change anything under RootDir, or print (the new key goes back to main).
 
 mod crypt;
+pub mod fetch;
 mod index;
 mod s3;
 

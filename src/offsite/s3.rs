@@ -151,6 +151,12 @@ impl Store {
 
     /// The object `name`, None when it does not exist.
     pub fn get(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        self.get_at_most(name, MAX_OBJECT)
+    }
+
+    /// The object `name` if it is at most `max` bytes (a larger one is an error), None when it
+    /// does not exist.
+    pub fn get_at_most(&self, name: &str, max: u64) -> Result<Option<Vec<u8>>> {
         let key = self.key(name);
         let url = || self.bucket.get_object(Some(&self.creds), &key).sign(SIGN_FOR);
         let what = format!("GET {name}");
@@ -159,11 +165,11 @@ impl Store {
             Outcome::Done(r) => {
                 let mut v = Vec::new();
                 r.into_reader()
-                    .take(MAX_OBJECT + 1)
+                    .take(max + 1)
                     .read_to_end(&mut v)
                     .map_err(|e| Error::remote(format!("{}: {what}: {e}", self.shown)))?;
-                if v.len() as u64 > MAX_OBJECT {
-                    return Err(Error::remote(format!("{}: {what}: larger than {MAX_OBJECT} bytes", self.shown)));
+                if v.len() as u64 > max {
+                    return Err(Error::remote(format!("{}: {what}: larger than {max} bytes", self.shown)));
                 }
                 Ok(Some(v))
             }

@@ -49,6 +49,9 @@ pub struct RestoreOptions {
     /// ESXi: register the restored .vmx under this name.
     pub register: Option<String>,
     pub dry_run: bool,
+    /// `--from-offsite`: restore the job's offsite archive (by Date or name) straight from its
+    /// bucket: plain files staged, chunks read from the bucket (`offsite::fetch`).
+    pub from_offsite: bool,
     pub yes: bool,
     /// Who watches: progress, and the question before anything is written.
     pub watch: crate::observer::Watch,
@@ -82,14 +85,38 @@ pub fn full_restore(cfg: &Config, job_name: &str, opts: &RestoreOptions, out: &m
     // A restore and a run of the same job must not overlap (the run would archive a half-restored
     // host, or rotate the archive away under us).
     let _lock = crate::lock::acquire(&cfg.lock_dir(), job_name)?;
-    let arch = choose_archive(job, opts.archive.as_deref())?;
+    // From the bucket: the plain files staged (removed when `fetched` is dropped), the chunks
+    // read from the bucket through `source`.
+    let fetched = if opts.from_offsite {
+        Some(crate::offsite::fetch::fetch(job, opts.archive.as_deref(), &opts.watch)?)
+    } else {
+        None
+    };
+    let (arch, source, from) = match &fetched {
+        Some(f) => (
+            f.archive.clone(),
+            Some(&f.chunks as &dyn crate::chunk::ChunkSource),
+            format!("offsite archive {} (Date {}) in {}", f.archive.name(), f.date, f.shown),
+        ),
+        None => {
+            let a = choose_archive(job, opts.archive.as_deref())?;
+            let from = a.name();
+            (a, None, from)
+        }
+    };
     let log = JobLog::new(&cfg.log_dir(), job_name, crate::observer::Watch::nobody());
-    let ctx = Ctx { cfg, job, arch, opts, log };
-    ctx.log.info(format!("Restore of job {} from {} started", job.name, ctx.arch.name()));
+    let ctx = Ctx { cfg, job, arch, opts, log, source };
+    ctx.log.info(format!("Restore of job {} from {from} started", job.name));
+    if fetched.is_some() {
+        let _ = writeln!(
+            out,
+            "Reading {from}: its plain files staged here, the chunks of its chunked files read from the bucket"
+        );
+    }
     let res = if job.esxi() { esxi::restore(&ctx, out) } else { host::restore(&ctx, out) };
     match &res {
-        Ok(()) => ctx.log.info(format!("Restore of job {} from {} finished", job.name, ctx.arch.name())),
-        Err(e) => ctx.log.error(format!("restore of job {} from {}: {e}", job.name, ctx.arch.name())),
+        Ok(()) => ctx.log.info(format!("Restore of job {} from {from} finished", job.name)),
+        Err(e) => ctx.log.error(format!("restore of job {} from {from}: {e}", job.name)),
     }
     res
 }
@@ -101,6 +128,15 @@ pub(crate) struct Ctx<'a> {
     pub arch: Archive,
     pub opts: &'a RestoreOptions,
     pub log: JobLog,
+    /// Where the chunks of the chunked files are read (None: the archive's `.affa-chunks/`).
+    pub source: Option<&'a dyn crate::chunk::ChunkSource>,
+}
+
+impl Ctx<'_> {
+    /// The source of the chunked files' chunks.
+    fn chunks(&self) -> crate::chunk::ArchiveChunks<'_> {
+        crate::chunk::ArchiveChunks(&self.arch.path)
+    }
 }
 
 /// The named archive (it must exist and be complete), or the newest valid one.
@@ -223,7 +259,9 @@ pub(crate) fn verify_all(ctx: &Ctx, files: &[Chunked]) -> Result<()> {
         let m = crate::chunk::read_manifest(&f.manifest)?;
         let cb = |n: u64| bar.set(base + n);
         let cb: &dyn Fn(u64) = &cb;
-        crate::chunk::stream_file(&ctx.arch.path, &m, &f.manifest, &mut std::io::sink(), Some(cb)).map_err(|e| {
+        let own = ctx.chunks();
+        let src = ctx.source.unwrap_or(&own);
+        crate::chunk::stream_file_from(src, &m, &f.manifest, &mut std::io::sink(), Some(cb)).map_err(|e| {
             e.context(format!("restore stopped before anything was sent to the target ({} was not changed)", f.remote))
         })?;
         base += f.size;
@@ -278,7 +316,8 @@ pub(crate) fn send_through_agent(
     files: &[Chunked],
     keep_newer: bool,
 ) -> Result<(u64, Vec<String>)> {
-    let pool = crate::chunk::Pool::open(&ctx.job.root_dir())?;
+    // From the bucket, every chunk comes from there (no local pool to fall back on).
+    let pool = if ctx.source.is_none() { Some(crate::chunk::Pool::open(&ctx.job.root_dir())?) } else { None };
     let total: u64 = files.iter().map(|f| f.size).sum();
     let bar = ctx.opts.watch.meter("restoring chunked files through affa-agent", Some(total));
     let (mut sent, mut kept, mut base) = (0u64, Vec::new(), 0u64);
@@ -293,8 +332,13 @@ pub(crate) fn send_through_agent(
             })?;
         ctx.log.info(format!("restoring {} through affa-agent", f.remote));
         let cb = |n: u64| bar.set(base + n);
-        let opts =
-            crate::chunk::remote::RestoreOptions { pool: Some(&pool), compare: true, keep_newer, progress: Some(&cb) };
+        let opts = crate::chunk::remote::RestoreOptions {
+            pool: pool.as_ref(),
+            source: ctx.source,
+            compare: true,
+            keep_newer,
+            progress: Some(&cb),
+        };
         let r =
             crate::chunk::remote::restore_file(&mut session.agent, &ctx.arch.path, &rel, Path::new(&f.remote), &opts);
         let st = match r {
@@ -339,7 +383,9 @@ pub(crate) fn rebuild_all(ctx: &Ctx, files: &[Chunked]) -> Result<()> {
         ctx.log.info(format!("rebuilding {} from its chunks", f.remote));
         let cb = |n: u64| bar.set(base + n);
         let cb: &dyn Fn(u64) = &cb;
-        crate::chunk::unchunk_file(&ctx.arch.path, &f.manifest, &f.local, Some(cb)).map_err(|e| {
+        let own = ctx.chunks();
+        let src = ctx.source.unwrap_or(&own);
+        crate::chunk::unchunk_file_from(src, &f.manifest, &f.local, Some(cb)).map_err(|e| {
             e.context(format!("restore stopped before anything was sent to the target ({} was not changed)", f.remote))
         })?;
         base += f.size;

@@ -26,6 +26,7 @@ mod hostile;
 mod local_attacker;
 mod mount;
 mod offsite;
+mod offsite_restore;
 mod ops;
 mod restore;
 mod restore_esxi;

@@ -22,6 +22,7 @@ mod pool;
 pub mod remote;
 mod restore;
 mod scrub;
+mod source;
 #[cfg(test)]
 mod tests;
 
@@ -34,10 +35,11 @@ pub use manifest::{ChunkRef, Manifest, MANIFEST_SUFFIX, MANIFEST_VERSION, MANIFE
 pub use pool::{sweep, Pool, SweepStats, ARCHIVE_CHUNK_DIR, POOL_DIR};
 pub use restore::{
     archive_usage, chunked_files, evict_damaged, list_manifests, load_chunk_at, load_chunk_from, open_chunk_at,
-    read_manifest, recorded_manifest, stream_file, unchunk_file, verify_archive, ArchiveUsage, ChunkProblem,
-    ChunkReader, ProblemKind, VerifyReport,
+    read_manifest, recorded_manifest, stream_file, stream_file_from, unchunk_file, unchunk_file_from, verify_archive,
+    whole_file_hash_from, ArchiveUsage, ChunkProblem, ChunkReader, ProblemKind, VerifyReport,
 };
 pub use scrub::{scrub, Damaged, ScrubReport, Slice};
+pub use source::{ArchiveChunks, ChunkSource, MAX_CHUNK_FILE_LEN};
 
 use crate::error::{Error, Result};
 use std::fmt;

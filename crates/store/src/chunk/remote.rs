@@ -604,6 +604,9 @@ pub struct RestoreStats {
 pub struct RestoreOptions<'a> {
     /// Where a chunk damaged in the archive may be found intact (default none).
     pub pool: Option<&'a Pool>,
+    /// Where the chunks are read instead of the archive's `.affa-chunks/` (default none: the
+    /// archive; `pool` is then not used). Each is checked as one from the archive.
+    pub source: Option<&'a dyn super::ChunkSource>,
     /// Compare an existing regular target chunk by chunk; send only what differs (default yes).
     pub compare: bool,
     /// Leave an existing regular target newer than the archived file as it is, as rsync's
@@ -617,7 +620,7 @@ pub struct RestoreOptions<'a> {
 
 impl Default for RestoreOptions<'_> {
     fn default() -> Self {
-        RestoreOptions { pool: None, compare: true, keep_newer: false, progress: None }
+        RestoreOptions { pool: None, source: None, compare: true, keep_newer: false, progress: None }
     }
 }
 
@@ -647,9 +650,10 @@ pub fn restore_file<R: Read, W: Write>(
     };
     // The agent checks the whole file's hash: a CBT-derived manifest has none, so it is
     // computed here from the archive's chunks (each decoded and checked).
-    let file_hash = match m.file_hash {
-        Some(h) => h,
-        None => whole_file_hash(archive_root, &m, &mpath)?,
+    let file_hash = match (m.file_hash, opts.source) {
+        (Some(h), _) => h,
+        (None, Some(src)) => super::whole_file_hash_from(src, &m, &mpath)?,
+        (None, None) => whole_file_hash(archive_root, &m, &mpath)?,
     };
     let (in0, out0) = (agent.bytes_in(), agent.bytes_out());
     let entries: Vec<Option<ChunkId>> =
@@ -713,15 +717,21 @@ pub fn restore_file<R: Read, W: Write>(
                     p(index.saturating_mul(m.chunk_size as u64).min(m.size));
                 }
                 let len = m.chunk_len(index as usize);
-                let mut r = load_chunk(archive_root, &id, len, &mut raw, &mut decoded);
-                if let (Err(_), Some(p)) = (&r, opts.pool) {
-                    // A repaired copy in the pool serves as well.
-                    if load_chunk_file(&p.entry(&id), &id, len, &mut raw, &mut decoded).is_ok() {
-                        r = Ok(());
+                let r = match opts.source {
+                    Some(src) => super::source::load(src, &id, len, &mut raw, &mut decoded)
+                        .map_err(|k| super::source::source_error(src, &id, &mpath, k)),
+                    None => {
+                        let mut r = load_chunk(archive_root, &id, len, &mut raw, &mut decoded);
+                        if let (Err(_), Some(p)) = (&r, opts.pool) {
+                            // A repaired copy in the pool serves as well.
+                            if load_chunk_file(&p.entry(&id), &id, len, &mut raw, &mut decoded).is_ok() {
+                                r = Ok(());
+                            }
+                        }
+                        r.map_err(|k| chunk_error(&id, &mpath, k))
                     }
-                }
-                if let Err(k) = r {
-                    let e = chunk_error(&id, &mpath, k);
+                };
+                if let Err(e) = r {
                     abort(agent, &e.to_string(), &bad)?;
                     return Err(e);
                 }

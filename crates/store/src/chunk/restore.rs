@@ -11,6 +11,7 @@ use super::blob;
 use super::manifest::{ChunkRef, Manifest, MANIFEST_SUFFIX};
 use super::pipeline;
 use super::pool::{self, archive_entry, Pool, ARCHIVE_CHUNK_DIR};
+use super::source::{self, ArchiveChunks, ChunkSource};
 use super::{id_hex, is_zero, ChunkId, Progress};
 use crate::error::{Error, IoContext, Result};
 use std::collections::BTreeMap;
@@ -128,7 +129,12 @@ pub fn load_chunk_from(
 }
 
 /// Decode a chunk file's bytes and check the length and hash against the manifest's.
-fn check_blob(id: &ChunkId, len: usize, raw: &[u8], out: &mut Vec<u8>) -> std::result::Result<(), ProblemKind> {
+pub(super) fn check_blob(
+    id: &ChunkId,
+    len: usize,
+    raw: &[u8],
+    out: &mut Vec<u8>,
+) -> std::result::Result<(), ProblemKind> {
     blob::decode(raw, out).map_err(ProblemKind::Damaged)?;
     if out.len() != len {
         return Err(ProblemKind::Damaged(format!("length {} where {} was expected", out.len(), len)));
@@ -155,7 +161,7 @@ fn workers() -> usize {
 /// Fetch every chunk of `m` in parallel (bounded), delivering them in order to `sink` as
 /// `(index, Some(bytes))` or `(index, None)` for zero chunks.
 fn for_each_chunk(
-    archive_root: &Path,
+    src: &dyn ChunkSource,
     m: &Manifest,
     label: &Path,
     mut sink: impl FnMut(usize, Option<&[u8]>) -> Result<()>,
@@ -178,9 +184,9 @@ fn for_each_chunk(
                 ChunkRef::Stored(id) => {
                     let mut raw = bufs.lock().unwrap().pop().unwrap_or_default();
                     let mut out = Vec::new();
-                    let r = load_chunk(archive_root, &id, m.chunk_len(i), &mut raw, &mut out);
+                    let r = source::load(src, &id, m.chunk_len(i), &mut raw, &mut out);
                     bufs.lock().unwrap().push(raw);
-                    r.map_err(|k| chunk_error(&id, label, k))?;
+                    r.map_err(|k| source::source_error(src, &id, label, k))?;
                     Ok((i, Some(out)))
                 }
             }
@@ -195,6 +201,16 @@ fn for_each_chunk(
 /// temp name next to `dest` and renamed only when everything verified; on error nothing is
 /// left behind and an existing `dest` is untouched. Returns the manifest.
 pub fn unchunk_file(archive_root: &Path, manifest_path: &Path, dest: &Path, progress: Progress) -> Result<Manifest> {
+    unchunk_file_from(&ArchiveChunks(archive_root), manifest_path, dest, progress)
+}
+
+/// [`unchunk_file`] with the chunks read from `src` (checked as from the archive).
+pub fn unchunk_file_from(
+    src: &dyn ChunkSource,
+    manifest_path: &Path,
+    dest: &Path,
+    progress: Progress,
+) -> Result<Manifest> {
     let m = read_manifest(manifest_path)?;
     let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = dest.file_name().ok_or_else(|| Error::new(format!("invalid destination {}", dest.display())))?;
@@ -211,7 +227,7 @@ pub fn unchunk_file(archive_root: &Path, manifest_path: &Path, dest: &Path, prog
         let mut hasher = blake3::Hasher::new();
         let zeros = vec![0u8; m.chunk_size as usize];
         let mut done = 0u64;
-        for_each_chunk(archive_root, &m, manifest_path, |i, d| {
+        for_each_chunk(src, &m, manifest_path, |i, d| {
             let off = i as u64 * m.chunk_size as u64;
             let len = m.chunk_len(i);
             match d {
@@ -298,10 +314,21 @@ pub fn stream_file(
     out: &mut dyn Write,
     progress: Progress,
 ) -> Result<u64> {
+    stream_file_from(&ArchiveChunks(archive_root), m, label, out, progress)
+}
+
+/// [`stream_file`] with the chunks read from `src` (checked as from the archive).
+pub fn stream_file_from(
+    src: &dyn ChunkSource,
+    m: &Manifest,
+    label: &Path,
+    out: &mut dyn Write,
+    progress: Progress,
+) -> Result<u64> {
     let mut hasher = blake3::Hasher::new();
     let zeros = vec![0u8; m.chunk_size as usize];
     let mut done = 0u64;
-    for_each_chunk(archive_root, m, label, |i, d| {
+    for_each_chunk(src, m, label, |i, d| {
         let d = d.unwrap_or(&zeros[..m.chunk_len(i)]);
         hasher.update(d);
         out.write_all(d).ctx(|| format!("cannot write {}", label.display()))?;
@@ -320,9 +347,14 @@ pub fn stream_file(
 /// The BLAKE3 of the whole file of `m` (in the archive `archive_root`), computed from its
 /// chunks, each decoded and checked against its id (a CBT-derived manifest records none).
 pub fn whole_file_hash(archive_root: &Path, m: &Manifest, label: &Path) -> Result<[u8; 32]> {
+    whole_file_hash_from(&ArchiveChunks(archive_root), m, label)
+}
+
+/// [`whole_file_hash`] with the chunks read from `src`.
+pub fn whole_file_hash_from(src: &dyn ChunkSource, m: &Manifest, label: &Path) -> Result<[u8; 32]> {
     let mut hasher = blake3::Hasher::new();
     let zeros = vec![0u8; m.chunk_size as usize];
-    for_each_chunk(archive_root, m, label, |i, d| {
+    for_each_chunk(src, m, label, |i, d| {
         hasher.update(d.unwrap_or(&zeros[..m.chunk_len(i)]));
         Ok(())
     })?;

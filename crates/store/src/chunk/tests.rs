@@ -677,3 +677,64 @@ fn the_pool_scrub_reads_every_entry_once_per_cycle_and_evicts_damage() {
     assert!(rebuild(&e, &a2, "vm/disk") == data);
     assert!(scrub(&e.pool, Slice::All, None).unwrap().damaged.is_empty());
 }
+
+/// A chunk source other than the archive: its chunks are checked as the archive's are, and a
+/// missing or damaged one is named with the place the source gives; nothing is left at `dest`.
+#[test]
+fn another_chunk_source_is_read_checked_and_named() {
+    struct Copy {
+        dir: PathBuf,
+        bent: std::sync::Mutex<Option<ChunkId>>,
+    }
+    impl ChunkSource for Copy {
+        fn read(&self, id: &ChunkId, raw: &mut Vec<u8>) -> std::result::Result<(), ProblemKind> {
+            let p = self.dir.join(id_hex(id));
+            *raw = fs::read(p).map_err(|_| ProblemKind::Missing)?;
+            if *self.bent.lock().unwrap() == Some(*id) {
+                let n = raw.len() - 1;
+                raw[n] ^= 1;
+            }
+            Ok(())
+        }
+        fn place(&self, id: &ChunkId) -> Option<String> {
+            Some(format!("object X{}", &id_hex(id)[..8]))
+        }
+    }
+    let e = env();
+    let s = settings(256 * K);
+    let src = e.t.path().join("disk.img");
+    let data = rnd_bytes(5, 3 * 256 * K as usize + 100);
+    fs::write(&src, &data).unwrap();
+    let arch = e.root.join("job/daily.0");
+    chunk(&e, &s, &src, &arch, "disk.img", None);
+    // The copy: the archive's chunk files, one file per id, outside the archive.
+    let copy = Copy { dir: e.t.path().join("copy"), bent: std::sync::Mutex::new(None) };
+    fs::create_dir_all(&copy.dir).unwrap();
+    let mpath = manifest_path(&arch, Path::new("disk.img"));
+    let m = read_manifest(&mpath).unwrap();
+    let ids: Vec<ChunkId> =
+        m.chunks.iter().filter_map(|c| if let ChunkRef::Stored(id) = c { Some(*id) } else { None }).collect();
+    for id in &ids {
+        fs::copy(pool::archive_entry(&arch, id), copy.dir.join(id_hex(id))).unwrap();
+    }
+    fs::remove_dir_all(arch.join(ARCHIVE_CHUNK_DIR)).unwrap();
+    let dest = e.t.path().join("out.img");
+    unchunk_file_from(&copy, &mpath, &dest, None).unwrap();
+    assert_eq!(fs::read(&dest).unwrap(), data);
+    let mut v = Vec::new();
+    stream_file_from(&copy, &m, &mpath, &mut v, None).unwrap();
+    assert_eq!(v, data);
+
+    fs::remove_file(&dest).unwrap();
+    *copy.bent.lock().unwrap() = Some(ids[1]);
+    let err = unchunk_file_from(&copy, &mpath, &dest, None).unwrap_err().to_string();
+    assert!(
+        err.contains(&id_hex(&ids[1])) && err.contains(&format!("damaged: object X{}", &id_hex(&ids[1])[..8])),
+        "{err}"
+    );
+    assert!(!dest.exists());
+    *copy.bent.lock().unwrap() = None;
+    fs::remove_file(copy.dir.join(id_hex(&ids[2]))).unwrap();
+    let err = stream_file_from(&copy, &m, &mpath, &mut std::io::sink(), None).unwrap_err().to_string();
+    assert!(err.contains(&format!("is missing (object X{} does not exist)", &id_hex(&ids[2])[..8])), "{err}");
+}
