@@ -294,6 +294,12 @@ pub static KEYS: &[KeyDef] = &[
     k("offsiteMonthlyKeep", &["12"], Kind::Keep(0), "offsite archives kept: the newest of each of the newest N months that have one"),
     k("offsiteYearlyKeep", &["2"], Kind::Keep(0), "offsite archives kept: the newest of each of the newest N years that have one"),
     k(
+        "offsiteAfterRun",
+        NO,
+        Kind::Bool,
+        "yes: a successful --run copies its archive offsite (made by a first --offsite by hand); a failed copy is a warning, the archive stays",
+    ),
+    k(
         "offsiteCleanupGrace",
         &["24"],
         Kind::Int(0, 100_000),

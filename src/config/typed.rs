@@ -313,6 +313,8 @@ pub struct Offsite {
     pub keeps: Keeps,
     /// offsiteCleanupGrace, in hours.
     pub cleanup_grace_hours: u64,
+    /// offsiteAfterRun.
+    pub after_run: bool,
 }
 
 /// The offsite keep key of a level (`offsiteDailyKeep`).
@@ -568,6 +570,7 @@ impl Settings {
             r.int(offsite_keep_key(l)).clamp(floor, 10000) as u32
         }));
         let cleanup_grace_hours = r.int("offsiteCleanupGrace").max(0) as u64;
+        let after_run = r.flag("offsiteAfterRun");
         let offsite = keys::parse_s3_target(&target).map(|(bucket, prefix)| Offsite {
             bucket,
             prefix,
@@ -578,6 +581,7 @@ impl Settings {
             key_file: offsite_files.1,
             keeps: offsite_keeps,
             cleanup_grace_hours,
+            after_run,
         });
         let trigger = r.int("NRPEtrigger");
         Settings {
@@ -842,6 +846,7 @@ mod tests {
             (Keeps([1, 3, 0, 0, 9]), 0),
             "own keeps, clamped as the local ones"
         );
+        assert!(!b.after_run, "offsiteAfterRun=no by default");
         assert_eq!(k.keeps.of(Level::Scheduled), 5, "the local keeps are not the offsite ones");
         assert_eq!(keys::parse_s3_target("s3://bkt"), Some(("bkt".into(), String::new())));
         for bad in ["s3://b", "s3://-bucket", "http://bucket", "s3://bucket//x", "s3://bucket/./x", "s3://bucket/a b"] {

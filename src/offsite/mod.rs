@@ -152,7 +152,7 @@ fn open(job: &Job, may_create: bool, clock: &dyn Clock) -> Result<(Store, Keys, 
             if !may_create {
                 bail!(
                     Config,
-                    "offsiteKeyFile {} of job {} does not exist; expected the key that sealed {}",
+                    "offsiteKeyFile {} of job {} does not exist; expected the key that sealed {} (a first affa --offsite by hand makes it)",
                     kf.display(),
                     job.name,
                     store.shown
@@ -360,9 +360,28 @@ pub fn upload(
     settings(job)?;
     // No rotation renames the archive while it is read.
     let _lock = crate::lock::acquire(&cfg.lock_dir(), job_name)?;
+    upload_held(job, archive_name, true, clock, watch)
+}
+
+/// offsiteAfterRun=yes: copy the run's new archive `scheduled.0`; the run holds the job's lock.
+/// No key is made here (a run's output is a log, not a person): the first `--offsite` by hand
+/// makes it and shows it.
+pub fn upload_after_run(job: &Job, clock: &dyn Clock, watch: &Watch) -> Result<Uploaded> {
+    upload_held(job, Some("scheduled.0"), false, clock, watch)
+}
+
+/// An upload while the job's lock is held.
+fn upload_held(
+    job: &Job,
+    archive_name: Option<&str>,
+    may_create: bool,
+    clock: &dyn Clock,
+    watch: &Watch,
+) -> Result<Uploaded> {
+    let job_name = job.name.as_str();
     let a = pick(job, archive_name)?;
     let date = a.report.as_ref().and_then(|r| r.date()).unwrap_or("").to_string();
-    let (store, keys, new_key) = open(job, true, clock)?;
+    let (store, keys, new_key) = open(job, may_create, clock)?;
     let id = archive_id(&a)?;
     let index_name = keys.index_name(job_name, &id);
     let head = format!("{job_name} {} (Date {date})", a.name());

@@ -423,3 +423,53 @@ fn a_cleanup_never_removes_a_chunk_a_running_upload_relies_on() {
     ok(&a.affa(&["--offsite", JOB]));
     assert_eq!(objects(ceph, &bucket, "i/").len(), i1.len() + 2);
 }
+
+/// `affa --run JOB` at `now`, which must succeed: what it wrote to the job's log.
+fn run_logged(a: &Affa, now: &str) -> String {
+    let log = a.state.join(format!("log/{JOB}.log"));
+    let before = fs::read_to_string(&log).unwrap_or_default().len();
+    ok(&a.affa_at(now, &["--run", JOB]));
+    fs::read_to_string(&log).unwrap()[before..].to_string()
+}
+
+/// offsiteAfterRun=yes: each successful --run copies its archive; without a key (made only by a
+/// first --offsite by hand) or with a failing bucket (a wrong secret: HTTP 403) the run succeeds
+/// with a warning naming the failure, and its archive is complete and verifies.
+#[test]
+fn offsite_after_run_copies_each_new_archive_and_a_failed_copy_is_a_warning() {
+    let ceph = Ceph::shared();
+    let bucket = ceph.new_bucket();
+    let src = source();
+    let a = setup(ceph, src.path(), &bucket);
+    add_keys(&a, "offsiteAfterRun=yes\n");
+    let all = run_logged(&a, "2026-12-01T01:00:00");
+    assert!(all.contains("its offsite copy (offsiteAfterRun=yes) failed") && all.contains("does not exist"), "{all}");
+    assert!(!key_file(&a).exists(), "a run makes no key");
+    assert!(ceph.keys(&bucket, "").is_empty());
+
+    ok(&a.affa_at("2026-12-01T02:00:00", &["--offsite", JOB]));
+    change_source(src.path(), 11, "second.txt");
+    let all = run_logged(&a, "2026-12-02T01:00:00");
+    assert!(
+        all.contains(&format!("{JOB} scheduled.0 (Date 202612020100): offsite in s3://{bucket}/{PREFIX}")),
+        "{all}"
+    );
+    assert!(!all.contains("failed"), "{all}");
+    assert_eq!(objects(ceph, &bucket, "i/").len(), 2);
+
+    let creds = a.conf.join("offsite.credentials");
+    let good = fs::read_to_string(&creds).unwrap();
+    fs::write(&creds, good.replace(&format!("secretKey={SECRET}"), "secretKey=WRONGSECRET")).unwrap();
+    change_source(src.path(), 12, "third.txt");
+    let (c, i) = (objects(ceph, &bucket, "c/"), objects(ceph, &bucket, "i/"));
+    let all = run_logged(&a, "2026-12-03T01:00:00");
+    assert!(all.contains("its offsite copy (offsiteAfterRun=yes) failed") && all.contains("HTTP 403"), "{all}");
+    assert_eq!((objects(ceph, &bucket, "c/"), objects(ceph, &bucket, "i/")), (c, i));
+    let v = ok(&a.affa(&["--verify", JOB]));
+    assert!(!v.is_empty());
+    let list = ok(&a.affa(&["--list-archives", JOB]));
+    assert!(list.contains("202612030100") || list.contains("2026-12-03"), "the new archive is there: {list}");
+    fs::write(&creds, good).unwrap();
+    let out = ok(&a.affa(&["--offsite", JOB]));
+    assert!(out.contains("(Date 202612030100): offsite in"), "{out}");
+}
