@@ -293,6 +293,12 @@ pub static KEYS: &[KeyDef] = &[
     k("offsiteWeeklyKeep", &["4"], Kind::Keep(0), "offsite archives kept: the newest of each of the newest N weeks that have one"),
     k("offsiteMonthlyKeep", &["12"], Kind::Keep(0), "offsite archives kept: the newest of each of the newest N months that have one"),
     k("offsiteYearlyKeep", &["2"], Kind::Keep(0), "offsite archives kept: the newest of each of the newest N years that have one"),
+    m(
+        "offsiteSchedule",
+        NONE,
+        Kind::Hhmm,
+        "HHMM: a cron line each that runs affa --offsite JOB (the newest archive, then the offsite keeps)",
+    ),
     k(
         "offsiteAfterRun",
         NO,

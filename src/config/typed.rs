@@ -315,6 +315,8 @@ pub struct Offsite {
     pub cleanup_grace_hours: u64,
     /// offsiteAfterRun.
     pub after_run: bool,
+    /// offsiteSchedule, (hour, minute) each.
+    pub schedule: Vec<(u32, u32)>,
 }
 
 /// The offsite keep key of a level (`offsiteDailyKeep`).
@@ -571,6 +573,7 @@ impl Settings {
         }));
         let cleanup_grace_hours = r.int("offsiteCleanupGrace").max(0) as u64;
         let after_run = r.flag("offsiteAfterRun");
+        let offsite_schedule = r.times("offsiteSchedule");
         let offsite = keys::parse_s3_target(&target).map(|(bucket, prefix)| Offsite {
             bucket,
             prefix,
@@ -582,6 +585,7 @@ impl Settings {
             keeps: offsite_keeps,
             cleanup_grace_hours,
             after_run,
+            schedule: offsite_schedule,
         });
         let trigger = r.int("NRPEtrigger");
         Settings {
