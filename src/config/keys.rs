@@ -293,6 +293,18 @@ pub static KEYS: &[KeyDef] = &[
     k("offsiteWeeklyKeep", &["4"], Kind::Keep(0), "offsite archives kept: the newest of each of the newest N weeks that have one"),
     k("offsiteMonthlyKeep", &["12"], Kind::Keep(0), "offsite archives kept: the newest of each of the newest N months that have one"),
     k("offsiteYearlyKeep", &["2"], Kind::Keep(0), "offsite archives kept: the newest of each of the newest N years that have one"),
+    k(
+        "offsiteParallel",
+        &["1"],
+        Kind::Int(1, 64),
+        "objects an --offsite upload sends at the same time (more hide the bucket's latency)",
+    ),
+    k(
+        "offsiteBwLimit",
+        &["0"],
+        U32,
+        "KiB/s an --offsite upload sends at most, averaged over the upload (0 = no limit)",
+    ),
     m(
         "offsiteSchedule",
         NONE,

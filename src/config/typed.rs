@@ -317,6 +317,10 @@ pub struct Offsite {
     pub after_run: bool,
     /// offsiteSchedule, (hour, minute) each.
     pub schedule: Vec<(u32, u32)>,
+    /// offsiteParallel (1..=64).
+    pub parallel: u32,
+    /// offsiteBwLimit in KiB/s (0: none).
+    pub bw_limit_kib: u64,
 }
 
 /// The offsite keep key of a level (`offsiteDailyKeep`).
@@ -574,6 +578,8 @@ impl Settings {
         let cleanup_grace_hours = r.int("offsiteCleanupGrace").max(0) as u64;
         let after_run = r.flag("offsiteAfterRun");
         let offsite_schedule = r.times("offsiteSchedule");
+        let (parallel, bw_limit_kib) =
+            (r.int("offsiteParallel").clamp(1, 64) as u32, r.int("offsiteBwLimit").max(0) as u64);
         let offsite = keys::parse_s3_target(&target).map(|(bucket, prefix)| Offsite {
             bucket,
             prefix,
@@ -586,6 +592,8 @@ impl Settings {
             cleanup_grace_hours,
             after_run,
             schedule: offsite_schedule,
+            parallel,
+            bw_limit_kib,
         });
         let trigger = r.int("NRPEtrigger");
         Settings {
@@ -851,6 +859,7 @@ mod tests {
             "own keeps, clamped as the local ones"
         );
         assert!(!b.after_run, "offsiteAfterRun=no by default");
+        assert_eq!((b.parallel, b.bw_limit_kib), (1, 0));
         assert_eq!(k.keeps.of(Level::Scheduled), 5, "the local keeps are not the offsite ones");
         assert_eq!(keys::parse_s3_target("s3://bkt"), Some(("bkt".into(), String::new())));
         for bad in ["s3://b", "s3://-bucket", "http://bucket", "s3://bucket//x", "s3://bucket/./x", "s3://bucket/a b"] {

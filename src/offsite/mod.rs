@@ -248,6 +248,10 @@ struct Upload<'a> {
     running: &'a Running<'a>,
     have: HashSet<String>,
     sent: Sent,
+    /// offsiteParallel > 1: the senders' queue (None: each object is sent here).
+    queue: Option<std::sync::mpsc::SyncSender<(String, Vec<u8>)>>,
+    /// The first error of a sender.
+    failed: &'a std::sync::Mutex<Option<Error>>,
 }
 
 impl Upload<'_> {
@@ -261,10 +265,20 @@ impl Upload<'_> {
             return Ok(());
         }
         let sealed = self.keys.seal(&name, &blob()?)?;
-        self.store.put(&name, &sealed)?;
-        crate::interrupt::crash_point("offsite-chunk-uploaded");
         self.sent.objects += 1;
         self.sent.bytes += sealed.len() as u64;
+        match &self.queue {
+            None => {
+                self.store.put(&name, &sealed)?;
+                crate::interrupt::crash_point("offsite-chunk-uploaded");
+            }
+            Some(q) => {
+                if self.failed.lock().map(|f| f.is_some()).unwrap_or(true) {
+                    bail!("an offsite sender failed");
+                }
+                q.send((name.clone(), sealed)).map_err(|_| Error::new("the offsite senders stopped"))?;
+            }
+        }
         self.have.insert(name);
         Ok(())
     }
@@ -347,6 +361,52 @@ fn pick(job: &Job, name: Option<&str>) -> Result<Archive> {
     Ok(a)
 }
 
+/// What an upload collects while it sends the chunks: the index's entries, the chunks of the
+/// chunked files, the count of special files skipped.
+type Collected = (Vec<Entry>, Vec<ChunkId>, u64);
+
+/// Send the chunks of the archive `a` the bucket lacks (plain files cut in chunks, then the
+/// chunks of its chunked files) and collect what its index lists.
+fn collect(up: &mut Upload<'_>, a: &Archive, chunking: &chunk::Settings, watch: &Watch) -> Result<Collected> {
+    let mut entries = Vec::new();
+    let mut skipped = 0u64;
+    let items = walk(&a.path)?;
+    let bar = watch.meter(format!("offsite {}", a.name()), Some(items.len() as u64));
+    for (i, (rel, md)) in items.iter().enumerate() {
+        bar.set(i as u64);
+        let path = rel.as_os_str().as_bytes().to_vec();
+        let (mode, uid, gid, mtime) = (md.mode() & 0o7777, md.uid(), md.gid(), md.mtime());
+        let ft = md.file_type();
+        if ft.is_dir() {
+            entries.push(Entry::Dir { mode, uid, gid, mtime, path });
+        } else if ft.is_symlink() {
+            let p = a.path.join(rel);
+            let target = fs::read_link(&p).ctx(|| format!("cannot read {}", p.display()))?;
+            entries.push(Entry::Link { uid, gid, mtime, path, target: target.as_os_str().as_bytes().to_vec() });
+        } else if ft.is_file() {
+            let (size, chunks) = plain_file(up, &a.path.join(rel), chunking)?;
+            entries.push(Entry::File { mode, uid, gid, mtime, size, path, chunks });
+        } else {
+            skipped += 1;
+        }
+    }
+    drop(bar);
+    let mut chunked = Vec::new();
+    let mut seen = HashSet::new();
+    for file in chunk::chunked_files(&a.path)? {
+        let m = chunk::read_manifest(&chunk::manifest_path(&a.path, &file))?;
+        for c in &m.chunks {
+            if let ChunkRef::Stored(id) = c {
+                if seen.insert(*id) {
+                    up.chunk(id, || archive_chunk(&a.path, id, &file))?;
+                    chunked.push(*id);
+                }
+            }
+        }
+    }
+    Ok((entries, chunked, skipped))
+}
+
 /// `affa --offsite JOB [ARCHIVE]`: copy the archive (default the newest complete one) to the
 /// job's bucket prefix: the chunks the bucket lacks, then its index.
 pub fn upload(
@@ -402,45 +462,52 @@ fn upload_held(
             a.name()
         );
     }
-    let mut up =
-        Upload { store: &store, keys: &keys, running: &running, have: chunks_present(&store)?, sent: Sent::default() };
+    let have = chunks_present(&store)?;
     let chunking = &job.chunk.settings;
-    let mut entries = Vec::new();
-    let mut skipped = 0u64;
-    let items = walk(&a.path)?;
-    let bar = watch.meter(format!("offsite {}", a.name()), Some(items.len() as u64));
-    for (i, (rel, md)) in items.iter().enumerate() {
-        bar.set(i as u64);
-        let path = rel.as_os_str().as_bytes().to_vec();
-        let (mode, uid, gid, mtime) = (md.mode() & 0o7777, md.uid(), md.gid(), md.mtime());
-        let ft = md.file_type();
-        if ft.is_dir() {
-            entries.push(Entry::Dir { mode, uid, gid, mtime, path });
-        } else if ft.is_symlink() {
-            let p = a.path.join(rel);
-            let target = fs::read_link(&p).ctx(|| format!("cannot read {}", p.display()))?;
-            entries.push(Entry::Link { uid, gid, mtime, path, target: target.as_os_str().as_bytes().to_vec() });
-        } else if ft.is_file() {
-            let (size, chunks) = plain_file(&mut up, &a.path.join(rel), chunking)?;
-            entries.push(Entry::File { mode, uid, gid, mtime, size, path, chunks });
-        } else {
-            skipped += 1;
-        }
-    }
-    drop(bar);
-    let mut chunked = Vec::new();
-    let mut seen = HashSet::new();
-    for file in chunk::chunked_files(&a.path)? {
-        let m = chunk::read_manifest(&chunk::manifest_path(&a.path, &file))?;
-        for c in &m.chunks {
-            if let ChunkRef::Stored(id) = c {
-                if seen.insert(*id) {
-                    up.chunk(id, || archive_chunk(&a.path, id, &file))?;
-                    chunked.push(*id);
-                }
+    // offsiteParallel > 1: the chunk objects go through a bounded queue to that many senders;
+    // the index is written only after every sender is done and none failed.
+    let parallel = settings(job)?.parallel.max(1) as usize;
+    let failed: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(String, Vec<u8>)>(parallel * 2);
+    let rx = std::sync::Mutex::new(rx);
+    let collected = std::thread::scope(|sc| {
+        if parallel > 1 {
+            let (rx, store, failed) = (&rx, &store, &failed);
+            for _ in 0..parallel {
+                sc.spawn(move || loop {
+                    let next = rx.lock().map(|r| r.recv());
+                    let Ok(Ok((name, sealed))) = next else { break };
+                    if failed.lock().map(|f| f.is_some()).unwrap_or(true) {
+                        continue;
+                    }
+                    match store.put(&name, &sealed) {
+                        Ok(()) => crate::interrupt::crash_point("offsite-chunk-uploaded"),
+                        Err(e) => {
+                            if let Ok(mut f) = failed.lock() {
+                                f.get_or_insert(e);
+                            }
+                        }
+                    }
+                });
             }
         }
+        let mut up = Upload {
+            store: &store,
+            keys: &keys,
+            running: &running,
+            have,
+            sent: Sent::default(),
+            queue: (parallel > 1).then_some(tx),
+            failed: &failed,
+        };
+        let r = collect(&mut up, &a, chunking, watch);
+        let Upload { sent, .. } = up;
+        r.map(|(entries, chunked, skipped)| (entries, chunked, skipped, sent))
+    });
+    if let Some(e) = failed.into_inner().ok().flatten() {
+        return Err(e);
     }
+    let (entries, chunked, skipped, s) = collected?;
     let idx = Index {
         job: job_name.to_string(),
         archive: a.name(),
@@ -453,7 +520,6 @@ fn upload_held(
     };
     let sealed = keys.seal(&index_name, &idx.to_bytes())?;
     store.put(&index_name, &sealed)?;
-    let Upload { sent: s, .. } = up;
     drop(running);
     let mut text = format!(
         "{head}: offsite in {}: {} object(s) uploaded ({}), {} chunk(s) already there, {} entries\n",

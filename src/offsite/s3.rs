@@ -61,9 +61,14 @@ pub struct Store {
     creds: Credentials,
     prefix: String,
     agent: ureq::Agent,
+    /// offsiteBwLimit: bytes per second and (when the first PUT started, bytes sent since).
+    pace: Option<(u64, std::sync::Mutex<Option<Paced>>)>,
     /// `s3://BUCKET/PREFIX` for messages.
     pub shown: String,
 }
+
+/// offsiteBwLimit's count: when the first PUT started, the bytes PUT since.
+type Paced = (std::time::Instant, u64);
 
 /// An object of a listing.
 pub struct Listed {
@@ -99,7 +104,8 @@ impl Store {
             .timeout_read(Duration::from_secs(300))
             .timeout_write(Duration::from_secs(300))
             .build();
-        Ok(Store { bucket, creds, prefix: off.prefix.clone(), agent, shown: off.target.clone() })
+        let pace = (off.bw_limit_kib > 0).then(|| (off.bw_limit_kib * 1024, std::sync::Mutex::new(None)));
+        Ok(Store { bucket, creds, prefix: off.prefix.clone(), agent, pace, shown: off.target.clone() })
     }
 
     fn key(&self, name: &str) -> String {
@@ -148,8 +154,24 @@ impl Store {
         }
     }
 
+    /// offsiteBwLimit: wait until the bytes PUT so far, `n` more included, fit the limit
+    /// (averaged since the first PUT; shared by the parallel senders).
+    fn pace(&self, n: u64) {
+        let Some((rate, state)) = &self.pace else { return };
+        let due = {
+            let Ok(mut s) = state.lock() else { return };
+            let (start, sent) = s.get_or_insert((std::time::Instant::now(), 0));
+            *sent += n;
+            *start + Duration::from_secs_f64(*sent as f64 / *rate as f64)
+        };
+        if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+
     /// Write the object `name` (below the prefix).
     pub fn put(&self, name: &str, body: &[u8]) -> Result<()> {
+        self.pace(body.len() as u64);
         let key = self.key(name);
         let url = || self.bucket.put_object(Some(&self.creds), &key).sign(SIGN_FOR);
         match self.call(&format!("PUT {name}"), || self.agent.put(url().as_str()).send_bytes(body).map_err(Box::new))? {

@@ -473,3 +473,26 @@ fn offsite_after_run_copies_each_new_archive_and_a_failed_copy_is_a_warning() {
     let out = ok(&a.affa(&["--offsite", JOB]));
     assert!(out.contains("(Date 202612030100): offsite in"), "{out}");
 }
+
+/// offsiteParallel=4 and offsiteBwLimit: the same objects as one sender would write (every
+/// chunk, then the index), verified; the upload takes at least its bytes over the limit.
+#[test]
+fn parallel_uploads_send_every_chunk_and_the_bandwidth_limit_holds() {
+    let (ceph, bucket, _src, a) = first_archive();
+    add_keys(&a, "offsiteParallel=4\noffsiteBwLimit=512\n");
+    let t0 = Instant::now();
+    let out = ok(&a.affa(&["--offsite", JOB]));
+    let took = t0.elapsed();
+    let chunks = archive_chunks(&a.job_dir(JOB).join("scheduled.0"));
+    let c = objects(ceph, &bucket, "c/");
+    assert_eq!(c.len(), chunks.len(), "{out}");
+    assert!(out.contains(&format!("{} object(s) uploaded", c.len() + 1)), "{out}");
+    let bytes: usize = c.iter().map(|k| ceph.get(&bucket, &format!("{PREFIX}/{k}")).len()).sum();
+    assert!(bytes > 1 << 20, "{bytes}");
+    // The index is the last object: it is paced too, so the limit covers every byte but it.
+    let floor = std::time::Duration::from_secs_f64(bytes as f64 / (512.0 * 1024.0) * 0.95);
+    assert!(took >= floor, "{bytes} bytes in {took:?}: over 512 KiB/s (at least {floor:?} expected)");
+    let v = ok(&a.affa(&["--offsite-verify", JOB]));
+    assert!(v.contains("scheduled.0 (Date 202612010100): OK"), "{v}");
+    assert!(objects(ceph, &bucket, "lock/").is_empty());
+}
