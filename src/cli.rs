@@ -81,6 +81,9 @@ pub struct Cli {
     /// Check every object of the job's offsite archives: present, decrypting, hashing to its id: JOB
     #[arg(long)]
     offsite_verify: bool,
+    /// Remove the bucket's chunk objects no offsite archive references, older than offsiteCleanupGrace: JOB
+    #[arg(long)]
+    offsite_cleanup: bool,
     /// Rebuild the chunked files of an archive as plain files: JOB ARCHIVE [--to DIR]
     #[arg(long)]
     unchunk: bool,
@@ -275,6 +278,7 @@ pub const USAGE: &[&str] = &[
     "--unchunk JOB ARCHIVE [--to DIR] [--from-offsite]",
     "--offsite JOB [ARCHIVE]",
     "--offsite-verify JOB",
+    "--offsite-cleanup JOB",
     "--metrics",
     "--samba-shares",
     "--mount [--foreground] JOB [ARCHIVE] DIR",
@@ -408,6 +412,10 @@ pub enum Action {
     OffsiteVerify {
         job: String,
     },
+    /// `--offsite-cleanup JOB`
+    OffsiteCleanup {
+        job: String,
+    },
     /// `--list-archives --offsite [JOB...]`
     ListOffsite {
         jobs: Vec<String>,
@@ -525,6 +533,7 @@ fn actions(c: &Cli) -> Vec<&'static str> {
         (c.unchunk, "--unchunk"),
         (c.offsite, "--offsite"),
         (c.offsite_verify, "--offsite-verify"),
+        (c.offsite_cleanup, "--offsite-cleanup"),
         (c.verify, "--verify"),
         (c.scrub, "--scrub"),
         (c.full_restore, "--full-restore"),
@@ -619,6 +628,10 @@ pub fn action(mut c: Cli) -> Result<Invocation, Usage> {
         "--offsite-verify" => {
             let [job] = exactly(a, one)?;
             Action::OffsiteVerify { job }
+        }
+        "--offsite-cleanup" => {
+            let [job] = exactly(a, one)?;
+            Action::OffsiteCleanup { job }
         }
         "--list-archives" => Action::ListArchives { jobs: std::mem::take(a), csv: std::mem::take(&mut c.csv) },
         "--status" => {
@@ -1059,6 +1072,7 @@ mod tests {
             Action::Offsite { job: web(), archive: Some("daily.2".into()) }
         );
         assert_eq!(act(&["--offsite-verify", "web"]), Action::OffsiteVerify { job: web() });
+        assert_eq!(act(&["--offsite-cleanup", "web"]), Action::OffsiteCleanup { job: web() });
         assert_eq!(act(&["--list-archives", "--offsite", "web"]), Action::ListOffsite { jobs: vec![web()] });
         assert_eq!(act(&["--offsite", "--list-archives"]), Action::ListOffsite { jobs: vec![] });
         assert!(

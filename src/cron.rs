@@ -8,6 +8,7 @@
 //!
 //! Cron lines (documented in docs/OPERATIONS.md):
 //! - `MM HH * * * root AFFA --silent --run JOB` per TimeSchedule value of each enabled job;
+//! - offsiteSchedule (a job with offsiteTarget): `MM HH * * * root AFFA --silent --offsite JOB`;
 //! - killAt: `MM HH * * * root AFFA --silent --kill JOB >/dev/null`;
 //! - resumeKilledAt: `MM HH * * * root test -d RootDir/JOB/scheduled.running && AFFA --silent --run JOB`
 //!   (runs the job again only if its transfer was stopped: killed, crashed, rebooted);
@@ -75,6 +76,15 @@ pub fn cron_text(cfg: &Config, config_dir: &Path) -> String {
                 if !seen.contains(&(h, m)) {
                     seen.push((h, m));
                     s.push_str(&format!("{m} {h} * * * root {affa} --silent --run {}\n", job.name));
+                }
+            }
+            if let Some(o) = &job.offsite {
+                let mut seen = Vec::new();
+                for &(h, m) in &o.schedule {
+                    if !seen.contains(&(h, m)) {
+                        seen.push((h, m));
+                        s.push_str(&format!("{m} {h} * * * root {affa} --silent --offsite {}\n", job.name));
+                    }
                 }
             }
             if let Some((h, m)) = job.kill_at {
@@ -381,6 +391,26 @@ mod tests {
         assert!(
             !cron_text(&config("[GlobalAffaConfig]\nRootDir=/srv/affa\n"), Path::new("/etc/affa")).contains("--scrub")
         );
+    }
+
+    #[test]
+    fn offsite_schedule_starts_offsite_copies_of_jobs_with_an_offsite_target() {
+        let base = "[GlobalAffaConfig]\nRootDir=/srv/affa\n[web]\nremoteHostName=h\nTimeSchedule=2230\n";
+        let cfg = config(&format!(
+            "{base}offsiteTarget=s3://bkt/box\noffsiteSchedule=0330\noffsiteSchedule=1200\noffsiteSchedule=0330\n"
+        ));
+        let text = cron_text(&cfg, Path::new("/etc/affa"));
+        assert!(
+            text.contains(
+                "\n# job web\n30 22 * * * root /usr/sbin/affa --silent --run web\n\
+                 30 3 * * * root /usr/sbin/affa --silent --offsite web\n0 12 * * * root /usr/sbin/affa --silent --offsite web\n"
+            ),
+            "{text}"
+        );
+        assert_eq!(text.matches("--offsite").count(), 2, "{text}");
+        // Without offsiteTarget the key starts nothing.
+        let cfg = config(&format!("{base}offsiteSchedule=0330\n"));
+        assert!(!cron_text(&cfg, Path::new("/etc/affa")).contains("--offsite"));
     }
 
     #[test]

@@ -197,6 +197,9 @@ fn dispatch(inv: Invocation, ui: &Arc<render::Terminal>, out: &mut dyn Write) ->
                 affa::bail!("offsite verify of job {job} found missing or damaged objects in: {}", v.damaged.join(", "));
             }
         }
+        Action::OffsiteCleanup { job } => {
+            print(out, affa::offsite::cleanup(&env.config()?, &job, clock()?.as_ref(), &watch)?)
+        }
         Action::ListOffsite { jobs } => print(out, affa::offsite::list(&env.config()?, &jobs, clock()?.as_ref())?),
         Action::FullRestore { job, restore: r } => {
             let opts = affa::restore::RestoreOptions {

@@ -41,6 +41,8 @@ pub struct RunSummary {
     pub failure: Option<String>,
     /// The new archive's report (empty for a promotion-only run).
     pub report: Report,
+    /// offsiteAfterRun=yes: what the upload of the new archive did.
+    pub offsite: Option<String>,
 }
 
 impl RunSummary {
@@ -78,6 +80,9 @@ impl RunSummary {
         }
         if !s.rotated.is_empty() {
             v.push(("rotated", s.rotated.join("; ")));
+        }
+        if let Some(o) = &s.offsite {
+            v.push(("offsite", o.trim_end().replace('\n', "; ")));
         }
         for w in &s.warnings {
             v.push(("warning", w.clone()));

@@ -123,6 +123,9 @@ fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
     run_scripts(ctx, "postJobCommand", &ctx.job.scripts.post, &ctx.job.scripts.post_remote)?;
     crate::backup::sme::after_run(ctx, &mut summary)?;
     disk_space_warning(ctx, &report, &mut summary);
+    if summary.failure.is_none() {
+        offsite_after_run(ctx, &mut summary);
+    }
     summary.report = report;
     if let Some(f) = summary.failure.take() {
         // The archive is made and rotated in; the run fails all the same (mail, NRPE).
@@ -241,6 +244,32 @@ pub fn finish_report(ctx: &Ctx, running: &Path, report: &mut Report) -> Result<(
     archive::mark_running_complete(&ctx.job_dir)?;
     *report = r;
     Ok(())
+}
+
+/// offsiteAfterRun=yes: the new archive goes offsite while the run still holds the job's lock.
+/// A failed upload is a warning of the run (its mail says so); the archive is complete and
+/// rotated in before, and an upload only reads it.
+fn offsite_after_run(ctx: &Ctx, summary: &mut RunSummary) {
+    if !ctx.job.offsite.as_ref().is_some_and(|o| o.after_run) {
+        return;
+    }
+    ctx.log.info(format!("offsiteAfterRun: copying scheduled.0 of job {} offsite", ctx.job.name));
+    match crate::offsite::upload_after_run(ctx.job, ctx.clock, &ctx.log.watch) {
+        Ok(up) => {
+            for l in up.text.lines() {
+                ctx.log.info(format!("offsite: {l}"));
+            }
+            summary.offsite = Some(up.text);
+        }
+        Err(e) => {
+            let w = format!(
+                "the archive is complete, but its offsite copy (offsiteAfterRun=yes) failed: {e}; affa --offsite {} retries it",
+                ctx.job.name
+            );
+            ctx.log.warn(&w);
+            summary.warnings.push(w);
+        }
+    }
 }
 
 /// Affa's DiskSpaceWarn: warn when the free space is below the last backup's size times

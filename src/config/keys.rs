@@ -283,6 +283,46 @@ pub static KEYS: &[KeyDef] = &[
         Kind::AbsPath,
         "the offsite encryption key (mode 0600; made and printed once by the first --offsite: keep a copy elsewhere)",
     ),
+    k(
+        "offsiteScheduledKeep",
+        &["1"],
+        Kind::Keep(1),
+        "offsite archives kept after each --offsite: the newest N (an index removed stops being listed; its chunks go with --offsite-cleanup)",
+    ),
+    k("offsiteDailyKeep", &["7"], Kind::Keep(0), "offsite archives kept: the newest of each of the newest N days that have one"),
+    k("offsiteWeeklyKeep", &["4"], Kind::Keep(0), "offsite archives kept: the newest of each of the newest N weeks that have one"),
+    k("offsiteMonthlyKeep", &["12"], Kind::Keep(0), "offsite archives kept: the newest of each of the newest N months that have one"),
+    k("offsiteYearlyKeep", &["2"], Kind::Keep(0), "offsite archives kept: the newest of each of the newest N years that have one"),
+    k(
+        "offsiteParallel",
+        &["1"],
+        Kind::Int(1, 64),
+        "objects an --offsite upload sends at the same time (more hide the bucket's latency)",
+    ),
+    k(
+        "offsiteBwLimit",
+        &["0"],
+        U32,
+        "KiB/s an --offsite upload sends at most, averaged over the upload (0 = no limit)",
+    ),
+    m(
+        "offsiteSchedule",
+        NONE,
+        Kind::Hhmm,
+        "HHMM: a cron line each that runs affa --offsite JOB (the newest archive, then the offsite keeps)",
+    ),
+    k(
+        "offsiteAfterRun",
+        NO,
+        Kind::Bool,
+        "yes: a successful --run copies its archive offsite (made by a first --offsite by hand); a failed copy is a warning, the archive stays",
+    ),
+    k(
+        "offsiteCleanupGrace",
+        &["24"],
+        Kind::Int(0, 100_000),
+        "hours: --offsite-cleanup removes an object no offsite archive references only when it is older (the bucket's clock)",
+    ),
     // global only
     g(
         "globalStatus",

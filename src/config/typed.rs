@@ -309,6 +309,29 @@ pub struct Offsite {
     pub credentials_file: PathBuf,
     /// offsiteKeyFile.
     pub key_file: PathBuf,
+    /// offsiteScheduledKeep ... offsiteYearlyKeep, clamped as the local keeps.
+    pub keeps: Keeps,
+    /// offsiteCleanupGrace, in hours.
+    pub cleanup_grace_hours: u64,
+    /// offsiteAfterRun.
+    pub after_run: bool,
+    /// offsiteSchedule, (hour, minute) each.
+    pub schedule: Vec<(u32, u32)>,
+    /// offsiteParallel (1..=64).
+    pub parallel: u32,
+    /// offsiteBwLimit in KiB/s (0: none).
+    pub bw_limit_kib: u64,
+}
+
+/// The offsite keep key of a level (`offsiteDailyKeep`).
+pub fn offsite_keep_key(l: Level) -> &'static str {
+    match l {
+        Level::Scheduled => "offsiteScheduledKeep",
+        Level::Daily => "offsiteDailyKeep",
+        Level::Weekly => "offsiteWeeklyKeep",
+        Level::Monthly => "offsiteMonthlyKeep",
+        Level::Yearly => "offsiteYearlyKeep",
+    }
 }
 
 /// `[GlobalAffaConfig]`'s own keys, typed.
@@ -552,6 +575,15 @@ impl Settings {
             r.typed("offsiteEndpoint", |v| if let keys::Value::Text(t) = v { Some(t.to_string()) } else { None });
         let offsite_files = (r.path("offsiteCredentialsFile"), r.path("offsiteKeyFile"));
         let region = r.text("offsiteRegion");
+        let offsite_keeps = Keeps(Level::ALL.map(|l| {
+            let floor = if l == Level::Scheduled { 1 } else { 0 };
+            r.int(offsite_keep_key(l)).clamp(floor, 10000) as u32
+        }));
+        let cleanup_grace_hours = r.int("offsiteCleanupGrace").max(0) as u64;
+        let after_run = r.flag("offsiteAfterRun");
+        let offsite_schedule = r.times("offsiteSchedule");
+        let (parallel, bw_limit_kib) =
+            (r.int("offsiteParallel").clamp(1, 64) as u32, r.int("offsiteBwLimit").max(0) as u64);
         let offsite = keys::parse_s3_target(&target).map(|(bucket, prefix)| Offsite {
             bucket,
             prefix,
@@ -560,6 +592,12 @@ impl Settings {
             region,
             credentials_file: offsite_files.0,
             key_file: offsite_files.1,
+            keeps: offsite_keeps,
+            cleanup_grace_hours,
+            after_run,
+            schedule: offsite_schedule,
+            parallel,
+            bw_limit_kib,
         });
         let trigger = r.int("NRPEtrigger");
         Settings {
@@ -817,6 +855,18 @@ mod tests {
         );
         assert_eq!((b.region.as_str(), b.key_file.as_path()), ("us-east-1", Path::new("/etc/affa/offsite.key")));
         assert_eq!(b.credentials_file, Path::new("/etc/affa/offsite.credentials"));
+        assert_eq!((b.keeps, b.cleanup_grace_hours), (Keeps([1, 7, 4, 12, 2]), 24), "the offsite keeps' defaults");
+        let k = parse("[k]\nremoteHostName=h\noffsiteTarget=s3://bkt\nscheduledKeep=5\noffsiteScheduledKeep=0\noffsiteDailyKeep=3\noffsiteWeeklyKeep=-1\noffsiteMonthlyKeep=0\noffsiteYearlyKeep=9\noffsiteCleanupGrace=0\n").unwrap();
+        let k = k.job("k").unwrap();
+        let o = k.offsite.clone().unwrap();
+        assert_eq!(
+            (o.keeps, o.cleanup_grace_hours),
+            (Keeps([1, 3, 0, 0, 9]), 0),
+            "own keeps, clamped as the local ones"
+        );
+        assert!(!b.after_run, "offsiteAfterRun=no by default");
+        assert_eq!((b.parallel, b.bw_limit_kib), (1, 0));
+        assert_eq!(k.keeps.of(Level::Scheduled), 5, "the local keeps are not the offsite ones");
         assert_eq!(keys::parse_s3_target("s3://bkt"), Some(("bkt".into(), String::new())));
         for bad in ["s3://b", "s3://-bucket", "http://bucket", "s3://bucket//x", "s3://bucket/./x", "s3://bucket/a b"] {
             assert_eq!(keys::parse_s3_target(bad), None, "{bad}");

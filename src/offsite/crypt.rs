@@ -164,6 +164,18 @@ impl Keys {
         format!("{}{}", self.job_dir(job), h.to_hex())
     }
 
+    /// `lock/KIND-<32 hex>`: the marker of a running upload or cleanup, named by a keyed hash
+    /// of `parts` (the host, and the job of an upload): a rerun on the same host replaces the
+    /// marker a killed run left.
+    pub fn marker_name(&self, kind: &str, parts: &[&[u8]]) -> String {
+        let mut all: Vec<&[u8]> = vec![b"m", kind.as_bytes()];
+        for p in parts {
+            all.push(b"\0");
+            all.push(p);
+        }
+        format!("lock/{kind}-{}", &self.keyed(&all).to_hex()[..32])
+    }
+
     fn aad(header: &[u8], name: &str) -> Vec<u8> {
         let mut aad = header[..8].to_vec();
         aad.extend_from_slice(name.as_bytes());

@@ -122,7 +122,7 @@ pub fn fetch(job: &Job, name: Option<&str>, watch: &Watch) -> Result<Fetched> {
 fn fetch_to(job: &Job, name: Option<&str>, to: Option<&Path>, watch: &Watch) -> Result<Fetched> {
     let (store, keys, _) = super::open(job, false, &crate::clock::SystemClock)?;
     let shown = store.shown.clone();
-    let super::Indexes { good, bad } = super::indexes(&store, &keys, &job.name)?;
+    let super::Indexes { good, bad, .. } = super::indexes(&store, &keys, &job.name)?;
     if good.is_empty() && !bad.is_empty() {
         bail!(Damaged, "job {} has no offsite archive that opens in {shown}: {}", job.name, bad.join("; "));
     }

@@ -1,18 +1,24 @@
-//! Offsite copies (issue 19, first slice): `affa --offsite JOB [ARCHIVE]` copies an archive,
-//! encrypted, to an S3 bucket prefix (`offsiteTarget`); `affa --offsite-verify JOB` checks every
-//! object of the job's offsite archives; `affa --list-archives --offsite` lists them. The bucket
-//! layout, the key file and the index are docs/FORMAT.md "Offsite bucket layout, version 1".
+//! Offsite copies (issue 19): `affa --offsite JOB [ARCHIVE]` copies an archive, encrypted, to an
+//! S3 bucket prefix (`offsiteTarget`) and then applies the job's offsite keeps; `affa
+//! --offsite-verify JOB` checks every object of the job's offsite archives; `affa --list-archives
+//! --offsite` lists them; `affa --offsite-cleanup JOB` removes the chunk objects no archive of
+//! the prefix references. The bucket layout, the key file, the index and the markers of running
+//! uploads and cleanups are docs/FORMAT.md "Offsite bucket layout, version 1".
 //!
 //! Owns: what an upload sends and in which order (chunks, then the archive index last: an
 //! archive is offsite only when its index exists), which archive is copied, the bucket marker
-//! that refuses a wrong key, and what verify reports. Must never: send a byte that is not sealed
-//! (no file or job name, no plaintext), write an index before every chunk it names is stored,
-//! upload a chunk of the archive that does not hash to its id, make a new key beside objects an
-//! old key sealed, change anything under RootDir, or print (the new key goes back to main).
+//! that refuses a wrong key, which offsite archives the keeps remove (their indexes only), what
+//! a cleanup removes, and what verify reports. Must never: send a byte that is not sealed (no
+//! file or job name, no plaintext), write an index before every chunk it names is stored, upload
+//! a chunk of the archive that does not hash to its id, make a new key beside objects an old key
+//! sealed, remove a chunk object while an upload may rely on it (an upload's live marker, an
+//! index that does not open, an object younger than offsiteCleanupGrace), remove an object it
+//! does not know, change anything under RootDir, or print (the new key goes back to main).
 
 mod crypt;
 pub mod fetch;
 mod index;
+mod retention;
 mod s3;
 
 use std::collections::{BTreeMap, HashSet};
@@ -21,6 +27,7 @@ use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::archive::{self, Archive};
 use crate::chunk::{self, ChunkId, ChunkRef};
@@ -38,6 +45,71 @@ use s3::Store;
 /// The bucket marker's name and plaintext.
 const MARKER: &str = "affa-offsite";
 const MARKER_TEXT: &[u8] = b"affa-offsite-bucket 1\n";
+
+/// How often a running upload or cleanup rewrites its marker, and the age at which a marker
+/// counts as left by a run that died (docs/FORMAT.md "Markers of running uploads and cleanups").
+const MARKER_REFRESH: Duration = Duration::from_secs(600);
+const MARKER_STALE_SECS: i64 = 3600;
+
+/// The marker `lock/KIND-...` of this upload or cleanup: written when it starts, rewritten
+/// every [`MARKER_REFRESH`], removed when it ends (also on an error; a killed run leaves it,
+/// stale after [`MARKER_STALE_SECS`], replaced by the next run of the same host and job).
+struct Running<'a> {
+    store: &'a Store,
+    keys: &'a Keys,
+    name: String,
+    written: std::cell::Cell<Instant>,
+}
+
+impl<'a> Running<'a> {
+    fn start(store: &'a Store, keys: &'a Keys, kind: &str, parts: &[&[u8]]) -> Result<Running<'a>> {
+        let r = Running { store, keys, name: keys.marker_name(kind, parts), written: Instant::now().into() };
+        r.write()?;
+        Ok(r)
+    }
+
+    fn write(&self) -> Result<()> {
+        let text =
+            format!("affa-offsite-{} 1\n", self.name.trim_start_matches("lock/").split('-').next().unwrap_or(""));
+        self.store.put(&self.name, &self.keys.seal(&self.name, text.as_bytes())?)?;
+        self.written.set(Instant::now());
+        Ok(())
+    }
+
+    fn refresh(&self) -> Result<()> {
+        if self.written.get().elapsed() >= MARKER_REFRESH {
+            self.write()?;
+        }
+        Ok(())
+    }
+
+    /// The other markers of the prefix that are not stale (names and their age), and the stale
+    /// ones; a marker whose time the bucket did not send as RFC 3339 counts as live.
+    fn others(&self) -> Result<Markers> {
+        let (all, now) = self.store.list_dated("lock/")?;
+        let (mut live, mut stale) = (Vec::new(), Vec::new());
+        for m in all.into_iter().filter(|m| m.name != self.name) {
+            match m.modified.map(|t| (now - t).num_seconds()) {
+                Some(age) if age >= MARKER_STALE_SECS => stale.push(m.name),
+                age => live.push((m.name, age.unwrap_or(0).max(0))),
+            }
+        }
+        Ok(Markers { live, stale })
+    }
+}
+
+/// The other markers of a prefix: the live ones with their age in seconds, the stale ones.
+struct Markers {
+    live: Vec<(String, i64)>,
+    stale: Vec<String>,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        // Best effort: a marker left behind only delays a cleanup until it is stale.
+        let _ = self.store.delete(&self.name);
+    }
+}
 
 /// A key made by this command: shown once by the caller, kept nowhere else.
 pub struct NewKey {
@@ -81,7 +153,7 @@ fn open(job: &Job, may_create: bool, clock: &dyn Clock) -> Result<(Store, Keys, 
             if !may_create {
                 bail!(
                     Config,
-                    "offsiteKeyFile {} of job {} does not exist; expected the key that sealed {}",
+                    "offsiteKeyFile {} of job {} does not exist; expected the key that sealed {} (a first affa --offsite by hand makes it)",
                     kf.display(),
                     job.name,
                     store.shown
@@ -174,24 +246,40 @@ struct Sent {
 struct Upload<'a> {
     store: &'a Store,
     keys: &'a Keys,
+    running: &'a Running<'a>,
     have: HashSet<String>,
     sent: Sent,
+    /// offsiteParallel > 1: the senders' queue (None: each object is sent here).
+    queue: Option<std::sync::mpsc::SyncSender<(String, Vec<u8>)>>,
+    /// The first error of a sender.
+    failed: &'a std::sync::Mutex<Option<Error>>,
 }
 
 impl Upload<'_> {
     /// Store the chunk `id` (its chunk file `blob`, made by `blob` only when needed) unless the
     /// bucket has it.
     fn chunk(&mut self, id: &ChunkId, blob: impl FnOnce() -> Result<Vec<u8>>) -> Result<()> {
+        self.running.refresh()?;
         let name = self.keys.chunk_name(id);
         if self.have.contains(&name) {
             self.sent.present += 1;
             return Ok(());
         }
         let sealed = self.keys.seal(&name, &blob()?)?;
-        self.store.put(&name, &sealed)?;
-        crate::interrupt::crash_point("offsite-chunk-uploaded");
         self.sent.objects += 1;
         self.sent.bytes += sealed.len() as u64;
+        match &self.queue {
+            None => {
+                self.store.put(&name, &sealed)?;
+                crate::interrupt::crash_point("offsite-chunk-uploaded");
+            }
+            Some(q) => {
+                if self.failed.lock().map(|f| f.is_some()).unwrap_or(true) {
+                    bail!("an offsite sender failed");
+                }
+                q.send((name.clone(), sealed)).map_err(|_| Error::new("the offsite senders stopped"))?;
+            }
+        }
         self.have.insert(name);
         Ok(())
     }
@@ -274,31 +362,13 @@ fn pick(job: &Job, name: Option<&str>) -> Result<Archive> {
     Ok(a)
 }
 
-/// `affa --offsite JOB [ARCHIVE]`: copy the archive (default the newest complete one) to the
-/// job's bucket prefix: the chunks the bucket lacks, then its index.
-pub fn upload(
-    cfg: &Config,
-    job_name: &str,
-    archive_name: Option<&str>,
-    clock: &dyn Clock,
-    watch: &Watch,
-) -> Result<Uploaded> {
-    let job = cfg.job(job_name)?;
-    settings(job)?;
-    // No rotation renames the archive while it is read.
-    let _lock = crate::lock::acquire(&cfg.lock_dir(), job_name)?;
-    let a = pick(job, archive_name)?;
-    let date = a.report.as_ref().and_then(|r| r.date()).unwrap_or("").to_string();
-    let (store, keys, new_key) = open(job, true, clock)?;
-    let id = archive_id(&a)?;
-    let index_name = keys.index_name(job_name, &id);
-    let head = format!("{job_name} {} (Date {date})", a.name());
-    if store.exists(&index_name)? {
-        let text = format!("{head}: already offsite in {}\n", store.shown);
-        return Ok(Uploaded { text, new_key });
-    }
-    let mut up = Upload { store: &store, keys: &keys, have: chunks_present(&store)?, sent: Sent::default() };
-    let chunking = &job.chunk.settings;
+/// What an upload collects while it sends the chunks: the index's entries, the chunks of the
+/// chunked files, the count of special files skipped.
+type Collected = (Vec<Entry>, Vec<ChunkId>, u64);
+
+/// Send the chunks of the archive `a` the bucket lacks (plain files cut in chunks, then the
+/// chunks of its chunked files) and collect what its index lists.
+fn collect(up: &mut Upload<'_>, a: &Archive, chunking: &chunk::Settings, watch: &Watch) -> Result<Collected> {
     let mut entries = Vec::new();
     let mut skipped = 0u64;
     let items = walk(&a.path)?;
@@ -315,7 +385,7 @@ pub fn upload(
             let target = fs::read_link(&p).ctx(|| format!("cannot read {}", p.display()))?;
             entries.push(Entry::Link { uid, gid, mtime, path, target: target.as_os_str().as_bytes().to_vec() });
         } else if ft.is_file() {
-            let (size, chunks) = plain_file(&mut up, &a.path.join(rel), chunking)?;
+            let (size, chunks) = plain_file(up, &a.path.join(rel), chunking)?;
             entries.push(Entry::File { mode, uid, gid, mtime, size, path, chunks });
         } else {
             skipped += 1;
@@ -335,6 +405,110 @@ pub fn upload(
             }
         }
     }
+    Ok((entries, chunked, skipped))
+}
+
+/// `affa --offsite JOB [ARCHIVE]`: copy the archive (default the newest complete one) to the
+/// job's bucket prefix: the chunks the bucket lacks, then its index.
+pub fn upload(
+    cfg: &Config,
+    job_name: &str,
+    archive_name: Option<&str>,
+    clock: &dyn Clock,
+    watch: &Watch,
+) -> Result<Uploaded> {
+    let job = cfg.job(job_name)?;
+    settings(job)?;
+    // No rotation renames the archive while it is read.
+    let _lock = crate::lock::acquire(&cfg.lock_dir(), job_name)?;
+    upload_held(job, archive_name, true, clock, watch)
+}
+
+/// offsiteAfterRun=yes: copy the run's new archive `scheduled.0`; the run holds the job's lock.
+/// No key is made here (a run's output is a log, not a person): the first `--offsite` by hand
+/// makes it and shows it.
+pub fn upload_after_run(job: &Job, clock: &dyn Clock, watch: &Watch) -> Result<Uploaded> {
+    upload_held(job, Some("scheduled.0"), false, clock, watch)
+}
+
+/// An upload while the job's lock is held.
+fn upload_held(
+    job: &Job,
+    archive_name: Option<&str>,
+    may_create: bool,
+    clock: &dyn Clock,
+    watch: &Watch,
+) -> Result<Uploaded> {
+    let job_name = job.name.as_str();
+    let a = pick(job, archive_name)?;
+    let date = a.report.as_ref().and_then(|r| r.date()).unwrap_or("").to_string();
+    let (store, keys, new_key) = open(job, may_create, clock)?;
+    let id = archive_id(&a)?;
+    let index_name = keys.index_name(job_name, &id);
+    let head = format!("{job_name} {} (Date {date})", a.name());
+    if store.exists(&index_name)? {
+        let mut text = format!("{head}: already offsite in {}\n", store.shown);
+        text.push_str(&retain(&store, &keys, job, &id)?);
+        return Ok(Uploaded { text, new_key });
+    }
+    // The marker first, then the look for a cleanup's: of an upload and a cleanup that start
+    // together, at least one sees the other's marker (docs/FORMAT.md).
+    let host = crate::notify::hostname();
+    let running = Running::start(&store, &keys, "upload", &[host.as_bytes(), job_name.as_bytes()])?;
+    crate::interrupt::crash_point("offsite-upload-marked");
+    if let Some((m, age)) = running.others()?.live.into_iter().find(|(m, _)| m.starts_with("lock/cleanup-")) {
+        bail!(
+            "{}: an affa --offsite-cleanup is running (its marker {m} was written {age} s ago); nothing of {} was uploaded: run --offsite again when it is done",
+            store.shown,
+            a.name()
+        );
+    }
+    let have = chunks_present(&store)?;
+    let chunking = &job.chunk.settings;
+    // offsiteParallel > 1: the chunk objects go through a bounded queue to that many senders;
+    // the index is written only after every sender is done and none failed.
+    let parallel = settings(job)?.parallel.max(1) as usize;
+    let failed: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(String, Vec<u8>)>(parallel * 2);
+    let rx = std::sync::Mutex::new(rx);
+    let collected = std::thread::scope(|sc| {
+        if parallel > 1 {
+            let (rx, store, failed) = (&rx, &store, &failed);
+            for _ in 0..parallel {
+                sc.spawn(move || loop {
+                    let next = rx.lock().map(|r| r.recv());
+                    let Ok(Ok((name, sealed))) = next else { break };
+                    if failed.lock().map(|f| f.is_some()).unwrap_or(true) {
+                        continue;
+                    }
+                    match store.put(&name, &sealed) {
+                        Ok(()) => crate::interrupt::crash_point("offsite-chunk-uploaded"),
+                        Err(e) => {
+                            if let Ok(mut f) = failed.lock() {
+                                f.get_or_insert(e);
+                            }
+                        }
+                    }
+                });
+            }
+        }
+        let mut up = Upload {
+            store: &store,
+            keys: &keys,
+            running: &running,
+            have,
+            sent: Sent::default(),
+            queue: (parallel > 1).then_some(tx),
+            failed: &failed,
+        };
+        let r = collect(&mut up, &a, chunking, watch);
+        let Upload { sent, .. } = up;
+        r.map(|(entries, chunked, skipped)| (entries, chunked, skipped, sent))
+    });
+    if let Some(e) = failed.into_inner().ok().flatten() {
+        return Err(e);
+    }
+    let (entries, chunked, skipped, s) = collected?;
     let idx = Index {
         job: job_name.to_string(),
         archive: a.name(),
@@ -347,7 +521,7 @@ pub fn upload(
     };
     let sealed = keys.seal(&index_name, &idx.to_bytes())?;
     store.put(&index_name, &sealed)?;
-    let s = &up.sent;
+    drop(running);
     let mut text = format!(
         "{head}: offsite in {}: {} object(s) uploaded ({}), {} chunk(s) already there, {} entries\n",
         store.shown,
@@ -359,12 +533,15 @@ pub fn upload(
     if skipped > 0 {
         text.push_str(&format!("{head}: {skipped} special file(s) (devices, fifos, sockets) not copied\n"));
     }
+    text.push_str(&retain(&store, &keys, job, &idx.id)?);
     Ok(Uploaded { text, new_key })
 }
 
 /// A job's offsite archives: those that open (by date), and why the others do not.
 struct Indexes {
     good: Vec<Index>,
+    /// The object names of `good`.
+    names: Vec<String>,
     bad: Vec<String>,
 }
 
@@ -382,13 +559,14 @@ fn indexes(store: &Store, keys: &Keys, job: &str) -> Result<Indexes> {
             .map_err(|e| Error::damaged(format!("offsite index {name} {e}")))
             .and_then(|plain| Index::parse(&plain, &name));
         match idx {
-            Ok(i) if i.job == job => good.push(i),
+            Ok(i) if i.job == job => good.push((i, name)),
             Ok(i) => bad.push(format!("index {name}: names job '{}', expected '{job}'", i.job)),
             Err(e) => bad.push(e.to_string()),
         }
     }
-    good.sort_by(|a, b| (&a.date, &a.uploaded).cmp(&(&b.date, &b.uploaded)));
-    Ok(Indexes { good, bad })
+    good.sort_by(|(a, _), (b, _)| (&a.date, &a.uploaded).cmp(&(&b.date, &b.uploaded)));
+    let (good, names) = good.into_iter().unzip();
+    Ok(Indexes { good, names, bad })
 }
 
 /// `affa --offsite-verify JOB`: every chunk of every offsite archive of the job is present,
@@ -397,7 +575,7 @@ fn indexes(store: &Store, keys: &Keys, job: &str) -> Result<Indexes> {
 pub fn verify(cfg: &Config, job_name: &str, clock: &dyn Clock, watch: &Watch) -> Result<Verified> {
     let job = cfg.job(job_name)?;
     let (store, keys, _) = open(job, false, clock)?;
-    let Indexes { good: idxs, bad: bad_idx } = indexes(&store, &keys, job_name)?;
+    let Indexes { good: idxs, bad: bad_idx, .. } = indexes(&store, &keys, job_name)?;
     let mut out = String::new();
     let mut damaged = Vec::new();
     for b in &bad_idx {
@@ -473,7 +651,7 @@ pub fn list(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<String> 
             continue;
         }
         let (store, keys, _) = open(job, false, clock)?;
-        let Indexes { good: idxs, bad } = indexes(&store, &keys, &job.name)?;
+        let Indexes { good: idxs, bad, .. } = indexes(&store, &keys, &job.name)?;
         out.push_str(&format!("Job {} offsite in {}: {} archive(s)\n", job.name, store.shown, idxs.len()));
         for i in &idxs {
             out.push_str(&format!(
@@ -489,4 +667,123 @@ pub fn list(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<String> 
         }
     }
     Ok(out)
+}
+
+/// The job's offsite keeps (offsiteScheduledKeep ... offsiteYearlyKeep) applied to its offsite
+/// archives after an upload: the index of each archive they do not keep is removed (it is no
+/// longer listed; its chunks stay until `--offsite-cleanup` finds them unreferenced). The
+/// archive `just` (its id) is kept whatever the keeps say. Indexes that do not open are left.
+fn retain(store: &Store, keys: &Keys, job: &Job, just: &str) -> Result<String> {
+    let off = settings(job)?;
+    let Indexes { good, names, .. } = indexes(store, keys, &job.name)?;
+    let dates: Vec<&str> = good.iter().map(|i| i.date.as_str()).collect();
+    let kept = retention::kept(&dates, off.keeps);
+    let mut out = String::new();
+    let mut removed = 0;
+    for ((idx, name), keep) in good.iter().zip(&names).zip(kept) {
+        if keep || idx.id == just {
+            continue;
+        }
+        store.delete(name)?;
+        crate::interrupt::crash_point("offsite-index-removed");
+        removed += 1;
+        out.push_str(&format!(
+            "{} {} (Date {}): removed from {} by the offsite keeps (its chunks go with --offsite-cleanup once no archive uses them)\n",
+            job.name, idx.archive, idx.date, store.shown
+        ));
+    }
+    if removed > 0 {
+        out.push_str(&format!(
+            "{}: {} offsite archive(s) kept ({})\n",
+            job.name,
+            good.len() - removed,
+            retention::describe(off.keeps)
+        ));
+    }
+    Ok(out)
+}
+
+/// `affa --offsite-cleanup JOB`: remove the chunk objects of the job's bucket prefix that no
+/// offsite archive of the prefix (of any job sharing it) references and that are older than
+/// offsiteCleanupGrace on the bucket's clock. Nothing is removed while another upload or
+/// cleanup of the prefix runs (its marker is live) or when an index does not open.
+pub fn cleanup(cfg: &Config, job_name: &str, clock: &dyn Clock, watch: &Watch) -> Result<String> {
+    let job = cfg.job(job_name)?;
+    let off = settings(job)?;
+    let grace = off.cleanup_grace_hours;
+    let (store, keys, _) = open(job, false, clock)?;
+    let host = crate::notify::hostname();
+    let me = Running::start(&store, &keys, "cleanup", &[host.as_bytes()])?;
+    crate::interrupt::crash_point("offsite-cleanup-marked");
+    let Markers { live, stale } = me.others()?;
+    if let Some((m, age)) = live.first() {
+        let what = if m.starts_with("lock/upload-") { "an affa --offsite upload" } else { "another --offsite-cleanup" };
+        return Ok(format!(
+            "{}: {what} is running (its marker {m} was written {age} s ago); nothing removed: run --offsite-cleanup again when it is done (a marker older than {} min counts as left by a run that died)\n",
+            store.shown,
+            MARKER_STALE_SECS / 60
+        ));
+    }
+    // Every index of the prefix, whichever job: one that does not open could reference any chunk.
+    let mut referenced = HashSet::new();
+    let index_names = store.list("i/", None)?;
+    for name in &index_names {
+        let Some(sealed) = store.get(name)? else { continue };
+        let idx = keys
+            .open(name, &sealed)
+            .map_err(|e| format!("does not open: {e}"))
+            .and_then(|plain| Index::parse(&plain, name).map_err(|e| e.to_string()));
+        match idx {
+            Ok(i) => referenced.extend(i.chunk_uses().into_iter().map(|(id, _)| keys.chunk_name(&id))),
+            Err(e) => bail!(
+                Damaged,
+                "{}: offsite index {name}: {e}; nothing removed (an index that does not open could reference any object: remove it or put the right one back)",
+                store.shown
+            ),
+        }
+        me.refresh()?;
+    }
+    let (chunks, now) = store.list_dated("c/")?;
+    let bar = watch.meter(format!("offsite-cleanup {}", store.shown), Some(chunks.len() as u64));
+    let (mut removed, mut bytes, mut young, mut used) = (0u64, 0u64, 0u64, 0u64);
+    for (i, c) in chunks.iter().enumerate() {
+        bar.set(i as u64);
+        me.refresh()?;
+        if referenced.contains(&c.name) {
+            used += 1;
+            continue;
+        }
+        let old = c.modified.is_some_and(|t| (now - t).num_seconds() >= grace as i64 * 3600);
+        if !old {
+            young += 1;
+            continue;
+        }
+        store.delete(&c.name)?;
+        crate::interrupt::crash_point("offsite-chunk-removed");
+        removed += 1;
+        bytes += c.size;
+    }
+    drop(bar);
+    for m in &stale {
+        store.delete(m)?;
+    }
+    let mut text = format!(
+        "{}: {removed} unreferenced chunk object(s) removed ({}); {used} kept for {} offsite archive(s)",
+        store.shown,
+        human(bytes),
+        index_names.len()
+    );
+    if young > 0 {
+        text.push_str(&format!("; {young} unreferenced one(s) younger than offsiteCleanupGrace={grace} h kept"));
+    }
+    text.push('\n');
+    if !stale.is_empty() {
+        text.push_str(&format!(
+            "{}: {} marker(s) of runs that died removed: {}\n",
+            store.shown,
+            stale.len(),
+            stale.join(", ")
+        ));
+    }
+    Ok(text)
 }

@@ -1,4 +1,4 @@
-//! An S3 bucket prefix as affa uses it: PUT, GET, HEAD and LIST of objects below
+//! An S3 bucket prefix as affa uses it: PUT, GET, HEAD, DELETE and LIST of objects below
 //! `offsiteTarget`'s prefix, signed by `rusty-s3` (presigned URLs, AWS Signature V4) and sent
 //! with the ureq client affa already uses; transport errors, HTTP 5xx and 429 are retried with a
 //! backoff.
@@ -11,6 +11,7 @@ use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use rusty_s3::actions::ListObjectsV2;
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 
@@ -60,8 +61,23 @@ pub struct Store {
     creds: Credentials,
     prefix: String,
     agent: ureq::Agent,
+    /// offsiteBwLimit: bytes per second and (when the first PUT started, bytes sent since).
+    pace: Option<(u64, std::sync::Mutex<Option<Paced>>)>,
     /// `s3://BUCKET/PREFIX` for messages.
     pub shown: String,
+}
+
+/// offsiteBwLimit's count: when the first PUT started, the bytes PUT since.
+type Paced = (std::time::Instant, u64);
+
+/// An object of a listing.
+pub struct Listed {
+    /// Its name below the prefix.
+    pub name: String,
+    /// Its LastModified (None when the bucket sent something that is no RFC 3339 time).
+    pub modified: Option<DateTime<Utc>>,
+    /// Its size in bytes.
+    pub size: u64,
 }
 
 /// How a request ended.
@@ -88,7 +104,8 @@ impl Store {
             .timeout_read(Duration::from_secs(300))
             .timeout_write(Duration::from_secs(300))
             .build();
-        Ok(Store { bucket, creds, prefix: off.prefix.clone(), agent, shown: off.target.clone() })
+        let pace = (off.bw_limit_kib > 0).then(|| (off.bw_limit_kib * 1024, std::sync::Mutex::new(None)));
+        Ok(Store { bucket, creds, prefix: off.prefix.clone(), agent, pace, shown: off.target.clone() })
     }
 
     fn key(&self, name: &str) -> String {
@@ -137,8 +154,24 @@ impl Store {
         }
     }
 
+    /// offsiteBwLimit: wait until the bytes PUT so far, `n` more included, fit the limit
+    /// (averaged since the first PUT; shared by the parallel senders).
+    fn pace(&self, n: u64) {
+        let Some((rate, state)) = &self.pace else { return };
+        let due = {
+            let Ok(mut s) = state.lock() else { return };
+            let (start, sent) = s.get_or_insert((std::time::Instant::now(), 0));
+            *sent += n;
+            *start + Duration::from_secs_f64(*sent as f64 / *rate as f64)
+        };
+        if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+
     /// Write the object `name` (below the prefix).
     pub fn put(&self, name: &str, body: &[u8]) -> Result<()> {
+        self.pace(body.len() as u64);
         let key = self.key(name);
         let url = || self.bucket.put_object(Some(&self.creds), &key).sign(SIGN_FOR);
         match self.call(&format!("PUT {name}"), || self.agent.put(url().as_str()).send_bytes(body).map_err(Box::new))? {
@@ -189,9 +222,42 @@ impl Store {
     /// The names (below the prefix) of the objects whose names start with `under`; at most
     /// `max` when given (one page of up to 1000 names per request).
     pub fn list(&self, under: &str, max: Option<usize>) -> Result<Vec<String>> {
+        Ok(self.list_full(under, max)?.0.into_iter().map(|o| o.name).collect())
+    }
+
+    /// The objects whose names start with `under`, with their LastModified, and the bucket's
+    /// own time (the `Date` of its first answer): ages are measured on the bucket's clock, so
+    /// a wrong clock on the backup server cannot make a young object look old.
+    pub fn list_dated(&self, under: &str) -> Result<(Vec<Listed>, DateTime<Utc>)> {
+        let (objs, date) = self.list_full(under, None)?;
+        let what = format!("LIST {under}");
+        let now = date
+            .as_deref()
+            .and_then(|d| DateTime::parse_from_rfc2822(d).ok())
+            .ok_or_else(|| {
+                Error::remote(format!(
+                    "{}: {what}: the answer's Date header is '{}'; expected an HTTP date (the bucket's clock)",
+                    self.shown,
+                    date.as_deref().unwrap_or("").chars().take(60).collect::<String>()
+                ))
+            })?
+            .with_timezone(&Utc);
+        Ok((objs, now))
+    }
+
+    /// Remove the object `name` (one that is already gone is fine).
+    pub fn delete(&self, name: &str) -> Result<()> {
+        let key = self.key(name);
+        let url = || self.bucket.delete_object(Some(&self.creds), &key).sign(SIGN_FOR);
+        self.call(&format!("DELETE {name}"), || self.agent.delete(url().as_str()).call().map_err(Box::new))?;
+        Ok(())
+    }
+
+    fn list_full(&self, under: &str, max: Option<usize>) -> Result<(Vec<Listed>, Option<String>)> {
         let full = self.key(under);
         let strip = self.key("");
         let mut out = Vec::new();
+        let mut date = None;
         let mut token: Option<String> = None;
         loop {
             let url = || {
@@ -209,6 +275,9 @@ impl Store {
                     return Err(Error::remote(format!("{}: {what}: HTTP 404 (does the bucket exist?)", self.shown)))
                 }
                 Outcome::Done(r) => {
+                    if date.is_none() {
+                        date = r.header("Date").map(str::to_string);
+                    }
                     let mut s = String::new();
                     r.into_reader()
                         .take(64 << 20)
@@ -223,12 +292,13 @@ impl Store {
             for c in page.contents {
                 let key = percent_encoding::percent_decode_str(&c.key).decode_utf8_lossy();
                 if let Some(name) = key.strip_prefix(&strip) {
-                    out.push(name.to_string());
+                    let modified = DateTime::parse_from_rfc3339(&c.last_modified).ok().map(|t| t.with_timezone(&Utc));
+                    out.push(Listed { name: name.to_string(), modified, size: c.size });
                 }
             }
             token = page.next_continuation_token;
             if token.is_none() || max.is_some_and(|m| out.len() >= m) {
-                return Ok(out);
+                return Ok((out, date));
             }
         }
     }

@@ -272,3 +272,227 @@ fn a_cut_upload_is_never_listed_and_the_rerun_completes_it() {
     let v = ok(&a.affa(&["--offsite-verify", JOB]));
     assert!(v.contains("scheduled.0 (Date 202612010100): OK"), "{v}");
 }
+
+/// Add `lines` (KEY=VALUE) to the job's section (the only one of job.conf).
+fn add_keys(a: &Affa, lines: &str) {
+    let conf = fs::read_to_string(a.conf.join("job.conf")).unwrap();
+    a.write_conf("job.conf", &format!("{conf}{lines}"));
+}
+
+/// Change 300 KiB of the disk (two chunks) and add a small file `name`: the next archive has
+/// new chunks.
+fn change_source(src: &Path, seed: u64, name: &str) {
+    let mut f = fs::OpenOptions::new().write(true).open(src.join("data/disk.img")).unwrap();
+    f.seek(SeekFrom::Start(3 * CS as u64 + 1000)).unwrap();
+    f.write_all(&random(seed, 300 << 10)).unwrap();
+    drop(f);
+    fs::write(src.join("data").join(name), format!("new file {seed}\n")).unwrap();
+}
+
+/// The offsite keeps remove the index of an archive they do not keep (no longer listed), never
+/// a chunk; --offsite-cleanup then removes exactly the chunks no remaining archive uses, and
+/// only once they are older than offsiteCleanupGrace (on the bucket's clock).
+#[test]
+fn the_offsite_keeps_drop_old_archives_and_cleanup_removes_only_unreferenced_old_chunks() {
+    let (ceph, bucket, src, a) = first_archive();
+    add_keys(
+        &a,
+        "offsiteScheduledKeep=1\noffsiteDailyKeep=0\noffsiteWeeklyKeep=0\noffsiteMonthlyKeep=0\noffsiteYearlyKeep=0\n",
+    );
+    ok(&a.affa_at("2026-12-01T02:00:00", &["--offsite", JOB]));
+    let first = archive_chunks(&a.job_dir(JOB).join("scheduled.0"));
+    let c1 = objects(ceph, &bucket, "c/");
+    let i1 = objects(ceph, &bucket, "i/");
+    assert_eq!((c1.len(), i1.len()), (first.len(), 1));
+
+    change_source(src.path(), 7, "second.txt");
+    ok(&a.affa_at("2026-12-02T01:00:00", &["--run", JOB]));
+    let second = archive_chunks(&a.job_dir(JOB).join("scheduled.0"));
+    let out = ok(&a.affa_at("2026-12-02T02:00:00", &["--offsite", JOB]));
+    assert!(
+        out.contains(&format!(
+            "{JOB} scheduled.0 (Date 202612010100): removed from s3://{bucket}/{PREFIX} by the offsite keeps"
+        )),
+        "{out}"
+    );
+    assert!(out.contains("1 offsite archive(s) kept (offsiteScheduledKeep=1 offsiteDailyKeep=0"), "{out}");
+    let i2 = objects(ceph, &bucket, "i/");
+    assert_eq!(i2.len(), 1);
+    assert!(i2.is_disjoint(&i1), "the first archive's index is gone, the second's is there");
+    let c2 = objects(ceph, &bucket, "c/");
+    assert!(c2.is_superset(&c1), "the keeps never remove a chunk");
+    let list = ok(&a.affa(&["--list-archives", "--offsite", JOB]));
+    assert!(list.contains(": 1 archive(s)") && list.contains("Date 202612020100"), "{list}");
+    assert!(!list.contains("Date 202612010100"), "{list}");
+
+    // Unreferenced but young (default grace 24 h): kept.
+    let unused = first.difference(&second).count();
+    assert!(unused >= 2, "the changed disk chunks and the old report");
+    let out = ok(&a.affa(&["--offsite-cleanup", JOB]));
+    assert!(
+        out.contains(&format!(
+            "s3://{bucket}/{PREFIX}: 0 unreferenced chunk object(s) removed (0B); {} kept for 1 offsite archive(s); {unused} unreferenced one(s) younger than offsiteCleanupGrace=24 h kept",
+            second.len()
+        )),
+        "{out}"
+    );
+    assert_eq!(objects(ceph, &bucket, "c/"), c2);
+
+    // Grace 0: exactly the chunks of the dropped archive that the kept one does not use go.
+    add_keys(&a, "offsiteCleanupGrace=0\n");
+    let out = ok(&a.affa(&["--offsite-cleanup", JOB]));
+    assert!(out.contains(&format!(": {unused} unreferenced chunk object(s) removed")), "{out}");
+    let c3 = objects(ceph, &bucket, "c/");
+    assert_eq!(c3.len(), second.len(), "{out}");
+    assert!(c3.is_subset(&c2));
+    assert!(objects(ceph, &bucket, "lock/").is_empty(), "the cleanup's marker is removed");
+    let v = ok(&a.affa(&["--offsite-verify", JOB]));
+    assert!(v.contains("(Date 202612020100): OK"), "{v}");
+    // Nothing left to remove.
+    let out = ok(&a.affa(&["--offsite-cleanup", JOB]));
+    assert!(out.contains(": 0 unreferenced chunk object(s) removed"), "{out}");
+    assert_eq!(objects(ceph, &bucket, "c/"), c3);
+
+    // An index that does not open (planted, or damaged): nothing removed, the index named.
+    let planted = format!("i/{}/{}", "0".repeat(32), "1".repeat(64));
+    ceph.put(&bucket, &format!("{PREFIX}/{planted}"), b"AFOB not a sealed index");
+    ceph.delete(&bucket, &format!("{PREFIX}/{}", c3.iter().next().unwrap()));
+    let e = fail(&a.affa(&["--offsite-cleanup", JOB]));
+    assert!(e.contains(&format!("offsite index {planted}: does not open")) && e.contains("nothing removed"), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+}
+
+/// A cleanup (grace 0: every unreferenced chunk is old enough) that meets an upload still
+/// running (here: killed after its first chunk, its marker left; its chunk referenced by no
+/// index yet) removes nothing; the upload then completes on the chunk it relies on. An upload
+/// that meets a running cleanup (killed after writing its marker) uploads nothing; the cleanup's
+/// rerun on the same host replaces the marker and removes it.
+#[cfg(feature = "test-hooks")]
+#[test]
+fn a_cleanup_never_removes_a_chunk_a_running_upload_relies_on() {
+    let (ceph, bucket, src, a) = first_archive();
+    add_keys(&a, "offsiteCleanupGrace=0\n");
+    ok(&a.affa_at("2026-12-01T02:00:00", &["--offsite", JOB]));
+    change_source(src.path(), 8, "second.txt");
+    ok(&a.affa_at("2026-12-02T01:00:00", &["--run", JOB]));
+    let (c1, i1) = (objects(ceph, &bucket, "c/"), objects(ceph, &bucket, "i/"));
+
+    let o = a.cmd().env("AFFA_TEST_CRASH_AT", "offsite-chunk-uploaded:1").args(["--offsite", JOB]).output().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(o.status.signal(), Some(9), "killed mid-upload: {o:?}");
+    let c2 = objects(ceph, &bucket, "c/");
+    assert_eq!(c2.len(), c1.len() + 1, "one chunk no index references yet");
+    let markers = objects(ceph, &bucket, "lock/");
+    assert_eq!(markers.len(), 1, "{markers:?}");
+    assert!(markers.iter().next().unwrap().starts_with("lock/upload-"), "{markers:?}");
+    let out = ok(&a.affa(&["--offsite-cleanup", JOB]));
+    assert!(out.contains("an affa --offsite upload is running") && out.contains("nothing removed"), "{out}");
+    assert_eq!(objects(ceph, &bucket, "c/"), c2, "the upload's chunk is still there");
+    assert_eq!(objects(ceph, &bucket, "lock/"), markers, "the upload's marker stays, the cleanup's is gone");
+
+    let out = ok(&a.affa(&["--offsite", JOB]));
+    assert!(out.contains("1 chunk(s) already there") || out.contains(" chunk(s) already there"), "{out}");
+    assert!(objects(ceph, &bucket, "lock/").is_empty(), "the rerun replaced the killed run's marker and removed it");
+    let v = ok(&a.affa(&["--offsite-verify", JOB]));
+    assert_eq!(v.matches(": OK (").count(), 2, "{v}");
+    let c3 = objects(ceph, &bucket, "c/");
+    let out = ok(&a.affa(&["--offsite-cleanup", JOB]));
+    assert!(out.contains(": 0 unreferenced chunk object(s) removed"), "{out}");
+    assert_eq!(objects(ceph, &bucket, "c/"), c3);
+
+    // A cleanup killed after writing its marker: an upload meeting it sends nothing.
+    let o =
+        a.cmd().env("AFFA_TEST_CRASH_AT", "offsite-cleanup-marked").args(["--offsite-cleanup", JOB]).output().unwrap();
+    assert_eq!(o.status.signal(), Some(9), "{o:?}");
+    change_source(src.path(), 9, "third.txt");
+    ok(&a.affa_at("2026-12-03T01:00:00", &["--run", JOB]));
+    let i3 = objects(ceph, &bucket, "i/");
+    let e = fail(&a.affa(&["--offsite", JOB]));
+    assert!(
+        e.contains("an affa --offsite-cleanup is running") && e.contains("nothing of scheduled.0 was uploaded"),
+        "{e}"
+    );
+    assert_eq!((objects(ceph, &bucket, "c/"), objects(ceph, &bucket, "i/")), (c3.clone(), i3.clone()));
+    let m = objects(ceph, &bucket, "lock/");
+    assert!(
+        m.len() == 1 && m.iter().next().unwrap().starts_with("lock/cleanup-"),
+        "the upload's marker is removed: {m:?}"
+    );
+    ok(&a.affa(&["--offsite-cleanup", JOB]));
+    assert!(objects(ceph, &bucket, "lock/").is_empty());
+    ok(&a.affa(&["--offsite", JOB]));
+    assert_eq!(objects(ceph, &bucket, "i/").len(), i1.len() + 2);
+}
+
+/// `affa --run JOB` at `now`, which must succeed: what it wrote to the job's log.
+fn run_logged(a: &Affa, now: &str) -> String {
+    let log = a.state.join(format!("log/{JOB}.log"));
+    let before = fs::read_to_string(&log).unwrap_or_default().len();
+    ok(&a.affa_at(now, &["--run", JOB]));
+    fs::read_to_string(&log).unwrap()[before..].to_string()
+}
+
+/// offsiteAfterRun=yes: each successful --run copies its archive; without a key (made only by a
+/// first --offsite by hand) or with a failing bucket (a wrong secret: HTTP 403) the run succeeds
+/// with a warning naming the failure, and its archive is complete and verifies.
+#[test]
+fn offsite_after_run_copies_each_new_archive_and_a_failed_copy_is_a_warning() {
+    let ceph = Ceph::shared();
+    let bucket = ceph.new_bucket();
+    let src = source();
+    let a = setup(ceph, src.path(), &bucket);
+    add_keys(&a, "offsiteAfterRun=yes\n");
+    let all = run_logged(&a, "2026-12-01T01:00:00");
+    assert!(all.contains("its offsite copy (offsiteAfterRun=yes) failed") && all.contains("does not exist"), "{all}");
+    assert!(!key_file(&a).exists(), "a run makes no key");
+    assert!(ceph.keys(&bucket, "").is_empty());
+
+    ok(&a.affa_at("2026-12-01T02:00:00", &["--offsite", JOB]));
+    change_source(src.path(), 11, "second.txt");
+    let all = run_logged(&a, "2026-12-02T01:00:00");
+    assert!(
+        all.contains(&format!("{JOB} scheduled.0 (Date 202612020100): offsite in s3://{bucket}/{PREFIX}")),
+        "{all}"
+    );
+    assert!(!all.contains("failed"), "{all}");
+    assert_eq!(objects(ceph, &bucket, "i/").len(), 2);
+
+    let creds = a.conf.join("offsite.credentials");
+    let good = fs::read_to_string(&creds).unwrap();
+    fs::write(&creds, good.replace(&format!("secretKey={SECRET}"), "secretKey=WRONGSECRET")).unwrap();
+    change_source(src.path(), 12, "third.txt");
+    let (c, i) = (objects(ceph, &bucket, "c/"), objects(ceph, &bucket, "i/"));
+    let all = run_logged(&a, "2026-12-03T01:00:00");
+    assert!(all.contains("its offsite copy (offsiteAfterRun=yes) failed") && all.contains("HTTP 403"), "{all}");
+    assert_eq!((objects(ceph, &bucket, "c/"), objects(ceph, &bucket, "i/")), (c, i));
+    let v = ok(&a.affa(&["--verify", JOB]));
+    assert!(!v.is_empty());
+    let list = ok(&a.affa(&["--list-archives", JOB]));
+    assert!(list.contains("202612030100") || list.contains("2026-12-03"), "the new archive is there: {list}");
+    fs::write(&creds, good).unwrap();
+    let out = ok(&a.affa(&["--offsite", JOB]));
+    assert!(out.contains("(Date 202612030100): offsite in"), "{out}");
+}
+
+/// offsiteParallel=4 and offsiteBwLimit: the same objects as one sender would write (every
+/// chunk, then the index), verified; the upload takes at least its bytes over the limit.
+#[test]
+fn parallel_uploads_send_every_chunk_and_the_bandwidth_limit_holds() {
+    let (ceph, bucket, _src, a) = first_archive();
+    add_keys(&a, "offsiteParallel=4\noffsiteBwLimit=512\n");
+    let t0 = Instant::now();
+    let out = ok(&a.affa(&["--offsite", JOB]));
+    let took = t0.elapsed();
+    let chunks = archive_chunks(&a.job_dir(JOB).join("scheduled.0"));
+    let c = objects(ceph, &bucket, "c/");
+    assert_eq!(c.len(), chunks.len(), "{out}");
+    assert!(out.contains(&format!("{} object(s) uploaded", c.len() + 1)), "{out}");
+    let bytes: usize = c.iter().map(|k| ceph.get(&bucket, &format!("{PREFIX}/{k}")).len()).sum();
+    assert!(bytes > 1 << 20, "{bytes}");
+    // The index is the last object: it is paced too, so the limit covers every byte but it.
+    let floor = std::time::Duration::from_secs_f64(bytes as f64 / (512.0 * 1024.0) * 0.95);
+    assert!(took >= floor, "{bytes} bytes in {took:?}: over 512 KiB/s (at least {floor:?} expected)");
+    let v = ok(&a.affa(&["--offsite-verify", JOB]));
+    assert!(v.contains("scheduled.0 (Date 202612010100): OK"), "{v}");
+    assert!(objects(ceph, &bucket, "lock/").is_empty());
+}

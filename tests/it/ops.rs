@@ -184,7 +184,7 @@ fn cron_file_is_exactly_the_expected_one() {
     );
     let out = ok(&a.affa(&["--make-cronjobs"]));
     let cron = a.state.join("cron.d/affa");
-    assert!(out.contains(&format!("{} written: 8 cron line(s)", cron.display())), "{out}");
+    assert!(out.contains(&format!("{} written: 9 cron line(s)", cron.display())), "{out}");
     let conf = fs::canonicalize(&a.conf).unwrap();
     let affa = format!("/usr/sbin/affa --config-dir {}", conf.display());
     // Line 2: a hash of the list of configuration files (--_cronupdate compares it).
@@ -201,6 +201,7 @@ fn cron_file_is_exactly_the_expected_one() {
          0 20 * * * root test -d {r}/web/scheduled.running && {affa} --silent --run web\n\
          \n# restart the jobs a shutdown interrupted (resumeAfterBoot=yes)\n@reboot root {affa} --silent --resume-interrupted >/dev/null\n\
          \n# status mail (sendStatus=daily)\n0 5 * * * root {affa} --silent --send-status >/dev/null\n\
+         \n# read back 1/16 of every chunk pool and check it (scrubDays, scrubTime; damage is reported on stderr)\n0 12 * * * root {affa} --silent --scrub >/dev/null\n\
          \n# apply configuration changes (Affa 3's self-refresh)\n*/15 * * * * root {affa} --silent --_cronupdate\n",
         s = a.state.display(),
         c = conf.display(),
