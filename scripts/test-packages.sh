@@ -90,7 +90,7 @@ has "$(dpkg-deb -f "$deb" Depends)" "rsync" "deb Depends"
 # Static binaries: no libc to depend on (a dynamic affa needed libc6 >= 2.34, GLIBC_2.34).
 [[ "$(dpkg-deb -f "$deb" Depends)" != *libc* ]] || fail "deb Depends names a libc: $(dpkg-deb -f "$deb" Depends)"
 requires=$(rpm -qp --requires "$rpm")
-! grep -qiE "glibc|libc\.so|ld-linux" <<<"$requires" || fail "rpm requires a libc: $requires"
+! grep -qiE "glibc|libc\.so|ld-linux|rtld" <<<"$requires" || fail "rpm requires a libc or a loader: $requires"
 mkdir -p "$tmp/deb" "$tmp/rpm"
 dpkg-deb -x "$deb" "$tmp/deb"
 rpm2archive - <"$rpm" | tar -xz -C "$tmp/rpm"
