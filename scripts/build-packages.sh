@@ -6,6 +6,9 @@
 # STATIC_AGENT`: the binary, the static agent, the man pages and completions the binary makes
 # from its own definitions, the sample jobs and the logrotate file. Their postinst runs
 # `affa --_setup` (state directories, cron file). The package version is the crate's.
+# Both binaries are linked statically against glibc (scripts/static-env.sh; checked here): one
+# .rpm for SME Server 10 and 11 and EL 7 to 9 (glibc 2.17 and later), neither package requires
+# a libc.
 #
 # The release build is the one users get: no test hooks (scripts/test.sh builds with them; the
 # dependencies of both variants stay cached in target/, so switching costs only the affa crate).
@@ -14,7 +17,8 @@
 # nothing, where cargo-generate-rpm would first be compiled from source (minutes, on each
 # clean CI machine).
 # Options: --deb-revision N (default 1; the upgrade test builds a -2), --deb-only,
-# --reuse-build: package target/release/affa as it is, as scripts/test.sh built it (with
+# --reuse-build: package target/x86_64-unknown-linux-gnu/release/affa as it is, as
+# scripts/test.sh built it and ran the tests with it (static too; with
 # test-hooks: the crash hook, inert unless AFFA_TEST_CRASH_AT is set), so the package test
 # compiles affa once with the suite, not a second time; such packages are for the test only
 # (and compressed fast). --install-tools: install the tools, build nothing (scripts/test.sh,
@@ -37,9 +41,12 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+. scripts/static-env.sh
+# The tools are built for (and run on) this machine, without the static build's target and flags.
+host_cargo() { env -u CARGO_BUILD_TARGET -u RUSTFLAGS cargo "$@"; }
 CARGO_DEB_VERSION=3.8.0
-cargo deb --version 2>/dev/null | grep -qxF "cargo-deb $CARGO_DEB_VERSION" \
-  || cargo install --locked "cargo-deb@$CARGO_DEB_VERSION"
+host_cargo deb --version 2>/dev/null | grep -qxF "cargo-deb $CARGO_DEB_VERSION" \
+  || host_cargo install --locked "cargo-deb@$CARGO_DEB_VERSION"
 [ "$rpm" = no ] || command -v rpmbuild >/dev/null \
   || { echo "rpmbuild is missing: apt-get install rpm (or run with --deb-only)" >&2; exit 1; }
 [ "$tools_only" = no ] || exit 0
@@ -49,9 +56,10 @@ out=target/packages
 if [ "$revision" = 1 ]; then
   [ "$build" = no ] || cargo build --release -p affa --bin affa
   agent=$(./scripts/build-agent.sh)
+  is_static "$STATIC_BIN_DIR/affa" || { file "$STATIC_BIN_DIR/affa" >&2; echo "affa is not statically linked" >&2; exit 1; }
   rm -rf "$root"
   mkdir -p "$root"
-  ./target/release/affa --install --prefix "$root" --agent "$agent" >/dev/null
+  "./$STATIC_BIN_DIR/affa" --install --prefix "$root" --agent "$agent" >/dev/null
   # The debug line tables of the release profile (debug = 1) are most of the binary's size;
   # the symbols stay (a backtrace still names the functions).
   strip --strip-debug "$root/usr/sbin/affa"
@@ -59,7 +67,7 @@ if [ "$revision" = 1 ]; then
 fi
 [ -x "$root/usr/sbin/affa" ] || { echo "$root is missing: build revision 1 first" >&2; exit 1; }
 mkdir -p "$out"
-cargo deb --no-build --no-strip "${fast[@]}" --deb-revision "$revision" --output "$out/" >/dev/null
+host_cargo deb --no-build --no-strip "${fast[@]}" --deb-revision "$revision" --output "$out/" >/dev/null
 if [ "$rpm" = yes ]; then
   version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -1)
   top=$(mktemp -d)

@@ -23,11 +23,13 @@ fi
 [ -d /run/sshd ] || { [ "$(id -u)" -eq 0 ] && mkdir -p /run/sshd; } || true
 
 echo "== building affa, its agent and the ESXi simulator"
-cargo build --release --quiet --bin affa
+# The static build the packages ship (scripts/static-env.sh; after scripts/test.sh, only the
+# affa crates without the test hooks are compiled).
+(. scripts/static-env.sh && cargo build --release --quiet --bin affa)
 # The static agent affa installs on the host to read the frozen disks there (chunkTransport).
 AGENT=$(./scripts/build-agent.sh --quiet)
 (cd harness/esxi-sim && GO111MODULE=off GOPATH=/usr/share/gocode go build -o esxi-sim .)
-AFFA=$REPO/target/release/affa
+AFFA=$REPO/target/x86_64-unknown-linux-gnu/release/affa
 SIM=$REPO/harness/esxi-sim/esxi-sim
 
 W=$(mktemp -d /tmp/affa-demo.XXXXXX)

@@ -6,6 +6,9 @@
 # then a newer revision) with an edited sample job, removes it and purges it, checking what
 # each step leaves (archives under a RootDir survive both, byte for byte). The .rpm is checked
 # with rpm -qlvp (contents and modes), rpm -qcp (config files) and its scripts and requires.
+# In both, affa and the agent are linked statically (glibc included: the .rpm runs on SME Server
+# 10, EL7's glibc 2.17): `file` says so of the files unpacked from each package, the .rpm
+# requires no libc symbol version, and the unpacked affa runs with an empty environment.
 # It refuses to run where affa is installed (it would purge it); it leaves nothing installed.
 # --reuse-build (scripts/test.sh): package the affa binary the test suite built (see
 # scripts/build-packages.sh) instead of compiling the release one.
@@ -84,7 +87,17 @@ has "$(rpm -qp --scripts "$rpm")" "/usr/sbin/affa --_setup" "rpm %post"
 [ "$(dpkg-deb -f "$deb" Version)" = "$version-1" ] || fail "deb version $(dpkg-deb -f "$deb" Version)"
 has "$(dpkg-deb -f "$deb" Depends)" "openssh-client" "deb Depends"
 has "$(dpkg-deb -f "$deb" Depends)" "rsync" "deb Depends"
-has "$(dpkg-deb -f "$deb" Depends)" "libc6" "deb Depends"
+# Static binaries: no libc to depend on (a dynamic affa needed libc6 >= 2.34, GLIBC_2.34).
+[[ "$(dpkg-deb -f "$deb" Depends)" != *libc* ]] || fail "deb Depends names a libc: $(dpkg-deb -f "$deb" Depends)"
+requires=$(rpm -qp --requires "$rpm")
+! grep -qiE "glibc|libc\.so|ld-linux|rtld" <<<"$requires" || fail "rpm requires a libc or a loader: $requires"
+mkdir -p "$tmp/deb" "$tmp/rpm"
+dpkg-deb -x "$deb" "$tmp/deb"
+rpm2archive - <"$rpm" | tar -xz -C "$tmp/rpm"
+for f in deb/usr/sbin/affa rpm/usr/sbin/affa deb/usr/lib/affa/affa-agent rpm/usr/lib/affa/affa-agent; do
+  file "$tmp/$f" | grep -qE "statically linked|static-pie linked" || fail "$f is not statically linked: $(file "$tmp/$f")"
+done
+has "$(env -i "$tmp/rpm/usr/sbin/affa" --version)" "affa $version" "the .rpm's affa under env -i"
 [ "$(dpkg-deb -I "$deb" conffiles | sort | tr '\n' ' ')" = "/etc/affa/00-global.conf /etc/affa/example-esxi.conf /etc/affa/example-linux.conf /etc/logrotate.d/affa " ] \
   || fail "deb conffiles: $(dpkg-deb -I "$deb" conffiles)"
 

@@ -36,6 +36,11 @@ fi
 # Build the simulator once up front (the tests would build it too).
 (cd harness/esxi-sim && GO111MODULE=off GOPATH=/usr/share/gocode go build -o esxi-sim .)
 
+# Everything below builds with scripts/static-env.sh: glibc linked statically, for
+# x86_64-unknown-linux-gnu, into target/x86_64-unknown-linux-gnu/release. The affa the tests run
+# is the affa the packages ship (it runs on EL7's glibc 2.17 too), compiled once for both.
+. scripts/static-env.sh
+
 # The statically linked agent (crates/agent/tests checks it and runs it under env -i).
 ./scripts/build-agent.sh >/dev/null
 
@@ -49,8 +54,9 @@ cargo test --release -p affa-core --lib -- interrupt::tests::
 # Last, the packages (scripts/build-packages.sh: the .deb with cargo deb, the .rpm with
 # rpmbuild), checked by scripts/test-packages.sh: installed on this machine with apt-get, used,
 # upgraded, removed and purged (as root; it refuses where affa is installed). They package the
-# affa binary the tests above built (--reuse-build): affa is compiled once. cargo-deb is
-# installed first, as this user (cargo install, once).
+# static affa binary the tests above built and ran (--reuse-build): affa is compiled once.
+# cargo-deb is installed first, as this user (cargo install, once; for the host, whatever the
+# target above says).
 ./scripts/build-packages.sh --install-tools
 if [ "$(id -u)" -eq 0 ]; then
   ./scripts/test-packages.sh --reuse-build

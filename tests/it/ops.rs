@@ -321,6 +321,34 @@ fn failing_job_runs_three_times_and_sends_one_error_mail() {
     assert!(!smtp.messages()[4].body.contains("Attempts:"));
 }
 
+/// scripts/test.sh builds affa (and this test) linked statically against glibc
+/// (scripts/static-env.sh: the affa the packages ship, one .rpm for EL7's glibc 2.17 to EL9). A
+/// static glibc loads no NSS module for host names: `files` and `dns` are built in. affa started
+/// with an empty environment (as `env -i`; cron gives little more) finds its SMTP server by
+/// name, `localhost` from /etc/hosts, and the mail arrives.
+#[test]
+fn mailtest_resolves_the_smtp_host_by_name_with_an_empty_environment() {
+    let exe = env!("CARGO_BIN_EXE_affa");
+    if cfg!(target_feature = "crt-static") {
+        // The static build: affa is static too (no program interpreter), as `file` says.
+        assert_eq!(affa::install::not_static_elf(&fs::read(exe).unwrap()), None, "{exe} is dynamically linked");
+        let f = Command::new("file").arg("-L").arg(exe).output().unwrap();
+        let f = String::from_utf8_lossy(&f.stdout);
+        assert!(f.contains("statically linked") || f.contains("static-pie linked"), "{f}");
+    }
+    let smtp = Smtp::start(None);
+    let a = Affa::new();
+    global(&a, &format!("smtpHost=localhost\nsmtpPort={}\nsmtpTLS=none\n", smtp.port));
+    a.write_conf("web.conf", "[web]\nremoteHostName=web.example\nEmailAddress=admin@example.com\n");
+    let o = a.cmd().env_clear().args(["--mailtest", "web"]).output().unwrap();
+    let out = ok(&o);
+    assert_eq!(out.trim(), format!("test mail for job web sent to admin@example.com via SMTP localhost:{}", smtp.port));
+    let msgs = smtp.messages();
+    assert_eq!(msgs.len(), 1, "{msgs:#?}");
+    assert_eq!(msgs[0].rcpt, ["admin@example.com"]);
+    assert_eq!(msgs[0].subject, "affa: test mail for job web on web.example");
+}
+
 #[test]
 fn mailtest_through_smtp_with_login_never_shows_the_password() {
     let smtp = Smtp::start(Some("affa-user:pw-Zq81x!"));
@@ -739,15 +767,28 @@ fn install_into_a_prefix_gives_a_valid_configuration() {
     assert!(fs::read_to_string(prefix.join("etc/affa/example-linux.conf")).unwrap().contains("mine.example.com"));
 }
 
-/// `--install` run from target/release, where cargo leaves a dynamically linked affa-agent.
-fn install(prefix: &Path, extra: &[&std::ffi::OsStr]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_affa"))
-        .args(["--install", "--prefix"])
-        .arg(prefix)
-        .args(extra)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+/// A build tree of the test's own: a copy of the tested affa with a dynamically linked
+/// `affa-agent` next to it, as a plain `cargo build --release` leaves one in target/release (the
+/// static build of scripts/test.sh leaves the static agent there instead). The dynamic one is a
+/// copy of the system's dynamically linked `true`.
+fn tree_with_a_dynamic_agent() -> (tempfile::TempDir, PathBuf) {
+    let t = tempfile::Builder::new().prefix("affa-build-tree").tempdir().unwrap();
+    let affa = t.path().join("affa");
+    fs::copy(env!("CARGO_BIN_EXE_affa"), &affa).unwrap();
+    let dynamic = t.path().join("affa-agent");
+    fs::copy("/bin/true", &dynamic).unwrap();
+    let elf = fs::read(&dynamic).unwrap();
+    assert_eq!(
+        affa::install::not_static_elf(&elf),
+        Some("is dynamically linked (build the static agent: scripts/build-agent.sh)"),
+        "/bin/true is expected to be dynamically linked"
+    );
+    (t, affa)
+}
+
+/// `--install` run from that build tree.
+fn install(affa: &Path, prefix: &Path, extra: &[&std::ffi::OsStr]) -> Output {
+    Command::new(affa).args(["--install", "--prefix"]).arg(prefix).args(extra).stdin(Stdio::null()).output().unwrap()
 }
 
 #[test]
@@ -756,20 +797,20 @@ fn install_places_the_static_agent_the_man_pages_and_the_completions() {
     let p = tempfile::Builder::new().prefix("affa-prefix").tempdir().unwrap();
     let prefix = p.path();
     let agent = prefix.join("usr/lib/affa/affa-agent");
+    let (_tree, affa) = tree_with_a_dynamic_agent();
+    let install = |prefix: &Path, extra: &[&std::ffi::OsStr]| install(&affa, prefix, extra);
 
-    // The agent next to affa is cargo's dynamically linked one: not installed, and said so.
+    // The agent next to affa is a dynamically linked one: not installed, and said so.
     let out = ok(&install(prefix, &[]));
     assert!(out.contains("affa-agent not installed: ") && out.contains("is dynamically linked"), "{out}");
     assert!(!agent.exists());
     // Asked for by name, a dynamic agent is an error (one line, exit 1), nothing half done.
-    let dynamic = Path::new(env!("CARGO_BIN_EXE_affa")).with_file_name("affa-agent");
-    if dynamic.exists() {
-        let o = install(prefix, &["--agent".as_ref(), dynamic.as_os_str()]);
-        assert_eq!(o.status.code(), Some(1));
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains(&format!("--agent {}: is dynamically linked", dynamic.display())), "{err}");
-        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
-    }
+    let dynamic = affa.with_file_name("affa-agent");
+    let o = install(prefix, &["--agent".as_ref(), dynamic.as_os_str()]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&format!("--agent {}: is dynamically linked", dynamic.display())), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     let o = install(prefix, &["--agent".as_ref(), "/etc/hostname".as_ref()]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("--agent /etc/hostname: is not an ELF executable"));
     assert!(!agent.exists());
@@ -782,7 +823,8 @@ fn install_places_the_static_agent_the_man_pages_and_the_completions() {
     assert_eq!(fs::metadata(&agent).unwrap().permissions().mode() & 0o777, 0o755);
     let v = Command::new(&agent).arg("--version").env_clear().output().unwrap();
     assert!(String::from_utf8_lossy(&v.stdout).starts_with("affa-agent "), "{v:?}");
-    // Installed again from the default place (none next to it): the installed one is kept.
+    // Installed again from the default place (the dynamic one next to it): the installed one is
+    // kept.
     let out = ok(&install(prefix, &[]));
     assert!(out.contains(&format!("kept {}", agent.display())), "{out}");
     assert_eq!(fs::read(&agent).unwrap(), fs::read(&st).unwrap());
