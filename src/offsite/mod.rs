@@ -286,6 +286,7 @@ pub fn upload(
     settings(job)?;
     // No rotation renames the archive while it is read.
     let _lock = crate::lock::acquire(&cfg.lock_dir(), job_name)?;
+    let _shared = crate::shared_lock::acquire_for(job)?;
     let a = pick(job, archive_name)?;
     let date = a.report.as_ref().and_then(|r| r.date()).unwrap_or("").to_string();
     let (store, keys, new_key) = open(job, true, clock)?;

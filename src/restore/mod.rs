@@ -82,6 +82,7 @@ pub fn full_restore(cfg: &Config, job_name: &str, opts: &RestoreOptions, out: &m
     // A restore and a run of the same job must not overlap (the run would archive a half-restored
     // host, or rotate the archive away under us).
     let _lock = crate::lock::acquire(&cfg.lock_dir(), job_name)?;
+    let _shared = crate::shared_lock::acquire_for(job)?;
     let arch = choose_archive(job, opts.archive.as_deref())?;
     let log = JobLog::new(&cfg.log_dir(), job_name, crate::observer::Watch::nobody());
     let ctx = Ctx { cfg, job, arch, opts, log };
