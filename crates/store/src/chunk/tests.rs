@@ -330,9 +330,9 @@ fn rm_rf_then_sweep_frees_exactly_the_unshared_chunks() {
 #[test]
 fn concurrent_sweeps_never_fail_on_an_entry_the_other_removed() {
     let e = env();
-    let n = 3000;
+    let n: u64 = 3000;
     for i in 0..n {
-        let h = blake3::hash(&(i as u64).to_le_bytes()).to_hex().to_string();
+        let h = blake3::hash(&i.to_le_bytes()).to_hex().to_string();
         let d = e.pool.dir().join(&h[..2]);
         fs::create_dir_all(&d).unwrap();
         fs::write(d.join(&h), b"x").unwrap();
