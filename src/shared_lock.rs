@@ -214,6 +214,16 @@ mod tests {
         let h = parse("affa-shared-lock 1\nhost evil\u{1b}[2J host\npid 77\nheartbeat 5\n");
         assert_eq!(h, Holder { host: "evil[2Jhost".into(), pid: Some(77), heartbeat: Some(5) });
         assert_eq!(parse("garbage").host, "unknown");
+        // A holder whose heartbeat stopped long ago: named, with the way out; the lock is kept.
+        let d = tempfile::tempdir().unwrap();
+        let l = acquire(d.path(), "job").unwrap();
+        std::fs::write(lock_path(d.path(), "job"), "affa-shared-lock 1\nhost deadbox\npid 4242\nheartbeat 1000\n")
+            .unwrap();
+        let e = acquire(d.path(), "job").unwrap_err().to_string();
+        assert!(e.starts_with("job job is already running on host deadbox (pid 4242; its last heartbeat is "), "{e}");
+        assert!(e.contains("s old: if host deadbox is down, Ceph evicts its session after session_autoclose"), "{e}");
+        assert_eq!(holder(d.path(), "job").unwrap().pid, Some(4242));
+        drop(l);
         // A lock file whose symlink points elsewhere is refused and the target left alone.
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir(d.path().join(LOCK_DIR)).unwrap();

@@ -108,7 +108,7 @@ fn two_servers_on_one_cephfs_share_chunks_while_sweeping_and_a_killed_run_loses_
     fs::write(&hold, "").unwrap();
     let mut held = a.cmd().args(["--run", "vm1"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let h = wait_for(Duration::from_secs(30), "server a's run to take the shared lock", || {
-        affa::shared_lock::holder(&root_b, "vm1")
+        affa::shared_lock::holder(&root_b, "vm1").filter(|h| h.pid.is_some())
     });
     assert_eq!(h.pid, Some(held.id() as i32));
     let before = tree_hashes(&root_b.join("vm1"));
@@ -140,4 +140,53 @@ fn two_servers_on_one_cephfs_share_chunks_while_sweeping_and_a_killed_run_loses_
         blake3::hash(&random(3, 48 * MB)),
         "the archive server b made after the kill does not hold the image"
     );
+}
+
+/// A server that loses the cluster mid-run (its ceph-fuse client stopped: the MDS hears nothing
+/// more from it) keeps its job locked until the MDS evicts the dead client (`session_autoclose`,
+/// 30 s in the fixture): the other server's run waits for that, then runs the job, and its
+/// archive verifies. affa never breaks the lock itself.
+#[test]
+fn a_dead_servers_lock_holds_until_ceph_evicts_it_then_another_server_runs_the_job() {
+    let ceph = Ceph::shared();
+    let m = ceph.cephfs_mounts(&["dead-a", "dead-b"]);
+    let (root_a, root_b) = (m[0].join("root-dead"), m[1].join("root-dead"));
+    fs::create_dir_all(&root_a).unwrap();
+    let (a, b) = (Affa::new(), Affa::new());
+    let src = tempfile::Builder::new().prefix("affa-cephfs-src").tempdir().unwrap();
+    let s = src.path().join("vm");
+    fs::create_dir_all(&s).unwrap();
+    fs::write(s.join("disk.img"), random(7, 2 * MB)).unwrap();
+    let scripts = a.state.join("scripts");
+    fs::create_dir_all(&scripts).unwrap();
+    fs::write(scripts.join("hold.sh"), "#!/bin/sh\nsleep 600\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(scripts.join("hold.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    a.write_conf("jobs.conf", &job("vm", &s, &root_a, "preJobCommand=hold.sh\n"));
+    b.write_conf("jobs.conf", &job("vm", &s, &root_b, ""));
+    let mut held = a.cmd().args(["--run", "vm"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let h = wait_for(Duration::from_secs(30), "server a's run to take the shared lock", || {
+        affa::shared_lock::holder(&root_b, "vm").filter(|h| h.pid.is_some())
+    });
+    assert_eq!(h.pid, Some(held.id() as i32));
+    // Server a is cut off from the cluster (its client stopped: no more messages, no closed
+    // connection, as when the power goes or the network is cut); its affa process lives on.
+    let client = ceph.client_pid("dead-a");
+    signal(client, rustix::process::Signal::STOP);
+    // Server b's run waits: CephFS blocks it on the lock file, whose capabilities the silent
+    // client holds, until the MDS evicts that client (and with it its flock); then it runs.
+    let t0 = std::time::Instant::now();
+    ok(&b.affa(&["--run", "vm"]));
+    let waited = t0.elapsed();
+    assert!(waited >= Duration::from_secs(15), "server b ran the job after {waited:?}, before any eviction");
+    assert!(held.try_wait().unwrap().is_none(), "server a's run ended: the test shows nothing");
+    verify_all(&b, &["vm"]);
+    signal(client, rustix::process::Signal::KILL);
+    let script = descendants(held.id());
+    held.kill().unwrap();
+    held.wait().unwrap();
+    for p in script {
+        signal(p, rustix::process::Signal::KILL);
+    }
+    let _ = std::process::Command::new("umount").arg("-l").arg(&m[0]).status();
 }

@@ -137,13 +137,6 @@ impl Ceph {
         std::fs::read_to_string(&p).unwrap().trim().parse().unwrap()
     }
 
-    /// Run a `ceph` command against the cluster; its stdout.
-    pub fn ceph(&self, args: &[&str]) -> String {
-        let out = Command::new("ceph").arg("-c").arg(self.dir.join("ceph.conf")).args(args).output().unwrap();
-        assert!(out.status.success(), "ceph {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
     fn bucket(&self, name: &str) -> Bucket {
         Bucket::new(self.endpoint.parse().unwrap(), UrlStyle::Path, name.to_string(), "us-east-1").unwrap()
     }
