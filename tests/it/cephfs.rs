@@ -107,8 +107,14 @@ fn two_servers_on_one_cephfs_share_chunks_while_sweeping_and_a_killed_run_loses_
     // is refused, naming a's host and pid, and touches nothing.
     fs::write(&hold, "").unwrap();
     let mut held = a.cmd().args(["--run", "vm1"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    let h = wait_for(Duration::from_secs(30), "server a's run to take the shared lock", || {
-        affa::shared_lock::holder(&root_b, "vm1").filter(|h| h.pid.is_some())
+    let h = wait_for(Duration::from_secs(120), "server a's run to take the shared lock", || {
+        assert!(
+            held.try_wait().unwrap().is_none(),
+            "server a's run ended: {:?}",
+            fs::read_dir(a.state.join("log"))
+                .map(|d| d.flatten().map(|e| fs::read_to_string(e.path()).unwrap_or_default()).collect::<Vec<_>>())
+        );
+        affa::shared_lock::holder(&root_a, "vm1").filter(|h| h.pid.is_some())
     });
     assert_eq!(h.pid, Some(held.id() as i32));
     let before = tree_hashes(&root_b.join("vm1"));
