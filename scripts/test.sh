@@ -18,6 +18,7 @@ PACKAGES=(
   btrfs-progs                                   # mkfs.btrfs: a read error (EIO) at the agent's source (tests/it/agent_transport.rs)
   rpm man-db binutils dpkg-dev                  # the package test: rpm -qlvp, man -w, strip, dpkg-shlibdeps
   ceph-mon ceph-mgr ceph-osd radosgw ceph-common # a single-node Ceph with its S3 gateway (tests/it/offsite.rs)
+  ceph-mds ceph-fuse                            # CephFS on it, mounted by two clients (tests/it/cephfs.rs)
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

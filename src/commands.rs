@@ -637,6 +637,7 @@ pub fn cleanup(cfg: &Config, name: &str, yes: bool, watch: &Watch) -> Result<Str
     let what = format!("This deletes {} archive(s) of job {name}: {}", extra.len(), names.join(", "));
     confirm(watch, &what, "proceed", yes)?;
     let _l = lock::acquire(&cfg.lock_dir(), name)?;
+    let _shared = crate::shared_lock::acquire_for(job)?;
     for a in &extra {
         archive::remove_tree(&a.path)?;
     }
@@ -662,6 +663,7 @@ pub fn delete_job(cfg: &Config, name: &str, yes: bool, revoke: bool, watch: &Wat
         yes,
     )?;
     let _l = lock::acquire(&cfg.lock_dir(), name)?;
+    let _shared = crate::shared_lock::acquire_for(job)?;
     let mut out = String::new();
     if revoke && !job.local {
         out = revoke_key(cfg, name)
@@ -685,6 +687,7 @@ pub fn rename_job(cfg: &Config, name: &str, new: &str) -> Result<String> {
         bail!("a job named {new} exists already");
     }
     let _l = lock::acquire(&cfg.lock_dir(), name)?;
+    let _shared = crate::shared_lock::acquire_for(job)?;
     let (from, to) = (job.job_dir(), job.root_dir().join(new));
     if to.exists() {
         bail!("{} exists already; not renaming", to.display());
@@ -726,6 +729,7 @@ pub fn move_archive(cfg: &Config, name: &str, new_root: &str, yes: bool, watch: 
     let what = format!("This moves the archives of job {name} from {} to {}", from.display(), to.display());
     confirm(watch, &what, "proceed", yes)?;
     let _l = lock::acquire(&cfg.lock_dir(), name)?;
+    let _shared = crate::shared_lock::acquire_for(job)?;
     if from.exists() && fs::rename(&from, &to).is_err() {
         // Another filesystem: copy everything (hard links kept), then delete the original.
         let st = std::process::Command::new("cp")

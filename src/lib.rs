@@ -26,6 +26,7 @@ pub mod offsite;
 pub mod restore;
 pub mod samba;
 pub mod schedule;
+pub mod shared_lock;
 pub mod transport;
 
 pub use error::{Error, Result};

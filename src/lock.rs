@@ -76,7 +76,7 @@ const EXPECTED_DIR: &str = "expected a directory that affa creates itself, owned
 /// writable by no one else. With `create` it is made (mode 0700) when missing, and a directory
 /// of the running user that others may only read is tightened to 0700. Without `create`, a
 /// missing directory is `None`.
-fn open_dir(lock_dir: &Path, create: bool) -> Result<Option<OwnedFd>> {
+pub(crate) fn open_dir(lock_dir: &Path, create: bool) -> Result<Option<OwnedFd>> {
     let shown = lock_dir.display();
     if create {
         if let Some(parent) = lock_dir.parent() {
@@ -125,7 +125,7 @@ fn open_dir(lock_dir: &Path, create: bool) -> Result<Option<OwnedFd>> {
 /// The lock file `job` in the checked directory: a regular file of the running user, opened
 /// read-write without following a symlink and without truncating it. Without `create`, a
 /// missing file is `None`.
-fn open_file(dir: &OwnedFd, path: &Path, job: &str, create: bool) -> Result<Option<(File, Stat)>> {
+pub(crate) fn open_file(dir: &OwnedFd, path: &Path, job: &str, create: bool) -> Result<Option<(File, Stat)>> {
     let mut flags = OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY;
     if create {
         flags |= OFlags::CREATE;

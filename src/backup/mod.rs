@@ -76,6 +76,9 @@ fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
             ctx.job.name
         );
     }
+    // sharedRootDir=yes: no other server runs this job (taken after the local lock, so a run
+    // refused here has touched nothing).
+    let _shared = crate::shared_lock::acquire_for(ctx.job)?;
     crate::fsutil::create_private_dir(&ctx.job_dir)?;
     finish_interrupted_rotation(ctx)?;
     if level != Level::Scheduled {

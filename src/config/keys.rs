@@ -153,6 +153,12 @@ pub static KEYS: &[KeyDef] = &[
     k("AutomountPoint", NONE, Kind::OptAbsPath, "where AutomountDevice is mounted (normally RootDir)"),
     k("AutomountOptions", NONE, Kind::Text, "mount options, e.g. -o noatime or -t ext4"),
     k("AutoUnmount", YES, Kind::Bool, "unmount after the run (when affa mounted it)"),
+    k(
+        "sharedRootDir",
+        NO,
+        Kind::Bool,
+        "RootDir is shared by several affa servers (CephFS): a job runs on one server at a time (lock RootDir/.affa-locks/JOB)",
+    ),
     k("SambaShare", NO, Kind::Bool, "read-only Samba share of RootDir/JOB"),
     m("SambaValidUser", &["affa"], Kind::Text, "users allowed on the share"),
     k("dedup", NO, Kind::Bool, "Affa 3: external whole-file dedup tool (ignored: chunkFiles deduplicates)"),

@@ -277,6 +277,8 @@ pub struct Settings {
     /// resumeAfterBoot.
     pub resume_after_boot: bool,
     pub automount: Option<Automount>,
+    /// sharedRootDir: RootDir is shared with other affa servers (the lock in RootDir/.affa-locks).
+    pub shared_root_dir: bool,
     /// SambaShare.
     pub samba_share: bool,
     /// The users of SambaValidUser (several lines, each a comma- or space-separated list).
@@ -631,6 +633,7 @@ impl Settings {
             resume_killed_at: r.time("resumeKilledAt"),
             resume_after_boot: r.flag("resumeAfterBoot"),
             automount,
+            shared_root_dir: r.flag("sharedRootDir"),
             samba_share: r.flag("SambaShare"),
             samba_users: samba_users(&r.all("SambaValidUser")),
             debug: r.flag("Debug"),

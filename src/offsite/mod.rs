@@ -421,6 +421,7 @@ pub fn upload(
     settings(job)?;
     // No rotation renames the archive while it is read.
     let _lock = crate::lock::acquire(&cfg.lock_dir(), job_name)?;
+    let _shared = crate::shared_lock::acquire_for(job)?;
     upload_held(job, archive_name, true, clock, watch)
 }
 

@@ -85,6 +85,7 @@ pub fn full_restore(cfg: &Config, job_name: &str, opts: &RestoreOptions, out: &m
     // A restore and a run of the same job must not overlap (the run would archive a half-restored
     // host, or rotate the archive away under us).
     let _lock = crate::lock::acquire(&cfg.lock_dir(), job_name)?;
+    let _shared = crate::shared_lock::acquire_for(job)?;
     // From the bucket: the plain files staged (removed when `fetched` is dropped), the chunks
     // read from the bucket through `source`.
     let fetched = if opts.from_offsite {

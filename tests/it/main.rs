@@ -15,6 +15,7 @@ mod common;
 mod affa3;
 mod agent_transport;
 mod cbt;
+mod cephfs;
 mod chunked;
 mod engine;
 mod esxi;

@@ -1,7 +1,9 @@
 //! A throwaway single-node Ceph (mon, mgr, one memstore OSD) with its RADOS Gateway (S3) on
 //! 127.0.0.1 high ports, in a temp dir: the real object storage the offsite tests copy to
-//! (after ../shared/reference/ceph-single-node.md, without CephFS). One cluster per test process
-//! ([`Ceph::shared`]: it takes seconds to start); each test makes its own bucket.
+//! (after ../shared/reference/ceph-single-node.md). One cluster per test process
+//! ([`Ceph::shared`]: it takes seconds to start); each test makes its own bucket. CephFS (an MDS
+//! and ceph-fuse mounts, `cephfs_up.sh`) is added only when a test asks ([`Ceph::cephfs_mounts`]),
+//! so the S3 tests do not pay for it.
 //!
 //! Owns: starting the cluster (`ceph_up.sh`, run under a supervising `sh` whose stdin only this
 //! process holds: when the test process ends, however it ends, every daemon is killed with SIGKILL
@@ -34,6 +36,13 @@ pub struct Ceph {
     pub started_in: Duration,
     /// The supervising `sh` (never waited for: it ends with this process).
     _sh: Mutex<Child>,
+    /// The cluster dir (ceph.conf, run/ with the pid files).
+    dir: PathBuf,
+    /// Where the CephFS mounts are (outside the temp dir the test process removes: the
+    /// supervising `sh` unmounts them first, then removes them).
+    mnt: PathBuf,
+    /// Serializes `cephfs_up.sh`.
+    fs: Mutex<()>,
 }
 
 static SHARED: LazyLock<Result<Ceph, String>> = LazyLock::new(Ceph::start);
@@ -55,6 +64,7 @@ impl Ceph {
         let (mon, rgw) = (free_port(), free_port());
         let uuid = || std::fs::read_to_string("/proc/sys/kernel/random/uuid").unwrap().trim().to_string();
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/it/common/ceph_up.sh");
+        let mnt = tempfile::Builder::new().prefix("affa-cephfs").tempdir().unwrap().keep();
         let log = base.join("up.log");
         let out = std::fs::File::create(&log).unwrap();
         let sh = Command::new("/bin/sh")
@@ -64,6 +74,7 @@ impl Ceph {
             .arg(rgw.to_string())
             .arg(uuid())
             .arg(uuid())
+            .arg(&mnt)
             .stdin(Stdio::piped())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -99,7 +110,31 @@ impl Ceph {
         }
         let started_in = t0.elapsed();
         eprintln!("ceph fixture: mon + mgr + memstore OSD + radosgw up in {started_in:.1?}");
-        Ok(Ceph { endpoint, started_in, _sh: Mutex::new(sh) })
+        Ok(Ceph { endpoint, started_in, _sh: Mutex::new(sh), dir: d, mnt, fs: Mutex::new(()) })
+    }
+
+    /// CephFS mounted once per name, each by its own ceph-fuse client (its own MDS session:
+    /// one "backup server"), at paths that all show the same file system. The MDS is started by
+    /// the first test that asks. Names must be unique in the test process.
+    pub fn cephfs_mounts(&self, names: &[&str]) -> Vec<PathBuf> {
+        let _g = self.fs.lock().unwrap_or_else(|e| e.into_inner());
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/it/common/cephfs_up.sh");
+        let t0 = Instant::now();
+        let out = Command::new("/bin/sh").arg(&script).arg(&self.dir).arg(&self.mnt).args(names).output().unwrap();
+        assert!(
+            out.status.success(),
+            "CephFS did not come up (packages: apt-get install --no-install-recommends ceph-mds ceph-fuse): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("ceph fixture: CephFS mounted at {names:?} in {:.1?}", t0.elapsed());
+        names.iter().map(|n| self.mnt.join(n)).collect()
+    }
+
+    /// The pid of the ceph-fuse client of mount `name`.
+    pub fn client_pid(&self, name: &str) -> u32 {
+        let p = self.dir.join(format!("run/ceph-fuse.{name}.pid"));
+        std::fs::read_to_string(&p).unwrap().trim().parse().unwrap()
     }
 
     fn bucket(&self, name: &str) -> Bucket {

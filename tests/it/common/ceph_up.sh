@@ -1,10 +1,12 @@
 #!/bin/sh
 # A throwaway single-node Ceph (mon, mgr, one memstore OSD, radosgw) on 127.0.0.1 for the tests
-# (tests/it/common/ceph.rs; after ../shared/reference/ceph-single-node.md, without CephFS).
-# Usage: ceph_up.sh DIR MON_PORT RGW_PORT FSID OSD_UUID. Writes DIR/ready (or DIR/failed) when set
-# up, then waits for end-of-file on its stdin (the test process ending, however it ends) and
-# kills every daemon with SIGKILL (the cluster is thrown away) and removes DIR.
-D=$1; MON_PORT=$2; RGW_PORT=$3; FSID=$4; UUID=$5
+# (tests/it/common/ceph.rs; after ../shared/reference/ceph-single-node.md). CephFS (an MDS and
+# ceph-fuse mounts) is added on demand by cephfs_up.sh, with its mounts in MNT.
+# Usage: ceph_up.sh DIR MON_PORT RGW_PORT FSID OSD_UUID MNT. Writes DIR/ready (or DIR/failed) when
+# set up, then waits for end-of-file on its stdin (the test process ending, however it ends),
+# unmounts every CephFS mount in MNT, kills every daemon with SIGKILL (the cluster is thrown away)
+# and removes DIR and MNT.
+D=$1; MON_PORT=$2; RGW_PORT=$3; FSID=$4; UUID=$5; MNT=$6
 C="ceph -c $D/ceph.conf"
 # Every daemon of this cluster: by its pid file, and by its command line naming DIR/ceph.conf (the
 # test process's own temp-dir cleaner may remove the pid files at the same moment).
@@ -54,6 +56,8 @@ osd data = $D/osd.\$id
 osd objectstore = memstore
 memstore device bytes = 4294967296
 osd memory target = 1073741824
+[mds]
+mds data = $D/mds.\$id
 [client.rgw.a]
 rgw frontends = beast endpoint=127.0.0.1:$RGW_PORT
 rgw data = $D/rgw.a
@@ -85,5 +89,13 @@ CONF
 } >>"$D/log/setup.log" 2>&1 || fail "the cluster did not come up (see $D/log)"
 : > "$D/ready"
 read -r _
+# Lazily: a mount whose ceph-fuse a test killed answers nothing any more.
+unmount_all() {
+  [ -n "$MNT" ] && [ -d "$MNT" ] || return 0
+  for m in "$MNT"/*; do [ -d "$m" ] && mountpoint -q "$m" && umount -l "$m" 2>/dev/null; done
+}
+unmount_all
 killall_daemons
+unmount_all
+[ -n "$MNT" ] && [ -d "$MNT" ] && { rmdir "$MNT"/* 2>/dev/null; rmdir "$MNT" 2>/dev/null; }
 rm -rf -- "$D"

@@ -65,15 +65,27 @@ impl Pool {
     /// Durably store `blob` as the pool entry of `id`, replacing any existing entry (archives
     /// that link the old inode keep it). Records the fan-out directory in `touched`.
     pub(crate) fn write_entry(&self, id: &ChunkId, blob: &[u8], touched: &mut Vec<PathBuf>) -> Result<()> {
-        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.dir.join(TMP_DIR).join(format!("{}-{}-{}", id_hex(id), std::process::id(), n));
+        // A RootDir shared by several servers (docs/OPERATIONS.md): another server's process
+        // may have the same pid, so a name taken already is not an error, the next one is tried.
+        let mut tmp = PathBuf::new();
+        let mut f = None;
+        for _ in 0..16 {
+            let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+            tmp = self.dir.join(TMP_DIR).join(format!("{}-{}-{}", id_hex(id), std::process::id(), n));
+            match OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp) {
+                Ok(file) => {
+                    f = Some(file);
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e).ctx(|| format!("cannot create {}", tmp.display())),
+            }
+        }
+        let Some(mut f) = f else {
+            return Err(io::Error::from(io::ErrorKind::AlreadyExists))
+                .ctx(|| format!("cannot create {}", tmp.display()));
+        };
         let res = (|| -> Result<()> {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)
-                .ctx(|| format!("cannot create {}", tmp.display()))?;
             f.write_all(blob).ctx(|| format!("cannot write {}", tmp.display()))?;
             f.sync_all().ctx(|| format!("cannot fsync {}", tmp.display()))?;
             let dest = self.entry(id);
@@ -246,7 +258,12 @@ pub fn sweep(pool: &Pool) -> Result<SweepStats> {
                 continue;
             }
             if m.nlink() == 1 {
-                fs::remove_file(&p).ctx(|| format!("cannot remove {}", p.display()))?;
+                match fs::remove_file(&p) {
+                    Ok(()) => {}
+                    // Another sweep (another job, or another server sharing RootDir) was first.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e).ctx(|| format!("cannot remove {}", p.display())),
+                }
                 crate::interrupt::crash_point("sweep-removed");
                 st.removed_chunks += 1;
                 st.freed_bytes += m.len();

@@ -325,6 +325,30 @@ fn rm_rf_then_sweep_frees_exactly_the_unshared_chunks() {
     assert!(pool_entries(&e.pool).is_empty());
 }
 
+/// Two sweeps at once (two jobs' rotations, or two servers sharing RootDir): an entry the other
+/// sweep removed first is not an error, and together they remove every orphan exactly once.
+#[test]
+fn concurrent_sweeps_never_fail_on_an_entry_the_other_removed() {
+    let e = env();
+    let n: u64 = 3000;
+    for i in 0..n {
+        let h = blake3::hash(&i.to_le_bytes()).to_hex().to_string();
+        let d = e.pool.dir().join(&h[..2]);
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join(&h), b"x").unwrap();
+    }
+    let results: Vec<_> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..4).map(|_| sc.spawn(|| sweep(&e.pool))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut removed = 0;
+    for r in results {
+        removed += r.unwrap_or_else(|e| panic!("a sweep failed: {e}")).removed_chunks;
+    }
+    assert_eq!(removed, n);
+    assert!(pool_entries(&e.pool).is_empty());
+}
+
 #[test]
 fn copied_archive_rebuilds_without_the_pool() {
     let e = env();
