@@ -24,10 +24,7 @@ fn keeps(job: &Job) -> Keeps {
 
 /// Jobs named on the command line, or all of them.
 pub fn select<'a>(cfg: &'a Config, names: &[String]) -> Result<Vec<&'a Job>> {
-    if names.is_empty() {
-        return Ok(cfg.jobs.values().collect());
-    }
-    names.iter().map(|n| cfg.job(n)).collect()
+    cfg.select(names)
 }
 
 pub use affa_core::fmt::{hms, human, show_date};

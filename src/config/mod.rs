@@ -319,6 +319,14 @@ impl Config {
     }
 
     /// A job that can run; a broken one fails with its configuration error.
+    /// Jobs named on the command line, or all of them.
+    pub fn select(&self, names: &[String]) -> Result<Vec<&Job>> {
+        if names.is_empty() {
+            return Ok(self.jobs.values().collect());
+        }
+        names.iter().map(|n| self.job(n)).collect()
+    }
+
     pub fn job(&self, name: &str) -> Result<&Job> {
         if let Some(b) = self.broken.get(name) {
             return Err(b.error());

@@ -647,7 +647,7 @@ pub fn verify(cfg: &Config, job_name: &str, clock: &dyn Clock, watch: &Watch) ->
 /// offsiteTarget (all when none are named), oldest first.
 pub fn list(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<String> {
     let mut out = String::new();
-    for job in crate::commands::select(cfg, jobs)? {
+    for job in cfg.select(jobs)? {
         if job.offsite.is_none() && jobs.is_empty() {
             continue;
         }
