@@ -10,6 +10,7 @@
 //! their links to a damaged inode; `verify_archive` names their files), or follow a symlink.
 
 use super::{blob, id_hex, parse_id, ChunkId, Pool, Progress};
+use crate::untrusted::kind_of;
 use crate::error::{IoContext, Result};
 use std::fs;
 use std::io::Read;
@@ -94,33 +95,51 @@ pub fn scrub(pool: &Pool, slice: Slice, progress: Progress) -> Result<ScrubRepor
                 continue;
             }
             let entry = pool.entry(&id);
-            let f = match crate::untrusted::open_regular(&entry) {
-                Ok(f) => f,
+            // What stands at the entry's name (never followed): a backup trusts only a regular
+            // file, so anything else, or a file that cannot be opened or read, is damage the
+            // scrub reports; it is never skipped silently.
+            let md = match fs::symlink_metadata(&entry) {
+                Ok(md) => md,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // swept meanwhile
-                Err(_) => continue,                                             // not a regular file: not an entry
+                Err(e) => {
+                    rep.checked += 1;
+                    let reason = format!("cannot be examined: {e}");
+                    rep.damaged.push(Damaged { id, reason, dev: 0, ino: 0, removed: false });
+                    continue;
+                }
             };
-            let Ok(md) = f.metadata() else { continue };
-            raw.clear();
-            let read = f.take(max + 1).read_to_end(&mut raw);
             rep.checked += 1;
-            rep.bytes_read += raw.len() as u64;
-            if let Some(p) = progress {
-                p(rep.bytes_read);
-            }
-            let reason = match read {
-                Err(e) => Some(format!("cannot be read: {e}")),
-                Ok(_) if raw.len() as u64 > max => Some("is larger than a chunk file can be".to_string()),
-                Ok(_) => match blob::decode(&raw, &mut out) {
-                    Err(_) => Some("does not decode".to_string()),
-                    Ok(_) if blake3::hash(&out).as_bytes() != &id => Some("hashes to another id".to_string()),
-                    Ok(_) => None,
-                },
+            let reason = match crate::untrusted::open_regular(&entry) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    rep.checked -= 1;
+                    continue; // swept meanwhile
+                }
+                Err(_) if !md.file_type().is_file() => Some(format!("is {}, not a chunk file", kind_of(&md))),
+                Err(e) => Some(format!("cannot be opened: {e}")),
+                Ok(f) => {
+                    raw.clear();
+                    let read = f.take(max + 1).read_to_end(&mut raw);
+                    rep.bytes_read += raw.len() as u64;
+                    if let Some(p) = progress {
+                        p(rep.bytes_read);
+                    }
+                    match read {
+                        Err(e) => Some(format!("cannot be read: {e}")),
+                        Ok(_) if raw.len() as u64 > max => Some("is larger than a chunk file can be".to_string()),
+                        Ok(_) => match blob::decode(&raw, &mut out) {
+                            Err(_) => Some("does not decode".to_string()),
+                            Ok(_) if blake3::hash(&out).as_bytes() != &id => Some("hashes to another id".to_string()),
+                            Ok(_) => None,
+                        },
+                    }
+                }
             };
             let Some(reason) = reason else { continue };
             // Remove it only while the path still names the inode that failed (a backup may
-            // have replaced it by a good copy since).
+            // have replaced it by a good copy since); a directory is left (remove_file refuses
+            // it) and reported as not removed.
             let same = fs::symlink_metadata(&entry).is_ok_and(|m| m.ino() == md.ino() && m.dev() == md.dev());
-            let removed = same && fs::remove_file(&entry).is_ok();
+            let removed = same && !md.is_dir() && fs::remove_file(&entry).is_ok();
             if removed {
                 super::pool::fsync_dir(&path)?;
             }
@@ -128,4 +147,36 @@ pub fn scrub(pool: &Pool, slice: Slice, progress: Progress) -> Result<ScrubRepor
         }
     }
     Ok(rep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Something other than a chunk file at an entry's name (a symlink a local user or a bad
+    /// restore left, a directory) is reported, never skipped: a backup would not trust it either.
+    /// The symlink is removed (not what it points to); the directory is reported, left.
+    #[test]
+    fn what_is_not_a_chunk_file_at_an_entry_name_is_reported_never_skipped() {
+        let t = tempfile::tempdir().unwrap();
+        let pool = Pool::open(t.path()).unwrap();
+        let (a, b) = ([0xabu8; 32], [0xcdu8; 32]);
+        let target = t.path().join("elsewhere");
+        fs::write(&target, b"not yours").unwrap();
+        for id in [&a, &b] {
+            fs::create_dir_all(pool.entry(id).parent().unwrap()).unwrap();
+        }
+        std::os::unix::fs::symlink(&target, pool.entry(&a)).unwrap();
+        fs::create_dir(pool.entry(&b)).unwrap();
+        let r = scrub(&pool, Slice::All, None).unwrap();
+        assert_eq!(r.checked, 2, "{r:?}");
+        assert_eq!(r.damaged.len(), 2, "{r:?}");
+        let da = r.damaged.iter().find(|d| d.id == a).unwrap();
+        assert_eq!((da.reason.as_str(), da.removed), ("is a symlink, not a chunk file", true));
+        let db = r.damaged.iter().find(|d| d.id == b).unwrap();
+        assert_eq!((db.reason.as_str(), db.removed), ("is a directory, not a chunk file", false));
+        assert!(fs::symlink_metadata(pool.entry(&a)).is_err(), "the symlink is still in the pool");
+        assert_eq!(fs::read(&target).unwrap(), b"not yours", "the symlink's target was touched");
+        assert!(pool.entry(&b).is_dir());
+    }
 }
