@@ -292,10 +292,27 @@ pub fn process_state(cfg: &Config, job: &Job) -> Option<String> {
     if let Some(pid) = lock::holder(&cfg.lock_dir(), &job.name) {
         return Some(if runs_rsync(pid) { "running rsync" } else { "waiting" }.into());
     }
+    if let Some(h) = elsewhere(job) {
+        return Some(h);
+    }
     if job.job_dir().join(archive::RUNNING).exists() {
         return Some("rsync interrupted".into());
     }
     None
+}
+
+/// With `sharedRootDir=yes`, a run of the job by another server (or another affa with its own
+/// lockDir) holds the cluster-wide lock and not this server's: "running on HOST (pid N)", where
+/// HOST and N are what that server wrote (shown, never acted on).
+fn elsewhere(job: &Job) -> Option<String> {
+    if !job.shared_root_dir {
+        return None;
+    }
+    let h = crate::shared_lock::holder(&job.root_dir(), &job.name)?;
+    Some(match h.pid {
+        Some(p) => format!("running on {} (pid {p})", h.host),
+        None => format!("running on {}", h.host),
+    })
 }
 
 /// Does a process below `pid` run rsync (read from /proc)?
@@ -752,9 +769,13 @@ pub fn move_archive(cfg: &Config, name: &str, new_root: &str, yes: bool, watch: 
 /// `--kill JOB`: stop a running job (SIGTERM, so it cleans up) and wait for it. Only the affa
 /// process that holds the job's lock is signalled (see [`lock::signal_holder`]).
 pub fn kill(cfg: &Config, name: &str) -> Result<String> {
-    cfg.job(name)?;
+    let job = cfg.job(name)?;
     let pid = match lock::signal_holder(&cfg.lock_dir(), name, rustix::process::Signal::TERM)? {
-        lock::Signalled::NotRunning => return Ok(format!("job {name} is not running")),
+        lock::Signalled::NotRunning => match elsewhere(job) {
+            // Another server's process: not ours to signal.
+            Some(state) => bail!("job {name} is {state}, not on this server: run affa --kill {name} there"),
+            None => return Ok(format!("job {name} is not running")),
+        },
         lock::Signalled::Exited(pid) => return Ok(format!("job {name} (pid {pid}) had already stopped")),
         lock::Signalled::Sent(pid) => pid,
     };

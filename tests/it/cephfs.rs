@@ -122,6 +122,18 @@ fn two_servers_on_one_cephfs_share_chunks_while_sweeping_and_a_killed_run_loses_
     let want = format!("job vm1 is already running on host {} (pid {}; heartbeat ", h.host, held.id());
     assert!(e.contains(&want), "{e}");
     assert_eq!(tree_hashes(&root_b.join("vm1")), before, "the refused run changed the archives");
+    // Server b's --status shows the run on server a; its --kill refuses to signal a's process
+    // (a pid of another machine) and says where to run it; a's run goes on.
+    let st = ok(&b.affa(&["--status"]));
+    let line = st.lines().find(|l| l.starts_with("vm1 ")).unwrap_or_else(|| panic!("{st}"));
+    assert!(line.contains(&format!("running on {} (pid {})", h.host, held.id())), "{st}");
+    let csv = ok(&b.affa(&["--status", "--csv"]));
+    let row: Vec<&str> =
+        csv.lines().find(|l| l.starts_with("vm1;")).unwrap_or_else(|| panic!("{csv}")).split(';').collect();
+    assert_eq!((row[8], row[9]), ("0", format!("running on {} (pid {})", h.host, held.id()).as_str()), "{csv}");
+    let e = fail(&b.affa(&["--kill", "vm1"]));
+    assert!(e.contains(&format!("job vm1 is running on {} (pid {}), not on this server", h.host, held.id())), "{e}");
+    assert!(held.try_wait().unwrap().is_none(), "server b's --kill stopped server a's run");
     // kill -9 of server a's run: the flock goes with the process, server b takes the job over.
     held.kill().unwrap();
     held.wait().unwrap();
