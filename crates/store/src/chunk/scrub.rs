@@ -10,8 +10,8 @@
 //! their links to a damaged inode; `verify_archive` names their files), or follow a symlink.
 
 use super::{blob, id_hex, parse_id, ChunkId, Pool, Progress};
-use crate::untrusted::kind_of;
 use crate::error::{IoContext, Result};
+use crate::untrusted::kind_of;
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
