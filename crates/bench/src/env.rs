@@ -438,6 +438,14 @@ impl AffaConf {
         fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).map_err(|e| e.to_string())
     }
 
+    /// Add lines to the config file `name` (written by [`AffaConf::write`]).
+    pub fn append(&self, name: &str, text: &str) -> Result<(), String> {
+        let p = self.conf.join(name);
+        let mut all = fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        all.push_str(text);
+        self.write(name, &all)
+    }
+
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(&self.bin);
         c.arg("--config-dir").arg(&self.conf).env_remove("SSH_AUTH_SOCK").env_remove("AFFA_FAKE_NOW");
