@@ -199,9 +199,10 @@ fn run(args: &Args) -> Result<(), String> {
     fs::create_dir_all(&data).map_err(|e| format!("{}: {e}", data.display()))?;
     // Disk: world A holds two images, three chunked stores (staging = a plain copy each), two
     // plain copies per step (pruned), borg and restic; the memory check its image + staging.
-    // The offsite phase: a third store, the gateway's OSD (three copies of the compressed disk:
-    // affa's, restic's, rclone's) and two restored disks.
-    let offsite_need = if on("offsite") { 4 * size } else { 0 };
+    // The offsite phase: a store of its own, the gateway's OSD (three copies of the compressed
+    // disk: affa's, restic's, rclone's; about 0.45x the disk each with the generated data) and
+    // one restored disk at a time.
+    let offsite_need = if on("offsite") { 3 * size } else { 0 };
     let need = (9 * size + offsite_need).max(msize.max(scaling) * 27 / 10).max(8 * nsize);
     let free = free_bytes(&data);
     if free < need {
@@ -822,7 +823,8 @@ fn offsite_phase(
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
     // The OSD's sparse block file: room for the three copies and restic's packs.
-    let gw = offsite::Gateway::start(&data.join("ceph"), (6 * size).max(10 << 30))?;
+    let ceph = data.join("ceph");
+    let gw = offsite::Gateway::start(&ceph, (6 * size).max(10 << 30))?;
     log.say(format!(
         "offsite: Ceph (mon, mgr, bluestore OSD, radosgw) up in {:.1} s, gateway {}",
         gw.started_in, gw.endpoint
@@ -860,7 +862,11 @@ fn offsite_phase(
         gw.restic_env(&mut c);
         c
     };
-    measure::run(&mut restic(&["init", "--repository-version", "2"]), &w.logs.join("restic-s3-init.log"), Remote(None))?;
+    measure::run(
+        &mut restic(&["init", "--repository-version", "2"]),
+        &w.logs.join("restic-s3-init.log"),
+        Remote(None),
+    )?;
     let vmdir = w.ds.join("vm1");
     let pool = s.root.join(".affa-pool");
     for (change, phase) in [(false, "offsite-full"), (true, "offsite-incr")] {
@@ -870,6 +876,7 @@ fn offsite_phase(
         }
         // The archive to copy: affa's own backup of vm1 (measured as the other backups).
         measure::evict(&[&vmdir, &s.store_dir()]);
+        measure::evict(&[&ceph]);
         let b = s.backup(w, "vm1", phase)?;
         log.say(format!("{phase} affa --run {:.1} s, store growth {:.1} MB", b.cost.wall, b.growth as f64 / 1e6));
         res.add(Rec::backup(&format!("{phase}-run"), "affa-offsite", 1, "vm1", size, &b));
@@ -883,7 +890,7 @@ fn offsite_phase(
         gw.rclone_env(&mut c, &work.join("rclone.conf"));
         rows.push(("rclone-pool", c, b_rclone));
         for (id, mut c, bucket) in rows {
-            measure::evict(&[&vmdir, &s.store_dir()]);
+            measure::evict(&[&vmdir, &s.store_dir(), &ceph]);
             let m = offsite::measured(&gw, bucket, &mut c, &w.logs.join(format!("{id}-{phase}.log")))?;
             log.say(format!(
                 "{phase} {id:<13} {:>7.1} s  bucket +{:.1} MB ({} objects)  gateway received {}  requests {}",
@@ -919,7 +926,7 @@ fn offsite_phase(
             [("affa-offsite", c, b_affa, out.join(rel_affa)), ("restic-s3", rr, b_restic, restic_file)]
         {
             let _ = fs::remove_dir_all(&out);
-            measure::evict(&[&s.store_dir()]);
+            measure::evict(&[&s.store_dir(), &ceph]);
             let m = offsite::measured(&gw, bucket, &mut c, &w.logs.join(format!("{id}-offsite-restore-{rep}.log")))?;
             if rep == 1 && measure::hash(&file).map_err(|e| format!("{}: {e}", file.display()))? != want {
                 return Err(format!("{id}: the disk restored from the bucket, {}, differs from vm1", file.display()));
@@ -941,5 +948,6 @@ fn offsite_phase(
     }
     drop(gw);
     let _ = fs::remove_dir_all(&work);
+    let _ = fs::remove_dir_all(&ceph);
     Ok(())
 }

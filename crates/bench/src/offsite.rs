@@ -91,8 +91,7 @@ impl Gateway {
             .process_group(0);
         let mut sh = c.spawn().map_err(|e| format!("cannot run {}: {e}", script.display()))?;
         let stdin = sh.stdin.take();
-        let mut g =
-            Gateway { endpoint: format!("http://127.0.0.1:{rgw}"), started_in: 0.0, dir: d.clone(), sh, stdin };
+        let mut g = Gateway { endpoint: format!("http://127.0.0.1:{rgw}"), started_in: 0.0, dir: d.clone(), sh, stdin };
         let why = |what: &str| {
             format!(
                 "the bench's Ceph cluster {what}: {}{}",
@@ -208,7 +207,9 @@ impl Gateway {
     /// restic's s3 backend on this gateway.
     pub fn restic_env(&self, c: &mut Command) {
         c.env_remove("AWS_CA_BUNDLE")
-            .env("AWS_ACCESS_KEY_ID", ACCESS).env("AWS_SECRET_ACCESS_KEY", SECRET).env("AWS_DEFAULT_REGION", "us-east-1");
+            .env("AWS_ACCESS_KEY_ID", ACCESS)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET)
+            .env("AWS_DEFAULT_REGION", "us-east-1");
     }
 
     /// A new empty bucket (through rclone; not timed).
@@ -244,8 +245,15 @@ pub struct Moved {
 
 impl Moved {
     pub fn extra(&self) -> Vec<(String, f64)> {
-        let mut v = vec![("bucket_bytes_added".into(), self.stored as f64), ("bucket_objects_added".into(), self.objects as f64)];
-        for (k, x) in [("gateway_bytes_received", self.received), ("gateway_bytes_sent", self.sent), ("gateway_requests", self.requests)] {
+        let mut v = vec![
+            ("bucket_bytes_added".into(), self.stored as f64),
+            ("bucket_objects_added".into(), self.objects as f64),
+        ];
+        for (k, x) in [
+            ("gateway_bytes_received", self.received),
+            ("gateway_bytes_sent", self.sent),
+            ("gateway_requests", self.requests),
+        ] {
             if let Some(x) = x {
                 v.push((k.to_string(), x as f64));
             }

@@ -799,7 +799,10 @@ impl Results {
     /// Offsite copies to the RADOS Gateway (issue 19): no target, ratios to restic.
     fn offsite_md(&self, o: &mut String) {
         const ROWS: [(&str, &str); 3] = [
-            ("affa-offsite", "`affa --offsite JOB` (the agent system's archive: encrypted chunks the bucket lacks, then the index)"),
+            (
+                "affa-offsite",
+                "`affa --offsite JOB` (the agent system's archive: encrypted chunks the bucket lacks, then the index)",
+            ),
             ("restic-s3", "`restic backup` of the VM directory to the s3 repository (reads the disk itself)"),
             ("rclone-pool", "`rclone sync` of affa's pool directory (.affa-pool: unencrypted, no manifests)"),
         ];
@@ -815,7 +818,9 @@ impl Results {
         ));
         o.push_str("No target (issue 19 asks for the comparison): ratios to restic. Bytes: the bucket's growth (`radosgw-admin bucket stats`) and what the gateway received (its usage log: request bodies); both exact. Wall times are single runs on a machine shared with other builds: noisy.\n\n");
         o.push_str("| upload | how | wall s | vs restic | bucket growth MB (objects) | vs restic | MB received by the gateway | requests |\n|---|---|---:|---:|---:|---:|---:|---:|\n");
-        for (ph, what) in [("offsite-full", "first archive (full backup)"), ("offsite-incr", "1% clustered incremental")] {
+        for (ph, what) in
+            [("offsite-full", "first archive (full backup)"), ("offsite-incr", "1% clustered incremental")]
+        {
             let rs = self.sum(ph, "restic-s3");
             let rb = self.off(ph, "restic-s3", "bucket_bytes_added");
             if let Some(run) = self.sum(&format!("{ph}-run"), "affa-offsite") {
@@ -841,6 +846,16 @@ impl Results {
                     mbo(self.off(ph, id, "gateway_bytes_received")),
                     self.off(ph, id, "gateway_requests").map(|x| format!("{x:.0}")).unwrap_or("-".into())
                 ));
+                if id != "affa-offsite" {
+                    continue;
+                }
+                if let Some(run) = self.sum(&format!("{ph}-run"), "affa-offsite") {
+                    o.push_str(&format!(
+                        "| {what} | `affa --run` + `affa --offsite`: what replaces `restic backup` to the bucket | {:.1} | {} | - | - | - | - |\n",
+                        run.wall + s.wall,
+                        rs.as_ref().map(|r| ratio(run.wall + s.wall, r.wall)).unwrap_or("-".into())
+                    ));
+                }
             }
         }
         let rs = self.sum("offsite-restore", "restic-s3");
