@@ -816,7 +816,7 @@ impl Results {
 ",
             human(self.size)
         ));
-        o.push_str("No target (issue 19 asks for the comparison): ratios to restic. Bytes: the bucket's growth (`radosgw-admin bucket stats`) and what the gateway received (its usage log: request bodies); both exact. Wall times are single runs on a machine shared with other builds: noisy.\n\n");
+        o.push_str("No target (issue 19 asks for the comparison): ratios to restic. Bytes: the bucket's growth (`radosgw-admin bucket stats`) and what the gateway received and sent (its usage log: object bodies and listings, not HTTP headers); both exact. Wall times are single runs on a machine shared with other builds: noisy.\n\n");
         o.push_str("| upload | how | wall s | vs restic | bucket growth MB (objects) | vs restic | MB received by the gateway | requests |\n|---|---|---:|---:|---:|---:|---:|---:|\n");
         for (ph, what) in
             [("offsite-full", "first archive (full backup)"), ("offsite-incr", "1% clustered incremental")]
@@ -879,7 +879,7 @@ impl Results {
                 ));
             }
         }
-        o.push_str("\nrclone copies the pool only: a copy restorable by affa would also need each archive's manifests and files (small), and it is not encrypted (rclone's crypt remote would add that). restic reads and chunks the 4 KiB-aligned disk itself in its upload; affa's upload starts from the chunks its `--run` made.\n\n");
+        o.push_str("\nrclone copies the pool only: a copy restorable by affa would also need each archive's manifests and files (small), and it is not encrypted (rclone's crypt remote would add that). restic reads and chunks the disk itself in its upload; affa's upload starts from the chunks its `--run` made (hence the sum row). rclone compares size and modification time: a HEAD request per object the bucket already has.\n\n");
     }
 
     /// Reading through the mount (issue 16).
