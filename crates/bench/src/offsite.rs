@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::env::free_port;
 use crate::measure::{self, Cost, Remote};
 
 pub const ACCESS: &str = "BENCHACCESS";
@@ -37,19 +38,7 @@ pub const NEEDS: &[(&str, &str)] = &[
 
 /// Stop with the apt-get line when something the offsite phase needs is missing.
 pub fn check_prerequisites() -> Result<(), String> {
-    let missing: Vec<&str> = NEEDS.iter().filter(|(_, p)| !Path::new(p).exists()).map(|(n, _)| *n).collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    Err(format!(
-        "the offsite phase needs these Debian packages, which are not installed: {}\ninstall them with:\n  sudo apt-get install -y --no-install-recommends {}\nor skip the phase with --skip offsite (nothing was installed or changed)",
-        missing.join(", "),
-        missing.join(" ")
-    ))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    crate::env::check_packages(NEEDS, "the offsite phase needs", "or skip the phase with --skip offsite ")
 }
 
 /// The single-node Ceph and its gateway; stopped (every daemon killed, the dir removed) when
