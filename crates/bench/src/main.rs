@@ -1,5 +1,7 @@
 //! affa-bench: affa measured side by side with plain rsync --link-dest, borg and restic, in
-//! one run, on the same generated VM-disk-like data; writes BENCHMARKS.md and benchmarks.json.
+//! one run, on the same generated VM-disk-like data, and its offsite copies side by side with
+//! restic's s3 backend and rclone on a RADOS Gateway it starts (offsite.rs); writes BENCHMARKS.md
+//! and benchmarks.json.
 //!
 //! `cargo run --release -p affa-bench --bin affa-bench -- --size 4G` (see BENCHMARKS.md for what it does).
 //! Installs nothing: it stops with the apt-get line when a tool is missing.
