@@ -27,12 +27,18 @@ pub const NEEDS: &[(&str, &str)] = &[
 
 /// Stop with the apt-get line when something is missing.
 pub fn check_prerequisites() -> Result<(), String> {
-    let missing: Vec<&str> = NEEDS.iter().filter(|(_, p)| !Path::new(p).exists()).map(|(n, _)| *n).collect();
+    check_packages(NEEDS, "affa-bench needs", "")
+}
+
+/// Err naming the packages of `needs` (package, a file it installs) that are missing, with the
+/// apt-get line; `who` starts the message, `hint` ends it.
+pub fn check_packages(needs: &[(&str, &str)], who: &str, hint: &str) -> Result<(), String> {
+    let missing: Vec<&str> = needs.iter().filter(|(_, p)| !Path::new(p).exists()).map(|(n, _)| *n).collect();
     if missing.is_empty() {
         return Ok(());
     }
     Err(format!(
-        "affa-bench needs these Debian packages, which are not installed: {}\ninstall them with:\n  sudo apt-get install -y --no-install-recommends {}\n(nothing was installed or changed)",
+        "{who} these Debian packages, which are not installed: {}\ninstall them with:\n  sudo apt-get install -y --no-install-recommends {}\n{hint}(nothing was installed or changed)",
         missing.join(", "),
         missing.join(" ")
     ))
@@ -156,7 +162,7 @@ fn keygen(path: &Path) -> Result<(), String> {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
@@ -436,6 +442,14 @@ impl AffaConf {
         fs::write(&p, text).map_err(|e| e.to_string())?;
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).map_err(|e| e.to_string())
+    }
+
+    /// Add lines to the config file `name` (written by [`AffaConf::write`]).
+    pub fn append(&self, name: &str, text: &str) -> Result<(), String> {
+        let p = self.conf.join(name);
+        let mut all = fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        all.push_str(text);
+        self.write(name, &all)
     }
 
     pub fn cmd(&self) -> Command {

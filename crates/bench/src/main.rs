@@ -1,5 +1,7 @@
 //! affa-bench: affa measured side by side with plain rsync --link-dest, borg and restic, in
-//! one run, on the same generated VM-disk-like data; writes BENCHMARKS.md and benchmarks.json.
+//! one run, on the same generated VM-disk-like data, and its offsite copies side by side with
+//! restic's s3 backend and rclone on a RADOS Gateway it starts (offsite.rs); writes BENCHMARKS.md
+//! and benchmarks.json.
 //!
 //! `cargo run --release -p affa-bench --bin affa-bench -- --size 4G` (see BENCHMARKS.md for what it does).
 //! Installs nothing: it stops with the apt-get line when a tool is missing.
@@ -9,6 +11,7 @@ mod gen;
 mod json;
 mod measure;
 mod mount;
+mod offsite;
 mod report;
 mod systems;
 
@@ -60,7 +63,7 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Phases to skip, comma separated:
-    /// ceilings,full,clustered,scattered,clone,restore,restore-host,mount,cbt-scaling,nightly,memory.
+    /// ceilings,full,clustered,scattered,clone,restore,restore-host,mount,offsite,cbt-scaling,nightly,memory.
     #[arg(long, default_value = "")]
     skip: String,
     /// Only these systems, comma separated
@@ -163,6 +166,9 @@ fn run(args: &Args) -> Result<(), String> {
     };
     let skip: Vec<&str> = args.skip.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
     let on = |p: &str| !skip.contains(&p);
+    if on("offsite") {
+        offsite::check_prerequisites()?;
+    }
     let only: Vec<&str> = args.systems.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
     let scaling = match &args.cbt_scaling {
         _ if !on("cbt-scaling") || !(only.is_empty() || only.contains(&"agentcbt")) => 0,
@@ -195,7 +201,11 @@ fn run(args: &Args) -> Result<(), String> {
     fs::create_dir_all(&data).map_err(|e| format!("{}: {e}", data.display()))?;
     // Disk: world A holds two images, three chunked stores (staging = a plain copy each), two
     // plain copies per step (pruned), borg and restic; the memory check its image + staging.
-    let need = (9 * size).max(msize.max(scaling) * 27 / 10).max(8 * nsize);
+    // The offsite phase: a store of its own, the gateway's OSD (three copies of the compressed
+    // disk: affa's, restic's, rclone's; about 0.45x the disk each with the generated data) and
+    // one restored disk at a time.
+    let offsite_need = if on("offsite") { 3 * size } else { 0 };
+    let need = (9 * size + offsite_need).max(msize.max(scaling) * 27 / 10).max(8 * nsize);
     let free = free_bytes(&data);
     if free < need {
         return Err(format!(
@@ -464,6 +474,29 @@ fn run(args: &Args) -> Result<(), String> {
                 res.errors.push(format!("mount: {e}"));
             }
         }
+    }
+    if on("offsite") {
+        // The agent system's first archive and a 1% clustered incremental, in a store of its
+        // own; the change goes through the simulator as every change (vm1 is not read by the
+        // phases above any more).
+        let mut step = |w: &mut World, change: bool| -> Result<u64, String> {
+            let mut changed = 0;
+            if change {
+                let seed = gen::derive(args.seed, "offsite-clustered");
+                changed =
+                    gen::change_frac(&flat("vm1"), size, 0.01, gen::MIB, seed, &filler, &mut via_sim(&sim, "vm1"))
+                        .map_err(|e| e.to_string())?;
+                mtime += 3600;
+                gen::set_mtime(&flat("vm1"), mtime).map_err(|e| e.to_string())?;
+            }
+            tick(w, 0, 60);
+            Ok(changed)
+        };
+        if let Err(e) = offsite_phase(args, &mut w, &mut res, &log, &stores, &data, default_cs, size, &mut step) {
+            log.say(format!("offsite failed: {e}"));
+            res.errors.push(format!("offsite: {e}"));
+        }
+        let _ = fs::remove_dir_all(stores.join("agent-offsite"));
     }
     // World A is done: free its disk.
     res.store_sizes_a = systems.iter().map(|s| (s.id.clone(), s.cum)).collect();
@@ -763,5 +796,160 @@ fn mount_reads(args: &Args, w: &World, s: &System, res: &mut Results, log: &Log,
         res.add(r);
     }
     drop(m);
+    Ok(())
+}
+
+/// Offsite copies to a RADOS Gateway the bench starts (issue 19): the agent system's first
+/// archive (a full backup of vm1 into a fresh store) and then a 1% clustered incremental, each
+/// copied to the gateway three ways, one bucket each: `affa --offsite JOB` (encrypted chunks the
+/// bucket lacks, then the archive's index), `restic backup` of the VM directory to an s3
+/// repository (what a user would pick instead of affa + offsite), `rclone sync` of affa's pool
+/// directory (the store copied as files: unencrypted, without the archives' manifests). Then,
+/// `--reps` times, the newest disk restored from the bucket to a new local directory:
+/// `affa --unchunk JOB DATE --from-offsite --to DIR` against `restic restore`; the first
+/// repetition's disks are compared (BLAKE3) with vm1. One upload each (a repetition would need
+/// fresh buckets and the old disk back): wall times are single runs.
+#[allow(clippy::too_many_arguments)] // the phase's world: the same parameters as main's run
+fn offsite_phase(
+    args: &Args,
+    w: &mut World,
+    res: &mut Results,
+    log: &Log,
+    stores: &Path,
+    data: &Path,
+    default_cs: u64,
+    size: u64,
+    step: &mut dyn FnMut(&mut World, bool) -> Result<u64, String>,
+) -> Result<(), String> {
+    let work = data.join("offsite");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    // The OSD's sparse block file: room for the three copies and restic's packs.
+    let ceph = data.join("ceph");
+    let gw = offsite::Gateway::start(&ceph, (6 * size).max(10 << 30))?;
+    log.say(format!(
+        "offsite: Ceph (mon, mgr, bluestore OSD, radosgw) up in {:.1} s, gateway {}",
+        gw.started_in, gw.endpoint
+    ));
+    let (b_affa, b_restic, b_rclone) = ("bench-affa", "bench-restic", "bench-rclone");
+    for b in [b_affa, b_restic, b_rclone] {
+        gw.make_bucket(b, &work)?;
+    }
+    let mut s = System::new(Kind::Agent(default_cs), stores, default_cs, false);
+    s.id = "agent-offsite".into();
+    s.root = stores.join("agent-offsite");
+    s.reset(w, &["vm1"])?;
+    let job = s.job("vm1");
+    let creds = work.join("offsite.credentials");
+    fs::write(&creds, format!("accessKey={}\nsecretKey={}\n", offsite::ACCESS, offsite::SECRET))
+        .map_err(|e| e.to_string())?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&creds, fs::Permissions::from_mode(0o600)).map_err(|e| e.to_string())?;
+    }
+    w.affa.append(
+        &format!("{job}.conf"),
+        &format!(
+            "offsiteTarget=s3://{b_affa}/vm1\noffsiteEndpoint={}\noffsiteCredentialsFile={}\noffsiteKeyFile={}\noffsiteParallel=4\n",
+            gw.endpoint,
+            creds.display(),
+            work.join("offsite.key").display()
+        ),
+    )?;
+    let repo = format!("s3:{}/{b_restic}", gw.endpoint);
+    let restic = |args: &[&str]| {
+        let mut c = std::process::Command::new("restic");
+        c.arg("-r").arg(&repo).args(args);
+        c.env("RESTIC_PASSWORD", "bench").env("RESTIC_CACHE_DIR", work.join("restic-cache"));
+        gw.restic_env(&mut c);
+        c
+    };
+    measure::run(
+        &mut restic(&["init", "--repository-version", "2"]),
+        &w.logs.join("restic-s3-init.log"),
+        Remote(None),
+    )?;
+    let vmdir = w.ds.join("vm1");
+    let pool = s.root.join(".affa-pool");
+    for (change, phase) in [(false, "offsite-full"), (true, "offsite-incr")] {
+        let changed = step(w, change)?;
+        if change {
+            res.changed.push(("offsite".into(), 1, changed));
+        }
+        // The archive to copy: affa's own backup of vm1 (measured as the other backups).
+        measure::evict(&[&vmdir, &s.store_dir()]);
+        measure::evict(&[&ceph]);
+        let b = s.backup(w, "vm1", phase)?;
+        log.say(format!("{phase} affa --run {:.1} s, store growth {:.1} MB", b.cost.wall, b.growth as f64 / 1e6));
+        res.add(Rec::backup(&format!("{phase}-run"), "affa-offsite", 1, "vm1", size, &b));
+        let mut rows: Vec<(&str, std::process::Command, &str)> = Vec::new();
+        let mut c = w.affa.cmd();
+        c.args(["--offsite", &job]);
+        rows.push(("affa-offsite", c, b_affa));
+        rows.push(("restic-s3", restic(&["backup", "--host", "bench", &vmdir.display().to_string()]), b_restic));
+        let mut c = std::process::Command::new("rclone");
+        c.arg("sync").arg(&pool).arg(format!("bench:{b_rclone}/pool"));
+        gw.rclone_env(&mut c, &work.join("rclone.conf"));
+        rows.push(("rclone-pool", c, b_rclone));
+        for (id, mut c, bucket) in rows {
+            measure::evict(&[&vmdir, &s.store_dir(), &ceph]);
+            let m = offsite::measured(&gw, bucket, &mut c, &w.logs.join(format!("{id}-{phase}.log")))?;
+            log.say(format!(
+                "{phase} {id:<13} {:>7.1} s  bucket +{:.1} MB ({} objects)  gateway received {}  requests {}",
+                m.cost.wall,
+                m.stored as f64 / 1e6,
+                m.objects,
+                m.received.map(|b| format!("{:.1} MB", b as f64 / 1e6)).unwrap_or("-".into()),
+                m.requests.map(|b| b.to_string()).unwrap_or("-".into())
+            ));
+            let mut r = Rec::new(phase, id, 1, "vm1", size);
+            r.cost = m.cost.clone();
+            r.extra = m.extra();
+            if change {
+                r.extra.push(("changed_bytes".into(), changed as f64));
+            }
+            res.add(r);
+        }
+    }
+    // Restores of the newest disk from the bucket (the incremental's archive / snapshot).
+    let date: String = w.now.chars().filter(char::is_ascii_digit).take(12).collect();
+    let flat = vmdir.join("vm1-flat.vmdk");
+    let want = measure::hash(&flat).map_err(|e| e.to_string())?;
+    let rel_affa = "vmfs/volumes/datastore1/vm1/vm1-flat.vmdk";
+    for rep in 1..=args.reps {
+        let out = work.join("restore");
+        let _ = fs::remove_dir_all(&out);
+        let mut c = w.affa.cmd();
+        c.args(["--unchunk", &job, &date, "--from-offsite", "--to"]).arg(&out);
+        let mut rr = restic(&["restore", "latest", "--host", "bench", "--path"]);
+        rr.arg(&vmdir).arg("--target").arg(&out).args(["--include", "vm1-flat.vmdk"]);
+        let restic_file = out.join(vmdir.strip_prefix("/").unwrap_or(&vmdir)).join("vm1-flat.vmdk");
+        for (id, mut c, bucket, file) in
+            [("affa-offsite", c, b_affa, out.join(rel_affa)), ("restic-s3", rr, b_restic, restic_file)]
+        {
+            let _ = fs::remove_dir_all(&out);
+            measure::evict(&[&s.store_dir(), &ceph]);
+            let m = offsite::measured(&gw, bucket, &mut c, &w.logs.join(format!("{id}-offsite-restore-{rep}.log")))?;
+            if rep == 1 && measure::hash(&file).map_err(|e| format!("{}: {e}", file.display()))? != want {
+                return Err(format!("{id}: the disk restored from the bucket, {}, differs from vm1", file.display()));
+            }
+            log.say(format!(
+                "offsite-restore {rep} {id:<13} {:>7.1} s  {:>6.0} MB/s  gateway sent {}  requests {}",
+                m.cost.wall,
+                size as f64 / m.cost.wall / 1e6,
+                m.sent.map(|b| format!("{:.1} MB", b as f64 / 1e6)).unwrap_or("-".into()),
+                m.requests.map(|b| b.to_string()).unwrap_or("-".into())
+            ));
+            let mut r = Rec::new("offsite-restore", id, rep, "vm1", size);
+            r.cost = m.cost.clone();
+            r.extra = m.extra();
+            r.verified = Some(rep == 1);
+            res.add(r);
+        }
+        let _ = fs::remove_dir_all(&out);
+    }
+    drop(gw);
+    let _ = fs::remove_dir_all(&work);
+    let _ = fs::remove_dir_all(&ceph);
     Ok(())
 }

@@ -228,6 +228,8 @@ impl Results {
             ("ssh".into(), crate::env::version_of("ssh", &["-V"])),
             ("borg".into(), crate::env::version_of("borg", &["--version"])),
             ("restic".into(), crate::env::version_of("restic", &["version"])),
+            ("rclone (offsite)".into(), crate::env::version_of("rclone", &["version"])),
+            ("ceph (offsite)".into(), crate::env::version_of("ceph", &["--version"])),
             ("go (simulator)".into(), crate::env::version_of("go", &["version"])),
             ("rustc".into(), crate::env::version_of("rustc", &["--version"])),
         ];
@@ -789,6 +791,97 @@ impl Results {
         o.push_str("\nThe whole VM is restored beside the original (disk, descriptor, .vmx, config files), not registered; every restored disk was compared with the source (BLAKE3). Before the agent: the plan, the local check of every chunk and the whole-file hash, the rsync of the plain files; after it: affa's check of every restored file (sha256sum on the host). Chunk MB sent: the job log's \"chunks sent\" bytes (compressed chunks the host lacked).\n\n");
     }
 
+    /// One offsite record's extra figure.
+    fn off(&self, phase: &str, sys: &str, key: &str) -> Option<f64> {
+        self.extra_med(phase, sys, key)
+    }
+
+    /// Offsite copies to the RADOS Gateway (issue 19): no target, ratios to restic.
+    fn offsite_md(&self, o: &mut String) {
+        const ROWS: [(&str, &str); 3] = [
+            (
+                "affa-offsite",
+                "`affa --offsite JOB` (the agent system's archive: encrypted chunks the bucket lacks, then the index)",
+            ),
+            ("restic-s3", "`restic backup` of the VM directory to the s3 repository (reads the disk itself)"),
+            ("rclone-pool", "`rclone sync` of affa's pool directory (.affa-pool: unencrypted, no manifests)"),
+        ];
+        if self.sum("offsite-full", "affa-offsite").is_none() && self.sum("offsite-incr", "affa-offsite").is_none() {
+            return;
+        }
+        let mbo = |v: Option<f64>| v.map(mb).unwrap_or("-".into());
+        o.push_str(&format!(
+            "## Offsite copy to a RADOS Gateway ({} disk; Ceph 16 single node on 127.0.0.1, bluestore OSD on a sparse file; one run each)
+
+",
+            human(self.size)
+        ));
+        o.push_str("No target (issue 19 asks for the comparison): ratios to restic. Bytes: the bucket's growth (`radosgw-admin bucket stats`) and what the gateway received and sent (its usage log: object bodies and listings, not HTTP headers); both exact. Wall times are single runs on a machine shared with other builds: noisy.\n\n");
+        o.push_str("| upload | how | wall s | vs restic | bucket growth MB (objects) | vs restic | MB received by the gateway | requests |\n|---|---|---:|---:|---:|---:|---:|---:|\n");
+        for (ph, what) in
+            [("offsite-full", "first archive (full backup)"), ("offsite-incr", "1% clustered incremental")]
+        {
+            let rs = self.sum(ph, "restic-s3");
+            let rb = self.off(ph, "restic-s3", "bucket_bytes_added");
+            if let Some(run) = self.sum(&format!("{ph}-run"), "affa-offsite") {
+                o.push_str(&format!(
+                    "| {what} | (before it: the local `affa --run` that made the archive) | {:.1} | {} | - | - | - | - |\n",
+                    run.wall,
+                    rs.as_ref().map(|r| ratio(run.wall, r.wall)).unwrap_or("-".into())
+                ));
+            }
+            for (id, how) in ROWS {
+                let Some(s) = self.sum(ph, id) else { continue };
+                let b = self.off(ph, id, "bucket_bytes_added");
+                o.push_str(&format!(
+                    "| {what} | {how} | {:.1} | {} | {} ({}) | {} | {} | {} |\n",
+                    s.wall,
+                    rs.as_ref().map(|r| ratio(s.wall, r.wall)).unwrap_or("-".into()),
+                    mbo(b),
+                    self.off(ph, id, "bucket_objects_added").map(|x| format!("{x:.0}")).unwrap_or("-".into()),
+                    match (b, rb) {
+                        (Some(b), Some(r)) => ratio(b, r),
+                        _ => "-".into(),
+                    },
+                    mbo(self.off(ph, id, "gateway_bytes_received")),
+                    self.off(ph, id, "gateway_requests").map(|x| format!("{x:.0}")).unwrap_or("-".into())
+                ));
+                if id != "affa-offsite" {
+                    continue;
+                }
+                if let Some(run) = self.sum(&format!("{ph}-run"), "affa-offsite") {
+                    o.push_str(&format!(
+                        "| {what} | `affa --run` + `affa --offsite`: what replaces `restic backup` to the bucket | {:.1} | {} | - | - | - | - |\n",
+                        run.wall + s.wall,
+                        rs.as_ref().map(|r| ratio(run.wall + s.wall, r.wall)).unwrap_or("-".into())
+                    ));
+                }
+            }
+        }
+        let rs = self.sum("offsite-restore", "restic-s3");
+        if rs.is_some() || self.sum("offsite-restore", "affa-offsite").is_some() {
+            o.push_str(&format!(
+                "\nRestore of the newest disk from the bucket to a new local directory (median of {}; the first repetition compared with the source, BLAKE3):\n\n| restore | wall s | MB/s | vs restic | MB sent by the gateway | requests |\n|---|---:|---:|---:|---:|---:|\n",
+                self.reps
+            ));
+            for (id, how) in [
+                ("affa-offsite", "`affa --unchunk JOB DATE --from-offsite --to DIR` (every object opened and checked, the file's BLAKE3, fsync)"),
+                ("restic-s3", "`restic restore latest --include NAME` (writes the zeros: no --sparse in 0.14)"),
+            ] {
+                let Some(s) = self.sum("offsite-restore", id) else { continue };
+                o.push_str(&format!(
+                    "| {how} | {:.1} | {:.0} | {} | {} | {} |\n",
+                    s.wall,
+                    self.size as f64 / s.wall / 1e6,
+                    rs.as_ref().map(|r| ratio(s.wall, r.wall)).unwrap_or("-".into()),
+                    mbo(self.off("offsite-restore", id, "gateway_bytes_sent")),
+                    self.off("offsite-restore", id, "gateway_requests").map(|x| format!("{x:.0}")).unwrap_or("-".into())
+                ));
+            }
+        }
+        o.push_str("\nrclone copies the pool only: a copy restorable by affa would also need each archive's manifests and files (small), and it is not encrypted (rclone's crypt remote would add that). restic reads and chunks the disk itself in its upload; affa's upload starts from the chunks its `--run` made (hence the sum row). rclone compares size and modification time: a HEAD request per object the bucket already has.\n\n");
+    }
+
     /// Reading through the mount (issue 16).
     fn mount_md(&self, o: &mut String) {
         let d = self.def();
@@ -938,6 +1031,7 @@ impl Results {
         self.cbt_md(&mut o);
         self.restore_host_md(&mut o);
         self.mount_md(&mut o);
+        self.offsite_md(&mut o);
 
         // Nights
         if !self.nightly_final.is_empty() {
