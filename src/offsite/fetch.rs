@@ -120,7 +120,7 @@ pub fn fetch(job: &Job, name: Option<&str>, watch: &Watch) -> Result<Fetched> {
 
 /// [`fetch`], into the new directory `to` (kept) when given.
 fn fetch_to(job: &Job, name: Option<&str>, to: Option<&Path>, watch: &Watch) -> Result<Fetched> {
-    let (store, keys, _) = super::open(job, false, &crate::clock::SystemClock)?;
+    let (store, keys, _) = super::open(job, false, false, &crate::clock::SystemClock)?;
     let shown = store.shown.clone();
     let super::Indexes { good, bad, .. } = super::indexes(&store, &keys, &job.name)?;
     if good.is_empty() && !bad.is_empty() {
