@@ -1,7 +1,7 @@
 //! Restore straight from the offsite bucket (`affa --full-restore JOB [ARCHIVE] --from-offsite`,
 //! docs/RESTORE.md "Restore from the offsite bucket"): the archive's plain files (the small files,
-//! the manifests, the report, the VM record) are rebuilt from their chunk objects in a private
-//! staging directory that the restore reads as the archive, and the chunks of its chunked files
+//! the manifests, the report, the VM record) are rebuilt from their chunk objects
+//! (`offsiteParallel` files at a time) in a private staging directory that the restore reads as the archive, and the chunks of its chunked files
 //! (the disks) are read from the bucket through [`BucketChunks`] as the restore needs them: the
 //! chunked files are never copied to this box first.
 //!
