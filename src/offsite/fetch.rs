@@ -1,7 +1,7 @@
 //! Restore straight from the offsite bucket (`affa --full-restore JOB [ARCHIVE] --from-offsite`,
 //! docs/RESTORE.md "Restore from the offsite bucket"): the archive's plain files (the small files,
-//! the manifests, the report, the VM record) are rebuilt from their chunk objects in a private
-//! staging directory that the restore reads as the archive, and the chunks of its chunked files
+//! the manifests, the report, the VM record) are rebuilt from their chunk objects
+//! (`offsiteParallel` files at a time) in a private staging directory that the restore reads as the archive, and the chunks of its chunked files
 //! (the disks) are read from the bucket through [`BucketChunks`] as the restore needs them: the
 //! chunked files are never copied to this box first.
 //!
@@ -120,7 +120,7 @@ pub fn fetch(job: &Job, name: Option<&str>, watch: &Watch) -> Result<Fetched> {
 
 /// [`fetch`], into the new directory `to` (kept) when given.
 fn fetch_to(job: &Job, name: Option<&str>, to: Option<&Path>, watch: &Watch) -> Result<Fetched> {
-    let (store, keys, _) = super::open(job, false, &crate::clock::SystemClock)?;
+    let (store, keys, _) = super::open(job, false, false, &crate::clock::SystemClock)?;
     let shown = store.shown.clone();
     let super::Indexes { good, bad, .. } = super::indexes(&store, &keys, &job.name)?;
     if good.is_empty() && !bad.is_empty() {
@@ -158,7 +158,8 @@ fn fetch_to(job: &Job, name: Option<&str>, to: Option<&Path>, watch: &Watch) -> 
         staging: Some(staging),
     };
     fs::DirBuilder::new().mode(0o700).create(&root).ctx(|| format!("cannot create {}", root.display()))?;
-    write_plain(&fetched.chunks, &idx, &root, &label, watch)?;
+    let parallel = super::settings(job)?.parallel as usize;
+    write_plain(&fetched.chunks, &idx, &root, &label, parallel, watch)?;
     // The report is the archive's id: the plain files are those of the archive uploaded.
     let report = root.join(crate::report::REPORT_FILE);
     let ok = fs::read(&report).map(|d| blake3::hash(&d).to_hex().to_string() == idx.id).unwrap_or(false);
@@ -245,8 +246,17 @@ fn set_meta(p: &Path, mode: Option<u32>, uid: u32, gid: u32, mtime: i64) -> std:
     Ok(())
 }
 
-/// Write the directories, plain files and links of the index below `root`.
-fn write_plain(src: &BucketChunks, idx: &Index, root: &Path, label: &str, watch: &Watch) -> Result<()> {
+/// Write the directories, plain files and links of the index below `root`: the directories and
+/// links first (in the index's order, parents before children), then the files, `parallel` at a
+/// time (offsiteParallel: many small files cost one request each).
+fn write_plain(
+    src: &BucketChunks,
+    idx: &Index,
+    root: &Path,
+    label: &str,
+    parallel: usize,
+    watch: &Watch,
+) -> Result<()> {
     let total: u64 = idx.entries.iter().map(|e| if let Entry::File { size, .. } = e { *size } else { 0 }).sum();
     let free = free_bytes(root)?;
     if total > free {
@@ -257,9 +267,8 @@ fn write_plain(src: &BucketChunks, idx: &Index, root: &Path, label: &str, watch:
             crate::fmt::human(free)
         );
     }
-    let bar = watch.meter(format!("fetching the plain files of {label}"), Some(total));
     let mut dirs = Vec::new();
-    let (mut raw, mut plain) = (Vec::new(), Vec::new());
+    let mut files = Vec::new();
     for e in &idx.entries {
         let path = match e {
             Entry::Dir { path, .. } | Entry::File { path, .. } | Entry::Link { path, .. } => path,
@@ -292,7 +301,9 @@ fn write_plain(src: &BucketChunks, idx: &Index, root: &Path, label: &str, watch:
                 set_meta(&p, None, *uid, *gid, *mtime)
                     .ctx(|| format!("cannot set the owner or time of {}", p.display()))?;
             }
-            Entry::File { mode, uid, gid, mtime, size, chunks, .. } => {
+            Entry::File { .. } => {
+                // Made now (create_new, no link followed), in the index's order: an entry below
+                // it, or listed twice, is refused here as before; its bytes come below.
                 let f = fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
@@ -300,42 +311,43 @@ fn write_plain(src: &BucketChunks, idx: &Index, root: &Path, label: &str, watch:
                     .custom_flags(libc::O_NOFOLLOW)
                     .open(&p)
                     .map_err(|_| twice())?;
-                let cs = idx.chunk_size as u64;
-                for (i, c) in chunks.iter().enumerate() {
-                    let off = i as u64 * cs;
-                    let len = size.saturating_sub(off).min(cs) as usize;
-                    if let ChunkRef::Stored(id) = c {
-                        let r = src.read(id, &mut raw).and_then(|()| {
-                            chunk::decode_chunk_file(&raw, &mut plain).map_err(ProblemKind::Damaged)?;
-                            if plain.len() != len || blake3::hash(&plain).as_bytes() != id {
-                                return Err(ProblemKind::Damaged("does not hash to its chunk id".into()));
-                            }
-                            Ok(())
-                        });
-                        if let Err(k) = r {
-                            let why = match k {
-                                ProblemKind::Missing => "is missing".to_string(),
-                                ProblemKind::Damaged(w) => format!("is damaged: {w}"),
-                            };
-                            bail!(
-                                Damaged,
-                                "{label}: object {} (chunk {}) of {} {why}; restore stopped before anything was sent to the target",
-                                src.keys.chunk_name(id),
-                                chunk::id_hex(id),
-                                escape(path)
-                            );
-                        }
-                        f.write_all_at(&plain, off).ctx(|| format!("cannot write {}", p.display()))?;
-                    }
-                    bar.inc(len as u64);
-                }
-                f.set_len(*size).ctx(|| format!("cannot write {}", p.display()))?;
-                drop(f);
-                set_meta(&p, Some(*mode), *uid, *gid, *mtime)
-                    .ctx(|| format!("cannot set the owner, mode or time of {}", p.display()))?;
+                files.push((e, p, f));
             }
         }
     }
+    let bar = watch.meter(format!("fetching the plain files of {label}"), Some(total));
+    // The senders take files from one list; the first error stops them (the others finish the
+    // file they are on); their progress comes back here (the meter is this thread's).
+    let next = std::sync::Mutex::new(files.into_iter());
+    let failed: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
+    let (tx, rx) = std::sync::mpsc::channel::<u64>();
+    std::thread::scope(|sc| {
+        for _ in 0..parallel.max(1) {
+            let (next, failed, tx) = (&next, &failed, tx.clone());
+            sc.spawn(move || loop {
+                if failed.lock().map(|f| f.is_some()).unwrap_or(true) {
+                    break;
+                }
+                let Some((e, p, f)) = next.lock().ok().and_then(|mut n| n.next()) else { break };
+                if let Err(err) = write_file(src, idx, e, &p, f, label, &|n| {
+                    let _ = tx.send(n);
+                }) {
+                    if let Ok(mut f) = failed.lock() {
+                        f.get_or_insert(err);
+                    }
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        for n in rx {
+            bar.inc(n);
+        }
+    });
+    if let Some(e) = failed.into_inner().ok().flatten() {
+        return Err(e);
+    }
+    drop(bar);
     // Directories last, deepest first: their mode may forbid writing, their mtime changes
     // with each entry made in them.
     for (p, mode, uid, gid, mtime) in dirs.into_iter().rev() {
@@ -343,6 +355,54 @@ fn write_plain(src: &BucketChunks, idx: &Index, root: &Path, label: &str, watch:
             .ctx(|| format!("cannot set the owner, mode or time of {}", p.display()))?;
     }
     Ok(())
+}
+
+/// The bytes of the plain file entry `e`, made at `p` (open as `f`), from its chunk objects,
+/// each checked against its id before it is written; then its owner, mode and time.
+fn write_file(
+    src: &BucketChunks,
+    idx: &Index,
+    e: &Entry,
+    p: &Path,
+    f: fs::File,
+    label: &str,
+    done: &dyn Fn(u64),
+) -> Result<()> {
+    let Entry::File { mode, uid, gid, mtime, size, chunks, path } = e else { return Ok(()) };
+    let (mut raw, mut plain) = (Vec::new(), Vec::new());
+    let cs = idx.chunk_size as u64;
+    for (i, c) in chunks.iter().enumerate() {
+        let off = i as u64 * cs;
+        let len = size.saturating_sub(off).min(cs) as usize;
+        if let ChunkRef::Stored(id) = c {
+            let r = src.read(id, &mut raw).and_then(|()| {
+                chunk::decode_chunk_file(&raw, &mut plain).map_err(ProblemKind::Damaged)?;
+                if plain.len() != len || blake3::hash(&plain).as_bytes() != id {
+                    return Err(ProblemKind::Damaged("does not hash to its chunk id".into()));
+                }
+                Ok(())
+            });
+            if let Err(k) = r {
+                let why = match k {
+                    ProblemKind::Missing => "is missing".to_string(),
+                    ProblemKind::Damaged(w) => format!("is damaged: {w}"),
+                };
+                bail!(
+                    Damaged,
+                    "{label}: object {} (chunk {}) of {} {why}; restore stopped before anything was sent to the target",
+                    src.keys.chunk_name(id),
+                    chunk::id_hex(id),
+                    escape(path)
+                );
+            }
+            f.write_all_at(&plain, off).ctx(|| format!("cannot write {}", p.display()))?;
+        }
+        done(len as u64);
+    }
+    f.set_len(*size).ctx(|| format!("cannot write {}", p.display()))?;
+    drop(f);
+    set_meta(p, Some(*mode), *uid, *gid, *mtime)
+        .ctx(|| format!("cannot set the owner, mode or time of {}", p.display()))
 }
 
 #[cfg(test)]

@@ -107,7 +107,8 @@ struct Markers {
 impl Drop for Running<'_> {
     fn drop(&mut self) {
         // Best effort: a marker left behind only delays a cleanup until it is stale.
-        let _ = self.store.delete(&self.name);
+        // One attempt: after a failed upload the gateway may be gone.
+        let _ = self.store.delete_once(&self.name);
     }
 }
 
@@ -141,8 +142,9 @@ fn settings(job: &Job) -> Result<&Offsite> {
 
 /// The job's bucket prefix and keys. A key file that does not exist is made (and returned to be
 /// shown) only when `may_create` and the prefix holds no object; the bucket marker is opened
-/// (or, on an empty prefix, written) so that a wrong key is refused before anything is sent.
-fn open(job: &Job, may_create: bool, clock: &dyn Clock) -> Result<(Store, Keys, Option<NewKey>)> {
+/// (or, on an empty prefix and only for an upload, `uploading`, written) so that a wrong key is
+/// refused before anything is sent. A restore, verify, list or cleanup writes nothing here.
+fn open(job: &Job, may_create: bool, uploading: bool, clock: &dyn Clock) -> Result<(Store, Keys, Option<NewKey>)> {
     let off = settings(job)?;
     let store = Store::open(off, &job.name)?;
     let kf = &off.key_file;
@@ -184,7 +186,9 @@ fn open(job: &Job, may_create: bool, clock: &dyn Clock) -> Result<(Store, Keys, 
             if !store.list("", Some(1))?.is_empty() {
                 bail!("{} holds objects but no {MARKER} marker; expected a prefix used only by affa --offsite (or an empty one)", store.shown);
             }
-            store.put(MARKER, &keys.seal(MARKER, MARKER_TEXT)?)?;
+            if uploading {
+                store.put(MARKER, &keys.seal(MARKER, MARKER_TEXT)?)?;
+            }
         }
     }
     Ok((store, keys, new_key))
@@ -443,7 +447,7 @@ fn upload_held(
     let job_name = job.name.as_str();
     let a = pick(job, archive_name)?;
     let date = a.report.as_ref().and_then(|r| r.date()).unwrap_or("").to_string();
-    let (store, keys, new_key) = open(job, may_create, clock)?;
+    let (store, keys, new_key) = open(job, may_create, true, clock)?;
     let id = archive_id(&a)?;
     let index_name = keys.index_name(job_name, &id);
     let head = format!("{job_name} {} (Date {date})", a.name());
@@ -575,7 +579,7 @@ fn indexes(store: &Store, keys: &Keys, job: &str) -> Result<Indexes> {
 /// with the archive and a file that uses it.
 pub fn verify(cfg: &Config, job_name: &str, clock: &dyn Clock, watch: &Watch) -> Result<Verified> {
     let job = cfg.job(job_name)?;
-    let (store, keys, _) = open(job, false, clock)?;
+    let (store, keys, _) = open(job, false, false, clock)?;
     let Indexes { good: idxs, bad: bad_idx, .. } = indexes(&store, &keys, job_name)?;
     let mut out = String::new();
     let mut damaged = Vec::new();
@@ -651,7 +655,7 @@ pub fn list(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<String> 
         if job.offsite.is_none() && jobs.is_empty() {
             continue;
         }
-        let (store, keys, _) = open(job, false, clock)?;
+        let (store, keys, _) = open(job, false, false, clock)?;
         let Indexes { good: idxs, bad, .. } = indexes(&store, &keys, &job.name)?;
         out.push_str(&format!("Job {} offsite in {}: {} archive(s)\n", job.name, store.shown, idxs.len()));
         for i in &idxs {
@@ -712,7 +716,12 @@ pub fn cleanup(cfg: &Config, job_name: &str, clock: &dyn Clock, watch: &Watch) -
     let job = cfg.job(job_name)?;
     let off = settings(job)?;
     let grace = off.cleanup_grace_hours;
-    let (store, keys, _) = open(job, false, clock)?;
+    let (store, keys, _) = open(job, false, false, clock)?;
+    if !store.exists(MARKER)? {
+        // An empty prefix (no upload wrote its marker): nothing to remove, and no marker of
+        // this cleanup left there (a prefix with objects but no bucket marker is refused).
+        return Ok(format!("{}: no offsite objects; nothing removed\n", store.shown));
+    }
     let host = crate::notify::hostname();
     let me = Running::start(&store, &keys, "cleanup", &[host.as_bytes()])?;
     crate::interrupt::crash_point("offsite-cleanup-marked");

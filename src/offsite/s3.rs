@@ -1,7 +1,8 @@
 //! An S3 bucket prefix as affa uses it: PUT, GET, HEAD, DELETE and LIST of objects below
 //! `offsiteTarget`'s prefix, signed by `rusty-s3` (presigned URLs, AWS Signature V4) and sent
 //! with the ureq client affa already uses; transport errors, HTTP 5xx and 429 are retried with a
-//! backoff.
+//! backoff. An object larger than [`PART`] goes up as a multipart upload (parts of [`PART`]
+//! bytes, each retried on its own; a failed one aborts the upload so no part is left behind).
 //!
 //! Owns: the credentials file (read with its checks), the endpoint and bucket of a job, object
 //! keys (prefix + name), and one request per call. Must never: send the credentials' secret
@@ -12,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rusty_s3::actions::ListObjectsV2;
+use rusty_s3::actions::{CreateMultipartUpload, ListObjectsV2};
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 
 use crate::config::typed::Offsite;
@@ -22,8 +23,15 @@ use crate::error::{Error, Result};
 const SIGN_FOR: Duration = Duration::from_secs(3600);
 /// The largest object affa reads back (an index of a very big archive).
 const MAX_OBJECT: u64 = 1 << 32;
-/// Attempts of a request that failed in a way worth retrying (1 s, 2 s, 4 s apart).
-const ATTEMPTS: u32 = 4;
+/// Objects larger than this are uploaded in parts of this size (S3 allows parts of 5 MiB to
+/// 5 GiB, at most 10000 of them; only the last may be smaller): in practice the index of a very
+/// large archive, or the chunk objects of `chunkSize=16M` with compression that did not help.
+const PART: usize = 16 << 20;
+/// The most parts S3 takes for one object (a larger object gets larger parts).
+const MAX_PARTS: usize = 10_000;
+/// Attempts of a request that failed in a way worth retrying (1, 2, 4, 8 and 16 s apart: a
+/// gateway restarted within about half a minute loses no upload).
+const ATTEMPTS: u32 = 6;
 
 /// The credentials file (`offsiteCredentialsFile`): `accessKey=...` and `secretKey=...` lines,
 /// `#` comments and blank lines allowed.
@@ -65,6 +73,8 @@ pub struct Store {
     pace: Option<(u64, std::sync::Mutex<Option<Paced>>)>,
     /// `s3://BUCKET/PREFIX` for messages.
     pub shown: String,
+    /// The endpoint's URL (scheme, host, port) for messages.
+    endpoint: String,
 }
 
 /// offsiteBwLimit's count: when the first PUT started, the bytes PUT since.
@@ -98,6 +108,7 @@ impl Store {
             Error::config(format!("offsiteEndpoint of job {job} is '{endpoint}': {e}; expected http(s)://HOST[:PORT]"))
         };
         let url = url::Url::parse(&endpoint).map_err(|e| bad(&e))?;
+        let shown_endpoint = url.origin().ascii_serialization();
         let bucket = Bucket::new(url, style, off.bucket.clone(), off.region.clone()).map_err(|e| bad(&e))?;
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(30))
@@ -105,7 +116,15 @@ impl Store {
             .timeout_write(Duration::from_secs(300))
             .build();
         let pace = (off.bw_limit_kib > 0).then(|| (off.bw_limit_kib * 1024, std::sync::Mutex::new(None)));
-        Ok(Store { bucket, creds, prefix: off.prefix.clone(), agent, pace, shown: off.target.clone() })
+        Ok(Store {
+            bucket,
+            creds,
+            prefix: off.prefix.clone(),
+            agent,
+            pace,
+            shown: off.target.clone(),
+            endpoint: shown_endpoint,
+        })
     }
 
     fn key(&self, name: &str) -> String {
@@ -145,13 +164,26 @@ impl Store {
                         return Err(Error::remote(msg));
                     }
                 }
-                Err(ureq::Error::Transport(t)) => format!("{}: {what}: {t}", self.shown),
+                Err(ureq::Error::Transport(t)) => format!("{}: {what}: {}", self.shown, self.transport(&t)),
             };
             if attempt >= ATTEMPTS {
                 return Err(Error::remote(format!("{retry} (after {ATTEMPTS} attempts)")));
             }
             std::thread::sleep(Duration::from_secs(1 << (attempt - 1)));
         }
+    }
+
+    /// A transport error (no answer) naming the endpoint, never the request's URL (a signed URL
+    /// would let whoever reads the message repeat the request while it is valid).
+    fn transport(&self, t: &ureq::Transport) -> String {
+        let mut m = format!("endpoint {}: {}", self.endpoint, t.kind());
+        if let Some(msg) = t.message() {
+            m.push_str(&format!(": {msg}"));
+        }
+        if let Some(src) = std::error::Error::source(t) {
+            m.push_str(&format!(": {src}"));
+        }
+        m
     }
 
     /// offsiteBwLimit: wait until the bytes PUT so far, `n` more included, fit the limit
@@ -169,17 +201,135 @@ impl Store {
         }
     }
 
-    /// Write the object `name` (below the prefix).
+    /// Write the object `name` (below the prefix): one PUT, or a multipart upload for an object
+    /// larger than [`PART`].
     pub fn put(&self, name: &str, body: &[u8]) -> Result<()> {
         self.pace(body.len() as u64);
         let key = self.key(name);
+        #[cfg(feature = "test-hooks")]
+        let hooked = test_hooks::refuse(name);
+        #[cfg(not(feature = "test-hooks"))]
+        let hooked = None::<String>;
+        let part = part_size();
+        if body.len() > part {
+            return self.put_parts(name, &key, body, part.max(body.len().div_ceil(MAX_PARTS)));
+        }
         let url = || self.bucket.put_object(Some(&self.creds), &key).sign(SIGN_FOR);
-        match self.call(&format!("PUT {name}"), || self.agent.put(url().as_str()).send_bytes(body).map_err(Box::new))? {
+        let req = || {
+            let r = self.agent.put(url().as_str());
+            // The test hook: a Content-MD5 that does not match, which the gateway refuses.
+            match &hooked {
+                Some(md5) => r.set("Content-MD5", md5),
+                None => r,
+            }
+        };
+        match self.call(&format!("PUT {name}"), || req().send_bytes(body).map_err(Box::new))? {
             Outcome::Done(_) => Ok(()),
             Outcome::NotFound => {
                 Err(Error::remote(format!("{}: PUT {name}: HTTP 404 (does the bucket exist?)", self.shown)))
             }
         }
+    }
+
+    /// A multipart upload of `body` to `key` in parts of `part` bytes; aborted when a part (after
+    /// its retries) or the completion fails.
+    fn put_parts(&self, name: &str, key: &str, body: &[u8], part: usize) -> Result<()> {
+        let count = body.len().div_ceil(part);
+        let what = format!("POST {name} (a multipart upload of {count} parts)");
+        let create = || self.bucket.create_multipart_upload(Some(&self.creds), key).sign(SIGN_FOR);
+        let r = match self.call(&what, || self.agent.post(create().as_str()).call().map_err(Box::new))? {
+            Outcome::Done(r) => r,
+            Outcome::NotFound => {
+                return Err(Error::remote(format!("{}: {what}: HTTP 404 (does the bucket exist?)", self.shown)))
+            }
+        };
+        let answer = self.small_body(*r, &what)?;
+        let created = CreateMultipartUpload::parse_response(&answer).map_err(|e| {
+            Error::remote(format!("{}: {what}: an answer that is no CreateMultipartUpload result: {e}", self.shown))
+        })?;
+        let id = created.upload_id();
+        let sent = self.send_parts(name, key, id, body, part).and_then(|etags| self.complete(name, key, id, &etags));
+        if sent.is_err() {
+            // Best effort (one attempt): a gateway that is gone keeps the parts until its own
+            // expiry of incomplete uploads (docs/OPERATIONS.md).
+            let url = self.bucket.abort_multipart_upload(Some(&self.creds), key, id).sign(SIGN_FOR);
+            let _ = self.agent.delete(url.as_str()).call();
+        }
+        sent
+    }
+
+    /// The parts of a multipart upload, each retried on its own: their ETags in order.
+    fn send_parts(&self, name: &str, key: &str, id: &str, body: &[u8], part: usize) -> Result<Vec<String>> {
+        let count = body.len().div_ceil(part);
+        let mut etags = Vec::with_capacity(count);
+        for (i, piece) in body.chunks(part).enumerate() {
+            let n = u16::try_from(i + 1).map_err(|_| Error::new(format!("{name}: more than {MAX_PARTS} parts")))?;
+            let what = format!("PUT {name} (part {n} of {count})");
+            let url = || self.bucket.upload_part(Some(&self.creds), key, n, id).sign(SIGN_FOR);
+            #[cfg(feature = "test-hooks")]
+            let hooked = test_hooks::refuse_part(n);
+            #[cfg(not(feature = "test-hooks"))]
+            let hooked = None::<String>;
+            let req = || {
+                let r = self.agent.put(url().as_str());
+                match &hooked {
+                    Some(md5) => r.set("Content-MD5", md5),
+                    None => r,
+                }
+            };
+            let r = match self.call(&what, || req().send_bytes(piece).map_err(Box::new))? {
+                Outcome::Done(r) => r,
+                Outcome::NotFound => {
+                    return Err(Error::remote(format!("{}: {what}: HTTP 404 (the upload is gone)", self.shown)))
+                }
+            };
+            let etag = r.header("ETag").filter(|e| !e.is_empty() && e.len() <= 200).ok_or_else(|| {
+                Error::remote(format!("{}: {what}: the answer has no ETag; expected one per part", self.shown))
+            })?;
+            etags.push(etag.to_string());
+            crate::interrupt::crash_point("offsite-part-uploaded");
+        }
+        Ok(etags)
+    }
+
+    /// CompleteMultipartUpload; an error the gateway sends in a `200 OK` answer is an error too.
+    fn complete(&self, name: &str, key: &str, id: &str, etags: &[String]) -> Result<()> {
+        let what = format!("POST {name} (completing a multipart upload of {} parts)", etags.len());
+        let action =
+            || self.bucket.complete_multipart_upload(Some(&self.creds), key, id, etags.iter().map(String::as_str));
+        let xml = action().body();
+        let r = match self.call(&what, || {
+            self.agent
+                .post(action().sign(SIGN_FOR).as_str())
+                .set("Content-Type", "application/xml")
+                .send_string(&xml)
+                .map_err(Box::new)
+        })? {
+            Outcome::Done(r) => r,
+            Outcome::NotFound => {
+                return Err(Error::remote(format!("{}: {what}: HTTP 404 (the upload is gone)", self.shown)))
+            }
+        };
+        let answer = self.small_body(*r, &what)?;
+        if answer.contains("<Error>") {
+            let code = answer.split("<Code>").nth(1).and_then(|t| t.split('<').next()).unwrap_or("unknown");
+            return Err(Error::remote(format!(
+                "{}: {what}: the gateway answered error {}",
+                self.shown,
+                code.chars().take(60).collect::<String>()
+            )));
+        }
+        Ok(())
+    }
+
+    /// An answer's body, at most 1 MiB.
+    fn small_body(&self, r: ureq::Response, what: &str) -> Result<String> {
+        let mut s = String::new();
+        r.into_reader()
+            .take(1 << 20)
+            .read_to_string(&mut s)
+            .map_err(|e| Error::remote(format!("{}: {what}: {e}", self.shown)))?;
+        Ok(s)
     }
 
     /// The object `name`, None when it does not exist.
@@ -253,6 +403,20 @@ impl Store {
         Ok(())
     }
 
+    /// Remove the object `name` with one attempt (the best effort of a run that ends anyway).
+    pub fn delete_once(&self, name: &str) -> Result<()> {
+        let url = self.bucket.delete_object(Some(&self.creds), &self.key(name)).sign(SIGN_FOR);
+        match self.agent.delete(url.as_str()).call() {
+            Ok(_) | Err(ureq::Error::Status(404, _)) => Ok(()),
+            Err(ureq::Error::Status(code, _)) => {
+                Err(Error::remote(format!("{}: DELETE {name}: HTTP {code}", self.shown)))
+            }
+            Err(ureq::Error::Transport(t)) => {
+                Err(Error::remote(format!("{}: DELETE {name}: {}", self.shown, self.transport(&t))))
+            }
+        }
+    }
+
     fn list_full(&self, under: &str, max: Option<usize>) -> Result<(Vec<Listed>, Option<String>)> {
         let full = self.key(under);
         let strip = self.key("");
@@ -301,5 +465,40 @@ impl Store {
                 return Ok((out, date));
             }
         }
+    }
+}
+
+/// Objects larger than this many bytes are multipart uploads ([`PART`]; a test build may lower
+/// it with `AFFA_TEST_OFFSITE_PART`, never below S3's 5 MiB).
+fn part_size() -> usize {
+    #[cfg(feature = "test-hooks")]
+    if let Some(n) = std::env::var("AFFA_TEST_OFFSITE_PART").ok().and_then(|v| v.parse::<usize>().ok()) {
+        return n.max(5 << 20);
+    }
+    PART
+}
+
+/// Faults for the tests (feature `test-hooks` only).
+#[cfg(feature = "test-hooks")]
+mod test_hooks {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// `AFFA_TEST_OFFSITE_REFUSE=N`: the Nth PUT of a chunk object (`c/...`) is sent with a
+    /// Content-MD5 that does not match its body (the gateway refuses it: HTTP 400 BadDigest).
+    /// Some(the header's value) for that PUT.
+    pub fn refuse(name: &str) -> Option<String> {
+        static HITS: AtomicU64 = AtomicU64::new(0);
+        let n: u64 = std::env::var("AFFA_TEST_OFFSITE_REFUSE").ok()?.parse().ok()?;
+        if !name.starts_with("c/") || HITS.fetch_add(1, Ordering::SeqCst) + 1 != n {
+            return None;
+        }
+        // The MD5 of nothing: no chunk object is empty.
+        Some("1B2M2Y8AsgTpgAmY7PHvCQ==".to_string())
+    }
+
+    /// `AFFA_TEST_OFFSITE_REFUSE_PART=N`: part N of a multipart upload is refused the same way.
+    pub fn refuse_part(n: u16) -> Option<String> {
+        let want: u16 = std::env::var("AFFA_TEST_OFFSITE_REFUSE_PART").ok()?.parse().ok()?;
+        (want == n).then(|| "1B2M2Y8AsgTpgAmY7PHvCQ==".to_string())
     }
 }

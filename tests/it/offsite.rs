@@ -496,3 +496,221 @@ fn parallel_uploads_send_every_chunk_and_the_bandwidth_limit_holds() {
     assert!(v.contains("scheduled.0 (Date 202612010100): OK"), "{v}");
     assert!(objects(ceph, &bucket, "lock/").is_empty());
 }
+
+/// The ETag of the object `key` (HEAD through the shared gateway).
+fn etag(ceph: &Ceph, bucket: &str, key: &str) -> String {
+    use rusty_s3::S3Action;
+    let b = rusty_s3::Bucket::new(
+        ceph.endpoint.parse().unwrap(),
+        rusty_s3::UrlStyle::Path,
+        bucket.to_string(),
+        "us-east-1",
+    )
+    .unwrap();
+    let c = rusty_s3::Credentials::new(ACCESS, SECRET);
+    let url = b.head_object(Some(&c), key).sign(std::time::Duration::from_secs(600));
+    ureq::head(url.as_str()).call().unwrap().header("ETag").unwrap().to_string()
+}
+
+/// The multipart uploads of `bucket` that were started and neither completed nor aborted
+/// (ListMultipartUploads: `GET /BUCKET?uploads`): their object names.
+fn open_uploads(ceph: &Ceph, bucket: &str) -> Vec<String> {
+    use rusty_s3::S3Action;
+    let b = rusty_s3::Bucket::new(
+        ceph.endpoint.parse().unwrap(),
+        rusty_s3::UrlStyle::Path,
+        bucket.to_string(),
+        "us-east-1",
+    )
+    .unwrap();
+    let c = rusty_s3::Credentials::new(ACCESS, SECRET);
+    // A GET of the bucket signed with the `uploads` sub-resource (the gateway answers
+    // ListMultipartUploads, which the check below makes sure of).
+    let mut a = b.list_objects_v2(Some(&c));
+    a.query_mut().insert("uploads", "");
+    let url = a.sign(std::time::Duration::from_secs(600));
+    let body = ureq::get(url.as_str()).call().map(|r| r.into_string().unwrap());
+    body.ok()
+        .filter(|b| b.contains("ListMultipartUploadsResult"))
+        .map(|b| b.split("<Key>").skip(1).map(|k| k.split('<').next().unwrap().to_string()).collect())
+        .unwrap_or_else(|| panic!("bucket {bucket}: no ListMultipartUploads answer"))
+}
+
+/// An object above the multipart threshold (lowered by the test hook to S3's smallest part,
+/// 5 MiB; chunkSize=8M and an incompressible 8 MiB file: one chunk object of 8 MiB) goes up in
+/// two parts (the gateway's multipart ETag `...-2`) and verifies. A part the gateway refuses
+/// (the test hook: a Content-MD5 that does not match) fails the upload with the object and the
+/// part named, aborts it (no upload left open, no index), and the rerun completes; the files
+/// come back byte-identical with `--unchunk --from-offsite` (offsiteParallel=4).
+#[cfg(feature = "test-hooks")]
+#[test]
+fn an_object_above_the_part_size_goes_up_in_parts_and_a_failed_part_leaves_nothing_open() {
+    let ceph = Ceph::shared();
+    let bucket = ceph.new_bucket();
+    let src = source();
+    fs::write(src.path().join("data/big.bin"), random(5, 8 << 20)).unwrap();
+    let a = setup(ceph, src.path(), &bucket);
+    let conf = fs::read_to_string(a.conf.join("job.conf")).unwrap();
+    a.write_conf("job.conf", &conf.replace("chunkSize=256K", "chunkSize=8M"));
+    ok(&a.affa_at("2026-12-01T01:00:00", &["--run", JOB]));
+    const PART: &str = "5242880";
+
+    // The first run makes the key and refuses part 2.
+    let o = a
+        .cmd()
+        .env("AFFA_TEST_OFFSITE_PART", PART)
+        .env("AFFA_TEST_OFFSITE_REFUSE_PART", "2")
+        .args(["--offsite", JOB])
+        .output()
+        .unwrap();
+    let e = fail(&o);
+    assert!(e.contains(&format!("s3://{bucket}/{PREFIX}: PUT c/")) && e.contains("(part 2 of 2): HTTP 400"), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(open_uploads(ceph, &bucket).is_empty(), "the failed multipart upload was aborted");
+    assert!(objects(ceph, &bucket, "i/").is_empty(), "no index");
+    assert!(objects(ceph, &bucket, "lock/").is_empty(), "the marker is removed");
+
+    let o = a.cmd().env("AFFA_TEST_OFFSITE_PART", PART).args(["--offsite", JOB]).output().unwrap();
+    let out = ok(&o);
+    let chunks = objects(ceph, &bucket, "c/");
+    let multipart: Vec<&String> =
+        chunks.iter().filter(|k| etag(ceph, &bucket, &format!("{PREFIX}/{k}")).ends_with("-2\"")).collect();
+    assert_eq!(multipart.len(), 1, "one object of two parts: {out}");
+    let big = ceph.get(&bucket, &format!("{PREFIX}/{}", multipart[0]));
+    assert!(big.len() > 8 << 20, "{}", big.len());
+    assert!(open_uploads(ceph, &bucket).is_empty());
+    let v = ok(&a.affa(&["--offsite-verify", JOB]));
+    assert!(v.contains("scheduled.0 (Date 202612010100): OK"), "{v}");
+    // Byte-identical back from the bucket (the plain files fetched 4 at a time).
+    add_keys(&a, "offsiteParallel=4\n");
+    let to = a.tmp.path().join("from-offsite");
+    ok(&a.affa(&["--unchunk", JOB, "202612010100", "--from-offsite", "--to", to.to_str().unwrap()]));
+    let back = to.join(src.path().strip_prefix("/").unwrap());
+    for f in ["data/big.bin", "data/disk.img", "data/sub/secret-file-name-QX7.txt"] {
+        assert!(
+            fs::read(back.join(f)).unwrap() == fs::read(src.path().join(f)).unwrap(),
+            "{f} back from the bucket differs"
+        );
+    }
+}
+
+/// offsiteParallel=4 and the gateway refusing the third chunk object (the test hook: a
+/// Content-MD5 that does not match: HTTP 400 BadDigest, not retried): the other senders stop
+/// (only the objects already on their way are written, of 50), no index is written,
+/// the error names the object; the rerun completes.
+#[cfg(feature = "test-hooks")]
+#[test]
+fn one_failing_parallel_sender_stops_the_others_and_no_index_is_written() {
+    let ceph = Ceph::shared();
+    let bucket = ceph.new_bucket();
+    let src = source();
+    fs::write(src.path().join("data/many.bin"), random(6, 40 * CS)).unwrap();
+    let a = setup(ceph, src.path(), &bucket);
+    add_keys(&a, "offsiteParallel=4\n");
+    ok(&a.affa_at("2026-12-01T01:00:00", &["--run", JOB]));
+    let total = archive_chunks(&a.job_dir(JOB).join("scheduled.0")).len();
+    assert!(total >= 45, "{total}");
+    let o = a.cmd().env("AFFA_TEST_OFFSITE_REFUSE", "3").args(["--offsite", JOB]).output().unwrap();
+    let e = fail(&o);
+    assert!(e.contains(&format!("s3://{bucket}/{PREFIX}: PUT c/")) && e.contains("HTTP 400 BadDigest"), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+    let written = objects(ceph, &bucket, "c/").len();
+    // PUTs started before the refusal came back complete (the refused body of 256 KiB is sent
+    // first): a few rounds of the 4 senders, far from all.
+    assert!(written <= 16, "{written} of {total} chunk objects written after the third was refused");
+    assert!(objects(ceph, &bucket, "i/").is_empty(), "no index");
+    assert!(objects(ceph, &bucket, "lock/").is_empty(), "the marker is removed");
+    let list = ok(&a.affa(&["--list-archives", "--offsite", JOB]));
+    assert!(list.contains(": 0 archive(s)"), "{list}");
+
+    let out = ok(&a.affa(&["--offsite", JOB]));
+    assert!(out.contains(&format!("{} object(s) uploaded", total - written + 1)), "{written} written: {out}");
+    assert_eq!(objects(ceph, &bucket, "c/").len(), total);
+    let v = ok(&a.affa(&["--offsite-verify", JOB]));
+    assert!(v.contains("scheduled.0 (Date 202612010100): OK"), "{v}");
+}
+
+/// A restore, verify, list or cleanup never writes to a prefix: the bucket marker is written by
+/// the first upload only.
+#[test]
+fn only_an_upload_writes_to_an_empty_prefix() {
+    let (ceph, bucket, _src, a) = first_archive();
+    ok(&a.affa(&["--offsite", JOB]));
+    let empty = ceph.new_bucket();
+    let conf = fs::read_to_string(a.conf.join("job.conf")).unwrap();
+    a.write_conf("job.conf", &conf.replace(&format!("s3://{bucket}/"), &format!("s3://{empty}/")));
+    let list = ok(&a.affa(&["--list-archives", "--offsite", JOB]));
+    assert!(list.contains(": 0 archive(s)"), "{list}");
+    let e = fail(&a.affa(&["--offsite-verify", JOB]));
+    assert!(e.contains("has no offsite archive"), "{e}");
+    let e = fail(&a.affa(&["--full-restore", JOB, "--from-offsite", "--yes"]));
+    assert!(e.contains("has no offsite archive"), "{e}");
+    let out = ok(&a.affa(&["--offsite-cleanup", JOB]));
+    assert!(out.contains("nothing removed"), "{out}");
+    assert!(ceph.keys(&empty, "").is_empty(), "nothing written to the empty bucket");
+    ok(&a.affa(&["--offsite", JOB]));
+    assert_eq!(objects(ceph, &empty, "i/").len(), 1);
+    assert!(!ceph.keys(&empty, "").is_empty());
+}
+
+/// The job's gateway (a radosgw of its own) killed mid-upload and started again within the
+/// retry window: the upload completes and verifies. Killed for longer: a one-line error naming
+/// the endpoint, non-zero exit, no index (the archive is not listed); the next --offsite resumes.
+#[test]
+fn a_gateway_back_within_the_retry_window_loses_nothing_and_a_longer_outage_fails_cleanly() {
+    let ceph = Ceph::shared();
+    let mut gw = ceph.spare_gateway();
+    let bucket = ceph.new_bucket();
+    let src = source();
+    let a = setup(ceph, src.path(), &bucket);
+    let conf = fs::read_to_string(a.conf.join("job.conf")).unwrap();
+    a.write_conf("job.conf", &conf.replace(&ceph.endpoint, &gw.endpoint));
+    // About 1 s per 256 KiB chunk object: the outage falls in the middle of the upload.
+    add_keys(&a, "offsiteBwLimit=256\n");
+    ok(&a.affa_at("2026-12-01T01:00:00", &["--run", JOB]));
+    let total = archive_chunks(&a.job_dir(JOB).join("scheduled.0")).len();
+    let wait_for = |n: usize| {
+        poll(std::time::Duration::from_secs(120), std::time::Duration::from_millis(50), || {
+            (objects(ceph, &bucket, "c/").len() >= n).then_some(())
+        })
+        .unwrap_or_else(|| panic!("fewer than {n} chunk objects after 120 s"));
+    };
+    let piped = std::process::Stdio::piped;
+    let child = a.cmd().args(["--offsite", JOB]).stdout(piped()).stderr(piped()).spawn().unwrap();
+    wait_for(2);
+    gw.stop();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    gw.start();
+    let o = child.wait_with_output().unwrap();
+    let out = ok(&o);
+    assert!(out.contains(&format!("{} object(s) uploaded", total + 1)), "{out}");
+    let v = ok(&a.affa(&["--offsite-verify", JOB]));
+    assert!(v.contains("scheduled.0 (Date 202612010100): OK"), "{v}");
+
+    // Down for longer than the retries wait (about 31 s).
+    change_source(src.path(), 21, "second.txt");
+    ok(&a.affa_at("2026-12-02T01:00:00", &["--run", JOB]));
+    let before = objects(ceph, &bucket, "c/").len();
+    let child = a.cmd().args(["--offsite", JOB]).stdout(piped()).stderr(piped()).spawn().unwrap();
+    wait_for(before + 1);
+    gw.stop();
+    let o = child.wait_with_output().unwrap();
+    let e = fail(&o);
+    assert!(
+        e.contains(&format!("s3://{bucket}/{PREFIX}: PUT c/"))
+            && e.contains(&format!("endpoint {}: ", gw.endpoint))
+            && e.contains("(after 6 attempts)"),
+        "{e}"
+    );
+    assert!(!e.contains("X-Amz-Signature"), "no signed URL in a message: {e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert_eq!(objects(ceph, &bucket, "i/").len(), 1, "no index of the second archive");
+    gw.start();
+    let list = ok(&a.affa(&["--list-archives", "--offsite", JOB]));
+    assert!(list.contains(": 1 archive(s)") && !list.contains("Date 202612020100"), "{list}");
+    let out = ok(&a.affa(&["--offsite", JOB]));
+    assert!(out.contains("(Date 202612020100): offsite in") && out.contains(" chunk(s) already there"), "{out}");
+    assert!(objects(ceph, &bucket, "lock/").is_empty(), "the rerun replaced the failed run's marker and removed it");
+    let v = ok(&a.affa(&["--offsite-verify", JOB]));
+    assert_eq!(v.matches(": OK (").count(), 2, "{v}");
+}

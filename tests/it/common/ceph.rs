@@ -137,6 +137,15 @@ impl Ceph {
         std::fs::read_to_string(&p).unwrap().trim().parse().unwrap()
     }
 
+    /// A second RADOS Gateway of this cluster on a port of its own (same user, same buckets),
+    /// started: a test may stop and start it while the shared one serves the other tests.
+    pub fn spare_gateway(&self) -> Gateway {
+        let port = free_port();
+        let mut g = Gateway { endpoint: format!("http://127.0.0.1:{port}"), port, dir: self.dir.clone(), child: None };
+        g.start();
+        g
+    }
+
     fn bucket(&self, name: &str) -> Bucket {
         Bucket::new(self.endpoint.parse().unwrap(), UrlStyle::Path, name.to_string(), "us-east-1").unwrap()
     }
@@ -201,4 +210,56 @@ impl Ceph {
 
 fn creds() -> Credentials {
     Credentials::new(ACCESS, SECRET)
+}
+
+/// A RADOS Gateway a test stops (SIGKILL) and starts again ([`Ceph::spare_gateway`]); killed
+/// when dropped (and, as every daemon naming the cluster's ceph.conf, when the test process ends).
+pub struct Gateway {
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Gateway {
+    /// Start it (in the foreground, a child of this process) and wait until it answers.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "the gateway on port {} runs already", self.port);
+        let (d, p) = (&self.dir, self.port);
+        let child = Command::new("radosgw")
+            .arg("-c")
+            .arg(d.join("ceph.conf"))
+            .args(["-n", "client.rgw.a", "-f"])
+            .arg(format!("--rgw-frontends=beast endpoint=127.0.0.1:{p}"))
+            .arg(format!("--pid-file={}", d.join(format!("run/rgw.spare{p}.pid")).display()))
+            .arg(format!("--admin-socket={}", d.join(format!("run/rgw.spare{p}.asok")).display()))
+            .arg(format!("--log-file={}", d.join(format!("log/rgw.spare{p}.log")).display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start radosgw: {e}"));
+        self.child = Some(child);
+        let t0 = Instant::now();
+        let up = poll(Duration::from_secs(60), Duration::from_millis(50), || {
+            ureq::get(&self.endpoint).call().ok().map(|_| ())
+        });
+        assert!(up.is_some(), "the spare gateway on port {p} did not answer within 60 s");
+        eprintln!("ceph fixture: spare gateway on port {p} up in {:.1?}", t0.elapsed());
+    }
+
+    /// Kill it (SIGKILL: no goodbye to the clients) and reap it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
