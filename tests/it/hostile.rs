@@ -46,6 +46,7 @@ fn sample_manifest() -> Vec<u8> {
         file_hash: Some(id),
         added_bytes: 10,
         chunks: vec![ChunkRef::Stored(id), ChunkRef::Zero, ChunkRef::Stored(id), ChunkRef::Zero],
+        stored_lens: Some(vec![100, 0, 100, 0]),
     }
     .to_bytes()
 }
