@@ -266,7 +266,9 @@ impl Manifest {
                     .and_then(|v| v.parse::<u64>().ok())
                     .filter(|v| (MIN_BLOB_LEN..=MAX_BLOB_LEN).contains(v))
                     .ok_or_else(|| {
-                        bad(format!("chunk {n}: stored length {len:?}, expected {MIN_BLOB_LEN} to {MAX_BLOB_LEN} bytes"))
+                        bad(format!(
+                            "chunk {n}: stored length {len:?}, expected {MIN_BLOB_LEN} to {MAX_BLOB_LEN} bytes"
+                        ))
                     })?;
                 l.push(v as u32);
             }
@@ -401,7 +403,10 @@ mod tests {
             assert!(b.contains(&format!("\n{} 17\nzero\n", id_hex(&a))), "{b}");
             let back = Manifest::parse(b.as_bytes()).unwrap();
             assert_eq!(back, m);
-            assert_eq!((back.stored_len(0), back.stored_len(1), back.stored_len(2)), (Some(17), None, Some(MAX_BLOB_LEN as u32)));
+            assert_eq!(
+                (back.stored_len(0), back.stored_len(1), back.stored_len(2)),
+                (Some(17), None, Some(MAX_BLOB_LEN as u32))
+            );
         }
         // Versions 1 and 2 still read, without lengths.
         for hash in [true, false] {

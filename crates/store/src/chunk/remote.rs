@@ -541,7 +541,8 @@ fn backup<R: Read, W: Write>(
                 // Asked for although the pool may hold it (limit_known): the pool's entry, if
                 // it checks, is linked rather than replaced (the archives keep sharing it).
                 if foreign.remove(&id) {
-                    let len = trusted_entry(&pool.entry(&id), &id, Check::Full, &mut st.chunk, &mut blob_buf, &mut decoded);
+                    let len =
+                        trusted_entry(&pool.entry(&id), &id, Check::Full, &mut st.chunk, &mut blob_buf, &mut decoded);
                     if let Some(len) = len.filter(|_| link(&id, &mut touched).is_ok()) {
                         placed.insert(id, len);
                         st.chunk.reused_chunks += 1;
@@ -1038,8 +1039,8 @@ mod tests {
         let mut sent = Vec::new();
         let mut a = Agent::connect(&input[..], &mut sent, "scripted").unwrap();
         let a2 = root.join("job/daily.1");
-        let st = backup_file_ranged(&mut a, &pool, &settings, Path::new("/vmfs/disk.img"), &a2, rel, &lying, &[])
-            .unwrap();
+        let st =
+            backup_file_ranged(&mut a, &pool, &settings, Path::new("/vmfs/disk.img"), &a2, rel, &lying, &[]).unwrap();
         // Only chunks 1 and 2 were asked of the host; each repair counted once; chunk 3 was
         // read fully (verified) and kept.
         assert_eq!(sent_ranges(&sent), vec![(1, 3)]);
@@ -1063,12 +1064,16 @@ mod tests {
         assert!(v2.to_bytes().starts_with(b"affa-chunk-manifest 2\n"));
         let p5 = pool.entry(&id(5));
         fs::OpenOptions::new().write(true).open(&p5).unwrap().write_all_at(&[0u8; 16], 0).unwrap();
-        let input = script(&[opened, Msg::Chunk { index: 5, kind: ChunkKind::Same }, Msg::Data { index: 5, blob: blob_of(5) }, end(1, 1)]);
+        let input = script(&[
+            opened,
+            Msg::Chunk { index: 5, kind: ChunkKind::Same },
+            Msg::Data { index: 5, blob: blob_of(5) },
+            end(1, 1),
+        ]);
         let mut sent = Vec::new();
         let mut a = Agent::connect(&input[..], &mut sent, "scripted").unwrap();
         let a3 = root.join("job/daily.0");
-        let st = backup_file_ranged(&mut a, &pool, &settings, Path::new("/vmfs/disk.img"), &a3, rel, &v2, &[])
-            .unwrap();
+        let st = backup_file_ranged(&mut a, &pool, &settings, Path::new("/vmfs/disk.img"), &a3, rel, &v2, &[]).unwrap();
         assert_eq!(sent_ranges(&sent), vec![(5, 6)]);
         assert_eq!((st.chunk.repaired_chunks, st.chunk.new_chunks, st.chunk.reused_chunks), (1, 1, 4), "{st:?}");
         assert!(fs::read_to_string(&st.chunk.manifest_path).unwrap().starts_with("affa-chunk-manifest 3\n"));
@@ -1077,84 +1082,5 @@ mod tests {
             assert_eq!(m3.stored_len(i), (i != 4).then(|| entry_len(i)), "chunk {i}");
         }
         assert_eq!(rebuilt(&a3, &st.chunk.manifest_path), data);
-    }
-
-    /// Measurement (not a test; run by hand): the carried path of a ranged backup with N chunks
-    /// (env AFFA_MEASURE_CHUNKS), previous manifest v2 (header check) vs v3 (lstat), warm and with
-    /// the pool entries' data evicted (posix_fadvise DONTNEED).
-    #[test]
-    #[ignore]
-    fn measure_carried_path() {
-        use std::time::Instant;
-        const CS: usize = 256 << 10;
-        let n: usize = std::env::var("AFFA_MEASURE_CHUNKS").ok().and_then(|v| v.parse().ok()).unwrap_or(4096);
-        let t = tempfile::tempdir_in(std::env::var("AFFA_MEASURE_DIR").unwrap_or("/tmp".into())).unwrap();
-        let root = t.path().join("root");
-        let pool = Pool::open(&root).unwrap();
-        let settings = Settings { chunk_size: CS as u32, ..Settings::default() };
-        let mut chunks = Vec::new();
-        let mut lens = Vec::new();
-        let t0 = Instant::now();
-        for i in 0..n {
-            let id = *blake3::hash(&(i as u64).to_le_bytes()).as_bytes();
-            // A chunk file of 100 KB (header + fake payload; only the cheap checks run).
-            let mut b = vec![7u8; 100_000];
-            b[..16].copy_from_slice(b"AFCK\x01\x00\x00\x00");
-            b[8..12].copy_from_slice(&(CS as u32).to_le_bytes());
-            b[12..16].copy_from_slice(&(100_000u32 - 16).to_le_bytes());
-            let p = pool.entry(&id);
-            fs::create_dir_all(p.parent().unwrap()).unwrap();
-            fs::write(&p, &b).unwrap();
-            chunks.push(ChunkRef::Stored(id));
-            lens.push(100_000u32);
-        }
-        eprintln!("setup {n} entries: {:?}", t0.elapsed());
-        let m = Manifest {
-            size: (n * CS) as u64,
-            mode: 0o600,
-            uid: 0,
-            gid: 0,
-            mtime: (1, 0),
-            atime: None,
-            chunk_size: CS as u32,
-            compression: settings.compression,
-            file_hash: None,
-            added_bytes: 0,
-            chunks,
-            stored_lens: Some(lens),
-        };
-        let evict = || {
-            for c in &m.chunks {
-                let ChunkRef::Stored(id) = c else { continue };
-                let f = fs::File::open(pool.entry(id)).unwrap();
-                rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
-            }
-        };
-        let mut k = 0;
-        for cold in [false, true, false, true] {
-            for v3 in [false, true] {
-                let mut prev = m.clone();
-                if !v3 {
-                    prev.stored_lens = None;
-                }
-                let opened = Msg::Opened(proto::Opened {
-                    size: m.size, mode: 0o600, uid: 0, gid: 0, mtime: (1, 0), atime: (0, 0), window: 8,
-                });
-                let end = Msg::End(proto::End { size: m.size, mtime: (1, 0), file_hash: None, bytes_read: 0, chunks_sent: 0 });
-                let input = script(&[opened, end]);
-                let mut sent = Vec::new();
-                let mut a = Agent::connect(&input[..], &mut sent, "scripted").unwrap();
-                k += 1;
-                let arch = root.join(format!("job/a{k}"));
-                if cold {
-                    evict();
-                }
-                let t0 = Instant::now();
-                let st = backup_file_ranged(&mut a, &pool, &settings, Path::new("/d"), &arch, Path::new("d"), &prev, &[]).unwrap();
-                let el = t0.elapsed();
-                assert_eq!(st.chunk.reused_chunks, n as u64);
-                eprintln!("n={n} cold={cold} prev=v{}: {:.3} s ({:.1} us/chunk), sent {} bytes", if v3 { 3 } else { 2 }, el.as_secs_f64(), el.as_secs_f64() * 1e6 / n as f64, sent.len());
-            }
-        }
     }
 }
