@@ -248,6 +248,7 @@ mod tests {
             file_hash: None,
             added_bytes: 0,
             chunks: c,
+            stored_lens: None,
         };
         let prev = m(vec![id(1), id(2), ChunkRef::Zero, id(4)]);
         assert_eq!(verify(&prev, &[], &prev), Ok(()));

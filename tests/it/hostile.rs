@@ -46,6 +46,7 @@ fn sample_manifest() -> Vec<u8> {
         file_hash: Some(id),
         added_bytes: 10,
         chunks: vec![ChunkRef::Stored(id), ChunkRef::Zero, ChunkRef::Stored(id), ChunkRef::Zero],
+        stored_lens: Some(vec![100, 0, 100, 0]),
     }
     .to_bytes()
 }
@@ -262,7 +263,8 @@ fn a_malicious_manifest_cannot_read_or_write_outside() {
     let s0 = affa.job_dir("web").join("scheduled.0");
     let rel = src.path().strip_prefix("/").unwrap().join("disk.img.affa-manifest");
     let good = fs::read_to_string(s0.join(&rel)).unwrap();
-    let id = good.lines().find(|l| l.len() == 64).unwrap().to_string();
+    // A chunk line: the id, then (manifest version 3) its stored length.
+    let id = good.lines().filter_map(|l| l.split(' ').next()).find(|w| w.len() == 64).unwrap().to_string();
     let secret = affa.tmp.path().join("secret");
     fs::write(&secret, "top secret").unwrap();
     let restore_to = affa.tmp.path().join("restore");

@@ -10,10 +10,10 @@
 use super::blob::Encoder;
 use super::manifest::{ChunkRef, Manifest, MANIFEST_SUFFIX};
 use super::pipeline;
-use super::pool::{self, Pool, ARCHIVE_CHUNK_DIR};
+use super::pool::{self, Checked, Pool, ARCHIVE_CHUNK_DIR};
 use super::{id_hex, is_zero, ChunkId, Progress, Settings};
 use crate::error::{Error, IoContext, Result};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -49,6 +49,8 @@ pub struct ChunkStats {
 
 #[derive(Default)]
 struct Placed {
+    /// The file length of the entry checked or written (recorded in the manifest).
+    len: u32,
     new: bool,
     added: u64,
     verified: bool,
@@ -121,16 +123,19 @@ pub fn chunk_file(
     let prev = previous.filter(|p| p.chunk_size == settings.chunk_size);
 
     let scratch: Mutex<Vec<Scratch>> = Mutex::new(Vec::new());
-    let placed: Mutex<HashSet<ChunkId>> = Mutex::new(HashSet::new());
+    // Each chunk this call checked (or stored) and linked, with its entry's file length.
+    let placed: Mutex<HashMap<ChunkId, u32>> = Mutex::new(HashMap::new());
     let touched: Mutex<HashSet<PathBuf>> = Mutex::new(HashSet::new());
     let mut file_hash = None;
     let mut chunks: Vec<ChunkRef> = Vec::with_capacity(count.min(1 << 24) as usize);
+    let mut lens: Vec<u32> = Vec::with_capacity(count.min(1 << 24) as usize);
     let mut st = ChunkStats { logical_size: size, chunks: count, ..Default::default() };
     let mut done = 0u64;
 
     let place = |idx: u64, id: ChunkId, data: &[u8]| -> Result<Placed> {
         let mut p = Placed::default();
-        if placed.lock().unwrap().contains(&id) {
+        if let Some(&len) = placed.lock().unwrap().get(&id) {
+            p.len = len;
             return Ok(p); // already checked and linked into this archive by this call
         }
         let mut sc = match scratch.lock().unwrap().pop() {
@@ -143,33 +148,25 @@ pub fn chunk_file(
         };
         let entry = pool.entry(&id);
         let same_as_prev = prev.is_some_and(|m| m.chunks.get(idx as usize) == Some(&ChunkRef::Stored(id)));
-        let mut must_store = if same_as_prev {
-            match pool::quick_check(&entry) {
-                Ok(true) => false,
-                Ok(false) => {
-                    p.repaired = true;
-                    true
-                }
-                Err(_) => true,
+        // Same id at the same index: the cheap check (one lstat against the length the
+        // previous manifest recorded, pool::cheap_check); any other entry: the full check.
+        let checked = match prev {
+            Some(m) if same_as_prev => {
+                pool::cheap_check(&entry, &id, m.stored_len(idx as usize), &mut sc.blob, &mut sc.decoded)
             }
-        } else {
-            match pool::read_blob(&entry, &mut sc.blob) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => true,
-                Err(_) => {
-                    p.repaired = true;
-                    true
-                }
-                Ok(()) => {
-                    let good = super::blob::decode(&sc.blob, &mut sc.decoded).is_ok()
-                        && blake3::hash(&sc.decoded).as_bytes() == &id;
-                    if good {
-                        p.verified = true;
-                    } else {
-                        p.repaired = true;
-                    }
-                    !good
-                }
+            _ => pool::full_check(&entry, &id, &mut sc.blob, &mut sc.decoded),
+        };
+        let mut must_store = match checked {
+            Checked::Good { len, verified } => {
+                p.len = len;
+                p.verified = verified;
+                false
             }
+            Checked::Damaged => {
+                p.repaired = true;
+                true
+            }
+            Checked::Missing => true,
         };
         let mut local_touched = Vec::new();
         let mut attempts = 0;
@@ -180,6 +177,8 @@ pub fn chunk_file(
                 pool.write_entry(&id, &sc.blob, &mut local_touched)?;
                 p.new = true;
                 p.added += sc.blob.len() as u64;
+                // A chunk file is at most MAX_CHUNK_FILE_LEN bytes (encode never grows a chunk).
+                p.len = u32::try_from(sc.blob.len()).unwrap_or(0);
             }
             match pool.link_into(&id, archive_root, &mut local_touched) {
                 Ok(()) => break,
@@ -200,7 +199,7 @@ pub fn chunk_file(
             }
         }
         scratch.lock().unwrap().push(sc);
-        placed.lock().unwrap().insert(id);
+        placed.lock().unwrap().insert(id, p.len);
         touched.lock().unwrap().extend(local_touched);
         Ok(p)
     };
@@ -252,9 +251,11 @@ pub fn chunk_file(
                 Outcome::Zero => {
                     st.zero_chunks += 1;
                     chunks.push(ChunkRef::Zero);
+                    lens.push(0);
                 }
                 Outcome::Stored(id, p) => {
                     chunks.push(ChunkRef::Stored(id));
+                    lens.push(p.len);
                     st.new_chunks += p.new as u64;
                     st.added_bytes += p.added;
                     st.verified_chunks += p.verified as u64;
@@ -290,6 +291,7 @@ pub fn chunk_file(
         file_hash: Some(file_hash),
         added_bytes: st.added_bytes,
         chunks,
+        stored_lens: Some(lens),
     };
     st.replaced_source_file = place_manifest(archive_root, rel_path, &mpath, &manifest)?;
     st.manifest_path = mpath;

@@ -1,10 +1,12 @@
-//! The manifest of one chunked file (`<file>.affa-manifest`, text format versions 1 and 2:
-//! version 2 is a CBT-derived manifest without the whole-file hash).
+//! The manifest of one chunked file (`<file>.affa-manifest`, text format versions 1 to 3:
+//! version 2 is a CBT-derived manifest without the whole-file hash, version 3 records each stored
+//! chunk's file length, with or without the whole-file hash).
 //!
 //! Owns: the manifest's text layout (see docs/FORMAT.md), serializing and parsing it.
 //! Must never: panic or allocate without bound on a truncated, garbage or malicious manifest;
 //! accept a chunk id that is not exactly 64 lowercase hex digits; accept a manifest whose chunk
-//! list does not match its size and chunk size, or whose trailing checksum does not match.
+//! list does not match its size and chunk size, or whose trailing checksum does not match; accept
+//! a recorded chunk file length outside what a chunk file can be.
 
 use super::{id_hex, parse_compression, parse_id, ChunkId, Compression};
 use super::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
@@ -15,13 +17,21 @@ pub const MANIFEST_SUFFIX: &str = ".affa-manifest";
 /// Manifest format version of a manifest with its whole-file hash (every full pass).
 pub const MANIFEST_VERSION: u32 = 1;
 /// Manifest format version of a manifest without the whole-file hash (a CBT-derived backup
-/// that read only the changed chunks); also the highest version this program reads.
+/// that read only the changed chunks), written by earlier releases.
 pub const MANIFEST_VERSION_DERIVED: u32 = 2;
+/// Manifest format version with each stored chunk's file length (with or without the
+/// whole-file hash): what this program writes whenever the lengths are known; also the highest
+/// version it reads.
+pub const MANIFEST_VERSION_LENGTHS: u32 = 3;
+/// Shortest chunk file a version 3 manifest may record (a header and one byte).
+const MIN_BLOB_LEN: u64 = super::blob::HEADER_LEN as u64 + 1;
 const MAGIC: &str = "affa-chunk-manifest";
 /// Longest accepted line (ids are 64 chars; header lines are short).
 const MAX_LINE: usize = 256;
 /// Largest accepted file size (2^50 bytes = 1 PiB).
 const MAX_SIZE: u64 = 1 << 50;
+/// Longest chunk file a version 3 manifest may record (what a reader accepts at all).
+const MAX_BLOB_LEN: u64 = super::MAX_CHUNK_FILE_LEN;
 
 /// One entry of the chunk list.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +62,12 @@ pub struct Manifest {
     /// Compressed bytes this file added to the pool when it was chunked (informational).
     pub added_bytes: u64,
     pub chunks: Vec<ChunkRef>,
+    /// The file length (header + payload) of each stored chunk's pool entry as the writer
+    /// checked or wrote it, index-aligned with `chunks` (0 at a zero chunk): what the next
+    /// backup's cheap check of a carried chunk compares with one `lstat`. `None`: not recorded
+    /// (a version 1 or 2 manifest). A hint for damage checks only: readers that rebuild data
+    /// decode and hash every chunk whatever it says.
+    pub stored_lens: Option<Vec<u32>>,
 }
 
 impl Manifest {
@@ -62,6 +78,22 @@ impl Manifest {
         (self.size - start).min(cs) as usize
     }
 
+    /// The recorded file length of chunk `i`'s pool entry, if the manifest has one.
+    pub fn stored_len(&self, i: usize) -> Option<u32> {
+        self.stored_lens.as_ref().and_then(|l| l.get(i).copied()).filter(|&n| n as u64 >= MIN_BLOB_LEN)
+    }
+
+    /// The lengths to write: `stored_lens` when it has one valid length per stored chunk.
+    fn lens_to_write(&self) -> Option<&[u32]> {
+        let l = self.stored_lens.as_deref()?;
+        let ok = l.len() == self.chunks.len()
+            && self.chunks.iter().zip(l).all(|(c, &n)| match c {
+                ChunkRef::Zero => true,
+                ChunkRef::Stored(_) => (MIN_BLOB_LEN..=MAX_BLOB_LEN).contains(&(n as u64)),
+            });
+        ok.then_some(l)
+    }
+
     /// Number of chunks a file of `size` bytes has.
     pub fn chunk_count(size: u64, chunk_size: u32) -> u64 {
         size.div_ceil(chunk_size as u64)
@@ -70,7 +102,14 @@ impl Manifest {
     pub fn to_bytes(&self) -> Vec<u8> {
         use std::fmt::Write;
         let mut s = String::with_capacity(400 + self.chunks.len() * 65);
-        let version = if self.file_hash.is_some() { MANIFEST_VERSION } else { MANIFEST_VERSION_DERIVED };
+        // Version 3 whenever every stored chunk's length is known (every manifest this
+        // program's backups write); the older versions otherwise (a manifest built by hand).
+        let lens = self.lens_to_write();
+        let version = match (lens, &self.file_hash) {
+            (Some(_), _) => MANIFEST_VERSION_LENGTHS,
+            (None, Some(_)) => MANIFEST_VERSION,
+            (None, None) => MANIFEST_VERSION_DERIVED,
+        };
         let _ = writeln!(s, "{MAGIC} {version}");
         let _ = writeln!(s, "size {}", self.size);
         let _ = writeln!(s, "mode {:04o}", self.mode);
@@ -90,11 +129,14 @@ impl Manifest {
         }
         let _ = writeln!(s, "added-bytes {}", self.added_bytes);
         let _ = writeln!(s, "chunks {}", self.chunks.len());
-        for c in &self.chunks {
+        for (i, c) in self.chunks.iter().enumerate() {
             match c {
                 ChunkRef::Zero => s.push_str("zero\n"),
                 ChunkRef::Stored(id) => {
                     s.push_str(&id_hex(id));
+                    if let Some(l) = lens {
+                        let _ = write!(s, " {}", l[i]);
+                    }
                     s.push('\n');
                 }
             }
@@ -136,9 +178,10 @@ impl Manifest {
             Some((MAGIC, v)) => match v {
                 "1" => 1,
                 "2" => 2,
+                "3" => 3,
                 _ => {
                     return Err(bad(format!(
-                        "format version {v:?}, this program reads versions 1 to {MANIFEST_VERSION_DERIVED}"
+                        "format version {v:?}, this program reads versions 1 to {MANIFEST_VERSION_LENGTHS}"
                     )))
                 }
             },
@@ -194,15 +237,42 @@ impl Manifest {
         }
         // Preallocate only what the input can actually hold (65 bytes a line).
         let mut chunks = Vec::with_capacity((count as usize).min(data.len() / 65 + 1));
+        let mut lens: Option<Vec<u32>> = (version >= 3).then(|| Vec::with_capacity(chunks.capacity()));
         for _ in 0..count {
             let (line, _) =
                 next_line()?.ok_or_else(|| bad(format!("truncated chunk list ({} of {count})", chunks.len())))?;
             if line == "zero" {
                 chunks.push(ChunkRef::Zero);
-            } else {
-                let id = parse_id(line).ok_or_else(|| bad(format!("bad chunk id {:?}", line)))?;
-                chunks.push(ChunkRef::Stored(id));
+                if let Some(l) = lens.as_mut() {
+                    l.push(0);
+                }
+                continue;
             }
+            let n = chunks.len();
+            let (id_part, len_part) = match &lens {
+                None => (line, None),
+                Some(_) => {
+                    let (id, len) = line
+                        .split_once(' ')
+                        .ok_or_else(|| bad(format!("chunk {n}: {line:?} has no stored length (version 3)")))?;
+                    (id, Some(len))
+                }
+            };
+            let id = parse_id(id_part).ok_or_else(|| bad(format!("bad chunk id {:?}", line)))?;
+            if let (Some(l), Some(len)) = (lens.as_mut(), len_part) {
+                let digits = !len.is_empty() && len.bytes().all(|b| b.is_ascii_digit()) && !len.starts_with('0');
+                let v = Some(len)
+                    .filter(|_| digits)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .filter(|v| (MIN_BLOB_LEN..=MAX_BLOB_LEN).contains(v))
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "chunk {n}: stored length {len:?}, expected {MIN_BLOB_LEN} to {MAX_BLOB_LEN} bytes"
+                        ))
+                    })?;
+                l.push(v as u32);
+            }
+            chunks.push(ChunkRef::Stored(id));
         }
         let (line, start) = next_line()?.ok_or_else(|| bad("truncated (no end line)".into()))?;
         let sum = line
@@ -230,6 +300,7 @@ impl Manifest {
             },
             added_bytes: added,
             chunks,
+            stored_lens: lens,
         })
     }
 }
@@ -256,7 +327,13 @@ mod tests {
                 ChunkRef::Zero,
                 ChunkRef::Stored(*blake3::hash(b"b").as_bytes()),
             ],
+            stored_lens: None,
         }
+    }
+
+    /// Rewrite the body of a manifest (before `end`) and give it a matching checksum.
+    fn resum(body: &str) -> Vec<u8> {
+        format!("{body}end {}\n", id_hex(blake3::hash(body.as_bytes()).as_bytes())).into_bytes()
     }
 
     #[test]
@@ -299,7 +376,7 @@ mod tests {
         let body = "affa-chunk-manifest 1\nsize 1125899906842624\nmode 0644\nuid 0\ngid 0\nmtime 0 0\nchunk-size 262144\ncompression none\nblake3 0000000000000000000000000000000000000000000000000000000000000000\nchunks 4294967296\n";
         assert!(Manifest::parse(body.as_bytes()).is_err());
         assert!(Manifest::parse(&[b'a'; 100_000]).is_err());
-        assert!(Manifest::parse(b"affa-chunk-manifest 3\n").unwrap_err().message().contains("version"));
+        assert!(Manifest::parse(b"affa-chunk-manifest 4\n").unwrap_err().message().contains("version"));
         // Version 1 needs the whole-file hash; only version 2 may lack it.
         let mut d = sample();
         d.file_hash = None;
@@ -311,6 +388,84 @@ mod tests {
         assert!(Manifest::parse(v1.as_bytes()).unwrap_err().message().contains("missing blake3"));
     }
 
+    #[test]
+    fn version_3_records_stored_lengths_and_reads_back() {
+        for hash in [true, false] {
+            let mut m = sample();
+            if !hash {
+                m.file_hash = None;
+            }
+            m.stored_lens = Some(vec![17, 0, MAX_BLOB_LEN as u32]);
+            let b = String::from_utf8(m.to_bytes()).unwrap();
+            assert!(b.starts_with("affa-chunk-manifest 3\n"), "{b}");
+            assert_eq!(b.contains("\nderived cbt\n"), !hash, "{b}");
+            let ChunkRef::Stored(a) = m.chunks[0] else { unreachable!() };
+            assert!(b.contains(&format!("\n{} 17\nzero\n", id_hex(&a))), "{b}");
+            let back = Manifest::parse(b.as_bytes()).unwrap();
+            assert_eq!(back, m);
+            assert_eq!(
+                (back.stored_len(0), back.stored_len(1), back.stored_len(2)),
+                (Some(17), None, Some(MAX_BLOB_LEN as u32))
+            );
+        }
+        // Versions 1 and 2 still read, without lengths.
+        for hash in [true, false] {
+            let mut m = sample();
+            if !hash {
+                m.file_hash = None;
+            }
+            let b = m.to_bytes();
+            let want = if hash { "affa-chunk-manifest 1\n" } else { "affa-chunk-manifest 2\n" };
+            assert!(b.starts_with(want.as_bytes()));
+            let back = Manifest::parse(&b).unwrap();
+            assert_eq!((back.stored_lens.clone(), back.stored_len(0)), (None, None));
+            assert_eq!(back, m);
+        }
+        // Lengths that cannot all be written (wrong count, a stored chunk without a valid one):
+        // the older version, never a version 3 manifest with a wrong length.
+        for lens in [vec![100, 0], vec![100, 0, 0], vec![16, 0, 100], vec![100, 0, MAX_BLOB_LEN as u32 + 1]] {
+            let m = Manifest { stored_lens: Some(lens.clone()), ..sample() };
+            let b = m.to_bytes();
+            assert!(b.starts_with(b"affa-chunk-manifest 1\n"), "{lens:?}");
+            assert_eq!(Manifest::parse(&b).unwrap().stored_lens, None);
+        }
+    }
+
+    #[test]
+    fn bad_stored_lengths_are_refused() {
+        let m = Manifest { stored_lens: Some(vec![1000, 0, 2000]), ..sample() };
+        let good = String::from_utf8(m.to_bytes()).unwrap();
+        let body = &good[..good.find("end ").unwrap()];
+        let ChunkRef::Stored(a) = m.chunks[0] else { unreachable!() };
+        let line = format!("{} 1000\n", id_hex(&a));
+        assert!(body.contains(&line));
+        let cases = [
+            (format!("{}\n", id_hex(&a)), "has no stored length"),
+            (format!("{} \n", id_hex(&a)), "stored length \"\""),
+            (format!("{} 16\n", id_hex(&a)), "stored length \"16\", expected 17 to"),
+            (format!("{} 01000\n", id_hex(&a)), "stored length \"01000\""),
+            (format!("{} +1000\n", id_hex(&a)), "stored length \"+1000\""),
+            (format!("{} -1\n", id_hex(&a)), "stored length \"-1\""),
+            (format!("{} 1000 7\n", id_hex(&a)), "stored length \"1000 7\""),
+            (format!("{} {}\n", id_hex(&a), MAX_BLOB_LEN + 1), "expected 17 to"),
+            (format!("{} 99999999999999999999999\n", id_hex(&a)), "expected 17 to"),
+            (format!("{}  1000\n", id_hex(&a)), "stored length \" 1000\""),
+            ("zero 5\n".to_string(), "bad chunk id \"zero 5\""),
+            (format!("../../../etc/passwd{} 1000\n", &id_hex(&a)[19..]), "bad chunk id"),
+        ];
+        for (bad_line, want) in cases {
+            let e = Manifest::parse(&resum(&body.replace(&line, &bad_line))).unwrap_err();
+            assert!(e.message().contains(want), "{bad_line:?}: {e} (wanted {want})");
+            assert_eq!(e.kind(), crate::error::ErrorKind::Damaged);
+        }
+        // A version 1 or 2 manifest has no lengths: an id line with one is refused.
+        let v1 = resum(&body.replace("manifest 3\n", "manifest 1\n"));
+        assert!(Manifest::parse(&v1).unwrap_err().message().contains("bad chunk id"));
+        // The checksum still covers the lengths.
+        let other = good.replacen(" 1000\n", " 1001\n", 1);
+        assert!(Manifest::parse(other.as_bytes()).unwrap_err().message().contains("checksum mismatch"));
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::default() })]
         #[test]
@@ -320,7 +475,10 @@ mod tests {
 
         #[test]
         fn mutations_never_panic(pos in 0usize..1000, byte in any::<u8>(), cut in 0usize..1000) {
-            let mut b = sample().to_bytes();
+            let mut b = Manifest { stored_lens: Some(vec![5000, 0, 17]), ..sample() }.to_bytes();
+            if pos % 2 == 0 {
+                b = sample().to_bytes();
+            }
             let p = pos % b.len();
             b[p] = byte;
             b.truncate(b.len() - cut % b.len());

@@ -31,7 +31,9 @@ mod tests;
 pub use blob::{decode as decode_chunk_file, Encoder as ChunkEncoder};
 pub use build::{chunk_file, manifest_path, ChunkStats};
 pub use index::INDEX_FILE;
-pub use manifest::{ChunkRef, Manifest, MANIFEST_SUFFIX, MANIFEST_VERSION, MANIFEST_VERSION_DERIVED};
+pub use manifest::{
+    ChunkRef, Manifest, MANIFEST_SUFFIX, MANIFEST_VERSION, MANIFEST_VERSION_DERIVED, MANIFEST_VERSION_LENGTHS,
+};
 pub use pool::{sweep, Pool, SweepStats, ARCHIVE_CHUNK_DIR, POOL_DIR};
 pub use restore::{
     archive_usage, chunked_files, evict_damaged, list_manifests, load_chunk_at, load_chunk_from, open_chunk_at,

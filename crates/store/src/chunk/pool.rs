@@ -2,7 +2,9 @@
 //!
 //! Owns: path layout (`<dir>/<first two hex digits>/<64 hex digits>`), durable creation of
 //! pool entries (temp file in `.affa-pool/.tmp/`, fsync, rename), hard-linking entries into an
-//! archive, and `sweep` (removing pool entries nobody links any more, and stale temp files).
+//! archive, the checks of an existing entry before a backup reuses it (`cheap_check`: one lstat
+//! against the length the previous manifest recorded; `full_check`: read, decode, hash), and
+//! `sweep` (removing pool entries nobody links any more, and stale temp files).
 //! Must never: write into an existing chunk file (entries are immutable, replaced only by
 //! rename), delete anything in the pool other than entries with link count 1 and old temp files,
 //! or touch an archive's files except creating links in its `.affa-chunks/`.
@@ -185,19 +187,85 @@ pub(crate) fn read_blob(path: &Path, buf: &mut Vec<u8>) -> io::Result<()> {
     Ok(())
 }
 
-/// Cheap check of an entry: the header parses and the file length matches it (catches
-/// truncation and a zeroed or foreign file, not bit flips inside the payload).
-pub(crate) fn quick_check(path: &Path) -> io::Result<bool> {
+/// The old cheap check of an entry (a version 1 or 2 previous manifest, which records no
+/// length): the header parses and the file length matches it (catches truncation and a zeroed
+/// or foreign file, not bit flips inside the payload). `Some(file length)` when it passes.
+pub(crate) fn quick_check(path: &Path) -> io::Result<Option<u32>> {
     let mut f = crate::untrusted::open_regular(path)?;
     let mut h = [0u8; super::blob::HEADER_LEN];
     if f.read_exact(&mut h).is_err() {
-        return Ok(false);
+        return Ok(None);
     }
     let len = f.metadata()?.len();
     Ok(match super::blob::parse_header(&h) {
-        Ok((_, _, payload)) => len == (super::blob::HEADER_LEN + payload) as u64,
-        Err(_) => false,
+        Ok((_, _, payload)) if len == (super::blob::HEADER_LEN + payload) as u64 => u32::try_from(len).ok(),
+        _ => None,
     })
+}
+
+/// What checking an existing pool entry found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Checked {
+    /// Usable as it is: its file length, and whether it was read, decoded and hashed.
+    Good { len: u32, verified: bool },
+    /// Damaged (or not a regular file): to be stored again.
+    Damaged,
+    /// No entry (never stored, swept, evicted), or it could not be opened: to be stored.
+    Missing,
+}
+
+/// The full check of an entry: read, decoded, hashed against `id`.
+pub(crate) fn full_check(path: &Path, id: &ChunkId, blob_buf: &mut Vec<u8>, decoded: &mut Vec<u8>) -> Checked {
+    match read_blob(path, blob_buf) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Checked::Missing,
+        Err(_) => Checked::Damaged,
+        Ok(()) => {
+            let good = super::blob::decode(blob_buf, decoded).is_ok() && blake3::hash(decoded).as_bytes() == id;
+            match u32::try_from(blob_buf.len()) {
+                Ok(len) if good => Checked::Good { len, verified: true },
+                _ => Checked::Damaged,
+            }
+        }
+    }
+}
+
+/// The cheap check of an entry the previous manifest names at the same index (a chunk the
+/// agent reports unchanged, or a CBT backup carries over); `recorded` is the entry's length the
+/// previous manifest recorded (version 3), if any.
+///
+/// With a recorded length: one `lstat`, no open and no read: a regular file of exactly that
+/// length passes (truncation and growth fail). A length that differs is not trusted: the entry
+/// gets the full check (it may be a good copy written since, e.g. after EMLINK). Without one
+/// (versions 1 and 2): [`quick_check`].
+///
+/// Why a name that passes may be linked: the pool (mode 0700) only ever gets entries from
+/// `write_entry`, whose callers checked the bytes against the id first (this process or another
+/// affa sharing the RootDir). Between this check and the caller's `link_into` the name can
+/// only be removed (a sweep, an eviction: the link fails with ENOENT and the chunk is stored
+/// again) or replaced by another such checked write of the same chunk (a repair, a fresh copy
+/// after EMLINK): the link then takes that inode, which holds the same chunk. The length the
+/// caller records may then be the replaced inode's: the next run's `lstat` sees a difference
+/// and reads the entry fully, so a stale length costs one read, never a wrong trust.
+pub(crate) fn cheap_check(
+    path: &Path,
+    id: &ChunkId,
+    recorded: Option<u32>,
+    blob_buf: &mut Vec<u8>,
+    decoded: &mut Vec<u8>,
+) -> Checked {
+    let Some(want) = recorded else {
+        return match quick_check(path) {
+            Ok(Some(len)) => Checked::Good { len, verified: false },
+            Ok(None) => Checked::Damaged,
+            Err(_) => Checked::Missing,
+        };
+    };
+    match fs::symlink_metadata(path) {
+        Err(_) => Checked::Missing,
+        Ok(m) if !m.is_file() => Checked::Damaged,
+        Ok(m) if m.len() == want as u64 => Checked::Good { len: want, verified: false },
+        Ok(_) => full_check(path, id, blob_buf, decoded),
+    }
 }
 
 /// What `sweep` did.

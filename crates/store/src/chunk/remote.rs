@@ -16,12 +16,12 @@
 use super::blob;
 use super::build::{check_rel, manifest_path};
 use super::manifest::{ChunkRef, Manifest};
-use super::pool::{self, Pool, ARCHIVE_CHUNK_DIR};
+use super::pool::{self, Checked, Pool, ARCHIVE_CHUNK_DIR};
 use super::restore::{chunk_error, load_chunk_file, read_manifest, whole_file_hash};
 use super::{id_hex, ChunkId, ChunkStats, Compression, Settings};
 use crate::error::{Error, IoContext, Result};
 use affa_agent_proto::{self as proto, shown, ChunkKind, FrameReader, FrameWriter, Msg};
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -252,34 +252,41 @@ pub fn backup_file_ranged<R: Read, W: Write>(
     backup(agent, pool, settings, remote_path, archive_root, rel_path, Some(previous), Some(ranges))
 }
 
-/// Whether a pool entry named by an earlier manifest at `index` can be reused as it is: the
-/// cheap check, or (due for scrubbing) a full decode and hash.
+/// How an existing pool entry is checked before reuse.
+#[derive(Clone, Copy)]
+enum Check {
+    /// The previous manifest names the same id at this index: the cheap check against the
+    /// length it recorded, if any (`pool::cheap_check`: one lstat).
+    Cheap(Option<u32>),
+    /// Any other entry: read, decoded and hashed.
+    Full,
+}
+
+/// Whether the pool entry of `id` can be reused as it is, and then its file length (recorded
+/// in the new manifest). A damaged entry is counted in `st.repaired_chunks` (the caller stores
+/// it again, and must not check it again in this run: see `failed` in `backup`).
 fn trusted_entry(
     entry: &Path,
     id: &ChunkId,
-    scrub: bool,
+    check: Check,
     st: &mut ChunkStats,
     blob_buf: &mut Vec<u8>,
     decoded: &mut Vec<u8>,
-) -> bool {
-    if !scrub {
-        return pool::quick_check(entry).unwrap_or(false);
-    }
-    match pool::read_blob(entry, blob_buf) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
-        Err(_) => {
+) -> Option<u32> {
+    let checked = match check {
+        Check::Cheap(recorded) => pool::cheap_check(entry, id, recorded, blob_buf, decoded),
+        Check::Full => pool::full_check(entry, id, blob_buf, decoded),
+    };
+    match checked {
+        Checked::Good { len, verified } => {
+            st.verified_chunks += verified as u64;
+            Some(len)
+        }
+        Checked::Damaged => {
             st.repaired_chunks += 1;
-            false
+            None
         }
-        Ok(()) => {
-            let ok = blob::decode(blob_buf, decoded).is_ok() && blake3::hash(decoded).as_bytes() == id;
-            if ok {
-                st.verified_chunks += 1;
-            } else {
-                st.repaired_chunks += 1;
-            }
-            ok
-        }
+        Checked::Missing => None,
     }
 }
 
@@ -307,7 +314,11 @@ fn backup<R: Read, W: Write>(
     crate::untrusted::create_private_dir_beneath(archive_root, Path::new(ARCHIVE_CHUNK_DIR))?;
     let in0 = agent.bytes_in();
     let mut st = RemoteStats::default();
-    let mut placed: HashSet<ChunkId> = HashSet::new();
+    // Every chunk checked (or stored) and linked into the archive, with its entry's length.
+    let mut placed: HashMap<ChunkId, u32> = HashMap::new();
+    // Chunks whose entry failed its check (or link) in this run: asked for, never re-checked
+    // (a repair is counted once).
+    let mut failed: HashSet<ChunkId> = HashSet::new();
     let mut touched: HashSet<PathBuf> = HashSet::new();
     let (mut blob_buf, mut decoded) = (Vec::new(), Vec::new());
     let link = |id: &ChunkId, touched: &mut HashSet<PathBuf>| -> io::Result<()> {
@@ -339,11 +350,25 @@ fn backup<R: Read, W: Write>(
                 match c {
                     ChunkRef::Zero => st.chunk.zero_chunks += 1,
                     ChunkRef::Stored(id) => {
-                        let ok = placed.contains(id)
-                            || (trusted_entry(&pool.entry(id), id, false, &mut st.chunk, &mut blob_buf, &mut decoded)
-                                && link(id, &mut touched).is_ok());
+                        let ok = placed.contains_key(id) || {
+                            let check = Check::Cheap(p.stored_len(i as usize));
+                            let entry = pool.entry(id);
+                            let len = (!failed.contains(id))
+                                .then(|| trusted_entry(&entry, id, check, &mut st.chunk, &mut blob_buf, &mut decoded))
+                                .flatten()
+                                .filter(|_| link(id, &mut touched).is_ok());
+                            match len {
+                                Some(len) => {
+                                    placed.insert(*id, len);
+                                    true
+                                }
+                                None => {
+                                    failed.insert(*id);
+                                    false
+                                }
+                            }
+                        };
                         if ok {
-                            placed.insert(*id);
                             st.chunk.reused_chunks += 1;
                         } else {
                             extra.push((i, i + 1));
@@ -462,21 +487,36 @@ fn backup<R: Read, W: Write>(
                 let entry = pool.entry(&id);
                 // Placed, or asked for at an earlier index (a chunk repeated within the window):
                 // linked when its data arrives, which the END check requires.
-                let usable = if placed.contains(&id) || asked.contains(&id) {
+                let usable = if placed.contains_key(&id) || asked.contains(&id) {
                     true
+                } else if failed.contains(&id) {
+                    // Its entry failed in this run already (a carried chunk read again).
+                    false
                 } else if matches!(kind, ChunkKind::Hash(_)) && !agent.may_know(&id, &entry) {
                     // Not this job's: its data is asked for, whatever the pool holds.
                     foreign.insert(id);
                     false
                 } else {
-                    // A `hash` report (new to this index) is always fully checked.
-                    let full = !matches!(kind, ChunkKind::Same);
-                    let good = trusted_entry(&entry, &id, full, &mut st.chunk, &mut blob_buf, &mut decoded);
+                    // A `hash` report (new to this index) is always fully checked; a `same`
+                    // one gets the cheap check against the previous manifest's length.
+                    let check = match kind {
+                        ChunkKind::Same => Check::Cheap(prev.and_then(|p| p.stored_len(index as usize))),
+                        _ => Check::Full,
+                    };
+                    let len = trusted_entry(&entry, &id, check, &mut st.chunk, &mut blob_buf, &mut decoded);
                     // A link that fails (entry swept meanwhile, link limit) is stored afresh.
-                    good && link(&id, &mut touched).is_ok()
+                    match len.filter(|_| link(&id, &mut touched).is_ok()) {
+                        Some(len) => {
+                            placed.insert(id, len);
+                            true
+                        }
+                        None => {
+                            failed.insert(id);
+                            false
+                        }
+                    }
                 };
                 if usable {
-                    placed.insert(id);
                     st.chunk.reused_chunks += 1;
                 } else {
                     wanted.push_back((index, id));
@@ -500,13 +540,14 @@ fn backup<R: Read, W: Write>(
                 st.data_frames += 1;
                 // Asked for although the pool may hold it (limit_known): the pool's entry, if
                 // it checks, is linked rather than replaced (the archives keep sharing it).
-                if foreign.remove(&id)
-                    && trusted_entry(&pool.entry(&id), &id, true, &mut st.chunk, &mut blob_buf, &mut decoded)
-                    && link(&id, &mut touched).is_ok()
-                {
-                    placed.insert(id);
-                    st.chunk.reused_chunks += 1;
-                    continue;
+                if foreign.remove(&id) {
+                    let len =
+                        trusted_entry(&pool.entry(&id), &id, Check::Full, &mut st.chunk, &mut blob_buf, &mut decoded);
+                    if let Some(len) = len.filter(|_| link(&id, &mut touched).is_ok()) {
+                        placed.insert(id, len);
+                        st.chunk.reused_chunks += 1;
+                        continue;
+                    }
                 }
                 let mut t = Vec::new();
                 pool.write_entry(&id, &data, &mut t)?;
@@ -524,7 +565,8 @@ fn backup<R: Read, W: Write>(
                         ))
                     })?;
                 }
-                placed.insert(id);
+                // DATA frames are bounded far below 4 GiB (affa_agent_proto's frame limit).
+                placed.insert(id, u32::try_from(data.len()).unwrap_or(0));
                 st.chunk.new_chunks += 1;
                 st.chunk.added_bytes += data.len() as u64;
             }
@@ -555,6 +597,15 @@ fn backup<R: Read, W: Write>(
     for d in &touched {
         pool::fsync_dir(d)?;
     }
+    // Every stored chunk the manifest names was placed in this run (carried, checked or
+    // stored): its entry's length. (0, written as a version 1/2 manifest, cannot happen.)
+    let stored_lens = chunks
+        .iter()
+        .map(|c| match c {
+            ChunkRef::Zero => 0,
+            ChunkRef::Stored(id) => placed.get(id).copied().unwrap_or(0),
+        })
+        .collect();
     let manifest = Manifest {
         size: opened.size,
         mode: opened.mode & 0o7777,
@@ -567,10 +618,11 @@ fn backup<R: Read, W: Write>(
         file_hash,
         added_bytes: st.chunk.added_bytes,
         chunks,
+        stored_lens: Some(stored_lens),
     };
     st.chunk.replaced_source_file = super::build::place_manifest(archive_root, rel_path, &mpath, &manifest)?;
     st.chunk.manifest_path = mpath;
-    agent.now_known(placed);
+    agent.now_known(placed.into_keys());
     Ok(st)
 }
 
@@ -799,6 +851,7 @@ mod tests {
     //! send), never trusted. The real agent is tested over ssh in crates/agent/tests/agent.rs.
     use super::*;
     use crate::chunk::{chunk_file, Settings};
+    use std::os::unix::fs::FileExt;
 
     fn script(ms: &[Msg]) -> Vec<u8> {
         let mut v =
@@ -878,5 +931,156 @@ mod tests {
             })
             .collect();
         assert_eq!(datas, want);
+    }
+
+    /// Pool entries of text-like (compressible) chunks: chunk `i` of `n`, chunk 4 all zero.
+    fn text_disk(n: usize, cs: usize) -> Vec<u8> {
+        let mut data = vec![0u8; n * cs];
+        for (i, c) in data.chunks_mut(cs).enumerate() {
+            if i != 4 {
+                let mut line = Vec::new();
+                let mut j = 0;
+                while line.len() < cs {
+                    line.extend_from_slice(format!("chunk {i} line {j}\n").as_bytes());
+                    j += 1;
+                }
+                c.copy_from_slice(&line[..cs]);
+            }
+        }
+        data
+    }
+
+    fn sent_ranges(sent: &[u8]) -> Vec<(u64, u64)> {
+        let mut r = FrameReader::new(sent);
+        let mut out = Vec::new();
+        while let Some(m) = r.read_msg().unwrap() {
+            if let Msg::Ranges(rs) = m {
+                out.extend(rs);
+            }
+        }
+        out
+    }
+
+    /// A ranged (CBT) backup checks each carried chunk with one lstat against the length the
+    /// previous manifest (version 3) recorded: an entry truncated or grown is refused and read
+    /// again through the agent (counted repaired once); a recorded length that lies about a
+    /// good entry costs a full check of it, never a wrong trust, and the new manifest records
+    /// the real length. A version 2 previous manifest (no lengths) gets the old header check,
+    /// and the manifest written is version 3.
+    #[test]
+    fn carried_chunks_are_checked_by_their_recorded_length() {
+        const CS: usize = 256 << 10;
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        let pool = Pool::open(&root).unwrap();
+        let data = text_disk(6, CS);
+        let src = t.path().join("disk.img");
+        fs::write(&src, &data).unwrap();
+        let settings = Settings { chunk_size: CS as u32, ..Settings::default() };
+        let rel = Path::new("vm/disk.img");
+        let a1 = root.join("job/daily.2");
+        let st1 = chunk_file(&pool, &settings, &src, &a1, rel, None, None).unwrap();
+        assert!(fs::read_to_string(&st1.manifest_path).unwrap().starts_with("affa-chunk-manifest 3\n"));
+        let m1 = read_manifest(&st1.manifest_path).unwrap();
+        let id = |i: usize| match m1.chunks[i] {
+            ChunkRef::Stored(id) => id,
+            ChunkRef::Zero => panic!("chunk {i} is zero"),
+        };
+        let entry_len = |i: usize| fs::metadata(pool.entry(&id(i))).unwrap().len() as u32;
+        for i in 0..6 {
+            assert_eq!(m1.stored_len(i), (i != 4).then(|| entry_len(i)), "chunk {i}");
+        }
+        let blob_of = |i: usize| {
+            let mut out = Vec::new();
+            blob::Encoder::new(settings.compression).unwrap().encode(&data[i * CS..(i + 1) * CS], &mut out).unwrap();
+            out
+        };
+        let opened = Msg::Opened(proto::Opened {
+            size: data.len() as u64,
+            mode: 0o600,
+            uid: 0,
+            gid: 0,
+            mtime: m1.mtime,
+            atime: (0, 0),
+            window: 8,
+        });
+        let end = |read: u64, sent: u64| {
+            Msg::End(proto::End {
+                size: data.len() as u64,
+                mtime: m1.mtime,
+                file_hash: None,
+                bytes_read: read * CS as u64,
+                chunks_sent: sent,
+            })
+        };
+        let rebuilt = |a: &Path, mp: &Path| {
+            let out = t.path().join("rebuilt");
+            crate::chunk::unchunk_file(a, mp, &out, None).unwrap();
+            fs::read(&out).unwrap()
+        };
+
+        // Chunk 1's entry truncated by one byte, chunk 2's grown by one; the previous manifest
+        // lies about chunk 3's length (its entry is good). Nothing changed on the host.
+        let p1 = pool.entry(&id(1));
+        fs::OpenOptions::new().write(true).open(&p1).unwrap().set_len(entry_len(1) as u64 - 1).unwrap();
+        let p2 = pool.entry(&id(2));
+        let len2 = entry_len(2) as u64;
+        fs::OpenOptions::new().write(true).open(&p2).unwrap().write_all_at(b"x", len2).unwrap();
+        let mut lying = m1.clone();
+        lying.stored_lens.as_mut().unwrap()[3] += 1;
+        let input = script(&[
+            opened.clone(),
+            Msg::Chunk { index: 1, kind: ChunkKind::Same },
+            Msg::Chunk { index: 2, kind: ChunkKind::Same },
+            Msg::Data { index: 1, blob: blob_of(1) },
+            Msg::Data { index: 2, blob: blob_of(2) },
+            end(2, 2),
+        ]);
+        let mut sent = Vec::new();
+        let mut a = Agent::connect(&input[..], &mut sent, "scripted").unwrap();
+        let a2 = root.join("job/daily.1");
+        let st =
+            backup_file_ranged(&mut a, &pool, &settings, Path::new("/vmfs/disk.img"), &a2, rel, &lying, &[]).unwrap();
+        // Only chunks 1 and 2 were asked of the host; each repair counted once; chunk 3 was
+        // read fully (verified) and kept.
+        assert_eq!(sent_ranges(&sent), vec![(1, 3)]);
+        let c = &st.chunk;
+        assert_eq!(
+            (st.range_chunks, c.repaired_chunks, c.new_chunks, c.verified_chunks, c.reused_chunks, st.data_frames),
+            (2, 2, 2, 1, 3, 2),
+            "{st:?}"
+        );
+        let m2 = read_manifest(&st.chunk.manifest_path).unwrap();
+        for i in 0..6 {
+            assert_eq!(m2.stored_len(i), (i != 4).then(|| entry_len(i)), "chunk {i}");
+        }
+        assert_eq!(m2.stored_len(3), m1.stored_len(3));
+        assert_eq!(rebuilt(&a2, &st.chunk.manifest_path), data);
+
+        // A version 2 previous manifest (no lengths): the header check finds chunk 5's zeroed
+        // header (same length), the host reads it again; the new manifest is version 3.
+        let mut v2 = m2.clone();
+        v2.stored_lens = None;
+        assert!(v2.to_bytes().starts_with(b"affa-chunk-manifest 2\n"));
+        let p5 = pool.entry(&id(5));
+        fs::OpenOptions::new().write(true).open(&p5).unwrap().write_all_at(&[0u8; 16], 0).unwrap();
+        let input = script(&[
+            opened,
+            Msg::Chunk { index: 5, kind: ChunkKind::Same },
+            Msg::Data { index: 5, blob: blob_of(5) },
+            end(1, 1),
+        ]);
+        let mut sent = Vec::new();
+        let mut a = Agent::connect(&input[..], &mut sent, "scripted").unwrap();
+        let a3 = root.join("job/daily.0");
+        let st = backup_file_ranged(&mut a, &pool, &settings, Path::new("/vmfs/disk.img"), &a3, rel, &v2, &[]).unwrap();
+        assert_eq!(sent_ranges(&sent), vec![(5, 6)]);
+        assert_eq!((st.chunk.repaired_chunks, st.chunk.new_chunks, st.chunk.reused_chunks), (1, 1, 4), "{st:?}");
+        assert!(fs::read_to_string(&st.chunk.manifest_path).unwrap().starts_with("affa-chunk-manifest 3\n"));
+        let m3 = read_manifest(&st.chunk.manifest_path).unwrap();
+        for i in 0..6 {
+            assert_eq!(m3.stored_len(i), (i != 4).then(|| entry_len(i)), "chunk {i}");
+        }
+        assert_eq!(rebuilt(&a3, &st.chunk.manifest_path), data);
     }
 }
