@@ -126,8 +126,10 @@ impl Session {
         watchdog.end();
         let t = Instant::now();
         // The agent ends after BYE; ssh with it. Never wait on a wedged host for long.
+        let mut pause = Duration::from_millis(1);
         while matches!(child.try_wait(), Ok(None)) && t.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(20));
         }
         let _ = child.kill();
         let _ = child.wait();
