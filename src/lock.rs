@@ -21,7 +21,7 @@
 //! children inherit it) and waits for them before it touches the job's directory.
 //!
 //! The lock directory also holds `.ssh.JOB/`, the private directory of the run's ssh
-//! ControlMaster socket (`crate::transport::mux`, which creates and removes it; the master is
+//! ControlMaster socket (the transport's `mux.rs`, which creates and removes it; the master is
 //! one of the run's children and holds the marker like them).
 
 use std::fs::{self, File};
