@@ -19,6 +19,10 @@
 //! flock stays held as long as any such leftover lives, so the next run of the job sees it,
 //! stops the leftovers (the processes holding the marker open: root's private file, only affa's
 //! children inherit it) and waits for them before it touches the job's directory.
+//!
+//! The lock directory also holds `.ssh.JOB/`, the private directory of the run's ssh
+//! ControlMaster socket (the transport's `mux.rs`, which creates and removes it; the master is
+//! one of the run's children and holds the marker like them).
 
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, Write};

@@ -102,6 +102,9 @@ pub struct Ctx<'a> {
     /// The source paths of this run's transfer, when they are not the job's own (SMEServer=yes
     /// adds SME's backup set): written into the archive's setup copy, which restore reads.
     pub extra_sources: std::cell::RefCell<Vec<String>>,
+    /// The socket of the run's ssh ControlMaster while it runs (`crate::transport::mux`):
+    /// [`source`](Self::source) hands it to every ssh session of the run.
+    pub ssh_control: std::cell::RefCell<Option<PathBuf>>,
 }
 
 impl Ctx<'_> {
@@ -109,7 +112,7 @@ impl Ctx<'_> {
         if self.job.local {
             None
         } else {
-            Some(SshTarget::from_job(self.job, self.cfg))
+            Some(SshTarget::from_job(self.job, self.cfg).with_control(self.ssh_control.borrow().clone()))
         }
     }
     pub fn keeps(&self) -> Keeps {

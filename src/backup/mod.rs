@@ -46,6 +46,7 @@ pub fn run(cfg: &Config, job_name: &str, clock: &dyn Clock, opts: RunOptions) ->
         started: Instant::now(),
         job_dir: job.job_dir(),
         extra_sources: Default::default(),
+        ssh_control: Default::default(),
     };
     ctx.log.info(format!("Starting job {} {} ({})", job_name, opts.level.name(), job.host));
     let res = run_locked(&ctx, opts.level);
@@ -95,9 +96,15 @@ fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
     if let Some(d) = &daemon {
         ctx.log.info(format!("Checking the rsync daemon connection to {}", d.url));
         d.check(ctx.job)?;
-    } else if let Some(t) = ctx.source() {
+    }
+    // Every ssh session of the run (the check, remote commands, rsync, the agent) shares one
+    // connection: one key exchange and login per run (stopped at the end of the run, on every
+    // path: the guard's drop).
+    let mut ssh_conn = SharedSsh { ctx, master: None };
+    if let (None, Some(t)) = (&daemon, ctx.source()) {
         ctx.log.phase(Phase::Connecting(t.destination()));
-        t.check_connection()?;
+        ssh_conn.start(&t);
+        ctx.source().unwrap_or(t).check_connection()?;
     }
     run_scripts(ctx, "preJobCommand", &ctx.job.scripts.pre, &ctx.job.scripts.pre_remote)?;
     crate::backup::sme::before_transfer(ctx)?;
@@ -125,6 +132,7 @@ fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
 
     run_scripts(ctx, "postJobCommand", &ctx.job.scripts.post, &ctx.job.scripts.post_remote)?;
     crate::backup::sme::after_run(ctx, &mut summary)?;
+    drop(ssh_conn);
     disk_space_warning(ctx, &report, &mut summary);
     if summary.failure.is_none() {
         offsite_after_run(ctx, &mut summary);
@@ -135,6 +143,45 @@ fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
         bail!(Remote, "{f}");
     }
     Ok(summary)
+}
+
+/// The run's ssh ControlMaster (`crate::transport::mux`), published in `ctx.ssh_control`
+/// while it lives; dropping this stops it.
+struct SharedSsh<'a> {
+    ctx: &'a Ctx<'a>,
+    master: Option<crate::transport::mux::Master>,
+}
+
+impl SharedSsh<'_> {
+    /// Start the master; without one (logged), every session connects on its own.
+    fn start(&mut self, t: &crate::transport::SshTarget) {
+        match crate::transport::mux::Master::start(t, &self.ctx.cfg.lock_dir()) {
+            Ok(m) => {
+                self.ctx.log.info(format!(
+                    "ssh: one connection to {} for the run's sessions (connected in {} ms)",
+                    t.destination(),
+                    m.started_in.as_millis()
+                ));
+                *self.ctx.ssh_control.borrow_mut() = Some(m.socket().to_path_buf());
+                self.master = Some(m);
+            }
+            Err(why) => self.ctx.log.warn(format!(
+                "ssh: no shared connection to {} ({why}); each ssh session of the run connects on its own",
+                t.destination()
+            )),
+        }
+    }
+}
+
+impl Drop for SharedSsh<'_> {
+    fn drop(&mut self) {
+        *self.ctx.ssh_control.borrow_mut() = None;
+        if let Some(why) = self.master.take().and_then(|m| m.stop()) {
+            self.ctx.log.warn(format!(
+                "ssh: the shared connection ended during the run ({why}); the sessions after it connected on their own"
+            ));
+        }
+    }
 }
 
 fn stamp(ctx: &Ctx) -> String {

@@ -154,7 +154,7 @@ fn add(groups: &mut Vec<Group>, layout: &VmLayout, ds_path: &str) -> Result<()> 
 /// The ESXi transfer. Fills `report`; the caller writes it and rotates.
 pub fn transfer(ctx: &Ctx, running: &Path, report: &mut Report, summary: &mut RunSummary) -> Result<()> {
     let job = ctx.job;
-    let target = SshTarget::from_job(job, ctx.cfg);
+    let target = ctx.source().unwrap_or_else(|| SshTarget::from_job(job, ctx.cfg));
     let esxi = job.esxi_settings()?;
     let vm_name = &esxi.vm_name;
     ctx.log.phase(Phase::EsxiConnecting(connect_options(job).host));

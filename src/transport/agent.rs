@@ -101,7 +101,7 @@ pub fn classify(host: &str, path: &str, code: Option<i32>, stderr: &str) -> Unav
 /// [`finish`](Self::finish) or [`stop`](Self::stop).
 pub struct Session {
     child: Child,
-    stderr: Option<std::thread::JoinHandle<Vec<u8>>>,
+    stderr: Option<std::sync::mpsc::Receiver<Vec<u8>>>,
     pub agent: Agent<Watched, ChildStdin>,
     watchdog: Watchdog,
     /// `HOST:PATH`, for messages.
@@ -126,12 +126,14 @@ impl Session {
         watchdog.end();
         let t = Instant::now();
         // The agent ends after BYE; ssh with it. Never wait on a wedged host for long.
+        let mut pause = Duration::from_millis(1);
         while matches!(child.try_wait(), Ok(None)) && t.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(20));
         }
         let _ = child.kill();
         let _ = child.wait();
-        let text = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
+        let text = collect(stderr);
         r.map_err(|e| with_stderr(e, &label, &text))
     }
 
@@ -143,8 +145,24 @@ impl Session {
         drop(agent);
         let _ = child.kill();
         let _ = child.wait();
-        first_line(&stderr.and_then(|h| h.join().ok()).unwrap_or_default())
+        first_line(&collect(stderr))
     }
+}
+
+/// Read ssh's stderr on a thread; [`collect`] takes what it read.
+fn read_stderr(e: std::process::ChildStderr) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(read_bounded(e));
+    });
+    rx
+}
+
+/// ssh's stderr once ssh ended, waiting at most 2 s for its end: a session through the run's
+/// shared connection (`super::mux`) has its stderr held by the master until the host closes the
+/// channel, which a stalled agent never does (the master closes it when the run ends).
+fn collect(stderr: Option<std::sync::mpsc::Receiver<Vec<u8>>>) -> Vec<u8> {
+    stderr.and_then(|r| r.recv_timeout(Duration::from_secs(2)).ok()).unwrap_or_default()
 }
 
 fn first_line(b: &[u8]) -> String {
@@ -246,7 +264,7 @@ enum Attempt {
 
 fn attempt(t: &SshTarget, path: &str, idle: Duration) -> Result<Attempt> {
     let mut child = spawn(t, path)?;
-    let err = child.stderr.take().map(|e| std::thread::spawn(move || read_bounded(e)));
+    let err = child.stderr.take().map(read_stderr);
     let (out, inp) = (child.stdout.take().unwrap(), child.stdin.take().unwrap());
     let label = format!("{}:{path}", t.host);
     let (watchdog, state) = Watchdog::start(child.id(), idle);
@@ -266,7 +284,7 @@ fn attempt(t: &SshTarget, path: &str, idle: Duration) -> Result<Attempt> {
                     }
                 }
             };
-            let text = err.and_then(|h| h.join().ok()).unwrap_or_default();
+            let text = collect(err);
             Ok(Attempt::Failed(status, String::from_utf8_lossy(&text).into_owned()))
         }
     }

@@ -1,12 +1,14 @@
 //! ssh to the source host: options, the per-job known-hosts file, the key, remote commands.
 //!
-//! Owns: every ssh command line affa builds, and the time limits of remote commands
+//! Owns: every ssh command line affa builds (a run's sessions share one connection: [`mux`]),
+//! and the time limits of remote commands
 //! ([`output_within`]). Must never: use `StrictHostKeyChecking=no`, accept a new host key except
 //! during `--send-key`'s first contact, let a child ssh/rsync outlive an affa that was killed
 //! (children get `PR_SET_PDEATHSIG`), or wait on a remote command without a time limit during a
 //! run (a wedged host must not hold the job's lock, nor keep a VM on its snapshot).
 
 pub mod agent;
+pub mod mux;
 pub mod rsync;
 pub mod rsyncd;
 
@@ -30,6 +32,9 @@ pub struct SshTarget {
     pub known_hosts: PathBuf,
     pub connect_timeout: u64,
     pub debug: bool,
+    /// The run's ControlMaster socket ([`mux::Master`]): every session goes through its
+    /// connection (and connects on its own when it is gone).
+    pub control: Option<PathBuf>,
 }
 
 /// The private key affa uses for every job.
@@ -102,6 +107,8 @@ pub fn output_within(
     let out = child.stdout.take().map(|o| std::thread::spawn(move || read_bounded(o)));
     let err = child.stderr.take().map(|e| std::thread::spawn(move || read_bounded(e)));
     let start = Instant::now();
+    // Polled from 1 ms up to every 20 ms: a short remote command (most are) is seen done at once.
+    let mut pause = Duration::from_millis(1);
     let status = loop {
         if let Some(st) = child.try_wait().ctx(|| format!("cannot wait for {what}"))? {
             break st;
@@ -120,7 +127,8 @@ pub fn output_within(
                 limit.as_secs()
             );
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
     };
     crate::interrupt::set_child(0);
     let stdout = out.and_then(|t| t.join().ok()).unwrap_or_default();
@@ -150,7 +158,15 @@ impl SshTarget {
             known_hosts: ssh_dir.join(format!("knownhosts-{}", job.name)),
             connect_timeout: job.ssh.connect_timeout,
             debug: job.debug,
+            control: None,
         }
+    }
+
+    /// The same target, its sessions sharing the run's connection `control` (None: each
+    /// session connects on its own).
+    pub fn with_control(mut self, control: Option<PathBuf>) -> SshTarget {
+        self.control = control;
+        self
     }
 
     pub fn destination(&self) -> String {
@@ -160,7 +176,7 @@ impl SshTarget {
     /// Options of every connection after `--send-key`: our key only, no password prompt, and
     /// the host key must be the one recorded for this job.
     pub fn options(&self) -> Vec<String> {
-        vec![
+        let mut o = vec![
             "-p".to_string(),
             self.port.to_string(),
             "-o".into(),
@@ -187,7 +203,12 @@ impl SshTarget {
             "HashKnownHosts=no".into(),
             "-o".into(),
             if self.debug { "LogLevel=DEBUG1".into() } else { "LogLevel=ERROR".into() },
-        ]
+        ];
+        if let Some(p) = &self.control {
+            // A session, never a master of its own; without the master it connects directly.
+            o.extend(["-o".into(), "ControlMaster=no".into(), "-o".into(), format!("ControlPath={}", p.display())]);
+        }
+        o
     }
 
     /// The `--rsh` value for rsync (rsync splits it on spaces and honours quotes).

@@ -306,3 +306,82 @@ fn vim_cmd_mode_never_touches_cbt_reads_each_run_in_full_and_esxicbt_yes_fails_t
     assert_eq!(before, after, "the earlier archive is unchanged");
     assert_frozen(&e, "scheduled.0", "after the refused ESXiCBT=yes run");
 }
+
+/// Processes whose command line names `needle` (an ssh master of the run names its socket).
+fn processes_naming(needle: &str) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(needle) {
+            found.push((pid, cmd));
+        }
+    }
+    found
+}
+
+/// The fixed cost of a run (issue 14's 0.2x target): every ssh session of a run (the check, the
+/// agent, rsync of the descriptor and of the configuration files) shares one connection, so
+/// sshd sees one login per run; the master never outlives the run, also a failed one; where it
+/// cannot start, the run goes on with a connection per session.
+#[test]
+fn one_ssh_login_per_run_and_no_master_left_after_it() {
+    let sshd = Sshd::start_with("LogLevel INFO\n");
+    let e = Esx::start_on(sshd, 8 * MB, &[(0, MB)], &format!("{CONF}ESXiCBTVerifyEvery=0\n"), "");
+    let lock = e.affa.state.join("lock");
+    let master_dir = lock.join(".ssh.esx");
+    let leftovers = || processes_naming(&format!("ControlPath={}", master_dir.display()));
+    let log = e.affa.state.join("log/esx.log");
+    for day in 1..=2 {
+        let before = e.sshd.logins();
+        let out = run_at(&e, day);
+        ok(&out);
+        assert_eq!(
+            e.sshd.logins() - before,
+            1,
+            "day {day}: one login per run; sshd's log:\n{}",
+            fs::read_to_string(e.sshd.log()).unwrap()
+        );
+        assert!(leftovers().is_empty(), "day {day}: the run's ssh master outlived it: {:?}", leftovers());
+        assert!(!master_dir.exists(), "day {day}: the master's socket directory remains");
+        assert_frozen(&e, "scheduled.0", &format!("day {day}"));
+    }
+    assert_eq!(disk(&e, "scheduled.0", 0)["Read"], "cbt");
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(text.contains("ssh: one connection to "), "{text}");
+
+    // A run that fails after the master started (the ESXi login is refused): no master left.
+    let pw = fs::read_to_string(&e.pwfile).unwrap();
+    fs::write(&e.pwfile, "not-the-password\n").unwrap();
+    let before = e.sshd.logins();
+    let out = run_at(&e, 3);
+    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(e.sshd.logins() - before, 1, "the failed run logged in once");
+    assert!(leftovers().is_empty(), "the failed run's ssh master outlived it: {:?}", leftovers());
+    assert!(!master_dir.exists(), "the failed run's socket directory remains");
+    fs::write(&e.pwfile, pw).unwrap();
+
+    // An ssh that cannot be a master (localSSHBinary a wrapper refusing it): each session
+    // connects on its own, the run works, the log says why.
+    let wrapper = e.work.path().join("ssh-no-master");
+    fs::write(
+        &wrapper,
+        "#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = ControlMaster=yes ] && { echo 'no master here' >&2; exit 255; }; done\nexec ssh \"$@\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+    let conf = e.affa.conf.join("esx.conf");
+    let mut text = fs::read_to_string(&conf).unwrap();
+    text.push_str(&format!("localSSHBinary={}\n", wrapper.display()));
+    fs::write(&conf, text).unwrap();
+    let before = e.sshd.logins();
+    ok(&run_at(&e, 4));
+    assert!(e.sshd.logins() - before >= 3, "without a master, every session logs in");
+    assert_frozen(&e, "scheduled.0", "without a master");
+    assert_eq!(disk(&e, "scheduled.0", 0)["Read"], "cbt");
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(text.contains("ssh: no shared connection to ") && text.contains("no master here"), "{text}");
+    assert!(!master_dir.exists());
+}

@@ -57,6 +57,11 @@ impl Esx {
     /// vm1: disk 0 of `big` bytes (data at the start, middle and end), disk 1 of 4 MiB with data
     /// in `disk1_regions`; job `esx` with `extra_conf`; `sim_extra` appended to the simulator spec.
     pub fn start(big: u64, disk1_regions: &[(u64, u64)], extra_conf: &str, sim_extra: &str) -> Esx {
+        Esx::start_on(Sshd::shared(), big, disk1_regions, extra_conf, sim_extra)
+    }
+
+    /// [`Esx::start`] with the test's own sshd (e.g. one that logs every login).
+    pub fn start_on(mut sshd: Sshd, big: u64, disk1_regions: &[(u64, u64)], extra_conf: &str, sim_extra: &str) -> Esx {
         let work = tempfile::Builder::new().prefix("affa-esx").tempdir().unwrap();
         let ds1 = work.path().join("vmfs-ds1");
         let ds2 = work.path().join("vmfs-ds2");
@@ -75,7 +80,6 @@ impl Esx {
             ],
             sim_extra,
         );
-        let mut sshd = Sshd::shared();
         let affa = Affa::new();
         let pwfile = affa.state.join("esx.pw");
         fs::write(&pwfile, format!("{PASS}\n")).unwrap();

@@ -287,11 +287,13 @@ fn sshd_dir(prefix: &str, key_files: impl Fn(&Path) -> Vec<PathBuf>, extra_confi
     fs::copy(d.join("bootstrap.pub"), d.join("bootstrap_keys")).unwrap();
     let files: Vec<String> =
         std::iter::once(d.join("bootstrap_keys")).chain(key_files(d)).map(|p| p.display().to_string()).collect();
+    // `extra_config` first: sshd takes the first value of a keyword (a test's `LogLevel INFO`
+    // wins over the default `LogLevel ERROR`).
     let cfg = format!(
-        "ListenAddress 127.0.0.1\nHostKey {d}/host_ed25519\nPidFile {d}/sshd.pid\n\
+        "{extra_config}ListenAddress 127.0.0.1\nHostKey {d}/host_ed25519\nPidFile {d}/sshd.pid\n\
          AuthorizedKeysFile {}\nStrictModes no\nUsePAM no\n\
          PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
-         PubkeyAuthentication yes\nLogLevel ERROR\nMaxStartups 100:30:200\nMaxSessions 50\nSubsystem sftp internal-sftp\n{extra_config}",
+         PubkeyAuthentication yes\nLogLevel ERROR\nMaxStartups 100:30:200\nMaxSessions 50\nSubsystem sftp internal-sftp\n",
         files.join(" "),
         d = d.display()
     );
@@ -455,6 +457,17 @@ impl Sshd {
         fs::remove_file(hk.with_extension("pub")).unwrap();
         keygen(&hk);
         o.daemon = Some(launch_sshd(o.dir.path(), port, None));
+    }
+
+    /// The log of a private sshd (its stderr: `sshd -e`).
+    pub fn log(&self) -> PathBuf {
+        self.own.as_ref().expect("the log of a private sshd (Sshd::start_with)").dir.path().join("sshd.log")
+    }
+
+    /// How many logins (key exchange and public-key authentication: `Accepted publickey`) the
+    /// private sshd logged; it needs `LogLevel INFO` (`Sshd::start_with("LogLevel INFO\n")`).
+    pub fn logins(&self) -> usize {
+        fs::read_to_string(self.log()).unwrap_or_default().lines().filter(|l| l.contains("Accepted publickey")).count()
     }
 
     /// An ssh-agent holding the bootstrap key: SSH_AUTH_SOCK for `affa --send-key`.
