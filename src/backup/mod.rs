@@ -165,7 +165,10 @@ impl SharedSsh<'_> {
                 *self.ctx.ssh_control.borrow_mut() = Some(m.socket().to_path_buf());
                 self.master = Some(m);
             }
-            Err(why) => self.ctx.log.warn(format!(
+            // Not a warning: when the host is unreachable the connection check that follows
+            // fails with the cause (one error, not a warning and then the same error); when
+            // only the master cannot start, the run works as before and the log says why.
+            Err(why) => self.ctx.log.info(format!(
                 "ssh: no shared connection to {} ({why}); each ssh session of the run connects on its own",
                 t.destination()
             )),
