@@ -270,21 +270,14 @@ fn second_run_is_refused_naming_the_pid_and_kill_9_resumes() {
 /// `kill -9` of affa stops rsync (its direct child, `PR_SET_PDEATHSIG`), but rsync's own forked
 /// receiver goes on writing into `scheduled.running` for a while. A run started at once must
 /// stop those leftovers before it touches the archives, say so, and resume cleanly.
-#[test]
-fn the_next_run_stops_what_a_killed_run_left_writing() {
-    let s = setup("");
+/// Start a run of `web` that copies a 24 MiB file slowly, kill -9 affa once more than 2 MiB
+/// arrived; returns the file's bytes and the run's processes still alive right after the kill.
+fn kill_a_run_mid_transfer(s: &Setup, extra: &str) -> (Vec<u8>, Vec<u32>) {
     ok(&s.affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
     let big = s.src.path().join("home/u/large.img");
     let data: Vec<u8> = (0..24u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
     fs::write(&big, &data).unwrap();
-    let conf = |extra: &str| {
-        s.affa.ssh_job(
-            "web",
-            &s.sshd,
-            &format!("Include={}/etc\nInclude={}/home\n{extra}", s.src.path().display(), s.src.path().display()),
-        )
-    };
-    s.affa.write_conf("web.conf", &conf("BandwidthLimit=2000\n"));
+    s.affa.write_conf("web.conf", &web_conf(s, &format!("BandwidthLimit=2000\n{extra}")));
     let mut child = s.affa.cmd().env("AFFA_FAKE_NOW", "2026-03-02T11:00:00").args(["--run", "web"]).spawn().unwrap();
     let running = s.affa.job_dir("web").join("scheduled.running");
     wait_until(Duration::from_secs(30), "more than 2 MiB of large.img to arrive", || {
@@ -293,17 +286,69 @@ fn the_next_run_stops_what_a_killed_run_left_writing() {
     let run = descendants(child.id());
     signal(child.id(), rustix::process::Signal::KILL);
     child.wait().unwrap();
-    let left: Vec<u32> = run.iter().copied().filter(|&p| alive(p)).collect();
-    assert!(!left.is_empty(), "the killed run left no process (rsync's receiver was expected to outlive it)");
-    s.affa.write_conf("web.conf", &conf(""));
+    s.affa.write_conf("web.conf", &web_conf(s, extra));
+    (data, run.iter().copied().filter(|&p| alive(p)).collect())
+}
+
+fn web_conf(s: &Setup, extra: &str) -> String {
+    s.affa.ssh_job(
+        "web",
+        &s.sshd,
+        &format!("Include={}/etc\nInclude={}/home\n{extra}", s.src.path().display(), s.src.path().display()),
+    )
+}
+
+/// The next run after a kill -9 resumes the transfer into an archive identical to the source.
+fn next_run_resumes(s: &Setup, data: &[u8]) {
     ok(&s.affa.affa_at("2026-03-02T12:00:00", &["--run", "web"]));
+    let got = fs::read(archived(s, "scheduled.0", "home/u/large.img")).unwrap();
+    assert!(got == data, "resumed file differs");
+    assert!(!s.affa.job_dir("web").join("scheduled.running").exists());
+}
+
+/// Without a shared connection (an ssh that cannot be a ControlMaster: each session connects on
+/// its own), rsync's own ssh keeps its connection when affa is killed and the receiver writes
+/// on into scheduled.running: the next run stops it before it resumes.
+#[test]
+fn the_next_run_stops_what_a_killed_run_left_writing() {
+    let s = setup("");
+    let wrapper = s.affa.tmp.path().join("ssh-no-master");
+    fs::write(
+        &wrapper,
+        "#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = ControlMaster=yes ] && { echo 'no master here' >&2; exit 255; }; done\nexec ssh \"$@\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+    let (data, left) = kill_a_run_mid_transfer(&s, &format!("localSSHBinary={}\n", wrapper.display()));
+    assert!(!left.is_empty(), "the killed run left no process (rsync's receiver was expected to outlive it)");
+    next_run_resumes(&s, &data);
     let log = ok(&s.affa.affa(&["--log-tail", "web"]));
     assert!(log.contains("stopped processes left by an earlier, killed run of job web (pids "), "{log}");
     let still: Vec<u32> = left.iter().copied().filter(|&p| alive(p)).collect();
     assert!(still.is_empty(), "processes of the killed run still alive after the next run: {still:?}");
-    let got = fs::read(archived(&s, "scheduled.0", "home/u/large.img")).unwrap();
-    assert!(got == data, "resumed file differs");
-    assert!(!running.exists());
+}
+
+/// With the run's shared ssh connection, a kill -9 of affa takes the connection with it (the
+/// master dies with affa): rsync's session through it ends and nothing of the killed run goes
+/// on writing into scheduled.running; the next run resumes.
+#[test]
+fn a_killed_run_leaves_nothing_writing_through_its_shared_connection() {
+    let s = setup("");
+    let (data, left) = kill_a_run_mid_transfer(&s, "");
+    // At 2000 KB/s, the rest of the file would take more than 10 s to arrive.
+    wait_until(Duration::from_secs(5), "the killed run's processes to end on their own", || {
+        left.iter().all(|&p| !alive(p))
+    });
+    let running = s.affa.job_dir("web").join("scheduled.running");
+    let size = || walk_find(&running, "large.img").and_then(|p| fs::metadata(p).ok()).map(|m| m.len());
+    let before = size();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(size(), before, "large.img still grows after the killed run's processes ended");
+    assert!(before.is_some_and(|n| n < data.len() as u64), "the transfer was not cut: {before:?}");
+    next_run_resumes(&s, &data);
+    let log = ok(&s.affa.affa(&["--log-tail", "web"]));
+    assert!(!log.contains("stopped processes left by an earlier, killed run"), "{log}");
 }
 
 fn walk_find(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
