@@ -31,6 +31,19 @@ pub fn sweep_pool(root: &Path) -> Result<String> {
     Ok(format!("pool sweep: {} chunk(s) no longer used, {} freed", s.removed_chunks, human(s.freed_bytes)))
 }
 
+/// After a run deleted archives: remove the pool entries of `ids` (the chunks they linked) that
+/// nothing references any more, and stale temp files; the rest of the pool is not read.
+pub fn sweep_pool_of(root: &Path, ids: &[chunk::ChunkId]) -> Result<String> {
+    if !root.join(chunk::POOL_DIR).is_dir() {
+        return Ok(String::new());
+    }
+    let s = chunk::sweep_some(&Pool::open(root)?, ids)?;
+    if s.removed_chunks == 0 && ids.is_empty() {
+        return Ok(String::new());
+    }
+    Ok(format!("pool sweep: {} chunk(s) no longer used, {} freed", s.removed_chunks, human(s.freed_bytes)))
+}
+
 /// `--unchunk JOB ARCHIVE [--to DIR]`: rebuild every chunked file of an archive as a plain
 /// (sparse) file; default target `RootDir/JOB/unchunked/ARCHIVE/`.
 pub fn unchunk_command(

@@ -555,12 +555,52 @@ pub fn transfer_chunked(
     Ok(())
 }
 
-/// After rotation: remove pool chunks nobody references any more.
-pub fn sweep_after_rotation(ctx: &Ctx) -> Result<()> {
-    if ctx.job.chunk.files.is_empty() && !ctx.job.root_dir().join(chunk::POOL_DIR).exists() {
+/// In the job dir while a run deletes archives and until its sweep is done: a run that finds it
+/// was killed in between (the deleted archives' chunk lists are gone) and sweeps the whole pool.
+pub const SWEEP_PENDING: &str = ".affa-sweep-pending";
+
+/// After rotation: delete what the run leaves behind (the archives rotation moved to the trash,
+/// the resume dir of an earlier interrupted run) and remove the pool entries that only those
+/// linked. The sweep looks only at the chunks the deleted trees linked (its cost follows the
+/// deletions, not the pool); a run killed between its deletions and the end of its sweep
+/// leaves [`SWEEP_PENDING`], and the next run sweeps the whole pool. Orphans made by other
+/// means (an archive deleted by hand) are `affa --cleanup`'s, which sweeps the whole pool.
+pub fn delete_and_sweep(ctx: &Ctx) -> Result<()> {
+    let root = ctx.job.root_dir();
+    let pooled = !ctx.job.chunk.files.is_empty() || root.join(chunk::POOL_DIR).is_dir();
+    let marker = ctx.job_dir.join(SWEEP_PENDING);
+    let pending = fs::symlink_metadata(&marker).is_ok();
+    let mut ids = Vec::new();
+    if pooled && !pending {
+        let trash = ctx.job_dir.join(archive::TRASH);
+        let mut trees: Vec<PathBuf> = fs::read_dir(&trash).into_iter().flatten().flatten().map(|e| e.path()).collect();
+        trees.push(ctx.job_dir.join(archive::RESUME));
+        for t in trees.iter().filter(|t| t.is_dir() && !t.is_symlink()) {
+            ids.extend(chunk::linked_ids(t));
+        }
+        if !ids.is_empty() {
+            fs::write(&marker, b"").ctx(|| format!("cannot write {}", marker.display()))?;
+            fs::File::open(&ctx.job_dir)
+                .and_then(|d| d.sync_all())
+                .ctx(|| format!("cannot fsync {}", ctx.job_dir.display()))?;
+        }
+    }
+    archive::empty_trash(&ctx.job_dir)?;
+    archive::remove_tree(&ctx.job_dir.join(archive::RESUME))?;
+    crate::interrupt::crash_point("before-sweep");
+    if !pooled || !root.join(chunk::POOL_DIR).is_dir() {
+        let _ = fs::remove_file(&marker);
         return Ok(());
     }
-    let s = crate::maintenance::sweep_pool(&ctx.job.root_dir())?;
+    let s = if pending {
+        ctx.log.info("an earlier run was stopped before its pool sweep ended: sweeping the whole pool");
+        crate::maintenance::sweep_pool(&root)?
+    } else {
+        crate::maintenance::sweep_pool_of(&root, &ids)?
+    };
+    if fs::symlink_metadata(&marker).is_ok() {
+        fs::remove_file(&marker).ctx(|| format!("cannot remove {}", marker.display()))?;
+    }
     if !s.is_empty() {
         ctx.log.info(s);
     }

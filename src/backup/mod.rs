@@ -23,7 +23,7 @@ use std::fs;
 use std::path::Path;
 use std::time::Instant;
 
-use crate::archive::{self, DoneDates, Level, RESUME, RUNNING};
+use crate::archive::{self, DoneDates, Level, RUNNING};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::Result;
@@ -124,10 +124,7 @@ fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
     rotate(ctx, ctx.clock.now(), &mut summary)?;
     summary.archive = Some(ctx.job_dir.join("scheduled.0"));
     crate::interrupt::crash_point("rotated");
-    archive::empty_trash(&ctx.job_dir)?;
-    archive::remove_tree(&ctx.job_dir.join(RESUME))?;
-    crate::interrupt::crash_point("before-sweep");
-    crate::backup::chunked::sweep_after_rotation(ctx)?;
+    crate::backup::chunked::delete_and_sweep(ctx)?;
     crate::interrupt::crash_point("swept");
 
     run_scripts(ctx, "postJobCommand", &ctx.job.scripts.post, &ctx.job.scripts.post_remote)?;

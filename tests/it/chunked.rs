@@ -192,6 +192,52 @@ fn two_jobs_share_chunks_and_the_sweep_frees_exactly_the_unreferenced_ones() {
     ok(&s.affa.affa(&["--verify", "a"]));
 }
 
+/// The sweep after a run looks only at the chunks of the archives the run deleted; a run killed
+/// after deleting them, before its sweep, leaves their chunk list nowhere: the next run sweeps
+/// the whole pool, and the pool again holds exactly what the archives reference.
+#[test]
+fn a_run_killed_before_its_sweep_is_swept_after_by_the_next_run() {
+    let keep1 = "scheduledKeep=1\ndailyKeep=0\nweeklyKeep=0\nmonthlyKeep=0\nyearlyKeep=0\n";
+    let s = setup(&[("a", keep1)]);
+    let img = s.src.path().join("a/images/disk.img");
+    image(&img, 32 * MB, 21);
+    ok(&s.affa.affa_at("2026-06-01T20:00:00", &["--run", "a"]));
+    let exact = |what: &str| {
+        let live = referenced(&s.affa.job_dir("a").join("scheduled.0"));
+        assert_eq!(pool_ids(&s.affa.root), live, "{what}: the pool holds exactly the chunks the archive references");
+    };
+    for i in 0..4 {
+        scribble(&img, (i * 5 + 2) * MB, MB, 40 + i as u8);
+    }
+    let out = s
+        .affa
+        .cmd()
+        .env("AFFA_FAKE_NOW", "2026-06-01T20:10:00")
+        .env("AFFA_TEST_CRASH_AT", "before-sweep")
+        .args(["--run", "a"])
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(libc::SIGKILL), "the run was not killed before its sweep");
+    assert!(s.affa.job_dir("a").join(".affa-sweep-pending").exists());
+    assert!(
+        pool_ids(&s.affa.root).len() > referenced(&s.affa.job_dir("a").join("scheduled.0")).len(),
+        "the killed run left no orphan: the test proves nothing"
+    );
+    // Nothing changes now: the next run deletes an archive that shares every chunk with the
+    // new one, so only the whole-pool sweep can find the orphans of the killed run.
+    ok(&s.affa.affa_at("2026-06-01T20:20:00", &["--run", "a"]));
+    exact("after the run that followed the kill");
+    assert!(!s.affa.job_dir("a").join(".affa-sweep-pending").exists());
+    let log = ok(&s.affa.affa(&["--log-tail", "a"]));
+    assert!(log.contains("sweeping the whole pool"), "{log}");
+    // And a normal run that drops an archive frees exactly its unshared chunks.
+    scribble(&img, 9 * MB, 2 * MB, 77);
+    ok(&s.affa.affa_at("2026-06-01T20:30:00", &["--run", "a"]));
+    exact("after a normal run");
+    ok(&s.affa.affa(&["--verify", "a"]));
+}
+
 #[test]
 fn a_copied_archive_rebuilds_alone_and_damage_is_named() {
     let s = setup(&[("vm", "")]);

@@ -34,7 +34,7 @@ pub use index::INDEX_FILE;
 pub use manifest::{
     ChunkRef, Manifest, MANIFEST_SUFFIX, MANIFEST_VERSION, MANIFEST_VERSION_DERIVED, MANIFEST_VERSION_LENGTHS,
 };
-pub use pool::{sweep, Pool, SweepStats, ARCHIVE_CHUNK_DIR, POOL_DIR};
+pub use pool::{linked_ids, sweep, sweep_some, Pool, SweepStats, ARCHIVE_CHUNK_DIR, POOL_DIR};
 pub use restore::{
     archive_usage, chunked_files, evict_damaged, list_manifests, load_chunk_at, load_chunk_from, open_chunk_at,
     read_manifest, recorded_manifest, stream_file, stream_file_from, unchunk_file, unchunk_file_from, verify_archive,

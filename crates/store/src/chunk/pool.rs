@@ -284,7 +284,8 @@ pub struct SweepStats {
 /// Remove every pool entry whose link count is 1 (no archive references it) and temp files
 /// older than an hour. Run it after deleting archives (`rm -rf`). Safe against a concurrent
 /// `chunk_file` (which re-stores an entry swept under its feet), but best run under the
-/// RootDir lock.
+/// RootDir lock. Reads every pool entry: [`sweep_some`] is the sweep whose cost follows what
+/// was deleted.
 pub fn sweep(pool: &Pool) -> Result<SweepStats> {
     let mut st = SweepStats::default();
     let dir = pool.dir();
@@ -295,18 +296,7 @@ pub fn sweep(pool: &Pool) -> Result<SweepStats> {
         let name = name.to_string_lossy();
         let is_fan = name.len() == 2 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
         if name == TMP_DIR {
-            let rd = fs::read_dir(fan.path()).ctx(|| format!("cannot read {}", fan.path().display()))?;
-            for t in rd.flatten() {
-                let old = t
-                    .metadata()
-                    .ok()
-                    .and_then(|m| m.modified().ok())
-                    .and_then(|m| SystemTime::now().duration_since(m).ok())
-                    .is_some_and(|age| age > STALE_TMP);
-                if old && fs::remove_file(t.path()).is_ok() {
-                    st.removed_temps += 1;
-                }
-            }
+            sweep_temps(&fan.path(), &mut st)?;
             continue;
         }
         if !is_fan || !fan.file_type().map(|t| t.is_dir()).unwrap_or(false) {
@@ -320,27 +310,92 @@ pub fn sweep(pool: &Pool) -> Result<SweepStats> {
             if !id_hex(&id).starts_with(&*name) {
                 continue;
             }
-            let p = e.path();
-            let Ok(m) = fs::symlink_metadata(&p) else { continue };
-            if !m.is_file() {
-                continue;
-            }
-            if m.nlink() == 1 {
-                match fs::remove_file(&p) {
-                    Ok(()) => {}
-                    // Another sweep (another job, or another server sharing RootDir) was first.
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e).ctx(|| format!("cannot remove {}", p.display())),
-                }
-                crate::interrupt::crash_point("sweep-removed");
-                st.removed_chunks += 1;
-                st.freed_bytes += m.len();
-            } else {
-                st.kept_chunks += 1;
-            }
+            sweep_entry(&e.path(), &mut st)?;
         }
     }
     Ok(st)
+}
+
+/// The sweep of what deleting some archives can have freed: only the pool entries of `ids`
+/// (the chunks the deleted archives linked, [`linked_ids`]) and the stale temp files. The same
+/// rule as [`sweep`] (an entry whose link count is 1 is removed), at a cost that follows the
+/// deleted archives, not the pool. An entry that some other deletion left unreferenced, and
+/// that no id here names, stays until a full [`sweep`].
+pub fn sweep_some(pool: &Pool, ids: &[ChunkId]) -> Result<SweepStats> {
+    let mut st = SweepStats::default();
+    let tmp = pool.dir().join(TMP_DIR);
+    if tmp.is_dir() {
+        sweep_temps(&tmp, &mut st)?;
+    }
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    for id in &ids {
+        sweep_entry(&pool.dir().join(chunk_rel(id)), &mut st)?;
+    }
+    Ok(st)
+}
+
+/// The chunk ids a tree made like an archive links in its `.affa-chunks/` (what may become
+/// unreferenced when it is deleted). Names that are not ids under their fan-out directory, and
+/// a tree without `.affa-chunks/`, give nothing; nothing is followed but directories.
+pub fn linked_ids(archive_root: &Path) -> Vec<ChunkId> {
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir(archive_root.join(ARCHIVE_CHUNK_DIR)) else { return out };
+    for fan in rd.flatten() {
+        let name = fan.file_name();
+        let name = name.to_string_lossy();
+        if name.len() != 2 || !fan.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        for e in fs::read_dir(fan.path()).into_iter().flatten().flatten() {
+            let n = e.file_name();
+            if let Some(id) = n.to_str().and_then(parse_id).filter(|id| id_hex(id).starts_with(&*name)) {
+                out.push(id);
+            }
+        }
+    }
+    out
+}
+
+/// Remove the temp files in `tmp` older than [`STALE_TMP`] (leftovers of killed runs).
+fn sweep_temps(tmp: &Path, st: &mut SweepStats) -> Result<()> {
+    let rd = fs::read_dir(tmp).ctx(|| format!("cannot read {}", tmp.display()))?;
+    for t in rd.flatten() {
+        let old = t
+            .metadata()
+            .ok()
+            .and_then(|m| m.modified().ok())
+            .and_then(|m| SystemTime::now().duration_since(m).ok())
+            .is_some_and(|age| age > STALE_TMP);
+        if old && fs::remove_file(t.path()).is_ok() {
+            st.removed_temps += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Remove the pool entry `p` if no archive links it (link count 1); a missing entry or one
+/// that is not a regular file is left alone.
+fn sweep_entry(p: &Path, st: &mut SweepStats) -> Result<()> {
+    let Ok(m) = fs::symlink_metadata(p) else { return Ok(()) };
+    if !m.is_file() {
+        return Ok(());
+    }
+    if m.nlink() == 1 {
+        match fs::remove_file(p) {
+            Ok(()) => {}
+            // Another sweep (another job, or another server sharing RootDir) was first.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).ctx(|| format!("cannot remove {}", p.display())),
+        }
+        crate::interrupt::crash_point("sweep-removed");
+        st.removed_chunks += 1;
+        st.freed_bytes += m.len();
+    } else {
+        st.kept_chunks += 1;
+    }
+    Ok(())
 }
 
 /// fsync a directory (makes renames and links in it durable).

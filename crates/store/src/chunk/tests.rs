@@ -325,6 +325,39 @@ fn rm_rf_then_sweep_frees_exactly_the_unshared_chunks() {
     assert!(pool_entries(&e.pool).is_empty());
 }
 
+/// The sweep of a run looks only at what its deletions linked: the archive's own unshared
+/// chunks are freed, a chunk another archive still links is kept, and an orphan the deleted
+/// archive never linked is left for the full sweep.
+#[test]
+fn sweep_some_frees_exactly_the_deleted_archives_unshared_chunks() {
+    let e = env();
+    let s = settings(256 * K);
+    let cs = 256 * 1024;
+    let shared = rnd_bytes(11, 4 * cs);
+    let mut x = shared.clone();
+    x.extend(rnd_bytes(12, 3 * cs)); // 3 chunks only in x
+    let a1 = e.archive("j", "daily.1");
+    let a2 = e.archive("j", "daily.0");
+    chunk(&e, &s, &e.put("x", &x), &a1, "x", None);
+    chunk(&e, &s, &e.put("y", &shared), &a2, "y", None);
+    // An orphan no archive links (left by something else): not this sweep's business.
+    let stray = e.pool.entry(blake3::hash(b"stray").as_bytes());
+    fs::create_dir_all(stray.parent().unwrap()).unwrap();
+    fs::write(&stray, b"x").unwrap();
+    let ids = linked_ids(&a1);
+    assert_eq!(ids.len(), 7, "x links 7 distinct chunks");
+    assert!(linked_ids(&e.t.path().join("nowhere")).is_empty());
+    fs::remove_dir_all(&a1).unwrap();
+    let st = sweep_some(&e.pool, &ids).unwrap();
+    assert_eq!((st.removed_chunks, st.kept_chunks), (3, 4));
+    assert!(stray.exists(), "sweep_some removed an entry it was not given");
+    assert!(rebuild(&e, &a2, "y") == shared);
+    // Given twice, an id is looked at once; a missing entry is no error.
+    let again = sweep_some(&e.pool, &[ids.clone(), ids].concat()).unwrap();
+    assert_eq!((again.removed_chunks, again.kept_chunks), (0, 4));
+    assert_eq!(sweep(&e.pool).unwrap().removed_chunks, 1, "the full sweep takes the stray");
+}
+
 /// Two sweeps at once (two jobs' rotations, or two servers sharing RootDir): an entry the other
 /// sweep removed first is not an error, and together they remove every orphan exactly once.
 #[test]
