@@ -204,8 +204,11 @@ impl SshTarget {
             "-o".into(),
             if self.debug { "LogLevel=DEBUG1".into() } else { "LogLevel=ERROR".into() },
         ];
-        if let Some(p) = &self.control {
-            // A session, never a master of its own; without the master it connects directly.
+        // A session, never a master of its own. A master that died during the run (the host
+        // dropped the connection, a kill) leaves its socket refusing: such a session would print
+        // "Control socket connect(...): Connection refused" before connecting directly, a line
+        // that then reads as the cause of a later error. Only a socket that accepts is used.
+        if let Some(p) = self.control.as_ref().filter(|p| std::os::unix::net::UnixStream::connect(p).is_ok()) {
             o.extend(["-o".into(), "ControlMaster=no".into(), "-o".into(), format!("ControlPath={}", p.display())]);
         }
         o
@@ -420,5 +423,44 @@ pub fn rsync_program(job: &Job) -> (String, Vec<String>) {
         (r.local_nice_bin.clone(), vec!["-n".into(), r.local_nice.to_string(), r.local_rsync_bin.clone()])
     } else {
         (r.local_rsync_bin.clone(), vec![])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(control: Option<PathBuf>) -> SshTarget {
+        SshTarget {
+            job: "web".into(),
+            host: "127.0.0.1".into(),
+            user: "root".into(),
+            port: 22,
+            ssh_bin: "ssh".into(),
+            key: "/k".into(),
+            known_hosts: "/kh".into(),
+            connect_timeout: 5,
+            debug: false,
+            control,
+        }
+    }
+
+    /// Sessions go through the run's master only while its socket accepts: a master that died
+    /// (its socket left refusing, or gone) is not named, so ssh prints no "Control socket
+    /// connect" line that a later error would take for its cause.
+    #[test]
+    fn only_a_socket_that_accepts_is_shared() {
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("s");
+        let named = |t: &SshTarget| t.options().iter().any(|o| o.starts_with("ControlPath="));
+        assert!(!named(&target(Some(sock.clone()))), "a missing socket");
+        let live = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let t = target(Some(sock.clone()));
+        assert!(named(&t) && t.options().contains(&"ControlMaster=no".to_string()), "a live socket: {:?}", t.options());
+        assert!(t.rsh().contains(&format!("ControlPath={}", sock.display())));
+        drop(live);
+        assert!(sock.exists(), "the socket file stays, as after a killed master");
+        assert!(!named(&target(Some(sock))), "a socket that refuses");
+        assert!(!named(&target(None)));
     }
 }
