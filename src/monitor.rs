@@ -261,8 +261,35 @@ struct Family {
     samples: Vec<(String, String)>,
 }
 
-/// The metrics in Prometheus text format.
+/// Where the pool samples of the last `--metrics` are kept (`lockDir/.metrics-pool`: one line
+/// `BYTES FILES ROOTDIR` per pool), for the refresh after a run.
+fn pool_cache(cfg: &Config) -> PathBuf {
+    cfg.lock_dir().join(".metrics-pool")
+}
+
+fn read_pool_cache(cfg: &Config) -> Vec<(PathBuf, (u64, u64))> {
+    let text = fs::read_to_string(pool_cache(cfg)).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.splitn(3, ' ');
+            let (b, f, r) = (w.next()?.parse().ok()?, w.next()?.parse().ok()?, w.next()?);
+            Some((PathBuf::from(r), (b, f)))
+        })
+        .collect()
+}
+
+/// The metrics in Prometheus text format (the chunk pools walked for their size).
 pub fn metrics_text(cfg: &Config, clock: &dyn Clock) -> Result<String> {
+    metrics_text_with(cfg, clock, true)
+}
+
+/// `walk_pools`: count every pool entry (`--metrics`, from cron, off the backups' path; the
+/// counts are remembered in [`pool_cache`]) or take the counts `--metrics` remembered (the
+/// refresh after a run: its cost must not grow with the pool; a pool not remembered yet is
+/// walked once).
+fn metrics_text_with(cfg: &Config, clock: &dyn Clock, walk_pools: bool) -> Result<String> {
+    let remembered = if walk_pools { Vec::new() } else { read_pool_cache(cfg) };
+    let mut walked: Vec<(PathBuf, (u64, u64))> = Vec::new();
     let fam = |name, help| Family { name, help, samples: Vec::new() };
     let mut enabled = fam("affa_job_enabled", "1 if the job runs from cron");
     let mut last =
@@ -308,7 +335,14 @@ pub fn metrics_text(cfg: &Config, clock: &dyn Clock) -> Result<String> {
         let l = format!("root_dir=\"{}\"", label(&r.to_string_lossy()));
         let p = r.join(crate::chunk::POOL_DIR);
         if p.is_dir() {
-            let (b, f) = pool_size(&p);
+            let (b, f) = match remembered.iter().find(|(root, _)| root == r) {
+                Some((_, v)) => *v,
+                None => {
+                    let v = pool_size(&p);
+                    walked.push((r.clone(), v));
+                    v
+                }
+            };
             pool.samples.push((l.clone(), b.to_string()));
             pool_files.samples.push((l.clone(), f.to_string()));
         }
@@ -316,6 +350,18 @@ pub fn metrics_text(cfg: &Config, clock: &dyn Clock) -> Result<String> {
             used.samples.push((l.clone(), (u * 1024).to_string()));
             avail.samples.push((l.clone(), (a * 1024).to_string()));
         }
+    }
+    if !walked.is_empty() {
+        let mut all = remembered;
+        all.retain(|(root, _)| !walked.iter().any(|(w, _)| w == root));
+        all.extend(walked);
+        let text: String = all
+            .iter()
+            .filter(|(r, _)| r.to_str().is_some_and(|s| !s.contains('\n')))
+            .map(|(r, (b, f))| format!("{b} {f} {}\n", r.display()))
+            .collect();
+        // A cache: without it the next refresh walks again.
+        let _ = crate::fsutil::write_file(&pool_cache(cfg), &text, 0o600);
     }
     if let Some(t) = epoch(clock.now()) {
         gen.samples.push((String::new(), t.to_string()));
@@ -339,19 +385,25 @@ pub fn metrics_text(cfg: &Config, clock: &dyn Clock) -> Result<String> {
 
 /// `--metrics`: write the Prometheus textfile (creating its directory); returns a one-line summary.
 pub fn write_metrics(cfg: &Config, clock: &dyn Clock) -> Result<String> {
+    write_metrics_with(cfg, clock, true)
+}
+
+fn write_metrics_with(cfg: &Config, clock: &dyn Clock, walk_pools: bool) -> Result<String> {
     let path = cfg.settings.metrics_file.clone();
-    let text = metrics_text(cfg, clock)?;
+    let text = metrics_text_with(cfg, clock, walk_pools)?;
     crate::fsutil::write_file(&path, &text, 0o644)?;
     let n = text.lines().filter(|l| !l.starts_with('#')).count();
     Ok(format!("{} written: {n} samples", path.display()))
 }
 
-/// After a run: rewrite metricsFile if its directory exists (node_exporter is set up); errors
-/// are ignored (the cron line of `--metrics` reports them).
+/// After a run: rewrite metricsFile if its directory exists (node_exporter is set up), with the
+/// pool sizes the last `--metrics` counted (counting every pool entry after every run made a
+/// run's cost grow with the pool; the cron line of `--metrics` refreshes them every 10
+/// minutes); errors are ignored (that cron line reports them).
 pub fn refresh_metrics(cfg: &Config, clock: &dyn Clock) {
     let path = cfg.settings.metrics_file.clone();
     if path.parent().is_some_and(|p| p.is_dir()) {
-        let _ = write_metrics(cfg, clock);
+        let _ = write_metrics_with(cfg, clock, false);
     }
 }
 
@@ -505,6 +557,36 @@ mod tests {
             line.ends_with(" MiB free, last backup 953674316406 MiB) | Execution Time=0.0min;;;; Size=931322574.615GByte;;;; 'big_age'=3600s;;86400;0;"),
             "{line}"
         );
+    }
+
+    #[test]
+    /// The refresh after a run does not count the pool again (its cost would grow with the
+    /// pool): it takes what the last `--metrics` counted; `--metrics` counts again.
+    fn the_refresh_after_a_run_reuses_the_pool_counts_of_the_last_metrics() {
+        let (t, cfg) = setup();
+        let clock = FixedClock(at("2026-03-02 12:00"));
+        let root = t.path().join("backup");
+        let sample = |text: &str, name: &str| -> String {
+            let l = text.lines().find(|l| l.starts_with(&format!("{name}{{"))).unwrap_or_else(|| panic!("{text}"));
+            l.rsplit(' ').next().unwrap().to_string()
+        };
+        assert_eq!(sample(&metrics_text(&cfg, &clock).unwrap(), "affa_pool_files"), "2");
+        fs::write(root.join(".affa-pool/ab/c3"), [3u8; 100]).unwrap();
+        let refreshed = metrics_text_with(&cfg, &clock, false).unwrap();
+        assert_eq!(
+            (sample(&refreshed, "affa_pool_files"), sample(&refreshed, "affa_pool_size_bytes")),
+            ("2".into(), "15".into())
+        );
+        let counted = metrics_text(&cfg, &clock).unwrap();
+        assert_eq!(
+            (sample(&counted, "affa_pool_files"), sample(&counted, "affa_pool_size_bytes")),
+            ("3".into(), "115".into())
+        );
+        // Without remembered counts (a first refresh), the pool is counted once.
+        fs::remove_file(pool_cache(&cfg)).unwrap();
+        fs::write(root.join(".affa-pool/ab/c4"), [4u8; 1000]).unwrap();
+        assert_eq!(sample(&metrics_text_with(&cfg, &clock, false).unwrap(), "affa_pool_files"), "4");
+        assert!(pool_cache(&cfg).is_file());
     }
 
     #[test]
