@@ -6,9 +6,9 @@
 //! [`BucketChunks`] as the restore needs them: the chunked files are never copied to this box
 //! first.
 //!
-//! The chunks of a chunked file are fetched `offsiteParallel` at a time ([`ChunkSource::parallel`]):
-//! the store's reader runs that many GETs ahead of its consumer, in manifest order, and hands the
-//! chunks on in order; it holds at most about 4 x offsiteParallel chunks (decoded and raw), so
+//! The chunks of a chunked file are fetched `offsiteParallel` at a time ([`ChunkSource::parallel`];
+//! at its default 1, the store's default: the cores up to 8): the store's reader runs that many
+//! GETs ahead of its consumer, in manifest order, and hands the chunks on in order; it holds at most about 4 x offsiteParallel chunks (decoded and raw), so
 //! memory stays below 8 x offsiteParallel x chunkSize (`crates/store` restore.rs `for_each_chunk`).
 //! The first missing or damaged object stops the other readers (the GETs in flight finish).
 //!
@@ -202,8 +202,9 @@ impl ChunkSource for BucketChunks {
         Some(format!("offsite object {}", self.keys.chunk_name(id)))
     }
 
+    /// offsiteParallel GETs at once; at its default 1, the reader's own default (the cores).
     fn parallel(&self) -> Option<usize> {
-        Some(self.parallel)
+        (self.parallel > 1).then_some(self.parallel)
     }
 }
 
