@@ -300,9 +300,22 @@ fn choose(idxs: Vec<Index>, job: &str, name: Option<&str>, shown: &str) -> Resul
     }
 }
 
+/// The name of a restore's staging directory in the job's directory (`PREFIX.PID`).
+const STAGING_PREFIX: &str = ".offsite-restore.";
+
 /// Open the job's bucket prefix (a wrong key is refused), choose the offsite archive and write
-/// its plain files to a private staging directory in the job's directory.
+/// its plain files to a private staging directory in the job's directory. The caller holds the
+/// job's lock: the staging directory another restore of the job left (killed: no drop removed
+/// it, with the chunks it kept) is removed first.
 pub fn fetch(job: &Job, name: Option<&str>, watch: &Watch) -> Result<Fetched> {
+    if let Ok(rd) = fs::read_dir(job.job_dir()) {
+        for e in rd.flatten() {
+            let dir = e.file_type().is_ok_and(|t| t.is_dir());
+            if dir && e.file_name().as_bytes().starts_with(STAGING_PREFIX.as_bytes()) {
+                let _ = archive::remove_tree(&e.path());
+            }
+        }
+    }
     fetch_to(job, name, None, watch)
 }
 
@@ -321,7 +334,7 @@ fn fetch_to(job: &Job, name: Option<&str>, to: Option<&Path>, watch: &Watch) -> 
     })?;
     let (staging, root) = match to {
         None => {
-            let staging = job.job_dir().join(format!(".offsite-restore.{}", std::process::id()));
+            let staging = job.job_dir().join(format!("{STAGING_PREFIX}{}", std::process::id()));
             let _ = archive::remove_tree(&staging);
             crate::fsutil::create_private_dir(&staging)?;
             let root = staging.join(format!("{}.{index}", level.name()));

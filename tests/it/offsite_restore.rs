@@ -370,6 +370,10 @@ fn an_agent_restore_from_the_bucket_fetches_in_parallel_and_downloads_each_chunk
     assert!(entries(&jd).iter().all(|n| !n.starts_with(".offsite-restore")), "{:?}", entries(&jd));
     ceph.put(&bucket, &key(&bent), &good);
 
+    // The staging a killed restore left (its kept chunks too) is removed by the next one.
+    fs::create_dir_all(jd.join(".offsite-restore.4194999/checked-chunks")).unwrap();
+    fs::write(jd.join(".offsite-restore.4194999/checked-chunks/x"), "left").unwrap();
+
     // The restore: every chunk object of the disks fetched exactly once, several at a time.
     let (o, seen) = run();
     let text = ok(&o);
