@@ -255,8 +255,9 @@ pub(crate) struct Chunked {
 /// chunk and file. (The target is not read back afterwards: the agent checks the whole-file
 /// BLAKE3 of the bytes it writes before it renames the file into place, docs/PROTOCOL.md.)
 ///
-/// From the bucket, the chunks checked here are kept in the restore's staging directory until
-/// they are sent (`Fetched::keep_checked`): each chunk object is downloaded once.
+/// From the bucket, the chunk files checked here are kept (compressed, not the files rebuilt) in
+/// the restore's staging directory until they are sent (`Fetched::keep_checked`): each chunk
+/// object is downloaded once.
 pub(crate) fn verify_all(ctx: &Ctx, files: &[Chunked], out: &mut dyn Write) -> Result<()> {
     let total: u64 = files.iter().map(|f| f.size).sum();
     if let (Some(f), false) = (ctx.fetched, files.is_empty()) {
