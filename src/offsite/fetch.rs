@@ -1,26 +1,43 @@
 //! Restore straight from the offsite bucket (`affa --full-restore JOB [ARCHIVE] --from-offsite`,
 //! docs/RESTORE.md "Restore from the offsite bucket"): the archive's plain files (the small files,
 //! the manifests, the report, the VM record) are rebuilt from their chunk objects
-//! (`offsiteParallel` files at a time) in a private staging directory that the restore reads as the archive, and the chunks of its chunked files
-//! (the disks) are read from the bucket through [`BucketChunks`] as the restore needs them: the
-//! chunked files are never copied to this box first.
+//! (`offsiteParallel` files at a time) in a private staging directory that the restore reads as
+//! the archive, and the chunks of its chunked files (the disks) are read from the bucket through
+//! [`BucketChunks`] as the restore needs them: the chunked files are never copied to this box
+//! first.
+//!
+//! The chunks of a chunked file are fetched `offsiteParallel` at a time ([`ChunkSource::parallel`];
+//! at its default 1, the store's default: the cores up to 8): the store's reader runs that many
+//! GETs ahead of its consumer, in manifest order, and hands the chunks on in order; it holds at most about 4 x offsiteParallel chunks (decoded and raw), so
+//! memory stays below 8 x offsiteParallel x chunkSize (`crates/store` restore.rs `for_each_chunk`).
+//! The first missing or damaged object stops the other readers (the GETs in flight finish).
+//!
+//! Through affa-agent every chunk is checked before anything is sent (`verify_all`), then sent
+//! as the agent asks: [`Fetched::keep_checked`] keeps each chunk file the check downloaded (the
+//! opened chunk file, decoded and hashed again when it is read back) in a private directory in
+//! the staging directory, so that each chunk object is downloaded once. It keeps a chunk only
+//! while the filesystem keeps [`KEEP_RESERVE`] free after it; the chunks it could not keep are
+//! downloaded again when sent (and said so).
 //!
 //! `affa --unchunk JOB ARCHIVE --from-offsite` writes the same files, chunked ones rebuilt, to a
 //! new directory that is kept.
 //!
 //! Owns: choosing the offsite archive a restore names, the staging directory (made private,
-//! removed when the restore ends), writing the plain files there, and the chunk source of the
-//! bucket. Must never: trust the index (it comes from the bucket): write outside the staging
-//! directory (paths checked by `index.rs`, every parent a real directory made here, never a
-//! symbolic link followed), write more plain bytes than the filesystem has free, keep a plain
-//! file whose chunks did not open under their names and hash to their ids, or hand on a chunk
-//! object it did not open (the restore code decodes and hashes every chunk before it is used).
+//! removed when the restore ends), writing the plain files there, the kept chunk files, and the
+//! chunk source of the bucket. Must never: trust the index (it comes from the bucket): write
+//! outside the staging directory (paths checked by `index.rs`, every parent a real directory made
+//! here, never a symbolic link followed), write more plain bytes than the filesystem has free,
+//! keep a plain file whose chunks did not open under their names and hash to their ids, or hand
+//! on a chunk object it did not open (the restore code decodes and hashes every chunk, a kept one
+//! too, before it is used).
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, OnceLock};
 
 use crate::archive::{self, Archive};
 use crate::chunk::{self, ChunkId, ChunkRef, ChunkSource, ProblemKind};
@@ -35,31 +52,159 @@ use super::s3::Store;
 /// The largest sealed chunk object read: a chunk file and the seal's header and tag.
 const MAX_SEALED_CHUNK: u64 = chunk::MAX_CHUNK_FILE_LEN + 64;
 
+/// What a kept chunk file must leave free on the filesystem of the staging directory.
+pub const KEEP_RESERVE: u64 = 256 << 20;
+
 /// The chunk objects of a bucket prefix, read as a restore asks for them (GET, opened under
-/// their names with the key; the reader decodes and checks each against its id).
+/// their names with the key; the reader decodes and checks each against its id), `parallel`
+/// at a time by the store's reader.
 pub struct BucketChunks {
     store: Store,
     keys: Keys,
+    /// offsiteParallel.
+    parallel: usize,
+    /// Set by [`Fetched::keep_checked`]: where the chunks read are kept.
+    keep: OnceLock<Keep>,
+}
+
+/// The chunk files kept in a restore from the bucket, by id.
+struct Keep {
+    dir: PathBuf,
+    slots: Mutex<KeepState>,
+    /// Wakes the readers waiting for a chunk another reader is fetching.
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct KeepState {
+    /// Chunks being fetched (false) or kept in `dir` (true).
+    slots: HashMap<ChunkId, bool>,
+    /// Chunk files kept and their bytes.
+    kept: u64,
+    bytes: u64,
+    /// Why keeping stopped (the filesystem filled up, a write failed): later chunks are not kept.
+    stopped: Option<String>,
+}
+
+impl BucketChunks {
+    /// GET and open the object of chunk `id`.
+    fn get(&self, id: &ChunkId) -> std::result::Result<Vec<u8>, ProblemKind> {
+        let name = self.keys.chunk_name(id);
+        #[cfg(feature = "test-hooks")]
+        let _counted = test_hooks::Get::start(&name);
+        match self.store.get_at_most(&name, MAX_SEALED_CHUNK) {
+            Ok(None) => Err(ProblemKind::Missing),
+            Err(e) => Err(ProblemKind::Damaged(format!("cannot be read: {e}"))),
+            Ok(Some(sealed)) => self.keys.open(&name, &sealed).map_err(ProblemKind::Damaged),
+        }
+    }
+
+    /// Keep the chunk file `raw` of `id` in `k.dir` unless keeping stopped or the filesystem
+    /// would keep less than [`KEEP_RESERVE`] free (keeping stops then). Whether it was kept.
+    fn keep_one(k: &Keep, id: &ChunkId, raw: &[u8]) -> bool {
+        if k.slots.lock().map(|s| s.stopped.is_some()).unwrap_or(true) {
+            return false;
+        }
+        let path = k.dir.join(chunk::id_hex(id));
+        let tmp = k.dir.join(format!("{}.tmp", chunk::id_hex(id)));
+        let r = free_bytes(&k.dir).map_err(|e| e.to_string()).and_then(|free| {
+            if free < raw.len() as u64 + KEEP_RESERVE {
+                return Err(format!(
+                    "{} has {} free; a kept chunk must leave {}",
+                    k.dir.display(),
+                    crate::fmt::human(free),
+                    crate::fmt::human(KEEP_RESERVE)
+                ));
+            }
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp)
+                .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+            std::io::Write::write_all(&mut f, raw).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+            fs::rename(&tmp, &path).map_err(|e| format!("cannot rename {}: {e}", tmp.display()))
+        });
+        match r {
+            Ok(()) => {
+                if let Ok(mut s) = k.slots.lock() {
+                    s.kept += 1;
+                    s.bytes += raw.len() as u64;
+                }
+                true
+            }
+            Err(why) => {
+                let _ = fs::remove_file(&tmp);
+                if let Ok(mut s) = k.slots.lock() {
+                    s.stopped.get_or_insert(why);
+                }
+                false
+            }
+        }
+    }
+
+    /// The chunk `id` through the kept chunks: the kept file when there is one (waiting for
+    /// another reader fetching it), else fetched and kept.
+    fn read_kept(&self, k: &Keep, id: &ChunkId, raw: &mut Vec<u8>) -> std::result::Result<(), ProblemKind> {
+        let mut s = k.slots.lock().map_err(|_| ProblemKind::Damaged("a reader failed".into()))?;
+        loop {
+            match s.slots.get(id) {
+                Some(true) => {
+                    drop(s);
+                    let p = k.dir.join(chunk::id_hex(id));
+                    let f = fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&p).map_err(|e| {
+                        ProblemKind::Damaged(format!("was kept in {} and cannot be read: {e}", p.display()))
+                    })?;
+                    raw.clear();
+                    std::io::Read::read_to_end(&mut std::io::Read::take(f, chunk::MAX_CHUNK_FILE_LEN + 1), raw)
+                        .map_err(|e| {
+                            ProblemKind::Damaged(format!("was kept in {} and cannot be read: {e}", p.display()))
+                        })?;
+                    return Ok(());
+                }
+                Some(false) => s = k.ready.wait(s).map_err(|_| ProblemKind::Damaged("a reader failed".into()))?,
+                None => break,
+            }
+        }
+        s.slots.insert(*id, false);
+        drop(s);
+        let r = self.get(id);
+        let kept = match &r {
+            Ok(plain) => Self::keep_one(k, id, plain),
+            Err(_) => false,
+        };
+        if let Ok(mut s) = k.slots.lock() {
+            if kept {
+                s.slots.insert(*id, true);
+            } else {
+                s.slots.remove(id);
+            }
+        }
+        k.ready.notify_all();
+        *raw = r?;
+        Ok(())
+    }
 }
 
 impl ChunkSource for BucketChunks {
     fn read(&self, id: &ChunkId, raw: &mut Vec<u8>) -> std::result::Result<(), ProblemKind> {
-        let name = self.keys.chunk_name(id);
-        match self.store.get_at_most(&name, MAX_SEALED_CHUNK) {
-            Ok(None) => Err(ProblemKind::Missing),
-            Err(e) => Err(ProblemKind::Damaged(format!("cannot be read: {e}"))),
-            Ok(Some(sealed)) => match self.keys.open(&name, &sealed) {
-                Ok(plain) => {
-                    *raw = plain;
-                    Ok(())
-                }
-                Err(why) => Err(ProblemKind::Damaged(why)),
-            },
+        match self.keep.get() {
+            Some(k) => self.read_kept(k, id, raw),
+            None => {
+                *raw = self.get(id)?;
+                Ok(())
+            }
         }
     }
 
     fn place(&self, id: &ChunkId) -> Option<String> {
         Some(format!("offsite object {}", self.keys.chunk_name(id)))
+    }
+
+    /// offsiteParallel GETs at once; at its default 1, the reader's own default (the cores).
+    fn parallel(&self) -> Option<usize> {
+        (self.parallel > 1).then_some(self.parallel)
     }
 }
 
@@ -75,6 +220,49 @@ pub struct Fetched {
     pub date: String,
     /// What is removed when this is dropped (the staging directory; none for `--unchunk`'s).
     staging: Option<PathBuf>,
+}
+
+impl Fetched {
+    /// From now on, keep each chunk read (after the first download) in a private directory in
+    /// the staging directory, so that a restore through affa-agent, which checks every chunk of
+    /// `manifests` before it sends them, downloads each chunk object once. Returns what the
+    /// chunks of `manifests` take at most (their decoded size) for the log.
+    pub fn keep_checked(&self, manifests: &[PathBuf]) -> Result<String> {
+        let Some(staging) = &self.staging else { bail!("offsite chunks can be kept only in a restore's staging") };
+        let mut seen = std::collections::HashSet::new();
+        let mut need = 0u64;
+        for mp in manifests {
+            let m = chunk::read_manifest(mp)?;
+            for (i, c) in m.chunks.iter().enumerate() {
+                if let ChunkRef::Stored(id) = c {
+                    if seen.insert(*id) {
+                        need += m.chunk_len(i) as u64;
+                    }
+                }
+            }
+        }
+        let dir = staging.join("checked-chunks");
+        if self.chunks.keep.get().is_none() {
+            fs::DirBuilder::new().mode(0o700).create(&dir).ctx(|| format!("cannot create {}", dir.display()))?;
+            let _ = self.chunks.keep.set(Keep { dir: dir.clone(), slots: Mutex::default(), ready: Condvar::new() });
+        }
+        Ok(format!(
+            "each chunk checked is kept in {} until it is sent ({} chunk(s), at most {} decoded; {} free)",
+            dir.display(),
+            seen.len(),
+            crate::fmt::human(need),
+            crate::fmt::human(free_bytes(&dir)?)
+        ))
+    }
+
+    /// What was kept, and why keeping stopped if it did (its later chunks are downloaded again
+    /// when they are sent): (kept, bytes, why stopped).
+    pub fn kept(&self) -> (u64, u64, Option<String>) {
+        match self.chunks.keep.get().and_then(|k| k.slots.lock().ok()) {
+            Some(s) => (s.kept, s.bytes, s.stopped.clone()),
+            None => (0, 0, None),
+        }
+    }
 }
 
 impl Drop for Fetched {
@@ -112,9 +300,22 @@ fn choose(idxs: Vec<Index>, job: &str, name: Option<&str>, shown: &str) -> Resul
     }
 }
 
+/// The name of a restore's staging directory in the job's directory (`PREFIX.PID`).
+const STAGING_PREFIX: &str = ".offsite-restore.";
+
 /// Open the job's bucket prefix (a wrong key is refused), choose the offsite archive and write
-/// its plain files to a private staging directory in the job's directory.
+/// its plain files to a private staging directory in the job's directory. The caller holds the
+/// job's lock: the staging directory another restore of the job left (killed: no drop removed
+/// it, with the chunks it kept) is removed first.
 pub fn fetch(job: &Job, name: Option<&str>, watch: &Watch) -> Result<Fetched> {
+    if let Ok(rd) = fs::read_dir(job.job_dir()) {
+        for e in rd.flatten() {
+            let dir = e.file_type().is_ok_and(|t| t.is_dir());
+            if dir && e.file_name().as_bytes().starts_with(STAGING_PREFIX.as_bytes()) {
+                let _ = archive::remove_tree(&e.path());
+            }
+        }
+    }
     fetch_to(job, name, None, watch)
 }
 
@@ -133,7 +334,7 @@ fn fetch_to(job: &Job, name: Option<&str>, to: Option<&Path>, watch: &Watch) -> 
     })?;
     let (staging, root) = match to {
         None => {
-            let staging = job.job_dir().join(format!(".offsite-restore.{}", std::process::id()));
+            let staging = job.job_dir().join(format!("{STAGING_PREFIX}{}", std::process::id()));
             let _ = archive::remove_tree(&staging);
             crate::fsutil::create_private_dir(&staging)?;
             let root = staging.join(format!("{}.{index}", level.name()));
@@ -152,13 +353,14 @@ fn fetch_to(job: &Job, name: Option<&str>, to: Option<&Path>, watch: &Watch) -> 
     // Until it is complete, the directory goes when this is dropped (an error on the way).
     let mut fetched = Fetched {
         archive: Archive { level, index, path: root.clone(), report: None },
-        chunks: BucketChunks { store, keys },
+        chunks: BucketChunks { store, keys, parallel: 1, keep: OnceLock::new() },
         shown,
         date: idx.date.clone(),
         staging: Some(staging),
     };
     fs::DirBuilder::new().mode(0o700).create(&root).ctx(|| format!("cannot create {}", root.display()))?;
-    let parallel = super::settings(job)?.parallel as usize;
+    let parallel = super::settings(job)?.parallel.max(1) as usize;
+    fetched.chunks.parallel = parallel;
     write_plain(&fetched.chunks, &idx, &root, &label, parallel, watch)?;
     // The report is the archive's id: the plain files are those of the archive uploaded.
     let report = root.join(crate::report::REPORT_FILE);
@@ -403,6 +605,39 @@ fn write_file(
     drop(f);
     set_meta(p, Some(*mode), *uid, *gid, *mtime)
         .ctx(|| format!("cannot set the owner, mode or time of {}", p.display()))
+}
+
+/// Counting the chunk GETs of a restore (feature `test-hooks` only).
+#[cfg(feature = "test-hooks")]
+mod test_hooks {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+    /// A chunk GET under way. With `AFFA_TEST_OFFSITE_GETS=FILE`, each chunk GET appends the
+    /// line `NAME IN_FLIGHT` (the GETs under way, this one included) to FILE when it starts and
+    /// lasts at least 50 ms (so that GETs meant to overlap do).
+    pub struct Get(bool);
+
+    impl Get {
+        pub fn start(name: &str) -> Get {
+            let n = IN_FLIGHT.fetch_add(1, Ordering::SeqCst) + 1;
+            let Some(path) = std::env::var_os("AFFA_TEST_OFFSITE_GETS") else { return Get(false) };
+            if let Ok(mut f) = std::fs::OpenOptions::new().append(true).create(true).open(path) {
+                let _ = f.write_all(format!("{name} {n}\n").as_bytes());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            Get(true)
+        }
+    }
+
+    impl Drop for Get {
+        fn drop(&mut self) {
+            let _ = self.0;
+            IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -251,7 +251,10 @@ struct Upload<'a> {
     store: &'a Store,
     keys: &'a Keys,
     running: &'a Running<'a>,
+    /// The chunk objects the bucket held when the upload started.
     have: HashSet<String>,
+    /// The chunk objects of the archive handled so far (each counted, and sent, once).
+    handled: HashSet<String>,
     sent: Sent,
     /// offsiteParallel > 1: the senders' queue (None: each object is sent here).
     queue: Option<std::sync::mpsc::SyncSender<(String, Vec<u8>)>>,
@@ -265,6 +268,11 @@ impl Upload<'_> {
     fn chunk(&mut self, id: &ChunkId, blob: impl FnOnce() -> Result<Vec<u8>>) -> Result<()> {
         self.running.refresh()?;
         let name = self.keys.chunk_name(id);
+        // A chunk the archive uses more than once is counted once: "already there" is the
+        // chunk objects of the archive the bucket held before this upload.
+        if !self.handled.insert(name.clone()) {
+            return Ok(());
+        }
         if self.have.contains(&name) {
             self.sent.present += 1;
             return Ok(());
@@ -284,7 +292,6 @@ impl Upload<'_> {
                 q.send((name.clone(), sealed)).map_err(|_| Error::new("the offsite senders stopped"))?;
             }
         }
-        self.have.insert(name);
         Ok(())
     }
 }
@@ -502,6 +509,7 @@ fn upload_held(
             keys: &keys,
             running: &running,
             have,
+            handled: HashSet::new(),
             sent: Sent::default(),
             queue: (parallel > 1).then_some(tx),
             failed: &failed,

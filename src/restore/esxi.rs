@@ -468,7 +468,7 @@ fn restore_logged_in(
     } else {
         (Vec::new(), chunked.clone())
     };
-    verify_all(ctx, &through_agent)?;
+    verify_all(ctx, &through_agent, out)?;
     rebuild_all(ctx, &rebuilt)?;
     let by_agent = |it: &Item| through_agent.iter().any(|c| c.local == it.local);
     let orig_urls: Vec<(String, String)> = record.datastores.iter().map(|d| (d.name.clone(), d.url.clone())).collect();

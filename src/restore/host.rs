@@ -115,7 +115,7 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
     let mut through_agent: Option<Vec<String>> = None;
     match agent {
         Some(session) => {
-            verify_all(ctx, &chunked)?;
+            verify_all(ctx, &chunked, out)?;
             ctx.log.info(format!("restoring {} to {}", arch.name(), ep.describe()));
             // The plain files first: they create the directories the agent writes into.
             run_rsync(ctx, job, &main, "the restore", true)?;

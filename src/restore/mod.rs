@@ -106,7 +106,7 @@ pub fn full_restore(cfg: &Config, job_name: &str, opts: &RestoreOptions, out: &m
         }
     };
     let log = JobLog::new(&cfg.log_dir(), job_name, crate::observer::Watch::nobody());
-    let ctx = Ctx { cfg, job, arch, opts, log, source };
+    let ctx = Ctx { cfg, job, arch, opts, log, source, fetched: fetched.as_ref() };
     ctx.log.info(format!("Restore of job {} from {from} started", job.name));
     if fetched.is_some() {
         let _ = writeln!(
@@ -131,6 +131,8 @@ pub(crate) struct Ctx<'a> {
     pub log: JobLog,
     /// Where the chunks of the chunked files are read (None: the archive's `.affa-chunks/`).
     pub source: Option<&'a dyn crate::chunk::ChunkSource>,
+    /// A restore from the bucket: its staging and chunk source (`source` is its chunks).
+    pub fetched: Option<&'a crate::offsite::fetch::Fetched>,
 }
 
 impl Ctx<'_> {
@@ -252,8 +254,16 @@ pub(crate) struct Chunked {
 /// is written locally) before anything is sent. A damaged or missing chunk stops here, naming
 /// chunk and file. (The target is not read back afterwards: the agent checks the whole-file
 /// BLAKE3 of the bytes it writes before it renames the file into place, docs/PROTOCOL.md.)
-pub(crate) fn verify_all(ctx: &Ctx, files: &[Chunked]) -> Result<()> {
+///
+/// From the bucket, the chunk files checked here are kept (compressed, not the files rebuilt) in
+/// the restore's staging directory until they are sent (`Fetched::keep_checked`): each chunk
+/// object is downloaded once.
+pub(crate) fn verify_all(ctx: &Ctx, files: &[Chunked], out: &mut dyn Write) -> Result<()> {
     let total: u64 = files.iter().map(|f| f.size).sum();
+    if let (Some(f), false) = (ctx.fetched, files.is_empty()) {
+        let manifests: Vec<PathBuf> = files.iter().map(|c| c.manifest.clone()).collect();
+        ctx.log.info(f.keep_checked(&manifests)?);
+    }
     let bar = ctx.opts.watch.meter("checking the chunks", Some(total));
     let mut base = 0u64;
     for f in files {
@@ -266,6 +276,17 @@ pub(crate) fn verify_all(ctx: &Ctx, files: &[Chunked]) -> Result<()> {
             e.context(format!("restore stopped before anything was sent to the target ({} was not changed)", f.remote))
         })?;
         base += f.size;
+    }
+    if let Some(f) = ctx.fetched {
+        let (n, bytes, stopped) = f.kept();
+        ctx.log.info(format!("{n} checked chunk(s) kept until they are sent ({} bytes)", bytes));
+        if let Some(why) = stopped {
+            let w = format!(
+                "not every checked chunk could be kept ({why}): the others are downloaded again from the bucket when they are sent, and checked again"
+            );
+            ctx.log.warn(&w);
+            let _ = writeln!(out, "warning: {w}");
+        }
     }
     Ok(())
 }

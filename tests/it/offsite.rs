@@ -625,9 +625,47 @@ fn one_failing_parallel_sender_stops_the_others_and_no_index_is_written() {
 
     let out = ok(&a.affa(&["--offsite", JOB]));
     assert!(out.contains(&format!("{} object(s) uploaded", total - written + 1)), "{written} written: {out}");
+    // many.bin's first chunk is also one of disk.img's: counted once.
+    assert!(out.contains(&format!(", {written} chunk(s) already there")), "{written} written: {out}");
     assert_eq!(objects(ceph, &bucket, "c/").len(), total);
     let v = ok(&a.affa(&["--offsite-verify", JOB]));
     assert!(v.contains("scheduled.0 (Date 202612010100): OK"), "{v}");
+}
+
+/// "N chunk(s) already there" counts the archive's chunk objects the bucket held before the
+/// upload, each once: a chunk the archive uses twice (two identical files, a plain file that
+/// shares a chunk with a chunked one) is neither "already there" in a first upload nor counted
+/// twice in a rerun.
+#[test]
+fn a_chunk_used_twice_in_an_archive_is_counted_once() {
+    let ceph = Ceph::shared();
+    let bucket = ceph.new_bucket();
+    let src = source();
+    // Its first chunk is chunk 2 of disk.img (the same BLAKE3 stream).
+    fs::write(src.path().join("data/copy.bin"), random(2, 2 * CS)).unwrap();
+    fs::write(src.path().join("data/twin-a.bin"), random(50, 3 * CS)).unwrap();
+    fs::write(src.path().join("data/twin-b.bin"), random(50, 3 * CS)).unwrap();
+    let a = setup(ceph, src.path(), &bucket);
+    ok(&a.affa_at("2026-12-01T01:00:00", &["--run", JOB]));
+    let total = archive_chunks(&a.job_dir(JOB).join("scheduled.0")).len();
+    let o = a.cmd().env("AFFA_TEST_CRASH_AT", "offsite-chunk-uploaded:5").args(["--offsite", JOB]).output().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(o.status.signal(), Some(9), "killed mid-upload: {o:?}");
+    assert_eq!(objects(ceph, &bucket, "c/").len(), 5);
+    let out = ok(&a.affa(&["--offsite", JOB]));
+    assert!(
+        out.contains(&format!("{} object(s) uploaded ", total - 5 + 1)) && out.contains(", 5 chunk(s) already there"),
+        "{total} chunks: {out}"
+    );
+    assert_eq!(objects(ceph, &bucket, "c/").len(), total);
+    let fresh = ceph.new_bucket();
+    let conf = fs::read_to_string(a.conf.join("job.conf")).unwrap();
+    a.write_conf("job.conf", &conf.replace(&format!("s3://{bucket}/"), &format!("s3://{fresh}/")));
+    let out = ok(&a.affa(&["--offsite", JOB]));
+    assert!(
+        out.contains(&format!("{} object(s) uploaded ", total + 1)) && out.contains(", 0 chunk(s) already there"),
+        "{total} chunks: {out}"
+    );
 }
 
 /// A restore, verify, list or cleanup never writes to a prefix: the bucket marker is written by

@@ -269,3 +269,173 @@ fn an_ordinary_job_is_restored_from_the_bucket_to_its_host() {
         entries(&a.job_dir("web"))
     );
 }
+
+/// The chunk GETs a command made (`AFFA_TEST_OFFSITE_GETS`, feature test-hooks): object name ->
+/// (times fetched, the most GETs in flight seen when one of them started).
+fn gets(log: &Path) -> BTreeMap<String, (usize, usize)> {
+    let mut m: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for l in fs::read_to_string(log).unwrap_or_default().lines() {
+        let (name, n) = l.rsplit_once(' ').unwrap();
+        let e = m.entry(name.to_string()).or_default();
+        e.0 += 1;
+        e.1 = e.1.max(n.parse().unwrap());
+    }
+    m
+}
+
+/// The stored chunk ids of a manifest.
+fn stored(manifest: &Path) -> Vec<[u8; 32]> {
+    affa::chunk::read_manifest(manifest)
+        .unwrap()
+        .chunks
+        .iter()
+        .filter_map(|c| if let affa::chunk::ChunkRef::Stored(id) = c { Some(*id) } else { None })
+        .collect()
+}
+
+/// offsiteParallel=4: the chunks of the disks are fetched 4 at a time (GETs counted in flight,
+/// not timed), and through affa-agent each chunk object is downloaded once (the check before
+/// sending keeps what it downloaded); the disks are byte-identical. A damaged object in the
+/// middle of the parallel fetch stops the restore before the target is touched, naming it.
+#[test]
+fn an_agent_restore_from_the_bucket_fetches_in_parallel_and_downloads_each_chunk_once() {
+    let ceph = Ceph::shared();
+    let bucket = ceph.new_bucket();
+    let keys = tempfile::Builder::new().prefix("affa-offsite-keys").tempdir().unwrap();
+    let conf =
+        format!("chunkFiles=*.vmdk\nchunkSize=1M\noffsiteParallel=4\n{}", offsite_conf(ceph, &bucket, keys.path()));
+    let e = Esx::start(24 * MB, &[(0, 4 * MB)], &conf, "");
+    ok(&e.affa.affa_at("2026-05-04T21:00:00", &["--run", "esx"]));
+    let frozen = e.frozen();
+    ok(&e.affa.affa(&["--offsite", "esx"]));
+    let key_file = keys.path().join("offsite.key");
+    let jd = e.affa.job_dir("esx");
+    let s0 = jd.join("scheduled.0");
+    let d0 = stored(&s0.join("vmfs/volumes/datastore1/vm1/vm1-flat.vmdk.affa-manifest"));
+    let d1 = stored(&s0.join("vmfs/volumes/ds2/vm1/vm1_1-flat.vmdk.affa-manifest"));
+    let disk_objects: std::collections::BTreeSet<String> =
+        d0.iter().chain(&d1).map(|id| object_of(&key_file, id)).collect();
+    // The simulated disks repeat some chunks: a chunk used twice is fetched once too.
+    assert!(
+        d0.len() >= 6 && d1.len() >= 4 && disk_objects.len() >= 6,
+        "{} {} {}",
+        d0.len(),
+        d1.len(),
+        disk_objects.len()
+    );
+
+    e.sim.post("/power?vm=vm1&state=off");
+    {
+        let mut o = affa::esxi::ConnectOptions::new("127.0.0.1");
+        o.port = e.sim.port;
+        o.thumbprint = Some(e.sim.thumbprint.clone());
+        let mut c = affa::esxi::Client::connect(o).unwrap();
+        c.login(USER, &affa::esxi::Password::new(PASS)).unwrap();
+        let vm = c.find_vm("vm1").unwrap();
+        c.call("UnregisterVM", &affa::esxi::soap::moref_elem("_this", &vm.kind, &vm.value)).unwrap();
+    }
+    fs::remove_dir_all(e.ds1.join("vm1")).unwrap();
+    fs::remove_dir_all(e.ds2.join("vm1")).unwrap();
+    fs::remove_dir_all(&jd).unwrap();
+    fs::remove_dir_all(e.affa.root.join(".affa-pool")).unwrap();
+    let restore = ["--full-restore", "esx", "--from-offsite", "--register", "vm1-back", "--yes"];
+    let log = e.affa.tmp.path().join("gets.log");
+    let run = || {
+        let _ = fs::remove_file(&log);
+        let o = e.affa.cmd().env("AFFA_TEST_OFFSITE_GETS", &log).args(restore).output().unwrap();
+        (o, gets(&log))
+    };
+
+    // A damaged object in the middle of disk 0, fetched in parallel: refused, naming it, the
+    // target untouched, no staging left.
+    let key = |o: &str| format!("{PREFIX}/{o}");
+    let bent = object_of(&key_file, &d0[d0.len() / 2]);
+    let good = ceph.get(&bucket, &key(&bent));
+    let mut data = good.clone();
+    let mid = data.len() / 2;
+    data[mid] ^= 0x01;
+    ceph.put(&bucket, &key(&bent), &data);
+    let (o, seen) = run();
+    let err = fail(&o);
+    assert!(
+        err.contains(&bent)
+            && err.contains("vm1-flat.vmdk")
+            && err.contains("damaged")
+            && err.contains("before anything was sent"),
+        "{err}"
+    );
+    assert!(seen.contains_key(&bent), "{seen:?}");
+    assert!(!e.ds1.join("vm1").exists() && !e.ds2.join("vm1").exists(), "the target was written");
+    assert!(!vm_names(&e).contains(&"vm1-back".to_string()));
+    assert!(entries(&jd).iter().all(|n| !n.starts_with(".offsite-restore")), "{:?}", entries(&jd));
+    ceph.put(&bucket, &key(&bent), &good);
+
+    // The staging a killed restore left (its kept chunks too) is removed by the next one.
+    fs::create_dir_all(jd.join(".offsite-restore.4194999/checked-chunks")).unwrap();
+    fs::write(jd.join(".offsite-restore.4194999/checked-chunks/x"), "left").unwrap();
+
+    // The restore: every chunk object of the disks fetched exactly once, several at a time.
+    let (o, seen) = run();
+    let text = ok(&o);
+    assert!(text.contains("chunked disks through affa-agent"), "{text}");
+    let disk_gets: BTreeMap<&String, &(usize, usize)> =
+        seen.iter().filter(|(n, _)| disk_objects.contains(*n)).collect();
+    assert_eq!(disk_gets.len(), disk_objects.len(), "every disk chunk object fetched: {seen:?}");
+    assert!(disk_gets.values().all(|(n, _)| *n == 1), "each disk chunk object fetched once: {disk_gets:?}");
+    let most = disk_gets.values().map(|(_, m)| *m).max().unwrap();
+    // offsiteParallel readers: not the store's default (the cores: 2 here, 8 on a bigger box).
+    assert!((3..=4).contains(&most), "GETs in flight at most {most}, expected 3..=4 (offsiteParallel=4)");
+    assert_eq!(sha256_file(&e.ds1.join("vm1/vm1-flat.vmdk")), frozen[0], "disk 0 differs from the source");
+    assert_eq!(sha256_file(&e.ds2.join("vm1/vm1_1-flat.vmdk")), frozen[1], "disk 1 differs from the source");
+    assert!(vm_names(&e).contains(&"vm1-back".to_string()), "{:?}", vm_names(&e));
+    assert!(entries(&jd).iter().all(|n| !n.starts_with(".offsite-restore")), "{:?}", entries(&jd));
+}
+
+/// offsiteParallel=4 on the staging path (an ordinary job, a local target) and for
+/// `--unchunk --from-offsite`: the image's chunks are fetched several at a time, never more than
+/// 4, and the files are byte-identical.
+#[test]
+fn the_staging_path_and_unchunk_fetch_the_chunks_from_the_bucket_in_parallel() {
+    let ceph = Ceph::shared();
+    let bucket = ceph.new_bucket();
+    let src = tempfile::Builder::new().prefix("affa-offsite-src").tempdir().unwrap();
+    let d = src.path().join("data");
+    fs::create_dir_all(&d).unwrap();
+    let mut img = vec![0u8; 24 << 18];
+    blake3::Hasher::new().update(b"par").finalize_xof().fill(&mut img[..20 << 18]);
+    fs::write(d.join("disk.img"), &img).unwrap();
+    let a = Affa::new();
+    a.write_conf(
+        "job.conf",
+        &format!(
+            "[web]\nremoteHostName=localhost\nInclude={}\nchunkFiles=*.img\nchunkSize=256K\noffsiteParallel=4\n{}",
+            d.display(),
+            offsite_conf(ceph, &bucket, &a.conf)
+        ),
+    );
+    ok(&a.affa_at("2026-12-01T01:00:00", &["--run", "web"]));
+    ok(&a.affa(&["--offsite", "web"]));
+    let rel = d.strip_prefix("/").unwrap();
+    let m = a.job_dir("web").join("scheduled.0").join(rel).join("disk.img.affa-manifest");
+    let objects: std::collections::BTreeSet<String> =
+        stored(&m).iter().map(|id| object_of(&a.conf.join("offsite.key"), id)).collect();
+    assert_eq!(objects.len(), 20);
+    fs::remove_dir_all(&d).unwrap();
+    fs::remove_dir_all(a.job_dir("web")).unwrap();
+    let log = a.tmp.path().join("gets.log");
+    let most = |args: &[&str]| {
+        let _ = fs::remove_file(&log);
+        let text = ok(&a.cmd().env("AFFA_TEST_OFFSITE_GETS", &log).args(args).output().unwrap());
+        let seen = gets(&log);
+        let mine: Vec<&(usize, usize)> = seen.iter().filter(|(n, _)| objects.contains(*n)).map(|(_, v)| v).collect();
+        assert_eq!(mine.len(), objects.len(), "{text}: {seen:?}");
+        mine.iter().map(|(_, m)| *m).max().unwrap()
+    };
+    let x = a.tmp.path().join("extracted");
+    let n = most(&["--unchunk", "web", "202612010100", "--from-offsite", "--to", x.to_str().unwrap()]);
+    assert!((3..=4).contains(&n), "--unchunk: {n} GETs in flight at most, expected 3..=4");
+    assert_eq!(fs::read(x.join(rel).join("disk.img")).unwrap(), img);
+    let n = most(&["--full-restore", "web", "--from-offsite", "--yes"]);
+    assert!((3..=4).contains(&n), "--full-restore: {n} GETs in flight at most, expected 3..=4");
+    assert_eq!(fs::read(d.join("disk.img")).unwrap(), img);
+}

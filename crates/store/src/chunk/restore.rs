@@ -158,15 +158,21 @@ fn workers() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8)
 }
 
-/// Fetch every chunk of `m` in parallel (bounded), delivering them in order to `sink` as
-/// `(index, Some(bytes))` or `(index, None)` for zero chunks.
+/// The most reads a source may ask to run at once ([`ChunkSource::parallel`]).
+const MAX_SOURCE_READERS: usize = 64;
+
+/// Fetch every chunk of `m` in parallel (`src.parallel()` readers, else [`workers`]), in
+/// manifest order, delivering them in order to `sink` as `(index, Some(bytes))` or
+/// `(index, None)` for zero chunks. At most `inflight` chunks are between the readers and
+/// `sink`: 64 MiB of chunks, at least one more than the readers and at most 4 per reader (so
+/// memory stays below about 4 x readers x the chunk size, twice that counting the raw buffers).
 fn for_each_chunk(
     src: &dyn ChunkSource,
     m: &Manifest,
     label: &Path,
     mut sink: impl FnMut(usize, Option<&[u8]>) -> Result<()>,
 ) -> Result<()> {
-    let w = workers();
+    let w = src.parallel().map(|n| n.clamp(1, MAX_SOURCE_READERS)).unwrap_or_else(workers);
     let inflight = (((64u64 << 20) / m.chunk_size as u64) as usize).clamp(w + 1, 4 * w);
     let bufs: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
     pipeline::run(

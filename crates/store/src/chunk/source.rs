@@ -28,6 +28,14 @@ pub trait ChunkSource: Sync {
     fn place(&self, _id: &ChunkId) -> Option<String> {
         None
     }
+
+    /// How many reads of this source the reader of one file runs at once, ahead of its
+    /// consumer in manifest order (None: the reader's default, the cores up to 8). A remote
+    /// store, whose reads wait on the network rather than on a core, says how many requests it
+    /// may have in flight. The reader's window (its memory) grows with it: see `restore.rs`.
+    fn parallel(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// The chunk links of an archive (`ARCHIVE/.affa-chunks/`).

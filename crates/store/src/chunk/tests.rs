@@ -795,3 +795,55 @@ fn another_chunk_source_is_read_checked_and_named() {
     let err = stream_file_from(&copy, &m, &mpath, &mut std::io::sink(), None).unwrap_err().to_string();
     assert!(err.contains(&format!("is missing (object X{} does not exist)", &id_hex(&ids[2])[..8])), "{err}");
 }
+
+/// A source that says how many reads may run at once ([`ChunkSource::parallel`]) gets that many
+/// in flight, never more, in manifest order; the file comes out whole and in order.
+#[test]
+fn a_source_asking_for_more_readers_gets_them_and_the_file_stays_in_order() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    struct Slow {
+        dir: PathBuf,
+        readers: Option<usize>,
+        now: AtomicUsize,
+        most: AtomicUsize,
+    }
+    impl ChunkSource for Slow {
+        fn read(&self, id: &ChunkId, raw: &mut Vec<u8>) -> std::result::Result<(), ProblemKind> {
+            let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(n, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            let r = fs::read(self.dir.join(id_hex(id))).map_err(|_| ProblemKind::Missing);
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            *raw = r?;
+            Ok(())
+        }
+        fn parallel(&self) -> Option<usize> {
+            self.readers
+        }
+    }
+    let e = env();
+    let s = settings(256 * K);
+    let src = e.t.path().join("disk.img");
+    let data = rnd_bytes(9, 24 * 256 * K as usize + 7);
+    fs::write(&src, &data).unwrap();
+    let arch = e.root.join("job/daily.0");
+    chunk(&e, &s, &src, &arch, "disk.img", None);
+    let dir = e.t.path().join("copy");
+    fs::create_dir_all(&dir).unwrap();
+    let mpath = manifest_path(&arch, Path::new("disk.img"));
+    let m = read_manifest(&mpath).unwrap();
+    for c in &m.chunks {
+        if let ChunkRef::Stored(id) = c {
+            fs::copy(pool::archive_entry(&arch, id), dir.join(id_hex(id))).unwrap();
+        }
+    }
+    let default = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
+    for (readers, want) in [(Some(6), 6), (None, default)] {
+        let slow = Slow { dir: dir.clone(), readers, now: AtomicUsize::new(0), most: AtomicUsize::new(0) };
+        let mut v = Vec::new();
+        stream_file_from(&slow, &m, &mpath, &mut v, None).unwrap();
+        assert!(v == data, "{readers:?}: the file differs");
+        let most = slow.most.load(Ordering::SeqCst);
+        assert!(most <= want && most > want / 2, "{readers:?}: {most} reads in flight at most, expected up to {want}");
+    }
+}
