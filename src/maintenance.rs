@@ -27,8 +27,11 @@ pub fn sweep_pool(root: &Path) -> Result<String> {
         return Ok(String::new());
     }
     let pool = Pool::open(root)?;
-    let s = chunk::sweep(&pool)?;
-    Ok(format!("pool sweep: {} chunk(s) no longer used, {} freed", s.removed_chunks, human(s.freed_bytes)))
+    Ok(swept(&chunk::sweep(&pool)?))
+}
+
+fn swept(s: &chunk::SweepStats) -> String {
+    format!("pool sweep: {} chunk(s) no longer used, {} freed", s.removed_chunks, human(s.freed_bytes))
 }
 
 /// After a run deleted archives: remove the pool entries of `ids` (the chunks they linked) that
@@ -41,7 +44,7 @@ pub fn sweep_pool_of(root: &Path, ids: &[chunk::ChunkId]) -> Result<String> {
     if s.removed_chunks == 0 && ids.is_empty() {
         return Ok(String::new());
     }
-    Ok(format!("pool sweep: {} chunk(s) no longer used, {} freed", s.removed_chunks, human(s.freed_bytes)))
+    Ok(swept(&s))
 }
 
 /// `--unchunk JOB ARCHIVE [--to DIR]`: rebuild every chunked file of an archive as a plain

@@ -267,8 +267,21 @@ fn pool_cache(cfg: &Config) -> PathBuf {
     cfg.lock_dir().join(".metrics-pool")
 }
 
+/// How old remembered pool counts may be before the refresh after a run counts again (when the
+/// `--metrics` cron line is missing, the figures would otherwise never move).
+const POOL_CACHE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
 fn read_pool_cache(cfg: &Config) -> Vec<(PathBuf, (u64, u64))> {
-    let text = fs::read_to_string(pool_cache(cfg)).unwrap_or_default();
+    let path = pool_cache(cfg);
+    let fresh = fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+        .is_some_and(|age| age <= POOL_CACHE_MAX_AGE);
+    if !fresh {
+        return Vec::new();
+    }
+    let text = fs::read_to_string(path).unwrap_or_default();
     text.lines()
         .filter_map(|l| {
             let mut w = l.splitn(3, ' ');
@@ -399,7 +412,8 @@ fn write_metrics_with(cfg: &Config, clock: &dyn Clock, walk_pools: bool) -> Resu
 /// After a run: rewrite metricsFile if its directory exists (node_exporter is set up), with the
 /// pool sizes the last `--metrics` counted (counting every pool entry after every run made a
 /// run's cost grow with the pool; the cron line of `--metrics` refreshes them every 10
-/// minutes); errors are ignored (that cron line reports them).
+/// minutes; counts older than an hour are counted again); errors are ignored (that cron line
+/// reports them).
 pub fn refresh_metrics(cfg: &Config, clock: &dyn Clock) {
     let path = cfg.settings.metrics_file.clone();
     if path.parent().is_some_and(|p| p.is_dir()) {
@@ -587,6 +601,12 @@ mod tests {
         fs::write(root.join(".affa-pool/ab/c4"), [4u8; 1000]).unwrap();
         assert_eq!(sample(&metrics_text_with(&cfg, &clock, false).unwrap(), "affa_pool_files"), "4");
         assert!(pool_cache(&cfg).is_file());
+        // Counts older than an hour (no `--metrics` cron line) are counted again.
+        fs::write(root.join(".affa-pool/ab/c5"), [5u8; 1]).unwrap();
+        assert_eq!(sample(&metrics_text_with(&cfg, &clock, false).unwrap(), "affa_pool_files"), "4");
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 3600);
+        fs::File::options().write(true).open(pool_cache(&cfg)).unwrap().set_modified(old).unwrap();
+        assert_eq!(sample(&metrics_text_with(&cfg, &clock, false).unwrap(), "affa_pool_files"), "5");
     }
 
     #[test]
