@@ -188,11 +188,15 @@ impl Sshd {
         let _ = fs::remove_file(&authorized_keys);
         let port = free_port();
         let d = dir.display();
+        // SHLVL=1: bash (root's login shell here) runs ~/.bashrc for each command sshd starts
+        // unless it is a nested shell; this machine's runs pyenv's init (0.15-0.2 s a session).
+        // An ESXi host's busybox sh runs no rc file for a command (docs/BENCHMARKS-METHOD.md).
         let cfg = format!(
             "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_ed25519\nPidFile {d}/sshd.pid\n\
              AuthorizedKeysFile {d}/authorized_keys {d}/bootstrap_keys\nStrictModes no\nUsePAM no\n\
              PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
-             PubkeyAuthentication yes\nLogLevel ERROR\nMaxStartups 100:30:200\nMaxSessions 50\n"
+             PubkeyAuthentication yes\nLogLevel ERROR\nMaxStartups 100:30:200\nMaxSessions 50\n\
+             SetEnv SHLVL=1\n"
         );
         fs::write(dir.join("sshd_config"), cfg).map_err(|e| e.to_string())?;
         if rustix::process::geteuid().is_root() {

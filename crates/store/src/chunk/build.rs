@@ -187,15 +187,7 @@ pub fn chunk_file(
                 Err(e) if e.raw_os_error() == Some(libc::EMLINK) && attempts < 3 => must_store = true,
                 // The entry vanished (a concurrent sweep): store it again.
                 Err(e) if e.kind() == io::ErrorKind::NotFound && attempts < 5 => must_store = true,
-                Err(e) => {
-                    return Err(e).ctx(|| {
-                        format!(
-                            "cannot link chunk {} into {}",
-                            id_hex(&id),
-                            archive_root.join(ARCHIVE_CHUNK_DIR).display()
-                        )
-                    })
-                }
+                Err(e) => return Err(e).ctx(|| pool::link_failed(&id, archive_root)),
             }
         }
         scratch.lock().unwrap().push(sc);
@@ -276,9 +268,7 @@ pub fn chunk_file(
 
     let file_hash = file_hash.ok_or_else(|| Error::new("chunk reader ended early"))?;
     // Make every rename and link durable before the manifest can name them.
-    for d in touched.into_inner().unwrap() {
-        pool::fsync_dir(&d)?;
-    }
+    pool::fsync_dirs(&touched.into_inner().unwrap())?;
     let manifest = Manifest {
         size,
         mode: meta0.mode() & 0o7777,

@@ -25,6 +25,7 @@ mod scrub;
 mod source;
 #[cfg(test)]
 mod tests;
+mod writers;
 
 /// A chunk file's bytes made and read back (chunk file version 1), for copies of chunks outside
 /// the pool (the offsite bucket).

@@ -5,7 +5,7 @@
 //! Owns: `Agent` (a session: handshake, bye), `backup_file` and `backup_file_ranged` (the
 //! request, answering the agent's chunk reports from the pool, checking and storing the chunks
 //! it sends, for a ranged (CBT) backup the chunks carried from the previous manifest, the
-//! manifest last), `chunk_ranges` (changed byte extents rounded out to the chunk grid) and `restore_file` (the manifest sent to the agent, each chunk it asks for read from
+//! manifest last; pool writes and carried links run on `chunk/writers.rs`'s threads), `chunk_ranges` (changed byte extents rounded out to the chunk grid) and `restore_file` (the manifest sent to the agent, each chunk it asks for read from
 //! the archive and verified before it is sent). Must never: trust the agent (a compromised
 //! host): a chunk is stored only after it decoded to the chunk's exact length and its BLAKE3
 //! equals the id the manifest will name; an index, size or count outside what the agent
@@ -18,6 +18,7 @@ use super::build::{check_rel, manifest_path};
 use super::manifest::{ChunkRef, Manifest};
 use super::pool::{self, Checked, Pool, ARCHIVE_CHUNK_DIR};
 use super::restore::{chunk_error, load_chunk_file, read_manifest, whole_file_hash};
+use super::writers;
 use super::{id_hex, ChunkId, ChunkStats, Compression, Settings};
 use crate::error::{Error, IoContext, Result};
 use affa_agent_proto::{self as proto, shown, ChunkKind, FrameReader, FrameWriter, Msg};
@@ -221,7 +222,9 @@ pub fn backup_file<R: Read, W: Write>(
     rel_path: &Path,
     previous: Option<&Manifest>,
 ) -> Result<RemoteStats> {
-    backup(agent, pool, settings, remote_path, archive_root, rel_path, previous, None)
+    backup_retrying(agent, archive_root, remote_path, |a, read| {
+        backup(a, pool, settings, remote_path, archive_root, rel_path, previous, None, read)
+    })
 }
 
 /// A ranged backup (Changed Block Tracking, docs/PROTOCOL.md "Ranged backup"): the agent reads
@@ -249,7 +252,47 @@ pub fn backup_file_ranged<R: Read, W: Write>(
             settings.chunk_size
         );
     }
-    backup(agent, pool, settings, remote_path, archive_root, rel_path, Some(previous), Some(ranges))
+    backup_retrying(agent, archive_root, remote_path, |a, read| {
+        backup(a, pool, settings, remote_path, archive_root, rel_path, Some(previous), Some(ranges), read)
+    })
+}
+
+/// How one request ended.
+enum Attempt {
+    Done(RemoteStats),
+    /// Carried chunks that could not be linked (their entry vanished between its check and the
+    /// link, which ran beside the agent's read): no manifest was written; the request is made
+    /// again with these read from the host.
+    Again(RemoteStats, HashSet<ChunkId>),
+}
+
+/// `again` once; once more with the carried chunks it could not link read from the host.
+fn backup_retrying<A>(
+    agent: &mut A,
+    archive_root: &Path,
+    remote_path: &Path,
+    mut again: impl FnMut(&mut A, &HashSet<ChunkId>) -> Result<Attempt>,
+) -> Result<RemoteStats> {
+    match again(agent, &HashSet::new())? {
+        Attempt::Done(st) => Ok(st),
+        Attempt::Again(first, read) => match again(agent, &read)? {
+            Attempt::Done(mut st) => {
+                // The first request's transfer happened all the same.
+                st.bytes_received += first.bytes_received;
+                st.source_bytes_read += first.source_bytes_read;
+                st.data_frames += first.data_frames;
+                st.chunk.new_chunks += first.chunk.new_chunks;
+                st.chunk.added_bytes += first.chunk.added_bytes;
+                Ok(st)
+            }
+            Attempt::Again(_, read) => crate::bail!(
+                "{}: {} carried chunk(s) could not be linked into {} twice (their pool entries keep vanishing)",
+                remote_path.display(),
+                read.len(),
+                archive_root.join(ARCHIVE_CHUNK_DIR).display()
+            ),
+        },
+    }
 }
 
 /// How an existing pool entry is checked before reuse.
@@ -300,7 +343,8 @@ fn backup<R: Read, W: Write>(
     rel_path: &Path,
     previous: Option<&Manifest>,
     ranges: Option<&[(u64, u64)]>,
-) -> Result<RemoteStats> {
+    read_again: &HashSet<ChunkId>,
+) -> Result<Attempt> {
     settings.validate()?;
     check_rel(rel_path)?;
     let label = agent.label.clone();
@@ -318,7 +362,7 @@ fn backup<R: Read, W: Write>(
     let mut placed: HashMap<ChunkId, u32> = HashMap::new();
     // Chunks whose entry failed its check (or link) in this run: asked for, never re-checked
     // (a repair is counted once).
-    let mut failed: HashSet<ChunkId> = HashSet::new();
+    let mut failed: HashSet<ChunkId> = read_again.clone();
     let mut touched: HashSet<PathBuf> = HashSet::new();
     let (mut blob_buf, mut decoded) = (Vec::new(), Vec::new());
     let link = |id: &ChunkId, touched: &mut HashSet<PathBuf>| -> io::Result<()> {
@@ -328,275 +372,290 @@ fn backup<R: Read, W: Write>(
         r
     };
 
-    // A ranged backup: the chunks outside the ranges are carried (checked and linked now); the
-    // ones whose entry fails its check are read again.
-    let ranges: Option<Vec<(u64, u64)>> = match (ranges, prev) {
-        (None, _) => None,
-        (Some(_), None) => crate::bail!("{what}: a ranged backup needs a previous manifest"),
-        (Some(rs), Some(p)) => {
-            let count = p.chunks.len() as u64;
-            let mut rs: Vec<(u64, u64)> = rs.iter().map(|&(s, e)| (s.min(count), e.min(count))).collect();
-            merge_ranges(&mut rs);
-            let mut extra = Vec::new();
-            let mut next = rs.iter().peekable();
-            for (i, c) in p.chunks.iter().enumerate() {
-                let i = i as u64;
-                while next.peek().is_some_and(|&&(_, e)| e <= i) {
-                    next.next();
-                }
-                if next.peek().is_some_and(|&&(s, _)| s <= i) {
-                    continue;
-                }
-                match c {
-                    ChunkRef::Zero => st.chunk.zero_chunks += 1,
-                    ChunkRef::Stored(id) => {
-                        let ok = placed.contains_key(id) || {
-                            let check = Check::Cheap(p.stored_len(i as usize));
-                            let entry = pool.entry(id);
-                            let len = (!failed.contains(id))
-                                .then(|| trusted_entry(&entry, id, check, &mut st.chunk, &mut blob_buf, &mut decoded))
-                                .flatten()
-                                .filter(|_| link(id, &mut touched).is_ok());
-                            match len {
-                                Some(len) => {
-                                    placed.insert(*id, len);
-                                    true
+    // New chunk files are written and linked on the writer threads (chunk/writers.rs), the
+    // carried chunks linked there while the agent reads; this loop only receives and checks.
+    let ((opened, end, chunks, ranged), outcome) = writers::run(pool, archive_root, cs, |w| {
+        // A ranged backup: the chunks outside the ranges are carried (checked now, linked beside
+        // the agent's read); the ones whose entry fails its check are read again.
+        let mut carried: Vec<ChunkId> = Vec::new();
+        let ranges: Option<Vec<(u64, u64)>> = match (ranges, prev) {
+            (None, _) => None,
+            (Some(_), None) => crate::bail!("{what}: a ranged backup needs a previous manifest"),
+            (Some(rs), Some(p)) => {
+                let count = p.chunks.len() as u64;
+                let mut rs: Vec<(u64, u64)> = rs.iter().map(|&(s, e)| (s.min(count), e.min(count))).collect();
+                merge_ranges(&mut rs);
+                let mut extra = Vec::new();
+                let mut next = rs.iter().peekable();
+                for (i, c) in p.chunks.iter().enumerate() {
+                    let i = i as u64;
+                    while next.peek().is_some_and(|&&(_, e)| e <= i) {
+                        next.next();
+                    }
+                    if next.peek().is_some_and(|&&(s, _)| s <= i) {
+                        continue;
+                    }
+                    match c {
+                        ChunkRef::Zero => st.chunk.zero_chunks += 1,
+                        ChunkRef::Stored(id) => {
+                            let ok = placed.contains_key(id) || {
+                                let check = Check::Cheap(p.stored_len(i as usize));
+                                let entry = pool.entry(id);
+                                let len = (!failed.contains(id))
+                                    .then(|| {
+                                        trusted_entry(&entry, id, check, &mut st.chunk, &mut blob_buf, &mut decoded)
+                                    })
+                                    .flatten();
+                                match len {
+                                    Some(len) => {
+                                        placed.insert(*id, len);
+                                        carried.push(*id);
+                                        true
+                                    }
+                                    None => {
+                                        failed.insert(*id);
+                                        false
+                                    }
                                 }
-                                None => {
-                                    failed.insert(*id);
-                                    false
-                                }
+                            };
+                            if ok {
+                                st.chunk.reused_chunks += 1;
+                            } else {
+                                extra.push((i, i + 1));
                             }
-                        };
-                        if ok {
-                            st.chunk.reused_chunks += 1;
-                        } else {
-                            extra.push((i, i + 1));
                         }
                     }
                 }
+                rs.extend(extra);
+                merge_ranges(&mut rs);
+                w.carry(std::mem::take(&mut carried))?;
+                st.ranged = true;
+                st.range_chunks = rs.iter().map(|&(s, e)| e - s).sum();
+                Some(rs)
             }
-            rs.extend(extra);
-            merge_ranges(&mut rs);
-            st.ranged = true;
-            st.range_chunks = rs.iter().map(|&(s, e)| e - s).sum();
-            Some(rs)
-        }
-    };
+        };
 
-    // The request.
-    let (compression, level) = compression_code(settings.compression);
-    let prev_entries: Vec<Option<ChunkId>> = prev
-        .map(|p| p.chunks.iter().map(|c| if let ChunkRef::Stored(id) = c { Some(*id) } else { None }).collect())
-        .unwrap_or_default();
-    agent.send(&Msg::Backup(proto::Backup {
-        path: remote_path.as_os_str().as_bytes().to_vec(),
-        chunk_size: cs,
-        compression,
-        level,
-        prev_count: prev_entries.len() as u64,
-        ranged: ranges.is_some(),
-    }))?;
-    for (i, part) in prev_entries.chunks(proto::PREV_PER_FRAME).enumerate() {
-        agent.send(&Msg::Prev { start: (i * proto::PREV_PER_FRAME) as u64, entries: part.to_vec() })?;
-    }
-    for part in ranges.as_deref().unwrap_or_default().chunks(proto::RANGES_PER_FRAME) {
-        agent.send(&Msg::Ranges(part.to_vec()))?;
-    }
-    agent.send(&Msg::Start)?;
-    agent.flush()?;
-
-    let fault = |kind: proto::FaultKind, offset: u64, message: &str| {
-        Error::new(format!("{what}: {} (offset {offset}): {}", kind.name(), shown(message)))
-    };
-    let opened = match agent.recv()? {
-        Msg::Opened(o) => o,
-        // Missing before the read began (it vanished after the caller listed it): marked, so
-        // that a caller may treat it as rsync treats a vanished file.
-        Msg::Fault { kind: kind @ proto::FaultKind::Vanished, offset, message } => {
-            return Err(fault(kind, offset, &message).with_source(SourceVanished))
+        // The request.
+        let (compression, level) = compression_code(settings.compression);
+        let prev_entries: Vec<Option<ChunkId>> = prev
+            .map(|p| p.chunks.iter().map(|c| if let ChunkRef::Stored(id) = c { Some(*id) } else { None }).collect())
+            .unwrap_or_default();
+        agent.send(&Msg::Backup(proto::Backup {
+            path: remote_path.as_os_str().as_bytes().to_vec(),
+            chunk_size: cs,
+            compression,
+            level,
+            prev_count: prev_entries.len() as u64,
+            ranged: ranges.is_some(),
+        }))?;
+        for (i, part) in prev_entries.chunks(proto::PREV_PER_FRAME).enumerate() {
+            agent.send(&Msg::Prev { start: (i * proto::PREV_PER_FRAME) as u64, entries: part.to_vec() })?;
         }
-        Msg::Fault { kind, offset, message } => return Err(fault(kind, offset, &message)),
-        m => return Err(bad(format!("expected OPENED, received {}", m.name()))),
-    };
-    if opened.size > 1 << 50 || opened.window == 0 || opened.window > proto::MAX_WINDOW {
-        return Err(bad(format!("bad OPENED (size {}, window {})", opened.size, opened.window)));
-    }
-    let count = Manifest::chunk_count(opened.size, cs);
-    let chunk_len = |i: u64| (opened.size - i * cs as u64).min(cs as u64) as usize;
-    if let (Some(_), Some(p)) = (&ranges, prev) {
-        if p.size != opened.size {
+        for part in ranges.as_deref().unwrap_or_default().chunks(proto::RANGES_PER_FRAME) {
+            agent.send(&Msg::Ranges(part.to_vec()))?;
+        }
+        agent.send(&Msg::Start)?;
+        agent.flush()?;
+
+        let fault = |kind: proto::FaultKind, offset: u64, message: &str| {
+            Error::new(format!("{what}: {} (offset {offset}): {}", kind.name(), shown(message)))
+        };
+        let opened = match agent.recv()? {
+            Msg::Opened(o) => o,
+            // Missing before the read began (it vanished after the caller listed it): marked, so
+            // that a caller may treat it as rsync treats a vanished file.
+            Msg::Fault { kind: kind @ proto::FaultKind::Vanished, offset, message } => {
+                return Err(fault(kind, offset, &message).with_source(SourceVanished))
+            }
+            Msg::Fault { kind, offset, message } => return Err(fault(kind, offset, &message)),
+            m => return Err(bad(format!("expected OPENED, received {}", m.name()))),
+        };
+        if opened.size > 1 << 50 || opened.window == 0 || opened.window > proto::MAX_WINDOW {
+            return Err(bad(format!("bad OPENED (size {}, window {})", opened.size, opened.window)));
+        }
+        let count = Manifest::chunk_count(opened.size, cs);
+        let chunk_len = |i: u64| (opened.size - i * cs as u64).min(cs as u64) as usize;
+        if let (Some(_), Some(p)) = (&ranges, prev) {
+            if p.size != opened.size {
+                return Err(bad(format!(
+                    "the file is {} bytes, the previous manifest {}: a ranged backup needs the same length",
+                    opened.size, p.size
+                )));
+            }
+        }
+
+        st.chunk.logical_size = opened.size;
+        st.chunk.chunks = count;
+        let mut asked: HashSet<ChunkId> = HashSet::new();
+        // Asked for only because they are not this job's (limit_known): when their data comes, the
+        // pool's entry is tried first. A chunk asked for because its entry failed its check is
+        // not tried again (it was counted repaired once, and its data replaces the entry).
+        let mut foreign: HashSet<ChunkId> = HashSet::new();
+        // Ranged: the previous manifest's list, the ranges overwritten as the reports come.
+        let mut chunks: Vec<ChunkRef> = match (&ranges, prev) {
+            (Some(_), Some(p)) => p.chunks.clone(),
+            _ => Vec::with_capacity(count.min(1 << 20) as usize),
+        };
+        let mut expect = ranges.as_deref().map(|rs| rs.iter().flat_map(|&(s, e)| s..e));
+        let mut reported = 0u64;
+        let mut wanted: VecDeque<(u64, ChunkId)> = VecDeque::new();
+        let end = loop {
+            match agent.recv()? {
+                Msg::Chunk { index, kind } => {
+                    let want = match &mut expect {
+                        Some(it) => it.next(),
+                        None => Some(reported).filter(|&i| i < count),
+                    };
+                    if want != Some(index) {
+                        return Err(bad(format!(
+                            "CHUNK {index}: expected {} of {count}",
+                            want.map_or("no further chunk".to_string(), |i| format!("chunk {i}"))
+                        )));
+                    }
+                    reported += 1;
+                    let mut put = |r: ChunkRef| {
+                        if ranges.is_some() {
+                            chunks[index as usize] = r;
+                        } else {
+                            chunks.push(r);
+                        }
+                    };
+                    let id = match kind {
+                        ChunkKind::Zero => {
+                            st.chunk.zero_chunks += 1;
+                            put(ChunkRef::Zero);
+                            continue;
+                        }
+                        ChunkKind::Same => match prev_entries.get(index as usize) {
+                            Some(Some(id)) => *id,
+                            _ => {
+                                return Err(bad(format!(
+                                    "CHUNK {index} 'same', but the previous manifest has no id there"
+                                )))
+                            }
+                        },
+                        ChunkKind::Hash(id) => id,
+                    };
+                    put(ChunkRef::Stored(id));
+                    let entry = pool.entry(&id);
+                    // Placed, or asked for at an earlier index (a chunk repeated within the window):
+                    // linked when its data arrives, which the END check requires.
+                    let usable = if placed.contains_key(&id) || asked.contains(&id) {
+                        true
+                    } else if failed.contains(&id) {
+                        // Its entry failed in this run already (a carried chunk read again).
+                        false
+                    } else if matches!(kind, ChunkKind::Hash(_)) && !agent.may_know(&id, &entry) {
+                        // Not this job's: its data is asked for, whatever the pool holds.
+                        foreign.insert(id);
+                        false
+                    } else {
+                        // A `hash` report (new to this index) is always fully checked; a `same`
+                        // one gets the cheap check against the previous manifest's length.
+                        let check = match kind {
+                            ChunkKind::Same => Check::Cheap(prev.and_then(|p| p.stored_len(index as usize))),
+                            _ => Check::Full,
+                        };
+                        let len = trusted_entry(&entry, &id, check, &mut st.chunk, &mut blob_buf, &mut decoded);
+                        // A link that fails (entry swept meanwhile, link limit) is stored afresh.
+                        match len.filter(|_| link(&id, &mut touched).is_ok()) {
+                            Some(len) => {
+                                placed.insert(id, len);
+                                true
+                            }
+                            None => {
+                                failed.insert(id);
+                                false
+                            }
+                        }
+                    };
+                    if usable {
+                        st.chunk.reused_chunks += 1;
+                    } else {
+                        wanted.push_back((index, id));
+                        asked.insert(id);
+                    }
+                    agent.send(&Msg::Answer { index, need: !usable })?;
+                    agent.flush()?;
+                }
+                Msg::Data { index, blob: data } => {
+                    let Some((idx, id)) = wanted.pop_front() else {
+                        return Err(bad(format!("DATA for chunk {index}, none was asked for")));
+                    };
+                    if idx != index {
+                        return Err(bad(format!("DATA for chunk {index}, expected chunk {idx}")));
+                    }
+                    let len = chunk_len(index);
+                    let hdr_ok = matches!(blob::parse_header(&data), Ok((_, raw, _)) if raw == len);
+                    if !hdr_ok || blob::decode(&data, &mut decoded).is_err() || blake3::hash(&decoded).as_bytes() != &id
+                    {
+                        return Err(bad(format!(
+                            "chunk {index} does not decode to {len} bytes with id {}",
+                            id_hex(&id)
+                        )));
+                    }
+                    st.data_frames += 1;
+                    // Asked for although the pool may hold it (limit_known): the pool's entry, if
+                    // it checks, is linked rather than replaced (the archives keep sharing it).
+                    if foreign.remove(&id) {
+                        let len = trusted_entry(
+                            &pool.entry(&id),
+                            &id,
+                            Check::Full,
+                            &mut st.chunk,
+                            &mut blob_buf,
+                            &mut decoded,
+                        );
+                        if let Some(len) = len.filter(|_| link(&id, &mut touched).is_ok()) {
+                            placed.insert(id, len);
+                            st.chunk.reused_chunks += 1;
+                            continue;
+                        }
+                    }
+                    // Stored and linked on a writer thread; placed when it is done.
+                    st.chunk.new_chunks += 1;
+                    st.chunk.added_bytes += data.len() as u64;
+                    w.store(id, data)?;
+                }
+                Msg::End(e) => break e,
+                Msg::Fault { kind, offset, message } => return Err(fault(kind, offset, &message)),
+                m => return Err(bad(format!("unexpected {} during a backup", m.name()))),
+            }
+        };
+        let all_reported = match &mut expect {
+            Some(it) => it.next().is_none(),
+            None => reported == count,
+        };
+        if !all_reported || chunks.len() as u64 != count || !wanted.is_empty() {
             return Err(bad(format!(
-                "the file is {} bytes, the previous manifest {}: a ranged backup needs the same length",
-                opened.size, p.size
+                "END after {reported} chunk reports of {count}, {} asked for not sent",
+                wanted.len()
             )));
         }
-    }
-
-    st.chunk.logical_size = opened.size;
-    st.chunk.chunks = count;
-    let mut asked: HashSet<ChunkId> = HashSet::new();
-    // Asked for only because they are not this job's (limit_known): when their data comes, the
-    // pool's entry is tried first. A chunk asked for because its entry failed its check is
-    // not tried again (it was counted repaired once, and its data replaces the entry).
-    let mut foreign: HashSet<ChunkId> = HashSet::new();
-    // Ranged: the previous manifest's list, the ranges overwritten as the reports come.
-    let mut chunks: Vec<ChunkRef> = match (&ranges, prev) {
-        (Some(_), Some(p)) => p.chunks.clone(),
-        _ => Vec::with_capacity(count.min(1 << 20) as usize),
-    };
-    let mut expect = ranges.as_deref().map(|rs| rs.iter().flat_map(|&(s, e)| s..e));
-    let mut reported = 0u64;
-    let mut wanted: VecDeque<(u64, ChunkId)> = VecDeque::new();
-    let end = loop {
-        match agent.recv()? {
-            Msg::Chunk { index, kind } => {
-                let want = match &mut expect {
-                    Some(it) => it.next(),
-                    None => Some(reported).filter(|&i| i < count),
-                };
-                if want != Some(index) {
-                    return Err(bad(format!(
-                        "CHUNK {index}: expected {} of {count}",
-                        want.map_or("no further chunk".to_string(), |i| format!("chunk {i}"))
-                    )));
-                }
-                reported += 1;
-                let mut put = |r: ChunkRef| {
-                    if ranges.is_some() {
-                        chunks[index as usize] = r;
-                    } else {
-                        chunks.push(r);
-                    }
-                };
-                let id = match kind {
-                    ChunkKind::Zero => {
-                        st.chunk.zero_chunks += 1;
-                        put(ChunkRef::Zero);
-                        continue;
-                    }
-                    ChunkKind::Same => match prev_entries.get(index as usize) {
-                        Some(Some(id)) => *id,
-                        _ => {
-                            return Err(bad(format!("CHUNK {index} 'same', but the previous manifest has no id there")))
-                        }
-                    },
-                    ChunkKind::Hash(id) => id,
-                };
-                put(ChunkRef::Stored(id));
-                let entry = pool.entry(&id);
-                // Placed, or asked for at an earlier index (a chunk repeated within the window):
-                // linked when its data arrives, which the END check requires.
-                let usable = if placed.contains_key(&id) || asked.contains(&id) {
-                    true
-                } else if failed.contains(&id) {
-                    // Its entry failed in this run already (a carried chunk read again).
-                    false
-                } else if matches!(kind, ChunkKind::Hash(_)) && !agent.may_know(&id, &entry) {
-                    // Not this job's: its data is asked for, whatever the pool holds.
-                    foreign.insert(id);
-                    false
-                } else {
-                    // A `hash` report (new to this index) is always fully checked; a `same`
-                    // one gets the cheap check against the previous manifest's length.
-                    let check = match kind {
-                        ChunkKind::Same => Check::Cheap(prev.and_then(|p| p.stored_len(index as usize))),
-                        _ => Check::Full,
-                    };
-                    let len = trusted_entry(&entry, &id, check, &mut st.chunk, &mut blob_buf, &mut decoded);
-                    // A link that fails (entry swept meanwhile, link limit) is stored afresh.
-                    match len.filter(|_| link(&id, &mut touched).is_ok()) {
-                        Some(len) => {
-                            placed.insert(id, len);
-                            true
-                        }
-                        None => {
-                            failed.insert(id);
-                            false
-                        }
-                    }
-                };
-                if usable {
-                    st.chunk.reused_chunks += 1;
-                } else {
-                    wanted.push_back((index, id));
-                    asked.insert(id);
-                }
-                agent.send(&Msg::Answer { index, need: !usable })?;
-                agent.flush()?;
-            }
-            Msg::Data { index, blob: data } => {
-                let Some((idx, id)) = wanted.pop_front() else {
-                    return Err(bad(format!("DATA for chunk {index}, none was asked for")));
-                };
-                if idx != index {
-                    return Err(bad(format!("DATA for chunk {index}, expected chunk {idx}")));
-                }
-                let len = chunk_len(index);
-                let hdr_ok = matches!(blob::parse_header(&data), Ok((_, raw, _)) if raw == len);
-                if !hdr_ok || blob::decode(&data, &mut decoded).is_err() || blake3::hash(&decoded).as_bytes() != &id {
-                    return Err(bad(format!("chunk {index} does not decode to {len} bytes with id {}", id_hex(&id))));
-                }
-                st.data_frames += 1;
-                // Asked for although the pool may hold it (limit_known): the pool's entry, if
-                // it checks, is linked rather than replaced (the archives keep sharing it).
-                if foreign.remove(&id) {
-                    let len =
-                        trusted_entry(&pool.entry(&id), &id, Check::Full, &mut st.chunk, &mut blob_buf, &mut decoded);
-                    if let Some(len) = len.filter(|_| link(&id, &mut touched).is_ok()) {
-                        placed.insert(id, len);
-                        st.chunk.reused_chunks += 1;
-                        continue;
-                    }
-                }
-                let mut t = Vec::new();
-                pool.write_entry(&id, &data, &mut t)?;
-                touched.extend(t);
-                if let Err(e) = link(&id, &mut touched) {
-                    // The hard-link limit: a fresh copy of the entry, then link it.
-                    let mut t = Vec::new();
-                    pool.write_entry(&id, &data, &mut t)?;
-                    touched.extend(t);
-                    link(&id, &mut touched).map_err(|e2| {
-                        Error::new(format!(
-                            "cannot link chunk {} into {}: {e2} (first attempt: {e})",
-                            id_hex(&id),
-                            archive_root.join(ARCHIVE_CHUNK_DIR).display()
-                        ))
-                    })?;
-                }
-                // DATA frames are bounded far below 4 GiB (affa_agent_proto's frame limit).
-                placed.insert(id, u32::try_from(data.len()).unwrap_or(0));
-                st.chunk.new_chunks += 1;
-                st.chunk.added_bytes += data.len() as u64;
-            }
-            Msg::End(e) => break e,
-            Msg::Fault { kind, offset, message } => return Err(fault(kind, offset, &message)),
-            m => return Err(bad(format!("unexpected {} during a backup", m.name()))),
+        if end.size != opened.size || end.mtime != opened.mtime || end.chunks_sent != st.data_frames {
+            return Err(bad("END disagrees with OPENED or with the chunks sent".into()));
         }
-    };
-    let all_reported = match &mut expect {
-        Some(it) => it.next().is_none(),
-        None => reported == count,
-    };
-    if !all_reported || chunks.len() as u64 != count || !wanted.is_empty() {
-        return Err(bad(format!("END after {reported} chunk reports of {count}, {} asked for not sent", wanted.len())));
-    }
-    if end.size != opened.size || end.mtime != opened.mtime || end.chunks_sent != st.data_frames {
-        return Err(bad("END disagrees with OPENED or with the chunks sent".into()));
-    }
+        Ok((opened, end, chunks, ranges.is_some()))
+    })?;
+    placed.extend(outcome.stored.iter().copied());
+    touched.extend(outcome.touched);
+    st.chunk.new_chunks += outcome.fresh_copies;
+    st.chunk.reused_chunks = st.chunk.reused_chunks.saturating_sub(outcome.fresh_copies);
+    st.chunk.added_bytes += outcome.fresh_bytes;
     // A ranged read never saw the whole file: its manifest is CBT-derived (version 2).
-    let file_hash = match (end.file_hash, &ranges) {
-        (_, Some(_)) => None,
-        (Some(h), None) => Some(h),
-        (None, None) => return Err(bad("END without the whole-file hash".into())),
+    let file_hash = match (end.file_hash, ranged) {
+        (_, true) => None,
+        (Some(h), false) => Some(h),
+        (None, false) => return Err(bad("END without the whole-file hash".into())),
     };
     st.source_bytes_read = end.bytes_read;
     st.bytes_received = agent.bytes_in() - in0;
 
-    for d in &touched {
-        pool::fsync_dir(d)?;
+    if !outcome.unlinked.is_empty() {
+        // No manifest: the caller asks again, these read from the host.
+        return Ok(Attempt::Again(st, outcome.unlinked.into_iter().collect()));
     }
+    pool::fsync_dirs(&touched)?;
     // Every stored chunk the manifest names was placed in this run (carried, checked or
     // stored): its entry's length. (0, written as a version 1/2 manifest, cannot happen.)
     let stored_lens = chunks
@@ -623,7 +682,7 @@ fn backup<R: Read, W: Write>(
     st.chunk.replaced_source_file = super::build::place_manifest(archive_root, rel_path, &mpath, &manifest)?;
     st.chunk.manifest_path = mpath;
     agent.now_known(placed.into_keys());
-    Ok(st)
+    Ok(Attempt::Done(st))
 }
 
 /// Numbers of one `restore_file`.
@@ -961,6 +1020,84 @@ mod tests {
         out
     }
 
+    /// A 6-chunk text disk (chunk 4 all zero, 256 KiB chunks) chunked into `root/job/daily.2`,
+    /// and the frames a scripted ranged backup against it needs.
+    struct Fixture {
+        t: tempfile::TempDir,
+        root: PathBuf,
+        pool: Pool,
+        data: Vec<u8>,
+        settings: Settings,
+        rel: &'static Path,
+        a1: PathBuf,
+        st1: ChunkStats,
+        m1: Manifest,
+    }
+
+    impl Fixture {
+        const CS: usize = 256 << 10;
+
+        fn new() -> Fixture {
+            let t = tempfile::tempdir().unwrap();
+            let root = t.path().join("root");
+            let pool = Pool::open(&root).unwrap();
+            let data = text_disk(6, Self::CS);
+            let src = t.path().join("disk.img");
+            fs::write(&src, &data).unwrap();
+            let settings = Settings { chunk_size: Self::CS as u32, ..Settings::default() };
+            let rel = Path::new("vm/disk.img");
+            let a1 = root.join("job/daily.2");
+            let st1 = chunk_file(&pool, &settings, &src, &a1, rel, None, None).unwrap();
+            let m1 = read_manifest(&st1.manifest_path).unwrap();
+            Fixture { t, root, pool, data, settings, rel, a1, st1, m1 }
+        }
+
+        fn id(&self, i: usize) -> ChunkId {
+            match self.m1.chunks[i] {
+                ChunkRef::Stored(id) => id,
+                ChunkRef::Zero => panic!("chunk {i} is zero"),
+            }
+        }
+
+        fn blob_of(&self, i: usize) -> Vec<u8> {
+            let mut out = Vec::new();
+            let cs = Self::CS;
+            blob::Encoder::new(self.settings.compression)
+                .unwrap()
+                .encode(&self.data[i * cs..(i + 1) * cs], &mut out)
+                .unwrap();
+            out
+        }
+
+        fn opened(&self) -> Msg {
+            Msg::Opened(proto::Opened {
+                size: self.data.len() as u64,
+                mode: 0o600,
+                uid: 0,
+                gid: 0,
+                mtime: self.m1.mtime,
+                atime: (0, 0),
+                window: 8,
+            })
+        }
+
+        fn end(&self, read: u64, sent: u64) -> Msg {
+            Msg::End(proto::End {
+                size: self.data.len() as u64,
+                mtime: self.m1.mtime,
+                file_hash: None,
+                bytes_read: read * Self::CS as u64,
+                chunks_sent: sent,
+            })
+        }
+
+        fn rebuilt(&self, a: &Path, mp: &Path) -> Vec<u8> {
+            let out = self.t.path().join("rebuilt");
+            crate::chunk::unchunk_file(a, mp, &out, None).unwrap();
+            fs::read(&out).unwrap()
+        }
+    }
+
     /// A ranged (CBT) backup checks each carried chunk with one lstat against the length the
     /// previous manifest (version 3) recorded: an entry truncated or grown is refused and read
     /// again through the agent (counted repaired once); a recorded length that lies about a
@@ -969,55 +1106,21 @@ mod tests {
     /// and the manifest written is version 3.
     #[test]
     fn carried_chunks_are_checked_by_their_recorded_length() {
-        const CS: usize = 256 << 10;
-        let t = tempfile::tempdir().unwrap();
-        let root = t.path().join("root");
-        let pool = Pool::open(&root).unwrap();
-        let data = text_disk(6, CS);
-        let src = t.path().join("disk.img");
-        fs::write(&src, &data).unwrap();
-        let settings = Settings { chunk_size: CS as u32, ..Settings::default() };
-        let rel = Path::new("vm/disk.img");
-        let a1 = root.join("job/daily.2");
-        let st1 = chunk_file(&pool, &settings, &src, &a1, rel, None, None).unwrap();
+        let f = Fixture::new();
+        let (root, rel) = (&f.root, f.rel);
+        let (pool, settings, m1) = (f.pool.clone(), f.settings.clone(), f.m1.clone());
+        let data = f.data.clone();
+        let st1 = &f.st1;
         assert!(fs::read_to_string(&st1.manifest_path).unwrap().starts_with("affa-chunk-manifest 3\n"));
-        let m1 = read_manifest(&st1.manifest_path).unwrap();
-        let id = |i: usize| match m1.chunks[i] {
-            ChunkRef::Stored(id) => id,
-            ChunkRef::Zero => panic!("chunk {i} is zero"),
-        };
+        let id = |i: usize| f.id(i);
         let entry_len = |i: usize| fs::metadata(pool.entry(&id(i))).unwrap().len() as u32;
         for i in 0..6 {
             assert_eq!(m1.stored_len(i), (i != 4).then(|| entry_len(i)), "chunk {i}");
         }
-        let blob_of = |i: usize| {
-            let mut out = Vec::new();
-            blob::Encoder::new(settings.compression).unwrap().encode(&data[i * CS..(i + 1) * CS], &mut out).unwrap();
-            out
-        };
-        let opened = Msg::Opened(proto::Opened {
-            size: data.len() as u64,
-            mode: 0o600,
-            uid: 0,
-            gid: 0,
-            mtime: m1.mtime,
-            atime: (0, 0),
-            window: 8,
-        });
-        let end = |read: u64, sent: u64| {
-            Msg::End(proto::End {
-                size: data.len() as u64,
-                mtime: m1.mtime,
-                file_hash: None,
-                bytes_read: read * CS as u64,
-                chunks_sent: sent,
-            })
-        };
-        let rebuilt = |a: &Path, mp: &Path| {
-            let out = t.path().join("rebuilt");
-            crate::chunk::unchunk_file(a, mp, &out, None).unwrap();
-            fs::read(&out).unwrap()
-        };
+        let blob_of = |i: usize| f.blob_of(i);
+        let opened = f.opened();
+        let end = |read: u64, sent: u64| f.end(read, sent);
+        let rebuilt = |a: &Path, mp: &Path| f.rebuilt(a, mp);
 
         // Chunk 1's entry truncated by one byte, chunk 2's grown by one; the previous manifest
         // lies about chunk 3's length (its entry is good). Nothing changed on the host.
@@ -1082,5 +1185,64 @@ mod tests {
             assert_eq!(m3.stored_len(i), (i != 4).then(|| entry_len(i)), "chunk {i}");
         }
         assert_eq!(rebuilt(&a3, &st.chunk.manifest_path), data);
+    }
+
+    /// The chunks a ranged backup carries are linked beside the agent's read (chunk/writers.rs).
+    /// An entry at the hard-link limit gets a fresh, verified copy there; an entry that vanishes
+    /// between its check and its link (a sweep) makes the request be asked again, that chunk
+    /// read from the host, and no manifest is written by the first request.
+    #[test]
+    fn carried_chunks_linked_beside_the_read_survive_the_link_limit_and_a_vanished_entry() {
+        use std::os::unix::fs::MetadataExt;
+        let f = Fixture::new();
+        let (root, rel, a1, data) = (&f.root, f.rel, &f.a1, &f.data);
+        let (settings, m1) = (f.settings.clone(), f.m1.clone());
+        let mut pool = f.pool.clone();
+        let id = |i: usize| f.id(i);
+        let ino = |p: PathBuf| fs::metadata(p).unwrap().ino();
+        let opened = f.opened();
+        let end = |read: u64, sent: u64| f.end(read, sent);
+        let rebuilt = |a: &Path, mp: &Path| f.rebuilt(a, mp);
+
+        // Every entry has its pool name and a1's link: the limit of 2 is reached. Nothing
+        // changed on the host; each of the 5 stored chunks gets a fresh copy.
+        pool.link_limit = Some(2);
+        let input = script(&[opened.clone(), end(0, 0)]);
+        let mut sent = Vec::new();
+        let mut a = Agent::connect(&input[..], &mut sent, "scripted").unwrap();
+        let a2 = root.join("job/daily.1");
+        let st = backup_file_ranged(&mut a, &pool, &settings, Path::new("/vmfs/disk.img"), &a2, rel, &m1, &[]).unwrap();
+        assert_eq!((st.chunk.new_chunks, st.chunk.reused_chunks, st.data_frames), (5, 0, 0), "{st:?}");
+        assert_eq!(rebuilt(&a2, &st.chunk.manifest_path), *data);
+        for i in (0..6).filter(|&i| i != 4) {
+            let in_a2 = ino(pool::archive_entry(&a2, &id(i)));
+            assert_ne!(in_a2, ino(pool::archive_entry(a1, &id(i))), "chunk {i}: a fresh copy");
+            assert_eq!(in_a2, ino(pool.entry(&id(i))), "chunk {i}: the pool's new entry");
+        }
+        pool.link_limit = None;
+        let m2 = read_manifest(&st.chunk.manifest_path).unwrap();
+
+        // Chunk 2's entry vanishes just before its link: the first request ends without a
+        // manifest, the second reads chunk 2 from the host.
+        *pool.vanish_once.lock().unwrap() = Some(id(2));
+        let blob2 = f.blob_of(2);
+        let input = script(&[
+            opened.clone(),
+            end(0, 0),
+            opened,
+            Msg::Chunk { index: 2, kind: ChunkKind::Same },
+            Msg::Data { index: 2, blob: blob2 },
+            end(1, 1),
+        ]);
+        let mut sent = Vec::new();
+        let mut a = Agent::connect(&input[..], &mut sent, "scripted").unwrap();
+        let a3 = root.join("job/daily.0");
+        let st = backup_file_ranged(&mut a, &pool, &settings, Path::new("/vmfs/disk.img"), &a3, rel, &m2, &[]).unwrap();
+        assert!(pool.vanish_once.lock().unwrap().is_none(), "the hook fired");
+        assert_eq!(sent_ranges(&sent), vec![(2, 3)]);
+        assert_eq!((st.chunk.new_chunks, st.data_frames, st.range_chunks), (1, 1, 1), "{st:?}");
+        assert!(pool.entry(&id(2)).exists());
+        assert_eq!(ino(pool::archive_entry(&a3, &id(2))), ino(pool.entry(&id(2))));
+        assert_eq!(rebuilt(&a3, &st.chunk.manifest_path), *data);
     }
 }
