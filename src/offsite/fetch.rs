@@ -308,14 +308,7 @@ const STAGING_PREFIX: &str = ".offsite-restore.";
 /// job's lock: the staging directory another restore of the job left (killed: no drop removed
 /// it, with the chunks it kept) is removed first.
 pub fn fetch(job: &Job, name: Option<&str>, watch: &Watch) -> Result<Fetched> {
-    if let Ok(rd) = fs::read_dir(job.job_dir()) {
-        for e in rd.flatten() {
-            let dir = e.file_type().is_ok_and(|t| t.is_dir());
-            if dir && e.file_name().as_bytes().starts_with(STAGING_PREFIX.as_bytes()) {
-                let _ = archive::remove_tree(&e.path());
-            }
-        }
-    }
+    archive::remove_leftover_dirs(&job.job_dir(), STAGING_PREFIX);
     fetch_to(job, name, None, watch)
 }
 

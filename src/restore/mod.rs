@@ -225,10 +225,15 @@ pub(crate) struct Staging {
     pub dir: PathBuf,
 }
 
+/// The name of a restore's staging directory in the job's directory (`PREFIX.PID`).
+const STAGING_PREFIX: &str = ".restore-staging.";
+
 impl Staging {
+    /// The caller holds the job's lock (`full_restore`): the staging directories earlier
+    /// restores of the job left (killed: no drop removed them) are removed first.
     pub fn new(job: &Job) -> Result<Staging> {
-        let dir = job.job_dir().join(format!(".restore-staging.{}", std::process::id()));
-        let _ = archive::remove_tree(&dir);
+        archive::remove_leftover_dirs(&job.job_dir(), STAGING_PREFIX);
+        let dir = job.job_dir().join(format!("{STAGING_PREFIX}{}", std::process::id()));
         crate::fsutil::create_private_dir(&dir)?;
         Ok(Staging { dir })
     }

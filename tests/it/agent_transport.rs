@@ -338,6 +338,10 @@ fn a_chunked_file_is_restored_through_the_agent_sending_only_what_differs() {
     // One chunk of 24 differs on the host (older mtime: --preserve-newer keeps nothing).
     scribble(&s.img(), 13 * MB, 64 << 10, 3);
     let old = filetime_secs(&s.img(), 1_500_000_000);
+    // What a restore killed earlier left (its pid is above any pid_max): removed by this one.
+    let left = s.affa.job_dir("web").join(".restore-staging.4194999/home");
+    fs::create_dir_all(&left).unwrap();
+    fs::write(left.join("disk.img"), vec![7u8; 1 << 20]).unwrap();
     let text = ok(&s.affa.affa(&["--full-restore", "web", "--yes"]));
     assert!(text.contains("affa-agent"), "{text}");
     assert_eq!(hash(&s.img()), v1, "{text}");

@@ -195,6 +195,8 @@ fn run(args: &Args) -> Result<(), String> {
     let data =
         args.data_dir.clone().unwrap_or_else(|| repo.parent().unwrap_or(Path::new("/var/tmp")).join("bench-data"));
     let out_dir = args.out_dir.clone().unwrap_or_else(|| repo.clone());
+    // Created now: a run of minutes must not fail at its last step for a missing directory.
+    fs::create_dir_all(&out_dir).map_err(|e| format!("cannot create --out-dir {}: {e}", out_dir.display()))?;
     if data.starts_with(&repo) {
         return Err(format!("the data dir {} is inside the repository; pass --data-dir elsewhere", data.display()));
     }

@@ -476,6 +476,22 @@ pub fn empty_trash(job_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Remove the directories directly in `job_dir` whose name starts with `prefix` (the staging
+/// directories of restores killed before they could remove their own: `.restore-staging.PID`,
+/// `.offsite-restore.PID`). Only for a caller holding the job's lock: no live restore of the
+/// job owns one then. Best effort: what cannot be removed stays for the next time.
+pub fn remove_leftover_dirs(job_dir: &Path, prefix: &str) {
+    use std::os::unix::ffi::OsStrExt;
+    if let Ok(rd) = fs::read_dir(job_dir) {
+        for e in rd.flatten() {
+            let dir = e.file_type().is_ok_and(|t| t.is_dir());
+            if dir && e.file_name().as_bytes().starts_with(prefix.as_bytes()) {
+                let _ = remove_tree(&e.path());
+            }
+        }
+    }
+}
+
 /// `rm -rf`, tolerant of read-only directories inside archives.
 pub fn remove_tree(path: &Path) -> Result<()> {
     match fs::remove_dir_all(path) {
