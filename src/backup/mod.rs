@@ -103,11 +103,8 @@ fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
     let mut ssh_conn = SharedSsh { ctx, master: None };
     if let (None, Some(t)) = (&daemon, ctx.source()) {
         ctx.log.phase(Phase::Connecting(t.destination()));
-        // The master's login is the connection check (key, host key, no prompt): one session
-        // less per run. Without a master, the check's `echo OK` as before.
-        if !ssh_conn.start(&t) {
-            ctx.source().unwrap_or(t).check_connection()?;
-        }
+        ssh_conn.start(&t);
+        ctx.source().unwrap_or(t).check_connection()?;
     }
     run_scripts(ctx, "preJobCommand", &ctx.job.scripts.pre, &ctx.job.scripts.pre_remote)?;
     crate::backup::sme::before_transfer(ctx)?;
@@ -153,9 +150,8 @@ struct SharedSsh<'a> {
 }
 
 impl SharedSsh<'_> {
-    /// Start the master (true when it runs); without one (logged), every session connects on
-    /// its own.
-    fn start(&mut self, t: &crate::transport::SshTarget) -> bool {
+    /// Start the master; without one (logged), every session connects on its own.
+    fn start(&mut self, t: &crate::transport::SshTarget) {
         match crate::transport::mux::Master::start(t, &self.ctx.cfg.lock_dir()) {
             Ok(m) => {
                 self.ctx.log.info(format!(
@@ -165,18 +161,14 @@ impl SharedSsh<'_> {
                 ));
                 *self.ctx.ssh_control.borrow_mut() = Some(m.socket().to_path_buf());
                 self.master = Some(m);
-                true
             }
             // Not a warning: when the host is unreachable the connection check that follows
             // fails with the cause (one error, not a warning and then the same error); when
             // only the master cannot start, the run works as before and the log says why.
-            Err(why) => {
-                self.ctx.log.info(format!(
-                    "ssh: no shared connection to {} ({why}); each ssh session of the run connects on its own",
-                    t.destination()
-                ));
-                false
-            }
+            Err(why) => self.ctx.log.info(format!(
+                "ssh: no shared connection to {} ({why}); each ssh session of the run connects on its own",
+                t.destination()
+            )),
         }
     }
 }
