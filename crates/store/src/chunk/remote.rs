@@ -262,33 +262,45 @@ enum Attempt {
     Done(RemoteStats),
     /// Carried chunks that could not be linked (their entry vanished between its check and the
     /// link, which ran beside the agent's read): no manifest was written; the request is made
-    /// again with these read from the host.
-    Again(RemoteStats, HashSet<ChunkId>),
+    /// again with what this one placed kept and these read from the host.
+    Again(Seed),
 }
 
-/// `again` once; once more with the carried chunks it could not link read from the host.
+/// What a request left for the next one of the same file into the same archive.
+#[derive(Default)]
+struct Seed {
+    /// Carried chunks it could not link: read from the host this time.
+    read_again: HashSet<ChunkId>,
+    /// Chunks it placed (checked or stored, linked, their directories fsynced), with their
+    /// entry's length: neither checked nor asked for again.
+    placed: HashMap<ChunkId, u32>,
+    /// Of those, the ones it stored (counted new, not reused).
+    stored: HashSet<ChunkId>,
+    /// Its counters: the chunk counters carry on, the transfer's are added at the end.
+    stats: RemoteStats,
+}
+
+/// `again` once; once more, seeded, when carried chunks could not be linked.
 fn backup_retrying<A>(
     agent: &mut A,
     archive_root: &Path,
     remote_path: &Path,
-    mut again: impl FnMut(&mut A, &HashSet<ChunkId>) -> Result<Attempt>,
+    mut again: impl FnMut(&mut A, &Seed) -> Result<Attempt>,
 ) -> Result<RemoteStats> {
-    match again(agent, &HashSet::new())? {
+    match again(agent, &Seed::default())? {
         Attempt::Done(st) => Ok(st),
-        Attempt::Again(first, read) => match again(agent, &read)? {
+        Attempt::Again(seed) => match again(agent, &seed)? {
             Attempt::Done(mut st) => {
                 // The first request's transfer happened all the same.
-                st.bytes_received += first.bytes_received;
-                st.source_bytes_read += first.source_bytes_read;
-                st.data_frames += first.data_frames;
-                st.chunk.new_chunks += first.chunk.new_chunks;
-                st.chunk.added_bytes += first.chunk.added_bytes;
+                st.bytes_received += seed.stats.bytes_received;
+                st.source_bytes_read += seed.stats.source_bytes_read;
+                st.data_frames += seed.stats.data_frames;
                 Ok(st)
             }
-            Attempt::Again(_, read) => crate::bail!(
+            Attempt::Again(seed) => crate::bail!(
                 "{}: {} carried chunk(s) could not be linked into {} twice (their pool entries keep vanishing)",
                 remote_path.display(),
-                read.len(),
+                seed.read_again.len(),
                 archive_root.join(ARCHIVE_CHUNK_DIR).display()
             ),
         },
@@ -343,7 +355,7 @@ fn backup<R: Read, W: Write>(
     rel_path: &Path,
     previous: Option<&Manifest>,
     ranges: Option<&[(u64, u64)]>,
-    read_again: &HashSet<ChunkId>,
+    seed: &Seed,
 ) -> Result<Attempt> {
     settings.validate()?;
     check_rel(rel_path)?;
@@ -358,11 +370,16 @@ fn backup<R: Read, W: Write>(
     crate::untrusted::create_private_dir_beneath(archive_root, Path::new(ARCHIVE_CHUNK_DIR))?;
     let in0 = agent.bytes_in();
     let mut st = RemoteStats::default();
+    // An earlier request of this file (Seed): its chunk counters go on.
+    st.chunk.new_chunks = seed.stats.chunk.new_chunks;
+    st.chunk.added_bytes = seed.stats.chunk.added_bytes;
+    st.chunk.repaired_chunks = seed.stats.chunk.repaired_chunks;
+    st.chunk.verified_chunks = seed.stats.chunk.verified_chunks;
     // Every chunk checked (or stored) and linked into the archive, with its entry's length.
-    let mut placed: HashMap<ChunkId, u32> = HashMap::new();
+    let mut placed: HashMap<ChunkId, u32> = seed.placed.clone();
     // Chunks whose entry failed its check (or link) in this run: asked for, never re-checked
     // (a repair is counted once).
-    let mut failed: HashSet<ChunkId> = read_again.clone();
+    let mut failed: HashSet<ChunkId> = seed.read_again.clone();
     let mut touched: HashSet<PathBuf> = HashSet::new();
     let (mut blob_buf, mut decoded) = (Vec::new(), Vec::new());
     let link = |id: &ChunkId, touched: &mut HashSet<PathBuf>| -> io::Result<()> {
@@ -419,7 +436,7 @@ fn backup<R: Read, W: Write>(
                                 }
                             };
                             if ok {
-                                st.chunk.reused_chunks += 1;
+                                st.chunk.reused_chunks += !seed.stored.contains(id) as u64;
                             } else {
                                 extra.push((i, i + 1));
                             }
@@ -570,7 +587,7 @@ fn backup<R: Read, W: Write>(
                         }
                     };
                     if usable {
-                        st.chunk.reused_chunks += 1;
+                        st.chunk.reused_chunks += !seed.stored.contains(&id) as u64;
                     } else {
                         wanted.push_back((index, id));
                         asked.insert(id);
@@ -639,8 +656,9 @@ fn backup<R: Read, W: Write>(
     })?;
     placed.extend(outcome.stored.iter().copied());
     touched.extend(outcome.touched);
-    st.chunk.new_chunks += outcome.fresh_copies;
-    st.chunk.reused_chunks = st.chunk.reused_chunks.saturating_sub(outcome.fresh_copies);
+    let fresh = outcome.fresh.len() as u64;
+    st.chunk.new_chunks += fresh;
+    st.chunk.reused_chunks = st.chunk.reused_chunks.saturating_sub(fresh);
     st.chunk.added_bytes += outcome.fresh_bytes;
     // A ranged read never saw the whole file: its manifest is CBT-derived (version 2).
     let file_hash = match (end.file_hash, ranged) {
@@ -651,11 +669,17 @@ fn backup<R: Read, W: Write>(
     st.source_bytes_read = end.bytes_read;
     st.bytes_received = agent.bytes_in() - in0;
 
+    // Every rename and link durable (also before a request made again: what this one placed
+    // is kept).
+    pool::fsync_dirs(&touched)?;
     if !outcome.unlinked.is_empty() {
         // No manifest: the caller asks again, these read from the host.
-        return Ok(Attempt::Again(st, outcome.unlinked.into_iter().collect()));
+        let read_again: HashSet<ChunkId> = outcome.unlinked.into_iter().collect();
+        placed.retain(|id, _| !read_again.contains(id));
+        let mut stored: HashSet<ChunkId> = seed.stored.clone();
+        stored.extend(outcome.stored.iter().map(|&(id, _)| id).chain(outcome.fresh));
+        return Ok(Attempt::Again(Seed { read_again, placed, stored, stats: st }));
     }
-    pool::fsync_dirs(&touched)?;
     // Every stored chunk the manifest names was placed in this run (carried, checked or
     // stored): its entry's length. (0, written as a version 1/2 manifest, cannot happen.)
     let stored_lens = chunks
@@ -1229,7 +1253,7 @@ mod tests {
         let input = script(&[
             opened.clone(),
             end(0, 0),
-            opened,
+            opened.clone(),
             Msg::Chunk { index: 2, kind: ChunkKind::Same },
             Msg::Data { index: 2, blob: blob2 },
             end(1, 1),
@@ -1244,5 +1268,43 @@ mod tests {
         assert!(pool.entry(&id(2)).exists());
         assert_eq!(ino(pool::archive_entry(&a3, &id(2))), ino(pool.entry(&id(2))));
         assert_eq!(rebuilt(&a3, &st.chunk.manifest_path), *data);
+        let c = &st.chunk;
+        assert_eq!((c.reused_chunks, c.zero_chunks), (4, 1), "{st:?}");
+        let m3 = read_manifest(&st.chunk.manifest_path).unwrap();
+
+        // The request made again keeps what the first one stored: chunk 1 (its entry truncated:
+        // read in the first request, counted repaired and new once) is neither asked for nor
+        // counted again; chunk 3 vanishes before its link and is the only one the second asks. The
+        // manifest's added bytes are both requests'.
+        let e1 = pool.entry(&id(1));
+        let len1 = fs::metadata(&e1).unwrap().len();
+        fs::OpenOptions::new().write(true).open(&e1).unwrap().set_len(len1 - 1).unwrap();
+        *pool.vanish_once.lock().unwrap() = Some(id(3));
+        let input = script(&[
+            opened.clone(),
+            Msg::Chunk { index: 1, kind: ChunkKind::Same },
+            Msg::Data { index: 1, blob: f.blob_of(1) },
+            end(1, 1),
+            opened,
+            Msg::Chunk { index: 3, kind: ChunkKind::Same },
+            Msg::Data { index: 3, blob: f.blob_of(3) },
+            end(1, 1),
+        ]);
+        let mut sent = Vec::new();
+        let mut a = Agent::connect(&input[..], &mut sent, "scripted").unwrap();
+        let a4 = root.join("job/weekly.0");
+        let st = backup_file_ranged(&mut a, &pool, &settings, Path::new("/vmfs/disk.img"), &a4, rel, &m3, &[]).unwrap();
+        assert!(pool.vanish_once.lock().unwrap().is_none(), "the hook fired");
+        assert_eq!(sent_ranges(&sent), vec![(1, 2), (3, 4)], "the second request asks for chunk 3 only");
+        let c = &st.chunk;
+        assert_eq!(
+            (c.new_chunks, c.repaired_chunks, c.reused_chunks, c.zero_chunks, st.data_frames),
+            (2, 1, 3, 1, 2),
+            "{st:?}"
+        );
+        let added = fs::metadata(pool.entry(&id(1))).unwrap().len() + fs::metadata(pool.entry(&id(3))).unwrap().len();
+        assert_eq!(c.added_bytes, added, "{st:?}");
+        assert_eq!(read_manifest(&st.chunk.manifest_path).unwrap().added_bytes, added);
+        assert_eq!(rebuilt(&a4, &st.chunk.manifest_path), *data);
     }
 }

@@ -21,8 +21,9 @@ use crate::error::{Error, IoContext, Result};
 use std::collections::HashSet;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Mutex;
+use std::time::Duration;
 
 /// Writer threads (I/O bound: they mostly wait for fsync).
 const THREADS: usize = 4;
@@ -38,7 +39,7 @@ enum Job {
 
 enum Done {
     Stored { id: ChunkId, len: u32, touched: Vec<PathBuf> },
-    Carried { touched: Vec<PathBuf>, unlinked: Vec<ChunkId>, fresh: u64, fresh_bytes: u64 },
+    Carried { touched: Vec<PathBuf>, unlinked: Vec<ChunkId>, fresh: Vec<ChunkId>, fresh_bytes: u64 },
 }
 
 /// What the jobs of one `run` placed.
@@ -53,7 +54,7 @@ pub(crate) struct Outcome {
     pub unlinked: Vec<ChunkId>,
     /// Carried chunks whose entry had reached the link limit: stored again as a fresh copy, and
     /// the bytes of those copies.
-    pub fresh_copies: u64,
+    pub fresh: Vec<ChunkId>,
     pub fresh_bytes: u64,
 }
 
@@ -81,11 +82,31 @@ impl Handle<'_> {
         self.send(Job::Carry(ids))
     }
 
-    fn send(&mut self, job: Job) -> Result<()> {
-        let tx = self.jobs.as_ref().ok_or_else(|| Error::new("internal: pool writers already finished"))?;
-        tx.send(job).map_err(|_| Error::new("internal: the pool writer threads ended"))?;
-        self.pending += 1;
-        Ok(())
+    /// Queue a job; while the queue is full, take the results that come (an error of an earlier
+    /// job is returned at once; threads that all ended are an error, never a wait forever).
+    fn send(&mut self, mut job: Job) -> Result<()> {
+        let ended = || Error::new("internal: the pool writer threads ended");
+        let tx = self.jobs.clone().ok_or_else(|| Error::new("internal: pool writers already finished"))?;
+        loop {
+            match tx.try_send(job) {
+                Ok(()) => {
+                    self.pending += 1;
+                    return Ok(());
+                }
+                Err(TrySendError::Full(j)) => {
+                    job = j;
+                    match self.results.recv_timeout(Duration::from_millis(50)) {
+                        Ok(r) => {
+                            self.pending -= 1;
+                            self.absorb(r?);
+                        }
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => return Err(ended()),
+                    }
+                }
+                Err(TrySendError::Disconnected(_)) => return Err(ended()),
+            }
+        }
     }
 
     fn take_ready(&mut self) -> Result<()> {
@@ -105,7 +126,7 @@ impl Handle<'_> {
             Done::Carried { touched, unlinked, fresh, fresh_bytes } => {
                 self.out.touched.extend(touched);
                 self.out.unlinked.extend(unlinked);
-                self.out.fresh_copies += fresh;
+                self.out.fresh.extend(fresh);
                 self.out.fresh_bytes += fresh_bytes;
             }
         }
@@ -134,7 +155,7 @@ impl Handle<'_> {
 
 /// Run `body` with writer threads for `archive_root` beside it; when it returns, wait for
 /// every job it queued. On an error of `body` the queued jobs still finish (they only store
-/// verified chunks) and the error is returned.
+/// verified chunks); the first error of a job, else `body`'s, is returned.
 pub(crate) fn run<T>(
     pool: &Pool,
     archive_root: &Path,
@@ -161,10 +182,10 @@ pub(crate) fn run<T>(
         let mut h = Handle { jobs: Some(jtx), results: &rrx, pending: 0, out: Outcome::default() };
         match body(&mut h) {
             Ok(t) => Ok((t, h.finish()?)),
-            Err(e) => {
-                drop(h);
-                Err(e)
-            }
+            // The jobs queued still finish (they only store verified chunks); an error of theirs
+            // wins: a writer's failure (EIO, a full disk) is never hidden behind the caller's
+            // error, which may be one it would only warn about (a vanished source file).
+            Err(e) => Err(h.finish().err().unwrap_or(e)),
         }
     })
 }
@@ -185,7 +206,7 @@ fn work(pool: &Pool, archive_root: &Path, job: Job) -> Result<Done> {
             Ok(Done::Stored { id, len: u32::try_from(blob.len()).unwrap_or(0), touched })
         }
         Job::Carry(ids) => {
-            let (mut dirs, mut unlinked, mut fresh, mut fresh_bytes) = (HashSet::new(), Vec::new(), 0, 0);
+            let (mut dirs, mut unlinked, mut fresh, mut fresh_bytes) = (HashSet::new(), Vec::new(), Vec::new(), 0);
             let (mut blob_buf, mut decoded) = (Vec::new(), Vec::new());
             let mut touched = Vec::new();
             for id in ids {
@@ -201,7 +222,7 @@ fn work(pool: &Pool, archive_root: &Path, job: Job) -> Result<Done> {
                                 pool.write_entry(&id, &blob_buf, &mut touched)?;
                                 match pool.link_into(&id, archive_root, &mut touched) {
                                     Ok(()) => {
-                                        fresh += 1;
+                                        fresh.push(id);
                                         fresh_bytes += blob_buf.len() as u64;
                                     }
                                     Err(_) => unlinked.push(id),
