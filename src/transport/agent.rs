@@ -251,6 +251,7 @@ fn spawn(t: &SshTarget, path: &str) -> Result<Child> {
         .arg(t.destination())
         .arg(format!("exec {} --serve", shell_quote(path)));
     c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    super::ssh_env(&mut c);
     die_with_parent(&mut c);
     c.spawn().ctx(|| format!("cannot run {}", t.ssh_bin))
 }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::transport::{die_with_parent, SshTarget};
+use crate::transport::{die_with_parent, ssh_env, SshTarget};
 
 /// `sun_path` holds 108 bytes; ssh binds the socket under a temporary name (the path plus a
 /// dot and 16 random characters) before it renames it.
@@ -104,6 +104,7 @@ impl Master {
         // Not in affa's process group: a Ctrl-C on the terminal stops affa's current child, not
         // the connection the run still needs to clean up (vim-cmd's snapshot removal).
         std::os::unix::process::CommandExt::process_group(&mut c, 0);
+        ssh_env(&mut c);
         die_with_parent(&mut c);
         let mut child = match c.spawn() {
             Ok(c) => c,
