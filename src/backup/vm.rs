@@ -521,7 +521,7 @@ fn copy_groups(
             }
         }
         let dest = crate::untrusted::create_dir_beneath(running, &g.rel_dir)?;
-        if !plain.is_empty() {
+        let plain_args = (!plain.is_empty()).then(|| {
             let mut args = rsync::Args::new(job, &source);
             args.opts(["--stats", "--sparse", "--partial", "--no-devices", "--no-specials"]);
             if !disks {
@@ -532,33 +532,73 @@ fn copy_groups(
             }
             let paths: Vec<String> = plain.iter().map(|f| format!("{}/{f}", g.host_dir)).collect();
             args.from(&source, &paths).to(format!("{}/", dest.display()));
-            let res = rsync::run(job, &args, &ctx.log, &ctx.log.watch)?;
-            check_rsync(ctx, &res, &format!("copying {}", g.rel_dir.display()), summary)?;
+            args
+        });
+        let what = format!("copying {}", g.rel_dir.display());
+        let agent_reads = !chunked.is_empty() && agent.is_some();
+        if let (Some(args), false) = (&plain_args, agent_reads) {
+            let res = rsync::run(job, args, &ctx.log, &ctx.log.watch)?;
+            check_rsync(ctx, &res, &what, summary)?;
             crate::interrupt::crash_point("copied");
             add_stats(report, &res.stdout);
         }
-        if let (false, Some(run)) = (chunked.is_empty(), agent.as_mut()) {
-            for f in &chunked {
-                if crate::interrupt::interrupted() {
-                    run.stop();
-                    bail!(Interrupted, "interrupted by {}", crate::interrupt::signal_name());
+        if let (true, Some(run)) = (agent_reads, agent.as_mut()) {
+            // The plain files (the disks' descriptors: a few small files) are copied by rsync
+            // beside the agent's read, so its start-up (rsync, an ssh session, the host's rsync)
+            // overlaps the transfer instead of adding to the run and to the snapshot's life. Its
+            // progress is not shown (the read's is); its result is checked once the read ended,
+            // before anything else happens; a failed read wins over a failed copy (both logged).
+            let (copied, read) = std::thread::scope(|s| {
+                let log = &ctx.log;
+                let copy = plain_args
+                    .as_ref()
+                    .map(|args| s.spawn(move || rsync::run(job, args, log, &crate::observer::Watch::nobody())));
+                let read = (|| -> Result<()> {
+                    for f in &chunked {
+                        if crate::interrupt::interrupted() {
+                            run.stop();
+                            bail!(Interrupted, "interrupted by {}", crate::interrupt::signal_name());
+                        }
+                        chunking += 1;
+                        let file = g.rel_dir.join(f).display().to_string();
+                        ctx.log.phase(Phase::Chunking { file, n: chunking, of: to_chunk });
+                        let remote = PathBuf::from(format!("{}/{f}", g.host_dir));
+                        // A frozen disk that vanished fails the run: a VM is never archived without one.
+                        let rel = g.rel_dir.join(f);
+                        let plan = cbt_run.as_ref().and_then(|c| c.plans.get(&rel)).cloned();
+                        let ranged = match &plan {
+                            Some(Plan::Cbt { prev, ranges, .. }) => Some((prev, ranges.as_slice())),
+                            _ => None,
+                        };
+                        let st = chunked::backup_via_agent(ctx, run, &remote, running, &rel, &link_dirs, ranged)?;
+                        if let Some(c) = cbt_run.as_deref_mut() {
+                            cbt_outcome(ctx, c, &rel, plan, &st)?;
+                        }
+                        crate::interrupt::crash_point("chunked");
+                    }
+                    Ok(())
+                })();
+                let copied = copy.map(|h| {
+                    h.join().unwrap_or_else(|_| Err(Error::new(format!("{what}: the rsync thread panicked"))))
+                });
+                (copied, read)
+            });
+            let copied = copied.map(|r| {
+                r.and_then(|res| {
+                    check_rsync(ctx, &res, &what, summary)?;
+                    add_stats(report, &res.stdout);
+                    Ok(())
+                })
+            });
+            match (read, copied) {
+                (Err(e), Some(Err(c))) => {
+                    ctx.log.error(format!("{what} failed too: {c}"));
+                    return Err(e);
                 }
-                chunking += 1;
-                let file = g.rel_dir.join(f).display().to_string();
-                ctx.log.phase(Phase::Chunking { file, n: chunking, of: to_chunk });
-                let remote = PathBuf::from(format!("{}/{f}", g.host_dir));
-                // A frozen disk that vanished fails the run: a VM is never archived without one.
-                let rel = g.rel_dir.join(f);
-                let plan = cbt_run.as_ref().and_then(|c| c.plans.get(&rel)).cloned();
-                let ranged = match &plan {
-                    Some(Plan::Cbt { prev, ranges, .. }) => Some((prev, ranges.as_slice())),
-                    _ => None,
-                };
-                let st = chunked::backup_via_agent(ctx, run, &remote, running, &rel, &link_dirs, ranged)?;
-                if let Some(c) = cbt_run.as_deref_mut() {
-                    cbt_outcome(ctx, c, &rel, plan, &st)?;
-                }
-                crate::interrupt::crash_point("chunked");
+                (Err(e), _) => return Err(e),
+                (Ok(()), Some(Err(c))) => return Err(c),
+                (Ok(()), Some(Ok(()))) => crate::interrupt::crash_point("copied"),
+                (Ok(()), None) => {}
             }
         } else if !chunked.is_empty() {
             crate::fsutil::create_private_dir(&ctx.job_dir.join(STAGING))?;

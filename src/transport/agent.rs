@@ -124,13 +124,8 @@ impl Session {
         let Session { mut child, stderr, agent, label, watchdog } = self;
         let r = agent.bye();
         watchdog.end();
-        let t = Instant::now();
         // The agent ends after BYE; ssh with it. Never wait on a wedged host for long.
-        let mut pause = Duration::from_millis(1);
-        while matches!(child.try_wait(), Ok(None)) && t.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(20));
-        }
+        let _ = super::wait_until(&mut child, Duration::from_secs(30), "ssh");
         let _ = child.kill();
         let _ = child.wait();
         let text = collect(stderr);
@@ -274,15 +269,11 @@ fn attempt(t: &SshTarget, path: &str, idle: Duration) -> Result<Attempt> {
         Err(_) => {
             watchdog.end();
             // Its pipes are closed: the child ends (or is stopped after a while).
-            let t0 = Instant::now();
-            let status = loop {
-                match child.try_wait() {
-                    Ok(Some(s)) => break s.code(),
-                    Ok(None) if t0.elapsed() < t.short_limit() => std::thread::sleep(Duration::from_millis(20)),
-                    _ => {
-                        let _ = child.kill();
-                        break child.wait().ok().and_then(|s| s.code());
-                    }
+            let status = match super::wait_until(&mut child, t.short_limit(), "ssh") {
+                Ok(Some(s)) => s.code(),
+                _ => {
+                    let _ = child.kill();
+                    child.wait().ok().and_then(|s| s.code())
                 }
             };
             let text = collect(err);

@@ -136,8 +136,10 @@ impl Master {
                     None => why,
                 });
             }
+            // Every 2 ms at most: the socket appears once ssh has logged in (~0.25 s here), and
+            // a later look delays the whole run (a stat(2) costs microseconds).
             std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(20));
+            pause = (pause * 2).min(Duration::from_millis(2));
         }
     }
 

@@ -399,3 +399,71 @@ fn one_ssh_login_per_run_and_no_master_left_after_it() {
         assert!(line.starts_with(tunables), "{what}: {line}");
     }
 }
+
+/// The disks' descriptors are copied by rsync beside the agent's read (their rsync's start-up
+/// overlaps the transfer): a copy that fails there fails the run once the read has ended, with
+/// rsync's error; the snapshot is removed, the earlier archive is untouched, and the next run
+/// works. The copy really runs beside the read: the failing rsync sees the read's manifest.
+#[test]
+fn a_descriptor_copy_failing_beside_the_agent_read_fails_the_run_and_loses_nothing() {
+    let e = Esx::start(8 * MB, &[(0, MB)], &format!("{CONF}ESXiCBTVerifyEvery=0\n"), "");
+    ok(&run_at(&e, 1));
+    write(&e, 0, 3 * MB, 300_000, 5);
+    ok(&run_at(&e, 2));
+    assert_eq!(disk(&e, "scheduled.0", 0)["Read"], "cbt");
+    let job_dir = e.affa.job_dir("esx");
+    let manifest = job_dir.join(format!("scheduled.0/{}.affa-manifest", DISKS[0]));
+    let before = sha256_file(&manifest);
+    let archives = || {
+        // The failed run's scheduled.running stays for the next run to resume from.
+        let mut v: Vec<String> = fs::read_dir(&job_dir)
+            .unwrap()
+            .flatten()
+            .map(|d| d.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "scheduled.running")
+            .collect();
+        v.sort();
+        v
+    };
+    let names = archives();
+
+    // localRsyncBinary: fails the copy of a descriptor (a .vmdk that is not an extent), once the
+    // agent's read of the disk beside it has written its manifest (waiting up to 20 s: a copy
+    // made before the read, as affa did until 2026-12-01, never sees it); every other rsync runs
+    // as usual.
+    let wrapper = e.work.path().join("rsync-failing-descriptor");
+    let seen = e.work.path().join("manifest-seen");
+    let manifest_now = job_dir.join(format!("scheduled.running/{}.affa-manifest", DISKS[0]));
+    fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nfor a in \"$@\"; do case \"$a\" in *-flat.vmdk) ;; *.vmdk)\n  i=0; while [ ! -e {m} ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done\n  [ -e {m} ] && echo yes >> {seen}\n  echo 'rsync: [sender] link_stat \"x.vmdk\" failed: Permission denied (13)' >&2; exit 23;; esac; done\nexec rsync \"$@\"\n",
+            m = manifest_now.display(),
+            seen = seen.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+    let conf = e.affa.conf.join("esx.conf");
+    let text = fs::read_to_string(&conf).unwrap();
+    fs::write(&conf, format!("{text}localRsyncBinary={}\n", wrapper.display())).unwrap();
+    write(&e, 0, 5 * MB, 300_000, 6);
+    let out = run_at(&e, 3);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the run with a failed descriptor copy succeeded: {err}");
+    assert!(err.contains("Permission denied"), "rsync's error is named: {err}");
+    assert_eq!(
+        fs::read_to_string(&seen).unwrap_or_default(),
+        "yes\n",
+        "the copy ran beside the agent's read of the disk"
+    );
+    assert!(e.sim.snapshots("vm1").is_empty(), "the snapshot was removed");
+    assert_eq!(sha256_file(&manifest), before, "the earlier archive is unchanged");
+    assert_eq!(archives(), names, "no archive moved");
+
+    fs::write(&conf, text).unwrap();
+    ok(&run_at(&e, 4));
+    assert_eq!(disk(&e, "scheduled.0", 0)["Read"], "cbt");
+    assert_frozen(&e, "scheduled.0", "the run after the failed one");
+}
