@@ -536,23 +536,48 @@ fn copy_groups(
         });
         let what = format!("copying {}", g.rel_dir.display());
         let agent_reads = !chunked.is_empty() && agent.is_some();
-        if let (Some(args), false) = (&plain_args, agent_reads) {
+        // A host file named like a chunked file's manifest gives way to the manifest: it must be
+        // in place before the manifest is written (which replaces it), so such a group copies
+        // its plain files first, as every group did before the copy ran beside the read.
+        let named_like_a_manifest = plain.iter().any(|p| {
+            p.strip_suffix(crate::chunk::MANIFEST_SUFFIX).is_some_and(|stem| chunked.iter().any(|c| c == stem))
+        });
+        let beside = agent_reads && !named_like_a_manifest;
+        if let (Some(args), false) = (&plain_args, beside) {
             let res = rsync::run(job, args, &ctx.log, &ctx.log.watch)?;
             check_rsync(ctx, &res, &what, summary)?;
             crate::interrupt::crash_point("copied");
             add_stats(report, &res.stdout);
         }
         if let (true, Some(run)) = (agent_reads, agent.as_mut()) {
-            // The plain files (the disks' descriptors: a few small files) are copied by rsync
-            // beside the agent's read, so its start-up (rsync, an ssh session, the host's rsync)
-            // overlaps the transfer instead of adding to the run and to the snapshot's life. Its
-            // progress is not shown (the read's is); its result is checked once the read ended,
-            // before anything else happens; a failed read wins over a failed copy (both logged).
+            // Unless copied above, the plain files (the disks' descriptors: a few small files)
+            // are copied by rsync beside the agent's read, so its start-up (rsync, an ssh
+            // session, the host's rsync) overlaps the transfer instead of adding to the run and
+            // to the snapshot's life. Its progress is not shown (the read's is). A copy that
+            // fails stops the read at once (the agent's ssh is killed through a pidfd taken
+            // while it runs, so never another process) and its error is the run's; a signal
+            // makes the run's error "interrupted"; else a failed read's error is the run's.
+            let copy_args = plain_args.as_ref().filter(|_| beside);
+            let agent_ssh = run
+                .session
+                .as_ref()
+                .and_then(|s| rustix::process::Pid::from_raw(s.pid() as i32))
+                .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
             let (copied, read) = std::thread::scope(|s| {
                 let log = &ctx.log;
-                let copy = plain_args
-                    .as_ref()
-                    .map(|args| s.spawn(move || rsync::run(job, args, log, &crate::observer::Watch::nobody())));
+                let agent_ssh = &agent_ssh;
+                let copy = copy_args.map(|args| {
+                    s.spawn(move || {
+                        let r = rsync::run(job, args, log, &crate::observer::Watch::nobody());
+                        let failed = r
+                            .as_ref()
+                            .map_or(true, |res| matches!(rsync::classify(res.code), rsync::Outcome::Failure(_)));
+                        if let (true, false, Some(fd)) = (failed, crate::interrupt::interrupted(), agent_ssh) {
+                            let _ = rustix::process::pidfd_send_signal(fd, rustix::process::Signal::KILL);
+                        }
+                        r
+                    })
+                });
                 let read = (|| -> Result<()> {
                     for f in &chunked {
                         if crate::interrupt::interrupted() {
@@ -583,6 +608,13 @@ fn copy_groups(
                 });
                 (copied, read)
             });
+            if crate::interrupt::interrupted() {
+                bail!(
+                    Interrupted,
+                    "{what} interrupted by {}; scheduled.running is kept and the next run resumes it",
+                    crate::interrupt::signal_name()
+                );
+            }
             let copied = copied.map(|r| {
                 r.and_then(|res| {
                     check_rsync(ctx, &res, &what, summary)?;
@@ -590,15 +622,15 @@ fn copy_groups(
                     Ok(())
                 })
             });
-            match (read, copied) {
-                (Err(e), Some(Err(c))) => {
-                    ctx.log.error(format!("{what} failed too: {c}"));
-                    return Err(e);
+            match (copied, read) {
+                (Some(Err(c)), Err(e)) => {
+                    ctx.log.error(format!("the agent's read ended with: {e}"));
+                    return Err(c);
                 }
-                (Err(e), _) => return Err(e),
-                (Ok(()), Some(Err(c))) => return Err(c),
-                (Ok(()), Some(Ok(()))) => crate::interrupt::crash_point("copied"),
-                (Ok(()), None) => {}
+                (Some(Err(c)), Ok(())) => return Err(c),
+                (_, Err(e)) => return Err(e),
+                (Some(Ok(())), Ok(())) => crate::interrupt::crash_point("copied"),
+                (None, Ok(())) => {}
             }
         } else if !chunked.is_empty() {
             crate::fsutil::create_private_dir(&ctx.job_dir.join(STAGING))?;

@@ -157,6 +157,7 @@ pub fn wait_until(child: &mut Child, limit: Duration, what: &str) -> Result<Opti
     let pidfd = rustix::process::Pid::from_raw(child.id() as i32)
         .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
     let mut pause = Duration::from_millis(1);
+    let mut sleep_instead = false;
     loop {
         if let Some(st) = child.try_wait().ctx(|| format!("cannot wait for {what}"))? {
             return Ok(Some(st));
@@ -171,16 +172,19 @@ pub fn wait_until(child: &mut Child, limit: Duration, what: &str) -> Result<Opti
         }
         let left = left.min(Duration::from_secs(86_400));
         match &pidfd {
-            Some(fd) => {
+            // Once the pidfd said "exited" while the child cannot be reaped yet (a tracer such
+            // as strace holds it back), poll(2) would return at once forever: sleep instead.
+            Some(fd) if !sleep_instead => {
                 let ts = rustix::event::Timespec { tv_sec: left.as_secs() as i64, tv_nsec: left.subsec_nanos() as _ };
                 let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
-                // EINTR or an error: the loop looks again (an error leaves the deadline in force).
-                if rustix::event::poll(&mut fds, Some(&ts)).is_err() {
-                    std::thread::sleep(pause.min(left));
-                    pause = (pause * 2).min(Duration::from_millis(20));
+                match rustix::event::poll(&mut fds, Some(&ts)) {
+                    Ok(n) if n > 0 => sleep_instead = true,
+                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                    // Any other error: poll by sleeping (the deadline stays in force).
+                    Err(_) => sleep_instead = true,
                 }
             }
-            None => {
+            _ => {
                 std::thread::sleep(pause.min(left));
                 pause = (pause * 2).min(Duration::from_millis(20));
             }
