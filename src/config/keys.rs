@@ -111,7 +111,7 @@ pub static KEYS: &[KeyDef] = &[
         Kind::Enum(&["strict", "normal", "risky", "none"]),
         "warn when free space < last size x 1/0.5/0.1",
     ),
-    k("BandwidthLimit", &["0"], U32, "KB/s, rsync --bwlimit (0 = none)"),
+    k("BandwidthLimit", &["0"], U32, "KiB/s: rsync --bwlimit and the agent's session (0 = none)"),
     k("rsyncTimeout", &["900"], U32, "rsync --timeout seconds"),
     k("rsyncCompress", YES, Kind::Bool, "rsync --compress"),
     k("rsync--inplace", YES, Kind::Bool, "rsync --inplace"),

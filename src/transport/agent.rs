@@ -11,6 +11,7 @@
 
 use std::fmt;
 use std::io::Read;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -102,10 +103,13 @@ pub fn classify(host: &str, path: &str, code: Option<i32>, stderr: &str) -> Unav
 pub struct Session {
     child: Child,
     stderr: Option<std::sync::mpsc::Receiver<Vec<u8>>>,
-    pub agent: Agent<Watched, ChildStdin>,
+    pub agent: Agent<Watched, Paced>,
     watchdog: Watchdog,
     /// `HOST:PATH`, for messages.
     pub label: String,
+    /// A SIGTERM/SIGINT to affa stops ssh, so the agent's read ends mid-disk (the run then
+    /// removes its snapshot and fails as interrupted).
+    _stop: crate::interrupt::StopOnSignal,
 }
 
 impl Session {
@@ -121,7 +125,7 @@ impl Session {
 
     /// `BYE`, then wait for ssh to end.
     pub fn finish(self) -> Result<()> {
-        let Session { mut child, stderr, agent, label, watchdog } = self;
+        let Session { mut child, stderr, agent, label, watchdog, _stop } = self;
         let r = agent.bye();
         watchdog.end();
         // The agent ends after BYE; ssh with it. Never wait on a wedged host for long.
@@ -175,10 +179,32 @@ fn with_stderr(e: Error, label: &str, stderr: &[u8]) -> Error {
 }
 
 /// The agent's stdout, watched: while a read waits longer than the idle limit, the watchdog
-/// kills ssh (a host whose agent stalls must not hold the run, or a VM on its snapshot).
+/// kills ssh (a host whose agent stalls must not hold the run, or a VM on its snapshot). Paced
+/// to `BandwidthLimit` (after each read, never during one).
 pub struct Watched {
     inner: ChildStdout,
     state: Arc<WatchState>,
+    pace: Option<super::pace::Pace>,
+}
+
+/// The agent's stdin, paced to `BandwidthLimit` (what a restore sends).
+pub struct Paced {
+    inner: ChildStdin,
+    pace: Option<super::pace::Pace>,
+}
+
+impl Write for Paced {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        if let Some(p) = &mut self.pace {
+            p.after(n);
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 struct WatchState {
@@ -195,6 +221,9 @@ impl Read for Watched {
         self.state.since.store(now.max(1), Ordering::SeqCst);
         let r = self.inner.read(buf);
         self.state.since.store(0, Ordering::SeqCst);
+        if let (Ok(n), Some(p)) = (&r, &mut self.pace) {
+            p.after(*n);
+        }
         r
     }
 }
@@ -260,12 +289,14 @@ enum Attempt {
 
 fn attempt(t: &SshTarget, path: &str, idle: Duration) -> Result<Attempt> {
     let mut child = spawn(t, path)?;
+    let stop = crate::interrupt::stop_on_signal(child.id());
     let err = child.stderr.take().map(read_stderr);
     let (out, inp) = (child.stdout.take().unwrap(), child.stdin.take().unwrap());
     let label = format!("{}:{path}", t.host);
     let (watchdog, state) = Watchdog::start(child.id(), idle);
-    match Agent::connect(Watched { inner: out, state }, inp, &label) {
-        Ok(agent) => Ok(Attempt::Ready(Box::new(Session { child, stderr: err, agent, label, watchdog }))),
+    let (rx, tx) = (super::pace::Pace::kib_per_s(t.bwlimit), super::pace::Pace::kib_per_s(t.bwlimit));
+    match Agent::connect(Watched { inner: out, state, pace: rx }, Paced { inner: inp, pace: tx }, &label) {
+        Ok(agent) => Ok(Attempt::Ready(Box::new(Session { child, stderr: err, agent, label, watchdog, _stop: stop }))),
         Err(_) => {
             watchdog.end();
             // Its pipes are closed: the child ends (or is stopped after a while).

@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod mux;
+pub mod pace;
 pub mod rsync;
 pub mod rsyncd;
 
@@ -35,6 +36,9 @@ pub struct SshTarget {
     /// The run's ControlMaster socket ([`mux::Master`]): every session goes through its
     /// connection (and connects on its own when it is gone).
     pub control: Option<PathBuf>,
+    /// `BandwidthLimit` (KiB/s, 0 = none): paces the agent's session ([`pace`]); rsync gets it
+    /// as `--bwlimit`.
+    pub bwlimit: u64,
 }
 
 /// The private key affa uses for every job.
@@ -118,7 +122,7 @@ pub fn output_within(
     cmd.process_group(0);
     let mut child = cmd.spawn().ctx(|| format!("cannot start {what}"))?;
     let pid = child.id();
-    crate::interrupt::set_child(pid);
+    let _stop = crate::interrupt::stop_on_signal(pid);
     if let (Some(mut stdin), Some(data)) = (child.stdin.take(), input) {
         std::thread::spawn(move || {
             let _ = stdin.write_all(&data);
@@ -133,14 +137,12 @@ pub fn output_within(
         }
         let _ = child.kill();
         let _ = child.wait();
-        crate::interrupt::set_child(0);
         crate::bail!(
             Remote,
             "{what} did not finish within {} s and was stopped (the limit is the job key {key})",
             limit.as_secs()
         );
     };
-    crate::interrupt::set_child(0);
     let stdout = out.and_then(|t| t.join().ok()).unwrap_or_default();
     let stderr = err.and_then(|t| t.join().ok()).unwrap_or_default();
     Ok(Output { status, stdout, stderr })
@@ -215,6 +217,7 @@ impl SshTarget {
             connect_timeout: job.ssh.connect_timeout,
             debug: job.debug,
             control: None,
+            bwlimit: job.rsync.bwlimit,
         }
     }
 
@@ -499,6 +502,7 @@ mod tests {
             connect_timeout: 5,
             debug: false,
             control,
+            bwlimit: 0,
         }
     }
 

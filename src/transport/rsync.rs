@@ -244,7 +244,7 @@ pub fn run(job: &Job, args: &Args, log: &JobLog, progress: &Watch) -> Result<Rsy
     die_with_parent(&mut cmd);
     log.detail(format!("running: {} {}", prog, redact_args(&lead, &args)));
     let mut child = cmd.spawn().ctx(|| format!("cannot run {prog}"))?;
-    crate::interrupt::set_child(child.id());
+    let _stop = crate::interrupt::stop_on_signal(child.id());
     let stderr = child.stderr.take().unwrap();
     std::thread::scope(|scope| {
         let err_thread = scope.spawn(move || {
@@ -300,7 +300,6 @@ fn run_stdout(
     }
     drop(meter);
     let status = child.wait().ctx(|| format!("cannot wait for {prog}"))?;
-    crate::interrupt::set_child(0);
     let errors = err_thread.join().unwrap_or_default();
     let mut stdout = out.lines().join("\n");
     stdout.push('\n');

@@ -990,3 +990,56 @@ fn the_scrub_finds_a_bit_flip_the_backup_trusts_and_the_next_run_repairs_it() {
     assert!(ok(&s.affa.affa(&["--scrub", "--all"])).contains(" 0 damaged"));
     drop(s.sshd);
 }
+
+/// `BandwidthLimit` paces the agent's session as it paces rsync, and `affa --kill` (SIGTERM)
+/// during the agent's read of a disk stops the read at once: the agent's ssh is stopped, the
+/// snapshot removed, the run fails as interrupted and the next run resumes. Until 2026-12-02
+/// neither held: the agent's session ignored the limit, and a signal stopped only an rsync
+/// child, so the read went on to the end of the disk while the VM stayed on its snapshot (and
+/// `--kill` gave up after 60 s on a big disk).
+#[test]
+fn bandwidth_limit_paces_the_agent_and_kill_stops_its_read_mid_disk() {
+    // 6 MiB of incompressible data on disk 0 and 4 MiB on disk 1: 10 chunks to send, 25 s at
+    // 400 KiB/s.
+    let e = Esx::start(24 * MB, &[(0, 4 * MB)], "chunkFiles=*-flat.vmdk\nchunkSize=1M\nBandwidthLimit=400\n", "");
+    let agent = e.ds1.join(".affa/affa-agent");
+    let job_dir = e.affa.job_dir("esx");
+    let run = spawn_run(&e.affa, "esx", "2026-05-04T21:00:00");
+    wait_until(Duration::from_secs(60), "two chunks received", || pool_entries(&e.affa) >= 2);
+    assert_eq!(e.sim.snapshots("vm1").len(), 1, "the read runs on the snapshot");
+    let out = ok(&e.affa.affa(&["--kill", "esx"]));
+    assert!(out.contains("stopped"), "{out}");
+    let o = run.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(last_error_line(&err).contains("interrupted by SIGTERM"), "{err}");
+    // Disk 0 holds 6 chunks of data: all of them received means its read went on to its end
+    // (and only the check between two disks stopped the run, as before 2026-12-02).
+    let received = pool_entries(&e.affa);
+    assert!(received <= 4, "the read of disk 0 went on after SIGTERM: {received} chunks received");
+    wait_until(Duration::from_secs(10), "the agent to end", || agent_pids(&agent).is_empty());
+    assert!(e.sim.snapshots("vm1").is_empty(), "the snapshot was left: {:?}", e.sim.snapshots("vm1"));
+    assert_eq!(archive_names(&job_dir), Vec::<String>::new(), "no archive made");
+
+    // The next run resumes, paced: it cannot take less time than its bytes at the limit (the
+    // pool's growth is what the agent sent, less the frames' few bytes of overhead).
+    let pool_bytes =
+        || walk(&e.affa.root.join(".affa-pool")).iter().map(|p| fs::metadata(p).unwrap().len()).sum::<u64>();
+    let conf = e.affa.conf.join("esx.conf");
+    let text = fs::read_to_string(&conf).unwrap();
+    e.affa.write_conf("esx.conf", &text.replace("BandwidthLimit=400\n", "BandwidthLimit=2000\n"));
+    let before = pool_bytes();
+    let t = std::time::Instant::now();
+    ok(&e.affa.affa_at("2026-05-04T21:10:00", &["--run", "esx"]));
+    let took = t.elapsed().as_secs_f64();
+    let sent = pool_bytes() - before;
+    assert!(sent > 4 * MB, "the resumed run received only {sent} bytes: the check proves nothing");
+    let least = sent as f64 / (2000.0 * 1024.0) - affa::transport::pace::BURST.as_secs_f64();
+    assert!(took >= least, "{sent} bytes in {took:.2} s: faster than BandwidthLimit=2000 allows ({least:.2} s)");
+    assert_eq!(archive_names(&job_dir), ["scheduled.0"]);
+    let frozen = e.frozen();
+    let out = e.work.path().join("unchunked");
+    ok(&e.affa.affa(&["--unchunk", "esx", "scheduled.0", "--to", out.to_str().unwrap()]));
+    assert_eq!(sha256_file(&out.join("vmfs/volumes/datastore1/vm1/vm1-flat.vmdk")), frozen[0]);
+    assert_eq!(sha256_file(&out.join("vmfs/volumes/ds2/vm1/vm1_1-flat.vmdk")), frozen[1]);
+}

@@ -1,25 +1,43 @@
 //! SIGINT / SIGTERM during a run.
 //!
-//! Owns: noticing the signal and stopping the child (rsync, ssh) that is running, so the run can
-//! clean up (remove an ESXi snapshot, keep `scheduled.running` for resume) and fail with a clear
-//! message. Must never: exit the process from the signal handler, skipping that cleanup.
+//! Owns: noticing the signal and stopping the children (rsync, ssh, the agent's ssh session) that
+//! are running, so the run can clean up (remove an ESXi snapshot, keep `scheduled.running` for
+//! resume) and fail with a clear message. Several children may run at once (the descriptor rsync
+//! beside the agent's read): each is registered while it runs ([`stop_on_signal`]). Must never:
+//! exit the process from the signal handler, skipping that cleanup, or signal a process affa did
+//! not start (a child is signalled through its pidfd where the kernel has them, so never a process
+//! that reused its pid).
 //!
 //! Also the fault tests' crash hook [`crash_point`]: in a build with the `test-hooks` cargo
 //! feature (the test run's, never a release build), `AFFA_TEST_CRASH_AT=STEP[:N]` makes affa
 //! `SIGKILL` itself the N-th time a run reaches the named step (docs/RELIABILITY.md lists the
 //! steps). Read once; a no-op when unset. Without the feature the hook is not compiled at all.
 
+use std::os::fd::OwnedFd;
 #[cfg(feature = "test-hooks")]
 use std::sync::atomic::AtomicU64;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::Once;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64 as Counter, Ordering};
 #[cfg(feature = "test-hooks")]
 use std::sync::OnceLock;
+use std::sync::{Mutex, Once};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
-static CHILD: AtomicI32 = AtomicI32::new(0);
+static CHILDREN: Mutex<Vec<Registered>> = Mutex::new(Vec::new());
+static NEXT_KEY: Counter = Counter::new(1);
 static INIT: Once = Once::new();
+
+/// A running child to stop on a signal.
+struct Registered {
+    key: u64,
+    pid: i32,
+    /// Its pidfd (None where the kernel has none: then the pid).
+    fd: Option<OwnedFd>,
+}
+
+fn children() -> std::sync::MutexGuard<'static, Vec<Registered>> {
+    CHILDREN.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Install the handlers (idempotent).
 pub fn install() {
@@ -29,8 +47,9 @@ pub fn install() {
                 for sig in signals.forever() {
                     SIGNAL.store(sig, Ordering::SeqCst);
                     INTERRUPTED.store(true, Ordering::SeqCst);
-                    let pid = CHILD.load(Ordering::SeqCst);
-                    stop_child(pid);
+                    for c in children().iter() {
+                        stop(c);
+                    }
                 }
             });
         }
@@ -51,18 +70,47 @@ pub fn signal_name() -> &'static str {
     }
 }
 
-/// Record the child to stop on a signal (0 = none).
-pub fn set_child(pid: u32) {
-    CHILD.store(pid as i32, Ordering::SeqCst);
-    if interrupted() {
-        stop_child(pid as i32);
+/// A child registered by [`stop_on_signal`]: it is stopped on a signal while this lives.
+#[must_use = "the child is only stopped on a signal while this lives"]
+pub struct StopOnSignal {
+    key: u64,
+}
+
+impl Drop for StopOnSignal {
+    fn drop(&mut self) {
+        children().retain(|c| c.key != self.key);
     }
 }
 
-/// SIGTERM to the recorded child (a pid > 0 that affa started itself; 0 = none).
-fn stop_child(pid: i32) {
-    if let Some(p) = rustix::process::Pid::from_raw(pid).filter(|_| pid > 0) {
-        let _ = rustix::process::kill_process(p, rustix::process::Signal::TERM);
+/// Stop the child `pid` (one affa started itself) with SIGTERM if a signal arrives (or has
+/// arrived) while the returned value lives (drop it when the child has ended).
+pub fn stop_on_signal(pid: u32) -> StopOnSignal {
+    let key = NEXT_KEY.fetch_add(1, Ordering::SeqCst);
+    let pid = i32::try_from(pid).unwrap_or(0);
+    let fd = rustix::process::Pid::from_raw(pid)
+        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
+    // The signal thread sets the flag before it takes the list: either it finds this child
+    // there, or the flag is already set when the child is added.
+    let mut list = children();
+    list.push(Registered { key, pid, fd });
+    if let (true, Some(c)) = (interrupted(), list.last()) {
+        stop(c);
+    }
+    drop(list);
+    StopOnSignal { key }
+}
+
+/// SIGTERM to a registered child (through its pidfd when it has one).
+fn stop(c: &Registered) {
+    match &c.fd {
+        Some(fd) => {
+            let _ = rustix::process::pidfd_send_signal(fd, rustix::process::Signal::TERM);
+        }
+        None => {
+            if let Some(p) = rustix::process::Pid::from_raw(c.pid).filter(|_| c.pid > 0) {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::TERM);
+            }
+        }
     }
 }
 
