@@ -207,7 +207,15 @@ pub fn open_agent(
     let path = agent::remote_path(ctx.job, datastore_dir);
     let local = agent::local_binary(ctx.cfg);
     let idle = std::time::Duration::from_secs(ctx.job.rsync.timeout);
-    match agent::start(t, &path, &local, idle)? {
+    let started = agent::start(t, &path, &local, idle);
+    if crate::interrupt::interrupted() {
+        // A signal stopped ssh during the handshake or the install: not a broken agent.
+        if let Ok(agent::Started::Ready(s)) = started {
+            s.stop();
+        }
+        bail!(Interrupted, "starting affa-agent interrupted by {}", crate::interrupt::signal_name());
+    }
+    match started? {
         agent::Started::Ready(s) => {
             ctx.log.info(format!("affa-agent {} at {}", s.agent.software, s.label));
             report_transport(report, ChunkTransport::Agent, None);
@@ -334,6 +342,16 @@ pub fn backup_via_agent(
         }
         Err(e) => {
             let s = session.take().expect("checked above");
+            if crate::interrupt::interrupted() {
+                // The signal stopped the agent's ssh (interrupt.rs): that is why the read ended.
+                s.stop();
+                bail!(
+                    Interrupted,
+                    "the agent backup of {} interrupted by {}; no manifest was written for it, earlier archives are untouched",
+                    rel.display(),
+                    crate::interrupt::signal_name()
+                );
+            }
             let host = ctx.job.host.clone();
             let timed_out = s.timed_out();
             let stderr = s.stop();

@@ -132,6 +132,8 @@ impl Session {
         let _ = super::wait_until(&mut child, Duration::from_secs(30), "ssh");
         let _ = child.kill();
         let _ = child.wait();
+        // Reaped: never signalled again (its pid may be reused).
+        drop(_stop);
         let text = collect(stderr);
         r.map_err(|e| with_stderr(e, &label, &text))
     }
@@ -139,11 +141,12 @@ impl Session {
     /// Stop the agent (after an error): kill ssh, return the first line it wrote on stderr,
     /// escaped (empty when none).
     pub fn stop(self) -> String {
-        let Session { mut child, stderr, agent, watchdog, .. } = self;
+        let Session { mut child, stderr, agent, watchdog, _stop, .. } = self;
         watchdog.end();
         drop(agent);
         let _ = child.kill();
         let _ = child.wait();
+        drop(_stop);
         first_line(&collect(stderr))
     }
 }
@@ -194,12 +197,13 @@ pub struct Paced {
 }
 
 impl Write for Paced {
+    /// Paced before the bytes go out, at most [`pace::Pace::slice`] bytes at a time: a frame of
+    /// a chunk (up to 16 MiB) is never written in one burst.
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        if let Some(p) = &mut self.pace {
-            p.after(n);
-        }
-        Ok(n)
+        let Some(p) = self.pace.as_mut().filter(|_| !buf.is_empty()) else { return self.inner.write(buf) };
+        let part = &buf[..buf.len().min(p.slice())];
+        p.before(part.len());
+        self.inner.write(part)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -392,6 +396,11 @@ fn start_inner(t: &SshTarget, path: &str, local: &Path, idle: Duration) -> Resul
         Attempt::Failed(Some(255), err) => return Err(t.connection_error(&err)),
         Attempt::Failed(code, err) => Some((code, err)),
     };
+    // A signal stopped ssh: not a missing agent (the caller reports the interruption).
+    if crate::interrupt::interrupted() {
+        let (code, err) = first.unwrap_or((None, String::new()));
+        return Ok((Started::Unavailable(classify(&t.host, path, code, &err)), Installed::UpToDate));
+    }
     // Missing, stale or broken: install, then try once more.
     if let Err(u) = deploy(t, path, bytes)? {
         // Nothing could be installed: the first attempt's failure tells more when there was one.

@@ -130,19 +130,23 @@ pub fn output_within(
     }
     let out = child.stdout.take().map(|o| std::thread::spawn(move || read_bounded(o)));
     let err = child.stderr.take().map(|e| std::thread::spawn(move || read_bounded(e)));
-    let Some(status) = wait_until(&mut child, limit, what)? else {
+    let waited = wait_until(&mut child, limit, what);
+    let Some(status) = waited? else {
         // The whole process group this child leads (process_group(0) above).
         if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
             let _ = rustix::process::kill_process_group(p, rustix::process::Signal::KILL);
         }
         let _ = child.kill();
         let _ = child.wait();
+        drop(_stop);
         crate::bail!(
             Remote,
             "{what} did not finish within {} s and was stopped (the limit is the job key {key})",
             limit.as_secs()
         );
     };
+    // Reaped: never signalled again (its pid may be reused where there are no pidfds).
+    drop(_stop);
     let stdout = out.and_then(|t| t.join().ok()).unwrap_or_default();
     let stderr = err.and_then(|t| t.join().ok()).unwrap_or_default();
     Ok(Output { status, stdout, stderr })

@@ -4,7 +4,9 @@
 //! Owns: the pacing arithmetic (a virtual clock: each byte is due `1/rate` s after the previous
 //! one; a transfer that fell behind, such as after the agent hashed unchanged data for a while,
 //! may catch up by at most [`BURST`], never by the whole idle time). Must never: busy-wait, or
-//! sleep while a read is pending (the agent's idle watchdog times reads, not pauses).
+//! sleep while a read is pending (the agent's idle watchdog times reads, not pauses), write a
+//! chunk's frame in one burst (writes go out in slices of 50 ms at the rate), or go on sleeping
+//! once a signal arrived.
 //!
 //! Pacing the reader is enough to pace the link: while affa sleeps, ssh's channel window and the
 //! TCP window fill and the agent blocks on its writes (the link carries at most the limit plus
@@ -38,12 +40,37 @@ impl Pace {
         self.due.saturating_duration_since(now)
     }
 
-    /// Count `n` bytes just read or written and sleep as long as the rate asks.
+    /// The most bytes to write at once: 50 ms at the rate (at least 4 KiB), so that what is
+    /// written goes out paced, never as one frame-sized burst.
+    pub fn slice(&self) -> usize {
+        usize::try_from(self.rate / 20).unwrap_or(usize::MAX).max(4096)
+    }
+
+    /// Count `n` bytes just read and sleep as long as the rate asks.
     pub fn after(&mut self, n: usize) {
         let d = self.delay(n, Instant::now());
-        if !d.is_zero() {
-            std::thread::sleep(d);
+        sleep(d);
+    }
+
+    /// Count `n` bytes about to be written and sleep until they are due.
+    pub fn before(&mut self, n: usize) {
+        let d = self.delay(n, Instant::now());
+        // The bytes are due at the end of the wait for them; written then, they keep the rate
+        // (less what the first write of a transfer may take early: one slice).
+        sleep(d);
+    }
+}
+
+/// Sleep `d`, in slices of at most 100 ms, ending early once a signal arrived (the run is being
+/// stopped: `--kill` must not wait for a slow limit's pause).
+fn sleep(d: Duration) {
+    let end = Instant::now() + d.min(Duration::from_secs(86_400));
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() || crate::interrupt::interrupted() {
+            return;
         }
+        std::thread::sleep(left.min(Duration::from_millis(100)));
     }
 }
 
@@ -74,6 +101,12 @@ mod tests {
         let now = t0 + Duration::from_secs(10);
         assert_eq!(p.delay(1000, now), Duration::from_millis(750));
         assert_eq!(p.delay(1000, now), Duration::from_millis(1750));
+    }
+
+    #[test]
+    fn writes_are_sliced_to_50_ms_at_the_rate() {
+        assert_eq!(Pace::kib_per_s(2000).unwrap().slice(), 2000 * 1024 / 20);
+        assert_eq!(Pace::kib_per_s(1).unwrap().slice(), 4096);
     }
 
     #[test]

@@ -244,7 +244,7 @@ pub fn run(job: &Job, args: &Args, log: &JobLog, progress: &Watch) -> Result<Rsy
     die_with_parent(&mut cmd);
     log.detail(format!("running: {} {}", prog, redact_args(&lead, &args)));
     let mut child = cmd.spawn().ctx(|| format!("cannot run {prog}"))?;
-    let _stop = crate::interrupt::stop_on_signal(child.id());
+    let stop = crate::interrupt::stop_on_signal(child.id());
     let stderr = child.stderr.take().unwrap();
     std::thread::scope(|scope| {
         let err_thread = scope.spawn(move || {
@@ -260,12 +260,13 @@ pub fn run(job: &Job, args: &Args, log: &JobLog, progress: &Watch) -> Result<Rsy
             }
             kept.lines()
         });
-        run_stdout(child, err_thread, progress, &prog)
+        run_stdout(child, stop, err_thread, progress, &prog)
     })
 }
 
 fn run_stdout(
     mut child: std::process::Child,
+    stop: crate::interrupt::StopOnSignal,
     err_thread: std::thread::ScopedJoinHandle<'_, Vec<String>>,
     progress: &Watch,
     prog: &str,
@@ -300,6 +301,8 @@ fn run_stdout(
     }
     drop(meter);
     let status = child.wait().ctx(|| format!("cannot wait for {prog}"))?;
+    // Reaped: never signalled again (its pid may be reused where there are no pidfds).
+    drop(stop);
     let errors = err_thread.join().unwrap_or_default();
     let mut stdout = out.lines().join("\n");
     stdout.push('\n');

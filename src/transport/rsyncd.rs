@@ -75,7 +75,10 @@ impl Daemon {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         die_with_parent(&mut c);
-        let out = c.output().ctx(|| format!("cannot run {prog}"))?;
+        // Bounded (a daemon that accepts and then says nothing), and stopped by a signal.
+        let limit = std::time::Duration::from_secs(2 * job.ssh.connect_timeout.max(1));
+        let what = format!("the rsync daemon check of {}", self.url);
+        let out = crate::transport::output_within(c, None, limit, &what, "ConnectionCheckTimeout")?;
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
             let first = err.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("no answer");
