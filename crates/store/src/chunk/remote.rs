@@ -454,8 +454,26 @@ fn backup<R: Read, W: Write>(
 
         // The request.
         let (compression, level) = compression_code(settings.compression);
+        // A ranged request: the agent consults only the entries inside the ranges, so the others
+        // go as tag 0 (docs/PROTOCOL.md, "Ranged backup"): the request follows the change.
+        let inside = |i: usize| {
+            ranges.as_ref().is_none_or(|rs| {
+                let i = i as u64;
+                let at = rs.partition_point(|&(_, e)| e <= i);
+                rs.get(at).is_some_and(|&(s, _)| s <= i)
+            })
+        };
         let prev_entries: Vec<Option<ChunkId>> = prev
-            .map(|p| p.chunks.iter().map(|c| if let ChunkRef::Stored(id) = c { Some(*id) } else { None }).collect())
+            .map(|p| {
+                p.chunks
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| match c {
+                        ChunkRef::Stored(id) if inside(i) => Some(*id),
+                        _ => None,
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         agent.send(&Msg::Backup(proto::Backup {
             path: remote_path.as_os_str().as_bytes().to_vec(),
@@ -1044,6 +1062,18 @@ mod tests {
         out
     }
 
+    /// The previous entries a request sent (PREV frames, in order).
+    fn sent_prev(sent: &[u8]) -> Vec<Option<ChunkId>> {
+        let mut r = FrameReader::new(sent);
+        let mut out = Vec::new();
+        while let Some(m) = r.read_msg().unwrap() {
+            if let Msg::Prev { entries, .. } = m {
+                out.extend(entries);
+            }
+        }
+        out
+    }
+
     /// A 6-chunk text disk (chunk 4 all zero, 256 KiB chunks) chunked into `root/job/daily.2`,
     /// and the frames a scripted ranged backup against it needs.
     struct Fixture {
@@ -1171,6 +1201,9 @@ mod tests {
         // Only chunks 1 and 2 were asked of the host; each repair counted once; chunk 3 was
         // read fully (verified) and kept.
         assert_eq!(sent_ranges(&sent), vec![(1, 3)]);
+        // The previous ids went only for the chunks inside the ranges (docs/PROTOCOL.md): the
+        // request follows the change, not the disk.
+        assert_eq!(sent_prev(&sent), vec![None, Some(id(1)), Some(id(2)), None, None, None]);
         let c = &st.chunk;
         assert_eq!(
             (st.range_chunks, c.repaired_chunks, c.new_chunks, c.verified_chunks, c.reused_chunks, st.data_frames),
