@@ -14,9 +14,7 @@
 //! steps). Read once; a no-op when unset. Without the feature the hook is not compiled at all.
 
 use std::os::fd::OwnedFd;
-#[cfg(feature = "test-hooks")]
-use std::sync::atomic::AtomicU64;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64 as Counter, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 #[cfg(feature = "test-hooks")]
 use std::sync::OnceLock;
 use std::sync::{Mutex, Once};
@@ -24,7 +22,7 @@ use std::sync::{Mutex, Once};
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
 static CHILDREN: Mutex<Vec<Registered>> = Mutex::new(Vec::new());
-static NEXT_KEY: Counter = Counter::new(1);
+static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
 static INIT: Once = Once::new();
 
 /// A running child to stop on a signal.
