@@ -17,7 +17,7 @@ mod systems;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 
@@ -362,6 +362,14 @@ fn run(args: &Args) -> Result<(), String> {
      -> Result<(), String> {
         for s in systems.iter_mut().filter(|s| which(s)) {
             measure::evict(&[&src_dir(vm), &s.store_dir()]);
+            let waited = measure::settle(&src_dir(vm), Duration::from_secs(2), Duration::from_secs(60));
+            if waited > Duration::from_secs(5) {
+                log.say(format!(
+                    "{phase} {rep} {}: waited {:.0} s for the disk to be idle",
+                    s.id,
+                    waited.as_secs_f64()
+                ));
+            }
             // The VM in the tag: the scaling row runs the same phase and rep on two VMs.
             let b = s.backup(w, vm, &format!("{phase}{rep}-{vm}"))?;
             log.say(format!(

@@ -152,7 +152,7 @@ pub fn chunk_file(
         // previous manifest recorded, pool::cheap_check); any other entry: the full check.
         let checked = match prev {
             Some(m) if same_as_prev => {
-                pool::cheap_check(&entry, &id, m.stored_len(idx as usize), &mut sc.blob, &mut sc.decoded)
+                pool::cheap_check(None, &entry, &id, m.stored_len(idx as usize), &mut sc.blob, &mut sc.decoded)
             }
             _ => pool::full_check(&entry, &id, &mut sc.blob, &mut sc.decoded),
         };

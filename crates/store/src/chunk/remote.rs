@@ -24,7 +24,7 @@ use crate::error::{Error, IoContext, Result};
 use affa_agent_proto::{self as proto, shown, ChunkKind, FrameReader, FrameWriter, Msg};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -321,6 +321,7 @@ enum Check {
 /// in the new manifest). A damaged entry is counted in `st.repaired_chunks` (the caller stores
 /// it again, and must not check it again in this run: see `failed` in `backup`).
 fn trusted_entry(
+    dirs: &mut pool::FanDirs,
     entry: &Path,
     id: &ChunkId,
     check: Check,
@@ -329,7 +330,7 @@ fn trusted_entry(
     decoded: &mut Vec<u8>,
 ) -> Option<u32> {
     let checked = match check {
-        Check::Cheap(recorded) => pool::cheap_check(entry, id, recorded, blob_buf, decoded),
+        Check::Cheap(recorded) => pool::cheap_check(Some(dirs), entry, id, recorded, blob_buf, decoded),
         Check::Full => pool::full_check(entry, id, blob_buf, decoded),
     };
     match checked {
@@ -382,12 +383,11 @@ fn backup<R: Read, W: Write>(
     let mut failed: HashSet<ChunkId> = seed.read_again.clone();
     let mut touched: HashSet<PathBuf> = HashSet::new();
     let (mut blob_buf, mut decoded) = (Vec::new(), Vec::new());
-    let link = |id: &ChunkId, touched: &mut HashSet<PathBuf>| -> io::Result<()> {
-        let mut t = Vec::new();
-        let r = pool.link_into(id, archive_root, &mut t);
-        touched.extend(t);
-        r
-    };
+    // The carried and reported-unchanged chunks' checks: one `lstat` each, through the pool's
+    // open fan-out directories.
+    let mut pool_dirs = pool::FanDirs::new(pool.dir(), false);
+    // Links of reused chunks into the archive, through open fan-out directories.
+    let mut linker = pool::Linker::new(pool, archive_root);
 
     // New chunk files are written and linked on the writer threads (chunk/writers.rs), the
     // carried chunks linked there while the agent reads; this loop only receives and checks.
@@ -420,7 +420,15 @@ fn backup<R: Read, W: Write>(
                                 let entry = pool.entry(id);
                                 let len = (!failed.contains(id))
                                     .then(|| {
-                                        trusted_entry(&entry, id, check, &mut st.chunk, &mut blob_buf, &mut decoded)
+                                        trusted_entry(
+                                            &mut pool_dirs,
+                                            &entry,
+                                            id,
+                                            check,
+                                            &mut st.chunk,
+                                            &mut blob_buf,
+                                            &mut decoded,
+                                        )
                                     })
                                     .flatten();
                                 match len {
@@ -591,9 +599,17 @@ fn backup<R: Read, W: Write>(
                             ChunkKind::Same => Check::Cheap(prev.and_then(|p| p.stored_len(index as usize))),
                             _ => Check::Full,
                         };
-                        let len = trusted_entry(&entry, &id, check, &mut st.chunk, &mut blob_buf, &mut decoded);
+                        let len = trusted_entry(
+                            &mut pool_dirs,
+                            &entry,
+                            &id,
+                            check,
+                            &mut st.chunk,
+                            &mut blob_buf,
+                            &mut decoded,
+                        );
                         // A link that fails (entry swept meanwhile, link limit) is stored afresh.
-                        match len.filter(|_| link(&id, &mut touched).is_ok()) {
+                        match len.filter(|_| linker.link(&id).is_ok()) {
                             Some(len) => {
                                 placed.insert(id, len);
                                 true
@@ -634,6 +650,7 @@ fn backup<R: Read, W: Write>(
                     // it checks, is linked rather than replaced (the archives keep sharing it).
                     if foreign.remove(&id) {
                         let len = trusted_entry(
+                            &mut pool_dirs,
                             &pool.entry(&id),
                             &id,
                             Check::Full,
@@ -641,7 +658,7 @@ fn backup<R: Read, W: Write>(
                             &mut blob_buf,
                             &mut decoded,
                         );
-                        if let Some(len) = len.filter(|_| link(&id, &mut touched).is_ok()) {
+                        if let Some(len) = len.filter(|_| linker.link(&id).is_ok()) {
                             placed.insert(id, len);
                             st.chunk.reused_chunks += 1;
                             continue;
@@ -674,6 +691,7 @@ fn backup<R: Read, W: Write>(
     })?;
     placed.extend(outcome.stored.iter().copied());
     touched.extend(outcome.touched);
+    touched.extend(linker.touched());
     let fresh = outcome.fresh.len() as u64;
     st.chunk.new_chunks += fresh;
     st.chunk.reused_chunks = st.chunk.reused_chunks.saturating_sub(fresh);

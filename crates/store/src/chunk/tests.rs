@@ -847,3 +847,55 @@ fn a_source_asking_for_more_readers_gets_them_and_the_file_stays_in_order() {
         assert!(most <= want && most > want / 2, "{readers:?}: {most} reads in flight at most, expected up to {want}");
     }
 }
+
+/// The linker of many chunks into one archive (`pool::Linker`, through open fan-out
+/// directories) keeps `link_into`'s rules: it creates a missing fan-out directory (mode 0700),
+/// a second link of the same inode is no error, a different file under the name is replaced
+/// by the pool's entry, a missing entry is `NotFound`, and a fan-out name that is a symlink
+/// is refused, not followed.
+#[test]
+fn the_linker_links_replaces_and_refuses_like_link_into() {
+    let e = env();
+    let arch = e.archive("j", "a");
+    fs::create_dir_all(arch.join(pool::ARCHIVE_CHUNK_DIR)).unwrap();
+    let id = |n: u8| -> ChunkId { *blake3::hash(&[n]).as_bytes() };
+    let (a, b) = (id(1), id(2));
+    for x in [a, b] {
+        e.pool.write_entry(&x, b"not a real chunk file, only linked", &mut Vec::new()).unwrap();
+    }
+    let ino = |p: PathBuf| fs::symlink_metadata(p).unwrap().ino();
+    let mut l = pool::Linker::new(&e.pool, &arch);
+    l.link(&a).unwrap();
+    l.link(&a).unwrap();
+    assert_eq!(ino(pool::archive_entry(&arch, &a)), ino(e.pool.entry(&a)));
+    let fan = pool::archive_entry(&arch, &a).parent().unwrap().to_path_buf();
+    assert_eq!(fs::metadata(&fan).unwrap().permissions().mode() & 0o777, 0o700);
+    // Another file under b's name in the archive: replaced by the pool's inode.
+    let bl = pool::archive_entry(&arch, &b);
+    fs::create_dir_all(bl.parent().unwrap()).unwrap();
+    fs::write(&bl, "stale").unwrap();
+    l.link(&b).unwrap();
+    assert_eq!(ino(bl.clone()), ino(e.pool.entry(&b)));
+    let mut touched = l.touched();
+    touched.sort();
+    let mut want = vec![fan.clone(), bl.parent().unwrap().to_path_buf()];
+    want.sort();
+    want.dedup();
+    assert_eq!(touched, want);
+    // No entry: NotFound (the caller reads the chunk again).
+    let c = id(3);
+    assert_eq!(l.link(&c).unwrap_err().kind(), std::io::ErrorKind::NotFound);
+    fs::remove_file(e.pool.entry(&a)).unwrap();
+    let mut l2 = pool::Linker::new(&e.pool, &e.archive("j", "b"));
+    assert_eq!(l2.link(&a).unwrap_err().kind(), std::io::ErrorKind::NotFound);
+    // A fan-out name in the archive that is a symlink (to a directory elsewhere): refused.
+    let arch3 = e.archive("j", "c");
+    let elsewhere = e.t.path().join("elsewhere");
+    fs::create_dir_all(&elsewhere).unwrap();
+    fs::create_dir_all(arch3.join(pool::ARCHIVE_CHUNK_DIR)).unwrap();
+    let hex = id_hex(&b);
+    std::os::unix::fs::symlink(&elsewhere, arch3.join(pool::ARCHIVE_CHUNK_DIR).join(&hex[..2])).unwrap();
+    let mut l3 = pool::Linker::new(&e.pool, &arch3);
+    assert!(l3.link(&b).is_err());
+    assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 0, "a link was made through the symlink");
+}

@@ -209,9 +209,11 @@ fn work(pool: &Pool, archive_root: &Path, job: Job) -> Result<Done> {
             let (mut dirs, mut unlinked, mut fresh, mut fresh_bytes) = (HashSet::new(), Vec::new(), Vec::new(), 0);
             let (mut blob_buf, mut decoded) = (Vec::new(), Vec::new());
             let mut touched = Vec::new();
+            // Thousands of links into one archive: through open fan-out directories.
+            let mut linker = pool::Linker::new(pool, archive_root);
             for id in ids {
                 dirs.extend(touched.drain(..));
-                match pool.link_into(&id, archive_root, &mut touched) {
+                match linker.link(&id) {
                     Ok(()) => {}
                     Err(e) if e.raw_os_error() == Some(libc::EMLINK) => {
                         // The entry already has the filesystem's maximum of links: store a
@@ -220,7 +222,7 @@ fn work(pool: &Pool, archive_root: &Path, job: Job) -> Result<Done> {
                         match pool::full_check(&entry, &id, &mut blob_buf, &mut decoded) {
                             pool::Checked::Good { .. } => {
                                 pool.write_entry(&id, &blob_buf, &mut touched)?;
-                                match pool.link_into(&id, archive_root, &mut touched) {
+                                match linker.link(&id) {
                                     Ok(()) => {
                                         fresh.push(id);
                                         fresh_bytes += blob_buf.len() as u64;
@@ -237,6 +239,7 @@ fn work(pool: &Pool, archive_root: &Path, job: Job) -> Result<Done> {
                 }
             }
             dirs.extend(touched);
+            dirs.extend(linker.touched());
             Ok(Done::Carried { touched: dirs.into_iter().collect(), unlinked, fresh, fresh_bytes })
         }
     }
