@@ -201,6 +201,8 @@ fn run(args: &Args) -> Result<(), String> {
         return Err(format!("the data dir {} is inside the repository; pass --data-dir elsewhere", data.display()));
     }
     fs::create_dir_all(&data).map_err(|e| format!("{}: {e}", data.display()))?;
+    // The disk's normal write latency, before any image is written (BENCHMARKS-METHOD.md).
+    let baseline = measure::latency_baseline(&data);
     // Disk: world A holds two images, three chunked stores (staging = a plain copy each), two
     // plain copies per step (pruned), borg and restic; the memory check its image + staging.
     // The offsite phase: a store of its own, the gateway's OSD (three copies of the compressed
@@ -230,6 +232,7 @@ fn run(args: &Args) -> Result<(), String> {
         None => env::build_agent()?,
     };
     let sim_bin = env::build_sim()?;
+    log.say(format!("the disk's write latency (4 KiB + fdatasync): {:.2} ms", baseline.as_secs_f64() * 1000.0));
 
     let mut res = Results::new(args, size, nsize, msize, default_cs, &study, &data);
     res.machine_start();
@@ -362,10 +365,11 @@ fn run(args: &Args) -> Result<(), String> {
      -> Result<(), String> {
         for s in systems.iter_mut().filter(|s| which(s)) {
             measure::evict(&[&src_dir(vm), &s.store_dir()]);
-            let waited = measure::settle(&src_dir(vm), Duration::from_secs(2), Duration::from_secs(60));
+            let waited = measure::settle(&src_dir(vm), Duration::from_secs(2), Duration::from_secs(60))
+                + measure::recovered(&src_dir(vm), baseline, Duration::from_secs(120));
             if waited > Duration::from_secs(5) {
                 log.say(format!(
-                    "{phase} {rep} {}: waited {:.0} s for the disk to be idle",
+                    "{phase} {rep} {}: waited {:.0} s for the disk to be idle and its writes back to normal",
                     s.id,
                     waited.as_secs_f64()
                 ));

@@ -3,9 +3,10 @@
 //! Owns: path layout (`<dir>/<first two hex digits>/<64 hex digits>`), durable creation of
 //! pool entries (temp file in `.affa-pool/.tmp/`, fsync, rename), hard-linking entries into an
 //! archive (`link_into`; `Linker` for the thousands of one backup, through open fan-out
-//! directories: `FanDirs`), the checks of an existing entry before a backup reuses it (`cheap_check`: one lstat
-//! against the length the previous manifest recorded; `full_check`: read, decode, hash), and
-//! `sweep` (removing pool entries nobody links any more, and stale temp files).
+//! directories: `FanDirs`), the checks of an existing entry before a backup reuses it
+//! (`cheap_check`: one lstat against the length the previous manifest recorded; `full_check`:
+//! read, decode, hash), and `sweep` (removing pool entries nobody links any more, and stale temp
+//! files).
 //! Must never: write into an existing chunk file (entries are immutable, replaced only by
 //! rename), delete anything in the pool other than entries with link count 1 and old temp files,
 //! or touch an archive's files except creating links in its `.affa-chunks/`.
