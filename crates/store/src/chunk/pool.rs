@@ -164,78 +164,87 @@ impl Pool {
 /// archive's `.affa-chunks/`), so that a check or a link of a chunk resolves one path component
 /// instead of the whole path (RootDir, the job, the archive...): the kernel's path walk was
 /// about half of each carried chunk's `link(2)` (perf, 16 GiB CBT incremental), paid once per
-/// chunk of the disk. A directory that cannot be opened is not remembered (it may be created
-/// later, e.g. by `write_entry`). Opened with `O_NOFOLLOW`: a fan-out name that is not a
-/// directory is an error, never followed.
+/// chunk of the disk. Shared by the threads of one file's backup (at most 256 descriptors per
+/// set, one set for the pool and one for the archive: far below the usual limit of 1024 open
+/// files). A directory that cannot be opened is not remembered (it may be created later, e.g. by
+/// `write_entry`). Opened with `O_NOFOLLOW`: a fan-out name that is not a directory is an
+/// error, never followed.
 pub(crate) struct FanDirs {
     base: PathBuf,
-    fds: Vec<Option<rustix::fd::OwnedFd>>,
+    fds: Vec<std::sync::OnceLock<rustix::fd::OwnedFd>>,
     /// Create a missing fan-out directory (an archive's, mode 0700) when it is first needed.
     create: bool,
 }
 
 impl FanDirs {
     pub(crate) fn new(base: &Path, create: bool) -> FanDirs {
-        FanDirs { base: base.to_path_buf(), fds: (0..256).map(|_| None).collect(), create }
+        FanDirs { base: base.to_path_buf(), fds: (0..256).map(|_| Default::default()).collect(), create }
     }
 
     /// The descriptor of the fan-out directory of `id`.
-    fn dir(&mut self, id: &ChunkId) -> io::Result<&rustix::fd::OwnedFd> {
+    fn dir(&self, id: &ChunkId) -> io::Result<&rustix::fd::OwnedFd> {
         use rustix::fs::{Mode, OFlags};
-        let slot = id[0] as usize;
-        if self.fds[slot].is_none() {
-            let name = &id_hex(id)[..2];
-            let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-            let fd = match rustix::fs::openat(rustix::fs::CWD, self.base.join(name), flags, Mode::empty()) {
-                Err(rustix::io::Errno::NOENT) if self.create => {
-                    match fs::DirBuilder::new().mode(0o700).create(self.base.join(name)) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                        Err(e) => return Err(e),
-                    }
-                    rustix::fs::openat(rustix::fs::CWD, self.base.join(name), flags, Mode::empty())?
-                }
-                r => r?,
-            };
-            self.fds[slot] = Some(fd);
+        let slot = &self.fds[id[0] as usize];
+        if let Some(fd) = slot.get() {
+            return Ok(fd);
         }
-        Ok(self.fds[slot].as_ref().expect("opened above"))
+        let path = self.base.join(&id_hex(id)[..2]);
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = match rustix::fs::openat(rustix::fs::CWD, &path, flags, Mode::empty()) {
+            Err(rustix::io::Errno::NOENT) if self.create => {
+                fs::DirBuilder::new().recursive(true).mode(0o700).create(&path)?;
+                rustix::fs::openat(rustix::fs::CWD, &path, flags, Mode::empty())?
+            }
+            r => r?,
+        };
+        // Another thread may have opened it meanwhile: then its descriptor is kept, ours closed.
+        let _ = slot.set(fd);
+        Ok(slot.get().expect("set above"))
     }
 
     /// `lstat` of the entry of `id` (not followed).
-    pub(crate) fn stat(&mut self, id: &ChunkId) -> io::Result<rustix::fs::Stat> {
+    pub(crate) fn stat(&self, id: &ChunkId) -> io::Result<rustix::fs::Stat> {
         let name = id_hex(id);
         Ok(rustix::fs::statat(self.dir(id)?, name.as_str(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)?)
     }
 }
 
-/// Hard links of pool entries into one archive's `.affa-chunks/`, through [`FanDirs`] on both
-/// sides; the same rules as [`Pool::link_into`] (which it replaces for the many links of one
-/// archive): an existing name of another inode is replaced by the pool's, io errors come back
-/// raw (EMLINK: the link limit; ENOENT: the entry was swept meanwhile).
+/// The two sets of fan-out directories of one file's backup: the pool's and the archive's.
+pub(crate) struct LinkDirs {
+    pub pool: FanDirs,
+    archive: FanDirs,
+}
+
+impl LinkDirs {
+    pub(crate) fn new(pool: &Pool, archive_root: &Path) -> LinkDirs {
+        LinkDirs {
+            pool: FanDirs::new(pool.dir(), false),
+            archive: FanDirs::new(&archive_root.join(ARCHIVE_CHUNK_DIR), true),
+        }
+    }
+}
+
+/// Hard links of pool entries into one archive's `.affa-chunks/`, through [`LinkDirs`]; the
+/// same rules as [`Pool::link_into`] (which it replaces for the many links of one archive): an
+/// existing name of another inode is replaced by the pool's, io errors come back raw (EMLINK:
+/// the link limit; ENOENT: the entry was swept meanwhile).
 pub(crate) struct Linker<'a> {
     #[cfg_attr(not(test), allow(dead_code))]
     pool: &'a Pool,
-    from: FanDirs,
-    to: FanDirs,
+    dirs: &'a LinkDirs,
     /// The archive fan-out directories (by first id byte) that got a new name.
     touched: Vec<bool>,
 }
 
 impl<'a> Linker<'a> {
-    pub(crate) fn new(pool: &'a Pool, archive_root: &Path) -> Linker<'a> {
-        Linker {
-            pool,
-            from: FanDirs::new(pool.dir(), false),
-            to: FanDirs::new(&archive_root.join(ARCHIVE_CHUNK_DIR), true),
-            touched: vec![false; 256],
-        }
+    pub(crate) fn new(pool: &'a Pool, dirs: &'a LinkDirs) -> Linker<'a> {
+        Linker { pool, dirs, touched: vec![false; 256] }
     }
 
     /// The archive fan-out directories that got a new name (to be fsynced before a manifest
     /// names their entries).
     pub(crate) fn touched(&self) -> Vec<PathBuf> {
-        (0..256).filter(|&i| self.touched[i]).map(|i| self.to.base.join(format!("{i:02x}"))).collect()
+        (0..256).filter(|&i| self.touched[i]).map(|i| self.dirs.archive.base.join(format!("{i:02x}"))).collect()
     }
 
     pub(crate) fn link(&mut self, id: &ChunkId) -> io::Result<()> {
@@ -244,35 +253,34 @@ impl<'a> Linker<'a> {
         if self.pool.vanish_once.lock().unwrap().take_if(|v| v == id).is_some() {
             fs::remove_file(self.pool.entry(id))?;
         }
+        let (from, to) = (&self.dirs.pool, &self.dirs.archive);
         let name = id_hex(id);
-        let same = |l: &mut Self| -> io::Result<bool> {
-            let a = l.from.stat(id)?;
-            let b = rustix::fs::statat(l.to.dir(id)?, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+        let same = || -> io::Result<bool> {
+            let a = from.stat(id)?;
+            let b = to.stat(id)?;
             Ok(a.st_dev == b.st_dev && a.st_ino == b.st_ino)
         };
         #[cfg(test)]
         if let Some(limit) = self.pool.link_limit {
-            if self.from.stat(id).map(|m| m.st_nlink >= limit).unwrap_or(false) && !same(self).unwrap_or(false) {
+            if from.stat(id).map(|m| m.st_nlink >= limit).unwrap_or(false) && !same().unwrap_or(false) {
                 return Err(io::Error::from_raw_os_error(libc::EMLINK));
             }
         }
-        let from = self.from.dir(id).map_err(|e| match e.kind() {
+        let from_dir = from.dir(id).map_err(|e| match e.kind() {
             // No fan-out directory in the pool: no entry either.
             io::ErrorKind::NotFound => io::Error::from(io::ErrorKind::NotFound),
             _ => e,
         })?;
-        let r = rustix::fs::linkat(from, name.as_str(), self.to.dir(id)?, name.as_str(), AtFlags::empty());
-        match r {
+        let to_dir = to.dir(id)?;
+        match rustix::fs::linkat(from_dir, name.as_str(), to_dir, name.as_str(), AtFlags::empty()) {
             Ok(()) => {}
             Err(rustix::io::Errno::EXIST) => {
-                if !same(self)? {
+                if !same()? {
                     let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
                     let tmp = format!(".{name}-{}-{n}.tmp", std::process::id());
-                    let to = self.to.dir(id)?;
-                    rustix::fs::linkat(self.from.dir(id)?, name.as_str(), to, tmp.as_str(), AtFlags::empty())?;
-                    let to = self.to.dir(id)?;
-                    if let Err(e) = rustix::fs::renameat(to, tmp.as_str(), to, name.as_str()) {
-                        let _ = rustix::fs::unlinkat(to, tmp.as_str(), AtFlags::empty());
+                    rustix::fs::linkat(from_dir, name.as_str(), to_dir, tmp.as_str(), AtFlags::empty())?;
+                    if let Err(e) = rustix::fs::renameat(to_dir, tmp.as_str(), to_dir, name.as_str()) {
+                        let _ = rustix::fs::unlinkat(to_dir, tmp.as_str(), AtFlags::empty());
                         return Err(e.into());
                     }
                 }
@@ -383,7 +391,7 @@ pub(crate) fn full_check(path: &Path, id: &ChunkId, blob_buf: &mut Vec<u8>, deco
 /// caller records may then be the replaced inode's: the next run's `lstat` sees a difference
 /// and reads the entry fully, so a stale length costs one read, never a wrong trust.
 pub(crate) fn cheap_check(
-    dirs: Option<&mut FanDirs>,
+    dirs: Option<&FanDirs>,
     path: &Path,
     id: &ChunkId,
     recorded: Option<u32>,

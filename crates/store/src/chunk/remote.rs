@@ -321,7 +321,7 @@ enum Check {
 /// in the new manifest). A damaged entry is counted in `st.repaired_chunks` (the caller stores
 /// it again, and must not check it again in this run: see `failed` in `backup`).
 fn trusted_entry(
-    dirs: &mut pool::FanDirs,
+    dirs: &pool::FanDirs,
     entry: &Path,
     id: &ChunkId,
     check: Check,
@@ -383,15 +383,15 @@ fn backup<R: Read, W: Write>(
     let mut failed: HashSet<ChunkId> = seed.read_again.clone();
     let mut touched: HashSet<PathBuf> = HashSet::new();
     let (mut blob_buf, mut decoded) = (Vec::new(), Vec::new());
-    // The carried and reported-unchanged chunks' checks: one `lstat` each, through the pool's
-    // open fan-out directories.
-    let mut pool_dirs = pool::FanDirs::new(pool.dir(), false);
-    // Links of reused chunks into the archive, through open fan-out directories.
-    let mut linker = pool::Linker::new(pool, archive_root);
+    // The reused chunks' checks (one `lstat` each) and links into the archive, here and on the
+    // writer threads, through one set of open fan-out directories.
+    let dirs = pool::LinkDirs::new(pool, archive_root);
+    let pool_dirs = &dirs.pool;
+    let mut linker = pool::Linker::new(pool, &dirs);
 
     // New chunk files are written and linked on the writer threads (chunk/writers.rs), the
     // carried chunks linked there while the agent reads; this loop only receives and checks.
-    let ((opened, end, chunks, ranged), outcome) = writers::run(pool, archive_root, cs, |w| {
+    let ((opened, end, chunks, ranged), outcome) = writers::run(pool, archive_root, &dirs, cs, |w| {
         // A ranged backup: the chunks outside the ranges are carried (checked now, linked beside
         // the agent's read); the ones whose entry fails its check are read again.
         let mut carried: Vec<ChunkId> = Vec::new();
@@ -421,7 +421,7 @@ fn backup<R: Read, W: Write>(
                                 let len = (!failed.contains(id))
                                     .then(|| {
                                         trusted_entry(
-                                            &mut pool_dirs,
+                                            pool_dirs,
                                             &entry,
                                             id,
                                             check,
@@ -599,15 +599,8 @@ fn backup<R: Read, W: Write>(
                             ChunkKind::Same => Check::Cheap(prev.and_then(|p| p.stored_len(index as usize))),
                             _ => Check::Full,
                         };
-                        let len = trusted_entry(
-                            &mut pool_dirs,
-                            &entry,
-                            &id,
-                            check,
-                            &mut st.chunk,
-                            &mut blob_buf,
-                            &mut decoded,
-                        );
+                        let len =
+                            trusted_entry(pool_dirs, &entry, &id, check, &mut st.chunk, &mut blob_buf, &mut decoded);
                         // A link that fails (entry swept meanwhile, link limit) is stored afresh.
                         match len.filter(|_| linker.link(&id).is_ok()) {
                             Some(len) => {
@@ -650,7 +643,7 @@ fn backup<R: Read, W: Write>(
                     // it checks, is linked rather than replaced (the archives keep sharing it).
                     if foreign.remove(&id) {
                         let len = trusted_entry(
-                            &mut pool_dirs,
+                            pool_dirs,
                             &pool.entry(&id),
                             &id,
                             Check::Full,

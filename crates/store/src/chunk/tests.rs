@@ -864,7 +864,8 @@ fn the_linker_links_replaces_and_refuses_like_link_into() {
         e.pool.write_entry(&x, b"not a real chunk file, only linked", &mut Vec::new()).unwrap();
     }
     let ino = |p: PathBuf| fs::symlink_metadata(p).unwrap().ino();
-    let mut l = pool::Linker::new(&e.pool, &arch);
+    let dirs = pool::LinkDirs::new(&e.pool, &arch);
+    let mut l = pool::Linker::new(&e.pool, &dirs);
     l.link(&a).unwrap();
     l.link(&a).unwrap();
     assert_eq!(ino(pool::archive_entry(&arch, &a)), ino(e.pool.entry(&a)));
@@ -885,9 +886,15 @@ fn the_linker_links_replaces_and_refuses_like_link_into() {
     // No entry: NotFound (the caller reads the chunk again).
     let c = id(3);
     assert_eq!(l.link(&c).unwrap_err().kind(), std::io::ErrorKind::NotFound);
+    // An entry removed from a pool fan-out directory already open (a sweep): NotFound too.
+    let arch2 = e.archive("j", "b");
+    fs::create_dir_all(arch2.join(pool::ARCHIVE_CHUNK_DIR)).unwrap();
+    let dirs2 = pool::LinkDirs::new(&e.pool, &arch2);
+    dirs2.pool.stat(&a).unwrap();
     fs::remove_file(e.pool.entry(&a)).unwrap();
-    let mut l2 = pool::Linker::new(&e.pool, &e.archive("j", "b"));
+    let mut l2 = pool::Linker::new(&e.pool, &dirs2);
     assert_eq!(l2.link(&a).unwrap_err().kind(), std::io::ErrorKind::NotFound);
+    assert!(!pool::archive_entry(&arch2, &a).exists());
     // A fan-out name in the archive that is a symlink (to a directory elsewhere): refused.
     let arch3 = e.archive("j", "c");
     let elsewhere = e.t.path().join("elsewhere");
@@ -895,7 +902,8 @@ fn the_linker_links_replaces_and_refuses_like_link_into() {
     fs::create_dir_all(arch3.join(pool::ARCHIVE_CHUNK_DIR)).unwrap();
     let hex = id_hex(&b);
     std::os::unix::fs::symlink(&elsewhere, arch3.join(pool::ARCHIVE_CHUNK_DIR).join(&hex[..2])).unwrap();
-    let mut l3 = pool::Linker::new(&e.pool, &arch3);
+    let dirs3 = pool::LinkDirs::new(&e.pool, &arch3);
+    let mut l3 = pool::Linker::new(&e.pool, &dirs3);
     assert!(l3.link(&b).is_err());
     assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 0, "a link was made through the symlink");
 }

@@ -159,6 +159,7 @@ impl Handle<'_> {
 pub(crate) fn run<T>(
     pool: &Pool,
     archive_root: &Path,
+    dirs: &pool::LinkDirs,
     chunk_size: u32,
     body: impl FnOnce(&mut Handle) -> Result<T>,
 ) -> Result<(T, Outcome)> {
@@ -173,7 +174,7 @@ pub(crate) fn run<T>(
                 // The lock is released before the job runs.
                 let job = jrx.lock().map_err(|_| ()).and_then(|rx| rx.recv().map_err(|_| ()));
                 let Ok(job) = job else { break };
-                if rtx.send(work(pool, archive_root, job)).is_err() {
+                if rtx.send(work(pool, archive_root, dirs, job)).is_err() {
                     break;
                 }
             });
@@ -190,7 +191,7 @@ pub(crate) fn run<T>(
     })
 }
 
-fn work(pool: &Pool, archive_root: &Path, job: Job) -> Result<Done> {
+fn work(pool: &Pool, archive_root: &Path, link_dirs: &pool::LinkDirs, job: Job) -> Result<Done> {
     match job {
         Job::Store(id, blob) => {
             let mut touched = Vec::new();
@@ -209,8 +210,8 @@ fn work(pool: &Pool, archive_root: &Path, job: Job) -> Result<Done> {
             let (mut dirs, mut unlinked, mut fresh, mut fresh_bytes) = (HashSet::new(), Vec::new(), Vec::new(), 0);
             let (mut blob_buf, mut decoded) = (Vec::new(), Vec::new());
             let mut touched = Vec::new();
-            // Thousands of links into one archive: through open fan-out directories.
-            let mut linker = pool::Linker::new(pool, archive_root);
+            // Thousands of links into one archive: through the open fan-out directories.
+            let mut linker = pool::Linker::new(pool, link_dirs);
             for id in ids {
                 dirs.extend(touched.drain(..));
                 match linker.link(&id) {
