@@ -366,7 +366,7 @@ fn run(args: &Args) -> Result<(), String> {
         for s in systems.iter_mut().filter(|s| which(s)) {
             measure::evict(&[&src_dir(vm), &s.store_dir()]);
             let waited = measure::settle(&src_dir(vm), Duration::from_secs(2), Duration::from_secs(60))
-                + measure::recovered(&src_dir(vm), baseline, Duration::from_secs(120));
+                + measure::recovered(&data, baseline, Duration::from_secs(120));
             if waited > Duration::from_secs(5) {
                 log.say(format!(
                     "{phase} {rep} {}: waited {:.0} s for the disk to be idle and its writes back to normal",

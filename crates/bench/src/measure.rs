@@ -249,10 +249,14 @@ pub fn settle(p: &Path, quiet: Duration, max: Duration) -> Duration {
     t0.elapsed()
 }
 
+/// The probe file of [`probe_write`], in the bench's data directory (never in a directory a
+/// system under test backs up).
+const PROBE: &str = ".bench-latency-probe";
+
 /// The time of one synchronous 4 KiB write (write + fdatasync of a probe file in `dir`).
 fn probe_write(dir: &Path) -> Option<Duration> {
     use std::io::Write;
-    let p = dir.join(".bench-latency-probe");
+    let p = dir.join(PROBE);
     let t = Instant::now();
     let mut f = fs::OpenOptions::new().create(true).write(true).truncate(false).open(&p).ok()?;
     f.write_all(&[0x5a; 4096]).ok()?;
@@ -263,7 +267,9 @@ fn probe_write(dir: &Path) -> Option<Duration> {
 /// The disk's normal latency for [`recovered`]: the fastest of 8 probe writes, taken at the
 /// start of the bench, before any image is written.
 pub fn latency_baseline(dir: &Path) -> Duration {
-    (0..8).filter_map(|_| probe_write(dir)).min().unwrap_or(Duration::from_millis(1))
+    let min = (0..8).filter_map(|_| probe_write(dir)).min().unwrap_or(Duration::from_millis(1));
+    let _ = fs::remove_file(dir.join(PROBE));
+    min
 }
 
 /// Wait until synchronous writes on the disk of `dir` are back to normal: 4 probe writes in a
@@ -281,11 +287,11 @@ pub fn recovered(dir: &Path, baseline: Duration, max: Duration) -> Duration {
         match probe_write(dir) {
             Some(d) if d <= limit => good += 1,
             Some(_) => good = 0,
-            None => return t0.elapsed(),
+            None => break,
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-    let _ = fs::remove_file(dir.join(".bench-latency-probe"));
+    let _ = fs::remove_file(dir.join(PROBE));
     t0.elapsed()
 }
 
