@@ -11,9 +11,10 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use crate::config::Job;
-use crate::error::{IoContext, Result};
+use crate::error::Result;
 use crate::joblog::JobLog;
 
 /// A filesystem affa mounted; unmounted (lazily, as Affa 3) when dropped if AutoUnmount=yes.
@@ -117,13 +118,21 @@ pub fn mount<'a>(job: &Job, log: Option<&'a JobLog>) -> Result<Option<Mounted<'a
     if let Some(l) = log {
         l.info(format!("Mounting {dev} to {}", point.display()));
     }
-    let out = Command::new("mount")
-        .args(&a.options)
-        .arg(dev)
-        .arg(&point)
-        .stdin(Stdio::null())
-        .output()
-        .ctx(|| "cannot run mount".to_string())?;
+    let mut c = Command::new("mount");
+    c.args(&a.options).arg(dev).arg(&point);
+    // No time limit (a disk may take long to spin up), but stopped by a SIGTERM to affa.
+    let out = crate::transport::output_within(c, None, Duration::MAX, "mount", "")?;
+    if crate::interrupt::interrupted() {
+        // mount may have mounted before it was stopped: that is undone as after a run.
+        drop(is_mounted(dev, &point).then_some(Mounted { point: point.clone(), unmount: a.unmount, log }));
+        bail!(
+            Interrupted,
+            "mounting AutomountDevice {dev} on {} for job {} was interrupted by {}; nothing was backed up",
+            point.display(),
+            job.name,
+            crate::interrupt::signal_name()
+        );
+    }
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         bail!(

@@ -262,8 +262,14 @@ func (h *Harness) controlMux() http.Handler {
 		if st == nil {
 			return
 		}
-		on := r.URL.Query().Get("state") == "on"
-		if err := h.setPower(context.Background(), st, on); err != nil {
+		state := r.URL.Query().Get("state")
+		var err error
+		if state == "suspended" {
+			err = h.suspend(context.Background(), st)
+		} else {
+			err = h.setPower(context.Background(), st, state == "on")
+		}
+		if err != nil {
 			jsonErr(w, 409, "%v", err)
 			return
 		}

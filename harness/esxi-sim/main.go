@@ -430,6 +430,16 @@ func (h *Harness) dsRef(name string) types.ManagedObjectReference {
 	return types.ManagedObjectReference{}
 }
 
+// suspend suspends a powered-on VM (govmomi's SuspendVM_Task: the power state becomes
+// suspended; no memory file is written).
+func (h *Harness) suspend(ctx context.Context, st *VMState) error {
+	t, err := object.NewVirtualMachine(h.client, st.Ref).Suspend(ctx)
+	if err != nil {
+		return err
+	}
+	return t.Wait(ctx)
+}
+
 func (h *Harness) setPower(ctx context.Context, st *VMState, on bool) error {
 	vm := object.NewVirtualMachine(h.client, st.Ref)
 	var t *object.Task

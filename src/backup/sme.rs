@@ -138,7 +138,10 @@ pub fn sources(ctx: &Ctx) -> Result<Vec<String>> {
     let out = match ctx.source() {
         Some(t) => t.run_ok(&probe, "listing SME Server's backup set")?,
         None => {
-            let out = Command::new("/bin/sh").arg("-c").arg(&probe).output().ctx(|| "cannot run /bin/sh".into())?;
+            let mut c = Command::new("/bin/sh");
+            c.arg("-c").arg(&probe);
+            let what = "listing SME Server's backup set";
+            let out = crate::transport::output_within(c, None, ctx.job.scripts.timeout, what, "scriptTimeout")?;
             String::from_utf8_lossy(&out.stdout).into_owned()
         }
     };
@@ -205,7 +208,10 @@ fn compare_rpm_lists(ctx: &Ctx, summary: &mut RunSummary) {
             return;
         }
     };
-    let local = Command::new("/bin/sh").arg("-c").arg(rpm_list_script(None)).output();
+    let mut c = Command::new("/bin/sh");
+    c.arg("-c").arg(rpm_list_script(None));
+    let what = "listing this server's packages";
+    let local = crate::transport::output_within(c, None, ctx.job.scripts.timeout, what, "scriptTimeout");
     let local = match local {
         Ok(o) if o.status.success() && !o.stdout.is_empty() => String::from_utf8_lossy(&o.stdout).into_owned(),
         _ => {

@@ -343,6 +343,10 @@ fn restore_logged_in(
             if power == PowerState::PoweredOn {
                 bail!("VM {name} on ESXi host {} uses {vdir} and is powered on; power it off (or restore elsewhere with --to-dir) before restoring over its files; nothing was changed", t.label);
             }
+            // Its memory state would resume onto disks of another time.
+            if power == PowerState::Suspended {
+                bail!("VM {name} on ESXi host {} uses {vdir} and is suspended; power it off (which discards its suspended state) or restore elsewhere with --to-dir before restoring over its files; nothing was changed", t.label);
+            }
             if path == new_vmx_path {
                 registered_as = Some(name.clone());
             }
@@ -377,6 +381,10 @@ fn restore_logged_in(
         if let (Some(i), Some(sz), Some(n)) = (w.next(), w.next(), w.next()) {
             // Names the host lists are used for the plan and --delete: plain names only.
             if let (Ok(i), Ok(sz), Ok(_)) = (i.parse::<usize>(), sz.parse::<u64>(), SafeName::new("file name", n)) {
+                // Only the directories asked for (a name with a newline splits into lines).
+                if i >= dirs.len() {
+                    continue;
+                }
                 existing.insert((i, n.to_string()), sz);
             }
         }
@@ -481,9 +489,19 @@ fn restore_logged_in(
             local: it.local.clone(),
         })
         .collect();
-    // Source directory -> target directory on the host, for absolute paths.
-    let moved: Vec<(String, String, String)> =
-        items.iter().map(|it| (it.orig_ds.clone(), it.orig_dir.clone(), dirs[it.dir].host.clone())).collect();
+    // Source directory -> its target directory (datastore, dir, host path).
+    let moved: Vec<Moved> = items
+        .iter()
+        .map(|it| {
+            let d = &dirs[it.dir];
+            Moved {
+                orig: (it.orig_ds.clone(), it.orig_dir.clone()),
+                ds: d.ds.clone(),
+                dir: d.dir.clone(),
+                host: d.host.clone(),
+            }
+        })
+        .collect();
     let walk = vmrefs::walk(&vm_files, (vmx_ds, vmx_dir, vmx_name), &orig_urls);
     let mut missing = walk.missing;
     // The files the record lists, as `ds/dir/file` below `vmfs/volumes/`.
@@ -505,8 +523,13 @@ fn restore_logged_in(
     }
     for i in walk.config {
         let it = &mut items[i];
-        let Ok(text) = fs::read_to_string(&it.local) else { continue };
-        let Some(new) = vmrefs::rewrite_paths(&text, &|v| map_abs(v, &orig_urls, &moved)) else { continue };
+        // Read or rewritten, never skipped: a file left as it was may name the original VM's
+        // disks (a copy beside it would write into them).
+        let text = fs::read(&it.local).ctx(|| format!("cannot read {}", it.local.display()))?;
+        let (from, to) = ((it.orig_ds.as_str(), it.orig_dir.as_str()), (&dirs[it.dir].ds, &dirs[it.dir].dir));
+        let new = vmrefs::rewrite_paths(&text, &|v| new_reference(v, from, (to.0, to.1), &orig_urls, &moved))
+            .map_err(|e| Error::new(format!("{} of VM {vm_name}: {e}; nothing was written to {}", it.name, t.label)))?;
+        let Some(new) = new else { continue };
         let p = staging.dir.join(format!("{}", it.dir)).join(&it.name);
         fs::create_dir_all(p.parent().unwrap()).ctx(|| format!("cannot create {}", p.parent().unwrap().display()))?;
         if p != it.local {
@@ -519,6 +542,34 @@ fn restore_logged_in(
         ctx.log.info(format!("rewrote the disk paths of {} for the new place", it.name));
         it.local = p;
         it.size = new.len() as u64;
+    }
+    // The same walk over the files as they will be on the target: every name the restored
+    // .vmx, .vmsd and descriptors give is among the restored files, at its new place (a name
+    // left pointing at the original VM's files, or at none, stops the restore here).
+    let target_files: Vec<vmrefs::VmFile> = items
+        .iter()
+        .map(|it| vmrefs::VmFile {
+            ds: dirs[it.dir].ds.clone(),
+            dir: dirs[it.dir].dir.clone(),
+            name: it.name.clone(),
+            local: it.local.clone(),
+        })
+        .collect();
+    let mut target_urls: Vec<(String, String)> = Vec::new();
+    for d in &dirs {
+        if !target_urls.iter().any(|(n, _)| n == &d.ds) {
+            target_urls.push((d.ds.clone(), ds_path_of(&d.ds)?));
+        }
+    }
+    let vd = &dirs[vmx_target];
+    let after = vmrefs::walk(&target_files, (&vd.ds, &vd.dir, vmx_name), &target_urls);
+    if !after.missing.is_empty() {
+        bail!(
+            "VM {vm_name} restored to {}: its files would not find {} at the new place; nothing was written to {}",
+            new_vmx_path,
+            after.missing.join(", "),
+            t.label
+        );
     }
 
     // Send.
@@ -596,26 +647,35 @@ fn restore_logged_in(
     Ok(())
 }
 
-/// Map an absolute path on the source host (`/vmfs/volumes/<url or datastore>/dir/file`) to the
-/// file's target path through `moved` (source datastore, source dir, target host dir); None for
-/// a relative path or one outside the archived directories.
-fn map_abs(v: &str, orig_urls: &[(String, String)], moved: &[(String, String, String)]) -> Option<String> {
-    if !v.starts_with('/') {
+/// A source directory of the VM and where the restore puts its files.
+struct Moved {
+    /// Datastore and directory on the source host.
+    orig: (String, String),
+    ds: String,
+    dir: String,
+    /// The target directory's host path.
+    host: String,
+}
+
+/// The name a restored `.vmx`, `.vmsd` or descriptor (from `from`, restored to `to`: datastore
+/// and directory) must give for what it named as `v` on the source host: None when `v` stays
+/// right (a relative name that finds the same file at the new place, or a file the archive
+/// does not hold), else the file's target host path. Relative names count: `--to-dir` puts the
+/// VM's directories into one, so `../other/d.vmdk` would name the original VM's disk.
+fn new_reference(
+    v: &str,
+    from: (&str, &str),
+    to: (&str, &str),
+    orig_urls: &[(String, String)],
+    moved: &[Moved],
+) -> Option<String> {
+    let (ds, dir, file) = vmrefs::resolve(v, from.0, from.1, orig_urls)?;
+    let m = moved.iter().find(|m| m.orig.0 == ds && m.orig.1 == dir)?;
+    if !v.starts_with('/') && vmrefs::resolve(v, to.0, to.1, &[]) == Some((m.ds.clone(), m.dir.clone(), file.clone())) {
         return None;
     }
-    let mut mapped = None;
-    for (ds, url) in orig_urls {
-        let url = url.trim_end_matches('/');
-        for prefix in [format!("{url}/"), format!("/vmfs/volumes/{ds}/")] {
-            if let Some(rest) = v.strip_prefix(&prefix) {
-                let (dir, file) = rest.rsplit_once('/').unwrap_or(("", rest));
-                if let Some((_, _, host)) = moved.iter().find(|(d, r, _)| d == ds && r == dir) {
-                    mapped = Some(format!("{host}/{file}"));
-                }
-            }
-        }
-    }
-    mapped
+    let new = format!("{}/{file}", m.host);
+    (new != v).then_some(new)
 }
 
 /// rsync --stats: "Total bytes sent: N".
@@ -625,4 +685,48 @@ pub(super) fn bytes_sent(stdout: &str) -> u64 {
         .find(|(k, _)| k == "TotalBytesSent")
         .and_then(|(_, v)| v.replace(',', "").parse().ok())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(orig: (&str, &str), ds: &str, dir: &str, host: &str) -> Moved {
+        Moved { orig: (orig.0.into(), orig.1.into()), ds: ds.into(), dir: dir.into(), host: host.into() }
+    }
+
+    /// `--to-dir copy`: the VM's directories vm (ds1), o (ds1) and vm (ds2) each land in `copy`.
+    #[test]
+    fn references_follow_the_files_to_the_new_place() {
+        let urls =
+            vec![("ds1".to_string(), "/vmfs/volumes/u1".to_string()), ("ds2".into(), "/vmfs/volumes/u2/".into())];
+        let moved = vec![
+            m(("ds1", "vm"), "ds1", "copy", "/vmfs/volumes/u1/copy"),
+            m(("ds1", "o"), "ds1", "copy", "/vmfs/volumes/u1/copy"),
+            m(("ds2", "vm"), "ds2", "copy", "/vmfs/volumes/u2/copy"),
+        ];
+        let r = |v: &str| new_reference(v, ("ds1", "vm"), ("ds1", "copy"), &urls, &moved);
+        // Beside it before and after: kept.
+        assert_eq!(r("vm-000001.vmdk"), None);
+        // Relative across directories: it would name the original's disk (or nothing).
+        assert_eq!(r("../o/a.vmdk").as_deref(), Some("/vmfs/volumes/u1/copy/a.vmdk"));
+        // Absolute, by url or by name: the target's.
+        assert_eq!(r("/vmfs/volumes/u2/vm/d.vmdk").as_deref(), Some("/vmfs/volumes/u2/copy/d.vmdk"));
+        assert_eq!(r("/vmfs/volumes/ds2/vm/d.vmdk").as_deref(), Some("/vmfs/volumes/u2/copy/d.vmdk"));
+        // What the archive does not hold (an ISO elsewhere), or what leaves the datastores: kept.
+        assert_eq!(r("/vmfs/volumes/u1/iso/x.iso"), None);
+        assert_eq!(r("../../../etc/x.vmdk"), None);
+        // A relative name into a subdirectory restored elsewhere.
+        let moved2 = vec![m(("ds1", "vm"), "ds1", "copy", "/h/copy"), m(("ds1", "vm/sub"), "ds1", "copy", "/h/copy")];
+        assert_eq!(
+            new_reference("sub/b.vmdk", ("ds1", "vm"), ("ds1", "copy"), &urls, &moved2).as_deref(),
+            Some("/h/copy/b.vmdk")
+        );
+        // In place: nothing changes but an absolute path by url becomes the target's path.
+        let same = vec![m(("ds1", "vm"), "ds1", "vm", "/vmfs/volumes/u1/vm")];
+        let r = |v: &str| new_reference(v, ("ds1", "vm"), ("ds1", "vm"), &urls, &same);
+        assert_eq!(r("a.vmdk"), None);
+        assert_eq!(r("/vmfs/volumes/u1/vm/a.vmdk"), None);
+        assert_eq!(r("/vmfs/volumes/ds1/vm/a.vmdk").as_deref(), Some("/vmfs/volumes/u1/vm/a.vmdk"));
+    }
 }

@@ -465,7 +465,7 @@ impl Plan {
                 continue;
             }
             let Some((code, name)) = l.split_once(' ') else { continue };
-            if code.len() < 11 || !code.is_char_boundary(2) {
+            if code.len() < 11 || !code.is_ascii() {
                 continue;
             }
             let (kind, ty) = (&code[0..1], &code[1..2]);

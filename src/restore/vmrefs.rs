@@ -96,7 +96,7 @@ fn descriptor_refs(text: &str) -> Vec<(String, String)> {
 
 /// Where a name points on the source host: relative to the naming file's directory, or an
 /// absolute `/vmfs/volumes/<datastore or its url>/dir/file`. None when it leaves the datastores.
-fn resolve(name: &str, ds: &str, dir: &str, urls: &[(String, String)]) -> Option<(String, String, String)> {
+pub(super) fn resolve(name: &str, ds: &str, dir: &str, urls: &[(String, String)]) -> Option<(String, String, String)> {
     let (ds, rest) = if name.starts_with('/') {
         urls.iter().find_map(|(n, url)| {
             let url = url.trim_end_matches('/');
@@ -188,31 +188,50 @@ pub(super) fn walk(files: &[VmFile], vmx: (&str, &str, &str), urls: &[(String, S
     w
 }
 
-/// Rewrite the absolute paths a `.vmx`, `.vmsd` or descriptor names (`*.fileName`,
-/// `parentFileNameHint`, extent lines) with `map`; None when nothing changed.
-pub(super) fn rewrite_paths(text: &str, map: &dyn Fn(&str) -> Option<String>) -> Option<String> {
-    let mut out = String::with_capacity(text.len());
+/// Rewrite the paths a `.vmx`, `.vmsd` or descriptor names (`*.fileName`, `parentFileNameHint`,
+/// extent lines) with `map` (given each quoted name; None keeps it); None when nothing changed.
+/// Works on the file's bytes: a `.vmx` may be in another encoding than UTF-8 (`.encoding =
+/// "windows-1252"`), and every other byte stays as it was. A name `map` would change that is
+/// not UTF-8 is an error (it cannot be rewritten faithfully), never skipped.
+pub(super) fn rewrite_paths(text: &[u8], map: &dyn Fn(&str) -> Option<String>) -> Result<Option<Vec<u8>>, String> {
+    let mut out = Vec::with_capacity(text.len());
     let mut changed = false;
-    for line in text.split_inclusive('\n') {
-        let key = line.split(['=', ' ', '\t']).find(|w| !w.is_empty()).unwrap_or("").to_ascii_lowercase();
+    for (n, line) in text.split_inclusive(|&b| b == b'\n').enumerate() {
+        let key = line.split(|&b| matches!(b, b'=' | b' ' | b'\t')).find(|w| !w.is_empty()).unwrap_or(b"");
+        let key = String::from_utf8_lossy(key).to_ascii_lowercase();
         let names_a_path = key.ends_with(".filename")
             || key == "parentfilenamehint"
-            || (matches!(key.as_str(), "rw" | "rdonly" | "noaccess") && !line.contains('='));
-        let quoted = line.find('"').zip(line.rfind('"')).filter(|(a, b)| b > a);
-        match (names_a_path, quoted) {
-            (true, Some((a, b))) => match map(&line[a + 1..b]) {
-                Some(new) => {
-                    out.push_str(&line[..a + 1]);
-                    out.push_str(&new);
-                    out.push_str(&line[b..]);
-                    changed = true;
+            || (matches!(key.as_str(), "rw" | "rdonly" | "noaccess") && !line.contains(&b'='));
+        let quoted =
+            line.iter().position(|&b| b == b'"').zip(line.iter().rposition(|&b| b == b'"')).filter(|(a, b)| b > a);
+        let new = match (names_a_path, quoted) {
+            (true, Some((a, b))) => {
+                let v = &line[a + 1..b];
+                match map(&String::from_utf8_lossy(v)) {
+                    Some(_) if std::str::from_utf8(v).is_err() => {
+                        return Err(format!(
+                            "line {}: the path {:?} is not UTF-8 and cannot be rewritten for the new place",
+                            n + 1,
+                            String::from_utf8_lossy(v)
+                        ));
+                    }
+                    Some(new) => Some((a, b, new)),
+                    None => None,
                 }
-                None => out.push_str(line),
-            },
-            _ => out.push_str(line),
+            }
+            _ => None,
+        };
+        match new {
+            Some((a, b, new)) => {
+                out.extend_from_slice(&line[..a + 1]);
+                out.extend_from_slice(new.as_bytes());
+                out.extend_from_slice(&line[b..]);
+                changed = true;
+            }
+            None => out.extend_from_slice(line),
         }
     }
-    changed.then_some(out)
+    Ok(changed.then_some(out))
 }
 
 #[cfg(test)]
@@ -284,16 +303,29 @@ mod tests {
     #[test]
     fn rewriting_absolute_paths_keeps_the_format() {
         let map = |p: &str| p.strip_prefix("/old/").map(|r| format!("/new/{r}"));
+        let rw = |t: &str| rewrite_paths(t.as_bytes(), &map).unwrap().map(|b| String::from_utf8(b).unwrap());
         let d = "version=1\nCID=1\nparentFileNameHint=\"/old/vm/b.vmdk\"\nRW 8 VMFSSPARSE \"x-delta.vmdk\"\n";
         assert_eq!(
-            rewrite_paths(d, &map).unwrap(),
+            rw(d).unwrap(),
             "version=1\nCID=1\nparentFileNameHint=\"/new/vm/b.vmdk\"\nRW 8 VMFSSPARSE \"x-delta.vmdk\"\n"
         );
         let v = "displayName = \"/old/x\"\nscsi0:1.fileName = \"/old/vm/d.vmdk\"\r\n";
-        assert_eq!(
-            rewrite_paths(v, &map).unwrap(),
-            "displayName = \"/old/x\"\nscsi0:1.fileName = \"/new/vm/d.vmdk\"\r\n"
-        );
-        assert_eq!(rewrite_paths("scsi0:0.fileName = \"a.vmdk\"\n", &map), None);
+        assert_eq!(rw(v).unwrap(), "displayName = \"/old/x\"\nscsi0:1.fileName = \"/new/vm/d.vmdk\"\r\n");
+        assert_eq!(rw("scsi0:0.fileName = \"a.vmdk\"\n"), None);
+    }
+
+    /// A `.vmx` in windows-1252 (bytes that are not UTF-8): its paths are rewritten, every other
+    /// byte kept; a path that is not UTF-8 and would change is an error.
+    #[test]
+    fn a_vmx_that_is_not_utf8_is_rewritten_byte_for_byte() {
+        let map = |p: &str| p.strip_prefix("/old/").map(|r| format!("/new/{r}"));
+        let v = b".encoding = \"windows-1252\"\nannotation = \"caf\xe9\"\nscsi0:1.fileName = \"/old/vm/d.vmdk\"\n";
+        let want = b".encoding = \"windows-1252\"\nannotation = \"caf\xe9\"\nscsi0:1.fileName = \"/new/vm/d.vmdk\"\n";
+        assert_eq!(rewrite_paths(v, &map).unwrap().as_deref(), Some(&want[..]));
+        let bad = b"scsi0:1.fileName = \"/old/vm/caf\xe9.vmdk\"\n";
+        let e = rewrite_paths(bad, &map).unwrap_err();
+        assert!(e.starts_with("line 1: the path \"/old/vm/caf") && e.contains("not UTF-8"), "{e}");
+        // Not changed by the map: kept as it is, whatever its bytes.
+        assert_eq!(rewrite_paths(b"ide0:0.fileName = \"/iso/\xe9.iso\"\n", &map).unwrap(), None);
     }
 }

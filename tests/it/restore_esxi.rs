@@ -122,6 +122,14 @@ fn a_removed_vm_is_restored_in_place_and_registered_under_a_new_name() {
 #[test]
 fn refusals_dry_run_to_dir_and_a_damaged_chunk() {
     let e = esx();
+    // Suspended: refused (its memory state would resume onto disks of another time).
+    e.sim.post("/power?vm=vm1&state=suspended");
+    assert_eq!(vm_state(&e.sim, "vm1")["power_state"], "suspended");
+    let suspended = tree_hashes(&e.ds1);
+    let err = fail(&e.affa.affa(&["--full-restore", "esx", "--yes"]));
+    assert!(err.contains("is suspended") && err.contains("vm1") && err.contains("nothing was changed"), "{err}");
+    assert_eq!(tree_hashes(&e.ds1), suspended);
+    e.sim.post("/power?vm=vm1&state=on");
     let before1 = tree_hashes(&e.ds1);
     // The VM runs: restoring over its files is refused.
     let err = fail(&e.affa.affa(&["--full-restore", "esx", "--yes"]));
@@ -145,12 +153,19 @@ fn refusals_dry_run_to_dir_and_a_damaged_chunk() {
     assert_eq!(tree_hashes(&e.ds1), before1);
     assert!(!e.ds2.join("vm1-copy").exists());
 
-    // Beside the running original.
+    // Beside the running original. Its .vmx is in windows-1252 (a byte that is not UTF-8): its
+    // paths are rewritten all the same, and that byte kept.
+    let archived_vmx = e.affa.job_dir("esx").join("scheduled.0/vmfs/volumes/datastore1/vm1/vm1.vmx");
+    let mut bytes = fs::read(&archived_vmx).unwrap();
+    bytes.extend_from_slice(b"annotation = \"caf\xe9\"\n");
+    fs::write(&archived_vmx, &bytes).unwrap();
     let text = ok(&e.affa.affa(&["--full-restore", "esx", "--to-dir", "vm1-copy", "--register", "vm1-copy", "--yes"]));
     assert!(text.contains("registered"), "{text}");
     assert_eq!(sha256_file(&e.ds1.join("vm1-copy/vm1-flat.vmdk")), e.frozen[0]);
     assert_eq!(sha256_file(&e.ds2.join("vm1-copy/vm1_1-flat.vmdk")), e.frozen[1]);
-    let vmx = fs::read_to_string(e.ds1.join("vm1-copy/vm1.vmx")).unwrap();
+    let vmx = fs::read(e.ds1.join("vm1-copy/vm1.vmx")).unwrap();
+    assert!(vmx.windows(6).any(|w| w == b"caf\xe9\"\n"), "the annotation's byte was not kept");
+    let vmx = String::from_utf8_lossy(&vmx);
     assert!(
         vmx.contains(&format!("{}/vm1-copy/vm1_1.vmdk", e.ds2.display())),
         "the second disk still points at the original:\n{vmx}"

@@ -52,7 +52,14 @@ impl Pool {
 
     /// A pool at an explicit directory, created (mode 0700) if missing.
     pub fn at(dir: &Path) -> Result<Pool> {
+        let new = fs::symlink_metadata(dir).is_err();
         create_dir_0700(dir)?;
+        if new {
+            // The pool's own name, in its parent (RootDir), durable before anything names it.
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                fsync_dir(parent)?;
+            }
+        }
         create_dir_0700(&dir.join(TMP_DIR))?;
         Ok(Pool {
             dir: dir.to_path_buf(),
@@ -106,6 +113,8 @@ impl Pool {
                 }
                 create_dir_0700(parent)?;
                 fs::rename(&tmp, &dest).ctx(|| format!("cannot rename {} to {}", tmp.display(), dest.display()))?;
+                // The new fan-out directory's own name, in the pool directory.
+                touched.push(self.dir.clone());
             }
             touched.push(parent.to_path_buf());
             Ok(())
@@ -136,6 +145,7 @@ impl Pool {
         let r = match fs::hard_link(&src, &dst) {
             Err(e) if e.kind() == io::ErrorKind::NotFound && fs::metadata(&src).is_ok() => {
                 fs::DirBuilder::new().recursive(true).mode(0o700).create(parent)?;
+                touched.extend(new_dir_parents(parent));
                 fs::hard_link(&src, &dst)
             }
             r => r,
@@ -174,11 +184,19 @@ pub(crate) struct FanDirs {
     fds: Vec<std::sync::OnceLock<rustix::fd::OwnedFd>>,
     /// Create a missing fan-out directory (an archive's, mode 0700) when it is first needed.
     create: bool,
+    /// A fan-out directory was created: the names of the new directories (in `base`, and
+    /// `base`'s own in its parent when it was created too) are to be made durable as well.
+    created: std::sync::atomic::AtomicBool,
 }
 
 impl FanDirs {
     pub(crate) fn new(base: &Path, create: bool) -> FanDirs {
-        FanDirs { base: base.to_path_buf(), fds: (0..256).map(|_| Default::default()).collect(), create }
+        FanDirs {
+            base: base.to_path_buf(),
+            fds: (0..256).map(|_| Default::default()).collect(),
+            create,
+            created: Default::default(),
+        }
     }
 
     /// The descriptor of the fan-out directory of `id`.
@@ -193,6 +211,7 @@ impl FanDirs {
         let fd = match rustix::fs::openat(rustix::fs::CWD, &path, flags, Mode::empty()) {
             Err(rustix::io::Errno::NOENT) if self.create => {
                 fs::DirBuilder::new().recursive(true).mode(0o700).create(&path)?;
+                self.created.store(true, Ordering::Relaxed);
                 rustix::fs::openat(rustix::fs::CWD, &path, flags, Mode::empty())?
             }
             r => r?,
@@ -242,9 +261,15 @@ impl<'a> Linker<'a> {
     }
 
     /// The archive fan-out directories that got a new name (to be fsynced before a manifest
-    /// names their entries).
+    /// names their entries), and the directories that got a new fan-out directory.
     pub(crate) fn touched(&self) -> Vec<PathBuf> {
-        (0..256).filter(|&i| self.touched[i]).map(|i| self.dirs.archive.base.join(format!("{i:02x}"))).collect()
+        let archive = &self.dirs.archive;
+        let mut dirs: Vec<PathBuf> =
+            (0..256).filter(|&i| self.touched[i]).map(|i| archive.base.join(format!("{i:02x}"))).collect();
+        if archive.created.load(Ordering::Relaxed) {
+            dirs.extend(new_dir_parents(&archive.base.join("00")));
+        }
+        dirs
     }
 
     pub(crate) fn link(&mut self, id: &ChunkId) -> io::Result<()> {
@@ -297,6 +322,14 @@ fn same_inode(a: &Path, b: &Path) -> bool {
         (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
         _ => false,
     }
+}
+
+/// The directories whose entries a newly created archive fan-out directory `fan` may have
+/// added: `.affa-chunks/` (the fan-out's name) and the archive root (`.affa-chunks`' own name,
+/// when it was created with it). A new name is durable only once its directory is fsynced;
+/// file systems that commit it with the child's fsync (ext4, XFS) do not need it, POSIX does.
+fn new_dir_parents(fan: &Path) -> impl Iterator<Item = PathBuf> + '_ {
+    fan.ancestors().skip(1).take(2).map(Path::to_path_buf)
 }
 
 pub(crate) fn create_dir_0700(dir: &Path) -> Result<()> {

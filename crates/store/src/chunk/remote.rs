@@ -915,7 +915,7 @@ pub fn restore_file<R: Read, W: Write>(
     };
     if done.chunks_received != st.chunks_sent
         || done.bytes_received != st.bytes_sent
-        || done.chunks_received + done.chunks_local != stored
+        || done.chunks_received.checked_add(done.chunks_local) != Some(stored)
     {
         return Err(bad(format!(
             "RDONE counts {} chunks ({} bytes) received and {} local; sent {} chunks ({} bytes) of {stored} stored",

@@ -879,10 +879,18 @@ fn the_linker_links_replaces_and_refuses_like_link_into() {
     assert_eq!(ino(bl.clone()), ino(e.pool.entry(&b)));
     let mut touched = l.touched();
     touched.sort();
-    let mut want = vec![fan.clone(), bl.parent().unwrap().to_path_buf()];
+    // The fan-out directories that got names, and, because the linker created a's, the
+    // directory holding that new directory's name (and the archive root, for `.affa-chunks`).
+    let mut want =
+        vec![fan.clone(), bl.parent().unwrap().to_path_buf(), arch.join(pool::ARCHIVE_CHUNK_DIR), arch.clone()];
     want.sort();
     want.dedup();
     assert_eq!(touched, want);
+    // Fan-out directories that all existed: only they are touched.
+    let dirs_again = pool::LinkDirs::new(&e.pool, &arch);
+    let mut again = pool::Linker::new(&e.pool, &dirs_again);
+    again.link(&a).unwrap();
+    assert_eq!(again.touched(), vec![fan.clone()]);
     // No entry: NotFound (the caller reads the chunk again).
     let c = id(3);
     assert_eq!(l.link(&c).unwrap_err().kind(), std::io::ErrorKind::NotFound);
@@ -906,4 +914,42 @@ fn the_linker_links_replaces_and_refuses_like_link_into() {
     let mut l3 = pool::Linker::new(&e.pool, &dirs3);
     assert!(l3.link(&b).is_err());
     assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 0, "a link was made through the symlink");
+}
+
+/// A new fan-out directory's name is made durable with its entries: the directory that holds
+/// it is among the directories fsynced before a manifest names the entry (pool and archive).
+#[test]
+fn a_new_fan_out_directory_is_fsynced_through_its_parent() {
+    let e = env();
+    let id = |n: u8| -> ChunkId { *blake3::hash(&[n]).as_bytes() };
+    let (a, b) = (id(1), id(2));
+    let pool_fan = |x: &ChunkId| e.pool.entry(x).parent().unwrap().to_path_buf();
+    let mut touched = Vec::new();
+    e.pool.write_entry(&a, b"only linked", &mut touched).unwrap();
+    assert_eq!(touched, vec![e.pool.dir().to_path_buf(), pool_fan(&a)], "a new pool fan-out directory");
+    touched.clear();
+    e.pool.write_entry(&a, b"only linked", &mut touched).unwrap();
+    assert_eq!(touched, vec![pool_fan(&a)], "an existing pool fan-out directory");
+    e.pool.write_entry(&b, b"only linked", &mut Vec::new()).unwrap();
+
+    let arch = e.archive("j", "a");
+    let chunks = arch.join(pool::ARCHIVE_CHUNK_DIR);
+    let arch_fan = |x: &ChunkId| pool::archive_entry(&arch, x).parent().unwrap().to_path_buf();
+    let mut touched = Vec::new();
+    e.pool.link_into(&a, &arch, &mut touched).unwrap();
+    touched.sort();
+    let mut want = vec![arch.clone(), chunks.clone(), arch_fan(&a)];
+    want.sort();
+    assert_eq!(touched, want, "link_into creating .affa-chunks and a fan-out directory");
+    touched.clear();
+    e.pool.link_into(&a, &arch, &mut touched).unwrap();
+    assert_eq!(touched, vec![arch_fan(&a)], "link_into into an existing fan-out directory");
+    if arch_fan(&a) != arch_fan(&b) {
+        touched.clear();
+        e.pool.link_into(&b, &arch, &mut touched).unwrap();
+        touched.sort();
+        let mut want = vec![arch.clone(), chunks.clone(), arch_fan(&b)];
+        want.sort();
+        assert_eq!(touched, want, "link_into creating a second fan-out directory");
+    }
 }
