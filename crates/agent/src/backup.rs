@@ -11,10 +11,10 @@ use crate::{flush, next_in_request, Fatal, In, Out};
 use affa_agent_proto::{Backup, ChunkKind, End, FaultKind, Msg, Opened, MAX_WINDOW};
 use std::collections::VecDeque;
 use std::ffi::OsStr;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
@@ -114,11 +114,14 @@ fn check_request(req: &Backup, prev: &[Option<[u8; 32]>]) -> Result<(), String> 
     Ok(())
 }
 
+/// Open the file to read: its directory through `crate::at::open_dir` (only root's symlinks
+/// followed on the way), the file itself never through a symlink, a fifo never waited on.
 fn open(path: &Path) -> Result<File, Fault> {
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
+    let bytes = path.as_os_str().as_bytes();
+    let cut = bytes.iter().rposition(|&b| b == b'/').unwrap_or(0);
+    let (dir, name) = (if cut == 0 { &b"/"[..] } else { &bytes[..cut] }, &bytes[cut + 1..]);
+    let f = crate::at::open_dir(dir)
+        .and_then(|d| crate::at::openat(&d, name, libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK, 0))
         .map_err(|e| match e.raw_os_error() {
             Some(libc::ENOENT) => Fault(FaultKind::Vanished, 0, format!("{}: no such file", path.display())),
             Some(libc::ELOOP) => Fault(FaultKind::NotRegular, 0, format!("{}: is a symlink", path.display())),

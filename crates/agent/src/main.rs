@@ -7,10 +7,12 @@
 //! Owns: the agent's side of the session (handshake, request checks, the backup of one file,
 //! the restore of one file, faults, shutdown), its read of the file, its memory bound (a window
 //! of chunks in flight). Must never: write anything on the host but a restore's temp file and
-//! its rename over the target, follow a final symlink or open a fifo or device, allocate without
+//! its rename over the target, follow a final symlink or a symlink on the way that root does not
+//! own (`at.rs`), open a fifo or device, allocate without
 //! bound whatever affa sends, panic on any input, or need the environment, NSS or a locale (it
 //! is linked statically and runs under `env -i`).
 
+mod at;
 mod backup;
 mod encode;
 mod restore;

@@ -10,16 +10,17 @@
 //! socket, rename a file whose chunks or whole-file hash did not verify, leave its temp file
 //! behind unless killed, or hold more than `window` chunks waiting whatever the file's size.
 
+use crate::at::{cstr, lstat_at, openat};
 use crate::encode::decode;
 use crate::{flush, next_in_request, Fatal, In, Out};
 use affa_agent_proto::{FaultKind, Msg, RDone, Restore, MAX_WINDOW};
 use std::collections::VecDeque;
-use std::ffi::{CString, OsStr};
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
-use std::os::unix::io::{AsRawFd, FromRawFd};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, TryRecvError};
 
@@ -106,37 +107,6 @@ fn check_request(req: &Restore, entries: &[Entry]) -> Result<(), String> {
 
 fn show(b: &[u8]) -> String {
     Path::new(OsStr::from_bytes(b)).display().to_string()
-}
-
-fn cstr(b: &[u8]) -> CString {
-    // Paths from affa hold no NUL (checked when decoded); names derived from them neither.
-    CString::new(b).unwrap_or_default()
-}
-
-/// `openat(dir, name, flags, mode)` as a `File`.
-fn openat(dir: &File, name: &[u8], flags: i32, mode: u32) -> io::Result<File> {
-    let c = cstr(name);
-    // SAFETY: openat(2) with a valid descriptor and a NUL-terminated name that outlives the call;
-    // the descriptor it returns is owned by the new File alone.
-    let fd = unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags | libc::O_CLOEXEC, mode as libc::c_uint) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by openat and is not owned by anything else.
-    Ok(unsafe { File::from_raw_fd(fd) })
-}
-
-/// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`.
-fn lstat_at(dir: &File, name: &[u8]) -> io::Result<libc::stat> {
-    let c = cstr(name);
-    // SAFETY: a zeroed `stat` is a valid value of this plain C struct.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstatat(2) writes only into `st`; the name is NUL-terminated and outlives the call.
-    let r = unsafe { libc::fstatat(dir.as_raw_fd(), c.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(st)
 }
 
 fn unlink_at(dir: &File, name: &[u8]) {
@@ -358,14 +328,10 @@ fn restore(req: &Restore, entries: &[Entry], rx: &In, out: &mut Out) -> Result<R
     let (dir_b, name) = split(&req.path).unwrap_or((b"/", b"?"));
     let dir_path = Path::new(OsStr::from_bytes(dir_b));
     let target = show(&req.path);
-    // O_DIRECTORY: a fifo or device in the directory's place is not opened (nor waited on).
-    let opened = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NONBLOCK)
-        .open(dir_path);
-    let dir = match opened {
-        Ok(d) if d.metadata().is_ok_and(|m| m.is_dir()) => d,
-        Ok(_) => return Ok(Err(Fault(FaultKind::Open, 0, format!("{} is not a directory", dir_path.display())))),
+    // O_DIRECTORY: a fifo or device in the directory's place is not opened (nor waited on);
+    // only root's symlinks are followed on the way (crate::at).
+    let dir = match crate::at::open_dir(dir_b) {
+        Ok(d) => d,
         Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
             return Ok(Err(Fault(FaultKind::Open, 0, format!("{} is not a directory", dir_path.display()))))
         }
@@ -375,6 +341,9 @@ fn restore(req: &Restore, entries: &[Entry], rx: &In, out: &mut Out) -> Result<R
                 0,
                 format!("the directory of {target} does not exist: {}", dir_path.display()),
             )))
+        }
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied && e.raw_os_error().is_none() => {
+            return Ok(Err(Fault(FaultKind::Open, 0, format!("the directory of {target}: {e}"))))
         }
         Err(e) => return Ok(Err(Fault(FaultKind::Open, 0, format!("cannot open {}: {e}", dir_path.display())))),
     };

@@ -570,6 +570,41 @@ fn a_symlink_target_is_replaced_not_followed_and_a_directory_is_refused() {
         .to_string();
     assert!(e.contains("fifo.img is not a directory"), "{e}");
     assert!(temps(t.path()).is_empty(), "{:?}", temps(t.path()));
+
+    // A directory on the way that a user of the host replaced with a symlink of their own (to
+    // a directory of root's): the agent, root, neither writes nor reads through it. Root's own
+    // symlinks (ESXi's datastore names) are followed.
+    let elsewhere = t.path().join("etc-like");
+    fs::create_dir(&elsewhere).unwrap();
+    fs::copy(&src, elsewhere.join("disk.img")).unwrap();
+    let users = t.path().join("home-imgs");
+    std::os::unix::fs::symlink(&elsewhere, &users).unwrap();
+    let c_users = std::ffi::CString::new(users.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: lchown(2) of a NUL-terminated path (the test runs as root, as the agent does).
+    assert_eq!(unsafe { libc::lchown(c_users.as_ptr(), 65534, 65534) }, 0, "the test needs root");
+    let e = restore_file(&mut agent, &archive, &rel, &users.join("new.img"), &RestoreOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("home-imgs is a symlink owned by uid 65534, not root: not followed"), "{e}");
+    assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 1, "a file was written through the user's symlink");
+    let pool = Pool::open(&t.path().join("root")).unwrap();
+    let settings = Settings { chunk_size: 256 << 10, compression: Compression::Zstd(1), ..Settings::default() };
+    let e = backup_file(
+        &mut agent,
+        &pool,
+        &settings,
+        &users.join("disk.img"),
+        &t.path().join("root/job/daily.1"),
+        &rel,
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("symlink owned by uid 65534"), "{e}");
+    let roots = t.path().join("root-imgs");
+    std::os::unix::fs::symlink(&elsewhere, &roots).unwrap();
+    restore_file(&mut agent, &archive, &rel, &roots.join("new.img"), &RestoreOptions::default()).unwrap();
+    assert_eq!(file_hash(&elsewhere.join("new.img")), file_hash(&src));
     agent.bye().unwrap();
     assert_eq!(wait_stderr(c).0, 0);
 }
