@@ -373,13 +373,23 @@ pub fn status(cfg: &Config, clock: &dyn Clock, csv: bool, all: bool) -> Result<S
         jobs.reverse();
     }
     let mut disabled = 0;
+    let mut unreadable_jobs = Vec::new();
     for job in jobs {
         let enabled = crate::cron::effective_enabled(cfg, job);
         let r = Report::read(&job.job_dir().join("scheduled.0"));
-        let arch = archive::list(&job.job_dir())?;
+        // One job whose archives cannot be read (EIO, a file in its directory's place) is
+        // shown as such; the other jobs are listed all the same.
+        let (arch, unreadable) = match archive::list(&job.job_dir()) {
+            Ok(a) => (a, None),
+            Err(e) => (Vec::new(), Some(e.to_string())),
+        };
         let count = |l: Level| arch.iter().filter(|a| a.level == l).count();
         let nof = Level::ALL.map(|l| format!("{:>2}", count(l))).join(",");
-        let state = process_state(cfg, job);
+        let state =
+            if unreadable.is_some() { Some("cannot read its archives".to_string()) } else { process_state(cfg, job) };
+        if let Some(e) = &unreadable {
+            unreadable_jobs.push(format!("job {}: {e}", job.name));
+        }
         let pid = lock::holder(&cfg.lock_dir(), &job.name);
         let last_date = r.as_ref().and_then(|r| r.date().map(String::from));
         if csv {
@@ -398,7 +408,7 @@ pub fn status(cfg: &Config, clock: &dyn Clock, csv: bool, all: bool) -> Result<S
                 r.as_ref().map(|r| field(r, "ExecutionTime")).unwrap_or_default(),
             ];
             f.extend(r.as_ref().map(freedup_fields).unwrap_or_default());
-            let err = cfg.broken.get(&job.name).map(|b| b.error().to_string()).unwrap_or_default();
+            let err = cfg.broken.get(&job.name).map(|b| b.error().to_string()).or(unreadable).unwrap_or_default();
             f.push(err.replace(';', ","));
             out.push_str(&f.join(";"));
             out.push('\n');
@@ -439,6 +449,12 @@ pub fn status(cfg: &Config, clock: &dyn Clock, csv: bool, all: bool) -> Result<S
     }
     if disabled > 0 {
         out.push_str(&format!("{disabled} disabled job(s) not listed; use --all to show them.\n"));
+    }
+    if !csv {
+        for l in unreadable_jobs {
+            out.push_str(&l);
+            out.push('\n');
+        }
     }
     Ok(out)
 }
@@ -684,6 +700,7 @@ pub fn delete_job(cfg: &Config, name: &str, yes: bool, revoke: bool, watch: &Wat
             .map_err(|e| e.context(format!("job {name} not deleted (run without --revoke-key to delete it anyway)")))?
             + "\n";
     }
+    edit::check_editable(job)?;
     archive::remove_tree(&dir)?;
     edit::remove_section(job)?;
     let _ = fs::remove_file(cfg.ssh_dir().join(format!("knownhosts-{name}")));
@@ -706,10 +723,17 @@ pub fn rename_job(cfg: &Config, name: &str, new: &str) -> Result<String> {
     if to.exists() {
         bail!("{} exists already; not renaming", to.display());
     }
+    edit::check_editable(job)?;
     if from.exists() {
         fs::rename(&from, &to).ctx(|| format!("cannot rename {} to {}", from.display(), to.display()))?;
     }
-    edit::rename_section(job, new)?;
+    edit::rename_section(job, new).map_err(|e| {
+        e.context(format!(
+            "the archives are now in {}, but the section in {} is still [{name}]: rename it to [{new}] by hand",
+            to.display(),
+            job.origin.file.display()
+        ))
+    })?;
     let (kh, kh_new) =
         (cfg.ssh_dir().join(format!("knownhosts-{name}")), cfg.ssh_dir().join(format!("knownhosts-{new}")));
     if let Ok(text) = fs::read_to_string(&kh) {
@@ -744,6 +768,7 @@ pub fn move_archive(cfg: &Config, name: &str, new_root: &str, yes: bool, watch: 
     confirm(watch, &what, "proceed", yes)?;
     let _l = lock::acquire(&cfg.lock_dir(), name)?;
     let _shared = crate::shared_lock::acquire_for(job)?;
+    edit::check_editable(job)?;
     if from.exists() && fs::rename(&from, &to).is_err() {
         // Another filesystem: copy everything (hard links kept), then delete the original.
         let st = std::process::Command::new("cp")
@@ -758,7 +783,13 @@ pub fn move_archive(cfg: &Config, name: &str, new_root: &str, yes: bool, watch: 
         }
         archive::remove_tree(&from)?;
     }
-    edit::set_key(job, "RootDir", new_root)?;
+    edit::set_key(job, "RootDir", new_root).map_err(|e| {
+        e.context(format!(
+            "the archives are now in {}, but {} still names the old RootDir: set RootDir={new_root} in it by hand",
+            to.display(),
+            job.origin.file.display()
+        ))
+    })?;
     Ok(format!(
         "job {name}: archives moved to {}; RootDir={new_root} written to {}",
         to.display(),

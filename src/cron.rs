@@ -35,6 +35,12 @@ pub fn effective_enabled(cfg: &Config, job: &Job) -> bool {
     cfg.settings.status.unwrap_or(job.enabled())
 }
 
+/// A word of a cron command: quoted for the shell, and `%` escaped (cron turns an unescaped
+/// `%` into a newline, and removes the backslash of `\%`).
+fn cron_quote(s: &str) -> String {
+    shell_quote(s).replace('%', "\\%")
+}
+
 /// The affa command as cron calls it: `affaBinary`, plus `--config-dir DIR` unless the
 /// configuration lives in the default /etc/affa.
 pub fn affa_command(cfg: &Config, config_dir: &Path) -> String {
@@ -49,7 +55,8 @@ pub fn affa_command(cfg: &Config, config_dir: &Path) -> String {
 /// The cron file's text for a configuration; `config_dir` is the configuration directory as
 /// the cron daemon will see it.
 pub fn cron_text(cfg: &Config, config_dir: &Path) -> String {
-    let affa = affa_command(cfg, config_dir);
+    // A `%` in a cron command would end it (cron turns it into a newline): escaped.
+    let affa = affa_command(cfg, config_dir).replace('%', "\\%");
     let mut s = String::new();
     s.push_str(&format!(
         "# {}: written by affa from {}/*.conf; a change there is applied within 15 minutes (--_cronupdate), or at once by affa --make-cronjobs.\n{CONFIG_LIST_TAG}{}\n",
@@ -94,7 +101,7 @@ pub fn cron_text(cfg: &Config, config_dir: &Path) -> String {
                 let running = job.job_dir().join(archive::RUNNING);
                 s.push_str(&format!(
                     "{m} {h} * * * root test -d {} && {affa} --silent --run {}\n",
-                    shell_quote(&running.to_string_lossy()),
+                    cron_quote(&running.to_string_lossy()),
                     job.name
                 ));
             }
@@ -301,6 +308,17 @@ mod tests {
         format!(
             "\n# apply configuration changes (Affa 3's self-refresh)\n*/15 * * * * root {a} --silent --_cronupdate\n"
         )
+    }
+
+    /// A `%` in affaBinary or RootDir: escaped (cron would cut the command there).
+    #[test]
+    fn a_percent_sign_is_escaped() {
+        let cfg = config(&format!(
+            "[GlobalAffaConfig]\nRootDir=/srv/a%1\naffaBinary=/opt/affa%d/affa\nmetricsFile=/nonexistent-affa-test/prom/affa.prom\n{JOBS}"
+        ));
+        let text = cron_text(&cfg, Path::new("/etc/affa"));
+        assert!(text.contains(&vm_and_web("'/opt/affa\\%d/affa'", "'/srv/a\\%1/web/scheduled.running'")), "{text}");
+        assert!(!text.lines().filter(|l| !l.starts_with('#')).any(|l| l.replace("\\%", "").contains('%')), "{text}");
     }
 
     #[test]

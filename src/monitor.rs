@@ -98,7 +98,13 @@ pub fn nrpe(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<(String,
         }
         let st = match job_state(cfg, job) {
             Ok(s) => s,
-            Err(e) => return Ok((format!("UNKNOWN: job {}: {e}", job.name), 3)),
+            // That job's archives cannot be read (EIO, a file in its directory's place): it
+            // is critical, the other jobs are still checked.
+            Err(e) => {
+                crit.push(format!("{} (cannot read its archives: {e})", job.name));
+                perf.push(format!("'{}_age'=U", job.name));
+                continue;
+            }
         };
         let trigger = job.nrpe_trigger.unwrap_or(0) * 3600;
         if let Some(r) = &st.report {
@@ -141,6 +147,12 @@ pub fn nrpe(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<(String,
     };
     perf.insert(0, affa3);
     let perf = format!(" | {}", perf.join(" "));
+    // Errors of no job (a header affa could not read, e.g. `[web server]`): the job it was
+    // meant to be is unknown, so it is in no list above, and its backups may have stopped.
+    let orphans = cfg.problems_of_no_job();
+    if jobs.is_empty() && !orphans.is_empty() {
+        crit.push(format!("{} configuration error(s) outside any job (affa --configcheck)", orphans.len()));
+    }
     let (line, code) = if !crit.is_empty() {
         let mut l = format!("CRITICAL: Failed jobs: {}", crit.join(", "));
         if !warn.is_empty() {
@@ -484,6 +496,44 @@ mod tests {
     fn nrpe_of(cfg: &Config, jobs: &[&str]) -> (String, i32) {
         let jobs: Vec<String> = jobs.iter().map(|j| j.to_string()).collect();
         nrpe(cfg, &jobs, &FixedClock(at("2026-03-02 12:00"))).unwrap()
+    }
+
+    /// A section header affa cannot read (the job it was meant to be is unknown): the check of
+    /// all jobs is critical, not OK without it.
+    #[test]
+    fn an_unreadable_section_header_makes_the_check_of_all_jobs_critical() {
+        let t = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[GlobalAffaConfig]\nRootDir={}\nDiskSpaceWarn=none\n[web server]\nremoteHostName=a\nNRPEtrigger=0\n",
+            t.path().display()
+        );
+        let cfg = Config::parse(t.path(), &[(t.path().join("t.conf"), text)]).unwrap();
+        let (line, code) = nrpe_of(&cfg, &[]);
+        assert!(
+            line.starts_with("CRITICAL: Failed jobs: 1 configuration error(s) outside any job (affa --configcheck) |"),
+            "{line}"
+        );
+        assert_eq!(code, 2);
+    }
+
+    /// One job whose archives cannot be read (a file in its directory's place): that job is
+    /// critical, the others are still checked (not UNKNOWN for all).
+    #[test]
+    fn a_job_whose_archives_cannot_be_read_is_critical_alone() {
+        let t = tempfile::tempdir().unwrap();
+        fs::write(t.path().join("odd"), b"not a directory").unwrap();
+        archive(t.path(), "fresh", "scheduled.0", &[("Date", "202603021000")]);
+        let text = format!(
+            "[GlobalAffaConfig]\nRootDir={}\nDiskSpaceWarn=none\n[odd]\nremoteHostName=a\n[fresh]\nremoteHostName=b\n",
+            t.path().display()
+        );
+        let cfg = Config::parse(t.path(), &[(t.path().join("t.conf"), text)]).unwrap();
+        let (line, code) = nrpe_of(&cfg, &[]);
+        assert!(line.starts_with("CRITICAL: Failed jobs: odd (cannot read its archives: "), "{line}");
+        assert!(line.contains("'fresh_age'=7200s"), "{line}");
+        assert_eq!(code, 2);
+        let st = crate::commands::status(&cfg, &FixedClock(at("2026-03-02 12:00")), false, true).unwrap();
+        assert!(st.contains("cannot read its archives") && st.contains("fresh") && st.contains("job odd: "), "{st}");
     }
 
     #[test]

@@ -51,11 +51,27 @@ fn chunked(job: &Job) -> bool {
 
 /// Mount the archives of `job` at `dir` unless an affa mount is there already.
 fn ensure_mounted(cfg: &Config, job: &Job, dir: &Path) -> Result<()> {
-    if crate::mount::affa_mounts().iter().any(|m| m == dir) {
-        return Ok(());
-    }
+    // The mount points live in lockDir: checked first (made by affa's user, 0700, not a
+    // symlink: lock::open_dir), so no other user can have put a symlink on the way that would
+    // send the root-only view, and the share smbd serves as root, somewhere else.
+    crate::lock::open_dir(&cfg.lock_dir(), true)?;
     crate::fsutil::create_private_dir(dir.parent().unwrap_or(dir))?;
     fs::create_dir_all(dir).ctx(|| format!("cannot create {}", dir.display()))?;
+    for d in [dir.parent().unwrap_or(dir), dir] {
+        let m = fs::symlink_metadata(d).ctx(|| format!("cannot stat {}", d.display()))?;
+        if !m.is_dir() {
+            bail!(
+                "{} is not a directory (a symbolic link?): not mounting the archives of job {} there",
+                d.display(),
+                job.name
+            );
+        }
+    }
+    // /proc/self/mounts names the resolved path (lockDir may be below a symlink, /var/lock).
+    let real = fs::canonicalize(dir).ctx(|| format!("cannot resolve {}", dir.display()))?;
+    if crate::mount::affa_mounts().iter().any(|m| m == dir || *m == real) {
+        return Ok(());
+    }
     let exe = std::env::current_exe().ctx(|| "cannot find affa itself".to_string())?;
     let args: Vec<std::ffi::OsString> = vec![
         "--config-dir".into(),
@@ -80,6 +96,8 @@ fn share_at(job: &Job, path: &Path) -> String {
          \twriteable = no\n\
          \tbrowseable = yes\n\
          \tguest ok = no\n\
+         \t# Never follow a symlink out of the share (a host's archived `x -> /etc/shadow`).\n\
+         \twide links = no\n\
          \tvalid users = {users}\n\
          \t# RootDir/JOB is mode 0700 and root's: the share reads as root, for valid users only.\n\
          \tforce user = root\n\
@@ -223,6 +241,8 @@ mod tests {
              \twriteable = no\n\
              \tbrowseable = yes\n\
              \tguest ok = no\n\
+             \t# Never follow a symlink out of the share (a host's archived `x -> /etc/shadow`).\n\
+             \twide links = no\n\
              \tvalid users = alice bob carol\n\
              \t# RootDir/JOB is mode 0700 and root's: the share reads as root, for valid users only.\n\
              \tforce user = root\n\

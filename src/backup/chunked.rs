@@ -270,7 +270,19 @@ impl AgentRun {
         r.set("ChunkBytesReceived", self.received);
         if !self.vanished.is_empty() {
             r.set("ChunkVanished", self.vanished.len());
-            r.set("ChunkVanishedFiles", self.vanished.join(", "));
+            // Names the host chose: at most 64 KiB of them in the report (the log has all).
+            let mut list = String::new();
+            for (i, f) in self.vanished.iter().enumerate() {
+                if list.len() + f.len() > 64 << 10 {
+                    list.push_str(&format!(" and {} more", self.vanished.len() - i));
+                    break;
+                }
+                if i > 0 {
+                    list.push_str(", ");
+                }
+                list.push_str(f);
+            }
+            r.set("ChunkVanishedFiles", list);
         }
         Ok(())
     }
@@ -442,6 +454,7 @@ fn chunk_transfer_args(job: &Job, source: &Source) -> rsync::Args {
 fn list_chunked(
     ctx: &Ctx,
     source: &Source,
+    sources: &[String],
     summary: &mut RunSummary,
 ) -> Result<std::result::Result<Vec<SafeRelPath>, String>> {
     let job = ctx.job;
@@ -451,7 +464,7 @@ fn list_chunked(
     let mut args = chunk_transfer_args(job, source);
     args.opt("--dry-run");
     args.opts(rsync::itemize_args());
-    args.from(source, &job.sources).to(format!("{}/", empty.display()));
+    args.from(source, sources).to(format!("{}/", empty.display()));
     ctx.log.phase(Phase::Copying { what: "the list of files to chunk".into(), n: 2, of: 2 });
     let res = rsync::run(job, &args, &ctx.log, &crate::observer::Watch::nobody());
     let _ = fs::remove_dir_all(&empty);
@@ -479,6 +492,7 @@ fn transfer_chunked_agent(
     ctx: &Ctx,
     t: &SshTarget,
     source: &Source,
+    sources: &[String],
     running: &Path,
     report: &mut Report,
     summary: &mut RunSummary,
@@ -487,7 +501,14 @@ fn transfer_chunked_agent(
         report_transport(report, ChunkTransport::Rsync, None);
         return Ok(None);
     }
-    let files = match list_chunked(ctx, source, summary)? {
+    // rsync names a file below a `/./` cut relative to the cut, not to `/`: the host path the
+    // agent would open could not be rebuilt from that name (another file, or none).
+    let cut = sources.iter().find(|s| s.contains("/./"));
+    let listed = match cut {
+        Some(s) => Ok(Err(format!("the source path {s} has a /./ cut, whose files rsync names relative to it"))),
+        None => list_chunked(ctx, source, sources, summary),
+    };
+    let files = match listed? {
         Ok(f) => f,
         Err(why) => {
             agent_unavailable(ctx, &why, report, summary)?;
@@ -529,15 +550,19 @@ fn transfer_chunked_agent(
 
 /// Transfer the chunked files of an ordinary job: through the agent over ssh (`chunkTransport`
 /// auto or agent), else into staging by rsync and chunked from there into `running`.
+/// `sources` are the paths of the main transfer (the job's; an SME job's backup set first):
+/// the chunked files are looked for in exactly those, which the main transfer excluded them
+/// from.
 pub fn transfer_chunked(
     ctx: &Ctx,
     source: &Source,
+    sources: &[String],
     running: &Path,
     report: &mut Report,
     summary: &mut RunSummary,
 ) -> Result<()> {
     if let Source::Ssh(t) = source {
-        if transfer_chunked_agent(ctx, t, source, running, report, summary)?.is_some() {
+        if transfer_chunked_agent(ctx, t, source, sources, running, report, summary)?.is_some() {
             return Ok(());
         }
     }
@@ -552,7 +577,7 @@ pub fn transfer_chunked(
     }
     let job = ctx.job;
     let mut args = chunk_transfer_args(job, source);
-    args.from(source, &job.sources).to(format!("{}/", staging.display()));
+    args.from(source, sources).to(format!("{}/", staging.display()));
     ctx.log.phase(Phase::Copying { what: "the files to chunk".into(), n: 2, of: 2 });
     let res = rsync::run(job, &args, &ctx.log, &ctx.log.watch)?;
     check_rsync(ctx, &res, "the transfer of the chunked files", summary)?;

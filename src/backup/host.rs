@@ -66,6 +66,10 @@ pub fn transfer_files(
     for l in &link {
         args.opt(format!("--link-dest={}", l.display()));
     }
+    // affa's own files at the archive root: a source's files of those names never land there
+    // (first: rsync applies the first rule that matches, and an Include pattern such as `.*`
+    // must not let them in).
+    args.opts(archive::reserved_excludes(&job.name));
     for p in &job.include_patterns {
         args.opt(format!("--include={p}"));
     }
@@ -76,8 +80,6 @@ pub fn transfer_files(
     for p in &chunk_patterns {
         args.opt(format!("--exclude={p}"));
     }
-    // affa's own files at the archive root: a source's files of those names never land there.
-    args.opts(archive::reserved_excludes(&job.name));
     args.configured(&job.rsync.options);
     let sources = crate::backup::sme::sources(ctx)?;
     if sources != job.sources {
@@ -91,7 +93,7 @@ pub fn transfer_files(
     report.add_rsync_stats(&res.stdout);
     report.set("ExitStatus", res.code);
     if !chunk_patterns.is_empty() {
-        crate::backup::chunked::transfer_chunked(ctx, &source, running, report, summary)?;
+        crate::backup::chunked::transfer_chunked(ctx, &source, &sources, running, report, summary)?;
     }
     Ok(())
 }

@@ -204,6 +204,14 @@ fn rotate(ctx: &Ctx, now: chrono::NaiveDateTime, summary: &mut RunSummary) -> Re
         }
     }
     let moved = archive::shift(&ctx.job_dir, Level::Scheduled, ctx.keeps(), &stamp(ctx))?;
+    // The transfer became scheduled.0, or the run did not make an archive: never "Completed"
+    // with the old scheduled.0.
+    if fs::symlink_metadata(ctx.job_dir.join(RUNNING)).is_ok() {
+        bail!(
+            "the new transfer in {} was not rotated in (its report is not the one affa recorded as complete); the next run resumes it",
+            ctx.job_dir.join(RUNNING).display()
+        );
+    }
     archive::clear_running_complete(&ctx.job_dir)?;
     log_moves(ctx, &moved);
     summary.rotated.extend(moved);
@@ -283,6 +291,10 @@ pub fn finish_report(ctx: &Ctx, running: &Path, report: &mut Report) -> Result<(
     for s in ctx.extra_sources.borrow().iter() {
         setup.push_str(&format!("Include={s}\n"));
     }
+    // Everything the transfer wrote on disk before the report makes the archive valid: rsync
+    // never fsyncs, and after a power cut a valid-looking archive of empty files (delayed
+    // allocation), while rotation has deleted the oldest good one, would be worse than none.
+    crate::fsutil::sync_filesystem(running)?;
     crate::fsutil::write_atomic(
         &running.join(format!(".{}-setup.ini", ctx.job.name)),
         setup.as_bytes(),

@@ -129,6 +129,15 @@ pub fn valid_job_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
 }
 
+/// What a byte sequence that is not UTF-8 becomes in a configuration text.
+const NOT_UTF8: char = char::REPLACEMENT_CHARACTER;
+
+/// A configuration file's text: bytes that are not UTF-8 are read as [`NOT_UTF8`] (an error
+/// only where the line is not a comment).
+fn text_of(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
 /// Every `*.conf` file under `dir`, subdirectories included (as Affa 3's `find /etc/affa/
 /// -type f -name "*.conf"`), sorted by path. Symbolic links to directories are not followed.
 pub fn config_files(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -154,19 +163,28 @@ pub fn config_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 impl Config {
     /// Read every `*.conf` under `dir` (sorted by path) and validate all jobs. A file that
-    /// cannot be read is a problem of its own (its jobs are unknown), not the end of the others.
+    /// cannot be read fails the whole configuration: it may hold `[GlobalAffaConfig]`, and
+    /// jobs run on the built-in defaults instead (another RootDir, other keep counts) would
+    /// be worse than no run. Bytes that are not UTF-8 (a Latin-1 comment) do not make a file
+    /// unreadable: each line is read on its own, and only a key, value or header line holding
+    /// such bytes is an error (of its section).
     pub fn load(dir: &Path) -> Result<Config> {
         let mut texts = Vec::new();
-        let mut unreadable = Vec::new();
         for f in config_files(dir)? {
-            match fs::read_to_string(&f) {
-                Ok(text) => texts.push((f, text)),
-                Err(e) => unreadable.push(format!("cannot read {}: {e}; the jobs it holds are unknown", f.display())),
+            match fs::read(&f) {
+                Ok(bytes) => texts.push((f, text_of(&bytes))),
+                Err(e) => {
+                    return Err(Error::io(
+                        format!(
+                            "cannot read configuration file {}: {e}; it may hold [{GLOBAL_SECTION}], so no job runs until it can be read",
+                            f.display()
+                        ),
+                        e,
+                    ))
+                }
             }
         }
-        let mut cfg = Self::parse(dir, &texts)?;
-        cfg.problems.splice(0..0, unreadable);
-        Ok(cfg)
+        Self::parse(dir, &texts)
     }
 
     /// The configuration only if it has no error at all (the first one otherwise).
@@ -188,6 +206,8 @@ impl Config {
             let mut current = Target::Nothing;
             for (i, raw) in text.lines().enumerate() {
                 let origin = Origin { file: file.clone(), line: i + 1 };
+                // A byte order mark (an editor's UTF-8 signature) is not part of the first line.
+                let raw = if i == 0 { raw.strip_prefix('\u{feff}').unwrap_or(raw) } else { raw };
                 let line = raw.trim();
                 if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
                     continue;
@@ -202,7 +222,25 @@ impl Config {
                     problems.push(msg);
                     Ok(())
                 };
+                if line.contains(NOT_UTF8) {
+                    // Which section a broken header was is unknown: it may have been the global one.
+                    if line.starts_with('[') {
+                        return Err(Error::config(format!("{origin}: section header '{line}' holds bytes that are not UTF-8 (shown as {NOT_UTF8}); expected [JOBNAME] in UTF-8")));
+                    }
+                    error(&current, format!("{origin}: line '{line}' holds bytes that are not UTF-8 (shown as {NOT_UTF8}); expected UTF-8 text"))?;
+                    continue;
+                }
                 if let Some(rest) = line.strip_prefix('[') {
+                    // A header that looks like the global section but is not exactly it would
+                    // leave every job on the built-in defaults: never only a job's problem.
+                    let bare = rest.trim_end_matches(']').trim();
+                    if bare.eq_ignore_ascii_case(GLOBAL_SECTION)
+                        && rest.strip_suffix(']').map(str::trim) != Some(GLOBAL_SECTION)
+                    {
+                        return Err(Error::config(format!(
+                            "{origin}: section header '{line}' looks like [{GLOBAL_SECTION}] but is not it (the name is case-sensitive, in one pair of brackets); expected [{GLOBAL_SECTION}]"
+                        )));
+                    }
                     let Some(name) = rest.strip_suffix(']') else {
                         current = Target::Invalid;
                         error(
@@ -348,6 +386,13 @@ impl Config {
             j.values.insert("Debug", vec!["yes".into()]);
             j.settings.debug = true;
         }
+    }
+
+    /// The configuration errors that belong to no job: a section header that could not be
+    /// read (`[web server]`, `[web`), a key before any section. The job such a header was
+    /// meant to be is neither working nor broken: monitoring reports these on their own.
+    pub fn problems_of_no_job(&self) -> Vec<&String> {
+        self.problems.iter().filter(|p| !self.broken.values().any(|b| b.errors.contains(p))).collect()
     }
 
     /// Is there a section of that name, working or broken?
@@ -694,6 +739,66 @@ mod tests {
     fn parse(text: &str) -> Result<Config> {
         Config::parse(Path::new("/etc/affa"), &[(PathBuf::from("/etc/affa/t.conf"), text.to_string())])
             .and_then(Config::strict)
+    }
+
+    /// What could make affa drop [GlobalAffaConfig] and run every job on the built-in
+    /// defaults (another RootDir, other keep counts) fails the whole configuration instead; a
+    /// byte order mark and bytes that are not UTF-8 in a comment are fine.
+    #[test]
+    fn the_global_section_is_never_dropped_silently() {
+        let raw = |t: &[u8]| Config::parse(Path::new("/etc/affa"), &[(PathBuf::from("/etc/affa/t.conf"), text_of(t))]);
+        let job = "\n[web]\nremoteHostName=h\n";
+        for head in ["[GlobalAffaConfig", "[globalaffaconfig]", "[GlobalAffaConfig]]", "[ GLOBALAFFACONFIG ]"] {
+            let e = raw(format!("{head}\nRootDir=/srv/b{job}").as_bytes()).err().map(|e| e.to_string());
+            let e = e.unwrap_or_else(|| panic!("{head} was accepted"));
+            assert!(
+                e.starts_with(&format!(
+                    "/etc/affa/t.conf:1: section header '{}' looks like [GlobalAffaConfig]",
+                    head.trim()
+                )),
+                "{e}"
+            );
+        }
+        // A byte order mark before the header.
+        let c = raw(format!("\u{feff}[GlobalAffaConfig]\nRootDir=/srv/b{job}").as_bytes()).unwrap().strict().unwrap();
+        assert_eq!(c.job("web").unwrap().job_dir(), PathBuf::from("/srv/b/web"));
+        // Latin-1 in a comment: read; in a value: that section's error (the global's: all).
+        let c =
+            raw(b"# caf\xe9\n[GlobalAffaConfig]\nRootDir=/srv/b\n[web]\nremoteHostName=h\n").unwrap().strict().unwrap();
+        assert_eq!(c.job("web").unwrap().job_dir(), PathBuf::from("/srv/b/web"));
+        let e = raw(b"[GlobalAffaConfig]\nRootDir=/srv/caf\xe9\n").err().unwrap().to_string();
+        assert!(
+            e.starts_with("/etc/affa/t.conf:2: line 'RootDir=/srv/caf\u{fffd}' holds bytes that are not UTF-8"),
+            "{e}"
+        );
+        let c = raw(
+            b"[GlobalAffaConfig]\nRootDir=/srv/b\n[web]\nremoteHostName=h\nInclude=/caf\xe9\n[db]\nremoteHostName=d\n",
+        )
+        .unwrap();
+        assert!(c.broken.contains_key("web") && c.jobs.contains_key("db"), "{:?}", c.problems);
+        let e = raw(b"[Global\xe9]\nRootDir=/srv/b\n").err().unwrap().to_string();
+        assert!(e.contains(":1: section header '[Global\u{fffd}]' holds bytes that are not UTF-8"), "{e}");
+    }
+
+    /// A configuration file that cannot be read fails the whole configuration, naming it.
+    #[test]
+    fn an_unreadable_file_stops_every_job() {
+        let t = tempfile::tempdir().unwrap();
+        fs::write(t.path().join("a.conf"), "[web]\nremoteHostName=h\n").unwrap();
+        std::os::unix::fs::symlink(t.path().join("gone"), t.path().join("b.conf")).unwrap();
+        fs::create_dir(t.path().join("c.conf")).unwrap();
+        // b.conf: a dangling symlink (not a file: not listed); a file that is a directory: not listed.
+        assert!(Config::load(t.path()).unwrap().jobs.contains_key("web"));
+        // A file whose read fails even for root (EIO: /proc/self/mem at offset 0).
+        let f = t.path().join("d.conf");
+        std::os::unix::fs::symlink("/proc/self/mem", &f).unwrap();
+        assert!(fs::read(&f).is_err());
+        let e = Config::load(t.path()).err().unwrap().to_string();
+        assert!(
+            e.contains(&format!("cannot read configuration file {}", f.display()))
+                && e.contains("no job runs until it can be read"),
+            "{e}"
+        );
     }
 
     #[test]

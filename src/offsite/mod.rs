@@ -197,8 +197,8 @@ fn open(job: &Job, may_create: bool, uploading: bool, clock: &dyn Clock) -> Resu
 /// The names of the chunk objects the prefix holds (one LIST of `c/`: one request per 1000
 /// objects, where a HEAD per chunk would cost one request per chunk; it also finds the chunks a
 /// cut upload left).
-fn chunks_present(store: &Store) -> Result<HashSet<String>> {
-    Ok(store.list("c/", None)?.into_iter().collect())
+fn chunks_present(store: &Store, each_page: &dyn Fn() -> Result<()>) -> Result<HashSet<String>> {
+    Ok(store.list_paged("c/", None, each_page)?.into_iter().collect())
 }
 
 /// An archive's id: BLAKE3 of its report, hex.
@@ -475,7 +475,9 @@ fn upload_held(
             a.name()
         );
     }
-    let have = chunks_present(&store)?;
+    // Its marker kept fresh through a listing of millions of objects: a cleanup starting
+    // meanwhile must see this upload live, or it could remove chunks it found present.
+    let have = chunks_present(&store, &|| running.refresh())?;
     let chunking = &job.chunk.settings;
     // offsiteParallel > 1: the chunk objects go through a bounded queue to that many senders;
     // the index is written only after every sender is done and none failed.
@@ -598,7 +600,7 @@ pub fn verify(cfg: &Config, job_name: &str, clock: &dyn Clock, watch: &Watch) ->
     if idxs.is_empty() && bad_idx.is_empty() {
         bail!("job {job_name} has no offsite archive in {}", store.shown);
     }
-    let have = chunks_present(&store)?;
+    let have = chunks_present(&store, &|| Ok(()))?;
     // Each object is checked once, whichever archives use it.
     let mut checked: BTreeMap<ChunkId, Option<String>> = BTreeMap::new();
     let mut plain = Vec::new();
@@ -744,7 +746,7 @@ pub fn cleanup(cfg: &Config, job_name: &str, clock: &dyn Clock, watch: &Watch) -
     }
     // Every index of the prefix, whichever job: one that does not open could reference any chunk.
     let mut referenced = HashSet::new();
-    let index_names = store.list("i/", None)?;
+    let index_names = store.list_paged("i/", None, &|| me.refresh())?;
     for name in &index_names {
         let Some(sealed) = store.get(name)? else { continue };
         let idx = keys
@@ -761,7 +763,15 @@ pub fn cleanup(cfg: &Config, job_name: &str, clock: &dyn Clock, watch: &Watch) -
         }
         me.refresh()?;
     }
-    let (chunks, now) = store.list_dated("c/")?;
+    let (chunks, now) = store.list_dated_paged("c/", &|| me.refresh())?;
+    // An upload that started while the indexes and chunks were listed: its index is not among
+    // those read, and the chunks it reuses may look unreferenced. Nothing removed then.
+    if let Some((m, age)) = me.others()?.live.into_iter().find(|(m, _)| m.starts_with("lock/upload-")) {
+        return Ok(format!(
+            "{}: an affa --offsite upload started while this cleanup listed the bucket (its marker {m} was written {age} s ago); nothing removed: run --offsite-cleanup again when it is done\n",
+            store.shown
+        ));
+    }
     let bar = watch.meter(format!("offsite-cleanup {}", store.shown), Some(chunks.len() as u64));
     let (mut removed, mut bytes, mut young, mut used) = (0u64, 0u64, 0u64, 0u64);
     for (i, c) in chunks.iter().enumerate() {

@@ -372,14 +372,34 @@ impl Store {
     /// The names (below the prefix) of the objects whose names start with `under`; at most
     /// `max` when given (one page of up to 1000 names per request).
     pub fn list(&self, under: &str, max: Option<usize>) -> Result<Vec<String>> {
-        Ok(self.list_full(under, max)?.0.into_iter().map(|o| o.name).collect())
+        self.list_paged(under, max, &|| Ok(()))
+    }
+
+    /// [`Store::list`], calling `each_page` after every page (a long listing of millions of
+    /// objects keeps a run's marker fresh through it).
+    pub fn list_paged(
+        &self,
+        under: &str,
+        max: Option<usize>,
+        each_page: &dyn Fn() -> Result<()>,
+    ) -> Result<Vec<String>> {
+        Ok(self.list_full(under, max, each_page)?.0.into_iter().map(|o| o.name).collect())
     }
 
     /// The objects whose names start with `under`, with their LastModified, and the bucket's
     /// own time (the `Date` of its first answer): ages are measured on the bucket's clock, so
     /// a wrong clock on the backup server cannot make a young object look old.
     pub fn list_dated(&self, under: &str) -> Result<(Vec<Listed>, DateTime<Utc>)> {
-        let (objs, date) = self.list_full(under, None)?;
+        self.list_dated_paged(under, &|| Ok(()))
+    }
+
+    /// [`Store::list_dated`], calling `each_page` after every page.
+    pub fn list_dated_paged(
+        &self,
+        under: &str,
+        each_page: &dyn Fn() -> Result<()>,
+    ) -> Result<(Vec<Listed>, DateTime<Utc>)> {
+        let (objs, date) = self.list_full(under, None, each_page)?;
         let what = format!("LIST {under}");
         let now = date
             .as_deref()
@@ -417,7 +437,12 @@ impl Store {
         }
     }
 
-    fn list_full(&self, under: &str, max: Option<usize>) -> Result<(Vec<Listed>, Option<String>)> {
+    fn list_full(
+        &self,
+        under: &str,
+        max: Option<usize>,
+        each_page: &dyn Fn() -> Result<()>,
+    ) -> Result<(Vec<Listed>, Option<String>)> {
         let full = self.key(under);
         let strip = self.key("");
         let mut out = Vec::new();
@@ -460,6 +485,7 @@ impl Store {
                     out.push(Listed { name: name.to_string(), modified, size: c.size });
                 }
             }
+            each_page()?;
             token = page.next_continuation_token;
             if token.is_none() || max.is_some_and(|m| out.len() >= m) {
                 return Ok((out, date));

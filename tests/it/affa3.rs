@@ -846,7 +846,7 @@ fn sme_watchdog_and_package_check() {
             "sme",
             &sshd,
             &format!(
-                "SMEServer=yes\nWatchdog=yes\nRPMCheck=yes\nInclude={}/data\nExclude=/root\nTimeSchedule=2230\n",
+                "SMEServer=yes\nWatchdog=yes\nRPMCheck=yes\nInclude={}/data\nExclude=/root\nTimeSchedule=2230\nchunkFiles=*.img\nchunkSize=1M\n",
                 src.path().display()
             ),
         ),
@@ -863,7 +863,17 @@ fn sme_watchdog_and_package_check() {
             .output()
             .unwrap()
     };
+    // A chunked file inside SME's own backup set (not below an Include path): chunked into the
+    // archive, not left out of both transfers.
+    fs::create_dir_all("/home/e-smith/files/ibays").unwrap();
+    let img: Vec<u8> = (0..3u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    fs::write("/home/e-smith/files/ibays/disk.img", &img).unwrap();
     ok(&run("2026-03-02T10:00:00"));
+    let out = a.tmp.path().join("unchunked");
+    ok(&a.affa(&["--unchunk", "sme", "scheduled.0", "--to", out.to_str().unwrap()]));
+    let back =
+        fs::read(out.join("home/e-smith/files/ibays/disk.img")).expect("the chunked file of SME's set is missing");
+    assert!(back == img, "the chunked file of SME's set differs");
 
     // The package list of the host is in the archive; the differences are in rpms-missing.txt
     // and mailed once.

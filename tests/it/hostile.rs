@@ -898,7 +898,9 @@ fn a_report_planted_by_the_source_is_never_trusted() {
     // A report in scheduled.running that affa did not record as complete is not believed,
     // however it got there.
     fs::write(running.join(".AFFA3-REPORT"), "[Report]\nDate=209912312359\nExitStatus=0\n").unwrap();
-    affa.write_conf("web.conf", &base);
+    // An Include pattern that matches every dot file (rsync applies the first rule that
+    // matches: affa's own names are excluded before any of the job's patterns).
+    affa.write_conf("web.conf", &format!("{base}Include=.*\n"));
     ok(&affa.affa_at("2026-03-02T11:00:00", &["--run", "web"]));
     let job = affa.job_dir("web");
     assert_eq!(archive_names(&job), ["scheduled.0"], "the incomplete transfer became an archive");

@@ -114,6 +114,16 @@ fn random_hex() -> io::Result<String> {
 }
 
 /// Create `dir` (and its parents) with mode 0700 when it does not exist.
+/// Flush every file of the file system that holds `dir` to disk (`syncfs(2)`), and report a
+/// write-back error the kernel recorded for it since (Linux 5.8 and later): what rsync wrote
+/// (it never fsyncs) is durable once this returns.
+pub fn sync_filesystem(dir: &Path) -> Result<()> {
+    let f = File::open(dir).ctx(|| format!("cannot open {}", dir.display()))?;
+    rustix::fs::syncfs(&f)
+        .map_err(io::Error::from)
+        .ctx(|| format!("cannot flush the file system of {} to disk (syncfs)", dir.display()))
+}
+
 pub fn create_private_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     if !dir.is_dir() {

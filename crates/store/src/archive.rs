@@ -76,8 +76,8 @@ pub fn running_report(job_dir: &Path) -> Option<Report> {
     let want = fs::read_to_string(job_dir.join(RUNNING_COMPLETE)).ok()?;
     let f = crate::untrusted::open_regular(&job_dir.join(RUNNING).join(crate::report::REPORT_FILE)).ok()?;
     let mut data = Vec::new();
-    std::io::Read::read_to_end(&mut std::io::Read::take(f, 1 << 20), &mut data).ok()?;
-    if blake3::hash(&data).to_hex().as_str() != want.trim() {
+    std::io::Read::read_to_end(&mut std::io::Read::take(f, crate::report::REPORT_MAX as u64 + 1), &mut data).ok()?;
+    if data.len() > crate::report::REPORT_MAX || blake3::hash(&data).to_hex().as_str() != want.trim() {
         return None;
     }
     let r = Report::parse(&String::from_utf8_lossy(&data));

@@ -11,6 +11,9 @@ use std::path::Path;
 use crate::error::Result;
 
 pub const REPORT_FILE: &str = ".AFFA3-REPORT";
+/// The most of a report any reader reads (archive contents are not trusted): a report affa
+/// writes is never longer, or the archive it makes valid would not be recognised as complete.
+pub const REPORT_MAX: usize = 1 << 20;
 /// The report of an Affa 2 archive (`Key: value` lines), converted as Affa 3 does.
 pub const AFFA2_REPORT_FILE: &str = ".AFFA-REPORT";
 
@@ -61,19 +64,24 @@ impl Report {
         // Archive contents are not trusted: no symlink followed, no fifo opened, at most 1 MiB.
         let f = crate::untrusted::open_regular(&archive_dir.join(REPORT_FILE)).ok()?;
         let mut data = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::Read::take(f, 1 << 20), &mut data).ok()?;
+        std::io::Read::read_to_end(&mut std::io::Read::take(f, REPORT_MAX as u64), &mut data).ok()?;
         let r = Report::parse(&String::from_utf8_lossy(&data));
         r.date()?;
         Some(r)
     }
 
-    /// Write `DIR/.AFFA3-REPORT` atomically.
+    /// Write `DIR/.AFFA3-REPORT` atomically; a report longer than [`REPORT_MAX`] is refused
+    /// (readers would not see all of it).
     pub fn write(&self, archive_dir: &Path) -> Result<()> {
-        crate::fsutil::write_atomic(
-            &archive_dir.join(REPORT_FILE),
-            self.to_text().as_bytes(),
-            crate::fsutil::Perm::Mode(0o600),
-        )
+        let text = self.to_text();
+        if text.len() > REPORT_MAX {
+            bail!(
+                "the report of {} would be {} bytes, over the {REPORT_MAX} a reader reads",
+                archive_dir.display(),
+                text.len()
+            );
+        }
+        crate::fsutil::write_atomic(&archive_dir.join(REPORT_FILE), text.as_bytes(), crate::fsutil::Perm::Mode(0o600))
     }
 
     /// Add rsync's `--stats` lines as CamelCase keys, as Affa does ("Total file size: 1,234
@@ -175,6 +183,22 @@ pub fn parse_rsync_stats(output: &str) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A report longer than readers read is refused, not written (the archive it would make
+    /// valid would not be recognised as complete); one just under the limit is read back whole.
+    #[test]
+    fn a_report_over_the_readers_limit_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let mut r = Report::default();
+        r.set("Date", "202603021100");
+        r.set("ChunkVanishedFiles", "x".repeat(REPORT_MAX));
+        let e = r.write(t.path()).unwrap_err().to_string();
+        assert!(e.contains("over the 1048576 a reader reads"), "{e}");
+        assert!(!t.path().join(REPORT_FILE).exists());
+        r.set("ChunkVanishedFiles", "x".repeat(REPORT_MAX - 100));
+        r.write(t.path()).unwrap();
+        assert_eq!(Report::read(t.path()).unwrap(), r);
+    }
 
     const STATS: &str = "\nNumber of files: 1,234 (reg: 1,000, dir: 234)\nNumber of created files: 10 (reg: 10)\nNumber of deleted files: 0\nNumber of regular files transferred: 12\nTotal file size: 5,678,901 bytes\nTotal transferred file size: 1,024 bytes\nLiteral data: 1,024 bytes\nMatched data: 0 bytes\nFile list size: 0\nFile list generation time: 0.001 seconds\nFile list transfer time: 0.000 seconds\nTotal bytes sent: 71\nTotal bytes received: 2,019\n\nsent 71 bytes  received 2,019 bytes  180.00 bytes/sec\ntotal size is 5,678,901  speedup is 0.13\n";
 
