@@ -609,6 +609,16 @@ pub const SWEEP_PENDING: &str = ".affa-sweep-pending";
 /// leaves [`SWEEP_PENDING`], and the next run sweeps the whole pool. Orphans made by other
 /// means (an archive deleted by hand) are `affa --cleanup`'s, which sweeps the whole pool.
 pub fn delete_and_sweep(ctx: &Ctx) -> Result<()> {
+    delete_and_sweep_of(ctx, true)
+}
+
+/// [`delete_and_sweep`] of the trash only (a promotion-only run: the resume dir of an
+/// interrupted transfer stays for the next scheduled run).
+pub fn delete_trash_and_sweep(ctx: &Ctx) -> Result<()> {
+    delete_and_sweep_of(ctx, false)
+}
+
+fn delete_and_sweep_of(ctx: &Ctx, resume_too: bool) -> Result<()> {
     let root = ctx.job.root_dir();
     let pooled = !ctx.job.chunk.files.is_empty() || root.join(chunk::POOL_DIR).is_dir();
     let marker = ctx.job_dir.join(SWEEP_PENDING);
@@ -617,7 +627,9 @@ pub fn delete_and_sweep(ctx: &Ctx) -> Result<()> {
     if pooled && !pending {
         let trash = ctx.job_dir.join(archive::TRASH);
         let mut trees: Vec<PathBuf> = fs::read_dir(&trash).into_iter().flatten().flatten().map(|e| e.path()).collect();
-        trees.push(ctx.job_dir.join(archive::RESUME));
+        if resume_too {
+            trees.push(ctx.job_dir.join(archive::RESUME));
+        }
         for t in trees.iter().filter(|t| t.is_dir() && !t.is_symlink()) {
             ids.extend(chunk::linked_ids(t));
         }
@@ -629,7 +641,9 @@ pub fn delete_and_sweep(ctx: &Ctx) -> Result<()> {
         }
     }
     archive::empty_trash(&ctx.job_dir)?;
-    archive::remove_tree(&ctx.job_dir.join(archive::RESUME))?;
+    if resume_too {
+        archive::remove_tree(&ctx.job_dir.join(archive::RESUME))?;
+    }
     crate::interrupt::crash_point("before-sweep");
     if !pooled || !root.join(chunk::POOL_DIR).is_dir() {
         let _ = fs::remove_file(&marker);

@@ -138,8 +138,9 @@ pub fn check_rsync(ctx: &Ctx, res: &rsync::RsyncResult, what: &str, summary: &mu
         }
         // rsync's own stderr, printed by the rsync that writes into RootDir (the text of a child's
         // output, not one of our errors: it has no kind to check). Its exit code alone does not
-        // tell a full disk from other write failures.
-        Outcome::Failure(f) if res.errors.iter().any(|e| e.contains("No space left on device")) => {
+        // tell a full disk from other write failures. Only a line of the receiving side counts:
+        // the sender (the host) may print anything, and this deletes the resumable transfer.
+        Outcome::Failure(f) if res.errors.iter().any(|e| disk_full_line(e)) => {
             Err(disk_full(ctx, &format!("{what}: {f}")))
         }
         Outcome::Failure(f) => {
@@ -149,6 +150,13 @@ pub fn check_rsync(ctx: &Ctx, res: &rsync::RsyncResult, what: &str, summary: &mu
             )))
         }
     }
+}
+
+/// A line of rsync's stderr saying that the local, receiving side found RootDir's disk full
+/// (`rsync: [receiver] write failed on "...": No space left on device (28)`), not a message
+/// the sending host printed (`[sender]`).
+fn disk_full_line(e: &str) -> bool {
+    e.contains("No space left on device") && (e.contains("[receiver]") || e.contains("[generator]"))
 }
 
 /// RootDir's disk is full (`what` says where it showed): the incomplete transfer is deleted and

@@ -26,6 +26,12 @@ pub fn prepare_running(ctx: &Ctx, running: &Path) -> Result<Vec<PathBuf>> {
     archive::clear_running_complete(&ctx.job_dir)?;
     if running.exists() {
         ctx.log.info("resuming the interrupted transfer in scheduled.running");
+        if resume.join(crate::chunk::ARCHIVE_CHUNK_DIR).is_dir() {
+            // The pool entries only this older resume dir linked: found by the whole-pool
+            // sweep the end of the next successful run does (the marker survives a crash).
+            let marker = ctx.job_dir.join(crate::backup::chunked::SWEEP_PENDING);
+            fs::write(&marker, b"").ctx(|| format!("cannot write {}", marker.display()))?;
+        }
         archive::remove_tree(&resume)?;
         fs::rename(running, &resume).ctx(|| format!("cannot rename {} to {}", running.display(), resume.display()))?;
         let _ = fs::remove_file(resume.join(crate::report::REPORT_FILE));

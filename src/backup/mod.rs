@@ -85,7 +85,8 @@ fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
     if level != Level::Scheduled {
         let mut summary = RunSummary::default();
         promote(ctx, level, &mut summary)?;
-        archive::empty_trash(&ctx.job_dir)?;
+        // The archive a promotion pushed out: deleted, and the pool entries only it linked.
+        crate::backup::chunked::delete_trash_and_sweep(ctx)?;
         return Ok(summary);
     }
     // rsyncdMode=yes: the source is an rsync daemon (its password file lives for this run).

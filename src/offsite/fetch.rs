@@ -343,6 +343,14 @@ fn fetch_to(job: &Job, name: Option<&str>, to: Option<&Path>, watch: &Watch) -> 
             (d.to_path_buf(), d.to_path_buf())
         }
     };
+    // Made here, exclusively (a --to directory that appeared since the check above is an
+    // error, and never removed: it is not affa's).
+    if let Err(e) = fs::DirBuilder::new().mode(0o700).create(&root) {
+        if to.is_none() {
+            let _ = archive::remove_tree(&staging);
+        }
+        return Err(e).ctx(|| format!("cannot create {}", root.display()));
+    }
     // Until it is complete, the directory goes when this is dropped (an error on the way).
     let mut fetched = Fetched {
         archive: Archive { level, index, path: root.clone(), report: None },
@@ -351,7 +359,6 @@ fn fetch_to(job: &Job, name: Option<&str>, to: Option<&Path>, watch: &Watch) -> 
         date: idx.date.clone(),
         staging: Some(staging),
     };
-    fs::DirBuilder::new().mode(0o700).create(&root).ctx(|| format!("cannot create {}", root.display()))?;
     let parallel = super::settings(job)?.parallel.max(1) as usize;
     fetched.chunks.parallel = parallel;
     write_plain(&fetched.chunks, &idx, &root, &label, parallel, watch)?;

@@ -192,6 +192,37 @@ fn two_jobs_share_chunks_and_the_sweep_frees_exactly_the_unreferenced_ones() {
     ok(&s.affa.affa(&["--verify", "a"]));
 }
 
+/// A promotion-only run (`affa --run JOB daily`, Affa 3's cron line) that pushes an archive
+/// out of the keep counts frees the pool entries only that archive linked, as a scheduled run
+/// does; the resume dir of an interrupted transfer is not touched.
+#[test]
+fn a_promotion_that_drops_an_archive_frees_its_chunks() {
+    let s = setup(&[("a", "scheduledKeep=1\ndailyKeep=1\nweeklyKeep=0\nmonthlyKeep=0\nyearlyKeep=0\n")]);
+    let img = s.src.path().join("a/images/disk.img");
+    image(&img, 32 * MB, 31);
+    let job = s.affa.job_dir("a");
+    let exact = |what: &str| {
+        let mut live = BTreeSet::new();
+        for n in archive_names(&job) {
+            live.extend(referenced(&job.join(n)));
+        }
+        assert_eq!(pool_ids(&s.affa.root), live, "{what}: the pool holds exactly the chunks the archives reference");
+    };
+    for (i, day) in ["2026-06-01", "2026-06-02", "2026-06-03"].iter().enumerate() {
+        for k in 0..4 {
+            scribble(&img, (k * 5 + 2) * MB, MB, 60 + (i as u64 * 4 + k) as u8);
+        }
+        // The promotion first: the scheduled run after it has none of its own to do that day.
+        ok(&s.affa.affa_at(&format!("{day}T19:00:00"), &["--run", "a", "daily"]));
+        if i > 0 {
+            exact(&format!("after the promotion of {day}"));
+        }
+        ok(&s.affa.affa_at(&format!("{day}T20:00:00"), &["--run", "a"]));
+        exact(&format!("after the run of {day}"));
+    }
+    assert_eq!(archive_names(&job), ["daily.0", "scheduled.0"], "no archive was pushed out: the test proves nothing");
+}
+
 /// The sweep after a run looks only at the chunks of the archives the run deleted; a run killed
 /// after deleting them, before its sweep, leaves their chunk list nowhere: the next run sweeps
 /// the whole pool, and the pool again holds exactly what the archives reference.
