@@ -694,13 +694,14 @@ pub fn delete_job(cfg: &Config, name: &str, yes: bool, revoke: bool, watch: &Wat
     )?;
     let _l = lock::acquire(&cfg.lock_dir(), name)?;
     let _shared = crate::shared_lock::acquire_for(job)?;
+    // Before anything is changed (the host's key, the archives).
+    edit::check_editable(job)?;
     let mut out = String::new();
     if revoke && !job.local {
         out = revoke_key(cfg, name)
             .map_err(|e| e.context(format!("job {name} not deleted (run without --revoke-key to delete it anyway)")))?
             + "\n";
     }
-    edit::check_editable(job)?;
     archive::remove_tree(&dir)?;
     edit::remove_section(job)?;
     let _ = fs::remove_file(cfg.ssh_dir().join(format!("knownhosts-{name}")));

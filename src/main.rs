@@ -233,7 +233,15 @@ fn dispatch(inv: Invocation, ui: &Arc<render::Terminal>, out: &mut dyn Write) ->
             print(out, commands::send_status(&cfg, clock()?.as_ref())? + "\n")
         }
         Action::Nrpe { jobs } => {
-            let cfg = env.config()?;
+            // A configuration that stops every job is the plugin's CRITICAL, not affa's exit 1
+            // (which NRPE shows as WARNING).
+            let cfg = match env.config() {
+                Ok(c) => c,
+                Err(e) => {
+                    print(out, format!("CRITICAL: configuration: {e}\n"));
+                    return Ok(2);
+                }
+            };
             let (line, code) = affa::monitor::nrpe(&cfg, &jobs, clock()?.as_ref())?;
             print(out, line + "\n");
             return Ok(code as u8);

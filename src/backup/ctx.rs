@@ -105,6 +105,10 @@ pub struct Ctx<'a> {
     /// The socket of the run's ssh ControlMaster while it runs (`crate::transport::mux`):
     /// [`source`](Self::source) hands it to every ssh session of the run.
     pub ssh_control: std::cell::RefCell<Option<PathBuf>>,
+    /// RootDir, opened when the run starts: its `syncfs` before the report then reports a
+    /// write-back error of anything the transfer wrote (the kernel reports an error to a
+    /// descriptor opened before it happened, not to one opened after).
+    pub root_fd: std::cell::OnceCell<std::fs::File>,
 }
 
 impl Ctx<'_> {

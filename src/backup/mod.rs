@@ -47,6 +47,7 @@ pub fn run(cfg: &Config, job_name: &str, clock: &dyn Clock, opts: RunOptions) ->
         job_dir: job.job_dir(),
         extra_sources: Default::default(),
         ssh_control: Default::default(),
+        root_fd: Default::default(),
     };
     ctx.log.info(format!("Starting job {} {} ({})", job_name, opts.level.name(), job.host));
     let res = run_locked(&ctx, opts.level);
@@ -76,6 +77,9 @@ fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
             root.display(),
             ctx.job.name
         );
+    }
+    if let Ok(f) = fs::File::open(&root) {
+        let _ = ctx.root_fd.set(f);
     }
     // sharedRootDir=yes: no other server runs this job (taken after the local lock, so a run
     // refused here has touched nothing).
@@ -295,7 +299,10 @@ pub fn finish_report(ctx: &Ctx, running: &Path, report: &mut Report) -> Result<(
     // Everything the transfer wrote on disk before the report makes the archive valid: rsync
     // never fsyncs, and after a power cut a valid-looking archive of empty files (delayed
     // allocation), while rotation has deleted the oldest good one, would be worse than none.
-    crate::fsutil::sync_filesystem(running)?;
+    match ctx.root_fd.get() {
+        Some(f) => crate::fsutil::sync_filesystem_of(f, &ctx.job.root_dir())?,
+        None => crate::fsutil::sync_filesystem(running)?,
+    }
     crate::fsutil::write_atomic(
         &running.join(format!(".{}-setup.ini", ctx.job.name)),
         setup.as_bytes(),

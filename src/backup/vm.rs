@@ -324,6 +324,18 @@ fn transfer_logged_in(
     add(&mut conf, &after, &vmx)?;
     let kinds = ["config", "extendedConfig", "snapshotList", "nvram"];
     for f in after.layout_files.iter().filter(|f| kinds.contains(&f.kind.as_str())) {
+        // A "configuration file" named like a chunked disk's manifest would replace the
+        // manifest the disk step wrote (the index names it): never copied.
+        if f.name.ends_with(crate::chunk::MANIFEST_SUFFIX) {
+            let w = format!(
+                "the host lists {} as a configuration file of the VM; a name ending in {} is affa's, not copied",
+                one_line(&f.name),
+                crate::chunk::MANIFEST_SUFFIX
+            );
+            ctx.log.warn(&w);
+            summary.warnings.push(w);
+            continue;
+        }
         add(&mut conf, &after, &f.name)?;
     }
     let stem = vmx.strip_suffix(".vmx").unwrap_or(&vmx).to_string();

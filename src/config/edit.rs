@@ -11,24 +11,39 @@ use std::path::Path;
 use crate::config::Job;
 use crate::error::{IoContext, Result};
 
-fn section_name(line: &str) -> Option<&str> {
-    let l = line.trim();
-    l.strip_prefix('[')?.strip_suffix(']').map(str::trim)
+/// The UTF-8 byte order mark an editor may put before the first line.
+const BOM: &[u8] = "\u{feff}".as_bytes();
+
+/// A line as text for matching only (the file is edited as bytes: a Latin-1 comment and a byte
+/// order mark are written back as they were).
+fn text(line: &[u8]) -> String {
+    String::from_utf8_lossy(line.strip_prefix(BOM).unwrap_or(line)).into_owned()
 }
 
-fn key_of(line: &str) -> Option<&str> {
-    let l = line.trim();
+fn section_name(line: &[u8]) -> Option<String> {
+    let l = text(line);
+    let l = l.trim();
+    l.strip_prefix('[')?.strip_suffix(']').map(|n| n.trim().to_string())
+}
+
+fn key_of(line: &[u8]) -> Option<String> {
+    let l = text(line);
+    let l = l.trim();
     if l.starts_with('#') || l.starts_with(';') {
         return None;
     }
-    l.split_once('=').map(|(k, _)| k.trim())
+    l.split_once('=').map(|(k, _)| k.trim().to_string())
 }
 
-fn write(path: &Path, lines: &[String]) -> Result<()> {
-    let mut text = lines.join("\n");
-    text.push('\n');
+fn blank(line: &[u8]) -> bool {
+    line.iter().all(u8::is_ascii_whitespace)
+}
+
+fn write(path: &Path, lines: &[Vec<u8>]) -> Result<()> {
+    let mut text = lines.join(&b'\n');
+    text.push(b'\n');
     // The file may hold ESXiPassword: keep its mode (0600 for a new one) from the first byte.
-    crate::fsutil::write_atomic(path, text.as_bytes(), crate::fsutil::Perm::KeepOr(0o600))
+    crate::fsutil::write_atomic(path, &text, crate::fsutil::Perm::KeepOr(0o600))
 }
 
 /// An exclusive lock on the directory of a configuration file for one read-modify-write: two
@@ -50,12 +65,22 @@ fn lock_dir(path: &Path) -> Result<DirLock> {
 /// The job's file, locked, its lines, and the index of the job's header `[NAME]` as the file
 /// is now (the line number recorded when it was loaded may be stale: another edit, by affa or
 /// by hand, may have added or removed lines above it).
-fn open_section(job: &Job) -> Result<(DirLock, Vec<String>, usize)> {
+fn open_section(job: &Job) -> Result<(DirLock, Vec<Vec<u8>>, usize)> {
     let path = &job.origin.file;
     let lock = lock_dir(path)?;
-    let text = fs::read_to_string(path).ctx(|| format!("cannot read {}", path.display()))?;
-    let lines: Vec<String> = text.lines().map(String::from).collect();
-    let at: Vec<usize> = (0..lines.len()).filter(|&i| section_name(&lines[i]) == Some(job.name.as_str())).collect();
+    let bytes = fs::read(path).ctx(|| format!("cannot read {}", path.display()))?;
+    let mut lines: Vec<Vec<u8>> = bytes.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect();
+    // As `str::lines`: no empty last line after the final newline, and no '\r' at line ends.
+    if bytes.ends_with(b"\n") || bytes.is_empty() {
+        lines.pop();
+    }
+    for l in &mut lines {
+        if l.ends_with(b"\r") {
+            l.pop();
+        }
+    }
+    let at: Vec<usize> =
+        (0..lines.len()).filter(|&i| section_name(&lines[i]).as_deref() == Some(job.name.as_str())).collect();
     match at.as_slice() {
         [i] => Ok((lock, lines, *i)),
         [] => bail!(
@@ -68,29 +93,33 @@ fn open_section(job: &Job) -> Result<(DirLock, Vec<String>, usize)> {
     }
 }
 
-fn is_comment(l: &str) -> bool {
+fn is_comment(l: &[u8]) -> bool {
+    let l = text(l);
     let l = l.trim();
     l.starts_with('#') || l.starts_with(';')
 }
 
-/// The end (exclusive) of the section whose header is at `start`: the next header, less the
-/// comment lines (and blank lines between them) right above it, which describe that next one.
-fn section_end(lines: &[String], start: usize) -> usize {
-    let Some(next) = (start + 1..lines.len()).find(|&i| section_name(&lines[i]).is_some()) else {
-        return lines.len();
-    };
-    let mut end = next;
-    while end > start + 1 && (is_comment(&lines[end - 1]) || lines[end - 1].trim().is_empty()) {
-        end -= 1;
+/// Where the comment lines that describe the header at `header` begin: the comment lines right
+/// above it, when a blank line (or the start of the file) is above them; comment lines right
+/// below a section's keys (a key commented out) stay with that section.
+fn header_comments(lines: &[Vec<u8>], header: usize) -> usize {
+    let mut c = header;
+    while c > 0 && is_comment(&lines[c - 1]) {
+        c -= 1;
     }
-    // Only a block that holds a comment moves to the next section; blank lines alone stay.
-    if (end..next).any(|i| is_comment(&lines[i])) {
-        while end < next && lines[end].trim().is_empty() {
-            end += 1;
-        }
-        end
+    if c < header && (c == 0 || blank(&lines[c - 1])) {
+        c
     } else {
-        next
+        header
+    }
+}
+
+/// The end (exclusive) of the section whose header is at `start`: the next header, less the
+/// comment lines that describe that next one.
+fn section_end(lines: &[Vec<u8>], start: usize) -> usize {
+    match (start + 1..lines.len()).find(|&i| section_name(&lines[i]).is_some()) {
+        Some(next) => header_comments(lines, next).max(start + 1),
+        None => lines.len(),
     }
 }
 
@@ -116,7 +145,8 @@ pub fn check_editable(job: &Job) -> Result<()> {
             path.display()
         );
     }
-    Ok(())
+    // The section is there as the file is now (read, found once).
+    open_section(job).map(drop)
 }
 
 /// Set `key=value` in the job's own section (replacing an existing line, else appending one
@@ -126,13 +156,13 @@ pub fn set_key(job: &Job, key: &str, value: &str) -> Result<()> {
     let end = (start + 1..lines.len()).find(|&i| section_name(&lines[i]).is_some()).unwrap_or(lines.len());
     let new = format!("{key}={value}");
     if let Some(i) = (start + 1..end).find(|&i| key_of(&lines[i]).is_some_and(|k| k.eq_ignore_ascii_case(key))) {
-        lines[i] = new;
+        lines[i] = new.into_bytes();
     } else {
         let mut at = section_end(&lines, start);
-        while at > start + 1 && lines[at - 1].trim().is_empty() {
+        while at > start + 1 && blank(&lines[at - 1]) {
             at -= 1;
         }
-        lines.insert(at, new);
+        lines.insert(at, new.into_bytes());
     }
     write(&job.origin.file, &lines)
 }
@@ -140,7 +170,8 @@ pub fn set_key(job: &Job, key: &str, value: &str) -> Result<()> {
 /// Rename the job's section header.
 pub fn rename_section(job: &Job, new: &str) -> Result<()> {
     let (_lock, mut lines, i) = open_section(job)?;
-    lines[i] = format!("[{new}]");
+    let bom = if lines[i].starts_with(BOM) { BOM } else { b"" };
+    lines[i] = [bom, format!("[{new}]").as_bytes()].concat();
     write(&job.origin.file, &lines)
 }
 
@@ -149,11 +180,8 @@ pub fn rename_section(job: &Job, new: &str) -> Result<()> {
 pub fn remove_section(job: &Job) -> Result<()> {
     let (_lock, lines, header) = open_section(job)?;
     let end = section_end(&lines, header);
-    let mut start = header;
-    while start > 0 && is_comment(&lines[start - 1]) {
-        start -= 1;
-    }
-    let kept: Vec<String> = lines[..start].iter().chain(&lines[end..]).cloned().collect();
+    let start = header_comments(&lines, header);
+    let kept: Vec<Vec<u8>> = lines[..start].iter().chain(&lines[end..]).cloned().collect();
     write(&job.origin.file, &kept)
 }
 
@@ -201,6 +229,33 @@ mod tests {
         assert_eq!(fs::read_to_string(&f).unwrap(), before);
         rename_section(cfg.job("vm-c").unwrap(), "vm-d").unwrap();
         assert!(fs::read_to_string(&f).unwrap().ends_with("# the last one\n[vm-d]\nremoteHostName=c\n"));
+    }
+
+    /// Edited as bytes: a byte order mark, a Latin-1 comment and a key commented out below a
+    /// section stay as they were, in that section (the parser reads such a file; its edits
+    /// must work too).
+    #[test]
+    fn a_file_with_a_bom_and_latin1_is_edited_byte_for_byte() {
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("jobs.conf");
+        let text: &[u8] = b"\xef\xbb\xbf[vm-a]\nremoteHostName=a\n# caf\xe9\n#dailyKeep=9\n[vm-b]\nremoteHostName=b\n";
+        fs::write(&f, text).unwrap();
+        let cfg = Config::load(t.path()).unwrap();
+        assert!(cfg.problems.is_empty(), "{:?}", cfg.problems);
+        check_editable(cfg.job("vm-a").unwrap()).unwrap();
+        set_key(cfg.job("vm-a").unwrap(), "dailyKeep", "5").unwrap();
+        assert_eq!(
+            fs::read(&f).unwrap(),
+            b"\xef\xbb\xbf[vm-a]\nremoteHostName=a\n# caf\xe9\n#dailyKeep=9\ndailyKeep=5\n[vm-b]\nremoteHostName=b\n"
+        );
+        rename_section(cfg.job("vm-a").unwrap(), "vm-c").unwrap();
+        assert!(fs::read(&f).unwrap().starts_with(b"\xef\xbb\xbf[vm-c]\n"));
+        // vm-b's removal keeps vm-c's commented-out lines (no blank line above them).
+        remove_section(cfg.job("vm-b").unwrap()).unwrap();
+        assert_eq!(
+            fs::read(&f).unwrap(),
+            b"\xef\xbb\xbf[vm-c]\nremoteHostName=a\n# caf\xe9\n#dailyKeep=9\ndailyKeep=5\n"
+        );
     }
 
     #[test]

@@ -158,8 +158,6 @@ struct Dir {
     ds: String,
     dir: String,
     host: String,
-    orig_ds: String,
-    orig_dir: String,
 }
 
 /// Chunked files up to this size are rebuilt locally even where the agent runs: descriptors
@@ -266,13 +264,7 @@ fn restore_logged_in(
                 if !tdir.is_empty() {
                     host = format!("{host}{tdir}");
                 }
-                dirs.push(Dir {
-                    ds: tds,
-                    dir: tdir,
-                    host: host.trim_end_matches('/').to_string(),
-                    orig_ds: ds.to_string(),
-                    orig_dir: dir.to_string(),
-                });
+                dirs.push(Dir { ds: tds, dir: tdir, host: host.trim_end_matches('/').to_string() });
                 dirs.len() - 1
             }
         };
@@ -308,12 +300,18 @@ fn restore_logged_in(
         });
     }
     let (vmx_ds, vmx_dir, vmx_name) = vmx;
-    let vmx_target = dirs.iter().position(|d| d.orig_ds == vmx_ds && d.orig_dir == vmx_dir).ok_or_else(|| {
-        Error::new(format!(
-            "archive {} does not hold the VM's configuration file [{vmx_ds}] {vmx_dir}/{vmx_name}",
-            arch.name()
-        ))
-    })?;
+    // By the .vmx itself: a target directory records only the first source directory put into
+    // it (with --to-dir, `vm/sub` or `o` may come before `vm`).
+    let vmx_target = items
+        .iter()
+        .find(|it| it.orig_ds == vmx_ds && it.orig_dir == vmx_dir && it.name == vmx_name)
+        .map(|it| it.dir)
+        .ok_or_else(|| {
+            Error::new(format!(
+                "archive {} does not hold the VM's configuration file [{vmx_ds}] {vmx_dir}/{vmx_name}",
+                arch.name()
+            ))
+        })?;
     let new_vmx_path = {
         let d = &dirs[vmx_target];
         if d.dir.is_empty() {

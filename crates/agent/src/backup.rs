@@ -120,13 +120,19 @@ fn open(path: &Path) -> Result<File, Fault> {
     let bytes = path.as_os_str().as_bytes();
     let cut = bytes.iter().rposition(|&b| b == b'/').unwrap_or(0);
     let (dir, name) = (if cut == 0 { &b"/"[..] } else { &bytes[..cut] }, &bytes[cut + 1..]);
-    let f = crate::at::open_dir(dir)
-        .and_then(|d| crate::at::openat(&d, name, libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK, 0))
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ENOENT) => Fault(FaultKind::Vanished, 0, format!("{}: no such file", path.display())),
+    let vanished = || Fault(FaultKind::Vanished, 0, format!("{}: no such file", path.display()));
+    let d = crate::at::open_dir(dir).map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOENT) => vanished(),
+        _ => Fault(FaultKind::Open, 0, format!("cannot open {}: {e}", path.display())),
+    })?;
+    let f = crate::at::openat(&d, name, libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK, 0).map_err(|e| {
+        match e.raw_os_error() {
+            Some(libc::ENOENT) => vanished(),
+            // O_NOFOLLOW: the file itself is a symlink.
             Some(libc::ELOOP) => Fault(FaultKind::NotRegular, 0, format!("{}: is a symlink", path.display())),
             _ => Fault(FaultKind::Open, 0, format!("cannot open {}: {e}", path.display())),
-        })?;
+        }
+    })?;
     let m = f.metadata().map_err(|e| Fault(FaultKind::Open, 0, format!("cannot stat {}: {e}", path.display())))?;
     if !m.is_file() {
         return Err(Fault(FaultKind::NotRegular, 0, format!("{}: not a regular file", path.display())));

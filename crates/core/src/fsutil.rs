@@ -117,11 +117,18 @@ fn random_hex() -> io::Result<String> {
 /// Flush every file of the file system that holds `dir` to disk (`syncfs(2)`), and report a
 /// write-back error the kernel recorded for it since (Linux 5.8 and later): what rsync wrote
 /// (it never fsyncs) is durable once this returns.
+/// (The kernel reports a write-back error to descriptors opened before it: open `dir` before
+/// the writes, and call [`sync_filesystem_of`], to see theirs.)
 pub fn sync_filesystem(dir: &Path) -> Result<()> {
     let f = File::open(dir).ctx(|| format!("cannot open {}", dir.display()))?;
-    rustix::fs::syncfs(&f)
+    sync_filesystem_of(&f, dir)
+}
+
+/// [`sync_filesystem`] through a descriptor opened earlier (`shown` names it in the error).
+pub fn sync_filesystem_of(f: &File, shown: &Path) -> Result<()> {
+    rustix::fs::syncfs(f)
         .map_err(io::Error::from)
-        .ctx(|| format!("cannot flush the file system of {} to disk (syncfs)", dir.display()))
+        .ctx(|| format!("cannot flush the file system of {} to disk (syncfs)", shown.display()))
 }
 
 pub fn create_private_dir(dir: &Path) -> Result<()> {

@@ -16,6 +16,8 @@ pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
 pub const MAX_DEPTH: usize = 512;
 /// Most elements accepted in one response.
 pub const MAX_NODES: usize = 2_000_000;
+/// Most attributes of one element accepted (vSphere's elements have one or two).
+pub const MAX_ATTRS: usize = 64;
 
 /// One XML element: local name (namespace prefix dropped), its `xsi:type` (prefix of the
 /// value dropped), its plain `type` attribute (the type of a managed object reference), the
@@ -110,7 +112,13 @@ pub fn parse(xml: &[u8]) -> Result<Node> {
                     .to_string();
                 let mut node = Node::default();
                 node.name = name;
-                for a in e.attributes() {
+                // At most MAX_ATTRS of them (vSphere writes one or two): quick-xml's duplicate
+                // check compares each attribute with every earlier one, and one start tag of
+                // millions of attributes would take hours.
+                for (i, a) in e.attributes().enumerate() {
+                    if i >= MAX_ATTRS {
+                        return Err(bad(format!("an element with more than {MAX_ATTRS} attributes")));
+                    }
                     let a = a.map_err(|e| bad(e.to_string()))?;
                     if a.key.local_name().into_inner() != b"type" {
                         continue;
@@ -341,6 +349,20 @@ mod tests {
             assert!(parse(c).is_err(), "accepted {:?}", String::from_utf8_lossy(c));
             assert!(parse_reply(c).is_err());
         }
+    }
+
+    /// One start tag with a million attributes: refused at once (not hours of duplicate checks).
+    #[test]
+    fn attribute_limit() {
+        let mut s = String::from("<a");
+        for i in 0..1_000_000 {
+            s.push_str(&format!(" a{i}=\"\""));
+        }
+        s.push_str("/>");
+        let e = parse(s.as_bytes()).unwrap_err().to_string();
+        assert!(e.contains(&format!("more than {MAX_ATTRS} attributes")), "{e}");
+        let ok: String = format!("<a{}/>", (0..MAX_ATTRS).map(|i| format!(" a{i}=\"\"")).collect::<String>());
+        parse(ok.as_bytes()).unwrap();
     }
 
     #[test]
