@@ -227,7 +227,12 @@ impl Config {
                     if line.starts_with('[') {
                         return Err(Error::config(format!("{origin}: section header '{line}' holds bytes that are not UTF-8 (shown as {NOT_UTF8}); expected [JOBNAME] in UTF-8")));
                     }
-                    error(&current, format!("{origin}: line '{line}' holds bytes that are not UTF-8 (shown as {NOT_UTF8}); expected UTF-8 text"))?;
+                    // Only the key is shown: the value may be a password.
+                    let msg = match line.split_once('=') {
+                        Some((k, _)) => format!("{origin}: the value of key '{}' holds bytes that are not UTF-8; expected UTF-8 text", k.trim()),
+                        None => format!("{origin}: line '{line}' holds bytes that are not UTF-8 (shown as {NOT_UTF8}); expected UTF-8 text"),
+                    };
+                    error(&current, msg)?;
                     continue;
                 }
                 if let Some(rest) = line.strip_prefix('[') {
@@ -767,10 +772,10 @@ mod tests {
             raw(b"# caf\xe9\n[GlobalAffaConfig]\nRootDir=/srv/b\n[web]\nremoteHostName=h\n").unwrap().strict().unwrap();
         assert_eq!(c.job("web").unwrap().job_dir(), PathBuf::from("/srv/b/web"));
         let e = raw(b"[GlobalAffaConfig]\nRootDir=/srv/caf\xe9\n").err().unwrap().to_string();
-        assert!(
-            e.starts_with("/etc/affa/t.conf:2: line 'RootDir=/srv/caf\u{fffd}' holds bytes that are not UTF-8"),
-            "{e}"
-        );
+        assert!(e.starts_with("/etc/affa/t.conf:2: the value of key 'RootDir' holds bytes that are not UTF-8"), "{e}");
+        // A password is never shown, not even a part of it.
+        let c = raw(b"[web]\nremoteHostName=h\nESXiPassword=s3cr\xe9t\n").unwrap();
+        assert!(!c.problems.is_empty() && c.problems.iter().all(|p| !p.contains("s3cr")), "{:?}", c.problems);
         let c = raw(
             b"[GlobalAffaConfig]\nRootDir=/srv/b\n[web]\nremoteHostName=h\nInclude=/caf\xe9\n[db]\nremoteHostName=d\n",
         )
