@@ -657,8 +657,9 @@ struct Moved {
 
 /// The name a restored `.vmx`, `.vmsd` or descriptor (from `from`, restored to `to`: datastore
 /// and directory) must give for what it named as `v` on the source host: None when `v` stays
-/// right (a relative name that finds the same file at the new place, or a file the archive
-/// does not hold), else the file's target host path. Relative names count: `--to-dir` puts the
+/// right (a relative name that finds the same file at the new place, or a name in a directory
+/// the archive holds nothing of), else the name's target host path (the lookup is by directory:
+/// an ISO the archive lacks, in the VM's own directory, is pointed at the copy's directory too). Relative names count: `--to-dir` puts the
 /// VM's directories into one, so `../other/d.vmdk` would name the original VM's disk.
 fn new_reference(
     v: &str,
