@@ -58,15 +58,31 @@ fn freedup_fields(r: &Report) -> [String; 5] {
     ]
 }
 
+/// What `--list-archives` found: the listing, and one line per job whose archives could not be
+/// read (those jobs are left out of the listing; the others are listed all the same).
+pub struct ArchiveListing {
+    pub text: String,
+    pub unreadable: Vec<String>,
+}
+
 /// `--list-archives [--csv] [JOB...]`
-pub fn list_archives(cfg: &Config, names: &[String], csv: bool) -> Result<String> {
+pub fn list_archives(cfg: &Config, names: &[String], csv: bool) -> Result<ArchiveListing> {
     let mut out = String::new();
+    let mut unreadable = Vec::new();
     if csv {
         out.push_str(ARCHIVES_CSV_HEADER);
         out.push('\n');
     }
     for job in select(cfg, names)? {
-        let all = archive::list(&job.job_dir())?;
+        // One job whose archives cannot be read (EIO, a file in its directory's place) does not
+        // hide the others' archives.
+        let all = match archive::list(&job.job_dir()) {
+            Ok(a) => a,
+            Err(e) => {
+                unreadable.push(format!("job {}: cannot read its archives: {e}", job.name));
+                continue;
+            }
+        };
         if csv {
             for a in all.iter().rev() {
                 out.push_str(&archive_csv_row(job, a));
@@ -80,7 +96,7 @@ pub fn list_archives(cfg: &Config, names: &[String], csv: bool) -> Result<String
         });
         out.push_str(&archives_text(job, &all, keeps(job)));
     }
-    Ok(out)
+    Ok(ArchiveListing { text: out, unreadable })
 }
 
 /// One row of `--list-archives --csv` (see [`ARCHIVES_CSV_HEADER`]).
@@ -935,7 +951,12 @@ pub fn status_text(cfg: &Config, clock: &dyn Clock) -> Result<String> {
     body.push_str("\nDisk usage:\n");
     body.push_str(&disk_usage(cfg, false)?);
     body.push_str("\nArchives:\n");
-    body.push_str(&list_archives(cfg, &[], false)?);
+    let listing = list_archives(cfg, &[], false)?;
+    body.push_str(&listing.text);
+    for l in &listing.unreadable {
+        body.push_str(l);
+        body.push('\n');
+    }
     Ok(body)
 }
 

@@ -103,7 +103,7 @@ pub fn man_affa() -> Vec<u8> {
     let mut r = Roff::new();
     configuration_section(&mut r);
     r.control("SH", ["FILES"]);
-    let files: [(String, &str); 8] = [
+    let files: [(String, &str); 9] = [
         ("/etc/affa/*.conf".into(), "the configuration: [GlobalAffaConfig] and one section per job (subdirectories included)"),
         (format!("{root}/JOB/"), "the archives of JOB (RootDir is per job)"),
         (default_of("cronFile"), "the cron file, written by affa from the configuration (--make-cronjobs, and every 15 minutes by --_cronupdate when the configuration changed)"),
@@ -112,6 +112,7 @@ pub fn man_affa() -> Vec<u8> {
         (default_of("sshDir"), "affa's ssh key and the known-hosts file of each job (written by --send-key)"),
         (affa::install::AGENT_PATH.into(), "the static agent that affa copies to a host (agentBinary)"),
         (affa::install::LOGROTATE_PATH.into(), "the rotation of the logs"),
+        (affa::install::TMPFILES_PATH.into(), "makes the lock directory at boot, root's, before any user could"),
     ];
     for (path, what) in &files {
         tagged(&mut r, path, what);

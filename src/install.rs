@@ -2,7 +2,7 @@
 //! the static agent to PREFIX/usr/lib/affa/affa-agent, the man pages and shell completions the
 //! binary makes from its command line, PREFIX/etc/affa with a commented global file and two
 //! sample jobs (a Linux host, an ESXi VM; both `status=disabled` and valid for `affa
-//! --configcheck`), the logrotate snippet, then [`setup`]: the state directories and the cron
+//! --configcheck`), the logrotate snippet, the tmpfiles.d entry of the lock directory, then [`setup`]: the state directories and the cron
 //! file. The Debian and RPM packages are built from a PREFIX install (scripts/build-packages.sh)
 //! and their postinst runs `affa --_setup`, so a package and a source install are the same files.
 //!
@@ -45,6 +45,12 @@ pub const BINARY_PATH: &str = "/usr/sbin/affa";
 pub const AGENT_PATH: &str = crate::transport::agent::DEFAULT_LOCAL;
 /// The logrotate snippet.
 pub const LOGROTATE_PATH: &str = "/etc/logrotate.d/affa";
+/// The tmpfiles.d entry that makes the default lock directory at boot, as root, 0700 (docs/SECURITY-local.md).
+pub const TMPFILES_PATH: &str = "/usr/lib/tmpfiles.d/affa.conf";
+/// Its text: `lockDir`'s default, /var/lock/affa, is /run/lock/affa, in a tmpfs emptied at boot and
+/// writable by every user; made by systemd-tmpfiles before any user can log in, it is root's,
+/// so a local user cannot take the name first (affa would then refuse every run).
+pub const TMPFILES_TEXT: &str = "# affa's lock directory (lockDir's default, /var/lock/affa), made at boot before any user can\n# take the name in the world-writable /run/lock (written by affa --install).\nd /run/lock/affa 0700 root root -\n";
 
 pub const GLOBAL_SAMPLE: &str = "# affa global settings; every key: affa --show-default-config
 # A value here is the default of every job; a job's own section overrides it.
@@ -284,6 +290,7 @@ pub fn install(opts: &InstallOptions) -> Result<String> {
     let lr = under(&prefix, LOGROTATE_PATH);
     crate::fsutil::write_file(&lr, &logrotate_text(&cfg.settings.log_dir.to_string_lossy()), 0o644)?;
     done.push(format!("wrote {}", lr.display()));
+    install_file(&under(&prefix, TMPFILES_PATH), TMPFILES_TEXT.as_bytes(), 0o644, &mut done)?;
     done.push(format!(
         "next: edit a copy of {}/example-linux.conf, then affa --send-key JOB, affa --run JOB, affa --make-cronjobs",
         DEFAULT_CONFIG_DIR

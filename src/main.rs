@@ -121,7 +121,16 @@ fn dispatch(inv: Invocation, ui: &Arc<render::Terminal>, out: &mut dyn Write) ->
             }
             return Ok(if errors.is_empty() { 0 } else { 1 });
         }
-        Action::ListArchives { jobs, csv } => print(out, commands::list_archives(&env.config()?, &jobs, csv)?),
+        Action::ListArchives { jobs, csv } => {
+            let listing = commands::list_archives(&env.config()?, &jobs, csv)?;
+            print(out, listing.text);
+            if !listing.unreadable.is_empty() {
+                for l in &listing.unreadable {
+                    eprintln!("affa: error: {l}");
+                }
+                return Ok(1);
+            }
+        }
         Action::Status { csv, all } => {
             let cfg = env.config()?;
             print(out, commands::status(&cfg, clock()?.as_ref(), csv, all)?)

@@ -534,6 +534,17 @@ mod tests {
         assert_eq!(code, 2);
         let st = crate::commands::status(&cfg, &FixedClock(at("2026-03-02 12:00")), false, true).unwrap();
         assert!(st.contains("cannot read its archives") && st.contains("fresh") && st.contains("job odd: "), "{st}");
+        // --list-archives lists the other job and names the unreadable one (it stopped at it).
+        for csv in [false, true] {
+            let l = crate::commands::list_archives(&cfg, &[], csv).unwrap();
+            assert!(l.text.contains("fresh") && l.text.contains("2026"), "{}", l.text);
+            assert!(!l.text.contains("odd"), "{}", l.text);
+            assert_eq!(l.unreadable.len(), 1);
+            assert!(l.unreadable[0].starts_with("job odd: cannot read its archives: "), "{:?}", l.unreadable);
+        }
+        // The status mail is still made, with both jobs in it.
+        let body = crate::commands::status_text(&cfg, &FixedClock(at("2026-03-02 12:00"))).unwrap();
+        assert!(body.contains("job odd: cannot read its archives: ") && body.contains("fresh"), "{body}");
     }
 
     #[test]

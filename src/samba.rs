@@ -56,6 +56,7 @@ fn ensure_mounted(cfg: &Config, job: &Job, dir: &Path) -> Result<()> {
     // send the root-only view, and the share smbd serves as root, somewhere else.
     crate::lock::open_dir(&cfg.lock_dir(), true)?;
     crate::fsutil::create_private_dir(dir.parent().unwrap_or(dir))?;
+    detach_dead_mount(dir)?;
     fs::create_dir_all(dir).ctx(|| format!("cannot create {}", dir.display()))?;
     for d in [dir.parent().unwrap_or(dir), dir] {
         let m = fs::symlink_metadata(d).ctx(|| format!("cannot stat {}", d.display()))?;
@@ -81,6 +82,24 @@ fn ensure_mounted(cfg: &Config, job: &Job, dir: &Path) -> Result<()> {
         dir.into(),
     ];
     crate::mount::spawn_detached(&exe, &args)
+}
+
+/// An affa mount at `dir` whose process is gone (killed, or the machine ran out of memory):
+/// every look at it fails with "Transport endpoint is not connected". It is detached, so that
+/// it can be mounted again; a live mount, or anything that is not an affa mount, is left alone.
+fn detach_dead_mount(dir: &Path) -> Result<()> {
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else { return Ok(()) };
+    let Ok(real) = fs::canonicalize(parent).map(|p| p.join(name)) else { return Ok(()) };
+    match fs::symlink_metadata(&real) {
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOTCONN.raw_os_error()) => {}
+        _ => return Ok(()),
+    }
+    if !crate::mount::affa_mounts().contains(&real) {
+        return Ok(());
+    }
+    rustix::mount::unmount(&real, rustix::mount::UnmountFlags::DETACH)
+        .map_err(std::io::Error::from)
+        .ctx(|| format!("cannot detach the dead affa mount at {}", real.display()))
 }
 
 fn share_at(job: &Job, path: &Path) -> String {

@@ -527,6 +527,11 @@ impl Job {
                 if self.esxi() { "ESXi=yes" } else { "rsyncdMode=yes" }
             );
         }
+        // Samba's own sections: `[global]` in an included file sets `force user = root` and
+        // `valid users` for EVERY share of the server; `[homes]`, `[printers]` are special.
+        if self.samba_share && ["global", "homes", "printers"].iter().any(|n| self.name.eq_ignore_ascii_case(n)) {
+            bail!(Config, "{o}: job [{}] has SambaShare=yes, but a Samba share of that name is one of Samba's own sections ([global] would make its settings, `force user = root` among them, apply to every share of this server); expected SambaShare=no, or another job name (affa --rename-job)", self.name);
+        }
         if self.samba_share && self.samba_users.is_empty() {
             bail!(Config, "{o}: job [{}] has SambaShare=yes but SambaValidUser is empty; expected the Samba users allowed to read its archives (e.g. SambaValidUser=affa): the share reads every archive as root, so it is never opened to all users", self.name);
         }
@@ -867,6 +872,11 @@ mod tests {
             assert!(e.starts_with("/etc/affa/t.conf:1: job [web] has SambaShare=yes but SambaValidUser is empty; expected the Samba users allowed"), "{e}");
         }
         assert!(parse("[web]\nremoteHostName=h\nSambaShare=no\nSambaValidUser=\n").is_ok());
+        for name in ["global", "Homes", "PRINTERS"] {
+            let e = parse(&format!("[{name}]\nremoteHostName=h\nSambaShare=yes\n")).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("/etc/affa/t.conf:1: job [{name}] has SambaShare=yes, but a Samba share of that name is one of Samba's own sections")), "{e}");
+            assert!(parse(&format!("[{name}]\nremoteHostName=h\nSambaShare=no\n")).is_ok());
+        }
         assert!(parse("[web]\nremoteHostName=h\nSambaShare=yes\n").is_ok(), "the default user affa");
     }
 

@@ -492,6 +492,20 @@ fn the_samba_share_of_a_chunked_job_serves_the_mounted_view() {
     ok(&s.affa.affa(&["--samba-shares"]));
     let t = fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert_eq!(t.lines().filter(|l| l.split(' ').nth(4) == Some(mp.to_str().unwrap())).count(), 1);
+    // The mount's process killed (an OOM kill): the mount point answers ENOTCONN; the next
+    // --samba-shares detaches the dead mount and mounts the archives again.
+    let pid = server_pid(&mp).expect("the mount's process");
+    signal(pid, rustix::process::Signal::KILL);
+    let dead = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        fs::metadata(&mp).err().and_then(|e| e.raw_os_error()) == Some(rustix::io::Errno::NOTCONN.raw_os_error())
+    });
+    assert!(dead, "the killed mount did not answer ENOTCONN");
+    let out = ok(&s.affa.affa(&["--samba-shares"]));
+    assert!(out.starts_with("Samba shares: vm"), "{out}");
+    assert!(fs::read_dir(&mp).is_ok(), "the share's mount point still does not answer");
+    let t = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert_eq!(t.lines().filter(|l| l.split(' ').nth(4) == Some(mp.to_str().unwrap())).count(), 1, "{t}");
     // The chunked disk comes through the share byte-identical; the store does not show.
     let got = s.affa.tmp.path().join("got.img");
     let rel = s.rel.join("images/disk.img");

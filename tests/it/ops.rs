@@ -718,6 +718,7 @@ fn install_into_a_prefix_gives_a_valid_configuration() {
         "etc/affa/example-esxi.conf",
         "etc/cron.d/affa",
         "etc/logrotate.d/affa",
+        "usr/lib/tmpfiles.d/affa.conf",
     ] {
         assert!(prefix.join(f).is_file(), "{f} missing:\n{out}");
     }
@@ -752,6 +753,9 @@ fn install_into_a_prefix_gives_a_valid_configuration() {
         lr.starts_with("# affa's logs") && lr.contains("/var/log/affa/*.log {\n") && lr.contains("missingok"),
         "{lr}"
     );
+    // The lock directory is made at boot, root's and private, before a user could take its name.
+    let tf = fs::read_to_string(prefix.join("usr/lib/tmpfiles.d/affa.conf")).unwrap();
+    assert!(tf.lines().any(|l| l == "d /run/lock/affa 0700 root root -"), "{tf}");
 
     // Again: an edited configuration file is never overwritten.
     fs::write(prefix.join("etc/affa/example-linux.conf"), samples.replace("host.example.com", "mine.example.com"))

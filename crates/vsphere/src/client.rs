@@ -6,7 +6,8 @@
 //! transport failures to one-line errors naming the host. Must never: send anything before the
 //! host's certificate matched the pin, follow redirects, put a password or a request body into
 //! an error or Debug output, wait on a task without a deadline, or take answers without a bound
-//! (one answer: soap::MAX_RESPONSE_BYTES; one retrieval: MAX_RETRIEVE_PAGES, MAX_RETRIEVE_BYTES).
+//! (one answer: soap::MAX_RESPONSE_BYTES, soap::MAX_NODES; one retrieval: MAX_RETRIEVE_PAGES,
+//! MAX_RETRIEVE_BYTES, and soap::MAX_NODES elements kept in all).
 
 use super::model::{
     decode_entity_name, parse_disks, parse_layout_disks, parse_layout_files, parse_layout_snapshots, parse_moref_array,
@@ -442,12 +443,17 @@ impl Client {
 
     /// RetrievePropertiesEx with the given `<specSet>` content, following continuation tokens
     /// with ContinueRetrievePropertiesEx.
-    /// A host that keeps sending pages is stopped at [`MAX_RETRIEVE_PAGES`] pages or
-    /// [`MAX_RETRIEVE_BYTES`] bytes in all, whichever comes first.
+    /// A host that keeps sending pages is stopped at [`MAX_RETRIEVE_PAGES`] pages,
+    /// [`MAX_RETRIEVE_BYTES`] bytes or [`soap::MAX_NODES`] elements kept in all, whichever
+    /// comes first (the elements bound the memory: a byte of XML can cost a hundred in a tree).
     pub fn retrieve(&self, spec: &str) -> Result<Vec<ObjectContent>> {
         let inner = format!("{}<specSet>{spec}</specSet><options/>", self.this_pc());
         let (resp, mut total) = self.call_sized("RetrievePropertiesEx", &inner)?;
-        let (mut objs, mut token) = parse_retrieve_result(&resp).map_err(|e| self.at_host(e))?;
+        let (mut objs, mut token) = parse_retrieve_result(resp).map_err(|e| self.at_host(e))?;
+        let kept = |objs: &[ObjectContent]| -> usize {
+            objs.iter().map(|o| o.props.iter().map(|(_, v)| v.count()).sum::<usize>()).sum()
+        };
+        let mut nodes = kept(&objs);
         let mut pages = 1;
         while let Some(t) = token {
             if pages >= MAX_RETRIEVE_PAGES {
@@ -465,7 +471,14 @@ impl Client {
                     MAX_RETRIEVE_BYTES >> 20
                 )));
             }
-            let (more, next) = parse_retrieve_result(&resp).map_err(|e| self.at_host(e))?;
+            let (more, next) = parse_retrieve_result(resp).map_err(|e| self.at_host(e))?;
+            nodes += kept(&more);
+            if nodes > soap::MAX_NODES {
+                return Err(self.err(format!(
+                    "property retrieval sent more than {} elements in {pages} pages; refusing more",
+                    soap::MAX_NODES
+                )));
+            }
             objs.extend(more);
             token = next;
         }
@@ -963,6 +976,46 @@ mod tests {
         assert!(reqs[3].contains("Cookie: vmware_soap_session=\"abc\""));
         assert!(reqs[5].contains("<ContinueRetrievePropertiesEx") && reqs[5].contains("<token>t1</token>"));
         assert!(reqs[6].contains("<token>t2</token>"));
+    }
+
+    /// A host whose pages are each within the limits of one answer, but which together would
+    /// be trees of many GB, is stopped at MAX_NODES elements kept.
+    #[test]
+    fn a_retrieval_keeps_at_most_max_nodes_elements() {
+        let big = "<a/>".repeat(soap::MAX_NODES * 3 / 5);
+        let page = |tok: &str, id: &str| {
+            env(&format!(
+                "<R xmlns=\"urn:vim25\"><returnval><token>{tok}</token><objects><obj type=\"VirtualMachine\">{id}</obj><propSet><name>name</name><val>{big}</val></propSet></objects></returnval></R>"
+            ))
+        };
+        let answers = vec![
+            (200, env(SC)),
+            (200, env(r#"<LoginResponse xmlns="urn:vim25"><returnval><key>k</key></returnval></LoginResponse>"#)),
+            (
+                200,
+                env(
+                    r#"<CreateContainerViewResponse xmlns="urn:vim25"><returnval type="ContainerView">session[1]v</returnval></CreateContainerViewResponse>"#,
+                ),
+            ),
+            (200, page("t1", "1")),
+            (200, page("t2", "2")),
+            (200, env("<DestroyViewResponse xmlns=\"urn:vim25\"></DestroyViewResponse>")),
+        ];
+        let (port, h) = fake_server(answers);
+        let mut o = ConnectOptions::new("127.0.0.1");
+        o.port = port;
+        o.plain_http = true;
+        o.timeout = Duration::from_secs(20);
+        let mut c = Client::connect(o).unwrap();
+        c.login("root", &Password::new("pw")).unwrap();
+        let e = c.list_vm_names().unwrap_err();
+        assert!(
+            e.message().contains(&format!("property retrieval sent more than {} elements in 2 pages", soap::MAX_NODES)),
+            "{e}"
+        );
+        std::mem::forget(c);
+        let reqs = h.join().unwrap();
+        assert!(reqs[4].contains("<token>t1</token>"), "{}", reqs[4]);
     }
 
     #[test]

@@ -95,22 +95,25 @@ impl ObjectContent {
 
 /// Split a RetrieveResult (`returnval` of RetrievePropertiesEx / ContinueRetrievePropertiesEx)
 /// into objects and the continuation token. A missing returnval means "no objects".
-pub fn parse_retrieve_result(response: &Node) -> Result<(Vec<ObjectContent>, Option<String>)> {
-    let Some(rv) = response.child("returnval") else {
+pub fn parse_retrieve_result(mut response: Node) -> Result<(Vec<ObjectContent>, Option<String>)> {
+    // Taken by value: the properties' trees are moved out, not copied (a copy doubled the
+    // memory of a big answer while the answer was still held).
+    let Some(i) = response.children.iter().position(|c| c.name == "returnval") else {
         return Ok((Vec::new(), None));
     };
+    let mut rv = response.children.swap_remove(i);
     let token = rv.child_text("token").filter(|t| !t.is_empty()).map(str::to_string);
     let mut out = Vec::new();
-    for o in rv.children_named("objects") {
+    for mut o in std::mem::take(&mut rv.children).into_iter().filter(|c| c.name == "objects") {
         let obj = o
             .child("obj")
             .and_then(MoRef::from_node)
             .ok_or_else(|| Error::new("property result object without a reference"))?;
         let mut props = Vec::new();
-        for p in o.children_named("propSet") {
+        for mut p in std::mem::take(&mut o.children).into_iter().filter(|c| c.name == "propSet") {
             let name = p.child_text("name").unwrap_or("").to_string();
-            if let Some(v) = p.child("val") {
-                props.push((name, v.clone()));
+            if let Some(i) = p.children.iter().position(|c| c.name == "val") {
+                props.push((name, p.children.swap_remove(i)));
             }
         }
         out.push(ObjectContent { obj, props });
@@ -655,7 +658,7 @@ mod tests {
     #[test]
     fn vm_properties_with_parent_chain_and_snapshots() {
         let b = body(&vm_fixture());
-        let (objs, token) = parse_retrieve_result(&b).unwrap();
+        let (objs, token) = parse_retrieve_result(b).unwrap();
         assert_eq!(token, None);
         assert_eq!(objs.len(), 1);
         let o = &objs[0];
@@ -755,7 +758,7 @@ mod tests {
         let Ok(Reply::Ok(b)) = parse_reply(xml) else {
             return;
         };
-        let Ok((objs, _)) = parse_retrieve_result(&b) else {
+        let Ok((objs, _)) = parse_retrieve_result(b) else {
             return;
         };
         for o in &objs {
@@ -831,7 +834,7 @@ mod tests {
         let running = format!(
             r#"{ENV_HEAD}<RetrievePropertiesExResponse xmlns="urn:vim25"><returnval><objects><obj type="Task">haTask-42-vim.VirtualMachine.createSnapshot-1</obj><propSet><name>info</name><val xsi:type="TaskInfo"><key>haTask-42-vim.VirtualMachine.createSnapshot-1</key><task type="Task">haTask-42-vim.VirtualMachine.createSnapshot-1</task><name>vim.VirtualMachine.createSnapshot</name><descriptionId>VirtualMachine.createSnapshot</descriptionId><entity type="VirtualMachine">42</entity><entityName>web01</entityName><state>running</state><cancelled>false</cancelled><cancelable>false</cancelable><progress>37</progress></val></propSet></objects></returnval></RetrievePropertiesExResponse>{ENV_TAIL}"#
         );
-        let (o, _) = parse_retrieve_result(&body(&running)).unwrap();
+        let (o, _) = parse_retrieve_result(body(&running)).unwrap();
         let t = parse_task_info(o[0].prop("info").unwrap()).unwrap();
         assert_eq!(t.state, TaskState::Running);
         assert_eq!(t.progress, Some(37));
@@ -840,7 +843,7 @@ mod tests {
         let ok = format!(
             r#"{ENV_HEAD}<RetrievePropertiesExResponse xmlns="urn:vim25"><returnval><objects><obj type="Task">t1</obj><propSet><name>info</name><val xsi:type="TaskInfo"><state>success</state><result xsi:type="ManagedObjectReference" type="VirtualMachineSnapshot">42-snapshot-3</result></val></propSet></objects></returnval></RetrievePropertiesExResponse>{ENV_TAIL}"#
         );
-        let (o, _) = parse_retrieve_result(&body(&ok)).unwrap();
+        let (o, _) = parse_retrieve_result(body(&ok)).unwrap();
         let t = parse_task_info(o[0].prop("info").unwrap()).unwrap();
         assert_eq!(t.state, TaskState::Success);
         assert_eq!(t.result, Some(MoRef::new("VirtualMachineSnapshot", "42-snapshot-3")));
@@ -849,7 +852,7 @@ mod tests {
             r#"{ENV_HEAD}<RetrievePropertiesExResponse xmlns="urn:vim25"><returnval><objects><obj type="Task">t1</obj><propSet><name>info</name><val xsi:type="TaskInfo"><descriptionId>VirtualMachine.createSnapshot</descriptionId><state>error</state><error><fault xsi:type="FileLocked"><file>x</file></fault><localizedMessage>Unable to access file
  since it is locked</localizedMessage></error></val></propSet></objects></returnval></RetrievePropertiesExResponse>{ENV_TAIL}"#
         );
-        let (o, _) = parse_retrieve_result(&body(&err)).unwrap();
+        let (o, _) = parse_retrieve_result(body(&err)).unwrap();
         let t = parse_task_info(o[0].prop("info").unwrap()).unwrap();
         assert_eq!(t.state, TaskState::Error);
         assert_eq!(t.name, "VirtualMachine.createSnapshot");
@@ -858,7 +861,7 @@ mod tests {
         let bad = format!(
             r#"{ENV_HEAD}<X><returnval><objects><obj type="Task">t1</obj><propSet><name>info</name><val><state>weird</state></val></propSet></objects></returnval></X>{ENV_TAIL}"#
         );
-        let (o, _) = parse_retrieve_result(&body(&bad)).unwrap();
+        let (o, _) = parse_retrieve_result(body(&bad)).unwrap();
         assert!(parse_task_info(o[0].prop("info").unwrap()).is_err());
     }
 
@@ -867,16 +870,16 @@ mod tests {
         let xml = format!(
             r#"{ENV_HEAD}<RetrievePropertiesExResponse xmlns="urn:vim25"><returnval><token>tok-1</token><objects><obj type="VirtualMachine">1</obj><propSet><name>name</name><val xsi:type="xsd:string">a%2fb</val></propSet></objects></returnval></RetrievePropertiesExResponse>{ENV_TAIL}"#
         );
-        let (o, t) = parse_retrieve_result(&body(&xml)).unwrap();
+        let (o, t) = parse_retrieve_result(body(&xml)).unwrap();
         assert_eq!(t.as_deref(), Some("tok-1"));
         assert_eq!(decode_entity_name(o[0].prop_text("name").unwrap()), "a/b");
         let empty = format!(
             r#"{ENV_HEAD}<RetrievePropertiesExResponse xmlns="urn:vim25"></RetrievePropertiesExResponse>{ENV_TAIL}"#
         );
-        let (o, t) = parse_retrieve_result(&body(&empty)).unwrap();
+        let (o, t) = parse_retrieve_result(body(&empty)).unwrap();
         assert!(o.is_empty() && t.is_none());
         let noref = format!(r#"{ENV_HEAD}<R><returnval><objects><obj>1</obj></objects></returnval></R>{ENV_TAIL}"#);
-        assert!(parse_retrieve_result(&body(&noref)).is_err());
+        assert!(parse_retrieve_result(body(&noref)).is_err());
     }
 
     #[test]

@@ -14,7 +14,8 @@ use quick_xml::Reader;
 pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
 /// Deepest element nesting accepted (snapshot trees and disk parent chains nest).
 pub const MAX_DEPTH: usize = 512;
-/// Most elements accepted in one response.
+/// Most elements accepted in one response, and kept from all the pages of one property
+/// retrieval (a tree costs ~100-200 bytes an element: this bounds it to a few hundred MiB).
 pub const MAX_NODES: usize = 2_000_000;
 /// Most attributes of one element accepted (vSphere's elements have one or two).
 pub const MAX_ATTRS: usize = 64;
@@ -55,6 +56,16 @@ impl Node {
     /// The trimmed text of this element.
     pub fn text(&self) -> &str {
         self.text.trim()
+    }
+    /// How many elements this tree holds (itself included).
+    pub fn count(&self) -> usize {
+        let mut n = 0;
+        let mut stack = vec![self];
+        while let Some(x) = stack.pop() {
+            n += 1;
+            stack.extend(x.children.iter());
+        }
+        n
     }
 }
 

@@ -63,7 +63,7 @@ pub fn host_names(data: &[u8]) {
 pub fn vm_layout(data: &[u8]) {
     use affa::esxi::model::*;
     let Ok(affa::esxi::soap::Reply::Ok(b)) = affa::esxi::soap::parse_reply(data) else { return };
-    let Ok((objs, _)) = parse_retrieve_result(&b) else { return };
+    let Ok((objs, _)) = parse_retrieve_result(b) else { return };
     for o in &objs {
         for (_, v) in &o.props {
             if let Ok(disks) = parse_disks(v) {
