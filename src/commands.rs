@@ -517,54 +517,78 @@ pub fn disk_usage(cfg: &Config, csv: bool) -> Result<String> {
 }
 
 /// `--send-key [JOB...]`
+/// `--send-key [JOB...]`: without names, every enabled job (a disabled one, such as the
+/// installed samples, is named and skipped). One host that cannot be reached does not keep the
+/// others from their key: every job is tried, and the command fails at the end naming those
+/// that failed.
 pub fn send_keys(cfg: &Config, names: &[String], out: &mut dyn Write, yes: bool, watch: &Watch) -> Result<()> {
+    let mut failed = Vec::new();
     for job in select(cfg, names)? {
         if job.local {
+            continue;
+        }
+        if names.is_empty() && !job.enabled() {
+            let _ = writeln!(
+                out,
+                "job {}: disabled (status=disabled), skipped; affa --send-key {} sends its key",
+                job.name, job.name
+            );
             continue;
         }
         if job.rsyncd.is_some() {
             let _ = writeln!(out, "job {}: rsyncdMode=yes, no ssh key needed", job.name);
             continue;
         }
-        let t = SshTarget::from_job(job, cfg);
-        transport::send_key(&t, &cfg.ssh_dir(), &job.ssh.authorized_keys)?;
-        let _ = writeln!(
-            out,
-            "job {}: key installed in {} on {}; host key recorded in {}",
-            job.name,
-            job.ssh.authorized_keys,
-            t.destination(),
-            t.known_hosts.display()
-        );
-        if job.esxi() {
-            crate::backup::vm::pin_thumbprint(job, out, yes, watch)?;
+        if let Err(e) = send_key_of(cfg, job, out, yes, watch) {
+            let _ = writeln!(out, "job {}: FAILED: {e}", job.name);
+            failed.push(job.name.clone());
         }
-        if uses_agent(job) {
-            // The agent after the key; a host where it cannot run still gets its key. An ESXi
-            // job's fingerprint was just pinned: the agent's place needs the API, so re-read.
-            let fresh = if job.esxi() { Config::load(&cfg.dir).ok() } else { None };
-            let (cfg, job) = match fresh.as_ref().and_then(|c| c.job(&job.name).ok().map(|j| (c, j))) {
-                Some(cj) => cj,
-                None => (cfg, job),
-            };
-            match install_agent(cfg, job) {
-                Ok(line) if line.contains("affa-agent unavailable") => {
-                    let _ = writeln!(out, "warning: {line}");
-                }
-                Ok(line) => {
-                    let _ = writeln!(out, "{line}");
-                }
-                Err(e) => {
-                    let _ = writeln!(out, "warning: job {}: affa-agent not installed: {e}", job.name);
-                }
+    }
+    if !failed.is_empty() {
+        bail!("--send-key failed for: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn send_key_of(cfg: &Config, job: &Job, out: &mut dyn Write, yes: bool, watch: &Watch) -> Result<()> {
+    let t = SshTarget::from_job(job, cfg);
+    transport::send_key(&t, &cfg.ssh_dir(), &job.ssh.authorized_keys)?;
+    let _ = writeln!(
+        out,
+        "job {}: key installed in {} on {}; host key recorded in {}",
+        job.name,
+        job.ssh.authorized_keys,
+        t.destination(),
+        t.known_hosts.display()
+    );
+    if job.esxi() {
+        crate::backup::vm::pin_thumbprint(job, out, yes, watch)?;
+    }
+    if uses_agent(job) {
+        // The agent after the key; a host where it cannot run still gets its key. An ESXi
+        // job's fingerprint was just pinned: the agent's place needs the API, so re-read.
+        let fresh = if job.esxi() { Config::load(&cfg.dir).ok() } else { None };
+        let (cfg, job) = match fresh.as_ref().and_then(|c| c.job(&job.name).ok().map(|j| (c, j))) {
+            Some(cj) => cj,
+            None => (cfg, job),
+        };
+        match install_agent(cfg, job) {
+            Ok(line) if line.contains("affa-agent unavailable") => {
+                let _ = writeln!(out, "warning: {line}");
+            }
+            Ok(line) => {
+                let _ = writeln!(out, "{line}");
+            }
+            Err(e) => {
+                let _ = writeln!(out, "warning: job {}: affa-agent not installed: {e}", job.name);
             }
         }
-        if job.esxi() {
-            // Whether Changed Block Tracking is available (the fingerprint is pinned by now).
-            let fresh = Config::load(&cfg.dir).ok();
-            let job = fresh.as_ref().and_then(|c| c.job(&job.name).ok()).unwrap_or(job);
-            let _ = writeln!(out, "job {}: {}", job.name, crate::backup::vm::cbt_availability(job));
-        }
+    }
+    if job.esxi() {
+        // Whether Changed Block Tracking is available (the fingerprint is pinned by now).
+        let fresh = Config::load(&cfg.dir).ok();
+        let job = fresh.as_ref().and_then(|c| c.job(&job.name).ok()).unwrap_or(job);
+        let _ = writeln!(out, "job {}: {}", job.name, crate::backup::vm::cbt_availability(job));
     }
     Ok(())
 }

@@ -330,3 +330,52 @@ fn setup_under(prefix: &Path, etc: &Path, installed_etc: &Path, done: &mut Vec<S
     done.push(format!("wrote {}", cron.display()));
     Ok(cfg)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The README's configuration examples, as a new user copies them beside what the package
+    /// installed (00-global.conf and the samples), make a configuration without any error: a
+    /// second [GlobalAffaConfig] stopped every job, and a `# comment` after a value became part
+    /// of it (a chunkFiles glob matching nothing: the disks silently not chunked).
+    #[test]
+    fn the_readme_examples_beside_the_installed_files_are_a_valid_configuration() {
+        let readme = include_str!("../README.md");
+        let dir = Path::new("/etc/affa");
+        let mut globals = Vec::new();
+        let mut jobs = vec![
+            (dir.join("example-linux.conf"), LINUX_SAMPLE.to_string()),
+            (dir.join("example-esxi.conf"), ESXI_SAMPLE.to_string()),
+        ];
+        for block in readme.split("```ini\n").skip(1) {
+            let block = block.split("```").next().unwrap();
+            let first = block.lines().next().unwrap_or("");
+            for l in block.lines().filter(|l| !l.trim_start().starts_with('#')) {
+                assert!(!l.contains(" #") && !l.contains("\t#"), "README: a comment after a value: {l}");
+            }
+            if block.lines().any(|l| l.trim() == "...") {
+                // A fragment of a job ("[web]\n...\nkey=value"): its lines are checked above.
+                continue;
+            }
+            if let Some(name) = first.strip_prefix("# /etc/affa/").filter(|n| !n.starts_with("00-global.conf")) {
+                let name = name.split_whitespace().next().unwrap();
+                jobs.push((dir.join(name), block.to_string()));
+            } else if !block.lines().any(|l| l.starts_with('[')) {
+                // Keys the README says to set in 00-global.conf's [GlobalAffaConfig].
+                globals.push(block.to_string());
+            } else {
+                panic!("README: an ini example that is neither a job file nor global keys:\n{block}");
+            }
+        }
+        assert!(globals.len() >= 2 && jobs.len() >= 4, "the README's examples were not found");
+        // Each set of global keys is one machine's choice (a local RootDir, or a shared one).
+        for g in globals {
+            let mut texts = jobs.clone();
+            texts.push((dir.join("00-global.conf"), format!("{GLOBAL_SAMPLE}{g}")));
+            let cfg = Config::parse(dir, &texts).unwrap();
+            assert!(cfg.problems.is_empty(), "{:?}", cfg.problems);
+            assert!(cfg.jobs.contains_key("web") && cfg.jobs.contains_key("esxi-mail"), "{:?}", cfg.jobs.keys());
+        }
+    }
+}

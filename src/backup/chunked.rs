@@ -366,9 +366,15 @@ pub fn backup_via_agent(
             }
             let host = ctx.job.host.clone();
             let timed_out = s.timed_out();
+            let writing = s.timed_out_writing();
             let stderr = s.stop();
             let mut more = if stderr.is_empty() { String::new() } else { format!(" (agent: {stderr})") };
-            if timed_out {
+            if writing {
+                more.push_str(&format!(
+                    " (the agent read nothing affa sent for {} s and was stopped: rsyncTimeout)",
+                    ctx.job.rsync.timeout
+                ));
+            } else if timed_out {
                 more.push_str(&format!(
                     " (the agent sent nothing for {} s and was stopped: rsyncTimeout)",
                     ctx.job.rsync.timeout

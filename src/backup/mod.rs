@@ -278,7 +278,9 @@ pub fn finish_report(ctx: &Ctx, running: &Path, report: &mut Report) -> Result<(
     let mut r = Report::default();
     r.set("Date", now.format("%Y%m%d%H%M").to_string());
     r.set("ExecutionTime", ctx.started.elapsed().as_secs());
-    for (k, v) in report.values.iter().filter(|(k, _)| k != "ExitStatus" && !affa_own(k)) {
+    // The run's own values are affa's alone: never taken from what the transfer collected.
+    let run_own = |k: &str| ["Date", "ExecutionTime", "ExitStatus", "AffaVersion", "Dedup"].contains(&k);
+    for (k, v) in report.values.iter().filter(|(k, _)| !run_own(k) && !affa_own(k)) {
         r.set(k, v);
     }
     if let Some((used, avail)) = rsync::df(&ctx.job.root_dir()) {

@@ -447,6 +447,16 @@ pub enum Value<'a> {
 /// configuration is read and by the typed settings ([`super::typed`]). `Err` holds "what is
 /// expected".
 pub fn parse(kind: Kind, v: &str) -> Result<Value<'_>, String> {
+    // `chunkFiles=*-flat.vmdk   # base disks` is a valid glob that matches nothing (the disks
+    // silently not chunked), a path with it a file that does not exist: an ini comment is a line
+    // of its own, so a value that looks commented is refused where it cannot be meant.
+    let commented = v.contains(" #") || v.contains("\t#");
+    if commented && matches!(kind, Kind::Glob | Kind::AbsPath | Kind::OptAbsPath) {
+        return Err(format!(
+            "{} without a comment after it (a # comment is a line of its own in an affa file)",
+            expected(kind)
+        ));
+    }
     let value = match kind {
         Kind::Text => Some(Value::Text(v)),
         Kind::Bool => parse_bool(v).map(Value::Bool),

@@ -263,11 +263,14 @@ impl Config {
                     current = Target::Section(name.to_string());
                     if let Some(prev) = sections.get(name) {
                         let p = prev.origin.as_ref().unwrap();
+                        let expected = if name == GLOBAL_SECTION {
+                            format!("expected it once: move these settings into the [{GLOBAL_SECTION}] at {p}")
+                        } else {
+                            "expected each job once".to_string()
+                        };
                         error(
                             &current,
-                            format!(
-                                "{origin}: section [{name}] is defined twice (first at {p}); expected each job once"
-                            ),
+                            format!("{origin}: section [{name}] is defined twice (first at {p}); {expected}"),
                         )?;
                         continue;
                     }
@@ -840,6 +843,13 @@ mod tests {
         assert!(e.contains(":1: job name 'we/b' is not valid"), "{e}");
         let e = parse("[web]\nremoteHostName=h\n[web]\nremoteHostName=h\n").unwrap_err().to_string();
         assert!(e.contains(":3: section [web] is defined twice (first at /etc/affa/t.conf:1)"), "{e}");
+        let e = parse("[GlobalAffaConfig]\nRootDir=/a\n[GlobalAffaConfig]\nRootDir=/b\n").unwrap_err().to_string();
+        assert!(e.contains(":3: section [GlobalAffaConfig] is defined twice (first at /etc/affa/t.conf:1); expected it once: move these settings into the [GlobalAffaConfig] at /etc/affa/t.conf:1"), "{e}");
+        let e = parse("[web]\nremoteHostName=h\nchunkFiles=*-flat.vmdk   # base disks\n").unwrap_err().to_string();
+        assert_eq!(e, "/etc/affa/t.conf:3: key 'chunkFiles' has the value '*-flat.vmdk   # base disks', expected a glob pattern such as *-flat.vmdk without a comment after it (a # comment is a line of its own in an affa file)");
+        let e = parse("[web]\nremoteHostName=h\nESXiPasswordFile=/etc/affa/p\t# 0600\n").unwrap_err().to_string();
+        assert!(e.contains("key 'ESXiPasswordFile' has the value '/etc/affa/p\t# 0600', expected an absolute path or nothing without a comment after it"), "{e}");
+        assert!(parse("[web]\nremoteHostName=h\nDescription=web # the shop\nchunkFiles=*#1.img\n").is_ok());
         let e = parse("[web]\nremoteHostName=h\nsshPort=22\nsshPort=23\n").unwrap_err().to_string();
         assert!(e.contains(":4: key 'sshPort' is given a second time"), "{e}");
         let e = parse("[web]\nremoteHostName=h\nlockDir=/tmp\n").unwrap_err().to_string();

@@ -118,6 +118,12 @@ impl Session {
         self.watchdog.state.fired.load(Ordering::SeqCst)
     }
 
+    /// Whether the watchdog stopped the agent because it read nothing of what affa sent for the
+    /// idle limit (a write to it waited that long).
+    pub fn timed_out_writing(&self) -> bool {
+        self.watchdog.state.fired_writing.load(Ordering::SeqCst)
+    }
+
     /// The ssh child's pid.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -190,20 +196,33 @@ pub struct Watched {
     pace: Option<super::pace::Pace>,
 }
 
-/// The agent's stdin, paced to `BandwidthLimit` (what a restore sends).
+/// The agent's stdin, paced to `BandwidthLimit` (what a restore sends), and watched like its
+/// stdout: a write that waits longer than the idle limit (an agent that stopped reading while it
+/// goes on sending, until the pipes and ssh's window are full) has the watchdog kill ssh too.
 pub struct Paced {
     inner: ChildStdin,
+    state: Arc<WatchState>,
     pace: Option<super::pace::Pace>,
+}
+
+impl Paced {
+    fn watched_write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let now = self.state.base.elapsed().as_millis() as u64;
+        self.state.write_since.store(now.max(1), Ordering::SeqCst);
+        let r = self.inner.write(buf);
+        self.state.write_since.store(0, Ordering::SeqCst);
+        r
+    }
 }
 
 impl Write for Paced {
     /// Paced before the bytes go out, at most [`pace::Pace::slice`] bytes at a time: a frame of
     /// a chunk (up to 16 MiB) is never written in one burst.
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let Some(p) = self.pace.as_mut().filter(|_| !buf.is_empty()) else { return self.inner.write(buf) };
-        let part = &buf[..buf.len().min(p.slice())];
-        p.before(part.len());
-        self.inner.write(part)
+        let Some(p) = self.pace.as_mut().filter(|_| !buf.is_empty()) else { return self.watched_write(buf) };
+        let part = buf.len().min(p.slice());
+        p.before(part);
+        self.watched_write(&buf[..part])
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -215,8 +234,12 @@ struct WatchState {
     base: Instant,
     /// Milliseconds after `base` at which the pending read began; 0: no read pending.
     since: AtomicU64,
+    /// The same for the pending write to the agent's stdin.
+    write_since: AtomicU64,
     done: AtomicBool,
     fired: AtomicBool,
+    /// Fired by a write that waited (the agent stopped reading), not by a read.
+    fired_writing: AtomicBool,
 }
 
 impl Read for Watched {
@@ -243,16 +266,23 @@ impl Watchdog {
         let state = Arc::new(WatchState {
             base: Instant::now(),
             since: AtomicU64::new(0),
+            write_since: AtomicU64::new(0),
             done: AtomicBool::new(false),
             fired: AtomicBool::new(false),
+            fired_writing: AtomicBool::new(false),
         });
         if !idle.is_zero() {
             let st = state.clone();
             std::thread::spawn(move || {
                 while !st.done.load(Ordering::SeqCst) {
-                    let since = st.since.load(Ordering::SeqCst);
                     let now = st.base.elapsed().as_millis() as u64;
-                    if since != 0 && now.saturating_sub(since) > idle.as_millis() as u64 {
+                    let stuck = |t: &AtomicU64| {
+                        let since = t.load(Ordering::SeqCst);
+                        since != 0 && now.saturating_sub(since) > idle.as_millis() as u64
+                    };
+                    let writing = stuck(&st.write_since);
+                    if stuck(&st.since) || writing {
+                        st.fired_writing.store(writing, Ordering::SeqCst);
                         st.fired.store(true, Ordering::SeqCst);
                         if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
                             let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
@@ -299,7 +329,8 @@ fn attempt(t: &SshTarget, path: &str, idle: Duration) -> Result<Attempt> {
     let label = format!("{}:{path}", t.host);
     let (watchdog, state) = Watchdog::start(child.id(), idle);
     let (rx, tx) = (super::pace::Pace::kib_per_s(t.bwlimit), super::pace::Pace::kib_per_s(t.bwlimit));
-    match Agent::connect(Watched { inner: out, state, pace: rx }, Paced { inner: inp, pace: tx }, &label) {
+    let paced = Paced { inner: inp, state: state.clone(), pace: tx };
+    match Agent::connect(Watched { inner: out, state, pace: rx }, paced, &label) {
         Ok(agent) => Ok(Attempt::Ready(Box::new(Session { child, stderr: err, agent, label, watchdog, _stop: stop }))),
         Err(_) => {
             watchdog.end();
@@ -470,6 +501,29 @@ mod tests {
         assert_eq!(remote_path(a, None), ".affa/affa-agent");
         assert_eq!(remote_path(a, Some("/vmfs/volumes/datastore1/")), "/vmfs/volumes/datastore1/.affa/affa-agent");
         assert_eq!(remote_path(b, Some("/vmfs/volumes/ds")), "/srv/x/affa-agent");
+    }
+
+    /// An agent that stops reading what affa sends (while it could go on sending, so that no
+    /// read ever waits): the write that blocks is stopped by the watchdog, not waited on forever.
+    #[test]
+    fn a_write_the_agent_never_reads_is_stopped_by_the_watchdog() {
+        let mut child = Command::new("sleep").arg("60").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        let (watchdog, state) = Watchdog::start(child.id(), Duration::from_secs(1));
+        let mut w = Paced { inner: child.stdin.take().unwrap(), state, pace: None };
+        let t = Instant::now();
+        let block = vec![0u8; 1 << 20];
+        let mut r = Ok(());
+        for _ in 0..64 {
+            r = w.write_all(&block);
+            if r.is_err() {
+                break;
+            }
+        }
+        assert!(r.is_err(), "64 MiB went into a pipe nobody reads");
+        assert!(t.elapsed() < Duration::from_secs(10), "the write waited {:?}", t.elapsed());
+        assert!(watchdog.state.fired.load(Ordering::SeqCst) && watchdog.state.fired_writing.load(Ordering::SeqCst));
+        watchdog.end();
+        let _ = child.wait();
     }
 
     #[test]

@@ -914,6 +914,23 @@ fn a_report_planted_by_the_source_is_never_trusted() {
     assert_eq!(fs::read(s0.join(".affa-manifests")).unwrap(), b"affa-manifest-index 1\n");
     assert_eq!(fs::read_to_string(s0.join("data.txt")).unwrap(), "real data");
     assert!(!ok(&affa.affa(&["--list-archives", "web"])).contains("2099"));
+    // The host's rsync prints a line on the client's stdout among the statistics (its
+    // messages reach it there): it never becomes a report value. Modelled by a wrapper around
+    // the local rsync that prints it first (the bytes affa reads are the same).
+    let wrapper = src.path().parent().unwrap().join(format!("affa-rsync-date-{}", std::process::id()));
+    fs::write(
+        &wrapper,
+        "#!/bin/sh\necho 'Date: 209912312359'\necho 'Execution Time: 987654'\necho 'Exit Status: 0'\nexec rsync \"$@\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+    affa.write_conf("web.conf", &format!("{base}localRsyncBinary={}\n", wrapper.display()));
+    ok(&affa.affa_at("2026-03-02T12:00:00", &["--run", "web"]));
+    let _ = fs::remove_file(&wrapper);
+    let report = fs::read_to_string(job.join("scheduled.0/.AFFA3-REPORT")).unwrap();
+    assert!(report.contains("Date=202603021200\n") && !report.contains("987654"), "{report}");
+    assert!(files_containing(&job, b"209912312359").is_empty());
 }
 
 #[test]

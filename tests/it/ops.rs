@@ -931,3 +931,32 @@ fn setup_makes_the_state_directories_and_the_cron_file_of_the_configuration() {
     assert!(err.contains("jobs.conf:2: key 'lockDir'"), "{err}");
     assert_eq!(fs::read_to_string(d.join("cron")).unwrap(), cron);
 }
+
+/// `--send-key` without names, as a new user types it after the install: the disabled samples
+/// are skipped (not tried: their hosts do not exist), a host that cannot be reached fails alone,
+/// and the job after it in name order still gets its key; the command fails naming that job.
+#[test]
+fn send_key_without_names_skips_disabled_jobs_and_goes_on_past_a_dead_host() {
+    let mut sshd = Sshd::shared();
+    let affa = Affa::new();
+    // A port nothing listens on (bound, then closed).
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    affa.write_conf(
+        "jobs.conf",
+        &format!(
+            "[a-dead]\nremoteHostName=127.0.0.1\nsshPort={dead}\nConnectionCheckTimeout=3\n\n{}\n[sample]\nremoteHostName=host.example.invalid\nstatus=disabled\n",
+            affa.ssh_job("z-live", &sshd, "Include=/etc/hostname\n")
+        ),
+    );
+    let sock = sshd.agent_socket();
+    let o = affa.cmd().env("SSH_AUTH_SOCK", sock).arg("--send-key").output().unwrap();
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(!o.status.success(), "{out}{err}");
+    assert!(out.contains("job sample: disabled (status=disabled), skipped"), "{out}");
+    assert!(out.contains("job a-dead: FAILED: "), "{out}");
+    assert!(out.contains("job z-live: key installed in "), "{out}");
+    assert!(err.trim_end().ends_with("--send-key failed for: a-dead"), "{err}");
+    assert!(!err.contains("example.invalid") && !out.contains("example.invalid"), "the disabled sample was tried");
+    // The live job's key works: its connection check passes without the ssh agent.
+    ok(&affa.affa(&["--check-connections", "z-live"]));
+}

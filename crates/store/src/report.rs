@@ -144,8 +144,26 @@ pub fn convert_affa2(archive_dir: &Path) -> Option<Report> {
     Some(r)
 }
 
-/// rsync `--stats` output -> (CamelCaseKey, number) pairs. Lines that are not statistics are
-/// ignored; never panics on any input.
+/// The keys rsync's `--stats` prints (3.x; `NumberOfFilesTransferred` of 2.6), as CamelCase.
+/// Nothing else is taken from rsync's output: the host's rsync may print any line on the
+/// client's stdout (its messages), and a `Date: 209912312359` taken as a report value would
+/// make that archive the newest valid one for good (the default restore, the age NRPE checks).
+pub const RSYNC_STATS_KEYS: [&str; 11] = [
+    "NumberOfFiles",
+    "NumberOfCreatedFiles",
+    "NumberOfDeletedFiles",
+    "NumberOfRegularFilesTransferred",
+    "NumberOfFilesTransferred",
+    "TotalFileSize",
+    "TotalTransferredFileSize",
+    "LiteralData",
+    "MatchedData",
+    "TotalBytesSent",
+    "TotalBytesReceived",
+];
+
+/// rsync `--stats` output -> (CamelCaseKey, number) pairs, only for [`RSYNC_STATS_KEYS`].
+/// Lines that are not statistics are ignored; never panics on any input.
 pub fn parse_rsync_stats(output: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for line in output.lines() {
@@ -172,7 +190,10 @@ pub fn parse_rsync_stats(output: &str) -> Vec<(String, String)> {
             })
             .collect();
         let val: String = v.split_whitespace().next().unwrap_or("").replace(',', "");
-        if key.is_empty() || val.is_empty() || !val.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        if !RSYNC_STATS_KEYS.contains(&key.as_str())
+            || val.is_empty()
+            || !val.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        {
             continue;
         }
         out.push((key, val));
@@ -211,6 +232,11 @@ mod tests {
         assert_eq!(r.get("TotalBytesReceived"), Some("2019"));
         assert_eq!(r.get("NumberOfRegularFilesTransferred"), Some("12"));
         assert_eq!(r.get("FileListSize"), None);
+        assert_eq!(r.values.len(), 10);
+        // What a host's rsync can print among the statistics (its messages reach stdout).
+        let mut r = Report::default();
+        r.add_rsync_stats(&format!("Date: 209912312359\nExecution Time: 1\nExit Status: 0\nAffa Version: 9\n{STATS}"));
+        assert_eq!((r.get("Date"), r.get("ExecutionTime"), r.get("ExitStatus")), (None, None, None));
         assert_eq!(r.values.len(), 10);
     }
 
