@@ -97,16 +97,52 @@ pub enum Plan {
 pub struct Previous {
     pub record: Option<VmRecord>,
     pub archive: Option<std::path::PathBuf>,
+    /// An ESXi restore of this job ran after that archive was made ([`RESTORED`]).
+    pub restored: bool,
+}
+
+/// In the job's directory: written by an ESXi restore of the job before it writes anything on
+/// the host; it holds the Date of the newest valid archive at that moment. A restore's writes
+/// (through the agent or rsync, beside the hypervisor) never reach the host's change tracking,
+/// which goes on in the same epoch: a CBT backup from an archive made before the restore would
+/// carry chunks the restore replaced. Until an archive newer than that Date exists (made by a
+/// full pass, since every disk's plan is then a full pass), no disk uses CBT.
+pub const RESTORED: &str = ".affa-esxi-restored";
+
+/// Record that a restore of the job starts now (before anything is written on the host).
+pub fn mark_restored(job_dir: &Path) -> Result<()> {
+    let newest = crate::archive::newest_valid(job_dir)?;
+    let date = newest.as_ref().and_then(|a| a.report.as_ref()).and_then(|r| r.date()).unwrap_or("0").to_string();
+    crate::fsutil::create_private_dir(job_dir)?;
+    crate::fsutil::write_atomic(
+        &job_dir.join(RESTORED),
+        format!("restored-after={date}\n").as_bytes(),
+        crate::fsutil::Perm::Mode(0o600),
+    )
+}
+
+/// Whether a restore ran after the archive dated `date` (a marker that does not read: yes).
+fn restored_after(job_dir: &Path, date: &str) -> bool {
+    match std::fs::read_to_string(job_dir.join(RESTORED)) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(_) => true,
+        Ok(t) => match t.trim().strip_prefix("restored-after=").and_then(|d| d.parse::<u64>().ok()) {
+            Some(after) => date.parse::<u64>().map_or(true, |d| d <= after),
+            None => true,
+        },
+    }
 }
 
 impl Previous {
     /// The newest valid archive's VM record (none: no archive, or a record that does not read).
     pub fn load(job_dir: &Path) -> Result<Previous> {
         let Some(a) = crate::archive::newest_valid(job_dir)? else {
-            return Ok(Previous { record: None, archive: None });
+            return Ok(Previous { record: None, archive: None, restored: false });
         };
         let record = std::fs::read_to_string(a.path.join(ESXI_INI)).ok().and_then(|t| VmRecord::parse(&t).ok());
-        Ok(Previous { record, archive: Some(a.path) })
+        let date = a.report.as_ref().and_then(|r| r.date()).unwrap_or("0");
+        let restored = restored_after(job_dir, date);
+        Ok(Previous { record, archive: Some(a.path), restored })
     }
 }
 
@@ -135,6 +171,9 @@ pub fn plan_disk(
     let (Some(record), Some(arch)) = (&prev.record, &prev.archive) else {
         return full("no previous archive with a VM record");
     };
+    if prev.restored {
+        return full("the VM was restored by affa after the previous archive (CBT does not see a restore's writes)");
+    }
     let Some(p) = record.disks.iter().find(|d| d.run.device_key == Some(disk.device_key)) else {
         return full("no previous changeId (the disk is not in the previous archive's record)");
     };

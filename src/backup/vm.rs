@@ -714,9 +714,14 @@ fn cbt_outcome(
             match cbt::verify(&prev, &ranges, &full) {
                 Ok(()) => ctx.log.info(format!("{}: the verify pass agrees with CBT", rel.display())),
                 Err(why) => {
-                    let msg = format!("{}: CBT lost changes: {why}; this archive holds the full pass (right), but CBT on this host cannot be trusted: check the host (VMware KB on CBT), or set ESXiCBT=no", rel.display());
+                    let msg = format!("{}: CBT lost changes: {why}; this archive holds the full pass (right), and every next run of this disk is a verify pass (a full read) until one agrees with CBT: reset change tracking on the VM (switch it off and on, VMware's remedy for lost changes) or set ESXiCBT=no", rel.display());
                     ctx.log.error(&msg);
                     c.failures.push(msg);
+                    // A host whose tracking lost changes once is not trusted on the nights
+                    // between verify passes: the next run verifies again (a reset of tracking
+                    // changes the changeId's UUID part: a plain full pass, then CBT afresh).
+                    let every = ctx.job.esxi.as_ref().map_or(0, |e| e.cbt_verify_every);
+                    run.cbt_runs = every.saturating_sub(1);
                 }
             }
         }

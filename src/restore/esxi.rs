@@ -457,6 +457,9 @@ fn restore_logged_in(
         "proceed",
         o.yes,
     )?;
+    // Before anything is written on the host: the next backups do not trust CBT across this
+    // restore (its writes are not tracked; crate::backup::cbt::RESTORED).
+    crate::backup::cbt::mark_restored(&ctx.job.job_dir())?;
 
     // Everything local first: every chunk of the chunked disks verified (rebuilt in staging
     // where no agent runs on the target), the VM checked whole, the absolute paths of the .vmx,

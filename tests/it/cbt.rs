@@ -209,10 +209,18 @@ fn the_verify_pass_catches_a_forgotten_extent_and_keeps_the_full_pass() {
     assert_eq!(d0["Read"], "full", "{d0:?}");
     assert!(d0["ReadReason"].contains("verify pass"), "{d0:?}");
     assert_frozen(&e, "scheduled.0", "verify pass");
-    // The next run starts CBT afresh from the verified archive.
+    // A host whose tracking lost changes is not trusted on the nights between verify passes:
+    // the next run is a verify pass again (here the fault is gone: it agrees), and CBT starts
+    // afresh from the verified archive only after that.
     e.sim.post("/fault?op=clear");
     write(&e, 0, 2 * CS, 10, 3);
     ok(&run_at(&e, 4));
+    let d0 = disk(&e, "scheduled.0", 0);
+    assert_eq!(d0["Read"], "full", "{d0:?}");
+    assert!(d0["ReadReason"].contains("verify pass"), "{d0:?}");
+    assert_frozen(&e, "scheduled.0", "the verify pass after the one that failed");
+    write(&e, 0, 3 * CS, 10, 4);
+    ok(&run_at(&e, 5));
     assert_eq!(disk(&e, "scheduled.0", 0)["Read"], "cbt");
     assert_frozen(&e, "scheduled.0", "after the verify pass");
 }
@@ -466,4 +474,31 @@ fn a_descriptor_copy_failing_beside_the_agent_read_fails_the_run_and_loses_nothi
     ok(&run_at(&e, 4));
     assert_eq!(disk(&e, "scheduled.0", 0)["Read"], "cbt");
     assert_frozen(&e, "scheduled.0", "the run after the failed one");
+}
+
+/// A restore over the VM's own disks writes beside the hypervisor: the host's change tracking
+/// never sees it and goes on in the same epoch. The next run must not carry chunks from an
+/// archive made before the restore (they hold what the restore replaced): a full pass, with the
+/// reason; CBT again from the run after.
+#[test]
+fn a_restore_over_the_vm_makes_the_next_run_a_full_pass() {
+    let e = Esx::start(8 * MB, &[(0, MB)], &format!("{CONF}ESXiCBTVerifyEvery=0\n"), "");
+    ok(&run_at(&e, 1));
+    write(&e, 0, 5 * CS + 100, 3000, 1);
+    ok(&run_at(&e, 2));
+    assert_eq!(disk(&e, "scheduled.0", 0)["Read"], "cbt");
+    // Back to the first night's disks (the VM powered off, as restore requires).
+    e.sim.post("/power?vm=vm1&state=off");
+    ok(&e.affa.affa_at("2026-05-02T23:00:00", &["--full-restore", "esx", "scheduled.1", "--yes"]));
+    e.sim.post("/power?vm=vm1&state=on");
+    write(&e, 0, 9 * CS, 100, 2);
+    ok(&run_at(&e, 3));
+    let d0 = disk(&e, "scheduled.0", 0);
+    assert_eq!(d0["Read"], "full", "{d0:?}");
+    assert!(d0["ReadReason"].contains("restored by affa"), "{d0:?}");
+    assert_frozen(&e, "scheduled.0", "the run after the restore");
+    write(&e, 0, 2 * CS, 100, 3);
+    ok(&run_at(&e, 4));
+    assert_eq!(disk(&e, "scheduled.0", 0)["Read"], "cbt");
+    assert_frozen(&e, "scheduled.0", "the second run after the restore");
 }
