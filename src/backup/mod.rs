@@ -265,7 +265,9 @@ fn finish_interrupted_rotation(ctx: &Ctx) -> Result<()> {
         .unwrap_or_else(|| ctx.clock.now());
     let mut summary = RunSummary::default();
     rotate(ctx, when, &mut summary)?;
-    archive::empty_trash(&ctx.job_dir)?;
+    // What the archives it pushed out linked is swept too (FORMAT.md: the pending marker, then
+    // the deletion), not left in the pool with no archive to name it.
+    chunked::delete_trash_and_sweep(ctx)?;
     Ok(())
 }
 

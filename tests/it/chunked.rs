@@ -269,6 +269,37 @@ fn a_run_killed_before_its_sweep_is_swept_after_by_the_next_run() {
     ok(&s.affa.affa(&["--verify", "a"]));
 }
 
+/// A run killed after its report, before its rotation: the next run rotates that transfer in
+/// first, and what the archive it pushes out linked alone is swept then (it was left in the pool
+/// with no archive naming it: the trash was emptied without a sweep).
+#[test]
+fn a_rotation_finished_by_the_next_run_frees_the_chunks_it_drops() {
+    let keep1 = "scheduledKeep=1\ndailyKeep=0\nweeklyKeep=0\nmonthlyKeep=0\nyearlyKeep=0\n";
+    let s = setup(&[("a", keep1)]);
+    let img = s.src.path().join("a/images/disk.img");
+    image(&img, 32 * MB, 23);
+    ok(&s.affa.affa_at("2026-06-01T20:00:00", &["--run", "a"]));
+    for i in 0..4 {
+        scribble(&img, (i * 5 + 2) * MB, MB, 50 + i as u8);
+    }
+    let out = s
+        .affa
+        .cmd()
+        .env("AFFA_FAKE_NOW", "2026-06-01T20:10:00")
+        .env("AFFA_TEST_CRASH_AT", "report-written")
+        .args(["--run", "a"])
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(libc::SIGKILL), "the run was not killed after its report");
+    // Nothing changes now: the next run's own rotation drops an archive that shares every chunk.
+    ok(&s.affa.affa_at("2026-06-01T20:20:00", &["--run", "a"]));
+    let log = ok(&s.affa.affa(&["--log-tail", "a"]));
+    assert!(log.contains("rotation was interrupted: rotating it in now"), "the test proves nothing:\n{log}");
+    let live = referenced(&s.affa.job_dir("a").join("scheduled.0"));
+    assert_eq!(pool_ids(&s.affa.root), live, "the pool holds exactly the chunks the archive references");
+}
+
 #[test]
 fn a_copied_archive_rebuilds_alone_and_damage_is_named() {
     let s = setup(&[("vm", "")]);

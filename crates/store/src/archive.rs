@@ -11,6 +11,7 @@
 //! the end of its level.
 
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use chrono::{Datelike, NaiveDateTime};
@@ -304,9 +305,12 @@ pub fn shift_recording(
         crate::interrupt::crash_point("rename");
         return Ok(vec![format!("{} -> {}", name_of(&f), name_of(&t))]);
     }
-    let mut j = String::from("affa-rotation-journal 1\n");
+    let mut j = String::from("affa-rotation-journal 2\n");
     for (from, to) in &plan {
-        j.push_str(&format!("mv {from} {to}\n"));
+        // The source's identity: a replay moves only that directory (docs/FORMAT.md).
+        let p = job_dir.join(from);
+        let ino = fs::symlink_metadata(&p).ctx(|| format!("cannot stat {}", p.display()))?.ino();
+        j.push_str(&format!("mv {from} {to} {ino}\n"));
     }
     if let Some(d) = done {
         for l in [Level::Daily, Level::Weekly, Level::Monthly, Level::Yearly] {
@@ -348,16 +352,25 @@ fn apply_journal(job_dir: &Path) -> Result<Vec<String>> {
         ))
     };
     let mut lines = text.lines();
-    if lines.next() != Some("affa-rotation-journal 1") {
-        return Err(bad());
-    }
+    let version = match lines.next() {
+        Some("affa-rotation-journal 1") => 1,
+        Some("affa-rotation-journal 2") => 2,
+        _ => return Err(bad()),
+    };
     let mut moves = Vec::new();
     for line in lines {
         let w: Vec<&str> = line.split(' ').collect();
         match w.as_slice() {
-            ["mv", from, to] => {
-                moves.push((journal_path(job_dir, from).ok_or_else(bad)?, journal_path(job_dir, to).ok_or_else(bad)?))
-            }
+            ["mv", from, to] if version == 1 => moves.push((
+                journal_path(job_dir, from).ok_or_else(bad)?,
+                journal_path(job_dir, to).ok_or_else(bad)?,
+                None,
+            )),
+            ["mv", from, to, ino] if version == 2 => moves.push((
+                journal_path(job_dir, from).ok_or_else(bad)?,
+                journal_path(job_dir, to).ok_or_else(bad)?,
+                Some(ino.parse::<u64>().map_err(|_| bad())?),
+            )),
             ["done", l, v] => {
                 let l = Level::parse(l).filter(|l| *l != Level::Scheduled).ok_or_else(bad)?;
                 let d = dd.get_or_insert_with(DoneDates::default);
@@ -366,10 +379,16 @@ fn apply_journal(job_dir: &Path) -> Result<Vec<String>> {
             _ => return Err(bad()),
         }
     }
-    // Replaying is idempotent: a step is done when its source is there and its target free
-    // (a finished step's target stays occupied: later steps only move into free names).
-    for (from, to) in moves {
-        if from.exists() && !to.exists() {
+    // Replaying is idempotent: a step is done when its source is there, still the directory
+    // the journal named (its inode), and its target free. Version 1 had no inode: there a
+    // finished step's target staying occupied was the only sign it was done.
+    for (from, to, ino) in moves {
+        let same = match (fs::symlink_metadata(&from), ino) {
+            (Ok(m), Some(i)) => m.ino() == i,
+            (Ok(_), None) => true,
+            (Err(_), _) => false,
+        };
+        if same && fs::symlink_metadata(&to).is_err() {
             if let Some(parent) = to.parent() {
                 fs::create_dir_all(parent).ctx(|| format!("cannot create {}", parent.display()))?;
             }
@@ -408,6 +427,24 @@ fn plan_shift(job_dir: &Path, level: Level, keeps: Keeps, stamp: &str) -> Result
     let p = |l: Level, i: u32| format!("{}.{}", l.name(), i);
     let running_valid = running_report(job_dir).is_some();
     let k = keeps.of(level);
+    // Every name the shift or its promotion could touch is a directory, or absent: a file or a
+    // symbolic link there is not a gap, and the shift would stop at it after trashing the
+    // oldest archive. Refused before anything moves.
+    let mut touched = vec![level];
+    while let Some(b) = touched.last().and_then(|l| l.below()) {
+        touched.push(b);
+    }
+    for l in touched {
+        for i in 0..keeps.of(l) {
+            let n = p(l, i);
+            if all.contains(&n) && !dirs.contains(&n) {
+                return Err(crate::error::Error::new(format!(
+                    "{} is not a directory (a file or a symbolic link where an archive belongs); affa does not rotate over it: move it away, then run again",
+                    job_dir.join(&n).display()
+                )));
+            }
+        }
+    }
     let mut mv = |from: String, to: String, dirs: &mut HashSet<String>, all: &mut HashSet<String>| {
         dirs.remove(&from);
         all.remove(&from);
@@ -633,6 +670,62 @@ mod tests {
         assert_eq!(dates, ["202601040000", "202601030000", "202601020000"]);
         assert!(!d.path().join(JOURNAL).exists());
         assert!(recover(d.path()).unwrap().is_empty());
+    }
+
+    /// A journal that was carried out whole but not removed (a crash just before), found after
+    /// the trash was emptied by hand: its steps name directories that moved since (their
+    /// inodes), so nothing moves again.
+    #[test]
+    fn a_finished_journal_replayed_after_the_trash_was_emptied_moves_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let keeps = Keeps([3, 0, 0, 0, 0]);
+        for (n, date) in
+            [("scheduled.0", "202601030000"), ("scheduled.1", "202601020000"), ("scheduled.2", "202601010000")]
+        {
+            mk(d.path(), n, date);
+        }
+        mk(d.path(), RUNNING, "202601040000");
+        let plan = plan_shift(d.path(), Level::Scheduled, keeps, "x").unwrap();
+        let mut j = String::from("affa-rotation-journal 2\n");
+        for (f, t) in &plan {
+            j.push_str(&format!("mv {f} {t} {}\n", fs::symlink_metadata(d.path().join(f)).unwrap().ino()));
+        }
+        for (f, t) in &plan {
+            fs::create_dir_all(d.path().join(TRASH)).unwrap();
+            fs::rename(d.path().join(f), d.path().join(t)).unwrap();
+        }
+        fs::write(d.path().join(JOURNAL), j).unwrap();
+        fs::remove_dir_all(d.path().join(TRASH)).unwrap();
+        let before: Vec<String> =
+            list(d.path()).unwrap().iter().map(|a| a.report.as_ref().unwrap().date().unwrap().to_string()).collect();
+        assert_eq!(before, ["202601040000", "202601030000", "202601020000"]);
+        assert!(recover(d.path()).unwrap().is_empty(), "a finished journal moved archives again");
+        let after: Vec<String> =
+            list(d.path()).unwrap().iter().map(|a| a.report.as_ref().unwrap().date().unwrap().to_string()).collect();
+        assert_eq!(after, before);
+        assert!(!d.path().join(JOURNAL).exists());
+    }
+
+    /// A file or a symbolic link at an archive's name: the rotation is refused before anything
+    /// moves (it trashed the oldest archive, then stopped at the file, on every run).
+    #[test]
+    fn a_file_at_an_archive_name_stops_the_rotation_before_anything_moves() {
+        let d = tempfile::tempdir().unwrap();
+        let keeps = Keeps([3, 0, 0, 0, 0]);
+        mk(d.path(), "scheduled.0", "202601030000");
+        fs::write(d.path().join("scheduled.1"), "not an archive").unwrap();
+        mk(d.path(), "scheduled.2", "202601010000");
+        mk(d.path(), RUNNING, "202601040000");
+        let e = shift(d.path(), Level::Scheduled, keeps, "x").unwrap_err().to_string();
+        assert!(e.ends_with("scheduled.1 is not a directory (a file or a symbolic link where an archive belongs); affa does not rotate over it: move it away, then run again"), "{e}");
+        assert_eq!(names(d.path()), ["scheduled.0", "scheduled.2"]);
+        assert!(!d.path().join(TRASH).exists() && !d.path().join(JOURNAL).exists());
+        // A symbolic link to an archive directory is no archive either, also below the level
+        // a promotion takes from.
+        fs::remove_file(d.path().join("scheduled.1")).unwrap();
+        std::os::unix::fs::symlink(d.path().join("scheduled.2"), d.path().join("scheduled.1")).unwrap();
+        assert!(shift(d.path(), Level::Daily, Keeps([3, 2, 0, 0, 0]), "x").is_err());
+        assert_eq!(names(d.path()), ["scheduled.0", "scheduled.2"]);
     }
 
     #[test]
