@@ -409,8 +409,8 @@ pub fn backup_via_agent(
         crate::fmt::human(stats.chunk.added_bytes)
     ));
     run.totals.add(&stats.chunk);
-    run.read += stats.source_bytes_read;
-    run.received += stats.bytes_received;
+    run.read = run.read.saturating_add(stats.source_bytes_read);
+    run.received = run.received.saturating_add(stats.bytes_received);
     Ok(stats)
 }
 

@@ -36,7 +36,7 @@ pub const READ_AHEAD: usize = 2;
 /// Parsed manifests kept (a 500 GB disk's is 500 000 ids: 16 MB).
 const MANIFESTS_KEPT: usize = 16;
 /// Largest manifest accepted (as `chunk::read_manifest`).
-const MAX_MANIFEST: u64 = 2 << 30;
+const MAX_MANIFEST: u64 = crate::chunk::MAX_MANIFEST_LEN;
 
 /// An errno.
 pub type Errno = i32;

@@ -94,6 +94,12 @@ pub fn parse_header(h: &[u8]) -> Result<(u8, usize, usize), String> {
     if enc == ENC_RAW && payload != raw {
         return Err("raw chunk with payload length != length".into());
     }
+    // An encoder stores a chunk compressed only when that saves at least 1/32 of it (always
+    // so, in every release): a longer payload is not one it wrote (a host's padding, e.g. zstd
+    // skippable frames, stored and shared in the pool).
+    if enc != ENC_RAW && payload >= raw - raw / 32 {
+        return Err(format!("compressed payload of {payload} bytes for a chunk of {raw}: not what an encoder writes"));
+    }
     Ok((enc, raw, payload))
 }
 
@@ -115,6 +121,11 @@ pub fn decode(blob: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
             raw
         }
         ENC_ZSTD => {
+            // Exactly one frame, the whole payload (the decoder would skip skippable frames
+            // and go on through concatenated ones).
+            if zstd::zstd_safe::find_frame_compressed_size(src) != Ok(src.len()) {
+                return Err("zstd payload is not exactly one frame".into());
+            }
             zstd::bulk::decompress_to_buffer(src, &mut out[..]).map_err(|e| format!("zstd data corrupt: {e}"))?
         }
         _ => lz4_flex::block::decompress_into(src, &mut out[..]).map_err(|e| format!("lz4 data corrupt: {e}"))?,
@@ -128,6 +139,33 @@ pub fn decode(blob: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A chunk file a host could send: a valid zstd frame followed by a skippable frame
+    /// (padding the decoder ignores), or a payload no shorter than the chunk: refused.
+    #[test]
+    fn padding_after_a_zstd_frame_and_a_payload_that_saves_nothing_are_refused() {
+        let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+        let mut enc = Encoder::new(Compression::Zstd(3)).unwrap();
+        let mut good = Vec::new();
+        enc.encode(&data, &mut good).unwrap();
+        let mut out = Vec::new();
+        decode(&good, &mut out).unwrap();
+        assert_eq!(out, data);
+        // + a skippable frame (magic 0x184D2A50, length 8, 8 bytes).
+        let mut padded = good.clone();
+        padded.extend_from_slice(&0x184D_2A50u32.to_le_bytes());
+        padded.extend_from_slice(&8u32.to_le_bytes());
+        padded.extend_from_slice(&[0u8; 8]);
+        let payload = (padded.len() - HEADER_LEN) as u32;
+        padded[12..16].copy_from_slice(&payload.to_le_bytes());
+        assert!(decode(&padded, &mut out).unwrap_err().contains("not exactly one frame"));
+        // A payload padded up to the chunk's length.
+        let mut long = good.clone();
+        long.resize(HEADER_LEN + data.len(), 0);
+        let payload = (long.len() - HEADER_LEN) as u32;
+        long[12..16].copy_from_slice(&payload.to_le_bytes());
+        assert!(decode(&long, &mut out).unwrap_err().contains("not what an encoder writes"));
+    }
 
     fn sample() -> Vec<u8> {
         let mut v = Vec::new();

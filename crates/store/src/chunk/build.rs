@@ -80,6 +80,20 @@ pub fn manifest_path(archive_root: &Path, rel_path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// A file of more than [`super::MAX_CHUNKS`] chunks at this chunk size (or over 1 PiB) is
+/// refused before any work: its manifest would be larger than any reader accepts.
+pub fn check_chunk_count(what: &Path, size: u64, chunk_size: u32) -> Result<()> {
+    let count = Manifest::chunk_count(size, chunk_size);
+    if size > 1 << 50 || count > super::MAX_CHUNKS {
+        crate::bail!(
+            "cannot chunk {}: {size} bytes are {count} chunks of {chunk_size} bytes, more than one manifest holds ({}); set a larger chunkSize",
+            what.display(),
+            super::MAX_CHUNKS
+        );
+    }
+    Ok(())
+}
+
 /// Chunk the plain file `src` into the archive `archive_root` as `rel_path` (the manifest goes
 /// to `archive_root/rel_path.affa-manifest`, chunk links to `archive_root/.affa-chunks/`).
 /// `previous` is the manifest of the same file in the newest earlier archive, if any: a chunk
@@ -106,6 +120,7 @@ pub fn chunk_file(
     }
     let size = meta0.len();
     let count = Manifest::chunk_count(size, settings.chunk_size);
+    check_chunk_count(src, size, settings.chunk_size)?;
     let mpath = manifest_path(archive_root, rel_path);
     // The archive's directories may come from the source (rsync): none may be a symlink.
     fs::create_dir_all(archive_root).ctx(|| format!("cannot create directory {}", archive_root.display()))?;

@@ -32,6 +32,15 @@ const MAX_LINE: usize = 256;
 const MAX_SIZE: u64 = 1 << 50;
 /// Longest chunk file a version 3 manifest may record (what a reader accepts at all).
 const MAX_BLOB_LEN: u64 = super::MAX_CHUNK_FILE_LEN;
+/// Largest manifest file a reader accepts (restore, the mount, the next run's previous
+/// manifest).
+pub const MAX_MANIFEST_LEN: u64 = 2 << 30;
+/// Most chunks one manifest may list: what fits in [`MAX_MANIFEST_LEN`] with the longest
+/// chunk line (80 bytes at most: 64 hex digits, a length, a line end) after a header of at
+/// most 4 KiB. A file of more chunks is refused before any work (a larger chunkSize fits it):
+/// its manifest would be written, and then be refused by every reader. 26.8 million chunks:
+/// 25 TiB at 1 MiB chunks, 6.4 TiB at 256 KiB.
+pub const MAX_CHUNKS: u64 = (MAX_MANIFEST_LEN - 4096) / 80;
 
 /// One entry of the chunk list.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -308,6 +317,31 @@ impl Manifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// MAX_CHUNKS is what fits in MAX_MANIFEST_LEN: the longest header this writer makes is
+    /// under 4 KiB and the longest chunk line at most 80 bytes.
+    #[test]
+    fn max_chunks_of_the_longest_lines_fit_what_readers_accept() {
+        let m = Manifest {
+            size: 1 << 50,
+            mode: 0o7777,
+            uid: u32::MAX,
+            gid: u32::MAX,
+            mtime: (i64::MIN, 999_999_999),
+            atime: Some((i64::MIN, 999_999_999)),
+            chunk_size: MAX_CHUNK_SIZE,
+            compression: Compression::Zstd(19),
+            file_hash: Some([0xff; 32]),
+            added_bytes: u64::MAX,
+            chunks: vec![ChunkRef::Stored([0xff; 32])],
+            stored_lens: Some(vec![MAX_BLOB_LEN as u32]),
+        };
+        let text = String::from_utf8(m.to_bytes()).unwrap();
+        let line = text.lines().find(|l| l.starts_with("ffff")).unwrap();
+        assert!(line.len() + 1 <= 80, "{line}");
+        assert!(text.len() - (line.len() + 1) <= 4096, "{text}");
+        assert!(MAX_CHUNKS * 80 + 4096 <= MAX_MANIFEST_LEN);
+    }
     use proptest::prelude::*;
 
     fn sample() -> Manifest {

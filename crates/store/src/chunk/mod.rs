@@ -34,6 +34,7 @@ pub use build::{chunk_file, manifest_path, ChunkStats};
 pub use index::INDEX_FILE;
 pub use manifest::{
     ChunkRef, Manifest, MANIFEST_SUFFIX, MANIFEST_VERSION, MANIFEST_VERSION_DERIVED, MANIFEST_VERSION_LENGTHS,
+    MAX_CHUNKS, MAX_MANIFEST_LEN,
 };
 pub use pool::{linked_ids, sweep, sweep_some, Pool, SweepStats, ARCHIVE_CHUNK_DIR, POOL_DIR};
 pub use restore::{

@@ -123,7 +123,34 @@ impl<R: Read, W: Write> Agent<R, W> {
     }
 
     fn recv(&mut self) -> Result<Msg> {
-        match self.r.expect() {
+        // Only the frames an agent sends are decoded: a frame of a kind only affa sends (a
+        // PREV of 16 MiB decodes into ~550 MB of entries) is refused by its type first.
+        use proto::ty;
+        const FROM_AGENT: [u8; 11] = [
+            ty::ERROR,
+            ty::BYE,
+            ty::OPENED,
+            ty::CHUNK,
+            ty::DATA,
+            ty::END,
+            ty::FAULT,
+            ty::RNEED,
+            ty::ROPENED,
+            ty::RDONE,
+            ty::HELLO,
+        ];
+        let m = match self.r.next_raw() {
+            Ok(Some((t, _))) if !FROM_AGENT.contains(&t) => {
+                return Err(Error::new(format!(
+                    "agent {}: sent a frame of type 0x{t:02x}, which an agent never sends",
+                    self.label
+                )))
+            }
+            Ok(Some((t, body))) => Msg::decode(t, body),
+            Ok(None) => Err(proto::Error::Eof),
+            Err(e) => Err(e),
+        };
+        match m {
             Ok(Msg::Error { message }) => Err(Error::new(format!("agent {}: {}", self.label, shown(&message)))),
             Ok(m) => Ok(m),
             Err(e) => Err(perr(&self.label, e)),
@@ -516,6 +543,9 @@ fn backup<R: Read, W: Write>(
         if opened.size > 1 << 50 || opened.window == 0 || opened.window > proto::MAX_WINDOW {
             return Err(bad(format!("bad OPENED (size {}, window {})", opened.size, opened.window)));
         }
+        // More chunks than a manifest holds: refused before a report is read (the list of
+        // reports is kept in memory, 33 bytes each, whatever size the agent claims).
+        super::build::check_chunk_count(remote_path, opened.size, cs)?;
         let count = Manifest::chunk_count(opened.size, cs);
         let chunk_len = |i: u64| (opened.size - i * cs as u64).min(cs as u64) as usize;
         if let (Some(_), Some(p)) = (&ranges, prev) {
@@ -618,6 +648,16 @@ fn backup<R: Read, W: Write>(
                     } else {
                         wanted.push_back((index, id));
                         asked.insert(id);
+                        // An agent sends a chunk's DATA before its next report once `window`
+                        // reports wait for answers: more asked and not sent is a lie, and
+                        // what is asked is kept in memory.
+                        if wanted.len() > opened.window as usize {
+                            return Err(bad(format!(
+                                "{} chunks asked for and not sent, more than the window of {} it announced",
+                                wanted.len(),
+                                opened.window
+                            )));
+                        }
                     }
                     agent.send(&Msg::Answer { index, need: !usable })?;
                     agent.flush()?;
@@ -677,7 +717,11 @@ fn backup<R: Read, W: Write>(
                 wanted.len()
             )));
         }
-        if end.size != opened.size || end.mtime != opened.mtime || end.chunks_sent != st.data_frames {
+        if end.size != opened.size
+            || end.mtime != opened.mtime
+            || end.chunks_sent != st.data_frames
+            || end.bytes_read > opened.size
+        {
             return Err(bad("END disagrees with OPENED or with the chunks sent".into()));
         }
         Ok((opened, end, chunks, ranges.is_some()))
@@ -1043,6 +1087,63 @@ mod tests {
             })
             .collect();
         assert_eq!(datas, want);
+    }
+
+    /// What a hostile agent can make affa hold in memory, or decode, during a backup: a claimed
+    /// size of more chunks than a manifest holds, need-reports beyond the window it announced,
+    /// a frame only affa sends (decoded, a 16 MiB PREV is ~550 MB), an END that read more
+    /// than the file: each refused at once.
+    #[test]
+    fn a_backup_agent_that_claims_or_asks_beyond_its_bounds_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        let pool = Pool::open(&root).unwrap();
+        let settings = Settings { chunk_size: 256 << 10, ..Settings::default() };
+        let opened = |size: u64, window: u32| {
+            Msg::Opened(proto::Opened { size, mode: 0o644, uid: 0, gid: 0, mtime: (1, 0), atime: (1, 0), window })
+        };
+        let id = |i: u8| *blake3::hash(&[i]).as_bytes();
+        let cases: Vec<(Vec<Msg>, &str)> = vec![
+            (vec![opened(1 << 49, 4)], "more than one manifest holds"),
+            (
+                vec![
+                    opened(10 * (256 << 10), 2),
+                    Msg::Chunk { index: 0, kind: ChunkKind::Hash(id(0)) },
+                    Msg::Chunk { index: 1, kind: ChunkKind::Hash(id(1)) },
+                    Msg::Chunk { index: 2, kind: ChunkKind::Hash(id(2)) },
+                ],
+                "3 chunks asked for and not sent, more than the window of 2",
+            ),
+            (
+                vec![opened(256 << 10, 2), Msg::Prev { start: 0, entries: vec![None; 1000] }],
+                "sent a frame of type 0x11, which an agent never sends",
+            ),
+            (
+                vec![
+                    opened(256 << 10, 2),
+                    Msg::Chunk { index: 0, kind: ChunkKind::Zero },
+                    Msg::End(proto::End {
+                        size: 256 << 10,
+                        mtime: (1, 0),
+                        chunks_sent: 0,
+                        bytes_read: u64::MAX,
+                        file_hash: Some([0; 32]),
+                    }),
+                ],
+                "END disagrees",
+            ),
+        ];
+        for (i, (ms, want)) in cases.into_iter().enumerate() {
+            let input = script(&ms);
+            let mut sent = Vec::new();
+            let mut a = Agent::connect(&input[..], &mut sent, "evil").unwrap();
+            let archive = root.join(format!("job/daily.{i}"));
+            let e = backup_file(&mut a, &pool, &settings, Path::new("/vm/disk"), &archive, Path::new("disk"), None)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{e} (wanted {want})");
+            assert!(!manifest_path(&archive, Path::new("disk")).exists());
+        }
     }
 
     /// Pool entries of text-like (compressible) chunks: chunk `i` of `n`, chunk 4 all zero.

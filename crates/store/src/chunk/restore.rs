@@ -20,8 +20,8 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-/// Largest manifest file accepted (2 GiB: 33 million chunks).
-const MAX_MANIFEST: u64 = 2 << 30;
+/// Largest manifest file accepted (2 GiB: [`super::MAX_CHUNKS`] chunks at least).
+const MAX_MANIFEST: u64 = super::MAX_MANIFEST_LEN;
 /// Granularity of holes punched inside non-zero chunks when rebuilding.
 const BLOCK: usize = 4096;
 
