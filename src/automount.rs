@@ -84,6 +84,18 @@ pub fn mounted_at(point: &Path) -> Option<PathBuf> {
     })
 }
 
+/// Every mount point now (as /proc/self/mountinfo names them).
+pub fn mount_points() -> Vec<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| {
+            use std::os::unix::ffi::OsStringExt;
+            PathBuf::from(std::ffi::OsString::from_vec(unescape_bytes(p)))
+        })
+        .collect()
+}
+
 /// Is `device` mounted at `point`?
 pub fn is_mounted(device: &str, point: &Path) -> bool {
     let link = match device.split_once('=') {

@@ -158,6 +158,23 @@ pub fn logrotate_text(log_dir: &str) -> String {
     )
 }
 
+/// The mount points `/etc/fstab` names (other than `/`, swap and `none`) that are not in
+/// `mounted`.
+fn unmounted_fstab_points(fstab: &str, mounted: &[PathBuf]) -> Vec<PathBuf> {
+    fstab
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|p| p.starts_with('/') && *p != "/")
+        .map(|p| {
+            use std::os::unix::ffi::OsStringExt;
+            PathBuf::from(std::ffi::OsString::from_vec(crate::automount::unescape_bytes(p)))
+        })
+        .filter(|p| !mounted.contains(p))
+        .collect()
+}
+
 fn mkdir(p: &Path, mode: u32, done: &mut Vec<String>) -> Result<()> {
     if !p.is_dir() {
         use std::os::unix::fs::DirBuilderExt;
@@ -322,8 +339,28 @@ fn setup_under(prefix: &Path, etc: &Path, installed_etc: &Path, done: &mut Vec<S
     roots.push(cfg.global.root_dir.to_string_lossy().into_owned());
     roots.sort();
     roots.dedup();
+    // A RootDir on a backup disk that is not mounted now (an upgrade while it is away) is never
+    // made on the disk below: the next run would pass its "is the disk mounted?" check and fill
+    // the root file system, and the archives would hide under the disk once it is back.
+    let mut away: Vec<PathBuf> =
+        cfg.jobs.values().filter_map(|j| j.automount.as_ref().map(|a| a.point.clone())).collect();
+    if prefix == Path::new("/") {
+        let fstab = fs::read_to_string("/etc/fstab").unwrap_or_default();
+        away.extend(unmounted_fstab_points(&fstab, &crate::automount::mount_points()));
+    }
     for r in roots {
-        mkdir(&under(prefix, &r), 0o700, done)?;
+        let dir = under(prefix, &r);
+        if dir.is_dir() {
+            continue;
+        }
+        if let Some(p) = away.iter().find(|p| Path::new(&r).starts_with(p)) {
+            done.push(format!(
+                "RootDir {r} not created: {} is where a disk is mounted (fstab or AutomountPoint) and it is not mounted now; mount it, then mkdir -m 0700 {r}",
+                p.display()
+            ));
+            continue;
+        }
+        mkdir(&dir, 0o700, done)?;
     }
     let cron = under(prefix, &g.cron_file.to_string_lossy());
     crate::fsutil::write_file(&cron, &crate::cron::cron_text(&cfg, installed_etc), 0o644)?;
@@ -334,6 +371,17 @@ fn setup_under(prefix: &Path, etc: &Path, installed_etc: &Path, done: &mut Vec<S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fstab_mount_points_not_mounted_now() {
+        let fstab = "# /etc/fstab\nUUID=1 / ext4 defaults 0 1\nUUID=2 /mnt/backup ext4 noauto 0 2\n\
+                     /dev/sdb1 /srv/usb\\040disk ext4 defaults 0 2\nUUID=3 none swap sw 0 0\n/dev/sdc1 /home ext4 defaults 0 2\n";
+        let mounted = [PathBuf::from("/"), PathBuf::from("/home")];
+        assert_eq!(
+            unmounted_fstab_points(fstab, &mounted),
+            [PathBuf::from("/mnt/backup"), PathBuf::from("/srv/usb disk")]
+        );
+    }
 
     /// The README's configuration examples, as a new user copies them beside what the package
     /// installed (00-global.conf and the samples), make a configuration without any error: a

@@ -894,9 +894,12 @@ fn setup_makes_the_state_directories_and_the_cron_file_of_the_configuration() {
     fs::create_dir(&etc).unwrap();
     let global = format!(
         "[GlobalAffaConfig]\nlockDir={d}/lock\nlogDir={d}/log\nscriptDir={d}/scripts\ncronFile={d}/cron\nRootDir={d}/archives\n\
-         [web]\nremoteHostName=web.example.com\nTimeSchedule=0215\nRootDir={d}/other\n",
+         [web]\nremoteHostName=web.example.com\nTimeSchedule=0215\nRootDir={d}/other\n\
+         [usb]\nremoteHostName=usb.example.com\nAutomountDevice=LABEL=affa-usb\nAutomountPoint={d}/usb\nRootDir={d}/usb/affa\n",
         d = d.display()
     );
+    // The mount point of the job's backup disk, without the disk (an upgrade while it is away).
+    fs::create_dir(d.join("usb")).unwrap();
     fs::write(etc.join("jobs.conf"), &global).unwrap();
     // An existing RootDir with an archive is left as it is.
     fs::create_dir_all(d.join("archives/old/daily.0")).unwrap();
@@ -914,6 +917,10 @@ fn setup_makes_the_state_directories_and_the_cron_file_of_the_configuration() {
     let mode = |p: &str| fs::metadata(d.join(p)).unwrap().permissions().mode() & 0o777;
     assert_eq!((mode("lock"), mode("log"), mode("scripts"), mode("other")), (0o700, 0o750, 0o700, 0o700), "{out}");
     assert_eq!(mode("archives"), 0o750, "an existing directory is never changed");
+    // A RootDir on a disk that is not mounted is not made on the disk below it (the next run
+    // would fill the root file system): said, and left for the run's own check.
+    assert!(!d.join("usb/affa").exists(), "--_setup made a RootDir where the backup disk is not mounted");
+    assert!(out.contains(&format!("RootDir {}/usb/affa not created", d.display())), "{out}");
     assert!(d.join("archives/old/daily.0").is_dir());
     let cron = fs::read_to_string(d.join("cron")).unwrap();
     let line = format!("15 2 * * * root /usr/sbin/affa --config-dir {} --silent --run web\n", etc.display());
