@@ -130,7 +130,18 @@ pub(crate) fn open_dir(lock_dir: &Path, create: bool) -> Result<Option<OwnedFd>>
 /// read-write without following a symlink and without truncating it. Without `create`, a
 /// missing file is `None`.
 pub(crate) fn open_file(dir: &OwnedFd, path: &Path, job: &str, create: bool) -> Result<Option<(File, Stat)>> {
-    let mut flags = OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY;
+    // Looked at before it is opened: a device is never opened (an open can act: a watchdog
+    // device arms on open), nor a fifo waited on (O_NONBLOCK too, for what changes between).
+    match rustix::fs::statat(dir, job, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Symlink => {
+            bail!("lock file {} is a symbolic link; expected a file affa creates (remove it)", path.display())
+        }
+        Ok(st) if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile => {
+            bail!("lock file {} is not a regular file; expected a file affa creates (remove it)", path.display())
+        }
+        _ => {}
+    }
+    let mut flags = OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK;
     if create {
         flags |= OFlags::CREATE;
     }
@@ -319,9 +330,20 @@ pub fn signal_holder(lock_dir: &Path, job: &str, sig: Signal) -> Result<Signalle
 /// Is `pid` the holder of the flock of `h` according to the kernel, and an affa process?
 fn check_holder(pid: i32, h: &Held) -> Result<()> {
     let shown = h.path.display();
-    let locks = fs::read_to_string("/proc/locks").ctx(|| "cannot read /proc/locks".to_string())?;
-    let holders =
-        flock_holders(&locks, rustix::fs::major(h.stat.st_dev), rustix::fs::minor(h.stat.st_dev), h.stat.st_ino);
+    // /proc/locks is made in pages while other processes take and drop locks: a read may list
+    // an entry twice or miss one. Read again (a few times) before deciding the pid is not the
+    // holder; duplicates are dropped.
+    let mut holders = Vec::new();
+    for _ in 0..3 {
+        let locks = fs::read_to_string("/proc/locks").ctx(|| "cannot read /proc/locks".to_string())?;
+        holders =
+            flock_holders(&locks, rustix::fs::major(h.stat.st_dev), rustix::fs::minor(h.stat.st_dev), h.stat.st_ino);
+        holders.sort_unstable();
+        holders.dedup();
+        if holders.contains(&pid) {
+            break;
+        }
+    }
     if !holders.contains(&pid) {
         let by = holders.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ");
         bail!(
@@ -414,6 +436,37 @@ mod tests {
         assert_eq!(holder(&ld, "job"), None);
         drop(acquire(&ld, "job").unwrap());
         assert_eq!(fs::metadata(&ld).unwrap().mode() & 0o7777, 0o700);
+    }
+
+    #[test]
+    fn a_fifo_or_device_at_a_lock_file_is_never_opened() {
+        let d = tempfile::tempdir().unwrap();
+        let ld = d.path().join("affa");
+        fs::create_dir(&ld).unwrap();
+        fs::set_permissions(&ld, fs::Permissions::from_mode(0o700)).unwrap();
+        // A fifo: opening it read-write would not block, but read-only would; either way it is
+        // looked at first and refused, and the probe of --status says "not running".
+        rustix::fs::mknodat(rustix::fs::CWD, &ld.join("job"), FileType::Fifo, Mode::from_raw_mode(0o600), 0).unwrap();
+        let t = std::time::Instant::now();
+        assert_eq!(holder(&ld, "job"), None);
+        let e = acquire(&ld, "job").unwrap_err().to_string();
+        assert!(e.contains("is not a regular file"), "{e}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+        // /dev/null stands for a device (a watchdog's open would arm it): refused unopened.
+        let dev = fs::metadata("/dev/null").unwrap();
+        use std::os::unix::fs::MetadataExt;
+        if rustix::process::geteuid().is_root() {
+            rustix::fs::mknodat(
+                rustix::fs::CWD,
+                &ld.join("dev"),
+                FileType::CharacterDevice,
+                Mode::from_raw_mode(0o600),
+                dev.rdev(),
+            )
+            .unwrap();
+            let e = acquire(&ld, "dev").unwrap_err().to_string();
+            assert!(e.contains("is not a regular file"), "{e}");
+        }
     }
 
     #[test]

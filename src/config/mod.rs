@@ -143,7 +143,11 @@ fn text_of(bytes: &[u8]) -> String {
 pub fn config_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
+    let root = rustix::process::geteuid().is_root();
     while let Some(d) = stack.pop() {
+        if root {
+            trusted_by_root(&d, "configuration directory")?;
+        }
         let rd = match fs::read_dir(&d) {
             Ok(rd) => rd,
             Err(e) => return Err(Error::io(format!("cannot read configuration directory {}: {e}", d.display()), e)),
@@ -153,12 +157,36 @@ pub fn config_files(dir: &Path) -> Result<Vec<PathBuf>> {
             if e.file_type().is_ok_and(|t| t.is_dir()) {
                 stack.push(p);
             } else if p.extension().is_some_and(|x| x == "conf") && p.is_file() {
+                if root {
+                    trusted_by_root(&p, "configuration file")?;
+                }
                 files.push(p);
             }
         }
     }
     files.sort();
     Ok(files)
+}
+
+/// affa as root reads a configuration only another root could have written: the directory
+/// (each one below it too) and every `*.conf` (a symbolic link: what it points to) owned by
+/// root and not writable by group or others. A configuration directory of another user (a
+/// `sudo affa --nrpe --config-dir DIR` allowed to nagios by a wildcard in sudoers) would make
+/// root open, read and write where that user chose (lockDir=/dev opens devices).
+fn trusted_by_root(p: &Path, what: &str) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(p).map_err(|e| Error::io(format!("cannot read {what} {}: {e}", p.display()), e))?;
+    if m.uid() != 0 || m.mode() & 0o022 != 0 {
+        return Err(Error::config(format!(
+            "{what} {} is {} with mode {:04o}: affa runs as root and reads only a configuration no other user could have written; expected it owned by root and not writable by group or others (chown root {}; chmod go-w {})",
+            p.display(),
+            if m.uid() == 0 { "root's".to_string() } else { format!("owned by uid {}", m.uid()) },
+            m.mode() & 0o7777,
+            p.display(),
+            p.display()
+        )));
+    }
+    Ok(())
 }
 
 impl Config {
@@ -825,6 +853,39 @@ mod tests {
         assert_eq!(db.get("dailyKeep"), "3");
         assert_eq!(db.job_dir(), PathBuf::from("/srv/b/db"));
         assert_eq!(db.sources, vec!["/".to_string()]);
+    }
+
+    /// As root, a configuration another user could have written is refused before it is read:
+    /// its directory or a file of another owner, or writable by group or others.
+    #[test]
+    fn root_reads_only_a_configuration_no_other_user_could_write() {
+        use std::os::unix::fs::PermissionsExt;
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("etc");
+        fs::create_dir(&d).unwrap();
+        fs::write(d.join("a.conf"), "[a]\nremoteHostName=h\n").unwrap();
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(d.join("a.conf"), fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(Config::load(&d).is_ok());
+        let nobody = Some(rustix::process::Uid::from_raw(65534));
+        rustix::fs::chown(&d, nobody, None).unwrap();
+        let e = Config::load(&d).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("configuration directory {} is owned by uid 65534 with mode 0755", d.display())),
+            "{e}"
+        );
+        rustix::fs::chown(&d, Some(rustix::process::Uid::ROOT), None).unwrap();
+        fs::set_permissions(d.join("a.conf"), fs::Permissions::from_mode(0o666)).unwrap();
+        let e = Config::load(&d).unwrap_err().to_string();
+        assert!(e.contains("a.conf is root's with mode 0666") && e.contains("chmod go-w"), "{e}");
+        fs::set_permissions(d.join("a.conf"), fs::Permissions::from_mode(0o600)).unwrap();
+        fs::create_dir(d.join("sub")).unwrap();
+        fs::set_permissions(d.join("sub"), fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(Config::load(&d).unwrap_err().to_string().contains("sub is root's with mode 0777"));
     }
 
     #[test]
