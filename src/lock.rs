@@ -446,7 +446,7 @@ mod tests {
         fs::set_permissions(&ld, fs::Permissions::from_mode(0o700)).unwrap();
         // A fifo: opening it read-write would not block, but read-only would; either way it is
         // looked at first and refused, and the probe of --status says "not running".
-        rustix::fs::mknodat(rustix::fs::CWD, &ld.join("job"), FileType::Fifo, Mode::from_raw_mode(0o600), 0).unwrap();
+        rustix::fs::mknodat(rustix::fs::CWD, ld.join("job"), FileType::Fifo, Mode::from_raw_mode(0o600), 0).unwrap();
         let t = std::time::Instant::now();
         assert_eq!(holder(&ld, "job"), None);
         let e = acquire(&ld, "job").unwrap_err().to_string();
@@ -458,7 +458,7 @@ mod tests {
         if rustix::process::geteuid().is_root() {
             rustix::fs::mknodat(
                 rustix::fs::CWD,
-                &ld.join("dev"),
+                ld.join("dev"),
                 FileType::CharacterDevice,
                 Mode::from_raw_mode(0o600),
                 dev.rdev(),
