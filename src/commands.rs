@@ -420,7 +420,7 @@ pub fn status(cfg: &Config, clock: &dyn Clock, csv: bool, all: bool) -> Result<S
                 rv("RootDirFilesystemUsed"),
                 nof,
                 pid.unwrap_or(0).to_string(),
-                state.clone().unwrap_or_default(),
+                state.clone().unwrap_or_default().replace([';', '\n', '\r'], " "),
                 r.as_ref().map(|r| field(r, "ExecutionTime")).unwrap_or_default(),
             ];
             f.extend(r.as_ref().map(freedup_fields).unwrap_or_default());
@@ -540,14 +540,18 @@ pub fn send_keys(cfg: &Config, names: &[String], out: &mut dyn Write, yes: bool,
             continue;
         }
         if let Err(e) = send_key_of(cfg, job, out, yes, watch) {
-            let _ = writeln!(out, "job {}: FAILED: {e}", job.name);
-            failed.push(job.name.clone());
+            failed.push((job.name.clone(), e));
         }
     }
-    if !failed.is_empty() {
-        bail!("--send-key failed for: {}", failed.join(", "));
+    match failed.len() {
+        0 => Ok(()),
+        // One job: its own error, as it is (a changed host key says so).
+        1 if names.len() == 1 => Err(failed.pop().unwrap().1),
+        n => bail!(
+            "--send-key failed for {n} job(s): {}",
+            failed.iter().map(|(j, e)| format!("job {j}: {e}")).collect::<Vec<_>>().join("; ")
+        ),
     }
-    Ok(())
 }
 
 fn send_key_of(cfg: &Config, job: &Job, out: &mut dyn Write, yes: bool, watch: &Watch) -> Result<()> {

@@ -131,7 +131,9 @@ pub(crate) fn open_dir(lock_dir: &Path, create: bool) -> Result<Option<OwnedFd>>
 /// missing file is `None`.
 pub(crate) fn open_file(dir: &OwnedFd, path: &Path, job: &str, create: bool) -> Result<Option<(File, Stat)>> {
     // Looked at before it is opened: a device is never opened (an open can act: a watchdog
-    // device arms on open), nor a fifo waited on (O_NONBLOCK too, for what changes between).
+    // device arms on open), nor a fifo waited on. (Not O_NONBLOCK: on CephFS the open of a
+    // shared lock file must wait for the capabilities of a server that went silent. Nothing
+    // can change between the look and the open: the directory is checked to be affa's own.)
     match rustix::fs::statat(dir, job, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
         Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Symlink => {
             bail!("lock file {} is a symbolic link; expected a file affa creates (remove it)", path.display())
@@ -141,7 +143,7 @@ pub(crate) fn open_file(dir: &OwnedFd, path: &Path, job: &str, create: bool) -> 
         }
         _ => {}
     }
-    let mut flags = OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK;
+    let mut flags = OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY;
     if create {
         flags |= OFlags::CREATE;
     }

@@ -17,7 +17,20 @@ use affa::{commands, Result};
 
 use cli::{Action, Archives, Invocation};
 
+/// The soft limit of open files raised towards the hard one (at most 65536): removing an
+/// archive walks its tree with one descriptor per directory level, and a host can send a tree
+/// deeper than cron's soft limit of 1024 (every run would then fail to empty the trash).
+fn raise_open_files_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let l = getrlimit(Resource::Nofile);
+    let want = l.maximum.map_or(65536, |m| m.min(65536));
+    if l.current.is_some_and(|c| c < want) {
+        let _ = setrlimit(Resource::Nofile, Rlimit { current: Some(want), maximum: l.maximum });
+    }
+}
+
 fn main() -> ExitCode {
+    raise_open_files_limit();
     let cli = match cli::Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -155,11 +168,23 @@ fn dispatch(inv: Invocation, ui: &Arc<render::Terminal>, out: &mut dyn Write) ->
             }
         }
         Action::KillAll => {
+            // Every running job is stopped: one that cannot be (its lock file names another
+            // process) is named at the end, after the others.
             let cfg = env.config()?;
+            let mut failed = Vec::new();
             for job in cfg.jobs.keys() {
                 if affa::lock::holder(&cfg.lock_dir(), job).is_some() {
-                    print(out, commands::kill(&cfg, job)? + "\n");
+                    match commands::kill(&cfg, job) {
+                        Ok(line) => print(out, line + "\n"),
+                        Err(e) => {
+                            eprintln!("affa: error: {e}");
+                            failed.push(job.clone());
+                        }
+                    }
                 }
+            }
+            if !failed.is_empty() {
+                affa::bail!("--killall could not stop: {}", failed.join(", "));
             }
         }
         Action::LogTail { job } => print(out, commands::log_tail(&env.config()?, job.as_deref())?),

@@ -325,15 +325,26 @@ fn metrics_text_with(cfg: &Config, clock: &dyn Clock, walk_pools: bool) -> Resul
     let mut arch = fam("affa_archives", "Number of archives per level");
     let mut running = fam("affa_running", "1 while the job runs");
     let mut interrupted = fam("affa_interrupted", "1 if the job's last transfer was interrupted and not resumed yet");
+    let mut job_error = fam(
+        "affa_job_error",
+        "1 if the job's configuration has errors or its archives cannot be read (it does not run, or cannot be checked)",
+    );
     let mut pool = fam("affa_pool_size_bytes", "Bytes in the chunk pool RootDir/.affa-pool");
     let mut pool_files = fam("affa_pool_files", "Files in the chunk pool RootDir/.affa-pool");
     let mut avail = fam("affa_rootdir_avail_bytes", "Free bytes on the file system of RootDir");
     let mut used = fam("affa_rootdir_used_bytes", "Used bytes on the file system of RootDir");
     let mut gen = fam("affa_metrics_generated_timestamp_seconds", "Unix time this file was written");
     let mut roots: Vec<PathBuf> = Vec::new();
-    for job in cfg.jobs.values() {
+    // Every job, a broken one too: its series vanishing would resolve an alert instead of
+    // firing one; one job whose archives cannot be read does not keep the others' metrics out.
+    for job in cfg.all_jobs() {
         let l = format!("job=\"{}\"", label(&job.name));
-        let st = job_state(cfg, job)?;
+        let st = match cfg.broken.contains_key(&job.name) {
+            true => None,
+            false => job_state(cfg, job).ok(),
+        };
+        job_error.samples.push((l.clone(), (st.is_none() as u8).to_string()));
+        let Some(st) = st else { continue };
         enabled.samples.push((l.clone(), (effective_enabled(cfg, job) as u8).to_string()));
         if let Some(t) = st.last_success.and_then(epoch) {
             last.samples.push((l.clone(), t.to_string()));
@@ -392,7 +403,8 @@ fn metrics_text_with(cfg: &Config, clock: &dyn Clock, walk_pools: bool) -> Resul
         gen.samples.push((String::new(), t.to_string()));
     }
     let mut out = String::new();
-    for f in [enabled, last, dur, recv, size, arch, running, interrupted, pool, pool_files, avail, used, gen] {
+    for f in [enabled, last, dur, recv, size, arch, running, interrupted, job_error, pool, pool_files, avail, used, gen]
+    {
         if f.samples.is_empty() {
             continue;
         }
@@ -542,6 +554,13 @@ mod tests {
             assert_eq!(l.unreadable.len(), 1);
             assert!(l.unreadable[0].starts_with("job odd: cannot read its archives: "), "{:?}", l.unreadable);
         }
+        // --metrics still writes every job's series, the unreadable one as an error.
+        let m = metrics_text(&cfg, &FixedClock(at("2026-03-02 12:00"))).unwrap();
+        assert!(
+            m.contains("affa_job_error{job=\"odd\"} 1\n") && m.contains("affa_job_error{job=\"fresh\"} 0\n"),
+            "{m}"
+        );
+        assert!(m.contains("affa_last_success_timestamp_seconds{job=\"fresh\"}"), "{m}");
         // The status mail is still made, with both jobs in it.
         let body = crate::commands::status_text(&cfg, &FixedClock(at("2026-03-02 12:00"))).unwrap();
         assert!(body.contains("job odd: cannot read its archives: ") && body.contains("fresh"), "{body}");
@@ -728,6 +747,12 @@ mod tests {
                 "affa_interrupted",
                 "1 if the job's last transfer was interrupted and not resumed yet",
                 per_job(&|j| if j == "intr" { "1" } else { "0" }),
+            ),
+            // The job with configuration errors too (its series vanishing would resolve an alert).
+            family(
+                "affa_job_error",
+                "1 if the job's configuration has errors or its archives cannot be read (it does not run, or cannot be checked)",
+                format!("{{job=\"broken\"}} 1\n{}", per_job(&|_| "0")),
             ),
             family("affa_pool_size_bytes", "Bytes in the chunk pool RootDir/.affa-pool", format!("{{root_dir=\"{}\"}} 15\n", root.display())),
             family("affa_pool_files", "Files in the chunk pool RootDir/.affa-pool", format!("{{root_dir=\"{}\"}} 2\n", root.display())),

@@ -185,12 +185,18 @@ pub fn update_shares(cfg: &Config) -> Result<String> {
         "# Written by affa --samba-shares: one include per job with SambaShare=yes; changes are overwritten.\n",
     );
     let mut keep = Vec::new();
+    let mut failed = Vec::new();
     for job in &shared {
         let name = format!("{JOB_PREFIX}{}.conf", job.name);
         let text = if chunked(job) {
-            // The mounted view: chunked files as plain files, the store hidden.
+            // The mounted view: chunked files as plain files, the store hidden. A job whose
+            // archives cannot be mounted loses its share (an empty mount point is no share);
+            // the other jobs' shares are written all the same, and the command fails at the end.
             let mp = mount_point(cfg, job);
-            ensure_mounted(cfg, job, &mp)?;
+            if let Err(e) = ensure_mounted(cfg, job, &mp) {
+                failed.push(format!("job {}: {e}", job.name));
+                continue;
+            }
             share_at(job, &mp)
         } else {
             share_text(job)
@@ -223,7 +229,8 @@ pub fn update_shares(cfg: &Config) -> Result<String> {
         crate::fsutil::write_atomic(&smb_conf, t.as_bytes(), crate::fsutil::Perm::KeepOr(0o644))?;
         changed = true;
     }
-    let names: Vec<&str> = shared.iter().map(|j| j.name.as_str()).collect();
+    let names: Vec<&str> =
+        shared.iter().map(|j| j.name.as_str()).filter(|n| keep.contains(&format!("{JOB_PREFIX}{n}.conf"))).collect();
     let mut out =
         if names.is_empty() { "no Samba shares".to_string() } else { format!("Samba shares: {}", names.join(", ")) };
     if !removed.is_empty() {
@@ -233,6 +240,9 @@ pub fn update_shares(cfg: &Config) -> Result<String> {
         out.push_str(&format!("; {}", reload(&smb_conf)));
     } else {
         out.push_str("; unchanged");
+    }
+    if !failed.is_empty() {
+        crate::bail!("{out}; not shared, their archives could not be mounted: {}", failed.join("; "));
     }
     Ok(out)
 }

@@ -332,7 +332,7 @@ fn attempt(t: &SshTarget, path: &str, idle: Duration) -> Result<Attempt> {
     let paced = Paced { inner: inp, state: state.clone(), pace: tx };
     match Agent::connect(Watched { inner: out, state, pace: rx }, paced, &label) {
         Ok(agent) => Ok(Attempt::Ready(Box::new(Session { child, stderr: err, agent, label, watchdog, _stop: stop }))),
-        Err(_) => {
+        Err(handshake) => {
             watchdog.end();
             // Its pipes are closed: the child ends (or is stopped after a while).
             let status = match super::wait_until(&mut child, t.short_limit(), "ssh") {
@@ -342,8 +342,12 @@ fn attempt(t: &SshTarget, path: &str, idle: Duration) -> Result<Attempt> {
                     child.wait().ok().and_then(|s| s.code())
                 }
             };
-            let text = collect(err);
-            Ok(Attempt::Failed(status, String::from_utf8_lossy(&text).into_owned()))
+            // ssh's stderr tells why the agent did not start; when it is silent (a banner or
+            // another program on stdout), the handshake's own error does ("not an affa agent:
+            // the stream starts with ...").
+            let text = String::from_utf8_lossy(&collect(err)).into_owned();
+            let text = if text.trim().is_empty() { handshake.to_string() } else { text };
+            Ok(Attempt::Failed(status, text))
         }
     }
 }

@@ -240,7 +240,11 @@ impl DoneDates {
         let mut d = DoneDates::default();
         if let Ok(text) = fs::read_to_string(job_dir.join(DONE_DATES)) {
             for (k, v) in affa_core::keyvalue::pairs(&text, None) {
-                if let Some(l) = Level::parse(k) {
+                // A period is digits (`%Y%j` ...), or -1 for never; anything else (a hand edit)
+                // reads as never: the promotion is due, and the rotation journal, which writes
+                // these values word by word, can always be read back.
+                let period = !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit());
+                if let (Some(l), true) = (Level::parse(k), period) {
                     d.values[l as usize] = v.to_string();
                 }
             }
@@ -704,6 +708,20 @@ mod tests {
             list(d.path()).unwrap().iter().map(|a| a.report.as_ref().unwrap().date().unwrap().to_string()).collect();
         assert_eq!(after, before);
         assert!(!d.path().join(JOURNAL).exists());
+    }
+
+    /// A hand-edited `.doneDates` value that is not a period reads as never (a value with a
+    /// space made the rotation journal that records it unreadable on every later run).
+    #[test]
+    fn done_dates_read_only_periods() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join(DONE_DATES), "[doneDates]\ndaily=2026 12\nweekly=202647\nmonthly=-1\nyearly=x\n")
+            .unwrap();
+        let dd = DoneDates::read(d.path());
+        assert_eq!(
+            [Level::Daily, Level::Weekly, Level::Monthly, Level::Yearly].map(|l| dd.get(l).to_string()),
+            ["", "202647", "", ""]
+        );
     }
 
     /// A file or a symbolic link at an archive's name: the rotation is refused before anything

@@ -257,7 +257,7 @@ pub fn backup_file<R: Read, W: Write>(
 /// A ranged backup (Changed Block Tracking, docs/PROTOCOL.md "Ranged backup"): the agent reads
 /// only the chunks of `ranges` (chunk indices, as `chunk_ranges` gives them); every other chunk
 /// is carried from `previous`, which must have `settings.chunk_size` and the file's length (else
-/// an error: the caller falls back to `backup_file`). A carried stored chunk whose pool entry
+/// an error, no manifest: the caller fails the file's backup). A carried stored chunk whose pool entry
 /// fails its cheap check is added to the ranges.
 /// The manifest has no whole-file hash (version 2). Errors as `backup_file`.
 #[allow(clippy::too_many_arguments)]

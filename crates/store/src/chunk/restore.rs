@@ -680,12 +680,24 @@ pub fn evict_damaged(pool: &Pool, report: &VerifyReport) -> Result<u64> {
     for p in &report.problems {
         let Some(id) = super::parse_id(&p.id) else { continue };
         let entry = pool.entry(&id);
-        let good = pool::read_blob(&entry, &mut raw).is_ok()
-            && blob::decode(&raw, &mut out).is_ok()
-            && blake3::hash(&out).as_bytes() == &id;
-        if !good && entry.exists() {
-            fs::remove_file(&entry).ctx(|| format!("cannot remove {}", entry.display()))?;
-            n += 1;
+        // The inode judged, and only it removed (a backup may have put a good copy in its place
+        // since); an error that says nothing of its bytes (out of descriptors, a network file
+        // system's hiccup) keeps it; gone already (a sweep) is not an error.
+        let Ok(md) = fs::symlink_metadata(&entry) else { continue };
+        let good = match pool::read_blob(&entry, &mut raw) {
+            Ok(()) => blob::decode(&raw, &mut out).is_ok() && blake3::hash(&out).as_bytes() == &id,
+            // Too large, not a regular file (a symlink, a fifo), or a media error: damage.
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput) => false,
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error()) => false,
+            Err(_) => true,
+        };
+        let same = fs::symlink_metadata(&entry).is_ok_and(|m| m.ino() == md.ino() && m.dev() == md.dev());
+        if !good && same && !md.is_dir() {
+            match fs::remove_file(&entry) {
+                Ok(()) => n += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).ctx(|| format!("cannot remove {}", entry.display())),
+            }
         }
     }
     Ok(n)

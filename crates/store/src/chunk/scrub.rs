@@ -109,13 +109,22 @@ pub fn scrub(pool: &Pool, slice: Slice, progress: Progress) -> Result<ScrubRepor
                 }
             };
             rep.checked += 1;
+            // An error that says nothing of the entry's bytes (out of descriptors, a network
+            // file system's hiccup: ESTALE, ENOTCONN) is reported, the entry kept: evicted, a
+            // good chunk would be stored again by the next backups beside the copy the archives
+            // keep. A media error (EIO) is damage.
+            let mut transient = false;
+            let mut io_reason = |what: &str, e: std::io::Error| {
+                transient = e.raw_os_error() != Some(rustix::io::Errno::IO.raw_os_error());
+                Some(format!("{what}: {e}{}", if transient { " (kept: the error may pass)" } else { "" }))
+            };
             let reason = match crate::untrusted::open_regular(&entry) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     rep.checked -= 1;
                     continue; // swept meanwhile
                 }
                 Err(_) if !md.file_type().is_file() => Some(format!("is {}, not a chunk file", kind_of(&md))),
-                Err(e) => Some(format!("cannot be opened: {e}")),
+                Err(e) => io_reason("cannot be opened", e),
                 Ok(f) => {
                     raw.clear();
                     let read = f.take(max + 1).read_to_end(&mut raw);
@@ -124,7 +133,7 @@ pub fn scrub(pool: &Pool, slice: Slice, progress: Progress) -> Result<ScrubRepor
                         p(rep.bytes_read);
                     }
                     match read {
-                        Err(e) => Some(format!("cannot be read: {e}")),
+                        Err(e) => io_reason("cannot be read", e),
                         Ok(_) if raw.len() as u64 > max => Some("is larger than a chunk file can be".to_string()),
                         Ok(_) => match blob::decode(&raw, &mut out) {
                             Err(_) => Some("does not decode".to_string()),
@@ -139,7 +148,7 @@ pub fn scrub(pool: &Pool, slice: Slice, progress: Progress) -> Result<ScrubRepor
             // have replaced it by a good copy since); a directory is left (remove_file refuses
             // it) and reported as not removed.
             let same = fs::symlink_metadata(&entry).is_ok_and(|m| m.ino() == md.ino() && m.dev() == md.dev());
-            let removed = same && !md.is_dir() && fs::remove_file(&entry).is_ok();
+            let removed = !transient && same && !md.is_dir() && fs::remove_file(&entry).is_ok();
             if removed {
                 super::pool::fsync_dir(&path)?;
             }
