@@ -845,7 +845,11 @@ pub fn move_archive(cfg: &Config, name: &str, new_root: &str, yes: bool, watch: 
 /// `--kill JOB`: stop a running job (SIGTERM, so it cleans up) and wait for it. Only the affa
 /// process that holds the job's lock is signalled (see [`lock::signal_holder`]).
 pub fn kill(cfg: &Config, name: &str) -> Result<String> {
-    let job = cfg.job(name)?;
+    // A job whose configuration broke while it runs can still be stopped.
+    let job = match cfg.job(name) {
+        Ok(j) => j,
+        Err(e) => cfg.broken.get(name).map(|b| &b.partial).ok_or(e)?,
+    };
     let pid = match lock::signal_holder(&cfg.lock_dir(), name, rustix::process::Signal::TERM)? {
         lock::Signalled::NotRunning => match elsewhere(job) {
             // Another server's process: not ours to signal.

@@ -442,33 +442,30 @@ mod tests {
 
     #[test]
     fn a_fifo_or_device_at_a_lock_file_is_never_opened() {
+        use rustix::fs::inotify;
         let d = tempfile::tempdir().unwrap();
         let ld = d.path().join("affa");
         fs::create_dir(&ld).unwrap();
         fs::set_permissions(&ld, fs::Permissions::from_mode(0o700)).unwrap();
-        // A fifo: opening it read-write would not block, but read-only would; either way it is
-        // looked at first and refused, and the probe of --status says "not running".
-        rustix::fs::mknodat(rustix::fs::CWD, ld.join("job"), FileType::Fifo, Mode::from_raw_mode(0o600), 0).unwrap();
-        let t = std::time::Instant::now();
-        assert_eq!(holder(&ld, "job"), None);
-        let e = acquire(&ld, "job").unwrap_err().to_string();
-        assert!(e.contains("is not a regular file"), "{e}");
-        assert!(t.elapsed() < std::time::Duration::from_secs(5));
-        // /dev/null stands for a device (a watchdog's open would arm it): refused unopened.
-        let dev = fs::metadata("/dev/null").unwrap();
-        use std::os::unix::fs::MetadataExt;
+        // Every open of the nodes is seen (inotify IN_OPEN): the refusal must come before one.
+        let watch = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC).unwrap();
+        let mut nodes = vec![("job", FileType::Fifo, 0)];
+        // /dev/null's numbers stand for a device (a watchdog's open would arm it).
         if rustix::process::geteuid().is_root() {
-            rustix::fs::mknodat(
-                rustix::fs::CWD,
-                ld.join("dev"),
-                FileType::CharacterDevice,
-                Mode::from_raw_mode(0o600),
-                dev.rdev(),
-            )
-            .unwrap();
-            let e = acquire(&ld, "dev").unwrap_err().to_string();
+            use std::os::unix::fs::MetadataExt;
+            nodes.push(("dev", FileType::CharacterDevice, fs::metadata("/dev/null").unwrap().rdev()));
+        }
+        for (name, kind, rdev) in &nodes {
+            rustix::fs::mknodat(rustix::fs::CWD, ld.join(name), *kind, Mode::from_raw_mode(0o600), *rdev).unwrap();
+            inotify::add_watch(&watch, ld.join(name), inotify::WatchFlags::OPEN).unwrap();
+        }
+        for (name, _, _) in &nodes {
+            assert_eq!(holder(&ld, name), None);
+            let e = acquire(&ld, name).unwrap_err().to_string();
             assert!(e.contains("is not a regular file"), "{e}");
         }
+        let mut buf = [0u8; 1024];
+        assert_eq!(rustix::io::read(&watch, &mut buf).err(), Some(Errno::AGAIN), "a node at a lock file was opened");
     }
 
     #[test]

@@ -172,7 +172,8 @@ fn dispatch(inv: Invocation, ui: &Arc<render::Terminal>, out: &mut dyn Write) ->
             // process) is named at the end, after the others.
             let cfg = env.config()?;
             let mut failed = Vec::new();
-            for job in cfg.jobs.keys() {
+            // A job whose configuration broke while it runs is stopped too.
+            for job in cfg.all_jobs().iter().map(|j| &j.name) {
                 if affa::lock::holder(&cfg.lock_dir(), job).is_some() {
                     match commands::kill(&cfg, job) {
                         Ok(line) => print(out, line + "\n"),

@@ -102,6 +102,11 @@ fn detach_dead_mount(dir: &Path) -> Result<()> {
         .ctx(|| format!("cannot detach the dead affa mount at {}", real.display()))
 }
 
+/// Samba's own section names (case-insensitive): a job of that name is never shared.
+fn reserved_section(name: &str) -> bool {
+    ["global", "homes", "printers"].iter().any(|n| name.eq_ignore_ascii_case(n))
+}
+
 fn share_at(job: &Job, path: &Path) -> String {
     // Never empty: the configuration refuses SambaShare=yes without users (an empty
     // `valid users` would open the share to every Samba user).
@@ -188,13 +193,17 @@ pub fn update_shares(cfg: &Config) -> Result<String> {
     let mut failed = Vec::new();
     for job in &shared {
         let name = format!("{JOB_PREFIX}{}.conf", job.name);
+        if reserved_section(&job.name) {
+            failed.push(format!("job {}: a share of that name would be Samba's own section [{}] (a [global] included sets `force user = root` for every share of the server); rename the job (affa --rename-job) to share it", job.name, job.name));
+            continue;
+        }
         let text = if chunked(job) {
             // The mounted view: chunked files as plain files, the store hidden. A job whose
             // archives cannot be mounted loses its share (an empty mount point is no share);
             // the other jobs' shares are written all the same, and the command fails at the end.
             let mp = mount_point(cfg, job);
             if let Err(e) = ensure_mounted(cfg, job, &mp) {
-                failed.push(format!("job {}: {e}", job.name));
+                failed.push(format!("job {}: its archives could not be mounted: {e}", job.name));
                 continue;
             }
             share_at(job, &mp)
@@ -242,7 +251,7 @@ pub fn update_shares(cfg: &Config) -> Result<String> {
         out.push_str("; unchanged");
     }
     if !failed.is_empty() {
-        crate::bail!("{out}; not shared, their archives could not be mounted: {}", failed.join("; "));
+        crate::bail!("{out}; not shared: {}", failed.join("; "));
     }
     Ok(out)
 }
@@ -255,6 +264,16 @@ mod tests {
         let dir = Path::new("/nonexistent-affa-test/etc");
         let cfg = Config::parse(dir, &[(dir.join("t.conf"), text.to_string())]).unwrap().strict().unwrap();
         cfg.jobs.into_values().next().unwrap()
+    }
+
+    #[test]
+    fn samba_own_section_names_are_never_shares() {
+        for n in ["global", "Homes", "PRINTERS"] {
+            assert!(reserved_section(n), "{n}");
+        }
+        for n in ["web", "global1", "home"] {
+            assert!(!reserved_section(n), "{n}");
+        }
     }
 
     #[test]

@@ -111,8 +111,16 @@ pub const RESTORED: &str = ".affa-esxi-restored";
 
 /// Record that a restore of the job starts now (before anything is written on the host).
 pub fn mark_restored(job_dir: &Path) -> Result<()> {
+    // The newest archive, or a complete transfer a crash kept from its rotation (the next run
+    // rotates it in first: it was made before this restore too).
     let newest = crate::archive::newest_valid(job_dir)?;
-    let date = newest.as_ref().and_then(|a| a.report.as_ref()).and_then(|r| r.date()).unwrap_or("0").to_string();
+    let rotated = newest.as_ref().and_then(|a| a.report.as_ref()).and_then(|r| r.date()).unwrap_or("0").to_string();
+    let pending = crate::archive::running_report(job_dir).and_then(|r| r.date().map(String::from));
+    let num = |d: &str| d.parse::<u64>().unwrap_or(0);
+    let date = match pending {
+        Some(p) if num(&p) > num(&rotated) => p,
+        _ => rotated,
+    };
     crate::fsutil::create_private_dir(job_dir)?;
     crate::fsutil::write_atomic(
         &job_dir.join(RESTORED),
@@ -270,6 +278,29 @@ pub fn report_value(d: &DiskRec) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The marker covers a complete transfer a crash kept from its rotation: the next run
+    /// rotates it in first, and it was made before the restore too.
+    #[test]
+    fn a_restore_marks_the_newest_archive_or_the_transfer_waiting_for_its_rotation() {
+        let t = tempfile::tempdir().unwrap();
+        let job = t.path();
+        let mk = |name: &str, date: &str| {
+            let p = job.join(name);
+            std::fs::create_dir_all(&p).unwrap();
+            let mut r = crate::report::Report::default();
+            r.set("Date", date);
+            r.write(&p).unwrap();
+        };
+        mk("scheduled.0", "202605020000");
+        mark_restored(job).unwrap();
+        assert!(restored_after(job, "202605020000") && !restored_after(job, "202605030000"));
+        mk("scheduled.running", "202605030000");
+        crate::archive::mark_running_complete(job).unwrap();
+        mark_restored(job).unwrap();
+        assert!(restored_after(job, "202605030000"), "the transfer waiting for its rotation is before the restore");
+        assert!(!restored_after(job, "202605030100"));
+    }
     use crate::chunk::ChunkRef;
 
     #[test]

@@ -142,8 +142,18 @@ fn text_of(bytes: &[u8]) -> String {
 /// -type f -name "*.conf"`), sorted by path. Symbolic links to directories are not followed.
 pub fn config_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
     let root = rustix::process::geteuid().is_root();
+    // As root: the directory resolved once, every directory above it checked (nobody else can
+    // swap a component, a symlink of theirs included, between the checks and the reads).
+    let start = if root {
+        let real = fs::canonicalize(dir)
+            .map_err(|e| Error::io(format!("cannot read configuration directory {}: {e}", dir.display()), e))?;
+        trusted_ancestors(&real)?;
+        real
+    } else {
+        dir.to_path_buf()
+    };
+    let mut stack = vec![start];
     while let Some(d) = stack.pop() {
         if root {
             trusted_by_root(&d, "configuration directory")?;
@@ -159,6 +169,13 @@ pub fn config_files(dir: &Path) -> Result<Vec<PathBuf>> {
             } else if p.extension().is_some_and(|x| x == "conf") && p.is_file() {
                 if root {
                     trusted_by_root(&p, "configuration file")?;
+                    if fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+                        // What the link names, and every directory above it.
+                        let real = fs::canonicalize(&p).map_err(|e| {
+                            Error::io(format!("cannot read configuration file {}: {e}", p.display()), e)
+                        })?;
+                        trusted_ancestors(&real)?;
+                    }
                 }
                 files.push(p);
             }
@@ -166,6 +183,25 @@ pub fn config_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     files.sort();
     Ok(files)
+}
+
+/// Every directory above `real` (a resolved path) is root's, and writable by nobody else unless
+/// sticky (as /tmp: there only an entry's owner can move it).
+fn trusted_ancestors(real: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    for a in real.ancestors().skip(1) {
+        let m = fs::metadata(a).map_err(|e| Error::io(format!("cannot read directory {}: {e}", a.display()), e))?;
+        if m.uid() != 0 || (m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0) {
+            return Err(Error::config(format!(
+                "{} (above the configuration {}) is {} with mode {:04o}: affa runs as root and reads only a configuration no other user could have written or moved; expected every directory above it owned by root and not writable by group or others",
+                a.display(),
+                real.display(),
+                if m.uid() == 0 { "root's".to_string() } else { format!("owned by uid {}", m.uid()) },
+                m.mode() & 0o7777
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// affa as root reads a configuration only another root could have written: the directory
@@ -558,11 +594,6 @@ impl Job {
                 if self.esxi() { "ESXi=yes" } else { "rsyncdMode=yes" }
             );
         }
-        // Samba's own sections: `[global]` in an included file sets `force user = root` and
-        // `valid users` for EVERY share of the server; `[homes]`, `[printers]` are special.
-        if self.samba_share && ["global", "homes", "printers"].iter().any(|n| self.name.eq_ignore_ascii_case(n)) {
-            bail!(Config, "{o}: job [{}] has SambaShare=yes, but a Samba share of that name is one of Samba's own sections ([global] would make its settings, `force user = root` among them, apply to every share of this server); expected SambaShare=no, or another job name (affa --rename-job)", self.name);
-        }
         if self.samba_share && self.samba_users.is_empty() {
             bail!(Config, "{o}: job [{}] has SambaShare=yes but SambaValidUser is empty; expected the Samba users allowed to read its archives (e.g. SambaValidUser=affa): the share reads every archive as root, so it is never opened to all users", self.name);
         }
@@ -886,6 +917,19 @@ mod tests {
         fs::create_dir(d.join("sub")).unwrap();
         fs::set_permissions(d.join("sub"), fs::Permissions::from_mode(0o777)).unwrap();
         assert!(Config::load(&d).unwrap_err().to_string().contains("sub is root's with mode 0777"));
+        fs::remove_dir(d.join("sub")).unwrap();
+        // A directory above it of another user (who could swap the configuration under it),
+        // reached through a symlink of theirs too.
+        let other = t.path().join("theirs");
+        fs::create_dir(&other).unwrap();
+        fs::rename(&d, other.join("etc")).unwrap();
+        rustix::fs::chown(&other, nobody, None).unwrap();
+        let e = Config::load(&other.join("etc")).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{} (above the configuration", other.display())), "{e}");
+        std::os::unix::fs::symlink(other.join("etc"), t.path().join("link")).unwrap();
+        assert!(Config::load(&t.path().join("link")).unwrap_err().to_string().contains("owned by uid 65534"));
+        rustix::fs::chown(&other, Some(rustix::process::Uid::ROOT), None).unwrap();
+        assert!(Config::load(&t.path().join("link")).is_ok());
     }
 
     #[test]
@@ -943,11 +987,6 @@ mod tests {
             assert!(e.starts_with("/etc/affa/t.conf:1: job [web] has SambaShare=yes but SambaValidUser is empty; expected the Samba users allowed"), "{e}");
         }
         assert!(parse("[web]\nremoteHostName=h\nSambaShare=no\nSambaValidUser=\n").is_ok());
-        for name in ["global", "Homes", "PRINTERS"] {
-            let e = parse(&format!("[{name}]\nremoteHostName=h\nSambaShare=yes\n")).unwrap_err().to_string();
-            assert!(e.starts_with(&format!("/etc/affa/t.conf:1: job [{name}] has SambaShare=yes, but a Samba share of that name is one of Samba's own sections")), "{e}");
-            assert!(parse(&format!("[{name}]\nremoteHostName=h\nSambaShare=no\n")).is_ok());
-        }
         assert!(parse("[web]\nremoteHostName=h\nSambaShare=yes\n").is_ok(), "the default user affa");
     }
 

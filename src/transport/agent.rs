@@ -209,7 +209,10 @@ impl Paced {
     fn watched_write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let now = self.state.base.elapsed().as_millis() as u64;
         self.state.write_since.store(now.max(1), Ordering::SeqCst);
-        let r = self.inner.write(buf);
+        // At most 64 KiB a call: a blocking pipe write returns only when all of it is taken, so
+        // the wait the watchdog measures is that of some progress, not of a whole 2 MiB frame
+        // on a slow link.
+        let r = self.inner.write(&buf[..buf.len().min(64 << 10)]);
         self.state.write_since.store(0, Ordering::SeqCst);
         r
     }

@@ -86,7 +86,7 @@ pub fn check_chunk_count(what: &Path, size: u64, chunk_size: u32) -> Result<()> 
     let count = Manifest::chunk_count(size, chunk_size);
     if size > 1 << 50 || count > super::MAX_CHUNKS {
         crate::bail!(
-            "cannot chunk {}: {size} bytes are {count} chunks of {chunk_size} bytes, more than one manifest holds ({}); set a larger chunkSize",
+            "cannot chunk {}: {size} bytes are {count} chunks of {chunk_size} bytes, more than one manifest may list ({}); set a larger chunkSize",
             what.display(),
             super::MAX_CHUNKS
         );
@@ -314,7 +314,16 @@ pub(crate) fn place_manifest(archive_root: &Path, rel_path: &Path, mpath: &Path,
         // the archive being built, so it is unlinked (unlink never follows it).
         fs::remove_file(mpath).ctx(|| format!("cannot remove {}", mpath.display()))?;
     }
-    crate::fsutil::write_atomic(mpath, &manifest.to_bytes(), crate::fsutil::Perm::Mode(0o600))?;
+    let bytes = manifest.to_bytes();
+    if bytes.len() as u64 > super::MAX_MANIFEST_LEN {
+        crate::bail!(
+            "the manifest of {} would be {} bytes, more than a reader accepts ({}): set a larger chunkSize",
+            mpath.display(),
+            bytes.len(),
+            super::MAX_MANIFEST_LEN
+        );
+    }
+    crate::fsutil::write_atomic(mpath, &bytes, crate::fsutil::Perm::Mode(0o600))?;
     super::index::record(archive_root, rel_path)?;
     Ok(replaced)
 }

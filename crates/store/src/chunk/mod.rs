@@ -260,3 +260,32 @@ mod parse_tests {
         assert!(is_zero(&[]));
     }
 }
+
+/// An I/O error that says nothing of a file's bytes (out of descriptors or memory, a network
+/// file system's hiccup, an interruption): a pool entry is not judged damaged by it.
+pub(crate) fn transient_io(e: &std::io::Error) -> bool {
+    use rustix::io::Errno;
+    let transient = [
+        Errno::MFILE,
+        Errno::NFILE,
+        Errno::NOMEM,
+        Errno::STALE,
+        Errno::NOTCONN,
+        Errno::AGAIN,
+        Errno::INTR,
+        Errno::TIMEDOUT,
+    ];
+    e.raw_os_error().is_some_and(|n| transient.iter().any(|t| t.raw_os_error() == n))
+}
+
+#[cfg(test)]
+mod transient_tests {
+    #[test]
+    fn only_errors_that_say_nothing_of_the_bytes_are_transient() {
+        use rustix::io::Errno;
+        let e = |n: Errno| std::io::Error::from_raw_os_error(n.raw_os_error());
+        assert!(super::transient_io(&e(Errno::MFILE)) && super::transient_io(&e(Errno::STALE)));
+        assert!(!super::transient_io(&e(Errno::IO)) && !super::transient_io(&e(Errno::UCLEAN)));
+        assert!(!super::transient_io(&std::io::Error::new(std::io::ErrorKind::InvalidData, "x")));
+    }
+}

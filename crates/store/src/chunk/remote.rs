@@ -108,7 +108,7 @@ impl<R: Read, W: Write> Agent<R, W> {
     pub fn bye(mut self) -> Result<()> {
         let label = self.label.clone();
         self.w.send(&Msg::Bye).map_err(|e| perr(&label, e))?;
-        match self.r.expect().map_err(|e| perr(&label, e))? {
+        match self.recv()? {
             Msg::Bye => Ok(()),
             m => crate::bail!("agent {label}: expected BYE, received {}", m.name()),
         }
@@ -543,7 +543,7 @@ fn backup<R: Read, W: Write>(
         if opened.size > 1 << 50 || opened.window == 0 || opened.window > proto::MAX_WINDOW {
             return Err(bad(format!("bad OPENED (size {}, window {})", opened.size, opened.window)));
         }
-        // More chunks than a manifest holds: refused before a report is read (the list of
+        // More chunks than a manifest may list: refused before a report is read (the list of
         // reports is kept in memory, 33 bytes each, whatever size the agent claims).
         super::build::check_chunk_count(remote_path, opened.size, cs)?;
         let count = Manifest::chunk_count(opened.size, cs);
@@ -1090,7 +1090,7 @@ mod tests {
     }
 
     /// What a hostile agent can make affa hold in memory, or decode, during a backup: a claimed
-    /// size of more chunks than a manifest holds, need-reports beyond the window it announced,
+    /// size of more chunks than a manifest may list, need-reports beyond the window it announced,
     /// a frame only affa sends (decoded, a 16 MiB PREV is ~550 MB), an END that read more
     /// than the file: each refused at once.
     #[test]
@@ -1104,7 +1104,7 @@ mod tests {
         };
         let id = |i: u8| *blake3::hash(&[i]).as_bytes();
         let cases: Vec<(Vec<Msg>, &str)> = vec![
-            (vec![opened(1 << 49, 4)], "more than one manifest holds"),
+            (vec![opened(1 << 49, 4)], "more than one manifest may list"),
             (
                 vec![
                     opened(10 * (256 << 10), 2),

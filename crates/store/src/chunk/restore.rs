@@ -686,10 +686,10 @@ pub fn evict_damaged(pool: &Pool, report: &VerifyReport) -> Result<u64> {
         let Ok(md) = fs::symlink_metadata(&entry) else { continue };
         let good = match pool::read_blob(&entry, &mut raw) {
             Ok(()) => blob::decode(&raw, &mut out).is_ok() && blake3::hash(&out).as_bytes() == &id,
-            // Too large, not a regular file (a symlink, a fifo), or a media error: damage.
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput) => false,
-            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error()) => false,
-            Err(_) => true,
+            // Out of descriptors, a network file system's hiccup: says nothing of the bytes.
+            Err(e) if super::transient_io(&e) => true,
+            // Too large, not a regular file, a media or checksum error: damage.
+            Err(_) => false,
         };
         let same = fs::symlink_metadata(&entry).is_ok_and(|m| m.ino() == md.ino() && m.dev() == md.dev());
         if !good && same && !md.is_dir() {

@@ -109,13 +109,14 @@ pub fn scrub(pool: &Pool, slice: Slice, progress: Progress) -> Result<ScrubRepor
                 }
             };
             rep.checked += 1;
-            // An error that says nothing of the entry's bytes (out of descriptors, a network
-            // file system's hiccup: ESTALE, ENOTCONN) is reported, the entry kept: evicted, a
-            // good chunk would be stored again by the next backups beside the copy the archives
-            // keep. A media error (EIO) is damage.
+            // An error that says nothing of the entry's bytes (out of descriptors or memory, a
+            // network file system's hiccup: ESTALE, ENOTCONN) is reported, the entry kept:
+            // evicted, a good chunk would be stored again by the next backups beside the copy
+            // the archives keep. Any other error (EIO, a file system's checksum or corruption
+            // error) is damage.
             let mut transient = false;
             let mut io_reason = |what: &str, e: std::io::Error| {
-                transient = e.raw_os_error() != Some(rustix::io::Errno::IO.raw_os_error());
+                transient = super::transient_io(&e);
                 Some(format!("{what}: {e}{}", if transient { " (kept: the error may pass)" } else { "" }))
             };
             let reason = match crate::untrusted::open_regular(&entry) {
