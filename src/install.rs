@@ -342,11 +342,16 @@ fn setup_under(prefix: &Path, etc: &Path, installed_etc: &Path, done: &mut Vec<S
     // A RootDir on a backup disk that is not mounted now (an upgrade while it is away) is never
     // made on the disk below: the next run would pass its "is the disk mounted?" check and fill
     // the root file system, and the archives would hide under the disk once it is back.
-    let mut away: Vec<PathBuf> =
-        cfg.jobs.values().filter_map(|j| j.automount.as_ref().map(|a| a.point.clone())).collect();
+    let mounted = crate::automount::mount_points();
+    let mut away: Vec<PathBuf> = cfg
+        .jobs
+        .values()
+        .filter_map(|j| j.automount.as_ref().map(|a| a.point.clone()))
+        .filter(|p| !mounted.contains(p) && !fs::canonicalize(p).is_ok_and(|c| mounted.contains(&c)))
+        .collect();
     if prefix == Path::new("/") {
         let fstab = fs::read_to_string("/etc/fstab").unwrap_or_default();
-        away.extend(unmounted_fstab_points(&fstab, &crate::automount::mount_points()));
+        away.extend(unmounted_fstab_points(&fstab, &mounted));
     }
     for r in roots {
         let dir = under(prefix, &r);

@@ -895,11 +895,23 @@ fn setup_makes_the_state_directories_and_the_cron_file_of_the_configuration() {
     let global = format!(
         "[GlobalAffaConfig]\nlockDir={d}/lock\nlogDir={d}/log\nscriptDir={d}/scripts\ncronFile={d}/cron\nRootDir={d}/archives\n\
          [web]\nremoteHostName=web.example.com\nTimeSchedule=0215\nRootDir={d}/other\n\
-         [usb]\nremoteHostName=usb.example.com\nAutomountDevice=LABEL=affa-usb\nAutomountPoint={d}/usb\nRootDir={d}/usb/affa\n",
+         [usb]\nremoteHostName=usb.example.com\nAutomountDevice=LABEL=affa-usb\nAutomountPoint={d}/usb\nRootDir={d}/usb/affa\n\
+         [usb2]\nremoteHostName=usb.example.com\nAutomountDevice=LABEL=affa-usb2\nAutomountPoint={d}/usb2\nRootDir={d}/usb2/affa\n",
         d = d.display()
     );
-    // The mount point of the job's backup disk, without the disk (an upgrade while it is away).
+    // The mount point of the job's backup disk, without the disk (an upgrade while it is away);
+    // another job's disk is there (a tmpfs stands for it).
     fs::create_dir(d.join("usb")).unwrap();
+    fs::create_dir(d.join("usb2")).unwrap();
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "affa-test-usb2"]).arg(d.join("usb2")).status().unwrap();
+    assert!(mounted.success(), "mount -t tmpfs");
+    struct Umount(PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _usb2 = Umount(d.join("usb2"));
     fs::write(etc.join("jobs.conf"), &global).unwrap();
     // An existing RootDir with an archive is left as it is.
     fs::create_dir_all(d.join("archives/old/daily.0")).unwrap();
@@ -921,6 +933,7 @@ fn setup_makes_the_state_directories_and_the_cron_file_of_the_configuration() {
     // would fill the root file system): said, and left for the run's own check.
     assert!(!d.join("usb/affa").exists(), "--_setup made a RootDir where the backup disk is not mounted");
     assert!(out.contains(&format!("RootDir {}/usb/affa not created", d.display())), "{out}");
+    assert!(d.join("usb2/affa").is_dir(), "a RootDir on a mounted AutomountPoint was not made:\n{out}");
     assert!(d.join("archives/old/daily.0").is_dir());
     let cron = fs::read_to_string(d.join("cron")).unwrap();
     let line = format!("15 2 * * * root /usr/sbin/affa --config-dir {} --silent --run web\n", etc.display());
