@@ -278,6 +278,7 @@ pub fn report_value(d: &DiskRec) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chunk::ChunkRef;
 
     /// The marker covers a complete transfer a crash kept from its rotation: the next run
     /// rotates it in first, and it was made before the restore too.
@@ -301,7 +302,6 @@ mod tests {
         assert!(restored_after(job, "202605030000"), "the transfer waiting for its rotation is before the restore");
         assert!(!restored_after(job, "202605030100"));
     }
-    use crate::chunk::ChunkRef;
 
     #[test]
     fn verify_names_the_chunks_cbt_missed() {

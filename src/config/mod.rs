@@ -193,11 +193,10 @@ fn trusted_ancestors(real: &Path) -> Result<()> {
         let m = fs::metadata(a).map_err(|e| Error::io(format!("cannot read directory {}: {e}", a.display()), e))?;
         if m.uid() != 0 || (m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0) {
             return Err(Error::config(format!(
-                "{} (above the configuration {}) is {} with mode {:04o}: affa runs as root and reads only a configuration no other user could have written or moved; expected every directory above it owned by root and not writable by group or others",
+                "{} (above the configuration {}) is {}: affa runs as root and reads only a configuration no other user could have written or moved; expected every directory above it owned by root and not writable by group or others",
                 a.display(),
                 real.display(),
-                if m.uid() == 0 { "root's".to_string() } else { format!("owned by uid {}", m.uid()) },
-                m.mode() & 0o7777
+                owner_and_mode(&m)
             )));
         }
     }
@@ -214,15 +213,21 @@ fn trusted_by_root(p: &Path, what: &str) -> Result<()> {
     let m = fs::metadata(p).map_err(|e| Error::io(format!("cannot read {what} {}: {e}", p.display()), e))?;
     if m.uid() != 0 || m.mode() & 0o022 != 0 {
         return Err(Error::config(format!(
-            "{what} {} is {} with mode {:04o}: affa runs as root and reads only a configuration no other user could have written; expected it owned by root and not writable by group or others (chown root {}; chmod go-w {})",
+            "{what} {} is {}: affa runs as root and reads only a configuration no other user could have written; expected it owned by root and not writable by group or others (chown root {}; chmod go-w {})",
             p.display(),
-            if m.uid() == 0 { "root's".to_string() } else { format!("owned by uid {}", m.uid()) },
-            m.mode() & 0o7777,
+            owner_and_mode(&m),
             p.display(),
             p.display()
         )));
     }
     Ok(())
+}
+
+/// "root's with mode 0755", "owned by uid 65534 with mode 0700", for the two checks above.
+fn owner_and_mode(m: &fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let who = if m.uid() == 0 { "root's".to_string() } else { format!("owned by uid {}", m.uid()) };
+    format!("{who} with mode {:04o}", m.mode() & 0o7777)
 }
 
 impl Config {
