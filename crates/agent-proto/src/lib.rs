@@ -102,7 +102,12 @@ pub fn shown(s: &str) -> String {
             out.push_str("...");
             break;
         }
-        if c.is_control() {
+        // The control characters, and the invisible ones that change a line's layout (the
+        // bidirectional controls, the line and paragraph separators): as affa_core's
+        // `is_escaped_char` (this crate depends on nothing).
+        if c.is_control()
+            || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        {
             out.extend(c.escape_default());
         } else {
             out.push(c);

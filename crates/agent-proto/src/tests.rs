@@ -181,6 +181,8 @@ fn handshake_agrees_and_a_version_mismatch_is_one_line_on_both_ends() {
         .unwrap_err()
         .to_string();
     assert!(e.starts_with("the peer refused: protocol version 1 not supported") && !e.contains('\n'), "{e}");
+    // Invisible layout characters too (a right-to-left override, a line separator).
+    assert_eq!(shown("a\u{202e}b\u{2028}c\u{2066}"), "a\\u{202e}b\\u{2028}c\\u{2066}");
     // Not an agent at all.
     let e = handshake(
         &mut FrameReader::new(&b"Welcome to ESXi\n"[..]),

@@ -245,13 +245,22 @@ pub fn terminal_safe(s: &str) -> Cow<'_, str> {
     escape_except(s, &['\n', '\t'])
 }
 
+/// A character that is escaped when host text is shown: the control characters, and the
+/// invisible ones that change how a line is laid out (the bidirectional overrides, embeddings,
+/// isolates and marks, and the line and paragraph separators): a host's name holding U+202E
+/// would show another name than the one it is, and U+2028 would start a new line of a log.
+pub fn is_escaped_char(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
 fn escape_except<'a>(s: &'a str, keep: &[char]) -> Cow<'a, str> {
-    if !s.chars().any(|c| c.is_control() && !keep.contains(&c)) {
+    if !s.chars().any(|c| is_escaped_char(c) && !keep.contains(&c)) {
         return Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len() + 8);
     for c in s.chars() {
-        if c.is_control() && !keep.contains(&c) {
+        if is_escaped_char(c) && !keep.contains(&c) {
             let n = c as u32;
             if n <= 0xff {
                 out.push_str(&format!("\\x{n:02x}"));
@@ -277,38 +286,76 @@ pub fn ini_value<'a>(what: &str, v: &'a str) -> Result<&'a str> {
     Ok(v)
 }
 
-/// A writer that escapes control characters (all but newline and tab, C1 included) on their way
-/// to a terminal, so that nothing a host sent can move the cursor, retitle the window or
-/// rewrite what is shown.
+/// A writer that escapes control characters (all but newline and tab, C1 included) and the
+/// invisible layout characters of [`is_escaped_char`] on their way to a terminal, so that
+/// nothing a host sent can move the cursor, retitle the window, reorder or break what is shown.
 pub struct TerminalSafe<W: Write> {
     inner: W,
-    /// A 0xC2 byte at the end of the last write (the first byte of a C1 control, maybe).
-    pending_c2: bool,
+    /// The start of a UTF-8 sequence that may be an escaped character, across writes.
+    pending: Vec<u8>,
 }
 
 impl<W: Write> TerminalSafe<W> {
     pub fn new(inner: W) -> TerminalSafe<W> {
-        TerminalSafe { inner, pending_c2: false }
+        TerminalSafe { inner, pending: Vec::new() }
     }
 }
 
-/// Escape `buf` (C0, DEL, and C1 as UTF-8 `C2 80..9F`) into `out`; `pending_c2` carries a
-/// trailing 0xC2 across calls.
-pub fn escape_bytes(buf: &[u8], pending_c2: &mut bool, out: &mut Vec<u8>) {
+/// What the bytes of `p` are, as the start of an escaped multi-byte character.
+enum Seq {
+    /// The whole UTF-8 encoding of an escaped character (its code point).
+    Whole(u32),
+    /// The start of one.
+    Start,
+    /// Not an escaped character.
+    No,
+}
+
+fn escaped_seq(p: &[u8]) -> Seq {
+    match p {
+        [0xc2, b @ 0x80..=0x9f] => Seq::Whole(*b as u32),
+        [0xd8, 0x9c] => Seq::Whole(0x061c),
+        [0xe2, 0x80, b @ (0x8e | 0x8f | 0xa8..=0xae)] => Seq::Whole(0x2000 + (*b as u32 - 0x80)),
+        [0xe2, 0x81, b @ 0xa6..=0xa9] => Seq::Whole(0x2040 + (*b as u32 - 0x80)),
+        [0xc2] | [0xd8] | [0xe2] | [0xe2, 0x80] | [0xe2, 0x81] => Seq::Start,
+        _ => Seq::No,
+    }
+}
+
+/// Escape `buf` (C0, DEL, C1 as UTF-8 `C2 80..9F`, and the layout characters of
+/// [`is_escaped_char`]) into `out`; `pending` carries the start of such a character across calls.
+pub fn escape_bytes(buf: &[u8], pending: &mut Vec<u8>, out: &mut Vec<u8>) {
     for &b in buf {
-        if *pending_c2 {
-            *pending_c2 = false;
-            if (0x80..=0x9f).contains(&b) {
-                out.extend_from_slice(format!("\\x{b:02x}").as_bytes());
-                continue;
+        escape_byte(b, pending, out);
+    }
+}
+
+fn escape_byte(b: u8, pending: &mut Vec<u8>, out: &mut Vec<u8>) {
+    pending.push(b);
+    match escaped_seq(pending) {
+        Seq::Whole(n) => {
+            pending.clear();
+            if n <= 0xff {
+                out.extend_from_slice(format!("\\x{n:02x}").as_bytes());
+            } else {
+                out.extend_from_slice(format!("\\u{{{n:x}}}").as_bytes());
             }
-            out.push(0xc2);
         }
-        match b {
-            0xc2 => *pending_c2 = true,
-            b'\n' | b'\t' => out.push(b),
-            0..=0x1f | 0x7f => out.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
-            _ => out.push(b),
+        Seq::Start => {}
+        Seq::No if pending.len() > 1 => {
+            // The bytes before `b` were not the start of an escaped character after all: they
+            // go out as they are, and `b` is looked at on its own.
+            pending.pop();
+            out.append(pending);
+            escape_byte(b, pending, out);
+        }
+        Seq::No => {
+            pending.clear();
+            match b {
+                b'\n' | b'\t' => out.push(b),
+                0..=0x1f | 0x7f => out.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
+                _ => out.push(b),
+            }
         }
     }
 }
@@ -316,14 +363,14 @@ pub fn escape_bytes(buf: &[u8], pending_c2: &mut bool, out: &mut Vec<u8>) {
 impl<W: Write> Write for TerminalSafe<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut out = Vec::with_capacity(buf.len() + 8);
-        escape_bytes(buf, &mut self.pending_c2, &mut out);
+        escape_bytes(buf, &mut self.pending, &mut out);
         self.inner.write_all(&out)?;
         Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
-        if self.pending_c2 {
-            self.pending_c2 = false;
-            self.inner.write_all(&[0xc2])?;
+        if !self.pending.is_empty() {
+            let rest = std::mem::take(&mut self.pending);
+            self.inner.write_all(&rest)?;
         }
         self.inner.flush()
     }
@@ -371,6 +418,28 @@ mod tests {
             w.write_all(b"\x9bA\xc2\xa9\n").unwrap();
         }
         assert_eq!(String::from_utf8(v).unwrap(), "x\\x1b[31m\\x9bA\u{a9}\n");
+        // The invisible layout characters: a right-to-left override would show "gpj.exe" as
+        // "exe.jpg"; a line separator would start a new log line.
+        assert_eq!(escape_controls("a\u{202e}gpj.exe\u{2028}b\u{2067}"), "a\\u{202e}gpj.exe\\u{2028}b\\u{2067}");
+        assert_eq!(shown("x\u{200f}\u{61c}y"), "x\\u{200f}\\u{61c}y");
+        // ... also through the terminal writer, split anywhere across writes, while the
+        // characters that share their first bytes pass ("\u{2022}" bullet, "\u{2069}"'s
+        // neighbour "\u{206a}", "\u{d8}"+"\u{9c}" are not one character).
+        let text = "1\u{202e}2\u{2022}3\u{2069}4\u{206a}5\u{61c}6\u{600}7\u{2029}\u{80}é";
+        let want = "1\\u{202e}2\u{2022}3\\u{2069}4\u{206a}5\\u{61c}6\u{600}7\\u{2029}\\x80é";
+        for split in 0..=text.len() {
+            let mut v = Vec::new();
+            {
+                let mut w = TerminalSafe::new(&mut v);
+                w.write_all(&text.as_bytes()[..split]).unwrap();
+                w.write_all(&text.as_bytes()[split..]).unwrap();
+            }
+            assert_eq!(String::from_utf8(v).unwrap(), want, "split at {split}");
+        }
+        // A start byte left at the end goes out as it came.
+        let mut v = Vec::new();
+        TerminalSafe::new(&mut v).write_all(b"a\xe2\x80").unwrap();
+        assert_eq!(v, b"a\xe2\x80");
         assert!(ini_value("VM name", "vm\n[x]").is_err());
         assert_eq!(ini_value("VM name", "vm 1 & co").unwrap(), "vm 1 & co");
     }

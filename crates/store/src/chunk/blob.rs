@@ -103,6 +103,9 @@ pub fn parse_header(h: &[u8]) -> Result<(u8, usize, usize), String> {
     Ok((enc, raw, payload))
 }
 
+/// The magic number of a zstd frame (format 1.0 and later), as it is stored (little-endian).
+const ZSTD_MAGIC: [u8; 4] = 0xFD2F_B528u32.to_le_bytes();
+
 /// Decode a whole chunk file into `out` (resized to the uncompressed length).
 pub fn decode(blob: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
     let (enc, raw, payload) = parse_header(blob)?;
@@ -121,6 +124,12 @@ pub fn decode(blob: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
             raw
         }
         ENC_ZSTD => {
+            // A zstd frame of the current format (magic 0xFD2FB528): never a legacy one (the
+            // pre-1.0 formats' decoders are old code no encoder of ours needs), nor a skippable
+            // frame first.
+            if !src.starts_with(&ZSTD_MAGIC) {
+                return Err("zstd payload does not start with a zstd frame (magic 0xFD2FB528)".into());
+            }
             // Exactly one frame, the whole payload (the decoder would skip skippable frames
             // and go on through concatenated ones).
             if zstd::zstd_safe::find_frame_compressed_size(src) != Ok(src.len()) {
@@ -165,6 +174,18 @@ mod tests {
         let payload = (long.len() - HEADER_LEN) as u32;
         long[12..16].copy_from_slice(&payload.to_le_bytes());
         assert!(decode(&long, &mut out).unwrap_err().contains("not what an encoder writes"));
+        // A frame of a pre-1.0 zstd format (magic 0xFD2FB527, v0.7): its decoder is not reached.
+        let mut legacy = good.clone();
+        legacy[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&0xFD2F_B527u32.to_le_bytes());
+        assert!(decode(&legacy, &mut out).unwrap_err().contains("does not start with a zstd frame"));
+        // A skippable frame first, then the real one.
+        let mut skip_first = good[..HEADER_LEN].to_vec();
+        skip_first.extend_from_slice(&0x184D_2A50u32.to_le_bytes());
+        skip_first.extend_from_slice(&0u32.to_le_bytes());
+        skip_first.extend_from_slice(&good[HEADER_LEN..]);
+        let payload = (skip_first.len() - HEADER_LEN) as u32;
+        skip_first[12..16].copy_from_slice(&payload.to_le_bytes());
+        assert!(decode(&skip_first, &mut out).unwrap_err().contains("does not start with a zstd frame"));
     }
 
     fn sample() -> Vec<u8> {
