@@ -162,7 +162,7 @@ fn config_list_hash(dir: &Path) -> String {
 /// (and the Samba shares, as `--make-cronjobs` does) only when a configuration file is newer
 /// than it or the list of configuration files changed. Returns what was done, None when the
 /// file was up to date.
-pub fn cron_update(cfg: &Config) -> Result<Option<String>> {
+pub fn cron_update(cfg: &Config) -> Result<Option<CronWritten>> {
     let path = cfg.settings.cron_file.clone();
     let written = fs::metadata(&path).and_then(|m| m.modified()).ok();
     let text = fs::read_to_string(&path).unwrap_or_default();
@@ -182,18 +182,26 @@ pub fn absolute(p: &Path) -> PathBuf {
     fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
+/// What `--make-cronjobs` (or `--_cronupdate`) did: its summary, and why the Samba shares could
+/// not be brought up to date, if they could not (the cron file is written all the same).
+#[derive(Debug, Clone)]
+pub struct CronWritten {
+    pub text: String,
+    pub samba_problem: Option<String>,
+}
+
 /// `--make-cronjobs`: write the cron file; returns a one-line summary. When Samba shares are in
 /// use (a job has SambaShare=yes, or affa wrote shares before) they are brought up to date too.
-pub fn make_cronjobs(cfg: &Config) -> Result<String> {
+pub fn make_cronjobs(cfg: &Config) -> Result<CronWritten> {
     let path = cfg.settings.cron_file.clone();
     let text = cron_text(cfg, &absolute(&cfg.dir));
     write_file(&path, &text, 0o644)?;
     let n = text.lines().filter(|l| !l.starts_with('#') && !l.is_empty() && !l.contains('=')).count();
-    let mut out = format!("{} written: {n} cron line(s)", path.display());
+    let mut out = CronWritten { text: format!("{} written: {n} cron line(s)", path.display()), samba_problem: None };
     if crate::samba::in_use(cfg) {
         match crate::samba::update_shares(cfg) {
-            Ok(s) => out.push_str(&format!("\n{s}")),
-            Err(e) => out.push_str(&format!("\nSamba shares not updated: {e}")),
+            Ok(s) => out.text.push_str(&format!("\n{s}")),
+            Err(e) => out.samba_problem = Some(format!("Samba shares not updated: {e}")),
         }
     }
     Ok(out)
@@ -203,10 +211,19 @@ const SLOT_MINUTES: u32 = 30;
 
 const SLOTS: usize = (24 * 60 / SLOT_MINUTES) as usize;
 
+/// What `--show-schedule` drew, and one line per job whose last run could not be read (its line
+/// is drawn without it; the other jobs are drawn all the same).
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    pub text: String,
+    pub unreadable: Vec<String>,
+}
+
 /// `--show-schedule [--all]`: the day drawn as text, one 24-hour line per job (30 minutes per
 /// character): `S` a start, `=` the duration of the job's last run after it, `K` killAt, `R`
 /// resumeKilledAt, `.` nothing.
-pub fn show_schedule(cfg: &Config, all: bool) -> Result<String> {
+pub fn show_schedule(cfg: &Config, all: bool) -> Result<Schedule> {
+    let mut unreadable = Vec::new();
     let mut out = String::from(
         "Schedule of the day; one character is 30 minutes: S start, = last run time, K killAt, R resumeKilledAt\n",
     );
@@ -223,9 +240,13 @@ pub fn show_schedule(cfg: &Config, all: bool) -> Result<String> {
             continue;
         }
         let mut line = ['.'; SLOTS];
-        let last_secs = archive::newest_valid(&job.job_dir())?
-            .and_then(|a| a.report.and_then(|r| r.num("ExecutionTime")))
-            .unwrap_or(0);
+        // One job whose archives cannot be read (EIO, a file in its directory's place) is drawn
+        // without its last run, and named; it does not hide the others.
+        let newest = archive::newest_valid(&job.job_dir()).unwrap_or_else(|e| {
+            unreadable.push(format!("job {}: cannot read its archives: {e}", job.name));
+            None
+        });
+        let last_secs = newest.and_then(|a| a.report.and_then(|r| r.num("ExecutionTime"))).unwrap_or(0);
         let dur_slots = (last_secs as usize).div_ceil((SLOT_MINUTES * 60) as usize);
         let mut starts = Vec::new();
         for &(h, m) in &job.schedule {
@@ -256,7 +277,7 @@ pub fn show_schedule(cfg: &Config, all: bool) -> Result<String> {
     if hidden > 0 {
         out.push_str(&format!("{hidden} disabled job(s) not shown; use --all to show them.\n"));
     }
-    Ok(out)
+    Ok(Schedule { text: out, unreadable })
 }
 
 #[cfg(test)]

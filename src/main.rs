@@ -212,10 +212,16 @@ fn dispatch(inv: Invocation, ui: &Arc<render::Terminal>, out: &mut dyn Write) ->
         Action::Scrub { all } => {
             let v = affa::maintenance::scrub_command(&env.config()?, all, clock()?.as_ref(), &watch)?;
             print(out, v.text.clone());
+            for l in &v.failed {
+                eprintln!("affa: error: {l}");
+            }
             if v.damaged > 0 {
                 // The lines naming them, in the error too: under cron (--silent) only stderr is seen.
                 let lines: Vec<&str> = v.text.lines().filter(|l| l.starts_with("chunk ")).collect();
                 affa::bail!("scrub found {} damaged chunk(s) in the pool: {}", v.damaged, lines.join("; "));
+            }
+            if !v.failed.is_empty() {
+                return Ok(1);
             }
         }
         Action::Offsite { job, archive } => {
@@ -256,8 +262,23 @@ fn dispatch(inv: Invocation, ui: &Arc<render::Terminal>, out: &mut dyn Write) ->
             };
             affa::restore::full_restore(&env.config()?, &job, &opts, out)?;
         }
-        Action::MakeCronjobs => print(out, affa::cron::make_cronjobs(&env.config()?)? + "\n"),
-        Action::ShowSchedule { all } => print(out, affa::cron::show_schedule(&env.config()?, all)?),
+        Action::MakeCronjobs => {
+            let w = affa::cron::make_cronjobs(&env.config()?)?;
+            print(out, w.text + "\n");
+            if let Some(p) = w.samba_problem {
+                affa::bail!("{p}");
+            }
+        }
+        Action::ShowSchedule { all } => {
+            let s = affa::cron::show_schedule(&env.config()?, all)?;
+            print(out, s.text);
+            if !s.unreadable.is_empty() {
+                for l in &s.unreadable {
+                    eprintln!("affa: error: {l}");
+                }
+                return Ok(1);
+            }
+        }
         Action::ResumeInterrupted => {
             let cfg = env.config()?;
             print(out, affa::schedule::resume_interrupted(&cfg)? + "\n")
@@ -287,11 +308,6 @@ fn dispatch(inv: Invocation, ui: &Arc<render::Terminal>, out: &mut dyn Write) ->
         }
         Action::SambaShares => {
             let cfg = env.config()?;
-            // A shared job whose configuration is broken: the command fails with that job's first
-            // error before anything changes (its share is never rewritten from what could be read).
-            if let Some(b) = cfg.broken.values().find(|b| b.partial.samba_share) {
-                affa::bail!("{}", b.errors.first().map(String::as_str).unwrap_or("configuration error"));
-            }
             print(out, affa::samba::update_shares(&cfg)? + "\n");
         }
         Action::Mount { job, archive, dir, foreground } => {
@@ -326,7 +342,11 @@ fn dispatch(inv: Invocation, ui: &Arc<render::Terminal>, out: &mut dyn Write) ->
         // Internal, every 15 minutes from cron: silent unless it fails (Affa 3's shipped cron
         // line has no --silent).
         Action::CronUpdate => {
-            affa::cron::cron_update(&env.config()?)?;
+            // The cron file is written; shares that could not be updated are this run's error
+            // (cron mails it), not a silent success.
+            if let Some(p) = affa::cron::cron_update(&env.config()?)?.and_then(|w| w.samba_problem) {
+                affa::bail!("{p}");
+            }
         }
         Action::JobNames => print(out, commands::job_names(&env.config()?)),
         Action::ShowConfigPathes { jobs, csv } => {

@@ -141,11 +141,13 @@ pub fn verify_command(
     Ok(Verified { text: out, damaged: bad })
 }
 
-/// What `--scrub` found: its report lines, and how many damaged pool entries it met.
+/// What `--scrub` found: its report lines, how many damaged pool entries it met, and one line per
+/// pool it could not scrub (the others are scrubbed all the same).
 #[derive(Debug, Clone, Default)]
 pub struct Scrubbed {
     pub text: String,
     pub damaged: u64,
+    pub failed: Vec<String>,
 }
 
 /// `--scrub [--all]`: read back, decode and hash today's slice of every chunk pool (the pools
@@ -167,11 +169,26 @@ pub fn scrub_command(cfg: &Config, all: bool, clock: &dyn crate::clock::Clock, w
         if !root.join(chunk::POOL_DIR).is_dir() {
             continue;
         }
-        let pool = Pool::open(&root)?;
+        // One pool that cannot be read (a RootDir's disk gone, EIO on its directory) does not
+        // stop the scrub of the others.
+        let pool = match Pool::open(&root) {
+            Ok(p) => p,
+            Err(e) => {
+                out.failed.push(format!("cannot scrub the pool of {}: {e}", root.display()));
+                continue;
+            }
+        };
         let bar = watch.meter(format!("scrub {}", pool.dir().display()), None);
         let cb = |n: u64| bar.set(n);
-        let rep = chunk::scrub(&pool, slice, Some(&cb))?;
+        let rep = chunk::scrub(&pool, slice, Some(&cb));
         drop(bar);
+        let rep = match rep {
+            Ok(r) => r,
+            Err(e) => {
+                out.failed.push(format!("cannot scrub the pool {}: {e}", pool.dir().display()));
+                continue;
+            }
+        };
         let which = match slice {
             chunk::Slice::All => "every entry".to_string(),
             chunk::Slice::Day { day, days } => format!("slice {} of {days}", day % days + 1),
@@ -212,7 +229,7 @@ pub fn scrub_command(cfg: &Config, all: bool, clock: &dyn crate::clock::Clock, w
             ));
         }
     }
-    if out.text.is_empty() {
+    if out.text.is_empty() && out.failed.is_empty() {
         out.text.push_str("no chunk pool to scrub\n");
     }
     Ok(out)

@@ -31,7 +31,8 @@ fn include_line(cfg: &Config) -> String {
 
 /// Are affa's Samba shares in use (a job has SambaShare=yes, or affa wrote shares before)?
 pub fn in_use(cfg: &Config) -> bool {
-    cfg.jobs.values().any(|j| j.samba_share) || conf_dir(cfg).join(SHARES_FILE).exists()
+    cfg.jobs.values().chain(cfg.broken.values().map(|b| &b.partial)).any(|j| j.samba_share)
+        || conf_dir(cfg).join(SHARES_FILE).exists()
 }
 
 /// The share definition of one job.
@@ -171,6 +172,12 @@ fn reload(smb_conf: &Path) -> String {
 /// `--samba-shares`: write the include files of every job with SambaShare=yes, remove those of
 /// jobs no longer shared, load them into smbConf, reload Samba.
 pub fn update_shares(cfg: &Config) -> Result<String> {
+    // A shared job whose configuration is broken: nothing changes, and the error is that job's
+    // (its share is never rewritten, nor removed, from what could be read of it). Every caller
+    // (--samba-shares, --make-cronjobs, --_cronupdate from cron) fails with it.
+    if let Some(b) = cfg.broken.values().find(|b| b.partial.samba_share) {
+        return Err(b.error());
+    }
     let dir = conf_dir(cfg);
     let smb_conf = cfg.settings.smb_conf.clone();
     let shared: Vec<&Job> = cfg.jobs.values().filter(|j| j.samba_share).collect();

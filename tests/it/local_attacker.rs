@@ -498,4 +498,18 @@ fn an_empty_samba_valid_user_is_refused_so_no_other_samba_user_reads_the_archive
     // The run is refused too (the configuration is wrong), and nothing else changed.
     let e = one_line_error(&b.a.affa(&["--run", "web"]));
     assert!(e.contains("SambaValidUser is empty"), "{e}");
+    // --make-cronjobs writes the cron file and fails on the shares (it said what it wrote and
+    // exited 0, the Samba problem a line of its output).
+    let cron = b.a.state.join("cron.d/affa");
+    let o = b.a.affa(&["--make-cronjobs"]);
+    let e = one_line_error(&o);
+    assert!(e.starts_with("affa: error: Samba shares not updated: ") && e.contains("SambaValidUser is empty"), "{e}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("{} written: ", cron.display())));
+    // --_cronupdate from cron (silent unless it fails): the same error, where cron mails it
+    // (it dropped the line). The cron file is made older than the configuration to be rewritten.
+    let st = Command::new("touch").args(["-d", "2001-01-01"]).arg(&cron).status().unwrap();
+    assert!(st.success());
+    let e = one_line_error(&b.a.affa(&["--silent", "--_cronupdate"]));
+    assert!(e.starts_with("affa: error: Samba shares not updated: ") && e.contains("SambaValidUser is empty"), "{e}");
+    assert!(fs::metadata(&cron).unwrap().modified().unwrap() > std::time::SystemTime::now() - Duration::from_secs(600));
 }

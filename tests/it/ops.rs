@@ -952,6 +952,62 @@ fn setup_makes_the_state_directories_and_the_cron_file_of_the_configuration() {
     assert_eq!(fs::read_to_string(d.join("cron")).unwrap(), cron);
 }
 
+/// One job whose archives cannot be read, and one RootDir whose chunk pool cannot be scrubbed,
+/// named first in the order affa goes through them: `--list-archives`, `--show-schedule` and
+/// `--scrub` still do the rest, name what they could not read on stderr and exit 1 (the last two
+/// stopped at the first error: nothing else was drawn or scrubbed).
+#[test]
+fn a_job_or_pool_that_cannot_be_read_does_not_hide_the_others() {
+    let a = Affa::new();
+    global(&a, "sendmailBinary=/bin/true\n");
+    let src = source();
+    // db's RootDir sorts before web's (a.root, ".../backup").
+    let db_root = a.tmp.path().join("a-root");
+    fs::create_dir_all(&db_root).unwrap();
+    a.write_conf(
+        "jobs.conf",
+        &[
+            local_job("db", src.path(), &format!("TimeSchedule=0300\nRootDir={}\n", db_root.display())),
+            local_job("web", src.path(), "TimeSchedule=0130\n"),
+        ]
+        .concat(),
+    );
+    ok(&a.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
+    // db's job directory is a file: its archives cannot be read.
+    fs::write(db_root.join("db"), "not a directory").unwrap();
+    let expect = |o: &Output, what: &str| -> (String, String) {
+        let (out, err) =
+            (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned());
+        assert_eq!(o.status.code(), Some(1), "{what}: {out}{err}");
+        (out, err)
+    };
+    let (out, err) = expect(&a.affa(&["--list-archives"]), "--list-archives");
+    assert!(out.contains("| Job: web ") && out.contains("| S 0 "), "{out}");
+    assert!(err.starts_with("affa: error: job db: cannot read its archives: ") && err.lines().count() == 1, "{err}");
+    let (out, err) = expect(&a.affa(&["--show-schedule"]), "--show-schedule");
+    let line = |job: &str| {
+        out.lines().find(|l| l.starts_with(&format!("{job} "))).unwrap_or_else(|| panic!("{out}")).to_string()
+    };
+    assert_eq!(line("db").chars().nth(25 + 6), Some('S'), "{out}");
+    assert_eq!(line("web").chars().nth(25 + 3), Some('S'), "{out}");
+    assert!(err.starts_with("affa: error: job db: cannot read its archives: ") && err.lines().count() == 1, "{err}");
+
+    // Two pools; db's cannot be opened (its temp directory's name is taken by a file).
+    fs::create_dir_all(db_root.join(".affa-pool")).unwrap();
+    fs::write(db_root.join(".affa-pool/.tmp"), "x").unwrap();
+    fs::create_dir_all(a.root.join(".affa-pool")).unwrap();
+    let (out, err) = expect(&a.affa(&["--scrub", "--all"]), "--scrub");
+    assert!(
+        out.contains(&format!("pool {} (every entry): 0 chunk(s) checked", a.root.join(".affa-pool").display())),
+        "{out}"
+    );
+    assert!(
+        err.starts_with(&format!("affa: error: cannot scrub the pool of {}: ", db_root.display()))
+            && err.lines().count() == 1,
+        "{err}"
+    );
+}
+
 /// `--send-key` without names, as a new user types it after the install: the disabled samples
 /// are skipped (not tried: their hosts do not exist), a host that cannot be reached fails alone,
 /// and the job after it in name order still gets its key; the command fails naming that job.
