@@ -56,6 +56,9 @@ type Spec struct {
 	Trace          bool     `json:"trace"`
 	CbtBlockBytes  int64    `json:"cbt_block_bytes"`
 	CbtPageExtents int      `json:"cbt_page_extents"`
+	// A session idle longer than this is dropped (the simulator's SessionIdleTimeout; ESXi's
+	// hostd drops one after 30 minutes by default); 0: sessions never expire.
+	SessionIdleMillis int `json:"session_idle_ms"`
 }
 
 type DSSpec struct {
@@ -133,6 +136,9 @@ func run(spec *Spec) error {
 		return fmt.Errorf("user %q is the simulator default, whose password is not checked: choose another", spec.User)
 	}
 	simulator.Trace = spec.Trace
+	if spec.SessionIdleMillis > 0 {
+		simulator.SessionIdleTimeout = time.Duration(spec.SessionIdleMillis) * time.Millisecond
+	}
 
 	model := simulator.ESX()
 	model.Datastore = 0

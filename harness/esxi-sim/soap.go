@@ -137,6 +137,14 @@ func (h *Harness) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			h.soapRegisterVM(w, r, req)
 			return
 		}
+	case *types.RetrieveProperties, *types.RetrievePropertiesEx:
+		// The simulator answers these without a session (its "TODO: authz"); a real host
+		// faults NotAuthenticated, e.g. after dropping an idle session (session_idle_ms).
+		if !h.sessionValid(r) {
+			h.bump("not_authenticated")
+			soapFault(w, "The session is not authenticated.", "NotAuthenticated", "")
+			return
+		}
 	}
 	inner.ServeHTTP(w, r)
 }

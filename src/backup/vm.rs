@@ -301,6 +301,12 @@ fn transfer_logged_in(
         crate::interrupt::crash_point("snapshot-removed");
         Ok(())
     })();
+    if client.relogins() > 0 {
+        ctx.log.info(format!(
+            "ESXi: the API session had expired (the host drops a session idle for its timeout, 30 minutes by default); logged in again {} time(s)",
+            client.relogins()
+        ));
+    }
     match (&copied, &removal) {
         (_, Err(e)) => {
             let msg = format!("removing snapshot {name} FAILED: {e}; the VM still runs on its snapshot delta; the next run removes it (or remove it in the vSphere client)");

@@ -96,6 +96,26 @@ fn hot_backup_copies_the_frozen_disks_and_removes_the_snapshot() {
     assert!(list.contains("ESXi VM vm1") && list.contains("S 1") && list.contains("S 0"), "{list}");
 }
 
+/// The host drops an API session idle longer than its timeout (ESXi: 30 minutes by default),
+/// and a disk copy makes no API call: a copy longer than that found the session gone when it
+/// came to remove the snapshot, and the VM stayed on its delta. Here the simulator drops a
+/// session idle for 0.5 s and the copy takes seconds (BandwidthLimit): affa logs in again, the
+/// snapshot is removed and the archive is the frozen disk.
+#[test]
+fn a_session_that_expires_during_the_copy_does_not_leave_the_snapshot() {
+    let e = esx(8 * MB, "BandwidthLimit=4000\n", r#","session_idle_ms":500"#);
+    let t = std::time::Instant::now();
+    ok(&e.affa.affa_at("2026-05-04T21:00:00", &["--run", "esx"]));
+    assert!(t.elapsed() > std::time::Duration::from_secs(2), "the copy was too quick to outlive the session");
+    assert!(e.sim.snapshots("vm1").is_empty(), "snapshot left: {:?}", e.sim.snapshots("vm1"));
+    let log = fs::read_to_string(e.affa.state.join("log/esx.log")).unwrap();
+    assert!(log.contains("ESXi: the API session had expired"), "the session did not expire: the test proves nothing\n{log}");
+    let frozen = e.frozen();
+    let s0 = arch(&e, "scheduled.0");
+    assert_eq!(sha256_file(&s0.join("vmfs/volumes/datastore1/vm1/vm1-flat.vmdk")), frozen[0]);
+    assert_eq!(sha256_file(&s0.join("vmfs/volumes/ds2/vm1/vm1_1-flat.vmdk")), frozen[1]);
+}
+
 #[test]
 fn chunked_disks_end_to_end() {
     let e = esx(64 * MB, "scheduledKeep=3\nchunkFiles=*-flat.vmdk\nchunkSize=1M\nchunkTransport=rsync\n", "");

@@ -2,7 +2,8 @@
 //! login/logout with the session cookie, finding a VM, reading its layout, snapshot create and
 //! remove, task waiting, and RegisterVM for restores.
 //!
-//! Owns: the HTTP exchange with `https://HOST/sdk`, the session cookie, mapping of HTTP and
+//! Owns: the HTTP exchange with `https://HOST/sdk`, the session cookie (and logging in again,
+//! once per call, when the host dropped an idle session), mapping of HTTP and
 //! transport failures to one-line errors naming the host. Must never: send anything before the
 //! host's certificate matched the pin, follow redirects, put a password or a request body into
 //! an error or Debug output, wait on a task without a deadline, or take answers without a bound
@@ -109,6 +110,12 @@ pub struct Client {
     pin: Option<(Thumbprint, Seen)>,
     soap_action: String,
     cookie: Mutex<Option<String>>,
+    /// The user and password of the last [`Client::login`]: a call refused with
+    /// NotAuthenticated (the host dropped a session idle longer than its timeout, 30 minutes by
+    /// default on ESXi: a long disk copy makes no API call) logs in again with them, once.
+    credentials: Mutex<Option<(String, Password)>>,
+    /// How many times a call logged in again.
+    relogins: std::sync::atomic::AtomicU32,
     sc: ServiceContent,
 }
 
@@ -214,6 +221,8 @@ impl Client {
             pin,
             soap_action: "urn:vim25/6.0".to_string(),
             cookie: Mutex::new(None),
+            credentials: Mutex::new(None),
+            relogins: Default::default(),
             sc: ServiceContent {
                 root_folder: MoRef::new("Folder", "ha-folder-root"),
                 property_collector: MoRef::new("PropertyCollector", "ha-property-collector"),
@@ -319,8 +328,29 @@ impl Client {
         self.call_sized(method, inner).map(|(n, _)| n)
     }
 
-    /// [`call`](Self::call), also returning the size of the answer in bytes.
+    /// How many calls found the session gone (NotAuthenticated) and logged in again.
+    pub fn relogins(&self) -> u32 {
+        self.relogins.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// [`call`](Self::call), also returning the size of the answer in bytes. A call the host
+    /// refuses with NotAuthenticated after a login (the session expired) logs in again and is
+    /// sent once more: a refused call did nothing on the host, so sending it again is safe.
     fn call_sized(&self, method: &str, inner: &str) -> Result<(Node, usize)> {
+        let r = self.call_once(method, inner);
+        let expired = matches!(&r, Err(e) if soap::fault_of(e).is_some_and(|f| f.kind == "NotAuthenticated"));
+        if !expired || method == "Login" || method == "Logout" {
+            return r;
+        }
+        let Some((user, password)) = self.credentials.lock().ok().and_then(|c| c.clone()) else { return r };
+        self.login_once(&user, &password).map_err(|e| {
+            e.context(format!("{method} found the session expired (NotAuthenticated) and logging in again failed"))
+        })?;
+        self.relogins.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.call_once(method, inner)
+    }
+
+    fn call_once(&self, method: &str, inner: &str) -> Result<(Node, usize)> {
         let body = envelope(method, inner);
         let mut req = self
             .agent
@@ -408,6 +438,14 @@ impl Client {
     /// Log in (SessionManager.Login); keeps the `vmware_soap_session` cookie for later calls.
     /// A wrong user or password gives "wrong user or password for ESXi host H".
     pub fn login(&mut self, user: &str, password: &Password) -> Result<()> {
+        self.login_once(user, password)?;
+        if let Ok(mut c) = self.credentials.lock() {
+            *c = Some((user.to_string(), password.clone()));
+        }
+        Ok(())
+    }
+
+    fn login_once(&self, user: &str, password: &Password) -> Result<()> {
         if let Ok(mut c) = self.cookie.lock() {
             *c = None;
         }
@@ -432,6 +470,9 @@ impl Client {
         let r =
             self.call("Logout", &moref_elem("_this", &self.sc.session_manager.kind, &self.sc.session_manager.value));
         if let Ok(mut c) = self.cookie.lock() {
+            *c = None;
+        }
+        if let Ok(mut c) = self.credentials.lock() {
             *c = None;
         }
         r.map(|_| ())
