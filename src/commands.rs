@@ -757,7 +757,7 @@ pub fn delete_job(cfg: &Config, name: &str, yes: bool, revoke: bool, watch: &Wat
 pub fn rename_job(cfg: &Config, name: &str, new: &str) -> Result<String> {
     let job = cfg.job(name)?;
     if !crate::config::valid_job_name(new) {
-        bail!("new job name '{new}' is not valid; expected letters, digits, '_', '.' and '-' only");
+        bail!("new job name '{new}' is not valid; expected letters, digits, '_', '.' and '-' only (at most 64, not starting with '.' or '-'), and not {}", crate::config::GLOBAL_SECTION);
     }
     if cfg.has_job(new) {
         bail!("a job named {new} exists already");
@@ -796,17 +796,16 @@ pub fn rename_job(cfg: &Config, name: &str, new: &str) -> Result<String> {
     Ok(format!("job {name} renamed to {new}"))
 }
 
-/// `--move-archive JOB NEWROOTDIR`
+/// `--move-archive JOB NEWROOTDIR`: the job's archive directory moved below another RootDir
+/// (renamed on the same file system; across file systems copied, flushed to disk, put in place
+/// under its name, and only then the original removed), then RootDir written to its file.
 pub fn move_archive(cfg: &Config, name: &str, new_root: &str, yes: bool, watch: &Watch) -> Result<String> {
     let job = cfg.job(name)?;
-    if !new_root.starts_with('/') {
-        bail!("new RootDir '{new_root}' is not valid; expected an absolute path");
-    }
-    let (from, to) = (job.job_dir(), Path::new(new_root).join(name));
-    if !Path::new(new_root).is_dir() {
-        bail!("{new_root} does not exist; create it first");
-    }
-    if to.exists() {
+    check_new_root(cfg, new_root)?;
+    let root = Path::new(new_root);
+    let (from, to) = (job.job_dir(), root.join(name));
+    let taken = || fs::symlink_metadata(&to).is_ok();
+    if taken() {
         bail!("{} exists already; not moving", to.display());
     }
     let what = format!("This moves the archives of job {name} from {} to {}", from.display(), to.display());
@@ -814,19 +813,22 @@ pub fn move_archive(cfg: &Config, name: &str, new_root: &str, yes: bool, watch: 
     let _l = lock::acquire(&cfg.lock_dir(), name)?;
     let _shared = crate::shared_lock::acquire_for(job)?;
     edit::check_editable(job)?;
-    if from.exists() && fs::rename(&from, &to).is_err() {
-        // Another filesystem: copy everything (hard links kept), then delete the original.
-        let st = std::process::Command::new("cp")
-            .arg("-a")
-            .arg(&from)
-            .arg(&to)
-            .status()
-            .ctx(|| "cannot run cp".to_string())?;
-        if !st.success() {
-            let _ = archive::remove_tree(&to);
-            bail!("copying {} to {} failed; the original is untouched", from.display(), to.display());
+    // Again under the lock: the answer may have come much later.
+    if taken() {
+        bail!("{} exists already; not moving", to.display());
+    }
+    if from.exists() {
+        use rustix::fs::{renameat_with, RenameFlags, CWD};
+        match renameat_with(CWD, &from, CWD, &to, RenameFlags::NOREPLACE) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::XDEV) => copy_across(&from, root, &to, name)?,
+            Err(e) => bail!(
+                "cannot move {} to {}: {}; nothing was moved",
+                from.display(),
+                to.display(),
+                std::io::Error::from(e)
+            ),
         }
-        archive::remove_tree(&from)?;
     }
     edit::set_key(job, "RootDir", new_root).map_err(|e| {
         e.context(format!(
@@ -840,6 +842,94 @@ pub fn move_archive(cfg: &Config, name: &str, new_root: &str, yes: bool, watch: 
         to.display(),
         job.origin.file.display()
     ))
+}
+
+/// The new RootDir of `--move-archive`, as the configuration will read it back: an absolute
+/// directory, written so that it reads back as itself (no white space at its ends, no ` #`, no
+/// control character, no `.` or `..` part), and not inside a job's archives.
+fn check_new_root(cfg: &Config, new_root: &str) -> Result<()> {
+    let bad = |why: &str| -> Result<()> {
+        bail!(
+            "new RootDir '{}' is not valid: {why}; expected the absolute path of an existing directory",
+            crate::untrusted::shown(new_root)
+        )
+    };
+    if let Err(e) = crate::config::keys::parse(crate::config::keys::Kind::AbsPath, new_root) {
+        return bad(&format!("it is not {e}"));
+    }
+    if new_root.trim() != new_root {
+        return bad("it begins or ends with white space (the configuration file would read it without)");
+    }
+    if new_root.contains(" #") || new_root.contains("\t#") {
+        return bad("it holds ' #' (the configuration file would read the rest as a comment)");
+    }
+    if new_root.chars().any(char::is_control) {
+        return bad("it holds a control character");
+    }
+    if new_root.split('/').any(|c| c == "." || c == "..") {
+        return bad("it has a '.' or '..' part");
+    }
+    match fs::metadata(new_root) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return bad("it is not a directory"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return bad("it does not exist (create it first)"),
+        Err(e) => return bad(&format!("it cannot be read ({e})")),
+    }
+    // Inside a job's archive directory, the archives would be deleted with that job's
+    // (--delete-job), or rotated with its own.
+    let real = fs::canonicalize(new_root).ctx(|| format!("cannot resolve {new_root}"))?;
+    for j in cfg.all_jobs() {
+        if let Ok(d) = fs::canonicalize(j.job_dir()) {
+            if real.starts_with(&d) {
+                return bad(&format!("it is inside the archives of job {} ({})", j.name, d.display()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Copy `from` to `to` on another file system: into a new directory of a name nobody else can
+/// have chosen, below `root`, hard links kept (`cp -a`); flushed to disk; renamed to `to` (never
+/// over anything that appeared there); then `from` removed. A failure before the rename
+/// removes the copy and leaves the original as it was.
+fn copy_across(from: &Path, root: &Path, to: &Path, name: &str) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let root_fd = fs::File::open(root).ctx(|| format!("cannot open {}", root.display()))?;
+    let tmp = root.join(format!(
+        ".affa-move-{name}-{}",
+        crate::fsutil::random_hex().ctx(|| "cannot read random bytes".to_string())?
+    ));
+    fs::DirBuilder::new().mode(0o700).create(&tmp).ctx(|| format!("cannot create {}", tmp.display()))?;
+    let failed = |why: String| -> Result<()> {
+        let _ = archive::remove_tree(&tmp);
+        bail!("copying {} to {} failed: {why}; the original is untouched", from.display(), to.display())
+    };
+    let out = match std::process::Command::new("cp")
+        .arg("-a")
+        .arg("--")
+        .arg(from.join("."))
+        .arg(&tmp)
+        .stdin(std::process::Stdio::null())
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => return failed(format!("cannot run cp: {e}")),
+    };
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("cp failed");
+        return failed(crate::untrusted::shown(last));
+    }
+    if let Err(e) = crate::fsutil::sync_filesystem_of(&root_fd, root) {
+        return failed(e.to_string());
+    }
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    if let Err(e) = renameat_with(CWD, &tmp, CWD, to, RenameFlags::NOREPLACE) {
+        return failed(format!("cannot rename the copy to its name: {}", std::io::Error::from(e)));
+    }
+    root_fd.sync_all().ctx(|| format!("cannot flush {}", root.display()))?;
+    archive::remove_tree(from)
+        .map_err(|e| e.context(format!("the archives were copied to {}, but the original stays", to.display())))
 }
 
 /// `--kill JOB`: stop a running job (SIGTERM, so it cleans up) and wait for it. Only the affa

@@ -353,6 +353,7 @@ fn setup_under(prefix: &Path, etc: &Path, installed_etc: &Path, done: &mut Vec<S
         let fstab = fs::read_to_string("/etc/fstab").unwrap_or_default();
         away.extend(unmounted_fstab_points(&fstab, &mounted));
     }
+    let mut failed = Vec::new();
     for r in roots {
         let dir = under(prefix, &r);
         if dir.is_dir() {
@@ -365,11 +366,22 @@ fn setup_under(prefix: &Path, etc: &Path, installed_etc: &Path, done: &mut Vec<S
             ));
             continue;
         }
-        mkdir(&dir, 0o700, done)?;
+        // One RootDir that cannot be made (a file in its way, a read-only mount) does not stop
+        // the others, nor the cron file (a package upgrade would leave new jobs unscheduled).
+        if let Err(e) = mkdir(&dir, 0o700, done) {
+            failed.push(format!("RootDir {r} not created: {e}"));
+        }
     }
     let cron = under(prefix, &g.cron_file.to_string_lossy());
     crate::fsutil::write_file(&cron, &crate::cron::cron_text(&cfg, installed_etc), 0o644)?;
     done.push(format!("wrote {}", cron.display()));
+    if !failed.is_empty() {
+        crate::bail!(
+            "{}; everything else was set up (the cron file {} was written)",
+            failed.join("; "),
+            cron.display()
+        );
+    }
     Ok(cfg)
 }
 

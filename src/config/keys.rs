@@ -216,7 +216,7 @@ pub static KEYS: &[KeyDef] = &[
         "ESXiTaskTimeout",
         &["3600"],
         Kind::Int(1, 86400),
-        "seconds to wait for a snapshot task (a vim-cmd call: this plus ConnectionCheckTimeout)",
+        "seconds to wait for a snapshot task (a vim-cmd call: this plus ConnectionCheckTimeout); a create past it is cancelled and waited for as long again, so that a snapshot it made is removed",
     ),
     k(
         "ESXiUserSnapshots",

@@ -120,9 +120,12 @@ pub fn config_dir(cli: Option<&Path>) -> PathBuf {
     }
 }
 
-/// A job name Affa accepts, and that is safe as a directory name.
+/// A job name Affa accepts, and that is safe as a directory name; never the global section's
+/// name, in any case (a job renamed so would become a second `[GlobalAffaConfig]`, or one that
+/// looks like it: every job would stop).
 pub fn valid_job_name(name: &str) -> bool {
-    !name.is_empty()
+    !name.eq_ignore_ascii_case(GLOBAL_SECTION)
+        && !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
         && !name.starts_with('-')

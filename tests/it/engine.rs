@@ -46,6 +46,66 @@ fn archived(s: &Setup, archive: &str, rel: &str) -> std::path::PathBuf {
     s.affa.job_dir("web").join(archive).join(s.src.path().strip_prefix("/").unwrap()).join(rel)
 }
 
+/// `--move-archive` to another file system (a tmpfs): every archive arrives whole, an unchanged
+/// file still shares one inode between the two archives, nothing of the copy's temporary name
+/// is left, and the original is gone only after. New RootDirs that would not read back as
+/// themselves, or that lie inside a job's archives, are refused before anything moves.
+#[test]
+fn move_archive_across_file_systems_keeps_every_archive_and_its_links() {
+    let s = setup("scheduledKeep=3\n");
+    ok(&s.affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
+    ok(&s.affa.affa_at("2026-03-02T11:00:00", &["--run", "web"]));
+    let job_dir = s.affa.job_dir("web");
+    let before = tree_hashes(&job_dir);
+    let conf_before = fs::read(s.affa.conf.join("web.conf")).unwrap();
+    let newroot = s.affa.tmp.path().join("newroot");
+    fs::create_dir_all(&newroot).unwrap();
+    // Refused: nothing moves, the file is unchanged.
+    let nr = newroot.to_str().unwrap();
+    fs::write(s.affa.tmp.path().join("afile"), "x").unwrap();
+    let afile = s.affa.tmp.path().join("afile");
+    for (bad, why) in [
+        (format!("{nr} "), "white space"),
+        (format!("{nr} #2"), "comment"),
+        (format!("{nr}/../newroot"), "'..'"),
+        ("relative/dir".to_string(), "absolute path"),
+        (afile.to_str().unwrap().to_string(), "not a directory"),
+        (format!("{nr}/missing"), "does not exist"),
+        (job_dir.join("scheduled.0").to_str().unwrap().to_string(), "inside the archives of job web"),
+    ] {
+        let e = fail(&s.affa.affa(&["--move-archive", "web", &bad, "--yes"]));
+        assert!(e.contains("new RootDir '") && e.contains(why), "{bad:?}: {e}");
+        assert_eq!(fs::read(s.affa.conf.join("web.conf")).unwrap(), conf_before);
+        assert_eq!(tree_hashes(&job_dir), before);
+    }
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "affa-test-newroot"]).arg(&newroot).status().unwrap();
+    assert!(mounted.success(), "mount -t tmpfs");
+    struct Umount(std::path::PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _m = Umount(newroot.clone());
+    ok(&s.affa.affa(&["--move-archive", "web", nr, "--yes"]));
+    assert!(!job_dir.exists(), "the original is still there");
+    let moved = newroot.join("web");
+    assert_eq!(tree_hashes(&moved), before, "the archives differ after the move");
+    let rel = s.src.path().strip_prefix("/").unwrap().join("home/u/docs/a.txt");
+    assert_eq!(
+        inode(&moved.join("scheduled.0").join(&rel)),
+        inode(&moved.join("scheduled.1").join(&rel)),
+        "an unchanged file no longer shares its inode between the archives"
+    );
+    let left: Vec<String> =
+        fs::read_dir(&newroot).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    assert_eq!(left, ["web"], "{left:?}");
+    assert!(fs::read_to_string(s.affa.conf.join("web.conf")).unwrap().contains(&format!("RootDir={nr}\n")));
+    // The next run links to the moved archives.
+    ok(&s.affa.affa_at("2026-03-02T12:00:00", &["--run", "web"]));
+    assert_eq!(inode(&moved.join("scheduled.0").join(&rel)), inode(&moved.join("scheduled.1").join(&rel)));
+}
+
 #[test]
 fn send_key_installs_once_and_revoke_removes_exactly_our_line() {
     let mut s = setup("");
@@ -421,6 +481,15 @@ fn maintenance_commands_ask_and_act() {
     assert_eq!(archive_names(&s.affa.job_dir("web")), ["scheduled.0", "scheduled.1"]);
     ok(&s.affa.affa(&["--cleanup", "web", "--yes"]));
     assert_eq!(archive_names(&s.affa.job_dir("web")), ["scheduled.0"]);
+    // A job renamed to the global section's name would be a second [GlobalAffaConfig] (or one
+    // that looks like it): every job would stop. Refused, nothing changed.
+    let conf_before = fs::read(s.affa.conf.join("web.conf")).unwrap();
+    for bad in ["GlobalAffaConfig", "globalaffaconfig"] {
+        let e = fail(&s.affa.affa(&["--rename-job", "web", bad]));
+        assert!(e.contains(&format!("new job name '{bad}' is not valid")) && e.contains("not GlobalAffaConfig"), "{e}");
+        assert_eq!(fs::read(s.affa.conf.join("web.conf")).unwrap(), conf_before);
+        assert!(s.affa.job_dir("web").join("scheduled.0").is_dir() && !s.affa.job_dir(bad).exists());
+    }
     // Rename, then move the archive, then delete.
     ok(&s.affa.affa(&["--rename-job", "web", "www"]));
     assert!(s.affa.job_dir("www").join("scheduled.0").is_dir());

@@ -109,7 +109,10 @@ fn a_session_that_expires_during_the_copy_does_not_leave_the_snapshot() {
     assert!(t.elapsed() > std::time::Duration::from_secs(2), "the copy was too quick to outlive the session");
     assert!(e.sim.snapshots("vm1").is_empty(), "snapshot left: {:?}", e.sim.snapshots("vm1"));
     let log = fs::read_to_string(e.affa.state.join("log/esx.log")).unwrap();
-    assert!(log.contains("ESXi: the API session had expired"), "the session did not expire: the test proves nothing\n{log}");
+    assert!(
+        log.contains("ESXi: the API session had expired"),
+        "the session did not expire: the test proves nothing\n{log}"
+    );
     let frozen = e.frozen();
     let s0 = arch(&e, "scheduled.0");
     assert_eq!(sha256_file(&s0.join("vmfs/volumes/datastore1/vm1/vm1-flat.vmdk")), frozen[0]);

@@ -374,12 +374,26 @@ fn esxi_api_unreachable_503_and_hanging_tasks_fail_cleanly() {
     e.affa.write_conf("esx.conf", &conf);
     assert_eq!(archives(&job_dir), before);
 
-    // The snapshot task hangs past ESXiTaskTimeout (then completes on the host by itself).
-    e.sim.post("/fault?op=create&mode=hang&seconds=4");
+    // The snapshot task hangs past ESXiTaskTimeout and completes on the host 1 s later. affa
+    // asks for a cancel (the simulator's tasks ignore it, as a snapshot creation a host will not
+    // cancel), waits as long again for the task, and removes the snapshot it made: the VM is not
+    // left on it until the next run.
+    e.sim.post("/fault?op=create&mode=hang&seconds=3");
+    let t = Instant::now();
+    let err = one_line_error(&e.affa.affa_at("2026-05-04T22:15:00", &["--run", "esx"]));
+    assert!(t.elapsed() < Duration::from_secs(15), "the timeout of 2 s was not honoured: {:?}", t.elapsed());
+    assert!(err.contains("creating snapshot BEXI-esx-") && err.contains("did not finish within 2 s"), "{err}");
+    assert!(err.contains("it ended later, after a cancel was asked"), "{err}");
+    assert_eq!(archives(&job_dir), before);
+    assert!(e.sim.snapshots("vm1").is_empty(), "the late snapshot was left on the VM: {:?}", e.sim.snapshots("vm1"));
+
+    // The snapshot task outlives the second wait too (then completes on the host by itself).
+    e.sim.post("/fault?op=create&mode=hang&seconds=8");
     let t = Instant::now();
     let err = one_line_error(&e.affa.affa_at("2026-05-04T22:20:00", &["--run", "esx"]));
     assert!(t.elapsed() < Duration::from_secs(15), "the timeout of 2 s was not honoured: {:?}", t.elapsed());
     assert!(err.contains("creating snapshot BEXI-esx-") && err.contains("did not finish within 2 s"), "{err}");
+    assert!(err.contains("still running 2 s after a cancel was asked"), "{err}");
     assert_eq!(archives(&job_dir), before);
     wait_until(secs(20), "the hung snapshot to finish", || !e.sim.snapshots("vm1").is_empty());
     // The next run removes that leftover.

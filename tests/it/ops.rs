@@ -942,6 +942,31 @@ fn setup_makes_the_state_directories_and_the_cron_file_of_the_configuration() {
     ok(&setup());
     assert!(fs::read_to_string(d.join("cron")).unwrap().contains(&line));
 
+    // A RootDir that cannot be made (a file in its way), sorting before the others: the others
+    // are made and the cron file is written all the same (a job added with it is scheduled);
+    // the command fails naming it.
+    fs::write(d.join("afile"), "x").unwrap();
+    fs::remove_dir(d.join("other")).unwrap();
+    let with_bad = format!(
+        "{global}[bad]\nremoteHostName=bad.example.com\nTimeSchedule=0430\nRootDir={}/afile/affa\n",
+        d.display()
+    );
+    fs::write(etc.join("jobs.conf"), &with_bad).unwrap();
+    let o = setup();
+    let err = fail(&o);
+    assert!(
+        err.starts_with(&format!("affa: error: RootDir {}/afile/affa not created: cannot create ", d.display()))
+            && err.contains("the cron file")
+            && err.trim_end().lines().count() == 1,
+        "{err}"
+    );
+    assert!(d.join("other").is_dir(), "the RootDir after the bad one was not made");
+    let cron_bad = fs::read_to_string(d.join("cron")).unwrap();
+    let bad_line = format!("30 4 * * * root /usr/sbin/affa --config-dir {} --silent --run bad\n", etc.display());
+    assert!(cron_bad.contains(&bad_line), "{cron_bad}");
+    fs::write(etc.join("jobs.conf"), &global).unwrap();
+    ok(&setup());
+
     // A configuration it cannot read: exit 1, one line naming file, key and value; the cron
     // file stays as it was.
     fs::write(etc.join("jobs.conf"), global.replace("lockDir=", "lockDir=relative/")).unwrap();

@@ -104,7 +104,8 @@ fn create_temp(dir: &OwnedFd, name: &str, mode: u32) -> io::Result<(String, Owne
     Err(last)
 }
 
-fn random_hex() -> io::Result<String> {
+/// 16 random bytes as 32 hex digits (a name no other process can guess).
+pub fn random_hex() -> io::Result<String> {
     let mut b = [0u8; 12];
     let mut filled = 0;
     while filled < b.len() {
@@ -113,7 +114,6 @@ fn random_hex() -> io::Result<String> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
-/// Create `dir` (and its parents) with mode 0700 when it does not exist.
 /// Flush every file of the file system that holds `dir` to disk (`syncfs(2)`), and report a
 /// write-back error the kernel recorded for it since (Linux 5.8 and later): what rsync wrote
 /// (it never fsyncs) is durable once this returns.
@@ -131,6 +131,7 @@ pub fn sync_filesystem_of(f: &File, shown: &Path) -> Result<()> {
         .ctx(|| format!("cannot flush the file system of {} to disk (syncfs)", shown.display()))
 }
 
+/// Create `dir` (and its parents) with mode 0700 when it does not exist.
 pub fn create_private_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     if !dir.is_dir() {

@@ -711,6 +711,26 @@ impl Client {
     /// Poll a task's `info` until it succeeds (→ its info), fails (→ one-line error with the
     /// fault type and message) or `timeout` passes (→ error naming the task and the seconds).
     pub fn wait_for_task(&self, task: &MoRef, what: &str, timeout: Duration) -> Result<TaskInfo> {
+        self.poll_task(task, what, timeout)?.map_err(|state| self.task_timed_out(task, what, timeout, state))
+    }
+
+    fn task_timed_out(&self, task: &MoRef, what: &str, timeout: Duration, state: TaskState) -> Error {
+        let state = if state == TaskState::Queued { "queued" } else { "running" };
+        self.err(format!(
+            "task {what} ({}) did not finish within {} s (still {state}; the limit is the job key ESXiTaskTimeout)",
+            task.value,
+            timeout.as_secs()
+        ))
+    }
+
+    /// [`wait_for_task`](Self::wait_for_task), with a task still queued or running after
+    /// `timeout` as `Ok(Err(its state))`.
+    fn poll_task(
+        &self,
+        task: &MoRef,
+        what: &str,
+        timeout: Duration,
+    ) -> Result<std::result::Result<TaskInfo, TaskState>> {
         let start = Instant::now();
         // From a few ms, doubling up to 2 s: a task of half a second (a snapshot of a small VM)
         // is seen done within ~30% of its time; a long one costs one poll per 2 s.
@@ -722,7 +742,7 @@ impl Client {
                 .ok_or_else(|| self.err(format!("task {what} ({}) has no info", task.value)))
                 .and_then(|i| parse_task_info(i).map_err(|e| self.at_host(e)))?;
             match info.state {
-                TaskState::Success => return Ok(info),
+                TaskState::Success => return Ok(Ok(info)),
                 TaskState::Error => {
                     let (kind, msg) = info.error.clone().unwrap_or_else(|| ("fault".into(), String::new()));
                     let fault = Fault { kind: kind.clone(), message: msg.clone() };
@@ -733,12 +753,7 @@ impl Client {
             }
             let waited = start.elapsed();
             if waited >= timeout {
-                let state = if info.state == TaskState::Queued { "queued" } else { "running" };
-                return Err(self.err(format!(
-                    "task {what} ({}) did not finish within {} s (still {state}; the limit is the job key ESXiTaskTimeout)",
-                    task.value,
-                    timeout.as_secs()
-                )));
+                return Ok(Err(info.state));
             }
             std::thread::sleep(delay.min(timeout - waited));
             delay = (delay * 2).min(Duration::from_secs(2));
@@ -771,7 +786,26 @@ impl Client {
         let resp = self.call("CreateSnapshot_Task", &inner)?;
         let task = self.task_ref("CreateSnapshot_Task", &resp)?;
         let what = format!("CreateSnapshot_Task {name}");
-        let info = self.wait_for_task(&task, &what, self.task_timeout)?;
+        let info = match self.poll_task(&task, &what, self.task_timeout)? {
+            Ok(info) => info,
+            Err(state) => {
+                // Past the limit. Left alone, the task may still make the snapshot after affa
+                // gave up: the VM would run on it until the next run. Cancel it (a host may not
+                // allow that), then wait as long again for it to end, so that the caller finds
+                // a snapshot it made and removes it.
+                let e = self.task_timed_out(&task, &what, self.task_timeout, state);
+                let _ = self.call("CancelTask", &moref_elem("_this", &task.kind, &task.value));
+                let then = match self.poll_task(&task, &what, self.task_timeout) {
+                    Ok(Ok(_)) => "it ended later, after a cancel was asked".to_string(),
+                    Ok(Err(_)) => format!(
+                        "it was still running {} s after a cancel was asked: a snapshot it makes later is removed by the next run",
+                        self.task_timeout.as_secs()
+                    ),
+                    Err(_) => "it ended later, cancelled or failed".to_string(),
+                };
+                return Err(Error::of(e.kind(), format!("{e}; {then}")));
+            }
+        };
         if let Some(r) = info.result.filter(|r| r.kind == "VirtualMachineSnapshot") {
             return Ok(r);
         }
