@@ -38,6 +38,8 @@ struct Target<'a> {
     ep: Endpoint,
     rsync_job: &'a Job,
     label: String,
+    /// The API host and port, as a job names them (ESXiHost, ESXiPort).
+    api: (String, u16),
 }
 
 fn connect_target<'a>(ctx: &Ctx<'a>) -> Result<Target<'a>> {
@@ -113,9 +115,10 @@ fn connect_target<'a>(ctx: &Ctx<'a>) -> Result<Target<'a>> {
     let task_timeout = job.esxi.as_ref().map_or(copts.task_timeout, |e| e.task_timeout);
     copts.task_timeout = task_timeout.max(std::time::Duration::from_secs(60));
     let label = copts.host.clone();
+    let api = (copts.host.clone(), copts.port);
     let mut client = Client::connect(copts)?;
     client.login(&user, &pw)?;
-    Ok(Target { client, ep: Endpoint::Ssh(ssh), rsync_job: job, label })
+    Ok(Target { client, ep: Endpoint::Ssh(ssh), rsync_job: job, label, api })
 }
 
 fn read_password_file(p: &Path) -> Result<Password> {
@@ -329,6 +332,8 @@ fn restore_logged_in(
         .collect();
     let mut registered_as = None;
     let mut names = Vec::new();
+    // The VMs whose files the restore writes over (their directory, or their .vmx).
+    let mut overwritten = Vec::new();
     for v in t.client.all_of_type("VirtualMachine", &["name", "config.files.vmPathName", "runtime.powerState"])? {
         let name = esxi::model::decode_entity_name(v.prop_text("name").unwrap_or(""));
         let path = v.prop_text("config.files.vmPathName").unwrap_or("").to_string();
@@ -348,6 +353,7 @@ fn restore_logged_in(
             if path == new_vmx_path {
                 registered_as = Some(name.clone());
             }
+            overwritten.push(name.clone());
         }
         names.push(name);
     }
@@ -458,8 +464,25 @@ fn restore_logged_in(
         o.yes,
     )?;
     // Before anything is written on the host: the next backups do not trust CBT across this
-    // restore (its writes are not tracked; crate::backup::cbt::RESTORED).
+    // restore (its writes are not tracked; crate::backup::cbt::RESTORED): this job's, and those
+    // of every job that backs up a VM whose files this restore writes over on this host (a
+    // second job of the same VM, e.g. a weekly one to another RootDir, or the job of the VM a
+    // --to-host restore lands on).
     crate::backup::cbt::mark_restored(&ctx.job.job_dir())?;
+    for j in ctx.cfg.all_jobs() {
+        let same_vm = j.esxi.as_ref().is_some_and(|e| {
+            e.host.eq_ignore_ascii_case(&t.api.0) && e.port == t.api.1 && overwritten.contains(&e.vm_name)
+        });
+        if same_vm && j.name != ctx.job.name {
+            crate::backup::cbt::mark_restored(&j.job_dir()).map_err(|e| {
+                e.context(format!(
+                    "job {} backs up VM {} too",
+                    j.name,
+                    j.esxi.as_ref().map_or("", |e| e.vm_name.as_str())
+                ))
+            })?;
+        }
+    }
 
     // Everything local first: every chunk of the chunked disks verified (rebuilt in staging
     // where no agent runs on the target), the VM checked whole, the absolute paths of the .vmx,

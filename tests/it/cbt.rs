@@ -502,3 +502,49 @@ fn a_restore_over_the_vm_makes_the_next_run_a_full_pass() {
     assert_eq!(disk(&e, "scheduled.0", 0)["Read"], "cbt");
     assert_frozen(&e, "scheduled.0", "the second run after the restore");
 }
+
+/// Two jobs back up the same VM (a nightly one and a second one to another RootDir): a restore
+/// through the first writes beside the host's change tracking, so the second job's next run
+/// must not trust CBT either (it carried the chunks the restore replaced: its archive differed
+/// from the frozen disk).
+#[test]
+fn a_restore_through_one_job_makes_the_next_run_of_another_job_of_that_vm_a_full_pass() {
+    let e = Esx::start(8 * MB, &[(0, MB)], &format!("{CONF}ESXiCBTVerifyEvery=0\n"), "");
+    // esx2: esx's section under another name and RootDir, with its own known host key entry.
+    let conf = fs::read_to_string(e.affa.conf.join("esx.conf")).unwrap();
+    let root2 = e.work.path().join("root2");
+    fs::create_dir_all(&root2).unwrap();
+    e.affa.write_conf("esx2.conf", &format!("{}RootDir={}\n", conf.replace("[esx]", "[esx2]"), root2.display()));
+    let ssh = e.affa.state.join("ssh");
+    let kh = fs::read_to_string(ssh.join("knownhosts-esx")).unwrap();
+    fs::write(ssh.join("knownhosts-esx2"), kh.replace("esx ", "esx2 ")).unwrap();
+    let run2 = |day: u32| e.affa.affa_at(&format!("2026-05-{day:02}T22:00:00"), &["--run", "esx2"]);
+    let disk2 = |n: usize| -> String {
+        let t = fs::read_to_string(root2.join("esx2/scheduled.0/.affa-esxi.ini")).unwrap();
+        let sec = t.split(&format!("[Disk.{n}]\n")).nth(1).unwrap_or_else(|| panic!("{t}"));
+        sec.lines().find_map(|l| l.strip_prefix("Read=")).unwrap_or_else(|| panic!("{t}")).to_string()
+    };
+    ok(&run_at(&e, 1));
+    ok(&run2(1));
+    write(&e, 0, 5 * CS + 100, 3000, 1);
+    ok(&run_at(&e, 2));
+    ok(&run2(2));
+    assert_eq!(disk2(0), "cbt");
+    // Back to the first night's disks through job esx.
+    e.sim.post("/power?vm=vm1&state=off");
+    ok(&e.affa.affa_at("2026-05-02T23:00:00", &["--full-restore", "esx", "scheduled.1", "--yes"]));
+    e.sim.post("/power?vm=vm1&state=on");
+    write(&e, 0, 9 * CS, 100, 2);
+    ok(&run2(3));
+    assert_eq!(disk2(0), "full", "the other job of the VM trusted CBT across the restore");
+    // Its archive is the frozen disk.
+    let out = e.work.path().join("unchunked-esx2");
+    ok(&e.affa.affa(&["--unchunk", "esx2", "scheduled.0", "--to", out.to_str().unwrap()]));
+    let frozen = e.frozen();
+    for (i, d) in DISKS.iter().enumerate() {
+        assert_eq!(sha256_file(&out.join(d)), frozen[i], "esx2: disk {i} differs from the frozen disk");
+    }
+    write(&e, 0, 2 * CS, 100, 3);
+    ok(&run2(4));
+    assert_eq!(disk2(0), "cbt");
+}
