@@ -4,9 +4,10 @@
 //! Owns: before a run, when the device is not mounted at the point, `mkdir -p` the point (0700)
 //! and `mount OPTIONS DEVICE POINT` (a failure fails the run); after the run, whatever its
 //! outcome, `umount -l POINT` when AutoUnmount=yes and affa mounted it. `--disk-usage` mounts the
-//! same way for the moment it reads the free space. Must never: unmount a filesystem affa did
-//! not mount, or mount over a point where something else is mounted (mount(8) refuses nothing
-//! there, so affa checks first).
+//! same way for the moment it reads the free space, and the commands that change a job's
+//! archives (`--cleanup`, `--delete-job`, `--rename-job`, `--move-archive`) for their time.
+//! Must never: unmount a filesystem affa did not mount, or mount over a point where something
+//! else is mounted (mount(8) refuses nothing there, so affa checks first).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -155,6 +156,18 @@ pub fn mount<'a>(job: &Job, log: Option<&'a JobLog>) -> Result<Option<Mounted<'a
         );
     }
     Ok(Some(Mounted { point, unmount: a.unmount, log }))
+}
+
+/// The job's disk mounted for a command that changes its archives (`--cleanup`, `--delete-job`,
+/// `--rename-job`, `--move-archive`): unmounted when the guard drops, if affa mounted it,
+/// whatever AutoUnmount says; a disk that cannot be mounted fails the command before it does
+/// anything (it changed the configuration alone: the archives stayed on the disk under the old
+/// name, for the next job of that name to take over and rotate away).
+pub fn mount_for_command(job: &Job) -> Result<Option<Mounted<'static>>> {
+    Ok(mount(job, None)?.map(|mut m| {
+        m.unmount = true;
+        m
+    }))
 }
 
 /// Run `f` with the job's disk mounted (Affa 3's `--disk-usage`): unmounted after, if affa

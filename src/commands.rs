@@ -702,6 +702,7 @@ pub fn check_connections(cfg: &Config, names: &[String], out: &mut dyn Write) ->
 /// `--cleanup JOB`: delete archives beyond the Keep values, then sweep the chunk pool.
 pub fn cleanup(cfg: &Config, name: &str, yes: bool, watch: &Watch) -> Result<String> {
     let job = cfg.job(name)?;
+    let _disk = crate::automount::mount_for_command(job)?;
     let extra = archive::beyond_keep(&job.job_dir(), keeps(job))?;
     if extra.is_empty() {
         crate::maintenance::sweep_pool(&job.root_dir())?;
@@ -724,6 +725,7 @@ pub fn cleanup(cfg: &Config, name: &str, yes: bool, watch: &Watch) -> Result<Str
 /// deleted).
 pub fn delete_job(cfg: &Config, name: &str, yes: bool, revoke: bool, watch: &Watch) -> Result<String> {
     let job = cfg.job(name)?;
+    let _disk = crate::automount::mount_for_command(job)?;
     let dir = job.job_dir();
     confirm(
         watch,
@@ -756,6 +758,7 @@ pub fn delete_job(cfg: &Config, name: &str, yes: bool, revoke: bool, watch: &Wat
 /// `--rename-job JOB NEW`
 pub fn rename_job(cfg: &Config, name: &str, new: &str) -> Result<String> {
     let job = cfg.job(name)?;
+    let _disk = crate::automount::mount_for_command(job)?;
     if !crate::config::valid_job_name(new) {
         bail!("new job name '{new}' is not valid; expected letters, digits, '_', '.' and '-' only (at most 64, not starting with '.' or '-'), and not {}", crate::config::GLOBAL_SECTION);
     }
@@ -801,6 +804,7 @@ pub fn rename_job(cfg: &Config, name: &str, new: &str) -> Result<String> {
 /// under its name, and only then the original removed), then RootDir written to its file.
 pub fn move_archive(cfg: &Config, name: &str, new_root: &str, yes: bool, watch: &Watch) -> Result<String> {
     let job = cfg.job(name)?;
+    let _disk = crate::automount::mount_for_command(job)?;
     check_new_root(cfg, new_root)?;
     let root = Path::new(new_root);
     let (from, to) = (job.job_dir(), root.join(name));

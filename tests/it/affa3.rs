@@ -700,6 +700,21 @@ fn a_usb_disk_is_mounted_for_the_run_and_unmounted_after() {
     let avail: u64 = row.split(';').nth(1).unwrap().parse().unwrap_or_else(|_| panic!("{row}"));
     assert!(avail > 1000 && avail < 32 * 1024, "{row}");
     assert_eq!(mounted_at(&point), None);
+    // The commands that change the archives mount the disk for their time too: a rename
+    // renamed the section alone (the archives stayed on the disk under the old name, for the
+    // next job of that name to take over), a delete deleted nothing on the disk.
+    let on_disk = |rel: &str| -> bool {
+        assert!(std::process::Command::new("mount").arg(&disk.dev).arg(&check).status().unwrap().success());
+        let there = check.join(rel).exists();
+        assert!(std::process::Command::new("umount").arg(&check).status().unwrap().success());
+        there
+    };
+    ok(&a.affa(&["--rename-job", "usb", "usb2"]));
+    assert_eq!(mounted_at(&point), None, "left mounted after --rename-job");
+    assert!(on_disk("usb2/scheduled.0") && !on_disk("usb"), "the archives were not renamed on the disk");
+    ok(&a.affa(&["--delete-job", "usb2", "--yes"]));
+    assert_eq!(mounted_at(&point), None, "left mounted after --delete-job");
+    assert!(!on_disk("usb2"), "the archives were not deleted from the disk");
 
     // A device that cannot be mounted fails the run with one line, before anything else.
     a.write_conf(
