@@ -22,11 +22,6 @@ fn keeps(job: &Job) -> Keeps {
     Keeps(Level::ALL.map(|l| job.keep(l)))
 }
 
-/// Jobs named on the command line, or all of them.
-pub fn select<'a>(cfg: &'a Config, names: &[String]) -> Result<Vec<&'a Job>> {
-    cfg.select(names)
-}
-
 pub use affa_core::fmt::{hms, human, show_date};
 
 /// `--list-archives --csv`: Affa 3's 16 columns in its order and format (the level, the index
@@ -73,7 +68,11 @@ pub fn list_archives(cfg: &Config, names: &[String], csv: bool) -> Result<Archiv
         out.push_str(ARCHIVES_CSV_HEADER);
         out.push('\n');
     }
-    for job in select(cfg, names)? {
+    let sel = cfg.select(names);
+    for (name, _, e) in &sel.errors {
+        unreadable.push(format!("job {name}: {e}"));
+    }
+    for job in sel.jobs {
         // One job whose archives cannot be read (EIO, a file in its directory's place) does not
         // hide the others' archives.
         let all = match archive::list(&job.job_dir()) {
@@ -477,7 +476,8 @@ pub fn status(cfg: &Config, clock: &dyn Clock, csv: bool, all: bool) -> Result<S
 
 /// `--disk-usage [--csv]`
 pub fn disk_usage(cfg: &Config, csv: bool) -> Result<String> {
-    let mut roots: Vec<String> = cfg.jobs.values().map(|j| j.root_dir.display().to_string()).collect();
+    // Every job's, a broken one's too (its RootDir as read: the archives are there).
+    let mut roots: Vec<String> = cfg.all_jobs().iter().map(|j| j.root_dir.display().to_string()).collect();
     roots.sort();
     roots.dedup();
     let mut out = String::new();
@@ -523,7 +523,15 @@ pub fn disk_usage(cfg: &Config, csv: bool) -> Result<String> {
 /// that failed.
 pub fn send_keys(cfg: &Config, names: &[String], out: &mut dyn Write, yes: bool, watch: &Watch) -> Result<()> {
     let mut failed = Vec::new();
-    for job in select(cfg, names)? {
+    let sel = cfg.select(names);
+    for (name, partial, e) in sel.errors {
+        // Without names, a broken job that is disabled anyway is skipped like the others.
+        if names.is_empty() && partial.is_some_and(|j| !j.enabled()) {
+            continue;
+        }
+        failed.push((name, e));
+    }
+    for job in sel.jobs {
         if job.local {
             continue;
         }
@@ -630,9 +638,16 @@ fn install_agent(cfg: &Config, job: &Job) -> Result<String> {
 /// `--install-agent [JOB...]`: one line per job; Err when any job failed or its agent cannot
 /// run.
 pub fn install_agents(cfg: &Config, names: &[String], out: &mut dyn Write) -> Result<()> {
-    let jobs: Vec<&Job> =
-        if names.is_empty() { cfg.jobs.values().filter(|j| uses_agent(j)).collect() } else { select(cfg, names)? };
+    let sel = cfg.select(names);
     let mut failed = Vec::new();
+    for (name, partial, e) in &sel.errors {
+        if names.is_empty() && !partial.is_some_and(|j| uses_agent(j)) {
+            continue;
+        }
+        let _ = writeln!(out, "job {name}: {e}");
+        failed.push(name.clone());
+    }
+    let jobs: Vec<&Job> = sel.jobs.into_iter().filter(|j| !names.is_empty() || uses_agent(j)).collect();
     for job in jobs {
         if job.local || job.rsyncd.is_some() {
             let _ = writeln!(out, "job {}: not an ssh source, no agent", job.name);
@@ -671,15 +686,22 @@ pub fn revoke_key(cfg: &Config, name: &str) -> Result<String> {
 /// `--check-connections [JOB...]`: one line per job; Err if any failed.
 pub fn check_connections(cfg: &Config, names: &[String], out: &mut dyn Write) -> Result<()> {
     let mut failed = Vec::new();
-    for job in select(cfg, names)? {
+    let sel = cfg.select(names);
+    for (name, _, e) in &sel.errors {
+        let _ = writeln!(out, "{name:<20} FAILED: {e}");
+        failed.push(name.clone());
+    }
+    for job in sel.jobs {
         if job.local {
             let _ = writeln!(out, "{:<20} OK (local)", job.name);
             continue;
         }
         let res = if job.rsyncd.is_some() {
             let dir = if job.job_dir().is_dir() { job.job_dir() } else { cfg.lock_dir() };
-            fs::create_dir_all(&dir).ctx(|| format!("cannot create {}", dir.display()))?;
-            crate::transport::rsyncd::Daemon::for_job(job, &dir).and_then(|d| d.check(job))
+            fs::create_dir_all(&dir)
+                .ctx(|| format!("cannot create {}", dir.display()))
+                .and_then(|_| crate::transport::rsyncd::Daemon::for_job(job, &dir))
+                .and_then(|d| d.check(job))
         } else {
             SshTarget::from_job(job, cfg).check_connection()
         };

@@ -281,7 +281,16 @@ fn dispatch(inv: Invocation, ui: &Arc<render::Terminal>, out: &mut dyn Write) ->
         }
         Action::ResumeInterrupted => {
             let cfg = env.config()?;
-            print(out, affa::schedule::resume_interrupted(&cfg)? + "\n")
+            let r = affa::schedule::resume_interrupted(&cfg)?;
+            if !r.text.is_empty() {
+                print(out, r.text + "\n");
+            }
+            if !r.failed.is_empty() {
+                for l in &r.failed {
+                    eprintln!("affa: error: {l}");
+                }
+                return Ok(1);
+            }
         }
         Action::MailTest { job } => print(out, commands::mailtest(&env.config()?, &job)? + "\n"),
         Action::SendStatus => {

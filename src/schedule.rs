@@ -64,8 +64,15 @@ fn spawn_run(cfg: &Config, job: &str, delay: u64) -> Result<u32> {
 /// scheduled.running exists, the job is not running) and that has resumeAfterBoot=yes and is
 /// enabled. Each is started as its own detached background process, all at once (as cron would
 /// start them), so one long job does not delay the others.
-pub fn resume_interrupted(cfg: &Config) -> Result<String> {
+pub fn resume_interrupted(cfg: &Config) -> Result<Resumed> {
     let mut lines = Vec::new();
+    let mut failed = Vec::new();
+    // An interrupted job whose configuration broke since: named, not started.
+    for b in cfg.broken.values() {
+        if b.partial.job_dir().join(archive::RUNNING).exists() {
+            failed.push(format!("job {} was interrupted; not resumed: {}", b.name, b.error()));
+        }
+    }
     for job in cfg.jobs.values() {
         if !job.job_dir().join(archive::RUNNING).exists() || !effective_enabled(cfg, job) {
             continue;
@@ -78,15 +85,30 @@ pub fn resume_interrupted(cfg: &Config) -> Result<String> {
             lines.push(format!("job {} was interrupted; not resumed (resumeAfterBoot=no)", job.name));
             continue;
         }
-        let pid = spawn_run(cfg, &job.name, 0)?;
+        let pid = match spawn_run(cfg, &job.name, 0) {
+            Ok(p) => p,
+            Err(e) => {
+                // The others are started all the same.
+                failed.push(format!("job {} was interrupted; it could not be started: {e}", job.name));
+                continue;
+            }
+        };
         JobLog::new(&cfg.log_dir(), &job.name, Watch::nobody())
             .info(format!("--resume-interrupted: resuming the interrupted job {} (pid {pid})", job.name));
         lines.push(format!("job {} resumed in the background (pid {pid})", job.name));
     }
-    if lines.is_empty() {
-        return Ok("no interrupted jobs to resume".into());
+    if lines.is_empty() && failed.is_empty() {
+        lines.push("no interrupted jobs to resume".into());
     }
-    Ok(lines.join("\n"))
+    Ok(Resumed { text: lines.join("\n"), failed })
+}
+
+/// What `--resume-interrupted` did: one line per interrupted job, and one per job it could not
+/// resume (a broken configuration, a start that failed).
+#[derive(Debug, Clone)]
+pub struct Resumed {
+    pub text: String,
+    pub failed: Vec<String>,
 }
 
 /// `--kill JOB --resume=SECS`: run the job again after SECS seconds (detached).

@@ -100,6 +100,15 @@ impl BrokenJob {
     }
 }
 
+/// What [`Config::select`] found.
+#[derive(Debug, Default)]
+pub struct Selected<'a> {
+    /// The jobs that can run, in name order (or as named).
+    pub jobs: Vec<&'a Job>,
+    /// Each job that cannot: its name, what could be read of it (a broken job), its error.
+    pub errors: Vec<(String, Option<&'a Job>, Error)>,
+}
+
 /// Where the lines being read belong.
 enum Target {
     /// Before any section header of the file.
@@ -436,13 +445,25 @@ impl Config {
         Ok(Config { dir: dir.to_path_buf(), jobs, global, settings, broken, problems })
     }
 
-    /// A job that can run; a broken one fails with its configuration error.
-    /// Jobs named on the command line, or all of them.
-    pub fn select(&self, names: &[String]) -> Result<Vec<&Job>> {
+    /// The jobs named on the command line, or all of them, for a command that goes through
+    /// jobs one by one: the ones that can run, and for each named or (without names) existing
+    /// job that cannot, its error (with what could be read of a broken job, if it exists), so
+    /// that the command does the others and reports it: one job's broken configuration never
+    /// stops another's.
+    pub fn select(&self, names: &[String]) -> Selected<'_> {
+        let mut sel = Selected::default();
         if names.is_empty() {
-            return Ok(self.jobs.values().collect());
+            sel.jobs = self.jobs.values().collect();
+            sel.errors = self.broken.values().map(|b| (b.name.clone(), Some(&b.partial), b.error())).collect();
+            return sel;
         }
-        names.iter().map(|n| self.job(n)).collect()
+        for n in names {
+            match self.job(n) {
+                Ok(j) => sel.jobs.push(j),
+                Err(e) => sel.errors.push((n.clone(), self.broken.get(n).map(|b| &b.partial), e)),
+            }
+        }
+        sel
     }
 
     pub fn job(&self, name: &str) -> Result<&Job> {

@@ -661,7 +661,11 @@ pub fn verify(cfg: &Config, job_name: &str, clock: &dyn Clock, watch: &Watch) ->
 /// offsiteTarget (all when none are named), oldest first.
 pub fn list(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<String> {
     let mut out = String::new();
-    for job in cfg.select(jobs)? {
+    let sel = cfg.select(jobs);
+    if let Some((_, _, e)) = sel.errors.into_iter().find(|_| !jobs.is_empty()) {
+        return Err(e);
+    }
+    for job in sel.jobs {
         if job.offsite.is_none() && jobs.is_empty() {
             continue;
         }

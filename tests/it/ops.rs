@@ -1033,6 +1033,50 @@ fn a_job_or_pool_that_cannot_be_read_does_not_hide_the_others() {
     );
 }
 
+/// A job whose configuration is broken, named first in the order of the jobs: the commands
+/// that go through jobs one by one do the others, name it on stderr (or in their output) and
+/// exit 1. Before, a named broken job stopped --list-archives, --check-connections and
+/// --send-key before anything was done, and without names it was left out in silence (exit 0);
+/// --resume-interrupted did not say that an interrupted job was not resumed.
+#[test]
+fn a_broken_job_is_named_and_the_other_jobs_are_done() {
+    let a = Affa::new();
+    global(&a, "sendmailBinary=/bin/true\n");
+    let src = source();
+    a.write_conf(
+        "jobs.conf",
+        &[local_job("a-broken", src.path(), "scheduledKeep=many\n"), local_job("web", src.path(), "")].concat(),
+    );
+    ok(&a.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
+    let expect_1 = |args: &[&str]| -> (String, String) {
+        let o = a.affa(args);
+        let (out, err) =
+            (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned());
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {out}{err}");
+        assert!(err.contains("a-broken"), "{args:?}: {err}");
+        assert!(format!("{out}{err}").contains("key 'scheduledKeep'"), "{args:?}: {out}{err}");
+        (out, err)
+    };
+    for args in [&["--list-archives"][..], &["--list-archives", "a-broken", "web"]] {
+        let (out, _) = expect_1(args);
+        assert!(out.contains("| Job: web "), "{args:?}: {out}");
+    }
+    let (out, _) = expect_1(&["--check-connections"]);
+    assert!(out.contains("web                  OK (local)") && out.contains("a-broken             FAILED: "), "{out}");
+    expect_1(&["--send-key"]);
+    // Both interrupted: web is resumed, a-broken is named.
+    for j in ["a-broken", "web"] {
+        fs::create_dir_all(a.job_dir(j).join("scheduled.running")).unwrap();
+    }
+    let (out, err) = expect_1(&["--resume-interrupted"]);
+    assert!(out.contains("job web resumed in the background (pid "), "{out}");
+    assert!(err.contains("affa: error: job a-broken was interrupted; not resumed: "), "{err}");
+    let lock = a.state.join("lock");
+    wait_until(Duration::from_secs(60), "the resumed run of web", || {
+        !a.job_dir("web").join("scheduled.running").exists() && affa::lock::holder(&lock, "web").is_none()
+    });
+}
+
 /// `--send-key` without names, as a new user types it after the install: the disabled samples
 /// are skipped (not tried: their hosts do not exist), a host that cannot be reached fails alone,
 /// and the job after it in name order still gets its key; the command fails naming that job.
