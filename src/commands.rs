@@ -641,7 +641,7 @@ pub fn install_agents(cfg: &Config, names: &[String], out: &mut dyn Write) -> Re
     let sel = cfg.select(names);
     let mut failed = Vec::new();
     for (name, partial, e) in &sel.errors {
-        if names.is_empty() && !partial.is_some_and(|j| uses_agent(j)) {
+        if names.is_empty() && !partial.is_some_and(uses_agent) {
             continue;
         }
         let _ = writeln!(out, "job {name}: {e}");
