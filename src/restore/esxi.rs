@@ -281,7 +281,7 @@ fn restore_logged_in(
             chunked.push(Chunked {
                 manifest: archived.clone(),
                 local: local.clone(),
-                remote: format!("{}/{name}", dirs[di].host),
+                remote: format!("{}/{name}", dirs[di].host).into(),
                 size: m.size,
             });
             (local, m.size)
@@ -633,7 +633,7 @@ fn restore_logged_in(
     let mut expect = Vec::new();
     for it in checked_here {
         let (sha256, size) = sha256_file(&it.local, Some(&bar))?;
-        expect.push(Expect { remote: format!("{}/{}", dirs[it.dir].host, it.name), size, sha256, mtime: 0 });
+        expect.push(Expect { remote: format!("{}/{}", dirs[it.dir].host, it.name).into(), size, sha256, mtime: 0 });
     }
     drop(bar);
     let mut checked = check_remote(&t.ep, &expect, false)?;

@@ -7,11 +7,15 @@
 //! Owns: the rsync command lines of a host restore. Must never: send affa's own files (the
 //! reserved names at the archive root, the manifests its index lists), take a source's own
 //! `*.affa-manifest` file for a manifest (it is restored as the file it is), delete outside the
-//! restored source paths, or let `--delete` remove a file that is about to be rebuilt from
-//! chunks (those are protected in the main pass).
+//! restored source paths, let `--delete` remove a file that is about to be rebuilt from
+//! chunks (those are protected in the main pass), or name a file by anything but its archived
+//! bytes (a name need not be UTF-8: a lossy rendering would protect, exclude, write or check
+//! another file).
 
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io::Write;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 use super::{
@@ -43,7 +47,8 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
     let mut chunked = Vec::new();
     for rel in chunk::chunked_files(&arch.path)? {
         let m = chunk::manifest_path(&arch.path, &rel);
-        let abs = format!("/{}", rel.to_string_lossy());
+        // The name's bytes as archived (not necessarily UTF-8) all the way to the target.
+        let abs = Path::new("/").join(&rel);
         if !sources.iter().any(|s| under(&abs, s)) {
             continue;
         }
@@ -86,7 +91,7 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
         };
         let _ = writeln!(out, "  {how} ({}):", chunked.len());
         for c in &chunked {
-            let _ = writeln!(out, "    {} ({} bytes)", c.remote, c.size);
+            let _ = writeln!(out, "    {} ({} bytes)", c.remote.display(), c.size);
         }
     }
     if ctx.opts.dry_run {
@@ -138,8 +143,8 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
                 if ctx.opts.preserve_newer {
                     a.opt("--update");
                 }
-                a.from_local([c.local.display().to_string()]).to(ep.dest(&c.remote));
-                run_rsync(ctx, job, &a, &format!("sending {}", c.remote), true)?;
+                a.from_local([&c.local]).to(ep.dest(&c.remote));
+                run_rsync(ctx, job, &a, &format!("sending {}", c.remote.display()), true)?;
             }
         }
     }
@@ -155,10 +160,10 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
     report_check(ctx, &checked, out)
 }
 
-/// Is `path` the source `src` or inside it?
-fn under(path: &str, src: &str) -> bool {
-    let s = src.trim_end_matches('/');
-    s.is_empty() || path == s || path.starts_with(&format!("{s}/"))
+/// Is `path` the source `src` or inside it? (Compared as bytes: `path` need not be UTF-8.)
+fn under(path: &Path, src: &str) -> bool {
+    let (p, s) = (path.as_os_str().as_bytes(), src.trim_end_matches('/').as_bytes());
+    s.is_empty() || p == s || p.strip_prefix(s).is_some_and(|r| r.starts_with(b"/"))
 }
 
 /// The source paths the archive was made from (its `.JOB-setup.ini`, else the job's current
@@ -205,8 +210,11 @@ fn main_args(ctx: &Ctx, ep: &Endpoint, sources: &[String], chunked: &[Chunked]) 
     a.opt("--relative");
     for c in chunked {
         // --delete must not remove what the chunk pass writes next; the manifest is affa's.
-        a.opt(format!("--filter=P {}", rsync_literal(&c.remote)));
-        a.opt(format!("--exclude={}", rsync_literal(&format!("{}{MANIFEST_SUFFIX}", c.remote))));
+        // rsync matches the rules against the names' bytes: they are given as bytes.
+        let mut manifest = c.remote.clone().into_os_string();
+        manifest.push(MANIFEST_SUFFIX);
+        a.opt(rule("--filter=P ", &c.remote));
+        a.opt(rule("--exclude=", &manifest));
     }
     a.opts(crate::archive::reserved_excludes(&job.name));
     if ctx.opts.preserve_newer {
@@ -220,14 +228,24 @@ fn main_args(ctx: &Ctx, ep: &Endpoint, sources: &[String], chunked: &[Chunked]) 
     a
 }
 
-/// Escape rsync's wildcard characters so a path matches only itself.
-fn rsync_literal(p: &str) -> String {
-    let mut s = String::new();
-    for c in p.chars() {
-        if matches!(c, '*' | '?' | '[' | '\\') {
-            s.push('\\');
+/// The rsync option `opt` followed by a pattern that matches the path `p` (its bytes) only.
+fn rule(opt: &str, p: impl AsRef<OsStr>) -> OsString {
+    let mut r = opt.as_bytes().to_vec();
+    r.extend(rsync_literal(p.as_ref().as_bytes()));
+    OsString::from_vec(r)
+}
+
+/// Escape rsync's wildcard characters so a path matches only itself. rsync reads a backslash as
+/// an escape only in a pattern that holds a wildcard (`*?[`): a backslash of the name becomes
+/// the class `[\\]`, which is one, so the other escapes count whatever the name holds.
+fn rsync_literal(p: &[u8]) -> Vec<u8> {
+    let mut s = Vec::with_capacity(p.len());
+    for &c in p {
+        match c {
+            b'*' | b'?' | b'[' => s.extend_from_slice(&[b'\\', c]),
+            b'\\' => s.extend_from_slice(b"[\\\\]"),
+            _ => s.push(c),
         }
-        s.push(c);
     }
     s
 }
@@ -235,7 +253,7 @@ fn rsync_literal(p: &str) -> String {
 /// Every regular file restored, with the hash of its archived bytes.
 fn expected_files(ctx: &Ctx, sources: &[String], chunked: &[Chunked]) -> Result<Vec<Expect>> {
     let root = &ctx.arch.path;
-    let mut files: Vec<(PathBuf, String, i64)> = Vec::new();
+    let mut files: Vec<(PathBuf, PathBuf, i64)> = Vec::new();
     let mut total = 0u64;
     let manifests: std::collections::HashSet<PathBuf> = chunk::list_manifests(root)?.into_iter().collect();
     let reserved = crate::archive::reserved_names(&ctx.job.name);
@@ -264,14 +282,15 @@ fn expected_files(ctx: &Ctx, sources: &[String], chunked: &[Chunked]) -> Result<
 /// affa's own files of an archive: its recorded manifests, its reserved root names.
 type Own<'a> = (&'a std::collections::HashSet<PathBuf>, &'a Vec<String>);
 
-fn walk(root: &Path, p: &Path, out: &mut Vec<(PathBuf, String, i64)>, total: &mut u64, own: &Own) -> Result<()> {
+fn walk(root: &Path, p: &Path, out: &mut Vec<(PathBuf, PathBuf, i64)>, total: &mut u64, own: &Own) -> Result<()> {
     let md = match fs::symlink_metadata(p) {
         Ok(m) => m,
         Err(_) => return Ok(()),
     };
-    let rel = p.strip_prefix(root).unwrap_or(p).to_string_lossy().into_owned();
-    let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    if own.0.contains(p) || (!rel.contains('/') && own.1.contains(&name)) {
+    // Names as bytes: a file whose name is not UTF-8 is checked under that very name.
+    let rel = p.strip_prefix(root).unwrap_or(p);
+    let at_root = rel.components().count() == 1;
+    if own.0.contains(p) || (at_root && own.1.iter().any(|n| rel.as_os_str() == OsStr::new(n))) {
         return Ok(());
     }
     if md.is_dir() {
@@ -281,7 +300,7 @@ fn walk(root: &Path, p: &Path, out: &mut Vec<(PathBuf, String, i64)>, total: &mu
         }
     } else if md.is_file() {
         *total += md.len();
-        out.push((p.to_path_buf(), format!("/{rel}"), super::mtime_of(&md)));
+        out.push((p.to_path_buf(), Path::new("/").join(rel), super::mtime_of(&md)));
     }
     Ok(())
 }
