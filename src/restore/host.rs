@@ -8,9 +8,11 @@
 //! reserved names at the archive root, the manifests its index lists), take a source's own
 //! `*.affa-manifest` file for a manifest (it is restored as the file it is), delete outside the
 //! restored source paths, let `--delete` remove a file that is about to be rebuilt from
-//! chunks (those are protected in the main pass), or name a file by anything but its archived
+//! chunks (those are protected in the main pass), name a file by anything but its archived
 //! bytes (a name need not be UTF-8: a lossy rendering would protect, exclude, write or check
-//! another file).
+//! another file), or read through a symlink in the archive (every directory on the way to a
+//! source path or a manifest is checked to be a real one: rsync and the check's walk would
+//! follow a link to the backup server's own files).
 
 use std::ffi::{OsStr, OsString};
 use std::fs;
@@ -31,7 +33,7 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
     let job = ctx.job;
     let arch = &ctx.arch;
     let ep = if job.local { Endpoint::Local } else { Endpoint::Ssh(SshTarget::from_job(job, ctx.cfg)) };
-    let (sources, missing) = archived_sources(ctx);
+    let (sources, missing) = archived_sources(ctx)?;
     if sources.is_empty() {
         bail!(
             "archive {} of job {} holds none of the job's source paths ({})",
@@ -52,6 +54,10 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
         if !sources.iter().any(|s| under(&abs, s)) {
             continue;
         }
+        // Its manifest is read through the directories on the way: real ones only.
+        let mut mrel = rel.clone().into_os_string();
+        mrel.push(MANIFEST_SUFFIX);
+        beneath_archive(ctx, &abs, Path::new(&mrel))?;
         let man = chunk::read_manifest(&m)?;
         chunked.push(Chunked { manifest: m, local: staging.dir.join(&rel), remote: abs, size: man.size });
     }
@@ -167,8 +173,11 @@ fn under(path: &Path, src: &str) -> bool {
 }
 
 /// The source paths the archive was made from (its `.JOB-setup.ini`, else the job's current
-/// ones), split into those present in the archive and those missing.
-fn archived_sources(ctx: &Ctx) -> (Vec<String>, Vec<String>) {
+/// ones), split into those present in the archive and those missing. A source below an entry
+/// of the archive that is not a real directory (a symlink the host backed up: `data ->
+/// /root`) is refused: rsync, given `ARCHIVE/./data/x`, and the check's walk would follow it
+/// and read the backup server's own files.
+fn archived_sources(ctx: &Ctx) -> Result<(Vec<String>, Vec<String>)> {
     let setup = ctx.arch.path.join(format!(".{}-setup.ini", ctx.job.name));
     let text = crate::untrusted::open_regular(&setup).and_then(|f| {
         let mut t = String::new();
@@ -194,13 +203,26 @@ fn archived_sources(ctx: &Ctx) -> (Vec<String>, Vec<String>) {
             missing.push(s);
             continue;
         }
-        if fs::symlink_metadata(ctx.arch.path.join(rel)).is_ok() {
+        if beneath_archive(ctx, &s, Path::new(rel))?.is_some() {
             have.push(s);
         } else {
             missing.push(s);
         }
     }
-    (have, missing)
+    Ok((have, missing))
+}
+
+/// `lstat` of `rel` in the archive, every directory on the way checked to be a real one (never
+/// followed); an error naming `what` (the path on the target) otherwise.
+fn beneath_archive(ctx: &Ctx, what: impl AsRef<Path>, rel: &Path) -> Result<Option<fs::Metadata>> {
+    crate::untrusted::lstat_beneath(&ctx.arch.path, rel).map_err(|e| {
+        e.context(format!(
+            "archive {} of job {}: {} cannot be restored, nothing was changed",
+            ctx.arch.name(),
+            ctx.job.name,
+            what.as_ref().display()
+        ))
+    })
 }
 
 /// The main rsync: the archive's source paths to `/` on the target, `--relative`.
@@ -258,6 +280,8 @@ fn expected_files(ctx: &Ctx, sources: &[String], chunked: &[Chunked]) -> Result<
     let manifests: std::collections::HashSet<PathBuf> = chunk::list_manifests(root)?.into_iter().collect();
     let reserved = crate::archive::reserved_names(&ctx.job.name);
     for s in sources {
+        // Every directory on the way to a source was checked to be a real one (archived_sources);
+        // below it, the walk follows no link.
         let start = root.join(s.trim_start_matches('/'));
         walk(root, &start, &mut files, &mut total, &(&manifests, &reserved))?;
     }

@@ -365,3 +365,55 @@ fn chunked_files_with_names_that_are_not_utf8_are_restored_under_their_own_names
         }
     }
 }
+
+/// An archive in which a directory on the way to a source path is a symlink to the backup
+/// server's own files (`data -> /root`: a host that made its directory a link, or a planted
+/// archive): the restore of `/data/x` is refused with one line naming the path, and nothing of
+/// what the link points at reaches the host (the secret's bytes appear nowhere below it).
+#[test]
+fn a_symlink_on_the_way_to_a_source_in_the_archive_is_refused_and_nothing_outside_is_sent() {
+    let mut sshd = Sshd::shared();
+    let affa = Affa::new();
+    let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
+    fs::create_dir_all(src.path().join("data/x")).unwrap();
+    fs::write(src.path().join("data/x/f.txt"), "archived\n").unwrap();
+    let job = affa.ssh_job("web", &sshd, &format!("Include={}/data/x\nscheduledKeep=3\n", src.path().display()));
+    affa.write_conf("web.conf", &job);
+    ok(&affa.send_key(&mut sshd, "web"));
+    ok(&affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
+
+    // The backup server's files, and the archive's `data` made a link to them.
+    let secret = b"SECRET-of-the-backup-server-7f3a9c";
+    let outside = affa.tmp.path().join("server-files");
+    fs::create_dir_all(outside.join("x")).unwrap();
+    fs::write(outside.join("x/f.txt"), secret).unwrap();
+    fs::write(outside.join("x/id_ed25519"), secret).unwrap();
+    let data = affa.job_dir("web").join("scheduled.0").join(src.path().strip_prefix("/").unwrap()).join("data");
+    fs::remove_dir_all(&data).unwrap();
+    std::os::unix::fs::symlink(&outside, &data).unwrap();
+
+    fs::remove_file(src.path().join("data/x/f.txt")).unwrap();
+    let before = raw_listing(src.path());
+    for extra in [&["--yes"][..], &["--delete=yes", "--yes"], &["--dry-run"]] {
+        let mut args = vec!["--full-restore", "web"];
+        args.extend_from_slice(extra);
+        let o = affa.affa(&args);
+        let e = fail(&o);
+        let shown = data.display().to_string();
+        assert!(e.contains(&shown) && e.contains("symlink") && e.contains("/data/x"), "{extra:?}: {}", out_err(&o));
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert_eq!(raw_listing(src.path()), before, "{extra:?}: the host was changed");
+    }
+    fn holds(dir: &Path, needle: &[u8]) -> bool {
+        fs::read_dir(dir).unwrap().flatten().any(|e| {
+            let p = e.path();
+            let md = fs::symlink_metadata(&p).unwrap();
+            if md.is_dir() {
+                holds(&p, needle)
+            } else {
+                md.is_file() && fs::read(&p).unwrap().windows(needle.len()).any(|w| w == needle)
+            }
+        })
+    }
+    assert!(!holds(src.path(), secret), "a backup server file reached the host");
+}
