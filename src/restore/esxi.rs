@@ -605,13 +605,13 @@ fn restore_logged_in(
         if !same.is_empty() {
             let mut a = a.clone();
             a.from_local(same.iter().map(|it| it.local.display().to_string()));
-            a.to(t.ep.dest(&format!("{}/", d.host)));
+            a.to(t.ep.dest(format!("{}/", d.host)));
             let r = run_rsync(ctx, t.rsync_job, &a, &format!("copying to {}", d.host), true)?;
             sent += bytes_sent(&r.stdout);
         }
         for it in renamed {
             let mut a = a.clone();
-            a.from_local([it.local.display().to_string()]).to(t.ep.dest(&format!("{}/{}", d.host, it.name)));
+            a.from_local([it.local.display().to_string()]).to(t.ep.dest(format!("{}/{}", d.host, it.name)));
             let r = run_rsync(ctx, t.rsync_job, &a, &format!("copying {}", it.name), true)?;
             sent += bytes_sent(&r.stdout);
         }
