@@ -164,8 +164,9 @@ struct Dir {
 }
 
 /// Chunked files up to this size are rebuilt locally even where the agent runs: descriptors
-/// and other small files the reference walk reads (and may rewrite for the new place).
-const SMALL_CHUNKED: u64 = 1 << 20;
+/// and other small files the reference walk reads (and may rewrite for the new place). A
+/// bigger one is a disk to the walk, never read as text.
+const SMALL_CHUNKED: u64 = vmrefs::MAX_READ;
 
 pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
     let arch = &ctx.arch;
@@ -284,7 +285,7 @@ fn restore_logged_in(
             chunked.push(Chunked {
                 manifest: archived.clone(),
                 local: local.clone(),
-                remote: format!("{}/{name}", dirs[di].host),
+                remote: format!("{}/{name}", dirs[di].host).into(),
                 size: m.size,
             });
             (local, m.size)
@@ -504,15 +505,28 @@ fn restore_logged_in(
     rebuild_all(ctx, &rebuilt)?;
     let by_agent = |it: &Item| through_agent.iter().any(|c| c.local == it.local);
     let orig_urls: Vec<(String, String)> = record.datastores.iter().map(|d| (d.name.clone(), d.url.clone())).collect();
+    // The chunked disks (by their archived size: a rewrite below may change a descriptor's).
+    let disks: Vec<bool> = items.iter().map(|it| it.chunked && it.size > SMALL_CHUNKED).collect();
     let vm_files: Vec<vmrefs::VmFile> = items
         .iter()
-        .map(|it| vmrefs::VmFile {
+        .zip(&disks)
+        .map(|(it, &disk)| vmrefs::VmFile {
             ds: it.orig_ds.clone(),
             dir: it.orig_dir.clone(),
             name: it.name.clone(),
             local: it.local.clone(),
+            disk,
         })
         .collect();
+    // A .vmx, .vmsd or descriptor the check cannot read whole stops the restore (it could name
+    // what the check would not see).
+    let unchecked = |e: String| {
+        Error::new(format!(
+            "archive {} cannot be checked as VM {vm_name}: {e}; nothing was written to {}",
+            arch.name(),
+            t.label
+        ))
+    };
     // Source directory -> its target directory (datastore, dir, host path).
     let moved: Vec<Moved> = items
         .iter()
@@ -526,7 +540,7 @@ fn restore_logged_in(
             }
         })
         .collect();
-    let walk = vmrefs::walk(&vm_files, (vmx_ds, vmx_dir, vmx_name), &orig_urls);
+    let walk = vmrefs::walk(&vm_files, (vmx_ds, vmx_dir, vmx_name), &orig_urls).map_err(unchecked)?;
     let mut missing = walk.missing;
     // The files the record lists, as `ds/dir/file` below `vmfs/volumes/`.
     for p in record.files().into_iter().filter_map(|p| p.to_str()?.strip_prefix("vmfs/volumes/")) {
@@ -549,7 +563,7 @@ fn restore_logged_in(
         let it = &mut items[i];
         // Read or rewritten, never skipped: a file left as it was may name the original VM's
         // disks (a copy beside it would write into them).
-        let text = fs::read(&it.local).ctx(|| format!("cannot read {}", it.local.display()))?;
+        let text = vmrefs::read_config(&it.name, &it.local).map_err(unchecked)?;
         let (from, to) = ((it.orig_ds.as_str(), it.orig_dir.as_str()), (&dirs[it.dir].ds, &dirs[it.dir].dir));
         let new = vmrefs::rewrite_paths(&text, &|v| new_reference(v, from, (to.0, to.1), &orig_urls, &moved))
             .map_err(|e| Error::new(format!("{} of VM {vm_name}: {e}; nothing was written to {}", it.name, t.label)))?;
@@ -572,11 +586,13 @@ fn restore_logged_in(
     // left pointing at the original VM's files, or at none, stops the restore here).
     let target_files: Vec<vmrefs::VmFile> = items
         .iter()
-        .map(|it| vmrefs::VmFile {
+        .zip(&disks)
+        .map(|(it, &disk)| vmrefs::VmFile {
             ds: dirs[it.dir].ds.clone(),
             dir: dirs[it.dir].dir.clone(),
             name: it.name.clone(),
             local: it.local.clone(),
+            disk,
         })
         .collect();
     let mut target_urls: Vec<(String, String)> = Vec::new();
@@ -586,7 +602,7 @@ fn restore_logged_in(
         }
     }
     let vd = &dirs[vmx_target];
-    let after = vmrefs::walk(&target_files, (&vd.ds, &vd.dir, vmx_name), &target_urls);
+    let after = vmrefs::walk(&target_files, (&vd.ds, &vd.dir, vmx_name), &target_urls).map_err(unchecked)?;
     if !after.missing.is_empty() {
         bail!(
             "VM {vm_name} restored to {}: its files would not find {} at the new place; nothing was written to {}",
@@ -612,13 +628,13 @@ fn restore_logged_in(
         if !same.is_empty() {
             let mut a = a.clone();
             a.from_local(same.iter().map(|it| it.local.display().to_string()));
-            a.to(t.ep.dest(&format!("{}/", d.host)));
+            a.to(t.ep.dest(format!("{}/", d.host)));
             let r = run_rsync(ctx, t.rsync_job, &a, &format!("copying to {}", d.host), true)?;
             sent += bytes_sent(&r.stdout);
         }
         for it in renamed {
             let mut a = a.clone();
-            a.from_local([it.local.display().to_string()]).to(t.ep.dest(&format!("{}/{}", d.host, it.name)));
+            a.from_local([it.local.display().to_string()]).to(t.ep.dest(format!("{}/{}", d.host, it.name)));
             let r = run_rsync(ctx, t.rsync_job, &a, &format!("copying {}", it.name), true)?;
             sent += bytes_sent(&r.stdout);
         }
@@ -656,7 +672,7 @@ fn restore_logged_in(
     let mut expect = Vec::new();
     for it in checked_here {
         let (sha256, size) = sha256_file(&it.local, Some(&bar))?;
-        expect.push(Expect { remote: format!("{}/{}", dirs[it.dir].host, it.name), size, sha256, mtime: 0 });
+        expect.push(Expect { remote: format!("{}/{}", dirs[it.dir].host, it.name).into(), size, sha256, mtime: 0 });
     }
     drop(bar);
     let mut checked = check_remote(&t.ep, &expect, false)?;

@@ -7,11 +7,17 @@
 //! Owns: the rsync command lines of a host restore. Must never: send affa's own files (the
 //! reserved names at the archive root, the manifests its index lists), take a source's own
 //! `*.affa-manifest` file for a manifest (it is restored as the file it is), delete outside the
-//! restored source paths, or let `--delete` remove a file that is about to be rebuilt from
-//! chunks (those are protected in the main pass).
+//! restored source paths, let `--delete` remove a file that is about to be rebuilt from
+//! chunks (those are protected in the main pass), name a file by anything but its archived
+//! bytes (a name need not be UTF-8: a lossy rendering would protect, exclude, write or check
+//! another file), or read through a symlink in the archive (every directory on the way to a
+//! source path or a manifest is checked to be a real one: rsync and the check's walk would
+//! follow a link to the backup server's own files).
 
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io::Write;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 use super::{
@@ -27,7 +33,7 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
     let job = ctx.job;
     let arch = &ctx.arch;
     let ep = if job.local { Endpoint::Local } else { Endpoint::Ssh(SshTarget::from_job(job, ctx.cfg)) };
-    let (sources, missing) = archived_sources(ctx);
+    let (sources, missing) = archived_sources(ctx)?;
     if sources.is_empty() {
         bail!(
             "archive {} of job {} holds none of the job's source paths ({})",
@@ -43,10 +49,15 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
     let mut chunked = Vec::new();
     for rel in chunk::chunked_files(&arch.path)? {
         let m = chunk::manifest_path(&arch.path, &rel);
-        let abs = format!("/{}", rel.to_string_lossy());
+        // The name's bytes as archived (not necessarily UTF-8) all the way to the target.
+        let abs = Path::new("/").join(&rel);
         if !sources.iter().any(|s| under(&abs, s)) {
             continue;
         }
+        // Its manifest is read through the directories on the way: real ones only.
+        let mut mrel = rel.clone().into_os_string();
+        mrel.push(MANIFEST_SUFFIX);
+        beneath_archive(ctx, &abs, Path::new(&mrel))?;
         let man = chunk::read_manifest(&m)?;
         chunked.push(Chunked { manifest: m, local: staging.dir.join(&rel), remote: abs, size: man.size });
     }
@@ -86,7 +97,7 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
         };
         let _ = writeln!(out, "  {how} ({}):", chunked.len());
         for c in &chunked {
-            let _ = writeln!(out, "    {} ({} bytes)", c.remote, c.size);
+            let _ = writeln!(out, "    {} ({} bytes)", c.remote.display(), c.size);
         }
     }
     if ctx.opts.dry_run {
@@ -138,8 +149,8 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
                 if ctx.opts.preserve_newer {
                     a.opt("--update");
                 }
-                a.from_local([c.local.display().to_string()]).to(ep.dest(&c.remote));
-                run_rsync(ctx, job, &a, &format!("sending {}", c.remote), true)?;
+                a.from_local([&c.local]).to(ep.dest(&c.remote));
+                run_rsync(ctx, job, &a, &format!("sending {}", c.remote.display()), true)?;
             }
         }
     }
@@ -155,15 +166,18 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
     report_check(ctx, &checked, out)
 }
 
-/// Is `path` the source `src` or inside it?
-fn under(path: &str, src: &str) -> bool {
-    let s = src.trim_end_matches('/');
-    s.is_empty() || path == s || path.starts_with(&format!("{s}/"))
+/// Is `path` the source `src` or inside it? (Compared as bytes: `path` need not be UTF-8.)
+fn under(path: &Path, src: &str) -> bool {
+    let (p, s) = (path.as_os_str().as_bytes(), src.trim_end_matches('/').as_bytes());
+    s.is_empty() || p == s || p.strip_prefix(s).is_some_and(|r| r.starts_with(b"/"))
 }
 
 /// The source paths the archive was made from (its `.JOB-setup.ini`, else the job's current
-/// ones), split into those present in the archive and those missing.
-fn archived_sources(ctx: &Ctx) -> (Vec<String>, Vec<String>) {
+/// ones), split into those present in the archive and those missing. A source below an entry
+/// of the archive that is not a real directory (a symlink the host backed up: `data ->
+/// /root`) is refused: rsync, given `ARCHIVE/./data/x`, and the check's walk would follow it
+/// and read the backup server's own files.
+fn archived_sources(ctx: &Ctx) -> Result<(Vec<String>, Vec<String>)> {
     let setup = ctx.arch.path.join(format!(".{}-setup.ini", ctx.job.name));
     let text = crate::untrusted::open_regular(&setup).and_then(|f| {
         let mut t = String::new();
@@ -189,13 +203,26 @@ fn archived_sources(ctx: &Ctx) -> (Vec<String>, Vec<String>) {
             missing.push(s);
             continue;
         }
-        if fs::symlink_metadata(ctx.arch.path.join(rel)).is_ok() {
+        if beneath_archive(ctx, &s, Path::new(rel))?.is_some() {
             have.push(s);
         } else {
             missing.push(s);
         }
     }
-    (have, missing)
+    Ok((have, missing))
+}
+
+/// `lstat` of `rel` in the archive, every directory on the way checked to be a real one (never
+/// followed); an error naming `what` (the path on the target) otherwise.
+fn beneath_archive(ctx: &Ctx, what: impl AsRef<Path>, rel: &Path) -> Result<Option<fs::Metadata>> {
+    crate::untrusted::lstat_beneath(&ctx.arch.path, rel).map_err(|e| {
+        e.context(format!(
+            "archive {} of job {}: {} cannot be restored, nothing was changed",
+            ctx.arch.name(),
+            ctx.job.name,
+            what.as_ref().display()
+        ))
+    })
 }
 
 /// The main rsync: the archive's source paths to `/` on the target, `--relative`.
@@ -205,8 +232,11 @@ fn main_args(ctx: &Ctx, ep: &Endpoint, sources: &[String], chunked: &[Chunked]) 
     a.opt("--relative");
     for c in chunked {
         // --delete must not remove what the chunk pass writes next; the manifest is affa's.
-        a.opt(format!("--filter=P {}", rsync_literal(&c.remote)));
-        a.opt(format!("--exclude={}", rsync_literal(&format!("{}{MANIFEST_SUFFIX}", c.remote))));
+        // rsync matches the rules against the names' bytes: they are given as bytes.
+        let mut manifest = c.remote.clone().into_os_string();
+        manifest.push(MANIFEST_SUFFIX);
+        a.opt(rule("--filter=P ", &c.remote));
+        a.opt(rule("--exclude=", &manifest));
     }
     a.opts(crate::archive::reserved_excludes(&job.name));
     if ctx.opts.preserve_newer {
@@ -220,14 +250,24 @@ fn main_args(ctx: &Ctx, ep: &Endpoint, sources: &[String], chunked: &[Chunked]) 
     a
 }
 
-/// Escape rsync's wildcard characters so a path matches only itself.
-fn rsync_literal(p: &str) -> String {
-    let mut s = String::new();
-    for c in p.chars() {
-        if matches!(c, '*' | '?' | '[' | '\\') {
-            s.push('\\');
+/// The rsync option `opt` followed by a pattern that matches the path `p` (its bytes) only.
+fn rule(opt: &str, p: impl AsRef<OsStr>) -> OsString {
+    let mut r = opt.as_bytes().to_vec();
+    r.extend(rsync_literal(p.as_ref().as_bytes()));
+    OsString::from_vec(r)
+}
+
+/// Escape rsync's wildcard characters so a path matches only itself. rsync reads a backslash as
+/// an escape only in a pattern that holds a wildcard (`*?[`): a backslash of the name becomes
+/// the class `[\\]`, which is one, so the other escapes count whatever the name holds.
+fn rsync_literal(p: &[u8]) -> Vec<u8> {
+    let mut s = Vec::with_capacity(p.len());
+    for &c in p {
+        match c {
+            b'*' | b'?' | b'[' => s.extend_from_slice(&[b'\\', c]),
+            b'\\' => s.extend_from_slice(b"[\\\\]"),
+            _ => s.push(c),
         }
-        s.push(c);
     }
     s
 }
@@ -235,11 +275,13 @@ fn rsync_literal(p: &str) -> String {
 /// Every regular file restored, with the hash of its archived bytes.
 fn expected_files(ctx: &Ctx, sources: &[String], chunked: &[Chunked]) -> Result<Vec<Expect>> {
     let root = &ctx.arch.path;
-    let mut files: Vec<(PathBuf, String, i64)> = Vec::new();
+    let mut files: Vec<(PathBuf, PathBuf, i64)> = Vec::new();
     let mut total = 0u64;
     let manifests: std::collections::HashSet<PathBuf> = chunk::list_manifests(root)?.into_iter().collect();
     let reserved = crate::archive::reserved_names(&ctx.job.name);
     for s in sources {
+        // Every directory on the way to a source was checked to be a real one (archived_sources);
+        // below it, the walk follows no link.
         let start = root.join(s.trim_start_matches('/'));
         walk(root, &start, &mut files, &mut total, &(&manifests, &reserved))?;
     }
@@ -264,14 +306,15 @@ fn expected_files(ctx: &Ctx, sources: &[String], chunked: &[Chunked]) -> Result<
 /// affa's own files of an archive: its recorded manifests, its reserved root names.
 type Own<'a> = (&'a std::collections::HashSet<PathBuf>, &'a Vec<String>);
 
-fn walk(root: &Path, p: &Path, out: &mut Vec<(PathBuf, String, i64)>, total: &mut u64, own: &Own) -> Result<()> {
+fn walk(root: &Path, p: &Path, out: &mut Vec<(PathBuf, PathBuf, i64)>, total: &mut u64, own: &Own) -> Result<()> {
     let md = match fs::symlink_metadata(p) {
         Ok(m) => m,
         Err(_) => return Ok(()),
     };
-    let rel = p.strip_prefix(root).unwrap_or(p).to_string_lossy().into_owned();
-    let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    if own.0.contains(p) || (!rel.contains('/') && own.1.contains(&name)) {
+    // Names as bytes: a file whose name is not UTF-8 is checked under that very name.
+    let rel = p.strip_prefix(root).unwrap_or(p);
+    let at_root = rel.components().count() == 1;
+    if own.0.contains(p) || (at_root && own.1.iter().any(|n| rel.as_os_str() == OsStr::new(n))) {
         return Ok(());
     }
     if md.is_dir() {
@@ -281,7 +324,7 @@ fn walk(root: &Path, p: &Path, out: &mut Vec<(PathBuf, String, i64)>, total: &mu
         }
     } else if md.is_file() {
         *total += md.len();
-        out.push((p.to_path_buf(), format!("/{rel}"), super::mtime_of(&md)));
+        out.push((p.to_path_buf(), Path::new("/").join(rel), super::mtime_of(&md)));
     }
     Ok(())
 }

@@ -15,8 +15,10 @@ mod esxi;
 mod host;
 mod vmrefs;
 
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -25,7 +27,7 @@ use crate::config::{Config, Job};
 use crate::error::{Error, IoContext, Result};
 use crate::joblog::JobLog;
 use crate::transport::rsync::{self, Outcome, Source};
-use crate::transport::{die_with_parent, shell_quote, SshTarget};
+use crate::transport::{die_with_parent, shell_quote_bytes, SshTarget};
 
 /// Options of `--full-restore`.
 #[derive(Debug, Clone, Default)]
@@ -178,16 +180,22 @@ impl Endpoint {
             Endpoint::Local => Source::Local,
         }
     }
-    /// rsync's destination argument for `path`.
-    pub fn dest(&self, path: &str) -> String {
+    /// rsync's destination argument for `path` (its bytes as they are: a name need not be
+    /// UTF-8).
+    pub fn dest(&self, path: impl AsRef<OsStr>) -> OsString {
         match self {
-            Endpoint::Ssh(t) => format!("{}:{path}", t.destination()),
-            Endpoint::Local => path.to_string(),
+            Endpoint::Ssh(t) => {
+                let mut d = OsString::from(format!("{}:", t.destination()));
+                d.push(path);
+                d
+            }
+            Endpoint::Local => path.as_ref().to_os_string(),
         }
     }
     /// Run a POSIX sh script on the target (fed on stdin, so its length is not limited by the
-    /// command line); returns stdout. A non-zero exit is an error quoting stderr.
-    pub fn sh(&self, script: &str, what: &str) -> Result<String> {
+    /// command line; bytes: it may quote names that are not UTF-8); returns stdout. A non-zero
+    /// exit is an error quoting stderr.
+    pub fn sh(&self, script: impl AsRef<[u8]>, what: &str) -> Result<String> {
         let c = match self {
             Endpoint::Ssh(t) => t.remote_command("/bin/sh -s"),
             Endpoint::Local => {
@@ -199,13 +207,8 @@ impl Endpoint {
         };
         // No time limit (a restore is interactive and may hash a large disk for hours; Ctrl-C
         // stops it), but what the host answers is bounded (transport::MAX_CAPTURE).
-        let o = crate::transport::output_within(
-            c,
-            Some(script.as_bytes().to_vec()),
-            std::time::Duration::MAX,
-            what,
-            "none",
-        )?;
+        let o =
+            crate::transport::output_within(c, Some(script.as_ref().to_vec()), std::time::Duration::MAX, what, "none")?;
         let stderr = String::from_utf8_lossy(&o.stderr);
         if let Endpoint::Ssh(t) = self {
             if o.status.code() == Some(255) {
@@ -246,12 +249,12 @@ impl Drop for Staging {
 }
 
 /// One chunked file to restore: its manifest, where a rebuilt copy goes locally (staging path)
-/// and where it goes on the target.
+/// and where it goes on the target (the archived name's bytes: not necessarily UTF-8).
 #[derive(Debug, Clone)]
 pub(crate) struct Chunked {
     pub manifest: PathBuf,
     pub local: PathBuf,
-    pub remote: String,
+    pub remote: PathBuf,
     pub size: u64,
 }
 
@@ -278,7 +281,10 @@ pub(crate) fn verify_all(ctx: &Ctx, files: &[Chunked], out: &mut dyn Write) -> R
         let own = ctx.chunks();
         let src = ctx.source.unwrap_or(&own);
         crate::chunk::stream_file_from(src, &m, &f.manifest, &mut std::io::sink(), Some(cb)).map_err(|e| {
-            e.context(format!("restore stopped before anything was sent to the target ({} was not changed)", f.remote))
+            e.context(format!(
+                "restore stopped before anything was sent to the target ({} was not changed)",
+                f.remote.display()
+            ))
         })?;
         base += f.size;
     }
@@ -353,11 +359,12 @@ pub(crate) fn send_through_agent(
             .manifest
             .strip_prefix(&ctx.arch.path)
             .ok()
-            .and_then(|r| r.to_str()?.strip_suffix(crate::chunk::MANIFEST_SUFFIX).map(PathBuf::from))
+            .and_then(|r| r.as_os_str().as_bytes().strip_suffix(crate::chunk::MANIFEST_SUFFIX.as_bytes()))
+            .map(|r| PathBuf::from(OsStr::from_bytes(r)))
             .ok_or_else(|| {
                 Error::new(format!("{}: not a manifest of archive {}", f.manifest.display(), ctx.arch.name()))
             })?;
-        ctx.log.info(format!("restoring {} through affa-agent", f.remote));
+        ctx.log.info(format!("restoring {} through affa-agent", f.remote.display()));
         let cb = |n: u64| bar.set(base + n);
         let opts = crate::chunk::remote::RestoreOptions {
             pool: pool.as_ref(),
@@ -366,22 +373,21 @@ pub(crate) fn send_through_agent(
             keep_newer,
             progress: Some(&cb),
         };
-        let r =
-            crate::chunk::remote::restore_file(&mut session.agent, &ctx.arch.path, &rel, Path::new(&f.remote), &opts);
+        let r = crate::chunk::remote::restore_file(&mut session.agent, &ctx.arch.path, &rel, &f.remote, &opts);
         let st = match r {
             Ok(st) => st,
             Err(e) => {
                 let label = session.label.clone();
                 let why = session.stop();
                 let why = if why.is_empty() { String::new() } else { format!(" (agent {label}: {why})") };
-                return Err(e.context(format!("restoring {}{why}", f.remote)));
+                return Err(e.context(format!("restoring {}{why}", f.remote.display())));
             }
         };
         base += f.size;
         bar.set(base);
         ctx.log.info(format!(
             "{}: {} of {} chunks sent ({} bytes), {} found in the existing target{}",
-            f.remote,
+            f.remote.display(),
             st.chunks_sent,
             st.chunks - st.zero_chunks,
             st.bytes_sent,
@@ -390,7 +396,7 @@ pub(crate) fn send_through_agent(
         ));
         sent += st.bytes_sent;
         if st.skipped {
-            kept.push(f.remote.clone());
+            kept.push(f.remote.display().to_string());
         }
     }
     session.finish()?;
@@ -407,13 +413,16 @@ pub(crate) fn rebuild_all(ctx: &Ctx, files: &[Chunked]) -> Result<()> {
         if let Some(p) = f.local.parent() {
             fs::create_dir_all(p).ctx(|| format!("cannot create {}", p.display()))?;
         }
-        ctx.log.info(format!("rebuilding {} from its chunks", f.remote));
+        ctx.log.info(format!("rebuilding {} from its chunks", f.remote.display()));
         let cb = |n: u64| bar.set(base + n);
         let cb: &dyn Fn(u64) = &cb;
         let own = ctx.chunks();
         let src = ctx.source.unwrap_or(&own);
         crate::chunk::unchunk_file_from(src, &f.manifest, &f.local, Some(cb)).map_err(|e| {
-            e.context(format!("restore stopped before anything was sent to the target ({} was not changed)", f.remote))
+            e.context(format!(
+                "restore stopped before anything was sent to the target ({} was not changed)",
+                f.remote.display()
+            ))
         })?;
         base += f.size;
     }
@@ -513,10 +522,10 @@ impl Plan {
     }
 }
 
-/// A restored file to check: where it is on the target, what it must hold.
+/// A restored file to check: where it is on the target (its name's bytes), what it must hold.
 #[derive(Debug, Clone)]
 pub(crate) struct Expect {
-    pub remote: String,
+    pub remote: PathBuf,
     pub size: u64,
     pub sha256: String,
     pub mtime: i64,
@@ -561,12 +570,14 @@ pub(crate) struct Checked {
 pub(crate) fn check_remote(ep: &Endpoint, files: &[Expect], preserve_newer: bool) -> Result<Checked> {
     let mut c = Checked::default();
     for part in files.chunks(2000) {
-        let mut script = String::from("LC_ALL=C; export LC_ALL\n");
+        // The names are quoted as bytes: the script checks the very names the restore wrote.
+        let mut script = b"LC_ALL=C; export LC_ALL\n".to_vec();
         for (i, e) in part.iter().enumerate() {
-            script.push_str(&format!(
-                "p={}; if [ -f \"$p\" ] && [ ! -L \"$p\" ]; then s=$(stat -c '%s %Y' \"$p\") && h=$(sha256sum < \"$p\") && echo \"{i} $s ${{h%% *}}\" || echo \"{i} unreadable\"; else echo \"{i} missing\"; fi\n",
-                shell_quote(&e.remote)
-            ));
+            script.extend_from_slice(b"p=");
+            script.extend_from_slice(&shell_quote_bytes(e.remote.as_os_str().as_bytes()));
+            script.extend_from_slice(format!(
+                "; if [ -f \"$p\" ] && [ ! -L \"$p\" ]; then s=$(stat -c '%s %Y' \"$p\") && h=$(sha256sum < \"$p\") && echo \"{i} $s ${{h%% *}}\" || echo \"{i} unreadable\"; else echo \"{i} missing\"; fi\n"
+            ).as_bytes());
         }
         let outp = ep.sh(&script, "checking the restored files")?;
         let mut seen = vec![false; part.len()];
@@ -575,6 +586,7 @@ pub(crate) fn check_remote(ep: &Endpoint, files: &[Expect], preserve_newer: bool
             let Some(i) = w.first().and_then(|s| s.parse::<usize>().ok()).filter(|i| *i < part.len()) else { continue };
             seen[i] = true;
             let e = &part[i];
+            let name = e.remote.display();
             match w.as_slice() {
                 [_, size, mtime, hash] => {
                     let size: u64 = size.parse().unwrap_or(u64::MAX);
@@ -582,23 +594,23 @@ pub(crate) fn check_remote(ep: &Endpoint, files: &[Expect], preserve_newer: bool
                     if size == e.size && hash.eq_ignore_ascii_case(&e.sha256) {
                         c.ok += 1;
                     } else if preserve_newer && mtime > e.mtime {
-                        c.kept_newer.push(e.remote.clone());
+                        c.kept_newer.push(name.to_string());
                     } else if size != e.size {
-                        c.bad.push(format!("{}: size {size}, archive {}", e.remote, e.size));
+                        c.bad.push(format!("{name}: size {size}, archive {}", e.size));
                     } else {
                         c.bad.push(format!(
-                            "{}: content differs from the archive (SHA-256 {hash}, archive {})",
-                            e.remote, e.sha256
+                            "{name}: content differs from the archive (SHA-256 {hash}, archive {})",
+                            e.sha256
                         ));
                     }
                 }
-                [_, what] => c.bad.push(format!("{}: {what}", e.remote)),
-                _ => c.bad.push(format!("{}: unexpected answer {l:?}", e.remote)),
+                [_, what] => c.bad.push(format!("{name}: {what}")),
+                _ => c.bad.push(format!("{name}: unexpected answer {l:?}")),
             }
         }
         for (i, s) in seen.iter().enumerate() {
             if !s {
-                c.bad.push(format!("{}: not checked (no answer)", part[i].remote));
+                c.bad.push(format!("{}: not checked (no answer)", part[i].remote.display()));
             }
         }
     }

@@ -3,13 +3,15 @@
 //! its `.vmsn`), each descriptor's extents and its `parentFileNameHint`, down to the base of
 //! every chain. Also the rewrite of absolute paths in those files for a new place.
 //!
-//! Owns: reading those references. Must never: read more than a bounded prefix of a file,
+//! Owns: reading those references. Must never: read more than [`MAX_READ`] bytes of a file (a
+//! bigger `.vmx`, `.vmsd` or descriptor is refused, never read in part: padding past a prefix
+//! would hide what it names), pass over a file it cannot read, read a chunked disk as text,
 //! resolve a reference outside the archived datastores, or panic on what an archive holds (its
 //! files came from a host that may be hostile).
 
 use std::collections::BTreeSet;
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// A file the restore writes: where it was on the source host, and where to read it now.
 pub(super) struct VmFile {
@@ -17,15 +19,28 @@ pub(super) struct VmFile {
     pub dir: String,
     pub name: String,
     pub local: PathBuf,
+    /// A chunked file larger than [`MAX_READ`]: a disk (the restore may hold no local copy of
+    /// it), never read as text, even where a `.vmx` names it as a descriptor.
+    pub disk: bool,
 }
 
-/// Descriptors, `.vmx` and `.vmsd` files are small; what is beyond this is not read.
-const MAX_READ: u64 = 1 << 20;
+/// Descriptors, `.vmx` and `.vmsd` files are small: a bigger one is refused.
+pub(super) const MAX_READ: u64 = 1 << 20;
 
-fn read_text(p: &std::path::Path) -> Option<String> {
+/// The whole of a `.vmx`, `.vmsd` or disk descriptor (`name` in messages): at most
+/// [`MAX_READ`] bytes, opened without following a link. A bigger file, or one that cannot be
+/// read, is an error naming it and the limit: the check must see every name it gives.
+pub(super) fn read_config(name: &str, p: &Path) -> Result<Vec<u8>, String> {
     let mut buf = Vec::new();
-    std::fs::File::open(p).ok()?.take(MAX_READ).read_to_end(&mut buf).ok()?;
-    Some(String::from_utf8_lossy(&buf).into_owned())
+    crate::untrusted::open_regular(p)
+        .and_then(|f| f.take(MAX_READ + 1).read_to_end(&mut buf))
+        .map_err(|e| format!("{name} cannot be read ({e}); every file the VM names is checked"))?;
+    if buf.len() as u64 > MAX_READ {
+        return Err(format!(
+            "{name} is larger than {MAX_READ} bytes, the most a .vmx, .vmsd or disk descriptor may hold to be checked"
+        ));
+    }
+    Ok(buf)
 }
 
 /// `key = "value"` / `key="value"` lines: (key, value).
@@ -134,8 +149,10 @@ pub(super) struct Walk {
 }
 
 /// Follow the references from the VM's `.vmx` (`vmx` = its datastore, dir, name) and the
-/// `.vmsd` beside it through every descriptor reached.
-pub(super) fn walk(files: &[VmFile], vmx: (&str, &str, &str), urls: &[(String, String)]) -> Walk {
+/// `.vmsd` beside it through every descriptor reached. A `.vmx`, `.vmsd` or descriptor that is
+/// too big or cannot be read is an error naming it (a chunked disk named as a descriptor is
+/// not read: it is a disk).
+pub(super) fn walk(files: &[VmFile], vmx: (&str, &str, &str), urls: &[(String, String)]) -> Result<Walk, String> {
     #[derive(Clone, Copy, PartialEq)]
     enum Kind {
         Vmx,
@@ -161,7 +178,10 @@ pub(super) fn walk(files: &[VmFile], vmx: (&str, &str, &str), urls: &[(String, S
             continue;
         }
         let f = &files[i];
-        let Some(text) = read_text(&f.local) else { continue };
+        if kind == Kind::Descriptor && f.disk {
+            continue;
+        }
+        let text = String::from_utf8_lossy(&read_config(&f.name, &f.local)?).into_owned();
         w.config.push(i);
         let refs = match kind {
             Kind::Vmx => vmx_refs(&text),
@@ -185,7 +205,7 @@ pub(super) fn walk(files: &[VmFile], vmx: (&str, &str, &str), urls: &[(String, S
             }
         }
     }
-    w
+    Ok(w)
 }
 
 /// Rewrite the paths a `.vmx`, `.vmsd` or descriptor names (`*.fileName`, `parentFileNameHint`,
@@ -241,7 +261,7 @@ mod tests {
     fn file(dir: &tempfile::TempDir, ds: &str, d: &str, name: &str, text: &str) -> VmFile {
         let local = dir.path().join(format!("{ds}-{}-{name}", d.replace('/', "_")));
         std::fs::write(&local, text).unwrap();
-        VmFile { ds: ds.into(), dir: d.into(), name: name.into(), local }
+        VmFile { ds: ds.into(), dir: d.into(), name: name.into(), local, disk: false }
     }
 
     #[test]
@@ -261,16 +281,16 @@ mod tests {
             file(&t, "ds2", "vm", "d-flat.vmdk", ""),
         ];
         assert!(
-            walk(&files, ("ds1", "vm", "vm.vmx"), &urls).missing.is_empty(),
+            walk(&files, ("ds1", "vm", "vm.vmx"), &urls).unwrap().missing.is_empty(),
             "{:?}",
-            walk(&files, ("ds1", "vm", "vm.vmx"), &urls).missing
+            walk(&files, ("ds1", "vm", "vm.vmx"), &urls).unwrap().missing
         );
         files.remove(5); // vm.vmdk, the base descriptor
-        let m = walk(&files, ("ds1", "vm", "vm.vmx"), &urls).missing;
+        let m = walk(&files, ("ds1", "vm", "vm.vmx"), &urls).unwrap().missing;
         assert_eq!(m.len(), 2, "{m:?}");
         assert!(m.iter().any(|x| x == "vm.vmdk (named by vm-000001.vmdk as parentFileNameHint)"), "{m:?}");
         files.remove(3);
-        let m = walk(&files, ("ds1", "vm", "vm.vmx"), &urls).missing;
+        let m = walk(&files, ("ds1", "vm", "vm.vmx"), &urls).unwrap().missing;
         assert!(m.iter().any(|x| x == "vm-000001.vmdk (named by vm.vmx as scsi0:0.fileName)"), "{m:?}");
         // A hint that climbs out, or an absolute path on no archived datastore, is missing.
         let f = vec![file(
@@ -280,7 +300,7 @@ mod tests {
             "vm.vmx",
             "scsi0:0.fileName = \"../../../etc/x.vmdk\"\nscsi0:1.fileName = \"/etc/y.vmdk\"\n",
         )];
-        assert_eq!(walk(&f, ("ds1", "vm", "vm.vmx"), &urls).missing.len(), 2);
+        assert_eq!(walk(&f, ("ds1", "vm", "vm.vmx"), &urls).unwrap().missing.len(), 2);
     }
 
     #[test]
@@ -327,5 +347,75 @@ mod tests {
         assert!(e.starts_with("line 1: the path \"/old/vm/caf") && e.contains("not UTF-8"), "{e}");
         // Not changed by the map: kept as it is, whatever its bytes.
         assert_eq!(rewrite_paths(b"ide0:0.fileName = \"/iso/\xe9.iso\"\n", &map).unwrap(), None);
+    }
+
+    /// A `.vmx` padded past the limit (then naming another VM's disk), a `.vmsd` or descriptor
+    /// that cannot be read, and a plain file past the limit named as a descriptor are refused,
+    /// naming the file and the limit; a chunked disk named as one is not read (it is a disk).
+    #[test]
+    fn a_config_file_too_big_to_check_or_unreadable_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let urls = vec![("ds1".to_string(), "/vmfs/volumes/aaaa".to_string())];
+        let vm = ("ds1", "vm", "vm.vmx");
+        let vmdk = |t: &tempfile::TempDir| {
+            vec![
+                file(t, "ds1", "vm", "vm.vmdk", "RW 8 VMFS \"vm-flat.vmdk\"\n"),
+                file(t, "ds1", "vm", "vm-flat.vmdk", ""),
+            ]
+        };
+        let mut padded = "scsi0:0.fileName = \"vm.vmdk\"\n".to_string();
+        padded.push_str(&"#".repeat(MAX_READ as usize));
+        padded.push_str("\nscsi0:1.fileName = \"/vmfs/volumes/aaaa/other/other.vmdk\"\n");
+        let mut files = vmdk(&t);
+        files.push(file(&t, "ds1", "vm", "vm.vmx", &padded));
+        let e = walk(&files, vm, &urls).err().expect("a padded .vmx was checked");
+        assert!(e.starts_with("vm.vmx is larger than 1048576 bytes"), "{e}");
+
+        // Exactly at the limit: read whole, and the name past the padding is checked.
+        let mut at = "scsi0:0.fileName = \"vm.vmdk\"\nscsi0:1.fileName = \"other.vmdk\"\n".to_string();
+        at.push_str(&"#".repeat(MAX_READ as usize - at.len()));
+        let mut files = vmdk(&t);
+        files.push(file(&t, "ds1", "vm", "vm.vmx", &at));
+        let m = walk(&files, vm, &urls).unwrap().missing;
+        assert_eq!(m, ["other.vmdk (named by vm.vmx as scsi0:1.fileName)"]);
+
+        // A descriptor or .vmsd that cannot be read (here: not there, or a symlink).
+        let mut files = vmdk(&t);
+        files.push(file(&t, "ds1", "vm", "vm.vmx", "scsi0:0.fileName = \"vm.vmdk\"\n"));
+        files[0].local = t.path().join("not-there");
+        let e = walk(&files, vm, &urls).err().expect("an unreadable descriptor was passed over");
+        assert!(e.starts_with("vm.vmdk cannot be read"), "{e}");
+        let mut files = vmdk(&t);
+        files.push(file(&t, "ds1", "vm", "vm.vmx", "scsi0:0.fileName = \"vm.vmdk\"\n"));
+        files.push(file(&t, "ds1", "vm", "vm.vmsd", ""));
+        let link = t.path().join("vmsd-link");
+        std::os::unix::fs::symlink(&files[3].local, &link).unwrap();
+        files[3].local = link;
+        let e = walk(&files, vm, &urls).err().expect("a .vmsd behind a link was read");
+        assert!(e.starts_with("vm.vmsd cannot be read"), "{e}");
+
+        // A disk named directly as a descriptor: a plain one past the limit is refused, a
+        // chunked one (no local copy needed) is a disk, not read.
+        let big = t.path().join("big-flat");
+        std::fs::File::create(&big).unwrap().set_len(64 << 20).unwrap();
+        let flat = |disk: bool| VmFile {
+            ds: "ds1".into(),
+            dir: "vm".into(),
+            name: "vm-flat.vmdk".into(),
+            local: if disk { t.path().join("no-local-copy") } else { big.clone() },
+            disk,
+        };
+        let direct = |disk: bool| {
+            let vmx = file(&t, "ds1", "vm", "vm.vmx", "scsi0:0.fileName = \"vm-flat.vmdk\"\n");
+            walk(&[vmx, flat(disk)], vm, &urls)
+        };
+        let e = direct(false).err().expect("a 64 MiB file was read as a descriptor");
+        assert!(e.starts_with("vm-flat.vmdk is larger than 1048576 bytes"), "{e}");
+        let w = direct(true).unwrap();
+        assert!(w.missing.is_empty() && w.config == [0], "{:?} {:?}", w.missing, w.config);
+        // The .vmx itself is never taken for a disk.
+        let mut vmx = flat(true);
+        vmx.name = "vm.vmx".into();
+        assert!(walk(&[vmx], vm, &urls).is_err());
     }
 }

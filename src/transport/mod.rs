@@ -200,11 +200,25 @@ pub fn wait_until(child: &mut Child, limit: Duration, what: &str) -> Result<Opti
 
 /// Quote a word for a POSIX shell (the remote side of ssh).
 pub fn shell_quote(s: &str) -> String {
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-+=:@,".contains(&b)) {
-        s.to_string()
-    } else {
-        format!("'{}'", s.replace('\'', "'\\''"))
+    // Only ASCII is added around the words: the quoted text is UTF-8 as `s` is.
+    String::from_utf8(shell_quote_bytes(s.as_bytes())).expect("quoting keeps UTF-8")
+}
+
+/// Quote a word of any bytes (a file name need not be UTF-8) for a POSIX shell.
+pub fn shell_quote_bytes(s: &[u8]) -> Vec<u8> {
+    if !s.is_empty() && s.iter().all(|b| b.is_ascii_alphanumeric() || b"/._-+=:@,".contains(b)) {
+        return s.to_vec();
     }
+    let mut q = vec![b'\''];
+    for &b in s {
+        if b == b'\'' {
+            q.extend_from_slice(b"'\\''");
+        } else {
+            q.push(b);
+        }
+    }
+    q.push(b'\'');
+    q
 }
 
 impl SshTarget {

@@ -4,6 +4,7 @@
 //! the remote side) prints on stderr in memory without a bound, call a partial transfer a success (exit 23 is a failure, unlike Affa 3; only 24, "files vanished", is a
 //! success with a warning).
 
+use std::ffi::OsString;
 use std::io::{BufReader, Read};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -70,12 +71,13 @@ pub enum Source<'a> {
 /// An rsync command line, assembled in one place: the options, then `--`, then the sources and
 /// the destination. Options and operands are kept apart, so an option added at any time (a
 /// caller's excludes, `--link-dest`, the progress flag [`run`] adds on a terminal) always lands
-/// before `--`, and nothing but a source or the destination can land after it.
+/// before `--`, and nothing but a source or the destination can land after it. Words are
+/// bytes (`OsString`): a file name, and so a filter rule naming it, need not be UTF-8.
 #[derive(Debug, Clone, Default)]
 pub struct Args {
-    options: Vec<String>,
-    sources: Vec<String>,
-    dest: Option<String>,
+    options: Vec<OsString>,
+    sources: Vec<OsString>,
+    dest: Option<OsString>,
 }
 
 impl Args {
@@ -118,14 +120,14 @@ impl Args {
     }
 
     /// Add one option (it must start with `-`: a path is an operand, see [`Args::from`]).
-    pub fn opt(&mut self, o: impl Into<String>) -> &mut Args {
+    pub fn opt(&mut self, o: impl Into<OsString>) -> &mut Args {
         let o = o.into();
-        debug_assert!(o.starts_with('-'), "rsync option '{o}' does not start with '-'");
+        debug_assert!(o.as_encoded_bytes().starts_with(b"-"), "rsync option {o:?} does not start with '-'");
         self.options.push(o);
         self
     }
 
-    pub fn opts<S: Into<String>>(&mut self, os: impl IntoIterator<Item = S>) -> &mut Args {
+    pub fn opts<S: Into<OsString>>(&mut self, os: impl IntoIterator<Item = S>) -> &mut Args {
         for o in os {
             self.opt(o);
         }
@@ -135,31 +137,31 @@ impl Args {
     /// The words of the job's `rsyncOptions` (the administrator's: an option may take its value
     /// as the next word, so they are not checked one by one). They stay before `--` too.
     pub fn configured(&mut self, words: &str) -> &mut Args {
-        self.options.extend(words.split_whitespace().map(String::from));
+        self.options.extend(words.split_whitespace().map(OsString::from));
         self
     }
 
     /// Sources to pull: `user@host:/path` for the first, `:/path` for the next ones, or local
     /// paths.
     pub fn from(&mut self, source: &Source, paths: &[String]) -> &mut Args {
-        self.sources.extend(source_args(source, paths));
+        self.sources.extend(source_args(source, paths).into_iter().map(OsString::from));
         self
     }
 
     /// Local source paths (a restore pushes from here).
-    pub fn from_local<S: Into<String>>(&mut self, paths: impl IntoIterator<Item = S>) -> &mut Args {
+    pub fn from_local<S: Into<OsString>>(&mut self, paths: impl IntoIterator<Item = S>) -> &mut Args {
         self.sources.extend(paths.into_iter().map(Into::into));
         self
     }
 
     /// The destination (a local path, or `user@host:/path`).
-    pub fn to(&mut self, dest: impl Into<String>) -> &mut Args {
+    pub fn to(&mut self, dest: impl Into<OsString>) -> &mut Args {
         self.dest = Some(dest.into());
         self
     }
 
     /// The argument vector: options, `--`, sources, destination.
-    pub fn to_vec(&self) -> Vec<String> {
+    pub fn to_vec(&self) -> Vec<OsString> {
         let mut v = self.options.clone();
         v.push("--".into());
         v.extend(self.sources.iter().cloned());
@@ -353,8 +355,13 @@ impl Total {
 }
 
 /// The command line for the log (it holds no secrets, but keep it on one line).
-fn redact_args(lead: &[String], args: &[String]) -> String {
-    lead.iter().chain(args).map(|a| a.replace('\n', " ")).collect::<Vec<_>>().join(" ")
+fn redact_args(lead: &[String], args: &[OsString]) -> String {
+    lead.iter()
+        .map(|a| std::borrow::Cow::Borrowed(a.as_str()))
+        .chain(args.iter().map(|a| a.to_string_lossy()))
+        .map(|a| a.replace('\n', " "))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Free and used space (KiB) of the filesystem holding `path`.

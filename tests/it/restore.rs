@@ -257,3 +257,163 @@ fn chunked_files_are_rebuilt_and_a_damaged_chunk_stops_before_any_write() {
         .to_string_lossy()
         .starts_with(".restore")));
 }
+
+/// Every entry below `root` by its raw path bytes (a name that is not UTF-8 is not merged with
+/// its lossy twin): type, mode, mtime and the BLAKE3 of a file's bytes.
+fn raw_listing(root: &Path) -> BTreeMap<Vec<u8>, String> {
+    use std::os::unix::ffi::OsStrExt;
+    fn walk(base: &Path, d: &Path, m: &mut BTreeMap<Vec<u8>, String>) {
+        for e in fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            let md = fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(base).unwrap().as_os_str().as_bytes().to_vec();
+            if md.is_dir() {
+                m.insert(rel, format!("dir {:o}", md.mode() & 0o7777));
+                walk(base, &p, m);
+            } else if md.file_type().is_symlink() {
+                m.insert(rel, format!("link -> {}", fs::read_link(&p).unwrap().display()));
+            } else {
+                let h = blake3::hash(&fs::read(&p).unwrap()).to_hex();
+                m.insert(rel, format!("file {:o} mtime {} {h}", md.mode() & 0o7777, md.mtime()));
+            }
+        }
+    }
+    let mut m = BTreeMap::new();
+    walk(root, root, &mut m);
+    m
+}
+
+/// Chunked files whose names are not UTF-8 (byte 0xE4) or hold rsync's wildcard characters
+/// come back under their own names, through affa-agent and through staging, with and without
+/// `--delete=yes`: the same bytes, no manifest and no file of a look-alike name on the host, and
+/// the check (which also hashes a plain file whose name is not UTF-8) passes.
+#[test]
+fn chunked_files_with_names_that_are_not_utf8_are_restored_under_their_own_names() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    for transport in ["auto", "rsync"] {
+        let s = setup("");
+        let agent = s.affa.tmp.path().join("remote/.affa/affa-agent");
+        let job = s.affa.ssh_job(
+            "web",
+            &s._sshd,
+            &format!(
+                "Include={src}/etc\nInclude={src}/home\nscheduledKeep=3\nchunkFiles=*.img\nchunkSize=256K\nchunkTransport={transport}\nremoteAgentPath={}\n",
+                agent.display(),
+                src = s.src.path().display()
+            ),
+        );
+        s.affa.write_conf("web.conf", &job);
+        let u = s.src.path().join("home/u");
+        let names: [&[u8]; 3] = [b"K\xe4se.img", b"a\\b.img", b"c[1]*?\\\xe4.img"];
+        for (i, n) in names.iter().enumerate() {
+            let p = u.join(OsStr::from_bytes(n));
+            let mut data = vec![0u8; 1 << 20];
+            for (j, b) in data.iter_mut().enumerate().skip(100_000).take(400_000) {
+                *b = ((j * (i + 3)) % 251) as u8;
+            }
+            fs::write(&p, &data).unwrap();
+            set_mtime(&p, 1_600_000_000);
+        }
+        let plain = u.join(OsStr::from_bytes(b"pl\xe4in.txt"));
+        fs::write(&plain, "plain, not chunked\n").unwrap();
+        set_mtime(&plain, 1_600_000_000);
+        let before = raw_listing(s.src.path());
+        ok(&s.affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
+        let arch = s.affa.job_dir("web").join("scheduled.0").join(u.strip_prefix("/").unwrap());
+        for n in names {
+            let mut m = n.to_vec();
+            m.extend_from_slice(b".affa-manifest");
+            assert!(
+                arch.join(OsStr::from_bytes(&m)).is_file(),
+                "{transport}: {} is not chunked",
+                String::from_utf8_lossy(n)
+            );
+            assert!(!arch.join(OsStr::from_bytes(n)).exists(), "{transport}");
+        }
+
+        for delete in ["no", "yes"] {
+            // Changed on the host (older mtime), and one deleted.
+            for n in &names[..2] {
+                let p = u.join(OsStr::from_bytes(n));
+                fs::write(&p, vec![1u8; 70_000]).unwrap();
+                set_mtime(&p, 1_500_000_000);
+            }
+            fs::remove_file(u.join(OsStr::from_bytes(names[2]))).unwrap();
+            fs::write(&plain, "changed\n").unwrap();
+            set_mtime(&plain, 1_500_000_000);
+            let o = s.affa.affa(&["--full-restore", "web", &format!("--delete={delete}"), "--yes"]);
+            let text = ok(&o);
+            if transport == "auto" {
+                assert!(text.contains("restored through affa-agent"), "{transport} --delete={delete}: {text}");
+            } else {
+                assert!(text.contains("rebuilt from chunks"), "{transport} --delete={delete}: {text}");
+            }
+            let after = raw_listing(s.src.path());
+            let shown = |m: &BTreeMap<Vec<u8>, String>| {
+                m.iter().map(|(k, v)| format!("{} {v}", String::from_utf8_lossy(k))).collect::<Vec<_>>().join("\n")
+            };
+            assert!(
+                after == before,
+                "{transport} --delete={delete}:\n{}\nwanted:\n{}\n{text}",
+                shown(&after),
+                shown(&before)
+            );
+            let line = text.lines().find(|l| l.starts_with("verified ")).unwrap_or_else(|| panic!("{text}"));
+            let n: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(n[1], n[n.len() - 2], "{transport} --delete={delete}: {line}");
+        }
+    }
+}
+
+/// An archive in which a directory on the way to a source path is a symlink to the backup
+/// server's own files (`data -> /root`: a host that made its directory a link, or a planted
+/// archive): the restore of `/data/x` is refused with one line naming the path, and nothing of
+/// what the link points at reaches the host (the secret's bytes appear nowhere below it).
+#[test]
+fn a_symlink_on_the_way_to_a_source_in_the_archive_is_refused_and_nothing_outside_is_sent() {
+    let mut sshd = Sshd::shared();
+    let affa = Affa::new();
+    let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
+    fs::create_dir_all(src.path().join("data/x")).unwrap();
+    fs::write(src.path().join("data/x/f.txt"), "archived\n").unwrap();
+    let job = affa.ssh_job("web", &sshd, &format!("Include={}/data/x\nscheduledKeep=3\n", src.path().display()));
+    affa.write_conf("web.conf", &job);
+    ok(&affa.send_key(&mut sshd, "web"));
+    ok(&affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
+
+    // The backup server's files, and the archive's `data` made a link to them.
+    let secret = b"SECRET-of-the-backup-server-7f3a9c";
+    let outside = affa.tmp.path().join("server-files");
+    fs::create_dir_all(outside.join("x")).unwrap();
+    fs::write(outside.join("x/f.txt"), secret).unwrap();
+    fs::write(outside.join("x/id_ed25519"), secret).unwrap();
+    let data = affa.job_dir("web").join("scheduled.0").join(src.path().strip_prefix("/").unwrap()).join("data");
+    fs::remove_dir_all(&data).unwrap();
+    std::os::unix::fs::symlink(&outside, &data).unwrap();
+
+    fs::remove_file(src.path().join("data/x/f.txt")).unwrap();
+    let before = raw_listing(src.path());
+    for extra in [&["--yes"][..], &["--delete=yes", "--yes"], &["--dry-run"]] {
+        let mut args = vec!["--full-restore", "web"];
+        args.extend_from_slice(extra);
+        let o = affa.affa(&args);
+        let e = fail(&o);
+        let shown = data.display().to_string();
+        assert!(e.contains(&shown) && e.contains("symlink") && e.contains("/data/x"), "{extra:?}: {}", out_err(&o));
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert_eq!(raw_listing(src.path()), before, "{extra:?}: the host was changed");
+    }
+    fn holds(dir: &Path, needle: &[u8]) -> bool {
+        fs::read_dir(dir).unwrap().flatten().any(|e| {
+            let p = e.path();
+            let md = fs::symlink_metadata(&p).unwrap();
+            if md.is_dir() {
+                holds(&p, needle)
+            } else {
+                md.is_file() && fs::read(&p).unwrap().windows(needle.len()).any(|w| w == needle)
+            }
+        })
+    }
+    assert!(!holds(src.path(), secret), "a backup server file reached the host");
+}

@@ -7,6 +7,7 @@
 //! that affa turns into a local path, e.g. an ESXi datastore, VM directory or file name),
 //! [`check_archive_rel`] (the structure rule for paths read back from an archive, whose names
 //! rsync wrote and may hold any byte but `/` and NUL), [`open_regular`], [`create_dir_beneath`],
+//! [`lstat_beneath`] (a path below an archive whose directories on the way are real ones),
 //! [`escape_controls`], [`terminal_safe`], [`TerminalSafe`] and [`ini_value`].
 //!
 //! Must never: accept an empty name, `.`, `..`, a `/`, NUL or a control character in a
@@ -204,12 +205,39 @@ pub fn create_private_dir_beneath(root: &Path, rel: &Path) -> Result<PathBuf> {
 }
 
 fn dir_beneath(root: &Path, rel: &Path, mode: u32) -> Result<PathBuf> {
+    Ok(dirs_beneath(root, rel, Some(mode))?.unwrap_or_else(|| root.join(rel)))
+}
+
+/// `lstat` of `root/rel` where every directory on the way (each component of `rel` but the
+/// last) is checked with `lstat` to be a real directory: a symlink (or file) a host planted
+/// there is refused, never followed. `rel` itself may be anything, a symlink too (it is not
+/// followed either). `Ok(None)`: it, or a directory on the way, does not exist. `root` itself
+/// is trusted. For a path read from an archive that another program (rsync, a walk) then
+/// resolves as given.
+pub fn lstat_beneath(root: &Path, rel: &Path) -> Result<Option<fs::Metadata>> {
+    if dirs_beneath(root, rel.parent().unwrap_or(Path::new("")), None)?.is_none() {
+        return Ok(None);
+    }
+    let p = root.join(rel);
+    match fs::symlink_metadata(&p) {
+        Ok(md) => Ok(Some(md)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).ctx(|| format!("cannot stat {}", p.display())),
+    }
+}
+
+/// `root/rel` where every component of `rel` is a real directory (`lstat`, never followed); a
+/// missing one is created with mode `create`, or (None: nothing is written) ends the walk with
+/// `Ok(None)`.
+fn dirs_beneath(root: &Path, rel: &Path, create: Option<u32>) -> Result<Option<PathBuf>> {
     use std::os::unix::fs::DirBuilderExt;
+    let verb = if create.is_some() { "write" } else { "read" };
     let mut p = root.to_path_buf();
     for c in rel.components() {
         let Component::Normal(n) = c else {
             crate::bail!(
-                "refusing to create \"{}\" below {}: not a plain relative path",
+                "refusing to {} \"{}\" below {}: not a plain relative path",
+                if create.is_some() { "create" } else { "read" },
                 shown(&rel.to_string_lossy()),
                 root.display()
             );
@@ -219,20 +247,23 @@ fn dir_beneath(root: &Path, rel: &Path, mode: u32) -> Result<PathBuf> {
             match fs::symlink_metadata(&p) {
                 Ok(md) if md.is_dir() => break,
                 Ok(md) => crate::bail!(
-                    "refusing to write through {}: it is {}, not a directory (made by the source host?)",
+                    "refusing to {verb} through {}: it is {}, not a directory (made by the source host?)",
                     p.display(),
                     kind_of(&md)
                 ),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => match fs::DirBuilder::new().mode(mode).create(&p) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                    Err(e) => return Err(e).ctx(|| format!("cannot create {}", p.display())),
-                },
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    let Some(mode) = create else { return Ok(None) };
+                    match fs::DirBuilder::new().mode(mode).create(&p) {
+                        Ok(()) => break,
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                        Err(e) => return Err(e).ctx(|| format!("cannot create {}", p.display())),
+                    }
+                }
                 Err(e) => return Err(e).ctx(|| format!("cannot stat {}", p.display())),
             }
         }
     }
-    Ok(p)
+    Ok(Some(p))
 }
 
 /// Every control character of `s` written as `\xNN` (or `\u{N}` above U+00FF); the rest as is.
@@ -459,5 +490,28 @@ mod tests {
         assert_eq!(create_dir_beneath(d.path(), Path::new("a/b")).unwrap(), d.path().join("a/b"));
         assert!(d.path().join("a/b").is_dir());
         assert_eq!(fs::read_dir(out.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn lstat_beneath_reads_through_real_directories_only_and_writes_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let out = tempfile::tempdir().unwrap();
+        fs::create_dir_all(out.path().join("x")).unwrap();
+        fs::write(out.path().join("x/secret"), "s").unwrap();
+        fs::create_dir_all(d.path().join("a/b")).unwrap();
+        fs::write(d.path().join("a/f"), "x").unwrap();
+        std::os::unix::fs::symlink(out.path(), d.path().join("a/link")).unwrap();
+        for rel in ["a/link/x", "a/link/x/secret", "a/f/x"] {
+            let e = lstat_beneath(d.path(), Path::new(rel)).unwrap_err().to_string();
+            let on_the_way = d.path().join(if rel.starts_with("a/f") { "a/f" } else { "a/link" });
+            assert!(e.contains(&on_the_way.display().to_string()) && e.contains("not a directory"), "{e}");
+        }
+        // The last component is not followed: a link is reported as one.
+        assert!(lstat_beneath(d.path(), Path::new("a/link")).unwrap().unwrap().file_type().is_symlink());
+        assert!(lstat_beneath(d.path(), Path::new("a/b")).unwrap().unwrap().is_dir());
+        assert!(lstat_beneath(d.path(), Path::new("a/missing/x")).unwrap().is_none());
+        assert!(lstat_beneath(d.path(), Path::new("a/b/missing")).unwrap().is_none());
+        assert!(lstat_beneath(d.path(), Path::new("../x")).is_err());
+        assert!(!d.path().join("a/missing").exists(), "nothing is created");
     }
 }
