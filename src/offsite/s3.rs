@@ -1,12 +1,14 @@
 //! An S3 bucket prefix as affa uses it: PUT, GET, HEAD, DELETE and LIST of objects below
 //! `offsiteTarget`'s prefix, signed by `rusty-s3` (presigned URLs, AWS Signature V4) and sent
 //! with the ureq client affa already uses; transport errors, HTTP 5xx and 429 are retried with a
-//! backoff. An object larger than [`PART`] goes up as a multipart upload (parts of [`PART`]
+//! backoff. Only a 2xx answer is a success (a HEAD: 200 exists, 404 absent); no redirect is
+//! followed (a PUT answered 307 stored nothing). An object larger than [`PART`] goes up as a multipart upload (parts of [`PART`]
 //! bytes, each retried on its own; a failed one aborts the upload so no part is left behind).
 //!
 //! Owns: the credentials file (read with its checks), the endpoint and bucket of a job, object
 //! keys (prefix + name), and one request per call. Must never: send the credentials' secret
-//! (only signatures leave the box), read an answer body without a bound, or print.
+//! (only signatures leave the box), follow a redirect, take an answer that is not 2xx for done,
+//! read an answer body without a bound, or print.
 
 use std::io::Read;
 use std::path::Path;
@@ -114,6 +116,9 @@ impl Store {
             .timeout_connect(Duration::from_secs(30))
             .timeout_read(Duration::from_secs(300))
             .timeout_write(Duration::from_secs(300))
+            // A redirect is an answer like any other (an error below): followed, a PUT answered
+            // 307/308 would come back as done with nothing stored, a 301 would turn into a GET.
+            .redirects(0)
             .build();
         let pace = (off.bw_limit_kib > 0).then(|| (off.bw_limit_kib * 1024, std::sync::Mutex::new(None)));
         Ok(Store {
@@ -136,7 +141,8 @@ impl Store {
     }
 
     /// Send a request (signed anew for each attempt by `send`), retrying transport errors, 5xx
-    /// and 429; 404 is [`Outcome::NotFound`], any other status an error naming it.
+    /// and 429; a 2xx answer is [`Outcome::Done`], 404 [`Outcome::NotFound`], any other status
+    /// (a redirect too: none is followed) an error naming it.
     fn call(
         &self,
         what: &str,
@@ -146,7 +152,8 @@ impl Store {
         loop {
             attempt += 1;
             let retry = match send().map_err(|e| *e) {
-                Ok(r) => return Ok(Outcome::Done(Box::new(r))),
+                Ok(r) if (200..300).contains(&r.status()) => return Ok(Outcome::Done(Box::new(r))),
+                Ok(r) => return Err(Error::remote(format!("{}: {what}: {}", self.shown, not_done(r.status())))),
                 Err(ureq::Error::Status(404, _)) => return Ok(Outcome::NotFound),
                 Err(ureq::Error::Status(code, r)) => {
                     let mut body = String::new();
@@ -359,14 +366,21 @@ impl Store {
         }
     }
 
-    /// Whether the object `name` exists (HEAD).
+    /// Whether the object `name` exists (HEAD: 200 it does, 404 it does not, anything else is
+    /// an error).
     pub fn exists(&self, name: &str) -> Result<bool> {
         let key = self.key(name);
         let url = || self.bucket.head_object(Some(&self.creds), &key).sign(SIGN_FOR);
-        Ok(matches!(
-            self.call(&format!("HEAD {name}"), || self.agent.head(url().as_str()).call().map_err(Box::new))?,
-            Outcome::Done(_)
-        ))
+        let what = format!("HEAD {name}");
+        match self.call(&what, || self.agent.head(url().as_str()).call().map_err(Box::new))? {
+            Outcome::NotFound => Ok(false),
+            Outcome::Done(r) if r.status() == 200 => Ok(true),
+            Outcome::Done(r) => Err(Error::remote(format!(
+                "{}: {what}: HTTP {}; expected 200 (the object exists) or 404 (it does not)",
+                self.shown,
+                r.status()
+            ))),
+        }
     }
 
     /// The names (below the prefix) of the objects whose names start with `under`; at most
@@ -427,7 +441,9 @@ impl Store {
     pub fn delete_once(&self, name: &str) -> Result<()> {
         let url = self.bucket.delete_object(Some(&self.creds), &self.key(name)).sign(SIGN_FOR);
         match self.agent.delete(url.as_str()).call() {
-            Ok(_) | Err(ureq::Error::Status(404, _)) => Ok(()),
+            Ok(r) if (200..300).contains(&r.status()) => Ok(()),
+            Ok(r) => Err(Error::remote(format!("{}: DELETE {name}: {}", self.shown, not_done(r.status())))),
+            Err(ureq::Error::Status(404, _)) => Ok(()),
             Err(ureq::Error::Status(code, _)) => {
                 Err(Error::remote(format!("{}: DELETE {name}: HTTP {code}", self.shown)))
             }
@@ -491,6 +507,18 @@ impl Store {
                 return Ok((out, date));
             }
         }
+    }
+}
+
+/// The error text of an answer below 400 that is not 2xx (ureq gives those as answers): a
+/// redirect is not followed (it would leave a PUT undone or make another request of it).
+fn not_done(status: u16) -> String {
+    if (300..400).contains(&status) {
+        format!(
+            "HTTP {status} (a redirect; affa follows none); expected a 2xx answer from the gateway itself (offsiteEndpoint)"
+        )
+    } else {
+        format!("HTTP {status}; expected a 2xx answer")
     }
 }
 

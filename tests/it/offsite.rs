@@ -2,7 +2,9 @@
 //! tests (common::ceph): an archive with a chunked file goes offsite sealed (nothing readable in
 //! the bucket), the next archive sends only what the bucket lacks (counted from the bucket's
 //! objects against the archives on disk), a cut upload is never listed and a rerun completes
-//! it, damaged and missing objects are named by --offsite-verify, a wrong key is refused.
+//! it, damaged and missing objects are named by --offsite-verify, a wrong key is refused. A
+//! misbehaving server in front of the gateway (common::s3_front: redirects) is refused with
+//! nothing claimed done.
 
 use crate::common;
 
@@ -751,4 +753,83 @@ fn a_gateway_back_within_the_retry_window_loses_nothing_and_a_longer_outage_fail
     assert!(objects(ceph, &bucket, "lock/").is_empty(), "the rerun replaced the failed run's marker and removed it");
     let v = ok(&a.affa(&["--offsite-verify", JOB]));
     assert_eq!(v.matches(": OK (").count(), 2, "{v}");
+}
+
+/// Point the job at `endpoint` (a front before the gateway) instead of the gateway.
+fn use_endpoint(a: &Affa, ceph: &Ceph, endpoint: &str) {
+    let conf = fs::read_to_string(a.conf.join("job.conf")).unwrap();
+    a.write_conf(
+        "job.conf",
+        &conf.replace(&format!("offsiteEndpoint={}\n", ceph.endpoint), &format!("offsiteEndpoint={endpoint}\n")),
+    );
+}
+
+/// A front that answers every PUT with `308 Permanent Redirect` to the gateway (ureq followed no
+/// redirect of a PUT and took the 308 for done: "N object(s) uploaded", nothing stored), then
+/// one that answers every HEAD with `300 Multiple Choices` (taken for "the index exists":
+/// "already offsite"). Each: the command fails on one line naming the redirect, claims nothing,
+/// and the archive is not offsite; through the gateway itself the upload then goes and verifies.
+#[test]
+fn a_gateway_answering_with_a_redirect_fails_the_upload_and_nothing_is_claimed_offsite() {
+    use common::s3_front::{Front, Response};
+    let (ceph, bucket, _src, a) = first_archive();
+    let gw = ceph.endpoint.clone();
+    let front = Front::start(&ceph.endpoint, move |q, forward| {
+        if q.method == "PUT" {
+            let to = format!("{gw}{}", q.target);
+            Response::new(308, &[("Location", to.as_str())], b"")
+        } else {
+            forward(q)
+        }
+    });
+    use_endpoint(&a, ceph, &front.endpoint);
+    let o = a.affa(&["--offsite", JOB]);
+    let e = fail(&o);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(e.contains(&format!("s3://{bucket}/{PREFIX}: PUT ")) && e.contains("HTTP 308 (a redirect"), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(!out.contains("uploaded") && !out.contains("offsite in"), "{out}");
+    assert!(front.count("PUT") >= 1);
+    assert!(ceph.keys(&bucket, "").is_empty(), "nothing stored");
+
+    // The bucket holds the archive's chunks but not its index; HEAD answered 300.
+    use_endpoint_back(&a, ceph, &front.endpoint);
+    ok(&a.affa(&["--offsite", JOB]));
+    let index = objects(ceph, &bucket, "i/");
+    assert_eq!(index.len(), 1);
+    let index = index.into_iter().next().unwrap();
+    ceph.delete(&bucket, &format!("{PREFIX}/{index}"));
+    let head = Front::start(
+        &ceph.endpoint,
+        |q, forward| {
+            if q.method == "HEAD" {
+                Response::new(300, &[], b"")
+            } else {
+                forward(q)
+            }
+        },
+    );
+    use_endpoint(&a, ceph, &head.endpoint);
+    let o = a.affa(&["--offsite", JOB]);
+    let e = fail(&o);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(e.contains(&format!("s3://{bucket}/{PREFIX}: HEAD {index}: HTTP 300")), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(!out.contains("already offsite"), "{out}");
+    assert!(objects(ceph, &bucket, "i/").is_empty(), "the archive is not offsite");
+
+    use_endpoint_back(&a, ceph, &head.endpoint);
+    let out = ok(&a.affa(&["--offsite", JOB]));
+    assert!(out.contains("offsite in") && !out.contains("already offsite"), "{out}");
+    let v = ok(&a.affa(&["--offsite-verify", JOB]));
+    assert!(v.contains("scheduled.0 (Date 202612010100): OK"), "{v}");
+}
+
+/// Point the job back at the gateway itself.
+fn use_endpoint_back(a: &Affa, ceph: &Ceph, endpoint: &str) {
+    let conf = fs::read_to_string(a.conf.join("job.conf")).unwrap();
+    a.write_conf(
+        "job.conf",
+        &conf.replace(&format!("offsiteEndpoint={endpoint}\n"), &format!("offsiteEndpoint={}\n", ceph.endpoint)),
+    );
 }
