@@ -8,7 +8,8 @@
 //! Owns: the credentials file (read with its checks), the endpoint and bucket of a job, object
 //! keys (prefix + name), and one request per call. Must never: send the credentials' secret
 //! (only signatures leave the box), follow a redirect, take an answer that is not 2xx for done,
-//! read an answer body without a bound, or print.
+//! make a URL of a name with an empty, `.` or `..` part, read an answer body without a bound, or
+//! print.
 
 use std::io::Read;
 use std::path::Path;
@@ -132,11 +133,34 @@ impl Store {
         })
     }
 
-    fn key(&self, name: &str) -> String {
+    /// The key of the object `name`, which becomes the path of a URL: refused unless each of
+    /// its `/`-separated parts is a non-empty run of letters, digits, `-`, `_` and `.` other than
+    /// `.` and `..` (the URL would lose a dot segment, and with it the directory the name seems
+    /// to be in: `c/../i/...` names an index, `../../BUCKET/...` another bucket).
+    fn key(&self, name: &str) -> Result<String> {
+        let part_ok = |p: &str| {
+            !p.is_empty()
+                && p != "."
+                && p != ".."
+                && p.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        };
+        if !name.split('/').all(part_ok) {
+            return Err(Error::remote(format!(
+                "{}: refusing the object name '{}'; expected parts of letters, digits, '-', '_' and '.' (no empty, '.' or '..' part)",
+                self.shown,
+                super::shown_name(name)
+            )));
+        }
+        Ok(self.list_prefix(name))
+    }
+
+    /// The prefix of a listing of the names that start with `under` (a query parameter: never
+    /// a URL path).
+    fn list_prefix(&self, under: &str) -> String {
         if self.prefix.is_empty() {
-            name.to_string()
+            under.to_string()
         } else {
-            format!("{}/{name}", self.prefix)
+            format!("{}/{under}", self.prefix)
         }
     }
 
@@ -212,7 +236,7 @@ impl Store {
     /// larger than [`PART`].
     pub fn put(&self, name: &str, body: &[u8]) -> Result<()> {
         self.pace(body.len() as u64);
-        let key = self.key(name);
+        let key = self.key(name)?;
         #[cfg(feature = "test-hooks")]
         let hooked = test_hooks::refuse(name);
         #[cfg(not(feature = "test-hooks"))]
@@ -347,7 +371,7 @@ impl Store {
     /// The object `name` if it is at most `max` bytes (a larger one is an error), None when it
     /// does not exist.
     pub fn get_at_most(&self, name: &str, max: u64) -> Result<Option<Vec<u8>>> {
-        let key = self.key(name);
+        let key = self.key(name)?;
         let url = || self.bucket.get_object(Some(&self.creds), &key).sign(SIGN_FOR);
         let what = format!("GET {name}");
         match self.call(&what, || self.agent.get(url().as_str()).call().map_err(Box::new))? {
@@ -369,7 +393,7 @@ impl Store {
     /// Whether the object `name` exists (HEAD: 200 it does, 404 it does not, anything else is
     /// an error).
     pub fn exists(&self, name: &str) -> Result<bool> {
-        let key = self.key(name);
+        let key = self.key(name)?;
         let url = || self.bucket.head_object(Some(&self.creds), &key).sign(SIGN_FOR);
         let what = format!("HEAD {name}");
         match self.call(&what, || self.agent.head(url().as_str()).call().map_err(Box::new))? {
@@ -431,7 +455,7 @@ impl Store {
 
     /// Remove the object `name` (one that is already gone is fine).
     pub fn delete(&self, name: &str) -> Result<()> {
-        let key = self.key(name);
+        let key = self.key(name)?;
         let url = || self.bucket.delete_object(Some(&self.creds), &key).sign(SIGN_FOR);
         self.call(&format!("DELETE {name}"), || self.agent.delete(url().as_str()).call().map_err(Box::new))?;
         Ok(())
@@ -439,7 +463,7 @@ impl Store {
 
     /// Remove the object `name` with one attempt (the best effort of a run that ends anyway).
     pub fn delete_once(&self, name: &str) -> Result<()> {
-        let url = self.bucket.delete_object(Some(&self.creds), &self.key(name)).sign(SIGN_FOR);
+        let url = self.bucket.delete_object(Some(&self.creds), &self.key(name)?).sign(SIGN_FOR);
         match self.agent.delete(url.as_str()).call() {
             Ok(r) if (200..300).contains(&r.status()) => Ok(()),
             Ok(r) => Err(Error::remote(format!("{}: DELETE {name}: {}", self.shown, not_done(r.status())))),
@@ -459,8 +483,8 @@ impl Store {
         max: Option<usize>,
         each_page: &dyn Fn() -> Result<()>,
     ) -> Result<(Vec<Listed>, Option<String>)> {
-        let full = self.key(under);
-        let strip = self.key("");
+        let full = self.list_prefix(under);
+        let strip = self.list_prefix("");
         let mut out = Vec::new();
         let mut date = None;
         let mut token: Option<String> = None;

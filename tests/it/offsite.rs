@@ -4,7 +4,8 @@
 //! objects against the archives on disk), a cut upload is never listed and a rerun completes
 //! it, damaged and missing objects are named by --offsite-verify, a wrong key is refused. A
 //! misbehaving server in front of the gateway (common::s3_front: redirects) is refused with
-//! nothing claimed done.
+//! nothing claimed done; objects someone else planted below the prefix under names that leave
+//! their directory are never used as object names.
 
 use crate::common;
 
@@ -832,4 +833,44 @@ fn use_endpoint_back(a: &Affa, ceph: &Ceph, endpoint: &str) {
         "job.conf",
         &conf.replace(&format!("offsiteEndpoint={endpoint}\n"), &format!("offsiteEndpoint={}\n", ceph.endpoint)),
     );
+}
+
+/// Someone else with write access to the prefix plants objects whose names leave their directory
+/// (sent as is, `..` kept): `c/../i/JOB/INDEX` (the URL of that name, its dot segments removed,
+/// is the archive's index) and `c/../../../../OTHER/victim` (path-style: an object of another
+/// bucket). --offsite-cleanup with offsiteCleanupGrace=0 (every unreferenced chunk is old
+/// enough) removes neither what they point at nor them, and names them; the archive is still
+/// listed and verifies.
+#[test]
+fn names_planted_below_the_prefix_that_leave_their_directory_are_never_used_as_object_names() {
+    let (ceph, bucket, _src, a) = first_archive();
+    add_keys(&a, "offsiteCleanupGrace=0\n");
+    ok(&a.affa(&["--offsite", JOB]));
+    let (chunks, index) = (objects(ceph, &bucket, "c/"), objects(ceph, &bucket, "i/"));
+    assert_eq!(index.len(), 1);
+    let other = ceph.new_bucket();
+    ceph.put(&other, "victim", b"another bucket's object");
+    let planted = [format!("c/../{}", index.iter().next().unwrap()), format!("c/../../../../{other}/victim")];
+    for p in &planted {
+        ceph.put_as_is(&bucket, &format!("{PREFIX}/{p}"), b"planted");
+    }
+    let listed = objects(ceph, &bucket, "c/../");
+    assert_eq!(listed, planted.iter().cloned().collect(), "the gateway keeps the names as sent");
+
+    let out = ok(&a.affa(&["--offsite-cleanup", JOB]));
+    assert_eq!(objects(ceph, &bucket, "i/"), index, "the archive's index is still there: {out}");
+    assert_eq!(ceph.keys(&other, ""), ["victim"], "the other bucket's object is still there: {out}");
+    assert!(out.contains(": 0 unreferenced chunk object(s) removed"), "{out}");
+    assert!(
+        out.contains("2 object(s) of names affa does not write left alone")
+            && planted.iter().all(|p| out.contains(p.as_str())),
+        "{out}"
+    );
+    assert_eq!(objects(ceph, &bucket, "c/../"), listed, "what affa did not write, it does not remove");
+    let c: BTreeSet<String> = objects(ceph, &bucket, "c/").into_iter().filter(|k| !k.starts_with("c/../")).collect();
+    assert_eq!(c, chunks);
+    let list = ok(&a.affa(&["--list-archives", "--offsite", JOB]));
+    assert!(list.contains(": 1 archive(s)"), "{list}");
+    let v = ok(&a.affa(&["--offsite-verify", JOB]));
+    assert!(v.contains("scheduled.0 (Date 202612010100): OK"), "{v}");
 }
