@@ -8,8 +8,10 @@
 //! Owns: the credentials file (read with its checks), the endpoint and bucket of a job, object
 //! keys (prefix + name), and one request per call. Must never: send the credentials' secret
 //! (only signatures leave the box), follow a redirect, take an answer that is not 2xx for done,
-//! make a URL of a name with an empty, `.` or `..` part, read an answer body without a bound, or
-//! print.
+//! make a URL of a name with an empty, `.` or `..` part, read an answer body without a bound,
+//! list without end (a continuation token that is empty or repeats one is refused, the names
+//! and pages of a listing are bounded: [`MAX_LISTED`], [`MAX_PAGES`]), return a listed name
+//! twice, or print.
 
 use std::io::Read;
 use std::path::Path;
@@ -32,6 +34,13 @@ const MAX_OBJECT: u64 = 1 << 32;
 const PART: usize = 16 << 20;
 /// The most parts S3 takes for one object (a larger object gets larger parts).
 const MAX_PARTS: usize = 10_000;
+/// The most names one listing takes and the most answers (pages) it asks for: a gateway that
+/// lists without end, a new continuation token each time, is refused past them. 20 million
+/// objects are 20 TiB of chunk objects at the default chunkSize=1M (about 3 GB of memory for the
+/// listing); 100 000 pages are the 20 million names in pages of 200 (S3 and RADOS Gateway send
+/// 1000 a page).
+const MAX_LISTED: usize = 20_000_000;
+const MAX_PAGES: usize = 100_000;
 /// Attempts of a request that failed in a way worth retrying (1, 2, 4, 8 and 16 s apart: a
 /// gateway restarted within about half a minute loses no upload).
 const ATTEMPTS: u32 = 6;
@@ -407,8 +416,8 @@ impl Store {
         }
     }
 
-    /// The names (below the prefix) of the objects whose names start with `under`; at most
-    /// `max` when given (one page of up to 1000 names per request).
+    /// The names (below the prefix) of the objects whose names start with `under`, each once,
+    /// sorted; at most `max` when given (one page of up to 1000 names per request).
     pub fn list(&self, under: &str, max: Option<usize>) -> Result<Vec<String>> {
         self.list_paged(under, max, &|| Ok(()))
     }
@@ -488,6 +497,14 @@ impl Store {
         let mut out = Vec::new();
         let mut date = None;
         let mut token: Option<String> = None;
+        let mut tokens = std::collections::HashSet::new();
+        let mut pages = 0;
+        let done = |mut out: Vec<Listed>, date| {
+            // A gateway that lists a name twice (S3 never does) does not make it count twice.
+            out.sort_by(|a: &Listed, b: &Listed| a.name.cmp(&b.name));
+            out.dedup_by(|a, b| a.name == b.name);
+            Ok((out, date))
+        };
         loop {
             let url = || {
                 let mut a: ListObjectsV2<'_> = self.bucket.list_objects_v2(Some(&self.creds));
@@ -525,11 +542,32 @@ impl Store {
                     out.push(Listed { name: name.to_string(), modified, size: c.size });
                 }
             }
+            pages += 1;
+            if out.len() > MAX_LISTED {
+                return Err(Error::remote(format!(
+                    "{}: {what}: more than {MAX_LISTED} names; expected at most that many in one listing",
+                    self.shown
+                )));
+            }
             each_page()?;
             token = page.next_continuation_token;
-            if token.is_none() || max.is_some_and(|m| out.len() >= m) {
-                return Ok((out, date));
+            let Some(t) = &token else { return done(out, date) };
+            if max.is_some_and(|m| out.len() >= m) {
+                return done(out, date);
             }
+            let why = if t.is_empty() {
+                "an empty continuation token"
+            } else if !tokens.insert(t.clone()) {
+                "a continuation token it sent before (a listing that would not end)"
+            } else if pages >= MAX_PAGES {
+                "a continuation token (one page too many)"
+            } else {
+                continue;
+            };
+            return Err(Error::remote(format!(
+                "{}: {what}: page {pages} ends with {why}; expected a new token or none, at most {MAX_PAGES} pages",
+                self.shown
+            )));
         }
     }
 }

@@ -5,7 +5,8 @@
 //! it, damaged and missing objects are named by --offsite-verify, a wrong key is refused. A
 //! misbehaving server in front of the gateway (common::s3_front: redirects) is refused with
 //! nothing claimed done; objects someone else planted below the prefix under names that leave
-//! their directory are never used as object names.
+//! their directory are never used as object names; a listing without end, or one that names an
+//! object twice, neither hangs affa nor makes it remove an archive.
 
 use crate::common;
 
@@ -873,4 +874,101 @@ fn names_planted_below_the_prefix_that_leave_their_directory_are_never_used_as_o
     assert!(list.contains(": 1 archive(s)"), "{list}");
     let v = ok(&a.affa(&["--offsite-verify", JOB]));
     assert!(v.contains("scheduled.0 (Date 202612010100): OK"), "{v}");
+}
+
+/// `affa ARGS` that must end within `secs` seconds (killed and failed otherwise).
+fn within(a: &Affa, secs: u64, args: &[&str]) -> std::process::Output {
+    let piped = std::process::Stdio::piped;
+    let mut child = a.cmd().args(args).stdout(piped()).stderr(piped()).spawn().unwrap();
+    let t0 = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > std::time::Duration::from_secs(secs) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("affa {args:?} did not end within {secs} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// A gateway (a front before the real one) whose listings never end: every ListObjectsV2 answer
+/// ends with the same continuation token (and lists the same object twice), or with an empty
+/// one. --offsite-cleanup (grace 0) and --offsite fail within seconds on one line naming the
+/// listing, and nothing is removed. A front that lists every object twice: the offsite keeps
+/// (offsiteScheduledKeep=2, two archives offsite) counted the newest archive twice and removed
+/// the older one's index; now both stay.
+#[test]
+fn a_listing_without_end_or_with_a_name_twice_neither_hangs_nor_removes_an_archive() {
+    use common::s3_front::Front;
+    let (ceph, bucket, src, a) = first_archive();
+    add_keys(
+        &a,
+        "offsiteCleanupGrace=0\noffsiteScheduledKeep=2\noffsiteDailyKeep=0\noffsiteWeeklyKeep=0\noffsiteMonthlyKeep=0\noffsiteYearlyKeep=0\n",
+    );
+    ok(&a.affa(&["--offsite", JOB]));
+    change_source(src.path(), 31, "second.txt");
+    ok(&a.affa_at("2026-12-02T01:00:00", &["--run", JOB]));
+    ok(&a.affa(&["--offsite", JOB]));
+    assert_eq!(objects(ceph, &bucket, "i/").len(), 2);
+    let before = ceph.keys(&bucket, "");
+
+    let chunk = format!("{PREFIX}/{}", objects(ceph, &bucket, "c/").into_iter().next().unwrap());
+    for token in ["again", ""] {
+        let page = format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><ListBucketResult><Name>{bucket}</Name><IsTruncated>true</IsTruncated>\
+             <Contents><Key>{chunk}</Key><LastModified>2020-01-01T00:00:00.000Z</LastModified><ETag>\"x\"</ETag><Size>1</Size></Contents>\
+             <Contents><Key>{chunk}</Key><LastModified>2020-01-01T00:00:00.000Z</LastModified><ETag>\"x\"</ETag><Size>1</Size></Contents>\
+             <NextContinuationToken>{token}</NextContinuationToken></ListBucketResult>"
+        );
+        let front = Front::start(&ceph.endpoint, move |q, forward| {
+            if q.method == "GET" && q.target.contains("list-type=2") {
+                let mut r = forward(q);
+                r.body = page.clone().into_bytes();
+                r
+            } else {
+                forward(q)
+            }
+        });
+        use_endpoint(&a, ceph, &front.endpoint);
+        for args in [&["--offsite-cleanup", JOB][..], &["--offsite", JOB]] {
+            let e = fail(&within(&a, 60, args));
+            assert!(e.contains(&format!("s3://{bucket}/{PREFIX}: LIST ")) && e.contains("page "), "{args:?}: {e}");
+            let expected =
+                if token.is_empty() { "an empty continuation token" } else { "a continuation token it sent before" };
+            assert!(e.contains(expected), "{args:?}: {e}");
+            assert_eq!(e.lines().count(), 1, "{e}");
+            assert_eq!(ceph.keys(&bucket, ""), before, "{args:?}: nothing removed, nothing left behind");
+        }
+        use_endpoint_back(&a, ceph, &front.endpoint);
+    }
+
+    // Every object listed twice.
+    let front = Front::start(&ceph.endpoint, |q, forward| {
+        let mut r = forward(q);
+        if q.method == "GET" && q.target.contains("list-type=2") {
+            let body = String::from_utf8(r.body.clone()).unwrap();
+            let twice = body
+                .split("<Contents>")
+                .enumerate()
+                .map(|(i, p)| if i == 0 { p.to_string() } else { format!("<Contents>{p}<Contents>{p}") })
+                .collect::<String>();
+            assert!(twice.len() > body.len() || !body.contains("<Contents>"));
+            r.body = twice.into_bytes();
+        }
+        r
+    });
+    use_endpoint(&a, ceph, &front.endpoint);
+    let out = ok(&a.affa(&["--offsite", JOB]));
+    assert!(out.contains("already offsite") && !out.contains("removed"), "{out}");
+    assert_eq!(objects(ceph, &bucket, "i/").len(), 2, "both archives are still offsite: {out}");
+    let out = ok(&a.affa(&["--offsite-cleanup", JOB]));
+    assert!(
+        out.contains(": 0 unreferenced chunk object(s) removed") && out.contains("for 2 offsite archive(s)"),
+        "{out}"
+    );
+    assert_eq!(ceph.keys(&bucket, ""), before);
+    use_endpoint_back(&a, ceph, &front.endpoint);
+    let list = ok(&a.affa(&["--list-archives", "--offsite", JOB]));
+    assert!(list.contains(": 2 archive(s)"), "{list}");
 }
