@@ -13,7 +13,9 @@
 //! a chunk of the archive that does not hash to its id, make a new key beside objects an old key
 //! sealed, remove a chunk object while an upload may rely on it (an upload's live marker, an
 //! index that does not open, an object younger than offsiteCleanupGrace), remove an object it
-//! does not know, change anything under RootDir, or print (the new key goes back to main).
+//! does not know, use a listed name of a shape the layout does not define as an object's name
+//! (it is left alone and reported), change anything under RootDir, or print (the new key goes
+//! back to main).
 
 mod crypt;
 pub mod fetch;
@@ -40,7 +42,7 @@ use crate::observer::Watch;
 
 use crypt::Keys;
 use index::{Entry, Index};
-use s3::Store;
+use s3::{Listed, Store};
 
 /// The bucket marker's name and plaintext.
 const MARKER: &str = "affa-offsite";
@@ -87,6 +89,7 @@ impl<'a> Running<'a> {
     /// ones; a marker whose time the bucket did not send as RFC 3339 counts as live.
     fn others(&self) -> Result<Markers> {
         let (all, now) = self.store.list_dated("lock/")?;
+        let (all, foreign) = split_listing(all);
         let (mut live, mut stale) = (Vec::new(), Vec::new());
         for m in all.into_iter().filter(|m| m.name != self.name) {
             match m.modified.map(|t| (now - t).num_seconds()) {
@@ -94,14 +97,16 @@ impl<'a> Running<'a> {
                 age => live.push((m.name, age.unwrap_or(0).max(0))),
             }
         }
-        Ok(Markers { live, stale })
+        Ok(Markers { live, stale, foreign })
     }
 }
 
-/// The other markers of a prefix: the live ones with their age in seconds, the stale ones.
+/// The other markers of a prefix: the live ones with their age in seconds, the stale ones, and
+/// the names below `lock/` that are no marker's.
 struct Markers {
     live: Vec<(String, i64)>,
     stale: Vec<String>,
+    foreign: Vec<String>,
 }
 
 impl Drop for Running<'_> {
@@ -194,11 +199,57 @@ fn open(job: &Job, may_create: bool, uploading: bool, clock: &dyn Clock) -> Resu
     Ok((store, keys, new_key))
 }
 
+/// Whether `name` (below the prefix) has a shape the layout defines (docs/FORMAT.md "Object
+/// names"; hex lowercase): the bucket marker, `c/<64 hex>`, `i/<32 hex>/<64 hex>`,
+/// `lock/upload-<32 hex>`, `lock/cleanup-<32 hex>`. Any other name in a listing was put there by
+/// someone else: never read, removed or otherwise used as an object's name.
+fn layout_name(name: &str) -> bool {
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+    let parts: Vec<&str> = name.split('/').collect();
+    match parts[..] {
+        [m] => m == MARKER,
+        ["c", h] => hex(h, 64),
+        ["i", j, a] => hex(j, 32) && hex(a, 64),
+        ["lock", m] => m.strip_prefix("upload-").or_else(|| m.strip_prefix("cleanup-")).is_some_and(|h| hex(h, 32)),
+        _ => false,
+    }
+}
+
+/// A listed name for a message: escaped (it is the bucket's), at most 120 characters.
+pub(crate) fn shown_name(name: &str) -> String {
+    let e = index::escape(name.as_bytes());
+    if e.len() > 120 {
+        format!("{}...", &e[..120])
+    } else {
+        e
+    }
+}
+
+/// A listing split into the objects of the layout's names and the names of the others (left
+/// alone: [`layout_name`]).
+fn split_listing(all: Vec<Listed>) -> (Vec<Listed>, Vec<String>) {
+    let (ours, foreign): (Vec<Listed>, Vec<Listed>) = all.into_iter().partition(|o| layout_name(&o.name));
+    (ours, foreign.into_iter().map(|o| o.name).collect())
+}
+
+/// The line that reports the objects of names the layout does not define (at most 5 named).
+fn foreign_line(shown: &str, foreign: &[String]) -> String {
+    let mut named: Vec<String> = foreign.iter().take(5).map(|n| shown_name(n)).collect();
+    if foreign.len() > 5 {
+        named.push(format!("and {} more", foreign.len() - 5));
+    }
+    format!(
+        "{shown}: {} object(s) of names affa does not write left alone (put there by someone else?): {}\n",
+        foreign.len(),
+        named.join(", ")
+    )
+}
+
 /// The names of the chunk objects the prefix holds (one LIST of `c/`: one request per 1000
 /// objects, where a HEAD per chunk would cost one request per chunk; it also finds the chunks a
 /// cut upload left).
 fn chunks_present(store: &Store, each_page: &dyn Fn() -> Result<()>) -> Result<HashSet<String>> {
-    Ok(store.list_paged("c/", None, each_page)?.into_iter().collect())
+    Ok(store.list_paged("c/", None, each_page)?.into_iter().filter(|n| layout_name(n)).collect())
 }
 
 /// An archive's id: BLAKE3 of its report, hex.
@@ -558,13 +609,17 @@ struct Indexes {
     /// The object names of `good`.
     names: Vec<String>,
     bad: Vec<String>,
+    /// The names below the job's `i/` that are no index's (left alone).
+    foreign: Vec<String>,
 }
 
 /// The job's offsite archives, opened and checked.
 fn indexes(store: &Store, keys: &Keys, job: &str) -> Result<Indexes> {
     let mut good = Vec::new();
     let mut bad = Vec::new();
-    for name in store.list(&keys.job_dir(job), None)? {
+    let (listed, foreign): (Vec<String>, Vec<String>) =
+        store.list(&keys.job_dir(job), None)?.into_iter().partition(|n| layout_name(n));
+    for name in listed {
         let Some(sealed) = store.get(&name)? else {
             bad.push(format!("index {name}: vanished while it was read"));
             continue;
@@ -581,7 +636,7 @@ fn indexes(store: &Store, keys: &Keys, job: &str) -> Result<Indexes> {
     }
     good.sort_by(|(a, _), (b, _)| (&a.date, &a.uploaded).cmp(&(&b.date, &b.uploaded)));
     let (good, names) = good.into_iter().unzip();
-    Ok(Indexes { good, names, bad })
+    Ok(Indexes { good, names, bad, foreign })
 }
 
 /// `affa --offsite-verify JOB`: every chunk of every offsite archive of the job is present,
@@ -590,8 +645,11 @@ fn indexes(store: &Store, keys: &Keys, job: &str) -> Result<Indexes> {
 pub fn verify(cfg: &Config, job_name: &str, clock: &dyn Clock, watch: &Watch) -> Result<Verified> {
     let job = cfg.job(job_name)?;
     let (store, keys, _) = open(job, false, false, clock)?;
-    let Indexes { good: idxs, bad: bad_idx, .. } = indexes(&store, &keys, job_name)?;
+    let Indexes { good: idxs, bad: bad_idx, foreign, .. } = indexes(&store, &keys, job_name)?;
     let mut out = String::new();
+    if !foreign.is_empty() {
+        out.push_str(&foreign_line(&store.shown, &foreign));
+    }
     let mut damaged = Vec::new();
     for b in &bad_idx {
         out.push_str(&format!("{b}\n"));
@@ -670,7 +728,7 @@ pub fn list(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<String> 
             continue;
         }
         let (store, keys, _) = open(job, false, false, clock)?;
-        let Indexes { good: idxs, bad, .. } = indexes(&store, &keys, &job.name)?;
+        let Indexes { good: idxs, bad, foreign, .. } = indexes(&store, &keys, &job.name)?;
         out.push_str(&format!("Job {} offsite in {}: {} archive(s)\n", job.name, store.shown, idxs.len()));
         for i in &idxs {
             out.push_str(&format!(
@@ -683,6 +741,9 @@ pub fn list(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<String> 
         }
         for b in bad {
             out.push_str(&format!("  {b}\n"));
+        }
+        if !foreign.is_empty() {
+            out.push_str(&format!("  {}", foreign_line(&store.shown, &foreign)));
         }
     }
     Ok(out)
@@ -739,7 +800,7 @@ pub fn cleanup(cfg: &Config, job_name: &str, clock: &dyn Clock, watch: &Watch) -
     let host = crate::notify::hostname();
     let me = Running::start(&store, &keys, "cleanup", &[host.as_bytes()])?;
     crate::interrupt::crash_point("offsite-cleanup-marked");
-    let Markers { live, stale } = me.others()?;
+    let Markers { live, stale, mut foreign } = me.others()?;
     if let Some((m, age)) = live.first() {
         let what = if m.starts_with("lock/upload-") { "an affa --offsite upload" } else { "another --offsite-cleanup" };
         return Ok(format!(
@@ -750,7 +811,9 @@ pub fn cleanup(cfg: &Config, job_name: &str, clock: &dyn Clock, watch: &Watch) -
     }
     // Every index of the prefix, whichever job: one that does not open could reference any chunk.
     let mut referenced = HashSet::new();
-    let index_names = store.list_paged("i/", None, &|| me.refresh())?;
+    let (index_names, other): (Vec<String>, Vec<String>) =
+        store.list_paged("i/", None, &|| me.refresh())?.into_iter().partition(|n| layout_name(n));
+    foreign.extend(other);
     for name in &index_names {
         let Some(sealed) = store.get(name)? else { continue };
         let idx = keys
@@ -768,6 +831,8 @@ pub fn cleanup(cfg: &Config, job_name: &str, clock: &dyn Clock, watch: &Watch) -
         me.refresh()?;
     }
     let (chunks, now) = store.list_dated_paged("c/", &|| me.refresh())?;
+    let (chunks, other) = split_listing(chunks);
+    foreign.extend(other);
     // An upload that started while the indexes and chunks were listed: its index is not among
     // those read, and the chunks it reuses may look unreferenced. Nothing removed then.
     if let Some((m, age)) = me.others()?.live.into_iter().find(|(m, _)| m.starts_with("lock/upload-")) {
@@ -816,6 +881,9 @@ pub fn cleanup(cfg: &Config, job_name: &str, clock: &dyn Clock, watch: &Watch) -
             stale.len(),
             stale.join(", ")
         ));
+    }
+    if !foreign.is_empty() {
+        text.push_str(&foreign_line(&store.shown, &foreign));
     }
     Ok(text)
 }

@@ -1,12 +1,17 @@
 //! An S3 bucket prefix as affa uses it: PUT, GET, HEAD, DELETE and LIST of objects below
 //! `offsiteTarget`'s prefix, signed by `rusty-s3` (presigned URLs, AWS Signature V4) and sent
 //! with the ureq client affa already uses; transport errors, HTTP 5xx and 429 are retried with a
-//! backoff. An object larger than [`PART`] goes up as a multipart upload (parts of [`PART`]
+//! backoff. Only a 2xx answer is a success (a HEAD: 200 exists, 404 absent); no redirect is
+//! followed (a PUT answered 307 stored nothing). An object larger than [`PART`] goes up as a multipart upload (parts of [`PART`]
 //! bytes, each retried on its own; a failed one aborts the upload so no part is left behind).
 //!
 //! Owns: the credentials file (read with its checks), the endpoint and bucket of a job, object
 //! keys (prefix + name), and one request per call. Must never: send the credentials' secret
-//! (only signatures leave the box), read an answer body without a bound, or print.
+//! (only signatures leave the box), follow a redirect, take an answer that is not 2xx for done,
+//! make a URL of a name with an empty, `.` or `..` part, read an answer body without a bound,
+//! list without end (a continuation token that is empty or repeats one is refused, the names
+//! and pages of a listing are bounded: [`MAX_LISTED`], [`MAX_PAGES`]), return a listed name
+//! twice, or print.
 
 use std::io::Read;
 use std::path::Path;
@@ -29,6 +34,13 @@ const MAX_OBJECT: u64 = 1 << 32;
 const PART: usize = 16 << 20;
 /// The most parts S3 takes for one object (a larger object gets larger parts).
 const MAX_PARTS: usize = 10_000;
+/// The most names one listing takes and the most answers (pages) it asks for: a gateway that
+/// lists without end, a new continuation token each time, is refused past them. 20 million
+/// objects are 20 TiB of chunk objects at the default chunkSize=1M (about 3 GB of memory for the
+/// listing); 100 000 pages are the 20 million names in pages of 200 (S3 and RADOS Gateway send
+/// 1000 a page).
+const MAX_LISTED: usize = 20_000_000;
+const MAX_PAGES: usize = 100_000;
 /// Attempts of a request that failed in a way worth retrying (1, 2, 4, 8 and 16 s apart: a
 /// gateway restarted within about half a minute loses no upload).
 const ATTEMPTS: u32 = 6;
@@ -114,6 +126,9 @@ impl Store {
             .timeout_connect(Duration::from_secs(30))
             .timeout_read(Duration::from_secs(300))
             .timeout_write(Duration::from_secs(300))
+            // A redirect is an answer like any other (an error below): followed, a PUT answered
+            // 307/308 would come back as done with nothing stored, a 301 would turn into a GET.
+            .redirects(0)
             .build();
         let pace = (off.bw_limit_kib > 0).then(|| (off.bw_limit_kib * 1024, std::sync::Mutex::new(None)));
         Ok(Store {
@@ -127,16 +142,40 @@ impl Store {
         })
     }
 
-    fn key(&self, name: &str) -> String {
+    /// The key of the object `name`, which becomes the path of a URL: refused unless each of
+    /// its `/`-separated parts is a non-empty run of letters, digits, `-`, `_` and `.` other than
+    /// `.` and `..` (the URL would lose a dot segment, and with it the directory the name seems
+    /// to be in: `c/../i/...` names an index, `../../BUCKET/...` another bucket).
+    fn key(&self, name: &str) -> Result<String> {
+        let part_ok = |p: &str| {
+            !p.is_empty()
+                && p != "."
+                && p != ".."
+                && p.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        };
+        if !name.split('/').all(part_ok) {
+            return Err(Error::remote(format!(
+                "{}: refusing the object name '{}'; expected parts of letters, digits, '-', '_' and '.' (no empty, '.' or '..' part)",
+                self.shown,
+                super::shown_name(name)
+            )));
+        }
+        Ok(self.list_prefix(name))
+    }
+
+    /// The prefix of a listing of the names that start with `under` (a query parameter: never
+    /// a URL path).
+    fn list_prefix(&self, under: &str) -> String {
         if self.prefix.is_empty() {
-            name.to_string()
+            under.to_string()
         } else {
-            format!("{}/{name}", self.prefix)
+            format!("{}/{under}", self.prefix)
         }
     }
 
     /// Send a request (signed anew for each attempt by `send`), retrying transport errors, 5xx
-    /// and 429; 404 is [`Outcome::NotFound`], any other status an error naming it.
+    /// and 429; a 2xx answer is [`Outcome::Done`], 404 [`Outcome::NotFound`], any other status
+    /// (a redirect too: none is followed) an error naming it.
     fn call(
         &self,
         what: &str,
@@ -146,7 +185,8 @@ impl Store {
         loop {
             attempt += 1;
             let retry = match send().map_err(|e| *e) {
-                Ok(r) => return Ok(Outcome::Done(Box::new(r))),
+                Ok(r) if (200..300).contains(&r.status()) => return Ok(Outcome::Done(Box::new(r))),
+                Ok(r) => return Err(Error::remote(format!("{}: {what}: {}", self.shown, not_done(r.status())))),
                 Err(ureq::Error::Status(404, _)) => return Ok(Outcome::NotFound),
                 Err(ureq::Error::Status(code, r)) => {
                     let mut body = String::new();
@@ -205,7 +245,7 @@ impl Store {
     /// larger than [`PART`].
     pub fn put(&self, name: &str, body: &[u8]) -> Result<()> {
         self.pace(body.len() as u64);
-        let key = self.key(name);
+        let key = self.key(name)?;
         #[cfg(feature = "test-hooks")]
         let hooked = test_hooks::refuse(name);
         #[cfg(not(feature = "test-hooks"))]
@@ -340,7 +380,7 @@ impl Store {
     /// The object `name` if it is at most `max` bytes (a larger one is an error), None when it
     /// does not exist.
     pub fn get_at_most(&self, name: &str, max: u64) -> Result<Option<Vec<u8>>> {
-        let key = self.key(name);
+        let key = self.key(name)?;
         let url = || self.bucket.get_object(Some(&self.creds), &key).sign(SIGN_FOR);
         let what = format!("GET {name}");
         match self.call(&what, || self.agent.get(url().as_str()).call().map_err(Box::new))? {
@@ -359,18 +399,25 @@ impl Store {
         }
     }
 
-    /// Whether the object `name` exists (HEAD).
+    /// Whether the object `name` exists (HEAD: 200 it does, 404 it does not, anything else is
+    /// an error).
     pub fn exists(&self, name: &str) -> Result<bool> {
-        let key = self.key(name);
+        let key = self.key(name)?;
         let url = || self.bucket.head_object(Some(&self.creds), &key).sign(SIGN_FOR);
-        Ok(matches!(
-            self.call(&format!("HEAD {name}"), || self.agent.head(url().as_str()).call().map_err(Box::new))?,
-            Outcome::Done(_)
-        ))
+        let what = format!("HEAD {name}");
+        match self.call(&what, || self.agent.head(url().as_str()).call().map_err(Box::new))? {
+            Outcome::NotFound => Ok(false),
+            Outcome::Done(r) if r.status() == 200 => Ok(true),
+            Outcome::Done(r) => Err(Error::remote(format!(
+                "{}: {what}: HTTP {}; expected 200 (the object exists) or 404 (it does not)",
+                self.shown,
+                r.status()
+            ))),
+        }
     }
 
-    /// The names (below the prefix) of the objects whose names start with `under`; at most
-    /// `max` when given (one page of up to 1000 names per request).
+    /// The names (below the prefix) of the objects whose names start with `under`, each once,
+    /// sorted; at most `max` when given (one page of up to 1000 names per request).
     pub fn list(&self, under: &str, max: Option<usize>) -> Result<Vec<String>> {
         self.list_paged(under, max, &|| Ok(()))
     }
@@ -417,7 +464,7 @@ impl Store {
 
     /// Remove the object `name` (one that is already gone is fine).
     pub fn delete(&self, name: &str) -> Result<()> {
-        let key = self.key(name);
+        let key = self.key(name)?;
         let url = || self.bucket.delete_object(Some(&self.creds), &key).sign(SIGN_FOR);
         self.call(&format!("DELETE {name}"), || self.agent.delete(url().as_str()).call().map_err(Box::new))?;
         Ok(())
@@ -425,9 +472,11 @@ impl Store {
 
     /// Remove the object `name` with one attempt (the best effort of a run that ends anyway).
     pub fn delete_once(&self, name: &str) -> Result<()> {
-        let url = self.bucket.delete_object(Some(&self.creds), &self.key(name)).sign(SIGN_FOR);
+        let url = self.bucket.delete_object(Some(&self.creds), &self.key(name)?).sign(SIGN_FOR);
         match self.agent.delete(url.as_str()).call() {
-            Ok(_) | Err(ureq::Error::Status(404, _)) => Ok(()),
+            Ok(r) if (200..300).contains(&r.status()) => Ok(()),
+            Ok(r) => Err(Error::remote(format!("{}: DELETE {name}: {}", self.shown, not_done(r.status())))),
+            Err(ureq::Error::Status(404, _)) => Ok(()),
             Err(ureq::Error::Status(code, _)) => {
                 Err(Error::remote(format!("{}: DELETE {name}: HTTP {code}", self.shown)))
             }
@@ -443,11 +492,19 @@ impl Store {
         max: Option<usize>,
         each_page: &dyn Fn() -> Result<()>,
     ) -> Result<(Vec<Listed>, Option<String>)> {
-        let full = self.key(under);
-        let strip = self.key("");
+        let full = self.list_prefix(under);
+        let strip = self.list_prefix("");
         let mut out = Vec::new();
         let mut date = None;
         let mut token: Option<String> = None;
+        let mut tokens = std::collections::HashSet::new();
+        let mut pages = 0;
+        let done = |mut out: Vec<Listed>, date| {
+            // A gateway that lists a name twice (S3 never does) does not make it count twice.
+            out.sort_by(|a: &Listed, b: &Listed| a.name.cmp(&b.name));
+            out.dedup_by(|a, b| a.name == b.name);
+            Ok((out, date))
+        };
         loop {
             let url = || {
                 let mut a: ListObjectsV2<'_> = self.bucket.list_objects_v2(Some(&self.creds));
@@ -485,12 +542,45 @@ impl Store {
                     out.push(Listed { name: name.to_string(), modified, size: c.size });
                 }
             }
+            pages += 1;
+            if out.len() > MAX_LISTED {
+                return Err(Error::remote(format!(
+                    "{}: {what}: more than {MAX_LISTED} names; expected at most that many in one listing",
+                    self.shown
+                )));
+            }
             each_page()?;
             token = page.next_continuation_token;
-            if token.is_none() || max.is_some_and(|m| out.len() >= m) {
-                return Ok((out, date));
+            let Some(t) = &token else { return done(out, date) };
+            if max.is_some_and(|m| out.len() >= m) {
+                return done(out, date);
             }
+            let why = if t.is_empty() {
+                "an empty continuation token"
+            } else if !tokens.insert(t.clone()) {
+                "a continuation token it sent before (a listing that would not end)"
+            } else if pages >= MAX_PAGES {
+                "a continuation token (one page too many)"
+            } else {
+                continue;
+            };
+            return Err(Error::remote(format!(
+                "{}: {what}: page {pages} ends with {why}; expected a new token or none, at most {MAX_PAGES} pages",
+                self.shown
+            )));
         }
+    }
+}
+
+/// The error text of an answer below 400 that is not 2xx (ureq gives those as answers): a
+/// redirect is not followed (it would leave a PUT undone or make another request of it).
+fn not_done(status: u16) -> String {
+    if (300..400).contains(&status) {
+        format!(
+            "HTTP {status} (a redirect; affa follows none); expected a 2xx answer from the gateway itself (offsiteEndpoint)"
+        )
+    } else {
+        format!("HTTP {status}; expected a 2xx answer")
     }
 }
 

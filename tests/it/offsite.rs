@@ -2,7 +2,11 @@
 //! tests (common::ceph): an archive with a chunked file goes offsite sealed (nothing readable in
 //! the bucket), the next archive sends only what the bucket lacks (counted from the bucket's
 //! objects against the archives on disk), a cut upload is never listed and a rerun completes
-//! it, damaged and missing objects are named by --offsite-verify, a wrong key is refused.
+//! it, damaged and missing objects are named by --offsite-verify, a wrong key is refused. A
+//! misbehaving server in front of the gateway (common::s3_front: redirects) is refused with
+//! nothing claimed done; objects someone else planted below the prefix under names that leave
+//! their directory are never used as object names; a listing without end, or one that names an
+//! object twice, neither hangs affa nor makes it remove an archive.
 
 use crate::common;
 
@@ -751,4 +755,220 @@ fn a_gateway_back_within_the_retry_window_loses_nothing_and_a_longer_outage_fail
     assert!(objects(ceph, &bucket, "lock/").is_empty(), "the rerun replaced the failed run's marker and removed it");
     let v = ok(&a.affa(&["--offsite-verify", JOB]));
     assert_eq!(v.matches(": OK (").count(), 2, "{v}");
+}
+
+/// Point the job at `endpoint` (a front before the gateway) instead of the gateway.
+fn use_endpoint(a: &Affa, ceph: &Ceph, endpoint: &str) {
+    let conf = fs::read_to_string(a.conf.join("job.conf")).unwrap();
+    a.write_conf(
+        "job.conf",
+        &conf.replace(&format!("offsiteEndpoint={}\n", ceph.endpoint), &format!("offsiteEndpoint={endpoint}\n")),
+    );
+}
+
+/// A front that answers every PUT with `308 Permanent Redirect` to the gateway (ureq followed no
+/// redirect of a PUT and took the 308 for done: "N object(s) uploaded", nothing stored), then
+/// one that answers every HEAD with `300 Multiple Choices` (taken for "the index exists":
+/// "already offsite"). Each: the command fails on one line naming the redirect, claims nothing,
+/// and the archive is not offsite; through the gateway itself the upload then goes and verifies.
+#[test]
+fn a_gateway_answering_with_a_redirect_fails_the_upload_and_nothing_is_claimed_offsite() {
+    use common::s3_front::{Front, Response};
+    let (ceph, bucket, _src, a) = first_archive();
+    let gw = ceph.endpoint.clone();
+    let front = Front::start(&ceph.endpoint, move |q, forward| {
+        if q.method == "PUT" {
+            let to = format!("{gw}{}", q.target);
+            Response::new(308, &[("Location", to.as_str())], b"")
+        } else {
+            forward(q)
+        }
+    });
+    use_endpoint(&a, ceph, &front.endpoint);
+    let o = a.affa(&["--offsite", JOB]);
+    let e = fail(&o);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(e.contains(&format!("s3://{bucket}/{PREFIX}: PUT ")) && e.contains("HTTP 308 (a redirect"), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(!out.contains("uploaded") && !out.contains("offsite in"), "{out}");
+    assert!(front.count("PUT") >= 1);
+    assert!(ceph.keys(&bucket, "").is_empty(), "nothing stored");
+
+    // The bucket holds the archive's chunks but not its index; HEAD answered 300.
+    use_endpoint_back(&a, ceph, &front.endpoint);
+    ok(&a.affa(&["--offsite", JOB]));
+    let index = objects(ceph, &bucket, "i/");
+    assert_eq!(index.len(), 1);
+    let index = index.into_iter().next().unwrap();
+    ceph.delete(&bucket, &format!("{PREFIX}/{index}"));
+    let head = Front::start(
+        &ceph.endpoint,
+        |q, forward| {
+            if q.method == "HEAD" {
+                Response::new(300, &[], b"")
+            } else {
+                forward(q)
+            }
+        },
+    );
+    use_endpoint(&a, ceph, &head.endpoint);
+    let o = a.affa(&["--offsite", JOB]);
+    let e = fail(&o);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(e.contains(&format!("s3://{bucket}/{PREFIX}: HEAD {index}: HTTP 300")), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(!out.contains("already offsite"), "{out}");
+    assert!(objects(ceph, &bucket, "i/").is_empty(), "the archive is not offsite");
+
+    use_endpoint_back(&a, ceph, &head.endpoint);
+    let out = ok(&a.affa(&["--offsite", JOB]));
+    assert!(out.contains("offsite in") && !out.contains("already offsite"), "{out}");
+    let v = ok(&a.affa(&["--offsite-verify", JOB]));
+    assert!(v.contains("scheduled.0 (Date 202612010100): OK"), "{v}");
+}
+
+/// Point the job back at the gateway itself.
+fn use_endpoint_back(a: &Affa, ceph: &Ceph, endpoint: &str) {
+    let conf = fs::read_to_string(a.conf.join("job.conf")).unwrap();
+    a.write_conf(
+        "job.conf",
+        &conf.replace(&format!("offsiteEndpoint={endpoint}\n"), &format!("offsiteEndpoint={}\n", ceph.endpoint)),
+    );
+}
+
+/// Someone else with write access to the prefix plants objects whose names leave their directory
+/// (sent as is, `..` kept): `c/../i/JOB/INDEX` (the URL of that name, its dot segments removed,
+/// is the archive's index) and `c/../../../../OTHER/victim` (path-style: an object of another
+/// bucket). --offsite-cleanup with offsiteCleanupGrace=0 (every unreferenced chunk is old
+/// enough) removes neither what they point at nor them, and names them; the archive is still
+/// listed and verifies.
+#[test]
+fn names_planted_below_the_prefix_that_leave_their_directory_are_never_used_as_object_names() {
+    let (ceph, bucket, _src, a) = first_archive();
+    add_keys(&a, "offsiteCleanupGrace=0\n");
+    ok(&a.affa(&["--offsite", JOB]));
+    let (chunks, index) = (objects(ceph, &bucket, "c/"), objects(ceph, &bucket, "i/"));
+    assert_eq!(index.len(), 1);
+    let other = ceph.new_bucket();
+    ceph.put(&other, "victim", b"another bucket's object");
+    let planted = [format!("c/../{}", index.iter().next().unwrap()), format!("c/../../../../{other}/victim")];
+    for p in &planted {
+        ceph.put_as_is(&bucket, &format!("{PREFIX}/{p}"), b"planted");
+    }
+    let listed = objects(ceph, &bucket, "c/../");
+    assert_eq!(listed, planted.iter().cloned().collect(), "the gateway keeps the names as sent");
+
+    let out = ok(&a.affa(&["--offsite-cleanup", JOB]));
+    assert_eq!(objects(ceph, &bucket, "i/"), index, "the archive's index is still there: {out}");
+    assert_eq!(ceph.keys(&other, ""), ["victim"], "the other bucket's object is still there: {out}");
+    assert!(out.contains(": 0 unreferenced chunk object(s) removed"), "{out}");
+    assert!(
+        out.contains("2 object(s) of names affa does not write left alone")
+            && planted.iter().all(|p| out.contains(p.as_str())),
+        "{out}"
+    );
+    assert_eq!(objects(ceph, &bucket, "c/../"), listed, "what affa did not write, it does not remove");
+    let c: BTreeSet<String> = objects(ceph, &bucket, "c/").into_iter().filter(|k| !k.starts_with("c/../")).collect();
+    assert_eq!(c, chunks);
+    let list = ok(&a.affa(&["--list-archives", "--offsite", JOB]));
+    assert!(list.contains(": 1 archive(s)"), "{list}");
+    let v = ok(&a.affa(&["--offsite-verify", JOB]));
+    assert!(v.contains("scheduled.0 (Date 202612010100): OK"), "{v}");
+}
+
+/// `affa ARGS` that must end within `secs` seconds (killed and failed otherwise).
+fn within(a: &Affa, secs: u64, args: &[&str]) -> std::process::Output {
+    let piped = std::process::Stdio::piped;
+    let mut child = a.cmd().args(args).stdout(piped()).stderr(piped()).spawn().unwrap();
+    let t0 = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > std::time::Duration::from_secs(secs) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("affa {args:?} did not end within {secs} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// A gateway (a front before the real one) whose listings never end: every ListObjectsV2 answer
+/// ends with the same continuation token (and lists the same object twice), or with an empty
+/// one. --offsite-cleanup (grace 0) and --offsite fail within seconds on one line naming the
+/// listing, and nothing is removed. A front that lists every object twice: the offsite keeps
+/// (offsiteScheduledKeep=2, two archives offsite) counted the newest archive twice and removed
+/// the older one's index; now both stay.
+#[test]
+fn a_listing_without_end_or_with_a_name_twice_neither_hangs_nor_removes_an_archive() {
+    use common::s3_front::Front;
+    let (ceph, bucket, src, a) = first_archive();
+    add_keys(
+        &a,
+        "offsiteCleanupGrace=0\noffsiteScheduledKeep=2\noffsiteDailyKeep=0\noffsiteWeeklyKeep=0\noffsiteMonthlyKeep=0\noffsiteYearlyKeep=0\n",
+    );
+    ok(&a.affa(&["--offsite", JOB]));
+    change_source(src.path(), 31, "second.txt");
+    ok(&a.affa_at("2026-12-02T01:00:00", &["--run", JOB]));
+    ok(&a.affa(&["--offsite", JOB]));
+    assert_eq!(objects(ceph, &bucket, "i/").len(), 2);
+    let before = ceph.keys(&bucket, "");
+
+    let chunk = format!("{PREFIX}/{}", objects(ceph, &bucket, "c/").into_iter().next().unwrap());
+    for token in ["again", ""] {
+        let page = format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><ListBucketResult><Name>{bucket}</Name><IsTruncated>true</IsTruncated>\
+             <Contents><Key>{chunk}</Key><LastModified>2020-01-01T00:00:00.000Z</LastModified><ETag>\"x\"</ETag><Size>1</Size></Contents>\
+             <Contents><Key>{chunk}</Key><LastModified>2020-01-01T00:00:00.000Z</LastModified><ETag>\"x\"</ETag><Size>1</Size></Contents>\
+             <NextContinuationToken>{token}</NextContinuationToken></ListBucketResult>"
+        );
+        let front = Front::start(&ceph.endpoint, move |q, forward| {
+            if q.method == "GET" && q.target.contains("list-type=2") {
+                let mut r = forward(q);
+                r.body = page.clone().into_bytes();
+                r
+            } else {
+                forward(q)
+            }
+        });
+        use_endpoint(&a, ceph, &front.endpoint);
+        for args in [&["--offsite-cleanup", JOB][..], &["--offsite", JOB]] {
+            let e = fail(&within(&a, 60, args));
+            assert!(e.contains(&format!("s3://{bucket}/{PREFIX}: LIST ")) && e.contains("page "), "{args:?}: {e}");
+            let expected =
+                if token.is_empty() { "an empty continuation token" } else { "a continuation token it sent before" };
+            assert!(e.contains(expected), "{args:?}: {e}");
+            assert_eq!(e.lines().count(), 1, "{e}");
+            assert_eq!(ceph.keys(&bucket, ""), before, "{args:?}: nothing removed, nothing left behind");
+        }
+        use_endpoint_back(&a, ceph, &front.endpoint);
+    }
+
+    // Every object listed twice.
+    let front = Front::start(&ceph.endpoint, |q, forward| {
+        let mut r = forward(q);
+        if q.method == "GET" && q.target.contains("list-type=2") {
+            let body = String::from_utf8(r.body.clone()).unwrap();
+            let twice = body
+                .split("<Contents>")
+                .enumerate()
+                .map(|(i, p)| if i == 0 { p.to_string() } else { format!("<Contents>{p}<Contents>{p}") })
+                .collect::<String>();
+            assert!(twice.len() > body.len() || !body.contains("<Contents>"));
+            r.body = twice.into_bytes();
+        }
+        r
+    });
+    use_endpoint(&a, ceph, &front.endpoint);
+    let out = ok(&a.affa(&["--offsite", JOB]));
+    assert!(out.contains("already offsite") && !out.contains("removed"), "{out}");
+    assert_eq!(objects(ceph, &bucket, "i/").len(), 2, "both archives are still offsite: {out}");
+    let out = ok(&a.affa(&["--offsite-cleanup", JOB]));
+    assert!(
+        out.contains(": 0 unreferenced chunk object(s) removed") && out.contains("for 2 offsite archive(s)"),
+        "{out}"
+    );
+    assert_eq!(ceph.keys(&bucket, ""), before);
+    use_endpoint_back(&a, ceph, &front.endpoint);
+    let list = ok(&a.affa(&["--list-archives", "--offsite", JOB]));
+    assert!(list.contains(": 2 archive(s)"), "{list}");
 }

@@ -8,7 +8,7 @@
 //! Owns: starting the cluster (`ceph_up.sh`, run under a supervising `sh` whose stdin only this
 //! process holds: when the test process ends, however it ends, every daemon is killed with SIGKILL
 //! and the cluster dir removed), the S3 user (TESTACCESS / TESTSECRET), and the tests' own S3
-//! calls (buckets, listing, reading, damaging objects). Must never: skip silently (a missing
+//! calls (buckets, listing, reading, damaging and planting objects). Must never: skip silently (a missing
 //! package fails the test naming it), touch the machine's own Ceph, or leave a daemon behind.
 
 use std::io::Read;
@@ -206,6 +206,60 @@ impl Ceph {
         let url = b.delete_object(Some(&creds()), key).sign(SIGN);
         ureq::delete(url.as_str()).call().unwrap();
     }
+}
+
+impl Ceph {
+    /// PUT `data` at the path `/BUCKET/KEY` sent exactly as given (`..` and `.` parts kept, as a
+    /// client that does not remove dot segments sends it: the gateway stores the key as it is),
+    /// signed with AWS Signature V4 in the Authorization header (rusty-s3 signs a URL, whose
+    /// dot segments the URL parser removes).
+    pub fn put_as_is(&self, bucket: &str, key: &str, data: &[u8]) {
+        use sha2::{Digest, Sha256};
+        use std::io::Write;
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let host = self.endpoint.strip_prefix("http://").unwrap();
+        let path = format!("/{bucket}/{key}");
+        let now = chrono::Utc::now();
+        let (stamp, day) = (now.format("%Y%m%dT%H%M%SZ").to_string(), now.format("%Y%m%d").to_string());
+        let payload = hex(&Sha256::digest(data));
+        let signed = "host;x-amz-content-sha256;x-amz-date";
+        let canonical = format!(
+            "PUT\n{path}\n\nhost:{host}\nx-amz-content-sha256:{payload}\nx-amz-date:{stamp}\n\n{signed}\n{payload}"
+        );
+        let scope = format!("{day}/us-east-1/s3/aws4_request");
+        let to_sign = format!("AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{}", hex(&Sha256::digest(canonical.as_bytes())));
+        let mut k = hmac(format!("AWS4{SECRET}").as_bytes(), day.as_bytes());
+        for part in ["us-east-1", "s3", "aws4_request"] {
+            k = hmac(&k, part.as_bytes());
+        }
+        let sig = hex(&hmac(&k, to_sign.as_bytes()));
+        let mut c = std::net::TcpStream::connect(host).unwrap();
+        let mut req = format!(
+            "PUT {path} HTTP/1.1\r\nHost: {host}\r\nx-amz-content-sha256: {payload}\r\nx-amz-date: {stamp}\r\n\
+             Authorization: AWS4-HMAC-SHA256 Credential={ACCESS}/{scope}, SignedHeaders={signed}, Signature={sig}\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            data.len()
+        )
+        .into_bytes();
+        req.extend(data);
+        c.write_all(&req).unwrap();
+        let mut answer = String::new();
+        let _ = c.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 200"), "PUT {path} as is: {answer}");
+    }
+}
+
+/// HMAC-SHA256 (RFC 2104).
+fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut k = [0u8; 64];
+    if key.len() > 64 {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let inner = Sha256::new().chain_update(k.map(|b| b ^ 0x36)).chain_update(msg).finalize();
+    Sha256::new().chain_update(k.map(|b| b ^ 0x5c)).chain_update(inner).finalize().into()
 }
 
 fn creds() -> Credentials {

@@ -14,6 +14,7 @@ pub mod ceph;
 pub mod esx;
 pub mod host_input;
 pub mod hostile_esx;
+pub mod s3_front;
 pub mod sim;
 pub mod smb;
 
