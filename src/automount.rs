@@ -159,15 +159,13 @@ pub fn mount<'a>(job: &Job, log: Option<&'a JobLog>) -> Result<Option<Mounted<'a
 }
 
 /// The job's disk mounted for a command that changes its archives (`--cleanup`, `--delete-job`,
-/// `--rename-job`, `--move-archive`): unmounted when the guard drops, if affa mounted it,
-/// whatever AutoUnmount says; a disk that cannot be mounted fails the command before it does
-/// anything (it changed the configuration alone: the archives stayed on the disk under the old
-/// name, for the next job of that name to take over and rotate away).
+/// `--rename-job`, `--move-archive`, an ESXi restore's mark in another job of the VM):
+/// unmounted when the guard drops if affa mounted it and AutoUnmount=yes, as after a run; a
+/// disk that cannot be mounted fails the command before it does anything (it changed the
+/// configuration alone: the archives stayed on the disk under the old name, for the next job of
+/// that name to take over and rotate away).
 pub fn mount_for_command(job: &Job) -> Result<Option<Mounted<'static>>> {
-    Ok(mount(job, None)?.map(|mut m| {
-        m.unmount = true;
-        m
-    }))
+    mount(job, None)
 }
 
 /// Run `f` with the job's disk mounted (Affa 3's `--disk-usage`): unmounted after, if affa

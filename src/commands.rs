@@ -525,8 +525,9 @@ pub fn send_keys(cfg: &Config, names: &[String], out: &mut dyn Write, yes: bool,
     let mut failed = Vec::new();
     let sel = cfg.select(names);
     for (name, partial, e) in sel.errors {
-        // Without names, a broken job that is disabled anyway is skipped like the others.
-        if names.is_empty() && partial.is_some_and(|j| !j.enabled()) {
+        // Without names, a broken job that is disabled anyway, or that needs no key (a local
+        // or rsyncd source), is skipped like the others.
+        if names.is_empty() && partial.is_some_and(|j| !j.enabled() || j.local || j.rsyncd.is_some()) {
             continue;
         }
         failed.push((name, e));
@@ -585,10 +586,10 @@ fn send_key_of(cfg: &Config, job: &Job, out: &mut dyn Write, yes: bool, watch: &
             None => (cfg, job),
         };
         match install_agent(cfg, job) {
-            Ok(line) if line.contains("affa-agent unavailable") => {
+            Ok((line, false)) => {
                 let _ = writeln!(out, "warning: {line}");
             }
-            Ok(line) => {
+            Ok((line, true)) => {
                 let _ = writeln!(out, "{line}");
             }
             Err(e) => {
@@ -614,8 +615,8 @@ fn uses_agent(job: &Job) -> bool {
         && job.chunk.transport != crate::config::typed::ChunkTransport::Rsync
 }
 
-/// Install (or check) the agent of one job: one line.
-fn install_agent(cfg: &Config, job: &Job) -> Result<String> {
+/// Install (or check) the agent of one job: one line, and whether the agent can run there.
+fn install_agent(cfg: &Config, job: &Job) -> Result<(String, bool)> {
     let t = SshTarget::from_job(job, cfg);
     let ds = if job.esxi() && job.chunk.remote_agent_path.is_none() {
         crate::backup::vm::vmx_datastore_dir(job)?
@@ -626,12 +627,12 @@ fn install_agent(cfg: &Config, job: &Job) -> Result<String> {
     let local = transport::agent::local_binary(cfg);
     Ok(match transport::agent::install(&t, &path, &local)? {
         Ok(transport::agent::Installed::Installed) => {
-            format!("job {}: affa-agent installed at {}:{path}", job.name, t.host)
+            (format!("job {}: affa-agent installed at {}:{path}", job.name, t.host), true)
         }
         Ok(transport::agent::Installed::UpToDate) => {
-            format!("job {}: affa-agent at {}:{path} is up to date", job.name, t.host)
+            (format!("job {}: affa-agent at {}:{path} is up to date", job.name, t.host), true)
         }
-        Err(u) => format!("job {}: affa-agent unavailable: {u}", job.name),
+        Err(u) => (format!("job {}: affa-agent unavailable: {u}", job.name), false),
     })
 }
 
@@ -654,8 +655,8 @@ pub fn install_agents(cfg: &Config, names: &[String], out: &mut dyn Write) -> Re
             continue;
         }
         match install_agent(cfg, job) {
-            Ok(line) => {
-                if line.contains("affa-agent unavailable") {
+            Ok((line, usable)) => {
+                if !usable {
                     failed.push(job.name.clone());
                 }
                 let _ = writeln!(out, "{line}");
@@ -843,26 +844,39 @@ pub fn move_archive(cfg: &Config, name: &str, new_root: &str, yes: bool, watch: 
     if taken() {
         bail!("{} exists already; not moving", to.display());
     }
+    let mut copied = false;
     if from.exists() {
-        use rustix::fs::{renameat_with, RenameFlags, CWD};
-        match renameat_with(CWD, &from, CWD, &to, RenameFlags::NOREPLACE) {
+        match rename_no_replace(&from, &to) {
             Ok(()) => {}
-            Err(rustix::io::Errno::XDEV) => copy_across(&from, root, &to, name)?,
-            Err(e) => bail!(
-                "cannot move {} to {}: {}; nothing was moved",
-                from.display(),
-                to.display(),
-                std::io::Error::from(e)
-            ),
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error()) => {
+                copy_across(&from, root, &to, name)?;
+                copied = true;
+            }
+            Err(e) => bail!("cannot move {} to {}: {e}; nothing was moved", from.display(), to.display()),
         }
     }
     edit::set_key(job, "RootDir", new_root).map_err(|e| {
         e.context(format!(
-            "the archives are now in {}, but {} still names the old RootDir: set RootDir={new_root} in it by hand",
+            "the archives are now in {}{}, but {} still names the old RootDir: set RootDir={new_root} in it by hand",
             to.display(),
+            if copied {
+                format!(" (the original {} is still there: remove it after)", from.display())
+            } else {
+                String::new()
+            },
             job.origin.file.display()
         ))
     })?;
+    // Only once the configuration names the copy does the original go.
+    if copied {
+        archive::remove_tree(&from).map_err(|e| {
+            e.context(format!(
+                "RootDir={new_root} is written and the archives are in {}; the original {} could not be removed completely: remove it by hand",
+                to.display(),
+                from.display()
+            ))
+        })?;
+    }
     Ok(format!(
         "job {name}: archives moved to {}; RootDir={new_root} written to {}",
         to.display(),
@@ -914,10 +928,29 @@ fn check_new_root(cfg: &Config, new_root: &str) -> Result<()> {
     Ok(())
 }
 
+/// Rename `from` to `to`, never over anything at `to`: `RENAME_NOREPLACE`, or where the file
+/// system has no such flag (NFS, some FUSE file systems: EINVAL), a check that `to` is absent,
+/// then a plain rename (the caller holds the job's lock).
+fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+            if fs::symlink_metadata(to).is_ok() {
+                return Err(std::io::Error::from(rustix::io::Errno::EXIST));
+            }
+            fs::rename(from, to)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Copy `from` to `to` on another file system: into a new directory of a name nobody else can
-/// have chosen, below `root`, hard links kept (`cp -a`); flushed to disk; renamed to `to` (never
-/// over anything that appeared there); then `from` removed. A failure before the rename
-/// removes the copy and leaves the original as it was.
+/// have chosen, below `root` (`.affa-move-JOB-HEX`), hard links kept (`cp -a`); flushed to
+/// disk; renamed to `to` (never over anything that appeared there). A failure removes the copy
+/// and leaves the original as it was; the caller removes the original once the configuration
+/// names the copy. (A kill during the copy leaves `.affa-move-JOB-HEX`: a partial copy, safe
+/// to remove.)
 fn copy_across(from: &Path, root: &Path, to: &Path, name: &str) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     let root_fd = fs::File::open(root).ctx(|| format!("cannot open {}", root.display()))?;
@@ -949,13 +982,10 @@ fn copy_across(from: &Path, root: &Path, to: &Path, name: &str) -> Result<()> {
     if let Err(e) = crate::fsutil::sync_filesystem_of(&root_fd, root) {
         return failed(e.to_string());
     }
-    use rustix::fs::{renameat_with, RenameFlags, CWD};
-    if let Err(e) = renameat_with(CWD, &tmp, CWD, to, RenameFlags::NOREPLACE) {
-        return failed(format!("cannot rename the copy to its name: {}", std::io::Error::from(e)));
+    if let Err(e) = rename_no_replace(&tmp, to) {
+        return failed(format!("cannot rename the copy to its name: {e}"));
     }
-    root_fd.sync_all().ctx(|| format!("cannot flush {}", root.display()))?;
-    archive::remove_tree(from)
-        .map_err(|e| e.context(format!("the archives were copied to {}, but the original stays", to.display())))
+    root_fd.sync_all().ctx(|| format!("cannot flush {}", root.display()))
 }
 
 /// `--kill JOB`: stop a running job (SIGTERM, so it cleans up) and wait for it. Only the affa

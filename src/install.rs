@@ -377,7 +377,7 @@ fn setup_under(prefix: &Path, etc: &Path, installed_etc: &Path, done: &mut Vec<S
     done.push(format!("wrote {}", cron.display()));
     if !failed.is_empty() {
         crate::bail!(
-            "{}; everything else was set up (the cron file {} was written)",
+            "{}; the other directories were made and the cron file {} was written",
             failed.join("; "),
             cron.display()
         );

@@ -241,7 +241,16 @@ fn dispatch(inv: Invocation, ui: &Arc<render::Terminal>, out: &mut dyn Write) ->
         Action::OffsiteCleanup { job } => {
             print(out, affa::offsite::cleanup(&env.config()?, &job, clock()?.as_ref(), &watch)?)
         }
-        Action::ListOffsite { jobs } => print(out, affa::offsite::list(&env.config()?, &jobs, clock()?.as_ref())?),
+        Action::ListOffsite { jobs } => {
+            let l = affa::offsite::list(&env.config()?, &jobs, clock()?.as_ref())?;
+            print(out, l.text);
+            if !l.failed.is_empty() {
+                for f in &l.failed {
+                    eprintln!("affa: error: {f}");
+                }
+                return Ok(1);
+            }
+        }
         Action::FullRestore { job, restore: r } => {
             let opts = affa::restore::RestoreOptions {
                 archive: r.archive,

@@ -69,7 +69,11 @@ pub fn resume_interrupted(cfg: &Config) -> Result<Resumed> {
     let mut failed = Vec::new();
     // An interrupted job whose configuration broke since: named, not started.
     for b in cfg.broken.values() {
-        if b.partial.job_dir().join(archive::RUNNING).exists() {
+        // Only one that would have been resumed (enabled, resumeAfterBoot=yes, as read).
+        if b.partial.job_dir().join(archive::RUNNING).exists()
+            && effective_enabled(cfg, &b.partial)
+            && b.partial.resume_after_boot
+        {
             failed.push(format!("job {} was interrupted; not resumed: {}", b.name, b.error()));
         }
     }

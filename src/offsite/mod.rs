@@ -717,21 +717,33 @@ pub fn verify(cfg: &Config, job_name: &str, clock: &dyn Clock, watch: &Watch) ->
 
 /// `affa --list-archives --offsite [JOB...]`: the offsite archives of the jobs with an
 /// offsiteTarget (all when none are named), oldest first.
-pub fn list(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<String> {
-    let mut out = String::new();
+pub fn list(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<Listing> {
+    let mut out = Listing::default();
     let sel = cfg.select(jobs);
-    if let Some((_, _, e)) = sel.errors.into_iter().find(|_| !jobs.is_empty()) {
-        return Err(e);
+    // A broken job that has (or, named, may have) an offsite copy: named, the others listed.
+    for (name, partial, e) in &sel.errors {
+        if jobs.is_empty() && !partial.is_some_and(|j| j.offsite.is_some()) {
+            continue;
+        }
+        out.failed.push(format!("job {name}: {e}"));
     }
     for job in sel.jobs {
         if job.offsite.is_none() && jobs.is_empty() {
             continue;
         }
-        let (store, keys, _) = open(job, false, false, clock)?;
-        let Indexes { good: idxs, bad, foreign, .. } = indexes(&store, &keys, &job.name)?;
-        out.push_str(&format!("Job {} offsite in {}: {} archive(s)\n", job.name, store.shown, idxs.len()));
+        // One job whose bucket cannot be read (a key, the network) does not hide the others.
+        let opened = open(job, false, false, clock)
+            .and_then(|(store, keys, _)| indexes(&store, &keys, &job.name).map(|i| (store, i)));
+        let (store, Indexes { good: idxs, bad, foreign, .. }) = match opened {
+            Ok(x) => x,
+            Err(e) => {
+                out.failed.push(format!("job {}: {e}", job.name));
+                continue;
+            }
+        };
+        out.text.push_str(&format!("Job {} offsite in {}: {} archive(s)\n", job.name, store.shown, idxs.len()));
         for i in &idxs {
-            out.push_str(&format!(
+            out.text.push_str(&format!(
                 "  {}  Date {}  uploaded {}  {} entries\n",
                 i.archive,
                 i.date,
@@ -740,13 +752,20 @@ pub fn list(cfg: &Config, jobs: &[String], clock: &dyn Clock) -> Result<String> 
             ));
         }
         for b in bad {
-            out.push_str(&format!("  {b}\n"));
+            out.text.push_str(&format!("  {b}\n"));
         }
         if !foreign.is_empty() {
-            out.push_str(&format!("  {}", foreign_line(&store.shown, &foreign)));
+            out.text.push_str(&format!("  {}", foreign_line(&store.shown, &foreign)));
         }
     }
     Ok(out)
+}
+
+/// What `--list-archives --offsite` found: the listing, and one line per job it could not list.
+#[derive(Debug, Clone, Default)]
+pub struct Listing {
+    pub text: String,
+    pub failed: Vec<String>,
 }
 
 /// The job's offsite keeps (offsiteScheduledKeep ... offsiteYearlyKeep) applied to its offsite

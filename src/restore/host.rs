@@ -198,6 +198,12 @@ fn archived_sources(ctx: &Ctx) -> Result<(Vec<String>, Vec<String>)> {
     let mut have = Vec::new();
     let mut missing = Vec::new();
     for s in srcs {
+        // No '/' at either end: `lstat("data/")` would follow a symlink `data` (Include is free
+        // text, `Include=/data/` is common), and so would rsync's source `ARCHIVE/./data/`.
+        let s = match s.trim_end_matches('/') {
+            "" => s.clone(),
+            t => t.to_string(),
+        };
         let rel = s.trim_start_matches('/');
         if rel.split('/').any(|c| c == "..") {
             missing.push(s);

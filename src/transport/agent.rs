@@ -70,10 +70,26 @@ const FIX_RSYNC: &str = "set chunkTransport=rsync for this job";
 /// Classify why `path` did not run on `host`, from ssh's exit code and stderr (the host's text:
 /// shown escaped, one line).
 pub fn classify(host: &str, path: &str, code: Option<i32>, stderr: &str) -> Unavailable {
+    recognise(host, path, code, stderr).unwrap_or_else(|| {
+        let line = stderr.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("no message");
+        Unavailable {
+            reason: format!(
+                "affa-agent cannot run at {host}:{path} (exit {}): {}",
+                code.map_or("-".into(), |c| c.to_string()),
+                crate::untrusted::shown(line)
+            ),
+            fix: format!("check the host, or {FIX_RSYNC}"),
+        }
+    })
+}
+
+/// [`classify`] for the causes it knows (by the shell's or the kernel's message); None for
+/// any other failure.
+fn recognise(host: &str, path: &str, code: Option<i32>, stderr: &str) -> Option<Unavailable> {
     let line = stderr.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("no message");
     let line = crate::untrusted::shown(line);
     let at = format!("affa-agent cannot run at {host}:{path}");
-    if stderr.contains("Operation not permitted") {
+    Some(if stderr.contains("Operation not permitted") {
         Unavailable {
             reason: format!("{at}: the host refuses binaries not installed as packages (ESXi execInstalledOnly: {line})"),
             fix: format!("on the host run 'esxcli system settings kernel set -s execInstalledOnly -v FALSE' and reboot, or set remoteAgentPath= to a place that allows exec, or {FIX_RSYNC}"),
@@ -91,11 +107,8 @@ pub fn classify(host: &str, path: &str, code: Option<i32>, stderr: &str) -> Unav
             fix: format!("set remoteAgentPath= to a place that allows exec, or {FIX_RSYNC}"),
         }
     } else {
-        Unavailable {
-            reason: format!("{at} (exit {}): {line}", code.map_or("-".into(), |c| c.to_string())),
-            fix: format!("check the host, or {FIX_RSYNC}"),
-        }
-    }
+        return None;
+    })
 }
 
 /// A running agent: the ssh child and the protocol session over its pipes. End it with
@@ -473,12 +486,7 @@ fn start_inner(t: &SshTarget, path: &str, local: &Path, idle: Duration) -> Resul
 /// When the install failed after a failed start: a recognised reason of the start, else the
 /// install's failure.
 fn pick(t: &SshTarget, path: &str, code: Option<i32>, err: &str, install: Unavailable) -> Unavailable {
-    let c = classify(&t.host, path, code, err);
-    if c.reason.contains("(exit ") {
-        install
-    } else {
-        c
-    }
+    recognise(&t.host, path, code, err).unwrap_or(install)
 }
 
 /// `--install-agent`: make sure the agent at `path` is the local one (installing it when it is

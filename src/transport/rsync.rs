@@ -218,6 +218,8 @@ const KEPT_STDOUT: usize = 1000;
 pub struct RsyncResult {
     pub code: i32,
     pub stdout: String,
+    /// How many stdout lines were left out of `stdout` (between its first and last ones).
+    pub stdout_omitted: u64,
     /// The first and last stderr lines ([`KEPT_ERRORS`]; a line says how many are left out
     /// between them); every line went to the log as it came.
     pub errors: Vec<String>,
@@ -306,9 +308,10 @@ fn run_stdout(
     // Reaped: never signalled again (its pid may be reused where there are no pidfds).
     drop(stop);
     let errors = err_thread.join().unwrap_or_default();
+    let stdout_omitted = out.omitted();
     let mut stdout = out.lines().join("\n");
     stdout.push('\n');
-    Ok(RsyncResult { code: status.code().unwrap_or(-1), stdout, errors })
+    Ok(RsyncResult { code: status.code().unwrap_or(-1), stdout, stdout_omitted, errors })
 }
 
 /// A `--info=progress2` line (`  1,234,567  45%  12.34MB/s  0:00:05 (xfr#1, to-chk=0/2)`): the

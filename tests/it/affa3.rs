@@ -709,6 +709,7 @@ fn a_usb_disk_is_mounted_for_the_run_and_unmounted_after() {
         assert!(std::process::Command::new("umount").arg(&check).status().unwrap().success());
         there
     };
+    a.write_conf("usb.conf", &job(""));
     ok(&a.affa(&["--rename-job", "usb", "usb2"]));
     assert_eq!(mounted_at(&point), None, "left mounted after --rename-job");
     assert!(on_disk("usb2/scheduled.0") && !on_disk("usb"), "the archives were not renamed on the disk");

@@ -250,6 +250,37 @@ fn damaged_and_missing_objects_are_named_and_a_wrong_or_open_key_is_refused() {
     );
 }
 
+/// `--list-archives --offsite` without names: a job whose bucket cannot be read (its key no
+/// longer opens its objects), listed first, is named on stderr and the next job is listed (it
+/// stopped the command before the other job was listed); exit 1.
+#[test]
+fn a_job_whose_bucket_cannot_be_read_does_not_hide_the_other_offsite_listings() {
+    let (_ceph, bucket, _src, a) = first_archive();
+    ok(&a.affa(&["--offsite", JOB]));
+    // A second job of the same source, to another prefix, with its own key.
+    let conf = fs::read_to_string(a.conf.join("job.conf")).unwrap();
+    let other_key = a.conf.join("other.key");
+    let other = conf
+        .replace(&format!("[{JOB}]"), "[zz-other]")
+        .replace(&format!("s3://{bucket}/{PREFIX}"), &format!("s3://{bucket}/other"))
+        .replace(&key_file(&a).display().to_string(), &other_key.display().to_string());
+    a.write_conf("other.conf", &other);
+    ok(&a.affa_at("2026-12-01T02:00:00", &["--run", "zz-other"]));
+    ok(&a.affa(&["--offsite", "zz-other"]));
+    // The first job's key is another one now.
+    fs::write(key_file(&a), format!("affa-offsite-key 1\ncreated 2026-12-01T00:00:00\nkey {}\n", "5a".repeat(32)))
+        .unwrap();
+    let o = a.affa(&["--list-archives", "--offsite"]);
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.status.code(), Some(1), "{out}{err}");
+    assert!(out.contains("Job zz-other offsite in ") && out.contains(": 1 archive(s)"), "{out}");
+    assert!(
+        err.starts_with(&format!("affa: error: job {JOB}: offsiteKeyFile ")) && err.contains("does not open"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
 /// kill -9 of affa mid-upload (the test hook kills it right after its third chunk object): no
 /// archive is listed, verify finds none, and the rerun sends only the rest.
 #[cfg(feature = "test-hooks")]
@@ -951,7 +982,14 @@ fn a_listing_without_end_or_with_a_name_twice_neither_hangs_nor_removes_an_archi
             let twice = body
                 .split("<Contents>")
                 .enumerate()
-                .map(|(i, p)| if i == 0 { p.to_string() } else { format!("<Contents>{p}<Contents>{p}") })
+                .map(|(i, p)| match p.split_once("</Contents>") {
+                    // Each whole element twice, what follows the last one (KeyCount, the end of
+                    // the listing) once.
+                    Some((elem, rest)) if i > 0 => {
+                        format!("<Contents>{elem}</Contents><Contents>{elem}</Contents>{rest}")
+                    }
+                    _ => p.to_string(),
+                })
                 .collect::<String>();
             assert!(twice.len() > body.len() || !body.contains("<Contents>"));
             r.body = twice.into_bytes();

@@ -1063,7 +1063,10 @@ fn a_broken_job_is_named_and_the_other_jobs_are_done() {
     }
     let (out, _) = expect_1(&["--check-connections"]);
     assert!(out.contains("web                  OK (local)") && out.contains("a-broken             FAILED: "), "{out}");
-    expect_1(&["--send-key"]);
+    // A broken local job needs no key: skipped without names; named, its error.
+    ok(&a.affa(&["--send-key"]));
+    let e = fail(&a.affa(&["--send-key", "a-broken"]));
+    assert!(e.contains("key 'scheduledKeep'"), "{e}");
     // Both interrupted: web is resumed, a-broken is named.
     for j in ["a-broken", "web"] {
         fs::create_dir_all(a.job_dir(j).join("scheduled.running")).unwrap();

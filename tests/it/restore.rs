@@ -404,16 +404,45 @@ fn a_symlink_on_the_way_to_a_source_in_the_archive_is_refused_and_nothing_outsid
         assert_eq!(e.lines().count(), 1, "{e}");
         assert_eq!(raw_listing(src.path()), before, "{extra:?}: the host was changed");
     }
-    fn holds(dir: &Path, needle: &[u8]) -> bool {
-        fs::read_dir(dir).unwrap().flatten().any(|e| {
-            let p = e.path();
-            let md = fs::symlink_metadata(&p).unwrap();
-            if md.is_dir() {
-                holds(&p, needle)
-            } else {
-                md.is_file() && fs::read(&p).unwrap().windows(needle.len()).any(|w| w == needle)
-            }
-        })
-    }
+    assert!(!holds(src.path(), secret), "a backup server file reached the host");
+}
+
+/// Whether any regular file below `dir` holds `needle` (links are not followed).
+fn holds(dir: &Path, needle: &[u8]) -> bool {
+    fs::read_dir(dir).unwrap().flatten().any(|e| {
+        let p = e.path();
+        let md = fs::symlink_metadata(&p).unwrap();
+        if md.is_dir() {
+            holds(&p, needle)
+        } else {
+            md.is_file() && fs::read(&p).unwrap().windows(needle.len()).any(|w| w == needle)
+        }
+    })
+}
+
+/// The same with `Include=/data/x/` (a '/' at the end, as Include values often have) and the
+/// archive's `x` itself a link to the backup server's files: `lstat("…/x/")` and rsync's source
+/// `ARCHIVE/./data/x/` followed it. The link is at most restored as a link: nothing of the
+/// server's files reaches the host.
+#[test]
+fn an_include_ending_in_a_slash_never_follows_a_link_in_the_archive() {
+    let mut sshd = Sshd::shared();
+    let affa = Affa::new();
+    let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
+    fs::create_dir_all(src.path().join("data/x")).unwrap();
+    fs::write(src.path().join("data/x/f.txt"), "archived\n").unwrap();
+    let job = affa.ssh_job("web", &sshd, &format!("Include={}/data/x/\nscheduledKeep=3\n", src.path().display()));
+    affa.write_conf("web.conf", &job);
+    ok(&affa.send_key(&mut sshd, "web"));
+    ok(&affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
+    let secret = b"SECRET-of-the-backup-server-51c0de";
+    let outside = affa.tmp.path().join("server-files");
+    fs::create_dir_all(&outside).unwrap();
+    fs::write(outside.join("f.txt"), secret).unwrap();
+    let x = affa.job_dir("web").join("scheduled.0").join(src.path().strip_prefix("/").unwrap()).join("data/x");
+    fs::remove_dir_all(&x).unwrap();
+    std::os::unix::fs::symlink(&outside, &x).unwrap();
+    fs::remove_file(src.path().join("data/x/f.txt")).unwrap();
+    let _ = affa.affa(&["--full-restore", "web", "--yes"]);
     assert!(!holds(src.path(), secret), "a backup server file reached the host");
 }

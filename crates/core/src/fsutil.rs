@@ -104,7 +104,7 @@ fn create_temp(dir: &OwnedFd, name: &str, mode: u32) -> io::Result<(String, Owne
     Err(last)
 }
 
-/// 16 random bytes as 32 hex digits (a name no other process can guess).
+/// 12 random bytes as 24 hex digits (a name no other process can guess).
 pub fn random_hex() -> io::Result<String> {
     let mut b = [0u8; 12];
     let mut filled = 0;

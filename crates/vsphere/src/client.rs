@@ -801,7 +801,11 @@ impl Client {
                         "it was still running {} s after a cancel was asked: a snapshot it makes later is removed by the next run",
                         self.task_timeout.as_secs()
                     ),
-                    Err(_) => "it ended later, cancelled or failed".to_string(),
+                    // The task's own fault: it ended, cancelled or failed.
+                    Err(f) if soap::fault_of(&f).is_some() => "it ended later, cancelled or failed".to_string(),
+                    Err(f) => format!(
+                        "its state could not be read after a cancel was asked ({f}): a snapshot it makes later is removed by the next run"
+                    ),
                 };
                 return Err(Error::of(e.kind(), format!("{e}; {then}")));
             }
