@@ -64,18 +64,23 @@ pub fn unchunk_command(
     if files.is_empty() {
         return Ok(format!("archive {archive_name} of job {job} has no chunked files\n"));
     }
+    fs::create_dir_all(&target).ctx(|| format!("cannot create {}", target.display()))?;
     for rel in files {
         let mp = chunk::manifest_path(&a.path, &rel);
         let dest = target.join(&rel);
-        if let Some(d) = dest.parent() {
-            fs::create_dir_all(d).ctx(|| format!("cannot create {}", d.display()))?;
-        }
+        // Below the target (which may be a directory others can write, such as /tmp/x), every
+        // directory is a real one: a symlink planted there is refused, never followed (the
+        // file would be written as root wherever it points).
+        crate::untrusted::create_dir_beneath(&target, rel.parent().unwrap_or(Path::new("")))?;
         let m = chunk::read_manifest(&mp)?;
         let bar = watch.meter(format!("unchunk {}", rel.display()), Some(m.size));
         let cb = |n: u64| bar.set(n);
-        chunk::unchunk_file(&a.path, &mp, &dest, Some(&cb))?;
+        // A host's set-uid, set-gid or sticky bit is not given to a file made on the backup
+        // server (a set-uid root program a local user could run).
+        chunk::unchunk_file_without_set_id(&a.path, &mp, &dest, Some(&cb))?;
         drop(bar);
-        out.push_str(&format!("{} ({}), verified\n", dest.display(), human(m.size)));
+        let note = if m.mode & 0o7000 != 0 { ", set-id and sticky bits left out" } else { "" };
+        out.push_str(&format!("{} ({}), verified{note}\n", dest.display(), human(m.size)));
     }
     Ok(out)
 }

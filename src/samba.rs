@@ -172,16 +172,15 @@ fn reload(smb_conf: &Path) -> String {
 /// `--samba-shares`: write the include files of every job with SambaShare=yes, remove those of
 /// jobs no longer shared, load them into smbConf, reload Samba.
 pub fn update_shares(cfg: &Config) -> Result<String> {
-    // A shared job whose configuration is broken: nothing changes, and the error is that job's
-    // (its share is never rewritten, nor removed, from what could be read of it). Every caller
-    // (--samba-shares, --make-cronjobs, --_cronupdate from cron) fails with it.
-    if let Some(b) = cfg.broken.values().find(|b| b.partial.samba_share) {
-        return Err(b.error());
-    }
+    // A shared job whose configuration is broken keeps its share as it is (never rewritten, nor
+    // removed, from what could be read of it); the other jobs' shares are brought up to date,
+    // and the command fails with that job's error at the end. Every caller (--samba-shares,
+    // --make-cronjobs, --_cronupdate from cron) fails with it.
+    let broken: Vec<&crate::config::BrokenJob> = cfg.broken.values().filter(|b| b.partial.samba_share).collect();
     let dir = conf_dir(cfg);
     let smb_conf = cfg.settings.smb_conf.clone();
     let shared: Vec<&Job> = cfg.jobs.values().filter(|j| j.samba_share).collect();
-    if shared.is_empty() && !dir.join(SHARES_FILE).exists() {
+    if shared.is_empty() && broken.is_empty() && !dir.join(SHARES_FILE).exists() {
         return Ok("no job has SambaShare=yes; Samba not touched".into());
     }
     if !smb_conf.is_file() {
@@ -198,8 +197,19 @@ pub fn update_shares(cfg: &Config) -> Result<String> {
     );
     let mut keep = Vec::new();
     let mut failed = Vec::new();
-    for job in &shared {
-        let name = format!("{JOB_PREFIX}{}.conf", job.name);
+    // In name order, the broken ones among them (their share file kept, if there is one).
+    let mut all: Vec<(&str, Option<&Job>)> = shared.iter().map(|j| (j.name.as_str(), Some(*j))).collect();
+    all.extend(broken.iter().map(|b| (b.name.as_str(), None)));
+    all.sort_by(|a, b| a.0.cmp(b.0));
+    for (job_name, job) in all {
+        let name = format!("{JOB_PREFIX}{job_name}.conf");
+        let Some(job) = job else {
+            if dir.join(&name).is_file() {
+                index.push_str(&format!("include = {}\n", dir.join(&name).display()));
+                keep.push(name);
+            }
+            continue;
+        };
         if reserved_section(&job.name) {
             failed.push(format!("job {}: a share of that name would be Samba's own section [{}] (a [global] included sets `force user = root` for every share of the server); rename the job (affa --rename-job) to share it", job.name, job.name));
             continue;
@@ -256,6 +266,14 @@ pub fn update_shares(cfg: &Config) -> Result<String> {
         out.push_str(&format!("; {}", reload(&smb_conf)));
     } else {
         out.push_str("; unchanged");
+    }
+    if let Some(b) = broken.first() {
+        if failed.is_empty() && broken.len() == 1 {
+            return Err(b.error());
+        }
+        let mut all: Vec<String> = broken.iter().map(|b| format!("job {}: {}", b.name, b.error())).collect();
+        all.extend(failed);
+        return Err(crate::error::Error::config(format!("{out}; not updated: {}", all.join("; "))));
     }
     if !failed.is_empty() {
         crate::bail!("{out}; not shared: {}", failed.join("; "));

@@ -618,7 +618,8 @@ fn restore_logged_in(
     let mut sent = 0u64;
     for (i, d) in dirs.iter().enumerate() {
         let mut a = rsync::Args::new(t.rsync_job, &t.ep.source());
-        a.opts(["--inplace", "--no-whole-file", "--sparse", "--stats"]);
+        // --ignore-times: by content, not size and time (as the restore to a host).
+        a.opts(["--inplace", "--no-whole-file", "--sparse", "--stats", "--ignore-times"]);
         // Chunked disks restored by the agent are not in rsync's part.
         let mine: Vec<&Item> = items.iter().filter(|it| it.dir == i && !by_agent(it)).collect();
         // rsync names the destination after the source's base name: send the ones whose local

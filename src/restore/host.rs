@@ -145,7 +145,7 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
             run_rsync(ctx, job, &main, "the restore", true)?;
             for c in &chunked {
                 let mut a = rsync::Args::new(job, &ep.source());
-                a.opts(["--inplace", "--no-whole-file", "--sparse"]);
+                a.opts(["--inplace", "--no-whole-file", "--sparse", "--ignore-times"]);
                 if ctx.opts.preserve_newer {
                     a.opt("--update");
                 }
@@ -236,6 +236,10 @@ fn main_args(ctx: &Ctx, ep: &Endpoint, sources: &[String], chunked: &[Chunked]) 
     let job = ctx.job;
     let mut a = rsync::Args::new(job, &ep.source());
     a.opt("--relative");
+    // Every file is compared by content, not by size and time: a file changed on the target
+    // with its size and time kept (damage, or a program that keeps the time) is restored too
+    // (the quick check skipped it, and the check after the restore found it differing).
+    a.opt("--ignore-times");
     for c in chunked {
         // --delete must not remove what the chunk pass writes next; the manifest is affa's.
         // rsync matches the rules against the names' bytes: they are given as bytes.

@@ -323,6 +323,15 @@ fn affa3_internal_options_and_the_cron_self_refresh() {
 
     // The cron file refreshes itself: Affa 3's line every 15 minutes; nothing is rewritten
     // while nothing changed; an edited file, or a file added (even an old one), is applied.
+    // --delete-job just edited the configuration: the cron file written next gets a later mtime
+    // than that edit only once the (coarse) file clock has passed it, or the refresh below
+    // rightly takes the configuration for newer than the cron file (failed once in CI).
+    let probe = a.tmp.path().join("mtime-probe");
+    let newest_conf = fs::read_dir(&a.conf).unwrap().flatten().filter_map(|e| e.metadata().ok()?.modified().ok()).max();
+    wait_until(Duration::from_secs(5), "the file clock to pass the configuration's mtime", || {
+        fs::write(&probe, "").unwrap();
+        Some(fs::metadata(&probe).unwrap().modified().unwrap()) > newest_conf
+    });
     ok(&a.affa(&["--make-cronjobs"]));
     let cron = a.state.join("cron.d/affa");
     let text = fs::read_to_string(&cron).unwrap();
@@ -330,7 +339,6 @@ fn affa3_internal_options_and_the_cron_self_refresh() {
     let mtime = || fs::metadata(&cron).unwrap().modified().unwrap();
     let before = mtime();
     // A rewrite from now on would get a later mtime (file times follow a coarse clock).
-    let probe = a.tmp.path().join("mtime-probe");
     wait_until(Duration::from_secs(5), "the file clock to pass the cron file's mtime", || {
         fs::write(&probe, "").unwrap();
         fs::metadata(&probe).unwrap().modified().unwrap() > before

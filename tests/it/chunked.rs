@@ -133,6 +133,41 @@ fn setup(jobs: &[(&str, &str)]) -> Setup {
     Setup { sshd, affa, src }
 }
 
+/// `--unchunk --to DIR` into a directory others can write: a symlink planted on the way is
+/// refused (the file was written as root where it pointed), and a host's set-uid bit is not
+/// given to the rebuilt file (a set-uid root program a local user could run).
+#[test]
+fn unchunk_into_a_shared_directory_follows_no_link_and_drops_set_id_bits() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = setup(&[("web", "")]);
+    let img = s.src.path().join("web/images/tool.img");
+    image(&img, 3 << 20, 5);
+    fs::set_permissions(&img, fs::Permissions::from_mode(0o4755)).unwrap();
+    ok(&s.affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
+    let m = affa::chunk::read_manifest(&affa::chunk::manifest_path(
+        &s.affa.job_dir("web").join("scheduled.0"),
+        s.src.path().join("web/images/tool.img").strip_prefix("/").unwrap(),
+    ))
+    .unwrap();
+    assert_eq!(m.mode & 0o7777, 0o4755, "the archive did not keep the set-uid bit: the test proves nothing");
+    let shared = s.affa.tmp.path().join("shared");
+    fs::create_dir_all(&shared).unwrap();
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
+    let elsewhere = s.affa.tmp.path().join("elsewhere");
+    fs::create_dir_all(&elsewhere).unwrap();
+    let first = s.src.path().strip_prefix("/").unwrap().components().next().unwrap();
+    std::os::unix::fs::symlink(&elsewhere, shared.join(first)).unwrap();
+    let e = fail(&s.affa.affa(&["--unchunk", "web", "scheduled.0", "--to", shared.to_str().unwrap()]));
+    assert!(e.contains("refusing") && e.contains(&shared.join(first).display().to_string()), "{e}");
+    assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 0, "written through the planted link");
+    fs::remove_file(shared.join(first)).unwrap();
+    let out = ok(&s.affa.affa(&["--unchunk", "web", "scheduled.0", "--to", shared.to_str().unwrap()]));
+    assert!(out.contains("verified, set-id and sticky bits left out"), "{out}");
+    let rebuilt = shared.join(s.src.path().strip_prefix("/").unwrap()).join("web/images/tool.img");
+    assert_eq!(fs::metadata(&rebuilt).unwrap().permissions().mode() & 0o7777, 0o755);
+    assert_eq!(fs::read(&rebuilt).unwrap(), fs::read(&img).unwrap());
+}
+
 fn in_archive(s: &Setup, job: &str, archive: &str, rel: &str) -> PathBuf {
     s.affa.job_dir(job).join(archive).join(s.src.path().join(job).strip_prefix("/").unwrap()).join(rel)
 }

@@ -512,4 +512,21 @@ fn an_empty_samba_valid_user_is_refused_so_no_other_samba_user_reads_the_archive
     let e = one_line_error(&b.a.affa(&["--silent", "--_cronupdate"]));
     assert!(e.starts_with("affa: error: Samba shares not updated: ") && e.contains("SambaValidUser is empty"), "{e}");
     assert!(fs::metadata(&cron).unwrap().modified().unwrap() > std::time::SystemTime::now() - Duration::from_secs(600));
+    // A second shared job is shared all the same while web is broken (web's share kept as it
+    // was); the command fails with web's error.
+    let web_share = fs::read_to_string(b.a.state.join("samba/affa-job-web.conf")).unwrap();
+    b.a.write_conf(
+        "jobs.conf",
+        &format!(
+            "{}[db]\nremoteHostName=localhost\nInclude={}/data\nSambaShare=yes\nSambaValidUser=root\n",
+            job(""),
+            b.src.path().display()
+        ),
+    );
+    let e = one_line_error(&b.a.affa(&["--samba-shares"]));
+    assert!(e.contains("job [web] has SambaShare=yes but SambaValidUser is empty"), "{e}");
+    assert!(b.a.state.join("samba/affa-job-db.conf").is_file(), "the working job was not shared");
+    assert_eq!(fs::read_to_string(b.a.state.join("samba/affa-job-web.conf")).unwrap(), web_share);
+    let index = fs::read_to_string(b.a.state.join("samba/affa-shares.conf")).unwrap();
+    assert!(index.contains("affa-job-db.conf") && index.contains("affa-job-web.conf"), "{index}");
 }

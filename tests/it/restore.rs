@@ -140,6 +140,25 @@ fn restore_brings_back_changed_and_deleted_files_and_delete_removes_extras() {
     assert!(!p(".AFFA3-REPORT").exists() && !s.src.path().join(".web-setup.ini").exists());
 }
 
+/// A file changed on the host with its size and mtime kept (damage, or a program that keeps
+/// the time): rsync's quick check skipped it, the restore said it restored the archive, and its
+/// own check then found the file differing, run after run. Files are compared by content now.
+#[test]
+fn a_file_changed_with_its_size_and_time_kept_is_restored() {
+    let s = setup("");
+    ok(&s.affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
+    let before = snapshot(s.src.path());
+    let p = s.src.path().join("home/u/docs/b.txt");
+    assert_eq!(fs::read(&p).unwrap(), b"bravo\n");
+    fs::write(&p, "BRAVO\n").unwrap();
+    set_mtime(&p, 1_600_000_000);
+    assert_ne!(snapshot(s.src.path()), before);
+    let text = ok(&s.affa.affa(&["--full-restore", "web", "--yes"]));
+    assert!(text.contains("verified") && !text.contains("differ"), "{text}");
+    assert_eq!(fs::read(&p).unwrap(), b"bravo\n");
+    assert_eq!(snapshot(s.src.path()), before);
+}
+
 #[test]
 fn preserve_newer_keeps_a_newer_file_and_no_overwrites_it() {
     let s = setup("");

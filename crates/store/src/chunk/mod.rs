@@ -39,8 +39,9 @@ pub use manifest::{
 pub use pool::{linked_ids, sweep, sweep_some, Pool, SweepStats, ARCHIVE_CHUNK_DIR, POOL_DIR};
 pub use restore::{
     archive_usage, chunked_files, evict_damaged, list_manifests, load_chunk_at, load_chunk_from, open_chunk_at,
-    read_manifest, recorded_manifest, stream_file, stream_file_from, unchunk_file, unchunk_file_from, verify_archive,
-    whole_file_hash_from, ArchiveUsage, ChunkProblem, ChunkReader, ProblemKind, VerifyReport,
+    read_manifest, recorded_manifest, stream_file, stream_file_from, unchunk_file, unchunk_file_from,
+    unchunk_file_without_set_id, verify_archive, whole_file_hash_from, ArchiveUsage, ChunkProblem, ChunkReader,
+    ProblemKind, VerifyReport,
 };
 pub use scrub::{scrub, Damaged, ScrubReport, Slice};
 pub use source::{ArchiveChunks, ChunkSource, MAX_CHUNK_FILE_LEN};

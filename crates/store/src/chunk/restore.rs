@@ -210,12 +210,34 @@ pub fn unchunk_file(archive_root: &Path, manifest_path: &Path, dest: &Path, prog
     unchunk_file_from(&ArchiveChunks(archive_root), manifest_path, dest, progress)
 }
 
+/// [`unchunk_file`] for a file made to stay on the backup server (`--unchunk`): the manifest's
+/// set-uid, set-gid and sticky bits are never given to it, not even for a moment.
+pub fn unchunk_file_without_set_id(
+    archive_root: &Path,
+    manifest_path: &Path,
+    dest: &Path,
+    progress: Progress,
+) -> Result<Manifest> {
+    unchunk_masked(&ArchiveChunks(archive_root), manifest_path, dest, progress, 0o777)
+}
+
 /// [`unchunk_file`] with the chunks read from `src` (checked as from the archive).
 pub fn unchunk_file_from(
     src: &dyn ChunkSource,
     manifest_path: &Path,
     dest: &Path,
     progress: Progress,
+) -> Result<Manifest> {
+    unchunk_masked(src, manifest_path, dest, progress, 0o7777)
+}
+
+/// [`unchunk_file_from`], the file's mode the manifest's `& mode_mask`.
+fn unchunk_masked(
+    src: &dyn ChunkSource,
+    manifest_path: &Path,
+    dest: &Path,
+    progress: Progress,
+    mode_mask: u32,
 ) -> Result<Manifest> {
     let m = read_manifest(manifest_path)?;
     let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -255,7 +277,7 @@ pub fn unchunk_file_from(
             crate::bail!(Damaged, "{}: the rebuilt file does not match its recorded BLAKE3", manifest_path.display());
         }
         f.set_len(m.size).ctx(|| format!("cannot set the size of {}", tmp.display()))?;
-        apply_meta(&f, &m).ctx(|| format!("cannot set owner, mode or times of {}", tmp.display()))?;
+        apply_meta(&f, &m, mode_mask).ctx(|| format!("cannot set owner, mode or times of {}", tmp.display()))?;
         f.sync_all().ctx(|| format!("cannot fsync {}", tmp.display()))?;
         fs::rename(&tmp, dest).ctx(|| format!("cannot rename {} to {}", tmp.display(), dest.display()))?;
         pool::fsync_dir(dir)
@@ -291,7 +313,7 @@ fn write_sparse(f: &File, d: &[u8], off: u64) -> io::Result<()> {
     Ok(())
 }
 
-fn apply_meta(f: &File, m: &Manifest) -> io::Result<()> {
+fn apply_meta(f: &File, m: &Manifest, mode_mask: u32) -> io::Result<()> {
     use rustix::fs::{Gid, Mode, Timespec, Timestamps, Uid};
     if rustix::process::geteuid().is_root() {
         // An id of -1 leaves it unchanged, as chown(2) does.
@@ -300,7 +322,7 @@ fn apply_meta(f: &File, m: &Manifest) -> io::Result<()> {
         rustix::fs::fchown(f, uid, gid)?;
     }
     // After chown (which clears set-id bits).
-    rustix::fs::fchmod(f, Mode::from_raw_mode(m.mode))?;
+    rustix::fs::fchmod(f, Mode::from_raw_mode(m.mode & mode_mask))?;
     let ts = |t: Option<(i64, u32)>| match t {
         Some((s, n)) => Timespec { tv_sec: s, tv_nsec: n.into() },
         None => Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_OMIT },
