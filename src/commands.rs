@@ -985,7 +985,13 @@ fn copy_across(from: &Path, root: &Path, to: &Path, name: &str) -> Result<()> {
     if let Err(e) = rename_no_replace(&tmp, to) {
         return failed(format!("cannot rename the copy to its name: {e}"));
     }
-    root_fd.sync_all().ctx(|| format!("cannot flush {}", root.display()))
+    root_fd.sync_all().ctx(|| {
+        format!(
+            "the copy is complete at {}, but {} could not be flushed to disk; the original is untouched and the configuration still names it: remove the copy, or set RootDir by hand",
+            to.display(),
+            root.display()
+        )
+    })
 }
 
 /// `--kill JOB`: stop a running job (SIGTERM, so it cleans up) and wait for it. Only the affa

@@ -64,7 +64,27 @@ pub fn unchunk_command(
     if files.is_empty() {
         return Ok(format!("archive {archive_name} of job {job} has no chunked files\n"));
     }
-    fs::create_dir_all(&target).ctx(|| format!("cannot create {}", target.display()))?;
+    match to {
+        // A directory affa makes, root's and private (mode 0700): nobody else can have put or
+        // swap anything below it (a directory others can write, such as one in /tmp, could be
+        // changed between affa's look and its write). An existing one is refused, as by
+        // `--unchunk --from-offsite`.
+        Some(dir) => {
+            use std::os::unix::fs::DirBuilderExt;
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                fs::create_dir_all(parent).ctx(|| format!("cannot create {}", parent.display()))?;
+            }
+            fs::DirBuilder::new().mode(0o700).create(dir).map_err(|e| {
+                let why = if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    "it exists already; expected a new directory (affa makes it, mode 0700)".to_string()
+                } else {
+                    e.to_string()
+                };
+                crate::error::Error::new(format!("--unchunk --to {}: {why}", dir.display()))
+            })?;
+        }
+        None => fs::create_dir_all(&target).ctx(|| format!("cannot create {}", target.display()))?,
+    }
     for rel in files {
         let mp = chunk::manifest_path(&a.path, &rel);
         let dest = target.join(&rel);

@@ -176,8 +176,14 @@ pub fn update_shares(cfg: &Config) -> Result<String> {
     // removed, from what could be read of it); the other jobs' shares are brought up to date,
     // and the command fails with that job's error at the end. Every caller (--samba-shares,
     // --make-cronjobs, --_cronupdate from cron) fails with it.
-    let broken: Vec<&crate::config::BrokenJob> = cfg.broken.values().filter(|b| b.partial.samba_share).collect();
+    // (What could be read of one may say it is not shared, when the broken line is SambaShare
+    // itself: a share file it has is kept all the same.)
     let dir = conf_dir(cfg);
+    let broken: Vec<&crate::config::BrokenJob> = cfg
+        .broken
+        .values()
+        .filter(|b| b.partial.samba_share || dir.join(format!("{JOB_PREFIX}{}.conf", b.name)).is_file())
+        .collect();
     let smb_conf = cfg.settings.smb_conf.clone();
     let shared: Vec<&Job> = cfg.jobs.values().filter(|j| j.samba_share).collect();
     if shared.is_empty() && broken.is_empty() && !dir.join(SHARES_FILE).exists() {

@@ -73,6 +73,7 @@ pub fn resume_interrupted(cfg: &Config) -> Result<Resumed> {
         if b.partial.job_dir().join(archive::RUNNING).exists()
             && effective_enabled(cfg, &b.partial)
             && b.partial.resume_after_boot
+            && crate::lock::holder(&cfg.lock_dir(), &b.name).is_none()
         {
             failed.push(format!("job {} was interrupted; not resumed: {}", b.name, b.error()));
         }

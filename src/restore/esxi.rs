@@ -469,20 +469,42 @@ fn restore_logged_in(
     // of every job that backs up a VM whose files this restore writes over on this host (a
     // second job of the same VM, e.g. a weekly one to another RootDir, or the job of the VM a
     // --to-host restore lands on).
-    crate::backup::cbt::mark_restored(&ctx.job.job_dir())?;
+    // The other jobs' locks are taken first (a refusal then marks nothing) and held until the
+    // restore ends (a backup of theirs meanwhile would be dated after the mark, and trusted),
+    // their disks mounted for the mark.
+    let mut held = Vec::new();
     for j in ctx.cfg.all_jobs() {
         let same_vm = j.esxi.as_ref().is_some_and(|e| {
             e.host.eq_ignore_ascii_case(&t.api.0) && e.port == t.api.1 && overwritten.contains(&e.vm_name)
         });
-        if same_vm && j.name != ctx.job.name {
-            crate::backup::cbt::mark_restored(&j.job_dir()).map_err(|e| {
-                e.context(format!(
-                    "job {} backs up VM {} too",
-                    j.name,
-                    j.esxi.as_ref().map_or("", |e| e.vm_name.as_str())
-                ))
-            })?;
+        if !same_vm || j.name == ctx.job.name {
+            continue;
         }
+        let vm = j.esxi.as_ref().map_or("", |e| e.vm_name.as_str());
+        let lock = crate::lock::acquire(&ctx.cfg.lock_dir(), &j.name).map_err(|e| {
+            e.context(format!(
+                "job {} backs up VM {vm} too and its lock could not be taken (is it running?); nothing was written on the host",
+                j.name
+            ))
+        })?;
+        match crate::automount::mount_for_command(j) {
+            Ok(disk) => held.push((j, vm, lock, disk)),
+            // Its backup disk is away: the restore is not refused for it, but its next run must
+            // not trust CBT, and only the user can see to that.
+            Err(e) => {
+                let w = format!(
+                    "job {} backs up VM {vm} too, but its AutomountDevice could not be mounted ({e}): run its next backup once with ESXiCBT=no, or it may carry what this restore replaced",
+                    j.name
+                );
+                ctx.log.warn(&w);
+                let _ = writeln!(out, "warning: {w}");
+            }
+        }
+    }
+    crate::backup::cbt::mark_restored(&ctx.job.job_dir())?;
+    for (j, vm, _, _) in &held {
+        crate::backup::cbt::mark_restored(&j.job_dir())
+            .map_err(|e| e.context(format!("job {} backs up VM {vm} too", j.name)))?;
     }
 
     // Everything local first: every chunk of the chunked disks verified (rebuilt in staging

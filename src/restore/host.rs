@@ -200,10 +200,9 @@ fn archived_sources(ctx: &Ctx) -> Result<(Vec<String>, Vec<String>)> {
     for s in srcs {
         // No '/' at either end: `lstat("data/")` would follow a symlink `data` (Include is free
         // text, `Include=/data/` is common), and so would rsync's source `ARCHIVE/./data/`.
-        let s = match s.trim_end_matches('/') {
-            "" => s.clone(),
-            t => t.to_string(),
-        };
+        // Nor a '.' or empty part anywhere (`/data/x/.` would follow `x` the same way).
+        let parts: Vec<&str> = s.split('/').filter(|c| !c.is_empty() && *c != ".").collect();
+        let s = format!("/{}", parts.join("/"));
         let rel = s.trim_start_matches('/');
         if rel.split('/').any(|c| c == "..") {
             missing.push(s);
@@ -236,10 +235,12 @@ fn main_args(ctx: &Ctx, ep: &Endpoint, sources: &[String], chunked: &[Chunked]) 
     let job = ctx.job;
     let mut a = rsync::Args::new(job, &ep.source());
     a.opt("--relative");
-    // Every file is compared by content, not by size and time: a file changed on the target
-    // with its size and time kept (damage, or a program that keeps the time) is restored too
-    // (the quick check skipped it, and the check after the restore found it differing).
-    a.opt("--ignore-times");
+    // Every file is compared by content (`--checksum`), not by size and time: a file changed on
+    // the target with its size and time kept (damage, or a program that keeps the time) is
+    // restored too (the quick check skipped it, and the check after the restore found it
+    // differing). Not `--ignore-times`: the dry run that shows what will be overwritten uses
+    // these arguments, and would list every file.
+    a.opt("--checksum");
     for c in chunked {
         // --delete must not remove what the chunk pass writes next; the manifest is affa's.
         // rsync matches the rules against the names' bytes: they are given as bytes.

@@ -530,8 +530,17 @@ fn a_restore_through_one_job_makes_the_next_run_of_another_job_of_that_vm_a_full
     ok(&run_at(&e, 2));
     ok(&run2(2));
     assert_eq!(disk2(0), "cbt");
-    // Back to the first night's disks through job esx.
+    // Back to the first night's disks through job esx. While esx2 holds its lock (a backup of
+    // it running), the restore is refused before it writes anything on the host.
     e.sim.post("/power?vm=vm1&state=off");
+    let flat = e.ds1.join("vm1/vm1-flat.vmdk");
+    let disk_before = sha256_file(&flat);
+    {
+        let _running = affa::lock::acquire(&e.affa.state.join("lock"), "esx2").unwrap();
+        let err = fail(&e.affa.affa_at("2026-05-02T23:00:00", &["--full-restore", "esx", "scheduled.1", "--yes"]));
+        assert!(err.contains("job esx2 backs up VM vm1 too and its lock could not be taken"), "{err}");
+        assert_eq!(sha256_file(&flat), disk_before, "the refused restore wrote on the host");
+    }
     ok(&e.affa.affa_at("2026-05-02T23:00:00", &["--full-restore", "esx", "scheduled.1", "--yes"]));
     e.sim.post("/power?vm=vm1&state=on");
     write(&e, 0, 9 * CS, 100, 2);

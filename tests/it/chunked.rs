@@ -133,9 +133,10 @@ fn setup(jobs: &[(&str, &str)]) -> Setup {
     Setup { sshd, affa, src }
 }
 
-/// `--unchunk --to DIR` into a directory others can write: a symlink planted on the way is
-/// refused (the file was written as root where it pointed), and a host's set-uid bit is not
-/// given to the rebuilt file (a set-uid root program a local user could run).
+/// `--unchunk --to DIR` where others can write: DIR must be new (affa makes it, mode 0700), so
+/// nothing a local user planted or swaps below it is written through (the file was written as
+/// root where a symlink pointed), and a host's set-uid bit is not given to the rebuilt file (a
+/// set-uid root program a local user could run).
 #[test]
 fn unchunk_into_a_shared_directory_follows_no_link_and_drops_set_id_bits() {
     use std::os::unix::fs::PermissionsExt;
@@ -153,16 +154,20 @@ fn unchunk_into_a_shared_directory_follows_no_link_and_drops_set_id_bits() {
     let shared = s.affa.tmp.path().join("shared");
     fs::create_dir_all(&shared).unwrap();
     fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
+    // An existing directory is refused (others may have put or may swap anything below it),
+    // a name a local user took with a symlink too: nothing is written through it.
     let elsewhere = s.affa.tmp.path().join("elsewhere");
     fs::create_dir_all(&elsewhere).unwrap();
-    let first = s.src.path().strip_prefix("/").unwrap().components().next().unwrap();
-    std::os::unix::fs::symlink(&elsewhere, shared.join(first)).unwrap();
-    let e = fail(&s.affa.affa(&["--unchunk", "web", "scheduled.0", "--to", shared.to_str().unwrap()]));
-    assert!(e.contains("refusing") && e.contains(&shared.join(first).display().to_string()), "{e}");
+    std::os::unix::fs::symlink(&elsewhere, shared.join("taken")).unwrap();
+    for dir in [shared.clone(), shared.join("taken")] {
+        let e = fail(&s.affa.affa(&["--unchunk", "web", "scheduled.0", "--to", dir.to_str().unwrap()]));
+        assert!(e.contains(&format!("--unchunk --to {}: it exists already", dir.display())), "{e}");
+    }
     assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 0, "written through the planted link");
-    fs::remove_file(shared.join(first)).unwrap();
+    let shared = shared.join("new");
     let out = ok(&s.affa.affa(&["--unchunk", "web", "scheduled.0", "--to", shared.to_str().unwrap()]));
     assert!(out.contains("verified, set-id and sticky bits left out"), "{out}");
+    assert_eq!(fs::metadata(&shared).unwrap().permissions().mode() & 0o7777, 0o700, "not a private directory");
     let rebuilt = shared.join(s.src.path().strip_prefix("/").unwrap()).join("web/images/tool.img");
     assert_eq!(fs::metadata(&rebuilt).unwrap().permissions().mode() & 0o7777, 0o755);
     assert_eq!(fs::read(&rebuilt).unwrap(), fs::read(&img).unwrap());

@@ -153,6 +153,9 @@ fn a_file_changed_with_its_size_and_time_kept_is_restored() {
     fs::write(&p, "BRAVO\n").unwrap();
     set_mtime(&p, 1_600_000_000);
     assert_ne!(snapshot(s.src.path()), before);
+    // What will change names that file, and only it (not every file).
+    let dry = ok(&s.affa.affa(&["--full-restore", "web", "--dry-run"]));
+    assert!(dry.contains("home/u/docs/b.txt") && !dry.contains("home/u/docs/a.txt"), "{dry}");
     let text = ok(&s.affa.affa(&["--full-restore", "web", "--yes"]));
     assert!(text.contains("verified") && !text.contains("differ"), "{text}");
     assert_eq!(fs::read(&p).unwrap(), b"bravo\n");

@@ -409,6 +409,8 @@ impl System {
         measure::evict(&[&self.store_dir()]);
         let (mut c, file) = match self.kind {
             Kind::Agent(_) | Kind::AgentCbt(_) | Kind::Chunk(_) | Kind::Tuned(_) => {
+                // `--unchunk --to` makes the directory itself (an existing one is refused).
+                fs::remove_dir(out).map_err(|e| e.to_string())?;
                 let mut c = w.affa.cmd();
                 c.args(["--unchunk", &self.job(vm), "scheduled.0", "--to"]).arg(out);
                 (c, out.join(&rel))

@@ -99,6 +99,15 @@ impl ConnectOptions {
     }
 }
 
+/// How a task ended, as `Client::poll_task` saw it.
+enum Polled {
+    Done(TaskInfo),
+    /// The task's own failure (its fault the error's source).
+    Failed(Error),
+    /// Still queued or running at the time limit.
+    Running(TaskState),
+}
+
 /// A connection (and, after `login`, a session) to one ESXi host's vSphere API.
 pub struct Client {
     /// The host as shown in messages (`host` or `host:port`).
@@ -711,7 +720,11 @@ impl Client {
     /// Poll a task's `info` until it succeeds (→ its info), fails (→ one-line error with the
     /// fault type and message) or `timeout` passes (→ error naming the task and the seconds).
     pub fn wait_for_task(&self, task: &MoRef, what: &str, timeout: Duration) -> Result<TaskInfo> {
-        self.poll_task(task, what, timeout)?.map_err(|state| self.task_timed_out(task, what, timeout, state))
+        match self.poll_task(task, what, timeout)? {
+            Polled::Done(info) => Ok(info),
+            Polled::Failed(e) => Err(e),
+            Polled::Running(state) => Err(self.task_timed_out(task, what, timeout, state)),
+        }
     }
 
     fn task_timed_out(&self, task: &MoRef, what: &str, timeout: Duration, state: TaskState) -> Error {
@@ -723,14 +736,9 @@ impl Client {
         ))
     }
 
-    /// [`wait_for_task`](Self::wait_for_task), with a task still queued or running after
-    /// `timeout` as `Ok(Err(its state))`.
-    fn poll_task(
-        &self,
-        task: &MoRef,
-        what: &str,
-        timeout: Duration,
-    ) -> Result<std::result::Result<TaskInfo, TaskState>> {
+    /// [`wait_for_task`](Self::wait_for_task), telling the task's own end from a failure to
+    /// read its state (`Err`).
+    fn poll_task(&self, task: &MoRef, what: &str, timeout: Duration) -> Result<Polled> {
         let start = Instant::now();
         // From a few ms, doubling up to 2 s: a task of half a second (a snapshot of a small VM)
         // is seen done within ~30% of its time; a long one costs one poll per 2 s.
@@ -742,18 +750,18 @@ impl Client {
                 .ok_or_else(|| self.err(format!("task {what} ({}) has no info", task.value)))
                 .and_then(|i| parse_task_info(i).map_err(|e| self.at_host(e)))?;
             match info.state {
-                TaskState::Success => return Ok(Ok(info)),
+                TaskState::Success => return Ok(Polled::Done(info)),
                 TaskState::Error => {
                     let (kind, msg) = info.error.clone().unwrap_or_else(|| ("fault".into(), String::new()));
                     let fault = Fault { kind: kind.clone(), message: msg.clone() };
                     let msg = if msg.is_empty() { String::new() } else { format!(": {msg}") };
-                    return Err(self.err(format!("task {what} failed: {kind}{msg}")).with_source(fault));
+                    return Ok(Polled::Failed(self.err(format!("task {what} failed: {kind}{msg}")).with_source(fault)));
                 }
                 TaskState::Queued | TaskState::Running => {}
             }
             let waited = start.elapsed();
             if waited >= timeout {
-                return Ok(Err(info.state));
+                return Ok(Polled::Running(info.state));
             }
             std::thread::sleep(delay.min(timeout - waited));
             delay = (delay * 2).min(Duration::from_secs(2));
@@ -787,8 +795,9 @@ impl Client {
         let task = self.task_ref("CreateSnapshot_Task", &resp)?;
         let what = format!("CreateSnapshot_Task {name}");
         let info = match self.poll_task(&task, &what, self.task_timeout)? {
-            Ok(info) => info,
-            Err(state) => {
+            Polled::Done(info) => info,
+            Polled::Failed(e) => return Err(e),
+            Polled::Running(state) => {
                 // Past the limit. Left alone, the task may still make the snapshot after affa
                 // gave up: the VM would run on it until the next run. Cancel it (a host may not
                 // allow that), then wait as long again for it to end, so that the caller finds
@@ -796,13 +805,12 @@ impl Client {
                 let e = self.task_timed_out(&task, &what, self.task_timeout, state);
                 let _ = self.call("CancelTask", &moref_elem("_this", &task.kind, &task.value));
                 let then = match self.poll_task(&task, &what, self.task_timeout) {
-                    Ok(Ok(_)) => "it ended later, after a cancel was asked".to_string(),
-                    Ok(Err(_)) => format!(
+                    Ok(Polled::Done(_)) => "it ended later, after a cancel was asked".to_string(),
+                    Ok(Polled::Failed(_)) => "it ended later, cancelled or failed".to_string(),
+                    Ok(Polled::Running(_)) => format!(
                         "it was still running {} s after a cancel was asked: a snapshot it makes later is removed by the next run",
                         self.task_timeout.as_secs()
                     ),
-                    // The task's own fault: it ended, cancelled or failed.
-                    Err(f) if soap::fault_of(&f).is_some() => "it ended later, cancelled or failed".to_string(),
                     Err(f) => format!(
                         "its state could not be read after a cancel was asked ({f}): a snapshot it makes later is removed by the next run"
                     ),
