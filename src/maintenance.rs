@@ -85,24 +85,41 @@ pub fn unchunk_command(
         }
         None => fs::create_dir_all(&target).ctx(|| format!("cannot create {}", target.display()))?,
     }
+    let done = unchunk_into(&a.path, &target, files, watch, &mut out);
+    if done.is_err() && to.is_some() {
+        // The directory affa made for this command: a failed one leaves nothing behind (and
+        // the same --to can be given again).
+        let _ = archive::remove_tree(&target);
+    }
+    done.map(|()| out)
+}
+
+/// The chunked files `files` of the archive at `archive` rebuilt below `target`; one line each
+/// into `out`.
+fn unchunk_into(
+    archive: &Path,
+    target: &Path,
+    files: Vec<std::path::PathBuf>,
+    watch: &Watch,
+    out: &mut String,
+) -> Result<()> {
     for rel in files {
-        let mp = chunk::manifest_path(&a.path, &rel);
+        let mp = chunk::manifest_path(archive, &rel);
         let dest = target.join(&rel);
-        // Below the target (which may be a directory others can write, such as /tmp/x), every
-        // directory is a real one: a symlink planted there is refused, never followed (the
-        // file would be written as root wherever it points).
-        crate::untrusted::create_dir_beneath(&target, rel.parent().unwrap_or(Path::new("")))?;
+        // Below the target every directory is a real one: a symlink is refused, never followed
+        // (the file would be written as root wherever it points).
+        crate::untrusted::create_dir_beneath(target, rel.parent().unwrap_or(Path::new("")))?;
         let m = chunk::read_manifest(&mp)?;
         let bar = watch.meter(format!("unchunk {}", rel.display()), Some(m.size));
         let cb = |n: u64| bar.set(n);
         // A host's set-uid, set-gid or sticky bit is not given to a file made on the backup
         // server (a set-uid root program a local user could run).
-        chunk::unchunk_file_without_set_id(&a.path, &mp, &dest, Some(&cb))?;
+        chunk::unchunk_file_without_set_id(archive, &mp, &dest, Some(&cb))?;
         drop(bar);
         let note = if m.mode & 0o7000 != 0 { ", set-id and sticky bits left out" } else { "" };
         out.push_str(&format!("{} ({}), verified{note}\n", dest.display(), human(m.size)));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// `--verify JOB [ARCHIVE|--all]`: read every chunk, check hashes, name what is damaged.
