@@ -491,7 +491,7 @@ pub fn disk_usage(cfg: &Config, csv: bool) -> Result<String> {
         let auto =
             cfg.jobs.values().find(|j| j.automount.as_ref().is_some_and(|a| Path::new(&r).starts_with(&a.point)));
         let df = match auto.and_then(|j| j.automount.as_ref().map(|a| (j, a))) {
-            Some((j, a)) => crate::automount::with_mounted(j, || {
+            Some((j, a)) => crate::automount::with_mounted(j, &cfg.lock_dir(), || {
                 crate::automount::is_mounted(&a.device, &a.point).then(|| rsync::df(Path::new(&r))).flatten()
             }),
             None => rsync::df(Path::new(&r)),
@@ -725,7 +725,7 @@ pub fn check_connections(cfg: &Config, names: &[String], out: &mut dyn Write) ->
 /// `--cleanup JOB`: delete archives beyond the Keep values, then sweep the chunk pool.
 pub fn cleanup(cfg: &Config, name: &str, yes: bool, watch: &Watch) -> Result<String> {
     let job = cfg.job(name)?;
-    let _disk = crate::automount::mount_for_command(job)?;
+    let _disk = crate::automount::mount_for_command(job, &cfg.lock_dir())?;
     let extra = archive::beyond_keep(&job.job_dir(), keeps(job))?;
     if extra.is_empty() {
         crate::maintenance::sweep_pool(&job.root_dir())?;
@@ -748,7 +748,7 @@ pub fn cleanup(cfg: &Config, name: &str, yes: bool, watch: &Watch) -> Result<Str
 /// deleted).
 pub fn delete_job(cfg: &Config, name: &str, yes: bool, revoke: bool, watch: &Watch) -> Result<String> {
     let job = cfg.job(name)?;
-    let _disk = crate::automount::mount_for_command(job)?;
+    let _disk = crate::automount::mount_for_command(job, &cfg.lock_dir())?;
     let dir = job.job_dir();
     confirm(
         watch,
@@ -781,7 +781,7 @@ pub fn delete_job(cfg: &Config, name: &str, yes: bool, revoke: bool, watch: &Wat
 /// `--rename-job JOB NEW`
 pub fn rename_job(cfg: &Config, name: &str, new: &str) -> Result<String> {
     let job = cfg.job(name)?;
-    let _disk = crate::automount::mount_for_command(job)?;
+    let _disk = crate::automount::mount_for_command(job, &cfg.lock_dir())?;
     if !crate::config::valid_job_name(new) {
         bail!("new job name '{new}' is not valid; expected letters, digits, '_', '.' and '-' only (at most 64, not starting with '.' or '-'), and not {}", crate::config::GLOBAL_SECTION);
     }
@@ -827,7 +827,7 @@ pub fn rename_job(cfg: &Config, name: &str, new: &str) -> Result<String> {
 /// under its name, and only then the original removed), then RootDir written to its file.
 pub fn move_archive(cfg: &Config, name: &str, new_root: &str, yes: bool, watch: &Watch) -> Result<String> {
     let job = cfg.job(name)?;
-    let _disk = crate::automount::mount_for_command(job)?;
+    let _disk = crate::automount::mount_for_command(job, &cfg.lock_dir())?;
     check_new_root(cfg, new_root)?;
     let root = Path::new(new_root);
     let (from, to) = (job.job_dir(), root.join(name));

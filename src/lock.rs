@@ -23,6 +23,9 @@
 //! The lock directory also holds `.ssh.JOB/`, the private directory of the run's ssh
 //! ControlMaster socket (the transport's `mux.rs`, which creates and removes it; the master is
 //! one of the run's children and holds the marker like them).
+//!
+//! And `.automount.HEX` and `.automount.HEX.m`, the users' and the decision's locks of an
+//! AutomountPoint (src/automount.rs, which opens them through this module's checks).
 
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, Write};

@@ -69,7 +69,7 @@ fn run_locked(ctx: &Ctx, level: Level) -> Result<RunSummary> {
         ));
     }
     // AutomountDevice: the backup disk, mounted for the run (and unmounted when this is dropped).
-    let _mounted = crate::automount::mount(ctx.job, Some(&ctx.log))?;
+    let _mounted = crate::automount::mount(ctx.job, &ctx.cfg.lock_dir(), Some(&ctx.log))?;
     let root = ctx.job.root_dir();
     if !root.is_dir() {
         bail!(

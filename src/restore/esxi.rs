@@ -487,7 +487,7 @@ fn restore_logged_in(
                 j.name
             ))
         })?;
-        match crate::automount::mount_for_command(j) {
+        match crate::automount::mount_for_command(j, &ctx.cfg.lock_dir()) {
             Ok(disk) => held.push((j, vm, lock, disk)),
             // Its backup disk is away: the restore is not refused for it, but its next run must
             // not trust CBT, and only the user can see to that.

@@ -741,6 +741,74 @@ fn a_usb_disk_is_mounted_for_the_run_and_unmounted_after() {
     assert!(fail(&a.affa(&["--run", "usb"])).contains("has AutomountDevice without AutomountPoint"));
 }
 
+/// Two jobs on one USB disk (the usual Affa set-up): the first run to end leaves the disk
+/// mounted while the other runs (a lazy unmount under it sent its archive to the empty
+/// directory below the mount point, on the system disk); the last one out unmounts it.
+#[test]
+fn a_usb_disk_shared_by_two_jobs_stays_mounted_until_the_last_run_ends() {
+    let disk = UsbDisk::new();
+    let a = Affa::new();
+    global(&a, "");
+    let src = source();
+    let point = a.tmp.path().join("mnt/usb");
+    let scripts = a.state.join("scripts");
+    fs::create_dir_all(&scripts).unwrap();
+    let (started, go) = (a.state.join("started"), a.state.join("go"));
+    fs::write(
+        scripts.join("hold.sh"),
+        format!(
+            "#!/bin/sh\ntouch '{}'\nwhile [ ! -e '{}' ]; do sleep 0.1; done\nexit 0\n",
+            started.display(),
+            go.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(scripts.join("hold.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    let job = |name: &str, extra: &str| {
+        local_job(
+            name,
+            src.path(),
+            &format!("RootDir={p}\nAutomountDevice={}\nAutomountPoint={p}\n{extra}", disk.dev, p = point.display()),
+        )
+    };
+    a.write_conf("jobs.conf", &format!("{}\n{}", job("first", ""), job("second", "preJobCommand=hold.sh\n")));
+    // The second job's run mounts the disk and waits in its preJobCommand.
+    let second = a
+        .cmd()
+        .env("AFFA_FAKE_NOW", "2026-03-02T10:00:00")
+        .args(["--run", "second"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(Duration::from_secs(30), "the second job's run to reach its preJobCommand", || {
+        started.exists().then_some(())
+    });
+    // The first job runs from start to end meanwhile: the disk is in use, it stays mounted.
+    ok(&a.affa_at("2026-03-02T10:00:05", &["--run", "first"]));
+    let log = log_of(&a, "first");
+    assert!(!log.contains("Mounting"), "mounted twice: {log}");
+    assert!(log.contains(&format!("left {} mounted: another affa run or command uses it", point.display())), "{log}");
+    assert!(mounted_at(&point).is_some_and(|m| m.starts_with(&disk.dev)), "unmounted under the second job's run");
+    // The second run goes on and ends: its archive is on the disk, and it unmounts the disk.
+    fs::write(&go, "").unwrap();
+    let out = second.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(log_of(&a, "second").contains(&format!("Unmounted {}", point.display())), "{}", log_of(&a, "second"));
+    assert_eq!(mounted_at(&point), None, "left mounted by the last run");
+    assert_eq!(fs::read_dir(&point).unwrap().count(), 0, "written below the mount point instead of on the disk");
+    let check = a.tmp.path().join("check");
+    fs::create_dir_all(&check).unwrap();
+    assert!(std::process::Command::new("mount").arg(&disk.dev).arg(&check).status().unwrap().success());
+    for j in ["first", "second"] {
+        let hello =
+            check.join(j).join("scheduled.0").join(src.path().strip_prefix("/").unwrap()).join("data/hello.txt");
+        assert_eq!(fs::read_to_string(&hello).ok().as_deref(), Some("hello from affa\n"), "{j}'s archive on the disk");
+    }
+    assert!(std::process::Command::new("umount").arg(&check).status().unwrap().success());
+}
+
 /// A real `rsync --daemon` on 127.0.0.1 serving `path` as module AFFA to user affa with
 /// `password`. Stopped when dropped (before its directory goes: fields drop in order).
 struct RsyncDaemon {
