@@ -748,7 +748,13 @@ pub fn cleanup(cfg: &Config, name: &str, yes: bool, watch: &Watch) -> Result<Str
 /// deleted).
 pub fn delete_job(cfg: &Config, name: &str, yes: bool, revoke: bool, watch: &Watch) -> Result<String> {
     let job = cfg.job(name)?;
-    let _disk = crate::automount::mount_for_command(job, &cfg.lock_dir())?;
+    // A dead or lost disk: nothing of the job is deleted, and the way out is named.
+    let _disk = crate::automount::mount_for_command(job, &cfg.lock_dir()).map_err(|e| {
+        e.context(format!(
+            "job {name} not deleted (its archives are on that disk; to remove the job without them, delete its section [{name}] from {} by hand)",
+            job.origin.file.display()
+        ))
+    })?;
     let dir = job.job_dir();
     confirm(
         watch,

@@ -736,6 +736,16 @@ fn a_usb_disk_is_mounted_for_the_run_and_unmounted_after() {
     );
     let e = fail(&a.affa_at("2026-03-05T10:00:00", &["--run", "usb"]));
     assert!(e.contains("cannot mount AutomountDevice /dev/affa-no-such-disk on") && e.lines().count() == 1, "{e}");
+    // A job whose disk is dead is not deleted (its archives are there), and the message says
+    // how to remove it anyway.
+    let e = fail(&a.affa(&["--delete-job", "usb", "--yes"]));
+    assert!(
+        e.contains("job usb not deleted")
+            && e.contains("delete its section [usb] from")
+            && e.contains("cannot mount AutomountDevice"),
+        "{e}"
+    );
+    assert!(fs::read_to_string(a.conf.join("usb.conf")).unwrap().contains("[usb]"));
     // Half a pair is a configuration error of that job.
     a.write_conf("usb.conf", &local_job("usb", src.path(), "AutomountDevice=/dev/sdz1\n"));
     assert!(fail(&a.affa(&["--run", "usb"])).contains("has AutomountDevice without AutomountPoint"));
