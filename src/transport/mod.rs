@@ -39,7 +39,18 @@ pub struct SshTarget {
     /// `BandwidthLimit` (KiB/s, 0 = none): paces the agent's session ([`pace`]); rsync gets it
     /// as `--bwlimit`.
     pub bwlimit: u64,
+    /// The host is an ESXi host (an ESXi job): ssh is asked for [`ESXI_CIPHERS`].
+    pub esxi: bool,
 }
+
+/// The ciphers affa asks ssh for on an ESXi host, AES-GCM first. An ESXi host offers AES only
+/// (vSphere Security guide: "SSH supports only 256-bit and 128-bit AES ciphers"), and among
+/// those OpenSSH's default order takes AES-CTR with a separate MAC, which moves a disk at
+/// about two thirds of AES-GCM's rate (an authenticated cipher with hardware support on every
+/// CPU ESXi runs on; 300 against 196 MB/s through one ssh stream on the bench machine).
+/// Listing only what the host offers loses nothing; other jobs keep ssh's own choice (their
+/// hosts may lack AES instructions, where ChaCha20, OpenSSH's first choice, is the fast one).
+pub const ESXI_CIPHERS: &str = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr";
 
 /// The private key affa uses for every job.
 pub fn key_path(ssh_dir: &Path) -> PathBuf {
@@ -236,6 +247,7 @@ impl SshTarget {
             debug: job.debug,
             control: None,
             bwlimit: job.rsync.bwlimit,
+            esxi: job.esxi(),
         }
     }
 
@@ -281,6 +293,9 @@ impl SshTarget {
             "-o".into(),
             if self.debug { "LogLevel=DEBUG1".into() } else { "LogLevel=ERROR".into() },
         ];
+        if self.esxi {
+            o.extend(["-o".into(), format!("Ciphers={ESXI_CIPHERS}")]);
+        }
         // A session, never a master of its own. A master that died during the run (the host
         // dropped the connection, a kill) leaves its socket refusing: such a session would print
         // "Control socket connect(...): Connection refused" before connecting directly, a line
@@ -521,7 +536,21 @@ mod tests {
             debug: false,
             control,
             bwlimit: 0,
+            esxi: false,
         }
+    }
+
+    /// An ESXi host offers AES only: affa asks for AES-GCM first there (OpenSSH's own order
+    /// would take AES-CTR with a MAC); other hosts keep ssh's choice.
+    #[test]
+    fn esxi_hosts_are_asked_for_aes_gcm_first() {
+        let cipher_opts =
+            |t: &SshTarget| -> Vec<String> { t.options().into_iter().filter(|o| o.starts_with("Ciphers=")).collect() };
+        assert!(cipher_opts(&target(None)).is_empty());
+        let esxi = SshTarget { esxi: true, ..target(None) };
+        assert_eq!(cipher_opts(&esxi), [format!("Ciphers={ESXI_CIPHERS}")]);
+        assert!(ESXI_CIPHERS.starts_with("aes128-gcm@openssh.com,"));
+        assert!(ESXI_CIPHERS.split(',').all(|c| c.starts_with("aes")), "only what an ESXi host offers");
     }
 
     /// Sessions go through the run's master only while its socket accepts: a master that died

@@ -166,7 +166,17 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// A private sshd on 127.0.0.1; stopped when dropped.
+/// Key exchanges an ESXi 8 host's sshd offers (Broadcom KB 326844, "Couldn't agree a key
+/// exchange algorithm on ESXi or vCenter").
+const ESXI_KEX: &str =
+    "ecdh-sha2-nistp256,ecdh-sha2-nistp384,ecdh-sha2-nistp521,diffie-hellman-group16-sha512,diffie-hellman-group18-sha512";
+/// Ciphers: "SSH supports only 256-bit and 128-bit AES ciphers" (vSphere 8 Security guide).
+const ESXI_SSH_CIPHERS: &str = "aes256-gcm@openssh.com,aes128-gcm@openssh.com,aes256-ctr,aes192-ctr,aes128-ctr";
+/// MACs: the SHA-2 HMACs of a FIPS-mode sshd (ESXi runs its sshd in FIPS mode; the exact list
+/// is an assumption).
+const ESXI_MACS: &str = "hmac-sha2-256-etm@openssh.com,hmac-sha2-512-etm@openssh.com,hmac-sha2-256,hmac-sha2-512";
+
+/// A private sshd on 127.0.0.1 offering what an ESXi 8 host's does; stopped when dropped.
 pub struct Sshd {
     pub port: u16,
     pub user: String,
@@ -180,7 +190,16 @@ impl Sshd {
     pub fn start(dir: &Path) -> Result<Sshd, String> {
         let _ = fs::remove_dir_all(dir);
         fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-        keygen(&dir.join("host_ed25519"))?;
+        // The host key an ESXi host makes at first boot: ECDSA nistp256 (vSphere Security guide).
+        let st = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ecdsa", "-b", "256", "-N", "", "-f"])
+            .arg(dir.join("host_ecdsa"))
+            .stdout(Stdio::null())
+            .status()
+            .map_err(|e| format!("ssh-keygen: {e}"))?;
+        if !st.success() {
+            return Err("ssh-keygen of the host key failed".into());
+        }
         let boot = dir.join("bootstrap");
         keygen(&boot)?;
         fs::copy(boot.with_extension("pub"), dir.join("bootstrap_keys")).map_err(|e| e.to_string())?;
@@ -191,8 +210,12 @@ impl Sshd {
         // SHLVL=1: bash (root's login shell here) runs ~/.bashrc for each command sshd starts
         // unless it is a nested shell; this machine's runs pyenv's init (0.15-0.2 s a session).
         // An ESXi host's busybox sh runs no rc file for a command (docs/BENCHMARKS-METHOD.md).
+        // The algorithms an ESXi 8 host's sshd offers (docs/BENCHMARKS-METHOD.md): key exchange
+        // as Broadcom KB 326844 lists them, AES ciphers only (vSphere Security guide), SHA-2
+        // MACs (its FIPS mode; the list is not published).
         let cfg = format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_ed25519\nPidFile {d}/sshd.pid\n\
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_ecdsa\nPidFile {d}/sshd.pid\n\
+             KexAlgorithms {ESXI_KEX}\nCiphers {ESXI_SSH_CIPHERS}\nMACs {ESXI_MACS}\n\
              AuthorizedKeysFile {d}/authorized_keys {d}/bootstrap_keys\nStrictModes no\nUsePAM no\n\
              PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
              PubkeyAuthentication yes\nLogLevel ERROR\nMaxStartups 100:30:200\nMaxSessions 50\n\
