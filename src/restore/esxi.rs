@@ -8,10 +8,13 @@
 //!
 //! Owns: the mapping of archived VM files to target paths and the refusals around it. Must
 //! never: send a name (from the archive, the options or the host's listing) that the one
-//! path-safety rule (`crate::untrusted`) refuses, write to a datastore directory that a
-//! powered-on VM uses, register a name that exists,
-//! write anything before the user confirmed and every chunked disk was rebuilt and verified, or
-//! send the ESXi password before the host's certificate matched its pin (the client checks).
+//! path-safety rule (`crate::untrusted`) refuses, follow a link or open a fifo or device below
+//! the archive's `vmfs/volumes/` (the archive is the host's: a link there could name the backup
+//! server's own files; such an archive is refused, naming the entry, before the host is
+//! contacted), write to a datastore directory that a powered-on VM uses, register a name that
+//! exists, write anything before the user confirmed and every chunked disk was rebuilt and
+//! verified, or send the ESXi password before the host's certificate matched its pin (the
+//! client checks).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -140,6 +143,63 @@ fn read_password_file(p: &Path) -> Result<Password> {
     Ok(Password::new(pw))
 }
 
+/// The VM's archived files: every file below the archive's `vmfs/volumes/` (relative to it,
+/// sorted) with its size. `vmfs/volumes` and every directory below it must be real directories
+/// and every other entry a regular file: a symlink (a VM's directory, a file, a manifest), fifo,
+/// socket or device is refused with one line naming it and what was expected. It is the host's
+/// (or planted in the archive): rsync given the archived path, the check's hash and the
+/// reference walk would follow a link to the backup server's own files, block on a fifo or read
+/// a device, and a file passed over would leave the restored VM without it.
+fn archived_files(ctx: &Ctx) -> Result<Vec<(PathBuf, u64)>> {
+    let arch = &ctx.arch;
+    let cannot = || {
+        format!(
+            "archive {} of job {}: the VM's files cannot be restored, nothing was changed",
+            arch.name(),
+            ctx.job.name
+        )
+    };
+    let vol = Path::new("vmfs/volumes");
+    let base = arch.path.join(vol);
+    let refused = |rel: &Path, md: &fs::Metadata, expected: &str| {
+        let shown = if rel.as_os_str().is_empty() {
+            base.display().to_string()
+        } else {
+            format!("{}/{}", base.display(), crate::untrusted::shown(&rel.to_string_lossy()))
+        };
+        Error::new(format!(
+            "{}: {shown} is {}, expected {expected} (never followed or sent; made by the source host?)",
+            cannot(),
+            crate::untrusted::kind_of(md)
+        ))
+    };
+    let md = match crate::untrusted::lstat_beneath(&arch.path, vol).map_err(|e| e.context(cannot()))? {
+        Some(md) => md,
+        None => return Ok(Vec::new()),
+    };
+    if !md.is_dir() {
+        return Err(refused(Path::new(""), &md, "a directory"));
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![base.clone()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).ctx(|| format!("cannot read {}", d.display()))? {
+            let p = e.ctx(|| format!("cannot read {}", d.display()))?.path();
+            let md = fs::symlink_metadata(&p).ctx(|| format!("cannot stat {}", p.display()))?;
+            let rel = p.strip_prefix(&base).unwrap_or(&p).to_path_buf();
+            if md.is_dir() {
+                stack.push(p);
+            } else if md.is_file() {
+                out.push((rel, md.len()));
+            } else {
+                return Err(refused(&rel, &md, "a directory or a regular file"));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// One archived file and where it goes.
 struct Item {
     /// Archive-relative path.
@@ -165,7 +225,8 @@ struct Dir {
 
 /// Chunked files up to this size are rebuilt locally even where the agent runs: descriptors
 /// and other small files the reference walk reads (and may rewrite for the new place). A
-/// bigger one is a disk to the walk, never read as text.
+/// bigger one is never read as text: a disk where a descriptor names it as an extent, refused
+/// as too big where a `.vmx`, `.vmsd` or descriptor is expected (`vmrefs::walk`).
 const SMALL_CHUNKED: u64 = vmrefs::MAX_READ;
 
 pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
@@ -193,9 +254,15 @@ pub(super) fn restore(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
     if let Some(d) = &ctx.opts.to_datastore {
         SafeName::new("--to-datastore", d).map_err(|e| e.context("--to-datastore: expected a datastore name"))?;
     }
+    // The archived files, before the host is contacted: a link or special file among them
+    // refuses the restore here.
+    let files = archived_files(ctx)?;
+    if files.is_empty() {
+        bail!("archive {} holds no VM files under vmfs/volumes/", arch.name());
+    }
 
     let mut t = connect_target(ctx)?;
-    let res = restore_logged_in(ctx, &mut t, &record, &vm_name, (&vmx_ds, &vmx_dir, &vmx_name), out);
+    let res = restore_logged_in(ctx, &mut t, &record, &vm_name, (&vmx_ds, &vmx_dir, &vmx_name), files, out);
     let _ = t.client.logout();
     res
 }
@@ -206,6 +273,7 @@ fn restore_logged_in(
     record: &VmRecord,
     vm_name: &str,
     vmx: (&str, &str, &str),
+    files: Vec<(PathBuf, u64)>,
     out: &mut dyn Write,
 ) -> Result<()> {
     let arch = &ctx.arch;
@@ -228,22 +296,15 @@ fn restore_logged_in(
         })
     };
 
-    // The archived files, grouped by directory.
+    // The archived files (each a regular file below real directories), grouped by directory.
     let base = arch.path.join("vmfs/volumes");
-    let files: Vec<PathBuf> = crate::fsutil::walk_files(&base)?
-        .into_iter()
-        .map(|f| f.strip_prefix(&base).unwrap_or(&f).to_path_buf())
-        .collect();
     // Chunked are only the files the archive's index lists.
     let recorded: std::collections::HashSet<PathBuf> = chunk::chunked_files(&arch.path)?.into_iter().collect();
-    if files.is_empty() {
-        bail!("archive {} holds no VM files under vmfs/volumes/", arch.name());
-    }
     let staging = Staging::new(ctx.job)?;
     let mut dirs: Vec<Dir> = Vec::new();
     let mut items: Vec<Item> = Vec::new();
     let mut chunked: Vec<Chunked> = Vec::new();
-    for rel in files {
+    for (rel, archived_size) in files {
         let s = rel.to_string_lossy().into_owned();
         // Archive contents are not trusted: every name goes to the host by the one rule.
         SafeRelPath::new("archived file name", &s).map_err(|e| e.context(format!("archive {}", arch.name())))?;
@@ -290,7 +351,7 @@ fn restore_logged_in(
             });
             (local, m.size)
         } else {
-            (archived.clone(), fs::metadata(&archived).map(|m| m.len()).unwrap_or(0))
+            (archived.clone(), archived_size)
         };
         items.push(Item {
             rel: PathBuf::from("vmfs/volumes").join(&rel),
@@ -507,25 +568,13 @@ fn restore_logged_in(
             .map_err(|e| e.context(format!("job {} backs up VM {vm} too", j.name)))?;
     }
 
-    // Everything local first: every chunk of the chunked disks verified (rebuilt in staging
-    // where no agent runs on the target), the VM checked whole, the absolute paths of the .vmx,
-    // .vmsd and descriptors rewritten for the new place. The agent is kept on the datastore of
-    // the first chunked disk (a datastore survives a reboot of the host).
-    let agent_ds = match chunked.first() {
-        Some(c) => items.iter().find(|it| it.local == c.local).map(|it| ds_path_of(&dirs[it.dir].ds)).transpose()?,
-        None => None,
-    };
-    let agent = target_agent(ctx, &t.ep, agent_ds.as_deref(), &chunked, out)?;
-    // With the agent, the big files (disk extents) go through it; small chunked files
-    // (descriptors, which the reference walk below reads and may rewrite) are rebuilt here.
-    let (through_agent, rebuilt): (Vec<Chunked>, Vec<Chunked>) = if agent.is_some() {
-        chunked.iter().cloned().partition(|c| c.size > SMALL_CHUNKED)
-    } else {
-        (Vec::new(), chunked.clone())
-    };
-    verify_all(ctx, &through_agent, out)?;
-    rebuild_all(ctx, &rebuilt)?;
-    let by_agent = |it: &Item| through_agent.iter().any(|c| c.local == it.local);
+    // Everything local first: the small chunked files (descriptors, which the reference walk
+    // reads and may rewrite) rebuilt here, the VM checked whole, the absolute paths of the
+    // .vmx, .vmsd and descriptors rewritten for the new place; then every chunk of the chunked
+    // disks verified (rebuilt in staging where no agent runs on the target). A refusal of the
+    // check comes before the agent is started (or installed) on the target.
+    let (big, small): (Vec<Chunked>, Vec<Chunked>) = chunked.iter().cloned().partition(|c| c.size > SMALL_CHUNKED);
+    rebuild_all(ctx, &small)?;
     let orig_urls: Vec<(String, String)> = record.datastores.iter().map(|d| (d.name.clone(), d.url.clone())).collect();
     // The chunked disks (by their archived size: a rewrite below may change a descriptor's).
     let disks: Vec<bool> = items.iter().map(|it| it.chunked && it.size > SMALL_CHUNKED).collect();
@@ -593,7 +642,8 @@ fn restore_logged_in(
         let p = staging.dir.join(format!("{}", it.dir)).join(&it.name);
         fs::create_dir_all(p.parent().unwrap()).ctx(|| format!("cannot create {}", p.parent().unwrap().display()))?;
         if p != it.local {
-            let md = fs::metadata(&it.local).ctx(|| format!("cannot stat {}", it.local.display()))?;
+            // The archived file read just now (a regular file, never a link followed).
+            let md = fs::symlink_metadata(&it.local).ctx(|| format!("cannot stat {}", it.local.display()))?;
             fs::write(&p, &new).ctx(|| format!("cannot write {}", p.display()))?;
             fs::set_permissions(&p, md.permissions()).ctx(|| format!("cannot chmod {}", p.display()))?;
         } else {
@@ -633,6 +683,18 @@ fn restore_logged_in(
             t.label
         );
     }
+    // The agent is kept on the datastore of the first chunked disk (a datastore survives a
+    // reboot of the host).
+    let agent_ds = match chunked.first() {
+        Some(c) => items.iter().find(|it| it.local == c.local).map(|it| ds_path_of(&dirs[it.dir].ds)).transpose()?,
+        None => None,
+    };
+    let agent = target_agent(ctx, &t.ep, agent_ds.as_deref(), &chunked, out)?;
+    // With the agent, the big files (disk extents) go through it; else they are rebuilt here.
+    let (through_agent, rebuilt) = if agent.is_some() { (big, Vec::new()) } else { (Vec::new(), big) };
+    verify_all(ctx, &through_agent, out)?;
+    rebuild_all(ctx, &rebuilt)?;
+    let by_agent = |it: &Item| through_agent.iter().any(|c| c.local == it.local);
 
     // Send.
     let mkdirs: String = dirs.iter().map(|d| format!("mkdir -p {}\n", shell_quote(&d.host))).collect();
@@ -642,6 +704,10 @@ fn restore_logged_in(
         let mut a = rsync::Args::new(t.rsync_job, &t.ep.source());
         // --ignore-times: by content, not size and time (as the restore to a host).
         a.opts(["--inplace", "--no-whole-file", "--sparse", "--stats", "--ignore-times"]);
+        // Every source is a regular file (archived_files, or rebuilt and rewritten in staging):
+        // anything else put in its place since is skipped, never followed (the check then
+        // finds the file missing or different).
+        a.opts(rsync::REGULAR_FILES_ONLY);
         // Chunked disks restored by the agent are not in rsync's part.
         let mine: Vec<&Item> = items.iter().filter(|it| it.dir == i && !by_agent(it)).collect();
         // rsync names the destination after the source's base name: send the ones whose local

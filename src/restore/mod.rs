@@ -9,7 +9,9 @@
 //! Owns: every change a restore makes on a target host. Must never: write anything to a target
 //! before the user typed `proceed` (or gave `--yes`) and before every chunk of every chunked
 //! file was verified locally (a damaged chunk stops the restore with the target untouched);
-//! modify an archive or the chunk pool; call a restore good whose files do not match the archive.
+//! modify an archive or the chunk pool; follow a link or open a fifo or device where it reads an
+//! archived file (its hash, a manifest); call a restore good whose files do not match the
+//! archive.
 
 mod esxi;
 mod host;
@@ -531,10 +533,12 @@ pub(crate) struct Expect {
     pub mtime: i64,
 }
 
-/// SHA-256 (hex) and size of a local file.
+/// SHA-256 (hex) and size of a local regular file: an archived file (or one rebuilt from an
+/// archive). A symlink, fifo or device in its place is refused, never followed or opened (the
+/// archive is the host's: a link could name the backup server's own files, a fifo would block).
 pub(crate) fn sha256_file(p: &Path, bar: Option<&crate::observer::Meter>) -> Result<(String, u64)> {
     use sha2::Digest;
-    let mut f = fs::File::open(p).ctx(|| format!("cannot open {}", p.display()))?;
+    let mut f = crate::untrusted::open_regular(p).ctx(|| format!("cannot open {}", p.display()))?;
     let mut h = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut n = 0u64;
@@ -651,4 +655,35 @@ pub(crate) fn report_check(ctx: &Ctx, c: &Checked, out: &mut dyn Write) -> Resul
 pub(crate) fn mtime_of(md: &fs::Metadata) -> i64 {
     use std::os::unix::fs::MetadataExt;
     md.mtime()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hash of an archived file opens a regular file only: a link (to a backup server's
+    /// file) or a fifo in its place is refused by name, never followed or opened.
+    #[test]
+    fn the_hash_of_an_archived_file_follows_no_link_and_opens_no_fifo() {
+        let t = tempfile::tempdir().unwrap();
+        let secret = t.path().join("secret");
+        fs::write(&secret, b"of the backup server").unwrap();
+        let (sha, n) = sha256_file(&secret, None).unwrap();
+        assert_eq!((sha.len(), n), (64, 20));
+        let link = t.path().join("vm.nvram");
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        let e = sha256_file(&link, None).unwrap_err().to_string();
+        assert!(e.contains(&link.display().to_string()) && e.contains("symlink"), "{e}");
+        let fifo = t.path().join("vm.log");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let e = sha256_file(&fifo, None).unwrap_err().to_string();
+        assert!(e.contains(&fifo.display().to_string()) && e.contains("fifo"), "{e}");
+    }
 }

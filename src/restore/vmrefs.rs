@@ -5,7 +5,9 @@
 //!
 //! Owns: reading those references. Must never: read more than [`MAX_READ`] bytes of a file (a
 //! bigger `.vmx`, `.vmsd` or descriptor is refused, never read in part: padding past a prefix
-//! would hide what it names), pass over a file it cannot read, read a chunked disk as text,
+//! would hide what it names), pass over a file it cannot read, take a file named where a
+//! `.vmx`, `.vmsd` or descriptor is expected for a disk (a chunked one past the limit is
+//! refused as too big, not skipped), read a chunked disk as text, follow a link to a file,
 //! resolve a reference outside the archived datastores, or panic on what an archive holds (its
 //! files came from a host that may be hostile).
 
@@ -20,7 +22,9 @@ pub(super) struct VmFile {
     pub name: String,
     pub local: PathBuf,
     /// A chunked file larger than [`MAX_READ`]: a disk (the restore may hold no local copy of
-    /// it), never read as text, even where a `.vmx` names it as a descriptor.
+    /// it), never read as text. Named as an extent it is data; named where a `.vmx`, `.vmsd` or
+    /// descriptor is expected it is refused as too big to check (with `chunkFiles=*.vmdk` the
+    /// descriptors are chunked too, and one padded past the limit could hide a name).
     pub disk: bool,
 }
 
@@ -150,8 +154,9 @@ pub(super) struct Walk {
 
 /// Follow the references from the VM's `.vmx` (`vmx` = its datastore, dir, name) and the
 /// `.vmsd` beside it through every descriptor reached. A `.vmx`, `.vmsd` or descriptor that is
-/// too big or cannot be read is an error naming it (a chunked disk named as a descriptor is
-/// not read: it is a disk).
+/// too big or cannot be read is an error naming it: a chunked file past [`MAX_READ`] too (it
+/// is not read, and never taken for a disk there: a disk is named by its descriptor, as an
+/// extent).
 pub(super) fn walk(files: &[VmFile], vmx: (&str, &str, &str), urls: &[(String, String)]) -> Result<Walk, String> {
     #[derive(Clone, Copy, PartialEq)]
     enum Kind {
@@ -164,22 +169,28 @@ pub(super) fn walk(files: &[VmFile], vmx: (&str, &str, &str), urls: &[(String, S
         |ds: &str, dir: &str, name: &str| files.iter().position(|f| f.ds == ds && f.dir == dir && f.name == name);
     let mut w = Walk { missing: Vec::new(), config: Vec::new() };
     let mut seen = BTreeSet::new();
-    let mut queue: Vec<(usize, Kind)> = Vec::new();
+    // Each file to read, with what it is expected to be and who named it (`FILE as KEY`).
+    let mut queue: Vec<(usize, Kind, Option<String>)> = Vec::new();
     let (ds, dir, name) = vmx;
     match find(ds, dir, name) {
-        Some(i) => queue.push((i, Kind::Vmx)),
+        Some(i) => queue.push((i, Kind::Vmx, None)),
         None => w.missing.push(format!("{name} (the VM's configuration)")),
     }
     if let Some(i) = find(ds, dir, &format!("{}.vmsd", name.strip_suffix(".vmx").unwrap_or(name))) {
-        queue.push((i, Kind::Vmsd));
+        queue.push((i, Kind::Vmsd, None));
     }
-    while let Some((i, kind)) = queue.pop() {
+    while let Some((i, kind, by)) = queue.pop() {
         if kind == Kind::Data || !seen.insert(i) {
             continue;
         }
         let f = &files[i];
-        if kind == Kind::Descriptor && f.disk {
-            continue;
+        if f.disk {
+            let by = by.map(|b| format!(" (named by {b}, where a disk descriptor is expected)"));
+            return Err(format!(
+                "{} is a chunked file larger than {MAX_READ} bytes, the most a .vmx, .vmsd or disk descriptor may hold to be checked{}",
+                f.name,
+                by.unwrap_or_default()
+            ));
         }
         let text = String::from_utf8_lossy(&read_config(&f.name, &f.local)?).into_owned();
         w.config.push(i);
@@ -195,7 +206,7 @@ pub(super) fn walk(files: &[VmFile], vmx: (&str, &str, &str), urls: &[(String, S
                 Kind::Descriptor
             };
             match resolve(&target, &f.ds, &f.dir, urls).and_then(|(d, r, n)| find(&d, &r, &n)) {
-                Some(j) => queue.push((j, next)),
+                Some(j) => queue.push((j, next, Some(format!("{} as {key}", f.name)))),
                 None => {
                     let m = format!("{target} (named by {} as {key})", f.name);
                     if !w.missing.contains(&m) {
@@ -394,8 +405,10 @@ mod tests {
         let e = walk(&files, vm, &urls).err().expect("a .vmsd behind a link was read");
         assert!(e.starts_with("vm.vmsd cannot be read"), "{e}");
 
-        // A disk named directly as a descriptor: a plain one past the limit is refused, a
-        // chunked one (no local copy needed) is a disk, not read.
+        // A file past the limit named directly where a descriptor is expected is refused,
+        // plain or chunked: a chunked one is not read (there may be no local copy), and not
+        // taken for a disk either (a descriptor chunked with chunkFiles=*.vmdk and padded past
+        // the limit would hide what it names).
         let big = t.path().join("big-flat");
         std::fs::File::create(&big).unwrap().set_len(64 << 20).unwrap();
         let flat = |disk: bool| VmFile {
@@ -411,11 +424,42 @@ mod tests {
         };
         let e = direct(false).err().expect("a 64 MiB file was read as a descriptor");
         assert!(e.starts_with("vm-flat.vmdk is larger than 1048576 bytes"), "{e}");
-        let w = direct(true).unwrap();
-        assert!(w.missing.is_empty() && w.config == [0], "{:?} {:?}", w.missing, w.config);
+        let e = direct(true)
+            .err()
+            .expect("a chunked file past the limit was taken for a disk where a descriptor is expected");
+        assert!(
+            e.starts_with("vm-flat.vmdk is a chunked file larger than 1048576 bytes")
+                && e.contains("named by vm.vmx as scsi0:0.fileName"),
+            "{e}"
+        );
         // The .vmx itself is never taken for a disk.
         let mut vmx = flat(true);
         vmx.name = "vm.vmx".into();
-        assert!(walk(&[vmx], vm, &urls).is_err());
+        let e = walk(&[vmx], vm, &urls).err().expect("a chunked .vmx past the limit was passed over");
+        assert!(e.starts_with("vm.vmx is a chunked file larger than 1048576 bytes"), "{e}");
+        // A chunked disk named as an extent (by its descriptor) is data: not read, no local
+        // copy needed.
+        let vmx = file(&t, "ds1", "vm", "vm.vmx", "scsi0:0.fileName = \"vm.vmdk\"\n");
+        let desc = file(&t, "ds1", "vm", "vm.vmdk", "createType=\"vmfs\"\nRW 8 VMFS \"vm-flat.vmdk\"\n");
+        let w = walk(&[vmx, desc, flat(true)], vm, &urls).unwrap();
+        assert!(w.missing.is_empty() && w.config == [0, 1], "{:?} {:?}", w.missing, w.config);
+        // A parent descriptor (parentFileNameHint) that is a chunked file past the limit: refused.
+        let vmx = file(&t, "ds1", "vm", "vm.vmx", "scsi0:0.fileName = \"vm-000001.vmdk\"\n");
+        let delta = file(
+            &t,
+            "ds1",
+            "vm",
+            "vm-000001.vmdk",
+            "createType=\"vmfsSparse\"\nparentFileNameHint=\"vm.vmdk\"\nRW 8 VMFSSPARSE \"vm-000001-delta.vmdk\"\n",
+        );
+        let d = file(&t, "ds1", "vm", "vm-000001-delta.vmdk", "");
+        let padded = VmFile { name: "vm.vmdk".into(), ..flat(true) };
+        let e =
+            walk(&[vmx, delta, d, padded, flat(true)], vm, &urls).err().expect("a padded parent was taken for a disk");
+        assert!(
+            e.starts_with("vm.vmdk is a chunked file larger than 1048576 bytes")
+                && e.contains("named by vm-000001.vmdk as parentFileNameHint"),
+            "{e}"
+        );
     }
 }

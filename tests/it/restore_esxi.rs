@@ -4,8 +4,10 @@
 
 use crate::common;
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 
 use common::esx::{fill, sha256_file, Esx, MB};
 use common::sim::{Sim, VmSpec, PASS, USER};
@@ -279,4 +281,195 @@ fn restore_to_a_second_host() {
     // A host given by name needs its fingerprint (and an unknown ssh host key is not accepted).
     let err = fail(&e.affa.affa(&["--full-restore", "esx", "--to-host", "127.0.0.2", "--yes"]));
     assert!(err.contains("--to-thumbprint"), "{err}");
+}
+
+/// Whether any regular file below `dir` holds `needle` (links are not followed).
+fn holds(dir: &Path, needle: &[u8]) -> bool {
+    fs::read_dir(dir).unwrap().flatten().any(|e| {
+        let p = e.path();
+        let md = fs::symlink_metadata(&p).unwrap();
+        if md.is_dir() {
+            holds(&p, needle)
+        } else {
+            md.is_file() && fs::read(&p).unwrap().windows(needle.len()).any(|w| w == needle)
+        }
+    })
+}
+
+/// A copy of the directories and regular files below `from`.
+fn copy_tree(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for e in fs::read_dir(from).unwrap().flatten() {
+        let md = fs::symlink_metadata(e.path()).unwrap();
+        if md.is_dir() {
+            copy_tree(&e.path(), &to.join(e.file_name()));
+        } else if md.is_file() {
+            fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// `--full-restore esx --to-dir vm1-copy` with `extra`: refused with one line that names
+/// `path` and holds `kind`, before the plan is shown; the datastores are as `before`.
+fn refused_naming(
+    e: &Esx,
+    extra: &[&str],
+    path: &Path,
+    kind: &str,
+    before: &(BTreeMap<String, String>, BTreeMap<String, String>),
+) {
+    let mut args = vec!["--full-restore", "esx", "--to-dir", "vm1-copy"];
+    args.extend_from_slice(extra);
+    let o = e.affa.affa(&args);
+    let err = fail(&o);
+    let shown = path.display().to_string();
+    assert!(err.contains(&shown) && err.contains(kind), "{shown} ({kind}), {extra:?}: {}", say(&o));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("Restore of VM"), "the plan was shown: {}", say(&o));
+    assert_eq!(&(tree_hashes(&e.ds1), tree_hashes(&e.ds2)), before, "{shown}, {extra:?}: the target was changed");
+}
+
+/// The archive's `vmfs`, `vmfs/volumes`, a VM directory or a datastore directory made a link to
+/// the backup server's files (a copy of the VM's files with the server's key beside them, outside
+/// RootDir: a planted archive, or a host's link): rsync, the check's hash and the reference walk
+/// were given paths through it. The restore is refused with one line naming the link, before
+/// the host is contacted, also as a dry run; nothing reaches the datastores.
+#[test]
+fn a_link_on_the_way_to_the_vm_files_in_the_archive_is_refused_and_nothing_outside_is_sent() {
+    let e = esx();
+    let arch = e.affa.job_dir("esx").join("scheduled.0");
+    let secret = b"SECRET-of-the-backup-server-3e5c1f";
+    let outside = e.affa.tmp.path().join("server-files");
+    copy_tree(&arch.join("vmfs"), &outside.join("vmfs"));
+    for d in ["datastore1/vm1", "ds2/vm1"] {
+        fs::write(outside.join("vmfs/volumes").join(d).join("id_ed25519"), secret).unwrap();
+    }
+    let before = (tree_hashes(&e.ds1), tree_hashes(&e.ds2));
+    let aside = e.affa.tmp.path().join("aside");
+    for rel in ["vmfs", "vmfs/volumes", "vmfs/volumes/datastore1/vm1", "vmfs/volumes/ds2"] {
+        let link = arch.join(rel);
+        fs::rename(&link, &aside).unwrap();
+        std::os::unix::fs::symlink(outside.join(rel), &link).unwrap();
+        for extra in [&["--yes"][..], &["--dry-run"]] {
+            refused_naming(&e, extra, &link, "symlink", &before);
+        }
+        fs::remove_file(&link).unwrap();
+        fs::rename(&aside, &link).unwrap();
+    }
+    assert!(!holds(&e.ds1, secret) && !holds(&e.ds2, secret), "a backup server file reached the host");
+    // The archive as it was restores.
+    ok(&e.affa.affa(&["--full-restore", "esx", "--to-dir", "vm1-copy", "--yes"]));
+    assert_eq!(sha256_file(&e.ds1.join("vm1-copy/vm1-flat.vmdk")), e.frozen[0]);
+    assert!(!holds(&e.ds1, secret) && !holds(&e.ds2, secret), "a backup server file reached the host");
+}
+
+/// A file of the VM in the archive that is no regular file: its `.vmx`, its plain disk, the
+/// chunked disk's manifest or a file nothing names made a link to the backup server's files, a
+/// fifo (a read would block) or, as root, a device among its files. Such a file was passed over
+/// (a VM restored without it, or refused as missing): now the restore is refused with one line
+/// naming it and its kind, before the host is contacted; nothing reaches the datastores.
+#[test]
+fn a_file_of_the_vm_that_is_a_link_or_a_special_file_in_the_archive_is_refused() {
+    let e = esx();
+    let arch = e.affa.job_dir("esx").join("scheduled.0/vmfs/volumes");
+    let secret = b"SECRET-of-the-backup-server-9b07aa";
+    let outside = e.affa.tmp.path().join("server-files");
+    fs::create_dir_all(&outside).unwrap();
+    fs::write(outside.join("id_ed25519"), secret).unwrap();
+    // A .vmx and a manifest that would pass, with the secret beside them.
+    let mut vmx = fs::read(arch.join("datastore1/vm1/vm1.vmx")).unwrap();
+    vmx.extend_from_slice(b"annotation = \"");
+    vmx.extend_from_slice(secret);
+    vmx.extend_from_slice(b"\"\n");
+    fs::write(outside.join("vm1.vmx"), &vmx).unwrap();
+    fs::copy(arch.join("datastore1/vm1/vm1-flat.vmdk.affa-manifest"), outside.join("manifest")).unwrap();
+    let before = (tree_hashes(&e.ds1), tree_hashes(&e.ds2));
+    let aside = e.affa.tmp.path().join("aside");
+    let mut planted: Vec<(&str, &str)> = vec![
+        ("datastore1/vm1/notes.txt", "id_ed25519"),
+        ("datastore1/vm1/vm1.vmx", "vm1.vmx"),
+        ("ds2/vm1/vm1_1-flat.vmdk", "id_ed25519"),
+        ("datastore1/vm1/vm1-flat.vmdk.affa-manifest", "manifest"),
+        ("datastore1/vm1/vm1.log", "fifo"),
+    ];
+    if is_root() {
+        planted.push(("datastore1/vm1/vm1.nvram", "device"));
+    }
+    for (rel, what) in planted {
+        let p = arch.join(rel);
+        let had = p.exists();
+        if had {
+            fs::rename(&p, &aside).unwrap();
+        }
+        let kind = match what {
+            "fifo" => {
+                rustix::fs::mknodat(
+                    rustix::fs::CWD,
+                    &p,
+                    rustix::fs::FileType::Fifo,
+                    rustix::fs::Mode::from_raw_mode(0o600),
+                    0,
+                )
+                .unwrap();
+                "fifo"
+            }
+            "device" => {
+                let rdev = fs::metadata("/dev/null").unwrap().rdev();
+                rustix::fs::mknodat(
+                    rustix::fs::CWD,
+                    &p,
+                    rustix::fs::FileType::CharacterDevice,
+                    rustix::fs::Mode::from_raw_mode(0o600),
+                    rdev,
+                )
+                .unwrap();
+                "device"
+            }
+            target => {
+                std::os::unix::fs::symlink(outside.join(target), &p).unwrap();
+                "symlink"
+            }
+        };
+        refused_naming(&e, &["--yes"], &p, kind, &before);
+        fs::remove_file(&p).unwrap();
+        if had {
+            fs::rename(&aside, &p).unwrap();
+        }
+    }
+    assert!(!holds(&e.ds1, secret) && !holds(&e.ds2, secret), "a backup server file reached the host");
+}
+
+/// `chunkFiles=*.vmdk` chunks the descriptors too. A host pads its descriptor past the 1 MiB
+/// the check reads, then names another VM's disk as an extent: the chunked descriptor was taken
+/// for a disk, neither checked nor rewritten, and restored naming the other VM's disk. Now it
+/// is refused as too big to check, naming it and who names it; nothing is written.
+#[test]
+fn a_chunked_descriptor_padded_past_the_limit_is_refused_not_taken_for_a_disk() {
+    let e = Esx::start(8 * MB, &[(0, MB)], "chunkFiles=*.vmdk\nchunkSize=256K\nchunkTransport=rsync\n", "");
+    let desc = e.ds1.join("vm1/vm1.vmdk");
+    let mut text = fs::read_to_string(&desc).unwrap();
+    assert!(text.contains("createType") && text.contains("vm1-flat.vmdk"), "{text}");
+    assert!(e.ds1.join("other/other-flat.vmdk").exists());
+    text.push('#');
+    text.push_str(&" ".repeat(MB as usize));
+    text.push_str(&format!("\nRW 2048 VMFS \"{}/other/other-flat.vmdk\"\n", e.ds1.display()));
+    fs::write(&desc, &text).unwrap();
+    ok(&e.affa.affa_at("2026-05-04T21:00:00", &["--run", "esx"]));
+    let a1 = e.affa.job_dir("esx").join("scheduled.0/vmfs/volumes/datastore1/vm1");
+    let m = affa::chunk::read_manifest(&a1.join("vm1.vmdk.affa-manifest")).unwrap();
+    assert_eq!(m.size, text.len() as u64, "the padded descriptor was not archived as a chunked file");
+
+    let before = (tree_hashes(&e.ds1), tree_hashes(&e.ds2));
+    let o = e.affa.affa(&["--full-restore", "esx", "--to-dir", "vm1-copy", "--register", "vm1-copy", "--yes"]);
+    let err = fail(&o);
+    assert!(
+        err.contains("vm1.vmdk is a chunked file larger than 1048576 bytes")
+            && err.contains("named by vm1.vmx as scsi0:0.fileName"),
+        "{}",
+        say(&o)
+    );
+    assert!(err.contains("nothing was written"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!((tree_hashes(&e.ds1), tree_hashes(&e.ds2)), before, "the target was changed");
+    assert!(!vm_names(&e.sim).contains(&"vm1-copy".to_string()));
 }
