@@ -525,8 +525,8 @@ fn restore_logged_in(
         "proceed",
         o.yes,
     )?;
-    // Before anything is written on the host: the next backups do not trust CBT across this
-    // restore (its writes are not tracked; crate::backup::cbt::RESTORED): this job's, and those
+    // Before anything is written on the host (below, after the checks): the next backups do
+    // not trust CBT across this restore (its writes are not tracked; crate::backup::cbt::RESTORED): this job's, and those
     // of every job that backs up a VM whose files this restore writes over on this host (a
     // second job of the same VM, e.g. a weekly one to another RootDir, or the job of the VM a
     // --to-host restore lands on).
@@ -561,11 +561,6 @@ fn restore_logged_in(
                 let _ = writeln!(out, "warning: {w}");
             }
         }
-    }
-    crate::backup::cbt::mark_restored(&ctx.job.job_dir())?;
-    for (j, vm, _, _) in &held {
-        crate::backup::cbt::mark_restored(&j.job_dir())
-            .map_err(|e| e.context(format!("job {} backs up VM {vm} too", j.name)))?;
     }
 
     // Everything local first: the small chunked files (descriptors, which the reference walk
@@ -682,6 +677,13 @@ fn restore_logged_in(
             after.missing.join(", "),
             t.label
         );
+    }
+    // The VM is checked whole: the marks now, before anything is written on the host (a
+    // refused check marks nothing: the next backups keep their CBT).
+    crate::backup::cbt::mark_restored(&ctx.job.job_dir())?;
+    for (j, vm, _, _) in &held {
+        crate::backup::cbt::mark_restored(&j.job_dir())
+            .map_err(|e| e.context(format!("job {} backs up VM {vm} too", j.name)))?;
     }
     // The agent is kept on the datastore of the first chunked disk (a datastore survives a
     // reboot of the host).

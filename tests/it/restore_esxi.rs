@@ -472,4 +472,6 @@ fn a_chunked_descriptor_padded_past_the_limit_is_refused_not_taken_for_a_disk() 
     assert_eq!(err.lines().count(), 1, "{err}");
     assert_eq!((tree_hashes(&e.ds1), tree_hashes(&e.ds2)), before, "the target was changed");
     assert!(!vm_names(&e.sim).contains(&"vm1-copy".to_string()));
+    // A refused restore marks nothing: the job's next backup keeps its CBT.
+    assert!(!e.affa.job_dir("esx").join(".affa-esxi-restored").exists(), "a refused restore marked the job");
 }
