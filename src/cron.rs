@@ -13,6 +13,8 @@
 //! - resumeKilledAt: `MM HH * * * root test -d RootDir/JOB/scheduled.running && AFFA --silent --run JOB`
 //!   (runs the job again only if its transfer was stopped: killed, crashed, rebooted);
 //! - `@reboot root AFFA --silent --resume-interrupted >/dev/null`;
+//! - `@reboot root AFFA --silent --samba-shares >/dev/null` when a job has SambaShare=yes (its
+//!   share's path is a mount, which a reboot undoes);
 //! - the status mail per sendStatus, and `--metrics` every 10 minutes when the directory of
 //!   metricsFile exists;
 //! - `*/15 * * * * root AFFA --silent --_cronupdate` (Affa 3's self-refresh): the file is
@@ -133,9 +135,9 @@ pub fn cron_text(cfg: &Config, config_dir: &Path) -> String {
             metrics.display()
         ));
     }
-    if cfg.jobs.values().any(|j| j.samba_share && !j.chunk.files.is_empty()) {
+    if cfg.jobs.values().any(|j| j.samba_share) {
         s.push_str(&format!(
-            "\n# mount the archives of the Samba shares of chunked jobs after a reboot (affa --mount)\n@reboot root {affa} --silent --samba-shares >/dev/null\n"
+            "\n# mount the archives of the Samba shares after a reboot (read-only, nodev, nosuid; affa --mount for chunked jobs)\n@reboot root {affa} --silent --samba-shares >/dev/null\n"
         ));
     }
     s.push_str(&format!(
@@ -453,12 +455,16 @@ mod tests {
     }
 
     #[test]
-    fn a_samba_share_of_a_chunked_job_is_mounted_again_at_boot() {
+    fn the_mounts_of_samba_shares_are_made_again_at_boot() {
         let line = "@reboot root /usr/sbin/affa --silent --samba-shares >/dev/null\n";
         let shared = "[GlobalAffaConfig]\nRootDir=/srv/affa\n[vm]\nremoteHostName=esx.example\nSambaShare=yes\n";
         let cfg = config(&format!("{shared}chunkFiles=*-flat.vmdk\n"));
         assert_eq!(cron_text(&cfg, Path::new("/etc/affa")).matches(line).count(), 1);
-        // Not for a share without chunked files (it shares RootDir/JOB itself).
-        assert!(!cron_text(&config(shared), Path::new("/etc/affa")).contains("--samba-shares"));
+        // A share without chunked files too: its path is a bind mount of RootDir/JOB (nodev),
+        // which a reboot undoes as it ends affa --mount.
+        assert_eq!(cron_text(&config(shared), Path::new("/etc/affa")).matches(line).count(), 1);
+        // No share, no line.
+        let unshared = "[GlobalAffaConfig]\nRootDir=/srv/affa\n[vm]\nremoteHostName=esx.example\n";
+        assert!(!cron_text(&config(unshared), Path::new("/etc/affa")).contains("--samba-shares"));
     }
 }

@@ -1215,3 +1215,110 @@ fn property_retrieval_is_bounded_in_bytes_and_pages() {
     ok(&e.affa.affa_at("2026-05-04T22:00:00", &["--run", "esx"]));
     let _ = (&e.sshd, &e.sim, &e.work);
 }
+
+#[test]
+fn special_files_a_host_backed_up_give_a_samba_share_user_nothing_of_the_backup_server() {
+    // Review of the Samba shares: a job without chunkFiles was shared as RootDir/JOB itself, with
+    // `force user = root`. smbd (4.17) opens a device node it is asked for (O_RDONLY|O_NONBLOCK
+    // after an O_PATH lookup): a host that backed up a block device with the major and minor of
+    // the backup server's disk gave its share users that disk, every other job's archives (a
+    // client reading past the size 0 smbd reports got the loop device's bytes). Now the share's
+    // path is a bind mount of RootDir/JOB, read-only, nodev, nosuid, noexec.
+    if !is_root() {
+        eprintln!("skipped: smbd and the device nodes need root");
+        return;
+    }
+    let mut sshd = Sshd::shared();
+    let smbd = common::smb::start_smbd();
+    let affa = Affa::new();
+    let _mounts = common::smb::ShareMounts(affa.state.join("lock/samba-mounts"));
+    let global = fs::read_to_string(affa.conf.join("00-global.conf")).unwrap();
+    affa.write_conf(
+        "00-global.conf",
+        &format!(
+            "{global}sambaConfDir={s}/samba\nsmbConf={}\n",
+            smbd.dir.path().join("smb.conf").display(),
+            s = affa.state.display()
+        ),
+    );
+    let src = tempfile::Builder::new().prefix("affa-src").tempdir().unwrap();
+    let data = src.path().join("data");
+    fs::create_dir_all(data.join("sub")).unwrap();
+    let blob: Vec<u8> = (0..70_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    fs::write(data.join("sub/blob.bin"), &blob).unwrap();
+    // The secret lives next to RootDir, never inside it.
+    let planted = common::smb::plant_specials(&data, &affa.tmp.path().join("outside"));
+    affa.write_conf(
+        "web.conf",
+        &affa.ssh_job("web", &sshd, &format!("Include={}\nSambaShare=yes\nSambaValidUser=root\n", data.display())),
+    );
+    ok(&affa.send_key(&mut sshd, "web"));
+    ok(&affa.affa_at("2026-03-02T10:00:00", &["--run", "web"]));
+    // The archive holds what the host sent (else the test proves nothing).
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let rel = data.strip_prefix("/").unwrap();
+    let arch = affa.job_dir("web").join("scheduled.0").join(rel);
+    let ft = |n: &str| fs::symlink_metadata(arch.join(n)).unwrap().file_type();
+    assert!(
+        ft("zero").is_char_device() && ft("fifo").is_fifo() && ft("sock").is_socket() && ft("root-link").is_symlink()
+    );
+    if planted.disk.is_some() {
+        assert!(ft("disk").is_block_device());
+    }
+    assert_eq!(fs::symlink_metadata(arch.join("suid")).unwrap().mode() & 0o7777, 0o4755);
+
+    let out = ok(&affa.affa(&["--samba-shares"]));
+    assert!(out.starts_with("Samba shares: web"), "{out}");
+    let o = common::smb::smbclient_until_ok(&smbd, "web", "ls scheduled.0/*");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let watch: Vec<PathBuf> = planted.devices.iter().map(|d| arch.join(d)).collect();
+    let share_rel = format!("scheduled.0/{}", rel.display());
+    planted.assert_the_share_gives_nothing_of_the_server(
+        &smbd,
+        "web",
+        &share_rel,
+        &data,
+        &watch,
+        &affa.tmp.path().join("got"),
+    );
+    let o = common::smb::smbclient(
+        &smbd,
+        "web",
+        &format!("get {share_rel}/sub/blob.bin {}/blob", affa.tmp.path().display()),
+    );
+    assert!(o.status.success() && fs::read(affa.tmp.path().join("blob")).unwrap() == blob);
+    // The share's path is that mount, never RootDir/JOB.
+    let mp = affa.state.join("lock/samba-mounts/web");
+    let share = fs::read_to_string(affa.state.join("samba/affa-job-web.conf")).unwrap();
+    assert!(share.contains(&format!("\tpath = {}\n", mp.display())), "{share}");
+    let mount_opts = |mp: &Path| {
+        let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        info.lines()
+            .rfind(|l| l.split(' ').nth(4) == Some(mp.to_str().unwrap()))
+            .map(|l| l.split(' ').nth(5).unwrap().to_string())
+    };
+    let opts = mount_opts(&mp).expect("the share's mount");
+    assert!(["ro", "nodev", "nosuid", "noexec"].iter().all(|o| opts.split(',').any(|x| x == *o)), "{opts}");
+    // RootDir/JOB replaced by a copy (an archive moved to another disk and back): the next
+    // --samba-shares binds the new directory, the share shows what is there now.
+    let job = affa.job_dir("web");
+    let old = affa.root.join("web.old");
+    fs::rename(&job, &old).unwrap();
+    assert!(std::process::Command::new("cp").arg("-a").arg(&old).arg(&job).status().unwrap().success());
+    fs::write(job.join("scheduled.0/after-the-move.txt"), "moved\n").unwrap();
+    ok(&affa.affa(&["--samba-shares"]));
+    assert_eq!(fs::metadata(&mp).unwrap().ino(), fs::metadata(&job).unwrap().ino());
+    let got = affa.tmp.path().join("after");
+    let o = common::smb::smbclient(&smbd, "web", &format!("get scheduled.0/after-the-move.txt {}", got.display()));
+    assert!(o.status.success() && fs::read(&got).unwrap() == b"moved\n", "{}", String::from_utf8_lossy(&o.stdout));
+    // No longer shared: the mount goes with the share.
+    affa.write_conf(
+        "web.conf",
+        &affa.ssh_job("web", &sshd, &format!("Include={}\nSambaValidUser=root\n", data.display())),
+    );
+    let out = ok(&affa.affa(&["--samba-shares"]));
+    assert!(out.contains("removed: web"), "{out}");
+    assert_eq!(mount_opts(&mp), None, "the mount of the share is still there");
+    assert!(!mp.exists());
+    drop(sshd);
+}

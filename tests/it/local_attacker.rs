@@ -450,6 +450,7 @@ fn a_config_rewrite_never_makes_the_file_readable_by_others() {
 fn an_empty_samba_valid_user_is_refused_so_no_other_samba_user_reads_the_archives() {
     let Some(b) = setup("", "") else { return };
     let smbd = start_smbd();
+    let _mounts = common::smb::ShareMounts(b.a.state.join("shared/affa/samba-mounts"));
     smbd.add_user("nobody", "nobody-Smb-pw1");
     let smb_conf = smbd.dir.path().join("smb.conf");
     let g = fs::read_to_string(b.a.conf.join("00-global.conf")).unwrap();

@@ -525,6 +525,67 @@ fn the_samba_share_of_a_chunked_job_serves_the_mounted_view() {
     drop(s.sshd);
 }
 
+/// The mounted view a chunked job's share serves, and what a share user gets of the special
+/// files a hostile host backed up: the mount shows device nodes, a fifo and a socket as what
+/// they are, but it is `nodev` and `nosuid` (the kernel refuses to open a device node there, even
+/// for root, so smbd's open is refused); no symlink leads out of the share.
+#[test]
+fn the_share_of_a_chunked_job_gives_nothing_of_the_server_through_special_files() {
+    if unavailable() {
+        return;
+    }
+    let smbd = common::smb::start_smbd();
+    let s = setup("SambaShare=yes\nSambaValidUser=root\n");
+    let _mounts = common::smb::ShareMounts(s.affa.state.join("lock/samba-mounts"));
+    fs::write(
+        s.affa.conf.join("00-global.conf"),
+        format!(
+            "[GlobalAffaConfig]\nlockDir={st}/lock\nlogDir={st}/log\nsshDir={st}/ssh\nscriptDir={st}/scripts\nRootDir={r}\n\
+             cronFile={st}/cron.d/affa\nsambaConfDir={st}/samba\nsmbConf={}\n",
+            smbd.dir.path().join("smb.conf").display(),
+            st = s.affa.state.display(),
+            r = s.affa.root.display()
+        ),
+    )
+    .unwrap();
+    let data = s.src.path().join("specials");
+    fs::create_dir_all(&data).unwrap();
+    let planted = common::smb::plant_specials(&data, &s.affa.tmp.path().join("outside"));
+    ok(&s.affa.affa_at("2026-06-01T20:00:00", &["--run", "vm"]));
+    let arch = s.affa.job_dir("vm").join("scheduled.0").join(&s.rel).join("specials");
+    use std::os::unix::fs::FileTypeExt;
+    assert!(fs::symlink_metadata(arch.join("zero")).unwrap().file_type().is_char_device(), "not backed up");
+    let out = ok(&s.affa.affa(&["--samba-shares"]));
+    assert!(out.starts_with("Samba shares: vm"), "{out}");
+    let mp = s.affa.state.join("lock/samba-mounts/vm");
+    let _m = Mnt(mp.clone());
+    // The mount shows them as what they are, and refuses to open a device node even for root.
+    let shown = mp.join("scheduled.0").join(&s.rel).join("specials");
+    let ft = |n: &str| fs::symlink_metadata(shown.join(n)).unwrap().file_type();
+    assert!(ft("zero").is_char_device() && ft("fifo").is_fifo() && ft("sock").is_socket());
+    for d in &planted.devices {
+        let e = fs::File::open(shown.join(d)).expect_err("a device node opened through the mount");
+        assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{d}: {e}");
+    }
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info.lines().find(|l| l.split(' ').nth(4) == Some(mp.to_str().unwrap())).expect("the share's mount");
+    let opts: Vec<&str> = line.split(' ').nth(5).unwrap().split(',').collect();
+    assert!(["ro", "nodev", "nosuid"].iter().all(|o| opts.contains(o)), "{line}");
+    let o = common::smb::smbclient_until_ok(&smbd, "vm", "ls scheduled.0/*");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let watch: Vec<PathBuf> = planted.devices.iter().map(|d| arch.join(d)).collect();
+    planted.assert_the_share_gives_nothing_of_the_server(
+        &smbd,
+        "vm",
+        &format!("scheduled.0/{}/specials", s.rel.display()),
+        &data,
+        &watch,
+        &s.affa.tmp.path().join("got"),
+    );
+    ok(&s.affa.affa(&["--umount", mp.to_str().unwrap()]));
+    drop(s.sshd);
+}
+
 /// An ESXi job with chunked disks (read on the host by the agent): the mounted `-flat.vmdk`s are
 /// the frozen disks byte for byte, also read by two readers at once.
 #[test]

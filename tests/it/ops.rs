@@ -643,6 +643,7 @@ fn samba_share_of_the_archives_is_readable_with_smbclient() {
     let smbd = start_smbd();
     let smb_conf = smbd.dir.path().join("smb.conf");
     let a = Affa::new();
+    let _mounts = common::smb::ShareMounts(a.state.join("lock/samba-mounts"));
     global(&a, &format!("sendmailBinary=/bin/true\nsmbConf={}\n", smb_conf.display()));
     let src = source();
     a.write_conf(
