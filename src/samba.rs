@@ -400,6 +400,7 @@ pub fn update_shares(cfg: &Config) -> Result<String> {
     );
     let mut keep = Vec::new();
     let mut failed = Vec::new();
+    let mut away = Vec::new();
     // In name order, the broken ones among them (their share file kept, if there is one).
     let mut all: Vec<(&str, Option<&Job>)> = shared.iter().map(|j| (j.name.as_str(), Some(*j))).collect();
     all.extend(broken.iter().map(|b| (b.name.as_str(), None)));
@@ -422,6 +423,22 @@ pub fn update_shares(cfg: &Config) -> Result<String> {
         // plain files, the store hidden. A job whose archives cannot be mounted loses its share
         // (an empty mount point is no share); the other jobs' shares are written all the same,
         // and the command fails at the end.
+        // A job whose backup disk (AutomountDevice) is away has no archives to show: not shared
+        // until `--samba-shares` (or cron's refresh, every 15 minutes) runs while the disk is
+        // mounted; its share's mount, which would keep the unmounted disk in use, is removed
+        // below. Not a failure: with AutoUnmount=yes (the default) that is most of the time.
+        if let Some(a) = &job.automount {
+            let point = PathBuf::from(a.point.to_string_lossy().trim_end_matches('/'));
+            if !crate::automount::is_mounted(&a.device, &point) {
+                away.push(format!(
+                    "job {}: not shared while its AutomountDevice {} is not mounted at {}",
+                    job.name,
+                    a.device,
+                    point.display()
+                ));
+                continue;
+            }
+        }
         let mp = mount_point(cfg, job);
         let mounted = if chunked(job) { ensure_mounted(cfg, job, &mp) } else { ensure_bound(cfg, job, &mp) };
         if let Err(e) = mounted {
@@ -469,6 +486,9 @@ pub fn update_shares(cfg: &Config) -> Result<String> {
         if names.is_empty() { "no Samba shares".to_string() } else { format!("Samba shares: {}", names.join(", ")) };
     if !removed.is_empty() {
         out.push_str(&format!("; removed: {}", removed.join(", ")));
+    }
+    for a in &away {
+        out.push_str(&format!("; {a}"));
     }
     if changed {
         out.push_str(&format!("; {}", reload(&smb_conf)));

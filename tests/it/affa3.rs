@@ -817,6 +817,29 @@ fn a_usb_disk_shared_by_two_jobs_stays_mounted_until_the_last_run_ends() {
         assert_eq!(fs::read_to_string(&hello).ok().as_deref(), Some("hello from affa\n"), "{j}'s archive on the disk");
     }
     assert!(std::process::Command::new("umount").arg(&check).status().unwrap().success());
+
+    // A shared job (SambaShare=yes) on the disk: while the disk is away it is not shared, and
+    // that is no failure (cron's refresh runs every 15 minutes, mostly while the disk is away);
+    // while it is mounted, it is.
+    fs::write(a.state.join("smb.conf"), "[global]\n").unwrap();
+    a.write_conf("jobs.conf", &job("first", "SambaShare=yes\nSambaValidUser=root\n"));
+    let out = ok(&a.affa(&["--samba-shares"]));
+    assert!(
+        out.contains(&format!("job first: not shared while its AutomountDevice {} is not mounted", disk.dev)),
+        "{out}"
+    );
+    assert!(!a.state.join("samba/affa-job-first.conf").exists());
+    assert_eq!(mounted_at(&point), None);
+    assert!(std::process::Command::new("mount").arg(&disk.dev).arg(&point).status().unwrap().success());
+    let out = ok(&a.affa(&["--samba-shares"]));
+    assert!(out.contains("Samba shares: first"), "{out}");
+    assert!(a.state.join("samba/affa-job-first.conf").exists());
+    // Away again: the share, and its mount that kept the disk in use, go.
+    assert!(std::process::Command::new("umount").arg("-l").arg(&point).status().unwrap().success());
+    ok(&a.affa(&["--samba-shares"]));
+    assert!(!a.state.join("samba/affa-job-first.conf").exists());
+    let pinned = fs::read_to_string("/proc/self/mountinfo").unwrap().lines().any(|l| l.contains("samba-mounts/first"));
+    assert!(!pinned, "the share's mount of the unmounted disk was left");
 }
 
 /// A real `rsync --daemon` on 127.0.0.1 serving `path` as module AFFA to user affa with
