@@ -103,6 +103,8 @@ impl PointLocks {
 /// made and recorded to be unmounted, and no other affa process uses it.
 pub struct Mounted<'a> {
     point: PathBuf,
+    /// lockDir: the Samba shares' mounts live in `lockDir/samba-mounts` (src/samba.rs).
+    lock_dir: PathBuf,
     locks: PointLocks,
     unmount: bool,
     log: Option<&'a JobLog>,
@@ -165,6 +167,13 @@ impl Drop for Mounted<'_> {
                 ))
             }
         }
+        // A Samba share's read-only bind of a job directory on this disk (src/samba.rs) would
+        // keep the disk in use after the lazy unmount below: detached first (the share shows
+        // nothing until `--samba-shares` runs while the disk is mounted, as with Affa 3, whose
+        // share of the unmounted point was empty).
+        for m in binds_below(&self.point, &self.lock_dir.join("samba-mounts")) {
+            let _ = rustix::mount::unmount(&m, rustix::mount::UnmountFlags::DETACH);
+        }
         let res = Command::new("umount").arg("-l").arg(&self.point).stdin(Stdio::null()).output();
         let msg = match res {
             Ok(o) if o.status.success() => {
@@ -220,6 +229,20 @@ fn mount_at(point: &Path) -> Option<(u64, PathBuf)> {
         let src = unescape(right.split(' ').nth(1)?);
         Some((id, fs::canonicalize(&src).unwrap_or_else(|_| PathBuf::from(src))))
     })
+}
+
+/// The mounts below `dir` of the file system mounted at `point` (same device numbers).
+fn binds_below(point: &Path, dir: &Path) -> Vec<PathBuf> {
+    let (Ok(point), Ok(dir)) = (fs::canonicalize(point), fs::canonicalize(dir)) else { return Vec::new() };
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
+    let fields = |l: &str| -> Option<(String, PathBuf)> {
+        let f: Vec<&str> = l.split(' ').collect();
+        Some((f.get(2)?.to_string(), PathBuf::from(unescape(f.get(4)?))))
+    };
+    let Some(dev) = info.lines().rev().filter_map(fields).find(|(_, mp)| *mp == point).map(|(d, _)| d) else {
+        return Vec::new();
+    };
+    info.lines().filter_map(fields).filter(|(d, mp)| *d == dev && mp.starts_with(&dir)).map(|(_, mp)| mp).collect()
 }
 
 /// What is mounted at `point`: its source device, canonical, or None.
@@ -343,7 +366,7 @@ fn mount_as<'a>(
     };
     // The decision is released when `locks.mutex`'s lock is: now.
     let _ = rustix::fs::flock(locks.mutex.as_fd(), FlockOperation::Unlock);
-    Ok(Some(Mounted { point, locks, unmount, log }))
+    Ok(Some(Mounted { point, lock_dir: lock_dir.to_path_buf(), locks, unmount, log }))
 }
 
 /// The job's disk mounted for a command that changes its archives (`--cleanup`, `--delete-job`,

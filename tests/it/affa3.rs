@@ -835,11 +835,24 @@ fn a_usb_disk_shared_by_two_jobs_stays_mounted_until_the_last_run_ends() {
     assert!(out.contains("Samba shares: first"), "{out}");
     assert!(a.state.join("samba/affa-job-first.conf").exists());
     // Away again: the share, and its mount that kept the disk in use, go.
+    let pinned =
+        || fs::read_to_string("/proc/self/mountinfo").unwrap().lines().any(|l| l.contains("samba-mounts/first"));
+    assert!(pinned());
     assert!(std::process::Command::new("umount").arg("-l").arg(&point).status().unwrap().success());
     ok(&a.affa(&["--samba-shares"]));
     assert!(!a.state.join("samba/affa-job-first.conf").exists());
-    let pinned = fs::read_to_string("/proc/self/mountinfo").unwrap().lines().any(|l| l.contains("samba-mounts/first"));
-    assert!(!pinned, "the share's mount of the unmounted disk was left");
+    assert!(!pinned(), "the share's mount of the unmounted disk was left");
+    // A run that mounts the disk and unmounts it after (AutoUnmount=yes) removes the share's
+    // mount of the disk first: the disk is released, not kept in use by the share.
+    assert!(std::process::Command::new("mount").arg(&disk.dev).arg(&point).status().unwrap().success());
+    ok(&a.affa(&["--samba-shares"]));
+    assert!(pinned());
+    assert!(std::process::Command::new("umount").arg(&point).status().is_ok());
+    ok(&a.affa_at("2026-03-03T10:00:00", &["--run", "first"]));
+    assert!(log_of(&a, "first").contains(&format!("Unmounted {}", point.display())), "{}", log_of(&a, "first"));
+    assert!(!pinned(), "the share's mount kept the disk in use after the run unmounted it");
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(!mounts.lines().any(|l| l.starts_with(&format!("{} ", disk.dev))), "the disk is still mounted: {mounts}");
 }
 
 /// A real `rsync --daemon` on 127.0.0.1 serving `path` as module AFFA to user affa with
