@@ -12,7 +12,9 @@
 //! hash of the point: `.automount.HEX`, on which every affa process using the disk holds a
 //! shared `flock` for its time, and `.automount.HEX.m`, held exclusively while one process
 //! decides to mount or unmount, which also records the mount affa made (its mount ID and
-//! whether it is to be unmounted). Must never: unmount a filesystem affa did not mount, unmount
+//! whether it is to be unmounted). Before it unmounts the disk, the Samba shares' bind mounts
+//! of it (`lockDir/samba-mounts`, src/samba.rs) are detached: they would keep the lazily
+//! unmounted disk in use. Must never: unmount a filesystem affa did not mount, unmount
 //! one that another affa process uses (a lazy unmount under a running job sent its archive
 //! writes to the directory below the mount point), or mount over a point where something else
 //! is mounted (mount(8) refuses nothing there, so affa checks first).
