@@ -153,6 +153,9 @@ pub struct Cli {
     /// Affa 3's NRPE command: the monitored jobs, then #OK (and --init-nrpe)
     #[arg(long = "_jobsnrpe", hide = true)]
     jobsnrpe: bool,
+    /// The SMTP session of a mail, run by affa itself in a child it kills at the mail's deadline
+    #[arg(long = "_smtp", hide = true)]
+    smtp: bool,
     /// Affa 3 on SME Server only (turn this box into the backed-up server); refused
     #[arg(long, hide = true)]
     rise: bool,
@@ -468,6 +471,9 @@ pub enum Action {
     ShortHelp,
     /// `--_jobsnrpe`: the monitored jobs, then `#OK` (NRPE).
     JobsNrpe,
+    /// `--_smtp`: the SMTP session of a mail (affa's own child; the mail and its settings on
+    /// stdin, `notify::smtp_session`).
+    SmtpSession,
     /// `--rise` / `--undo-rise` (`undo`): Affa 3 on SME Server only; refused with a way out.
     Rise {
         undo: bool,
@@ -556,6 +562,7 @@ fn actions(c: &Cli) -> Vec<&'static str> {
         (c.setup, "--_setup"),
         (c.shorthelp, "--_shorthelp"),
         (c.jobsnrpe, "--_jobsnrpe"),
+        (c.smtp, "--_smtp"),
         (c.rise, "--rise"),
         (c.undo_rise, "--undo-rise"),
     ]
@@ -799,6 +806,10 @@ pub fn action(mut c: Cli) -> Result<Invocation, Usage> {
         "--_jobs" => Action::JobNames,
         "--_shorthelp" => Action::ShortHelp,
         "--_jobsnrpe" => Action::JobsNrpe,
+        "--_smtp" => {
+            exactly::<0>(a, one)?;
+            Action::SmtpSession
+        }
         "--rise" => Action::Rise { undo: false },
         "--undo-rise" => Action::Rise { undo: true },
         other => unreachable!("action {other} has no arm"),
@@ -949,6 +960,7 @@ mod tests {
             (&["--_jobs"], Action::JobNames),
             (&["--_shorthelp"], Action::ShortHelp),
             (&["--_jobsnrpe"], Action::JobsNrpe),
+            (&["--_smtp"], Action::SmtpSession),
             (&["--rise"], Action::Rise { undo: false }),
             (&["--undo-rise"], Action::Rise { undo: true }),
         ];

@@ -367,6 +367,16 @@ fn dispatch(inv: Invocation, ui: &Arc<render::Terminal>, out: &mut dyn Write) ->
             }
         }
         Action::JobNames => print(out, commands::job_names(&env.config()?)),
+        // Internal: the SMTP session of a mail, in the child `notify::send` starts and kills at
+        // the mail's deadline. Its lines (each step, `sent`), then an error, on stdout for the
+        // parent.
+        Action::SmtpSession => {
+            let r = affa::notify::smtp_session(&mut std::io::stdin().lock(), &mut |l| print(out, format!("{l}\n")));
+            if let Err(e) = r {
+                print(out, format!("error {}\n", e.message().replace('\n', "; ")));
+                return Ok(1);
+            }
+        }
         Action::ShowConfigPathes { jobs, csv } => {
             print(out, commands::show_config_pathes(&env.config()?, &jobs, csv)?)
         }

@@ -324,6 +324,12 @@ pub static KEYS: &[KeyDef] = &[
         "yes: a successful --run copies its archive offsite (made by a first --offsite by hand); a failed copy is a warning, the archive stays",
     ),
     k(
+        "offsiteTimeout",
+        &["60"],
+        Kind::Int(1, 86400),
+        "seconds each request to the bucket may take, plus 1 s per 256 KiB it sends or receives; a request past it is cut and retried as a failed one",
+    ),
+    k(
         "offsiteCleanupGrace",
         &["24"],
         Kind::Int(0, 100_000),
@@ -360,6 +366,12 @@ pub static KEYS: &[KeyDef] = &[
     g("smtpPassword", NONE, Kind::Text, "SMTP login password (the file holding it must be mode 0600)"),
     g("mailFrom", NONE, Kind::Text, "sender address (default affa@HOSTNAME)"),
     g("sendmailBinary", &["/usr/sbin/sendmail"], Kind::Text, "local sendmail, used when smtpHost is empty"),
+    g(
+        "mailTimeout",
+        &["60"],
+        Kind::Int(1, 86400),
+        "seconds a mail may take to be handed over (the SMTP session, or sendmailBinary), plus 1 s per 256 KiB of the mail; past it the session is closed (sendmail killed) and the mail not sent",
+    ),
     g("cronFile", &["/etc/cron.d/affa"], Kind::AbsPath, "cron file written by --make-cronjobs"),
     g(
         "scrubDays",

@@ -323,6 +323,9 @@ pub struct Offsite {
     pub parallel: u32,
     /// offsiteBwLimit in KiB/s (0: none).
     pub bw_limit_kib: u64,
+    /// offsiteTimeout: the floor of each request's deadline (plus its bytes at
+    /// `transport::LEAST_RATE`).
+    pub timeout: Duration,
 }
 
 /// The offsite keep key of a level (`offsiteDailyKeep`).
@@ -354,6 +357,8 @@ pub struct Global {
     /// mailFrom (empty: affa@HOSTNAME).
     pub mail_from: String,
     pub sendmail_bin: String,
+    /// mailTimeout: the floor of a mail's deadline (plus its bytes at `transport::LEAST_RATE`).
+    pub mail_timeout: Duration,
     pub cron_file: PathBuf,
     /// scrubDays (0: no daily scrub).
     pub scrub_days: u64,
@@ -586,6 +591,7 @@ impl Settings {
         let offsite_schedule = r.times("offsiteSchedule");
         let (parallel, bw_limit_kib) =
             (r.int("offsiteParallel").clamp(1, 64) as u32, r.int("offsiteBwLimit").max(0) as u64);
+        let offsite_timeout = Duration::from_secs(r.uint("offsiteTimeout").max(1));
         let offsite = keys::parse_s3_target(&target).map(|(bucket, prefix)| Offsite {
             bucket,
             prefix,
@@ -600,6 +606,7 @@ impl Settings {
             schedule: offsite_schedule,
             parallel,
             bw_limit_kib,
+            timeout: offsite_timeout,
         });
         let trigger = r.int("NRPEtrigger");
         Settings {
@@ -669,6 +676,7 @@ impl Global {
             },
             mail_from: r.text("mailFrom"),
             sendmail_bin: r.text("sendmailBinary"),
+            mail_timeout: Duration::from_secs(r.uint("mailTimeout").max(1)),
             cron_file: r.path("cronFile"),
             scrub_days: r.uint("scrubDays"),
             scrub_time: r.time("scrubTime"),

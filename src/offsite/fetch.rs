@@ -48,9 +48,7 @@ use crate::observer::Watch;
 use super::crypt::Keys;
 use super::index::{escape, Entry, Index};
 use super::s3::Store;
-
-/// The largest sealed chunk object read: a chunk file and the seal's header and tag.
-const MAX_SEALED_CHUNK: u64 = chunk::MAX_CHUNK_FILE_LEN + 64;
+use super::MAX_SEALED_CHUNK;
 
 /// What a kept chunk file must leave free on the filesystem of the staging directory.
 pub const KEEP_RESERVE: u64 = 256 << 20;

@@ -7,15 +7,16 @@
 //!
 //! Owns: what an upload sends and in which order (chunks, then the archive index last: an
 //! archive is offsite only when its index exists), which archive is copied, the bucket marker
-//! that refuses a wrong key, which offsite archives the keeps remove (their indexes only), what
-//! a cleanup removes, and what verify reports. Must never: send a byte that is not sealed (no
-//! file or job name, no plaintext), write an index before every chunk it names is stored, upload
-//! a chunk of the archive that does not hash to its id, make a new key beside objects an old key
-//! sealed, remove a chunk object while an upload may rely on it (an upload's live marker, an
-//! index that does not open, an object younger than offsiteCleanupGrace), remove an object it
-//! does not know, use a listed name of a shape the layout does not define as an object's name
-//! (it is left alone and reported), change anything under RootDir, or print (the new key goes
-//! back to main).
+//! that refuses a wrong key, the marker of a running upload or cleanup (rewritten by a thread of
+//! its own while the run lasts, whatever request the run waits on), which offsite archives the
+//! keeps remove (their indexes only), what a cleanup removes, and what verify reports. Must
+//! never: send a byte that is not sealed (no file or job name, no plaintext), write an index
+//! before every chunk it names is stored, upload a chunk of the archive that does not hash to its
+//! id, make a new key beside objects an old key sealed, remove a chunk object while an upload may
+//! rely on it (an upload's live marker, an index that does not open, an object younger than
+//! offsiteCleanupGrace), let its own marker go stale while it runs, remove an object it does not
+//! know, use a listed name of a shape the layout does not define as an object's name (it is left
+//! alone and reported), change anything under RootDir, or print (the new key goes back to main).
 
 mod crypt;
 pub mod fetch;
@@ -29,14 +30,15 @@ use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 
 use crate::archive::{self, Archive};
 use crate::chunk::{self, ChunkId, ChunkRef};
 use crate::clock::Clock;
 use crate::config::typed::Offsite;
 use crate::config::{Config, Job};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::fmt::human;
 use crate::observer::Watch;
 
@@ -53,36 +55,65 @@ const MARKER_TEXT: &[u8] = b"affa-offsite-bucket 1\n";
 const MARKER_REFRESH: Duration = Duration::from_secs(600);
 const MARKER_STALE_SECS: i64 = 3600;
 
+/// The bucket marker is read whole only up to this size (it is a few dozen bytes).
+const MAX_MARKER: u64 = 4096;
+/// The largest sealed chunk object read: a chunk file and the seal's header and tag.
+pub(crate) const MAX_SEALED_CHUNK: u64 = chunk::MAX_CHUNK_FILE_LEN + 64;
+
+/// [`MARKER_REFRESH`]; a test build may shorten it with `AFFA_TEST_OFFSITE_MARKER_REFRESH`
+/// (seconds).
+fn marker_refresh() -> Duration {
+    #[cfg(feature = "test-hooks")]
+    if let Some(n) = std::env::var("AFFA_TEST_OFFSITE_MARKER_REFRESH").ok().and_then(|v| v.parse::<u64>().ok()) {
+        return Duration::from_secs(n.max(1));
+    }
+    MARKER_REFRESH
+}
+
 /// The marker `lock/KIND-...` of this upload or cleanup: written when it starts, rewritten
-/// every [`MARKER_REFRESH`], removed when it ends (also on an error; a killed run leaves it,
-/// stale after [`MARKER_STALE_SECS`], replaced by the next run of the same host and job).
+/// every [`MARKER_REFRESH`] by a thread of its own for as long as this lives (through a
+/// listing of millions of names, a long index PUT, a request waiting on its deadline: the
+/// marker never depends on how long one request takes), removed when it ends (also on an
+/// error; a killed run leaves it, stale after [`MARKER_STALE_SECS`], replaced by the next run
+/// of the same host and job).
 struct Running<'a> {
     store: &'a Store,
-    keys: &'a Keys,
     name: String,
-    written: std::cell::Cell<Instant>,
+    /// Dropping it stops the heartbeat.
+    stop: Option<mpsc::Sender<()>>,
+    beat: Option<std::thread::JoinHandle<()>>,
+    /// The first rewrite that failed (after its retries).
+    failed: Arc<Mutex<Option<Error>>>,
 }
 
 impl<'a> Running<'a> {
-    fn start(store: &'a Store, keys: &'a Keys, kind: &str, parts: &[&[u8]]) -> Result<Running<'a>> {
-        let r = Running { store, keys, name: keys.marker_name(kind, parts), written: Instant::now().into() };
-        r.write()?;
-        Ok(r)
+    fn start(store: &'a Store, keys: &Keys, kind: &str, parts: &[&[u8]]) -> Result<Running<'a>> {
+        let name = keys.marker_name(kind, parts);
+        let sealed = keys.seal(&name, format!("affa-offsite-{kind} 1\n").as_bytes())?;
+        store.put(&name, &sealed)?;
+        let (stop, stopped) = mpsc::channel::<()>();
+        let failed = Arc::new(Mutex::new(None));
+        let (s, n, f, every) = (store.clone(), name.clone(), failed.clone(), marker_refresh());
+        let beat = std::thread::spawn(move || {
+            // Until `stop` is dropped (Disconnected); each rewrite ends within its deadlines.
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
+                if let Err(e) = s.put(&n, &sealed) {
+                    if let Ok(mut f) = f.lock() {
+                        f.get_or_insert(e);
+                    }
+                }
+            }
+        });
+        Ok(Running { store, name, stop: Some(stop), beat: Some(beat), failed })
     }
 
-    fn write(&self) -> Result<()> {
-        let text =
-            format!("affa-offsite-{} 1\n", self.name.trim_start_matches("lock/").split('-').next().unwrap_or(""));
-        self.store.put(&self.name, &self.keys.seal(&self.name, text.as_bytes())?)?;
-        self.written.set(Instant::now());
-        Ok(())
-    }
-
-    fn refresh(&self) -> Result<()> {
-        if self.written.get().elapsed() >= MARKER_REFRESH {
-            self.write()?;
+    /// An error once a rewrite of the marker failed: a cleanup could soon take the marker for
+    /// a dead run's, so an upload stops before its index and a cleanup before it removes more.
+    fn check(&self) -> Result<()> {
+        match self.failed.lock().ok().and_then(|f| f.clone()) {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// The other markers of the prefix that are not stale (names and their age), and the stale
@@ -111,6 +142,12 @@ struct Markers {
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
+        // The heartbeat first (a rewrite under way ends within its deadlines), so that no
+        // rewrite follows the removal.
+        drop(self.stop.take());
+        if let Some(b) = self.beat.take() {
+            let _ = b.join();
+        }
         // Best effort: a marker left behind only delays a cleanup until it is stale.
         // One attempt: after a failed upload the gateway may be gone.
         let _ = self.store.delete_once(&self.name);
@@ -178,7 +215,7 @@ fn open(job: &Job, may_create: bool, uploading: bool, clock: &dyn Clock) -> Resu
         }
     };
     let keys = Keys::new(&master);
-    match store.get(MARKER)? {
+    match store.get_at_most(MARKER, MAX_MARKER)? {
         Some(sealed) => {
             if keys.open(MARKER, &sealed).ok().as_deref() != Some(MARKER_TEXT) {
                 bail!(Config,
@@ -248,8 +285,14 @@ fn foreign_line(shown: &str, foreign: &[String]) -> String {
 /// The names of the chunk objects the prefix holds (one LIST of `c/`: one request per 1000
 /// objects, where a HEAD per chunk would cost one request per chunk; it also finds the chunks a
 /// cut upload left).
-fn chunks_present(store: &Store, each_page: &dyn Fn() -> Result<()>) -> Result<HashSet<String>> {
-    Ok(store.list_paged("c/", None, each_page)?.into_iter().filter(|n| layout_name(n)).collect())
+fn chunks_present(store: &Store) -> Result<HashSet<String>> {
+    Ok(store.list("c/", None)?.into_iter().filter(|n| layout_name(n)).collect())
+}
+
+/// The object `name` of `size` bytes (as listed) that is an index: at most [`s3::MAX_OBJECT`]
+/// bytes, read within the deadline of its size.
+fn get_index(store: &Store, name: &str, size: u64) -> Result<Option<Vec<u8>>> {
+    store.get_at_most(name, size.min(s3::MAX_OBJECT))
 }
 
 /// An archive's id: BLAKE3 of its report, hex.
@@ -317,7 +360,7 @@ impl Upload<'_> {
     /// Store the chunk `id` (its chunk file `blob`, made by `blob` only when needed) unless the
     /// bucket has it.
     fn chunk(&mut self, id: &ChunkId, blob: impl FnOnce() -> Result<Vec<u8>>) -> Result<()> {
-        self.running.refresh()?;
+        self.running.check()?;
         let name = self.keys.chunk_name(id);
         // A chunk the archive uses more than once is counted once: "already there" is the
         // chunk objects of the archive the bucket held before this upload.
@@ -526,9 +569,10 @@ fn upload_held(
             a.name()
         );
     }
-    // Its marker kept fresh through a listing of millions of objects: a cleanup starting
-    // meanwhile must see this upload live, or it could remove chunks it found present.
-    let have = chunks_present(&store, &|| running.refresh())?;
+    // Its marker is kept fresh (its heartbeat) through a listing of millions of objects: a
+    // cleanup starting meanwhile must see this upload live, or it could remove chunks it found
+    // present.
+    let have = chunks_present(&store)?;
     let chunking = &job.chunk.settings;
     // offsiteParallel > 1: the chunk objects go through a bounded queue to that many senders;
     // the index is written only after every sender is done and none failed.
@@ -586,6 +630,9 @@ fn upload_held(
         chunked,
     };
     let sealed = keys.seal(&index_name, &idx.to_bytes())?;
+    // The marker was live until now (a failed rewrite stops here, not after the index); the
+    // heartbeat keeps it so through the index's PUT, however long it takes.
+    running.check()?;
     store.put(&index_name, &sealed)?;
     drop(running);
     let mut text = format!(
@@ -617,12 +664,22 @@ struct Indexes {
 fn indexes(store: &Store, keys: &Keys, job: &str) -> Result<Indexes> {
     let mut good = Vec::new();
     let mut bad = Vec::new();
-    let (listed, foreign): (Vec<String>, Vec<String>) =
-        store.list(&keys.job_dir(job), None)?.into_iter().partition(|n| layout_name(n));
-    for name in listed {
-        let Some(sealed) = store.get(&name)? else {
-            bad.push(format!("index {name}: vanished while it was read"));
-            continue;
+    let (listed, foreign): (Vec<Listed>, Vec<Listed>) =
+        store.list_objects(&keys.job_dir(job))?.into_iter().partition(|o| layout_name(&o.name));
+    let foreign = foreign.into_iter().map(|o| o.name).collect();
+    for Listed { name, size, .. } in listed {
+        let sealed = match get_index(store, &name, size) {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                bad.push(format!("index {name}: vanished while it was read"));
+                continue;
+            }
+            // Larger than the listing said, or than any index: not one.
+            Err(e) if e.kind() == ErrorKind::Damaged => {
+                bad.push(format!("index {name}: {e}"));
+                continue;
+            }
+            Err(e) => return Err(e),
         };
         let idx = keys
             .open(&name, &sealed)
@@ -658,7 +715,7 @@ pub fn verify(cfg: &Config, job_name: &str, clock: &dyn Clock, watch: &Watch) ->
     if idxs.is_empty() && bad_idx.is_empty() {
         bail!("job {job_name} has no offsite archive in {}", store.shown);
     }
-    let have = chunks_present(&store, &|| Ok(()))?;
+    let have = chunks_present(&store)?;
     // Each object is checked once, whichever archives use it.
     let mut checked: BTreeMap<ChunkId, Option<String>> = BTreeMap::new();
     let mut plain = Vec::new();
@@ -676,9 +733,14 @@ pub fn verify(cfg: &Config, job_name: &str, clock: &dyn Clock, watch: &Watch) ->
                     let r = if !have.contains(&name) {
                         Some("missing".to_string())
                     } else {
-                        match store.get(&name)? {
-                            None => Some("missing".to_string()),
-                            Some(sealed) => match keys.open(&name, &sealed) {
+                        let got = match store.get_at_most(&name, MAX_SEALED_CHUNK) {
+                            Err(e) if e.kind() == ErrorKind::Damaged => Err(format!("damaged: {e}")),
+                            r => Ok(r?),
+                        };
+                        match got {
+                            Err(why) => Some(why),
+                            Ok(None) => Some("missing".to_string()),
+                            Ok(Some(sealed)) => match keys.open(&name, &sealed) {
                                 Err(e) => Some(format!("damaged: {e}")),
                                 Ok(blob) => match chunk::decode_chunk_file(&blob, &mut plain) {
                                     Err(e) => Some(format!("damaged: {e}")),
@@ -830,11 +892,21 @@ pub fn cleanup(cfg: &Config, job_name: &str, clock: &dyn Clock, watch: &Watch) -
     }
     // Every index of the prefix, whichever job: one that does not open could reference any chunk.
     let mut referenced = HashSet::new();
-    let (index_names, other): (Vec<String>, Vec<String>) =
-        store.list_paged("i/", None, &|| me.refresh())?.into_iter().partition(|n| layout_name(n));
-    foreign.extend(other);
-    for name in &index_names {
-        let Some(sealed) = store.get(name)? else { continue };
+    let (index_objects, other): (Vec<Listed>, Vec<Listed>) =
+        store.list_objects("i/")?.into_iter().partition(|o| layout_name(&o.name));
+    foreign.extend(other.into_iter().map(|o| o.name));
+    let index_names: Vec<String> = index_objects.iter().map(|o| o.name.clone()).collect();
+    for Listed { name, size, .. } in &index_objects {
+        me.check()?;
+        let sealed = match get_index(&store, name, *size) {
+            Ok(Some(s)) => s,
+            Ok(None) => continue,
+            Err(e) if e.kind() == ErrorKind::Damaged => bail!(
+                Damaged,
+                "{e}; nothing removed (an index that does not open could reference any object: remove it or put the right one back)"
+            ),
+            Err(e) => return Err(e),
+        };
         let idx = keys
             .open(name, &sealed)
             .map_err(|e| format!("does not open: {e}"))
@@ -847,9 +919,8 @@ pub fn cleanup(cfg: &Config, job_name: &str, clock: &dyn Clock, watch: &Watch) -
                 store.shown
             ),
         }
-        me.refresh()?;
     }
-    let (chunks, now) = store.list_dated_paged("c/", &|| me.refresh())?;
+    let (chunks, now) = store.list_dated("c/")?;
     let (chunks, other) = split_listing(chunks);
     foreign.extend(other);
     // An upload that started while the indexes and chunks were listed: its index is not among
@@ -864,7 +935,7 @@ pub fn cleanup(cfg: &Config, job_name: &str, clock: &dyn Clock, watch: &Watch) -
     let (mut removed, mut bytes, mut young, mut used) = (0u64, 0u64, 0u64, 0u64);
     for (i, c) in chunks.iter().enumerate() {
         bar.set(i as u64);
-        me.refresh()?;
+        me.check()?;
         if referenced.contains(&c.name) {
             used += 1;
             continue;

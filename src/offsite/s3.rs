@@ -1,21 +1,28 @@
 //! An S3 bucket prefix as affa uses it: PUT, GET, HEAD, DELETE and LIST of objects below
 //! `offsiteTarget`'s prefix, signed by `rusty-s3` (presigned URLs, AWS Signature V4) and sent
 //! with the ureq client affa already uses; transport errors, HTTP 5xx and 429 are retried with a
-//! backoff. Only a 2xx answer is a success (a HEAD: 200 exists, 404 absent); no redirect is
-//! followed (a PUT answered 307 stored nothing). An object larger than [`PART`] goes up as a multipart upload (parts of [`PART`]
-//! bytes, each retried on its own; a failed one aborts the upload so no part is left behind).
+//! backoff. Every request has a deadline (`offsiteTimeout` plus the bytes it moves at
+//! `transport::LEAST_RATE`), whatever the pauses between its bytes: ureq's overall timeout
+//! bounds the connection and every read of the answer, the body goes out in pieces none of
+//! which starts after it, and each request has a connection of its own (ureq clears the
+//! socket's timeouts of a connection it keeps for reuse, and writes the next request on it
+//! without any). Only a 2xx answer is a success (a HEAD: 200 exists, 404 absent); no redirect is
+//! followed (a PUT answered 307 stored nothing). An object larger than [`PART`] goes up as a
+//! multipart upload (parts of [`PART`] bytes, each retried on its own; a failed one aborts the
+//! upload so no part is left behind).
 //!
 //! Owns: the credentials file (read with its checks), the endpoint and bucket of a job, object
 //! keys (prefix + name), and one request per call. Must never: send the credentials' secret
 //! (only signatures leave the box), follow a redirect, take an answer that is not 2xx for done,
-//! make a URL of a name with an empty, `.` or `..` part, read an answer body without a bound,
-//! list without end (a continuation token that is empty or repeats one is refused, the names
-//! and pages of a listing are bounded: [`MAX_LISTED`], [`MAX_PAGES`]), return a listed name
-//! twice, or print.
+//! make a URL of a name with an empty, `.` or `..` part, send a request without a deadline, read
+//! an answer body without a bound or past its request's deadline, list without end (a
+//! continuation token that is empty or repeats one is refused, the names and pages of a listing
+//! are bounded: [`MAX_LISTED`], [`MAX_PAGES`]), return a listed name twice, or print.
 
 use std::io::Read;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use rusty_s3::actions::{CreateMultipartUpload, ListObjectsV2};
@@ -27,7 +34,14 @@ use crate::error::{Error, Result};
 /// How long a signed request stays valid (it is sent right away).
 const SIGN_FOR: Duration = Duration::from_secs(3600);
 /// The largest object affa reads back (an index of a very big archive).
-const MAX_OBJECT: u64 = 1 << 32;
+pub const MAX_OBJECT: u64 = 1 << 32;
+/// The most bytes of one page of a listing read (S3 sends at most 1000 names a page, about
+/// 300 KB with affa's names; keys of 1024 bytes would make about 1.3 MB).
+const MAX_LIST_PAGE: u64 = 8 << 20;
+/// A request body goes to the connection in pieces of at most this many bytes, none started
+/// after the request's deadline (ureq writes each piece whole, each write waiting at most the
+/// time the deadline had left when the connection was made).
+const PIECE: usize = 4096;
 /// Objects larger than this are uploaded in parts of this size (S3 allows parts of 5 MiB to
 /// 5 GiB, at most 10000 of them; only the last may be smaller): in practice the index of a very
 /// large archive, or the chunk objects of `chunkSize=16M` with compression that did not help.
@@ -75,14 +89,18 @@ pub fn read_credentials(path: &Path, job: &str) -> Result<Credentials> {
     }
 }
 
-/// A job's bucket prefix.
+/// A job's bucket prefix (a clone shares its offsiteBwLimit count: the heartbeat of an upload's
+/// marker writes through one).
+#[derive(Clone)]
 pub struct Store {
     bucket: Bucket,
     creds: Credentials,
     prefix: String,
     agent: ureq::Agent,
+    /// offsiteTimeout: the floor of each request's deadline.
+    timeout: Duration,
     /// offsiteBwLimit: bytes per second and (when the first PUT started, bytes sent since).
-    pace: Option<(u64, std::sync::Mutex<Option<Paced>>)>,
+    pace: Option<(u64, Arc<Mutex<Option<Paced>>>)>,
     /// `s3://BUCKET/PREFIX` for messages.
     pub shown: String,
     /// The endpoint's URL (scheme, host, port) for messages.
@@ -90,7 +108,29 @@ pub struct Store {
 }
 
 /// offsiteBwLimit's count: when the first PUT started, the bytes PUT since.
-type Paced = (std::time::Instant, u64);
+type Paced = (Instant, u64);
+
+/// A request's body as ureq reads it: pieces of at most [`PIECE`] bytes, and an error (TimedOut)
+/// instead of the next piece once the request's deadline `until` has passed.
+struct Body<'a> {
+    data: &'a [u8],
+    until: Instant,
+}
+
+impl Read for Body<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.data.is_empty() {
+            return Ok(0);
+        }
+        if Instant::now() >= self.until {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the request's deadline passed"));
+        }
+        let n = buf.len().min(PIECE).min(self.data.len());
+        buf[..n].copy_from_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        Ok(n)
+    }
+}
 
 /// An object of a listing.
 pub struct Listed {
@@ -122,20 +162,24 @@ impl Store {
         let url = url::Url::parse(&endpoint).map_err(|e| bad(&e))?;
         let shown_endpoint = url.origin().ascii_serialization();
         let bucket = Bucket::new(url, style, off.bucket.clone(), off.region.clone()).map_err(|e| bad(&e))?;
+        // No idle timeouts: each request sets its overall one (`Store::request`), which ureq
+        // applies to the connection and every read and write of it. No connection is kept for
+        // another request: ureq clears the timeouts of a kept one, and would send the next
+        // request on it with none (a gateway that stops reading would hold it for ever).
         let agent = ureq::AgentBuilder::new()
-            .timeout_connect(Duration::from_secs(30))
-            .timeout_read(Duration::from_secs(300))
-            .timeout_write(Duration::from_secs(300))
+            .max_idle_connections(0)
+            .max_idle_connections_per_host(0)
             // A redirect is an answer like any other (an error below): followed, a PUT answered
             // 307/308 would come back as done with nothing stored, a 301 would turn into a GET.
             .redirects(0)
             .build();
-        let pace = (off.bw_limit_kib > 0).then(|| (off.bw_limit_kib * 1024, std::sync::Mutex::new(None)));
+        let pace = (off.bw_limit_kib > 0).then(|| (off.bw_limit_kib * 1024, Arc::new(Mutex::new(None))));
         Ok(Store {
             bucket,
             creds,
             prefix: off.prefix.clone(),
             agent,
+            timeout: off.timeout,
             pace,
             shown: off.target.clone(),
             endpoint: shown_endpoint,
@@ -173,17 +217,63 @@ impl Store {
         }
     }
 
-    /// Send a request (signed anew for each attempt by `send`), retrying transport errors, 5xx
-    /// and 429; a 2xx answer is [`Outcome::Done`], 404 [`Outcome::NotFound`], any other status
-    /// (a redirect too: none is followed) an error naming it.
+    /// The deadline of a request that moves `bytes` (sent or received): offsiteTimeout plus
+    /// their time at [`crate::transport::LEAST_RATE`].
+    fn limit(&self, bytes: u64) -> Duration {
+        crate::transport::deadline(self.timeout, bytes)
+    }
+
+    /// A request of `method` to the signed `url` that must end within `limit` (ureq's overall
+    /// timeout: the connection, the request, every read of the answer).
+    fn request(&self, method: &str, url: &url::Url, limit: Duration) -> ureq::Request {
+        self.agent.request(method, url.as_str()).timeout(limit)
+    }
+
+    /// Send `req` with `body` (Content-Length set), fed in pieces none of which starts after
+    /// `limit` from now.
+    fn send_body(
+        req: ureq::Request,
+        body: &[u8],
+        limit: Duration,
+    ) -> std::result::Result<ureq::Response, Box<ureq::Error>> {
+        let until = Instant::now() + limit;
+        req.set("Content-Length", &body.len().to_string()).send(Body { data: body, until }).map_err(Box::new)
+    }
+
+    /// What a request that ran past its deadline `limit` says.
+    fn late(&self, limit: Duration) -> String {
+        format!(
+            "endpoint {}: timed out: the request did not finish within its deadline of {} s (offsiteTimeout={} s plus 1 s per 256 KiB it moves)",
+            self.endpoint,
+            limit.as_secs(),
+            self.timeout.as_secs()
+        )
+    }
+
+    /// An answer's body that could not be read: past the request's deadline ureq says TimedOut
+    /// (the deadline is the only timeout a request has).
+    fn read_failed(&self, what: &str, e: &std::io::Error, limit: Duration) -> Error {
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            Error::remote(format!("{}: {what}: {}", self.shown, self.late(limit)))
+        } else {
+            Error::remote(format!("{}: {what}: {e}", self.shown))
+        }
+    }
+
+    /// Send a request (signed anew for each attempt by `send`) that must end within `limit`,
+    /// retrying transport errors (a request past its deadline too), 5xx and 429; a 2xx answer is
+    /// [`Outcome::Done`], 404 [`Outcome::NotFound`], any other status (a redirect too: none is
+    /// followed) an error naming it.
     fn call(
         &self,
         what: &str,
+        limit: Duration,
         send: impl Fn() -> std::result::Result<ureq::Response, Box<ureq::Error>>,
     ) -> Result<Outcome> {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            let started = Instant::now();
             let retry = match send().map_err(|e| *e) {
                 Ok(r) if (200..300).contains(&r.status()) => return Ok(Outcome::Done(Box::new(r))),
                 Ok(r) => return Err(Error::remote(format!("{}: {what}: {}", self.shown, not_done(r.status())))),
@@ -203,6 +293,9 @@ impl Store {
                     } else {
                         return Err(Error::remote(msg));
                     }
+                }
+                Err(ureq::Error::Transport(_)) if started.elapsed() >= limit => {
+                    format!("{}: {what}: {}", self.shown, self.late(limit))
                 }
                 Err(ureq::Error::Transport(t)) => format!("{}: {what}: {}", self.shown, self.transport(&t)),
             };
@@ -232,11 +325,11 @@ impl Store {
         let Some((rate, state)) = &self.pace else { return };
         let due = {
             let Ok(mut s) = state.lock() else { return };
-            let (start, sent) = s.get_or_insert((std::time::Instant::now(), 0));
+            let (start, sent) = s.get_or_insert((Instant::now(), 0));
             *sent += n;
             *start + Duration::from_secs_f64(*sent as f64 / *rate as f64)
         };
-        if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }
     }
@@ -255,15 +348,16 @@ impl Store {
             return self.put_parts(name, &key, body, part.max(body.len().div_ceil(MAX_PARTS)));
         }
         let url = || self.bucket.put_object(Some(&self.creds), &key).sign(SIGN_FOR);
+        let limit = self.limit(body.len() as u64);
         let req = || {
-            let r = self.agent.put(url().as_str());
+            let r = self.request("PUT", &url(), limit);
             // The test hook: a Content-MD5 that does not match, which the gateway refuses.
             match &hooked {
                 Some(md5) => r.set("Content-MD5", md5),
                 None => r,
             }
         };
-        match self.call(&format!("PUT {name}"), || req().send_bytes(body).map_err(Box::new))? {
+        match self.call(&format!("PUT {name}"), limit, || Self::send_body(req(), body, limit))? {
             Outcome::Done(_) => Ok(()),
             Outcome::NotFound => {
                 Err(Error::remote(format!("{}: PUT {name}: HTTP 404 (does the bucket exist?)", self.shown)))
@@ -277,23 +371,26 @@ impl Store {
         let count = body.len().div_ceil(part);
         let what = format!("POST {name} (a multipart upload of {count} parts)");
         let create = || self.bucket.create_multipart_upload(Some(&self.creds), key).sign(SIGN_FOR);
-        let r = match self.call(&what, || self.agent.post(create().as_str()).call().map_err(Box::new))? {
+        let limit = self.limit(0);
+        let r = match self.call(&what, limit, || self.request("POST", &create(), limit).call().map_err(Box::new))? {
             Outcome::Done(r) => r,
             Outcome::NotFound => {
                 return Err(Error::remote(format!("{}: {what}: HTTP 404 (does the bucket exist?)", self.shown)))
             }
         };
-        let answer = self.small_body(*r, &what)?;
+        let answer = self.small_body(*r, &what, limit)?;
         let created = CreateMultipartUpload::parse_response(&answer).map_err(|e| {
             Error::remote(format!("{}: {what}: an answer that is no CreateMultipartUpload result: {e}", self.shown))
         })?;
         let id = created.upload_id();
-        let sent = self.send_parts(name, key, id, body, part).and_then(|etags| self.complete(name, key, id, &etags));
+        let sent = self
+            .send_parts(name, key, id, body, part)
+            .and_then(|etags| self.complete(name, key, id, &etags, body.len() as u64));
         if sent.is_err() {
             // Best effort (one attempt): a gateway that is gone keeps the parts until its own
             // expiry of incomplete uploads (docs/OPERATIONS.md).
             let url = self.bucket.abort_multipart_upload(Some(&self.creds), key, id).sign(SIGN_FOR);
-            let _ = self.agent.delete(url.as_str()).call();
+            let _ = self.request("DELETE", &url, self.limit(0)).call();
         }
         sent
     }
@@ -310,14 +407,15 @@ impl Store {
             let hooked = test_hooks::refuse_part(n);
             #[cfg(not(feature = "test-hooks"))]
             let hooked = None::<String>;
+            let limit = self.limit(piece.len() as u64);
             let req = || {
-                let r = self.agent.put(url().as_str());
+                let r = self.request("PUT", &url(), limit);
                 match &hooked {
                     Some(md5) => r.set("Content-MD5", md5),
                     None => r,
                 }
             };
-            let r = match self.call(&what, || req().send_bytes(piece).map_err(Box::new))? {
+            let r = match self.call(&what, limit, || Self::send_body(req(), piece, limit))? {
                 Outcome::Done(r) => r,
                 Outcome::NotFound => {
                     return Err(Error::remote(format!("{}: {what}: HTTP 404 (the upload is gone)", self.shown)))
@@ -332,25 +430,25 @@ impl Store {
         Ok(etags)
     }
 
-    /// CompleteMultipartUpload; an error the gateway sends in a `200 OK` answer is an error too.
-    fn complete(&self, name: &str, key: &str, id: &str, etags: &[String]) -> Result<()> {
+    /// CompleteMultipartUpload of an object of `size` bytes; an error the gateway sends in a
+    /// `200 OK` answer is an error too. Its deadline counts the whole object's bytes: the
+    /// gateway puts them together before it answers (S3 may take minutes, sending spaces).
+    fn complete(&self, name: &str, key: &str, id: &str, etags: &[String], size: u64) -> Result<()> {
         let what = format!("POST {name} (completing a multipart upload of {} parts)", etags.len());
         let action =
             || self.bucket.complete_multipart_upload(Some(&self.creds), key, id, etags.iter().map(String::as_str));
         let xml = action().body();
-        let r = match self.call(&what, || {
-            self.agent
-                .post(action().sign(SIGN_FOR).as_str())
-                .set("Content-Type", "application/xml")
-                .send_string(&xml)
-                .map_err(Box::new)
+        let limit = self.limit(size + xml.len() as u64);
+        let r = match self.call(&what, limit, || {
+            let req = self.request("POST", &action().sign(SIGN_FOR), limit).set("Content-Type", "application/xml");
+            Self::send_body(req, xml.as_bytes(), limit)
         })? {
             Outcome::Done(r) => r,
             Outcome::NotFound => {
                 return Err(Error::remote(format!("{}: {what}: HTTP 404 (the upload is gone)", self.shown)))
             }
         };
-        let answer = self.small_body(*r, &what)?;
+        let answer = self.small_body(*r, &what, limit)?;
         if answer.contains("<Error>") {
             let code = answer.split("<Code>").nth(1).and_then(|t| t.split('<').next()).unwrap_or("unknown");
             return Err(Error::remote(format!(
@@ -362,37 +460,29 @@ impl Store {
         Ok(())
     }
 
-    /// An answer's body, at most 1 MiB.
-    fn small_body(&self, r: ureq::Response, what: &str) -> Result<String> {
+    /// An answer's body, at most 1 MiB, read within its request's deadline `limit`.
+    fn small_body(&self, r: ureq::Response, what: &str, limit: Duration) -> Result<String> {
         let mut s = String::new();
-        r.into_reader()
-            .take(1 << 20)
-            .read_to_string(&mut s)
-            .map_err(|e| Error::remote(format!("{}: {what}: {e}", self.shown)))?;
+        r.into_reader().take(1 << 20).read_to_string(&mut s).map_err(|e| self.read_failed(what, &e, limit))?;
         Ok(s)
     }
 
-    /// The object `name`, None when it does not exist.
-    pub fn get(&self, name: &str) -> Result<Option<Vec<u8>>> {
-        self.get_at_most(name, MAX_OBJECT)
-    }
-
     /// The object `name` if it is at most `max` bytes (a larger one is an error), None when it
-    /// does not exist.
+    /// does not exist. The request's deadline counts `max` bytes: give the object's size where
+    /// it is known (a listing says it), a bound of its kind where not.
     pub fn get_at_most(&self, name: &str, max: u64) -> Result<Option<Vec<u8>>> {
         let key = self.key(name)?;
         let url = || self.bucket.get_object(Some(&self.creds), &key).sign(SIGN_FOR);
         let what = format!("GET {name}");
-        match self.call(&what, || self.agent.get(url().as_str()).call().map_err(Box::new))? {
+        let limit = self.limit(max);
+        match self.call(&what, limit, || self.request("GET", &url(), limit).call().map_err(Box::new))? {
             Outcome::NotFound => Ok(None),
             Outcome::Done(r) => {
                 let mut v = Vec::new();
-                r.into_reader()
-                    .take(max + 1)
-                    .read_to_end(&mut v)
-                    .map_err(|e| Error::remote(format!("{}: {what}: {e}", self.shown)))?;
+                r.into_reader().take(max + 1).read_to_end(&mut v).map_err(|e| self.read_failed(&what, &e, limit))?;
                 if v.len() as u64 > max {
-                    return Err(Error::remote(format!("{}: {what}: larger than {max} bytes", self.shown)));
+                    // Not an object of the kind asked for (or not the size the listing said).
+                    return Err(Error::damaged(format!("{}: {what}: larger than {max} bytes", self.shown)));
                 }
                 Ok(Some(v))
             }
@@ -405,7 +495,8 @@ impl Store {
         let key = self.key(name)?;
         let url = || self.bucket.head_object(Some(&self.creds), &key).sign(SIGN_FOR);
         let what = format!("HEAD {name}");
-        match self.call(&what, || self.agent.head(url().as_str()).call().map_err(Box::new))? {
+        let limit = self.limit(0);
+        match self.call(&what, limit, || self.request("HEAD", &url(), limit).call().map_err(Box::new))? {
             Outcome::NotFound => Ok(false),
             Outcome::Done(r) if r.status() == 200 => Ok(true),
             Outcome::Done(r) => Err(Error::remote(format!(
@@ -419,34 +510,19 @@ impl Store {
     /// The names (below the prefix) of the objects whose names start with `under`, each once,
     /// sorted; at most `max` when given (one page of up to 1000 names per request).
     pub fn list(&self, under: &str, max: Option<usize>) -> Result<Vec<String>> {
-        self.list_paged(under, max, &|| Ok(()))
+        Ok(self.list_full(under, max)?.0.into_iter().map(|o| o.name).collect())
     }
 
-    /// [`Store::list`], calling `each_page` after every page (a long listing of millions of
-    /// objects keeps a run's marker fresh through it).
-    pub fn list_paged(
-        &self,
-        under: &str,
-        max: Option<usize>,
-        each_page: &dyn Fn() -> Result<()>,
-    ) -> Result<Vec<String>> {
-        Ok(self.list_full(under, max, each_page)?.0.into_iter().map(|o| o.name).collect())
+    /// The objects whose names start with `under`, each once, sorted, with their sizes.
+    pub fn list_objects(&self, under: &str) -> Result<Vec<Listed>> {
+        Ok(self.list_full(under, None)?.0)
     }
 
     /// The objects whose names start with `under`, with their LastModified, and the bucket's
     /// own time (the `Date` of its first answer): ages are measured on the bucket's clock, so
     /// a wrong clock on the backup server cannot make a young object look old.
     pub fn list_dated(&self, under: &str) -> Result<(Vec<Listed>, DateTime<Utc>)> {
-        self.list_dated_paged(under, &|| Ok(()))
-    }
-
-    /// [`Store::list_dated`], calling `each_page` after every page.
-    pub fn list_dated_paged(
-        &self,
-        under: &str,
-        each_page: &dyn Fn() -> Result<()>,
-    ) -> Result<(Vec<Listed>, DateTime<Utc>)> {
-        let (objs, date) = self.list_full(under, None, each_page)?;
+        let (objs, date) = self.list_full(under, None)?;
         let what = format!("LIST {under}");
         let now = date
             .as_deref()
@@ -466,19 +542,24 @@ impl Store {
     pub fn delete(&self, name: &str) -> Result<()> {
         let key = self.key(name)?;
         let url = || self.bucket.delete_object(Some(&self.creds), &key).sign(SIGN_FOR);
-        self.call(&format!("DELETE {name}"), || self.agent.delete(url().as_str()).call().map_err(Box::new))?;
+        let limit = self.limit(0);
+        self.call(&format!("DELETE {name}"), limit, || self.request("DELETE", &url(), limit).call().map_err(Box::new))?;
         Ok(())
     }
 
     /// Remove the object `name` with one attempt (the best effort of a run that ends anyway).
     pub fn delete_once(&self, name: &str) -> Result<()> {
         let url = self.bucket.delete_object(Some(&self.creds), &self.key(name)?).sign(SIGN_FOR);
-        match self.agent.delete(url.as_str()).call() {
+        let (limit, started) = (self.limit(0), Instant::now());
+        match self.request("DELETE", &url, limit).call() {
             Ok(r) if (200..300).contains(&r.status()) => Ok(()),
             Ok(r) => Err(Error::remote(format!("{}: DELETE {name}: {}", self.shown, not_done(r.status())))),
             Err(ureq::Error::Status(404, _)) => Ok(()),
             Err(ureq::Error::Status(code, _)) => {
                 Err(Error::remote(format!("{}: DELETE {name}: HTTP {code}", self.shown)))
+            }
+            Err(ureq::Error::Transport(_)) if started.elapsed() >= limit => {
+                Err(Error::remote(format!("{}: DELETE {name}: {}", self.shown, self.late(limit))))
             }
             Err(ureq::Error::Transport(t)) => {
                 Err(Error::remote(format!("{}: DELETE {name}: {}", self.shown, self.transport(&t))))
@@ -486,12 +567,7 @@ impl Store {
         }
     }
 
-    fn list_full(
-        &self,
-        under: &str,
-        max: Option<usize>,
-        each_page: &dyn Fn() -> Result<()>,
-    ) -> Result<(Vec<Listed>, Option<String>)> {
+    fn list_full(&self, under: &str, max: Option<usize>) -> Result<(Vec<Listed>, Option<String>)> {
         let full = self.list_prefix(under);
         let strip = self.list_prefix("");
         let mut out = Vec::new();
@@ -516,7 +592,8 @@ impl Store {
                 a.sign(SIGN_FOR)
             };
             let what = format!("LIST {under}");
-            let body = match self.call(&what, || self.agent.get(url().as_str()).call().map_err(Box::new))? {
+            let limit = self.limit(MAX_LIST_PAGE);
+            let body = match self.call(&what, limit, || self.request("GET", &url(), limit).call().map_err(Box::new))? {
                 Outcome::NotFound => {
                     return Err(Error::remote(format!("{}: {what}: HTTP 404 (does the bucket exist?)", self.shown)))
                 }
@@ -526,9 +603,9 @@ impl Store {
                     }
                     let mut s = String::new();
                     r.into_reader()
-                        .take(64 << 20)
+                        .take(MAX_LIST_PAGE)
                         .read_to_string(&mut s)
-                        .map_err(|e| Error::remote(format!("{}: {what}: {e}", self.shown)))?;
+                        .map_err(|e| self.read_failed(&what, &e, limit))?;
                     s
                 }
             };
@@ -549,7 +626,6 @@ impl Store {
                     self.shown
                 )));
             }
-            each_page()?;
             token = page.next_continuation_token;
             let Some(t) = &token else { return done(out, date) };
             if max.is_some_and(|m| out.len() >= m) {

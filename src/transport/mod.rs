@@ -1,11 +1,12 @@
 //! ssh to the source host: options, the per-job known-hosts file, the key, remote commands.
 //!
 //! Owns: every ssh command line affa builds (a run's sessions share one connection: [`mux`]),
-//! and the time limits of remote commands
-//! ([`output_within`]). Must never: use `StrictHostKeyChecking=no`, accept a new host key except
-//! during `--send-key`'s first contact, let a child ssh/rsync outlive an affa that was killed
-//! (children get `PR_SET_PDEATHSIG`), or wait on a remote command without a time limit during a
-//! run (a wedged host must not hold the job's lock, nor keep a VM on its snapshot).
+//! the time limits of remote and local commands ([`output_within`], [`finish_within`]), and the
+//! deadline of a network exchange that moves a known number of bytes ([`deadline`]: a mail, a
+//! request to the offsite bucket). Must never: use `StrictHostKeyChecking=no`, accept a new host
+//! key except during `--send-key`'s first contact, let a child ssh/rsync outlive an affa that was
+//! killed (children get `PR_SET_PDEATHSIG`), or wait on a remote command without a time limit
+//! during a run (a wedged host must not hold the job's lock, nor keep a VM on its snapshot).
 
 pub mod agent;
 pub mod mux;
@@ -101,19 +102,115 @@ pub fn die_with_parent(cmd: &mut Command) {
 /// and dropped (a host cannot fill the backup server's memory through a remote command).
 pub const MAX_CAPTURE: usize = 1 << 20;
 
-fn read_bounded(mut r: impl std::io::Read) -> Vec<u8> {
-    let mut kept = Vec::new();
+/// The least rate at which the bytes of a network exchange must move (a mail handed to the SMTP
+/// server or to sendmail, a request to the offsite bucket): its [`deadline`] grants one second
+/// per this many bytes (256 KiB/s, about 2 Mbit/s) on top of the floor its key sets.
+pub const LEAST_RATE: u64 = 256 << 10;
+
+/// The overall deadline of an exchange that moves `bytes`: `floor` (mailTimeout,
+/// offsiteTimeout) plus one second per [`LEAST_RATE`] bytes. It bounds the whole exchange, not
+/// the pause between two bytes: a server that trickles a byte now and then cannot stretch it.
+pub fn deadline(floor: Duration, bytes: u64) -> Duration {
+    floor.saturating_add(Duration::from_secs(bytes.div_ceil(LEAST_RATE)))
+}
+
+/// `r` read to its end, at most [`MAX_CAPTURE`] bytes of it kept (the rest is read and dropped).
+fn read_bounded(r: impl std::io::Read) -> Vec<u8> {
+    let kept = std::sync::Mutex::new(Vec::new());
+    read_into(r, &kept);
+    kept.into_inner().unwrap_or_default()
+}
+
+/// Read `r` to its end into `kept`, keeping at most [`MAX_CAPTURE`] bytes (the rest is read and
+/// dropped); `kept` can be looked at while this runs.
+fn read_into(mut r: impl std::io::Read, kept: &std::sync::Mutex<Vec<u8>>) {
     let mut buf = [0u8; 8192];
     loop {
         match r.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                let room = MAX_CAPTURE.saturating_sub(kept.len());
-                kept.extend_from_slice(&buf[..n.min(room)]);
+                let Ok(mut k) = kept.lock() else { break };
+                let room = MAX_CAPTURE.saturating_sub(k.len());
+                k.extend_from_slice(&buf[..n.min(room)]);
             }
         }
     }
-    kept
+}
+
+/// What [`finish_within`] saw of a child: its exit status (None: it was still running at the
+/// limit and was killed), and what it wrote to its stdout and stderr, when they were piped (at
+/// most [`MAX_CAPTURE`] bytes of each; of a killed child, what it wrote until then).
+pub struct Finished {
+    pub status: Option<ExitStatus>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// A pipe of a child read to its end by a thread of its own, into a buffer.
+struct Captured {
+    kept: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Captured {
+    fn start(r: impl std::io::Read + Send + 'static) -> Captured {
+        let kept = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let k = kept.clone();
+        Captured { kept, reader: std::thread::spawn(move || read_into(r, &k)) }
+    }
+
+    fn take(c: Option<Captured>) -> Vec<u8> {
+        c.and_then(|c| c.kept.lock().ok().map(|mut k| std::mem::take(&mut *k))).unwrap_or_default()
+    }
+}
+
+/// Let the `child` that was just spawned (stdin piped when `input` is given, stdout and stderr
+/// piped or not, in a process group of its own: `process_group(0)`) run for at most `limit`:
+/// feed it `input`, capture its output, wait. Past the limit the child and its process group
+/// are killed (`status` None). A SIGTERM to affa stops the child too. Once the child has
+/// exited, its pipes are read until they close, but not past the limit: a process it left in
+/// the background holding them open is not waited for.
+pub fn finish_within(mut child: Child, input: Option<Vec<u8>>, limit: Duration, what: &str) -> Result<Finished> {
+    use std::io::Write;
+    let until = Instant::now().checked_add(limit);
+    let pid = child.id();
+    let _stop = crate::interrupt::stop_on_signal(pid);
+    if let (Some(mut stdin), Some(data)) = (child.stdin.take(), input) {
+        // Its own thread: a child that never reads must not block this one (its death, at
+        // the limit at the latest, ends the write with EPIPE).
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(&data);
+        });
+    }
+    let out = child.stdout.take().map(Captured::start);
+    let err = child.stderr.take().map(Captured::start);
+    let status = wait_until(&mut child, limit, what)?;
+    if status.is_none() {
+        // The whole process group this child leads (process_group(0)).
+        if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+            let _ = rustix::process::kill_process_group(p, rustix::process::Signal::KILL);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    // Reaped: never signalled again (its pid may be reused where there are no pidfds).
+    drop(_stop);
+    // The pipes close when the child and its group are gone; what it wrote is all read then.
+    // A killed child's pipes get one more second; a process outside its group keeping them
+    // open is not waited for past the limit.
+    let until = match (status, until) {
+        (None, _) => Some(Instant::now() + Duration::from_secs(1)),
+        (Some(_), u) => u,
+    };
+    let mut pause = Duration::from_millis(1);
+    while ![&out, &err].iter().all(|c| c.as_ref().is_none_or(|c| c.reader.is_finished())) {
+        if until.is_some_and(|u| Instant::now() >= u) {
+            break;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+    Ok(Finished { status, stdout: Captured::take(out), stderr: Captured::take(err) })
 }
 
 /// Run `cmd` for at most `limit`, feeding `input` on its stdin, capturing stdout and stderr (at
@@ -127,40 +224,19 @@ pub fn output_within(
     what: &str,
     key: &str,
 ) -> Result<Output> {
-    use std::io::Write;
     cmd.stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() });
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd.process_group(0);
-    let mut child = cmd.spawn().ctx(|| format!("cannot start {what}"))?;
-    let pid = child.id();
-    let _stop = crate::interrupt::stop_on_signal(pid);
-    if let (Some(mut stdin), Some(data)) = (child.stdin.take(), input) {
-        std::thread::spawn(move || {
-            let _ = stdin.write_all(&data);
-        });
-    }
-    let out = child.stdout.take().map(|o| std::thread::spawn(move || read_bounded(o)));
-    let err = child.stderr.take().map(|e| std::thread::spawn(move || read_bounded(e)));
-    let waited = wait_until(&mut child, limit, what);
-    let Some(status) = waited? else {
-        // The whole process group this child leads (process_group(0) above).
-        if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
-            let _ = rustix::process::kill_process_group(p, rustix::process::Signal::KILL);
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        drop(_stop);
+    let child = cmd.spawn().ctx(|| format!("cannot start {what}"))?;
+    let f = finish_within(child, input, limit, what)?;
+    let Some(status) = f.status else {
         crate::bail!(
             Remote,
             "{what} did not finish within {} s and was stopped (the limit is the job key {key})",
             limit.as_secs()
         );
     };
-    // Reaped: never signalled again (its pid may be reused where there are no pidfds).
-    drop(_stop);
-    let stdout = out.and_then(|t| t.join().ok()).unwrap_or_default();
-    let stderr = err.and_then(|t| t.join().ok()).unwrap_or_default();
-    Ok(Output { status, stdout, stderr })
+    Ok(Output { status, stdout: f.stdout, stderr: f.stderr })
 }
 
 /// Wait until `child` exits (its status) or `limit` passes (None; the child runs on). The

@@ -909,18 +909,9 @@ fn names_planted_below_the_prefix_that_leave_their_directory_are_never_used_as_o
 
 /// `affa ARGS` that must end within `secs` seconds (killed and failed otherwise).
 fn within(a: &Affa, secs: u64, args: &[&str]) -> std::process::Output {
-    let piped = std::process::Stdio::piped;
-    let mut child = a.cmd().args(args).stdout(piped()).stderr(piped()).spawn().unwrap();
-    let t0 = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if t0.elapsed() > std::time::Duration::from_secs(secs) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("affa {args:?} did not end within {secs} s");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    child.wait_with_output().unwrap()
+    let mut c = a.cmd();
+    c.args(args);
+    output_within(c, secs).0
 }
 
 /// A gateway (a front before the real one) whose listings never end: every ListObjectsV2 answer
@@ -1009,4 +1000,139 @@ fn a_listing_without_end_or_with_a_name_twice_neither_hangs_nor_removes_an_archi
     use_endpoint_back(&a, ceph, &front.endpoint);
     let list = ok(&a.affa(&["--list-archives", "--offsite", JOB]));
     assert!(list.contains(": 2 archive(s)"), "{list}");
+}
+
+/// A gateway (a front before the real one) that answers a request one byte a second and never
+/// ends its answer (a broken or hostile proxy): ureq's idle timeouts never fired, and a run with
+/// offsiteAfterRun=yes held the job's lock for ever (every later run of the job refused: missed
+/// backups). Each request now has a deadline (offsiteTimeout=2 here, plus 1 s per 256 KiB): the
+/// run with its chunk PUTs trickled ends after the retries (6 attempts, 31 s apart in all) with
+/// exit 0 and the warning naming the endpoint, the PUT and the deadline; its archive is
+/// complete and verifies; the job's next run is not blocked and copies the archive once the
+/// gateway answers. `--offsite` with the bucket marker's GET trickled fails on one line, exit 1.
+#[test]
+fn a_gateway_that_trickles_its_answers_holds_neither_a_run_nor_the_job_lock() {
+    use common::s3_front::{Front, Response};
+    use std::sync::atomic::{AtomicU8, Ordering};
+    use std::sync::Arc;
+    let (ceph, bucket, src, a) = first_archive();
+    ok(&a.affa_at("2026-12-01T02:00:00", &["--offsite", JOB]));
+    // 0: forward everything; 1: trickle chunk PUTs; 2: trickle the bucket marker's GET.
+    let mode = Arc::new(AtomicU8::new(0));
+    let m = mode.clone();
+    let front = Front::start(&ceph.endpoint, move |q, forward| {
+        let path = q.target.split('?').next().unwrap_or("");
+        match m.load(Ordering::SeqCst) {
+            1 if q.method == "PUT" && path.contains("/c/") => Response::trickle(),
+            2 if q.method == "GET" && path.ends_with("/affa-offsite") => Response::trickle(),
+            _ => forward(q),
+        }
+    });
+    use_endpoint(&a, ceph, &front.endpoint);
+    add_keys(&a, "offsiteAfterRun=yes\noffsiteTimeout=2\n");
+    change_source(src.path(), 41, "second.txt");
+    // Another mtime than the archived one, whatever the clock's second (rsync's quick check
+    // compares size and whole-second mtime; the size is the same).
+    let img = fs::OpenOptions::new().write(true).open(src.path().join("data/disk.img")).unwrap();
+    img.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_041)).unwrap();
+    drop(img);
+    let log = a.state.join(format!("log/{JOB}.log"));
+    let before = fs::read_to_string(&log).unwrap().len();
+
+    mode.store(1, Ordering::SeqCst);
+    let mut c = a.cmd();
+    c.env("AFFA_FAKE_NOW", "2026-12-02T01:00:00").args(["--run", JOB]);
+    let (o, took) = output_within(c, 240);
+    ok(&o);
+    let all = fs::read_to_string(&log).unwrap()[before..].to_string();
+    // The first chunk object sent (a small file's: 2 s + 1 s; a sealed chunk of 256 KiB and a
+    // little more: 2 s + 2 s), six attempts 1 to 16 s apart.
+    let late = format!("endpoint {}: timed out: the request did not finish within its deadline of ", front.endpoint);
+    assert!(
+        all.contains("its offsite copy (offsiteAfterRun=yes) failed")
+            && all.contains(&format!("s3://{bucket}/{PREFIX}: PUT c/"))
+            && all.contains(&late)
+            && all.contains(" s (offsiteTimeout=2 s plus 1 s per 256 KiB it moves) (after 6 attempts)"),
+        "{all}"
+    );
+    assert!(took < std::time::Duration::from_secs(6 * 4 + 31 + 30), "the run took {took:?}");
+    let s0 = a.job_dir(JOB).join("scheduled.0");
+    assert!(fs::read_to_string(s0.join(".AFFA3-REPORT")).unwrap().contains("Date=202612020100"));
+    ok(&a.affa(&["--verify", JOB]));
+    // Its plain files as they are, its chunked disk rebuilt: the source's.
+    let mut archived = tree_hashes(&s0.join(src.path().strip_prefix("/").unwrap()).join("data"));
+    archived.remove("disk.img.affa-manifest").expect("the disk is chunked");
+    let to = a.tmp.path().join("unchunked");
+    ok(&a.affa(&["--unchunk", JOB, "scheduled.0", "--to", to.to_str().unwrap()]));
+    archived.extend(tree_hashes(&to.join(src.path().strip_prefix("/").unwrap()).join("data")));
+    assert_eq!(archived, tree_hashes(&src.path().join("data")), "the archive is the source");
+    assert_eq!(objects(ceph, &bucket, "i/").len(), 1, "the second archive is not offsite");
+
+    // The next run is not blocked: it runs, and copies its archive once the gateway answers.
+    mode.store(0, Ordering::SeqCst);
+    change_source(src.path(), 42, "third.txt");
+    let all = run_logged(&a, "2026-12-03T01:00:00");
+    assert!(
+        all.contains(&format!("{JOB} scheduled.0 (Date 202612030100): offsite in")) && !all.contains("failed"),
+        "{all}"
+    );
+
+    // --offsite by hand against a trickled GET: one line, exit 1, within the retries.
+    mode.store(2, Ordering::SeqCst);
+    let mut c = a.cmd();
+    c.args(["--offsite", JOB, "daily.0"]);
+    let (o, took) = output_within(c, 240);
+    let e = fail(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(
+        e.contains(&format!("s3://{bucket}/{PREFIX}: GET affa-offsite: endpoint {}: timed out: the request did not finish within its deadline of 3 s", front.endpoint))
+            && e.contains("(after 6 attempts)"),
+        "{e}"
+    );
+    assert!(took < std::time::Duration::from_secs(6 * 3 + 31 + 30), "--offsite took {took:?}");
+    mode.store(0, Ordering::SeqCst);
+    let v = ok(&a.affa(&["--offsite-verify", JOB]));
+    assert_eq!(v.matches(": OK (").count(), 2, "{v}");
+}
+
+/// The marker of a running upload is rewritten by a thread of its own (every second here,
+/// `AFFA_TEST_OFFSITE_MARKER_REFRESH`), also while the upload waits on one long request: a
+/// gateway that takes its time over the index's PUT (it answers only once it has seen the
+/// marker rewritten twice, at most 20 s). It was rewritten only between chunks and listing
+/// pages: past an hour on one index PUT a cleanup elsewhere took it for a dead run's marker and
+/// could remove chunks the index names.
+#[cfg(feature = "test-hooks")]
+#[test]
+fn the_upload_marker_stays_fresh_through_a_long_index_put() {
+    use common::s3_front::Front;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let (ceph, bucket, _src, a) = first_archive();
+    let rewrites = Arc::new(AtomicUsize::new(0));
+    let during = Arc::new(AtomicBool::new(false));
+    let (r, d) = (rewrites.clone(), during.clone());
+    let front = Front::start(&ceph.endpoint, move |q, forward| {
+        let path = q.target.split('?').next().unwrap_or("");
+        if q.method == "PUT" && path.contains("/lock/upload-") {
+            r.fetch_add(1, Ordering::SeqCst);
+        } else if q.method == "PUT" && path.contains("/i/") {
+            let answer = forward(q);
+            let seen = r.load(Ordering::SeqCst);
+            let t0 = Instant::now();
+            while r.load(Ordering::SeqCst) < seen + 2 && t0.elapsed() < std::time::Duration::from_secs(20) {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            d.store(r.load(Ordering::SeqCst) >= seen + 2, Ordering::SeqCst);
+            return answer;
+        }
+        forward(q)
+    });
+    use_endpoint(&a, ceph, &front.endpoint);
+    let out = ok(&a.cmd().env("AFFA_TEST_OFFSITE_MARKER_REFRESH", "1").args(["--offsite", JOB]).output().unwrap());
+    assert!(out.contains("offsite in"), "{out}");
+    assert!(during.load(Ordering::SeqCst), "the marker was not rewritten while the index PUT lasted");
+    assert!(objects(ceph, &bucket, "lock/").is_empty(), "the marker is removed at the end, no rewrite after it");
+    let v = ok(&a.affa(&["--offsite-verify", JOB]));
+    assert!(v.contains("scheduled.0 (Date 202612010100): OK"), "{v}");
 }

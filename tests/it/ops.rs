@@ -450,6 +450,163 @@ fn sendmail_path_success_mails_count_down_and_status_mail() {
     );
 }
 
+/// An SMTP server of the test's own: each connection gets `greeting`, then a `2` a second for
+/// ever, or (`flood` > 0) `flood` bytes of `A` as fast as they go and then silence until the
+/// client goes. Neither ever ends a reply line.
+fn bad_smtp(greeting: &'static [u8], flood: usize) -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            std::thread::spawn(move || -> std::io::Result<()> {
+                use std::io::{Read, Write};
+                c.write_all(greeting)?;
+                if flood > 0 {
+                    let block = vec![b'A'; 1 << 20];
+                    for _ in 0..flood.div_ceil(1 << 20) {
+                        c.write_all(&block)?;
+                    }
+                    let _ = c.read(&mut [0u8; 1]);
+                    return Ok(());
+                }
+                loop {
+                    c.write_all(b"2")?;
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A run's output (it must end within `secs`) and how long it took.
+fn run_within(a: &Affa, now: &str, args: &[&str], secs: u64) -> (Output, Duration) {
+    let mut c = a.cmd();
+    c.env("AFFA_FAKE_NOW", now).args(args);
+    output_within(c, secs)
+}
+
+/// The job's archive `scheduled.0` holds the source's data, byte for byte, and verifies.
+fn archive_is_the_source(a: &Affa, job: &str, src: &Path) {
+    let data = a.job_dir(job).join("scheduled.0").join(src.strip_prefix("/").unwrap()).join("data");
+    assert_eq!(tree_hashes(&data), tree_hashes(&src.join("data")));
+    ok(&a.affa(&["--verify", job]));
+}
+
+/// An SMTP server that trickles its greeting (a byte a second, never a whole line): lettre's
+/// idle timeout never fired and its reply line grew without bound, so --mailtest never ended,
+/// and neither did a run with a mail to send (a retry notice held the retry; under cron the
+/// process stayed for ever). Each mail now has a deadline (mailTimeout=2 here, plus 1 s per
+/// 256 KiB): the SMTP session, in a child, is killed there. --mailtest fails on one line naming
+/// the server and the step, exit 1; runs whose success mail, retry notice and error mail cannot
+/// go end with the exit their backup gives (0, and 1 for the failing job, retried), their
+/// archive complete and the next run not held. A server that floods a reply line without end
+/// (300 MiB) stops the child at its memory limit, not affa's memory.
+#[test]
+fn an_smtp_server_that_trickles_or_floods_its_reply_holds_neither_a_mail_nor_a_run() {
+    let trickle = bad_smtp(b"22", 0);
+    let a = Affa::new();
+    global(&a, &format!("smtpHost=127.0.0.1\nsmtpPort={trickle}\nsmtpTLS=none\nmailTimeout=2\n"));
+    let src = source();
+    a.write_conf("web.conf", &local_job("web", src.path(), "chattyOnSuccess=1\nEmailAddress=admin@example.com\n"));
+    let late = format!(
+        "cannot send mail through 127.0.0.1:{trickle}: the SMTP session did not finish within 3 s and was closed at the connection, the greeting and the answer to EHLO, the mail not sent (the limit is mailTimeout=2 s of [GlobalAffaConfig] plus 1 s per 256 KiB of the mail)"
+    );
+    let mut c = a.cmd();
+    c.args(["--mailtest", "web"]);
+    let (o, took) = output_within(c, 60);
+    let e = fail(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(e.contains(&late), "{e}");
+    assert!(took < Duration::from_secs(15), "--mailtest took {took:?}");
+
+    for now in ["2026-03-02T10:00:00", "2026-03-02T11:00:00"] {
+        let (o, took) = run_within(&a, now, &["--silent", "--run", "web"], 60);
+        ok(&o);
+        assert!(took < Duration::from_secs(20), "the run took {took:?}");
+        archive_is_the_source(&a, "web", src.path());
+    }
+    let log = log_of(&a, "web");
+    assert_eq!(log.matches(&format!("cannot send the success mail: {late}")).count(), 2, "{log}");
+    assert!(fs::read_to_string(a.conf.join("web.conf")).unwrap().contains("chattyOnSuccess=1\n"));
+
+    // A failing job: its retry notice does not hold the retry, its error mail not the end.
+    script(&a, "fail.sh", "#!/bin/sh\nexit 1\n");
+    a.write_conf(
+        "web.conf",
+        &local_job("web", src.path(), "preJobCommand=fail.sh\nRetryAttempts=1\nRetryAfter=1\nRetryNotification=yes\n"),
+    );
+    let (o, took) = run_within(&a, "2026-03-02T12:00:00", &["--silent", "--run", "web"], 60);
+    let e = fail(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(e.contains("script fail.sh of job web failed with exit 1"), "{e}");
+    assert!(took < Duration::from_secs(30), "the run took {took:?}");
+    let log = log_of(&a, "web");
+    assert_eq!(log.matches("Starting job web scheduled").count(), 4, "{log}");
+    assert!(log.contains(&format!("cannot send the retry notice: {late}")), "{log}");
+    assert!(log.contains(&format!("cannot send the error mail: {late}")), "{log}");
+
+    // 300 MiB of one reply line as fast as they go.
+    let flood = bad_smtp(b"220-", 300 << 20);
+    global(&a, &format!("smtpHost=127.0.0.1\nsmtpPort={flood}\nsmtpTLS=none\nmailTimeout=30\n"));
+    let mut c = a.cmd();
+    c.args(["--mailtest", "web"]);
+    let (o, took) = output_within(c, 90);
+    let e = fail(&o);
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(
+        e.contains(&format!("cannot send mail through 127.0.0.1:{flood}: the SMTP session ended abnormally"))
+            && e.contains("its memory is limited to 256 MiB"),
+        "{e}"
+    );
+    assert!(took < Duration::from_secs(30), "--mailtest took {took:?}");
+}
+
+/// A sendmailBinary that never exits: --mailtest, then every run with a mail to send, waited for
+/// it for ever. It is now killed (with its process group) at the mail's deadline (mailTimeout=2
+/// here, plus 1 s per 256 KiB): --mailtest fails on one line naming it, exit 1; runs succeed
+/// (exit 0) with their archive complete, the next run not held, the log naming the mail that
+/// did not go.
+#[test]
+fn a_sendmail_that_never_exits_is_stopped_at_the_mail_deadline() {
+    let a = Affa::new();
+    let pids = a.tmp.path().join("sendmail-pids");
+    let sm = a.tmp.path().join("sendmail.sh");
+    fs::write(&sm, format!("#!/bin/sh\necho $$ >> {}\nexec sleep 1000\n", pids.display())).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&sm, fs::Permissions::from_mode(0o755)).unwrap();
+    global(&a, &format!("sendmailBinary={}\nmailTimeout=2\n", sm.display()));
+    let src = source();
+    a.write_conf("web.conf", &local_job("web", src.path(), "chattyOnSuccess=1\n"));
+    let late = format!(
+        "{} (sendmailBinary) did not finish within 3 s and was stopped, the mail not sent (the limit is mailTimeout=2 s of [GlobalAffaConfig] plus 1 s per 256 KiB of the mail)",
+        sm.display()
+    );
+    let mut c = a.cmd();
+    c.args(["--mailtest", "web"]);
+    let (o, took) = output_within(c, 60);
+    let e = fail(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(e.contains(&late), "{e}");
+    assert!(took < Duration::from_secs(15), "--mailtest took {took:?}");
+
+    for now in ["2026-03-02T10:00:00", "2026-03-02T11:00:00"] {
+        let (o, took) = run_within(&a, now, &["--silent", "--run", "web"], 60);
+        ok(&o);
+        assert!(took < Duration::from_secs(20), "the run took {took:?}");
+        archive_is_the_source(&a, "web", src.path());
+    }
+    assert_eq!(log_of(&a, "web").matches(&format!("cannot send the success mail: {late}")).count(), 2);
+    let started: Vec<u32> = fs::read_to_string(&pids).unwrap().lines().map(|l| l.trim().parse().unwrap()).collect();
+    assert_eq!(started.len(), 3);
+    for pid in started {
+        wait_until(Duration::from_secs(5), "the stopped sendmail to be gone", || !alive(pid));
+    }
+}
+
 // ---------------------------------------------------------------- monitoring
 
 fn parse_metrics(text: &str) -> Vec<(String, f64)> {

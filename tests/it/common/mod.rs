@@ -50,6 +50,23 @@ pub fn poll<T>(deadline: Duration, every: Duration, mut f: impl FnMut() -> Optio
     }
 }
 
+/// Run `cmd` (stdout and stderr captured), which must end within `secs` seconds: killed, and
+/// the test failed, otherwise. Its output and how long it took.
+pub fn output_within(mut cmd: Command, secs: u64) -> (Output, Duration) {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let t0 = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > Duration::from_secs(secs) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not end within {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let took = t0.elapsed();
+    (child.wait_with_output().unwrap(), took)
+}
+
 /// Wait until `f` gives a value and return it; panic naming `what` when `deadline` passes first.
 pub fn wait_for<T>(deadline: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
     poll(deadline, Duration::from_millis(50), f)

@@ -1,7 +1,7 @@
 //! A misbehaving HTTP server in front of the test's RADOS Gateway (a misconfigured load balancer
 //! or proxy, or an attacker on the path to the bucket): each request is handed to the test's
 //! rule, which answers it itself or forwards it, unchanged, to the gateway (and may change the
-//! gateway's answer). The signature of a request affa signed for the front's address still
+//! gateway's answer), or trickles an answer that never ends ([`Response::trickle`]). The signature of a request affa signed for the front's address still
 //! holds at the gateway: the request goes on byte for byte, its Host header included.
 //!
 //! Owns: one thread per connection, one request per connection (every answer says `Connection:
@@ -28,6 +28,9 @@ pub struct Response {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// Sent one byte a second and never ended: `HTTP/1.1 200 OK`, then a header line without
+    /// end (a broken or hostile proxy that keeps the request alive for ever).
+    pub trickle: bool,
 }
 
 impl Response {
@@ -36,7 +39,13 @@ impl Response {
             status,
             headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             body: body.to_vec(),
+            trickle: false,
         }
+    }
+
+    /// An answer sent one byte a second that never ends (until the client goes).
+    pub fn trickle() -> Response {
+        Response { trickle: true, ..Response::new(200, &[], b"") }
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -102,6 +111,15 @@ fn serve(conn: TcpStream, rule: &Rule, up: &str, seen: &Mutex<Vec<Request>>) -> 
     seen.lock().unwrap().push(req.clone());
     let forward = |q: &Request| forward(up, q).unwrap_or_else(|e| Response::new(502, &[], e.to_string().as_bytes()));
     let ans = rule(&req, &forward);
+    if ans.trickle {
+        let mut w = &conn;
+        for b in b"HTTP/1.1 200 OK\r\nX-Trickle: ".iter().chain(std::iter::repeat(&b'a')) {
+            // Ends when the client has gone (the write fails).
+            w.write_all(&[*b])?;
+            w.flush()?;
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+    }
     let mut out = format!("HTTP/1.1 {} X\r\n", ans.status).into_bytes();
     for (k, v) in &ans.headers {
         if !["content-length", "transfer-encoding", "connection"].contains(&k.to_ascii_lowercase().as_str()) {
@@ -165,7 +183,7 @@ fn forward(up: &str, q: &Request) -> std::io::Result<Response> {
     let chunked =
         headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked"));
     let body = if chunked { dechunk(&raw) } else { raw };
-    Ok(Response { status, headers, body })
+    Ok(Response { status, headers, body, trickle: false })
 }
 
 fn dechunk(mut raw: &[u8]) -> Vec<u8> {
