@@ -47,7 +47,14 @@ struct PointLocks {
 
 impl PointLocks {
     fn open(lock_dir: &Path, point: &Path) -> Result<PointLocks> {
-        let name = format!(".automount.{}", &blake3::hash(point.as_os_str().as_bytes()).to_hex()[..16]);
+        // Named by the point as the kernel sees it: an alias through a symlink is the same point.
+        let real = fs::canonicalize(point)
+            .or_else(|_| {
+                let parent = point.parent().ok_or_else(|| std::io::Error::other("no parent"))?;
+                Ok::<_, std::io::Error>(fs::canonicalize(parent)?.join(point.file_name().unwrap_or_default()))
+            })
+            .unwrap_or_else(|_| point.to_path_buf());
+        let name = format!(".automount.{}", &blake3::hash(real.as_os_str().as_bytes()).to_hex()[..16]);
         let dir = crate::lock::open_dir(lock_dir, true)?
             .ok_or_else(|| crate::error::Error::new(format!("lock directory {} is missing", lock_dir.display())))?;
         let path = lock_dir.join(&name);
@@ -101,22 +108,20 @@ impl PointLocks {
 }
 
 /// The disk of a job, in use by this process: the users' lock is held while this lives. When it
-/// drops, the disk is unmounted (lazily, as Affa 3) if `unmount`, the mount is the one affa
-/// made and recorded to be unmounted, and no other affa process uses it.
+/// drops, the disk is unmounted (lazily, as Affa 3) if the mount is the one affa made and
+/// recorded to be unmounted (by a process whose job has AutoUnmount=yes, or `--disk-usage`),
+/// and no other affa process uses it: the last one out acts on the record, whatever its own
+/// job's AutoUnmount.
 pub struct Mounted<'a> {
     point: PathBuf,
     /// lockDir: the Samba shares' mounts live in `lockDir/samba-mounts` (src/samba.rs).
     lock_dir: PathBuf,
     locks: PointLocks,
-    unmount: bool,
     log: Option<&'a JobLog>,
 }
 
 impl Drop for Mounted<'_> {
     fn drop(&mut self) {
-        if !self.unmount {
-            return;
-        }
         let say = |msg: String| {
             if let Some(l) = self.log {
                 l.info(msg);
@@ -296,10 +301,21 @@ fn mount_as<'a>(
     let locks = PointLocks::open(lock_dir, &point)?;
     // One process at a time decides to mount or unmount the point: two runs starting together
     // mounted the disk twice, one over the other.
-    let taken = PointLocks::wait_flock(&locks.mutex, FlockOperation::NonBlockingLockExclusive, Duration::MAX, &|| {
-        crate::interrupt::interrupted()
-    })
-    .ctx(|| format!("cannot lock {}.m", locks.path.display()))?;
+    // Waited for without a limit (a disk may take long to spin up in the other's mount), but
+    // said in the log, and stopped by a signal to affa.
+    let busy =
+        !PointLocks::wait_flock(&locks.mutex, FlockOperation::NonBlockingLockExclusive, Duration::ZERO, &|| true)
+            .ctx(|| format!("cannot lock {}.m", locks.path.display()))?;
+    if busy {
+        if let Some(l) = log {
+            l.info(format!("waiting for another affa process that is mounting or unmounting {}", point.display()));
+        }
+    }
+    let taken = !busy
+        || PointLocks::wait_flock(&locks.mutex, FlockOperation::NonBlockingLockExclusive, Duration::MAX, &|| {
+            crate::interrupt::interrupted()
+        })
+        .ctx(|| format!("cannot lock {}.m", locks.path.display()))?;
     if !taken {
         bail!(
             Interrupted,
@@ -310,6 +326,13 @@ fn mount_as<'a>(
         );
     }
     let mounted_now = !is_mounted(dev, &point);
+    if !mounted_now && rustix::fs::flock(locks.users.as_fd(), FlockOperation::NonBlockingLockExclusive).is_ok() {
+        // Mounted, and no affa process uses it: a record of it is one no process of affa stands
+        // behind (a killed run's, or a mount ID the kernel gave again to a mount made by hand
+        // since): not trusted, the mount is taken for one affa did not make (never unmounted).
+        locks.write_record(None).ctx(|| format!("cannot write {}.m", locks.path.display()))?;
+        let _ = rustix::fs::flock(locks.users.as_fd(), FlockOperation::Unlock);
+    }
     if mounted_now {
         if let Some(other) = mounted_at(&point) {
             bail!(
@@ -360,15 +383,9 @@ fn mount_as<'a>(
     rustix::fs::flock(locks.users.as_fd(), FlockOperation::NonBlockingLockShared)
         .map_err(std::io::Error::from)
         .ctx(|| format!("cannot lock {}", locks.path.display()))?;
-    let unmount = match force_unmount {
-        Some(f) if mounted_now => f,
-        // Found mounted by `--disk-usage`: left as it was found.
-        Some(_) => false,
-        None => a.unmount,
-    };
     // The decision is released when `locks.mutex`'s lock is: now.
     let _ = rustix::fs::flock(locks.mutex.as_fd(), FlockOperation::Unlock);
-    Ok(Some(Mounted { point, lock_dir: lock_dir.to_path_buf(), locks, unmount, log }))
+    Ok(Some(Mounted { point, lock_dir: lock_dir.to_path_buf(), locks, log }))
 }
 
 /// The job's disk mounted for a command that changes its archives (`--cleanup`, `--delete-job`,

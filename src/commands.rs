@@ -751,7 +751,7 @@ pub fn delete_job(cfg: &Config, name: &str, yes: bool, revoke: bool, watch: &Wat
     // A dead or lost disk: nothing of the job is deleted, and the way out is named.
     let _disk = crate::automount::mount_for_command(job, &cfg.lock_dir()).map_err(|e| {
         e.context(format!(
-            "job {name} not deleted (its archives are on that disk; to remove the job without them, delete its section [{name}] from {} by hand)",
+            "job {name} not deleted, nor its archives (if its AutomountDevice is lost for good, delete the section [{name}] from {} by hand to remove the job; the archives on that disk stay there)",
             job.origin.file.display()
         ))
     })?;

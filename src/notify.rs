@@ -151,6 +151,9 @@ fn sendmail(cfg: &Config, from: &str, to: &[String], mail: Vec<u8>, limit: Durat
     c.arg("-i").arg("-f").arg(from).arg("--").args(to);
     c.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
     c.process_group(0);
+    // Its own process group (killed as one at the deadline) is out of reach of a signal to
+    // affa's: it dies with affa instead (a hung sendmail outlived a killed affa).
+    crate::transport::die_with_parent(&mut c);
     let child = match c.spawn() {
         Ok(c) => c,
         // A fresh machine: no local mail transport, no SMTP server configured.

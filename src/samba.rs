@@ -424,9 +424,9 @@ pub fn update_shares(cfg: &Config) -> Result<String> {
         // (an empty mount point is no share); the other jobs' shares are written all the same,
         // and the command fails at the end.
         // A job whose backup disk (AutomountDevice) is away has no archives to show: not shared
-        // until `--samba-shares` (or cron's refresh, every 15 minutes) runs while the disk is
-        // mounted; its share's mount, which would keep the unmounted disk in use, is removed
-        // below. Not a failure: with AutoUnmount=yes (the default) that is most of the time.
+        // until `--samba-shares` runs while the disk is mounted; its share's mount, which would
+        // keep the unmounted disk in use, is removed below. Not a failure: with AutoUnmount=yes
+        // (the default) that is most of the time.
         if let Some(a) = &job.automount {
             let point = PathBuf::from(a.point.to_string_lossy().trim_end_matches('/'));
             if !crate::automount::is_mounted(&a.device, &point) {

@@ -678,13 +678,6 @@ fn restore_logged_in(
             t.label
         );
     }
-    // The VM is checked whole: the marks now, before anything is written on the host (a
-    // refused check marks nothing: the next backups keep their CBT).
-    crate::backup::cbt::mark_restored(&ctx.job.job_dir())?;
-    for (j, vm, _, _) in &held {
-        crate::backup::cbt::mark_restored(&j.job_dir())
-            .map_err(|e| e.context(format!("job {} backs up VM {vm} too", j.name)))?;
-    }
     // The agent is kept on the datastore of the first chunked disk (a datastore survives a
     // reboot of the host).
     let agent_ds = match chunked.first() {
@@ -697,6 +690,15 @@ fn restore_logged_in(
     verify_all(ctx, &through_agent, out)?;
     rebuild_all(ctx, &rebuilt)?;
     let by_agent = |it: &Item| through_agent.iter().any(|c| c.local == it.local);
+
+    // The VM is checked whole and every chunk verified or rebuilt: the marks now, right before
+    // the first VM file is written on the host (a refused restore marks nothing: the next
+    // backups keep their CBT; the agent installed above is no VM file).
+    crate::backup::cbt::mark_restored(&ctx.job.job_dir())?;
+    for (j, vm, _, _) in &held {
+        crate::backup::cbt::mark_restored(&j.job_dir())
+            .map_err(|e| e.context(format!("job {} backs up VM {vm} too", j.name)))?;
+    }
 
     // Send.
     let mkdirs: String = dirs.iter().map(|d| format!("mkdir -p {}\n", shell_quote(&d.host))).collect();

@@ -741,7 +741,7 @@ fn a_usb_disk_is_mounted_for_the_run_and_unmounted_after() {
     let e = fail(&a.affa(&["--delete-job", "usb", "--yes"]));
     assert!(
         e.contains("job usb not deleted")
-            && e.contains("delete its section [usb] from")
+            && e.contains("delete the section [usb] from")
             && e.contains("cannot mount AutomountDevice"),
         "{e}"
     );
@@ -819,8 +819,8 @@ fn a_usb_disk_shared_by_two_jobs_stays_mounted_until_the_last_run_ends() {
     assert!(std::process::Command::new("umount").arg(&check).status().unwrap().success());
 
     // A shared job (SambaShare=yes) on the disk: while the disk is away it is not shared, and
-    // that is no failure (cron's refresh runs every 15 minutes, mostly while the disk is away);
-    // while it is mounted, it is.
+    // that is no failure (with AutoUnmount=yes the disk is away most of the time); while it is
+    // mounted, it is.
     fs::write(a.state.join("smb.conf"), "[global]\n").unwrap();
     a.write_conf("jobs.conf", &job("first", "SambaShare=yes\nSambaValidUser=root\n"));
     let out = ok(&a.affa(&["--samba-shares"]));
@@ -853,6 +853,30 @@ fn a_usb_disk_shared_by_two_jobs_stays_mounted_until_the_last_run_ends() {
     assert!(!pinned(), "the share's mount kept the disk in use after the run unmounted it");
     let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
     assert!(!mounts.lines().any(|l| l.starts_with(&format!("{} ", disk.dev))), "the disk is still mounted: {mounts}");
+
+    // A mount made by hand that got the ID of a mount affa recorded (a killed run's record: the
+    // kernel gives mount IDs again) is never unmounted by affa.
+    assert!(std::process::Command::new("mount").arg(&disk.dev).arg(&point).status().unwrap().success());
+    let id = fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .rev()
+        .find(|l| l.split(' ').nth(4) == Some(&point.display().to_string()))
+        .and_then(|l| l.split(' ').next().map(String::from))
+        .expect("the point in mountinfo");
+    let records: Vec<PathBuf> = fs::read_dir(a.state.join("lock"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.to_string_lossy().ends_with(".m") && p.file_name().unwrap().to_string_lossy().starts_with(".automount.")
+        })
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    fs::write(&records[0], format!("affa-automount 1\n{id} unmount\n")).unwrap();
+    ok(&a.affa_at("2026-03-04T10:00:00", &["--run", "first"]));
+    assert!(mounted_at(&point).is_some(), "affa unmounted a disk mounted by hand");
+    assert!(std::process::Command::new("umount").arg(&point).status().unwrap().success());
 }
 
 /// A real `rsync --daemon` on 127.0.0.1 serving `path` as module AFFA to user affa with

@@ -229,11 +229,16 @@ fn refusals_dry_run_to_dir_and_a_damaged_chunk() {
     // The copy's VM is off; change its disk so "untouched" is visible.
     fs::write(e.ds2.join("vm1-copy/vm1_1-flat.vmdk"), b"changed by the admin").unwrap();
     let before = (tree_hashes(&e.ds1), tree_hashes(&e.ds2));
+    // The mark of the restores above gone (as after the job's next full pass): a refused
+    // restore makes none, the next backup keeps its CBT.
+    let mark = e.affa.job_dir("esx").join(".affa-esxi-restored");
+    fs::remove_file(&mark).expect("the restores above marked the job");
     let o = e.affa.affa(&["--full-restore", "esx", "--to-dir", "vm1-copy", "--yes"]);
     let err = fail(&o);
     assert!(err.contains(&id) && err.contains("damaged"), "{}", say(&o));
     assert!(err.contains("before anything was sent"), "{err}");
     assert_eq!((tree_hashes(&e.ds1), tree_hashes(&e.ds2)), before, "the target was changed");
+    assert!(!mark.exists(), "a restore refused for a damaged chunk marked the job for a full pass");
 }
 
 #[test]

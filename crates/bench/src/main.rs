@@ -50,6 +50,10 @@ pub struct Args {
     /// the --size disk and on this one, through the CBT row (default 4 x size).
     #[arg(long)]
     cbt_scaling: Option<String>,
+    /// Repetitions of the CBT scaling row's incrementals on each disk (default: --reps). Each is
+    /// about a second: more of them give a median that single runs' spread moves less.
+    #[arg(long)]
+    scaling_reps: Option<u32>,
     /// Disk size of the affa-only peak-memory check (default 4 x size; 0 = skip).
     #[arg(long)]
     memory_check: Option<String>,
@@ -550,7 +554,7 @@ fn run(args: &Args) -> Result<(), String> {
             tick(&mut w, 0, 60);
             backup_all(&mut sys[i], &w, &mut res, "cbt-scaling-full", 1, vm, *sz, &all)?;
         }
-        for rep in 1..=args.reps {
+        for rep in 1..=args.scaling_reps.unwrap_or(args.reps) {
             for (i, (vm, sz)) in pair.iter().enumerate() {
                 let seed = gen::derive(args.seed, &format!("scaling-{vm}-{rep}"));
                 // 1% of --size (not of this disk): the same changed bytes on both.

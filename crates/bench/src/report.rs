@@ -680,7 +680,7 @@ impl Results {
             o.push_str(&format!(
                 "## Changed Block Tracking: the same change on a bigger disk ({} MiB clustered, median of {})\n\n| disk | CBT incremental wall s | host read MB | runs |\n|---|---:|---:|---:|\n",
                 changed >> 20,
-                self.reps
+                self.recs.iter().filter(|r| r.phase == "cbt-scaling" && r.system == CBT && r.vm == "vm1").count()
             ));
             for (vm, (s, disk)) in ["vm1", "vm5"].iter().zip(rows) {
                 let host: Vec<f64> = self
