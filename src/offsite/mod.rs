@@ -23,6 +23,7 @@ pub mod fetch;
 mod index;
 mod retention;
 mod s3;
+mod tls;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;

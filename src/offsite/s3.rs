@@ -172,6 +172,9 @@ impl Store {
             // A redirect is an answer like any other (an error below): followed, a PUT answered
             // 307/308 would come back as done with nothing stored, a 301 would turn into a GET.
             .redirects(0)
+            // Every read and write of a TLS connection under the request's deadline (ureq's own
+            // bounds only the reads it makes itself: crate::offsite::tls).
+            .tls_connector(super::tls::connector())
             .build();
         let pace = (off.bw_limit_kib > 0).then(|| (off.bw_limit_kib * 1024, Arc::new(Mutex::new(None))));
         Ok(Store {
@@ -226,6 +229,7 @@ impl Store {
     /// A request of `method` to the signed `url` that must end within `limit` (ureq's overall
     /// timeout: the connection, the request, every read of the answer).
     fn request(&self, method: &str, url: &url::Url, limit: Duration) -> ureq::Request {
+        super::tls::set_deadline(Instant::now() + limit);
         self.agent.request(method, url.as_str()).timeout(limit)
     }
 

@@ -1136,3 +1136,51 @@ fn the_upload_marker_stays_fresh_through_a_long_index_put() {
     let v = ok(&a.affa(&["--offsite-verify", JOB]));
     assert!(v.contains("scheduled.0 (Date 202612010100): OK"), "{v}");
 }
+
+/// An HTTPS endpoint that trickles its TLS handshake (one byte a second of a record that
+/// announces 16 KiB): ureq set the socket's timeouts only when it connected and once per buffer,
+/// while rustls reads in a loop until a whole record has arrived, so each byte within the
+/// timeout kept one request alive for hours (the gateway front of the test above speaks plain
+/// HTTP and could not see it). Every attempt ends at its deadline now, and the command after
+/// six of them, naming the deadline.
+#[test]
+fn an_https_endpoint_that_trickles_its_handshake_is_held_to_the_deadline() {
+    let (ceph, _bucket, _src, a) = first_archive();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let s = s.clone();
+            std::thread::spawn(move || {
+                use std::io::Write;
+                // A TLS handshake record header announcing 16 KiB, then a byte a second.
+                let _ = conn.write_all(&[0x16, 0x03, 0x03, 0x40, 0x00]);
+                while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                    if conn.write_all(&[0x02]).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+            });
+        }
+    });
+    let endpoint = format!("https://127.0.0.1:{port}");
+    use_endpoint(&a, ceph, &endpoint);
+    add_keys(&a, "offsiteTimeout=2\n");
+    let mut c = a.cmd();
+    c.env("AFFA_FAKE_NOW", "2026-12-02T01:00:00").args(["--offsite", JOB]);
+    let (o, took) = output_within(c, 900);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let e = fail(&o);
+    let late = format!("endpoint {endpoint}: timed out: the request did not finish within its deadline of ");
+    assert!(e.contains(&late) && e.contains("(after 6 attempts)"), "{e}");
+    // Six attempts, each ended at its deadline (the first request lists the bucket: 2 s plus
+    // a listing page's 8 MiB at the least rate), 1 + 2 + 4 + 8 + 16 s apart. Without the
+    // connector, one attempt took 16 KiB at a byte a second: four and a half hours.
+    let secs: u64 = e.split(&late).nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap();
+    assert!(secs < 60, "{e}");
+    assert!(took < std::time::Duration::from_secs(6 * (secs + 3) + 31 + 30), "--offsite took {took:?}: {e}");
+}
