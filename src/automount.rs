@@ -6,8 +6,11 @@
 //! and `mount OPTIONS DEVICE POINT` (a failure fails the run); after the run, whatever its
 //! outcome, `umount -l POINT` when AutoUnmount=yes, affa mounted it, and no other affa process
 //! uses it (the last one out unmounts it). `--disk-usage` mounts the same way for the moment it
-//! reads the free space, and the commands that change a job's archives (`--cleanup`,
-//! `--delete-job`, `--rename-job`, `--move-archive`, an ESXi restore's mark) for their time.
+//! reads the free space, and every other command that reads or changes a job's archives or pool
+//! for its time (`--list-archives`, `--full-restore`, `--verify`, `--unchunk`, `--scrub`,
+//! `--offsite`, `--mount` for the life of its mount, `--cleanup`, `--delete-job`,
+//! `--rename-job`, `--move-archive`, an ESXi restore's mark): a run ending meanwhile leaves the
+//! disk mounted under them.
 //! Who uses a point is two lock files in the checked lock directory (`crate::lock`), named by a
 //! hash of the point: `.automount.HEX`, on which every affa process using the disk holds a
 //! shared `flock` for its time, and `.automount.HEX.m`, held exclusively while one process
@@ -269,15 +272,25 @@ pub fn mount_points() -> Vec<PathBuf> {
         .collect()
 }
 
-/// Is `device` mounted at `point`?
-pub fn is_mounted(device: &str, point: &Path) -> bool {
-    let link = match device.split_once('=') {
+/// The device node an AutomountDevice names (`LABEL=` and `UUID=` through /dev/disk).
+fn device_link(device: &str) -> String {
+    match device.split_once('=') {
         Some(("LABEL", l)) => format!("/dev/disk/by-label/{l}"),
         Some(("UUID", u)) => format!("/dev/disk/by-uuid/{u}"),
         _ => device.to_string(),
-    };
-    let dev = fs::canonicalize(&link).unwrap_or_else(|_| PathBuf::from(device));
+    }
+}
+
+/// Is `device` mounted at `point`?
+pub fn is_mounted(device: &str, point: &Path) -> bool {
+    let dev = fs::canonicalize(device_link(device)).unwrap_or_else(|_| PathBuf::from(device));
     mounted_at(point).is_some_and(|d| d == dev)
+}
+
+/// Is the disk `device` connected (its device node there)? A USB disk taken away (several
+/// disks used in turn) is not.
+pub fn is_connected(device: &str) -> bool {
+    fs::metadata(device_link(device)).is_ok()
 }
 
 /// Mount the job's AutomountDevice at AutomountPoint unless it is mounted there already, and
@@ -388,11 +401,13 @@ fn mount_as<'a>(
     Ok(Some(Mounted { point, lock_dir: lock_dir.to_path_buf(), locks, log }))
 }
 
-/// The job's disk mounted for a command that changes its archives (`--cleanup`, `--delete-job`,
-/// `--rename-job`, `--move-archive`, an ESXi restore's mark in another job of the VM):
-/// unmounted when the guard drops as after a run; a disk that cannot be mounted fails the
-/// command before it does anything (it changed the configuration alone: the archives stayed on
-/// the disk under the old name, for the next job of that name to take over and rotate away).
+/// The job's disk mounted for a command that reads or changes its archives or its pool (see the
+/// module comment), held for the guard's life: a run that ends meanwhile leaves it mounted, and
+/// when the guard drops it is unmounted as after a run (if no other affa process uses it). A
+/// disk that cannot be mounted fails the command before it does anything: without the disk a
+/// command changed the configuration alone (the archives stayed on the disk under the old name,
+/// for the next job of that name to take over and rotate away), listed no archives, or wrote
+/// a restore's staging below the empty mount point, on the system disk.
 pub fn mount_for_command(job: &Job, lock_dir: &Path) -> Result<Option<Mounted<'static>>> {
     mount(job, lock_dir, None)
 }

@@ -72,7 +72,17 @@ pub fn list_archives(cfg: &Config, names: &[String], csv: bool) -> Result<Archiv
     for (name, _, e) in &sel.errors {
         unreadable.push(format!("job {name}: {e}"));
     }
+    // The disks of jobs on an AutomountDevice, mounted for the listing (held to its end: the
+    // jobs sharing a disk mount it once).
+    let mut disks = Vec::new();
     for job in sel.jobs {
+        match crate::automount::mount_for_command(job, &cfg.lock_dir()) {
+            Ok(d) => disks.push(d),
+            Err(e) => {
+                unreadable.push(format!("job {}: {e}", job.name));
+                continue;
+            }
+        }
         // One job whose archives cannot be read (EIO, a file in its directory's place) does not
         // hide the others' archives.
         let all = match archive::list(&job.job_dir()) {

@@ -57,6 +57,8 @@ pub fn unchunk_command(
     watch: &Watch,
 ) -> Result<String> {
     let j = cfg.job(job)?;
+    // Its AutomountDevice, mounted for the command's time.
+    let _disk = crate::automount::mount_for_command(j, &cfg.lock_dir())?;
     let a = archive::find(&j.job_dir(), job, archive_name)?;
     let target = to.map(Path::to_path_buf).unwrap_or_else(|| j.job_dir().join("unchunked").join(archive_name));
     let mut out = String::new();
@@ -132,6 +134,7 @@ pub fn verify_command(
     watch: &Watch,
 ) -> Result<Verified> {
     let j = cfg.job(job)?;
+    let _disk = crate::automount::mount_for_command(j, &cfg.lock_dir())?;
     let archives = if all {
         archive::list(&j.job_dir())?
     } else {
@@ -208,6 +211,27 @@ pub fn scrub_command(cfg: &Config, all: bool, clock: &dyn crate::clock::Clock, w
     roots.dedup();
     let mut out = Scrubbed::default();
     for root in roots {
+        // A RootDir on a job's AutomountDevice: the disk mounted for the scrub of its pool.
+        let auto = cfg.jobs.values().find(|j| j.automount.as_ref().is_some_and(|a| root.starts_with(&a.point)));
+        // A disk that is away (several disks used in turn) is scrubbed when it is back.
+        if let Some(a) = auto.and_then(|j| j.automount.as_ref()) {
+            if !crate::automount::is_connected(&a.device) && !crate::automount::is_mounted(&a.device, &a.point) {
+                out.text.push_str(&format!(
+                    "pool of {}: not scrubbed, its AutomountDevice {} is not connected\n",
+                    root.display(),
+                    a.device
+                ));
+                continue;
+            }
+        }
+        let _disk = match auto.map(|j| crate::automount::mount_for_command(j, &cfg.lock_dir())) {
+            Some(Err(e)) => {
+                out.failed.push(format!("cannot scrub the pool of {}: {e}", root.display()));
+                continue;
+            }
+            Some(Ok(d)) => d,
+            None => None,
+        };
         if !root.join(chunk::POOL_DIR).is_dir() {
             continue;
         }

@@ -322,6 +322,9 @@ fn source(cfg: &Config, job: &str, archive_name: Option<&str>) -> Result<(PathBu
 /// unmounted or a signal (SIGTERM, SIGINT, SIGHUP) ends it. `ready` is called once the mount
 /// is usable.
 pub fn mount(cfg: &Config, job: &str, archive_name: Option<&str>, dir: &Path, ready: impl FnOnce()) -> Result<()> {
+    // The job's AutomountDevice, mounted and held for the mount's life: a run ending meanwhile
+    // leaves it mounted; the disk is unmounted when this mount ends (as after a run).
+    let _disk = crate::automount::mount_for_command(cfg.job(job)?, &cfg.lock_dir())?;
     let (src, whole_job, pool) = source(cfg, job, archive_name)?;
     let md = std::fs::metadata(dir).ctx(|| format!("--mount: cannot use {} as the mount point", dir.display()))?;
     if !md.is_dir() {

@@ -381,6 +381,12 @@ fn fetch_to(job: &Job, name: Option<&str>, to: Option<&Path>, watch: &Watch) -> 
 /// and the whole file checked) in place of their manifests. On an error the directory is removed.
 pub fn unchunk(cfg: &crate::config::Config, job: &str, name: &str, to: Option<&Path>, watch: &Watch) -> Result<String> {
     let j = cfg.job(job)?;
+    // The default target is in the job's directory: on its AutomountDevice, mounted for the
+    // command. (With --to, the disk is not needed: a lost disk is what this command is for.)
+    let _disk = match to {
+        None => crate::automount::mount_for_command(j, &cfg.lock_dir())?,
+        Some(_) => None,
+    };
     let dest =
         to.map(Path::to_path_buf).unwrap_or_else(|| j.job_dir().join("unchunked").join(format!("offsite-{name}")));
     let mut f = fetch_to(j, Some(name), Some(&dest), watch)?;

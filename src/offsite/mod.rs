@@ -528,6 +528,7 @@ pub fn upload(
     // No rotation renames the archive while it is read.
     let _lock = crate::lock::acquire(&cfg.lock_dir(), job_name)?;
     let _shared = crate::shared_lock::acquire_for(job)?;
+    let _disk = crate::automount::mount_for_command(job, &cfg.lock_dir())?;
     upload_held(job, archive_name, true, clock, watch)
 }
 

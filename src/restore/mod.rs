@@ -90,6 +90,9 @@ pub fn full_restore(cfg: &Config, job_name: &str, opts: &RestoreOptions, out: &m
     // host, or rotate the archive away under us).
     let _lock = crate::lock::acquire(&cfg.lock_dir(), job_name)?;
     let _shared = crate::shared_lock::acquire_for(job)?;
+    // Its AutomountDevice, mounted for the restore (also from the bucket: the staging directory
+    // is in the job's directory); a run of another job ending meanwhile leaves it mounted.
+    let _disk = crate::automount::mount_for_command(job, &cfg.lock_dir())?;
     // From the bucket: the plain files staged (removed when `fetched` is dropped), the chunks
     // read from the bucket through `source`.
     let fetched = if opts.from_offsite {

@@ -879,6 +879,86 @@ fn a_usb_disk_shared_by_two_jobs_stays_mounted_until_the_last_run_ends() {
     assert!(std::process::Command::new("umount").arg(&point).status().unwrap().success());
 }
 
+/// The commands that read a job's archives mount its USB disk for their time, as the ones that
+/// change them do: without it `--list-archives` showed no archives and `--full-restore` found
+/// none; with the disk mounted by another job's run, that run unmounted it (lazily) under them
+/// when it ended. `--mount` holds the disk for the life of its mount.
+#[test]
+fn a_usb_disk_is_mounted_for_the_commands_that_read_it_and_stays_mounted_under_them() {
+    let disk = UsbDisk::new();
+    let a = Affa::new();
+    global(&a, "");
+    let src = source();
+    let point = a.tmp.path().join("mnt/usb");
+    let away = a.tmp.path().join("mnt/away");
+    let usb = local_job(
+        "usb",
+        src.path(),
+        &format!("RootDir={p}\nAutomountDevice={}\nAutomountPoint={p}\n", disk.dev, p = point.display()),
+    );
+    a.write_conf("usb.conf", &usb);
+    ok(&a.affa_at("2026-03-02T10:00:00", &["--run", "usb"]));
+    assert_eq!(mounted_at(&point), None);
+
+    // Listed and restored from the disk, which is unmounted again after.
+    let list = ok(&a.affa(&["--list-archives", "usb"]));
+    assert!(list.contains("| S 0 ") && list.contains("2026-03-02 10:00"), "{list}");
+    assert_eq!(mounted_at(&point), None, "left mounted after --list-archives");
+    let hello = src.path().join("data/hello.txt");
+    fs::remove_file(&hello).unwrap();
+    ok(&a.affa(&["--full-restore", "usb", "--yes"]));
+    assert_eq!(fs::read_to_string(&hello).ok().as_deref(), Some("hello from affa\n"), "not restored");
+    assert_eq!(mounted_at(&point), None, "left mounted after --full-restore");
+    assert_eq!(fs::read_dir(&point).unwrap().count(), 0, "written below the mount point");
+
+    // `--mount` holds the disk: a run that ends meanwhile leaves it mounted, the mounted archive
+    // reads on; the disk is unmounted when the mount ends.
+    if Path::new("/dev/fuse").exists() {
+        let dir = a.tmp.path().join("browse");
+        fs::create_dir_all(&dir).unwrap();
+        ok(&a.affa(&["--mount", "usb", "scheduled.0", dir.to_str().unwrap()]));
+        let through = dir.join(src.path().strip_prefix("/").unwrap()).join("data/hello.txt");
+        assert_eq!(fs::read_to_string(&through).unwrap(), "hello from affa\n");
+        ok(&a.affa_at("2026-03-03T10:00:00", &["--run", "usb"]));
+        let log = log_of(&a, "usb");
+        assert!(
+            log.contains(&format!("left {} mounted: another affa run or command uses it", point.display())),
+            "{log}"
+        );
+        assert!(mounted_at(&point).is_some_and(|m| m.starts_with(&disk.dev)), "unmounted under the mount");
+        assert_eq!(fs::read_to_string(&through).unwrap(), "hello from affa\n");
+        ok(&a.affa(&["--umount", dir.to_str().unwrap()]));
+        wait_until(Duration::from_secs(20), "the disk to be unmounted after the mount ended", || {
+            mounted_at(&point).is_none()
+        });
+    }
+
+    // A job whose disk is away: its listing fails with the mount's error, the others are
+    // listed; the scrub says its pool waits for the disk, and that is no failure.
+    a.write_conf(
+        "away.conf",
+        &local_job(
+            "away",
+            src.path(),
+            &format!("RootDir={p}\nAutomountDevice=LABEL=AFFA-AWAY-0\nAutomountPoint={p}\n", p = away.display()),
+        ),
+    );
+    let o = a.affa(&["--list-archives"]);
+    assert!(!o.status.success());
+    assert!(stdout(&o).contains("Job: usb") && stdout(&o).contains("| S 0 "), "{}", stdout(&o));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("job away: cannot mount AutomountDevice LABEL=AFFA-AWAY-0"), "{e}");
+    let scrub = ok(&a.affa(&["--scrub"]));
+    assert!(
+        scrub.contains(&format!(
+            "pool of {}: not scrubbed, its AutomountDevice LABEL=AFFA-AWAY-0 is not connected",
+            away.display()
+        )),
+        "{scrub}"
+    );
+    assert_eq!(mounted_at(&point), None, "left mounted after --list-archives and --scrub");
+}
+
 /// A real `rsync --daemon` on 127.0.0.1 serving `path` as module AFFA to user affa with
 /// `password`. Stopped when dropped (before its directory goes: fields drop in order).
 struct RsyncDaemon {
