@@ -541,7 +541,11 @@ fn copy_groups(
         let dest = crate::untrusted::create_dir_beneath(running, &g.rel_dir)?;
         let plain_args = (!plain.is_empty()).then(|| {
             let mut args = rsync::Args::new(job, &source);
-            args.opts(["--stats", "--sparse", "--partial", "--no-devices", "--no-specials"]);
+            args.opts(["--stats", "--sparse", "--partial"]);
+            // A VM's files are regular files: a symlink, device or FIFO the host puts among them
+            // is left out, with a warning (the ESXi restore refuses an archive holding one).
+            args.opts(rsync::REGULAR_FILES_ONLY);
+            args.opts(rsync::itemize_args());
             if !disks {
                 args.opt("--ignore-missing-args");
             }
@@ -564,6 +568,7 @@ fn copy_groups(
         if let (Some(args), false) = (&plain_args, beside) {
             let res = rsync::run(job, args, &ctx.log, &ctx.log.watch)?;
             check_rsync(ctx, &res, &what, summary)?;
+            warn_not_regular(ctx, g, &plain, disks, &res.stdout, summary);
             crate::interrupt::crash_point("copied");
             add_stats(report, &res.stdout);
         }
@@ -636,6 +641,7 @@ fn copy_groups(
             let copied = copied.map(|r| {
                 r.and_then(|res| {
                     check_rsync(ctx, &res, &what, summary)?;
+                    warn_not_regular(ctx, g, &plain, disks, &res.stdout, summary);
                     add_stats(report, &res.stdout);
                     Ok(())
                 })
@@ -743,6 +749,22 @@ fn link_dirs_now(ctx: &Ctx) -> Result<Vec<PathBuf>> {
 }
 
 /// Sum rsync statistics of several transfers into the report.
+/// The plain files of group `g` that rsync did not copy because they are not regular files on
+/// the host: a warning each (the run goes on; the archive holds the VM's regular files only).
+/// `disks`: the disks' groups, where every file named must be there (rsync fails on a missing
+/// one); among the configuration files a missing one is no news.
+fn warn_not_regular(ctx: &Ctx, g: &Group, plain: &[String], disks: bool, stdout: &str, summary: &mut RunSummary) {
+    let (copied, skipped) = (rsync::regular_files(stdout), rsync::skipped_non_regular(stdout));
+    for f in plain.iter().filter(|f| !copied.contains(f.as_str()) && (disks || skipped.contains(f.as_str()))) {
+        let w = format!(
+            "{}/{f} on the host is not a regular file (a symlink, device, FIFO or directory): not archived; the VM's other files are",
+            g.host_dir
+        );
+        ctx.log.warn(&w);
+        summary.warnings.push(w);
+    }
+}
+
 fn add_stats(report: &mut Report, out: &str) {
     for (k, v) in crate::report::parse_rsync_stats(out) {
         let v: u64 = v.parse().unwrap_or(0);

@@ -195,6 +195,16 @@ pub fn regular_files(stdout: &str) -> std::collections::BTreeSet<String> {
         .collect()
 }
 
+/// The names rsync skipped as not regular files (`skipping non-regular file "NAME"`, on stdout,
+/// with [`REGULAR_FILES_ONLY`]'s `--no-links`).
+pub fn skipped_non_regular(stdout: &str) -> std::collections::BTreeSet<String> {
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("skipping non-regular file \"")?.strip_suffix('"'))
+        .map(String::from)
+        .collect()
+}
+
 /// A source path argument: `user@host:/path` for the first, `:/path` for the next ones.
 fn source_args(source: &Source, paths: &[String]) -> Vec<String> {
     match source {

@@ -776,6 +776,29 @@ fn a_symlinked_disk_extent_does_not_bring_a_backup_server_file_into_the_archive(
     let _ = (&e.sshd, &e.conf);
 }
 
+/// A VM file the host makes a symlink (to a file of the host, or to one whose path is a file
+/// of the backup server) is left out of the archive with a warning: before, rsync archived the
+/// link, and the ESXi restore (which takes regular files only) refused the whole archive.
+#[test]
+fn a_symlinked_vm_file_is_left_out_with_a_warning_and_the_archive_stays_restorable() {
+    let e = esx("");
+    let key = e.affa.state.join("ssh/id_ed25519_affa");
+    let secret = fs::read(&key).unwrap();
+    let nvram = e.work.path().join("vmfs-ds1/vm1/vm1.nvram");
+    fs::remove_file(&nvram).unwrap();
+    std::os::unix::fs::symlink(&key, &nvram).unwrap();
+    ok(&e.affa.affa_at("2026-05-04T21:00:00", &["--run", "esx"]));
+    let log = fs::read_to_string(e.affa.state.join("log/esx.log")).unwrap();
+    assert!(log.contains("vm1/vm1.nvram on the host is not a regular file") && log.contains("not archived"), "{log}");
+    let vm_dir = e.affa.job_dir("esx").join("scheduled.0/vmfs/volumes/datastore1/vm1");
+    assert!(fs::symlink_metadata(vm_dir.join("vm1.nvram")).is_err(), "the link was archived");
+    assert!(vm_dir.join("vm1.vmx").is_file() && vm_dir.join("vm1-flat.vmdk").is_file());
+    assert!(files_containing(&e.affa.root, &secret).is_empty(), "affa's private key is in RootDir");
+    // The archive is restorable (the restore refuses an archive that holds a link).
+    ok(&e.affa.affa(&["--full-restore", "esx", "--dry-run", "--to-dir", "copy"]));
+    let _ = (&e.sshd, &e.sim, &e.conf);
+}
+
 #[test]
 fn restore_refuses_archived_names_the_one_rule_refuses() {
     // Archive contents are not trusted: a name that could not have come from an honest backup
