@@ -748,7 +748,6 @@ fn link_dirs_now(ctx: &Ctx) -> Result<Vec<PathBuf>> {
     Ok(crate::archive::newest_valid(&ctx.job_dir)?.map(|a| vec![a.path]).unwrap_or_default())
 }
 
-/// Sum rsync statistics of several transfers into the report.
 /// The plain files of group `g` that rsync did not copy because they are not regular files on
 /// the host: a warning each (the run goes on; the archive holds the VM's regular files only).
 /// `disks`: the disks' groups, where every file named must be there (rsync fails on a missing
@@ -765,6 +764,7 @@ fn warn_not_regular(ctx: &Ctx, g: &Group, plain: &[String], disks: bool, stdout:
     }
 }
 
+/// Sum rsync statistics of several transfers into the report.
 fn add_stats(report: &mut Report, out: &str) {
     for (k, v) in crate::report::parse_rsync_stats(out) {
         let v: u64 = v.parse().unwrap_or(0);
